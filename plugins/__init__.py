@@ -1,0 +1,1 @@
+"""Plugins: the pluggy hook specs and the built-in plugins (GPU observers, engines)."""

@@ -1,0 +1,48 @@
+"""Hook specifications (pluggy). Only specs live here; built-ins implement them like anyone else.
+
+Hooks are synchronous and cheap: each *registers* objects through the `register` callable it is
+given. The registered objects carry the (async) behaviour. Third-party plugins are found through
+the `llama_orch` entry-point group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pluggy
+
+PROJECT = "llama_orch"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def orch_register_gpu_observers(register: Callable[[str, Any], None]) -> None:
+    """Called once at start-up. Call `register(name, factory)` for each GPU observer.
+
+    `factory(config: DesiredState, base: Path) -> GpuObserver`. Not firstresult: every plugin
+    may register several; a later registration of the same name is an error.
+    """
+
+
+@hookspec
+def orch_register_engines(register: Callable[[str, Any], None]) -> None:
+    """Called once at start-up. Call `register(name, engine)` for each engine adapter.
+
+    `engine` implements `plugins.interfaces.Engine`. Pools name engines in orch.yaml.
+    """
+
+
+@hookspec
+def orch_register_model_resolvers(register: Callable[[str, Any], None]) -> None:
+    """Called once at start-up. Call `register(scheme, resolver)` for each model ref scheme
+    (`file`, `hf`, `https`). `resolver(ref: str, catalog: Path) -> ResolvedModel`.
+    """
+
+
+@hookspec
+def orch_register_provisioners(register: Callable[[str, Any], None]) -> None:
+    """Called once at start-up. Call `register(engine_name, provisioner)` for each engine that
+    can be built or installed (`orchctl up`, `orchctl doctor`).
+    """

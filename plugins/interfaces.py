@@ -1,0 +1,162 @@
+"""The interfaces plugins implement: GPU observers and engines, and the data they exchange.
+
+The engine interface is small and async and shaped after llama.cpp's `llama-server`: a replica
+is one engine process on one device mask, reached over loopback HTTP. Closing the iterator
+returned by `generate` (``aclose()``) cancels the generation: the engine stops producing tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from state import observed
+
+
+class EnvironmentMissing(Exception):
+    """The driver, NVML or an engine binary is missing; `orchctl` exits 3 and prints `fix`."""
+
+    def __init__(self, what: str, fix: str) -> None:
+        super().__init__(what)
+        self.what = what
+        self.fix = fix
+
+
+class GpuObserver(Protocol):
+    """Reads the GPUs. `observe` never raises for a single GPU's error; it reports it."""
+
+    name: str
+    simulated: bool
+
+    def observe(self) -> observed.GpuSnapshot: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """Everything an engine needs to start one replica. `spec_hash` identifies the config."""
+
+    replica_id: str
+    pool_id: str
+    engine: str
+    model_id: str
+    model_ref: str
+    model_path: Path | None
+    model_size_mib: int
+    model_digest: str | None
+    devices: tuple[int, ...]
+    ctx: int
+    slots: int
+    spec_hash: str
+    state_dir: Path
+    flags: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=dict)  # engine-specific (sim: speed, faults)
+
+
+@dataclass
+class ReplicaHandle:
+    """A started engine process. `process` is None when the process was adopted after a restart."""
+
+    spec: ReplicaSpec
+    pid: int
+    port: int
+    started_at: float  # process start time (seconds since boot), to tell pid reuse apart
+    log_path: Path
+    process: asyncio.subprocess.Process | None = None
+    base_url: str = ""
+
+
+@dataclass(frozen=True)
+class ExitInfo:
+    """Why an engine process ended: exit code or signal, and a reason read from its log."""
+
+    code: int | None
+    signal: int | None
+    reason: str  # e.g. "exit code 1", "killed by SIGKILL", "OOM: CUDA error: out of memory"
+    oom: bool = False
+
+
+class EngineStartError(Exception):
+    """The engine did not become Ready (exited, timed out, or reported an error)."""
+
+    def __init__(self, reason: str, *, exit: ExitInfo | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.exit = exit
+
+
+class EngineStreamError(Exception):
+    """The engine failed mid-generation (connection reset, process died, bad frame)."""
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    task_id: str
+    prompt: str
+    max_tokens: int
+    seed: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int | None = None
+
+
+@dataclass(frozen=True)
+class Token:
+    text: str
+    index: int
+
+
+@dataclass(frozen=True)
+class Done:
+    tokens_out: int
+    finish_reason: Literal["length", "stop"]
+    timings: Mapping[str, float] = field(default_factory=dict)  # engine's own, e.g. predicted_ms
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    engine_version: str
+    slots_total: int
+    slots_busy: int
+    model_digest: str | None
+    vram_measured_mib: int | None
+
+
+class Engine(Protocol):
+    name: str
+
+    def estimate_vram_mib(self, spec: ReplicaSpec) -> int:
+        """Estimated VRAM of one replica (weights + KV for ctx × slots + process overhead)."""
+        ...
+
+    async def start(self, spec: ReplicaSpec) -> ReplicaHandle:
+        """Spawn the engine process on `spec.devices` in its own process group; do not wait."""
+        ...
+
+    async def wait_ready(self, handle: ReplicaHandle, *, timeout_s: float) -> None:
+        """Return once the engine answers health checks; raise EngineStartError otherwise."""
+        ...
+
+    def generate(self, handle: ReplicaHandle, request: GenerateRequest) -> AsyncIterator[Token | Done]:
+        """Stream tokens then one Done. Raise EngineStreamError on a fault. aclose() cancels."""
+        ...
+
+    async def describe(self, handle: ReplicaHandle) -> EngineInfo: ...
+
+    def poll_exit(self, handle: ReplicaHandle) -> ExitInfo | None:
+        """Non-blocking: the exit info when the process has ended, else None."""
+        ...
+
+    async def stop(self, handle: ReplicaHandle, *, grace_s: float) -> ExitInfo:
+        """SIGTERM the process group, wait `grace_s`, then SIGKILL. Idempotent."""
+        ...
+
+    async def adopt(self, record: Mapping[str, Any], spec: ReplicaSpec) -> ReplicaHandle | None:
+        """Re-attach to a process recorded by a previous daemon (same pid and start time, and
+        healthy), or return None after making sure it is gone."""
+        ...

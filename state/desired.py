@@ -1,0 +1,240 @@
+"""The desired state: pydantic models of orch.yaml, and loading it with located errors.
+
+The config watcher and `orchctl validate` call `load_desired`. Paths inside the file are
+resolved relative to the file's own folder, so a config works from any working directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from state import ids, loading
+
+Id = Annotated[str, Field(pattern=ids.ID_PATTERN)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerConfig(Strict):
+    bind: str = Field("127.0.0.1:8080", description="host:port; loopback by default (HME-002)")
+    public_url: str | None = None
+
+
+class AuthConfig(Strict):
+    token_env: str = Field("AUTH_TOKEN", description="environment variable holding the token")
+    token_file: str | None = Field(None, description="or a file holding the token")
+    optional_on_loopback: bool = True
+
+
+class PathsConfig(Strict):
+    spool: str = "spool"
+    results: str = "results"
+    artifacts: str = "artifacts"
+    catalog: str = "catalog"
+    state: str = Field(".orch", description="status.json, sessions and engine bookkeeping")
+
+
+class GpusConfig(Strict):
+    observer: Literal["nvml", "simulated"] = "nvml"
+    inventory: str | None = Field(None, description="simulated GPUs: path of an inventory file")
+    reserve_mib: int = Field(512, ge=0, description="VRAM kept free on every GPU")
+    poll_s: float = Field(2.0, gt=0, le=60)
+
+    @model_validator(mode="after")
+    def _inventory_for_simulated(self) -> GpusConfig:
+        if self.observer == "simulated" and not self.inventory:
+            raise ValueError("observer 'simulated' needs 'inventory: <file>' listing the GPUs")
+        return self
+
+
+class QueueConfig(Strict):
+    capacity: int = Field(256, ge=1, le=1_000_000)
+    full_policy: Literal["reject", "drop-lru"] = "reject"
+
+
+class SessionsConfig(Strict):
+    ttl_s: float = Field(600, gt=0, description="a session expires this long after its last use")
+    max_turns: int = Field(8, ge=1)
+    token_budget: int | None = Field(None, ge=1, description="tokens out per session, if set")
+
+
+class TimeoutsConfig(Strict):
+    ready_s: float = Field(120, gt=0, description="engine start to Ready, else restart")
+    drain_s: float = Field(30, ge=0, description="how long in-flight tasks may finish on drain")
+    stop_grace_s: float = Field(10, ge=0, description="SIGTERM to SIGKILL")
+    decode_idle_s: float = Field(60, gt=0, description="no token for this long: DECODE_TIMEOUT")
+
+
+class ModelSpec(Strict):
+    ref: str = Field(description="file:<path> | hf:<org>/<repo>/<file> | https://…")
+    digest: str | None = Field(None, pattern=r"^sha256:[0-9a-f]{64}$")
+    state: Literal["Active", "Retired"] = "Active"
+    size_mib: int | None = Field(None, ge=1, description="weights size when no file is at hand")
+    ctx_max: int | None = Field(None, ge=1)
+
+
+class ProvisionSpec(Strict):
+    mode: Literal["source", "binary"] = "source"
+    ref: str | None = None
+    binary: str | None = None
+
+
+class EngineSpec(Strict):
+    provision: ProvisionSpec | None = None
+    binary: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+
+
+class SimFaults(Strict):
+    """Faults the `sim` engine injects, for tests and demos."""
+
+    crash_at_start: bool = False
+    hang_before_ready: bool = False
+    die_after_tokens: int | None = Field(None, ge=0)
+    oom_at_load: bool = False
+    ignore_sigterm: bool = False
+
+
+class SimOptions(Strict):
+    tokens_per_s: float = Field(200.0, gt=0)
+    load_s: float = Field(0.0, ge=0)
+    first_token_ms: float = Field(5.0, ge=0)
+    faults: SimFaults = Field(default_factory=SimFaults)
+
+
+class PoolSpec(Strict):
+    id: Id
+    engine: str
+    model: str
+    devices: Literal["auto"] | list[Annotated[int, Field(ge=0)]] = "auto"
+    replicas: int = Field(1, ge=0, le=64)
+    ctx: int = Field(4096, ge=16, description="context tokens per slot")
+    slots: int = Field(1, ge=1, le=256, description="concurrent sequences per replica")
+    max_tokens: int | None = Field(None, ge=1, description="largest max_tokens a task may ask")
+    flags: list[str] = Field(default_factory=list, description="extra engine flags")
+    env: dict[str, str] = Field(default_factory=dict, description="extra engine environment")
+    sim: SimOptions | None = None
+
+    @field_validator("devices")
+    @classmethod
+    def _distinct_devices(cls, v: Literal["auto"] | list[int]) -> Literal["auto"] | list[int]:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("devices must be 'auto' or a non-empty list of GPU indices")
+            if len(set(v)) != len(v):
+                raise ValueError("devices lists a GPU twice")
+        return v
+
+
+class DesiredState(Strict):
+    version: Literal[1] = 1
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    paths: PathsConfig = Field(default_factory=PathsConfig)
+    gpus: GpusConfig = Field(default_factory=GpusConfig)
+    queue: QueueConfig = Field(default_factory=QueueConfig)
+    sessions: SessionsConfig = Field(default_factory=SessionsConfig)
+    timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
+    models: dict[Annotated[str, Field(pattern=ids.ID_PATTERN)], ModelSpec] = Field(
+        default_factory=dict
+    )
+    engines: dict[str, EngineSpec] = Field(default_factory=dict)
+    pools: list[PoolSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _references(self) -> DesiredState:
+        seen: set[str] = set()
+        for i, pool in enumerate(self.pools):
+            if pool.id in seen:
+                raise ValueError(f"pools[{i}].id: pool id {pool.id!r} is used twice")
+            seen.add(pool.id)
+            if pool.model not in self.models:
+                known = ", ".join(sorted(self.models)) or "none defined"
+                raise ValueError(
+                    f"pools[{i}].model: {pool.model!r} is not under models: (known: {known})"
+                )
+            if pool.sim is not None and pool.engine != "sim":
+                raise ValueError(f"pools[{i}].sim: only pools with engine 'sim' take sim options")
+        return self
+
+    def pool(self, pool_id: str) -> PoolSpec | None:
+        return next((p for p in self.pools if p.id == pool_id), None)
+
+
+class SimulatedGpu(Strict):
+    index: int = Field(ge=0)
+    name: str
+    uuid: str
+    vram_total_mib: int = Field(ge=1)
+    vram_used_mib: int = Field(0, ge=0, description="used by something outside llama-orch")
+    utilization_pct: int = Field(0, ge=0, le=100)
+    temperature_c: int = 40
+
+
+class SimulatedInventory(Strict):
+    """A simulated workstation: the GPUs the `simulated` observer reports."""
+
+    gpus: list[SimulatedGpu]
+
+
+def load_desired(path: Path, *, known_engines: set[str] | None = None) -> loading.Loaded[DesiredState]:
+    """Load orch.yaml; cross-field errors are located at the field they name."""
+    result = loading.load_model(path, DesiredState)
+    errors = [_locate_cross_field(e, path, result.data) for e in result.errors]
+    if result.value is not None and known_engines is not None:
+        node = _node(path)
+        for i, pool in enumerate(result.value.pools):
+            if pool.engine not in known_engines:
+                line, col = loading.locate(node, ("pools", i, "engine"))
+                errors.append(loading.LoadError(
+                    str(path), line, col, f"pools[{i}].engine",
+                    f"unknown engine {pool.engine!r}",
+                    f"installed engines: {', '.join(sorted(known_engines))} (`orchctl plugins`)"))
+    if errors:
+        return loading.Loaded(None, errors, result.data)
+    return result
+
+
+def _node(path: Path) -> object:
+    import yaml
+
+    try:
+        return yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+
+
+def _locate_cross_field(error: loading.LoadError, path: Path, data: object) -> loading.LoadError:
+    """Model-level validators name their field in the message; point the line at it."""
+    if error.field or not error.message.startswith("Value error, "):
+        return error
+    message = error.message.removeprefix("Value error, ")
+    head, sep, rest = message.partition(": ")
+    if not sep or not head or " " in head:
+        return loading.LoadError(error.path, error.line, error.column, None, message, error.hint)
+    loc = _parse_dotted(head)
+    line, col = loading.locate(_node(path), loc)  # type: ignore[arg-type]
+    return loading.LoadError(error.path, line, col, head, rest, error.hint)
+
+
+def _parse_dotted(text: str) -> tuple[str | int, ...]:
+    out: list[str | int] = []
+    for part in text.replace("]", "").replace("[", ".").split("."):
+        if part:
+            out.append(int(part) if part.isdigit() else part)
+    return tuple(out)
+
+
+def revision_hash(text: bytes) -> str:
+    return "sha256:" + hashlib.sha256(text).hexdigest()[:12]
+
+
+def resolve(base: Path, value: str) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base / p)

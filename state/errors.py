@@ -1,0 +1,130 @@
+"""The one error vocabulary: codes, the error envelope, and the two exception kinds.
+
+The same envelope is written into result files, `error` event frames, `.error.json` files of
+quarantined input and (later) HTTP bodies, so a caller handles errors one way everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict
+
+
+class ErrorCode(StrEnum):
+    INVALID_PARAMS = "INVALID_PARAMS"
+    INVALID_TASK_FILE = "INVALID_TASK_FILE"
+    DUPLICATE_TASK_ID = "DUPLICATE_TASK_ID"
+    DEADLINE_UNMET = "DEADLINE_UNMET"
+    MODEL_UNKNOWN = "MODEL_UNKNOWN"
+    MODEL_RETIRED = "MODEL_RETIRED"
+    UNTRUSTED_ARTIFACT = "UNTRUSTED_ARTIFACT"
+    ADMISSION_REJECT = "ADMISSION_REJECT"
+    QUEUE_FULL_DROP_LRU = "QUEUE_FULL_DROP_LRU"
+    SESSION_EXPIRED = "SESSION_EXPIRED"
+    SESSION_TURNS_EXCEEDED = "SESSION_TURNS_EXCEEDED"
+    SESSION_BUDGET_EXCEEDED = "SESSION_BUDGET_EXCEEDED"
+    POOL_UNREADY = "POOL_UNREADY"
+    POOL_UNAVAILABLE = "POOL_UNAVAILABLE"
+    WORKER_RESET = "WORKER_RESET"
+    DECODE_TIMEOUT = "DECODE_TIMEOUT"
+    CANCELED = "CANCELED"
+    INTERNAL = "INTERNAL"
+
+
+@dataclass(frozen=True)
+class CodeInfo:
+    http_status: int | None
+    retriable: bool
+    hint: str
+
+
+CODES: dict[ErrorCode, CodeInfo] = {
+    ErrorCode.INVALID_PARAMS: CodeInfo(400, False, "Fix the named field and submit again."),
+    ErrorCode.INVALID_TASK_FILE: CodeInfo(
+        None, False, "Fix the file at the line shown and submit it again (`orchctl validate`)."
+    ),
+    ErrorCode.DUPLICATE_TASK_ID: CodeInfo(
+        409, False, "Give the task a new task_id, or read results/<task_id>.json for the old one."
+    ),
+    ErrorCode.DEADLINE_UNMET: CodeInfo(
+        400, False, "Raise deadline_ms, lower max_tokens, or submit when the queue is shorter."
+    ),
+    ErrorCode.MODEL_UNKNOWN: CodeInfo(404, False, "Use a model id listed under `models:`."),
+    ErrorCode.MODEL_RETIRED: CodeInfo(
+        409, False, "Pick an Active model, or set the model's state to Active in orch.yaml."
+    ),
+    ErrorCode.UNTRUSTED_ARTIFACT: CodeInfo(400, False, "Check the model file's digest."),
+    ErrorCode.ADMISSION_REJECT: CodeInfo(
+        429, True, "The queue is full; retry after retry_after_ms or raise queue.capacity."
+    ),
+    ErrorCode.QUEUE_FULL_DROP_LRU: CodeInfo(
+        429, True, "Dropped to make room for newer work; resubmit after retry_after_ms."
+    ),
+    ErrorCode.SESSION_EXPIRED: CodeInfo(409, True, "Start a new session_id."),
+    ErrorCode.SESSION_TURNS_EXCEEDED: CodeInfo(409, True, "Start a new session_id."),
+    ErrorCode.SESSION_BUDGET_EXCEEDED: CodeInfo(
+        409, True, "Start a new session_id or raise sessions.token_budget."
+    ),
+    ErrorCode.POOL_UNREADY: CodeInfo(
+        503, True, "The pool is starting; retry shortly (`orchctl status` shows progress)."
+    ),
+    ErrorCode.POOL_UNAVAILABLE: CodeInfo(
+        503, True, "Add or fix a pool serving this model in orch.yaml (`orchctl status`)."
+    ),
+    ErrorCode.WORKER_RESET: CodeInfo(None, True, "The engine restarted; submit the task again."),
+    ErrorCode.DECODE_TIMEOUT: CodeInfo(None, True, "The engine stalled; submit the task again."),
+    ErrorCode.CANCELED: CodeInfo(None, False, "The task was canceled on request."),
+    ErrorCode.INTERNAL: CodeInfo(
+        500, False, "This is a bug in llama-orch home; please report it with the log lines."
+    ),
+}
+
+
+class ErrorEnvelope(BaseModel):
+    """What every failed or rejected task, frame and response carries."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    code: ErrorCode
+    message: str
+    retriable: bool
+    retry_after_ms: int | None = None
+    hint: str
+    policy_label: str | None = None
+
+
+def envelope(
+    code: ErrorCode,
+    message: str,
+    *,
+    hint: str | None = None,
+    retry_after_ms: int | None = None,
+    policy_label: str | None = None,
+) -> ErrorEnvelope:
+    info = CODES[code]
+    return ErrorEnvelope(
+        code=code,
+        message=message,
+        retriable=info.retriable,
+        retry_after_ms=retry_after_ms,
+        hint=hint or info.hint,
+        policy_label=policy_label,
+    )
+
+
+class PermanentError(Exception):
+    """Never retried; becomes a rejected or failed result carrying its envelope."""
+
+    def __init__(self, error: ErrorEnvelope) -> None:
+        super().__init__(f"{error.code}: {error.message}")
+        self.error = error
+
+
+class TemporaryError(Exception):
+    """Retried after `delay_s` (with backoff by the caller)."""
+
+    def __init__(self, message: str, *, delay_s: float) -> None:
+        super().__init__(message)
+        self.delay_s = delay_s

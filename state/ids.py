@@ -1,0 +1,23 @@
+"""Typed ids used across rooms, so a reader sees which kind of id a function takes."""
+
+from __future__ import annotations
+
+import re
+from typing import NewType
+
+TaskId = NewType("TaskId", str)
+SessionId = NewType("SessionId", str)
+PoolId = NewType("PoolId", str)
+ReplicaId = NewType("ReplicaId", str)
+ModelId = NewType("ModelId", str)
+GpuUuid = NewType("GpuUuid", str)
+
+# Ids become file names (results/<task_id>.json), so they may hold no path separators,
+# no "..", no NUL or newline: only this conservative alphabet.
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+_ID_RE = re.compile(ID_PATTERN)
+
+
+def is_safe_id(value: str) -> bool:
+    """True when `value` can be used as a file name component without any path trick."""
+    return bool(_ID_RE.match(value)) and ".." not in value

@@ -1,0 +1,286 @@
+"""Reading YAML/JSON files into pydantic models, with errors that name file, line and field.
+
+Every file a user writes (orch.yaml, task files, inventories) goes through `load_model`, which
+never raises on bad input: it returns either the model or a list of `LoadError`s, each saying
+where the problem is and how to fix it. `orchctl validate`, the spool and the config watcher
+all call it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import pydantic
+import yaml
+
+MAX_FILE_BYTES = 1024 * 1024
+
+M = TypeVar("M", bound=pydantic.BaseModel)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class LoadError:
+    """One problem in one file, located as precisely as the parser allows."""
+
+    path: str
+    line: int | None
+    column: int | None
+    field: str | None
+    message: str
+    hint: str | None = None
+
+    def __str__(self) -> str:
+        where = self.path
+        if self.line is not None:
+            where += f":{self.line}"
+            if self.column is not None:
+                where += f":{self.column}"
+        text = f"{where}: "
+        if self.field:
+            text += f"{self.field}: "
+        text += self.message
+        if self.hint:
+            text += f" (hint: {self.hint})"
+        return text
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "line": self.line,
+            "column": self.column,
+            "field": self.field,
+            "message": self.message,
+            "hint": self.hint,
+        }
+
+
+@dataclass(frozen=True)
+class Loaded(Generic[T]):
+    """The outcome of a load: a value, or the errors that stopped it (never both)."""
+
+    value: T | None
+    errors: list[LoadError]
+    data: Any = None
+
+
+def read_text(path: Path, *, max_bytes: int = MAX_FILE_BYTES) -> tuple[str | None, list[LoadError]]:
+    """Read a user file as UTF-8, refusing links, huge files and invalid bytes with a location."""
+    shown = str(path)
+    try:
+        if path.is_symlink():
+            return None, [
+                LoadError(shown, None, None, None, "is a symbolic link, which is not accepted",
+                          "copy the file itself into place instead of linking it")
+            ]
+        size = path.stat().st_size
+        if size > max_bytes:
+            return None, [
+                LoadError(shown, None, None, None,
+                          f"is {size} bytes, over the limit of {max_bytes} bytes",
+                          "keep task files small; put large inputs in a file the prompt names")
+            ]
+        raw = path.read_bytes()
+    except OSError as exc:
+        return None, [LoadError(shown, None, None, None, f"cannot be read: {exc.strerror}")]
+    return decode_utf8(raw, shown)
+
+
+def decode_utf8(raw: bytes, shown: str) -> tuple[str | None, list[LoadError]]:
+    try:
+        return raw.decode("utf-8"), []
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        return None, [
+            LoadError(shown, line, column, None,
+                      f"is not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})",
+                      "save the file as UTF-8")
+        ]
+
+
+def parse_document(text: str, shown: str) -> tuple[Any, yaml.Node | None, list[LoadError]]:
+    """Parse YAML (JSON is accepted as YAML); return the data and its node tree for locations."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else None
+        column = mark.column + 1 if mark else None
+        problem = exc.problem or exc.context or "invalid syntax"
+        return None, None, [
+            LoadError(shown, line, column, None, f"is not valid YAML/JSON: {problem}",
+                      "check indentation, colons and quotes near this line")
+        ]
+    except yaml.YAMLError as exc:
+        return None, None, [LoadError(shown, None, None, None, f"is not valid YAML/JSON: {exc}")]
+    return data, node, []
+
+
+def parse_json_document(text: str, shown: str) -> tuple[Any, yaml.Node | None, list[LoadError]]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return None, None, [
+            LoadError(shown, exc.lineno, exc.colno, None, f"is not valid JSON: {exc.msg}",
+                      "check commas, quotes and brackets near this line")
+        ]
+    try:  # JSON is (almost always) YAML, which gives us node locations for field errors
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        node = None
+    return data, node, []
+
+
+def load_model(
+    path: Path, model: type[M], *, max_bytes: int = MAX_FILE_BYTES, shown: str | None = None
+) -> Loaded[M]:
+    """Read, parse and validate `path` as `model`; errors carry file, line, column and field."""
+    label = shown or str(path)
+    text, errors = read_text(path, max_bytes=max_bytes)
+    if text is None:
+        return Loaded(None, [_relabel(e, label) for e in errors])
+    return validate_text(text, model, shown=label, is_json=path.suffix == ".json")
+
+
+def validate_text(text: str, model: type[M], *, shown: str, is_json: bool = False) -> Loaded[M]:
+    parse = parse_json_document if is_json else parse_document
+    data, node, errors = parse(text, shown)
+    if errors:
+        return Loaded(None, errors)
+    if not isinstance(data, dict):
+        kind = "empty" if data is None else f"a {type(data).__name__}"
+        return Loaded(None, [
+            LoadError(shown, 1, 1, None, f"must be a mapping of keys to values, but is {kind}",
+                      f"start from an example; fields are: {', '.join(model.model_fields)}")
+        ], data)
+    try:
+        return Loaded(model.model_validate(data), [], data)
+    except pydantic.ValidationError as exc:
+        return Loaded(None, validation_errors(exc, model, node, shown), data)
+
+
+def validation_errors(
+    exc: pydantic.ValidationError, model: type[pydantic.BaseModel], node: yaml.Node | None,
+    shown: str,
+) -> list[LoadError]:
+    out = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        line, column = locate(node, loc, key=err["type"] == "extra_forbidden")
+        hint = None
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            allowed = fields_at(model, loc[:-1])
+            message = f"unknown key {loc[-1]!r}"
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
+            if close:
+                hint = f"did you mean {close[0]!r}?"
+            elif allowed:
+                hint = f"valid keys here: {', '.join(sorted(allowed))}"
+        elif err["type"] == "missing":
+            hint = f"add {loc[-1]!r}" if loc else None
+        elif "input" in err and err["type"] not in ("model_type", "dict_type"):
+            message = f"{message} (got {_short(err['input'])})"
+        out.append(LoadError(shown, line, column, dotted(loc) or None, message, hint))
+    return out
+
+
+def dotted(loc: tuple[Any, ...]) -> str:
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text
+
+
+def locate(node: yaml.Node | None, loc: tuple[Any, ...], *, key: bool = False) -> tuple[int | None, int | None]:
+    """Line and column (1-based) of the value at `loc`; of its key when `key` is true."""
+    if node is None:
+        return None, None
+    best: yaml.Node = node
+    key_node: yaml.Node | None = None
+    for part in loc:
+        child, key_node = _child(best, part)
+        if child is None:
+            break
+        best = child
+    else:
+        if key and key_node is not None:
+            best = key_node
+    return best.start_mark.line + 1, best.start_mark.column + 1
+
+
+def _child(node: yaml.Node, part: Any) -> tuple[yaml.Node | None, yaml.Node | None]:
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            if str(k.value) == str(part):
+                return v, k
+    if isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+        return node.value[part], None
+    return None, None
+
+
+def fields_at(model: type[pydantic.BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names valid at `loc` inside `model`, following nested models, lists and dicts."""
+    current: Any = model
+    for part in loc:
+        current = _step(current, part)
+        if current is None:
+            return []
+    inner = _model_in(current)
+    return list(inner.model_fields) if inner else []
+
+
+def _step(tp: Any, part: Any) -> Any:
+    inner = _model_in(tp)
+    if inner is not None and isinstance(part, str) and part in inner.model_fields:
+        return inner.model_fields[part].annotation
+    for arg in _args(tp):
+        if isinstance(part, int) or _model_in(arg) is not None or typing.get_origin(arg) in (list, dict):
+            origin = typing.get_origin(arg)
+            if origin is list and isinstance(part, int):
+                return typing.get_args(arg)[0]
+            if origin is dict and isinstance(part, str):
+                return typing.get_args(arg)[1]
+    origin = typing.get_origin(tp)
+    if origin is list and isinstance(part, int):
+        return typing.get_args(tp)[0]
+    if origin is dict:
+        return typing.get_args(tp)[1]
+    return None
+
+
+def _args(tp: Any) -> tuple[Any, ...]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return typing.get_args(tp)
+    return ()
+
+
+def _model_in(tp: Any) -> type[pydantic.BaseModel] | None:
+    if isinstance(tp, type) and issubclass(tp, pydantic.BaseModel):
+        return tp
+    for arg in _args(tp):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _relabel(error: LoadError, label: str) -> LoadError:
+    return LoadError(label, error.line, error.column, error.field, error.message, error.hint)

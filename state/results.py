@@ -1,0 +1,105 @@
+"""Result files (results/<task_id>.json): one per task, replaced atomically on every transition."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from state import atomic, ids
+from state.errors import ErrorEnvelope
+
+Status = Literal["queued", "running", "succeeded", "failed", "canceled", "rejected"]
+TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "canceled", "rejected"})
+
+
+class GpuRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    index: int
+    uuid: str
+    name: str
+    simulated: bool = False
+
+
+class Timings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    accepted_at: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    queue_ms: int | None = None
+    first_token_ms: int | None = None
+    decode_time_ms: int | None = None
+
+
+class Result(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    task_id: str
+    session_id: str | None = None
+    status: Status
+    queue_position: int | None = None
+    predicted_start_ms: int | None = None
+    on_time_probability: float | None = None
+    kv_warmth: bool | None = None
+    pool_id: str | None = None
+    replica_id: str | None = None
+    gpu: GpuRef | None = None
+    engine: str | None = None
+    engine_version: str | None = None
+    model: str | None = None
+    model_digest: str | None = None
+    seed: int | None = None
+    text: str = ""
+    tokens_out: int = 0
+    finish_reason: str | None = None
+    timings: Timings = Field(default_factory=Timings)
+    error: ErrorEnvelope | None = None
+    config_revision: str | None = None
+    events: str | None = None
+    source_file: str | None = None
+    attempts: int = 0
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+
+class ResultStore:
+    """The results/ folder. The reconciler is its only writer; anyone may read."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, task_id: str) -> Path:
+        if not ids.is_safe_id(task_id):
+            raise ValueError(f"unsafe task id {task_id!r}")
+        return self.root / f"{task_id}.json"
+
+    def events_path(self, task_id: str) -> Path:
+        return self.root / f"{task_id}.events.jsonl"
+
+    def exists(self, task_id: str) -> bool:
+        return self.path(task_id).exists()
+
+    def read(self, task_id: str) -> Result | None:
+        try:
+            return Result.model_validate_json(self.path(task_id).read_bytes())
+        except (OSError, ValidationError, ValueError):
+            return None
+
+    def write(self, result: Result) -> None:
+        atomic.write_bytes(self.path(result.task_id), encode(result))
+
+    def task_ids(self) -> list[str]:
+        return sorted(p.name[: -len(".json")] for p in self.root.glob("*.json")
+                      if not p.name.endswith(".error.json"))
+
+
+def encode(result: Result) -> bytes:
+    return (json.dumps(result.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n").encode()
