@@ -1,0 +1,133 @@
+"""The `sim` engine: replicas are `plugins.sim_server` children on simulated GPUs (demo, CI).
+
+The launcher is here; the protocol client and lifecycle steps are the llama-server ones
+(`plugins.llama_server`), so every sim run exercises the code path real GPUs use.
+
+`ReplicaSpec.options` for sim: the fields of `state.desired.SimOptions` (tokens_per_s, load_s,
+first_token_ms, faults), plus optionally `vram_total_mib`: an int, or one int per device of the
+mask, the room llama-orch may use on each GPU (inventory total minus outside use). With it, a
+replica whose footprint does not fit beside the live bookings fails to load with a CUDA-style
+out-of-memory error, as llama-server would.
+
+VRAM: `estimate_vram_mib` is `sim_server.footprint_mib`, the same formula the child books:
+model_size_mib + ceil(ctx × slots × 0.0625 MiB) + 700 MiB.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from plugins import hookspecs, interfaces, llama_server, processes, sim_server
+from state import desired
+
+ADOPT_STOP_GRACE_S = 5.0
+_PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def sim_options(options: Mapping[str, Any]) -> desired.SimOptions:
+    """The SimOptions part of a spec's options, validated (raises pydantic.ValidationError)."""
+    fields = desired.SimOptions.model_fields
+    return desired.SimOptions.model_validate({k: v for k, v in options.items() if k in fields})
+
+
+def command(spec: interfaces.ReplicaSpec, *, port: int) -> list[str]:
+    """The child's argv. `-S` skips site-packages: the child needs the standard library only."""
+    argv = [
+        sys.executable, "-S", "-m", "plugins.sim_server", "--port", str(port),
+        "--replica-id", spec.replica_id, "--model", spec.model_id,
+        "--model-size-mib", str(spec.model_size_mib), "--ctx", str(spec.ctx),
+        "--slots", str(spec.slots), "--gpu", ",".join(str(d) for d in spec.devices),
+        "--state-dir", str(spec.state_dir),
+        "--options-json", sim_options(spec.options).model_dump_json(),
+    ]
+    total = spec.options.get("vram_total_mib")
+    if total is not None:
+        totals = total if isinstance(total, list | tuple) else [total]
+        argv += ["--vram-total-mib", ",".join(str(int(t)) for t in totals)]
+    return argv
+
+
+def child_env(spec: interfaces.ReplicaSpec, base: Mapping[str, str]) -> dict[str, str]:
+    env = processes.scrub_env({**base, **spec.env})
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(_PROJECT_ROOT), base.get("PYTHONPATH", "")) if p)
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in spec.devices)
+    return env
+
+
+def bookings(spec: interfaces.ReplicaSpec, pid: int) -> list[Path]:
+    return [sim_server.booking_path(spec.state_dir, gpu, pid) for gpu in spec.devices]
+
+
+def _booked_mib(handle: interfaces.ReplicaHandle) -> int | None:
+    total, found = 0, False
+    for path in bookings(handle.spec, handle.pid):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            total += int(json.loads(path.read_text())["used_mib"])
+            found = True
+    return total if found else None
+
+
+def _forget_bookings(handle: interfaces.ReplicaHandle) -> None:
+    """A child killed by SIGKILL (or dead by a fault) cannot remove its own bookings."""
+    for path in bookings(handle.spec, handle.pid):
+        path.unlink(missing_ok=True)
+
+
+class SimEngine:
+    name = "sim"
+
+    def estimate_vram_mib(self, spec: interfaces.ReplicaSpec) -> int:
+        return sim_server.footprint_mib(spec.model_size_mib, spec.ctx, spec.slots)
+
+    async def start(self, spec: interfaces.ReplicaSpec) -> interfaces.ReplicaHandle:
+        port = processes.free_port()
+        return await processes.launch(spec, argv=command(spec, port=port),
+                                      env=child_env(spec, os.environ), port=port)
+
+    async def wait_ready(self, handle: interfaces.ReplicaHandle, *, timeout_s: float) -> None:
+        await llama_server.wait_ready(handle, timeout_s=timeout_s)
+
+    def generate(self, handle: interfaces.ReplicaHandle,
+                 request: interfaces.GenerateRequest,
+                 ) -> AsyncIterator[interfaces.Token | interfaces.Done]:
+        return llama_server.Client(handle.base_url).generate(request)
+
+    async def describe(self, handle: interfaces.ReplicaHandle) -> interfaces.EngineInfo:
+        return await llama_server.describe(handle, vram_measured_mib=_booked_mib(handle))
+
+    def poll_exit(self, handle: interfaces.ReplicaHandle) -> interfaces.ExitInfo | None:
+        ended = processes.poll_exit(handle)
+        if ended is not None:
+            _forget_bookings(handle)
+        return ended
+
+    async def stop(self, handle: interfaces.ReplicaHandle, *,
+                   grace_s: float) -> interfaces.ExitInfo:
+        ended = await processes.stop_replica(handle, grace_s=grace_s)
+        _forget_bookings(handle)
+        return ended
+
+    async def adopt(self, record: Mapping[str, Any],
+                    spec: interfaces.ReplicaSpec) -> interfaces.ReplicaHandle | None:
+        handle = await llama_server.adopt(record, spec, grace_s=ADOPT_STOP_GRACE_S)
+        pid = record.get("pid")
+        if handle is None and isinstance(pid, int) and processes.start_time(pid) is None:
+            for path in bookings(spec, pid):  # its process is gone: so is its VRAM
+                path.unlink(missing_ok=True)
+        return handle
+
+
+class _Plugin:
+    @hookspecs.hookimpl
+    def orch_register_engines(self, register: Callable[[str, Any], None]) -> None:
+        register("sim", SimEngine())
+
+
+plugin = _Plugin()

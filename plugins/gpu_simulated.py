@@ -1,0 +1,227 @@
+"""The simulated GPU observer: a workstation's GPUs described in an inventory file.
+
+Used by `orchctl serve --simulate <inventory.yaml>`, the examples and the tests, so the whole
+orchestrator runs on a machine without NVIDIA hardware. The daemon gets it from the
+`simulated` factory registered by `plugin` (hook `orch_register_gpu_observers`).
+
+Every GPU is marked `simulated=True` and its name starts with "SIMULATED ", so no screen or
+log can pass it off as real hardware. Memory use is the inventory's `vram_used_mib` plus the
+bookings that simulated engine processes write while they run:
+`<state_dir>/simgpu/<gpu-index>/<pid>.json` holding `{"pid", "used_mib", "replica_id"}`
+(`write_booking` / `remove_booking`). A booking counts only while its process is alive, so a
+crashed engine frees its memory the way a real one does.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import yaml
+
+from plugins import hookspecs, interfaces
+from state import atomic, desired, loading, observed
+
+PREFIX = "SIMULATED "
+_BOOKING_NAME = re.compile(r"^([0-9]+)\.json$")
+
+
+class InventoryError(Exception):
+    """The inventory file cannot be used; `errors` say where and why (a config error)."""
+
+    def __init__(self, path: Path, errors: list[loading.LoadError]) -> None:
+        lines = "\n".join(f"  {e}" for e in errors)
+        super().__init__(f"the simulated GPU inventory {path} cannot be used:\n{lines}")
+        self.path = path
+        self.errors = errors
+
+
+class Booking(desired.Strict):
+    """VRAM a simulated engine process holds on one simulated GPU."""
+
+    pid: int = pydantic.Field(ge=1)
+    used_mib: int = pydantic.Field(ge=0)
+    replica_id: str
+
+
+def booking_path(state_dir: Path, gpu_index: int, pid: int) -> Path:
+    return state_dir / "simgpu" / str(gpu_index) / f"{pid}.json"
+
+
+def write_booking(state_dir: Path, gpu_index: int, booking: Booking) -> Path:
+    """Called by a simulated engine once its model is "loaded" (atomic: never half-read)."""
+    path = booking_path(state_dir, gpu_index, booking.pid)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(path, booking.model_dump(), durable=False)
+    return path
+
+
+def remove_booking(state_dir: Path, gpu_index: int, pid: int) -> None:
+    booking_path(state_dir, gpu_index, pid).unlink(missing_ok=True)
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:  # os.kill(0, …) would address our own process group
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def load_inventory(path: Path) -> desired.SimulatedInventory:
+    """Load and check an inventory; raise InventoryError listing every problem found."""
+    loaded = loading.load_model(path, desired.SimulatedInventory)
+    if loaded.value is None:
+        raise InventoryError(path, loaded.errors)
+    inventory = loaded.value
+    errors = []
+    if not inventory.gpus:
+        errors.append(loading.LoadError(str(path), None, None, "gpus", "lists no GPUs",
+                                        "add at least one GPU with index, name, uuid and "
+                                        "vram_total_mib"))
+    node = _node(path)
+    seen: dict[int, int] = {}
+    for i, gpu in enumerate(inventory.gpus):
+        if gpu.index in seen:
+            line, col = loading.locate(node, ("gpus", i, "index"))
+            errors.append(loading.LoadError(
+                str(path), line, col, f"gpus[{i}].index",
+                f"GPU index {gpu.index} is already used by gpus[{seen[gpu.index]}]",
+                "give every GPU its own index, as nvidia-smi numbers them"))
+        seen.setdefault(gpu.index, i)
+        if gpu.vram_used_mib > gpu.vram_total_mib:
+            line, col = loading.locate(node, ("gpus", i, "vram_used_mib"))
+            errors.append(loading.LoadError(
+                str(path), line, col, f"gpus[{i}].vram_used_mib",
+                f"{gpu.vram_used_mib} MiB used is more than the {gpu.vram_total_mib} MiB total"))
+    if errors:
+        raise InventoryError(path, errors)
+    return inventory
+
+
+def _node(path: Path) -> yaml.Node | None:
+    try:
+        return yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+
+
+class SimulatedObserver:
+    """A GpuObserver over an inventory and the bookings of live simulated engines."""
+
+    name = "simulated"
+    simulated = True
+
+    def __init__(
+        self,
+        inventory: desired.SimulatedInventory,
+        *,
+        state_dir: Path,
+        is_alive: Callable[[int], bool] = pid_alive,
+    ) -> None:
+        self._gpus = sorted(inventory.gpus, key=lambda g: g.index)
+        self._state_dir = state_dir
+        self._is_alive = is_alive
+
+    def observe(self) -> observed.GpuSnapshot:
+        errors: list[str] = []
+        gpus = tuple(self._observe_one(gpu, errors) for gpu in self._gpus)
+        return observed.GpuSnapshot(gpus=gpus, simulated=True, errors=tuple(errors))
+
+    def close(self) -> None:
+        pass
+
+    def _observe_one(self, gpu: desired.SimulatedGpu, errors: list[str]) -> observed.Gpu:
+        bookings = self._bookings(gpu.index, errors)
+        used = gpu.vram_used_mib + sum(b.used_mib for b in bookings)
+        error = None
+        if used > gpu.vram_total_mib:
+            # a real GPU would have refused the allocation; say so rather than hide it
+            holders = ", ".join(b.replica_id for b in bookings)
+            error = (f"bookings need {used} MiB, more than the {gpu.vram_total_mib} MiB this "
+                     f"GPU has (held by {holders}): a real GPU would be out of memory")
+            errors.append(f"simulated GPU {gpu.index}: {error}")
+            used = gpu.vram_total_mib
+        name = gpu.name if gpu.name.startswith(PREFIX) else PREFIX + gpu.name
+        return observed.Gpu(
+            index=gpu.index,
+            uuid=gpu.uuid,
+            name=name,
+            vram_total_mib=gpu.vram_total_mib,
+            vram_used_mib=used,
+            vram_free_mib=gpu.vram_total_mib - used,
+            utilization_pct=gpu.utilization_pct,
+            temperature_c=gpu.temperature_c,
+            processes=tuple(observed.GpuProcess(pid=b.pid, used_mib=b.used_mib)
+                            for b in bookings),
+            simulated=True,
+            error=error,
+        )
+
+    def _bookings(self, index: int, errors: list[str]) -> list[Booking]:
+        folder = self._state_dir / "simgpu" / str(index)
+        try:
+            names = sorted(os.listdir(folder), key=lambda n: (len(n), n))
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            errors.append(f"simulated GPU {index}: cannot list {folder}: {exc.strerror}")
+            return []
+        out = []
+        for name in names:
+            match = _BOOKING_NAME.match(name)
+            if match is None:  # temporary files of atomic writes, strays
+                continue
+            path = folder / name
+            try:
+                booking = Booking.model_validate_json(path.read_bytes())
+            except FileNotFoundError:  # the engine removed it as we listed
+                continue
+            except (OSError, pydantic.ValidationError) as exc:
+                errors.append(f"simulated GPU {index}: booking {path} is unreadable: "
+                              f"{_first_line(exc)}")
+                continue
+            if booking.pid != int(match.group(1)):
+                errors.append(f"simulated GPU {index}: booking {path} names pid {booking.pid}, "
+                              "not the pid in its file name; ignored")
+                continue
+            if self._is_alive(booking.pid):
+                out.append(booking)
+        return out
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def open_simulated(config: desired.DesiredState, base: Path) -> SimulatedObserver:
+    """The factory: inventory and state folder are resolved against the config's folder."""
+    if not config.gpus.inventory:
+        raise InventoryError(base, [loading.LoadError(
+            str(base), None, None, "gpus.inventory",
+            "the simulated observer needs an inventory file",
+            "set gpus.inventory, or run `orchctl serve --simulate <inventory.yaml>`")])
+    inventory = load_inventory(desired.resolve(base, config.gpus.inventory))
+    return SimulatedObserver(inventory, state_dir=desired.resolve(base, config.paths.state))
+
+
+def _factory(config: desired.DesiredState, base: Path) -> interfaces.GpuObserver:
+    return open_simulated(config, base)
+
+
+class _SimulatedPlugin:
+    @hookspecs.hookimpl
+    def orch_register_gpu_observers(self, register: Callable[[str, Any], None]) -> None:
+        register("simulated", _factory)
+
+
+plugin = _SimulatedPlugin()

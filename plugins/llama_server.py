@@ -1,0 +1,279 @@
+"""The protocol client for llama-server's HTTP subset, and the lifecycle steps that use it.
+
+Both engine adapters talk to their child through this module: `llamacpp` to a real
+`llama-server`, `sim` to `plugins.sim_server`, which speaks the same subset. Shapes follow the
+recorded responses in /work/shared/fixtures/llama-server/:
+
+- GET /health: 200 {"status":"ok"}; 503 {"error":{...,"message":"Loading model"}} while loading.
+- GET /props: `build_info`, `total_slots`, `default_generation_settings.n_ctx` (per slot).
+- GET /slots: one object per slot with `is_processing`.
+- POST /completion with "stream": true: `data: {json}` lines; the last frame has "stop": true,
+  `tokens_predicted`, `timings` and `stop_type` ("limit" when n_predict ran out).
+
+Every call opens its own short-lived aiohttp session, so nothing outlives the caller's task.
+Closing a `generate` iterator (``aclose()``) closes its HTTP response: the server sees the
+connection drop and stops generating for that request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from plugins import interfaces, processes
+
+_NETWORK_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
+
+
+class ProtocolError(interfaces.EngineStreamError):
+    """The engine did not answer, or answered something this client cannot use."""
+
+
+class RequestRejected(ProtocolError):
+    """The engine refused the request with an HTTP error (e.g. 400 for a bad prompt)."""
+
+    def __init__(self, status: int, message: str, kind: str = "") -> None:
+        super().__init__(f"engine answered HTTP {status}: {message}")
+        self.status = status
+        self.message = message
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class Health:
+    ok: bool
+    status: int | None  # None: no HTTP answer at all
+    message: str
+
+
+@dataclass(frozen=True)
+class Props:
+    build_info: str
+    total_slots: int
+    n_ctx: int | None  # per slot
+    model_path: str | None
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    done: interfaces.Done
+
+
+def completion_body(request: interfaces.GenerateRequest, *, stream: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "prompt": request.prompt, "n_predict": request.max_tokens, "seed": request.seed,
+        "temperature": request.temperature, "top_p": request.top_p, "stream": stream,
+        "cache_prompt": True,
+    }
+    if request.top_k is not None:
+        body["top_k"] = request.top_k
+    return body
+
+
+def _rejected(status: int, body: bytes) -> RequestRejected:
+    try:
+        error = json.loads(body)["error"]
+        return RequestRejected(status, str(error.get("message", "")), str(error.get("type", "")))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return RequestRejected(status, body.decode("utf-8", errors="replace")[:300])
+
+
+def parse_line(line: bytes) -> dict[str, Any] | None:
+    """One SSE line: the JSON object of a `data:` line, None for anything to skip."""
+    line = line.rstrip(b"\r")
+    field, sep, value = line.partition(b":")
+    if not sep or field not in (b"data", b"error"):
+        return None  # blank line, comment (": ping"), or a field this client does not use
+    value = value.strip()
+    if value == b"[DONE]":
+        return None
+    try:
+        frame = json.loads(value)
+    except ValueError as e:
+        raise ProtocolError(f"bad stream frame: {line[:200]!r}") from e
+    if not isinstance(frame, dict):
+        raise ProtocolError(f"bad stream frame: {line[:200]!r}")
+    if field == b"error" or "error" in frame:
+        error = frame.get("error", frame)
+        if isinstance(error, dict):
+            raise RequestRejected(int(error.get("code", 500)), str(error.get("message", "")),
+                                  str(error.get("type", "")))
+        raise RequestRejected(500, str(error))
+    return frame
+
+
+def done_from(frame: Mapping[str, Any]) -> interfaces.Done:
+    """The `Done` of a final frame (stream) or a whole non-streamed answer."""
+    limit = frame.get("stop_type") == "limit" or bool(frame.get("stopped_limit"))
+    timings = frame.get("timings") or {}
+    return interfaces.Done(
+        tokens_out=int(frame.get("tokens_predicted", 0)),
+        finish_reason="length" if limit else "stop",
+        timings={k: float(v) for k, v in timings.items()
+                 if isinstance(v, int | float) and not isinstance(v, bool)})
+
+
+class Client:
+    """One llama-server (or sim server) at `base_url`."""
+
+    def __init__(self, base_url: str, *, timeout_s: float = 5.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout_s = timeout_s
+
+    async def _get(self, path: str) -> tuple[int, bytes]:
+        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
+        async with aiohttp.ClientSession(timeout=timeout) as session, \
+                session.get(self.base_url + path) as resp:
+            return resp.status, await resp.read()
+
+    async def _get_json(self, path: str) -> Any:
+        try:
+            status, body = await self._get(path)
+        except _NETWORK_ERRORS as e:
+            raise ProtocolError(f"GET {path}: {e!r}") from e
+        if status != 200:
+            raise _rejected(status, body)
+        try:
+            return json.loads(body)
+        except ValueError as e:
+            raise ProtocolError(f"GET {path}: not JSON: {body[:200]!r}") from e
+
+    async def health(self) -> Health:
+        try:
+            status, body = await self._get("/health")
+        except _NETWORK_ERRORS as e:
+            return Health(False, None, f"no answer: {e!r}")
+        if status == 200:
+            return Health(True, status, "ok")
+        return Health(False, status, _rejected(status, body).message or f"HTTP {status}")
+
+    async def props(self) -> Props:
+        data = await self._get_json("/props")
+        try:
+            settings = data.get("default_generation_settings") or {}
+            return Props(build_info=str(data["build_info"]), total_slots=int(data["total_slots"]),
+                         n_ctx=settings.get("n_ctx"), model_path=data.get("model_path"))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ProtocolError(f"GET /props: unexpected shape: {e!r}") from e
+
+    async def slots_busy(self) -> list[bool]:
+        """`is_processing` of each slot, in slot order."""
+        data = await self._get_json("/slots")
+        try:
+            return [bool(slot["is_processing"]) for slot in data]
+        except (KeyError, TypeError) as e:
+            raise ProtocolError(f"GET /slots: unexpected shape: {e!r}") from e
+
+    async def complete(self, request: interfaces.GenerateRequest) -> Completion:
+        """A non-streamed completion."""
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout_s)
+        try:
+            async with aiohttp.ClientSession(timeout=timeout) as session, session.post(
+                    self.base_url + "/completion",
+                    json=completion_body(request, stream=False)) as resp:
+                body = await resp.read()
+        except _NETWORK_ERRORS as e:
+            raise ProtocolError(f"POST /completion: {e!r}") from e
+        if resp.status != 200:
+            raise _rejected(resp.status, body)
+        try:
+            data = json.loads(body)
+            return Completion(str(data["content"]), done_from(data))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ProtocolError(f"POST /completion: unexpected answer {body[:200]!r}") from e
+
+    async def generate(
+        self, request: interfaces.GenerateRequest,
+    ) -> AsyncIterator[interfaces.Token | interfaces.Done]:
+        """Stream the completion: Tokens (indexed from 0), then one Done. Raises
+        EngineStreamError on a dropped connection, an early end or a bad frame."""
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout_s)
+        index = 0
+        try:
+            async with aiohttp.ClientSession(timeout=timeout) as session, session.post(
+                    self.base_url + "/completion",
+                    json=completion_body(request, stream=True)) as resp:
+                try:
+                    if resp.status != 200:
+                        raise _rejected(resp.status, await resp.read())
+                    pending = bytearray()
+                    async for chunk in resp.content.iter_any():
+                        pending += chunk
+                        while (end := pending.find(b"\n")) >= 0:
+                            frame = parse_line(bytes(pending[:end]))
+                            del pending[: end + 1]
+                            if frame is None:
+                                continue
+                            if content := frame.get("content"):
+                                yield interfaces.Token(str(content), index)
+                                index += 1
+                            if frame.get("stop"):
+                                yield done_from(frame)
+                                return
+                    raise ProtocolError(f"stream ended before the final frame ({index} tokens)")
+                finally:
+                    resp.close()  # drop the connection: the server stops generating
+        except _NETWORK_ERRORS as e:
+            raise interfaces.EngineStreamError(
+                f"stream broken after {index} tokens: {e!r}") from e
+
+
+async def wait_ready(handle: interfaces.ReplicaHandle, *, timeout_s: float) -> None:
+    """Poll /health until 200; raise EngineStartError when the process exits or time is up.
+    The process is left running on timeout: the caller decides to stop it."""
+    client = Client(handle.base_url, timeout_s=2.0)
+    deadline = time.monotonic() + timeout_s
+    delay = 0.02
+    last = Health(False, None, "not asked yet")
+    while True:
+        ended = processes.poll_exit(handle)
+        if ended is not None:
+            raise interfaces.EngineStartError(f"engine exited before ready: {ended.reason}",
+                                              exit=ended)
+        last = await client.health()
+        if last.ok:
+            return
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise interfaces.EngineStartError(
+                f"engine not ready after {timeout_s:g} s (last health check: {last.message})")
+        await asyncio.sleep(min(delay, remaining))
+        delay = min(delay * 1.5, 0.25)
+
+
+async def describe(handle: interfaces.ReplicaHandle, *,
+                   vram_measured_mib: int | None = None) -> interfaces.EngineInfo:
+    """Version and slot use from /props and /slots. Raises EngineStreamError (ProtocolError)
+    when the engine does not answer."""
+    client = Client(handle.base_url)
+    props, busy = await asyncio.gather(client.props(), client.slots_busy())
+    return interfaces.EngineInfo(
+        engine_version=props.build_info, slots_total=props.total_slots, slots_busy=sum(busy),
+        model_digest=handle.spec.model_digest, vram_measured_mib=vram_measured_mib)
+
+
+async def adopt(record: Mapping[str, Any], spec: interfaces.ReplicaSpec, *,
+                grace_s: float) -> interfaces.ReplicaHandle | None:
+    """Re-attach to a recorded engine process when it is the same process (pid and start time)
+    and healthy; stop it when it is ours but unhealthy; leave a reused pid alone."""
+    try:
+        pid, started_at = int(record["pid"]), float(record["started_at"])
+        port, log = int(record["port"]), Path(str(record["log_path"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not processes.pid_alive(pid, started_at):
+        return None
+    handle = interfaces.ReplicaHandle(spec=spec, pid=pid, port=port, started_at=started_at,
+                                      log_path=log, base_url=f"http://127.0.0.1:{port}")
+    if (await Client(handle.base_url, timeout_s=2.0).health()).ok:
+        return handle
+    await processes.stop_replica(handle, grace_s=grace_s)
+    return None

@@ -1,0 +1,224 @@
+"""Engine child processes: spawn in their own process group, tell pid reuse apart, stop, explain.
+
+The engine adapters (`engine_llamacpp`, `engine_sim`) launch their servers through `launch` and
+end them through `stop_replica`; the daemon uses `pid_alive` and `record` to find and adopt
+engine processes after a restart. A replica's process group is its own session
+(`start_new_session`), so a signal to the group reaches everything the engine started.
+
+Pid reuse: a pid names a process only together with its start time (field 22 of
+/proc/<pid>/stat, in clock ticks since boot). Every signal to a process we did not spawn in
+this daemon is sent only after checking both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import shlex
+import signal
+import socket
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from plugins import interfaces
+
+SCRUBBED_PREFIX = "LLAMA_ARG_"  # llama-server reads these as flags: they would override ours
+_OOM_RE = re.compile(r"out of memory|CUDA_ERROR_OUT_OF_MEMORY|cudaMalloc failed", re.IGNORECASE)
+_CUDA_RE = re.compile(r"CUDA error", re.IGNORECASE)
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def scrub_env(env: Mapping[str, str]) -> dict[str, str]:
+    """A copy of `env` without `LLAMA_ARG_*` variables."""
+    return {k: v for k, v in env.items() if not k.startswith(SCRUBBED_PREFIX)}
+
+
+def log_path(spec: interfaces.ReplicaSpec) -> Path:
+    """Where a replica's stdout and stderr go: `<state_dir>/engines/<replica_id>.log`."""
+    return spec.state_dir / "engines" / f"{spec.replica_id}.log"
+
+
+def free_port() -> int:
+    """A loopback port free right now (the child binds it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time in ticks) of a process, or None when there is no such pid."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    fields = data[data.rindex(")") + 2 :].split()  # comm may hold spaces and parentheses
+    return fields[0], int(fields[19])  # fields 3 and 22
+
+
+def start_time(pid: int) -> float | None:
+    """The process's start time in seconds since boot, or None when there is no such pid."""
+    stat = _stat(pid)
+    return None if stat is None else stat[1] / _TICKS
+
+
+def pid_alive(pid: int, started_at: float) -> bool:
+    """True when `pid` runs and is the process that started at `started_at` (not a zombie)."""
+    stat = _stat(pid)
+    if stat is None or stat[0] in ("Z", "X"):
+        return False
+    return stat[1] == round(started_at * _TICKS)
+
+
+async def spawn(argv: Sequence[str], *, env: Mapping[str, str],
+                log_path: Path) -> asyncio.subprocess.Process:
+    """Start `argv` in a new session with stdout+stderr to `log_path` (the previous log is
+    kept as `<name>.1`). Raises EngineStartError when the program cannot be executed."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    if log_path.exists():
+        os.replace(log_path, log_path.with_name(log_path.name + ".1"))
+    with open(log_path, "wb") as log:
+        log.write(f"# llama-orch: {shlex.join(argv)}\n".encode())
+        log.flush()
+        try:
+            return await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log,
+                stderr=asyncio.subprocess.STDOUT, env=dict(env), start_new_session=True)
+        except OSError as e:
+            raise interfaces.EngineStartError(f"cannot run {argv[0]}: {e}") from e
+
+
+async def launch(spec: interfaces.ReplicaSpec, *, argv: Sequence[str], env: Mapping[str, str],
+                 port: int) -> interfaces.ReplicaHandle:
+    """Spawn a loopback HTTP engine for `spec` and return its handle (does not wait)."""
+    path = log_path(spec)
+    process = await spawn(argv, env=env, log_path=path)
+    started = start_time(process.pid)
+    return interfaces.ReplicaHandle(
+        spec=spec, pid=process.pid, port=port,
+        started_at=started if started is not None else 0.0,
+        log_path=path, process=process, base_url=f"http://127.0.0.1:{port}")
+
+
+def record(handle: interfaces.ReplicaHandle) -> dict[str, Any]:
+    """What the daemon writes down to adopt the process after a restart."""
+    return {"pid": handle.pid, "started_at": handle.started_at, "port": handle.port,
+            "log_path": str(handle.log_path)}
+
+
+def _log_tail(path: Path | None, *, max_bytes: int = 8192) -> list[str]:
+    if path is None:
+        return []
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - max_bytes))
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return []
+    return [line.strip()[:300] for line in text.splitlines()
+            if line.strip() and not line.startswith("# llama-orch:")]
+
+
+def exit_info(returncode: int | None, log_path: Path | None) -> interfaces.ExitInfo:
+    """Why a process ended: its exit code or signal, and an OOM/CUDA error found in its log."""
+    code = sig = None
+    if returncode is None:
+        base = "exit status unknown"
+    elif returncode < 0:
+        sig = -returncode
+        try:
+            base = f"killed by {signal.Signals(sig).name}"
+        except ValueError:
+            base = f"killed by signal {sig}"
+    else:
+        code = returncode
+        base = f"exit code {code}"
+    tail = _log_tail(log_path)
+    oom = next((line for line in reversed(tail) if _OOM_RE.search(line)), None)
+    if oom is not None:
+        cuda = next((line for line in reversed(tail) if _CUDA_RE.search(line)), oom)
+        return interfaces.ExitInfo(code, sig, f"OOM: {cuda} ({base})", oom=True)
+    cuda = next((line for line in reversed(tail) if _CUDA_RE.search(line)), None)
+    if cuda is not None:
+        return interfaces.ExitInfo(code, sig, f"{base}: {cuda}")
+    if code not in (None, 0) and tail:
+        return interfaces.ExitInfo(code, sig, f"{base}: {tail[-1]}")
+    return interfaces.ExitInfo(code, sig, base)
+
+
+@dataclass(frozen=True)
+class Stopped:
+    returncode: int | None  # None for a process this daemon did not spawn (adopted)
+    killed: bool  # it needed SIGKILL
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, sig)
+
+
+async def _gone(pid: int, started_at: float, *, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while pid_alive(pid, started_at):
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+async def stop(pid: int, *, started_at: float, process: asyncio.subprocess.Process | None,
+               grace_s: float) -> Stopped:
+    """SIGTERM the process group, wait `grace_s`, SIGKILL the group, reap. Idempotent.
+
+    With `process` (our child) the pid is ours until reaped; without it (adopted) every signal
+    is sent only while `pid_alive(pid, started_at)`, so a reused pid is never touched.
+    """
+    if process is not None:
+        if process.returncode is not None:
+            return Stopped(process.returncode, killed=False)
+        _signal_group(pid, signal.SIGTERM)
+        with contextlib.suppress(TimeoutError):
+            return Stopped(await asyncio.wait_for(process.wait(), grace_s), killed=False)
+        _signal_group(pid, signal.SIGKILL)
+        return Stopped(await process.wait(), killed=True)
+    if not pid_alive(pid, started_at):
+        return Stopped(None, killed=False)
+    _signal_group(pid, signal.SIGTERM)
+    if await _gone(pid, started_at, timeout_s=grace_s):
+        return Stopped(None, killed=False)
+    if pid_alive(pid, started_at):
+        _signal_group(pid, signal.SIGKILL)
+    await _gone(pid, started_at, timeout_s=10.0)
+    return Stopped(None, killed=True)
+
+
+def poll_exit(handle: interfaces.ReplicaHandle) -> interfaces.ExitInfo | None:
+    """Non-blocking: how the replica's process ended, or None while it runs."""
+    if handle.process is not None:
+        code = handle.process.returncode
+        return None if code is None else exit_info(code, handle.log_path)
+    if pid_alive(handle.pid, handle.started_at):
+        return None
+    info = exit_info(None, handle.log_path)
+    return interfaces.ExitInfo(info.code, info.signal,
+                               f"{info.reason} (adopted process; it ended on its own)", info.oom)
+
+
+async def stop_replica(handle: interfaces.ReplicaHandle, *,
+                       grace_s: float) -> interfaces.ExitInfo:
+    """Stop the replica's process group (see `stop`) and say how it ended."""
+    stopped = await stop(handle.pid, started_at=handle.started_at, process=handle.process,
+                         grace_s=grace_s)
+    if stopped.returncode is not None:
+        return exit_info(stopped.returncode, handle.log_path)
+    if stopped.killed:
+        return interfaces.ExitInfo(None, int(signal.SIGKILL),
+                                   "killed by SIGKILL (adopted process)")
+    info = exit_info(None, handle.log_path)
+    return interfaces.ExitInfo(None, None, f"stopped ({info.reason}; adopted process)", info.oom)

@@ -1,0 +1,1 @@
+"""The reconciler: the control loop (observe → plan → act → admit → dispatch) and its faces."""

@@ -1,0 +1,118 @@
+"""Admission guardrails, checked before a task is queued. Pure: plain data in, an error out.
+
+The dispatcher calls `check` for every parsed task; a non-None envelope becomes a `rejected`
+result. Queue capacity and full policy are applied afterwards by the queue itself.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from state import desired, errors, tasks
+from state.errors import ErrorCode, ErrorEnvelope
+
+# Below this probability of finishing in time, a deadline counts as infeasible at admission.
+DEADLINE_FLOOR = 0.05
+BYTES_PER_TOKEN = 4  # prompt length estimate before tokenization; conservative for code/English
+
+
+@dataclass(frozen=True)
+class PoolView:
+    pool_id: str
+    model_id: str
+    state: str  # Ready | Progressing | Unschedulable | Failed
+    reason: str | None
+    ctx: int
+    max_tokens: int | None
+
+
+@dataclass(frozen=True)
+class Target:
+    """What an admitted task will run: its model and, when it names one, its pool."""
+
+    model_id: str
+    pool_id: str | None
+
+
+def resolve(task: tasks.TaskFile, state: desired.DesiredState) -> Target | ErrorEnvelope:
+    if task.pool is not None:
+        pool = state.pool(task.pool)
+        if pool is None:
+            return errors.envelope(
+                ErrorCode.POOL_UNAVAILABLE, f"pool {task.pool!r} is not in orch.yaml",
+                hint=f"use one of: {', '.join(p.id for p in state.pools) or 'no pools defined'}")
+        if task.model is not None and task.model != pool.model:
+            return errors.envelope(
+                ErrorCode.INVALID_PARAMS,
+                f"model: {task.model!r} does not match pool {pool.id!r}, which serves {pool.model!r}",
+                hint="name only the pool, or only the model")
+        return Target(pool.model, pool.id)
+    assert task.model is not None
+    return Target(task.model, None)
+
+
+def check(task: tasks.TaskFile, target: Target, *, state: desired.DesiredState,
+          pools: dict[str, PoolView]) -> ErrorEnvelope | None:
+    model = state.models.get(target.model_id)
+    if model is None:
+        return errors.envelope(
+            ErrorCode.MODEL_UNKNOWN, f"model: {target.model_id!r} is not in orch.yaml",
+            hint=f"use one of: {', '.join(sorted(state.models)) or 'no models defined'}")
+    if model.state == "Retired":
+        active = sorted(m for m, spec in state.models.items() if spec.state == "Active")
+        return errors.envelope(
+            ErrorCode.MODEL_RETIRED, f"model: {target.model_id!r} is Retired",
+            hint=f"use an Active model ({', '.join(active) or 'none'}) or set its state: Active")
+    serving = [p for p in pools.values() if p.model_id == target.model_id]
+    if target.pool_id is not None:
+        serving = [p for p in serving if p.pool_id == target.pool_id]
+    placement = task.placement
+    if placement.mode == "pin":
+        pinned = pools.get(placement.pin_pool or "")
+        if pinned is None or pinned.model_id != target.model_id:
+            return errors.envelope(
+                ErrorCode.POOL_UNAVAILABLE,
+                f"placement.pin_pool: {placement.pin_pool!r} is not a pool serving "
+                f"{target.model_id!r}",
+                hint="pin a pool listed by `orchctl status`, or use mode: prefer")
+        if pinned.state != "Ready":
+            return errors.envelope(
+                ErrorCode.POOL_UNREADY,
+                f"placement.pin_pool: pool {pinned.pool_id!r} is {pinned.state}"
+                + (f" ({pinned.reason})" if pinned.reason else ""),
+                retry_after_ms=2000,
+                hint="a pinned task never falls back; retry once the pool is Ready")
+        serving = [pinned]
+    live = [p for p in serving if p.state in ("Ready", "Progressing")]
+    if not live:
+        why = "; ".join(f"{p.pool_id} is {p.state}: {p.reason}" for p in serving if p.reason)
+        return errors.envelope(
+            ErrorCode.POOL_UNAVAILABLE,
+            f"no pool can serve model {target.model_id!r}" + (f" ({why})" if why else ""),
+            retry_after_ms=5000)
+    limit = max((p.max_tokens for p in live if p.max_tokens), default=None)
+    if limit is not None and task.max_tokens > limit:
+        return errors.envelope(
+            ErrorCode.INVALID_PARAMS, f"max_tokens: {task.max_tokens} is over the pool limit {limit}",
+            hint=f"ask for at most {limit} tokens")
+    ctx = max(p.ctx for p in live)
+    prompt_tokens = math.ceil(len(task.prompt.encode()) / BYTES_PER_TOKEN)
+    if prompt_tokens + task.max_tokens > ctx:
+        return errors.envelope(
+            ErrorCode.INVALID_PARAMS,
+            f"max_tokens: about {prompt_tokens} prompt tokens + {task.max_tokens} max_tokens "
+            f"exceed the context of {ctx} tokens per slot",
+            hint="shorten the prompt, lower max_tokens, or raise the pool's ctx")
+    return None
+
+
+def deadline_error(task: tasks.TaskFile, *, predicted_start_ms: float | None,
+                   probability: float | None) -> ErrorEnvelope | None:
+    if task.deadline_ms is None or probability is None or probability >= DEADLINE_FLOOR:
+        return None
+    start = "unknown" if predicted_start_ms is None else f"{predicted_start_ms:.0f} ms"
+    return errors.envelope(
+        ErrorCode.DEADLINE_UNMET,
+        f"deadline_ms: {task.deadline_ms} cannot be met (predicted start {start}, "
+        f"on-time probability {probability:.2f})")

@@ -1,0 +1,98 @@
+"""Logging: JSON Lines (one object per line) for machines, a pretty format for people.
+
+Every line has ts, level, event and a one-sentence `human` text; lines about a task carry its
+`task_id` and a `correlation_id` (the task id unless a request supplied one), so
+`grep '"correlation_id": "X"'` follows one task through the daemon (HME-030).
+Call `emit(log, "event.name", "Human sentence.", key=value, ...)`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+ROOT = "llama_orch"
+_RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message"}
+
+
+def get(name: str) -> logging.Logger:
+    return logging.getLogger(f"{ROOT}.{name}")
+
+
+def emit(log: logging.Logger, event: str, human: str, *, level: int = logging.INFO,
+         **fields: Any) -> None:
+    if "task_id" in fields and "correlation_id" not in fields:
+        fields["correlation_id"] = fields["task_id"]
+    log.log(level, human, extra={"orch_event": event, "orch_fields": fields})
+
+
+def _fields(record: logging.LogRecord) -> tuple[str, dict[str, Any]]:
+    event = getattr(record, "orch_event", None) or record.name.removeprefix(ROOT + ".")
+    fields: dict[str, Any] = dict(getattr(record, "orch_fields", {}) or {})
+    for key, value in record.__dict__.items():  # plain `extra=` from libraries
+        if key not in _RESERVED and not key.startswith("orch_") and key not in fields:
+            fields[key] = value
+    return event, fields
+
+
+class JsonLinesFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        event, fields = _fields(record)
+        line: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "event": event,
+            "human": record.getMessage(),
+        }
+        line.update(fields)
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str, ensure_ascii=False)
+
+
+class PrettyFormatter(logging.Formatter):
+    COLORS = {"WARNING": "\033[33m", "ERROR": "\033[31m", "CRITICAL": "\033[31;1m"}
+
+    def __init__(self, color: bool) -> None:
+        super().__init__()
+        self.color = color
+
+    def format(self, record: logging.LogRecord) -> str:
+        event, fields = _fields(record)
+        ts = datetime.fromtimestamp(record.created).strftime("%H:%M:%S.%f")[:-3]
+        keys = ("task_id", "pool_id", "replica_id")
+        tag = " ".join(f"{k.split('_')[0]}={fields[k]}" for k in keys if fields.get(k))
+        text = f"{ts} {record.levelname[:4]:4} {record.getMessage()}"
+        if tag:
+            text += f"  [{tag}]"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        if self.color and record.levelname in self.COLORS:
+            text = f"{self.COLORS[record.levelname]}{text}\033[0m"
+        del event
+        return text
+
+
+def setup(*, fmt: str = "json", level: str = "info", log_file: Path | None = None,
+          stream: TextIO | None = None) -> None:
+    """Configure the root project logger once, at the one entry point (`orchctl`)."""
+    stream = stream or sys.stderr
+    root = logging.getLogger(ROOT)
+    root.handlers.clear()
+    root.setLevel(level.upper())
+    root.propagate = False
+    handler = logging.StreamHandler(stream)
+    if fmt == "pretty":
+        handler.setFormatter(PrettyFormatter(color=stream.isatty()))
+    else:
+        handler.setFormatter(JsonLinesFormatter())
+    root.addHandler(handler)
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(log_file, encoding="utf-8")
+        file_handler.setFormatter(JsonLinesFormatter())
+        root.addHandler(file_handler)

@@ -1,0 +1,161 @@
+"""The bounded task queue shared by the two priority classes, and its full-queue policies.
+
+Admission pushes every accepted task here; the dispatcher pops the first entry whose model has
+a free replica, and the estimates read positions and depths for `queue_position`,
+`predicted_start_ms` and the `queue_depth` of SSE metrics frames. The queue is plain data: no
+I/O and no clock (entries carry the time they were enqueued), so its policies are tested alone.
+
+Order: `interactive` entries are dispatched before `batch` ones, and each class is FIFO in the
+order entries were pushed. One capacity is shared by both classes.
+
+When the queue is full, `push` applies the full policy:
+
+- `reject`: the newcomer is refused (`accepted=False`; admission answers `ADMISSION_REJECT`).
+- `drop-lru`: the oldest batch entry is evicted, else the oldest interactive one, and the
+  newcomer is enqueued; the evicted entry is returned so its task can fail with
+  `QUEUE_FULL_DROP_LRU`. Corner case: a *batch* newcomer meeting a queue that holds only
+  interactive entries is refused like under `reject` (`ADMISSION_REJECT`): evicting
+  interactive work to admit batch work would invert the priorities the classes promise.
+
+`position(task_id)` is the 0-based number of entries the dispatcher would take before this
+one in priority order, so interactive entries count for a batch one (the spec leaves open
+whether `queue_position` counts the other class; counting it is what predicts the wait).
+It is a snapshot: a later interactive arrival moves batch entries back, and `pop_first` skips
+entries whose model is busy, so an entry may also be dispatched earlier than its position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from state import ids
+from state.errors import ErrorCode
+
+Priority = Literal["interactive", "batch"]
+FullPolicy = Literal["reject", "drop-lru"]
+
+PRIORITIES: tuple[Priority, ...] = ("interactive", "batch")  # dispatch order
+FULL_POLICIES: tuple[FullPolicy, ...] = ("reject", "drop-lru")
+
+REFUSED_CODE = ErrorCode.ADMISSION_REJECT  # for a newcomer that was not enqueued
+EVICTED_CODE = ErrorCode.QUEUE_FULL_DROP_LRU  # for an entry evicted to make room
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One queued task: what dispatch and the estimates need, plus the caller's own payload."""
+
+    task_id: ids.TaskId
+    priority: Priority
+    model_id: ids.ModelId
+    pool_id: ids.PoolId | None
+    enqueued_at: float  # monotonic seconds, for ages and metrics; order is push order
+    max_tokens: int
+    deadline_at: float | None  # monotonic seconds, or None without a deadline
+    payload: object = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class PushOutcome:
+    """`accepted` says whether the newcomer is queued; `evicted` is whom drop-lru removed."""
+
+    accepted: bool
+    evicted: Entry | None = None
+
+    @property
+    def code(self) -> ErrorCode | None:
+        """The error code for the newcomer: `ADMISSION_REJECT` when refused, else None."""
+        return None if self.accepted else REFUSED_CODE
+
+
+class TaskQueue:
+    """A bounded two-class queue; see the module docstring for order and full policies."""
+
+    def __init__(self, capacity: int, full_policy: FullPolicy = "reject") -> None:
+        if capacity < 1:
+            raise ValueError(f"queue capacity must be at least 1, got {capacity}")
+        if full_policy not in FULL_POLICIES:
+            raise ValueError(
+                f"queue full_policy must be one of {FULL_POLICIES}, got {full_policy!r}"
+            )
+        self.capacity = capacity
+        self.full_policy: FullPolicy = full_policy
+        # dicts keep insertion order, which is FIFO order, and remove by id in O(1).
+        self._classes: dict[Priority, dict[ids.TaskId, Entry]] = {p: {} for p in PRIORITIES}
+
+    def __len__(self) -> int:
+        return sum(len(entries) for entries in self._classes.values())
+
+    def __contains__(self, task_id: object) -> bool:
+        return any(task_id in entries for entries in self._classes.values())
+
+    def __iter__(self) -> Iterator[Entry]:
+        """Entries in dispatch order."""
+        for priority in PRIORITIES:
+            yield from self._classes[priority].values()
+
+    def push(self, entry: Entry) -> PushOutcome:
+        """Enqueue `entry`, applying the full policy when the queue is at capacity."""
+        if entry.priority not in PRIORITIES:
+            raise ValueError(f"unknown priority {entry.priority!r}")
+        if entry.task_id in self:
+            # Admission answers DUPLICATE_TASK_ID before it gets here; a repeat is a bug.
+            raise ValueError(f"task {entry.task_id!r} is already queued")
+        evicted: Entry | None = None
+        if len(self) >= self.capacity:
+            if self.full_policy == "reject":
+                return PushOutcome(accepted=False)
+            evicted = self._victim_for(entry)
+            if evicted is None:
+                return PushOutcome(accepted=False)
+            del self._classes[evicted.priority][evicted.task_id]
+        self._classes[entry.priority][entry.task_id] = entry
+        return PushOutcome(accepted=True, evicted=evicted)
+
+    def _victim_for(self, newcomer: Entry) -> Entry | None:
+        batch = self._classes["batch"]
+        if batch:
+            return next(iter(batch.values()))
+        return next(iter(self._classes["interactive"].values()))
+
+    def remove(self, task_id: ids.TaskId) -> Entry | None:
+        """Take a task out (cancel, shutdown); None when it is not queued."""
+        for entries in self._classes.values():
+            if task_id in entries:
+                return entries.pop(task_id)
+        return None
+
+    def pop_first(self, predicate: Callable[[Entry], bool]) -> Entry | None:
+        """Remove and return the first entry in dispatch order that `predicate` accepts.
+
+        The dispatcher passes "its model has a free replica", so a task for a busy model does
+        not hold back a task for an idle one behind it.
+        """
+        for entry in self:
+            if predicate(entry):
+                del self._classes[entry.priority][entry.task_id]
+                return entry
+        return None
+
+    def in_dispatch_order(self) -> tuple[Entry, ...]:
+        """Interactive entries in FIFO order, then batch entries in FIFO order."""
+        return tuple(self)
+
+    def depth_by_priority(self) -> Mapping[Priority, int]:
+        """How many entries each class holds; both classes are always present."""
+        return {priority: len(self._classes[priority]) for priority in PRIORITIES}
+
+    def position(self, task_id: ids.TaskId) -> int:
+        """0-based count of entries dispatched before this one (interactive ones count for
+        batch entries); raises KeyError when the task is not queued."""
+        for index, entry in enumerate(self):
+            if entry.task_id == task_id:
+                return index
+        raise KeyError(task_id)
+
+    def ahead_of(self, task_id: ids.TaskId) -> tuple[Entry, ...]:
+        """The entries dispatched before this one, in dispatch order (for predicted starts)."""
+        ahead = self.in_dispatch_order()
+        return ahead[: self.position(task_id)]

@@ -1,0 +1,197 @@
+"""The spool: a maildir-style folder through which task files arrive and are accounted for.
+
+    tmp/ → incoming/ → active/ → done/ | failed/        cancel/<task_id> requests a cancel
+
+Writers create files in tmp/ and rename them into incoming/ (`deliver`), so the reconciler never
+sees a partial file. The reconciler claims a file by renaming it into active/ (`claim`): rename
+is atomic, so exactly one claimer wins. Input that cannot be accepted goes to failed/ beside a
+`<name>.error.json` saying why (`quarantine`). Every rename is followed by an fsync of the
+folder, so a claim or a finish survives a crash.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from state import atomic, ids, tasks
+
+TMP_MAX_AGE_S = 36 * 3600  # as maildir: a tmp/ file untouched this long is a dead delivery
+
+
+@dataclass(frozen=True)
+class Spool:
+    root: Path
+
+    @property
+    def tmp(self) -> Path:
+        return self.root / "tmp"
+
+    @property
+    def incoming(self) -> Path:
+        return self.root / "incoming"
+
+    @property
+    def active(self) -> Path:
+        return self.root / "active"
+
+    @property
+    def done(self) -> Path:
+        return self.root / "done"
+
+    @property
+    def failed(self) -> Path:
+        return self.root / "failed"
+
+    @property
+    def cancel(self) -> Path:
+        return self.root / "cancel"
+
+    def ensure(self) -> Spool:
+        for folder in (self.tmp, self.incoming, self.active, self.done, self.failed, self.cancel):
+            folder.mkdir(parents=True, exist_ok=True)
+        return self
+
+
+_counter = 0
+
+
+def unique_name(stem_hint: str = "task") -> str:
+    global _counter
+    _counter += 1
+    return f"{time.time_ns()}.{os.getpid()}_{_counter}.{socket.gethostname()}.{stem_hint}"
+
+
+def deliver(spool: Spool, data: bytes, *, name: str) -> Path:
+    """Write `data` into tmp/, fsync it, and link it into incoming/ under `name`.
+
+    `name` must end in .task.yaml/.task.yml/.task.json. An existing incoming file of the same
+    name is never overwritten: the new file gets a unique prefix instead.
+    """
+    if "/" in name or "\0" in name or not name.endswith(tasks.TASK_SUFFIXES):
+        raise ValueError(f"task file name {name!r} must be a plain name ending in .task.yaml or .task.json")
+    spool.ensure()
+    part = spool.tmp / (unique_name() + ".part")
+    atomic_file = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.write(atomic_file, data)
+        os.fsync(atomic_file)
+    finally:
+        os.close(atomic_file)
+    target = spool.incoming / name
+    try:
+        os.link(part, target)  # link, unlike rename, fails instead of replacing a namesake
+    except FileExistsError:
+        target = spool.incoming / f"{time.time_ns()}-{name}"
+        os.link(part, target)
+    os.unlink(part)
+    atomic.fsync_dir(spool.incoming)
+    return target
+
+
+def incoming_names(spool: Spool) -> list[str]:
+    """Files waiting in incoming/, oldest first (by modification time, then name)."""
+    return _listing(spool.incoming)
+
+
+def active_names(spool: Spool) -> list[str]:
+    return _listing(spool.active)
+
+
+def _listing(folder: Path) -> list[str]:
+    entries = []
+    try:
+        with os.scandir(folder) as it:
+            for entry in it:
+                if entry.name.startswith("."):
+                    continue
+                try:
+                    mtime = entry.stat(follow_symlinks=False).st_mtime_ns
+                except FileNotFoundError:
+                    continue
+                entries.append((mtime, entry.name))
+    except FileNotFoundError:
+        return []
+    return [name for _, name in sorted(entries)]
+
+
+def claim(spool: Spool, name: str) -> Path | None:
+    """Move incoming/`name` to active/; None when another claimer (or a cancel) got it first."""
+    target = spool.active / name
+    try:
+        atomic.rename_durable(spool.incoming / name, target)
+    except FileNotFoundError:
+        return None
+    return target
+
+
+def finish(spool: Spool, name: str, *, failed: bool = False) -> Path | None:
+    """Move active/`name` to done/ (or failed/); returns the new path, None if it was gone."""
+    folder = spool.failed if failed else spool.done
+    target = _free_name(folder, name)
+    try:
+        atomic.rename_durable(spool.active / name, target)
+    except FileNotFoundError:
+        return None
+    return target
+
+
+def quarantine(spool: Spool, source: Path, error: dict[str, Any]) -> Path:
+    """Move a file that cannot be accepted into failed/ with `<name>.error.json` beside it."""
+    target = _free_name(spool.failed, source.name)
+    try:
+        atomic.rename_durable(source, target)
+    except FileNotFoundError:
+        pass  # already moved by an earlier attempt; still (re)write the explanation
+    atomic.write_json(spool.failed / f"{target.name}.error.json", error)
+    return target
+
+
+def _free_name(folder: Path, name: str) -> Path:
+    target = folder / name
+    if not target.exists() and not target.is_symlink():
+        return target
+    return folder / f"{time.time_ns()}-{name}"
+
+
+def request_cancel(spool: Spool, task_id: str) -> Path:
+    if not ids.is_safe_id(task_id):
+        raise ValueError(f"{task_id!r} is not a valid task id")
+    spool.ensure()
+    path = spool.cancel / task_id
+    atomic.write_bytes(path, b"")
+    return path
+
+
+def cancel_requests(spool: Spool) -> list[str]:
+    """Task ids with a pending cancel request (unsafe names are removed and ignored)."""
+    out = []
+    for name in _listing(spool.cancel):
+        if ids.is_safe_id(name):
+            out.append(name)
+        else:
+            (spool.cancel / name).unlink(missing_ok=True)
+    return out
+
+
+def consume_cancel(spool: Spool, task_id: str) -> None:
+    (spool.cancel / task_id).unlink(missing_ok=True)
+
+
+def sweep_tmp(spool: Spool, *, now: float, max_age_s: float = TMP_MAX_AGE_S) -> list[str]:
+    """Remove tmp/ leftovers of deliveries that died; returns the names removed."""
+    removed = []
+    for name in _listing(spool.tmp):
+        path = spool.tmp / name
+        try:
+            age = now - path.lstat().st_mtime
+        except FileNotFoundError:
+            continue
+        if age > max_age_s:  # older than the limit, never younger: see the maildir anchor
+            path.unlink(missing_ok=True)
+            removed.append(name)
+    return removed

@@ -1,0 +1,185 @@
+"""Estimates: smoothed service rates, predicted starts, on-time probabilities, calibration."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from reconciler import estimates
+
+RATE = estimates.ServiceRate(tokens_per_s=50.0, first_token_ms=200.0, samples=3)
+
+
+def test_a_replica_without_samples_uses_the_documented_default_prior() -> None:
+    assert estimates.prior() == estimates.ServiceRate(
+        tokens_per_s=20.0, first_token_ms=500.0, samples=0
+    )
+    assert estimates.prior(200.0, 5.0).tokens_per_s == 200.0
+
+
+def test_the_first_sample_replaces_the_prior() -> None:
+    rate = estimates.observe(None, tokens=100, decode_ms=2000.0, first_token_ms=150.0)
+    assert rate == estimates.ServiceRate(
+        tokens_per_s=50.0, first_token_ms=150.0, samples=1, tokens_per_s_var=0.0
+    )
+
+
+def test_later_samples_move_the_rate_by_alpha_of_the_difference() -> None:
+    rate = estimates.observe(RATE, tokens=100, decode_ms=1000.0, first_token_ms=300.0)
+    assert rate.tokens_per_s == pytest.approx(50.0 + 0.3 * (100.0 - 50.0))
+    assert rate.first_token_ms == pytest.approx(200.0 + 0.3 * 100.0)
+    assert rate.tokens_per_s_var == pytest.approx(0.7 * 0.3 * 50.0**2)
+    assert rate.samples == 4
+
+
+def test_a_sample_without_tokens_keeps_the_speed_and_a_sample_of_nothing_changes_nothing() -> None:
+    canceled_early = estimates.observe(RATE, tokens=0, decode_ms=0.0, first_token_ms=400.0)
+    assert (canceled_early.tokens_per_s, canceled_early.samples) == (50.0, 3)
+    assert canceled_early.first_token_ms == pytest.approx(260.0)
+    assert estimates.observe(RATE, tokens=0, decode_ms=0.0, first_token_ms=None) == RATE
+    assert estimates.observe(RATE, tokens=1, decode_ms=0.5, first_token_ms=None) == RATE
+
+
+def test_a_first_speed_sample_replaces_the_prior_even_after_other_measurements() -> None:
+    rate = estimates.observe(None, tokens=0, decode_ms=0.0, first_token_ms=100.0, max_tokens=8)
+    assert (rate.samples, rate.tokens_per_s, rate.first_token_ms) == (0, 20.0, 100.0)
+    rate = estimates.observe(rate, tokens=10, decode_ms=100.0, first_token_ms=None)
+    assert (rate.samples, rate.tokens_per_s) == (1, 100.0)
+
+
+def test_the_fill_ratio_learns_that_tasks_stop_before_max_tokens() -> None:
+    rate = estimates.observe(None, tokens=25, decode_ms=500.0, first_token_ms=0.0, max_tokens=100)
+    assert rate.fill_ratio == pytest.approx(0.25)
+    assert estimates.service_ms(100, rate) == pytest.approx(2000.0)
+    assert estimates.expected_service_ms(100, rate) == pytest.approx(500.0)
+
+
+def test_service_time_is_first_token_plus_max_tokens_at_the_measured_speed() -> None:
+    assert estimates.service_ms(100, RATE) == pytest.approx(200.0 + 2000.0)
+    assert estimates.expected_service_ms(100, RATE) == estimates.service_ms(100, RATE)
+
+
+def test_a_rate_that_cannot_be_divided_by_is_refused() -> None:
+    with pytest.raises(ValueError, match="tokens_per_s"):
+        estimates.ServiceRate(tokens_per_s=0.0, first_token_ms=0.0)
+    with pytest.raises(ValueError, match="alpha"):
+        estimates.observe(RATE, tokens=1, decode_ms=1.0, first_token_ms=None, alpha=0.0)
+
+
+def test_a_task_with_an_idle_slot_starts_now() -> None:
+    assert estimates.predicted_start_ms([0.0], []) == 0.0
+    assert estimates.predicted_start_ms([700.0, 0.0], []) == 0.0
+
+
+def test_two_slots_and_three_tasks_of_a_second_ahead_start_the_task_after_one_second() -> None:
+    assert estimates.predicted_start_ms([0.0, 0.0], [1000.0, 1000.0, 1000.0]) == 1000.0
+
+
+def test_tasks_ahead_take_the_slot_that_frees_first() -> None:
+    # Slot A frees at 300, slot B at 500: the task ahead (400) runs 300..700 on A,
+    # so this task starts when B frees.
+    assert estimates.predicted_start_ms([300.0, 500.0], [400.0]) == 500.0
+    # A running task past its estimate counts as a slot freeing now.
+    assert estimates.predicted_start_ms([-50.0], [100.0]) == 100.0
+
+
+def test_without_any_slot_there_is_no_prediction() -> None:
+    assert estimates.predicted_start_ms([], [1000.0]) is None
+    assert estimates.on_time_probability(None, 1000.0, 5000.0) is None
+
+
+def test_a_deadline_at_the_predicted_finish_is_met_half_the_time() -> None:
+    assert estimates.on_time_probability(1000.0, 2000.0, 3000.0) == pytest.approx(0.5)
+
+
+def test_the_probability_follows_the_documented_normal_model() -> None:
+    # mean 1000, sigma 0.25 × 1000 + 50 = 300: a deadline one sigma out is met 84% of the time.
+    assert estimates.on_time_probability(0.0, 1000.0, 1300.0) == pytest.approx(0.8413, abs=1e-4)
+    assert estimates.on_time_probability(0.0, 1000.0, 400.0) == pytest.approx(0.0228, abs=1e-4)
+
+
+def test_a_task_without_a_deadline_has_no_probability_rather_than_a_made_up_one() -> None:
+    assert estimates.on_time_probability(0.0, 1000.0, None) is None
+
+
+def test_a_deadline_already_past_cannot_be_met() -> None:
+    assert estimates.on_time_probability(0.0, 1.0, 0.0) == 0.0
+    assert estimates.on_time_probability(0.0, 1.0, -10.0) == 0.0
+
+
+def test_calibration_reports_start_error_and_brier_score_over_what_could_be_scored() -> None:
+    calibration = estimates.Calibration.of(
+        [
+            estimates.Prediction(100.0, 150.0, 0.9, True),
+            estimates.Prediction(300.0, 200.0, 0.2, True),
+            estimates.Prediction(None, 500.0),  # no slot at admission: not scored
+            estimates.Prediction(0.0, 0.0),  # no deadline: start only
+        ]
+    )
+    assert calibration.start_samples == 3
+    assert calibration.start_mae_ms == pytest.approx((50.0 + 100.0 + 0.0) / 3)
+    assert calibration.brier_samples == 2
+    assert calibration.brier == pytest.approx((0.1**2 + 0.8**2) / 2)
+
+    assert estimates.Calibration.of([]) == estimates.Calibration(0, None, 0, None)
+
+
+def test_the_score_primitives_refuse_unpaired_or_empty_input() -> None:
+    with pytest.raises(ValueError):
+        estimates.mean_absolute_error([1.0], [])
+    with pytest.raises(ValueError):
+        estimates.brier_score([], [])
+    assert estimates.brier_score([0.5, 0.5], [True, False]) == 0.25
+
+
+times = st.floats(0, 1e7, allow_nan=False)
+
+
+@given(times, times, times, times)
+def test_the_probability_never_falls_as_the_deadline_moves_out(
+    start: float, service: float, d1: float, d2: float
+) -> None:
+    early, late = sorted((d1, d2))
+    p_early = estimates.on_time_probability(start, service, early)
+    p_late = estimates.on_time_probability(start, service, late)
+    assert p_early is not None and p_late is not None
+    assert 0.0 <= p_early <= p_late <= 1.0
+
+
+@given(st.lists(times, min_size=1, max_size=6), st.lists(times, max_size=10), times)
+def test_one_more_task_ahead_never_brings_the_start_forward(
+    slots: list[float], ahead: list[float], extra: float
+) -> None:
+    before = estimates.predicted_start_ms(slots, ahead)
+    after = estimates.predicted_start_ms(slots, [*ahead, extra])
+    assert before is not None and after is not None
+    assert min(slots) <= before <= after
+    # List scheduling never waits longer than everything ahead run back to back.
+    assert before <= min(slots) + sum(ahead) + 1e-6 * (1 + sum(ahead))
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 4096), st.floats(0, 1e6), st.none() | st.floats(0, 1e4)),
+        max_size=20,
+    )
+)
+def test_a_smoothed_rate_stays_within_the_range_of_its_samples(
+    samples: list[tuple[int, float, float | None]],
+) -> None:
+    rate: estimates.ServiceRate | None = None
+    speeds = []
+    for tokens, decode_ms, first in samples:
+        rate = estimates.observe(
+            rate, tokens=tokens, decode_ms=decode_ms, first_token_ms=first, max_tokens=4096
+        )
+        if tokens > 0 and decode_ms >= estimates.MIN_DECODE_MS:
+            speeds.append(tokens / decode_ms * 1000)
+    if speeds:
+        assert rate is not None
+        assert min(speeds) * (1 - 1e-9) <= rate.tokens_per_s <= max(speeds) * (1 + 1e-9)
+        assert rate.tokens_per_s_var >= 0
+        assert math.isfinite(estimates.service_ms(4096, rate))

@@ -1,0 +1,130 @@
+"""Every class of bad input gets an error naming the file, line and field, and a fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from state import desired, loading, tasks
+
+GOOD_TASK = "task_id: t1\nmodel: m\nprompt: hi\nmax_tokens: 4\n"
+
+
+def _task(tmp_path: Path, text: str | bytes, name: str = "t.task.yaml") -> loading.Loaded[tasks.TaskFile]:
+    path = tmp_path / name
+    path.write_bytes(text.encode() if isinstance(text, str) else text)
+    return loading.load_model(path, tasks.TaskFile)
+
+
+def test_a_good_task_file_loads(tmp_path: Path) -> None:
+    loaded = _task(tmp_path, GOOD_TASK)
+    assert loaded.value is not None and loaded.errors == []
+    assert loaded.value.priority == "batch"
+
+
+def test_an_unknown_key_names_its_line_and_suggests_the_nearest_key(tmp_path: Path) -> None:
+    loaded = _task(tmp_path, GOOD_TASK + "max_tokns: 5\n")
+    [err] = loaded.errors
+    assert (err.line, err.column, err.field) == (5, 1, "max_tokns")
+    assert "unknown key" in err.message
+    assert err.hint == "did you mean 'max_tokens'?"
+    assert str(err).startswith(f"{tmp_path / 't.task.yaml'}:5:1: max_tokns: unknown key")
+
+
+def test_a_wrong_type_names_the_field_and_the_value(tmp_path: Path) -> None:
+    loaded = _task(tmp_path, "model: m\nprompt: hi\nmax_tokens: lots\n")
+    [err] = loaded.errors
+    assert err.field == "max_tokens" and err.line == 3
+    assert "'lots'" in err.message
+
+
+def test_malformed_yaml_reports_the_line(tmp_path: Path) -> None:
+    loaded = _task(tmp_path, "model: m\nprompt: [unclosed\nmax_tokens: 3\n")
+    [err] = loaded.errors
+    assert err.line is not None and err.line >= 2
+    assert "not valid YAML" in err.message
+
+
+def test_malformed_json_reports_line_and_column(tmp_path: Path) -> None:
+    loaded = _task(tmp_path, '{"model": "m",\n "prompt": "x",,\n}', name="t.task.json")
+    [err] = loaded.errors
+    assert err.line == 2 and "not valid JSON" in err.message
+
+
+def test_invalid_utf8_reports_the_line_of_the_bad_byte(tmp_path: Path) -> None:
+    loaded = _task(tmp_path, b"model: m\nprompt: caf\xe9\nmax_tokens: 3\n")
+    [err] = loaded.errors
+    assert err.line == 2 and "not valid UTF-8" in err.message
+    assert err.hint == "save the file as UTF-8"
+
+
+def test_a_huge_file_is_refused_without_reading_it(tmp_path: Path) -> None:
+    loaded = _task(tmp_path, "prompt: " + "x" * (loading.MAX_FILE_BYTES + 10) + "\n")
+    [err] = loaded.errors
+    assert "over the limit" in err.message
+
+
+def test_a_symlink_is_refused(tmp_path: Path) -> None:
+    real = tmp_path / "real.yaml"
+    real.write_text(GOOD_TASK)
+    (tmp_path / "link.task.yaml").symlink_to(real)
+    loaded = loading.load_model(tmp_path / "link.task.yaml", tasks.TaskFile)
+    assert "symbolic link" in loaded.errors[0].message
+
+
+def test_a_task_id_with_path_tricks_is_refused(tmp_path: Path) -> None:
+    for bad in ("../../etc/passwd", "a/b", "..", "x\ny"):
+        loaded = _task(tmp_path, f"task_id: {bad!r}\nmodel: m\nprompt: hi\nmax_tokens: 1\n")
+        assert loaded.value is None and loaded.errors[0].field == "task_id", bad
+
+
+def test_an_empty_file_says_what_it_should_contain(tmp_path: Path) -> None:
+    [err] = _task(tmp_path, "").errors
+    assert "must be a mapping" in err.message and "prompt" in (err.hint or "")
+
+
+def test_a_task_needs_a_model_or_a_pool(tmp_path: Path) -> None:
+    [err] = _task(tmp_path, "prompt: hi\nmax_tokens: 2\n").errors
+    assert "model" in err.message
+
+
+CONFIG = """\
+version: 1
+models:
+  m1: {ref: "file:m1.gguf", size_mib: 100}
+pools:
+  - id: p1
+    engine: sim
+    model: m1
+    replicas: 1
+"""
+
+
+def test_a_typo_in_orch_yaml_names_the_line_and_the_nearest_key(tmp_path: Path) -> None:
+    path = tmp_path / "orch.yaml"
+    path.write_text(CONFIG.replace("    replicas: 1", "    replcas: 1"))
+    [err] = desired.load_desired(path).errors
+    assert (err.line, err.field) == (8, "pools[0].replcas")
+    assert err.hint == "did you mean 'replicas'?"
+
+
+def test_a_pool_naming_an_unknown_model_is_located(tmp_path: Path) -> None:
+    path = tmp_path / "orch.yaml"
+    path.write_text(CONFIG.replace("model: m1", "model: m2"))
+    [err] = desired.load_desired(path).errors
+    assert err.field == "pools[0].model" and err.line == 7
+    assert "'m2'" in err.message and "m1" in err.message
+
+
+def test_an_unknown_engine_is_reported_with_the_installed_ones(tmp_path: Path) -> None:
+    path = tmp_path / "orch.yaml"
+    path.write_text(CONFIG.replace("engine: sim", "engine: vllm"))
+    [err] = desired.load_desired(path, known_engines={"sim", "llamacpp"}).errors
+    assert err.field == "pools[0].engine" and err.line == 6
+    assert "llamacpp, sim" in (err.hint or "")
+
+
+def test_simulated_observer_needs_an_inventory(tmp_path: Path) -> None:
+    path = tmp_path / "orch.yaml"
+    path.write_text(CONFIG + "gpus: {observer: simulated}\n")
+    [err] = desired.load_desired(path).errors
+    assert "inventory" in err.message

@@ -1,0 +1,88 @@
+"""The spool protocol: atomic delivery, exclusive claims, quarantine, cancel, tmp sweeping."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from state import spool
+
+
+@pytest.fixture
+def the_spool(tmp_path: Path) -> spool.Spool:
+    return spool.Spool(tmp_path / "spool").ensure()
+
+
+def test_delivery_lands_a_complete_file_in_incoming_and_leaves_tmp_empty(
+        the_spool: spool.Spool) -> None:
+    path = spool.deliver(the_spool, b"prompt: hi\n", name="a.task.yaml")
+    assert path == the_spool.incoming / "a.task.yaml"
+    assert path.read_bytes() == b"prompt: hi\n"
+    assert os.listdir(the_spool.tmp) == []
+
+
+def test_delivery_never_overwrites_a_waiting_file_of_the_same_name(the_spool: spool.Spool) -> None:
+    first = spool.deliver(the_spool, b"one", name="a.task.yaml")
+    second = spool.deliver(the_spool, b"two", name="a.task.yaml")
+    assert first != second
+    assert first.read_bytes() == b"one" and second.read_bytes() == b"two"
+
+
+def test_delivery_refuses_names_that_are_not_task_files(the_spool: spool.Spool) -> None:
+    for name in ("../x.task.yaml", "notes.txt", "a/b.task.json"):
+        with pytest.raises(ValueError):
+            spool.deliver(the_spool, b"x", name=name)
+
+
+def test_only_one_claimer_wins(the_spool: spool.Spool) -> None:
+    spool.deliver(the_spool, b"x", name="a.task.yaml")
+    assert spool.claim(the_spool, "a.task.yaml") == the_spool.active / "a.task.yaml"
+    assert spool.claim(the_spool, "a.task.yaml") is None
+
+
+def test_incoming_is_listed_oldest_first(the_spool: spool.Spool) -> None:
+    for i, name in enumerate(("b.task.yaml", "a.task.yaml", "c.task.yaml")):
+        path = spool.deliver(the_spool, b"x", name=name)
+        os.utime(path, ns=(10**18 + i, 10**18 + i))
+    assert spool.incoming_names(the_spool) == ["b.task.yaml", "a.task.yaml", "c.task.yaml"]
+
+
+def test_quarantine_moves_the_file_and_writes_why(the_spool: spool.Spool) -> None:
+    spool.deliver(the_spool, b"x", name="bad.task.yaml")
+    path = spool.claim(the_spool, "bad.task.yaml")
+    assert path is not None
+    spool.quarantine(the_spool, path, {"code": "INVALID_TASK_FILE", "line": 3})
+    assert (the_spool.failed / "bad.task.yaml").exists()
+    error = json.loads((the_spool.failed / "bad.task.yaml.error.json").read_text())
+    assert error == {"code": "INVALID_TASK_FILE", "line": 3}
+    assert not path.exists()
+
+
+def test_finish_files_a_task_under_done_or_failed(the_spool: spool.Spool) -> None:
+    spool.deliver(the_spool, b"x", name="a.task.yaml")
+    spool.claim(the_spool, "a.task.yaml")
+    assert spool.finish(the_spool, "a.task.yaml") == the_spool.done / "a.task.yaml"
+    assert spool.finish(the_spool, "a.task.yaml") is None
+
+
+def test_cancel_requests_ignore_and_remove_unsafe_names(the_spool: spool.Spool) -> None:
+    spool.request_cancel(the_spool, "task-1")
+    (the_spool.cancel / "x..evil").write_text("")
+    assert spool.cancel_requests(the_spool) == ["task-1"]
+    assert not (the_spool.cancel / "x..evil").exists()
+    with pytest.raises(ValueError):
+        spool.request_cancel(the_spool, "../x")
+
+
+def test_sweep_removes_only_tmp_files_older_than_the_limit(the_spool: spool.Spool) -> None:
+    old, young = the_spool.tmp / "old.part", the_spool.tmp / "young.part"
+    old.write_text("x")
+    young.write_text("y")
+    now = 2_000_000_000.0
+    os.utime(old, (now - spool.TMP_MAX_AGE_S - 1, now - spool.TMP_MAX_AGE_S - 1))
+    os.utime(young, (now - 60, now - 60))
+    assert spool.sweep_tmp(the_spool, now=now) == ["old.part"]
+    assert young.exists() and not old.exists()
