@@ -4,10 +4,10 @@ The launcher is here; the protocol client and lifecycle steps are the llama-serv
 (`plugins.llama_server`), so every sim run exercises the code path real GPUs use.
 
 `ReplicaSpec.options` for sim: the fields of `state.desired.SimOptions` (tokens_per_s, load_s,
-first_token_ms, faults), plus optionally `vram_total_mib`: an int, or one int per device of the
-mask, the room llama-orch may use on each GPU (inventory total minus outside use). With it, a
-replica whose footprint does not fit beside the live bookings fails to load with a CUDA-style
-out-of-memory error, as llama-server would.
+first_token_ms, faults), plus optionally `vram_total_mib` (see `vram_totals`): the room
+llama-orch may use on each GPU of the mask. With it, a replica whose footprint does not fit
+beside the live bookings fails to load with a CUDA-style out-of-memory error, as llama-server
+would. `engine.env` (engines.sim.env) and the pool's env reach the child, LLAMA_ARG_* excepted.
 
 VRAM: `estimate_vram_mib` is `sim_server.footprint_mib`, the same formula the child books:
 model_size_mib + ceil(ctx × slots × 0.0625 MiB) + 700 MiB.
@@ -46,15 +46,32 @@ def command(spec: interfaces.ReplicaSpec, *, port: int) -> list[str]:
         "--state-dir", str(spec.state_dir),
         "--options-json", sim_options(spec.options).model_dump_json(),
     ]
-    total = spec.options.get("vram_total_mib")
-    if total is not None:
-        totals = total if isinstance(total, list | tuple) else [total]
-        argv += ["--vram-total-mib", ",".join(str(int(t)) for t in totals)]
+    totals = vram_totals(spec)
+    if totals is not None:
+        argv += ["--vram-total-mib", ",".join(str(t) for t in totals)]
     return argv
 
 
+def vram_totals(spec: interfaces.ReplicaSpec) -> list[int] | None:
+    """Room per device of the mask from options `vram_total_mib`: an int for every device, a
+    list in mask order, or a mapping by device index. None (no check) when any is unknown
+    or not positive."""
+    raw = spec.options.get("vram_total_mib")
+    if isinstance(raw, Mapping):
+        values = [raw.get(str(d), raw.get(d)) for d in spec.devices]
+    elif isinstance(raw, list | tuple):
+        values = list(raw)
+    else:
+        values = [raw] * len(spec.devices)
+    if len(values) != len(spec.devices) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+        return None
+    return [int(v) for v in values]
+
+
 def child_env(spec: interfaces.ReplicaSpec, base: Mapping[str, str]) -> dict[str, str]:
-    env = processes.scrub_env({**base, **spec.env})
+    engine_env = (spec.options.get("engine") or {}).get("env") or {}
+    env = processes.scrub_env({**base, **engine_env, **spec.env})
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(_PROJECT_ROOT), base.get("PYTHONPATH", "")) if p)
     env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in spec.devices)

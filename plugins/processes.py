@@ -67,12 +67,20 @@ def start_time(pid: int) -> float | None:
     return None if stat is None else stat[1] / _TICKS
 
 
-def pid_alive(pid: int, started_at: float) -> bool:
-    """True when `pid` runs and is the process that started at `started_at` (not a zombie)."""
+def pid_alive(pid: int, started_at: float | None) -> bool:
+    """True when `pid` runs and is the process that started at `started_at` (not a zombie).
+    An unknown start time proves nothing: False."""
+    if pid <= 0 or started_at is None:
+        return False
     stat = _stat(pid)
     if stat is None or stat[0] in ("Z", "X"):
         return False
     return stat[1] == round(started_at * _TICKS)
+
+
+def _running(pid: int) -> bool:
+    stat = _stat(pid)
+    return stat is not None and stat[0] not in ("Z", "X")
 
 
 async def spawn(argv: Sequence[str], *, env: Mapping[str, str],
@@ -144,9 +152,9 @@ def exit_info(returncode: int | None, log_path: Path | None) -> interfaces.ExitI
     if oom is not None:
         cuda = next((line for line in reversed(tail) if _CUDA_RE.search(line)), oom)
         return interfaces.ExitInfo(code, sig, f"OOM: {cuda} ({base})", oom=True)
-    cuda = next((line for line in reversed(tail) if _CUDA_RE.search(line)), None)
-    if cuda is not None:
-        return interfaces.ExitInfo(code, sig, f"{base}: {cuda}")
+    cuda_error = next((line for line in reversed(tail) if _CUDA_RE.search(line)), None)
+    if cuda_error is not None:
+        return interfaces.ExitInfo(code, sig, f"{base}: {cuda_error}")
     if code not in (None, 0) and tail:
         return interfaces.ExitInfo(code, sig, f"{base}: {tail[-1]}")
     return interfaces.ExitInfo(code, sig, base)
@@ -196,6 +204,17 @@ async def stop(pid: int, *, started_at: float, process: asyncio.subprocess.Proce
         _signal_group(pid, signal.SIGKILL)
     await _gone(pid, started_at, timeout_s=10.0)
     return Stopped(None, killed=True)
+
+
+async def kill_group(pid: int, *, timeout_s: float = 5.0) -> None:
+    """SIGKILL the process group led by `pid` and wait for the leader to die. The caller has
+    checked `pid_alive(pid, started_at)` just before (see `stop` for the careful path)."""
+    if pid <= 0:
+        return
+    _signal_group(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout_s
+    while _running(pid) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
 
 
 def poll_exit(handle: interfaces.ReplicaHandle) -> interfaces.ExitInfo | None:

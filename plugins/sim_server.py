@@ -1,4 +1,4 @@
-"""The `sim` engine's child program: a fake `llama-server` for simulated GPUs (demos, CI, benchmarks).
+"""The `sim` engine's child program: a fake `llama-server` on simulated GPUs (demos, CI, bench).
 
 `plugins.engine_sim` runs it as ``python -m plugins.sim_server --port P ...``. It speaks the
 subset of llama-server's HTTP protocol the adapters use (`/health`, `/props`, `/slots`,
@@ -55,13 +55,14 @@ OVERHEAD_MIB = 700
 DEFAULT_TOKENS_PER_S = 200.0
 DEFAULT_FIRST_TOKEN_MS = 5.0
 
-WORDS = (
+_VOCABULARY = (
     "the of and to in is was for on that with as by at from his her an they which or be this "
     "river stone light cloud garden window lantern harbor meadow signal engine thread pocket "
     "copper silver orange violet amber quiet rapid gentle distant hollow bright narrow open "
     "walks turns sings waits drifts builds opens folds lifts carries gathers follows answers "
     "morning evening winter summer north south island valley bridge tower market letter"
-).split()
+)
+WORDS = tuple(_VOCABULARY.split())
 
 
 def footprint_mib(model_size_mib: int, ctx: int, slots: int) -> int:

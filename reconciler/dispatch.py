@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -16,7 +17,7 @@ from plugins import interfaces
 from reconciler import admission, estimates, logs, placement, queues, tasking
 from reconciler import clock as clocks
 from reconciler.configuring import AppliedConfig
-from state import errors, events, results, sessions
+from state import errors, events, ids, results, sessions
 from state.errors import ErrorCode, ErrorEnvelope
 
 log = logs.get("dispatch")
@@ -35,7 +36,7 @@ class PoolsView(Protocol):
 
     def release(self, replica_id: str) -> None: ...
 
-    def gpu_ref(self, replica_id: str) -> results.GpuRef | None: ...
+    def gpu_ref(self, replica_id: str | None) -> results.GpuRef | None: ...
 
     def rate(self, pool_id: str) -> estimates.ServiceRate: ...
 
@@ -278,21 +279,19 @@ class Dispatcher:
             decision = decisions[entry.task_id]
             logs.emit(log, "placement.decided",
                       f"Placed task {entry.task_id} on {decision.replica_id}.",
-                      task_id=entry.task_id, **decision.log_fields())
+                      task_id=entry.task_id, decision=decision.log_fields())
             self._start(self.runs[entry.task_id], decision)
 
     def _want(self, entry: queues.Entry) -> placement.Want:
         run = self.runs[entry.task_id]
-        p = run.task.placement
         last = None
         if run.task.session_id:
             session = self.sessions.get(run.task.session_id)
             last = session.last_replica_id if session else None
-        return placement.Want(
-            task_id=entry.task_id, model_id=entry.model_id, pool_id=entry.pool_id,
-            mode=p.mode, pin_pool=p.pin_pool, prefer_pools=tuple(p.prefer_pools),
-            avoid_pools=tuple(p.avoid_pools), allow_fallback=p.allow_fallback,
-            last_replica_id=last)
+        want = placement.Want.of(entry.task_id, run.task,
+                                 last_replica_id=ids.ReplicaId(last) if last else None)
+        # the task may name only a pool: admission resolved its model
+        return dataclasses.replace(want, model_id=entry.model_id)
 
     def _free_candidates(self) -> list[placement.Candidate]:
         return self.pools.candidates()
@@ -452,7 +451,7 @@ class Dispatcher:
             "tokens_out": running.tokens_out, "tokens_per_s": round(tokens_per_s, 2),
             "elapsed_ms": int(elapsed_ms)})
 
-    def _done(self, running: Running, status: results.Status, *,
+    def _done(self, running: Running, status: results.StatusName, *,
               error: ErrorEnvelope | None = None, finish_reason: str | None = None) -> None:
         run = running.run
         self.running.pop(run.task_id, None)

@@ -23,7 +23,7 @@ from plugins import interfaces, registry
 from reconciler import admission, estimates, logs, placement, planning, supervision
 from reconciler import clock as clocks
 from reconciler.configuring import AppliedConfig
-from state import atomic, desired, observed, results
+from state import atomic, desired, ids, observed, results
 
 log = logs.get("pools")
 
@@ -97,7 +97,7 @@ class PoolRuntime:
         probe = self._spec(pool, state, f"{pool.id}-probe",
                            tuple(pool.devices) if isinstance(pool.devices, list) else (0,))
         return planning.PoolWant(
-            pool_id=pool.id, replicas=pool.replicas,
+            pool_id=ids.PoolId(pool.id), replicas=pool.replicas,
             devices=tuple(pool.devices) if isinstance(pool.devices, list) else None,
             vram_mib=engine.estimate_vram_mib(probe), spec_hash=probe.spec_hash)
 
@@ -122,9 +122,9 @@ class PoolRuntime:
         self.waiting = set(plan.waiting)
         for action in plan.actions:
             if isinstance(action, planning.Start):
-                pool = state.pool(action.pool_id)
-                assert pool is not None
-                self._start(pool, state, action)
+                wanted = state.pool(action.pool_id)
+                assert wanted is not None
+                self._start(wanted, state, action)
             elif isinstance(action, planning.Drain):
                 self._drain(action.replica_id, action.reason)
 
@@ -134,8 +134,9 @@ class PoolRuntime:
             if r.state == "Stopped":
                 continue
             out.append(planning.ReplicaSeen(
-                replica_id=r.replica_id, pool_id=r.pool_id, spec_hash=r.spec.spec_hash,
-                devices=r.spec.devices, state=r.state, vram_mib=r.vram_mib))
+                replica_id=ids.ReplicaId(r.replica_id), pool_id=ids.PoolId(r.pool_id),
+                spec_hash=r.spec.spec_hash, devices=r.spec.devices,
+                state=r.state, vram_mib=r.vram_mib))  # type: ignore[arg-type]
         return out
 
     def _rooms(self) -> list[planning.GpuRoom]:
@@ -171,10 +172,14 @@ class PoolRuntime:
         r.handle = None
         r.leases = 0
         self._forget_record(r.replica_id)
-        r.life.exited(reason, now=self.clock.monotonic(), rng=self.rng)
+        now = self.clock.monotonic()
+        r.life.exited(reason, now)
+        if r.state == "Stopped":
+            self.replicas.pop(r.replica_id, None)
+            return
         level = 40 if r.state == "Failed" else 30
         what = ("circuit breaker open: not restarting" if r.state == "Failed"
-                else f"restarting in {r.life.delay_s:.1f} s")
+                else f"restarting in {r.life.retry_in_s(now) or 0:.1f} s")
         logs.emit(log, "replica.exited", f"Replica {r.replica_id} failed ({reason}); {what}.",
                   level=level, replica_id=r.replica_id, pool_id=r.pool_id, reason=reason,
                   restarts=r.life.restarts)
@@ -190,15 +195,15 @@ class PoolRuntime:
                 del self.replicas[r.replica_id]  # planning drains/replaces; nothing runs
                 continue
             r.spec = self._spec(pool, state, r.replica_id, r.spec.devices)
-            r.life.starting(now=now)
+            r.life.restarting(now)
             r.job = asyncio.get_running_loop().create_task(self._boot(r))
 
     def _start(self, pool: desired.PoolSpec, state: desired.DesiredState,
                action: planning.Start) -> None:
         spec = self._spec(pool, state, action.replica_id, tuple(action.devices))
         engine = self.plugins.engines[pool.engine]
-        life = supervision.ReplicaLife()
-        life.starting(now=self.clock.monotonic())
+        life = supervision.ReplicaLife(action.replica_id, now=self.clock.monotonic(),
+                                       random=self.rng.random)
         r = Replica(action.replica_id, pool.id, spec, engine, action.vram_mib, life)
         self.replicas[r.replica_id] = r
         logs.emit(log, "replica.starting",
@@ -224,8 +229,11 @@ class PoolRuntime:
             return
         except interfaces.EnvironmentMissing as exc:
             r.handle = None
-            r.life.exited(f"{exc.what}: {exc.fix.splitlines()[0] if exc.fix else ''}",
-                          now=self.clock.monotonic(), rng=self.rng, permanent=True)
+            r.life.exited(exc.what, self.clock.monotonic())
+            # A missing driver or binary will not fix itself by restarting: open the
+            # breaker at once (a config edit replaces the replica and starts afresh).
+            r.life.state = "Failed"
+            r.life.next_restart_at = None
             logs.emit(log, "replica.environment", f"Replica {r.replica_id} cannot start: "
                       f"{exc.what}", level=40, replica_id=r.replica_id, fix=exc.fix)
             self.wake()
@@ -238,7 +246,7 @@ class PoolRuntime:
             raise
         r.ready_ms = (self.clock.monotonic() - began) * 1000
         self.startup[r.pool_id] = r.ready_ms
-        r.life.ready(now=self.clock.monotonic())
+        r.life.ready(self.clock.monotonic())
         logs.emit(log, "replica.ready",
                   f"Replica {r.replica_id} is Ready (pid {r.handle.pid}, {r.ready_ms:.0f} ms).",
                   replica_id=r.replica_id, pool_id=r.pool_id, pid=r.handle.pid)
@@ -250,7 +258,9 @@ class PoolRuntime:
             return
         if r.job is not None and not r.job.done():
             r.job.cancel()  # a replica still starting is simply stopped
-        r.life.draining(now=self.clock.monotonic())
+        if r.life.drain(self.clock.monotonic()) == "Stopped":  # no process to stop
+            self.replicas.pop(replica_id, None)
+            return
         logs.emit(log, "replica.draining", f"Draining replica {replica_id}: {reason}.",
                   replica_id=replica_id, pool_id=r.pool_id, reason=reason)
         r.job = asyncio.get_running_loop().create_task(self._retire(r))
@@ -312,9 +322,9 @@ class PoolRuntime:
                           f"({record.get('replica_id')}).", replica_id=record.get("replica_id"))
                 continue
             assert engine is not None and pool is not None
-            life = supervision.ReplicaLife()
-            life.starting(now=self.clock.monotonic())
-            life.ready(now=self.clock.monotonic())
+            life = supervision.ReplicaLife(ids.ReplicaId(str(record["replica_id"])), now=self.clock.monotonic(),
+                                           random=self.rng.random)
+            life.ready(self.clock.monotonic())
             r = Replica(str(record["replica_id"]), pool.id, adopted.spec, engine,
                         int(record.get("vram_mib", 0)), life, handle=adopted)
             self.replicas[r.replica_id] = r
@@ -370,8 +380,8 @@ class PoolRuntime:
         if r is not None and r.leases > 0:
             r.leases -= 1
 
-    def gpu_ref(self, replica_id: str) -> results.GpuRef | None:
-        r = self.replicas.get(replica_id)
+    def gpu_ref(self, replica_id: str | None) -> results.GpuRef | None:
+        r = self.replicas.get(replica_id or "")
         snapshot = self.last_snapshot
         if r is None or snapshot is None or not r.spec.devices:
             return None
@@ -462,7 +472,7 @@ class PoolRuntime:
                     "vram_measured_mib": measured.get(r.handle.pid) if r.handle else None,
                     "restarts": r.life.restarts, "last_error": r.life.last_error,
                     "recent_errors": list(r.life.reasons),
-                    "next_restart_in_s": r.life.next_restart_in(self.clock.monotonic()),
+                    "retry_in_s": r.life.retry_in_s(self.clock.monotonic()),
                     "spec_hash": r.spec.spec_hash})
             pools_out.append({"id": pool.id, "model": pool.model, "engine": pool.engine,
                               "state": s, "reason": reason, "replicas_desired": pool.replicas,

@@ -118,6 +118,8 @@ class TaskQueue:
         batch = self._classes["batch"]
         if batch:
             return next(iter(batch.values()))
+        if newcomer.priority == "batch":
+            return None  # never evict interactive work for batch work
         return next(iter(self._classes["interactive"].values()))
 
     def remove(self, task_id: ids.TaskId) -> Entry | None:

@@ -19,6 +19,8 @@ from state.errors import ErrorEnvelope
 
 log = logs.get("tasks")
 
+StatusName = results.StatusName  # (Books has a field named `results`)
+
 
 @dataclass
 class TaskRun:
@@ -58,7 +60,7 @@ class Books:
     def save(self, run: TaskRun) -> None:
         self.results.write(run.result)
 
-    def finish(self, run: TaskRun, status: results.Status, *, error: ErrorEnvelope | None = None,
+    def finish(self, run: TaskRun, status: StatusName, *, error: ErrorEnvelope | None = None,
                finish_reason: str | None = None) -> None:
         """Write the terminal frame, the terminal result, then move the task file out of active/."""
         now = self.clock.now()

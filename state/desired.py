@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -201,7 +201,7 @@ def load_desired(path: Path, *, known_engines: set[str] | None = None) -> loadin
     return result
 
 
-def _node(path: Path) -> object:
+def _node(path: Path) -> Any:
     import yaml
 
     try:
@@ -219,7 +219,7 @@ def _locate_cross_field(error: loading.LoadError, path: Path, data: object) -> l
     if not sep or not head or " " in head:
         return loading.LoadError(error.path, error.line, error.column, None, message, error.hint)
     loc = _parse_dotted(head)
-    line, col = loading.locate(_node(path), loc)  # type: ignore[arg-type]
+    line, col = loading.locate(_node(path), loc)
     return loading.LoadError(error.path, line, col, head, rest, error.hint)
 
 

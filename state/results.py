@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from state import atomic, ids
 from state.errors import ErrorEnvelope
 
-Status = Literal["queued", "running", "succeeded", "failed", "canceled", "rejected"]
+StatusName = Literal["queued", "running", "succeeded", "failed", "canceled", "rejected"]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "canceled", "rejected"})
 
 
@@ -40,7 +40,7 @@ class Result(BaseModel):
 
     task_id: str
     session_id: str | None = None
-    status: Status
+    status: StatusName
     queue_position: int | None = None
     predicted_start_ms: int | None = None
     on_time_probability: float | None = None

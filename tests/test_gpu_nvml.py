@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import fake_pynvml
 import pluggy
 import pytest
 
 from plugins import gpu_nvml, hookspecs, interfaces
 from state import desired, observed
+from tests import fake_pynvml
 
 MIB = 1024 * 1024
 LLAMA_SERVER_BYTES = 729808896  # a llama-server with a tiny model, as NVML listed it

@@ -145,7 +145,7 @@ def test_a_replacement_that_fits_only_after_the_drain_waits_instead_of_failing()
     assert first.waiting == ("big",) and first.unschedulable == ()
     replicas, gpus = apply(first, [old], gpus)
     second = run(pools, replicas, gpus)
-    assert second == Plan((), (), ("big",))  # still waiting, nothing new to do
+    assert second == Plan((), (), (ids.PoolId("big"),))  # still waiting, nothing new to do
     after_exit = run(pools, [], [GpuRoom(0, 24576, 24576)])  # the old process has ended
     assert after_exit.actions == (start("big-0", (0,), 20000, spec="new"),)
 
@@ -223,7 +223,7 @@ def test_an_explicit_device_list_is_honoured_with_the_footprint_split() -> None:
     result = run([pool("wide", vram=16001, devices=(1, 0))])
 
     assert result.actions == (start("wide-0", (1, 0), 16001),)
-    replicas, gpus = apply(result, [], PAIR)
+    _, gpus = apply(result, [], PAIR)
     assert [g.free_mib for g in gpus] == [24576 - 8001, 12288 - 8001]
 
 
@@ -351,10 +351,10 @@ def test_replicas_that_match_their_pool_are_untouched_unless_surplus(world: Worl
                    if d.replica_id in {r.replica_id for r in drained})
     hashes = {r.replica_id: r.spec_hash for r in replicas}
     for d in result.drains:
-        want = wants.get(d.pool_id)
-        if want is None:
+        pool_wanted = wants.get(d.pool_id)
+        if pool_wanted is None:
             assert d.reason == "pool removed"
-        elif hashes[d.replica_id] != want.spec_hash:
+        elif hashes[d.replica_id] != pool_wanted.spec_hash:
             assert d.reason == "spec changed"
         else:
             assert d.reason == "scaled down"
@@ -382,8 +382,9 @@ def test_planning_again_after_applying_a_plan_does_nothing(world: World) -> None
 @given(worlds(), st.randoms(use_true_random=False))
 def test_the_plan_does_not_depend_on_input_order(world: World, rnd: random.Random) -> None:
     pools, replicas, gpus, reserve = world
-    shuffled = [list(x) for x in (pools, replicas, gpus)]
-    for items in shuffled:
-        rnd.shuffle(items)
+    pools2, replicas2, gpus2 = list(pools), list(replicas), list(gpus)
+    rnd.shuffle(pools2)
+    rnd.shuffle(replicas2)
+    rnd.shuffle(gpus2)
 
-    assert run(*shuffled, reserve=reserve) == run(pools, replicas, gpus, reserve)  # type: ignore[arg-type]
+    assert run(pools2, replicas2, gpus2, reserve) == run(pools, replicas, gpus, reserve)
