@@ -20,8 +20,8 @@ VRAM estimate (checked against /work/shared/fixtures/llama-server/vram-h200-samp
 + KV cache, f16                2 × n_layers × ctx×slots × n_kv_heads × head_dim × 2 bytes
                                (without geometry: ctx×slots × kv_mib_per_token, default
                                0.125 MiB, an 8B llama with GQA)
-+ compute buffer               flash attention on (the default): 60 MiB + 1 MiB per 1024 tokens;
-                               off: 512 × ctx×slots × n_head (default 32) × 4 bytes + 50 MiB
++ compute buffer               flash attention on (the default): 61 MiB + 1 MiB per 1024 tokens;
+                               off: 512 × ctx×slots × n_head (default 32) × 4 bytes + 51 MiB
 + process overhead             720 MiB (CUDA context; ~705 measured, more after a request)
 """
 
@@ -170,9 +170,9 @@ def kv_cache_mib(spec: interfaces.ReplicaSpec) -> int:
 def compute_buffer_mib(spec: interfaces.ReplicaSpec) -> int:
     total_ctx = spec.ctx * spec.slots
     if flash_attention(spec.flags):
-        return 60 + math.ceil(total_ctx / 1024)
+        return 61 + math.ceil(total_ctx / 1024)
     n_head = int(spec.options.get("n_head", DEFAULT_N_HEAD))
-    return 50 + math.ceil(UBATCH * total_ctx * n_head * 4 / _MIB)  # the f32 KQ of one ubatch
+    return 51 + math.ceil(UBATCH * total_ctx * n_head * 4 / _MIB)  # the f32 KQ of one ubatch
 
 
 def estimate_vram_mib(spec: interfaces.ReplicaSpec) -> int:

@@ -21,7 +21,7 @@ from watchdog.observers import Observer
 
 from plugins import interfaces, registry
 from reconciler import clock as clocks
-from reconciler import configuring, dispatch, intake, logs, pools, status, tasking
+from reconciler import configuring, dispatch, failpoints, intake, logs, pools, status, tasking
 from reconciler import events as fanout
 from state import desired, events, loading, results, sessions, spool
 from state.errors import ErrorCode
@@ -187,6 +187,7 @@ class Daemon:
             path = spool.claim(self.spool, name)
             if path is None:
                 continue
+            failpoints.hit("after_claim")
             self._take(path)
 
     def _take(self, path: Path, *, recovered: results.Result | None = None) -> None:

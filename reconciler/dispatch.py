@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from plugins import interfaces
-from reconciler import admission, estimates, logs, placement, queues, tasking
+from reconciler import admission, estimates, failpoints, logs, placement, queues, tasking
 from reconciler import clock as clocks
 from reconciler.configuring import AppliedConfig
 from state import errors, events, ids, results, sessions
@@ -354,6 +354,7 @@ class Dispatcher:
             "gpu": result.gpu.model_dump(mode="json") if result.gpu else None,
             "kv_warmth": decision.kv_warmth, "attempt": result.attempts})
         self.books.save(run)
+        failpoints.hit("after_started")
         self._metrics(running)
         request = interfaces.GenerateRequest(
             task_id=run.task_id, prompt=run.task.prompt, max_tokens=run.task.max_tokens,
@@ -389,6 +390,8 @@ class Dispatcher:
                     result.text += item.text
                     result.tokens_out += 1
                     running.tokens_out = result.tokens_out
+                    if result.tokens_out == 1:
+                        failpoints.hit("after_token")
                     if self.clock.monotonic() - last_metrics >= METRICS_EVERY_S:
                         last_metrics = self.clock.monotonic()
                         self._metrics(running)

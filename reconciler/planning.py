@@ -162,6 +162,9 @@ def plan(
     *,
     reserve_mib: int,
 ) -> Plan:
+    """The actions that move `replicas` toward `pools` on `gpus`, keeping `reserve_mib` free
+    on every GPU; see the module docstring for the rules. Raises ValueError on duplicate
+    pool ids, replica ids or GPU indices."""
     pool_list = list(pools)
     wants = {p.pool_id: p for p in pool_list}
     seen = sorted(replicas, key=_replica_key)

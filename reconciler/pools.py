@@ -152,13 +152,13 @@ class PoolRuntime:
         for r in self.replicas.values():
             if r.state in ("Stopped", "Failed", "BackingOff"):
                 continue
-            share = r.vram_mib // max(1, len(r.spec.devices))
+            share = planning.share_mib(r.vram_mib, len(r.spec.devices))
             pid = r.handle.pid if r.handle else -1
             for index in r.spec.devices:
                 pending[index] = pending.get(index, 0) + max(0, share - measured.get((index, pid), 0))
         return [planning.GpuRoom(index=g.index, total_mib=g.vram_total_mib,
                                  free_mib=max(0, g.vram_free_mib - pending.get(g.index, 0)))
-                for g in snapshot.gpus if g.error is None]
+                for g in snapshot.gpus]  # a GPU with a failed reading still counts
 
     def _notice_exits(self) -> None:
         for r in list(self.replicas.values()):
@@ -229,11 +229,9 @@ class PoolRuntime:
             return
         except interfaces.EnvironmentMissing as exc:
             r.handle = None
-            r.life.exited(exc.what, self.clock.monotonic())
             # A missing driver or binary will not fix itself by restarting: open the
             # breaker at once (a config edit replaces the replica and starts afresh).
-            r.life.state = "Failed"
-            r.life.next_restart_at = None
+            r.life.give_up(exc.what, self.clock.monotonic())
             logs.emit(log, "replica.environment", f"Replica {r.replica_id} cannot start: "
                       f"{exc.what}", level=40, replica_id=r.replica_id, fix=exc.fix)
             self.wake()

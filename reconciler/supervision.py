@@ -15,7 +15,8 @@ Policy (`RestartPolicy`, defaults from ARCHITECTURE §5):
 - The circuit breaker opens when `breaker_failures` (5) failures of one streak fall within
   `breaker_window_s` (30 min, long enough for five load timeouts of 120 s plus backoff):
   the replica goes to Failed and is not restarted until `reset` (an operator action or a new
-  spec that replaces it). The last `reasons_kept` failure reasons are kept for status.
+  spec that replaces it). `give_up` opens it at once for failures a restart cannot fix. The
+  last `reasons_kept` failure reasons are kept for status.
 - An exit while Draining is expected: the replica is Stopped, nothing is counted.
 
 States: Starting → Ready; Starting or Ready → (exit) → BackingOff → (restart due) → Starting,
@@ -124,6 +125,19 @@ class ReplicaLife:
             self.state = "BackingOff"
             self.next_restart_at = now + self.policy.backoff_s(self.streak, self._random())
         return self.state
+
+    def give_up(self, reason: str, now: float) -> None:
+        """A failure restarting cannot fix (engine binary or driver missing): record it and
+        open the breaker at once. The process, if any, must already be gone."""
+        self._expect("give_up", "Starting", "Ready", "BackingOff")
+        reason = _clean(reason, self.policy.reason_max_chars)
+        self.streak += 1
+        self.last_error = reason
+        self.reasons.append(reason)
+        self.failures.append(Failure(now, reason))
+        self.ready_at = None
+        self.state = "Failed"
+        self.next_restart_at = None
 
     def restart_due(self, now: float) -> bool:
         return (self.state == "BackingOff" and self.next_restart_at is not None

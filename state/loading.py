@@ -172,7 +172,10 @@ def validation_errors(
     shown: str,
 ) -> list[LoadError]:
     out = []
-    for err in exc.errors(include_url=False):
+    # Unknown keys first: a typo usually also makes a required field "missing", and the typo
+    # is the line the user has to fix.
+    found = sorted(exc.errors(include_url=False), key=lambda e: e["type"] != "extra_forbidden")
+    for err in found:
         loc = tuple(err["loc"])
         line, column = locate(node, loc, key=err["type"] == "extra_forbidden")
         hint = None

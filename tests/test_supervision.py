@@ -124,6 +124,17 @@ def test_the_breaker_opens_after_five_failures_and_records_the_reasons() -> None
     assert replica.as_dict(clock.now)["breaker_open"] is True
 
 
+def test_giving_up_opens_the_breaker_at_once_for_what_a_restart_cannot_fix() -> None:
+    clock = FakeClock()
+    replica = life(clock)
+
+    replica.give_up("engine binary llama-server not found", clock.now)
+
+    assert replica.state == "Failed" and not replica.restart_due(clock.advance(3600))
+    assert replica.last_error == "engine binary llama-server not found"
+    assert list(replica.reasons) == ["engine binary llama-server not found"]
+
+
 def test_failures_spread_beyond_the_window_do_not_open_the_breaker() -> None:
     clock = FakeClock()
     replica = life(clock, RestartPolicy(breaker_failures=3, breaker_window_s=100))

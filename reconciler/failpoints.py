@@ -1,0 +1,24 @@
+"""Failpoints for crash tests: `ORCH_FAILPOINTS=after_claim=kill` makes the daemon SIGKILL
+itself at that point, so a test can check recovery at every commit point.
+
+Points: after_claim (task file in active/, nothing written), after_started (the `started`
+frame and running result written), after_token (first token frame written).
+Read once at import; unset in normal use, where `hit` is a dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+_POINTS = dict(
+    item.split("=", 1) for item in os.environ.get("ORCH_FAILPOINTS", "").split(",") if "=" in item
+)
+
+
+def hit(name: str) -> None:
+    action = _POINTS.get(name)
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "exit":
+        os._exit(99)

@@ -1,0 +1,84 @@
+"""The daemon SIGKILLed at each commit point, then restarted: every task ends in exactly one
+terminal state, in order, with no partial file visible and no engine left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from state import events
+from tests.conftest import Workspace, config, task
+
+pytestmark = pytest.mark.slow
+
+TASKS = [f"job{i}" for i in range(4)]
+
+
+def _serve(ws: Workspace, *, failpoint: str | None, exit_when_idle: bool) -> subprocess.Popen[bytes]:
+    env = dict(os.environ)
+    env.pop("ORCH_FAILPOINTS", None)
+    if failpoint:
+        env["ORCH_FAILPOINTS"] = f"{failpoint}=kill"
+    argv = [sys.executable, "-m", "reconciler.cli", "serve", "--config", str(ws.config_path),
+            "--resync", "0.2", "--log-file", str(ws.root / "daemon.log")]
+    if exit_when_idle:
+        argv.append("--exit-when-idle")
+    return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is not holding anything
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.parametrize("failpoint", ["after_claim", "after_started", "after_token"])
+def test_a_killed_daemon_restarts_and_finishes_every_task_exactly_once(
+        workspace: Workspace, failpoint: str) -> None:
+    cfg = config()
+    cfg["pools"][0]["slots"] = 1
+    cfg["pools"][0]["sim"] = {"tokens_per_s": 100, "load_s": 0.0}
+    workspace.write_config(cfg)
+    for i, task_id in enumerate(TASKS):
+        path = workspace.submit(f"{task_id}.task.yaml", task(task_id, max_tokens=10, seed=i))
+        os.utime(path, ns=(10**18 + i, 10**18 + i))  # a definite arrival order
+
+    first = _serve(workspace, failpoint=failpoint, exit_when_idle=False)
+    assert first.wait(timeout=30) == -signal.SIGKILL
+    left_behind = [json.loads(p.read_text())["pid"]
+                   for p in (workspace.root / ".orch" / "engines").glob("*.json")]
+
+    second = _serve(workspace, failpoint=None, exit_when_idle=True)
+    assert second.wait(timeout=60) == 0
+
+    for task_id in TASKS:
+        result = workspace.result(task_id)
+        assert result is not None and result["status"] == "succeeded", task_id
+        homes = [folder.name for folder in (workspace.spool.incoming, workspace.spool.active,
+                                            workspace.spool.done, workspace.spool.failed)
+                 if (folder / f"{task_id}.task.yaml").exists()]
+        assert homes == ["done"], task_id
+        frames = list(events.read(workspace.root / "results" / f"{task_id}.events.jsonl"))
+        assert [f.id for f in frames] == list(range(1, len(frames) + 1)), task_id
+        assert [f.terminal for f in frames].count(True) == 1 and frames[-1].event == "end"
+        # a re-run (same seed) produces the text the interrupted run had started
+        tokens = [f.data["t"] for f in frames if f.event == "token"]
+        assert "".join(tokens).endswith(result["text"])
+    started = [workspace.result(t)["timings"]["started_at"] for t in TASKS]  # type: ignore[index]
+    assert started == sorted(started), "tasks ran out of order after the restart"
+    assert not [p.name for p in (workspace.root / "results").iterdir() if p.name.startswith(".")]
+    time.sleep(0.2)
+    assert [pid for pid in left_behind if _alive(pid)] == []
+    assert list((workspace.root / ".orch" / "engines").glob("*.json")) == []

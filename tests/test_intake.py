@@ -1,0 +1,123 @@
+"""Task files dropped into a running daemon: good ones run, bad ones are explained, none lost."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tests.conftest import Workspace, task, wait_for, wait_terminal
+
+
+async def test_a_task_file_runs_and_its_result_and_event_log_agree(
+        workspace: Workspace, serve: Any) -> None:
+    await serve()
+    workspace.submit("t1.task.yaml", task("t1", seed=3, max_tokens=6))
+    result = await wait_terminal(workspace, "t1")
+    assert result["status"] == "succeeded"
+    assert result["tokens_out"] == 6 and result["pool_id"] == "p1"
+    assert result["gpu"]["simulated"] is True
+    assert result["queue_position"] == 0 and result["predicted_start_ms"] is not None
+    frames = workspace.frames("t1")
+    names = [f.event for f in frames]
+    assert names[0] == "queued" and names[1] == "started" and names[-1] == "end"
+    assert [f.id for f in frames] == list(range(1, len(frames) + 1))
+    tokens = [f.data for f in frames if f.event == "token"]
+    assert [t["i"] for t in tokens] == list(range(6))
+    assert "".join(t["t"] for t in tokens) == result["text"]
+    assert any(f.event == "metrics" and "queue_depth" in f.data
+               and "on_time_probability" in f.data for f in frames)
+    assert (workspace.spool.done / "t1.task.yaml").exists()
+
+
+async def test_the_same_seed_gives_the_same_text(workspace: Workspace, serve: Any) -> None:
+    await serve()
+    workspace.submit("a.task.yaml", task("a", seed=11))
+    workspace.submit("b.task.yaml", task("b", seed=11))
+    workspace.submit("c.task.yaml", task("c", seed=12))
+    a, b, c = [await wait_terminal(workspace, t) for t in "abc"]
+    assert a["text"] == b["text"] != c["text"]
+
+
+BAD_INPUTS: dict[str, tuple[bytes, str]] = {
+    "syntax.task.yaml": (b"model: m1\nprompt: [oops\nmax_tokens: 3\n", "not valid YAML"),
+    "typo.task.yaml": (b"model: m1\nprompt: hi\nmax_tokns: 3\n", "unknown key"),
+    "type.task.json": (b'{"model": "m1", "prompt": "hi",\n "max_tokens": "many"}', "integer"),
+    "utf8.task.yaml": (b"model: m1\nprompt: caf\xe9\nmax_tokens: 3\n", "not valid UTF-8"),
+    "empty.task.yaml": (b"", "must be a mapping"),
+    "huge.task.yaml": (b"prompt: " + b"x" * (1024 * 1024 + 1) + b"\n", "over the limit"),
+    "trick.task.yaml": (b"task_id: ../../etc/passwd\nmodel: m1\nprompt: hi\nmax_tokens: 3\n",
+                        "task_id"),
+    "notes.txt": (b"hello", "not a task file"),
+}
+
+
+async def test_every_kind_of_bad_input_is_quarantined_with_its_location(
+        workspace: Workspace, serve: Any) -> None:
+    await serve()
+    for name, (raw, _) in BAD_INPUTS.items():
+        (workspace.spool.incoming / name).write_bytes(raw)
+    (workspace.spool.incoming / "link.task.yaml").symlink_to(workspace.root / "orch.yaml")
+    workspace.submit("good.task.yaml", task("good"))
+    assert (await wait_terminal(workspace, "good"))["status"] == "succeeded"
+    for name, (_, expected) in BAD_INPUTS.items():
+        error_file = workspace.spool.failed / f"{name}.error.json"
+        assert error_file.exists(), name
+        error = json.loads(error_file.read_text())
+        assert error["code"] == "INVALID_TASK_FILE", name
+        assert expected in error["message"], (name, error["message"])
+        assert error["hint"], name
+        assert (workspace.spool.failed / name).exists()
+    typo = json.loads((workspace.spool.failed / "typo.task.yaml.error.json").read_text())
+    assert (typo["line"], typo["field"]) == (3, "max_tokns")
+    assert "did you mean 'max_tokens'" in typo["hint"]
+    assert json.loads((workspace.spool.failed / "link.task.yaml.error.json").read_text())
+    assert list(workspace.spool.incoming.iterdir()) == []
+    assert list(workspace.spool.active.iterdir()) == []
+
+
+async def test_an_invalid_file_with_a_known_task_id_gets_a_rejected_result(
+        workspace: Workspace, serve: Any) -> None:
+    await serve()
+    workspace.submit("typo.task.yaml", "model: m1\nprompt: hi\nmax_tokns: 3\n")
+    result = await wait_terminal(workspace, "typo")
+    assert result["status"] == "rejected"
+    assert result["error"]["code"] == "INVALID_TASK_FILE"
+    assert "typo.task.yaml:3:1" in result["error"]["message"]
+    assert [f.event for f in workspace.frames("typo")] == ["error"]
+
+
+async def test_a_duplicate_task_id_is_refused_and_the_first_result_is_kept(
+        workspace: Workspace, serve: Any) -> None:
+    await serve()
+    workspace.submit("d.task.yaml", task("dup"))
+    first = await wait_terminal(workspace, "dup")
+    workspace.submit("d2.task.yaml", task("dup", prompt="something else"))
+    await wait_for(
+        lambda: (workspace.spool.failed / "d2.task.yaml.error.json").exists())
+    error = json.loads((workspace.spool.failed / "d2.task.yaml.error.json").read_text())
+    assert error["code"] == "DUPLICATE_TASK_ID"
+    assert workspace.result("dup") == first
+
+
+async def test_rejections_name_their_code_and_a_hint(workspace: Workspace, serve: Any) -> None:
+    await serve()
+    workspace.submit("u.task.yaml", task("u", model="nope"))
+    workspace.submit("r.task.yaml", task("r", model="old"))
+    workspace.submit("big.task.yaml", task("big", max_tokens=5000))
+    workspace.submit("pin.task.yaml", task("pin", placement={"mode": "pin", "pin_pool": "zz"}))
+    codes = {t: (await wait_terminal(workspace, t))["error"] for t in ("u", "r", "big", "pin")}
+    assert codes["u"]["code"] == "MODEL_UNKNOWN" and "m1" in codes["u"]["hint"]
+    assert codes["r"]["code"] == "MODEL_RETIRED" and "Active" in codes["r"]["hint"]
+    assert codes["big"]["code"] == "INVALID_PARAMS" and "max_tokens" in codes["big"]["message"]
+    assert codes["pin"]["code"] == "POOL_UNAVAILABLE"
+    for error in codes.values():
+        assert error["hint"] and isinstance(error["retriable"], bool)
+
+
+async def test_without_watchdog_the_resync_still_delivers_every_task(
+        workspace: Workspace, serve: Any) -> None:
+    await serve(watch=False, resync_s=0.2)
+    for i in range(5):
+        workspace.submit(f"n{i}.task.yaml", task(f"n{i}"))
+    for i in range(5):
+        assert (await wait_terminal(workspace, f"n{i}"))["status"] == "succeeded"

@@ -1,0 +1,274 @@
+"""The `llamacpp` engine: argv and environment, the VRAM estimate against measured H200 rows,
+binary lookup, the GPU-only refusal and its test-only switch, and a whole replica life through
+a fake `llama-server` (which hands its arguments over to the sim server)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import pluggy
+import pytest
+
+from plugins import engine_llamacpp, hookspecs, interfaces
+
+FIXTURES = Path("/work/shared/fixtures/llama-server")
+if not FIXTURES.is_dir():  # the shared folder beside this checkout
+    FIXTURES = Path(__file__).resolve().parents[2] / "shared/fixtures/llama-server"
+PROJECT = Path(__file__).resolve().parents[1]
+MIB = 1024 * 1024
+# The 1B shape of the recorded samples: 16 layers, 32 heads, 8 KV heads of 64.
+GEOMETRY: dict[str, Any] = {"n_layers": 16, "n_head": 32, "n_kv_heads": 8, "head_dim": 64}
+CUDA_LISTING = """\
+ggml_cuda_init: found 1 CUDA devices:
+  Device 0: NVIDIA H200, compute capability 9.0, VMM: yes
+Available devices:
+  CUDA0: NVIDIA H200 (143155 MiB, 140401 MiB free)
+"""
+CPU_LISTING = "Available devices: (none)\n"
+
+
+def make_spec(tmp_path: Path, *, ctx: int = 1024, slots: int = 2, devices: tuple[int, ...] = (0,),
+              flags: tuple[str, ...] = (), env: dict[str, str] | None = None,
+              model_path: Path | None = None, model_size_mib: int = 100,
+              **options: Any) -> interfaces.ReplicaSpec:
+    if model_path is None:
+        model_path = tmp_path / "tiny.gguf"
+        model_path.write_bytes(b"GGUF")
+    return interfaces.ReplicaSpec(
+        replica_id="chat-0", pool_id="chat", engine="llamacpp", model_id="tiny",
+        model_ref="file:tiny.gguf", model_path=model_path, model_size_mib=model_size_mib,
+        model_digest=None, devices=devices, ctx=ctx, slots=slots, spec_hash="h1",
+        state_dir=tmp_path / "state", flags=flags, env=env or {}, options=options)
+
+
+def executable(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
+def fake_llama_server(folder: Path, *, listing: str) -> Path:
+    """A `llama-server` that lists `listing` for --list-devices and otherwise writes down its
+    argv and environment, then becomes a sim server with the same slots and context."""
+    return executable(folder / "llama-server", f"""#!{sys.executable}
+import json, os, sys
+args = sys.argv[1:]
+if args == ["--list-devices"]:
+    print({listing!r}, end="")
+    sys.exit(0)
+here = os.path.dirname(os.path.abspath(__file__))
+with open(os.path.join(here, "seen.json"), "w") as f:
+    json.dump({{"argv": args, "env": dict(os.environ)}}, f)
+value = lambda flag: args[args.index(flag) + 1]
+total, slots = int(value("-c")), int(value("-np"))
+os.environ["PYTHONPATH"] = {str(PROJECT)!r}
+os.execv(sys.executable, [sys.executable, "-S", "-m", "plugins.sim_server",
+         "--port", value("--port"), "--replica-id", "fake", "--model", value("-m"),
+         "--model-size-mib", "1", "--ctx", str(total // slots), "--slots", str(slots),
+         "--state-dir", os.path.join(here, "state")])
+""")
+
+
+@pytest.fixture
+def no_binary_anywhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+
+
+@pytest.fixture(autouse=True)
+def without_the_test_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(engine_llamacpp.ALLOW_CPU_ENV, raising=False)
+
+
+def test_argv_gives_llama_server_the_context_of_all_slots_and_every_layer_on_the_gpu(
+        tmp_path: Path) -> None:
+    spec = make_spec(tmp_path, ctx=4096, slots=4, flags=("-fa", "on"))
+    argv = engine_llamacpp.command(spec, binary=Path("/opt/llama-server"), port=5001)
+    assert argv == ["/opt/llama-server", "-m", str(spec.model_path), "--host", "127.0.0.1",
+                    "--port", "5001", "-c", "16384", "-np", "4", "-ngl", "999", "--fit", "off",
+                    "--metrics", "-fa", "on"]
+
+
+def test_a_model_without_a_local_file_cannot_be_launched(tmp_path: Path) -> None:
+    spec = dataclasses.replace(make_spec(tmp_path), model_path=None)
+    with pytest.raises(interfaces.EngineStartError, match="no local file"):
+        engine_llamacpp.command(spec, binary=Path("/opt/llama-server"), port=5001)
+
+
+def test_the_child_environment_has_the_mask_in_pci_order_and_no_llama_arg_overrides(
+        tmp_path: Path) -> None:
+    spec = make_spec(tmp_path, devices=(1, 0),
+                     env={"LLAMA_ARG_CTX_SIZE": "8", "POOL_VAR": "p"},
+                     engine={"env": {"ENGINE_VAR": "e", "LLAMA_ARG_N_GPU_LAYERS": "0"}})
+    base = {"PATH": "/usr/bin", "LLAMA_ARG_THREADS": "4", "CUDA_VISIBLE_DEVICES": "3"}
+    env = engine_llamacpp.child_env(spec, base)
+    assert env == {"PATH": "/usr/bin", "ENGINE_VAR": "e", "POOL_VAR": "p",
+                   "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": "1,0"}
+
+
+def vram_samples() -> list[dict[str, Any]]:
+    lines = (FIXTURES / "vram-h200-sample.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def logged_mib(row: dict[str, Any], pattern: str) -> float:
+    for line in row["buffers"]:
+        if m := re.search(pattern + r"\s*=\s*([0-9.]+) MiB", line):
+            return float(m.group(1))
+    raise AssertionError(f"no {pattern!r} in the sample")
+
+
+@pytest.mark.parametrize("row", vram_samples(), ids=lambda r: f"ctx{r['ctx']}-fa-{r['fa']}")
+def test_the_estimate_covers_the_measured_vram_of_the_h200_samples(
+        tmp_path: Path, row: dict[str, Any]) -> None:
+    spec = make_spec(tmp_path, ctx=row["ctx"], slots=row["slots"], flags=("-fa", row["fa"]),
+                     model_size_mib=math.ceil(row["size_bytes"] / MIB), **GEOMETRY)
+    assert engine_llamacpp.kv_cache_mib(spec) == logged_mib(row, "CUDA0 KV buffer size")
+    compute = logged_mib(row, "CUDA0 compute buffer size")
+    assert compute <= engine_llamacpp.compute_buffer_mib(spec) <= compute + 1
+    measured = row["nvml_after_request"] / MIB
+    estimate = engine_llamacpp.LlamaCppEngine().estimate_vram_mib(spec)
+    assert measured <= estimate <= measured * 1.02
+
+
+def test_without_the_models_geometry_the_kv_cache_is_estimated_per_token(
+        tmp_path: Path) -> None:
+    spec = make_spec(tmp_path, ctx=4096, slots=2)
+    assert engine_llamacpp.kv_cache_mib(spec) == 8192 * engine_llamacpp.DEFAULT_KV_MIB_PER_TOKEN
+    exact = make_spec(tmp_path, ctx=4096, slots=2, **GEOMETRY)
+    per_token = make_spec(tmp_path, ctx=4096, slots=2, kv_mib_per_token=1 / 32)
+    assert engine_llamacpp.kv_cache_mib(per_token) == engine_llamacpp.kv_cache_mib(exact) == 256
+
+
+@pytest.mark.parametrize(("flags", "on"), [
+    ((), True), (("-fa", "off"), False), (("--flash-attn", "on"), True),
+    (("--flash-attn=off",), False), (("-fa", "auto"), True), (("-fa",), True),
+])
+def test_flash_attention_is_read_from_the_pools_flags(flags: tuple[str, ...], on: bool) -> None:
+    assert engine_llamacpp.flash_attention(flags) is on
+
+
+def test_the_configured_binary_is_used_and_a_wrong_one_is_refused(tmp_path: Path) -> None:
+    binary = executable(tmp_path / "bin" / "llama-server", "#!/bin/sh\n")
+    assert engine_llamacpp.find_binary({"engine": {"binary": str(binary)}}) == binary
+    with pytest.raises(interfaces.EnvironmentMissing) as caught:
+        engine_llamacpp.find_binary({"engine": {"binary": str(tmp_path / "nope")}})
+    assert "engines.llamacpp.binary" in caught.value.fix
+
+
+def test_the_provisioned_build_is_found_by_version_then_newest_then_on_path(
+        tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    cache = home / ".cache/llama-orch/llama.cpp"
+    old = executable(cache / "b100/bin/llama-server", "#!/bin/sh\n")
+    new = executable(cache / "b200/bin/llama-server", "#!/bin/sh\n")
+    on_path = executable(tmp_path / "path-bin" / "llama-server", "#!/bin/sh\n")
+    find = engine_llamacpp.find_binary
+    by_version = {"engine": {"provision": {"mode": "source", "ref": "b100"}}}
+    assert find(by_version, home=home, search_path="") == old
+    assert find({}, home=home, search_path="") == new
+    assert find({}, home=tmp_path, search_path=str(on_path.parent)) == on_path
+
+
+async def test_a_missing_binary_is_refused_with_a_fix(
+        tmp_path: Path, no_binary_anywhere: None) -> None:
+    with pytest.raises(interfaces.EnvironmentMissing) as caught:
+        await engine_llamacpp.LlamaCppEngine().start(make_spec(tmp_path))
+    assert "llama-server not found" in caught.value.what
+    assert "orchctl up" in caught.value.fix
+
+
+async def test_a_cpu_only_build_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    binary = executable(tmp_path / "cpu" / "llama-server",
+                        "#!/bin/sh\necho 'Available devices: (none)'\n")
+    spec = make_spec(tmp_path, binary=str(binary))
+    with pytest.raises(interfaces.EnvironmentMissing) as caught:
+        await engine_llamacpp.LlamaCppEngine().start(spec)
+    assert "lists no CUDA device" in caught.value.what
+    assert "(none)" in caught.value.what
+    assert "GGML_CUDA=ON" in caught.value.fix
+    assert not (spec.state_dir / "engines").exists()  # no engine process was spawned
+
+
+async def test_a_binary_that_prints_no_device_list_is_refused(tmp_path: Path) -> None:
+    binary = executable(tmp_path / "old" / "llama-server",
+                        "#!/bin/sh\necho 'error: invalid argument: --list-devices' >&2\nexit 1\n")
+    with pytest.raises(interfaces.EnvironmentMissing, match="printed no device list"):
+        await engine_llamacpp.LlamaCppEngine().start(make_spec(tmp_path, binary=str(binary)))
+
+
+async def test_a_pools_env_cannot_turn_on_the_test_only_cpu_switch(tmp_path: Path) -> None:
+    binary = fake_llama_server(tmp_path / "cpu", listing=CPU_LISTING)
+    spec = make_spec(tmp_path, binary=str(binary), env={engine_llamacpp.ALLOW_CPU_ENV: "1"},
+                     engine={"env": {engine_llamacpp.ALLOW_CPU_ENV: "1"}})
+    with pytest.raises(interfaces.EnvironmentMissing):
+        await engine_llamacpp.LlamaCppEngine().start(spec)
+
+
+async def test_the_test_only_switch_lets_a_cpu_build_serve_with_a_loud_warning(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setenv(engine_llamacpp.ALLOW_CPU_ENV, "1")
+    binary = fake_llama_server(tmp_path / "cpu", listing=CPU_LISTING)
+    engine = engine_llamacpp.LlamaCppEngine()
+    with caplog.at_level(logging.WARNING, logger=engine_llamacpp.__name__):
+        handle = await engine.start(make_spec(tmp_path, binary=str(binary)))
+    try:
+        await engine.wait_ready(handle, timeout_s=10)
+    finally:
+        await engine.stop(handle, grace_s=2)
+    assert any("TEST-ONLY: CPU inference enabled" in r.getMessage() and r.levelname == "WARNING"
+               for r in caplog.records)
+
+
+@pytest.mark.slow
+async def test_a_replica_lives_through_a_fake_cuda_llama_server(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLAMA_ARG_CTX_SIZE", "64")  # would override -c if it reached the child
+    binary = fake_llama_server(tmp_path / "cuda", listing=CUDA_LISTING)
+    engine = engine_llamacpp.LlamaCppEngine()
+    spec = make_spec(tmp_path, ctx=1024, slots=2, devices=(1,), flags=("-fa", "on"),
+                     binary=str(binary))
+    handle = await engine.start(spec)
+    try:
+        await engine.wait_ready(handle, timeout_s=10)
+        info = await engine.describe(handle)
+        request = interfaces.GenerateRequest(task_id="t", prompt="hi", max_tokens=5, seed=1)
+        items = [item async for item in engine.generate(handle, request)]
+    finally:
+        ended = await engine.stop(handle, grace_s=2)
+    assert (info.engine_version, info.slots_total, info.slots_busy) == ("sim-0.1.0", 2, 0)
+    done = items[-1]
+    assert isinstance(done, interfaces.Done)
+    assert (done.tokens_out, done.finish_reason) == (5, "length")
+    assert ended.code == 0
+    seen = json.loads((binary.parent / "seen.json").read_text())
+    assert seen["argv"][seen["argv"].index("-c") + 1] == "2048"
+    assert seen["env"]["CUDA_VISIBLE_DEVICES"] == "1"
+    assert seen["env"]["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert not [k for k in seen["env"] if k.startswith("LLAMA_ARG_")]
+    assert handle.log_path.read_text().startswith("# llama-orch: " + str(binary))
+
+
+def test_list_devices_output_is_read_as_device_lines() -> None:
+    parse = engine_llamacpp.parse_list_devices
+    assert parse(CUDA_LISTING) == ["CUDA0: NVIDIA H200 (143155 MiB, 140401 MiB free)"]
+    assert parse(CPU_LISTING) == []
+    assert parse("usage: llama-server [options]") is None
+
+
+def test_the_plugin_registers_the_llamacpp_engine() -> None:
+    manager = pluggy.PluginManager(hookspecs.PROJECT)
+    manager.add_hookspecs(hookspecs)
+    manager.register(engine_llamacpp.plugin)
+    registered: dict[str, Any] = {}
+    manager.hook.orch_register_engines(register=registered.__setitem__)
+    assert isinstance(registered["llamacpp"], engine_llamacpp.LlamaCppEngine)
