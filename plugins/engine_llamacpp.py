@@ -94,7 +94,7 @@ def find_binary(options: Mapping[str, Any], *, home: Path | None = None,
     if version:
         candidates = [cache / str(version) / "bin" / "llama-server"]
     else:
-        candidates = sorted(cache.glob("*/bin/llama-server"),
+        candidates = sorted((p for p in cache.glob("*/bin/llama-server") if _executable(p)),
                             key=lambda p: p.stat().st_mtime, reverse=True)
     for candidate in candidates:
         if _executable(candidate):

@@ -23,6 +23,8 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import pydantic
+
 from plugins import hookspecs, interfaces, llama_server, processes, sim_server
 from state import desired
 
@@ -31,9 +33,13 @@ _PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def sim_options(options: Mapping[str, Any]) -> desired.SimOptions:
-    """The SimOptions part of a spec's options, validated (raises pydantic.ValidationError)."""
+    """The SimOptions part of a spec's options, validated; EngineStartError when invalid."""
     fields = desired.SimOptions.model_fields
-    return desired.SimOptions.model_validate({k: v for k, v in options.items() if k in fields})
+    try:
+        return desired.SimOptions.model_validate(
+            {k: v for k, v in options.items() if k in fields})
+    except pydantic.ValidationError as e:
+        raise interfaces.EngineStartError(f"invalid sim options: {e}") from e
 
 
 def command(spec: interfaces.ReplicaSpec, *, port: int) -> list[str]:

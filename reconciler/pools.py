@@ -414,6 +414,11 @@ class PoolRuntime:
             return pool.sim.load_s * 1000 + 200
         return DEFAULT_STARTUP_MS
 
+    async def idle(self) -> None:
+        """Wait until no replica is starting or draining (tests on a fake clock)."""
+        jobs = [r.job for r in self.replicas.values() if r.job is not None and not r.job.done()]
+        await asyncio.gather(*jobs, return_exceptions=True)
+
     def settled(self) -> bool:
         return all(r.state not in ("Starting", "Draining") for r in self.replicas.values())
 

@@ -100,7 +100,10 @@ def workspace(tmp_path: Path) -> Workspace:
 async def wait_for(check: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        value = check()
+        try:
+            value = check()
+        except (OSError, ValueError, KeyError, IndexError, StopIteration):
+            value = None  # status.json not written yet, or the thing not there yet
         if value:
             return value
         await asyncio.sleep(0.02)

@@ -315,9 +315,9 @@ async def test_eight_replicas_start_together_and_are_ready_within_seconds(
     assert len({h.port for h in handles}) == 8
 
 
-async def test_a_spec_with_unknown_sim_options_is_refused_before_spawning(
+async def test_a_spec_with_invalid_sim_options_is_refused_before_spawning(
         sims: Replicas) -> None:
-    with pytest.raises(ValueError, match="tokens_per_s"):
+    with pytest.raises(interfaces.EngineStartError, match="tokens_per_s"):
         await sims.start(tokens_per_s=-1)
     assert sims.handles == []
 

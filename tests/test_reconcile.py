@@ -1,0 +1,162 @@
+"""The reconcile loop against real sim engine processes: convergence, edits, faults."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from reconciler import clock as clocks
+from reconciler import daemon as daemons
+from tests.conftest import Workspace, config, task, wait_for, wait_terminal
+
+pytestmark = pytest.mark.slow
+
+
+def _pool(ws: Workspace, pool_id: str) -> dict[str, Any]:
+    return next(p for p in ws.status()["pools"] if p["id"] == pool_id)
+
+
+def _pids(ws: Workspace) -> dict[str, int]:
+    return {r["id"]: r["pid"] for p in ws.status()["pools"] for r in p["replicas"]}
+
+
+def _ready(ws: Workspace, pool_id: str, replicas: int | None = None) -> bool:
+    try:
+        pool = _pool(ws, pool_id)
+    except (StopIteration, OSError, ValueError):
+        return False
+    ok = pool["state"] == "Ready" and not pool["reason"]
+    return ok and (replicas is None or len(pool["replicas"]) == replicas)
+
+
+def _two_pools() -> dict[str, Any]:
+    cfg = config()
+    cfg["models"]["big"] = {"ref": "file:big.gguf", "size_mib": 15000}
+    cfg["pools"] = [
+        {"id": "small", "engine": "sim", "model": "m1", "ctx": 1024, "slots": 1},
+        {"id": "large", "engine": "sim", "model": "big", "ctx": 1024, "slots": 1},
+    ]
+    return cfg
+
+
+async def test_two_pools_on_a_24_and_12_gb_pair_are_placed_by_free_vram(
+        workspace: Workspace, serve: Any) -> None:
+    workspace.write_config(_two_pools())
+    await serve()
+    gpus = {p["id"]: p["replicas"][0]["gpu"] for p in workspace.status()["pools"]}
+    assert gpus == {"large": [0], "small": [1]}  # the big model only fits on the 24 GB card
+    measured = {r["id"]: r["vram_measured_mib"] for p in workspace.status()["pools"]
+                for r in p["replicas"]}
+    assert all(m and m > 0 for m in measured.values())
+
+
+async def test_scaling_up_and_down_leaves_existing_replicas_running(
+        workspace: Workspace, serve: Any) -> None:
+    await serve()
+    first = _pids(workspace)["p1-0"]
+    cfg = config()
+    cfg["pools"][0]["replicas"] = 3
+    workspace.write_config(cfg)
+    await wait_for(lambda: _ready(workspace, "p1", 3), 15, "three replicas")
+    assert _pids(workspace)["p1-0"] == first
+    cfg["pools"][0]["replicas"] = 1
+    workspace.write_config(cfg)
+    await wait_for(lambda: _ready(workspace, "p1", 1), 15, "one replica")
+    assert _pids(workspace) == {"p1-0": first}
+
+
+async def test_a_model_swap_replaces_only_the_changed_pool(
+        workspace: Workspace, serve: Any) -> None:
+    cfg = _two_pools()
+    cfg["models"]["m2"] = {"ref": "file:m2.gguf", "size_mib": 800}
+    workspace.write_config(cfg)
+    await serve()
+    before = _pids(workspace)
+    swapped = copy.deepcopy(cfg)
+    swapped["pools"][0]["model"] = "m2"
+    workspace.write_config(swapped)
+    def swapped_ready() -> bool:
+        pids = [r["pid"] for r in _pool(workspace, "small")["replicas"]]
+        return _ready(workspace, "small", 1) and before["small-0"] not in pids
+
+    await wait_for(swapped_ready, 15, "the swapped pool Ready")
+    after = _pids(workspace)
+    assert after["large-0"] == before["large-0"]
+    assert len(after) == 2
+    workspace.submit("s.task.yaml", task("s", model="m2"))
+    assert (await wait_terminal(workspace, "s"))["status"] == "succeeded"
+
+
+async def test_an_invalid_edit_changes_nothing_that_runs(workspace: Workspace, serve: Any) -> None:
+    await serve()
+    before = _pids(workspace)
+    workspace.config_path.write_text(workspace.config_path.read_text().replace(
+        "replicas: 1", "replcas: 3"))
+    await wait_for(lambda: workspace.status()["config"]["errors"], 10, "the error shown")
+    errors = workspace.status()["config"]["errors"]
+    assert errors[0]["field"].endswith("replcas") and errors[0]["line"]
+    assert "did you mean 'replicas'" in errors[0]["text"]
+    assert _pids(workspace) == before
+    workspace.submit("still.task.yaml", task("still"))
+    assert (await wait_terminal(workspace, "still"))["status"] == "succeeded"
+
+
+async def test_a_pool_that_fits_no_gpu_is_unschedulable_with_the_numbers(
+        workspace: Workspace, serve: Any) -> None:
+    cfg = config()
+    cfg["models"]["huge"] = {"ref": "file:huge.gguf", "size_mib": 40000}
+    cfg["pools"].append({"id": "huge", "engine": "sim", "model": "huge"})
+    workspace.write_config(cfg)
+    await serve(ready=False)
+    await wait_for(lambda: _pool(workspace, "huge")["state"] == "Unschedulable", 10)
+    reason = _pool(workspace, "huge")["reason"]
+    assert "MiB" in reason and "needs" in reason
+    workspace.submit("h.task.yaml", task("h", model="huge"))
+    result = await wait_terminal(workspace, "h")
+    assert result["error"]["code"] == "POOL_UNAVAILABLE" and "needs" in result["error"]["message"]
+
+
+async def test_a_replica_that_hangs_before_ready_is_timed_out_and_restarted(
+        workspace: Workspace, serve: Any) -> None:
+    cfg = config(timeouts={"ready_s": 0.5, "drain_s": 1, "stop_grace_s": 1})
+    cfg["pools"][0]["sim"] = {"faults": {"hang_before_ready": True}}
+    workspace.write_config(cfg)
+    await serve(ready=False)
+    await wait_for(lambda: _pool(workspace, "p1")["replicas"]
+                   and _pool(workspace, "p1")["replicas"][0]["restarts"] >= 1, 15, "a restart")
+    replica = _pool(workspace, "p1")["replicas"][0]
+    assert "not ready after 0.5 s" in replica["last_error"]
+
+
+async def test_crashes_back_off_then_open_the_breaker_on_a_fake_clock(workspace: Workspace) -> None:
+    cfg = config()
+    cfg["pools"][0]["sim"] = {"faults": {"crash_at_start": True}}
+    workspace.write_config(cfg)
+    clock = clocks.FakeClock()
+    d = daemons.Daemon(daemons.Options(config_path=workspace.config_path, watch=False),
+                       clock=clock)
+    d._setup()
+    delays = []
+    try:
+        for _ in range(40):
+            await d.pass_once()
+            await d.pools.idle()
+            replica = d.pools.replicas.get("p1-0")
+            if replica is not None and replica.state == "Failed":
+                break
+            if replica is not None and replica.state == "BackingOff":
+                wait = replica.life.retry_in_s(clock.monotonic()) or 0.0
+                delays.append(wait)
+                clock.advance(wait)
+        else:
+            pytest.fail("the breaker never opened")
+        pool = next(p for p in d.pools.status() if p["id"] == "p1")
+        assert pool["state"] == "Failed"
+        assert len(pool["replicas"][0]["recent_errors"]) == 5
+        assert "exit code" in pool["replicas"][0]["last_error"]
+        assert len(delays) == 4
+        assert all(0.9 * 2**i <= x <= 1.1 * 2**i for i, x in enumerate(delays))
+    finally:
+        await d.pools.shutdown()
