@@ -52,7 +52,8 @@ _DEVICE_LINE = re.compile(r"\s*([A-Za-z][A-Za-z_-]*\d+):\s")
 _GPU_ONLY_FIX = (
     "llama-orch runs inference on NVIDIA GPUs only. Build llama.cpp with CUDA (`orchctl up` "
     "configures -DGGML_CUDA=ON) or point engines.llamacpp.binary in orch.yaml at a CUDA build "
-    "of llama-server, and check the driver with `nvidia-smi`.")
+    "of llama-server, and check the driver with `nvidia-smi`."
+)
 
 _log = logging.getLogger(__name__)
 
@@ -61,8 +62,11 @@ def cpu_inference_allowed() -> bool:
     """The test-only switch; the one place that reads it (from the daemon's environment)."""
     if os.environ.get(ALLOW_CPU_ENV) != "1":
         return False
-    _log.warning("TEST-ONLY: CPU inference enabled by %s=1; llama-server may run without a "
-                 "GPU. Never set this outside tests.", ALLOW_CPU_ENV)
+    _log.warning(
+        "TEST-ONLY: CPU inference enabled by %s=1; llama-server may run without a "
+        "GPU. Never set this outside tests.",
+        ALLOW_CPU_ENV,
+    )
     return True
 
 
@@ -75,8 +79,9 @@ def _engine_config(options: Mapping[str, Any]) -> Mapping[str, Any]:
     return engine if isinstance(engine, Mapping) else {}
 
 
-def find_binary(options: Mapping[str, Any], *, home: Path | None = None,
-                search_path: str | None = None) -> Path:
+def find_binary(
+    options: Mapping[str, Any], *, home: Path | None = None, search_path: str | None = None
+) -> Path:
     """engines.llamacpp.binary, else the provisioned build, else `llama-server` on PATH."""
     engine = _engine_config(options)
     provision = engine.get("provision") if isinstance(engine.get("provision"), Mapping) else {}
@@ -88,14 +93,18 @@ def find_binary(options: Mapping[str, Any], *, home: Path | None = None,
         raise interfaces.EnvironmentMissing(
             f"engine binary {path} does not exist or is not executable",
             "fix engines.llamacpp.binary in orch.yaml, or remove it and run `orchctl up` to "
-            "build llama.cpp with CUDA")
+            "build llama.cpp with CUDA",
+        )
     cache = (home if home is not None else Path.home()) / CACHE_DIR
     version = options.get("version") or (provision or {}).get("ref")
     if version:
         candidates = [cache / str(version) / "bin" / "llama-server"]
     else:
-        candidates = sorted((p for p in cache.glob("*/bin/llama-server") if _executable(p)),
-                            key=lambda p: p.stat().st_mtime, reverse=True)
+        candidates = sorted(
+            (p for p in cache.glob("*/bin/llama-server") if _executable(p)),
+            key=lambda p: p.stat().st_mtime,
+            reverse=True,
+        )
     for candidate in candidates:
         if _executable(candidate):
             return candidate
@@ -106,7 +115,8 @@ def find_binary(options: Mapping[str, Any], *, home: Path | None = None,
         f"llama-server not found (engines.llamacpp.binary unset, nothing under {cache}, "
         "not on PATH)",
         "run `orchctl up` to build llama.cpp with CUDA, or set engines.llamacpp.binary in "
-        "orch.yaml to a CUDA build of llama-server")
+        "orch.yaml to a CUDA build of llama-server",
+    )
 
 
 def parse_list_devices(output: str) -> list[str] | None:
@@ -121,8 +131,13 @@ async def list_devices(binary: Path, *, env: Mapping[str, str]) -> list[str]:
     """Run `llama-server --list-devices`; raise EnvironmentMissing when that fails."""
     try:
         proc = await asyncio.create_subprocess_exec(
-            str(binary), "--list-devices", stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=dict(env))
+            str(binary),
+            "--list-devices",
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=dict(env),
+        )
     except OSError as e:
         raise interfaces.EnvironmentMissing(f"cannot run {binary}: {e}", _GPU_ONLY_FIX) from e
     try:
@@ -131,15 +146,17 @@ async def list_devices(binary: Path, *, env: Mapping[str, str]) -> list[str]:
         proc.kill()
         await proc.wait()
         raise interfaces.EnvironmentMissing(
-            f"{binary} --list-devices did not finish in {LIST_DEVICES_TIMEOUT_S:g} s",
-            _GPU_ONLY_FIX) from e
+            f"{binary} --list-devices did not finish in {LIST_DEVICES_TIMEOUT_S:g} s", _GPU_ONLY_FIX
+        ) from e
     text = out.decode("utf-8", errors="replace")
     listed = parse_list_devices(text)
     if listed is None:
         tail = text.strip().splitlines()[-1:] or ["no output"]
         raise interfaces.EnvironmentMissing(
             f"{binary} --list-devices printed no device list (exit {proc.returncode}: "
-            f"{tail[0][:200]})", _GPU_ONLY_FIX)
+            f"{tail[0][:200]})",
+            _GPU_ONLY_FIX,
+        )
     return listed
 
 
@@ -177,8 +194,9 @@ def compute_buffer_mib(spec: interfaces.ReplicaSpec) -> int:
 
 def estimate_vram_mib(spec: interfaces.ReplicaSpec) -> int:
     """See the module docstring for the formula and where its constants come from."""
-    return (spec.model_size_mib + kv_cache_mib(spec) + compute_buffer_mib(spec)
-            + PROCESS_OVERHEAD_MIB)
+    return (
+        spec.model_size_mib + kv_cache_mib(spec) + compute_buffer_mib(spec) + PROCESS_OVERHEAD_MIB
+    )
 
 
 def command(spec: interfaces.ReplicaSpec, *, binary: Path, port: int) -> list[str]:
@@ -186,11 +204,26 @@ def command(spec: interfaces.ReplicaSpec, *, binary: Path, port: int) -> list[st
     layers on the GPU and `--fit off`, so llama-server never quietly shrinks or moves them."""
     if spec.model_path is None:
         raise interfaces.EngineStartError(
-            f"model {spec.model_id} ({spec.model_ref}) has no local file to load")
+            f"model {spec.model_id} ({spec.model_ref}) has no local file to load"
+        )
     return [
-        str(binary), "-m", str(spec.model_path), "--host", "127.0.0.1", "--port", str(port),
-        "-c", str(spec.ctx * spec.slots), "-np", str(spec.slots), "-ngl", "999",
-        "--fit", "off", "--metrics", *spec.flags,
+        str(binary),
+        "-m",
+        str(spec.model_path),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "-c",
+        str(spec.ctx * spec.slots),
+        "-np",
+        str(spec.slots),
+        "-ngl",
+        "999",
+        "--fit",
+        "off",
+        "--metrics",
+        *spec.flags,
     ]
 
 
@@ -226,7 +259,9 @@ class LlamaCppEngine:
             raise interfaces.EnvironmentMissing(
                 f"{binary} lists no CUDA device (Available devices: "
                 f"{'; '.join(listed) or '(none)'}; CUDA_VISIBLE_DEVICES="
-                f"{env['CUDA_VISIBLE_DEVICES']})", _GPU_ONLY_FIX)
+                f"{env['CUDA_VISIBLE_DEVICES']})",
+                _GPU_ONLY_FIX,
+            )
         self._gpu_checked.add(key)
 
     async def start(self, spec: interfaces.ReplicaSpec) -> interfaces.ReplicaHandle:
@@ -235,15 +270,21 @@ class LlamaCppEngine:
         if spec.model_path is not None and not spec.model_path.is_file():
             raise interfaces.EngineStartError(f"model file not found: {spec.model_path}")
         port = processes.free_port()
-        return await processes.launch(spec, argv=command(spec, binary=binary, port=port),
-                                      env=child_env(spec, os.environ), port=port)
+        return await processes.launch(
+            spec,
+            argv=command(spec, binary=binary, port=port),
+            env=child_env(spec, os.environ),
+            port=port,
+        )
 
     async def wait_ready(self, handle: interfaces.ReplicaHandle, *, timeout_s: float) -> None:
         await llama_server.wait_ready(handle, timeout_s=timeout_s)
 
-    def generate(self, handle: interfaces.ReplicaHandle,
-                 request: interfaces.GenerateRequest,
-                 ) -> AsyncIterator[interfaces.Token | interfaces.Done]:
+    def generate(
+        self,
+        handle: interfaces.ReplicaHandle,
+        request: interfaces.GenerateRequest,
+    ) -> AsyncIterator[interfaces.Token | interfaces.Done]:
         return llama_server.Client(handle.base_url).generate(request)
 
     async def describe(self, handle: interfaces.ReplicaHandle) -> interfaces.EngineInfo:
@@ -253,12 +294,14 @@ class LlamaCppEngine:
     def poll_exit(self, handle: interfaces.ReplicaHandle) -> interfaces.ExitInfo | None:
         return processes.poll_exit(handle)
 
-    async def stop(self, handle: interfaces.ReplicaHandle, *,
-                   grace_s: float) -> interfaces.ExitInfo:
+    async def stop(
+        self, handle: interfaces.ReplicaHandle, *, grace_s: float
+    ) -> interfaces.ExitInfo:
         return await processes.stop_replica(handle, grace_s=grace_s)
 
-    async def adopt(self, record: Mapping[str, Any],
-                    spec: interfaces.ReplicaSpec) -> interfaces.ReplicaHandle | None:
+    async def adopt(
+        self, record: Mapping[str, Any], spec: interfaces.ReplicaSpec
+    ) -> interfaces.ReplicaHandle | None:
         return await llama_server.adopt(record, spec, grace_s=ADOPT_STOP_GRACE_S)
 
 

@@ -36,8 +36,7 @@ def sim_options(options: Mapping[str, Any]) -> desired.SimOptions:
     """The SimOptions part of a spec's options, validated; EngineStartError when invalid."""
     fields = desired.SimOptions.model_fields
     try:
-        return desired.SimOptions.model_validate(
-            {k: v for k, v in options.items() if k in fields})
+        return desired.SimOptions.model_validate({k: v for k, v in options.items() if k in fields})
     except pydantic.ValidationError as e:
         raise interfaces.EngineStartError(f"invalid sim options: {e}") from e
 
@@ -45,12 +44,28 @@ def sim_options(options: Mapping[str, Any]) -> desired.SimOptions:
 def command(spec: interfaces.ReplicaSpec, *, port: int) -> list[str]:
     """The child's argv. `-S` skips site-packages: the child needs the standard library only."""
     argv = [
-        sys.executable, "-S", "-m", "plugins.sim_server", "--port", str(port),
-        "--replica-id", spec.replica_id, "--model", spec.model_id,
-        "--model-size-mib", str(spec.model_size_mib), "--ctx", str(spec.ctx),
-        "--slots", str(spec.slots), "--gpu", ",".join(str(d) for d in spec.devices),
-        "--state-dir", str(spec.state_dir),
-        "--options-json", sim_options(spec.options).model_dump_json(),
+        sys.executable,
+        "-S",
+        "-m",
+        "plugins.sim_server",
+        "--port",
+        str(port),
+        "--replica-id",
+        spec.replica_id,
+        "--model",
+        spec.model_id,
+        "--model-size-mib",
+        str(spec.model_size_mib),
+        "--ctx",
+        str(spec.ctx),
+        "--slots",
+        str(spec.slots),
+        "--gpu",
+        ",".join(str(d) for d in spec.devices),
+        "--state-dir",
+        str(spec.state_dir),
+        "--options-json",
+        sim_options(spec.options).model_dump_json(),
     ]
     totals = vram_totals(spec)
     if totals is not None:
@@ -70,7 +85,8 @@ def vram_totals(spec: interfaces.ReplicaSpec) -> list[int] | None:
     else:
         values = [raw] * len(spec.devices)
     if len(values) != len(spec.devices) or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values
+    ):
         return None
     return [int(v) for v in values]
 
@@ -79,7 +95,8 @@ def child_env(spec: interfaces.ReplicaSpec, base: Mapping[str, str]) -> dict[str
     engine_env = (spec.options.get("engine") or {}).get("env") or {}
     env = processes.scrub_env({**base, **engine_env, **spec.env})
     env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(_PROJECT_ROOT), base.get("PYTHONPATH", "")) if p)
+        p for p in (str(_PROJECT_ROOT), base.get("PYTHONPATH", "")) if p
+    )
     env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in spec.devices)
     return env
 
@@ -111,15 +128,18 @@ class SimEngine:
 
     async def start(self, spec: interfaces.ReplicaSpec) -> interfaces.ReplicaHandle:
         port = processes.free_port()
-        return await processes.launch(spec, argv=command(spec, port=port),
-                                      env=child_env(spec, os.environ), port=port)
+        return await processes.launch(
+            spec, argv=command(spec, port=port), env=child_env(spec, os.environ), port=port
+        )
 
     async def wait_ready(self, handle: interfaces.ReplicaHandle, *, timeout_s: float) -> None:
         await llama_server.wait_ready(handle, timeout_s=timeout_s)
 
-    def generate(self, handle: interfaces.ReplicaHandle,
-                 request: interfaces.GenerateRequest,
-                 ) -> AsyncIterator[interfaces.Token | interfaces.Done]:
+    def generate(
+        self,
+        handle: interfaces.ReplicaHandle,
+        request: interfaces.GenerateRequest,
+    ) -> AsyncIterator[interfaces.Token | interfaces.Done]:
         return llama_server.Client(handle.base_url).generate(request)
 
     async def describe(self, handle: interfaces.ReplicaHandle) -> interfaces.EngineInfo:
@@ -131,14 +151,16 @@ class SimEngine:
             _forget_bookings(handle)
         return ended
 
-    async def stop(self, handle: interfaces.ReplicaHandle, *,
-                   grace_s: float) -> interfaces.ExitInfo:
+    async def stop(
+        self, handle: interfaces.ReplicaHandle, *, grace_s: float
+    ) -> interfaces.ExitInfo:
         ended = await processes.stop_replica(handle, grace_s=grace_s)
         _forget_bookings(handle)
         return ended
 
-    async def adopt(self, record: Mapping[str, Any],
-                    spec: interfaces.ReplicaSpec) -> interfaces.ReplicaHandle | None:
+    async def adopt(
+        self, record: Mapping[str, Any], spec: interfaces.ReplicaSpec
+    ) -> interfaces.ReplicaHandle | None:
         handle = await llama_server.adopt(record, spec, grace_s=ADOPT_STOP_GRACE_S)
         pid = record.get("pid")
         if handle is None and isinstance(pid, int) and processes.start_time(pid) is None:

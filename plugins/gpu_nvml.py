@@ -262,8 +262,9 @@ def _processes(procs: Any) -> tuple[observed.GpuProcess, ...]:
     out = []
     for p in procs:
         used = p.usedGpuMemory  # None where the driver cannot tell (Windows WDDM)
-        out.append(observed.GpuProcess(pid=int(p.pid),
-                                       used_mib=math.ceil(int(used) / MIB) if used else 0))
+        out.append(
+            observed.GpuProcess(pid=int(p.pid), used_mib=math.ceil(int(used) / MIB) if used else 0)
+        )
     return tuple(sorted(out, key=lambda p: p.pid))
 
 

@@ -84,24 +84,43 @@ def load_inventory(path: Path) -> desired.SimulatedInventory:
     inventory = loaded.value
     errors = []
     if not inventory.gpus:
-        errors.append(loading.LoadError(str(path), None, None, "gpus", "lists no GPUs",
-                                        "add at least one GPU with index, name, uuid and "
-                                        "vram_total_mib"))
+        errors.append(
+            loading.LoadError(
+                str(path),
+                None,
+                None,
+                "gpus",
+                "lists no GPUs",
+                "add at least one GPU with index, name, uuid and vram_total_mib",
+            )
+        )
     node = _node(path)
     seen: dict[int, int] = {}
     for i, gpu in enumerate(inventory.gpus):
         if gpu.index in seen:
             line, col = loading.locate(node, ("gpus", i, "index"))
-            errors.append(loading.LoadError(
-                str(path), line, col, f"gpus[{i}].index",
-                f"GPU index {gpu.index} is already used by gpus[{seen[gpu.index]}]",
-                "give every GPU its own index, as nvidia-smi numbers them"))
+            errors.append(
+                loading.LoadError(
+                    str(path),
+                    line,
+                    col,
+                    f"gpus[{i}].index",
+                    f"GPU index {gpu.index} is already used by gpus[{seen[gpu.index]}]",
+                    "give every GPU its own index, as nvidia-smi numbers them",
+                )
+            )
         seen.setdefault(gpu.index, i)
         if gpu.vram_used_mib > gpu.vram_total_mib:
             line, col = loading.locate(node, ("gpus", i, "vram_used_mib"))
-            errors.append(loading.LoadError(
-                str(path), line, col, f"gpus[{i}].vram_used_mib",
-                f"{gpu.vram_used_mib} MiB used is more than the {gpu.vram_total_mib} MiB total"))
+            errors.append(
+                loading.LoadError(
+                    str(path),
+                    line,
+                    col,
+                    f"gpus[{i}].vram_used_mib",
+                    f"{gpu.vram_used_mib} MiB used is more than the {gpu.vram_total_mib} MiB total",
+                )
+            )
     if errors:
         raise InventoryError(path, errors)
     return inventory
@@ -146,8 +165,10 @@ class SimulatedObserver:
         if used > gpu.vram_total_mib:
             # a real GPU would have refused the allocation; say so rather than hide it
             holders = ", ".join(b.replica_id for b in bookings)
-            error = (f"bookings need {used} MiB, more than the {gpu.vram_total_mib} MiB this "
-                     f"GPU has (held by {holders}): a real GPU would be out of memory")
+            error = (
+                f"bookings need {used} MiB, more than the {gpu.vram_total_mib} MiB this "
+                f"GPU has (held by {holders}): a real GPU would be out of memory"
+            )
             errors.append(f"simulated GPU {gpu.index}: {error}")
             used = gpu.vram_total_mib
         name = gpu.name if gpu.name.startswith(PREFIX) else PREFIX + gpu.name
@@ -160,8 +181,7 @@ class SimulatedObserver:
             vram_free_mib=gpu.vram_total_mib - used,
             utilization_pct=gpu.utilization_pct,
             temperature_c=gpu.temperature_c,
-            processes=tuple(observed.GpuProcess(pid=b.pid, used_mib=b.used_mib)
-                            for b in bookings),
+            processes=tuple(observed.GpuProcess(pid=b.pid, used_mib=b.used_mib) for b in bookings),
             simulated=True,
             error=error,
         )
@@ -186,12 +206,15 @@ class SimulatedObserver:
             except FileNotFoundError:  # the engine removed it as we listed
                 continue
             except (OSError, pydantic.ValidationError) as exc:
-                errors.append(f"simulated GPU {index}: booking {path} is unreadable: "
-                              f"{_first_line(exc)}")
+                errors.append(
+                    f"simulated GPU {index}: booking {path} is unreadable: {_first_line(exc)}"
+                )
                 continue
             if booking.pid != int(match.group(1)):
-                errors.append(f"simulated GPU {index}: booking {path} names pid {booking.pid}, "
-                              "not the pid in its file name; ignored")
+                errors.append(
+                    f"simulated GPU {index}: booking {path} names pid {booking.pid}, "
+                    "not the pid in its file name; ignored"
+                )
                 continue
             if self._is_alive(booking.pid):
                 out.append(booking)
@@ -206,10 +229,19 @@ def _first_line(exc: Exception) -> str:
 def open_simulated(config: desired.DesiredState, base: Path) -> SimulatedObserver:
     """The factory: inventory and state folder are resolved against the config's folder."""
     if not config.gpus.inventory:
-        raise InventoryError(base, [loading.LoadError(
-            str(base), None, None, "gpus.inventory",
-            "the simulated observer needs an inventory file",
-            "set gpus.inventory, or run `orchctl serve --simulate <inventory.yaml>`")])
+        raise InventoryError(
+            base,
+            [
+                loading.LoadError(
+                    str(base),
+                    None,
+                    None,
+                    "gpus.inventory",
+                    "the simulated observer needs an inventory file",
+                    "set gpus.inventory, or run `orchctl serve --simulate <inventory.yaml>`",
+                )
+            ],
+        )
     inventory = load_inventory(desired.resolve(base, config.gpus.inventory))
     return SimulatedObserver(inventory, state_dir=desired.resolve(base, config.paths.state))
 

@@ -142,7 +142,9 @@ class Engine(Protocol):
         """Return once the engine answers health checks; raise EngineStartError otherwise."""
         ...
 
-    def generate(self, handle: ReplicaHandle, request: GenerateRequest) -> AsyncIterator[Token | Done]:
+    def generate(
+        self, handle: ReplicaHandle, request: GenerateRequest
+    ) -> AsyncIterator[Token | Done]:
         """Stream tokens then one Done. Raise EngineStreamError on a fault. aclose() cancels."""
         ...
 

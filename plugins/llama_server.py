@@ -69,8 +69,12 @@ class Completion:
 
 def completion_body(request: interfaces.GenerateRequest, *, stream: bool) -> dict[str, Any]:
     body: dict[str, Any] = {
-        "prompt": request.prompt, "n_predict": request.max_tokens, "seed": request.seed,
-        "temperature": request.temperature, "top_p": request.top_p, "stream": stream,
+        "prompt": request.prompt,
+        "n_predict": request.max_tokens,
+        "seed": request.seed,
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "stream": stream,
         "cache_prompt": True,
     }
     if request.top_k is not None:
@@ -104,8 +108,11 @@ def parse_line(line: bytes) -> dict[str, Any] | None:
     if field == b"error" or "error" in frame:
         error = frame.get("error", frame)
         if isinstance(error, dict):
-            raise RequestRejected(int(error.get("code", 500)), str(error.get("message", "")),
-                                  str(error.get("type", "")))
+            raise RequestRejected(
+                int(error.get("code", 500)),
+                str(error.get("message", "")),
+                str(error.get("type", "")),
+            )
         raise RequestRejected(500, str(error))
     return frame
 
@@ -117,8 +124,12 @@ def done_from(frame: Mapping[str, Any]) -> interfaces.Done:
     return interfaces.Done(
         tokens_out=int(frame.get("tokens_predicted", 0)),
         finish_reason="length" if limit else "stop",
-        timings={k: float(v) for k, v in timings.items()
-                 if isinstance(v, int | float) and not isinstance(v, bool)})
+        timings={
+            k: float(v)
+            for k, v in timings.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        },
+    )
 
 
 class Client:
@@ -130,8 +141,10 @@ class Client:
 
     async def _get(self, path: str) -> tuple[int, bytes]:
         timeout = aiohttp.ClientTimeout(total=self.timeout_s)
-        async with aiohttp.ClientSession(timeout=timeout) as session, \
-                session.get(self.base_url + path) as resp:
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.get(self.base_url + path) as resp,
+        ):
             return resp.status, await resp.read()
 
     async def _get_json(self, path: str) -> Any:
@@ -159,8 +172,12 @@ class Client:
         data = await self._get_json("/props")
         try:
             settings = data.get("default_generation_settings") or {}
-            return Props(build_info=str(data["build_info"]), total_slots=int(data["total_slots"]),
-                         n_ctx=settings.get("n_ctx"), model_path=data.get("model_path"))
+            return Props(
+                build_info=str(data["build_info"]),
+                total_slots=int(data["total_slots"]),
+                n_ctx=settings.get("n_ctx"),
+                model_path=data.get("model_path"),
+            )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ProtocolError(f"GET /props: unexpected shape: {e!r}") from e
 
@@ -176,9 +193,12 @@ class Client:
         """A non-streamed completion."""
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout_s)
         try:
-            async with aiohttp.ClientSession(timeout=timeout) as session, session.post(
-                    self.base_url + "/completion",
-                    json=completion_body(request, stream=False)) as resp:
+            async with (
+                aiohttp.ClientSession(timeout=timeout) as session,
+                session.post(
+                    self.base_url + "/completion", json=completion_body(request, stream=False)
+                ) as resp,
+            ):
                 body = await resp.read()
         except _NETWORK_ERRORS as e:
             raise ProtocolError(f"POST /completion: {e!r}") from e
@@ -191,16 +211,20 @@ class Client:
             raise ProtocolError(f"POST /completion: unexpected answer {body[:200]!r}") from e
 
     async def generate(
-        self, request: interfaces.GenerateRequest,
+        self,
+        request: interfaces.GenerateRequest,
     ) -> AsyncIterator[interfaces.Token | interfaces.Done]:
         """Stream the completion: Tokens (indexed from 0), then one Done. Raises
         EngineStreamError on a dropped connection, an early end or a bad frame."""
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout_s)
         index = 0
         try:
-            async with aiohttp.ClientSession(timeout=timeout) as session, session.post(
-                    self.base_url + "/completion",
-                    json=completion_body(request, stream=True)) as resp:
+            async with (
+                aiohttp.ClientSession(timeout=timeout) as session,
+                session.post(
+                    self.base_url + "/completion", json=completion_body(request, stream=True)
+                ) as resp,
+            ):
                 try:
                     if resp.status != 200:
                         raise _rejected(resp.status, await resp.read())
@@ -222,8 +246,7 @@ class Client:
                 finally:
                     resp.close()  # drop the connection: the server stops generating
         except _NETWORK_ERRORS as e:
-            raise interfaces.EngineStreamError(
-                f"stream broken after {index} tokens: {e!r}") from e
+            raise interfaces.EngineStreamError(f"stream broken after {index} tokens: {e!r}") from e
 
 
 async def wait_ready(handle: interfaces.ReplicaHandle, *, timeout_s: float) -> None:
@@ -236,32 +259,40 @@ async def wait_ready(handle: interfaces.ReplicaHandle, *, timeout_s: float) -> N
     while True:
         ended = processes.poll_exit(handle)
         if ended is not None:
-            raise interfaces.EngineStartError(f"engine exited before ready: {ended.reason}",
-                                              exit=ended)
+            raise interfaces.EngineStartError(
+                f"engine exited before ready: {ended.reason}", exit=ended
+            )
         last = await client.health()
         if last.ok:
             return
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise interfaces.EngineStartError(
-                f"engine not ready after {timeout_s:g} s (last health check: {last.message})")
+                f"engine not ready after {timeout_s:g} s (last health check: {last.message})"
+            )
         await asyncio.sleep(min(delay, remaining))
         delay = min(delay * 1.5, 0.25)
 
 
-async def describe(handle: interfaces.ReplicaHandle, *,
-                   vram_measured_mib: int | None = None) -> interfaces.EngineInfo:
+async def describe(
+    handle: interfaces.ReplicaHandle, *, vram_measured_mib: int | None = None
+) -> interfaces.EngineInfo:
     """Version and slot use from /props and /slots. Raises EngineStreamError (ProtocolError)
     when the engine does not answer."""
     client = Client(handle.base_url)
     props, busy = await asyncio.gather(client.props(), client.slots_busy())
     return interfaces.EngineInfo(
-        engine_version=props.build_info, slots_total=props.total_slots, slots_busy=sum(busy),
-        model_digest=handle.spec.model_digest, vram_measured_mib=vram_measured_mib)
+        engine_version=props.build_info,
+        slots_total=props.total_slots,
+        slots_busy=sum(busy),
+        model_digest=handle.spec.model_digest,
+        vram_measured_mib=vram_measured_mib,
+    )
 
 
-async def adopt(record: Mapping[str, Any], spec: interfaces.ReplicaSpec, *,
-                grace_s: float) -> interfaces.ReplicaHandle | None:
+async def adopt(
+    record: Mapping[str, Any], spec: interfaces.ReplicaSpec, *, grace_s: float
+) -> interfaces.ReplicaHandle | None:
     """Re-attach to a recorded engine process when it is the same process (pid and start time)
     and healthy; stop it when it is ours but unhealthy; leave a reused pid alone."""
     try:
@@ -271,8 +302,14 @@ async def adopt(record: Mapping[str, Any], spec: interfaces.ReplicaSpec, *,
         return None
     if not processes.pid_alive(pid, started_at):
         return None
-    handle = interfaces.ReplicaHandle(spec=spec, pid=pid, port=port, started_at=started_at,
-                                      log_path=log, base_url=f"http://127.0.0.1:{port}")
+    handle = interfaces.ReplicaHandle(
+        spec=spec,
+        pid=pid,
+        port=port,
+        started_at=started_at,
+        log_path=log,
+        base_url=f"http://127.0.0.1:{port}",
+    )
     if (await Client(handle.base_url, timeout_s=2.0).health()).ok:
         return handle
     await processes.stop_replica(handle, grace_s=grace_s)

@@ -83,8 +83,9 @@ def _running(pid: int) -> bool:
     return stat is not None and stat[0] not in ("Z", "X")
 
 
-async def spawn(argv: Sequence[str], *, env: Mapping[str, str],
-                log_path: Path) -> asyncio.subprocess.Process:
+async def spawn(
+    argv: Sequence[str], *, env: Mapping[str, str], log_path: Path
+) -> asyncio.subprocess.Process:
     """Start `argv` in a new session with stdout+stderr to `log_path` (the previous log is
     kept as `<name>.1`). Raises EngineStartError when the program cannot be executed."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,28 +96,43 @@ async def spawn(argv: Sequence[str], *, env: Mapping[str, str],
         log.flush()
         try:
             return await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log,
-                stderr=asyncio.subprocess.STDOUT, env=dict(env), start_new_session=True)
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=asyncio.subprocess.STDOUT,
+                env=dict(env),
+                start_new_session=True,
+            )
         except OSError as e:
             raise interfaces.EngineStartError(f"cannot run {argv[0]}: {e}") from e
 
 
-async def launch(spec: interfaces.ReplicaSpec, *, argv: Sequence[str], env: Mapping[str, str],
-                 port: int) -> interfaces.ReplicaHandle:
+async def launch(
+    spec: interfaces.ReplicaSpec, *, argv: Sequence[str], env: Mapping[str, str], port: int
+) -> interfaces.ReplicaHandle:
     """Spawn a loopback HTTP engine for `spec` and return its handle (does not wait)."""
     path = log_path(spec)
     process = await spawn(argv, env=env, log_path=path)
     started = start_time(process.pid)
     return interfaces.ReplicaHandle(
-        spec=spec, pid=process.pid, port=port,
+        spec=spec,
+        pid=process.pid,
+        port=port,
         started_at=started if started is not None else 0.0,
-        log_path=path, process=process, base_url=f"http://127.0.0.1:{port}")
+        log_path=path,
+        process=process,
+        base_url=f"http://127.0.0.1:{port}",
+    )
 
 
 def record(handle: interfaces.ReplicaHandle) -> dict[str, Any]:
     """What the daemon writes down to adopt the process after a restart."""
-    return {"pid": handle.pid, "started_at": handle.started_at, "port": handle.port,
-            "log_path": str(handle.log_path)}
+    return {
+        "pid": handle.pid,
+        "started_at": handle.started_at,
+        "port": handle.port,
+        "log_path": str(handle.log_path),
+    }
 
 
 def _log_tail(path: Path | None, *, max_bytes: int = 8192) -> list[str]:
@@ -129,8 +145,11 @@ def _log_tail(path: Path | None, *, max_bytes: int = 8192) -> list[str]:
             text = f.read().decode("utf-8", errors="replace")
     except OSError:
         return []
-    return [line.strip()[:300] for line in text.splitlines()
-            if line.strip() and not line.startswith("# llama-orch:")]
+    return [
+        line.strip()[:300]
+        for line in text.splitlines()
+        if line.strip() and not line.startswith("# llama-orch:")
+    ]
 
 
 def exit_info(returncode: int | None, log_path: Path | None) -> interfaces.ExitInfo:
@@ -180,8 +199,9 @@ async def _gone(pid: int, started_at: float, *, timeout_s: float) -> bool:
     return True
 
 
-async def stop(pid: int, *, started_at: float, process: asyncio.subprocess.Process | None,
-               grace_s: float) -> Stopped:
+async def stop(
+    pid: int, *, started_at: float, process: asyncio.subprocess.Process | None, grace_s: float
+) -> Stopped:
     """SIGTERM the process group, wait `grace_s`, SIGKILL the group, reap. Idempotent.
 
     With `process` (our child) the pid is ours until reaped; without it (adopted) every signal
@@ -225,19 +245,19 @@ def poll_exit(handle: interfaces.ReplicaHandle) -> interfaces.ExitInfo | None:
     if pid_alive(handle.pid, handle.started_at):
         return None
     info = exit_info(None, handle.log_path)
-    return interfaces.ExitInfo(info.code, info.signal,
-                               f"{info.reason} (adopted process; it ended on its own)", info.oom)
+    return interfaces.ExitInfo(
+        info.code, info.signal, f"{info.reason} (adopted process; it ended on its own)", info.oom
+    )
 
 
-async def stop_replica(handle: interfaces.ReplicaHandle, *,
-                       grace_s: float) -> interfaces.ExitInfo:
+async def stop_replica(handle: interfaces.ReplicaHandle, *, grace_s: float) -> interfaces.ExitInfo:
     """Stop the replica's process group (see `stop`) and say how it ended."""
-    stopped = await stop(handle.pid, started_at=handle.started_at, process=handle.process,
-                         grace_s=grace_s)
+    stopped = await stop(
+        handle.pid, started_at=handle.started_at, process=handle.process, grace_s=grace_s
+    )
     if stopped.returncode is not None:
         return exit_info(stopped.returncode, handle.log_path)
     if stopped.killed:
-        return interfaces.ExitInfo(None, int(signal.SIGKILL),
-                                   "killed by SIGKILL (adopted process)")
+        return interfaces.ExitInfo(None, int(signal.SIGKILL), "killed by SIGKILL (adopted process)")
     info = exit_info(None, handle.log_path)
     return interfaces.ExitInfo(None, None, f"stopped ({info.reason}; adopted process)", info.oom)

@@ -34,12 +34,18 @@ class Registry:
     provisioners: dict[str, Any] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)  # "engine:sim" → plugin name
 
-    def observer(self, state: desired.DesiredState, base: Path, *,
-                 simulate: Path | None = None) -> interfaces.GpuObserver:
+    def observer(
+        self, state: desired.DesiredState, base: Path, *, simulate: Path | None = None
+    ) -> interfaces.GpuObserver:
         """The configured GPU observer; `--simulate FILE` swaps in the simulated workstation."""
         if simulate is not None:
-            state = state.model_copy(update={"gpus": state.gpus.model_copy(
-                update={"observer": "simulated", "inventory": str(simulate.resolve())})})
+            state = state.model_copy(
+                update={
+                    "gpus": state.gpus.model_copy(
+                        update={"observer": "simulated", "inventory": str(simulate.resolve())}
+                    )
+                }
+            )
         factory = self.observers[state.gpus.observer]
         observer: interfaces.GpuObserver = factory(state, base)
         return observer
@@ -47,9 +53,12 @@ class Registry:
     def describe(self) -> list[tuple[str, str, str]]:
         """(kind, name, plugin) rows for `orchctl plugins`."""
         rows = []
-        for kind, table in (("gpu-observer", self.observers), ("engine", self.engines),
-                            ("model-resolver", self.resolvers),
-                            ("provisioner", self.provisioners)):
+        for kind, table in (
+            ("gpu-observer", self.observers),
+            ("engine", self.engines),
+            ("model-resolver", self.resolvers),
+            ("provisioner", self.provisioners),
+        ):
             for name in sorted(table):
                 rows.append((kind, name, self.sources.get(f"{kind}:{name}", "?")))
         return rows
@@ -73,11 +82,20 @@ def load(*, extra: list[Any] | None = None, entry_points: bool = True) -> Regist
         ("provisioner", manager.hook.orch_register_provisioners, reg.provisioners),
     ):
         for impl in hook.get_hookimpls():
-            def register(name: str, obj: Any, *, _t: dict[str, Any] = table, _k: str = kind,
-                         _p: str = impl.plugin_name) -> None:
+
+            def register(
+                name: str,
+                obj: Any,
+                *,
+                _t: dict[str, Any] = table,
+                _k: str = kind,
+                _p: str = impl.plugin_name,
+            ) -> None:
                 if name in _t:
-                    raise ValueError(f"{_k} {name!r} is registered twice "
-                                     f"({reg.sources[f'{_k}:{name}']} and {_p})")
+                    raise ValueError(
+                        f"{_k} {name!r} is registered twice "
+                        f"({reg.sources[f'{_k}:{name}']} and {_p})"
+                    )
                 _t[name] = obj
                 reg.sources[f"{_k}:{name}"] = _p
 

@@ -158,8 +158,14 @@ class HttpError(Exception):
 
 
 LOADING = HttpError(503, "Loading model", "unavailable_error")
-REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 411: "Length Required",
-           500: "Internal Server Error", 503: "Service Unavailable"}
+REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    411: "Length Required",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
 
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -196,8 +202,9 @@ class SimServer:
                 path = booking_path(cfg.state_dir, gpu, pid)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_name(f".{path.name}.tmp")
-                tmp.write_text(json.dumps(
-                    {"pid": pid, "used_mib": need, "replica_id": cfg.replica_id}))
+                tmp.write_text(
+                    json.dumps({"pid": pid, "used_mib": need, "replica_id": cfg.replica_id})
+                )
                 os.replace(tmp, path)
                 self.booked.append(path)
         return None
@@ -210,8 +217,9 @@ class SimServer:
 
     # -- HTTP ----------------------------------------------------------------------------------
 
-    async def serve_connection(self, reader: asyncio.StreamReader,
-                               writer: asyncio.StreamWriter) -> None:
+    async def serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         try:
             keep_alive = True
             while keep_alive:
@@ -234,8 +242,14 @@ class SimServer:
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
-    async def route(self, method: str, path: str, body: bytes, reader: asyncio.StreamReader,
-                    writer: asyncio.StreamWriter) -> bool:
+    async def route(
+        self,
+        method: str,
+        path: str,
+        body: bytes,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> bool:
         """Answer one request; return False when the connection must close afterwards."""
         cfg = self.config
         if method == "GET" and path == "/health":
@@ -245,20 +259,40 @@ class SimServer:
         elif method == "GET" and path == "/props":
             if not self.ready:
                 raise LOADING
-            await _send_json(writer, 200, {
-                "default_generation_settings": {
-                    "params": {"seed": 4294967295, "temperature": 0.8, "top_k": 40,
-                               "top_p": 0.95, "n_predict": -1},
-                    "n_ctx": cfg.ctx},
-                "total_slots": cfg.slots, "model_alias": cfg.model, "model_path": cfg.model,
-                "build_info": BUILD_INFO, "is_sleeping": False, "endpoint_slots": True,
-                "endpoint_metrics": False})
+            await _send_json(
+                writer,
+                200,
+                {
+                    "default_generation_settings": {
+                        "params": {
+                            "seed": 4294967295,
+                            "temperature": 0.8,
+                            "top_k": 40,
+                            "top_p": 0.95,
+                            "n_predict": -1,
+                        },
+                        "n_ctx": cfg.ctx,
+                    },
+                    "total_slots": cfg.slots,
+                    "model_alias": cfg.model,
+                    "model_path": cfg.model,
+                    "build_info": BUILD_INFO,
+                    "is_sleeping": False,
+                    "endpoint_slots": True,
+                    "endpoint_metrics": False,
+                },
+            )
         elif method == "GET" and path == "/slots":
             if not self.ready:
                 raise LOADING
-            await _send_json(writer, 200, [
-                {"id": i, "n_ctx": cfg.ctx, "speculative": False, "is_processing": busy}
-                for i, busy in enumerate(self.slots.busy)])
+            await _send_json(
+                writer,
+                200,
+                [
+                    {"id": i, "n_ctx": cfg.ctx, "speculative": False, "is_processing": busy}
+                    for i, busy in enumerate(self.slots.busy)
+                ],
+            )
         elif method == "POST" and path == "/completion":
             if not self.ready:
                 raise LOADING
@@ -267,26 +301,40 @@ class SimServer:
             raise HttpError(404, "File Not Found", "not_found_error")
         return True
 
-    async def completion(self, body: dict[str, Any], reader: asyncio.StreamReader,
-                         writer: asyncio.StreamWriter) -> bool:
+    async def completion(
+        self, body: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
         prompt = body.get("prompt")
         if not isinstance(prompt, str):
             raise HttpError(400, '"prompt" must be a string', "invalid_request_error")
         n_prompt = prompt_tokens(prompt)
         if n_prompt >= self.config.ctx:
-            raise HttpError(400, "the request exceeds the available context size, try "
-                            "increasing it", "exceed_context_size_error")
+            raise HttpError(
+                400,
+                "the request exceeds the available context size, try increasing it",
+                "exceed_context_size_error",
+            )
         n_predict = int(body.get("n_predict", body.get("max_tokens", -1)))
         room = self.config.ctx - n_prompt
         n = room if n_predict < 0 else min(n_predict, room)
         seed = int(body.get("seed", -1))
         if seed < 0:
             seed = random.SystemRandom().randrange(2**32)
-        params = {"prompt": prompt, "n_prompt": n_prompt, "n": n, "seed": seed,
-                  "stream": bool(body.get("stream", False)),
-                  "settings": {"seed": seed, "temperature": body.get("temperature", 0.8),
-                               "top_k": body.get("top_k", 40), "top_p": body.get("top_p", 0.95),
-                               "n_predict": n_predict, "stream": bool(body.get("stream", False))}}
+        params = {
+            "prompt": prompt,
+            "n_prompt": n_prompt,
+            "n": n,
+            "seed": seed,
+            "stream": bool(body.get("stream", False)),
+            "settings": {
+                "seed": seed,
+                "temperature": body.get("temperature", 0.8),
+                "top_k": body.get("top_k", 40),
+                "top_p": body.get("top_p", 0.95),
+                "n_predict": n_predict,
+                "stream": bool(body.get("stream", False)),
+            },
+        }
         # Watch the client while generating: EOF on its side means it closed the request.
         work = asyncio.ensure_future(self.respond(params, writer))
         watch = asyncio.ensure_future(reader.read(1))
@@ -306,8 +354,10 @@ class SimServer:
         slot = await self.slots.acquire()
         try:
             if params["stream"]:
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                             b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n")
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                    b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n"
+                )
 
                 async def emit(frame: dict[str, Any]) -> None:
                     data = b"data: " + json.dumps(frame, separators=(",", ":")).encode() + b"\n\n"
@@ -345,38 +395,65 @@ class SimServer:
             if delay > 0:
                 await asyncio.sleep(delay)
             token_id = rng.randrange(len(WORDS))
-            await emit({"index": 0, "content": " " + WORDS[token_id], "tokens": [token_id + 3],
-                        "stop": False, "id_slot": -1, "tokens_predicted": i + 1,
-                        "tokens_evaluated": params["n_prompt"]})
+            await emit(
+                {
+                    "index": 0,
+                    "content": " " + WORDS[token_id],
+                    "tokens": [token_id + 3],
+                    "stop": False,
+                    "id_slot": -1,
+                    "tokens_predicted": i + 1,
+                    "tokens_evaluated": params["n_prompt"],
+                }
+            )
             if die_after is not None and i + 1 >= die_after:
                 _die(i + 1)
         n = params["n"]
         predicted_ms = max((loop.time() - start) * 1000 - prompt_ms, 0.001)
         return {
-            "index": 0, "content": "", "tokens": [], "id_slot": slot, "stop": True,
-            "model": cfg.model, "tokens_predicted": n, "tokens_evaluated": params["n_prompt"],
-            "generation_settings": params["settings"], "prompt": params["prompt"],
-            "has_new_line": False, "truncated": False, "stop_type": "limit", "stopping_word": "",
+            "index": 0,
+            "content": "",
+            "tokens": [],
+            "id_slot": slot,
+            "stop": True,
+            "model": cfg.model,
+            "tokens_predicted": n,
+            "tokens_evaluated": params["n_prompt"],
+            "generation_settings": params["settings"],
+            "prompt": params["prompt"],
+            "has_new_line": False,
+            "truncated": False,
+            "stop_type": "limit",
+            "stopping_word": "",
             "tokens_cached": params["n_prompt"] + n,
             "timings": {
-                "cache_n": 0, "prompt_n": params["n_prompt"], "prompt_ms": prompt_ms,
+                "cache_n": 0,
+                "prompt_n": params["n_prompt"],
+                "prompt_ms": prompt_ms,
                 "prompt_per_token_ms": prompt_ms / params["n_prompt"],
                 "prompt_per_second": params["n_prompt"] * 1000 / max(prompt_ms, 0.001),
-                "predicted_n": n, "predicted_ms": predicted_ms,
+                "predicted_n": n,
+                "predicted_ms": predicted_ms,
                 "predicted_per_token_ms": predicted_ms / n if n else 0.0,
-                "predicted_per_second": n * 1000 / predicted_ms},
+                "predicted_per_second": n * 1000 / predicted_ms,
+            },
         }
 
 
 def _oom_message(gpu: int, need: int, why: str) -> str:
-    return (f"ggml_backend_cuda_buffer_type_alloc_buffer: allocating {need} MiB on device {gpu}: "
-            f"cudaMalloc failed: out of memory ({why})\n"
-            f"CUDA error: out of memory\n  current device: {gpu}")
+    return (
+        f"ggml_backend_cuda_buffer_type_alloc_buffer: allocating {need} MiB on device {gpu}: "
+        f"cudaMalloc failed: out of memory ({why})\n"
+        f"CUDA error: out of memory\n  current device: {gpu}"
+    )
 
 
 def _die(after: int) -> None:
-    print(f"sim: fault die_after_tokens: dying abruptly after {after} tokens",
-          file=sys.stderr, flush=True)
+    print(
+        f"sim: fault die_after_tokens: dying abruptly after {after} tokens",
+        file=sys.stderr,
+        flush=True,
+    )
     os._exit(134)
 
 
@@ -417,9 +494,12 @@ def _parse_json(body: bytes) -> dict[str, Any]:
 
 async def _send_json(writer: asyncio.StreamWriter, status: int, value: Any) -> None:
     data = json.dumps(value, separators=(",", ":")).encode()
-    writer.write(f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\n"
-                 f"Content-Type: application/json; charset=utf-8\r\n"
-                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    writer.write(
+        f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\n"
+        f"Content-Type: application/json; charset=utf-8\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n".encode()
+        + data
+    )
     await writer.drain()
 
 
@@ -434,20 +514,31 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--slots", type=int, default=1)
     p.add_argument("--gpu", default="0", help="GPU index or comma-separated indices")
     p.add_argument("--state-dir", type=Path, required=True)
-    p.add_argument("--vram-total-mib", default=None,
-                   help="room for llama-orch on each GPU of the mask: N or N,M,...")
+    p.add_argument(
+        "--vram-total-mib",
+        default=None,
+        help="room for llama-orch on each GPU of the mask: N or N,M,...",
+    )
     p.add_argument("--options-json", default="{}", help="SimOptions as JSON")
     a = p.parse_args(argv)
     options = json.loads(a.options_json)
     totals = [int(v) for v in a.vram_total_mib.split(",")] if a.vram_total_mib else None
     return Config(
-        host=a.host, port=a.port, replica_id=a.replica_id, model=a.model,
-        model_size_mib=a.model_size_mib, ctx=a.ctx, slots=max(1, a.slots),
-        gpus=[int(g) for g in a.gpu.split(",")], state_dir=a.state_dir, vram_total_mib=totals,
+        host=a.host,
+        port=a.port,
+        replica_id=a.replica_id,
+        model=a.model,
+        model_size_mib=a.model_size_mib,
+        ctx=a.ctx,
+        slots=max(1, a.slots),
+        gpus=[int(g) for g in a.gpu.split(",")],
+        state_dir=a.state_dir,
+        vram_total_mib=totals,
         tokens_per_s=float(options.get("tokens_per_s", DEFAULT_TOKENS_PER_S)),
         load_s=float(options.get("load_s", 0.0)),
         first_token_ms=float(options.get("first_token_ms", DEFAULT_FIRST_TOKEN_MS)),
-        faults=dict(options.get("faults") or {}))
+        faults=dict(options.get("faults") or {}),
+    )
 
 
 async def serve(config: Config) -> int:
@@ -459,10 +550,14 @@ async def serve(config: Config) -> int:
     else:
         loop.add_signal_handler(signal.SIGTERM, stopping.set)
     loop.add_signal_handler(signal.SIGINT, stopping.set)
-    listener = await asyncio.start_server(server.serve_connection, config.host, config.port,
-                                          reuse_address=True)
-    print(f"sim-server {VERSION} replica {config.replica_id} pid {os.getpid()} listening on "
-          f"http://{config.host}:{config.port}", flush=True)
+    listener = await asyncio.start_server(
+        server.serve_connection, config.host, config.port, reuse_address=True
+    )
+    print(
+        f"sim-server {VERSION} replica {config.replica_id} pid {os.getpid()} listening on "
+        f"http://{config.host}:{config.port}",
+        flush=True,
+    )
     try:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stopping.wait(), timeout=config.load_s)
@@ -476,8 +571,11 @@ async def serve(config: Config) -> int:
             print("sim: fault hang_before_ready: loaded, never becoming ready", flush=True)
         else:
             server.ready = True
-            print(f"model loaded in {config.load_s:g} s; ready ({config.slots} slots, ctx "
-                  f"{config.ctx} per slot)", flush=True)
+            print(
+                f"model loaded in {config.load_s:g} s; ready ({config.slots} slots, ctx "
+                f"{config.ctx} per slot)",
+                flush=True,
+            )
         await stopping.wait()
         print("sim-server: stopping on signal", flush=True)
         return 0
@@ -489,14 +587,20 @@ async def serve(config: Config) -> int:
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     if config.faults.get("crash_at_start"):
-        print("sim: fault crash_at_start: simulated crash during start-up", file=sys.stderr,
-              flush=True)
+        print(
+            "sim: fault crash_at_start: simulated crash during start-up",
+            file=sys.stderr,
+            flush=True,
+        )
         return 1
     try:
         return asyncio.run(serve(config))
     except OSError as e:  # e.g. the port was taken between the engine's pick and our bind
-        print(f"sim-server: cannot listen on {config.host}:{config.port}: {e}", file=sys.stderr,
-              flush=True)
+        print(
+            f"sim-server: cannot listen on {config.host}:{config.port}: {e}",
+            file=sys.stderr,
+            flush=True,
+        )
         return 1
 
 

@@ -40,30 +40,39 @@ def resolve(task: tasks.TaskFile, state: desired.DesiredState) -> Target | Error
         pool = state.pool(task.pool)
         if pool is None:
             return errors.envelope(
-                ErrorCode.POOL_UNAVAILABLE, f"pool {task.pool!r} is not in orch.yaml",
-                hint=f"use one of: {', '.join(p.id for p in state.pools) or 'no pools defined'}")
+                ErrorCode.POOL_UNAVAILABLE,
+                f"pool {task.pool!r} is not in orch.yaml",
+                hint=f"use one of: {', '.join(p.id for p in state.pools) or 'no pools defined'}",
+            )
         if task.model is not None and task.model != pool.model:
             return errors.envelope(
                 ErrorCode.INVALID_PARAMS,
-                f"model: {task.model!r} does not match pool {pool.id!r}, which serves {pool.model!r}",
-                hint="name only the pool, or only the model")
+                f"model: {task.model!r} does not match pool {pool.id!r}, "
+                f"which serves {pool.model!r}",
+                hint="name only the pool, or only the model",
+            )
         return Target(pool.model, pool.id)
     assert task.model is not None
     return Target(task.model, None)
 
 
-def check(task: tasks.TaskFile, target: Target, *, state: desired.DesiredState,
-          pools: dict[str, PoolView]) -> ErrorEnvelope | None:
+def check(
+    task: tasks.TaskFile, target: Target, *, state: desired.DesiredState, pools: dict[str, PoolView]
+) -> ErrorEnvelope | None:
     model = state.models.get(target.model_id)
     if model is None:
         return errors.envelope(
-            ErrorCode.MODEL_UNKNOWN, f"model: {target.model_id!r} is not in orch.yaml",
-            hint=f"use one of: {', '.join(sorted(state.models)) or 'no models defined'}")
+            ErrorCode.MODEL_UNKNOWN,
+            f"model: {target.model_id!r} is not in orch.yaml",
+            hint=f"use one of: {', '.join(sorted(state.models)) or 'no models defined'}",
+        )
     if model.state == "Retired":
         active = sorted(m for m, spec in state.models.items() if spec.state == "Active")
         return errors.envelope(
-            ErrorCode.MODEL_RETIRED, f"model: {target.model_id!r} is Retired",
-            hint=f"use an Active model ({', '.join(active) or 'none'}) or set its state: Active")
+            ErrorCode.MODEL_RETIRED,
+            f"model: {target.model_id!r} is Retired",
+            hint=f"use an Active model ({', '.join(active) or 'none'}) or set its state: Active",
+        )
     serving = [p for p in pools.values() if p.model_id == target.model_id]
     if target.pool_id is not None:
         serving = [p for p in serving if p.pool_id == target.pool_id]
@@ -75,14 +84,16 @@ def check(task: tasks.TaskFile, target: Target, *, state: desired.DesiredState,
                 ErrorCode.POOL_UNAVAILABLE,
                 f"placement.pin_pool: {placement.pin_pool!r} is not a pool serving "
                 f"{target.model_id!r}",
-                hint="pin a pool listed by `orchctl status`, or use mode: prefer")
+                hint="pin a pool listed by `orchctl status`, or use mode: prefer",
+            )
         if pinned.state != "Ready":
             return errors.envelope(
                 ErrorCode.POOL_UNREADY,
                 f"placement.pin_pool: pool {pinned.pool_id!r} is {pinned.state}"
                 + (f" ({pinned.reason})" if pinned.reason else ""),
                 retry_after_ms=2000,
-                hint="a pinned task never falls back; retry once the pool is Ready")
+                hint="a pinned task never falls back; retry once the pool is Ready",
+            )
         serving = [pinned]
     live = [p for p in serving if p.state in ("Ready", "Progressing")]
     if not live:
@@ -90,12 +101,15 @@ def check(task: tasks.TaskFile, target: Target, *, state: desired.DesiredState,
         return errors.envelope(
             ErrorCode.POOL_UNAVAILABLE,
             f"no pool can serve model {target.model_id!r}" + (f" ({why})" if why else ""),
-            retry_after_ms=5000)
+            retry_after_ms=5000,
+        )
     limit = max((p.max_tokens for p in live if p.max_tokens), default=None)
     if limit is not None and task.max_tokens > limit:
         return errors.envelope(
-            ErrorCode.INVALID_PARAMS, f"max_tokens: {task.max_tokens} is over the pool limit {limit}",
-            hint=f"ask for at most {limit} tokens")
+            ErrorCode.INVALID_PARAMS,
+            f"max_tokens: {task.max_tokens} is over the pool limit {limit}",
+            hint=f"ask for at most {limit} tokens",
+        )
     ctx = max(p.ctx for p in live)
     prompt_tokens = math.ceil(len(task.prompt.encode()) / BYTES_PER_TOKEN)
     if prompt_tokens + task.max_tokens > ctx:
@@ -103,16 +117,19 @@ def check(task: tasks.TaskFile, target: Target, *, state: desired.DesiredState,
             ErrorCode.INVALID_PARAMS,
             f"max_tokens: about {prompt_tokens} prompt tokens + {task.max_tokens} max_tokens "
             f"exceed the context of {ctx} tokens per slot",
-            hint="shorten the prompt, lower max_tokens, or raise the pool's ctx")
+            hint="shorten the prompt, lower max_tokens, or raise the pool's ctx",
+        )
     return None
 
 
-def deadline_error(task: tasks.TaskFile, *, predicted_start_ms: float | None,
-                   probability: float | None) -> ErrorEnvelope | None:
+def deadline_error(
+    task: tasks.TaskFile, *, predicted_start_ms: float | None, probability: float | None
+) -> ErrorEnvelope | None:
     if task.deadline_ms is None or probability is None or probability >= DEADLINE_FLOOR:
         return None
     start = "unknown" if predicted_start_ms is None else f"{predicted_start_ms:.0f} ms"
     return errors.envelope(
         ErrorCode.DEADLINE_UNMET,
         f"deadline_ms: {task.deadline_ms} cannot be met (predicted start {start}, "
-        f"on-time probability {probability:.2f})")
+        f"on-time probability {probability:.2f})",
+    )

@@ -38,17 +38,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="orchctl", description="llama-orch home: serve local LLMs "
-                                "on this workstation's GPUs from a desired-state file.")
+    p = argparse.ArgumentParser(
+        prog="orchctl",
+        description="llama-orch home: serve local LLMs "
+        "on this workstation's GPUs from a desired-state file.",
+    )
     sub = p.add_subparsers(metavar="COMMAND")
 
     s = sub.add_parser("serve", help="run the reconciler")
     s.add_argument("--config", type=Path, default=Path("orch.yaml"))
-    s.add_argument("--simulate", type=Path, metavar="INVENTORY",
-                   help="use simulated GPUs from this inventory file instead of NVML")
+    s.add_argument(
+        "--simulate",
+        type=Path,
+        metavar="INVENTORY",
+        help="use simulated GPUs from this inventory file instead of NVML",
+    )
     s.add_argument("--duration", type=float, metavar="SECONDS", help="stop after this long")
-    s.add_argument("--exit-when-idle", action="store_true",
-                   help="stop once the spool is empty and no task runs")
+    s.add_argument(
+        "--exit-when-idle",
+        action="store_true",
+        help="stop once the spool is empty and no task runs",
+    )
     s.add_argument("--resync", type=float, default=2.0, metavar="SECONDS")
     s.add_argument("--no-watch", action="store_true", help="no inotify; rely on the resync")
     _log_args(s)
@@ -99,8 +109,12 @@ def _log_args(p: argparse.ArgumentParser) -> None:
 
 
 def _where(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, default=Path("orch.yaml"),
-                   help="orch.yaml, to find the spool and results folders")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=Path("orch.yaml"),
+        help="orch.yaml, to find the spool and results folders",
+    )
 
 
 def _paths(config_path: Path) -> tuple[spool.Spool, results.ResultStore, Path]:
@@ -111,9 +125,11 @@ def _paths(config_path: Path) -> tuple[spool.Spool, results.ResultStore, Path]:
         raise SystemExit(EXIT_USAGE)
     base = config_path.resolve().parent
     state = loaded.value
-    return (spool.Spool(desired.resolve(base, state.paths.spool)),
-            results.ResultStore(desired.resolve(base, state.paths.results)),
-            desired.resolve(base, state.paths.state))
+    return (
+        spool.Spool(desired.resolve(base, state.paths.spool)),
+        results.ResultStore(desired.resolve(base, state.paths.results)),
+        desired.resolve(base, state.paths.state),
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -125,9 +141,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for err in loaded.errors:
             print(err, file=sys.stderr)
         return EXIT_USAGE
-    options = daemon.Options(config_path=args.config, simulate=args.simulate,
-                             duration_s=args.duration, resync_s=args.resync,
-                             watch=not args.no_watch, exit_when_idle=args.exit_when_idle)
+    options = daemon.Options(
+        config_path=args.config,
+        simulate=args.simulate,
+        duration_s=args.duration,
+        resync_s=args.resync,
+        watch=not args.no_watch,
+        exit_when_idle=args.exit_when_idle,
+    )
 
     async def run() -> int:
         d = daemon.Daemon(options)
@@ -178,8 +199,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
         data = path.read_bytes()
         shown, is_json = str(path), path.suffix == ".json"
     text, errs = loading.decode_utf8(data, shown)
-    checked = (loading.validate_text(text, tasks.TaskFile, shown=shown, is_json=is_json)
-               if text is not None else loading.Loaded(None, errs))
+    checked = (
+        loading.validate_text(text, tasks.TaskFile, shown=shown, is_json=is_json)
+        if text is not None
+        else loading.Loaded(None, errs)
+    )
     if checked.value is None:
         for err in checked.errors:
             print(err, file=sys.stderr)
@@ -230,8 +254,11 @@ def cmd_watch(args: argparse.Namespace) -> int:
             if frame.terminal:
                 if not args.json:
                     print()
-                return EXIT_OK if frame.event == "end" and frame.data.get(
-                    "finish_reason") != "canceled" else EXIT_FAILED
+                return (
+                    EXIT_OK
+                    if frame.event == "end" and frame.data.get("finish_reason") != "canceled"
+                    else EXIT_FAILED
+                )
         time.sleep(0.05)
     print(f"\nno terminal frame after {args.timeout:.0f} s", file=sys.stderr)
     return EXIT_FAILED
@@ -245,8 +272,11 @@ def _print_frame(frame: events.EventFrame, *, as_json: bool) -> None:
     if frame.event == "token":
         print(d.get("t", ""), end="", flush=True)
     elif frame.event == "queued":
-        print(f"[queued at position {d.get('queue_position')}, predicted start "
-              f"{d.get('predicted_start_ms')} ms]", flush=True)
+        print(
+            f"[queued at position {d.get('queue_position')}, predicted start "
+            f"{d.get('predicted_start_ms')} ms]",
+            flush=True,
+        )
     elif frame.event == "started":
         print(f"[started on {d.get('replica_id')} (pool {d.get('pool_id')})]", flush=True)
     elif frame.event == "end":

@@ -37,8 +37,14 @@ class AppliedConfig:
         try:
             content = self.path.read_bytes()
         except OSError as exc:
-            self._fail([loading.LoadError(str(self.path), None, None, None,
-                                          f"cannot be read: {exc.strerror}")], None)
+            self._fail(
+                [
+                    loading.LoadError(
+                        str(self.path), None, None, None, f"cannot be read: {exc.strerror}"
+                    )
+                ],
+                None,
+            )
             return False
         digest = hashlib.sha256(content).hexdigest()
         if digest == self._digest:
@@ -52,16 +58,26 @@ class AppliedConfig:
         self.errors = []
         self.revision = revision.of(self.path, content)
         self.applied_at = clocks.rfc3339(self.clock.now())
-        logs.emit(log, "config.applied",
-                  f"Applied {self.path.name} revision {self.revision}: "
-                  f"{len(self.state.pools)} pool(s), {len(self.state.models)} model(s).",
-                  revision=self.revision)
+        logs.emit(
+            log,
+            "config.applied",
+            f"Applied {self.path.name} revision {self.revision}: "
+            f"{len(self.state.pools)} pool(s), {len(self.state.models)} model(s).",
+            revision=self.revision,
+        )
         return True
 
     def _fail(self, errors: list[loading.LoadError], digest: str | None) -> None:
         self.errors = errors
         kept = f"keeping revision {self.revision}" if self.state else "nothing applied yet"
         for error in errors:
-            logs.emit(log, "config.invalid", f"{error} ({kept}).", level=40,
-                      path=error.path, line=error.line, field=error.field)
+            logs.emit(
+                log,
+                "config.invalid",
+                f"{error} ({kept}).",
+                level=40,
+                path=error.path,
+                line=error.line,
+                field=error.field,
+            )
         del digest

@@ -52,13 +52,19 @@ class _Waker(FileSystemEventHandler):
 
 
 class Daemon:
-    def __init__(self, options: Options, *, clock: clocks.Clock | None = None,
-                 plugins: registry.Registry | None = None) -> None:
+    def __init__(
+        self,
+        options: Options,
+        *,
+        clock: clocks.Clock | None = None,
+        plugins: registry.Registry | None = None,
+    ) -> None:
         self.options = options
         self.clock = clock or clocks.RealClock()
         self.plugins = plugins or registry.load()
         self.config = configuring.AppliedConfig(
-            options.config_path.resolve(), set(self.plugins.engines), self.clock)
+            options.config_path.resolve(), set(self.plugins.engines), self.clock
+        )
         self.wake_event = asyncio.Event()
         self.stop_event = asyncio.Event()
         self.started_at = clocks.rfc3339(self.clock.now())
@@ -75,7 +81,8 @@ class Daemon:
             raise interfaces.EnvironmentMissing(
                 f"{self.config.path} is not a valid config",
                 "\n".join(str(e) for e in self.config.errors) + "\nrun `orchctl validate "
-                f"{self.config.path}` and fix the lines shown")
+                f"{self.config.path}` and fix the lines shown",
+            )
         state = self.config.state
         base = self.config.base
         self.spool = spool.Spool(desired.resolve(base, state.paths.spool)).ensure()
@@ -87,21 +94,38 @@ class Daemon:
         self.books = tasking.Books(self.spool, self.results, self.hub, self.clock)
         observer = self.plugins.observer(state, base, simulate=self.options.simulate)
         self.pools = pools.PoolRuntime(
-            plugins=self.plugins, observer=observer, state_dir=self.state_dir,
-            config=self.config, clock=self.clock, wake=self.wake)
+            plugins=self.plugins,
+            observer=observer,
+            state_dir=self.state_dir,
+            config=self.config,
+            clock=self.clock,
+            wake=self.wake,
+        )
         self.dispatcher = dispatch.Dispatcher(
-            books=self.books, config=self.config, pools=self.pools, sessions=self.sessions,
-            clock=self.clock, wake=self.wake)
+            books=self.books,
+            config=self.config,
+            pools=self.pools,
+            sessions=self.sessions,
+            clock=self.clock,
+            wake=self.wake,
+        )
 
     async def run(self) -> int:
         self._setup()
         loop = asyncio.get_running_loop()
         watcher = self._start_watchdog(loop) if self.options.watch else None
-        deadline = (self.clock.monotonic() + self.options.duration_s
-                    if self.options.duration_s is not None else None)
-        logs.emit(log, "daemon.started",
-                  f"Serving {self.config.path.name} (pid {os.getpid()}); spool at {self.spool.root}.",
-                  pid=os.getpid(), simulated=self.pools.observer.simulated)
+        deadline = (
+            self.clock.monotonic() + self.options.duration_s
+            if self.options.duration_s is not None
+            else None
+        )
+        logs.emit(
+            log,
+            "daemon.started",
+            f"Serving {self.config.path.name} (pid {os.getpid()}); spool at {self.spool.root}.",
+            pid=os.getpid(),
+            simulated=self.pools.observer.simulated,
+        )
         try:
             await self.pools.adopt_or_clean()
             self._recover()
@@ -150,8 +174,11 @@ class Daemon:
         self._write_status()
 
     def _idle(self) -> bool:
-        return (not spool.incoming_names(self.spool) and not self.dispatcher.runs
-                and self.pools.settled())
+        return (
+            not spool.incoming_names(self.spool)
+            and not self.dispatcher.runs
+            and self.pools.settled()
+        )
 
     def _cancels(self) -> None:
         for task_id in spool.cancel_requests(self.spool):
@@ -161,8 +188,9 @@ class Daemon:
     def cancel(self, task_id: str) -> str:
         """Cancel a task by id; idempotent. Returns what happened, for the CLI and HTTP."""
         if self.dispatcher.cancel(task_id):
-            logs.emit(log, "task.cancel", f"Cancel of task {task_id} acknowledged.",
-                      task_id=task_id)
+            logs.emit(
+                log, "task.cancel", f"Cancel of task {task_id} acknowledged.", task_id=task_id
+            )
             return "canceled"
         existing = self.results.read(task_id) if self.results.exists(task_id) else None
         if existing is not None and existing.terminal:
@@ -195,21 +223,38 @@ class Daemon:
             parsed = intake.parse_claimed(path)
             if not isinstance(parsed, intake.Parsed):
                 data = _peek(path)
-                intake.quarantine(the_spool=self.spool, store=self.results, path=path,
-                                  problems=parsed, clock=self.clock,
-                                  task_id=intake.claimed_task_id(path, data),
-                                  revision=self.config.revision)
-                return
-            if recovered is None and (self.results.exists(parsed.task_id)
-                                      or parsed.task_id in self.dispatcher.runs):
                 intake.quarantine(
-                    the_spool=self.spool, store=self.results, path=path, clock=self.clock,
-                    code=ErrorCode.DUPLICATE_TASK_ID, task_id=parsed.task_id,
-                    problems=[loading.LoadError(
-                        f"spool/active/{path.name}", None, None, "task_id",
-                        f"task id {parsed.task_id!r} is already used "
-                        f"(see results/{parsed.task_id}.json)",
-                        "give the task a new task_id")])
+                    the_spool=self.spool,
+                    store=self.results,
+                    path=path,
+                    problems=parsed,
+                    clock=self.clock,
+                    task_id=intake.claimed_task_id(path, data),
+                    revision=self.config.revision,
+                )
+                return
+            if recovered is None and (
+                self.results.exists(parsed.task_id) or parsed.task_id in self.dispatcher.runs
+            ):
+                intake.quarantine(
+                    the_spool=self.spool,
+                    store=self.results,
+                    path=path,
+                    clock=self.clock,
+                    code=ErrorCode.DUPLICATE_TASK_ID,
+                    task_id=parsed.task_id,
+                    problems=[
+                        loading.LoadError(
+                            f"spool/active/{path.name}",
+                            None,
+                            None,
+                            "task_id",
+                            f"task id {parsed.task_id!r} is already used "
+                            f"(see results/{parsed.task_id}.json)",
+                            "give the task a new task_id",
+                        )
+                    ],
+                )
                 return
             run = self._new_run(parsed, recovered=recovered)
             self.dispatcher.admit(run, recovered=recovered is not None)
@@ -217,14 +262,26 @@ class Daemon:
             log.exception("could not take %s", path.name)
             with contextlib.suppress(Exception):
                 intake.quarantine(
-                    the_spool=self.spool, store=self.results, path=path, clock=self.clock,
-                    code=ErrorCode.INTERNAL, problems=[loading.LoadError(
-                        f"spool/active/{path.name}", None, None, None,
-                        f"internal error {type(exc).__name__}: {exc}",
-                        "this is a bug; please report it with the log")])
+                    the_spool=self.spool,
+                    store=self.results,
+                    path=path,
+                    clock=self.clock,
+                    code=ErrorCode.INTERNAL,
+                    problems=[
+                        loading.LoadError(
+                            f"spool/active/{path.name}",
+                            None,
+                            None,
+                            None,
+                            f"internal error {type(exc).__name__}: {exc}",
+                            "this is a bug; please report it with the log",
+                        )
+                    ],
+                )
 
-    def _new_run(self, parsed: intake.Parsed, *,
-                 recovered: results.Result | None = None) -> tasking.TaskRun:
+    def _new_run(
+        self, parsed: intake.Parsed, *, recovered: results.Result | None = None
+    ) -> tasking.TaskRun:
         now = self.clock.monotonic()
         events_path = self.results.events_path(parsed.task_id)
         if recovered is not None:
@@ -233,14 +290,25 @@ class Daemon:
             result.error = None
         else:
             result = tasking.new_result(
-                parsed.task_id, parsed.task, events_path=events_path,
-                source=f"spool/active/{parsed.file_name}", revision=self.config.revision,
-                accepted_at=clocks.rfc3339(self.clock.now()))
+                parsed.task_id,
+                parsed.task,
+                events_path=events_path,
+                source=f"spool/active/{parsed.file_name}",
+                revision=self.config.revision,
+                accepted_at=clocks.rfc3339(self.clock.now()),
+            )
         deadline = now + parsed.task.deadline_ms / 1000 if parsed.task.deadline_ms else None
         return tasking.TaskRun(
-            task_id=parsed.task_id, task=parsed.task, file_name=parsed.file_name, result=result,
-            log=events.EventLog(events_path), accepted_mono=now, deadline_mono=deadline,
-            model_id=parsed.task.model or "", pool_id=parsed.task.pool)
+            task_id=parsed.task_id,
+            task=parsed.task,
+            file_name=parsed.file_name,
+            result=result,
+            log=events.EventLog(events_path),
+            accepted_mono=now,
+            deadline_mono=deadline,
+            model_id=parsed.task.model or "",
+            pool_id=parsed.task.pool,
+        )
 
     def _recover(self) -> None:
         """Tasks left in active/ by a crash: finish those whose result is terminal, re-queue
@@ -253,17 +321,23 @@ class Daemon:
             existing = self.results.read(task_id) if task_id else None
             if existing is not None and existing.terminal:
                 spool.finish(self.spool, name, failed=existing.status in ("failed", "rejected"))
-                logs.emit(log, "task.recovered",
-                          f"Task {task_id} was already {existing.status}; filed its task file.",
-                          task_id=task_id)
+                logs.emit(
+                    log,
+                    "task.recovered",
+                    f"Task {task_id} was already {existing.status}; filed its task file.",
+                    task_id=task_id,
+                )
                 continue
             key = existing.timings.accepted_at if existing and existing.timings.accepted_at else "~"
             pending.append((key, path, existing))
         for _, path, existing in sorted(pending, key=lambda p: (p[0], p[1].name)):
             if existing is not None:
-                logs.emit(log, "task.recovered",
-                          f"Re-queued task {existing.task_id} interrupted while {existing.status}.",
-                          task_id=existing.task_id)
+                logs.emit(
+                    log,
+                    "task.recovered",
+                    f"Re-queued task {existing.task_id} interrupted while {existing.status}.",
+                    task_id=existing.task_id,
+                )
             self._take(path, recovered=existing)
 
     def _write_status(self, *, stopping: bool = False) -> None:
@@ -279,4 +353,3 @@ def _peek(path: Path) -> object:
         return None
     data, _, errs = loading.parse_document(text, path.name)
     return None if errs else data
-

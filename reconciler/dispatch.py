@@ -40,8 +40,9 @@ class PoolsView(Protocol):
 
     def rate(self, pool_id: str) -> estimates.ServiceRate: ...
 
-    def observe(self, pool_id: str, *, tokens: int, decode_ms: float,
-                first_token_ms: float) -> None: ...
+    def observe(
+        self, pool_id: str, *, tokens: int, decode_ms: float, first_token_ms: float
+    ) -> None: ...
 
     def startup_ms(self, pool_id: str) -> float: ...
 
@@ -99,24 +100,31 @@ class Dispatcher:
             return self._reject(run, target)
         run.model_id, run.pool_id = target.model_id, target.pool_id
         run.result.model = target.model_id
-        run.result.model_digest = state.models[target.model_id].digest if (
-            target.model_id in state.models) else None
+        run.result.model_digest = (
+            state.models[target.model_id].digest if (target.model_id in state.models) else None
+        )
         problem = admission.check(run.task, target, state=state, pools=self.pools.views())
         if problem is None and not recovered:
             problem = self._session_problem(run)
         entry = self._entry(run)
         if problem is None:
             start, probability = self._estimate_new(entry)
-            problem = admission.deadline_error(run.task, predicted_start_ms=start,
-                                               probability=probability)
+            problem = admission.deadline_error(
+                run.task, predicted_start_ms=start, probability=probability
+            )
         if problem is not None:
             return self._reject(run, problem)
         outcome = self.queue.push(entry)
         if not outcome.accepted:
-            return self._reject(run, errors.envelope(
-                ErrorCode.ADMISSION_REJECT,
-                f"the queue is full ({self.queue.capacity} tasks, policy reject)",
-                retry_after_ms=self._retry_after_ms(), policy_label="reject"))
+            return self._reject(
+                run,
+                errors.envelope(
+                    ErrorCode.ADMISSION_REJECT,
+                    f"the queue is full ({self.queue.capacity} tasks, policy reject)",
+                    retry_after_ms=self._retry_after_ms(),
+                    policy_label="reject",
+                ),
+            )
         if outcome.evicted is not None:
             self._evict(outcome.evicted)
         if not recovered:
@@ -127,21 +135,38 @@ class Dispatcher:
         run.result.queue_position = position
         run.result.predicted_start_ms = _ms(start)
         run.result.on_time_probability = probability
-        self.books.frame(run, "queued", {"queue_position": position,
-                                         "predicted_start_ms": _ms(start),
-                                         "on_time_probability": probability,
-                                         "attempt": run.result.attempts})
+        self.books.frame(
+            run,
+            "queued",
+            {
+                "queue_position": position,
+                "predicted_start_ms": _ms(start),
+                "on_time_probability": probability,
+                "attempt": run.result.attempts,
+            },
+        )
         self.books.save(run)
-        logs.emit(log, "task.queued",
-                  f"Queued task {run.task_id} for {run.model_id} at position {position}, "
-                  f"predicted start in {_ms(start)} ms.",
-                  task_id=run.task_id, queue_position=position, priority=run.priority)
+        logs.emit(
+            log,
+            "task.queued",
+            f"Queued task {run.task_id} for {run.model_id} at position {position}, "
+            f"predicted start in {_ms(start)} ms.",
+            task_id=run.task_id,
+            queue_position=position,
+            priority=run.priority,
+        )
 
     def _entry(self, run: tasking.TaskRun) -> queues.Entry:
         return queues.Entry(
-            task_id=run.task_id, priority=run.task.priority, model_id=run.model_id,  # type: ignore[arg-type]
-            pool_id=run.pool_id, enqueued_at=run.accepted_mono,  # type: ignore[arg-type]
-            max_tokens=run.task.max_tokens, deadline_at=run.deadline_mono, payload=run)
+            task_id=ids.TaskId(run.task_id),
+            priority=run.task.priority,
+            model_id=ids.ModelId(run.model_id),
+            pool_id=ids.PoolId(run.pool_id) if run.pool_id else None,
+            enqueued_at=run.accepted_mono,
+            max_tokens=run.task.max_tokens,
+            deadline_at=run.deadline_mono,
+            payload=run,
+        )
 
     def _reject(self, run: tasking.TaskRun, error: ErrorEnvelope) -> None:
         self.runs.pop(run.task_id, None)
@@ -149,16 +174,23 @@ class Dispatcher:
 
     def _evict(self, entry: queues.Entry) -> None:
         run = self.runs.pop(entry.task_id)
-        self.books.finish(run, "failed", error=errors.envelope(
-            ErrorCode.QUEUE_FULL_DROP_LRU,
-            "dropped from the full queue to make room for newer work (policy drop-lru)",
-            retry_after_ms=self._retry_after_ms(), policy_label="drop-lru"))
+        self.books.finish(
+            run,
+            "failed",
+            error=errors.envelope(
+                ErrorCode.QUEUE_FULL_DROP_LRU,
+                "dropped from the full queue to make room for newer work (policy drop-lru)",
+                retry_after_ms=self._retry_after_ms(),
+                policy_label="drop-lru",
+            ),
+        )
 
     def _retry_after_ms(self) -> int:
         """About how long until a queue place frees: the soonest running task's end."""
         now = self.clock.monotonic()
-        remaining = [max(0.0, r.service_ms - (now - r.started_mono) * 1000)
-                     for r in self.running.values()]
+        remaining = [
+            max(0.0, r.service_ms - (now - r.started_mono) * 1000) for r in self.running.values()
+        ]
         return max(250, int(min(remaining, default=1000)))
 
     # -- sessions -------------------------------------------------------------------------
@@ -173,19 +205,30 @@ class Dispatcher:
             return None
         cfg = state.sessions
         now = self.clock.now()
-        reason = sessions.limit_reached(session, now=now, ttl_s=cfg.ttl_s,
-                                        max_turns=cfg.max_turns, token_budget=cfg.token_budget)
+        reason = sessions.limit_reached(
+            session,
+            now=now,
+            ttl_s=cfg.ttl_s,
+            max_turns=cfg.max_turns,
+            token_budget=cfg.token_budget,
+        )
         if reason is None:
             return None
         if not session.evicted:
             self.sessions.put(sessions.evict(session, reason, now=now))
         code, text = {
-            "expired": (ErrorCode.SESSION_EXPIRED,
-                        f"session {sid!r} expired after {cfg.ttl_s:.0f} s without use"),
-            "turns": (ErrorCode.SESSION_TURNS_EXCEEDED,
-                      f"session {sid!r} reached its limit of {cfg.max_turns} turns"),
-            "budget": (ErrorCode.SESSION_BUDGET_EXCEEDED,
-                       f"session {sid!r} spent its budget of {cfg.token_budget} tokens"),
+            "expired": (
+                ErrorCode.SESSION_EXPIRED,
+                f"session {sid!r} expired after {cfg.ttl_s:.0f} s without use",
+            ),
+            "turns": (
+                ErrorCode.SESSION_TURNS_EXCEEDED,
+                f"session {sid!r} reached its limit of {cfg.max_turns} turns",
+            ),
+            "budget": (
+                ErrorCode.SESSION_BUDGET_EXCEEDED,
+                f"session {sid!r} spent its budget of {cfg.token_budget} tokens",
+            ),
         }[reason]
         return errors.envelope(code, text)
 
@@ -195,9 +238,11 @@ class Dispatcher:
             return
         now = self.clock.now()
         session = self.sessions.get(sid) or sessions.Session(
-            session_id=sid, created_at=now, last_used_at=now)
-        self.sessions.put(session.model_copy(update={"turns": session.turns + 1,
-                                                     "last_used_at": now}))
+            session_id=sid, created_at=now, last_used_at=now
+        )
+        self.sessions.put(
+            session.model_copy(update={"turns": session.turns + 1, "last_used_at": now})
+        )
 
     def sweep_sessions(self) -> None:
         """Evict sessions past their TTL so the next request names the limit it hit."""
@@ -208,9 +253,13 @@ class Dispatcher:
         for session in self.sessions.all():
             if session.evicted is None and now - session.last_used_at > state.sessions.ttl_s:
                 self.sessions.put(sessions.evict(session, "expired", now=now))
-                logs.emit(log, "session.evicted",
-                          f"Evicted session {session.session_id}: no use for "
-                          f"{state.sessions.ttl_s:.0f} s.", session_id=session.session_id)
+                logs.emit(
+                    log,
+                    "session.evicted",
+                    f"Evicted session {session.session_id}: no use for "
+                    f"{state.sessions.ttl_s:.0f} s.",
+                    session_id=session.session_id,
+                )
 
     # -- estimates ------------------------------------------------------------------------
 
@@ -237,23 +286,29 @@ class Dispatcher:
         rate = self.pools.rate(pool_id) if pool_id else estimates.prior()
         return estimates.service_ms(max_tokens, rate)
 
-    def _estimate(self, entry: queues.Entry, ahead: tuple[queues.Entry, ...]
-                  ) -> tuple[float | None, float | None]:
+    def _estimate(
+        self, entry: queues.Entry, ahead: tuple[queues.Entry, ...]
+    ) -> tuple[float | None, float | None]:
         frees, pool_id = self._slots_for(entry)
         same = [e for e in ahead if e.model_id == entry.model_id]
-        start = estimates.predicted_start_ms(frees, [self._service_ms(pool_id, e.max_tokens)
-                                                     for e in same])
+        start = estimates.predicted_start_ms(
+            frees, [self._service_ms(pool_id, e.max_tokens) for e in same]
+        )
         if entry.deadline_at is None:
             return start, None
         deadline_in = (entry.deadline_at - self.clock.monotonic()) * 1000
         if start is None:
             return None, 0.0
         return start, estimates.on_time_probability(
-            start, self._service_ms(pool_id, entry.max_tokens), deadline_in)
+            start, self._service_ms(pool_id, entry.max_tokens), deadline_in
+        )
 
     def _estimate_new(self, entry: queues.Entry) -> tuple[float | None, float | None]:
-        ahead = tuple(e for e in self.queue.in_dispatch_order()
-                      if e.priority == "interactive" or entry.priority == "batch")
+        ahead = tuple(
+            e
+            for e in self.queue.in_dispatch_order()
+            if e.priority == "interactive" or entry.priority == "batch"
+        )
         return self._estimate(entry, ahead)
 
     def _estimate_queued(self, entry: queues.Entry) -> tuple[float | None, float | None]:
@@ -265,11 +320,20 @@ class Dispatcher:
         """Place queued tasks onto free replicas; expire deadlines; fail unservable tasks."""
         self._expire_queued()
         self._fail_unservable()
+        decisions: dict[str, placement.Decision] = {}
         while True:
-            decisions: dict[str, placement.Decision] = {}
+            decisions.clear()
+            candidates = self.pools.candidates()
+            free_models = {c.model_id for c in candidates if c.feasible}
 
-            def placeable(entry: queues.Entry) -> bool:
-                decision = placement.choose(self._want(entry), self._free_candidates())
+            def placeable(
+                entry: queues.Entry,
+                free_models: set[ids.ModelId] = free_models,
+                candidates: list[placement.Candidate] = candidates,
+            ) -> bool:
+                if entry.model_id not in free_models:  # cheap skip: nothing free for it
+                    return False
+                decision = placement.choose(self._want(entry), candidates)
                 decisions[entry.task_id] = decision
                 return decision.outcome == "assigned"
 
@@ -277,9 +341,13 @@ class Dispatcher:
             if entry is None:
                 return
             decision = decisions[entry.task_id]
-            logs.emit(log, "placement.decided",
-                      f"Placed task {entry.task_id} on {decision.replica_id}.",
-                      task_id=entry.task_id, decision=decision.log_fields())
+            logs.emit(
+                log,
+                "placement.decided",
+                f"Placed task {entry.task_id} on {decision.replica_id}.",
+                task_id=entry.task_id,
+                decision=decision.log_fields(),
+            )
             self._start(self.runs[entry.task_id], decision)
 
     def _want(self, entry: queues.Entry) -> placement.Want:
@@ -288,13 +356,11 @@ class Dispatcher:
         if run.task.session_id:
             session = self.sessions.get(run.task.session_id)
             last = session.last_replica_id if session else None
-        want = placement.Want.of(entry.task_id, run.task,
-                                 last_replica_id=ids.ReplicaId(last) if last else None)
+        want = placement.Want.of(
+            entry.task_id, run.task, last_replica_id=ids.ReplicaId(last) if last else None
+        )
         # the task may name only a pool: admission resolved its model
         return dataclasses.replace(want, model_id=entry.model_id)
-
-    def _free_candidates(self) -> list[placement.Candidate]:
-        return self.pools.candidates()
 
     def _expire_queued(self) -> None:
         now = self.clock.monotonic()
@@ -302,9 +368,14 @@ class Dispatcher:
             if entry.deadline_at is not None and now >= entry.deadline_at:
                 self.queue.remove(entry.task_id)
                 run = self.runs.pop(entry.task_id)
-                self.books.finish(run, "failed", error=errors.envelope(
-                    ErrorCode.DEADLINE_UNMET,
-                    f"deadline_ms: {run.task.deadline_ms} passed while the task was queued"))
+                self.books.finish(
+                    run,
+                    "failed",
+                    error=errors.envelope(
+                        ErrorCode.DEADLINE_UNMET,
+                        f"deadline_ms: {run.task.deadline_ms} passed while the task was queued",
+                    ),
+                )
 
     def _fail_unservable(self) -> None:
         state = self.config.state
@@ -315,9 +386,11 @@ class Dispatcher:
             run = self.runs[entry.task_id]
             target = admission.Target(entry.model_id, entry.pool_id)
             problem = admission.check(run.task, target, state=state, pools=views)
-            if problem is not None and problem.code in (ErrorCode.POOL_UNAVAILABLE,
-                                                        ErrorCode.MODEL_UNKNOWN,
-                                                        ErrorCode.MODEL_RETIRED):
+            if problem is not None and problem.code in (
+                ErrorCode.POOL_UNAVAILABLE,
+                ErrorCode.MODEL_UNKNOWN,
+                ErrorCode.MODEL_RETIRED,
+            ):
                 self.queue.remove(entry.task_id)
                 self.runs.pop(entry.task_id)
                 self.books.finish(run, "failed", error=problem)
@@ -326,14 +399,21 @@ class Dispatcher:
         assert decision.replica_id is not None and decision.pool_id is not None
         engine, handle = self.pools.lease(decision.replica_id)
         service = self._service_ms(decision.pool_id, run.task.max_tokens)
-        running = Running(run, decision.replica_id, decision.pool_id, self.clock.monotonic(),
-                          service)
+        running = Running(
+            run, decision.replica_id, decision.pool_id, self.clock.monotonic(), service
+        )
         self.running[run.task_id] = running
         running.job = asyncio.get_running_loop().create_task(
-            self._stream(running, engine, handle, decision), name=f"task:{run.task_id}")
+            self._stream(running, engine, handle, decision), name=f"task:{run.task_id}"
+        )
 
-    async def _stream(self, running: Running, engine: interfaces.Engine,
-                      handle: interfaces.ReplicaHandle, decision: placement.Decision) -> None:
+    async def _stream(
+        self,
+        running: Running,
+        engine: interfaces.Engine,
+        handle: interfaces.ReplicaHandle,
+        decision: placement.Decision,
+    ) -> None:
         run = running.run
         result = run.result
         now_wall = self.clock.now()
@@ -348,18 +428,31 @@ class Dispatcher:
         queue_ms = int((running.started_mono - run.accepted_mono) * 1000)
         result.timings.queue_ms = queue_ms
         result.text, result.tokens_out = "", 0
-        self.books.frame(run, "started", {
-            "queue_position": 0, "predicted_start_ms": 0, "pool_id": decision.pool_id,
-            "replica_id": decision.replica_id,
-            "gpu": result.gpu.model_dump(mode="json") if result.gpu else None,
-            "kv_warmth": decision.kv_warmth, "attempt": result.attempts})
+        self.books.frame(
+            run,
+            "started",
+            {
+                "queue_position": 0,
+                "predicted_start_ms": 0,
+                "pool_id": decision.pool_id,
+                "replica_id": decision.replica_id,
+                "gpu": result.gpu.model_dump(mode="json") if result.gpu else None,
+                "kv_warmth": decision.kv_warmth,
+                "attempt": result.attempts,
+            },
+        )
         self.books.save(run)
         failpoints.hit("after_started")
         self._metrics(running)
         request = interfaces.GenerateRequest(
-            task_id=run.task_id, prompt=run.task.prompt, max_tokens=run.task.max_tokens,
-            seed=result.seed or 0, temperature=run.task.sampling.temperature,
-            top_p=run.task.sampling.top_p, top_k=run.task.sampling.top_k)
+            task_id=run.task_id,
+            prompt=run.task.prompt,
+            max_tokens=run.task.max_tokens,
+            seed=result.seed or 0,
+            temperature=run.task.sampling.temperature,
+            top_p=run.task.sampling.top_p,
+            top_k=run.task.sampling.top_k,
+        )
         begun = self.clock.monotonic()
         first_token_at: float | None = None
         last_metrics = begun
@@ -377,9 +470,14 @@ class Dispatcher:
                 try:
                     item = await asyncio.wait_for(iterator.__anext__(), timeout)
                 except StopAsyncIteration:
-                    raise interfaces.EngineStreamError("the stream ended without a final frame")
+                    raise interfaces.EngineStreamError(
+                        "the stream ended without a final frame"
+                    ) from None
                 except TimeoutError:
-                    if run.deadline_mono is not None and self.clock.monotonic() >= run.deadline_mono:
+                    if (
+                        run.deadline_mono is not None
+                        and self.clock.monotonic() >= run.deadline_mono
+                    ):
                         raise _Deadline() from None
                     raise _Stalled() from None
                 if isinstance(item, interfaces.Token):
@@ -398,9 +496,12 @@ class Dispatcher:
                 else:
                     decode_ms = (self.clock.monotonic() - (first_token_at or begun)) * 1000
                     result.timings.decode_time_ms = int(decode_ms)
-                    self.pools.observe(running.pool_id, tokens=result.tokens_out,
-                                       decode_ms=decode_ms,
-                                       first_token_ms=float(result.timings.first_token_ms or 0))
+                    self.pools.observe(
+                        running.pool_id,
+                        tokens=result.tokens_out,
+                        decode_ms=decode_ms,
+                        first_token_ms=float(result.timings.first_token_ms or 0),
+                    )
                     self._metrics(running)
                     self._done(running, "succeeded", finish_reason=item.finish_reason)
                     return
@@ -414,25 +515,45 @@ class Dispatcher:
             raise  # daemon shutdown: leave the task non-terminal; recovery re-runs it
         except _Deadline:
             await _aclose(stream)
-            self._done(running, "failed", error=errors.envelope(
-                ErrorCode.DEADLINE_UNMET,
-                f"deadline_ms: {run.task.deadline_ms} passed after {result.tokens_out} tokens"))
+            self._done(
+                running,
+                "failed",
+                error=errors.envelope(
+                    ErrorCode.DEADLINE_UNMET,
+                    f"deadline_ms: {run.task.deadline_ms} passed after {result.tokens_out} tokens",
+                ),
+            )
         except _Stalled:
             await _aclose(stream)
-            self._done(running, "failed", error=errors.envelope(
-                ErrorCode.DECODE_TIMEOUT,
-                f"the engine sent no token for {idle_s:.0f} s", retry_after_ms=1000))
+            self._done(
+                running,
+                "failed",
+                error=errors.envelope(
+                    ErrorCode.DECODE_TIMEOUT,
+                    f"the engine sent no token for {idle_s:.0f} s",
+                    retry_after_ms=1000,
+                ),
+            )
         except (interfaces.EngineStreamError, OSError) as exc:
             await _aclose(stream)
-            self._done(running, "failed", error=errors.envelope(
-                ErrorCode.WORKER_RESET,
-                f"replica {running.replica_id} failed mid-stream after {result.tokens_out} "
-                f"tokens: {exc}", retry_after_ms=1000))
+            self._done(
+                running,
+                "failed",
+                error=errors.envelope(
+                    ErrorCode.WORKER_RESET,
+                    f"replica {running.replica_id} failed mid-stream after {result.tokens_out} "
+                    f"tokens: {exc}",
+                    retry_after_ms=1000,
+                ),
+            )
         except Exception as exc:  # a bug: report it on the task rather than kill the daemon
             log.exception("unexpected error while streaming %s", run.task_id)
             await _aclose(stream)
-            self._done(running, "failed", error=errors.envelope(
-                ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
+            self._done(
+                running,
+                "failed",
+                error=errors.envelope(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"),
+            )
         finally:
             if run.task_id in self.running:  # shutdown: free the slot without a terminal write
                 self.running.pop(run.task_id)
@@ -447,15 +568,29 @@ class Dispatcher:
         if run.deadline_mono is not None:
             deadline_in = (run.deadline_mono - self.clock.monotonic()) * 1000
             probability = estimates.on_time_probability(
-                0.0, left / rate.tokens_per_s * 1000, deadline_in)
+                0.0, left / rate.tokens_per_s * 1000, deadline_in
+            )
         tokens_per_s = running.tokens_out / (elapsed_ms / 1000) if elapsed_ms > 0 else 0.0
-        self.books.frame(run, "metrics", {
-            "queue_depth": len(self.queue), "on_time_probability": probability,
-            "tokens_out": running.tokens_out, "tokens_per_s": round(tokens_per_s, 2),
-            "elapsed_ms": int(elapsed_ms)})
+        self.books.frame(
+            run,
+            "metrics",
+            {
+                "queue_depth": len(self.queue),
+                "on_time_probability": probability,
+                "tokens_out": running.tokens_out,
+                "tokens_per_s": round(tokens_per_s, 2),
+                "elapsed_ms": int(elapsed_ms),
+            },
+        )
 
-    def _done(self, running: Running, status: results.StatusName, *,
-              error: ErrorEnvelope | None = None, finish_reason: str | None = None) -> None:
+    def _done(
+        self,
+        running: Running,
+        status: results.StatusName,
+        *,
+        error: ErrorEnvelope | None = None,
+        finish_reason: str | None = None,
+    ) -> None:
         run = running.run
         self.running.pop(run.task_id, None)
         self.runs.pop(run.task_id, None)
@@ -471,9 +606,15 @@ class Dispatcher:
         session = self.sessions.get(sid)
         if session is None:
             return
-        self.sessions.put(session.model_copy(update={
-            "last_used_at": self.clock.now(), "last_replica_id": replica_id,
-            "tokens_out": session.tokens_out + run.result.tokens_out}))
+        self.sessions.put(
+            session.model_copy(
+                update={
+                    "last_used_at": self.clock.now(),
+                    "last_replica_id": replica_id,
+                    "tokens_out": session.tokens_out + run.result.tokens_out,
+                }
+            )
+        )
 
     # -- cancel and shutdown ----------------------------------------------------------------
 
@@ -500,9 +641,13 @@ class Dispatcher:
 
     def depth(self) -> dict[str, Any]:
         by = self.queue.depth_by_priority()
-        return {"depth": len(self.queue), "by_priority": dict(by),
-                "capacity": self.queue.capacity, "full_policy": self.queue.full_policy,
-                "running": len(self.running)}
+        return {
+            "depth": len(self.queue),
+            "by_priority": dict(by),
+            "capacity": self.queue.capacity,
+            "full_policy": self.queue.full_policy,
+            "running": len(self.running),
+        }
 
 
 class _Deadline(Exception):
@@ -521,7 +666,7 @@ async def _aclose(stream: Any) -> None:
 
 
 def _ms(value: float | None) -> int | None:
-    return None if value is None else int(round(value))
+    return None if value is None else round(value)
 
 
 def frames_of(result: results.Result) -> list[events.EventFrame]:

@@ -32,17 +32,31 @@ def parse_claimed(path: Path) -> Parsed | list[loading.LoadError]:
     """Validate a claimed task file; the task id defaults to the file name's stem."""
     shown = f"spool/active/{path.name}"
     if not path.name.endswith(tasks.TASK_SUFFIXES):
-        return [loading.LoadError(shown, None, None, None,
-                                  "is not a task file (names end in .task.yaml or .task.json)",
-                                  "rename it, e.g. fix-bug.task.yaml")]
+        return [
+            loading.LoadError(
+                shown,
+                None,
+                None,
+                None,
+                "is not a task file (names end in .task.yaml or .task.json)",
+                "rename it, e.g. fix-bug.task.yaml",
+            )
+        ]
     loaded = loading.load_model(path, tasks.TaskFile, shown=shown)
     if loaded.value is None:
         return loaded.errors
     task_id = loaded.value.task_id or tasks.stem(path.name)
     if not ids.is_safe_id(task_id):
-        return [loading.LoadError(shown, None, None, "task_id",
-                                  f"the file name implies task id {task_id!r}, which is not allowed",
-                                  "set task_id: using letters, digits, '.', '_' and '-' only")]
+        return [
+            loading.LoadError(
+                shown,
+                None,
+                None,
+                "task_id",
+                f"the file name implies task id {task_id!r}, which is not allowed",
+                "set task_id: using letters, digits, '.', '_' and '-' only",
+            )
+        ]
     return Parsed(task_id, loaded.value, path.name)
 
 
@@ -54,31 +68,60 @@ def claimed_task_id(path: Path, data: Any) -> str | None:
     return candidate if ids.is_safe_id(candidate) else None
 
 
-def quarantine(*, the_spool: spool.Spool, store: results.ResultStore, path: Path,
-               problems: list[loading.LoadError], clock: clocks.Clock,
-               code: ErrorCode = ErrorCode.INVALID_TASK_FILE, task_id: str | None = None,
-               revision: str | None = None) -> None:
+def quarantine(
+    *,
+    the_spool: spool.Spool,
+    store: results.ResultStore,
+    path: Path,
+    problems: list[loading.LoadError],
+    clock: clocks.Clock,
+    code: ErrorCode = ErrorCode.INVALID_TASK_FILE,
+    task_id: str | None = None,
+    revision: str | None = None,
+) -> None:
     first = problems[0]
     message = "; ".join(str(p) for p in problems[:10])
     env = errors.envelope(code, message, hint=first.hint or None)
     record = {
         **env.model_dump(mode="json"),
-        "path": first.path, "line": first.line, "column": first.column, "field": first.field,
+        "path": first.path,
+        "line": first.line,
+        "column": first.column,
+        "field": first.field,
         "problems": [p.as_dict() for p in problems],
         "task_id": task_id,
     }
     moved = spool.quarantine(the_spool, path, record)
     if task_id is not None and code != ErrorCode.DUPLICATE_TASK_ID and not store.exists(task_id):
-        write_rejection(store=store, task_id=task_id, error=env, clock=clock,
-                        source=f"spool/failed/{moved.name}", revision=revision)
-    logs.emit(log, "task.quarantined",
-              f"Moved {path.name} to spool/failed/: {problems[0]}",
-              level=30, task_id=task_id, code=code, file=moved.name)
+        write_rejection(
+            store=store,
+            task_id=task_id,
+            error=env,
+            clock=clock,
+            source=f"spool/failed/{moved.name}",
+            revision=revision,
+        )
+    logs.emit(
+        log,
+        "task.quarantined",
+        f"Moved {path.name} to spool/failed/: {problems[0]}",
+        level=30,
+        task_id=task_id,
+        code=code,
+        file=moved.name,
+    )
 
 
-def write_rejection(*, store: results.ResultStore, task_id: str, error: errors.ErrorEnvelope,
-                    clock: clocks.Clock, source: str | None, revision: str | None,
-                    task: tasks.TaskFile | None = None) -> None:
+def write_rejection(
+    *,
+    store: results.ResultStore,
+    task_id: str,
+    error: errors.ErrorEnvelope,
+    clock: clocks.Clock,
+    source: str | None,
+    revision: str | None,
+    task: tasks.TaskFile | None = None,
+) -> None:
     """A task refused before it was queued: the error frame, then a `rejected` result."""
     ts = clocks.rfc3339(clock.now())
     log_path = store.events_path(task_id)
@@ -86,8 +129,12 @@ def write_rejection(*, store: results.ResultStore, task_id: str, error: errors.E
     if not event_log.terminal:
         event_log.append("error", error.model_dump(mode="json"), ts=ts)
     result = results.Result(
-        task_id=task_id, status="rejected", error=error, events=str(log_path),
-        source_file=source, config_revision=revision,
+        task_id=task_id,
+        status="rejected",
+        error=error,
+        events=str(log_path),
+        source_file=source,
+        config_revision=revision,
         timings=results.Timings(accepted_at=ts, finished_at=ts),
     )
     if task is not None:

@@ -13,7 +13,7 @@ import logging
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, ClassVar, TextIO
 
 ROOT = "llama_orch"
 _RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message"}
@@ -23,8 +23,9 @@ def get(name: str) -> logging.Logger:
     return logging.getLogger(f"{ROOT}.{name}")
 
 
-def emit(log: logging.Logger, event: str, human: str, *, level: int = logging.INFO,
-         **fields: Any) -> None:
+def emit(
+    log: logging.Logger, event: str, human: str, *, level: int = logging.INFO, **fields: Any
+) -> None:
     if "task_id" in fields and "correlation_id" not in fields:
         fields["correlation_id"] = fields["task_id"]
     log.log(level, human, extra={"orch_event": event, "orch_fields": fields})
@@ -55,7 +56,11 @@ class JsonLinesFormatter(logging.Formatter):
 
 
 class PrettyFormatter(logging.Formatter):
-    COLORS = {"WARNING": "\033[33m", "ERROR": "\033[31m", "CRITICAL": "\033[31;1m"}
+    COLORS: ClassVar[dict[str, str]] = {
+        "WARNING": "\033[33m",
+        "ERROR": "\033[31m",
+        "CRITICAL": "\033[31;1m",
+    }
 
     def __init__(self, color: bool) -> None:
         super().__init__()
@@ -77,8 +82,13 @@ class PrettyFormatter(logging.Formatter):
         return text
 
 
-def setup(*, fmt: str = "json", level: str = "info", log_file: Path | None = None,
-          stream: TextIO | None = None) -> None:
+def setup(
+    *,
+    fmt: str = "json",
+    level: str = "info",
+    log_file: Path | None = None,
+    stream: TextIO | None = None,
+) -> None:
     """Configure the root project logger once, at the one entry point (`orchctl`)."""
     stream = stream or sys.stderr
     root = logging.getLogger(ROOT)

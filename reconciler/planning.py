@@ -38,14 +38,17 @@ from typing import Literal
 from state import ids
 
 ReplicaState = Literal["Starting", "Ready", "Draining", "BackingOff", "Failed"]
-REPLICA_STATES: tuple[ReplicaState, ...] = ("Starting", "Ready", "Draining", "BackingOff",
-                                            "Failed")
+REPLICA_STATES: tuple[ReplicaState, ...] = ("Starting", "Ready", "Draining", "BackingOff", "Failed")
 # States in which a replica's engine process exists and holds VRAM (BackingOff and Failed
 # ones have no process: draining them gives nothing back).
 HOLDS_MEMORY: frozenset[ReplicaState] = frozenset({"Starting", "Ready", "Draining"})
 # Scale-down order: replicas that serve nothing go first.
 _SURPLUS_RANK: Mapping[ReplicaState, int] = {
-    "Failed": 0, "BackingOff": 1, "Starting": 2, "Ready": 3, "Draining": 4,
+    "Failed": 0,
+    "BackingOff": 1,
+    "Starting": 2,
+    "Ready": 3,
+    "Draining": 4,
 }
 
 SPEC_CHANGED = "spec changed"
@@ -66,8 +69,9 @@ class PoolWant:
     def __post_init__(self) -> None:
         if self.replicas < 0 or self.vram_mib < 0:
             raise ValueError(f"pool {self.pool_id}: replicas and vram_mib must be >= 0")
-        if self.devices is not None and (not self.devices
-                                         or len(set(self.devices)) != len(self.devices)):
+        if self.devices is not None and (
+            not self.devices or len(set(self.devices)) != len(self.devices)
+        ):
             raise ValueError(f"pool {self.pool_id}: devices must be None or distinct indices")
 
 
@@ -199,7 +203,7 @@ def plan(
     for pool_id in sorted(wants):
         have = current[pool_id]
         surplus = len(have) - wants[pool_id].replicas
-        for replica in sorted(have, key=_surplus_key)[:max(surplus, 0)]:
+        for replica in sorted(have, key=_surplus_key)[: max(surplus, 0)]:
             drain(replica, SCALED_DOWN)
         if surplus < 0:
             missing[pool_id] = -surplus
@@ -250,36 +254,48 @@ def _place_auto(
     if any(avail[i] + releasing[i] >= need for i in avail):
         return None
     if not avail:
-        return Unschedulable(want.pool_id, need, 0, None,
-                             f"needs {need} MiB, but no GPU is visible")
+        return Unschedulable(
+            want.pool_id, need, 0, None, f"needs {need} MiB, but no GPU is visible"
+        )
     best = min(avail, key=lambda i: (-(avail[i] + releasing[i]), i))
     free = max(avail[best], 0)
-    message = (f"needs {need} MiB, best GPU {best} has {free} MiB free after {reserve_mib} MiB "
-               "reserve")
+    message = (
+        f"needs {need} MiB, best GPU {best} has {free} MiB free after {reserve_mib} MiB reserve"
+    )
     if releasing[best]:
         message += f" (and {releasing[best]} MiB that draining replicas will release)"
     return Unschedulable(want.pool_id, need, free, best, message)
 
 
 def _place_pinned(
-    want: PoolWant, devices: tuple[int, ...], avail: Mapping[int, int],
-    releasing: Mapping[int, int], reserve_mib: int,
+    want: PoolWant,
+    devices: tuple[int, ...],
+    avail: Mapping[int, int],
+    releasing: Mapping[int, int],
+    reserve_mib: int,
 ) -> tuple[int, ...] | Unschedulable | None:
     need = share_mib(want.vram_mib, len(devices))
     absent = [d for d in devices if d not in avail]
     if absent:
         present = ", ".join(str(i) for i in avail) or "none"
-        return Unschedulable(want.pool_id, need, 0, absent[0],
-                             f"devices lists GPU {absent[0]}, which does not exist "
-                             f"(GPUs present: {present})")
+        return Unschedulable(
+            want.pool_id,
+            need,
+            0,
+            absent[0],
+            f"devices lists GPU {absent[0]}, which does not exist (GPUs present: {present})",
+        )
     if all(avail[d] >= need for d in devices):
         return devices
     if all(avail[d] + releasing[d] >= need for d in devices):
         return None
     short = min(devices, key=lambda d: (avail[d] + releasing[d], d))
     free = max(avail[short], 0)
-    where = (f"on GPU {short}, which" if len(devices) == 1 else
-             f"on each of GPUs {', '.join(map(str, devices))}; GPU {short}")
+    where = (
+        f"on GPU {short}, which"
+        if len(devices) == 1
+        else f"on each of GPUs {', '.join(map(str, devices))}; GPU {short}"
+    )
     message = f"needs {need} MiB {where} has {free} MiB free after {reserve_mib} MiB reserve"
     if releasing[short]:
         message += f" (and {releasing[short]} MiB that draining replicas will release)"

@@ -73,8 +73,13 @@ class PoolRuntime:
 
     # -- desired specs ----------------------------------------------------------------------
 
-    def _spec(self, pool: desired.PoolSpec, state: desired.DesiredState, replica_id: str,
-              devices: tuple[int, ...]) -> interfaces.ReplicaSpec:
+    def _spec(
+        self,
+        pool: desired.PoolSpec,
+        state: desired.DesiredState,
+        replica_id: str,
+        devices: tuple[int, ...],
+    ) -> interfaces.ReplicaSpec:
         model = state.models[pool.model]
         path = _model_path(model.ref, self.config.base)
         size = model.size_mib or (_file_mib(path) if path else None) or 1024
@@ -83,23 +88,51 @@ class PoolRuntime:
         if engine_cfg is not None:
             options["engine"] = engine_cfg.model_dump(mode="json")
         snapshot = self.last_snapshot
-        totals = {g.index: g.vram_total_mib for g in snapshot.gpus} if snapshot else {}
+        # what the engine may use: the card less what processes outside llama-orch hold
+        totals = (
+            {
+                g.index: g.vram_total_mib
+                - max(0, g.vram_used_mib - sum(p.used_mib for p in g.processes))
+                for g in snapshot.gpus
+            }
+            if snapshot
+            else {}
+        )
         options["vram_total_mib"] = {str(i): totals.get(i, 0) for i in devices}
         return interfaces.ReplicaSpec(
-            replica_id=replica_id, pool_id=pool.id, engine=pool.engine, model_id=pool.model,
-            model_ref=model.ref, model_path=path, model_size_mib=size,
-            model_digest=model.digest, devices=devices, ctx=pool.ctx, slots=pool.slots,
-            spec_hash=spec_hash(pool, model, engine_cfg), state_dir=self.state_dir,
-            flags=tuple(pool.flags), env=dict(pool.env), options=options)
+            replica_id=replica_id,
+            pool_id=pool.id,
+            engine=pool.engine,
+            model_id=pool.model,
+            model_ref=model.ref,
+            model_path=path,
+            model_size_mib=size,
+            model_digest=model.digest,
+            devices=devices,
+            ctx=pool.ctx,
+            slots=pool.slots,
+            spec_hash=spec_hash(pool, model, engine_cfg),
+            state_dir=self.state_dir,
+            flags=tuple(pool.flags),
+            env=dict(pool.env),
+            options=options,
+        )
 
     def _want(self, pool: desired.PoolSpec, state: desired.DesiredState) -> planning.PoolWant:
         engine = self.plugins.engines[pool.engine]
-        probe = self._spec(pool, state, f"{pool.id}-probe",
-                           tuple(pool.devices) if isinstance(pool.devices, list) else (0,))
+        probe = self._spec(
+            pool,
+            state,
+            f"{pool.id}-probe",
+            tuple(pool.devices) if isinstance(pool.devices, list) else (0,),
+        )
         return planning.PoolWant(
-            pool_id=ids.PoolId(pool.id), replicas=pool.replicas,
+            pool_id=ids.PoolId(pool.id),
+            replicas=pool.replicas,
             devices=tuple(pool.devices) if isinstance(pool.devices, list) else None,
-            vram_mib=engine.estimate_vram_mib(probe), spec_hash=probe.spec_hash)
+            vram_mib=engine.estimate_vram_mib(probe),
+            spec_hash=probe.spec_hash,
+        )
 
     # -- the pass ---------------------------------------------------------------------------
 
@@ -133,10 +166,16 @@ class PoolRuntime:
         for r in self.replicas.values():
             if r.state == "Stopped":
                 continue
-            out.append(planning.ReplicaSeen(
-                replica_id=ids.ReplicaId(r.replica_id), pool_id=ids.PoolId(r.pool_id),
-                spec_hash=r.spec.spec_hash, devices=r.spec.devices,
-                state=r.state, vram_mib=r.vram_mib))  # type: ignore[arg-type]
+            out.append(
+                planning.ReplicaSeen(
+                    replica_id=ids.ReplicaId(r.replica_id),
+                    pool_id=ids.PoolId(r.pool_id),
+                    spec_hash=r.spec.spec_hash,
+                    devices=r.spec.devices,
+                    state=r.state,  # type: ignore[arg-type]  # Stopped is filtered above
+                    vram_mib=r.vram_mib,
+                )
+            )
         return out
 
     def _rooms(self) -> list[planning.GpuRoom]:
@@ -155,10 +194,17 @@ class PoolRuntime:
             share = planning.share_mib(r.vram_mib, len(r.spec.devices))
             pid = r.handle.pid if r.handle else -1
             for index in r.spec.devices:
-                pending[index] = pending.get(index, 0) + max(0, share - measured.get((index, pid), 0))
-        return [planning.GpuRoom(index=g.index, total_mib=g.vram_total_mib,
-                                 free_mib=max(0, g.vram_free_mib - pending.get(g.index, 0)))
-                for g in snapshot.gpus]  # a GPU with a failed reading still counts
+                pending[index] = pending.get(index, 0) + max(
+                    0, share - measured.get((index, pid), 0)
+                )
+        return [
+            planning.GpuRoom(
+                index=g.index,
+                total_mib=g.vram_total_mib,
+                free_mib=max(0, g.vram_free_mib - pending.get(g.index, 0)),
+            )
+            for g in snapshot.gpus
+        ]  # a GPU with a failed reading still counts
 
     def _notice_exits(self) -> None:
         for r in list(self.replicas.values()):
@@ -178,11 +224,21 @@ class PoolRuntime:
             self.replicas.pop(r.replica_id, None)
             return
         level = 40 if r.state == "Failed" else 30
-        what = ("circuit breaker open: not restarting" if r.state == "Failed"
-                else f"restarting in {r.life.retry_in_s(now) or 0:.1f} s")
-        logs.emit(log, "replica.exited", f"Replica {r.replica_id} failed ({reason}); {what}.",
-                  level=level, replica_id=r.replica_id, pool_id=r.pool_id, reason=reason,
-                  restarts=r.life.restarts)
+        what = (
+            "circuit breaker open: not restarting"
+            if r.state == "Failed"
+            else f"restarting in {r.life.retry_in_s(now) or 0:.1f} s"
+        )
+        logs.emit(
+            log,
+            "replica.exited",
+            f"Replica {r.replica_id} failed ({reason}); {what}.",
+            level=level,
+            replica_id=r.replica_id,
+            pool_id=r.pool_id,
+            reason=reason,
+            restarts=r.life.restarts,
+        )
         self.wake()
 
     def _restart_due(self, state: desired.DesiredState) -> None:
@@ -198,19 +254,26 @@ class PoolRuntime:
             r.life.restarting(now)
             r.job = asyncio.get_running_loop().create_task(self._boot(r))
 
-    def _start(self, pool: desired.PoolSpec, state: desired.DesiredState,
-               action: planning.Start) -> None:
+    def _start(
+        self, pool: desired.PoolSpec, state: desired.DesiredState, action: planning.Start
+    ) -> None:
         spec = self._spec(pool, state, action.replica_id, tuple(action.devices))
         engine = self.plugins.engines[pool.engine]
-        life = supervision.ReplicaLife(action.replica_id, now=self.clock.monotonic(),
-                                       random=self.rng.random)
+        life = supervision.ReplicaLife(
+            action.replica_id, now=self.clock.monotonic(), random=self.rng.random
+        )
         r = Replica(action.replica_id, pool.id, spec, engine, action.vram_mib, life)
         self.replicas[r.replica_id] = r
-        logs.emit(log, "replica.starting",
-                  f"Starting replica {r.replica_id} of pool {pool.id} on GPU "
-                  f"{','.join(map(str, spec.devices))} (estimated {action.vram_mib} MiB).",
-                  replica_id=r.replica_id, pool_id=pool.id, devices=list(spec.devices),
-                  vram_estimated_mib=action.vram_mib)
+        logs.emit(
+            log,
+            "replica.starting",
+            f"Starting replica {r.replica_id} of pool {pool.id} on GPU "
+            f"{','.join(map(str, spec.devices))} (estimated {action.vram_mib} MiB).",
+            replica_id=r.replica_id,
+            pool_id=pool.id,
+            devices=list(spec.devices),
+            vram_estimated_mib=action.vram_mib,
+        )
         r.job = asyncio.get_running_loop().create_task(self._boot(r))
 
     async def _boot(self, r: Replica) -> None:
@@ -232,8 +295,14 @@ class PoolRuntime:
             # A missing driver or binary will not fix itself by restarting: open the
             # breaker at once (a config edit replaces the replica and starts afresh).
             r.life.give_up(exc.what, self.clock.monotonic())
-            logs.emit(log, "replica.environment", f"Replica {r.replica_id} cannot start: "
-                      f"{exc.what}", level=40, replica_id=r.replica_id, fix=exc.fix)
+            logs.emit(
+                log,
+                "replica.environment",
+                f"Replica {r.replica_id} cannot start: {exc.what}",
+                level=40,
+                replica_id=r.replica_id,
+                fix=exc.fix,
+            )
             self.wake()
             return
         except asyncio.CancelledError:
@@ -245,9 +314,14 @@ class PoolRuntime:
         r.ready_ms = (self.clock.monotonic() - began) * 1000
         self.startup[r.pool_id] = r.ready_ms
         r.life.ready(self.clock.monotonic())
-        logs.emit(log, "replica.ready",
-                  f"Replica {r.replica_id} is Ready (pid {r.handle.pid}, {r.ready_ms:.0f} ms).",
-                  replica_id=r.replica_id, pool_id=r.pool_id, pid=r.handle.pid)
+        logs.emit(
+            log,
+            "replica.ready",
+            f"Replica {r.replica_id} is Ready (pid {r.handle.pid}, {r.ready_ms:.0f} ms).",
+            replica_id=r.replica_id,
+            pool_id=r.pool_id,
+            pid=r.handle.pid,
+        )
         self.wake()
 
     def _drain(self, replica_id: str, reason: str) -> None:
@@ -259,8 +333,14 @@ class PoolRuntime:
         if r.life.drain(self.clock.monotonic()) == "Stopped":  # no process to stop
             self.replicas.pop(replica_id, None)
             return
-        logs.emit(log, "replica.draining", f"Draining replica {replica_id}: {reason}.",
-                  replica_id=replica_id, pool_id=r.pool_id, reason=reason)
+        logs.emit(
+            log,
+            "replica.draining",
+            f"Draining replica {replica_id}: {reason}.",
+            replica_id=replica_id,
+            pool_id=r.pool_id,
+            reason=reason,
+        )
         r.job = asyncio.get_running_loop().create_task(self._retire(r))
 
     async def _retire(self, r: Replica) -> None:
@@ -272,8 +352,13 @@ class PoolRuntime:
             await asyncio.sleep(0.05)
         if r.handle is not None:
             exit_info = await r.engine.stop(r.handle, grace_s=grace_s)
-            logs.emit(log, "replica.stopped", f"Stopped replica {r.replica_id} ({exit_info.reason}).",
-                      replica_id=r.replica_id, pool_id=r.pool_id)
+            logs.emit(
+                log,
+                "replica.stopped",
+                f"Stopped replica {r.replica_id} ({exit_info.reason}).",
+                replica_id=r.replica_id,
+                pool_id=r.pool_id,
+            )
         self._forget_record(r.replica_id)
         r.handle = None
         self.replicas.pop(r.replica_id, None)
@@ -283,11 +368,21 @@ class PoolRuntime:
 
     def _write_record(self, r: Replica) -> None:
         assert r.handle is not None
-        atomic.write_json(self.records / f"{r.replica_id}.json", {
-            "replica_id": r.replica_id, "pool_id": r.pool_id, "engine": r.spec.engine,
-            "spec_hash": r.spec.spec_hash, "pid": r.handle.pid, "port": r.handle.port,
-            "started_at": r.handle.started_at, "log_path": str(r.handle.log_path),
-            "devices": list(r.spec.devices), "vram_mib": r.vram_mib})
+        atomic.write_json(
+            self.records / f"{r.replica_id}.json",
+            {
+                "replica_id": r.replica_id,
+                "pool_id": r.pool_id,
+                "engine": r.spec.engine,
+                "spec_hash": r.spec.spec_hash,
+                "pid": r.handle.pid,
+                "port": r.handle.port,
+                "started_at": r.handle.started_at,
+                "log_path": str(r.handle.log_path),
+                "devices": list(r.spec.devices),
+                "vram_mib": r.vram_mib,
+            },
+        )
 
     def _forget_record(self, replica_id: str) -> None:
         (self.records / f"{replica_id}.json").unlink(missing_ok=True)
@@ -307,28 +402,48 @@ class PoolRuntime:
             pool = state.pool(str(record.get("pool_id"))) if state else None
             adopted = None
             if engine is not None and pool is not None and state is not None:
-                spec = self._spec(pool, state, str(record["replica_id"]),
-                                  tuple(record.get("devices", [])))
+                spec = self._spec(
+                    pool, state, str(record["replica_id"]), tuple(record.get("devices", []))
+                )
                 if spec.spec_hash == record.get("spec_hash"):
                     # adopt() checks pid, start time and health; it stops what it rejects
                     adopted = await engine.adopt(record, spec)
             if adopted is None:
                 await _kill_recorded(record)
                 path.unlink(missing_ok=True)
-                logs.emit(log, "replica.cleaned",
-                          f"Stopped engine pid {record.get('pid')} left by a previous daemon "
-                          f"({record.get('replica_id')}).", replica_id=record.get("replica_id"))
+                logs.emit(
+                    log,
+                    "replica.cleaned",
+                    f"Stopped engine pid {record.get('pid')} left by a previous daemon "
+                    f"({record.get('replica_id')}).",
+                    replica_id=record.get("replica_id"),
+                )
                 continue
             assert engine is not None and pool is not None
-            life = supervision.ReplicaLife(ids.ReplicaId(str(record["replica_id"])), now=self.clock.monotonic(),
-                                           random=self.rng.random)
+            life = supervision.ReplicaLife(
+                ids.ReplicaId(str(record["replica_id"])),
+                now=self.clock.monotonic(),
+                random=self.rng.random,
+            )
             life.ready(self.clock.monotonic())
-            r = Replica(str(record["replica_id"]), pool.id, adopted.spec, engine,
-                        int(record.get("vram_mib", 0)), life, handle=adopted)
+            r = Replica(
+                str(record["replica_id"]),
+                pool.id,
+                adopted.spec,
+                engine,
+                int(record.get("vram_mib", 0)),
+                life,
+                handle=adopted,
+            )
             self.replicas[r.replica_id] = r
-            logs.emit(log, "replica.adopted",
-                      f"Adopted replica {r.replica_id} (pid {adopted.pid}) from a previous daemon.",
-                      replica_id=r.replica_id, pool_id=r.pool_id, pid=adopted.pid)
+            logs.emit(
+                log,
+                "replica.adopted",
+                f"Adopted replica {r.replica_id} (pid {adopted.pid}) from a previous daemon.",
+                replica_id=r.replica_id,
+                pool_id=r.pool_id,
+                pid=adopted.pid,
+            )
 
     async def shutdown(self) -> None:
         grace = self.config.state.timeouts.stop_grace_s if self.config.state else 10.0
@@ -354,10 +469,18 @@ class PoolRuntime:
         for r in self.replicas.values():
             if r.state not in ("Ready", "Starting"):
                 continue
-            out.append(placement.Candidate(
-                replica_id=r.replica_id, pool_id=r.pool_id, model_id=r.spec.model_id,  # type: ignore[arg-type]
-                state=r.state, slots_total=r.spec.slots, slots_busy=r.leases,
-                gpu_free_mib=self._gpu_free(r.spec.devices), devices=r.spec.devices))
+            out.append(
+                placement.Candidate(
+                    replica_id=ids.ReplicaId(r.replica_id),
+                    pool_id=ids.PoolId(r.pool_id),
+                    model_id=ids.ModelId(r.spec.model_id),
+                    state=r.state,
+                    slots_total=r.spec.slots,
+                    slots_busy=r.leases,
+                    gpu_free_mib=self._gpu_free(r.spec.devices),
+                    devices=r.spec.devices,
+                )
+            )
         return out
 
     def _gpu_free(self, devices: tuple[int, ...]) -> int:
@@ -386,8 +509,9 @@ class PoolRuntime:
         gpu = snapshot.by_index(r.spec.devices[0])
         if gpu is None:
             return None
-        return results.GpuRef(index=gpu.index, uuid=gpu.uuid, name=gpu.name,
-                              simulated=gpu.simulated)
+        return results.GpuRef(
+            index=gpu.index, uuid=gpu.uuid, name=gpu.name, simulated=gpu.simulated
+        )
 
     def rate(self, pool_id: str) -> estimates.ServiceRate:
         if pool_id in self.rates:
@@ -398,12 +522,16 @@ class PoolRuntime:
             return estimates.prior(pool.sim.tokens_per_s, pool.sim.first_token_ms + 1.0)
         return estimates.prior()
 
-    def observe(self, pool_id: str, *, tokens: int, decode_ms: float,
-                first_token_ms: float) -> None:
+    def observe(
+        self, pool_id: str, *, tokens: int, decode_ms: float, first_token_ms: float
+    ) -> None:
         if tokens > 0:
             self.rates[pool_id] = estimates.observe(
-                self.rate(pool_id), tokens=tokens, decode_ms=max(decode_ms, 1.0),
-                first_token_ms=first_token_ms)
+                self.rate(pool_id),
+                tokens=tokens,
+                decode_ms=max(decode_ms, 1.0),
+                first_token_ms=first_token_ms,
+            )
 
     def startup_ms(self, pool_id: str) -> float:
         if pool_id in self.startup:
@@ -449,8 +577,9 @@ class PoolRuntime:
             return out
         for pool in state.pools:
             s, reason = self.pool_state(pool)
-            out[pool.id] = admission.PoolView(pool.id, pool.model, s, reason, pool.ctx,
-                                              pool.max_tokens)
+            out[pool.id] = admission.PoolView(
+                pool.id, pool.model, s, reason, pool.ctx, pool.max_tokens
+            )
         return out
 
     def status(self, *, stopping: bool = False) -> list[dict[str, Any]]:
@@ -466,25 +595,44 @@ class PoolRuntime:
         for pool in state.pools:
             s, reason = ("Stopped", "daemon stopped") if stopping else self.pool_state(pool)
             reps = []
-            for r in sorted((r for r in self.replicas.values() if r.pool_id == pool.id),
-                            key=lambda r: r.replica_id):
-                reps.append({
-                    "id": r.replica_id, "state": r.state, "gpu": list(r.spec.devices),
-                    "pid": r.handle.pid if r.handle else None, "slots_total": r.spec.slots,
-                    "slots_busy": r.leases, "vram_estimated_mib": r.vram_mib,
-                    "vram_measured_mib": measured.get(r.handle.pid) if r.handle else None,
-                    "restarts": r.life.restarts, "last_error": r.life.last_error,
-                    "recent_errors": list(r.life.reasons),
-                    "retry_in_s": r.life.retry_in_s(self.clock.monotonic()),
-                    "spec_hash": r.spec.spec_hash})
-            pools_out.append({"id": pool.id, "model": pool.model, "engine": pool.engine,
-                              "state": s, "reason": reason, "replicas_desired": pool.replicas,
-                              "replicas": reps})
+            for r in sorted(
+                (r for r in self.replicas.values() if r.pool_id == pool.id),
+                key=lambda r: r.replica_id,
+            ):
+                reps.append(
+                    {
+                        "id": r.replica_id,
+                        "state": r.state,
+                        "gpu": list(r.spec.devices),
+                        "pid": r.handle.pid if r.handle else None,
+                        "slots_total": r.spec.slots,
+                        "slots_busy": r.leases,
+                        "vram_estimated_mib": r.vram_mib,
+                        "vram_measured_mib": measured.get(r.handle.pid) if r.handle else None,
+                        "restarts": r.life.restarts,
+                        "last_error": r.life.last_error,
+                        "recent_errors": list(r.life.reasons),
+                        "retry_in_s": r.life.retry_in_s(self.clock.monotonic()),
+                        "spec_hash": r.spec.spec_hash,
+                    }
+                )
+            pools_out.append(
+                {
+                    "id": pool.id,
+                    "model": pool.model,
+                    "engine": pool.engine,
+                    "state": s,
+                    "reason": reason,
+                    "replicas_desired": pool.replicas,
+                    "replicas": reps,
+                }
+            )
         return pools_out
 
 
-def spec_hash(pool: desired.PoolSpec, model: desired.ModelSpec,
-              engine: desired.EngineSpec | None) -> str:
+def spec_hash(
+    pool: desired.PoolSpec, model: desired.ModelSpec, engine: desired.EngineSpec | None
+) -> str:
     """What identifies a replica's config: a change means drain and replace. `replicas` and
     placement-free fields are left out, so scaling never restarts unchanged replicas."""
     material = {

@@ -23,6 +23,9 @@ def of(path: Path, content: bytes) -> str:
 def _git(path: Path, *args: str) -> str:
     proc = subprocess.run(
         ["git", "-C", str(path.parent), *args],
-        capture_output=True, text=True, timeout=5, check=False,
+        capture_output=True,
+        text=True,
+        timeout=5,
+        check=False,
     )
     return proc.stdout.strip() if proc.returncode == 0 else ""

@@ -51,8 +51,9 @@ class RestartPolicy:
 
     def backoff_s(self, failure: int, rnd: float) -> float:
         """Delay after the `failure`-th consecutive failure (1-based); `rnd` is in [0, 1)."""
-        base = min(self.backoff_max_s,
-                   self.backoff_initial_s * self.backoff_factor ** (failure - 1))
+        base = min(
+            self.backoff_max_s, self.backoff_initial_s * self.backoff_factor ** (failure - 1)
+        )
         return base * (1.0 + self.jitter * (2.0 * rnd - 1.0))
 
 
@@ -140,15 +141,19 @@ class ReplicaLife:
         self.next_restart_at = None
 
     def restart_due(self, now: float) -> bool:
-        return (self.state == "BackingOff" and self.next_restart_at is not None
-                and now >= self.next_restart_at)
+        return (
+            self.state == "BackingOff"
+            and self.next_restart_at is not None
+            and now >= self.next_restart_at
+        )
 
     def restarting(self, now: float) -> None:
         """The daemon spawns the engine again, once `restart_due(now)`."""
         self._expect("restarting", "BackingOff")
         if not self.restart_due(now):
             raise InvalidTransition(
-                f"{self.replica_id}: restart at {now} is before {self.next_restart_at}")
+                f"{self.replica_id}: restart at {now} is before {self.next_restart_at}"
+            )
         self.state = "Starting"
         self.started_at = now
         self.next_restart_at = None
@@ -176,8 +181,11 @@ class ReplicaLife:
 
     def stable(self, now: float) -> bool:
         """Ready for at least `stable_s`: the next failure will start a new streak."""
-        return (self.state == "Ready" and self.ready_at is not None
-                and now - self.ready_at >= self.policy.stable_s)
+        return (
+            self.state == "Ready"
+            and self.ready_at is not None
+            and now - self.ready_at >= self.policy.stable_s
+        )
 
     def retry_in_s(self, now: float) -> float | None:
         if self.state != "BackingOff" or self.next_restart_at is None:
@@ -200,7 +208,8 @@ class ReplicaLife:
     def _expect(self, event: str, *states: LifeState) -> None:
         if self.state not in states:
             raise InvalidTransition(
-                f"{self.replica_id}: {event} while {self.state} (expected {' or '.join(states)})")
+                f"{self.replica_id}: {event} while {self.state} (expected {' or '.join(states)})"
+            )
 
 
 def _clean(reason: str, limit: int) -> str:

@@ -60,8 +60,14 @@ class Books:
     def save(self, run: TaskRun) -> None:
         self.results.write(run.result)
 
-    def finish(self, run: TaskRun, status: StatusName, *, error: ErrorEnvelope | None = None,
-               finish_reason: str | None = None) -> None:
+    def finish(
+        self,
+        run: TaskRun,
+        status: StatusName,
+        *,
+        error: ErrorEnvelope | None = None,
+        finish_reason: str | None = None,
+    ) -> None:
         """Write the terminal frame, the terminal result, then move the task file out of active/."""
         now = self.clock.now()
         result = run.result
@@ -73,24 +79,42 @@ class Books:
             if error is not None:
                 self.frame(run, "error", error.model_dump(mode="json"))
             else:
-                self.frame(run, "end", {
-                    "tokens_out": result.tokens_out,
-                    "decode_time_ms": result.timings.decode_time_ms,
-                    "decode_ms": result.timings.decode_time_ms,
-                    "finish_reason": finish_reason,
-                })
+                self.frame(
+                    run,
+                    "end",
+                    {
+                        "tokens_out": result.tokens_out,
+                        "decode_time_ms": result.timings.decode_time_ms,
+                        "decode_ms": result.timings.decode_time_ms,
+                        "finish_reason": finish_reason,
+                    },
+                )
         self.save(run)
         spool.finish(self.spool, run.file_name, failed=status in ("failed", "rejected"))
-        logs.emit(log, f"task.{status}",
-                  f"Task {run.task_id} {status}" + (f": {error.code} {error.message}" if error else
-                                                    f" with {result.tokens_out} tokens."),
-                  task_id=run.task_id, status=status,
-                  code=error.code if error else None, pool_id=result.pool_id,
-                  replica_id=result.replica_id)
+        logs.emit(
+            log,
+            f"task.{status}",
+            f"Task {run.task_id} {status}"
+            + (
+                f": {error.code} {error.message}" if error else f" with {result.tokens_out} tokens."
+            ),
+            task_id=run.task_id,
+            status=status,
+            code=error.code if error else None,
+            pool_id=result.pool_id,
+            replica_id=result.replica_id,
+        )
 
 
-def new_result(task_id: str, task: tasks.TaskFile, *, events_path: Path, source: str,
-               revision: str | None, accepted_at: str) -> results.Result:
+def new_result(
+    task_id: str,
+    task: tasks.TaskFile,
+    *,
+    events_path: Path,
+    source: str,
+    revision: str | None,
+    accepted_at: str,
+) -> results.Result:
     return results.Result(
         task_id=task_id,
         session_id=task.session_id,

@@ -37,8 +37,9 @@ def write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None:
 
 
 def write_json(path: Path, value: Any, *, durable: bool = True) -> None:
-    write_bytes(path, (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode(),
-                durable=durable)
+    write_bytes(
+        path, (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode(), durable=durable
+    )
 
 
 def fsync_dir(folder: Path) -> None:

@@ -26,9 +26,12 @@ SCHEMAS: dict[str, tuple[type[BaseModel], str]] = {
 
 def render(model: type[BaseModel], title: str, name: str) -> str:
     schema: dict[str, Any] = model.model_json_schema()
-    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema",
-              "$id": f"https://llama-orch.home/schemas/{name}",
-              "title": title, **{k: v for k, v in schema.items() if k != "title"}}
+    schema = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": f"https://llama-orch.home/schemas/{name}",
+        "title": title,
+        **{k: v for k, v in schema.items() if k != "title"},
+    }
     return json.dumps(schema, indent=2, sort_keys=True) + "\n"
 
 

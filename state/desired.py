@@ -183,7 +183,9 @@ class SimulatedInventory(Strict):
     gpus: list[SimulatedGpu]
 
 
-def load_desired(path: Path, *, known_engines: set[str] | None = None) -> loading.Loaded[DesiredState]:
+def load_desired(
+    path: Path, *, known_engines: set[str] | None = None
+) -> loading.Loaded[DesiredState]:
     """Load orch.yaml; cross-field errors are located at the field they name."""
     result = loading.load_model(path, DesiredState)
     errors = [_locate_cross_field(e, path, result.data) for e in result.errors]
@@ -192,10 +194,17 @@ def load_desired(path: Path, *, known_engines: set[str] | None = None) -> loadin
         for i, pool in enumerate(result.value.pools):
             if pool.engine not in known_engines:
                 line, col = loading.locate(node, ("pools", i, "engine"))
-                errors.append(loading.LoadError(
-                    str(path), line, col, f"pools[{i}].engine",
-                    f"unknown engine {pool.engine!r}",
-                    f"installed engines: {', '.join(sorted(known_engines))} (`orchctl plugins`)"))
+                errors.append(
+                    loading.LoadError(
+                        str(path),
+                        line,
+                        col,
+                        f"pools[{i}].engine",
+                        f"unknown engine {pool.engine!r}",
+                        f"installed engines: {', '.join(sorted(known_engines))} "
+                        "(`orchctl plugins`)",
+                    )
+                )
     if errors:
         return loading.Loaded(None, errors, result.data)
     return result

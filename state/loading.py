@@ -76,15 +76,26 @@ def read_text(path: Path, *, max_bytes: int = MAX_FILE_BYTES) -> tuple[str | Non
     try:
         if path.is_symlink():
             return None, [
-                LoadError(shown, None, None, None, "is a symbolic link, which is not accepted",
-                          "copy the file itself into place instead of linking it")
+                LoadError(
+                    shown,
+                    None,
+                    None,
+                    None,
+                    "is a symbolic link, which is not accepted",
+                    "copy the file itself into place instead of linking it",
+                )
             ]
         size = path.stat().st_size
         if size > max_bytes:
             return None, [
-                LoadError(shown, None, None, None,
-                          f"is {size} bytes, over the limit of {max_bytes} bytes",
-                          "keep task files small; put large inputs in a file the prompt names")
+                LoadError(
+                    shown,
+                    None,
+                    None,
+                    None,
+                    f"is {size} bytes, over the limit of {max_bytes} bytes",
+                    "keep task files small; put large inputs in a file the prompt names",
+                )
             ]
         raw = path.read_bytes()
     except OSError as exc:
@@ -99,9 +110,14 @@ def decode_utf8(raw: bytes, shown: str) -> tuple[str | None, list[LoadError]]:
         line = raw.count(b"\n", 0, exc.start) + 1
         column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
         return None, [
-            LoadError(shown, line, column, None,
-                      f"is not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})",
-                      "save the file as UTF-8")
+            LoadError(
+                shown,
+                line,
+                column,
+                None,
+                f"is not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})",
+                "save the file as UTF-8",
+            )
         ]
 
 
@@ -115,10 +131,20 @@ def parse_document(text: str, shown: str) -> tuple[Any, yaml.Node | None, list[L
         line = mark.line + 1 if mark else None
         column = mark.column + 1 if mark else None
         problem = exc.problem or exc.context or "invalid syntax"
-        return None, None, [
-            LoadError(shown, line, column, None, f"is not valid YAML/JSON: {problem}",
-                      "check indentation, colons and quotes near this line")
-        ]
+        return (
+            None,
+            None,
+            [
+                LoadError(
+                    shown,
+                    line,
+                    column,
+                    None,
+                    f"is not valid YAML/JSON: {problem}",
+                    "check indentation, colons and quotes near this line",
+                )
+            ],
+        )
     except yaml.YAMLError as exc:
         return None, None, [LoadError(shown, None, None, None, f"is not valid YAML/JSON: {exc}")]
     return data, node, []
@@ -128,10 +154,20 @@ def parse_json_document(text: str, shown: str) -> tuple[Any, yaml.Node | None, l
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        return None, None, [
-            LoadError(shown, exc.lineno, exc.colno, None, f"is not valid JSON: {exc.msg}",
-                      "check commas, quotes and brackets near this line")
-        ]
+        return (
+            None,
+            None,
+            [
+                LoadError(
+                    shown,
+                    exc.lineno,
+                    exc.colno,
+                    None,
+                    f"is not valid JSON: {exc.msg}",
+                    "check commas, quotes and brackets near this line",
+                )
+            ],
+        )
     try:  # JSON is (almost always) YAML, which gives us node locations for field errors
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError:
@@ -157,10 +193,20 @@ def validate_text(text: str, model: type[M], *, shown: str, is_json: bool = Fals
         return Loaded(None, errors)
     if not isinstance(data, dict):
         kind = "empty" if data is None else f"a {type(data).__name__}"
-        return Loaded(None, [
-            LoadError(shown, 1, 1, None, f"must be a mapping of keys to values, but is {kind}",
-                      f"start from an example; fields are: {', '.join(model.model_fields)}")
-        ], data)
+        return Loaded(
+            None,
+            [
+                LoadError(
+                    shown,
+                    1,
+                    1,
+                    None,
+                    f"must be a mapping of keys to values, but is {kind}",
+                    f"start from an example; fields are: {', '.join(model.model_fields)}",
+                )
+            ],
+            data,
+        )
     try:
         return Loaded(model.model_validate(data), [], data)
     except pydantic.ValidationError as exc:
@@ -168,7 +214,9 @@ def validate_text(text: str, model: type[M], *, shown: str, is_json: bool = Fals
 
 
 def validation_errors(
-    exc: pydantic.ValidationError, model: type[pydantic.BaseModel], node: yaml.Node | None,
+    exc: pydantic.ValidationError,
+    model: type[pydantic.BaseModel],
+    node: yaml.Node | None,
     shown: str,
 ) -> list[LoadError]:
     out = []
@@ -206,7 +254,9 @@ def dotted(loc: tuple[Any, ...]) -> str:
     return text
 
 
-def locate(node: yaml.Node | None, loc: tuple[Any, ...], *, key: bool = False) -> tuple[int | None, int | None]:
+def locate(
+    node: yaml.Node | None, loc: tuple[Any, ...], *, key: bool = False
+) -> tuple[int | None, int | None]:
     """Line and column (1-based) of the value at `loc`; of its key when `key` is true."""
     if node is None:
         return None, None
@@ -249,7 +299,11 @@ def _step(tp: Any, part: Any) -> Any:
     if inner is not None and isinstance(part, str) and part in inner.model_fields:
         return inner.model_fields[part].annotation
     for arg in _args(tp):
-        if isinstance(part, int) or _model_in(arg) is not None or typing.get_origin(arg) in (list, dict):
+        if (
+            isinstance(part, int)
+            or _model_in(arg) is not None
+            or typing.get_origin(arg) in (list, dict)
+        ):
             origin = typing.get_origin(arg)
             if origin is list and isinstance(part, int):
                 return typing.get_args(arg)[0]

@@ -97,9 +97,14 @@ class ResultStore:
         atomic.write_bytes(self.path(result.task_id), encode(result))
 
     def task_ids(self) -> list[str]:
-        return sorted(p.name[: -len(".json")] for p in self.root.glob("*.json")
-                      if not p.name.endswith(".error.json"))
+        return sorted(
+            p.name[: -len(".json")]
+            for p in self.root.glob("*.json")
+            if not p.name.endswith(".error.json")
+        )
 
 
 def encode(result: Result) -> bytes:
-    return (json.dumps(result.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n").encode()
+    return (
+        json.dumps(result.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n"
+    ).encode()

@@ -48,8 +48,9 @@ class SessionStore:
             return None
 
     def put(self, session: Session) -> None:
-        atomic.write_bytes(self._path(session.session_id),
-                           session.model_dump_json(indent=2).encode() + b"\n")
+        atomic.write_bytes(
+            self._path(session.session_id), session.model_dump_json(indent=2).encode() + b"\n"
+        )
 
     def all(self) -> list[Session]:
         out = []
@@ -61,8 +62,9 @@ class SessionStore:
         return out
 
 
-def limit_reached(session: Session, *, now: float, ttl_s: float, max_turns: int,
-                  token_budget: int | None) -> Eviction | None:
+def limit_reached(
+    session: Session, *, now: float, ttl_s: float, max_turns: int, token_budget: int | None
+) -> Eviction | None:
     """Which limit, if any, ends this session before its next turn."""
     if session.evicted:
         return session.evicted

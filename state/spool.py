@@ -11,6 +11,7 @@ folder, so a claim or a finish survives a crash.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -73,7 +74,9 @@ def deliver(spool: Spool, data: bytes, *, name: str) -> Path:
     name is never overwritten: the new file gets a unique prefix instead.
     """
     if "/" in name or "\0" in name or not name.endswith(tasks.TASK_SUFFIXES):
-        raise ValueError(f"task file name {name!r} must be a plain name ending in .task.yaml or .task.json")
+        raise ValueError(
+            f"task file name {name!r} must be a plain name ending in .task.yaml or .task.json"
+        )
     spool.ensure()
     part = spool.tmp / (unique_name() + ".part")
     atomic_file = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -143,10 +146,9 @@ def finish(spool: Spool, name: str, *, failed: bool = False) -> Path | None:
 def quarantine(spool: Spool, source: Path, error: dict[str, Any]) -> Path:
     """Move a file that cannot be accepted into failed/ with `<name>.error.json` beside it."""
     target = _free_name(spool.failed, source.name)
-    try:
+    # already moved by an earlier attempt: still (re)write the explanation
+    with contextlib.suppress(FileNotFoundError):
         atomic.rename_durable(source, target)
-    except FileNotFoundError:
-        pass  # already moved by an earlier attempt; still (re)write the explanation
     atomic.write_json(spool.failed / f"{target.name}.error.json", error)
     return target
 

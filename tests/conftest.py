@@ -18,10 +18,18 @@ from state import events, results, spool
 
 INVENTORY = {
     "gpus": [
-        {"index": 0, "name": "NVIDIA GeForce RTX 3090", "uuid": "GPU-test-0",
-         "vram_total_mib": 24576},
-        {"index": 1, "name": "NVIDIA GeForce RTX 3060", "uuid": "GPU-test-1",
-         "vram_total_mib": 12288},
+        {
+            "index": 0,
+            "name": "NVIDIA GeForce RTX 3090",
+            "uuid": "GPU-test-0",
+            "vram_total_mib": 24576,
+        },
+        {
+            "index": 1,
+            "name": "NVIDIA GeForce RTX 3060",
+            "uuid": "GPU-test-1",
+            "vram_total_mib": 12288,
+        },
     ]
 }
 
@@ -33,10 +41,21 @@ def config(**overrides: Any) -> dict[str, Any]:
         "gpus": {"observer": "simulated", "inventory": "inventory.yaml", "reserve_mib": 512},
         "queue": {"capacity": 16, "full_policy": "reject"},
         "timeouts": {"ready_s": 10, "drain_s": 5, "stop_grace_s": 2},
-        "models": {"m1": {"ref": "file:m1.gguf", "size_mib": 1000},
-                   "old": {"ref": "file:old.gguf", "size_mib": 1000, "state": "Retired"}},
-        "pools": [{"id": "p1", "engine": "sim", "model": "m1", "replicas": 1, "ctx": 2048,
-                   "slots": 2, "sim": {"tokens_per_s": 400, "load_s": 0.0}}],
+        "models": {
+            "m1": {"ref": "file:m1.gguf", "size_mib": 1000},
+            "old": {"ref": "file:old.gguf", "size_mib": 1000, "state": "Retired"},
+        },
+        "pools": [
+            {
+                "id": "p1",
+                "engine": "sim",
+                "model": "m1",
+                "replicas": 1,
+                "ctx": 2048,
+                "slots": 2,
+                "sim": {"tokens_per_s": 400, "load_s": 0.0},
+            }
+        ],
     }
     base.update(overrides)
     return base
@@ -75,8 +94,9 @@ class Workspace:
 
     def result(self, task_id: str) -> dict[str, Any] | None:
         try:
-            loaded: dict[str, Any] = json.loads((self.root / "results" / f"{task_id}.json")
-                                                .read_text())
+            loaded: dict[str, Any] = json.loads(
+                (self.root / "results" / f"{task_id}.json").read_text()
+            )
             return loaded
         except (OSError, ValueError):
             return None
@@ -116,8 +136,9 @@ def terminal(ws: Workspace, task_id: str) -> dict[str, Any] | None:
 
 
 async def wait_terminal(ws: Workspace, task_id: str, timeout: float = 10.0) -> dict[str, Any]:
-    found: dict[str, Any] = await wait_for(lambda: terminal(ws, task_id), timeout,
-                                           f"a terminal result for {task_id}")
+    found: dict[str, Any] = await wait_for(
+        lambda: terminal(ws, task_id), timeout, f"a terminal result for {task_id}"
+    )
     return found
 
 
@@ -136,8 +157,9 @@ async def serve(workspace: Workspace) -> AsyncIterator[Callable[..., Any]]:
     started: list[Running] = []
 
     async def start(*, ready: bool = True, **options: Any) -> Running:
-        opts = daemons.Options(config_path=workspace.config_path, resync_s=options.pop(
-            "resync_s", 0.5), **options)
+        opts = daemons.Options(
+            config_path=workspace.config_path, resync_s=options.pop("resync_s", 0.5), **options
+        )
         d = daemons.Daemon(opts)
         job = asyncio.get_running_loop().create_task(d.run())
         running = Running(d, job)
@@ -163,7 +185,11 @@ def _all_ready(ws: Workspace) -> bool:
 
 
 def task(task_id: str, **fields: Any) -> dict[str, Any]:
-    data: dict[str, Any] = {"task_id": task_id, "model": "m1", "prompt": "hello there",
-                            "max_tokens": 8}
+    data: dict[str, Any] = {
+        "task_id": task_id,
+        "model": "m1",
+        "prompt": "hello there",
+        "max_tokens": 8,
+    }
     data.update(fields)
     return data

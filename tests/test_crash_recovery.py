@@ -21,13 +21,25 @@ pytestmark = pytest.mark.slow
 TASKS = [f"job{i}" for i in range(4)]
 
 
-def _serve(ws: Workspace, *, failpoint: str | None, exit_when_idle: bool) -> subprocess.Popen[bytes]:
+def _serve(
+    ws: Workspace, *, failpoint: str | None, exit_when_idle: bool
+) -> subprocess.Popen[bytes]:
     env = dict(os.environ)
     env.pop("ORCH_FAILPOINTS", None)
     if failpoint:
         env["ORCH_FAILPOINTS"] = f"{failpoint}=kill"
-    argv = [sys.executable, "-m", "reconciler.cli", "serve", "--config", str(ws.config_path),
-            "--resync", "0.2", "--log-file", str(ws.root / "daemon.log")]
+    argv = [
+        sys.executable,
+        "-m",
+        "reconciler.cli",
+        "serve",
+        "--config",
+        str(ws.config_path),
+        "--resync",
+        "0.2",
+        "--log-file",
+        str(ws.root / "daemon.log"),
+    ]
     if exit_when_idle:
         argv.append("--exit-when-idle")
     return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -46,7 +58,8 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.parametrize("failpoint", ["after_claim", "after_started", "after_token"])
 def test_a_killed_daemon_restarts_and_finishes_every_task_exactly_once(
-        workspace: Workspace, failpoint: str) -> None:
+    workspace: Workspace, failpoint: str
+) -> None:
     cfg = config()
     cfg["pools"][0]["slots"] = 1
     cfg["pools"][0]["sim"] = {"tokens_per_s": 100, "load_s": 0.0}
@@ -57,8 +70,10 @@ def test_a_killed_daemon_restarts_and_finishes_every_task_exactly_once(
 
     first = _serve(workspace, failpoint=failpoint, exit_when_idle=False)
     assert first.wait(timeout=30) == -signal.SIGKILL
-    left_behind = [json.loads(p.read_text())["pid"]
-                   for p in (workspace.root / ".orch" / "engines").glob("*.json")]
+    left_behind = [
+        json.loads(p.read_text())["pid"]
+        for p in (workspace.root / ".orch" / "engines").glob("*.json")
+    ]
 
     second = _serve(workspace, failpoint=None, exit_when_idle=True)
     assert second.wait(timeout=60) == 0
@@ -66,9 +81,16 @@ def test_a_killed_daemon_restarts_and_finishes_every_task_exactly_once(
     for task_id in TASKS:
         result = workspace.result(task_id)
         assert result is not None and result["status"] == "succeeded", task_id
-        homes = [folder.name for folder in (workspace.spool.incoming, workspace.spool.active,
-                                            workspace.spool.done, workspace.spool.failed)
-                 if (folder / f"{task_id}.task.yaml").exists()]
+        homes = [
+            folder.name
+            for folder in (
+                workspace.spool.incoming,
+                workspace.spool.active,
+                workspace.spool.done,
+                workspace.spool.failed,
+            )
+            if (folder / f"{task_id}.task.yaml").exists()
+        ]
         assert homes == ["done"], task_id
         frames = list(events.read(workspace.root / "results" / f"{task_id}.events.jsonl"))
         assert [f.id for f in frames] == list(range(1, len(frames) + 1)), task_id

@@ -9,7 +9,8 @@ from tests.conftest import Workspace, task, wait_for, wait_terminal
 
 
 async def test_a_task_file_runs_and_its_result_and_event_log_agree(
-        workspace: Workspace, serve: Any) -> None:
+    workspace: Workspace, serve: Any
+) -> None:
     await serve()
     workspace.submit("t1.task.yaml", task("t1", seed=3, max_tokens=6))
     result = await wait_terminal(workspace, "t1")
@@ -24,8 +25,10 @@ async def test_a_task_file_runs_and_its_result_and_event_log_agree(
     tokens = [f.data for f in frames if f.event == "token"]
     assert [t["i"] for t in tokens] == list(range(6))
     assert "".join(t["t"] for t in tokens) == result["text"]
-    assert any(f.event == "metrics" and "queue_depth" in f.data
-               and "on_time_probability" in f.data for f in frames)
+    assert any(
+        f.event == "metrics" and "queue_depth" in f.data and "on_time_probability" in f.data
+        for f in frames
+    )
     assert (workspace.spool.done / "t1.task.yaml").exists()
 
 
@@ -45,14 +48,17 @@ BAD_INPUTS: dict[str, tuple[bytes, str]] = {
     "utf8.task.yaml": (b"model: m1\nprompt: caf\xe9\nmax_tokens: 3\n", "not valid UTF-8"),
     "empty.task.yaml": (b"", "must be a mapping"),
     "huge.task.yaml": (b"prompt: " + b"x" * (1024 * 1024 + 1) + b"\n", "over the limit"),
-    "trick.task.yaml": (b"task_id: ../../etc/passwd\nmodel: m1\nprompt: hi\nmax_tokens: 3\n",
-                        "task_id"),
+    "trick.task.yaml": (
+        b"task_id: ../../etc/passwd\nmodel: m1\nprompt: hi\nmax_tokens: 3\n",
+        "task_id",
+    ),
     "notes.txt": (b"hello", "not a task file"),
 }
 
 
 async def test_every_kind_of_bad_input_is_quarantined_with_its_location(
-        workspace: Workspace, serve: Any) -> None:
+    workspace: Workspace, serve: Any
+) -> None:
     await serve()
     for name, (raw, _) in BAD_INPUTS.items():
         (workspace.spool.incoming / name).write_bytes(raw)
@@ -76,7 +82,8 @@ async def test_every_kind_of_bad_input_is_quarantined_with_its_location(
 
 
 async def test_an_invalid_file_with_a_known_task_id_gets_a_rejected_result(
-        workspace: Workspace, serve: Any) -> None:
+    workspace: Workspace, serve: Any
+) -> None:
     await serve()
     workspace.submit("typo.task.yaml", "model: m1\nprompt: hi\nmax_tokns: 3\n")
     result = await wait_terminal(workspace, "typo")
@@ -87,13 +94,13 @@ async def test_an_invalid_file_with_a_known_task_id_gets_a_rejected_result(
 
 
 async def test_a_duplicate_task_id_is_refused_and_the_first_result_is_kept(
-        workspace: Workspace, serve: Any) -> None:
+    workspace: Workspace, serve: Any
+) -> None:
     await serve()
     workspace.submit("d.task.yaml", task("dup"))
     first = await wait_terminal(workspace, "dup")
     workspace.submit("d2.task.yaml", task("dup", prompt="something else"))
-    await wait_for(
-        lambda: (workspace.spool.failed / "d2.task.yaml.error.json").exists())
+    await wait_for(lambda: (workspace.spool.failed / "d2.task.yaml.error.json").exists())
     error = json.loads((workspace.spool.failed / "d2.task.yaml.error.json").read_text())
     assert error["code"] == "DUPLICATE_TASK_ID"
     assert workspace.result("dup") == first
@@ -115,7 +122,8 @@ async def test_rejections_name_their_code_and_a_hint(workspace: Workspace, serve
 
 
 async def test_without_watchdog_the_resync_still_delivers_every_task(
-        workspace: Workspace, serve: Any) -> None:
+    workspace: Workspace, serve: Any
+) -> None:
     await serve(watch=False, resync_s=0.2)
     for i in range(5):
         workspace.submit(f"n{i}.task.yaml", task(f"n{i}"))

@@ -19,8 +19,9 @@ if not FIXTURES.is_dir():  # the shared folder beside this checkout
     FIXTURES = Path(__file__).resolve().parents[2] / "shared/fixtures/llama-server"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-REQUEST = interfaces.GenerateRequest(task_id="t1", prompt="hello world", max_tokens=8, seed=42,
-                                     temperature=0.8, top_p=0.95, top_k=40)
+REQUEST = interfaces.GenerateRequest(
+    task_id="t1", prompt="hello world", max_tokens=8, seed=42, temperature=0.8, top_p=0.95, top_k=40
+)
 
 
 def fixture(name: str) -> bytes:
@@ -96,12 +97,21 @@ async def test_the_request_carries_the_tasks_seed_and_sampling_settings(serve: A
 
     url = await serve(post_completion=handler)
     await collect(llama_server.Client(url).generate(REQUEST))
-    assert seen == [{"prompt": "hello world", "n_predict": 8, "seed": 42, "temperature": 0.8,
-                     "top_p": 0.95, "top_k": 40, "stream": True, "cache_prompt": True}]
+    assert seen == [
+        {
+            "prompt": "hello world",
+            "n_predict": 8,
+            "seed": 42,
+            "temperature": 0.8,
+            "top_p": 0.95,
+            "top_k": 40,
+            "stream": True,
+            "cache_prompt": True,
+        }
+    ]
 
 
-async def test_a_rejected_prompt_raises_a_stream_error_with_the_engines_message(
-        serve: Any) -> None:
+async def test_a_rejected_prompt_raises_a_stream_error_with_the_engines_message(serve: Any) -> None:
     url = await serve(post_completion=replay("error-bad-prompt.json", status=400))
     with pytest.raises(llama_server.RequestRejected) as caught:
         await collect(llama_server.Client(url).generate(REQUEST))
@@ -179,9 +189,10 @@ async def test_a_non_streamed_completion_returns_the_text_and_counts(serve: Any)
 
 
 async def test_health_reports_loading_until_the_engine_answers_ok(serve: Any) -> None:
-    answers = [(503, {"error": {"code": 503, "message": "Loading model",
-                                "type": "unavailable_error"}}),
-               (200, json.loads(fixture("health.json")))]
+    answers = [
+        (503, {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}),
+        (200, json.loads(fixture("health.json"))),
+    ]
 
     async def health(request: web.Request) -> web.StreamResponse:
         status, body = answers.pop(0)
@@ -199,17 +210,30 @@ async def test_health_of_a_port_nobody_listens_on_is_not_ok() -> None:
 
 
 async def test_props_and_slots_are_read_as_recorded(serve: Any) -> None:
-    client = llama_server.Client(await serve(get_props=replay("props.json"),
-                                             get_slots=replay("slots.json")))
+    client = llama_server.Client(
+        await serve(get_props=replay("props.json"), get_slots=replay("slots.json"))
+    )
     props = await client.props()
     assert (props.build_info, props.total_slots, props.n_ctx) == ("b1-0c1e570", 2, 1024)
     assert await client.slots_busy() == [False, False]
 
 
 def test_a_final_frame_stopped_by_eos_or_a_stop_word_finishes_with_stop() -> None:
-    assert llama_server.done_from({"stop": True, "stop_type": "eos",
-                                   "tokens_predicted": 3}).finish_reason == "stop"
-    assert llama_server.done_from({"stop": True, "stopped_word": True,
-                                   "tokens_predicted": 3}).finish_reason == "stop"
-    assert llama_server.done_from({"stop": True, "stopped_limit": True,
-                                   "tokens_predicted": 3}).finish_reason == "length"
+    assert (
+        llama_server.done_from(
+            {"stop": True, "stop_type": "eos", "tokens_predicted": 3}
+        ).finish_reason
+        == "stop"
+    )
+    assert (
+        llama_server.done_from(
+            {"stop": True, "stopped_word": True, "tokens_predicted": 3}
+        ).finish_reason
+        == "stop"
+    )
+    assert (
+        llama_server.done_from(
+            {"stop": True, "stopped_limit": True, "tokens_predicted": 3}
+        ).finish_reason
+        == "length"
+    )

@@ -34,18 +34,39 @@ Available devices:
 CPU_LISTING = "Available devices: (none)\n"
 
 
-def make_spec(tmp_path: Path, *, ctx: int = 1024, slots: int = 2, devices: tuple[int, ...] = (0,),
-              flags: tuple[str, ...] = (), env: dict[str, str] | None = None,
-              model_path: Path | None = None, model_size_mib: int = 100,
-              **options: Any) -> interfaces.ReplicaSpec:
+def make_spec(
+    tmp_path: Path,
+    *,
+    ctx: int = 1024,
+    slots: int = 2,
+    devices: tuple[int, ...] = (0,),
+    flags: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+    model_path: Path | None = None,
+    model_size_mib: int = 100,
+    **options: Any,
+) -> interfaces.ReplicaSpec:
     if model_path is None:
         model_path = tmp_path / "tiny.gguf"
         model_path.write_bytes(b"GGUF")
     return interfaces.ReplicaSpec(
-        replica_id="chat-0", pool_id="chat", engine="llamacpp", model_id="tiny",
-        model_ref="file:tiny.gguf", model_path=model_path, model_size_mib=model_size_mib,
-        model_digest=None, devices=devices, ctx=ctx, slots=slots, spec_hash="h1",
-        state_dir=tmp_path / "state", flags=flags, env=env or {}, options=options)
+        replica_id="chat-0",
+        pool_id="chat",
+        engine="llamacpp",
+        model_id="tiny",
+        model_ref="file:tiny.gguf",
+        model_path=model_path,
+        model_size_mib=model_size_mib,
+        model_digest=None,
+        devices=devices,
+        ctx=ctx,
+        slots=slots,
+        spec_hash="h1",
+        state_dir=tmp_path / "state",
+        flags=flags,
+        env=env or {},
+        options=options,
+    )
 
 
 def executable(path: Path, text: str) -> Path:
@@ -58,7 +79,9 @@ def executable(path: Path, text: str) -> Path:
 def fake_llama_server(folder: Path, *, listing: str) -> Path:
     """A `llama-server` that lists `listing` for --list-devices and otherwise writes down its
     argv and environment, then becomes a sim server with the same slots and context."""
-    return executable(folder / "llama-server", f"""#!{sys.executable}
+    return executable(
+        folder / "llama-server",
+        f"""#!{sys.executable}
 import json, os, sys
 args = sys.argv[1:]
 if args == ["--list-devices"]:
@@ -74,7 +97,8 @@ os.execv(sys.executable, [sys.executable, "-S", "-m", "plugins.sim_server",
          "--port", value("--port"), "--replica-id", "fake", "--model", value("-m"),
          "--model-size-mib", "1", "--ctx", str(total // slots), "--slots", str(slots),
          "--state-dir", os.path.join(here, "state")])
-""")
+""",
+    )
 
 
 @pytest.fixture
@@ -89,12 +113,30 @@ def without_the_test_switch(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_argv_gives_llama_server_the_context_of_all_slots_and_every_layer_on_the_gpu(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     spec = make_spec(tmp_path, ctx=4096, slots=4, flags=("-fa", "on"))
     argv = engine_llamacpp.command(spec, binary=Path("/opt/llama-server"), port=5001)
-    assert argv == ["/opt/llama-server", "-m", str(spec.model_path), "--host", "127.0.0.1",
-                    "--port", "5001", "-c", "16384", "-np", "4", "-ngl", "999", "--fit", "off",
-                    "--metrics", "-fa", "on"]
+    assert argv == [
+        "/opt/llama-server",
+        "-m",
+        str(spec.model_path),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "5001",
+        "-c",
+        "16384",
+        "-np",
+        "4",
+        "-ngl",
+        "999",
+        "--fit",
+        "off",
+        "--metrics",
+        "-fa",
+        "on",
+    ]
 
 
 def test_a_model_without_a_local_file_cannot_be_launched(tmp_path: Path) -> None:
@@ -104,14 +146,23 @@ def test_a_model_without_a_local_file_cannot_be_launched(tmp_path: Path) -> None
 
 
 def test_the_child_environment_has_the_mask_in_pci_order_and_no_llama_arg_overrides(
-        tmp_path: Path) -> None:
-    spec = make_spec(tmp_path, devices=(1, 0),
-                     env={"LLAMA_ARG_CTX_SIZE": "8", "POOL_VAR": "p"},
-                     engine={"env": {"ENGINE_VAR": "e", "LLAMA_ARG_N_GPU_LAYERS": "0"}})
+    tmp_path: Path,
+) -> None:
+    spec = make_spec(
+        tmp_path,
+        devices=(1, 0),
+        env={"LLAMA_ARG_CTX_SIZE": "8", "POOL_VAR": "p"},
+        engine={"env": {"ENGINE_VAR": "e", "LLAMA_ARG_N_GPU_LAYERS": "0"}},
+    )
     base = {"PATH": "/usr/bin", "LLAMA_ARG_THREADS": "4", "CUDA_VISIBLE_DEVICES": "3"}
     env = engine_llamacpp.child_env(spec, base)
-    assert env == {"PATH": "/usr/bin", "ENGINE_VAR": "e", "POOL_VAR": "p",
-                   "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": "1,0"}
+    assert env == {
+        "PATH": "/usr/bin",
+        "ENGINE_VAR": "e",
+        "POOL_VAR": "p",
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+        "CUDA_VISIBLE_DEVICES": "1,0",
+    }
 
 
 def vram_samples() -> list[dict[str, Any]]:
@@ -128,9 +179,16 @@ def logged_mib(row: dict[str, Any], pattern: str) -> float:
 
 @pytest.mark.parametrize("row", vram_samples(), ids=lambda r: f"ctx{r['ctx']}-fa-{r['fa']}")
 def test_the_estimate_covers_the_measured_vram_of_the_h200_samples(
-        tmp_path: Path, row: dict[str, Any]) -> None:
-    spec = make_spec(tmp_path, ctx=row["ctx"], slots=row["slots"], flags=("-fa", row["fa"]),
-                     model_size_mib=math.ceil(row["size_bytes"] / MIB), **GEOMETRY)
+    tmp_path: Path, row: dict[str, Any]
+) -> None:
+    spec = make_spec(
+        tmp_path,
+        ctx=row["ctx"],
+        slots=row["slots"],
+        flags=("-fa", row["fa"]),
+        model_size_mib=math.ceil(row["size_bytes"] / MIB),
+        **GEOMETRY,
+    )
     assert engine_llamacpp.kv_cache_mib(spec) == logged_mib(row, "CUDA0 KV buffer size")
     compute = logged_mib(row, "CUDA0 compute buffer size")
     assert compute <= engine_llamacpp.compute_buffer_mib(spec) <= compute + 1
@@ -139,8 +197,7 @@ def test_the_estimate_covers_the_measured_vram_of_the_h200_samples(
     assert measured <= estimate <= measured * 1.02
 
 
-def test_without_the_models_geometry_the_kv_cache_is_estimated_per_token(
-        tmp_path: Path) -> None:
+def test_without_the_models_geometry_the_kv_cache_is_estimated_per_token(tmp_path: Path) -> None:
     spec = make_spec(tmp_path, ctx=4096, slots=2)
     assert engine_llamacpp.kv_cache_mib(spec) == 8192 * engine_llamacpp.DEFAULT_KV_MIB_PER_TOKEN
     exact = make_spec(tmp_path, ctx=4096, slots=2, **GEOMETRY)
@@ -148,10 +205,17 @@ def test_without_the_models_geometry_the_kv_cache_is_estimated_per_token(
     assert engine_llamacpp.kv_cache_mib(per_token) == engine_llamacpp.kv_cache_mib(exact) == 256
 
 
-@pytest.mark.parametrize(("flags", "on"), [
-    ((), True), (("-fa", "off"), False), (("--flash-attn", "on"), True),
-    (("--flash-attn=off",), False), (("-fa", "auto"), True), (("-fa",), True),
-])
+@pytest.mark.parametrize(
+    ("flags", "on"),
+    [
+        ((), True),
+        (("-fa", "off"), False),
+        (("--flash-attn", "on"), True),
+        (("--flash-attn=off",), False),
+        (("-fa", "auto"), True),
+        (("-fa",), True),
+    ],
+)
 def test_flash_attention_is_read_from_the_pools_flags(flags: tuple[str, ...], on: bool) -> None:
     assert engine_llamacpp.flash_attention(flags) is on
 
@@ -164,8 +228,7 @@ def test_the_configured_binary_is_used_and_a_wrong_one_is_refused(tmp_path: Path
     assert "engines.llamacpp.binary" in caught.value.fix
 
 
-def test_the_provisioned_build_is_found_by_version_then_newest_then_on_path(
-        tmp_path: Path) -> None:
+def test_the_provisioned_build_is_found_by_version_then_newest_then_on_path(tmp_path: Path) -> None:
     home = tmp_path / "home"
     cache = home / ".cache/llama-orch/llama.cpp"
     old = executable(cache / "b100/bin/llama-server", "#!/bin/sh\n")
@@ -179,7 +242,8 @@ def test_the_provisioned_build_is_found_by_version_then_newest_then_on_path(
 
 
 async def test_a_missing_binary_is_refused_with_a_fix(
-        tmp_path: Path, no_binary_anywhere: None) -> None:
+    tmp_path: Path, no_binary_anywhere: None
+) -> None:
     with pytest.raises(interfaces.EnvironmentMissing) as caught:
         await engine_llamacpp.LlamaCppEngine().start(make_spec(tmp_path))
     assert "llama-server not found" in caught.value.what
@@ -187,8 +251,9 @@ async def test_a_missing_binary_is_refused_with_a_fix(
 
 
 async def test_a_cpu_only_build_is_refused_before_anything_starts(tmp_path: Path) -> None:
-    binary = executable(tmp_path / "cpu" / "llama-server",
-                        "#!/bin/sh\necho 'Available devices: (none)'\n")
+    binary = executable(
+        tmp_path / "cpu" / "llama-server", "#!/bin/sh\necho 'Available devices: (none)'\n"
+    )
     spec = make_spec(tmp_path, binary=str(binary))
     with pytest.raises(interfaces.EnvironmentMissing) as caught:
         await engine_llamacpp.LlamaCppEngine().start(spec)
@@ -199,22 +264,30 @@ async def test_a_cpu_only_build_is_refused_before_anything_starts(tmp_path: Path
 
 
 async def test_a_binary_that_prints_no_device_list_is_refused(tmp_path: Path) -> None:
-    binary = executable(tmp_path / "old" / "llama-server",
-                        "#!/bin/sh\necho 'error: invalid argument: --list-devices' >&2\nexit 1\n")
+    binary = executable(
+        tmp_path / "old" / "llama-server",
+        "#!/bin/sh\necho 'error: invalid argument: --list-devices' >&2\nexit 1\n",
+    )
     with pytest.raises(interfaces.EnvironmentMissing, match="printed no device list"):
         await engine_llamacpp.LlamaCppEngine().start(make_spec(tmp_path, binary=str(binary)))
 
 
 async def test_a_pools_env_cannot_turn_on_the_test_only_cpu_switch(tmp_path: Path) -> None:
     binary = fake_llama_server(tmp_path / "cpu", listing=CPU_LISTING)
-    spec = make_spec(tmp_path, binary=str(binary), env={engine_llamacpp.ALLOW_CPU_ENV: "1"},
-                     engine={"env": {engine_llamacpp.ALLOW_CPU_ENV: "1"}})
+    spec = make_spec(
+        tmp_path,
+        binary=str(binary),
+        env={engine_llamacpp.ALLOW_CPU_ENV: "1"},
+        engine={"env": {engine_llamacpp.ALLOW_CPU_ENV: "1"}},
+    )
     with pytest.raises(interfaces.EnvironmentMissing):
         await engine_llamacpp.LlamaCppEngine().start(spec)
 
 
 async def test_the_test_only_switch_lets_a_cpu_build_serve_with_a_loud_warning(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     monkeypatch.setenv(engine_llamacpp.ALLOW_CPU_ENV, "1")
     binary = fake_llama_server(tmp_path / "cpu", listing=CPU_LISTING)
@@ -225,18 +298,22 @@ async def test_the_test_only_switch_lets_a_cpu_build_serve_with_a_loud_warning(
         await engine.wait_ready(handle, timeout_s=10)
     finally:
         await engine.stop(handle, grace_s=2)
-    assert any("TEST-ONLY: CPU inference enabled" in r.getMessage() and r.levelname == "WARNING"
-               for r in caplog.records)
+    assert any(
+        "TEST-ONLY: CPU inference enabled" in r.getMessage() and r.levelname == "WARNING"
+        for r in caplog.records
+    )
 
 
 @pytest.mark.slow
 async def test_a_replica_lives_through_a_fake_cuda_llama_server(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("LLAMA_ARG_CTX_SIZE", "64")  # would override -c if it reached the child
     binary = fake_llama_server(tmp_path / "cuda", listing=CUDA_LISTING)
     engine = engine_llamacpp.LlamaCppEngine()
-    spec = make_spec(tmp_path, ctx=1024, slots=2, devices=(1,), flags=("-fa", "on"),
-                     binary=str(binary))
+    spec = make_spec(
+        tmp_path, ctx=1024, slots=2, devices=(1,), flags=("-fa", "on"), binary=str(binary)
+    )
     handle = await engine.start(spec)
     try:
         await engine.wait_ready(handle, timeout_s=10)

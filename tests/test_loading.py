@@ -9,7 +9,9 @@ from state import desired, loading, tasks
 GOOD_TASK = "task_id: t1\nmodel: m\nprompt: hi\nmax_tokens: 4\n"
 
 
-def _task(tmp_path: Path, text: str | bytes, name: str = "t.task.yaml") -> loading.Loaded[tasks.TaskFile]:
+def _task(
+    tmp_path: Path, text: str | bytes, name: str = "t.task.yaml"
+) -> loading.Loaded[tasks.TaskFile]:
     path = tmp_path / name
     path.write_bytes(text.encode() if isinstance(text, str) else text)
     return loading.load_model(path, tasks.TaskFile)

@@ -19,13 +19,23 @@ RESERVE = 512
 PAIR = (GpuRoom(0, 24576, 24576), GpuRoom(1, 12288, 12288))  # the reference workstation
 
 
-def pool(pool_id: str, replicas: int = 1, vram: int = 4000, devices: tuple[int, ...] | None = None,
-         spec: str = "h1") -> PoolWant:
+def pool(
+    pool_id: str,
+    replicas: int = 1,
+    vram: int = 4000,
+    devices: tuple[int, ...] | None = None,
+    spec: str = "h1",
+) -> PoolWant:
     return PoolWant(ids.PoolId(pool_id), replicas, devices, vram, spec)
 
 
-def seen(replica_id: str, state: planning.ReplicaState = "Ready", devices: tuple[int, ...] = (0,),
-         vram: int = 4000, spec: str = "h1") -> ReplicaSeen:
+def seen(
+    replica_id: str,
+    state: planning.ReplicaState = "Ready",
+    devices: tuple[int, ...] = (0,),
+    vram: int = 4000,
+    spec: str = "h1",
+) -> ReplicaSeen:
     pool_id = replica_id.rsplit("-", 1)[0]
     return ReplicaSeen(ids.ReplicaId(replica_id), ids.PoolId(pool_id), spec, devices, state, vram)
 
@@ -40,22 +50,29 @@ def drain(replica_id: str, reason: str) -> Drain:
     return Drain(ids.ReplicaId(replica_id), ids.PoolId(pool_id), reason)
 
 
-def run(pools: Sequence[PoolWant], replicas: Sequence[ReplicaSeen] = (),
-        gpus: Sequence[GpuRoom] = PAIR, reserve: int = RESERVE) -> Plan:
+def run(
+    pools: Sequence[PoolWant],
+    replicas: Sequence[ReplicaSeen] = (),
+    gpus: Sequence[GpuRoom] = PAIR,
+    reserve: int = RESERVE,
+) -> Plan:
     return planning.plan(pools, replicas, gpus, reserve_mib=reserve)
 
 
-def apply(result: Plan, replicas: Sequence[ReplicaSeen], gpus: Sequence[GpuRoom]
-          ) -> tuple[list[ReplicaSeen], list[GpuRoom]]:
+def apply(
+    result: Plan, replicas: Sequence[ReplicaSeen], gpus: Sequence[GpuRoom]
+) -> tuple[list[ReplicaSeen], list[GpuRoom]]:
     """What the daemon does with a plan: a Start becomes a Starting replica whose memory is
     booked; a Drain makes its replica Draining, still holding its memory."""
     drained = {d.replica_id for d in result.drains}
-    after = [dataclasses.replace(r, state="Draining") if r.replica_id in drained else r
-             for r in replicas]
+    after = [
+        dataclasses.replace(r, state="Draining") if r.replica_id in drained else r for r in replicas
+    ]
     free = {g.index: g.free_mib for g in gpus}
     for s in result.starts:
-        after.append(ReplicaSeen(s.replica_id, s.pool_id, s.spec_hash, s.devices, "Starting",
-                                 s.vram_mib))
+        after.append(
+            ReplicaSeen(s.replica_id, s.pool_id, s.spec_hash, s.devices, "Starting", s.vram_mib)
+        )
         for index in s.devices:
             free[index] -= planning.share_mib(s.vram_mib, len(s.devices))
     return after, [dataclasses.replace(g, free_mib=free[g.index]) for g in gpus]
@@ -69,8 +86,11 @@ def test_from_nothing_every_pool_gets_its_replicas_and_a_second_pass_does_nothin
 
     first = run(pools)
 
-    assert first.actions == (start("chat-0", (0,), 6000), start("chat-1", (0,), 6000),
-                             start("embed-0", (0,), 1000))
+    assert first.actions == (
+        start("chat-0", (0,), 6000),
+        start("chat-1", (0,), 6000),
+        start("embed-0", (0,), 1000),
+    )
     assert first.unschedulable == () and first.waiting == ()
     replicas, gpus = apply(first, [], PAIR)
     assert run(pools, replicas, gpus) == Plan((), (), ())
@@ -85,13 +105,23 @@ def test_scaling_up_adds_replicas_with_the_smallest_free_numbers() -> None:
 
 
 def test_scaling_down_drains_replicas_that_serve_nothing_first_then_the_highest_number() -> None:
-    replicas = [seen("chat-0"), seen("chat-1", "Starting"), seen("chat-2"), seen("chat-3"),
-                seen("chat-4", "BackingOff"), seen("chat-5", "Failed")]
+    replicas = [
+        seen("chat-0"),
+        seen("chat-1", "Starting"),
+        seen("chat-2"),
+        seen("chat-3"),
+        seen("chat-4", "BackingOff"),
+        seen("chat-5", "Failed"),
+    ]
 
     result = run([pool("chat", replicas=2)], replicas)
 
-    assert set(result.actions) == {drain("chat-5", "scaled down"), drain("chat-4", "scaled down"),
-                                   drain("chat-1", "scaled down"), drain("chat-3", "scaled down")}
+    assert set(result.actions) == {
+        drain("chat-5", "scaled down"),
+        drain("chat-4", "scaled down"),
+        drain("chat-1", "scaled down"),
+        drain("chat-3", "scaled down"),
+    }
     assert [a.replica_id for a in result.actions] == ["chat-1", "chat-3", "chat-4", "chat-5"]
 
 
@@ -129,8 +159,10 @@ def test_a_changed_spec_drains_and_replaces_only_that_pool() -> None:
     result = run([pool("chat", replicas=2, spec="new"), pool("embed")], replicas)
 
     assert result.actions == (
-        drain("chat-0", "spec changed"), drain("chat-1", "spec changed"),
-        start("chat-2", (0,), spec="new"), start("chat-3", (0,), spec="new"),
+        drain("chat-0", "spec changed"),
+        drain("chat-1", "spec changed"),
+        start("chat-2", (0,), spec="new"),
+        start("chat-3", (0,), spec="new"),
     )
 
 
@@ -152,8 +184,11 @@ def test_a_replacement_that_fits_only_after_the_drain_waits_instead_of_failing()
 
 def test_memory_a_failed_replica_does_not_hold_is_not_waited_for() -> None:
     gpus = [GpuRoom(0, 24576, 4000)]  # something else uses the GPU
-    result = run([pool("big", vram=20000, spec="new")],
-                 [seen("big-0", "Failed", vram=20000, spec="old")], gpus)
+    result = run(
+        [pool("big", vram=20000, spec="new")],
+        [seen("big-0", "Failed", vram=20000, spec="old")],
+        gpus,
+    )
 
     assert result.actions == (drain("big-0", "spec changed"),)
     assert result.waiting == () and [u.pool_id for u in result.unschedulable] == ["big"]
@@ -199,9 +234,15 @@ def test_a_model_that_fits_nowhere_is_unschedulable_with_the_numbers() -> None:
     assert result.actions == () and result.waiting == ()
     (u,) = result.unschedulable
     assert (u.pool_id, u.needed_mib, u.best_free_mib, u.best_gpu, u.missing) == (
-        "big", 20480, 11776, 1, 2)
-    assert u.message.startswith("needs 20480 MiB, best GPU 1 has 11776 MiB free after 512 MiB "
-                                "reserve")
+        "big",
+        20480,
+        11776,
+        1,
+        2,
+    )
+    assert u.message.startswith(
+        "needs 20480 MiB, best GPU 1 has 11776 MiB free after 512 MiB reserve"
+    )
     assert u.message.endswith("; 2 replicas not placed")
 
 
@@ -228,13 +269,16 @@ def test_an_explicit_device_list_is_honoured_with_the_footprint_split() -> None:
 
 
 def test_an_explicit_device_list_without_room_on_one_gpu_is_unschedulable() -> None:
-    result = run([pool("wide", vram=24000, devices=(0, 1))],
-                 gpus=[GpuRoom(0, 24576, 24576), GpuRoom(1, 12288, 9000)])
+    result = run(
+        [pool("wide", vram=24000, devices=(0, 1))],
+        gpus=[GpuRoom(0, 24576, 24576), GpuRoom(1, 12288, 9000)],
+    )
 
     (u,) = result.unschedulable
     assert (u.needed_mib, u.best_gpu, u.best_free_mib) == (12000, 1, 8488)
-    assert u.message == ("needs 12000 MiB on each of GPUs 0, 1; GPU 1 has 8488 MiB free after "
-                         "512 MiB reserve")
+    assert u.message == (
+        "needs 12000 MiB on each of GPUs 0, 1; GPU 1 has 8488 MiB free after 512 MiB reserve"
+    )
 
 
 def test_a_single_pinned_gpu_without_room_says_so() -> None:
@@ -285,19 +329,36 @@ def worlds(draw: st.DrawFn) -> tuple[list[PoolWant], list[ReplicaSeen], list[Gpu
     desired = draw(st.lists(st.sampled_from(POOL_IDS[:3]), unique=True, max_size=3))
     pools = []
     for pool_id in desired:
-        devices = draw(st.none() | st.lists(st.integers(0, 3), min_size=1, max_size=3,
-                                            unique=True).map(tuple))
-        pools.append(PoolWant(ids.PoolId(pool_id), draw(st.integers(0, 4)), devices,
-                              draw(st.integers(0, 26000)), draw(st.sampled_from(["a", "b"]))))
-    keys = draw(st.lists(st.tuples(st.sampled_from(POOL_IDS), st.integers(0, 5)), unique=True,
-                         max_size=8))
+        devices = draw(
+            st.none() | st.lists(st.integers(0, 3), min_size=1, max_size=3, unique=True).map(tuple)
+        )
+        pools.append(
+            PoolWant(
+                ids.PoolId(pool_id),
+                draw(st.integers(0, 4)),
+                devices,
+                draw(st.integers(0, 26000)),
+                draw(st.sampled_from(["a", "b"])),
+            )
+        )
+    keys = draw(
+        st.lists(st.tuples(st.sampled_from(POOL_IDS), st.integers(0, 5)), unique=True, max_size=8)
+    )
     replicas = []
     for pool_id, n in keys:
-        devices = tuple(draw(st.lists(st.integers(0, max(n_gpus - 1, 0)), min_size=1,
-                                      max_size=2, unique=True)))
-        replicas.append(ReplicaSeen(ids.ReplicaId(f"{pool_id}-{n}"), ids.PoolId(pool_id),
-                                    draw(st.sampled_from(["a", "b"])), devices,
-                                    draw(st.sampled_from(STATES)), draw(st.integers(0, 12000))))
+        devices = tuple(
+            draw(st.lists(st.integers(0, max(n_gpus - 1, 0)), min_size=1, max_size=2, unique=True))
+        )
+        replicas.append(
+            ReplicaSeen(
+                ids.ReplicaId(f"{pool_id}-{n}"),
+                ids.PoolId(pool_id),
+                draw(st.sampled_from(["a", "b"])),
+                devices,
+                draw(st.sampled_from(STATES)),
+                draw(st.integers(0, 12000)),
+            )
+        )
     return pools, replicas, gpus, draw(st.sampled_from([0, 512, 2048]))
 
 
@@ -311,15 +372,19 @@ def test_no_gpu_is_promised_more_than_it_has_free_beyond_the_reserve(world: Worl
     result = run(pools, replicas, gpus, reserve)
 
     for gpu in gpus:
-        promised = sum(planning.share_mib(s.vram_mib, len(s.devices))
-                       for s in result.starts if gpu.index in s.devices)
+        promised = sum(
+            planning.share_mib(s.vram_mib, len(s.devices))
+            for s in result.starts
+            if gpu.index in s.devices
+        )
         assert promised == 0 or promised <= gpu.free_mib - reserve
 
 
 @settings(max_examples=EXAMPLES, deadline=None)
 @given(worlds())
 def test_starts_go_exactly_where_a_pool_pins_them_and_auto_ones_on_one_real_gpu(
-        world: World) -> None:
+    world: World,
+) -> None:
     pools, replicas, gpus, reserve = world
     wants = {p.pool_id: p for p in pools}
     result = run(pools, replicas, gpus, reserve)
@@ -343,12 +408,18 @@ def test_replicas_that_match_their_pool_are_untouched_unless_surplus(world: Worl
 
     assert not named & {r.replica_id for r in replicas if r.state == "Draining"}
     for want in pools:
-        matching = [r for r in replicas if r.pool_id == want.pool_id
-                    and r.spec_hash == want.spec_hash and r.state != "Draining"]
+        matching = [
+            r
+            for r in replicas
+            if r.pool_id == want.pool_id and r.spec_hash == want.spec_hash and r.state != "Draining"
+        ]
         drained = [r for r in matching if r.replica_id in named]
         assert len(drained) == max(0, len(matching) - want.replicas)
-        assert all(d.reason == "scaled down" for d in result.drains
-                   if d.replica_id in {r.replica_id for r in drained})
+        assert all(
+            d.reason == "scaled down"
+            for d in result.drains
+            if d.replica_id in {r.replica_id for r in drained}
+        )
     hashes = {r.replica_id: r.spec_hash for r in replicas}
     for d in result.drains:
         pool_wanted = wants.get(d.pool_id)
@@ -371,10 +442,14 @@ def test_planning_again_after_applying_a_plan_does_nothing(world: World) -> None
 
     assert second.actions == ()
     for want in pools:
-        serving = [r for r in after if r.pool_id == want.pool_id
-                   and r.spec_hash == want.spec_hash and r.state != "Draining"]
+        serving = [
+            r
+            for r in after
+            if r.pool_id == want.pool_id and r.spec_hash == want.spec_hash and r.state != "Draining"
+        ]
         blocked = want.pool_id in second.waiting or any(
-            u.pool_id == want.pool_id for u in second.unschedulable)
+            u.pool_id == want.pool_id for u in second.unschedulable
+        )
         assert len(serving) == want.replicas or (blocked and len(serving) < want.replicas)
 
 

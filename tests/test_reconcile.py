@@ -42,18 +42,21 @@ def _two_pools() -> dict[str, Any]:
 
 
 async def test_two_pools_on_a_24_and_12_gb_pair_are_placed_by_free_vram(
-        workspace: Workspace, serve: Any) -> None:
+    workspace: Workspace, serve: Any
+) -> None:
     workspace.write_config(_two_pools())
     await serve()
     gpus = {p["id"]: p["replicas"][0]["gpu"] for p in workspace.status()["pools"]}
     assert gpus == {"large": [0], "small": [1]}  # the big model only fits on the 24 GB card
-    measured = {r["id"]: r["vram_measured_mib"] for p in workspace.status()["pools"]
-                for r in p["replicas"]}
+    measured = {
+        r["id"]: r["vram_measured_mib"] for p in workspace.status()["pools"] for r in p["replicas"]
+    }
     assert all(m and m > 0 for m in measured.values())
 
 
 async def test_scaling_up_and_down_leaves_existing_replicas_running(
-        workspace: Workspace, serve: Any) -> None:
+    workspace: Workspace, serve: Any
+) -> None:
     await serve()
     first = _pids(workspace)["p1-0"]
     cfg = config()
@@ -68,7 +71,8 @@ async def test_scaling_up_and_down_leaves_existing_replicas_running(
 
 
 async def test_a_model_swap_replaces_only_the_changed_pool(
-        workspace: Workspace, serve: Any) -> None:
+    workspace: Workspace, serve: Any
+) -> None:
     cfg = _two_pools()
     cfg["models"]["m2"] = {"ref": "file:m2.gguf", "size_mib": 800}
     workspace.write_config(cfg)
@@ -77,6 +81,7 @@ async def test_a_model_swap_replaces_only_the_changed_pool(
     swapped = copy.deepcopy(cfg)
     swapped["pools"][0]["model"] = "m2"
     workspace.write_config(swapped)
+
     def swapped_ready() -> bool:
         pids = [r["pid"] for r in _pool(workspace, "small")["replicas"]]
         return _ready(workspace, "small", 1) and before["small-0"] not in pids
@@ -92,8 +97,9 @@ async def test_a_model_swap_replaces_only_the_changed_pool(
 async def test_an_invalid_edit_changes_nothing_that_runs(workspace: Workspace, serve: Any) -> None:
     await serve()
     before = _pids(workspace)
-    workspace.config_path.write_text(workspace.config_path.read_text().replace(
-        "replicas: 1", "replcas: 3"))
+    workspace.config_path.write_text(
+        workspace.config_path.read_text().replace("replicas: 1", "replcas: 3")
+    )
     await wait_for(lambda: workspace.status()["config"]["errors"], 10, "the error shown")
     errors = workspace.status()["config"]["errors"]
     assert errors[0]["field"].endswith("replcas") and errors[0]["line"]
@@ -104,7 +110,8 @@ async def test_an_invalid_edit_changes_nothing_that_runs(workspace: Workspace, s
 
 
 async def test_a_pool_that_fits_no_gpu_is_unschedulable_with_the_numbers(
-        workspace: Workspace, serve: Any) -> None:
+    workspace: Workspace, serve: Any
+) -> None:
     cfg = config()
     cfg["models"]["huge"] = {"ref": "file:huge.gguf", "size_mib": 40000}
     cfg["pools"].append({"id": "huge", "engine": "sim", "model": "huge"})
@@ -119,13 +126,20 @@ async def test_a_pool_that_fits_no_gpu_is_unschedulable_with_the_numbers(
 
 
 async def test_a_replica_that_hangs_before_ready_is_timed_out_and_restarted(
-        workspace: Workspace, serve: Any) -> None:
+    workspace: Workspace, serve: Any
+) -> None:
     cfg = config(timeouts={"ready_s": 0.5, "drain_s": 1, "stop_grace_s": 1})
     cfg["pools"][0]["sim"] = {"faults": {"hang_before_ready": True}}
     workspace.write_config(cfg)
     await serve(ready=False)
-    await wait_for(lambda: _pool(workspace, "p1")["replicas"]
-                   and _pool(workspace, "p1")["replicas"][0]["restarts"] >= 1, 15, "a restart")
+    await wait_for(
+        lambda: (
+            _pool(workspace, "p1")["replicas"]
+            and _pool(workspace, "p1")["replicas"][0]["restarts"] >= 1
+        ),
+        15,
+        "a restart",
+    )
     replica = _pool(workspace, "p1")["replicas"][0]
     assert "not ready after 0.5 s" in replica["last_error"]
 
@@ -135,8 +149,7 @@ async def test_crashes_back_off_then_open_the_breaker_on_a_fake_clock(workspace:
     cfg["pools"][0]["sim"] = {"faults": {"crash_at_start": True}}
     workspace.write_config(cfg)
     clock = clocks.FakeClock()
-    d = daemons.Daemon(daemons.Options(config_path=workspace.config_path, watch=False),
-                       clock=clock)
+    d = daemons.Daemon(daemons.Options(config_path=workspace.config_path, watch=False), clock=clock)
     d._setup()
     delays = []
     try:

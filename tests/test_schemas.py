@@ -38,8 +38,11 @@ def test_every_example_task_file_validates_against_the_task_schema() -> None:
     files = sorted(ROOT.glob("examples/*/tasks/*.task.*"))
     assert files
     for path in files:
-        data = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(
-            path.read_text())
+        data = (
+            json.loads(path.read_text())
+            if path.suffix == ".json"
+            else yaml.safe_load(path.read_text())
+        )
         errors = [e.message for e in validator.iter_errors(data)]
         assert errors == [], path
 

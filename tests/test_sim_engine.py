@@ -22,20 +22,38 @@ from plugins import engine_sim, hookspecs, interfaces, llama_server, processes, 
 pytestmark = pytest.mark.slow
 
 
-def make_spec(state_dir: Path, *, replica_id: str = "chat-0", devices: tuple[int, ...] = (0,),
-              ctx: int = 512, slots: int = 1, model_size_mib: int = 100,
-              **options: Any) -> interfaces.ReplicaSpec:
+def make_spec(
+    state_dir: Path,
+    *,
+    replica_id: str = "chat-0",
+    devices: tuple[int, ...] = (0,),
+    ctx: int = 512,
+    slots: int = 1,
+    model_size_mib: int = 100,
+    **options: Any,
+) -> interfaces.ReplicaSpec:
     return interfaces.ReplicaSpec(
-        replica_id=replica_id, pool_id="chat", engine="sim", model_id="tiny",
-        model_ref="file:tiny.gguf", model_path=None, model_size_mib=model_size_mib,
-        model_digest="sha256:" + "0" * 64, devices=devices, ctx=ctx, slots=slots,
-        spec_hash="h1", state_dir=state_dir, options=options)
+        replica_id=replica_id,
+        pool_id="chat",
+        engine="sim",
+        model_id="tiny",
+        model_ref="file:tiny.gguf",
+        model_path=None,
+        model_size_mib=model_size_mib,
+        model_digest="sha256:" + "0" * 64,
+        devices=devices,
+        ctx=ctx,
+        slots=slots,
+        spec_hash="h1",
+        state_dir=state_dir,
+        options=options,
+    )
 
 
-def request(prompt: str = "write a haiku about rivers", *, seed: int = 7,
-            max_tokens: int = 12) -> interfaces.GenerateRequest:
-    return interfaces.GenerateRequest(task_id="t", prompt=prompt, max_tokens=max_tokens,
-                                      seed=seed)
+def request(
+    prompt: str = "write a haiku about rivers", *, seed: int = 7, max_tokens: int = 12
+) -> interfaces.GenerateRequest:
+    return interfaces.GenerateRequest(task_id="t", prompt=prompt, max_tokens=max_tokens, seed=seed)
 
 
 class Replicas:
@@ -59,8 +77,9 @@ class Replicas:
         await self.engine.wait_ready(handle, timeout_s=10)
         return handle
 
-    async def text(self, handle: interfaces.ReplicaHandle,
-                   req: interfaces.GenerateRequest) -> tuple[str, interfaces.Done]:
+    async def text(
+        self, handle: interfaces.ReplicaHandle, req: interfaces.GenerateRequest
+    ) -> tuple[str, interfaces.Done]:
         items = [item async for item in self.engine.generate(handle, req)]
         done = items.pop()
         assert isinstance(done, interfaces.Done)
@@ -88,8 +107,10 @@ async def sims(tmp_path: Path) -> AsyncIterator[Replicas]:
 
 
 def bookings(state_dir: Path) -> dict[str, Any]:
-    return {str(p.relative_to(state_dir / "simgpu")): json.loads(p.read_text())
-            for p in sorted((state_dir / "simgpu").glob("*/*.json"))}
+    return {
+        str(p.relative_to(state_dir / "simgpu")): json.loads(p.read_text())
+        for p in sorted((state_dir / "simgpu").glob("*/*.json"))
+    }
 
 
 async def test_a_replica_becomes_ready_and_streams_deterministic_text(sims: Replicas) -> None:
@@ -105,7 +126,8 @@ async def test_a_replica_becomes_ready_and_streams_deterministic_text(sims: Repl
 
 
 async def test_the_same_seed_and_prompt_give_the_same_text_on_another_replica(
-        sims: Replicas) -> None:
+    sims: Replicas,
+) -> None:
     one, two = await asyncio.gather(sims.ready(replica_id="a"), sims.ready(replica_id="b"))
     text_one, _ = await sims.text(one, request(seed=3))
     text_two, _ = await sims.text(two, request(seed=3))
@@ -198,7 +220,8 @@ async def test_hang_before_ready_times_out_and_stop_ends_it(sims: Replicas) -> N
 
 
 async def test_die_after_tokens_breaks_the_stream_after_exactly_that_many_tokens(
-        sims: Replicas) -> None:
+    sims: Replicas,
+) -> None:
     handle = await sims.ready(faults={"die_after_tokens": 3})
     got: list[interfaces.Token | interfaces.Done] = []
     with pytest.raises(interfaces.EngineStreamError):
@@ -222,7 +245,8 @@ async def test_oom_at_load_fails_the_start_with_an_out_of_memory_reason(sims: Re
 
 
 async def test_a_replica_that_does_not_fit_beside_the_booked_ones_fails_with_oom(
-        sims: Replicas) -> None:
+    sims: Replicas,
+) -> None:
     footprint = sims.engine.estimate_vram_mib(sims.spec())
     room = {"vram_total_mib": {"0": footprint + footprint // 2}}
     first = await sims.ready(replica_id="a", **room)
@@ -236,21 +260,20 @@ async def test_a_replica_that_does_not_fit_beside_the_booked_ones_fails_with_oom
 
 
 async def test_a_booking_appears_once_ready_split_over_the_mask_and_vanishes_after_stop(
-        sims: Replicas) -> None:
+    sims: Replicas,
+) -> None:
     handle = await sims.ready(devices=(0, 1), ctx=512, slots=2, model_size_mib=100)
     footprint = 100 + 512 * 2 // 16 + sim_server.OVERHEAD_MIB
     assert sims.engine.estimate_vram_mib(handle.spec) == footprint
     half = {"pid": handle.pid, "used_mib": footprint // 2, "replica_id": "chat-0"}
-    assert bookings(sims.state_dir) == {f"0/{handle.pid}.json": half,
-                                        f"1/{handle.pid}.json": half}
+    assert bookings(sims.state_dir) == {f"0/{handle.pid}.json": half, f"1/{handle.pid}.json": half}
     ended = await sims.engine.stop(handle, grace_s=2)
     assert (ended.code, ended.signal) == (0, None)
     assert bookings(sims.state_dir) == {}
     assert not processes.pid_alive(handle.pid, handle.started_at)
 
 
-async def test_a_replica_ignoring_sigterm_is_killed_after_the_grace_period(
-        sims: Replicas) -> None:
+async def test_a_replica_ignoring_sigterm_is_killed_after_the_grace_period(sims: Replicas) -> None:
     handle = await sims.ready(faults={"ignore_sigterm": True})
     began = time.monotonic()
     ended = await sims.engine.stop(handle, grace_s=0.3)
@@ -282,7 +305,8 @@ async def test_adopting_a_live_healthy_replica_gives_a_working_handle(sims: Repl
 
 
 async def test_adopting_a_record_with_another_start_time_leaves_that_process_alone(
-        sims: Replicas) -> None:
+    sims: Replicas,
+) -> None:
     handle = await sims.ready()
     record = processes.record(handle) | {"started_at": handle.started_at + 100}
     assert await sims.engine.adopt(record, handle.spec) is None
@@ -307,27 +331,32 @@ async def test_adopting_a_replica_that_is_not_healthy_stops_it(sims: Replicas) -
     assert (await sims.exited(handle)).code == 0
 
 
-async def test_eight_replicas_start_together_and_are_ready_within_seconds(
-        sims: Replicas) -> None:
+async def test_eight_replicas_start_together_and_are_ready_within_seconds(sims: Replicas) -> None:
     began = time.monotonic()
     handles = await asyncio.gather(*(sims.ready(replica_id=f"r{i}") for i in range(8)))
     assert time.monotonic() - began < 8.0
     assert len({h.port for h in handles}) == 8
 
 
-async def test_a_spec_with_invalid_sim_options_is_refused_before_spawning(
-        sims: Replicas) -> None:
+async def test_a_spec_with_invalid_sim_options_is_refused_before_spawning(sims: Replicas) -> None:
     with pytest.raises(interfaces.EngineStartError, match="tokens_per_s"):
         await sims.start(tokens_per_s=-1)
     assert sims.handles == []
 
 
 def test_the_child_program_imports_neither_aiohttp_nor_pydantic() -> None:
-    code = ("import sys, plugins.sim_server; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
-            "('aiohttp', 'pydantic', 'yaml', 'state')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, cwd=Path(__file__).resolve().parents[1])
+    code = (
+        "import sys, plugins.sim_server; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('aiohttp', 'pydantic', 'yaml', 'state')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert out.stdout.strip() == "[]"
 
 

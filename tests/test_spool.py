@@ -17,7 +17,8 @@ def the_spool(tmp_path: Path) -> spool.Spool:
 
 
 def test_delivery_lands_a_complete_file_in_incoming_and_leaves_tmp_empty(
-        the_spool: spool.Spool) -> None:
+    the_spool: spool.Spool,
+) -> None:
     path = spool.deliver(the_spool, b"prompt: hi\n", name="a.task.yaml")
     assert path == the_spool.incoming / "a.task.yaml"
     assert path.read_bytes() == b"prompt: hi\n"

@@ -24,8 +24,7 @@ def life(clock: FakeClock, policy: RestartPolicy | None = None, rnd: float = 0.5
     return ReplicaLife(ids.ReplicaId("chat-0"), now=clock.now, policy=policy, random=lambda: rnd)
 
 
-def crash_and_restart(replica: ReplicaLife, clock: FakeClock, reason: str = "exit code 1"
-                      ) -> float:
+def crash_and_restart(replica: ReplicaLife, clock: FakeClock, reason: str = "exit code 1") -> float:
     """Crash now, wait out the backoff, restart; return the backoff that was chosen."""
     replica.exited(reason, clock.now)
     assert replica.next_restart_at is not None
@@ -109,8 +108,13 @@ def test_an_engine_that_never_gets_ready_counts_as_a_failure() -> None:
 def test_the_breaker_opens_after_five_failures_and_records_the_reasons() -> None:
     clock = FakeClock()
     replica = life(clock)
-    reasons = ["exit code 1", "killed by SIGSEGV", "OOM: CUDA error: out of memory",
-               "exit code 134", "CUDA error: an illegal memory access was encountered"]
+    reasons = [
+        "exit code 1",
+        "killed by SIGSEGV",
+        "OOM: CUDA error: out of memory",
+        "exit code 134",
+        "CUDA error: an illegal memory access was encountered",
+    ]
     for reason in reasons[:4]:
         replica.ready(clock.advance(3))
         crash_and_restart(replica, clock, reason)
@@ -209,8 +213,7 @@ def test_reset_closes_the_breaker_and_restarts_right_away() -> None:
 
 def test_reasons_are_bounded_and_trimmed_to_one_line() -> None:
     clock = FakeClock()
-    replica = life(clock, RestartPolicy(breaker_failures=100, reasons_kept=3,
-                                        reason_max_chars=20))
+    replica = life(clock, RestartPolicy(breaker_failures=100, reasons_kept=3, reason_max_chars=20))
     for n in range(5):
         crash_and_restart(replica, clock, f"exit code {n}")
     replica.exited("CUDA error:\n  out of memory allocating 2048 MiB", clock.now)

@@ -28,7 +28,8 @@ def _started(ws: Workspace, task_id: str) -> bool:
 
 
 async def test_interactive_tasks_start_before_earlier_batch_tasks(
-        workspace: Workspace, serve: Any) -> None:
+    workspace: Workspace, serve: Any
+) -> None:
     workspace.write_config(_slow())
     await serve()
     workspace.submit("blocker.task.yaml", task("blocker", max_tokens=12))
@@ -65,17 +66,26 @@ async def test_every_accepted_task_carries_queue_metadata(workspace: Workspace, 
 
 
 async def test_a_pinned_task_waits_for_its_pool_and_never_falls_back(
-        workspace: Workspace, serve: Any) -> None:
+    workspace: Workspace, serve: Any
+) -> None:
     cfg = _slow()
-    cfg["pools"].append({"id": "p2", "engine": "sim", "model": "m1", "slots": 1,
-                         "sim": {"tokens_per_s": 400}})
+    cfg["pools"].append(
+        {"id": "p2", "engine": "sim", "model": "m1", "slots": 1, "sim": {"tokens_per_s": 400}}
+    )
     workspace.write_config(cfg)
     await serve()
-    workspace.submit("busy.task.yaml", task("busy", max_tokens=10, placement={
-        "mode": "pin", "pin_pool": "p1"}))
+    workspace.submit(
+        "busy.task.yaml", task("busy", max_tokens=10, placement={"mode": "pin", "pin_pool": "p1"})
+    )
     await wait_for(lambda: _started(workspace, "busy"))
-    workspace.submit("pinned.task.yaml", task("pinned", max_tokens=2, placement={
-        "mode": "pin", "pin_pool": "p1", "allow_fallback": True}))
+    workspace.submit(
+        "pinned.task.yaml",
+        task(
+            "pinned",
+            max_tokens=2,
+            placement={"mode": "pin", "pin_pool": "p1", "allow_fallback": True},
+        ),
+    )
     result = await wait_terminal(workspace, "pinned")
     assert result["pool_id"] == "p1"
     busy = await wait_terminal(workspace, "busy")
@@ -83,23 +93,24 @@ async def test_a_pinned_task_waits_for_its_pool_and_never_falls_back(
 
 
 async def test_a_pin_to_a_pool_that_is_not_ready_is_refused_not_rerouted(
-        workspace: Workspace, serve: Any) -> None:
+    workspace: Workspace, serve: Any
+) -> None:
     cfg = config()
-    cfg["pools"].append({"id": "slowstart", "engine": "sim", "model": "m1",
-                         "sim": {"load_s": 30}})
+    cfg["pools"].append({"id": "slowstart", "engine": "sim", "model": "m1", "sim": {"load_s": 30}})
     workspace.write_config(cfg)
     await serve(ready=False)
-    await wait_for(lambda: any(p["id"] == "p1" and p["state"] == "Ready"
-                               for p in workspace.status()["pools"]))
-    workspace.submit("x.task.yaml", task("x", placement={"mode": "pin",
-                                                         "pin_pool": "slowstart"}))
+    await wait_for(
+        lambda: any(p["id"] == "p1" and p["state"] == "Ready" for p in workspace.status()["pools"])
+    )
+    workspace.submit("x.task.yaml", task("x", placement={"mode": "pin", "pin_pool": "slowstart"}))
     error = (await wait_terminal(workspace, "x"))["error"]
     assert error["code"] == "POOL_UNREADY" and error["retriable"] is True
     assert "never falls back" in error["hint"]
 
 
 async def test_a_session_stays_on_its_replica_and_reports_warm_kv(
-        workspace: Workspace, serve: Any) -> None:
+    workspace: Workspace, serve: Any
+) -> None:
     cfg = config()
     cfg["pools"][0]["replicas"] = 2
     workspace.write_config(cfg)
@@ -116,7 +127,8 @@ async def test_a_session_stays_on_its_replica_and_reports_warm_kv(
 
 
 async def test_canceling_a_queued_task_means_it_never_starts(
-        workspace: Workspace, serve: Any) -> None:
+    workspace: Workspace, serve: Any
+) -> None:
     workspace.write_config(_slow())
     await serve()
     workspace.submit("run.task.yaml", task("run", max_tokens=20))
@@ -133,7 +145,8 @@ async def test_canceling_a_queued_task_means_it_never_starts(
 
 
 async def test_canceling_a_streaming_task_stops_its_tokens_and_frees_the_slot(
-        workspace: Workspace, serve: Any) -> None:
+    workspace: Workspace, serve: Any
+) -> None:
     workspace.write_config(_slow(tokens_per_s=30))
     await serve()
     workspace.submit("long.task.yaml", task("long", max_tokens=200))
@@ -151,7 +164,8 @@ async def test_canceling_a_streaming_task_stops_its_tokens_and_frees_the_slot(
 
 
 async def test_an_engine_dying_mid_stream_fails_the_task_with_worker_reset(
-        workspace: Workspace, serve: Any) -> None:
+    workspace: Workspace, serve: Any
+) -> None:
     cfg = config()
     cfg["pools"][0]["sim"] = {"tokens_per_s": 200, "faults": {"die_after_tokens": 3}}
     workspace.write_config(cfg)
@@ -165,7 +179,8 @@ async def test_an_engine_dying_mid_stream_fails_the_task_with_worker_reset(
 
 
 async def test_a_deadline_that_passes_while_running_ends_the_task(
-        workspace: Workspace, serve: Any) -> None:
+    workspace: Workspace, serve: Any
+) -> None:
     workspace.write_config(_slow(tokens_per_s=20))
     await serve()
     workspace.submit("late.task.yaml", task("late", max_tokens=6, deadline_ms=150))
@@ -175,7 +190,8 @@ async def test_a_deadline_that_passes_while_running_ends_the_task(
 
 
 async def test_an_infeasible_deadline_is_refused_at_admission(
-        workspace: Workspace, serve: Any) -> None:
+    workspace: Workspace, serve: Any
+) -> None:
     workspace.write_config(_slow(tokens_per_s=10))
     await serve()
     workspace.submit("hopeless.task.yaml", task("hopeless", max_tokens=500, deadline_ms=100))
@@ -185,8 +201,9 @@ async def test_an_infeasible_deadline_is_refused_at_admission(
 
 
 @pytest.mark.parametrize("policy", ["reject", "drop-lru"])
-async def test_a_full_queue_applies_its_policy(workspace: Workspace, serve: Any,
-                                               policy: str) -> None:
+async def test_a_full_queue_applies_its_policy(
+    workspace: Workspace, serve: Any, policy: str
+) -> None:
     workspace.write_config(_slow(tokens_per_s=20, queue={"capacity": 2, "full_policy": policy}))
     await serve()
     workspace.submit("run.task.yaml", task("run", max_tokens=30))
@@ -200,13 +217,19 @@ async def test_a_full_queue_applies_its_policy(workspace: Workspace, serve: Any,
         assert result["status"] == "rejected"
         error = result["error"]
         assert (error["code"], error["retriable"], error["policy_label"]) == (
-            "ADMISSION_REJECT", True, "reject")
+            "ADMISSION_REJECT",
+            True,
+            "reject",
+        )
         assert error["retry_after_ms"] > 0
     else:
         result = await wait_terminal(workspace, "old")
         error = result["error"]
         assert (result["status"], error["code"], error["policy_label"]) == (
-            "failed", "QUEUE_FULL_DROP_LRU", "drop-lru")
+            "failed",
+            "QUEUE_FULL_DROP_LRU",
+            "drop-lru",
+        )
         assert error["retriable"] is True and error["retry_after_ms"] > 0
         frames = workspace.frames("old")
         assert frames[-1].event == "error" and frames[-1].data["code"] == "QUEUE_FULL_DROP_LRU"
@@ -216,8 +239,9 @@ async def test_a_full_queue_applies_its_policy(workspace: Workspace, serve: Any,
 async def test_sessions_expire_and_run_out_of_turns_on_a_fake_clock(workspace: Workspace) -> None:
     workspace.write_config(config(sessions={"ttl_s": 600, "max_turns": 2}))
     clock = clocks.FakeClock()
-    d = daemons.Daemon(daemons.Options(config_path=workspace.config_path, resync_s=0.1),
-                       clock=clock)
+    d = daemons.Daemon(
+        daemons.Options(config_path=workspace.config_path, resync_s=0.1), clock=clock
+    )
     job = asyncio.get_running_loop().create_task(d.run())
     try:
         for i in (1, 2, 3):
