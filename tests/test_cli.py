@@ -1,0 +1,122 @@
+"""`orchctl` as a user runs it: exit codes and what it prints."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Workspace, task, wait_terminal
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def orchctl(
+    *args: str, stdin: bytes | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "reconciler.cli", *args],
+        input=(stdin.decode() if stdin is not None else None),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        check=False,
+    )
+
+
+def test_validate_accepts_the_examples() -> None:
+    example = ROOT / "examples" / "01-simulated-workstation"
+    files = [
+        example / "orch.yaml",
+        example / "inventory.yaml",
+        *sorted((example / "tasks").glob("*")),
+    ]
+    proc = orchctl("validate", *map(str, files))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count(": ok") == len(files)
+
+
+def test_validate_prints_file_line_field_and_hint_and_exits_2(tmp_path: Path) -> None:
+    bad = tmp_path / "orch.yaml"
+    bad.write_text("version: 1\nqueue:\n  capacty: 3\n")
+    proc = orchctl("validate", str(bad))
+    assert proc.returncode == 2
+    assert (
+        f"{bad}:3:3: queue.capacty: unknown key 'capacty' (hint: did you mean 'capacity'?)"
+        in proc.stdout
+    )
+
+
+def test_serve_without_an_nvidia_driver_exits_3_with_the_fix(tmp_path: Path) -> None:
+    pynvml = pytest.importorskip("pynvml")
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        pass
+    else:  # pragma: no cover - only on a machine with a driver
+        pynvml.nvmlShutdown()
+        pytest.skip("this machine has an NVIDIA driver")
+    (tmp_path / "orch.yaml").write_text(
+        'version: 1\nmodels: {m: {ref: "file:m.gguf", size_mib: 10}}\n'
+        "pools: [{id: p, engine: llamacpp, model: m}]\n"
+    )
+    proc = orchctl("serve", "--config", str(tmp_path / "orch.yaml"), "--duration", "1")
+    assert proc.returncode == 3
+    assert "pacman -S" in proc.stderr and "apt install" in proc.stderr
+    assert "--simulate" in proc.stderr
+
+
+def test_serve_refuses_an_invalid_config_with_exit_2(tmp_path: Path) -> None:
+    (tmp_path / "orch.yaml").write_text("version: 1\npools: [{id: p}]\n")
+    proc = orchctl("serve", "--config", str(tmp_path / "orch.yaml"))
+    assert proc.returncode == 2 and "orch.yaml:2" in proc.stderr
+
+
+async def test_submit_from_stdin_watch_and_status(workspace: Workspace, serve: Any) -> None:
+    await serve()
+    cfg = str(workspace.config_path)
+    proc = orchctl(
+        "submit",
+        "-",
+        "--config",
+        cfg,
+        stdin=b"task_id: piped\nmodel: m1\nprompt: hi\nmax_tokens: 5\n",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (await wait_terminal(workspace, "piped"))["status"] == "succeeded"
+    watched = orchctl("watch", "piped", "--config", cfg)
+    assert watched.returncode == 0
+    assert workspace.result("piped")["text"] in watched.stdout  # type: ignore[index]
+    assert "[end: length, 5 tokens]" in watched.stdout
+    status = orchctl("status", "--config", cfg)
+    assert status.returncode == 0
+    assert "SIMULATED" in status.stdout and "p1-0" in status.stdout and "Ready" in status.stdout
+
+
+async def test_submit_refuses_an_invalid_task_before_it_reaches_the_spool(
+    workspace: Workspace,
+) -> None:
+    bad = workspace.root / "bad.task.yaml"
+    bad.write_text("model: m1\nprompt: hi\n")
+    proc = orchctl("submit", str(bad), "--config", str(workspace.config_path))
+    assert proc.returncode == 2 and "max_tokens" in proc.stderr
+    assert list(workspace.spool.incoming.iterdir()) == []
+
+
+async def test_watch_of_a_rejected_task_exits_1(workspace: Workspace, serve: Any) -> None:
+    await serve()
+    workspace.submit("r.task.yaml", task("r", model="nope"))
+    await wait_terminal(workspace, "r")
+    proc = orchctl("watch", "r", "--config", str(workspace.config_path))
+    assert proc.returncode == 1 and "MODEL_UNKNOWN" in proc.stdout
+
+
+def test_plugins_lists_the_built_ins() -> None:
+    proc = orchctl("plugins")
+    assert proc.returncode == 0
+    for name in ("nvml", "simulated", "sim", "llamacpp"):
+        assert name in proc.stdout
