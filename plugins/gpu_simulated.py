@@ -30,7 +30,7 @@ PREFIX = "SIMULATED "
 _BOOKING_NAME = re.compile(r"^([0-9]+)\.json$")
 
 
-class InventoryError(Exception):
+class InventoryError(interfaces.ConfigProblem):
     """The inventory file cannot be used; `errors` say where and why (a config error)."""
 
     def __init__(self, path: Path, errors: list[loading.LoadError]) -> None:

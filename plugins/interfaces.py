@@ -25,6 +25,10 @@ class EnvironmentMissing(Exception):
         self.fix = fix
 
 
+class ConfigProblem(Exception):
+    """A file the user wrote cannot be used; `orchctl` prints the message and exits 2."""
+
+
 class GpuObserver(Protocol):
     """Reads the GPUs. `observe` never raises for a single GPU's error; it reports it."""
 

@@ -22,6 +22,7 @@ BUILTINS = (
     "plugins.gpu_simulated",
     "plugins.engine_sim",
     "plugins.engine_llamacpp",
+    "plugins.resolvers",
 )
 
 

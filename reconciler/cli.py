@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     except interfaces.EnvironmentMissing as exc:
         print(f"orchctl: {exc.what}\n\n{exc.fix}", file=sys.stderr)
         return EXIT_ENV
+    except interfaces.ConfigProblem as exc:
+        print(f"orchctl: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
     return code

@@ -78,10 +78,10 @@ class Daemon:
 
     def _setup(self) -> None:
         if not self.config.refresh() or self.config.state is None:
-            raise interfaces.EnvironmentMissing(
-                f"{self.config.path} is not a valid config",
-                "\n".join(str(e) for e in self.config.errors) + "\nrun `orchctl validate "
-                f"{self.config.path}` and fix the lines shown",
+            problems = "\n".join(f"  {e}" for e in self.config.errors)
+            raise interfaces.ConfigProblem(
+                f"{self.config.path} is not a valid config:\n{problems}\n"
+                f"run `orchctl validate {self.config.path}` and fix the lines shown"
             )
         state = self.config.state
         base = self.config.base
@@ -135,6 +135,8 @@ class Daemon:
                     logs.emit(log, "daemon.idle", "Spool empty and nothing running: stopping.")
                     break
                 timeout = self.options.resync_s
+                if self.config.state is not None:  # the NVML poll: GPUs change on their own
+                    timeout = min(timeout, self.config.state.gpus.poll_s)
                 if deadline is not None:
                     timeout = min(timeout, deadline - self.clock.monotonic())
                     if timeout <= 0:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from plugins import interfaces, registry
+from plugins import interfaces, registry, resolvers
 from reconciler import admission, estimates, logs, placement, planning, supervision
 from reconciler import clock as clocks
 from reconciler.configuring import AppliedConfig
@@ -28,6 +28,7 @@ from state import atomic, desired, ids, observed, results
 log = logs.get("pools")
 
 DEFAULT_STARTUP_MS = 5000.0
+DEFAULT_MODEL_MIB = 1024  # planning size for a model whose file is not there and has no size_mib
 
 
 @dataclass
@@ -81,8 +82,11 @@ class PoolRuntime:
         devices: tuple[int, ...],
     ) -> interfaces.ReplicaSpec:
         model = state.models[pool.model]
-        path = _model_path(model.ref, self.config.base)
-        size = model.size_mib or (_file_mib(path) if path else None) or 1024
+        scheme = model.ref.split(":", 1)[0] if ":" in model.ref else "file"
+        resolver = self.plugins.resolvers.get(scheme)
+        found = resolver(model.ref, self.config.base) if resolver else None
+        path = found.path if found else None
+        size = model.size_mib or (found.size_mib if found else None) or DEFAULT_MODEL_MIB
         options: dict[str, Any] = pool.sim.model_dump(mode="json") if pool.sim else {}
         engine_cfg = state.engines.get(pool.engine)
         if engine_cfg is not None:
@@ -146,6 +150,15 @@ class PoolRuntime:
         for pool in state.pools:
             if pool.engine not in self.plugins.engines:
                 self.problems[pool.id] = f"engine {pool.engine!r} is not installed"
+                continue
+            ref = state.models[pool.model].ref
+            scheme = ref.split(":", 1)[0] if ":" in ref else "file"
+            if scheme not in self.plugins.resolvers:
+                known = ", ".join(f"{k}:" for k in sorted(self.plugins.resolvers))
+                self.problems[pool.id] = (
+                    f"no model resolver for {scheme}: refs (installed: {known}); "
+                    "download the file and use a file: ref"
+                )
                 continue
             self.problems.pop(pool.id, None)
             wants.append(self._want(pool, state))
@@ -281,6 +294,21 @@ class PoolRuntime:
         ready_s = state.timeouts.ready_s if state else 120.0
         began = self.clock.monotonic()
         try:
+            untrusted = await asyncio.to_thread(
+                resolvers.verify, r.spec.model_path, r.spec.model_digest
+            )
+            if untrusted:
+                r.life.give_up(untrusted, self.clock.monotonic())
+                logs.emit(
+                    log,
+                    "replica.untrusted",
+                    f"Replica {r.replica_id} not started: {untrusted}.",
+                    level=40,
+                    replica_id=r.replica_id,
+                    pool_id=r.pool_id,
+                )
+                self.wake()
+                return
             r.handle = await r.engine.start(r.spec)
             self._write_record(r)
             await r.engine.wait_ready(r.handle, timeout_s=ready_s)
@@ -641,19 +669,6 @@ def spec_hash(
         "engine": engine.model_dump(mode="json") if engine else None,
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def _model_path(ref: str, base: Path) -> Path | None:
-    if ref.startswith("file:"):
-        return desired.resolve(base, ref.removeprefix("file:"))
-    return None
-
-
-def _file_mib(path: Path) -> int | None:
-    try:
-        return max(1, path.stat().st_size // (1024 * 1024))
-    except OSError:
-        return None
 
 
 async def _kill_recorded(record: dict[str, Any]) -> None:

@@ -173,3 +173,59 @@ async def test_crashes_back_off_then_open_the_breaker_on_a_fake_clock(workspace:
         assert all(0.9 * 2**i <= x <= 1.1 * 2**i for i, x in enumerate(delays))
     finally:
         await d.pools.shutdown()
+
+
+async def test_a_model_file_that_does_not_match_its_digest_is_never_started(
+    workspace: Workspace, serve: Any
+) -> None:
+    (workspace.root / "m1.gguf").write_bytes(b"GGUF not the file you pinned")
+    cfg = config()
+    cfg["models"]["m1"]["digest"] = "sha256:" + "0" * 64
+    workspace.write_config(cfg)
+    await serve(ready=False)
+    await wait_for(lambda: _pool(workspace, "p1")["state"] == "Failed", 10)
+    reason = _pool(workspace, "p1")["reason"]
+    assert "UNTRUSTED_ARTIFACT" in reason and "m1.gguf" in reason
+    assert _pool(workspace, "p1")["replicas"][0]["pid"] is None
+
+
+async def test_a_ref_scheme_without_a_resolver_fails_its_pool_with_the_reason(
+    workspace: Workspace, serve: Any
+) -> None:
+    cfg = config()
+    cfg["models"]["m1"]["ref"] = "hf:org/repo/file.gguf"
+    workspace.write_config(cfg)
+    await serve(ready=False)
+    await wait_for(lambda: _pool(workspace, "p1")["state"] == "Failed", 10)
+    assert "no model resolver for hf:" in _pool(workspace, "p1")["reason"]
+
+
+async def test_a_graceful_stop_leaves_no_engine_process(workspace: Workspace, serve: Any) -> None:
+    import os
+
+    running = await serve()
+    pids = list(_pids(workspace).values())
+    assert pids and all(os.path.exists(f"/proc/{p}") for p in pids)
+    assert await running.stop() == 0
+    await wait_for(lambda: not any(os.path.exists(f"/proc/{p}") for p in pids), 5)
+    assert workspace.status()["daemon"]["state"] == "stopped"
+
+
+async def test_the_config_revision_is_the_git_commit_with_a_dirty_flag(
+    workspace: Workspace, serve: Any
+) -> None:
+    import subprocess
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(workspace.root), *args], check=True, capture_output=True)
+
+    git("init", "-q")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "add", "orch.yaml")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "desired state")
+    await serve()
+    revision = workspace.status()["config"]["revision"]
+    assert revision.startswith("git:") and not revision.endswith("+dirty")
+    cfg = config()
+    cfg["pools"][0]["replicas"] = 2
+    workspace.write_config(cfg)
+    await wait_for(lambda: workspace.status()["config"]["revision"].endswith("+dirty"), 10)
