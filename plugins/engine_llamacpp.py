@@ -33,7 +33,7 @@ import math
 import os
 import re
 import shutil
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,6 @@ DEFAULT_KV_MIB_PER_TOKEN = 0.125
 DEFAULT_N_HEAD = 32
 UBATCH = 512
 LIST_DEVICES_TIMEOUT_S = 60.0
-ADOPT_STOP_GRACE_S = 10.0
 _MIB = 1024 * 1024
 _DEVICE_LINE = re.compile(r"\s*([A-Za-z][A-Za-z_-]*\d+):\s")
 _GPU_ONLY_FIX = (
@@ -237,7 +236,7 @@ def child_env(spec: interfaces.ReplicaSpec, base: Mapping[str, str]) -> dict[str
     return env
 
 
-class LlamaCppEngine:
+class LlamaCppEngine(llama_server.ServerEngine):
     name = "llamacpp"
 
     def __init__(self) -> None:
@@ -276,33 +275,6 @@ class LlamaCppEngine:
             env=child_env(spec, os.environ),
             port=port,
         )
-
-    async def wait_ready(self, handle: interfaces.ReplicaHandle, *, timeout_s: float) -> None:
-        await llama_server.wait_ready(handle, timeout_s=timeout_s)
-
-    def generate(
-        self,
-        handle: interfaces.ReplicaHandle,
-        request: interfaces.GenerateRequest,
-    ) -> AsyncIterator[interfaces.Token | interfaces.Done]:
-        return llama_server.Client(handle.base_url).generate(request)
-
-    async def describe(self, handle: interfaces.ReplicaHandle) -> interfaces.EngineInfo:
-        # VRAM is measured by the GPU observer (NVML per-process use of handle.pid).
-        return await llama_server.describe(handle)
-
-    def poll_exit(self, handle: interfaces.ReplicaHandle) -> interfaces.ExitInfo | None:
-        return processes.poll_exit(handle)
-
-    async def stop(
-        self, handle: interfaces.ReplicaHandle, *, grace_s: float
-    ) -> interfaces.ExitInfo:
-        return await processes.stop_replica(handle, grace_s=grace_s)
-
-    async def adopt(
-        self, record: Mapping[str, Any], spec: interfaces.ReplicaSpec
-    ) -> interfaces.ReplicaHandle | None:
-        return await llama_server.adopt(record, spec, grace_s=ADOPT_STOP_GRACE_S)
 
 
 class _Plugin:

@@ -19,7 +19,7 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,6 @@ import pydantic
 from plugins import hookspecs, interfaces, llama_server, processes, sim_server
 from state import desired
 
-ADOPT_STOP_GRACE_S = 5.0
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -120,8 +119,9 @@ def _forget_bookings(handle: interfaces.ReplicaHandle) -> None:
         path.unlink(missing_ok=True)
 
 
-class SimEngine:
+class SimEngine(llama_server.ServerEngine):
     name = "sim"
+    adopt_stop_grace_s = 5.0
 
     def estimate_vram_mib(self, spec: interfaces.ReplicaSpec) -> int:
         return sim_server.footprint_mib(spec.model_size_mib, spec.ctx, spec.slots)
@@ -132,21 +132,11 @@ class SimEngine:
             spec, argv=command(spec, port=port), env=child_env(spec, os.environ), port=port
         )
 
-    async def wait_ready(self, handle: interfaces.ReplicaHandle, *, timeout_s: float) -> None:
-        await llama_server.wait_ready(handle, timeout_s=timeout_s)
-
-    def generate(
-        self,
-        handle: interfaces.ReplicaHandle,
-        request: interfaces.GenerateRequest,
-    ) -> AsyncIterator[interfaces.Token | interfaces.Done]:
-        return llama_server.Client(handle.base_url).generate(request)
-
     async def describe(self, handle: interfaces.ReplicaHandle) -> interfaces.EngineInfo:
         return await llama_server.describe(handle, vram_measured_mib=_booked_mib(handle))
 
     def poll_exit(self, handle: interfaces.ReplicaHandle) -> interfaces.ExitInfo | None:
-        ended = processes.poll_exit(handle)
+        ended = super().poll_exit(handle)
         if ended is not None:
             _forget_bookings(handle)
         return ended
@@ -154,14 +144,14 @@ class SimEngine:
     async def stop(
         self, handle: interfaces.ReplicaHandle, *, grace_s: float
     ) -> interfaces.ExitInfo:
-        ended = await processes.stop_replica(handle, grace_s=grace_s)
+        ended = await super().stop(handle, grace_s=grace_s)
         _forget_bookings(handle)
         return ended
 
     async def adopt(
         self, record: Mapping[str, Any], spec: interfaces.ReplicaSpec
     ) -> interfaces.ReplicaHandle | None:
-        handle = await llama_server.adopt(record, spec, grace_s=ADOPT_STOP_GRACE_S)
+        handle = await super().adopt(record, spec)
         pid = record.get("pid")
         if handle is None and isinstance(pid, int) and processes.start_time(pid) is None:
             for path in bookings(spec, pid):  # its process is gone: so is its VRAM

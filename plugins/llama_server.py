@@ -314,3 +314,38 @@ async def adopt(
         return handle
     await processes.stop_replica(handle, grace_s=grace_s)
     return None
+
+
+class ServerEngine:
+    """What every engine that runs a llama-server-compatible process shares: readiness,
+    streaming, describe, exit polling, stop and adoption. Subclasses add how to start it."""
+
+    name = "llama-server"
+    adopt_stop_grace_s = 10.0
+
+    async def wait_ready(self, handle: interfaces.ReplicaHandle, *, timeout_s: float) -> None:
+        await wait_ready(handle, timeout_s=timeout_s)
+
+    def generate(
+        self,
+        handle: interfaces.ReplicaHandle,
+        request: interfaces.GenerateRequest,
+    ) -> AsyncIterator[interfaces.Token | interfaces.Done]:
+        return Client(handle.base_url).generate(request)
+
+    async def describe(self, handle: interfaces.ReplicaHandle) -> interfaces.EngineInfo:
+        # VRAM is measured by the GPU observer (per-process use of handle.pid).
+        return await describe(handle)
+
+    def poll_exit(self, handle: interfaces.ReplicaHandle) -> interfaces.ExitInfo | None:
+        return processes.poll_exit(handle)
+
+    async def stop(
+        self, handle: interfaces.ReplicaHandle, *, grace_s: float
+    ) -> interfaces.ExitInfo:
+        return await processes.stop_replica(handle, grace_s=grace_s)
+
+    async def adopt(
+        self, record: Mapping[str, Any], spec: interfaces.ReplicaSpec
+    ) -> interfaces.ReplicaHandle | None:
+        return await adopt(record, spec, grace_s=self.adopt_stop_grace_s)
