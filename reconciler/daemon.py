@@ -169,8 +169,10 @@ class Daemon:
         if self.config.refresh():
             self.dispatcher.sync_queue_config()
         await self.pools.reconcile()
-        self._cancels()
         self._intake()
+        # after intake, before dispatch: a task cancelled while still in incoming/ is queued
+        # here and removed before it can start
+        self._cancels()
         self.dispatcher.sweep_sessions()
         self.dispatcher.pump()
         self._write_status()
@@ -197,19 +199,6 @@ class Daemon:
         existing = self.results.read(task_id) if self.results.exists(task_id) else None
         if existing is not None and existing.terminal:
             return f"already {existing.status}"
-        # Not claimed yet: cancel it straight from incoming/ so it never runs.
-        for name in spool.incoming_names(self.spool):
-            path = self.spool.incoming / name
-            claimed = spool.claim(self.spool, name)
-            if claimed is None:
-                continue
-            parsed = intake.parse_claimed(claimed)
-            if isinstance(parsed, intake.Parsed) and parsed.task_id == task_id:
-                run = self._new_run(parsed)
-                run.cancel_requested = True
-                self.books.finish(run, "canceled", finish_reason="canceled")
-                return "canceled"
-            os.rename(claimed, path)  # not ours: put it back untouched
         return "unknown"
 
     def _intake(self) -> None:

@@ -265,3 +265,14 @@ async def test_sessions_expire_and_run_out_of_turns_on_a_fake_clock(workspace: W
     finally:
         d.stop()
         await asyncio.wait_for(job, 20)
+
+
+async def test_a_task_canceled_before_the_daemon_claimed_it_never_starts(
+    workspace: Workspace, serve: Any
+) -> None:
+    workspace.submit("early.task.yaml", task("early"))
+    spool.request_cancel(workspace.spool, "early")
+    await serve()
+    result = await wait_terminal(workspace, "early")
+    assert result["status"] == "canceled"
+    assert [f.event for f in workspace.frames("early")] == ["queued", "end"]
