@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check reconciler plugins state schemas tests features
+	$(BIN)/ruff check reconciler plugins state schemas tests features benchmarks examples
+	$(BIN)/ruff format --check reconciler plugins state schemas tests features benchmarks
 	$(BIN)/mypy
 
 unit: $(STAMP)

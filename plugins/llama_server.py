@@ -271,7 +271,8 @@ async def wait_ready(handle: interfaces.ReplicaHandle, *, timeout_s: float) -> N
                 f"engine not ready after {timeout_s:g} s (last health check: {last.message})"
             )
         await asyncio.sleep(min(delay, remaining))
-        delay = min(delay * 1.5, 0.25)
+        # a /health answer is cheap; a long poll interval would add up to it to every start
+        delay = min(delay * 1.5, 0.05)
 
 
 async def describe(

@@ -29,6 +29,7 @@ from state.errors import ErrorCode
 log = logs.get("daemon")
 
 RESYNC_S = 2.0
+INTAKE_PER_PASS = 64
 
 
 @dataclass(frozen=True)
@@ -202,7 +203,13 @@ class Daemon:
         return "unknown"
 
     def _intake(self) -> None:
-        for name in spool.incoming_names(self.spool):
+        names = spool.incoming_names(self.spool)
+        if len(names) > INTAKE_PER_PASS:
+            # a burst of files: take a batch, dispatch it, come straight back for the rest,
+            # so work starts (and status and cancels move) while the burst is admitted
+            names = names[:INTAKE_PER_PASS]
+            self.wake()
+        for name in names:
             path = spool.claim(self.spool, name)
             if path is None:
                 continue

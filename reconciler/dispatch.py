@@ -46,6 +46,8 @@ class PoolsView(Protocol):
 
     def startup_ms(self, pool_id: str) -> float: ...
 
+    def engine_version(self, replica_id: str | None) -> str | None: ...
+
 
 @dataclass
 class Running:
@@ -290,9 +292,11 @@ class Dispatcher:
         self, entry: queues.Entry, ahead: tuple[queues.Entry, ...]
     ) -> tuple[float | None, float | None]:
         frees, pool_id = self._slots_for(entry)
-        same = [e for e in ahead if e.model_id == entry.model_id]
+        rate = self.pools.rate(pool_id) if pool_id else estimates.prior()
         start = estimates.predicted_start_ms(
-            frees, [self._service_ms(pool_id, e.max_tokens) for e in same]
+            frees,
+            [estimates.service_ms(e.max_tokens, rate) for e in ahead
+             if e.model_id == entry.model_id],
         )
         if entry.deadline_at is None:
             return start, None
@@ -382,15 +386,24 @@ class Dispatcher:
         if state is None:
             return
         views = self.pools.views()
+        # The codes that fail a queued task depend only on its model, pool and pin, so one
+        # check per distinct target serves every task queued for it.
+        verdicts: dict[tuple[str, str | None, str | None], ErrorEnvelope | None] = {}
         for entry in self.queue.in_dispatch_order():
             run = self.runs[entry.task_id]
-            target = admission.Target(entry.model_id, entry.pool_id)
-            problem = admission.check(run.task, target, state=state, pools=views)
-            if problem is not None and problem.code in (
-                ErrorCode.POOL_UNAVAILABLE,
-                ErrorCode.MODEL_UNKNOWN,
-                ErrorCode.MODEL_RETIRED,
-            ):
+            p = run.task.placement
+            key = (entry.model_id, entry.pool_id, p.pin_pool if p.mode == "pin" else None)
+            if key not in verdicts:
+                target = admission.Target(entry.model_id, entry.pool_id)
+                found = admission.check(run.task, target, state=state, pools=views)
+                unservable = found is not None and found.code in (
+                    ErrorCode.POOL_UNAVAILABLE,
+                    ErrorCode.MODEL_UNKNOWN,
+                    ErrorCode.MODEL_RETIRED,
+                )
+                verdicts[key] = found if unservable else None
+            problem = verdicts[key]
+            if problem is not None:
                 self.queue.remove(entry.task_id)
                 self.runs.pop(entry.task_id)
                 self.books.finish(run, "failed", error=problem)
@@ -459,9 +472,7 @@ class Dispatcher:
         idle_s = self.config.state.timeouts.decode_idle_s if self.config.state else 60.0
         stream = engine.generate(handle, request)
         try:
-            with contextlib.suppress(Exception):
-                info = await asyncio.wait_for(engine.describe(handle), 2.0)
-                result.engine_version = info.engine_version
+            result.engine_version = self.pools.engine_version(decision.replica_id)
             iterator = stream.__aiter__()
             while True:
                 timeout = idle_s

@@ -101,6 +101,9 @@ def setup(
     else:
         handler.setFormatter(JsonLinesFormatter())
     root.addHandler(handler)
+    # watchdog logs a benign race at ERROR when its observer stops
+    # ("queue_events() called when the thread is inactive"); keep real trouble only
+    logging.getLogger("watchdog").setLevel(logging.CRITICAL)
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         file_handler = logging.FileHandler(log_file, encoding="utf-8")

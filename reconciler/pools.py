@@ -28,6 +28,7 @@ from state import atomic, desired, ids, observed, results
 log = logs.get("pools")
 
 DEFAULT_STARTUP_MS = 5000.0
+DEFAULT_PRIOR = estimates.prior()
 DEFAULT_MODEL_MIB = 1024  # planning size for a model whose file is not there and has no size_mib
 
 
@@ -65,6 +66,9 @@ class PoolRuntime:
     rates: dict[str, estimates.ServiceRate] = field(default_factory=dict)
     startup: dict[str, float] = field(default_factory=dict)
     problems: dict[str, str] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    _priors_of: desired.DesiredState | None = None
+    _priors: dict[str, estimates.ServiceRate] = field(default_factory=dict)
 
     @property
     def records(self) -> Path:
@@ -351,6 +355,9 @@ class PoolRuntime:
             pid=r.handle.pid,
         )
         self.wake()
+        with contextlib.suppress(Exception):  # the version is shown, not required
+            info = await asyncio.wait_for(r.engine.describe(r.handle), 5.0)
+            self.versions[r.replica_id] = info.engine_version
 
     def _drain(self, replica_id: str, reason: str) -> None:
         r = self.replicas.get(replica_id)
@@ -545,10 +552,15 @@ class PoolRuntime:
         if pool_id in self.rates:
             return self.rates[pool_id]
         state = self.config.state
-        pool = state.pool(pool_id) if state else None
-        if pool is not None and pool.sim is not None:
-            return estimates.prior(pool.sim.tokens_per_s, pool.sim.first_token_ms + 1.0)
-        return estimates.prior()
+        if state is not self._priors_of:  # the priors come from the applied config
+            self._priors_of = state
+            self._priors = {}
+            for pool in state.pools if state else ():
+                if pool.sim is not None:
+                    self._priors[pool.id] = estimates.prior(
+                        pool.sim.tokens_per_s, pool.sim.first_token_ms + 1.0
+                    )
+        return self._priors.get(pool_id) or DEFAULT_PRIOR
 
     def observe(
         self, pool_id: str, *, tokens: int, decode_ms: float, first_token_ms: float
@@ -560,6 +572,9 @@ class PoolRuntime:
                 decode_ms=max(decode_ms, 1.0),
                 first_token_ms=first_token_ms,
             )
+
+    def engine_version(self, replica_id: str | None) -> str | None:
+        return self.versions.get(replica_id or "")
 
     def startup_ms(self, pool_id: str) -> float:
         if pool_id in self.startup:

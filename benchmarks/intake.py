@@ -1,0 +1,146 @@
+"""`intake`: 1,000 task files dropped into spool/incoming at once, end to end.
+
+The daemon runs one Ready sim pool (8 slots, 2,000 tokens/s, first token after 0 ms; queue
+capacity 2,000). The task files are first written into spool/tmp (not timed: that is the
+writers' side of the maildir protocol), then renamed into incoming/ in one tight loop, so
+they land "at once". The clock starts before the first rename.
+
+- admitted/s: tasks ÷ time until every task has a results/<id>.json of any status (the
+  daemon writes it when it queues or rejects the task).
+- tasks/s: tasks ÷ time until every task is terminal. The daemon writes the terminal result
+  before it moves the task file to spool/done or spool/failed, so the count of those two
+  folders is what is polled (every 20 ms, 50 ms once all are admitted; listing names is
+  cheaper than reading 1,000 result files); every result file is read once at the end.
+
+The poller shares the event loop with the daemon, so while one daemon pass admits a batch it
+cannot look: the admitted time is when the first poll after that pass sees every result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import harness, report
+from benchmarks.harness import BenchError, StatusWatch
+
+NAME = "intake"
+TASKS = 1000
+QUICK_TASKS = 250
+MAX_TOKENS = 4
+SLOTS = 8
+TOKENS_PER_S = 2000.0
+POLL_S = 0.02
+POLL_DONE_S = 0.05  # once all are admitted: the run takes seconds, keep the poller light
+TIMEOUT_S = 180.0
+
+
+def _config() -> dict[str, Any]:
+    return harness.base_config(
+        models={"m1": {"ref": "file:models/m1.gguf", "size_mib": 1000}},
+        pools=[
+            harness.sim_pool(
+                "p1", "m1", ctx=512, slots=SLOTS, tokens_per_s=TOKENS_PER_S, first_token_ms=0.0
+            )
+        ],
+        queue_capacity=2000,
+    )
+
+
+def _count(folder: Path, suffix: str) -> int:
+    try:
+        return sum(1 for n in os.listdir(folder) if n.endswith(suffix) and not n.startswith("."))
+    except FileNotFoundError:
+        return 0
+
+
+async def run(bench: report.BenchResult, *, quick: bool) -> None:
+    n = QUICK_TASKS if quick else TASKS
+    with harness.workspace(_config()) as ws:
+        async with harness.serving(ws) as srv:
+            watch = StatusWatch(ws)
+            await srv.wait_for(
+                lambda: _ready(watch.read()), timeout_s=30, what="pool p1 Ready", poll_s=0.01
+            )
+            sp = ws.spool
+            staged: list[tuple[Path, Path]] = []
+            for i in range(n):
+                name = f"t{i:05d}.task.json"
+                body = {
+                    "task_id": f"t{i:05d}",
+                    "model": "m1",
+                    "prompt": "hi",
+                    "max_tokens": MAX_TOKENS,
+                }
+                part = sp.tmp / f"{name}.part"
+                part.write_text(json.dumps(body))
+                staged.append((part, sp.incoming / name))
+            t0 = time.perf_counter()
+            for part, target in staged:
+                os.rename(part, target)
+            dropped_ms = (time.perf_counter() - t0) * 1000
+            admitted_s: float | None = None
+            terminal_s: float | None = None
+            progress: list[tuple[float, int, int]] = []
+            end = t0 + TIMEOUT_S
+            while terminal_s is None:
+                srv.check_alive()
+                now = time.perf_counter()
+                if now > end:
+                    raise BenchError(
+                        f"timed out after {TIMEOUT_S:g} s: {progress[-1] if progress else '-'}"
+                    )
+                # results/ holds 2n names: stop listing it once every task has a result
+                written = n if admitted_s is not None else _count(ws.results_dir, ".json")
+                finished = _count(sp.done, ".task.json") + _count(sp.failed, ".task.json")
+                if not progress or progress[-1][1:] != (written, finished):
+                    progress.append((round(now - t0, 3), written, finished))
+                if admitted_s is None and written >= n:
+                    admitted_s = now - t0
+                if finished >= n:
+                    terminal_s = now - t0
+                    if admitted_s is None:
+                        admitted_s = terminal_s
+                    break
+                await asyncio.sleep(POLL_S if admitted_s is None else POLL_DONE_S)
+            statuses: collections.Counter[str] = collections.Counter()
+            errors: collections.Counter[str] = collections.Counter()
+            for i in range(n):
+                r = ws.result(f"t{i:05d}")
+                statuses[r["status"] if r else "missing"] += 1
+                if r and r.get("error"):
+                    errors[r["error"]["code"]] += 1
+            queue_at_end = srv.daemon.dispatcher.depth()
+    assert admitted_s is not None and terminal_s is not None
+    bench.add("tasks/s end to end", n / terminal_s, "tasks/s")
+    bench.add("admitted/s (result file written)", n / admitted_s, "tasks/s")
+    bench.add("all terminal after", terminal_s * 1000, "ms")
+    bench.add("succeeded", float(statuses["succeeded"]), "tasks", report.Target(">=", float(n)))
+    bench.details.update(
+        {
+            "tasks": n,
+            "max_tokens": MAX_TOKENS,
+            "slots": SLOTS,
+            "tokens_per_s": TOKENS_PER_S,
+            "drop_ms": round(dropped_ms, 2),
+            "admitted_s": round(admitted_s, 3),
+            "terminal_s": round(terminal_s, 3),
+            "statuses": dict(statuses),
+            "error_codes": dict(errors),
+            "queue_at_end": queue_at_end,
+            "progress": progress[:: max(1, len(progress) // 200)],
+        }
+    )
+
+
+def _ready(status: dict[str, Any] | None) -> bool:
+    return bool(
+        status
+        and status["pools"]
+        and all(p["state"] == "Ready" and not p.get("reason") for p in status["pools"])
+    )
