@@ -121,17 +121,34 @@ def _where(p: argparse.ArgumentParser) -> None:
 
 
 def _paths(config_path: Path) -> tuple[spool.Spool, results.ResultStore, Path]:
-    loaded = desired.load_desired(config_path)
-    if loaded.value is None:
-        for err in loaded.errors:
-            print(err, file=sys.stderr)
+    """The folders named by orch.yaml. A broken orch.yaml must not lock the operator out
+    (the daemon keeps serving the last good one): fall back to its raw `paths:`, or the
+    defaults, and say so."""
+    if not config_path.exists():
+        print(f"orchctl: {config_path} not found (use --config PATH)", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
+    loaded = desired.load_desired(config_path)
+    if loaded.value is not None:
+        paths = loaded.value.paths
+    else:
+        print(
+            f"orchctl: warning: {config_path} has errors (the daemon keeps the last good "
+            "config); `orchctl validate` shows them",
+            file=sys.stderr,
+        )
+        raw = loaded.data.get("paths") if isinstance(loaded.data, dict) else None
+        known = desired.PathsConfig.model_fields
+        try:
+            paths = desired.PathsConfig.model_validate(
+                {k: v for k, v in raw.items() if k in known} if isinstance(raw, dict) else {}
+            )
+        except ValueError:
+            paths = desired.PathsConfig()
     base = config_path.resolve().parent
-    state = loaded.value
     return (
-        spool.Spool(desired.resolve(base, state.paths.spool)),
-        results.ResultStore(desired.resolve(base, state.paths.results)),
-        desired.resolve(base, state.paths.state),
+        spool.Spool(desired.resolve(base, paths.spool)),
+        results.ResultStore(desired.resolve(base, paths.results)),
+        desired.resolve(base, paths.state),
     )
 
 

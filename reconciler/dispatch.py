@@ -295,8 +295,11 @@ class Dispatcher:
         rate = self.pools.rate(pool_id) if pool_id else estimates.prior()
         start = estimates.predicted_start_ms(
             frees,
-            [estimates.service_ms(e.max_tokens, rate) for e in ahead
-             if e.model_id == entry.model_id],
+            [
+                estimates.service_ms(e.max_tokens, rate)
+                for e in ahead
+                if e.model_id == entry.model_id
+            ],
         )
         if entry.deadline_at is None:
             return start, None
@@ -479,7 +482,10 @@ class Dispatcher:
                 if run.deadline_mono is not None:
                     timeout = min(timeout, max(0.0, run.deadline_mono - self.clock.monotonic()))
                 try:
-                    item = await asyncio.wait_for(iterator.__anext__(), timeout)
+                    # not asyncio.wait_for: on 3.11 it can swallow a cancel that arrives with
+                    # a token (CPython gh-86296), and a cancel must always win
+                    async with asyncio.timeout(timeout):
+                        item = await iterator.__anext__()
                 except StopAsyncIteration:
                     raise interfaces.EngineStreamError(
                         "the stream ended without a final frame"

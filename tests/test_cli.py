@@ -120,3 +120,14 @@ def test_plugins_lists_the_built_ins() -> None:
     assert proc.returncode == 0
     for name in ("nvml", "simulated", "sim", "llamacpp"):
         assert name in proc.stdout
+
+
+async def test_status_and_cancel_still_work_while_orch_yaml_is_broken(
+    workspace: Workspace, serve: Any
+) -> None:
+    await serve()
+    workspace.config_path.write_text(workspace.config_path.read_text() + "pools: [oops\n")
+    proc = orchctl("status", "--config", str(workspace.config_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "has errors" in proc.stderr and "p1-0" in proc.stdout
+    assert orchctl("cancel", "t9", "--config", str(workspace.config_path)).returncode == 0
