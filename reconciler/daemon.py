@@ -234,24 +234,14 @@ class Daemon:
             if recovered is None and (
                 self.results.exists(parsed.task_id) or parsed.task_id in self.dispatcher.runs
             ):
-                intake.quarantine(
-                    the_spool=self.spool,
-                    store=self.results,
-                    path=path,
-                    clock=self.clock,
-                    code=ErrorCode.DUPLICATE_TASK_ID,
+                self._refuse(
+                    path,
+                    ErrorCode.DUPLICATE_TASK_ID,
+                    field="task_id",
+                    message=f"task id {parsed.task_id!r} is already used "
+                    f"(see results/{parsed.task_id}.json)",
+                    hint="give the task a new task_id",
                     task_id=parsed.task_id,
-                    problems=[
-                        loading.LoadError(
-                            f"spool/active/{path.name}",
-                            None,
-                            None,
-                            "task_id",
-                            f"task id {parsed.task_id!r} is already used "
-                            f"(see results/{parsed.task_id}.json)",
-                            "give the task a new task_id",
-                        )
-                    ],
                 )
                 return
             run = self._new_run(parsed, recovered=recovered)
@@ -259,23 +249,34 @@ class Daemon:
         except Exception as exc:  # never let one file take the daemon down
             log.exception("could not take %s", path.name)
             with contextlib.suppress(Exception):
-                intake.quarantine(
-                    the_spool=self.spool,
-                    store=self.results,
-                    path=path,
-                    clock=self.clock,
-                    code=ErrorCode.INTERNAL,
-                    problems=[
-                        loading.LoadError(
-                            f"spool/active/{path.name}",
-                            None,
-                            None,
-                            None,
-                            f"internal error {type(exc).__name__}: {exc}",
-                            "this is a bug; please report it with the log",
-                        )
-                    ],
+                self._refuse(
+                    path,
+                    ErrorCode.INTERNAL,
+                    message=f"internal error {type(exc).__name__}: {exc}",
+                    hint="this is a bug; please report it with the log",
                 )
+
+    def _refuse(
+        self,
+        path: Path,
+        code: ErrorCode,
+        *,
+        message: str,
+        hint: str,
+        field: str | None = None,
+        task_id: str | None = None,
+    ) -> None:
+        """Quarantine a claimed file for a reason that is not a parse error."""
+        problem = loading.LoadError(f"spool/active/{path.name}", None, None, field, message, hint)
+        intake.quarantine(
+            the_spool=self.spool,
+            store=self.results,
+            path=path,
+            clock=self.clock,
+            code=code,
+            task_id=task_id,
+            problems=[problem],
+        )
 
     def _new_run(
         self, parsed: intake.Parsed, *, recovered: results.Result | None = None
