@@ -85,7 +85,8 @@ def table(data: dict[str, Any]) -> str:
             slots = f"{r.get('slots_busy', 0)}/{r.get('slots_total', 0)}"
             err = f"  last error: {r['last_error']}" if r.get("last_error") else ""
             lines.append(
-                f"  {r['id']:<14}{r['state']:<12}gpu {r.get('gpu')}  pid {r.get('pid')}"
+                f"  {r['id']:<14}{r['state']:<12}gpu {','.join(map(str, r.get('gpu') or []))}"
+                f"  pid {r.get('pid')}"
                 f"  slots {slots}  restarts {r.get('restarts', 0)}{err}"
             )
     q = data.get("queue", {})
