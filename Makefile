@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: test demo lint unit features bench schemas clean
+.PHONY: test demo lint unit features bench schemas clean engine-cpu
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,7 +17,13 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check reconciler plugins state schemas tests features benchmarks
 	$(BIN)/mypy
 
-unit: $(STAMP)
+# A CPU-only llama-server for the real-engine tests (test-only: the product is GPU-only).
+# Built once per version into ~/.cache/llama-orch/ (about 7 minutes on 2 cores), then reused.
+# Without cmake or a compiler the real-engine tests are reported as skipped, with the reason.
+engine-cpu: $(STAMP)
+	-$(BIN)/python -m plugins.provision_llamacpp --cpu
+
+unit: $(STAMP) engine-cpu
 	$(BIN)/pytest -q
 
 features: $(STAMP)

@@ -23,6 +23,7 @@ BUILTINS = (
     "plugins.engine_sim",
     "plugins.engine_llamacpp",
     "plugins.resolvers",
+    "plugins.provision_llamacpp",
 )
 
 

@@ -1,0 +1,111 @@
+"""The real `llama-server` (llama.cpp), built from source on the CPU, serving a tiny GGUF.
+
+The product never serves inference on the CPU (HME-013). These tests use a CPU-only build
+through the test-only switch LLAMA_ORCH_TEST_ALLOW_CPU_INFERENCE=1, which logs loudly; they
+are skipped, with the reason, when no such build is cached (build one with
+`python -m plugins.provision_llamacpp --cpu`, about 7 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from plugins import engine_llamacpp, interfaces, provision_llamacpp
+from tests import tiny_gguf
+from tests.conftest import Workspace, config, task, wait_for, wait_terminal
+
+BINARY = provision_llamacpp.cached_binary(cpu=True)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not BINARY.is_file(),
+        reason=f"no CPU llama-server build at {BINARY} "
+        "(python -m plugins.provision_llamacpp --cpu)",
+    ),
+]
+
+
+def _spec(tmp_path: Path, model: Path) -> interfaces.ReplicaSpec:
+    return interfaces.ReplicaSpec(
+        replica_id="real-0",
+        pool_id="real",
+        engine="llamacpp",
+        model_id="tiny",
+        model_ref=f"file:{model}",
+        model_path=model,
+        model_size_mib=1,
+        model_digest=None,
+        devices=(0,),
+        ctx=512,
+        slots=2,
+        spec_hash="x",
+        state_dir=tmp_path,
+        options={"binary": str(BINARY)},
+    )
+
+
+async def test_the_gpu_only_rule_refuses_a_cpu_build(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(engine_llamacpp.ALLOW_CPU_ENV, raising=False)
+    model = tiny_gguf.write(tmp_path / "tiny.gguf")
+    with pytest.raises(interfaces.EnvironmentMissing) as refused:
+        await engine_llamacpp.LlamaCppEngine().start(_spec(tmp_path, model))
+    assert "no CUDA device" in refused.value.what and "GGML_CUDA" in refused.value.fix
+
+
+async def test_the_real_server_streams_deterministic_text_for_a_seed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(engine_llamacpp.ALLOW_CPU_ENV, "1")
+    model = tiny_gguf.write(tmp_path / "tiny.gguf")
+    engine = engine_llamacpp.LlamaCppEngine()
+    handle = await engine.start(_spec(tmp_path, model))
+    try:
+        await engine.wait_ready(handle, timeout_s=60)
+        info = await engine.describe(handle)
+        assert info.engine_version and info.slots_total == 2
+
+        async def text(seed: int) -> tuple[str, interfaces.Done]:
+            out, done = [], None
+            request = interfaces.GenerateRequest("t", "hello world", 12, seed, temperature=1.0)
+            async for item in engine.generate(handle, request):
+                if isinstance(item, interfaces.Token):
+                    out.append(item.text)
+                else:
+                    done = item
+            assert done is not None
+            return "".join(out), done
+
+        first, done = await text(42)
+        again, _ = await text(42)
+        other, _ = await text(7)
+        assert first == again and first != other
+        assert done.tokens_out == 12 and done.finish_reason == "length"
+    finally:
+        ended = await engine.stop(handle, grace_s=5)
+    assert ended.signal in (None, 15) or ended.code == 0
+    assert engine.poll_exit(handle) is not None
+
+
+async def test_the_daemon_serves_a_task_through_the_real_server(
+    workspace: Workspace, serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(engine_llamacpp.ALLOW_CPU_ENV, "1")
+    tiny_gguf.write(workspace.root / "tiny.gguf")
+    cfg = config()
+    cfg["models"]["tiny"] = {"ref": "file:tiny.gguf"}
+    cfg["engines"] = {"llamacpp": {"binary": str(BINARY)}}
+    cfg["timeouts"]["ready_s"] = 60
+    cfg["pools"] = [{"id": "real", "engine": "llamacpp", "model": "tiny", "ctx": 512, "slots": 2}]
+    workspace.write_config(cfg)
+    await serve(ready=False)
+    await wait_for(lambda: workspace.status()["pools"][0]["state"] == "Ready", 60, "Ready")
+    workspace.submit("r.task.yaml", task("r", model="tiny", max_tokens=10, seed=3))
+    result = await wait_terminal(workspace, "r", 60)
+    assert result["status"] == "succeeded", result
+    assert result["tokens_out"] == 10 and result["engine"] == "llamacpp"
+    assert result["engine_version"] and result["engine_version"].startswith("b")
