@@ -511,6 +511,10 @@ class Dispatcher:
                         last_metrics = self.clock.monotonic()
                         self._metrics(running)
                 else:
+                    # the engine's count is authoritative: llama-server holds back pieces of
+                    # a UTF-8 character, so some tokens arrive with no text of their own
+                    result.tokens_out = max(result.tokens_out, item.tokens_out)
+                    running.tokens_out = result.tokens_out
                     decode_ms = (self.clock.monotonic() - (first_token_at or begun)) * 1000
                     result.timings.decode_time_ms = int(decode_ms)
                     self.pools.observe(
