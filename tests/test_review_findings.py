@@ -189,7 +189,7 @@ async def test_a_cancel_right_after_dispatch_finishes_the_task_and_frees_the_slo
         for task_id in set(d.dispatcher.running) - before:
             d.cancel(task_id)
 
-    d.dispatcher.pump = pump_then_cancel  # type: ignore[method-assign]
+    d.dispatcher.pump = pump_then_cancel
     workspace.submit("quick.task.yaml", task("quick"))
     result = await wait_terminal(workspace, "quick", 5)
     assert result["status"] == "canceled"
@@ -343,7 +343,7 @@ def test_a_yaml_alias_bomb_is_refused_quickly(tmp_path: Path) -> None:
         out, _ = child.communicate(timeout=10)
     except subprocess.TimeoutExpired:
         child.kill()
-        child.wait()
+        child.communicate()  # reap it and close its pipe
         out = b"timed out after 10 s"
     assert out.strip() == b"errors", out.strip()[-200:]
 
