@@ -15,9 +15,17 @@ GpuUuid = NewType("GpuUuid", str)
 # Ids become file names (results/<task_id>.json), so they may hold no path separators,
 # no "..", no NUL or newline: only this conservative alphabet.
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-_ID_RE = re.compile(ID_PATTERN)
+_SAFE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_safe_id(value: str) -> str:
+    """A pydantic validator: ids become file names, so `..` is refused as well."""
+    if not is_safe_id(value):
+        raise ValueError(f"{value!r} is not a safe id (letters, digits, '.', '_', '-'; no '..')")
+    return value
 
 
 def is_safe_id(value: str) -> bool:
     """True when `value` can be used as a file name component without any path trick."""
-    return bool(_ID_RE.match(value)) and ".." not in value
+    # fullmatch, not match with `$`: `$` also matches before a trailing newline
+    return _SAFE_RE.fullmatch(value) is not None and ".." not in value

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
+import reprlib
+import stat
 import types
 import typing
 from dataclasses import dataclass
@@ -85,19 +88,38 @@ def read_text(path: Path, *, max_bytes: int = MAX_FILE_BYTES) -> tuple[str | Non
                     "copy the file itself into place instead of linking it",
                 )
             ]
-        size = path.stat().st_size
-        if size > max_bytes:
-            return None, [
-                LoadError(
-                    shown,
-                    None,
-                    None,
-                    None,
-                    f"is {size} bytes, over the limit of {max_bytes} bytes",
-                    "keep task files small; put large inputs in a file the prompt names",
-                )
-            ]
-        raw = path.read_bytes()
+        # O_NONBLOCK|O_NOFOLLOW and fstat on the open descriptor: a FIFO or device must not
+        # block the daemon, and a link swapped in after the check above is refused too
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return None, [
+                    LoadError(
+                        shown,
+                        None,
+                        None,
+                        None,
+                        "is not a regular file",
+                        "write task files as plain files",
+                    )
+                ]
+            size = st.st_size
+            if size > max_bytes:
+                return None, [
+                    LoadError(
+                        shown,
+                        None,
+                        None,
+                        None,
+                        f"is {size} bytes, over the limit of {max_bytes} bytes",
+                        "keep task files small; put large inputs in a file the prompt names",
+                    )
+                ]
+            with os.fdopen(os.dup(fd), "rb") as fh:
+                raw = fh.read(max_bytes + 1)
+        finally:
+            os.close(fd)
     except OSError as exc:
         return None, [LoadError(shown, None, None, None, f"cannot be read: {exc.strerror}")]
     return decode_utf8(raw, shown)
@@ -124,6 +146,24 @@ def decode_utf8(raw: bytes, shown: str) -> tuple[str | None, list[LoadError]]:
 def parse_document(text: str, shown: str) -> tuple[Any, yaml.Node | None, list[LoadError]]:
     """Parse YAML (JSON is accepted as YAML); return the data and its node tree for locations."""
     try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                # aliases let a 1 KiB file expand into gigabytes ("billion laughs")
+                mark = event.start_mark
+                return (
+                    None,
+                    None,
+                    [
+                        LoadError(
+                            shown,
+                            mark.line + 1,
+                            mark.column + 1,
+                            None,
+                            f"uses the YAML alias *{event.anchor}, which is not accepted",
+                            "write the value out instead of referring to an anchor",
+                        )
+                    ],
+                )
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.MarkedYAMLError as exc:
@@ -335,8 +375,14 @@ def _model_in(tp: Any) -> type[pydantic.BaseModel] | None:
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    # reprlib bounds depth and length: repr() of a YAML alias bomb would never finish
+    return _REPR.repr(value)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = 60
+_REPR.maxother = 60
+_REPR.maxlevel = 3
 
 
 def _relabel(error: LoadError, label: str) -> LoadError:

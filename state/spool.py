@@ -173,15 +173,19 @@ def cancel_requests(spool: Spool) -> list[str]:
     """Task ids with a pending cancel request (unsafe names are removed and ignored)."""
     out = []
     for name in _listing(spool.cancel):
+        path = spool.cancel / name
+        if not path.is_file() or path.is_symlink():
+            continue  # a folder or a link is not a request; leave it for the user to see
         if ids.is_safe_id(name):
             out.append(name)
         else:
-            (spool.cancel / name).unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
     return out
 
 
 def consume_cancel(spool: Spool, task_id: str) -> None:
-    (spool.cancel / task_id).unlink(missing_ok=True)
+    with contextlib.suppress(FileNotFoundError, IsADirectoryError, PermissionError):
+        (spool.cancel / task_id).unlink()
 
 
 def sweep_tmp(spool: Spool, *, now: float, max_age_s: float = TMP_MAX_AGE_S) -> list[str]:
