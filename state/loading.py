@@ -149,15 +149,17 @@ def parse_document(text: str, shown: str) -> tuple[Any, yaml.Node | None, list[L
         for event in yaml.parse(text, Loader=yaml.SafeLoader):
             if isinstance(event, yaml.AliasEvent):
                 # aliases let a 1 KiB file expand into gigabytes ("billion laughs")
-                mark = event.start_mark
+                at = event.start_mark
+                line = at.line + 1 if at else None
+                column = at.column + 1 if at else None
                 return (
                     None,
                     None,
                     [
                         LoadError(
                             shown,
-                            mark.line + 1,
-                            mark.column + 1,
+                            line,
+                            column,
                             None,
                             f"uses the YAML alias *{event.anchor}, which is not accepted",
                             "write the value out instead of referring to an anchor",
