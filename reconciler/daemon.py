@@ -24,12 +24,13 @@ from reconciler import clock as clocks
 from reconciler import configuring, dispatch, failpoints, intake, logs, pools, status, tasking
 from reconciler import events as fanout
 from state import desired, events, loading, results, sessions, spool
-from state.errors import ErrorCode
+from state.errors import ErrorCode, ErrorEnvelope
 
 log = logs.get("daemon")
 
 RESYNC_S = 2.0
 INTAKE_PER_PASS = 64
+CANCEL_KEEP_S = 600.0  # how long a cancel for an id not seen yet waits for its task
 
 
 @dataclass(frozen=True)
@@ -186,9 +187,20 @@ class Daemon:
         )
 
     def _cancels(self) -> None:
+        now = self.clock.now()
         for task_id in spool.cancel_requests(self.spool):
-            self.cancel(task_id)
+            outcome = self.cancel(task_id)
+            # An unknown id may be a task still waiting in incoming/ (past this pass's intake
+            # batch, or not yet delivered): keep its request until it shows up, for a while.
+            if outcome == "unknown" and not self._cancel_expired(task_id, now):
+                continue
             spool.consume_cancel(self.spool, task_id)
+
+    def _cancel_expired(self, task_id: str, now: float) -> bool:
+        try:
+            return now - (self.spool.cancel / task_id).stat().st_mtime > CANCEL_KEEP_S
+        except OSError:
+            return True
 
     def cancel(self, task_id: str) -> str:
         """Cancel a task by id; idempotent. Returns what happened, for the CLI and HTTP."""
@@ -231,8 +243,8 @@ class Daemon:
                     revision=self.config.revision,
                 )
                 return
-            if recovered is None and (
-                self.results.exists(parsed.task_id) or parsed.task_id in self.dispatcher.runs
+            if parsed.task_id in self.dispatcher.runs or (
+                recovered is None and self.results.exists(parsed.task_id)
             ):
                 self._refuse(
                     path,
@@ -310,14 +322,17 @@ class Daemon:
         )
 
     def _recover(self) -> None:
-        """Tasks left in active/ by a crash: finish those whose result is terminal, re-queue
-        the rest in their original order (at-least-once execution, exactly-once completion)."""
-        pending: list[tuple[str, Path, results.Result | None]] = []
+        """Tasks left in active/ by a crash: finish those whose result (or event log) is
+        terminal, refuse second files of one task id, re-queue the rest in their original
+        order (at-least-once execution, exactly-once completion)."""
+        pending: list[tuple[str, Path, str | None, results.Result | None]] = []
         for name in spool.active_names(self.spool):
             path = self.spool.active / name
             parsed = intake.parse_claimed(path)
             task_id = parsed.task_id if isinstance(parsed, intake.Parsed) else None
             existing = self.results.read(task_id) if task_id else None
+            if (existing is None or not existing.terminal) and isinstance(parsed, intake.Parsed):
+                existing = self._finished_in_log(parsed, existing) or existing
             if existing is not None and existing.terminal:
                 spool.finish(self.spool, name, failed=existing.status in ("failed", "rejected"))
                 logs.emit(
@@ -328,8 +343,21 @@ class Daemon:
                 )
                 continue
             key = existing.timings.accepted_at if existing and existing.timings.accepted_at else "~"
-            pending.append((key, path, existing))
-        for _, path, existing in sorted(pending, key=lambda p: (p[0], p[1].name)):
+            pending.append((key, path, task_id, existing))
+        seen: set[str] = set()
+        for _, path, task_id, existing in sorted(pending, key=lambda p: (p[0], p[1].name)):
+            if task_id is not None and task_id in seen:
+                self._refuse(
+                    path,
+                    ErrorCode.DUPLICATE_TASK_ID,
+                    field="task_id",
+                    message=f"task id {task_id!r} is already used by another file",
+                    hint="give the task a new task_id",
+                    task_id=task_id,
+                )
+                continue
+            if task_id is not None:
+                seen.add(task_id)
             if existing is not None:
                 logs.emit(
                     log,
@@ -338,6 +366,38 @@ class Daemon:
                     task_id=existing.task_id,
                 )
             self._take(path, recovered=existing)
+
+    def _finished_in_log(
+        self, parsed: intake.Parsed, existing: results.Result | None
+    ) -> results.Result | None:
+        """A crash after the terminal frame but before the result: rebuild the result from
+        the log (the frame is the earlier commit), so the task is filed, not re-run."""
+        frames = list(events.read(self.results.events_path(parsed.task_id)))
+        if not frames or not frames[-1].terminal:
+            return None
+        result = existing or tasking.new_result(
+            parsed.task_id,
+            parsed.task,
+            events_path=self.results.events_path(parsed.task_id),
+            source=f"spool/active/{parsed.file_name}",
+            revision=self.config.revision,
+            accepted_at=frames[0].ts,
+        )
+        starts = [i for i, f in enumerate(frames) if f.event == "started"]
+        tokens = [f for f in frames[starts[-1] if starts else 0 :] if f.event == "token"]
+        result.text = "".join(str(f.data.get("t", "")) for f in tokens)
+        last = frames[-1]
+        if last.event == "end":
+            reason = last.data.get("finish_reason")
+            result.status = "canceled" if reason == "canceled" else "succeeded"
+            result.finish_reason = reason
+            result.tokens_out = int(last.data.get("tokens_out") or len(tokens))
+        else:
+            result.status = "failed" if starts else "rejected"
+            result.error = ErrorEnvelope.model_validate(last.data)
+        result.timings.finished_at = last.ts
+        self.results.write(result)
+        return result
 
     def _write_status(self, *, stopping: bool = False) -> None:
         try:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -94,6 +96,17 @@ class Dispatcher:
 
     def admit(self, run: tasking.TaskRun, *, recovered: bool = False) -> None:
         """Check guardrails, then queue the task (or write its rejection)."""
+        try:
+            self._admit(run, recovered=recovered)
+        except BaseException:
+            # nothing half-admitted may keep the task id reserved or sit in the queue
+            if self.runs.get(run.task_id) is run:
+                del self.runs[run.task_id]
+                if run.task_id in self.queue:
+                    self.queue.remove(ids.TaskId(run.task_id))
+            raise
+
+    def _admit(self, run: tasking.TaskRun, *, recovered: bool) -> None:
         state = self.config.state
         assert state is not None
         self.runs[run.task_id] = run
@@ -422,6 +435,7 @@ class Dispatcher:
         running.job = asyncio.get_running_loop().create_task(
             self._stream(running, engine, handle, decision), name=f"task:{run.task_id}"
         )
+        running.job.add_done_callback(functools.partial(self._reaped, run.task_id))
 
     async def _stream(
         self,
@@ -430,19 +444,115 @@ class Dispatcher:
         handle: interfaces.ReplicaHandle,
         decision: placement.Decision,
     ) -> None:
+        """Run one task on its leased slot. Every ending writes the terminal frame and result
+        first (in this coroutine, so no token can follow it) and only then closes the engine
+        stream, so a second cancel during the close cannot leave the task unfinished."""
         run = running.run
-        result = run.result
-        now_wall = self.clock.now()
+        stream: AsyncIterator[interfaces.Token | interfaces.Done] | None = None
+        pending: asyncio.Future[interfaces.Token | interfaces.Done] | None = None
+        idle_s = self.config.state.timeouts.decode_idle_s if self.config.state else 60.0
+        try:
+            self._begin(running, handle, decision)
+            request = interfaces.GenerateRequest(
+                task_id=run.task_id,
+                prompt=run.task.prompt,
+                max_tokens=run.task.max_tokens,
+                seed=run.result.seed or 0,
+                temperature=run.task.sampling.temperature,
+                top_p=run.task.sampling.top_p,
+                top_k=run.task.sampling.top_k,
+            )
+            stream = engine.generate(handle, request)
+            iterator = stream.__aiter__()
+            begun = last_token = last_metrics = self.clock.monotonic()
+            first_token_at: float | None = None
+            while True:
+                if pending is None:
+                    pending = asyncio.ensure_future(iterator.__anext__())
+                now = self.clock.monotonic()
+                wait_s = min(idle_s - (now - last_token), METRICS_EVERY_S - (now - last_metrics))
+                if run.deadline_mono is not None:
+                    wait_s = min(wait_s, run.deadline_mono - now)
+                # asyncio.wait, not wait_for: the pending read survives a timeout (so metrics
+                # can be sent between slow tokens), and a cancel is never swallowed
+                done, _ = await asyncio.wait({pending}, timeout=max(0.0, wait_s))
+                now = self.clock.monotonic()
+                if not done:
+                    if run.deadline_mono is not None and now >= run.deadline_mono:
+                        raise _Deadline()
+                    if now - last_token >= idle_s:
+                        raise _Stalled()
+                    if now - last_metrics >= METRICS_EVERY_S:
+                        last_metrics = now
+                        self._metrics(running)
+                    continue
+                finished, pending = pending, None
+                try:
+                    item = finished.result()
+                except StopAsyncIteration:
+                    raise interfaces.EngineStreamError(
+                        "the stream ended without a final frame"
+                    ) from None
+                last_token = now
+                if isinstance(item, interfaces.Done):
+                    self._succeed(running, item, begun=begun, first_token_at=first_token_at)
+                    return
+                if first_token_at is None:
+                    first_token_at = now
+                    run.result.timings.first_token_ms = int((now - begun) * 1000)
+                self._token(running, item)
+                if now - last_metrics >= METRICS_EVERY_S:
+                    last_metrics = now
+                    self._metrics(running)
+        except asyncio.CancelledError:
+            if not run.cancel_requested:
+                raise  # daemon shutdown: leave the task non-terminal; recovery re-runs it
+            self._done(running, "canceled", finish_reason="canceled")
+        except _Deadline:
+            self._fail(
+                running,
+                ErrorCode.DEADLINE_UNMET,
+                f"deadline_ms: {run.task.deadline_ms} passed after {run.result.tokens_out} tokens",
+            )
+        except _Stalled:
+            self._fail(
+                running,
+                ErrorCode.DECODE_TIMEOUT,
+                f"the engine sent no token for {idle_s:.0f} s",
+                retry_after_ms=1000,
+            )
+        except (interfaces.EngineStreamError, OSError) as exc:
+            self._fail(
+                running,
+                ErrorCode.WORKER_RESET,
+                f"replica {running.replica_id} failed mid-stream after "
+                f"{run.result.tokens_out} tokens: {exc}",
+                retry_after_ms=1000,
+            )
+        except Exception as exc:  # a bug: report it on the task rather than kill the daemon
+            log.exception("unexpected error while streaming %s", run.task_id)
+            self._fail(running, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        finally:
+            if pending is not None:
+                pending.cancel()
+            if stream is not None:
+                with contextlib.suppress(BaseException):  # closing drops the engine request
+                    await asyncio.shield(_aclose(stream))
+
+    def _begin(
+        self, running: Running, handle: interfaces.ReplicaHandle, decision: placement.Decision
+    ) -> None:
+        run, result = running.run, running.run.result
         result.status = "running"
         result.attempts += 1
         result.pool_id, result.replica_id = decision.pool_id, decision.replica_id
         result.gpu = self.pools.gpu_ref(decision.replica_id)
         result.engine = handle.spec.engine
+        result.engine_version = self.pools.engine_version(decision.replica_id)
         result.kv_warmth = decision.kv_warmth
         result.queue_position = 0
-        result.timings.started_at = clocks.rfc3339(now_wall)
-        queue_ms = int((running.started_mono - run.accepted_mono) * 1000)
-        result.timings.queue_ms = queue_ms
+        result.timings.started_at = clocks.rfc3339(self.clock.now())
+        result.timings.queue_ms = int((running.started_mono - run.accepted_mono) * 1000)
         result.text, result.tokens_out = "", 0
         self.books.frame(
             run,
@@ -460,125 +570,66 @@ class Dispatcher:
         self.books.save(run)
         failpoints.hit("after_started")
         self._metrics(running)
-        request = interfaces.GenerateRequest(
-            task_id=run.task_id,
-            prompt=run.task.prompt,
-            max_tokens=run.task.max_tokens,
-            seed=result.seed or 0,
-            temperature=run.task.sampling.temperature,
-            top_p=run.task.sampling.top_p,
-            top_k=run.task.sampling.top_k,
+
+    def _token(self, running: Running, item: interfaces.Token) -> None:
+        result = running.run.result
+        self.books.frame(running.run, "token", {"t": item.text, "i": result.tokens_out})
+        result.text += item.text
+        result.tokens_out += 1
+        running.tokens_out = result.tokens_out
+        if result.tokens_out == 1:
+            failpoints.hit("after_token")
+
+    def _succeed(
+        self, running: Running, item: interfaces.Done, *, begun: float, first_token_at: float | None
+    ) -> None:
+        result = running.run.result
+        # the engine's count is authoritative: llama-server holds back pieces of a UTF-8
+        # character, so some tokens arrive with no text of their own
+        result.tokens_out = max(result.tokens_out, item.tokens_out)
+        running.tokens_out = result.tokens_out
+        decode_ms = (self.clock.monotonic() - (first_token_at or begun)) * 1000
+        result.timings.decode_time_ms = int(decode_ms)
+        self.pools.observe(
+            running.pool_id,
+            tokens=result.tokens_out,
+            decode_ms=decode_ms,
+            first_token_ms=float(result.timings.first_token_ms or 0),
         )
-        begun = self.clock.monotonic()
-        first_token_at: float | None = None
-        last_metrics = begun
-        idle_s = self.config.state.timeouts.decode_idle_s if self.config.state else 60.0
-        stream = engine.generate(handle, request)
-        try:
-            result.engine_version = self.pools.engine_version(decision.replica_id)
-            iterator = stream.__aiter__()
-            while True:
-                timeout = idle_s
-                if run.deadline_mono is not None:
-                    timeout = min(timeout, max(0.0, run.deadline_mono - self.clock.monotonic()))
-                try:
-                    # not asyncio.wait_for: on 3.11 it can swallow a cancel that arrives with
-                    # a token (CPython gh-86296), and a cancel must always win
-                    async with asyncio.timeout(timeout):
-                        item = await iterator.__anext__()
-                except StopAsyncIteration:
-                    raise interfaces.EngineStreamError(
-                        "the stream ended without a final frame"
-                    ) from None
-                except TimeoutError:
-                    if (
-                        run.deadline_mono is not None
-                        and self.clock.monotonic() >= run.deadline_mono
-                    ):
-                        raise _Deadline() from None
-                    raise _Stalled() from None
-                if isinstance(item, interfaces.Token):
-                    if first_token_at is None:
-                        first_token_at = self.clock.monotonic()
-                        result.timings.first_token_ms = int((first_token_at - begun) * 1000)
-                    self.books.frame(run, "token", {"t": item.text, "i": result.tokens_out})
-                    result.text += item.text
-                    result.tokens_out += 1
-                    running.tokens_out = result.tokens_out
-                    if result.tokens_out == 1:
-                        failpoints.hit("after_token")
-                    if self.clock.monotonic() - last_metrics >= METRICS_EVERY_S:
-                        last_metrics = self.clock.monotonic()
-                        self._metrics(running)
-                else:
-                    # the engine's count is authoritative: llama-server holds back pieces of
-                    # a UTF-8 character, so some tokens arrive with no text of their own
-                    result.tokens_out = max(result.tokens_out, item.tokens_out)
-                    running.tokens_out = result.tokens_out
-                    decode_ms = (self.clock.monotonic() - (first_token_at or begun)) * 1000
-                    result.timings.decode_time_ms = int(decode_ms)
-                    self.pools.observe(
-                        running.pool_id,
-                        tokens=result.tokens_out,
-                        decode_ms=decode_ms,
-                        first_token_ms=float(result.timings.first_token_ms or 0),
-                    )
-                    self._metrics(running)
-                    self._done(running, "succeeded", finish_reason=item.finish_reason)
-                    return
-        except asyncio.CancelledError:
-            # A cancel request: close the engine stream first, then write the terminal frame
-            # in this same coroutine, so no token frame can follow the acknowledgement.
-            await _aclose(stream)
-            if run.cancel_requested:
-                self._done(running, "canceled", finish_reason="canceled")
-                return
-            raise  # daemon shutdown: leave the task non-terminal; recovery re-runs it
-        except _Deadline:
-            await _aclose(stream)
-            self._done(
-                running,
+        self._metrics(running)
+        self._done(running, "succeeded", finish_reason=item.finish_reason)
+
+    def _fail(
+        self, running: Running, code: ErrorCode, message: str, *, retry_after_ms: int | None = None
+    ) -> None:
+        self._done(
+            running, "failed", error=errors.envelope(code, message, retry_after_ms=retry_after_ms)
+        )
+
+    def _reaped(self, task_id: str, job: asyncio.Task[None]) -> None:
+        """The safety net when a task's coroutine ends: free the slot of a task that ended
+        without a terminal write, and finish it unless the daemon is shutting down."""
+        if not job.cancelled() and job.exception() is not None:
+            log.error("task coroutine of %s failed", task_id, exc_info=job.exception())
+        running = self.running.get(task_id)
+        if running is None or running.job is not job:
+            return  # finished normally
+        self.running.pop(task_id)
+        self.pools.release(running.replica_id)
+        run = running.run
+        if run.cancel_requested:  # cancelled before its coroutine ever ran
+            self.runs.pop(task_id, None)
+            self.books.finish(run, "canceled", finish_reason="canceled")
+        elif not job.cancelled():
+            self.runs.pop(task_id, None)
+            self.books.finish(
+                run,
                 "failed",
                 error=errors.envelope(
-                    ErrorCode.DEADLINE_UNMET,
-                    f"deadline_ms: {run.task.deadline_ms} passed after {result.tokens_out} tokens",
+                    ErrorCode.INTERNAL, "the task's stream ended without a terminal state"
                 ),
             )
-        except _Stalled:
-            await _aclose(stream)
-            self._done(
-                running,
-                "failed",
-                error=errors.envelope(
-                    ErrorCode.DECODE_TIMEOUT,
-                    f"the engine sent no token for {idle_s:.0f} s",
-                    retry_after_ms=1000,
-                ),
-            )
-        except (interfaces.EngineStreamError, OSError) as exc:
-            await _aclose(stream)
-            self._done(
-                running,
-                "failed",
-                error=errors.envelope(
-                    ErrorCode.WORKER_RESET,
-                    f"replica {running.replica_id} failed mid-stream after {result.tokens_out} "
-                    f"tokens: {exc}",
-                    retry_after_ms=1000,
-                ),
-            )
-        except Exception as exc:  # a bug: report it on the task rather than kill the daemon
-            log.exception("unexpected error while streaming %s", run.task_id)
-            await _aclose(stream)
-            self._done(
-                running,
-                "failed",
-                error=errors.envelope(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"),
-            )
-        finally:
-            if run.task_id in self.running:  # shutdown: free the slot without a terminal write
-                self.running.pop(run.task_id)
-                self.pools.release(running.replica_id)
+        self.wake()
 
     def _metrics(self, running: Running) -> None:
         run = running.run

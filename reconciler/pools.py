@@ -344,6 +344,10 @@ class PoolRuntime:
                 self._forget_record(r.replica_id)
             raise
         r.ready_ms = (self.clock.monotonic() - began) * 1000
+        # read before Ready, so the first task on the replica already reports the version
+        with contextlib.suppress(Exception):  # shown, not required
+            info = await asyncio.wait_for(r.engine.describe(r.handle), 5.0)
+            self.versions[r.replica_id] = info.engine_version
         self.startup[r.pool_id] = r.ready_ms
         r.life.ready(self.clock.monotonic())
         logs.emit(
@@ -355,9 +359,6 @@ class PoolRuntime:
             pid=r.handle.pid,
         )
         self.wake()
-        with contextlib.suppress(Exception):  # the version is shown, not required
-            info = await asyncio.wait_for(r.engine.describe(r.handle), 5.0)
-            self.versions[r.replica_id] = info.engine_version
 
     def _drain(self, replica_id: str, reason: str) -> None:
         r = self.replicas.get(replica_id)

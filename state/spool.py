@@ -123,12 +123,16 @@ def _listing(folder: Path) -> list[str]:
 
 
 def claim(spool: Spool, name: str) -> Path | None:
-    """Move incoming/`name` to active/; None when another claimer (or a cancel) got it first."""
-    target = spool.active / name
+    """Move incoming/`name` to active/; None when another claimer got it first, or when a
+    live task's file of the same name is still in active/ (it waits; never replaces it)."""
+    source, target = spool.incoming / name, spool.active / name
     try:
-        atomic.rename_durable(spool.incoming / name, target)
-    except FileNotFoundError:
+        os.link(source, target, follow_symlinks=False)  # unlike rename, never replaces
+    except (FileNotFoundError, FileExistsError):
         return None
+    os.unlink(source)
+    atomic.fsync_dir(spool.active)
+    atomic.fsync_dir(spool.incoming)
     return target
 
 
