@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,8 @@ log = logs.get("daemon")
 
 RESYNC_S = 2.0
 INTAKE_PER_PASS = 64
-CANCEL_KEEP_S = 600.0  # how long a cancel for an id not seen yet waits for its task
+CANCEL_KEEP_S = 600.0
+SESSION_SWEEP_S = 5.0  # how long a cancel for an id not seen yet waits for its task
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ class Daemon:
         self.wake_event = asyncio.Event()
         self.stop_event = asyncio.Event()
         self.started_at = clocks.rfc3339(self.clock.now())
+        self._next_sweep = 0.0
 
     def wake(self) -> None:
         self.wake_event.set()
@@ -175,7 +178,9 @@ class Daemon:
         # after intake, before dispatch: a task cancelled while still in incoming/ is queued
         # here and removed before it can start
         self._cancels()
-        self.dispatcher.sweep_sessions()
+        if self.clock.monotonic() >= self._next_sweep:  # reads every session file: not per pass
+            self._next_sweep = self.clock.monotonic() + SESSION_SWEEP_S
+            self.dispatcher.sweep_sessions()
         self.dispatcher.pump()
         self._write_status()
 
@@ -309,6 +314,10 @@ class Daemon:
                 accepted_at=clocks.rfc3339(self.clock.now()),
             )
         deadline = now + parsed.task.deadline_ms / 1000 if parsed.task.deadline_ms else None
+        accepted = _epoch(result.timings.accepted_at)
+        if deadline is not None and recovered is not None and accepted is not None:
+            # a re-queued task keeps the deadline it was accepted with, not a fresh one
+            deadline -= max(0.0, self.clock.now() - accepted)
         return tasking.TaskRun(
             task_id=parsed.task_id,
             task=parsed.task,
@@ -412,3 +421,12 @@ def _peek(path: Path) -> object:
         return None
     data, _, errs = loading.parse_document(text, path.name)
     return None if errs else data
+
+
+def _epoch(rfc3339: str | None) -> float | None:
+    if not rfc3339:
+        return None
+    try:
+        return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
