@@ -149,39 +149,33 @@ def parse_document(text: str, shown: str) -> tuple[Any, yaml.Node | None, list[L
         for event in yaml.parse(text, Loader=yaml.SafeLoader):
             if isinstance(event, yaml.AliasEvent):
                 # aliases let a 1 KiB file expand into gigabytes ("billion laughs")
-                at = event.start_mark
-                line = at.line + 1 if at else None
-                column = at.column + 1 if at else None
                 return (
                     None,
                     None,
                     [
-                        LoadError(
+                        _at(
                             shown,
-                            line,
-                            column,
-                            None,
+                            event.start_mark,
                             f"uses the YAML alias *{event.anchor}, which is not accepted",
                             "write the value out instead of referring to an anchor",
                         )
                     ],
                 )
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        loader = yaml.SafeLoader(text)
+        try:  # compose once, then build the data from that same node tree
+            node = loader.get_single_node()
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else None
-        column = mark.column + 1 if mark else None
         problem = exc.problem or exc.context or "invalid syntax"
         return (
             None,
             None,
             [
-                LoadError(
+                _at(
                     shown,
-                    line,
-                    column,
-                    None,
+                    exc.problem_mark or exc.context_mark,
                     f"is not valid YAML/JSON: {problem}",
                     "check indentation, colons and quotes near this line",
                 )
@@ -190,6 +184,12 @@ def parse_document(text: str, shown: str) -> tuple[Any, yaml.Node | None, list[L
     except yaml.YAMLError as exc:
         return None, None, [LoadError(shown, None, None, None, f"is not valid YAML/JSON: {exc}")]
     return data, node, []
+
+
+def _at(shown: str, mark: Any, message: str, hint: str) -> LoadError:
+    line = mark.line + 1 if mark else None
+    column = mark.column + 1 if mark else None
+    return LoadError(shown, line, column, None, message, hint)
 
 
 def parse_json_document(text: str, shown: str) -> tuple[Any, yaml.Node | None, list[LoadError]]:
