@@ -98,6 +98,21 @@ class EngineStreamError(Exception):
     """The engine failed mid-generation (connection reset, process died, bad frame)."""
 
 
+class EngineRefused(EngineStreamError):
+    """The engine answered the request with an HTTP error status. A 4xx means the request
+    itself is wrong for this engine (e.g. the prompt exceeds its context): running it again
+    cannot help. A 5xx is the engine's own failure."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"engine answered HTTP {status}: {message}")
+        self.status = status
+        self.message = message
+
+    @property
+    def request_fault(self) -> bool:
+        return 400 <= self.status < 500
+
+
 @dataclass(frozen=True)
 class GenerateRequest:
     task_id: str

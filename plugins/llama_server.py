@@ -36,13 +36,11 @@ class ProtocolError(interfaces.EngineStreamError):
     """The engine did not answer, or answered something this client cannot use."""
 
 
-class RequestRejected(ProtocolError):
+class RequestRejected(ProtocolError, interfaces.EngineRefused):
     """The engine refused the request with an HTTP error (e.g. 400 for a bad prompt)."""
 
     def __init__(self, status: int, message: str, kind: str = "") -> None:
-        super().__init__(f"engine answered HTTP {status}: {message}")
-        self.status = status
-        self.message = message
+        interfaces.EngineRefused.__init__(self, status, message)
         self.kind = kind
 
 

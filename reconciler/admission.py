@@ -15,6 +15,7 @@ from state.errors import ErrorCode, ErrorEnvelope
 # Below this probability of finishing in time, a deadline counts as infeasible at admission.
 DEADLINE_FLOOR = 0.05
 BYTES_PER_TOKEN = 4  # prompt length estimate before tokenization; conservative for code/English
+LIVE = ("Ready", "Progressing")  # pool states a task may be queued for
 
 
 @dataclass(frozen=True)
@@ -86,22 +87,21 @@ def check(
                 f"{target.model_id!r}",
                 hint="pin a pool listed by `orchctl status`, or use mode: prefer",
             )
-        if pinned.state != "Ready":
-            return errors.envelope(
-                ErrorCode.POOL_UNREADY,
-                f"placement.pin_pool: pool {pinned.pool_id!r} is {pinned.state}"
-                + (f" ({pinned.reason})" if pinned.reason else ""),
-                retry_after_ms=2000,
-                hint="a pinned task never falls back; retry once the pool is Ready",
-            )
+        # A pinned pool that is still loading is waited for, like any pool; one that cannot
+        # come up (Failed, Unschedulable) fails the task below, since a pin never falls back.
         serving = [pinned]
-    live = [p for p in serving if p.state in ("Ready", "Progressing")]
+    live = [p for p in serving if p.state in LIVE]
     if not live:
         why = "; ".join(f"{p.pool_id} is {p.state}: {p.reason}" for p in serving if p.reason)
+        pinned_hint = (
+            "a pinned task never falls back: fix the pool (`orchctl status` shows why), "
+            "or use placement mode: prefer"
+        )
         return errors.envelope(
             ErrorCode.POOL_UNAVAILABLE,
             f"no pool can serve model {target.model_id!r}" + (f" ({why})" if why else ""),
             retry_after_ms=5000,
+            hint=pinned_hint if placement.mode == "pin" else None,
         )
     limit = max((p.max_tokens for p in live if p.max_tokens), default=None)
     if limit is not None and task.max_tokens > limit:
@@ -111,15 +111,26 @@ def check(
             hint=f"ask for at most {limit} tokens",
         )
     ctx = max(p.ctx for p in live)
-    prompt_tokens = math.ceil(len(task.prompt.encode()) / BYTES_PER_TOKEN)
-    if prompt_tokens + task.max_tokens > ctx:
+    if context_tokens(task) > ctx:
         return errors.envelope(
             ErrorCode.INVALID_PARAMS,
-            f"max_tokens: about {prompt_tokens} prompt tokens + {task.max_tokens} max_tokens "
-            f"exceed the context of {ctx} tokens per slot",
+            f"max_tokens: about {prompt_tokens(task)} prompt tokens + {task.max_tokens} "
+            f"max_tokens exceed the context of {ctx} tokens per slot",
             hint="shorten the prompt, lower max_tokens, or raise the pool's ctx",
         )
     return None
+
+
+def prompt_tokens(task: tasks.TaskFile) -> int:
+    """The prompt's length in tokens before the engine's tokenizer is asked: UTF-8 bytes /
+    BYTES_PER_TOKEN, rounded up (about right for English and code with a BPE vocabulary)."""
+    return math.ceil(len(task.prompt.encode()) / BYTES_PER_TOKEN)
+
+
+def context_tokens(task: tasks.TaskFile) -> int:
+    """The context a slot must hold for the task: its prompt plus everything it may generate.
+    Placement sends a task only to replicas whose ctx per slot is at least this."""
+    return prompt_tokens(task) + task.max_tokens
 
 
 def deadline_error(

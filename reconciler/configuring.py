@@ -10,8 +10,7 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reconciler import clock as clocks
-from reconciler import logs, revision
+from reconciler import clocks, logs, revision
 from state import desired, loading
 
 log = logs.get("config")

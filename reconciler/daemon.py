@@ -21,9 +21,18 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from plugins import interfaces, registry
-from reconciler import clock as clocks
-from reconciler import configuring, dispatch, failpoints, intake, logs, pools, status, tasking
-from reconciler import events as fanout
+from reconciler import (
+    clocks,
+    configuring,
+    dispatch,
+    failpoints,
+    fanout,
+    intake,
+    logs,
+    pools,
+    status,
+    tasking,
+)
 from state import desired, events, loading, results, sessions, spool
 from state.errors import ErrorCode, ErrorEnvelope
 

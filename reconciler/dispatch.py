@@ -16,8 +16,17 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from plugins import interfaces
-from reconciler import admission, estimates, failpoints, logs, placement, queues, tasking
-from reconciler import clock as clocks
+from reconciler import (
+    admission,
+    clocks,
+    estimates,
+    failpoints,
+    logs,
+    placement,
+    pools,
+    queues,
+    tasking,
+)
 from reconciler.configuring import AppliedConfig
 from state import errors, events, ids, results, sessions
 from state.errors import ErrorCode, ErrorEnvelope
@@ -34,9 +43,9 @@ class PoolsView(Protocol):
 
     def candidates(self) -> list[placement.Candidate]: ...
 
-    def lease(self, replica_id: str) -> tuple[interfaces.Engine, interfaces.ReplicaHandle]: ...
+    def lease(self, replica_id: str) -> pools.Lease: ...
 
-    def release(self, replica_id: str) -> None: ...
+    def release(self, lease: pools.Lease) -> None: ...
 
     def gpu_ref(self, replica_id: str | None) -> results.GpuRef | None: ...
 
@@ -58,6 +67,7 @@ class Running:
     pool_id: str
     started_mono: float
     service_ms: float
+    lease: pools.Lease
     job: asyncio.Task[None] | None = None
     tokens_out: int = 0
 
@@ -122,7 +132,7 @@ class Dispatcher:
         if problem is None and not recovered:
             problem = self._session_problem(run)
         entry = self._entry(run)
-        if problem is None:
+        if problem is None and not recovered:  # a recovered task was accepted already
             start, probability = self._estimate_new(entry)
             problem = admission.deadline_error(
                 run.task, predicted_start_ms=start, probability=probability
@@ -317,8 +327,8 @@ class Dispatcher:
         if entry.deadline_at is None:
             return start, None
         deadline_in = (entry.deadline_at - self.clock.monotonic()) * 1000
-        if start is None:
-            return None, 0.0
+        if start is None:  # no replica to estimate from yet: unknown, which is not "late"
+            return None, None
         return start, estimates.on_time_probability(
             start, self._service_ms(pool_id, entry.max_tokens), deadline_in
         )
@@ -377,7 +387,10 @@ class Dispatcher:
             session = self.sessions.get(run.task.session_id)
             last = session.last_replica_id if session else None
         want = placement.Want.of(
-            entry.task_id, run.task, last_replica_id=ids.ReplicaId(last) if last else None
+            entry.task_id,
+            run.task,
+            last_replica_id=ids.ReplicaId(last) if last else None,
+            context_tokens=admission.context_tokens(run.task),
         )
         # the task may name only a pool: admission resolved its model
         return dataclasses.replace(want, model_id=entry.model_id)
@@ -426,10 +439,11 @@ class Dispatcher:
 
     def _start(self, run: tasking.TaskRun, decision: placement.Decision) -> None:
         assert decision.replica_id is not None and decision.pool_id is not None
-        engine, handle = self.pools.lease(decision.replica_id)
+        lease = self.pools.lease(decision.replica_id)
+        engine, handle = lease.engine, lease.handle
         service = self._service_ms(decision.pool_id, run.task.max_tokens)
         running = Running(
-            run, decision.replica_id, decision.pool_id, self.clock.monotonic(), service
+            run, decision.replica_id, decision.pool_id, self.clock.monotonic(), service, lease
         )
         self.running[run.task_id] = running
         running.job = asyncio.get_running_loop().create_task(
@@ -522,12 +536,17 @@ class Dispatcher:
                 retry_after_ms=1000,
             )
         except (interfaces.EngineStreamError, OSError) as exc:
-            self._fail(
+            code, retry_after_ms, hint = engine_failure(exc)
+            self._done(
                 running,
-                ErrorCode.WORKER_RESET,
-                f"replica {running.replica_id} failed mid-stream after "
-                f"{run.result.tokens_out} tokens: {exc}",
-                retry_after_ms=1000,
+                "failed",
+                error=errors.envelope(
+                    code,
+                    f"replica {running.replica_id} failed the task after "
+                    f"{run.result.tokens_out} tokens: {exc}",
+                    retry_after_ms=retry_after_ms,
+                    hint=hint,
+                ),
             )
         except Exception as exc:  # a bug: report it on the task rather than kill the daemon
             log.exception("unexpected error while streaming %s", run.task_id)
@@ -615,7 +634,7 @@ class Dispatcher:
         if running is None or running.job is not job:
             return  # finished normally
         self.running.pop(task_id)
-        self.pools.release(running.replica_id)
+        self.pools.release(running.lease)
         run = running.run
         if run.cancel_requested:  # cancelled before its coroutine ever ran
             self.runs.pop(task_id, None)
@@ -666,7 +685,7 @@ class Dispatcher:
         run = running.run
         self.running.pop(run.task_id, None)
         self.runs.pop(run.task_id, None)
-        self.pools.release(running.replica_id)
+        self.pools.release(running.lease)
         self.books.finish(run, status, error=error, finish_reason=finish_reason)
         self._touch_session(run, running.replica_id)
         self.wake()
@@ -720,6 +739,21 @@ class Dispatcher:
             "full_policy": self.queue.full_policy,
             "running": len(self.running),
         }
+
+
+def engine_failure(exc: BaseException) -> tuple[ErrorCode, int | None, str | None]:
+    """What an engine failure means for the task: its code, retry delay and hint. The one
+    table of engine failures; anything not named here is a bug (INTERNAL)."""
+    if isinstance(exc, interfaces.EngineRefused) and exc.request_fault:
+        return (
+            ErrorCode.INVALID_PARAMS,
+            None,
+            "the engine refused the request: if it names the context, shorten the prompt, "
+            "lower max_tokens or use a pool with a larger ctx",
+        )
+    if isinstance(exc, interfaces.EngineStreamError | OSError):
+        return ErrorCode.WORKER_RESET, 1000, None
+    return ErrorCode.INTERNAL, None, None
 
 
 class _Deadline(Exception):

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reconciler import clock as clocks
-from reconciler import logs
+from reconciler import clocks, logs
 from state import errors, events, ids, loading, results, spool, tasks
 from state.errors import ErrorCode
 

@@ -7,7 +7,10 @@ whatever the order of the candidates.
 
 The rules, in order:
 
-1. Serving: only replicas of the task's model, and of the task's pool when it names one.
+1. Serving: only replicas of the task's model, and of the task's pool when it names one,
+   whose context per slot holds the task (`ctx >= want.context_tokens`; a candidate with
+   `ctx` 0 is not known to be too small). A replica that cannot hold the task is not a
+   fallback either: the engine would refuse or truncate it.
 2. Pin (`mode: pin`): only replicas of `pin_pool`. A pinned task never falls back, whatever
    `allow_fallback` says, and ignores `prefer_pools` and `avoid_pools`.
 3. Avoid: replicas of `avoid_pools` are left out. With `allow_fallback` they come back as a
@@ -70,6 +73,10 @@ class Candidate:
     slots_busy: int
     gpu_free_mib: int
     devices: tuple[int, ...] = ()
+    ctx: int = 0  # context tokens per slot; 0 when unknown
+
+    def holds(self, context_tokens: int) -> bool:
+        return self.ctx == 0 or self.ctx >= context_tokens
 
     @property
     def ready(self) -> bool:
@@ -93,6 +100,7 @@ class Want:
     avoid_pools: tuple[ids.PoolId, ...] = ()
     allow_fallback: bool = True
     last_replica_id: ids.ReplicaId | None = None
+    context_tokens: int = 0  # prompt + max_tokens, as admission estimates them
 
     def __post_init__(self) -> None:
         if self.model_id is None and self.pool_id is None:
@@ -107,8 +115,10 @@ class Want:
         task: tasks.TaskFile,
         *,
         last_replica_id: ids.ReplicaId | None = None,
+        context_tokens: int = 0,
     ) -> Want:
-        """The want of a task file (the session's last replica comes from the caller)."""
+        """The want of a task file (the session's last replica and the context estimate
+        come from the caller)."""
         placement = task.placement
         return cls(
             task_id=task_id,
@@ -120,6 +130,7 @@ class Want:
             avoid_pools=tuple(ids.PoolId(p) for p in placement.avoid_pools),
             allow_fallback=placement.allow_fallback,
             last_replica_id=last_replica_id,
+            context_tokens=context_tokens,
         )
 
 
@@ -171,6 +182,9 @@ def choose(want: Want, candidates: Iterable[Candidate]) -> Decision:
     if want.pool_id is not None:
         filters.append("serves_pool")
         serving = tuple(c for c in serving if c.pool_id == want.pool_id)
+    if want.context_tokens > 0:
+        filters.append("ctx_fits")
+        serving = tuple(c for c in serving if c.holds(want.context_tokens))
     groups = _groups(want, serving, filters)
     filters += ["ready", "free_slot"]
 

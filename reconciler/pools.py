@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import json
 import random
 from collections.abc import Callable
@@ -20,8 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from plugins import interfaces, registry, resolvers
-from reconciler import admission, estimates, logs, placement, planning, supervision
-from reconciler import clock as clocks
+from reconciler import admission, clocks, estimates, logs, placement, planning, supervision
 from reconciler.configuring import AppliedConfig
 from state import atomic, desired, ids, observed, results
 
@@ -41,13 +41,28 @@ class Replica:
     vram_mib: int
     life: supervision.ReplicaLife
     handle: interfaces.ReplicaHandle | None = None
-    leases: int = 0
+    leases: set[int] = field(default_factory=set)  # numbers of the slots leased now
     job: asyncio.Task[None] | None = None
     ready_ms: float | None = None
 
     @property
     def state(self) -> str:
         return self.life.state
+
+
+@dataclass(frozen=True)
+class Lease:
+    """One slot of one engine process, held by one task. A lease outlives its process when
+    the engine crashes mid-task; its number is then unknown to the restarted process, so its
+    late release frees nothing there."""
+
+    number: int
+    replica_id: str
+    engine: interfaces.Engine
+    handle: interfaces.ReplicaHandle
+
+
+_lease_numbers = itertools.count(1)
 
 
 @dataclass
@@ -233,7 +248,7 @@ class PoolRuntime:
 
     def _crashed(self, r: Replica, reason: str) -> None:
         r.handle = None
-        r.leases = 0
+        r.leases.clear()  # the process is gone, and the slots with it
         self._forget_record(r.replica_id)
         now = self.clock.monotonic()
         r.life.exited(reason, now)
@@ -384,7 +399,7 @@ class PoolRuntime:
         drain_s = state.timeouts.drain_s if state else 30.0
         grace_s = state.timeouts.stop_grace_s if state else 10.0
         deadline = self.clock.monotonic() + drain_s
-        while r.leases > 0 and self.clock.monotonic() < deadline:
+        while r.leases and self.clock.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if r.handle is not None:
             exit_info = await r.engine.stop(r.handle, grace_s=grace_s)
@@ -512,9 +527,10 @@ class PoolRuntime:
                     model_id=ids.ModelId(r.spec.model_id),
                     state=r.state,
                     slots_total=r.spec.slots,
-                    slots_busy=r.leases,
+                    slots_busy=len(r.leases),
                     gpu_free_mib=self._gpu_free(r.spec.devices),
                     devices=r.spec.devices,
+                    ctx=r.spec.ctx,
                 )
             )
         return out
@@ -526,16 +542,17 @@ class PoolRuntime:
         frees = [g.vram_free_mib for g in snapshot.gpus if g.index in devices]
         return min(frees, default=0)
 
-    def lease(self, replica_id: str) -> tuple[interfaces.Engine, interfaces.ReplicaHandle]:
+    def lease(self, replica_id: str) -> Lease:
         r = self.replicas[replica_id]
-        assert r.handle is not None and r.state == "Ready" and r.leases < r.spec.slots
-        r.leases += 1
-        return r.engine, r.handle
+        assert r.handle is not None and r.state == "Ready" and len(r.leases) < r.spec.slots
+        lease = Lease(next(_lease_numbers), replica_id, r.engine, r.handle)
+        r.leases.add(lease.number)
+        return lease
 
-    def release(self, replica_id: str) -> None:
-        r = self.replicas.get(replica_id)
-        if r is not None and r.leases > 0:
-            r.leases -= 1
+    def release(self, lease: Lease) -> None:
+        r = self.replicas.get(lease.replica_id)
+        if r is not None:
+            r.leases.discard(lease.number)
 
     def gpu_ref(self, replica_id: str | None) -> results.GpuRef | None:
         r = self.replicas.get(replica_id or "")
@@ -650,7 +667,7 @@ class PoolRuntime:
                         "gpu": list(r.spec.devices),
                         "pid": r.handle.pid if r.handle else None,
                         "slots_total": r.spec.slots,
-                        "slots_busy": r.leases,
+                        "slots_busy": len(r.leases),
                         "vram_estimated_mib": r.vram_mib,
                         "vram_measured_mib": measured.get(r.handle.pid) if r.handle else None,
                         "restarts": r.life.restarts,

@@ -11,9 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reconciler import clock as clocks
-from reconciler import events as fanout
-from reconciler import logs
+from reconciler import clocks, fanout, logs
 from state import events, results, spool, tasks
 from state.errors import ErrorEnvelope
 

@@ -3,6 +3,7 @@ terminal state, in order, with no partial file visible and no engine left behind
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from state import events
+from state import events, spool
 from tests.conftest import Workspace, config, task
 
 pytestmark = pytest.mark.slow
@@ -104,3 +105,51 @@ def test_a_killed_daemon_restarts_and_finishes_every_task_exactly_once(
     time.sleep(0.2)
     assert [pid for pid in left_behind if _alive(pid)] == []
     assert list((workspace.root / ".orch" / "engines").glob("*.json")) == []
+
+
+def test_a_restart_after_a_power_loss_reruns_every_kind_of_task(workspace: Workspace) -> None:
+    """Daemon and engines killed together: nothing can be adopted, so recovered tasks wait
+    for replicas that are still loading, as queued tasks do, and end as they would have."""
+    cfg = config()
+    cfg["pools"][0]["slots"] = 1
+    cfg["pools"][0]["sim"] = {"tokens_per_s": 100, "load_s": 0.8}
+    workspace.write_config(cfg)
+    kinds = {
+        "pinned": {"placement": {"mode": "pin", "pin_pool": "p1"}},
+        "deadlined": {"deadline_ms": 60000},
+        "in-session": {"session_id": "agent-1"},
+        "doomed": {},
+        "plain": {},
+    }
+    for i, (task_id, extra) in enumerate(kinds.items()):
+        path = workspace.submit(
+            f"{task_id}.task.yaml", task(task_id, max_tokens=10, seed=i, **extra)
+        )
+        os.utime(path, ns=(10**18 + i, 10**18 + i))
+
+    first = _serve(workspace, failpoint="after_started", exit_when_idle=False)
+    assert first.wait(timeout=30) == -signal.SIGKILL
+    for record in (workspace.root / ".orch" / "engines").glob("*.json"):
+        with contextlib.suppress(ProcessLookupError):  # the power goes for the engines too
+            os.killpg(json.loads(record.read_text())["pid"], signal.SIGKILL)
+    assert sorted(p.name for p in workspace.spool.active.iterdir()) == sorted(
+        f"{t}.task.yaml" for t in kinds
+    )
+    spool.request_cancel(workspace.spool, "doomed")
+    workspace.submit(
+        "waiting.task.yaml", task("waiting", placement={"mode": "pin", "pin_pool": "p1"})
+    )
+
+    second = _serve(workspace, failpoint=None, exit_when_idle=True)
+    assert second.wait(timeout=60) == 0
+    outcomes = {t: workspace.result(t)["status"] for t in [*kinds, "waiting"]}  # type: ignore[index]
+    assert outcomes == {
+        "pinned": "succeeded",
+        "deadlined": "succeeded",
+        "in-session": "succeeded",
+        "doomed": "canceled",
+        "plain": "succeeded",
+        "waiting": "succeeded",
+    }
+    session = json.loads((workspace.root / ".orch" / "sessions" / "agent-1.json").read_text())
+    assert session["turns"] == 1  # the re-run is the same turn, not a second one

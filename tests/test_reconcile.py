@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from reconciler import clock as clocks
+from reconciler import clocks
 from reconciler import daemon as daemons
 from tests.conftest import Workspace, config, task, wait_for, wait_terminal
 

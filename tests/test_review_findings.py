@@ -164,7 +164,7 @@ async def test_a_cancel_right_after_dispatch_finishes_the_task_and_frees_the_slo
     result = await wait_terminal(workspace, "quick", 5)
     assert result["status"] == "canceled"
     assert d.dispatcher.running == {}
-    assert all(r.leases == 0 for r in d.pools.replicas.values())
+    assert all(not r.leases for r in d.pools.replicas.values())
 
 
 # -- bad input ----------------------------------------------------------------------------------

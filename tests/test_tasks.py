@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from reconciler import clock as clocks
+from reconciler import clocks
 from reconciler import daemon as daemons
 from state import spool
 from tests.conftest import Workspace, config, task, wait_for, wait_terminal
@@ -92,20 +92,21 @@ async def test_a_pinned_task_waits_for_its_pool_and_never_falls_back(
     assert result["timings"]["started_at"] >= busy["timings"]["finished_at"]
 
 
-async def test_a_pin_to_a_pool_that_is_not_ready_is_refused_not_rerouted(
+async def test_a_pin_to_a_pool_still_loading_waits_for_it_and_is_not_rerouted(
     workspace: Workspace, serve: Any
 ) -> None:
     cfg = config()
-    cfg["pools"].append({"id": "slowstart", "engine": "sim", "model": "m1", "sim": {"load_s": 30}})
+    cfg["pools"].append({"id": "slowstart", "engine": "sim", "model": "m1", "sim": {"load_s": 2}})
     workspace.write_config(cfg)
     await serve(ready=False)
     await wait_for(
         lambda: any(p["id"] == "p1" and p["state"] == "Ready" for p in workspace.status()["pools"])
     )
     workspace.submit("x.task.yaml", task("x", placement={"mode": "pin", "pin_pool": "slowstart"}))
-    error = (await wait_terminal(workspace, "x"))["error"]
-    assert error["code"] == "POOL_UNREADY" and error["retriable"] is True
-    assert "never falls back" in error["hint"]
+    queued = await wait_for(lambda: workspace.result("x"))
+    assert queued["status"] == "queued"  # p1 has free slots, but x waits for its pin
+    result = await wait_terminal(workspace, "x", timeout=15)
+    assert result["status"] == "succeeded" and result["pool_id"] == "slowstart"
 
 
 async def test_a_session_stays_on_its_replica_and_reports_warm_kv(

@@ -1,0 +1,150 @@
+"""Admission and placement where the pool runtime and the queue meet: tasks that arrive while
+their pool loads, context sizes that differ between pools, pools that fail under queued tasks
+and slot leases across an engine crash. Each test was written against a reported defect."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from plugins import interfaces
+from reconciler import clocks, pools, supervision
+from state import ids
+from tests.conftest import Workspace, config, task, wait_for, wait_terminal
+
+pytestmark = pytest.mark.slow
+
+
+def _loading(load_s: float = 0.6, **extra: Any) -> dict[str, Any]:
+    cfg = config(**extra)
+    cfg["pools"][0]["sim"] = {"tokens_per_s": 400, "load_s": load_s}
+    return cfg
+
+
+async def test_a_pinned_task_waiting_at_start_runs_once_its_pool_loads(
+    workspace: Workspace, serve: Any
+) -> None:
+    workspace.write_config(_loading())
+    workspace.submit(
+        "pinned.task.yaml", task("pinned", placement={"mode": "pin", "pin_pool": "p1"})
+    )
+    await serve(ready=False)
+    result = await wait_terminal(workspace, "pinned", timeout=15)
+    assert result["status"] == "succeeded", result["error"]
+    assert result["pool_id"] == "p1"
+
+
+async def test_a_deadlined_task_waiting_at_start_is_not_judged_late_before_any_estimate(
+    workspace: Workspace, serve: Any
+) -> None:
+    workspace.write_config(_loading())
+    workspace.submit("soon.task.yaml", task("soon", deadline_ms=60000))
+    await serve(ready=False)
+    result = await wait_terminal(workspace, "soon", timeout=15)
+    assert result["status"] == "succeeded", result["error"]
+    queued = next(f for f in workspace.frames("soon") if f.event == "queued")
+    assert queued.data["on_time_probability"] is None or queued.data["on_time_probability"] > 0
+
+
+async def test_a_long_prompt_is_placed_only_on_a_pool_whose_context_fits(
+    workspace: Workspace, serve: Any
+) -> None:
+    cfg = config()
+    cfg["pools"][0].update(ctx=2048, slots=1)
+    cfg["pools"].append(
+        {"id": "p-big", "engine": "sim", "model": "m1", "ctx": 8192, "slots": 1,
+         "sim": {"tokens_per_s": 400}}
+    )  # fmt: skip
+    workspace.write_config(cfg)
+    await serve()
+    long_prompt = "word " * 1600  # about 2000 tokens by the byte estimate, 1601 by the sim's
+    workspace.submit(
+        "long.task.yaml",
+        task("long", prompt=long_prompt, max_tokens=600,
+             placement={"mode": "prefer", "prefer_pools": ["p1"], "allow_fallback": True}),
+    )  # fmt: skip
+    workspace.submit(
+        "short.task.yaml",
+        task("short", placement={"mode": "prefer", "prefer_pools": ["p1"]}),
+    )
+    long = await wait_terminal(workspace, "long")
+    assert long["status"] == "succeeded", long["error"]
+    assert long["pool_id"] == "p-big"
+    short = await wait_terminal(workspace, "short")
+    assert short["pool_id"] == "p1"  # a task that fits still goes to the preferred pool
+
+
+async def test_a_request_the_engine_refuses_fails_as_invalid_params_not_as_a_reset(
+    workspace: Workspace, serve: Any
+) -> None:
+    cfg = config()
+    cfg["pools"][0].update(ctx=1024)
+    workspace.write_config(cfg)
+    await serve()
+    # 2 bytes a word: the byte estimate says ~650 tokens, the engine counts 1301 (> ctx)
+    workspace.submit("wordy.task.yaml", task("wordy", prompt="a " * 1300, max_tokens=4))
+    result = await wait_terminal(workspace, "wordy")
+    assert result["status"] == "failed"
+    assert result["error"]["code"] == "INVALID_PARAMS"
+    assert result["error"]["retriable"] is False
+    assert "context" in result["error"]["message"]
+
+
+async def test_a_queued_pinned_task_fails_when_its_pool_fails(
+    workspace: Workspace, serve: Any
+) -> None:
+    (workspace.root / "m1.gguf").write_bytes(b"GGUF not the pinned bytes")
+    cfg = _loading()
+    cfg["models"]["m1"]["digest"] = "sha256:" + hashlib.sha256(b"other").hexdigest()
+    workspace.write_config(cfg)
+    workspace.submit(
+        "pinned.task.yaml", task("pinned", placement={"mode": "pin", "pin_pool": "p1"})
+    )
+    await serve(ready=False)
+    await wait_for(lambda: workspace.status()["pools"][0]["state"] == "Failed", 10, "Failed")
+    result = await wait_terminal(workspace, "pinned", timeout=10)
+    assert result["status"] in ("failed", "rejected")
+    assert result["error"]["code"] == "POOL_UNAVAILABLE"
+    assert result["error"]["hint"]
+
+
+def test_a_late_release_from_a_crashed_process_frees_no_slot_of_its_successor(
+    tmp_path: Path,
+) -> None:
+    clock = clocks.FakeClock()
+    runtime = pools.PoolRuntime(
+        plugins=cast(Any, None),
+        observer=cast(Any, None),
+        state_dir=tmp_path,
+        config=cast(Any, None),
+        clock=clock,
+        wake=lambda: None,
+    )
+    spec = interfaces.ReplicaSpec(
+        replica_id="p1-0", pool_id="p1", engine="sim", model_id="m1", model_ref="file:m1",
+        model_path=None, model_size_mib=1, model_digest=None, devices=(0,), ctx=2048, slots=1,
+        spec_hash="h", state_dir=tmp_path,
+    )  # fmt: skip
+
+    def handle(pid: int) -> interfaces.ReplicaHandle:
+        return interfaces.ReplicaHandle(spec, pid, 1, 0.0, tmp_path / "log")
+
+    life = supervision.ReplicaLife(ids.ReplicaId("p1-0"), now=clock.monotonic())
+    life.ready(clock.monotonic())
+    replica = pools.Replica("p1-0", "p1", spec, cast(Any, None), 100, life, handle=handle(1))
+    runtime.replicas["p1-0"] = replica
+    old = runtime.lease("p1-0")
+    runtime._crashed(replica, "killed")  # the engine died under the task
+    clock.advance(5)
+    replica.handle = handle(2)  # restarted: a new process, its one slot free
+    replica.life.restarting(clock.monotonic())
+    replica.life.ready(clock.monotonic())
+    new = runtime.lease("p1-0")
+    runtime.release(old)  # the dead process's stream ends late
+    [candidate] = runtime.candidates()
+    assert candidate.slots_busy == 1 and not candidate.feasible
+    runtime.release(new)
+    assert runtime.candidates()[0].slots_busy == 0
