@@ -16,6 +16,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check reconciler plugins state schemas tests features benchmarks examples
 	$(BIN)/ruff format --check reconciler plugins state schemas tests features benchmarks
 	$(BIN)/mypy
+	$(BIN)/pytest -q -p no:cacheprovider tests/test_layering.py
 
 # A CPU-only llama-server for the real-engine tests (test-only: the product is GPU-only).
 # Built once per version into ~/.cache/llama-orch/ (about 7 minutes on 2 cores), then reused.

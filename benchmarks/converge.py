@@ -27,7 +27,7 @@ from typing import Any
 
 from benchmarks import harness, report
 from benchmarks.harness import BenchError, Served, StatusWatch
-from reconciler import pools as pool_runtime
+from reconciler import specs
 from state import desired
 
 NAME = "converge"
@@ -62,7 +62,7 @@ def expected_hash(config: dict[str, Any], pool_id: str) -> str:
     state = desired.DesiredState.model_validate(config)
     pool = state.pool(pool_id)
     assert pool is not None
-    return pool_runtime.spec_hash(pool, state.models[pool.model], state.engines.get(pool.engine))
+    return specs.spec_hash(pool, state.models[pool.model], state.engines.get(pool.engine))
 
 
 def _pool_ready(p: dict[str, Any], spec_hash: str | None = None) -> bool:

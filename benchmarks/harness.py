@@ -224,7 +224,7 @@ class Served:
 async def serving(ws: Workspace, *, resync_s: float = daemons.RESYNC_S) -> AsyncIterator[Served]:
     """Run a daemon on `ws` for the duration of the block, then stop it and its engines."""
     options = daemons.Options(config_path=ws.config_path, resync_s=resync_s)
-    daemon = daemons.Daemon(options)
+    daemon = daemons.build(options)
     job = asyncio.get_running_loop().create_task(daemon.run(), name="bench-daemon")
     served = Served(ws, daemon, job)
     outcome: dict[str, Any] = {"exit": None, "stop_s": None, "leftover_engines": 0}

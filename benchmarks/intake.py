@@ -115,7 +115,7 @@ async def run(bench: report.BenchResult, *, quick: bool) -> None:
                 statuses[r["status"] if r else "missing"] += 1
                 if r and r.get("error"):
                     errors[r["error"]["code"]] += 1
-            queue_at_end = srv.daemon.dispatcher.depth()
+            queue_at_end = srv.daemon.dispatcher.queue_row().model_dump()
     assert admitted_s is not None and terminal_s is not None
     bench.add("tasks/s end to end", n / terminal_s, "tasks/s")
     bench.add("admitted/s (result file written)", n / admitted_s, "tasks/s")

@@ -13,20 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from state import observed
+from state import errors, observed
 
-
-class EnvironmentMissing(Exception):
-    """The driver, NVML or an engine binary is missing; `orchctl` exits 3 and prints `fix`."""
-
-    def __init__(self, what: str, fix: str) -> None:
-        super().__init__(what)
-        self.what = what
-        self.fix = fix
-
-
-class ConfigProblem(Exception):
-    """A file the user wrote cannot be used; `orchctl` prints the message and exits 2."""
+# The two errors that decide orchctl's exit codes live with the others in state.errors; they
+# are named here too because plugins raise them (part of the plugin interface).
+EnvironmentMissing = errors.EnvironmentMissing
+ConfigProblem = errors.ConfigProblem
 
 
 class GpuObserver(Protocol):

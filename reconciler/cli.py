@@ -12,11 +12,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pydantic
 import yaml
 
-from plugins import interfaces, registry
+from plugins import registry
 from reconciler import logs, status
-from state import desired, events, loading, results, spool, tasks
+from state import desired, errors, events, loading, results, spool, statusfile, tasks
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ENV = 0, 1, 2, 3
 
@@ -29,10 +30,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         code: int = args.func(args)
-    except interfaces.EnvironmentMissing as exc:
+    except errors.EnvironmentMissing as exc:
         print(f"orchctl: {exc.what}\n\n{exc.fix}", file=sys.stderr)
         return EXIT_ENV
-    except interfaces.ConfigProblem as exc:
+    except errors.ConfigProblem as exc:
         print(f"orchctl: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
@@ -171,7 +172,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
 
     async def run() -> int:
-        d = daemon.Daemon(options)
+        d = daemon.build(options)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, d.stop)
@@ -320,11 +321,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     _, _, state_dir = _paths(args.config)
     path = state_dir / "status.json"
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        raw = path.read_bytes()
+    except OSError:
         print(f"no status at {path}: is `orchctl serve` running?", file=sys.stderr)
         return EXIT_FAILED
-    print(json.dumps(data, indent=2) if args.json else status.table(data))
+    try:
+        data = statusfile.StatusFile.model_validate_json(raw)
+    except pydantic.ValidationError:
+        print(f"{path} is not a status file this orchctl can read", file=sys.stderr)
+        return EXIT_FAILED
+    print(data.model_dump_json(indent=2) if args.json else status.table(data))
     return EXIT_OK
 
 

@@ -13,15 +13,11 @@ import asyncio
 import contextlib
 import os
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
-from typing import Any
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
-from watchdog.observers import Observer
-
-from plugins import interfaces, registry
+from plugins import registry
 from reconciler import (
+    adoption,
     clocks,
     configuring,
     dispatch,
@@ -30,11 +26,24 @@ from reconciler import (
     intake,
     logs,
     pools,
+    rates,
+    recovery,
     status,
     tasking,
+    watching,
 )
-from state import desired, events, loading, results, sessions, spool
-from state.errors import ErrorCode, ErrorEnvelope
+from state import (
+    atomic,
+    desired,
+    errors,
+    loading,
+    observed,
+    results,
+    sessions,
+    spool,
+    statusfile,
+)
+from state.errors import ErrorCode
 
 log = logs.get("daemon")
 
@@ -54,33 +63,105 @@ class Options:
     exit_when_idle: bool = False  # stop once the spool is empty and nothing runs (demos, tests)
 
 
-class _Waker(FileSystemEventHandler):
-    def __init__(self, loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> None:
-        self.loop = loop
-        self.event = event
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        if not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self.event.set)
+def build(
+    options: Options,
+    *,
+    clock: clocks.Clock | None = None,
+    plugins: registry.Registry | None = None,
+) -> Daemon:
+    """A daemon wired for `options`, ready to `run`: the config read and checked (raises
+    ConfigProblem with every error), the stores made from its `paths`, the GPU observer
+    opened (raises EnvironmentMissing without a driver), the pool runtime and the dispatcher
+    sharing one `Rates`. Tests build one and drive `pass_once` on a fake clock."""
+    clock = clock or clocks.RealClock()
+    plugins = plugins or registry.load()
+    config = configuring.AppliedConfig(options.config_path.resolve(), set(plugins.engines), clock)
+    if not config.refresh() or config.state is None:
+        problems = "\n".join(f"  {e}" for e in config.errors)
+        raise errors.ConfigProblem(
+            f"{config.path} is not a valid config:\n{problems}\n"
+            f"run `orchctl validate {config.path}` and fix the lines shown"
+        )
+    state, base = config.state, config.base
+    the_spool = spool.Spool(desired.resolve(base, state.paths.spool)).ensure()
+    store = results.ResultStore(desired.resolve(base, state.paths.results))
+    state_dir = desired.resolve(base, state.paths.state)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    wake_event = asyncio.Event()
+    shared_rates = rates.Rates()
+    the_sessions = sessions.SessionStore(state_dir / "sessions")
+    hub = fanout.Hub()
+    books = tasking.Books(the_spool, store, hub, clock)
+    runtime = pools.PoolRuntime(
+        plugins=plugins,
+        observer=plugins.observer(state, base, simulate=options.simulate),
+        state_dir=state_dir,
+        config=config,
+        clock=clock,
+        wake=wake_event.set,
+        rates=shared_rates,
+    )
+    dispatcher = dispatch.Dispatcher(
+        books=books,
+        config=config,
+        pools=runtime,
+        sessions=the_sessions,
+        clock=clock,
+        wake=wake_event.set,
+        rates=shared_rates,
+    )
+    return Daemon(
+        options,
+        clock=clock,
+        plugins=plugins,
+        config=config,
+        wake_event=wake_event,
+        the_spool=the_spool,
+        store=store,
+        state_dir=state_dir,
+        the_sessions=the_sessions,
+        hub=hub,
+        books=books,
+        runtime=runtime,
+        dispatcher=dispatcher,
+    )
 
 
 class Daemon:
+    """The loop and what it owns; made by `build`."""
+
     def __init__(
         self,
         options: Options,
         *,
-        clock: clocks.Clock | None = None,
-        plugins: registry.Registry | None = None,
+        clock: clocks.Clock,
+        plugins: registry.Registry,
+        config: configuring.AppliedConfig,
+        wake_event: asyncio.Event,
+        the_spool: spool.Spool,
+        store: results.ResultStore,
+        state_dir: Path,
+        the_sessions: sessions.SessionStore,
+        hub: fanout.Hub,
+        books: tasking.Books,
+        runtime: pools.PoolRuntime,
+        dispatcher: dispatch.Dispatcher,
     ) -> None:
         self.options = options
-        self.clock = clock or clocks.RealClock()
-        self.plugins = plugins or registry.load()
-        self.config = configuring.AppliedConfig(
-            options.config_path.resolve(), set(self.plugins.engines), self.clock
-        )
-        self.wake_event = asyncio.Event()
+        self.clock = clock
+        self.plugins = plugins
+        self.config = config
+        self.wake_event = wake_event
         self.stop_event = asyncio.Event()
-        self.started_at = clocks.rfc3339(self.clock.now())
+        self.spool = the_spool
+        self.results = store
+        self.state_dir = state_dir
+        self.sessions = the_sessions
+        self.hub = hub
+        self.books = books
+        self.pools = runtime
+        self.dispatcher = dispatcher
+        self.started_at = clocks.rfc3339(clock.now())
         self._next_sweep = 0.0
 
     def wake(self) -> None:
@@ -90,44 +171,10 @@ class Daemon:
         self.stop_event.set()
         self.wake_event.set()
 
-    def _setup(self) -> None:
-        if not self.config.refresh() or self.config.state is None:
-            problems = "\n".join(f"  {e}" for e in self.config.errors)
-            raise interfaces.ConfigProblem(
-                f"{self.config.path} is not a valid config:\n{problems}\n"
-                f"run `orchctl validate {self.config.path}` and fix the lines shown"
-            )
-        state = self.config.state
-        base = self.config.base
-        self.spool = spool.Spool(desired.resolve(base, state.paths.spool)).ensure()
-        self.results = results.ResultStore(desired.resolve(base, state.paths.results))
-        self.state_dir = desired.resolve(base, state.paths.state)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.sessions = sessions.SessionStore(self.state_dir / "sessions")
-        self.hub = fanout.Hub()
-        self.books = tasking.Books(self.spool, self.results, self.hub, self.clock)
-        observer = self.plugins.observer(state, base, simulate=self.options.simulate)
-        self.pools = pools.PoolRuntime(
-            plugins=self.plugins,
-            observer=observer,
-            state_dir=self.state_dir,
-            config=self.config,
-            clock=self.clock,
-            wake=self.wake,
-        )
-        self.dispatcher = dispatch.Dispatcher(
-            books=self.books,
-            config=self.config,
-            pools=self.pools,
-            sessions=self.sessions,
-            clock=self.clock,
-            wake=self.wake,
-        )
-
     async def run(self) -> int:
-        self._setup()
         loop = asyncio.get_running_loop()
-        watcher = self._start_watchdog(loop) if self.options.watch else None
+        folders = [self.config.path.parent, self.spool.incoming, self.spool.cancel]
+        watcher = watching.start(loop, self.wake_event, folders) if self.options.watch else None
         deadline = (
             self.clock.monotonic() + self.options.duration_s
             if self.options.duration_s is not None
@@ -141,8 +188,14 @@ class Daemon:
             simulated=self.pools.observer.simulated,
         )
         try:
-            await self.pools.adopt_or_clean()
-            self._recover()
+            await adoption.adopt_or_clean(self.pools)
+            recovery.recover(
+                the_spool=self.spool,
+                store=self.results,
+                take=lambda path, existing: self._take(path, recovered=existing),
+                refuse_duplicate=self._refuse_duplicate,
+                revision=self.config.revision,
+            )
             while not self.stop_event.is_set():
                 await self.pass_once()
                 if self.options.exit_when_idle and self._idle():
@@ -167,16 +220,6 @@ class Daemon:
             self._write_status(stopping=True)
             logs.emit(log, "daemon.stopped", "Stopped; engines stopped, tasks left resumable.")
         return 0
-
-    def _start_watchdog(self, loop: asyncio.AbstractEventLoop) -> Any:
-        observer = Observer()
-        waker = _Waker(loop, self.wake_event)
-        observer.schedule(waker, str(self.config.path.parent), recursive=False)
-        observer.schedule(waker, str(self.spool.incoming), recursive=False)
-        observer.schedule(waker, str(self.spool.cancel), recursive=False)
-        observer.daemon = True
-        observer.start()
-        return observer
 
     async def pass_once(self) -> None:
         """One level-triggered pass over everything."""
@@ -270,7 +313,15 @@ class Daemon:
                     task_id=parsed.task_id,
                 )
                 return
-            run = self._new_run(parsed, recovered=recovered)
+            run = tasking.new_run(
+                parsed.task_id,
+                parsed.task,
+                parsed.file_name,
+                store=self.results,
+                revision=self.config.revision,
+                clock=self.clock,
+                recovered=recovered,
+            )
             self.dispatcher.admit(run, recovered=recovered is not None)
         except Exception as exc:  # never let one file take the daemon down
             log.exception("could not take %s", path.name)
@@ -281,6 +332,16 @@ class Daemon:
                     message=f"internal error {type(exc).__name__}: {exc}",
                     hint="this is a bug; please report it with the log",
                 )
+
+    def _refuse_duplicate(self, path: Path, task_id: str) -> None:
+        self._refuse(
+            path,
+            ErrorCode.DUPLICATE_TASK_ID,
+            field="task_id",
+            message=f"task id {task_id!r} is already used by another file",
+            hint="give the task a new task_id",
+            task_id=task_id,
+        )
 
     def _refuse(
         self,
@@ -304,124 +365,54 @@ class Daemon:
             problems=[problem],
         )
 
-    def _new_run(
-        self, parsed: intake.Parsed, *, recovered: results.Result | None = None
-    ) -> tasking.TaskRun:
-        now = self.clock.monotonic()
-        events_path = self.results.events_path(parsed.task_id)
-        if recovered is not None:
-            result = recovered
-            result.status = "queued"
-            result.error = None
-        else:
-            result = tasking.new_result(
-                parsed.task_id,
-                parsed.task,
-                events_path=events_path,
-                source=f"spool/active/{parsed.file_name}",
-                revision=self.config.revision,
-                accepted_at=clocks.rfc3339(self.clock.now()),
-            )
-        deadline = now + parsed.task.deadline_ms / 1000 if parsed.task.deadline_ms else None
-        accepted = _epoch(result.timings.accepted_at)
-        if deadline is not None and recovered is not None and accepted is not None:
-            # a re-queued task keeps the deadline it was accepted with, not a fresh one
-            deadline -= max(0.0, self.clock.now() - accepted)
-        return tasking.TaskRun(
-            task_id=parsed.task_id,
-            task=parsed.task,
-            file_name=parsed.file_name,
-            result=result,
-            log=events.EventLog(events_path),
-            accepted_mono=now,
-            deadline_mono=deadline,
-            model_id=parsed.task.model or "",
-            pool_id=parsed.task.pool,
+    def status(self, *, stopping: bool = False) -> statusfile.StatusFile:
+        """What status.json says now, assembled from the rows the pools and the dispatcher
+        return."""
+        config, snapshot = self.config, self.pools.last_snapshot
+        return statusfile.StatusFile(
+            daemon=statusfile.DaemonRow(
+                pid=os.getpid(),
+                started_at=self.started_at,
+                version=status.version(),
+                simulated=self.pools.observer.simulated,
+                state="stopped" if stopping else "running",
+                stopped_at=clocks.rfc3339(self.clock.now()) if stopping else None,
+            ),
+            config=statusfile.ConfigRow(
+                path=str(config.path),
+                revision=config.revision,
+                applied_at=config.applied_at,
+                errors=[
+                    statusfile.ConfigErrorRow(**e.as_dict(), text=str(e)) for e in config.errors
+                ],
+            ),
+            gpus=[_gpu_row(g) for g in (snapshot.gpus if snapshot else ())],
+            pools=self.pools.status_rows(stopping=stopping),
+            queue=self.dispatcher.queue_row(),
         )
-
-    def _recover(self) -> None:
-        """Tasks left in active/ by a crash: finish those whose result (or event log) is
-        terminal, refuse second files of one task id, re-queue the rest in their original
-        order (at-least-once execution, exactly-once completion)."""
-        pending: list[tuple[str, Path, str | None, results.Result | None]] = []
-        for name in spool.active_names(self.spool):
-            path = self.spool.active / name
-            parsed = intake.parse_claimed(path)
-            task_id = parsed.task_id if isinstance(parsed, intake.Parsed) else None
-            existing = self.results.read(task_id) if task_id else None
-            if (existing is None or not existing.terminal) and isinstance(parsed, intake.Parsed):
-                existing = self._finished_in_log(parsed, existing) or existing
-            if existing is not None and existing.terminal:
-                spool.finish(self.spool, name, failed=existing.status in ("failed", "rejected"))
-                logs.emit(
-                    log,
-                    "task.recovered",
-                    f"Task {task_id} was already {existing.status}; filed its task file.",
-                    task_id=task_id,
-                )
-                continue
-            key = existing.timings.accepted_at if existing and existing.timings.accepted_at else "~"
-            pending.append((key, path, task_id, existing))
-        seen: set[str] = set()
-        for _, path, task_id, existing in sorted(pending, key=lambda p: (p[0], p[1].name)):
-            if task_id is not None and task_id in seen:
-                self._refuse(
-                    path,
-                    ErrorCode.DUPLICATE_TASK_ID,
-                    field="task_id",
-                    message=f"task id {task_id!r} is already used by another file",
-                    hint="give the task a new task_id",
-                    task_id=task_id,
-                )
-                continue
-            if task_id is not None:
-                seen.add(task_id)
-            if existing is not None:
-                logs.emit(
-                    log,
-                    "task.recovered",
-                    f"Re-queued task {existing.task_id} interrupted while {existing.status}.",
-                    task_id=existing.task_id,
-                )
-            self._take(path, recovered=existing)
-
-    def _finished_in_log(
-        self, parsed: intake.Parsed, existing: results.Result | None
-    ) -> results.Result | None:
-        """A crash after the terminal frame but before the result: rebuild the result from
-        the log (the frame is the earlier commit), so the task is filed, not re-run."""
-        frames = list(events.read(self.results.events_path(parsed.task_id)))
-        if not frames or not frames[-1].terminal:
-            return None
-        result = existing or tasking.new_result(
-            parsed.task_id,
-            parsed.task,
-            events_path=self.results.events_path(parsed.task_id),
-            source=f"spool/active/{parsed.file_name}",
-            revision=self.config.revision,
-            accepted_at=frames[0].ts,
-        )
-        starts = [i for i, f in enumerate(frames) if f.event == "started"]
-        tokens = [f for f in frames[starts[-1] if starts else 0 :] if f.event == "token"]
-        result.text = "".join(str(f.data.get("t", "")) for f in tokens)
-        last = frames[-1]
-        if last.event == "end":
-            reason = last.data.get("finish_reason")
-            result.status = "canceled" if reason == "canceled" else "succeeded"
-            result.finish_reason = reason
-            result.tokens_out = int(last.data.get("tokens_out") or len(tokens))
-        else:
-            result.status = "failed" if starts else "rejected"
-            result.error = ErrorEnvelope.model_validate(last.data)
-        result.timings.finished_at = last.ts
-        self.results.write(result)
-        return result
 
     def _write_status(self, *, stopping: bool = False) -> None:
         try:
-            status.write(self.state_dir / "status.json", status.build(self, stopping=stopping))
+            data = self.status(stopping=stopping).model_dump(mode="json")
+            atomic.write_json(self.state_dir / "status.json", data, durable=False)
         except OSError as exc:
             logs.emit(log, "status.unwritable", f"Could not write status.json: {exc}", level=40)
+
+
+def _gpu_row(g: observed.Gpu) -> statusfile.GpuRow:
+    return statusfile.GpuRow(
+        index=g.index,
+        uuid=g.uuid,
+        name=g.name,
+        vram_total_mib=g.vram_total_mib,
+        vram_used_mib=g.vram_used_mib,
+        vram_free_mib=g.vram_free_mib,
+        utilization_pct=g.utilization_pct,
+        temperature_c=g.temperature_c,
+        simulated=g.simulated,
+        processes=[statusfile.GpuProcessRow(pid=p.pid, used_mib=p.used_mib) for p in g.processes],
+        error=g.error,
+    )
 
 
 def _peek(path: Path) -> object:
@@ -430,12 +421,3 @@ def _peek(path: Path) -> object:
         return None
     data, _, errs = loading.parse_document(text, path.name)
     return None if errs else data
-
-
-def _epoch(rfc3339: str | None) -> float | None:
-    if not rfc3339:
-        return None
-    try:
-        return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None

@@ -240,3 +240,28 @@ class Calibration:
             brier_samples=len(scores),
             brier=brier_score([p for p, _ in scores], [o for _, o in scores]) if scores else None,
         )
+
+
+@dataclass(frozen=True)
+class SlotSource:
+    """One replica that could serve a task: when it can start work (0 when Ready, its
+    expected startup otherwise), its slots, and the remaining ms of each task running on it."""
+
+    start_in_ms: float
+    slots: int
+    busy_left_ms: tuple[float, ...] = ()
+
+
+def slot_free_times(sources: Iterable[SlotSource]) -> list[float]:
+    """When each slot of `sources` frees, in ms from now: the input of `predicted_start_ms`."""
+    frees: list[float] = []
+    for source in sources:
+        lefts = sorted(source.busy_left_ms)
+        for slot in range(source.slots):
+            frees.append(source.start_in_ms + (lefts[slot] if slot < len(lefts) else 0.0))
+    return frees
+
+
+def remaining_ms(service_ms: float, elapsed_ms: float) -> float:
+    """What is left of a running task's estimated service time (never negative)."""
+    return max(0.0, service_ms - elapsed_ms)

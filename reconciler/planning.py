@@ -33,11 +33,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
-from state import ids
+from state import ids, statusfile
 
-ReplicaState = Literal["Starting", "Ready", "Draining", "BackingOff", "Failed"]
+# The replica states planning sees: the loop's one list (statusfile.ReplicaState); a Stopped
+# replica is gone from planning's view.
+ReplicaState = statusfile.ReplicaState
 REPLICA_STATES: tuple[ReplicaState, ...] = ("Starting", "Ready", "Draining", "BackingOff", "Failed")
 # States in which a replica's engine process exists and holds VRAM (BackingOff and Failed
 # ones have no process: draining them gives nothing back).

@@ -3,66 +3,36 @@
 Each pass (`reconcile`) observes the GPUs, notices engine exits, restarts replicas whose backoff
 has elapsed, asks `planning.plan` what to start and drain, and acts. Starting and draining run
 as background coroutines that wake the loop when they finish. Every started engine is recorded
-under <state>/engines/<replica_id>.json, so a restarted daemon adopts it or stops it: no engine
-is ever left holding VRAM.
+(`state.engine_records`), so a restarted daemon adopts it or stops it: no engine is ever left
+holding VRAM. Specs, VRAM arithmetic and pool state are pure functions in `specs`; learned
+start-up times go to the `rates.Rates` the dispatcher reads.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import itertools
-import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from plugins import interfaces, registry, resolvers
-from reconciler import admission, clocks, estimates, logs, placement, planning, supervision
+from reconciler import (
+    admission,
+    clocks,
+    fleet,
+    logs,
+    placement,
+    planning,
+    rates,
+    specs,
+    supervision,
+)
 from reconciler.configuring import AppliedConfig
-from state import atomic, desired, ids, observed, results
+from state import desired, engine_records, errors, ids, observed, results, statusfile
 
 log = logs.get("pools")
-
-DEFAULT_STARTUP_MS = 5000.0
-DEFAULT_PRIOR = estimates.prior()
-DEFAULT_MODEL_MIB = 1024  # planning size for a model whose file is not there and has no size_mib
-
-
-@dataclass
-class Replica:
-    replica_id: str
-    pool_id: str
-    spec: interfaces.ReplicaSpec
-    engine: interfaces.Engine
-    vram_mib: int
-    life: supervision.ReplicaLife
-    handle: interfaces.ReplicaHandle | None = None
-    leases: set[int] = field(default_factory=set)  # numbers of the slots leased now
-    job: asyncio.Task[None] | None = None
-    ready_ms: float | None = None
-
-    @property
-    def state(self) -> str:
-        return self.life.state
-
-
-@dataclass(frozen=True)
-class Lease:
-    """One slot of one engine process, held by one task. A lease outlives its process when
-    the engine crashes mid-task; its number is then unknown to the restarted process, so its
-    late release frees nothing there."""
-
-    number: int
-    replica_id: str
-    engine: interfaces.Engine
-    handle: interfaces.ReplicaHandle
-
-
-_lease_numbers = itertools.count(1)
 
 
 @dataclass
@@ -73,77 +43,41 @@ class PoolRuntime:
     config: AppliedConfig
     clock: clocks.Clock
     wake: Callable[[], None]
+    rates: rates.Rates = field(default_factory=rates.Rates)
     rng: random.Random = field(default_factory=random.Random)
-    replicas: dict[str, Replica] = field(default_factory=dict)
+    replicas: dict[str, fleet.Replica] = field(default_factory=dict)
     last_snapshot: observed.GpuSnapshot | None = None
     unschedulable: dict[str, planning.Unschedulable] = field(default_factory=dict)
     waiting: set[str] = field(default_factory=set)
-    rates: dict[str, estimates.ServiceRate] = field(default_factory=dict)
-    startup: dict[str, float] = field(default_factory=dict)
     problems: dict[str, str] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
-    _priors_of: desired.DesiredState | None = None
-    _priors: dict[str, estimates.ServiceRate] = field(default_factory=dict)
-
-    @property
-    def records(self) -> Path:
-        folder = self.state_dir / "engines"
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder
 
     # -- desired specs ----------------------------------------------------------------------
 
-    def _spec(
+    def spec_for(
         self,
         pool: desired.PoolSpec,
         state: desired.DesiredState,
         replica_id: str,
         devices: tuple[int, ...],
     ) -> interfaces.ReplicaSpec:
-        model = state.models[pool.model]
-        scheme = model.ref.split(":", 1)[0] if ":" in model.ref else "file"
-        resolver = self.plugins.resolvers.get(scheme)
-        found = resolver(model.ref, self.config.base) if resolver else None
-        path = found.path if found else None
-        size = model.size_mib or (found.size_mib if found else None) or DEFAULT_MODEL_MIB
-        options: dict[str, Any] = pool.sim.model_dump(mode="json") if pool.sim else {}
-        engine_cfg = state.engines.get(pool.engine)
-        if engine_cfg is not None:
-            options["engine"] = engine_cfg.model_dump(mode="json")
-        snapshot = self.last_snapshot
-        # what the engine may use: the card less what processes outside llama-orch hold
-        totals = (
-            {
-                g.index: g.vram_total_mib
-                - max(0, g.vram_used_mib - sum(p.used_mib for p in g.processes))
-                for g in snapshot.gpus
-            }
-            if snapshot
-            else {}
-        )
-        options["vram_total_mib"] = {str(i): totals.get(i, 0) for i in devices}
-        return interfaces.ReplicaSpec(
+        ref = state.models[pool.model].ref
+        resolver = self.plugins.resolvers.get(ref.split(":", 1)[0] if ":" in ref else "file")
+        found = resolver(ref, self.config.base) if resolver else None
+        return specs.replica_spec(
+            pool,
+            state,
             replica_id=replica_id,
-            pool_id=pool.id,
-            engine=pool.engine,
-            model_id=pool.model,
-            model_ref=model.ref,
-            model_path=path,
-            model_size_mib=size,
-            model_digest=model.digest,
             devices=devices,
-            ctx=pool.ctx,
-            slots=pool.slots,
-            spec_hash=spec_hash(pool, model, engine_cfg),
+            model_path=found.path if found else None,
+            file_size_mib=found.size_mib if found else None,
+            snapshot=self.last_snapshot,
             state_dir=self.state_dir,
-            flags=tuple(pool.flags),
-            env=dict(pool.env),
-            options=options,
         )
 
     def _want(self, pool: desired.PoolSpec, state: desired.DesiredState) -> planning.PoolWant:
         engine = self.plugins.engines[pool.engine]
-        probe = self._spec(
+        probe = self.spec_for(
             pool,
             state,
             f"{pool.id}-probe",
@@ -204,39 +138,19 @@ class PoolRuntime:
                     pool_id=ids.PoolId(r.pool_id),
                     spec_hash=r.spec.spec_hash,
                     devices=r.spec.devices,
-                    state=r.state,  # type: ignore[arg-type]  # Stopped is filtered above
+                    state=r.state,
                     vram_mib=r.vram_mib,
                 )
             )
         return out
 
     def _rooms(self) -> list[planning.GpuRoom]:
-        """Free VRAM per GPU, less what replicas still loading will take (not yet measured)."""
-        snapshot = self.last_snapshot
-        if snapshot is None:
-            return []
-        measured: dict[tuple[int, int], int] = {}
-        for gpu in snapshot.gpus:
-            for proc in gpu.processes:
-                measured[(gpu.index, proc.pid)] = proc.used_mib
-        pending: dict[int, int] = {}
-        for r in self.replicas.values():
-            if r.state in ("Stopped", "Failed", "BackingOff"):
-                continue
-            share = planning.share_mib(r.vram_mib, len(r.spec.devices))
-            pid = r.handle.pid if r.handle else -1
-            for index in r.spec.devices:
-                pending[index] = pending.get(index, 0) + max(
-                    0, share - measured.get((index, pid), 0)
-                )
-        return [
-            planning.GpuRoom(
-                index=g.index,
-                total_mib=g.vram_total_mib,
-                free_mib=max(0, g.vram_free_mib - pending.get(g.index, 0)),
-            )
-            for g in snapshot.gpus
-        ]  # a GPU with a failed reading still counts
+        loading = [
+            specs.Loading(r.spec.devices, r.vram_mib, r.handle.pid if r.handle else None)
+            for r in self.replicas.values()
+            if r.state not in ("Stopped", "Failed", "BackingOff")
+        ]
+        return specs.gpu_rooms(self.last_snapshot, loading)
 
     def _notice_exits(self) -> None:
         for r in list(self.replicas.values()):
@@ -246,7 +160,7 @@ class PoolRuntime:
             if exit_info is not None:
                 self._crashed(r, exit_info.reason)
 
-    def _crashed(self, r: Replica, reason: str) -> None:
+    def _crashed(self, r: fleet.Replica, reason: str) -> None:
         r.handle = None
         r.leases.clear()  # the process is gone, and the slots with it
         self._forget_record(r.replica_id)
@@ -282,19 +196,19 @@ class PoolRuntime:
             if pool is None or self._want(pool, state).spec_hash != r.spec.spec_hash:
                 del self.replicas[r.replica_id]  # planning drains/replaces; nothing runs
                 continue
-            r.spec = self._spec(pool, state, r.replica_id, r.spec.devices)
+            r.spec = self.spec_for(pool, state, r.replica_id, r.spec.devices)
             r.life.restarting(now)
             r.job = asyncio.get_running_loop().create_task(self._boot(r))
 
     def _start(
         self, pool: desired.PoolSpec, state: desired.DesiredState, action: planning.Start
     ) -> None:
-        spec = self._spec(pool, state, action.replica_id, tuple(action.devices))
+        spec = self.spec_for(pool, state, action.replica_id, tuple(action.devices))
         engine = self.plugins.engines[pool.engine]
         life = supervision.ReplicaLife(
             action.replica_id, now=self.clock.monotonic(), random=self.rng.random
         )
-        r = Replica(action.replica_id, pool.id, spec, engine, action.vram_mib, life)
+        r = fleet.Replica(action.replica_id, pool.id, spec, engine, action.vram_mib, life)
         self.replicas[r.replica_id] = r
         logs.emit(
             log,
@@ -308,7 +222,7 @@ class PoolRuntime:
         )
         r.job = asyncio.get_running_loop().create_task(self._boot(r))
 
-    async def _boot(self, r: Replica) -> None:
+    async def _boot(self, r: fleet.Replica) -> None:
         state = self.config.state
         ready_s = state.timeouts.ready_s if state else 120.0
         began = self.clock.monotonic()
@@ -337,7 +251,7 @@ class PoolRuntime:
                     await r.engine.stop(r.handle, grace_s=1.0)
             self._crashed(r, exc.reason)
             return
-        except interfaces.EnvironmentMissing as exc:
+        except errors.EnvironmentMissing as exc:
             r.handle = None
             # A missing driver or binary will not fix itself by restarting: open the
             # breaker at once (a config edit replaces the replica and starts afresh).
@@ -363,7 +277,7 @@ class PoolRuntime:
         with contextlib.suppress(Exception):  # shown, not required
             info = await asyncio.wait_for(r.engine.describe(r.handle), 5.0)
             self.versions[r.replica_id] = info.engine_version
-        self.startup[r.pool_id] = r.ready_ms
+        self.rates.started(r.pool_id, r.ready_ms)
         r.life.ready(self.clock.monotonic())
         logs.emit(
             log,
@@ -394,7 +308,7 @@ class PoolRuntime:
         )
         r.job = asyncio.get_running_loop().create_task(self._retire(r))
 
-    async def _retire(self, r: Replica) -> None:
+    async def _retire(self, r: fleet.Replica) -> None:
         state = self.config.state
         drain_s = state.timeouts.drain_s if state else 30.0
         grace_s = state.timeouts.stop_grace_s if state else 10.0
@@ -417,84 +331,24 @@ class PoolRuntime:
 
     # -- engine records: adoption after a daemon restart -----------------------------------
 
-    def _write_record(self, r: Replica) -> None:
+    def _write_record(self, r: fleet.Replica) -> None:
         assert r.handle is not None
-        atomic.write_json(
-            self.records / f"{r.replica_id}.json",
-            {
-                "replica_id": r.replica_id,
-                "pool_id": r.pool_id,
-                "engine": r.spec.engine,
-                "spec_hash": r.spec.spec_hash,
-                "pid": r.handle.pid,
-                "port": r.handle.port,
-                "started_at": r.handle.started_at,
-                "log_path": str(r.handle.log_path),
-                "devices": list(r.spec.devices),
-                "vram_mib": r.vram_mib,
-            },
+        record = engine_records.EngineRecord(
+            replica_id=r.replica_id,
+            pool_id=r.pool_id,
+            engine=r.spec.engine,
+            spec_hash=r.spec.spec_hash,
+            pid=r.handle.pid,
+            port=r.handle.port,
+            started_at=r.handle.started_at,
+            log_path=str(r.handle.log_path),
+            devices=list(r.spec.devices),
+            vram_mib=r.vram_mib,
         )
+        engine_records.write(self.state_dir, record)
 
     def _forget_record(self, replica_id: str) -> None:
-        (self.records / f"{replica_id}.json").unlink(missing_ok=True)
-
-    async def adopt_or_clean(self) -> None:
-        """Engines recorded by a previous daemon: adopt the healthy, still-desired ones; stop
-        every other one."""
-        state = self.config.state
-        self.last_snapshot = await asyncio.to_thread(self.observer.observe)
-        for path in sorted(self.records.glob("*.json")):
-            try:
-                record: dict[str, Any] = json.loads(path.read_text())
-            except (OSError, ValueError):
-                path.unlink(missing_ok=True)
-                continue
-            engine = self.plugins.engines.get(str(record.get("engine")))
-            pool = state.pool(str(record.get("pool_id"))) if state else None
-            adopted = None
-            if engine is not None and pool is not None and state is not None:
-                spec = self._spec(
-                    pool, state, str(record["replica_id"]), tuple(record.get("devices", []))
-                )
-                if spec.spec_hash == record.get("spec_hash"):
-                    # adopt() checks pid, start time and health; it stops what it rejects
-                    adopted = await engine.adopt(record, spec)
-            if adopted is None:
-                await _kill_recorded(record)
-                path.unlink(missing_ok=True)
-                logs.emit(
-                    log,
-                    "replica.cleaned",
-                    f"Stopped engine pid {record.get('pid')} left by a previous daemon "
-                    f"({record.get('replica_id')}).",
-                    replica_id=record.get("replica_id"),
-                )
-                continue
-            assert engine is not None and pool is not None
-            life = supervision.ReplicaLife(
-                ids.ReplicaId(str(record["replica_id"])),
-                now=self.clock.monotonic(),
-                random=self.rng.random,
-            )
-            life.ready(self.clock.monotonic())
-            r = Replica(
-                str(record["replica_id"]),
-                pool.id,
-                adopted.spec,
-                engine,
-                int(record.get("vram_mib", 0)),
-                life,
-                handle=adopted,
-            )
-            self.replicas[r.replica_id] = r
-            logs.emit(
-                log,
-                "replica.adopted",
-                f"Adopted replica {r.replica_id} (pid {adopted.pid}) from a previous daemon.",
-                replica_id=r.replica_id,
-                pool_id=r.pool_id,
-                pid=adopted.pid,
-            )
+        engine_records.forget(self.state_dir, replica_id)
 
     async def shutdown(self) -> None:
         grace = self.config.state.timeouts.stop_grace_s if self.config.state else 10.0
@@ -503,7 +357,7 @@ class PoolRuntime:
             job.cancel()
         await asyncio.gather(*jobs, return_exceptions=True)
 
-        async def stop(r: Replica) -> None:
+        async def stop(r: fleet.Replica) -> None:
             if r.handle is not None:
                 await r.engine.stop(r.handle, grace_s=grace)
             self._forget_record(r.replica_id)
@@ -516,40 +370,16 @@ class PoolRuntime:
     # -- what dispatch and status read ------------------------------------------------------
 
     def candidates(self) -> list[placement.Candidate]:
-        out = []
-        for r in self.replicas.values():
-            if r.state not in ("Ready", "Starting"):
-                continue
-            out.append(
-                placement.Candidate(
-                    replica_id=ids.ReplicaId(r.replica_id),
-                    pool_id=ids.PoolId(r.pool_id),
-                    model_id=ids.ModelId(r.spec.model_id),
-                    state=r.state,
-                    slots_total=r.spec.slots,
-                    slots_busy=len(r.leases),
-                    gpu_free_mib=self._gpu_free(r.spec.devices),
-                    devices=r.spec.devices,
-                    ctx=r.spec.ctx,
-                )
-            )
-        return out
+        return fleet.candidates(self.replicas.values(), self.last_snapshot)
 
-    def _gpu_free(self, devices: tuple[int, ...]) -> int:
-        snapshot = self.last_snapshot
-        if snapshot is None:
-            return 0
-        frees = [g.vram_free_mib for g in snapshot.gpus if g.index in devices]
-        return min(frees, default=0)
-
-    def lease(self, replica_id: str) -> Lease:
+    def lease(self, replica_id: str) -> fleet.Lease:
         r = self.replicas[replica_id]
         assert r.handle is not None and r.state == "Ready" and len(r.leases) < r.spec.slots
-        lease = Lease(next(_lease_numbers), replica_id, r.engine, r.handle)
+        lease = fleet.Lease(next(fleet.LEASE_NUMBERS), replica_id, r.engine, r.handle)
         r.leases.add(lease.number)
         return lease
 
-    def release(self, lease: Lease) -> None:
+    def release(self, lease: fleet.Lease) -> None:
         r = self.replicas.get(lease.replica_id)
         if r is not None:
             r.leases.discard(lease.number)
@@ -557,51 +387,15 @@ class PoolRuntime:
     def gpu_ref(self, replica_id: str | None) -> results.GpuRef | None:
         r = self.replicas.get(replica_id or "")
         snapshot = self.last_snapshot
-        if r is None or snapshot is None or not r.spec.devices:
-            return None
-        gpu = snapshot.by_index(r.spec.devices[0])
+        gpu = snapshot.by_index(r.spec.devices[0]) if r and snapshot and r.spec.devices else None
         if gpu is None:
             return None
         return results.GpuRef(
             index=gpu.index, uuid=gpu.uuid, name=gpu.name, simulated=gpu.simulated
         )
 
-    def rate(self, pool_id: str) -> estimates.ServiceRate:
-        if pool_id in self.rates:
-            return self.rates[pool_id]
-        state = self.config.state
-        if state is not self._priors_of:  # the priors come from the applied config
-            self._priors_of = state
-            self._priors = {}
-            for pool in state.pools if state else ():
-                if pool.sim is not None:
-                    self._priors[pool.id] = estimates.prior(
-                        pool.sim.tokens_per_s, pool.sim.first_token_ms + 1.0
-                    )
-        return self._priors.get(pool_id) or DEFAULT_PRIOR
-
-    def observe(
-        self, pool_id: str, *, tokens: int, decode_ms: float, first_token_ms: float
-    ) -> None:
-        if tokens > 0:
-            self.rates[pool_id] = estimates.observe(
-                self.rate(pool_id),
-                tokens=tokens,
-                decode_ms=max(decode_ms, 1.0),
-                first_token_ms=first_token_ms,
-            )
-
     def engine_version(self, replica_id: str | None) -> str | None:
         return self.versions.get(replica_id or "")
-
-    def startup_ms(self, pool_id: str) -> float:
-        if pool_id in self.startup:
-            return self.startup[pool_id]
-        state = self.config.state
-        pool = state.pool(pool_id) if state else None
-        if pool is not None and pool.sim is not None:
-            return pool.sim.load_s * 1000 + 200
-        return DEFAULT_STARTUP_MS
 
     async def idle(self) -> None:
         """Wait until no replica is starting or draining (tests on a fake clock)."""
@@ -611,104 +405,40 @@ class PoolRuntime:
     def settled(self) -> bool:
         return all(r.state not in ("Starting", "Draining") for r in self.replicas.values())
 
-    def pool_state(self, pool: desired.PoolSpec) -> tuple[str, str | None]:
-        mine = [r for r in self.replicas.values() if r.pool_id == pool.id]
-        if pool.id in self.problems:
-            return "Failed", self.problems[pool.id]
-        if pool.id in self.unschedulable:
-            return "Unschedulable", self.unschedulable[pool.id].message
-        ready = [r for r in mine if r.state == "Ready"]
-        failed = [r for r in mine if r.state == "Failed"]
-        if pool.replicas > 0 and failed and len(failed) == len(mine) and not ready:
-            return "Failed", failed[0].life.last_error
-        if len(ready) >= pool.replicas and all(r.state == "Ready" for r in mine):
-            return "Ready", None
-        if pool.id in self.waiting:
-            return "Progressing", "waiting for VRAM that draining replicas will free"
-        busy = [r for r in mine if r.state != "Ready"]
-        why = ", ".join(f"{r.replica_id} {r.state}" for r in busy) or "starting replicas"
-        if ready and busy:
-            return "Ready", why  # serving while converging
-        return "Progressing", why
+    def pool_state(self, pool: desired.PoolSpec) -> tuple[statusfile.PoolState, str | None]:
+        briefs = [
+            specs.ReplicaBrief(r.replica_id, r.life.state, r.life.last_error)
+            for r in self.replicas.values()
+            if r.pool_id == pool.id
+        ]
+        unschedulable = self.unschedulable.get(pool.id)
+        return specs.pool_condition(
+            pool,
+            briefs,
+            problem=self.problems.get(pool.id),
+            unschedulable=unschedulable.message if unschedulable else None,
+            waiting=pool.id in self.waiting,
+        )
 
     def views(self) -> dict[str, admission.PoolView]:
         state = self.config.state
         out: dict[str, admission.PoolView] = {}
-        if state is None:
-            return out
-        for pool in state.pools:
+        for pool in state.pools if state else ():
             s, reason = self.pool_state(pool)
             out[pool.id] = admission.PoolView(
                 pool.id, pool.model, s, reason, pool.ctx, pool.max_tokens
             )
         return out
 
-    def status(self, *, stopping: bool = False) -> list[dict[str, Any]]:
+    def status_rows(self, *, stopping: bool = False) -> list[statusfile.PoolRow]:
         state = self.config.state
-        if state is None:
-            return []
-        snapshot = self.last_snapshot
-        measured: dict[int, int] = {}
-        for gpu in snapshot.gpus if snapshot else ():
-            for proc in gpu.processes:
-                measured[proc.pid] = measured.get(proc.pid, 0) + proc.used_mib
-        pools_out = []
-        for pool in state.pools:
-            s, reason = ("Stopped", "daemon stopped") if stopping else self.pool_state(pool)
-            reps = []
-            for r in sorted(
-                (r for r in self.replicas.values() if r.pool_id == pool.id),
-                key=lambda r: r.replica_id,
-            ):
-                reps.append(
-                    {
-                        "id": r.replica_id,
-                        "state": r.state,
-                        "gpu": list(r.spec.devices),
-                        "pid": r.handle.pid if r.handle else None,
-                        "slots_total": r.spec.slots,
-                        "slots_busy": len(r.leases),
-                        "vram_estimated_mib": r.vram_mib,
-                        "vram_measured_mib": measured.get(r.handle.pid) if r.handle else None,
-                        "restarts": r.life.restarts,
-                        "last_error": r.life.last_error,
-                        "recent_errors": list(r.life.reasons),
-                        "retry_in_s": r.life.retry_in_s(self.clock.monotonic()),
-                        "spec_hash": r.spec.spec_hash,
-                    }
-                )
-            pools_out.append(
-                {
-                    "id": pool.id,
-                    "model": pool.model,
-                    "engine": pool.engine,
-                    "state": s,
-                    "reason": reason,
-                    "replicas_desired": pool.replicas,
-                    "replicas": reps,
-                }
+        return [
+            fleet.pool_row(
+                pool,
+                ("Stopped", "daemon stopped") if stopping else self.pool_state(pool),
+                [r for r in self.replicas.values() if r.pool_id == pool.id],
+                self.last_snapshot,
+                now=self.clock.monotonic(),
             )
-        return pools_out
-
-
-def spec_hash(
-    pool: desired.PoolSpec, model: desired.ModelSpec, engine: desired.EngineSpec | None
-) -> str:
-    """What identifies a replica's config: a change means drain and replace. `replicas` and
-    placement-free fields are left out, so scaling never restarts unchanged replicas."""
-    material = {
-        "pool": pool.model_dump(mode="json", exclude={"replicas"}),
-        "model": model.model_dump(mode="json", exclude={"state"}),
-        "engine": engine.model_dump(mode="json") if engine else None,
-    }
-    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:12]
-
-
-async def _kill_recorded(record: dict[str, Any]) -> None:
-    """Last resort for a recorded engine nobody adopted: SIGKILL its process group if it is
-    still the same process (pid and start time match)."""
-    from plugins import processes
-
-    pid, started = record.get("pid"), record.get("started_at")
-    if isinstance(pid, int) and processes.pid_alive(pid, started):
-        await processes.kill_group(pid)
+            for pool in (state.pools if state else ())
+        ]

@@ -30,11 +30,11 @@ import random as _random
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-from state import ids
+from state import ids, statusfile
 
-LifeState = Literal["Starting", "Ready", "Draining", "BackingOff", "Failed", "Stopped"]
+LifeState = statusfile.ReplicaState  # the one list of replica states
 
 
 @dataclass(frozen=True)

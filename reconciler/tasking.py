@@ -8,6 +8,7 @@ a reader that sees a terminal result will find the terminal frame in the log.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,45 @@ class Books:
 
     def save(self, run: TaskRun) -> None:
         self.results.write(run.result)
+
+    def queued(
+        self,
+        run: TaskRun,
+        *,
+        position: int,
+        predicted_start_ms: int | None,
+        on_time_probability: float | None,
+    ) -> None:
+        """The task is admitted: its `queued` frame, then its result."""
+        result = run.result
+        result.status = "queued"
+        result.queue_position = position
+        result.predicted_start_ms = predicted_start_ms
+        result.on_time_probability = on_time_probability
+        self.frame(
+            run,
+            "queued",
+            {
+                "queue_position": position,
+                "predicted_start_ms": predicted_start_ms,
+                "on_time_probability": on_time_probability,
+                "attempt": result.attempts,
+            },
+        )
+        self.save(run)
+        when = (
+            f"predicted start in {predicted_start_ms} ms"
+            if predicted_start_ms is not None
+            else "start not predictable until a replica is up"
+        )
+        logs.emit(
+            log,
+            "task.queued",
+            f"Queued task {run.task_id} for {run.model_id} at position {position}; {when}.",
+            task_id=run.task_id,
+            queue_position=position,
+            priority=run.priority,
+        )
 
     def finish(
         self,
@@ -126,3 +166,57 @@ def new_result(
         source_file=source,
         labels=dict(task.labels),
     )
+
+
+def new_run(
+    task_id: str,
+    task: tasks.TaskFile,
+    file_name: str,
+    *,
+    store: results.ResultStore,
+    revision: str | None,
+    clock: clocks.Clock,
+    recovered: results.Result | None = None,
+) -> TaskRun:
+    """The record of a task the daemon takes: a fresh result, or for a task recovered after a
+    crash its previous result (attempts kept) and the deadline it was accepted with."""
+    events_path = store.events_path(task_id)
+    if recovered is not None:
+        result = recovered
+        result.status = "queued"
+        result.error = None
+    else:
+        result = new_result(
+            task_id,
+            task,
+            events_path=events_path,
+            source=f"spool/active/{file_name}",
+            revision=revision,
+            accepted_at=clocks.rfc3339(clock.now()),
+        )
+    now = clock.monotonic()
+    deadline = now + task.deadline_ms / 1000 if task.deadline_ms else None
+    accepted = _epoch(result.timings.accepted_at)
+    if deadline is not None and recovered is not None and accepted is not None:
+        # a re-queued task keeps the deadline it was accepted with, not a fresh one
+        deadline -= max(0.0, clock.now() - accepted)
+    return TaskRun(
+        task_id=task_id,
+        task=task,
+        file_name=file_name,
+        result=result,
+        log=events.EventLog(events_path),
+        accepted_mono=now,
+        deadline_mono=deadline,
+        model_id=task.model or "",
+        pool_id=task.pool,
+    )
+
+
+def _epoch(rfc3339: str | None) -> float | None:
+    if not rfc3339:
+        return None
+    try:
+        return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from state import desired, errors, events, results, tasks
+from state import desired, errors, events, results, statusfile, tasks
 
 SCHEMAS: dict[str, tuple[type[BaseModel], str]] = {
     "desired-state.schema.json": (desired.DesiredState, "orch.yaml: the desired state"),
@@ -21,6 +21,7 @@ SCHEMAS: dict[str, tuple[type[BaseModel], str]] = {
     "event-frame.schema.json": (events.EventFrame, "One line of results/<task_id>.events.jsonl"),
     "error-envelope.schema.json": (errors.ErrorEnvelope, "The error envelope"),
     "inventory.schema.json": (desired.SimulatedInventory, "A simulated GPU inventory"),
+    "status.schema.json": (statusfile.StatusFile, ".orch/status.json: the observed state"),
 }
 
 

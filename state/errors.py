@@ -114,17 +114,14 @@ def envelope(
     )
 
 
-class PermanentError(Exception):
-    """Never retried; becomes a rejected or failed result carrying its envelope."""
+class EnvironmentMissing(Exception):
+    """The driver, NVML or an engine binary is missing; `orchctl` exits 3 and prints `fix`."""
 
-    def __init__(self, error: ErrorEnvelope) -> None:
-        super().__init__(f"{error.code}: {error.message}")
-        self.error = error
+    def __init__(self, what: str, fix: str) -> None:
+        super().__init__(what)
+        self.what = what
+        self.fix = fix
 
 
-class TemporaryError(Exception):
-    """Retried after `delay_s` (with backoff by the caller)."""
-
-    def __init__(self, message: str, *, delay_s: float) -> None:
-        super().__init__(message)
-        self.delay_s = delay_s
+class ConfigProblem(Exception):
+    """A file the user wrote cannot be used; `orchctl` prints the message and exits 2."""

@@ -1,5 +1,9 @@
 """Sessions: files under <state>/sessions/<session_id>.json grouping a client's turns.
 
+The dispatcher calls `refusal` when it admits a turn, `count_turn` once the turn is queued,
+`touch` when it ends and `sweep` now and then; recovered tasks skip the first two (their turn
+was counted before the restart).
+
 A session expires `ttl_s` after its last use and is evicted after `max_turns` turns (or when
 its token budget is spent). An evicted session leaves a tombstone, so the next request that
 names it gets a typed error (SESSION_EXPIRED, SESSION_TURNS_EXCEEDED, SESSION_BUDGET_EXCEEDED)
@@ -13,7 +17,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from state import atomic, ids
+from state import atomic, desired, errors, ids
+from state.errors import ErrorCode
 
 Eviction = Literal["expired", "turns", "budget"]
 
@@ -79,3 +84,74 @@ def limit_reached(
 
 def evict(session: Session, reason: Eviction, *, now: float) -> Session:
     return session.model_copy(update={"evicted": reason, "evicted_at": now})
+
+
+def refusal(
+    store: SessionStore, session_id: str, limits: desired.SessionsConfig, *, now: float
+) -> errors.ErrorEnvelope | None:
+    """The error for a new turn of a session past one of its limits (evicting it then, so
+    the next turn names the same limit); None when the turn may run."""
+    session = store.get(session_id)
+    if session is None:
+        return None
+    reason = limit_reached(
+        session,
+        now=now,
+        ttl_s=limits.ttl_s,
+        max_turns=limits.max_turns,
+        token_budget=limits.token_budget,
+    )
+    if reason is None:
+        return None
+    if not session.evicted:
+        store.put(evict(session, reason, now=now))
+    code, text = {
+        "expired": (
+            ErrorCode.SESSION_EXPIRED,
+            f"session {session_id!r} expired after {limits.ttl_s:.0f} s without use",
+        ),
+        "turns": (
+            ErrorCode.SESSION_TURNS_EXCEEDED,
+            f"session {session_id!r} reached its limit of {limits.max_turns} turns",
+        ),
+        "budget": (
+            ErrorCode.SESSION_BUDGET_EXCEEDED,
+            f"session {session_id!r} spent its budget of {limits.token_budget} tokens",
+        ),
+    }[reason]
+    return errors.envelope(code, text)
+
+
+def count_turn(store: SessionStore, session_id: str, *, now: float) -> None:
+    session = store.get(session_id) or Session(
+        session_id=session_id, created_at=now, last_used_at=now
+    )
+    store.put(session.model_copy(update={"turns": session.turns + 1, "last_used_at": now}))
+
+
+def touch(
+    store: SessionStore, session_id: str, *, now: float, replica_id: str, tokens_out: int
+) -> None:
+    """A turn ended on `replica_id`: the next turn prefers it (its KV cache is warm)."""
+    session = store.get(session_id)
+    if session is None:
+        return
+    store.put(
+        session.model_copy(
+            update={
+                "last_used_at": now,
+                "last_replica_id": replica_id,
+                "tokens_out": session.tokens_out + tokens_out,
+            }
+        )
+    )
+
+
+def sweep(store: SessionStore, *, ttl_s: float, now: float) -> list[Session]:
+    """Evict sessions past their TTL; returns the ones evicted now."""
+    evicted = []
+    for session in store.all():
+        if session.evicted is None and now - session.last_used_at > ttl_s:
+            store.put(evict(session, "expired", now=now))
+            evicted.append(session)
+    return evicted

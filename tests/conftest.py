@@ -160,7 +160,7 @@ async def serve(workspace: Workspace) -> AsyncIterator[Callable[..., Any]]:
         opts = daemons.Options(
             config_path=workspace.config_path, resync_s=options.pop("resync_s", 0.5), **options
         )
-        d = daemons.Daemon(opts)
+        d = daemons.build(opts)
         job = asyncio.get_running_loop().create_task(d.run())
         running = Running(d, job)
         started.append(running)

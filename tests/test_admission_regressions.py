@@ -11,7 +11,7 @@ from typing import Any, cast
 import pytest
 
 from plugins import interfaces
-from reconciler import clocks, pools, supervision
+from reconciler import clocks, fleet, pools, supervision
 from state import ids
 from tests.conftest import Workspace, config, task, wait_for, wait_terminal
 
@@ -134,7 +134,7 @@ def test_a_late_release_from_a_crashed_process_frees_no_slot_of_its_successor(
 
     life = supervision.ReplicaLife(ids.ReplicaId("p1-0"), now=clock.monotonic())
     life.ready(clock.monotonic())
-    replica = pools.Replica("p1-0", "p1", spec, cast(Any, None), 100, life, handle=handle(1))
+    replica = fleet.Replica("p1-0", "p1", spec, cast(Any, None), 100, life, handle=handle(1))
     runtime.replicas["p1-0"] = replica
     old = runtime.lease("p1-0")
     runtime._crashed(replica, "killed")  # the engine died under the task

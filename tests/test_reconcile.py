@@ -149,8 +149,7 @@ async def test_crashes_back_off_then_open_the_breaker_on_a_fake_clock(workspace:
     cfg["pools"][0]["sim"] = {"faults": {"crash_at_start": True}}
     workspace.write_config(cfg)
     clock = clocks.FakeClock()
-    d = daemons.Daemon(daemons.Options(config_path=workspace.config_path, watch=False), clock=clock)
-    d._setup()
+    d = daemons.build(daemons.Options(config_path=workspace.config_path, watch=False), clock=clock)
     delays = []
     try:
         for _ in range(40):
@@ -165,7 +164,7 @@ async def test_crashes_back_off_then_open_the_breaker_on_a_fake_clock(workspace:
                 clock.advance(wait)
         else:
             pytest.fail("the breaker never opened")
-        pool = next(p for p in d.pools.status() if p["id"] == "p1")
+        pool = next(p.model_dump() for p in d.pools.status_rows() if p.id == "p1")
         assert pool["state"] == "Failed"
         assert len(pool["replicas"][0]["recent_errors"]) == 5
         assert "exit code" in pool["replicas"][0]["last_error"]

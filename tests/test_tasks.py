@@ -240,9 +240,7 @@ async def test_a_full_queue_applies_its_policy(
 async def test_sessions_expire_and_run_out_of_turns_on_a_fake_clock(workspace: Workspace) -> None:
     workspace.write_config(config(sessions={"ttl_s": 600, "max_turns": 2}))
     clock = clocks.FakeClock()
-    d = daemons.Daemon(
-        daemons.Options(config_path=workspace.config_path, resync_s=0.1), clock=clock
-    )
+    d = daemons.build(daemons.Options(config_path=workspace.config_path, resync_s=0.1), clock=clock)
     job = asyncio.get_running_loop().create_task(d.run())
     try:
         for i in (1, 2, 3):

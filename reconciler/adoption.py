@@ -1,0 +1,68 @@
+"""Adoption after a daemon restart: engines recorded by a previous daemon are adopted when
+healthy and still desired, and stopped otherwise, so none is left holding VRAM.
+
+The daemon calls `adopt_or_clean(runtime)` once at startup, before its first pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from plugins import processes
+from reconciler import fleet, logs, pools, supervision
+from state import engine_records, ids
+
+log = logs.get("adoption")
+
+
+async def adopt_or_clean(runtime: pools.PoolRuntime) -> None:
+    """Engines recorded by a previous daemon: adopt the healthy, still-desired ones; stop
+    every other one."""
+    state = runtime.config.state
+    runtime.last_snapshot = await asyncio.to_thread(runtime.observer.observe)
+    records, unreadable = engine_records.read_all(runtime.state_dir)
+    for path in unreadable:
+        path.unlink(missing_ok=True)
+    for record in records:
+        engine = runtime.plugins.engines.get(record.engine)
+        pool = state.pool(record.pool_id) if state else None
+        adopted = None
+        if engine is not None and pool is not None and state is not None:
+            spec = runtime.spec_for(pool, state, record.replica_id, tuple(record.devices))
+            if spec.spec_hash == record.spec_hash:
+                # adopt() checks pid, start time and health; it stops what it rejects
+                adopted = await engine.adopt(record.model_dump(), spec)
+        if engine is None or pool is None or adopted is None:
+            await _kill_recorded(record)
+            engine_records.forget(runtime.state_dir, record.replica_id)
+            logs.emit(
+                log,
+                "replica.cleaned",
+                f"Stopped engine pid {record.pid} left by a previous daemon ({record.replica_id}).",
+                replica_id=record.replica_id,
+            )
+            continue
+        now = runtime.clock.monotonic()
+        life = supervision.ReplicaLife(
+            ids.ReplicaId(record.replica_id), now=now, random=runtime.rng.random
+        )
+        life.ready(now)
+        r = fleet.Replica(
+            record.replica_id, pool.id, adopted.spec, engine, record.vram_mib, life, adopted
+        )
+        runtime.replicas[r.replica_id] = r
+        logs.emit(
+            log,
+            "replica.adopted",
+            f"Adopted replica {r.replica_id} (pid {adopted.pid}) from a previous daemon.",
+            replica_id=r.replica_id,
+            pool_id=r.pool_id,
+            pid=adopted.pid,
+        )
+
+
+async def _kill_recorded(record: engine_records.EngineRecord) -> None:
+    """Last resort for a recorded engine nobody adopted: SIGKILL its process group if it is
+    still the same process (pid and start time match)."""
+    if processes.pid_alive(record.pid, record.started_at):
+        await processes.kill_group(record.pid)

@@ -1,0 +1,115 @@
+"""The replicas the pool runtime holds, the slot leases on them, and what is read from them:
+placement candidates and status rows.
+
+`pools.PoolRuntime` owns the `Replica` records and changes them; the dispatcher holds `Lease`s
+(through the runtime's `lease`/`release`); `candidates` and `pool_row` turn the records into
+the plain data placement and status.json take.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from plugins import interfaces
+from reconciler import placement, specs, supervision
+from state import desired, ids, observed, statusfile
+
+
+@dataclass
+class Replica:
+    replica_id: str
+    pool_id: str
+    spec: interfaces.ReplicaSpec
+    engine: interfaces.Engine
+    vram_mib: int
+    life: supervision.ReplicaLife
+    handle: interfaces.ReplicaHandle | None = None
+    leases: set[int] = field(default_factory=set)  # numbers of the slots leased now
+    job: asyncio.Task[None] | None = None
+    ready_ms: float | None = None
+
+    @property
+    def state(self) -> statusfile.ReplicaState:
+        return self.life.state
+
+
+@dataclass(frozen=True)
+class Lease:
+    """One slot of one engine process, held by one task. A lease outlives its process when
+    the engine crashes mid-task; its number is then unknown to the restarted process, so its
+    late release frees nothing there."""
+
+    number: int
+    replica_id: str
+    engine: interfaces.Engine
+    handle: interfaces.ReplicaHandle
+
+
+LEASE_NUMBERS = itertools.count(1)  # lease numbers are never reused within a daemon
+
+
+def candidates(
+    replicas: Iterable[Replica], snapshot: observed.GpuSnapshot | None
+) -> list[placement.Candidate]:
+    """Every replica that serves or will soon serve, as placement sees it."""
+    return [
+        placement.Candidate(
+            replica_id=ids.ReplicaId(r.replica_id),
+            pool_id=ids.PoolId(r.pool_id),
+            model_id=ids.ModelId(r.spec.model_id),
+            state=r.state,
+            slots_total=r.spec.slots,
+            slots_busy=len(r.leases),
+            gpu_free_mib=specs.gpu_free_mib(snapshot, r.spec.devices),
+            devices=r.spec.devices,
+            ctx=r.spec.ctx,
+        )
+        for r in replicas
+        if r.state in ("Ready", "Starting")
+    ]
+
+
+def pool_row(
+    pool: desired.PoolSpec,
+    condition: tuple[statusfile.PoolState, str | None],
+    replicas: Iterable[Replica],
+    snapshot: observed.GpuSnapshot | None,
+    *,
+    now: float,
+) -> statusfile.PoolRow:
+    """One pool of status.json, its replicas sorted by id, with measured VRAM beside the
+    estimate."""
+    measured: dict[int, int] = {}
+    for (_, pid), mib in specs.measured_mib(snapshot).items():
+        measured[pid] = measured.get(pid, 0) + mib
+    rows = [
+        statusfile.ReplicaRow(
+            id=r.replica_id,
+            state=r.state,
+            gpu=list(r.spec.devices),
+            pid=r.handle.pid if r.handle else None,
+            slots_total=r.spec.slots,
+            slots_busy=len(r.leases),
+            vram_estimated_mib=r.vram_mib,
+            vram_measured_mib=measured.get(r.handle.pid) if r.handle else None,
+            restarts=r.life.restarts,
+            last_error=r.life.last_error,
+            recent_errors=list(r.life.reasons),
+            retry_in_s=r.life.retry_in_s(now),
+            spec_hash=r.spec.spec_hash,
+        )
+        for r in sorted(replicas, key=lambda r: r.replica_id)
+    ]
+    state, reason = condition
+    return statusfile.PoolRow(
+        id=pool.id,
+        model=pool.model,
+        engine=pool.engine,
+        state=state,
+        reason=reason,
+        replicas_desired=pool.replicas,
+        replicas=rows,
+    )

@@ -1,0 +1,96 @@
+"""What the loop has learned about each pool's speed: one object the dispatcher owns.
+
+The dispatcher asks `predict` for a queued task's start and on-time probability and calls
+`observe` when a task ends; the pool runtime calls `started` when a replica becomes Ready.
+Priors come from the
+applied config (the sim engine's configured speed and load time), so estimates are sensible
+before the first task; each measurement then goes through `estimates.observe`. No I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from reconciler import estimates, placement, queues
+from state import desired
+
+DEFAULT_STARTUP_MS = 5000.0  # replica start to Ready, before one was measured
+DEFAULT_PRIOR = estimates.prior()
+
+
+@dataclass
+class Rates:
+    measured: dict[str, estimates.ServiceRate] = field(default_factory=dict)
+    startups: dict[str, float] = field(default_factory=dict)
+    _priors: dict[str, estimates.ServiceRate] = field(default_factory=dict)
+    _startup_priors: dict[str, float] = field(default_factory=dict)
+
+    def configure(self, state: desired.DesiredState | None) -> None:
+        """Take the priors of a newly applied config; measurements are kept."""
+        self._priors, self._startup_priors = {}, {}
+        for pool in state.pools if state else ():
+            if pool.sim is not None:
+                self._priors[pool.id] = estimates.prior(
+                    pool.sim.tokens_per_s, pool.sim.first_token_ms + 1.0
+                )
+                self._startup_priors[pool.id] = pool.sim.load_s * 1000 + 200
+
+    def rate(self, pool_id: str | None) -> estimates.ServiceRate:
+        if pool_id is None:
+            return DEFAULT_PRIOR
+        return self.measured.get(pool_id) or self._priors.get(pool_id) or DEFAULT_PRIOR
+
+    def observe(
+        self, pool_id: str, *, tokens: int, decode_ms: float, first_token_ms: float
+    ) -> None:
+        if tokens > 0:
+            self.measured[pool_id] = estimates.observe(
+                self.rate(pool_id),
+                tokens=tokens,
+                decode_ms=max(decode_ms, 1.0),
+                first_token_ms=first_token_ms,
+            )
+
+    def started(self, pool_id: str, ready_ms: float) -> None:
+        self.startups[pool_id] = ready_ms
+
+    def startup_ms(self, pool_id: str) -> float:
+        return self.startups.get(pool_id) or self._startup_priors.get(pool_id, DEFAULT_STARTUP_MS)
+
+    def service_ms(self, pool_id: str | None, max_tokens: int) -> float:
+        return estimates.service_ms(max_tokens, self.rate(pool_id))
+
+    def predict(
+        self,
+        entry: queues.Entry,
+        ahead: Iterable[queues.Entry],
+        *,
+        candidates: Iterable[placement.Candidate],
+        busy: Iterable[tuple[str, float, float]],
+        deadline_in_ms: float | None,
+    ) -> tuple[float | None, float | None]:
+        """Predicted start (ms from now) and on-time probability of `entry` with `ahead`
+        queued before it, over the replicas that could serve it. `busy` holds, per running
+        task, (replica id, estimated service ms, elapsed ms). Without a replica to estimate
+        from, both are None: unknown, which is not "late"."""
+        lefts: dict[str, list[float]] = {}
+        for replica_id, service, elapsed in busy:
+            lefts.setdefault(replica_id, []).append(estimates.remaining_ms(service, elapsed))
+        sources, pool_id = [], entry.pool_id
+        for cand in candidates:
+            if cand.model_id != entry.model_id or (entry.pool_id and cand.pool_id != entry.pool_id):
+                continue
+            pool_id = pool_id or cand.pool_id
+            start_in = 0.0 if cand.ready else self.startup_ms(cand.pool_id)
+            mine = tuple(lefts.get(cand.replica_id, ()))
+            sources.append(estimates.SlotSource(start_in, cand.slots_total, mine))
+        rate = self.rate(pool_id)
+        services = [
+            estimates.service_ms(e.max_tokens, rate) for e in ahead if e.model_id == entry.model_id
+        ]
+        start = estimates.predicted_start_ms(estimates.slot_free_times(sources), services)
+        if deadline_in_ms is None or start is None:
+            return start, None
+        service = estimates.service_ms(entry.max_tokens, rate)
+        return start, estimates.on_time_probability(start, service, deadline_in_ms)

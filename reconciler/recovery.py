@@ -1,0 +1,105 @@
+"""Crash recovery of tasks: what a restarted daemon does with the task files a crash left in
+`spool/active/`, before its first pass.
+
+Exactly-once completion, at-least-once execution. A task whose result is terminal is filed
+and never re-run; so is one whose event log ends in a terminal frame (its result is rebuilt
+from the log, the earlier commit). A second file with the same task id is refused with
+`DUPLICATE_TASK_ID`. Every other task is handed back to the daemon (`take`) in its original
+acceptance order, keeping its original result (attempts, deadline); it then waits for its pool
+like any queued task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from reconciler import intake, logs, tasking
+from state import events, results, spool
+from state.errors import ErrorEnvelope
+
+log = logs.get("recovery")
+
+Take = Callable[[Path, results.Result | None], None]
+Refuse = Callable[[Path, str], None]  # (path, task id): quarantine as DUPLICATE_TASK_ID
+
+
+def recover(
+    *,
+    the_spool: spool.Spool,
+    store: results.ResultStore,
+    take: Take,
+    refuse_duplicate: Refuse,
+    revision: str | None,
+) -> None:
+    pending: list[tuple[str, Path, str | None, results.Result | None]] = []
+    for name in spool.active_names(the_spool):
+        path = the_spool.active / name
+        parsed = intake.parse_claimed(path)
+        task_id = parsed.task_id if isinstance(parsed, intake.Parsed) else None
+        existing = store.read(task_id) if task_id else None
+        if (existing is None or not existing.terminal) and isinstance(parsed, intake.Parsed):
+            existing = finished_in_log(parsed, existing, store=store, revision=revision) or existing
+        if existing is not None and existing.terminal:
+            spool.finish(the_spool, name, failed=existing.status in ("failed", "rejected"))
+            logs.emit(
+                log,
+                "task.recovered",
+                f"Task {task_id} was already {existing.status}; filed its task file.",
+                task_id=task_id,
+            )
+            continue
+        key = existing.timings.accepted_at if existing and existing.timings.accepted_at else "~"
+        pending.append((key, path, task_id, existing))
+    seen: set[str] = set()
+    for _, path, task_id, existing in sorted(pending, key=lambda p: (p[0], p[1].name)):
+        if task_id is not None and task_id in seen:
+            refuse_duplicate(path, task_id)
+            continue
+        if task_id is not None:
+            seen.add(task_id)
+        if existing is not None:
+            logs.emit(
+                log,
+                "task.recovered",
+                f"Re-queued task {existing.task_id} interrupted while {existing.status}.",
+                task_id=existing.task_id,
+            )
+        take(path, existing)
+
+
+def finished_in_log(
+    parsed: intake.Parsed,
+    existing: results.Result | None,
+    *,
+    store: results.ResultStore,
+    revision: str | None,
+) -> results.Result | None:
+    """A crash after the terminal frame but before the result: rebuild the result from the
+    log (the frame is the earlier commit), so the task is filed, not re-run."""
+    frames = list(events.read(store.events_path(parsed.task_id)))
+    if not frames or not frames[-1].terminal:
+        return None
+    result = existing or tasking.new_result(
+        parsed.task_id,
+        parsed.task,
+        events_path=store.events_path(parsed.task_id),
+        source=f"spool/active/{parsed.file_name}",
+        revision=revision,
+        accepted_at=frames[0].ts,
+    )
+    starts = [i for i, f in enumerate(frames) if f.event == "started"]
+    tokens = [f for f in frames[starts[-1] if starts else 0 :] if f.event == "token"]
+    result.text = "".join(str(f.data.get("t", "")) for f in tokens)
+    last = frames[-1]
+    if last.event == "end":
+        reason = last.data.get("finish_reason")
+        result.status = "canceled" if reason == "canceled" else "succeeded"
+        result.finish_reason = reason
+        result.tokens_out = int(last.data.get("tokens_out") or len(tokens))
+    else:
+        result.status = "failed" if starts else "rejected"
+        result.error = ErrorEnvelope.model_validate(last.data)
+    result.timings.finished_at = last.ts
+    store.write(result)
+    return result

@@ -1,0 +1,174 @@
+"""Replica specs, the VRAM arithmetic around them, and a pool's state: pure functions.
+
+The pool runtime calls `replica_spec` for every replica it starts or adopts (with the model
+file already resolved), `spec_hash` to tell whether a running replica still matches
+orch.yaml, `gpu_rooms` and `gpu_free_mib` for planning and placement, and `pool_condition`
+for status and admission. Nothing here reads a clock, a GPU or a file.
+
+VRAM rules:
+- What an engine may use on a GPU (`engine_room_mib`): the card's total less what processes
+  outside llama-orch hold (NVML's used minus the per-process figures it reports).
+- Free room for planning (`gpu_rooms`): NVML's free less what replicas still loading will
+  take and NVML does not show yet (their estimate minus what their process already holds).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from plugins import interfaces
+from reconciler import planning
+from state import desired, observed, statusfile
+
+DEFAULT_MODEL_MIB = 1024  # planning size for a model whose file is not there and has no size_mib
+
+
+def spec_hash(
+    pool: desired.PoolSpec, model: desired.ModelSpec, engine: desired.EngineSpec | None
+) -> str:
+    """What identifies a replica's config: a change means drain and replace. `replicas` and
+    placement-free fields are left out, so scaling never restarts unchanged replicas."""
+    material = {
+        "pool": pool.model_dump(mode="json", exclude={"replicas"}),
+        "model": model.model_dump(mode="json", exclude={"state"}),
+        "engine": engine.model_dump(mode="json") if engine else None,
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def engine_room_mib(
+    snapshot: observed.GpuSnapshot | None, devices: Iterable[int]
+) -> dict[str, int]:
+    """Per device (as a string key, for engine options): the VRAM an engine may use."""
+    totals = {}
+    for g in snapshot.gpus if snapshot else ():
+        outside = max(0, g.vram_used_mib - sum(p.used_mib for p in g.processes))
+        totals[g.index] = g.vram_total_mib - outside
+    return {str(i): totals.get(i, 0) for i in devices}
+
+
+def replica_spec(
+    pool: desired.PoolSpec,
+    state: desired.DesiredState,
+    *,
+    replica_id: str,
+    devices: tuple[int, ...],
+    model_path: Path | None,
+    file_size_mib: int | None,
+    snapshot: observed.GpuSnapshot | None,
+    state_dir: Path,
+) -> interfaces.ReplicaSpec:
+    """Everything an engine needs to start one replica of `pool` on `devices`."""
+    model = state.models[pool.model]
+    options: dict[str, Any] = pool.sim.model_dump(mode="json") if pool.sim else {}
+    engine_cfg = state.engines.get(pool.engine)
+    if engine_cfg is not None:
+        options["engine"] = engine_cfg.model_dump(mode="json")
+    options["vram_total_mib"] = engine_room_mib(snapshot, devices)
+    return interfaces.ReplicaSpec(
+        replica_id=replica_id,
+        pool_id=pool.id,
+        engine=pool.engine,
+        model_id=pool.model,
+        model_ref=model.ref,
+        model_path=model_path,
+        model_size_mib=model.size_mib or file_size_mib or DEFAULT_MODEL_MIB,
+        model_digest=model.digest,
+        devices=devices,
+        ctx=pool.ctx,
+        slots=pool.slots,
+        spec_hash=spec_hash(pool, model, engine_cfg),
+        state_dir=state_dir,
+        flags=tuple(pool.flags),
+        env=dict(pool.env),
+        options=options,
+    )
+
+
+@dataclass(frozen=True)
+class Loading:
+    """A replica that holds (or will hold) VRAM: its devices, estimate and process id."""
+
+    devices: tuple[int, ...]
+    vram_mib: int
+    pid: int | None
+
+
+def measured_mib(snapshot: observed.GpuSnapshot | None) -> dict[tuple[int, int], int]:
+    """NVML's per-process VRAM, by (GPU index, pid)."""
+    return {
+        (gpu.index, proc.pid): proc.used_mib
+        for gpu in (snapshot.gpus if snapshot else ())
+        for proc in gpu.processes
+    }
+
+
+def gpu_rooms(
+    snapshot: observed.GpuSnapshot | None, loading: Iterable[Loading]
+) -> list[planning.GpuRoom]:
+    """Free VRAM per GPU, less what replicas still loading will take (not yet measured)."""
+    if snapshot is None:
+        return []
+    measured = measured_mib(snapshot)
+    pending: dict[int, int] = {}
+    for replica in loading:
+        share = planning.share_mib(replica.vram_mib, len(replica.devices))
+        for index in replica.devices:
+            held = measured.get((index, replica.pid), 0) if replica.pid is not None else 0
+            pending[index] = pending.get(index, 0) + max(0, share - held)
+    return [
+        planning.GpuRoom(
+            index=g.index,
+            total_mib=g.vram_total_mib,
+            free_mib=max(0, g.vram_free_mib - pending.get(g.index, 0)),
+        )
+        for g in snapshot.gpus
+    ]  # a GPU with a failed reading still counts
+
+
+def gpu_free_mib(snapshot: observed.GpuSnapshot | None, devices: tuple[int, ...]) -> int:
+    """The least free VRAM among `devices` (placement's headroom measure)."""
+    if snapshot is None:
+        return 0
+    return min((g.vram_free_mib for g in snapshot.gpus if g.index in devices), default=0)
+
+
+@dataclass(frozen=True)
+class ReplicaBrief:
+    replica_id: str
+    state: statusfile.ReplicaState
+    last_error: str | None
+
+
+def pool_condition(
+    pool: desired.PoolSpec,
+    replicas: list[ReplicaBrief],
+    *,
+    problem: str | None,
+    unschedulable: str | None,
+    waiting: bool,
+) -> tuple[statusfile.PoolState, str | None]:
+    """A pool's state and the reason shown beside it, from its replicas and what planning
+    said about it. Ready with a reason means serving while converging."""
+    if problem is not None:
+        return "Failed", problem
+    if unschedulable is not None:
+        return "Unschedulable", unschedulable
+    ready = [r for r in replicas if r.state == "Ready"]
+    failed = [r for r in replicas if r.state == "Failed"]
+    if pool.replicas > 0 and failed and len(failed) == len(replicas) and not ready:
+        return "Failed", failed[0].last_error
+    if len(ready) >= pool.replicas and len(ready) == len(replicas):
+        return "Ready", None
+    if waiting:
+        return "Progressing", "waiting for VRAM that draining replicas will free"
+    busy = [r for r in replicas if r.state != "Ready"]
+    why = ", ".join(f"{r.replica_id} {r.state}" for r in busy) or "starting replicas"
+    if ready and busy:
+        return "Ready", why
+    return "Progressing", why

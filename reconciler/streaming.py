@@ -1,0 +1,315 @@
+"""Running one placed task on its leased slot: `started`, `token`, `metrics` and the terminal
+frame, with cancel, deadline and stall enforced inside the one coroutine.
+
+The dispatcher calls `stream(...)` once per placed task, as a background coroutine, passing
+everything it needs. Every ending writes the terminal frame and result first (in this
+coroutine, so no token can follow it), then calls `ended` (the dispatcher frees the slot and
+updates the session), and only then closes the engine stream, so a second cancel during the
+close cannot leave the task unfinished. A cancel of the coroutine without
+`run.cancel_requested` is a daemon shutdown: the task is left non-terminal for recovery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from plugins import interfaces
+from reconciler import clocks, estimates, failpoints, fleet, logs, placement, rates, tasking
+from state import errors, results
+from state.errors import ErrorCode
+
+log = logs.get("streaming")
+
+METRICS_EVERY_S = 1.0
+
+
+@dataclass
+class Running:
+    """A task on a slot, as the dispatcher tracks it."""
+
+    run: tasking.TaskRun
+    lease: fleet.Lease
+    pool_id: str
+    started_mono: float
+    service_ms: float
+    job: asyncio.Task[None] | None = None
+    tokens_out: int = 0
+
+    @property
+    def replica_id(self) -> str:
+        return self.lease.replica_id
+
+
+@dataclass(frozen=True)
+class Deps:
+    """What a stream writes to and reads from, passed explicitly by the dispatcher."""
+
+    books: tasking.Books
+    rates: rates.Rates
+    clock: clocks.Clock
+    queue_depth: Callable[[], int]
+    ended: Callable[[Running], None]  # after the terminal write: free the slot, touch session
+
+
+def engine_failure(exc: BaseException) -> tuple[ErrorCode, int | None, str | None]:
+    """What an engine failure means for the task: its code, retry delay and hint. The one
+    table of engine failures; anything not named here is a bug (INTERNAL)."""
+    if isinstance(exc, interfaces.EngineRefused) and exc.request_fault:
+        return (
+            ErrorCode.INVALID_PARAMS,
+            None,
+            "the engine refused the request: if it names the context, shorten the prompt, "
+            "lower max_tokens or use a pool with a larger ctx",
+        )
+    if isinstance(exc, interfaces.EngineStreamError | OSError):
+        return ErrorCode.WORKER_RESET, 1000, None
+    return ErrorCode.INTERNAL, None, None
+
+
+async def stream(
+    running: Running,
+    decision: placement.Decision,
+    *,
+    deps: Deps,
+    gpu: results.GpuRef | None,
+    engine_version: str | None,
+    idle_s: float,
+) -> None:
+    run = running.run
+    lease = running.lease
+    engine_stream: AsyncIterator[interfaces.Token | interfaces.Done] | None = None
+    pending: asyncio.Future[interfaces.Token | interfaces.Done] | None = None
+    try:
+        _begin(running, decision, deps=deps, gpu=gpu, engine_version=engine_version)
+        engine_stream = lease.engine.generate(lease.handle, _request(run))
+        iterator = engine_stream.__aiter__()
+        begun = last_token = last_metrics = deps.clock.monotonic()
+        first_token_at: float | None = None
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(iterator.__anext__())
+            now = deps.clock.monotonic()
+            wait_s = min(idle_s - (now - last_token), METRICS_EVERY_S - (now - last_metrics))
+            if run.deadline_mono is not None:
+                wait_s = min(wait_s, run.deadline_mono - now)
+            # asyncio.wait, not wait_for: the pending read survives a timeout (so metrics can
+            # be sent between slow tokens), and a cancel is never swallowed
+            done, _ = await asyncio.wait({pending}, timeout=max(0.0, wait_s))
+            now = deps.clock.monotonic()
+            if not done:
+                if run.deadline_mono is not None and now >= run.deadline_mono:
+                    raise _Deadline()
+                if now - last_token >= idle_s:
+                    raise _Stalled()
+                if now - last_metrics >= METRICS_EVERY_S:
+                    last_metrics = now
+                    _metrics(running, deps)
+                continue
+            finished, pending = pending, None
+            try:
+                item = finished.result()
+            except StopAsyncIteration:
+                raise interfaces.EngineStreamError(
+                    "the stream ended without a final frame"
+                ) from None
+            last_token = now
+            if isinstance(item, interfaces.Done):
+                _succeed(running, item, deps, begun=begun, first_token_at=first_token_at)
+                return
+            if first_token_at is None:
+                first_token_at = now
+                run.result.timings.first_token_ms = int((now - begun) * 1000)
+            _token(running, item, deps)
+            if now - last_metrics >= METRICS_EVERY_S:
+                last_metrics = now
+                _metrics(running, deps)
+    except asyncio.CancelledError:
+        if not run.cancel_requested:
+            raise  # daemon shutdown: leave the task non-terminal; recovery re-runs it
+        _finish(running, deps, "canceled", finish_reason="canceled")
+    except _Deadline:
+        _fail(
+            running,
+            deps,
+            ErrorCode.DEADLINE_UNMET,
+            f"deadline_ms: {run.task.deadline_ms} passed after {run.result.tokens_out} tokens",
+        )
+    except _Stalled:
+        _fail(
+            running,
+            deps,
+            ErrorCode.DECODE_TIMEOUT,
+            f"the engine sent no token for {idle_s:.0f} s",
+            retry_after_ms=1000,
+        )
+    except Exception as exc:
+        code, retry_after_ms, hint = engine_failure(exc)
+        if code is ErrorCode.INTERNAL:  # a bug: report it on the task rather than kill the daemon
+            log.exception("unexpected error while streaming %s", run.task_id)
+            message = f"{type(exc).__name__}: {exc}"
+        else:
+            message = (
+                f"replica {running.replica_id} failed the task after "
+                f"{run.result.tokens_out} tokens: {exc}"
+            )
+        _fail(running, deps, code, message, retry_after_ms=retry_after_ms, hint=hint)
+    finally:
+        if pending is not None:
+            pending.cancel()
+        if engine_stream is not None:
+            with contextlib.suppress(BaseException):  # closing drops the engine request
+                await asyncio.shield(_aclose(engine_stream))
+
+
+def _request(run: tasking.TaskRun) -> interfaces.GenerateRequest:
+    return interfaces.GenerateRequest(
+        task_id=run.task_id,
+        prompt=run.task.prompt,
+        max_tokens=run.task.max_tokens,
+        seed=run.result.seed or 0,
+        temperature=run.task.sampling.temperature,
+        top_p=run.task.sampling.top_p,
+        top_k=run.task.sampling.top_k,
+    )
+
+
+def _begin(
+    running: Running,
+    decision: placement.Decision,
+    *,
+    deps: Deps,
+    gpu: results.GpuRef | None,
+    engine_version: str | None,
+) -> None:
+    run, result = running.run, running.run.result
+    result.status = "running"
+    result.attempts += 1
+    result.pool_id, result.replica_id = decision.pool_id, decision.replica_id
+    result.gpu = gpu
+    result.engine = running.lease.handle.spec.engine
+    result.engine_version = engine_version
+    result.kv_warmth = decision.kv_warmth
+    result.queue_position = 0
+    result.timings.started_at = clocks.rfc3339(deps.clock.now())
+    result.timings.queue_ms = int((running.started_mono - run.accepted_mono) * 1000)
+    result.text, result.tokens_out = "", 0
+    deps.books.frame(
+        run,
+        "started",
+        {
+            "queue_position": 0,
+            "predicted_start_ms": 0,
+            "pool_id": decision.pool_id,
+            "replica_id": decision.replica_id,
+            "gpu": gpu.model_dump(mode="json") if gpu else None,
+            "kv_warmth": decision.kv_warmth,
+            "attempt": result.attempts,
+        },
+    )
+    deps.books.save(run)
+    failpoints.hit("after_started")
+    _metrics(running, deps)
+
+
+def _token(running: Running, item: interfaces.Token, deps: Deps) -> None:
+    result = running.run.result
+    deps.books.frame(running.run, "token", {"t": item.text, "i": result.tokens_out})
+    result.text += item.text
+    result.tokens_out += 1
+    running.tokens_out = result.tokens_out
+    if result.tokens_out == 1:
+        failpoints.hit("after_token")
+
+
+def _succeed(
+    running: Running,
+    item: interfaces.Done,
+    deps: Deps,
+    *,
+    begun: float,
+    first_token_at: float | None,
+) -> None:
+    result = running.run.result
+    # the engine's count is authoritative: llama-server holds back pieces of a UTF-8
+    # character, so some tokens arrive with no text of their own
+    result.tokens_out = max(result.tokens_out, item.tokens_out)
+    running.tokens_out = result.tokens_out
+    decode_ms = (deps.clock.monotonic() - (first_token_at or begun)) * 1000
+    result.timings.decode_time_ms = int(decode_ms)
+    deps.rates.observe(
+        running.pool_id,
+        tokens=result.tokens_out,
+        decode_ms=decode_ms,
+        first_token_ms=float(result.timings.first_token_ms or 0),
+    )
+    _metrics(running, deps)
+    _finish(running, deps, "succeeded", finish_reason=item.finish_reason)
+
+
+def _fail(
+    running: Running,
+    deps: Deps,
+    code: ErrorCode,
+    message: str,
+    *,
+    retry_after_ms: int | None = None,
+    hint: str | None = None,
+) -> None:
+    error = errors.envelope(code, message, retry_after_ms=retry_after_ms, hint=hint)
+    _finish(running, deps, "failed", error=error)
+
+
+def _finish(
+    running: Running,
+    deps: Deps,
+    status: results.StatusName,
+    *,
+    error: errors.ErrorEnvelope | None = None,
+    finish_reason: str | None = None,
+) -> None:
+    deps.books.finish(running.run, status, error=error, finish_reason=finish_reason)
+    deps.ended(running)
+
+
+def _metrics(running: Running, deps: Deps) -> None:
+    run = running.run
+    now = deps.clock.monotonic()
+    elapsed_ms = (now - running.started_mono) * 1000
+    rate = deps.rates.rate(running.pool_id)
+    left = max(0, run.task.max_tokens - running.tokens_out)
+    probability = None
+    if run.deadline_mono is not None:
+        probability = estimates.on_time_probability(
+            0.0, left / rate.tokens_per_s * 1000, (run.deadline_mono - now) * 1000
+        )
+    tokens_per_s = running.tokens_out / (elapsed_ms / 1000) if elapsed_ms > 0 else 0.0
+    deps.books.frame(
+        run,
+        "metrics",
+        {
+            "queue_depth": deps.queue_depth(),
+            "on_time_probability": probability,
+            "tokens_out": running.tokens_out,
+            "tokens_per_s": round(tokens_per_s, 2),
+            "elapsed_ms": int(elapsed_ms),
+        },
+    )
+
+
+class _Deadline(Exception):
+    pass
+
+
+class _Stalled(Exception):
+    pass
+
+
+async def _aclose(engine_stream: Any) -> None:
+    closer = getattr(engine_stream, "aclose", None)
+    if closer is not None:
+        with contextlib.suppress(Exception):
+            await closer()

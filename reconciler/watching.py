@@ -1,0 +1,34 @@
+"""File watching: watchdog events on orch.yaml's folder, spool/incoming and spool/cancel only
+wake the loop (level-triggered: the pass re-reads everything, so a lost event costs at most
+one resync). The daemon calls `start` once and stops the returned observer on exit."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+
+class _Waker(FileSystemEventHandler):
+    def __init__(self, loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> None:
+        self.loop = loop
+        self.event = event
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.event.set)
+
+
+def start(loop: asyncio.AbstractEventLoop, event: asyncio.Event, folders: Iterable[Path]) -> Any:
+    """A started watchdog observer that sets `event` on any change in `folders`."""
+    observer = Observer()
+    waker = _Waker(loop, event)
+    for folder in folders:
+        observer.schedule(waker, str(folder), recursive=False)
+    observer.daemon = True
+    observer.start()
+    return observer

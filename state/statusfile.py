@@ -1,0 +1,111 @@
+"""`.orch/status.json`: the observed state a user (and `orchctl status`) reads.
+
+The daemon assembles a `StatusFile` after every pass from rows the pool runtime
+(`PoolRow`, `ReplicaRow`) and the dispatcher (`QueueRow`) return, and writes it atomically;
+`reconciler/status.py` renders it as a table. The JSON Schema in
+`schemas/status.schema.json` is generated from these models. `ReplicaState` is the one list
+of replica states the whole loop uses.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ReplicaState = Literal["Starting", "Ready", "Draining", "BackingOff", "Failed", "Stopped"]
+PoolState = Literal["Ready", "Progressing", "Unschedulable", "Failed", "Stopped"]
+DaemonState = Literal["running", "stopped"]
+
+
+class _Row(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DaemonRow(_Row):
+    pid: int
+    started_at: str
+    version: str
+    simulated: bool
+    state: DaemonState
+    stopped_at: str | None = Field(None, description="when the daemon stopped cleanly")
+
+
+class ConfigErrorRow(_Row):
+    path: str
+    line: int | None
+    column: int | None
+    field: str | None
+    message: str
+    hint: str | None
+    text: str = Field(description="the whole error as one line, as the log shows it")
+
+
+class ConfigRow(_Row):
+    path: str
+    revision: str | None
+    applied_at: str | None
+    errors: list[ConfigErrorRow] = Field(default_factory=list)
+
+
+class GpuProcessRow(_Row):
+    pid: int
+    used_mib: int
+
+
+class GpuRow(_Row):
+    index: int
+    uuid: str
+    name: str
+    vram_total_mib: int
+    vram_used_mib: int
+    vram_free_mib: int
+    utilization_pct: int | None = None
+    temperature_c: int | None = None
+    simulated: bool = False
+    processes: list[GpuProcessRow] = Field(default_factory=list)
+    error: str | None = None
+
+
+class ReplicaRow(_Row):
+    id: str
+    state: ReplicaState
+    gpu: list[int]
+    pid: int | None
+    slots_total: int
+    slots_busy: int
+    vram_estimated_mib: int
+    vram_measured_mib: int | None
+    restarts: int
+    last_error: str | None
+    recent_errors: list[str] = Field(default_factory=list)
+    retry_in_s: float | None = None
+    spec_hash: str
+
+
+class PoolRow(_Row):
+    id: str
+    model: str
+    engine: str
+    state: PoolState
+    reason: str | None
+    replicas_desired: int
+    replicas: list[ReplicaRow] = Field(default_factory=list)
+
+
+class QueueRow(_Row):
+    depth: int
+    by_priority: dict[str, int]
+    capacity: int
+    full_policy: str
+    running: int
+
+
+class StatusFile(_Row):
+    """The whole of `.orch/status.json`."""
+
+    daemon: DaemonRow
+    config: ConfigRow
+    gpus: list[GpuRow] = Field(default_factory=list)
+    pools: list[PoolRow] = Field(default_factory=list)
+    queue: QueueRow
