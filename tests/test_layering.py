@@ -122,7 +122,7 @@ def test_there_is_no_import_circle() -> None:
         state[name] = 1
         for nxt in sorted(graph[name]):
             if state.get(nxt) == 1:
-                circles.append(path[path.index(nxt) :] + [nxt])
+                circles.append([*path[path.index(nxt) :], nxt])
             elif nxt not in state:
                 visit(nxt, [*path, nxt])
         state[name] = 2
