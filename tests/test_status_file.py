@@ -17,9 +17,7 @@ from tests.conftest import Workspace, task, wait_terminal
 
 pytestmark = pytest.mark.slow
 
-SCHEMA = json.loads(
-    (Path(__file__).parent.parent / "schemas" / "status.schema.json").read_text()
-)
+SCHEMA = json.loads((Path(__file__).parent.parent / "schemas" / "status.schema.json").read_text())
 
 
 def _orchctl_status(ws: Workspace) -> tuple[int, str]:
