@@ -25,7 +25,7 @@ from typing import Any
 
 import pydantic
 
-from plugins import hookspecs, interfaces, llama_server, processes, sim_server
+from plugins import hookspecs, interfaces, liveness, llama_server, processes, sim_server
 from state import desired
 
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -153,8 +153,8 @@ class SimEngine(llama_server.ServerEngine):
     ) -> interfaces.ReplicaHandle | None:
         handle = await super().adopt(record, spec)
         pid = record.get("pid")
-        if handle is None and isinstance(pid, int) and processes.start_time(pid) is None:
-            for path in bookings(spec, pid):  # its process is gone: so is its VRAM
+        if handle is None and isinstance(pid, int) and not liveness.running(pid):
+            for path in bookings(spec, pid):  # its process is gone (or a zombie): so is its VRAM
                 path.unlink(missing_ok=True)
         return handle
 

@@ -8,8 +8,9 @@ Every GPU is marked `simulated=True` and its name starts with "SIMULATED ", so n
 log can pass it off as real hardware. Memory use is the inventory's `vram_used_mib` plus the
 bookings that simulated engine processes write while they run:
 `<state_dir>/simgpu/<gpu-index>/<pid>.json` holding `{"pid", "used_mib", "replica_id"}`
-(`write_booking` / `remove_booking`). A booking counts only while its process is alive, so a
-crashed engine frees its memory the way a real one does.
+(`write_booking` / `remove_booking`). A booking counts only while its process is alive
+(`plugins.liveness.running`: a zombie is dead), so a crashed engine frees its memory the way a
+real one does.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 import pydantic
 import yaml
 
-from plugins import hookspecs, interfaces
+from plugins import hookspecs, interfaces, liveness
 from state import atomic, desired, loading, observed
 
 PREFIX = "SIMULATED "
@@ -62,18 +63,6 @@ def write_booking(state_dir: Path, gpu_index: int, booking: Booking) -> Path:
 
 def remove_booking(state_dir: Path, gpu_index: int, pid: int) -> None:
     booking_path(state_dir, gpu_index, pid).unlink(missing_ok=True)
-
-
-def pid_alive(pid: int) -> bool:
-    if pid <= 0:  # os.kill(0, …) would address our own process group
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 def load_inventory(path: Path) -> desired.SimulatedInventory:
@@ -144,7 +133,7 @@ class SimulatedObserver:
         inventory: desired.SimulatedInventory,
         *,
         state_dir: Path,
-        is_alive: Callable[[int], bool] = pid_alive,
+        is_alive: Callable[[int], bool] = liveness.running,
     ) -> None:
         self._gpus = sorted(inventory.gpus, key=lambda g: g.index)
         self._state_dir = state_dir

@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from plugins import liveness
+
 VERSION = "0.1.0"
 BUILD_INFO = f"sim-{VERSION}"
 
@@ -91,14 +93,6 @@ def tokens(seed: int, prompt: str) -> random.Random:
     return random.Random(digest)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return False
-    return stat[stat.rindex(")") + 2 :].split()[0] not in ("Z", "X")
-
-
 def _live_bookings_mib(folder: Path, *, own_pid: int) -> int:
     used = 0
     for path in folder.glob("*.json"):
@@ -107,7 +101,7 @@ def _live_bookings_mib(folder: Path, *, own_pid: int) -> int:
             pid, mib = int(booking["pid"]), int(booking["used_mib"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if pid != own_pid and _pid_alive(pid):
+        if pid != own_pid and liveness.running(pid):
             used += mib
     return used
 
