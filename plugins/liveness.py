@@ -3,8 +3,8 @@
 The one place that answers these questions, so every caller agrees on what "dead" means:
 `plugins.processes` (stopping and adopting engine children, and through it the daemon),
 `plugins.engine_sim` (forgetting the VRAM bookings of a gone child), and the simulated GPU's
-bookings, which both the observer (`plugins.gpu_simulated`) and the sim child
-(`plugins.sim_server`) count only while their process lives.
+bookings (`plugins.sim_bookings`), which both the observer (`plugins.gpu_simulated`) and the
+sim child (`plugins.sim_server`) count only while their process lives.
 
 Rules it keeps:
 - A zombie (state Z: exited, not yet reaped by its parent) or a dying task (X) is dead: it runs

@@ -15,9 +15,9 @@ Behaviour:
   give the same text, another seed other text. Each request streams at `tokens_per_s` after
   `first_token_ms`; at most `--slots` requests generate at once, the rest wait for a slot.
   A client that closes its connection stops its generation and frees its slot.
-- VRAM booking: `<state-dir>/simgpu/<gpu>/<pid>.json` = {"pid", "used_mib", "replica_id"},
-  written atomically once loaded and removed on SIGTERM/SIGINT; the simulated GPU observer sums
-  the bookings of live pids. `footprint_mib` is the formula, shared with the engine's estimate.
+- VRAM booking (`plugins.sim_bookings`): written once loaded and removed on SIGTERM/SIGINT;
+  the simulated GPU observer sums the bookings of live pids. `sim_bookings.footprint_mib` is
+  the formula, shared with the engine's estimate.
 - Faults (`--options-json` "faults"): crash_at_start, hang_before_ready, die_after_tokens,
   oom_at_load, ignore_sigterm. With `--vram-total-mib`, loading fails with a CUDA-style
   out-of-memory error when the live bookings leave too little room on a GPU of the mask.
@@ -28,10 +28,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import fcntl
 import hashlib
 import json
-import math
 import os
 import random
 import signal
@@ -41,17 +39,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from plugins import liveness
+from plugins import sim_bookings
 
 VERSION = "0.1.0"
 BUILD_INFO = f"sim-{VERSION}"
-
-# The simulated footprint of one replica, booked by the child and estimated by the engine:
-# weights + KV cache for ctx × slots tokens at 64 KiB/token (between a 1B and an 8B llama in
-# f16) + a fixed 700 MiB for the CUDA context and compute buffers (what llama-server showed on
-# an H200, see /work/shared/fixtures/README.md).
-KV_MIB_PER_TOKEN = 0.0625
-OVERHEAD_MIB = 700
 
 # Defaults of state.desired.SimOptions, repeated here because the child must not import pydantic.
 DEFAULT_TOKENS_PER_S = 200.0
@@ -67,21 +58,6 @@ _VOCABULARY = (
 WORDS = tuple(_VOCABULARY.split())
 
 
-def footprint_mib(model_size_mib: int, ctx: int, slots: int) -> int:
-    """VRAM of one sim replica: weights + ctx×slots KV at KV_MIB_PER_TOKEN + OVERHEAD_MIB."""
-    return model_size_mib + math.ceil(ctx * slots * KV_MIB_PER_TOKEN) + OVERHEAD_MIB
-
-
-def split_mib(total_mib: int, parts: int) -> list[int]:
-    """Split evenly over the GPUs of a mask; the first GPUs take the remainder."""
-    share, rest = divmod(total_mib, parts)
-    return [share + (1 if i < rest else 0) for i in range(parts)]
-
-
-def booking_path(state_dir: Path, gpu: int, pid: int) -> Path:
-    return state_dir / "simgpu" / str(gpu) / f"{pid}.json"
-
-
 def prompt_tokens(prompt: str) -> int:
     """A crude token count: one per word, plus BOS."""
     return len(prompt.split()) + 1
@@ -91,19 +67,6 @@ def tokens(seed: int, prompt: str) -> random.Random:
     """The deterministic token source of one request."""
     digest = hashlib.sha256(f"{seed}\n{prompt}".encode()).digest()
     return random.Random(digest)
-
-
-def _live_bookings_mib(folder: Path, *, own_pid: int) -> int:
-    used = 0
-    for path in folder.glob("*.json"):
-        try:
-            booking = json.loads(path.read_text())
-            pid, mib = int(booking["pid"]), int(booking["used_mib"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if pid != own_pid and liveness.running(pid):
-            used += mib
-    return used
 
 
 @dataclass
@@ -169,45 +132,6 @@ class SimServer:
         self.config = config
         self.slots = Slots(config.slots)
         self.ready = False
-        self.booked: list[Path] = []
-
-    # -- loading and VRAM booking ------------------------------------------------------------
-
-    def book(self) -> str | None:
-        """Book this replica's VRAM on every GPU of its mask; return an OOM message instead
-        when a GPU has no room. A lock file serialises replicas loading at the same time."""
-        cfg = self.config
-        root = cfg.state_dir / "simgpu"
-        shares = split_mib(footprint_mib(cfg.model_size_mib, cfg.ctx, cfg.slots), len(cfg.gpus))
-        pid = os.getpid()
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        with open(cfg.state_dir / "simgpu.lock", "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            for i, (gpu, need) in enumerate(zip(cfg.gpus, shares, strict=True)):
-                if cfg.faults.get("oom_at_load"):
-                    return _oom_message(gpu, need, "fault oom_at_load")
-                if cfg.vram_total_mib is None:
-                    continue
-                total = cfg.vram_total_mib[min(i, len(cfg.vram_total_mib) - 1)]
-                free = total - _live_bookings_mib(root / str(gpu), own_pid=pid)
-                if free < need:
-                    return _oom_message(gpu, need, f"{max(free, 0)} MiB free of {total} MiB")
-            for gpu, need in zip(cfg.gpus, shares, strict=True):
-                path = booking_path(cfg.state_dir, gpu, pid)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f".{path.name}.tmp")
-                tmp.write_text(
-                    json.dumps({"pid": pid, "used_mib": need, "replica_id": cfg.replica_id})
-                )
-                os.replace(tmp, path)
-                self.booked.append(path)
-        return None
-
-    def unbook(self) -> None:
-        for path in self.booked:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-        self.booked.clear()
 
     # -- HTTP ----------------------------------------------------------------------------------
 
@@ -434,14 +358,6 @@ class SimServer:
         }
 
 
-def _oom_message(gpu: int, need: int, why: str) -> str:
-    return (
-        f"ggml_backend_cuda_buffer_type_alloc_buffer: allocating {need} MiB on device {gpu}: "
-        f"cudaMalloc failed: out of memory ({why})\n"
-        f"CUDA error: out of memory\n  current device: {gpu}"
-    )
-
-
 def _die(after: int) -> None:
     print(
         f"sim: fault die_after_tokens: dying abruptly after {after} tokens",
@@ -535,6 +451,19 @@ def parse_args(argv: list[str] | None = None) -> Config:
     )
 
 
+def book(config: Config) -> list[Path]:
+    """Book this replica's footprint on its mask (raises sim_bookings.OutOfMemory)."""
+    return sim_bookings.book(
+        config.state_dir,
+        gpus=config.gpus,
+        need_mib=sim_bookings.footprint_mib(config.model_size_mib, config.ctx, config.slots),
+        totals=config.vram_total_mib,
+        replica_id=config.replica_id,
+        pid=os.getpid(),
+        fail=bool(config.faults.get("oom_at_load")),
+    )
+
+
 async def serve(config: Config) -> int:
     server = SimServer(config)
     stopping = asyncio.Event()
@@ -552,13 +481,15 @@ async def serve(config: Config) -> int:
         f"http://{config.host}:{config.port}",
         flush=True,
     )
+    booked: list[Path] = []
     try:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stopping.wait(), timeout=config.load_s)
         if stopping.is_set():
             return 0
-        oom = server.book()
-        if oom is not None:
+        try:
+            booked = book(config)
+        except sim_bookings.OutOfMemory as oom:
             print(oom, file=sys.stderr, flush=True)
             return 1
         if config.faults.get("hang_before_ready"):
@@ -574,7 +505,7 @@ async def serve(config: Config) -> int:
         print("sim-server: stopping on signal", flush=True)
         return 0
     finally:
-        server.unbook()
+        sim_bookings.unbook(booked)
         listener.close()
 
 
