@@ -24,7 +24,7 @@ from plugins import (
     llama_server,
     processes,
     sim_bookings,
-    sim_server,
+    sim_protocol,
 )
 
 pytestmark = pytest.mark.slow
@@ -155,7 +155,7 @@ async def test_a_non_streamed_completion_gives_the_streamed_text(sims: Replicas)
 async def test_describe_reports_the_sim_build_slots_and_booked_vram(sims: Replicas) -> None:
     handle = await sims.ready(slots=3)
     info = await sims.engine.describe(handle)
-    assert info.engine_version == sim_server.BUILD_INFO
+    assert info.engine_version == sim_protocol.BUILD_INFO
     assert (info.slots_total, info.slots_busy) == (3, 0)
     assert info.model_digest == handle.spec.model_digest
     assert info.vram_measured_mib == sims.engine.estimate_vram_mib(handle.spec)
