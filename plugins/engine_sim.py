@@ -9,14 +9,12 @@ llama-orch may use on each GPU of the mask. With it, a replica whose footprint d
 beside the live bookings fails to load with a CUDA-style out-of-memory error, as llama-server
 would. `engine.env` (engines.sim.env) and the pool's env reach the child, LLAMA_ARG_* excepted.
 
-VRAM: `estimate_vram_mib` is `sim_server.footprint_mib`, the same formula the child books:
+VRAM: `estimate_vram_mib` is `sim_bookings.footprint_mib`, the same formula the child books:
 model_size_mib + ceil(ctx × slots × 0.0625 MiB) + 700 MiB.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -25,7 +23,7 @@ from typing import Any
 
 import pydantic
 
-from plugins import hookspecs, interfaces, llama_server, processes, sim_server
+from plugins import hookspecs, interfaces, liveness, llama_server, processes, sim_bookings
 from state import desired
 
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -101,22 +99,19 @@ def child_env(spec: interfaces.ReplicaSpec, base: Mapping[str, str]) -> dict[str
 
 
 def bookings(spec: interfaces.ReplicaSpec, pid: int) -> list[Path]:
-    return [sim_server.booking_path(spec.state_dir, gpu, pid) for gpu in spec.devices]
+    return [sim_bookings.path_for(spec.state_dir, gpu, pid) for gpu in spec.devices]
 
 
 def _booked_mib(handle: interfaces.ReplicaHandle) -> int | None:
-    total, found = 0, False
-    for path in bookings(handle.spec, handle.pid):
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            total += int(json.loads(path.read_text())["used_mib"])
-            found = True
-    return total if found else None
+    found = [sim_bookings.used_mib(path) for path in bookings(handle.spec, handle.pid)]
+    mibs = [mib for mib in found if mib is not None]
+    return sum(mibs) if mibs else None
 
 
-def _forget_bookings(handle: interfaces.ReplicaHandle) -> None:
+def _forget_bookings(spec: interfaces.ReplicaSpec, pid: int) -> None:
     """A child killed by SIGKILL (or dead by a fault) cannot remove its own bookings."""
-    for path in bookings(handle.spec, handle.pid):
-        path.unlink(missing_ok=True)
+    for gpu in spec.devices:
+        sim_bookings.remove(spec.state_dir, gpu, pid)
 
 
 class SimEngine(llama_server.ServerEngine):
@@ -124,7 +119,7 @@ class SimEngine(llama_server.ServerEngine):
     adopt_stop_grace_s = 5.0
 
     def estimate_vram_mib(self, spec: interfaces.ReplicaSpec) -> int:
-        return sim_server.footprint_mib(spec.model_size_mib, spec.ctx, spec.slots)
+        return sim_bookings.footprint_mib(spec.model_size_mib, spec.ctx, spec.slots)
 
     async def start(self, spec: interfaces.ReplicaSpec) -> interfaces.ReplicaHandle:
         port = processes.free_port()
@@ -138,14 +133,14 @@ class SimEngine(llama_server.ServerEngine):
     def poll_exit(self, handle: interfaces.ReplicaHandle) -> interfaces.ExitInfo | None:
         ended = super().poll_exit(handle)
         if ended is not None:
-            _forget_bookings(handle)
+            _forget_bookings(handle.spec, handle.pid)
         return ended
 
     async def stop(
         self, handle: interfaces.ReplicaHandle, *, grace_s: float
     ) -> interfaces.ExitInfo:
         ended = await super().stop(handle, grace_s=grace_s)
-        _forget_bookings(handle)
+        _forget_bookings(handle.spec, handle.pid)
         return ended
 
     async def adopt(
@@ -153,9 +148,8 @@ class SimEngine(llama_server.ServerEngine):
     ) -> interfaces.ReplicaHandle | None:
         handle = await super().adopt(record, spec)
         pid = record.get("pid")
-        if handle is None and isinstance(pid, int) and processes.start_time(pid) is None:
-            for path in bookings(spec, pid):  # its process is gone: so is its VRAM
-                path.unlink(missing_ok=True)
+        if handle is None and isinstance(pid, int) and not liveness.running(pid):
+            _forget_bookings(spec, pid)  # its process is gone (or a zombie): so is its VRAM
         return handle
 
 

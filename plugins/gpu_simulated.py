@@ -6,16 +6,15 @@ orchestrator runs on a machine without NVIDIA hardware. The daemon gets it from 
 
 Every GPU is marked `simulated=True` and its name starts with "SIMULATED ", so no screen or
 log can pass it off as real hardware. Memory use is the inventory's `vram_used_mib` plus the
-bookings that simulated engine processes write while they run:
-`<state_dir>/simgpu/<gpu-index>/<pid>.json` holding `{"pid", "used_mib", "replica_id"}`
-(`write_booking` / `remove_booking`). A booking counts only while its process is alive, so a
-crashed engine frees its memory the way a real one does.
+bookings that simulated engine processes write while they run (`plugins.sim_bookings` has
+their files, shared with the sim child). A booking counts only while its process is alive
+(`plugins.liveness.running`: a zombie is dead), so a crashed engine frees its memory the way a
+real one does. Here each booking is also checked against the `Booking` model, and a broken one
+is reported in the snapshot's errors rather than silently skipped.
 """
 
 from __future__ import annotations
 
-import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,11 +22,10 @@ from typing import Any
 import pydantic
 import yaml
 
-from plugins import hookspecs, interfaces
-from state import atomic, desired, loading, observed
+from plugins import hookspecs, interfaces, liveness, sim_bookings
+from state import desired, loading, observed
 
 PREFIX = "SIMULATED "
-_BOOKING_NAME = re.compile(r"^([0-9]+)\.json$")
 
 
 class InventoryError(interfaces.ConfigProblem):
@@ -48,32 +46,19 @@ class Booking(desired.Strict):
     replica_id: str
 
 
-def booking_path(state_dir: Path, gpu_index: int, pid: int) -> Path:
-    return state_dir / "simgpu" / str(gpu_index) / f"{pid}.json"
-
-
 def write_booking(state_dir: Path, gpu_index: int, booking: Booking) -> Path:
-    """Called by a simulated engine once its model is "loaded" (atomic: never half-read)."""
-    path = booking_path(state_dir, gpu_index, booking.pid)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic.write_json(path, booking.model_dump(), durable=False)
-    return path
+    """Write a checked booking the way a sim replica does (atomic: never half-read)."""
+    return sim_bookings.write(
+        state_dir,
+        gpu_index,
+        pid=booking.pid,
+        used_mib=booking.used_mib,
+        replica_id=booking.replica_id,
+    )
 
 
 def remove_booking(state_dir: Path, gpu_index: int, pid: int) -> None:
-    booking_path(state_dir, gpu_index, pid).unlink(missing_ok=True)
-
-
-def pid_alive(pid: int) -> bool:
-    if pid <= 0:  # os.kill(0, …) would address our own process group
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
+    sim_bookings.remove(state_dir, gpu_index, pid)
 
 
 def load_inventory(path: Path) -> desired.SimulatedInventory:
@@ -144,7 +129,7 @@ class SimulatedObserver:
         inventory: desired.SimulatedInventory,
         *,
         state_dir: Path,
-        is_alive: Callable[[int], bool] = pid_alive,
+        is_alive: Callable[[int], bool] = liveness.running,
     ) -> None:
         self._gpus = sorted(inventory.gpus, key=lambda g: g.index)
         self._state_dir = state_dir
@@ -187,20 +172,14 @@ class SimulatedObserver:
         )
 
     def _bookings(self, index: int, errors: list[str]) -> list[Booking]:
-        folder = self._state_dir / "simgpu" / str(index)
+        folder = sim_bookings.folder(self._state_dir, index)
         try:
-            names = sorted(os.listdir(folder), key=lambda n: (len(n), n))
-        except FileNotFoundError:
-            return []
+            found = sim_bookings.entries(folder)
         except OSError as exc:
             errors.append(f"simulated GPU {index}: cannot list {folder}: {exc.strerror}")
             return []
         out = []
-        for name in names:
-            match = _BOOKING_NAME.match(name)
-            if match is None:  # temporary files of atomic writes, strays
-                continue
-            path = folder / name
+        for pid, path in found:
             try:
                 booking = Booking.model_validate_json(path.read_bytes())
             except FileNotFoundError:  # the engine removed it as we listed
@@ -210,7 +189,7 @@ class SimulatedObserver:
                     f"simulated GPU {index}: booking {path} is unreadable: {_first_line(exc)}"
                 )
                 continue
-            if booking.pid != int(match.group(1)):
+            if booking.pid != pid:
                 errors.append(
                     f"simulated GPU {index}: booking {path} names pid {booking.pid}, "
                     "not the pid in its file name; ignored"

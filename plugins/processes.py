@@ -5,9 +5,10 @@ end them through `stop_replica`; the daemon uses `pid_alive` and `record` to fin
 engine processes after a restart. A replica's process group is its own session
 (`start_new_session`), so a signal to the group reaches everything the engine started.
 
-Pid reuse: a pid names a process only together with its start time (field 22 of
-/proc/<pid>/stat, in clock ticks since boot). Every signal to a process we did not spawn in
-this daemon is sent only after checking both.
+Pid reuse: a pid names a process only together with its start time (`plugins.liveness`, which
+also counts a zombie as dead). Every signal to a process we did not spawn in this daemon is
+sent only after checking both. `pid_alive` is liveness's, offered here too because the daemon
+(`reconciler.pools`) and `plugins.llama_server` ask it of the engine processes this module runs.
 """
 
 from __future__ import annotations
@@ -25,12 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from plugins import interfaces
+from plugins import interfaces, liveness
 
 SCRUBBED_PREFIX = "LLAMA_ARG_"  # llama-server reads these as flags: they would override ours
 _OOM_RE = re.compile(r"out of memory|CUDA_ERROR_OUT_OF_MEMORY|cudaMalloc failed", re.IGNORECASE)
 _CUDA_RE = re.compile(r"CUDA error", re.IGNORECASE)
-_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def scrub_env(env: Mapping[str, str]) -> dict[str, str]:
@@ -51,36 +51,7 @@ def free_port() -> int:
         return port
 
 
-def _stat(pid: int) -> tuple[str, int] | None:
-    """(state, start time in ticks) of a process, or None when there is no such pid."""
-    try:
-        data = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    fields = data[data.rindex(")") + 2 :].split()  # comm may hold spaces and parentheses
-    return fields[0], int(fields[19])  # fields 3 and 22
-
-
-def start_time(pid: int) -> float | None:
-    """The process's start time in seconds since boot, or None when there is no such pid."""
-    stat = _stat(pid)
-    return None if stat is None else stat[1] / _TICKS
-
-
-def pid_alive(pid: int, started_at: float | None) -> bool:
-    """True when `pid` runs and is the process that started at `started_at` (not a zombie).
-    An unknown start time proves nothing: False."""
-    if pid <= 0 or started_at is None:
-        return False
-    stat = _stat(pid)
-    if stat is None or stat[0] in ("Z", "X"):
-        return False
-    return stat[1] == round(started_at * _TICKS)
-
-
-def _running(pid: int) -> bool:
-    stat = _stat(pid)
-    return stat is not None and stat[0] not in ("Z", "X")
+pid_alive = liveness.pid_alive
 
 
 async def spawn(
@@ -113,7 +84,7 @@ async def launch(
     """Spawn a loopback HTTP engine for `spec` and return its handle (does not wait)."""
     path = log_path(spec)
     process = await spawn(argv, env=env, log_path=path)
-    started = start_time(process.pid)
+    started = liveness.start_time(process.pid)
     return interfaces.ReplicaHandle(
         spec=spec,
         pid=process.pid,
@@ -192,7 +163,7 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
 
 async def _gone(pid: int, started_at: float, *, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
-    while pid_alive(pid, started_at):
+    while liveness.pid_alive(pid, started_at):
         if time.monotonic() >= deadline:
             return False
         await asyncio.sleep(0.02)
@@ -215,12 +186,12 @@ async def stop(
             return Stopped(await asyncio.wait_for(process.wait(), grace_s), killed=False)
         _signal_group(pid, signal.SIGKILL)
         return Stopped(await process.wait(), killed=True)
-    if not pid_alive(pid, started_at):
+    if not liveness.pid_alive(pid, started_at):
         return Stopped(None, killed=False)
     _signal_group(pid, signal.SIGTERM)
     if await _gone(pid, started_at, timeout_s=grace_s):
         return Stopped(None, killed=False)
-    if pid_alive(pid, started_at):
+    if liveness.pid_alive(pid, started_at):
         _signal_group(pid, signal.SIGKILL)
     await _gone(pid, started_at, timeout_s=10.0)
     return Stopped(None, killed=True)
@@ -233,7 +204,7 @@ async def kill_group(pid: int, *, timeout_s: float = 5.0) -> None:
         return
     _signal_group(pid, signal.SIGKILL)
     deadline = time.monotonic() + timeout_s
-    while _running(pid) and time.monotonic() < deadline:
+    while liveness.running(pid) and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
 
 
@@ -242,7 +213,7 @@ def poll_exit(handle: interfaces.ReplicaHandle) -> interfaces.ExitInfo | None:
     if handle.process is not None:
         code = handle.process.returncode
         return None if code is None else exit_info(code, handle.log_path)
-    if pid_alive(handle.pid, handle.started_at):
+    if liveness.pid_alive(handle.pid, handle.started_at):
         return None
     info = exit_info(None, handle.log_path)
     return interfaces.ExitInfo(

@@ -1,26 +1,20 @@
 """The `sim` engine's child program: a fake `llama-server` on simulated GPUs (demos, CI, bench).
 
-`plugins.engine_sim` runs it as ``python -m plugins.sim_server --port P ...``. It speaks the
-subset of llama-server's HTTP protocol the adapters use (`/health`, `/props`, `/slots`,
-`/completion`, streamed or not) with the JSON shapes of the recorded fixtures, so the one
-protocol client in `plugins.llama_server` serves real and simulated replicas alike.
+`plugins.engine_sim` runs it as ``python -S -m plugins.sim_server --port P ...``; this module is
+its entry point: the command line, the start-up sequence and the signals. The rest lives in
+rooms of its own, all standard library only (benchmarks start dozens of these, so no aiohttp,
+no pydantic, no site-packages):
 
-Benchmarks start dozens of these, so it imports the standard library only (no aiohttp, no
-pydantic) and speaks a minimal HTTP/1.1 over asyncio streams.
+- `plugins.sim_protocol`: the llama-server answers (/health, /props, /slots, /completion);
+- `plugins.sim_http`: the minimal HTTP/1.1 they travel over;
+- `plugins.sim_bookings`: the VRAM bookings on simulated GPUs, and the out-of-memory check;
+- `plugins.sim_faults`: the injected faults (`--options-json` "faults").
 
-Behaviour:
-- Listens first (printing one line to stdout), then "loads" for `load_s` seconds, answering
-  503 `Loading model` meanwhile, then books its VRAM and answers 200.
-- Tokens are words drawn from a PRNG seeded with sha256(seed, prompt): the same seed and prompt
-  give the same text, another seed other text. Each request streams at `tokens_per_s` after
-  `first_token_ms`; at most `--slots` requests generate at once, the rest wait for a slot.
-  A client that closes its connection stops its generation and frees its slot.
-- VRAM booking: `<state-dir>/simgpu/<gpu>/<pid>.json` = {"pid", "used_mib", "replica_id"},
-  written atomically once loaded and removed on SIGTERM/SIGINT; the simulated GPU observer sums
-  the bookings of live pids. `footprint_mib` is the formula, shared with the engine's estimate.
-- Faults (`--options-json` "faults"): crash_at_start, hang_before_ready, die_after_tokens,
-  oom_at_load, ignore_sigterm. With `--vram-total-mib`, loading fails with a CUDA-style
-  out-of-memory error when the live bookings leave too little room on a GPU of the mask.
+Start-up: listen first (printing one line to stdout), then "load" for `load_s` seconds,
+answering 503 `Loading model` meanwhile, then book the VRAM and answer 200. With
+`--vram-total-mib`, loading fails with a CUDA-style out-of-memory error (exit 1) when the live
+bookings leave too little room on a GPU of the mask. SIGTERM or SIGINT removes the bookings
+and exits 0.
 """
 
 from __future__ import annotations
@@ -28,88 +22,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import fcntl
-import hashlib
+import functools
 import json
-import math
 import os
-import random
 import signal
 import sys
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-VERSION = "0.1.0"
-BUILD_INFO = f"sim-{VERSION}"
-
-# The simulated footprint of one replica, booked by the child and estimated by the engine:
-# weights + KV cache for ctx × slots tokens at 64 KiB/token (between a 1B and an 8B llama in
-# f16) + a fixed 700 MiB for the CUDA context and compute buffers (what llama-server showed on
-# an H200, see /work/shared/fixtures/README.md).
-KV_MIB_PER_TOKEN = 0.0625
-OVERHEAD_MIB = 700
+from plugins import sim_bookings, sim_faults, sim_http, sim_protocol
 
 # Defaults of state.desired.SimOptions, repeated here because the child must not import pydantic.
 DEFAULT_TOKENS_PER_S = 200.0
 DEFAULT_FIRST_TOKEN_MS = 5.0
-
-_VOCABULARY = (
-    "the of and to in is was for on that with as by at from his her an they which or be this "
-    "river stone light cloud garden window lantern harbor meadow signal engine thread pocket "
-    "copper silver orange violet amber quiet rapid gentle distant hollow bright narrow open "
-    "walks turns sings waits drifts builds opens folds lifts carries gathers follows answers "
-    "morning evening winter summer north south island valley bridge tower market letter"
-)
-WORDS = tuple(_VOCABULARY.split())
-
-
-def footprint_mib(model_size_mib: int, ctx: int, slots: int) -> int:
-    """VRAM of one sim replica: weights + ctx×slots KV at KV_MIB_PER_TOKEN + OVERHEAD_MIB."""
-    return model_size_mib + math.ceil(ctx * slots * KV_MIB_PER_TOKEN) + OVERHEAD_MIB
-
-
-def split_mib(total_mib: int, parts: int) -> list[int]:
-    """Split evenly over the GPUs of a mask; the first GPUs take the remainder."""
-    share, rest = divmod(total_mib, parts)
-    return [share + (1 if i < rest else 0) for i in range(parts)]
-
-
-def booking_path(state_dir: Path, gpu: int, pid: int) -> Path:
-    return state_dir / "simgpu" / str(gpu) / f"{pid}.json"
-
-
-def prompt_tokens(prompt: str) -> int:
-    """A crude token count: one per word, plus BOS."""
-    return len(prompt.split()) + 1
-
-
-def tokens(seed: int, prompt: str) -> random.Random:
-    """The deterministic token source of one request."""
-    digest = hashlib.sha256(f"{seed}\n{prompt}".encode()).digest()
-    return random.Random(digest)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return False
-    return stat[stat.rindex(")") + 2 :].split()[0] not in ("Z", "X")
-
-
-def _live_bookings_mib(folder: Path, *, own_pid: int) -> int:
-    used = 0
-    for path in folder.glob("*.json"):
-        try:
-            booking = json.loads(path.read_text())
-            pid, mib = int(booking["pid"]), int(booking["used_mib"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if pid != own_pid and _pid_alive(pid):
-            used += mib
-    return used
 
 
 @dataclass
@@ -127,380 +52,7 @@ class Config:
     tokens_per_s: float
     load_s: float
     first_token_ms: float
-    faults: dict[str, Any] = field(default_factory=dict)
-
-
-class Slots:
-    """At most `n` generations at once; others wait in arrival order."""
-
-    def __init__(self, n: int) -> None:
-        self.busy = [False] * n
-        self._free = asyncio.Semaphore(n)
-
-    async def acquire(self) -> int:
-        await self._free.acquire()
-        slot = self.busy.index(False)
-        self.busy[slot] = True
-        return slot
-
-    def release(self, slot: int) -> None:
-        self.busy[slot] = False
-        self._free.release()
-
-
-class HttpError(Exception):
-    def __init__(self, status: int, message: str, kind: str) -> None:
-        super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"code": self.status, "message": self.message, "type": self.kind}}
-
-
-LOADING = HttpError(503, "Loading model", "unavailable_error")
-REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    404: "Not Found",
-    411: "Length Required",
-    500: "Internal Server Error",
-    503: "Service Unavailable",
-}
-
-Emit = Callable[[dict[str, Any]], Awaitable[None]]
-
-
-class SimServer:
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self.slots = Slots(config.slots)
-        self.ready = False
-        self.booked: list[Path] = []
-
-    # -- loading and VRAM booking ------------------------------------------------------------
-
-    def book(self) -> str | None:
-        """Book this replica's VRAM on every GPU of its mask; return an OOM message instead
-        when a GPU has no room. A lock file serialises replicas loading at the same time."""
-        cfg = self.config
-        root = cfg.state_dir / "simgpu"
-        shares = split_mib(footprint_mib(cfg.model_size_mib, cfg.ctx, cfg.slots), len(cfg.gpus))
-        pid = os.getpid()
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        with open(cfg.state_dir / "simgpu.lock", "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            for i, (gpu, need) in enumerate(zip(cfg.gpus, shares, strict=True)):
-                if cfg.faults.get("oom_at_load"):
-                    return _oom_message(gpu, need, "fault oom_at_load")
-                if cfg.vram_total_mib is None:
-                    continue
-                total = cfg.vram_total_mib[min(i, len(cfg.vram_total_mib) - 1)]
-                free = total - _live_bookings_mib(root / str(gpu), own_pid=pid)
-                if free < need:
-                    return _oom_message(gpu, need, f"{max(free, 0)} MiB free of {total} MiB")
-            for gpu, need in zip(cfg.gpus, shares, strict=True):
-                path = booking_path(cfg.state_dir, gpu, pid)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f".{path.name}.tmp")
-                tmp.write_text(
-                    json.dumps({"pid": pid, "used_mib": need, "replica_id": cfg.replica_id})
-                )
-                os.replace(tmp, path)
-                self.booked.append(path)
-        return None
-
-    def unbook(self) -> None:
-        for path in self.booked:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-        self.booked.clear()
-
-    # -- HTTP ----------------------------------------------------------------------------------
-
-    async def serve_connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        try:
-            keep_alive = True
-            while keep_alive:
-                request = await _read_request(reader)
-                if request is None:
-                    break
-                method, path, headers, body = request
-                keep_alive = headers.get("connection", "").lower() != "close"
-                try:
-                    keep_alive = await self.route(method, path, body, reader, writer) and keep_alive
-                except HttpError as e:
-                    await _send_json(writer, e.status, e.body())
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            pass
-        except HttpError as e:  # a malformed request: answer and close
-            with contextlib.suppress(ConnectionError):
-                await _send_json(writer, e.status, e.body())
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
-
-    async def route(
-        self,
-        method: str,
-        path: str,
-        body: bytes,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-    ) -> bool:
-        """Answer one request; return False when the connection must close afterwards."""
-        cfg = self.config
-        if method == "GET" and path == "/health":
-            if not self.ready:
-                raise LOADING
-            await _send_json(writer, 200, {"status": "ok"})
-        elif method == "GET" and path == "/props":
-            if not self.ready:
-                raise LOADING
-            await _send_json(
-                writer,
-                200,
-                {
-                    "default_generation_settings": {
-                        "params": {
-                            "seed": 4294967295,
-                            "temperature": 0.8,
-                            "top_k": 40,
-                            "top_p": 0.95,
-                            "n_predict": -1,
-                        },
-                        "n_ctx": cfg.ctx,
-                    },
-                    "total_slots": cfg.slots,
-                    "model_alias": cfg.model,
-                    "model_path": cfg.model,
-                    "build_info": BUILD_INFO,
-                    "is_sleeping": False,
-                    "endpoint_slots": True,
-                    "endpoint_metrics": False,
-                },
-            )
-        elif method == "GET" and path == "/slots":
-            if not self.ready:
-                raise LOADING
-            await _send_json(
-                writer,
-                200,
-                [
-                    {"id": i, "n_ctx": cfg.ctx, "speculative": False, "is_processing": busy}
-                    for i, busy in enumerate(self.slots.busy)
-                ],
-            )
-        elif method == "POST" and path == "/completion":
-            if not self.ready:
-                raise LOADING
-            return await self.completion(_parse_json(body), reader, writer)
-        else:
-            raise HttpError(404, "File Not Found", "not_found_error")
-        return True
-
-    async def completion(
-        self, body: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> bool:
-        prompt = body.get("prompt")
-        if not isinstance(prompt, str):
-            raise HttpError(400, '"prompt" must be a string', "invalid_request_error")
-        n_prompt = prompt_tokens(prompt)
-        if n_prompt >= self.config.ctx:
-            raise HttpError(
-                400,
-                "the request exceeds the available context size, try increasing it",
-                "exceed_context_size_error",
-            )
-        n_predict = int(body.get("n_predict", body.get("max_tokens", -1)))
-        room = self.config.ctx - n_prompt
-        n = room if n_predict < 0 else min(n_predict, room)
-        seed = int(body.get("seed", -1))
-        if seed < 0:
-            seed = random.SystemRandom().randrange(2**32)
-        params = {
-            "prompt": prompt,
-            "n_prompt": n_prompt,
-            "n": n,
-            "seed": seed,
-            "stream": bool(body.get("stream", False)),
-            "settings": {
-                "seed": seed,
-                "temperature": body.get("temperature", 0.8),
-                "top_k": body.get("top_k", 40),
-                "top_p": body.get("top_p", 0.95),
-                "n_predict": n_predict,
-                "stream": bool(body.get("stream", False)),
-            },
-        }
-        # Watch the client while generating: EOF on its side means it closed the request.
-        work = asyncio.ensure_future(self.respond(params, writer))
-        watch = asyncio.ensure_future(reader.read(1))
-        done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-        if work in done:
-            watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watch
-            work.result()
-            return not (watch.done() and not watch.cancelled())  # a pipelined byte: close
-        work.cancel()
-        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
-            await work
-        return False
-
-    async def respond(self, params: dict[str, Any], writer: asyncio.StreamWriter) -> None:
-        slot = await self.slots.acquire()
-        try:
-            if params["stream"]:
-                writer.write(
-                    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                    b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n"
-                )
-
-                async def emit(frame: dict[str, Any]) -> None:
-                    data = b"data: " + json.dumps(frame, separators=(",", ":")).encode() + b"\n\n"
-                    writer.write(b"%x\r\n%s\r\n" % (len(data), data))
-                    await writer.drain()
-
-                final = await self.generate(params, slot, emit)
-                await emit(final)
-                writer.write(b"0\r\n\r\n")
-                await writer.drain()
-            else:
-                texts: list[str] = []
-
-                async def collect(frame: dict[str, Any]) -> None:
-                    texts.append(frame["content"])
-
-                final = await self.generate(params, slot, collect)
-                await _send_json(writer, 200, final | {"content": "".join(texts)})
-        finally:
-            self.slots.release(slot)
-
-    async def generate(self, params: dict[str, Any], slot: int, emit: Emit) -> dict[str, Any]:
-        """Emit one frame per token at the configured pace; return the final frame."""
-        cfg = self.config
-        loop = asyncio.get_running_loop()
-        rng = tokens(params["seed"], params["prompt"])
-        die_after = cfg.faults.get("die_after_tokens")
-        if die_after == 0:
-            _die(0)
-        start = loop.time()
-        first = start + cfg.first_token_ms / 1000
-        prompt_ms = cfg.first_token_ms
-        for i in range(params["n"]):
-            delay = first + i / cfg.tokens_per_s - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            token_id = rng.randrange(len(WORDS))
-            await emit(
-                {
-                    "index": 0,
-                    "content": " " + WORDS[token_id],
-                    "tokens": [token_id + 3],
-                    "stop": False,
-                    "id_slot": -1,
-                    "tokens_predicted": i + 1,
-                    "tokens_evaluated": params["n_prompt"],
-                }
-            )
-            if die_after is not None and i + 1 >= die_after:
-                _die(i + 1)
-        n = params["n"]
-        predicted_ms = max((loop.time() - start) * 1000 - prompt_ms, 0.001)
-        return {
-            "index": 0,
-            "content": "",
-            "tokens": [],
-            "id_slot": slot,
-            "stop": True,
-            "model": cfg.model,
-            "tokens_predicted": n,
-            "tokens_evaluated": params["n_prompt"],
-            "generation_settings": params["settings"],
-            "prompt": params["prompt"],
-            "has_new_line": False,
-            "truncated": False,
-            "stop_type": "limit",
-            "stopping_word": "",
-            "tokens_cached": params["n_prompt"] + n,
-            "timings": {
-                "cache_n": 0,
-                "prompt_n": params["n_prompt"],
-                "prompt_ms": prompt_ms,
-                "prompt_per_token_ms": prompt_ms / params["n_prompt"],
-                "prompt_per_second": params["n_prompt"] * 1000 / max(prompt_ms, 0.001),
-                "predicted_n": n,
-                "predicted_ms": predicted_ms,
-                "predicted_per_token_ms": predicted_ms / n if n else 0.0,
-                "predicted_per_second": n * 1000 / predicted_ms,
-            },
-        }
-
-
-def _oom_message(gpu: int, need: int, why: str) -> str:
-    return (
-        f"ggml_backend_cuda_buffer_type_alloc_buffer: allocating {need} MiB on device {gpu}: "
-        f"cudaMalloc failed: out of memory ({why})\n"
-        f"CUDA error: out of memory\n  current device: {gpu}"
-    )
-
-
-def _die(after: int) -> None:
-    print(
-        f"sim: fault die_after_tokens: dying abruptly after {after} tokens",
-        file=sys.stderr,
-        flush=True,
-    )
-    os._exit(134)
-
-
-async def _read_request(
-    reader: asyncio.StreamReader,
-) -> tuple[str, str, dict[str, str], bytes] | None:
-    try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.IncompleteReadError as e:
-        if e.partial.strip():
-            raise HttpError(400, "incomplete request head", "invalid_request_error") from e
-        return None
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3:
-        raise HttpError(400, "malformed request line", "invalid_request_error")
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if sep:
-            headers[name.strip().lower()] = value.strip()
-    if "chunked" in headers.get("transfer-encoding", ""):
-        raise HttpError(411, "chunked request bodies are not supported", "invalid_request_error")
-    length = int(headers.get("content-length", "0") or 0)
-    body = await reader.readexactly(length) if length else b""
-    return parts[0], parts[1].split("?", 1)[0], headers, body
-
-
-def _parse_json(body: bytes) -> dict[str, Any]:
-    try:
-        value = json.loads(body or b"{}")
-    except ValueError as e:
-        raise HttpError(400, f"invalid JSON: {e}", "invalid_request_error") from e
-    if not isinstance(value, dict):
-        raise HttpError(400, "the body must be a JSON object", "invalid_request_error")
-    return value
-
-
-async def _send_json(writer: asyncio.StreamWriter, status: int, value: Any) -> None:
-    data = json.dumps(value, separators=(",", ":")).encode()
-    writer.write(
-        f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\n"
-        f"Content-Type: application/json; charset=utf-8\r\n"
-        f"Content-Length: {len(data)}\r\n\r\n".encode()
-        + data
-    )
-    await writer.drain()
+    faults: sim_faults.Faults = field(default_factory=sim_faults.Faults)
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -537,39 +89,59 @@ def parse_args(argv: list[str] | None = None) -> Config:
         tokens_per_s=float(options.get("tokens_per_s", DEFAULT_TOKENS_PER_S)),
         load_s=float(options.get("load_s", 0.0)),
         first_token_ms=float(options.get("first_token_ms", DEFAULT_FIRST_TOKEN_MS)),
-        faults=dict(options.get("faults") or {}),
+        faults=sim_faults.parse(options.get("faults")),
+    )
+
+
+def book(config: Config) -> list[Path]:
+    """Book this replica's footprint on its mask (raises sim_bookings.OutOfMemory)."""
+    return sim_bookings.book(
+        config.state_dir,
+        gpus=config.gpus,
+        need_mib=sim_bookings.footprint_mib(config.model_size_mib, config.ctx, config.slots),
+        totals=config.vram_total_mib,
+        replica_id=config.replica_id,
+        pid=os.getpid(),
+        fail=config.faults.oom_at_load,
     )
 
 
 async def serve(config: Config) -> int:
-    server = SimServer(config)
+    server = sim_protocol.Server(
+        model=config.model,
+        ctx=config.ctx,
+        slots=config.slots,
+        tokens_per_s=config.tokens_per_s,
+        first_token_ms=config.first_token_ms,
+        faults=config.faults,
+    )
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
-    if config.faults.get("ignore_sigterm"):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    else:
-        loop.add_signal_handler(signal.SIGTERM, stopping.set)
+    sim_faults.on_sigterm(config.faults, loop, stopping.set)
     loop.add_signal_handler(signal.SIGINT, stopping.set)
     listener = await asyncio.start_server(
-        server.serve_connection, config.host, config.port, reuse_address=True
+        functools.partial(sim_http.serve_connection, route=server.route),
+        config.host,
+        config.port,
+        reuse_address=True,
     )
     print(
-        f"sim-server {VERSION} replica {config.replica_id} pid {os.getpid()} listening on "
-        f"http://{config.host}:{config.port}",
+        f"sim-server {sim_protocol.VERSION} replica {config.replica_id} pid {os.getpid()} "
+        f"listening on http://{config.host}:{config.port}",
         flush=True,
     )
+    booked: list[Path] = []
     try:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stopping.wait(), timeout=config.load_s)
         if stopping.is_set():
             return 0
-        oom = server.book()
-        if oom is not None:
+        try:
+            booked = book(config)
+        except sim_bookings.OutOfMemory as oom:
             print(oom, file=sys.stderr, flush=True)
             return 1
-        if config.faults.get("hang_before_ready"):
-            print("sim: fault hang_before_ready: loaded, never becoming ready", flush=True)
-        else:
+        if not sim_faults.hang_before_ready(config.faults):
             server.ready = True
             print(
                 f"model loaded in {config.load_s:g} s; ready ({config.slots} slots, ctx "
@@ -580,18 +152,13 @@ async def serve(config: Config) -> int:
         print("sim-server: stopping on signal", flush=True)
         return 0
     finally:
-        server.unbook()
+        sim_bookings.unbook(booked)
         listener.close()
 
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
-    if config.faults.get("crash_at_start"):
-        print(
-            "sim: fault crash_at_start: simulated crash during start-up",
-            file=sys.stderr,
-            flush=True,
-        )
+    if sim_faults.crash_at_start(config.faults):
         return 1
     try:
         return asyncio.run(serve(config))

@@ -1,11 +1,14 @@
-"""Shared fixtures: a simulated workstation on disk, and a daemon running in-process."""
+"""Shared fixtures: a simulated workstation on disk, a daemon running in-process, and a zombie
+process (exited, not reaped) for the liveness checks."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -193,3 +196,27 @@ def task(task_id: str, **fields: Any) -> dict[str, Any]:
     }
     data.update(fields)
     return data
+
+
+def _proc_state(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None
+    return stat[stat.rindex(")") + 2 :].split()[0]
+
+
+@pytest.fixture
+def zombie_pid() -> Iterator[int]:
+    """The pid of a child that has exited and that nobody has reaped yet (state Z in /proc):
+    the kernel keeps its pid and start time, `kill(pid, 0)` still succeeds, yet it runs nothing
+    and holds no memory. Reaped after the test."""
+    child = subprocess.Popen([sys.executable, "-S", "-c", ""])
+    try:
+        deadline = time.monotonic() + 10
+        while _proc_state(child.pid) != "Z":
+            assert time.monotonic() < deadline, f"child {child.pid} did not become a zombie"
+            time.sleep(0.01)
+        yield child.pid
+    finally:
+        child.wait()

@@ -121,6 +121,17 @@ def test_liveness_is_checked_against_real_processes(inventory: Path, tmp_path: P
     assert gpu.processes == (observed.GpuProcess(os.getpid(), 1000),)
 
 
+def test_a_booking_by_a_zombie_process_frees_its_memory(
+    inventory: Path, tmp_path: Path, zombie_pid: int
+) -> None:
+    state = tmp_path / ".orch"
+    book(state, 0, zombie_pid, 5000, "zombie-0")  # exited, its parent has not reaped it yet
+
+    gpu = observer_for(inventory, state).observe().gpus[0]
+
+    assert gpu.vram_used_mib == 400 and gpu.processes == ()
+
+
 def test_removing_a_booking_frees_its_memory(inventory: Path, tmp_path: Path) -> None:
     state = tmp_path / ".orch"
     book(state, 0, 101, 8000, "chat-0")

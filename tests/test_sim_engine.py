@@ -17,7 +17,15 @@ from typing import Any
 import pluggy
 import pytest
 
-from plugins import engine_sim, hookspecs, interfaces, llama_server, processes, sim_server
+from plugins import (
+    engine_sim,
+    hookspecs,
+    interfaces,
+    llama_server,
+    processes,
+    sim_bookings,
+    sim_protocol,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -147,7 +155,7 @@ async def test_a_non_streamed_completion_gives_the_streamed_text(sims: Replicas)
 async def test_describe_reports_the_sim_build_slots_and_booked_vram(sims: Replicas) -> None:
     handle = await sims.ready(slots=3)
     info = await sims.engine.describe(handle)
-    assert info.engine_version == sim_server.BUILD_INFO
+    assert info.engine_version == sim_protocol.BUILD_INFO
     assert (info.slots_total, info.slots_busy) == (3, 0)
     assert info.model_digest == handle.spec.model_digest
     assert info.vram_measured_mib == sims.engine.estimate_vram_mib(handle.spec)
@@ -259,11 +267,23 @@ async def test_a_replica_that_does_not_fit_beside_the_booked_ones_fails_with_oom
     assert list(bookings(sims.state_dir)) == [f"0/{third.pid}.json"]
 
 
+async def test_a_booking_left_by_a_dead_or_zombie_process_takes_no_room_from_a_replica(
+    sims: Replicas, zombie_pid: int
+) -> None:
+    footprint = sims.engine.estimate_vram_mib(sims.spec())
+    finished = subprocess.Popen([sys.executable, "-S", "-c", ""])
+    finished.wait()
+    for pid in (zombie_pid, finished.pid):  # each alone would leave too little room
+        sim_bookings.write(sims.state_dir, 0, pid=pid, used_mib=footprint, replica_id="old")
+    handle = await sims.ready(vram_total_mib={"0": footprint + footprint // 2})
+    assert bookings(sims.state_dir)[f"0/{handle.pid}.json"]["used_mib"] == footprint
+
+
 async def test_a_booking_appears_once_ready_split_over_the_mask_and_vanishes_after_stop(
     sims: Replicas,
 ) -> None:
     handle = await sims.ready(devices=(0, 1), ctx=512, slots=2, model_size_mib=100)
-    footprint = 100 + 512 * 2 // 16 + sim_server.OVERHEAD_MIB
+    footprint = 100 + 512 * 2 // 16 + sim_bookings.OVERHEAD_MIB
     assert sims.engine.estimate_vram_mib(handle.spec) == footprint
     half = {"pid": handle.pid, "used_mib": footprint // 2, "replica_id": "chat-0"}
     assert bookings(sims.state_dir) == {f"0/{handle.pid}.json": half, f"1/{handle.pid}.json": half}
