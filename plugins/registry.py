@@ -8,6 +8,7 @@ in the `llama_orch` entry-point group.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import pluggy
 
 from plugins import hookspecs, interfaces
-from state import desired
+from state import desired, errors
 
 BUILTINS = (
     "plugins.gpu_nvml",
@@ -76,30 +77,48 @@ def load(*, extra: list[Any] | None = None, entry_points: bool = True) -> Regist
         manager.load_setuptools_entrypoints(hookspecs.PROJECT)
     for plugin in extra or []:
         manager.register(plugin)
+    try:
+        manager.check_pending()  # a hook implementation no spec knows is a misspelt hook
+    except pluggy.PluginValidationError as exc:
+        raise errors.ConfigProblem(
+            f"plugin {exc.plugin!r} implements a hook llama-orch does not have: {exc}; "
+            f"the hooks are {', '.join(sorted(HOOKS))}"
+        ) from exc
     reg = Registry(manager)
-    for kind, hook, table in (
-        ("gpu-observer", manager.hook.orch_register_gpu_observers, reg.observers),
-        ("engine", manager.hook.orch_register_engines, reg.engines),
-        ("model-resolver", manager.hook.orch_register_model_resolvers, reg.resolvers),
-        ("provisioner", manager.hook.orch_register_provisioners, reg.provisioners),
-    ):
-        for impl in hook.get_hookimpls():
-
-            def register(
-                name: str,
-                obj: Any,
-                *,
-                _t: dict[str, Any] = table,
-                _k: str = kind,
-                _p: str = impl.plugin_name,
-            ) -> None:
-                if name in _t:
-                    raise ValueError(
-                        f"{_k} {name!r} is registered twice "
-                        f"({reg.sources[f'{_k}:{name}']} and {_p})"
-                    )
-                _t[name] = obj
-                reg.sources[f"{_k}:{name}"] = _p
-
-            getattr(impl.plugin, impl.function.__name__)(register=register)
+    tables = {
+        "orch_register_gpu_observers": ("gpu-observer", reg.observers),
+        "orch_register_engines": ("engine", reg.engines),
+        "orch_register_model_resolvers": ("model-resolver", reg.resolvers),
+        "orch_register_provisioners": ("provisioner", reg.provisioners),
+    }
+    plugins = manager.get_plugins()
+    for hook_name, (kind, table) in tables.items():
+        for impl in getattr(manager.hook, hook_name).get_hookimpls():
+            # through pluggy, one plugin at a time, so a clash names both plugins
+            others = [p for p in plugins if p is not impl.plugin]
+            call = manager.subset_hook_caller(hook_name, remove_plugins=others)
+            call(register=_registrar(reg, table, kind, impl.plugin_name))
     return reg
+
+
+HOOKS = (
+    "orch_register_gpu_observers",
+    "orch_register_engines",
+    "orch_register_model_resolvers",
+    "orch_register_provisioners",
+)
+
+
+def _registrar(
+    reg: Registry, table: dict[str, Any], kind: str, plugin_name: str
+) -> Callable[[str, Any], None]:
+    def register(name: str, obj: Any) -> None:
+        if name in table:
+            raise ValueError(
+                f"{kind} {name!r} is registered twice "
+                f"({reg.sources[f'{kind}:{name}']} and {plugin_name})"
+            )
+        table[name] = obj
+        reg.sources[f"{kind}:{name}"] = plugin_name
+
+    return register

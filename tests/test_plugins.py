@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import pluggy
 import pytest
 
 from plugins import hookspecs, registry
+from state import errors
 
 
 class ThirdParty:
@@ -40,3 +42,13 @@ def test_a_third_party_plugin_adds_an_engine() -> None:
 def test_registering_a_name_twice_names_both_plugins() -> None:
     with pytest.raises(ValueError, match="'sim' is registered twice"):
         registry.load(extra=[Clashing()], entry_points=False)
+
+
+def test_a_plugin_with_a_misspelt_hook_is_refused_naming_it() -> None:
+    class Misspelt:
+        @pluggy.HookimplMarker(hookspecs.PROJECT)
+        def orch_register_engine(self, register: Any) -> None:  # the spec is ..._engines
+            register("x", object())
+
+    with pytest.raises(errors.ConfigProblem, match="orch_register_engine"):
+        registry.load(extra=[Misspelt()], entry_points=False)
