@@ -116,6 +116,7 @@ def _forget_bookings(spec: interfaces.ReplicaSpec, pid: int) -> None:
 
 class SimEngine(llama_server.ServerEngine):
     name = "sim"
+    needs_model_file = False  # simulates the model from size_mib; no file is read
     adopt_stop_grace_s = 5.0
 
     def estimate_vram_mib(self, spec: interfaces.ReplicaSpec) -> int:

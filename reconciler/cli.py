@@ -174,8 +174,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     async def run() -> int:
         d = daemon.build(options)
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, d.stop)
+        # closing the terminal (SIGHUP) stops as cleanly as Ctrl-C and SIGTERM
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(sig, d.stop, sig.name)
         return await d.run()
 
     return asyncio.run(run())

@@ -34,6 +34,7 @@ from reconciler import (
 )
 from state import (
     atomic,
+    daemon_lock,
     desired,
     errors,
     loading,
@@ -49,8 +50,8 @@ log = logs.get("daemon")
 
 RESYNC_S = 2.0
 INTAKE_PER_PASS = 64
-CANCEL_KEEP_S = 600.0
-SESSION_SWEEP_S = 5.0  # how long a cancel for an id not seen yet waits for its task
+CANCEL_WINDOW_S = 30.0  # how far a cancel request may race ahead of its task file
+SESSION_SWEEP_S = 5.0  # how often session files are swept for expired sessions
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,7 @@ class Daemon:
         self.config = config
         self.wake_event = wake_event
         self.stop_event = asyncio.Event()
+        self.hurry_event = asyncio.Event()  # a second stop: do not wait for running tasks
         self.spool = the_spool
         self.results = store
         self.state_dir = state_dir
@@ -167,11 +169,28 @@ class Daemon:
     def wake(self) -> None:
         self.wake_event.set()
 
-    def stop(self) -> None:
+    def stop(self, why: str | None = None) -> None:
+        """Stop after draining running tasks (`timeouts.drain_s`); a second call stops at
+        once, leaving what still runs resumable."""
+        if self.stop_event.is_set():
+            self.hurry_event.set()
+        elif why is not None:
+            logs.emit(log, "daemon.stopping", f"Stopping on {why}.", signal=why)
         self.stop_event.set()
         self.wake_event.set()
 
     async def run(self) -> int:
+        try:
+            lock = daemon_lock.acquire(self.state_dir, started_at=self.started_at)
+        except daemon_lock.Held as held:
+            self.pools.observer.close()
+            raise errors.ConfigProblem(str(held)) from None
+        try:
+            return await self._serve()
+        finally:
+            lock.release()
+
+    async def _serve(self) -> int:
         loop = asyncio.get_running_loop()
         folders = [self.config.path.parent, self.spool.incoming, self.spool.cancel]
         watcher = watching.start(loop, self.wake_event, folders) if self.options.watch else None
@@ -215,7 +234,16 @@ class Daemon:
             if watcher is not None:
                 watcher.stop()
                 await asyncio.to_thread(watcher.join, 5)
-            await self.dispatcher.shutdown()
+            drain_s = self.config.state.timeouts.drain_s if self.config.state else 0.0
+            if self.dispatcher.running and not self.hurry_event.is_set():
+                logs.emit(
+                    log,
+                    "daemon.draining",
+                    f"Stopping: waiting up to {drain_s:.0f} s for {len(self.dispatcher.running)} "
+                    "running task(s) to finish (signal again to stop now).",
+                    running=len(self.dispatcher.running),
+                )
+            await self.dispatcher.shutdown(drain_s=drain_s, hurry=self.hurry_event)
             await self.pools.shutdown()
             self._write_status(stopping=True)
             logs.emit(log, "daemon.stopped", "Stopped; engines stopped, tasks left resumable.")
@@ -244,32 +272,67 @@ class Daemon:
         )
 
     def _cancels(self) -> None:
+        """Apply the cancel requests in spool/cancel/. A request is consumed only once its
+        task's terminal result is written, so a crash between acknowledging a cancel and
+        finishing the task cannot lose it. A request names a task by id alone, so it applies
+        only to a task delivered no later than CANCEL_WINDOW_S after the request was written
+        (a cancel may race ahead of its task file by that much); a task first seen later is
+        a new task that happens to reuse the id, and the old request is dropped."""
         now = self.clock.now()
         for task_id in spool.cancel_requests(self.spool):
-            outcome = self.cancel(task_id)
-            # An unknown id may be a task still waiting in incoming/ (past this pass's intake
-            # batch, or not yet delivered): keep its request until it shows up, for a while.
-            if outcome == "unknown" and not self._cancel_expired(task_id, now):
+            written = self._mtime(self.spool.cancel / task_id)
+            if written is None:
                 continue
-            spool.consume_cancel(self.spool, task_id)
-
-    def _cancel_expired(self, task_id: str, now: float) -> bool:
-        try:
-            return now - (self.spool.cancel / task_id).stat().st_mtime > CANCEL_KEEP_S
-        except OSError:
-            return True
+            run = self.dispatcher.runs.get(task_id)
+            if run is not None:
+                delivered = self._mtime(self.spool.active / run.file_name) or now
+                if delivered > written + CANCEL_WINDOW_S:
+                    self._drop_cancel(task_id, "its task arrived after the request's window")
+                    continue
+                if self.dispatcher.cancel(task_id):
+                    logs.emit(
+                        log, "task.cancel", f"Cancel of task {task_id} requested.", task_id=task_id
+                    )
+                    failpoints.hit("after_cancel_ack")
+                if run.result.terminal:  # a queued task is finished at once
+                    spool.consume_cancel(self.spool, task_id)
+                continue  # a running one: consumed once its canceled result is written
+            existing = self.results.read(task_id) if self.results.exists(task_id) else None
+            if existing is not None and existing.terminal:
+                spool.consume_cancel(self.spool, task_id)
+                if existing.status == "canceled":
+                    logs.emit(
+                        log,
+                        "task.canceled",
+                        f"Cancel of task {task_id} done.",
+                        task_id=task_id,
+                    )
+            elif now - written > CANCEL_WINDOW_S:
+                self._drop_cancel(task_id, f"no task {task_id!r} arrived within its window")
 
     def cancel(self, task_id: str) -> str:
-        """Cancel a task by id; idempotent. Returns what happened, for the CLI and HTTP."""
+        """Cancel a live task by id at once (idempotent); what happened, for a caller that
+        already made the request durable. Returns canceled, already <status> or unknown."""
         if self.dispatcher.cancel(task_id):
-            logs.emit(
-                log, "task.cancel", f"Cancel of task {task_id} acknowledged.", task_id=task_id
-            )
             return "canceled"
         existing = self.results.read(task_id) if self.results.exists(task_id) else None
-        if existing is not None and existing.terminal:
-            return f"already {existing.status}"
-        return "unknown"
+        return f"already {existing.status}" if existing and existing.terminal else "unknown"
+
+    def _drop_cancel(self, task_id: str, why: str) -> None:
+        spool.consume_cancel(self.spool, task_id)
+        logs.emit(
+            log,
+            "task.cancel_dropped",
+            f"Dropped the cancel request for {task_id}: {why} ({CANCEL_WINDOW_S:.0f} s).",
+            task_id=task_id,
+        )
+
+    @staticmethod
+    def _mtime(path: Path) -> float | None:
+        try:
+            return path.stat().st_mtime
+        except OSError:
+            return None
 
     def _intake(self) -> None:
         names = spool.incoming_names(self.spool)

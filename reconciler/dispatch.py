@@ -15,7 +15,7 @@ import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from reconciler import (
     admission,
@@ -412,13 +412,31 @@ class Dispatcher:
             return True
         running = self.running.get(task_id)
         if running is not None and running.job is not None:
-            running.run.cancel_requested = True
-            running.job.cancel()
+            if not running.run.cancel_requested:  # cancel once: the stream is finishing
+                running.run.cancel_requested = True
+                running.job.cancel()
             return True
         return False
 
-    async def shutdown(self) -> None:
-        jobs = [r.job for r in self.running.values() if r.job is not None]
+    async def shutdown(self, *, drain_s: float = 0.0, hurry: asyncio.Event | None = None) -> None:
+        """Let running tasks finish for up to `drain_s` (or until `hurry` is set), then cancel
+        the rest without a terminal write: they stay resumable and re-run at the next start."""
+        jobs = {r.job for r in self.running.values() if r.job is not None}
+        if jobs and drain_s > 0:
+            waits: set[asyncio.Future[Any]] = set(jobs)
+            hurried = asyncio.ensure_future(hurry.wait()) if hurry is not None else None
+            if hurried is not None:
+                waits.add(hurried)
+            end = self.clock.monotonic() + drain_s
+            while jobs and (hurried is None or not hurried.done()):
+                left = end - self.clock.monotonic()
+                if left <= 0:
+                    break
+                await asyncio.wait(waits, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                jobs = {job for job in jobs if not job.done()}
+                waits = {w for w in waits if not w.done()}
+            if hurried is not None:
+                hurried.cancel()
         for job in jobs:
             job.cancel()
         await asyncio.gather(*jobs, return_exceptions=True)

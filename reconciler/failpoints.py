@@ -2,7 +2,8 @@
 itself at that point, so a test can check recovery at every commit point.
 
 Points: after_claim (task file in active/, nothing written), after_started (the `started`
-frame and running result written), after_token (first token frame written).
+frame and running result written), after_token (first token frame written), after_cancel_ack
+(a cancel request for a live task acknowledged, its canceled result not yet written).
 Read once at import; unset in normal use, where `hit` is a dictionary lookup.
 """
 

@@ -217,7 +217,9 @@ def plan(
         for placed in range(count):
             where = _place(want, avail, releasing, reserve_mib)
             if isinstance(where, Unschedulable):
-                unschedulable.append(_with_missing(where, count - placed))
+                placed_on = [r.devices for r in current[want.pool_id]]
+                placed_on += [s.devices for s in starts if s.pool_id == want.pool_id]
+                unschedulable.append(_with_missing(where, count - placed, placed_on))
                 break
             if where is None:
                 waiting.append(want.pool_id)
@@ -260,8 +262,10 @@ def _place_auto(
         )
     best = min(avail, key=lambda i: (-(avail[i] + releasing[i]), i))
     free = max(avail[best], 0)
+    others = ", ".join(f"GPU {i} {max(avail[i], 0)} MiB" for i in sorted(avail) if i != best)
     message = (
-        f"needs {need} MiB, best GPU {best} has {free} MiB free after {reserve_mib} MiB reserve"
+        f"needs {need} MiB; the GPU with the most room, GPU {best}, has {free} MiB free "
+        f"after the {reserve_mib} MiB reserve" + (f" (other GPUs: {others})" if others else "")
     )
     if releasing[best]:
         message += f" (and {releasing[best]} MiB that draining replicas will release)"
@@ -297,14 +301,24 @@ def _place_pinned(
         if len(devices) == 1
         else f"on each of GPUs {', '.join(map(str, devices))}; GPU {short}"
     )
-    message = f"needs {need} MiB {where} has {free} MiB free after {reserve_mib} MiB reserve"
+    message = f"needs {need} MiB {where} has {free} MiB free after the {reserve_mib} MiB reserve"
     if releasing[short]:
         message += f" (and {releasing[short]} MiB that draining replicas will release)"
     return Unschedulable(want.pool_id, need, free, short, message)
 
 
-def _with_missing(u: Unschedulable, missing: int) -> Unschedulable:
-    message = u.message if missing == 1 else f"{u.message}; {missing} replicas not placed"
+def _with_missing(
+    u: Unschedulable, missing: int, placed_on: list[tuple[int, ...]]
+) -> Unschedulable:
+    """Say how many replicas are missing and where the pool's others run or will run, so a
+    reader sees why the roomier GPU is not the one named."""
+    message = u.message
+    total = missing + len(placed_on)
+    if total > 1:
+        message += f"; {missing} of {total} replicas not placed"
+        if placed_on:
+            where = ", ".join("GPU " + "+".join(map(str, d)) for d in placed_on)
+            message += f" (the {'others take' if len(placed_on) > 1 else 'other takes'} {where})"
     return Unschedulable(u.pool_id, u.needed_mib, u.best_free_mib, u.best_gpu, message, missing)
 
 

@@ -75,6 +75,24 @@ class PoolRuntime:
             state_dir=self.state_dir,
         )
 
+    def _missing_model_file(
+        self, pool: desired.PoolSpec, state: desired.DesiredState
+    ) -> str | None:
+        """Why the pool cannot start for want of its model file (engines that load a file
+        only; an estimate of a file that is not there would only mislead)."""
+        if not getattr(self.plugins.engines[pool.engine], "needs_model_file", True):
+            return None
+        ref = state.models[pool.model].ref
+        found = self.plugins.resolvers[ref.split(":", 1)[0] if ":" in ref else "file"](
+            ref, self.config.base
+        )
+        if found.path is None or found.path.is_file():
+            return None
+        return (
+            f"model {pool.model!r}: file {found.path} does not exist (file: paths resolve "
+            f"from {self.config.base}); put the file there or fix models.{pool.model}.ref"
+        )
+
     def _want(self, pool: desired.PoolSpec, state: desired.DesiredState) -> planning.PoolWant:
         engine = self.plugins.engines[pool.engine]
         probe = self.spec_for(
@@ -112,6 +130,10 @@ class PoolRuntime:
                     f"no model resolver for {scheme}: refs (installed: {known}); "
                     "download the file and use a file: ref"
                 )
+                continue
+            missing = self._missing_model_file(pool, state)
+            if missing is not None:
+                self.problems[pool.id] = missing
                 continue
             self.problems.pop(pool.id, None)
             wants.append(self._want(pool, state))
@@ -411,12 +433,11 @@ class PoolRuntime:
             for r in self.replicas.values()
             if r.pool_id == pool.id
         ]
-        unschedulable = self.unschedulable.get(pool.id)
         return specs.pool_condition(
             pool,
             briefs,
             problem=self.problems.get(pool.id),
-            unschedulable=unschedulable.message if unschedulable else None,
+            unschedulable=self.unschedulable.get(pool.id),
             waiting=pool.id in self.waiting,
         )
 

@@ -150,16 +150,20 @@ def pool_condition(
     replicas: list[ReplicaBrief],
     *,
     problem: str | None,
-    unschedulable: str | None,
+    unschedulable: planning.Unschedulable | None,
     waiting: bool,
 ) -> tuple[statusfile.PoolState, str | None]:
     """A pool's state and the reason shown beside it, from its replicas and what planning
-    said about it. Ready with a reason means serving while converging."""
+    said about it. Ready with a reason means serving while converging, or degraded: some
+    replicas serve and the others cannot be placed."""
     if problem is not None:
         return "Failed", problem
-    if unschedulable is not None:
-        return "Unschedulable", unschedulable
     ready = [r for r in replicas if r.state == "Ready"]
+    if unschedulable is not None:
+        why = f"{unschedulable.message}. {fit_hint(pool, unschedulable)}"
+        if ready:
+            return "Ready", f"degraded: {len(ready)} of {pool.replicas} replicas Ready; {why}"
+        return "Unschedulable", why
     failed = [r for r in replicas if r.state == "Failed"]
     if pool.replicas > 0 and failed and len(failed) == len(replicas) and not ready:
         return "Failed", failed[0].last_error
@@ -172,3 +176,13 @@ def pool_condition(
     if ready and busy:
         return "Ready", why
     return "Progressing", why
+
+
+def fit_hint(pool: desired.PoolSpec, unschedulable: planning.Unschedulable) -> str:
+    """What to change so a replica fits: the knobs that size its VRAM, and the room there is."""
+    room = unschedulable.best_free_mib
+    return (
+        f"To fit: lower ctx ({pool.ctx}) or slots ({pool.slots}), quantize the KV cache "
+        "(flags: [-ctk, q8_0, -ctv, q8_0]), use a smaller model or quantization, "
+        f"or fewer replicas; a replica must fit in {room} MiB"
+    )

@@ -241,9 +241,10 @@ def test_a_model_that_fits_nowhere_is_unschedulable_with_the_numbers() -> None:
         2,
     )
     assert u.message.startswith(
-        "needs 20480 MiB, best GPU 1 has 11776 MiB free after 512 MiB reserve"
+        "needs 20480 MiB; the GPU with the most room, GPU 1, has 11776 MiB free after the "
+        "512 MiB reserve (other GPUs: GPU 0 3584 MiB)"
     )
-    assert u.message.endswith("; 2 replicas not placed")
+    assert u.message.endswith("; 2 of 2 replicas not placed")
 
 
 def test_a_pool_that_places_some_replicas_reports_only_the_rest() -> None:
@@ -252,6 +253,7 @@ def test_a_pool_that_places_some_replicas_reports_only_the_rest() -> None:
     assert [s.devices for s in result.starts] == [(0,)]
     (u,) = result.unschedulable
     assert u.missing == 2 and u.best_gpu == 1
+    assert u.message.endswith("; 2 of 3 replicas not placed (the other takes GPU 0)")
 
 
 def test_without_any_gpu_a_pool_is_unschedulable() -> None:
@@ -277,14 +279,16 @@ def test_an_explicit_device_list_without_room_on_one_gpu_is_unschedulable() -> N
     (u,) = result.unschedulable
     assert (u.needed_mib, u.best_gpu, u.best_free_mib) == (12000, 1, 8488)
     assert u.message == (
-        "needs 12000 MiB on each of GPUs 0, 1; GPU 1 has 8488 MiB free after 512 MiB reserve"
+        "needs 12000 MiB on each of GPUs 0, 1; GPU 1 has 8488 MiB free after the 512 MiB reserve"
     )
 
 
 def test_a_single_pinned_gpu_without_room_says_so() -> None:
     (u,) = run([pool("chat", vram=20000, devices=(1,))]).unschedulable
 
-    assert u.message == "needs 20000 MiB on GPU 1, which has 11776 MiB free after 512 MiB reserve"
+    assert (
+        u.message == "needs 20000 MiB on GPU 1, which has 11776 MiB free after the 512 MiB reserve"
+    )
 
 
 def test_a_listed_gpu_that_does_not_exist_is_unschedulable() -> None:

@@ -228,3 +228,35 @@ async def test_the_config_revision_is_the_git_commit_with_a_dirty_flag(
     cfg["pools"][0]["replicas"] = 2
     workspace.write_config(cfg)
     await wait_for(lambda: workspace.status()["config"]["revision"].endswith("+dirty"), 10)
+
+
+async def test_a_pool_with_some_replicas_placed_is_ready_and_degraded_with_the_fix(
+    workspace: Workspace, serve: Any
+) -> None:
+    cfg = config()
+    cfg["models"]["big"] = {"ref": "file:big.gguf", "size_mib": 14000}
+    cfg["pools"].append({"id": "big", "engine": "sim", "model": "big", "replicas": 2})
+    workspace.write_config(cfg)
+    await serve(ready=False)
+    await wait_for(lambda: (_pool(workspace, "big")["reason"] or "").startswith("degraded"), 10)
+    pool = _pool(workspace, "big")
+    assert pool["state"] == "Ready"
+    assert "degraded: 1 of 2 replicas Ready" in pool["reason"]
+    assert "1 of 2 replicas not placed (the other takes GPU 0)" in pool["reason"]
+    assert "To fit: lower ctx (4096) or slots (1)" in pool["reason"]
+    workspace.submit("b.task.yaml", task("b", model="big"))
+    assert (await wait_terminal(workspace, "b"))["status"] == "succeeded"
+
+
+async def test_a_pool_whose_model_file_is_missing_fails_without_starting(
+    workspace: Workspace, serve: Any
+) -> None:
+    cfg = config()
+    cfg["models"]["real"] = {"ref": "file:models/absent.gguf"}
+    cfg["pools"].append({"id": "real", "engine": "llamacpp", "model": "real"})
+    workspace.write_config(cfg)
+    await serve(ready=False)
+    await wait_for(lambda: _pool(workspace, "real")["state"] == "Failed", 10)
+    pool = _pool(workspace, "real")
+    assert f"file {workspace.root / 'models' / 'absent.gguf'} does not exist" in pool["reason"]
+    assert pool["replicas"] == []
