@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from state import desired, errors, tasks
+from state import desired, errors, ids, tasks
 from state.errors import ErrorCode, ErrorEnvelope
 
 # Below this probability of finishing in time, a deadline counts as infeasible at admission.
@@ -32,8 +32,8 @@ class PoolView:
 class Target:
     """What an admitted task will run: its model and, when it names one, its pool."""
 
-    model_id: str
-    pool_id: str | None
+    model_id: ids.ModelId
+    pool_id: ids.PoolId | None
 
 
 def resolve(task: tasks.TaskFile, state: desired.DesiredState) -> Target | ErrorEnvelope:
@@ -52,9 +52,9 @@ def resolve(task: tasks.TaskFile, state: desired.DesiredState) -> Target | Error
                 f"which serves {pool.model!r}",
                 hint="name only the pool, or only the model",
             )
-        return Target(pool.model, pool.id)
+        return Target(ids.ModelId(pool.model), ids.PoolId(pool.id))
     assert task.model is not None
-    return Target(task.model, None)
+    return Target(ids.ModelId(task.model), None)
 
 
 def check(

@@ -48,7 +48,13 @@ async def adopt_or_clean(runtime: pools.PoolRuntime) -> None:
         )
         life.ready(now)
         r = fleet.Replica(
-            record.replica_id, pool.id, adopted.spec, engine, record.vram_mib, life, adopted
+            ids.ReplicaId(record.replica_id),
+            ids.PoolId(pool.id),
+            adopted.spec,
+            engine,
+            record.vram_mib,
+            life,
+            adopted,
         )
         runtime.replicas[r.replica_id] = r
         logs.emit(

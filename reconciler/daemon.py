@@ -37,6 +37,7 @@ from state import (
     daemon_lock,
     desired,
     errors,
+    ids,
     loading,
     observed,
     results,
@@ -279,7 +280,8 @@ class Daemon:
         (a cancel may race ahead of its task file by that much); a task first seen later is
         a new task that happens to reuse the id, and the old request is dropped."""
         now = self.clock.now()
-        for task_id in spool.cancel_requests(self.spool):
+        for name in spool.cancel_requests(self.spool):
+            task_id = ids.TaskId(name)
             written = self._mtime(self.spool.cancel / task_id)
             if written is None:
                 continue
@@ -310,7 +312,7 @@ class Daemon:
             elif now - written > CANCEL_WINDOW_S:
                 self._drop_cancel(task_id, f"no task {task_id!r} arrived within its window")
 
-    def cancel(self, task_id: str) -> str:
+    def cancel(self, task_id: ids.TaskId) -> str:
         """Cancel a live task by id at once (idempotent); what happened, for a caller that
         already made the request durable. Returns canceled, already <status> or unknown."""
         if self.dispatcher.cancel(task_id):

@@ -42,13 +42,13 @@ class PoolsView(Protocol):
 
     def candidates(self) -> list[placement.Candidate]: ...
 
-    def lease(self, replica_id: str) -> fleet.Lease: ...
+    def lease(self, replica_id: ids.ReplicaId) -> fleet.Lease: ...
 
     def release(self, lease: fleet.Lease) -> None: ...
 
-    def gpu_ref(self, replica_id: str | None) -> results.GpuRef | None: ...
+    def gpu_ref(self, replica_id: ids.ReplicaId | None) -> results.GpuRef | None: ...
 
-    def engine_version(self, replica_id: str | None) -> str | None: ...
+    def engine_version(self, replica_id: ids.ReplicaId | None) -> str | None: ...
 
 
 @dataclass
@@ -61,8 +61,8 @@ class Dispatcher:
     wake: Callable[[], None]  # wake the loop (a slot was freed)
     rates: rates.Rates = field(default_factory=rates.Rates)
     queue: queues.TaskQueue = field(init=False)
-    runs: dict[str, tasking.TaskRun] = field(default_factory=dict)
-    running: dict[str, streaming.Running] = field(default_factory=dict)
+    runs: dict[ids.TaskId, tasking.TaskRun] = field(default_factory=dict)
+    running: dict[ids.TaskId, streaming.Running] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.queue = queues.TaskQueue(1, "reject")
@@ -375,7 +375,7 @@ class Dispatcher:
             )
         self.wake()
 
-    def _reaped(self, task_id: str, job: asyncio.Task[None]) -> None:
+    def _reaped(self, task_id: ids.TaskId, job: asyncio.Task[None]) -> None:
         """The safety net when a task's coroutine ends: free the slot of a task that ended
         without a terminal write, and finish it unless the daemon is shutting down."""
         if not job.cancelled() and job.exception() is not None:
@@ -402,10 +402,10 @@ class Dispatcher:
 
     # -- cancel and shutdown ----------------------------------------------------------------
 
-    def cancel(self, task_id: str) -> bool:
+    def cancel(self, task_id: ids.TaskId) -> bool:
         """Cancel a queued or running task; True when it was live here (idempotent)."""
         if task_id in self.queue:
-            self.queue.remove(task_id)  # type: ignore[arg-type]
+            self.queue.remove(task_id)
             run = self.runs.pop(task_id)
             run.cancel_requested = True
             self.books.finish(run, "canceled", finish_reason="canceled")

@@ -20,8 +20,8 @@ from state import desired, ids, observed, statusfile
 
 @dataclass
 class Replica:
-    replica_id: str
-    pool_id: str
+    replica_id: ids.ReplicaId
+    pool_id: ids.PoolId
     spec: interfaces.ReplicaSpec
     engine: interfaces.Engine
     vram_mib: int
@@ -43,7 +43,7 @@ class Lease:
     late release frees nothing there."""
 
     number: int
-    replica_id: str
+    replica_id: ids.ReplicaId
     engine: interfaces.Engine
     handle: interfaces.ReplicaHandle
 
@@ -57,8 +57,8 @@ def candidates(
     """Every replica that serves or will soon serve, as placement sees it."""
     return [
         placement.Candidate(
-            replica_id=ids.ReplicaId(r.replica_id),
-            pool_id=ids.PoolId(r.pool_id),
+            replica_id=r.replica_id,
+            pool_id=r.pool_id,
             model_id=ids.ModelId(r.spec.model_id),
             state=r.state,
             slots_total=r.spec.slots,

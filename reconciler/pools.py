@@ -45,7 +45,7 @@ class PoolRuntime:
     wake: Callable[[], None]
     rates: rates.Rates = field(default_factory=rates.Rates)
     rng: random.Random = field(default_factory=random.Random)
-    replicas: dict[str, fleet.Replica] = field(default_factory=dict)
+    replicas: dict[ids.ReplicaId, fleet.Replica] = field(default_factory=dict)
     last_snapshot: observed.GpuSnapshot | None = None
     unschedulable: dict[str, planning.Unschedulable] = field(default_factory=dict)
     waiting: set[str] = field(default_factory=set)
@@ -230,7 +230,9 @@ class PoolRuntime:
         life = supervision.ReplicaLife(
             action.replica_id, now=self.clock.monotonic(), random=self.rng.random
         )
-        r = fleet.Replica(action.replica_id, pool.id, spec, engine, action.vram_mib, life)
+        r = fleet.Replica(
+            action.replica_id, ids.PoolId(pool.id), spec, engine, action.vram_mib, life
+        )
         self.replicas[r.replica_id] = r
         logs.emit(
             log,
@@ -311,7 +313,7 @@ class PoolRuntime:
         )
         self.wake()
 
-    def _drain(self, replica_id: str, reason: str) -> None:
+    def _drain(self, replica_id: ids.ReplicaId, reason: str) -> None:
         r = self.replicas.get(replica_id)
         if r is None or r.state == "Draining":
             return
@@ -394,7 +396,7 @@ class PoolRuntime:
     def candidates(self) -> list[placement.Candidate]:
         return fleet.candidates(self.replicas.values(), self.last_snapshot)
 
-    def lease(self, replica_id: str) -> fleet.Lease:
+    def lease(self, replica_id: ids.ReplicaId) -> fleet.Lease:
         r = self.replicas[replica_id]
         assert r.handle is not None and r.state == "Ready" and len(r.leases) < r.spec.slots
         lease = fleet.Lease(next(fleet.LEASE_NUMBERS), replica_id, r.engine, r.handle)
@@ -406,8 +408,8 @@ class PoolRuntime:
         if r is not None:
             r.leases.discard(lease.number)
 
-    def gpu_ref(self, replica_id: str | None) -> results.GpuRef | None:
-        r = self.replicas.get(replica_id or "")
+    def gpu_ref(self, replica_id: ids.ReplicaId | None) -> results.GpuRef | None:
+        r = self.replicas.get(replica_id) if replica_id else None
         snapshot = self.last_snapshot
         gpu = snapshot.by_index(r.spec.devices[0]) if r and snapshot and r.spec.devices else None
         if gpu is None:
@@ -416,7 +418,7 @@ class PoolRuntime:
             index=gpu.index, uuid=gpu.uuid, name=gpu.name, simulated=gpu.simulated
         )
 
-    def engine_version(self, replica_id: str | None) -> str | None:
+    def engine_version(self, replica_id: ids.ReplicaId | None) -> str | None:
         return self.versions.get(replica_id or "")
 
     async def idle(self) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from plugins import interfaces
 from reconciler import clocks, estimates, failpoints, fleet, logs, placement, rates, tasking
-from state import errors, results
+from state import errors, ids, results
 from state.errors import ErrorCode
 
 log = logs.get("streaming")
@@ -33,14 +33,14 @@ class Running:
 
     run: tasking.TaskRun
     lease: fleet.Lease
-    pool_id: str
+    pool_id: ids.PoolId
     started_mono: float
     service_ms: float
     job: asyncio.Task[None] | None = None
     tokens_out: int = 0
 
     @property
-    def replica_id(self) -> str:
+    def replica_id(self) -> ids.ReplicaId:
         return self.lease.replica_id
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from reconciler import clocks, fanout, logs
-from state import events, results, spool, tasks
+from state import events, ids, results, spool, tasks
 from state.errors import ErrorEnvelope
 
 log = logs.get("tasks")
@@ -23,15 +23,15 @@ StatusName = results.StatusName  # (Books has a field named `results`)
 
 @dataclass
 class TaskRun:
-    task_id: str
+    task_id: ids.TaskId
     task: tasks.TaskFile
     file_name: str  # the task file's name in spool/active/
     result: results.Result
     log: events.EventLog
     accepted_mono: float
     deadline_mono: float | None
-    model_id: str
-    pool_id: str | None
+    model_id: ids.ModelId
+    pool_id: ids.PoolId | None
     cancel_requested: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -201,15 +201,15 @@ def new_run(
         # a re-queued task keeps the deadline it was accepted with, not a fresh one
         deadline -= max(0.0, clock.now() - accepted)
     return TaskRun(
-        task_id=task_id,
+        task_id=ids.TaskId(task_id),
         task=task,
         file_name=file_name,
         result=result,
         log=events.EventLog(events_path),
         accepted_mono=now,
         deadline_mono=deadline,
-        model_id=task.model or "",
-        pool_id=task.pool,
+        model_id=ids.ModelId(task.model or ""),
+        pool_id=ids.PoolId(task.pool) if task.pool else None,
     )
 
 
