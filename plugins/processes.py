@@ -81,9 +81,11 @@ async def spawn(
 async def launch(
     spec: interfaces.ReplicaSpec, *, argv: Sequence[str], env: Mapping[str, str], port: int
 ) -> interfaces.ReplicaHandle:
-    """Spawn a loopback HTTP engine for `spec` and return its handle (does not wait)."""
+    """Spawn a loopback HTTP engine for `spec` and return its handle (does not wait). The
+    process carries a marker in its environment (`marked_env`), so a daemon that died before
+    recording it can still find and stop it (`find_marked`)."""
     path = log_path(spec)
-    process = await spawn(argv, env=env, log_path=path)
+    process = await spawn(argv, env=marked_env(env, spec), log_path=path)
     started = liveness.start_time(process.pid)
     return interfaces.ReplicaHandle(
         spec=spec,
@@ -94,6 +96,46 @@ async def launch(
         process=process,
         base_url=f"http://127.0.0.1:{port}",
     )
+
+
+MARK_STATE = "LLAMA_ORCH_STATE_DIR"
+MARK_REPLICA = "LLAMA_ORCH_REPLICA"
+
+
+def marked_env(env: Mapping[str, str], spec: interfaces.ReplicaSpec) -> dict[str, str]:
+    """`env` plus the marker naming the daemon folder and replica the engine belongs to."""
+    return {
+        **env,
+        MARK_STATE: str(Path(spec.state_dir).resolve()),
+        MARK_REPLICA: spec.replica_id,
+    }
+
+
+def find_marked(state_dir: Path) -> dict[int, str]:
+    """Live processes (pid → replica id) started for the daemon of `state_dir`, found by the
+    marker in their environment. Processes of other users or folders are never returned."""
+    want = f"{MARK_STATE}={Path(state_dir).resolve()}".encode()
+    found: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:  # gone, or not ours to read
+            continue
+        if want in environ:
+            pid = int(entry.name)
+            replica = next(
+                (
+                    v.split(b"=", 1)[1]
+                    for v in environ
+                    if v.startswith(MARK_REPLICA.encode() + b"=")
+                ),
+                b"",
+            )
+            if liveness.running(pid):
+                found[pid] = replica.decode(errors="replace")
+    return found
 
 
 def record(handle: interfaces.ReplicaHandle) -> dict[str, Any]:

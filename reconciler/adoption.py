@@ -17,7 +17,7 @@ log = logs.get("adoption")
 
 async def adopt_or_clean(runtime: pools.PoolRuntime) -> None:
     """Engines recorded by a previous daemon: adopt the healthy, still-desired ones; stop
-    every other one."""
+    every other one, and every engine of this folder that was never recorded."""
     state = runtime.config.state
     runtime.last_snapshot = await asyncio.to_thread(runtime.observer.observe)
     records, unreadable = engine_records.read_all(runtime.state_dir)
@@ -64,6 +64,26 @@ async def adopt_or_clean(runtime: pools.PoolRuntime) -> None:
             replica_id=r.replica_id,
             pool_id=r.pool_id,
             pid=adopted.pid,
+        )
+    await stop_unrecorded(runtime)
+
+
+async def stop_unrecorded(runtime: pools.PoolRuntime) -> None:
+    """Engines of this folder that no record names (a daemon killed between spawning an
+    engine and recording it): found by the marker in their environment, and stopped."""
+    known = {r.handle.pid for r in runtime.replicas.values() if r.handle is not None}
+    marked = await asyncio.to_thread(processes.find_marked, runtime.state_dir)
+    for pid, replica_id in sorted(marked.items()):
+        if pid in known:
+            continue
+        await processes.kill_group(pid)
+        logs.emit(
+            log,
+            "replica.cleaned",
+            f"Stopped engine pid {pid} ({replica_id or 'unknown replica'}) that a previous "
+            "daemon started but never recorded.",
+            replica_id=replica_id or None,
+            pid=pid,
         )
 
 

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from reconciler import (
     admission,
     clocks,
+    failpoints,
     fleet,
     logs,
     placement,
@@ -134,8 +135,10 @@ class Dispatcher:
             )
         if outcome.evicted is not None:
             self._evict(outcome.evicted)
-        if not recovered and run.task.session_id is not None:
-            sessions.count_turn(self.sessions, run.task.session_id, now=self.clock.now())
+        if run.task.session_id is not None:
+            sid, now = run.task.session_id, self.clock.now()
+            sessions.count_turn(self.sessions, sid, run.task_id, now=now)
+            failpoints.hit("after_session_turn")
         start, probability = self._estimate_queued(entry)
         self.books.queued(
             run,

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from reconciler import intake, logs, tasking
-from state import events, results, spool
+from state import atomic, events, results, spool
 from state.errors import ErrorEnvelope
 
 log = logs.get("recovery")
@@ -49,6 +49,11 @@ def recover(
                 task_id=task_id,
             )
             continue
+        if existing is not None and task_id is not None:
+            # the event log is the truth: a crash after a `started` frame and before the
+            # running result must not let the re-run reuse that attempt number
+            started = sum(f.event == "started" for f in events.read(store.events_path(task_id)))
+            existing.attempts = max(existing.attempts, started)
         key = existing.timings.accepted_at if existing and existing.timings.accepted_at else "~"
         pending.append((key, path, task_id, existing))
     seen: set[str] = set()
@@ -66,6 +71,17 @@ def recover(
                 task_id=existing.task_id,
             )
         take(path, existing)
+
+
+def sweep(*folders: Path) -> None:
+    """Remove the temporary files of writes a crash interrupted (never a complete file)."""
+    for folder in folders:
+        for name in atomic.sweep_leftovers(folder):
+            logs.emit(
+                log,
+                "recovery.swept",
+                f"Removed {folder.name}/{name}, left by a write a crash interrupted.",
+            )
 
 
 def finished_in_log(

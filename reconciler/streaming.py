@@ -210,6 +210,7 @@ def _begin(
             "attempt": result.attempts,
         },
     )
+    failpoints.hit("after_started_frame")
     deps.books.save(run)
     failpoints.hit("after_started")
     _metrics(running, deps)

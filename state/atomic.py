@@ -6,6 +6,7 @@ folder (fsync of the file alone does not persist the rename).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -56,3 +57,21 @@ def rename_durable(src: Path, dst: Path) -> None:
     fsync_dir(dst.parent)
     if src.parent != dst.parent:
         fsync_dir(src.parent)
+
+
+def sweep_leftovers(folder: Path) -> list[str]:
+    """Remove the temporary files (`.<name>.<pid>.tmp`) that writers killed between write and
+    rename left in `folder`; returns their names. Only for folders a single writer owns and
+    only while no write is in flight there: the daemon calls it at startup, under its lock."""
+    removed: list[str] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        name = entry.name
+        if name.startswith(".") and name.endswith(".tmp") and entry.is_file(follow_symlinks=False):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed.append(name)
+    return removed

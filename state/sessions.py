@@ -1,8 +1,8 @@
 """Sessions: files under <state>/sessions/<session_id>.json grouping a client's turns.
 
 The dispatcher calls `refusal` when it admits a turn, `count_turn` once the turn is queued,
-`touch` when it ends and `sweep` now and then; recovered tasks skip the first two (their turn
-was counted before the restart).
+`touch` when it ends and `sweep` now and then. Recovered tasks skip `refusal` (they were
+admitted before the restart); `count_turn` is idempotent per task id.
 
 A session expires `ttl_s` after its last use and is evicted after `max_turns` turns (or when
 its token budget is spent). An evicted session leaves a tombstone, so the next request that
@@ -34,6 +34,9 @@ class Session(BaseModel):
     last_replica_id: str | None = None
     evicted: Eviction | None = None
     evicted_at: float | None = None
+    # the tasks counted as turns, so counting is idempotent: a task re-admitted after a
+    # crash (between this write and its queued result) is not a second turn
+    turn_task_ids: list[str] = []
 
 
 class SessionStore:
@@ -122,11 +125,19 @@ def refusal(
     return errors.envelope(code, text)
 
 
-def count_turn(store: SessionStore, session_id: str, *, now: float) -> None:
+def count_turn(store: SessionStore, session_id: str, task_id: str, *, now: float) -> None:
+    """Count `task_id` as a turn of the session, once however often it is admitted."""
     session = store.get(session_id) or Session(
         session_id=session_id, created_at=now, last_used_at=now
     )
-    store.put(session.model_copy(update={"turns": session.turns + 1, "last_used_at": now}))
+    if task_id in session.turn_task_ids:
+        return
+    update = {
+        "turns": session.turns + 1,
+        "last_used_at": now,
+        "turn_task_ids": [*session.turn_task_ids, task_id],
+    }
+    store.put(session.model_copy(update=update))
 
 
 def touch(

@@ -153,3 +153,74 @@ def test_a_restart_after_a_power_loss_reruns_every_kind_of_task(workspace: Works
     }
     session = json.loads((workspace.root / ".orch" / "sessions" / "agent-1.json").read_text())
     assert session["turns"] == 1  # the re-run is the same turn, not a second one
+
+
+def test_a_rerun_after_a_kill_at_start_counts_its_attempt_and_leftover_temp_files_go(
+    workspace: Workspace,
+) -> None:
+    cfg = config()
+    cfg["pools"][0]["sim"] = {"tokens_per_s": 100, "load_s": 0.0}
+    workspace.write_config(cfg)
+    workspace.submit("once.task.yaml", task("once", max_tokens=5))
+    first = _serve(workspace, failpoint="after_started_frame", exit_when_idle=False)
+    assert first.wait(timeout=30) == -signal.SIGKILL
+    results_dir = workspace.root / "results"
+    leftovers = [
+        results_dir / ".once.json.4242.tmp",
+        workspace.root / ".orch" / ".status.json.4242.tmp",
+        workspace.root / ".orch" / "sessions" / ".s.json.4242.tmp",
+    ]
+    for path in leftovers:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text('{"status": "running"')  # a write cut short
+    second = _serve(workspace, failpoint=None, exit_when_idle=True)
+    assert second.wait(timeout=60) == 0
+    frames = list(events.read(results_dir / "once.events.jsonl"))
+    attempts = [f.data["attempt"] for f in frames if f.event == "started"]
+    assert attempts == [1, 2]
+    assert workspace.result("once")["attempts"] == 2  # type: ignore[index]
+    assert [p for p in leftovers if p.exists()] == []
+
+
+def test_a_kill_after_a_session_turn_is_counted_does_not_count_it_twice(
+    workspace: Workspace,
+) -> None:
+    workspace.submit("turn.task.yaml", task("turn", session_id="agent-2"))
+    first = _serve(workspace, failpoint="after_session_turn", exit_when_idle=False)
+    assert first.wait(timeout=30) == -signal.SIGKILL
+    second = _serve(workspace, failpoint=None, exit_when_idle=True)
+    assert second.wait(timeout=60) == 0
+    assert workspace.result("turn")["status"] == "succeeded"  # type: ignore[index]
+    session = json.loads((workspace.root / ".orch" / "sessions" / "agent-2.json").read_text())
+    assert session["turns"] == 1
+
+
+def test_an_engine_started_but_never_recorded_is_stopped_by_the_next_daemon(
+    workspace: Workspace,
+) -> None:
+    first = _serve(workspace, failpoint=None, exit_when_idle=False)
+    try:
+        records = workspace.root / ".orch" / "engines"
+        _wait_for_records(records)
+        pid = json.loads(next(records.glob("*.json")).read_text())["pid"]
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    for path in records.glob("*.json"):  # as if the kill came before the record was written
+        path.unlink()
+    assert _alive(pid)
+    second = _serve(workspace, failpoint=None, exit_when_idle=True)
+    assert second.wait(timeout=60) == 0
+    time.sleep(0.2)
+    assert not _alive(pid)
+    log = (workspace.root / "daemon.log").read_text()
+    assert "that a previous daemon started but never recorded" in log
+
+
+def _wait_for_records(folder: Path, timeout: float = 15.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if list(folder.glob("*.json")):
+            return
+        time.sleep(0.05)
+    raise AssertionError("no engine record appeared")
