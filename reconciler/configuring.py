@@ -1,19 +1,38 @@
 """The applied desired state: orch.yaml re-read when it changes, last good kept on errors.
 
-An invalid edit never tears anything down: `refresh` keeps the last good state applied and
-records the errors, which status.json, `orchctl status` and the log show.
+The daemon calls `refresh` on every pass (and `start` once at startup). Rules:
+- An invalid edit never tears anything down: the last good state stays applied and the
+  errors are recorded (status.json, `orchctl status`, the log). Device indices are checked
+  against the GPUs the observer sees, so `devices: [7]` on a two-GPU machine is such an error.
+- An edit is applied once the file has been still for `SETTLE_S` (its mtime that old), so a
+  non-atomic save (an editor writing in two steps) is never applied half-written; `wake_in_s`
+  says when to look again.
+- A file that cannot be read (deleted, replaced by a directory or a symlink) is an error like
+  any other; restoring it, even byte for byte, clears the error.
+- Every applied config is kept in `.orch/last-good.yaml` beside orch.yaml (with its revision),
+  and a daemon that starts while orch.yaml is invalid serves that copy, loudly, until the file
+  is fixed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from reconciler import clocks, logs, revision
-from state import desired, loading
+from state import atomic, desired, loading
 
 log = logs.get("config")
+
+SETTLE_S = 0.3  # how long orch.yaml must be unchanged before an edit is applied
+LAST_GOOD = Path(".orch") / "last-good.yaml"
 
 
 @dataclass
@@ -21,42 +40,81 @@ class AppliedConfig:
     path: Path
     known_engines: set[str]
     clock: clocks.Clock
+    gpu_indices: Callable[[], set[int] | None] = lambda: None  # None: not observed yet
     state: desired.DesiredState | None = None
     revision: str | None = None
     applied_at: str | None = None
     errors: list[loading.LoadError] = field(default_factory=list)
+    from_last_good: bool = False  # serving .orch/last-good.yaml because orch.yaml is invalid
     _digest: str | None = None
+    _wake_in_s: float | None = None
 
     @property
     def base(self) -> Path:
         return self.path.parent
 
-    def refresh(self) -> bool:
+    @property
+    def last_good_path(self) -> Path:
+        return self.base / LAST_GOOD
+
+    def start(self) -> bool:
+        """The first read at startup: no settle time. When orch.yaml is invalid and a last
+        good copy exists, that copy is applied and the errors are kept for everyone to see."""
+        if self.refresh(settle=False):
+            return True
+        if self.state is not None or not self.last_good_path.is_file():
+            return self.state is not None
+        errors = list(self.errors)
+        loaded = desired.load_desired(self.last_good_path, known_engines=self.known_engines)
+        if loaded.value is None:
+            return False
+        meta = _read_meta(self.last_good_path)
+        self.state = loaded.value
+        self.revision = str(meta.get("revision") or "last-good")
+        self.applied_at = clocks.rfc3339(self.clock.now())
+        self.errors = errors
+        self.from_last_good = True
+        logs.emit(
+            log,
+            "config.last_good",
+            f"{self.path.name} is invalid; serving the last good revision {self.revision} "
+            f"(applied {meta.get('applied_at', 'earlier')}) from {self.last_good_path} until "
+            "it is fixed.",
+            level=40,
+            revision=self.revision,
+        )
+        return True
+
+    def wake_in_s(self) -> float | None:
+        """When a pending edit will have settled (the loop should look again then)."""
+        return self._wake_in_s
+
+    def refresh(self, *, settle: bool = True) -> bool:
         """Re-read the file if its bytes changed; True when a new state was applied."""
-        try:
-            content = self.path.read_bytes()
-        except OSError as exc:
-            self._fail(
-                [
-                    loading.LoadError(
-                        str(self.path), None, None, None, f"cannot be read: {exc.strerror}"
-                    )
-                ],
-                None,
-            )
+        self._wake_in_s = None
+        content, problem, age = self._read()
+        if content is None:
+            self._digest = None  # whatever comes back, even the same bytes, is read afresh
+            self._fail([loading.LoadError(str(self.path), None, None, None, problem)])
             return False
         digest = hashlib.sha256(content).hexdigest()
         if digest == self._digest:
             return False
+        if settle and age < SETTLE_S:  # still being written: look again once it is still
+            self._wake_in_s = SETTLE_S - age
+            return False
         self._digest = digest
         loaded = desired.load_desired(self.path, known_engines=self.known_engines)
-        if loaded.value is None:
-            self._fail(loaded.errors, digest)
+        errors = loaded.errors if loaded.value is None else self.device_errors(loaded.value)
+        if loaded.value is None or errors:
+            self._fail(errors)
             return False
         self.state = loaded.value
         self.errors = []
+        self.from_last_good = False
         self.revision = revision.of(self.path, content)
         self.applied_at = clocks.rfc3339(self.clock.now())
+        self._keep_last_good(content)
         logs.emit(
             log,
             "config.applied",
@@ -66,7 +124,56 @@ class AppliedConfig:
         )
         return True
 
-    def _fail(self, errors: list[loading.LoadError], digest: str | None) -> None:
+    def _read(self) -> tuple[bytes | None, str, float]:
+        """(content, why it cannot be used, seconds since it last changed)."""
+        try:
+            info = os.lstat(self.path)
+            if stat.S_ISLNK(info.st_mode):
+                return None, "is a symlink; orch.yaml must be a regular file (copy it)", 0.0
+            if not stat.S_ISREG(info.st_mode):
+                return None, "is not a regular file", 0.0
+            content = self.path.read_bytes()
+        except OSError as exc:
+            return None, f"cannot be read: {exc.strerror}", 0.0
+        return content, "", max(0.0, self.clock.now() - info.st_mtime)
+
+    def device_errors(self, state: desired.DesiredState) -> list[loading.LoadError]:
+        """Explicit device indices that no observed GPU has (none before the first look)."""
+        present = self.gpu_indices()
+        if present is None:
+            return []
+        errors = []
+        for i, pool in enumerate(state.pools):
+            if not isinstance(pool.devices, list):
+                continue
+            for j, index in enumerate(pool.devices):
+                if index not in present:
+                    line, col = loading.locate(_node(self.path), ("pools", i, "devices", j))
+                    shown = ", ".join(map(str, sorted(present))) or "none"
+                    errors.append(
+                        loading.LoadError(
+                            str(self.path),
+                            line,
+                            col,
+                            f"pools[{i}].devices[{j}]",
+                            f"GPU {index} does not exist on this machine (GPUs: {shown})",
+                            "use an index nvidia-smi lists (PCI bus order), or devices: auto",
+                        )
+                    )
+        return errors
+
+    def _keep_last_good(self, content: bytes) -> None:
+        try:
+            self.last_good_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic.write_bytes(self.last_good_path, content)
+            meta = {"revision": self.revision, "applied_at": self.applied_at}
+            atomic.write_json(_meta_path(self.last_good_path), meta)
+        except OSError as exc:  # a convenience: never a reason not to serve
+            logs.emit(log, "config.last_good_unwritable", f"Could not keep {LAST_GOOD}: {exc}")
+
+    def _fail(self, errors: list[loading.LoadError]) -> None:
+        if [str(e) for e in errors] == [str(e) for e in self.errors]:
+            return  # reported already; a pass per second would flood the log
         self.errors = errors
         kept = f"keeping revision {self.revision}" if self.state else "nothing applied yet"
         for error in errors:
@@ -79,4 +186,23 @@ class AppliedConfig:
                 line=error.line,
                 field=error.field,
             )
-        del digest
+
+
+def _meta_path(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def _read_meta(path: Path) -> dict[str, object]:
+    try:
+        data = json.loads(_meta_path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _node(path: Path) -> yaml.Node | None:
+    text, _ = loading.read_text(path)
+    if text is None:
+        return None
+    _, node, _ = loading.parse_document(text, str(path))
+    return node

@@ -78,7 +78,7 @@ def build(
     clock = clock or clocks.RealClock()
     plugins = plugins or registry.load()
     config = configuring.AppliedConfig(options.config_path.resolve(), set(plugins.engines), clock)
-    if not config.refresh() or config.state is None:
+    if not config.start() or config.state is None:
         problems = "\n".join(f"  {e}" for e in config.errors)
         raise errors.ConfigProblem(
             f"{config.path} is not a valid config:\n{problems}\n"
@@ -103,6 +103,14 @@ def build(
         wake=wake_event.set,
         rates=shared_rates,
     )
+    runtime.last_snapshot = runtime.observer.observe()
+    config.gpu_indices = runtime.gpu_indices
+    if absent := config.device_errors(state):
+        runtime.observer.close()
+        listed = "\n".join(f"  {e}" for e in absent)
+        raise errors.ConfigProblem(
+            f"{config.path} names GPUs this machine does not have:\n{listed}"
+        )
     dispatcher = dispatch.Dispatcher(
         books=books,
         config=config,
@@ -227,6 +235,8 @@ class Daemon:
                 timeout = self.options.resync_s
                 if self.config.state is not None:  # the NVML poll: GPUs change on their own
                     timeout = min(timeout, self.config.state.gpus.poll_s)
+                if (settle := self.config.wake_in_s()) is not None:  # an edit settling
+                    timeout = min(timeout, settle + 0.01)
                 if deadline is not None:
                     timeout = min(timeout, deadline - self.clock.monotonic())
                     if timeout <= 0:

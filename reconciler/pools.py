@@ -418,6 +418,11 @@ class PoolRuntime:
             index=gpu.index, uuid=gpu.uuid, name=gpu.name, simulated=gpu.simulated
         )
 
+    def gpu_indices(self) -> set[int] | None:
+        """The GPU indices seen at the last observation (None before the first)."""
+        snapshot = self.last_snapshot
+        return {g.index for g in snapshot.gpus} if snapshot else None
+
     def engine_version(self, replica_id: ids.ReplicaId | None) -> str | None:
         return self.versions.get(replica_id or "")
 

@@ -158,6 +158,8 @@ def pool_condition(
     replicas serve and the others cannot be placed."""
     if problem is not None:
         return "Failed", problem
+    if pool.replicas == 0:
+        return "Stopped", "replicas: 0 in orch.yaml; raise it to serve this pool"
     ready = [r for r in replicas if r.state == "Ready"]
     if unschedulable is not None:
         why = f"{unschedulable.message}. {fit_hint(pool, unschedulable)}"

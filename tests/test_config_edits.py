@@ -1,0 +1,112 @@
+"""Hostile and careless edits of orch.yaml while the daemon runs, and restarts with a broken
+file: each is refused or survived the way a user expects, and the last good state serves."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import os
+import shutil
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import Workspace, config, task, wait_for, wait_terminal
+
+pytestmark = pytest.mark.slow
+
+
+def _errors(ws: Workspace) -> list[dict[str, Any]]:
+    errors: list[dict[str, Any]] = ws.status()["config"]["errors"]
+    return errors
+
+
+def _pool(ws: Workspace, pool_id: str) -> dict[str, Any]:
+    return next(p for p in ws.status()["pools"] if p["id"] == pool_id)
+
+
+async def test_a_device_index_this_machine_lacks_is_a_config_error_and_the_pool_keeps_serving(
+    workspace: Workspace, serve: Any
+) -> None:
+    await serve()
+    before = _pool(workspace, "p1")["replicas"][0]["pid"]
+    cfg = config()
+    cfg["pools"][0]["devices"] = [7]
+    workspace.write_config(cfg)
+    errors = await wait_for(lambda: _errors(workspace), 10, "the error shown")
+    assert errors[0]["field"] == "pools[0].devices[0]" and errors[0]["line"]
+    assert "GPU 7 does not exist on this machine (GPUs: 0, 1)" in errors[0]["text"]
+    assert _pool(workspace, "p1")["replicas"][0]["pid"] == before
+    workspace.submit("still.task.yaml", task("still"))
+    assert (await wait_terminal(workspace, "still"))["status"] == "succeeded"
+
+
+async def test_a_half_written_config_is_not_applied(workspace: Workspace, serve: Any) -> None:
+    cfg = config()
+    cfg["pools"].append(copy.deepcopy(cfg["pools"][0]) | {"id": "p2"})
+    workspace.write_config(cfg)
+    await serve()
+    p2_pid = _pool(workspace, "p2")["replicas"][0]["pid"]
+    text = yaml.safe_dump(cfg, sort_keys=False)
+    prefix = text[: text.index("- id: p2")]  # valid YAML that ends before the second pool
+    with open(workspace.config_path, "w") as f:  # an editor saving in two writes
+        f.write(prefix)
+        f.flush()
+        os.fsync(f.fileno())
+        await asyncio.sleep(0.15)  # the daemon sees the prefix for a while
+        f.write(text[len(prefix) :])
+    await wait_for(lambda: workspace.status()["config"]["revision"], 5)
+    for _ in range(10):  # over a second of passes: p2 never goes away
+        assert [p["id"] for p in workspace.status()["pools"]] == ["p1", "p2"]
+        assert [r["pid"] for r in _pool(workspace, "p2")["replicas"]] == [p2_pid]
+        await asyncio.sleep(0.1)
+
+
+async def test_a_deleted_then_restored_config_clears_its_error(
+    workspace: Workspace, serve: Any
+) -> None:
+    await serve()
+    good = workspace.config_path.read_bytes()
+    workspace.config_path.unlink()
+    await wait_for(lambda: "cannot be read" in str(_errors(workspace)), 10, "the read error")
+    workspace.config_path.mkdir()  # replaced by a directory
+    await wait_for(lambda: "not a regular file" in str(_errors(workspace)), 10, "dir error")
+    workspace.config_path.rmdir()
+    workspace.config_path.write_bytes(good)  # the very same bytes
+    await wait_for(lambda: _errors(workspace) == [], 10, "the error cleared")
+    (workspace.root / "real.yaml").write_bytes(good)
+    workspace.config_path.unlink()
+    workspace.config_path.symlink_to(workspace.root / "real.yaml")
+    await wait_for(lambda: "is a symlink" in str(_errors(workspace)), 10, "the symlink error")
+
+
+async def test_a_pool_scaled_to_zero_is_stopped_and_refuses_its_tasks_with_a_hint(
+    workspace: Workspace, serve: Any
+) -> None:
+    cfg = config()
+    cfg["pools"][0]["replicas"] = 0
+    workspace.write_config(cfg)
+    await serve(ready=False)
+    await wait_for(lambda: _pool(workspace, "p1")["state"] == "Stopped", 10, "Stopped")
+    assert "replicas: 0" in _pool(workspace, "p1")["reason"]
+    workspace.submit("z.task.yaml", task("z"))
+    result = await wait_terminal(workspace, "z")
+    assert result["status"] == "rejected" and result["error"]["code"] == "POOL_UNAVAILABLE"
+    assert "replicas: 0" in result["error"]["message"]
+
+
+async def test_a_restart_with_a_broken_config_serves_the_last_good_one_loudly(
+    workspace: Workspace, serve: Any
+) -> None:
+    first = await serve()
+    good_revision = workspace.status()["config"]["revision"]
+    await first.stop()
+    workspace.config_path.write_text(workspace.config_path.read_text() + "\nbogus: [\n")
+    shutil.rmtree(workspace.root / ".orch" / "engines", ignore_errors=True)
+    await serve()
+    status = workspace.status()
+    assert status["config"]["revision"] == good_revision
+    assert status["config"]["errors"] and status["config"]["errors"][0]["line"]
+    workspace.submit("ok.task.yaml", task("ok"))
+    assert (await wait_terminal(workspace, "ok"))["status"] == "succeeded"
