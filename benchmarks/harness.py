@@ -62,6 +62,7 @@ def base_config(
     """A desired state on the simulated pair; `models` and `pools` as in orch.yaml."""
     return {
         "version": 1,
+        "server": {"bind": "127.0.0.1:0"},
         "gpus": {"observer": "simulated", "inventory": "inventory.yaml", "reserve_mib": 512},
         "queue": {"capacity": queue_capacity, "full_policy": "reject"},
         "timeouts": {"ready_s": 30, "drain_s": 5, "stop_grace_s": 2},

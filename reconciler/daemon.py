@@ -18,6 +18,8 @@ from pathlib import Path
 from plugins import registry
 from reconciler import (
     adoption,
+    api,
+    api_tasks,
     clocks,
     configuring,
     dispatch,
@@ -174,6 +176,7 @@ class Daemon:
         self.dispatcher = dispatcher
         self.started_at = clocks.rfc3339(clock.now())
         self._next_sweep = 0.0
+        self.server: api.Server | None = None
 
     def wake(self) -> None:
         self.wake_event.set()
@@ -227,6 +230,7 @@ class Daemon:
                 refuse_duplicate=self._refuse_duplicate,
                 revision=self.config.revision,
             )
+            await self._start_http()
             while not self.stop_event.is_set():
                 await self.pass_once()
                 if self.options.exit_when_idle and self._idle():
@@ -258,10 +262,37 @@ class Daemon:
                     running=len(self.dispatcher.running),
                 )
             await self.dispatcher.shutdown(drain_s=drain_s, hurry=self.hurry_event)
+            if self.server is not None:
+                await self.server.stop()
             await self.pools.shutdown()
             self._write_status(stopping=True)
             logs.emit(log, "daemon.stopped", "Stopped; engines stopped, tasks left resumable.")
         return 0
+
+    async def _start_http(self) -> None:
+        """The HTTP face on server.bind, over the same files (docs/http.md)."""
+        state = self.config.state
+        assert state is not None
+        backend = api.Backend(
+            spool=self.spool,
+            results=self.results,
+            sessions=self.sessions,
+            hub=self.hub,
+            config=self.config,
+            status=self.status,
+            live=lambda task_id: task_id in self.dispatcher.runs,
+            wake=self.wake,
+        )
+        self.server = await api.start(
+            backend, bind=state.server.bind, base=self.config.base, routes=[api_tasks.add_routes]
+        )
+        logs.emit(
+            log,
+            "http.listening",
+            f"HTTP API on {self.server.url} ("
+            f"{'token required' if self.server.token_set else 'loopback only, no token'}).",
+            url=self.server.url,
+        )
 
     async def pass_once(self) -> None:
         """One level-triggered pass over everything."""
@@ -306,7 +337,7 @@ class Daemon:
                     continue
                 if self.dispatcher.cancel(task_id):
                     logs.emit(
-                        log, "task.cancel", f"Cancel of task {task_id} requested.", task_id=task_id
+                        log, "task.cancel", f"Cancel of task {task_id} requested.", **run.log_ids
                     )
                     failpoints.hit("after_cancel_ack")
                 if run.result.terminal:  # a queued task is finished at once
@@ -454,6 +485,7 @@ class Daemon:
                 version=status.version(),
                 simulated=self.pools.observer.simulated,
                 state="stopped" if stopping else "running",
+                url=self.server.url if self.server is not None and not stopping else None,
                 stopped_at=clocks.rfc3339(self.clock.now()) if stopping else None,
             ),
             config=statusfile.ConfigRow(

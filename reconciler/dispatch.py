@@ -267,7 +267,7 @@ class Dispatcher:
                 log,
                 "placement.decided",
                 f"Placed task {entry.task_id} on {decision.replica_id}.",
-                task_id=entry.task_id,
+                **self.runs[entry.task_id].log_ids,
                 decision=decision.log_fields(),
             )
             self._start(self.runs[entry.task_id], decision)

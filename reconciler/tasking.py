@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from reconciler import clocks, fanout, logs
 from state import events, ids, results, spool, tasks
@@ -19,6 +19,11 @@ from state.errors import ErrorEnvelope
 log = logs.get("tasks")
 
 StatusName = results.StatusName  # (Books has a field named `results`)
+
+
+class LogIds(TypedDict):
+    task_id: str
+    correlation_id: str
 
 
 @dataclass
@@ -38,6 +43,12 @@ class TaskRun:
     @property
     def priority(self) -> str:
         return self.task.priority
+
+    @property
+    def log_ids(self) -> LogIds:
+        """The ids every log line about the task carries: its id, and the correlation id a
+        request gave it (X-Correlation-Id), else the task id."""
+        return LogIds(task_id=self.task_id, correlation_id=self.task.correlation_id or self.task_id)
 
 
 @dataclass
@@ -93,7 +104,7 @@ class Books:
             log,
             "task.queued",
             f"Queued task {run.task_id} for {run.model_id} at position {position}; {when}.",
-            task_id=run.task_id,
+            **run.log_ids,
             queue_position=position,
             priority=run.priority,
         )
@@ -136,7 +147,7 @@ class Books:
             + (
                 f": {error.code} {error.message}" if error else f" with {result.tokens_out} tokens."
             ),
-            task_id=run.task_id,
+            **run.log_ids,
             status=status,
             code=error.code if error else None,
             pool_id=result.pool_id,

@@ -31,6 +31,13 @@ class ErrorCode(StrEnum):
     DECODE_TIMEOUT = "DECODE_TIMEOUT"
     CANCELED = "CANCELED"
     INTERNAL = "INTERNAL"
+    # the HTTP face's own refusals
+    MISSING_TOKEN = "MISSING_TOKEN"
+    BAD_TOKEN = "BAD_TOKEN"
+    NOT_FOUND = "NOT_FOUND"
+    METHOD_NOT_ALLOWED = "METHOD_NOT_ALLOWED"
+    PAYLOAD_TOO_LARGE = "PAYLOAD_TOO_LARGE"
+    UNSUPPORTED_MEDIA_TYPE = "UNSUPPORTED_MEDIA_TYPE"
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,20 @@ CODES: dict[ErrorCode, CodeInfo] = {
     ErrorCode.CANCELED: CodeInfo(None, False, "The task was canceled on request."),
     ErrorCode.INTERNAL: CodeInfo(
         500, False, "This is a bug in llama-orch home; please report it with the log lines."
+    ),
+    ErrorCode.MISSING_TOKEN: CodeInfo(
+        401, False, "Send `Authorization: Bearer <token>` with the daemon's API token."
+    ),
+    ErrorCode.BAD_TOKEN: CodeInfo(
+        401, False, "Use the token from the daemon's auth.token_env or auth.token_file."
+    ),
+    ErrorCode.NOT_FOUND: CodeInfo(
+        404, False, "Check the id or path (GET /openapi.yaml lists them)."
+    ),
+    ErrorCode.METHOD_NOT_ALLOWED: CodeInfo(405, False, "Use a method this path accepts."),
+    ErrorCode.PAYLOAD_TOO_LARGE: CodeInfo(413, False, "Send a smaller body (at most 1 MiB)."),
+    ErrorCode.UNSUPPORTED_MEDIA_TYPE: CodeInfo(
+        415, False, "Send the body as JSON with `Content-Type: application/json`."
     ),
 }
 

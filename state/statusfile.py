@@ -29,6 +29,7 @@ class DaemonRow(_Row):
     simulated: bool
     state: DaemonState
     stopped_at: str | None = Field(None, description="when the daemon stopped cleanly")
+    url: str | None = Field(None, description="the HTTP API's address while it serves")
 
 
 class ConfigErrorRow(_Row):

@@ -52,6 +52,12 @@ class TaskFile(BaseModel):
     deadline_ms: int | None = Field(None, ge=1, description="relative to acceptance")
     sampling: Sampling = Field(default_factory=Sampling)
     placement: Placement = Field(default_factory=Placement)
+    correlation_id: str | None = Field(
+        None,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9._:-]+$",
+        description="set by the HTTP face from X-Correlation-Id; log lines of the task carry it",
+    )
     labels: dict[Annotated[str, Field(max_length=128)], Annotated[str, Field(max_length=1024)]] = (
         Field(default_factory=dict, max_length=64)
     )

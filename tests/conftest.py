@@ -41,6 +41,7 @@ def config(**overrides: Any) -> dict[str, Any]:
     """A small desired state on the simulated 24 GB + 12 GB pair, with one fast sim pool."""
     base: dict[str, Any] = {
         "version": 1,
+        "server": {"bind": "127.0.0.1:0"},  # any free port: tests run daemons side by side
         "gpus": {"observer": "simulated", "inventory": "inventory.yaml", "reserve_mib": 512},
         "queue": {"capacity": 16, "full_policy": "reject"},
         "timeouts": {"ready_s": 10, "drain_s": 5, "stop_grace_s": 2},

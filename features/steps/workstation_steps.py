@@ -36,7 +36,10 @@ def given_workstation(context: Any) -> None:
 def given_orch_yaml(context: Any) -> None:
     data = yaml.safe_load(context.text)
     assert isinstance(data, dict), "the orch.yaml of the scenario must be a mapping"
-    write_atomically(config_path(context), context.text.rstrip() + "\n")
+    text = context.text.rstrip() + "\n"
+    if "server" not in data:  # any free port: scenarios must not depend on 8080 being free
+        text += 'server: {bind: "127.0.0.1:0"}\n'
+    write_atomically(config_path(context), text)
 
 
 @given("the daemon is serving orch.yaml")

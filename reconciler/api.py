@@ -1,0 +1,219 @@
+"""The HTTP face: an aiohttp server in the daemon's own event loop, on `server.bind`.
+
+The daemon calls `start(backend, ...)` after recovery and `stop` when it stops. The files stay
+the truth: a POSTed task is delivered into the spool exactly like `orchctl submit`, cancels are
+written to spool/cancel/ like `orchctl cancel`, and results and events are read from the files
+the loop writes, so a daemon crash loses nothing an answer acknowledged. Every response carries
+`X-Correlation-Id` (echoed or generated); every 4xx/5xx carries the error envelope; no request
+can crash the server (an unexpected error is a 500 INTERNAL envelope and a log line).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from reconciler import api_auth, configuring, fanout, logs
+from state import errors, ids, results, sessions, spool, statusfile
+from state.errors import ErrorCode
+
+log = logs.get("http")
+
+MAX_BODY_BYTES = 1024 * 1024
+API_VERSION = "1.0.0"
+_CORRELATION = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+BACKEND: web.AppKey[Backend] = web.AppKey("backend")
+AUTH: web.AppKey[api_auth.Auth] = web.AppKey("auth")
+CORRELATION: web.RequestKey[str] = web.RequestKey("correlation_id")
+IDENTITY: web.RequestKey[str] = web.RequestKey("identity")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """What the handlers read and write: the daemon's files and a few live views."""
+
+    spool: spool.Spool
+    results: results.ResultStore
+    sessions: sessions.SessionStore
+    hub: fanout.Hub
+    config: configuring.AppliedConfig
+    status: Callable[[], statusfile.StatusFile]
+    live: Callable[[ids.TaskId], bool]  # queued or running in this daemon
+    wake: Callable[[], None]
+
+
+class ApiError(Exception):
+    """Raised by a handler: becomes the error envelope with the code's HTTP status."""
+
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str,
+        *,
+        hint: str | None = None,
+        retry_after_ms: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.envelope = errors.envelope(code, message, hint=hint, retry_after_ms=retry_after_ms)
+
+
+def error_response(envelope: errors.ErrorEnvelope, *, status: int | None = None) -> web.Response:
+    """The envelope as an HTTP answer; 429s carry Retry-After (whole seconds, ≥ 1) and
+    X-Backoff-Ms so standard clients back off."""
+    code = status or errors.CODES[envelope.code].http_status or 500
+    response = web.json_response(envelope.model_dump(mode="json"), status=code)
+    if code in (429, 503) and envelope.retry_after_ms is not None:
+        response.headers["Retry-After"] = str(max(1, -(-envelope.retry_after_ms // 1000)))
+        response.headers["X-Backoff-Ms"] = str(envelope.retry_after_ms)
+    return response
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _correlate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    given = request.headers.get("X-Correlation-Id", "")
+    cid = given if _CORRELATION.match(given) else str(uuid.uuid4())
+    request[CORRELATION] = cid
+    try:
+        response = await handler(request)
+    except ApiError as exc:
+        response = error_response(exc.envelope)
+    except web.HTTPException as exc:
+        response = _http_error(exc)
+    except Exception as exc:  # never let one request take the server down
+        logs.emit(
+            log,
+            "http.internal",
+            f"{request.method} {request.path} failed: {type(exc).__name__}: {exc}",
+            level=40,
+            correlation_id=cid,
+        )
+        response = error_response(
+            errors.envelope(ErrorCode.INTERNAL, f"internal error while serving {request.path}")
+        )
+    if not response.prepared:
+        response.headers["X-Correlation-Id"] = cid
+    return response
+
+
+def _http_error(exc: web.HTTPException) -> web.Response:
+    code = {
+        404: ErrorCode.NOT_FOUND,
+        405: ErrorCode.METHOD_NOT_ALLOWED,
+        413: ErrorCode.PAYLOAD_TOO_LARGE,
+        415: ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+    }.get(exc.status, ErrorCode.INVALID_PARAMS if exc.status < 500 else ErrorCode.INTERNAL)
+    text = exc.text or exc.reason
+    response = error_response(errors.envelope(code, text), status=exc.status)
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        response.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
+    return response
+
+
+@web.middleware
+async def _authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    verdict = api_auth.check(
+        request.app[AUTH], remote=request.remote, header=request.headers.get("Authorization")
+    )
+    if verdict.identity is None:
+        logs.emit(
+            log,
+            "http.auth_failed",
+            f"Refused {request.method} {request.path}: {verdict.code}.",
+            level=30,
+            correlation_id=request[CORRELATION],
+            remote=request.remote,
+        )
+        code = ErrorCode.MISSING_TOKEN if verdict.code == "MISSING_TOKEN" else ErrorCode.BAD_TOKEN
+        raise ApiError(code, verdict.message)
+    request[IDENTITY] = verdict.identity
+    return await handler(request)
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request body as JSON: 415 for another content type, 413 over the limit, 400 with
+    the line and column for malformed JSON."""
+    if request.content_type != "application/json":
+        raise ApiError(
+            ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+            f"the body must be application/json, not {request.content_type or 'absent'}",
+        )
+    raw = await request.read()  # client_max_size makes aiohttp answer 413 beyond the limit
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ApiError(
+            ErrorCode.INVALID_PARAMS, f"the body is not UTF-8 (byte {exc.start})"
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise ApiError(
+            ErrorCode.INVALID_PARAMS,
+            f"request body:{exc.lineno}:{exc.colno}: malformed JSON: {exc.msg}",
+            hint="send one JSON object",
+        ) from None
+    except RecursionError:
+        raise ApiError(ErrorCode.INVALID_PARAMS, "the JSON body is nested too deeply") from None
+
+
+Routes = Callable[[web.Application], None]
+
+
+def make_app(backend: Backend, auth: api_auth.Auth, routes: list[Routes]) -> web.Application:
+    """The application: the middlewares here, the routes from the modules that add them."""
+    app = web.Application(middlewares=[_correlate, _authenticate], client_max_size=MAX_BODY_BYTES)
+    app[BACKEND] = backend
+    app[AUTH] = auth
+    for add in routes:
+        add(app)
+    return app
+
+
+@dataclass
+class Server:
+    runner: web.AppRunner
+    url: str
+    token_set: bool
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+def split_bind(bind: str) -> tuple[str, int]:
+    host, _, port = bind.rpartition(":")
+    if not host or not port.isdigit():
+        raise errors.ConfigProblem(f"server.bind {bind!r} must be host:port, e.g. 127.0.0.1:8080")
+    return host.strip("[]"), int(port)
+
+
+async def start(backend: Backend, *, bind: str, base: Path, routes: list[Routes]) -> Server:
+    """Serve on `bind` (port 0: any free port); the URL actually bound comes back."""
+    host, port = split_bind(bind)
+    state = backend.config.state
+    assert state is not None
+    auth = api_auth.load(state, base, bind_host=host)
+    runner = web.AppRunner(
+        make_app(backend, auth, routes), access_log=None, handle_signals=False, shutdown_timeout=1.0
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise errors.ConfigProblem(
+            f"server.bind {bind}: cannot listen ({exc.strerror}); pick a free port in orch.yaml"
+        ) from None
+    bound = runner.addresses
+    bound_port = int(bound[0][1]) if bound else port
+    shown = f"[{host}]" if ":" in host else host
+    return Server(runner, f"http://{shown}:{bound_port}", auth.token is not None)

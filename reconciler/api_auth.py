@@ -1,0 +1,110 @@
+"""Who may use the HTTP face: one static Bearer token, loopback relaxed when configured.
+
+The daemon calls `load` once when it starts the server (refusing a non-loopback bind without a
+token), and the server's middleware calls `check` on every request. Rules (HME-002/004):
+- The token comes from the environment variable `auth.token_env` or the file `auth.token_file`.
+- A request from a loopback address needs no token when `auth.optional_on_loopback` (default);
+  every other request needs `Authorization: Bearer <token>`.
+- The header is trimmed; the prefix `Bearer ` is case-sensitive; an empty token, a control
+  character or a header over 8 KiB is refused. Tokens are compared in constant time.
+- Logs name the caller as `identity=localhost` or `identity=token:<fp6>` (the first 6 hex of
+  sha256 of the token), never the token itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from state import desired, errors
+
+MAX_HEADER_BYTES = 8192
+
+
+@dataclass(frozen=True)
+class Auth:
+    token: str | None
+    optional_on_loopback: bool
+
+    @property
+    def fingerprint(self) -> str | None:
+        return fingerprint(self.token) if self.token else None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    identity: str | None  # None: refused
+    code: str = ""  # MISSING_TOKEN | BAD_TOKEN when refused
+    message: str = ""
+
+
+def fingerprint(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()[:6]
+
+
+def is_loopback_host(host: str) -> bool:
+    host = host.strip().removeprefix("[").removesuffix("]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def load(config: desired.DesiredState, base: Path, *, bind_host: str) -> Auth:
+    """The token and policy of `config`; raises ConfigProblem for a non-loopback bind
+    without a token (the server must not be reachable from the network unprotected)."""
+    token = os.environ.get(config.auth.token_env) or None
+    if config.auth.token_file:
+        path = desired.resolve(base, config.auth.token_file)
+        try:
+            token = path.read_text(encoding="utf-8").strip() or None
+        except OSError as exc:
+            raise errors.ConfigProblem(
+                f"auth.token_file: cannot read {path}: {exc.strerror}"
+            ) from None
+    if token is not None and (len(token) < 16 or any(ord(c) < 33 for c in token)):
+        raise errors.ConfigProblem(
+            "the API token must be at least 16 printable characters without spaces "
+            "(e.g. `openssl rand -hex 24`)"
+        )
+    if token is None and not is_loopback_host(bind_host):
+        raise errors.ConfigProblem(
+            f"server.bind {bind_host} is reachable from the network, but no API token is set: "
+            f"export {config.auth.token_env}=$(openssl rand -hex 24) (or set auth.token_file), "
+            "or bind 127.0.0.1 and use an SSH tunnel (docs/security.md)"
+        )
+    return Auth(token, config.auth.optional_on_loopback)
+
+
+def check(auth: Auth, *, remote: str | None, header: str | None) -> Verdict:
+    loopback = remote is not None and is_loopback_host(remote)
+    if header is None or not header.strip():
+        if loopback and (auth.optional_on_loopback or auth.token is None):
+            return Verdict("localhost")
+        return Verdict(
+            None,
+            "MISSING_TOKEN",
+            "this request needs `Authorization: Bearer <token>` (the token the daemon reads "
+            "from auth.token_env or auth.token_file)",
+        )
+    if len(header) > MAX_HEADER_BYTES:
+        return Verdict(None, "BAD_TOKEN", "the Authorization header is over 8 KiB")
+    value = header.strip()
+    if not value.startswith("Bearer "):
+        return Verdict(None, "BAD_TOKEN", "the Authorization header must be `Bearer <token>`")
+    given = value.removeprefix("Bearer ").strip()
+    if not given or any(ord(c) < 32 or ord(c) == 127 for c in given):
+        return Verdict(None, "BAD_TOKEN", "the bearer token is empty or has control characters")
+    if auth.token is None:
+        if loopback:
+            return Verdict("localhost")  # no token configured: loopback only, any header
+        return Verdict(None, "BAD_TOKEN", "no token is configured on this daemon")
+    if not hmac.compare_digest(given.encode(), auth.token.encode()):
+        return Verdict(None, "BAD_TOKEN", "the bearer token does not match")
+    return Verdict(f"token:{fingerprint(given)}")

@@ -1,0 +1,311 @@
+"""The data plane of the HTTP face: tasks, their events over SSE, cancel, sessions, and what
+the daemon offers (capabilities, status, pools). `api.make_app` adds these routes.
+
+POST /v1/tasks delivers the task into the spool (durable before anything is answered) and
+waits for the loop's admission, so the answer is the `queued` frame's numbers or the
+rejection's envelope. GET /v1/tasks/{id}/events relays the event log as SSE: frames from
+the log first (so `Last-Event-ID` resumes with no gap and no duplicate, also after the task
+ended or the daemon restarted), then live ones from the in-process hub; a client that falls
+behind is served from the log, so it never slows the engine or another client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from typing import Any
+
+import pydantic
+from aiohttp import web
+from aiohttp_sse import sse_response
+
+from reconciler import api, logs
+from reconciler.api import BACKEND, ApiError
+from state import errors, events, ids, loading, spool, tasks
+from state.errors import ErrorCode
+
+log = logs.get("http")
+
+ADMIT_WAIT_S = 10.0  # how long POST /v1/tasks waits for the loop's admission verdict
+RETRY_MS = 2000  # the SSE `retry:` a client waits before reconnecting
+PING_S = 15.0  # keep-alive comment interval on idle streams
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/tasks", post_task)
+    app.router.add_get("/v1/tasks/{task_id}", get_task)
+    app.router.add_get("/v1/tasks/{task_id}/events", task_events)
+    app.router.add_get("/v1/tasks/{task_id}/stream", task_events)  # the digest's name
+    app.router.add_post("/v1/tasks/{task_id}/cancel", cancel_task)
+    app.router.add_get("/v1/sessions/{session_id}", get_session)
+    app.router.add_delete("/v1/sessions/{session_id}", delete_session)
+    app.router.add_get("/v1/capabilities", capabilities)
+    app.router.add_get("/v1/status", get_status)
+    app.router.add_get("/v1/pools", get_pools)
+
+
+def _task_id(request: web.Request) -> ids.TaskId:
+    value = request.match_info["task_id"]
+    if not ids.is_safe_id(value):
+        raise ApiError(ErrorCode.INVALID_PARAMS, f"task id {value!r} is not a valid id")
+    return ids.TaskId(value)
+
+
+def _pending(backend: api.Backend, task_id: str) -> bool:
+    """A task file for `task_id` waits in incoming/ (delivered, not yet claimed)."""
+    return any(
+        (backend.spool.incoming / f"{task_id}{suffix}").exists() for suffix in tasks.TASK_SUFFIXES
+    )
+
+
+def _known(backend: api.Backend, task_id: ids.TaskId) -> bool:
+    return backend.results.exists(task_id) or backend.live(task_id) or _pending(backend, task_id)
+
+
+async def post_task(request: web.Request) -> web.StreamResponse:
+    backend = request.app[BACKEND]
+    body = await api.read_json(request)
+    if not isinstance(body, dict):
+        raise ApiError(ErrorCode.INVALID_PARAMS, "the body must be a JSON object (a task)")
+    body.setdefault("task_id", f"t-{uuid.uuid4().hex[:16]}")
+    body["correlation_id"] = request[api.CORRELATION]
+    try:
+        task = tasks.TaskFile.model_validate(body)
+    except pydantic.ValidationError as exc:
+        problems = loading.validation_errors(exc, tasks.TaskFile, None, "request body")
+        top = problems[0]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ApiError(
+            ErrorCode.INVALID_PARAMS,
+            f"{top.field or 'body'}: {top.message}{more}",
+            hint=top.hint or None,
+        ) from None
+    task_id = ids.TaskId(str(task.task_id))
+    if _known(backend, task_id):
+        existing = backend.results.read(task_id) if backend.results.exists(task_id) else None
+        state = f" ({existing.status})" if existing else ""
+        raise ApiError(
+            ErrorCode.DUPLICATE_TASK_ID,
+            f"task id {task_id!r} is already used{state}",
+            hint="give the task a new task_id, or GET /v1/tasks/{id} for the old one",
+        )
+    sub = backend.hub.subscribe(task_id, backend.results.events_path(task_id))
+    try:
+        raw = task.model_dump_json(exclude_none=True).encode()
+        await asyncio.to_thread(spool.deliver, backend.spool, raw, name=f"{task_id}.task.json")
+        backend.wake()
+        logs.emit(
+            log,
+            "http.task_delivered",
+            f"Delivered task {task_id} from {request[api.IDENTITY]}.",
+            task_id=task_id,
+            correlation_id=request[api.CORRELATION],
+            identity=request[api.IDENTITY],
+        )
+        first = await _first_frame(sub)
+    finally:
+        backend.hub.unsubscribe(sub)
+    links = {
+        "events_url": f"/v1/tasks/{task_id}/events",
+        "result_url": f"/v1/tasks/{task_id}",
+    }
+    if first is not None and first.event == "error":
+        envelope = errors.ErrorEnvelope.model_validate(first.data)
+        response = api.error_response(envelope)
+        response.headers["X-Task-Id"] = task_id
+        return response
+    data = first.data if first is not None else {}
+    answer = {
+        "task_id": task_id,
+        "status": "queued" if first is not None else "delivered",
+        "queue_position": data.get("queue_position"),
+        "predicted_start_ms": data.get("predicted_start_ms"),
+        "on_time_probability": data.get("on_time_probability"),
+        "backoff_ms": 0,
+        **links,
+    }
+    response = web.json_response(answer, status=202)
+    response.headers["X-Task-Id"] = task_id
+    response.headers["Location"] = links["result_url"]
+    return response
+
+
+async def _first_frame(sub: Any) -> events.EventFrame | None:
+    """The task's first frame (queued, or error for a rejection), or None if the loop did
+    not get to it in time (it stays delivered; the loop admits it when it can)."""
+    frames = sub.frames()
+    try:
+        return await asyncio.wait_for(anext(frames), ADMIT_WAIT_S)
+    except (TimeoutError, StopAsyncIteration):
+        return None
+    finally:
+        with contextlib.suppress(Exception):
+            await frames.aclose()
+
+
+async def get_task(request: web.Request) -> web.StreamResponse:
+    backend = request.app[BACKEND]
+    task_id = _task_id(request)
+    if backend.results.exists(task_id):
+        try:
+            raw = await asyncio.to_thread(backend.results.path(task_id).read_bytes)
+        except OSError:
+            raw = b""
+        if raw:
+            return web.Response(body=raw, content_type="application/json")
+    if _pending(backend, task_id):
+        return web.json_response({"task_id": task_id, "status": "delivered"})
+    raise ApiError(ErrorCode.NOT_FOUND, f"no task {task_id!r} here")
+
+
+def _resume_after(request: web.Request) -> int:
+    given = request.headers.get("Last-Event-ID") or request.query.get("last_event_id") or "0"
+    try:
+        after = int(given.strip())
+    except ValueError:
+        raise ApiError(
+            ErrorCode.INVALID_PARAMS, f"Last-Event-ID {given[:40]!r} is not an event id"
+        ) from None
+    if after < 0:
+        raise ApiError(ErrorCode.INVALID_PARAMS, "Last-Event-ID must be 0 or more")
+    return after
+
+
+async def task_events(request: web.Request) -> web.StreamResponse:
+    backend = request.app[BACKEND]
+    task_id = _task_id(request)
+    after = _resume_after(request)
+    if not _known(backend, task_id):
+        raise ApiError(ErrorCode.NOT_FOUND, f"no task {task_id!r} here")
+    cancel_on_disconnect = request.query.get("cancel_on_disconnect") in ("1", "true")
+    sub = backend.hub.subscribe(task_id, backend.results.events_path(task_id), after=after)
+    headers = {
+        "X-Correlation-Id": request[api.CORRELATION],
+        "X-Accel-Buffering": "no",
+        "Cache-Control": "no-cache",
+    }
+    finished = False
+    try:
+        async with sse_response(request, headers=headers, ping_interval=PING_S) as stream:
+            first = True
+            async for frame in sub.frames():
+                await stream.send(
+                    json.dumps(frame.data, ensure_ascii=False),
+                    id=str(frame.id),
+                    event=frame.event,
+                    retry=RETRY_MS if first else None,
+                )
+                first = False
+                if frame.terminal:
+                    finished = True
+                    break
+            return stream
+    finally:
+        backend.hub.unsubscribe(sub)
+        if cancel_on_disconnect and not finished:
+            await asyncio.to_thread(spool.request_cancel, backend.spool, task_id)
+            backend.wake()
+
+
+async def cancel_task(request: web.Request) -> web.StreamResponse:
+    backend = request.app[BACKEND]
+    task_id = _task_id(request)
+    existing = backend.results.read(task_id) if backend.results.exists(task_id) else None
+    if existing is not None and existing.terminal:
+        return web.json_response({"task_id": task_id, "status": existing.status})
+    if not _known(backend, task_id):
+        raise ApiError(
+            ErrorCode.NOT_FOUND, f"no task {task_id!r} is queued, running or finished here"
+        )
+    await asyncio.to_thread(spool.request_cancel, backend.spool, task_id)
+    backend.wake()
+    logs.emit(
+        log,
+        "http.cancel",
+        f"Cancel of task {task_id} requested by {request[api.IDENTITY]}.",
+        task_id=task_id,
+        correlation_id=request[api.CORRELATION],
+    )
+    return web.json_response({"task_id": task_id, "status": "cancel-requested"}, status=202)
+
+
+def _session_id(request: web.Request) -> str:
+    value = request.match_info["session_id"]
+    if not ids.is_safe_id(value):
+        raise ApiError(ErrorCode.INVALID_PARAMS, f"session id {value!r} is not a valid id")
+    return value
+
+
+async def get_session(request: web.Request) -> web.StreamResponse:
+    backend = request.app[BACKEND]
+    sid = _session_id(request)
+    session = backend.sessions.get(sid)
+    if session is None:
+        raise ApiError(ErrorCode.NOT_FOUND, f"no session {sid!r}")
+    state = backend.config.state
+    ttl_s = state.sessions.ttl_s if state else 600.0
+    left = max(0.0, ttl_s - (time.time() - session.last_used_at)) if not session.evicted else 0
+    return web.json_response(
+        {
+            "session_id": sid,
+            "turns": session.turns,
+            "tokens_out": session.tokens_out,
+            "ttl_ms_remaining": int(left * 1000),
+            "kv_warmth": session.last_replica_id is not None and not session.evicted,
+            "last_replica_id": session.last_replica_id,
+            "evicted": session.evicted,
+        }
+    )
+
+
+async def delete_session(request: web.Request) -> web.StreamResponse:
+    backend = request.app[BACKEND]
+    sid = _session_id(request)
+    with contextlib.suppress(FileNotFoundError):
+        (backend.sessions.root / f"{sid}.json").unlink()
+    return web.Response(status=204)
+
+
+async def capabilities(request: web.Request) -> web.StreamResponse:
+    backend = request.app[BACKEND]
+    status = backend.status()
+    state = backend.config.state
+    pools = []
+    for pool in status.pools:
+        spec = state.pool(pool.id) if state else None
+        ready = [r for r in pool.replicas if r.state == "Ready"]
+        pools.append(
+            {
+                "pool_id": pool.id,
+                "engine": pool.engine,
+                "engine_version": None,
+                "model": pool.model,
+                "state": pool.state,
+                "ctx": spec.ctx if spec else None,
+                "slots": spec.slots if spec else None,
+                "max_tokens": spec.max_tokens if spec else None,
+                "replicas_ready": len(ready),
+                "concurrency": sum(r.slots_total for r in ready),
+                "gpus": sorted({g for r in ready for g in r.gpu}),
+            }
+        )
+    return web.json_response(
+        {
+            "api_version": api.API_VERSION,
+            "concurrency": sum(p["concurrency"] for p in pools),
+            "pools": pools,
+        }
+    )
+
+
+async def get_status(request: web.Request) -> web.StreamResponse:
+    status = request.app[BACKEND].status()
+    return web.json_response(status.model_dump(mode="json"))
+
+
+async def get_pools(request: web.Request) -> web.StreamResponse:
+    status = request.app[BACKEND].status()
+    return web.json_response({"pools": [p.model_dump(mode="json") for p in status.pools]})

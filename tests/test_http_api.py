@@ -1,0 +1,317 @@
+"""The HTTP face through a real socket: tasks in and out, SSE with resume, cancel, sessions,
+capabilities, errors for every kind of bad request, and the six auth scenarios."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from reconciler import api_auth
+from state import desired, errors
+from tests.conftest import Workspace, config, task, wait_for, wait_terminal
+
+pytestmark = pytest.mark.slow
+
+
+def _url(running: Any) -> str:
+    server = running.daemon.server
+    assert server is not None
+    return str(server.url)
+
+
+async def _sse(response: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
+    """Parse an SSE body into {id, event, data, retry} dicts (comments skipped)."""
+    frame: dict[str, Any] = {}
+    async for raw in response.content:
+        line = raw.decode().rstrip("\r\n")
+        if not line:
+            if frame:
+                yield frame
+                frame = {}
+            continue
+        if line.startswith(":"):
+            continue
+        key, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        frame[key] = json.loads(value) if key == "data" else value
+
+
+async def _frames(session: aiohttp.ClientSession, url: str, **headers: str) -> list[dict[str, Any]]:
+    async with session.get(url, headers=headers) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        return [f async for f in _sse(response)]
+
+
+async def test_a_posted_task_is_admitted_streamed_and_its_result_served(
+    workspace: Workspace, serve: Any
+) -> None:
+    running = await serve()
+    base = _url(running)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            f"{base}/v1/tasks",
+            json=task("h1", max_tokens=6),
+            headers={"X-Correlation-Id": "corr-123"},
+        ) as response:
+            assert response.status == 202
+            assert response.headers["X-Correlation-Id"] == "corr-123"
+            body = await response.json()
+        assert body["task_id"] == "h1" and body["status"] == "queued"
+        assert isinstance(body["queue_position"], int)
+        assert body["events_url"] == "/v1/tasks/h1/events"
+        frames = await _frames(session, base + body["events_url"])
+        assert frames[0]["event"] == "queued" and frames[-1]["event"] == "end"
+        assert [int(f["id"]) for f in frames] == list(range(1, len(frames) + 1))
+        assert frames[0]["retry"] == "2000" and all("retry" not in f for f in frames[1:])
+        logged = [f.data for f in workspace.frames("h1")]
+        assert [f["data"] for f in frames] == logged  # the same frames as the event log
+        async with session.get(f"{base}/v1/tasks/h1") as response:
+            result = await response.json()
+        assert result["status"] == "succeeded" and result["tokens_out"] == 6
+    log = (workspace.root / "results" / "h1.json").read_text()
+    assert json.loads(log)["task_id"] == "h1"
+
+
+async def test_resume_from_every_event_position_has_no_gap_and_no_duplicate(
+    workspace: Workspace, serve: Any
+) -> None:
+    running = await serve()
+    base = _url(running)
+    workspace.submit("r1.task.yaml", task("r1", max_tokens=5))
+    await wait_terminal(workspace, "r1")
+    async with aiohttp.ClientSession() as session:
+        whole = await _frames(session, f"{base}/v1/tasks/r1/events")
+        for position in range(len(whole)):
+            rest = await _frames(
+                session, f"{base}/v1/tasks/r1/events", **{"Last-Event-ID": str(position)}
+            )
+            assert [f["id"] for f in rest] == [f["id"] for f in whole[position:]]
+        query = await _frames(session, f"{base}/v1/tasks/r1/events?last_event_id=3")
+        assert query[0]["id"] == "4"
+
+
+async def test_a_stream_joined_while_the_task_runs_sees_every_later_frame_once(
+    workspace: Workspace, serve: Any
+) -> None:
+    cfg = config()
+    cfg["pools"][0]["sim"] = {"tokens_per_s": 50, "load_s": 0.0}
+    workspace.write_config(cfg)
+    running = await serve()
+    base = _url(running)
+    workspace.submit("live.task.yaml", task("live", max_tokens=30))
+    await wait_for(lambda: len(workspace.frames("live")) >= 5, 10, "some tokens")
+    async with aiohttp.ClientSession() as session:
+        frames = await _frames(session, f"{base}/v1/tasks/live/events", **{"Last-Event-ID": "2"})
+    ids = [int(f["id"]) for f in frames]
+    assert ids == list(range(3, 3 + len(ids))) and frames[-1]["event"] == "end"
+    assert len(ids) == len(workspace.frames("live")) - 2
+
+
+async def test_bad_requests_get_the_envelope_with_the_right_status(
+    workspace: Workspace, serve: Any
+) -> None:
+    running = await serve()
+    base = _url(running)
+    async with aiohttp.ClientSession() as session:
+        cases: list[tuple[dict[str, Any], int, str, str]] = [
+            ({"data": b'{"prompt": "x",\n  "max_tokens": }'}, 400, "INVALID_PARAMS", ":2:"),
+            ({"data": b"prompt: x", "headers": {"Content-Type": "text/yaml"}}, 415, "", ""),
+            ({"data": io.BytesIO(b'{"prompt": "' + b"x" * 1_100_000 + b'"}')}, 413, "", ""),
+            ({"json": task("u1") | {"colour": "red"}}, 400, "INVALID_PARAMS", "colour"),
+            ({"json": task("u2", model="nope")}, 404, "MODEL_UNKNOWN", "nope"),
+            ({"json": [1, 2]}, 400, "INVALID_PARAMS", "JSON object"),
+        ]
+        for kwargs, status, code, text in cases:
+            headers = kwargs.pop("headers", {"Content-Type": "application/json"})
+            async with session.post(f"{base}/v1/tasks", headers=headers, **kwargs) as response:
+                body = await response.json()
+                assert response.status == status, (status, body)
+                assert set(body) >= {"code", "message", "retriable", "hint"}
+                assert response.headers["X-Correlation-Id"]
+                assert code in body["code"] and text in body["message"], body
+        workspace.submit("dup.task.yaml", task("dup"))
+        await wait_terminal(workspace, "dup")
+        async with session.post(f"{base}/v1/tasks", json=task("dup")) as response:
+            assert response.status == 409 and (await response.json())["code"] == "DUPLICATE_TASK_ID"
+        async with session.get(f"{base}/v1/tasks/ghost") as response:
+            assert response.status == 404 and (await response.json())["code"] == "NOT_FOUND"
+        async with session.get(f"{base}/v1/tasks/ghost/events") as response:
+            assert response.status == 404
+        async with session.delete(f"{base}/v1/tasks") as response:
+            assert (
+                response.status == 405 and (await response.json())["code"] == "METHOD_NOT_ALLOWED"
+            )
+        async with session.get(f"{base}/no/such/path") as response:
+            assert response.status == 404 and (await response.json())["code"] == "NOT_FOUND"
+
+
+async def test_a_full_queue_answers_429_with_retry_after_and_backoff(
+    workspace: Workspace, serve: Any
+) -> None:
+    cfg = config(queue={"capacity": 1, "full_policy": "reject"})
+    cfg["pools"][0].update(slots=1, sim={"tokens_per_s": 20, "load_s": 0.0})
+    workspace.write_config(cfg)
+    running = await serve()
+    base = _url(running)
+    async with aiohttp.ClientSession() as session:
+        for i in range(2):  # one runs, one waits: the queue is full
+            async with session.post(f"{base}/v1/tasks", json=task(f"f{i}", max_tokens=40)) as r:
+                assert r.status == 202
+        async with session.post(f"{base}/v1/tasks", json=task("f2")) as response:
+            body = await response.json()
+            assert response.status == 429 and body["code"] == "ADMISSION_REJECT"
+            assert int(response.headers["Retry-After"]) >= 1
+            assert int(response.headers["X-Backoff-Ms"]) == body["retry_after_ms"]
+            assert response.headers["X-Task-Id"] == "f2"
+        assert workspace.result("f2")["status"] == "rejected"  # type: ignore[index]
+
+
+async def test_cancel_over_http_is_idempotent_and_stops_a_running_task(
+    workspace: Workspace, serve: Any
+) -> None:
+    cfg = config()
+    cfg["pools"][0]["sim"] = {"tokens_per_s": 20, "load_s": 0.0}
+    workspace.write_config(cfg)
+    running = await serve()
+    base = _url(running)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{base}/v1/tasks", json=task("c1", max_tokens=200)) as r:
+            assert r.status == 202
+        await wait_for(lambda: workspace.result("c1")["status"] == "running", 10)  # type: ignore[index]
+        for _ in range(2):
+            async with session.post(f"{base}/v1/tasks/c1/cancel") as response:
+                assert response.status in (200, 202)
+        result = await wait_terminal(workspace, "c1")
+        assert result["status"] == "canceled"
+        async with session.post(f"{base}/v1/tasks/c1/cancel") as response:
+            assert (await response.json())["status"] == "canceled"
+        async with session.post(f"{base}/v1/tasks/nobody/cancel") as response:
+            assert response.status == 404
+
+
+async def test_sessions_and_capabilities(workspace: Workspace, serve: Any) -> None:
+    running = await serve()
+    base = _url(running)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{base}/v1/tasks", json=task("s1", session_id="agent")) as r:
+            assert r.status == 202
+        await wait_terminal(workspace, "s1")
+        async with session.get(f"{base}/v1/sessions/agent") as response:
+            info = await response.json()
+        assert info["turns"] == 1 and info["kv_warmth"] is True and info["ttl_ms_remaining"] > 0
+        async with session.delete(f"{base}/v1/sessions/agent") as response:
+            assert response.status == 204
+        async with session.get(f"{base}/v1/sessions/agent") as response:
+            assert response.status == 404
+        async with session.get(f"{base}/v1/capabilities") as response:
+            caps = await response.json()
+        assert caps["api_version"] == "1.0.0"
+        [pool] = caps["pools"]
+        assert pool["pool_id"] == "p1" and pool["ctx"] == 2048 and pool["concurrency"] == 2
+        async with session.get(f"{base}/v1/status") as response:
+            assert (await response.json())["daemon"]["url"] == base
+
+
+async def test_a_stalled_client_does_not_hold_up_another_clients_tokens(
+    workspace: Workspace, serve: Any
+) -> None:
+    cfg = config()
+    cfg["pools"][0].update(ctx=8192, sim={"tokens_per_s": 2000, "load_s": 0.0})
+    workspace.write_config(cfg)
+    running = await serve()
+    base = _url(running)
+    host, port = base.removeprefix("http://").split(":")
+    workspace.submit("flood.task.yaml", task("flood", max_tokens=1500, prompt="x " * 100))
+    _, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /v1/tasks/flood/events HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()  # and never read a byte
+    try:
+        async with aiohttp.ClientSession() as session:
+            frames = await asyncio.wait_for(
+                _frames(session, f"{base}/v1/tasks/flood/events"), timeout=30
+            )
+        assert frames[-1]["event"] == "end"
+        assert sum(f["event"] == "token" for f in frames) == 1500
+    finally:
+        writer.close()
+
+
+def _auth_config(optional: bool) -> desired.DesiredState:
+    return desired.DesiredState.model_validate(
+        config(auth={"token_env": "TEST_ORCH_TOKEN", "optional_on_loopback": optional})
+    )
+
+
+def test_the_six_auth_scenarios(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    token = "0123456789abcdef0123"
+    monkeypatch.delenv("TEST_ORCH_TOKEN", raising=False)
+    # 1: loopback, optional, no token → allowed as localhost
+    auth = api_auth.load(_auth_config(True), tmp_path, bind_host="127.0.0.1")
+    assert api_auth.check(auth, remote="127.0.0.1", header=None).identity == "localhost"
+    # 3: a non-loopback bind without a token refuses to start
+    with pytest.raises(errors.ConfigProblem, match="no API token is set"):
+        api_auth.load(_auth_config(True), tmp_path, bind_host="0.0.0.0")
+    monkeypatch.setenv("TEST_ORCH_TOKEN", token)
+    auth = api_auth.load(_auth_config(False), tmp_path, bind_host="0.0.0.0")
+    # 2: loopback, not optional, no token → 401 MISSING_TOKEN
+    assert api_auth.check(auth, remote="127.0.0.1", header=None).code == "MISSING_TOKEN"
+    # 4: a wrong token → 401 BAD_TOKEN
+    assert api_auth.check(auth, remote="10.0.0.2", header="Bearer nope").code == "BAD_TOKEN"
+    assert api_auth.check(auth, remote="10.0.0.2", header=f"bearer {token}").code == "BAD_TOKEN"
+    # 5: the right token → its fingerprint, never the token
+    verdict = api_auth.check(auth, remote="10.0.0.2", header=f"  Bearer {token} ")
+    assert verdict.identity == f"token:{api_auth.fingerprint(token)}" and token not in str(verdict)
+    # 6: a remote caller without a token → 401
+    assert api_auth.check(auth, remote="10.0.0.2", header=None).code == "MISSING_TOKEN"
+
+
+async def test_a_token_protected_daemon_answers_401_and_logs_identities_not_tokens(
+    workspace: Workspace, serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token = "feedfacefeedface1234"
+    monkeypatch.setenv("TEST_ORCH_TOKEN", token)
+    workspace.write_config(
+        config(
+            server={"bind": "127.0.0.1:0"},
+            auth={"token_env": "TEST_ORCH_TOKEN", "optional_on_loopback": False},
+        )
+    )
+    running = await serve()
+    base = _url(running)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{base}/v1/capabilities") as response:
+            body = await response.json()
+            assert response.status == 401 and body["code"] == "MISSING_TOKEN" and body["hint"]
+        bad = {"Authorization": "Bearer wrong-token-0000000"}
+        async with session.get(f"{base}/v1/capabilities", headers=bad) as response:
+            assert response.status == 401 and (await response.json())["code"] == "BAD_TOKEN"
+        good = {"Authorization": f"Bearer {token}"}
+        async with session.post(f"{base}/v1/tasks", json=task("a1"), headers=good) as response:
+            assert response.status == 202
+
+
+async def test_the_correlation_id_of_a_request_is_on_every_log_line_of_its_task(
+    workspace: Workspace, serve: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    running = await serve()
+    base = _url(running)
+    caplog.set_level("INFO", logger="llama_orch")
+    async with aiohttp.ClientSession() as session:
+        headers = {"X-Correlation-Id": "trace-77"}
+        async with session.post(f"{base}/v1/tasks", json=task("k1"), headers=headers) as r:
+            assert r.status == 202
+    await wait_terminal(workspace, "k1")
+    await wait_for(
+        lambda: any(getattr(r, "orch_event", "") == "task.succeeded" for r in caplog.records)
+    )
+    about = [r for r in caplog.records if getattr(r, "orch_fields", {}).get("task_id") == "k1"]
+    events = {r.orch_event for r in about}  # type: ignore[attr-defined]
+    assert {"http.task_delivered", "task.queued", "placement.decided", "task.succeeded"} <= events
+    assert {r.orch_fields["correlation_id"] for r in about} == {"trace-77"}  # type: ignore[attr-defined]
