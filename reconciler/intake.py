@@ -1,10 +1,11 @@
 """Claiming task files from spool/incoming/ and turning them into parsed tasks or quarantine.
 
-Called by the daemon on every pass. Nothing here trusts the file: size, encoding, links,
-syntax, schema and the task id (which becomes a file name) are all checked, and any failure
-moves the file to spool/failed/ with an `.error.json` that names the line and field. Where a
-task id is known and unused, a `rejected` result is written too, so an agent waiting on
-results/<task_id>.json learns what happened.
+Called by the daemon on every pass. Nothing here trusts the entry: its kind (a folder, a FIFO),
+size, encoding, links, syntax, schema and the task id (which becomes a file name) are all
+checked, and any failure moves the entry to spool/failed/ with an `.error.json` that names the
+line and field. Where a task id is known and unused, a `rejected` result is written too, so an
+agent waiting on results/<task_id>.json learns what happened. An entry that cannot even be
+claimed is quarantined from incoming/: one entry's trouble is never the daemon's.
 """
 
 from __future__ import annotations
@@ -25,6 +26,49 @@ class Parsed:
     task_id: str
     task: tasks.TaskFile
     file_name: str
+
+
+def claim(
+    *,
+    the_spool: spool.Spool,
+    store: results.ResultStore,
+    name: str,
+    clock: clocks.Clock,
+    revision: str | None = None,
+) -> Path | None:
+    """Claim incoming/`name` (see `spool.claim`); an entry that can be neither linked nor
+    renamed into active/ is quarantined from where it is, with the reason."""
+    try:
+        return spool.claim(the_spool, name)
+    except OSError as exc:
+        source = the_spool.incoming / name
+        problem = loading.LoadError(
+            f"spool/incoming/{name}",
+            None,
+            None,
+            None,
+            f"could not be claimed: {exc.strerror or exc}",
+            "check the entry's owner and permissions; deliver task files with `orchctl submit`",
+        )
+        try:
+            quarantine(
+                the_spool=the_spool,
+                store=store,
+                path=source,
+                problems=[problem],
+                clock=clock,
+                task_id=claimed_task_id(source, None),
+                revision=revision,
+            )
+        except OSError as again:  # failed/ itself is unwritable: say so, keep serving
+            logs.emit(
+                log,
+                "task.unclaimable",
+                f"Could not claim or quarantine {name}: {again}",
+                level=40,
+                file=name,
+            )
+        return None
 
 
 def parse_claimed(path: Path) -> Parsed | list[loading.LoadError]:

@@ -94,13 +94,14 @@ def read_text(path: Path, *, max_bytes: int = MAX_FILE_BYTES) -> tuple[str | Non
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
+                kind = _KINDS.get(stat.S_IFMT(st.st_mode), "something else")
                 return None, [
                     LoadError(
                         shown,
                         None,
                         None,
                         None,
-                        "is not a regular file",
+                        f"is {kind}, not a regular file",
                         "write task files as plain files",
                     )
                 ]
@@ -121,8 +122,23 @@ def read_text(path: Path, *, max_bytes: int = MAX_FILE_BYTES) -> tuple[str | Non
         finally:
             os.close(fd)
     except OSError as exc:
-        return None, [LoadError(shown, None, None, None, f"cannot be read: {exc.strerror}")]
+        try:  # a socket cannot even be opened: say what it is rather than ENXIO
+            what = _KINDS.get(stat.S_IFMT(os.lstat(path).st_mode))
+        except OSError:
+            what = None
+        message = f"is {what}, not a regular file" if what else f"cannot be read: {exc.strerror}"
+        hint = "write task files as plain files" if what else "check its owner and permissions"
+        return None, [LoadError(shown, None, None, None, message, hint)]
     return decode_utf8(raw, shown)
+
+
+_KINDS = {
+    stat.S_IFDIR: "a folder",
+    stat.S_IFIFO: "a FIFO (named pipe)",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
 
 
 def decode_utf8(raw: bytes, shown: str) -> tuple[str | None, list[LoadError]]:

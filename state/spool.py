@@ -124,13 +124,27 @@ def _listing(folder: Path) -> list[str]:
 
 def claim(spool: Spool, name: str) -> Path | None:
     """Move incoming/`name` to active/; None when another claimer got it first, or when a
-    live task's file of the same name is still in active/ (it waits; never replaces it)."""
+    live task's file of the same name is still in active/ (it waits; never replaces it).
+
+    Raises OSError when the entry can be neither linked nor renamed: the caller quarantines
+    it where it is (`quarantine` takes any path).
+    """
     source, target = spool.incoming / name, spool.active / name
     try:
         os.link(source, target, follow_symlinks=False)  # unlike rename, never replaces
     except (FileNotFoundError, FileExistsError):
         return None
-    os.unlink(source)
+    except OSError:
+        # A folder cannot be hard-linked, nor (fs.protected_hardlinks) another user's file.
+        # Rename instead, once the name is known to be free: rename would replace a file.
+        if os.path.lexists(target):
+            return None
+        try:
+            os.rename(source, target)
+        except FileNotFoundError:
+            return None
+    else:
+        os.unlink(source)
     atomic.fsync_dir(spool.active)
     atomic.fsync_dir(spool.incoming)
     return target

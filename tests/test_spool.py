@@ -38,6 +38,22 @@ def test_delivery_refuses_names_that_are_not_task_files(the_spool: spool.Spool) 
             spool.deliver(the_spool, b"x", name=name)
 
 
+def test_a_folder_is_claimed_by_rename_and_quarantined_whole(the_spool: spool.Spool) -> None:
+    (the_spool.incoming / "d.task.yaml").mkdir()
+    (the_spool.incoming / "d.task.yaml" / "inner").write_bytes(b"x")
+    path = spool.claim(the_spool, "d.task.yaml")
+    assert path == the_spool.active / "d.task.yaml" and path.is_dir()
+    spool.quarantine(the_spool, path, {"code": "INVALID_TASK_FILE"})
+    assert (the_spool.failed / "d.task.yaml" / "inner").read_bytes() == b"x"
+
+
+def test_a_folder_never_replaces_a_live_file_of_the_same_name(the_spool: spool.Spool) -> None:
+    (the_spool.active / "d.task.yaml").write_bytes(b"live")
+    (the_spool.incoming / "d.task.yaml").mkdir()
+    assert spool.claim(the_spool, "d.task.yaml") is None
+    assert (the_spool.active / "d.task.yaml").read_bytes() == b"live"
+
+
 def test_only_one_claimer_wins(the_spool: spool.Spool) -> None:
     spool.deliver(the_spool, b"x", name="a.task.yaml")
     assert spool.claim(the_spool, "a.task.yaml") == the_spool.active / "a.task.yaml"
