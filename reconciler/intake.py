@@ -1,11 +1,12 @@
 """Claiming task files from spool/incoming/ and turning them into parsed tasks or quarantine.
 
 Called by the daemon on every pass. Nothing here trusts the entry: its kind (a folder, a FIFO),
-size, encoding, links, syntax, schema and the task id (which becomes a file name) are all
-checked, and any failure moves the entry to spool/failed/ with an `.error.json` that names the
-line and field. Where a task id is known and unused, a `rejected` result is written too, so an
-agent waiting on results/<task_id>.json learns what happened. An entry that cannot even be
-claimed is quarantined from incoming/: one entry's trouble is never the daemon's.
+its name (not UTF-8, hidden, too long, control characters), size, encoding, links, syntax,
+schema and the task id (which becomes a file name) are all checked, and any failure moves the
+entry to spool/failed/ with an `.error.json` that names the line and field. Where a task id is
+known and unused, a `rejected` result is written too, so an agent waiting on
+results/<task_id>.json learns what happened. An entry that cannot even be claimed is
+quarantined from incoming/: one entry's trouble is never the daemon's.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def claim(
     except OSError as exc:
         source = the_spool.incoming / name
         problem = loading.LoadError(
-            f"spool/incoming/{name}",
+            f"spool/incoming/{spool.shown(name)}",
             None,
             None,
             None,
@@ -64,16 +65,28 @@ def claim(
             logs.emit(
                 log,
                 "task.unclaimable",
-                f"Could not claim or quarantine {name}: {again}",
+                f"Could not claim or quarantine {spool.shown(name)}: {again}",
                 level=40,
-                file=name,
+                file=spool.shown(name),
             )
         return None
 
 
 def parse_claimed(path: Path) -> Parsed | list[loading.LoadError]:
     """Validate a claimed task file; the task id defaults to the file name's stem."""
-    shown = f"spool/active/{path.name}"
+    shown = f"spool/active/{spool.shown(path.name)}"
+    problem = spool.name_problem(path.name)
+    if problem is not None:
+        return [
+            loading.LoadError(
+                shown,
+                None,
+                None,
+                None,
+                f"the file name {problem}",
+                "rename it with letters, digits, '.', '_' and '-', e.g. fix-bug.task.yaml",
+            )
+        ]
     if not path.name.endswith(tasks.TASK_SUFFIXES):
         return [
             loading.LoadError(
@@ -133,6 +146,7 @@ def quarantine(
         "field": first.field,
         "problems": [p.as_dict() for p in problems],
         "task_id": task_id,
+        "original_name": spool.shown(path.name),
     }
     moved = spool.quarantine(the_spool, path, record)
     if task_id is not None and code != ErrorCode.DUPLICATE_TASK_ID and not store.exists(task_id):
@@ -147,7 +161,7 @@ def quarantine(
     logs.emit(
         log,
         "task.quarantined",
-        f"Moved {path.name} to spool/failed/: {problems[0]}",
+        f"Moved {spool.shown(path.name)} to spool/failed/{moved.name}: {problems[0]}",
         level=30,
         task_id=task_id,
         code=code,

@@ -5,15 +5,20 @@ stops or stalls the daemon."""
 from __future__ import annotations
 
 import errno
+import io
 import json
+import logging
 import os
 import socket
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from reconciler import logs
 from tests.conftest import Workspace, task, wait_for, wait_terminal
 
 pytestmark = pytest.mark.slow
@@ -107,3 +112,80 @@ async def test_an_entry_that_cannot_be_claimed_is_quarantined_where_it_is(
     assert record["path"] == "spool/incoming/stuck.task.yaml"
     assert "could not be claimed: Input/output error" in record["message"]
     assert (workspace.spool.failed / "stuck.task.yaml").exists()
+
+
+# -- names that cannot be kept as they are ------------------------------------------------------
+
+
+async def test_a_name_too_long_for_its_error_file_is_quarantined_under_a_shorter_one(
+    workspace: Workspace, serve: Any
+) -> None:
+    await serve()
+    name = "a" * 240 + ".task.yaml"
+    (workspace.spool.incoming / name).write_text(yaml.safe_dump(task("long")))
+    result = await wait_terminal(workspace, "long")
+    assert result["status"] == "rejected" and result["error"]["code"] == "INVALID_TASK_FILE"
+    [(kept, record)] = _records(workspace).items()
+    assert record["original_name"] == name and "250 bytes long" in record["message"]
+    assert (workspace.spool.failed / kept).exists() and kept.endswith(".task.yaml")
+    assert result["source_file"] == f"spool/failed/{kept}"
+
+
+async def test_a_name_that_is_not_utf8_gets_an_error_file_and_a_rejected_result(
+    workspace: Workspace, serve: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    await serve()
+    raw = os.fsencode(workspace.spool.incoming) + b"/caf\xe9.task.yaml"
+    with open(raw, "wb") as fh:
+        fh.write(yaml.safe_dump(task("cafe")).encode())
+    result = await wait_terminal(workspace, "cafe")
+    assert result["status"] == "rejected" and result["error"]["code"] == "INVALID_TASK_FILE"
+    assert [f.event for f in workspace.frames("cafe")] == ["error"]
+    [(kept, record)] = _records(workspace).items()
+    assert record["original_name"] == "caf\\xe9.task.yaml"
+    assert "not valid UTF-8" in record["message"] and record["hint"]
+    assert (workspace.spool.failed / kept).exists() and kept.isascii()
+    for line in caplog.records:  # what a log file would get: every line writable as UTF-8
+        logs.JsonLinesFormatter().format(line).encode("utf-8")
+
+
+async def test_a_hidden_file_is_left_while_fresh_and_refused_once_it_has_sat(
+    workspace: Workspace, serve: Any
+) -> None:
+    fresh = workspace.spool.incoming / ".fresh.task.yaml"
+    fresh.write_text(yaml.safe_dump(task("fresh")))
+    old = workspace.spool.incoming / ".old.task.yaml"
+    old.write_text(yaml.safe_dump(task("old")))
+    an_hour_ago = time.time() - 3600
+    os.utime(old, (an_hour_ago, an_hour_ago))
+    await serve()
+    result = await wait_terminal(workspace, "old")
+    assert result["status"] == "rejected" and result["error"]["code"] == "INVALID_TASK_FILE"
+    [record] = _records(workspace).values()
+    assert record["original_name"] == ".old.task.yaml" and "starts with '.'" in record["message"]
+    assert fresh.exists() and workspace.result("fresh") is None
+
+
+@pytest.fixture
+def project_log() -> Iterator[None]:
+    root = logging.getLogger(logs.ROOT)
+    saved = (list(root.handlers), root.level, root.propagate)
+    yield
+    for handler in root.handlers:
+        handler.close()
+    root.handlers[:], root.level, root.propagate = saved[0], saved[1], saved[2]
+
+
+@pytest.mark.parametrize("fmt", ["json", "pretty"])
+def test_a_log_line_naming_a_file_that_is_not_utf8_is_written(
+    tmp_path: Path, fmt: str, project_log: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log_file = tmp_path / "orch.log"
+    stream = io.StringIO()
+    logs.setup(fmt=fmt, log_file=log_file, stream=stream)
+    name = os.fsdecode(b"caf\xe9.task.yaml")
+    logs.emit(logs.get("intake"), "task.quarantined", f"Moved {name} to spool/failed/.", file=name)
+    assert "Logging error" not in capsys.readouterr().err
+    [line] = log_file.read_text(encoding="utf-8").splitlines()
+    assert json.loads(line)["file"] == name
+    assert "caf\\udce9" in stream.getvalue().encode("utf-8").decode("utf-8")
