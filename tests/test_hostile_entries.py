@@ -189,3 +189,52 @@ def test_a_log_line_naming_a_file_that_is_not_utf8_is_written(
     [line] = log_file.read_text(encoding="utf-8").splitlines()
     assert json.loads(line)["file"] == name
     assert "caf\\udce9" in stream.getvalue().encode("utf-8").decode("utf-8")
+
+
+# -- content that is hostile ----------------------------------------------------------------------
+
+HOSTILE_INPUTS: dict[str, tuple[str, str]] = {
+    "deep.task.json": ("[" * 900 + "]" * 900, "levels deep"),
+    "deeper.task.json": ("[" * 100_000 + "]" * 100_000, "levels deep"),
+    "flow.task.yaml": ("model: m1\nprompt: " + "[" * 3000 + "]" * 3000 + "\n", "levels deep"),
+    "digits.task.yaml": ("model: m1\nprompt: hi\nmax_tokens: " + "9" * 5000 + "\n", "number"),
+    "date.task.yaml": ("model: m1\nprompt: hi\nmax_tokens: 2\nseed: 2024-13-45\n", "month"),
+}
+
+
+async def test_hostile_content_is_an_invalid_task_file_with_a_line_and_a_hint(
+    workspace: Workspace, serve: Any
+) -> None:
+    await serve()
+    for name, (text, _) in HOSTILE_INPUTS.items():
+        workspace.submit(name, text)
+    workspace.submit("after.task.yaml", task("after"))
+    assert (await wait_terminal(workspace, "after"))["status"] == "succeeded"
+    records = await wait_for(
+        lambda: len(_records(workspace)) == len(HOSTILE_INPUTS) and _records(workspace),
+        5,
+        "an error file for every hostile file",
+    )
+    for name, (_, expected) in HOSTILE_INPUTS.items():
+        record = records[name]
+        assert record["code"] == "INVALID_TASK_FILE", (name, record["message"])
+        assert expected in record["message"], (name, record["message"])
+        assert record["line"] is not None and record["hint"], name
+
+
+async def test_a_task_behind_hostile_files_is_not_held_up(workspace: Workspace, serve: Any) -> None:
+    await serve()
+    began = time.monotonic()
+    workspace.submit("alone.task.yaml", task("alone", max_tokens=4))
+    await wait_terminal(workspace, "alone")
+    alone = time.monotonic() - began
+
+    workspace.submit("brackets.task.yaml", "prompt: " + "[" * 3000 + "]" * 3000 + "\n")
+    keys = "".join(f"key_{i:05d}: 1\n" for i in range(10_000))
+    workspace.submit("keys.task.yaml", "model: m1\nprompt: hi\nmax_tokens: 2\n" + keys)
+    workspace.submit("items.task.json", '{"labels": [' + "0," * 500_000 + "0]}")
+    began = time.monotonic()
+    workspace.submit("behind.task.yaml", task("behind", max_tokens=4))
+    assert (await wait_terminal(workspace, "behind", 60))["status"] == "succeeded"
+    behind = time.monotonic() - began
+    assert behind < 3 * alone + 1.0, f"{behind:.2f} s behind hostile files, {alone:.2f} s alone"
