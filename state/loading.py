@@ -42,6 +42,7 @@ class Loaded(Generic[T]):
     value: T | None
     errors: list[LoadError]
     data: Any = None
+    node: yaml.Node | None = None  # the YAML node tree, for locating later checks
 
 
 def read_text(path: Path, *, max_bytes: int = MAX_FILE_BYTES) -> tuple[str | None, list[LoadError]]:
@@ -167,9 +168,9 @@ def validate_text(text: str, model: type[M], *, shown: str, is_json: bool = Fals
             data,
         )
     try:
-        return Loaded(model.model_validate(data), [], data)
+        return Loaded(model.model_validate(data), [], data, node)
     except pydantic.ValidationError as exc:
-        return Loaded(None, validation_errors(exc, model, node, shown), data)
+        return Loaded(None, validation_errors(exc, model, node, shown), data, node)
 
 
 def validation_errors(

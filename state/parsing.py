@@ -5,8 +5,8 @@ daemon reads task files inline, so one hostile file must cost milliseconds, neve
 
 - `_scan` walks the parse events before anything is built and stops at the first alias, at
   nesting deeper than MAX_DEPTH, or past MAX_VALUES values;
-- `_check_tree` refuses what building would choke on: a number over MAX_NUMBER_CHARS
-  characters (`int()` of 4,300 digits raises, `1:59:59:…` takes quadratic time);
+- `_check_tree` refuses what a dict would silently lose or choke on: a key given twice (the
+  error names both lines), a merge key, a number over MAX_NUMBER_CHARS characters;
 - a value the constructor cannot build (`2024-13-45`) is an error at its line, not a crash;
 - at most MAX_PROBLEMS problems are reported (`capped`), then one line counting the rest.
 
@@ -180,7 +180,7 @@ def _scan(text: str, shown: str) -> list[LoadError]:
     return []
 
 
-_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_INT, _FLOAT, _MERGE = (f"tag:yaml.org,2002:{kind}" for kind in ("int", "float", "merge"))
 # (message, hint) of the problems found both in YAML and, without a location, in JSON
 _TOO_MANY = (
     f"has more than {MAX_VALUES:,} keys, values and list items",
@@ -199,9 +199,20 @@ def _too_long(chars: int) -> tuple[str, str]:
     )
 
 
+def _repeated(name: str, first_line: int | None) -> tuple[str, str]:
+    where = f" of line {first_line}" if first_line else ""
+    return (
+        f"repeats the key {short(name)}{where}; the later value would silently replace "
+        "the earlier one",
+        "keep one of the two",
+    )
+
+
 def _check_tree(root: yaml.Node, shown: str) -> list[LoadError]:
-    """What the parser accepts but building would choke on: a number too long to convert.
-    Sorted by line, at most MAX_PROBLEMS and a count."""
+    """What the parser accepts but building a dict would silently lose or choke on: a key
+    given twice (the last value would win), a merge key (its keys may be overridden unseen),
+    a number too long to convert. Sorted by line, at most MAX_PROBLEMS and a count."""
+    keys = yaml.constructor.SafeConstructor()
     problems: list[LoadError] = []
     stack: list[tuple[yaml.Node, tuple[Any, ...]]] = [(root, ())]
     while stack:
@@ -213,8 +224,24 @@ def _check_tree(root: yaml.Node, shown: str) -> list[LoadError]:
         elif isinstance(node, yaml.SequenceNode):
             stack.extend((child, (*loc, i)) for i, child in enumerate(node.value))
         elif isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Node] = {}
             for key, value in node.value:
                 name = key.value if isinstance(key, yaml.ScalarNode) else "?"
+                if key.tag == _MERGE:
+                    problems.append(
+                        _at(
+                            shown,
+                            key.start_mark,
+                            "uses the YAML merge key <<, which is not accepted",
+                            "write the keys out in this mapping",
+                            field,
+                        )
+                    )
+                elif isinstance(key, yaml.ScalarNode):
+                    first = seen.setdefault(_identity(keys, key), key)
+                    if first is not key:
+                        again = _repeated(name, first.start_mark.line + 1)
+                        problems.append(_at(shown, key.start_mark, *again, dotted((*loc, name))))
                 stack.append((value, (*loc, name)))
                 stack.append((key, loc))
     problems.sort(key=lambda p: (p.line or 0, p.column or 0))
@@ -223,6 +250,18 @@ def _check_tree(root: yaml.Node, shown: str) -> list[LoadError]:
 
 def _long_number(node: yaml.ScalarNode) -> bool:
     return node.tag in (_INT, _FLOAT) and len(node.value) > MAX_NUMBER_CHARS
+
+
+def _identity(keys: yaml.constructor.SafeConstructor, key: yaml.ScalarNode) -> Any:
+    """What the key becomes in the dict: `1`, `0x1` and `1.0` are one key there."""
+    if _long_number(key):  # `1:59:59:…` would take quadratic time to convert
+        return (key.tag, key.value)
+    try:
+        value = keys.construct_object(key, deep=True)
+        hash(value)
+    except Exception:  # refused later, with its line, when the document is built
+        return (key.tag, key.value)
+    return value
 
 
 def capped(problems: list[LoadError], shown: str, *, total: int | None = None) -> list[LoadError]:
@@ -251,7 +290,12 @@ def parse_json_document(text: str, shown: str) -> tuple[Any, yaml.Node | None, l
     bounds and checks as YAML; the YAML node tree of the same text gives the locations."""
     seen = _JsonSeen()
     try:
-        data = json.loads(text, parse_int=seen.integer, parse_float=seen.real)
+        data = json.loads(
+            text,
+            object_pairs_hook=seen.pairs,
+            parse_int=seen.integer,
+            parse_float=seen.real,
+        )
     except json.JSONDecodeError as exc:
         return (
             None,
@@ -302,6 +346,17 @@ class _JsonSeen:
 
     def __init__(self) -> None:
         self.problems: list[tuple[str, str]] = []
+
+    def pairs(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        data = dict(pairs)
+        if len(data) < len(pairs):
+            names: set[str] = set()
+            for name, _ in pairs:
+                if name in names:
+                    self.problems.append(_repeated(name, None))
+                    break
+                names.add(name)
+        return data
 
     def integer(self, digits: str) -> int:
         return int(digits) if self._short_number(digits) else 0

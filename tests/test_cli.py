@@ -117,6 +117,18 @@ async def test_submit_refuses_a_file_name_the_spool_could_not_keep(
     assert list(workspace.spool.incoming.iterdir()) == []
 
 
+def test_validate_reports_a_key_given_twice_in_orch_yaml_with_both_lines(
+    workspace: Workspace,
+) -> None:
+    text = workspace.config_path.read_text()
+    workspace.config_path.write_text(
+        text.replace("  replicas: 1\n", "  replicas: 1\n  replicas: 0\n")
+    )
+    proc = orchctl("validate", str(workspace.config_path))
+    assert proc.returncode == 2, proc.stdout
+    assert "pools[0].replicas: repeats the key 'replicas' of line" in proc.stdout
+
+
 async def test_watch_of_a_rejected_task_exits_1(workspace: Workspace, serve: Any) -> None:
     await serve()
     workspace.submit("r.task.yaml", task("r", model="nope"))

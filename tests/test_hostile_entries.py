@@ -199,6 +199,14 @@ HOSTILE_INPUTS: dict[str, tuple[str, str]] = {
     "flow.task.yaml": ("model: m1\nprompt: " + "[" * 3000 + "]" * 3000 + "\n", "levels deep"),
     "digits.task.yaml": ("model: m1\nprompt: hi\nmax_tokens: " + "9" * 5000 + "\n", "number"),
     "date.task.yaml": ("model: m1\nprompt: hi\nmax_tokens: 2\nseed: 2024-13-45\n", "month"),
+    "twice.task.yaml": (
+        "task_id: a\nmodel: m1\nprompt: hi\nmax_tokens: 2\ntask_id: a-second\n",
+        "repeats the key 'task_id' of line 1",
+    ),
+    "twice.task.json": (
+        '{"task_id": "j", "model": "m1", "prompt": "hi",\n "max_tokens": 2, "max_tokens": 3}',
+        "repeats the key 'max_tokens'",
+    ),
 }
 
 
@@ -220,6 +228,7 @@ async def test_hostile_content_is_an_invalid_task_file_with_a_line_and_a_hint(
         assert record["code"] == "INVALID_TASK_FILE", (name, record["message"])
         assert expected in record["message"], (name, record["message"])
         assert record["line"] is not None and record["hint"], name
+    assert workspace.result("a-second") is None and workspace.result("j") is None
 
 
 async def test_a_task_behind_hostile_files_is_not_held_up(workspace: Workspace, serve: Any) -> None:
