@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pydantic
-import yaml
 
 from plugins import hookspecs, interfaces, liveness, sim_bookings
 from state import desired, loading, observed
@@ -79,7 +78,7 @@ def load_inventory(path: Path) -> desired.SimulatedInventory:
                 "add at least one GPU with index, name, uuid and vram_total_mib",
             )
         )
-    node = _node(path)
+    node = loaded.node
     seen: dict[int, int] = {}
     for i, gpu in enumerate(inventory.gpus):
         if gpu.index in seen:
@@ -109,13 +108,6 @@ def load_inventory(path: Path) -> desired.SimulatedInventory:
     if errors:
         raise InventoryError(path, errors)
     return inventory
-
-
-def _node(path: Path) -> yaml.Node | None:
-    try:
-        return yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return None
 
 
 class SimulatedObserver:

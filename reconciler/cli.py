@@ -242,7 +242,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
             suffix = ".task.json"
     else:
         task_id = task.task_id or tasks.stem(Path(args.file).name)
-    target = spool.deliver(the_spool, data, name=f"{task_id}{suffix}")
+    try:
+        target = spool.deliver(the_spool, data, name=f"{task_id}{suffix}")
+    except ValueError as exc:  # a name the spool would refuse (too long, hidden, …)
+        print(f"orchctl: {exc}; set task_id: in the file", file=sys.stderr)
+        return EXIT_USAGE
     print(f"submitted {task_id} → {target}")
     print(f"result: {store.path(task_id)}")
     if not args.wait:

@@ -388,7 +388,13 @@ class Daemon:
             names = names[:INTAKE_PER_PASS]
             self.wake()
         for name in names:
-            path = spool.claim(self.spool, name)
+            path = intake.claim(
+                the_spool=self.spool,
+                store=self.results,
+                name=name,
+                clock=self.clock,
+                revision=self.config.revision,
+            )
             if path is None:
                 continue
             failpoints.hit("after_claim")

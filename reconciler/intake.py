@@ -1,10 +1,12 @@
 """Claiming task files from spool/incoming/ and turning them into parsed tasks or quarantine.
 
-Called by the daemon on every pass. Nothing here trusts the file: size, encoding, links,
-syntax, schema and the task id (which becomes a file name) are all checked, and any failure
-moves the file to spool/failed/ with an `.error.json` that names the line and field. Where a
-task id is known and unused, a `rejected` result is written too, so an agent waiting on
-results/<task_id>.json learns what happened.
+Called by the daemon on every pass. Nothing here trusts the entry: its kind (a folder, a FIFO),
+its name (not UTF-8, hidden, too long, control characters), size, encoding, links, syntax,
+schema and the task id (which becomes a file name) are all checked, and any failure moves the
+entry to spool/failed/ with an `.error.json` that names the line and field. Where a task id is
+known and unused, a `rejected` result is written too, so an agent waiting on
+results/<task_id>.json learns what happened. An entry that cannot even be claimed is
+quarantined from incoming/: one entry's trouble is never the daemon's.
 """
 
 from __future__ import annotations
@@ -27,9 +29,64 @@ class Parsed:
     file_name: str
 
 
+def claim(
+    *,
+    the_spool: spool.Spool,
+    store: results.ResultStore,
+    name: str,
+    clock: clocks.Clock,
+    revision: str | None = None,
+) -> Path | None:
+    """Claim incoming/`name` (see `spool.claim`); an entry that can be neither linked nor
+    renamed into active/ is quarantined from where it is, with the reason."""
+    try:
+        return spool.claim(the_spool, name)
+    except OSError as exc:
+        source = the_spool.incoming / name
+        problem = loading.LoadError(
+            f"spool/incoming/{spool.shown(name)}",
+            None,
+            None,
+            None,
+            f"could not be claimed: {exc.strerror or exc}",
+            "check the entry's owner and permissions; deliver task files with `orchctl submit`",
+        )
+        try:
+            quarantine(
+                the_spool=the_spool,
+                store=store,
+                path=source,
+                problems=[problem],
+                clock=clock,
+                task_id=claimed_task_id(source, None),
+                revision=revision,
+            )
+        except OSError as again:  # failed/ itself is unwritable: say so, keep serving
+            logs.emit(
+                log,
+                "task.unclaimable",
+                f"Could not claim or quarantine {spool.shown(name)}: {again}",
+                level=40,
+                file=spool.shown(name),
+            )
+        return None
+
+
 def parse_claimed(path: Path) -> Parsed | list[loading.LoadError]:
     """Validate a claimed task file; the task id defaults to the file name's stem."""
-    shown = f"spool/active/{path.name}"
+    shown = f"spool/active/{spool.shown(path.name)}"
+    problem = spool.name_problem(path.name)
+    if problem is not None:
+        return [
+            loading.LoadError(
+                shown,
+                None,
+                None,
+                None,
+                f"the file name {problem}",
+                "rename it with letters, digits, '.', '_' and '-', e.g. fix-bug.task.yaml",
+            )
+        ]
     if not path.name.endswith(tasks.TASK_SUFFIXES):
         return [
             loading.LoadError(
@@ -89,6 +146,7 @@ def quarantine(
         "field": first.field,
         "problems": [p.as_dict() for p in problems],
         "task_id": task_id,
+        "original_name": spool.shown(path.name),
     }
     moved = spool.quarantine(the_spool, path, record)
     if task_id is not None and code != ErrorCode.DUPLICATE_TASK_ID and not store.exists(task_id):
@@ -103,7 +161,7 @@ def quarantine(
     logs.emit(
         log,
         "task.quarantined",
-        f"Moved {path.name} to spool/failed/: {problems[0]}",
+        f"Moved {spool.shown(path.name)} to spool/failed/{moved.name}: {problems[0]}",
         level=30,
         task_id=task_id,
         code=code,

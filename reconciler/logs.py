@@ -52,7 +52,8 @@ class JsonLinesFormatter(logging.Formatter):
         line.update(fields)
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str, ensure_ascii=False)
+        text = json.dumps(line, default=str, ensure_ascii=False)
+        return _writable(text)
 
 
 class PrettyFormatter(logging.Formatter):
@@ -79,7 +80,18 @@ class PrettyFormatter(logging.Formatter):
         if self.color and record.levelname in self.COLORS:
             text = f"{self.COLORS[record.levelname]}{text}\033[0m"
         del event
-        return text
+        return _writable(text)
+
+
+def _writable(text: str) -> str:
+    """`text` with lone surrogates (from file names that are not UTF-8) as `\\udcxx`, so
+    writing the line to a UTF-8 stream or file cannot fail ("--- Logging error ---").
+    In a JSON line that is the JSON escape of the same character."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 def setup(

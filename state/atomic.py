@@ -38,9 +38,9 @@ def write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None:
 
 
 def write_json(path: Path, value: Any, *, durable: bool = True) -> None:
-    write_bytes(
-        path, (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode(), durable=durable
-    )
+    text = json.dumps(value, indent=2, ensure_ascii=False) + "\n"
+    # a lone surrogate (a file name that is not UTF-8) is written as its JSON escape \udcxx
+    write_bytes(path, text.encode("utf-8", "backslashreplace"), durable=durable)
 
 
 def fsync_dir(folder: Path) -> None:

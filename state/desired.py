@@ -195,9 +195,10 @@ def load_desired(
 ) -> loading.Loaded[DesiredState]:
     """Load orch.yaml; cross-field errors are located at the field they name."""
     result = loading.load_model(path, DesiredState)
-    errors = [_locate_cross_field(e, path, result.data) for e in result.errors]
+    # the node tree the data was built from: reading the file again could read another file
+    node = result.node
+    errors = [_locate_cross_field(e, node) for e in result.errors]
     if result.value is not None and known_engines is not None:
-        node = _node(path)
         for i, pool in enumerate(result.value.pools):
             if pool.engine not in known_engines:
                 line, col = loading.locate(node, ("pools", i, "engine"))
@@ -217,16 +218,7 @@ def load_desired(
     return result
 
 
-def _node(path: Path) -> Any:
-    import yaml
-
-    try:
-        return yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return None
-
-
-def _locate_cross_field(error: loading.LoadError, path: Path, data: object) -> loading.LoadError:
+def _locate_cross_field(error: loading.LoadError, node: Any) -> loading.LoadError:
     """Model-level validators name their field in the message; point the line at it."""
     if error.field or not error.message.startswith("Value error, "):
         return error
@@ -235,7 +227,7 @@ def _locate_cross_field(error: loading.LoadError, path: Path, data: object) -> l
     if not sep or not head or " " in head:
         return loading.LoadError(error.path, error.line, error.column, None, message, error.hint)
     loc = _parse_dotted(head)
-    line, col = loading.locate(_node(path), loc)
+    line, col = loading.locate(node, loc)
     return loading.LoadError(error.path, line, col, head, rest, error.hint)
 
 

@@ -4,14 +4,16 @@ Every file a user writes (orch.yaml, task files, inventories) goes through `load
 never raises on bad input: it returns either the model or a list of `LoadError`s, each saying
 where the problem is and how to fix it. `orchctl validate`, the spool and the config watcher
 all call it.
+
+Parsing the text, bounded against hostile input, is `parsing`'s job; this module reads the
+bytes (refusing links, FIFOs, huge files and invalid UTF-8) and validates the data against the
+model, locating at most `parsing.MAX_PROBLEMS` schema errors with a nearest-key hint.
 """
 
 from __future__ import annotations
 
 import difflib
-import json
 import os
-import reprlib
 import stat
 import types
 import typing
@@ -22,46 +24,15 @@ from typing import Any, Generic, TypeVar
 import pydantic
 import yaml
 
+from state import parsing
+
 MAX_FILE_BYTES = 1024 * 1024
 
 M = TypeVar("M", bound=pydantic.BaseModel)
 T = TypeVar("T")
 
-
-@dataclass(frozen=True)
-class LoadError:
-    """One problem in one file, located as precisely as the parser allows."""
-
-    path: str
-    line: int | None
-    column: int | None
-    field: str | None
-    message: str
-    hint: str | None = None
-
-    def __str__(self) -> str:
-        where = self.path
-        if self.line is not None:
-            where += f":{self.line}"
-            if self.column is not None:
-                where += f":{self.column}"
-        text = f"{where}: "
-        if self.field:
-            text += f"{self.field}: "
-        text += self.message
-        if self.hint:
-            text += f" (hint: {self.hint})"
-        return text
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "path": self.path,
-            "line": self.line,
-            "column": self.column,
-            "field": self.field,
-            "message": self.message,
-            "hint": self.hint,
-        }
+# one problem in one file; defined beside the parser, which reports most of them
+LoadError = parsing.LoadError
 
 
 @dataclass(frozen=True)
@@ -71,6 +42,7 @@ class Loaded(Generic[T]):
     value: T | None
     errors: list[LoadError]
     data: Any = None
+    node: yaml.Node | None = None  # the YAML node tree, for locating later checks
 
 
 def read_text(path: Path, *, max_bytes: int = MAX_FILE_BYTES) -> tuple[str | None, list[LoadError]]:
@@ -94,13 +66,14 @@ def read_text(path: Path, *, max_bytes: int = MAX_FILE_BYTES) -> tuple[str | Non
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
+                kind = _KINDS.get(stat.S_IFMT(st.st_mode), "something else")
                 return None, [
                     LoadError(
                         shown,
                         None,
                         None,
                         None,
-                        "is not a regular file",
+                        f"is {kind}, not a regular file",
                         "write task files as plain files",
                     )
                 ]
@@ -121,8 +94,23 @@ def read_text(path: Path, *, max_bytes: int = MAX_FILE_BYTES) -> tuple[str | Non
         finally:
             os.close(fd)
     except OSError as exc:
-        return None, [LoadError(shown, None, None, None, f"cannot be read: {exc.strerror}")]
+        try:  # a socket cannot even be opened: say what it is rather than ENXIO
+            what = _KINDS.get(stat.S_IFMT(os.lstat(path).st_mode))
+        except OSError:
+            what = None
+        message = f"is {what}, not a regular file" if what else f"cannot be read: {exc.strerror}"
+        hint = "write task files as plain files" if what else "check its owner and permissions"
+        return None, [LoadError(shown, None, None, None, message, hint)]
     return decode_utf8(raw, shown)
+
+
+_KINDS = {
+    stat.S_IFDIR: "a folder",
+    stat.S_IFIFO: "a FIFO (named pipe)",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
 
 
 def decode_utf8(raw: bytes, shown: str) -> tuple[str | None, list[LoadError]]:
@@ -143,78 +131,8 @@ def decode_utf8(raw: bytes, shown: str) -> tuple[str | None, list[LoadError]]:
         ]
 
 
-def parse_document(text: str, shown: str) -> tuple[Any, yaml.Node | None, list[LoadError]]:
-    """Parse YAML (JSON is accepted as YAML); return the data and its node tree for locations."""
-    try:
-        for event in yaml.parse(text, Loader=yaml.SafeLoader):
-            if isinstance(event, yaml.AliasEvent):
-                # aliases let a 1 KiB file expand into gigabytes ("billion laughs")
-                return (
-                    None,
-                    None,
-                    [
-                        _at(
-                            shown,
-                            event.start_mark,
-                            f"uses the YAML alias *{event.anchor}, which is not accepted",
-                            "write the value out instead of referring to an anchor",
-                        )
-                    ],
-                )
-        loader = yaml.SafeLoader(text)
-        try:  # compose once, then build the data from that same node tree
-            node = loader.get_single_node()
-            data = loader.construct_document(node) if node is not None else None
-        finally:
-            loader.dispose()
-    except yaml.MarkedYAMLError as exc:
-        problem = exc.problem or exc.context or "invalid syntax"
-        return (
-            None,
-            None,
-            [
-                _at(
-                    shown,
-                    exc.problem_mark or exc.context_mark,
-                    f"is not valid YAML/JSON: {problem}",
-                    "check indentation, colons and quotes near this line",
-                )
-            ],
-        )
-    except yaml.YAMLError as exc:
-        return None, None, [LoadError(shown, None, None, None, f"is not valid YAML/JSON: {exc}")]
-    return data, node, []
-
-
-def _at(shown: str, mark: Any, message: str, hint: str) -> LoadError:
-    line = mark.line + 1 if mark else None
-    column = mark.column + 1 if mark else None
-    return LoadError(shown, line, column, None, message, hint)
-
-
-def parse_json_document(text: str, shown: str) -> tuple[Any, yaml.Node | None, list[LoadError]]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        return (
-            None,
-            None,
-            [
-                LoadError(
-                    shown,
-                    exc.lineno,
-                    exc.colno,
-                    None,
-                    f"is not valid JSON: {exc.msg}",
-                    "check commas, quotes and brackets near this line",
-                )
-            ],
-        )
-    try:  # JSON is (almost always) YAML, which gives us node locations for field errors
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        node = None
-    return data, node, []
+parse_document = parsing.parse_document
+parse_json_document = parsing.parse_json_document
 
 
 def load_model(
@@ -250,9 +168,9 @@ def validate_text(text: str, model: type[M], *, shown: str, is_json: bool = Fals
             data,
         )
     try:
-        return Loaded(model.model_validate(data), [], data)
+        return Loaded(model.model_validate(data), [], data, node)
     except pydantic.ValidationError as exc:
-        return Loaded(None, validation_errors(exc, model, node, shown), data)
+        return Loaded(None, validation_errors(exc, model, node, shown), data, node)
 
 
 def validation_errors(
@@ -265,7 +183,8 @@ def validation_errors(
     # Unknown keys first: a typo usually also makes a required field "missing", and the typo
     # is the line the user has to fix.
     found = sorted(exc.errors(include_url=False), key=lambda e: e["type"] != "extra_forbidden")
-    for err in found:
+    # only the listed ones are located and hinted: each costs a walk of its mapping
+    for err in found[: parsing.MAX_PROBLEMS]:
         loc = tuple(err["loc"])
         line, column = locate(node, loc, key=err["type"] == "extra_forbidden")
         hint = None
@@ -281,19 +200,9 @@ def validation_errors(
         elif err["type"] == "missing":
             hint = f"add {loc[-1]!r}" if loc else None
         elif "input" in err and err["type"] not in ("model_type", "dict_type"):
-            message = f"{message} (got {_short(err['input'])})"
-        out.append(LoadError(shown, line, column, dotted(loc) or None, message, hint))
-    return out
-
-
-def dotted(loc: tuple[Any, ...]) -> str:
-    text = ""
-    for part in loc:
-        if isinstance(part, int):
-            text += f"[{part}]"
-        else:
-            text += f".{part}" if text else str(part)
-    return text
+            message = f"{message} (got {parsing.short(err['input'])})"
+        out.append(LoadError(shown, line, column, parsing.dotted(loc) or None, message, hint))
+    return parsing.capped(out, shown, total=len(found))
 
 
 def locate(
@@ -374,17 +283,6 @@ def _model_in(tp: Any) -> type[pydantic.BaseModel] | None:
         if found is not None:
             return found
     return None
-
-
-def _short(value: Any) -> str:
-    # reprlib bounds depth and length: repr() of a YAML alias bomb would never finish
-    return _REPR.repr(value)
-
-
-_REPR = reprlib.Repr()
-_REPR.maxstring = 60
-_REPR.maxother = 60
-_REPR.maxlevel = 3
 
 
 def _relabel(error: LoadError, label: str) -> LoadError:

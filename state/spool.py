@@ -7,12 +7,19 @@ sees a partial file. The reconciler claims a file by renaming it into active/ (`
 is atomic, so exactly one claimer wins. Input that cannot be accepted goes to failed/ beside a
 `<name>.error.json` saying why (`quarantine`). Every rename is followed by an fsync of the
 folder, so a claim or a finish survives a crash.
+
+Anyone who can write to incoming/ can put anything there: folders, FIFOs, names that are not
+UTF-8, hidden or too long for `.error.json` to fit beside them. Each such entry is claimed
+like a file and quarantined under a name that is safe to write and show (`safe_name`), with
+its own name escaped in the error file (`shown`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -22,6 +29,12 @@ from typing import Any
 from state import atomic, ids, tasks
 
 TMP_MAX_AGE_S = 36 * 3600  # as maildir: a tmp/ file untouched this long is a dead delivery
+# A hidden entry in incoming/ is taken for a tool writing in place (rsync, an editor) until it
+# has not changed for this long; then it is claimed and refused like any other bad entry.
+HIDDEN_GRACE_S = 60.0
+# Room left in a 255-byte name for the `<time_ns>-` of a namesake, `.error.json` and the
+# `.<name>.<pid>.tmp` of an atomic write.
+MAX_NAME_BYTES = 200
 
 
 @dataclass(frozen=True)
@@ -77,6 +90,9 @@ def deliver(spool: Spool, data: bytes, *, name: str) -> Path:
         raise ValueError(
             f"task file name {name!r} must be a plain name ending in .task.yaml or .task.json"
         )
+    problem = name_problem(name)
+    if problem is not None:
+        raise ValueError(f"task file name {shown(name)!r} {problem}")
     spool.ensure()
     part = spool.tmp / (unique_name() + ".part")
     atomic_file = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -96,25 +112,32 @@ def deliver(spool: Spool, data: bytes, *, name: str) -> Path:
     return target
 
 
-def incoming_names(spool: Spool) -> list[str]:
-    """Files waiting in incoming/, oldest first (by modification time, then name)."""
-    return _listing(spool.incoming)
+def incoming_names(spool: Spool, *, now: float | None = None) -> list[str]:
+    """Entries waiting in incoming/, oldest first (by modification time, then name); hidden
+    ones only once they are HIDDEN_GRACE_S old (see there)."""
+    now = time.time() if now is None else now
+    return _listing(spool.incoming, hidden_before=now - HIDDEN_GRACE_S)
 
 
 def active_names(spool: Spool) -> list[str]:
-    return _listing(spool.active)
+    # hidden ones too: only a claim puts anything here, so a hidden name was claimed
+    return _listing(spool.active, hidden_before=float("inf"))
 
 
-def _listing(folder: Path) -> list[str]:
+def _listing(folder: Path, *, hidden_before: float | None = None) -> list[str]:
+    """Names in `folder`, oldest first; hidden ones only if modified before `hidden_before`."""
     entries = []
     try:
         with os.scandir(folder) as it:
             for entry in it:
-                if entry.name.startswith("."):
+                hidden = entry.name.startswith(".")
+                if hidden and hidden_before is None:
                     continue
                 try:
                     mtime = entry.stat(follow_symlinks=False).st_mtime_ns
                 except FileNotFoundError:
+                    continue
+                if hidden and hidden_before is not None and mtime / 1e9 >= hidden_before:
                     continue
                 entries.append((mtime, entry.name))
     except FileNotFoundError:
@@ -124,13 +147,27 @@ def _listing(folder: Path) -> list[str]:
 
 def claim(spool: Spool, name: str) -> Path | None:
     """Move incoming/`name` to active/; None when another claimer got it first, or when a
-    live task's file of the same name is still in active/ (it waits; never replaces it)."""
+    live task's file of the same name is still in active/ (it waits; never replaces it).
+
+    Raises OSError when the entry can be neither linked nor renamed: the caller quarantines
+    it where it is (`quarantine` takes any path).
+    """
     source, target = spool.incoming / name, spool.active / name
     try:
         os.link(source, target, follow_symlinks=False)  # unlike rename, never replaces
     except (FileNotFoundError, FileExistsError):
         return None
-    os.unlink(source)
+    except OSError:
+        # A folder cannot be hard-linked, nor (fs.protected_hardlinks) another user's file.
+        # Rename instead, once the name is known to be free: rename would replace a file.
+        if os.path.lexists(target):
+            return None
+        try:
+            os.rename(source, target)
+        except FileNotFoundError:
+            return None
+    else:
+        os.unlink(source)
     atomic.fsync_dir(spool.active)
     atomic.fsync_dir(spool.incoming)
     return target
@@ -148,8 +185,9 @@ def finish(spool: Spool, name: str, *, failed: bool = False) -> Path | None:
 
 
 def quarantine(spool: Spool, source: Path, error: dict[str, Any]) -> Path:
-    """Move a file that cannot be accepted into failed/ with `<name>.error.json` beside it."""
-    target = _free_name(spool.failed, source.name)
+    """Move an entry that cannot be accepted (a file, a folder, anything) into failed/, under
+    `safe_name`, with `<that name>.error.json` beside it."""
+    target = _free_name(spool.failed, safe_name(source.name))
     # already moved by an earlier attempt: still (re)write the explanation
     with contextlib.suppress(FileNotFoundError):
         atomic.rename_durable(source, target)
@@ -162,6 +200,50 @@ def _free_name(folder: Path, name: str) -> Path:
     if not target.exists() and not target.is_symlink():
         return target
     return folder / f"{time.time_ns()}-{name}"
+
+
+def name_problem(name: str) -> str | None:
+    """Why `name` cannot be kept as it is in done/ or failed/, results and logs; None if it can.
+    (Names come from os.listdir: bytes that are not UTF-8 arrive as lone surrogates.)"""
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "is not valid UTF-8"
+    if name.startswith("."):
+        return "starts with '.', which hides it (tools use such names while they write)"
+    if not name.isprintable():
+        return "contains a character that cannot be shown (a control character such as a newline)"
+    if size > MAX_NAME_BYTES:
+        return f"is {size} bytes long; names up to {MAX_NAME_BYTES} bytes are accepted"
+    return None
+
+
+def shown(name: str) -> str:
+    """`name` as a person can read and a JSON or log line can hold: bytes that are not UTF-8
+    as `\\xe9`, characters that do not print (controls, bidi overrides) as `\\n`, `\\u202e`."""
+    text = _bytes(name).decode("utf-8", "backslashreplace")
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def _bytes(name: str) -> bytes:
+    try:
+        return name.encode("utf-8", "surrogateescape")  # the bytes os.listdir decoded
+    except UnicodeEncodeError:  # a surrogate no file name decodes to (from text, not a listing)
+        return name.encode("utf-8", "backslashreplace")
+
+
+def safe_name(name: str) -> str:
+    """`name` itself when it can be kept; else a name made of its readable part and a digest
+    of its bytes (so two bad names never collide), e.g. `caf_xe9-1f2e3d4c5b6a.task.yaml`."""
+    if name_problem(name) is None:
+        return name
+    digest = hashlib.sha256(_bytes(name)).hexdigest()[:12]
+    suffix = next((s for s in tasks.TASK_SUFFIXES if name.endswith(s)), "")
+    stem = shown(name)[: -len(suffix) or None]
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).lstrip("._")[:80]
+    return f"{readable or 'unnamed'}-{digest}{suffix}"
 
 
 def request_cancel(spool: Spool, task_id: str) -> Path:

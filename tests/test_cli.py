@@ -107,6 +107,28 @@ async def test_submit_refuses_an_invalid_task_before_it_reaches_the_spool(
     assert list(workspace.spool.incoming.iterdir()) == []
 
 
+async def test_submit_refuses_a_file_name_the_spool_could_not_keep(
+    workspace: Workspace,
+) -> None:
+    long = workspace.root / ("a" * 200 + ".task.yaml")
+    long.write_text("model: m1\nprompt: hi\nmax_tokens: 2\n")
+    proc = orchctl("submit", str(long), "--config", str(workspace.config_path))
+    assert proc.returncode == 2 and "bytes long" in proc.stderr and "task_id" in proc.stderr
+    assert list(workspace.spool.incoming.iterdir()) == []
+
+
+def test_validate_reports_a_key_given_twice_in_orch_yaml_with_both_lines(
+    workspace: Workspace,
+) -> None:
+    text = workspace.config_path.read_text()
+    workspace.config_path.write_text(
+        text.replace("  replicas: 1\n", "  replicas: 1\n  replicas: 0\n")
+    )
+    proc = orchctl("validate", str(workspace.config_path))
+    assert proc.returncode == 2, proc.stdout
+    assert "pools[0].replicas: repeats the key 'replicas' of line" in proc.stdout
+
+
 async def test_watch_of_a_rejected_task_exits_1(workspace: Workspace, serve: Any) -> None:
     await serve()
     workspace.submit("r.task.yaml", task("r", model="nope"))

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
-from state import desired, loading, tasks
+import pytest
+
+from plugins import gpu_simulated
+from reconciler import clocks, configuring
+from state import desired, loading, parsing, tasks
 
 GOOD_TASK = "task_id: t1\nmodel: m\nprompt: hi\nmax_tokens: 4\n"
 
@@ -130,3 +135,113 @@ def test_simulated_observer_needs_an_inventory(tmp_path: Path) -> None:
     path.write_text(CONFIG + "gpus: {observer: simulated}\n")
     [err] = desired.load_desired(path).errors
     assert "inventory" in err.message
+
+
+# -- hostile input: bounded, located, never a Python error ----------------------------------
+
+
+HOSTILE_SMALL = {
+    "deep.task.json": "[" * 900 + "]" * 900,
+    "deeper.task.json": "[" * 100_000 + "]" * 100_000,
+    "flow.task.yaml": "prompt: " + "[" * 3000 + "]" * 3000 + "\n",
+    "indented.task.yaml": "".join(f"{' ' * i}k{i}:\n" for i in range(700)),
+    "digits.task.yaml": "model: m\nprompt: hi\nmax_tokens: " + "9" * 5000 + "\n",
+    "digits.task.json": '{"model": "m", "prompt": "hi",\n "max_tokens": ' + "9" * 5000 + "}",
+    "sexagesimal.task.yaml": "model: m\nprompt: hi\nmax_tokens: 1" + ":59" * 50_000 + "\n",
+    "date.task.yaml": "model: m\nprompt: hi\nmax_tokens: 3\nseed: 2024-13-45\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_SMALL))
+def test_hostile_nesting_and_numbers_are_invalid_with_a_line_and_a_hint(
+    tmp_path: Path, name: str
+) -> None:
+    loaded = _task(tmp_path, HOSTILE_SMALL[name], name=name)
+    assert loaded.value is None and loaded.errors
+    first = loaded.errors[0]
+    assert first.line is not None and first.hint, first
+    assert "Error" not in first.message, first  # not a Python exception's text
+
+
+def test_a_too_deep_file_says_how_deep_is_allowed(tmp_path: Path) -> None:
+    [err] = _task(tmp_path, "prompt: " + "[" * 40 + "]" * 40 + "\n").errors
+    assert (err.line, err.column) == (1, 8 + parsing.MAX_DEPTH)  # the root mapping is one
+    assert f"more than {parsing.MAX_DEPTH} levels deep" in err.message
+
+
+def test_a_repeated_key_names_both_lines(tmp_path: Path) -> None:
+    text = "task_id: a\nmodel: m\nprompt: hi\nmax_tokens: 4\ntask_id: a-second\nmax_tokens: 5\n"
+    first, second = _task(tmp_path, text).errors
+    assert (first.line, first.field) == (5, "task_id") and "of line 1" in first.message
+    assert (second.line, second.field) == (6, "max_tokens") and "of line 4" in second.message
+    assert "repeats the key" in first.message and first.hint
+
+
+def test_a_repeated_key_in_json_names_both_lines(tmp_path: Path) -> None:
+    text = '{"task_id": "j",\n "model": "m", "prompt": "hi", "max_tokens": 2,\n "task_id": "k"}'
+    [err] = _task(tmp_path, text, name="t.task.json").errors
+    assert (err.line, err.field) == (3, "task_id") and "of line 1" in err.message
+
+
+def test_keys_that_become_one_dict_key_are_repeated_keys(tmp_path: Path) -> None:
+    text = "model: m\nprompt: hi\nmax_tokens: 4\nlabels:\n  1: a\n  0x1: b\n"
+    [err] = _task(tmp_path, text).errors
+    assert (err.line, err.field) == (6, "labels.0x1") and "of line 5" in err.message
+
+
+def test_a_merge_key_is_refused(tmp_path: Path) -> None:
+    [err] = _task(tmp_path, "model: m\nprompt: hi\n<<: {max_tokens: 4}\nmax_tokens: 5\n").errors
+    assert err.line == 3 and "merge key" in err.message
+
+
+def test_a_pool_key_given_twice_in_orch_yaml_keeps_the_last_good_config(tmp_path: Path) -> None:
+    path = tmp_path / "orch.yaml"
+    path.write_text(CONFIG)
+    applied = configuring.AppliedConfig(path, {"sim"}, clocks.FakeClock())
+    assert applied.refresh(settle=False) and applied.state is not None
+    path.write_text(CONFIG.replace("    replicas: 1\n", "    replicas: 1\n    replicas: 0\n"))
+
+    assert applied.refresh(settle=False) is False
+    assert applied.state.pools[0].replicas == 1
+    [err] = applied.errors
+    assert (err.line, err.field) == (9, "pools[0].replicas") and "of line 8" in err.message
+
+
+def test_a_key_given_twice_in_an_inventory_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "inventory.yaml"
+    path.write_text("gpus:\n  - index: 0\n    name: A\n    uuid: a\n    vram_total_mib: 10\n")
+    path.write_text(path.read_text() + "    vram_total_mib: 20\n")
+    with pytest.raises(gpu_simulated.InventoryError) as caught:
+        gpu_simulated.load_inventory(path)
+    [err] = caught.value.errors
+    assert (err.line, err.field) == (6, "gpus[0].vram_total_mib") and "of line 5" in err.message
+
+
+def test_thousands_of_problems_are_listed_as_twenty_and_a_count(tmp_path: Path) -> None:
+    keys = "".join(f"k{i}: 1\n" for i in range(4000))
+    errors = _task(tmp_path, GOOD_TASK + keys).errors
+    assert len(errors) == parsing.MAX_PROBLEMS + 1
+    assert errors[0].line == 5 and errors[0].hint
+    assert errors[-1].message == f"and {4000 - parsing.MAX_PROBLEMS:,} more problems not listed"
+
+
+MIB = 1024 * 1024 - 64
+HOSTILE = {
+    "brackets.task.yaml": "[" * MIB,
+    "keys.task.yaml": "".join(f"k{i:07d}: 1\n" for i in range(MIB // 12)),
+    "some-keys.task.yaml": GOOD_TASK + "".join(f"k{i}: 1\n" for i in range(4900)),
+    "items.task.yaml": GOOD_TASK + "labels: [" + "0," * (MIB // 2 - 10) + "0]\n",
+    "items.task.json": '{"labels": [' + '"a",' * (MIB // 4 - 10) + '"a"]}',
+    "keys.task.json": "{" + "".join(f'"k{i:07d}": 1,' for i in range(MIB // 14)) + '"k": 1}',
+    "repeats.task.json": '{"max_tokens": 1' + ', "max_tokens": 1' * (MIB // 17 - 1) + "}",
+    "numbers.task.yaml": GOOD_TASK + "x: 1" + ":59" * (MIB // 3 - 20) + "\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_a_hostile_mebibyte_is_refused_in_well_under_a_second(tmp_path: Path, name: str) -> None:
+    began = time.perf_counter()
+    loaded = _task(tmp_path, HOSTILE[name], name=name)
+    elapsed = time.perf_counter() - began
+    assert loaded.value is None and loaded.errors[0].hint
+    assert elapsed < 1.0, f"{name}: {elapsed:.2f} s"

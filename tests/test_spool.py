@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from state import spool
 
@@ -36,6 +38,58 @@ def test_delivery_refuses_names_that_are_not_task_files(the_spool: spool.Spool) 
     for name in ("../x.task.yaml", "notes.txt", "a/b.task.json"):
         with pytest.raises(ValueError):
             spool.deliver(the_spool, b"x", name=name)
+
+
+def test_delivery_refuses_names_the_spool_could_not_keep(the_spool: spool.Spool) -> None:
+    for name in (".hidden.task.yaml", "a" * 200 + ".task.yaml", "tab\t.task.yaml"):
+        with pytest.raises(ValueError, match="task file name"):
+            spool.deliver(the_spool, b"x", name=name)
+    assert list(the_spool.incoming.iterdir()) == []
+
+
+# any name os.listdir can return: text, with undecodable bytes as lone surrogates
+NAMES = st.binary(min_size=1, max_size=255).filter(lambda b: b"/" not in b and b"\0" not in b)
+
+
+@given(NAMES.map(os.fsdecode))
+def test_every_name_has_a_safe_name_and_a_printable_form(name: str) -> None:
+    safe = spool.safe_name(name)
+    assert spool.name_problem(safe) is None
+    assert len((safe + ".error.json").encode()) + 20 <= 255  # a `<time_ns>-` prefix fits too
+    assert spool.shown(name).isprintable() and spool.shown(name).encode("utf-8")
+    if spool.name_problem(name) is None:
+        assert safe == name
+
+
+@given(NAMES.map(os.fsdecode), NAMES.map(os.fsdecode))
+def test_two_bad_names_never_share_a_safe_name(a: str, b: str) -> None:
+    if a != b and spool.name_problem(a) and spool.name_problem(b):
+        assert spool.safe_name(a) != spool.safe_name(b)
+
+
+def test_a_hidden_entry_is_listed_only_once_it_has_sat_unchanged(the_spool: spool.Spool) -> None:
+    hidden = the_spool.incoming / ".x.task.yaml"
+    hidden.write_bytes(b"x")
+    now = hidden.stat().st_mtime
+    assert spool.incoming_names(the_spool, now=now) == []
+    later = now + spool.HIDDEN_GRACE_S + 1
+    assert spool.incoming_names(the_spool, now=later) == [".x.task.yaml"]
+
+
+def test_a_folder_is_claimed_by_rename_and_quarantined_whole(the_spool: spool.Spool) -> None:
+    (the_spool.incoming / "d.task.yaml").mkdir()
+    (the_spool.incoming / "d.task.yaml" / "inner").write_bytes(b"x")
+    path = spool.claim(the_spool, "d.task.yaml")
+    assert path == the_spool.active / "d.task.yaml" and path.is_dir()
+    spool.quarantine(the_spool, path, {"code": "INVALID_TASK_FILE"})
+    assert (the_spool.failed / "d.task.yaml" / "inner").read_bytes() == b"x"
+
+
+def test_a_folder_never_replaces_a_live_file_of_the_same_name(the_spool: spool.Spool) -> None:
+    (the_spool.active / "d.task.yaml").write_bytes(b"live")
+    (the_spool.incoming / "d.task.yaml").mkdir()
+    assert spool.claim(the_spool, "d.task.yaml") is None
+    assert (the_spool.active / "d.task.yaml").read_bytes() == b"live"
 
 
 def test_only_one_claimer_wins(the_spool: spool.Spool) -> None:
