@@ -37,6 +37,7 @@ IO_MODULES = {
     "reconciler.fanout",
     "reconciler.intake",
     "reconciler.pools",
+    "reconciler.probing",
     "reconciler.recovery",
     "reconciler.streaming",
     "reconciler.tasking",
