@@ -31,6 +31,9 @@ IO_LIBRARIES = {"asyncio", "subprocess", "socket", "shutil", "aiohttp", "watchdo
 IO_MODULES = {
     "reconciler.adoption",
     "reconciler.cli",
+    "reconciler.cli_common",
+    "reconciler.cli_tasks",
+    "reconciler.cli_watch",
     "reconciler.configuring",
     "reconciler.daemon",
     "reconciler.dispatch",
