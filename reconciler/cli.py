@@ -1,11 +1,11 @@
 """`orchctl`: the command line. Exit codes: 0 ok, 1 the task or check failed, 2 usage or
 config error (file:line printed), 3 environment missing (the fix printed), 130 interrupted.
 
-This module parses the command line and runs one verb: `serve`, `validate`, `status`,
-`plugins` and `schemas` here; `submit`, `cancel` and `tasks` in `cli_tasks`; `watch` in
-`cli_watch`. `run` turns whatever a verb raises into one plain line on standard error and an
-exit code: no input, however hostile, makes orchctl print a traceback (set ORCHCTL_DEBUG=1 to
-see one for a bug).
+This module parses the command line and runs one verb: `serve`, `status`, `plugins` and
+`schemas` here; `submit`, `cancel` and `tasks` in `cli_tasks`; `watch` in `cli_watch`;
+`validate` in `cli_validate`. `run` turns whatever a verb raises into one plain line on
+standard error and an exit code: no input, however hostile, makes orchctl print a traceback
+(set ORCHCTL_DEBUG=1 to see one for a bug).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 import pydantic
 
 from plugins import registry
-from reconciler import cli_common, cli_tasks, cli_watch, logs, status
+from reconciler import cli_common, cli_tasks, cli_validate, cli_watch, logs, status
 from reconciler.cli_common import (
     EXIT_ENV,
     EXIT_FAILED,
@@ -31,7 +31,7 @@ from reconciler.cli_common import (
     EXIT_USAGE,
     Refused,
 )
-from state import desired, errors, loading, statusfile, tasks
+from state import desired, errors, statusfile
 
 __all__ = ["EXIT_ENV", "EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "main", "run"]
 
@@ -161,9 +161,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--log-file", type=Path, help="also write JSON Lines to this file")
 
-    v = verb("validate", cmd_validate, "check orch.yaml, task and inventory files")
+    v = verb("validate", cli_validate.cmd_validate, "check orch.yaml, task and inventory files")
     v.add_argument(
         "files", nargs="+", type=Path, metavar="FILE", help="orch.yaml, *.task.yaml, inventory"
+    )
+    v.add_argument(
+        "--config",
+        type=Path,
+        help="check task files against this orch.yaml (default: the one orch.yaml among FILE)",
     )
 
     sm = verb("submit", cli_tasks.cmd_submit, "deliver a task file into the spool (atomically)")
@@ -248,35 +253,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return await d.run()
 
     return asyncio.run(serve())
-
-
-def cmd_validate(args: argparse.Namespace) -> int:
-    failures = 0
-    engines = set(registry.load().engines)
-    for path in args.files:
-        errors = validate_file(path, engines)
-        if errors:
-            failures += 1
-            for err in errors:
-                print(err)
-        else:
-            print(f"{path}: ok")
-    return EXIT_USAGE if failures else EXIT_OK
-
-
-def validate_file(path: Path, engines: set[str]) -> list[loading.LoadError]:
-    name = path.name
-    if name.endswith(tasks.TASK_SUFFIXES):
-        return loading.load_model(path, tasks.TaskFile).errors
-    text, errs = loading.read_text(path)
-    if text is None:
-        return errs
-    data, _, errs = loading.parse_document(text, str(path))
-    if errs:
-        return errs
-    if isinstance(data, dict) and set(data) == {"gpus"}:
-        return loading.load_model(path, desired.SimulatedInventory).errors
-    return desired.load_desired(path, known_engines=engines).errors
 
 
 def cmd_status(args: argparse.Namespace) -> int:

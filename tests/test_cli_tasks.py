@@ -187,6 +187,25 @@ def test_submitting_an_id_a_waiting_file_already_claims_is_refused(workspace: Wo
     assert incoming(workspace) == ["other.task.yaml"]
 
 
+UNSAFE = (
+    "{path}: task_id: the file name implies task id 'my task', which is not a task id "
+    "(letters, digits, '.', '_' and '-' only) "
+    "(hint: rename the file to my-task.task.yaml, or add `task_id: my-task`)"
+)
+
+
+def test_a_file_name_that_is_no_task_id_fails_validate_and_submit_alike(
+    workspace: Workspace,
+) -> None:
+    path = workspace.root / "my task.task.yaml"
+    path.write_text("model: m1\nprompt: hi\nmax_tokens: 3\n")
+    checked = orchctl("validate", path)
+    assert (checked.code, checked.out_lines) == (2, [UNSAFE.format(path=path)])
+    submitted = orchctl("submit", path, "--config", cfg(workspace))
+    assert (submitted.code, submitted.err_lines) == (2, [UNSAFE.format(path=path)])
+    assert incoming(workspace) == []
+
+
 def test_submit_without_a_daemon_delivers_and_says_so_at_once(workspace: Workspace) -> None:
     ran = orchctl("submit", write_task(workspace, "t1.task.yaml"), "--config", cfg(workspace))
     assert ran.code == 0
