@@ -1,11 +1,11 @@
 """`orchctl`: the command line. Exit codes: 0 ok, 1 the task or check failed, 2 usage or
 config error (file:line printed), 3 environment missing (the fix printed), 130 interrupted.
 
-This module parses the command line and runs one verb: `serve`, `status`, `plugins` and
-`schemas` here; `submit`, `cancel` and `tasks` in `cli_tasks`; `watch` in `cli_watch`;
-`validate` in `cli_validate`. `run` turns whatever a verb raises into one plain line on
-standard error and an exit code: no input, however hostile, makes orchctl print a traceback
-(set ORCHCTL_DEBUG=1 to see one for a bug).
+This module parses the command line and runs one verb: `serve`, `plugins` and `schemas` here;
+`submit`, `cancel` and `tasks` in `cli_tasks`; `watch` in `cli_watch`; `validate` in
+`cli_validate`; `status` in `cli_status`. `run` turns whatever a verb raises into one plain
+line on standard error and an exit code: no input, however hostile, makes orchctl print a
+traceback (set ORCHCTL_DEBUG=1 to see one for a bug).
 """
 
 from __future__ import annotations
@@ -19,10 +19,16 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import pydantic
-
 from plugins import registry
-from reconciler import cli_common, cli_tasks, cli_validate, cli_watch, logs, status
+from reconciler import (
+    cli_common,
+    cli_status,
+    cli_tasks,
+    cli_validate,
+    cli_watch,
+    logs,
+    status,
+)
 from reconciler.cli_common import (
     EXIT_ENV,
     EXIT_FAILED,
@@ -31,7 +37,7 @@ from reconciler.cli_common import (
     EXIT_USAGE,
     Refused,
 )
-from state import desired, errors, statusfile
+from state import desired, errors
 
 __all__ = ["EXIT_ENV", "EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "main", "run"]
 
@@ -205,7 +211,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--limit", type=int, default=20, help="show at most this many (0: all)")
     t.add_argument("--json", action="store_true", help="print a JSON list")
 
-    st = verb("status", cmd_status, "show the daemon, GPUs, pools and the queue")
+    st = verb("status", cli_status.cmd_status, "show the daemon, GPUs, pools and the queue")
     _config(st)
     st.add_argument("--json", action="store_true", help="print .orch/status.json as it is")
 
@@ -253,22 +259,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return await d.run()
 
     return asyncio.run(serve())
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    path = cli_common.open_folder(args.config).state_dir / "status.json"
-    try:
-        raw = path.read_bytes()
-    except OSError:
-        print(f"no status at {path}: is `orchctl serve` running?", file=sys.stderr)
-        return EXIT_FAILED
-    try:
-        data = statusfile.StatusFile.model_validate_json(raw)
-    except pydantic.ValidationError:
-        print(f"{path} is not a status file this orchctl can read", file=sys.stderr)
-        return EXIT_FAILED
-    print(data.model_dump_json(indent=2) if args.json else status.table(data))
-    return EXIT_OK
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
