@@ -3,9 +3,9 @@ config error (file:line printed), 3 environment missing (the fix printed), 130 i
 
 This module parses the command line and runs one verb: `serve`, `plugins` and `schemas` here;
 `submit`, `cancel` and `tasks` in `cli_tasks`; `watch` in `cli_watch`; `validate` in
-`cli_validate`; `status` in `cli_status`. `run` turns whatever a verb raises into one plain
-line on standard error and an exit code: no input, however hostile, makes orchctl print a
-traceback (set ORCHCTL_DEBUG=1 to see one for a bug).
+`cli_validate`; `status` in `cli_status`; `init` in `cli_init`. `run` turns whatever a verb
+raises into one plain line on standard error and an exit code: no input, however hostile,
+makes orchctl print a traceback (set ORCHCTL_DEBUG=1 to see one for a bug).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 from plugins import registry
 from reconciler import (
     cli_common,
+    cli_init,
     cli_status,
     cli_tasks,
     cli_validate,
@@ -214,6 +215,20 @@ def _parser() -> argparse.ArgumentParser:
     st = verb("status", cli_status.cmd_status, "show the daemon, GPUs, pools and the queue")
     _config(st)
     st.add_argument("--json", action="store_true", help="print .orch/status.json as it is")
+
+    i = verb("init", cli_init.cmd_init, "write a commented starter orch.yaml")
+    i.add_argument(
+        "--config",
+        type=Path,
+        default=Path("orch.yaml"),
+        help="where to write it (inventory.yaml, models/ and hello.task.yaml go beside it)",
+    )
+    i.add_argument(
+        "--simulate",
+        action="store_true",
+        help="a simulated 24 GB + 12 GB workstation that runs without a GPU",
+    )
+    i.add_argument("--force", action="store_true", help="overwrite files that exist")
 
     verb("plugins", cmd_plugins, "list loaded plugins")
 

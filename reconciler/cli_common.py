@@ -1,9 +1,9 @@
 """What every `orchctl` verb shares: exit codes, the `Refused` error, the folder an orch.yaml
 names, looking up a task id in it, and turning loader errors into plain lines.
 
-The verbs live in `cli_tasks`, `cli_watch`, `cli_validate` and `cli_status` (and `cli`
-itself); `cli.main` parses the command line and turns `Refused` (and any surprise) into one
-plain line and an exit code, so no verb prints a traceback.
+The verbs live in `cli_tasks`, `cli_watch`, `cli_validate`, `cli_init` and `cli_status`;
+`cli.main` parses the command line and turns `Refused` (and any surprise) into one plain line
+and an exit code, so no verb prints a traceback.
 """
 
 from __future__ import annotations

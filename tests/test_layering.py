@@ -32,6 +32,7 @@ IO_MODULES = {
     "reconciler.adoption",
     "reconciler.cli",
     "reconciler.cli_common",
+    "reconciler.cli_init",
     "reconciler.cli_status",
     "reconciler.cli_tasks",
     "reconciler.cli_validate",
