@@ -1,35 +1,70 @@
 """`orchctl`: the command line. Exit codes: 0 ok, 1 the task or check failed, 2 usage or
-config error (file:line printed), 3 environment missing (the fix printed)."""
+config error (file:line printed), 3 environment missing (the fix printed), 130 interrupted.
+
+This module parses the command line and runs one verb: `serve`, `plugins` and `schemas` here;
+`submit`, `cancel` and `tasks` in `cli_tasks`; `watch` in `cli_watch`; `validate` in
+`cli_validate`; `status` in `cli_status`; `init` in `cli_init`. `run` turns whatever a verb
+raises into one plain line on standard error and an exit code: no input, however hostile,
+makes orchctl print a traceback (set ORCHCTL_DEBUG=1 to see one for a bug).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import os
 import signal
 import sys
-import time
+import traceback
 from pathlib import Path
 from typing import Any
 
-import pydantic
-import yaml
-
 from plugins import registry
-from reconciler import logs, status
-from state import desired, errors, events, loading, results, spool, statusfile, tasks
+from reconciler import (
+    about,
+    cli_common,
+    cli_init,
+    cli_status,
+    cli_tasks,
+    cli_validate,
+    cli_watch,
+    logs,
+)
+from reconciler.cli_common import (
+    EXIT_ENV,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    Refused,
+)
+from state import desired, errors
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ENV = 0, 1, 2, 3
+__all__ = ["EXIT_ENV", "EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "main", "run"]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error argparse has explained
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     if not getattr(args, "func", None):
-        parser.print_help()
+        parser.print_help(sys.stderr)
         return EXIT_USAGE
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the verb `args.func`; every way it can end becomes an exit code."""
     try:
         code: int = args.func(args)
+        sys.stdout.flush()
+        return code
+    except Refused as exc:
+        for line in exc.lines():
+            print(line, file=sys.stderr)
+        return exc.code
     except errors.EnvironmentMissing as exc:
         print(f"orchctl: {exc.what}\n\n{exc.fix}", file=sys.stderr)
         return EXIT_ENV
@@ -37,8 +72,40 @@ def main(argv: list[str] | None = None) -> int:
         print(f"orchctl: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        return 130
-    return code
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `orchctl tasks | head`: the reader left; so do we, quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAILED
+    except Exception as exc:
+        if os.environ.get("ORCHCTL_DEBUG") == "1":
+            raise
+        print(
+            f"orchctl: {args.command} stopped on an unexpected {type(exc).__name__}"
+            f"{_where(exc)}: {cli_common.plain_text(str(exc))} (this is a bug; please report "
+            "it, and ORCHCTL_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+
+
+def _where(exc: BaseException) -> str:
+    """ " at file:line" of the innermost frame of the project's own code, for a bug report."""
+    found = ""
+    for frame in traceback.extract_tb(exc.__traceback__)[1:]:  # [0] is `run` itself
+        path = Path(frame.filename)
+        if path.parent.name in ("reconciler", "state", "plugins"):
+            found = f" at {path.parent.name}/{path.name}:{frame.lineno}"
+    return found
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every option's default, except for flags and options without one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,110 +113,137 @@ def _parser() -> argparse.ArgumentParser:
         prog="orchctl",
         description="llama-orch home: serve local LLMs "
         "on this workstation's GPUs from a desired-state file.",
+        epilog="Exit codes: 0 ok, 1 the task or check failed, 2 usage or config error, "
+        "3 environment missing (the fix is printed), 130 interrupted. See docs/cli.md.",
+        formatter_class=_Help,
     )
-    sub = p.add_subparsers(metavar="COMMAND")
+    p.add_argument(
+        "--version",
+        action="version",
+        version=f"orchctl {about.version()}",
+        help="print the version",
+    )
+    sub = p.add_subparsers(metavar="COMMAND", dest="command")
 
-    s = sub.add_parser("serve", help="run the reconciler")
-    s.add_argument("--config", type=Path, default=Path("orch.yaml"))
+    def verb(name: str, func: Any, help_text: str) -> argparse.ArgumentParser:
+        parser = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_Help)
+        parser.set_defaults(func=func)
+        return parser
+
+    s = verb("serve", cmd_serve, "run the reconciler in the foreground")
+    _config(s, "the desired state to serve")
     s.add_argument(
         "--simulate",
         type=Path,
         metavar="INVENTORY",
         help="use simulated GPUs from this inventory file instead of NVML",
     )
-    s.add_argument("--duration", type=float, metavar="SECONDS", help="stop after this long")
+    s.add_argument(
+        "--duration", type=float, metavar="SECONDS", help="stop after this long (default: never)"
+    )
     s.add_argument(
         "--exit-when-idle",
         action="store_true",
         help="stop once the spool is empty and no task runs",
     )
-    s.add_argument("--resync", type=float, default=2.0, metavar="SECONDS")
+    s.add_argument(
+        "--resync",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="re-read everything at least this often, events or not",
+    )
     s.add_argument("--no-watch", action="store_true", help="no inotify; rely on the resync")
-    _log_args(s)
-    s.set_defaults(func=cmd_serve)
+    s.add_argument(
+        "--log-format",
+        choices=["auto", "json", "pretty"],
+        default="auto",
+        help="auto: pretty on a terminal, JSON Lines otherwise",
+    )
+    s.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        default="info",
+        help="log lines this severe and worse",
+    )
+    s.add_argument("--log-file", type=Path, help="also write JSON Lines to this file")
 
-    v = sub.add_parser("validate", help="check orch.yaml, task and inventory files")
-    v.add_argument("files", nargs="+", type=Path)
-    v.set_defaults(func=cmd_validate)
+    v = verb("validate", cli_validate.cmd_validate, "check orch.yaml, task and inventory files")
+    v.add_argument(
+        "files", nargs="+", type=Path, metavar="FILE", help="orch.yaml, *.task.yaml, inventory"
+    )
+    v.add_argument(
+        "--config",
+        type=Path,
+        help="check task files against this orch.yaml (default: the one orch.yaml among FILE)",
+    )
 
-    sm = sub.add_parser("submit", help="deliver a task file into the spool (atomically)")
+    sm = verb("submit", cli_tasks.cmd_submit, "deliver a task file into the spool (atomically)")
     sm.add_argument("file", help="task file, or - for standard input")
-    _where(sm)
-    sm.add_argument("--wait", action="store_true", help="wait for the result and print it")
-    sm.add_argument("--timeout", type=float, default=600.0)
-    sm.set_defaults(func=cmd_submit)
+    _config(sm)
+    sm.add_argument(
+        "--wait", action="store_true", help="stream the text, then print a summary of the result"
+    )
+    sm.add_argument("--timeout", type=float, default=600.0, help="seconds --wait waits at most")
+    sm.add_argument(
+        "--json", action="store_true", help="print JSON (with --wait: the whole result file)"
+    )
 
-    w = sub.add_parser("watch", help="follow a task's events until it ends")
-    w.add_argument("task_id")
-    _where(w)
+    w = verb("watch", cli_watch.cmd_watch, "follow a task's events until it ends")
+    w.add_argument("task_id", help="the task's id (results/<task_id>.json)")
+    _config(w)
     w.add_argument("--json", action="store_true", help="print frames as JSON lines")
-    w.add_argument("--timeout", type=float, default=600.0)
-    w.set_defaults(func=cmd_watch)
+    w.add_argument("--timeout", type=float, default=600.0, help="seconds to wait at most")
 
-    c = sub.add_parser("cancel", help="cancel a queued or running task")
-    c.add_argument("task_id")
-    _where(c)
-    c.set_defaults(func=cmd_cancel)
+    c = verb("cancel", cli_tasks.cmd_cancel, "cancel a queued or running task")
+    c.add_argument("task_id", help="the task's id")
+    _config(c)
 
-    st = sub.add_parser("status", help="show GPUs, pools, replicas and the queue")
-    _where(st)
-    st.add_argument("--json", action="store_true")
-    st.set_defaults(func=cmd_status)
+    t = verb("tasks", cli_tasks.cmd_tasks, "list recent and live tasks, newest first")
+    _config(t)
+    t.add_argument(
+        "--status",
+        action="extend",
+        nargs="+",
+        choices=cli_tasks.STATUSES,
+        metavar="STATUS",
+        help=f"only tasks in these states ({', '.join(cli_tasks.STATUSES)})",
+    )
+    t.add_argument("--limit", type=int, default=20, help="show at most this many (0: all)")
+    t.add_argument("--json", action="store_true", help="print a JSON list")
 
-    pl = sub.add_parser("plugins", help="list loaded plugins")
-    pl.set_defaults(func=cmd_plugins)
+    st = verb("status", cli_status.cmd_status, "show the daemon, GPUs, pools and the queue")
+    _config(st)
+    st.add_argument("--json", action="store_true", help="print .orch/status.json as it is")
 
-    sc = sub.add_parser("schemas", help="write (or --check) the JSON Schemas in schemas/")
-    sc.add_argument("--check", action="store_true")
-    sc.add_argument("--out", type=Path, default=None)
-    sc.set_defaults(func=cmd_schemas)
+    i = verb("init", cli_init.cmd_init, "write a commented starter orch.yaml")
+    i.add_argument(
+        "--config",
+        type=Path,
+        default=Path("orch.yaml"),
+        help="where to write it (inventory.yaml, models/ and hello.task.yaml go beside it)",
+    )
+    i.add_argument(
+        "--simulate",
+        action="store_true",
+        help="a simulated 24 GB + 12 GB workstation that runs without a GPU",
+    )
+    i.add_argument("--force", action="store_true", help="overwrite files that exist")
+
+    verb("plugins", cmd_plugins, "list loaded plugins")
+
+    sc = verb("schemas", cmd_schemas, "write (or --check) the JSON Schemas")
+    sc.add_argument("--check", action="store_true", help="only report schemas that differ")
+    sc.add_argument("--out", type=Path, help="the folder (default: the package's schemas/)")
     return p
 
 
-def _log_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--log-format", choices=["json", "pretty"], default="json")
-    p.add_argument("--log-level", default="info")
-    p.add_argument("--log-file", type=Path)
-
-
-def _where(p: argparse.ArgumentParser) -> None:
+def _config(p: argparse.ArgumentParser, help_text: str | None = None) -> None:
     p.add_argument(
         "--config",
         type=Path,
         default=Path("orch.yaml"),
-        help="orch.yaml, to find the spool and results folders",
-    )
-
-
-def _paths(config_path: Path) -> tuple[spool.Spool, results.ResultStore, Path]:
-    """The folders named by orch.yaml. A broken orch.yaml must not lock the operator out
-    (the daemon keeps serving the last good one): fall back to its raw `paths:`, or the
-    defaults, and say so."""
-    if not config_path.exists():
-        print(f"orchctl: {config_path} not found (use --config PATH)", file=sys.stderr)
-        raise SystemExit(EXIT_USAGE)
-    loaded = desired.load_desired(config_path)
-    if loaded.value is not None:
-        paths = loaded.value.paths
-    else:
-        print(
-            f"orchctl: warning: {config_path} has errors (the daemon keeps the last good "
-            "config); `orchctl validate` shows them",
-            file=sys.stderr,
-        )
-        raw = loaded.data.get("paths") if isinstance(loaded.data, dict) else None
-        known = desired.PathsConfig.model_fields
-        try:
-            paths = desired.PathsConfig.model_validate(
-                {k: v for k, v in raw.items() if k in known} if isinstance(raw, dict) else {}
-            )
-        except ValueError:
-            paths = desired.PathsConfig()
-    base = config_path.resolve().parent
-    return (
-        spool.Spool(desired.resolve(base, paths.spool)),
-        results.ResultStore(desired.resolve(base, paths.results)),
-        desired.resolve(base, paths.state),
+        help=help_text or "orch.yaml, which names the spool, results and state folders",
     )
 
 
@@ -160,7 +254,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     loaded = desired.load_desired(args.config)
     if loaded.value is None:
         for err in loaded.errors:
-            print(err, file=sys.stderr)
+            print(cli_common.plain_error(err), file=sys.stderr)
         return EXIT_USAGE
     options = daemon.Options(
         config_path=args.config,
@@ -171,7 +265,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         exit_when_idle=args.exit_when_idle,
     )
 
-    async def run() -> int:
+    async def serve() -> int:
         d = daemon.build(options)
         loop = asyncio.get_running_loop()
         # closing the terminal (SIGHUP) stops as cleanly as Ctrl-C and SIGTERM
@@ -179,164 +273,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, d.stop, sig.name)
         return await d.run()
 
-    return asyncio.run(run())
-
-
-def cmd_validate(args: argparse.Namespace) -> int:
-    failures = 0
-    engines = set(registry.load().engines)
-    for path in args.files:
-        errors = validate_file(path, engines)
-        if errors:
-            failures += 1
-            for err in errors:
-                print(err)
-        else:
-            print(f"{path}: ok")
-    return EXIT_USAGE if failures else EXIT_OK
-
-
-def validate_file(path: Path, engines: set[str]) -> list[loading.LoadError]:
-    name = path.name
-    if name.endswith(tasks.TASK_SUFFIXES):
-        return loading.load_model(path, tasks.TaskFile).errors
-    text, errs = loading.read_text(path)
-    if text is None:
-        return errs
-    data, _, errs = loading.parse_document(text, str(path))
-    if errs:
-        return errs
-    if isinstance(data, dict) and set(data) == {"gpus"}:
-        return loading.load_model(path, desired.SimulatedInventory).errors
-    return desired.load_desired(path, known_engines=engines).errors
-
-
-def cmd_submit(args: argparse.Namespace) -> int:
-    the_spool, store, _ = _paths(args.config)
-    if args.file == "-":
-        data = sys.stdin.buffer.read()
-        shown, is_json = "<stdin>", data.lstrip().startswith(b"{")
-    else:
-        path = Path(args.file)
-        data = path.read_bytes()
-        shown, is_json = str(path), path.suffix == ".json"
-    text, errs = loading.decode_utf8(data, shown)
-    checked = (
-        loading.validate_text(text, tasks.TaskFile, shown=shown, is_json=is_json)
-        if text is not None
-        else loading.Loaded(None, errs)
-    )
-    if checked.value is None:
-        for err in checked.errors:
-            print(err, file=sys.stderr)
-        return EXIT_USAGE
-    task = checked.value
-    suffix = ".task.json" if is_json else ".task.yaml"
-    if args.file == "-":
-        task_id = task.task_id or spool.unique_name("stdin").replace(".", "-")[:100]
-        if task.task_id is None:
-            assert text is not None
-            parsed = json.loads(text) if is_json else yaml.safe_load(text)
-            parsed["task_id"] = task_id
-            data = json.dumps(parsed).encode()
-            suffix = ".task.json"
-    else:
-        task_id = task.task_id or tasks.stem(Path(args.file).name)
-    try:
-        target = spool.deliver(the_spool, data, name=f"{task_id}{suffix}")
-    except ValueError as exc:  # a name the spool would refuse (too long, hidden, …)
-        print(f"orchctl: {exc}; set task_id: in the file", file=sys.stderr)
-        return EXIT_USAGE
-    print(f"submitted {task_id} → {target}")
-    print(f"result: {store.path(task_id)}")
-    if not args.wait:
-        return EXIT_OK
-    result = _wait_result(store, task_id, args.timeout)
-    if result is None:
-        print(f"no result after {args.timeout:.0f} s", file=sys.stderr)
-        return EXIT_FAILED
-    print(json.dumps(result.model_dump(mode="json"), indent=2))
-    return EXIT_OK if result.status == "succeeded" else EXIT_FAILED
-
-
-def _wait_result(store: results.ResultStore, task_id: str, timeout: float) -> results.Result | None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        result = store.read(task_id)
-        if result is not None and result.terminal:
-            return result
-        time.sleep(0.1)
-    return None
-
-
-def cmd_watch(args: argparse.Namespace) -> int:
-    _, store, _ = _paths(args.config)
-    log_path = store.events_path(args.task_id)
-    after, end = 0, time.monotonic() + args.timeout
-    while time.monotonic() < end:
-        for frame in events.read(log_path, after=after):
-            after = frame.id
-            _print_frame(frame, as_json=args.json)
-            if frame.terminal:
-                if not args.json:
-                    print()
-                return (
-                    EXIT_OK
-                    if frame.event == "end" and frame.data.get("finish_reason") != "canceled"
-                    else EXIT_FAILED
-                )
-        time.sleep(0.05)
-    print(f"\nno terminal frame after {args.timeout:.0f} s", file=sys.stderr)
-    return EXIT_FAILED
-
-
-def _print_frame(frame: events.EventFrame, *, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(frame.model_dump(mode="json")), flush=True)
-        return
-    d: dict[str, Any] = frame.data
-    if frame.event == "token":
-        print(d.get("t", ""), end="", flush=True)
-    elif frame.event == "queued":
-        print(
-            f"[queued at position {d.get('queue_position')}, predicted start "
-            f"{d.get('predicted_start_ms')} ms]",
-            flush=True,
-        )
-    elif frame.event == "started":
-        print(f"[started on {d.get('replica_id')} (pool {d.get('pool_id')})]", flush=True)
-    elif frame.event == "end":
-        print(f"\n[end: {d.get('finish_reason')}, {d.get('tokens_out')} tokens]", end="")
-    elif frame.event == "error":
-        print(f"\n[error {d.get('code')}: {d.get('message')} — {d.get('hint')}]", end="")
-
-
-def cmd_cancel(args: argparse.Namespace) -> int:
-    the_spool, store, _ = _paths(args.config)
-    try:
-        spool.request_cancel(the_spool, args.task_id)
-    except ValueError as exc:
-        print(f"orchctl: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    print(f"cancel requested for {args.task_id} (see {store.path(args.task_id)})")
-    return EXIT_OK
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    _, _, state_dir = _paths(args.config)
-    path = state_dir / "status.json"
-    try:
-        raw = path.read_bytes()
-    except OSError:
-        print(f"no status at {path}: is `orchctl serve` running?", file=sys.stderr)
-        return EXIT_FAILED
-    try:
-        data = statusfile.StatusFile.model_validate_json(raw)
-    except pydantic.ValidationError:
-        print(f"{path} is not a status file this orchctl can read", file=sys.stderr)
-        return EXIT_FAILED
-    print(data.model_dump_json(indent=2) if args.json else status.table(data))
-    return EXIT_OK
+    return asyncio.run(serve())
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from plugins import registry
 from reconciler import (
+    about,
     adoption,
     api,
     api_tasks,
@@ -30,7 +31,6 @@ from reconciler import (
     pools,
     rates,
     recovery,
-    status,
     tasking,
     watching,
 )
@@ -488,7 +488,7 @@ class Daemon:
             daemon=statusfile.DaemonRow(
                 pid=os.getpid(),
                 started_at=self.started_at,
-                version=status.version(),
+                version=about.version(),
                 simulated=self.pools.observer.simulated,
                 state="stopped" if stopping else "running",
                 url=self.server.url if self.server is not None and not stopping else None,

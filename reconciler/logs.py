@@ -101,8 +101,11 @@ def setup(
     log_file: Path | None = None,
     stream: TextIO | None = None,
 ) -> None:
-    """Configure the root project logger once, at the one entry point (`orchctl`)."""
+    """Configure the root project logger once, at the one entry point (`orchctl`).
+    `fmt` is "json", "pretty", or "auto": pretty when `stream` is a terminal, else JSON."""
     stream = stream or sys.stderr
+    if fmt == "auto":
+        fmt = "pretty" if stream.isatty() else "json"
     root = logging.getLogger(ROOT)
     root.handlers.clear()
     root.setLevel(level.upper())

@@ -29,7 +29,11 @@ class Strict(BaseModel):
 
 
 class ServerConfig(Strict):
-    bind: str = Field("127.0.0.1:8080", description="host:port; loopback by default (HME-002)")
+    bind: str = Field(
+        "127.0.0.1:8080",
+        description="host:port the HTTP face will listen on; loopback by default (HME-002). "
+        "Accepted now; nothing listens until the HTTP face is built",
+    )
     public_url: str | None = None
 
 
@@ -79,7 +83,11 @@ class TimeoutsConfig(Strict):
 
 
 class ModelSpec(Strict):
-    ref: str = Field(description="file:<path> | hf:<org>/<repo>/<file> | https://…")
+    ref: str = Field(
+        description="file:<path> (a relative path resolves from orch.yaml's folder) | "
+        "hf:<org>/<repo>/<file> | https://… (hf: and https: need a resolver plugin: "
+        "`orchctl plugins` lists those installed)"
+    )
     digest: str | None = Field(None, pattern=r"^sha256:[0-9a-f]{64}$")
     state: Literal["Active", "Retired"] = "Active"
     size_mib: int | None = Field(None, ge=1, description="weights size when no file is at hand")
@@ -119,7 +127,11 @@ class PoolSpec(Strict):
     id: Id
     engine: str
     model: str
-    devices: Literal["auto"] | list[Annotated[int, Field(ge=0)]] = "auto"
+    devices: Literal["auto"] | list[Annotated[int, Field(ge=0)]] = Field(
+        "auto",
+        description="auto: the GPU with the most free VRAM that fits; or GPU indices in PCI "
+        "bus order, as nvidia-smi shows them",
+    )
     replicas: int = Field(1, ge=0, le=64)
     ctx: int = Field(4096, ge=16, description="context tokens per slot")
     slots: int = Field(1, ge=1, le=256, description="concurrent sequences per replica")

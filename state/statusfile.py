@@ -2,7 +2,7 @@
 
 The daemon assembles a `StatusFile` after every pass from rows the pool runtime
 (`PoolRow`, `ReplicaRow`) and the dispatcher (`QueueRow`) return, and writes it atomically;
-`reconciler/status.py` renders it as a table. The JSON Schema in
+`reconciler/cli_status.py` renders it as a table. The JSON Schema in
 `schemas/status.schema.json` is generated from these models. `ReplicaState` is the one list
 of replica states the whole loop uses.
 """

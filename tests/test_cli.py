@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
@@ -97,6 +98,27 @@ async def test_submit_from_stdin_watch_and_status(workspace: Workspace, serve: A
     assert "SIMULATED" in status.stdout and "p1-0" in status.stdout and "Ready" in status.stdout
 
 
+async def test_submit_wait_against_a_real_daemon_streams_then_summarizes(
+    workspace: Workspace, serve: Any
+) -> None:
+    await serve()
+    path = workspace.root / "real.task.yaml"
+    path.write_text("task_id: real\nmodel: m1\nprompt: hi\nmax_tokens: 5\n")
+    proc = await asyncio.to_thread(
+        orchctl, "submit", str(path), "--wait", "--config", str(workspace.config_path)
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[:2] == [
+        "submitted real → spool/incoming/real.task.yaml",
+        "result: results/real.json",
+    ]
+    assert "[started on p1-0 (pool p1)]" in lines
+    assert lines[-2] == workspace.result("real")["text"]  # type: ignore[index]
+    assert lines[-1].startswith("succeeded: 5 tokens, queued ")
+    assert lines[-1].endswith(" ms decoding") and "None" not in lines[-1]
+
+
 async def test_submit_refuses_an_invalid_task_before_it_reaches_the_spool(
     workspace: Workspace,
 ) -> None:
@@ -113,7 +135,7 @@ async def test_submit_refuses_a_file_name_the_spool_could_not_keep(
     long = workspace.root / ("a" * 200 + ".task.yaml")
     long.write_text("model: m1\nprompt: hi\nmax_tokens: 2\n")
     proc = orchctl("submit", str(long), "--config", str(workspace.config_path))
-    assert proc.returncode == 2 and "bytes long" in proc.stderr and "task_id" in proc.stderr
+    assert proc.returncode == 2 and "task_id" in proc.stderr and "Traceback" not in proc.stderr
     assert list(workspace.spool.incoming.iterdir()) == []
 
 
@@ -148,8 +170,12 @@ async def test_status_and_cancel_still_work_while_orch_yaml_is_broken(
     workspace: Workspace, serve: Any
 ) -> None:
     await serve()
+    workspace.submit("t9.task.yaml", task("t9"))
+    await wait_terminal(workspace, "t9")
     workspace.config_path.write_text(workspace.config_path.read_text() + "pools: [oops\n")
     proc = orchctl("status", "--config", str(workspace.config_path))
     assert proc.returncode == 0, proc.stderr
     assert "has errors" in proc.stderr and "p1-0" in proc.stdout
-    assert orchctl("cancel", "t9", "--config", str(workspace.config_path)).returncode == 0
+    canceled = orchctl("cancel", "t9", "--config", str(workspace.config_path))
+    assert canceled.returncode == 0 and "nothing to cancel" in canceled.stdout
+    assert orchctl("cancel", "t10", "--config", str(workspace.config_path)).returncode == 1

@@ -1,0 +1,221 @@
+"""What every `orchctl` verb shares: exit codes, the `Refused` error, the folder an orch.yaml
+names, looking up a task id in it, and turning loader errors into plain lines.
+
+The verbs live in `cli_tasks`, `cli_watch`, `cli_validate`, `cli_init` and `cli_status`;
+`cli.main` parses the command line and turns `Refused` (and any surprise) into one plain line
+and an exit code, so no verb prints a traceback.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from state import desired, ids, loading, pending, results, spool, tasks
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ENV = 0, 1, 2, 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+
+
+class Refused(Exception):
+    """A verb cannot go on: `cli.main` prints `orchctl: message` (without the prefix when
+    `prefix` is false) and `hint: …` on standard error, and exits with `code`."""
+
+    def __init__(
+        self, code: int, message: str, *, hint: str | None = None, prefix: bool = True
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.hint = hint
+        self.prefix = prefix
+
+    def lines(self) -> list[str]:
+        head = f"orchctl: {self.message}" if self.prefix else self.message
+        return [head] + ([f"hint: {self.hint}"] if self.hint else [])
+
+
+def warn(message: str) -> None:
+    print(f"orchctl: {message}", file=sys.stderr, flush=True)
+
+
+# -- the folder ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Folder:
+    """The spool, results and state folders an orch.yaml names (relative to its folder)."""
+
+    config_path: Path
+    base: Path
+    spool: spool.Spool
+    results: results.ResultStore
+    state_dir: Path
+
+    def shown(self, path: Path) -> str:
+        """`path` as a user reads it: relative to orch.yaml's folder when inside it."""
+        try:
+            return str(path.resolve().relative_to(self.base))
+        except ValueError:
+            return str(path)
+
+    def serve_command(self) -> str:
+        return f"orchctl serve --config {self.config_path}"
+
+
+def open_folder(config_path: Path) -> Folder:
+    """The folders named by orch.yaml. A broken orch.yaml must not lock the operator out
+    (the daemon keeps serving the last good one): fall back to its raw `paths:`, or the
+    defaults, and say so."""
+    if not config_path.is_file():
+        what = "is not a file" if config_path.exists() else "not found"
+        raise Refused(
+            EXIT_USAGE,
+            f"{config_path} {what}",
+            hint="run orchctl in the folder of your orch.yaml, pass --config PATH, "
+            "or write one with `orchctl init`",
+        )
+    loaded = desired.load_desired(config_path)
+    if loaded.value is not None:
+        paths = loaded.value.paths
+    else:
+        warn(
+            f"warning: {config_path} has errors (the daemon keeps the last good config); "
+            "`orchctl validate` shows them"
+        )
+        raw = loaded.data.get("paths") if isinstance(loaded.data, dict) else None
+        known = desired.PathsConfig.model_fields
+        try:
+            paths = desired.PathsConfig.model_validate(
+                {k: v for k, v in raw.items() if k in known} if isinstance(raw, dict) else {}
+            )
+        except ValueError:
+            paths = desired.PathsConfig()
+    base = config_path.resolve().parent
+    results_dir = desired.resolve(base, paths.results)
+    try:
+        store = results.ResultStore(results_dir)
+    except OSError as exc:
+        raise Refused(
+            EXIT_USAGE,
+            f"the results folder {results_dir} cannot be used: {exc.strerror}",
+            hint="fix paths.results in orch.yaml",
+        ) from exc
+    return Folder(
+        config_path=config_path,
+        base=base,
+        spool=spool.Spool(desired.resolve(base, paths.spool)),
+        results=store,
+        state_dir=desired.resolve(base, paths.state),
+    )
+
+
+# -- task ids --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Known:
+    """Where a task id is already in use in a folder: its result, or a file waiting for it."""
+
+    task_id: str
+    result_path: Path | None  # results/<id>.json, when it exists
+    result: results.Result | None  # None when there is no result, or it cannot be read
+    waiting: pending.Pending | None
+
+    def describe(self, folder: Folder) -> str:
+        if self.result_path is not None:
+            status = self.result.status if self.result is not None else "unreadable"
+            return f"{folder.shown(self.result_path)}: {status}"
+        assert self.waiting is not None
+        where = folder.spool.root / self.waiting.folder / self.waiting.name
+        doing = "waiting for the daemon" if self.waiting.folder == "incoming" else "claimed"
+        return f"{folder.shown(where)}: {doing}"
+
+
+def require_safe_id(task_id: str) -> None:
+    if not ids.is_safe_id(task_id):
+        raise Refused(
+            EXIT_USAGE,
+            f"{printable(task_id)} is not a task id",
+            hint="task ids are 1 to 128 letters, digits, '.', '_' and '-' (no '..')",
+        )
+
+
+def lookup(folder: Folder, task_id: str) -> Known | None:
+    """The task's result or waiting file, or None when this folder has never heard of it."""
+    path = folder.results.path(task_id)
+    if path.exists():
+        return Known(task_id, path, folder.results.read(task_id), None)
+    found = pending.find(folder.spool, task_id)
+    return Known(task_id, None, None, found) if found is not None else None
+
+
+def implied_id_problem(shown: str, file_name: str) -> loading.LoadError | None:
+    """A task file without `task_id:` takes its name's stem as its id; when that stem is not
+    a safe id, the error validate and submit both print."""
+    stem = tasks.stem(file_name)
+    if ids.is_safe_id(stem):
+        return None
+    suggestion = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).replace("..", ".").strip("-._")[:100]
+    suggestion = suggestion or "my-task"
+    return loading.LoadError(
+        shown,
+        None,
+        None,
+        "task_id",
+        f"the file name implies task id {printable(stem)}, which is not a task id "
+        "(letters, digits, '.', '_' and '-' only)",
+        f"rename the file to {suggestion}.task.yaml, or add `task_id: {suggestion}`",
+    )
+
+
+# -- plain text ------------------------------------------------------------------------------
+
+_GOT = re.compile(r" \(got (.*)\)$", re.DOTALL)
+
+
+def plain_error(error: loading.LoadError, *, warning: bool = False) -> str:
+    """One loader error as a line without Python reprs: pydantic's "Value error, " prefix is
+    dropped and a mapping or list that was given is named, not dumped."""
+    message = error.message.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    got = _GOT.search(message)
+    if got and ("{" in got.group(1) or "[" in got.group(1)):
+        kind = "a mapping" if got.group(1).lstrip("[").startswith("{") else "a list"
+        message = message[: got.start()] + f" (got {kind})"
+    shown = loading.LoadError(
+        error.path, error.line, error.column, error.field, message, error.hint
+    )
+    text = str(shown)
+    if warning:  # "file:line:col: warning: field: message"
+        where = str(loading.LoadError(error.path, error.line, error.column, None, ""))
+        text = f"{where}warning: {text[len(where) :]}"
+    return one_line(text)
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split()) if "\n" in text or "\r" in text else text
+
+
+def plain_text(text: str) -> str:
+    """Free text (an exception's message) on one line, without the quotes of a dict repr."""
+    return one_line(text).replace("{'", "{").replace("'}", "}")
+
+
+def printable(value: str) -> str:
+    """A user-given string, quoted, with control characters escaped and its length bounded."""
+    shown = value if len(value) <= 80 else value[:77] + "..."
+    return "'" + shown.encode("unicode_escape").decode("ascii").replace("'", "\\'") + "'"
+
+
+def ago(seconds: float) -> str:
+    """A rough age for people: "12 s", "4 min", "3 h", "2 days"."""
+    seconds = max(0.0, seconds)
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.0f} h"
+    return f"{seconds / 86400:.0f} days"

@@ -1,0 +1,250 @@
+"""The task verbs of `orchctl`: `submit`, `cancel` and `tasks` (`watch` is in `cli_watch`).
+
+Each checks what it can before it writes anything: `submit` refuses a task file that would be
+quarantined for its name or its id (DUPLICATE_TASK_ID) before delivering it, and says at once
+when no daemon serves the folder; `cancel` writes a request only for a task that is waiting
+or running, so a request can never lie in wait for a later task of the same name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import stat
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from reconciler import cli_common, cli_watch, probing
+from reconciler.cli_common import EXIT_ENV, EXIT_FAILED, EXIT_OK, EXIT_USAGE, Refused
+from state import loading, pending, spool, tasks
+
+# -- submit ----------------------------------------------------------------------------------
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    folder = cli_common.open_folder(args.config)
+    data, shown, is_json = _read_input(args.file)
+    text, problems = loading.decode_utf8(data, shown)
+    checked = (
+        loading.validate_text(text, tasks.TaskFile, shown=shown, is_json=is_json)
+        if text is not None
+        else loading.Loaded(None, problems)
+    )
+    if checked.value is None or text is None:
+        for problem in checked.errors:
+            print(cli_common.plain_error(problem), file=sys.stderr)
+        return EXIT_USAGE
+    task = checked.value
+    suffix = ".task.json" if is_json else ".task.yaml"
+    if task.task_id is not None:
+        task_id = task.task_id
+    elif args.file == "-":  # nothing names it: give it a unique id, written into the file
+        task_id = spool.unique_name("stdin").replace(".", "-")[:100]
+        parsed = json.loads(text) if is_json else yaml.safe_load(text)
+        parsed["task_id"] = task_id
+        data, suffix = json.dumps(parsed).encode(), ".task.json"
+    else:
+        unsafe = cli_common.implied_id_problem(shown, Path(args.file).name)
+        if unsafe is not None:
+            print(cli_common.plain_error(unsafe), file=sys.stderr)
+            return EXIT_USAGE
+        task_id = tasks.stem(Path(args.file).name)
+    known = cli_common.lookup(folder, task_id)
+    if known is not None:
+        raise Refused(
+            EXIT_FAILED,
+            f"task id {cli_common.printable(task_id)} is already used "
+            f"({known.describe(folder)}) — DUPLICATE_TASK_ID",
+            hint="give the task a new task_id",
+        )
+    try:
+        target = spool.deliver(folder.spool, data, name=f"{task_id}{suffix}")
+    except ValueError as exc:  # a name the spool would refuse (too long, hidden, …)
+        raise Refused(EXIT_USAGE, str(exc), hint="set task_id: in the file") from None
+    result_path = folder.results.path(task_id)
+    if not args.json:
+        print(f"submitted {task_id} → {folder.shown(target)}")
+        print(f"result: {folder.shown(result_path)}", flush=True)
+    if not probing.probe(folder.state_dir).serving:
+        cli_common.warn(
+            "no daemon is serving this folder: the task will run when "
+            f"`{folder.serve_command()}` starts"
+        )
+        if args.wait:
+            return EXIT_ENV
+    if not args.wait:
+        if args.json:
+            record = {"task_id": task_id, "file": str(target), "result": str(result_path)}
+            print(json.dumps(record))
+        return EXIT_OK
+    printer = cli_watch.Printer(ends=False, quiet=args.json)
+    ended = cli_watch.follow(folder, task_id, printer, timeout_s=args.timeout)
+    printer.newline()
+    if args.json:
+        result = ended.result.model_dump(mode="json") if ended.result is not None else None
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+    else:
+        print(cli_watch.summary(ended))
+    return EXIT_OK if ended.succeeded else EXIT_FAILED
+
+
+def _read_input(name: str) -> tuple[bytes, str, bool]:
+    """The task file's bytes (at most the spool's limit), how to name it, and whether it is
+    JSON. Standard input for "-"; never follows a FIFO or device into a hang."""
+    limit = loading.MAX_FILE_BYTES
+    if name == "-":
+        data = sys.stdin.buffer.read(limit + 1)
+        shown, is_json = "<stdin>", data.lstrip().startswith(b"{")
+    else:
+        path, shown = Path(name), name
+        is_json = path.suffix == ".json"
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        except FileNotFoundError:
+            raise Refused(EXIT_USAGE, f"{name}: no such file") from None
+        except OSError as exc:
+            raise Refused(EXIT_USAGE, f"{name}: cannot be read: {exc.strerror}") from None
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO, device or socket"
+                raise Refused(EXIT_USAGE, f"{name}: is {kind}, not a task file")
+            with os.fdopen(os.dup(fd), "rb") as fh:
+                data = fh.read(limit + 1)
+        finally:
+            os.close(fd)
+    if len(data) > limit:
+        raise Refused(
+            EXIT_USAGE,
+            f"{shown}: is over the limit of {limit} bytes",
+            hint="keep task files small; put large inputs in a file the prompt names",
+        )
+    return data, shown, is_json
+
+
+# -- cancel ----------------------------------------------------------------------------------
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    folder = cli_common.open_folder(args.config)
+    task_id = args.task_id
+    cli_common.require_safe_id(task_id)
+    known = cli_common.lookup(folder, task_id)
+    if known is None:
+        raise Refused(
+            EXIT_FAILED,
+            f"no task {cli_common.printable(task_id)} is queued, running or finished "
+            "in this folder",
+            hint="`orchctl tasks` lists them",
+        )
+    if known.result is not None and known.result.terminal:
+        print(f"task {task_id} already {known.result.status}; nothing to cancel")
+        return EXIT_OK
+    spool.request_cancel(folder.spool, task_id)
+    print(f"cancel requested for {task_id} ({known.describe(folder)})")
+    if not probing.probe(folder.state_dir).serving:
+        cli_common.warn(
+            "no daemon is serving this folder: the cancel applies when "
+            f"`{folder.serve_command()}` starts"
+        )
+    return EXIT_OK
+
+
+# -- tasks -----------------------------------------------------------------------------------
+
+STATUSES = ("pending", "queued", "running", "succeeded", "failed", "canceled", "rejected")
+UNREADABLE = "unreadable"  # a result file this orchctl cannot read: listed when not filtering
+
+
+@dataclass(frozen=True)
+class Row:
+    task_id: str
+    status: str
+    pool_id: str | None
+    tokens_out: int | None
+    since: float  # when it was accepted (or its file written), seconds since the epoch
+
+    def as_json(self, now: float) -> dict[str, Any]:
+        return {
+            "task_id": self.task_id,
+            "status": self.status,
+            "pool_id": self.pool_id,
+            "tokens_out": self.tokens_out,
+            "age_s": round(max(0.0, now - self.since), 3),
+        }
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    folder = cli_common.open_folder(args.config)
+    wanted = set(args.status) if args.status else {*STATUSES, UNREADABLE}
+    rows = recent(folder, wanted, limit=args.limit)
+    now = time.time()
+    if args.json:
+        print(json.dumps([r.as_json(now) for r in rows], indent=2, ensure_ascii=False))
+        return EXIT_OK
+    if not rows:
+        which = f" {'/'.join(sorted(wanted))}" if args.status else ""
+        print(f"no{which} tasks in this folder")
+        return EXIT_OK
+    width = max(8, *(len(r.task_id) for r in rows))
+    print(f"{'ID':<{width}}  {'STATUS':<10}{'POOL':<16}{'TOKENS':>7}  AGE")
+    for r in rows:
+        tokens = "" if r.tokens_out is None else str(r.tokens_out)
+        print(
+            f"{r.task_id:<{width}}  {r.status:<10}{(r.pool_id or '-'):<16}{tokens:>7}  "
+            f"{cli_common.ago(now - r.since)}"
+        )
+    return EXIT_OK
+
+
+def recent(folder: cli_common.Folder, wanted: set[str], *, limit: int) -> list[Row]:
+    """Tasks newest first (by their last change): waiting files and results, each result
+    read only when it may be shown."""
+    candidates: list[tuple[float, str, pending.Pending | None]] = []
+    candidates += _result_files(folder)
+    with_result = {task_id for _, task_id, _ in candidates}
+    for file in pending.waiting(folder.spool):
+        if file.task_id not in with_result:
+            candidates.append((file.mtime, file.task_id or file.name, file))
+    candidates.sort(key=lambda c: c[0], reverse=True)
+    rows: list[Row] = []
+    for mtime, task_id, waiting in candidates:
+        if waiting is not None:  # in incoming/, or claimed a moment before its result exists
+            row = Row(task_id, "pending", None, None, mtime)
+        else:
+            result = folder.results.read(task_id)
+            if result is None:
+                row = Row(task_id, UNREADABLE, None, None, mtime)
+            else:
+                since = probing.epoch(result.timings.accepted_at or "") or mtime
+                row = Row(task_id, result.status, result.pool_id, result.tokens_out, since)
+        if row.status in wanted:
+            rows.append(row)
+            if limit and len(rows) >= limit:
+                break
+    return rows
+
+
+def _result_files(folder: cli_common.Folder) -> list[tuple[float, str, None]]:
+    out = []
+    try:
+        with os.scandir(folder.results.root) as it:
+            for entry in it:
+                name = entry.name
+                if name.startswith(".") or not name.endswith(".json"):
+                    continue
+                task_id = name[: -len(".json")]
+                try:
+                    folder.results.path(task_id)  # a safe id, or not a result file
+                    out.append((entry.stat(follow_symlinks=False).st_mtime, task_id, None))
+                except (ValueError, OSError):
+                    continue
+    except OSError:
+        return []
+    return out

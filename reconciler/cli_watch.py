@@ -1,0 +1,241 @@
+"""Following a task as it runs: `orchctl watch ID`, and the waiting half of `submit --wait`.
+
+`follow` tails results/<id>.events.jsonl from where it last read (complete lines only; a line
+that is not a frame is skipped) and prints each frame through a `Printer`, until a terminal
+frame, or a terminal result (the daemon writes the frame first, the result second). It never
+waits in silence: every `PROBE_EVERY_S` it checks that a daemon still serves the folder
+(`probing.probe`) and stops with exit 3 when none does; Ctrl-C stops watching, not the task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydantic
+
+from reconciler import cli_common, probing
+from reconciler.cli_common import EXIT_ENV, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, Refused
+from state import events, results
+
+POLL_S = 0.05
+PROBE_EVERY_S = 2.0
+RESULT_GRACE_S = 5.0  # after the terminal frame, how long the result may take to follow
+
+
+class Tail:
+    """The complete lines appended to an event log since the last call."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+
+    def frames(self) -> list[events.EventFrame]:
+        try:
+            with self.path.open("rb") as fh:
+                fh.seek(self.offset)
+                data = fh.read()
+        except (FileNotFoundError, IsADirectoryError, PermissionError):
+            return []
+        cut = data.rfind(b"\n") + 1  # a torn last line is read again once it is complete
+        self.offset += cut
+        out = []
+        for raw in data[:cut].splitlines():
+            try:
+                out.append(events.EventFrame.model_validate_json(raw))
+            except pydantic.ValidationError:
+                continue  # not a frame (an empty line, or damage): nothing to show
+        return out
+
+
+class Printer:
+    """Frames as people read them: the text as it streams, and one bracketed line per
+    transition. `ends=False` leaves out the terminal line (submit --wait prints a summary);
+    `as_json` prints every frame as one JSON line; `quiet` prints nothing."""
+
+    def __init__(self, *, as_json: bool = False, ends: bool = True, quiet: bool = False) -> None:
+        self.as_json, self.ends, self.quiet = as_json, ends, quiet
+        self.mid_line = False
+
+    def frame(self, frame: events.EventFrame) -> None:
+        if self.quiet:
+            return
+        if self.as_json:
+            print(json.dumps(frame.model_dump(mode="json"), ensure_ascii=False), flush=True)
+            return
+        d: dict[str, Any] = frame.data
+        if frame.event == "token":
+            text = str(d.get("t", ""))
+            print(text, end="", flush=True)
+            if text:
+                self.mid_line = not text.endswith("\n")
+        elif frame.event == "queued":
+            self.line(f"[queued at position {d.get('queue_position')}{_predicted(d)}]")
+        elif frame.event == "started":
+            attempt = d.get("attempt")
+            again = f", attempt {attempt}" if isinstance(attempt, int) and attempt > 1 else ""
+            self.line(f"[started on {d.get('replica_id')} (pool {d.get('pool_id')}){again}]")
+        elif frame.event == "end" and self.ends:
+            self.line(f"[end: {d.get('finish_reason')}, {d.get('tokens_out')} tokens]")
+        elif frame.event == "error" and self.ends:
+            hint = f" (hint: {d['hint']})" if d.get("hint") else ""
+            self.line(f"[error {d.get('code')}: {d.get('message')}{hint}]")
+
+    def line(self, text: str) -> None:
+        if self.quiet:
+            return
+        self.newline()
+        print(text, flush=True)
+
+    def newline(self) -> None:
+        if self.mid_line:
+            print(flush=True)
+            self.mid_line = False
+
+
+def _predicted(d: dict[str, Any]) -> str:
+    ms = d.get("predicted_start_ms")
+    return f", predicted start {ms} ms" if isinstance(ms, int | float) else ""
+
+
+@dataclass(frozen=True)
+class Ended:
+    frame: events.EventFrame | None  # the terminal frame, when the log has one
+    result: results.Result | None  # the terminal result, when it could be read
+
+    @property
+    def succeeded(self) -> bool:
+        if self.result is not None:
+            return self.result.status == "succeeded"
+        return (
+            self.frame is not None
+            and self.frame.event == "end"
+            and self.frame.data.get("finish_reason") != "canceled"
+        )
+
+
+def follow(folder: cli_common.Folder, task_id: str, printer: Printer, *, timeout_s: float) -> Ended:
+    """Print the task's frames until it ends; raise `Refused` when no daemon serves the
+    folder (3), on timeout (1) or on Ctrl-C (130)."""
+    tail = Tail(folder.results.events_path(task_id))
+    deadline = time.monotonic() + timeout_s
+    next_probe = 0.0
+    try:
+        while True:
+            for frame in tail.frames():
+                printer.frame(frame)
+                if frame.terminal:
+                    return Ended(frame, _terminal_result(folder, task_id, RESULT_GRACE_S))
+            result = folder.results.read(task_id)
+            if result is not None and result.terminal:
+                last = next((f for f in _show(tail, printer) if f.terminal), None)
+                return Ended(last, result)
+            now = time.monotonic()
+            if now >= next_probe:
+                next_probe = now + PROBE_EVERY_S
+                if not probing.probe(folder.state_dir).serving:
+                    printer.newline()
+                    raise Refused(
+                        EXIT_ENV,
+                        f"no daemon is serving this folder: task {task_id} is "
+                        f"{_where(result)} and will not move until "
+                        f"`{folder.serve_command()}` starts",
+                    )
+            if now >= deadline:
+                printer.newline()
+                raise Refused(
+                    EXIT_FAILED,
+                    f"no result after {timeout_s:.0f} s; task {task_id} is {_where(result)}",
+                    hint=f"follow it again with: orchctl watch {task_id}",
+                )
+            time.sleep(POLL_S)
+    except KeyboardInterrupt:
+        printer.newline()
+        raise Refused(
+            EXIT_INTERRUPTED,
+            f"stopped watching; task {task_id} keeps running "
+            f"(cancel it with: orchctl cancel {task_id})",
+            prefix=False,
+        ) from None
+
+
+def _show(tail: Tail, printer: Printer) -> list[events.EventFrame]:
+    frames = tail.frames()
+    for frame in frames:
+        printer.frame(frame)
+    return frames
+
+
+def _where(result: results.Result | None) -> str:
+    return result.status if result is not None else "waiting in the spool"
+
+
+def _terminal_result(
+    folder: cli_common.Folder, task_id: str, grace_s: float
+) -> results.Result | None:
+    end = time.monotonic() + grace_s
+    while True:
+        result = folder.results.read(task_id)
+        if (result is not None and result.terminal) or time.monotonic() >= end:
+            return result if result is not None and result.terminal else None
+        time.sleep(POLL_S)
+
+
+def summary(ended: Ended) -> str:
+    """One line: "succeeded: 64 tokens, queued 12 ms, first token 35 ms, 910 ms decoding",
+    or the status with the error's code, message and hint."""
+    result = ended.result
+    if result is None:
+        frame = ended.frame
+        data = frame.data if frame is not None else {}
+        if frame is not None and frame.event == "end":
+            return f"ended: {data.get('finish_reason')}, {_tokens(data.get('tokens_out'))}"
+        return _error_line("failed", data.get("code"), data.get("message"), data.get("hint"))
+    if result.status == "succeeded":
+        t = result.timings
+        parts = [_tokens(result.tokens_out)]
+        if t.queue_ms is not None:
+            parts.append(f"queued {t.queue_ms} ms")
+        if t.first_token_ms is not None:
+            parts.append(f"first token {t.first_token_ms} ms")
+        if t.decode_time_ms is not None:
+            parts.append(f"{t.decode_time_ms} ms decoding")
+        return "succeeded: " + ", ".join(parts)
+    if result.status == "canceled":
+        return f"canceled after {_tokens(result.tokens_out)}"
+    error = result.error
+    if error is None:
+        return result.status
+    return _error_line(result.status, error.code, error.message, error.hint)
+
+
+def _tokens(n: object) -> str:
+    return "1 token" if n == 1 else f"{n if isinstance(n, int) else 0} tokens"
+
+
+def _error_line(status: str, code: object, message: object, hint: object) -> str:
+    text = f"{status}: {code}: {message}" if code else f"{status}: {message}"
+    return text + (f" (hint: {hint})" if hint else "")
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    folder = cli_common.open_folder(args.config)
+    cli_common.require_safe_id(args.task_id)
+    if cli_common.lookup(folder, args.task_id) is None:
+        raise Refused(
+            EXIT_FAILED,
+            f"no task {cli_common.printable(args.task_id)} in this folder",
+            hint="`orchctl tasks` lists them",
+        )
+    printer = Printer(as_json=args.json)
+    ended = follow(folder, args.task_id, printer, timeout_s=args.timeout)
+    if ended.frame is None and not args.json:
+        printer.line(summary(ended))
+    printer.newline()
+    sys.stdout.flush()
+    return EXIT_OK if ended.succeeded else EXIT_FAILED

@@ -1,0 +1,214 @@
+"""What `orchctl serve` would find wrong with an orch.yaml beyond its schema, found without
+starting anything. `orchctl validate` calls `check` on every orch.yaml it is given.
+
+It works on the raw parsed data, so it reports alongside the schema's own errors, in one
+round, even when the schema refuses the file: pools naming a model, engine or pool id that is
+not there (the schema stops at the first), GPUs listed twice in a pool or missing from the
+workstation, model refs whose scheme no installed resolver handles, `file:` models that do
+not exist yet (resolved from orch.yaml's folder, as the daemon resolves them), a missing
+llama-server binary, and a GPU observer that cannot start here. What the daemon would refuse
+is an error; what only stops a pool until the machine changes is a warning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from plugins import engine_llamacpp, gpu_nvml, gpu_simulated, registry
+from state import desired, errors, loading, parsing
+
+# Engines that load the model file themselves; the `sim` engine only simulates one.
+SIMULATED_ENGINES = frozenset({"sim"})
+
+
+@dataclass(frozen=True)
+class Finding:
+    error: loading.LoadError
+    warning: bool = False
+
+
+Report = Callable[..., None]  # report(loc, message, hint=None, *, warning=False)
+
+
+def check(path: Path, data: Any, node: yaml.Node | None, reg: registry.Registry) -> list[Finding]:
+    """Every problem found in orch.yaml's parsed `data` (`node` locates them)."""
+    found: list[Finding] = []
+
+    def report(
+        loc: tuple[Any, ...], message: str, hint: str | None = None, *, warning: bool = False
+    ) -> None:
+        line, column = loading.locate(node, loc)
+        field = parsing.dotted(loc) or None
+        found.append(
+            Finding(loading.LoadError(str(path), line, column, field, message, hint), warning)
+        )
+
+    if not isinstance(data, dict):
+        return found
+    base = path.resolve().parent
+    raw_models, raw_pools = data.get("models"), data.get("pools")
+    models: dict[str, Any] = raw_models if isinstance(raw_models, dict) else {}
+    pools: list[dict[str, Any]] = []
+    if isinstance(raw_pools, list):
+        pools = [p if isinstance(p, dict) else {} for p in raw_pools]
+    _pool_references(pools, models, reg, report)
+    _models(models, pools, base, reg, report)
+    gpu_indices = _gpus(data.get("gpus"), base, report)
+    _devices(pools, gpu_indices, report)
+    _engines(pools, data.get("engines"), report)
+    return found
+
+
+def _pool_references(
+    pools: list[dict[str, Any]], models: dict[str, Any], reg: registry.Registry, report: Report
+) -> None:
+    first: dict[str, int] = {}
+    for i, pool in enumerate(pools):
+        pool_id, model, engine = pool.get("id"), pool.get("model"), pool.get("engine")
+        if isinstance(pool_id, str):
+            if pool_id in first:
+                report(
+                    ("pools", i, "id"),
+                    f"pool id {pool_id!r} is used twice (first by pools[{first[pool_id]}])",
+                    "give every pool its own id",
+                )
+            first.setdefault(pool_id, i)
+        if isinstance(model, str) and model not in models:
+            known = ", ".join(sorted(map(str, models))) or "none defined"
+            report(
+                ("pools", i, "model"),
+                f"{model!r} is not under models: (known: {known})",
+                "add it under models:, or name one of those",
+            )
+        if isinstance(engine, str) and engine not in reg.engines:
+            report(
+                ("pools", i, "engine"),
+                f"unknown engine {engine!r}",
+                f"installed engines: {', '.join(sorted(reg.engines))} (`orchctl plugins`)",
+            )
+
+
+def _models(
+    models: dict[str, Any],
+    pools: list[dict[str, Any]],
+    base: Path,
+    reg: registry.Registry,
+    report: Report,
+) -> None:
+    for name, spec in models.items():
+        ref = spec.get("ref") if isinstance(spec, dict) else None
+        if not isinstance(ref, str):
+            continue
+        users = [p for p in pools if p.get("model") == name]
+        scheme = ref.split(":", 1)[0] if ":" in ref else "file"  # as the pool runtime reads it
+        if scheme not in reg.resolvers:
+            installed = ", ".join(f"{s}:" for s in sorted(reg.resolvers))
+            report(
+                ("models", name, "ref"),
+                f"no model resolver for {scheme}: refs is installed (installed: {installed})"
+                + ("" if users else "; no pool uses this model yet"),
+                'download the file and use ref: "file:<path>" (relative paths resolve from '
+                f"orch.yaml's folder), or install a plugin that resolves {scheme}: refs",
+                warning=not users,
+            )
+            continue
+        loaders = sorted({str(p.get("id")) for p in users} - _simulated_pools(users))
+        if scheme != "file" or not loaders:
+            continue  # other resolvers may download: validate never calls them
+        resolved = reg.resolvers["file"](ref, base)
+        if resolved.path is not None and not resolved.path.is_file():
+            report(
+                ("models", name, "ref"),
+                f"{resolved.path} does not exist: pool {', '.join(loaders)} cannot start "
+                "until it does",
+                f"relative paths resolve from orch.yaml's folder ({base}); put the model file "
+                "there or fix the path",
+                warning=True,
+            )
+
+
+def _simulated_pools(pools: list[dict[str, Any]]) -> set[str]:
+    return {str(p.get("id")) for p in pools if p.get("engine") in SIMULATED_ENGINES}
+
+
+def _gpus(gpus: Any, base: Path, report: Report) -> set[int] | None:
+    """The GPU indices `serve` would see, or None when they cannot be known here."""
+    gpus = gpus if isinstance(gpus, dict) else {}
+    observer = gpus.get("observer", "nvml")
+    if observer == "simulated" and isinstance(gpus.get("inventory"), str):
+        inventory = desired.resolve(base, gpus["inventory"])
+        try:
+            loaded = gpu_simulated.load_inventory(inventory)
+        except gpu_simulated.InventoryError as exc:
+            for problem in exc.errors:
+                report(
+                    ("gpus", "inventory"),
+                    f"the inventory cannot be used: {problem}",
+                    "relative paths resolve from orch.yaml's folder",
+                )
+            return None
+        return {g.index for g in loaded.gpus}
+    if observer == "nvml":
+        try:
+            nvml = gpu_nvml.open_nvml()
+        except errors.EnvironmentMissing as exc:
+            report(
+                ("gpus", "observer"),
+                f"{exc.what}, so `orchctl serve` exits 3 on this machine",
+                "without a GPU, run the simulated workstation: `orchctl init --simulate`",
+                warning=True,
+            )
+            return None
+        try:
+            return {g.index for g in nvml.observe().gpus}
+        finally:
+            nvml.close()
+    return None
+
+
+def _devices(pools: list[dict[str, Any]], present: set[int] | None, report: Report) -> None:
+    for i, pool in enumerate(pools):
+        devices = pool.get("devices")
+        if not isinstance(devices, list):
+            continue
+        seen: set[int] = set()
+        for k, index in enumerate(devices):
+            if not isinstance(index, int) or isinstance(index, bool):
+                continue
+            if index in seen:
+                report(
+                    ("pools", i, "devices", k),
+                    f"GPU {index} is listed twice",
+                    "list each GPU index once, e.g. [0, 1]",
+                )
+            elif present is not None and index not in present:
+                have = ", ".join(map(str, sorted(present))) or "none"
+                report(  # worded as the daemon words it (reconciler.configuring)
+                    ("pools", i, "devices", k),
+                    f"GPU {index} does not exist on this machine (GPUs: {have})",
+                    "use an index nvidia-smi lists (PCI bus order), or devices: auto",
+                )
+            seen.add(index)
+
+
+def _engines(pools: list[dict[str, Any]], engines: Any, report: Report) -> None:
+    users = [i for i, p in enumerate(pools) if p.get("engine") == "llamacpp"]
+    if not users:
+        return
+    config = engines.get("llamacpp") if isinstance(engines, dict) else None
+    try:
+        engine_llamacpp.find_binary({"engine": config if isinstance(config, dict) else {}})
+    except errors.EnvironmentMissing as exc:
+        explicit = isinstance(config, dict) and config.get("binary")
+        loc = ("engines", "llamacpp", "binary") if explicit else ("pools", users[0], "engine")
+        report(
+            loc,
+            f"{exc.what}: llamacpp pools cannot start until it is there",
+            " ".join(exc.fix.split()),
+            warning=True,
+        )

@@ -1,0 +1,209 @@
+"""No input, however hostile, makes `orchctl` print a traceback, a Python repr or a missing
+value; every option says what it does and what its default is; the logs suit the reader."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+
+import pytest
+
+from reconciler import cli, cli_tasks, logs
+from tests.conftest import Workspace, task
+from tests.orchctl_support import orchctl, orchctl_process
+
+GARBAGE = b"\x00\xff\xfe{[: \x85 task_id: *x\n\t- - ]"
+
+
+@pytest.fixture
+def hostile(workspace: Workspace) -> Workspace:
+    """A folder with every kind of bad file where orchctl looks."""
+    root = workspace.root
+    (root / "garbage.task.yaml").write_bytes(GARBAGE)
+    (root / "folder.task.yaml").mkdir()
+    os.mkfifo(root / "fifo.task.yaml")
+    (root / "zero.task.yaml").symlink_to("/dev/zero")
+    (root / "bomb.task.yaml").write_text(
+        'a: &a ["x", "x"]\nb: &b [*a, *a]\nc: &c [*b, *b]\nmodel: m1\nprompt: *c\nmax_tokens: 1\n'
+    )
+    (root / "list.task.json").write_text("[1, 2]")
+    (root / "huge.task.yaml").write_bytes(b"prompt: " + b"x" * (2 << 20))
+    (root / "empty.task.yaml").write_text("")
+    (root / "badid.task.yaml").write_text(
+        "task_id: ../../etc\nmodel: m1\nprompt: a\nmax_tokens: 1\n"
+    )
+    (root / "dict-prompt.task.yaml").write_text("prompt: {a: 1}\nmodel: m1\nmax_tokens: x\n")
+    (root / "garbage.yaml").write_bytes(GARBAGE)
+    incoming = workspace.spool.incoming
+    (incoming / "junk.task.yaml").write_bytes(GARBAGE)
+    (incoming / "dir.task.yaml").mkdir()
+    os.mkfifo(incoming / "pipe.task.yaml")
+    results_dir = root / "results"
+    results_dir.mkdir(exist_ok=True)
+    (results_dir / "broken.json").write_bytes(GARBAGE)
+    (results_dir / "wrong-shape.json").write_text('{"task_id": "wrong-shape", "status": "odd"}')
+    (results_dir / "dir.json").mkdir()
+    (results_dir / "broken.events.jsonl").write_bytes(GARBAGE + b"\n{}\n")
+    return workspace
+
+
+FILES = [
+    "garbage.task.yaml",
+    "folder.task.yaml",
+    "fifo.task.yaml",
+    "zero.task.yaml",
+    "bomb.task.yaml",
+    "list.task.json",
+    "huge.task.yaml",
+    "empty.task.yaml",
+    "badid.task.yaml",
+    "dict-prompt.task.yaml",
+    "garbage.yaml",
+    "missing.task.yaml",
+    "/dev/zero",
+    ".",
+]
+IDS = ["", "..", "../x", "a/b", "x\ny", "x" * 500, "tâche", "ok-id", "broken", "wrong-shape"]
+
+
+def commands(ws: Workspace) -> list[list[str]]:
+    cfg = ["--config", str(ws.config_path)]
+    out: list[list[str]] = [[], ["nonsense"], ["--config"], ["tasks", "--limit", "x"]]
+    out += [["validate", f] for f in FILES]
+    out += [["validate", "--config", f, "ok.task.yaml"] for f in FILES]
+    out += [["submit", f, *cfg] for f in FILES]
+    for task_id in IDS:
+        out += [["watch", task_id, "--timeout", "1", *cfg], ["cancel", task_id, *cfg]]
+    for bad_config in ("garbage.yaml", "missing.yaml", ".", "/dev/zero", "fifo.task.yaml"):
+        for verb in (["status"], ["tasks"], ["cancel", "x"], ["watch", "x"], ["submit", "-"]):
+            out.append([*verb, "--config", bad_config])
+        out.append(["serve", "--config", bad_config, "--duration", "0.1"])
+    out += [
+        ["status", *cfg],
+        ["status", "--json", *cfg],
+        ["tasks", *cfg],
+        ["tasks", "--json", *cfg],
+    ]
+    out += [["init", "--config", "garbage.yaml/orch.yaml", "--simulate"]]
+    out += [["init", "--config", "garbage.yaml", "--simulate"]]
+    return out
+
+
+def test_no_command_prints_a_traceback_or_a_repr_whatever_it_is_given(hostile: Workspace) -> None:
+    (hostile.root / "ok.task.yaml").write_text("model: m1\nprompt: hi\nmax_tokens: 2\n")
+    state = hostile.root / ".orch"
+    state.mkdir()
+    (state / "status.json").write_bytes(GARBAGE)
+    for args in commands(hostile):
+        ran = orchctl(*args, cwd=hostile.root, stdin=GARBAGE)  # asserts the output is clean
+        assert ran.code in (0, 1, 2, 3), (args, ran)
+    for body in (b"", b"[]", b'{"daemon": {"pid": -1}}', GARBAGE):
+        (state / "status.json").write_bytes(body)
+        assert orchctl("status", cwd=hostile.root).code == 1
+
+
+@pytest.mark.parametrize(
+    "stdin",
+    [b"", GARBAGE, b"[1, 2]", b"task_id: a/b\nmodel: m1\nprompt: x\nmax_tokens: 1\n", b"{"],
+)
+def test_submit_from_hostile_standard_input_is_refused_with_exit_2(
+    workspace: Workspace, stdin: bytes
+) -> None:
+    ran = orchctl("submit", "-", "--config", workspace.config_path, stdin=stdin)
+    assert ran.code == 2, ran
+    assert not any(workspace.spool.incoming.iterdir())
+
+
+def test_a_status_pid_that_is_no_process_is_simply_not_running(workspace: Workspace) -> None:
+    for pid in (-1, 0, 2**22 + 1):
+        status = {
+            "daemon": {
+                "pid": pid,
+                "started_at": "garbage",
+                "version": "x",
+                "simulated": False,
+                "state": "running",
+            },
+            "config": {"path": "orch.yaml", "revision": None, "applied_at": None},
+            "queue": {
+                "depth": 0,
+                "by_priority": {},
+                "capacity": 1,
+                "full_policy": "reject",
+                "running": 0,
+            },
+        }
+        (workspace.root / ".orch").mkdir(exist_ok=True)
+        (workspace.root / ".orch" / "status.json").write_text(json.dumps(status))
+        ran = orchctl("status", "--config", workspace.config_path)
+        assert ran.code == 0 and "NOT RUNNING" in ran.out_lines[0]
+        assert "revision" not in ran.out_lines[1]  # no "revision None"
+
+
+def test_a_bug_in_a_verb_is_one_plain_line_and_exit_1(
+    workspace: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(args: argparse.Namespace) -> int:
+        raise RuntimeError("boom {'key': 1}\nsecond line")
+
+    monkeypatch.setattr(cli_tasks, "cmd_tasks", broken)
+    ran = orchctl("tasks", "--config", workspace.config_path)
+    assert ran.code == 1
+    assert ran.err_lines == [
+        "orchctl: tasks stopped on an unexpected RuntimeError: boom {key': 1} second line "
+        "(this is a bug; please report it, and ORCHCTL_DEBUG=1 shows the traceback)"
+    ]
+
+
+def test_a_submitted_task_with_a_weird_but_safe_id_round_trips(workspace: Workspace) -> None:
+    workspace.submit("x.task.yaml", task("A.b_c-9"))
+    assert orchctl("cancel", "A.b_c-9", "--config", workspace.config_path).code == 0
+
+
+# -- help, version, logs ---------------------------------------------------------------------
+
+
+def test_every_option_of_every_verb_has_help_and_shows_its_default() -> None:
+    parser = cli._parser()
+    verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(verbs.choices) >= {
+        "serve", "validate", "submit", "watch", "cancel", "tasks", "status", "init", "plugins",
+    }  # fmt: skip
+    for name, sub in verbs.choices.items():
+        for action in sub._actions:
+            if not isinstance(action, argparse._HelpAction):
+                assert action.help, f"orchctl {name} {action.option_strings or action.dest}"
+    shown = orchctl("submit", "--help").out
+    assert "(default: 600.0)" in shown and "(default: orch.yaml)" in shown
+    assert "(default: auto)" in orchctl("serve", "--help").out
+
+
+def test_version_comes_from_the_package_metadata() -> None:
+    ran = orchctl_process("--version")
+    assert (ran.code, ran.out_lines) == (0, ["orchctl 0.1.0"])
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(("stream", "pretty"), [(_Terminal(), True), (io.StringIO(), False)])
+def test_auto_log_format_is_pretty_on_a_terminal_and_json_lines_otherwise(
+    stream: io.StringIO, pretty: bool
+) -> None:
+    root = logging.getLogger(logs.ROOT)
+    saved = (root.handlers[:], root.level, root.propagate)
+    try:
+        logs.setup(fmt="auto", stream=stream)
+        logs.emit(logs.get("test"), "test.event", "A sentence.", task_id="t1")
+    finally:
+        root.handlers[:], root.level, root.propagate = saved
+    line = stream.getvalue().strip()
+    if pretty:
+        assert line.endswith("INFO A sentence.  [task=t1]")
+    else:
+        assert json.loads(line)["human"] == "A sentence."

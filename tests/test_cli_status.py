@@ -1,0 +1,76 @@
+"""`orchctl status` tells a live daemon from the status file a dead one left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from reconciler import clocks
+from tests.conftest import Workspace
+from tests.orchctl_support import dead_pid, fake_daemon_status, orchctl
+
+
+def status_of(ws: Workspace, *extra: str) -> tuple[int, list[str], list[str]]:
+    ran = orchctl("status", "--config", str(ws.config_path), *extra)
+    return ran.code, ran.out_lines, ran.err_lines
+
+
+def test_a_killed_daemon_shows_as_not_running_and_its_gpus_as_last_seen(
+    workspace: Workspace,
+) -> None:
+    written = time.time() - 240
+    pid = dead_pid()
+    fake_daemon_status(workspace.root / ".orch", pid=pid, written_at=written)
+    code, out, _ = status_of(workspace)
+    assert code == 0
+    assert out[0] == f"daemon   pid {pid}  NOT RUNNING (last status 4 min ago)  SIMULATED GPUs"
+    label = f"GPUs, pools and queue: last seen at {clocks.rfc3339(written)}, not live"
+    assert out[out.index(label) + 1].startswith("GPU ")
+
+
+def test_a_zombie_daemon_is_not_running(workspace: Workspace, zombie_pid: int) -> None:
+    fake_daemon_status(workspace.root / ".orch", pid=zombie_pid)
+    _, out, _ = status_of(workspace)
+    assert out[0].startswith(f"daemon   pid {zombie_pid}  NOT RUNNING (last status ")
+
+
+def test_a_pid_now_used_by_a_younger_process_is_not_the_daemon(workspace: Workspace) -> None:
+    fake_daemon_status(workspace.root / ".orch", started_at=time.time() - 7200)
+    _, out, _ = status_of(workspace)
+    assert "NOT RUNNING" in out[0]
+
+
+def test_a_clean_stop_shows_when_it_stopped(workspace: Workspace) -> None:
+    stopped = time.time() - 60
+    fake_daemon_status(workspace.root / ".orch", state="stopped", stopped_at=stopped, pid=1)
+    _, out, _ = status_of(workspace)
+    assert out[0] == f"daemon   pid 1  stopped at {clocks.rfc3339(stopped)}  SIMULATED GPUs"
+    assert f"GPUs, pools and queue: last seen at {clocks.rfc3339(stopped)}, not live" in out
+
+
+def test_a_live_daemon_shows_as_running_without_a_not_live_label(workspace: Workspace) -> None:
+    started = time.time()
+    fake_daemon_status(workspace.root / ".orch", started_at=started)
+    _, out, _ = status_of(workspace)
+    assert out[0] == (
+        f"daemon   pid {os.getpid()}  running since {clocks.rfc3339(started)}  SIMULATED GPUs"
+    )
+    assert not any("not live" in line for line in out)
+
+
+def test_status_json_of_a_dead_daemon_is_the_file_with_a_warning(workspace: Workspace) -> None:
+    pid = dead_pid()
+    fake_daemon_status(workspace.root / ".orch", pid=pid)
+    code, out, err = status_of(workspace, "--json")
+    assert code == 0 and json.loads("\n".join(out))["daemon"]["pid"] == pid
+    assert err[0].startswith(f"orchctl: warning: daemon pid {pid} is NOT RUNNING")
+
+
+def test_status_without_a_status_file_says_how_to_start_a_daemon(workspace: Workspace) -> None:
+    code, _, err = status_of(workspace)
+    assert code == 1
+    assert err == [
+        "orchctl: no status at .orch/status.json: no daemon has served this folder yet",
+        f"hint: start one with: orchctl serve --config {workspace.config_path}",
+    ]

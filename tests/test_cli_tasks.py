@@ -1,0 +1,401 @@
+"""`orchctl submit`, `cancel`, `watch` and `tasks` as a user meets them: what each prints,
+its exit code, and what it leaves (or must not leave) in the spool.
+
+A daemon is stood in for by the files it writes: `.orch/status.json` naming a live pid (this
+process) and, for a task, its event log and result (`play`). The real daemon runs in
+tests/test_cli.py and features/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from reconciler import clocks
+from state import events, results
+from state.errors import ErrorCode, envelope
+from tests.conftest import Workspace, task
+from tests.orchctl_support import (
+    ORCHCTL,
+    assert_clean,
+    dead_pid,
+    fake_daemon_status,
+    orchctl,
+)
+
+
+def cfg(ws: Workspace) -> str:
+    return str(ws.config_path)
+
+
+def write_task(ws: Workspace, name: str, **fields: Any) -> Path:
+    path = ws.root / name
+    path.write_text(yaml.safe_dump(fields or task(name.split(".")[0])))
+    return path
+
+
+def finished(ws: Workspace, task_id: str, status: results.StatusName = "succeeded") -> None:
+    ws.results.write(results.Result(task_id=task_id, status=status, tokens_out=3))
+
+
+def serving(ws: Workspace) -> None:
+    fake_daemon_status(ws.root / ".orch")
+
+
+def cancel_requests(ws: Workspace) -> list[str]:
+    return sorted(p.name for p in (ws.root / "spool" / "cancel").glob("*"))
+
+
+def incoming(ws: Workspace) -> list[str]:
+    return sorted(p.name for p in (ws.root / "spool" / "incoming").glob("*"))
+
+
+def play(
+    ws: Workspace,
+    task_id: str,
+    frames: list[tuple[events.EventName, dict[str, Any]]],
+    result: results.Result,
+) -> threading.Thread:
+    """Do what the daemon does once the task's file arrives: its frames, then its result."""
+
+    def run() -> None:
+        deadline = time.monotonic() + 10
+        while not incoming(ws) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        log = events.EventLog(ws.results.events_path(task_id))
+        for name, data in frames:
+            log.append(name, data, ts=clocks.rfc3339(time.time()))
+            time.sleep(0.01)
+        ws.results.write(result)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+STARTED: list[tuple[events.EventName, dict[str, Any]]] = [
+    ("queued", {"queue_position": 0, "predicted_start_ms": 5}),
+    ("started", {"pool_id": "p1", "replica_id": "p1-0", "attempt": 1}),
+    ("token", {"t": "Hello", "i": 0}),
+    ("token", {"t": " world", "i": 1}),
+]
+
+
+# -- cancel ----------------------------------------------------------------------------------
+
+
+def test_cancel_of_an_id_nobody_knows_exits_1_and_writes_no_request(
+    workspace: Workspace,
+) -> None:
+    serving(workspace)
+    ran = orchctl("cancel", "ghost", "--config", cfg(workspace))
+    assert ran.code == 1
+    assert ran.err_lines == [
+        "orchctl: no task 'ghost' is queued, running or finished in this folder",
+        "hint: `orchctl tasks` lists them",
+    ]
+    assert cancel_requests(workspace) == []  # nothing lies in wait for a later task "ghost"
+
+
+def test_cancel_of_a_finished_task_says_there_is_nothing_to_cancel(workspace: Workspace) -> None:
+    finished(workspace, "done-1")
+    ran = orchctl("cancel", "done-1", "--config", cfg(workspace))
+    assert (ran.code, ran.out_lines) == (0, ["task done-1 already succeeded; nothing to cancel"])
+    assert cancel_requests(workspace) == []
+
+
+def test_cancel_of_a_waiting_task_finds_it_by_the_task_id_inside_its_file(
+    workspace: Workspace,
+) -> None:
+    serving(workspace)
+    workspace.submit("some-name.task.yaml", task("inner-id"))
+    ran = orchctl("cancel", "inner-id", "--config", cfg(workspace))
+    assert ran.code == 0, ran.err
+    assert ran.out_lines == [
+        "cancel requested for inner-id (spool/incoming/some-name.task.yaml: waiting for the daemon)"
+    ]
+    assert cancel_requests(workspace) == ["inner-id"]
+    assert orchctl("cancel", "some-name", "--config", cfg(workspace)).code == 1
+
+
+def test_cancel_of_a_queued_task_writes_the_request(workspace: Workspace) -> None:
+    serving(workspace)
+    workspace.results.write(results.Result(task_id="q", status="queued"))
+    ran = orchctl("cancel", "q", "--config", cfg(workspace))
+    assert (ran.code, ran.out_lines) == (0, ["cancel requested for q (results/q.json: queued)"])
+    assert cancel_requests(workspace) == ["q"]
+
+
+def test_cancel_without_a_daemon_says_when_the_request_applies(workspace: Workspace) -> None:
+    workspace.submit("w.task.yaml", task("w"))
+    ran = orchctl("cancel", "w", "--config", cfg(workspace))
+    assert ran.code == 0
+    assert ran.err_lines == [
+        "orchctl: no daemon is serving this folder: the cancel applies when "
+        f"`orchctl serve --config {cfg(workspace)}` starts"
+    ]
+
+
+def test_cancel_reads_a_hostile_spool_without_crashing(workspace: Workspace) -> None:
+    folder = workspace.spool.incoming
+    (folder / "binary.task.yaml").write_bytes(b"\xff\xfe task_id: \x00")
+    (folder / "a-folder.task.yaml").mkdir()
+    os.mkfifo(folder / "fifo.task.yaml")
+    (folder / "link.task.yaml").symlink_to("/dev/zero")
+    (folder / "alias.task.yaml").write_text("a: &a [x]\ntask_id: *a\n")
+    (folder / "big.task.yaml").write_bytes(b"task_id: big\n" + b"#" * (2 << 20))
+    ran = orchctl("cancel", "ghost", "--config", cfg(workspace))
+    assert ran.code == 1 and cancel_requests(workspace) == []
+    assert orchctl("cancel", "binary", "--config", cfg(workspace)).code == 0
+
+
+# -- submit ----------------------------------------------------------------------------------
+
+
+def test_resubmitting_a_finished_task_is_refused_before_anything_is_delivered(
+    workspace: Workspace,
+) -> None:
+    serving(workspace)
+    finished(workspace, "x")
+    path = write_task(workspace, "x.task.yaml")
+    ran = orchctl("submit", path, "--wait", "--timeout", "5", "--config", cfg(workspace))
+    assert ran.code == 1
+    assert ran.err_lines == [
+        "orchctl: task id 'x' is already used (results/x.json: succeeded) — DUPLICATE_TASK_ID",
+        "hint: give the task a new task_id",
+    ]
+    assert ran.out == "" and incoming(workspace) == []
+
+
+def test_submitting_an_id_a_waiting_file_already_claims_is_refused(workspace: Workspace) -> None:
+    workspace.submit("other.task.yaml", task("y"))
+    ran = orchctl("submit", write_task(workspace, "y.task.yaml"), "--config", cfg(workspace))
+    assert ran.code == 1
+    assert ran.err_lines[0] == (
+        "orchctl: task id 'y' is already used "
+        "(spool/incoming/other.task.yaml: waiting for the daemon) — DUPLICATE_TASK_ID"
+    )
+    assert incoming(workspace) == ["other.task.yaml"]
+
+
+UNSAFE = (
+    "{path}: task_id: the file name implies task id 'my task', which is not a task id "
+    "(letters, digits, '.', '_' and '-' only) "
+    "(hint: rename the file to my-task.task.yaml, or add `task_id: my-task`)"
+)
+
+
+def test_a_file_name_that_is_no_task_id_fails_validate_and_submit_alike(
+    workspace: Workspace,
+) -> None:
+    path = workspace.root / "my task.task.yaml"
+    path.write_text("model: m1\nprompt: hi\nmax_tokens: 3\n")
+    checked = orchctl("validate", path)
+    assert (checked.code, checked.out_lines) == (2, [UNSAFE.format(path=path)])
+    submitted = orchctl("submit", path, "--config", cfg(workspace))
+    assert (submitted.code, submitted.err_lines) == (2, [UNSAFE.format(path=path)])
+    assert incoming(workspace) == []
+
+
+def test_submit_without_a_daemon_delivers_and_says_so_at_once(workspace: Workspace) -> None:
+    ran = orchctl("submit", write_task(workspace, "t1.task.yaml"), "--config", cfg(workspace))
+    assert ran.code == 0
+    assert ran.out_lines == [
+        "submitted t1 → spool/incoming/t1.task.yaml",
+        "result: results/t1.json",
+    ]
+    assert ran.err_lines == [
+        "orchctl: no daemon is serving this folder: the task will run when "
+        f"`orchctl serve --config {cfg(workspace)}` starts"
+    ]
+    assert incoming(workspace) == ["t1.task.yaml"]
+
+
+@pytest.mark.parametrize("daemon", ["no status", "stopped", "killed", "zombie", "reused pid"])
+def test_submit_wait_without_a_daemon_exits_3_at_once(
+    workspace: Workspace, daemon: str, zombie_pid: int
+) -> None:
+    state_dir = workspace.root / ".orch"
+    if daemon == "stopped":
+        fake_daemon_status(state_dir, state="stopped", stopped_at=time.time())
+    elif daemon == "killed":
+        fake_daemon_status(state_dir, pid=dead_pid())
+    elif daemon == "zombie":
+        fake_daemon_status(state_dir, pid=zombie_pid)
+    elif daemon == "reused pid":  # this process runs, but it started after that "daemon"
+        fake_daemon_status(state_dir, started_at=time.time() - 7200)
+    path = write_task(workspace, "t2.task.yaml")
+    began = time.monotonic()
+    ran = orchctl("submit", path, "--wait", "--timeout", "8", "--config", cfg(workspace))
+    assert time.monotonic() - began < 4
+    assert ran.code == 3
+    assert ran.err_lines[-1].startswith("orchctl: no daemon is serving this folder")
+    assert incoming(workspace) == ["t2.task.yaml"]
+
+
+def test_submit_wait_streams_the_text_then_prints_a_one_line_summary(
+    workspace: Workspace,
+) -> None:
+    serving(workspace)
+    timings = results.Timings(queue_ms=12, first_token_ms=35, decode_time_ms=910)
+    end = ("end", {"tokens_out": 64, "finish_reason": "length"})
+    result = results.Result(
+        task_id="t3", status="succeeded", tokens_out=64, text="Hello world", timings=timings
+    )
+    play(workspace, "t3", [*STARTED, end], result)
+    path = write_task(workspace, "t3.task.yaml")
+    ran = orchctl("submit", path, "--wait", "--timeout", "20", "--config", cfg(workspace))
+    assert ran.code == 0, ran.err
+    assert ran.out_lines == [
+        "submitted t3 → spool/incoming/t3.task.yaml",
+        "result: results/t3.json",
+        "[queued at position 0, predicted start 5 ms]",
+        "[started on p1-0 (pool p1)]",
+        "Hello world",
+        "succeeded: 64 tokens, queued 12 ms, first token 35 ms, 910 ms decoding",
+    ]
+
+
+def test_submit_wait_of_a_failed_task_prints_code_message_and_hint_and_exits_1(
+    workspace: Workspace,
+) -> None:
+    serving(workspace)
+    error = envelope(ErrorCode.WORKER_RESET, "the engine died mid-stream", hint="retry it")
+    result = results.Result(task_id="t4", status="failed", error=error)
+    play(workspace, "t4", [*STARTED, ("error", error.model_dump(mode="json"))], result)
+    path = write_task(workspace, "t4.task.yaml")
+    ran = orchctl("submit", path, "--wait", "--timeout", "20", "--config", cfg(workspace))
+    assert ran.code == 1
+    assert ran.out_lines[-2:] == [
+        "Hello world",
+        "failed: WORKER_RESET: the engine died mid-stream (hint: retry it)",
+    ]
+
+
+def test_submit_wait_json_prints_the_whole_result_file_only(workspace: Workspace) -> None:
+    serving(workspace)
+    result = results.Result(task_id="t5", status="succeeded", tokens_out=2, text="Hello world")
+    play(workspace, "t5", [*STARTED, ("end", {"tokens_out": 2})], result)
+    path = write_task(workspace, "t5.task.yaml")
+    ran = orchctl("submit", path, "--wait", "--json", "--config", cfg(workspace))
+    assert ran.code == 0
+    assert json.loads(ran.out) == result.model_dump(mode="json")
+
+
+# -- watch -----------------------------------------------------------------------------------
+
+
+def test_watch_of_an_unknown_id_says_so_at_once(workspace: Workspace) -> None:
+    serving(workspace)
+    began = time.monotonic()
+    ran = orchctl("watch", "typo", "--timeout", "5", "--config", cfg(workspace))
+    assert time.monotonic() - began < 2
+    assert ran.code == 1
+    assert ran.err_lines == [
+        "orchctl: no task 'typo' in this folder",
+        "hint: `orchctl tasks` lists them",
+    ]
+
+
+def test_watch_of_a_waiting_task_without_a_daemon_exits_3(workspace: Workspace) -> None:
+    workspace.submit("w2.task.yaml", task("w2"))
+    ran = orchctl("watch", "w2", "--timeout", "5", "--config", cfg(workspace))
+    assert ran.code == 3
+    assert ran.err_lines == [
+        "orchctl: no daemon is serving this folder: task w2 is waiting in the spool and will "
+        f"not move until `orchctl serve --config {cfg(workspace)}` starts"
+    ]
+
+
+def test_watch_of_a_finished_task_prints_it_without_a_daemon(workspace: Workspace) -> None:
+    log = events.EventLog(workspace.results.events_path("old"))
+    for name, data in [*STARTED, ("end", {"tokens_out": 2, "finish_reason": "length"})]:
+        log.append(name, data, ts="2026-01-01T00:00:00.000Z")  # type: ignore[arg-type]
+    finished(workspace, "old")
+    ran = orchctl("watch", "old", "--config", cfg(workspace))
+    assert ran.code == 0
+    assert ran.out_lines[-2:] == ["Hello world", "[end: length, 2 tokens]"]
+
+
+@pytest.mark.parametrize("verb", ["watch", "submit"])
+def test_ctrl_c_stops_watching_and_leaves_the_task_running(workspace: Workspace, verb: str) -> None:
+    serving(workspace)  # this test process plays the live daemon
+    if verb == "watch":
+        workspace.results.write(results.Result(task_id="long", status="running"))
+        args = ["watch", "long"]
+    else:
+        args = ["submit", str(write_task(workspace, "long.task.yaml")), "--wait"]
+    proc = subprocess.Popen(
+        [str(ORCHCTL), *args, "--config", cfg(workspace)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        log = events.EventLog(workspace.results.events_path("long"))
+        deadline = time.monotonic() + 20
+        while not (workspace.results.exists("long") or incoming(workspace)):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        log.append("started", {"pool_id": "p1", "replica_id": "p1-0"}, ts="2026-01-01T00:00:00Z")
+        assert proc.stdout is not None
+        while "[started on p1-0" not in proc.stdout.readline():
+            assert time.monotonic() < deadline
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert_clean(out + err)
+    assert proc.returncode == 130
+    assert err.splitlines()[-1] == (
+        "stopped watching; task long keeps running (cancel it with: orchctl cancel long)"
+    )
+
+
+# -- tasks -----------------------------------------------------------------------------------
+
+
+def _aged(ws: Workspace, task_id: str, seconds: float, **fields: Any) -> None:
+    then = time.time() - seconds
+    timings = results.Timings(accepted_at=clocks.rfc3339(then))
+    ws.results.write(results.Result(task_id=task_id, timings=timings, **fields))
+    os.utime(ws.results.path(task_id), (then, then))
+
+
+def test_tasks_lists_results_and_waiting_files_newest_first(workspace: Workspace) -> None:
+    _aged(workspace, "a", 7200, status="succeeded", pool_id="p1", tokens_out=64)
+    _aged(workspace, "b", 240, status="failed", pool_id="p1", tokens_out=3)
+    workspace.submit("c.task.yaml", task("c"))
+    ran = orchctl("tasks", "--config", cfg(workspace))
+    assert ran.code == 0
+    assert ran.out_lines == [
+        "ID        STATUS    POOL             TOKENS  AGE",
+        "c         pending   -                        0 s",
+        "b         failed    p1                    3  4 min",
+        "a         succeeded p1                   64  2 h",
+    ]
+
+
+def test_tasks_filters_by_status_limits_and_prints_json(workspace: Workspace) -> None:
+    for i in range(5):
+        _aged(workspace, f"ok-{i}", 100 - i, status="succeeded", tokens_out=i)
+    _aged(workspace, "bad", 10, status="rejected")
+    ran = orchctl(
+        "tasks", "--status", "succeeded", "--limit", "2", "--json", "--config", cfg(workspace)
+    )
+    listed = json.loads(ran.out)
+    assert [t["task_id"] for t in listed] == ["ok-4", "ok-3"]
+    assert set(listed[0]) == {"task_id", "status", "pool_id", "tokens_out", "age_s"}
+    none = orchctl("tasks", "--status", "canceled", "--config", cfg(workspace))
+    assert none.out_lines == ["no canceled tasks in this folder"]

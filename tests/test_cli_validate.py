@@ -1,0 +1,184 @@
+"""`orchctl validate` says now what would fail later: tasks against the orch.yaml they will
+meet, and an orch.yaml against what `serve` checks on this machine, all in one round."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.orchctl_support import orchctl
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "01-simulated-workstation"
+INVENTORY = EXAMPLE / "inventory.yaml"
+
+CONFIG = f"""\
+version: 1
+gpus: {{observer: simulated, inventory: {INVENTORY}}}
+models:
+  m1: {{ref: "file:m1.gguf", size_mib: 1000}}
+  m2: {{ref: "file:m2.gguf", size_mib: 1000}}
+pools:
+  - {{id: p1, engine: sim, model: m1, max_tokens: 100}}
+  - {{id: p2, engine: sim, model: m2}}
+"""
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "orch.yaml"
+    path.write_text(CONFIG)
+    return path
+
+
+def task_file(folder: Path, text: str, name: str = "t.task.yaml") -> Path:
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+def test_the_examples_validate_together_and_each_task_against_their_orch_yaml() -> None:
+    files = [EXAMPLE / "orch.yaml", INVENTORY, *sorted((EXAMPLE / "tasks").glob("*"))]
+    ran = orchctl("validate", *files)
+    assert ran.code == 0, ran.out
+    assert ran.out_lines == [f"{f}: ok" for f in files]
+
+
+def test_a_task_naming_a_model_the_config_lacks_is_an_error_naming_the_models(
+    config: Path,
+) -> None:
+    t = task_file(config.parent, "model: nope\nprompt: hi\nmax_tokens: 5\n")
+    ran = orchctl("validate", "--config", config, t)
+    assert ran.code == 2
+    assert ran.out_lines == [
+        f"{config}: ok",
+        f"{t}:1:8: model: unknown model 'nope'; {config} has: m1, m2 "
+        "(hint: name one of those models, or add it under models: in orch.yaml)",
+    ]
+
+
+def test_a_task_naming_an_unknown_pool_or_pinning_one_is_an_error(config: Path) -> None:
+    t = task_file(
+        config.parent,
+        "pool: nope\nprompt: hi\nmax_tokens: 5\n"
+        "placement: {mode: pin, pin_pool: gone, prefer_pools: [p9]}\n",
+    )
+    ran = orchctl("validate", "--config", config, t)
+    assert ran.code == 2
+    assert ran.out_lines[1:] == [
+        f"{t}:1:7: pool: unknown pool 'nope'; {config} has pools: p1, p2 "
+        "(hint: name one of those pools, or name a model instead)",
+        f"{t}:4:34: placement.pin_pool: pinned pool 'gone' is not in {config} (pools: p1, p2) "
+        "(hint: a pin never falls back: pin one of those pools, or use mode: prefer)",
+        f"{t}:4:55: warning: placement.prefer_pools[0]: pool 'p9' is not in {config} "
+        "(pools: p1, p2) (hint: it is ignored; name one of those pools)",
+    ]
+
+
+def test_a_task_over_its_pools_limit_is_refused_as_admission_would(config: Path) -> None:
+    t = task_file(config.parent, "model: m1\nprompt: hi\nmax_tokens: 500\n")
+    ran = orchctl("validate", "--config", config, t)
+    assert ran.code == 2
+    assert ran.out_lines[1] == (
+        f"{t}:3:13: max_tokens: 500 is over the pool limit 100 — the daemon would refuse it "
+        "(INVALID_PARAMS) (hint: ask for at most 100 tokens)"
+    )
+
+
+def test_the_one_orch_yaml_among_the_files_is_the_config_tasks_are_checked_against(
+    config: Path,
+) -> None:
+    t = task_file(config.parent, "model: nope\nprompt: hi\nmax_tokens: 5\n")
+    ran = orchctl("validate", config, t)
+    assert ran.code == 2 and "unknown model 'nope'" in ran.out
+    alone = orchctl("validate", t)
+    assert alone.out_lines == [
+        f"{t}: ok (not checked against an orch.yaml: add --config orch.yaml)"
+    ]
+
+
+def test_an_orch_yaml_gets_every_problem_serve_would_meet_in_one_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "orch.yaml").write_text(
+        f"""\
+version: 1
+gpus: {{observer: simulated, inventory: {INVENTORY}}}
+queue: {{capacty: 3}}
+models:
+  hub: {{ref: "hf:org/repo/model.gguf"}}
+  local: {{ref: "file:models/local.gguf"}}
+pools:
+  - {{id: a, engine: sim, model: hub}}
+  - {{id: b, engine: llamacpp, model: local, devices: [1, 1]}}
+  - {{id: c, engine: sim, model: nothing, devices: [7]}}
+"""
+    )
+    monkeypatch.setenv("PATH", str(tmp_path))  # no llama-server on PATH,
+    monkeypatch.setenv("HOME", str(tmp_path))  # nor a provisioned one under ~/.cache
+    ran = orchctl("validate", tmp_path / "orch.yaml")
+    p = tmp_path / "orch.yaml"
+    assert ran.code == 2
+    lines = ran.out_lines
+    assert (
+        lines[0]
+        == f"{p}:3:9: queue.capacty: unknown key 'capacty' (hint: did you mean 'capacity'?)"
+    )
+    assert lines[1] == (
+        f"{p}:5:14: models.hub.ref: no model resolver for hf: refs is installed (installed: "
+        'file:) (hint: download the file and use ref: "file:<path>" (relative paths resolve '
+        "from orch.yaml's folder), or install a plugin that resolves hf: refs)"
+    )
+    assert lines[2] == (
+        f"{p}:6:16: warning: models.local.ref: {tmp_path}/models/local.gguf does not exist: "
+        "pool b cannot start until it does (hint: relative paths resolve from orch.yaml's "
+        f"folder ({tmp_path}); put the model file there or fix the path)"
+    )
+    assert lines[3].startswith(
+        f"{p}:9:21: warning: pools[1].engine: llama-server not found (engines.llamacpp.binary "
+        "unset, nothing under"
+    )
+    assert lines[4] == (
+        f"{p}:9:58: pools[1].devices[1]: GPU 1 is listed twice "
+        "(hint: list each GPU index once, e.g. [0, 1])"
+    )
+    assert lines[5] == (
+        f"{p}:10:33: pools[2].model: 'nothing' is not under models: (known: hub, local) "
+        "(hint: add it under models:, or name one of those)"
+    )
+    assert lines[6] == (
+        f"{p}:10:52: pools[2].devices[0]: GPU 7 does not exist on this machine (GPUs: 0, 1) "
+        "(hint: use an index nvidia-smi lists (PCI bus order), or devices: auto)"
+    )
+    assert len(lines) == 7
+
+
+def test_an_unused_model_with_no_resolver_is_only_a_warning(tmp_path: Path) -> None:
+    p = tmp_path / "orch.yaml"
+    p.write_text(
+        f"gpus: {{observer: simulated, inventory: {INVENTORY}}}\n"
+        'models: {later: {ref: "hf:org/repo/x.gguf"}}\n'
+    )
+    ran = orchctl("validate", p)
+    assert ran.code == 0
+    assert ran.out_lines[-1] == f"{p}: ok (1 warning)"
+    assert "warning: models.later.ref: no model resolver for hf:" in ran.out_lines[0]
+
+
+def test_a_missing_inventory_is_an_error_located_at_its_key(tmp_path: Path) -> None:
+    p = tmp_path / "orch.yaml"
+    p.write_text("gpus: {observer: simulated, inventory: gone.yaml}\n")
+    ran = orchctl("validate", p)
+    assert ran.code == 2
+    assert ran.out_lines[0].startswith(
+        f"{p}:1:40: gpus.inventory: the inventory cannot be used: {tmp_path}/gone.yaml: "
+        "cannot be read"
+    )
+
+
+def test_validate_never_prints_python_reprs(tmp_path: Path) -> None:
+    t = task_file(tmp_path, "prompt: {a: 1}\nmax_tokens: [1]\nmodel: m\nsampling: 3\n")
+    ran = orchctl("validate", t)  # orchctl() itself fails on "{'" and "Value error,"
+    assert ran.code == 2
+    assert f"{t}:1:9: prompt: Input should be a valid string (got a mapping)" in ran.out_lines
