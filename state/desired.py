@@ -232,9 +232,9 @@ def load_desired(
 
 def _locate_cross_field(error: loading.LoadError, node: Any) -> loading.LoadError:
     """Model-level validators name their field in the message; point the line at it."""
-    if error.field or not error.message.startswith("Value error, "):
+    if error.field:
         return error
-    message = error.message.removeprefix("Value error, ")
+    message = error.message
     head, sep, rest = message.partition(": ")
     if not sep or not head or " " in head:
         return loading.LoadError(error.path, error.line, error.column, None, message, error.hint)

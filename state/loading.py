@@ -182,7 +182,9 @@ def validation_errors(
     out = []
     # Unknown keys first: a typo usually also makes a required field "missing", and the typo
     # is the line the user has to fix.
-    found = sorted(exc.errors(include_url=False), key=lambda e: e["type"] != "extra_forbidden")
+    found = sorted(
+        plain_errors(exc.errors(include_url=False)), key=lambda e: e["type"] != "extra_forbidden"
+    )
     # only the listed ones are located and hinted: each costs a walk of its mapping
     for err in found[: parsing.MAX_PROBLEMS]:
         loc = tuple(err["loc"])
@@ -199,10 +201,63 @@ def validation_errors(
                 hint = f"valid keys here: {', '.join(sorted(allowed))}"
         elif err["type"] == "missing":
             hint = f"add {loc[-1]!r}" if loc else None
-        elif "input" in err and err["type"] not in ("model_type", "dict_type"):
+        elif "input" in err and err["type"] not in ("model_type", "dict_type", "value_error"):
             message = f"{message} (got {parsing.short(err['input'])})"
         out.append(LoadError(shown, line, column, parsing.dotted(loc) or None, message, hint))
     return parsing.capped(out, shown, total=len(found))
+
+
+# pydantic names the member of a union it tried in the error's location (`literal['auto']`,
+# `list[constrained-int]`, `function-after[...]`, `int`): not a key the user wrote
+_UNION_TAGS = frozenset({"int", "str", "float", "bool", "list", "dict", "none", "literal"})
+_TAG_PREFIXES = ("function-", "constrained-", "lax-", "json-")
+_WORDING = (
+    ("Value error, ", ""),
+    ("Input should be", "should be"),
+    (", unable to parse string as an integer", ""),
+    (", unable to parse string as a number", ""),
+    ("String should", "should"),
+    ("List should", "should"),
+    ("Dictionary should", "should"),
+)
+
+
+def plain_errors(found: list[Any]) -> list[dict[str, Any]]:
+    """pydantic's errors in the user's terms, the one place its wording is translated: union
+    member tags are dropped from locations; of the members of one union, only those that got
+    furthest into the value are reported, and members that failed at the same place are
+    merged into one message ("should be 'auto' or a valid list")."""
+    cleaned: list[dict[str, Any]] = []
+    for err in found:
+        loc = tuple(err["loc"])
+        kept = tuple(p for p in loc if not _is_union_tag(p))
+        message = str(err["msg"])
+        for old, new in _WORDING:
+            message = message.replace(old, new)
+        cleaned.append(dict(err, loc=kept, msg=message, union=kept != loc))
+    out: list[dict[str, Any]] = []
+    for err in cleaned:
+        if err["union"]:
+            deeper = any(
+                o["union"]
+                and len(o["loc"]) > len(err["loc"])
+                and o["loc"][: len(err["loc"])] == err["loc"]
+                for o in cleaned
+            )
+            if deeper:
+                continue  # another member of the union matched the value's shape
+            twin = next((o for o in out if o["union"] and o["loc"] == err["loc"]), None)
+            if twin is not None:
+                twin["msg"] = f"{twin['msg']} or {err['msg'].removeprefix('should be ')}"
+                continue
+        out.append(err)
+    return out
+
+
+def _is_union_tag(part: Any) -> bool:
+    return isinstance(part, str) and (
+        "[" in part or part in _UNION_TAGS or part.startswith(_TAG_PREFIXES)
+    )
 
 
 def locate(

@@ -245,3 +245,31 @@ def test_a_hostile_mebibyte_is_refused_in_well_under_a_second(tmp_path: Path, na
     elapsed = time.perf_counter() - began
     assert loaded.value is None and loaded.errors[0].hint
     assert elapsed < 1.0, f"{name}: {elapsed:.2f} s"
+
+
+@pytest.mark.parametrize(
+    ("devices", "expected"),
+    [
+        ("banana", "pools[0].devices: should be 'auto' or a valid list (got 'banana')"),
+        ("[0, x]", "pools[0].devices[1]: should be a valid integer (got 'x')"),
+    ],
+)
+def test_union_errors_read_as_one_plain_sentence(
+    tmp_path: Path, devices: str, expected: str
+) -> None:
+    path = tmp_path / "orch.yaml"
+    path.write_text(
+        "version: 1\nmodels: {m: {ref: 'file:m.gguf'}}\n"
+        f"pools:\n  - id: p\n    engine: sim\n    model: m\n    devices: {devices}\n"
+    )
+    loaded = desired.load_desired(path, known_engines={"sim"})
+    texts = [str(e) for e in loaded.errors]
+    assert len(texts) == 1 and texts[0].endswith(expected), texts
+    assert not any(w in texts[0] for w in ("literal[", "Input should", "unable to parse"))
+
+
+def test_a_model_level_error_is_plain_and_shows_no_repr(tmp_path: Path) -> None:
+    loaded = _task(tmp_path, "prompt: hi\nmax_tokens: 2\n")
+    [error] = loaded.errors
+    assert "Value error" not in str(error) and "got a mapping" not in str(error)
+    assert "a task names 'model: <model id>' or 'pool: <pool id>'" in str(error)
