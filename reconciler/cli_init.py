@@ -111,7 +111,7 @@ _PREAMBLE = """\
 # inventory, spool, results) resolve from this file's folder, not from where orchctl runs.
 version: 1
 server:
-  bind: "127.0.0.1:8080"   # accepted; the HTTP face that will listen here is not built yet
+  bind: "127.0.0.1:8080"   # the HTTP API (docs/http.md); loopback needs no token
 paths: {{spool: spool, results: results, state: .orch}}
 """
 

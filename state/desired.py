@@ -31,8 +31,8 @@ class Strict(BaseModel):
 class ServerConfig(Strict):
     bind: str = Field(
         "127.0.0.1:8080",
-        description="host:port the HTTP face will listen on; loopback by default (HME-002). "
-        "Accepted now; nothing listens until the HTTP face is built",
+        description="host:port the HTTP API listens on; loopback by default (HME-002); "
+        "port 0 picks a free port. A non-loopback bind needs an API token",
     )
     public_url: str | None = None
 
