@@ -290,11 +290,11 @@ def cmd_schemas(args: argparse.Namespace) -> int:
 
     out = args.out or schemas.DIR
     if args.check:
-        drift = contracts.check(out)
+        drift = contracts.check(out, engines=sorted(registry.load().engines))
         for name in drift:
             print(f"{out / name} differs from the models; run `make schemas`", file=sys.stderr)
         return EXIT_FAILED if drift else EXIT_OK
-    for name in contracts.write(out):
+    for name in contracts.write(out, engines=sorted(registry.load().engines)):
         print(f"wrote {out / name}")
     return EXIT_OK
 

@@ -25,8 +25,11 @@ SCHEMAS: dict[str, tuple[type[BaseModel], str]] = {
 }
 
 
-def render(model: type[BaseModel], title: str, name: str) -> str:
+def render(model: type[BaseModel], title: str, name: str, engines: list[str] | None = None) -> str:
     schema: dict[str, Any] = model.model_json_schema()
+    pool = schema.get("$defs", {}).get("PoolSpec", {}).get("properties", {})
+    if engines and "engine" in pool:  # editors then offer the installed engines
+        pool["engine"] = dict(pool["engine"], enum=sorted(engines))
     schema = {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": f"https://llama-orch.home/schemas/{name}",
@@ -36,19 +39,22 @@ def render(model: type[BaseModel], title: str, name: str) -> str:
     return json.dumps(schema, indent=2, sort_keys=True) + "\n"
 
 
-def write(out: Path) -> list[str]:
+def write(out: Path, *, engines: list[str] | None = None) -> list[str]:
+    """Write every schema; `engines` (the installed engine names) become the enum of a
+    pool's `engine`."""
     out.mkdir(parents=True, exist_ok=True)
     for name, (model, title) in SCHEMAS.items():
-        (out / name).write_text(render(model, title, name), encoding="utf-8")
+        (out / name).write_text(render(model, title, name, engines), encoding="utf-8")
     return list(SCHEMAS)
 
 
-def check(out: Path) -> list[str]:
+def check(out: Path, *, engines: list[str] | None = None) -> list[str]:
     """Names of committed schemas that differ from what the models generate."""
     drift = []
     for name, (model, title) in SCHEMAS.items():
         path = out / name
-        if not path.exists() or path.read_text(encoding="utf-8") != render(model, title, name):
+        expected = render(model, title, name, engines)
+        if not path.exists() or path.read_text(encoding="utf-8") != expected:
             drift.append(name)
     return drift
 

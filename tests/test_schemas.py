@@ -9,13 +9,15 @@ import jsonschema
 import yaml
 
 import schemas
+from plugins import registry
 from state import contracts
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_committed_schemas_match_what_the_models_generate() -> None:
-    assert contracts.check(schemas.DIR) == [], "run `make schemas` and commit the result"
+    engines = sorted(registry.load().engines)
+    assert contracts.check(schemas.DIR, engines=engines) == [], "run `make schemas` and commit"
 
 
 def test_a_schema_that_drifts_is_detected(tmp_path: Path) -> None:
@@ -59,3 +61,10 @@ def test_the_schema_rejects_an_unknown_key_like_the_loader_does() -> None:
     validator = _validator("task.schema.json")
     bad = {"model": "m", "prompt": "p", "max_tokens": 1, "max_tokns": 2}
     assert any("max_tokns" in e.message for e in validator.iter_errors(bad))
+
+
+def test_a_pools_engine_is_an_enum_of_the_installed_engines() -> None:
+    schema = contracts.load("desired-state.schema.json", schemas.DIR)
+    engine = schema["$defs"]["PoolSpec"]["properties"]["engine"]
+    assert engine["enum"] == sorted(registry.load().engines) == ["llamacpp", "sim"]
+    assert schema["$id"].endswith("/desired-state.schema.json")
