@@ -188,12 +188,15 @@ def _parser() -> argparse.ArgumentParser:
     sm.add_argument(
         "--json", action="store_true", help="print JSON (with --wait: the whole result file)"
     )
+    sm.add_argument("--watch", dest="wait", action="store_true", help="the same as --wait")
+    _api(sm)
 
     w = verb("watch", cli_watch.cmd_watch, "follow a task's events until it ends")
     w.add_argument("task_id", help="the task's id (results/<task_id>.json)")
     _config(w)
     w.add_argument("--json", action="store_true", help="print frames as JSON lines")
     w.add_argument("--timeout", type=float, default=600.0, help="seconds to wait at most")
+    _api(w)
 
     c = verb("cancel", cli_tasks.cmd_cancel, "cancel a queued or running task")
     c.add_argument("task_id", help="the task's id")
@@ -236,6 +239,19 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("--check", action="store_true", help="only report schemas that differ")
     sc.add_argument("--out", type=Path, help="the folder (default: the package's schemas/)")
     return p
+
+
+def _api(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--url",
+        help="the daemon's HTTP API to read events from "
+        "(default: the address in .orch/status.json; the files when it cannot be reached)",
+    )
+    parser.add_argument(
+        "--token-env",
+        default="AUTH_TOKEN",
+        help="environment variable holding the API token, when the API needs one",
+    )
 
 
 def _config(p: argparse.ArgumentParser, help_text: str | None = None) -> None:

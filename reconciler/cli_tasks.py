@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from reconciler import cli_common, cli_watch, probing
+from reconciler import cli_common, cli_sse, cli_watch, probing
 from reconciler.cli_common import EXIT_ENV, EXIT_FAILED, EXIT_OK, EXIT_USAGE, Refused
 from state import loading, pending, spool, tasks
 
@@ -84,7 +84,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
             print(json.dumps(record))
         return EXIT_OK
     printer = cli_watch.Printer(ends=False, quiet=args.json)
-    ended = cli_watch.follow(folder, task_id, printer, timeout_s=args.timeout)
+    ended = cli_watch.follow(
+        folder,
+        task_id,
+        printer,
+        timeout_s=args.timeout,
+        url=cli_watch.source_url(folder, args.url),
+        token=cli_sse.token_from(args.token_env),
+    )
     printer.newline()
     if args.json:
         result = ended.result.model_dump(mode="json") if ended.result is not None else None

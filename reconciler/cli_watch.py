@@ -19,7 +19,7 @@ from typing import Any
 
 import pydantic
 
-from reconciler import cli_common, probing
+from reconciler import cli_common, cli_sse, probing
 from reconciler.cli_common import EXIT_ENV, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, Refused
 from state import events, results
 
@@ -119,41 +119,39 @@ class Ended:
         )
 
 
-def follow(folder: cli_common.Folder, task_id: str, printer: Printer, *, timeout_s: float) -> Ended:
-    """Print the task's frames until it ends; raise `Refused` when no daemon serves the
-    folder (3), on timeout (1) or on Ctrl-C (130)."""
-    tail = Tail(folder.results.events_path(task_id))
-    deadline = time.monotonic() + timeout_s
-    next_probe = 0.0
+def source_url(folder: cli_common.Folder, given: str | None) -> str | None:
+    """The HTTP API to read events from: `--url`, else the serving daemon's own address."""
+    if given:
+        return given.rstrip("/")
+    seen = probing.probe(folder.state_dir)
+    return seen.status.daemon.url if seen.serving and seen.status is not None else None
+
+
+def follow(
+    folder: cli_common.Folder,
+    task_id: str,
+    printer: Printer,
+    *,
+    timeout_s: float,
+    url: str | None = None,
+    token: str | None = None,
+) -> Ended:
+    """Print the task's frames until it ends: from the SSE endpoint at `url` when it can be
+    used (reconnecting with Last-Event-ID), else (or after losing it) from the event log
+    file, never printing a frame twice. Raise `Refused` when no daemon serves the folder (3),
+    on timeout (1) or on Ctrl-C (130)."""
+    shown = 0
     try:
-        while True:
-            for frame in tail.frames():
-                printer.frame(frame)
-                if frame.terminal:
-                    return Ended(frame, _terminal_result(folder, task_id, RESULT_GRACE_S))
-            result = folder.results.read(task_id)
-            if result is not None and result.terminal:
-                last = next((f for f in _show(tail, printer) if f.terminal), None)
-                return Ended(last, result)
-            now = time.monotonic()
-            if now >= next_probe:
-                next_probe = now + PROBE_EVERY_S
-                if not probing.probe(folder.state_dir).serving:
-                    printer.newline()
-                    raise Refused(
-                        EXIT_ENV,
-                        f"no daemon is serving this folder: task {task_id} is "
-                        f"{_where(result)} and will not move until "
-                        f"`{folder.serve_command()}` starts",
-                    )
-            if now >= deadline:
-                printer.newline()
-                raise Refused(
-                    EXIT_FAILED,
-                    f"no result after {timeout_s:.0f} s; task {task_id} is {_where(result)}",
-                    hint=f"follow it again with: orchctl watch {task_id}",
-                )
-            time.sleep(POLL_S)
+        if url is not None:
+            try:
+                for frame in cli_sse.frames(url, task_id, token=token):
+                    printer.frame(frame)
+                    shown = frame.id
+                    if frame.terminal:
+                        return Ended(frame, _terminal_result(folder, task_id, RESULT_GRACE_S))
+            except cli_sse.Unavailable:
+                pass  # the files have every frame: go on from there
+        return _follow_files(folder, task_id, printer, timeout_s=timeout_s, after=shown)
     except KeyboardInterrupt:
         printer.newline()
         raise Refused(
@@ -164,8 +162,46 @@ def follow(folder: cli_common.Folder, task_id: str, printer: Printer, *, timeout
         ) from None
 
 
-def _show(tail: Tail, printer: Printer) -> list[events.EventFrame]:
-    frames = tail.frames()
+def _follow_files(
+    folder: cli_common.Folder, task_id: str, printer: Printer, *, timeout_s: float, after: int
+) -> Ended:
+    tail = Tail(folder.results.events_path(task_id))
+    deadline = time.monotonic() + timeout_s
+    next_probe = 0.0
+    while True:
+        for frame in tail.frames():
+            if frame.id <= after:
+                continue  # already shown from the SSE stream
+            printer.frame(frame)
+            if frame.terminal:
+                return Ended(frame, _terminal_result(folder, task_id, RESULT_GRACE_S))
+        result = folder.results.read(task_id)
+        if result is not None and result.terminal:
+            last = next((f for f in _show(tail, printer, after) if f.terminal), None)
+            return Ended(last, result)
+        now = time.monotonic()
+        if now >= next_probe:
+            next_probe = now + PROBE_EVERY_S
+            if not probing.probe(folder.state_dir).serving:
+                printer.newline()
+                raise Refused(
+                    EXIT_ENV,
+                    f"no daemon is serving this folder: task {task_id} is "
+                    f"{_where(result)} and will not move until "
+                    f"`{folder.serve_command()}` starts",
+                )
+        if now >= deadline:
+            printer.newline()
+            raise Refused(
+                EXIT_FAILED,
+                f"no result after {timeout_s:.0f} s; task {task_id} is {_where(result)}",
+                hint=f"follow it again with: orchctl watch {task_id}",
+            )
+        time.sleep(POLL_S)
+
+
+def _show(tail: Tail, printer: Printer, after: int) -> list[events.EventFrame]:
+    frames = [f for f in tail.frames() if f.id > after]
     for frame in frames:
         printer.frame(frame)
     return frames
@@ -233,7 +269,14 @@ def cmd_watch(args: argparse.Namespace) -> int:
             hint="`orchctl tasks` lists them",
         )
     printer = Printer(as_json=args.json)
-    ended = follow(folder, args.task_id, printer, timeout_s=args.timeout)
+    ended = follow(
+        folder,
+        args.task_id,
+        printer,
+        timeout_s=args.timeout,
+        url=source_url(folder, args.url),
+        token=cli_sse.token_from(args.token_env),
+    )
     if ended.frame is None and not args.json:
         printer.line(summary(ended))
     printer.newline()

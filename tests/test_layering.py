@@ -30,6 +30,10 @@ PURE = {
 IO_LIBRARIES = {"asyncio", "subprocess", "socket", "shutil", "aiohttp", "watchdog", "pynvml"}
 IO_MODULES = {
     "reconciler.adoption",
+    "reconciler.api",
+    "reconciler.api_auth",
+    "reconciler.api_tasks",
+    "reconciler.cli_sse",
     "reconciler.cli",
     "reconciler.cli_common",
     "reconciler.cli_init",

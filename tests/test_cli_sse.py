@@ -1,0 +1,53 @@
+"""`orchctl watch` and `submit --wait` read the daemon's SSE endpoint when it is up, resume
+with Last-Event-ID, and fall back to the files when the API cannot be reached."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+from typing import Any
+
+import pytest
+
+from reconciler import cli, cli_sse
+from tests.conftest import Workspace, task, wait_terminal
+
+pytestmark = pytest.mark.slow
+
+
+def _orchctl(*args: str) -> tuple[int, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        code = cli.main(list(args))
+    return code, out.getvalue()
+
+
+async def test_the_sse_client_yields_the_logs_frames_and_resumes_after_an_id(
+    workspace: Workspace, serve: Any
+) -> None:
+    running = await serve()
+    url = running.daemon.server.url
+    workspace.submit("w1.task.yaml", task("w1", max_tokens=5))
+    await wait_terminal(workspace, "w1")
+    whole = await asyncio.to_thread(lambda: list(cli_sse.frames(url, "w1")))
+    logged = workspace.frames("w1")
+    assert [(f.id, f.event, f.data) for f in whole] == [(f.id, f.event, f.data) for f in logged]
+    rest = await asyncio.to_thread(lambda: list(cli_sse.frames(url, "w1", after=3)))
+    assert [f.id for f in rest] == [f.id for f in logged[3:]]
+
+
+async def test_watch_streams_over_the_api_and_falls_back_to_the_files(
+    workspace: Workspace, serve: Any
+) -> None:
+    await serve()
+    workspace.submit("w2.task.yaml", task("w2", max_tokens=6))
+    result = await wait_terminal(workspace, "w2")
+    config = str(workspace.config_path)
+    code, out = await asyncio.to_thread(_orchctl, "watch", "w2", "--config", config)
+    assert code == 0 and result["text"] in out and "[end: length, 6 tokens]" in out
+    dead = "http://127.0.0.1:9"  # nothing listens: the files are read instead
+    code, out = await asyncio.to_thread(_orchctl, "watch", "w2", "--config", config, "--url", dead)
+    assert code == 0 and result["text"] in out and out.count("[end: length") == 1
+    with pytest.raises(cli_sse.Unavailable):
+        await asyncio.to_thread(lambda: list(cli_sse.frames(dead, "w2")))
