@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks import calibration, converge, harness, intake, latency, report
+from benchmarks import calibration, converge, harness, intake, latency, relay, report
 
 Runner = Callable[..., Coroutine[Any, Any, None]]
 BENCHES: dict[str, Runner] = {
@@ -30,6 +30,7 @@ BENCHES: dict[str, Runner] = {
     intake.NAME: intake.run,
     latency.NAME: latency.run,
     calibration.NAME: calibration.run,
+    relay.NAME: relay.run,
 }
 
 

@@ -3,9 +3,11 @@ for `orchctl --version` and status.json."""
 
 from __future__ import annotations
 
+import functools
 from importlib import metadata
 
 
+@functools.cache  # reading package metadata parses files: once per process is enough
 def version() -> str:
     try:
         return metadata.version("llama-orch-home")

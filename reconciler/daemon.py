@@ -177,6 +177,7 @@ class Daemon:
         self.started_at = clocks.rfc3339(clock.now())
         self._next_sweep = 0.0
         self.server: api.Server | None = None
+        self._last_status = b""
 
     def wake(self) -> None:
         self.wake_event.set()
@@ -509,8 +510,11 @@ class Daemon:
 
     def _write_status(self, *, stopping: bool = False) -> None:
         try:
-            data = self.status(stopping=stopping).model_dump(mode="json")
-            atomic.write_json(self.state_dir / "status.json", data, durable=False)
+            raw = self.status(stopping=stopping).model_dump_json(indent=2).encode() + b"\n"
+            if raw == self._last_status:  # most passes change nothing a reader would see
+                return
+            atomic.write_bytes(self.state_dir / "status.json", raw, durable=False)
+            self._last_status = raw
         except OSError as exc:
             logs.emit(log, "status.unwritable", f"Could not write status.json: {exc}", level=40)
 

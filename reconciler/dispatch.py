@@ -443,6 +443,8 @@ class Dispatcher:
         for job in jobs:
             job.cancel()
         await asyncio.gather(*jobs, return_exceptions=True)
+        for run in self.runs.values():  # left resumable: their logs are reopened on restart
+            run.log.close()
 
     def queue_row(self) -> statusfile.QueueRow:
         return statusfile.QueueRow(

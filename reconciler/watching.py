@@ -12,6 +12,8 @@ from typing import Any
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+_NOT_CHANGES = frozenset({"opened", "closed_no_write"})
+
 
 class _Waker(FileSystemEventHandler):
     def __init__(self, loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> None:
@@ -19,6 +21,10 @@ class _Waker(FileSystemEventHandler):
         self.event = event
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        # Reading a file is not a change: without this, the pass that reads orch.yaml would
+        # wake the next pass, and the loop would spin on its own reads.
+        if event.event_type in _NOT_CHANGES:
+            return
         if not self.loop.is_closed():
             self.loop.call_soon_threadsafe(self.event.set)
 

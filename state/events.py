@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -33,28 +34,44 @@ class EventFrame(BaseModel):
         return self.event in TERMINAL_EVENTS
 
 
+_STREAMING = frozenset({"started", "token", "metrics"})
+
+
 class EventLog:
     """Appends frames to one task's log. Not thread-safe: one writer per task."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.last_id, self.terminal = _recover(path)
+        self._fd: int | None = None  # opened while frames stream; closed (also if dropped)
+        self._closer: Any = None  # a weakref.finalize: closes the fd once, also on GC
 
     def append(self, event: EventName, data: dict[str, Any], *, ts: str) -> EventFrame:
+        """Write one frame as one line (a single write, unbuffered, so readers never see
+        half of it); the terminal frame is fsynced. The file stays open only while frames
+        stream (`started` to the end), so a deep queue holds no descriptors."""
         if self.terminal:
             raise RuntimeError(f"{self.path.name}: nothing may follow a terminal frame")
-        frame = EventFrame(id=self.last_id + 1, event=event, data=data, ts=ts)
-        line = (json.dumps(frame.model_dump(mode="json"), ensure_ascii=False) + "\n").encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        try:
-            os.write(fd, line)
-            if frame.terminal:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        self.last_id = frame.id
-        self.terminal = frame.terminal
-        return frame
+        frame_id = self.last_id + 1
+        record = {"id": frame_id, "event": event, "data": data, "ts": ts}
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            self._closer = weakref.finalize(self, os.close, self._fd)
+        os.write(self._fd, line)
+        terminal = event in TERMINAL_EVENTS
+        if terminal:
+            os.fsync(self._fd)
+        if event not in _STREAMING:
+            self.close()
+        self.last_id, self.terminal = frame_id, terminal
+        # the data came from the loop itself: no validation needed on the hot path
+        return EventFrame.model_construct(id=frame_id, event=event, data=data, ts=ts)
+
+    def close(self) -> None:
+        if self._closer is not None:
+            self._closer()
+        self._fd, self._closer = None, None
 
 
 def read(path: Path, *, after: int = 0) -> Iterator[EventFrame]:

@@ -44,6 +44,8 @@ def test_init_simulate_writes_a_workstation_that_validates(tmp_path: Path) -> No
 
 def test_the_simulated_workstation_serves_a_task_right_away(tmp_path: Path) -> None:
     assert orchctl("init", "--simulate", cwd=tmp_path).code == 0
+    config = tmp_path / "orch.yaml"  # any free port: tests run side by side
+    config.write_text(config.read_text().replace("127.0.0.1:8080", "127.0.0.1:0"))
     assert orchctl("submit", "hello.task.yaml", cwd=tmp_path).code == 0
     served = orchctl_process("serve", "--exit-when-idle", "--duration", "30", cwd=tmp_path)
     assert served.code == 0, served.err

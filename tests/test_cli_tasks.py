@@ -352,6 +352,7 @@ def test_ctrl_c_stops_watching_and_leaves_the_task_running(workspace: Workspace,
             assert time.monotonic() < deadline
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=10)
+        log.close()
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 from typing import Any
 
@@ -260,3 +261,22 @@ async def test_a_pool_whose_model_file_is_missing_fails_without_starting(
     pool = _pool(workspace, "real")
     assert f"file {workspace.root / 'models' / 'absent.gguf'} does not exist" in pool["reason"]
     assert pool["replicas"] == []
+
+
+async def test_an_idle_daemon_does_not_wake_itself_by_reading_its_own_files(
+    workspace: Workspace, serve: Any
+) -> None:
+    running = await serve(resync_s=1.0)
+    d = running.daemon
+    passes = 0
+    real = d.pass_once
+
+    async def counted() -> None:
+        nonlocal passes
+        passes += 1
+        await real()
+
+    d.pass_once = counted  # type: ignore[method-assign]
+    await asyncio.sleep(2.0)
+    # the resync wakes it about twice; reading orch.yaml (an inotify open/close) must not
+    assert passes <= 4, f"{passes} passes in 2 s while idle"
