@@ -21,6 +21,7 @@ from reconciler import (
     adoption,
     api,
     api_metrics,
+    api_page,
     api_tasks,
     clocks,
     configuring,
@@ -295,7 +296,7 @@ class Daemon:
             backend,
             bind=state.server.bind,
             base=self.config.base,
-            routes=[api_tasks.add_routes, api_metrics.add_routes],
+            routes=[api_tasks.add_routes, api_metrics.add_routes, api_page.add_routes],
         )
         logs.emit(
             log,

@@ -43,6 +43,7 @@ IO_MODULES = {
     "reconciler.api",
     "reconciler.api_auth",
     "reconciler.api_metrics",
+    "reconciler.api_page",
     "reconciler.api_tasks",
     "reconciler.cli_sse",
     "reconciler.cli",
