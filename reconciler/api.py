@@ -20,7 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
-from reconciler import api_auth, configuring, fanout, logs
+from reconciler import api_auth, configuring, fanout, logs, metrics
 from state import errors, ids, results, sessions, spool, statusfile
 from state.errors import ErrorCode
 
@@ -48,6 +48,7 @@ class Backend:
     status: Callable[[], statusfile.StatusFile]
     live: Callable[[ids.TaskId], bool]  # queued or running in this daemon
     wake: Callable[[], None]
+    metrics: metrics.Metrics  # the daemon's Prometheus series (GET /metrics)
 
 
 class ApiError(Exception):

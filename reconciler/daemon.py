@@ -20,6 +20,8 @@ from reconciler import (
     about,
     adoption,
     api,
+    api_metrics,
+    api_page,
     api_tasks,
     clocks,
     configuring,
@@ -28,6 +30,7 @@ from reconciler import (
     fanout,
     intake,
     logs,
+    metrics,
     pools,
     rates,
     recovery,
@@ -95,7 +98,8 @@ def build(
     shared_rates = rates.Rates()
     the_sessions = sessions.SessionStore(state_dir / "sessions")
     hub = fanout.Hub()
-    books = tasking.Books(the_spool, store, hub, clock)
+    meter = metrics.Metrics(config=config)
+    books = tasking.Books(the_spool, store, hub, clock, taps=[meter.tap])
     runtime = pools.PoolRuntime(
         plugins=plugins,
         observer=plugins.observer(state, base, simulate=options.simulate),
@@ -136,6 +140,7 @@ def build(
         books=books,
         runtime=runtime,
         dispatcher=dispatcher,
+        meter=meter,
     )
 
 
@@ -158,6 +163,7 @@ class Daemon:
         books: tasking.Books,
         runtime: pools.PoolRuntime,
         dispatcher: dispatch.Dispatcher,
+        meter: metrics.Metrics,
     ) -> None:
         self.options = options
         self.clock = clock
@@ -174,6 +180,8 @@ class Daemon:
         self.books = books
         self.pools = runtime
         self.dispatcher = dispatcher
+        self.metrics = meter
+        meter.watch(self.status)  # gauges are read from the live status at each scrape
         self.started_at = clocks.rfc3339(clock.now())
         self._next_sweep = 0.0
         self.server: api.Server | None = None
@@ -283,9 +291,13 @@ class Daemon:
             status=self.status,
             live=lambda task_id: task_id in self.dispatcher.runs,
             wake=self.wake,
+            metrics=self.metrics,
         )
         self.server = await api.start(
-            backend, bind=state.server.bind, base=self.config.base, routes=[api_tasks.add_routes]
+            backend,
+            bind=state.server.bind,
+            base=self.config.base,
+            routes=[api_tasks.add_routes, api_metrics.add_routes, api_page.add_routes],
         )
         logs.emit(
             log,

@@ -7,6 +7,7 @@ a reader that sees a terminal result will find the terminal frame in the log.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -51,14 +52,22 @@ class TaskRun:
         return LogIds(task_id=self.task_id, correlation_id=self.task.correlation_id or self.task_id)
 
 
+Tap = Callable[[TaskRun, events.EventFrame], None]
+
+
 @dataclass
 class Books:
-    """Where task state is written: the spool, the results folder and the event fan-out."""
+    """Where task state is written: the spool, the results folder and the event fan-out.
+
+    `taps` (the Prometheus counters, reconciler/metrics.py) see every frame with its run:
+    the run carries what a frame does not (priority, engine, status), and the result file
+    cannot be read for it, since the frame is written before the result."""
 
     spool: spool.Spool
     results: results.ResultStore
     hub: fanout.Hub
     clock: clocks.Clock
+    taps: list[Tap] = field(default_factory=list)
 
     def ts(self) -> str:
         return clocks.rfc3339(self.clock.now())
@@ -66,6 +75,11 @@ class Books:
     def frame(self, run: TaskRun, event: events.EventName, data: dict[str, Any]) -> None:
         frame = run.log.append(event, data, ts=self.ts())
         self.hub.publish(run.task_id, frame)
+        for tap in self.taps:
+            try:
+                tap(run, frame)
+            except Exception:  # counting must never stop a task
+                log.exception("a frame tap failed on %s %s", run.task_id, event)
 
     def save(self, run: TaskRun) -> None:
         self.results.write(run.result)

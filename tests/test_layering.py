@@ -27,11 +27,23 @@ PURE = {
     "reconciler.specs",
     "reconciler.supervision",
 }
-IO_LIBRARIES = {"asyncio", "subprocess", "socket", "shutil", "aiohttp", "watchdog", "pynvml"}
+IO_LIBRARIES = {
+    "asyncio",
+    "subprocess",
+    "socket",
+    "shutil",
+    "aiohttp",
+    "aiohttp_sse",
+    "watchdog",
+    "pynvml",
+    "prometheus_client",
+}
 IO_MODULES = {
     "reconciler.adoption",
     "reconciler.api",
     "reconciler.api_auth",
+    "reconciler.api_metrics",
+    "reconciler.api_page",
     "reconciler.api_tasks",
     "reconciler.cli_sse",
     "reconciler.cli",
@@ -46,6 +58,7 @@ IO_MODULES = {
     "reconciler.dispatch",
     "reconciler.fanout",
     "reconciler.intake",
+    "reconciler.metrics",
     "reconciler.pools",
     "reconciler.preflight",
     "reconciler.probing",

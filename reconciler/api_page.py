@@ -1,0 +1,205 @@
+"""The status page (HME-050): `GET /` serves one self-contained HTML page, and
+`GET /v1/status/events` feeds it over SSE. `api.make_app` adds both routes.
+
+The page (status_page.html beside this module: inline CSS and JS, no external asset, no
+build step) shows the GPUs, the pools and their replicas, the queue and the recent tasks,
+each live one with a cancel button that POSTs `/v1/tasks/{id}/cancel`. It builds its DOM
+with `textContent` only, and is served under a Content-Security-Policy that lets only its
+own inline script and style run (a per-response nonce), so a task id or an error message
+can never become markup or code.
+
+The event stream polls `Backend.status()` and the results folder every `POLL_S` and sends
+`event: status` with `{status, tasks}` whenever that changes, keep-alive comments between;
+the loop is never asked for anything it does not already keep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from aiohttp_sse import sse_response
+
+from reconciler import api
+from reconciler.api import BACKEND
+from state import results
+
+POLL_S = 0.5  # how often the event stream looks for a change
+PING_S = 15.0  # keep-alive comment interval
+RETRY_MS = 2000  # the SSE `retry:` a browser waits before reconnecting
+RECENT_TASKS = 20  # how many tasks the page lists
+TAIL_BYTES = 8192  # how much of a live task's event log is read for its progress
+RACY_S = 2.0  # a folder changed this recently may change again within its mtime's tick
+LIVE = frozenset({"queued", "running"})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/", page)
+    app.router.add_get("/v1/status/events", status_events)
+
+
+async def page(request: web.Request) -> web.StreamResponse:
+    html = await asyncio.to_thread(_page_source)
+    nonce = secrets.token_urlsafe(18)
+    html = html.replace("<script>", f'<script nonce="{nonce}">').replace(
+        "<style>", f'<style nonce="{nonce}">'
+    )
+    response = web.Response(text=html, content_type="text/html", charset="utf-8")
+    response.headers.update(
+        {
+            "Content-Security-Policy": (
+                f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; "
+                "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; "
+                "frame-ancestors 'none'"
+            ),
+            "X-Content-Type-Options": "nosniff",
+            "X-Frame-Options": "DENY",  # the cancel buttons must not be clickable in a frame
+            "Referrer-Policy": "no-referrer",
+            "Cache-Control": "no-store",
+        }
+    )
+    return response
+
+
+def _page_source() -> str:
+    return resources.files("reconciler").joinpath("status_page.html").read_text("utf-8")
+
+
+async def status_events(request: web.Request) -> web.StreamResponse:
+    backend = request.app[BACKEND]
+    recent = RecentTasks(backend.results)
+    headers = {
+        "X-Correlation-Id": request[api.CORRELATION],
+        "X-Accel-Buffering": "no",
+        "Cache-Control": "no-cache",
+    }
+    async with sse_response(request, headers=headers, ping_interval=PING_S) as stream:
+        sent: str | None = None
+        while stream.is_connected() and not _gone(request):
+            tasks = await asyncio.to_thread(recent.rows)
+            status = backend.status().model_dump(mode="json")
+            text = json.dumps({"status": status, "tasks": tasks}, ensure_ascii=False)
+            if text != sent:
+                retry = RETRY_MS if sent is None else None
+                try:
+                    await stream.send(text, event="status", retry=retry)
+                except ConnectionResetError:
+                    break  # the page was closed
+                sent = text
+            await asyncio.sleep(POLL_S)
+        return stream
+
+
+def _gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+class RecentTasks:
+    """The newest `limit` results as the page's rows. The folder is listed again only when
+    its mtime moved (every result write is a rename into it) or is too recent to trust; a
+    live task's tokens and on-time probability come from the tail of its event log, since
+    its result file changes only at transitions."""
+
+    def __init__(self, store: results.ResultStore, limit: int = RECENT_TASKS) -> None:
+        self.store = store
+        self.limit = limit
+        self._seen_mtime_ns: int | None = None
+        self._rows: list[dict[str, Any]] = []
+
+    def rows(self) -> list[dict[str, Any]]:
+        try:
+            mtime_ns = self.store.root.stat().st_mtime_ns
+        except OSError:
+            return []
+        racy = time.time() - mtime_ns / 1e9 < RACY_S
+        if mtime_ns != self._seen_mtime_ns or racy:
+            self._rows = recent_tasks(self.store, self.limit)
+            self._seen_mtime_ns = mtime_ns
+        return [
+            row | progress(self.store.events_path(row["task_id"])) if row["live"] else row
+            for row in self._rows
+        ]
+
+
+def progress(events_path: Path) -> dict[str, Any]:
+    """What the last frames of a live task's event log say: tokens so far (the last `token`
+    frame's index + 1) and the latest on-time probability (the last `metrics` frame). Reads
+    only the log's tail; {} when the tail has neither."""
+    try:
+        with events_path.open("rb") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, size - TAIL_BYTES))
+            tail = fh.read()
+    except OSError:
+        return {}
+    lines = tail.split(b"\n")[1 if size > TAIL_BYTES else 0 : -1]  # whole lines only
+    found: dict[str, Any] = {}
+    for line in reversed(lines):
+        try:
+            frame = json.loads(line)
+        except ValueError:
+            continue
+        data = frame.get("data") if isinstance(frame, dict) else None
+        if not isinstance(data, dict):
+            continue
+        if frame.get("event") == "started":
+            break  # frames before it belong to an earlier attempt
+        if frame.get("event") == "token" and "tokens_out" not in found:
+            found["tokens_out"] = int(data.get("i", -1)) + 1
+        elif frame.get("event") == "metrics" and "on_time_probability" not in found:
+            found["on_time_probability"] = data.get("on_time_probability")
+        if len(found) == 2:
+            break
+    return found
+
+
+def recent_tasks(store: results.ResultStore, limit: int = RECENT_TASKS) -> list[dict[str, Any]]:
+    """The `limit` most recently written results, newest accepted first."""
+    stamped: list[tuple[int, str]] = []
+    for path in store.root.glob("*.json"):
+        if path.name.endswith(".error.json"):
+            continue
+        try:
+            stamped.append((path.stat().st_mtime_ns, path.name[: -len(".json")]))
+        except OSError:
+            continue  # finished and filed away while we listed
+    rows = []
+    for _, task_id in sorted(stamped, reverse=True):
+        result = store.read(task_id)  # None for a file that is not a result: skipped
+        if result is not None:
+            rows.append(task_row(result))
+            if len(rows) == limit:
+                break
+    rows.sort(key=lambda row: (row["accepted_at"] or "", row["task_id"]), reverse=True)
+    return rows
+
+
+def task_row(result: results.Result) -> dict[str, Any]:
+    return {
+        "task_id": result.task_id,
+        "status": result.status,
+        "live": result.status in LIVE,
+        "model": result.model,
+        "pool_id": result.pool_id,
+        "replica_id": result.replica_id,
+        "gpu": result.gpu.index if result.gpu is not None else None,
+        "tokens_out": result.tokens_out,
+        "on_time_probability": result.on_time_probability,
+        "queue_position": result.queue_position,
+        "accepted_at": result.timings.accepted_at,
+        "finished_at": result.timings.finished_at,
+        "first_token_ms": result.timings.first_token_ms,
+        "error": (
+            {"code": result.error.code, "message": result.error.message}
+            if result.error is not None
+            else None
+        ),
+    }

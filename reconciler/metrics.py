@@ -1,0 +1,256 @@
+"""The daemon's Prometheus series (docs/http.md, `GET /metrics`): names and labels of the
+digest's observability contract, in one registry per daemon.
+
+`daemon.build` makes one `Metrics` and hands its `tap` to `tasking.Books`, which calls it
+after every frame it writes: task counters and latency histograms move from the frames the
+loop writes anyway, so counting adds no work to the loop beyond a dictionary lookup. Gauges
+(queue depth, VRAM, GPU utilization, pool readiness, restarts) are read from
+`Daemon.status()` when a scraper asks, so they are never stale and cost nothing in between.
+
+Rules it keeps:
+- One `CollectorRegistry` per daemon, never the library's global one: tests run several
+  daemons in one process, and each must count only its own tasks.
+- Every series is registered when the daemon is built, so a fresh daemon already lists each
+  `# HELP` and `# TYPE` line before its first sample.
+- A label that is not known yet (the replica of a queued task) is the empty string, which
+  PromQL treats as an absent label.
+- The tap never raises into the loop (Books guards it), and keeps per-task state only for
+  tasks that have started and not yet ended.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, exposition
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from reconciler import admission, configuring
+from state import events, statusfile
+from state.errors import ErrorCode
+
+if TYPE_CHECKING:
+    from reconciler import tasking
+
+# The home buckets of the digest (§6), in milliseconds.
+FIRST_TOKEN_BUCKETS_MS = (50, 100, 150, 200, 300, 500, 750, 1000, 1500, 2000, 3000)
+DECODE_BUCKETS_MS = (250, 500, 1000, 1500, 2000, 3000, 4000, 6000, 8000, 12000)
+
+TASK_LABELS = ("engine", "engine_version", "pool_id", "replica_id")
+LATENCY_LABELS = ("engine", "engine_version", "pool_id", "priority")
+BACKPRESSURE = {ErrorCode.ADMISSION_REJECT: "reject", ErrorCode.QUEUE_FULL_DROP_LRU: "drop-lru"}
+# An eviction by drop-lru fails a task that was queued; the contract counts it as a rejection.
+REJECTED_WHILE_QUEUED = frozenset({ErrorCode.QUEUE_FULL_DROP_LRU})
+
+MIB = 1024 * 1024
+
+
+class Metrics:
+    """The series of one daemon and the tap that feeds its counters."""
+
+    def __init__(self, *, config: configuring.AppliedConfig) -> None:
+        self.config = config
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.enqueued = Counter(
+            "tasks_enqueued", "Tasks admitted to the queue.", [*TASK_LABELS, "priority"], registry=r
+        )
+        self.started = Counter(
+            "tasks_started",
+            "Task attempts started on a replica.",
+            [*TASK_LABELS, "priority"],
+            registry=r,
+        )
+        self.canceled = Counter(
+            "tasks_canceled",
+            "Tasks canceled; reason: queued or running when the cancel arrived.",
+            [*TASK_LABELS, "reason"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "tasks_rejected",
+            "Tasks refused at admission (or dropped from a full queue); reason: the error code.",
+            ["engine", "reason"],
+            registry=r,
+        )
+        self.tokens_in = Counter(
+            "tokens_in",
+            "Prompt tokens sent to engines (the admission estimate: UTF-8 bytes / 4).",
+            TASK_LABELS,
+            registry=r,
+        )
+        self.tokens_out = Counter("tokens_out", "Tokens generated.", TASK_LABELS, registry=r)
+        self.first_token = Histogram(
+            "latency_first_token_ms",
+            "Milliseconds from a task's start on its replica to its first token.",
+            LATENCY_LABELS,
+            buckets=FIRST_TOKEN_BUCKETS_MS,
+            registry=r,
+        )
+        self.decode = Histogram(
+            "latency_decode_ms",
+            "Milliseconds from the first token to the end of a task that succeeded.",
+            LATENCY_LABELS,
+            buckets=DECODE_BUCKETS_MS,
+            registry=r,
+        )
+        self.backpressure = Counter(
+            "admission_backpressure_events",
+            "Times a full queue refused (reject) or evicted (drop-lru) a task.",
+            ["engine", "policy"],
+            registry=r,
+        )
+        self._tokens_counted: dict[str, int] = {}  # started tasks: token frames seen so far
+
+    def watch(self, status: Callable[[], statusfile.StatusFile]) -> None:
+        """Serve the gauges from `status` (the daemon's live status) at every scrape."""
+        self.registry.register(StatusCollector(status))
+
+    def exposition(self, accept: str = "") -> tuple[bytes, str]:
+        """The registry in the format the scraper's Accept header asks for (Prometheus text
+        by default, OpenMetrics on request), and its content type."""
+        encode, content_type = exposition.choose_encoder(accept)
+        return encode(_WithoutCreated(self.registry)), content_type
+
+    # -- the tap ----------------------------------------------------------------------------
+
+    def tap(self, run: tasking.TaskRun, frame: events.EventFrame) -> None:
+        """Count one frame `Books` just wrote for `run`; `run.result` already holds the
+        state the frame announces (Books updates it before writing the frame)."""
+        if frame.event == "queued":
+            labels = (self._engine(run), "", self._pool(run), "")
+            self.enqueued.labels(*labels, run.priority).inc()
+        elif frame.event == "started":
+            labels = self._labels(run)
+            self.started.labels(*labels, run.priority).inc()
+            self.tokens_in.labels(*labels).inc(admission.prompt_tokens(run.task))
+            self._tokens_counted[run.task_id] = 0
+        elif frame.event == "token":
+            self.tokens_out.labels(*self._labels(run)).inc()
+            self._tokens_counted[run.task_id] = self._tokens_counted.get(run.task_id, 0) + 1
+            first_ms = run.result.timings.first_token_ms
+            if frame.data.get("i") == 0 and first_ms is not None:
+                self.first_token.labels(*self._latency_labels(run)).observe(first_ms)
+        elif frame.terminal:
+            self._ended(run)
+
+    def _ended(self, run: tasking.TaskRun) -> None:
+        result = run.result
+        counted = self._tokens_counted.pop(run.task_id, None)
+        if counted is not None and result.tokens_out > counted:
+            # the engine's count is authoritative: some tokens arrive with no text of their own
+            self.tokens_out.labels(*self._labels(run)).inc(result.tokens_out - counted)
+        if result.status == "succeeded" and result.timings.decode_time_ms is not None:
+            self.decode.labels(*self._latency_labels(run)).observe(result.timings.decode_time_ms)
+        elif result.status == "canceled":
+            when = "running" if counted is not None else "queued"
+            labels = self._labels(run) if counted is not None else (self._engine(run), "", "", "")
+            self.canceled.labels(*labels, when).inc()
+        code = result.error.code if result.error is not None else None
+        if code is None:
+            return
+        if result.status == "rejected" or code in REJECTED_WHILE_QUEUED:
+            self.rejected.labels(self._engine(run), code).inc()
+        if code in BACKPRESSURE:
+            policy = result.error.policy_label if result.error else None
+            self.backpressure.labels(self._engine(run), policy or BACKPRESSURE[code]).inc()
+
+    def _labels(self, run: tasking.TaskRun) -> tuple[str, str, str, str]:
+        result = run.result
+        return (
+            self._engine(run),
+            result.engine_version or "",
+            self._pool(run),
+            result.replica_id or "",
+        )
+
+    def _latency_labels(self, run: tasking.TaskRun) -> tuple[str, str, str, str]:
+        engine, version, pool, _ = self._labels(run)
+        return engine, version, pool, run.priority
+
+    def _pool(self, run: tasking.TaskRun) -> str:
+        return run.result.pool_id or run.pool_id or ""
+
+    def _engine(self, run: tasking.TaskRun) -> str:
+        """The engine that runs (or would run) the task: its replica's once started, else
+        its pool's, else the one engine of the pools serving its model, if they agree."""
+        if run.result.engine:
+            return run.result.engine
+        state, pool_id = self.config.state, self._pool(run)
+        if state is None:
+            return ""
+        if pool_id:
+            spec = state.pool(pool_id)
+            return spec.engine if spec is not None else ""
+        engines = {p.engine for p in state.pools if p.model == run.model_id}
+        return engines.pop() if len(engines) == 1 else ""
+
+
+class StatusCollector(Collector):
+    """Gauges read from the daemon's status at scrape time."""
+
+    def __init__(self, status: Callable[[], statusfile.StatusFile]) -> None:
+        self.status = status
+
+    def describe(self) -> Iterable[Metric]:
+        return _families()
+
+    def collect(self) -> Iterable[Metric]:
+        status = self.status()
+        depth, used, total, util, ready, leases, restarts = _families()
+        for priority, count in sorted(status.queue.by_priority.items()):
+            depth.add_metric([priority], count)
+        for gpu in status.gpus:
+            device = [str(gpu.index)]
+            used.add_metric(device, gpu.vram_used_mib * MIB)
+            total.add_metric(device, gpu.vram_total_mib * MIB)
+            if gpu.utilization_pct is not None:
+                util.add_metric(device, gpu.utilization_pct)
+        for pool in status.pools:
+            ready.add_metric([pool.id], 1 if pool.state == "Ready" else 0)
+            leases.add_metric([pool.id], sum(r.slots_busy for r in pool.replicas))
+            for replica in pool.replicas:
+                restarts.add_metric([pool.id, replica.id], replica.restarts)
+        return [depth, used, total, util, ready, leases, restarts]
+
+
+def _families() -> tuple[
+    GaugeMetricFamily,
+    GaugeMetricFamily,
+    GaugeMetricFamily,
+    GaugeMetricFamily,
+    GaugeMetricFamily,
+    GaugeMetricFamily,
+    CounterMetricFamily,
+]:
+    def gauge(name: str, text: str, labels: list[str]) -> GaugeMetricFamily:
+        return GaugeMetricFamily(name, text, labels=labels)
+
+    return (
+        gauge("queue_depth", "Tasks waiting in the queue.", ["priority"]),
+        gauge("vram_used_bytes", "VRAM in use on the device (as NVML reports it).", ["device"]),
+        gauge("vram_total_bytes", "VRAM the device has.", ["device"]),
+        gauge("gpu_utilization", "GPU utilization in percent (as NVML reports it).", ["device"]),
+        gauge("pool_ready", "1 while the pool is Ready, else 0.", ["pool_id"]),
+        gauge("active_leases", "Slots busy with a task, over the pool's replicas.", ["pool_id"]),
+        CounterMetricFamily(
+            "replica_restarts",
+            "Restarts of the replica's engine after failures.",
+            labels=["pool_id", "replica_id"],
+        ),
+    )
+
+
+class _WithoutCreated(Collector):
+    """The registry less the `_created` samples prometheus_client adds to every counter and
+    histogram: they are not part of the contract, and double the size of every scrape."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self.registry.collect():
+            metric.samples = [s for s in metric.samples if not s.name.endswith("_created")]
+            yield metric

@@ -1,0 +1,150 @@
+"""The status page (HME-050): `GET /` is one self-contained document under a strict policy,
+`GET /v1/status/events` sends the status and the recent tasks whenever they change, and the
+recent tasks are the newest ones. The page itself, in a real browser, is in
+tests/test_status_page_browser.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from reconciler import api_page
+from state import events, results
+from tests.conftest import Workspace, task, wait_terminal
+
+
+def _url(running: Any) -> str:
+    server = running.daemon.server
+    assert server is not None
+    return str(server.url)
+
+
+async def _events(response: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
+    """SSE events as {event, data, retry} dicts; comments (keep-alives) skipped."""
+    frame: dict[str, Any] = {}
+    async for raw in response.content:
+        line = raw.decode().rstrip("\r\n")
+        if not line:
+            if frame:
+                yield frame
+                frame = {}
+        elif not line.startswith(":"):
+            key, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            frame[key] = json.loads(value) if key == "data" else value
+
+
+@pytest.mark.slow
+async def test_the_page_is_one_document_with_no_outside_asset_under_a_strict_policy(
+    workspace: Workspace, serve: Any
+) -> None:
+    running = await serve()
+    async with aiohttp.ClientSession() as session, session.get(_url(running) + "/") as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"] == "text/html; charset=utf-8"
+        html = await response.text()
+        policy = response.headers["Content-Security-Policy"]
+        assert response.headers["X-Frame-Options"] == "DENY"
+        assert response.headers["X-Correlation-Id"]
+    nonce = re.search(r"script-src 'nonce-([^']+)'", policy)
+    assert nonce is not None and "default-src 'none'" in policy
+    assert html.count(f'<script nonce="{nonce[1]}">') == 1
+    assert html.count(f'<style nonce="{nonce[1]}">') == 1
+    assert not re.search(r"\bsrc=|https?://|@import|url\(", html)  # nothing fetched from outside
+    assert "innerHTML" not in html and "insertAdjacentHTML" not in html
+    async with aiohttp.ClientSession() as session, session.get(_url(running) + "/") as response:
+        assert response.headers["Content-Security-Policy"] != policy  # a nonce per answer
+
+
+@pytest.mark.slow
+async def test_the_status_stream_sends_each_change_of_the_status_and_the_tasks(
+    workspace: Workspace, serve: Any
+) -> None:
+    running = await serve()
+    seen: list[dict[str, Any]] = []
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(_url(running) + "/v1/status/events") as response,
+    ):
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        events = _events(response)
+        first = await asyncio.wait_for(anext(events), 5)
+        assert first["event"] == "status" and first["retry"] == "2000"
+        assert [g["index"] for g in first["data"]["status"]["gpus"]] == [0, 1]
+        assert first["data"]["status"]["pools"][0]["id"] == "p1"
+        assert first["data"]["tasks"] == []
+        workspace.submit("s1.task.yaml", task("s1", max_tokens=4))
+        while True:
+            event = await asyncio.wait_for(anext(events), 10)
+            assert "retry" not in event
+            seen.append(event)
+            tasks = event["data"]["tasks"]
+            if tasks and tasks[0]["status"] == "succeeded":
+                break
+        row = seen[-1]["data"]["tasks"][0]
+        assert row["task_id"] == "s1" and row["tokens_out"] == 4 and row["pool_id"] == "p1"
+        assert row["live"] is False
+        with pytest.raises(TimeoutError):  # nothing changes: nothing is sent
+            await asyncio.wait_for(anext(events), 1.5)
+    await wait_terminal(workspace, "s1")
+
+
+def _result(task_id: str, accepted_at: str, status: results.StatusName) -> results.Result:
+    return results.Result(
+        task_id=task_id, status=status, timings=results.Timings(accepted_at=accepted_at)
+    )
+
+
+def test_recent_tasks_are_the_newest_results_newest_first(tmp_path: Path) -> None:
+    store = results.ResultStore(tmp_path)
+    for n in range(25):
+        store.write(_result(f"t{n:02d}", f"2026-01-01T00:00:{n:02d}Z", "succeeded"))
+        os.utime(store.path(f"t{n:02d}"), (1000 + n, 1000 + n))
+    store.write(_result("live", "2026-01-01T00:01:00Z", "running"))  # written last
+    (tmp_path / "live.events.jsonl").write_text("")
+    (tmp_path / "junk.json").write_text("{not json")  # newer still, and not a result
+    rows = api_page.recent_tasks(store, 10)
+    assert [r["task_id"] for r in rows] == ["live", *(f"t{n:02d}" for n in range(24, 15, -1))]
+    assert rows[0]["live"] is True and rows[1]["live"] is False
+
+
+def test_the_recent_tasks_follow_a_new_result_without_listing_an_unchanged_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = results.ResultStore(tmp_path)
+    store.write(_result("a", "2026-01-01T00:00:00Z", "queued"))
+    recent = api_page.RecentTasks(store)
+    assert [r["status"] for r in recent.rows()] == ["queued"]
+    store.write(_result("a", "2026-01-01T00:00:00Z", "running"))
+    assert [r["status"] for r in recent.rows()] == ["running"]
+    listed: list[int] = []
+    monkeypatch.setattr(api_page, "RACY_S", 0.0)
+    monkeypatch.setattr(api_page, "recent_tasks", lambda *a: listed.append(1) or [])
+    recent.rows()
+    assert listed == []  # the folder has not changed since it was listed
+
+
+def test_a_live_tasks_progress_comes_from_the_tail_of_its_event_log(tmp_path: Path) -> None:
+    log = events.EventLog(tmp_path / "t.events.jsonl")
+    ts = "2026-01-01T00:00:00Z"
+    log.append("queued", {"queue_position": 0}, ts=ts)
+    assert api_page.progress(log.path) == {}
+    log.append("started", {"attempt": 1}, ts=ts)
+    for i in range(500):  # more than the tail that is read
+        log.append("token", {"t": "x", "i": i}, ts=ts)
+    log.append("started", {"attempt": 2}, ts=ts)  # a retry counts from zero again
+    log.append("metrics", {"on_time_probability": 0.75, "tokens_out": 0}, ts=ts)
+    for i in range(3):
+        log.append("token", {"t": "y", "i": i}, ts=ts)
+    assert log.path.stat().st_size > api_page.TAIL_BYTES
+    assert api_page.progress(log.path) == {"tokens_out": 3, "on_time_probability": 0.75}
+    assert api_page.progress(tmp_path / "absent.events.jsonl") == {}
