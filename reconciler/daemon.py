@@ -20,6 +20,7 @@ from reconciler import (
     about,
     adoption,
     api,
+    api_artifacts,
     api_tasks,
     clocks,
     configuring,
@@ -32,9 +33,11 @@ from reconciler import (
     rates,
     recovery,
     tasking,
+    tracing,
     watching,
 )
 from state import (
+    artifacts,
     atomic,
     daemon_lock,
     desired,
@@ -95,7 +98,9 @@ def build(
     shared_rates = rates.Rates()
     the_sessions = sessions.SessionStore(state_dir / "sessions")
     hub = fanout.Hub()
-    books = tasking.Books(the_spool, store, hub, clock)
+    the_artifacts = artifacts.ArtifactStore(desired.resolve(base, state.paths.artifacts))
+    tracer = tracing.Tracer(the_artifacts, clock)
+    books = tasking.Books(the_spool, store, hub, clock, finished=tracer.finished)
     runtime = pools.PoolRuntime(
         plugins=plugins,
         observer=plugins.observer(state, base, simulate=options.simulate),
@@ -136,6 +141,8 @@ def build(
         books=books,
         runtime=runtime,
         dispatcher=dispatcher,
+        the_artifacts=the_artifacts,
+        tracer=tracer,
     )
 
 
@@ -158,6 +165,8 @@ class Daemon:
         books: tasking.Books,
         runtime: pools.PoolRuntime,
         dispatcher: dispatch.Dispatcher,
+        the_artifacts: artifacts.ArtifactStore,
+        tracer: tracing.Tracer,
     ) -> None:
         self.options = options
         self.clock = clock
@@ -174,6 +183,8 @@ class Daemon:
         self.books = books
         self.pools = runtime
         self.dispatcher = dispatcher
+        self.artifacts = the_artifacts
+        self.tracer = tracer
         self.started_at = clocks.rfc3339(clock.now())
         self._next_sweep = 0.0
         self.server: api.Server | None = None
@@ -262,6 +273,7 @@ class Daemon:
                     running=len(self.dispatcher.running),
                 )
             await self.dispatcher.shutdown(drain_s=drain_s, hurry=self.hurry_event)
+            await self.tracer.flush()
             if self.server is not None:
                 await self.server.stop()
             await self.pools.shutdown()
@@ -283,8 +295,9 @@ class Daemon:
             live=lambda task_id: task_id in self.dispatcher.runs,
             wake=self.wake,
         )
+        routes = [api_tasks.add_routes, api_artifacts.routes(self.artifacts)]
         self.server = await api.start(
-            backend, bind=state.server.bind, base=self.config.base, routes=[api_tasks.add_routes]
+            backend, bind=state.server.bind, base=self.config.base, routes=routes
         )
         logs.emit(
             log,

@@ -7,6 +7,7 @@ a reader that sees a terminal result will find the terminal frame in the log.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -53,12 +54,14 @@ class TaskRun:
 
 @dataclass
 class Books:
-    """Where task state is written: the spool, the results folder and the event fan-out."""
+    """Where task state is written: the spool, the results folder and the event fan-out.
+    `finished` is told of every task whose terminal result is written (the trace writer)."""
 
     spool: spool.Spool
     results: results.ResultStore
     hub: fanout.Hub
     clock: clocks.Clock
+    finished: Callable[[TaskRun], None] | None = None
 
     def ts(self) -> str:
         return clocks.rfc3339(self.clock.now())
@@ -153,6 +156,8 @@ class Books:
             pool_id=result.pool_id,
             replica_id=result.replica_id,
         )
+        if self.finished is not None:  # after the commit point: never delays or blocks it
+            self.finished(run)
 
 
 def new_result(

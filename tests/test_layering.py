@@ -30,6 +30,7 @@ PURE = {
 IO_LIBRARIES = {"asyncio", "subprocess", "socket", "shutil", "aiohttp", "watchdog", "pynvml"}
 IO_MODULES = {
     "reconciler.adoption",
+    "reconciler.api_artifacts",
     "reconciler.cli",
     "reconciler.cli_common",
     "reconciler.cli_init",
@@ -48,6 +49,7 @@ IO_MODULES = {
     "reconciler.recovery",
     "reconciler.streaming",
     "reconciler.tasking",
+    "reconciler.tracing",
 }
 PURE_MAY_USE_FROM_PLUGINS = {"plugins.interfaces"}  # data shapes only
 
