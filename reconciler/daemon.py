@@ -21,7 +21,9 @@ from reconciler import (
     adoption,
     api,
     api_artifacts,
+    api_catalog,
     api_tasks,
+    cataloging,
     clocks,
     configuring,
     dispatch,
@@ -118,7 +120,9 @@ def build(
         raise errors.ConfigProblem(
             f"{config.path} names GPUs this machine does not have:\n{listed}"
         )
+    catalog = cataloging.Catalog.open(state_dir, plugins.resolvers, clock)
     dispatcher = dispatch.Dispatcher(
+        blocked=lambda: catalog.blocked(config.state),
         books=books,
         config=config,
         pools=runtime,
@@ -143,6 +147,7 @@ def build(
         dispatcher=dispatcher,
         the_artifacts=the_artifacts,
         tracer=tracer,
+        catalog=catalog,
     )
 
 
@@ -167,6 +172,7 @@ class Daemon:
         dispatcher: dispatch.Dispatcher,
         the_artifacts: artifacts.ArtifactStore,
         tracer: tracing.Tracer,
+        catalog: cataloging.Catalog,
     ) -> None:
         self.options = options
         self.clock = clock
@@ -185,6 +191,7 @@ class Daemon:
         self.dispatcher = dispatcher
         self.artifacts = the_artifacts
         self.tracer = tracer
+        self.catalog = catalog
         self.started_at = clocks.rfc3339(clock.now())
         self._next_sweep = 0.0
         self.server: api.Server | None = None
@@ -295,7 +302,11 @@ class Daemon:
             live=lambda task_id: task_id in self.dispatcher.runs,
             wake=self.wake,
         )
-        routes = [api_tasks.add_routes, api_artifacts.routes(self.artifacts)]
+        routes = [
+            api_tasks.add_routes,
+            api_artifacts.routes(self.artifacts),
+            api_catalog.routes(self.catalog),
+        ]
         self.server = await api.start(
             backend, bind=state.server.bind, base=self.config.base, routes=routes
         )

@@ -12,7 +12,16 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from state import artifacts, desired, errors, events, results, statusfile, tasks
+from state import (
+    artifacts,
+    desired,
+    errors,
+    events,
+    results,
+    statusfile,
+    tasks,
+    verifications,
+)
 
 SCHEMAS: dict[str, tuple[type[BaseModel], str]] = {
     "desired-state.schema.json": (desired.DesiredState, "orch.yaml: the desired state"),
@@ -26,6 +35,10 @@ SCHEMAS: dict[str, tuple[type[BaseModel], str]] = {
     "stored-artifact.schema.json": (
         artifacts.StoredArtifact,
         "artifacts/<hex>.json: one stored artifact",
+    ),
+    "verifications.schema.json": (
+        verifications.VerificationBook,
+        ".orch/verifications.json: the last digest check of each model",
     ),
 }
 

@@ -31,6 +31,8 @@ IO_LIBRARIES = {"asyncio", "subprocess", "socket", "shutil", "aiohttp", "watchdo
 IO_MODULES = {
     "reconciler.adoption",
     "reconciler.api_artifacts",
+    "reconciler.api_catalog",
+    "reconciler.cataloging",
     "reconciler.cli",
     "reconciler.cli_common",
     "reconciler.cli_init",
