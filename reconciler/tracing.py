@@ -52,7 +52,7 @@ class Tracer:
             "error": result.error.model_dump(mode="json") if result.error else None,
             "attempts": result.attempts,
         }
-        write = (run.task_id, run.log.path, tags, metadata)
+        write = (run.task_id, run.log.path, tags, metadata, run.task.correlation_id)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no loop (a test driving Books directly): write it now
@@ -62,7 +62,15 @@ class Tracer:
         self.pending.add(job)
         job.add_done_callback(self.pending.discard)
 
-    def write(self, task_id: str, log_path: Path, tags: list[str], meta: dict[str, Any]) -> None:
+    def write(
+        self,
+        task_id: str,
+        log_path: Path,
+        tags: list[str],
+        meta: dict[str, Any],
+        correlation_id: str | None = None,
+    ) -> None:
+        cid = correlation_id or task_id  # lines about a task carry its request's id
         try:
             frames = [f.model_dump(mode="json") for f in events.read(log_path)]
             document = artifacts.Artifact(
@@ -79,14 +87,16 @@ class Tracer:
                 f"Could not store the trace of task {task_id}: {exc}",
                 level=30,
                 task_id=task_id,
+                correlation_id=cid,
             )
             return
         logs.emit(
             log,
             "task.traced",
             f"Stored the trace of task {task_id} as artifact {record.id}.",
-            task_id=task_id,
             artifact_id=record.id,
+            task_id=task_id,
+            correlation_id=cid,
         )
 
     async def flush(self) -> None:
