@@ -22,6 +22,7 @@ from reconciler import (
     api,
     api_artifacts,
     api_catalog,
+    api_pools,
     api_tasks,
     cataloging,
     clocks,
@@ -34,6 +35,7 @@ from reconciler import (
     pools,
     rates,
     recovery,
+    reloading,
     tasking,
     tracing,
     watching,
@@ -306,6 +308,9 @@ class Daemon:
             api_tasks.add_routes,
             api_artifacts.routes(self.artifacts),
             api_catalog.routes(self.catalog),
+            api_pools.routes(
+                self.pools, reloading.Reloader(self.config, self.pools, self.clock, self.wake)
+            ),
         ]
         self.server = await api.start(
             backend, bind=state.server.bind, base=self.config.base, routes=routes

@@ -19,6 +19,7 @@ ROOMS = ("state", "plugins", "reconciler", "schemas")
 
 PURE = {
     "reconciler.admission",
+    "reconciler.editing",
     "reconciler.estimates",
     "reconciler.placement",
     "reconciler.planning",
@@ -32,6 +33,7 @@ IO_MODULES = {
     "reconciler.adoption",
     "reconciler.api_artifacts",
     "reconciler.api_catalog",
+    "reconciler.api_pools",
     "reconciler.cataloging",
     "reconciler.cli",
     "reconciler.cli_common",
@@ -49,6 +51,7 @@ IO_MODULES = {
     "reconciler.preflight",
     "reconciler.probing",
     "reconciler.recovery",
+    "reconciler.reloading",
     "reconciler.streaming",
     "reconciler.tasking",
     "reconciler.tracing",
