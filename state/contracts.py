@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from state import (
     artifacts,
+    backups,
     desired,
     errors,
     events,
@@ -40,6 +41,7 @@ SCHEMAS: dict[str, tuple[type[BaseModel], str]] = {
         verifications.VerificationBook,
         ".orch/verifications.json: the last digest check of each model",
     ),
+    "backup-manifest.schema.json": (backups.Manifest, "manifest.json of `orchctl backup`"),
 }
 
 

@@ -36,6 +36,7 @@ IO_MODULES = {
     "reconciler.api_pools",
     "reconciler.cataloging",
     "reconciler.cli",
+    "reconciler.cli_backup",
     "reconciler.cli_common",
     "reconciler.cli_init",
     "reconciler.cli_status",
