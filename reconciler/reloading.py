@@ -105,7 +105,15 @@ class Reloader:
         previous = self.config.revision
         lifted = self.runtime.undrain(pool_id, "reload requested")
         if new != old:
-            await asyncio.to_thread(self._write, new)
+            try:
+                await asyncio.to_thread(self._write, new)
+            except OSError as exc:
+                if lifted is not None:
+                    self.runtime.redrain(lifted)
+                raise ReloadError(
+                    ErrorCode.RELOAD_FAILED,
+                    f"{self.config.path} cannot be written ({exc.strerror}); nothing changed",
+                ) from None
             logs.emit(
                 log,
                 "config.reload_written",
