@@ -7,6 +7,7 @@ result. Queue capacity and full policy are applied afterwards by the queue itsel
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from state import desired, errors, ids, tasks
@@ -58,8 +59,15 @@ def resolve(task: tasks.TaskFile, state: desired.DesiredState) -> Target | Error
 
 
 def check(
-    task: tasks.TaskFile, target: Target, *, state: desired.DesiredState, pools: dict[str, PoolView]
+    task: tasks.TaskFile,
+    target: Target,
+    *,
+    state: desired.DesiredState,
+    pools: dict[str, PoolView],
+    blocked: Mapping[str, str] | None = None,
 ) -> ErrorEnvelope | None:
+    """The first guardrail `task` fails, or None. `blocked` maps the models whose file failed
+    its digest check (as declared now) to why: those are refused until a check passes."""
     model = state.models.get(target.model_id)
     if model is None:
         return errors.envelope(
@@ -73,6 +81,13 @@ def check(
             ErrorCode.MODEL_RETIRED,
             f"model: {target.model_id!r} is Retired",
             hint=f"use an Active model ({', '.join(active) or 'none'}) or set its state: Active",
+        )
+    if blocked and target.model_id in blocked:
+        return errors.envelope(
+            ErrorCode.UNTRUSTED_ARTIFACT,
+            f"model: {target.model_id!r} failed verification: {blocked[target.model_id]}",
+            hint=f"put the right file in place (or fix models.{target.model_id}.digest in "
+            f"orch.yaml), then POST /v1/catalog/models/{target.model_id}/verify",
         )
     serving = [p for p in pools.values() if p.model_id == target.model_id]
     if target.pool_id is not None:

@@ -3,9 +3,10 @@ config error (file:line printed), 3 environment missing (the fix printed), 130 i
 
 This module parses the command line and runs one verb: `serve`, `plugins` and `schemas` here;
 `submit`, `cancel` and `tasks` in `cli_tasks`; `watch` in `cli_watch`; `validate` in
-`cli_validate`; `status` in `cli_status`; `init` in `cli_init`. `run` turns whatever a verb
-raises into one plain line on standard error and an exit code: no input, however hostile,
-makes orchctl print a traceback (set ORCHCTL_DEBUG=1 to see one for a bug).
+`cli_validate`; `status` in `cli_status`; `init` in `cli_init`; `backup` and `restore` in
+`cli_backup`. `run` turns whatever a verb raises into one plain line on standard error and
+an exit code: no input, however hostile, makes orchctl print a traceback (set ORCHCTL_DEBUG=1
+to see one for a bug).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 from plugins import registry
 from reconciler import (
     about,
+    cli_backup,
     cli_common,
     cli_init,
     cli_status,
@@ -232,6 +234,8 @@ def _parser() -> argparse.ArgumentParser:
         help="a simulated 24 GB + 12 GB workstation that runs without a GPU",
     )
     i.add_argument("--force", action="store_true", help="overwrite files that exist")
+
+    cli_backup.add_verbs(verb, _config)
 
     verb("plugins", cmd_plugins, "list loaded plugins")
 

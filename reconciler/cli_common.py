@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from state import desired, ids, loading, pending, results, spool, tasks
@@ -53,6 +53,7 @@ class Folder:
     spool: spool.Spool
     results: results.ResultStore
     state_dir: Path
+    paths: desired.PathsConfig = field(default_factory=desired.PathsConfig)
 
     def shown(self, path: Path) -> str:
         """`path` as a user reads it: relative to orch.yaml's folder when inside it."""
@@ -109,6 +110,7 @@ def open_folder(config_path: Path) -> Folder:
         spool=spool.Spool(desired.resolve(base, paths.spool)),
         results=store,
         state_dir=desired.resolve(base, paths.state),
+        paths=paths,
     )
 
 

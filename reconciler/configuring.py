@@ -46,6 +46,7 @@ class AppliedConfig:
     applied_at: str | None = None
     errors: list[loading.LoadError] = field(default_factory=list)
     from_last_good: bool = False  # serving .orch/last-good.yaml because orch.yaml is invalid
+    applied_digest: str | None = None  # sha256 hex of the orch.yaml bytes applied last
     _digest: str | None = None
     _wake_in_s: float | None = None
 
@@ -112,6 +113,7 @@ class AppliedConfig:
         self.state = loaded.value
         self.errors = []
         self.from_last_good = False
+        self.applied_digest = digest
         self.revision = revision.of(self.path, content)
         self.applied_at = clocks.rfc3339(self.clock.now())
         self._keep_last_good(content)

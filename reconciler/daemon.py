@@ -20,9 +20,13 @@ from reconciler import (
     about,
     adoption,
     api,
+    api_artifacts,
+    api_catalog,
     api_metrics,
     api_page,
+    api_pools,
     api_tasks,
+    cataloging,
     clocks,
     configuring,
     dispatch,
@@ -34,10 +38,13 @@ from reconciler import (
     pools,
     rates,
     recovery,
+    reloading,
     tasking,
+    tracing,
     watching,
 )
 from state import (
+    artifacts,
     atomic,
     daemon_lock,
     desired,
@@ -99,7 +106,9 @@ def build(
     the_sessions = sessions.SessionStore(state_dir / "sessions")
     hub = fanout.Hub()
     meter = metrics.Metrics(config=config)
-    books = tasking.Books(the_spool, store, hub, clock, taps=[meter.tap])
+    the_artifacts = artifacts.ArtifactStore(desired.resolve(base, state.paths.artifacts))
+    tracer = tracing.Tracer(the_artifacts, clock)
+    books = tasking.Books(the_spool, store, hub, clock, taps=[meter.tap], finished=tracer.finished)
     runtime = pools.PoolRuntime(
         plugins=plugins,
         observer=plugins.observer(state, base, simulate=options.simulate),
@@ -117,7 +126,9 @@ def build(
         raise errors.ConfigProblem(
             f"{config.path} names GPUs this machine does not have:\n{listed}"
         )
+    catalog = cataloging.Catalog.open(state_dir, plugins.resolvers, clock)
     dispatcher = dispatch.Dispatcher(
+        blocked=lambda: catalog.blocked(config.state),
         books=books,
         config=config,
         pools=runtime,
@@ -141,6 +152,9 @@ def build(
         runtime=runtime,
         dispatcher=dispatcher,
         meter=meter,
+        the_artifacts=the_artifacts,
+        tracer=tracer,
+        catalog=catalog,
     )
 
 
@@ -164,6 +178,9 @@ class Daemon:
         runtime: pools.PoolRuntime,
         dispatcher: dispatch.Dispatcher,
         meter: metrics.Metrics,
+        the_artifacts: artifacts.ArtifactStore,
+        tracer: tracing.Tracer,
+        catalog: cataloging.Catalog,
     ) -> None:
         self.options = options
         self.clock = clock
@@ -182,6 +199,9 @@ class Daemon:
         self.dispatcher = dispatcher
         self.metrics = meter
         meter.watch(self.status)  # gauges are read from the live status at each scrape
+        self.artifacts = the_artifacts
+        self.tracer = tracer
+        self.catalog = catalog
         self.started_at = clocks.rfc3339(clock.now())
         self._next_sweep = 0.0
         self.server: api.Server | None = None
@@ -271,6 +291,7 @@ class Daemon:
                     running=len(self.dispatcher.running),
                 )
             await self.dispatcher.shutdown(drain_s=drain_s, hurry=self.hurry_event)
+            await self.tracer.flush()
             if self.server is not None:
                 await self.server.stop()
             await self.pools.shutdown()
@@ -293,11 +314,18 @@ class Daemon:
             wake=self.wake,
             metrics=self.metrics,
         )
+        routes = [
+            api_tasks.add_routes,
+            api_metrics.add_routes,
+            api_page.add_routes,
+            api_artifacts.routes(self.artifacts),
+            api_catalog.routes(self.catalog),
+            api_pools.routes(
+                self.pools, reloading.Reloader(self.config, self.pools, self.clock, self.wake)
+            ),
+        ]
         self.server = await api.start(
-            backend,
-            bind=state.server.bind,
-            base=self.config.base,
-            routes=[api_tasks.add_routes, api_metrics.add_routes, api_page.add_routes],
+            backend, bind=state.server.bind, base=self.config.base, routes=routes
         )
         logs.emit(
             log,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -61,6 +61,8 @@ class Dispatcher:
     clock: clocks.Clock
     wake: Callable[[], None]  # wake the loop (a slot was freed)
     rates: rates.Rates = field(default_factory=rates.Rates)
+    # models whose file failed its digest check → why (cataloging.Catalog.blocked)
+    blocked: Callable[[], Mapping[str, str]] = field(default=lambda: {})
     queue: queues.TaskQueue = field(init=False)
     runs: dict[ids.TaskId, tasking.TaskRun] = field(default_factory=dict)
     running: dict[ids.TaskId, streaming.Running] = field(default_factory=dict)
@@ -111,7 +113,9 @@ class Dispatcher:
         run.result.model_digest = (
             state.models[target.model_id].digest if (target.model_id in state.models) else None
         )
-        problem = admission.check(run.task, target, state=state, pools=self.pools.views())
+        problem = admission.check(
+            run.task, target, state=state, pools=self.pools.views(), blocked=self.blocked()
+        )
         if problem is None and not recovered:
             problem = self._session_problem(run)
         entry = self._entry(run)
@@ -307,6 +311,7 @@ class Dispatcher:
         if state is None:
             return
         views = self.pools.views()
+        blocked = self.blocked()
         # The codes that fail a queued task depend only on its model, pool and pin, so one
         # check per distinct target serves every task queued for it.
         verdicts: dict[tuple[str, str | None, str | None], ErrorEnvelope | None] = {}
@@ -316,11 +321,12 @@ class Dispatcher:
             key = (entry.model_id, entry.pool_id, p.pin_pool if p.mode == "pin" else None)
             if key not in verdicts:
                 target = admission.Target(entry.model_id, entry.pool_id)
-                found = admission.check(run.task, target, state=state, pools=views)
+                found = admission.check(run.task, target, state=state, pools=views, blocked=blocked)
                 unservable = found is not None and found.code in (
                     ErrorCode.POOL_UNAVAILABLE,
                     ErrorCode.MODEL_UNKNOWN,
                     ErrorCode.MODEL_RETIRED,
+                    ErrorCode.UNTRUSTED_ARTIFACT,
                 )
                 verdicts[key] = found if unservable else None
             problem = verdicts[key]

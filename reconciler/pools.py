@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from reconciler import (
     supervision,
 )
 from reconciler.configuring import AppliedConfig
-from state import desired, engine_records, errors, ids, observed, results, statusfile
+from state import desired, drains, engine_records, errors, ids, observed, results, statusfile
 
 log = logs.get("pools")
 
@@ -51,6 +52,11 @@ class PoolRuntime:
     waiting: set[str] = field(default_factory=set)
     problems: dict[str, str] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
+    drained: dict[str, drains.Drain] = field(init=False)  # pool id → its drain request
+    passes: int = 0  # reconcile passes done, so a waiter can tell one ran after a change
+
+    def __post_init__(self) -> None:
+        self.drained = drains.load(self.state_dir)
 
     # -- desired specs ----------------------------------------------------------------------
 
@@ -117,6 +123,8 @@ class PoolRuntime:
             return
         self.last_snapshot = await asyncio.to_thread(self.observer.observe)
         self._notice_exits()
+        for pool_id in [p for p in self.drained if state.pool(p) is None]:
+            self.undrain(pool_id, "it is no longer in orch.yaml")
         wants = []
         for pool in state.pools:
             if pool.engine not in self.plugins.engines:
@@ -136,7 +144,13 @@ class PoolRuntime:
                 self.problems[pool.id] = missing
                 continue
             self.problems.pop(pool.id, None)
-            wants.append(self._want(pool, state))
+            want = self._want(pool, state)
+            drain = self.drained.get(pool.id)
+            if drain is not None and drain.spec_hash == want.spec_hash:
+                want = dataclasses.replace(want, replicas=0)  # drained: serve nothing
+            elif drain is not None:
+                self.undrain(pool.id, "its config changed")
+            wants.append(want)
         self._restart_due(state)
         plan = planning.plan(wants, self._seen(), self._rooms(), reserve_mib=state.gpus.reserve_mib)
         self.unschedulable = {u.pool_id: u for u in plan.unschedulable}
@@ -147,7 +161,11 @@ class PoolRuntime:
                 assert wanted is not None
                 self._start(wanted, state, action)
             elif isinstance(action, planning.Drain):
-                self._drain(action.replica_id, action.reason)
+                reason = action.reason
+                if action.pool_id in self.drained and reason == planning.SCALED_DOWN:
+                    reason = "drain requested"
+                self._drain(action.replica_id, reason)
+        self.passes += 1
 
     def _seen(self) -> list[planning.ReplicaSeen]:
         out = []
@@ -215,7 +233,11 @@ class PoolRuntime:
             if r.state != "BackingOff" or not r.life.restart_due(now):
                 continue
             pool = state.pool(r.pool_id)
-            if pool is None or self._want(pool, state).spec_hash != r.spec.spec_hash:
+            if (
+                pool is None
+                or pool.id in self.drained
+                or self._want(pool, state).spec_hash != r.spec.spec_hash
+            ):
                 del self.replicas[r.replica_id]  # planning drains/replaces; nothing runs
                 continue
             r.spec = self.spec_for(pool, state, r.replica_id, r.spec.devices)
@@ -335,6 +357,8 @@ class PoolRuntime:
     async def _retire(self, r: fleet.Replica) -> None:
         state = self.config.state
         drain_s = state.timeouts.drain_s if state else 30.0
+        if (requested := self.drained.get(r.pool_id)) is not None:
+            drain_s = requested.deadline_ms / 1000
         grace_s = state.timeouts.stop_grace_s if state else 10.0
         deadline = self.clock.monotonic() + drain_s
         while r.leases and self.clock.monotonic() < deadline:
@@ -352,6 +376,55 @@ class PoolRuntime:
         r.handle = None
         self.replicas.pop(r.replica_id, None)
         self.wake()
+
+    # -- drains requested over HTTP (state.drains) --------------------------------------------
+
+    def drain_pool(self, pool: desired.PoolSpec, *, deadline_ms: int) -> drains.Drain:
+        """Record a drain of `pool` as it is configured now: the next pass drains its replicas
+        (in-flight tasks get `deadline_ms`) and none is started until `undrain`. Idempotent:
+        a pool already drained keeps its first record."""
+        state = self.config.state
+        assert state is not None
+        spec = specs.spec_hash(pool, state.models[pool.model], state.engines.get(pool.engine))
+        current = self.drained.get(pool.id)
+        if current is not None and current.spec_hash == spec:
+            return current
+        record = drains.Drain(
+            pool_id=pool.id,
+            spec_hash=spec,
+            deadline_ms=deadline_ms,
+            drained_at=clocks.rfc3339(self.clock.now()),
+        )
+        self.redrain(record)
+        logs.emit(
+            log,
+            "pool.drain_requested",
+            f"Draining pool {pool.id} on request (in-flight tasks get {deadline_ms} ms); "
+            "it stays drained until a reload or a change of its config.",
+            pool_id=pool.id,
+            deadline_ms=deadline_ms,
+        )
+        return record
+
+    def redrain(self, record: drains.Drain) -> None:
+        """Put a drain record (back) in place and persist it."""
+        self.drained[record.pool_id] = record
+        drains.save(self.state_dir, self.drained)
+        self.wake()
+
+    def undrain(self, pool_id: str, why: str) -> drains.Drain | None:
+        """Lift a pool's drain; the record it had, if any."""
+        record = self.drained.pop(pool_id, None)
+        if record is not None:
+            drains.save(self.state_dir, self.drained)
+            logs.emit(
+                log,
+                "pool.undrained",
+                f"Pool {pool_id} is no longer drained: {why}.",
+                pool_id=pool_id,
+            )
+            self.wake()
+        return record
 
     # -- engine records: adoption after a daemon restart -----------------------------------
 
@@ -446,6 +519,16 @@ class PoolRuntime:
             problem=self.problems.get(pool.id),
             unschedulable=self.unschedulable.get(pool.id),
             waiting=pool.id in self.waiting,
+            drained=self._drained_reason(pool.id),
+        )
+
+    def _drained_reason(self, pool_id: str) -> str | None:
+        record = self.drained.get(pool_id)
+        if record is None:
+            return None
+        return (
+            f"drained on request at {record.drained_at}; POST /v1/pools/{pool_id}/reload "
+            "(or a change of the pool in orch.yaml) serves it again"
         )
 
     def views(self) -> dict[str, admission.PoolView]:

@@ -152,12 +152,16 @@ def pool_condition(
     problem: str | None,
     unschedulable: planning.Unschedulable | None,
     waiting: bool,
+    drained: str | None = None,
 ) -> tuple[statusfile.PoolState, str | None]:
     """A pool's state and the reason shown beside it, from its replicas and what planning
     said about it. Ready with a reason means serving while converging, or degraded: some
-    replicas serve and the others cannot be placed."""
+    replicas serve and the others cannot be placed. A drained pool (`drained`: why) is
+    Stopped, whatever its replicas are still doing."""
     if problem is not None:
         return "Failed", problem
+    if drained is not None:
+        return "Stopped", drained
     if pool.replicas == 0:
         return "Stopped", "replicas: 0 in orch.yaml; raise it to serve this pool"
     ready = [r for r in replicas if r.state == "Ready"]

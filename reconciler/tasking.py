@@ -61,13 +61,15 @@ class Books:
 
     `taps` (the Prometheus counters, reconciler/metrics.py) see every frame with its run:
     the run carries what a frame does not (priority, engine, status), and the result file
-    cannot be read for it, since the frame is written before the result."""
+    cannot be read for it, since the frame is written before the result. `finished` is told
+    of every task whose terminal result is written (the trace writer)."""
 
     spool: spool.Spool
     results: results.ResultStore
     hub: fanout.Hub
     clock: clocks.Clock
     taps: list[Tap] = field(default_factory=list)
+    finished: Callable[[TaskRun], None] | None = None
 
     def ts(self) -> str:
         return clocks.rfc3339(self.clock.now())
@@ -167,6 +169,8 @@ class Books:
             pool_id=result.pool_id,
             replica_id=result.replica_id,
         )
+        if self.finished is not None:  # after the commit point: never delays or blocks it
+            self.finished(run)
 
 
 def new_result(

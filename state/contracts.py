@@ -12,7 +12,17 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from state import desired, errors, events, results, statusfile, tasks
+from state import (
+    artifacts,
+    backups,
+    desired,
+    errors,
+    events,
+    results,
+    statusfile,
+    tasks,
+    verifications,
+)
 
 SCHEMAS: dict[str, tuple[type[BaseModel], str]] = {
     "desired-state.schema.json": (desired.DesiredState, "orch.yaml: the desired state"),
@@ -22,6 +32,16 @@ SCHEMAS: dict[str, tuple[type[BaseModel], str]] = {
     "error-envelope.schema.json": (errors.ErrorEnvelope, "The error envelope"),
     "inventory.schema.json": (desired.SimulatedInventory, "A simulated GPU inventory"),
     "status.schema.json": (statusfile.StatusFile, ".orch/status.json: the observed state"),
+    "artifact.schema.json": (artifacts.Artifact, "An artifact document (POST /v1/artifacts)"),
+    "stored-artifact.schema.json": (
+        artifacts.StoredArtifact,
+        "artifacts/<hex>.json: one stored artifact",
+    ),
+    "verifications.schema.json": (
+        verifications.VerificationBook,
+        ".orch/verifications.json: the last digest check of each model",
+    ),
+    "backup-manifest.schema.json": (backups.Manifest, "manifest.json of `orchctl backup`"),
 }
 
 

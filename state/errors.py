@@ -27,6 +27,7 @@ class ErrorCode(StrEnum):
     SESSION_BUDGET_EXCEEDED = "SESSION_BUDGET_EXCEEDED"
     POOL_UNREADY = "POOL_UNREADY"
     POOL_UNAVAILABLE = "POOL_UNAVAILABLE"
+    RELOAD_FAILED = "RELOAD_FAILED"
     WORKER_RESET = "WORKER_RESET"
     DECODE_TIMEOUT = "DECODE_TIMEOUT"
     CANCELED = "CANCELED"
@@ -79,6 +80,12 @@ CODES: dict[ErrorCode, CodeInfo] = {
     ),
     ErrorCode.POOL_UNAVAILABLE: CodeInfo(
         503, True, "Add or fix a pool serving this model in orch.yaml (`orchctl status`)."
+    ),
+    ErrorCode.RELOAD_FAILED: CodeInfo(
+        409,
+        False,
+        "The old orch.yaml is back in place; fix the model file or ref and reload again "
+        "(`orchctl status` shows the pool).",
     ),
     ErrorCode.WORKER_RESET: CodeInfo(None, True, "The engine restarted; submit the task again."),
     ErrorCode.DECODE_TIMEOUT: CodeInfo(None, True, "The engine stalled; submit the task again."),

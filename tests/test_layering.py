@@ -19,6 +19,7 @@ ROOMS = ("state", "plugins", "reconciler", "schemas")
 
 PURE = {
     "reconciler.admission",
+    "reconciler.editing",
     "reconciler.estimates",
     "reconciler.placement",
     "reconciler.planning",
@@ -46,7 +47,12 @@ IO_MODULES = {
     "reconciler.api_page",
     "reconciler.api_tasks",
     "reconciler.cli_sse",
+    "reconciler.api_artifacts",
+    "reconciler.api_catalog",
+    "reconciler.api_pools",
+    "reconciler.cataloging",
     "reconciler.cli",
+    "reconciler.cli_backup",
     "reconciler.cli_common",
     "reconciler.cli_init",
     "reconciler.cli_status",
@@ -63,8 +69,10 @@ IO_MODULES = {
     "reconciler.preflight",
     "reconciler.probing",
     "reconciler.recovery",
+    "reconciler.reloading",
     "reconciler.streaming",
     "reconciler.tasking",
+    "reconciler.tracing",
 }
 PURE_MAY_USE_FROM_PLUGINS = {"plugins.interfaces"}  # data shapes only
 

@@ -1,0 +1,241 @@
+"""`orchctl backup DIR` and `orchctl restore DIR [--force]` (HME-051): the catalog, the
+artifacts, the results and orch.yaml's last good copy, with a manifest of sha256 sums.
+
+`cli._parser` registers both verbs through `add_verbs`. What is copied, under which logical
+path (`state.backups` has the manifest and the copying):
+
+    catalog/…     paths.catalog (model files and what resolvers keep there)
+    artifacts/…   paths.artifacts
+    results/…     paths.results: result files first, then event logs
+    state/…       <state>/verifications.json (the catalog's verification records)
+    orch/…        .orch/last-good.yaml and its .json beside orch.yaml
+
+A backup may run while the daemon serves. It is consistent because every file the daemon
+replaces is replaced atomically (each copy is one whole version), event logs are copied
+without a torn last line, and results are copied before event logs: the daemon writes a
+task's frame before its result, so every result in the backup finds its frames. The
+manifest is written last; a folder without one is an unfinished backup.
+
+A restore first checks every file of the backup against the manifest (one bad file: nothing
+is restored), refuses while a daemon serves the folder (it holds the daemon's lock until it is
+done), skips files that are already there with the same content and refuses to replace
+different ones unless `--force`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pydantic
+
+from reconciler import about, cli_common, clocks, configuring
+from reconciler.cli_common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Refused
+from state import atomic, backups, daemon_lock, desired, verifications
+
+SHOWN_PROBLEMS = 10
+
+
+def add_verbs(
+    verb: Callable[[str, Any, str], argparse.ArgumentParser],
+    config: Callable[[argparse.ArgumentParser], None],
+) -> None:
+    b = verb("backup", cmd_backup, "copy the catalog, artifacts and results into a folder")
+    b.add_argument("dir", type=Path, metavar="DIR", help="a new or empty folder")
+    config(b)
+    r = verb("restore", cmd_restore, "put a backup made by `orchctl backup` back in place")
+    r.add_argument("dir", type=Path, metavar="DIR", help="the backup's folder")
+    config(r)
+    r.add_argument(
+        "--force", action="store_true", help="replace files that differ from the backup's"
+    )
+
+
+def _roots(folder: cli_common.Folder) -> dict[str, Path]:
+    """Where each logical root of a backup lives in this folder."""
+    return {
+        "catalog": desired.resolve(folder.base, folder.paths.catalog),
+        "artifacts": desired.resolve(folder.base, folder.paths.artifacts),
+        "results": folder.results.root,
+        "state": folder.state_dir,
+        "orch": folder.base / configuring.LAST_GOOD.parent,
+    }
+
+
+def _singles() -> dict[str, list[str]]:
+    """The roots of which only some files belong in a backup."""
+    last_good = configuring.LAST_GOOD.name
+    return {"state": [verifications.FILE_NAME], "orch": [last_good, f"{last_good}.json"]}
+
+
+def _files(root: Path) -> Iterator[Path]:
+    """Regular files under `root`, no hidden ones (temporary files) and no links; in a
+    folder, result files before event logs."""
+    try:
+        entries = sorted(root.iterdir(), key=lambda p: (p.name.endswith(".jsonl"), p.name))
+    except OSError:
+        return
+    for entry in entries:
+        if entry.name.startswith(".") or entry.is_symlink():
+            continue
+        if entry.is_dir():
+            yield from _files(entry)
+        elif entry.is_file():
+            yield entry
+
+
+def _plan(folder: cli_common.Folder) -> Iterator[tuple[str, Path]]:
+    roots, singles = _roots(folder), _singles()
+    for name in ("catalog", "artifacts", "results", "state", "orch"):
+        root = roots[name]
+        if name in singles:
+            for single in singles[name]:
+                yield f"{name}/{single}", root / single
+            continue
+        for path in _files(root):
+            yield f"{name}/{path.relative_to(root).as_posix()}", path
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    folder = cli_common.open_folder(args.config)
+    dest: Path = args.dir
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise Refused(
+            EXIT_USAGE,
+            f"{dest} is not an empty folder",
+            hint="back up into a new or empty folder, e.g. backups/$(date +%F)",
+        )
+    dest.mkdir(parents=True, exist_ok=True)
+    listed: list[backups.BackupFile] = []
+    for logical, source in _plan(folder):
+        if not backups.safe_path(logical):
+            cli_common.warn(f"skipped {cli_common.printable(logical)}: not a plain name")
+            continue
+        copied = backups.copy(source, dest / logical, whole_lines=logical.endswith(".jsonl"))
+        if copied is not None:
+            sha, size = copied
+            listed.append(backups.BackupFile(path=logical, size_bytes=size, sha256=sha))
+    manifest = backups.Manifest(
+        created_at=clocks.rfc3339(time.time()),
+        source=str(folder.config_path.resolve()),
+        version=about.version(),
+        files=listed,
+    )
+    atomic.write_json(dest / backups.MANIFEST, manifest.model_dump(mode="json"))
+    counts = Counter(f.path.split("/", 1)[0] for f in listed)
+    what = ", ".join(f"{counts[r]} {r}" for r in backups.ROOTS if counts[r]) or "nothing"
+    total = sum(f.size_bytes for f in listed)
+    print(f"backed up {len(listed)} files ({_size(total)}: {what}) into {dest}")
+    print(f"manifest: {dest / backups.MANIFEST}")
+    return EXIT_OK
+
+
+def _load_manifest(source: Path) -> backups.Manifest:
+    path = source / backups.MANIFEST
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        raise Refused(
+            EXIT_USAGE,
+            f"{path} cannot be read: {source} is not a backup, or an unfinished one",
+            hint="give the folder `orchctl backup DIR` wrote",
+        ) from None
+    try:
+        return backups.Manifest.model_validate_json(raw)
+    except pydantic.ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(map(str, first["loc"]))
+        why = first["msg"].removeprefix("Value error, ")
+        raise Refused(
+            EXIT_USAGE,
+            f"{path} is not a backup manifest: {where + ': ' if where else ''}{why}",
+        ) from None
+
+
+def _damage(source: Path, manifest: backups.Manifest) -> list[str]:
+    problems = []
+    for item in manifest.files:
+        found = backups.digest(source / item.path)
+        if found is None:
+            problems.append(f"{item.path}: missing from the backup")
+        elif found != (item.sha256, item.size_bytes):
+            problems.append(f"{item.path}: its content differs from the manifest's sha256")
+    return problems
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    folder = cli_common.open_folder(args.config)
+    source: Path = args.dir
+    manifest = _load_manifest(source)
+    damaged = _damage(source, manifest)
+    if damaged:
+        _show(damaged)
+        raise Refused(
+            EXIT_FAILED,
+            f"the backup in {source} is damaged: {len(damaged)} of {len(manifest.files)} "
+            "files do not match its manifest; nothing was restored",
+        )
+    roots = _roots(folder)
+    folder.state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = daemon_lock.acquire(folder.state_dir, started_at=clocks.rfc3339(time.time()))
+    except daemon_lock.Held as held:
+        raise Refused(
+            EXIT_FAILED,
+            f"{held}; nothing was restored",
+            hint="stop the daemon first: it must not serve while its files are replaced",
+        ) from None
+    try:
+        todo, conflicts, same = [], [], 0
+        for item in manifest.files:
+            root, _, rest = item.path.partition("/")
+            target = roots[root] / rest
+            found = backups.digest(target)
+            if found is None and (target.exists() or target.is_symlink()):
+                conflicts.append((item, target, "is not a regular file"))
+            elif found is None:
+                todo.append((item, target))
+            elif found == (item.sha256, item.size_bytes):
+                same += 1
+            else:
+                conflicts.append((item, target, "differs from the backup"))
+        if conflicts and not args.force:
+            _show([f"{folder.shown(t)}: {why}" for _, t, why in conflicts])
+            raise Refused(
+                EXIT_FAILED,
+                f"{len(conflicts)} files here differ from the backup; nothing was restored",
+                hint="rerun with --force to replace them with the backup's copies",
+            )
+        replaced = [(item, target) for item, target, _ in conflicts]
+        for item, target in todo + replaced:
+            if target.is_symlink() or target.is_dir():
+                raise Refused(EXIT_FAILED, f"{folder.shown(target)} is in the way; remove it")
+            copied = backups.copy(source / item.path, target)
+            if copied != (item.sha256, item.size_bytes):
+                raise Refused(
+                    EXIT_FAILED, f"{item.path} changed in the backup while it was restored"
+                )
+    finally:
+        lock.release()
+    print(
+        f"restored {len(todo) + len(replaced)} files from {source} "
+        f"({len(replaced)} replaced, {same} already there)"
+    )
+    return EXIT_OK
+
+
+def _show(lines: list[str]) -> None:
+    for line in lines[:SHOWN_PROBLEMS]:
+        cli_common.warn(line)
+    if len(lines) > SHOWN_PROBLEMS:
+        cli_common.warn(f"... and {len(lines) - SHOWN_PROBLEMS} more")
+
+
+def _size(n: int) -> str:
+    if n < 1024 * 1024:
+        return f"{n / 1024:.1f} KiB"
+    return f"{n / (1024 * 1024):.1f} MiB"

@@ -1,0 +1,288 @@
+"""Reloading a pool onto another model, atomically and reversibly (ORCH-3031/3038, HME-031).
+
+POST /v1/pools/{id}/reload calls `Reloader.reload`. orch.yaml stays the one source of truth:
+the daemon edits the file itself, in place and keeping its layout (`editing`), and the loop
+applies the edit like any other (after the usual settle time). Steps, one reload at a time:
+
+1. The edit is made on the text and checked like an edit by hand (schema, references, device
+   indices); an edit that would not apply is refused (400) and nothing is written.
+2. The pool's drain, if any, is lifted (a reload is how a drained pool comes back), and the
+   new text replaces orch.yaml atomically, with the file's permissions kept.
+3. The reload waits until the pool has as many Ready replicas of the new spec as it wants, up
+   to `timeout_s` (default `timeouts.ready_s`). It gives up early when a new replica fails
+   (crash, digest mismatch: BackingOff or Failed) or the pool cannot start or be placed.
+4. Success answers with the new revision. Otherwise the old bytes are written back exactly
+   (and the drain restored), so the loop goes back to the old spec, and the answer is 409
+   RELOAD_FAILED with the reason. If someone else changed orch.yaml in the meantime, their
+   file is left alone and the answer says so.
+
+A reload without `model` or `model_ref` (or with the values the pool already has) only lifts
+a drain and waits for the pool to be Ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from reconciler import clocks, editing, logs, pools, specs
+from reconciler.configuring import AppliedConfig
+from state import atomic, desired, drains
+from state.errors import ErrorCode
+
+log = logs.get("config")
+
+POLL_S = 0.05
+
+
+class ReloadError(Exception):
+    """The reload did not happen or was rolled back; the HTTP face answers with `code`."""
+
+    def __init__(self, code: ErrorCode, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.hint = hint
+
+
+@dataclass(frozen=True)
+class Reloaded:
+    pool_id: str
+    model: str
+    model_ref: str
+    revision: str | None
+    previous_revision: str | None
+    replicas: list[str]
+    changed: bool  # orch.yaml was edited (False: only a drain was lifted)
+    took_ms: int
+
+
+@dataclass
+class Reloader:
+    config: AppliedConfig
+    runtime: pools.PoolRuntime
+    clock: clocks.Clock
+    wake: Callable[[], None]
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def reload(
+        self,
+        pool_id: str,
+        *,
+        model: str | None = None,
+        model_ref: str | None = None,
+        timeout_s: float | None = None,
+    ) -> Reloaded:
+        async with self.lock:
+            return await self._reload(pool_id, model, model_ref, timeout_s)
+
+    async def _reload(
+        self, pool_id: str, model: str | None, model_ref: str | None, timeout_s: float | None
+    ) -> Reloaded:
+        began = self.clock.monotonic()
+        state = self.config.state
+        if state is None or self.config.from_last_good or self.config.errors:
+            raise ReloadError(
+                ErrorCode.RELOAD_FAILED,
+                f"{self.config.path.name} has errors, so the daemon serves an older revision; "
+                "fix the file before reloading",
+                hint="`orchctl validate orch.yaml` shows the errors",
+            )
+        pool = state.pool(pool_id)
+        if pool is None:
+            raise ReloadError(ErrorCode.NOT_FOUND, f"no pool {pool_id!r} in orch.yaml")
+        old = await asyncio.to_thread(self._read)
+        new = self._edited(old, pool, model, model_ref)
+        new_state = await asyncio.to_thread(self._check, new)
+        new_pool = new_state.pool(pool_id)
+        assert new_pool is not None
+        new_model = new_state.models[new_pool.model]
+        expected = specs.spec_hash(new_pool, new_model, new_state.engines.get(new_pool.engine))
+        previous = self.config.revision
+        lifted = self.runtime.undrain(pool_id, "reload requested")
+        if new != old:
+            try:
+                await asyncio.to_thread(self._write, new)
+            except OSError as exc:
+                if lifted is not None:
+                    self.runtime.redrain(lifted)
+                raise ReloadError(
+                    ErrorCode.RELOAD_FAILED,
+                    f"{self.config.path} cannot be written ({exc.strerror}); nothing changed",
+                ) from None
+            logs.emit(
+                log,
+                "config.reload_written",
+                f"Reloading pool {pool_id}: wrote {self.config.path.name} "
+                f"(model {new_pool.model}, ref {new_model.ref}).",
+                pool_id=pool_id,
+            )
+        self.wake()
+        limit = timeout_s if timeout_s is not None else state.timeouts.ready_s
+        why, ready = await self._wait(pool_id, new, expected, new_pool.replicas, began + limit)
+        if why is None:
+            took = round((self.clock.monotonic() - began) * 1000)
+            logs.emit(
+                log,
+                "config.reloaded",
+                f"Reloaded pool {pool_id} in {took} ms (revision {self.config.revision}).",
+                pool_id=pool_id,
+                revision=self.config.revision,
+            )
+            return Reloaded(
+                pool_id,
+                new_pool.model,
+                new_model.ref,
+                self.config.revision,
+                previous,
+                ready,
+                new != old,
+                took,
+            )
+        raise await self._roll_back(pool_id, old, new, lifted, why, previous, limit)
+
+    # -- the file -------------------------------------------------------------------------------
+
+    def _read(self) -> bytes:
+        path = self.config.path
+        info = os.lstat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise ReloadError(
+                ErrorCode.RELOAD_FAILED, f"{path} is not a regular file; it cannot be edited"
+            )
+        return path.read_bytes()
+
+    def _write(self, data: bytes) -> None:
+        path = self.config.path
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        atomic.write_bytes(path, data, mode=mode)
+
+    def _edited(
+        self, old: bytes, pool: desired.PoolSpec, model: str | None, model_ref: str | None
+    ) -> bytes:
+        try:
+            text = old.decode("utf-8")
+            if model is not None:
+                text = editing.set_pool_model(text, pool.id, model)
+            if model_ref is not None:
+                text = editing.set_model_ref(text, pool.model, model_ref)
+        except UnicodeDecodeError:
+            raise ReloadError(ErrorCode.RELOAD_FAILED, "orch.yaml is not UTF-8") from None
+        except editing.EditRefused as exc:
+            raise ReloadError(ErrorCode.RELOAD_FAILED, str(exc)) from None
+        return text.encode("utf-8")
+
+    def _check(self, data: bytes) -> desired.DesiredState:
+        """The edited file's desired state, checked as the loop will check it."""
+        state_dir = self.runtime.state_dir
+        probe = state_dir / f".reload-{os.getpid()}.yaml"
+        try:
+            probe.write_bytes(data)
+            loaded = desired.load_desired(probe, known_engines=self.config.known_engines)
+        finally:
+            probe.unlink(missing_ok=True)
+        problems = loaded.errors
+        if loaded.value is not None:
+            problems = self.config.device_errors(loaded.value)
+        if loaded.value is None or problems:
+            first = problems[0]
+            where = f"{first.field}: " if first.field else ""
+            raise ReloadError(
+                ErrorCode.INVALID_PARAMS,
+                f"the reload would make orch.yaml invalid: {where}{first.message}",
+                hint=first.hint or None,
+            )
+        return loaded.value
+
+    # -- waiting ----------------------------------------------------------------------------
+
+    async def _wait(
+        self, pool_id: str, new: bytes, expected: str, wanted: int, deadline: float
+    ) -> tuple[str | None, list[str]]:
+        """(None, the Ready replicas) once the pool serves the new spec; else (why not, [])."""
+        digest = hashlib.sha256(new).hexdigest()
+        seen_pass: int | None = None  # the runtime's pass count when the edit was applied
+        progress = "the edit was not applied yet"
+        while True:
+            if self.config.applied_digest != digest:
+                if self.config.errors:
+                    return f"the edited orch.yaml was not applied: {self.config.errors[0]}", []
+            else:
+                seen_pass = self.runtime.passes if seen_pass is None else seen_pass
+                # judge the pool only on a pass that ran with the new config
+                if self.runtime.passes > seen_pass:
+                    failed, progress, ready = self._judge(pool_id, expected, wanted)
+                    if failed is not None:
+                        return failed, []
+                    if ready is not None:
+                        return None, ready
+            if self.clock.monotonic() >= deadline:
+                return f"not Ready in time ({progress})", []
+            await self.clock.sleep(POLL_S)
+
+    def _judge(
+        self, pool_id: str, expected: str, wanted: int
+    ) -> tuple[str | None, str, list[str] | None]:
+        """(why it failed, progress so far, the Ready replicas once there are enough)."""
+        runtime = self.runtime
+        if (problem := runtime.problems.get(pool_id)) is not None:
+            return problem, "", None
+        if (unschedulable := runtime.unschedulable.get(pool_id)) is not None:
+            return f"the pool cannot be placed: {unschedulable.message}", "", None
+        new = sorted(
+            (
+                r
+                for r in runtime.replicas.values()
+                if r.pool_id == pool_id and r.spec.spec_hash == expected
+            ),
+            key=lambda r: r.replica_id,
+        )
+        for r in new:
+            if r.state in ("BackingOff", "Failed"):
+                return f"replica {r.replica_id} failed: {r.life.last_error}", "", None
+        ready = [str(r.replica_id) for r in new if r.state == "Ready"]
+        if len(ready) >= wanted:
+            return None, "", ready
+        shown = ", ".join(f"{r.replica_id} {r.state}" for r in new) or "no replica started yet"
+        return None, shown, None
+
+    # -- rolling back -----------------------------------------------------------------------
+
+    async def _roll_back(
+        self,
+        pool_id: str,
+        old: bytes,
+        new: bytes,
+        lifted: drains.Drain | None,
+        why: str,
+        previous: str | None,
+        limit: float,
+    ) -> ReloadError:
+        """Put the old file (and drain) back; the error to answer with."""
+        restored = "nothing in orch.yaml needed restoring"
+        if new != old:
+            current = await asyncio.to_thread(self.config.path.read_bytes)
+            if current == new:
+                await asyncio.to_thread(self._write, old)
+                restored = f"orch.yaml is restored byte for byte (revision {previous})"
+            else:
+                restored = "orch.yaml was changed by someone else meanwhile, so it is left as is"
+        if lifted is not None:
+            self.runtime.redrain(lifted)
+        self.wake()
+        logs.emit(
+            log,
+            "config.reload_failed",
+            f"Reload of pool {pool_id} failed: {why}; {restored}.",
+            level=40,
+            pool_id=pool_id,
+        )
+        return ReloadError(
+            ErrorCode.RELOAD_FAILED,
+            f"pool {pool_id!r} did not become Ready on the new spec within {limit:g} s: "
+            f"{why}; {restored}",
+        )

@@ -1,0 +1,159 @@
+"""The artifact registry on disk (HME-022): plans, diffs, traces and summaries, content-addressed.
+
+The HTTP face stores what clients POST to /v1/artifacts and `reconciler.tracing` stores every
+finished task's transcript; both call `ArtifactStore.put`. Rules:
+- An artifact's id is `sha256:` + the hex sha256 of its document in canonical JSON (keys
+  sorted, no spaces, UTF-8, defaults filled in), so the same document always gets the same id
+  and anyone can check a download: the sha256 of `canonical(document)` is the id.
+- One file per artifact, `<root>/<hex>.json`, holding the id, when it was first stored and the
+  document. It is created once, atomically, and never rewritten: storing a document again
+  returns the first record.
+- A document over MAX_DOCUMENT_BYTES, a non-finite number or a lone surrogate is refused
+  (`ArtifactProblem`), naming the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
+
+from state import atomic
+
+ArtifactKind = Literal["plan", "diff", "trace", "summary", "other"]
+ID_PATTERN = r"^sha256:[0-9a-f]{64}$"
+MAX_DOCUMENT_BYTES = 16 * 1024 * 1024  # canonical JSON; HTTP bodies stop at 1 MiB before this
+MAX_TAGS = 64
+_ID = re.compile(r"(?:sha256:)?([0-9a-f]{64})")
+
+Tag = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
+
+
+class ArtifactProblem(ValueError):
+    """A document that cannot be stored; the message names the field."""
+
+
+class Artifact(BaseModel):
+    """An artifact's document: what POST /v1/artifacts takes and GET /v1/artifacts/{id} gives."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: ArtifactKind = Field(description="plan | diff | trace | summary | other")
+    content: JsonValue = Field(description="any JSON value")
+    tags: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS)
+    parent: str | None = Field(
+        None, pattern=ID_PATTERN, description="the id of an artifact stored before this one"
+    )
+    metadata: dict[str, JsonValue] = Field(default_factory=dict)
+
+
+class StoredArtifact(BaseModel):
+    """`artifacts/<hex>.json`: one stored artifact, written once."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(pattern=ID_PATTERN)
+    created_at: str = Field(description="RFC 3339, when the document was first stored")
+    size_bytes: int = Field(ge=0, description="length of the canonical document")
+    document: Artifact
+
+
+def canonical(document: Artifact) -> bytes:
+    """The document as canonical JSON: keys sorted, no spaces, UTF-8, defaults filled in."""
+    try:
+        return json.dumps(
+            document.model_dump(mode="json"),
+            sort_keys=True,
+            separators=(",", ":"),
+            ensure_ascii=False,
+            allow_nan=False,
+        ).encode("utf-8")
+    except UnicodeEncodeError:  # (a ValueError too)
+        raise ArtifactProblem("the document holds a lone surrogate (\\ud800-\\udfff)") from None
+    except ValueError as exc:  # NaN and Infinity have no JSON spelling
+        raise ArtifactProblem(f"the document holds a number JSON cannot carry ({exc})") from None
+
+
+def id_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def parse_id(text: str) -> str | None:
+    """`sha256:<hex>` for an id given with or without its prefix, else None."""
+    match = _ID.fullmatch(text)
+    return f"sha256:{match.group(1)}" if match else None
+
+
+class ArtifactStore:
+    """The artifacts folder (`paths.artifacts`). The daemon writes; anyone may read."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, artifact_id: str) -> Path:
+        parsed = parse_id(artifact_id)
+        if parsed is None:
+            raise ValueError(f"{artifact_id!r} is not an artifact id (sha256:<64 hex>)")
+        return self.root / f"{parsed.removeprefix('sha256:')}.json"
+
+    def exists(self, artifact_id: str) -> bool:
+        return self.path(artifact_id).is_file()
+
+    def put(self, document: Artifact, *, created_at: str) -> tuple[StoredArtifact, bool]:
+        """Store `document` unless it is stored already; (the record, True when new).
+        Raises ArtifactProblem for a document that cannot be stored."""
+        data = canonical(document)
+        if len(data) > MAX_DOCUMENT_BYTES:
+            raise ArtifactProblem(
+                f"the document is {len(data)} bytes as canonical JSON; at most "
+                f"{MAX_DOCUMENT_BYTES} are stored"
+            )
+        artifact_id = id_of(data)
+        existing = self.get(artifact_id)
+        if existing is not None:
+            return existing, False
+        record = StoredArtifact(
+            id=artifact_id, created_at=created_at, size_bytes=len(data), document=document
+        )
+        self.root.mkdir(parents=True, exist_ok=True)
+        if atomic.create_bytes(self.path(artifact_id), encode(record)):
+            return record, True
+        # another writer stored the same document a moment ago: theirs is the record
+        return self.get(artifact_id) or record, False
+
+    def get(self, artifact_id: str) -> StoredArtifact | None:
+        """The stored record, or None when there is none (or its file does not check out)."""
+        try:
+            record = StoredArtifact.model_validate_json(self.path(artifact_id).read_bytes())
+        except (OSError, ValidationError, ValueError):
+            return None
+        if id_of(canonical(record.document)) != record.id:
+            return None
+        return record
+
+    def newest(self) -> Iterator[StoredArtifact]:
+        """Every stored artifact, most recently written first (a scan of the folder)."""
+        try:
+            entries = [p for p in self.root.glob("*.json") if _ID.fullmatch(p.stem)]
+        except OSError:
+            return
+        stamped = []
+        for path in entries:
+            try:
+                stamped.append((path.stat().st_mtime_ns, path.name, path))
+            except OSError:
+                continue
+        for _, _, path in sorted(stamped, reverse=True):
+            record = self.get(path.stem)
+            if record is not None:
+                yield record
+
+
+def encode(record: StoredArtifact) -> bytes:
+    value: dict[str, Any] = record.model_dump(mode="json")
+    return (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode("utf-8")

@@ -1,0 +1,156 @@
+"""`orchctl backup` and `orchctl restore`: a round trip taken while the daemon serves, the
+manifest checked before anything is restored, and existing files never replaced silently."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from state import artifacts, backups, daemon_lock
+from tests.conftest import Workspace, task, wait_for, wait_terminal
+from tests.orchctl_support import orchctl
+
+SAVED = ("results", "artifacts", "catalog")
+
+
+@pytest.mark.slow
+async def test_a_backup_taken_while_serving_restores_byte_for_byte(
+    workspace: Workspace, serve: Any, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    (workspace.root / "catalog").mkdir()
+    (workspace.root / "catalog" / "m1.gguf").write_bytes(b"GGUF" * 1000)
+    running = await serve()
+    base = str(running.daemon.server.url)
+    async with aiohttp.ClientSession() as session:
+        plan = {"kind": "plan", "content": {"steps": [1, 2]}}
+        async with session.post(f"{base}/v1/artifacts", json=plan) as response:
+            assert response.status == 201
+        async with session.post(f"{base}/v1/tasks", json=task("b1", max_tokens=4)) as response:
+            assert response.status == 202
+        await wait_terminal(workspace, "b1")
+        async with session.post(f"{base}/v1/catalog/models/m1/verify") as response:
+            assert response.status == 200
+    await wait_for(lambda: len(list((workspace.root / "artifacts").glob("*.json"))) == 2)
+
+    dest = tmp_path_factory.mktemp("bk") / "2026-05-02"
+    ran = orchctl("backup", dest, "--config", workspace.config_path)  # the daemon still runs
+    assert ran.code == 0, ran.err
+    assert "backed up" in ran.out and "2 artifacts" in ran.out
+    manifest = backups.Manifest.model_validate_json((dest / "manifest.json").read_bytes())
+    listed = {f.path for f in manifest.files}
+    assert {"results/b1.json", "results/b1.events.jsonl", "catalog/m1.gguf"} <= listed
+    assert {"state/verifications.json", "orch/last-good.yaml"} <= listed
+    for item in manifest.files:
+        data = (dest / item.path).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == item.sha256 and len(data) == item.size_bytes
+    await running.stop()
+
+    def local(logical: str) -> Path:
+        root, _, rest = logical.partition("/")
+        return workspace.root / {"state": ".orch", "orch": ".orch"}.get(root, root) / rest
+
+    before = {item: local(item).read_bytes() for item in listed}
+    for name in SAVED:
+        shutil.rmtree(workspace.root / name)
+    (workspace.root / ".orch" / "verifications.json").unlink()
+    (workspace.root / ".orch" / "last-good.yaml").unlink()
+    ran = orchctl("restore", dest, "--config", workspace.config_path)
+    assert ran.code == 0, ran.err
+    n = len(manifest.files)
+    assert f"restored {n - 1} files" in ran.out and "1 already there" in ran.out  # .orch/*.json
+    assert {item: local(item).read_bytes() for item in listed} == before
+    again = orchctl("restore", dest, "--config", workspace.config_path)
+    assert again.code == 0 and "0 files" in again.out and "already there" in again.out
+
+
+def _small_backup(workspace: Workspace, dest: Path) -> backups.Manifest:
+    store = artifacts.ArtifactStore(workspace.root / "artifacts")
+    store.put(artifacts.Artifact(kind="summary", content="all good"), created_at="t")
+    (workspace.root / "results").mkdir(exist_ok=True)
+    (workspace.root / "results" / "x.json").write_text('{"task_id": "x"}\n')
+    (workspace.root / "results" / "x.events.jsonl").write_bytes(b'{"id": 1}\n{"id": 2, "ev')
+    ran = orchctl("backup", dest, "--config", workspace.config_path)
+    assert ran.code == 0, ran.err
+    return backups.Manifest.model_validate_json((dest / "manifest.json").read_bytes())
+
+
+def test_a_torn_last_line_of_an_event_log_is_left_out(workspace: Workspace, tmp_path: Path) -> None:
+    _small_backup(workspace, tmp_path / "bk")
+    assert (tmp_path / "bk" / "results" / "x.events.jsonl").read_bytes() == b'{"id": 1}\n'
+
+
+def test_restore_never_replaces_a_different_file_without_force(
+    workspace: Workspace, tmp_path: Path
+) -> None:
+    dest = tmp_path / "bk"
+    _small_backup(workspace, dest)
+    mine = workspace.root / "results" / "x.json"
+    mine.write_text('{"task_id": "x", "edited": true}\n')
+    (workspace.root / "results" / "x.events.jsonl").unlink()
+    ran = orchctl("restore", dest, "--config", workspace.config_path)
+    assert ran.code == 1 and "differs from the backup" in ran.err and "--force" in ran.err
+    assert "edited" in mine.read_text()
+    assert not (workspace.root / "results" / "x.events.jsonl").exists()  # nothing restored
+    ran = orchctl("restore", dest, "--force", "--config", workspace.config_path)
+    assert ran.code == 0 and "1 replaced" in ran.out
+    assert mine.read_text() == '{"task_id": "x"}\n'
+
+
+def test_a_damaged_backup_is_refused_before_anything_is_restored(
+    workspace: Workspace, tmp_path: Path
+) -> None:
+    dest = tmp_path / "bk"
+    _small_backup(workspace, dest)
+    shutil.rmtree(workspace.root / "artifacts")
+    (dest / "results" / "x.json").write_text('{"task_id": "evil"}\n')
+    ran = orchctl("restore", dest, "--config", workspace.config_path)
+    assert ran.code == 1 and "damaged" in ran.err and "results/x.json" in ran.err
+    assert not (workspace.root / "artifacts").exists()
+
+
+@pytest.mark.parametrize(
+    "manifest",
+    [
+        None,
+        "not json",
+        {
+            "format": 1,
+            "created_at": "t",
+            "source": "s",
+            "version": "v",
+            "files": [{"path": "../../etc/passwd", "size_bytes": 1, "sha256": "0" * 64}],
+        },
+    ],
+)
+def test_a_folder_that_is_not_a_backup_is_refused(
+    workspace: Workspace, tmp_path: Path, manifest: Any
+) -> None:
+    dest = tmp_path / "bk"
+    dest.mkdir()
+    if manifest is not None:
+        text = manifest if isinstance(manifest, str) else json.dumps(manifest)
+        (dest / "manifest.json").write_text(text)
+    ran = orchctl("restore", dest, "--config", workspace.config_path)
+    assert ran.code == 2 and "manifest" in ran.err
+
+
+def test_backup_wants_an_empty_folder_and_restore_a_stopped_daemon(
+    workspace: Workspace, tmp_path: Path
+) -> None:
+    dest = tmp_path / "bk"
+    _small_backup(workspace, dest)
+    ran = orchctl("backup", dest, "--config", workspace.config_path)
+    assert ran.code == 2 and "not an empty folder" in ran.err
+    (workspace.root / ".orch").mkdir(exist_ok=True)
+    lock = daemon_lock.acquire(workspace.root / ".orch", started_at="2026-01-01T00:00:00Z")
+    try:
+        ran = orchctl("restore", dest, "--config", workspace.config_path)
+    finally:
+        lock.release()
+    assert ran.code == 1 and "stop the daemon" in ran.err

@@ -1,0 +1,262 @@
+"""Pool control: draining a pool on request (kept across restarts, lifted by a reload or a
+config change) and reloading it onto another model by editing orch.yaml in place, with the
+old file put back byte for byte when the new replica does not become Ready."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from reconciler import editing, specs
+from state import desired, drains
+from tests.conftest import Workspace, config, task, wait_for, wait_terminal
+
+GOOD = b"GGUF weights, version 1"
+DIGEST = "sha256:" + hashlib.sha256(GOOD).hexdigest()
+
+ORCH_YAML = """\
+# The test workstation. The daemon edits this file on reload; keep the comments.
+version: 1
+server: {bind: "127.0.0.1:0"}   # any free port
+gpus: {observer: simulated, inventory: inventory.yaml, reserve_mib: 512}
+queue: {capacity: 16, full_policy: reject}
+timeouts: {ready_s: 10, drain_s: 5, stop_grace_s: 2}
+
+models:
+  m1:
+    ref: "file:m1.gguf"     # the first weights
+    size_mib: 1000
+  m2: {ref: "file:m2.gguf", size_mib: 1000}   # another model
+
+pools:
+  - id: p1
+    engine: sim
+    model: m1               # what a reload changes
+    ctx: 2048
+    slots: 2
+    sim: {tokens_per_s: 400, load_s: 0}
+"""
+
+
+# -- editing orch.yaml ----------------------------------------------------------------------
+
+
+def _changed(old: str, new: str) -> list[str]:
+    return [
+        line
+        for line in difflib.unified_diff(old.splitlines(), new.splitlines(), lineterm="", n=0)
+        if line[:1] in "+-" and not line.startswith(("+++", "---"))
+    ]
+
+
+def test_an_edit_changes_one_line_and_keeps_comments_quotes_and_layout() -> None:
+    new = editing.set_model_ref(ORCH_YAML, "m1", "file:m1-v2.gguf")
+    assert _changed(ORCH_YAML, new) == [
+        '-    ref: "file:m1.gguf"     # the first weights',
+        '+    ref: "file:m1-v2.gguf"  # the first weights',
+    ]
+    flow = editing.set_model_ref(ORCH_YAML, "m2", "file:m2-v2.gguf")
+    assert [line[:1] for line in _changed(ORCH_YAML, flow)] == ["-", "+"]
+    assert '  m2: {ref: "file:m2-v2.gguf", size_mib: 1000}' in flow
+    model = editing.set_pool_model(ORCH_YAML, "p1", "m2")
+    assert _changed(ORCH_YAML, model)[1].startswith("+    model: m2")
+    assert editing.set_pool_model(ORCH_YAML, "p1", "m1") == ORCH_YAML  # nothing to change
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "version: 1\nmodels:\n    m1:\n        ref: a\npools:\n    -   id: p\n        model: m1\n",
+        "version: 1\nmodels:\n  m1: {ref: a}\npools:\n- id: p\n  model: m1\n",
+    ],
+)
+def test_other_common_layouts_are_kept_too(text: str) -> None:
+    new = editing.set_model_ref(text, "m1", "b")
+    assert len(_changed(text, new)) == 2 and new.replace("ref: b", "ref: a") == text
+
+
+def test_an_edit_that_would_reformat_the_file_is_refused() -> None:
+    with pytest.raises(editing.EditRefused, match="by hand"):
+        editing.set_model_ref(ORCH_YAML.replace("\n", "\r\n"), "m1", "file:x.gguf")
+    with pytest.raises(editing.EditRefused, match="no pool 'p9'"):
+        editing.set_pool_model(ORCH_YAML, "p9", "m2")
+
+
+def test_a_drained_pool_is_stopped_whatever_its_replicas_do() -> None:
+    pool = desired.PoolSpec(id="p1", engine="sim", model="m1")
+    brief = specs.ReplicaBrief("p1-0", "Ready", None)
+    state, reason = specs.pool_condition(
+        pool, [brief], problem=None, unschedulable=None, waiting=False, drained="on request"
+    )
+    assert (state, reason) == ("Stopped", "on request")
+
+
+# -- over HTTP -------------------------------------------------------------------------------
+
+
+def _url(running: Any) -> str:
+    return str(running.daemon.server.url)
+
+
+def _pool(ws: Workspace, pool_id: str = "p1") -> dict[str, Any]:
+    found: dict[str, Any] = next(p for p in ws.status()["pools"] if p["id"] == pool_id)
+    return found
+
+
+def _ready(ws: Workspace) -> bool:
+    pool = _pool(ws)
+    return (
+        pool["state"] == "Ready"
+        and not pool["reason"]
+        and bool(pool["replicas"])
+        and all(r["state"] == "Ready" for r in pool["replicas"])
+    )
+
+
+def _stopped(ws: Workspace) -> bool:
+    pool = _pool(ws)
+    return pool["state"] == "Stopped" and not pool["replicas"]
+
+
+@pytest.mark.slow
+async def test_a_drained_pool_stays_down_across_restarts_until_a_reload(
+    workspace: Workspace, serve: Any
+) -> None:
+    running = await serve()
+    base = _url(running)
+    async with aiohttp.ClientSession() as session:
+        url = f"{base}/v1/pools/p1/drain"
+        async with session.post(url, json={"deadline_ms": 1000}) as response:
+            assert response.status == 202
+            answer = await response.json()
+        assert answer["pool_id"] == "p1" and answer["deadline_ms"] == 1000
+        assert answer["replicas"] == ["p1-0"]
+        await wait_for(lambda: _stopped(workspace), 10, "p1 drained")
+        assert "drained on request" in _pool(workspace)["reason"]
+        async with session.post(url, json={"deadline_ms": 5}) as response:
+            assert response.status == 200  # drained already: the first request stands
+            assert (await response.json())["deadline_ms"] == 1000
+        async with session.post(f"{base}/v1/tasks", json=task("while-drained")) as response:
+            body = await response.json()
+            assert response.status == 503 and body["code"] == "POOL_UNAVAILABLE"
+        assert "drained on request" in body["message"]
+        for path, payload, status in [
+            ("/v1/pools/p9/drain", {}, 404),
+            ("/v1/pools/p1/drain", {"deadline_ms": -1}, 400),
+            ("/v1/pools/p1/drain", {"deadline": 5}, 400),
+        ]:
+            async with session.post(base + path, json=payload) as response:
+                assert response.status == status
+    assert set(drains.load(workspace.root / ".orch")) == {"p1"}
+
+    await running.stop()  # a restarted daemon keeps the pool drained
+    running = await serve(ready=False)
+    await wait_for(lambda: workspace.status()["daemon"]["url"], 10, "the new daemon")
+    await wait_for(lambda: _pool(workspace)["state"] == "Stopped", 10, "p1 still drained")
+    base = _url(running)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{base}/v1/pools/p1/reload", json={}) as response:
+            answer = await response.json()
+            assert response.status == 200, answer
+        assert answer["changed"] is False and answer["replicas"] == ["p1-0"]
+        assert _ready(workspace)
+        async with session.post(f"{base}/v1/tasks", json=task("after")) as response:
+            assert response.status == 202
+    await wait_terminal(workspace, "after")
+    assert drains.load(workspace.root / ".orch") == {}
+
+
+@pytest.mark.slow
+async def test_a_config_change_of_the_pool_lifts_its_drain(
+    workspace: Workspace, serve: Any
+) -> None:
+    base = _url(await serve())
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{base}/v1/pools/p1/drain") as response,
+    ):
+        assert response.status == 202
+    await wait_for(lambda: _stopped(workspace), 10, "p1 drained")
+    cfg = config()
+    cfg["pools"][0]["ctx"] = 4096
+    workspace.write_config(cfg)
+    await wait_for(lambda: _ready(workspace), 10, "p1 back on its new config")
+    assert drains.load(workspace.root / ".orch") == {}
+
+
+@pytest.mark.slow
+async def test_a_reload_edits_only_the_ref_line_and_waits_for_the_new_replica(
+    workspace: Workspace, serve: Any
+) -> None:
+    workspace.config_path.write_text(ORCH_YAML)
+    base = _url(await serve())
+    old_pid = _pool(workspace)["replicas"][0]["pid"]
+    async with aiohttp.ClientSession() as session:
+        url = f"{base}/v1/pools/p1/reload"
+        async with session.post(url, json={"model_ref": "file:m1-v2.gguf"}) as response:
+            answer = await response.json()
+            assert response.status == 200, answer
+    text = workspace.config_path.read_text()
+    assert _changed(ORCH_YAML, text) == [
+        '-    ref: "file:m1.gguf"     # the first weights',
+        '+    ref: "file:m1-v2.gguf"  # the first weights',
+    ]
+    assert answer["revision"] == desired.revision_hash(text.encode())
+    assert answer["previous_revision"] == desired.revision_hash(ORCH_YAML.encode())
+    assert answer["model_ref"] == "file:m1-v2.gguf" and answer["changed"] is True
+    assert answer["took_ms"] < 10_000  # HME-031
+    pool = _pool(workspace)
+    [ready] = [r for r in pool["replicas"] if r["state"] == "Ready"]
+    assert ready["id"] in answer["replicas"] and ready["pid"] != old_pid
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{base}/v1/pools/p1/reload", json={"model": "m2"}) as response,
+    ):
+        answer = await response.json()
+        assert response.status == 200, answer
+    assert answer["model"] == "m2"
+    assert yaml.safe_load(workspace.config_path.read_text())["pools"][0]["model"] == "m2"
+    assert "# what a reload changes" in workspace.config_path.read_text()
+
+
+@pytest.mark.slow
+async def test_a_reload_that_never_gets_ready_puts_the_old_file_back_and_answers_409(
+    workspace: Workspace, serve: Any
+) -> None:
+    (workspace.root / "m1.gguf").write_bytes(GOOD)
+    (workspace.root / "tampered.gguf").write_bytes(b"GGUF weights, not the pinned ones")
+    original = ORCH_YAML.replace(
+        "    size_mib: 1000\n", f"    size_mib: 1000\n    digest: {DIGEST}\n", 1
+    ).encode()
+    workspace.config_path.write_bytes(original)
+    workspace.config_path.chmod(0o640)
+    base = _url(await serve())
+    async with aiohttp.ClientSession() as session:
+        url = f"{base}/v1/pools/p1/reload"
+        async with session.post(url, json={"model_ref": "file:tampered.gguf"}) as response:
+            answer = await response.json()
+        assert response.status == 409 and answer["code"] == "RELOAD_FAILED", answer
+        assert "failed" in answer["message"] and "UNTRUSTED_ARTIFACT" in answer["message"]
+        assert "restored byte for byte" in answer["message"]
+        assert workspace.config_path.read_bytes() == original
+        assert workspace.config_path.stat().st_mode & 0o777 == 0o640
+        await wait_for(lambda: _ready(workspace), 10, "p1 back on the old spec")
+
+        refused = [
+            ({"model": "nope"}, 400, "INVALID_PARAMS"),
+            ({"model": "m2", "model_ref": "file:x"}, 400, "INVALID_PARAMS"),
+            ({"model_ref": "file:x", "timeout_s": 0}, 400, "INVALID_PARAMS"),
+        ]
+        for payload, status, code in refused:
+            async with session.post(url, json=payload) as response:
+                body = await response.json()
+                assert (response.status, body["code"]) == (status, code), body
+        async with session.post(f"{base}/v1/pools/p9/reload", json={}) as response:
+            assert response.status == 404
+    assert workspace.config_path.read_bytes() == original
