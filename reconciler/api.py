@@ -34,6 +34,7 @@ BACKEND: web.AppKey[Backend] = web.AppKey("backend")
 AUTH: web.AppKey[api_auth.Auth] = web.AppKey("auth")
 CORRELATION: web.RequestKey[str] = web.RequestKey("correlation_id")
 IDENTITY: web.RequestKey[str] = web.RequestKey("identity")
+HOSTS: web.AppKey[frozenset[str]] = web.AppKey("hosts")
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,54 @@ def _http_error(exc: web.HTTPException) -> web.Response:
     return response
 
 
+_WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+@web.middleware
+async def _same_origin(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Browsers are the one kind of client a loopback API must not trust blindly: a web page
+    may POST to 127.0.0.1 (a cross-site request needs no token where loopback needs none), and
+    a DNS-rebinding page may read it under its own host name. So a request must name an
+    allowed host, and a write sent by another site's page (its Origin, or Sec-Fetch-Site) is
+    refused. Programs (curl, SDKs, orchctl) send neither header and are unaffected."""
+    allowed = request.app[HOSTS]
+    host = (request.host or "").rsplit(":", 1)[0].strip("[]").lower()
+    if allowed and host not in allowed:
+        raise ApiError(
+            ErrorCode.FORBIDDEN_ORIGIN,
+            f"Host {request.host!r} is not a name this daemon serves "
+            f"({', '.join(sorted(allowed))})",
+            hint="use http://127.0.0.1:<port>/, or set server.public_url to the name you use",
+        )
+    if request.method in _WRITES:
+        origin = request.headers.get("Origin")
+        site = request.headers.get("Sec-Fetch-Site")
+        foreign = site == "cross-site" or (
+            origin is not None and origin != "null" and _origin_host(origin) != request.host
+        )
+        if foreign or origin == "null":
+            raise ApiError(
+                ErrorCode.FORBIDDEN_ORIGIN,
+                f"a {request.method} from the web page at {origin or 'another site'} is refused",
+            )
+    return await handler(request)
+
+
+def _origin_host(origin: str) -> str:
+    return origin.split("://", 1)[-1].rstrip("/")
+
+
+def allowed_hosts(bind_host: str, public_url: str | None) -> frozenset[str]:
+    """Host names requests may name: empty (any) when bound to a network address, where
+    the token guards; else loopback names, the bound host and public_url's host."""
+    if not api_auth.is_loopback_host(bind_host):
+        return frozenset()
+    names = {"127.0.0.1", "localhost", "::1", bind_host.strip("[]").lower()}
+    if public_url:
+        names.add(public_url.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0].lower())
+    return frozenset(names)
+
+
 @web.middleware
 async def _authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
     verdict = api_auth.check(
@@ -169,11 +218,19 @@ async def read_json(request: web.Request) -> Any:
 Routes = Callable[[web.Application], None]
 
 
-def make_app(backend: Backend, auth: api_auth.Auth, routes: list[Routes]) -> web.Application:
+def make_app(
+    backend: Backend,
+    auth: api_auth.Auth,
+    routes: list[Routes],
+    hosts: frozenset[str] = frozenset(),
+) -> web.Application:
     """The application: the middlewares here, the routes from the modules that add them."""
-    app = web.Application(middlewares=[_correlate, _authenticate], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(
+        middlewares=[_correlate, _same_origin, _authenticate], client_max_size=MAX_BODY_BYTES
+    )
     app[BACKEND] = backend
     app[AUTH] = auth
+    app[HOSTS] = hosts
     for add in routes:
         add(app)
     return app
@@ -203,7 +260,10 @@ async def start(backend: Backend, *, bind: str, base: Path, routes: list[Routes]
     assert state is not None
     auth = api_auth.load(state, base, bind_host=host)
     runner = web.AppRunner(
-        make_app(backend, auth, routes), access_log=None, handle_signals=False, shutdown_timeout=1.0
+        make_app(backend, auth, routes, allowed_hosts(host, state.server.public_url)),
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=1.0,
     )
     await runner.setup()
     site = web.TCPSite(runner, host, port)

@@ -39,6 +39,7 @@ class ErrorCode(StrEnum):
     METHOD_NOT_ALLOWED = "METHOD_NOT_ALLOWED"
     PAYLOAD_TOO_LARGE = "PAYLOAD_TOO_LARGE"
     UNSUPPORTED_MEDIA_TYPE = "UNSUPPORTED_MEDIA_TYPE"
+    FORBIDDEN_ORIGIN = "FORBIDDEN_ORIGIN"
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,12 @@ CODES: dict[ErrorCode, CodeInfo] = {
     ErrorCode.PAYLOAD_TOO_LARGE: CodeInfo(413, False, "Send a smaller body (at most 1 MiB)."),
     ErrorCode.UNSUPPORTED_MEDIA_TYPE: CodeInfo(
         415, False, "Send the body as JSON with `Content-Type: application/json`."
+    ),
+    ErrorCode.FORBIDDEN_ORIGIN: CodeInfo(
+        403,
+        False,
+        "Call the API from a program, the status page or the host name it is bound to; "
+        "other web sites may not use it (docs/security.md).",
     ),
 }
 

@@ -315,3 +315,32 @@ async def test_the_correlation_id_of_a_request_is_on_every_log_line_of_its_task(
     events = {r.orch_event for r in about}  # type: ignore[attr-defined]
     assert {"http.task_delivered", "task.queued", "placement.decided", "task.succeeded"} <= events
     assert {r.orch_fields["correlation_id"] for r in about} == {"trace-77"}  # type: ignore[attr-defined]
+
+
+async def test_other_web_sites_cannot_write_and_rebound_host_names_are_refused(
+    workspace: Workspace, serve: Any
+) -> None:
+    cfg = config()
+    cfg["pools"][0]["sim"] = {"tokens_per_s": 20, "load_s": 0.0}
+    workspace.write_config(cfg)
+    running = await serve()
+    base = _url(running)
+    port = base.rsplit(":", 1)[1]
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{base}/v1/tasks", json=task("x1", max_tokens=100)) as r:
+            assert r.status == 202
+        evil = {"Origin": "http://evil.example"}
+        async with session.post(f"{base}/v1/tasks/x1/cancel", headers=evil) as response:
+            body = await response.json()
+            assert response.status == 403 and body["code"] == "FORBIDDEN_ORIGIN"
+        cross = {"Sec-Fetch-Site": "cross-site"}
+        async with session.post(f"{base}/v1/tasks", json=task("x2"), headers=cross) as r:
+            assert r.status == 403
+        rebound = {"Host": f"attacker.example:{port}"}
+        async with session.get(f"{base}/v1/status", headers=rebound) as response:
+            assert response.status == 403
+        own = {"Origin": f"http://127.0.0.1:{port}"}  # the status page's own button
+        async with session.post(f"{base}/v1/tasks/x1/cancel", headers=own) as response:
+            assert response.status in (200, 202)
+    assert (await wait_terminal(workspace, "x1"))["status"] == "canceled"
+    assert workspace.result("x2") is None
