@@ -41,9 +41,9 @@ def resolve(task: tasks.TaskFile, state: desired.DesiredState) -> Target | Error
     if task.pool is not None:
         pool = state.pool(task.pool)
         if pool is None:
-            return errors.envelope(
-                ErrorCode.POOL_UNAVAILABLE,
-                f"pool {task.pool!r} is not in orch.yaml",
+            return errors.envelope(  # a mistake in the task, not a pool that is down
+                ErrorCode.INVALID_PARAMS,
+                f"pool: {task.pool!r} is not in orch.yaml",
                 hint=f"use one of: {', '.join(p.id for p in state.pools) or 'no pools defined'}",
             )
         if task.model is not None and task.model != pool.model:
@@ -97,7 +97,7 @@ def check(
         pinned = pools.get(placement.pin_pool or "")
         if pinned is None or pinned.model_id != target.model_id:
             return errors.envelope(
-                ErrorCode.POOL_UNAVAILABLE,
+                ErrorCode.INVALID_PARAMS,
                 f"placement.pin_pool: {placement.pin_pool!r} is not a pool serving "
                 f"{target.model_id!r}",
                 hint="pin a pool listed by `orchctl status`, or use mode: prefer",

@@ -31,6 +31,7 @@ from reconciler import (
     cli_validate,
     cli_watch,
     logs,
+    openapi,
 )
 from reconciler.cli_common import (
     EXIT_ENV,
@@ -311,11 +312,14 @@ def cmd_schemas(args: argparse.Namespace) -> int:
     out = args.out or schemas.DIR
     if args.check:
         drift = contracts.check(out, engines=sorted(registry.load().engines))
+        if (out / openapi.NAME).read_text(encoding="utf-8") != openapi.render():
+            drift.append(openapi.NAME)
         for name in drift:
             print(f"{out / name} differs from the models; run `make schemas`", file=sys.stderr)
         return EXIT_FAILED if drift else EXIT_OK
     for name in contracts.write(out, engines=sorted(registry.load().engines)):
         print(f"wrote {out / name}")
+    print(f"wrote {openapi.write(out)}")
     return EXIT_OK
 
 

@@ -35,6 +35,7 @@ from reconciler import (
     intake,
     logs,
     metrics,
+    openapi,
     pools,
     rates,
     recovery,
@@ -318,6 +319,7 @@ class Daemon:
             api_tasks.add_routes,
             api_metrics.add_routes,
             api_page.add_routes,
+            openapi.add_routes,
             api_artifacts.routes(self.artifacts),
             api_catalog.routes(self.catalog),
             api_pools.routes(

@@ -116,7 +116,7 @@ async def test_rejections_name_their_code_and_a_hint(workspace: Workspace, serve
     assert codes["u"]["code"] == "MODEL_UNKNOWN" and "m1" in codes["u"]["hint"]
     assert codes["r"]["code"] == "MODEL_RETIRED" and "Active" in codes["r"]["hint"]
     assert codes["big"]["code"] == "INVALID_PARAMS" and "max_tokens" in codes["big"]["message"]
-    assert codes["pin"]["code"] == "POOL_UNAVAILABLE"
+    assert codes["pin"]["code"] == "INVALID_PARAMS"  # no such pool: the task is wrong
     for error in codes.values():
         assert error["hint"] and isinstance(error["retriable"], bool)
 

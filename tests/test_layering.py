@@ -47,6 +47,7 @@ IO_MODULES = {
     "reconciler.api_page",
     "reconciler.api_tasks",
     "reconciler.cli_sse",
+    "reconciler.openapi",
     "reconciler.api_artifacts",
     "reconciler.api_catalog",
     "reconciler.api_pools",

@@ -1,0 +1,282 @@
+"""The OpenAPI description of the HTTP face: built from one route table and the pydantic
+models, written to schemas/openapi.yaml by `orchctl schemas` and served at /openapi.yaml.
+
+`tests/test_openapi.py` fails when a route of the running app is missing here or the other
+way round, and when the committed file differs from what this module builds; schemathesis
+then checks a live daemon against it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from aiohttp import web
+from pydantic.json_schema import models_json_schema
+
+from reconciler import api
+from state import artifacts, errors, results, statusfile, tasks
+
+TITLE = "llama-orch home"
+NAME = "openapi.yaml"
+
+ERROR = {"$ref": "#/components/schemas/ErrorEnvelope"}
+OBJECT: dict[str, Any] = {"type": "object"}
+TASK_ID = {"name": "task_id", "in": "path", "required": True, "schema": {"type": "string"}}
+SESSION_ID = {"name": "session_id", "in": "path", "required": True, "schema": {"type": "string"}}
+POOL_ID = {"name": "pool_id", "in": "path", "required": True, "schema": {"type": "string"}}
+MODEL_ID = {"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}
+ARTIFACT_ID = {
+    "name": "artifact_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string"},
+}
+LAST_EVENT_ID = {
+    "name": "Last-Event-ID",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string"},
+}
+
+ADMISSION = {
+    "type": "object",
+    "required": ["task_id", "status", "events_url", "result_url"],
+    "properties": {
+        "task_id": {"type": "string"},
+        "status": {"enum": ["queued", "delivered"]},
+        "queue_position": {"type": ["integer", "null"]},
+        "predicted_start_ms": {"type": ["integer", "null"]},
+        "on_time_probability": {"type": ["number", "null"]},
+        "backoff_ms": {"type": "integer"},
+        "events_url": {"type": "string"},
+        "result_url": {"type": "string"},
+    },
+}
+
+
+def _json(schema: dict[str, Any], description: str = "") -> dict[str, Any]:
+    return {
+        "description": description or "OK",
+        "content": {"application/json": {"schema": schema}},
+    }
+
+
+def _model(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    return {str(c): _json(ERROR, "the error envelope") for c in (*codes, 401, 403)}
+
+
+def _op(summary: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"summary": summary, "responses": responses, **extra}
+
+
+def _body(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": schema}}}
+
+
+SSE = {
+    "description": "Server-Sent Events",
+    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+}
+
+PATHS: dict[str, dict[str, Any]] = {
+    "/v1/tasks": {
+        "post": _op(
+            "Deliver a task into the spool and wait for its admission",
+            {"202": _json(ADMISSION), **_errors(400, 404, 409, 413, 415, 429, 503)},
+            requestBody=_body(_model("TaskFile")),
+        ),
+    },
+    "/v1/tasks/{task_id}": {
+        "get": _op(
+            "The task's result file (or `delivered` while it waits in the spool)",
+            {"200": _json(OBJECT), **_errors(400, 404)},
+            parameters=[TASK_ID],
+        ),
+    },
+    "/v1/tasks/{task_id}/events": {
+        "get": _op(
+            "The task's event log as SSE; Last-Event-ID resumes",
+            {"200": SSE, **_errors(400, 404)},
+            parameters=[TASK_ID, LAST_EVENT_ID],
+        ),
+    },
+    "/v1/tasks/{task_id}/stream": {
+        "get": _op(
+            "The same stream under the digest's name",
+            {"200": SSE, **_errors(400, 404)},
+            parameters=[TASK_ID, LAST_EVENT_ID],
+        ),
+    },
+    "/v1/tasks/{task_id}/cancel": {
+        "post": _op(
+            "Request a cancel (idempotent)",
+            {"200": _json(OBJECT), "202": _json(OBJECT), **_errors(400, 404)},
+            parameters=[TASK_ID],
+        ),
+    },
+    "/v1/sessions/{session_id}": {
+        "get": _op(
+            "A session's turns, tokens and TTL",
+            {"200": _json(OBJECT), **_errors(400, 404)},
+            parameters=[SESSION_ID],
+        ),
+        "delete": _op(
+            "Forget a session",
+            {"204": {"description": "gone"}, **_errors(400)},
+            parameters=[SESSION_ID],
+        ),
+    },
+    "/v1/capabilities": {
+        "get": _op(
+            "Pools, engines, contexts and live concurrency", {"200": _json(OBJECT), **_errors()}
+        ),
+    },
+    "/v1/status": {
+        "get": _op("status.json", {"200": _json(_model("StatusFile")), **_errors()}),
+    },
+    "/v1/status/events": {
+        "get": _op("status.json as SSE whenever it changes", {"200": SSE, **_errors()}),
+    },
+    "/v1/pools": {"get": _op("The pools of status.json", {"200": _json(OBJECT), **_errors()})},
+    "/v1/pools/{pool_id}/drain": {
+        "post": _op(
+            "Drain a pool's replicas and start none until a reload",
+            {"200": _json(OBJECT), "202": _json(OBJECT), **_errors(400, 404, 413, 415)},
+            parameters=[POOL_ID],
+            requestBody=_body(OBJECT),
+        ),
+    },
+    "/v1/pools/{pool_id}/reload": {
+        "post": _op(
+            "Point a pool at another model by editing orch.yaml; rolled back when not Ready",
+            {"200": _json(OBJECT), **_errors(400, 404, 409, 413, 415)},
+            parameters=[POOL_ID],
+            requestBody=_body(OBJECT),
+        ),
+    },
+    "/v1/catalog/models": {
+        "get": _op(
+            "The models of orch.yaml with their files and verifications",
+            {"200": _json(OBJECT), **_errors()},
+        ),
+    },
+    "/v1/catalog/models/{model_id}": {
+        "get": _op(
+            "One model of the catalog",
+            {"200": _json(OBJECT), **_errors(400, 404)},
+            parameters=[MODEL_ID],
+        ),
+    },
+    "/v1/catalog/models/{model_id}/verify": {
+        "post": _op(
+            "sha256 of the model file against its digest; a failure blocks admission",
+            {"200": _json(OBJECT), **_errors(400, 404)},
+            parameters=[MODEL_ID],
+        ),
+    },
+    "/v1/artifacts": {
+        "post": _op(
+            "Store an artifact (content-addressed, idempotent)",
+            {"200": _json(OBJECT), "201": _json(OBJECT), **_errors(400, 413, 415)},
+            requestBody=_body(_model("Artifact")),
+        ),
+        "get": _op("Stored artifacts", {"200": _json(OBJECT), **_errors(400)}),
+    },
+    "/v1/artifacts/{artifact_id}": {
+        "get": _op(
+            "One artifact", {"200": _json(OBJECT), **_errors(400, 404)}, parameters=[ARTIFACT_ID]
+        ),
+    },
+    "/metrics": {
+        "get": _op(
+            "Prometheus text",
+            {
+                "200": {
+                    "description": "metrics",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                },
+                **_errors(),
+            },
+        ),
+    },
+    "/": {
+        "get": _op(
+            "The status page",
+            {
+                "200": {
+                    "description": "HTML",
+                    "content": {"text/html": {"schema": {"type": "string"}}},
+                },
+                **_errors(),
+            },
+        ),
+    },
+    "/openapi.yaml": {
+        "get": _op(
+            "This document",
+            {
+                "200": {
+                    "description": "YAML",
+                    "content": {"application/yaml": {"schema": {"type": "object"}}},
+                },
+                **_errors(),
+            },
+        ),
+    },
+}
+
+
+def document() -> dict[str, Any]:
+    _, defs = models_json_schema(
+        [
+            (tasks.TaskFile, "validation"),
+            (results.Result, "serialization"),
+            (errors.ErrorEnvelope, "serialization"),
+            (statusfile.StatusFile, "serialization"),
+            (artifacts.Artifact, "validation"),
+        ],
+        ref_template="#/components/schemas/{model}",
+    )
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": TITLE, "version": api.API_VERSION},
+        "paths": PATHS,
+        "components": {"schemas": defs["$defs"]},
+    }
+
+
+def render() -> str:
+    return yaml.safe_dump(document(), sort_keys=True, allow_unicode=True)
+
+
+def write(folder: Path) -> Path:
+    path = folder / NAME
+    path.write_text(render(), encoding="utf-8")
+    return path
+
+
+def routes_of(app: web.Application) -> set[tuple[str, str]]:
+    """(method, path) of every route the app serves, HEAD left out (aiohttp adds it)."""
+    return {
+        (r.method.lower(), r.resource.canonical)
+        for r in app.router.routes()
+        if r.resource is not None and r.method not in ("HEAD", "*")
+    }
+
+
+def described() -> set[tuple[str, str]]:
+    return {(method, path) for path, ops in PATHS.items() for method in ops}
+
+
+async def serve(request: web.Request) -> web.StreamResponse:
+    return web.Response(text=render(), content_type="application/yaml")
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/openapi.yaml", serve)
