@@ -82,7 +82,9 @@ async def test_a_streamed_completion_yields_the_recorded_tokens_then_done(serve:
     tokens, done = items[:-1], items[-1]
     assert [t.text for t in tokens] == ["\ufffd;", "|", "g", "\ufffd\x0e\x10"]
     assert [t.index for t in tokens] == [0, 1, 2, 3]
-    assert done == interfaces.Done(tokens_out=8, finish_reason="length", timings=done.timings)
+    assert done == interfaces.Done(
+        tokens_out=8, finish_reason="length", timings=done.timings, prompt_tokens=13
+    )
     assert done.timings["predicted_ms"] == pytest.approx(0.784)
     assert done.timings["prompt_n"] == 13
 
