@@ -21,6 +21,7 @@ from reconciler import (
     adoption,
     api,
     api_metrics,
+    api_openai,
     api_page,
     api_tasks,
     clocks,
@@ -292,12 +293,18 @@ class Daemon:
             live=lambda task_id: task_id in self.dispatcher.runs,
             wake=self.wake,
             metrics=self.metrics,
+            queue_position=self._queue_position,
         )
         self.server = await api.start(
             backend,
             bind=state.server.bind,
             base=self.config.base,
-            routes=[api_tasks.add_routes, api_metrics.add_routes, api_page.add_routes],
+            routes=[
+                api_tasks.add_routes,
+                api_metrics.add_routes,
+                api_page.add_routes,
+                api_openai.add_routes,
+            ],
         )
         logs.emit(
             log,
@@ -306,6 +313,11 @@ class Daemon:
             f"{'token required' if self.server.token_set else 'loopback only, no token'}).",
             url=self.server.url,
         )
+
+    def _queue_position(self, task_id: ids.TaskId) -> int | None:
+        """The task's place in the queue now (0: next to start), None when it is not queued."""
+        queue = self.dispatcher.queue
+        return queue.position(task_id) if task_id in queue else None
 
     async def pass_once(self) -> None:
         """One level-triggered pass over everything."""

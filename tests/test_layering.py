@@ -20,6 +20,8 @@ ROOMS = ("state", "plugins", "reconciler", "schemas")
 PURE = {
     "reconciler.admission",
     "reconciler.estimates",
+    "reconciler.openai_chunks",
+    "reconciler.openai_requests",
     "reconciler.placement",
     "reconciler.planning",
     "reconciler.queues",
@@ -43,6 +45,7 @@ IO_MODULES = {
     "reconciler.api",
     "reconciler.api_auth",
     "reconciler.api_metrics",
+    "reconciler.api_openai",
     "reconciler.api_page",
     "reconciler.api_tasks",
     "reconciler.cli_sse",
