@@ -25,7 +25,7 @@ from typing import Any, Literal
 import pydantic
 
 from reconciler import admission
-from state import desired, ids, tasks
+from state import desired, ids, loading, tasks
 from state.errors import ErrorCode
 
 Kind = Literal["chat", "text"]
@@ -76,9 +76,6 @@ _ORIGIN = {
     "sampling.top_k": "top_k",
     "session_id": "user",
 }
-
-
-_TYPE_NAMES = frozenset({"str", "int", "float", "bool", "dict", "list"})  # union members
 
 
 class Refused(Exception):
@@ -237,6 +234,12 @@ def _chat(given: dict[str, Any]) -> dict[str, Any]:
                     f"messages[{i}].content[{j}]: only text parts are supported, "
                     f"not {str(part.get('type'))[:40]!r}",
                 )
+    choice = given.get("tool_choice")
+    if isinstance(choice, str) and choice not in ("none", "auto", "required"):
+        raise Refused(
+            "tool_choice",
+            "tool_choice: 'none', 'auto', 'required' or {type: function, function: {name}}",
+        )
     chat: dict[str, Any] = {"messages": mapped}
     for name in ("tools", "tool_choice", "parallel_tool_calls", "response_format"):
         if name in given:
@@ -281,20 +284,22 @@ def _validate(task: dict[str, Any]) -> tasks.TaskFile:
     try:
         return tasks.TaskFile.model_validate(task)
     except pydantic.ValidationError as exc:
-        # the deepest location is the most specific (a union tries each of its members)
-        error = max(exc.errors(), key=lambda e: len(e["loc"]))
+        found = loading.plain_errors(exc.errors(include_url=False))
+        error = max(found, key=lambda e: len(e["loc"]))  # the deepest is the most specific
         param = _param(error["loc"])
-        message = error["msg"].removeprefix("Value error, ")
-        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        message = str(error["msg"])
+        if error["type"] == "extra_forbidden":
+            message = "unsupported field; this server does not implement it (remove it)"
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
         raise Refused(param or None, f"{param or 'body'}: {message}{more}") from None
 
 
 def _param(loc: tuple[int | str, ...]) -> str:
-    """A pydantic location as OpenAI names a parameter: `messages[0].content`."""
+    """A location as OpenAI names a parameter: `messages[0].content`."""
     text = ""
     for part in loc:
         if isinstance(part, int):
             text += f"[{part}]"
-        elif not (part[:1].isupper() or "[" in part or part in _TYPE_NAMES):
+        elif not part[:1].isupper():  # a model's name: the member of a union it tried
             text += f".{part}" if text else part
     return _ORIGIN.get(text, text)
