@@ -152,6 +152,7 @@ class _Frames:
     async def close(self) -> None:
         if self._pending is not None:
             self._pending.cancel()
+            await asyncio.wait({self._pending})  # let the read end before closing its source
         with contextlib.suppress(Exception):
             await self._frames.aclose()
 

@@ -209,6 +209,17 @@ async def test_what_cannot_be_honoured_is_refused_naming_the_field(
         with pytest.raises(openai.BadRequestError) as refused:
             await oa.completions.create(model="m1", prompt="x", suffix="y")
         assert refused.value.body["param"] == "suffix"  # type: ignore[index]
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{_base(running)}/v1/chat/completions",
+            data=b'{"model": "m1",',
+            headers={"Content-Type": "application/json"},
+        ) as response,
+    ):
+        body = await response.json()
+    assert response.status == 400 and body["error"]["code"] == "INVALID_PARAMS"
+    assert "malformed JSON" in body["error"]["message"] and body["error"]["param"] is None
 
 
 async def test_a_full_queue_is_a_429_with_retry_after_that_the_client_honours(
