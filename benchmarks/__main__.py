@@ -22,7 +22,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks import calibration, converge, harness, intake, latency, relay, report
+from benchmarks import (
+    calibration,
+    chat_relay,
+    converge,
+    harness,
+    intake,
+    latency,
+    relay,
+    report,
+)
 
 Runner = Callable[..., Coroutine[Any, Any, None]]
 BENCHES: dict[str, Runner] = {
@@ -31,6 +40,7 @@ BENCHES: dict[str, Runner] = {
     latency.NAME: latency.run,
     calibration.NAME: calibration.run,
     relay.NAME: relay.run,
+    chat_relay.NAME: chat_relay.run,
 }
 
 

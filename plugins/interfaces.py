@@ -107,6 +107,10 @@ class EngineRefused(EngineStreamError):
 
 @dataclass(frozen=True)
 class GenerateRequest:
+    """One generation. With `chat` (the task's `messages` and chat options as OpenAI-shaped
+    JSON: `messages`, `tools`, `tool_choice`, `parallel_tool_calls`, `response_format`) it is a
+    chat turn, which the engine renders with the model's chat template; `prompt` is then ""."""
+
     task_id: str
     prompt: str
     max_tokens: int
@@ -114,19 +118,31 @@ class GenerateRequest:
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int | None = None
+    stop: tuple[str, ...] = ()
+    chat: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
 class Token:
+    """A piece of the answer: text, and in a chat the tool-call deltas it carries (OpenAI's
+    `delta.tool_calls` items: {index, id?, type?, function: {name?, arguments?}}) or a thinking
+    model's reasoning text."""
+
     text: str
     index: int
+    tool_calls: tuple[Mapping[str, Any], ...] = ()
+    reasoning: str = ""
+
+
+FinishReason = Literal["length", "stop", "tool_calls"]
 
 
 @dataclass(frozen=True)
 class Done:
     tokens_out: int
-    finish_reason: Literal["length", "stop"]
+    finish_reason: FinishReason
     timings: Mapping[str, float] = field(default_factory=dict)  # engine's own, e.g. predicted_ms
+    prompt_tokens: int | None = None  # the prompt as the engine tokenized it (template included)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ recorded responses in /work/shared/fixtures/llama-server/:
 - GET /slots: one object per slot with `is_processing`.
 - POST /completion with "stream": true: `data: {json}` lines; the last frame has "stop": true,
   `tokens_predicted`, `timings` and `stop_type` ("limit" when n_predict ran out).
+- POST /v1/chat/completions for a chat request (`plugins.llama_chat`: body and chunks).
 
 Every call opens its own short-lived aiohttp session, so nothing outlives the caller's task.
 Closing a `generate` iterator (``aclose()``) closes its HTTP response: the server sees the
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ from typing import Any
 
 import aiohttp
 
-from plugins import interfaces, processes
+from plugins import interfaces, llama_chat, processes
 
 _NETWORK_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
 
@@ -77,7 +79,28 @@ def completion_body(request: interfaces.GenerateRequest, *, stream: bool) -> dic
     }
     if request.top_k is not None:
         body["top_k"] = request.top_k
+    if request.stop:
+        body["stop"] = list(request.stop)
     return body
+
+
+class _CompletionFold:
+    """The state of one streamed /completion answer: Tokens, then Done at the `stop` frame."""
+
+    def __init__(self) -> None:
+        self.index = 0
+
+    def feed(self, frame: Mapping[str, Any]) -> list[interfaces.Token | interfaces.Done]:
+        items: list[interfaces.Token | interfaces.Done] = []
+        if content := frame.get("content"):
+            items.append(interfaces.Token(str(content), self.index))
+            self.index += 1
+        if frame.get("stop"):
+            items.append(done_from(frame))
+        return items
+
+    def end(self) -> interfaces.Done | None:
+        return None  # the `stop` frame is the only end
 
 
 def _rejected(status: int, body: bytes) -> RequestRejected:
@@ -119,6 +142,7 @@ def done_from(frame: Mapping[str, Any]) -> interfaces.Done:
     """The `Done` of a final frame (stream) or a whole non-streamed answer."""
     limit = frame.get("stop_type") == "limit" or bool(frame.get("stopped_limit"))
     timings = frame.get("timings") or {}
+    prompt = frame.get("tokens_evaluated")
     return interfaces.Done(
         tokens_out=int(frame.get("tokens_predicted", 0)),
         finish_reason="length" if limit else "stop",
@@ -127,6 +151,7 @@ def done_from(frame: Mapping[str, Any]) -> interfaces.Done:
             for k, v in timings.items()
             if isinstance(v, int | float) and not isinstance(v, bool)
         },
+        prompt_tokens=prompt if isinstance(prompt, int) else None,
     )
 
 
@@ -212,16 +237,21 @@ class Client:
         self,
         request: interfaces.GenerateRequest,
     ) -> AsyncIterator[interfaces.Token | interfaces.Done]:
-        """Stream the completion: Tokens (indexed from 0), then one Done. Raises
-        EngineStreamError on a dropped connection, an early end or a bad frame."""
+        """Stream the completion (or, for a chat request, the chat answer): Tokens (indexed
+        from 0), then one Done. Raises EngineStreamError on a dropped connection, an early end
+        or a bad frame."""
+        fold: _CompletionFold | llama_chat.Fold
+        if request.chat is not None:
+            path, body = llama_chat.PATH, llama_chat.chat_body(request, stream=True)
+            fold = llama_chat.Fold()
+        else:
+            path, body = "/completion", completion_body(request, stream=True)
+            fold = _CompletionFold()
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout_s)
-        index = 0
         try:
             async with (
                 aiohttp.ClientSession(timeout=timeout) as session,
-                session.post(
-                    self.base_url + "/completion", json=completion_body(request, stream=True)
-                ) as resp,
+                session.post(self.base_url + path, json=body) as resp,
             ):
                 try:
                     if resp.status != 200:
@@ -230,21 +260,33 @@ class Client:
                     async for chunk in resp.content.iter_any():
                         pending += chunk
                         while (end := pending.find(b"\n")) >= 0:
-                            frame = parse_line(bytes(pending[:end]))
+                            line = bytes(pending[:end])
                             del pending[: end + 1]
+                            if _DONE.fullmatch(line) and (done := fold.end()) is not None:
+                                yield done
+                                return
+                            frame = parse_line(line)
                             if frame is None:
                                 continue
-                            if content := frame.get("content"):
-                                yield interfaces.Token(str(content), index)
-                                index += 1
-                            if frame.get("stop"):
-                                yield done_from(frame)
-                                return
-                    raise ProtocolError(f"stream ended before the final frame ({index} tokens)")
+                            for item in fold.feed(frame):
+                                yield item
+                                if isinstance(item, interfaces.Done):
+                                    return
+                    if (done := fold.end()) is not None:  # the connection ended after the finish
+                        yield done
+                        return
+                    raise ProtocolError(
+                        f"stream ended before the final frame ({fold.index} tokens)"
+                    )
                 finally:
                     resp.close()  # drop the connection: the server stops generating
         except _NETWORK_ERRORS as e:
-            raise interfaces.EngineStreamError(f"stream broken after {index} tokens: {e!r}") from e
+            raise interfaces.EngineStreamError(
+                f"stream broken after {fold.index} tokens: {e!r}"
+            ) from e
+
+
+_DONE = re.compile(rb"data: ?\[DONE\]\r?")
 
 
 async def wait_ready(handle: interfaces.ReplicaHandle, *, timeout_s: float) -> None:

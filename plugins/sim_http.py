@@ -134,6 +134,13 @@ async def send_event(writer: asyncio.StreamWriter, value: Any) -> None:
     await writer.drain()
 
 
+async def send_done(writer: asyncio.StreamWriter) -> None:
+    """The `data: [DONE]` that ends an OpenAI-style stream."""
+    data = b"data: [DONE]\n\n"
+    writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+    await writer.drain()
+
+
 async def end_events(writer: asyncio.StreamWriter) -> None:
     writer.write(b"0\r\n\r\n")
     await writer.drain()

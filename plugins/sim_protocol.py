@@ -1,4 +1,5 @@
-"""The sim child's llama-server answers: /health, /props, /slots and /completion.
+"""The sim child's llama-server answers: /health, /props, /slots, /completion and the chat
+endpoint /v1/chat/completions (also /chat/completions; what it says: `plugins.sim_chat`).
 
 `plugins.sim_server` builds one `Server` per child and serves its `route` through
 `plugins.sim_http`. It answers the subset of llama-server's protocol that the one client in
@@ -13,6 +14,7 @@ Rules it keeps:
   generate at once, the rest wait for a slot in arrival order.
 - A client that closes its connection stops its generation and frees its slot.
 - A prompt that leaves no room in the context is refused with llama-server's 400.
+- `stop` strings end the text before the first one (`stop_type` "word").
 - The die_after_tokens fault (`plugins.sim_faults`) strikes between tokens.
 
 Standard library only: the sim child runs without site-packages (`python -S`).
@@ -27,7 +29,7 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from plugins import sim_faults, sim_http
+from plugins import sim_chat, sim_faults, sim_http
 
 VERSION = "0.1.0"
 BUILD_INFO = f"sim-{VERSION}"
@@ -42,7 +44,14 @@ _VOCABULARY = (
 WORDS = tuple(_VOCABULARY.split())
 
 LOADING = sim_http.HttpError(503, "Loading model", "unavailable_error")
-ROUTES = {("GET", "/health"), ("GET", "/props"), ("GET", "/slots"), ("POST", "/completion")}
+CHAT_PATHS = ("/v1/chat/completions", "/chat/completions")
+ROUTES = {
+    ("GET", "/health"),
+    ("GET", "/props"),
+    ("GET", "/slots"),
+    ("POST", "/completion"),
+    *(("POST", path) for path in CHAT_PATHS),
+}
 
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -118,8 +127,14 @@ class Server:
                 for i, busy in enumerate(self.slots.busy)
             ]
             await sim_http.send_json(writer, 200, slots)
+        elif path in CHAT_PATHS:
+            answer = sim_chat.plan(
+                sim_http.parse_json(body), ctx=self.ctx, vocabulary=WORDS, count=prompt_tokens
+            )
+            return await self.watched(self.respond_chat(answer, writer), reader)
         else:
-            return await self.completion(sim_http.parse_json(body), reader, writer)
+            params = self.params(sim_http.parse_json(body))
+            return await self.watched(self.respond(params, writer), reader)
         return True
 
     def props(self) -> dict[str, Any]:
@@ -143,12 +158,10 @@ class Server:
             "endpoint_metrics": False,
         }
 
-    async def completion(
-        self, body: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> bool:
-        params = self.params(body)
-        # Watch the client while generating: EOF on its side means it closed the request.
-        work = asyncio.ensure_future(self.respond(params, writer))
+    async def watched(self, answer: Awaitable[None], reader: asyncio.StreamReader) -> bool:
+        """Send `answer` while watching the client: EOF on its side means it closed the
+        request, and the answer stops. False when the connection must close afterwards."""
+        work = asyncio.ensure_future(answer)
         watch = asyncio.ensure_future(reader.read(1))
         done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
         if work in done:
@@ -180,7 +193,9 @@ class Server:
         if seed < 0:
             seed = random.SystemRandom().randrange(2**32)
         stream = bool(body.get("stream", False))
+        stop = body.get("stop") or []
         return {
+            "stop": [stop] if isinstance(stop, str) else [str(s) for s in stop],
             "prompt": prompt,
             "n_prompt": n_prompt,
             "n": room if n_predict < 0 else min(n_predict, room),
@@ -218,33 +233,42 @@ class Server:
         finally:
             self.slots.release(slot)
 
-    async def generate(self, params: dict[str, Any], slot: int, emit: Emit) -> dict[str, Any]:
-        """Emit one frame per token at the configured pace; return the final frame."""
+    async def paced(self, n: int, send: Callable[[int], Awaitable[None]]) -> float:
+        """`send(i)` for each of `n` tokens at the configured pace (the die_after_tokens fault
+        strikes between them); the decode time in ms comes back."""
         loop = asyncio.get_running_loop()
-        rng = tokens(params["seed"], params["prompt"])
         sim_faults.after_tokens(self.faults, 0)
         start = loop.time()
         first = start + self.first_token_ms / 1000
-        prompt_ms = self.first_token_ms
-        for i in range(params["n"]):
+        for i in range(n):
             delay = first + i / self.tokens_per_s - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            token_id = rng.randrange(len(WORDS))
+            await send(i)
+            sim_faults.after_tokens(self.faults, i + 1)
+        return max((loop.time() - start) * 1000 - self.first_token_ms, 0.001)
+
+    async def generate(self, params: dict[str, Any], slot: int, emit: Emit) -> dict[str, Any]:
+        """Emit one frame per token at the configured pace; return the final frame."""
+        rng = tokens(params["seed"], params["prompt"])
+        ids = [rng.randrange(len(WORDS)) for _ in range(params["n"])]
+        texts, stopped = sim_chat.cut([" " + WORDS[t] for t in ids], params["stop"])
+
+        async def send(i: int) -> None:
             await emit(
                 {
                     "index": 0,
-                    "content": " " + WORDS[token_id],
-                    "tokens": [token_id + 3],
+                    "content": texts[i],
+                    "tokens": [ids[i] + 3],
                     "stop": False,
                     "id_slot": -1,
                     "tokens_predicted": i + 1,
                     "tokens_evaluated": params["n_prompt"],
                 }
             )
-            sim_faults.after_tokens(self.faults, i + 1)
-        n = params["n"]
-        predicted_ms = max((loop.time() - start) * 1000 - prompt_ms, 0.001)
+
+        predicted_ms = await self.paced(len(texts), send)
+        n = len(texts)
         return {
             "index": 0,
             "content": "",
@@ -258,18 +282,60 @@ class Server:
             "prompt": params["prompt"],
             "has_new_line": False,
             "truncated": False,
-            "stop_type": "limit",
+            "stop_type": "word" if stopped else "limit",
             "stopping_word": "",
             "tokens_cached": params["n_prompt"] + n,
-            "timings": {
-                "cache_n": 0,
-                "prompt_n": params["n_prompt"],
-                "prompt_ms": prompt_ms,
-                "prompt_per_token_ms": prompt_ms / params["n_prompt"],
-                "prompt_per_second": params["n_prompt"] * 1000 / max(prompt_ms, 0.001),
-                "predicted_n": n,
-                "predicted_ms": predicted_ms,
-                "predicted_per_token_ms": predicted_ms / n if n else 0.0,
-                "predicted_per_second": n * 1000 / predicted_ms,
-            },
+            "timings": self.timings(params["n_prompt"], n, predicted_ms),
+        }
+
+    async def respond_chat(self, answer: sim_chat.Plan, writer: asyncio.StreamWriter) -> None:
+        """A chat answer (decided by `sim_chat.plan`), streamed or whole, paced like tokens."""
+        slot = await self.slots.acquire()
+        try:
+            sent: list[dict[str, Any]] = []
+            if answer.stream:
+                sim_http.start_events(writer)
+
+                async def send(i: int) -> None:
+                    sent.append(answer.pieces[i])
+                    chunk = sim_chat.chunk(answer, self.model, answer.pieces[i])
+                    await sim_http.send_event(writer, chunk)
+
+            else:
+
+                async def send(i: int) -> None:
+                    sent.append(answer.pieces[i])
+
+            predicted_ms = await self.paced(len(answer.pieces), send)
+            timings = self.timings(answer.n_prompt, len(sent), predicted_ms)
+            if not answer.stream:
+                whole = sim_chat.answer_json(answer, self.model, sent, timings)
+                await sim_http.send_json(writer, 200, whole)
+                return
+            last = sim_chat.chunk(answer, self.model, {}, answer.finish) | {"timings": timings}
+            await sim_http.send_event(writer, last)
+            if answer.include_usage:
+                usage = sim_chat.chunk(answer, self.model, {}) | {
+                    "choices": [],
+                    "usage": sim_chat.usage(answer, len(sent)),
+                    "timings": timings,
+                }
+                await sim_http.send_event(writer, usage)
+            await sim_http.send_done(writer)
+            await sim_http.end_events(writer)
+        finally:
+            self.slots.release(slot)
+
+    def timings(self, n_prompt: int, n: int, predicted_ms: float) -> dict[str, Any]:
+        prompt_ms = self.first_token_ms
+        return {
+            "cache_n": 0,
+            "prompt_n": n_prompt,
+            "prompt_ms": prompt_ms,
+            "prompt_per_token_ms": prompt_ms / n_prompt,
+            "prompt_per_second": n_prompt * 1000 / max(prompt_ms, 0.001),
+            "predicted_n": n,
+            "predicted_ms": predicted_ms,
+            "predicted_per_token_ms": predicted_ms / n if n else 0.0,
+            "predicted_per_second": n * 1000 / predicted_ms,
         }

@@ -10,12 +10,13 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from state import desired, errors, ids, tasks
+from state import chats, desired, errors, ids, tasks
 from state.errors import ErrorCode, ErrorEnvelope
 
 # Below this probability of finishing in time, a deadline counts as infeasible at admission.
 DEADLINE_FLOOR = 0.05
 BYTES_PER_TOKEN = 4  # prompt length estimate before tokenization; conservative for code/English
+TEMPLATE_TOKENS = 8  # what a chat template adds around each message (role markers, newlines)
 LIVE = ("Ready", "Progressing")  # pool states a task may be queued for
 
 
@@ -138,8 +139,12 @@ def check(
 
 def prompt_tokens(task: tasks.TaskFile) -> int:
     """The prompt's length in tokens before the engine's tokenizer is asked: UTF-8 bytes /
-    BYTES_PER_TOKEN, rounded up (about right for English and code with a BPE vocabulary)."""
-    return math.ceil(len(task.prompt.encode()) / BYTES_PER_TOKEN)
+    BYTES_PER_TOKEN, rounded up (about right for English and code with a BPE vocabulary). A
+    chat counts its messages and tool definitions, plus what a chat template adds per message."""
+    if task.messages is None:
+        return math.ceil(len((task.prompt or "").encode()) / BYTES_PER_TOKEN)
+    size = chats.size_bytes(task.messages, task.tools)
+    return math.ceil(size / BYTES_PER_TOKEN) + TEMPLATE_TOKENS * (len(task.messages) + 1)
 
 
 def context_tokens(task: tasks.TaskFile) -> int:

@@ -50,6 +50,7 @@ class Backend:
     live: Callable[[ids.TaskId], bool]  # queued or running in this daemon
     wake: Callable[[], None]
     metrics: metrics.Metrics  # the daemon's Prometheus series (GET /metrics)
+    queue_position: Callable[[ids.TaskId], int | None] = lambda task_id: None  # None: not queued
 
 
 class ApiError(Exception):
@@ -62,9 +63,11 @@ class ApiError(Exception):
         *,
         hint: str | None = None,
         retry_after_ms: int | None = None,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.envelope = errors.envelope(code, message, hint=hint, retry_after_ms=retry_after_ms)
+        self.param = param  # the request field at fault, for shapes that name it (OpenAI's)
 
 
 def error_response(envelope: errors.ErrorEnvelope, *, status: int | None = None) -> web.Response:
@@ -79,6 +82,30 @@ def error_response(envelope: errors.ErrorEnvelope, *, status: int | None = None)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# How a route answers errors when not with the envelope: (envelope, status, param) -> answer.
+ErrorShape = Callable[[errors.ErrorEnvelope, int | None, str | None], web.Response]
+ERROR_SHAPES: web.AppKey[dict[web.AbstractResource, ErrorShape]] = web.AppKey("error_shapes")
+
+
+def shape_errors(app: web.Application, route: web.AbstractRoute, shape: ErrorShape) -> None:
+    """Answer every error of `route` (auth, body, handler) with `shape` instead of the
+    envelope: the OpenAI routes use it so standard clients read their errors."""
+    assert route.resource is not None
+    app[ERROR_SHAPES][route.resource] = shape
+
+
+def _error_answer(
+    request: web.Request,
+    envelope: errors.ErrorEnvelope,
+    *,
+    status: int | None = None,
+    param: str | None = None,
+) -> web.Response:
+    resource = request.match_info.route.resource
+    shape = request.app[ERROR_SHAPES].get(resource) if resource is not None else None
+    if shape is not None:
+        return shape(envelope, status, param)
+    return error_response(envelope, status=status)
 
 
 @web.middleware
@@ -89,9 +116,9 @@ async def _correlate(request: web.Request, handler: Handler) -> web.StreamRespon
     try:
         response = await handler(request)
     except ApiError as exc:
-        response = error_response(exc.envelope)
+        response = _error_answer(request, exc.envelope, param=exc.param)
     except web.HTTPException as exc:
-        response = _http_error(exc)
+        response = _http_error(request, exc)
     except Exception as exc:  # never let one request take the server down
         logs.emit(
             log,
@@ -100,15 +127,16 @@ async def _correlate(request: web.Request, handler: Handler) -> web.StreamRespon
             level=40,
             correlation_id=cid,
         )
-        response = error_response(
-            errors.envelope(ErrorCode.INTERNAL, f"internal error while serving {request.path}")
+        response = _error_answer(
+            request,
+            errors.envelope(ErrorCode.INTERNAL, f"internal error while serving {request.path}"),
         )
     if not response.prepared:
         response.headers["X-Correlation-Id"] = cid
     return response
 
 
-def _http_error(exc: web.HTTPException) -> web.Response:
+def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
     code = {
         404: ErrorCode.NOT_FOUND,
         405: ErrorCode.METHOD_NOT_ALLOWED,
@@ -116,7 +144,7 @@ def _http_error(exc: web.HTTPException) -> web.Response:
         415: ErrorCode.UNSUPPORTED_MEDIA_TYPE,
     }.get(exc.status, ErrorCode.INVALID_PARAMS if exc.status < 500 else ErrorCode.INTERNAL)
     text = exc.text or exc.reason
-    response = error_response(errors.envelope(code, text), status=exc.status)
+    response = _error_answer(request, errors.envelope(code, text), status=exc.status)
     if isinstance(exc, web.HTTPMethodNotAllowed):
         response.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
     return response
@@ -231,6 +259,7 @@ def make_app(
     app[BACKEND] = backend
     app[AUTH] = auth
     app[HOSTS] = hosts
+    app[ERROR_SHAPES] = {}
     for add in routes:
         add(app)
     return app

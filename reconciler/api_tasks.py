@@ -22,7 +22,7 @@ import pydantic
 from aiohttp import web
 from aiohttp_sse import sse_response
 
-from reconciler import api, logs
+from reconciler import api, fanout, logs
 from reconciler.api import BACKEND, ApiError
 from state import errors, events, ids, loading, spool, tasks
 from state.errors import ErrorCode
@@ -84,27 +84,8 @@ async def post_task(request: web.Request) -> web.StreamResponse:
             hint=top.hint or None,
         ) from None
     task_id = ids.TaskId(str(task.task_id))
-    if _known(backend, task_id):
-        existing = backend.results.read(task_id) if backend.results.exists(task_id) else None
-        state = f" ({existing.status})" if existing else ""
-        raise ApiError(
-            ErrorCode.DUPLICATE_TASK_ID,
-            f"task id {task_id!r} is already used{state}",
-            hint="give the task a new task_id, or GET /v1/tasks/{id} for the old one",
-        )
-    sub = backend.hub.subscribe(task_id, backend.results.events_path(task_id))
+    sub = await deliver(request, task)
     try:
-        raw = task.model_dump_json(exclude_none=True).encode()
-        await asyncio.to_thread(spool.deliver, backend.spool, raw, name=f"{task_id}.task.json")
-        backend.wake()
-        logs.emit(
-            log,
-            "http.task_delivered",
-            f"Delivered task {task_id} from {request[api.IDENTITY]}.",
-            task_id=task_id,
-            correlation_id=request[api.CORRELATION],
-            identity=request[api.IDENTITY],
-        )
         first = await _first_frame(sub)
     finally:
         backend.hub.unsubscribe(sub)
@@ -131,6 +112,40 @@ async def post_task(request: web.Request) -> web.StreamResponse:
     response.headers["X-Task-Id"] = task_id
     response.headers["Location"] = links["result_url"]
     return response
+
+
+async def deliver(request: web.Request, task: tasks.TaskFile) -> fanout.Subscription:
+    """Deliver `task` into the spool as POST /v1/tasks does, for every route that turns a
+    request into a task: refuse an id already in use (409), subscribe to the task's frames
+    (before delivery, so not even the first can be missed), deliver the file (fsynced before
+    this returns) and wake the loop. The caller reads the subscription, then unsubscribes."""
+    backend = request.app[BACKEND]
+    task_id = ids.TaskId(str(task.task_id))
+    if _known(backend, task_id):
+        existing = backend.results.read(task_id) if backend.results.exists(task_id) else None
+        state = f" ({existing.status})" if existing else ""
+        raise ApiError(
+            ErrorCode.DUPLICATE_TASK_ID,
+            f"task id {task_id!r} is already used{state}",
+            hint="give the task a new task_id, or GET /v1/tasks/{id} for the old one",
+        )
+    sub = backend.hub.subscribe(task_id, backend.results.events_path(task_id))
+    try:
+        raw = task.model_dump_json(exclude_none=True).encode()
+        await asyncio.to_thread(spool.deliver, backend.spool, raw, name=f"{task_id}.task.json")
+    except BaseException:
+        backend.hub.unsubscribe(sub)
+        raise
+    backend.wake()
+    logs.emit(
+        log,
+        "http.task_delivered",
+        f"Delivered task {task_id} from {request[api.IDENTITY]}.",
+        task_id=task_id,
+        correlation_id=request[api.CORRELATION],
+        identity=request[api.IDENTITY],
+    )
+    return sub
 
 
 async def _first_frame(sub: Any) -> events.EventFrame | None:

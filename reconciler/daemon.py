@@ -23,6 +23,7 @@ from reconciler import (
     api_artifacts,
     api_catalog,
     api_metrics,
+    api_openai,
     api_page,
     api_pools,
     api_tasks,
@@ -314,12 +315,14 @@ class Daemon:
             live=lambda task_id: task_id in self.dispatcher.runs,
             wake=self.wake,
             metrics=self.metrics,
+            queue_position=self._queue_position,
         )
         routes = [
             api_tasks.add_routes,
             api_metrics.add_routes,
             api_page.add_routes,
             openapi.add_routes,
+            api_openai.add_routes,
             api_artifacts.routes(self.artifacts),
             api_catalog.routes(self.catalog),
             api_pools.routes(
@@ -336,6 +339,11 @@ class Daemon:
             f"{'token required' if self.server.token_set else 'loopback only, no token'}).",
             url=self.server.url,
         )
+
+    def _queue_position(self, task_id: ids.TaskId) -> int | None:
+        """The task's place in the queue now (0: next to start), None when it is not queued."""
+        queue = self.dispatcher.queue
+        return queue.position(task_id) if task_id in queue else None
 
     async def pass_once(self) -> None:
         """One level-triggered pass over everything."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 
 from state import events
@@ -35,7 +35,7 @@ class Subscription:
         except asyncio.QueueFull:
             self.lagging = True
 
-    async def frames(self) -> AsyncIterator[events.EventFrame]:
+    async def frames(self) -> AsyncGenerator[events.EventFrame, None]:
         """Replay from the log after `after`, then live frames, until the terminal frame."""
         try:
             while True:

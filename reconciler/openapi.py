@@ -71,6 +71,19 @@ def _errors(*codes: int) -> dict[str, Any]:
     return {str(c): _json(ERROR, "the error envelope") for c in (*codes, 401, 403)}
 
 
+OPENAI_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {"type": "object", "required": ["message", "type"]}},
+}
+
+
+def _openai(*codes: int) -> dict[str, Any]:
+    """OpenAI's routes answer errors in OpenAI's shape; auth refusals keep the envelope."""
+    out = {str(c): _json(OPENAI_ERROR, "OpenAI's error shape") for c in codes}
+    return out | {"401": _json(OBJECT, "refused"), "403": _json(OBJECT, "refused")}
+
+
 def _op(summary: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any]:
     return {"summary": summary, "responses": responses, **extra}
 
@@ -191,6 +204,46 @@ PATHS: dict[str, dict[str, Any]] = {
     "/v1/artifacts/{artifact_id}": {
         "get": _op(
             "One artifact", {"200": _json(OBJECT), **_errors(400, 404)}, parameters=[ARTIFACT_ID]
+        ),
+    },
+    "/v1/models": {
+        "get": _op("OpenAI: the models of orch.yaml", {"200": _json(OBJECT), **_openai()}),
+    },
+    "/v1/models/{model_id}": {
+        "get": _op(
+            "OpenAI: one model", {"200": _json(OBJECT), **_openai(404)}, parameters=[MODEL_ID]
+        ),
+    },
+    "/v1/chat/completions": {
+        "post": _op(
+            "OpenAI: a chat turn as a task (stream: true gives SSE chunks and [DONE])",
+            {
+                "200": {
+                    "description": "a completion, or its chunks",
+                    "content": {
+                        "application/json": {"schema": OBJECT},
+                        "text/event-stream": {"schema": {"type": "string"}},
+                    },
+                },
+                **_openai(400, 404, 409, 413, 415, 429, 503),
+            },
+            requestBody=_body(OBJECT),
+        ),
+    },
+    "/v1/completions": {
+        "post": _op(
+            "OpenAI: a text completion as a task",
+            {
+                "200": {
+                    "description": "a completion, or its chunks",
+                    "content": {
+                        "application/json": {"schema": OBJECT},
+                        "text/event-stream": {"schema": {"type": "string"}},
+                    },
+                },
+                **_openai(400, 404, 409, 413, 415, 429, 503),
+            },
+            requestBody=_body(OBJECT),
         ),
     },
     "/metrics": {

@@ -19,7 +19,7 @@ from typing import Any
 
 from plugins import interfaces
 from reconciler import clocks, estimates, failpoints, fleet, logs, placement, rates, tasking
-from state import errors, ids, results
+from state import chats, errors, ids, results
 from state.errors import ErrorCode
 
 log = logs.get("streaming")
@@ -166,14 +166,17 @@ async def stream(
 
 
 def _request(run: tasking.TaskRun) -> interfaces.GenerateRequest:
+    task = run.task
     return interfaces.GenerateRequest(
         task_id=run.task_id,
-        prompt=run.task.prompt,
-        max_tokens=run.task.max_tokens,
+        prompt=task.prompt or "",
+        max_tokens=task.max_tokens,
         seed=run.result.seed or 0,
-        temperature=run.task.sampling.temperature,
-        top_p=run.task.sampling.top_p,
-        top_k=run.task.sampling.top_k,
+        temperature=task.sampling.temperature,
+        top_p=task.sampling.top_p,
+        top_k=task.sampling.top_k,
+        stop=tuple(task.stop),
+        chat=task.chat_json() if task.chat else None,
     )
 
 
@@ -197,6 +200,7 @@ def _begin(
     result.timings.started_at = clocks.rfc3339(deps.clock.now())
     result.timings.queue_ms = int((running.started_mono - run.accepted_mono) * 1000)
     result.text, result.tokens_out = "", 0
+    result.tool_calls = result.reasoning = result.prompt_tokens = None
     deps.books.frame(
         run,
         "started",
@@ -217,8 +221,18 @@ def _begin(
 
 
 def _token(running: Running, item: interfaces.Token, deps: Deps) -> None:
+    """One `token` frame: `t` the text; in a chat, `tool_calls` the tool-call deltas and
+    `reasoning` a thinking model's reasoning text, each only when the piece has them."""
     result = running.run.result
-    deps.books.frame(running.run, "token", {"t": item.text, "i": result.tokens_out})
+    data: dict[str, Any] = {"t": item.text, "i": result.tokens_out}
+    if item.tool_calls:
+        data["tool_calls"] = [dict(call) for call in item.tool_calls]
+        result.tool_calls = result.tool_calls or []
+        chats.merge_tool_calls(result.tool_calls, item.tool_calls)
+    if item.reasoning:
+        data["reasoning"] = item.reasoning
+        result.reasoning = (result.reasoning or "") + item.reasoning
+    deps.books.frame(running.run, "token", data)
     result.text += item.text
     result.tokens_out += 1
     running.tokens_out = result.tokens_out
@@ -238,6 +252,7 @@ def _succeed(
     # the engine's count is authoritative: llama-server holds back pieces of a UTF-8
     # character, so some tokens arrive with no text of their own
     result.tokens_out = max(result.tokens_out, item.tokens_out)
+    result.prompt_tokens = item.prompt_tokens
     running.tokens_out = result.tokens_out
     decode_ms = (deps.clock.monotonic() - (first_token_at or begun)) * 1000
     result.timings.decode_time_ms = int(decode_ms)

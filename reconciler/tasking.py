@@ -144,16 +144,15 @@ class Books:
             if error is not None:
                 self.frame(run, "error", error.model_dump(mode="json"))
             else:
-                self.frame(
-                    run,
-                    "end",
-                    {
-                        "tokens_out": result.tokens_out,
-                        "decode_time_ms": result.timings.decode_time_ms,
-                        "decode_ms": result.timings.decode_time_ms,
-                        "finish_reason": finish_reason,
-                    },
-                )
+                end: dict[str, Any] = {
+                    "tokens_out": result.tokens_out,
+                    "decode_time_ms": result.timings.decode_time_ms,
+                    "decode_ms": result.timings.decode_time_ms,
+                    "finish_reason": finish_reason,
+                }
+                if result.prompt_tokens is not None:
+                    end["prompt_tokens"] = result.prompt_tokens
+                self.frame(run, "end", end)
         self.save(run)
         spool.finish(self.spool, run.file_name, failed=status in ("failed", "rejected"))
         logs.emit(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -54,7 +54,12 @@ class Result(BaseModel):
     model_digest: str | None = None
     seed: int | None = None
     text: str = ""
+    tool_calls: list[dict[str, Any]] | None = Field(
+        None, description="chat: the calls the model made, {id, type, function: {name, arguments}}"
+    )
+    reasoning: str | None = Field(None, description="chat: a thinking model's reasoning text")
     tokens_out: int = 0
+    prompt_tokens: int | None = Field(None, description="as the engine counted them")
     finish_reason: str | None = None
     timings: Timings = Field(default_factory=Timings)
     error: ErrorEnvelope | None = None

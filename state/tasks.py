@@ -1,13 +1,17 @@
-"""Task files: what a user or agent drops into spool/incoming/ (YAML or JSON)."""
+"""Task files: what a user or agent drops into spool/incoming/ (YAML or JSON).
+
+A task is a completion of `prompt`, or a chat turn over `messages` (with the chat options of
+`state.chats`), which the engine renders with the model's own chat template.
+"""
 
 from __future__ import annotations
 
 import hashlib
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from state import ids
+from state import chats, ids
 
 Id = Annotated[str, Field(pattern=ids.ID_PATTERN), AfterValidator(ids.check_safe_id)]
 
@@ -45,7 +49,26 @@ class TaskFile(BaseModel):
     session_id: Id | None = None
     model: Id | None = Field(None, description="a model id from orch.yaml")
     pool: Id | None = Field(None, description="or a pool id (the task runs on that pool)")
-    prompt: str = Field(min_length=1, max_length=512 * 1024)
+    prompt: str | None = Field(
+        None, min_length=1, max_length=512 * 1024, description="text to complete (or: messages)"
+    )
+    messages: list[chats.ChatMessage] | None = Field(
+        None,
+        min_length=1,
+        max_length=4096,
+        description="a chat conversation, rendered by the model's chat template (or: prompt)",
+    )
+    tools: list[chats.Tool] | None = Field(
+        None, min_length=1, max_length=128, description="chat only: functions the model may call"
+    )
+    tool_choice: chats.ToolChoice | None = Field(None, description="chat only; default auto")
+    parallel_tool_calls: bool | None = Field(None, description="chat only")
+    response_format: chats.ResponseFormat | None = Field(
+        None, description="chat only: text, json_object or json_schema"
+    )
+    stop: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
+        default_factory=list, max_length=16, description="generation ends before any of these"
+    )
     max_tokens: int = Field(ge=1, le=1_000_000)
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     priority: Literal["interactive", "batch"] = "batch"
@@ -67,6 +90,29 @@ class TaskFile(BaseModel):
         if not self.model and not self.pool:
             raise ValueError("a task names 'model: <model id>' or 'pool: <pool id>'")
         return self
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> TaskFile:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("a task gives either 'prompt: <text>' or 'messages: [...]', not both")
+        if self.messages is None:
+            chat_only = [name for name in _CHAT_OPTIONS if getattr(self, name) is not None]
+            if chat_only:
+                raise ValueError(f"'{chat_only[0]}' needs 'messages' (it is a chat option)")
+        elif chats.size_bytes(self.messages, self.tools) > chats.MAX_CHAT_BYTES:
+            raise ValueError("messages and tools hold over 512 KiB of text")
+        return self
+
+    @property
+    def chat(self) -> bool:
+        return self.messages is not None
+
+    def chat_json(self) -> dict[str, Any]:
+        """The chat part as the plain JSON an engine sends on (none: a prompt task)."""
+        return self.model_dump(mode="json", include={"messages", *_CHAT_OPTIONS}, exclude_none=True)
+
+
+_CHAT_OPTIONS = ("tools", "tool_choice", "parallel_tool_calls", "response_format")
 
 
 def default_seed(task_id: str) -> int:

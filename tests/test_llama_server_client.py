@@ -24,6 +24,71 @@ REQUEST = interfaces.GenerateRequest(
 )
 
 
+# llama-server (b1-0c1e570, CPU build, tests/tiny_gguf.py) answering a streamed chat of 3
+# tokens with stream_options.include_usage; the model's text is bytes, not words.
+CHAT_STREAM = (Path(__file__).parent / "fixtures" / "llama-server-chat-stream.sse").read_bytes()
+# How llama-server streams a tool call (as its chat parser emits one), then the finish.
+TOOL_STREAM = (
+    b"".join(
+        b"data: " + json.dumps(frame).encode() + b"\n\n"
+        for frame in (
+            {"choices": [{"index": 0, "delta": {"role": "assistant", "content": None}}]},
+            {"choices": [{"index": 0, "delta": {"reasoning_content": "Let me check."}}]},
+            {
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {
+                            "tool_calls": [
+                                {
+                                    "index": 0,
+                                    "id": "abc",
+                                    "type": "function",
+                                    "function": {"name": "get_weather", "arguments": ""},
+                                }
+                            ]
+                        },
+                    }
+                ]
+            },
+            {
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {
+                            "tool_calls": [{"index": 0, "function": {"arguments": '{"city":'}}]
+                        },
+                    }
+                ]
+            },
+            {
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {
+                            "tool_calls": [{"index": 0, "function": {"arguments": '"Oslo"}'}}]
+                        },
+                    }
+                ]
+            },
+            {
+                "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}],
+                "timings": {"predicted_n": 9, "prompt_n": 20, "cache_n": 5},
+            },
+        )
+    )
+    + b"data: [DONE]\n\n"
+)
+CHAT = interfaces.GenerateRequest(
+    task_id="c1",
+    prompt="",
+    max_tokens=3,
+    seed=1,
+    stop=("END",),
+    chat={"messages": [{"role": "user", "content": "hi"}], "tool_choice": "auto"},
+)
+
+
 def fixture(name: str) -> bytes:
     return (FIXTURES / name).read_bytes()
 
@@ -82,7 +147,9 @@ async def test_a_streamed_completion_yields_the_recorded_tokens_then_done(serve:
     tokens, done = items[:-1], items[-1]
     assert [t.text for t in tokens] == ["\ufffd;", "|", "g", "\ufffd\x0e\x10"]
     assert [t.index for t in tokens] == [0, 1, 2, 3]
-    assert done == interfaces.Done(tokens_out=8, finish_reason="length", timings=done.timings)
+    assert done == interfaces.Done(
+        tokens_out=8, finish_reason="length", timings=done.timings, prompt_tokens=13
+    )
     assert done.timings["predicted_ms"] == pytest.approx(0.784)
     assert done.timings["prompt_n"] == 13
 
@@ -109,6 +176,54 @@ async def test_the_request_carries_the_tasks_seed_and_sampling_settings(serve: A
             "cache_prompt": True,
         }
     ]
+
+
+async def test_a_chat_goes_to_the_chat_endpoint_and_yields_its_chunks_then_done(
+    serve: Any,
+) -> None:
+    seen: list[dict[str, Any]] = []
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        seen.append(await request.json())
+        return await streamed(CHAT_STREAM)(request)
+
+    url = await serve(**{"post_v1/chat/completions": chat})
+    items = await collect(llama_server.Client(url).generate(CHAT))
+    tokens, done = items[:-1], items[-1]
+    assert [t.text for t in tokens] == ["\ufffd", "\ufffd", "x"]
+    assert done == interfaces.Done(3, "length", timings=done.timings, prompt_tokens=56)
+    assert done.timings["predicted_n"] == 3
+    [body] = seen
+    assert body["messages"] == [{"role": "user", "content": "hi"}] and body["tool_choice"] == "auto"
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    assert (body["max_tokens"], body["seed"], body["stop"], body["cache_prompt"]) == (
+        3,
+        1,
+        ["END"],
+        True,
+    )
+
+
+async def test_a_streamed_tool_call_arrives_as_deltas_and_finishes_with_tool_calls(
+    serve: Any,
+) -> None:
+    url = await serve(**{"post_v1/chat/completions": streamed(TOOL_STREAM)})
+    items = await collect(llama_server.Client(url).generate(CHAT))
+    tokens, done = items[:-1], items[-1]
+    assert tokens[0].reasoning == "Let me check." and tokens[0].text == ""
+    assert tokens[1].tool_calls[0]["function"]["name"] == "get_weather"
+    assert "".join(t.tool_calls[0]["function"].get("arguments", "") for t in tokens[1:]) == (
+        '{"city":"Oslo"}'
+    )
+    assert done == interfaces.Done(9, "tool_calls", timings=done.timings, prompt_tokens=25)
+
+
+async def test_a_chat_stream_cut_before_its_finish_raises(serve: Any) -> None:
+    cut = CHAT_STREAM[: CHAT_STREAM.index(b'"finish_reason":"length"')]
+    cut = cut[: cut.rindex(b"\n\n") + 2]
+    url = await serve(**{"post_v1/chat/completions": streamed(cut)})
+    with pytest.raises(interfaces.EngineStreamError, match="before the final frame"):
+        await collect(llama_server.Client(url).generate(CHAT))
 
 
 async def test_a_rejected_prompt_raises_a_stream_error_with_the_engines_message(serve: Any) -> None:

@@ -109,3 +109,49 @@ async def test_the_daemon_serves_a_task_through_the_real_server(
     assert result["status"] == "succeeded", result
     assert result["tokens_out"] == 10 and result["engine"] == "llamacpp"
     assert result["engine_version"] and result["engine_version"].startswith("b")
+
+
+async def test_the_openai_client_chats_with_the_real_server_through_the_daemon(
+    workspace: Workspace, serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import openai
+
+    monkeypatch.setenv(engine_llamacpp.ALLOW_CPU_ENV, "1")
+    tiny_gguf.write(workspace.root / "tiny.gguf")
+    cfg = config()
+    cfg["models"]["tiny"] = {"ref": "file:tiny.gguf"}
+    cfg["engines"] = {"llamacpp": {"binary": str(BINARY)}}
+    cfg["timeouts"]["ready_s"] = 60
+    cfg["pools"] = [{"id": "real", "engine": "llamacpp", "model": "tiny", "ctx": 512, "slots": 2}]
+    workspace.write_config(cfg)
+    running = await serve(ready=False)
+    await wait_for(lambda: workspace.status()["pools"][0]["state"] == "Ready", 60, "Ready")
+    server = running.daemon.server
+    assert server is not None
+    hi = [{"role": "user", "content": "hi"}]
+    async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as oa:
+        whole = await oa.chat.completions.create(model="tiny", messages=hi, max_tokens=6, seed=3)
+        stream = await oa.chat.completions.create(
+            model="tiny",
+            messages=hi,
+            max_tokens=6,
+            seed=3,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = [chunk async for chunk in stream]
+        text = await oa.completions.create(model="tiny", prompt="hello", max_tokens=4, seed=3)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert whole.choices[0].message.content and streamed == whole.choices[0].message.content
+    assert whole.choices[0].finish_reason == "length" and whole.usage is not None
+    assert whole.usage.completion_tokens == 6
+    # the chat template wrapped the two bytes of "hi" in its role markers
+    assert whole.usage.prompt_tokens > 10
+    assert (
+        chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+    )
+    result = workspace.result(whole.id)
+    assert result is not None and result["engine"] == "llamacpp"
+    assert result["prompt_tokens"] == whole.usage.prompt_tokens
+    assert text.choices[0].finish_reason == "length" and text.usage is not None
+    assert text.usage.completion_tokens == 4

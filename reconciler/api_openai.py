@@ -1,0 +1,343 @@
+"""The OpenAI-compatible routes: `GET /v1/models`, `POST /v1/chat/completions` and
+`POST /v1/completions`, so Aider, Continue, OpenCode and the OpenAI SDKs can use the daemon.
+`api.make_app` adds them beside the task routes (docs/http.md, docs/agents.md).
+
+Every request becomes a task through the same path as POST /v1/tasks (`api_tasks.deliver`:
+durable in the spool before anything is answered, then the loop's admission), so its result
+file and event log are written as for any task, and queueing, placement, sessions and
+cancel work the same. The request's shape is mapped by `openai_requests` (refusing what it
+cannot honour, by name); the answer is made from the task's frames by `openai_chunks`.
+
+- The answer's headers say `X-Task-Id`, `X-Queue-Position` and `X-Predicted-Start-Ms`.
+- A rejection is OpenAI's error shape with the code's status; a 429 (or 503) carries
+  `Retry-After`, `Retry-After-Ms` and `x-should-retry: true`, which the OpenAI SDKs obey, and
+  every other error `x-should-retry: false`, so a client retries only what can succeed.
+- While a streamed request waits in the queue it gets an SSE comment with its position every
+  `QUEUE_COMMENT_S`; an idle stream gets `: ping` every `api_tasks.PING_S`.
+- A client that goes away before the end cancels its task (spool/cancel/<id>), streamed or
+  not: nobody is left to read the answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Any
+
+from aiohttp import web
+
+from reconciler import admission, api, api_tasks, fanout, logs, openai_chunks, openai_requests
+from reconciler.api import BACKEND, ApiError
+from state import errors, events, ids, spool
+from state.errors import ErrorCode
+
+log = logs.get("http")
+
+QUEUE_COMMENT_S = 1.0  # how often a waiting stream hears its queue position
+WATCH_S = 0.5  # how often a request with nothing to send checks that its client is still there
+
+
+def add_routes(app: web.Application) -> None:
+    for route in (
+        app.router.add_get("/v1/models", list_models),
+        app.router.add_get("/v1/models/{model_id}", get_model),
+        app.router.add_post("/v1/chat/completions", chat_completions),
+        app.router.add_post("/v1/completions", completions),
+    ):
+        api.shape_errors(app, route, error_response)
+
+
+def error_response(
+    envelope: errors.ErrorEnvelope, status: int | None = None, param: str | None = None
+) -> web.Response:
+    """An error in OpenAI's shape (`api.ErrorShape` of these routes)."""
+    code = status or openai_chunks.status_of(envelope)
+    response = web.json_response(
+        openai_chunks.error_body(envelope, status=code, param=param), status=code
+    )
+    retry = code in (429, 503) and envelope.retriable
+    response.headers["x-should-retry"] = "true" if retry else "false"
+    if retry:
+        wait_ms = envelope.retry_after_ms or 1000
+        response.headers["Retry-After"] = str(max(1, -(-wait_ms // 1000)))
+        response.headers["Retry-After-Ms"] = str(wait_ms)
+        response.headers["X-Backoff-Ms"] = str(wait_ms)
+    return response
+
+
+# -- models -------------------------------------------------------------------------------
+
+
+def _models(backend: api.Backend) -> list[dict[str, Any]]:
+    """orch.yaml's models with the state of the pools that serve them."""
+    state = backend.config.state
+    if state is None:
+        return []
+    applied = backend.config.applied_at  # the models exist since their config was applied
+    created = int(datetime.fromisoformat(applied).timestamp()) if applied else 0
+    pools = {p.id: p for p in backend.status().pools}
+    listed = []
+    for model_id, spec in state.models.items():
+        serving = [pools[p.id] for p in state.pools if p.model == model_id and p.id in pools]
+        listed.append(
+            {
+                "id": model_id,
+                "object": "model",
+                "created": created,
+                "owned_by": "llama-orch",
+                "state": spec.state,
+                "ready": any(p.state == "Ready" for p in serving),
+                "pools": [
+                    {
+                        "pool_id": p.id,
+                        "state": p.state,
+                        "reason": p.reason,
+                        "replicas_ready": sum(r.state == "Ready" for r in p.replicas),
+                    }
+                    for p in serving
+                ],
+            }
+        )
+    return listed
+
+
+async def list_models(request: web.Request) -> web.StreamResponse:
+    return web.json_response({"object": "list", "data": _models(request.app[BACKEND])})
+
+
+async def get_model(request: web.Request) -> web.StreamResponse:
+    wanted = request.match_info["model_id"]
+    for model in _models(request.app[BACKEND]):
+        if model["id"] == wanted:
+            return web.json_response(model)
+    raise ApiError(ErrorCode.MODEL_UNKNOWN, f"model {wanted[:128]!r} is not in orch.yaml")
+
+
+# -- completions --------------------------------------------------------------------------
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, "chat")
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, "text")
+
+
+class _Frames:
+    """A task's frames, read with a timeout that does not lose the pending read."""
+
+    def __init__(self, sub: fanout.Subscription) -> None:
+        self._frames = sub.frames()
+        self._pending: asyncio.Future[events.EventFrame] | None = None
+
+    async def next(self, timeout_s: float) -> events.EventFrame | None:
+        """The next frame, or None when none came within `timeout_s`."""
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(self._read())
+        done, _ = await asyncio.wait({self._pending}, timeout=timeout_s)
+        if not done:
+            return None
+        finished, self._pending = self._pending, None
+        return finished.result()
+
+    async def _read(self) -> events.EventFrame:
+        return await anext(self._frames)
+
+    async def close(self) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+            await asyncio.wait({self._pending})  # let the read end before closing its source
+        with contextlib.suppress(Exception):
+            await self._frames.aclose()
+
+
+async def _serve(request: web.Request, kind: openai_requests.Kind) -> web.StreamResponse:
+    backend = request.app[BACKEND]
+    state = backend.config.state
+    if state is None:
+        raise ApiError(ErrorCode.POOL_UNAVAILABLE, "no configuration is applied yet")
+    body = await api.read_json(request)
+    task_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    try:
+        plan = openai_requests.plan(
+            body,
+            kind=kind,
+            task_id=task_id,
+            state=state,
+            session_header=request.headers.get("X-Session-Id"),
+            correlation_id=request[api.CORRELATION],
+        )
+    except openai_requests.Refused as exc:
+        raise ApiError(exc.code, exc.message, param=exc.param) from None
+    model = plan.task.model or plan.task.pool or ""
+    relay = openai_chunks.Relay(
+        kind=kind,
+        id=task_id,
+        model=body["model"],
+        created=int(time.time()),
+        include_usage=plan.include_usage,
+        prompt_estimate=admission.prompt_tokens(plan.task),
+    )
+    sub = await api_tasks.deliver(request, plan.task)
+    frames = _Frames(sub)
+    finished = False
+    try:
+        first = await frames.next(api_tasks.ADMIT_WAIT_S)
+        if first is not None and first.event == "error":
+            finished = True
+            refusal = error_response(errors.ErrorEnvelope.model_validate(first.data))
+            refusal.headers["X-Task-Id"] = task_id
+            return refusal
+        headers = _headers(request, task_id, first)
+        serve = _stream if plan.stream else _whole
+        answer, finished = await serve(request, relay, frames, first, headers)
+        return answer
+    finally:
+        await frames.close()
+        backend.hub.unsubscribe(sub)
+        if not finished:  # the client went away (or the server is stopping): nobody will read it
+            await asyncio.to_thread(spool.request_cancel, backend.spool, ids.TaskId(task_id))
+            backend.wake()
+            logs.emit(
+                log,
+                "http.client_gone",
+                f"The client of task {task_id} went away; its task is canceled.",
+                task_id=task_id,
+                correlation_id=request[api.CORRELATION],
+                model=model,
+            )
+
+
+def _headers(request: web.Request, task_id: str, first: events.EventFrame | None) -> dict[str, str]:
+    headers = {"X-Task-Id": task_id, "X-Correlation-Id": request[api.CORRELATION]}
+    data = first.data if first is not None else {}
+    if data.get("queue_position") is not None:
+        headers["X-Queue-Position"] = str(data["queue_position"])
+    if data.get("predicted_start_ms") is not None:
+        headers["X-Predicted-Start-Ms"] = str(data["predicted_start_ms"])
+    return headers
+
+
+def _gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+async def _after(
+    request: web.Request, frames: _Frames, first: events.EventFrame | None, wait_s: float
+) -> AsyncIterator[events.EventFrame | None]:
+    """`first`, then the task's frames up to the terminal one; None after each `wait_s`
+    without a frame. Ends early when the client is gone."""
+    if first is not None:
+        yield first
+        if first.terminal:
+            return
+    while not _gone(request):
+        try:
+            frame = await frames.next(wait_s)
+        except StopAsyncIteration:
+            return
+        yield frame
+        if frame is not None and frame.terminal:
+            return
+
+
+async def _stream(
+    request: web.Request,
+    relay: openai_chunks.Relay,
+    frames: _Frames,
+    first: events.EventFrame | None,
+    headers: dict[str, str],
+) -> tuple[web.StreamResponse, bool]:
+    """Relay the frames as SSE `data:` chunks; (response, whether the task's end was sent)."""
+    backend = request.app[BACKEND]
+    task_id = ids.TaskId(relay.id)
+    response = web.StreamResponse(
+        headers=headers
+        | {
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+        }
+    )
+    await response.prepare(request)
+    loop = asyncio.get_running_loop()
+    started, last_sent = False, loop.time()
+    try:
+        async for frame in _after(request, frames, first, min(WATCH_S, QUEUE_COMMENT_S)):
+            now = loop.time()
+            if frame is None or frame.event == "queued":
+                if started:
+                    if now - last_sent >= api_tasks.PING_S:
+                        await response.write(b": ping\n\n")
+                        last_sent = now
+                elif frame is not None or now - last_sent >= QUEUE_COMMENT_S:
+                    position = backend.queue_position(task_id)
+                    if position is None and frame is not None:
+                        position = frame.data.get("queue_position")
+                    if position is not None:
+                        await response.write(f": queue position {position}\n\n".encode())
+                        last_sent = now
+                continue
+            started = started or frame.event == "started"
+            chunks = relay.feed(frame)
+            if chunks:
+                await response.write(b"".join(_data(c) for c in chunks))
+                last_sent = now
+            if frame.terminal:
+                if frame.event == "end" and frame.data.get("finish_reason") != "canceled":
+                    await response.write(b"data: [DONE]\n\n")
+                await response.write_eof()
+                return response, True
+    except ConnectionError:  # the client closed the connection while we wrote
+        pass
+    return response, False
+
+
+def _data(chunk: dict[str, Any]) -> bytes:
+    return (
+        b"data: " + json.dumps(chunk, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+    )
+
+
+async def _whole(
+    request: web.Request,
+    relay: openai_chunks.Relay,
+    frames: _Frames,
+    first: events.EventFrame | None,
+    headers: dict[str, str],
+) -> tuple[web.StreamResponse, bool]:
+    """Wait for the task's end; (the whole answer or its error, whether the task ended)."""
+    backend = request.app[BACKEND]
+    last: events.EventFrame | None = None
+    async for frame in _after(request, frames, first, WATCH_S):
+        if frame is not None and frame.terminal:
+            last = frame
+    if last is None:
+        return web.Response(status=499), False  # nobody is left to read it
+    if last.event == "error":
+        envelope = errors.ErrorEnvelope.model_validate(last.data)
+    elif last.data.get("finish_reason") == "canceled":
+        envelope = openai_chunks.canceled()
+    else:
+        result = await asyncio.to_thread(backend.results.read, relay.id)
+        if result is not None:
+            body = openai_chunks.whole(
+                result,
+                kind=relay.kind,
+                id=relay.id,
+                model=relay.model,
+                created=relay.created,
+                prompt_estimate=relay.prompt_estimate,
+            )
+            return web.json_response(body, headers=headers), True
+        envelope = errors.envelope(ErrorCode.INTERNAL, f"the result of {relay.id} is unreadable")
+    response = error_response(envelope)
+    response.headers.update(headers)
+    return response, True

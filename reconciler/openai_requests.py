@@ -1,0 +1,305 @@
+"""OpenAI requests as task files: the mapping of `POST /v1/chat/completions` and
+`POST /v1/completions` bodies onto `state.tasks.TaskFile`. Pure: plain data in, a task or a
+refusal out.
+
+`reconciler.api_openai` calls `plan` for every request. Rules it keeps:
+- Every field is either mapped onto the task (`FIELDS`), accepted because its value asks for
+  nothing this server would do differently (`NEUTRAL`: `n: 1`, penalties of 0, ...), or
+  refused with a 400 naming it. A field given as null counts as absent, as in OpenAI's API.
+  Nothing is dropped silently.
+- `model` is a model id of orch.yaml (or a pool id, which pins the pool).
+- `max_tokens` (or `max_completion_tokens`) defaults to what the largest pool serving the
+  model leaves after the prompt, capped by its `max_tokens`, as llama-server's own default
+  (generate until the context is full) would.
+- The session is the `X-Session-Id` header, else the `user` field (an unsafe `user` value is
+  hashed into a safe id), so a conversation's turns stay on the replica whose KV cache holds it.
+- A `developer` message is a `system` message (llama.cpp's chat templates know no other).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import pydantic
+
+from reconciler import admission
+from state import desired, ids, loading, tasks
+from state.errors import ErrorCode
+
+Kind = Literal["chat", "text"]
+MAX_TOKENS = 1_000_000  # the task file's bound
+DEFAULT_MAX_TOKENS = 256  # when no pool serves the model (admission refuses it anyway)
+
+_COMMON = frozenset(
+    {
+        "model",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "seed",
+        "stop",
+        "stream",
+        "stream_options",
+        "user",
+    }
+)
+FIELDS: dict[Kind, frozenset[str]] = {
+    "chat": _COMMON
+    | {
+        "messages",
+        "max_completion_tokens",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "response_format",
+    },
+    "text": _COMMON | {"prompt"},
+}
+# Fields accepted when they ask for what this server does anyway (OpenAI's defaults).
+NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "n": (1,),
+    "presence_penalty": (0, 0.0),
+    "frequency_penalty": (0, 0.0),
+    "logprobs": (False,),
+    "logit_bias": ({},),
+    "store": (False,),
+    "echo": (False,),
+    "best_of": (1,),
+}
+# Where a task field came from, to name the request's field in a refusal.
+_ORIGIN = {
+    "sampling.temperature": "temperature",
+    "sampling.top_p": "top_p",
+    "sampling.top_k": "top_k",
+    "session_id": "user",
+}
+
+
+class Refused(Exception):
+    """The request cannot become a task; `param` names the field (OpenAI's `error.param`)."""
+
+    def __init__(
+        self, param: str | None, message: str, *, code: ErrorCode = ErrorCode.INVALID_PARAMS
+    ) -> None:
+        super().__init__(message)
+        self.param = param
+        self.message = message
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Plan:
+    task: tasks.TaskFile
+    stream: bool
+    include_usage: bool
+
+
+def plan(
+    body: Any,
+    *,
+    kind: Kind,
+    task_id: str,
+    state: desired.DesiredState,
+    session_header: str | None = None,
+    correlation_id: str | None = None,
+) -> Plan:
+    if not isinstance(body, dict):
+        raise Refused(None, "the body must be a JSON object")
+    given = {k: v for k, v in body.items() if v is not None}
+    for name, value in given.items():
+        if name not in FIELDS[kind] and not _neutral(name, value):
+            raise Refused(name, _unsupported(name, value, kind))
+    stream = _flag(given, "stream")
+    options = given.get("stream_options", {})
+    if not isinstance(options, dict) or set(options) - {"include_usage"}:
+        raise Refused("stream_options", "stream_options: only include_usage is supported")
+    include_usage = stream and options.get("include_usage") is True
+    task: dict[str, Any] = {
+        "task_id": task_id,
+        "max_tokens": 1,  # replaced below, once the prompt's size is known
+        "labels": {"api": f"openai.{'chat.completions' if kind == 'chat' else 'completions'}"},
+        "correlation_id": correlation_id,
+        **_target(given, state),
+        **_sampling(given),
+        **_session(given, session_header),
+    }
+    if "stop" in given:
+        task["stop"] = _stop(given["stop"])
+    if kind == "chat":
+        task.update(_chat(given))
+    else:
+        task["prompt"] = _prompt(given)
+    checked = _validate(task)
+    max_tokens = _max_tokens(given)
+    if max_tokens is None:
+        max_tokens = default_max_tokens(checked, state)
+    checked.max_tokens = max_tokens
+    return Plan(checked, stream, include_usage)
+
+
+def _neutral(name: str, value: Any) -> bool:
+    return any(
+        value == allowed and isinstance(value, bool) == isinstance(allowed, bool)
+        for allowed in NEUTRAL.get(name, ())
+    )
+
+
+def _unsupported(name: str, value: Any, kind: Kind) -> str:
+    if name in NEUTRAL:
+        return f"{name}: only {NEUTRAL[name][0]!r} is supported, not {value!r}"
+    other: Kind = "text" if kind == "chat" else "chat"
+    if name in FIELDS[other]:
+        where = "/v1/completions" if other == "text" else "/v1/chat/completions"
+        return f"{name}: not a field of this endpoint (it belongs to {where})"
+    return f"{name}: unsupported field; this server does not implement it (remove it)"
+
+
+def _flag(given: dict[str, Any], name: str) -> bool:
+    value = given.get(name, False)
+    if not isinstance(value, bool):
+        raise Refused(name, f"{name}: must be true or false")
+    return value
+
+
+def _target(given: dict[str, Any], state: desired.DesiredState) -> dict[str, Any]:
+    model = given.get("model")
+    if not isinstance(model, str) or not model:
+        raise Refused("model", "model: required, a model id of orch.yaml (GET /v1/models)")
+    if model in state.models:
+        return {"model": model}
+    if state.pool(model) is not None:
+        return {"pool": model}
+    known = ", ".join(sorted(state.models)) or "none"
+    raise Refused(
+        "model",
+        f"model: {model!r} is not served here; use one of: {known}",
+        code=ErrorCode.MODEL_UNKNOWN,
+    )
+
+
+def _sampling(given: dict[str, Any]) -> dict[str, Any]:
+    sampling = {k: given[k] for k in ("temperature", "top_p", "top_k") if k in given}
+    task: dict[str, Any] = {"sampling": sampling} if sampling else {}
+    if "seed" in given:
+        seed = given["seed"]
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**31:
+            raise Refused("seed", f"seed: must be an integer from 0 to {2**31 - 1}")
+        task["seed"] = seed
+    return task
+
+
+def _session(given: dict[str, Any], header: str | None) -> dict[str, Any]:
+    if header is not None:
+        if not ids.is_safe_id(header):
+            raise Refused(
+                "X-Session-Id",
+                "X-Session-Id: use 1-128 letters, digits, '.', '_' or '-' (no '..')",
+            )
+        return {"session_id": header}
+    user = given.get("user")
+    if user is None:
+        return {}
+    if not isinstance(user, str) or not user:
+        raise Refused("user", "user: must be a non-empty string")
+    if ids.is_safe_id(user):
+        return {"session_id": user}
+    return {"session_id": "user-" + hashlib.sha256(user.encode()).hexdigest()[:24]}
+
+
+def _stop(stop: Any) -> list[str]:
+    if isinstance(stop, str):
+        return [stop]
+    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        return list(stop)
+    raise Refused("stop", "stop: a string or a list of strings")
+
+
+def _chat(given: dict[str, Any]) -> dict[str, Any]:
+    messages = given.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise Refused("messages", "messages: required, a non-empty list of messages")
+    mapped = [
+        {**m, "role": "system"} if isinstance(m, dict) and m.get("role") == "developer" else m
+        for m in messages
+    ]
+    for i, message in enumerate(mapped):
+        parts = message.get("content") if isinstance(message, dict) else None
+        for j, part in enumerate(parts if isinstance(parts, list) else ()):
+            if isinstance(part, dict) and part.get("type") != "text":
+                raise Refused(
+                    f"messages[{i}].content[{j}].type",
+                    f"messages[{i}].content[{j}]: only text parts are supported, "
+                    f"not {str(part.get('type'))[:40]!r}",
+                )
+    choice = given.get("tool_choice")
+    if isinstance(choice, str) and choice not in ("none", "auto", "required"):
+        raise Refused(
+            "tool_choice",
+            "tool_choice: 'none', 'auto', 'required' or {type: function, function: {name}}",
+        )
+    chat: dict[str, Any] = {"messages": mapped}
+    for name in ("tools", "tool_choice", "parallel_tool_calls", "response_format"):
+        if name in given:
+            chat[name] = given[name]
+    return chat
+
+
+def _prompt(given: dict[str, Any]) -> str:
+    prompt = given.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, list):
+        raise Refused("prompt", "prompt: one string per request (not a list of prompts or tokens)")
+    if not isinstance(prompt, str) or not prompt:
+        raise Refused("prompt", "prompt: required, a non-empty string")
+    return prompt
+
+
+def _max_tokens(given: dict[str, Any]) -> int | None:
+    name = "max_completion_tokens" if "max_completion_tokens" in given else "max_tokens"
+    value = given.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_TOKENS:
+        raise Refused(name, f"{name}: must be an integer from 1 to {MAX_TOKENS}")
+    return value
+
+
+def default_max_tokens(task: tasks.TaskFile, state: desired.DesiredState) -> int:
+    """What the largest pool serving the task's model leaves after the prompt, within its
+    max_tokens (at least 1: admission then explains a prompt that does not fit)."""
+    model = task.model or (pool.model if (pool := state.pool(task.pool or "")) else None)
+    pools = [p for p in state.pools if p.model == model and (not task.pool or p.id == task.pool)]
+    if not pools:
+        return DEFAULT_MAX_TOKENS
+    prompt = admission.prompt_tokens(task)
+    room = max(min(p.ctx - prompt, p.max_tokens or p.ctx) for p in pools)
+    return max(1, room)
+
+
+def _validate(task: dict[str, Any]) -> tasks.TaskFile:
+    try:
+        return tasks.TaskFile.model_validate(task)
+    except pydantic.ValidationError as exc:
+        found = loading.plain_errors(exc.errors(include_url=False))
+        error = max(found, key=lambda e: len(e["loc"]))  # the deepest is the most specific
+        param = _param(error["loc"])
+        message = str(error["msg"])
+        if error["type"] == "extra_forbidden":
+            message = "unsupported field; this server does not implement it (remove it)"
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise Refused(param or None, f"{param or 'body'}: {message}{more}") from None
+
+
+def _param(loc: tuple[int | str, ...]) -> str:
+    """A location as OpenAI names a parameter: `messages[0].content`."""
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif not part[:1].isupper():  # a model's name: the member of a union it tried
+            text += f".{part}" if text else part
+    return _ORIGIN.get(text, text)

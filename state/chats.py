@@ -1,0 +1,155 @@
+"""Chat messages and the chat options of a task file (`messages`, `tools`, `tool_choice`,
+`response_format`): the shapes of OpenAI's chat API, which llama-server's chat endpoint takes.
+
+`state.tasks.TaskFile` holds them; the HTTP face's OpenAI routes fill them from a request, and
+`reconciler.streaming` hands them to the engine as plain JSON, so the model's own chat template
+turns them into its prompt. Only what an engine can act on is modelled: text content (parts of
+type `text`), assistant tool calls and tool results; anything else is refused by name.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_CHAT_BYTES = 512 * 1024  # the same room a `prompt` has
+ToolName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+ShortText = Annotated[str, Field(max_length=256)]
+
+
+class TextPart(BaseModel):
+    """One part of a message's content given as a list; only text parts are served."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+    text: str
+
+
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: ToolName
+    arguments: str = Field(description="the arguments as JSON text, as the model wrote them")
+
+
+class ToolCall(BaseModel):
+    """A tool call an assistant message made (sent back in later turns of the conversation)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: ShortText
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: ShortText | None = None
+    tool_calls: list[ToolCall] | None = Field(None, max_length=128)
+    tool_call_id: ShortText | None = Field(None, description="role tool: the call it answers")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ChatMessage:
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a message with role 'tool' needs 'tool_call_id'")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an 'assistant' message may carry 'tool_calls'")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a message with role {self.role!r} needs 'content'")
+        return self
+
+    def text(self) -> str:
+        """The content as one string (text parts joined)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ToolFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: ToolName
+    description: str | None = Field(None, max_length=16 * 1024)
+    parameters: dict[str, Any] | None = Field(None, description="a JSON Schema of the arguments")
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: ToolFunction
+
+
+class ChosenFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: ToolName
+
+
+class NamedToolChoice(BaseModel):
+    """`tool_choice` naming the one function the model must call."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: ChosenFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class ResponseFormat(BaseModel):
+    """`text`, `json_object` (any JSON object) or `json_schema` (`{name, schema, strict?,
+    description?}`): llama-server turns the last two into a grammar."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema":
+            given = self.json_schema or {}
+            if not isinstance(given.get("schema", {}), dict) or not given.get("name"):
+                raise ValueError(
+                    "response_format type 'json_schema' needs json_schema: {name, schema}"
+                )
+        elif self.json_schema is not None:
+            raise ValueError(f"response_format type {self.type!r} takes no json_schema")
+        return self
+
+
+def size_bytes(messages: list[ChatMessage], tools: list[Tool] | None) -> int:
+    """How many bytes of text the conversation and its tool definitions hold."""
+    total = 0
+    for message in messages:
+        total += len(message.text().encode())
+        for call in message.tool_calls or ():
+            total += len(call.function.name) + len(call.function.arguments.encode())
+    for tool in tools or ():
+        total += len(tool.model_dump_json(exclude_none=True))
+    return total
+
+
+def merge_tool_calls(calls: list[dict[str, Any]], deltas: Any) -> None:
+    """Fold streamed tool-call deltas (OpenAI's `delta.tool_calls` items) into whole calls
+    `{id, type, function: {name, arguments}}`, in place: a delta with a new `index` starts a
+    call, the others append to its name and arguments."""
+    for delta in deltas:
+        index = delta.get("index", len(calls) - 1 if calls else 0)
+        while len(calls) <= index:
+            calls.append({"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+        call, function = calls[index], delta.get("function") or {}
+        if delta.get("id"):
+            call["id"] = delta["id"]
+        call["function"]["name"] += function.get("name") or ""
+        call["function"]["arguments"] += function.get("arguments") or ""

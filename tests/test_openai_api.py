@@ -1,0 +1,442 @@
+"""The OpenAI-compatible routes driven by the official `openai` client against a real daemon
+on the sim engine: the model list, chat and completions (streamed and whole), tool calls,
+refusals by field, a 429 the client retries, a disconnect that cancels, sessions that keep
+their replica, queue-position comments, auth, and the exact bytes `curl -N` receives."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from tests.conftest import Workspace, config, wait_for, wait_terminal
+
+pytestmark = pytest.mark.slow
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+            "required": ["city"],
+        },
+    },
+}
+HI = [{"role": "user", "content": "hello there"}]
+
+
+def _base(running: Any) -> str:
+    server = running.daemon.server
+    assert server is not None
+    return str(server.url)
+
+
+def client(running: Any, **options: Any) -> openai.AsyncOpenAI:
+    options.setdefault("max_retries", 0)
+    return openai.AsyncOpenAI(base_url=_base(running) + "/v1", api_key="any-key", **options)
+
+
+def slow_pool(workspace: Workspace, tokens_per_s: float = 20, **queue: Any) -> None:
+    cfg = config(queue=queue) if queue else config()
+    cfg["pools"][0].update(slots=1, sim={"tokens_per_s": tokens_per_s, "load_s": 0.0})
+    workspace.write_config(cfg)
+
+
+async def test_the_model_list_shows_the_models_of_orch_yaml_and_their_pools(
+    workspace: Workspace, serve: Any
+) -> None:
+    running = await serve()
+    async with client(running) as oa:
+        models = {m.id: m for m in (await oa.models.list()).data}
+        one = await oa.models.retrieve("m1")
+    assert set(models) == {"m1", "old"}
+    extra = models["m1"].model_extra or {}
+    assert extra["ready"] is True and extra["state"] == "Active"
+    assert extra["pools"] == [
+        {"pool_id": "p1", "state": "Ready", "reason": None, "replicas_ready": 1}
+    ]
+    assert (models["old"].model_extra or {})["state"] == "Retired"
+    assert one.id == "m1" and models["m1"].owned_by == "llama-orch"
+
+
+async def test_a_chat_completion_is_a_task_with_its_result_and_headers(
+    workspace: Workspace, serve: Any
+) -> None:
+    running = await serve()
+    async with client(running) as oa:
+        raw = await oa.chat.completions.with_raw_response.create(
+            model="m1", messages=HI, max_tokens=6, seed=5
+        )
+        answer = raw.parse()
+        again = await oa.chat.completions.create(model="m1", messages=HI, max_tokens=6, seed=5)
+    task_id = raw.headers["X-Task-Id"]
+    assert answer.id == task_id and task_id.startswith("chatcmpl-")
+    assert raw.headers["X-Queue-Position"] == "0" and "X-Predicted-Start-Ms" in raw.headers
+    [choice] = answer.choices
+    assert choice.message.role == "assistant" and len(choice.message.content.split()) == 6
+    assert (
+        choice.finish_reason == "length"
+        and again.choices[0].message.content == choice.message.content
+    )
+    assert answer.usage is not None and answer.usage.completion_tokens == 6
+    assert answer.usage.total_tokens == answer.usage.prompt_tokens + 6
+    result = workspace.result(task_id)
+    assert result is not None and result["status"] == "succeeded"
+    assert (
+        result["text"] == choice.message.content
+        and result["labels"]["api"] == "openai.chat.completions"
+    )
+    assert [f.event for f in workspace.frames(task_id)][-1] == "end"
+
+
+async def test_a_streamed_chat_gives_the_same_text_then_usage_and_done(
+    workspace: Workspace, serve: Any
+) -> None:
+    running = await serve()
+    async with client(running) as oa:
+        whole = await oa.chat.completions.create(model="m1", messages=HI, max_tokens=8, seed=9)
+        stream = await oa.chat.completions.create(
+            model="m1",
+            messages=HI,
+            max_tokens=8,
+            seed=9,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = [chunk async for chunk in stream]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 8
+    assert {c.id for c in chunks} == {chunks[0].id}
+    assert workspace.result(chunks[0].id)["status"] == "succeeded"  # type: ignore[index]
+
+
+async def test_completions_stream_and_answer_whole(workspace: Workspace, serve: Any) -> None:
+    running = await serve()
+    async with client(running) as oa:
+        whole = await oa.completions.create(model="m1", prompt="once upon", max_tokens=5, seed=1)
+        stream = await oa.completions.create(
+            model="m1", prompt="once upon", max_tokens=5, seed=1, stream=True
+        )
+        pieces = [c.choices[0].text async for c in stream if c.choices]
+        stopped = await oa.completions.create(
+            model="m1",
+            prompt="once upon",
+            max_tokens=5,
+            seed=1,
+            stop=[whole.choices[0].text.split()[2]],
+        )
+    assert whole.object == "text_completion" and len(whole.choices[0].text.split()) == 5
+    assert "".join(pieces) == whole.choices[0].text
+    assert stopped.choices[0].finish_reason == "stop"
+    assert len(stopped.choices[0].text.split()) == 2
+    result = workspace.result(whole.id)
+    assert result is not None and result["labels"]["api"] == "openai.completions"
+
+
+async def test_tool_calls_pass_through_streamed_and_whole(workspace: Workspace, serve: Any) -> None:
+    running = await serve()
+    ask = [{"role": "user", "content": "please call get_weather for Oslo"}]
+    async with client(running) as oa:
+        whole = await oa.chat.completions.create(
+            model="m1", messages=ask, tools=[WEATHER], max_tokens=64, seed=3
+        )
+        stream = await oa.chat.completions.create(
+            model="m1", messages=ask, tools=[WEATHER], max_tokens=64, seed=3, stream=True
+        )
+        chunks = [c async for c in stream]
+        [call] = whole.choices[0].message.tool_calls or []
+        follow = [
+            *ask,
+            {"role": "assistant", "tool_calls": [call.model_dump()]},
+            {"role": "tool", "tool_call_id": call.id, "content": "rain"},
+        ]
+        after = await oa.chat.completions.create(
+            model="m1", messages=follow, tools=[WEATHER], max_tokens=4, seed=3
+        )
+    assert whole.choices[0].finish_reason == "tool_calls"
+    assert whole.choices[0].message.content is None
+    assert call.function.name == "get_weather" and call.id.startswith("call_")
+    assert set(json.loads(call.function.arguments)) == {"city", "days"}
+    deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or []]
+    assert deltas[0].id == call.id and deltas[0].function.name == "get_weather"
+    assert "".join(d.function.arguments or "" for d in deltas) == call.function.arguments
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    assert after.choices[0].finish_reason == "length" and after.choices[0].message.content
+    result = workspace.result(whole.id)
+    assert result is not None and result["tool_calls"] == [call.model_dump(exclude_none=True)]
+    token = next(f for f in workspace.frames(whole.id) if f.event == "token")
+    assert token.data["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert workspace.frames(whole.id)[-1].data["finish_reason"] == "tool_calls"
+
+
+async def test_what_cannot_be_honoured_is_refused_naming_the_field(
+    workspace: Workspace, serve: Any
+) -> None:
+    running = await serve()
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
+    cases: list[tuple[dict[str, Any], type[openai.APIStatusError], str | None]] = [
+        ({"n": 2}, openai.BadRequestError, "n"),
+        ({"logprobs": True}, openai.BadRequestError, "logprobs"),
+        ({"extra_body": {"mirostat": 2}}, openai.BadRequestError, "mirostat"),
+        ({"messages": image}, openai.BadRequestError, "messages[0].content[0].type"),
+        ({"temperature": 9}, openai.BadRequestError, "temperature"),
+        ({"seed": -1}, openai.BadRequestError, "seed"),
+        ({"model": "gpt-4o"}, openai.NotFoundError, "model"),
+        ({"model": "old"}, openai.ConflictError, None),
+    ]
+    async with client(running) as oa:
+        for extra, error, param in cases:
+            kwargs: dict[str, Any] = {"model": "m1", "messages": HI, "max_tokens": 4} | extra
+            with pytest.raises(error) as refused:
+                await oa.chat.completions.create(**kwargs)
+            body = refused.value.body
+            assert isinstance(body, dict) and body["param"] == param, body
+            assert body["message"] and body["type"] and body["code"], body
+            assert refused.value.response.headers["x-should-retry"] == "false"
+        with pytest.raises(openai.BadRequestError) as refused:
+            await oa.completions.create(model="m1", prompt="x", suffix="y")
+        assert refused.value.body["param"] == "suffix"  # type: ignore[index]
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{_base(running)}/v1/chat/completions",
+            data=b'{"model": "m1",',
+            headers={"Content-Type": "application/json"},
+        ) as response,
+    ):
+        body = await response.json()
+    assert response.status == 400 and body["error"]["code"] == "INVALID_PARAMS"
+    assert "malformed JSON" in body["error"]["message"] and body["error"]["param"] is None
+
+
+async def test_a_full_queue_is_a_429_with_retry_after_that_the_client_honours(
+    workspace: Workspace, serve: Any
+) -> None:
+    slow_pool(workspace, tokens_per_s=40, capacity=1, full_policy="reject")
+    running = await serve()
+    async with client(running) as oa, client(running, max_retries=20) as patient:
+        dispatcher = running.daemon.dispatcher
+        busy = []
+        for ready in (lambda: dispatcher.running, lambda: len(dispatcher.queue) == 1):
+            busy.append(
+                asyncio.create_task(
+                    oa.chat.completions.create(model="m1", messages=HI, max_tokens=20)
+                )
+            )
+            await wait_for(ready, 10, "one task running, then one queued")
+        with pytest.raises(openai.RateLimitError) as refused:
+            await oa.chat.completions.create(model="m1", messages=HI, max_tokens=2)
+        headers = refused.value.response.headers
+        assert int(headers["Retry-After"]) >= 1 and int(headers["Retry-After-Ms"]) >= 250
+        assert headers["x-should-retry"] == "true"
+        assert refused.value.body["code"] == "ADMISSION_REJECT"  # type: ignore[index]
+        assert refused.value.body["type"] == "rate_limit_error"  # type: ignore[index]
+        late = await patient.chat.completions.create(model="m1", messages=HI, max_tokens=2)
+        await asyncio.gather(*busy)
+    assert late.choices[0].finish_reason == "length"
+    statuses = [
+        json.loads(path.read_text())["status"]
+        for path in (workspace.root / "results").glob("chatcmpl-*.json")
+        if not path.name.endswith(".events.jsonl")
+    ]
+    assert statuses.count("rejected") >= 2  # the refusal above, and one the client retried
+
+
+async def test_a_client_that_goes_away_cancels_its_task(workspace: Workspace, serve: Any) -> None:
+    slow_pool(workspace, tokens_per_s=20)
+    running = await serve()
+    async with client(running) as oa:
+        stream = await oa.chat.completions.create(
+            model="m1", messages=HI, max_tokens=200, stream=True
+        )
+        task_id = ""
+        async for chunk in stream:
+            task_id = chunk.id
+            if chunk.choices and chunk.choices[0].delta.content:
+                break  # tokens are flowing: now hang up
+        await stream.close()
+        result = await wait_terminal(workspace, task_id)
+        assert result["status"] == "canceled" and 0 < result["tokens_out"] < 200
+        with pytest.raises(openai.APITimeoutError):
+            await oa.chat.completions.create(
+                model="m1",
+                messages=HI,
+                max_tokens=200,
+                timeout=0.5,
+                extra_headers={"X-Correlation-Id": "gone-1"},
+            )
+    statuses = await wait_for(
+        lambda: [
+            r["status"]
+            for r in (
+                workspace.result(p.stem)
+                for p in (workspace.root / "results").glob("chatcmpl-*.json")
+            )
+            if r and r["task_id"] != task_id and r["status"] in ("canceled", "succeeded")
+        ],
+        10,
+        "the whole-answer request's task to end",
+    )
+    assert statuses == ["canceled"]
+
+
+def two_pools(workspace: Workspace) -> None:
+    cfg = config()
+    second = json.loads(json.dumps(cfg["pools"][0])) | {"id": "p2"}
+    cfg["pools"].append(second)
+    workspace.write_config(cfg)
+
+
+async def test_a_session_keeps_its_conversation_on_one_replica(
+    workspace: Workspace, serve: Any
+) -> None:
+    two_pools(workspace)
+    running = await serve()
+    replicas: dict[str, set[str]] = {"by-header": set(), "by-user": set()}
+    async with client(running) as oa:
+        for turn in range(4):
+            for how in replicas:
+                options: dict[str, Any] = (
+                    {"extra_headers": {"X-Session-Id": "conv-7"}}
+                    if how == "by-header"
+                    else {"user": "someone@example.com"}
+                )
+                answer = await oa.chat.completions.create(
+                    model="m1",
+                    messages=[*HI, {"role": "user", "content": f"turn {turn}"}],
+                    max_tokens=3,
+                    **options,
+                )
+                result = workspace.result(answer.id)
+                assert result is not None
+                replicas[how].add(result["replica_id"])
+                assert result["session_id"] in ("conv-7",) or result["session_id"].startswith(
+                    "user-"
+                )
+    assert all(len(seen) == 1 for seen in replicas.values()), replicas
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{_base(running)}/v1/sessions/conv-7") as response,
+    ):
+        info = await response.json()
+    assert info["turns"] == 4 and info["last_replica_id"] in replicas["by-header"]
+
+
+async def test_a_waiting_stream_hears_its_queue_position_until_it_starts(
+    workspace: Workspace, serve: Any
+) -> None:
+    slow_pool(workspace, tokens_per_s=20)
+    running = await serve()
+    dispatcher = running.daemon.dispatcher
+    body = {"model": "m1", "messages": HI, "max_tokens": 30, "stream": True}
+    async with aiohttp.ClientSession() as session:
+        ahead = []
+        for ready in (lambda: dispatcher.running, lambda: len(dispatcher.queue) == 1):
+            ahead.append(
+                asyncio.create_task(
+                    session.post(f"{_base(running)}/v1/chat/completions", json=body)
+                )
+            )
+            await wait_for(ready, 10, "one task running, then one queued")
+        async with session.post(
+            f"{_base(running)}/v1/chat/completions", json=body | {"max_tokens": 2}
+        ) as response:
+            assert response.headers["X-Queue-Position"] == "1"
+            assert int(response.headers["X-Predicted-Start-Ms"]) > 0
+            raw = (await response.read()).decode()
+        for job in ahead:
+            (await job).close()
+    lines = [line for line in raw.split("\n") if line]
+    comments = [line for line in lines if line.startswith(":")]
+    assert comments[0] == ": queue position 1" and ": queue position 0" in comments
+    first_data = next(i for i, line in enumerate(lines) if line.startswith("data:"))
+    assert all(line.startswith(":") for line in lines[:first_data])
+    assert lines[-1] == "data: [DONE]"
+
+
+async def test_the_api_token_rules_apply_to_the_openai_routes(
+    workspace: Workspace, serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token = "feedfacefeedface1234"
+    monkeypatch.setenv("TEST_ORCH_TOKEN", token)
+    workspace.write_config(
+        config(auth={"token_env": "TEST_ORCH_TOKEN", "optional_on_loopback": False})
+    )
+    running = await serve()
+    base = _base(running) + "/v1"
+    async with openai.AsyncOpenAI(base_url=base, api_key="wrong-key", max_retries=0) as bad:
+        with pytest.raises(openai.AuthenticationError) as refused:
+            await bad.models.list()
+    assert refused.value.body["code"] == "BAD_TOKEN"  # type: ignore[index]
+    async with openai.AsyncOpenAI(base_url=base, api_key=token, max_retries=0) as good:
+        answer = await good.chat.completions.create(model="m1", messages=HI, max_tokens=2)
+    assert answer.choices[0].finish_reason == "length"
+
+
+CURL = shutil.which("curl")
+# What `curl -N` prints for a streamed chat of 3 tokens, seed 42, on the sim engine (the id
+# and the creation time replaced): a queue-position comment, the role chunk, one chunk per
+# token, the finish chunk, [DONE].
+TRANSCRIPT = """\
+: queue position 0
+
+data: {"id":"ID","object":"chat.completion.chunk","created":0,"model":"m1","system_fingerprint":null,"choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"ID","object":"chat.completion.chunk","created":0,"model":"m1","system_fingerprint":null,"choices":[{"index":0,"delta":{"content":" stone"},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"ID","object":"chat.completion.chunk","created":0,"model":"m1","system_fingerprint":null,"choices":[{"index":0,"delta":{"content":" or"},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"ID","object":"chat.completion.chunk","created":0,"model":"m1","system_fingerprint":null,"choices":[{"index":0,"delta":{"content":" violet"},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"ID","object":"chat.completion.chunk","created":0,"model":"m1","system_fingerprint":null,"choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"length"}]}
+
+data: [DONE]
+
+"""
+
+
+@pytest.mark.skipif(CURL is None, reason="curl is not installed")
+async def test_curl_receives_these_exact_bytes(
+    workspace: Workspace, serve: Any, tmp_path: Path
+) -> None:
+    running = await serve()
+    body = {"model": "m1", "messages": HI, "max_tokens": 3, "seed": 42, "stream": True}
+    assert CURL is not None
+    proc = await asyncio.create_subprocess_exec(
+        *(CURL, "-sN", "-D", str(tmp_path / "headers"), "-H", "Content-Type: application/json"),
+        *("-d", json.dumps(body), f"{_base(running)}/v1/chat/completions"),
+        stdout=subprocess.PIPE,
+    )
+    out, _ = await proc.communicate()
+    text = out.decode()
+    head = (tmp_path / "headers").read_bytes().decode()
+    task_id = head.split("X-Task-Id: ")[1].split("\r\n")[0]
+    created = json.loads(text.split("data: ")[1].split("\n")[0])["created"]
+    assert text.replace(task_id, "ID").replace(f'"created":{created}', '"created":0') == TRANSCRIPT
+    lines = head.replace(task_id, "ID").split("\r\n")
+    assert lines[:9] == [
+        "HTTP/1.1 200 OK",
+        "X-Task-Id: ID",
+        lines[2],  # X-Correlation-Id: a new UUID
+        "X-Queue-Position: 0",
+        lines[4],  # X-Predicted-Start-Ms: 0 on an idle replica
+        "Content-Type: text/event-stream",
+        "Cache-Control: no-cache",
+        "X-Accel-Buffering: no",
+        "Transfer-Encoding: chunked",
+    ]
+    assert lines[2].startswith("X-Correlation-Id: ")
+    assert lines[4].startswith("X-Predicted-Start-Ms: ")
