@@ -280,3 +280,38 @@ async def test_an_idle_daemon_does_not_wake_itself_by_reading_its_own_files(
     await asyncio.sleep(2.0)
     # the resync wakes it about twice; reading orch.yaml (an inotify open/close) must not
     assert passes <= 4, f"{passes} passes in 2 s while idle"
+
+
+async def test_the_warm_up_request_absorbs_the_engines_slow_first_request(
+    workspace: Workspace, serve: Any
+) -> None:
+    cfg = config()
+    cfg["pools"][0]["sim"] = {
+        "tokens_per_s": 400,
+        "first_token_ms": 5,
+        "first_request_extra_ms": 800,
+    }
+    workspace.write_config(cfg)
+    await serve()
+    first_token_ms = []
+    for n in range(3):
+        workspace.submit(f"w{n}.task.yaml", task(f"w{n}", max_tokens=2))
+        result = await wait_terminal(workspace, f"w{n}")
+        assert result["status"] == "succeeded"
+        first_token_ms.append(result["timings"]["first_token_ms"])
+    # without the warm-up the first task would wait 800 ms more than the others
+    assert first_token_ms[0] < 400
+    assert first_token_ms[0] <= max(first_token_ms[1:]) + 100
+
+
+async def test_an_engine_that_dies_on_its_warm_up_request_never_becomes_ready(
+    workspace: Workspace, serve: Any
+) -> None:
+    cfg = config()
+    cfg["pools"][0]["sim"] = {"faults": {"die_after_tokens": 0}}
+    workspace.write_config(cfg)
+    await serve(ready=False)
+    await wait_for(lambda: _pool(workspace, "p1")["replicas"][0]["last_error"], 10, "a failure")
+    replica = _pool(workspace, "p1")["replicas"][0]
+    assert replica["state"] != "Ready"
+    assert replica["last_error"].startswith("warm-up request failed: exit code 134: sim: fault")
