@@ -100,7 +100,8 @@ def book(config: Config) -> list[Path]:
     return sim_bookings.book(
         config.state_dir,
         gpus=config.gpus,
-        need_mib=sim_bookings.footprint_mib(config.model_size_mib, config.ctx, config.slots),
+        need_mib=sim_bookings.footprint_mib(config.model_size_mib, config.ctx, config.slots)
+        + config.faults.extra_vram_mib,
         totals=config.vram_total_mib,
         replica_id=config.replica_id,
         pid=os.getpid(),

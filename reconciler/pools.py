@@ -1,13 +1,14 @@
 """The pool runtime: engine replicas started, watched, drained and stopped to match orch.yaml.
 
-Each pass (`reconcile`) observes the GPUs, notices engine exits, restarts replicas whose
-backoff has elapsed, asks `planning.plan` what to start and drain, and acts. Starting and
-draining run as background coroutines that wake the loop when they finish. A start is: engine
-start, wait for health, one warm-up request (a 1-token completion, so the first task does not
-pay the engine's cold start), then Ready. Every started engine is recorded
-(`state.engine_records`), so a restarted daemon adopts it or stops it: no engine is ever left
-holding VRAM. Specs, VRAM arithmetic and pool state are pure functions in `specs`; learned
-start-up times go to the `rates.Rates` the dispatcher reads.
+Each pass (`reconcile`) observes the GPUs, notices engine exits, compares each Ready replica's
+measured VRAM with its estimate (a warning, once per replica, when they differ by more than
+15 %), restarts replicas whose backoff has elapsed, asks `planning.plan` what to start and drain,
+and acts. Starting and draining run as background coroutines that wake the loop when they
+finish. A start is: engine start, wait for health, one warm-up request (a 1-token completion,
+so the first task does not pay the engine's cold start), then Ready. Every started engine is
+recorded (`state.engine_records`), so a restarted daemon adopts it or stops it: no engine is
+ever left holding VRAM. Specs, VRAM arithmetic and pool state are pure functions in `specs`;
+learned start-up times go to the `rates.Rates` the dispatcher reads.
 """
 
 from __future__ import annotations
@@ -120,8 +121,10 @@ class PoolRuntime:
         state = self.config.state
         if state is None:
             return
+        observed_at = self.clock.monotonic()
         self.last_snapshot = await asyncio.to_thread(self.observer.observe)
         self._notice_exits()
+        self._compare_vram(observed_at)
         wants = []
         for pool in state.pools:
             if pool.engine not in self.plugins.engines:
@@ -186,6 +189,34 @@ class PoolRuntime:
             exit_info = r.engine.poll_exit(r.handle)
             if exit_info is not None:
                 self._crashed(r, exit_info.reason)
+
+    def _compare_vram(self, observed_at: float) -> None:
+        """Warn, once per replica, when NVML measures a Ready replica's process more than 15 %
+        away from its estimate (only readings taken after it was Ready, warm-up done)."""
+        measured = specs.measured_by_pid(self.last_snapshot)
+        for r in self.replicas.values():
+            ready_at = r.life.ready_at
+            if r.vram_warned or r.state != "Ready" or r.handle is None or ready_at is None:
+                continue
+            if ready_at > observed_at:
+                continue
+            used = measured.get(r.handle.pid)
+            off = specs.vram_off(r.vram_mib, used)
+            if off is None:
+                continue
+            r.vram_warned = True
+            logs.emit(
+                log,
+                "replica.vram_mismatch",
+                f"Replica {r.replica_id} uses {used} MiB of VRAM, {off:+.0%} against its "
+                f"estimate of {r.vram_mib} MiB; placement plans with the estimate, so "
+                f"{'GPUs may be overcommitted' if off > 0 else 'room goes unused'}.",
+                level=30,
+                replica_id=r.replica_id,
+                pool_id=r.pool_id,
+                vram_estimated_mib=r.vram_mib,
+                vram_measured_mib=used,
+            )
 
     def _crashed(self, r: fleet.Replica, reason: str) -> None:
         r.handle = None

@@ -114,6 +114,9 @@ class SimFaults(Strict):
     die_after_tokens: int | None = Field(None, ge=0)
     oom_at_load: bool = False
     ignore_sigterm: bool = False
+    extra_vram_mib: int = Field(
+        0, ge=0, description="book this much more VRAM than the estimate (a wrong estimate)"
+    )
 
 
 class SimOptions(Strict):
