@@ -11,43 +11,40 @@ variable LLAMA_ORCH_TEST_ALLOW_CPU_INFERENCE=1 of the daemon's own process, read
 
 `ReplicaSpec.options` for llamacpp (all optional): `engine` (engines.llamacpp as JSON: its
 `binary`, `env`, and `provision.ref` as the version), or directly `binary` and `version` (the
-provisioned llama.cpp version, for `~/.cache/llama-orch/llama.cpp/<version>/bin/`), and the
-model geometry when known from the GGUF: `n_layers`, `n_kv_heads`, `head_dim`,
-`n_head`; or `kv_mib_per_token` instead of the geometry.
+provisioned llama.cpp version, for `~/.cache/llama-orch/llama.cpp/<version>/bin/`).
 
-VRAM estimate (checked against /work/shared/fixtures/llama-server/vram-h200-sample.jsonl):
-  weights                      model_size_mib (≈ the GGUF size: "CUDA0 model buffer size")
-+ KV cache, f16                2 × n_layers × ctx×slots × n_kv_heads × head_dim × 2 bytes
-                               (without geometry: ctx×slots × kv_mib_per_token, default
-                               0.125 MiB, an 8B llama with GQA)
-+ compute buffer               flash attention on (the default): 61 MiB + 1 MiB per 1024 tokens;
-                               off: 512 × ctx×slots × n_head (default 32) × 4 bytes + 51 MiB
-+ process overhead             720 MiB (CUDA context; ~705 measured, more after a request)
+VRAM estimate (`plugins.llamacpp_vram`, whose docstring has the formula):
+  weights (the GGUF's tensor bytes) + KV cache (2 × layers × ctx×slots × kv_heads × head_dim ×
+  bytes per element of -ctk/-ctv, sliding-window layers holding only their window) + compute
+  buffer (flash attention on or off) + 720 MiB process overhead. The geometry is read from
+  the model's GGUF header (`plugins.gguf_info`), once per file version.
+
+Start-up: `-lv 4` makes llama-server log its buffer sizes, the memory breakdown and
+"offloaded N/M layers to GPU"; `wait_ready` fails the start when N < M (a layer left on the
+CPU breaks HME-013), unless the test-only switch is on. Why a process ended is read from its
+log by `plugins.exit_reasons`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import math
 import os
 import re
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from plugins import hookspecs, interfaces, llama_server, processes
+from plugins import gguf_info, hookspecs, interfaces, llama_server, llamacpp_vram, processes
 
 ALLOW_CPU_ENV = "LLAMA_ORCH_TEST_ALLOW_CPU_INFERENCE"
 CACHE_DIR = Path(".cache") / "llama-orch" / "llama.cpp"  # under the home folder
-PROCESS_OVERHEAD_MIB = 720
-DEFAULT_KV_MIB_PER_TOKEN = 0.125
-DEFAULT_N_HEAD = 32
-UBATCH = 512
 LIST_DEVICES_TIMEOUT_S = 60.0
 _MIB = 1024 * 1024
 _DEVICE_LINE = re.compile(r"\s*([A-Za-z][A-Za-z_-]*\d+):\s")
+_OFFLOADED = re.compile(r"offloaded (\d+)/(\d+) layers to GPU")
 _GPU_ONLY_FIX = (
     "llama-orch runs inference on NVIDIA GPUs only. Build llama.cpp with CUDA (`orchctl up` "
     "configures -DGGML_CUDA=ON) or point engines.llamacpp.binary in orch.yaml at a CUDA build "
@@ -159,43 +156,10 @@ async def list_devices(binary: Path, *, env: Mapping[str, str]) -> list[str]:
     return listed
 
 
-def flash_attention(flags: Sequence[str]) -> bool:
-    """Whether the pool's flags leave flash attention on (llama-server's `auto` is on on CUDA)."""
-    on = True
-    for i, flag in enumerate(flags):
-        name, eq, value = flag.partition("=")
-        if name in ("-fa", "--flash-attn"):
-            if not eq:
-                value = flags[i + 1] if i + 1 < len(flags) else "on"
-            on = value.lower() not in ("off", "0", "false", "disabled")
-        elif name == "--no-flash-attn":
-            on = False
-    return on
-
-
-def kv_cache_mib(spec: interfaces.ReplicaSpec) -> int:
-    """f16 K and V for every layer and cell: -c is ctx × slots cells."""
-    total_ctx = spec.ctx * spec.slots
-    o = spec.options
-    if all(k in o for k in ("n_layers", "n_kv_heads", "head_dim")):
-        layers, kv_heads, head_dim = int(o["n_layers"]), int(o["n_kv_heads"]), int(o["head_dim"])
-        return math.ceil(2 * layers * total_ctx * kv_heads * head_dim * 2 / _MIB)
-    return math.ceil(total_ctx * float(o.get("kv_mib_per_token", DEFAULT_KV_MIB_PER_TOKEN)))
-
-
-def compute_buffer_mib(spec: interfaces.ReplicaSpec) -> int:
-    total_ctx = spec.ctx * spec.slots
-    if flash_attention(spec.flags):
-        return 61 + math.ceil(total_ctx / 1024)
-    n_head = int(spec.options.get("n_head", DEFAULT_N_HEAD))
-    return 51 + math.ceil(UBATCH * total_ctx * n_head * 4 / _MIB)  # the f32 KQ of one ubatch
-
-
-def estimate_vram_mib(spec: interfaces.ReplicaSpec) -> int:
-    """See the module docstring for the formula and where its constants come from."""
-    return (
-        spec.model_size_mib + kv_cache_mib(spec) + compute_buffer_mib(spec) + PROCESS_OVERHEAD_MIB
-    )
+def offloaded_layers(log_text: str) -> tuple[int, int] | None:
+    """(N, M) of the last "offloaded N/M layers to GPU" llama.cpp logged, None when absent."""
+    found = _OFFLOADED.findall(log_text)
+    return (int(found[-1][0]), int(found[-1][1])) if found else None
 
 
 def command(spec: interfaces.ReplicaSpec, *, binary: Path, port: int) -> list[str]:
@@ -222,6 +186,8 @@ def command(spec: interfaces.ReplicaSpec, *, binary: Path, port: int) -> list[st
         "--fit",
         "off",
         "--metrics",
+        "-lv",
+        "4",  # buffer sizes, the memory breakdown and the offload count, for exit reasons
         *spec.flags,
     ]
 
@@ -236,14 +202,50 @@ def child_env(spec: interfaces.ReplicaSpec, base: Mapping[str, str]) -> dict[str
     return env
 
 
+_ModelKey = tuple[str, int, int, int]
+
+_OFFLOAD_FIX = (
+    "llama-orch serves from GPUs only (HME-013). Remove -ngl/--n-gpu-layers, --fit and "
+    "--cpu-moe style flags from the pool's flags (llama-orch passes -ngl 999 --fit off), and "
+    "check with `orchctl status` that the GPU has room for the whole model"
+)
+
+
 class LlamaCppEngine(llama_server.ServerEngine):
     name = "llamacpp"
 
     def __init__(self) -> None:
         self._gpu_checked: set[tuple[str, int, str]] = set()
+        # GGUF geometry per file version (path, mtime, size, inode): planning asks every pass
+        self._models: dict[_ModelKey, gguf_info.ModelInfo | gguf_info.GgufError] = {}
+
+    def model_info(self, path: Path) -> gguf_info.ModelInfo:
+        """The GGUF's geometry, read once per version of the file; GgufError when unusable."""
+        st = path.stat()
+        key = (str(path), st.st_mtime_ns, st.st_size, st.st_ino)
+        found = self._models.get(key)
+        if found is None:
+            try:
+                found = gguf_info.inspect(path)
+            except gguf_info.GgufError as e:
+                found = e
+                _log.warning("cannot size %s from its header: %s", path, e)
+            self._models = {k: v for k, v in self._models.items() if k[0] != key[0]}
+            self._models[key] = found
+        if isinstance(found, gguf_info.GgufError):
+            raise found
+        return found
 
     def estimate_vram_mib(self, spec: interfaces.ReplicaSpec) -> int:
-        return estimate_vram_mib(spec)
+        """The estimate of `plugins.llamacpp_vram` with the model file's geometry, or with its
+        default geometry and models.<id>.size_mib while there is no readable file."""
+        model = None
+        if spec.model_path is not None:
+            with contextlib.suppress(OSError, gguf_info.GgufError):
+                model = self.model_info(spec.model_path)
+        return llamacpp_vram.estimate_mib(
+            model, spec.flags, ctx=spec.ctx, slots=spec.slots, size_mib=spec.model_size_mib
+        )
 
     async def require_gpu(self, binary: Path, spec: interfaces.ReplicaSpec) -> None:
         """Raise EnvironmentMissing unless the binary sees a CUDA device of the mask."""
@@ -266,8 +268,17 @@ class LlamaCppEngine(llama_server.ServerEngine):
     async def start(self, spec: interfaces.ReplicaSpec) -> interfaces.ReplicaHandle:
         binary = find_binary(spec.options)
         await self.require_gpu(binary, spec)
-        if spec.model_path is not None and not spec.model_path.is_file():
-            raise interfaces.EngineStartError(f"model file not found: {spec.model_path}")
+        if spec.model_path is not None:
+            if not spec.model_path.is_file():
+                raise interfaces.EngineStartError(f"model file not found: {spec.model_path}")
+            try:  # a bad file is refused here, with its reason, not by a crashing engine
+                await asyncio.to_thread(self.model_info, spec.model_path)
+            except gguf_info.GgufError as e:
+                raise interfaces.EngineStartError(
+                    f"model file is not a usable GGUF: {e}. Fix: fetch the file again (set "
+                    f"models.{spec.model_id}.digest to catch a bad copy) or point "
+                    f"models.{spec.model_id}.ref at a GGUF"
+                ) from e
         port = processes.free_port()
         return await processes.launch(
             spec,
@@ -275,6 +286,35 @@ class LlamaCppEngine(llama_server.ServerEngine):
             env=child_env(spec, os.environ),
             port=port,
         )
+
+    async def wait_ready(self, handle: interfaces.ReplicaHandle, *, timeout_s: float) -> None:
+        await super().wait_ready(handle, timeout_s=timeout_s)
+        self.require_all_layers_on_gpu(handle)
+
+    def require_all_layers_on_gpu(self, handle: interfaces.ReplicaHandle) -> None:
+        """Raise EngineStartError when llama-server logged fewer layers on the GPU than the
+        model has (the test-only CPU switch allows it). Without the line (a verbosity flag in
+        the pool's flags hid it), the start goes on with a warning."""
+        try:
+            text = handle.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            text = ""
+        counted = offloaded_layers(text)
+        if counted is None:
+            if not cpu_inference_allowed():
+                _log.warning(
+                    "%s: llama-server logged no 'offloaded N/M layers to GPU' line (see %s); "
+                    "cannot confirm every layer is on the GPU",
+                    handle.spec.replica_id,
+                    handle.log_path,
+                )
+            return
+        on_gpu, layers = counted
+        if on_gpu < layers and not cpu_inference_allowed():
+            raise interfaces.EngineStartError(
+                f"llama-server left {layers - on_gpu} of {layers} layers on the CPU "
+                f"(offloaded {on_gpu}/{layers} layers to GPU). Fix: {_OFFLOAD_FIX}"
+            )
 
 
 class _Plugin:

@@ -4,10 +4,11 @@ The launcher is here; the protocol client and lifecycle steps are the llama-serv
 (`plugins.llama_server`), so every sim run exercises the code path real GPUs use.
 
 `ReplicaSpec.options` for sim: the fields of `state.desired.SimOptions` (tokens_per_s, load_s,
-first_token_ms, faults), plus optionally `vram_total_mib` (see `vram_totals`): the room
-llama-orch may use on each GPU of the mask. With it, a replica whose footprint does not fit
-beside the live bookings fails to load with a CUDA-style out-of-memory error, as llama-server
-would. `engine.env` (engines.sim.env) and the pool's env reach the child, LLAMA_ARG_* excepted.
+first_token_ms, first_request_extra_ms, faults), plus optionally `vram_total_mib` (see
+`vram_totals`): the room llama-orch may use on each GPU of the mask. With it, a replica whose
+footprint does not fit beside the live bookings fails to load with a CUDA-style out-of-memory
+error, as llama-server would. `engine.env` (engines.sim.env) and the pool's env reach the
+child, LLAMA_ARG_* excepted.
 
 VRAM: `estimate_vram_mib` is `sim_bookings.footprint_mib`, the same formula the child books:
 model_size_mib + ceil(ctx × slots × 0.0625 MiB) + 700 MiB.

@@ -67,14 +67,20 @@ class ReplicaHandle:
     base_url: str = ""
 
 
+ExitKind = Literal["oom", "cuda", "load", "crash", "exit"]
+
+
 @dataclass(frozen=True)
 class ExitInfo:
-    """Why an engine process ended: exit code or signal, and a reason read from its log."""
+    """Why an engine process ended: exit code or signal, and a reason read from its log
+    (`plugins.exit_reasons` classifies it and gives the fix)."""
 
     code: int | None
     signal: int | None
-    reason: str  # e.g. "exit code 1", "killed by SIGKILL", "OOM: CUDA error: out of memory"
+    reason: str  # e.g. "exit code 1", "CUDA out of memory: … (exit code 1). Fix: …"
     oom: bool = False
+    kind: ExitKind = "exit"
+    fix: str | None = None
 
 
 class EngineStartError(Exception):

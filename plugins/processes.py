@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
-import re
 import shlex
 import signal
 import socket
@@ -26,11 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from plugins import interfaces, liveness
+from plugins import exit_reasons, interfaces, liveness
 
 SCRUBBED_PREFIX = "LLAMA_ARG_"  # llama-server reads these as flags: they would override ours
-_OOM_RE = re.compile(r"out of memory|CUDA_ERROR_OUT_OF_MEMORY|cudaMalloc failed", re.IGNORECASE)
-_CUDA_RE = re.compile(r"CUDA error", re.IGNORECASE)
 
 
 def scrub_env(env: Mapping[str, str]) -> dict[str, str]:
@@ -165,31 +163,12 @@ def _log_tail(path: Path | None, *, max_bytes: int = 8192) -> list[str]:
     ]
 
 
-def exit_info(returncode: int | None, log_path: Path | None) -> interfaces.ExitInfo:
-    """Why a process ended: its exit code or signal, and an OOM/CUDA error found in its log."""
-    code = sig = None
-    if returncode is None:
-        base = "exit status unknown"
-    elif returncode < 0:
-        sig = -returncode
-        try:
-            base = f"killed by {signal.Signals(sig).name}"
-        except ValueError:
-            base = f"killed by signal {sig}"
-    else:
-        code = returncode
-        base = f"exit code {code}"
-    tail = _log_tail(log_path)
-    oom = next((line for line in reversed(tail) if _OOM_RE.search(line)), None)
-    if oom is not None:
-        cuda = next((line for line in reversed(tail) if _CUDA_RE.search(line)), oom)
-        return interfaces.ExitInfo(code, sig, f"OOM: {cuda} ({base})", oom=True)
-    cuda_error = next((line for line in reversed(tail) if _CUDA_RE.search(line)), None)
-    if cuda_error is not None:
-        return interfaces.ExitInfo(code, sig, f"{base}: {cuda_error}")
-    if code not in (None, 0) and tail:
-        return interfaces.ExitInfo(code, sig, f"{base}: {tail[-1]}")
-    return interfaces.ExitInfo(code, sig, base)
+def exit_info(
+    returncode: int | None, log_path: Path | None, *, stopped: bool = False
+) -> interfaces.ExitInfo:
+    """Why a process ended: its exit code or signal, classified with its log's tail
+    (`plugins.exit_reasons`). `stopped`: we signalled it, so a SIGTERM is no crash."""
+    return exit_reasons.classify(returncode, _log_tail(log_path), stopped=stopped)
 
 
 @dataclass(frozen=True)
@@ -258,9 +237,7 @@ def poll_exit(handle: interfaces.ReplicaHandle) -> interfaces.ExitInfo | None:
     if liveness.pid_alive(handle.pid, handle.started_at):
         return None
     info = exit_info(None, handle.log_path)
-    return interfaces.ExitInfo(
-        info.code, info.signal, f"{info.reason} (adopted process; it ended on its own)", info.oom
-    )
+    return dataclasses.replace(info, reason=f"{info.reason} (adopted process; it ended on its own)")
 
 
 async def stop_replica(handle: interfaces.ReplicaHandle, *, grace_s: float) -> interfaces.ExitInfo:
@@ -269,8 +246,8 @@ async def stop_replica(handle: interfaces.ReplicaHandle, *, grace_s: float) -> i
         handle.pid, started_at=handle.started_at, process=handle.process, grace_s=grace_s
     )
     if stopped.returncode is not None:
-        return exit_info(stopped.returncode, handle.log_path)
+        return exit_info(stopped.returncode, handle.log_path, stopped=True)
     if stopped.killed:
         return interfaces.ExitInfo(None, int(signal.SIGKILL), "killed by SIGKILL (adopted process)")
-    info = exit_info(None, handle.log_path)
-    return interfaces.ExitInfo(None, None, f"stopped ({info.reason}; adopted process)", info.oom)
+    info = exit_info(None, handle.log_path, stopped=True)
+    return dataclasses.replace(info, reason=f"stopped ({info.reason}; adopted process)")

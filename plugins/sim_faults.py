@@ -10,7 +10,9 @@ the child's log, so a test or a person reading the replica's log sees it was inj
 - oom_at_load: loading fails with a CUDA-style out-of-memory error (`sim_bookings.book(fail=)`);
 - die_after_tokens: exit 134 abruptly once that many tokens went out, with no goodbye and no
   unbooking, like a crashed CUDA kernel (`after_tokens`);
-- ignore_sigterm: SIGTERM does nothing, so only the stopper's SIGKILL ends it (`on_sigterm`).
+- ignore_sigterm: SIGTERM does nothing, so only the stopper's SIGKILL ends it (`on_sigterm`);
+- extra_vram_mib: book that much more VRAM than the engine's estimate, as a real engine does
+  when the estimate is wrong (`sim_server.book`).
 
 Standard library only: the sim child runs without site-packages (`python -S`).
 """
@@ -33,6 +35,7 @@ class Faults:
     die_after_tokens: int | None = None
     oom_at_load: bool = False
     ignore_sigterm: bool = False
+    extra_vram_mib: int = 0
 
 
 def parse(raw: Mapping[str, Any] | None) -> Faults:
@@ -45,6 +48,7 @@ def parse(raw: Mapping[str, Any] | None) -> Faults:
         die_after_tokens=None if die_after is None else int(die_after),
         oom_at_load=bool(raw.get("oom_at_load")),
         ignore_sigterm=bool(raw.get("ignore_sigterm")),
+        extra_vram_mib=int(raw.get("extra_vram_mib") or 0),
     )
 
 

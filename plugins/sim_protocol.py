@@ -10,7 +10,9 @@ Rules it keeps:
 - Until `ready` is set, every known route answers 503 `Loading model`, as llama-server does.
 - Tokens are words drawn from a PRNG seeded with sha256(seed, prompt): the same seed and prompt
   give the same text, another seed other text (seed -1 picks one at random).
-- Each request streams at `tokens_per_s` after `first_token_ms`; at most `slots` requests
+- Each request streams at `tokens_per_s` after `first_token_ms`; the first request the server
+  serves waits `first_request_extra_ms` more (a real engine's cold start: lazy allocations,
+  kernel loading), which the daemon's warm-up request absorbs. At most `slots` requests
   generate at once, the rest wait for a slot in arrival order.
 - A client that closes its connection stops its generation and frees its slot.
 - A prompt that leaves no room in the context is refused with llama-server's 400.
@@ -97,9 +99,11 @@ class Server:
         tokens_per_s: float,
         first_token_ms: float,
         faults: sim_faults.Faults,
+        first_request_extra_ms: float = 0.0,
     ) -> None:
         self.model, self.ctx = model, ctx
         self.tokens_per_s, self.first_token_ms = tokens_per_s, first_token_ms
+        self.cold_ms = first_request_extra_ms  # paid once, by the first request
         self.faults = faults
         self.slots = Slots(slots)
         self.ready = False
@@ -239,7 +243,9 @@ class Server:
         loop = asyncio.get_running_loop()
         sim_faults.after_tokens(self.faults, 0)
         start = loop.time()
-        first = start + self.first_token_ms / 1000
+        prompt_ms = self.first_token_ms + self.cold_ms
+        self.cold_ms = 0.0
+        first = start + prompt_ms / 1000
         for i in range(n):
             delay = first + i / self.tokens_per_s - loop.time()
             if delay > 0:

@@ -52,6 +52,7 @@ class Config:
     tokens_per_s: float
     load_s: float
     first_token_ms: float
+    first_request_extra_ms: float = 0.0
     faults: sim_faults.Faults = field(default_factory=sim_faults.Faults)
 
 
@@ -89,6 +90,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         tokens_per_s=float(options.get("tokens_per_s", DEFAULT_TOKENS_PER_S)),
         load_s=float(options.get("load_s", 0.0)),
         first_token_ms=float(options.get("first_token_ms", DEFAULT_FIRST_TOKEN_MS)),
+        first_request_extra_ms=float(options.get("first_request_extra_ms", 0.0)),
         faults=sim_faults.parse(options.get("faults")),
     )
 
@@ -98,7 +100,8 @@ def book(config: Config) -> list[Path]:
     return sim_bookings.book(
         config.state_dir,
         gpus=config.gpus,
-        need_mib=sim_bookings.footprint_mib(config.model_size_mib, config.ctx, config.slots),
+        need_mib=sim_bookings.footprint_mib(config.model_size_mib, config.ctx, config.slots)
+        + config.faults.extra_vram_mib,
         totals=config.vram_total_mib,
         replica_id=config.replica_id,
         pid=os.getpid(),
@@ -113,6 +116,7 @@ async def serve(config: Config) -> int:
         slots=config.slots,
         tokens_per_s=config.tokens_per_s,
         first_token_ms=config.first_token_ms,
+        first_request_extra_ms=config.first_request_extra_ms,
         faults=config.faults,
     )
     stopping = asyncio.Event()

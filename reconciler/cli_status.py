@@ -99,9 +99,12 @@ def _pools(pools: list[statusfile.PoolRow]) -> list[str]:
         for r in p.replicas:
             err = f"  last error: {r.last_error}" if r.last_error else ""
             pid = f"pid {r.pid}" if r.pid is not None else "no process"
+            measured = r.vram_measured_mib if r.vram_measured_mib is not None else "-"
             lines.append(
                 f"  {r.id:<14}{r.state:<12}gpu {','.join(map(str, r.gpu))}  {pid}"
-                f"  slots {r.slots_busy}/{r.slots_total}  restarts {r.restarts}{err}"
+                f"  slots {r.slots_busy}/{r.slots_total}"
+                f"  vram {r.vram_estimated_mib} est/{measured} used MiB"
+                f"  restarts {r.restarts}{err}"
             )
     return lines
 

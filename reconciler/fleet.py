@@ -30,6 +30,7 @@ class Replica:
     leases: set[int] = field(default_factory=set)  # numbers of the slots leased now
     job: asyncio.Task[None] | None = None
     ready_ms: float | None = None
+    vram_warned: bool = False  # the estimate-vs-measured warning is given once per replica
 
     @property
     def state(self) -> statusfile.ReplicaState:
@@ -82,9 +83,7 @@ def pool_row(
 ) -> statusfile.PoolRow:
     """One pool of status.json, its replicas sorted by id, with measured VRAM beside the
     estimate."""
-    measured: dict[int, int] = {}
-    for (_, pid), mib in specs.measured_mib(snapshot).items():
-        measured[pid] = measured.get(pid, 0) + mib
+    measured = specs.measured_by_pid(snapshot)
     rows = [
         statusfile.ReplicaRow(
             id=r.replica_id,

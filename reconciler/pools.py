@@ -1,11 +1,14 @@
 """The pool runtime: engine replicas started, watched, drained and stopped to match orch.yaml.
 
-Each pass (`reconcile`) observes the GPUs, notices engine exits, restarts replicas whose backoff
-has elapsed, asks `planning.plan` what to start and drain, and acts. Starting and draining run
-as background coroutines that wake the loop when they finish. Every started engine is recorded
-(`state.engine_records`), so a restarted daemon adopts it or stops it: no engine is ever left
-holding VRAM. Specs, VRAM arithmetic and pool state are pure functions in `specs`; learned
-start-up times go to the `rates.Rates` the dispatcher reads.
+Each pass (`reconcile`) observes the GPUs, notices engine exits, compares each Ready replica's
+measured VRAM with its estimate (a warning, once per replica, when they differ by more than
+15 %), restarts replicas whose backoff has elapsed, asks `planning.plan` what to start and drain,
+and acts. Starting and draining run as background coroutines that wake the loop when they
+finish. A start is: engine start, wait for health, one warm-up request (a 1-token completion,
+so the first task does not pay the engine's cold start), then Ready. Every started engine is
+recorded (`state.engine_records`), so a restarted daemon adopts it or stops it: no engine is
+ever left holding VRAM. Specs, VRAM arithmetic and pool state are pure functions in `specs`;
+learned start-up times go to the `rates.Rates` the dispatcher reads.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ from reconciler.configuring import AppliedConfig
 from state import desired, drains, engine_records, errors, ids, observed, results, statusfile
 
 log = logs.get("pools")
+WARM_UP_PROMPT = "Hello"
+WARM_UP_MIN_S = 5.0  # the warm-up's time when the ready timeout is nearly spent
+EXIT_WAIT_POLLS = 50  # × 20 ms: how long a broken warm-up waits for the exit status
 
 
 @dataclass
@@ -121,10 +127,12 @@ class PoolRuntime:
         state = self.config.state
         if state is None:
             return
+        observed_at = self.clock.monotonic()
         self.last_snapshot = await asyncio.to_thread(self.observer.observe)
         self._notice_exits()
         for pool_id in [p for p in self.drained if state.pool(p) is None]:
             self.undrain(pool_id, "it is no longer in orch.yaml")
+        self._compare_vram(observed_at)
         wants = []
         for pool in state.pools:
             if pool.engine not in self.plugins.engines:
@@ -199,6 +207,34 @@ class PoolRuntime:
             exit_info = r.engine.poll_exit(r.handle)
             if exit_info is not None:
                 self._crashed(r, exit_info.reason)
+
+    def _compare_vram(self, observed_at: float) -> None:
+        """Warn, once per replica, when NVML measures a Ready replica's process more than 15 %
+        away from its estimate (only readings taken after it was Ready, warm-up done)."""
+        measured = specs.measured_by_pid(self.last_snapshot)
+        for r in self.replicas.values():
+            ready_at = r.life.ready_at
+            if r.vram_warned or r.state != "Ready" or r.handle is None or ready_at is None:
+                continue
+            if ready_at > observed_at:
+                continue
+            used = measured.get(r.handle.pid)
+            off = specs.vram_off(r.vram_mib, used)
+            if off is None:
+                continue
+            r.vram_warned = True
+            logs.emit(
+                log,
+                "replica.vram_mismatch",
+                f"Replica {r.replica_id} uses {used} MiB of VRAM, {off:+.0%} against its "
+                f"estimate of {r.vram_mib} MiB; placement plans with the estimate, so "
+                f"{'GPUs may be overcommitted' if off > 0 else 'room goes unused'}.",
+                level=30,
+                replica_id=r.replica_id,
+                pool_id=r.pool_id,
+                vram_estimated_mib=r.vram_mib,
+                vram_measured_mib=used,
+            )
 
     def _crashed(self, r: fleet.Replica, reason: str) -> None:
         r.handle = None
@@ -291,6 +327,8 @@ class PoolRuntime:
             r.handle = await r.engine.start(r.spec)
             self._write_record(r)
             await r.engine.wait_ready(r.handle, timeout_s=ready_s)
+            left_s = ready_s - (self.clock.monotonic() - began)
+            await self._warm_up(r, timeout_s=max(left_s, WARM_UP_MIN_S))
         except interfaces.EngineStartError as exc:
             if r.handle is not None:
                 with contextlib.suppress(Exception):
@@ -334,6 +372,42 @@ class PoolRuntime:
             pid=r.handle.pid,
         )
         self.wake()
+
+    async def _warm_up(self, r: fleet.Replica, *, timeout_s: float) -> None:
+        """One 1-token completion before Ready: an engine's first request pays for lazy
+        allocations and kernel loading, and it should not be a user's task. Raises
+        EngineStartError (with the exit, when the process died) if it fails."""
+        assert r.handle is not None
+        request = interfaces.GenerateRequest(
+            task_id=f"warm-up-{r.replica_id}", prompt=WARM_UP_PROMPT, max_tokens=1, seed=0
+        )
+        stream = r.engine.generate(r.handle, request)
+        try:
+            async with asyncio.timeout(timeout_s):
+                async for _ in stream:
+                    pass
+        except (interfaces.EngineStreamError, TimeoutError) as exc:
+            ended = await self._exit_soon(r.engine, r.handle)
+            why = ended.reason if ended is not None else str(exc) or "timed out"
+            raise interfaces.EngineStartError(f"warm-up request failed: {why}", exit=ended) from exc
+        finally:
+            closer = getattr(stream, "aclose", None)
+            if closer is not None:
+                with contextlib.suppress(Exception):
+                    await closer()
+
+    @staticmethod
+    async def _exit_soon(
+        engine: interfaces.Engine, handle: interfaces.ReplicaHandle
+    ) -> interfaces.ExitInfo | None:
+        """The exit of a process whose stream just broke: the broken connection usually
+        arrives a moment before the exit status, and the status says why."""
+        for _ in range(EXIT_WAIT_POLLS):
+            ended = engine.poll_exit(handle)
+            if ended is not None:
+                return ended
+            await asyncio.sleep(0.02)
+        return None
 
     def _drain(self, replica_id: ids.ReplicaId, reason: str) -> None:
         r = self.replicas.get(replica_id)

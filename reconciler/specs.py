@@ -10,6 +10,9 @@ VRAM rules:
   outside llama-orch hold (NVML's used minus the per-process figures it reports).
 - Free room for planning (`gpu_rooms`): NVML's free less what replicas still loading will
   take and NVML does not show yet (their estimate minus what their process already holds).
+- An estimate is off (`vram_off`) when NVML measures the replica's process more than
+  `VRAM_TOLERANCE` (15 %) away from it, either way: planning trusts the estimate, so too low
+  overcommits a GPU and too high leaves room unused.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from reconciler import planning
 from state import desired, observed, statusfile
 
 DEFAULT_MODEL_MIB = 1024  # planning size for a model whose file is not there and has no size_mib
+VRAM_TOLERANCE = 0.15
 
 
 def spec_hash(
@@ -106,6 +110,23 @@ def measured_mib(snapshot: observed.GpuSnapshot | None) -> dict[tuple[int, int],
         for gpu in (snapshot.gpus if snapshot else ())
         for proc in gpu.processes
     }
+
+
+def measured_by_pid(snapshot: observed.GpuSnapshot | None) -> dict[int, int]:
+    """NVML's per-process VRAM summed over the GPUs, by pid (a replica's whole use)."""
+    total: dict[int, int] = {}
+    for (_, pid), mib in measured_mib(snapshot).items():
+        total[pid] = total.get(pid, 0) + mib
+    return total
+
+
+def vram_off(estimated_mib: int, measured_mib: int | None) -> float | None:
+    """How far the measure is from the estimate ((measured − estimated) / estimated) when more
+    than VRAM_TOLERANCE either way; None when close enough or not measured."""
+    if measured_mib is None or estimated_mib <= 0:
+        return None
+    off = (measured_mib - estimated_mib) / estimated_mib
+    return off if abs(off) > VRAM_TOLERANCE else None
 
 
 def gpu_rooms(

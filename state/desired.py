@@ -114,12 +114,21 @@ class SimFaults(Strict):
     die_after_tokens: int | None = Field(None, ge=0)
     oom_at_load: bool = False
     ignore_sigterm: bool = False
+    extra_vram_mib: int = Field(
+        0, ge=0, description="book this much more VRAM than the estimate (a wrong estimate)"
+    )
 
 
 class SimOptions(Strict):
     tokens_per_s: float = Field(200.0, gt=0)
     load_s: float = Field(0.0, ge=0)
     first_token_ms: float = Field(5.0, ge=0)
+    first_request_extra_ms: float = Field(
+        0.0,
+        ge=0,
+        description="added to the first token of the first request a replica serves, as a "
+        "real engine's first request pays for lazy allocations and kernel loading",
+    )
     faults: SimFaults = Field(default_factory=SimFaults)
 
 

@@ -1,14 +1,13 @@
-"""The `llamacpp` engine: argv and environment, the VRAM estimate against measured H200 rows,
-binary lookup, the GPU-only refusal and its test-only switch, and a whole replica life through
-a fake `llama-server` (which hands its arguments over to the sim server)."""
+"""The `llamacpp` engine: argv and environment, binary lookup, the GPU-only refusal and its
+test-only switch, a model file that is not GGUF, layers left on the CPU, and a whole replica
+life through a fake `llama-server` (which hands its arguments over to the sim server). The
+VRAM estimate has its own tests (test_llamacpp_vram.py)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
-import math
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,14 +16,9 @@ import pluggy
 import pytest
 
 from plugins import engine_llamacpp, hookspecs, interfaces
+from tests import tiny_gguf
 
-FIXTURES = Path("/work/shared/fixtures/llama-server")
-if not FIXTURES.is_dir():  # the shared folder beside this checkout
-    FIXTURES = Path(__file__).resolve().parents[2] / "shared/fixtures/llama-server"
 PROJECT = Path(__file__).resolve().parents[1]
-MIB = 1024 * 1024
-# The 1B shape of the recorded samples: 16 layers, 32 heads, 8 KV heads of 64.
-GEOMETRY: dict[str, Any] = {"n_layers": 16, "n_head": 32, "n_kv_heads": 8, "head_dim": 64}
 CUDA_LISTING = """\
 ggml_cuda_init: found 1 CUDA devices:
   Device 0: NVIDIA H200, compute capability 9.0, VMM: yes
@@ -48,7 +42,8 @@ def make_spec(
 ) -> interfaces.ReplicaSpec:
     if model_path is None:
         model_path = tmp_path / "tiny.gguf"
-        model_path.write_bytes(b"GGUF")
+        if not model_path.exists():
+            tiny_gguf.write(model_path)
     return interfaces.ReplicaSpec(
         replica_id="chat-0",
         pool_id="chat",
@@ -76,9 +71,10 @@ def executable(path: Path, text: str) -> Path:
     return path
 
 
-def fake_llama_server(folder: Path, *, listing: str) -> Path:
+def fake_llama_server(folder: Path, *, listing: str, log: str = "") -> Path:
     """A `llama-server` that lists `listing` for --list-devices and otherwise writes down its
-    argv and environment, then becomes a sim server with the same slots and context."""
+    argv and environment, prints `log` (as llama.cpp logs loading), then becomes a sim server
+    with the same slots and context."""
     return executable(
         folder / "llama-server",
         f"""#!{sys.executable}
@@ -90,6 +86,7 @@ if args == ["--list-devices"]:
 here = os.path.dirname(os.path.abspath(__file__))
 with open(os.path.join(here, "seen.json"), "w") as f:
     json.dump({{"argv": args, "env": dict(os.environ)}}, f)
+print({log!r}, end="", flush=True)
 value = lambda flag: args[args.index(flag) + 1]
 total, slots = int(value("-c")), int(value("-np"))
 os.environ["PYTHONPATH"] = {str(PROJECT)!r}
@@ -134,6 +131,8 @@ def test_argv_gives_llama_server_the_context_of_all_slots_and_every_layer_on_the
         "--fit",
         "off",
         "--metrics",
+        "-lv",
+        "4",
         "-fa",
         "on",
     ]
@@ -163,61 +162,6 @@ def test_the_child_environment_has_the_mask_in_pci_order_and_no_llama_arg_overri
         "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
         "CUDA_VISIBLE_DEVICES": "1,0",
     }
-
-
-def vram_samples() -> list[dict[str, Any]]:
-    lines = (FIXTURES / "vram-h200-sample.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
-
-
-def logged_mib(row: dict[str, Any], pattern: str) -> float:
-    for line in row["buffers"]:
-        if m := re.search(pattern + r"\s*=\s*([0-9.]+) MiB", line):
-            return float(m.group(1))
-    raise AssertionError(f"no {pattern!r} in the sample")
-
-
-@pytest.mark.parametrize("row", vram_samples(), ids=lambda r: f"ctx{r['ctx']}-fa-{r['fa']}")
-def test_the_estimate_covers_the_measured_vram_of_the_h200_samples(
-    tmp_path: Path, row: dict[str, Any]
-) -> None:
-    spec = make_spec(
-        tmp_path,
-        ctx=row["ctx"],
-        slots=row["slots"],
-        flags=("-fa", row["fa"]),
-        model_size_mib=math.ceil(row["size_bytes"] / MIB),
-        **GEOMETRY,
-    )
-    assert engine_llamacpp.kv_cache_mib(spec) == logged_mib(row, "CUDA0 KV buffer size")
-    compute = logged_mib(row, "CUDA0 compute buffer size")
-    assert compute <= engine_llamacpp.compute_buffer_mib(spec) <= compute + 1
-    measured = row["nvml_after_request"] / MIB
-    estimate = engine_llamacpp.LlamaCppEngine().estimate_vram_mib(spec)
-    assert measured <= estimate <= measured * 1.02
-
-
-def test_without_the_models_geometry_the_kv_cache_is_estimated_per_token(tmp_path: Path) -> None:
-    spec = make_spec(tmp_path, ctx=4096, slots=2)
-    assert engine_llamacpp.kv_cache_mib(spec) == 8192 * engine_llamacpp.DEFAULT_KV_MIB_PER_TOKEN
-    exact = make_spec(tmp_path, ctx=4096, slots=2, **GEOMETRY)
-    per_token = make_spec(tmp_path, ctx=4096, slots=2, kv_mib_per_token=1 / 32)
-    assert engine_llamacpp.kv_cache_mib(per_token) == engine_llamacpp.kv_cache_mib(exact) == 256
-
-
-@pytest.mark.parametrize(
-    ("flags", "on"),
-    [
-        ((), True),
-        (("-fa", "off"), False),
-        (("--flash-attn", "on"), True),
-        (("--flash-attn=off",), False),
-        (("-fa", "auto"), True),
-        (("-fa",), True),
-    ],
-)
-def test_flash_attention_is_read_from_the_pools_flags(flags: tuple[str, ...], on: bool) -> None:
-    assert engine_llamacpp.flash_attention(flags) is on
 
 
 def test_the_configured_binary_is_used_and_a_wrong_one_is_refused(tmp_path: Path) -> None:
@@ -333,6 +277,74 @@ async def test_a_replica_lives_through_a_fake_cuda_llama_server(
     assert seen["env"]["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
     assert not [k for k in seen["env"] if k.startswith("LLAMA_ARG_")]
     assert handle.log_path.read_text().startswith("# llama-orch: " + str(binary))
+
+
+async def test_a_model_file_that_is_not_gguf_is_refused_before_anything_starts(
+    tmp_path: Path,
+) -> None:
+    binary = fake_llama_server(tmp_path / "cuda", listing=CUDA_LISTING)
+    model = tmp_path / "model.gguf"
+    model.write_bytes(tiny_gguf.write(tmp_path / "whole.gguf").read_bytes()[:3000])
+    spec = make_spec(tmp_path, model_path=model, binary=str(binary))
+    with pytest.raises(interfaces.EngineStartError) as caught:
+        await engine_llamacpp.LlamaCppEngine().start(spec)
+    assert "model file is not a usable GGUF" in caught.value.reason
+    assert f"{model}: cut short in the metadata" in caught.value.reason
+    assert "models.tiny.digest" in caught.value.reason
+    assert not (spec.state_dir / "engines").exists()
+
+
+LOADED_17_OF_17 = (
+    "load_tensors: offloading 16 repeating layers to GPU\n"
+    "load_tensors: offloading output layer to GPU\n"
+    "load_tensors: offloaded 17/17 layers to GPU\n"
+    "load_tensors:        CUDA0 model buffer size =  1857.27 MiB\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("log", "allowed", "refused"),
+    [
+        (LOADED_17_OF_17, False, False),
+        (LOADED_17_OF_17.replace("17/17", "12/17"), False, True),
+        (LOADED_17_OF_17.replace("17/17", "12/17"), True, False),  # the test-only switch
+        ("", False, False),  # no line (verbosity lowered by the pool): a warning, not a refusal
+    ],
+)
+async def test_a_load_that_leaves_layers_on_the_cpu_fails_the_start(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    log: str,
+    allowed: bool,
+    refused: bool,
+) -> None:
+    if allowed:
+        monkeypatch.setenv(engine_llamacpp.ALLOW_CPU_ENV, "1")
+    binary = fake_llama_server(tmp_path / "cuda", listing=CUDA_LISTING, log=log)
+    engine = engine_llamacpp.LlamaCppEngine()
+    handle = await engine.start(make_spec(tmp_path, binary=str(binary)))
+    try:
+        if refused:
+            with pytest.raises(interfaces.EngineStartError) as caught:
+                await engine.wait_ready(handle, timeout_s=10)
+            reason = caught.value.reason
+            assert "left 5 of 17 layers on the CPU (offloaded 12/17 layers to GPU)" in reason
+            assert "HME-013" in reason and "-ngl" in reason
+        else:
+            with caplog.at_level(logging.WARNING, logger=engine_llamacpp.__name__):
+                await engine.wait_ready(handle, timeout_s=10)
+            unconfirmed = "cannot confirm every layer is on the GPU"
+            assert any(unconfirmed in r.getMessage() for r in caplog.records) == (not log)
+    finally:
+        await engine.stop(handle, grace_s=2)
+
+
+def test_the_offload_count_is_the_last_one_llama_cpp_logged() -> None:
+    assert engine_llamacpp.offloaded_layers(LOADED_17_OF_17) == (17, 17)
+    twice = "load_tensors: offloaded 0/33 layers to GPU\n" + LOADED_17_OF_17
+    assert engine_llamacpp.offloaded_layers(twice) == (17, 17)
+    assert engine_llamacpp.offloaded_layers("llama_model_load: error loading model") is None
 
 
 def test_list_devices_output_is_read_as_device_lines() -> None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import time
 from typing import Any
 
 import pytest
 
-from reconciler import clocks
+from reconciler import cli_status, clocks, probing
 from reconciler import daemon as daemons
 from tests.conftest import Workspace, config, task, wait_for, wait_terminal
 
@@ -280,3 +281,72 @@ async def test_an_idle_daemon_does_not_wake_itself_by_reading_its_own_files(
     await asyncio.sleep(2.0)
     # the resync wakes it about twice; reading orch.yaml (an inotify open/close) must not
     assert passes <= 4, f"{passes} passes in 2 s while idle"
+
+
+async def test_the_warm_up_request_absorbs_the_engines_slow_first_request(
+    workspace: Workspace, serve: Any
+) -> None:
+    cfg = config()
+    cfg["pools"][0]["sim"] = {
+        "tokens_per_s": 400,
+        "first_token_ms": 5,
+        "first_request_extra_ms": 800,
+    }
+    workspace.write_config(cfg)
+    await serve()
+    first_token_ms = []
+    for n in range(3):
+        workspace.submit(f"w{n}.task.yaml", task(f"w{n}", max_tokens=2))
+        result = await wait_terminal(workspace, f"w{n}")
+        assert result["status"] == "succeeded"
+        first_token_ms.append(result["timings"]["first_token_ms"])
+    # without the warm-up the first task would wait 800 ms more than the others
+    assert first_token_ms[0] < 400
+    assert first_token_ms[0] <= max(first_token_ms[1:]) + 100
+
+
+async def test_a_replica_measured_far_from_its_estimate_is_warned_about_once(
+    workspace: Workspace, serve: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="llama_orch")
+    cfg = config()
+    cfg["pools"][0]["sim"] = {"faults": {"extra_vram_mib": 1200}}  # books 1200 MiB too many
+    cfg["pools"].append({"id": "p2", "engine": "sim", "model": "m1", "ctx": 512, "slots": 1})
+    workspace.write_config(cfg)
+    await serve(resync_s=0.05)
+
+    def warnings() -> list[Any]:
+        return [
+            r for r in caplog.records if getattr(r, "orch_event", "") == "replica.vram_mismatch"
+        ]
+
+    await wait_for(lambda: warnings(), 10, "the VRAM warning")
+    await asyncio.sleep(0.5)  # several more passes: still one warning
+    [warning] = warnings()
+    assert warning.levelname == "WARNING"
+    assert warning.orch_fields["replica_id"] == "p1-0"  # type: ignore[attr-defined]
+    row = _pool(workspace, "p1")["replicas"][0]
+    assert row["vram_measured_mib"] == row["vram_estimated_mib"] + 1200
+    assert warning.getMessage() == (
+        f"Replica p1-0 uses {row['vram_measured_mib']} MiB of VRAM, +61% against its estimate "
+        f"of {row['vram_estimated_mib']} MiB; placement plans with the estimate, so GPUs may be "
+        "overcommitted."
+    )
+    other = _pool(workspace, "p2")["replicas"][0]
+    assert other["vram_measured_mib"] == other["vram_estimated_mib"]  # the sim's own footprint
+    table = cli_status.table(probing.probe(workspace.root / ".orch"), now=time.time())
+    shown = f"vram {row['vram_estimated_mib']} est/{row['vram_measured_mib']} used MiB"
+    assert shown in next(line for line in table.splitlines() if "p1-0" in line)
+
+
+async def test_an_engine_that_dies_on_its_warm_up_request_never_becomes_ready(
+    workspace: Workspace, serve: Any
+) -> None:
+    cfg = config()
+    cfg["pools"][0]["sim"] = {"faults": {"die_after_tokens": 0}}
+    workspace.write_config(cfg)
+    await serve(ready=False)
+    await wait_for(lambda: _pool(workspace, "p1")["replicas"][0]["last_error"], 10, "a failure")
+    replica = _pool(workspace, "p1")["replicas"][0]
+    assert replica["state"] != "Ready"
+    assert replica["last_error"].startswith("warm-up request failed: exit code 134: sim: fault")

@@ -395,3 +395,19 @@ def test_the_estimate_is_weights_plus_kv_for_every_slot_plus_overhead(tmp_path: 
     spec = make_spec(tmp_path, ctx=4096, slots=4, model_size_mib=400)
     assert engine.estimate_vram_mib(spec) == 400 + 4096 * 4 // 16 + 700
     assert engine.estimate_vram_mib(replace(spec, slots=8)) > engine.estimate_vram_mib(spec)
+
+
+async def test_the_first_request_pays_first_request_extra_ms_once(sims: Replicas) -> None:
+    handle = await sims.ready(first_request_extra_ms=400, first_token_ms=5)
+
+    async def first_token_s() -> float:
+        began = time.monotonic()
+        stream = sims.engine.generate(handle, request(max_tokens=2))
+        await anext(stream)
+        taken = time.monotonic() - began
+        async for _ in stream:
+            pass
+        return taken
+
+    assert await first_token_s() >= 0.4  # the cold start the daemon's warm-up absorbs
+    assert await first_token_s() < 0.2
