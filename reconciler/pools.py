@@ -21,9 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from plugins import interfaces, registry, resolvers
+from plugins import interfaces, registry
 from reconciler import (
     admission,
+    booting,
     clocks,
     fleet,
     logs,
@@ -34,12 +35,9 @@ from reconciler import (
     supervision,
 )
 from reconciler.configuring import AppliedConfig
-from state import desired, drains, engine_records, errors, ids, observed, results, statusfile
+from state import desired, drains, engine_records, ids, observed, results, statusfile
 
 log = logs.get("pools")
-WARM_UP_PROMPT = "Hello"
-WARM_UP_MIN_S = 5.0  # the warm-up's time when the ready timeout is nearly spent
-EXIT_WAIT_POLLS = 50  # × 20 ms: how long a broken warm-up waits for the exit status
 
 
 @dataclass
@@ -206,7 +204,7 @@ class PoolRuntime:
                 continue
             exit_info = r.engine.poll_exit(r.handle)
             if exit_info is not None:
-                self._crashed(r, exit_info.reason)
+                self.crashed(r, exit_info.reason)
 
     def _compare_vram(self, observed_at: float) -> None:
         """Warn, once per replica, when NVML measures a Ready replica's process more than 15 %
@@ -236,10 +234,10 @@ class PoolRuntime:
                 vram_measured_mib=used,
             )
 
-    def _crashed(self, r: fleet.Replica, reason: str) -> None:
+    def crashed(self, r: fleet.Replica, reason: str) -> None:
         r.handle = None
         r.leases.clear()  # the process is gone, and the slots with it
-        self._forget_record(r.replica_id)
+        self.forget_record(r.replica_id)
         now = self.clock.monotonic()
         r.life.exited(reason, now)
         if r.state == "Stopped":
@@ -278,7 +276,7 @@ class PoolRuntime:
                 continue
             r.spec = self.spec_for(pool, state, r.replica_id, r.spec.devices)
             r.life.restarting(now)
-            r.job = asyncio.get_running_loop().create_task(self._boot(r))
+            r.job = asyncio.get_running_loop().create_task(booting.boot(self, r))
 
     def _start(
         self, pool: desired.PoolSpec, state: desired.DesiredState, action: planning.Start
@@ -302,112 +300,7 @@ class PoolRuntime:
             devices=list(spec.devices),
             vram_estimated_mib=action.vram_mib,
         )
-        r.job = asyncio.get_running_loop().create_task(self._boot(r))
-
-    async def _boot(self, r: fleet.Replica) -> None:
-        state = self.config.state
-        ready_s = state.timeouts.ready_s if state else 120.0
-        began = self.clock.monotonic()
-        try:
-            untrusted = await asyncio.to_thread(
-                resolvers.verify, r.spec.model_path, r.spec.model_digest
-            )
-            if untrusted:
-                r.life.give_up(untrusted, self.clock.monotonic())
-                logs.emit(
-                    log,
-                    "replica.untrusted",
-                    f"Replica {r.replica_id} not started: {untrusted}.",
-                    level=40,
-                    replica_id=r.replica_id,
-                    pool_id=r.pool_id,
-                )
-                self.wake()
-                return
-            r.handle = await r.engine.start(r.spec)
-            self._write_record(r)
-            await r.engine.wait_ready(r.handle, timeout_s=ready_s)
-            left_s = ready_s - (self.clock.monotonic() - began)
-            await self._warm_up(r, timeout_s=max(left_s, WARM_UP_MIN_S))
-        except interfaces.EngineStartError as exc:
-            if r.handle is not None:
-                with contextlib.suppress(Exception):
-                    await r.engine.stop(r.handle, grace_s=1.0)
-            self._crashed(r, exc.reason)
-            return
-        except errors.EnvironmentMissing as exc:
-            r.handle = None
-            # A missing driver or binary will not fix itself by restarting: open the
-            # breaker at once (a config edit replaces the replica and starts afresh).
-            r.life.give_up(exc.what, self.clock.monotonic())
-            logs.emit(
-                log,
-                "replica.environment",
-                f"Replica {r.replica_id} cannot start: {exc.what}",
-                level=40,
-                replica_id=r.replica_id,
-                fix=exc.fix,
-            )
-            self.wake()
-            return
-        except asyncio.CancelledError:
-            if r.handle is not None:
-                with contextlib.suppress(Exception):
-                    await r.engine.stop(r.handle, grace_s=1.0)
-                self._forget_record(r.replica_id)
-            raise
-        r.ready_ms = (self.clock.monotonic() - began) * 1000
-        # read before Ready, so the first task on the replica already reports the version
-        with contextlib.suppress(Exception):  # shown, not required
-            info = await asyncio.wait_for(r.engine.describe(r.handle), 5.0)
-            self.versions[r.replica_id] = info.engine_version
-        self.rates.started(r.pool_id, r.ready_ms)
-        r.life.ready(self.clock.monotonic())
-        logs.emit(
-            log,
-            "replica.ready",
-            f"Replica {r.replica_id} is Ready (pid {r.handle.pid}, {r.ready_ms:.0f} ms).",
-            replica_id=r.replica_id,
-            pool_id=r.pool_id,
-            pid=r.handle.pid,
-        )
-        self.wake()
-
-    async def _warm_up(self, r: fleet.Replica, *, timeout_s: float) -> None:
-        """One 1-token completion before Ready: an engine's first request pays for lazy
-        allocations and kernel loading, and it should not be a user's task. Raises
-        EngineStartError (with the exit, when the process died) if it fails."""
-        assert r.handle is not None
-        request = interfaces.GenerateRequest(
-            task_id=f"warm-up-{r.replica_id}", prompt=WARM_UP_PROMPT, max_tokens=1, seed=0
-        )
-        stream = r.engine.generate(r.handle, request)
-        try:
-            async with asyncio.timeout(timeout_s):
-                async for _ in stream:
-                    pass
-        except (interfaces.EngineStreamError, TimeoutError) as exc:
-            ended = await self._exit_soon(r.engine, r.handle)
-            why = ended.reason if ended is not None else str(exc) or "timed out"
-            raise interfaces.EngineStartError(f"warm-up request failed: {why}", exit=ended) from exc
-        finally:
-            closer = getattr(stream, "aclose", None)
-            if closer is not None:
-                with contextlib.suppress(Exception):
-                    await closer()
-
-    @staticmethod
-    async def _exit_soon(
-        engine: interfaces.Engine, handle: interfaces.ReplicaHandle
-    ) -> interfaces.ExitInfo | None:
-        """The exit of a process whose stream just broke: the broken connection usually
-        arrives a moment before the exit status, and the status says why."""
-        for _ in range(EXIT_WAIT_POLLS):
-            ended = engine.poll_exit(handle)
-            if ended is not None:
-                return ended
-            await asyncio.sleep(0.02)
-        return None
+        r.job = asyncio.get_running_loop().create_task(booting.boot(self, r))
 
     def _drain(self, replica_id: ids.ReplicaId, reason: str) -> None:
         r = self.replicas.get(replica_id)
@@ -426,30 +319,7 @@ class PoolRuntime:
             pool_id=r.pool_id,
             reason=reason,
         )
-        r.job = asyncio.get_running_loop().create_task(self._retire(r))
-
-    async def _retire(self, r: fleet.Replica) -> None:
-        state = self.config.state
-        drain_s = state.timeouts.drain_s if state else 30.0
-        if (requested := self.drained.get(r.pool_id)) is not None:
-            drain_s = requested.deadline_ms / 1000
-        grace_s = state.timeouts.stop_grace_s if state else 10.0
-        deadline = self.clock.monotonic() + drain_s
-        while r.leases and self.clock.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        if r.handle is not None:
-            exit_info = await r.engine.stop(r.handle, grace_s=grace_s)
-            logs.emit(
-                log,
-                "replica.stopped",
-                f"Stopped replica {r.replica_id} ({exit_info.reason}).",
-                replica_id=r.replica_id,
-                pool_id=r.pool_id,
-            )
-        self._forget_record(r.replica_id)
-        r.handle = None
-        self.replicas.pop(r.replica_id, None)
-        self.wake()
+        r.job = asyncio.get_running_loop().create_task(booting.retire(self, r))
 
     # -- drains requested over HTTP (state.drains) --------------------------------------------
 
@@ -502,7 +372,7 @@ class PoolRuntime:
 
     # -- engine records: adoption after a daemon restart -----------------------------------
 
-    def _write_record(self, r: fleet.Replica) -> None:
+    def write_record(self, r: fleet.Replica) -> None:
         assert r.handle is not None
         record = engine_records.EngineRecord(
             replica_id=r.replica_id,
@@ -518,7 +388,7 @@ class PoolRuntime:
         )
         engine_records.write(self.state_dir, record)
 
-    def _forget_record(self, replica_id: str) -> None:
+    def forget_record(self, replica_id: str) -> None:
         engine_records.forget(self.state_dir, replica_id)
 
     async def shutdown(self) -> None:
@@ -531,7 +401,7 @@ class PoolRuntime:
         async def stop(r: fleet.Replica) -> None:
             if r.handle is not None:
                 await r.engine.stop(r.handle, grace_s=grace)
-            self._forget_record(r.replica_id)
+            self.forget_record(r.replica_id)
 
         await asyncio.gather(*(stop(r) for r in self.replicas.values()), return_exceptions=True)
         self.replicas.clear()

@@ -137,7 +137,7 @@ def test_a_late_release_from_a_crashed_process_frees_no_slot_of_its_successor(
     replica = fleet.Replica("p1-0", "p1", spec, cast(Any, None), 100, life, handle=handle(1))
     runtime.replicas["p1-0"] = replica
     old = runtime.lease("p1-0")
-    runtime._crashed(replica, "killed")  # the engine died under the task
+    runtime.crashed(replica, "killed")  # the engine died under the task
     clock.advance(5)
     replica.handle = handle(2)  # restarted: a new process, its one slot free
     replica.life.restarting(clock.monotonic())

@@ -1,0 +1,163 @@
+"""Bringing one replica up and taking it down.
+
+Up, `boot(runtime, replica)`: the model file's digest checked, the engine spawned and
+recorded (so a restarted daemon can adopt or stop it), its health waited for, one warm-up
+request, then Ready; failures go back to the runtime's supervision (`crashed`). Down,
+`retire(runtime, replica)`: in-flight tasks given the drain time, then the engine stopped and
+its record forgotten. The pool runtime starts both as background coroutines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import TYPE_CHECKING
+
+from plugins import interfaces, resolvers
+from reconciler import fleet, logs
+from state import errors
+
+if TYPE_CHECKING:
+    from reconciler import pools
+
+log = logs.get("pools")
+
+WARM_UP_PROMPT = "Hello"
+WARM_UP_MIN_S = 5.0  # the warm-up's time when the ready timeout is nearly spent
+EXIT_WAIT_POLLS = 50  # × 20 ms: how long a broken warm-up waits for the exit status
+
+
+async def boot(runtime: pools.PoolRuntime, r: fleet.Replica) -> None:
+    """Start one replica: verify its model file, spawn the engine, record it, wait for
+    health, warm it up, then mark it Ready (or hand the failure to supervision)."""
+    state = runtime.config.state
+    ready_s = state.timeouts.ready_s if state else 120.0
+    began = runtime.clock.monotonic()
+    try:
+        untrusted = await asyncio.to_thread(
+            resolvers.verify, r.spec.model_path, r.spec.model_digest
+        )
+        if untrusted:
+            r.life.give_up(untrusted, runtime.clock.monotonic())
+            logs.emit(
+                log,
+                "replica.untrusted",
+                f"Replica {r.replica_id} not started: {untrusted}.",
+                level=40,
+                replica_id=r.replica_id,
+                pool_id=r.pool_id,
+            )
+            runtime.wake()
+            return
+        r.handle = await r.engine.start(r.spec)
+        runtime.write_record(r)
+        await r.engine.wait_ready(r.handle, timeout_s=ready_s)
+        left_s = ready_s - (runtime.clock.monotonic() - began)
+        await warm_up(r, timeout_s=max(left_s, WARM_UP_MIN_S))
+    except interfaces.EngineStartError as exc:
+        if r.handle is not None:
+            with contextlib.suppress(Exception):
+                await r.engine.stop(r.handle, grace_s=1.0)
+        runtime.crashed(r, exc.reason)
+        return
+    except errors.EnvironmentMissing as exc:
+        r.handle = None
+        # A missing driver or binary will not fix itself by restarting: open the
+        # breaker at once (a config edit replaces the replica and starts afresh).
+        r.life.give_up(exc.what, runtime.clock.monotonic())
+        logs.emit(
+            log,
+            "replica.environment",
+            f"Replica {r.replica_id} cannot start: {exc.what}",
+            level=40,
+            replica_id=r.replica_id,
+            fix=exc.fix,
+        )
+        runtime.wake()
+        return
+    except asyncio.CancelledError:
+        if r.handle is not None:
+            with contextlib.suppress(Exception):
+                await r.engine.stop(r.handle, grace_s=1.0)
+            runtime.forget_record(r.replica_id)
+        raise
+    r.ready_ms = (runtime.clock.monotonic() - began) * 1000
+    # read before Ready, so the first task on the replica already reports the version
+    with contextlib.suppress(Exception):  # shown, not required
+        info = await asyncio.wait_for(r.engine.describe(r.handle), 5.0)
+        runtime.versions[r.replica_id] = info.engine_version
+    runtime.rates.started(r.pool_id, r.ready_ms)
+    r.life.ready(runtime.clock.monotonic())
+    logs.emit(
+        log,
+        "replica.ready",
+        f"Replica {r.replica_id} is Ready (pid {r.handle.pid}, {r.ready_ms:.0f} ms).",
+        replica_id=r.replica_id,
+        pool_id=r.pool_id,
+        pid=r.handle.pid,
+    )
+    runtime.wake()
+
+
+async def warm_up(r: fleet.Replica, *, timeout_s: float) -> None:
+    """One 1-token completion before Ready: an engine's first request pays for lazy
+    allocations and kernel loading, and it should not be a user's task. Raises
+    EngineStartError (with the exit, when the process died) if it fails."""
+    assert r.handle is not None
+    request = interfaces.GenerateRequest(
+        task_id=f"warm-up-{r.replica_id}", prompt=WARM_UP_PROMPT, max_tokens=1, seed=0
+    )
+    stream = r.engine.generate(r.handle, request)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for _ in stream:
+                pass
+    except (interfaces.EngineStreamError, TimeoutError) as exc:
+        ended = await exit_soon(r.engine, r.handle)
+        why = ended.reason if ended is not None else str(exc) or "timed out"
+        raise interfaces.EngineStartError(f"warm-up request failed: {why}", exit=ended) from exc
+    finally:
+        closer = getattr(stream, "aclose", None)
+        if closer is not None:
+            with contextlib.suppress(Exception):
+                await closer()
+
+
+async def exit_soon(
+    engine: interfaces.Engine, handle: interfaces.ReplicaHandle
+) -> interfaces.ExitInfo | None:
+    """The exit of a process whose stream just broke: the broken connection usually
+    arrives a moment before the exit status, and the status says why."""
+    for _ in range(EXIT_WAIT_POLLS):
+        ended = engine.poll_exit(handle)
+        if ended is not None:
+            return ended
+        await asyncio.sleep(0.02)
+    return None
+
+
+async def retire(runtime: pools.PoolRuntime, r: fleet.Replica) -> None:
+    """Take one replica down: no new leases (the runtime stopped giving them), in-flight
+    tasks given the drain time (a requested drain's own deadline wins), then SIGTERM, grace,
+    SIGKILL; its record forgotten."""
+    state = runtime.config.state
+    drain_s = state.timeouts.drain_s if state else 30.0
+    if (requested := runtime.drained.get(r.pool_id)) is not None:
+        drain_s = requested.deadline_ms / 1000
+    grace_s = state.timeouts.stop_grace_s if state else 10.0
+    deadline = runtime.clock.monotonic() + drain_s
+    while r.leases and runtime.clock.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if r.handle is not None:
+        exit_info = await r.engine.stop(r.handle, grace_s=grace_s)
+        logs.emit(
+            log,
+            "replica.stopped",
+            f"Stopped replica {r.replica_id} ({exit_info.reason}).",
+            replica_id=r.replica_id,
+            pool_id=r.pool_id,
+        )
+    runtime.forget_record(r.replica_id)
+    r.handle = None
+    runtime.replicas.pop(r.replica_id, None)
+    runtime.wake()
