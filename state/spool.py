@@ -155,7 +155,15 @@ def claim(spool: Spool, name: str) -> Path | None:
     source, target = spool.incoming / name, spool.active / name
     try:
         os.link(source, target, follow_symlinks=False)  # unlike rename, never replaces
-    except (FileNotFoundError, FileExistsError):
+    except FileNotFoundError:
+        return None
+    except FileExistsError:
+        if _same_file(source, target):
+            # a claim cut short between link and unlink (the daemon was killed): active/
+            # already holds this very file, so the incoming name is only a leftover
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(source)
+            atomic.fsync_dir(spool.incoming)
         return None
     except OSError:
         # A folder cannot be hard-linked, nor (fs.protected_hardlinks) another user's file.
@@ -171,6 +179,14 @@ def claim(spool: Spool, name: str) -> Path | None:
     atomic.fsync_dir(spool.active)
     atomic.fsync_dir(spool.incoming)
     return target
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        sa, sb = os.lstat(a), os.lstat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 def finish(spool: Spool, name: str, *, failed: bool = False) -> Path | None:

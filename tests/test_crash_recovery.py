@@ -224,3 +224,20 @@ def _wait_for_records(folder: Path, timeout: float = 15.0) -> None:
             return
         time.sleep(0.05)
     raise AssertionError("no engine record appeared")
+
+
+def test_a_claim_cut_between_link_and_unlink_runs_the_task_once_and_refuses_nothing(
+    workspace: Workspace,
+) -> None:
+    """A kill after claim's link and before its unlink leaves one file under two names; the
+    restarted daemon runs the task from active/ and drops the incoming leftover."""
+    path = workspace.submit("cut.task.yaml", task("cut", max_tokens=4))
+    os.link(path, workspace.spool.active / path.name)  # as the claim left it
+    second = _serve(workspace, failpoint=None, exit_when_idle=True)
+    assert second.wait(timeout=60) == 0
+    result = workspace.result("cut")
+    assert result is not None and result["status"] == "succeeded"
+    assert list(workspace.spool.incoming.iterdir()) == []
+    assert list(workspace.spool.failed.iterdir()) == []  # no DUPLICATE_TASK_ID
+    frames = list(events.read(workspace.root / "results" / "cut.events.jsonl"))
+    assert [f.event for f in frames].count("started") == 1
