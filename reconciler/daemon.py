@@ -27,6 +27,7 @@ from reconciler import (
     api_page,
     api_pools,
     api_tasks,
+    cancelling,
     cataloging,
     clocks,
     configuring,
@@ -53,7 +54,6 @@ from state import (
     errors,
     ids,
     loading,
-    observed,
     results,
     sessions,
     spool,
@@ -65,7 +65,6 @@ log = logs.get("daemon")
 
 RESYNC_S = 2.0
 INTAKE_PER_PASS = 64
-CANCEL_WINDOW_S = 30.0  # how far a cancel request may race ahead of its task file
 SESSION_SWEEP_S = 5.0  # how often session files are swept for expired sessions
 
 
@@ -353,7 +352,9 @@ class Daemon:
         self._intake()
         # after intake, before dispatch: a task cancelled while still in incoming/ is queued
         # here and removed before it can start
-        self._cancels()
+        cancelling.apply(
+            the_spool=self.spool, store=self.results, dispatcher=self.dispatcher, clock=self.clock
+        )
         if self.clock.monotonic() >= self._next_sweep:  # reads every session file: not per pass
             self._next_sweep = self.clock.monotonic() + SESSION_SWEEP_S
             self.dispatcher.sweep_sessions()
@@ -367,46 +368,6 @@ class Daemon:
             and self.pools.settled()
         )
 
-    def _cancels(self) -> None:
-        """Apply the cancel requests in spool/cancel/. A request is consumed only once its
-        task's terminal result is written, so a crash between acknowledging a cancel and
-        finishing the task cannot lose it. A request names a task by id alone, so it applies
-        only to a task delivered no later than CANCEL_WINDOW_S after the request was written
-        (a cancel may race ahead of its task file by that much); a task first seen later is
-        a new task that happens to reuse the id, and the old request is dropped."""
-        now = self.clock.now()
-        for name in spool.cancel_requests(self.spool):
-            task_id = ids.TaskId(name)
-            written = self._mtime(self.spool.cancel / task_id)
-            if written is None:
-                continue
-            run = self.dispatcher.runs.get(task_id)
-            if run is not None:
-                delivered = self._mtime(self.spool.active / run.file_name) or now
-                if delivered > written + CANCEL_WINDOW_S:
-                    self._drop_cancel(task_id, "its task arrived after the request's window")
-                    continue
-                if self.dispatcher.cancel(task_id):
-                    logs.emit(
-                        log, "task.cancel", f"Cancel of task {task_id} requested.", **run.log_ids
-                    )
-                    failpoints.hit("after_cancel_ack")
-                if run.result.terminal:  # a queued task is finished at once
-                    spool.consume_cancel(self.spool, task_id)
-                continue  # a running one: consumed once its canceled result is written
-            existing = self.results.read(task_id) if self.results.exists(task_id) else None
-            if existing is not None and existing.terminal:
-                spool.consume_cancel(self.spool, task_id)
-                if existing.status == "canceled":
-                    logs.emit(
-                        log,
-                        "task.canceled",
-                        f"Cancel of task {task_id} done.",
-                        task_id=task_id,
-                    )
-            elif now - written > CANCEL_WINDOW_S:
-                self._drop_cancel(task_id, f"no task {task_id!r} arrived within its window")
-
     def cancel(self, task_id: ids.TaskId) -> str:
         """Cancel a live task by id at once (idempotent); what happened, for a caller that
         already made the request durable. Returns canceled, already <status> or unknown."""
@@ -414,22 +375,6 @@ class Daemon:
             return "canceled"
         existing = self.results.read(task_id) if self.results.exists(task_id) else None
         return f"already {existing.status}" if existing and existing.terminal else "unknown"
-
-    def _drop_cancel(self, task_id: str, why: str) -> None:
-        spool.consume_cancel(self.spool, task_id)
-        logs.emit(
-            log,
-            "task.cancel_dropped",
-            f"Dropped the cancel request for {task_id}: {why} ({CANCEL_WINDOW_S:.0f} s).",
-            task_id=task_id,
-        )
-
-    @staticmethod
-    def _mtime(path: Path) -> float | None:
-        try:
-            return path.stat().st_mtime
-        except OSError:
-            return None
 
     def _intake(self) -> None:
         names = spool.incoming_names(self.spool)
@@ -545,15 +490,10 @@ class Daemon:
                 url=self.server.url if self.server is not None and not stopping else None,
                 stopped_at=clocks.rfc3339(self.clock.now()) if stopping else None,
             ),
-            config=statusfile.ConfigRow(
-                path=str(config.path),
-                revision=config.revision,
-                applied_at=config.applied_at,
-                errors=[
-                    statusfile.ConfigErrorRow(**e.as_dict(), text=str(e)) for e in config.errors
-                ],
+            config=statusfile.config_row(
+                str(config.path), config.revision, config.applied_at, config.errors
             ),
-            gpus=[_gpu_row(g) for g in (snapshot.gpus if snapshot else ())],
+            gpus=[statusfile.gpu_row(g) for g in (snapshot.gpus if snapshot else ())],
             pools=self.pools.status_rows(stopping=stopping),
             queue=self.dispatcher.queue_row(),
         )
@@ -567,22 +507,6 @@ class Daemon:
             self._last_status = raw
         except OSError as exc:
             logs.emit(log, "status.unwritable", f"Could not write status.json: {exc}", level=40)
-
-
-def _gpu_row(g: observed.Gpu) -> statusfile.GpuRow:
-    return statusfile.GpuRow(
-        index=g.index,
-        uuid=g.uuid,
-        name=g.name,
-        vram_total_mib=g.vram_total_mib,
-        vram_used_mib=g.vram_used_mib,
-        vram_free_mib=g.vram_free_mib,
-        utilization_pct=g.utilization_pct,
-        temperature_c=g.temperature_c,
-        simulated=g.simulated,
-        processes=[statusfile.GpuProcessRow(pid=p.pid, used_mib=p.used_mib) for p in g.processes],
-        error=g.error,
-    )
 
 
 def _peek(path: Path) -> object:

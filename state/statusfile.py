@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from state import loading, observed
+
 ReplicaState = Literal["Starting", "Ready", "Draining", "BackingOff", "Failed", "Stopped"]
 PoolState = Literal["Ready", "Progressing", "Unschedulable", "Failed", "Stopped"]
 DaemonState = Literal["running", "stopped"]
@@ -110,3 +112,30 @@ class StatusFile(_Row):
     gpus: list[GpuRow] = Field(default_factory=list)
     pools: list[PoolRow] = Field(default_factory=list)
     queue: QueueRow
+
+
+def config_row(
+    path: str, revision: str | None, applied_at: str | None, errors: list[loading.LoadError]
+) -> ConfigRow:
+    return ConfigRow(
+        path=path,
+        revision=revision,
+        applied_at=applied_at,
+        errors=[ConfigErrorRow(**e.as_dict(), text=str(e)) for e in errors],
+    )
+
+
+def gpu_row(g: observed.Gpu) -> GpuRow:
+    return GpuRow(
+        index=g.index,
+        uuid=g.uuid,
+        name=g.name,
+        vram_total_mib=g.vram_total_mib,
+        vram_used_mib=g.vram_used_mib,
+        vram_free_mib=g.vram_free_mib,
+        utilization_pct=g.utilization_pct,
+        temperature_c=g.temperature_c,
+        simulated=g.simulated,
+        processes=[GpuProcessRow(pid=p.pid, used_mib=p.used_mib) for p in g.processes],
+        error=g.error,
+    )

@@ -43,6 +43,7 @@ IO_LIBRARIES = {
 }
 IO_MODULES = {
     "reconciler.adoption",
+    "reconciler.cancelling",
     "reconciler.booting",
     "reconciler.api",
     "reconciler.api_auth",

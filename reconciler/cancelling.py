@@ -1,0 +1,82 @@
+"""Cancel requests: the files in spool/cancel/, applied on every pass (after intake, before
+dispatch, so a task canceled while still in incoming/ never starts).
+
+Rules: a request is consumed only once its task's terminal result is written, so a crash
+between acknowledging a cancel and finishing the task cannot lose it. A request names a task by
+id alone, so it applies only to a task delivered no later than CANCEL_WINDOW_S after the
+request was written (a cancel may race ahead of its task file by that much); a task first seen
+later is a new task that happens to reuse the id, and the old request is dropped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from reconciler import clocks, dispatch, failpoints, logs
+from state import ids, results, spool
+
+log = logs.get("daemon")
+
+CANCEL_WINDOW_S = 30.0  # how far a cancel request may race ahead of its task file
+
+
+def apply(
+    *,
+    the_spool: spool.Spool,
+    store: results.ResultStore,
+    dispatcher: dispatch.Dispatcher,
+    clock: clocks.Clock,
+) -> None:
+    """Apply the cancel requests in spool/cancel/. A request is consumed only once its
+    task's terminal result is written, so a crash between acknowledging a cancel and
+    finishing the task cannot lose it. A request names a task by id alone, so it applies
+    only to a task delivered no later than CANCEL_WINDOW_S after the request was written
+    (a cancel may race ahead of its task file by that much); a task first seen later is
+    a new task that happens to reuse the id, and the old request is dropped."""
+    now = clock.now()
+    for name in spool.cancel_requests(the_spool):
+        task_id = ids.TaskId(name)
+        written = _mtime(the_spool.cancel / task_id)
+        if written is None:
+            continue
+        run = dispatcher.runs.get(task_id)
+        if run is not None:
+            delivered = _mtime(the_spool.active / run.file_name) or now
+            if delivered > written + CANCEL_WINDOW_S:
+                _drop(the_spool, task_id, "its task arrived after the request's window")
+                continue
+            if dispatcher.cancel(task_id):
+                logs.emit(log, "task.cancel", f"Cancel of task {task_id} requested.", **run.log_ids)
+                failpoints.hit("after_cancel_ack")
+            if run.result.terminal:  # a queued task is finished at once
+                spool.consume_cancel(the_spool, task_id)
+            continue  # a running one: consumed once its canceled result is written
+        existing = store.read(task_id) if store.exists(task_id) else None
+        if existing is not None and existing.terminal:
+            spool.consume_cancel(the_spool, task_id)
+            if existing.status == "canceled":
+                logs.emit(
+                    log,
+                    "task.canceled",
+                    f"Cancel of task {task_id} done.",
+                    task_id=task_id,
+                )
+        elif now - written > CANCEL_WINDOW_S:
+            _drop(the_spool, task_id, f"no task {task_id!r} arrived within its window")
+
+
+def _drop(the_spool: spool.Spool, task_id: str, why: str) -> None:
+    spool.consume_cancel(the_spool, task_id)
+    logs.emit(
+        log,
+        "task.cancel_dropped",
+        f"Dropped the cancel request for {task_id}: {why} ({CANCEL_WINDOW_S:.0f} s).",
+        task_id=task_id,
+    )
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
