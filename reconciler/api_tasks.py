@@ -206,15 +206,14 @@ async def task_events(request: web.Request) -> web.StreamResponse:
     try:
         async with sse_response(request, headers=headers, ping_interval=PING_S) as stream:
             first = True
-            async for frame in sub.frames():
-                await stream.send(
-                    json.dumps(frame.data, ensure_ascii=False),
-                    id=str(frame.id),
-                    event=frame.event,
-                    retry=RETRY_MS if first else None,
-                )
-                first = False
-                if frame.terminal:
+            async for batch in sub.batches():
+                # one write per batch, each frame encoded once however many clients read it
+                chunk = "".join(_encoded(task_id, frame) for frame in batch)
+                if first:
+                    chunk = f"retry: {RETRY_MS}\n" + chunk
+                    first = False
+                await stream.write(chunk.encode())
+                if batch[-1].terminal:
                     finished = True
                     break
             return stream
@@ -223,6 +222,24 @@ async def task_events(request: web.Request) -> web.StreamResponse:
         if cancel_on_disconnect and not finished:
             await asyncio.to_thread(spool.request_cancel, backend.spool, task_id)
             backend.wake()
+
+
+_ENCODED: dict[tuple[str, int], str] = {}
+_ENCODED_MAX = 4096
+
+
+def _encoded(task_id: str, frame: events.EventFrame) -> str:
+    """The frame as an SSE message, encoded once for every client that reads it (a small
+    cache: fifty clients of one task share each token's text)."""
+    key = (task_id, frame.id)
+    text = _ENCODED.get(key)
+    if text is None:
+        data = json.dumps(frame.data, ensure_ascii=False)
+        text = f"id: {frame.id}\nevent: {frame.event}\ndata: {data}\n\n"
+        if len(_ENCODED) >= _ENCODED_MAX:
+            _ENCODED.clear()
+        _ENCODED[key] = text
+    return text
 
 
 async def cancel_task(request: web.Request) -> web.StreamResponse:
