@@ -69,6 +69,7 @@ IO_MODULES = {
     "reconciler.daemon",
     "reconciler.dispatch",
     "reconciler.fanout",
+    "reconciler.fetching",
     "reconciler.intake",
     "reconciler.metrics",
     "reconciler.pools",
