@@ -43,6 +43,13 @@ from plugins import gpu_nvml, hookspecs, host_packages, interfaces, llamacpp_sou
 
 DEFAULT_VERSION = llamacpp_sources.DEFAULT_VERSION
 CACHE = Path.home() / ".cache" / "llama-orch" / "llama.cpp"
+
+
+def default_cache() -> Path:
+    """The build cache of the home folder as it is now (tests move HOME)."""
+    return Path.home() / ".cache" / "llama-orch" / "llama.cpp"
+
+
 RECORD = "engine.json"
 Backend = Literal["cuda", "cpu"]
 # Where distributions put nvcc when it is not on PATH (Arch: /opt/cuda; NVIDIA: /usr/local/cuda)

@@ -4,9 +4,9 @@ config error (file:line printed), 3 environment missing (the fix printed), 130 i
 This module parses the command line and runs one verb: `serve`, `plugins` and `schemas` here;
 `submit`, `cancel` and `tasks` in `cli_tasks`; `watch` in `cli_watch`; `validate` in
 `cli_validate`; `status` in `cli_status`; `init` in `cli_init`; `backup` and `restore` in
-`cli_backup`. `run` turns whatever a verb raises into one plain line on standard error and
-an exit code: no input, however hostile, makes orchctl print a traceback (set ORCHCTL_DEBUG=1
-to see one for a bug).
+`cli_backup`; `doctor` in `cli_doctor`; `up` in `cli_up`. `run` turns whatever a verb raises
+into one plain line on standard error and an exit code: no input, however hostile, makes
+orchctl print a traceback (set ORCHCTL_DEBUG=1 to see one for a bug).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from reconciler import (
     about,
     cli_backup,
     cli_common,
+    cli_doctor,
     cli_init,
     cli_status,
     cli_tasks,
@@ -237,6 +238,21 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--force", action="store_true", help="overwrite files that exist")
 
     cli_backup.add_verbs(verb, _config)
+
+    dr = verb("doctor", cli_doctor.cmd_doctor, "check that this machine can serve (exit 3: not)")
+    dr.add_argument(
+        "--config",
+        type=Path,
+        default=Path("orch.yaml"),
+        help="orch.yaml whose server.bind is checked (the default address when absent)",
+    )
+    dr.add_argument(
+        "--simulate",
+        type=Path,
+        metavar="INVENTORY",
+        help="check for the simulated workstation in this inventory instead of NVML",
+    )
+    dr.add_argument("--json", action="store_true", help="print the checks as JSON")
 
     verb("plugins", cmd_plugins, "list loaded plugins")
 

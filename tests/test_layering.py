@@ -60,6 +60,7 @@ IO_MODULES = {
     "reconciler.cli",
     "reconciler.cli_backup",
     "reconciler.cli_common",
+    "reconciler.cli_doctor",
     "reconciler.cli_init",
     "reconciler.cli_status",
     "reconciler.cli_tasks",
@@ -67,6 +68,7 @@ IO_MODULES = {
     "reconciler.cli_watch",
     "reconciler.configuring",
     "reconciler.daemon",
+    "reconciler.diagnosing",
     "reconciler.dispatch",
     "reconciler.fanout",
     "reconciler.fetching",
@@ -80,6 +82,7 @@ IO_MODULES = {
     "reconciler.streaming",
     "reconciler.tasking",
     "reconciler.tracing",
+    "reconciler.toolchain_checks",
 }
 PURE_MAY_USE_FROM_PLUGINS = {"plugins.interfaces"}  # data shapes only
 
