@@ -42,11 +42,10 @@ from pydantic import BaseModel, ConfigDict
 from plugins import gpu_nvml, hookspecs, host_packages, interfaces, llamacpp_sources
 
 DEFAULT_VERSION = llamacpp_sources.DEFAULT_VERSION
-CACHE = Path.home() / ".cache" / "llama-orch" / "llama.cpp"
 
 
 def default_cache() -> Path:
-    """The build cache of the home folder as it is now (tests move HOME)."""
+    """~/.cache/llama-orch/llama.cpp, read when called: tests move HOME."""
     return Path.home() / ".cache" / "llama-orch" / "llama.cpp"
 
 
@@ -108,11 +107,16 @@ def cached_binary(
     *,
     cpu: bool = False,
     archs: Sequence[str] = (),
-    cache: Path = CACHE,
+    cache: Path | None = None,
 ) -> Path:
     """Where the PyPI build of `version` is (or will be) installed."""
     source = llamacpp_sources.parse(version)
-    return cache / cache_key(source, "cpu" if cpu else "cuda", archs) / "bin" / "llama-server"
+    return (
+        (cache or default_cache())
+        / cache_key(source, "cpu" if cpu else "cuda", archs)
+        / "bin"
+        / "llama-server"
+    )
 
 
 def configure_flags(backend: Backend, archs: Sequence[str], nvcc: Path | None = None) -> list[str]:
@@ -165,10 +169,10 @@ def read_record(binary: Path) -> EngineBuild | None:
         return None
 
 
-def find_builds(cache: Path = CACHE) -> list[EngineBuild]:
+def find_builds(cache: Path | None = None) -> list[EngineBuild]:
     """Every finished build with its record, newest first."""
     found = []
-    for record_path in cache.glob(f"*/bin/{RECORD}"):
+    for record_path in (cache or default_cache()).glob(f"*/bin/{RECORD}"):
         record = read_record(record_path.parent / "llama-server")
         if record is not None and _executable(Path(record.path)):
             found.append(record)
@@ -187,7 +191,7 @@ def ensure(
     *,
     cpu: bool = False,
     archs: Sequence[str] | None = None,
-    cache: Path = CACHE,
+    cache: Path | None = None,
     jobs: int | None = None,
     rebuild: bool = False,
     progress: Callable[[str], None] = print,
@@ -200,6 +204,7 @@ def ensure(
     tool is missing (with the fix) and RuntimeError when the build fails (with the log's tail
     and where the whole log is)."""
     src = source if isinstance(source, llamacpp_sources.Source) else llamacpp_sources.parse(source)
+    cache = cache or default_cache()
     if src.kind == "binary":
         return _install_binary(src, cache, progress)
     backend: Backend = "cpu" if cpu else "cuda"
@@ -454,7 +459,7 @@ class LlamaCppProvisioner:
     def ensure(self, source: str = DEFAULT_VERSION, **kwargs: Any) -> Path:
         return ensure(source, **kwargs)
 
-    def builds(self, cache: Path = CACHE) -> list[EngineBuild]:
+    def builds(self, cache: Path | None = None) -> list[EngineBuild]:
         return find_builds(cache)
 
 
@@ -479,7 +484,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--archs", help="CUDA architectures, e.g. 86;89 (default: the GPUs seen)")
     parser.add_argument("--jobs", type=int, help="parallel compile jobs (default: all cores)")
     parser.add_argument("--rebuild", action="store_true", help="build even when cached")
-    parser.add_argument("--cache", type=Path, default=CACHE, help="the build cache")
+    parser.add_argument(
+        "--cache", type=Path, help="the build cache (~/.cache/llama-orch/llama.cpp)"
+    )
     args = parser.parse_args(argv)
     archs = [a for a in re.split(r"[;,\s]+", args.archs) if a] if args.archs else None
     try:

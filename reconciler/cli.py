@@ -29,6 +29,7 @@ from reconciler import (
     cli_init,
     cli_status,
     cli_tasks,
+    cli_up,
     cli_validate,
     cli_watch,
     logs,
@@ -253,6 +254,44 @@ def _parser() -> argparse.ArgumentParser:
         help="check for the simulated workstation in this inventory instead of NVML",
     )
     dr.add_argument("--json", action="store_true", help="print the checks as JSON")
+
+    u = verb(
+        "up",
+        cli_up.cmd_up,
+        "doctor, build llama.cpp, fetch a model, serve and smoke-test, in one command",
+    )
+    u.add_argument(
+        "--config",
+        type=Path,
+        default=Path("orch.yaml"),
+        help="the orch.yaml to serve; a commented starter is written there when absent",
+    )
+    u.add_argument(
+        "--model",
+        metavar="REF",
+        help=f"the model of the starter orch.yaml (default: {cli_up.DEFAULT_MODEL})",
+    )
+    u.add_argument(
+        "--simulate",
+        action="store_true",
+        help="the simulated 24 GB + 12 GB workstation and the sim engine: no build, no download",
+    )
+    u.add_argument(
+        "--source",
+        help="where llama.cpp comes from: pypi:VERSION, path:DIR, git+URL@REF or binary:FILE "
+        "(default: engines.llamacpp.provision.ref, else the pinned PyPI release)",
+    )
+    u.add_argument(
+        "--bind", default=cli_init.DEFAULT_BIND, help="server.bind of the starter orch.yaml"
+    )
+    u.add_argument(
+        "--smoke-s", type=float, default=60.0, metavar="SECONDS", help="the smoke's time limit"
+    )
+    u.add_argument(
+        "--stop-after-smoke",
+        action="store_true",
+        help="stop serving after the report (default: serve until Ctrl-C)",
+    )
 
     verb("plugins", cmd_plugins, "list loaded plugins")
 

@@ -28,11 +28,14 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return EXIT_OK if found.can_serve else EXIT_ENV
 
 
-def run(*, config: Path, simulate: Path | None) -> diagnosing.Diagnosis:
+def run(*, config: Path, simulate: Path | None, bind: str | None = None) -> diagnosing.Diagnosis:
+    """The checks for serving `config` (its server.bind, else `bind`, else the default)."""
     machine = diagnosing.Machine(
         engine_cache=provision_llamacpp.default_cache(), model_cache=resolvers.model_cache()
     )
-    return diagnosing.diagnose(machine, bind=diagnosing.bind_of(config), simulate=simulate)
+    if config.exists() or bind is None:
+        bind = diagnosing.bind_of(config)
+    return diagnosing.diagnose(machine, bind=bind, simulate=simulate)
 
 
 def report(found: diagnosing.Diagnosis, *, verdict: bool = True, simulate: bool = False) -> str:

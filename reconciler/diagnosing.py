@@ -69,7 +69,7 @@ class Machine:
 
     path: str | None = None  # PATH for the tools (None: this process's)
     nvml: Any = None  # the pynvml module (None: the installed one)
-    engine_cache: Path = provision_llamacpp.CACHE
+    engine_cache: Path = field(default_factory=provision_llamacpp.default_cache)
     model_cache: Path = Path.home() / ".cache" / "llama-orch" / "models"
 
 

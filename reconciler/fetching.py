@@ -142,7 +142,7 @@ class Fetches:
                 log,
                 "model.downloading",
                 f"Downloading model {fetch.model_id} ({fetch.ref})"
-                + (f", resuming at {_size(fetch.done)}" if fetch.done else "")
+                + (f", resuming at {size_text(fetch.done)}" if fetch.done else "")
                 + ".",
                 model_id=fetch.model_id,
                 ref=fetch.ref,
@@ -159,7 +159,7 @@ class Fetches:
             logs.emit(
                 log,
                 "model.downloaded",
-                f"Downloaded model {fetch.model_id} ({_size(fetch.done)}).",
+                f"Downloaded model {fetch.model_id} ({size_text(fetch.done)}).",
                 model_id=fetch.model_id,
                 bytes=fetch.done,
             )
@@ -198,9 +198,9 @@ class Fetches:
     def _describe(self, fetch: Fetch) -> str:
         head = f"downloading model {fetch.model_id!r} ({fetch.ref}): "
         if fetch.total:
-            head += f"{100 * fetch.done // fetch.total}% of {_size(fetch.total)}"
+            head += f"{100 * fetch.done // fetch.total}% of {size_text(fetch.total)}"
         else:
-            head += f"{_size(fetch.done)} so far"
+            head += f"{size_text(fetch.done)} so far"
         if fetch.retry_at is not None and fetch.error:
             wait = max(0.0, fetch.retry_at - self.clock.monotonic())
             head += f"; interrupted ({fetch.error}), resuming in {wait:.0f} s"
@@ -216,7 +216,7 @@ def _failed(fetch: Fetch, error: downloads.DownloadError) -> str:
     return f"model {fetch.model_id!r} cannot be downloaded: {error.message}{hint}"
 
 
-def _size(n: int) -> str:
+def size_text(n: int) -> str:
     for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= scale:
             return f"{n / scale:.1f} {unit}"

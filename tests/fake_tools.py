@@ -2,9 +2,9 @@
 
 `toolbox(folder)` writes executables that answer `--version` like the real ones; the fake
 `cmake` records every argv as a JSON line in `cmake.log` beside it, prints ninja-style steps
-while "building" and writes a `bin/llama-server` into the build folder (a shell script that
-answers `--version` and `--list-devices`). `FAKE_CMAKE_FAIL=configure|build` makes it fail.
-No real compiler ever runs.
+while "building" and writes a `bin/llama-server` into the build folder: a script that answers
+`--version` and `--list-devices` like a CUDA build and serves a model through the sim
+engine's server. `FAKE_CMAKE_FAIL=configure|build` makes it fail. No real compiler runs.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+ROOT = Path(__file__).resolve().parents[1]
 FAKE_CMAKE = """#!{python}
 import json, os, sys
 from pathlib import Path
@@ -42,6 +43,7 @@ if args[:1] == ["-S"]:
     sys.exit(0)
 if args[:1] == ["--build"]:
     build = Path(args[1])
+    FAKE_SERVER = (here / "llama-server.fake").read_text()
     for i in range(1, 21):
         print(f"[{{i}}/20] Building CXX object ggml/src/part{{i}}.o", flush=True)
         if fail == "build" and i == 7:
@@ -50,17 +52,36 @@ if args[:1] == ["--build"]:
             sys.exit(1)
     binary = build / "bin" / "llama-server"
     binary.parent.mkdir(parents=True, exist_ok=True)
-    binary.write_text(
-        "#!/bin/sh\\n"
-        "case \\"$1\\" in\\n"
-        "  --version) echo 'version: 6500 (fake123)' >&2 ;;\\n"
-        "  --list-devices) echo 'Available devices:'; echo '  CUDA0: NVIDIA fake (24576 MiB)' ;;\\n"
-        "esac\\n"
-    )
+    binary.write_text(FAKE_SERVER)
     binary.chmod(0o755)
     sys.exit(0)
 print("fake cmake: unexpected", args)
 sys.exit(2)
+"""
+
+# What the fake build makes: a llama-server that answers --version and --list-devices like a
+# CUDA build and serves through the sim engine's server (same HTTP subset), so a daemon can
+# run it as a llamacpp replica on a machine without a GPU.
+FAKE_SERVER = """#!{python}
+import sys
+args = sys.argv[1:]
+if args[:1] == ["--version"]:
+    print("version: 6500 (fake123)", file=sys.stderr)
+    sys.exit(0)
+if args[:1] == ["--list-devices"]:
+    print("Available devices:")
+    print("  CUDA0: NVIDIA fake (24576 MiB, 24000 MiB free)")
+    sys.exit(0)
+sys.path.insert(0, {root!r})
+from plugins import sim_server
+opt = {{args[i]: args[i + 1] for i in range(len(args) - 1) if args[i].startswith("-")}}
+slots = int(opt.get("-np", "1"))
+sys.exit(sim_server.main([
+    "--port", opt["--port"], "--replica-id", "fake-llama-server", "--model", opt["-m"],
+    "--model-size-mib", "1", "--ctx", str(int(opt.get("-c", "4096")) // slots),
+    "--slots", str(slots), "--gpu", "0", "--state-dir", {state!r},
+    "--options-json", '{{"tokens_per_s": 400}}',
+]))
 """
 
 VERSIONS = {
@@ -92,6 +113,8 @@ def toolbox(
     folder.mkdir(parents=True, exist_ok=True)
     if cmake:
         write_tool(folder, "cmake", FAKE_CMAKE.format(python=sys.executable))
+        server = FAKE_SERVER.format(python=sys.executable, root=str(ROOT), state=str(folder))
+        (folder / "llama-server.fake").write_text(server)
     names = (["g++", "c++"] if compiler else []) + (["ninja"] if ninja else [])
     for name in names:
         write_tool(folder, name, f"#!/bin/sh\necho '{VERSIONS[name]}'\n")
