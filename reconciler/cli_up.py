@@ -25,7 +25,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from plugins import downloads, gpu_nvml, registry
-from reconciler import cli_doctor, cli_init, daemon, diagnosing, fetching, logs, smoking
+from reconciler import (
+    cli_doctor,
+    cli_init,
+    daemon,
+    diagnosing,
+    fetching,
+    logs,
+    probing,
+    smoking,
+)
 from reconciler.cli_common import EXIT_ENV, EXIT_FAILED, EXIT_OK, EXIT_USAGE, Refused
 from state import atomic, desired, errors
 
@@ -51,6 +60,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     plan = Plan(config)
     reg = registry.load()
     state = _existing(config, args)
+    if state is not None:
+        _not_served_already(config, state)
     inventory = _inventory(config, state) if args.simulate else None
     step("checking this machine (orchctl doctor)")
     found = cli_doctor.run(config=config, simulate=inventory, bind=args.bind)
@@ -103,6 +114,16 @@ def _existing(config: Path, args: argparse.Namespace) -> desired.DesiredState | 
     if not loaded.value.pools:
         raise Refused(EXIT_USAGE, f"{config} has no pools to serve", hint="add one under pools:")
     return loaded.value
+
+
+def _not_served_already(config: Path, state: desired.DesiredState) -> None:
+    seen = probing.probe(desired.resolve(config.resolve().parent, state.paths.state))
+    if seen.serving and seen.status is not None:
+        raise Refused(
+            EXIT_USAGE,
+            f"a daemon (pid {seen.status.daemon.pid}) already serves {config}: it is up",
+            hint="`orchctl status` shows it; stop it (Ctrl-C in its terminal) to run up again",
+        )
 
 
 def _inventory(config: Path, state: desired.DesiredState | None) -> Path:
@@ -375,10 +396,15 @@ def report(plan: Plan, d: daemon.Daemon, outcomes: list[smoking.Outcome]) -> str
         *(f"    {'ok  ' if o.ok else 'FAIL'}  {o.name}: {o.detail}" for o in outcomes),
         *(f"  note     {n}" for n in plan.notes),
         "",
-        f"next, from another terminal: orchctl submit {plan.config.parent / 'hello.task.yaml'} "
+        f"next, from another terminal: orchctl submit {_task_file(plan)} "
         f"--config {plan.config} --wait",
     ]
     return "\n".join(lines)
+
+
+def _task_file(plan: Plan) -> str:
+    hello = plan.config.parent / "hello.task.yaml"
+    return str(hello) if hello.is_file() else "TASK.task.yaml"
 
 
 def _quiet_logs() -> logging.Handler | None:

@@ -23,7 +23,7 @@ from reconciler import cli_init
 from state import desired
 from tests import fake_tools, model_hub
 from tests.fake_pynvml import FakeNvml
-from tests.orchctl_support import ORCHCTL, orchctl
+from tests.orchctl_support import ORCHCTL, fake_daemon_status, orchctl
 from tests.test_doctor import OPEN_NVML, workstation
 
 pytestmark = pytest.mark.slow
@@ -76,6 +76,21 @@ def test_up_simulate_refuses_a_config_of_real_gpus(tmp_path: Path) -> None:
     ran = orchctl("up", "--simulate", "--config", config)
     assert ran.code == 2
     assert ran.err_lines[0].endswith("--simulate needs a simulated one")
+
+
+def test_up_on_a_folder_a_daemon_already_serves_says_so_and_starts_nothing(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "orch.yaml"
+    assert orchctl("init", "--simulate", "--config", config).code == 0
+    fake_daemon_status(tmp_path / ".orch")  # this process, as a live daemon
+    ran = orchctl("up", "--simulate", "--config", config)
+    assert ran.code == 2
+    assert (
+        ran.err_lines[0]
+        == f"orchctl: a daemon (pid {os.getpid()}) already serves {config}: it is up"
+    )
+    assert "doctor" not in ran.out
 
 
 def test_up_without_a_driver_stops_after_the_doctor_with_exit_3(
