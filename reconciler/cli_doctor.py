@@ -35,7 +35,8 @@ def run(*, config: Path, simulate: Path | None, bind: str | None = None) -> diag
     )
     if config.exists() or bind is None:
         bind = diagnosing.bind_of(config)
-    return diagnosing.diagnose(machine, bind=bind, simulate=simulate)
+    binary = diagnosing.engine_binary_of(config) if config.exists() else None
+    return diagnosing.diagnose(machine, bind=bind, simulate=simulate, binary=binary)
 
 
 def report(found: diagnosing.Diagnosis, *, verdict: bool = True, simulate: bool = False) -> str:

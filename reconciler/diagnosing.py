@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import os
 import shutil
 import socket
 import urllib.request
@@ -74,8 +75,13 @@ class Machine:
 
 
 def diagnose(
-    machine: Machine, *, bind: str = "127.0.0.1:8080", simulate: Path | None = None
+    machine: Machine,
+    *,
+    bind: str = "127.0.0.1:8080",
+    simulate: Path | None = None,
+    binary: Path | None = None,
 ) -> Diagnosis:
+    """Every check; `binary` is engines.llamacpp.binary of orch.yaml, when it names one."""
     d = Diagnosis()
     if simulate is not None:
         _simulated(d, simulate)
@@ -85,12 +91,24 @@ def diagnose(
         b for b in provision_llamacpp.find_builds(machine.engine_cache) if b.backend != "cpu"
     ]
     on_path = shutil.which("llama-server", path=machine.path)
-    have_engine = bool(d.builds or on_path) or simulate is not None
+    configured = binary is not None and binary.is_file() and os.access(binary, os.X_OK)
+    have_engine = bool(d.builds or on_path or configured) or simulate is not None
     if simulate is None:
         d.can_build = toolchain_checks.check(
             d.add, path=machine.path, facts=d.facts, needed=not have_engine
         )
-    _engine_cache(d, machine, on_path, simulate=simulate is not None)
+    if binary is not None and simulate is None:
+        if configured:
+            d.add("engine", "ok", f"engines.llamacpp.binary: {binary}")
+        else:
+            d.add(
+                "engine",
+                "fail",
+                f"engines.llamacpp.binary {binary} does not exist or is not executable",
+                "fix engines.llamacpp.binary in orch.yaml, or remove it to use a build",
+            )
+    else:
+        _engine_cache(d, machine, on_path, simulate=simulate is not None)
     _model_cache(d, machine)
     _port(d, bind)
     _disk(d, machine)
@@ -277,6 +295,16 @@ def _home(path: Path) -> str:
     with contextlib.suppress(ValueError):
         return "~/" + str(path.relative_to(Path.home()))
     return str(path)
+
+
+def engine_binary_of(config: Path) -> Path | None:
+    """engines.llamacpp.binary of orch.yaml, when it can be read and names one."""
+    with contextlib.suppress(Exception):
+        loaded = desired.load_desired(config)
+        engine = loaded.value.engines.get("llamacpp") if loaded.value else None
+        if engine is not None and engine.binary:
+            return Path(engine.binary).expanduser()
+    return None
 
 
 def bind_of(config: Path) -> str:

@@ -240,3 +240,18 @@ def test_the_simulated_workstation_needs_no_driver_and_no_tools(
     assert ran.code == 0, ran.out
     assert "SIMULATED NVIDIA GeForce RTX 3090" in line(ran.out, "GPU 0")
     assert ran.out_lines[-1] == "serving is possible here: next, `orchctl up --simulate`"
+
+
+def test_a_configured_engine_binary_needs_no_build_tools(
+    machine: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(fake_tools.toolbox(machine / "bare", cmake=False, nvcc=None)))
+    binary = fake_tools.write_tool(machine, "my-llama-server", "#!/bin/sh\n")
+    config = machine / "orch.yaml"
+    config.write_text(config.read_text() + f"engines: {{llamacpp: {{binary: '{binary}'}}}}\n")
+    ran = orchctl("doctor")
+    assert ran.code == 0, ran.out
+    assert line(ran.out, "engine").endswith(f"engines.llamacpp.binary: {binary}")
+    binary.unlink()
+    ran = orchctl("doctor")
+    assert ran.code == 3 and line(ran.out, "engine").startswith("FAIL  engine")
