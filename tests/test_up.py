@@ -21,7 +21,7 @@ import yaml
 from plugins import gpu_nvml, provision_llamacpp, resolvers
 from reconciler import cli_init
 from state import desired
-from tests import fake_tools, model_hub
+from tests import fake_tools, model_hub, tiny_gguf
 from tests.fake_pynvml import FakeNvml
 from tests.orchctl_support import ORCHCTL, fake_daemon_status, orchctl
 from tests.test_doctor import OPEN_NVML, workstation
@@ -119,7 +119,8 @@ def gpu_workstation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator
     monkeypatch.setenv("UP_TEST_SOURCE", f"path:{checkout}")
     with model_hub.serving() as hub:
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
-        hub.hf("acme/tiny-GGUF", "tiny.gguf", b"GGUF" + bytes(300_000))
+        model = tiny_gguf.write(tmp_path / "tiny.gguf")  # the engine reads its header
+        hub.hf("acme/tiny-GGUF", "tiny.gguf", model.read_bytes())
         yield hub
 
 
@@ -144,7 +145,7 @@ def test_up_on_gpus_builds_for_them_downloads_writes_a_pool_per_gpu_and_passes_t
     assert fake_tools.flags_of(configure)["CMAKE_CUDA_ARCHITECTURES"] == "86;89"
     assert "    building llama-server: 100% (20/20)" in out
     cached = tmp_path / "models/hf/acme/tiny-GGUF/main/tiny.gguf"
-    assert cached.stat().st_size == 300_004 and f"    {cached}" in out
+    assert cached.read_bytes() == (tmp_path / "tiny.gguf").read_bytes() and f"    {cached}" in out
     written = desired.load_desired(config).value
     assert written is not None
     assert [(p.id, p.devices) for p in written.pools] == [("chat-0", [0]), ("chat-1", [1])]
