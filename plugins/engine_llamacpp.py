@@ -10,8 +10,9 @@ variable LLAMA_ORCH_TEST_ALLOW_CPU_INFERENCE=1 of the daemon's own process, read
 `cpu_inference_allowed` alone; no config file or pool env can set it.
 
 `ReplicaSpec.options` for llamacpp (all optional): `engine` (engines.llamacpp as JSON: its
-`binary`, `env`, and `provision.ref` as the version), or directly `binary` and `version` (the
-provisioned llama.cpp version, for `~/.cache/llama-orch/llama.cpp/<version>/bin/`).
+`binary`, `env`, and `provision.ref` as the llama.cpp source or version), or directly `binary`
+and `version` (the provisioned build of that source, found by the engine records the
+provisioner writes under `~/.cache/llama-orch/llama.cpp/`).
 
 VRAM estimate (`plugins.llamacpp_vram`, whose docstring has the formula):
   weights (the GGUF's tensor bytes) + KV cache (2 × layers × ctx×slots × kv_heads × head_dim ×
@@ -37,7 +38,16 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from plugins import gguf_info, hookspecs, interfaces, llama_server, llamacpp_vram, processes
+from plugins import (
+    gguf_info,
+    hookspecs,
+    interfaces,
+    llama_server,
+    llamacpp_sources,
+    llamacpp_vram,
+    processes,
+    provision_llamacpp,
+)
 
 ALLOW_CPU_ENV = "LLAMA_ORCH_TEST_ALLOW_CPU_INFERENCE"
 CACHE_DIR = Path(".cache") / "llama-orch" / "llama.cpp"  # under the home folder
@@ -93,13 +103,17 @@ def find_binary(
         )
     cache = (home if home is not None else Path.home()) / CACHE_DIR
     version = options.get("version") or (provision or {}).get("ref")
+    # the provisioner's builds, newest first, by their records; CPU-only builds (tests) last
+    builds = [b for b in provision_llamacpp.find_builds(cache) if b.backend != "cpu"]
     if version:
-        candidates = [cache / str(version) / "bin" / "llama-server"]
+        candidates = [cache / str(version) / "bin" / "llama-server"]  # a folder named so
+        with contextlib.suppress(ValueError):
+            wanted = str(llamacpp_sources.parse(str(version)))
+            candidates += [Path(b.path) for b in builds if b.source == wanted]
     else:
-        candidates = sorted(
+        candidates = [Path(b.path) for b in builds] + sorted(
             (p for p in cache.glob("*/bin/llama-server") if _executable(p)),
-            key=lambda p: p.stat().st_mtime,
-            reverse=True,
+            key=lambda p: (p.parent.parent.name.endswith("-cpu"), -p.stat().st_mtime),
         )
     for candidate in candidates:
         if _executable(candidate):

@@ -2,8 +2,10 @@
 
 The daemon gets it from the `nvml` factory registered by `plugin` (hook
 `orch_register_gpu_observers`) and calls `observe()` every `gpus.poll_s`; `orchctl doctor`
-calls `open_nvml()` to explain a missing driver. Every NVML call is guarded: an error on one
-GPU or one reading is reported in `Gpu.error` and `GpuSnapshot.errors`, never raised. Only
+calls `open_nvml()` to explain a missing driver and `read_facts()` for the driver's CUDA
+version and each GPU's compute capability (which the provisioner builds for). Every NVML call
+is guarded: an error on one GPU or one reading is reported in `Gpu.error` and
+`GpuSnapshot.errors`, never raised. Only
 `open_nvml` raises, with `EnvironmentMissing`, when there is no driver or no GPU at all.
 
 The `pynvml` module is a parameter so tests pass a fake built from recorded readings.
@@ -13,8 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -266,6 +269,71 @@ def _processes(procs: Any) -> tuple[observed.GpuProcess, ...]:
             observed.GpuProcess(pid=int(p.pid), used_mib=math.ceil(int(used) / MIB) if used else 0)
         )
     return tuple(sorted(out, key=lambda p: p.pid))
+
+
+@dataclass(frozen=True)
+class GpuFacts:
+    """What `orchctl doctor` and the provisioner need to know of one GPU."""
+
+    index: int
+    name: str
+    compute_capability: tuple[int, int] | None  # (8, 6) for an RTX 3090
+    vram_total_mib: int
+    vram_free_mib: int
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class DriverFacts:
+    driver: str | None  # "580.159.04"
+    cuda: tuple[int, int] | None  # the newest CUDA the driver runs, (13, 0)
+    gpus: tuple[GpuFacts, ...]
+
+
+def read_facts(nvml: Any = None) -> DriverFacts:
+    """The driver's version and CUDA version and every GPU's compute capability and VRAM;
+    raises EnvironmentMissing (with the fix) as `open_nvml` does."""
+    observer = open_nvml(nvml)
+    lib = observer._nvml
+    try:
+
+        def guarded(call: Callable[[], T]) -> T | None:
+            try:
+                return call()
+            except lib.NVMLError:
+                return None
+
+        driver = guarded(lib.nvmlSystemGetDriverVersion)
+        cuda = guarded(lib.nvmlSystemGetCudaDriverVersion)
+        gpus = []
+        for g in observer.observe().gpus:
+            handle = guarded(partial(lib.nvmlDeviceGetHandleByIndex, g.index))
+            cc = None
+            if handle is not None:
+                cc = guarded(partial(lib.nvmlDeviceGetCudaComputeCapability, handle))
+            gpus.append(
+                GpuFacts(
+                    index=g.index,
+                    name=g.name,
+                    compute_capability=(int(cc[0]), int(cc[1])) if cc else None,
+                    vram_total_mib=g.vram_total_mib,
+                    vram_free_mib=g.vram_free_mib,
+                    error=g.error,
+                )
+            )
+        return DriverFacts(
+            driver=_text(driver) if driver is not None else None,
+            cuda=(int(cuda) // 1000, int(cuda) % 1000 // 10) if cuda else None,
+            gpus=tuple(gpus),
+        )
+    finally:
+        observer.close()
+
+
+def cuda_archs(gpus: Sequence[GpuFacts]) -> tuple[str, ...]:
+    """CMAKE_CUDA_ARCHITECTURES for these GPUs: ("86", "89") for a 3090 and a 4060."""
+    found = {f"{cc[0]}{cc[1]}" for g in gpus if (cc := g.compute_capability)}
+    return tuple(sorted(found, key=int))
 
 
 def _factory(config: desired.DesiredState, base: Path) -> interfaces.GpuObserver:

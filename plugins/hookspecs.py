@@ -37,12 +37,18 @@ def orch_register_engines(register: Callable[[str, Any], None]) -> None:
 @hookspec
 def orch_register_model_resolvers(register: Callable[[str, Any], None]) -> None:
     """Called once at start-up. Call `register(scheme, resolver)` for each model ref scheme
-    (`file`, `hf`, `https`). `resolver(ref: str, catalog: Path) -> ResolvedModel`.
+    (`file`, `hf`, `https`). `resolver(ref: str, base: Path) -> ResolvedModel` (`base`:
+    orch.yaml's folder) never touches the network. A resolver whose files are downloaded
+    also has `downloadable = True`, `check(ref) -> str | None` (what is wrong with the ref)
+    and a blocking `fetch(ref, *, digest, progress, cancel) -> Path`, which the daemon runs in
+    a worker thread (see `plugins.resolvers`).
     """
 
 
 @hookspec
 def orch_register_provisioners(register: Callable[[str, Any], None]) -> None:
     """Called once at start-up. Call `register(engine_name, provisioner)` for each engine that
-    can be built or installed (`orchctl up`, `orchctl doctor`).
+    can be built or installed (`orchctl up`, `orchctl doctor`): `provisioner.ensure(source,
+    **options) -> Path` returns the engine binary, building it when it is not cached, and
+    `provisioner.builds() -> list` the cached builds' records.
     """

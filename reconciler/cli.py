@@ -4,9 +4,9 @@ config error (file:line printed), 3 environment missing (the fix printed), 130 i
 This module parses the command line and runs one verb: `serve`, `plugins` and `schemas` here;
 `submit`, `cancel` and `tasks` in `cli_tasks`; `watch` in `cli_watch`; `validate` in
 `cli_validate`; `status` in `cli_status`; `init` in `cli_init`; `backup` and `restore` in
-`cli_backup`. `run` turns whatever a verb raises into one plain line on standard error and
-an exit code: no input, however hostile, makes orchctl print a traceback (set ORCHCTL_DEBUG=1
-to see one for a bug).
+`cli_backup`; `doctor` in `cli_doctor`; `up` in `cli_up`. `run` turns whatever a verb raises
+into one plain line on standard error and an exit code: no input, however hostile, makes
+orchctl print a traceback (set ORCHCTL_DEBUG=1 to see one for a bug).
 """
 
 from __future__ import annotations
@@ -25,9 +25,11 @@ from reconciler import (
     about,
     cli_backup,
     cli_common,
+    cli_doctor,
     cli_init,
     cli_status,
     cli_tasks,
+    cli_up,
     cli_validate,
     cli_watch,
     logs,
@@ -237,6 +239,59 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--force", action="store_true", help="overwrite files that exist")
 
     cli_backup.add_verbs(verb, _config)
+
+    dr = verb("doctor", cli_doctor.cmd_doctor, "check that this machine can serve (exit 3: not)")
+    dr.add_argument(
+        "--config",
+        type=Path,
+        default=Path("orch.yaml"),
+        help="orch.yaml whose server.bind is checked (the default address when absent)",
+    )
+    dr.add_argument(
+        "--simulate",
+        type=Path,
+        metavar="INVENTORY",
+        help="check for the simulated workstation in this inventory instead of NVML",
+    )
+    dr.add_argument("--json", action="store_true", help="print the checks as JSON")
+
+    u = verb(
+        "up",
+        cli_up.cmd_up,
+        "doctor, build llama.cpp, fetch a model, serve and smoke-test, in one command",
+    )
+    u.add_argument(
+        "--config",
+        type=Path,
+        default=Path("orch.yaml"),
+        help="the orch.yaml to serve; a commented starter is written there when absent",
+    )
+    u.add_argument(
+        "--model",
+        metavar="REF",
+        help=f"the model of the starter orch.yaml (default: {cli_up.DEFAULT_MODEL})",
+    )
+    u.add_argument(
+        "--simulate",
+        action="store_true",
+        help="the simulated 24 GB + 12 GB workstation and the sim engine: no build, no download",
+    )
+    u.add_argument(
+        "--source",
+        help="where llama.cpp comes from: pypi:VERSION, path:DIR, git+URL@REF or binary:FILE "
+        "(default: engines.llamacpp.provision.ref, else the pinned PyPI release)",
+    )
+    u.add_argument(
+        "--bind", default=cli_init.DEFAULT_BIND, help="server.bind of the starter orch.yaml"
+    )
+    u.add_argument(
+        "--smoke-s", type=float, default=60.0, metavar="SECONDS", help="the smoke's time limit"
+    )
+    u.add_argument(
+        "--stop-after-smoke",
+        action="store_true",
+        help="stop serving after the report (default: serve until Ctrl-C)",
+    )
 
     verb("plugins", cmd_plugins, "list loaded plugins")
 

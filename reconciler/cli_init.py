@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 
 import schemas
@@ -103,15 +104,16 @@ def schema_line(name: str) -> str:
     return f"# yaml-language-server: $schema={schemas.DIR / f'{name}.schema.json'}"
 
 
+DEFAULT_BIND = "127.0.0.1:8080"
 _PREAMBLE = """\
 {schema}
-# llama-orch home: the desired state of this workstation, written by `orchctl init`.
+# llama-orch home: the desired state of this workstation, written by `orchctl {writer}`.
 # Check it with `orchctl validate {name}`. `orchctl serve --config {name}` makes the
 # running engines match it, and applies your edits while it runs. Relative paths (models,
 # inventory, spool, results) resolve from this file's folder, not from where orchctl runs.
 version: 1
 server:
-  bind: "127.0.0.1:8080"   # the HTTP API (docs/http.md); loopback needs no token
+  bind: "{bind}"   # the HTTP API (docs/http.md); loopback needs no token
 paths: {{spool: spool, results: results, state: .orch}}
 """
 
@@ -121,9 +123,9 @@ sessions: {ttl_s: 600, max_turns: 8}
 """
 
 
-def simulated_config(schema: str, name: str) -> str:
+def simulated_config(schema: str, name: str, bind: str = DEFAULT_BIND) -> str:
     return (
-        _PREAMBLE.format(schema=schema, name=name)
+        _PREAMBLE.format(schema=schema, name=name, bind=bind, writer="init")
         + """\
 gpus:
   observer: simulated       # GPUs from inventory.yaml; everything shown is marked SIMULATED
@@ -156,7 +158,7 @@ def nvml_config(schema: str, name: str, gpus: list[observed.Gpu]) -> str:
         for g in gpus
     )
     return (
-        _PREAMBLE.format(schema=schema, name=name)
+        _PREAMBLE.format(schema=schema, name=name, bind=DEFAULT_BIND, writer="init")
         + f"""\
 gpus:
   observer: nvml            # the real GPUs, through the NVIDIA driver
@@ -179,6 +181,63 @@ pools:
     ctx: 8192               # context tokens per slot
     slots: 2                # concurrent sequences per replica
 """
+    )
+
+
+def up_config(
+    schema: str,
+    name: str,
+    gpus: Sequence[gpu_nvml.GpuFacts],
+    *,
+    model_ref: str,
+    engine: Path | None,
+    source: str | None = None,
+    bind: str = DEFAULT_BIND,
+) -> str:
+    """The orch.yaml `orchctl up` writes: the model it fetched, one pool per GPU it saw."""
+    pools = []
+    for g in gpus:
+        cc = g.compute_capability
+        about = f"{g.name}, {g.vram_total_mib} MiB" + (
+            f", compute capability {cc[0]}.{cc[1]}" if cc else ""
+        )
+        pools.append(
+            f"""\
+  # GPU {g.index}: {about}
+  - id: chat-{g.index}
+    engine: llamacpp        # llama.cpp's llama-server, on this GPU only
+    model: starter
+    devices: [{g.index}]            # pinned; `devices: auto` lets llama-orch pick the GPU
+    replicas: 1
+    ctx: 4096               # context tokens per slot
+    slots: 2                # concurrent sequences per replica
+"""
+        )
+    if source:  # the build `orchctl up` made, found again by its source
+        engine_section = f'  llamacpp:\n    provision: {{mode: source, ref: "{source}"}}\n'
+    else:  # the newest CUDA build under ~/.cache/llama-orch/llama.cpp
+        engine_section = "  llamacpp: {}\n"
+    if engine:
+        engine_section += f"  # built at {engine}\n"
+    return (
+        _PREAMBLE.format(schema=schema, name=name, bind=bind, writer="up")
+        + """\
+gpus:
+  observer: nvml            # the real GPUs, through the NVIDIA driver
+  reserve_mib: 512          # VRAM kept free on every GPU (the desktop, other programs)
+"""
+        + _QUEUE
+        + f"""\
+models:
+  starter:
+    ref: "{model_ref}"
+    # downloaded into ~/.cache/llama-orch/models by `orchctl up` (or by `serve` when missing);
+    # pin its digest with `digest: sha256:<hex>` so a changed file is refused
+engines:
+{engine_section}# one pool per GPU seen when this was written, in PCI bus order (as in nvidia-smi)
+pools:
+"""
+        + "".join(pools)
     )
 
 

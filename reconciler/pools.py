@@ -26,6 +26,7 @@ from reconciler import (
     admission,
     booting,
     clocks,
+    fetching,
     fleet,
     logs,
     placement,
@@ -55,12 +56,15 @@ class PoolRuntime:
     unschedulable: dict[str, planning.Unschedulable] = field(default_factory=dict)
     waiting: set[str] = field(default_factory=set)
     problems: dict[str, str] = field(default_factory=dict)
+    downloading: dict[str, str] = field(default_factory=dict)  # pool id → progress shown
     versions: dict[str, str] = field(default_factory=dict)
     drained: dict[str, drains.Drain] = field(init=False)  # pool id → its drain request
     passes: int = 0  # reconcile passes done, so a waiter can tell one ran after a change
+    fetches: fetching.Fetches = field(init=False)
 
     def __post_init__(self) -> None:
         self.drained = drains.load(self.state_dir)
+        self.fetches = fetching.Fetches(clock=self.clock, wake=self.wake)
 
     # -- desired specs ----------------------------------------------------------------------
 
@@ -103,6 +107,26 @@ class PoolRuntime:
             f"from {self.config.base}); put the file there or fix models.{pool.model}.ref"
         )
 
+    def _model_file_at_hand(
+        self, pool: desired.PoolSpec, state: desired.DesiredState, scheme: str
+    ) -> bool:
+        """False while the pool waits for its model's download (shown Progressing) or the
+        download failed (Failed); engines that never read the file do not wait."""
+        self.downloading.pop(pool.id, None)
+        resolver = self.plugins.resolvers[scheme]
+        engine = self.plugins.engines[pool.engine]
+        if not getattr(resolver, "downloadable", False) or not getattr(
+            engine, "needs_model_file", True
+        ):
+            return True
+        need = self.fetches.need(pool.model, state.models[pool.model], resolver, self.config.base)
+        if need.state == "failed":
+            self.problems[pool.id] = need.message or "the model cannot be downloaded"
+        elif need.state == "progressing":
+            self.problems.pop(pool.id, None)
+            self.downloading[pool.id] = need.message or "downloading the model"
+        return need.state == "ready"
+
     def _want(self, pool: desired.PoolSpec, state: desired.DesiredState) -> planning.PoolWant:
         engine = self.plugins.engines[pool.engine]
         probe = self.spec_for(
@@ -132,6 +156,7 @@ class PoolRuntime:
             self.undrain(pool_id, "it is no longer in orch.yaml")
         self._compare_vram(observed_at)
         wants = []
+        fetched: set[fetching.Key] = set()  # the downloads a pool still waits for
         for pool in state.pools:
             if pool.engine not in self.plugins.engines:
                 self.problems[pool.id] = f"engine {pool.engine!r} is not installed"
@@ -145,6 +170,9 @@ class PoolRuntime:
                     "download the file and use a file: ref"
                 )
                 continue
+            if not self._model_file_at_hand(pool, state, scheme):
+                fetched.add((ref, state.models[pool.model].digest))
+                continue
             missing = self._missing_model_file(pool, state)
             if missing is not None:
                 self.problems[pool.id] = missing
@@ -157,6 +185,7 @@ class PoolRuntime:
             elif drain is not None:
                 self.undrain(pool.id, "its config changed")
             wants.append(want)
+        self.fetches.keep(fetched)
         self._restart_due(state)
         plan = planning.plan(wants, self._seen(), self._rooms(), reserve_mib=state.gpus.reserve_mib)
         self.unschedulable = {u.pool_id: u for u in plan.unschedulable}
@@ -405,6 +434,7 @@ class PoolRuntime:
 
         await asyncio.gather(*(stop(r) for r in self.replicas.values()), return_exceptions=True)
         self.replicas.clear()
+        await self.fetches.shutdown()
         with contextlib.suppress(Exception):
             self.observer.close()
 
@@ -464,6 +494,7 @@ class PoolRuntime:
             unschedulable=self.unschedulable.get(pool.id),
             waiting=pool.id in self.waiting,
             drained=self._drained_reason(pool.id),
+            downloading=self.downloading.get(pool.id),
         )
 
     def _drained_reason(self, pool_id: str) -> str | None:

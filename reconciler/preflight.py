@@ -4,7 +4,8 @@ starting anything. `orchctl validate` calls `check` on every orch.yaml it is giv
 It works on the raw parsed data, so it reports alongside the schema's own errors, in one
 round, even when the schema refuses the file: pools naming a model, engine or pool id that is
 not there (the schema stops at the first), GPUs listed twice in a pool or missing from the
-workstation, model refs whose scheme no installed resolver handles, `file:` models that do
+workstation, model refs whose scheme no installed resolver handles or that name no file it
+could download (`hf:org/repo` without a file), `file:` models that do
 not exist yet (resolved from orch.yaml's folder, as the daemon resolves them), a missing
 llama-server binary, and a GPU observer that cannot start here. What the daemon would refuse
 is an error; what only stops a pool until the machine changes is a warning.
@@ -118,8 +119,12 @@ def _models(
             )
             continue
         loaders = sorted({str(p.get("id")) for p in users} - _simulated_pools(users))
+        check = getattr(reg.resolvers[scheme], "check", None)
+        if callable(check) and (problem := check(ref)):
+            report(("models", name, "ref"), problem, warning=not loaders)
+            continue
         if scheme != "file" or not loaders:
-            continue  # other resolvers may download: validate never calls them
+            continue  # other resolvers download when `serve` needs the file: never here
         resolved = reg.resolvers["file"](ref, base)
         if resolved.path is not None and not resolved.path.is_file():
             report(

@@ -174,15 +174,19 @@ def pool_condition(
     unschedulable: planning.Unschedulable | None,
     waiting: bool,
     drained: str | None = None,
+    downloading: str | None = None,
 ) -> tuple[statusfile.PoolState, str | None]:
     """A pool's state and the reason shown beside it, from its replicas and what planning
     said about it. Ready with a reason means serving while converging, or degraded: some
     replicas serve and the others cannot be placed. A drained pool (`drained`: why) is
-    Stopped, whatever its replicas are still doing."""
+    Stopped, whatever its replicas are still doing. A pool whose model file is still
+    downloading is Progressing with the percent done."""
     if problem is not None:
         return "Failed", problem
     if drained is not None:
         return "Stopped", drained
+    if downloading is not None:
+        return "Progressing", downloading
     if pool.replicas == 0:
         return "Stopped", "replicas: 0 in orch.yaml; raise it to serve this pool"
     ready = [r for r in replicas if r.state == "Ready"]

@@ -85,10 +85,14 @@ class TimeoutsConfig(Strict):
 class ModelSpec(Strict):
     ref: str = Field(
         description="file:<path> (a relative path resolves from orch.yaml's folder) | "
-        "hf:<org>/<repo>/<file> | https://… (hf: and https: need a resolver plugin: "
-        "`orchctl plugins` lists those installed)"
+        "hf:<org>/<repo>[@<revision>]/<file> | https://… (hf: and https: files are downloaded "
+        "into ~/.cache/llama-orch/models; `orchctl plugins` lists the resolvers installed)"
     )
-    digest: str | None = Field(None, pattern=r"^sha256:[0-9a-f]{64}$")
+    digest: str | None = Field(
+        None,
+        pattern=r"^sha256:[0-9a-f]{64}$",
+        description="the file's sha256: a file (or download) that differs is refused",
+    )
     state: Literal["Active", "Retired"] = "Active"
     size_mib: int | None = Field(None, ge=1, description="weights size when no file is at hand")
     ctx_max: int | None = Field(None, ge=1)

@@ -53,6 +53,7 @@ class FakeNvml:
     def __init__(self, fixture: Path = FIXTURE) -> None:
         recorded = json.loads(fixture.read_text(encoding="utf-8"))
         self.driver: str = recorded["driver"]
+        self.cuda: int = recorded["cuda"]  # 13000 is CUDA 13.0
         self.gpus: list[dict[str, Any]] = [dict(g) for g in recorded["gpus"]]
         self.init_error: type[Exception] | None = None
         self.count_error: type[Exception] | None = None
@@ -120,6 +121,10 @@ class FakeNvml:
         self._check_init()
         return self.driver
 
+    def nvmlSystemGetCudaDriverVersion(self) -> int:
+        self._check_init()
+        return int(self.cuda)
+
     def nvmlDeviceGetCount(self) -> int:
         self._check_init()
         if self.count_error is not None:
@@ -174,6 +179,10 @@ class FakeNvml:
             )
             for p in gpu["procs"]
         ]
+
+    def nvmlDeviceGetCudaComputeCapability(self, handle: _Handle) -> tuple[int, int]:
+        major, minor = self._gpu(handle, "nvmlDeviceGetCudaComputeCapability")["cc"]
+        return int(major), int(minor)
 
     def nvmlDeviceGetMigMode(self, handle: _Handle) -> list[int]:
         return list(self._gpu(handle, "nvmlDeviceGetMigMode")["mig"])

@@ -107,7 +107,7 @@ version: 1
 gpus: {{observer: simulated, inventory: {INVENTORY}}}
 queue: {{capacty: 3}}
 models:
-  hub: {{ref: "hf:org/repo/model.gguf"}}
+  hub: {{ref: "s3://bucket/model.gguf"}}
   local: {{ref: "file:models/local.gguf"}}
 pools:
   - {{id: a, engine: sim, model: hub}}
@@ -126,9 +126,10 @@ pools:
         == f"{p}:3:9: queue.capacty: unknown key 'capacty' (hint: did you mean 'capacity'?)"
     )
     assert lines[1] == (
-        f"{p}:5:14: models.hub.ref: no model resolver for hf: refs is installed (installed: "
-        'file:) (hint: download the file and use ref: "file:<path>" (relative paths resolve '
-        "from orch.yaml's folder), or install a plugin that resolves hf: refs)"
+        f"{p}:5:14: models.hub.ref: no model resolver for s3: refs is installed (installed: "
+        'file:, hf:, http:, https:) (hint: download the file and use ref: "file:<path>" '
+        "(relative paths resolve from orch.yaml's folder), or install a plugin that resolves "
+        "s3: refs)"
     )
     assert lines[2] == (
         f"{p}:6:16: warning: models.local.ref: {tmp_path}/models/local.gguf does not exist: "
@@ -158,12 +159,26 @@ def test_an_unused_model_with_no_resolver_is_only_a_warning(tmp_path: Path) -> N
     p = tmp_path / "orch.yaml"
     p.write_text(
         f"gpus: {{observer: simulated, inventory: {INVENTORY}}}\n"
-        'models: {later: {ref: "hf:org/repo/x.gguf"}}\n'
+        'models: {later: {ref: "s3://bucket/x.gguf"}}\n'
     )
     ran = orchctl("validate", p)
     assert ran.code == 0
     assert ran.out_lines[-1] == f"{p}: ok (1 warning)"
-    assert "warning: models.later.ref: no model resolver for hf:" in ran.out_lines[0]
+    assert "warning: models.later.ref: no model resolver for s3:" in ran.out_lines[0]
+
+
+def test_a_hub_ref_that_names_no_file_is_an_error_where_a_pool_loads_it(tmp_path: Path) -> None:
+    p = tmp_path / "orch.yaml"
+    p.write_text(
+        f"gpus: {{observer: simulated, inventory: {INVENTORY}}}\n"
+        'models: {hub: {ref: "hf:org/repo"}}\n'
+        "pools: [{id: a, engine: llamacpp, model: hub}]\n"
+    )
+    ran = orchctl("validate", p)
+    assert ran.code == 2
+    assert ran.out_lines[0].startswith(
+        f"{p}:2:21: models.hub.ref: 'hf:org/repo': a hub ref is hf:ORG/REPO/FILE"
+    )
 
 
 def test_a_missing_inventory_is_an_error_located_at_its_key(tmp_path: Path) -> None:

@@ -264,3 +264,23 @@ def test_the_plugin_registers_the_nvml_observer() -> None:
     else:  # pragma: no cover - only on a machine with an NVIDIA driver
         assert observer.name == "nvml"
         observer.close()
+
+
+def test_facts_name_the_drivers_cuda_version_and_each_gpus_compute_capability() -> None:
+    nvml = fake_pynvml.FakeNvml()
+    nvml.add_gpu(name="NVIDIA GeForce RTX 4060 Ti", cc=[8, 9])
+    nvml.add_gpu(name="NVIDIA GeForce RTX 3090", cc=[8, 6])
+    facts = gpu_nvml.read_facts(nvml)
+    assert facts.driver == "580.159.04" and facts.cuda == (13, 0)
+    assert [g.compute_capability for g in facts.gpus] == [(9, 0), (8, 9), (8, 6)]
+    assert gpu_nvml.cuda_archs(facts.gpus) == ("86", "89", "90")
+    assert nvml.initialised == 0  # NVML is shut down again
+
+
+def test_facts_of_a_lost_gpu_leave_its_compute_capability_unknown() -> None:
+    nvml = fake_pynvml.FakeNvml()
+    nvml.add_gpu(cc=[8, 6])
+    nvml.lose(1)
+    facts = gpu_nvml.read_facts(nvml)
+    assert facts.gpus[1].compute_capability is None and facts.gpus[1].error
+    assert gpu_nvml.cuda_archs(facts.gpus) == ("90",)

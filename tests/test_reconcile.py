@@ -194,11 +194,11 @@ async def test_a_ref_scheme_without_a_resolver_fails_its_pool_with_the_reason(
     workspace: Workspace, serve: Any
 ) -> None:
     cfg = config()
-    cfg["models"]["m1"]["ref"] = "hf:org/repo/file.gguf"
+    cfg["models"]["m1"]["ref"] = "s3://bucket/file.gguf"
     workspace.write_config(cfg)
     await serve(ready=False)
     await wait_for(lambda: _pool(workspace, "p1")["state"] == "Failed", 10)
-    assert "no model resolver for hf:" in _pool(workspace, "p1")["reason"]
+    assert "no model resolver for s3: refs" in _pool(workspace, "p1")["reason"]
 
 
 async def test_a_graceful_stop_leaves_no_engine_process(workspace: Workspace, serve: Any) -> None:

@@ -1,0 +1,75 @@
+"""`orchctl doctor [--config orch.yaml] [--simulate INVENTORY] [--json]`: can this machine serve?
+
+Prints one line per check (`reconciler.diagnosing`) with a copy-paste fix for Arch/CachyOS
+and Debian/Ubuntu under each one that failed or warns, then a verdict. Exit 0 when serving
+is possible, 3 when not (the environment is missing something). `orchctl up` prints the same
+report before it builds anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from plugins import provision_llamacpp, resolvers
+from reconciler import diagnosing
+from reconciler.cli_common import EXIT_ENV, EXIT_OK
+
+LABEL = {"ok": "ok  ", "warn": "warn", "fail": "FAIL"}
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    found = run(config=args.config, simulate=args.simulate)
+    if args.json:
+        print(json.dumps(as_json(found), indent=2))
+    else:
+        print(report(found, simulate=args.simulate is not None))
+    return EXIT_OK if found.can_serve else EXIT_ENV
+
+
+def run(*, config: Path, simulate: Path | None, bind: str | None = None) -> diagnosing.Diagnosis:
+    """The checks for serving `config` (its server.bind, else `bind`, else the default)."""
+    machine = diagnosing.Machine(
+        engine_cache=provision_llamacpp.default_cache(), model_cache=resolvers.model_cache()
+    )
+    if config.exists() or bind is None:
+        bind = diagnosing.bind_of(config)
+    binary = diagnosing.engine_binary_of(config) if config.exists() else None
+    return diagnosing.diagnose(machine, bind=bind, simulate=simulate, binary=binary)
+
+
+def report(found: diagnosing.Diagnosis, *, verdict: bool = True, simulate: bool = False) -> str:
+    width = max((len(c.name) for c in found.checks), default=0) + 2
+    lines = []
+    for check in found.checks:
+        lines.append(f"{LABEL[check.status]}  {check.name:<{width}}{check.detail}")
+        fix = check.fix_text() if check.status != "ok" else None
+        if fix:
+            lines.append("      fix:")
+            lines.extend(f"      {line}" for line in fix.splitlines())
+    if verdict:
+        lines.append("")
+        failed = [c for c in found.checks if c.status == "fail"]
+        if failed:
+            lines.append(
+                f"serving is not possible here: {len(failed)} check"
+                f"{'s' if len(failed) != 1 else ''} failed ({', '.join(c.name for c in failed)}); "
+                f"fix {'them' if len(failed) != 1 else 'it'} and run `orchctl doctor` again"
+            )
+        else:
+            warned = sum(c.status == "warn" for c in found.checks)
+            extra = f" ({warned} warning{'s' if warned != 1 else ''})" if warned else ""
+            up = "orchctl up --simulate" if simulate else "orchctl up"
+            lines.append(f"serving is possible here{extra}: next, `{up}`")
+    return "\n".join(lines)
+
+
+def as_json(found: diagnosing.Diagnosis) -> dict[str, object]:
+    return {
+        "can_serve": found.can_serve,
+        "checks": [
+            {"name": c.name, "status": c.status, "detail": c.detail, "fix": c.fix_text()}
+            for c in found.checks
+        ],
+    }
