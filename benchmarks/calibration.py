@@ -80,13 +80,7 @@ async def run(bench: report.BenchResult, *, quick: bool) -> None:
         async with harness.serving(ws) as srv:
             watch = StatusWatch(ws)
             await srv.wait_for(
-                lambda: (
-                    (s := watch.read()) is not None
-                    and len(s["pools"]) == 2
-                    and all(p["state"] == "Ready" and not p.get("reason") for p in s["pools"])
-                ),
-                timeout_s=30,
-                what="both pools Ready",
+                lambda: harness.all_ready(watch.read(), 2), timeout_s=30, what="both pools Ready"
             )
             began = time.monotonic()
             for b, burst in enumerate(plan):

@@ -221,6 +221,16 @@ class Served:
             await asyncio.sleep(poll_s)
 
 
+def all_ready(status: dict[str, Any] | None, count: int | None = None) -> bool:
+    """status.json shows its pools (exactly `count` of them, when given) Ready, no reason."""
+    return bool(
+        status
+        and status["pools"]
+        and (count is None or len(status["pools"]) == count)
+        and all(p["state"] == "Ready" and not p.get("reason") for p in status["pools"])
+    )
+
+
 @contextlib.asynccontextmanager
 async def serving(ws: Workspace, *, resync_s: float = daemons.RESYNC_S) -> AsyncIterator[Served]:
     """Run a daemon on `ws` for the duration of the block, then stop it and its engines."""

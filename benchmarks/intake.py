@@ -65,7 +65,10 @@ async def run(bench: report.BenchResult, *, quick: bool) -> None:
         async with harness.serving(ws) as srv:
             watch = StatusWatch(ws)
             await srv.wait_for(
-                lambda: _ready(watch.read()), timeout_s=30, what="pool p1 Ready", poll_s=0.01
+                lambda: harness.all_ready(watch.read()),
+                timeout_s=30,
+                what="pool p1 Ready",
+                poll_s=0.01,
             )
             sp = ws.spool
             staged: list[tuple[Path, Path]] = []
@@ -135,12 +138,4 @@ async def run(bench: report.BenchResult, *, quick: bool) -> None:
             "queue_at_end": queue_at_end,
             "progress": progress[:: max(1, len(progress) // 200)],
         }
-    )
-
-
-def _ready(status: dict[str, Any] | None) -> bool:
-    return bool(
-        status
-        and status["pools"]
-        and all(p["state"] == "Ready" and not p.get("reason") for p in status["pools"])
     )

@@ -88,13 +88,7 @@ async def run(bench: report.BenchResult, *, quick: bool) -> None:
         async with harness.serving(ws) as srv:
             watch = StatusWatch(ws)
             await srv.wait_for(
-                lambda: (
-                    (s := watch.read()) is not None
-                    and bool(s["pools"])
-                    and all(p["state"] == "Ready" and not p.get("reason") for p in s["pools"])
-                ),
-                timeout_s=30,
-                what="pool p1 Ready",
+                lambda: harness.all_ready(watch.read()), timeout_s=30, what="pool p1 Ready"
             )
             for i in range(WARMUP + n):
                 ts_ms, poll_ms = await _one(srv, f"l{i:04d}")

@@ -70,11 +70,7 @@ async def _ready(srv: Served) -> str:
     watch = StatusWatch(srv.ws)
     status = await srv.wait_for(
         lambda: (
-            (s := watch.read()) is not None
-            and s["pools"]
-            and all(p["state"] == "Ready" and not p.get("reason") for p in s["pools"])
-            and s["daemon"].get("url")
-            and s
+            (s := watch.read()) is not None and harness.all_ready(s) and s["daemon"]["url"] and s
         ),
         timeout_s=30,
         what="pool p1 Ready",

@@ -35,6 +35,7 @@ PING_S = 15.0  # keep-alive comment interval on idle streams
 
 
 def add_routes(app: web.Application) -> None:
+    app[ENCODED] = {}
     app.router.add_post("/v1/tasks", post_task)
     app.router.add_get("/v1/tasks/{task_id}", get_task)
     app.router.add_get("/v1/tasks/{task_id}/events", task_events)
@@ -208,7 +209,8 @@ async def task_events(request: web.Request) -> web.StreamResponse:
             first = True
             async for batch in sub.batches():
                 # one write per batch, each frame encoded once however many clients read it
-                chunk = "".join(_encoded(task_id, frame) for frame in batch)
+                cache = request.app[ENCODED]
+                chunk = "".join(_encoded(cache, task_id, frame) for frame in batch)
                 if first:
                     chunk = f"retry: {RETRY_MS}\n" + chunk
                     first = False
@@ -224,21 +226,23 @@ async def task_events(request: web.Request) -> web.StreamResponse:
             backend.wake()
 
 
-_ENCODED: dict[tuple[str, int], str] = {}
-_ENCODED_MAX = 4096
+# Per server (one daemon's task ids are unique; another daemon in the same process may reuse
+# them, so the cache must not be shared across apps).
+ENCODED: web.AppKey[dict[tuple[str, int], str]] = web.AppKey("encoded_frames")
+ENCODED_MAX = 4096
 
 
-def _encoded(task_id: str, frame: events.EventFrame) -> str:
+def _encoded(cache: dict[tuple[str, int], str], task_id: str, frame: events.EventFrame) -> str:
     """The frame as an SSE message, encoded once for every client that reads it (a small
     cache: fifty clients of one task share each token's text)."""
     key = (task_id, frame.id)
-    text = _ENCODED.get(key)
+    text = cache.get(key)
     if text is None:
         data = json.dumps(frame.data, ensure_ascii=False)
         text = f"id: {frame.id}\nevent: {frame.event}\ndata: {data}\n\n"
-        if len(_ENCODED) >= _ENCODED_MAX:
-            _ENCODED.clear()
-        _ENCODED[key] = text
+        if len(cache) >= ENCODED_MAX:
+            cache.clear()
+        cache[key] = text
     return text
 
 

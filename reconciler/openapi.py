@@ -84,6 +84,18 @@ def _openai(*codes: int) -> dict[str, Any]:
     return out | {"401": _json(OBJECT, "refused"), "403": _json(OBJECT, "refused")}
 
 
+COMPLETION = {
+    "200": {
+        "description": "a completion, or its chunks",
+        "content": {
+            "application/json": {"schema": OBJECT},
+            "text/event-stream": {"schema": {"type": "string"}},
+        },
+    },
+    **_openai(400, 404, 409, 413, 415, 429, 503),
+}
+
+
 def _op(summary: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any]:
     return {"summary": summary, "responses": responses, **extra}
 
@@ -217,32 +229,14 @@ PATHS: dict[str, dict[str, Any]] = {
     "/v1/chat/completions": {
         "post": _op(
             "OpenAI: a chat turn as a task (stream: true gives SSE chunks and [DONE])",
-            {
-                "200": {
-                    "description": "a completion, or its chunks",
-                    "content": {
-                        "application/json": {"schema": OBJECT},
-                        "text/event-stream": {"schema": {"type": "string"}},
-                    },
-                },
-                **_openai(400, 404, 409, 413, 415, 429, 503),
-            },
+            COMPLETION,
             requestBody=_body(OBJECT),
         ),
     },
     "/v1/completions": {
         "post": _op(
             "OpenAI: a text completion as a task",
-            {
-                "200": {
-                    "description": "a completion, or its chunks",
-                    "content": {
-                        "application/json": {"schema": OBJECT},
-                        "text/event-stream": {"schema": {"type": "string"}},
-                    },
-                },
-                **_openai(400, 404, 409, 413, 415, 429, 503),
-            },
+            COMPLETION,
             requestBody=_body(OBJECT),
         ),
     },
