@@ -9,6 +9,7 @@ from the log, so a slow reader never slows the engine or other readers and never
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import defaultdict, deque
 from collections.abc import AsyncGenerator
 from pathlib import Path
@@ -17,6 +18,7 @@ from state import events
 
 QUEUE_FRAMES = 1024  # live frames a reader may fall behind before it reads the log instead
 BATCH_FRAMES = 256  # at most this many frames in one write
+FLUSH_S = 0.01  # a fast stream's frames reach its readers at most this often, gathered
 
 
 class Subscription:
@@ -37,14 +39,14 @@ class Subscription:
         self.ready = asyncio.Event()
         self.lagging = False
 
-    def offer(self, frame: events.EventFrame) -> None:
+    def offer(self, frames: list[events.EventFrame]) -> None:
         if self.lagging:
             return
-        if len(self.pending) >= QUEUE_FRAMES:
+        if len(self.pending) + len(frames) > QUEUE_FRAMES:
             self.lagging = True
             self.pending.clear()  # the log has every one of them
         else:
-            self.pending.append(frame)
+            self.pending.extend(frames)
         self.ready.set()
 
     async def batches(self) -> AsyncGenerator[list[events.EventFrame], None]:
@@ -106,8 +108,20 @@ class Subscription:
 
 
 class Hub:
-    def __init__(self) -> None:
+    """Subscriptions by task, and the frames on their way to them.
+
+    A frame is published once the log has it. Readers of a quiet stream get it on the next
+    event-loop turn; a fast stream's frames are gathered and handed over at most every
+    FLUSH_S (a terminal frame at once), so fifty readers of an engine at thousands of tokens
+    a second each wake and write a hundred times a second, not once a token. Without a
+    running loop (a test driving the books directly) frames are handed over at once.
+    """
+
+    def __init__(self, flush_s: float = FLUSH_S) -> None:
+        self.flush_s = flush_s
         self._subs: dict[str, set[Subscription]] = defaultdict(set)
+        self._outbox: dict[str, list[events.EventFrame]] = {}
+        self._last_flush: dict[str, float] = {}
 
     def subscribe(self, task_id: str, log_path: Path, *, after: int = 0) -> Subscription:
         sub = Subscription(self, task_id, log_path, after)
@@ -120,10 +134,47 @@ class Hub:
             subs.discard(sub)
             if not subs:
                 del self._subs[sub.task_id]
+                self._last_flush.pop(sub.task_id, None)
 
-    def publish(self, task_id: str, frame: events.EventFrame) -> None:
-        for sub in list(self._subs.get(task_id, ())):
-            sub.offer(frame)
+    def publish(self, task_id: str, *frames: events.EventFrame) -> None:
+        """Frames the log has just written, in order."""
+        if task_id not in self._subs or not frames:
+            return  # nobody reads it live; a later reader starts from the log
+        terminal = frames[-1].terminal
+        outbox = self._outbox.get(task_id)
+        if outbox is not None:  # a hand-over is already due
+            outbox.extend(frames)
+            if terminal:
+                self._flush(task_id)
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._offer(task_id, list(frames))
+            return
+        if terminal:
+            self._offer(task_id, list(frames))
+            return
+        self._outbox[task_id] = list(frames)
+        wait = self._last_flush.get(task_id, 0.0) + self.flush_s - loop.time()
+        if wait > 0:
+            loop.call_later(wait, self._flush, task_id)
+        else:
+            loop.call_soon(self._flush, task_id)
+
+    def _flush(self, task_id: str) -> None:
+        frames = self._outbox.pop(task_id, None)
+        if frames:
+            self._offer(task_id, frames)
+
+    def _offer(self, task_id: str, frames: list[events.EventFrame]) -> None:
+        subs = self._subs.get(task_id)
+        if not subs:
+            return
+        with contextlib.suppress(RuntimeError):
+            self._last_flush[task_id] = asyncio.get_running_loop().time()
+        for sub in list(subs):
+            sub.offer(frames)
 
     def count(self, task_id: str) -> int:
         return len(self._subs.get(task_id, ()))

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from plugins import interfaces
 from reconciler import clocks, estimates, failpoints, fleet, logs, placement, rates, tasking
@@ -81,49 +81,43 @@ async def stream(
 ) -> None:
     run = running.run
     lease = running.lease
-    engine_stream: AsyncIterator[interfaces.Token | interfaces.Done] | None = None
-    pending: asyncio.Future[interfaces.Token | interfaces.Done] | None = None
+    reader: _Reader | None = None
     try:
         _begin(running, decision, deps=deps, gpu=gpu, engine_version=engine_version)
-        engine_stream = lease.engine.generate(lease.handle, _request(run))
-        iterator = engine_stream.__aiter__()
+        reader = _Reader(lease.engine.generate(lease.handle, _request(run)))
         begun = last_token = last_metrics = deps.clock.monotonic()
         first_token_at: float | None = None
         while True:
-            if pending is None:
-                pending = asyncio.ensure_future(iterator.__anext__())
+            items = reader.take()
             now = deps.clock.monotonic()
-            wait_s = min(idle_s - (now - last_token), METRICS_EVERY_S - (now - last_metrics))
-            if run.deadline_mono is not None:
-                wait_s = min(wait_s, run.deadline_mono - now)
-            # asyncio.wait, not wait_for: the pending read survives a timeout (so metrics can
-            # be sent between slow tokens), and a cancel is never swallowed
-            done, _ = await asyncio.wait({pending}, timeout=max(0.0, wait_s))
-            now = deps.clock.monotonic()
-            if not done:
-                if run.deadline_mono is not None and now >= run.deadline_mono:
-                    raise _Deadline()
+            if run.deadline_mono is not None and now >= run.deadline_mono:
+                raise _Deadline()
+            if not items:
+                wait_s = min(idle_s - (now - last_token), METRICS_EVERY_S - (now - last_metrics))
+                if run.deadline_mono is not None:
+                    wait_s = min(wait_s, run.deadline_mono - now)
+                if await reader.wait(max(0.0, wait_s)):
+                    continue
+                now = deps.clock.monotonic()
                 if now - last_token >= idle_s:
                     raise _Stalled()
                 if now - last_metrics >= METRICS_EVERY_S:
                     last_metrics = now
                     _metrics(running, deps)
                 continue
-            finished, pending = pending, None
-            try:
-                item = finished.result()
-            except StopAsyncIteration:
-                raise interfaces.EngineStreamError(
-                    "the stream ended without a final frame"
-                ) from None
             last_token = now
-            if isinstance(item, interfaces.Done):
-                _succeed(running, item, deps, begun=begun, first_token_at=first_token_at)
+            last = items[-1]  # a Done is always the last item the reader hands over
+            done = last if isinstance(last, interfaces.Done) else None
+            if done is not None:
+                items.pop()
+            if items:  # all the tokens that arrived since the last turn, in one write
+                if first_token_at is None:
+                    first_token_at = now
+                    run.result.timings.first_token_ms = int((now - begun) * 1000)
+                _tokens(running, cast(list[interfaces.Token], items), deps)
+            if done is not None:
+                _succeed(running, done, deps, begun=begun, first_token_at=first_token_at)
                 return
-            if first_token_at is None:
-                first_token_at = now
-                run.result.timings.first_token_ms = int((now - begun) * 1000)
-            _token(running, item, deps)
             if now - last_metrics >= METRICS_EVERY_S:
                 last_metrics = now
                 _metrics(running, deps)
@@ -158,11 +152,9 @@ async def stream(
             )
         _fail(running, deps, code, message, retry_after_ms=retry_after_ms, hint=hint)
     finally:
-        if pending is not None:
-            pending.cancel()
-        if engine_stream is not None:
+        if reader is not None:
             with contextlib.suppress(BaseException):  # closing drops the engine request
-                await asyncio.shield(_aclose(engine_stream))
+                await asyncio.shield(reader.close())
 
 
 def _request(run: tasking.TaskRun) -> interfaces.GenerateRequest:
@@ -220,23 +212,30 @@ def _begin(
     _metrics(running, deps)
 
 
-def _token(running: Running, item: interfaces.Token, deps: Deps) -> None:
-    """One `token` frame: `t` the text; in a chat, `tool_calls` the tool-call deltas and
-    `reasoning` a thinking model's reasoning text, each only when the piece has them."""
+def _tokens(running: Running, items: list[interfaces.Token], deps: Deps) -> None:
+    """`token` frames: `t` the text; in a chat, `tool_calls` the tool-call deltas and
+    `reasoning` a thinking model's reasoning text, each only when the piece has them. The
+    result counts them once the log has them."""
     result = running.run.result
-    data: dict[str, Any] = {"t": item.text, "i": result.tokens_out}
-    if item.tool_calls:
-        data["tool_calls"] = [dict(call) for call in item.tool_calls]
-        result.tool_calls = result.tool_calls or []
-        chats.merge_tool_calls(result.tool_calls, item.tool_calls)
-    if item.reasoning:
-        data["reasoning"] = item.reasoning
-        result.reasoning = (result.reasoning or "") + item.reasoning
-    deps.books.frame(running.run, "token", data)
-    result.text += item.text
-    result.tokens_out += 1
-    running.tokens_out = result.tokens_out
-    if result.tokens_out == 1:
+    first = result.tokens_out
+    frames: list[dict[str, Any]] = []
+    for n, item in enumerate(items):
+        data: dict[str, Any] = {"t": item.text, "i": first + n}
+        if item.tool_calls:
+            data["tool_calls"] = [dict(call) for call in item.tool_calls]
+        if item.reasoning:
+            data["reasoning"] = item.reasoning
+        frames.append(data)
+    deps.books.frames(running.run, "token", frames)
+    for item in items:
+        if item.tool_calls:
+            result.tool_calls = result.tool_calls or []
+            chats.merge_tool_calls(result.tool_calls, item.tool_calls)
+        if item.reasoning:
+            result.reasoning = (result.reasoning or "") + item.reasoning
+    result.text += "".join(item.text for item in items)
+    result.tokens_out = running.tokens_out = first + len(items)
+    if first == 0:
         failpoints.hit("after_token")
 
 
@@ -324,8 +323,55 @@ class _Stalled(Exception):
     pass
 
 
-async def _aclose(engine_stream: Any) -> None:
-    closer = getattr(engine_stream, "aclose", None)
-    if closer is not None:
-        with contextlib.suppress(Exception):
-            await closer()
+class _Reader:
+    """Reads an engine's stream in a task of its own, so the stream loop takes whatever has
+    arrived since its last turn in one go instead of paying a wait per token. A read that is
+    still pending when the loop times out (to send metrics between slow tokens, or to enforce
+    the deadline) goes on; the engine's error, or an end without a final frame, is raised to
+    the loop after the items that came before it."""
+
+    def __init__(self, engine_stream: AsyncIterator[interfaces.Token | interfaces.Done]) -> None:
+        self._stream = engine_stream
+        self._items: list[interfaces.Token | interfaces.Done] = []
+        self._error: BaseException | None = None
+        self._ready = asyncio.Event()
+        self._task = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        try:
+            async for item in self._stream:
+                self._items.append(item)
+                self._ready.set()
+                if isinstance(item, interfaces.Done):
+                    return
+            self._error = interfaces.EngineStreamError("the stream ended without a final frame")
+        except Exception as exc:  # raised to the loop, in order
+            self._error = exc
+        finally:
+            self._ready.set()
+
+    def take(self) -> list[interfaces.Token | interfaces.Done]:
+        items, self._items = self._items, []
+        if not items and self._error is not None:
+            raise self._error
+        return items
+
+    async def wait(self, timeout_s: float) -> bool:
+        """Whether something arrived (or the stream ended) within `timeout_s`."""
+        if self._items or self._error is not None:
+            return True
+        self._ready.clear()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._ready.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def close(self) -> None:
+        self._task.cancel()
+        await asyncio.wait({self._task})
+        closer = getattr(self._stream, "aclose", None)
+        if closer is not None:
+            with contextlib.suppress(Exception):
+                await closer()

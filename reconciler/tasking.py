@@ -75,13 +75,18 @@ class Books:
         return clocks.rfc3339(self.clock.now())
 
     def frame(self, run: TaskRun, event: events.EventName, data: dict[str, Any]) -> None:
-        frame = run.log.append(event, data, ts=self.ts())
-        self.hub.publish(run.task_id, frame)
+        self.frames(run, event, [data])
+
+    def frames(self, run: TaskRun, event: events.EventName, items: list[dict[str, Any]]) -> None:
+        """Frames of one kind that arrived together, written to the log in one write."""
+        written = run.log.extend(event, items, ts=self.ts())
+        self.hub.publish(run.task_id, *written)
         for tap in self.taps:
-            try:
-                tap(run, frame)
-            except Exception:  # counting must never stop a task
-                log.exception("a frame tap failed on %s %s", run.task_id, event)
+            for frame in written:
+                try:
+                    tap(run, frame)
+                except Exception:  # counting must never stop a task
+                    log.exception("a frame tap failed on %s %s", run.task_id, event)
 
     def save(self, run: TaskRun) -> None:
         self.results.write(run.result)

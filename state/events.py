@@ -50,23 +50,39 @@ class EventLog:
         """Write one frame as one line (a single write, unbuffered, so readers never see
         half of it); the terminal frame is fsynced. The file stays open only while frames
         stream (`started` to the end), so a deep queue holds no descriptors."""
+        return self.extend(event, [data], ts=ts)[0]
+
+    def extend(self, event: EventName, items: list[dict[str, Any]], *, ts: str) -> list[EventFrame]:
+        """Frames of one kind that arrived together (an engine's tokens in one read), written
+        in a single write; a terminal frame only on its own."""
         if self.terminal:
             raise RuntimeError(f"{self.path.name}: nothing may follow a terminal frame")
-        frame_id = self.last_id + 1
-        record = {"id": frame_id, "event": event, "data": data, "ts": ts}
-        line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+        if not items:
+            return []
+        terminal = event in TERMINAL_EVENTS
+        if terminal and len(items) != 1:
+            raise ValueError("a terminal frame is written on its own")
+        first = self.last_id + 1
+        lines = [
+            json.dumps(
+                {"id": first + n, "event": event, "data": data, "ts": ts}, ensure_ascii=False
+            )
+            for n, data in enumerate(items)
+        ]
         if self._fd is None:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             self._closer = weakref.finalize(self, os.close, self._fd)
-        os.write(self._fd, line)
-        terminal = event in TERMINAL_EVENTS
+        os.write(self._fd, ("\n".join(lines) + "\n").encode())
         if terminal:
             os.fsync(self._fd)
         if event not in _STREAMING:
             self.close()
-        self.last_id, self.terminal = frame_id, terminal
+        self.last_id, self.terminal = first + len(items) - 1, terminal
         # the data came from the loop itself: no validation needed on the hot path
-        return EventFrame.model_construct(id=frame_id, event=event, data=data, ts=ts)
+        return [
+            EventFrame.model_construct(id=first + n, event=event, data=data, ts=ts)
+            for n, data in enumerate(items)
+        ]
 
     def close(self) -> None:
         if self._closer is not None:
