@@ -19,6 +19,7 @@ ROOMS = ("state", "plugins", "reconciler", "schemas")
 
 PURE = {
     "reconciler.admission",
+    "reconciler.determinism",
     "reconciler.editing",
     "reconciler.estimates",
     "reconciler.openai_chunks",
@@ -47,6 +48,7 @@ IO_MODULES = {
     "reconciler.booting",
     "reconciler.api",
     "reconciler.api_auth",
+    "reconciler.api_client",
     "reconciler.api_metrics",
     "reconciler.api_openai",
     "reconciler.api_page",
@@ -60,6 +62,7 @@ IO_MODULES = {
     "reconciler.cli",
     "reconciler.cli_backup",
     "reconciler.cli_common",
+    "reconciler.cli_determinism",
     "reconciler.cli_doctor",
     "reconciler.cli_init",
     "reconciler.cli_status",
