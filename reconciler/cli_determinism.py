@@ -138,6 +138,7 @@ def run_suite(
                     ok = sum(s.ok for s in done)
                     progress(f"run {run}: {lane['id']}: {ok} of {len(done)} tasks succeeded")
     verdict = determinism.compare(streams, runs=runs)
+    measured = _measured_digests(client)
     described = determinism.Run(
         run_id=run_id,
         url=client.base_url,
@@ -146,7 +147,7 @@ def run_suite(
         runs=runs,
         started_at=started_at,
         took_s=time.monotonic() - began,
-        lanes=tuple(_describe(lane, streams, status) for lane in lanes),
+        lanes=tuple(_describe(lane, streams, status, measured) for lane in lanes),
         gpus=tuple(status.get("gpus") or ()),
     )
     return described, verdict, streams
@@ -286,8 +287,24 @@ def gpu_name(gpu: Any) -> str | None:
     return f"GPU {gpu.get('index')} {name}"
 
 
+def _measured_digests(client: api_client.Client) -> dict[str, str]:
+    """model → the sha256 its last catalog verify measured, where that is still current:
+    the digest of a model orch.yaml pins none for."""
+    answer = client.get("/v1/catalog/models")
+    body = answer.json if answer.status == 200 else None
+    found = {}
+    for m in body.get("models", []) if isinstance(body, dict) else []:
+        record = m.get("last_verification") or {}
+        if m.get("verification_current") and record.get("actual_digest"):
+            found[m["id"]] = str(record["actual_digest"])
+    return found
+
+
 def _describe(
-    lane: dict[str, Any], streams: list[determinism.Stream], status: dict[str, Any]
+    lane: dict[str, Any],
+    streams: list[determinism.Stream],
+    status: dict[str, Any],
+    measured: dict[str, str],
 ) -> determinism.Lane:
     mine = [s for s in streams if s.lane == lane["id"] and s.ok]
     names = {g["index"]: g for g in status.get("gpus", [])}
@@ -300,12 +317,16 @@ def _describe(
             if i in names
         }
     )
+    declared = next((s.model_digest for s in mine if s.model_digest), None)
     return determinism.Lane(
         pool_id=lane["id"],
         model=lane["model"],
         engine=lane["engine"],
         engine_version=next((s.engine_version for s in mine if s.engine_version), None),
-        model_digest=next((s.model_digest for s in mine if s.model_digest), None),
+        model_digest=declared or measured.get(lane["model"]),
+        model_digest_source="declared"
+        if declared
+        else ("measured by the last catalog verify" if lane["model"] in measured else None),
         replicas=tuple(sorted({s.replica_id for s in mine if s.replica_id})),
         gpus=tuple(gpus),
     )

@@ -273,6 +273,7 @@ class Lane:
     model_digest: str | None
     replicas: tuple[str, ...]
     gpus: tuple[str, ...]
+    model_digest_source: str | None = None  # "declared" in orch.yaml, or measured by a verify
 
 
 @dataclass(frozen=True)
@@ -314,6 +315,7 @@ def as_json(run: Run, verdict: Verdict) -> dict[str, Any]:
                 "engine": lane.engine,
                 "engine_version": lane.engine_version,
                 "model_digest": lane.model_digest,
+                "model_digest_source": lane.model_digest_source,
                 "replicas": list(lane.replicas),
                 "gpus": list(lane.gpus),
             }
@@ -379,7 +381,7 @@ def render_markdown(run: Run, verdict: Verdict) -> str:
     for lane in run.lanes:
         lines.append(
             f"| {lane.pool_id} | {lane.model} | {lane.engine} | {lane.engine_version or '?'} | "
-            f"{lane.model_digest or 'none declared'} | {', '.join(lane.replicas)} | "
+            f"{_digest(lane)} | {', '.join(lane.replicas)} | "
             f"{', '.join(lane.gpus)} |"
         )
     lines += [
@@ -429,6 +431,13 @@ def render_markdown(run: Run, verdict: Verdict) -> str:
         lines += ["", "## Tasks that did not succeed", ""]
         lines += [f"- `{s.task_id}` ({s.lane}): {s.status} {s.error or ''}" for s in verdict.failed]
     return "\n".join(lines) + "\n"
+
+
+def _digest(lane: Lane) -> str:
+    if not lane.model_digest:
+        return "none declared, none verified"
+    source = f" ({lane.model_digest_source})" if lane.model_digest_source else ""
+    return f"`{lane.model_digest}`{source}"
 
 
 def _first(c: PairCount) -> str:

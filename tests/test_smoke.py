@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -74,24 +75,31 @@ async def test_the_whole_checklist_passes_on_the_simulated_pair(
         "policy hook and session budgets toggled": "not run",
     }, found
     seen = {name: detail for name, (_, detail) in found.items()}
-    assert "coder (big) on GPU 0, chat (m1) on GPU 1" in seen[
-        "placement across mixed VRAM without pins"
-    ]
-    assert "GPU 0 SIMULATED NVIDIA GeForce RTX 3090: coder" in seen[
-        "placement across mixed VRAM without pins"
-    ]
-    assert "GPU 1 SIMULATED NVIDIA GeForce RTX 3060: chat" in seen[
-        "placement across mixed VRAM without pins"
-    ]
+    assert (
+        "coder (big) on GPU 0, chat (m1) on GPU 1"
+        in seen["placement across mixed VRAM without pins"]
+    )
+    assert (
+        "GPU 0 SIMULATED NVIDIA GeForce RTX 3090: coder"
+        in seen["placement across mixed VRAM without pins"]
+    )
+    assert (
+        "GPU 1 SIMULATED NVIDIA GeForce RTX 3060: chat"
+        in seen["placement across mixed VRAM without pins"]
+    )
     assert "got 429 ADMISSION_REJECT, Retry-After" in seen["a full queue answers 429"]
     assert seen["catalog verify"].startswith("verified 2 model file(s): big warn in ")
     assert "a pinned task got 503 POOL_UNAVAILABLE" in seen["drain and reload"]
     assert "same replica 8 matched, 0 differed" in seen["determinism smoke"]
     assert "no policy hook" in seen["policy hook and session budgets toggled"]
-    assert "verdict: **PASS**: 8 passed, 0 failed, 1 not run" in (
-        out / "smoke_report.md"
-    ).read_text()
-    assert (out / "determinism" / "determinism.json").is_file()
+    assert (
+        "verdict: **PASS**: 8 passed, 0 failed, 1 not run" in (out / "smoke_report.md").read_text()
+    )
+    det = json.loads((out / "determinism" / "determinism.json").read_text())
+    lanes = {lane["pool_id"]: lane for lane in det["lanes"]}
+    # no digest is pinned in orch.yaml: the one the catalog verify measured is reported
+    assert lanes["chat"]["model_digest"] == "sha256:" + hashlib.sha256(b"small model").hexdigest()
+    assert lanes["chat"]["model_digest_source"] == "measured by the last catalog verify"
 
     env = (out / "environment.md").read_text()
     assert "| 0 | SIMULATED NVIDIA GeForce RTX 3090 | 24576 MiB |" in env
