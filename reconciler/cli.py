@@ -4,7 +4,8 @@ config error (file:line printed), 3 environment missing (the fix printed), 130 i
 This module parses the command line and runs one verb: `serve`, `plugins` and `schemas` here;
 `submit`, `cancel` and `tasks` in `cli_tasks`; `watch` in `cli_watch`; `validate` in
 `cli_validate`; `status` in `cli_status`; `init` in `cli_init`; `backup` and `restore` in
-`cli_backup`; `doctor` in `cli_doctor`; `up` in `cli_up`. `run` turns whatever a verb raises
+`cli_backup`; `doctor` in `cli_doctor`; `up` in `cli_up`; `determinism` in `cli_determinism`;
+`smoke` in `cli_smoke`. `run` turns whatever a verb raises
 into one plain line on standard error and an exit code: no input, however hostile, makes
 orchctl print a traceback (set ORCHCTL_DEBUG=1 to see one for a bug).
 """
@@ -25,8 +26,10 @@ from reconciler import (
     about,
     cli_backup,
     cli_common,
+    cli_determinism,
     cli_doctor,
     cli_init,
+    cli_smoke,
     cli_status,
     cli_tasks,
     cli_up,
@@ -292,6 +295,9 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="stop serving after the report (default: serve until Ctrl-C)",
     )
+
+    cli_determinism.add_verb(verb, _config)
+    cli_smoke.add_verb(verb, _config)
 
     verb("plugins", cmd_plugins, "list loaded plugins")
 

@@ -1,0 +1,471 @@
+"""The determinism suite's pure core (HME-041, OC-TEST-7001..7003): the seed corpus, the
+comparison of token streams, latency statistics per device, and the report.
+
+`cli_determinism` runs the corpus against a daemon and hands this module the `Stream`s it
+read; `compare` decides, `render_markdown` and `as_json` write the bundle. `smoke_checks`
+runs a few seeds through the same code. The rules it keeps:
+
+- A stream is the sequence of token texts of a task's `token` frames plus its finish
+  reason, as canonical JSON bytes: two streams match when those bytes are equal, and the
+  first diverging token is the first index where the texts differ (or where one ends).
+- The same replica, seed and prompt across two runs must give byte-identical streams: a
+  difference fails the suite. Across replicas (other pools, other GPUs) streams of the same
+  model are compared and counted, never failed: two GPU models may round differently.
+- Determinism is not assumed across engine versions or model digests: lanes are compared
+  only within one (model, engine_version, model_digest).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+FIRST_SEED = 1001  # seeds.txt of llama-orch holds 1001..1064 (OC-TEST-7003)
+DEFAULT_SEEDS = 64
+TEMPERATURE = 0.7  # above 0, so the seed picks the tokens
+PROMPTS = (
+    "Write one sentence about graphics cards.",
+    "List three uses of a hash table.",
+    "Explain what a mutex protects, briefly.",
+    "Name a prime number larger than one hundred and say why it is prime.",
+    "Describe the smell of rain in a few words.",
+    "What does a compiler do? Answer in one line.",
+    "Give a short tip for writing readable code.",
+    "Summarise the water cycle for a child.",
+)
+
+
+def seeds(count: int) -> list[int]:
+    return list(range(FIRST_SEED, FIRST_SEED + count))
+
+
+def prompt_for(seed: int) -> str:
+    return PROMPTS[(seed - FIRST_SEED) % len(PROMPTS)]
+
+
+@dataclass(frozen=True)
+class Stream:
+    """One task of the suite as it was streamed and finished."""
+
+    lane: str  # the pool the task was pinned to
+    run: int  # 1 or 2
+    seed: int
+    task_id: str
+    status: str  # the result's status
+    tokens: tuple[str, ...] = ()
+    finish_reason: str | None = None
+    replica_id: str | None = None
+    gpu: str | None = None  # "GPU 0 NVIDIA GeForce RTX 3090"
+    model: str | None = None
+    engine: str | None = None
+    engine_version: str | None = None
+    model_digest: str | None = None
+    first_token_ms: float | None = None
+    decode_ms: float | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "succeeded"
+
+    def canonical(self) -> bytes:
+        return json.dumps(
+            {"tokens": list(self.tokens), "finish_reason": self.finish_reason},
+            ensure_ascii=False,
+            separators=(",", ":"),
+        ).encode()
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        if not self.decode_ms or len(self.tokens) < 2:
+            return None
+        return len(self.tokens) * 1000.0 / self.decode_ms
+
+
+@dataclass(frozen=True)
+class Divergence:
+    seed: int
+    index: int  # the first token that differs
+    a: str | None  # None: that stream had ended
+    b: str | None
+
+    def describe(self) -> str:
+        return f"seed {self.seed}, token {self.index}: {_shown(self.a)} vs {_shown(self.b)}"
+
+
+@dataclass
+class PairCount:
+    """Streams of one kind of pair (a replica with itself, or lane A with lane B)."""
+
+    a: str
+    b: str
+    gpus: tuple[str, str]
+    matched: int = 0
+    mismatched: int = 0
+    divergences: list[Divergence] = field(default_factory=list)
+
+    @property
+    def first(self) -> Divergence | None:
+        return self.divergences[0] if self.divergences else None
+
+
+@dataclass(frozen=True)
+class Latency:
+    device: str
+    n: int
+    ttft_p50_ms: float | None
+    ttft_p95_ms: float | None
+    tps_p50: float | None
+    tps_p95: float | None
+
+
+@dataclass
+class Verdict:
+    same: list[PairCount]
+    cross: list[PairCount]
+    latency: list[Latency]
+    failed: list[Stream]
+    distinct_per_lane: dict[str, int]  # distinct streams across seeds, run 1
+    problems: list[str]
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems
+
+
+def diverge(seed: int, a: Sequence[str], b: Sequence[str]) -> Divergence | None:
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return Divergence(seed, i, x, y)
+    if len(a) != len(b):
+        i = min(len(a), len(b))
+        return Divergence(seed, i, a[i] if i < len(a) else None, b[i] if i < len(b) else None)
+    return None
+
+
+def compare(streams: Iterable[Stream], *, runs: int = 2) -> Verdict:
+    """Same-replica pairs (run 1 against each later run), cross-lane pairs (run 1, lanes of
+    one model, engine version and digest), latency per device, and what fails the suite."""
+    by_key: dict[tuple[str, int, int], Stream] = {}
+    for s in streams:
+        by_key[(s.lane, s.run, s.seed)] = s
+    lanes = sorted({lane for lane, _, _ in by_key})
+    seed_list = sorted({seed for _, _, seed in by_key})
+    failed = [s for s in by_key.values() if not s.ok]
+    problems = [f"{len(failed)} task(s) did not succeed"] if failed else []
+
+    same: dict[tuple[str, str], PairCount] = {}
+    for lane in lanes:
+        for seed in seed_list:
+            first = by_key.get((lane, 1, seed))
+            for run in range(2, runs + 1):
+                later = by_key.get((lane, run, seed))
+                if first is None or later is None or not (first.ok and later.ok):
+                    continue
+                if first.replica_id != later.replica_id:
+                    continue  # another replica of the pool: counted among the cross pairs
+                replica = first.replica_id or lane
+                count = same.setdefault(
+                    (lane, replica), PairCount(replica, replica, (first.gpu or "?",) * 2)
+                )
+                _count(count, seed, first, later)
+    for count in same.values():
+        if count.mismatched:
+            problems.append(
+                f"replica {count.a} gave different streams for the same seed in "
+                f"{count.mismatched} of {count.matched + count.mismatched} pairs"
+            )
+    if not same and not failed and by_key:
+        problems.append("no same-replica pair could be compared")
+
+    cross: list[PairCount] = []
+    for i, a in enumerate(lanes):
+        for b in lanes[i + 1 :]:
+            first_a = [by_key.get((a, 1, seed)) for seed in seed_list]
+            first_b = [by_key.get((b, 1, seed)) for seed in seed_list]
+            pairs = [(x, y) for x, y in zip(first_a, first_b, strict=True) if x and y]
+            pairs = [(x, y) for x, y in pairs if x.ok and y.ok and _comparable(x, y)]
+            if not pairs:
+                continue
+            count = PairCount(a, b, (pairs[0][0].gpu or "?", pairs[0][1].gpu or "?"))
+            for x, y in pairs:
+                _count(count, x.seed, x, y)
+            cross.append(count)
+
+    distinct = {
+        lane: len({s.canonical() for (ln, run, _), s in by_key.items() if ln == lane and run == 1})
+        for lane in lanes
+    }
+    return Verdict(
+        same=sorted(same.values(), key=lambda c: c.a),
+        cross=cross,
+        latency=latency(by_key.values()),
+        failed=sorted(failed, key=lambda s: s.task_id),
+        distinct_per_lane=distinct,
+        problems=problems,
+    )
+
+
+def _comparable(x: Stream, y: Stream) -> bool:
+    return (x.model, x.engine_version, x.model_digest) == (
+        y.model,
+        y.engine_version,
+        y.model_digest,
+    )
+
+
+def _count(count: PairCount, seed: int, x: Stream, y: Stream) -> None:
+    if x.canonical() == y.canonical():
+        count.matched += 1
+        return
+    count.mismatched += 1
+    found = diverge(seed, x.tokens, y.tokens)
+    if found is None:  # same tokens, another finish reason
+        found = Divergence(seed, len(x.tokens), x.finish_reason, y.finish_reason)
+    count.divergences.append(found)
+
+
+def latency(streams: Iterable[Stream]) -> list[Latency]:
+    """Time to first token and tokens/s of the succeeded streams, p50 and p95, per device."""
+    per: dict[str, list[Stream]] = {}
+    for s in streams:
+        if s.ok:
+            per.setdefault(s.gpu or "an unknown GPU", []).append(s)
+    rows = []
+    for device, group in sorted(per.items()):
+        ttft = [s.first_token_ms for s in group if s.first_token_ms is not None]
+        tps = [t for s in group if (t := s.tokens_per_s) is not None]
+        rows.append(
+            Latency(
+                device=device,
+                n=len(group),
+                ttft_p50_ms=percentile(ttft, 50),
+                ttft_p95_ms=percentile(ttft, 95),
+                tps_p50=percentile(tps, 50),
+                tps_p95=percentile(tps, 95),
+            )
+        )
+    return rows
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The q-th percentile (0-100), linear between closest ranks; None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100.0
+    lo, hi = math.floor(rank), math.ceil(rank)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (rank - lo)
+
+
+# -- the report -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Lane:
+    pool_id: str
+    model: str
+    engine: str
+    engine_version: str | None
+    model_digest: str | None
+    replicas: tuple[str, ...]
+    gpus: tuple[str, ...]
+    model_digest_source: str | None = None  # "declared" in orch.yaml, or measured by a verify
+
+
+@dataclass(frozen=True)
+class Run:
+    """What the suite ran: for the report's header and run_config."""
+
+    run_id: str
+    url: str
+    seeds: tuple[int, ...]
+    max_tokens: int
+    runs: int
+    started_at: str
+    took_s: float
+    lanes: tuple[Lane, ...]
+    gpus: tuple[dict[str, Any], ...]  # status.json's GPU rows
+
+
+def as_json(run: Run, verdict: Verdict) -> dict[str, Any]:
+    return {
+        "run_id": run.run_id,
+        "url": run.url,
+        "started_at": run.started_at,
+        "took_s": round(run.took_s, 3),
+        "passed": verdict.passed,
+        "problems": verdict.problems,
+        "seeds": list(run.seeds),
+        "max_tokens": run.max_tokens,
+        "temperature": TEMPERATURE,
+        "runs": run.runs,
+        "prompts": list(PROMPTS),
+        "engine_version": _one(lane.engine_version for lane in run.lanes),
+        "model_digest": _one(lane.model_digest for lane in run.lanes),
+        "gpus": list(run.gpus),
+        "gpu_names": sorted({g.get("name", "?") for g in run.gpus}),
+        "lanes": [
+            {
+                "pool_id": lane.pool_id,
+                "model": lane.model,
+                "engine": lane.engine,
+                "engine_version": lane.engine_version,
+                "model_digest": lane.model_digest,
+                "model_digest_source": lane.model_digest_source,
+                "replicas": list(lane.replicas),
+                "gpus": list(lane.gpus),
+            }
+            for lane in run.lanes
+        ],
+        "same_replica": [_pair_json(c) for c in verdict.same],
+        "cross_replica": [_pair_json(c) for c in verdict.cross],
+        "distinct_streams_across_seeds": verdict.distinct_per_lane,
+        "latency": [
+            {
+                "device": row.device,
+                "n": row.n,
+                "first_token_ms": {"p50": _r(row.ttft_p50_ms), "p95": _r(row.ttft_p95_ms)},
+                "tokens_per_s": {"p50": _r(row.tps_p50), "p95": _r(row.tps_p95)},
+            }
+            for row in verdict.latency
+        ],
+        "failed_tasks": [
+            {"task_id": s.task_id, "lane": s.lane, "status": s.status, "error": s.error}
+            for s in verdict.failed
+        ],
+    }
+
+
+def _one(values: Iterable[str | None]) -> str | list[str] | None:
+    """One value when every lane agrees, else the sorted list of them."""
+    found = sorted({v for v in values if v})
+    return found[0] if len(found) == 1 else (found or None)
+
+
+def _pair_json(c: PairCount) -> dict[str, Any]:
+    first = c.first
+    return {
+        "a": c.a,
+        "b": c.b,
+        "gpus": list(c.gpus),
+        "matched": c.matched,
+        "mismatched": c.mismatched,
+        "first_divergence": None
+        if first is None
+        else {"seed": first.seed, "token_index": first.index, "a": first.a, "b": first.b},
+        "mismatched_seeds": [d.seed for d in c.divergences],
+    }
+
+
+def render_markdown(run: Run, verdict: Verdict) -> str:
+    lines = [
+        "# Determinism suite",
+        "",
+        f"- run `{run.run_id}` against {run.url}, started {run.started_at}, took "
+        f"{run.took_s:.1f} s",
+        f"- verdict: **{'PASS' if verdict.passed else 'FAIL'}**"
+        + (f" ({'; '.join(verdict.problems)})" if verdict.problems else ""),
+        f"- seeds: {len(run.seeds)} ({_span(run.seeds)}), {run.runs} runs, max_tokens "
+        f"{run.max_tokens}, temperature {TEMPERATURE}, {len(PROMPTS)} fixed prompts",
+        f"- GPUs: {', '.join(_gpu_line(g) for g in run.gpus) or 'none reported'}",
+        "",
+        "## Lanes (each task pinned to its pool; lanes ran concurrently, seeds one at a time)",
+        "",
+        "| pool | model | engine | engine_version | model digest | replicas | GPUs |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for lane in run.lanes:
+        lines.append(
+            f"| {lane.pool_id} | {lane.model} | {lane.engine} | {lane.engine_version or '?'} | "
+            f"{_digest(lane)} | {', '.join(lane.replicas)} | "
+            f"{', '.join(lane.gpus)} |"
+        )
+    lines += [
+        "",
+        "## The same replica across runs (must be byte-identical)",
+        "",
+        "| replica | GPU | matched | mismatched | first diverging token |",
+        "|---|---|---|---|---|",
+    ]
+    for c in verdict.same:
+        lines.append(f"| {c.a} | {c.gpus[0]} | {c.matched} | {c.mismatched} | {_first(c)} |")
+    if not verdict.same:
+        lines.append("| (none) | | | | |")
+    lines += [
+        "",
+        "## Across replicas and GPUs (run 1; reported, not required)",
+        "",
+        "| lane A | lane B | GPUs | matched | mismatched | first diverging token |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in verdict.cross:
+        lines.append(
+            f"| {c.a} | {c.b} | {c.gpus[0]} / {c.gpus[1]} | {c.matched} | {c.mismatched} | "
+            f"{_first(c)} |"
+        )
+    if not verdict.cross:
+        lines.append("| (one lane only, or no lanes of one model, engine and digest) | | | | | |")
+    lines += [
+        "",
+        "Distinct streams across seeds (run 1): "
+        + ", ".join(
+            f"{lane} {n}/{len(run.seeds)}" for lane, n in verdict.distinct_per_lane.items()
+        ),
+        "",
+        "## Latency per device (first token: the daemon's start on the replica to the first "
+        "token; tokens/s: tokens over decode time)",
+        "",
+        "| device | tasks | first token p50 | first token p95 | tokens/s p50 | tokens/s p95 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in verdict.latency:
+        lines.append(
+            f"| {row.device} | {row.n} | {_ms(row.ttft_p50_ms)} | {_ms(row.ttft_p95_ms)} | "
+            f"{_rate(row.tps_p50)} | {_rate(row.tps_p95)} |"
+        )
+    if verdict.failed:
+        lines += ["", "## Tasks that did not succeed", ""]
+        lines += [f"- `{s.task_id}` ({s.lane}): {s.status} {s.error or ''}" for s in verdict.failed]
+    return "\n".join(lines) + "\n"
+
+
+def _digest(lane: Lane) -> str:
+    if not lane.model_digest:
+        return "none declared, none verified"
+    source = f" ({lane.model_digest_source})" if lane.model_digest_source else ""
+    return f"`{lane.model_digest}`{source}"
+
+
+def _first(c: PairCount) -> str:
+    return c.first.describe() if c.first else "—"
+
+
+def _span(values: Sequence[int]) -> str:
+    return f"{values[0]}..{values[-1]}" if values else "none"
+
+
+def _gpu_line(g: dict[str, Any]) -> str:
+    name = str(g.get("name"))
+    if g.get("simulated") and "SIMULATED" not in name.upper():
+        name += " (simulated)"
+    return f"GPU {g.get('index')} {name} {g.get('vram_total_mib', '?')} MiB"
+
+
+def _shown(token: str | None) -> str:
+    return "(end)" if token is None else json.dumps(token, ensure_ascii=False)
+
+
+def _ms(value: float | None) -> str:
+    return "—" if value is None else f"{value:.0f} ms"
+
+
+def _rate(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1f}"
+
+
+def _r(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)

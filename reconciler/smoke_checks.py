@@ -1,0 +1,458 @@
+"""The checks of the home reference smoke (HME-040), each over the daemon's HTTP API; run by
+`cli_smoke` in the order of `CHECKS`.
+
+A check returns a `Check`: passed (with what it saw), failed (with why), or not run (with
+why: the daemon does not offer the route, by name, or the workstation lacks what the check
+needs, such as GPUs of two sizes). It never raises: a daemon that stops answering fails the
+check it was in. Tasks it submits carry `labels: {suite: smoke}` and ids starting with
+`smoke-<run>-`, and every task it leaves behind (the queue it fills for the 429) is canceled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from reconciler import api_client, cli_determinism, determinism
+
+State = Literal["passed", "failed", "not run"]
+PROMPT = "Write one sentence about graphics cards."
+MAX_FILL = 600  # a queue that needs more tasks than this to fill is not filled by a smoke
+WAIT_S = 60.0  # the longest a check waits for a state it asked for
+DROPPED = "QUEUE_FULL_DROP_LRU"
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    state: State
+    detail: str
+    took_s: float = 0.0
+
+
+@dataclass
+class Smoke:
+    client: api_client.Client
+    run_id: str
+    out: Path
+    determinism_seeds: int = 4
+    offered: set[tuple[str, str]] | None = None  # None: no /openapi.yaml, try every route
+    seen_engines: dict[str, str] = field(default_factory=dict)  # pool → engine_version
+    status: dict[str, Any] = field(default_factory=dict)
+    capabilities: dict[str, Any] = field(default_factory=dict)
+    _count: int = 0
+
+    # -- helpers the checks share ------------------------------------------------------------
+
+    def missing(self, *routes: str) -> str | None:
+        """The first of `routes` ("POST /v1/x") the daemon does not offer, or None."""
+        if self.offered is None:
+            return None
+        for route in routes:
+            method, path = route.split(" ", 1)
+            if (method, path) not in self.offered:
+                return route
+        return None
+
+    def refresh(self) -> dict[str, Any]:
+        answer = self.client.get("/v1/status")
+        if answer.status == 200 and isinstance(answer.json, dict):
+            self.status = answer.json
+        return self.status
+
+    def ready_pools(self) -> list[dict[str, Any]]:
+        return [
+            p
+            for p in self.refresh().get("pools", [])
+            if p["state"] == "Ready" and any(r["state"] == "Ready" for r in p["replicas"])
+        ]
+
+    def task_id(self, label: str) -> str:
+        self._count += 1
+        return f"smoke-{self.run_id}-{self._count:03d}-{label}"[:128]
+
+    def task(self, label: str, model: str, **fields: Any) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "task_id": self.task_id(label),
+            "model": model,
+            "prompt": PROMPT,
+            "max_tokens": 16,
+            "seed": 1,
+            "sampling": {"temperature": 0.7},
+            "labels": {"suite": "smoke"},
+        }
+        body.update(fields)
+        return body
+
+    def long_tokens(self, pool_id: str) -> int:
+        """A max_tokens the pool accepts that keeps a slot busy for seconds."""
+        for p in self.capabilities.get("pools", []):
+            if p["pool_id"] == pool_id:
+                limit = p.get("max_tokens") or max(16, (p.get("ctx") or 512) - 64)
+                return int(min(2000, limit))
+        return 256
+
+    def follow(self, task_id: str) -> list[Any]:
+        return list(self.client.frames(task_id))
+
+    def result(self, task_id: str) -> dict[str, Any]:
+        body = self.client.get(f"/v1/tasks/{task_id}").json
+        result = body if isinstance(body, dict) else {}
+        if result.get("engine_version") and result.get("pool_id"):
+            self.seen_engines[result["pool_id"]] = result["engine_version"]
+        return result
+
+    def until(self, what: str, check: Callable[[], Any], timeout_s: float = WAIT_S) -> Any:
+        end = time.monotonic() + timeout_s
+        while True:
+            value = check()
+            if value:
+                return value
+            if time.monotonic() >= end:
+                raise _Failed(f"{what} within {timeout_s:.0f} s")
+            time.sleep(0.05)
+
+
+class _Failed(Exception):
+    """A check saw something wrong; the message says what."""
+
+
+class _NotRun(Exception):
+    """A check cannot run here; the message says why."""
+
+
+def run(smoke: Smoke, check: Callable[[Smoke], str], name: str) -> Check:
+    began = time.monotonic()
+    try:
+        detail, state = check(smoke), "passed"
+    except _NotRun as why:
+        detail, state = str(why), "not run"
+    except _Failed as why:
+        detail, state = str(why), "failed"
+    except api_client.Unreachable as exc:
+        detail, state = f"the daemon stopped answering: {exc}", "failed"
+    except Exception as exc:  # a surprise fails this check, not the report
+        detail, state = f"unexpected {type(exc).__name__}: {exc}", "failed"
+    return Check(name, state, detail, time.monotonic() - began)  # type: ignore[arg-type]
+
+
+def _need(smoke: Smoke, *routes: str) -> None:
+    route = smoke.missing(*routes)
+    if route is not None:
+        raise _NotRun(f"the daemon does not offer {route}")
+
+
+def _first_pool(smoke: Smoke) -> dict[str, Any]:
+    pools = smoke.ready_pools()
+    if not pools:
+        raise _Failed("no pool is Ready")
+    return pools[0]
+
+
+# -- the checks -------------------------------------------------------------------------------
+
+
+def streams(smoke: Smoke) -> str:
+    _need(smoke, "POST /v1/tasks", "GET /v1/tasks/{task_id}/events")
+    pool = _first_pool(smoke)
+    body = smoke.task("stream", pool["model"])
+    answer = smoke.client.post("/v1/tasks", body)
+    if answer.status != 202:
+        raise _Failed(f"POST /v1/tasks answered {answer.said()}")
+    frames = smoke.follow(body["task_id"])
+    names = [f.event for f in frames]
+    tokens = [f for f in frames if f.event == "token"]
+    if names[:2] != ["queued", "started"] or not tokens or names[-1] != "end":
+        raise _Failed(f"{body['task_id']} streamed {', '.join(dict.fromkeys(names))}")
+    if [f.data.get("i") for f in tokens] != list(range(len(tokens))):
+        raise _Failed(f"{body['task_id']}: token indices are not 0, 1, 2, …")
+    result = smoke.result(body["task_id"])
+    timings = result.get("timings") or {}
+    return (
+        f"queued → started → {len(tokens)} tokens → end ({frames[-1].data.get('finish_reason')}) "
+        f"on {result.get('replica_id')}, {cli_determinism.gpu_name(result.get('gpu'))}; "
+        f"first token {timings.get('first_token_ms')} ms after the start"
+    )
+
+
+def placement(smoke: Smoke) -> str:
+    _need(smoke, "GET /v1/status", "POST /v1/tasks")
+    gpus = smoke.refresh().get("gpus", [])
+    sizes = {g["vram_total_mib"] for g in gpus}
+    if len(gpus) < 2 or len(sizes) < 2:
+        raise _NotRun(
+            f"the daemon shows {len(gpus)} GPU(s) of {len(sizes)} size(s); mixed-VRAM placement "
+            "needs GPUs of two sizes"
+        )
+    pools = smoke.ready_pools()
+    if not pools:
+        raise _Failed("no pool is Ready")
+    # what the daemon placed, by VRAM: every GPU holds what it was given
+    load: dict[int, float] = {}
+    for p in smoke.status["pools"]:
+        for r in p["replicas"]:
+            for index in r["gpu"]:
+                load[index] = load.get(index, 0) + r["vram_estimated_mib"] / max(1, len(r["gpu"]))
+    for g in gpus:
+        if load.get(g["index"], 0) > g["vram_total_mib"]:
+            raise _Failed(
+                f"GPU {g['index']} holds replicas estimated at {load[g['index']]:.0f} MiB, "
+                f"more than its {g['vram_total_mib']} MiB"
+            )
+    # unpinned tasks, as many per model as its Ready replicas have slots, all at once
+    models = sorted({p["model"] for p in pools})
+    bodies = []
+    for model in models:
+        slots = sum(
+            r["slots_total"]
+            for p in pools
+            if p["model"] == model
+            for r in p["replicas"]
+            if r["state"] == "Ready"
+        )
+        bodies += [smoke.task("place", model, max_tokens=64) for _ in range(max(1, min(slots, 8)))]
+    for body in bodies:
+        answer = smoke.client.post("/v1/tasks", body)
+        if answer.status != 202:
+            raise _Failed(f"unpinned task for {body['model']}: POST answered {answer.said()}")
+    where: dict[str, set[str]] = {}
+    for body in bodies:
+        smoke.follow(body["task_id"])
+        result = smoke.result(body["task_id"])
+        if result.get("status") != "succeeded":
+            raise _Failed(f"{body['task_id']} ended {result.get('status')}: {result.get('error')}")
+        gpu = cli_determinism.gpu_name(result.get("gpu")) or "?"
+        where.setdefault(gpu, set()).add(str(result.get("pool_id")))
+    used = ", ".join(f"{gpu}: {', '.join(sorted(p))}" for gpu, p in sorted(where.items()))
+    placed = ", ".join(f"{p['id']} ({p['model']}) on GPU {_devices(p)}" for p in pools)
+    return (
+        f"{len(gpus)} GPUs of {len(sizes)} sizes; replicas placed {placed}, within every GPU's "
+        f"VRAM; {len(bodies)} unpinned tasks succeeded, served by {used}"
+    )
+
+
+def _devices(pool: dict[str, Any]) -> str:
+    return "+".join(sorted({str(i) for r in pool["replicas"] for i in r["gpu"]}))
+
+
+def cancel(smoke: Smoke) -> str:
+    _need(smoke, "POST /v1/tasks", "POST /v1/tasks/{task_id}/cancel")
+    pool = _first_pool(smoke)
+    limit = smoke.long_tokens(pool["id"])
+    body = smoke.task("cancel", pool["model"], max_tokens=limit)
+    answer = smoke.client.post("/v1/tasks", body)
+    if answer.status != 202:
+        raise _Failed(f"POST /v1/tasks answered {answer.said()}")
+    task_id = body["task_id"]
+    before, asked, terminal = 0, None, None
+    for frame in smoke.client.frames(task_id):
+        if frame.event == "token" and asked is None:
+            before += 1
+            asked = time.monotonic()
+            sent = smoke.client.post(f"/v1/tasks/{task_id}/cancel")
+            if sent.status not in (200, 202):
+                raise _Failed(f"POST cancel answered {sent.said()}")
+        terminal = frame
+    stopped_ms = (time.monotonic() - (asked or time.monotonic())) * 1000
+    time.sleep(0.5)  # nothing may follow the terminal frame
+    again = smoke.follow(task_id)
+    result = smoke.result(task_id)
+    if result.get("status") != "canceled":
+        raise _Failed(f"{task_id} ended {result.get('status')}, not canceled")
+    if terminal is None or again[-1].id != terminal.id or result.get("tokens_out", 0) >= limit:
+        raise _Failed(f"tokens kept coming after the cancel of {task_id}")
+    return (
+        f"canceled after {result.get('tokens_out')} of {limit} tokens; the stream ended "
+        f"{stopped_ms:.0f} ms after the request with "
+        f"{terminal.event} ({terminal.data.get('finish_reason') or terminal.data.get('code')}), "
+        "nothing after it"
+    )
+
+
+def backpressure(smoke: Smoke) -> str:
+    _need(smoke, "POST /v1/tasks", "POST /v1/tasks/{task_id}/cancel")
+    queue = smoke.refresh().get("queue", {})
+    pools = smoke.ready_pools()
+    if not pools:
+        raise _Failed("no pool is Ready")
+    slots = sum(r["slots_total"] for p in pools for r in p["replicas"] if r["state"] == "Ready")
+    need = int(queue.get("capacity", 0)) + slots + 1
+    if need > MAX_FILL:
+        raise _NotRun(
+            f"filling a queue of capacity {queue.get('capacity')} takes {need} tasks, more than "
+            f"the smoke's {MAX_FILL}; run it against an orch.yaml with a smaller queue.capacity"
+        )
+    pool = pools[0]
+    submitted: list[str] = []
+    refused: api_client.Answer | None = None
+    try:
+        for _ in range(need + 4):  # + a few: tasks may finish while the queue fills
+            body = smoke.task("fill", pool["model"], max_tokens=smoke.long_tokens(pool["id"]))
+            body["priority"] = "batch"
+            answer = smoke.client.post("/v1/tasks", body)
+            if answer.status == 202:
+                submitted.append(body["task_id"])
+            elif answer.status == 429:
+                refused = answer
+                break
+            else:
+                raise _Failed(f"POST /v1/tasks answered {answer.said()} while filling the queue")
+        evicted = [] if refused else [t for t in submitted if _code(smoke.result(t)) == DROPPED]
+    finally:
+        for task_id in submitted:
+            smoke.client.post(f"/v1/tasks/{task_id}/cancel")
+        # the next check starts with an empty queue
+        smoke.until("the canceled tasks to end", lambda: all(_ended(smoke, t) for t in submitted))
+    if refused is not None:
+        envelope = refused.json or {}
+        retry = refused.headers.get("retry-after")
+        if not envelope.get("retriable") or not retry:
+            raise _Failed(f"the 429 lacks retriable or Retry-After: {refused.said()}")
+        return (
+            f"after {len(submitted)} tasks (capacity {queue.get('capacity')}, {slots} slots) the "
+            f"next POST got 429 {envelope.get('code')}, Retry-After {retry} s, "
+            f"retry_after_ms {envelope.get('retry_after_ms')}; the {len(submitted)} tasks were "
+            "canceled"
+        )
+    if evicted:
+        return (
+            f"the queue (policy {queue.get('full_policy')}) evicted {len(evicted)} task(s) with "
+            "QUEUE_FULL_DROP_LRU (429 in the error table) once full; the rest were canceled"
+        )
+    raise _Failed(f"{len(submitted)} tasks filled no queue: no 429 and no eviction")
+
+
+def _ended(smoke: Smoke, task_id: str) -> bool:
+    return smoke.result(task_id).get("status") in ("succeeded", "failed", "canceled", "rejected")
+
+
+def _code(result: dict[str, Any]) -> str | None:
+    error = result.get("error")
+    return error.get("code") if isinstance(error, dict) else None
+
+
+def catalog_verify(smoke: Smoke) -> str:
+    _need(smoke, "GET /v1/catalog/models", "POST /v1/catalog/models/{model_id}/verify")
+    listed = smoke.client.get("/v1/catalog/models")
+    if listed.status != 200:
+        raise _Failed(f"GET /v1/catalog/models answered {listed.said()}")
+    present = [m for m in listed.json["models"] if m.get("exists")]
+    if not present:
+        raise _NotRun("no model of orch.yaml has its file on disk to verify")
+    seen, bad = [], []
+    for model in present:
+        answer = smoke.client.post(f"/v1/catalog/models/{model['id']}/verify", timeout_s=900)
+        record = answer.json or {}
+        if answer.status != 200:
+            bad.append(f"{model['id']}: verify answered {answer.said()}")
+            continue
+        seen.append(f"{model['id']} {record.get('status')} in {record.get('took_ms')} ms")
+        if record.get("status") == "fail":
+            bad.append(f"{model['id']}: {record.get('message')}")
+    if bad:
+        raise _Failed("; ".join(bad))
+    return f"verified {len(seen)} model file(s): " + ", ".join(seen)
+
+
+def artifact(smoke: Smoke) -> str:
+    _need(smoke, "POST /v1/artifacts", "GET /v1/artifacts/{artifact_id}")
+    document = {
+        "kind": "summary",
+        "content": {"smoke": smoke.run_id, "note": "reference smoke upload"},
+        "tags": ["smoke", f"run:{smoke.run_id}"],
+    }
+    first = smoke.client.post("/v1/artifacts", document)
+    if first.status not in (200, 201):
+        raise _Failed(f"POST /v1/artifacts answered {first.said()}")
+    artifact_id = first.json["id"]
+    got = smoke.client.get(f"/v1/artifacts/{artifact_id}")
+    digest = "sha256:" + hashlib.sha256(got.raw).hexdigest()
+    if got.status != 200 or digest != artifact_id:
+        raise _Failed(f"GET {artifact_id} answered {got.status} with a body of digest {digest}")
+    again = smoke.client.post("/v1/artifacts", document)
+    if again.status != 200 or again.json.get("id") != artifact_id:
+        raise _Failed(f"the same document again answered {again.said()}, not 200 with its id")
+    return (
+        f"uploaded {artifact_id[:19]}… ({first.status}, {first.json.get('size_bytes')} bytes); "
+        "the download's sha256 is its id; the same upload again answered 200 with the same id"
+    )
+
+
+def drain_reload(smoke: Smoke) -> str:
+    _need(smoke, "POST /v1/pools/{pool_id}/drain", "POST /v1/pools/{pool_id}/reload")
+    pool = _first_pool(smoke)
+    pid = pool["id"]
+
+    def state() -> str | None:
+        return next((p["state"] for p in smoke.refresh()["pools"] if p["id"] == pid), None)
+
+    began = time.monotonic()
+    answer = smoke.client.post(f"/v1/pools/{pid}/drain", {"deadline_ms": 2000})
+    if answer.status not in (200, 202):
+        raise _Failed(f"drain of {pid} answered {answer.said()}")
+    smoke.until(f"pool {pid} Stopped after the drain", lambda: state() == "Stopped")
+    drained_ms = (time.monotonic() - began) * 1000
+    refused = smoke.client.post(
+        "/v1/tasks",
+        smoke.task("drained", pool["model"], placement={"mode": "pin", "pin_pool": pid}),
+    )
+    if refused.status != 503:
+        raise _Failed(f"a task pinned to drained {pid} answered {refused.said()}, not 503")
+    began = time.monotonic()
+    reloaded = smoke.client.post(f"/v1/pools/{pid}/reload", {}, timeout_s=WAIT_S + 600)
+    if reloaded.status != 200:
+        raise _Failed(f"reload of {pid} answered {reloaded.said()}")
+    smoke.until(f"pool {pid} Ready after the reload", lambda: state() == "Ready")
+    reload_ms = (time.monotonic() - began) * 1000
+    body = smoke.task("reloaded", pool["model"], placement={"mode": "pin", "pin_pool": pid})
+    if smoke.client.post("/v1/tasks", body).status != 202:
+        raise _Failed(f"a task for reloaded {pid} was not accepted")
+    smoke.follow(body["task_id"])
+    if (status := smoke.result(body["task_id"]).get("status")) != "succeeded":
+        raise _Failed(f"a task on reloaded {pid} ended {status}")
+    return (
+        f"drained {pid} to Stopped in {drained_ms:.0f} ms (a pinned task got 503 "
+        f"{refused.code}); reloaded to Ready in {reload_ms:.0f} ms; a task ran on it after"
+    )
+
+
+def determinism_smoke(smoke: Smoke) -> str:
+    _need(smoke, "POST /v1/tasks", "GET /v1/tasks/{task_id}/events")
+    run, verdict, streams = cli_determinism.run_suite(
+        smoke.client,
+        seeds=determinism.seeds(smoke.determinism_seeds),
+        max_tokens=16,
+        run_id=f"{smoke.run_id}-det",
+    )
+    bundle = cli_determinism.write_bundle(smoke.out / "determinism", run, verdict, streams)
+    for lane in run.lanes:
+        if lane.engine_version:
+            smoke.seen_engines[lane.pool_id] = lane.engine_version
+    said = cli_determinism.summary(verdict)
+    if not verdict.passed:
+        raise _Failed(f"{said} (report: {bundle}/determinism.md)")
+    return f"{smoke.determinism_seeds} seeds × {len(run.lanes)} pool(s), twice: {said}"
+
+
+def policy_and_budgets(smoke: Smoke) -> str:
+    raise _NotRun(
+        "the daemon offers no policy hook, and session budgets are orch.yaml settings with no "
+        "API to toggle them: toggle `sessions:` in orch.yaml by hand and record it"
+    )
+
+
+CHECKS: tuple[tuple[str, Callable[[Smoke], str]], ...] = (
+    ("a task streams (queued, started, tokens, end)", streams),
+    ("placement across mixed VRAM without pins", placement),
+    ("a cancel stops tokens", cancel),
+    ("a full queue answers 429", backpressure),
+    ("catalog verify", catalog_verify),
+    ("artifact upload", artifact),
+    ("drain and reload", drain_reload),
+    ("determinism smoke", determinism_smoke),
+    ("policy hook and session budgets toggled", policy_and_budgets),
+)

@@ -1,0 +1,162 @@
+"""`orchctl smoke` against a real daemon on the simulated workstation: every check of the home
+checklist over HTTP, the two report files, and the exit code when a check fails or cannot run."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from reconciler import api_client, cli
+from tests.conftest import INVENTORY, Workspace, config
+
+SIM = {"tokens_per_s": 400, "load_s": 0.0, "first_token_ms": 2}
+
+
+def mixed_vram(**overrides: Any) -> dict[str, Any]:
+    """A model only the 24 GB card holds and a small one, both `devices: auto`: the daemon
+    places the big one on GPU 0 and the small one where most VRAM is left, GPU 1."""
+    models = {
+        "big": {"ref": "file:big.gguf", "size_mib": 14000},
+        "m1": {"ref": "file:m1.gguf", "size_mib": 1000},
+    }
+    pools = [
+        {"id": pid, "engine": "sim", "model": model, "devices": "auto", "replicas": 1,
+         "ctx": 2048, "slots": 2, "sim": dict(SIM)}
+        for pid, model in (("coder", "big"), ("chat", "m1"))
+    ]  # fmt: skip
+    return config(models=models, pools=pools) | overrides
+
+
+async def orchctl(*argv: str) -> int:
+    return await asyncio.to_thread(cli.main, list(argv))
+
+
+def rows(report: str) -> dict[str, tuple[str, str]]:
+    """smoke_report.md's table: check → (result, what was seen)."""
+    found = {}
+    for line in report.splitlines():
+        cells = [c.strip() for c in line.strip("|").split(" | ")]
+        if len(cells) == 4 and cells[1] in ("passed", "failed", "not run"):
+            found[cells[0]] = (cells[1], cells[3])
+    return found
+
+
+async def test_the_whole_checklist_passes_on_the_simulated_pair(
+    workspace: Workspace, serve: Any, tmp_path: Path, capsys: Any
+) -> None:
+    (workspace.root / "m1.gguf").write_bytes(b"small model")
+    (workspace.root / "big.gguf").write_bytes(b"big model")
+    workspace.write_config(mixed_vram())
+    running = await serve()
+    assert running.daemon.server is not None
+    out = tmp_path / "smoke"
+    code = await orchctl("smoke", "--url", running.daemon.server.url, "--out", str(out))
+    said = capsys.readouterr()
+    assert code == 0, said.out + said.err
+    found = rows((out / "smoke_report.md").read_text())
+    assert list(found) == [
+        "a task streams (queued, started, tokens, end)",
+        "placement across mixed VRAM without pins",
+        "a cancel stops tokens",
+        "a full queue answers 429",
+        "catalog verify",
+        "artifact upload",
+        "drain and reload",
+        "determinism smoke",
+        "policy hook and session budgets toggled",
+    ]
+    assert {name: r for name, (r, _) in found.items()} == {
+        **{name: "passed" for name in found},
+        "policy hook and session budgets toggled": "not run",
+    }, found
+    seen = {name: detail for name, (_, detail) in found.items()}
+    assert (
+        "coder (big) on GPU 0, chat (m1) on GPU 1"
+        in seen["placement across mixed VRAM without pins"]
+    )
+    assert (
+        "GPU 0 SIMULATED NVIDIA GeForce RTX 3090: coder"
+        in seen["placement across mixed VRAM without pins"]
+    )
+    assert (
+        "GPU 1 SIMULATED NVIDIA GeForce RTX 3060: chat"
+        in seen["placement across mixed VRAM without pins"]
+    )
+    assert "got 429 ADMISSION_REJECT, Retry-After" in seen["a full queue answers 429"]
+    assert seen["catalog verify"].startswith("verified 2 model file(s): big warn in ")
+    assert "a pinned task got 503 POOL_UNAVAILABLE" in seen["drain and reload"]
+    assert "same replica 8 matched, 0 differed" in seen["determinism smoke"]
+    assert "no policy hook" in seen["policy hook and session budgets toggled"]
+    assert (
+        "verdict: **PASS**: 8 passed, 0 failed, 1 not run" in (out / "smoke_report.md").read_text()
+    )
+    det = json.loads((out / "determinism" / "determinism.json").read_text())
+    lanes = {lane["pool_id"]: lane for lane in det["lanes"]}
+    # no digest is pinned in orch.yaml: the one the catalog verify measured is reported
+    assert lanes["chat"]["model_digest"] == "sha256:" + hashlib.sha256(b"small model").hexdigest()
+    assert lanes["chat"]["model_digest_source"] == "measured by the last catalog verify"
+
+    env = (out / "environment.md").read_text()
+    assert "| 0 | SIMULATED NVIDIA GeForce RTX 3090 | 24576 MiB |" in env
+    assert "| 1 | SIMULATED NVIDIA GeForce RTX 3060 | 12288 MiB |" in env
+    assert "- NVIDIA driver: none: the daemon runs simulated GPUs" in env
+    assert "- kernel: Linux " in env and "- OS: " in env and "unknown: no /etc" not in env
+    assert "- coder: engine sim sim-" in env
+    # the smoke leaves no task behind: the queue it filled was canceled
+    status = workspace.status()
+    assert status["queue"]["depth"] == 0 and status["queue"]["running"] == 0
+
+
+async def test_a_failed_check_is_exit_1_and_what_cannot_run_is_named(
+    workspace: Workspace, serve: Any, tmp_path: Path, capsys: Any, monkeypatch: Any
+) -> None:
+    """One GPU (no mixed VRAM to place on), a spare model file that does not match its pinned
+    digest (catalog verify fails), and a daemon that offers no artifact routes."""
+    (workspace.root / "inventory.yaml").write_text(yaml.safe_dump({"gpus": INVENTORY["gpus"][:1]}))
+    (workspace.root / "spare.gguf").write_bytes(b"not what was pinned")
+    cfg = config(queue={"capacity": 4, "full_policy": "reject"})
+    cfg["models"]["spare"] = {
+        "ref": "file:spare.gguf",
+        "digest": "sha256:" + hashlib.sha256(b"the real file").hexdigest(),
+    }
+    workspace.write_config(cfg)
+    running = await serve()
+    assert running.daemon.server is not None
+    real_offered = api_client.Client.offered
+
+    def offered(self: api_client.Client) -> set[tuple[str, str]] | None:
+        routes = real_offered(self)
+        assert routes is not None and ("POST", "/v1/artifacts") in routes
+        return {r for r in routes if not r[1].startswith("/v1/artifacts")}
+
+    monkeypatch.setattr(api_client.Client, "offered", offered)
+    out = tmp_path / "smoke"
+    code = await orchctl("smoke", "--url", running.daemon.server.url, "--out", str(out))
+    said = capsys.readouterr()
+    assert code == 1, said.out + said.err
+    report = (out / "smoke_report.md").read_text()
+    found = rows(report)
+    assert found["catalog verify"][0] == "failed"
+    assert found["catalog verify"][1].startswith("spare: ")
+    assert found["placement across mixed VRAM without pins"] == (
+        "not run",
+        "the daemon shows 1 GPU(s) of 1 size(s); mixed-VRAM placement needs GPUs of two sizes",
+    )
+    assert found["artifact upload"] == ("not run", "the daemon does not offer POST /v1/artifacts")
+    for name in ("a task streams (queued, started, tokens, end)", "a cancel stops tokens"):
+        assert found[name][0] == "passed", found[name]
+    assert found["a full queue answers 429"][0] == "passed"
+    assert "verdict: **FAIL**" in report
+    assert "FAILED   catalog verify: spare: " in said.out
+
+
+async def test_no_daemon_is_exit_3_and_writes_nothing(tmp_path: Path, capsys: Any) -> None:
+    out = tmp_path / "smoke"
+    code = await orchctl("smoke", "--url", "http://127.0.0.1:9", "--out", str(out))
+    assert code == 3 and not out.exists()
+    assert "cannot reach the daemon" in capsys.readouterr().err
