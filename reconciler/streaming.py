@@ -85,6 +85,7 @@ async def stream(
     pending: asyncio.Future[interfaces.Token | interfaces.Done] | None = None
     try:
         _begin(running, decision, deps=deps, gpu=gpu, engine_version=engine_version)
+        await deps.books.settled()  # the running result is on disk before the first token
         engine_stream = lease.engine.generate(lease.handle, _request(run))
         iterator = engine_stream.__aiter__()
         begun = last_token = last_metrics = deps.clock.monotonic()

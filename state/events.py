@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from state import atomic
+
 EventName = Literal["queued", "started", "token", "metrics", "end", "error"]
 TERMINAL_EVENTS = frozenset({"end", "error"})
 
@@ -60,7 +62,7 @@ class EventLog:
             self._closer = weakref.finalize(self, os.close, self._fd)
         os.write(self._fd, line)
         terminal = event in TERMINAL_EVENTS
-        if terminal:
+        if terminal and not atomic.deferring():  # else the group's commit syncs it
             os.fsync(self._fd)
         if event not in _STREAMING:
             self.close()
