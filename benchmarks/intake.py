@@ -28,6 +28,7 @@ from typing import Any
 
 from benchmarks import harness, report
 from benchmarks.harness import BenchError, StatusWatch
+from state import atomic
 
 NAME = "intake"
 TASKS = 1000
@@ -38,6 +39,7 @@ TOKENS_PER_S = 2000.0
 POLL_S = 0.02
 POLL_DONE_S = 0.05  # once all are admitted: the run takes seconds, keep the poller light
 TIMEOUT_S = 180.0
+DISK_WRITES = 200  # durable writes timed before and after the run, for the disk's rate
 
 
 def _config() -> dict[str, Any]:
@@ -52,6 +54,21 @@ def _config() -> dict[str, Any]:
     )
 
 
+def durable_writes_per_s(folder: Path, n: int = DISK_WRITES) -> float:
+    """The disk's rate of durable writes as the daemon does one alone (`atomic.write_bytes`:
+    a result-sized file written, fsynced, renamed into place, its folder fsynced), measured in
+    `folder`, so on the same filesystem as the daemon's results."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = b"x" * 600  # about a queued result
+    t0 = time.perf_counter()
+    for i in range(n):
+        atomic.write_bytes(folder / f"w{i}.json", data)
+    rate = n / (time.perf_counter() - t0)
+    for i in range(n):
+        (folder / f"w{i}.json").unlink()
+    return rate
+
+
 def _count(folder: Path, suffix: str) -> int:
     try:
         return sum(1 for n in os.listdir(folder) if n.endswith(suffix) and not n.startswith("."))
@@ -62,6 +79,7 @@ def _count(folder: Path, suffix: str) -> int:
 async def run(bench: report.BenchResult, *, quick: bool) -> None:
     n = QUICK_TASKS if quick else TASKS
     with harness.workspace(_config()) as ws:
+        disk_before = durable_writes_per_s(ws.root / "disk-probe")
         async with harness.serving(ws) as srv:
             watch = StatusWatch(ws)
             await srv.wait_for(
@@ -119,9 +137,18 @@ async def run(bench: report.BenchResult, *, quick: bool) -> None:
                 if r and r.get("error"):
                     errors[r["error"]["code"]] += 1
             queue_at_end = srv.daemon.dispatcher.queue_row().model_dump()
+        disk_after = durable_writes_per_s(ws.root / "disk-probe")
     assert admitted_s is not None and terminal_s is not None
+    disk = (disk_before + disk_after) / 2
+    bench.add("disk: durable writes/s", disk, "writes/s", note="mean of before and after")
     bench.add("tasks/s end to end", n / terminal_s, "tasks/s")
     bench.add("admitted/s (result file written)", n / admitted_s, "tasks/s")
+    bench.add(
+        "admitted/s ÷ disk writes/s", n / admitted_s / disk, "ratio", report.Target(">=", 1.0)
+    )
+    bench.add(
+        "end to end ÷ disk writes/s", n / terminal_s / disk, "ratio", report.Target(">=", 0.5)
+    )
     bench.add("all terminal after", terminal_s * 1000, "ms")
     bench.add("succeeded", float(statuses["succeeded"]), "tasks", report.Target(">=", float(n)))
     bench.details.update(
@@ -131,6 +158,7 @@ async def run(bench: report.BenchResult, *, quick: bool) -> None:
             "slots": SLOTS,
             "tokens_per_s": TOKENS_PER_S,
             "drop_ms": round(dropped_ms, 2),
+            "disk_writes_per_s": [round(disk_before, 1), round(disk_after, 1)],
             "admitted_s": round(admitted_s, 3),
             "terminal_s": round(terminal_s, 3),
             "statuses": dict(statuses),

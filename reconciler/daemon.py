@@ -292,6 +292,7 @@ class Daemon:
                     running=len(self.dispatcher.running),
                 )
             await self.dispatcher.shutdown(drain_s=drain_s, hurry=self.hurry_event)
+            self.books.flush()  # the last finished tasks' files, before anything stops
             await self.tracer.flush()
             if self.server is not None:
                 await self.server.stop()
@@ -349,16 +350,24 @@ class Daemon:
         if self.config.refresh():
             self.dispatcher.sync_queue_config()
         await self.pools.reconcile()
-        self._intake()
-        # after intake, before dispatch: a task cancelled while still in incoming/ is queued
-        # here and removed before it can start
-        cancelling.apply(
-            the_spool=self.spool, store=self.results, dispatcher=self.dispatcher, clock=self.clock
-        )
-        if self.clock.monotonic() >= self._next_sweep:  # reads every session file: not per pass
-            self._next_sweep = self.clock.monotonic() + SESSION_SWEEP_S
-            self.dispatcher.sweep_sessions()
-        self.dispatcher.pump()
+        # one group commit for the pass's task writes: a burst's claims, queued results,
+        # refusals, consumed cancels and failures cost a few syncs together, not several
+        # fsyncs each (state/atomic.py, docs/files.md); their order is kept
+        with atomic.group():
+            self._intake()
+            # after intake, before dispatch: a task cancelled while still in incoming/ is
+            # queued here and removed before it can start
+            cancelling.apply(
+                the_spool=self.spool,
+                store=self.results,
+                dispatcher=self.dispatcher,
+                clock=self.clock,
+            )
+            if self.clock.monotonic() >= self._next_sweep:  # reads every session: not per pass
+                self._next_sweep = self.clock.monotonic() + SESSION_SWEEP_S
+                self.dispatcher.sweep_sessions()
+            self.dispatcher.pump()
+        await self.books.settled()  # the pass's task files are on disk when it returns
         self._write_status()
 
     def _idle(self) -> bool:
@@ -383,16 +392,13 @@ class Daemon:
             # so work starts (and status and cancels move) while the burst is admitted
             names = names[:INTAKE_PER_PASS]
             self.wake()
-        for name in names:
-            path = intake.claim(
-                the_spool=self.spool,
-                store=self.results,
-                name=name,
-                clock=self.clock,
-                revision=self.config.revision,
-            )
-            if path is None:
-                continue
+        for path in intake.claim_all(  # one fsync per spool folder for the whole batch
+            the_spool=self.spool,
+            store=self.results,
+            names=names,
+            clock=self.clock,
+            revision=self.config.revision,
+        ):
             failpoints.hit("after_claim")
             self._take(path)
 

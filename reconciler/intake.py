@@ -29,47 +29,61 @@ class Parsed:
     file_name: str
 
 
-def claim(
+def claim_all(
     *,
     the_spool: spool.Spool,
     store: results.ResultStore,
-    name: str,
+    names: list[str],
     clock: clocks.Clock,
     revision: str | None = None,
-) -> Path | None:
-    """Claim incoming/`name` (see `spool.claim`); an entry that can be neither linked nor
-    renamed into active/ is quarantined from where it is, with the reason."""
+) -> list[Path]:
+    """Claim the incoming/ entries `names` together (see `spool.claim_all`); an entry that can
+    be neither linked nor renamed into active/ is quarantined from where it is, with the
+    reason. Returns the claimed paths, in the order of `names`."""
+    claimed: list[Path] = []
+    for name, got in zip(names, spool.claim_all(the_spool, names), strict=True):
+        if isinstance(got, Path):
+            claimed.append(got)
+        elif isinstance(got, OSError):
+            _unclaimable(the_spool, store, name, got, clock, revision)
+    return claimed
+
+
+def _unclaimable(
+    the_spool: spool.Spool,
+    store: results.ResultStore,
+    name: str,
+    exc: OSError,
+    clock: clocks.Clock,
+    revision: str | None,
+) -> None:
+    source = the_spool.incoming / name
+    problem = loading.LoadError(
+        f"spool/incoming/{spool.shown(name)}",
+        None,
+        None,
+        None,
+        f"could not be claimed: {exc.strerror or exc}",
+        "check the entry's owner and permissions; deliver task files with `orchctl submit`",
+    )
     try:
-        return spool.claim(the_spool, name)
-    except OSError as exc:
-        source = the_spool.incoming / name
-        problem = loading.LoadError(
-            f"spool/incoming/{spool.shown(name)}",
-            None,
-            None,
-            None,
-            f"could not be claimed: {exc.strerror or exc}",
-            "check the entry's owner and permissions; deliver task files with `orchctl submit`",
+        quarantine(
+            the_spool=the_spool,
+            store=store,
+            path=source,
+            problems=[problem],
+            clock=clock,
+            task_id=claimed_task_id(source, None),
+            revision=revision,
         )
-        try:
-            quarantine(
-                the_spool=the_spool,
-                store=store,
-                path=source,
-                problems=[problem],
-                clock=clock,
-                task_id=claimed_task_id(source, None),
-                revision=revision,
-            )
-        except OSError as again:  # failed/ itself is unwritable: say so, keep serving
-            logs.emit(
-                log,
-                "task.unclaimable",
-                f"Could not claim or quarantine {spool.shown(name)}: {again}",
-                level=40,
-                file=spool.shown(name),
-            )
-        return None
+    except OSError as again:  # failed/ itself is unwritable: say so, keep serving
+        logs.emit(
+            log,
+            "task.unclaimable",
+            f"Could not claim or quarantine {spool.shown(name)}: {again}",
+            level=40,
+            file=spool.shown(name),
+        )
 
 
 def parse_claimed(path: Path) -> Parsed | list[loading.LoadError]:

@@ -84,6 +84,7 @@ async def stream(
     reader: _Reader | None = None
     try:
         _begin(running, decision, deps=deps, gpu=gpu, engine_version=engine_version)
+        await deps.books.settled()  # the running result is on disk before the first token
         reader = _Reader(lease.engine.generate(lease.handle, _request(run)))
         begun = last_token = last_metrics = deps.clock.monotonic()
         first_token_at: float | None = None

@@ -2,22 +2,183 @@
 
 Write to a temporary name in the same folder, fsync it, rename over the target, fsync the
 folder (fsync of the file alone does not persist the rename).
+
+Group commit: inside `with group():` (one thread's batch of work, e.g. the tasks a pass
+claims together) durable writes and renames are deferred, not weakened. Each write goes to
+its temporary file at once; at the end of the block one sync of the filesystem makes every
+temporary file (and every other write of the block, such as a terminal event frame) durable,
+then the renames run in the order they were asked for, then one more sync makes them durable.
+So a reader still sees a file only whole, only once its data is on disk, and a task's files
+still appear in their order (frame, result, task file moved last), for a whole batch at the
+cost of a few syncs instead of two fsyncs per write. `pending`/`read` let code inside the
+block see what it wrote. Writes from other threads are not affected.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import secrets
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+
+@dataclass
+class Group:
+    """A group commit's pending operations, in order: (source, target) renames, target None
+    for a removal; `data` is the latest content per target (None: moved or removed)."""
+
+    ops: list[tuple[Path, Path | None]] = field(default_factory=list)
+    # per path touched: bytes (what it will hold), a Path (the file now there that will be
+    # renamed to it) or None (it will be gone)
+    data: dict[Path, bytes | Path | None] = field(default_factory=dict)
+    later: bool = False  # committed by whoever called `begin`, not at the end of a block
+    syncs: int = 0
+
+
+_local = threading.local()
+
+
+def _group() -> Group | None:
+    return getattr(_local, "group", None)
+
+
+def _defer(*paths: Path) -> Group | None:
+    """The group a durable operation on `paths` joins: this thread's pending group when a
+    `group()` block is open, or when the group already holds one of the paths (so the
+    operations on one file keep their order)."""
+    current = _group()
+    if current is None:
+        return None
+    if getattr(_local, "depth", 0) > 0 or any(p in current.data for p in paths):
+        return current
+    return None
+
+
+@contextlib.contextmanager
+def group() -> Iterator[Group]:
+    """Defer this thread's durable writes, renames and removals inside the block to one
+    commit (also when the block raises: what it did is committed, as it would have been one
+    by one). A block opened while a group is pending joins it; the outermost block commits
+    at its end unless someone `begin`s the group for a later commit."""
+    current = _group()
+    owner = current is None
+    if current is None:
+        current = _local.group = Group()
+    _local.depth = getattr(_local, "depth", 0) + 1
+    try:
+        yield current
+    finally:
+        _local.depth -= 1
+        if owner and not current.later:
+            commit(current)
+
+
+def begin() -> Group:
+    """This thread's pending group, opened if there is none, to be committed by the caller's
+    own `commit` (an event loop commits once a turn, for every task that wrote in it)."""
+    current = _group()
+    if current is None:
+        current = _local.group = Group()
+    current.later = True
+    return current
+
+
+def commit(current: Group) -> None:
+    """Sync the data the group wrote, run its renames and removals in order, sync again."""
+    if _group() is current:
+        _local.group = None
+    if not current.ops:
+        return
+    _sync(current)  # every temporary file's data (and the block's other writes) on disk
+    for src, dst in current.ops:
+        try:
+            if dst is None:
+                os.unlink(src)
+            else:
+                os.replace(src, dst)
+        except (FileNotFoundError, IsADirectoryError, PermissionError):
+            continue  # gone already, or not ours to remove, as done one by one
+    _sync(current)  # the renames themselves
+
+
+def _sync(current: Group) -> None:
+    """One sync per filesystem the group wrote to (syncfs; `sync` where there is none)."""
+    current.syncs += 1
+    devices: dict[int, Path] = {}
+    for folder in {(dst or src).parent for src, dst in current.ops}:
+        with contextlib.suppress(OSError):
+            devices.setdefault(os.stat(folder).st_dev, folder)
+    for folder in devices.values():
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if _syncfs is None or _syncfs(fd) != 0:
+                os.sync()
+        finally:
+            os.close(fd)
+
+
+def _load_syncfs() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+
+
+_syncfs = _load_syncfs()
+
+
+def exists(path: Path) -> bool:
+    """Whether `path` will be there once this thread's pending group commits."""
+    current = _group()
+    if current is not None and path in current.data:
+        return current.data[path] is not None
+    return os.path.lexists(path)
+
+
+def read_bytes(path: Path) -> bytes:
+    """`path`'s content as this thread will see it once its pending group commits."""
+    current = _group()
+    if current is None or path not in current.data:
+        return path.read_bytes()
+    data = current.data[path]
+    if data is None:
+        raise FileNotFoundError(2, "No such file or directory", str(path))
+    return data if isinstance(data, bytes) else data.read_bytes()
+
+
+def deferring() -> bool:
+    """Whether an fsync asked for now may wait for this thread's group commit (a `group()`
+    block is open: the commit syncs everything written before it)."""
+    return getattr(_local, "depth", 0) > 0
+
+
+def remove(path: Path) -> None:
+    """Remove `path` (gone already is fine); in a group, at the commit, in order."""
+    current = _defer(path)
+    if current is not None:
+        current.ops.append((path, None))
+        current.data[path] = None
+        return
+    with contextlib.suppress(FileNotFoundError, IsADirectoryError, PermissionError):
+        os.unlink(path)
 
 
 def write_bytes(path: Path, data: bytes, *, durable: bool = True, mode: int | None = None) -> None:
     """Replace `path` with `data`; `mode` sets the new file's permission bits exactly (umask
     aside), e.g. to keep those of the file it replaces."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    current = _defer(path) if durable else None
+    # in a group each write has its own temporary file: the commit renames them in order
+    unique = "" if current is None else f".{len(current.ops)}"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{unique}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         if mode is not None:
@@ -26,13 +187,17 @@ def write_bytes(path: Path, data: bytes, *, durable: bool = True, mode: int | No
         while view:
             written = os.write(fd, view)
             view = view[written:]
-        if durable:
+        if durable and current is None:
             os.fsync(fd)
     except BaseException:
         os.close(fd)
         tmp.unlink(missing_ok=True)
         raise
     os.close(fd)
+    if current is not None:  # renamed at the group's commit, after one sync for all
+        current.ops.append((tmp, path))
+        current.data[path] = data
+        return
     try:
         os.replace(tmp, path)
     except BaseException:
@@ -84,7 +249,16 @@ def fsync_dir(folder: Path) -> None:
 
 
 def rename_durable(src: Path, dst: Path) -> None:
-    """Rename and persist both folders' entries (same filesystem, so atomic)."""
+    """Rename and persist both folders' entries (same filesystem, so atomic). In a group the
+    rename waits for the commit, after the writes asked for before it."""
+    current = _defer(src, dst)
+    if current is not None:
+        content = current.data.get(src, src)
+        if content is None or (content is src and not os.path.lexists(src)):
+            raise FileNotFoundError(2, "No such file or directory", str(src))
+        current.ops.append((src, dst))
+        current.data[dst], current.data[src] = content, None
+        return
     os.rename(src, dst)
     fsync_dir(dst.parent)
     if src.parent != dst.parent:

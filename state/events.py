@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from state import atomic
+
 EventName = Literal["queued", "started", "token", "metrics", "end", "error"]
 TERMINAL_EVENTS = frozenset({"end", "error"})
 
@@ -73,7 +75,7 @@ class EventLog:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             self._closer = weakref.finalize(self, os.close, self._fd)
         os.write(self._fd, ("\n".join(lines) + "\n").encode())
-        if terminal:
+        if terminal and not atomic.deferring():  # else the group's commit syncs it
             os.fsync(self._fd)
         if event not in _STREAMING:
             self.close()

@@ -90,11 +90,12 @@ class ResultStore:
         return self.root / f"{task_id}.events.jsonl"
 
     def exists(self, task_id: str) -> bool:
-        return self.path(task_id).exists()
+        return atomic.exists(self.path(task_id))
 
     def read(self, task_id: str) -> Result | None:
+        path = self.path(task_id)
         try:
-            return Result.model_validate_json(self.path(task_id).read_bytes())
+            return Result.model_validate_json(atomic.read_bytes(path))
         except (OSError, ValidationError, ValueError):
             return None
 

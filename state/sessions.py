@@ -51,7 +51,7 @@ class SessionStore:
 
     def get(self, session_id: str) -> Session | None:
         try:
-            return Session.model_validate_json(self._path(session_id).read_bytes())
+            return Session.model_validate_json(atomic.read_bytes(self._path(session_id)))
         except (OSError, ValidationError):
             return None
 

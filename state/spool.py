@@ -152,33 +152,65 @@ def claim(spool: Spool, name: str) -> Path | None:
     Raises OSError when the entry can be neither linked nor renamed: the caller quarantines
     it where it is (`quarantine` takes any path).
     """
-    source, target = spool.incoming / name, spool.active / name
+    claimed = claim_all(spool, [name])[0]
+    if isinstance(claimed, OSError):
+        raise claimed
+    return claimed
+
+
+def claim_all(spool: Spool, names: list[str]) -> list[Path | OSError | None]:
+    """`claim` for entries that arrived together, with one fsync of active/ and one of
+    incoming/ for all of them: every entry is linked into active/, active/ is synced, then
+    the incoming names are removed and incoming/ is synced. A kill in between leaves both
+    names of a file, which the next claim settles (`_same_file`). Per name: the new path,
+    None, or the OSError that kept it from being claimed."""
+    out: list[Path | OSError | None] = []
+    linked: list[Path] = []
+    changed = False
+    for name in names:
+        try:
+            target, moved = _link(spool.incoming / name, spool.active / name, linked)
+        except OSError as exc:
+            out.append(exc)
+            continue
+        out.append(target)
+        changed = changed or moved
+    if changed:
+        atomic.fsync_dir(spool.active)
+        for source in linked:
+            os.unlink(source)
+        atomic.fsync_dir(spool.incoming)
+    return out
+
+
+def _link(source: Path, target: Path, linked: list[Path]) -> tuple[Path | None, bool]:
+    """Put `source` into active/ as `target` (a hard link is added to `linked`: its incoming
+    name is removed once active/ is synced; a folder or another user's file is renamed).
+    Returns the claimed path or None, and whether either folder changed."""
     try:
         os.link(source, target, follow_symlinks=False)  # unlike rename, never replaces
     except FileNotFoundError:
-        return None
+        return None, False
     except FileExistsError:
-        if _same_file(source, target):
-            # a claim cut short between link and unlink (the daemon was killed): active/
-            # already holds this very file, so the incoming name is only a leftover
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(source)
-            atomic.fsync_dir(spool.incoming)
-        return None
+        if not _same_file(source, target):
+            return None, False
+        # a claim cut short between link and unlink (the daemon was killed): active/
+        # already holds this very file, so the incoming name is only a leftover
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(source)
+        return None, True
     except OSError:
         # A folder cannot be hard-linked, nor (fs.protected_hardlinks) another user's file.
         # Rename instead, once the name is known to be free: rename would replace a file.
         if os.path.lexists(target):
-            return None
+            return None, False
         try:
             os.rename(source, target)
         except FileNotFoundError:
-            return None
-    else:
-        os.unlink(source)
-    atomic.fsync_dir(spool.active)
-    atomic.fsync_dir(spool.incoming)
-    return target
+            return None, False
+        return target, True
+    linked.append(source)
+    return target, True
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -213,7 +245,7 @@ def quarantine(spool: Spool, source: Path, error: dict[str, Any]) -> Path:
 
 def _free_name(folder: Path, name: str) -> Path:
     target = folder / name
-    if not target.exists() and not target.is_symlink():
+    if not atomic.exists(target):
         return target
     return folder / f"{time.time_ns()}-{name}"
 
@@ -286,8 +318,8 @@ def cancel_requests(spool: Spool) -> list[str]:
 
 
 def consume_cancel(spool: Spool, task_id: str) -> None:
-    with contextlib.suppress(FileNotFoundError, IsADirectoryError, PermissionError):
-        (spool.cancel / task_id).unlink()
+    """Remove a cancel request; in a group commit, after the terminal result it waited for."""
+    atomic.remove(spool.cancel / task_id)
 
 
 def sweep_tmp(spool: Spool, *, now: float, max_age_s: float = TMP_MAX_AGE_S) -> list[str]:

@@ -1,0 +1,185 @@
+"""Group commit (state/atomic.py `group`): the durable writes of a batch cost a few syncs in
+all, and lose none of the single-write guarantees: a file appears only whole and only at the
+commit, after its data is synced; renames keep the order they were asked in; what the block
+wrote is visible to itself before the commit; a block that raises still commits."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from state import atomic, results, sessions, spool
+from tests.conftest import Workspace, config, task, wait_terminal
+
+
+@pytest.fixture
+def syncs(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts fsync calls and filesystem syncs."""
+    counts = {"fsync": 0, "syncfs": 0}
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        counts["fsync"] += 1
+        real_fsync(fd)
+
+    def syncfs(fd: int) -> int:
+        counts["syncfs"] += 1
+        return 0
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(atomic, "_syncfs", syncfs)
+    return counts
+
+
+def test_a_batch_of_writes_costs_two_syncs_and_appears_only_at_the_commit(
+    tmp_path: Path, syncs: dict[str, int]
+) -> None:
+    targets = [tmp_path / f"r{i}.json" for i in range(50)]
+    with atomic.group() as batch:
+        for i, path in enumerate(targets):
+            atomic.write_bytes(path, f"{i}\n".encode())
+        assert not any(p.exists() for p in targets)  # nothing visible before the commit
+        assert all(atomic.exists(p) for p in targets)  # but the block sees its own writes
+        assert atomic.read_bytes(targets[7]) == b"7\n"
+    assert [p.read_text() for p in targets] == [f"{i}\n" for i in range(50)]
+    assert syncs == {"fsync": 0, "syncfs": 2} and batch.syncs == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in targets)
+
+
+def test_writes_outside_a_group_are_fsynced_one_by_one(
+    tmp_path: Path, syncs: dict[str, int]
+) -> None:
+    atomic.write_bytes(tmp_path / "a.json", b"a")
+    assert syncs == {"fsync": 2, "syncfs": 0}  # the file, then its folder
+
+
+def test_renames_run_in_the_order_asked_so_a_task_file_moves_after_its_result(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    the_spool = spool.Spool(tmp_path / "spool").ensure()
+    store = results.ResultStore(tmp_path / "results")
+    (the_spool.active / "t.task.json").write_text("{}")
+    order: list[str] = []
+    real_replace = os.replace
+
+    def replace(src: object, dst: object) -> None:
+        order.append(Path(str(dst)).parent.name)
+        real_replace(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "replace", replace)
+    with atomic.group():
+        store.write(results.Result(task_id="t", status="succeeded"))
+        spool.finish(the_spool, "t.task.json")
+        assert (the_spool.active / "t.task.json").exists()  # still there until the commit
+    assert order == ["results", "done"]
+    assert (the_spool.done / "t.task.json").exists()
+    assert store.read("t") is not None and store.read("t").status == "succeeded"  # type: ignore[union-attr]
+
+
+def test_a_file_written_twice_in_a_batch_ends_with_the_last_data(tmp_path: Path) -> None:
+    store = results.ResultStore(tmp_path / "results")
+    with atomic.group():
+        store.write(results.Result(task_id="t", status="queued"))
+        assert store.read("t").status == "queued"  # type: ignore[union-attr]
+        store.write(results.Result(task_id="t", status="rejected"))
+        assert store.read("t").status == "rejected"  # type: ignore[union-attr]
+    assert json.loads(store.path("t").read_text())["status"] == "rejected"
+    assert [p.name for p in store.root.iterdir()] == ["t.json"]
+
+
+def test_two_files_moved_to_one_name_in_a_batch_both_keep_their_own(tmp_path: Path) -> None:
+    the_spool = spool.Spool(tmp_path / "spool").ensure()
+    (the_spool.active / "a.task.json").write_text("first")
+    (the_spool.incoming / "a.task.json").write_text("second")
+    with atomic.group():
+        spool.finish(the_spool, "a.task.json", failed=True)
+        spool.quarantine(the_spool, the_spool.incoming / "a.task.json", {"why": "test"})
+    kept = sorted(p.read_text() for p in the_spool.failed.iterdir() if "error" not in p.name)
+    assert kept == ["first", "second"]
+
+
+def test_a_session_turn_counted_in_the_batch_is_seen_by_the_next_task_of_the_batch(
+    tmp_path: Path,
+) -> None:
+    store = sessions.SessionStore(tmp_path / "sessions")
+    with atomic.group():
+        sessions.count_turn(store, "s1", "t1", now=100.0)
+        sessions.count_turn(store, "s1", "t2", now=101.0)
+        assert not store._path("s1").exists()
+    got = store.get("s1")
+    assert got is not None and got.turns == 2
+
+
+def test_a_block_that_raises_still_commits_what_it_wrote(tmp_path: Path) -> None:
+    path = tmp_path / "r.json"
+    with pytest.raises(RuntimeError), atomic.group():
+        atomic.write_bytes(path, b"kept")
+        raise RuntimeError("a bug after the write")
+    assert path.read_bytes() == b"kept"
+
+
+def test_a_nested_block_joins_the_outer_one(tmp_path: Path, syncs: dict[str, int]) -> None:
+    with atomic.group():
+        atomic.write_bytes(tmp_path / "a", b"a")
+        with atomic.group():
+            atomic.write_bytes(tmp_path / "b", b"b")
+        assert not (tmp_path / "b").exists()
+    assert syncs["syncfs"] == 2 and (tmp_path / "a").exists() and (tmp_path / "b").exists()
+
+
+def test_claiming_a_batch_syncs_each_spool_folder_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    the_spool = spool.Spool(tmp_path / "spool").ensure()
+    names = [f"t{i}.task.json" for i in range(20)]
+    for name in names:
+        spool.deliver(the_spool, b"{}", name=name)
+    synced: list[str] = []
+    monkeypatch.setattr(atomic, "fsync_dir", lambda folder: synced.append(Path(folder).name))
+    claimed = spool.claim_all(the_spool, [*names, "gone.task.json"])
+    assert claimed == [the_spool.active / n for n in names] + [None]
+    assert synced == ["active", "incoming"]  # active/ holds every file before incoming/ lets go
+    assert os.listdir(the_spool.incoming) == []
+
+
+async def test_a_burst_of_task_files_is_queued_in_one_group_commit(
+    workspace: Workspace, serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Forty task files dropped at once: one pass claims and queues them all, and their
+    queued results reach the disk in one commit (two syncs), not eighty fsyncs; every task
+    still runs to its end with its files in order."""
+    commits: list[list[str]] = []
+    real_commit = atomic.commit
+
+    def commit(group: atomic.Group) -> None:
+        commits.append([dst.name for _, dst in group.ops if dst is not None])
+        real_commit(group)
+
+    monkeypatch.setattr(atomic, "commit", commit)
+    workspace.write_config(config(queue={"capacity": 64, "full_policy": "reject"}))
+    await serve()
+    ids = [f"b{i:02d}" for i in range(40)]
+    for task_id in ids:
+        body = yaml.safe_dump(task(task_id, max_tokens=2))
+        (workspace.spool.tmp / f"{task_id}.task.yaml").write_text(body)
+    for task_id in ids:  # all land at once, as a burst does
+        os.rename(
+            workspace.spool.tmp / f"{task_id}.task.yaml",
+            workspace.spool.incoming / f"{task_id}.task.yaml",
+        )
+    finished = [await wait_terminal(workspace, t, 30) for t in ids]
+    assert {r["status"] for r in finished} == {"succeeded"}, [
+        r["error"] for r in finished if r.get("error")
+    ]
+    queued_together = max(
+        sum(1 for name in names if name in {f"{t}.json" for t in ids}) for names in commits
+    )
+    assert queued_together == len(ids)
+    for task_id in ids:
+        assert [f.event for f in workspace.frames(task_id)][:2] == ["queued", "started"]
+        assert (workspace.spool.done / f"{task_id}.task.yaml").exists()
