@@ -1,9 +1,12 @@
 """`python -m benchmarks [--quick] [--only NAME ...] [--out DIR] [--strict]` (`make bench`).
 
 Runs the benchmarks in order, prints one table (benchmark, metric, value, target, pass,
-unit) and writes every number, with the environment it ran in, to <out>/bench.json; the
-daemon's JSON log of each benchmark goes to <out>/logs/<name>.jsonl. Exit status: 0, or 1
-when a benchmark could not finish (or, with --strict, missed a target).
+unit) and writes every number, with the environment it ran in, to <out>/bench.json and the
+table as markdown to <out>/bench.md; the daemon's JSON log of each benchmark goes to
+<out>/logs/<name>.jsonl. When <out>/bench.json already holds an earlier run's results, the
+table gains its value and the change for every metric both runs have, and that file is kept
+as <out>/bench-previous.json (one that cannot be read is reported, kept and not compared).
+Exit status: 0, or 1 when a benchmark could not finish (or, with --strict, missed a target).
 """
 
 from __future__ import annotations
@@ -131,21 +134,58 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     done = [run_one(name, quick=args.quick, out=args.out) for name in names]
     total_s = time.perf_counter() - began
-    print(report.table(done))
-    print(f"\n{len(done)} benchmark(s) in {total_s:.1f} s; numbers in {args.out / 'bench.json'}")
+    results_path = args.out / "bench.json"
+    previous, problem = report.read_previous(results_path)
+    note = report.comparison_note(previous, problem)
+    gone = report.dropped(done, previous)
+    print(report.table(done, previous))
+    print(f"\n{note}")
+    for bench, metric in gone:
+        print(f"not reported this time: {bench}: {metric}")
+    if results_path.exists():  # kept whole, even unreadable: it is someone's earlier run
+        os.replace(results_path, args.out / "bench-previous.json")
     report.write_json(
-        args.out / "bench.json",
+        results_path,
         {
             "environment": env,
             "options": {"quick": args.quick, "only": names},
             "total_s": round(total_s, 3),
+            "compared_with": _compared_with(previous, problem),
             "table": [m.as_dict() for b in done for m in b.metrics],
             "benchmarks": {b.name: b.as_dict() for b in done},
         },
     )
+    caption = [
+        f"run {env['date']} at commit {env['git_commit'] or 'unknown'}"
+        f"{', --quick' if args.quick else ''}: {', '.join(names)} in {total_s:.1f} s",
+        f"{env['cpus_usable'] or env['cpu_count']} usable CPUs, load average at start "
+        f"{_load(env['load_avg_at_start'])}; simulated GPUs",
+        note,
+        "every number, with its environment and details: bench.json; daemon logs: logs/",
+    ]
+    report.write_text(args.out / "bench.md", report.markdown(done, previous, caption=caption))
+    print(
+        f"{len(done)} benchmark(s) in {total_s:.1f} s; numbers in {results_path}, "
+        f"table in {args.out / 'bench.md'}"
+    )
     failed = any(b.error for b in done)
     missed = any(m.passed is False for b in done for m in b.metrics)
     return 1 if failed or (args.strict and missed) else 0
+
+
+def _compared_with(previous: report.Previous | None, problem: str | None) -> dict[str, Any]:
+    if previous is None:
+        return {"file": None, "problem": problem}
+    return {
+        "file": "bench-previous.json",
+        "commit": previous.commit,
+        "date": previous.date,
+        "quick": previous.quick,
+    }
+
+
+def _load(avg: list[float] | None) -> str:
+    return "unknown" if avg is None else " ".join(f"{v:.2f}" for v in avg)
 
 
 if __name__ == "__main__":
