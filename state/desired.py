@@ -19,7 +19,7 @@ from pydantic import (
     model_validator,
 )
 
-from state import ids, loading
+from state import ids, loading, parsing
 
 Id = Annotated[str, Field(pattern=ids.ID_PATTERN), AfterValidator(ids.check_safe_id)]
 
@@ -234,7 +234,7 @@ def load_desired(
                         line,
                         col,
                         f"pools[{i}].engine",
-                        f"unknown engine {pool.engine!r}",
+                        f"unknown engine {parsing.short(pool.engine)}",
                         f"installed engines: {', '.join(sorted(known_engines))} "
                         "(`orchctl plugins`)",
                     )

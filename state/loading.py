@@ -222,6 +222,8 @@ def validation_errors(
             hint = f"add {loc[-1]!r}" if loc else hint
         elif "input" in err and err["type"] not in ("model_type", "dict_type", "value_error"):
             message = f"{message} (got {parsing.short(err['input'])})"
+        # a validator's message may quote the user's value whole (a 100,000-character id)
+        message = parsing.shortened(message, 300)
         out.append(LoadError(shown, line, column, parsing.dotted(loc) or None, message, hint))
     return parsing.capped(out, shown, total=len(found))
 

@@ -459,7 +459,12 @@ def _expects_key(stack: list[tuple[yaml.Node, list[yaml.Node]]]) -> bool:
 def _json_scalar(token: str, mark: yaml.Mark, *, key: bool) -> yaml.ScalarNode:
     if token[0] == '"':
         # keys are decoded (they are compared and looked up); values only need their place
-        value = json.loads(token) if key else token
+        value = token
+        if key:
+            try:
+                value = json.loads(token)
+            except ValueError:  # a control character: json.loads will say where, next
+                value = token[1:-1]
         return yaml.ScalarNode(_YAML_TAG + "str", value, mark, mark, style='"')
     kind = _JSON_TAGS.get(token) or ("int" if token.lstrip("-").isdigit() else "float")
     return yaml.ScalarNode(_YAML_TAG + kind, token, mark, mark)
@@ -473,11 +478,17 @@ def dotted(loc: tuple[Any, ...]) -> str:
         if isinstance(part, int):
             text += f"[{part}]"
         else:
-            name = str(part)
-            if len(name) > _REPR.maxstring:
-                name = f"{name[:28]}…{name[-28:]}"
+            name = shortened(str(part), _REPR.maxstring - 3)
             text += f".{name}" if text else name
     return text
+
+
+def shortened(text: str, limit: int) -> str:
+    """`text` itself when it has at most `limit` characters, else its start and end."""
+    if len(text) <= limit:
+        return text
+    half = (limit - 1) // 2
+    return f"{text[:half]}…{text[-half:]}"
 
 
 def short(value: Any) -> str:
