@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: test demo lint unit features bench schemas clean engine-cpu browser
+.PHONY: test demo lint unit features bench schemas clean engine-cpu browser proof-hostile
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -42,6 +42,11 @@ features: $(STAMP)
 	$(BIN)/behave --format progress features
 
 test: lint unit features
+
+# The hostile-input suite in full (over 1,000 generated and hand-picked bad files); ends with
+# one summary line: inputs tried, crashes, unclear errors. `make test` runs its fast version.
+proof-hostile: $(STAMP)
+	ORCH_PROOF=1 $(BIN)/pytest -q -p no:cacheprovider -m hostile tests/test_hostile_suite.py
 
 demo: $(STAMP)
 	$(BIN)/python examples/01-simulated-workstation/demo.py

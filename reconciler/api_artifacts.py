@@ -66,7 +66,7 @@ def _document(body: object) -> artifacts.Artifact:
     try:
         return artifacts.Artifact.model_validate(body)
     except pydantic.ValidationError as exc:
-        problems = loading.validation_errors(exc, artifacts.Artifact, None, "request body")
+        problems = loading.validation_errors(exc, artifacts.Artifact, None, "request body", body)
         top = problems[0]
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise ApiError(

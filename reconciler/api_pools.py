@@ -76,7 +76,7 @@ async def _body(request: web.Request, model: type[M]) -> M:
     try:
         return model.model_validate(body)
     except pydantic.ValidationError as exc:
-        problems = loading.validation_errors(exc, model, None, "request body")
+        problems = loading.validation_errors(exc, model, None, "request body", body)
         top = problems[0]
         raise ApiError(
             ErrorCode.INVALID_PARAMS, f"{top.field or 'body'}: {top.message}", hint=top.hint

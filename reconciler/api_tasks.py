@@ -76,7 +76,7 @@ async def post_task(request: web.Request) -> web.StreamResponse:
     try:
         task = tasks.TaskFile.model_validate(body)
     except pydantic.ValidationError as exc:
-        problems = loading.validation_errors(exc, tasks.TaskFile, None, "request body")
+        problems = loading.validation_errors(exc, tasks.TaskFile, None, "request body", body)
         top = problems[0]
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise ApiError(

@@ -105,8 +105,12 @@ class AppliedConfig:
             self._wake_in_s = SETTLE_S - age
             return False
         self._digest = digest
-        loaded = desired.load_desired(self.path, known_engines=self.known_engines)
-        errors = loaded.errors if loaded.value is None else self.device_errors(loaded.value)
+        # the bytes just read, not the file again: it may have been replaced meanwhile, and
+        # the state applied must be the one the digest and revision name
+        loaded = desired.load_desired(self.path, known_engines=self.known_engines, content=content)
+        errors = loaded.errors
+        if loaded.value is not None:
+            errors = self.device_errors(loaded.value, node=loaded.node)
         if loaded.value is None or errors:
             self._fail(errors)
             return False
@@ -134,13 +138,20 @@ class AppliedConfig:
                 return None, "is a symlink; orch.yaml must be a regular file (copy it)", 0.0
             if not stat.S_ISREG(info.st_mode):
                 return None, "is not a regular file", 0.0
-            content = self.path.read_bytes()
         except OSError as exc:
             return None, f"cannot be read: {exc.strerror}", 0.0
-        return content, "", max(0.0, self.clock.now() - info.st_mtime)
+        # never following a link, never blocking on a FIFO swapped in since the lstat above,
+        # never reading more than a config can be
+        content, problems, opened = loading.read_bytes(self.path)
+        if content is None or opened is None:
+            return None, problems[0].message if problems else "cannot be read", 0.0
+        return content, "", max(0.0, self.clock.now() - opened.st_mtime)
 
-    def device_errors(self, state: desired.DesiredState) -> list[loading.LoadError]:
-        """Explicit device indices that no observed GPU has (none before the first look)."""
+    def device_errors(
+        self, state: desired.DesiredState, *, node: yaml.Node | None = None
+    ) -> list[loading.LoadError]:
+        """Explicit device indices that no observed GPU has (none before the first look);
+        located in `node`, the tree `state` was built from (else orch.yaml read again)."""
         present = self.gpu_indices()
         if present is None:
             return []
@@ -150,7 +161,9 @@ class AppliedConfig:
                 continue
             for j, index in enumerate(pool.devices):
                 if index not in present:
-                    line, col = loading.locate(_node(self.path), ("pools", i, "devices", j))
+                    if node is None:
+                        node = _node(self.path)
+                    line, col = loading.locate(node, ("pools", i, "devices", j))
                     shown = ", ".join(map(str, sorted(present))) or "none"
                     errors.append(
                         loading.LoadError(

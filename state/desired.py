@@ -19,7 +19,7 @@ from pydantic import (
     model_validator,
 )
 
-from state import ids, loading
+from state import ids, loading, parsing
 
 Id = Annotated[str, Field(pattern=ids.ID_PATTERN), AfterValidator(ids.check_safe_id)]
 
@@ -216,10 +216,11 @@ class SimulatedInventory(Strict):
 
 
 def load_desired(
-    path: Path, *, known_engines: set[str] | None = None
+    path: Path, *, known_engines: set[str] | None = None, content: bytes | None = None
 ) -> loading.Loaded[DesiredState]:
-    """Load orch.yaml; cross-field errors are located at the field they name."""
-    result = loading.load_model(path, DesiredState)
+    """Load orch.yaml (from `content`, its bytes, when the caller has read them already);
+    cross-field errors are located at the field they name."""
+    result = loading.load_model(path, DesiredState, content=content)
     # the node tree the data was built from: reading the file again could read another file
     node = result.node
     errors = [_locate_cross_field(e, node) for e in result.errors]
@@ -233,13 +234,13 @@ def load_desired(
                         line,
                         col,
                         f"pools[{i}].engine",
-                        f"unknown engine {pool.engine!r}",
+                        f"unknown engine {parsing.short(pool.engine)}",
                         f"installed engines: {', '.join(sorted(known_engines))} "
                         "(`orchctl plugins`)",
                     )
                 )
     if errors:
-        return loading.Loaded(None, errors, result.data)
+        return loading.Loaded(None, errors, result.data, node)
     return result
 
 

@@ -24,7 +24,7 @@ from typing import Any, Generic, TypeVar
 import pydantic
 import yaml
 
-from state import parsing
+from state import ids, parsing
 
 MAX_FILE_BYTES = 1024 * 1024
 
@@ -47,19 +47,26 @@ class Loaded(Generic[T]):
 
 def read_text(path: Path, *, max_bytes: int = MAX_FILE_BYTES) -> tuple[str | None, list[LoadError]]:
     """Read a user file as UTF-8, refusing links, huge files and invalid bytes with a location."""
+    raw, errors, _ = read_bytes(path, max_bytes=max_bytes)
+    if raw is None:
+        return None, errors
+    return decode_utf8(raw, str(path))
+
+
+def read_bytes(
+    path: Path, *, max_bytes: int = MAX_FILE_BYTES
+) -> tuple[bytes | None, list[LoadError], os.stat_result | None]:
+    """The bytes of a user file, read once (callers parse these bytes, never the file again:
+    it may be replaced meanwhile) and its stat; links, FIFOs, devices and files over
+    `max_bytes` (also one that grows past it while read) are refused with the reason."""
     shown = str(path)
     try:
         if path.is_symlink():
-            return None, [
-                LoadError(
-                    shown,
-                    None,
-                    None,
-                    None,
-                    "is a symbolic link, which is not accepted",
-                    "copy the file itself into place instead of linking it",
-                )
-            ]
+            return _refused(
+                shown,
+                "is a symbolic link, which is not accepted",
+                "copy the file itself into place instead of linking it",
+            )
         # O_NONBLOCK|O_NOFOLLOW and fstat on the open descriptor: a FIFO or device must not
         # block the daemon, and a link swapped in after the check above is refused too
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
@@ -67,30 +74,15 @@ def read_text(path: Path, *, max_bytes: int = MAX_FILE_BYTES) -> tuple[str | Non
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 kind = _KINDS.get(stat.S_IFMT(st.st_mode), "something else")
-                return None, [
-                    LoadError(
-                        shown,
-                        None,
-                        None,
-                        None,
-                        f"is {kind}, not a regular file",
-                        "write task files as plain files",
-                    )
-                ]
-            size = st.st_size
-            if size > max_bytes:
-                return None, [
-                    LoadError(
-                        shown,
-                        None,
-                        None,
-                        None,
-                        f"is {size} bytes, over the limit of {max_bytes} bytes",
-                        "keep task files small; put large inputs in a file the prompt names",
-                    )
-                ]
+                return _refused(
+                    shown, f"is {kind}, not a regular file", "write task files as plain files"
+                )
+            if st.st_size > max_bytes:
+                return _refused(shown, f"is {st.st_size} bytes, {_OVER}{max_bytes} bytes", _BIG)
             with os.fdopen(os.dup(fd), "rb") as fh:
                 raw = fh.read(max_bytes + 1)
+            if len(raw) > max_bytes:  # it grew after the fstat above: refused all the same
+                return _refused(shown, f"grew while being read, {_OVER}{max_bytes} bytes", _BIG)
         finally:
             os.close(fd)
     except OSError as exc:
@@ -100,8 +92,16 @@ def read_text(path: Path, *, max_bytes: int = MAX_FILE_BYTES) -> tuple[str | Non
             what = None
         message = f"is {what}, not a regular file" if what else f"cannot be read: {exc.strerror}"
         hint = "write task files as plain files" if what else "check its owner and permissions"
-        return None, [LoadError(shown, None, None, None, message, hint)]
-    return decode_utf8(raw, shown)
+        return _refused(shown, message, hint)
+    return raw, [], st
+
+
+_OVER = "over the limit of "
+_BIG = "keep task files small; put large inputs in a file the prompt names"
+
+
+def _refused(shown: str, message: str, hint: str) -> tuple[None, list[LoadError], None]:
+    return None, [LoadError(shown, None, None, None, message, hint)], None
 
 
 _KINDS = {
@@ -136,11 +136,20 @@ parse_json_document = parsing.parse_json_document
 
 
 def load_model(
-    path: Path, model: type[M], *, max_bytes: int = MAX_FILE_BYTES, shown: str | None = None
+    path: Path,
+    model: type[M],
+    *,
+    max_bytes: int = MAX_FILE_BYTES,
+    shown: str | None = None,
+    content: bytes | None = None,
 ) -> Loaded[M]:
-    """Read, parse and validate `path` as `model`; errors carry file, line, column and field."""
+    """Read, parse and validate `path` as `model`; errors carry file, line, column and field.
+    `content`: the file's bytes, already read by the caller (`read_bytes`)."""
     label = shown or str(path)
-    text, errors = read_text(path, max_bytes=max_bytes)
+    if content is None:
+        text, errors = read_text(path, max_bytes=max_bytes)
+    else:
+        text, errors = decode_utf8(content, label)
     if text is None:
         return Loaded(None, [_relabel(e, label) for e in errors])
     return validate_text(text, model, shown=label, is_json=path.suffix == ".json")
@@ -170,7 +179,7 @@ def validate_text(text: str, model: type[M], *, shown: str, is_json: bool = Fals
     try:
         return Loaded(model.model_validate(data), [], data, node)
     except pydantic.ValidationError as exc:
-        return Loaded(None, validation_errors(exc, model, node, shown), data, node)
+        return Loaded(None, validation_errors(exc, model, node, shown, data), data, node)
 
 
 def validation_errors(
@@ -178,33 +187,67 @@ def validation_errors(
     model: type[pydantic.BaseModel],
     node: yaml.Node | None,
     shown: str,
+    data: Any = None,
 ) -> list[LoadError]:
+    """pydantic's errors located in `node` (the tree `data` was built from) and hinted."""
     out = []
     # Unknown keys first: a typo usually also makes a required field "missing", and the typo
     # is the line the user has to fix.
     found = sorted(
-        plain_errors(exc.errors(include_url=False)), key=lambda e: e["type"] != "extra_forbidden"
+        plain_errors(exc.errors(include_url=False), data),
+        key=lambda e: e["type"] != "extra_forbidden",
     )
     # only the listed ones are located and hinted: each costs a walk of its mapping
     for err in found[: parsing.MAX_PROBLEMS]:
         loc = tuple(err["loc"])
         line, column = locate(node, loc, key=err["type"] == "extra_forbidden")
-        hint = None
+        hint = _HINTS.get(err["type"], _ANY_HINT)
         message = err["msg"]
+        if err.get("ctx", {}).get("pattern") == ids.ID_PATTERN:
+            hint = _ID_HINT
         if err["type"] == "extra_forbidden":
             allowed = fields_at(model, loc[:-1])
-            message = f"unknown key {loc[-1]!r}"
-            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
+            message = f"unknown key {parsing.short(loc[-1])}"
+            # difflib's cost grows with the key: a 1 MiB key would take seconds, and no
+            # field name is over 40 characters, so a long key is no typo of one
+            name = str(loc[-1])
+            close = (
+                difflib.get_close_matches(name, allowed, n=1, cutoff=0.6) if len(name) <= 80 else []
+            )
             if close:
                 hint = f"did you mean {close[0]!r}?"
             elif allowed:
                 hint = f"valid keys here: {', '.join(sorted(allowed))}"
         elif err["type"] == "missing":
-            hint = f"add {loc[-1]!r}" if loc else None
+            hint = f"add {loc[-1]!r}" if loc else hint
         elif "input" in err and err["type"] not in ("model_type", "dict_type", "value_error"):
             message = f"{message} (got {parsing.short(err['input'])})"
+        # a validator's message may quote the user's value whole (a 100,000-character id)
+        message = parsing.shortened(message, 300)
         out.append(LoadError(shown, line, column, parsing.dotted(loc) or None, message, hint))
     return parsing.capped(out, shown, total=len(found))
+
+
+# every schema error gets a hint; the message already names the limit or the type wanted
+_ANY_HINT = "see this field in docs/contracts.md; `orchctl schemas` writes the JSON Schemas"
+_ID_HINT = "use letters, digits, '.', '_' and '-' only (up to 128, starting with a letter or digit)"
+_TYPE_HINT = "write a value of the type named: quote text; numbers and true/false go unquoted"
+_HINTS = {
+    **dict.fromkeys(
+        ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "multiple_of"),
+        "use a number within the limit named",
+    ),
+    **dict.fromkeys(("string_too_long", "too_long"), "shorten it to the limit named"),
+    **dict.fromkeys(("string_too_short", "too_short"), "lengthen it to the limit named"),
+    **dict.fromkeys(("literal_error", "enum"), "use one of the values named"),
+    "finite_number": "write a finite number (NaN and Infinity are not accepted)",
+    "string_pattern_mismatch": "write it in the form the pattern allows",
+    "string_unicode": "write plain text: no escaped lone surrogates such as \\ud800",
+    "int_from_float": "write a whole number, without a fraction",
+}
+for _kind in ("int", "float", "bool", "string", "dict", "list", "model", "none", "tuple"):
+    _HINTS.setdefault(f"{_kind}_type", _TYPE_HINT)
+    _HINTS.setdefault(f"{_kind}_parsing", _TYPE_HINT)
 
 
 # pydantic names the member of a union it tried in the error's location (`literal['auto']`,
@@ -222,15 +265,16 @@ _WORDING = (
 )
 
 
-def plain_errors(found: list[Any]) -> list[dict[str, Any]]:
+def plain_errors(found: list[Any], data: Any = None) -> list[dict[str, Any]]:
     """pydantic's errors in the user's terms, the one place its wording is translated: union
-    member tags are dropped from locations; of the members of one union, only those that got
-    furthest into the value are reported, and members that failed at the same place are
-    merged into one message ("should be 'auto' or a valid list")."""
+    member tags are dropped from locations (never a key the user wrote, `int: 1` included:
+    see `_user_loc`); of the members of one union, only those that got furthest into the
+    value are reported, and members that failed at the same place are merged into one
+    message ("should be 'auto' or a valid list")."""
     cleaned: list[dict[str, Any]] = []
     for err in found:
         loc = tuple(err["loc"])
-        kept = tuple(p for p in loc if not _is_union_tag(p))
+        kept = _user_loc(loc, data, extra=err["type"] == "extra_forbidden")
         message = str(err["msg"])
         for old, new in _WORDING:
             message = message.replace(old, new)
@@ -252,6 +296,29 @@ def plain_errors(found: list[Any]) -> list[dict[str, Any]]:
                 continue
         out.append(err)
     return out
+
+
+def _user_loc(loc: tuple[Any, ...], data: Any, *, extra: bool) -> tuple[Any, ...]:
+    """`loc` without pydantic's union member tags. A part that is a key or index of the
+    validated `data` (when given) is the user's, whatever its name; so is the last part of
+    an unknown-key error, which pydantic puts there as written."""
+    kept: list[Any] = []
+    current, known = data, data is not None
+    for i, part in enumerate(loc):
+        if known and _has(current, part):
+            current = current[part]
+        elif _is_union_tag(part) and not (extra and i == len(loc) - 1):
+            continue
+        else:
+            known = False
+        kept.append(part)
+    return tuple(kept)
+
+
+def _has(container: Any, part: Any) -> bool:
+    if isinstance(container, dict):
+        return part in container
+    return isinstance(container, list) and isinstance(part, int) and 0 <= part < len(container)
 
 
 def _is_union_tag(part: Any) -> bool:

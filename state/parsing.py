@@ -97,22 +97,59 @@ def parse_document(text: str, shown: str) -> tuple[Any, yaml.Node | None, list[L
                 None,
                 [_at(shown, mark, str(exc.problem), "quote it if it is meant as text")],
             )
+        if (
+            isinstance(exc, yaml.constructor.ConstructorError)
+            and exc.problem
+            and ("constructor for the tag" in exc.problem)
+        ):
+            # `!!python/object…` and other tags: nothing but plain data is ever built
+            tag = exc.problem.rpartition("tag ")[2].strip("'").replace(_YAML_TAG, "!!")
+            return (
+                None,
+                None,
+                [
+                    _at(
+                        shown,
+                        mark,
+                        f"uses the YAML tag {short(tag)}, which is not accepted",
+                        "remove the tag: only plain text, numbers, lists and mappings are read",
+                    )
+                ],
+            )
         problem = exc.problem or exc.context or "invalid syntax"
-        return (
-            None,
-            None,
-            [
-                _at(
-                    shown,
-                    mark,
-                    f"is not valid YAML/JSON: {problem}",
-                    "check indentation, colons and quotes near this line",
-                )
-            ],
-        )
-    except yaml.YAMLError as exc:
-        return None, None, [LoadError(shown, None, None, None, f"is not valid YAML/JSON: {exc}")]
+        return None, None, [_at(shown, mark, f"is not valid YAML/JSON: {problem}", _SYNTAX)]
+    except yaml.reader.ReaderError as exc:
+        return None, None, [_unreadable_character(text, shown, exc)]
+    except yaml.YAMLError as exc:  # no other kind is raised; should one appear, say so clearly
+        return None, None, [LoadError(shown, 1, 1, None, f"is not valid YAML/JSON: {exc}", _SYNTAX)]
     return data, node, []
+
+
+_SYNTAX = "check indentation, colons and quotes near this line"
+
+
+def _unreadable_character(text: str, shown: str, exc: yaml.reader.ReaderError) -> LoadError:
+    """YAML refuses control characters (NUL, ESC, DEL …) and U+FFFE/U+FFFF anywhere in the
+    text; its error gives only an offset (in bytes, which differ from characters), so the
+    character itself is looked up for its line and column."""
+    char = chr(exc.character) if isinstance(exc.character, int) else str(exc.character)
+    offset = text.find(char)
+    line = column = None
+    if offset >= 0:
+        line = text.count("\n", 0, offset) + 1
+        column = offset - text.rfind("\n", 0, offset)
+    return LoadError(
+        shown,
+        line,
+        column,
+        None,
+        f"contains the character U+{ord(char):04X}, which YAML does not accept in a file",
+        f'remove it; inside a double-quoted string write it as "{_escaped(char)}"',
+    )
+
+
+def _escaped(char: str) -> str:
+    return char.encode("unicode_escape").decode("ascii")
 
 
 def _at(shown: str, mark: Any, message: str, hint: str, field: str | None = None) -> LoadError:
@@ -287,7 +324,14 @@ def capped(problems: list[LoadError], shown: str, *, total: int | None = None) -
 
 def parse_json_document(text: str, shown: str) -> tuple[Any, yaml.Node | None, list[LoadError]]:
     """Parse JSON with the json module (its numbers and escapes, not YAML's), under the same
-    bounds and checks as YAML; the YAML node tree of the same text gives the locations."""
+    bounds and checks as YAML; `_json_tree` gives the locations (YAML cannot read every JSON
+    text: keys over 1,024 characters, escaped lone surrogates)."""
+    text = text.removeprefix("\ufeff")  # a byte-order mark some editors write: not content
+    # bounds first, on the tokens: json.loads would build all of 500,000 items before any
+    # check could count them
+    node, problems = _json_tree(text, shown)
+    if problems:  # too deep or too many values, located where the limit was passed
+        return None, None, problems
     seen = _JsonSeen()
     try:
         data = json.loads(
@@ -311,38 +355,20 @@ def parse_json_document(text: str, shown: str) -> tuple[Any, yaml.Node | None, l
                 )
             ],
         )
-    except RecursionError:  # the json module's own limit, near 1,000 levels
-        data, seen.problems = None, [_TOO_DEEP]
-    seen.walk(data)
-    node, problems = _json_nodes(text, shown)
+    except RecursionError:  # the json module's own limit, should the token count miss it
+        return None, None, [LoadError(shown, 1, 1, None, *_TOO_DEEP)]
     if seen.problems:
-        # the same problem, located, when the text also reads as YAML; else as found
-        if not problems and node is not None:
-            problems = _check_tree(node, shown)
+        # a repeated key or a long number: the node tree has them, with their lines
+        problems = _check_tree(node, shown) if node is not None else []
         if not problems:
-            problems = [_json_at(text, shown, problem) for problem in seen.problems]
+            problems = [LoadError(shown, 1, 1, None, *problem) for problem in seen.problems]
         return None, None, capped(problems, shown)
     return data, node, []
 
 
-def _json_nodes(text: str, shown: str) -> tuple[yaml.Node | None, list[LoadError]]:
-    """The YAML node tree of a JSON text, for locations; None where YAML reads it otherwise."""
-    try:
-        problems = _scan(text, shown)
-        if problems:
-            return None, problems
-        loader = _Loader(text)
-        try:
-            return loader.get_single_node(), []
-        finally:
-            loader.dispose()
-    except yaml.YAMLError:
-        return None, []
-
-
 class _JsonSeen:
-    """Hooks for json.loads, and a bounded walk of its result, collecting what YAML's
-    `_scan` and `_check_tree` would refuse (as messages without a location)."""
+    """Hooks for json.loads collecting what `_check_tree` reports with a location: a key given
+    twice (a dict keeps only the last) and numbers too long to convert."""
 
     def __init__(self) -> None:
         self.problems: list[tuple[str, str]] = []
@@ -370,56 +396,99 @@ class _JsonSeen:
         self.problems.append(_too_long(len(digits)))
         return False
 
-    def walk(self, data: Any) -> None:
-        """Depth and size; stops at MAX_VALUES values, so it is bounded too."""
-        stack: list[tuple[Any, int]] = [(data, 0)]
-        values = 0
-        while stack and not self.problems:
-            value, depth = stack.pop()
+
+# strings (unrolled, so linear), punctuation, and the bare words: numbers, true, false, null
+_JSON_TOKEN = re.compile(r'"[^"\\]*+(?:\\.[^"\\]*+)*+"|[\[\]{}:,]|[^\s\[\]{}:,"]++')
+_JSON_TAGS = {"true": "bool", "false": "bool", "null": "null"}
+_YAML_TAG = "tag:yaml.org,2002:"
+
+
+def _json_tree(text: str, shown: str) -> tuple[yaml.Node | None, list[LoadError]]:
+    """The YAML node tree of a JSON text, each node marked with its line and column:
+    `loading.locate` and `_check_tree` work on it as on YAML's. Stops, located, at nesting
+    deeper than MAX_DEPTH or past MAX_VALUES values, as `_scan` does for YAML. On text that
+    is not JSON the tree means nothing (json.loads then says what is wrong)."""
+    root: yaml.Node | None = None
+    stack: list[tuple[yaml.Node, list[yaml.Node]]] = []  # open collections, a key waiting
+    line, line_start, counted_to, values = 0, 0, 0, 0
+    for token in _JSON_TOKEN.finditer(text):
+        first = token[0][0]
+        if first in ",:":
+            continue
+        start = token.start()
+        breaks = text.count("\n", counted_to, start)
+        if breaks:  # only this stretch is searched: the scan stays linear on one long line
+            line += breaks
+            line_start = text.rfind("\n", counted_to, start) + 1
+        counted_to = start
+        mark = yaml.Mark(shown, start, line, start - line_start, None, None)  # type: ignore[arg-type]
+        if first in "]}":
+            if not stack:
+                return None, []
+            done, _ = stack.pop()
+            done.end_mark = mark
+            node = done
+        else:
             values += 1
             if values > MAX_VALUES:
-                self.problems.append(_TOO_MANY)
-            elif isinstance(value, dict | list) and depth >= MAX_DEPTH:
-                self.problems.append(_TOO_DEEP)
-            elif isinstance(value, dict):
-                stack.extend((k, depth + 1) for k in value)
-                stack.extend((v, depth + 1) for v in value.values())
-            elif isinstance(value, list):
-                stack.extend((v, depth + 1) for v in value)
+                return None, [_at(shown, mark, *_TOO_MANY)]
+            if first in "[{":
+                if len(stack) >= MAX_DEPTH:
+                    return None, [_at(shown, mark, *_TOO_DEEP)]
+                kind = yaml.MappingNode if first == "{" else yaml.SequenceNode
+                stack.append((kind(_YAML_TAG + ("map" if first == "{" else "seq"), [], mark), []))
+                continue
+            node = _json_scalar(token[0], mark, key=_expects_key(stack))
+        if not stack:
+            root = node
+            continue
+        parent, waiting = stack[-1]
+        if isinstance(parent, yaml.SequenceNode):
+            parent.value.append(node)
+        elif not waiting:
+            waiting.append(node)
+        else:
+            parent.value.append((waiting.pop(), node))
+    return root, []
 
 
-_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*+"|[\[\]{}]')
+def _expects_key(stack: list[tuple[yaml.Node, list[yaml.Node]]]) -> bool:
+    return bool(stack) and isinstance(stack[-1][0], yaml.MappingNode) and not stack[-1][1]
 
 
-def _json_at(text: str, shown: str, problem: tuple[str, str]) -> LoadError:
-    """Locate a JSON problem the YAML reading could not; only depth can be found in the text:
-    the bracket one level too deep. The strings scanned before it are ones json.loads already
-    read, so the scan is linear and stops there."""
-    offset: int | None = None
-    if problem == _TOO_DEEP:
-        depth = 0
-        for token in _JSON_TOKEN.finditer(text):
-            if token[0] in "[{":
-                depth += 1
-                if depth > MAX_DEPTH:
-                    offset = token.start()
-                    break
-            elif token[0] in "]}":
-                depth -= 1
-    if offset is None:
-        return LoadError(shown, None, None, None, *problem)
-    line = text.count("\n", 0, offset) + 1
-    return LoadError(shown, line, offset - text.rfind("\n", 0, offset), None, *problem)
+def _json_scalar(token: str, mark: yaml.Mark, *, key: bool) -> yaml.ScalarNode:
+    if token[0] == '"':
+        # keys are decoded (they are compared and looked up); values only need their place
+        value = token
+        if key:
+            try:
+                value = json.loads(token)
+            except ValueError:  # a control character: json.loads will say where, next
+                value = token[1:-1]
+        return yaml.ScalarNode(_YAML_TAG + "str", value, mark, mark, style='"')
+    kind = _JSON_TAGS.get(token) or ("int" if token.lstrip("-").isdigit() else "float")
+    return yaml.ScalarNode(_YAML_TAG + kind, token, mark, mark)
 
 
 def dotted(loc: tuple[Any, ...]) -> str:
+    """`pools[0].env.NAME`; a key over 60 characters is shortened (`kkk…kkk`): a field name
+    that echoes a 1 MiB key would make every error line as long."""
     text = ""
     for part in loc:
         if isinstance(part, int):
             text += f"[{part}]"
         else:
-            text += f".{part}" if text else str(part)
+            name = shortened(str(part), _REPR.maxstring - 3)
+            text += f".{name}" if text else name
     return text
+
+
+def shortened(text: str, limit: int) -> str:
+    """`text` itself when it has at most `limit` characters, else its start and end."""
+    if len(text) <= limit:
+        return text
+    half = (limit - 1) // 2
+    return f"{text[:half]}…{text[-half:]}"
 
 
 def short(value: Any) -> str:

@@ -221,3 +221,11 @@ def zombie_pid() -> Iterator[int]:
         yield child.pid
     finally:
         child.wait()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The hostile-input suite's one summary line (inputs tried, crashes, unclear errors)."""
+    from tests import hostile
+
+    if hostile.TALLY.tried:
+        terminalreporter.write_line(hostile.TALLY.line())
