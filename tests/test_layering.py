@@ -80,6 +80,7 @@ IO_MODULES = {
     "reconciler.probing",
     "reconciler.recovery",
     "reconciler.reloading",
+    "reconciler.resolving",
     "reconciler.smoking",
     "reconciler.streaming",
     "reconciler.tasking",
