@@ -43,6 +43,7 @@ IO_LIBRARIES = {
 }
 IO_MODULES = {
     "reconciler.adoption",
+    "reconciler.admitting",
     "reconciler.cancelling",
     "reconciler.booting",
     "reconciler.api",
