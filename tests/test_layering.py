@@ -76,6 +76,7 @@ IO_MODULES = {
     "reconciler.fanout",
     "reconciler.fetching",
     "reconciler.intake",
+    "reconciler.launching",
     "reconciler.metrics",
     "reconciler.pools",
     "reconciler.preflight",
