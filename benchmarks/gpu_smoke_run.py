@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from benchmarks import gguf_models, gpu_smoke
-from plugins import gpu_nvml, provision_llamacpp
+from plugins import gpu_nvml, llamacpp_builds, provision_llamacpp
 from reconciler import daemon, smoking
 
 READY_S = 300.0
@@ -55,7 +55,7 @@ async def run(
             cache=work / "engines",
             progress=progress,
         )
-        record = provision_llamacpp.read_record(binary)
+        record = llamacpp_builds.read_record(binary)
         report.build = {
             "binary": str(binary),
             "cached": not any(line.startswith("installed ") for line in said),

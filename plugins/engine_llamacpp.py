@@ -43,10 +43,10 @@ from plugins import (
     hookspecs,
     interfaces,
     llama_server,
+    llamacpp_builds,
     llamacpp_sources,
     llamacpp_vram,
     processes,
-    provision_llamacpp,
 )
 
 ALLOW_CPU_ENV = "LLAMA_ORCH_TEST_ALLOW_CPU_INFERENCE"
@@ -104,7 +104,7 @@ def find_binary(
     cache = (home if home is not None else Path.home()) / CACHE_DIR
     version = options.get("version") or (provision or {}).get("ref")
     # the provisioner's builds, newest first, by their records; CPU-only builds (tests) last
-    builds = [b for b in provision_llamacpp.find_builds(cache) if b.backend != "cpu"]
+    builds = [b for b in llamacpp_builds.find_builds(cache) if b.backend != "cpu"]
     if version:
         candidates = [cache / str(version) / "bin" / "llama-server"]  # a folder named so
         with contextlib.suppress(ValueError):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 
 from plugins import processes
-from reconciler import fleet, logs, pools, supervision
+from reconciler import fleet, logs, pools, resolving, supervision
 from state import engine_records, ids
 
 log = logs.get("adoption")
@@ -28,7 +28,9 @@ async def adopt_or_clean(runtime: pools.PoolRuntime) -> None:
         pool = state.pool(record.pool_id) if state else None
         adopted = None
         if engine is not None and pool is not None and state is not None:
-            spec = runtime.spec_for(pool, state, record.replica_id, tuple(record.devices))
+            spec = resolving.spec_for(
+                runtime, pool, state, record.replica_id, tuple(record.devices)
+            )
             if spec.spec_hash == record.spec_hash:
                 # adopt() checks pid, start time and health; it stops what it rejects
                 adopted = await engine.adopt(record.model_dump(), spec)

@@ -1,5 +1,5 @@
 """The artifact registry over HTTP (HME-022): POST /v1/artifacts, GET /v1/artifacts/{id} and a
-listing by tag and kind. `daemon._start_http` adds these routes with `routes(store)`.
+listing by tag and kind. `api_routes.start` adds these routes with `routes(store)`.
 
 Storing is idempotent: the id is the sha256 of the document's canonical JSON
 (`state.artifacts`), so a second POST of the same document answers 200 with the first

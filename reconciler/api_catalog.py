@@ -1,5 +1,5 @@
 """The model catalog over HTTP: GET /v1/catalog/models, GET /v1/catalog/models/{id} and
-POST /v1/catalog/models/{id}/verify. `daemon._start_http` adds these with `routes(catalog)`.
+POST /v1/catalog/models/{id}/verify. `api_routes.start` adds these with `routes(catalog)`.
 
 The models are those of the applied orch.yaml; `cataloging.Catalog` knows their files and
 keeps the verification records. A verify answers 200 with its record whatever the outcome

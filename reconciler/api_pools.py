@@ -1,5 +1,5 @@
 """Pool control over HTTP: POST /v1/pools/{id}/drain and POST /v1/pools/{id}/reload.
-`daemon._start_http` adds these with `routes(runtime, reloader)`.
+`api_routes.start` adds these with `routes(runtime, reloader)`.
 
 A drain is recorded (`pools.PoolRuntime.drain_pool`, persisted in `.orch/drains.json`) and
 answered at once with 202; the loop drains the replicas, giving in-flight tasks `deadline_ms`,

@@ -1,10 +1,13 @@
-"""Bringing one replica up and taking it down.
+"""Bringing one replica up and taking it down, as the pool runtime's pass decides.
 
-Up, `boot(runtime, replica)`: the model file's digest checked, the engine spawned and
-recorded (so a restarted daemon can adopt or stop it), its health waited for, one warm-up
-request, then Ready; failures go back to the runtime's supervision (`crashed`). Down,
-`retire(runtime, replica)`: in-flight tasks given the drain time, then the engine stopped and
-its record forgotten. The pool runtime starts both as background coroutines.
+The pass calls `start` (a new replica of a pool, after `planning.plan`), `drain` (a replica to
+retire), `restart_due` (replicas whose backoff has elapsed) and `notice_exits` (Ready engines
+that exited, handed to the runtime's `crashed`); each returns at once and leaves the work to a
+background coroutine that wakes the loop when it finishes. Up, `boot(runtime, replica)`: the
+model file's digest checked, the engine spawned and recorded (so a restarted daemon can adopt or
+stop it), its health waited for, one warm-up request, then Ready; failures go back to the
+runtime's supervision (`crashed`). Down, `retire(runtime, replica)`: in-flight tasks given the
+drain time, then the engine stopped and its record forgotten.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ import contextlib
 from typing import TYPE_CHECKING
 
 from plugins import interfaces, resolvers
-from reconciler import fleet, logs
-from state import errors
+from reconciler import fleet, logs, planning, resolving, supervision
+from state import desired, errors, ids
 
 if TYPE_CHECKING:
     from reconciler import pools
@@ -25,6 +28,84 @@ log = logs.get("pools")
 WARM_UP_PROMPT = "Hello"
 WARM_UP_MIN_S = 5.0  # the warm-up's time when the ready timeout is nearly spent
 EXIT_WAIT_POLLS = 50  # × 20 ms: how long a broken warm-up waits for the exit status
+
+
+def start(
+    runtime: pools.PoolRuntime,
+    pool: desired.PoolSpec,
+    state: desired.DesiredState,
+    action: planning.Start,
+) -> None:
+    """Add the replica `action` places and boot it in the background."""
+    spec = resolving.spec_for(runtime, pool, state, action.replica_id, tuple(action.devices))
+    engine = runtime.plugins.engines[pool.engine]
+    life = supervision.ReplicaLife(
+        action.replica_id, now=runtime.clock.monotonic(), random=runtime.rng.random
+    )
+    r = fleet.Replica(action.replica_id, ids.PoolId(pool.id), spec, engine, action.vram_mib, life)
+    runtime.replicas[r.replica_id] = r
+    logs.emit(
+        log,
+        "replica.starting",
+        f"Starting replica {r.replica_id} of pool {pool.id} on GPU "
+        f"{','.join(map(str, spec.devices))} (estimated {action.vram_mib} MiB).",
+        replica_id=r.replica_id,
+        pool_id=pool.id,
+        devices=list(spec.devices),
+        vram_estimated_mib=action.vram_mib,
+    )
+    r.job = asyncio.get_running_loop().create_task(boot(runtime, r))
+
+
+def restart_due(runtime: pools.PoolRuntime, state: desired.DesiredState) -> None:
+    """Boot again every replica whose backoff has elapsed, with its spec as configured now;
+    one whose pool is gone, drained or changed is dropped instead (planning replaces it)."""
+    now = runtime.clock.monotonic()
+    for r in list(runtime.replicas.values()):
+        if r.state != "BackingOff" or not r.life.restart_due(now):
+            continue
+        pool = state.pool(r.pool_id)
+        if (
+            pool is None
+            or pool.id in runtime.drained
+            or resolving.want(runtime, pool, state).spec_hash != r.spec.spec_hash
+        ):
+            del runtime.replicas[r.replica_id]  # planning drains/replaces; nothing runs
+            continue
+        r.spec = resolving.spec_for(runtime, pool, state, r.replica_id, r.spec.devices)
+        r.life.restarting(now)
+        r.job = asyncio.get_running_loop().create_task(boot(runtime, r))
+
+
+def notice_exits(runtime: pools.PoolRuntime) -> None:
+    """Hand every Ready replica whose engine exited to the runtime's supervision."""
+    for r in list(runtime.replicas.values()):
+        if r.handle is None or r.state not in ("Ready",) or (r.job and not r.job.done()):
+            continue
+        exit_info = r.engine.poll_exit(r.handle)
+        if exit_info is not None:
+            runtime.crashed(r, exit_info.reason)
+
+
+def drain(runtime: pools.PoolRuntime, replica_id: ids.ReplicaId, reason: str) -> None:
+    """Retire one replica in the background; one still starting is simply stopped."""
+    r = runtime.replicas.get(replica_id)
+    if r is None or r.state == "Draining":
+        return
+    if r.job is not None and not r.job.done():
+        r.job.cancel()  # a replica still starting is simply stopped
+    if r.life.drain(runtime.clock.monotonic()) == "Stopped":  # no process to stop
+        runtime.replicas.pop(replica_id, None)
+        return
+    logs.emit(
+        log,
+        "replica.draining",
+        f"Draining replica {replica_id}: {reason}.",
+        replica_id=replica_id,
+        pool_id=r.pool_id,
+        reason=reason,
+    )
+    r.job = asyncio.get_running_loop().create_task(retire(runtime, r))
 
 
 async def boot(runtime: pools.PoolRuntime, r: fleet.Replica) -> None:

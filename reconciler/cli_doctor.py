@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from plugins import provision_llamacpp, resolvers
+from plugins import llamacpp_builds, resolvers
 from reconciler import diagnosing
 from reconciler.cli_common import EXIT_ENV, EXIT_OK
 
@@ -31,7 +31,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def run(*, config: Path, simulate: Path | None, bind: str | None = None) -> diagnosing.Diagnosis:
     """The checks for serving `config` (its server.bind, else `bind`, else the default)."""
     machine = diagnosing.Machine(
-        engine_cache=provision_llamacpp.default_cache(), model_cache=resolvers.model_cache()
+        engine_cache=llamacpp_builds.default_cache(), model_cache=resolvers.model_cache()
     )
     if config.exists() or bind is None:
         bind = diagnosing.bind_of(config)

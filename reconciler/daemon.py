@@ -4,7 +4,12 @@ Level-triggered: watchdog events (orch.yaml, spool/incoming, spool/cancel), engi
 finished tasks and a periodic resync only *wake* the loop; each pass re-reads what it needs
 and acts from scratch. A lost inotify event therefore delays work by at most one resync.
 
-    pass = refresh config → reconcile pools → cancels → claim + admit → dispatch → status
+    pass = refresh config → reconcile pools → claim + admit → cancels → dispatch → status
+
+`build` wires a `Daemon` (the CLI, tests and benchmarks call it); `Daemon.run` takes the
+folder's lock, adopts engines, recovers tasks, starts the HTTP face (`api_routes`) and loops
+until stopped, then drains. Claimed files are taken by `taking`, the pool runtime and the
+dispatcher do the rest; the daemon writes status.json after every pass.
 """
 
 from __future__ import annotations
@@ -20,28 +25,19 @@ from reconciler import (
     about,
     adoption,
     api,
-    api_artifacts,
-    api_catalog,
-    api_metrics,
-    api_openai,
-    api_page,
-    api_pools,
-    api_tasks,
+    api_routes,
     cancelling,
     cataloging,
     clocks,
     configuring,
     dispatch,
-    failpoints,
     fanout,
-    intake,
     logs,
     metrics,
-    openapi,
     pools,
     rates,
     recovery,
-    reloading,
+    taking,
     tasking,
     tracing,
     watching,
@@ -53,18 +49,15 @@ from state import (
     desired,
     errors,
     ids,
-    loading,
     results,
     sessions,
     spool,
     statusfile,
 )
-from state.errors import ErrorCode
 
 log = logs.get("daemon")
 
 RESYNC_S = 2.0
-INTAKE_PER_PASS = 64
 SESSION_SWEEP_S = 5.0  # how often session files are swept for expired sessions
 
 
@@ -207,6 +200,7 @@ class Daemon:
         self._next_sweep = 0.0
         self.server: api.Server | None = None
         self._last_status = b""
+        self.taker = taking.Taker(the_spool, store, dispatcher, config, clock, self.wake)
 
     def wake(self) -> None:
         self.wake_event.set()
@@ -256,11 +250,11 @@ class Daemon:
             recovery.recover(
                 the_spool=self.spool,
                 store=self.results,
-                take=lambda path, existing: self._take(path, recovered=existing),
-                refuse_duplicate=self._refuse_duplicate,
+                take=lambda path, existing: self.taker.take(path, recovered=existing),
+                refuse_duplicate=self.taker.refuse_duplicate,
                 revision=self.config.revision,
             )
-            await self._start_http()
+            self.server = await api_routes.start(self)
             while not self.stop_event.is_set():
                 await self.pass_once()
                 if self.options.exit_when_idle and self._idle():
@@ -301,50 +295,6 @@ class Daemon:
             logs.emit(log, "daemon.stopped", "Stopped; engines stopped, tasks left resumable.")
         return 0
 
-    async def _start_http(self) -> None:
-        """The HTTP face on server.bind, over the same files (docs/http.md)."""
-        state = self.config.state
-        assert state is not None
-        backend = api.Backend(
-            spool=self.spool,
-            results=self.results,
-            sessions=self.sessions,
-            hub=self.hub,
-            config=self.config,
-            status=self.status,
-            live=lambda task_id: task_id in self.dispatcher.runs,
-            wake=self.wake,
-            metrics=self.metrics,
-            queue_position=self._queue_position,
-        )
-        routes = [
-            api_tasks.add_routes,
-            api_metrics.add_routes,
-            api_page.add_routes,
-            openapi.add_routes,
-            api_openai.add_routes,
-            api_artifacts.routes(self.artifacts),
-            api_catalog.routes(self.catalog),
-            api_pools.routes(
-                self.pools, reloading.Reloader(self.config, self.pools, self.clock, self.wake)
-            ),
-        ]
-        self.server = await api.start(
-            backend, bind=state.server.bind, base=self.config.base, routes=routes
-        )
-        logs.emit(
-            log,
-            "http.listening",
-            f"HTTP API on {self.server.url} ("
-            f"{'token required' if self.server.token_set else 'loopback only, no token'}).",
-            url=self.server.url,
-        )
-
-    def _queue_position(self, task_id: ids.TaskId) -> int | None:
-        """The task's place in the queue now (0: next to start), None when it is not queued."""
-        queue = self.dispatcher.queue
-        return queue.position(task_id) if task_id in queue else None
-
     async def pass_once(self) -> None:
         """One level-triggered pass over everything."""
         if self.config.refresh():
@@ -354,7 +304,7 @@ class Daemon:
         # refusals, consumed cancels and failures cost a few syncs together, not several
         # fsyncs each (state/atomic.py, docs/files.md); their order is kept
         with atomic.group():
-            self._intake()
+            self.taker.claim_batch()
             # after intake, before dispatch: a task cancelled while still in incoming/ is
             # queued here and removed before it can start
             cancelling.apply(
@@ -384,103 +334,6 @@ class Daemon:
             return "canceled"
         existing = self.results.read(task_id) if self.results.exists(task_id) else None
         return f"already {existing.status}" if existing and existing.terminal else "unknown"
-
-    def _intake(self) -> None:
-        names = spool.incoming_names(self.spool)
-        if len(names) > INTAKE_PER_PASS:
-            # a burst of files: take a batch, dispatch it, come straight back for the rest,
-            # so work starts (and status and cancels move) while the burst is admitted
-            names = names[:INTAKE_PER_PASS]
-            self.wake()
-        for path in intake.claim_all(  # one fsync per spool folder for the whole batch
-            the_spool=self.spool,
-            store=self.results,
-            names=names,
-            clock=self.clock,
-            revision=self.config.revision,
-        ):
-            failpoints.hit("after_claim")
-            self._take(path)
-
-    def _take(self, path: Path, *, recovered: results.Result | None = None) -> None:
-        try:
-            parsed = intake.parse_claimed(path)
-            if not isinstance(parsed, intake.Parsed):
-                data = _peek(path)
-                intake.quarantine(
-                    the_spool=self.spool,
-                    store=self.results,
-                    path=path,
-                    problems=parsed,
-                    clock=self.clock,
-                    task_id=intake.claimed_task_id(path, data),
-                    revision=self.config.revision,
-                )
-                return
-            if parsed.task_id in self.dispatcher.runs or (
-                recovered is None and self.results.exists(parsed.task_id)
-            ):
-                self._refuse(
-                    path,
-                    ErrorCode.DUPLICATE_TASK_ID,
-                    field="task_id",
-                    message=f"task id {parsed.task_id!r} is already used "
-                    f"(see results/{parsed.task_id}.json)",
-                    hint="give the task a new task_id",
-                    task_id=parsed.task_id,
-                )
-                return
-            run = tasking.new_run(
-                parsed.task_id,
-                parsed.task,
-                parsed.file_name,
-                store=self.results,
-                revision=self.config.revision,
-                clock=self.clock,
-                recovered=recovered,
-            )
-            self.dispatcher.admit(run, recovered=recovered is not None)
-        except Exception as exc:  # never let one file take the daemon down
-            log.exception("could not take %s", path.name)
-            with contextlib.suppress(Exception):
-                self._refuse(
-                    path,
-                    ErrorCode.INTERNAL,
-                    message=f"internal error {type(exc).__name__}: {exc}",
-                    hint="this is a bug; please report it with the log",
-                )
-
-    def _refuse_duplicate(self, path: Path, task_id: str) -> None:
-        self._refuse(
-            path,
-            ErrorCode.DUPLICATE_TASK_ID,
-            field="task_id",
-            message=f"task id {task_id!r} is already used by another file",
-            hint="give the task a new task_id",
-            task_id=task_id,
-        )
-
-    def _refuse(
-        self,
-        path: Path,
-        code: ErrorCode,
-        *,
-        message: str,
-        hint: str,
-        field: str | None = None,
-        task_id: str | None = None,
-    ) -> None:
-        """Quarantine a claimed file for a reason that is not a parse error."""
-        problem = loading.LoadError(f"spool/active/{path.name}", None, None, field, message, hint)
-        intake.quarantine(
-            the_spool=self.spool,
-            store=self.results,
-            path=path,
-            clock=self.clock,
-            code=code,
-            task_id=task_id,
-            problems=[problem],
-        )
 
     def status(self, *, stopping: bool = False) -> statusfile.StatusFile:
         """What status.json says now, assembled from the rows the pools and the dispatcher
@@ -513,11 +366,3 @@ class Daemon:
             self._last_status = raw
         except OSError as exc:
             logs.emit(log, "status.unwritable", f"Could not write status.json: {exc}", level=40)
-
-
-def _peek(path: Path) -> object:
-    text, _ = loading.read_text(path)
-    if text is None:
-        return None
-    data, _, errs = loading.parse_document(text, path.name)
-    return None if errs else data

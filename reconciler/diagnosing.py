@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from plugins import gpu_nvml, gpu_simulated, host_packages, interfaces, provision_llamacpp
+from plugins import gpu_nvml, gpu_simulated, host_packages, interfaces, llamacpp_builds
 from reconciler import toolchain_checks
 from state import desired
 
@@ -53,7 +53,7 @@ class Check:
 class Diagnosis:
     checks: list[Check] = field(default_factory=list)
     facts: gpu_nvml.DriverFacts | None = None
-    builds: list[provision_llamacpp.EngineBuild] = field(default_factory=list)
+    builds: list[llamacpp_builds.EngineBuild] = field(default_factory=list)
     can_build: bool = False
 
     @property
@@ -70,7 +70,7 @@ class Machine:
 
     path: str | None = None  # PATH for the tools (None: this process's)
     nvml: Any = None  # the pynvml module (None: the installed one)
-    engine_cache: Path = field(default_factory=provision_llamacpp.default_cache)
+    engine_cache: Path = field(default_factory=llamacpp_builds.default_cache)
     model_cache: Path = Path.home() / ".cache" / "llama-orch" / "models"
 
 
@@ -87,9 +87,7 @@ def diagnose(
         _simulated(d, simulate)
     else:
         _driver(d, machine)
-    d.builds = [
-        b for b in provision_llamacpp.find_builds(machine.engine_cache) if b.backend != "cpu"
-    ]
+    d.builds = [b for b in llamacpp_builds.find_builds(machine.engine_cache) if b.backend != "cpu"]
     on_path = shutil.which("llama-server", path=machine.path)
     configured = binary is not None and binary.is_file() and os.access(binary, os.X_OK)
     have_engine = bool(d.builds or on_path or configured) or simulate is not None

@@ -5,7 +5,8 @@ every pass; `pump` leases a slot for each task it places and runs `streaming.str
 a background coroutine. All frames and results are written through `tasking.Books`, so the
 event log, the result file and the spool always agree. Session rules live in
 `state.sessions`, the estimate arithmetic in `estimates` (pure) and the learned speeds in the
-`rates.Rates` this dispatcher owns.
+`rates.Rates` this dispatcher owns. Admission itself (guardrails, session limits, deadline
+feasibility, the queue's full policy) is applied by `admitting`.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from typing import Any, Protocol
 
 from reconciler import (
     admission,
+    admitting,
     clocks,
-    failpoints,
     fleet,
     logs,
     placement,
@@ -87,12 +88,12 @@ class Dispatcher:
             self.queue.push(entry)
         self.queue.capacity = cfg.capacity
 
-    # -- admission ------------------------------------------------------------------------
+    # -- admission and sessions -----------------------------------------------------------
 
     def admit(self, run: tasking.TaskRun, *, recovered: bool = False) -> None:
-        """Check guardrails, then queue the task (or write its rejection)."""
+        """Check guardrails, then queue the task (or write its rejection): `admitting`."""
         try:
-            self._admit(run, recovered=recovered)
+            admitting.admit(self, run, recovered=recovered)
         except BaseException:
             # nothing half-admitted may keep the task id reserved or sit in the queue
             if self.runs.get(run.task_id) is run:
@@ -100,101 +101,6 @@ class Dispatcher:
                 if run.task_id in self.queue:
                     self.queue.remove(ids.TaskId(run.task_id))
             raise
-
-    def _admit(self, run: tasking.TaskRun, *, recovered: bool) -> None:
-        state = self.config.state
-        assert state is not None
-        self.runs[run.task_id] = run
-        target = admission.resolve(run.task, state)
-        if isinstance(target, ErrorEnvelope):
-            return self._reject(run, target)
-        run.model_id, run.pool_id = target.model_id, target.pool_id
-        run.result.model = target.model_id
-        run.result.model_digest = (
-            state.models[target.model_id].digest if (target.model_id in state.models) else None
-        )
-        problem = admission.check(
-            run.task, target, state=state, pools=self.pools.views(), blocked=self.blocked()
-        )
-        if problem is None and not recovered:
-            problem = self._session_problem(run)
-        entry = self._entry(run)
-        if problem is None and not recovered:  # a recovered task was accepted already
-            start, probability = self._estimate_new(entry)
-            problem = admission.deadline_error(
-                run.task, predicted_start_ms=start, probability=probability
-            )
-        if problem is not None:
-            return self._reject(run, problem)
-        outcome = self.queue.push(entry)
-        if not outcome.accepted:
-            return self._reject(
-                run,
-                errors.envelope(
-                    ErrorCode.ADMISSION_REJECT,
-                    f"the queue is full ({self.queue.capacity} tasks, policy reject)",
-                    retry_after_ms=self._retry_after_ms(),
-                    policy_label="reject",
-                ),
-            )
-        if outcome.evicted is not None:
-            self._evict(outcome.evicted)
-        if run.task.session_id is not None:
-            sid, now = run.task.session_id, self.clock.now()
-            sessions.count_turn(self.sessions, sid, run.task_id, now=now)
-            failpoints.hit("after_session_turn")
-        start, probability = self._estimate_queued(entry)
-        self.books.queued(
-            run,
-            position=self.queue.position(entry.task_id),
-            predicted_start_ms=None if start is None else round(start),
-            on_time_probability=probability,
-        )
-
-    def _entry(self, run: tasking.TaskRun) -> queues.Entry:
-        return queues.Entry(
-            task_id=ids.TaskId(run.task_id),
-            priority=run.task.priority,
-            model_id=ids.ModelId(run.model_id),
-            pool_id=ids.PoolId(run.pool_id) if run.pool_id else None,
-            enqueued_at=run.accepted_mono,
-            max_tokens=run.task.max_tokens,
-            deadline_at=run.deadline_mono,
-            payload=run,
-        )
-
-    def _reject(self, run: tasking.TaskRun, error: ErrorEnvelope) -> None:
-        self.runs.pop(run.task_id, None)
-        self.books.finish(run, "rejected", error=error)
-
-    def _evict(self, entry: queues.Entry) -> None:
-        run = self.runs.pop(entry.task_id)
-        self.books.finish(
-            run,
-            "failed",
-            error=errors.envelope(
-                ErrorCode.QUEUE_FULL_DROP_LRU,
-                "dropped from the full queue to make room for newer work (policy drop-lru)",
-                retry_after_ms=self._retry_after_ms(),
-                policy_label="drop-lru",
-            ),
-        )
-
-    def _retry_after_ms(self) -> int:
-        """About how long until a queue place frees: the soonest running task's end."""
-        now = self.clock.monotonic()
-        remaining = [
-            max(0.0, r.service_ms - (now - r.started_mono) * 1000) for r in self.running.values()
-        ]
-        return max(250, int(min(remaining, default=1000)))
-
-    # -- sessions -------------------------------------------------------------------------
-
-    def _session_problem(self, run: tasking.TaskRun) -> ErrorEnvelope | None:
-        sid, state = run.task.session_id, self.config.state
-        if sid is None or state is None:
-            return None
-        return sessions.refusal(self.sessions, sid, state.sessions, now=self.clock.now())
 
     def sweep_sessions(self) -> None:
         """Evict sessions past their TTL so the next request names the limit it hit."""
@@ -209,36 +115,6 @@ class Dispatcher:
                 f"Evicted session {session.session_id}: no use for {ttl_s:.0f} s.",
                 session_id=session.session_id,
             )
-
-    # -- estimates ------------------------------------------------------------------------
-
-    def _estimate(
-        self, entry: queues.Entry, ahead: tuple[queues.Entry, ...]
-    ) -> tuple[float | None, float | None]:
-        """Predicted start (ms) and on-time probability of `entry` behind `ahead`."""
-        now = self.clock.monotonic()
-        busy = [
-            (r.replica_id, r.service_ms, (now - r.started_mono) * 1000)
-            for r in self.running.values()
-        ]
-        return self.rates.predict(
-            entry,
-            ahead,
-            candidates=self.pools.candidates(),
-            busy=busy,
-            deadline_in_ms=None if entry.deadline_at is None else (entry.deadline_at - now) * 1000,
-        )
-
-    def _estimate_new(self, entry: queues.Entry) -> tuple[float | None, float | None]:
-        ahead = tuple(
-            e
-            for e in self.queue.in_dispatch_order()
-            if e.priority == "interactive" or entry.priority == "batch"
-        )
-        return self._estimate(entry, ahead)
-
-    def _estimate_queued(self, entry: queues.Entry) -> tuple[float | None, float | None]:
-        return self._estimate(entry, self.queue.ahead_of(entry.task_id))
 
     # -- dispatch -------------------------------------------------------------------------
 

@@ -2,20 +2,21 @@
 
 Each pass (`reconcile`) observes the GPUs, notices engine exits, compares each Ready replica's
 measured VRAM with its estimate (a warning, once per replica, when they differ by more than
-15 %), restarts replicas whose backoff has elapsed, asks `planning.plan` what to start and drain,
-and acts. Starting and draining run as background coroutines that wake the loop when they
-finish. A start is: engine start, wait for health, one warm-up request (a 1-token completion,
-so the first task does not pay the engine's cold start), then Ready. Every started engine is
-recorded (`state.engine_records`), so a restarted daemon adopts it or stops it: no engine is
-ever left holding VRAM. Specs, VRAM arithmetic and pool state are pure functions in `specs`;
-learned start-up times go to the `rates.Rates` the dispatcher reads.
+15 %), asks `resolving` what each pool wants (its model file resolved, downloaded or missing),
+restarts replicas whose backoff has elapsed, asks `planning.plan` what to start and drain, and
+acts through `booting`, whose starts and drains run as background coroutines that wake the loop
+when they finish. The runtime holds the replica records (`fleet`), the drains requested over
+HTTP (`state.drains`) and the engine records (`state.engine_records`), so a restarted daemon
+adopts every started engine or stops it: no engine is ever left holding VRAM. Dispatch and
+status read candidates, leases and pool states from it. Specs, VRAM arithmetic and pool state
+are pure functions in `specs`; learned start-up times go to the `rates.Rates` the dispatcher
+reads.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,8 +33,8 @@ from reconciler import (
     placement,
     planning,
     rates,
+    resolving,
     specs,
-    supervision,
 )
 from reconciler.configuring import AppliedConfig
 from state import desired, drains, engine_records, ids, observed, results, statusfile
@@ -66,83 +67,6 @@ class PoolRuntime:
         self.drained = drains.load(self.state_dir)
         self.fetches = fetching.Fetches(clock=self.clock, wake=self.wake)
 
-    # -- desired specs ----------------------------------------------------------------------
-
-    def spec_for(
-        self,
-        pool: desired.PoolSpec,
-        state: desired.DesiredState,
-        replica_id: str,
-        devices: tuple[int, ...],
-    ) -> interfaces.ReplicaSpec:
-        ref = state.models[pool.model].ref
-        resolver = self.plugins.resolvers.get(ref.split(":", 1)[0] if ":" in ref else "file")
-        found = resolver(ref, self.config.base) if resolver else None
-        return specs.replica_spec(
-            pool,
-            state,
-            replica_id=replica_id,
-            devices=devices,
-            model_path=found.path if found else None,
-            file_size_mib=found.size_mib if found else None,
-            snapshot=self.last_snapshot,
-            state_dir=self.state_dir,
-        )
-
-    def _missing_model_file(
-        self, pool: desired.PoolSpec, state: desired.DesiredState
-    ) -> str | None:
-        """Why the pool cannot start for want of its model file (engines that load a file
-        only; an estimate of a file that is not there would only mislead)."""
-        if not getattr(self.plugins.engines[pool.engine], "needs_model_file", True):
-            return None
-        ref = state.models[pool.model].ref
-        found = self.plugins.resolvers[ref.split(":", 1)[0] if ":" in ref else "file"](
-            ref, self.config.base
-        )
-        if found.path is None or found.path.is_file():
-            return None
-        return (
-            f"model {pool.model!r}: file {found.path} does not exist (file: paths resolve "
-            f"from {self.config.base}); put the file there or fix models.{pool.model}.ref"
-        )
-
-    def _model_file_at_hand(
-        self, pool: desired.PoolSpec, state: desired.DesiredState, scheme: str
-    ) -> bool:
-        """False while the pool waits for its model's download (shown Progressing) or the
-        download failed (Failed); engines that never read the file do not wait."""
-        self.downloading.pop(pool.id, None)
-        resolver = self.plugins.resolvers[scheme]
-        engine = self.plugins.engines[pool.engine]
-        if not getattr(resolver, "downloadable", False) or not getattr(
-            engine, "needs_model_file", True
-        ):
-            return True
-        need = self.fetches.need(pool.model, state.models[pool.model], resolver, self.config.base)
-        if need.state == "failed":
-            self.problems[pool.id] = need.message or "the model cannot be downloaded"
-        elif need.state == "progressing":
-            self.problems.pop(pool.id, None)
-            self.downloading[pool.id] = need.message or "downloading the model"
-        return need.state == "ready"
-
-    def _want(self, pool: desired.PoolSpec, state: desired.DesiredState) -> planning.PoolWant:
-        engine = self.plugins.engines[pool.engine]
-        probe = self.spec_for(
-            pool,
-            state,
-            f"{pool.id}-probe",
-            tuple(pool.devices) if isinstance(pool.devices, list) else (0,),
-        )
-        return planning.PoolWant(
-            pool_id=ids.PoolId(pool.id),
-            replicas=pool.replicas,
-            devices=tuple(pool.devices) if isinstance(pool.devices, list) else None,
-            vram_mib=engine.estimate_vram_mib(probe),
-            spec_hash=probe.spec_hash,
-        )
-
     # -- the pass ---------------------------------------------------------------------------
 
     async def reconcile(self) -> None:
@@ -151,42 +75,12 @@ class PoolRuntime:
             return
         observed_at = self.clock.monotonic()
         self.last_snapshot = await asyncio.to_thread(self.observer.observe)
-        self._notice_exits()
+        booting.notice_exits(self)
         for pool_id in [p for p in self.drained if state.pool(p) is None]:
             self.undrain(pool_id, "it is no longer in orch.yaml")
         self._compare_vram(observed_at)
-        wants = []
-        fetched: set[fetching.Key] = set()  # the downloads a pool still waits for
-        for pool in state.pools:
-            if pool.engine not in self.plugins.engines:
-                self.problems[pool.id] = f"engine {pool.engine!r} is not installed"
-                continue
-            ref = state.models[pool.model].ref
-            scheme = ref.split(":", 1)[0] if ":" in ref else "file"
-            if scheme not in self.plugins.resolvers:
-                known = ", ".join(f"{k}:" for k in sorted(self.plugins.resolvers))
-                self.problems[pool.id] = (
-                    f"no model resolver for {scheme}: refs (installed: {known}); "
-                    "download the file and use a file: ref"
-                )
-                continue
-            if not self._model_file_at_hand(pool, state, scheme):
-                fetched.add((ref, state.models[pool.model].digest))
-                continue
-            missing = self._missing_model_file(pool, state)
-            if missing is not None:
-                self.problems[pool.id] = missing
-                continue
-            self.problems.pop(pool.id, None)
-            want = self._want(pool, state)
-            drain = self.drained.get(pool.id)
-            if drain is not None and drain.spec_hash == want.spec_hash:
-                want = dataclasses.replace(want, replicas=0)  # drained: serve nothing
-            elif drain is not None:
-                self.undrain(pool.id, "its config changed")
-            wants.append(want)
-        self.fetches.keep(fetched)
-        self._restart_due(state)
+        wants = resolving.wants(self, state)
+        booting.restart_due(self, state)
         plan = planning.plan(wants, self._seen(), self._rooms(), reserve_mib=state.gpus.reserve_mib)
         self.unschedulable = {u.pool_id: u for u in plan.unschedulable}
         self.waiting = set(plan.waiting)
@@ -194,12 +88,12 @@ class PoolRuntime:
             if isinstance(action, planning.Start):
                 wanted = state.pool(action.pool_id)
                 assert wanted is not None
-                self._start(wanted, state, action)
+                booting.start(self, wanted, state, action)
             elif isinstance(action, planning.Drain):
                 reason = action.reason
                 if action.pool_id in self.drained and reason == planning.SCALED_DOWN:
                     reason = "drain requested"
-                self._drain(action.replica_id, reason)
+                booting.drain(self, action.replica_id, reason)
         self.passes += 1
 
     def _seen(self) -> list[planning.ReplicaSeen]:
@@ -226,14 +120,6 @@ class PoolRuntime:
             if r.state not in ("Stopped", "Failed", "BackingOff")
         ]
         return specs.gpu_rooms(self.last_snapshot, loading)
-
-    def _notice_exits(self) -> None:
-        for r in list(self.replicas.values()):
-            if r.handle is None or r.state not in ("Ready",) or (r.job and not r.job.done()):
-                continue
-            exit_info = r.engine.poll_exit(r.handle)
-            if exit_info is not None:
-                self.crashed(r, exit_info.reason)
 
     def _compare_vram(self, observed_at: float) -> None:
         """Warn, once per replica, when NVML measures a Ready replica's process more than 15 %
@@ -289,66 +175,6 @@ class PoolRuntime:
             restarts=r.life.restarts,
         )
         self.wake()
-
-    def _restart_due(self, state: desired.DesiredState) -> None:
-        now = self.clock.monotonic()
-        for r in list(self.replicas.values()):
-            if r.state != "BackingOff" or not r.life.restart_due(now):
-                continue
-            pool = state.pool(r.pool_id)
-            if (
-                pool is None
-                or pool.id in self.drained
-                or self._want(pool, state).spec_hash != r.spec.spec_hash
-            ):
-                del self.replicas[r.replica_id]  # planning drains/replaces; nothing runs
-                continue
-            r.spec = self.spec_for(pool, state, r.replica_id, r.spec.devices)
-            r.life.restarting(now)
-            r.job = asyncio.get_running_loop().create_task(booting.boot(self, r))
-
-    def _start(
-        self, pool: desired.PoolSpec, state: desired.DesiredState, action: planning.Start
-    ) -> None:
-        spec = self.spec_for(pool, state, action.replica_id, tuple(action.devices))
-        engine = self.plugins.engines[pool.engine]
-        life = supervision.ReplicaLife(
-            action.replica_id, now=self.clock.monotonic(), random=self.rng.random
-        )
-        r = fleet.Replica(
-            action.replica_id, ids.PoolId(pool.id), spec, engine, action.vram_mib, life
-        )
-        self.replicas[r.replica_id] = r
-        logs.emit(
-            log,
-            "replica.starting",
-            f"Starting replica {r.replica_id} of pool {pool.id} on GPU "
-            f"{','.join(map(str, spec.devices))} (estimated {action.vram_mib} MiB).",
-            replica_id=r.replica_id,
-            pool_id=pool.id,
-            devices=list(spec.devices),
-            vram_estimated_mib=action.vram_mib,
-        )
-        r.job = asyncio.get_running_loop().create_task(booting.boot(self, r))
-
-    def _drain(self, replica_id: ids.ReplicaId, reason: str) -> None:
-        r = self.replicas.get(replica_id)
-        if r is None or r.state == "Draining":
-            return
-        if r.job is not None and not r.job.done():
-            r.job.cancel()  # a replica still starting is simply stopped
-        if r.life.drain(self.clock.monotonic()) == "Stopped":  # no process to stop
-            self.replicas.pop(replica_id, None)
-            return
-        logs.emit(
-            log,
-            "replica.draining",
-            f"Draining replica {replica_id}: {reason}.",
-            replica_id=replica_id,
-            pool_id=r.pool_id,
-            reason=reason,
-        )
-        r.job = asyncio.get_running_loop().create_task(booting.retire(self, r))
 
     # -- drains requested over HTTP (state.drains) --------------------------------------------
 

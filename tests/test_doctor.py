@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from plugins import gpu_nvml, provision_llamacpp, resolvers
+from plugins import gpu_nvml, llamacpp_builds, provision_llamacpp, resolvers
 from tests import fake_tools, model_hub
 from tests.fake_pynvml import FakeNvml
 from tests.orchctl_support import orchctl
@@ -74,7 +74,7 @@ def cached_build(home: Path, archs: list[str]) -> Path:
     binary.parent.mkdir(parents=True)
     binary.write_text("#!/bin/sh\n")
     binary.chmod(0o755)
-    record = provision_llamacpp.EngineBuild(
+    record = llamacpp_builds.EngineBuild(
         key=binary.parent.parent.name,
         version="0.3.36",
         source="pypi:0.3.36",

@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
-from plugins import engine_llamacpp, interfaces, provision_llamacpp
+from plugins import engine_llamacpp, interfaces, llamacpp_builds
 from tests import tiny_gguf
 from tests.conftest import Workspace, config, task, wait_for, wait_terminal
 
-BINARY = provision_llamacpp.cached_binary(cpu=True)
+BINARY = llamacpp_builds.cached_binary(cpu=True)
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(

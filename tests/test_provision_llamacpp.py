@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from plugins import engine_llamacpp, llamacpp_sources, provision_llamacpp
+from plugins import engine_llamacpp, llamacpp_builds, llamacpp_sources, provision_llamacpp
 from tests import fake_tools
 from tests.fake_pynvml import FakeNvml
 
@@ -112,7 +112,7 @@ def test_a_cached_build_is_reused_and_other_archs_or_backends_build_apart(
 
 
 def test_cache_keys_name_version_backend_archs_and_source() -> None:
-    key = provision_llamacpp.cache_key
+    key = llamacpp_builds.cache_key
     pypi = llamacpp_sources.parse("0.3.36")
     assert key(pypi, "cpu") == "0.3.36-cpu"  # the folder earlier releases built into
     assert key(pypi, "cuda", ("86", "89")) == "0.3.36-cuda-sm86.89"
@@ -155,7 +155,7 @@ def test_a_git_source_is_built_at_its_pinned_ref_and_the_commit_recorded(
     binary = provision_llamacpp.ensure(
         f"git+file://{repo}@b100", cache=tmp_path / "cache", archs=["86"], progress=lambda _: None
     )
-    record = provision_llamacpp.read_record(binary)
+    record = llamacpp_builds.read_record(binary)
     assert record is not None and record.commit == pinned and record.version == "b100"
     configure = fake_tools.cmake_calls(tools)[0]
     built_from = Path(configure[1])
@@ -172,7 +172,7 @@ def test_the_pypi_sdist_is_unpacked_from_the_cache_without_downloading_again(
     with tarfile.open(cache / "sdists/llama_cpp_python-9.9.9.tar.gz", "w:gz") as tar:
         tar.add(staged.parents[1], arcname="llama_cpp_python-9.9.9")
     binary = provision_llamacpp.ensure("9.9.9", cpu=True, cache=cache, progress=lambda _: None)
-    assert binary == provision_llamacpp.cached_binary("9.9.9", cpu=True, cache=cache)
+    assert binary == llamacpp_builds.cached_binary("9.9.9", cpu=True, cache=cache)
     configure = fake_tools.cmake_calls(tools)[0]
     assert configure[1].endswith("llama_cpp_python-9.9.9/vendor/llama.cpp")
     assert fake_tools.flags_of(configure)["GGML_CUDA"] == "OFF"
@@ -182,7 +182,7 @@ def test_an_existing_binary_is_used_as_it_is_and_recorded(tools: Path, tmp_path:
     existing = fake_tools.write_tool(tmp_path, "llama-server", "#!/bin/sh\necho 'version: 42'\n")
     binary = provision_llamacpp.ensure(f"binary:{existing}", cache=tmp_path / "c")
     assert binary.resolve() == existing and fake_tools.cmake_calls(tools) == []
-    record = provision_llamacpp.read_record(binary)
+    record = llamacpp_builds.read_record(binary)
     assert record is not None and record.backend == "binary" and record.version == "42"
 
 
@@ -251,7 +251,7 @@ def test_the_engine_finds_the_newest_cuda_build_by_its_record_before_a_cpu_one(
 
 
 def test_a_cached_build_is_reused_without_building(tmp_path: Path) -> None:
-    binary = provision_llamacpp.cached_binary("9.9.9", cpu=True, cache=tmp_path)
+    binary = llamacpp_builds.cached_binary("9.9.9", cpu=True, cache=tmp_path)
     binary.parent.mkdir(parents=True)
     binary.write_text("#!/bin/sh\n")
     binary.chmod(0o755)

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
+from reconciler import admitting
 from state import events, results, spool
 from tests.conftest import Workspace, config, task, wait_for, wait_terminal
 
@@ -181,20 +182,19 @@ async def test_an_unsafe_session_id_is_an_invalid_task_file_with_a_result(
 
 
 async def test_a_task_whose_admission_raised_does_not_block_its_id(
-    workspace: Workspace, serve: Any
+    workspace: Workspace, serve: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    running = await serve()
-    dispatcher = running.daemon.dispatcher
-    real = dispatcher._session_problem
+    await serve()
+    real = admitting.session_problem
     calls = []
 
-    def boom_once(run: Any) -> Any:
+    def boom_once(dispatcher: Any, run: Any) -> Any:
         calls.append(run.task_id)
         if len(calls) == 1:
             raise RuntimeError("an admission bug")
-        return real(run)
+        return real(dispatcher, run)
 
-    dispatcher._session_problem = boom_once
+    monkeypatch.setattr(admitting, "session_problem", boom_once)
     workspace.submit("dots.task.yaml", task("dots", session_id="s1"))
     records = await wait_for(lambda: _error_records(workspace), 5, "an error record")
     assert records[0]["code"] == "INTERNAL"

@@ -1,0 +1,148 @@
+"""Admitting one parsed task to the dispatcher's queue, or writing why it was not admitted.
+
+`dispatch.Dispatcher.admit` calls `admit(dispatcher, run)` for every task the daemon takes.
+In order: the task's model and pool resolved (`admission.resolve`), the guardrails
+(`admission.check`), the session's limits (`state.sessions.refusal`), the deadline's
+feasibility from the learned rates; then the queue's own policy (reject, or drop-lru evicting
+the oldest batch task). A refused task gets a `rejected` result, an evicted one a `failed`
+result with `QUEUE_FULL_DROP_LRU`; an admitted one counts a session turn and its `queued`
+frame carries its place, predicted start and on-time probability. A task recovered after a
+restart was accepted already: only its target and guardrails are checked again. The checks
+themselves are pure (`admission`, `estimates` through `rates.Rates.predict`); this module
+applies them to the dispatcher's live queue.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from reconciler import admission, failpoints, queues, tasking
+from state import errors, ids, sessions
+from state.errors import ErrorCode, ErrorEnvelope
+
+if TYPE_CHECKING:
+    from reconciler import dispatch
+
+
+def admit(d: dispatch.Dispatcher, run: tasking.TaskRun, *, recovered: bool) -> None:
+    state = d.config.state
+    assert state is not None
+    d.runs[run.task_id] = run
+    target = admission.resolve(run.task, state)
+    if isinstance(target, ErrorEnvelope):
+        return _reject(d, run, target)
+    run.model_id, run.pool_id = target.model_id, target.pool_id
+    run.result.model = target.model_id
+    run.result.model_digest = (
+        state.models[target.model_id].digest if (target.model_id in state.models) else None
+    )
+    problem = admission.check(
+        run.task, target, state=state, pools=d.pools.views(), blocked=d.blocked()
+    )
+    if problem is None and not recovered:
+        problem = session_problem(d, run)
+    entry = _entry(run)
+    if problem is None and not recovered:  # a recovered task was accepted already
+        start, probability = _estimate_new(d, entry)
+        problem = admission.deadline_error(
+            run.task, predicted_start_ms=start, probability=probability
+        )
+    if problem is not None:
+        return _reject(d, run, problem)
+    outcome = d.queue.push(entry)
+    if not outcome.accepted:
+        return _reject(
+            d,
+            run,
+            errors.envelope(
+                ErrorCode.ADMISSION_REJECT,
+                f"the queue is full ({d.queue.capacity} tasks, policy reject)",
+                retry_after_ms=_retry_after_ms(d),
+                policy_label="reject",
+            ),
+        )
+    if outcome.evicted is not None:
+        _evict(d, outcome.evicted)
+    if run.task.session_id is not None:
+        sid, now = run.task.session_id, d.clock.now()
+        sessions.count_turn(d.sessions, sid, run.task_id, now=now)
+        failpoints.hit("after_session_turn")
+    start, probability = _estimate(d, entry, d.queue.ahead_of(entry.task_id))
+    d.books.queued(
+        run,
+        position=d.queue.position(entry.task_id),
+        predicted_start_ms=None if start is None else round(start),
+        on_time_probability=probability,
+    )
+
+
+def session_problem(d: dispatch.Dispatcher, run: tasking.TaskRun) -> ErrorEnvelope | None:
+    """Why the task's session may take no more turns now (None when it may, or has none)."""
+    sid, state = run.task.session_id, d.config.state
+    if sid is None or state is None:
+        return None
+    return sessions.refusal(d.sessions, sid, state.sessions, now=d.clock.now())
+
+
+def _entry(run: tasking.TaskRun) -> queues.Entry:
+    return queues.Entry(
+        task_id=ids.TaskId(run.task_id),
+        priority=run.task.priority,
+        model_id=ids.ModelId(run.model_id),
+        pool_id=ids.PoolId(run.pool_id) if run.pool_id else None,
+        enqueued_at=run.accepted_mono,
+        max_tokens=run.task.max_tokens,
+        deadline_at=run.deadline_mono,
+        payload=run,
+    )
+
+
+def _reject(d: dispatch.Dispatcher, run: tasking.TaskRun, error: ErrorEnvelope) -> None:
+    d.runs.pop(run.task_id, None)
+    d.books.finish(run, "rejected", error=error)
+
+
+def _evict(d: dispatch.Dispatcher, entry: queues.Entry) -> None:
+    run = d.runs.pop(entry.task_id)
+    d.books.finish(
+        run,
+        "failed",
+        error=errors.envelope(
+            ErrorCode.QUEUE_FULL_DROP_LRU,
+            "dropped from the full queue to make room for newer work (policy drop-lru)",
+            retry_after_ms=_retry_after_ms(d),
+            policy_label="drop-lru",
+        ),
+    )
+
+
+def _retry_after_ms(d: dispatch.Dispatcher) -> int:
+    """About how long until a queue place frees: the soonest running task's end."""
+    now = d.clock.monotonic()
+    remaining = [max(0.0, r.service_ms - (now - r.started_mono) * 1000) for r in d.running.values()]
+    return max(250, int(min(remaining, default=1000)))
+
+
+def _estimate(
+    d: dispatch.Dispatcher, entry: queues.Entry, ahead: tuple[queues.Entry, ...]
+) -> tuple[float | None, float | None]:
+    """Predicted start (ms) and on-time probability of `entry` behind `ahead`."""
+    now = d.clock.monotonic()
+    busy = [(r.replica_id, r.service_ms, (now - r.started_mono) * 1000) for r in d.running.values()]
+    return d.rates.predict(
+        entry,
+        ahead,
+        candidates=d.pools.candidates(),
+        busy=busy,
+        deadline_in_ms=None if entry.deadline_at is None else (entry.deadline_at - now) * 1000,
+    )
+
+
+def _estimate_new(d: dispatch.Dispatcher, entry: queues.Entry) -> tuple[float | None, float | None]:
+    """As `_estimate`, for a task not yet queued: behind what it would not overtake."""
+    ahead = tuple(
+        e
+        for e in d.queue.in_dispatch_order()
+        if e.priority == "interactive" or entry.priority == "batch"
+    )
+    return _estimate(d, entry, ahead)

@@ -1,0 +1,74 @@
+"""The daemon's HTTP face put together: one `api.Backend` over the daemon's stores and every
+group of routes (tasks and SSE, metrics, the status page, the OpenAPI document, the OpenAI
+routes, artifacts, catalog and pool control), started on `server.bind` (docs/http.md).
+
+`Daemon` calls `start(daemon)` once, after adoption and recovery and before its first pass;
+the routes run in the daemon's event loop and read and write the same files the loop does.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from reconciler import (
+    api,
+    api_artifacts,
+    api_catalog,
+    api_metrics,
+    api_openai,
+    api_page,
+    api_pools,
+    api_tasks,
+    logs,
+    openapi,
+    reloading,
+)
+from state import ids
+
+if TYPE_CHECKING:
+    from reconciler import daemon
+
+log = logs.get("daemon")
+
+
+async def start(d: daemon.Daemon) -> api.Server:
+    """The HTTP face of `d` on server.bind, listening."""
+    state = d.config.state
+    assert state is not None
+
+    def queue_position(task_id: ids.TaskId) -> int | None:
+        """The task's place in the queue now (0: next to start), None when it is not queued."""
+        queue = d.dispatcher.queue
+        return queue.position(task_id) if task_id in queue else None
+
+    backend = api.Backend(
+        spool=d.spool,
+        results=d.results,
+        sessions=d.sessions,
+        hub=d.hub,
+        config=d.config,
+        status=d.status,
+        live=lambda task_id: task_id in d.dispatcher.runs,
+        wake=d.wake,
+        metrics=d.metrics,
+        queue_position=queue_position,
+    )
+    routes = [
+        api_tasks.add_routes,
+        api_metrics.add_routes,
+        api_page.add_routes,
+        openapi.add_routes,
+        api_openai.add_routes,
+        api_artifacts.routes(d.artifacts),
+        api_catalog.routes(d.catalog),
+        api_pools.routes(d.pools, reloading.Reloader(d.config, d.pools, d.clock, d.wake)),
+    ]
+    server = await api.start(backend, bind=state.server.bind, base=d.config.base, routes=routes)
+    logs.emit(
+        log,
+        "http.listening",
+        f"HTTP API on {server.url} ("
+        f"{'token required' if server.token_set else 'loopback only, no token'}).",
+        url=server.url,
+    )
+    return server

@@ -1,0 +1,142 @@
+"""Taking task files into the loop: each pass's batch claimed from spool/incoming/, and every
+claimed file (a new one, or one `recovery` hands back after a restart) parsed and admitted.
+
+The daemon makes one `Taker` over its spool, results, dispatcher and config and calls
+`claim_batch` once per pass; `recovery.recover` calls `take` and `refuse_duplicate`. A file is
+parsed by `intake`; one that does not parse, or reuses a task id that has a result or runs now,
+is quarantined with its reason, and any other is admitted to the dispatcher as a new run.
+Nothing a file holds, and no bug in taking it, stops the loop: an unexpected error quarantines
+that file as INTERNAL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from reconciler import clocks, configuring, dispatch, failpoints, intake, logs, tasking
+from state import loading, results, spool
+from state.errors import ErrorCode
+
+log = logs.get("daemon")
+
+INTAKE_PER_PASS = 64
+
+
+@dataclass(frozen=True)
+class Taker:
+    the_spool: spool.Spool
+    store: results.ResultStore
+    dispatcher: dispatch.Dispatcher
+    config: configuring.AppliedConfig
+    clock: clocks.Clock
+    wake: Callable[[], None]
+
+    def claim_batch(self) -> None:
+        """Claim and take up to INTAKE_PER_PASS files from incoming/, oldest first."""
+        names = spool.incoming_names(self.the_spool)
+        if len(names) > INTAKE_PER_PASS:
+            # a burst of files: take a batch, dispatch it, come straight back for the rest,
+            # so work starts (and status and cancels move) while the burst is admitted
+            names = names[:INTAKE_PER_PASS]
+            self.wake()
+        for path in intake.claim_all(  # one fsync per spool folder for the whole batch
+            the_spool=self.the_spool,
+            store=self.store,
+            names=names,
+            clock=self.clock,
+            revision=self.config.revision,
+        ):
+            failpoints.hit("after_claim")
+            self.take(path)
+
+    def take(self, path: Path, *, recovered: results.Result | None = None) -> None:
+        """Parse one claimed file and admit it, or quarantine it with the reason."""
+        try:
+            parsed = intake.parse_claimed(path)
+            if not isinstance(parsed, intake.Parsed):
+                data = _peek(path)
+                intake.quarantine(
+                    the_spool=self.the_spool,
+                    store=self.store,
+                    path=path,
+                    problems=parsed,
+                    clock=self.clock,
+                    task_id=intake.claimed_task_id(path, data),
+                    revision=self.config.revision,
+                )
+                return
+            if parsed.task_id in self.dispatcher.runs or (
+                recovered is None and self.store.exists(parsed.task_id)
+            ):
+                self._refuse(
+                    path,
+                    ErrorCode.DUPLICATE_TASK_ID,
+                    field="task_id",
+                    message=f"task id {parsed.task_id!r} is already used "
+                    f"(see results/{parsed.task_id}.json)",
+                    hint="give the task a new task_id",
+                    task_id=parsed.task_id,
+                )
+                return
+            run = tasking.new_run(
+                parsed.task_id,
+                parsed.task,
+                parsed.file_name,
+                store=self.store,
+                revision=self.config.revision,
+                clock=self.clock,
+                recovered=recovered,
+            )
+            self.dispatcher.admit(run, recovered=recovered is not None)
+        except Exception as exc:  # never let one file take the daemon down
+            log.exception("could not take %s", path.name)
+            with contextlib.suppress(Exception):
+                self._refuse(
+                    path,
+                    ErrorCode.INTERNAL,
+                    message=f"internal error {type(exc).__name__}: {exc}",
+                    hint="this is a bug; please report it with the log",
+                )
+
+    def refuse_duplicate(self, path: Path, task_id: str) -> None:
+        self._refuse(
+            path,
+            ErrorCode.DUPLICATE_TASK_ID,
+            field="task_id",
+            message=f"task id {task_id!r} is already used by another file",
+            hint="give the task a new task_id",
+            task_id=task_id,
+        )
+
+    def _refuse(
+        self,
+        path: Path,
+        code: ErrorCode,
+        *,
+        message: str,
+        hint: str,
+        field: str | None = None,
+        task_id: str | None = None,
+    ) -> None:
+        """Quarantine a claimed file for a reason that is not a parse error."""
+        problem = loading.LoadError(f"spool/active/{path.name}", None, None, field, message, hint)
+        intake.quarantine(
+            the_spool=self.the_spool,
+            store=self.store,
+            path=path,
+            clock=self.clock,
+            code=code,
+            task_id=task_id,
+            problems=[problem],
+        )
+
+
+def _peek(path: Path) -> object:
+    text, _ = loading.read_text(path)
+    if text is None:
+        return None
+    data, _, errs = loading.parse_document(text, path.name)
+    return None if errs else data
