@@ -6,7 +6,9 @@ The daemon calls `refresh` on every pass (and `start` once at startup). Rules:
   against the GPUs the observer sees, so `devices: [7]` on a two-GPU machine is such an error.
 - An edit is applied once the file has been still for `SETTLE_S` (its mtime that old), so a
   non-atomic save (an editor writing in two steps) is never applied half-written; `wake_in_s`
-  says when to look again.
+  says when to look again. A file renamed into place (an atomic save, `orchctl`, a tool that
+  writes a temporary file first) is whole the moment it appears: when the watcher saw that
+  rename after the file's last change (`renamed`), the edit is applied at once.
 - A file that cannot be read (deleted, replaced by a directory or a symlink) is an error like
   any other; restoring it, even byte for byte, clears the error.
 - Every applied config is kept in `.orch/last-good.yaml` beside orch.yaml (with its revision),
@@ -47,6 +49,8 @@ class AppliedConfig:
     errors: list[loading.LoadError] = field(default_factory=list)
     from_last_good: bool = False  # serving .orch/last-good.yaml because orch.yaml is invalid
     applied_digest: str | None = None  # sha256 hex of the orch.yaml bytes applied last
+    # path → wall-clock time the watcher last saw a file renamed onto it (watching.start)
+    renamed: dict[str, float] = field(default_factory=dict)
     _digest: str | None = None
     _wake_in_s: float | None = None
 
@@ -93,7 +97,7 @@ class AppliedConfig:
     def refresh(self, *, settle: bool = True) -> bool:
         """Re-read the file if its bytes changed; True when a new state was applied."""
         self._wake_in_s = None
-        content, problem, age = self._read()
+        content, problem, age, mtime = self._read()
         if content is None:
             self._digest = None  # whatever comes back, even the same bytes, is read afresh
             self._fail([loading.LoadError(str(self.path), None, None, None, problem)])
@@ -101,7 +105,8 @@ class AppliedConfig:
         digest = hashlib.sha256(content).hexdigest()
         if digest == self._digest:
             return False
-        if settle and age < SETTLE_S:  # still being written: look again once it is still
+        whole = self.renamed.get(str(self.path), 0.0) >= mtime  # renamed in, not changed since
+        if settle and age < SETTLE_S and not whole:  # still being written: look again later
             self._wake_in_s = SETTLE_S - age
             return False
         self._digest = digest
@@ -130,22 +135,22 @@ class AppliedConfig:
         )
         return True
 
-    def _read(self) -> tuple[bytes | None, str, float]:
-        """(content, why it cannot be used, seconds since it last changed)."""
+    def _read(self) -> tuple[bytes | None, str, float, float]:
+        """(content, why it cannot be used, seconds since it last changed, its mtime)."""
         try:
             info = os.lstat(self.path)
             if stat.S_ISLNK(info.st_mode):
-                return None, "is a symlink; orch.yaml must be a regular file (copy it)", 0.0
+                return None, "is a symlink; orch.yaml must be a regular file (copy it)", 0.0, 0.0
             if not stat.S_ISREG(info.st_mode):
-                return None, "is not a regular file", 0.0
+                return None, "is not a regular file", 0.0, 0.0
         except OSError as exc:
-            return None, f"cannot be read: {exc.strerror}", 0.0
+            return None, f"cannot be read: {exc.strerror}", 0.0, 0.0
         # never following a link, never blocking on a FIFO swapped in since the lstat above,
         # never reading more than a config can be
         content, problems, opened = loading.read_bytes(self.path)
         if content is None or opened is None:
-            return None, problems[0].message if problems else "cannot be read", 0.0
-        return content, "", max(0.0, self.clock.now() - opened.st_mtime)
+            return None, problems[0].message if problems else "cannot be read", 0.0, 0.0
+        return content, "", max(0.0, self.clock.now() - opened.st_mtime), opened.st_mtime
 
     def device_errors(
         self, state: desired.DesiredState, *, node: yaml.Node | None = None

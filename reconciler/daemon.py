@@ -229,7 +229,11 @@ class Daemon:
     async def _serve(self) -> int:
         loop = asyncio.get_running_loop()
         folders = [self.config.path.parent, self.spool.incoming, self.spool.cancel]
-        watcher = watching.start(loop, self.wake_event, folders) if self.options.watch else None
+        watcher = (
+            watching.start(loop, self.wake_event, folders, self.config.renamed)
+            if self.options.watch
+            else None
+        )
         deadline = (
             self.clock.monotonic() + self.options.duration_s
             if self.options.duration_s is not None

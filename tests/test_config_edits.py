@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
+from reconciler import configuring
 from tests.conftest import Workspace, config, task, wait_for, wait_terminal
 
 pytestmark = pytest.mark.slow
@@ -110,3 +111,24 @@ async def test_a_restart_with_a_broken_config_serves_the_last_good_one_loudly(
     assert status["config"]["errors"] and status["config"]["errors"][0]["line"]
     workspace.submit("ok.task.yaml", task("ok"))
     assert (await wait_terminal(workspace, "ok"))["status"] == "succeeded"
+
+
+async def test_a_config_renamed_into_place_is_applied_without_the_settle_wait(
+    workspace: Workspace, serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An atomic save (a temporary file renamed onto orch.yaml) is whole the moment it
+    appears, so it is applied at once; a file written in place still waits to settle."""
+    monkeypatch.setattr(configuring, "SETTLE_S", 30.0)  # far longer than the test waits
+    await serve()
+    cfg = config()
+    cfg["pools"].append(copy.deepcopy(cfg["pools"][0]) | {"id": "p2"})
+    staged = workspace.config_path.with_name(".orch.yaml.new")
+    staged.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    os.replace(staged, workspace.config_path)
+    await wait_for(
+        lambda: [p["id"] for p in workspace.status()["pools"]] == ["p1", "p2"], 5, "p2 applied"
+    )
+    cfg["pools"] = cfg["pools"][:1]
+    workspace.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))  # in place
+    await asyncio.sleep(1.0)
+    assert [p["id"] for p in workspace.status()["pools"]] == ["p1", "p2"]
