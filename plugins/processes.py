@@ -41,12 +41,27 @@ def log_path(spec: interfaces.ReplicaSpec) -> Path:
     return spec.state_dir / "engines" / f"{spec.replica_id}.log"
 
 
+PORT_HELD_S = 60.0  # a port handed out is not handed out again for this long
+_handed_out: dict[int, float] = {}  # port → when (monotonic)
+
+
 def free_port() -> int:
-    """A loopback port free right now (the child binds it a moment later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A loopback port free right now (the child binds it a moment later), and not one
+    handed out in the last PORT_HELD_S: the kernel may offer a port again as soon as the probe
+    socket closes, and replicas started together would then race for it."""
+    now = time.monotonic()
+    for port, at in list(_handed_out.items()):
+        if now - at > PORT_HELD_S:
+            del _handed_out[port]
+    port = 0
+    for _ in range(64):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _handed_out:
+            break
+    _handed_out[port] = now
+    return port
 
 
 pid_alive = liveness.pid_alive

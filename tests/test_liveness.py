@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from typing import Any
 
 from plugins import liveness, processes
 
@@ -38,3 +39,26 @@ def test_a_reaped_child_and_impossible_pids_are_dead() -> None:
         assert liveness.start_time(pid) is None
         assert not liveness.running(pid)
         assert not liveness.pid_alive(pid, 0.0)
+
+
+def test_ports_handed_out_together_are_all_different(monkeypatch: Any) -> None:
+    """Replicas started together each get their own port, even when the kernel offers a
+    port again the moment its probe socket closes."""
+    offered = iter([41000, 41000, 41001, 41000, 41001, 41002])
+
+    class Probe:
+        def __enter__(self) -> Probe:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def bind(self, address: object) -> None:
+            self.port = next(offered)
+
+        def getsockname(self) -> tuple[str, int]:
+            return ("127.0.0.1", self.port)
+
+    monkeypatch.setattr(processes, "_handed_out", {})
+    monkeypatch.setattr(processes.socket, "socket", lambda *a: Probe())
+    assert [processes.free_port() for _ in range(3)] == [41000, 41001, 41002]
