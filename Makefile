@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: test demo lint unit features bench schemas clean engine-cpu browser proof-hostile
+.PHONY: test demo lint unit features bench schemas clean engine-cpu browser proof-hostile proof-determinism
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -47,6 +47,12 @@ test: lint unit features
 # one summary line: inputs tried, crashes, unclear errors. `make test` runs its fast version.
 proof-hostile: $(STAMP)
 	ORCH_PROOF=1 $(BIN)/pytest -q -p no:cacheprovider -m hostile tests/test_hostile_suite.py
+
+# The determinism suite's full corpus (64 seeds, both simulated GPUs at once, run twice);
+# prints its PASS/FAIL line. `make test` runs it with 6 seeds.
+proof-determinism: $(STAMP)
+	ORCH_PROOF=1 $(BIN)/pytest -q -s -p no:cacheprovider tests/test_determinism.py \
+	  -k both_gpus_byte_identical
 
 demo: $(STAMP)
 	$(BIN)/python examples/01-simulated-workstation/demo.py

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,9 @@ from hypothesis import strategies as st
 
 from reconciler import api_client, cli, determinism
 from tests.conftest import Workspace, config
+
+# the corpus of the two-GPU run: a few seeds in `make test`, the full 64 in `make proof`
+SEEDS = 64 if os.environ.get("ORCH_PROOF") else 6
 
 
 def two_gpu_lanes(**sim: Any) -> dict[str, Any]:
@@ -46,25 +50,28 @@ async def test_the_suite_finds_both_gpus_byte_identical_and_writes_its_report(
     workspace.write_config(two_gpu_lanes())
     running = await serve()
     out = tmp_path / "report"
-    code, data = await suite(running, out, seeds=6)
+    code, data = await suite(running, out, seeds=SEEDS)
     said = capsys.readouterr()
     assert code == 0, said
-    assert said.out.startswith("PASS: same replica 12 matched, 0 differed; across replicas 6")
-    assert data["passed"] and data["seeds"] == list(range(1001, 1007))
+    assert said.out.startswith(
+        f"PASS: same replica {2 * SEEDS} matched, 0 differed; across replicas {SEEDS}"
+    )
+    print(said.out.strip())  # the summary line, shown by `make proof`
+    assert data["passed"] and data["seeds"] == list(range(1001, 1001 + SEEDS))
     assert data["gpu_names"] == [
         "SIMULATED NVIDIA GeForce RTX 3060",
         "SIMULATED NVIDIA GeForce RTX 3090",
     ]
     assert data["engine_version"] and data["engine_version"].startswith("sim")
     assert [(p["a"], p["matched"], p["mismatched"]) for p in data["same_replica"]] == [
-        ("lane-a-0", 6, 0),
-        ("lane-b-0", 6, 0),
+        ("lane-a-0", SEEDS, 0),
+        ("lane-b-0", SEEDS, 0),
     ]
     [cross] = data["cross_replica"]
     assert (cross["a"], cross["b"], cross["matched"], cross["mismatched"]) == (
         "lane-a",
         "lane-b",
-        6,
+        SEEDS,
         0,
     )
     assert cross["gpus"] == [
@@ -74,15 +81,15 @@ async def test_the_suite_finds_both_gpus_byte_identical_and_writes_its_report(
     devices = {row["device"]: row for row in data["latency"]}
     assert set(devices) == set(cross["gpus"])
     for row in devices.values():
-        assert row["n"] == 12 and row["first_token_ms"]["p50"] is not None
+        assert row["n"] == 2 * SEEDS and row["first_token_ms"]["p50"] is not None
         assert row["tokens_per_s"]["p95"] > 0
     # different seeds gave different text on each lane
-    assert data["distinct_streams_across_seeds"] == {"lane-a": 6, "lane-b": 6}
+    assert data["distinct_streams_across_seeds"] == {"lane-a": SEEDS, "lane-b": SEEDS}
     markdown = (out / "determinism.md").read_text()
     assert "verdict: **PASS**" in markdown
-    assert "| lane-a-0 | GPU 0 SIMULATED NVIDIA GeForce RTX 3090 | 6 | 0 | — |" in markdown
+    assert f"| lane-a-0 | GPU 0 SIMULATED NVIDIA GeForce RTX 3090 | {SEEDS} | 0 | — |" in markdown
     streams = [json.loads(line) for line in (out / "streams.ndjson").read_text().splitlines()]
-    assert len(streams) == 24 and all(s["status"] == "succeeded" for s in streams)
+    assert len(streams) == 4 * SEEDS and all(s["status"] == "succeeded" for s in streams)
     # the two lanes really ran at once: some task of B started before A's corpus ended
     results = {s["task_id"]: workspace.result(s["task_id"]) for s in streams}
     a_end = max(r["timings"]["finished_at"] for t, r in results.items() if "-lane-a-r1-" in t)
