@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from plugins import interfaces, resolvers
 from reconciler import fleet, logs
-from state import errors
+from state import errors, failpoints
 
 if TYPE_CHECKING:
     from reconciler import pools
@@ -50,7 +50,9 @@ async def boot(runtime: pools.PoolRuntime, r: fleet.Replica) -> None:
             runtime.wake()
             return
         r.handle = await r.engine.start(r.spec)
+        failpoints.hit("after_engine_spawn")
         runtime.write_record(r)
+        failpoints.hit("after_engine_record")
         await r.engine.wait_ready(r.handle, timeout_s=ready_s)
         left_s = ready_s - (runtime.clock.monotonic() - began)
         await warm_up(r, timeout_s=max(left_s, WARM_UP_MIN_S))
@@ -157,6 +159,7 @@ async def retire(runtime: pools.PoolRuntime, r: fleet.Replica) -> None:
             replica_id=r.replica_id,
             pool_id=r.pool_id,
         )
+        failpoints.hit("after_engine_stop")
     runtime.forget_record(r.replica_id)
     r.handle = None
     runtime.replicas.pop(r.replica_id, None)

@@ -32,7 +32,6 @@ from reconciler import (
     clocks,
     configuring,
     dispatch,
-    failpoints,
     fanout,
     intake,
     logs,
@@ -52,6 +51,7 @@ from state import (
     daemon_lock,
     desired,
     errors,
+    failpoints,
     ids,
     loading,
     results,
@@ -503,7 +503,7 @@ class Daemon:
             raw = self.status(stopping=stopping).model_dump_json(indent=2).encode() + b"\n"
             if raw == self._last_status:  # most passes change nothing a reader would see
                 return
-            atomic.write_bytes(self.state_dir / "status.json", raw, durable=False)
+            atomic.write_bytes(self.state_dir / "status.json", raw, durable=False, kind="status")
             self._last_status = raw
         except OSError as exc:
             logs.emit(log, "status.unwritable", f"Could not write status.json: {exc}", level=40)

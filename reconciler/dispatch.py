@@ -20,7 +20,6 @@ from typing import Any, Protocol
 from reconciler import (
     admission,
     clocks,
-    failpoints,
     fleet,
     logs,
     placement,
@@ -30,7 +29,7 @@ from reconciler import (
     tasking,
 )
 from reconciler.configuring import AppliedConfig
-from state import errors, ids, results, sessions, statusfile
+from state import errors, failpoints, ids, results, sessions, statusfile
 from state.errors import ErrorCode, ErrorEnvelope
 
 log = logs.get("dispatch")

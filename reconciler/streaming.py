@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from plugins import interfaces
-from reconciler import clocks, estimates, failpoints, fleet, logs, placement, rates, tasking
-from state import chats, errors, ids, results
+from reconciler import clocks, estimates, fleet, logs, placement, rates, tasking
+from state import chats, errors, failpoints, ids, results
 from state.errors import ErrorCode
 
 log = logs.get("streaming")
@@ -236,8 +236,7 @@ def _token(running: Running, item: interfaces.Token, deps: Deps) -> None:
     result.text += item.text
     result.tokens_out += 1
     running.tokens_out = result.tokens_out
-    if result.tokens_out == 1:
-        failpoints.hit("after_token")
+    failpoints.hit("after_token")
 
 
 def _succeed(

@@ -1,7 +1,9 @@
 """Atomic file writes: a reader sees the old file or the new one, never a partial one.
 
 Write to a temporary name in the same folder, fsync it, rename over the target, fsync the
-folder (fsync of the file alone does not persist the rename).
+folder (fsync of the file alone does not persist the rename). Each write names its `kind`
+(results, sessions, …) so a crash test can fail it at its failpoints (state/failpoints.py):
+before anything is written, with the temporary file complete, and just after the rename.
 """
 
 from __future__ import annotations
@@ -13,13 +15,24 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from state import failpoints
 
-def write_bytes(path: Path, data: bytes, *, durable: bool = True, mode: int | None = None) -> None:
+
+def write_bytes(
+    path: Path,
+    data: bytes,
+    *,
+    durable: bool = True,
+    mode: int | None = None,
+    kind: str = "file",
+) -> None:
     """Replace `path` with `data`; `mode` sets the new file's permission bits exactly (umask
-    aside), e.g. to keep those of the file it replaces."""
+    aside), e.g. to keep those of the file it replaces. On any error (a full disk) the old
+    file stays as it was and no temporary file is left."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
+        failpoints.hit(f"{kind}_write")
         if mode is not None:
             os.fchmod(fd, mode)
         view = memoryview(data)
@@ -34,10 +47,12 @@ def write_bytes(path: Path, data: bytes, *, durable: bool = True, mode: int | No
         raise
     os.close(fd)
     try:
+        failpoints.hit(f"before_{kind}_rename")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    failpoints.hit(f"after_{kind}_rename")
     if durable:
         fsync_dir(path.parent)
 
@@ -69,10 +84,10 @@ def create_bytes(path: Path, data: bytes) -> bool:
     return True
 
 
-def write_json(path: Path, value: Any, *, durable: bool = True) -> None:
+def write_json(path: Path, value: Any, *, durable: bool = True, kind: str = "file") -> None:
     text = json.dumps(value, indent=2, ensure_ascii=False) + "\n"
     # a lone surrogate (a file name that is not UTF-8) is written as its JSON escape \udcxx
-    write_bytes(path, text.encode("utf-8", "backslashreplace"), durable=durable)
+    write_bytes(path, text.encode("utf-8", "backslashreplace"), durable=durable, kind=kind)
 
 
 def fsync_dir(folder: Path) -> None:
