@@ -251,7 +251,7 @@ class Daemon:
         try:
             await adoption.adopt_or_clean(self.pools)
             owned = (self.results.root, self.state_dir, self.state_dir / "engines")
-            recovery.sweep(*owned, self.sessions.root)
+            recovery.sweep(*owned, self.sessions.root, self.spool.failed)
             spool.sweep_tmp(self.spool, now=self.clock.now())
             recovery.recover(
                 the_spool=self.spool,

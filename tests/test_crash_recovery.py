@@ -169,6 +169,7 @@ def test_a_rerun_after_a_kill_at_start_counts_its_attempt_and_leftover_temp_file
         results_dir / ".once.json.4242.tmp",
         workspace.root / ".orch" / ".status.json.4242.tmp",
         workspace.root / ".orch" / "sessions" / ".s.json.4242.tmp",
+        workspace.spool.failed / ".bad.task.yaml.error.json.4242.tmp",  # a quarantine's record
     ]
     for path in leftovers:
         path.parent.mkdir(parents=True, exist_ok=True)

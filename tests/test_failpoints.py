@@ -30,7 +30,7 @@ def test_every_point_listed_is_called_somewhere_and_every_call_is_listed() -> No
         for p in (ROOT / room).glob("*.py")
     )
     called = set(re.findall(r'failpoints\.hit\("([a-z_]+)"\)', source))
-    writes = re.findall(r'atomic\.write_(?:bytes|json)\((?:[^()]|\([^()]*\))*\)', source)
+    writes = re.findall(r"atomic\.write_(?:bytes|json)\((?:[^()]|\([^()]*\))*\)", source)
     kinds = {m for w in writes for m in re.findall(r'kind="([a-z_]+)"', w)} | {"file"}
     derived = {
         name
