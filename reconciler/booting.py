@@ -51,7 +51,11 @@ async def boot(runtime: pools.PoolRuntime, r: fleet.Replica) -> None:
             return
         r.handle = await r.engine.start(r.spec)
         failpoints.hit("after_engine_spawn")
-        runtime.write_record(r)
+        try:
+            runtime.write_record(r)
+        except OSError as exc:  # a full disk: an engine no record names is stopped, retried
+            why = f"could not record the engine process: {exc}"
+            raise interfaces.EngineStartError(why) from exc
         failpoints.hit("after_engine_record")
         await r.engine.wait_ready(r.handle, timeout_s=ready_s)
         left_s = ready_s - (runtime.clock.monotonic() - began)

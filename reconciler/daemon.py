@@ -41,6 +41,7 @@ from reconciler import (
     rates,
     recovery,
     reloading,
+    streaming,
     tasking,
     tracing,
     watching,
@@ -253,16 +254,13 @@ class Daemon:
             owned = (self.results.root, self.state_dir, self.state_dir / "engines")
             recovery.sweep(*owned, self.sessions.root, self.spool.failed)
             spool.sweep_tmp(self.spool, now=self.clock.now())
-            recovery.recover(
-                the_spool=self.spool,
-                store=self.results,
-                take=lambda path, existing: self._take(path, recovered=existing),
-                refuse_duplicate=self._refuse_duplicate,
-                revision=self.config.revision,
-            )
+            self._recover()
             await self._start_http()
             while not self.stop_event.is_set():
-                await self.pass_once()
+                try:
+                    await self.pass_once()
+                except OSError as exc:  # a full disk: the next pass retries what failed
+                    logs.emit(log, "pass.failed", f"A pass failed: {exc}", level=40)
                 if self.options.exit_when_idle and self._idle():
                     logs.emit(log, "daemon.idle", "Spool empty and nothing running: stopping.")
                     break
@@ -358,8 +356,21 @@ class Daemon:
         if self.clock.monotonic() >= self._next_sweep:  # reads every session file: not per pass
             self._next_sweep = self.clock.monotonic() + SESSION_SWEEP_S
             self.dispatcher.sweep_sessions()
+            self._recover(owned={run.file_name for run in self.dispatcher.runs.values()})
         self.dispatcher.pump()
         self._write_status()
+
+    def _recover(self, *, owned: frozenset[str] | set[str] = frozenset()) -> None:
+        """Take the task files in active/ that no run owns: at startup those a crash left,
+        later those a failed write (a full disk) left half-done, which are so retried."""
+        recovery.recover(
+            the_spool=self.spool,
+            store=self.results,
+            take=lambda path, existing: self._take(path, recovered=existing),
+            refuse_duplicate=self._refuse_duplicate,
+            revision=self.config.revision,
+            owned=owned,
+        )
 
     def _idle(self) -> bool:
         return (
@@ -397,6 +408,7 @@ class Daemon:
             self._take(path)
 
     def _take(self, path: Path, *, recovered: results.Result | None = None) -> None:
+        task_id = None
         try:
             parsed = intake.parse_claimed(path)
             if not isinstance(parsed, intake.Parsed):
@@ -424,6 +436,7 @@ class Daemon:
                     task_id=parsed.task_id,
                 )
                 return
+            task_id = parsed.task_id
             run = tasking.new_run(
                 parsed.task_id,
                 parsed.task,
@@ -436,12 +449,15 @@ class Daemon:
             self.dispatcher.admit(run, recovered=recovered is not None)
         except Exception as exc:  # never let one file take the daemon down
             log.exception("could not take %s", path.name)
+            if isinstance(exc, OSError) and exc.errno in streaming.DISK_ERRNOS:
+                return  # a full disk, not the task's fault: left in active/, `_recover` retries
             with contextlib.suppress(Exception):
                 self._refuse(
                     path,
                     ErrorCode.INTERNAL,
                     message=f"internal error {type(exc).__name__}: {exc}",
                     hint="this is a bug; please report it with the log",
+                    task_id=task_id,  # its rejected result: nobody waits on it in vain
                 )
 
     def _refuse_duplicate(self, path: Path, task_id: str) -> None:

@@ -11,7 +11,7 @@ like any queued task.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from reconciler import intake, logs, tasking
@@ -31,9 +31,15 @@ def recover(
     take: Take,
     refuse_duplicate: Refuse,
     revision: str | None,
+    owned: Collection[str] = (),
 ) -> None:
+    """Recover every task file in active/ except those `owned` (by live runs)."""
+    for name in spool.complete_cut_claims(the_spool):
+        logs.emit(log, "task.claim_completed", f"Completed the claim of {name} a crash cut short.")
     pending: list[tuple[str, Path, str | None, results.Result | None]] = []
     for name in spool.active_names(the_spool):
+        if name in owned:
+            continue
         path = the_spool.active / name
         parsed = intake.parse_claimed(path)
         task_id = parsed.task_id if isinstance(parsed, intake.Parsed) else None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,9 @@ from state.errors import ErrorCode
 log = logs.get("streaming")
 
 METRICS_EVERY_S = 1.0
+# our own writes failing (results/, the event log), never an engine's connection
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
+DISK_HINT = "The daemon could not write the task's files: free disk space, then submit again."
 
 
 @dataclass
@@ -65,6 +69,8 @@ def engine_failure(exc: BaseException) -> tuple[ErrorCode, int | None, str | Non
             "the engine refused the request: if it names the context, shorten the prompt, "
             "lower max_tokens or use a pool with a larger ctx",
         )
+    if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
+        return ErrorCode.INTERNAL, 5000, DISK_HINT
     if isinstance(exc, interfaces.EngineStreamError | OSError):
         return ErrorCode.WORKER_RESET, 1000, None
     return ErrorCode.INTERNAL, None, None
@@ -148,7 +154,9 @@ async def stream(
         )
     except Exception as exc:
         code, retry_after_ms, hint = engine_failure(exc)
-        if code is ErrorCode.INTERNAL:  # a bug: report it on the task rather than kill the daemon
+        if hint is DISK_HINT:
+            message = f"could not write the task's files: {exc}"
+        elif code is ErrorCode.INTERNAL:  # a bug: report it on the task, never kill the daemon
             log.exception("unexpected error while streaming %s", run.task_id)
             message = f"{type(exc).__name__}: {exc}"
         else:

@@ -183,6 +183,23 @@ def claim(spool: Spool, name: str) -> Path | None:
     return target
 
 
+def complete_cut_claims(spool: Spool) -> list[str]:
+    """Remove the incoming/ names of claims a crash cut between link and unlink (the same file
+    is in active/); returns them. Called before recovery files anything out of active/: once
+    the active/ name is gone, the leftover would be claimed again as a second task."""
+    cut = [
+        name
+        for name in _listing(spool.incoming, hidden_before=float("inf"))
+        if _same_file(spool.incoming / name, spool.active / name)
+    ]
+    for name in cut:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(spool.incoming / name)
+    if cut:
+        atomic.fsync_dir(spool.incoming)
+    return cut
+
+
 def _same_file(a: Path, b: Path) -> bool:
     try:
         sa, sb = os.lstat(a), os.lstat(b)

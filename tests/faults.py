@@ -105,7 +105,8 @@ class Workload:
         if roll < 0.83:
             self.edit()
             return "edit"
-        if roll < 0.86:
+        if roll < 0.86 and (self.ws.root / ".orch" / "last-good.yaml").exists():
+            # (with no last good copy yet a daemon rightly refuses to start on it)
             self.ws.config_path.write_text("pools: [ {id: p1, engine: nope\n")  # half-saved
             return "broken edit"
         return "wait"
