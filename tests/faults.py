@@ -133,6 +133,15 @@ class Workload:
         self.ws.write_config(pool_config(self.ctx))
 
 
+def begin(ws: Workspace, seed_env: str) -> tuple[random.Random, Workload, Ledger, str]:
+    """A harness's start: its generator seeded from `seed_env` (or at random), the crash
+    tests' orch.yaml, a workload, a ledger, and the words that say how to replay the run."""
+    seed = int(os.environ.get(seed_env, random.randrange(1 << 30)))
+    rng = random.Random(seed)
+    ws.write_config(pool_config())
+    return rng, Workload(ws, rng), Ledger(), f"(replay with {seed_env}={seed})"
+
+
 def check_visible(ws: Workspace, why: str = "") -> None:
     """What a reader may see at any moment: complete result files, whole-line logs with ids
     1, 2, 3 … and nothing after a terminal frame."""
@@ -245,7 +254,7 @@ def converge(
     try:
         while time.monotonic() < end:
             assert daemon.poll() is None, f"the last daemon exited {daemon.returncode} {why}"
-            seen = _converged(ws, task_ids, want)
+            seen = _converged(ws, task_ids, want, daemon.pid)
             if seen is True:
                 break
             time.sleep(0.1)
@@ -260,7 +269,7 @@ def converge(
     check_no_engines(ws, why)
 
 
-def _converged(ws: Workspace, task_ids: list[str], want: dict[str, int]) -> Any:
+def _converged(ws: Workspace, task_ids: list[str], want: dict[str, int], pid: int) -> Any:
     """True when converged, else what is still missing (for the failure message)."""
     pending = [t for t in task_ids if (ws.result(t) or {}).get("status") not in TERMINAL]
     if pending:
@@ -272,6 +281,8 @@ def _converged(ws: Workspace, task_ids: list[str], want: dict[str, int]) -> Any:
         status = ws.status()
     except (OSError, ValueError):
         return "no status.json"
+    if status["daemon"]["pid"] != pid:
+        return "status.json is still the previous daemon's"
     if status["config"]["errors"]:
         return f"config errors: {status['config']['errors']}"
     ready = {

@@ -10,8 +10,6 @@ files a reader sees are checked after every kill. `ORCH_KILL_SEED` replays a run
 
 from __future__ import annotations
 
-import os
-import random
 import time
 
 import pytest
@@ -26,12 +24,7 @@ BUDGET_S = 60.0
 
 
 def test_random_kills_never_break_the_invariants(workspace: Workspace) -> None:
-    seed = int(os.environ.get("ORCH_KILL_SEED", random.randrange(1 << 30)))
-    rng = random.Random(seed)
-    why = f"(replay with ORCH_KILL_SEED={seed})"
-    workspace.write_config(faults.pool_config())
-    work = faults.Workload(workspace, rng)
-    ledger = faults.Ledger()
+    rng, work, ledger, why = faults.begin(workspace, "ORCH_KILL_SEED")
     logs = []
     begin = time.monotonic()
     for round_no in range(ROUNDS):
