@@ -1,5 +1,6 @@
 """Crash recovery of tasks: what a restarted daemon does with the task files a crash left in
-`spool/active/`, before its first pass.
+`spool/active/`, before its first pass; and, every few seconds while it serves, with those a
+failed write (a full disk) left there without a live task (`owned` excludes the live ones).
 
 Exactly-once completion, at-least-once execution. A task whose result is terminal is filed
 and never re-run; so is one whose event log ends in a terminal frame (its result is rebuilt

@@ -100,7 +100,9 @@ class Workload:
             self.invalid.append(task_id)
             return "invalid"
         if roll < 0.75 and self.submitted:
-            self.cancel(self.rng.choice(self.submitted))
+            # mostly a recent task, which may still be queued or running
+            recent = self.submitted[-4:] if self.rng.random() < 0.7 else self.submitted
+            self.cancel(self.rng.choice(recent))
             return "cancel"
         if roll < 0.83:
             self.edit()

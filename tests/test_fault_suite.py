@@ -45,6 +45,7 @@ WRITE_POINTS = sorted(p for p in failpoints.POINTS if p.endswith("_write"))
 class Tally:
     kills: collections.Counter[str] = field(default_factory=collections.Counter)
     disk_full: collections.Counter[str] = field(default_factory=collections.Counter)
+    armed: collections.Counter[str] = field(default_factory=collections.Counter)
     reached: set[str] = field(default_factory=set)
     violations: list[str] = field(default_factory=list)
 
@@ -78,17 +79,20 @@ class Tally:
 
 
 def _choose_point(rng: random.Random, tally: Tally, among: list[str]) -> str:
-    """A point to fire: one the workload reaches and that has not fired yet, else now and then
-    one never seen reached, else a reached one, the less fired the likelier."""
+    """A point to arm: one the workload reaches and that was never armed, else now and then
+    one never seen reached, else a reached one, the less often armed the likelier (a point the
+    workload reaches rarely must not take every round)."""
     reached = [p for p in among if p in tally.reached]
-    fresh = [p for p in reached if p not in tally.kills and p not in tally.disk_full]
-    if fresh:
-        return rng.choice(fresh)
+    fresh = [p for p in reached if not tally.armed[p]]
     unseen = [p for p in among if p not in tally.reached]
-    if unseen and (not reached or rng.random() < 0.3):
-        return rng.choice(unseen)
-    weights = [1.0 / (1 + tally.kills[p] + tally.disk_full[p]) for p in reached]
-    return rng.choices(reached, weights)[0]
+    if fresh:
+        point = rng.choice(fresh)
+    elif unseen and (not reached or rng.random() < 0.2):
+        point = rng.choice(unseen)
+    else:
+        point = rng.choices(reached, [1.0 / (1 + tally.armed[p]) for p in reached])[0]
+    tally.armed[point] += 1
+    return point
 
 
 def _check(tally: Tally, what: str, check: object, *args: object) -> None:
