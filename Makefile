@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: test demo lint unit features bench schemas clean engine-cpu browser proof-hostile proof-determinism
+.PHONY: test demo lint unit features bench schemas clean engine-cpu browser proof-hostile proof-determinism proof-faults proof
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -53,6 +53,13 @@ proof-hostile: $(STAMP)
 proof-determinism: $(STAMP)
 	ORCH_PROOF=1 $(BIN)/pytest -q -s -p no:cacheprovider tests/test_determinism.py \
 	  -k both_gpus_byte_identical
+
+# The fault suite in full (docs/proof-faults.md): at least 200 random kill points, disk-full
+# faults, the state machine's longer runs; prints one summary line per harness.
+# ORCH_FAULT_SEED=<n> replays a run.
+proof-faults: $(STAMP)
+	ORCH_PROOF=1 $(BIN)/pytest -q -s -p no:cacheprovider tests/test_fault_suite.py \
+	  tests/test_fault_machine.py tests/test_fault_cases.py tests/test_failpoints.py
 
 demo: $(STAMP)
 	$(BIN)/python examples/01-simulated-workstation/demo.py

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import os
 import shlex
 import signal
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from plugins import exit_reasons, interfaces, liveness
+
+_log = logging.getLogger(__name__)
 
 SCRUBBED_PREFIX = "LLAMA_ARG_"  # llama-server reads these as flags: they would override ours
 
@@ -212,25 +215,56 @@ async def stop(
     """SIGTERM the process group, wait `grace_s`, SIGKILL the group, reap. Idempotent.
 
     With `process` (our child) the pid is ours until reaped; without it (adopted) every signal
-    is sent only while `pid_alive(pid, started_at)`, so a reused pid is never touched.
+    is sent only while `pid_alive(pid, started_at)`, so a reused pid is never touched. Either
+    way, members of the group still there once the leader is gone (a helper that ignored the
+    SIGTERM) are SIGKILLed: the kernel does not reuse a pid while a group of that id lives.
     """
-    if process is not None:
-        if process.returncode is not None:
-            return Stopped(process.returncode, killed=False)
+    try:
+        if process is not None:
+            if process.returncode is not None:
+                return Stopped(process.returncode, killed=False)
+            _signal_group(pid, signal.SIGTERM)
+            with contextlib.suppress(TimeoutError):
+                return Stopped(await asyncio.wait_for(process.wait(), grace_s), killed=False)
+            _signal_group(pid, signal.SIGKILL)
+            return Stopped(await process.wait(), killed=True)
+        if not liveness.pid_alive(pid, started_at):
+            return Stopped(None, killed=False)
         _signal_group(pid, signal.SIGTERM)
-        with contextlib.suppress(TimeoutError):
-            return Stopped(await asyncio.wait_for(process.wait(), grace_s), killed=False)
-        _signal_group(pid, signal.SIGKILL)
-        return Stopped(await process.wait(), killed=True)
-    if not liveness.pid_alive(pid, started_at):
-        return Stopped(None, killed=False)
-    _signal_group(pid, signal.SIGTERM)
-    if await _gone(pid, started_at, timeout_s=grace_s):
-        return Stopped(None, killed=False)
-    if liveness.pid_alive(pid, started_at):
-        _signal_group(pid, signal.SIGKILL)
-    await _gone(pid, started_at, timeout_s=10.0)
-    return Stopped(None, killed=True)
+        if await _gone(pid, started_at, timeout_s=grace_s):
+            return Stopped(None, killed=False)
+        if liveness.pid_alive(pid, started_at):
+            _signal_group(pid, signal.SIGKILL)
+        await _gone(pid, started_at, timeout_s=10.0)
+        return Stopped(None, killed=True)
+    finally:
+        await _kill_stragglers(pid)
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live processes (not zombies) whose process group is `pgid`."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(entry.name))
+    return members
+
+
+async def _kill_stragglers(pgid: int, *, timeout_s: float = 5.0) -> None:
+    """SIGKILL what is left of the group after its leader ended, and wait for it to go."""
+    deadline = time.monotonic() + timeout_s
+    while (members := _group_members(pgid)) and time.monotonic() < deadline:
+        _signal_group(pgid, signal.SIGKILL)
+        await asyncio.sleep(0.02)
+    if members:
+        _log.warning("processes %s of group %s survived SIGKILL", members, pgid)
 
 
 async def kill_group(pid: int, *, timeout_s: float = 5.0) -> None:

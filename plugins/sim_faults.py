@@ -11,6 +11,9 @@ the child's log, so a test or a person reading the replica's log sees it was inj
 - die_after_tokens: exit 134 abruptly once that many tokens went out, with no goodbye and no
   unbooking, like a crashed CUDA kernel (`after_tokens`);
 - ignore_sigterm: SIGTERM does nothing, so only the stopper's SIGKILL ends it (`on_sigterm`);
+- leave_child: start a helper process in the engine's process group that ignores SIGTERM, as
+  a real engine's compiler or download helper may, so stopping the engine alone leaves it
+  running (`leave_child`);
 - extra_vram_mib: book that much more VRAM than the engine's estimate, as a real engine does
   when the estimate is wrong (`sim_server.book`).
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -35,6 +39,7 @@ class Faults:
     die_after_tokens: int | None = None
     oom_at_load: bool = False
     ignore_sigterm: bool = False
+    leave_child: bool = False
     extra_vram_mib: int = 0
 
 
@@ -48,6 +53,7 @@ def parse(raw: Mapping[str, Any] | None) -> Faults:
         die_after_tokens=None if die_after is None else int(die_after),
         oom_at_load=bool(raw.get("oom_at_load")),
         ignore_sigterm=bool(raw.get("ignore_sigterm")),
+        leave_child=bool(raw.get("leave_child")),
         extra_vram_mib=int(raw.get("extra_vram_mib") or 0),
     )
 
@@ -72,6 +78,17 @@ def on_sigterm(faults: Faults, loop: asyncio.AbstractEventLoop, stop: Callable[[
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     else:
         loop.add_signal_handler(signal.SIGTERM, stop)
+
+
+def leave_child(faults: Faults) -> None:
+    """Under leave_child, start a helper in this process group that ignores SIGTERM and lives
+    on its own; only a SIGKILL of the whole group ends it."""
+    if faults.leave_child:
+        code = (
+            "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(3600)"
+        )
+        subprocess.Popen([sys.executable, "-S", "-c", code], start_new_session=False)
+        _say("sim: fault leave_child: started a helper that ignores SIGTERM")
 
 
 def after_tokens(faults: Faults, produced: int) -> None:

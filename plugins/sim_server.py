@@ -164,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     if sim_faults.crash_at_start(config.faults):
         return 1
+    sim_faults.leave_child(config.faults)
     try:
         return asyncio.run(serve(config))
     except OSError as e:  # e.g. the port was taken between the engine's pick and our bind

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from reconciler import admission, failpoints, queues, tasking
-from state import errors, ids, sessions
+from reconciler import admission, queues, tasking
+from state import errors, failpoints, ids, sessions
 from state.errors import ErrorCode, ErrorEnvelope
 
 if TYPE_CHECKING:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from plugins import interfaces, resolvers
 from reconciler import fleet, logs, planning, resolving, supervision
-from state import desired, errors, ids
+from state import desired, errors, failpoints, ids
 
 if TYPE_CHECKING:
     from reconciler import pools
@@ -131,7 +131,13 @@ async def boot(runtime: pools.PoolRuntime, r: fleet.Replica) -> None:
             runtime.wake()
             return
         r.handle = await r.engine.start(r.spec)
-        runtime.write_record(r)
+        failpoints.hit("after_engine_spawn")
+        try:
+            runtime.write_record(r)
+        except OSError as exc:  # a full disk: an engine no record names is stopped, retried
+            why = f"could not record the engine process: {exc}"
+            raise interfaces.EngineStartError(why) from exc
+        failpoints.hit("after_engine_record")
         await r.engine.wait_ready(r.handle, timeout_s=ready_s)
         left_s = ready_s - (runtime.clock.monotonic() - began)
         await warm_up(r, timeout_s=max(left_s, WARM_UP_MIN_S))
@@ -238,6 +244,7 @@ async def retire(runtime: pools.PoolRuntime, r: fleet.Replica) -> None:
             replica_id=r.replica_id,
             pool_id=r.pool_id,
         )
+        failpoints.hit("after_engine_stop")
     runtime.forget_record(r.replica_id)
     r.handle = None
     runtime.replicas.pop(r.replica_id, None)

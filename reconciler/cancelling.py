@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from reconciler import clocks, dispatch, failpoints, logs
-from state import ids, results, spool
+from reconciler import clocks, dispatch, logs
+from state import failpoints, ids, results, spool
 
 log = logs.get("daemon")
 

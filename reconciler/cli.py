@@ -35,6 +35,7 @@ from reconciler import (
     cli_up,
     cli_validate,
     cli_watch,
+    configuring,
     logs,
     openapi,
 )
@@ -337,7 +338,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if loaded.value is None:
         for err in loaded.errors:
             print(cli_common.plain_error(err), file=sys.stderr)
-        return EXIT_USAGE
+        # an edit broken while the daemon was down must not keep it down: the daemon serves
+        # the last applied config, loudly, until the file is fixed (docs/files.md)
+        if not (args.config.parent / configuring.LAST_GOOD).is_file():
+            return EXIT_USAGE
     options = daemon.Options(
         config_path=args.config,
         simulate=args.simulate,

@@ -29,7 +29,7 @@ from pathlib import Path
 import yaml
 
 from reconciler import clocks, logs, revision
-from state import atomic, desired, loading
+from state import atomic, desired, failpoints, loading
 
 log = logs.get("config")
 
@@ -126,6 +126,7 @@ class AppliedConfig:
         self.revision = revision.of(self.path, content)
         self.applied_at = clocks.rfc3339(self.clock.now())
         self._keep_last_good(content)
+        failpoints.hit("after_config_applied")
         logs.emit(
             log,
             "config.applied",
@@ -185,9 +186,9 @@ class AppliedConfig:
     def _keep_last_good(self, content: bytes) -> None:
         try:
             self.last_good_path.parent.mkdir(parents=True, exist_ok=True)
-            atomic.write_bytes(self.last_good_path, content)
+            atomic.write_bytes(self.last_good_path, content, kind="last_good")
             meta = {"revision": self.revision, "applied_at": self.applied_at}
-            atomic.write_json(_meta_path(self.last_good_path), meta)
+            atomic.write_json(_meta_path(self.last_good_path), meta, kind="last_good")
         except OSError as exc:  # a convenience: never a reason not to serve
             logs.emit(log, "config.last_good_unwritable", f"Could not keep {LAST_GOOD}: {exc}")
 

@@ -249,18 +249,15 @@ class Daemon:
         try:
             await adoption.adopt_or_clean(self.pools)
             owned = (self.results.root, self.state_dir, self.state_dir / "engines")
-            recovery.sweep(*owned, self.sessions.root)
+            recovery.sweep(*owned, self.sessions.root, self.spool.failed)
             spool.sweep_tmp(self.spool, now=self.clock.now())
-            recovery.recover(
-                the_spool=self.spool,
-                store=self.results,
-                take=lambda path, existing: self.taker.take(path, recovered=existing),
-                refuse_duplicate=self.taker.refuse_duplicate,
-                revision=self.config.revision,
-            )
+            self._recover()
             self.server = await api_routes.start(self)
             while not self.stop_event.is_set():
-                await self.pass_once()
+                try:
+                    await self.pass_once()
+                except OSError as exc:  # a full disk: the next pass retries what failed
+                    logs.emit(log, "pass.failed", f"A pass failed: {exc}", level=40)
                 if self.options.exit_when_idle and self._idle():
                     logs.emit(log, "daemon.idle", "Spool empty and nothing running: stopping.")
                     break
@@ -320,9 +317,23 @@ class Daemon:
             if self.clock.monotonic() >= self._next_sweep:  # reads every session: not per pass
                 self._next_sweep = self.clock.monotonic() + SESSION_SWEEP_S
                 self.dispatcher.sweep_sessions()
+                # task files a failed write (a full disk) left in active/ with no live run
+                self._recover(owned={run.file_name for run in self.dispatcher.runs.values()})
             self.dispatcher.pump()
         await self.books.settled()  # the pass's task files are on disk when it returns
         self._write_status()
+
+    def _recover(self, *, owned: frozenset[str] | set[str] = frozenset()) -> None:
+        """Take the task files in active/ that no run owns: at startup those a crash left,
+        later those a failed write (a full disk) left half-done, which are so retried."""
+        recovery.recover(
+            the_spool=self.spool,
+            store=self.results,
+            take=lambda path, existing: self.taker.take(path, recovered=existing),
+            refuse_duplicate=self.taker.refuse_duplicate,
+            revision=self.config.revision,
+            owned=owned,
+        )
 
     def _idle(self) -> bool:
         return (
@@ -366,7 +377,7 @@ class Daemon:
             raw = self.status(stopping=stopping).model_dump_json(indent=2).encode() + b"\n"
             if raw == self._last_status:  # most passes change nothing a reader would see
                 return
-            atomic.write_bytes(self.state_dir / "status.json", raw, durable=False)
+            atomic.write_bytes(self.state_dir / "status.json", raw, durable=False, kind="status")
             self._last_status = raw
         except OSError as exc:
             logs.emit(log, "status.unwritable", f"Could not write status.json: {exc}", level=40)

@@ -162,16 +162,20 @@ def quarantine(
         "task_id": task_id,
         "original_name": spool.shown(path.name),
     }
-    moved = spool.quarantine(the_spool, path, record)
-    if task_id is not None and code != ErrorCode.DUPLICATE_TASK_ID and not store.exists(task_id):
+
+    def reject(target: Path) -> None:
+        if task_id is None or code == ErrorCode.DUPLICATE_TASK_ID or store.exists(task_id):
+            return
         write_rejection(
             store=store,
             task_id=task_id,
             error=env,
             clock=clock,
-            source=f"spool/failed/{moved.name}",
+            source=f"spool/failed/{target.name}",
             revision=revision,
         )
+
+    moved = spool.quarantine(the_spool, path, record, before_move=reject)
     logs.emit(
         log,
         "task.quarantined",

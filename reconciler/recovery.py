@@ -1,5 +1,6 @@
 """Crash recovery of tasks: what a restarted daemon does with the task files a crash left in
-`spool/active/`, before its first pass.
+`spool/active/`, before its first pass; and, every few seconds while it serves, with those a
+failed write (a full disk) left there without a live task (`owned` excludes the live ones).
 
 Exactly-once completion, at-least-once execution. A task whose result is terminal is filed
 and never re-run; so is one whose event log ends in a terminal frame (its result is rebuilt
@@ -11,7 +12,7 @@ like any queued task.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from reconciler import intake, logs, tasking
@@ -31,9 +32,15 @@ def recover(
     take: Take,
     refuse_duplicate: Refuse,
     revision: str | None,
+    owned: Collection[str] = (),
 ) -> None:
+    """Recover every task file in active/ except those `owned` (by live runs)."""
+    for name in spool.complete_cut_claims(the_spool):
+        logs.emit(log, "task.claim_completed", f"Completed the claim of {name} a crash cut short.")
     pending: list[tuple[str, Path, str | None, results.Result | None]] = []
     for name in spool.active_names(the_spool):
+        if name in owned:
+            continue
         path = the_spool.active / name
         parsed = intake.parse_claimed(path)
         task_id = parsed.task_id if isinstance(parsed, intake.Parsed) else None

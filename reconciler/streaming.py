@@ -13,18 +13,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
 from plugins import interfaces
-from reconciler import clocks, estimates, failpoints, fleet, logs, placement, rates, tasking
-from state import chats, errors, ids, results
+from reconciler import clocks, estimates, fleet, logs, placement, rates, tasking
+from state import chats, errors, failpoints, ids, results
 from state.errors import ErrorCode
 
 log = logs.get("streaming")
 
 METRICS_EVERY_S = 1.0
+# our own writes failing (results/, the event log), never an engine's connection
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
+DISK_HINT = "The daemon could not write the task's files: free disk space, then submit again."
 
 
 @dataclass
@@ -65,6 +69,8 @@ def engine_failure(exc: BaseException) -> tuple[ErrorCode, int | None, str | Non
             "the engine refused the request: if it names the context, shorten the prompt, "
             "lower max_tokens or use a pool with a larger ctx",
         )
+    if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
+        return ErrorCode.INTERNAL, 5000, DISK_HINT
     if isinstance(exc, interfaces.EngineStreamError | OSError):
         return ErrorCode.WORKER_RESET, 1000, None
     return ErrorCode.INTERNAL, None, None
@@ -143,7 +149,9 @@ async def stream(
         )
     except Exception as exc:
         code, retry_after_ms, hint = engine_failure(exc)
-        if code is ErrorCode.INTERNAL:  # a bug: report it on the task rather than kill the daemon
+        if hint is DISK_HINT:
+            message = f"could not write the task's files: {exc}"
+        elif code is ErrorCode.INTERNAL:  # a bug: report it on the task, never kill the daemon
             log.exception("unexpected error while streaming %s", run.task_id)
             message = f"{type(exc).__name__}: {exc}"
         else:
@@ -236,8 +244,7 @@ def _tokens(running: Running, items: list[interfaces.Token], deps: Deps) -> None
             result.reasoning = (result.reasoning or "") + item.reasoning
     result.text += "".join(item.text for item in items)
     result.tokens_out = running.tokens_out = first + len(items)
-    if first == 0:
-        failpoints.hit("after_token")
+    failpoints.hit("after_token")
 
 
 def _succeed(

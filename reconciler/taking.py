@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from reconciler import clocks, configuring, dispatch, failpoints, intake, logs, tasking
-from state import loading, results, spool
+from reconciler import clocks, configuring, dispatch, intake, logs, streaming, tasking
+from state import failpoints, loading, results, spool
 from state.errors import ErrorCode
 
 log = logs.get("daemon")
@@ -54,6 +54,7 @@ class Taker:
 
     def take(self, path: Path, *, recovered: results.Result | None = None) -> None:
         """Parse one claimed file and admit it, or quarantine it with the reason."""
+        task_id = None
         try:
             parsed = intake.parse_claimed(path)
             if not isinstance(parsed, intake.Parsed):
@@ -81,6 +82,7 @@ class Taker:
                     task_id=parsed.task_id,
                 )
                 return
+            task_id = parsed.task_id
             run = tasking.new_run(
                 parsed.task_id,
                 parsed.task,
@@ -93,10 +95,13 @@ class Taker:
             self.dispatcher.admit(run, recovered=recovered is not None)
         except Exception as exc:  # never let one file take the daemon down
             log.exception("could not take %s", path.name)
+            if isinstance(exc, OSError) and exc.errno in streaming.DISK_ERRNOS:
+                return  # a full disk, not the task's fault: left in active/, recovery retries
             with contextlib.suppress(Exception):
                 self._refuse(
                     path,
                     ErrorCode.INTERNAL,
+                    task_id=task_id,  # its rejected result: nobody waits on it in vain
                     message=f"internal error {type(exc).__name__}: {exc}",
                     hint="this is a bug; please report it with the log",
                 )

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 from reconciler import clocks, fanout, logs
-from state import atomic, events, ids, results, spool, tasks
+from state import atomic, events, failpoints, ids, results, spool, tasks
 from state.errors import ErrorEnvelope
 
 log = logs.get("tasks")
@@ -216,8 +216,11 @@ class Books:
                     if result.prompt_tokens is not None:
                         end["prompt_tokens"] = result.prompt_tokens
                     self.frame(run, "end", end)
+                failpoints.hit("after_terminal_frame")
             self.save(run)
+            failpoints.hit("before_task_filed")
             spool.finish(self.spool, run.file_name, failed=status in ("failed", "rejected"))
+            failpoints.hit("after_task_filed")
         logs.emit(
             log,
             f"task.{status}",

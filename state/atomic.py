@@ -12,6 +12,9 @@ So a reader still sees a file only whole, only once its data is on disk, and a t
 still appear in their order (frame, result, task file moved last), for a whole batch at the
 cost of a few syncs instead of two fsyncs per write. `pending`/`read` let code inside the
 block see what it wrote. Writes from other threads are not affected.
+Each write names its `kind` (results, sessions, …) so a crash test can fail it at its
+failpoints (state/failpoints.py): before anything is written, with the temporary file
+complete, and just after the rename (in a group, the rename at the commit).
 """
 
 from __future__ import annotations
@@ -28,13 +31,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from state import failpoints
+
 
 @dataclass
 class Group:
     """A group commit's pending operations, in order: (source, target) renames, target None
     for a removal; `data` is the latest content per target (None: moved or removed)."""
 
-    ops: list[tuple[Path, Path | None]] = field(default_factory=list)
+    ops: list[tuple[Path, Path | None, str]] = field(default_factory=list)  # + failpoint kind
     # per path touched: bytes (what it will hold), a Path (the file now there that will be
     # renamed to it) or None (it will be gone)
     data: dict[Path, bytes | Path | None] = field(default_factory=dict)
@@ -96,23 +101,37 @@ def commit(current: Group) -> None:
         _local.group = None
     if not current.ops:
         return
-    _sync(current)  # every temporary file's data (and the block's other writes) on disk
-    for src, dst in current.ops:
-        try:
-            if dst is None:
-                os.unlink(src)
-            else:
-                os.replace(src, dst)
-        except (FileNotFoundError, IsADirectoryError, PermissionError):
-            continue  # gone already, or not ours to remove, as done one by one
-    _sync(current)  # the renames themselves
+    done = 0
+    try:
+        failpoints.hit("before_group_sync")
+        _sync(current)  # every temporary file's data (and the block's other writes) on disk
+        for src, dst, kind in current.ops:
+            try:
+                if dst is None:
+                    os.unlink(src)
+                else:
+                    if kind:
+                        failpoints.hit(f"before_{kind}_rename")
+                    os.replace(src, dst)
+                    if kind:
+                        failpoints.hit(f"after_{kind}_rename")
+            except (FileNotFoundError, IsADirectoryError, PermissionError):
+                pass  # gone already, or not ours to remove, as done one by one
+            done += 1
+        _sync(current)  # the renames themselves
+    except BaseException:
+        for src, dst, _ in current.ops[done:]:  # what will not be renamed leaves no file
+            if dst is not None and src.name.endswith(".tmp"):
+                with contextlib.suppress(OSError):
+                    os.unlink(src)
+        raise
 
 
 def _sync(current: Group) -> None:
     """One sync per filesystem the group wrote to (syncfs; `sync` where there is none)."""
     current.syncs += 1
     devices: dict[int, Path] = {}
-    for folder in {(dst or src).parent for src, dst in current.ops}:
+    for folder in {(dst or src).parent for src, dst, _ in current.ops}:
         with contextlib.suppress(OSError):
             devices.setdefault(os.stat(folder).st_dev, folder)
     for folder in devices.values():
@@ -165,22 +184,31 @@ def remove(path: Path) -> None:
     """Remove `path` (gone already is fine); in a group, at the commit, in order."""
     current = _defer(path)
     if current is not None:
-        current.ops.append((path, None))
+        current.ops.append((path, None, "file"))
         current.data[path] = None
         return
     with contextlib.suppress(FileNotFoundError, IsADirectoryError, PermissionError):
         os.unlink(path)
 
 
-def write_bytes(path: Path, data: bytes, *, durable: bool = True, mode: int | None = None) -> None:
+def write_bytes(
+    path: Path,
+    data: bytes,
+    *,
+    durable: bool = True,
+    mode: int | None = None,
+    kind: str = "file",
+) -> None:
     """Replace `path` with `data`; `mode` sets the new file's permission bits exactly (umask
-    aside), e.g. to keep those of the file it replaces."""
+    aside), e.g. to keep those of the file it replaces. On any error (a full disk) the old
+    file stays as it was and no temporary file is left."""
     current = _defer(path) if durable else None
     # in a group each write has its own temporary file: the commit renames them in order
     unique = "" if current is None else f".{len(current.ops)}"
     tmp = path.with_name(f".{path.name}.{os.getpid()}{unique}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
+        failpoints.hit(f"{kind}_write")
         if mode is not None:
             os.fchmod(fd, mode)
         view = memoryview(data)
@@ -195,14 +223,16 @@ def write_bytes(path: Path, data: bytes, *, durable: bool = True, mode: int | No
         raise
     os.close(fd)
     if current is not None:  # renamed at the group's commit, after one sync for all
-        current.ops.append((tmp, path))
+        current.ops.append((tmp, path, kind))
         current.data[path] = data
         return
     try:
+        failpoints.hit(f"before_{kind}_rename")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    failpoints.hit(f"after_{kind}_rename")
     if durable:
         fsync_dir(path.parent)
 
@@ -234,10 +264,10 @@ def create_bytes(path: Path, data: bytes) -> bool:
     return True
 
 
-def write_json(path: Path, value: Any, *, durable: bool = True) -> None:
+def write_json(path: Path, value: Any, *, durable: bool = True, kind: str = "file") -> None:
     text = json.dumps(value, indent=2, ensure_ascii=False) + "\n"
     # a lone surrogate (a file name that is not UTF-8) is written as its JSON escape \udcxx
-    write_bytes(path, text.encode("utf-8", "backslashreplace"), durable=durable)
+    write_bytes(path, text.encode("utf-8", "backslashreplace"), durable=durable, kind=kind)
 
 
 def fsync_dir(folder: Path) -> None:
@@ -256,7 +286,7 @@ def rename_durable(src: Path, dst: Path) -> None:
         content = current.data.get(src, src)
         if content is None or (content is src and not os.path.lexists(src)):
             raise FileNotFoundError(2, "No such file or directory", str(src))
-        current.ops.append((src, dst))
+        current.ops.append((src, dst, ""))  # a move: its failpoints are its caller's
         current.data[dst], current.data[src] = content, None
         return
     os.rename(src, dst)

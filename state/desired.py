@@ -118,6 +118,9 @@ class SimFaults(Strict):
     die_after_tokens: int | None = Field(None, ge=0)
     oom_at_load: bool = False
     ignore_sigterm: bool = False
+    leave_child: bool = Field(
+        False, description="start a helper process that ignores SIGTERM and outlives the engine"
+    )
     extra_vram_mib: int = Field(
         0, ge=0, description="book this much more VRAM than the estimate (a wrong estimate)"
     )

@@ -37,7 +37,8 @@ def folder(state_dir: Path) -> Path:
 
 
 def write(state_dir: Path, record: EngineRecord) -> None:
-    atomic.write_json(folder(state_dir) / f"{record.replica_id}.json", record.model_dump())
+    path = folder(state_dir) / f"{record.replica_id}.json"
+    atomic.write_json(path, record.model_dump(), kind="engine_record")
 
 
 def forget(state_dir: Path, replica_id: str) -> None:

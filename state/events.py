@@ -8,6 +8,7 @@ never reused, and a torn last line (a crash mid-write) is cut off before appendi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import weakref
@@ -17,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from state import atomic
+from state import atomic, failpoints
 
 EventName = Literal["queued", "started", "token", "metrics", "end", "error"]
 TERMINAL_EVENTS = frozenset({"end", "error"})
@@ -74,9 +75,11 @@ class EventLog:
         if self._fd is None:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             self._closer = weakref.finalize(self, os.close, self._fd)
-        os.write(self._fd, ("\n".join(lines) + "\n").encode())
-        if terminal and not atomic.deferring():  # else the group's commit syncs it
-            os.fsync(self._fd)
+        _append_whole(
+            self._fd,
+            ("\n".join(lines) + "\n").encode(),
+            sync=terminal and not atomic.deferring(),  # else the group's commit syncs it
+        )
         if event not in _STREAMING:
             self.close()
         self.last_id, self.terminal = first + len(items) - 1, terminal
@@ -90,6 +93,23 @@ class EventLog:
         if self._closer is not None:
             self._closer()
         self._fd, self._closer = None, None
+
+
+def _append_whole(fd: int, line: bytes, *, sync: bool) -> None:
+    """Append `line` entirely or not at all: a write cut short (a full disk writes what fits,
+    then fails) is cut back off, so the next frame never lands on the end of half a line."""
+    size = os.fstat(fd).st_size
+    try:
+        failpoints.hit("frame_write")
+        view = memoryview(line)
+        while view:
+            view = view[os.write(fd, view) :]
+        if sync:
+            os.fsync(fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, size)
+        raise
 
 
 def read(path: Path, *, after: int = 0) -> Iterator[EventFrame]:

@@ -100,7 +100,7 @@ class ResultStore:
             return None
 
     def write(self, result: Result) -> None:
-        atomic.write_bytes(self.path(result.task_id), encode(result))
+        atomic.write_bytes(self.path(result.task_id), encode(result), kind="result")
 
     def task_ids(self) -> list[str]:
         return sorted(

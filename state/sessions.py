@@ -57,7 +57,9 @@ class SessionStore:
 
     def put(self, session: Session) -> None:
         atomic.write_bytes(
-            self._path(session.session_id), session.model_dump_json(indent=2).encode() + b"\n"
+            self._path(session.session_id),
+            session.model_dump_json(indent=2).encode() + b"\n",
+            kind="session",
         )
 
     def all(self) -> list[Session]:

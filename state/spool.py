@@ -22,11 +22,12 @@ import os
 import re
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from state import atomic, ids, tasks
+from state import atomic, failpoints, ids, tasks
 
 TMP_MAX_AGE_S = 36 * 3600  # as maildir: a tmp/ file untouched this long is a dead delivery
 # A hidden entry in incoming/ is taken for a tool writing in place (rsync, an editor) until it
@@ -210,7 +211,25 @@ def _link(source: Path, target: Path, linked: list[Path]) -> tuple[Path | None, 
             return None, False
         return target, True
     linked.append(source)
+    failpoints.hit("after_claim_link")
     return target, True
+
+
+def complete_cut_claims(spool: Spool) -> list[str]:
+    """Remove the incoming/ names of claims a crash cut between link and unlink (the same file
+    is in active/); returns them. Called before recovery files anything out of active/: once
+    the active/ name is gone, the leftover would be claimed again as a second task."""
+    cut = [
+        name
+        for name in _listing(spool.incoming, hidden_before=float("inf"))
+        if _same_file(spool.incoming / name, spool.active / name)
+    ]
+    for name in cut:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(spool.incoming / name)
+    if cut:
+        atomic.fsync_dir(spool.incoming)
+    return cut
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -232,14 +251,26 @@ def finish(spool: Spool, name: str, *, failed: bool = False) -> Path | None:
     return target
 
 
-def quarantine(spool: Spool, source: Path, error: dict[str, Any]) -> Path:
+def quarantine(
+    spool: Spool,
+    source: Path,
+    error: dict[str, Any],
+    *,
+    before_move: Callable[[Path], None] | None = None,
+) -> Path:
     """Move an entry that cannot be accepted (a file, a folder, anything) into failed/, under
-    `safe_name`, with `<that name>.error.json` beside it."""
+    `safe_name`, with `<that name>.error.json` beside it. The explanation is written first,
+    then `before_move(target)` (the caller's rejected result), and the entry moves last: a
+    crash in between leaves the entry where it was, to be refused again, and never a refused
+    entry in failed/ that nobody explained."""
     target = _free_name(spool.failed, safe_name(source.name))
-    # already moved by an earlier attempt: still (re)write the explanation
-    with contextlib.suppress(FileNotFoundError):
+    atomic.write_json(spool.failed / f"{target.name}.error.json", error, kind="error_record")
+    if before_move is not None:
+        before_move(target)
+    failpoints.hit("before_quarantine_move")
+    with contextlib.suppress(FileNotFoundError):  # already moved by an earlier attempt
         atomic.rename_durable(source, target)
-    atomic.write_json(spool.failed / f"{target.name}.error.json", error)
+    failpoints.hit("after_quarantine_move")
     return target
 
 

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from reconciler import configuring
+from tests import faults
 from tests.conftest import Workspace, config, task, wait_for, wait_terminal
 
 pytestmark = pytest.mark.slow
@@ -111,6 +112,23 @@ async def test_a_restart_with_a_broken_config_serves_the_last_good_one_loudly(
     assert status["config"]["errors"] and status["config"]["errors"][0]["line"]
     workspace.submit("ok.task.yaml", task("ok"))
     assert (await wait_terminal(workspace, "ok"))["status"] == "succeeded"
+
+
+@pytest.mark.slow
+def test_orchctl_serve_starts_on_a_broken_config_when_a_last_good_one_is_kept(
+    workspace: Workspace,
+) -> None:
+    """The CLI checked orch.yaml itself and exited 2 before the daemon could fall back on
+    .orch/last-good.yaml, so an edit broken while the daemon was down kept it down."""
+    log = workspace.root / "daemon.log"
+    assert faults.serve(workspace, log, "--duration", "1").wait(timeout=60) == 0
+    workspace.config_path.write_text("pools: [ {id: p1, engine: nope\n")  # saved half-way
+    workspace.submit("ok.task.yaml", task("ok"))
+    daemon = faults.serve(workspace, log, "--exit-when-idle")
+    assert daemon.wait(timeout=60) == 0
+    assert (workspace.result("ok") or {}).get("status") == "succeeded"
+    assert workspace.status()["config"]["errors"][0]["line"] == 2
+    assert "orch.yaml:2" in log.with_suffix(".stderr").read_text()
 
 
 async def test_a_config_renamed_into_place_is_applied_without_the_settle_wait(

@@ -169,6 +169,7 @@ def test_a_rerun_after_a_kill_at_start_counts_its_attempt_and_leftover_temp_file
         results_dir / ".once.json.4242.tmp",
         workspace.root / ".orch" / ".status.json.4242.tmp",
         workspace.root / ".orch" / "sessions" / ".s.json.4242.tmp",
+        workspace.spool.failed / ".bad.task.yaml.error.json.4242.tmp",  # a quarantine's record
     ]
     for path in leftovers:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -241,3 +242,18 @@ def test_a_claim_cut_between_link_and_unlink_runs_the_task_once_and_refuses_noth
     assert list(workspace.spool.failed.iterdir()) == []  # no DUPLICATE_TASK_ID
     frames = list(events.read(workspace.root / "results" / "cut.events.jsonl"))
     assert [f.event for f in frames].count("started") == 1
+
+
+def test_a_cut_claim_of_a_task_filed_at_once_is_not_claimed_again_as_a_duplicate(
+    workspace: Workspace,
+) -> None:
+    """Found by the fault suite: recovery filed the active/ copy of a task that is refused at
+    once (here an unknown model), then intake claimed the incoming/ leftover of the cut claim
+    as a second task and refused it as DUPLICATE_TASK_ID: one task filed twice."""
+    path = workspace.submit("cut2.task.yaml", task("cut2", model="nope"))
+    os.link(path, workspace.spool.active / path.name)  # as the claim left it
+    second = _serve(workspace, failpoint=None, exit_when_idle=True)
+    assert second.wait(timeout=60) == 0
+    assert workspace.result("cut2")["status"] == "rejected"  # type: ignore[index]
+    assert sorted(os.listdir(workspace.spool.failed)) == ["cut2.task.yaml"]
+    assert list(workspace.spool.incoming.iterdir()) == []

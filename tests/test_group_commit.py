@@ -157,7 +157,7 @@ async def test_a_burst_of_task_files_is_queued_in_one_group_commit(
     real_commit = atomic.commit
 
     def commit(group: atomic.Group) -> None:
-        commits.append([dst.name for _, dst in group.ops if dst is not None])
+        commits.append([dst.name for _, dst, _ in group.ops if dst is not None])
         real_commit(group)
 
     monkeypatch.setattr(atomic, "commit", commit)

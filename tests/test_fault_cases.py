@@ -1,0 +1,157 @@
+"""Faults of the world around the daemon, one by one: a full disk on every write path while
+inotify is off, engines that hang, ignore SIGTERM or leave a helper process behind, and NVML
+that fails or loses a GPU. Each ends with the invariants of tests/faults.py: every task
+terminal, no partial or temporary file, no engine process left."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from typing import Any
+
+import pytest
+
+from plugins import gpu_nvml, registry
+from reconciler import daemon as daemons
+from state import failpoints
+from tests import fake_pynvml, faults
+from tests.conftest import Workspace, config, task, wait_for, wait_terminal
+
+# every write path fails once or twice with ENOSPC, at different moments
+DISK_FULL = ",".join(
+    [
+        "result_write=enospc@2",
+        "before_result_rename=enospc@9",
+        "frame_write=enospc@6",
+        "session_write=enospc@1",
+        "error_record_write=enospc@1",
+        "status_write=enospc@1-3",
+        "engine_record_write=enospc@1",
+        "last_good_write=enospc@2",
+    ]
+)
+
+
+@pytest.mark.slow
+def test_a_full_disk_on_every_write_path_fails_tasks_clearly_and_the_daemon_stays_up(
+    workspace: Workspace,
+) -> None:
+    """Also with inotify off (`--no-watch`): every event is lost, the resync delivers."""
+    failpoints.parse(DISK_FULL)  # every point named exists
+    workspace.write_config(faults.pool_config())
+    log = workspace.root / "daemon.log"
+    trace = workspace.root / "trace"
+    daemon = faults.serve(workspace, log, "--no-watch", failpoints=DISK_FULL, trace=trace)
+    try:
+        ids = [f"d{i}" for i in range(8)]
+        for i, task_id in enumerate(ids):
+            extra = {"session_id": "s1"} if i % 3 == 0 else {}
+            workspace.submit(f"{task_id}.task.yaml", task(task_id, max_tokens=6, **extra))
+        workspace.submit("bad.task.yaml", task("bad", max_tokens=0))
+        workspace.write_config(faults.pool_config(ctx=4096))  # a replica replaced: records
+        end = time.monotonic() + 60
+        while time.monotonic() < end and any(
+            (workspace.result(t) or {}).get("status") not in faults.TERMINAL for t in [*ids, "bad"]
+        ):
+            assert daemon.poll() is None, log.with_suffix(".stderr").read_text()[-800:]
+            time.sleep(0.1)
+        assert daemon.poll() is None, "the daemon died of a full disk"
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=60) == 0
+    fired = {line.split()[2] for line in trace.read_text().splitlines() if " fire " in line}
+    assert {"result_write", "frame_write", "session_write", "status_write"} <= fired
+    outcomes = {t: workspace.result(t) for t in [*ids, "bad"]}
+    assert outcomes["bad"]["status"] == "rejected"  # type: ignore[index]
+    for task_id, result in outcomes.items():
+        assert result is not None and result["status"] in faults.TERMINAL, task_id
+        if result["status"] == "failed":
+            assert "No space left on device" in result["error"]["message"], result["error"]
+    faults.check_visible(workspace)
+    faults.check_no_leftovers(workspace)
+    faults.check_no_engines(workspace)
+
+
+def _stubborn(**faults_on: Any) -> dict[str, Any]:
+    cfg = config()
+    cfg["timeouts"] = {"ready_s": 2, "drain_s": 1, "stop_grace_s": 0.5}
+    cfg["models"]["m2"] = {"ref": "file:m2.gguf", "size_mib": 1000}
+    cfg["pools"][0]["sim"] = {"tokens_per_s": 200, "faults": faults_on}
+    cfg["pools"].append(
+        {
+            "id": "p2",
+            "engine": "sim",
+            "model": "m2",
+            "ctx": 1024,
+            "sim": {"faults": {"hang_before_ready": True, "leave_child": True}},
+        }
+    )
+    return cfg
+
+
+@pytest.mark.slow
+def test_engines_that_ignore_sigterm_hang_or_leave_a_helper_leave_nothing_running(
+    workspace: Workspace,
+) -> None:
+    """The stop escalates to SIGKILL and reaps the whole process group: a helper that ignored
+    the SIGTERM used to outlive its engine (the stop returned once the leader was gone)."""
+    workspace.write_config(_stubborn(ignore_sigterm=True, leave_child=True))
+    log = workspace.root / "daemon.log"
+    daemon = faults.serve(workspace, log)
+    try:
+        workspace.submit("ok.task.yaml", task("ok", max_tokens=4))
+        end = time.monotonic() + 30
+        while (workspace.result("ok") or {}).get("status") != "succeeded":
+            assert time.monotonic() < end and daemon.poll() is None
+            time.sleep(0.1)
+        # p2 hangs before ready: replaced after ready_s, its helpers too, again and again
+        time.sleep(3)
+        workspace.write_config(_stubborn(leave_child=True))  # p1 replaced: its engine stopped
+        time.sleep(2)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=60) == 0
+    text = log.read_text()
+    assert "fault leave_child" in "".join(
+        p.read_text() for p in (workspace.root / ".orch" / "engines").glob("*.log*")
+    )
+    assert '"replica.stopped"' in text
+    faults.check_no_engines(workspace)
+
+
+async def test_nvml_errors_and_a_lost_gpu_never_stop_the_daemon(
+    workspace: Workspace,
+) -> None:
+    """A real NVML observer over the fake module: readings fail, a GPU falls off the bus, the
+    GPU count cannot be read; the loop goes on, says so in status.json and keeps serving."""
+    nvml = fake_pynvml.FakeNvml()
+    nvml.add_gpu()
+    plugins = registry.load(entry_points=False)
+    plugins.observers["nvml"] = lambda state, base: gpu_nvml.open_nvml(nvml)
+    cfg = config()
+    cfg["gpus"] = {"observer": "nvml", "reserve_mib": 512, "poll_s": 0.1}
+    workspace.write_config(cfg)
+    options = daemons.Options(config_path=workspace.config_path, resync_s=0.1)
+    d = daemons.build(options, plugins=plugins)
+    job = asyncio.get_running_loop().create_task(d.run())
+    try:
+        workspace.submit("a.task.yaml", task("a"))
+        assert (await wait_terminal(workspace, "a", 20))["status"] == "succeeded"
+        nvml.fail(0, "nvmlDeviceGetMemoryInfo")
+        nvml.fail(1, "nvmlDeviceGetTemperature", fake_pynvml.NVMLError_NotSupported)
+        nvml.lose(1)
+        await wait_for(lambda: "lost" in str(workspace.status()["gpus"]), 10, "the lost GPU")
+        nvml.count_error = fake_pynvml.NVMLError_Unknown
+        workspace.submit("b.task.yaml", task("b"))
+        assert (await wait_terminal(workspace, "b", 20))["status"] in faults.TERMINAL
+        nvml.gpus.pop()  # the lost GPU is gone for good: the driver lists one
+        nvml.count_error = None
+        workspace.submit("c.task.yaml", task("c"))
+        assert (await wait_terminal(workspace, "c", 20))["status"] in faults.TERMINAL
+        assert not job.done()
+        assert len(workspace.status()["gpus"]) >= 1
+    finally:
+        d.stop()
+        assert await asyncio.wait_for(job, 30) == 0
+    faults.check_no_engines(workspace)
