@@ -54,6 +54,11 @@ proof-determinism: $(STAMP)
 	ORCH_PROOF=1 $(BIN)/pytest -q -s -p no:cacheprovider tests/test_determinism.py \
 	  -k both_gpus_byte_identical
 
+# Every proof suite in full (docs/proof.md), then one summary: kill points and invariant
+# violations, hostile inputs and crashes, determinism matches. Logs in proof/.
+proof: $(STAMP)
+	bash scripts/proof.sh
+
 # The fault suite in full (docs/proof-faults.md): at least 200 random kill points, disk-full
 # faults, the state machine's longer runs; prints one summary line per harness.
 # ORCH_FAULT_SEED=<n> replays a run.
