@@ -408,7 +408,6 @@ class Daemon:
             self._take(path)
 
     def _take(self, path: Path, *, recovered: results.Result | None = None) -> None:
-        task_id = None
         try:
             parsed = intake.parse_claimed(path)
             if not isinstance(parsed, intake.Parsed):
@@ -436,7 +435,6 @@ class Daemon:
                     task_id=parsed.task_id,
                 )
                 return
-            task_id = parsed.task_id
             run = tasking.new_run(
                 parsed.task_id,
                 parsed.task,
@@ -457,7 +455,6 @@ class Daemon:
                     ErrorCode.INTERNAL,
                     message=f"internal error {type(exc).__name__}: {exc}",
                     hint="this is a bug; please report it with the log",
-                    task_id=task_id,  # its rejected result: nobody waits on it in vain
                 )
 
     def _refuse_duplicate(self, path: Path, task_id: str) -> None:
