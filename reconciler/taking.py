@@ -54,7 +54,6 @@ class Taker:
 
     def take(self, path: Path, *, recovered: results.Result | None = None) -> None:
         """Parse one claimed file and admit it, or quarantine it with the reason."""
-        task_id = None
         try:
             parsed = intake.parse_claimed(path)
             if not isinstance(parsed, intake.Parsed):
@@ -82,7 +81,6 @@ class Taker:
                     task_id=parsed.task_id,
                 )
                 return
-            task_id = parsed.task_id
             run = tasking.new_run(
                 parsed.task_id,
                 parsed.task,
@@ -101,7 +99,6 @@ class Taker:
                 self._refuse(
                     path,
                     ErrorCode.INTERNAL,
-                    task_id=task_id,  # its rejected result: nobody waits on it in vain
                     message=f"internal error {type(exc).__name__}: {exc}",
                     hint="this is a bug; please report it with the log",
                 )
