@@ -59,7 +59,7 @@ proof-determinism: $(STAMP)
 proof: $(STAMP)
 	bash scripts/proof.sh
 
-# The fault suite in full (docs/proof-faults.md): at least 200 random kill points, disk-full
+# The fault suite in full (docs/proof.md): at least 200 random kill points, disk-full
 # faults, the state machine's longer runs; prints one summary line per harness.
 # ORCH_FAULT_SEED=<n> replays a run.
 proof-faults: $(STAMP)
