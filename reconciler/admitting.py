@@ -42,7 +42,8 @@ def admit(d: dispatch.Dispatcher, run: tasking.TaskRun, *, recovered: bool) -> N
     if problem is None and not recovered:
         problem = session_problem(d, run)
     entry = _entry(run)
-    if problem is None and not recovered:  # a recovered task was accepted already
+    # only a deadline can be refused on the estimate; a recovered task was accepted already
+    if problem is None and not recovered and run.task.deadline_ms is not None:
         start, probability = _estimate_new(d, entry)
         problem = admission.deadline_error(
             run.task, predicted_start_ms=start, probability=probability
