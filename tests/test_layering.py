@@ -20,6 +20,7 @@ ROOMS = ("state", "plugins", "reconciler", "schemas")
 PURE = {
     "reconciler.admission",
     "reconciler.determinism",
+    "reconciler.determinism_report",
     "reconciler.editing",
     "reconciler.estimates",
     "reconciler.openai_chunks",
