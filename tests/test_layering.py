@@ -90,6 +90,7 @@ IO_MODULES = {
     "reconciler.reloading",
     "reconciler.resolving",
     "reconciler.smoke_checks",
+    "reconciler.smoke_harness",
     "reconciler.smoking",
     "reconciler.streaming",
     "reconciler.taking",
