@@ -40,6 +40,7 @@ from typing import Any
 
 from plugins import (
     gguf_info,
+    gguf_reading,
     hookspecs,
     interfaces,
     llama_server,
@@ -231,7 +232,7 @@ class LlamaCppEngine(llama_server.ServerEngine):
     def __init__(self) -> None:
         self._gpu_checked: set[tuple[str, int, str]] = set()
         # GGUF geometry per file version (path, mtime, size, inode): planning asks every pass
-        self._models: dict[_ModelKey, gguf_info.ModelInfo | gguf_info.GgufError] = {}
+        self._models: dict[_ModelKey, gguf_info.ModelInfo | gguf_reading.GgufError] = {}
 
     def model_info(self, path: Path) -> gguf_info.ModelInfo:
         """The GGUF's geometry, read once per version of the file; GgufError when unusable."""
@@ -241,12 +242,12 @@ class LlamaCppEngine(llama_server.ServerEngine):
         if found is None:
             try:
                 found = gguf_info.inspect(path)
-            except gguf_info.GgufError as e:
+            except gguf_reading.GgufError as e:
                 found = e
                 _log.warning("cannot size %s from its header: %s", path, e)
             self._models = {k: v for k, v in self._models.items() if k[0] != key[0]}
             self._models[key] = found
-        if isinstance(found, gguf_info.GgufError):
+        if isinstance(found, gguf_reading.GgufError):
             raise found
         return found
 
@@ -255,7 +256,7 @@ class LlamaCppEngine(llama_server.ServerEngine):
         default geometry and models.<id>.size_mib while there is no readable file."""
         model = None
         if spec.model_path is not None:
-            with contextlib.suppress(OSError, gguf_info.GgufError):
+            with contextlib.suppress(OSError, gguf_reading.GgufError):
                 model = self.model_info(spec.model_path)
         return llamacpp_vram.estimate_mib(
             model, spec.flags, ctx=spec.ctx, slots=spec.slots, size_mib=spec.model_size_mib
@@ -287,7 +288,7 @@ class LlamaCppEngine(llama_server.ServerEngine):
                 raise interfaces.EngineStartError(f"model file not found: {spec.model_path}")
             try:  # a bad file is refused here, with its reason, not by a crashing engine
                 await asyncio.to_thread(self.model_info, spec.model_path)
-            except gguf_info.GgufError as e:
+            except gguf_reading.GgufError as e:
                 raise interfaces.EngineStartError(
                     f"model file is not a usable GGUF: {e}. Fix: fetch the file again (set "
                     f"models.{spec.model_id}.digest to catch a bad copy) or point "

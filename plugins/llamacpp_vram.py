@@ -36,7 +36,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from plugins import gguf_info
+from plugins import gguf_info, gguf_reading
 
 PROCESS_OVERHEAD_MIB = 720
 UBATCH = 512
@@ -129,7 +129,7 @@ def settings(flags: Sequence[str]) -> Settings:
 def element_bytes(type_name: str) -> float:
     """Bytes per cached element of a KV cache type; an unknown name counts as f16 (llama-server
     refuses it at start anyway)."""
-    found = gguf_info.type_bytes(type_name)
+    found = gguf_reading.type_bytes(type_name)
     return found if found is not None else F16_BYTES
 
 

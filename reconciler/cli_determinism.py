@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from reconciler import api_client, cli_common, cli_sse, cli_watch, determinism
+from reconciler import api_client, cli_common, cli_sse, cli_watch, determinism, determinism_report
 from reconciler.cli_common import EXIT_ENV, EXIT_FAILED, EXIT_OK, EXIT_USAGE, Refused
 
 RETRIES = 5  # a 429 or 503 at admission is waited out this often
@@ -119,7 +119,7 @@ def run_suite(
     pools: list[str] | None = None,
     runs: int = 2,
     progress: Any = None,
-) -> tuple[determinism.Run, determinism.Verdict, list[determinism.Stream]]:
+) -> tuple[determinism_report.Run, determinism.Verdict, list[determinism.Stream]]:
     """Run the corpus `runs` times on every lane at once; compare; describe what ran."""
     status = _json(client.get("/v1/status"), "/v1/status")
     lanes = _lanes(status, pools)
@@ -139,7 +139,7 @@ def run_suite(
                     progress(f"run {run}: {lane['id']}: {ok} of {len(done)} tasks succeeded")
     verdict = determinism.compare(streams, runs=runs)
     measured = _measured_digests(client)
-    described = determinism.Run(
+    described = determinism_report.Run(
         run_id=run_id,
         url=client.base_url,
         seeds=tuple(seeds),
@@ -305,7 +305,7 @@ def _describe(
     streams: list[determinism.Stream],
     status: dict[str, Any],
     measured: dict[str, str],
-) -> determinism.Lane:
+) -> determinism_report.Lane:
     mine = [s for s in streams if s.lane == lane["id"] and s.ok]
     names = {g["index"]: g for g in status.get("gpus", [])}
     gpus = sorted(
@@ -318,7 +318,7 @@ def _describe(
         }
     )
     declared = next((s.model_digest for s in mine if s.model_digest), None)
-    return determinism.Lane(
+    return determinism_report.Lane(
         pool_id=lane["id"],
         model=lane["model"],
         engine=lane["engine"],
@@ -334,13 +334,13 @@ def _describe(
 
 def write_bundle(
     out: Path,
-    run: determinism.Run,
+    run: determinism_report.Run,
     verdict: determinism.Verdict,
     streams: list[determinism.Stream],
 ) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "determinism.md").write_text(determinism.render_markdown(run, verdict), "utf-8")
-    data = determinism.as_json(run, verdict)
+    (out / "determinism.md").write_text(determinism_report.render_markdown(run, verdict), "utf-8")
+    data = determinism_report.as_json(run, verdict)
     (out / "determinism.json").write_text(json.dumps(data, indent=2) + "\n", "utf-8")
     with open(out / "streams.ndjson", "w", encoding="utf-8") as fh:
         for s in sorted(streams, key=lambda s: (s.lane, s.run, s.seed)):

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from reconciler import about, api_auth, cli_determinism, smoke_checks
+from reconciler import about, api_auth, cli_determinism, smoke_checks, smoke_harness
 from reconciler.cli_common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Refused
 
 
@@ -40,7 +40,7 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     run_id = time.strftime("%Y%m%d-%H%M%S")
     out: Path = args.out or Path("proof") / "home-smoke" / run_id
     out.mkdir(parents=True, exist_ok=True)
-    smoke = smoke_checks.Smoke(
+    smoke = smoke_harness.Smoke(
         client=client, run_id=run_id, out=out, determinism_seeds=args.determinism_seeds
     )
     smoke.offered = client.offered()
@@ -49,7 +49,7 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     smoke.capabilities = caps.json if caps.status == 200 and isinstance(caps.json, dict) else {}
     found = []
     for name, check in smoke_checks.CHECKS:
-        outcome = smoke_checks.run(smoke, check, name)
+        outcome = smoke_harness.run(smoke, check, name)
         print(f"{_LABEL[outcome.state]}  {name}: {outcome.detail}", flush=True)
         found.append(outcome)
     (out / "environment.md").write_text(environment(smoke), "utf-8")
@@ -62,7 +62,7 @@ def cmd_smoke(args: argparse.Namespace) -> int:
 _LABEL = {"passed": "ok     ", "failed": "FAILED ", "not run": "not run"}
 
 
-def report(smoke: smoke_checks.Smoke, found: list[smoke_checks.Check]) -> str:
+def report(smoke: smoke_harness.Smoke, found: list[smoke_harness.Check]) -> str:
     counts = {state: sum(c.state == state for c in found) for state in _LABEL}
     verdict = "FAIL" if counts["failed"] else "PASS"
     lines = [
@@ -86,7 +86,7 @@ def report(smoke: smoke_checks.Smoke, found: list[smoke_checks.Check]) -> str:
 # -- environment.md ---------------------------------------------------------------------------
 
 
-def environment(smoke: smoke_checks.Smoke) -> str:
+def environment(smoke: smoke_harness.Smoke) -> str:
     status = smoke.status
     daemon = status.get("daemon", {})
     gpus = status.get("gpus", [])

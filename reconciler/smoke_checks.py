@@ -1,10 +1,10 @@
 """The checks of the home reference smoke (HME-040), each over the daemon's HTTP API; run by
-`cli_smoke` in the order of `CHECKS`.
+`cli_smoke` in the order of `CHECKS`, each through `smoke_harness.run`.
 
-A check returns a `Check`: passed (with what it saw), failed (with why), or not run (with
-why: the daemon does not offer the route, by name, or the workstation lacks what the check
-needs, such as GPUs of two sizes). It never raises: a daemon that stops answering fails the
-check it was in. Tasks it submits carry `labels: {suite: smoke}` and ids starting with
+A check takes the run's `smoke_harness.Smoke` and returns what it saw, or raises
+`smoke_harness.Failed` (with why) or `smoke_harness.NotRun` (with why: the daemon does not
+offer the route, by name, or the workstation lacks what the check needs, such as GPUs of two
+sizes). Tasks it submits carry `labels: {suite: smoke}` and ids starting with
 `smoke-<run>-`, and every task it leaves behind (the queue it fills for the 429) is canceled.
 """
 
@@ -13,163 +13,29 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from reconciler import api_client, cli_determinism, determinism
+from reconciler import api_client, cli_determinism, determinism, smoke_harness
+from reconciler.smoke_harness import Failed, NotRun, Smoke
 
-State = Literal["passed", "failed", "not run"]
-PROMPT = "Write one sentence about graphics cards."
 MAX_FILL = 600  # a queue that needs more tasks than this to fill is not filled by a smoke
-WAIT_S = 60.0  # the longest a check waits for a state it asked for
 DROPPED = "QUEUE_FULL_DROP_LRU"
 
 
-@dataclass(frozen=True)
-class Check:
-    name: str
-    state: State
-    detail: str
-    took_s: float = 0.0
-
-
-@dataclass
-class Smoke:
-    client: api_client.Client
-    run_id: str
-    out: Path
-    determinism_seeds: int = 4
-    offered: set[tuple[str, str]] | None = None  # None: no /openapi.yaml, try every route
-    seen_engines: dict[str, str] = field(default_factory=dict)  # pool → engine_version
-    status: dict[str, Any] = field(default_factory=dict)
-    capabilities: dict[str, Any] = field(default_factory=dict)
-    _count: int = 0
-
-    # -- helpers the checks share ------------------------------------------------------------
-
-    def missing(self, *routes: str) -> str | None:
-        """The first of `routes` ("POST /v1/x") the daemon does not offer, or None."""
-        if self.offered is None:
-            return None
-        for route in routes:
-            method, path = route.split(" ", 1)
-            if (method, path) not in self.offered:
-                return route
-        return None
-
-    def refresh(self) -> dict[str, Any]:
-        answer = self.client.get("/v1/status")
-        if answer.status == 200 and isinstance(answer.json, dict):
-            self.status = answer.json
-        return self.status
-
-    def ready_pools(self) -> list[dict[str, Any]]:
-        return [
-            p
-            for p in self.refresh().get("pools", [])
-            if p["state"] == "Ready" and any(r["state"] == "Ready" for r in p["replicas"])
-        ]
-
-    def task_id(self, label: str) -> str:
-        self._count += 1
-        return f"smoke-{self.run_id}-{self._count:03d}-{label}"[:128]
-
-    def task(self, label: str, model: str, **fields: Any) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "task_id": self.task_id(label),
-            "model": model,
-            "prompt": PROMPT,
-            "max_tokens": 16,
-            "seed": 1,
-            "sampling": {"temperature": 0.7},
-            "labels": {"suite": "smoke"},
-        }
-        body.update(fields)
-        return body
-
-    def long_tokens(self, pool_id: str) -> int:
-        """A max_tokens the pool accepts that keeps a slot busy for seconds."""
-        for p in self.capabilities.get("pools", []):
-            if p["pool_id"] == pool_id:
-                limit = p.get("max_tokens") or max(16, (p.get("ctx") or 512) - 64)
-                return int(min(2000, limit))
-        return 256
-
-    def follow(self, task_id: str) -> list[Any]:
-        return list(self.client.frames(task_id))
-
-    def result(self, task_id: str) -> dict[str, Any]:
-        body = self.client.get(f"/v1/tasks/{task_id}").json
-        result = body if isinstance(body, dict) else {}
-        if result.get("engine_version") and result.get("pool_id"):
-            self.seen_engines[result["pool_id"]] = result["engine_version"]
-        return result
-
-    def until(self, what: str, check: Callable[[], Any], timeout_s: float = WAIT_S) -> Any:
-        end = time.monotonic() + timeout_s
-        while True:
-            value = check()
-            if value:
-                return value
-            if time.monotonic() >= end:
-                raise _Failed(f"{what} within {timeout_s:.0f} s")
-            time.sleep(0.05)
-
-
-class _Failed(Exception):
-    """A check saw something wrong; the message says what."""
-
-
-class _NotRun(Exception):
-    """A check cannot run here; the message says why."""
-
-
-def run(smoke: Smoke, check: Callable[[Smoke], str], name: str) -> Check:
-    began = time.monotonic()
-    try:
-        detail, state = check(smoke), "passed"
-    except _NotRun as why:
-        detail, state = str(why), "not run"
-    except _Failed as why:
-        detail, state = str(why), "failed"
-    except api_client.Unreachable as exc:
-        detail, state = f"the daemon stopped answering: {exc}", "failed"
-    except Exception as exc:  # a surprise fails this check, not the report
-        detail, state = f"unexpected {type(exc).__name__}: {exc}", "failed"
-    return Check(name, state, detail, time.monotonic() - began)  # type: ignore[arg-type]
-
-
-def _need(smoke: Smoke, *routes: str) -> None:
-    route = smoke.missing(*routes)
-    if route is not None:
-        raise _NotRun(f"the daemon does not offer {route}")
-
-
-def _first_pool(smoke: Smoke) -> dict[str, Any]:
-    pools = smoke.ready_pools()
-    if not pools:
-        raise _Failed("no pool is Ready")
-    return pools[0]
-
-
-# -- the checks -------------------------------------------------------------------------------
-
-
 def streams(smoke: Smoke) -> str:
-    _need(smoke, "POST /v1/tasks", "GET /v1/tasks/{task_id}/events")
-    pool = _first_pool(smoke)
+    smoke_harness.need(smoke, "POST /v1/tasks", "GET /v1/tasks/{task_id}/events")
+    pool = smoke_harness.first_pool(smoke)
     body = smoke.task("stream", pool["model"])
     answer = smoke.client.post("/v1/tasks", body)
     if answer.status != 202:
-        raise _Failed(f"POST /v1/tasks answered {answer.said()}")
+        raise Failed(f"POST /v1/tasks answered {answer.said()}")
     frames = smoke.follow(body["task_id"])
     names = [f.event for f in frames]
     tokens = [f for f in frames if f.event == "token"]
     if names[:2] != ["queued", "started"] or not tokens or names[-1] != "end":
-        raise _Failed(f"{body['task_id']} streamed {', '.join(dict.fromkeys(names))}")
+        raise Failed(f"{body['task_id']} streamed {', '.join(dict.fromkeys(names))}")
     if [f.data.get("i") for f in tokens] != list(range(len(tokens))):
-        raise _Failed(f"{body['task_id']}: token indices are not 0, 1, 2, …")
+        raise Failed(f"{body['task_id']}: token indices are not 0, 1, 2, …")
     result = smoke.result(body["task_id"])
     timings = result.get("timings") or {}
     return (
@@ -180,17 +46,17 @@ def streams(smoke: Smoke) -> str:
 
 
 def placement(smoke: Smoke) -> str:
-    _need(smoke, "GET /v1/status", "POST /v1/tasks")
+    smoke_harness.need(smoke, "GET /v1/status", "POST /v1/tasks")
     gpus = smoke.refresh().get("gpus", [])
     sizes = {g["vram_total_mib"] for g in gpus}
     if len(gpus) < 2 or len(sizes) < 2:
-        raise _NotRun(
+        raise NotRun(
             f"the daemon shows {len(gpus)} GPU(s) of {len(sizes)} size(s); mixed-VRAM placement "
             "needs GPUs of two sizes"
         )
     pools = smoke.ready_pools()
     if not pools:
-        raise _Failed("no pool is Ready")
+        raise Failed("no pool is Ready")
     # what the daemon placed, by VRAM: every GPU holds what it was given
     load: dict[int, float] = {}
     for p in smoke.status["pools"]:
@@ -199,7 +65,7 @@ def placement(smoke: Smoke) -> str:
                 load[index] = load.get(index, 0) + r["vram_estimated_mib"] / max(1, len(r["gpu"]))
     for g in gpus:
         if load.get(g["index"], 0) > g["vram_total_mib"]:
-            raise _Failed(
+            raise Failed(
                 f"GPU {g['index']} holds replicas estimated at {load[g['index']]:.0f} MiB, "
                 f"more than its {g['vram_total_mib']} MiB"
             )
@@ -218,13 +84,13 @@ def placement(smoke: Smoke) -> str:
     for body in bodies:
         answer = smoke.client.post("/v1/tasks", body)
         if answer.status != 202:
-            raise _Failed(f"unpinned task for {body['model']}: POST answered {answer.said()}")
+            raise Failed(f"unpinned task for {body['model']}: POST answered {answer.said()}")
     where: dict[str, set[str]] = {}
     for body in bodies:
         smoke.follow(body["task_id"])
         result = smoke.result(body["task_id"])
         if result.get("status") != "succeeded":
-            raise _Failed(f"{body['task_id']} ended {result.get('status')}: {result.get('error')}")
+            raise Failed(f"{body['task_id']} ended {result.get('status')}: {result.get('error')}")
         gpu = cli_determinism.gpu_name(result.get("gpu")) or "?"
         where.setdefault(gpu, set()).add(str(result.get("pool_id")))
     used = ", ".join(f"{gpu}: {', '.join(sorted(p))}" for gpu, p in sorted(where.items()))
@@ -240,13 +106,13 @@ def _devices(pool: dict[str, Any]) -> str:
 
 
 def cancel(smoke: Smoke) -> str:
-    _need(smoke, "POST /v1/tasks", "POST /v1/tasks/{task_id}/cancel")
-    pool = _first_pool(smoke)
+    smoke_harness.need(smoke, "POST /v1/tasks", "POST /v1/tasks/{task_id}/cancel")
+    pool = smoke_harness.first_pool(smoke)
     limit = smoke.long_tokens(pool["id"])
     body = smoke.task("cancel", pool["model"], max_tokens=limit)
     answer = smoke.client.post("/v1/tasks", body)
     if answer.status != 202:
-        raise _Failed(f"POST /v1/tasks answered {answer.said()}")
+        raise Failed(f"POST /v1/tasks answered {answer.said()}")
     task_id = body["task_id"]
     before, asked, terminal = 0, None, None
     for frame in smoke.client.frames(task_id):
@@ -255,16 +121,16 @@ def cancel(smoke: Smoke) -> str:
             asked = time.monotonic()
             sent = smoke.client.post(f"/v1/tasks/{task_id}/cancel")
             if sent.status not in (200, 202):
-                raise _Failed(f"POST cancel answered {sent.said()}")
+                raise Failed(f"POST cancel answered {sent.said()}")
         terminal = frame
     stopped_ms = (time.monotonic() - (asked or time.monotonic())) * 1000
     time.sleep(0.5)  # nothing may follow the terminal frame
     again = smoke.follow(task_id)
     result = smoke.result(task_id)
     if result.get("status") != "canceled":
-        raise _Failed(f"{task_id} ended {result.get('status')}, not canceled")
+        raise Failed(f"{task_id} ended {result.get('status')}, not canceled")
     if terminal is None or again[-1].id != terminal.id or result.get("tokens_out", 0) >= limit:
-        raise _Failed(f"tokens kept coming after the cancel of {task_id}")
+        raise Failed(f"tokens kept coming after the cancel of {task_id}")
     return (
         f"canceled after {result.get('tokens_out')} of {limit} tokens; the stream ended "
         f"{stopped_ms:.0f} ms after the request with "
@@ -274,15 +140,15 @@ def cancel(smoke: Smoke) -> str:
 
 
 def backpressure(smoke: Smoke) -> str:
-    _need(smoke, "POST /v1/tasks", "POST /v1/tasks/{task_id}/cancel")
+    smoke_harness.need(smoke, "POST /v1/tasks", "POST /v1/tasks/{task_id}/cancel")
     queue = smoke.refresh().get("queue", {})
     pools = smoke.ready_pools()
     if not pools:
-        raise _Failed("no pool is Ready")
+        raise Failed("no pool is Ready")
     slots = sum(r["slots_total"] for p in pools for r in p["replicas"] if r["state"] == "Ready")
     need = int(queue.get("capacity", 0)) + slots + 1
     if need > MAX_FILL:
-        raise _NotRun(
+        raise NotRun(
             f"filling a queue of capacity {queue.get('capacity')} takes {need} tasks, more than "
             f"the smoke's {MAX_FILL}; run it against an orch.yaml with a smaller queue.capacity"
         )
@@ -300,7 +166,7 @@ def backpressure(smoke: Smoke) -> str:
                 refused = answer
                 break
             else:
-                raise _Failed(f"POST /v1/tasks answered {answer.said()} while filling the queue")
+                raise Failed(f"POST /v1/tasks answered {answer.said()} while filling the queue")
         evicted = [] if refused else [t for t in submitted if _code(smoke.result(t)) == DROPPED]
     finally:
         for task_id in submitted:
@@ -311,7 +177,7 @@ def backpressure(smoke: Smoke) -> str:
         envelope = refused.json or {}
         retry = refused.headers.get("retry-after")
         if not envelope.get("retriable") or not retry:
-            raise _Failed(f"the 429 lacks retriable or Retry-After: {refused.said()}")
+            raise Failed(f"the 429 lacks retriable or Retry-After: {refused.said()}")
         return (
             f"after {len(submitted)} tasks (capacity {queue.get('capacity')}, {slots} slots) the "
             f"next POST got 429 {envelope.get('code')}, Retry-After {retry} s, "
@@ -323,7 +189,7 @@ def backpressure(smoke: Smoke) -> str:
             f"the queue (policy {queue.get('full_policy')}) evicted {len(evicted)} task(s) with "
             "QUEUE_FULL_DROP_LRU (429 in the error table) once full; the rest were canceled"
         )
-    raise _Failed(f"{len(submitted)} tasks filled no queue: no 429 and no eviction")
+    raise Failed(f"{len(submitted)} tasks filled no queue: no 429 and no eviction")
 
 
 def _ended(smoke: Smoke, task_id: str) -> bool:
@@ -336,13 +202,13 @@ def _code(result: dict[str, Any]) -> str | None:
 
 
 def catalog_verify(smoke: Smoke) -> str:
-    _need(smoke, "GET /v1/catalog/models", "POST /v1/catalog/models/{model_id}/verify")
+    smoke_harness.need(smoke, "GET /v1/catalog/models", "POST /v1/catalog/models/{model_id}/verify")
     listed = smoke.client.get("/v1/catalog/models")
     if listed.status != 200:
-        raise _Failed(f"GET /v1/catalog/models answered {listed.said()}")
+        raise Failed(f"GET /v1/catalog/models answered {listed.said()}")
     present = [m for m in listed.json["models"] if m.get("exists")]
     if not present:
-        raise _NotRun("no model of orch.yaml has its file on disk to verify")
+        raise NotRun("no model of orch.yaml has its file on disk to verify")
     seen, bad = [], []
     for model in present:
         answer = smoke.client.post(f"/v1/catalog/models/{model['id']}/verify", timeout_s=900)
@@ -354,12 +220,12 @@ def catalog_verify(smoke: Smoke) -> str:
         if record.get("status") == "fail":
             bad.append(f"{model['id']}: {record.get('message')}")
     if bad:
-        raise _Failed("; ".join(bad))
+        raise Failed("; ".join(bad))
     return f"verified {len(seen)} model file(s): " + ", ".join(seen)
 
 
 def artifact(smoke: Smoke) -> str:
-    _need(smoke, "POST /v1/artifacts", "GET /v1/artifacts/{artifact_id}")
+    smoke_harness.need(smoke, "POST /v1/artifacts", "GET /v1/artifacts/{artifact_id}")
     document = {
         "kind": "summary",
         "content": {"smoke": smoke.run_id, "note": "reference smoke upload"},
@@ -367,15 +233,15 @@ def artifact(smoke: Smoke) -> str:
     }
     first = smoke.client.post("/v1/artifacts", document)
     if first.status not in (200, 201):
-        raise _Failed(f"POST /v1/artifacts answered {first.said()}")
+        raise Failed(f"POST /v1/artifacts answered {first.said()}")
     artifact_id = first.json["id"]
     got = smoke.client.get(f"/v1/artifacts/{artifact_id}")
     digest = "sha256:" + hashlib.sha256(got.raw).hexdigest()
     if got.status != 200 or digest != artifact_id:
-        raise _Failed(f"GET {artifact_id} answered {got.status} with a body of digest {digest}")
+        raise Failed(f"GET {artifact_id} answered {got.status} with a body of digest {digest}")
     again = smoke.client.post("/v1/artifacts", document)
     if again.status != 200 or again.json.get("id") != artifact_id:
-        raise _Failed(f"the same document again answered {again.said()}, not 200 with its id")
+        raise Failed(f"the same document again answered {again.said()}, not 200 with its id")
     return (
         f"uploaded {artifact_id[:19]}… ({first.status}, {first.json.get('size_bytes')} bytes); "
         "the download's sha256 is its id; the same upload again answered 200 with the same id"
@@ -383,8 +249,8 @@ def artifact(smoke: Smoke) -> str:
 
 
 def drain_reload(smoke: Smoke) -> str:
-    _need(smoke, "POST /v1/pools/{pool_id}/drain", "POST /v1/pools/{pool_id}/reload")
-    pool = _first_pool(smoke)
+    smoke_harness.need(smoke, "POST /v1/pools/{pool_id}/drain", "POST /v1/pools/{pool_id}/reload")
+    pool = smoke_harness.first_pool(smoke)
     pid = pool["id"]
 
     def state() -> str | None:
@@ -393,7 +259,7 @@ def drain_reload(smoke: Smoke) -> str:
     began = time.monotonic()
     answer = smoke.client.post(f"/v1/pools/{pid}/drain", {"deadline_ms": 2000})
     if answer.status not in (200, 202):
-        raise _Failed(f"drain of {pid} answered {answer.said()}")
+        raise Failed(f"drain of {pid} answered {answer.said()}")
     smoke.until(f"pool {pid} Stopped after the drain", lambda: state() == "Stopped")
     drained_ms = (time.monotonic() - began) * 1000
     refused = smoke.client.post(
@@ -401,19 +267,21 @@ def drain_reload(smoke: Smoke) -> str:
         smoke.task("drained", pool["model"], placement={"mode": "pin", "pin_pool": pid}),
     )
     if refused.status != 503:
-        raise _Failed(f"a task pinned to drained {pid} answered {refused.said()}, not 503")
+        raise Failed(f"a task pinned to drained {pid} answered {refused.said()}, not 503")
     began = time.monotonic()
-    reloaded = smoke.client.post(f"/v1/pools/{pid}/reload", {}, timeout_s=WAIT_S + 600)
+    reloaded = smoke.client.post(
+        f"/v1/pools/{pid}/reload", {}, timeout_s=smoke_harness.WAIT_S + 600
+    )
     if reloaded.status != 200:
-        raise _Failed(f"reload of {pid} answered {reloaded.said()}")
+        raise Failed(f"reload of {pid} answered {reloaded.said()}")
     smoke.until(f"pool {pid} Ready after the reload", lambda: state() == "Ready")
     reload_ms = (time.monotonic() - began) * 1000
     body = smoke.task("reloaded", pool["model"], placement={"mode": "pin", "pin_pool": pid})
     if smoke.client.post("/v1/tasks", body).status != 202:
-        raise _Failed(f"a task for reloaded {pid} was not accepted")
+        raise Failed(f"a task for reloaded {pid} was not accepted")
     smoke.follow(body["task_id"])
     if (status := smoke.result(body["task_id"]).get("status")) != "succeeded":
-        raise _Failed(f"a task on reloaded {pid} ended {status}")
+        raise Failed(f"a task on reloaded {pid} ended {status}")
     return (
         f"drained {pid} to Stopped in {drained_ms:.0f} ms (a pinned task got 503 "
         f"{refused.code}); reloaded to Ready in {reload_ms:.0f} ms; a task ran on it after"
@@ -421,7 +289,7 @@ def drain_reload(smoke: Smoke) -> str:
 
 
 def determinism_smoke(smoke: Smoke) -> str:
-    _need(smoke, "POST /v1/tasks", "GET /v1/tasks/{task_id}/events")
+    smoke_harness.need(smoke, "POST /v1/tasks", "GET /v1/tasks/{task_id}/events")
     run, verdict, streams = cli_determinism.run_suite(
         smoke.client,
         seeds=determinism.seeds(smoke.determinism_seeds),
@@ -434,12 +302,12 @@ def determinism_smoke(smoke: Smoke) -> str:
             smoke.seen_engines[lane.pool_id] = lane.engine_version
     said = cli_determinism.summary(verdict)
     if not verdict.passed:
-        raise _Failed(f"{said} (report: {bundle}/determinism.md)")
+        raise Failed(f"{said} (report: {bundle}/determinism.md)")
     return f"{smoke.determinism_seeds} seeds × {len(run.lanes)} pool(s), twice: {said}"
 
 
 def policy_and_budgets(smoke: Smoke) -> str:
-    raise _NotRun(
+    raise NotRun(
         "the daemon offers no policy hook, and session budgets are orch.yaml settings with no "
         "API to toggle them: toggle `sessions:` in orch.yaml by hand and record it"
     )

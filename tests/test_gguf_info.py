@@ -9,7 +9,7 @@ from pathlib import Path
 import gguf
 import pytest
 
-from plugins import gguf_info
+from plugins import gguf_info, gguf_reading
 from tests import tiny_gguf
 
 
@@ -114,21 +114,21 @@ def test_shared_kv_layers_keep_no_cache_of_their_own(tmp_path: Path) -> None:
 
 
 def test_kv_cache_types_have_llama_cpps_block_sizes() -> None:
-    assert gguf_info.type_bytes("f16") == 2
-    assert gguf_info.type_bytes("q8_0") == 34 / 32
-    assert gguf_info.type_bytes("Q4_0") == 18 / 32
-    assert gguf_info.type_bytes("f32") == 4
-    assert gguf_info.type_bytes("nonsense") is None
+    assert gguf_reading.type_bytes("f16") == 2
+    assert gguf_reading.type_bytes("q8_0") == 34 / 32
+    assert gguf_reading.type_bytes("Q4_0") == 18 / 32
+    assert gguf_reading.type_bytes("f32") == 4
+    assert gguf_reading.type_bytes("nonsense") is None
 
 
 def test_a_file_that_is_not_gguf_is_refused_with_what_it_starts_with(tmp_path: Path) -> None:
     path = tmp_path / "model.safetensors"
     path.write_bytes(b'{"__metadata__": {}}' + b"\0" * 64)
-    with pytest.raises(gguf_info.GgufError, match=r"model\.safetensors: not a GGUF file"):
+    with pytest.raises(gguf_reading.GgufError, match=r"model\.safetensors: not a GGUF file"):
         gguf_info.inspect(path)
     empty = tmp_path / "empty.gguf"
     empty.write_bytes(b"")
-    with pytest.raises(gguf_info.GgufError, match="not a GGUF file"):
+    with pytest.raises(gguf_reading.GgufError, match="not a GGUF file"):
         gguf_info.inspect(empty)
 
 
@@ -146,7 +146,7 @@ def test_a_truncated_file_says_where_it_was_cut(
     data = tiny.read_bytes()
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(data[:keep])
-    with pytest.raises(gguf_info.GgufError, match=f"cut.gguf: cut short in the {section}") as e:
+    with pytest.raises(gguf_reading.GgufError, match=f"cut.gguf: cut short in the {section}") as e:
         gguf_info.inspect(cut)
     assert "incomplete download or copy" in str(e.value) or "corrupt" in str(e.value)
 
@@ -156,7 +156,7 @@ def test_a_file_cut_in_its_tensor_infos_is_refused(tiny: Path, tmp_path: Path) -
     start = data.index(b"blk.1.ffn_down.weight")  # the last tensor info
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(data[: start + 5])
-    with pytest.raises(gguf_info.GgufError, match="cut short in the tensor infos"):
+    with pytest.raises(gguf_reading.GgufError, match="cut short in the tensor infos"):
         gguf_info.inspect(cut)
 
 
@@ -165,12 +165,12 @@ def test_an_unknown_version_and_an_absurd_count_are_refused(tiny: Path, tmp_path
     data[4:8] = (9).to_bytes(4, "little")
     bad = tmp_path / "v9.gguf"
     bad.write_bytes(bytes(data))
-    with pytest.raises(gguf_info.GgufError, match="GGUF version 9 is not supported"):
+    with pytest.raises(gguf_reading.GgufError, match="GGUF version 9 is not supported"):
         gguf_info.inspect(bad)
     data[4:8] = (3).to_bytes(4, "little")
     data[8:16] = (2**60).to_bytes(8, "little")  # tensors
     bad.write_bytes(bytes(data))
-    with pytest.raises(gguf_info.GgufError, match="claims 1152921504606846976 tensors"):
+    with pytest.raises(gguf_reading.GgufError, match="claims 1152921504606846976 tensors"):
         gguf_info.inspect(bad)
 
 
@@ -182,5 +182,5 @@ def test_a_file_without_its_architecture_keys_names_the_missing_key(tmp_path: Pa
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     w.close()
-    with pytest.raises(gguf_info.GgufError, match=r"bare\.gguf: missing key llama\.block_count"):
+    with pytest.raises(gguf_reading.GgufError, match=r"bare\.gguf: missing key llama\.block_count"):
         gguf_info.inspect(path)

@@ -20,6 +20,7 @@ ROOMS = ("state", "plugins", "reconciler", "schemas")
 PURE = {
     "reconciler.admission",
     "reconciler.determinism",
+    "reconciler.determinism_report",
     "reconciler.editing",
     "reconciler.estimates",
     "reconciler.openai_chunks",
@@ -89,6 +90,7 @@ IO_MODULES = {
     "reconciler.reloading",
     "reconciler.resolving",
     "reconciler.smoke_checks",
+    "reconciler.smoke_harness",
     "reconciler.smoking",
     "reconciler.streaming",
     "reconciler.taking",
