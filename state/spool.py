@@ -121,8 +121,12 @@ def incoming_names(spool: Spool, *, now: float | None = None) -> list[str]:
 
 
 def active_names(spool: Spool) -> list[str]:
-    # hidden ones too: only a claim puts anything here, so a hidden name was claimed
-    return _listing(spool.active, hidden_before=float("inf"))
+    """The task files in active/ as they will be once this thread's pending group commit is
+    done: a file whose move to done/ or failed/ is pending is not listed (else a recovery in
+    the same pass would take it a second time). Hidden ones too: only a claim puts anything
+    here, so a hidden name was claimed."""
+    names = _listing(spool.active, hidden_before=float("inf"))
+    return [name for name in names if atomic.exists(spool.active / name)]
 
 
 def _listing(folder: Path, *, hidden_before: float | None = None) -> list[str]:

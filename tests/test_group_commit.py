@@ -183,3 +183,15 @@ async def test_a_burst_of_task_files_is_queued_in_one_group_commit(
     for task_id in ids:
         assert [f.event for f in workspace.frames(task_id)][:2] == ["queued", "started"]
         assert (workspace.spool.done / f"{task_id}.task.yaml").exists()
+
+
+def test_a_task_file_whose_move_is_pending_is_no_longer_listed_as_active(tmp_path: Path) -> None:
+    """A recovery that runs in the same pass as a task's filing must not take the task file a
+    second time (it was quarantined twice, with two error records, before this)."""
+    the_spool = spool.Spool(tmp_path / "spool").ensure()
+    (the_spool.active / "a.task.json").write_text("{}")
+    (the_spool.active / "b.task.json").write_text("{}")
+    with atomic.group():
+        spool.finish(the_spool, "a.task.json", failed=True)
+        assert spool.active_names(the_spool) == ["b.task.json"]
+    assert spool.active_names(the_spool) == ["b.task.json"]
