@@ -67,18 +67,19 @@ def load_inventory(path: Path) -> desired.SimulatedInventory:
         raise InventoryError(path, loaded.errors)
     inventory = loaded.value
     errors = []
+    node = loaded.node
     if not inventory.gpus:
+        line, col = loading.locate(node, ("gpus",))  # the empty list, or the file's start
         errors.append(
             loading.LoadError(
                 str(path),
-                None,
-                None,
+                line,
+                col,
                 "gpus",
                 "lists no GPUs",
                 "add at least one GPU with index, name, uuid and vram_total_mib",
             )
         )
-    node = loaded.node
     seen: dict[int, int] = {}
     for i, gpu in enumerate(inventory.gpus):
         if gpu.index in seen:
