@@ -31,7 +31,7 @@ from reconciler import (
     tasking,
 )
 from reconciler.configuring import AppliedConfig
-from state import errors, ids, results, sessions, statusfile
+from state import atomic, errors, ids, results, sessions, statusfile
 from state.errors import ErrorCode, ErrorEnvelope
 
 log = logs.get("dispatch")
@@ -251,13 +251,14 @@ class Dispatcher:
         self.runs.pop(run.task_id, None)
         self.pools.release(running.lease)
         if run.task.session_id is not None:
-            sessions.touch(
-                self.sessions,
-                run.task.session_id,
-                now=self.clock.now(),
-                replica_id=running.replica_id,
-                tokens_out=run.result.tokens_out,
-            )
+            with atomic.group():  # joins the task's pending commit: durable after its result
+                sessions.touch(
+                    self.sessions,
+                    run.task.session_id,
+                    now=self.clock.now(),
+                    replica_id=running.replica_id,
+                    tokens_out=run.result.tokens_out,
+                )
         self.wake()
 
     def _reaped(self, task_id: ids.TaskId, job: asyncio.Task[None]) -> None:

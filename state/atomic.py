@@ -44,6 +44,7 @@ class Group:
     # renamed to it) or None (it will be gone)
     data: dict[Path, bytes | Path | None] = field(default_factory=dict)
     later: bool = False  # committed by whoever called `begin`, not at the end of a block
+    committed: bool = False  # a second commit (a flush, then the scheduled one) is a no-op
     syncs: int = 0
 
 
@@ -99,24 +100,24 @@ def commit(current: Group) -> None:
     """Sync the data the group wrote, run its renames and removals in order, sync again."""
     if _group() is current:
         _local.group = None
-    if not current.ops:
+    if current.committed or not current.ops:
         return
+    current.committed = True
     done = 0
     try:
         failpoints.hit("before_group_sync")
         _sync(current)  # every temporary file's data (and the block's other writes) on disk
         for src, dst, kind in current.ops:
-            try:
-                if dst is None:
+            if dst is None:  # a removal: gone already, or not ours, is fine (as one by one)
+                with contextlib.suppress(FileNotFoundError, IsADirectoryError, PermissionError):
                     os.unlink(src)
-                else:
-                    if kind:
-                        failpoints.hit(f"before_{kind}_rename")
+            elif not kind:  # a move: an entry gone already is fine, as rename_durable's callers
+                with contextlib.suppress(FileNotFoundError):
                     os.replace(src, dst)
-                    if kind:
-                        failpoints.hit(f"after_{kind}_rename")
-            except (FileNotFoundError, IsADirectoryError, PermissionError):
-                pass  # gone already, or not ours to remove, as done one by one
+            else:  # a write: any failure is raised, as a write outside a group would be
+                failpoints.hit(f"before_{kind}_rename")
+                os.replace(src, dst)
+                failpoints.hit(f"after_{kind}_rename")
             done += 1
         _sync(current)  # the renames themselves
     except BaseException:

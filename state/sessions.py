@@ -66,7 +66,7 @@ class SessionStore:
         out = []
         for path in sorted(self.root.glob("*.json")):
             try:
-                out.append(Session.model_validate_json(path.read_bytes()))
+                out.append(Session.model_validate_json(atomic.read_bytes(path)))
             except (OSError, ValidationError):
                 continue
         return out

@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import os
 import re
+import secrets
 import socket
 import time
 from collections.abc import Callable
@@ -267,7 +268,7 @@ def quarantine(
     then `before_move(target)` (the caller's rejected result), and the entry moves last: a
     crash in between leaves the entry where it was, to be refused again, and never a refused
     entry in failed/ that nobody explained."""
-    target = _free_name(spool.failed, safe_name(source.name))
+    target = _free_name(spool.failed, safe_name(source.name), also=".error.json")
     atomic.write_json(spool.failed / f"{target.name}.error.json", error, kind="error_record")
     if before_move is not None:
         before_move(target)
@@ -278,11 +279,17 @@ def quarantine(
     return target
 
 
-def _free_name(folder: Path, name: str) -> Path:
-    target = folder / name
-    if not atomic.exists(target):
-        return target
-    return folder / f"{time.time_ns()}-{name}"
+def _free_name(folder: Path, name: str, *, also: str | None = None) -> Path:
+    """`folder/name`, or a time-stamped variant when that is taken; with `also`, the name
+    with that suffix must be free too (an error record beside the entry never lands on
+    something already there, such as a quarantined folder of that name)."""
+    for candidate in (name, f"{time.time_ns()}-{name}"):
+        target = folder / candidate
+        if not atomic.exists(target) and (
+            also is None or not atomic.exists(folder / f"{candidate}{also}")
+        ):
+            return target
+    return folder / f"{time.time_ns()}-{secrets.token_hex(4)}-{name}"
 
 
 def name_problem(name: str) -> str | None:

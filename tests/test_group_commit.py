@@ -195,3 +195,27 @@ def test_a_task_file_whose_move_is_pending_is_no_longer_listed_as_active(tmp_pat
         spool.finish(the_spool, "a.task.json", failed=True)
         assert spool.active_names(the_spool) == ["b.task.json"]
     assert spool.active_names(the_spool) == ["b.task.json"]
+
+
+def test_a_flushed_group_is_not_committed_again(tmp_path: Path) -> None:
+    """The daemon flushes its pending group when it stops; the commit already scheduled for
+    that group must then do nothing (it would replay renames and removals by name)."""
+    the_spool = spool.Spool(tmp_path / "spool").ensure()
+    group = atomic.begin()
+    with atomic.group():
+        spool.consume_cancel(the_spool, "t1")
+    atomic.commit(group)
+    (the_spool.cancel / "t1").write_text("")  # a new request under the same id
+    atomic.commit(group)  # the scheduled commit, after the flush
+    assert (the_spool.cancel / "t1").exists()
+
+
+def test_an_error_record_never_lands_on_an_entry_already_in_failed(tmp_path: Path) -> None:
+    the_spool = spool.Spool(tmp_path / "spool").ensure()
+    (the_spool.failed / "a.task.yaml.error.json").mkdir()  # a quarantined folder of that name
+    (the_spool.incoming / "a.task.yaml").write_text("oops")
+    with atomic.group():
+        moved = spool.quarantine(the_spool, the_spool.incoming / "a.task.yaml", {"why": "x"})
+    assert moved.read_text() == "oops"
+    assert json.loads((the_spool.failed / f"{moved.name}.error.json").read_text()) == {"why": "x"}
+    assert (the_spool.failed / "a.task.yaml.error.json").is_dir()
