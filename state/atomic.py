@@ -10,8 +10,10 @@ temporary file (and every other write of the block, such as a terminal event fra
 then the renames run in the order they were asked for, then one more sync makes them durable.
 So a reader still sees a file only whole, only once its data is on disk, and a task's files
 still appear in their order (frame, result, task file moved last), for a whole batch at the
-cost of a few syncs instead of two fsyncs per write. `pending`/`read` let code inside the
-block see what it wrote. Writes from other threads are not affected.
+cost of a few syncs instead of two fsyncs per write. `exists`/`read_bytes` let the thread see
+what its pending group will write; `begin`/`commit` keep a group open past one block (the
+event loop commits once a turn). Writes from other threads are not affected.
+
 Each write names its `kind` (results, sessions, …) so a crash test can fail it at its
 failpoints (state/failpoints.py): before anything is written, with the temporary file
 complete, and just after the rename (in a group, the rename at the commit).

@@ -5,8 +5,9 @@
 Writers create files in tmp/ and rename them into incoming/ (`deliver`), so the reconciler never
 sees a partial file. The reconciler claims a file by renaming it into active/ (`claim`): rename
 is atomic, so exactly one claimer wins. Input that cannot be accepted goes to failed/ beside a
-`<name>.error.json` saying why (`quarantine`). Every rename is followed by an fsync of the
-folder, so a claim or a finish survives a crash.
+`<name>.error.json` saying why (`quarantine`). Every rename is made durable by an fsync of
+its folder (for a batch claimed together, one per folder: `claim_all`; for a finish or a
+quarantine inside a group commit, the commit's sync), so a claim or a finish survives a crash.
 
 Anyone who can write to incoming/ can put anything there: folders, FIFOs, names that are not
 UTF-8, hidden or too long for `.error.json` to fit beside them. Each such entry is claimed

@@ -91,15 +91,22 @@ async def test_the_real_server_streams_deterministic_text_for_a_seed(
     assert engine.poll_exit(handle) is not None
 
 
-async def test_the_daemon_serves_a_task_through_the_real_server(
-    workspace: Workspace, serve: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _tiny_model_on_cpu(workspace: Workspace, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """A config with the tiny random-weight model on the CPU build (the test-only switch
+    set); the caller adds its pools."""
     monkeypatch.setenv(engine_llamacpp.ALLOW_CPU_ENV, "1")
     tiny_gguf.write(workspace.root / "tiny.gguf")
     cfg = config()
     cfg["models"]["tiny"] = {"ref": "file:tiny.gguf"}
     cfg["engines"] = {"llamacpp": {"binary": str(BINARY)}}
     cfg["timeouts"]["ready_s"] = 60
+    return cfg
+
+
+async def test_the_daemon_serves_a_task_through_the_real_server(
+    workspace: Workspace, serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = _tiny_model_on_cpu(workspace, monkeypatch)
     cfg["pools"] = [{"id": "real", "engine": "llamacpp", "model": "tiny", "ctx": 512, "slots": 2}]
     workspace.write_config(cfg)
     await serve(ready=False)
@@ -116,12 +123,7 @@ async def test_the_openai_client_chats_with_the_real_server_through_the_daemon(
 ) -> None:
     import openai
 
-    monkeypatch.setenv(engine_llamacpp.ALLOW_CPU_ENV, "1")
-    tiny_gguf.write(workspace.root / "tiny.gguf")
-    cfg = config()
-    cfg["models"]["tiny"] = {"ref": "file:tiny.gguf"}
-    cfg["engines"] = {"llamacpp": {"binary": str(BINARY)}}
-    cfg["timeouts"]["ready_s"] = 60
+    cfg = _tiny_model_on_cpu(workspace, monkeypatch)
     cfg["pools"] = [{"id": "real", "engine": "llamacpp", "model": "tiny", "ctx": 512, "slots": 2}]
     workspace.write_config(cfg)
     running = await serve(ready=False)
@@ -168,12 +170,7 @@ async def test_orchctl_determinism_on_two_real_servers_is_byte_identical_per_rep
 
     from reconciler import cli
 
-    monkeypatch.setenv(engine_llamacpp.ALLOW_CPU_ENV, "1")
-    tiny_gguf.write(workspace.root / "tiny.gguf")
-    cfg = config()
-    cfg["models"]["tiny"] = {"ref": "file:tiny.gguf"}
-    cfg["engines"] = {"llamacpp": {"binary": str(BINARY)}}
-    cfg["timeouts"]["ready_s"] = 60
+    cfg = _tiny_model_on_cpu(workspace, monkeypatch)
     cfg["pools"] = [
         {"id": pid, "engine": "llamacpp", "model": "tiny", "devices": [gpu], "ctx": 256,
          "slots": 1, "flags": ["--no-cont-batching"]}
