@@ -68,13 +68,47 @@ def admit(d: dispatch.Dispatcher, run: tasking.TaskRun, *, recovered: bool) -> N
         sid, now = run.task.session_id, d.clock.now()
         sessions.count_turn(d.sessions, sid, run.task_id, now=now)
         failpoints.hit("after_session_turn")
-    start, probability = _estimate(d, entry, d.queue.ahead_of(entry.task_id))
-    d.books.queued(
-        run,
-        position=d.queue.position(entry.task_id),
-        predicted_start_ms=None if start is None else round(start),
-        on_time_probability=probability,
+    d.unannounced.append(entry)  # its `queued` frame once the whole batch is in: `announce`
+
+
+def announce(d: dispatch.Dispatcher) -> list[tuple[tasking.TaskRun, Exception]]:
+    """Write the `queued` frame and result of every task admitted since the last call, with
+    its place and predicted start in the queue as it stands now, after the whole batch: an
+    interactive task later in the same burst is already ahead of a batch task in its estimate
+    (estimated one by one, the batch task was told it would start before it). All of them are
+    estimated in one pass over the queue (`rates.Rates.predict_queued`). A task whose write
+    fails is taken out of the queue and returned with the error, for the caller to handle as
+    a failed take (a full disk: its file stays in active/ and recovery retries it)."""
+    pending, d.unannounced = d.unannounced, []
+    live = [entry for entry in pending if entry.task_id in d.queue]  # not evicted meanwhile
+    if not live:
+        return []
+    now = d.clock.monotonic()
+    busy = [(r.replica_id, r.service_ms, (now - r.started_mono) * 1000) for r in d.running.values()]
+    found = d.rates.predict_queued(
+        live,
+        d.queue.in_dispatch_order(),
+        candidates=d.pools.candidates(),
+        busy=busy,
+        deadline_in_ms=lambda e: None if e.deadline_at is None else (e.deadline_at - now) * 1000,
     )
+    failed: list[tuple[tasking.TaskRun, Exception]] = []
+    for entry in live:
+        run, estimate = entry.payload, found[entry.task_id]
+        assert isinstance(run, tasking.TaskRun)
+        try:
+            d.books.queued(
+                run,
+                position=estimate.position,
+                predicted_start_ms=None if estimate.start_ms is None else round(estimate.start_ms),
+                on_time_probability=estimate.on_time_probability,
+            )
+        except Exception as exc:  # nothing half-admitted keeps the id or sits in the queue
+            d.queue.remove(entry.task_id)
+            if d.runs.get(run.task_id) is run:
+                del d.runs[run.task_id]
+            failed.append((run, exc))
+    return failed
 
 
 def session_problem(d: dispatch.Dispatcher, run: tasking.TaskRun) -> ErrorEnvelope | None:

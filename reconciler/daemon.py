@@ -334,6 +334,7 @@ class Daemon:
             revision=self.config.revision,
             owned=owned,
         )
+        self.taker.announce()
 
     def _idle(self) -> bool:
         return (

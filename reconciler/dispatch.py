@@ -67,6 +67,8 @@ class Dispatcher:
     queue: queues.TaskQueue = field(init=False)
     runs: dict[ids.TaskId, tasking.TaskRun] = field(default_factory=dict)
     running: dict[ids.TaskId, streaming.Running] = field(default_factory=dict)
+    # admitted, their `queued` frame not yet written (`announce`, once per batch)
+    unannounced: list[queues.Entry] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.queue = queues.TaskQueue(1, "reject")
@@ -102,6 +104,10 @@ class Dispatcher:
                     self.queue.remove(ids.TaskId(run.task_id))
             raise
 
+    def announce(self) -> list[tuple[tasking.TaskRun, Exception]]:
+        """Write the `queued` frames of the batch just admitted: `admitting.announce`."""
+        return admitting.announce(self)
+
     def sweep_sessions(self) -> None:
         """Evict sessions past their TTL so the next request names the limit it hit."""
         state = self.config.state
@@ -120,6 +126,9 @@ class Dispatcher:
 
     def pump(self) -> None:
         """Place queued tasks onto free replicas; expire deadlines; fail unservable tasks."""
+        # a task starts only after its `queued` frame (the daemon announces after intake)
+        for run, exc in self.announce():
+            log.error("could not write the queued result of %s: %s", run.task_id, exc)
         self._expire_queued()
         self._fail_unservable()
         decisions: dict[str, placement.Decision] = {}

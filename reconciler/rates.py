@@ -9,7 +9,8 @@ before the first task; each measurement then goes through `estimates.observe`. N
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import heapq
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from reconciler import estimates, placement, queues
@@ -74,9 +75,54 @@ class Rates:
         queued before it, over the replicas that could serve it. `busy` holds, per running
         task, (replica id, estimated service ms, elapsed ms). Without a replica to estimate
         from, both are None: unknown, which is not "late"."""
-        lefts: dict[str, list[float]] = {}
-        for replica_id, service, elapsed in busy:
-            lefts.setdefault(replica_id, []).append(estimates.remaining_ms(service, elapsed))
+        slots, rate = self._slots(entry, candidates, _lefts(busy))
+        services = [
+            estimates.service_ms(e.max_tokens, rate) for e in ahead if e.model_id == entry.model_id
+        ]
+        start = estimates.predicted_start_ms(slots, services)
+        return start, self._on_time(entry, start, rate, deadline_in_ms)
+
+    def predict_queued(
+        self,
+        wanted: Iterable[queues.Entry],
+        order: Sequence[queues.Entry],
+        *,
+        candidates: Iterable[placement.Candidate],
+        busy: Iterable[tuple[str, float, float]],
+        deadline_in_ms: Callable[[queues.Entry], float | None],
+    ) -> dict[str, Estimate]:
+        """`predict` for every entry of `wanted`, each behind what precedes it in `order`
+        (the whole queue in dispatch order, `wanted` among it): one pass over the queue per
+        (model, pinned pool), so estimating a burst costs O(queue), not O(queue) per task."""
+        candidates, lefts = list(candidates), _lefts(busy)
+        groups: dict[tuple[str, str | None], dict[str, queues.Entry]] = {}
+        for entry in wanted:
+            groups.setdefault((entry.model_id, entry.pool_id), {})[entry.task_id] = entry
+        out: dict[str, Estimate] = {}
+        for (model_id, _), members in groups.items():
+            slots, rate = self._slots(next(iter(members.values())), candidates, lefts)
+            # the list scheduling of `estimates.predicted_start_ms`, shared along the queue
+            heap = [max(0.0, float(t)) for t in slots]
+            heapq.heapify(heap)
+            for position, e in enumerate(order):
+                member = members.get(e.task_id)
+                if member is not None:
+                    start = heap[0] if heap else None
+                    probability = self._on_time(member, start, rate, deadline_in_ms(member))
+                    out[e.task_id] = Estimate(position, start, probability)
+                if heap and e.model_id == model_id:
+                    service = max(0.0, estimates.service_ms(e.max_tokens, rate))
+                    heapq.heapreplace(heap, heap[0] + service)
+        return out
+
+    def _slots(
+        self,
+        entry: queues.Entry,
+        candidates: Iterable[placement.Candidate],
+        lefts: Mapping[str, list[float]],
+    ) -> tuple[list[float], estimates.ServiceRate]:
+        """When each slot that could serve `entry` frees (ms from now), and the speed of the
+        pool it would run on."""
         sources, pool_id = [], entry.pool_id
         for cand in candidates:
             if cand.model_id != entry.model_id or (entry.pool_id and cand.pool_id != entry.pool_id):
@@ -85,12 +131,34 @@ class Rates:
             start_in = 0.0 if cand.ready else self.startup_ms(cand.pool_id)
             mine = tuple(lefts.get(cand.replica_id, ()))
             sources.append(estimates.SlotSource(start_in, cand.slots_total, mine))
-        rate = self.rate(pool_id)
-        services = [
-            estimates.service_ms(e.max_tokens, rate) for e in ahead if e.model_id == entry.model_id
-        ]
-        start = estimates.predicted_start_ms(estimates.slot_free_times(sources), services)
+        return list(estimates.slot_free_times(sources)), self.rate(pool_id)
+
+    @staticmethod
+    def _on_time(
+        entry: queues.Entry,
+        start: float | None,
+        rate: estimates.ServiceRate,
+        deadline_in_ms: float | None,
+    ) -> float | None:
         if deadline_in_ms is None or start is None:
-            return start, None
+            return None
         service = estimates.service_ms(entry.max_tokens, rate)
-        return start, estimates.on_time_probability(start, service, deadline_in_ms)
+        return estimates.on_time_probability(start, service, deadline_in_ms)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A queued task's place in dispatch order (0-based), predicted start in ms from now and
+    on-time probability (None: unknown, or no deadline)."""
+
+    position: int
+    start_ms: float | None
+    on_time_probability: float | None
+
+
+def _lefts(busy: Iterable[tuple[str, float, float]]) -> dict[str, list[float]]:
+    """Per replica, the estimated time left of each task it runs."""
+    lefts: dict[str, list[float]] = {}
+    for replica_id, service, elapsed in busy:
+        lefts.setdefault(replica_id, []).append(estimates.remaining_ms(service, elapsed))
+    return lefts

@@ -51,6 +51,13 @@ class Taker:
         ):
             failpoints.hit("after_claim")
             self.take(path)
+        self.announce()
+
+    def announce(self) -> None:
+        """Write the `queued` frames of the tasks just taken (`dispatch.Dispatcher.announce`);
+        one whose write failed is handled as a failed take of its file."""
+        for run, exc in self.dispatcher.announce():
+            self._failed(self.the_spool.active / run.file_name, exc)
 
     def take(self, path: Path, *, recovered: results.Result | None = None) -> None:
         """Parse one claimed file and admit it, or quarantine it with the reason."""
@@ -92,16 +99,19 @@ class Taker:
             )
             self.dispatcher.admit(run, recovered=recovered is not None)
         except Exception as exc:  # never let one file take the daemon down
-            log.exception("could not take %s", path.name)
-            if isinstance(exc, OSError) and exc.errno in streaming.DISK_ERRNOS:
-                return  # a full disk, not the task's fault: left in active/, recovery retries
-            with contextlib.suppress(Exception):
-                self._refuse(
-                    path,
-                    ErrorCode.INTERNAL,
-                    message=f"internal error {type(exc).__name__}: {exc}",
-                    hint="this is a bug; please report it with the log",
-                )
+            self._failed(path, exc)
+
+    def _failed(self, path: Path, exc: Exception) -> None:
+        log.error("could not take %s", path.name, exc_info=exc)
+        if isinstance(exc, OSError) and exc.errno in streaming.DISK_ERRNOS:
+            return  # a full disk, not the task's fault: left in active/, recovery retries
+        with contextlib.suppress(Exception):
+            self._refuse(
+                path,
+                ErrorCode.INTERNAL,
+                message=f"internal error {type(exc).__name__}: {exc}",
+                hint="this is a bug; please report it with the log",
+            )
 
     def refuse_duplicate(self, path: Path, task_id: str) -> None:
         self._refuse(

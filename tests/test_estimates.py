@@ -183,3 +183,57 @@ def test_a_smoothed_rate_stays_within_the_range_of_its_samples(
         assert min(speeds) * (1 - 1e-9) <= rate.tokens_per_s <= max(speeds) * (1 + 1e-9)
         assert rate.tokens_per_s_var >= 0
         assert math.isfinite(estimates.service_ms(4096, rate))
+
+
+entries = st.lists(
+    st.tuples(
+        st.sampled_from(["ma", "mb"]),
+        st.sampled_from([None, "pa", "pb"]),
+        st.sampled_from(["interactive", "batch"]),
+        st.integers(1, 512),
+        st.none() | st.floats(-1000, 10_000),
+    ),
+    min_size=1,
+    max_size=12,
+)
+
+
+@given(entries, st.lists(st.floats(0, 5000), max_size=4), st.booleans())
+def test_estimating_the_whole_queue_at_once_gives_what_each_estimate_alone_gives(
+    specs: list[tuple[str, str | None, str, int, float | None]],
+    busy_ms: list[float],
+    pb_ready: bool,
+) -> None:
+    from reconciler import placement, queues, rates
+    from state import ids
+
+    q = queues.TaskQueue(64)
+    for n, (model, pool, priority, max_tokens, deadline) in enumerate(specs):
+        q.push(
+            queues.Entry(
+                task_id=ids.TaskId(f"t{n}"),
+                priority=priority,  # type: ignore[arg-type]
+                model_id=ids.ModelId(model),
+                pool_id=None if pool is None else ids.PoolId(pool),
+                enqueued_at=0.0,
+                max_tokens=max_tokens,
+                deadline_at=deadline,
+            )
+        )
+    cands = [
+        placement.Candidate(ids.ReplicaId(f"{p}-0"), ids.PoolId(p), ids.ModelId(m), s, 2, 0, 10_000)
+        for p, m, s in (("pa", "ma", "Ready"), ("pb", "ma", "Ready" if pb_ready else "Starting"))
+    ]
+    busy = [("pa-0", ms, ms / 3) for ms in busy_ms]
+    r = rates.Rates()
+    order = q.in_dispatch_order()
+
+    def deadline(e: queues.Entry) -> float | None:
+        return e.deadline_at
+
+    every = r.predict_queued(order, order, candidates=cands, busy=busy, deadline_in_ms=deadline)
+    for position, e in enumerate(order):
+        alone = r.predict(
+            e, order[:position], candidates=cands, busy=busy, deadline_in_ms=deadline(e)
+        )
+        assert every[e.task_id] == rates.Estimate(position, *alone)

@@ -129,3 +129,27 @@ async def test_without_watchdog_the_resync_still_delivers_every_task(
         workspace.submit(f"n{i}.task.yaml", task(f"n{i}"))
     for i in range(5):
         assert (await wait_terminal(workspace, f"n{i}"))["status"] == "succeeded"
+
+
+async def test_a_burst_is_estimated_as_a_whole_so_a_later_interactive_task_counts_as_ahead(
+    workspace: Workspace, serve: Any
+) -> None:
+    """Three batch tasks and one interactive task land together: the interactive one is
+    dispatched first, so every batch task's `queued` frame already counts it as ahead (each
+    estimated alone, as it was taken, the first batch task was told it starts at once)."""
+    await serve()
+    for name in ("b1", "b2", "b3"):
+        workspace.submit(f"{name}.task.yaml", task(name, max_tokens=8))
+    workspace.submit("i1.task.yaml", task("i1", max_tokens=8, priority="interactive"))
+    for name in ("b1", "b2", "b3", "i1"):
+        await wait_terminal(workspace, name)
+    queued = {
+        name: next(f.data for f in workspace.frames(name) if f.event == "queued")
+        for name in ("i1", "b1", "b2", "b3")
+    }
+    assert [queued[n]["queue_position"] for n in ("i1", "b1", "b2", "b3")] == [0, 1, 2, 3]
+    starts = [queued[n]["predicted_start_ms"] for n in ("i1", "b1", "b2", "b3")]
+    # two slots: the interactive task and the first batch task start at once, the next two
+    # wait for one of them, the last for the second of them too
+    assert starts[0] == 0 and starts[1] == 0
+    assert 0 < starts[2] <= starts[3]
