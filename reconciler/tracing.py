@@ -1,9 +1,11 @@
 """Trace artifacts: every finished task's transcript is stored in the artifact registry.
 
 `tasking.Books.finish` calls `Tracer.finished` once a task's terminal result is written (the
-commit point). The tracer copies what the trace needs from the result there, then reads the
-event log and stores the artifact in a worker thread, so the loop never waits on it and a task's
-end is never delayed by its trace. The daemon awaits `flush` before it stops.
+commit point). The tracer copies what the trace needs from the result there; the traces of tasks
+that end within TRACE_BATCH_S of each other are then read from their event logs and stored
+together in a worker thread (two syncs for the batch, not two fsyncs per trace), so the loop
+never waits on them and a task's end is never delayed by its trace. The daemon awaits `flush`
+before it stops.
 
 A trace is `{kind: trace, tags: [sse, task:<id>, session:<id>], content: {task_id, frames},
 metadata: {pool, replica, engine, engine_version, model, model_digest, seed, tokens_out,
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +28,29 @@ from state import artifacts, events
 log = logs.get("tasks")
 
 
+TRACE_BATCH_S = 0.05  # traces of tasks that end within this long are stored together
+
+
+@dataclass(frozen=True)
+class _Trace:
+    task_id: str
+    log_path: Path
+    tags: list[str]
+    metadata: dict[str, Any]
+    correlation_id: str | None
+
+
 class Tracer:
     def __init__(self, store: artifacts.ArtifactStore, clock: clocks.Clock) -> None:
         self.store = store
         self.clock = clock
-        self.pending: set[asyncio.Task[None]] = set()
+        self.waiting: list[_Trace] = []  # finished, to go in the next batch
+        self.pending: set[asyncio.Task[None]] = set()  # batches being written
+        self._timer: asyncio.TimerHandle | None = None
 
     def finished(self, run: tasking.TaskRun) -> None:
-        """A task's terminal result is written: store its trace, off the loop."""
+        """A task's terminal result is written: store its trace with the next batch, off
+        the loop."""
         result = run.result
         if result.status == "rejected":
             return
@@ -52,54 +70,83 @@ class Tracer:
             "error": result.error.model_dump(mode="json") if result.error else None,
             "attempts": result.attempts,
         }
-        write = (run.task_id, run.log.path, tags, metadata, run.task.correlation_id)
+        trace = _Trace(run.task_id, run.log.path, tags, metadata, run.task.correlation_id)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no loop (a test driving Books directly): write it now
-            self.write(*write)
+            self.write([trace])
             return
-        job = loop.create_task(asyncio.to_thread(self.write, *write), name=f"trace:{run.task_id}")
+        self.waiting.append(trace)
+        if self._timer is None:
+            self._timer = loop.call_later(TRACE_BATCH_S, self._start)
+
+    def _start(self) -> None:
+        """Hand the waiting traces to a worker thread as one batch."""
+        self._timer = None
+        batch, self.waiting = self.waiting, []
+        if not batch:
+            return
+        job = asyncio.get_running_loop().create_task(
+            asyncio.to_thread(self.write, batch), name=f"traces:{batch[0].task_id}+{len(batch)}"
+        )
         self.pending.add(job)
         job.add_done_callback(self.pending.discard)
 
-    def write(
-        self,
-        task_id: str,
-        log_path: Path,
-        tags: list[str],
-        meta: dict[str, Any],
-        correlation_id: str | None = None,
-    ) -> None:
-        cid = correlation_id or task_id  # lines about a task carry its request's id
+    def write(self, batch: list[_Trace]) -> None:
+        """Store a batch of traces, made durable together (`ArtifactStore.put_many`)."""
+        kept: list[_Trace] = []
+        documents: list[artifacts.Artifact] = []
+        for trace in batch:
+            try:
+                frames = events.read_dicts(trace.log_path)
+                documents.append(
+                    artifacts.Artifact(
+                        kind="trace",
+                        content={"task_id": trace.task_id, "frames": frames},
+                        tags=trace.tags,
+                        metadata=trace.metadata,
+                    )
+                )
+            except (OSError, ValueError) as exc:
+                self._failed(trace, exc)
+                continue
+            kept.append(trace)
         try:
-            frames = [f.model_dump(mode="json") for f in events.read(log_path)]
-            document = artifacts.Artifact(
-                kind="trace",
-                content={"task_id": task_id, "frames": frames},
-                tags=tags,
-                metadata=meta,
-            )
-            record, _ = self.store.put(document, created_at=clocks.rfc3339(self.clock.now()))
-        except (OSError, ValueError) as exc:  # ArtifactProblem is a ValueError
+            stored = self.store.put_many(documents, created_at=clocks.rfc3339(self.clock.now()))
+        except OSError as exc:
+            for trace in kept:
+                self._failed(trace, exc)
+            return
+        for trace, outcome in zip(kept, stored, strict=True):
+            if isinstance(outcome, artifacts.ArtifactProblem):
+                self._failed(trace, outcome)
+                continue
+            record, _ = outcome
             logs.emit(
                 log,
-                "task.trace_failed",
-                f"Could not store the trace of task {task_id}: {exc}",
-                level=30,
-                task_id=task_id,
-                correlation_id=cid,
+                "task.traced",
+                f"Stored the trace of task {trace.task_id} as artifact {record.id}.",
+                artifact_id=record.id,
+                task_id=trace.task_id,
+                correlation_id=trace.correlation_id or trace.task_id,
             )
-            return
+
+    def _failed(self, trace: _Trace, exc: Exception) -> None:
         logs.emit(
             log,
-            "task.traced",
-            f"Stored the trace of task {task_id} as artifact {record.id}.",
-            artifact_id=record.id,
-            task_id=task_id,
-            correlation_id=cid,
+            "task.trace_failed",
+            f"Could not store the trace of task {trace.task_id}: {exc}",
+            level=30,
+            task_id=trace.task_id,
+            # lines about a task carry its request's id
+            correlation_id=trace.correlation_id or trace.task_id,
         )
 
     async def flush(self) -> None:
-        """Wait for the traces still being written (the daemon, before it stops)."""
+        """Write what waits and wait for every batch still being written (the daemon,
+        before it stops)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._start()
         with contextlib.suppress(Exception):
             await asyncio.gather(*list(self.pending), return_exceptions=True)

@@ -107,24 +107,52 @@ class ArtifactStore:
     def put(self, document: Artifact, *, created_at: str) -> tuple[StoredArtifact, bool]:
         """Store `document` unless it is stored already; (the record, True when new).
         Raises ArtifactProblem for a document that cannot be stored."""
+        record = self._record(document, created_at)
+        existing = self.get(record.id)
+        if existing is not None:
+            return existing, False
+        self.root.mkdir(parents=True, exist_ok=True)
+        if atomic.create_bytes(self.path(record.id), encode(record)):
+            return record, True
+        # another writer stored the same document a moment ago: theirs is the record
+        return self.get(record.id) or record, False
+
+    def put_many(
+        self, documents: list[Artifact], *, created_at: str
+    ) -> list[tuple[StoredArtifact, bool] | ArtifactProblem]:
+        """`put` for each document, made durable together (`atomic.create_many`: two syncs
+        for the batch); per document its (record, new) or the problem that kept it out. An
+        OSError (a full disk) is raised for the whole batch."""
+        out: list[tuple[StoredArtifact, bool] | ArtifactProblem] = []
+        fresh: list[tuple[int, StoredArtifact]] = []
+        for document in documents:
+            try:
+                record = self._record(document, created_at)
+            except ArtifactProblem as problem:
+                out.append(problem)
+                continue
+            existing = self.get(record.id)
+            out.append((existing, False) if existing is not None else (record, True))
+            if existing is None:
+                fresh.append((len(out) - 1, record))
+        if fresh:
+            self.root.mkdir(parents=True, exist_ok=True)
+            created = atomic.create_many([(self.path(r.id), encode(r)) for _, r in fresh])
+            for (index, record), new in zip(fresh, created, strict=True):
+                if not new:  # stored a moment ago (by another writer, or twice in the batch)
+                    out[index] = (self.get(record.id) or record, False)
+        return out
+
+    def _record(self, document: Artifact, created_at: str) -> StoredArtifact:
         data = canonical(document)
         if len(data) > MAX_DOCUMENT_BYTES:
             raise ArtifactProblem(
                 f"the document is {len(data)} bytes as canonical JSON; at most "
                 f"{MAX_DOCUMENT_BYTES} are stored"
             )
-        artifact_id = id_of(data)
-        existing = self.get(artifact_id)
-        if existing is not None:
-            return existing, False
-        record = StoredArtifact(
-            id=artifact_id, created_at=created_at, size_bytes=len(data), document=document
+        return StoredArtifact(
+            id=id_of(data), created_at=created_at, size_bytes=len(data), document=document
         )
-        self.root.mkdir(parents=True, exist_ok=True)
-        if atomic.create_bytes(self.path(artifact_id), encode(record)):
-            return record, True
-        # another writer stored the same document a moment ago: theirs is the record
-        return self.get(artifact_id) or record, False
 
     def get(self, artifact_id: str) -> StoredArtifact | None:
         """The stored record, or None when there is none (or its file does not check out)."""

@@ -126,6 +126,16 @@ def read(path: Path, *, after: int = 0) -> Iterator[EventFrame]:
         return
 
 
+def read_dicts(path: Path) -> list[dict[str, Any]]:
+    """Every complete frame as the JSON object written (a torn last line is ignored): for
+    copying a log whole, without validating frames this module wrote itself."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    return [json.loads(raw) for raw in data[: data.rfind(b"\n") + 1].splitlines() if raw.strip()]
+
+
 def _recover(path: Path) -> tuple[int, bool]:
     try:
         data = path.read_bytes()

@@ -111,6 +111,9 @@ class ResultStore:
 
 
 def encode(result: Result) -> bytes:
-    return (
-        json.dumps(result.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n"
-    ).encode()
+    try:  # pydantic's own encoder: the same JSON as below, several times faster
+        return result.model_dump_json(indent=2).encode() + b"\n"
+    except ValueError:  # what it refuses (a lone surrogate) fails as it always did
+        return (
+            json.dumps(result.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n"
+        ).encode()

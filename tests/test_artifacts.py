@@ -80,6 +80,30 @@ def test_documents_that_cannot_be_stored_are_refused_with_the_reason(tmp_path: P
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_batch_is_stored_together_and_each_document_gets_its_own_outcome(
+    tmp_path: Path,
+) -> None:
+    store = artifacts.ArtifactStore(tmp_path)
+    kept, _ = store.put(_doc(), created_at="2026-01-01T00:00:00Z")
+    before = store.path(kept.id).read_bytes()
+    batch = [
+        _doc(),  # stored already: its first record is kept
+        _doc(kind="summary"),
+        _doc(content={"x": float("nan")}),  # refused, the rest still stored
+        _doc(kind="summary"),  # twice in one batch: one file
+    ]
+    outcomes = store.put_many(batch, created_at="2026-02-02T00:00:00Z")
+    assert outcomes[0] == (kept, False) and store.path(kept.id).read_bytes() == before
+    note, created = outcomes[1]  # type: ignore[misc]
+    assert created and store.get(note.id) == note
+    assert isinstance(outcomes[2], artifacts.ArtifactProblem)
+    assert "number JSON cannot carry" in str(outcomes[2])
+    assert outcomes[3] == (note, False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        store.path(r.id).name for r in (kept, note)
+    )  # no temporary file left
+
+
 def test_a_tampered_file_is_not_served(tmp_path: Path) -> None:
     store = artifacts.ArtifactStore(tmp_path)
     record, _ = store.put(_doc(), created_at="t")
