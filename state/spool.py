@@ -185,7 +185,12 @@ def claim_all(spool: Spool, names: list[str]) -> list[Path | OSError | None]:
     if changed:
         atomic.fsync_dir(spool.active)
         for source in linked:
-            os.unlink(source)
+            # a producer may have renamed a new file onto this name since it was linked:
+            # that one is not claimed, so it stays for the next pass (a race of the width
+            # of this check remains: a rename between the lstat and the unlink)
+            if _same_file(source, spool.active / source.name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(source)
         atomic.fsync_dir(spool.incoming)
     return out
 

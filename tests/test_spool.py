@@ -98,6 +98,30 @@ def test_only_one_claimer_wins(the_spool: spool.Spool) -> None:
     assert spool.claim(the_spool, "a.task.yaml") is None
 
 
+def test_a_file_renamed_onto_a_name_being_claimed_is_left_for_the_next_claim(
+    the_spool: spool.Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between linking a burst into active/ and removing the incoming names, a producer
+    renames a new file onto one of them: the new file is not the one claimed, so it must not
+    be removed with the old name."""
+    spool.deliver(the_spool, b"old", name="a.task.yaml")
+    real_fsync_dir = spool.atomic.fsync_dir
+
+    def producer_renames(folder: Path) -> None:
+        real_fsync_dir(folder)
+        if folder == the_spool.active:
+            fresh = the_spool.tmp / "a.part"
+            fresh.write_bytes(b"new")
+            os.rename(fresh, the_spool.incoming / "a.task.yaml")
+
+    monkeypatch.setattr(spool.atomic, "fsync_dir", producer_renames)
+    [claimed] = spool.claim_all(the_spool, ["a.task.yaml"])
+    monkeypatch.undo()
+    assert claimed == the_spool.active / "a.task.yaml"
+    assert claimed.read_bytes() == b"old"
+    assert (the_spool.incoming / "a.task.yaml").read_bytes() == b"new"
+
+
 def test_incoming_is_listed_oldest_first(the_spool: spool.Spool) -> None:
     for i, name in enumerate(("b.task.yaml", "a.task.yaml", "c.task.yaml")):
         path = spool.deliver(the_spool, b"x", name=name)
