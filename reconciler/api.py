@@ -10,11 +10,12 @@ can crash the server (an unexpected error is a 500 INTERNAL envelope and a log l
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,9 @@ class Backend:
     wake: Callable[[], None]
     metrics: metrics.Metrics  # the daemon's Prometheus series (GET /metrics)
     queue_position: Callable[[ids.TaskId], int | None] = lambda task_id: None  # None: not queued
+    # returns once every task write made so far is on disk (a frame is published before the
+    # group commit that writes its result: tasking.Books.settled)
+    settled: Callable[[], Awaitable[None]] = field(default=lambda: asyncio.sleep(0))
 
 
 class ApiError(Exception):

@@ -233,8 +233,12 @@ async def _after(
     request: web.Request, frames: _Frames, first: events.EventFrame | None, wait_s: float
 ) -> AsyncIterator[events.EventFrame | None]:
     """`first`, then the task's frames up to the terminal one; None after each `wait_s`
-    without a frame. Ends early when the client is gone."""
+    without a frame. Ends early when the client is gone. The terminal frame comes once the
+    result it ends with is on disk."""
+    settled = request.app[BACKEND].settled
     if first is not None:
+        if first.terminal:
+            await settled()
         yield first
         if first.terminal:
             return
@@ -243,6 +247,8 @@ async def _after(
             frame = await frames.next(wait_s)
         except StopAsyncIteration:
             return
+        if frame is not None and frame.terminal:
+            await settled()
         yield frame
         if frame is not None and frame.terminal:
             return

@@ -52,6 +52,7 @@ async def start(d: daemon.Daemon) -> api.Server:
         wake=d.wake,
         metrics=d.metrics,
         queue_position=queue_position,
+        settled=d.books.settled,
     )
     routes = [
         api_tasks.add_routes,

@@ -90,6 +90,8 @@ async def post_task(request: web.Request) -> web.StreamResponse:
         first = await _first_frame(sub)
     finally:
         backend.hub.unsubscribe(sub)
+    if first is not None:
+        await backend.settled()  # the answer's result file (queued or rejected) is on disk
     links = {
         "events_url": f"/v1/tasks/{task_id}/events",
         "result_url": f"/v1/tasks/{task_id}",
@@ -214,6 +216,8 @@ async def task_events(request: web.Request) -> web.StreamResponse:
                 if first:
                     chunk = f"retry: {RETRY_MS}\n" + chunk
                     first = False
+                if batch[-1].terminal:  # sent once the result it ends with is on disk
+                    await backend.settled()
                 await stream.write(chunk.encode())
                 if batch[-1].terminal:
                     finished = True

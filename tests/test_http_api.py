@@ -114,6 +114,27 @@ async def test_a_stream_joined_while_the_task_runs_sees_every_later_frame_once(
     assert len(ids) == len(workspace.frames("live")) - 2
 
 
+async def test_once_the_terminal_frame_arrives_the_result_file_is_final(
+    workspace: Workspace, serve: Any
+) -> None:
+    """A client that reads the stream to its end and then looks at the result (over HTTP or
+    on disk) finds the final status: the terminal frame is sent only once that result is
+    written, not when the frame itself is logged."""
+    running = await serve()
+    base = _url(running)
+    async with aiohttp.ClientSession() as session:
+        for n in range(6):
+            async with session.post(f"{base}/v1/tasks", json=task(f"fin{n}", max_tokens=3)) as r:
+                assert r.status == 202
+                assert workspace.result(f"fin{n}") is not None  # the queued result is there
+            async with session.get(f"{base}/v1/tasks/fin{n}/events") as response:
+                async for frame in _sse(response):
+                    if frame.get("event") in ("end", "error"):
+                        result = workspace.result(f"fin{n}")  # at once, before anything else
+                        assert result is not None and result["status"] == "succeeded", result
+                        break
+
+
 async def test_bad_requests_get_the_envelope_with_the_right_status(
     workspace: Workspace, serve: Any
 ) -> None:
