@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from reconciler import clocks, configuring, dispatch, intake, logs, streaming, tasking
@@ -34,13 +34,20 @@ class Taker:
     clock: clocks.Clock
     wake: Callable[[], None]
 
+    # the rest of a burst's listing, oldest first: the next passes claim from it instead of
+    # listing (and stat-ing) every waiting file again for each batch
+    backlog: list[str] = field(default_factory=list)
+
     def claim_batch(self) -> None:
         """Claim and take up to INTAKE_PER_PASS files from incoming/, oldest first."""
-        names = spool.incoming_names(self.the_spool)
-        if len(names) > INTAKE_PER_PASS:
+        if not self.backlog:
+            self.backlog.extend(spool.incoming_names(self.the_spool))
+        names = self.backlog[:INTAKE_PER_PASS]
+        del self.backlog[:INTAKE_PER_PASS]
+        if self.backlog:
             # a burst of files: take a batch, dispatch it, come straight back for the rest,
-            # so work starts (and status and cancels move) while the burst is admitted
-            names = names[:INTAKE_PER_PASS]
+            # so work starts (and status and cancels move) while the burst is admitted;
+            # files that arrive meanwhile are newer, so they come after it anyway
             self.wake()
         for path in intake.claim_all(  # one fsync per spool folder for the whole batch
             the_spool=self.the_spool,

@@ -218,3 +218,40 @@ def test_an_error_record_never_lands_on_an_entry_already_in_failed(tmp_path: Pat
     assert moved.read_text() == "oops"
     assert json.loads((the_spool.failed / f"{moved.name}.error.json").read_text()) == {"why": "x"}
     assert (the_spool.failed / "a.task.yaml.error.json").is_dir()
+
+
+async def test_a_burst_is_listed_once_and_claimed_in_batches_oldest_first(
+    workspace: Workspace, serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """150 task files at once: the claimer lists incoming/ once for the whole burst (each
+    listing stats every waiting file) and takes it INTAKE_PER_PASS at a time, oldest first."""
+    from reconciler import taking
+
+    listings: list[int] = []
+    real_names = spool.incoming_names
+
+    def counted(the_spool: spool.Spool, **kw: Any) -> list[str]:
+        names = real_names(the_spool, **kw)
+        listings.append(len(names))
+        return names
+
+    monkeypatch.setattr(taking.spool, "incoming_names", counted)
+    workspace.write_config(config(queue={"capacity": 200, "full_policy": "reject"}))
+    await serve()
+    ids = [f"q{i:03d}" for i in range(150)]
+    for n, task_id in enumerate(ids):
+        part = workspace.spool.tmp / f"{task_id}.task.yaml"
+        part.write_text(yaml.safe_dump(task(task_id, max_tokens=1)))
+        os.utime(part, ns=(10**18 + n, 10**18 + n))  # the order they were written in
+    listings.clear()
+    for task_id in ids:
+        os.rename(
+            workspace.spool.tmp / f"{task_id}.task.yaml",
+            workspace.spool.incoming / f"{task_id}.task.yaml",
+        )
+    finished = [await wait_terminal(workspace, t, 30) for t in ids]
+    assert {r["status"] for r in finished} == {"succeeded"}
+    big = [n for n in listings if n > taking.INTAKE_PER_PASS]
+    assert len(big) == 1, listings  # one listing saw more than one batch: the burst's
+    accepted = [r["timings"]["accepted_at"] for r in finished]
+    assert accepted == sorted(accepted)  # claimed oldest first, batch after batch
