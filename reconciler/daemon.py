@@ -228,9 +228,11 @@ class Daemon:
 
     async def _serve(self) -> int:
         loop = asyncio.get_running_loop()
-        folders = [self.config.path.parent, self.spool.incoming, self.spool.cancel]
+        drops = [self.spool.incoming, self.spool.cancel]
         watcher = (
-            watching.start(loop, self.wake_event, folders, self.config.renamed)
+            watching.start(
+                loop, self.wake_event, [self.config.path.parent], self.config.renamed, drops=drops
+            )
             if self.options.watch
             else None
         )

@@ -153,3 +153,33 @@ async def test_a_burst_is_estimated_as_a_whole_so_a_later_interactive_task_count
     # wait for one of them, the last for the second of them too
     assert starts[0] == 0 and starts[1] == 0
     assert 0 < starts[2] <= starts[3]
+
+
+async def test_a_drop_folder_wakes_the_loop_on_arrivals_and_not_on_the_daemons_own_claims(
+    tmp_path: Any,
+) -> None:
+    """The watcher wakes the loop for a file renamed into incoming/, and does not wake it
+    (nor spend its threads) for what claiming that file does there: a link and an unlink."""
+    import asyncio
+    import os
+
+    from reconciler import watching
+
+    drop, active = tmp_path / "incoming", tmp_path / "active"
+    drop.mkdir()
+    active.mkdir()
+    woke = asyncio.Event()
+    observer = watching.start(asyncio.get_running_loop(), woke, [], drops=[drop])
+    try:
+        (tmp_path / "a.part").write_text("{}")
+        os.rename(tmp_path / "a.part", drop / "a.task.json")
+        await asyncio.wait_for(woke.wait(), 5)
+        await asyncio.sleep(0.3)  # anything else the arrival caused
+        woke.clear()
+        os.link(drop / "a.task.json", active / "a.task.json")
+        os.unlink(drop / "a.task.json")
+        await asyncio.sleep(0.5)
+        assert not woke.is_set()
+    finally:
+        observer.stop()
+        observer.join(5)
