@@ -14,6 +14,10 @@ they land "at once". The clock starts before the first rename.
 Both are watched by a process of its own (`benchmarks.intake_watch`, polling every 5 ms, 20 ms
 once all are admitted), as a user's watcher would be: listing folders of thousands of files
 in the daemon's own process took about a tenth of its CPU time from it.
+
+Also counted: the daemon's fsync and syncfs calls per task, until all are admitted and until
+all are terminal. The throughput ratios compare with the disk's rate; this shows how many
+durable syncs a task costs whatever the disk (one `atomic.write_bytes` alone costs two).
 """
 
 from __future__ import annotations
@@ -52,6 +56,35 @@ def _config() -> dict[str, Any]:
         ],
         queue_capacity=2000,
     )
+
+
+class _SyncCount:
+    """Counts, with their times, the fsync and syncfs calls made in this process (the daemon
+    runs in it) from now until `stop`: how many durable syncs the tasks cost."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._fsync, self._syncfs = os.fsync, atomic._syncfs
+
+        def fsync(fd: Any) -> None:
+            self.times.append(time.monotonic())
+            self._fsync(fd)
+
+        def syncfs(fd: int) -> int:
+            self.times.append(time.monotonic())
+            result: int = self._syncfs(fd)
+            return result
+
+        os.fsync = fsync
+        if self._syncfs is not None:
+            atomic._syncfs = syncfs
+
+    def stop(self) -> None:
+        os.fsync = self._fsync
+        atomic._syncfs = self._syncfs
+
+    def until(self, when: float) -> int:
+        return sum(1 for t in self.times if t <= when)
 
 
 def durable_writes_per_s(folder: Path, n: int = DISK_WRITES) -> float:
@@ -108,6 +141,7 @@ async def run(bench: report.BenchResult, *, quick: bool) -> None:
                 stderr=asyncio.subprocess.PIPE,
             )
             await asyncio.sleep(0.5)  # the watcher's interpreter started and waiting
+            syncs = _SyncCount()
             t0 = time.monotonic()
             for part, target in staged:
                 os.rename(part, target)
@@ -123,6 +157,7 @@ async def run(bench: report.BenchResult, *, quick: bool) -> None:
                     raise BenchError("the watcher process did not finish")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(watcher.wait(), 0.5)
+            syncs.stop()
             out, err = await watcher.communicate()
             if watcher.returncode != 0:
                 raise BenchError(f"the watcher process failed: {err.decode()[-500:]}")
@@ -154,6 +189,13 @@ async def run(bench: report.BenchResult, *, quick: bool) -> None:
         "end to end ÷ disk writes/s", n / terminal_s / disk, "ratio", report.Target(">=", 0.5)
     )
     bench.add("all terminal after", terminal_s * 1000, "ms")
+    bench.add(
+        "syncs per task: until all admitted",
+        syncs.until(t0 + admitted_s) / n,
+        "syncs",
+        note="fsync + syncfs calls of the daemon ÷ tasks",
+    )
+    bench.add("syncs per task: end to end", syncs.until(t0 + terminal_s) / n, "syncs")
     bench.add("succeeded", float(statuses["succeeded"]), "tasks", report.Target(">=", float(n)))
     bench.details.update(
         {
