@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from reconciler import admission, queues, tasking
-from state import errors, failpoints, ids, sessions
+from state import errors, failpoints, ids, results, sessions
 from state.errors import ErrorCode, ErrorEnvelope
 
 if TYPE_CHECKING:
@@ -102,6 +102,7 @@ def announce(d: dispatch.Dispatcher) -> list[tuple[tasking.TaskRun, Exception]]:
                 position=estimate.position,
                 predicted_start_ms=None if estimate.start_ms is None else round(estimate.start_ms),
                 on_time_probability=estimate.on_time_probability,
+                budgets=_budgets(d, run),
             )
         except Exception as exc:  # nothing half-admitted keeps the id or sits in the queue
             d.queue.remove(entry.task_id)
@@ -109,6 +110,15 @@ def announce(d: dispatch.Dispatcher) -> list[tuple[tasking.TaskRun, Exception]]:
                 del d.runs[run.task_id]
             failed.append((run, exc))
     return failed
+
+
+def _budgets(d: dispatch.Dispatcher, run: tasking.TaskRun) -> results.Budgets | None:
+    """What the task's session has left, its turn counted (None without a session)."""
+    sid, state = run.task.session_id, d.config.state
+    if sid is None or state is None:
+        return None
+    session = d.sessions.get(sid)
+    return None if session is None else sessions.budgets(session, state.sessions, now=d.clock.now())
 
 
 def session_problem(d: dispatch.Dispatcher, run: tasking.TaskRun) -> ErrorEnvelope | None:

@@ -108,13 +108,21 @@ async def post_task(request: web.Request) -> web.StreamResponse:
         "queue_position": data.get("queue_position"),
         "predicted_start_ms": data.get("predicted_start_ms"),
         "on_time_probability": data.get("on_time_probability"),
+        "budgets": data.get("budgets"),
         "backoff_ms": 0,
         **links,
     }
     response = web.json_response(answer, status=202)
+    response.headers.update(_budget_headers(data.get("budgets")))
     response.headers["X-Task-Id"] = task_id
     response.headers["Location"] = links["result_url"]
     return response
+
+
+def _budget_headers(budgets: Any) -> dict[str, str]:
+    """`X-Budget-Tokens-Remaining` for a session task whose session has a token budget."""
+    tokens = budgets.get("tokens_budget_remaining") if isinstance(budgets, dict) else None
+    return {} if tokens is None else {"X-Budget-Tokens-Remaining": str(tokens)}
 
 
 async def deliver(request: web.Request, task: tasks.TaskFile) -> fanout.Subscription:
@@ -205,6 +213,9 @@ async def task_events(request: web.Request) -> web.StreamResponse:
         "X-Accel-Buffering": "no",
         "Cache-Control": "no-cache",
     }
+    known = await asyncio.to_thread(backend.results.read, task_id)
+    if known is not None and known.budgets is not None:  # as at the task's acceptance
+        headers.update(_budget_headers(known.budgets.model_dump()))
     finished = False
     try:
         async with sse_response(request, headers=headers, ping_interval=PING_S) as stream:

@@ -75,7 +75,7 @@ class Printer:
             if text:
                 self.mid_line = not text.endswith("\n")
         elif frame.event == "queued":
-            self.line(f"[queued at position {d.get('queue_position')}{_predicted(d)}]")
+            self.line(f"[queued at position {d.get('queue_position')}{_predicted(d)}{_budgets(d)}]")
         elif frame.event == "started":
             attempt = d.get("attempt")
             again = f", attempt {attempt}" if isinstance(attempt, int) and attempt > 1 else ""
@@ -101,6 +101,20 @@ class Printer:
 def _predicted(d: dict[str, Any]) -> str:
     ms = d.get("predicted_start_ms")
     return f", predicted start {ms} ms" if isinstance(ms, int | float) else ""
+
+
+def _budgets(d: dict[str, Any]) -> str:
+    """`; session s1: 7 turns, 900 tokens, 600 s left` for a session task."""
+    b = d.get("budgets")
+    if not isinstance(b, dict):
+        return ""
+    parts = [f"{b.get('turns_remaining')} turns"]
+    if b.get("tokens_budget_remaining") is not None:
+        parts.append(f"{b['tokens_budget_remaining']} tokens")
+    ttl = b.get("ttl_ms_remaining")
+    if isinstance(ttl, int | float):
+        parts.append(f"{ttl / 1000:.0f} s")
+    return f"; session {b.get('session_id')}: {', '.join(parts)} left"
 
 
 @dataclass(frozen=True)

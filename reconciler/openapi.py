@@ -49,6 +49,7 @@ ADMISSION = {
         "queue_position": {"type": ["integer", "null"]},
         "predicted_start_ms": {"type": ["integer", "null"]},
         "on_time_probability": {"type": ["number", "null"]},
+        "budgets": {"anyOf": [{"$ref": "#/components/schemas/Budgets"}, {"type": "null"}]},
         "backoff_ms": {"type": "integer"},
         "events_url": {"type": "string"},
         "result_url": {"type": "string"},

@@ -310,17 +310,20 @@ def _metrics(running: Running, deps: Deps) -> None:
             0.0, left / rate.tokens_per_s * 1000, (run.deadline_mono - now) * 1000
         )
     tokens_per_s = running.tokens_out / (elapsed_ms / 1000) if elapsed_ms > 0 else 0.0
-    deps.books.frame(
-        run,
-        "metrics",
-        {
-            "queue_depth": deps.queue_depth(),
-            "on_time_probability": probability,
-            "tokens_out": running.tokens_out,
-            "tokens_per_s": round(tokens_per_s, 2),
-            "elapsed_ms": int(elapsed_ms),
-        },
-    )
+    data: dict[str, object] = {
+        "queue_depth": deps.queue_depth(),
+        "on_time_probability": probability,
+        "tokens_out": running.tokens_out,
+        "tokens_per_s": round(tokens_per_s, 2),
+        "elapsed_ms": int(elapsed_ms),
+    }
+    budgets = run.result.budgets
+    if budgets is not None and budgets.tokens_budget_remaining is not None:
+        # the session's token budget as of this task's acceptance, less what it made so far
+        data["tokens_budget_remaining"] = max(
+            0, budgets.tokens_budget_remaining - running.tokens_out
+        )
+    deps.books.frame(run, "metrics", data)
 
 
 class _Deadline(Exception):

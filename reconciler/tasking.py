@@ -25,6 +25,7 @@ from typing import Any, TypedDict
 from reconciler import clocks, fanout, logs
 from state import atomic, events, failpoints, ids, results, spool, tasks
 from state.errors import ErrorEnvelope
+from state.results import Budgets
 
 log = logs.get("tasks")
 
@@ -162,6 +163,7 @@ class Books:
         position: int,
         predicted_start_ms: int | None,
         on_time_probability: float | None,
+        budgets: Budgets | None = None,
     ) -> None:
         """The task is admitted: its `queued` frame, then its result."""
         result = run.result
@@ -169,6 +171,7 @@ class Books:
         result.queue_position = position
         result.predicted_start_ms = predicted_start_ms
         result.on_time_probability = on_time_probability
+        result.budgets = budgets
         self.frame(
             run,
             "queued",
@@ -177,6 +180,7 @@ class Books:
                 "predicted_start_ms": predicted_start_ms,
                 "on_time_probability": on_time_probability,
                 "attempt": result.attempts,
+                "budgets": None if budgets is None else budgets.model_dump(),
             },
         )
         self.save(run)

@@ -35,6 +35,20 @@ class Timings(BaseModel):
     decode_time_ms: int | None = None
 
 
+class Budgets(BaseModel):
+    """What a session task's session has left once this task was accepted (HME-020)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    session_id: str
+    turns_remaining: int = Field(description="turns the session may still take after this one")
+    tokens_budget_remaining: int | None = Field(
+        description="tokens out the session may still produce (this task's included); null "
+        "when orch.yaml sets no token_budget"
+    )
+    ttl_ms_remaining: int = Field(description="how long the session lives without another use")
+
+
 class Result(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -44,6 +58,7 @@ class Result(BaseModel):
     queue_position: int | None = None
     predicted_start_ms: int | None = None
     on_time_probability: float | None = None
+    budgets: Budgets | None = Field(None, description="a session task's session budgets")
     kv_warmth: bool | None = None
     pool_id: str | None = None
     replica_id: str | None = None

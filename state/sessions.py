@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from state import atomic, desired, errors, ids
+from state import atomic, desired, errors, ids, results
 from state.errors import ErrorCode
 
 Eviction = Literal["expired", "turns", "budget"]
@@ -85,6 +85,19 @@ def limit_reached(
     if token_budget is not None and session.tokens_out >= token_budget:
         return "budget"
     return None
+
+
+def budgets(session: Session, limits: desired.SessionsConfig, *, now: float) -> results.Budgets:
+    """What `session` has left now under `limits` (never below 0)."""
+    tokens = None
+    if limits.token_budget is not None:
+        tokens = max(0, limits.token_budget - session.tokens_out)
+    return results.Budgets(
+        session_id=session.session_id,
+        turns_remaining=max(0, limits.max_turns - session.turns),
+        tokens_budget_remaining=tokens,
+        ttl_ms_remaining=max(0, round((limits.ttl_s - (now - session.last_used_at)) * 1000)),
+    )
 
 
 def evict(session: Session, reason: Eviction, *, now: float) -> Session:

@@ -400,3 +400,31 @@ def test_tasks_filters_by_status_limits_and_prints_json(workspace: Workspace) ->
     assert set(listed[0]) == {"task_id", "status", "pool_id", "tokens_out", "age_s"}
     none = orchctl("tasks", "--status", "canceled", "--config", cfg(workspace))
     assert none.out_lines == ["no canceled tasks in this folder"]
+
+
+def test_the_queued_line_names_what_a_session_task_has_left(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """HME-020 in the CLI: `orchctl submit --wait` and `orchctl watch` print the session's
+    budgets with the queue place; a task without a session gets the line as before."""
+    from reconciler import cli_watch
+
+    budgets = {
+        "session_id": "agent",
+        "turns_remaining": 4,
+        "tokens_budget_remaining": 900,
+        "ttl_ms_remaining": 599_990,
+    }
+    printer = cli_watch.Printer()
+    for data in (
+        {"queue_position": 2, "predicted_start_ms": 40, "budgets": budgets},
+        {"queue_position": 0, "predicted_start_ms": 5, "budgets": None},
+        {"queue_position": 1, "budgets": budgets | {"tokens_budget_remaining": None}},
+    ):
+        printer.frame(events.EventFrame(id=1, event="queued", data=data, ts="t"))
+    assert capsys.readouterr().out.splitlines() == [
+        "[queued at position 2, predicted start 40 ms; session agent: 4 turns, 900 tokens, "
+        "600 s left]",
+        "[queued at position 0, predicted start 5 ms]",
+        "[queued at position 1; session agent: 4 turns, 600 s left]",
+    ]

@@ -240,6 +240,53 @@ async def test_sessions_and_capabilities(workspace: Workspace, serve: Any) -> No
             assert (await response.json())["daemon"]["url"] == base
 
 
+async def test_every_accepted_session_task_is_told_its_sessions_budgets(
+    workspace: Workspace, serve: Any
+) -> None:
+    """HME-020: the 202 answer (body and X-Budget-Tokens-Remaining), the queued frame, the
+    result and the metrics frames carry what the session has left; a task without a session
+    carries none."""
+    cfg = config(sessions={"ttl_s": 600, "max_turns": 5, "token_budget": 100})
+    cfg["pools"][0]["sim"] = {"tokens_per_s": 40, "load_s": 0.0}
+    workspace.write_config(cfg)
+    base = _url(await serve())
+    async with aiohttp.ClientSession() as session:
+        first = task("bu1", session_id="agent", max_tokens=30)
+        async with session.post(f"{base}/v1/tasks", json=first) as r:
+            assert r.status == 202
+            answer = await r.json()
+            assert r.headers["X-Budget-Tokens-Remaining"] == "100"
+        ttl = answer["budgets"].pop("ttl_ms_remaining")
+        assert 590_000 <= ttl <= 600_000  # the turn was counted a moment before
+        assert answer["budgets"] == {
+            "session_id": "agent",
+            "turns_remaining": 4,
+            "tokens_budget_remaining": 100,
+        }
+        answer["budgets"]["ttl_ms_remaining"] = ttl
+        async with session.get(f"{base}/v1/tasks/bu1/events") as response:
+            assert response.headers["X-Budget-Tokens-Remaining"] == "100"
+            frames = [f async for f in _sse(response)]
+        queued = next(f for f in frames if f["event"] == "queued")
+        assert queued["data"]["budgets"] == answer["budgets"]
+        spent = [
+            (f["data"]["tokens_out"], f["data"]["tokens_budget_remaining"])
+            for f in frames
+            if f["event"] == "metrics"
+        ]
+        assert spent and all(out + left == 100 for out, left in spent)
+        result = workspace.result("bu1")
+        assert result is not None and result["budgets"] == answer["budgets"]
+        async with session.post(f"{base}/v1/tasks", json=task("bu2", session_id="agent")) as r:
+            second = (await r.json())["budgets"]
+        assert second["session_id"] == "agent" and second["turns_remaining"] == 3
+        assert second["tokens_budget_remaining"] == 100 - result["tokens_out"]
+        async with session.post(f"{base}/v1/tasks", json=task("bu3")) as r:
+            assert (await r.json())["budgets"] is None
+            assert "X-Budget-Tokens-Remaining" not in r.headers
+    assert (await wait_terminal(workspace, "bu3"))["budgets"] is None
+
+
 async def test_a_stalled_client_does_not_hold_up_another_clients_tokens(
     workspace: Workspace, serve: Any
 ) -> None:
