@@ -89,6 +89,10 @@ async def stream(
     lease = running.lease
     reader: _Reader | None = None
     try:
+        # the queued result (admitted in this pass, its commit pending) is on disk before the
+        # started frame: a crash between them must not leave a started task with no result,
+        # which the restart would run again as attempt 1
+        await deps.books.settled()
         _begin(running, decision, deps=deps, gpu=gpu, engine_version=engine_version)
         await deps.books.settled()  # the running result is on disk before the first token
         reader = _Reader(lease.engine.generate(lease.handle, _request(run)))

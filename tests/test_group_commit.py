@@ -255,3 +255,32 @@ async def test_a_burst_is_listed_once_and_claimed_in_batches_oldest_first(
     assert len(big) == 1, listings  # one listing saw more than one batch: the burst's
     accepted = [r["timings"]["accepted_at"] for r in finished]
     assert accepted == sorted(accepted)  # claimed oldest first, batch after batch
+
+
+async def test_no_task_is_started_before_its_queued_result_is_on_disk(
+    workspace: Workspace, serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The `started` frame goes to the event log at once; the queued result waits for its
+    group commit. Were a task started before that commit, a crash in between would leave a
+    started task with no result, re-run as attempt 1 a second time (the fault suite found
+    this). So every `started` frame must find the task's result already on disk."""
+    from state import events
+
+    early: list[str] = []
+    real_extend = events.EventLog.extend
+
+    def extend(log: events.EventLog, event: Any, items: Any, *, ts: str) -> Any:
+        if event == "started" and not log.path.with_name(
+            log.path.name.replace(".events.jsonl", ".json")
+        ).exists():
+            early.append(log.path.name)
+        return real_extend(log, event, items, ts=ts)
+
+    monkeypatch.setattr(events.EventLog, "extend", extend)
+    await serve()
+    ids = [f"o{i:02d}" for i in range(12)]
+    for task_id in ids:
+        workspace.submit(f"{task_id}.task.yaml", task(task_id, max_tokens=2))
+    for task_id in ids:
+        assert (await wait_terminal(workspace, task_id, 30))["status"] == "succeeded"
+    assert early == []
