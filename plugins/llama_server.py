@@ -11,14 +11,17 @@ recorded responses in /work/shared/fixtures/llama-server/:
   `tokens_predicted`, `timings` and `stop_type` ("limit" when n_predict ran out).
 - POST /v1/chat/completions for a chat request (`plugins.llama_chat`: body and chunks).
 
-Every call opens its own short-lived aiohttp session, so nothing outlives the caller's task.
-Closing a `generate` iterator (``aclose()``) closes its HTTP response: the server sees the
-connection drop and stops generating for that request.
+Every call opens its own short-lived aiohttp session, so nothing outlives the caller's task,
+except the token streams of an adapter whose connections the daemon keeps (`engine_pool`).
+Closing a `generate` iterator (``aclose()``) before its end closes its HTTP response: the
+server sees the connection drop and stops generating for that request. The /completion body
+and its stream's folding into Tokens and a Done are in `plugins.llama_completion`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import time
@@ -29,7 +32,7 @@ from typing import Any
 
 import aiohttp
 
-from plugins import interfaces, llama_chat, processes
+from plugins import engine_pool, interfaces, llama_chat, llama_completion, processes
 
 _NETWORK_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
 
@@ -67,42 +70,6 @@ class Completion:
     done: interfaces.Done
 
 
-def completion_body(request: interfaces.GenerateRequest, *, stream: bool) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "prompt": request.prompt,
-        "n_predict": request.max_tokens,
-        "seed": request.seed,
-        "temperature": request.temperature,
-        "top_p": request.top_p,
-        "stream": stream,
-        "cache_prompt": True,
-    }
-    if request.top_k is not None:
-        body["top_k"] = request.top_k
-    if request.stop:
-        body["stop"] = list(request.stop)
-    return body
-
-
-class _CompletionFold:
-    """The state of one streamed /completion answer: Tokens, then Done at the `stop` frame."""
-
-    def __init__(self) -> None:
-        self.index = 0
-
-    def feed(self, frame: Mapping[str, Any]) -> list[interfaces.Token | interfaces.Done]:
-        items: list[interfaces.Token | interfaces.Done] = []
-        if content := frame.get("content"):
-            items.append(interfaces.Token(str(content), self.index))
-            self.index += 1
-        if frame.get("stop"):
-            items.append(done_from(frame))
-        return items
-
-    def end(self) -> interfaces.Done | None:
-        return None  # the `stop` frame is the only end
-
-
 def _rejected(status: int, body: bytes) -> RequestRejected:
     try:
         error = json.loads(body)["error"]
@@ -136,23 +103,6 @@ def parse_line(line: bytes) -> dict[str, Any] | None:
             )
         raise RequestRejected(500, str(error))
     return frame
-
-
-def done_from(frame: Mapping[str, Any]) -> interfaces.Done:
-    """The `Done` of a final frame (stream) or a whole non-streamed answer."""
-    limit = frame.get("stop_type") == "limit" or bool(frame.get("stopped_limit"))
-    timings = frame.get("timings") or {}
-    prompt = frame.get("tokens_evaluated")
-    return interfaces.Done(
-        tokens_out=int(frame.get("tokens_predicted", 0)),
-        finish_reason="length" if limit else "stop",
-        timings={
-            k: float(v)
-            for k, v in timings.items()
-            if isinstance(v, int | float) and not isinstance(v, bool)
-        },
-        prompt_tokens=prompt if isinstance(prompt, int) else None,
-    )
 
 
 class Client:
@@ -219,7 +169,7 @@ class Client:
             async with (
                 aiohttp.ClientSession(timeout=timeout) as session,
                 session.post(
-                    self.base_url + "/completion", json=completion_body(request, stream=False)
+                    self.base_url + "/completion", json=llama_completion.body(request, stream=False)
                 ) as resp,
             ):
                 body = await resp.read()
@@ -229,30 +179,40 @@ class Client:
             raise _rejected(resp.status, body)
         try:
             data = json.loads(body)
-            return Completion(str(data["content"]), done_from(data))
+            return Completion(str(data["content"]), llama_completion.done_from(data))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ProtocolError(f"POST /completion: unexpected answer {body[:200]!r}") from e
 
     async def generate(
         self,
         request: interfaces.GenerateRequest,
+        *,
+        session: aiohttp.ClientSession | None = None,
     ) -> AsyncIterator[interfaces.Token | interfaces.Done]:
         """Stream the completion (or, for a chat request, the chat answer): Tokens (indexed
         from 0), then one Done. Raises EngineStreamError on a dropped connection, an early end
-        or a bad frame."""
-        fold: _CompletionFold | llama_chat.Fold
+        or a bad frame. With a pooled `session` (`engine_pool`) a stream that ends cleanly is
+        read to its end and leaves its connection for the next; else it opens and closes its
+        own."""
+        fold: llama_completion.Fold | llama_chat.Fold
         if request.chat is not None:
             path, body = llama_chat.PATH, llama_chat.chat_body(request, stream=True)
             fold = llama_chat.Fold()
         else:
-            path, body = "/completion", completion_body(request, stream=True)
-            fold = _CompletionFold()
+            path, body = "/completion", llama_completion.body(request, stream=True)
+            fold = llama_completion.Fold()
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout_s)
+        own = session is None
         try:
-            async with (
-                aiohttp.ClientSession(timeout=timeout) as session,
-                session.post(self.base_url + path, json=body) as resp,
-            ):
+            async with contextlib.AsyncExitStack() as stack:
+                if session is None:
+                    session = await stack.enter_async_context(aiohttp.ClientSession())
+                resp = await stack.enter_async_context(
+                    await engine_pool.post(
+                        session, self.base_url + path, body, timeout, retry=not own
+                    )
+                )
+                kept = False
                 try:
                     if resp.status != 200:
                         raise _rejected(resp.status, await resp.read())
@@ -263,15 +223,18 @@ class Client:
                             line = bytes(pending[:end])
                             del pending[: end + 1]
                             if _DONE.fullmatch(line) and (done := fold.end()) is not None:
+                                kept = not own and await engine_pool.read_to_end(resp)
                                 yield done
                                 return
                             frame = parse_line(line)
                             if frame is None:
                                 continue
                             for item in fold.feed(frame):
-                                yield item
                                 if isinstance(item, interfaces.Done):
+                                    kept = not own and await engine_pool.read_to_end(resp)
+                                    yield item
                                     return
+                                yield item
                     if (done := fold.end()) is not None:  # the connection ended after the finish
                         yield done
                         return
@@ -279,7 +242,8 @@ class Client:
                         f"stream ended before the final frame ({fold.index} tokens)"
                     )
                 finally:
-                    resp.close()  # drop the connection: the server stops generating
+                    if not kept:
+                        resp.close()  # drop the connection: the server stops generating
         except _NETWORK_ERRORS as e:
             raise interfaces.EngineStreamError(
                 f"stream broken after {fold.index} tokens: {e!r}"
@@ -363,6 +327,7 @@ class ServerEngine:
 
     name = "llama-server"
     adopt_stop_grace_s = 10.0
+    pool: engine_pool.Pool | None = None  # token streams keep their connections (the daemon's)
 
     async def wait_ready(self, handle: interfaces.ReplicaHandle, *, timeout_s: float) -> None:
         await wait_ready(handle, timeout_s=timeout_s)
@@ -372,7 +337,8 @@ class ServerEngine:
         handle: interfaces.ReplicaHandle,
         request: interfaces.GenerateRequest,
     ) -> AsyncIterator[interfaces.Token | interfaces.Done]:
-        return Client(handle.base_url).generate(request)
+        session = None if self.pool is None else self.pool.session(handle.base_url)
+        return Client(handle.base_url).generate(request, session=session)
 
     async def describe(self, handle: interfaces.ReplicaHandle) -> interfaces.EngineInfo:
         # VRAM is measured by the GPU observer (per-process use of handle.pid).
@@ -384,7 +350,24 @@ class ServerEngine:
     async def stop(
         self, handle: interfaces.ReplicaHandle, *, grace_s: float
     ) -> interfaces.ExitInfo:
+        if self.pool is not None:
+            await self.pool.forget(handle.base_url)
         return await processes.stop_replica(handle, grace_s=grace_s)
+
+    keepers = 0  # daemons that asked to keep connections and have not closed yet
+
+    def keep_connections(self) -> None:
+        """Reuse connections across token streams until `close` (a daemon serving)."""
+        if self.pool is None:
+            self.pool = engine_pool.Pool()
+        self.keepers += 1
+
+    async def close(self) -> None:
+        """The daemon that kept connections stops: close them once none is left."""
+        self.keepers = max(0, self.keepers - 1)
+        if self.keepers == 0 and self.pool is not None:
+            pool, self.pool = self.pool, None
+            await pool.close()
 
     async def adopt(
         self, record: Mapping[str, Any], spec: interfaces.ReplicaSpec

@@ -19,6 +19,7 @@ import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from plugins import registry
 from reconciler import (
@@ -248,6 +249,12 @@ class Daemon:
             pid=os.getpid(),
             simulated=self.pools.observer.simulated,
         )
+        # token streams reuse their connection to a replica while this daemon serves
+        engines: list[Any] = [
+            e for e in self.plugins.engines.values() if hasattr(e, "keep_connections")
+        ]
+        for engine in engines:
+            engine.keep_connections()
         try:
             await adoption.adopt_or_clean(self.pools)
             owned = (self.results.root, self.state_dir, self.state_dir / "engines")
@@ -294,6 +301,9 @@ class Daemon:
             if self.server is not None:
                 await self.server.stop()
             await self.pools.shutdown()
+            for engine in engines:
+                with contextlib.suppress(Exception):
+                    await engine.close()
             self._write_status(stopping=True)
             logs.emit(log, "daemon.stopped", "Stopped; engines stopped, tasks left resumable.")
         return 0

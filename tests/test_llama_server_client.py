@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from plugins import interfaces, llama_server, processes
+from plugins import interfaces, llama_completion, llama_server, processes
 
 FIXTURES = Path("/work/shared/fixtures/llama-server")
 if not FIXTURES.is_dir():  # the shared folder beside this checkout
@@ -335,19 +335,19 @@ async def test_props_and_slots_are_read_as_recorded(serve: Any) -> None:
 
 def test_a_final_frame_stopped_by_eos_or_a_stop_word_finishes_with_stop() -> None:
     assert (
-        llama_server.done_from(
+        llama_completion.done_from(
             {"stop": True, "stop_type": "eos", "tokens_predicted": 3}
         ).finish_reason
         == "stop"
     )
     assert (
-        llama_server.done_from(
+        llama_completion.done_from(
             {"stop": True, "stopped_word": True, "tokens_predicted": 3}
         ).finish_reason
         == "stop"
     )
     assert (
-        llama_server.done_from(
+        llama_completion.done_from(
             {"stop": True, "stopped_limit": True, "tokens_predicted": 3}
         ).finish_reason
         == "length"

@@ -411,3 +411,36 @@ async def test_the_first_request_pays_first_request_extra_ms_once(sims: Replicas
 
     assert await first_token_s() >= 0.4  # the cold start the daemon's warm-up absorbs
     assert await first_token_s() < 0.2
+
+
+async def test_kept_connections_serve_stream_after_stream_and_a_cut_stream_still_stops(
+    sims: Replicas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a daemon keeps connections (`keep_connections`), streams that end cleanly reuse
+    one connection; a stream closed early still drops its own, so the engine stops it and
+    frees the slot; `close` leaves nothing open."""
+    import aiohttp
+
+    connects: list[str] = []
+    real_connect = aiohttp.TCPConnector._create_connection
+
+    async def counted(self: Any, req: Any, *args: Any) -> Any:
+        connects.append(req.url.path)
+        return await real_connect(self, req, *args)
+
+    monkeypatch.setattr(aiohttp.TCPConnector, "_create_connection", counted)
+    handle = await sims.ready(slots=1, tokens_per_s=400)
+    sims.engine.keep_connections()
+    try:
+        texts = [(await sims.text(handle, request(seed=s, max_tokens=4)))[0] for s in range(5)]
+        assert len(set(texts)) == 5
+        assert connects.count("/completion") == 1
+        stream = sims.engine.generate(handle, request(max_tokens=4000))
+        await anext(stream)
+        await stream.aclose()  # type: ignore[attr-defined]
+        # the only slot is free again at once, and the next stream needs a new connection
+        _, done = await asyncio.wait_for(sims.text(handle, request(max_tokens=3)), 2.0)
+        assert done.tokens_out == 3 and connects.count("/completion") == 2
+    finally:
+        await sims.engine.close()
+    assert sims.engine.pool is None
