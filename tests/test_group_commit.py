@@ -270,9 +270,10 @@ async def test_no_task_is_started_before_its_queued_result_is_on_disk(
     real_extend = events.EventLog.extend
 
     def extend(log: events.EventLog, event: Any, items: Any, *, ts: str) -> Any:
-        if event == "started" and not log.path.with_name(
-            log.path.name.replace(".events.jsonl", ".json")
-        ).exists():
+        if (
+            event == "started"
+            and not log.path.with_name(log.path.name.replace(".events.jsonl", ".json")).exists()
+        ):
             early.append(log.path.name)
         return real_extend(log, event, items, ts=ts)
 
