@@ -412,3 +412,28 @@ async def test_other_web_sites_cannot_write_and_rebound_host_names_are_refused(
             assert response.status in (200, 202)
     assert (await wait_terminal(workspace, "x1"))["status"] == "canceled"
     assert workspace.result("x2") is None
+
+
+async def test_a_commit_the_disk_refuses_does_not_turn_a_post_or_a_stream_into_an_error(
+    workspace: Workspace, serve: Any
+) -> None:
+    """POST /v1/tasks and the SSE stream wait for the task's pending writes; when the disk
+    refuses that commit (a full disk), they still answer as before instead of failing the
+    request, and the task is retried once the disk takes writes again."""
+    from state import failpoints
+
+    base = _url(await serve())
+    failpoints.configure("before_group_sync=enospc@1")
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{base}/v1/tasks", json=task("full1", max_tokens=3)) as r:
+                assert r.status == 202
+                assert (await r.json())["task_id"] == "full1"
+            async with session.get(f"{base}/v1/tasks/full1/events") as response:
+                assert response.status == 200
+                frames = [f async for f in _sse(response)]
+        assert frames[-1]["event"] in ("end", "error")
+    finally:
+        failpoints.configure("")
+    result = await wait_terminal(workspace, "full1", 20)
+    assert result["status"] in ("succeeded", "failed")
