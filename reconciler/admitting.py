@@ -16,12 +16,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from reconciler import admission, queues, tasking
+from reconciler import admission, logs, queues, rates, tasking
 from state import errors, failpoints, ids, results, sessions
 from state.errors import ErrorCode, ErrorEnvelope
 
 if TYPE_CHECKING:
     from reconciler import dispatch
+
+log = logs.get("dispatch")
 
 
 def admit(d: dispatch.Dispatcher, run: tasking.TaskRun, *, recovered: bool) -> None:
@@ -68,6 +70,7 @@ def admit(d: dispatch.Dispatcher, run: tasking.TaskRun, *, recovered: bool) -> N
         sid, now = run.task.session_id, d.clock.now()
         sessions.count_turn(d.sessions, sid, run.task_id, now=now)
         failpoints.hit("after_session_turn")
+        run.result.budgets = _budgets(d, run)  # as at acceptance: this turn, not later ones
     d.unannounced.append(entry)  # its `queued` frame once the whole batch is in: `announce`
 
 
@@ -83,15 +86,13 @@ def announce(d: dispatch.Dispatcher) -> list[tuple[tasking.TaskRun, Exception]]:
     live = [entry for entry in pending if entry.task_id in d.queue]  # not evicted meanwhile
     if not live:
         return []
-    now = d.clock.monotonic()
-    busy = [(r.replica_id, r.service_ms, (now - r.started_mono) * 1000) for r in d.running.values()]
-    found = d.rates.predict_queued(
-        live,
-        d.queue.in_dispatch_order(),
-        candidates=d.pools.candidates(),
-        busy=busy,
-        deadline_in_ms=lambda e: None if e.deadline_at is None else (e.deadline_at - now) * 1000,
-    )
+    order = d.queue.in_dispatch_order()
+    try:
+        found = _estimates(d, live, order)
+    except Exception:  # a bug in the arithmetic must not stop the loop or strand the batch
+        log.exception("could not estimate the starts of %d queued tasks", len(live))
+        places = {e.task_id: n for n, e in enumerate(order)}
+        found = {e.task_id: rates.Estimate(places[e.task_id], None, None) for e in live}
     failed: list[tuple[tasking.TaskRun, Exception]] = []
     for entry in live:
         run, estimate = entry.payload, found[entry.task_id]
@@ -102,7 +103,7 @@ def announce(d: dispatch.Dispatcher) -> list[tuple[tasking.TaskRun, Exception]]:
                 position=estimate.position,
                 predicted_start_ms=None if estimate.start_ms is None else round(estimate.start_ms),
                 on_time_probability=estimate.on_time_probability,
-                budgets=_budgets(d, run),
+                budgets=run.result.budgets,
             )
         except Exception as exc:  # nothing half-admitted keeps the id or sits in the queue
             d.queue.remove(entry.task_id)
@@ -110,6 +111,20 @@ def announce(d: dispatch.Dispatcher) -> list[tuple[tasking.TaskRun, Exception]]:
                 del d.runs[run.task_id]
             failed.append((run, exc))
     return failed
+
+
+def _estimates(
+    d: dispatch.Dispatcher, live: list[queues.Entry], order: tuple[queues.Entry, ...]
+) -> dict[str, rates.Estimate]:
+    now = d.clock.monotonic()
+    busy = [(r.replica_id, r.service_ms, (now - r.started_mono) * 1000) for r in d.running.values()]
+    return d.rates.predict_queued(
+        live,
+        order,
+        candidates=d.pools.candidates(),
+        busy=busy,
+        deadline_in_ms=lambda e: None if e.deadline_at is None else (e.deadline_at - now) * 1000,
+    )
 
 
 def _budgets(d: dispatch.Dispatcher, run: tasking.TaskRun) -> results.Budgets | None:

@@ -176,6 +176,7 @@ async def get_task(request: web.Request) -> web.StreamResponse:
     backend = request.app[BACKEND]
     task_id = _task_id(request)
     if backend.results.exists(task_id):
+        await backend.settled()  # a result still in the pending commit is read from disk
         try:
             raw = await asyncio.to_thread(backend.results.path(task_id).read_bytes)
         except OSError:
@@ -207,15 +208,16 @@ async def task_events(request: web.Request) -> web.StreamResponse:
     if not _known(backend, task_id):
         raise ApiError(ErrorCode.NOT_FOUND, f"no task {task_id!r} here")
     cancel_on_disconnect = request.query.get("cancel_on_disconnect") in ("1", "true")
-    sub = backend.hub.subscribe(task_id, backend.results.events_path(task_id), after=after)
     headers = {
         "X-Correlation-Id": request[api.CORRELATION],
         "X-Accel-Buffering": "no",
         "Cache-Control": "no-cache",
     }
+    await backend.settled()  # a queued result still in the pending commit is on disk
     known = await asyncio.to_thread(backend.results.read, task_id)
     if known is not None and known.budgets is not None:  # as at the task's acceptance
         headers.update(_budget_headers(known.budgets.model_dump()))
+    sub = backend.hub.subscribe(task_id, backend.results.events_path(task_id), after=after)
     finished = False
     try:
         async with sse_response(request, headers=headers, ping_interval=PING_S) as stream:

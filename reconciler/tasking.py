@@ -88,6 +88,7 @@ class Books:
     finished: Callable[[TaskRun], None] | None = None
     _pending: atomic.Group | None = field(default=None, init=False, repr=False)
     _waiters: list[asyncio.Future[None]] = field(default_factory=list, init=False, repr=False)
+    _timer: asyncio.TimerHandle | None = field(default=None, init=False, repr=False)
 
     @contextlib.contextmanager
     def _batch(self) -> Iterator[None]:
@@ -102,11 +103,13 @@ class Books:
         group = atomic.begin()
         if group is not self._pending:
             self._pending = group
-            loop.call_later(COMMIT_WINDOW_S, self._commit, group)
+            self._timer = loop.call_later(COMMIT_WINDOW_S, self._commit, group)
         with atomic.group():
             yield
 
     def _commit(self, group: atomic.Group) -> None:
+        if group.committed:  # flushed already: the waiters now are a later group's
+            return
         if self._pending is group:
             self._pending = None
         waiters, self._waiters = self._waiters, []
@@ -124,6 +127,8 @@ class Books:
 
     def flush(self) -> None:
         """Commit what is pending now (the daemon stopping: no later loop turn may come)."""
+        if self._timer is not None:
+            self._timer.cancel()
         if self._pending is not None:
             self._commit(self._pending)
 

@@ -437,3 +437,30 @@ async def test_a_commit_the_disk_refuses_does_not_turn_a_post_or_a_stream_into_a
         failpoints.configure("")
     result = await wait_terminal(workspace, "full1", 20)
     assert result["status"] in ("succeeded", "failed")
+
+
+async def test_a_task_whose_queued_result_waits_for_its_commit_is_served_not_404(
+    workspace: Workspace, serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task dropped into the spool is known to the daemon (its queued frame is logged)
+    while its queued result still waits in the group commit: GET /v1/tasks/{id} answers
+    with that result, not 404; two turns of one session taken in the same pass are each told
+    the budgets as at their own acceptance."""
+    from reconciler import tasking
+
+    monkeypatch.setattr(tasking, "COMMIT_WINDOW_S", 0.4)
+    cfg = config(sessions={"ttl_s": 600, "max_turns": 5})
+    cfg["pools"][0]["sim"] = {"tokens_per_s": 20, "load_s": 0.0}
+    workspace.write_config(cfg)
+    base = _url(await serve())
+    workspace.submit("w1.task.yaml", task("w1", session_id="agent", max_tokens=40))
+    workspace.submit("w2.task.yaml", task("w2", session_id="agent", max_tokens=40))
+    await wait_for(lambda: workspace.frames("w1"), 5, "w1's queued frame")
+    async with aiohttp.ClientSession() as session, session.get(f"{base}/v1/tasks/w1") as response:
+        assert response.status == 200
+        assert (await response.json())["status"] in ("queued", "running")
+    turns = {
+        t: next(f for f in workspace.frames(t) if f.event == "queued").data["budgets"]
+        for t in ("w1", "w2")
+    }
+    assert (turns["w1"]["turns_remaining"], turns["w2"]["turns_remaining"]) == (4, 3)

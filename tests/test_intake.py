@@ -183,3 +183,24 @@ async def test_a_drop_folder_wakes_the_loop_on_arrivals_and_not_on_the_daemons_o
     finally:
         observer.stop()
         observer.join(5)
+
+
+async def test_a_fault_in_the_estimates_queues_the_burst_without_predictions(
+    workspace: Workspace, serve: Any, monkeypatch: Any
+) -> None:
+    """An error in the batch estimate (a bug) must not stop the loop nor strand the batch:
+    the tasks are queued with their places and no predicted start, and they run."""
+    from reconciler import rates
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise ZeroDivisionError("a bug in the arithmetic")
+
+    monkeypatch.setattr(rates.Rates, "predict_queued", broken)
+    running = await serve()
+    for name in ("e1", "e2", "e3"):
+        workspace.submit(f"{name}.task.yaml", task(name, max_tokens=2))
+    for name in ("e1", "e2", "e3"):
+        assert (await wait_terminal(workspace, name))["status"] == "succeeded"
+        queued = next(f.data for f in workspace.frames(name) if f.event == "queued")
+        assert queued["predicted_start_ms"] is None and queued["queue_position"] is not None
+    assert not running.job.done()
