@@ -117,14 +117,18 @@ def _estimates(
     d: dispatch.Dispatcher, live: list[queues.Entry], order: tuple[queues.Entry, ...]
 ) -> dict[str, rates.Estimate]:
     now = d.clock.monotonic()
-    busy = [(r.replica_id, r.service_ms, (now - r.started_mono) * 1000) for r in d.running.values()]
     return d.rates.predict_queued(
         live,
         order,
         candidates=d.pools.candidates(),
-        busy=busy,
+        busy=_busy(d, now),
         deadline_in_ms=lambda e: None if e.deadline_at is None else (e.deadline_at - now) * 1000,
     )
+
+
+def _busy(d: dispatch.Dispatcher, now: float) -> list[tuple[str, float, float]]:
+    """Per running task: its replica, estimated service ms and elapsed ms."""
+    return [(r.replica_id, r.service_ms, (now - r.started_mono) * 1000) for r in d.running.values()]
 
 
 def _budgets(d: dispatch.Dispatcher, run: tasking.TaskRun) -> results.Budgets | None:
@@ -188,12 +192,11 @@ def _estimate(
 ) -> tuple[float | None, float | None]:
     """Predicted start (ms) and on-time probability of `entry` behind `ahead`."""
     now = d.clock.monotonic()
-    busy = [(r.replica_id, r.service_ms, (now - r.started_mono) * 1000) for r in d.running.values()]
     return d.rates.predict(
         entry,
         ahead,
         candidates=d.pools.candidates(),
-        busy=busy,
+        busy=_busy(d, now),
         deadline_in_ms=None if entry.deadline_at is None else (entry.deadline_at - now) * 1000,
     )
 
