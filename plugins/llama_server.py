@@ -25,7 +25,7 @@ import contextlib
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -216,28 +216,13 @@ class Client:
                 try:
                     if resp.status != 200:
                         raise _rejected(resp.status, await resp.read())
-                    pending = bytearray()
-                    async for chunk in resp.content.iter_any():
-                        pending += chunk
-                        while (end := pending.find(b"\n")) >= 0:
-                            line = bytes(pending[:end])
-                            del pending[: end + 1]
-                            if _DONE.fullmatch(line) and (done := fold.end()) is not None:
+                    async with contextlib.aclosing(_items(resp, fold)) as items:
+                        async for item in items:
+                            if isinstance(item, interfaces.Done):
                                 kept = not own and await engine_pool.read_to_end(resp)
-                                yield done
-                                return
-                            frame = parse_line(line)
-                            if frame is None:
-                                continue
-                            for item in fold.feed(frame):
-                                if isinstance(item, interfaces.Done):
-                                    kept = not own and await engine_pool.read_to_end(resp)
-                                    yield item
-                                    return
                                 yield item
-                    if (done := fold.end()) is not None:  # the connection ended after the finish
-                        yield done
-                        return
+                                return
+                            yield item
                     raise ProtocolError(
                         f"stream ended before the final frame ({fold.index} tokens)"
                     )
@@ -251,6 +236,28 @@ class Client:
 
 
 _DONE = re.compile(rb"data: ?\[DONE\]\r?")
+
+
+async def _items(
+    resp: aiohttp.ClientResponse, fold: llama_completion.Fold | llama_chat.Fold
+) -> AsyncGenerator[interfaces.Token | interfaces.Done, None]:
+    """A streamed answer's Tokens, then its Done (none when the stream ends without one)."""
+    pending = bytearray()
+    async for chunk in resp.content.iter_any():
+        pending += chunk
+        while (end := pending.find(b"\n")) >= 0:
+            line = bytes(pending[:end])
+            del pending[: end + 1]
+            if _DONE.fullmatch(line) and (done := fold.end()) is not None:
+                yield done
+                return
+            frame = parse_line(line)
+            for item in fold.feed(frame) if frame is not None else ():
+                yield item
+                if isinstance(item, interfaces.Done):
+                    return
+    if (done := fold.end()) is not None:  # the connection ended after the finish
+        yield done
 
 
 async def wait_ready(handle: interfaces.ReplicaHandle, *, timeout_s: float) -> None:

@@ -15,7 +15,7 @@ import json
 import re
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,7 @@ class Backend:
     queue_position: Callable[[ids.TaskId], int | None] = lambda task_id: None  # None: not queued
     # returns once every task write made so far is on disk (a frame is published before the
     # group commit that writes its result: tasking.Books.settled)
-    settled: Callable[[], Awaitable[None]] = field(default=lambda: asyncio.sleep(0))
+    settled: Callable[[], Awaitable[None]] = lambda: asyncio.sleep(0)
 
 
 class ApiError(Exception):

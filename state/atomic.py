@@ -218,10 +218,7 @@ def write_bytes(
         failpoints.hit(f"{kind}_write")
         if mode is not None:
             os.fchmod(fd, mode)
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
+        write_all(fd, data)
         if durable and current is None:
             os.fsync(fd)
     except BaseException:
@@ -290,9 +287,7 @@ def _new_tmp(path: Path, data: bytes, *, sync: bool) -> Path:
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        write_all(fd, data)
         if sync:
             os.fsync(fd)
     except BaseException:
@@ -301,6 +296,13 @@ def _new_tmp(path: Path, data: bytes, *, sync: bool) -> Path:
         raise
     os.close(fd)
     return tmp
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of `data` to `fd` (os.write may write less than it was given)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def write_json(path: Path, value: Any, *, durable: bool = True, kind: str = "file") -> None:

@@ -101,9 +101,7 @@ def _append_whole(fd: int, line: bytes, *, sync: bool) -> None:
     size = os.fstat(fd).st_size
     try:
         failpoints.hit("frame_write")
-        view = memoryview(line)
-        while view:
-            view = view[os.write(fd, view) :]
+        atomic.write_all(fd, line)
         if sync:
             os.fsync(fd)
     except BaseException:
