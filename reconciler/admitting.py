@@ -158,7 +158,15 @@ def _entry(run: tasking.TaskRun) -> queues.Entry:
         max_tokens=run.task.max_tokens,
         deadline_at=run.deadline_mono,
         payload=run,
+        target=target_of(run),
     )
+
+
+def target_of(run: tasking.TaskRun) -> tuple[str, str | None, str | None]:
+    """What decides whether the task can be served at all: its model, pool and pinned pool
+    (`dispatch.Dispatcher._fail_unservable` checks one task per target)."""
+    p = run.task.placement
+    return (run.model_id, run.pool_id, p.pin_pool if p.mode == "pin" else None)
 
 
 def _reject(d: dispatch.Dispatcher, run: tasking.TaskRun, error: ErrorEnvelope) -> None:

@@ -32,7 +32,7 @@ from reconciler import (
 )
 from reconciler.configuring import AppliedConfig
 from state import atomic, errors, ids, results, sessions, statusfile
-from state.errors import ErrorCode, ErrorEnvelope
+from state.errors import ErrorCode
 
 log = logs.get("dispatch")
 
@@ -148,7 +148,7 @@ class Dispatcher:
                 decisions[entry.task_id] = decision
                 return decision.outcome == "assigned"
 
-            entry = self.queue.pop_first(placeable)
+            entry = self.queue.pop_first(placeable, models=free_models)
             if entry is None:
                 return
             decision = decisions[entry.task_id]
@@ -177,19 +177,16 @@ class Dispatcher:
         return dataclasses.replace(want, model_id=entry.model_id)
 
     def _expire_queued(self) -> None:
-        now = self.clock.monotonic()
-        for entry in self.queue.in_dispatch_order():
-            if entry.deadline_at is not None and now >= entry.deadline_at:
-                self.queue.remove(entry.task_id)
-                run = self.runs.pop(entry.task_id)
-                self.books.finish(
-                    run,
-                    "failed",
-                    error=errors.envelope(
-                        ErrorCode.DEADLINE_UNMET,
-                        f"deadline_ms: {run.task.deadline_ms} passed while the task was queued",
-                    ),
-                )
+        for entry in self.queue.take_expired(self.clock.monotonic()):
+            run = self.runs.pop(entry.task_id)
+            self.books.finish(
+                run,
+                "failed",
+                error=errors.envelope(
+                    ErrorCode.DEADLINE_UNMET,
+                    f"deadline_ms: {run.task.deadline_ms} passed while the task was queued",
+                ),
+            )
 
     def _fail_unservable(self) -> None:
         state = self.config.state
@@ -197,28 +194,22 @@ class Dispatcher:
             return
         views = self.pools.views()
         blocked = self.blocked()
-        # The codes that fail a queued task depend only on its model, pool and pin, so one
-        # check per distinct target serves every task queued for it.
-        verdicts: dict[tuple[str, str | None, str | None], ErrorEnvelope | None] = {}
-        for entry in self.queue.in_dispatch_order():
-            run = self.runs[entry.task_id]
-            p = run.task.placement
-            key = (entry.model_id, entry.pool_id, p.pin_pool if p.mode == "pin" else None)
-            if key not in verdicts:
-                target = admission.Target(entry.model_id, entry.pool_id)
-                found = admission.check(run.task, target, state=state, pools=views, blocked=blocked)
-                unservable = found is not None and found.code in (
-                    ErrorCode.POOL_UNAVAILABLE,
-                    ErrorCode.MODEL_UNKNOWN,
-                    ErrorCode.MODEL_RETIRED,
-                    ErrorCode.UNTRUSTED_ARTIFACT,
-                )
-                verdicts[key] = found if unservable else None
-            problem = verdicts[key]
-            if problem is not None:
+        # The codes that fail a queued task depend only on its target (model, pool and pin:
+        # `admitting` sets it), so one check of the first task of each target serves all.
+        for first in self.queue.targets():
+            run = self.runs[first.task_id]
+            target = admission.Target(first.model_id, first.pool_id)
+            found = admission.check(run.task, target, state=state, pools=views, blocked=blocked)
+            if found is None or found.code not in (
+                ErrorCode.POOL_UNAVAILABLE,
+                ErrorCode.MODEL_UNKNOWN,
+                ErrorCode.MODEL_RETIRED,
+                ErrorCode.UNTRUSTED_ARTIFACT,
+            ):
+                continue
+            for entry in self.queue.of_target(first.target):
                 self.queue.remove(entry.task_id)
-                self.runs.pop(entry.task_id)
-                self.books.finish(run, "failed", error=problem)
+                self.books.finish(self.runs.pop(entry.task_id), "failed", error=found)
 
     def _start(self, run: tasking.TaskRun, decision: placement.Decision) -> None:
         assert decision.replica_id is not None and decision.pool_id is not None

@@ -26,7 +26,8 @@ entries whose model is busy, so an entry may also be dispatched earlier than its
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+import heapq
+from collections.abc import Callable, Collection, Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -55,6 +56,9 @@ class Entry:
     max_tokens: int
     deadline_at: float | None  # monotonic seconds, or None without a deadline
     payload: object = field(default=None, compare=False, repr=False)
+    # what decides whether the task can be served at all (the dispatcher's model, pool and
+    # pin): entries of one target are checked once for all of them (`targets`)
+    target: Hashable = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,14 @@ class TaskQueue:
         self.full_policy: FullPolicy = full_policy
         # dicts keep insertion order, which is FIFO order, and remove by id in O(1).
         self._classes: dict[Priority, dict[ids.TaskId, Entry]] = {p: {} for p in PRIORITIES}
+        # Indexes, so a dispatch pass costs what it places, not the queue's length (a pass
+        # runs after every task that ends, with thousands queued): per class and model the
+        # entries in push order (their push number), per target the entries, and the
+        # deadlines in a heap (an entry gone since is skipped when its deadline comes up).
+        self._seq = 0
+        self._by_model: dict[tuple[Priority, ids.ModelId], dict[ids.TaskId, int]] = {}
+        self._by_target: dict[Hashable, dict[ids.TaskId, Entry]] = {}
+        self._deadlines: list[tuple[float, int, ids.TaskId]] = []
 
     def __len__(self) -> int:
         return sum(len(entries) for entries in self._classes.values())
@@ -110,9 +122,32 @@ class TaskQueue:
             evicted = self._victim_for(entry)
             if evicted is None:
                 return PushOutcome(accepted=False)
-            del self._classes[evicted.priority][evicted.task_id]
-        self._classes[entry.priority][entry.task_id] = entry
+            self._drop(evicted)
+        self._add(entry)
         return PushOutcome(accepted=True, evicted=evicted)
+
+    def _add(self, entry: Entry) -> None:
+        self._seq += 1
+        self._classes[entry.priority][entry.task_id] = entry
+        self._by_model.setdefault((entry.priority, entry.model_id), {})[entry.task_id] = self._seq
+        self._by_target.setdefault(entry.target, {})[entry.task_id] = entry
+        if entry.deadline_at is not None:
+            heapq.heappush(self._deadlines, (entry.deadline_at, self._seq, entry.task_id))
+            if len(self._deadlines) > 2 * len(self) + 64:  # mostly entries gone since
+                self._deadlines = [d for d in self._deadlines if d[2] in self]
+                heapq.heapify(self._deadlines)
+
+    def _drop(self, entry: Entry) -> None:
+        del self._classes[entry.priority][entry.task_id]
+        key = (entry.priority, entry.model_id)
+        same_model = self._by_model[key]
+        del same_model[entry.task_id]
+        if not same_model:
+            del self._by_model[key]
+        same_target = self._by_target[entry.target]
+        del same_target[entry.task_id]
+        if not same_target:
+            del self._by_target[entry.target]
 
     def _victim_for(self, newcomer: Entry) -> Entry | None:
         batch = self._classes["batch"]
@@ -125,21 +160,58 @@ class TaskQueue:
     def remove(self, task_id: ids.TaskId) -> Entry | None:
         """Take a task out (cancel, shutdown); None when it is not queued."""
         for entries in self._classes.values():
-            if task_id in entries:
-                return entries.pop(task_id)
+            entry = entries.get(task_id)
+            if entry is not None:
+                self._drop(entry)
+                return entry
         return None
 
-    def pop_first(self, predicate: Callable[[Entry], bool]) -> Entry | None:
+    def pop_first(
+        self, predicate: Callable[[Entry], bool], *, models: Collection[ids.ModelId] | None = None
+    ) -> Entry | None:
         """Remove and return the first entry in dispatch order that `predicate` accepts.
 
         The dispatcher passes "its model has a free replica", so a task for a busy model does
-        not hold back a task for an idle one behind it.
+        not hold back a task for an idle one behind it. With `models` (the models that have a
+        free replica) only their entries are looked at, still in dispatch order, so a pass
+        with nothing free costs nothing however long the queue.
         """
-        for entry in self:
+        for entry in self._candidates(models):
             if predicate(entry):
-                del self._classes[entry.priority][entry.task_id]
+                self._drop(entry)
                 return entry
         return None
+
+    def _candidates(self, models: Collection[ids.ModelId] | None) -> Iterator[Entry]:
+        if models is None:
+            yield from self
+            return
+        for priority in PRIORITIES:
+            entries = self._classes[priority]
+            lists = [self._by_model.get((priority, m)) for m in models]
+            orders = [((seq, tid) for tid, seq in lst.items()) for lst in lists if lst]
+            for _, task_id in orders[0] if len(orders) == 1 else heapq.merge(*orders):
+                yield entries[task_id]
+
+    def take_expired(self, now: float) -> list[Entry]:
+        """Remove and return the entries whose deadline is `now` or earlier."""
+        expired: list[Entry] = []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            deadline_at, _, task_id = heapq.heappop(self._deadlines)
+            for entries in self._classes.values():
+                entry = entries.get(task_id)
+                if entry is not None and entry.deadline_at == deadline_at:
+                    self._drop(entry)
+                    expired.append(entry)
+        return expired
+
+    def targets(self) -> list[Entry]:
+        """The first queued entry of each distinct `target`."""
+        return [next(iter(entries.values())) for entries in self._by_target.values()]
+
+    def of_target(self, target: Hashable) -> list[Entry]:
+        """The queued entries of `target`, in push order."""
+        return list(self._by_target.get(target, {}).values())
 
     def in_dispatch_order(self) -> tuple[Entry, ...]:
         """Interactive entries in FIFO order, then batch entries in FIFO order."""

@@ -22,8 +22,9 @@ def entry(
         pool_id=None,
         enqueued_at=0.0,
         max_tokens=16,
-        deadline_at=None,
+        deadline_at=extra.get("deadline_at"),  # type: ignore[arg-type]
         payload=extra.get("payload"),
+        target=extra.get("target", model),
     )
 
 
@@ -191,13 +192,19 @@ class QueueUnderAnyOperations(RuleBasedStateMachine):
     def make(self, capacity: int, policy: queues.FullPolicy) -> None:
         self.queue = queues.TaskQueue(capacity, policy)
 
-    @rule(priority=st.sampled_from(queues.PRIORITIES), model=st.sampled_from(["a", "b"]))
-    def push(self, priority: queues.Priority, model: str) -> None:
+    @rule(
+        priority=st.sampled_from(queues.PRIORITIES),
+        model=st.sampled_from(["a", "b", "c"]),
+        deadline_at=st.none() | st.integers(0, 5).map(float),
+        pin=st.sampled_from(["", "p"]),
+    )
+    def push(self, priority: queues.Priority, model: str, deadline_at: float, pin: str) -> None:
         task_id = f"t{self.counter}"
         self.counter += 1
         batch_was_queued = self.queue.depth_by_priority()["batch"] > 0
         was_full = len(self.queue) == self.queue.capacity
-        outcome = self.queue.push(entry(task_id, priority, model))
+        new = entry(task_id, priority, model, deadline_at=deadline_at, target=(model, pin))
+        outcome = self.queue.push(new)
         self.seq[task_id] = self.counter
         if not outcome.accepted:
             assert was_full
@@ -227,6 +234,48 @@ class QueueUnderAnyOperations(RuleBasedStateMachine):
         if popped is not None:
             assert popped.task_id not in self.fate
             self.fate[popped.task_id] = "popped"
+
+    @rule(
+        models=st.sets(st.sampled_from(["a", "b", "c"])),
+        refused=st.sets(st.integers(0, 30)),
+    )
+    def pop_first_of_free_models(self, models: set[str], refused: set[int]) -> None:
+        """Looking only at the free models' entries finds what a scan of the whole queue
+        finds, also when the predicate refuses some entries of those models."""
+
+        def accepts(e: queues.Entry) -> bool:
+            return e.model_id in models and int(e.task_id[1:]) not in refused
+
+        expected = next((e for e in self.queue.in_dispatch_order() if accepts(e)), None)
+        popped = self.queue.pop_first(accepts, models={ids.ModelId(m) for m in models})
+        assert popped == expected
+        if popped is not None:
+            self.fate[popped.task_id] = "popped"
+
+    @rule(now=st.integers(0, 6).map(float))
+    def take_expired(self, now: float) -> None:
+        expected = {
+            e.task_id
+            for e in self.queue.in_dispatch_order()
+            if e.deadline_at is not None and e.deadline_at <= now
+        }
+        taken = self.queue.take_expired(now)
+        assert {e.task_id for e in taken} == expected and len(taken) == len(expected)
+        for e in taken:
+            self.fate[e.task_id] = "expired"
+
+    @invariant()
+    def targets_name_the_first_entry_of_each_target(self) -> None:
+        entries = self.queue.in_dispatch_order()
+        by_push = sorted(entries, key=lambda e: self.seq[e.task_id])
+        firsts: dict[object, str] = {}
+        for e in by_push:
+            firsts.setdefault(e.target, e.task_id)
+        assert {e.target: e.task_id for e in self.queue.targets()} == firsts
+        for target in firsts:
+            assert [e.task_id for e in self.queue.of_target(target)] == [
+                e.task_id for e in by_push if e.target == target
+            ]
 
     @invariant()
     def never_exceeds_capacity(self) -> None:
