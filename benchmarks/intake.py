@@ -15,6 +15,11 @@ Both are watched by a process of its own (`benchmarks.intake_watch`, polling eve
 once all are admitted), as a user's watcher would be: listing folders of thousands of files
 in the daemon's own process took about a tenth of its CPU time from it.
 
+Also measured, after the run, with the daemon idle: the same 1,000 token streams asked of the
+same sim replica by the daemon's own engine client (`llama_server.Client.generate` on a kept-
+alive session, SLOTS at a time) and nothing else: the most tasks/s end to end could reach on
+this machine with one HTTP stream per task, whatever the daemon's files cost.
+
 Also counted: the daemon's fsync and syncfs calls per task, until all are admitted and until
 all are terminal. The throughput ratios compare with the disk's rate; this shows how many
 durable syncs a task costs whatever the disk (one `atomic.write_bytes` alone costs two).
@@ -34,6 +39,8 @@ from typing import Any
 
 from benchmarks import harness, report
 from benchmarks.harness import BenchError, StatusWatch
+from plugins import engine_pool, interfaces
+from plugins.llama_server import Client
 from state import atomic
 
 NAME = "intake"
@@ -100,6 +107,30 @@ def durable_writes_per_s(folder: Path, n: int = DISK_WRITES) -> float:
     for i in range(n):
         (folder / f"w{i}.json").unlink()
     return rate
+
+
+async def engine_alone_per_s(base_url: str, n: int) -> float:
+    """Tasks/s of `n` token streams of MAX_TOKENS asked of the replica at `base_url` by the
+    daemon's engine client alone, SLOTS at a time on one kept-alive session."""
+    client, pool = Client(base_url), engine_pool.Pool()
+    todo = list(range(n))
+
+    async def one_slot() -> None:
+        session = pool.session(client.base_url)
+        while todo:
+            i = todo.pop()
+            request = interfaces.GenerateRequest(
+                task_id=f"alone{i}", prompt="hi", max_tokens=MAX_TOKENS, seed=i
+            )
+            async for _ in client.generate(request, session=session):
+                pass
+
+    try:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one_slot() for _ in range(SLOTS)))
+        return n / (time.perf_counter() - t0)
+    finally:
+        await pool.close()
 
 
 async def run(bench: report.BenchResult, *, quick: bool) -> None:
@@ -176,6 +207,9 @@ async def run(bench: report.BenchResult, *, quick: bool) -> None:
                 if r and r.get("error"):
                     errors[r["error"]["code"]] += 1
             queue_at_end = srv.daemon.dispatcher.queue_row().model_dump()
+            replica = next(iter(srv.daemon.pools.replicas.values()))
+            assert replica.handle is not None
+            alone = await engine_alone_per_s(replica.handle.base_url, n)
         disk_after = durable_writes_per_s(ws.root / "disk-probe")
     assert admitted_s is not None and terminal_s is not None
     disk = (disk_before + disk_after) / 2
@@ -189,6 +223,18 @@ async def run(bench: report.BenchResult, *, quick: bool) -> None:
         "end to end ÷ disk writes/s", n / terminal_s / disk, "ratio", report.Target(">=", 0.5)
     )
     bench.add("all terminal after", terminal_s * 1000, "ms")
+    bench.add(
+        "engine client alone",
+        alone,
+        "tasks/s",
+        note="the same streams with nothing else: the ceiling of end to end here",
+    )
+    bench.add(
+        "engine client alone ÷ disk writes/s",
+        alone / disk,
+        "ratio",
+        note="end to end ÷ disk cannot pass this",
+    )
     bench.add(
         "syncs per task: until all admitted",
         syncs.until(t0 + admitted_s) / n,
