@@ -2,7 +2,8 @@
 
 Level-triggered: watchdog events (orch.yaml, spool/incoming, spool/cancel), engine exits,
 finished tasks and a periodic resync only *wake* the loop; each pass re-reads what it needs
-and acts from scratch. A lost inotify event therefore delays work by at most one resync.
+and acts from scratch. A lost inotify event therefore delays work by at most one resync. (A
+task that ended well also hands its slot on at once: `dispatch.Dispatcher._ended`.)
 
     pass = refresh config → reconcile pools → claim + admit → cancels → dispatch → status
 
@@ -213,6 +214,7 @@ class Daemon:
             self.hurry_event.set()
         elif why is not None:
             logs.emit(log, "daemon.stopping", f"Stopping on {why}.", signal=why)
+        self.dispatcher.stopping = True  # a task that ends now starts no other
         self.stop_event.set()
         self.wake_event.set()
 
@@ -283,6 +285,7 @@ class Daemon:
                     await asyncio.wait_for(self.wake_event.wait(), timeout)
                 self.wake_event.clear()
         finally:
+            self.dispatcher.stopping = True  # also at the end of --duration: drain, start nothing
             if watcher is not None:
                 watcher.stop()
                 await asyncio.to_thread(watcher.join, 5)

@@ -53,6 +53,13 @@ class PoolsView(Protocol):
     def engine_version(self, replica_id: ids.ReplicaId | None) -> str | None: ...
 
 
+# A task that ended well refills its slot at once (`Dispatcher._ended` pumps); the full pass
+# (replicas, drains, status.json) follows at once too, but at most once per this for all the
+# tasks that end meanwhile: a pass after every task's end was a sixth of the loop's time
+# under a stream of short tasks.
+PASS_AFTER_END_S = 0.05
+
+
 @dataclass
 class Dispatcher:
     books: tasking.Books
@@ -69,6 +76,10 @@ class Dispatcher:
     running: dict[ids.TaskId, streaming.Running] = field(default_factory=dict)
     # admitted, their `queued` frame not yet written (`announce`, once per batch)
     unannounced: list[queues.Entry] = field(default_factory=list)
+    # the daemon is stopping: a task's end starts nothing more (running ones drain)
+    stopping: bool = False
+    _pass_timer: asyncio.TimerHandle | None = field(default=None, init=False, repr=False)
+    _end_pass_at: float = field(default=float("-inf"), init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.queue = queues.TaskQueue(1, "reject")
@@ -259,7 +270,29 @@ class Dispatcher:
                     replica_id=running.replica_id,
                     tokens_out=run.result.tokens_out,
                 )
-        self.wake()
+        if run.result.status in ("succeeded", "canceled") and not self.stopping:
+            self.pump()  # the replica just served well: its slot takes the next task now
+            self._pass_soon()
+        else:  # a failure: the pass looks at the replicas before anything is placed again
+            self.wake()
+
+    def _pass_soon(self) -> None:
+        """Wake the loop for a full pass: now, or PASS_AFTER_END_S after the last one a task's
+        end asked for, once for all the ends in between."""
+        if self._pass_timer is not None:
+            return
+        loop = asyncio.get_running_loop()
+
+        def due() -> None:
+            self._pass_timer = None
+            self._end_pass_at = loop.time()
+            self.wake()
+
+        wait = self._end_pass_at + PASS_AFTER_END_S - loop.time()
+        if wait <= 0:
+            due()
+        else:
+            self._pass_timer = loop.call_later(wait, due)
 
     def _reaped(self, task_id: ids.TaskId, job: asyncio.Task[None]) -> None:
         """The safety net when a task's coroutine ends: free the slot of a task that ended
@@ -307,6 +340,10 @@ class Dispatcher:
     async def shutdown(self, *, drain_s: float = 0.0, hurry: asyncio.Event | None = None) -> None:
         """Let running tasks finish for up to `drain_s` (or until `hurry` is set), then cancel
         the rest without a terminal write: they stay resumable and re-run at the next start."""
+        self.stopping = True
+        if self._pass_timer is not None:
+            self._pass_timer.cancel()
+            self._pass_timer = None
         jobs = {r.job for r in self.running.values() if r.job is not None}
         if jobs and drain_s > 0:
             waits: set[asyncio.Future[Any]] = set(jobs)
