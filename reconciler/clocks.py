@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
-from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class Clock(Protocol):
@@ -54,6 +54,16 @@ class FakeClock:
 
 
 def rfc3339(epoch: float) -> str:
-    return (
-        datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    )
+    """`epoch` as `2026-11-27T19:25:23.042Z` (UTC, milliseconds, as datetime's isoformat
+    gives it). Every frame and result carries some: the date and time of the last second
+    are kept, since formatting them through datetime was 2 % of the loop under a burst."""
+    whole = math.floor(epoch)
+    micros = round((epoch - whole) * 1_000_000)  # as datetime rounds: half to even
+    if micros == 1_000_000:
+        whole, micros = whole + 1, 0
+    if whole != _second[0]:
+        _second[:] = [whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))]
+    return f"{_second[1]}.{micros // 1000:03d}Z"
+
+
+_second: list[Any] = [None, ""]  # the last second formatted, and its text
