@@ -135,13 +135,15 @@ class Dispatcher:
 
     # -- dispatch -------------------------------------------------------------------------
 
-    def pump(self) -> None:
-        """Place queued tasks onto free replicas; expire deadlines; fail unservable tasks."""
+    def pump(self, *, recheck: bool = True) -> None:
+        """Place queued tasks onto free replicas; expire deadlines; fail unservable tasks
+        (unless not `recheck`: a task's end changes no target's servability)."""
         # a task starts only after its `queued` frame (the daemon announces after intake)
         for run, exc in self.announce():
             log.error("could not write the queued result of %s: %s", run.task_id, exc)
         self._expire_queued()
-        self._fail_unservable()
+        if recheck:
+            self._fail_unservable()
         decisions: dict[str, placement.Decision] = {}
         while True:
             decisions.clear()
@@ -271,7 +273,7 @@ class Dispatcher:
                     tokens_out=run.result.tokens_out,
                 )
         if run.result.status in ("succeeded", "canceled") and not self.stopping:
-            self.pump()  # the replica just served well: its slot takes the next task now
+            self.pump(recheck=False)  # the replica just served well: its slot is taken now
             self._pass_soon()
         else:  # a failure: the pass looks at the replicas before anything is placed again
             self.wake()

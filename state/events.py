@@ -38,6 +38,8 @@ class EventFrame(BaseModel):
 
 
 _STREAMING = frozenset({"started", "token", "metrics"})
+# one encoder for every frame: json.dumps with an option builds a new one at each call
+_encode = json.JSONEncoder(ensure_ascii=False).encode
 
 
 class EventLog:
@@ -67,9 +69,7 @@ class EventLog:
             raise ValueError("a terminal frame is written on its own")
         first = self.last_id + 1
         lines = [
-            json.dumps(
-                {"id": first + n, "event": event, "data": data, "ts": ts}, ensure_ascii=False
-            )
+            _encode({"id": first + n, "event": event, "data": data, "ts": ts})
             for n, data in enumerate(items)
         ]
         if self._fd is None:

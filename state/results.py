@@ -93,12 +93,18 @@ class ResultStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._paths: dict[str, Path] = {}
         root.mkdir(parents=True, exist_ok=True)
 
     def path(self, task_id: str) -> Path:
-        if not ids.is_safe_id(task_id):
-            raise ValueError(f"unsafe task id {task_id!r}")
-        return self.root / f"{task_id}.json"
+        path = self._paths.get(task_id)
+        if path is None:  # a live task's result is written three times and read more
+            if not ids.is_safe_id(task_id):
+                raise ValueError(f"unsafe task id {task_id!r}")
+            if len(self._paths) >= 4096:
+                self._paths.clear()
+            path = self._paths[task_id] = self.root / f"{task_id}.json"
+        return path
 
     def events_path(self, task_id: str) -> Path:
         return self.root / f"{task_id}.events.jsonl"
