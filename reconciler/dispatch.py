@@ -272,11 +272,16 @@ class Dispatcher:
                     replica_id=running.replica_id,
                     tokens_out=run.result.tokens_out,
                 )
-        if run.result.status in ("succeeded", "canceled") and not self.stopping:
+        if run.result.status not in ("succeeded", "canceled") or self.stopping:
+            self.wake()  # a failure: the pass looks at the replicas before anything is placed
+            return
+        try:
             self.pump(recheck=False)  # the replica just served well: its slot is taken now
-            self._pass_soon()
-        else:  # a failure: the pass looks at the replicas before anything is placed again
+        except Exception:  # the ended task is written; the pass places what this could not
+            log.exception("placing after %s ended failed", run.task_id)
             self.wake()
+            return
+        self._pass_soon()
 
     def _pass_soon(self) -> None:
         """Wake the loop for a full pass: now, or PASS_AFTER_END_S after the last one a task's

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from reconciler import pools
+from reconciler import dispatch, pools
 from tests.conftest import Workspace, config, task, wait_for, wait_terminal
 
 
@@ -72,3 +72,24 @@ async def test_a_stopping_daemon_drains_running_tasks_and_starts_no_queued_one(
         assert workspace.result(task_id)["status"] == "queued"  # type: ignore[index]
         assert [f.event for f in workspace.frames(task_id)] == ["queued"]
         assert (workspace.spool.active / f"{task_id}.task.yaml").exists()
+
+
+async def test_a_failure_to_place_at_a_tasks_end_leaves_that_task_succeeded(
+    workspace: Workspace, serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Placing the next task right at a task's end fails (a bug): the ended task keeps its
+    succeeded result, and the next pass places the waiting task."""
+    workspace.write_config(_one_slot(400))
+    await serve()
+    real = dispatch.Dispatcher.pump
+
+    def pump(self: dispatch.Dispatcher, *, recheck: bool = True) -> None:
+        if not recheck:
+            raise RuntimeError("a bug in placing")
+        real(self, recheck=recheck)
+
+    monkeypatch.setattr(dispatch.Dispatcher, "pump", pump)
+    for task_id in ("a", "b"):
+        workspace.submit(f"{task_id}.task.yaml", task(task_id, max_tokens=2))
+    for task_id in ("a", "b"):
+        assert (await wait_terminal(workspace, task_id, 10))["status"] == "succeeded"
