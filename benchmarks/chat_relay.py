@@ -18,7 +18,6 @@ from request to last token), which includes them.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from typing import Any
@@ -26,7 +25,7 @@ from typing import Any
 import aiohttp
 
 from benchmarks import harness, report
-from benchmarks.harness import BenchError, Served, StatusWatch
+from benchmarks.harness import BenchError, StatusWatch
 
 NAME = "chat-relay"
 TOKENS_PER_S = 1000.0
@@ -77,13 +76,6 @@ async def _stream(
     }
 
 
-def _replica_url(srv: Served) -> str:
-    records = list(srv.ws.engine_records.glob("*.json"))
-    if len(records) != 1:
-        raise BenchError(f"expected one engine record, found {len(records)}")
-    return f"http://127.0.0.1:{int(json.loads(records[0].read_text())['port'])}"
-
-
 async def run(bench: report.BenchResult, *, quick: bool) -> None:
     tokens, rounds = (QUICK_TOKENS, QUICK_ROUNDS) if quick else (TOKENS, ROUNDS)
     body = {
@@ -104,7 +96,7 @@ async def run(bench: report.BenchResult, *, quick: bool) -> None:
             server = srv.daemon.server
             if server is None:
                 raise BenchError("the daemon serves no HTTP")
-            engine_url = _replica_url(srv) + "/v1/chat/completions"
+            engine_url = srv.ws.engine_url() + "/v1/chat/completions"
             daemon_url = server.url + "/v1/chat/completions"
             timeout = aiohttp.ClientTimeout(total=TIMEOUT_S)
             async with aiohttp.ClientSession(timeout=timeout) as session:

@@ -157,6 +157,13 @@ class Workspace:
         except (OSError, ValueError):
             return None
 
+    def engine_url(self) -> str:
+        """The base URL of the one engine replica this workspace's daemon recorded."""
+        records = list(self.engine_records.glob("*.json"))
+        if len(records) != 1:
+            raise BenchError(f"expected one engine record, found {len(records)}")
+        return f"http://127.0.0.1:{int(json.loads(records[0].read_text())['port'])}"
+
     def recorded_engine_pids(self) -> list[int]:
         pids = []
         for path in self.engine_records.glob("*.json"):

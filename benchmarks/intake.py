@@ -207,9 +207,7 @@ async def run(bench: report.BenchResult, *, quick: bool) -> None:
                 if r and r.get("error"):
                     errors[r["error"]["code"]] += 1
             queue_at_end = srv.daemon.dispatcher.queue_row().model_dump()
-            replica = next(iter(srv.daemon.pools.replicas.values()))
-            assert replica.handle is not None
-            alone = await engine_alone_per_s(replica.handle.base_url, n)
+            alone = await engine_alone_per_s(ws.engine_url(), n)
         disk_after = durable_writes_per_s(ws.root / "disk-probe")
     assert admitted_s is not None and terminal_s is not None
     disk = (disk_before + disk_after) / 2

@@ -78,13 +78,6 @@ async def _ready(srv: Served) -> str:
     return str(status["daemon"]["url"])
 
 
-def _engine_url(ws: harness.Workspace) -> str:
-    records = sorted((ws.root / ".orch" / "engines").glob("*.json"))
-    if not records:
-        raise BenchError("no engine record")
-    return f"http://127.0.0.1:{json.loads(records[0].read_text())['port']}"
-
-
 async def _relayed(srv: Served, url: str, task_id: str, clients: int) -> list[float]:
     _submit(srv, f"{task_id}-blocker", int(TOKENS_PER_S * 1.5))  # clients connect meanwhile
     await srv.wait_for(
@@ -148,7 +141,7 @@ async def run(bench: report.BenchResult, *, quick: bool) -> None:
     with harness.workspace(_config(64, TOKENS_PER_S)) as ws:
         async with harness.serving(ws) as srv:
             url = await _ready(srv)
-            direct = await _clients("direct", _engine_url(ws), str(TOKENS))
+            direct = await _clients("direct", ws.engine_url(), str(TOKENS))
             engine_rate = float(direct["streams"][0]["tokens_per_s"])
             if engine_rate <= 0:
                 raise BenchError("the engine streamed no tokens")

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
-from typing import Any, Protocol
+from typing import Protocol
 
 
 class Clock(Protocol):
@@ -61,9 +62,9 @@ def rfc3339(epoch: float) -> str:
     micros = round((epoch - whole) * 1_000_000)  # as datetime rounds: half to even
     if micros == 1_000_000:
         whole, micros = whole + 1, 0
-    if whole != _second[0]:
-        _second[:] = [whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))]
-    return f"{_second[1]}.{micros // 1000:03d}Z"
+    return f"{_second_text(whole)}.{micros // 1000:03d}Z"
 
 
-_second: list[Any] = [None, ""]  # the last second formatted, and its text
+@functools.lru_cache(maxsize=2)
+def _second_text(whole: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Literal
 
@@ -93,18 +94,10 @@ class ResultStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self._paths: dict[str, Path] = {}
         root.mkdir(parents=True, exist_ok=True)
 
     def path(self, task_id: str) -> Path:
-        path = self._paths.get(task_id)
-        if path is None:  # a live task's result is written three times and read more
-            if not ids.is_safe_id(task_id):
-                raise ValueError(f"unsafe task id {task_id!r}")
-            if len(self._paths) >= 4096:
-                self._paths.clear()
-            path = self._paths[task_id] = self.root / f"{task_id}.json"
-        return path
+        return _result_path(self.root, task_id)
 
     def events_path(self, task_id: str) -> Path:
         return self.root / f"{task_id}.events.jsonl"
@@ -128,6 +121,13 @@ class ResultStore:
             for p in self.root.glob("*.json")
             if not p.name.endswith(".error.json")
         )
+
+
+@functools.lru_cache(maxsize=4096)  # a live task's result is written three times, read more
+def _result_path(root: Path, task_id: str) -> Path:
+    if not ids.is_safe_id(task_id):
+        raise ValueError(f"unsafe task id {task_id!r}")
+    return root / f"{task_id}.json"
 
 
 def encode(result: Result) -> bytes:
