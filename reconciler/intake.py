@@ -112,7 +112,7 @@ def parse_claimed(path: Path) -> Parsed | list[loading.LoadError]:
                 "rename it, e.g. fix-bug.task.yaml",
             )
         ]
-    loaded = loading.load_model(path, tasks.TaskFile, shown=shown)
+    loaded = loading.load_model(path, tasks.TaskFile, shown=shown, tree=False)
     if loaded.value is None:
         return loaded.errors
     task_id = loaded.value.task_id or tasks.stem(path.name)

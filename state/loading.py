@@ -142,9 +142,12 @@ def load_model(
     max_bytes: int = MAX_FILE_BYTES,
     shown: str | None = None,
     content: bytes | None = None,
+    tree: bool = True,
 ) -> Loaded[M]:
     """Read, parse and validate `path` as `model`; errors carry file, line, column and field.
-    `content`: the file's bytes, already read by the caller (`read_bytes`)."""
+    `content`: the file's bytes, already read by the caller (`read_bytes`). `tree=False`: the
+    caller does not need the node tree of a file that loads cleanly (`Loaded.node` may then
+    be None): a JSON file's is built only to locate its problems."""
     label = shown or str(path)
     if content is None:
         text, errors = read_text(path, max_bytes=max_bytes)
@@ -152,12 +155,16 @@ def load_model(
         text, errors = decode_utf8(content, label)
     if text is None:
         return Loaded(None, [_relabel(e, label) for e in errors])
-    return validate_text(text, model, shown=label, is_json=path.suffix == ".json")
+    return validate_text(text, model, shown=label, is_json=path.suffix == ".json", tree=tree)
 
 
-def validate_text(text: str, model: type[M], *, shown: str, is_json: bool = False) -> Loaded[M]:
-    parse = parse_json_document if is_json else parse_document
-    data, node, errors = parse(text, shown)
+def validate_text(
+    text: str, model: type[M], *, shown: str, is_json: bool = False, tree: bool = True
+) -> Loaded[M]:
+    if is_json:
+        data, node, errors = parse_json_document(text, shown, tree=tree)
+    else:
+        data, node, errors = parse_document(text, shown)
     if errors:
         return Loaded(None, errors)
     if not isinstance(data, dict):
@@ -179,6 +186,8 @@ def validate_text(text: str, model: type[M], *, shown: str, is_json: bool = Fals
     try:
         return Loaded(model.model_validate(data), [], data, node)
     except pydantic.ValidationError as exc:
+        if node is None and is_json:  # parsed without its tree: built now, to locate
+            node = parsing.json_tree(text, shown)
         return Loaded(None, validation_errors(exc, model, node, shown, data), data, node)
 
 

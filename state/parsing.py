@@ -16,6 +16,7 @@ the YAML node tree of the same text gives the locations.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import reprlib
@@ -322,11 +323,24 @@ def capped(problems: list[LoadError], shown: str, *, total: int | None = None) -
     ]
 
 
-def parse_json_document(text: str, shown: str) -> tuple[Any, yaml.Node | None, list[LoadError]]:
+def parse_json_document(
+    text: str, shown: str, *, tree: bool = True
+) -> tuple[Any, yaml.Node | None, list[LoadError]]:
     """Parse JSON with the json module (its numbers and escapes, not YAML's), under the same
     bounds and checks as YAML; `_json_tree` gives the locations (YAML cannot read every JSON
-    text: keys over 1,024 characters, escaped lone surrogates)."""
+    text: keys over 1,024 characters, escaped lone surrogates).
+
+    `tree=False`: a text that surely stays within the bounds is parsed without its node tree
+    first, and returned with None for it when it is clean (the caller builds the tree with
+    `json_tree` should it find a problem of its own to locate); a text with any problem takes
+    the whole way below, so each problem is the same, and located the same, either way."""
     text = text.removeprefix("\ufeff")  # a byte-order mark some editors write: not content
+    if not tree and _within_bounds(text):
+        seen = _JsonSeen()
+        with contextlib.suppress(json.JSONDecodeError, RecursionError):
+            data = seen.loads(text)
+            if not seen.problems:
+                return data, None, []
     # bounds first, on the tokens: json.loads would build all of 500,000 items before any
     # check could count them
     node, problems = _json_tree(text, shown)
@@ -334,12 +348,7 @@ def parse_json_document(text: str, shown: str) -> tuple[Any, yaml.Node | None, l
         return None, None, problems
     seen = _JsonSeen()
     try:
-        data = json.loads(
-            text,
-            object_pairs_hook=seen.pairs,
-            parse_int=seen.integer,
-            parse_float=seen.real,
-        )
+        data = seen.loads(text)
     except json.JSONDecodeError as exc:
         return (
             None,
@@ -366,12 +375,31 @@ def parse_json_document(text: str, shown: str) -> tuple[Any, yaml.Node | None, l
     return data, node, []
 
 
+def _within_bounds(text: str) -> bool:
+    """Whether `text` surely stays within MAX_DEPTH and MAX_VALUES, counted from above: each
+    collection opens with a bracket, and in JSON that json.loads accepts each value but the
+    first follows a comma, a colon or an opening bracket (such characters inside strings only
+    add to the counts)."""
+    opening = text.count("{") + text.count("[")
+    return opening <= MAX_DEPTH and opening + text.count(",") + text.count(":") < MAX_VALUES
+
+
+def json_tree(text: str, shown: str) -> yaml.Node | None:
+    """The located node tree of a JSON text that `parse_json_document` accepted."""
+    return _json_tree(text.removeprefix("\ufeff"), shown)[0]
+
+
 class _JsonSeen:
     """Hooks for json.loads collecting what `_check_tree` reports with a location: a key given
     twice (a dict keeps only the last) and numbers too long to convert."""
 
     def __init__(self) -> None:
         self.problems: list[tuple[str, str]] = []
+
+    def loads(self, text: str) -> Any:
+        return json.loads(
+            text, object_pairs_hook=self.pairs, parse_int=self.integer, parse_float=self.real
+        )
 
     def pairs(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         data = dict(pairs)

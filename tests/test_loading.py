@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import pytest
+from hypothesis import example, given, settings
 
 from plugins import gpu_simulated
 from reconciler import clocks, configuring
 from state import desired, loading, parsing, tasks
+from tests import hostile
 
 GOOD_TASK = "task_id: t1\nmodel: m\nprompt: hi\nmax_tokens: 4\n"
 
@@ -273,3 +276,37 @@ def test_a_model_level_error_is_plain_and_shows_no_repr(tmp_path: Path) -> None:
     [error] = loaded.errors
     assert "Value error" not in str(error) and "got a mapping" not in str(error)
     assert "a task names 'model: <model id>' or 'pool: <pool id>'" in str(error)
+
+
+@settings(max_examples=hostile.examples(300, 3000), deadline=None)
+@given(raw=hostile.task_files())
+@example(raw=b'{"model": "m", "prompt": "a", "model": "n"}')  # repeated key: json keeps one
+@example(raw=b'{"model": "m", "prompt": "a", "max_tokens": 1' + b"0" * 200 + b"}")
+@example(raw=b'{"model": "m", "prompt": "a"} {}')  # extra data
+@example(raw=b"[" * 40 + b"]" * 40)
+def test_a_task_file_parsed_without_its_tree_loads_and_fails_the_same(raw: bytes) -> None:
+    # the daemon parses task files with tree=False (the node tree only where it is needed);
+    # a hostile file must get the same value, or the same located problems, as with the tree
+    text = raw.decode("utf-8", errors="replace")
+    whole = loading.validate_text(text, tasks.TaskFile, shown="t.task.json", is_json=True)
+    lazy = loading.validate_text(
+        text, tasks.TaskFile, shown="t.task.json", is_json=True, tree=False
+    )
+    assert [e.as_dict() for e in lazy.errors] == [e.as_dict() for e in whole.errors]
+    assert lazy.value == whole.value
+
+
+def test_a_clean_small_task_file_is_parsed_without_building_its_tree(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    built: list[str] = []
+    real = parsing._json_tree
+    monkeypatch.setattr(parsing, "_json_tree", lambda t, s: built.append(s) or real(t, s))
+    good = json.dumps(hostile.GOOD_TASK)
+    loaded = loading.validate_text(good, tasks.TaskFile, shown="a", is_json=True, tree=False)
+    assert loaded.value is not None and built == []
+    # one with a problem of its own is located from the tree, built for it
+    bad = good.replace('"max_tokens": 4', '"max_tokens": "four"')
+    loaded = loading.validate_text(bad, tasks.TaskFile, shown="b", is_json=True, tree=False)
+    assert built == ["b"]
+    assert [(e.line, e.field) for e in loaded.errors] == [(1, "max_tokens")]
