@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     names = [n for n in BENCHES if not args.only or n in args.only]
     env = environment()
     began = time.perf_counter()
-    done = [run_one(name, quick=args.quick, out=args.out) for name in names]
+    with harness.removals_deferred():
+        done = [run_one(name, quick=args.quick, out=args.out) for name in names]
     total_s = time.perf_counter() - began
     results_path = args.out / "bench.json"
     previous, problem = report.read_previous(results_path)

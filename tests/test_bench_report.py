@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from benchmarks import __main__ as bench_main
-from benchmarks import report
+from benchmarks import harness, report
 
 
 def results(
@@ -249,3 +249,20 @@ def test_a_broken_previous_file_is_reported_kept_and_replaced(
     assert fresh["compared_with"]["file"] is None
     assert "not a results file" in fresh["compared_with"]["problem"]
     assert "previous results not compared" in (tmp_path / "bench.md").read_text()
+
+
+def test_workspaces_made_in_a_run_are_removed_at_its_end_not_at_each_benchmarks_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(harness.tempfile, "tempdir", str(tmp_path))
+    config = harness.base_config(models={}, pools=[])
+    with harness.removals_deferred():
+        with harness.workspace(config) as first:
+            pass
+        with harness.workspace(config) as second:
+            pass
+        assert first.root.is_dir() and second.root.is_dir()
+    assert not first.root.exists() and not second.root.exists()
+    with harness.workspace(config) as alone:  # outside a run: removed at once, as before
+        pass
+    assert not alone.root.exists()
