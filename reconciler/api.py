@@ -11,7 +11,6 @@ can crash the server (an unexpected error is a 500 INTERNAL envelope and a log l
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import uuid
 from collections.abc import Awaitable, Callable
@@ -22,7 +21,7 @@ from typing import Any
 from aiohttp import web
 
 from reconciler import api_auth, configuring, fanout, logs, metrics
-from state import errors, ids, results, sessions, spool, statusfile
+from state import errors, ids, parsing, results, sessions, spool, statusfile
 from state.errors import ErrorCode
 
 log = logs.get("http")
@@ -224,7 +223,10 @@ async def _authenticate(request: web.Request, handler: Handler) -> web.StreamRes
 
 async def read_json(request: web.Request) -> Any:
     """The request body as JSON: 415 for another content type, 413 over the limit, 400 with
-    the line and column for malformed JSON."""
+    the line and column for malformed JSON. The body is held to the bounds and checks of a
+    task file (`parsing.parse_json_document`: nesting, value count, a key given twice, a
+    number too long to convert), and to text that is UTF-8 all through (no lone surrogate
+    escaped into a key or a value), so what is accepted here can be written to the spool."""
     if request.content_type != "application/json":
         raise ApiError(
             ErrorCode.UNSUPPORTED_MEDIA_TYPE,
@@ -232,19 +234,66 @@ async def read_json(request: web.Request) -> Any:
         )
     raw = await request.read()  # client_max_size makes aiohttp answer 413 beyond the limit
     try:
-        return json.loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ApiError(
             ErrorCode.INVALID_PARAMS, f"the body is not UTF-8 (byte {exc.start})"
         ) from None
-    except json.JSONDecodeError as exc:
+    data, _, problems = parsing.parse_json_document(text, "request body", tree=False)
+    if problems:
+        first = problems[0]
+        where = "".join(f":{n}" for n in (first.line, first.column) if n is not None)
+        field = f"{first.field}: " if first.field else ""
         raise ApiError(
             ErrorCode.INVALID_PARAMS,
-            f"request body:{exc.lineno}:{exc.colno}: malformed JSON: {exc.msg}",
-            hint="send one JSON object",
-        ) from None
-    except RecursionError:
-        raise ApiError(ErrorCode.INVALID_PARAMS, "the JSON body is nested too deeply") from None
+            f"request body{where}: {field}{first.message}",
+            hint=first.hint or "send one JSON object",
+            param=first.field,
+        )
+    lone = _lone_surrogate(data)
+    if lone is not None:
+        raise ApiError(
+            ErrorCode.INVALID_PARAMS,
+            f"request body: {lone or 'the body'} holds an escaped lone surrogate (\\ud800 to "
+            "\\udfff without its pair), which is not text",
+            hint="escape characters outside the BMP as a surrogate pair, or send them as UTF-8",
+            param=lone or None,
+        )
+    return data
+
+
+def _lone_surrogate(data: Any, path: str = "") -> str | None:
+    """The dotted path of the first key or string holding a lone surrogate, "" for the body
+    itself; None when there is none (the body is within MAX_DEPTH: the recursion is bounded)."""
+    if isinstance(data, str):
+        return None if data.isascii() or _encodable(data) else path
+    if isinstance(data, list):
+        for i, item in enumerate(data):
+            found = _lone_surrogate(item, f"{path}[{i}]")
+            if found is not None:
+                return found
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            name = parsing.shortened(_escaped(key), 60)  # shown in the answer: text only
+            here = f"{path}.{name}" if path else name
+            if not _encodable(key):
+                return here
+            found = _lone_surrogate(value, here)
+            if found is not None:
+                return found
+    return None
+
+
+def _escaped(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 Routes = Callable[[web.Application], None]

@@ -145,7 +145,10 @@ async def list_artifacts(request: web.Request) -> web.StreamResponse:
     if kind is not None and kind not in ("plan", "diff", "trace", "summary", "other"):
         raise ApiError(ErrorCode.INVALID_PARAMS, f"kind: {kind[:40]!r} is not an artifact kind")
     raw_limit = request.query.get("limit", str(LIST_LIMIT))
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= LIST_LIMIT:
+    # ASCII digits only, and few: int() takes '²' and '١', and refuses 4,301 digits
+    if not (raw_limit.isascii() and raw_limit.isdigit() and len(raw_limit) <= 6) or not (
+        1 <= int(raw_limit) <= LIST_LIMIT
+    ):
         raise ApiError(ErrorCode.INVALID_PARAMS, f"limit must be 1 to {LIST_LIMIT}")
     limit = int(raw_limit)
 

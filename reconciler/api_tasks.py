@@ -34,8 +34,13 @@ RETRY_MS = 2000  # the SSE `retry:` a client waits before reconnecting
 PING_S = 15.0  # keep-alive comment interval on idle streams
 
 
+# Task ids whose POST is between its duplicate check and its file being in spool/incoming.
+DELIVERING: web.AppKey[set[str]] = web.AppKey("delivering_task_ids")
+
+
 def add_routes(app: web.Application) -> None:
     app[ENCODED] = {}
+    app[DELIVERING] = set()
     app.router.add_post("/v1/tasks", post_task)
     app.router.add_get("/v1/tasks/{task_id}", get_task)
     app.router.add_get("/v1/tasks/{task_id}/events", task_events)
@@ -71,7 +76,8 @@ async def post_task(request: web.Request) -> web.StreamResponse:
     body = await api.read_json(request)
     if not isinstance(body, dict):
         raise ApiError(ErrorCode.INVALID_PARAMS, "the body must be a JSON object (a task)")
-    body.setdefault("task_id", f"t-{uuid.uuid4().hex[:16]}")
+    if body.get("task_id") is None:  # absent or null: one is made up
+        body["task_id"] = f"t-{uuid.uuid4().hex[:16]}"
     body["correlation_id"] = request[api.CORRELATION]
     try:
         task = tasks.TaskFile.model_validate(body)
@@ -132,7 +138,12 @@ async def deliver(request: web.Request, task: tasks.TaskFile) -> fanout.Subscrip
     this returns) and wake the loop. The caller reads the subscription, then unsubscribes."""
     backend = request.app[BACKEND]
     task_id = ids.TaskId(str(task.task_id))
-    if _known(backend, task_id):
+    raw = task.model_dump_json(exclude_none=True).encode()
+    _check_as_task_file(raw)
+    delivering = request.app[DELIVERING]
+    # the check and the reservation with no await between them: of two requests with one
+    # id at once, the second sees the first's reservation until its file is in the spool
+    if task_id in delivering or _known(backend, task_id):
         existing = backend.results.read(task_id) if backend.results.exists(task_id) else None
         state = f" ({existing.status})" if existing else ""
         raise ApiError(
@@ -140,13 +151,15 @@ async def deliver(request: web.Request, task: tasks.TaskFile) -> fanout.Subscrip
             f"task id {task_id!r} is already used{state}",
             hint="give the task a new task_id, or GET /v1/tasks/{id} for the old one",
         )
+    delivering.add(task_id)
     sub = backend.hub.subscribe(task_id, backend.results.events_path(task_id))
     try:
-        raw = task.model_dump_json(exclude_none=True).encode()
         await asyncio.to_thread(spool.deliver, backend.spool, raw, name=f"{task_id}.task.json")
     except BaseException:
         backend.hub.unsubscribe(sub)
         raise
+    finally:
+        delivering.discard(task_id)  # from now on the spool (or the result) has the id
     backend.wake()
     logs.emit(
         log,
@@ -157,6 +170,24 @@ async def deliver(request: web.Request, task: tasks.TaskFile) -> fanout.Subscrip
         identity=request[api.IDENTITY],
     )
     return sub
+
+
+def _check_as_task_file(raw: bytes) -> None:
+    """Refuse (400) a task the spool's intake would refuse as a file, before it is delivered:
+    its bounds (nesting, value count) apply to the task file the request becomes, which
+    holds a few more values than the request itself."""
+    loaded = loading.validate_text(
+        raw.decode(), tasks.TaskFile, shown="request body", is_json=True, tree=False
+    )
+    if loaded.errors:
+        first = loaded.errors[0]
+        field = f"{first.field}: " if first.field else ""
+        raise ApiError(
+            ErrorCode.INVALID_PARAMS,
+            f"request body (as a task file): {field}{first.message}",
+            hint=first.hint or None,
+            param=first.field,
+        )
 
 
 async def _first_frame(sub: Any) -> events.EventFrame | None:
@@ -191,6 +222,8 @@ async def get_task(request: web.Request) -> web.StreamResponse:
 def _resume_after(request: web.Request) -> int:
     given = request.headers.get("Last-Event-ID") or request.query.get("last_event_id") or "0"
     try:
+        if not given.isascii() or len(given) > 40:  # int() takes '١' and long digit strings
+            raise ValueError(given)
         after = int(given.strip())
     except ValueError:
         raise ApiError(

@@ -51,13 +51,16 @@ class Subscription:
 
     async def batches(self) -> AsyncGenerator[list[events.EventFrame], None]:
         """The frames after `after`, in order, in groups of at most BATCH_FRAMES, until the
-        terminal frame: from the log, then live, back to the log after a lag or a gap."""
+        terminal frame: from the log, then live, back to the log after a lag or a gap. A
+        reader that resumes at or past the terminal frame's id gets none, and the end."""
         try:
             while True:
                 self.lagging = False
                 backlog: list[events.EventFrame] = []
-                for frame in events.read(self.log_path, after=self.after):
+                for frame in events.read(self.log_path):
                     if frame.id <= self.after:
+                        if frame.terminal:  # the reader has had the end (or resumes past it)
+                            return
                         continue
                     self.after = frame.id
                     backlog.append(frame)
@@ -79,6 +82,8 @@ class Subscription:
                     while self.pending and len(batch) < BATCH_FRAMES:
                         frame = self.pending.popleft()
                         if frame.id <= self.after:
+                            if frame.terminal:  # a reader that resumed past the end
+                                return
                             continue  # already read from the log
                         if frame.id != self.after + 1:
                             gap = True

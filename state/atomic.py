@@ -210,8 +210,10 @@ def write_bytes(
     aside), e.g. to keep those of the file it replaces. On any error (a full disk) the old
     file stays as it was and no temporary file is left."""
     current = _defer(path) if durable else None
-    # in a group each write has its own temporary file: the commit renames them in order
-    unique = "" if current is None else f".{len(current.ops)}"
+    # in a group each write has its own temporary file: the commit renames them in order;
+    # outside one, each thread its own (two threads of a server writing one file at once,
+    # such as two cancels of one task, must not write and rename one temporary file)
+    unique = f".{threading.get_native_id()}" if current is None else f".{len(current.ops)}"
     tmp = path.with_name(f".{path.name}.{os.getpid()}{unique}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:

@@ -464,3 +464,132 @@ async def test_a_task_whose_queued_result_waits_for_its_commit_is_served_not_404
         for t in ("w1", "w2")
     }
     assert (turns["w1"]["turns_remaining"], turns["w2"]["turns_remaining"]) == (4, 3)
+
+
+async def test_posts_of_one_task_id_at_once_get_one_202_and_409s_and_it_runs_once(
+    workspace: Workspace, serve: Any
+) -> None:
+    running = await serve()
+    base = _url(running)
+    async with aiohttp.ClientSession() as session:
+
+        async def post(i: int) -> tuple[int, dict[str, Any]]:
+            body = task("same", prompt=f"race {i}", max_tokens=4)
+            async with session.post(f"{base}/v1/tasks", json=body) as response:
+                return response.status, await response.json()
+
+        answers = await asyncio.gather(*(post(i) for i in range(6)))
+        statuses = sorted(status for status, _ in answers)
+        assert statuses == [202, 409, 409, 409, 409, 409], answers
+        assert all(b["code"] == "DUPLICATE_TASK_ID" for s, b in answers if s == 409)
+        result = await wait_terminal(workspace, "same")
+        assert result["status"] == "succeeded"
+    assert list(workspace.spool.failed.iterdir()) == []  # no second file was delivered
+
+
+async def test_cancels_of_one_task_at_once_all_answer_and_it_ends_canceled(
+    workspace: Workspace, serve: Any
+) -> None:
+    cfg = config()
+    cfg["pools"][0]["sim"] = {"tokens_per_s": 20, "load_s": 0.0}
+    workspace.write_config(cfg)
+    running = await serve()
+    base = _url(running)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{base}/v1/tasks", json=task("cc", max_tokens=400)) as r:
+            assert r.status == 202
+        await wait_for(lambda: workspace.result("cc")["status"] == "running", 10)  # type: ignore[index]
+
+        async def cancel() -> int:
+            async with session.post(f"{base}/v1/tasks/cc/cancel") as response:
+                return response.status
+
+        statuses = await asyncio.gather(*(cancel() for _ in range(10)))
+        assert set(statuses) <= {200, 202}, statuses
+        assert (await wait_terminal(workspace, "cc"))["status"] == "canceled"
+
+
+async def test_a_stream_resumed_at_or_past_its_terminal_frame_ends_at_once(
+    workspace: Workspace, serve: Any
+) -> None:
+    running = await serve()
+    base = _url(running)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{base}/v1/tasks", json=task("done1", max_tokens=3)) as r:
+            assert r.status == 202
+        await wait_terminal(workspace, "done1")
+        last = workspace.frames("done1")[-1].id
+        for after in (last, last + 1, 999_999):
+            url = f"{base}/v1/tasks/done1/events"
+            timeout = aiohttp.ClientTimeout(total=5)
+            async with session.get(
+                url, headers={"Last-Event-ID": str(after)}, timeout=timeout
+            ) as response:
+                assert response.status == 200
+                assert [f async for f in _sse(response)] == []
+        # one before the end still gets the end
+        frames = await _frames(session, url, **{"Last-Event-ID": str(last - 1)})
+        assert [int(f["id"]) for f in frames] == [last] and frames[0]["event"] == "end"
+
+
+async def test_a_body_past_a_task_files_bounds_is_a_400_naming_it_never_a_500_or_a_202(
+    workspace: Workspace, serve: Any
+) -> None:
+    running = await serve()
+    base = _url(running)
+
+    def schema(inner: Any, task_id: str) -> bytes:
+        # a chat task's response_format takes any JSON schema: the place for deep values
+        fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": inner}}
+        body = task(task_id, response_format=fmt, messages=[{"role": "user", "content": "hi"}])
+        del body["prompt"]
+        return json.dumps(body).encode()
+
+    def nested(levels: int) -> dict[str, Any]:
+        inner: dict[str, Any] = {"type": "string"}
+        for _ in range(levels):
+            inner = {"type": "object", "properties": {"x": inner}}
+        return inner
+
+    bodies: list[tuple[bytes, str]] = [
+        (schema(nested(20), "b1"), "levels deep"),
+        (schema(nested(400), "b2"), "levels deep"),
+        (schema({"enum": list(range(20_000))}, "b3"), "values"),
+        (schema(nested(5), "b4"), ""),  # within the bounds: accepted, and it runs
+        (b'{"model": "m1", "prompt": "hi", "max_tokens": ' + b"9" * 4301 + b"}", "max_tokens"),
+        (b'{"model": "m1", "prompt": "hi", "max_tokens": 4, "max_tokens": 9}', "max_tokens"),
+        (b'{"model": "m1", "prompt": "hi", "labels": {"\\ud800": "x"}}', "surrogate"),
+    ]
+    async with aiohttp.ClientSession() as session:
+        for raw, text in bodies:
+            async with session.post(
+                f"{base}/v1/tasks", data=raw, headers={"Content-Type": "application/json"}
+            ) as response:
+                body = await response.json()
+                if not text:
+                    assert response.status == 202, body
+                    continue
+                assert response.status == 400, (raw[:80], body)
+                assert body["code"] == "INVALID_PARAMS" and text in body["message"], body
+        async with session.get(f"{base}/v1/artifacts?limit={'9' * 4301}") as response:
+            assert response.status == 400
+        async with session.post(
+            f"{base}/v1/artifacts", json={"kind": "plan", "content": {"\ud800": 1}}
+        ) as response:
+            body = await response.json()
+            assert response.status == 400 and "surrogate" in body["message"], body
+    assert list(workspace.spool.failed.iterdir()) == []  # nothing was delivered to fail
+    assert (await wait_terminal(workspace, "b4"))["status"] == "succeeded"
+
+
+async def test_a_null_task_id_is_made_up_as_an_absent_one_is(
+    workspace: Workspace, serve: Any
+) -> None:
+    running = await serve()
+    base = _url(running)
+    async with aiohttp.ClientSession() as session:
+        for _ in range(2):
+            async with session.post(f"{base}/v1/tasks", json=task(None)) as response:
+                body = await response.json()
+                assert response.status == 202, body
+                assert body["task_id"].startswith("t-") and body["task_id"] != "None"

@@ -219,7 +219,7 @@ async def test_what_cannot_be_honoured_is_refused_naming_the_field(
     ):
         body = await response.json()
     assert response.status == 400 and body["error"]["code"] == "INVALID_PARAMS"
-    assert "malformed JSON" in body["error"]["message"] and body["error"]["param"] is None
+    assert "is not valid JSON" in body["error"]["message"] and body["error"]["param"] is None
 
 
 async def test_a_full_queue_is_a_429_with_retry_after_that_the_client_honours(
