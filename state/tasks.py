@@ -16,8 +16,13 @@ from state import chats, ids
 Id = Annotated[str, Field(pattern=ids.ID_PATTERN), AfterValidator(ids.check_safe_id)]
 
 
+# strict: a number given as text ("4") or as a boolean is refused, as a YAML or JSON reader
+# would expect, not converted (the chat options of state.chats follow OpenAI's own types)
+_STRICT = ConfigDict(extra="forbid", strict=True)
+
+
 class Sampling(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     temperature: float = Field(0.0, ge=0, le=5)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -27,7 +32,7 @@ class Sampling(BaseModel):
 class Placement(BaseModel):
     """Placement overrides: pin to one pool (never falls back), prefer, or avoid pools."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     mode: Literal["auto", "pin", "prefer"] = "auto"
     pin_pool: Id | None = None
@@ -43,7 +48,7 @@ class Placement(BaseModel):
 
 
 class TaskFile(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     task_id: Id | None = Field(None, description="default: the file name's stem")
     session_id: Id | None = None

@@ -148,6 +148,8 @@ async def test_bad_requests_get_the_envelope_with_the_right_status(
             ({"json": task("u1") | {"colour": "red"}}, 400, "INVALID_PARAMS", "colour"),
             ({"json": task("u2", model="nope")}, 404, "MODEL_UNKNOWN", "nope"),
             ({"json": [1, 2]}, 400, "INVALID_PARAMS", "JSON object"),
+            ({"json": task("u3", max_tokens="4")}, 400, "INVALID_PARAMS", "max_tokens"),
+            ({"json": task("u4", max_tokens=True)}, 400, "INVALID_PARAMS", "max_tokens"),
         ]
         for kwargs, status, code, text in cases:
             headers = kwargs.pop("headers", {"Content-Type": "application/json"})

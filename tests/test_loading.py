@@ -310,3 +310,15 @@ def test_a_clean_small_task_file_is_parsed_without_building_its_tree(
     loaded = loading.validate_text(bad, tasks.TaskFile, shown="b", is_json=True, tree=False)
     assert built == ["b"]
     assert [(e.line, e.field) for e in loaded.errors] == [(1, "max_tokens")]
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"), [('"4"', "'4'"), ("true", "True"), ("4.0", "4.0"), ('"8k"', "'8k'")]
+)
+def test_a_number_given_as_text_or_a_boolean_is_refused_not_converted(
+    tmp_path: Path, value: str, shown: str
+) -> None:
+    loaded = _task(tmp_path, f"model: m\nprompt: hi\nmax_tokens: {value}\n")
+    assert loaded.value is None
+    first = loaded.errors[0]
+    assert (first.line, first.field) == (3, "max_tokens") and shown in first.message, first
