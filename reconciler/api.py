@@ -122,6 +122,14 @@ async def _correlate(request: web.Request, handler: Handler) -> web.StreamRespon
         response = _error_answer(request, exc.envelope, param=exc.param)
     except web.HTTPException as exc:
         response = _http_error(request, exc)
+    except ConnectionResetError:  # the client went away mid-answer: nobody to tell
+        logs.emit(
+            log,
+            "http.client_gone",
+            f"{request.method} {request.path}: the client closed the connection first.",
+            correlation_id=cid,
+        )
+        return web.Response(status=499)  # never sent: aiohttp drops it on the closed socket
     except Exception as exc:  # never let one request take the server down
         logs.emit(
             log,

@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
 import pytest
 
-from reconciler import api_auth
+from reconciler import api_auth, logs
 from state import desired, errors
 from tests.conftest import Workspace, config, task, wait_for, wait_terminal
 
@@ -595,3 +596,49 @@ async def test_a_null_task_id_is_made_up_as_an_absent_one_is(
                 body = await response.json()
                 assert response.status == 202, body
                 assert body["task_id"].startswith("t-") and body["task_id"] != "None"
+
+
+@pytest.fixture
+def json_log() -> Iterator[io.StringIO]:
+    """The daemon's log as `orchctl serve` sets it up (JSON lines), into a string."""
+    loggers = [logging.getLogger(n) for n in (logs.ROOT, "aiohttp", "aiohttp.server")]
+    saved = [(list(lg.handlers), list(lg.filters), lg.level, lg.propagate) for lg in loggers]
+    stream = io.StringIO()
+    logs.setup(fmt="json", stream=stream)
+    yield stream
+    for lg, (handlers, filters, level, propagate) in zip(loggers, saved, strict=True):
+        lg.handlers[:], lg.filters[:], lg.level, lg.propagate = handlers, filters, level, propagate
+
+
+async def test_a_client_that_leaves_or_sends_malformed_http_is_one_plain_log_line_not_an_error(
+    workspace: Workspace, serve: Any, json_log: io.StringIO
+) -> None:
+    cfg = config()
+    cfg["pools"][0]["sim"] = {"tokens_per_s": 200, "load_s": 0.0}
+    workspace.write_config(cfg)
+    running = await serve()
+    base = _url(running)
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{base}/v1/tasks", json=task("gone", max_tokens=300)) as r,
+    ):
+        assert r.status == 202
+    for _ in range(3):  # a stream read for a moment, then its socket dropped
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(f"GET /v1/tasks/gone/events HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        await writer.drain()
+        await reader.read(200)
+        writer.transport.abort()
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n{}")
+    await writer.drain()
+    answer = await reader.read(4096)
+    writer.close()
+    assert answer.split(b" ", 2)[1] == b"400"
+    await wait_terminal(workspace, "gone")
+    lines = [json.loads(line) for line in json_log.getvalue().splitlines()]
+    assert not [x for x in lines if x["event"] == "http.internal"], lines
+    malformed = [x for x in lines if x["event"] == "http.malformed_request"]
+    assert len(malformed) == 1 and malformed[0]["level"] == "warning"
+    assert "exception" not in malformed[0] and "Traceback" not in json_log.getvalue()
