@@ -182,7 +182,12 @@ def cmd_restore(args: argparse.Namespace) -> int:
     roots = _roots(folder)
     folder.state_dir.mkdir(parents=True, exist_ok=True)
     try:
-        lock = daemon_lock.acquire(folder.state_dir, started_at=clocks.rfc3339(time.time()))
+        folder.results.root.mkdir(parents=True, exist_ok=True)
+        lock = daemon_lock.acquire(
+            folder.state_dir,
+            started_at=clocks.rfc3339(time.time()),
+            shared=(folder.results.root,),  # a daemon of another config may write there
+        )
     except daemon_lock.Held as held:
         raise Refused(
             EXIT_FAILED,

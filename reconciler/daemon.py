@@ -220,7 +220,11 @@ class Daemon:
 
     async def run(self) -> int:
         try:
-            lock = daemon_lock.acquire(self.state_dir, started_at=self.started_at)
+            lock = daemon_lock.acquire(
+                self.state_dir,
+                started_at=self.started_at,
+                shared=(self.spool.ensure().root, self.results.root),
+            )
         except daemon_lock.Held as held:
             self.pools.observer.close()
             raise errors.ConfigProblem(str(held)) from None

@@ -1,8 +1,11 @@
 """One daemon per folder: an exclusive lock on `<state>/daemon.lock`, held for the daemon's
-life and released by the kernel when its process dies (so a crash never leaves a stale lock).
+life and released by the kernel when its process dies (so a crash never leaves a stale lock),
+and one on `.daemon.lock` in each folder it shares with its users (the spool, results/): two
+configs with their own `state` but one spool would otherwise both claim, recover and run the
+same tasks.
 
 The daemon calls `acquire` before it adopts engines or touches the spool; a second daemon on
-the same folder gets `Held`, naming the first one's pid and start time from the file.
+the same folder gets `Held`, naming the folder and the first one's pid and start time.
 """
 
 from __future__ import annotations
@@ -10,7 +13,8 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -19,27 +23,56 @@ class Held(Exception):
 
     def __init__(self, path: Path, pid: int | None, since: str | None) -> None:
         who = f"pid {pid}" if pid is not None else "an unknown pid"
+        path = Path(os.path.abspath(path))  # `other/../spool` shown as the folder it is
+        if path.name == STATE_LOCK:
+            what = "serves this folder"
+        else:  # a spool or results folder named by another config's `paths:`
+            what = f"uses {path.parent} (two daemons must not share a spool or results folder)"
         super().__init__(
-            f"another daemon ({who}) serves this folder since {since or 'an unknown time'} "
-            f"(lock {path}); stop it first, or give this config other `paths:`"
+            f"another daemon ({who}) {what} since {since or 'an unknown time'} "
+            f"(lock {path}); stop it first, or give this config its own `paths:`"
         )
         self.pid = pid
         self.since = since
+
+
+STATE_LOCK = "daemon.lock"
+SHARED_LOCK = ".daemon.lock"
 
 
 @dataclass
 class Lock:
     path: Path
     fd: int
+    shared: list[int] = field(default_factory=list)  # the shared folders' locks
 
     def release(self) -> None:
+        for fd in self.shared:
+            os.close(fd)
+        self.shared = []
         if self.fd >= 0:
             os.close(self.fd)  # closing drops the flock
             self.fd = -1
 
 
-def acquire(state_dir: Path, *, started_at: str) -> Lock:
-    path = state_dir / "daemon.lock"
+def acquire(state_dir: Path, *, started_at: str, shared: Sequence[Path] = ()) -> Lock:
+    """Lock `state_dir`, then each folder of `shared` (all or none)."""
+    lock = Lock(state_dir / STATE_LOCK, _lock(state_dir / STATE_LOCK, started_at))
+    try:
+        seen: set[tuple[int, int]] = set()
+        for folder in shared:
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in seen:  # one folder named twice: one lock
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            lock.shared.append(_lock(folder / SHARED_LOCK, started_at))
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _lock(path: Path, started_at: str) -> int:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -55,7 +88,7 @@ def acquire(state_dir: Path, *, started_at: str) -> Lock:
     # the lock is ours: say who holds it, for the next daemon's message
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps({"pid": os.getpid(), "started_at": started_at}).encode(), 0)
-    return Lock(path, fd)
+    return fd
 
 
 def _read(fd: int) -> dict[str, object]:

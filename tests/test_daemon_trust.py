@@ -86,6 +86,42 @@ def test_a_second_daemon_on_the_same_folder_is_refused_and_touches_nothing(
         first.wait(timeout=30)
 
 
+@pytest.mark.parametrize("shared", ["spool", "results"])
+def test_a_daemon_of_another_config_sharing_a_spool_or_results_folder_is_refused(
+    workspace: Workspace, shared: str
+) -> None:
+    first = _serve(workspace)
+    try:
+        _wait(lambda: _ready(workspace), what="the first daemon Ready")
+        other = workspace.root / "other"
+        other.mkdir()
+        cfg = config()
+        cfg["gpus"]["inventory"] = "../inventory.yaml"
+        cfg["paths"] = {shared: f"../{shared}"}  # its own state, this folder's spool/results
+        for name in ("m1.gguf", "old.gguf"):
+            if (workspace.root / name).exists():
+                (other / name).write_bytes((workspace.root / name).read_bytes())
+        (other / "orch.yaml").write_text(json.dumps(cfg))
+        workspace.submit("slow.task.yaml", task("slow", max_tokens=8))
+        argv = [sys.executable, "-m", "reconciler.cli", "serve", "--config"]
+        second = subprocess.run(
+            [*argv, str(other / "orch.yaml"), "--duration", "10"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert second.returncode == 2, second.stderr
+        assert f"another daemon (pid {first.pid}) uses {workspace.root / shared}" in second.stderr
+        assert "Traceback" not in second.stderr
+        done = _wait(lambda: (workspace.result("slow") or {}).get("status") == "succeeded")
+        assert done
+        starts = [f for f in workspace.frames("slow") if f.event == "started"]
+        assert len(starts) == 1  # run once, by the first daemon only
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=30)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGINT, signal.SIGTERM])
 def test_every_terminal_signal_stops_the_daemon_and_its_engines_cleanly(
     workspace: Workspace, sig: signal.Signals
