@@ -21,7 +21,7 @@ from typing import Any
 from aiohttp import web
 
 from reconciler import api_auth, configuring, fanout, logs, metrics
-from state import errors, ids, parsing, results, sessions, spool, statusfile
+from state import desired, errors, ids, parsing, results, sessions, spool, statusfile
 from state.errors import ErrorCode
 
 log = logs.get("http")
@@ -337,9 +337,10 @@ class Server:
 
 
 def split_bind(bind: str) -> tuple[str, int]:
+    problem = desired.bind_problem(bind)
+    if problem is not None:
+        raise errors.ConfigProblem(f"server.bind: {problem}")
     host, _, port = bind.rpartition(":")
-    if not host or not port.isdigit():
-        raise errors.ConfigProblem(f"server.bind {bind!r} must be host:port, e.g. 127.0.0.1:8080")
     return host.strip("[]"), int(port)
 
 

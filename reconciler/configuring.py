@@ -116,6 +116,7 @@ class AppliedConfig:
         errors = loaded.errors
         if loaded.value is not None:
             errors = self.device_errors(loaded.value, node=loaded.node)
+            errors += self.restart_errors(loaded.value, node=loaded.node)
         if loaded.value is None or errors:
             self._fail(errors)
             return False
@@ -183,6 +184,37 @@ class AppliedConfig:
                     )
         return errors
 
+    def restart_errors(
+        self, state: desired.DesiredState, *, node: yaml.Node | None = None
+    ) -> list[loading.LoadError]:
+        """Fields the daemon reads once, at its start (its folders, its HTTP bind), changed
+        in an edit while it runs: the edit waits for a restart rather than being reported
+        applied while the daemon went on using the old folders and address."""
+        if self.state is None:
+            return []
+        running, wanted = _read_at_start(self.state), _read_at_start(state)
+        errors = []
+        for where, old in running.items():
+            new = wanted[where]
+            if new == old:
+                continue
+            if node is None:
+                node = _node(self.path)
+            line, col = loading.locate(node, where)
+            errors.append(
+                loading.LoadError(
+                    str(self.path),
+                    line,
+                    col,
+                    ".".join(map(str, where)),
+                    f"changed from {old!r} to {new!r} while the daemon runs; it is read only "
+                    "when the daemon starts",
+                    "restart the daemon (stop it, then `orchctl serve`) to apply this edit, "
+                    "or put the old value back",
+                )
+            )
+        return errors
+
     def _keep_last_good(self, content: bytes) -> None:
         try:
             self.last_good_path.parent.mkdir(parents=True, exist_ok=True)
@@ -211,6 +243,14 @@ class AppliedConfig:
 
 def _meta_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
+
+
+def _read_at_start(state: desired.DesiredState) -> dict[tuple[str, str], object]:
+    """The values the daemon takes once, at its start, by where they are in orch.yaml."""
+    values: dict[tuple[str, str], object] = {("server", "bind"): state.server.bind}
+    for name, value in state.paths.model_dump().items():
+        values[("paths", name)] = value
+    return values
 
 
 def _read_meta(path: Path) -> dict[str, object]:

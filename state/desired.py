@@ -36,6 +36,24 @@ class ServerConfig(Strict):
     )
     public_url: str | None = None
 
+    @field_validator("bind")
+    @classmethod
+    def _host_and_port(cls, bind: str) -> str:
+        problem = bind_problem(bind)
+        if problem is not None:
+            raise ValueError(problem)
+        return bind
+
+
+def bind_problem(bind: str) -> str | None:
+    """Why `bind` is not host:port with a port of 0 to 65535 (an IPv6 host in brackets)."""
+    host, _, port = bind.rpartition(":")
+    if not host.strip("[]") or not (port.isascii() and port.isdigit()) or len(port) > 5:
+        return f"{bind[:80]!r} is not host:port; write e.g. 127.0.0.1:8080 (port 0: any free one)"
+    if int(port) > 65535:
+        return f"port {port} is over 65535; write e.g. 127.0.0.1:8080 (port 0: any free one)"
+    return None
+
 
 class AuthConfig(Strict):
     token_env: str = Field("AUTH_TOKEN", description="environment variable holding the token")

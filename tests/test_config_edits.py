@@ -150,3 +150,32 @@ async def test_a_config_renamed_into_place_is_applied_without_the_settle_wait(
     workspace.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))  # in place
     await asyncio.sleep(1.0)
     assert [p["id"] for p in workspace.status()["pools"]] == ["p1", "p2"]
+
+
+@pytest.mark.parametrize(
+    ("where", "value"), [(("paths", "spool"), "spool-new"), (("server", "bind"), "127.0.0.1:1")]
+)
+async def test_an_edit_of_what_is_read_at_start_waits_for_a_restart_and_says_so(
+    workspace: Workspace, serve: Any, where: tuple[str, str], value: str
+) -> None:
+    await serve()
+    applied = workspace.status()["config"]["revision"]
+    cfg = config()
+    before = cfg.get(where[0], {}).get(where[1])
+    cfg.setdefault(where[0], {})[where[1]] = value
+    cfg["queue"]["capacity"] = 7  # another change in the same edit: it waits too
+    workspace.write_config(cfg)
+    await wait_for(lambda: _errors(workspace), 10, "the edit's error")
+    [error] = _errors(workspace)
+    assert error["field"] == ".".join(where) and error["line"]
+    assert "read only when the daemon starts" in error["text"] and "restart" in error["text"]
+    assert workspace.status()["config"]["revision"] == applied
+    workspace.submit("old-spool.task.yaml", task("old-spool"))  # the folders in use still work
+    assert (await wait_terminal(workspace, "old-spool"))["status"] == "succeeded"
+    if before is None:  # the value put back: the rest is applied
+        del cfg[where[0]][where[1]]
+    else:
+        cfg[where[0]][where[1]] = before
+    workspace.write_config(cfg)
+    await wait_for(lambda: _errors(workspace) == [], 10, "the error cleared")
+    assert workspace.status()["config"]["revision"] != applied

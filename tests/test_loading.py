@@ -322,3 +322,30 @@ def test_a_number_given_as_text_or_a_boolean_is_refused_not_converted(
     assert loaded.value is None
     first = loaded.errors[0]
     assert (first.line, first.field) == (3, "max_tokens") and shown in first.message, first
+
+
+@pytest.mark.parametrize(
+    ("bind", "said"),
+    [
+        ("127.0.0.1:99999", "over 65535"),
+        ("garbage", "is not host:port"),
+        ("127.0.0.1:-1", "is not host:port"),
+        (":8080", "is not host:port"),
+        ("127.0.0.1:８０", "is not host:port"),
+    ],
+)
+def test_a_server_bind_serve_could_not_listen_on_is_located(
+    tmp_path: Path, bind: str, said: str
+) -> None:
+    path = tmp_path / "orch.yaml"
+    path.write_text(f"server:\n  bind: {json.dumps(bind)}\n" + CONFIG)
+    [err] = desired.load_desired(path).errors
+    assert (err.line, err.field) == (2, "server.bind") and said in err.message, err
+    assert "127.0.0.1:8080" in err.message
+
+
+@pytest.mark.parametrize("bind", ["127.0.0.1:0", "[::1]:8080", "0.0.0.0:65535", "localhost:80"])
+def test_a_good_server_bind_loads(tmp_path: Path, bind: str) -> None:
+    path = tmp_path / "orch.yaml"
+    path.write_text(f"server:\n  bind: {json.dumps(bind)}\n" + CONFIG)
+    assert desired.load_desired(path).errors == []
