@@ -148,7 +148,10 @@ def _parser() -> argparse.ArgumentParser:
         help="use simulated GPUs from this inventory file instead of NVML",
     )
     s.add_argument(
-        "--duration", type=float, metavar="SECONDS", help="stop after this long (default: never)"
+        "--duration",
+        type=cli_common.seconds,
+        metavar="SECONDS",
+        help="stop after this long (default: never)",
     )
     s.add_argument(
         "--exit-when-idle",
@@ -157,7 +160,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--resync",
-        type=float,
+        type=cli_common.seconds,
         default=2.0,
         metavar="SECONDS",
         help="re-read everything at least this often, events or not",
@@ -193,7 +196,12 @@ def _parser() -> argparse.ArgumentParser:
     sm.add_argument(
         "--wait", action="store_true", help="stream the text, then print a summary of the result"
     )
-    sm.add_argument("--timeout", type=float, default=600.0, help="seconds --wait waits at most")
+    sm.add_argument(
+        "--timeout",
+        type=cli_common.seconds_or_zero,
+        default=600.0,
+        help="seconds --wait waits at most",
+    )
     sm.add_argument(
         "--json", action="store_true", help="print JSON (with --wait: the whole result file)"
     )
@@ -204,7 +212,9 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("task_id", help="the task's id (results/<task_id>.json)")
     _config(w)
     w.add_argument("--json", action="store_true", help="print frames as JSON lines")
-    w.add_argument("--timeout", type=float, default=600.0, help="seconds to wait at most")
+    w.add_argument(
+        "--timeout", type=cli_common.seconds_or_zero, default=600.0, help="seconds to wait at most"
+    )
     _api(w)
 
     c = verb("cancel", cli_tasks.cmd_cancel, "cancel a queued or running task")
@@ -221,7 +231,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="STATUS",
         help=f"only tasks in these states ({', '.join(cli_tasks.STATUSES)})",
     )
-    t.add_argument("--limit", type=int, default=20, help="show at most this many (0: all)")
+    t.add_argument(
+        "--limit", type=cli_common.count, default=20, help="show at most this many (0: all)"
+    )
     t.add_argument("--json", action="store_true", help="print a JSON list")
 
     st = verb("status", cli_status.cmd_status, "show the daemon, GPUs, pools and the queue")
@@ -289,7 +301,11 @@ def _parser() -> argparse.ArgumentParser:
         "--bind", default=cli_init.DEFAULT_BIND, help="server.bind of the starter orch.yaml"
     )
     u.add_argument(
-        "--smoke-s", type=float, default=60.0, metavar="SECONDS", help="the smoke's time limit"
+        "--smoke-s",
+        type=cli_common.seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="the smoke's time limit",
     )
     u.add_argument(
         "--stop-after-smoke",

@@ -8,10 +8,14 @@ and an exit code, so no verb prints a traceback.
 
 from __future__ import annotations
 
+import argparse
+import math
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from state import desired, ids, loading, pending, results, spool, tasks
 
@@ -221,3 +225,37 @@ def ago(seconds: float) -> str:
     if seconds < 48 * 3600:
         return f"{seconds / 3600:.0f} h"
     return f"{seconds / 86400:.0f} days"
+
+
+# -- numbers on the command line: refused by argparse (exit 2, naming the option) ------------
+
+
+def seconds(text: str) -> float:
+    """A duration over 0 (and finite): `--duration 0`, `-1` or `nan` would stop at once,
+    never, or spin."""
+    return _number(text, float, "a number of seconds over 0", lambda v: v > 0)
+
+
+def seconds_or_zero(text: str) -> float:
+    return _number(text, float, "a number of seconds, 0 or more", lambda v: v >= 0)
+
+
+def count(text: str) -> int:
+    return _number(text, int, "a whole number, 0 or more", lambda v: v >= 0)
+
+
+def positive(text: str) -> int:
+    return _number(text, int, "a whole number, 1 or more", lambda v: v >= 1)
+
+
+N = TypeVar("N", int, float)
+
+
+def _number(text: str, kind: type[N], what: str, ok: Callable[[N], bool]) -> N:
+    try:
+        value = kind(text) if len(text) <= 20 else None
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or not ok(value):
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not {what}")
+    return value

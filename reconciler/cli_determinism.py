@@ -31,11 +31,11 @@ def add_verb(verb: Any, config: Any) -> None:
     d = verb("determinism", cmd_determinism, "run the seed corpus on every pool, compare streams")
     d.add_argument(
         "--seeds",
-        type=int,
+        type=cli_common.positive,
         default=determinism.DEFAULT_SEEDS,
         help=f"how many seeds of the corpus ({determinism.FIRST_SEED} onwards)",
     )
-    d.add_argument("--max-tokens", type=int, default=32, help="tokens per task")
+    d.add_argument("--max-tokens", type=cli_common.positive, default=32, help="tokens per task")
     d.add_argument(
         "--pool",
         action="append",

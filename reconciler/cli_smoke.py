@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from reconciler import about, api_auth, cli_determinism, smoke_checks, smoke_harness
+from reconciler import about, api_auth, cli_common, cli_determinism, smoke_checks, smoke_harness
 from reconciler.cli_common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Refused
 
 
@@ -28,7 +28,10 @@ def add_verb(verb: Any, config: Any) -> None:
     s = verb("smoke", cmd_smoke, "walk the home reference smoke checklist against the daemon")
     s.add_argument("--out", type=Path, help="the report folder (default: proof/home-smoke/RUN)")
     s.add_argument(
-        "--determinism-seeds", type=int, default=4, help="seeds of the determinism smoke"
+        "--determinism-seeds",
+        type=cli_common.positive,
+        default=4,
+        help="seeds of the determinism smoke",
     )
     cli_determinism.add_connection(s, config)
 

@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+from pathlib import Path
 
 import pytest
 
@@ -207,3 +208,30 @@ def test_auto_log_format_is_pretty_on_a_terminal_and_json_lines_otherwise(
         assert line.endswith("INFO A sentence.  [task=t1]")
     else:
         assert json.loads(line)["human"] == "A sentence."
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["serve", "--resync", "0"],
+        ["serve", "--resync", "-1"],
+        ["serve", "--resync", "nan"],
+        ["serve", "--duration", "-1"],
+        ["serve", "--duration", "inf"],
+        ["submit", "x.task.yaml", "--wait", "--timeout", "-5"],
+        ["watch", "t1", "--timeout", "nan"],
+        ["tasks", "--limit", "-1"],
+        ["tasks", "--limit", "9" * 400],
+        ["up", "--simulate", "--smoke-s", "-1"],
+        ["determinism", "--seeds", "0"],
+        ["determinism", "--max-tokens", "-3"],
+        ["smoke", "--determinism-seeds", "0"],
+    ],
+)
+def test_a_number_an_option_cannot_mean_is_a_usage_error_naming_it(
+    tmp_path: Path, argv: list[str]
+) -> None:
+    ran = orchctl(*argv, cwd=tmp_path)
+    assert ran.code == 2, ran
+    option = next(a for a in argv if a.startswith("--") and a not in ("--wait", "--simulate"))
+    assert f"argument {option}" in ran.err and "is not" in ran.err, ran.err
