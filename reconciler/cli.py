@@ -86,16 +86,42 @@ def run(args: argparse.Namespace) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_FAILED
-    except Exception as exc:
-        if os.environ.get("ORCHCTL_DEBUG") == "1":
-            raise
+    except OSError as exc:
+        if exc.filename is None or os.environ.get("ORCHCTL_DEBUG") == "1":
+            return _bug(args, exc)
+        # a path this run was given or needs, refused by the system: the user's to fix
+        shown = cli_common.plain_text(os.fsdecode(exc.filename))
         print(
-            f"orchctl: {args.command} stopped on an unexpected {type(exc).__name__}"
-            f"{_where(exc)}: {cli_common.plain_text(str(exc))} (this is a bug; please report "
-            "it, and ORCHCTL_DEBUG=1 shows the traceback)",
+            f"orchctl: {args.command}: {shown}: {exc.strerror or type(exc).__name__}\n"
+            f"  hint: {_PATH_HINTS.get(type(exc), _PATH_HINT)}",
             file=sys.stderr,
         )
-        return EXIT_FAILED
+        return EXIT_USAGE
+    except Exception as exc:
+        return _bug(args, exc)
+
+
+_PATH_HINT = "check the path: that it exists where a file or folder is read, and may be written"
+_PATH_HINTS: dict[type[OSError], str] = {
+    FileNotFoundError: "check the path: a folder on the way to it does not exist",
+    NotADirectoryError: "a part of the path is a file where a folder is needed; choose another",
+    FileExistsError: "a file is in the way where a folder is needed; choose another path",
+    IsADirectoryError: "a folder is where a file is needed; choose another path",
+    PermissionError: "this user may not read or write there: choose a path you own, or fix "
+    "its permissions",
+}
+
+
+def _bug(args: argparse.Namespace, exc: Exception) -> int:
+    if os.environ.get("ORCHCTL_DEBUG") == "1":
+        raise exc
+    print(
+        f"orchctl: {args.command} stopped on an unexpected {type(exc).__name__}"
+        f"{_where(exc)}: {cli_common.plain_text(str(exc))} (this is a bug; please report "
+        "it, and ORCHCTL_DEBUG=1 shows the traceback)",
+        file=sys.stderr,
+    )
+    return EXIT_FAILED
 
 
 def _where(exc: BaseException) -> str:

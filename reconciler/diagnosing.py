@@ -55,6 +55,7 @@ class Diagnosis:
     facts: gpu_nvml.DriverFacts | None = None
     builds: list[llamacpp_builds.EngineBuild] = field(default_factory=list)
     can_build: bool = False
+    engine_cache_problem: OSError | None = None  # the engine cache could not be listed
 
     @property
     def can_serve(self) -> bool:
@@ -87,7 +88,11 @@ def diagnose(
         _simulated(d, simulate)
     else:
         _driver(d, machine)
-    d.builds = [b for b in llamacpp_builds.find_builds(machine.engine_cache) if b.backend != "cpu"]
+    try:
+        found = llamacpp_builds.find_builds(machine.engine_cache)
+    except OSError as exc:  # reported by its own check below, not a crash of the doctor
+        found, d.engine_cache_problem = [], exc
+    d.builds = [b for b in found if b.backend != "cpu"]
     on_path = shutil.which("llama-server", path=machine.path)
     configured = binary is not None and binary.is_file() and os.access(binary, os.X_OK)
     have_engine = bool(d.builds or on_path or configured) or simulate is not None
@@ -105,9 +110,14 @@ def diagnose(
                 f"engines.llamacpp.binary {binary} does not exist or is not executable",
                 "fix engines.llamacpp.binary in orch.yaml, or remove it to use a build",
             )
+    elif d.engine_cache_problem is not None and simulate is None:
+        _unreadable(d, "engine", machine.engine_cache, d.engine_cache_problem)
     else:
         _engine_cache(d, machine, on_path, simulate=simulate is not None)
-    _model_cache(d, machine)
+    try:
+        _model_cache(d, machine)
+    except OSError as exc:
+        _unreadable(d, "models", machine.model_cache, exc)
     _port(d, bind)
     _disk(d, machine)
     return d
@@ -196,6 +206,17 @@ def _engine_cache(d: Diagnosis, machine: Machine, on_path: str | None, *, simula
         )
 
 
+def _unreadable(d: Diagnosis, name: str, cache: Path, exc: OSError) -> None:
+    where = _home(Path(os.fsdecode(exc.filename)) if exc.filename else cache)
+    d.add(
+        name,
+        "fail",
+        f"{where} cannot be read: {exc.strerror or exc}",
+        f"give this user its cache back (sudo chown -R $USER {_home(cache)}), or run as the "
+        "user who owns it",
+    )
+
+
 def _model_cache(d: Diagnosis, machine: Machine) -> None:
     where = _home(machine.model_cache)
     files = (
@@ -264,9 +285,14 @@ def _llama_orch_pid(host: str, port: int) -> int | None:
 
 def _disk(d: Diagnosis, machine: Machine) -> None:
     where = machine.engine_cache
-    while not where.exists() and where != where.parent:
+    # os.path.exists: a folder this user may not look into counts as absent, not an error
+    while not os.path.exists(where) and where != where.parent:
         where = where.parent
-    free = shutil.disk_usage(where).free / GIB
+    try:
+        free = shutil.disk_usage(where).free / GIB
+    except OSError as exc:
+        d.add("disk", "warn", f"free space under {_home(where)} unknown: {exc.strerror}")
+        return
     shown = _home(machine.engine_cache.parent)
     if free < DISK_FAIL_GIB:
         d.add(

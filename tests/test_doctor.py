@@ -11,6 +11,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -255,3 +256,38 @@ def test_a_configured_engine_binary_needs_no_build_tools(
     binary.unlink()
     ran = orchctl("doctor")
     assert ran.code == 3 and line(ran.out, "engine").startswith("FAIL  engine")
+
+
+def test_caches_this_user_cannot_read_are_failed_checks_with_the_fix_not_a_crash(
+    machine: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # as another user with HOME still pointing at root's caches (tests run as root, so the
+    # refusal is made here rather than by chmod)
+    cached_build(machine / "home", ["86"])
+    (machine / "models").mkdir()
+    real_glob, real_rglob = Path.glob, Path.rglob
+
+    def refuse(real: Any) -> Any:
+        def listing(self: Path, pattern: str) -> Any:
+            if self.name in ("llama.cpp", "models"):
+                raise PermissionError(13, "Permission denied", str(self))
+            return real(self, pattern)
+
+        return listing
+
+    monkeypatch.setattr(Path, "glob", refuse(real_glob))
+    monkeypatch.setattr(Path, "rglob", refuse(real_rglob))
+    ran = orchctl("doctor")
+    assert ran.code == 3, ran.err
+    assert "cannot be read: Permission denied" in line(ran.out, "engine")
+    assert "cannot be read: Permission denied" in line(ran.out, "models")
+    assert "sudo chown -R $USER" in ran.out and "this is a bug" not in ran.err
+
+
+def test_an_output_path_the_system_refuses_is_a_usage_error_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    ran = orchctl("schemas", "--out", tmp_path / "afile", cwd=tmp_path)
+    assert ran.code == 2 and "afile: File exists" in ran.err, ran.err
+    assert "hint: a file is in the way where a folder is needed" in ran.err
+    ran = orchctl("schemas", "--out", tmp_path / "afile" / "sub", cwd=tmp_path)
+    assert ran.code == 2 and "Not a directory" in ran.err and "this is a bug" not in ran.err
