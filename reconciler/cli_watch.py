@@ -66,7 +66,10 @@ class Printer:
         if self.quiet:
             return
         if self.as_json:
-            print(json.dumps(frame.model_dump(mode="json"), ensure_ascii=False), flush=True)
+            shown = frame.model_dump(mode="json")
+            if not shown["ts"]:  # read from SSE, which carries none: absent, never ""
+                del shown["ts"]
+            print(json.dumps(shown, ensure_ascii=False), flush=True)
             return
         d: dict[str, Any] = frame.data
         if frame.event == "token":
@@ -288,7 +291,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
         args.task_id,
         printer,
         timeout_s=args.timeout,
-        url=source_url(folder, args.url),
+        # --json prints the log's own frames, `ts` included, from the file beside it; the
+        # SSE stream (which has no `ts`) only where --url names a daemon to read from
+        url=source_url(folder, args.url) if args.url or not args.json else None,
         token=cli_sse.token_from(args.token_env),
     )
     if ended.frame is None and not args.json:

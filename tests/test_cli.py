@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -179,3 +180,25 @@ async def test_status_and_cancel_still_work_while_orch_yaml_is_broken(
     canceled = orchctl("cancel", "t9", "--config", str(workspace.config_path))
     assert canceled.returncode == 0 and "nothing to cancel" in canceled.stdout
     assert orchctl("cancel", "t10", "--config", str(workspace.config_path)).returncode == 1
+
+
+async def test_watch_json_prints_the_logs_frames_with_their_times_while_the_api_is_up(
+    workspace: Workspace, serve: Any
+) -> None:
+    running = await serve()
+    workspace.submit(
+        "timed.task.yaml", {"task_id": "timed", "model": "m1", "prompt": "hi", "max_tokens": 3}
+    )
+    await wait_terminal(workspace, "timed")
+    cfg = str(workspace.config_path)
+    watched = await asyncio.to_thread(orchctl, "watch", "timed", "--json", "--config", cfg)
+    assert watched.returncode == 0, watched.stderr
+    printed = [json.loads(line) for line in watched.stdout.splitlines()]
+    logged = [f.model_dump(mode="json") for f in workspace.frames("timed")]
+    assert printed == logged and all(f["ts"] for f in printed)
+    url = str(running.daemon.server.url)
+    args = ("watch", "timed", "--json", "--url", url, "--config", cfg)
+    over_sse = await asyncio.to_thread(orchctl, *args)
+    frames = [json.loads(line) for line in over_sse.stdout.splitlines()]
+    assert [f["id"] for f in frames] == [f["id"] for f in logged]
+    assert all("ts" not in f for f in frames)  # SSE carries no time: left out, never ""
