@@ -85,10 +85,21 @@ def open_folder(config_path: Path) -> Folder:
     loaded = desired.load_desired(config_path)
     if loaded.value is not None:
         paths = loaded.value.paths
+    elif loaded.data is None and loaded.errors and loaded.errors[0].line is None:
+        # not even read (permissions, size, encoding): nothing to fall back on but guesses
+        first = loaded.errors[0]
+        raise Refused(
+            EXIT_USAGE,
+            f"{config_path} {first.message}",
+            hint=first.hint or "check the file's owner and permissions",
+        )
     else:
+        more = len(loaded.errors) - 1
         warn(
-            f"warning: {config_path} has errors (the daemon keeps the last good config); "
-            "`orchctl validate` shows them"
+            f"warning: {plain_error(loaded.errors[0]) if loaded.errors else config_path}"
+            + (f" (and {more} more)" if more > 0 else "")
+            + f"; if a daemon serves this folder it keeps its last good config; "
+            f"`orchctl validate {config_path}` lists every problem"
         )
         raw = loaded.data.get("paths") if isinstance(loaded.data, dict) else None
         known = desired.PathsConfig.model_fields

@@ -19,7 +19,7 @@ import yaml
 
 from plugins import gpu_simulated, registry
 from reconciler import admission, cli_common, preflight
-from reconciler.cli_common import EXIT_OK, EXIT_USAGE
+from reconciler.cli_common import EXIT_OK, EXIT_USAGE, Refused
 from state import desired, loading, parsing, tasks
 from state.errors import ErrorEnvelope
 
@@ -38,6 +38,12 @@ class Config:
 def cmd_validate(args: argparse.Namespace) -> int:
     reg = registry.load()
     files: list[Path] = list(args.files)
+    if args.config is not None and args.config.is_file() and _kind(args.config) != "config":
+        raise Refused(
+            EXIT_USAGE,
+            f"--config {args.config} is {_kind(args.config)} file, not an orch.yaml",
+            hint="give --config the orch.yaml the task files should be checked against",
+        )
     if args.config is not None and all(p.resolve() != args.config.resolve() for p in files):
         files.insert(0, args.config)  # the config tasks are checked against is checked too
     config_path = args.config or _the_one_config(files)
@@ -57,7 +63,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
             continue
         notes = [f"{warnings} warning{'s' if warnings > 1 else ''}"] if warnings else []
         if path.name.endswith(tasks.TASK_SUFFIXES) and config is None:
-            notes.append("not checked against an orch.yaml: add --config orch.yaml")
+            notes.append(
+                f"not checked against {config_path}, which has errors"
+                if config_path is not None
+                else "not checked against an orch.yaml: add --config orch.yaml"
+            )
         print(f"{path}: ok" + (f" ({'; '.join(notes)})" if notes else ""))
     return EXIT_USAGE if failures else EXIT_OK
 
@@ -69,11 +79,11 @@ def _the_one_config(files: list[Path]) -> Path | None:
 
 def _kind(path: Path) -> str:
     if path.name.endswith(tasks.TASK_SUFFIXES):
-        return "task"
+        return "a task"
     data, _ = _parse(path)
     # an inventory is a list of GPUs under `gpus:`; in orch.yaml `gpus:` is a mapping
     inventory = isinstance(data, dict) and set(data) == {"gpus"} and isinstance(data["gpus"], list)
-    return "inventory" if inventory else "config"
+    return "an inventory" if inventory else "config"
 
 
 def _parse(path: Path) -> tuple[Any, yaml.Node | None]:
@@ -87,9 +97,9 @@ def _parse(path: Path) -> tuple[Any, yaml.Node | None]:
 
 def check_file(path: Path, reg: registry.Registry, config: Config | None) -> list[Finding]:
     kind = _kind(path)
-    if kind == "task":
+    if kind == "a task":
         return check_task(path, config)
-    if kind == "inventory":
+    if kind == "an inventory":
         try:
             gpu_simulated.load_inventory(path)
         except gpu_simulated.InventoryError as exc:

@@ -176,7 +176,11 @@ async def test_status_and_cancel_still_work_while_orch_yaml_is_broken(
     workspace.config_path.write_text(workspace.config_path.read_text() + "pools: [oops\n")
     proc = orchctl("status", "--config", str(workspace.config_path))
     assert proc.returncode == 0, proc.stderr
-    assert "has errors" in proc.stderr and "p1-0" in proc.stdout
+    assert (
+        "is not valid YAML" in proc.stderr
+        and "keeps its last good config" in proc.stderr
+        and "p1-0" in proc.stdout
+    )
     canceled = orchctl("cancel", "t9", "--config", str(workspace.config_path))
     assert canceled.returncode == 0 and "nothing to cancel" in canceled.stdout
     assert orchctl("cancel", "t10", "--config", str(workspace.config_path)).returncode == 1

@@ -198,3 +198,31 @@ def test_validate_never_prints_python_reprs(tmp_path: Path) -> None:
     assert ran.code == 2
     prompt = f"{t}:1:9: prompt: should be a valid string (got a mapping) (hint: "
     assert any(line.startswith(prompt) for line in ran.out_lines), ran.out_lines
+
+
+def test_a_config_option_naming_a_task_or_inventory_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "a.task.yaml").write_text("model: m1\nprompt: hi\nmax_tokens: 2\n")
+    (tmp_path / "gpus.yaml").write_text("gpus:\n  - {index: 0, name: x, vram_total_mib: 100}\n")
+    for config, kind in (("a.task.yaml", "a task"), ("gpus.yaml", "an inventory")):
+        ran = orchctl("validate", "--config", tmp_path / config, tmp_path / "a.task.yaml")
+        assert ran.code == 2 and f"is {kind} file, not an orch.yaml" in ran.err, ran.err
+
+
+def test_a_task_checked_against_a_broken_config_says_so(tmp_path: Path) -> None:
+    (tmp_path / "a.task.yaml").write_text("model: m1\nprompt: hi\nmax_tokens: 2\n")
+    (tmp_path / "bad.yaml").write_text("version: 1\nbogus: 1\n")
+    ran = orchctl("validate", "--config", tmp_path / "bad.yaml", tmp_path / "a.task.yaml")
+    assert ran.code == 2
+    assert f"a.task.yaml: ok (not checked against {tmp_path / 'bad.yaml'}, which has errors)" in (
+        ran.out
+    )
+
+
+def test_a_verb_given_an_unreadable_or_wrong_config_names_the_problem(tmp_path: Path) -> None:
+    (tmp_path / "huge.yaml").write_bytes(b"#" * (2 << 20))
+    ran = orchctl("status", "--config", tmp_path / "huge.yaml")
+    assert ran.code == 2 and "huge.yaml is 2097152 bytes, over the limit" in ran.err, ran.err
+    (tmp_path / "a.task.yaml").write_text("model: m1\nprompt: hi\nmax_tokens: 2\n")
+    ran = orchctl("status", "--config", tmp_path / "a.task.yaml")
+    assert "a.task.yaml:1:1: model: unknown key 'model'" in ran.err, ran.err
+    assert "(and 2 more)" in ran.err and "`orchctl validate" in ran.err
