@@ -1,6 +1,7 @@
 """One daemon per folder: an exclusive lock on `<state>/daemon.lock`, held for the daemon's
 life and released by the kernel when its process dies (so a crash never leaves a stale lock),
-and one on `.daemon.lock` in each folder it shares with its users (the spool, results/): two
+and one on each folder it shares with its users (the spool, results/), taken on the folder
+itself: no file appears among the user's, and none can be deleted from under the lock. Two
 configs with their own `state` but one spool would otherwise both claim, recover and run the
 same tasks.
 
@@ -25,19 +26,17 @@ class Held(Exception):
         who = f"pid {pid}" if pid is not None else "an unknown pid"
         path = Path(os.path.abspath(path))  # `other/../spool` shown as the folder it is
         if path.name == STATE_LOCK:
-            what = "serves this folder"
+            what = f"serves this folder since {since or 'an unknown time'} (lock {path})"
         else:  # a spool or results folder named by another config's `paths:`
-            what = f"uses {path.parent} (two daemons must not share a spool or results folder)"
+            what = f"uses {path} (two daemons must not share a spool or results folder)"
         super().__init__(
-            f"another daemon ({who}) {what} since {since or 'an unknown time'} "
-            f"(lock {path}); stop it first, or give this config its own `paths:`"
+            f"another daemon ({who}) {what}; stop it first, or give this config its own `paths:`"
         )
         self.pid = pid
         self.since = since
 
 
 STATE_LOCK = "daemon.lock"
-SHARED_LOCK = ".daemon.lock"
 
 
 @dataclass
@@ -61,15 +60,40 @@ def acquire(state_dir: Path, *, started_at: str, shared: Sequence[Path] = ()) ->
     try:
         seen: set[tuple[int, int]] = set()
         for folder in shared:
-            st = os.stat(folder)
-            if (st.st_dev, st.st_ino) in seen:  # one folder named twice: one lock
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) in seen:  # one folder named twice: locked once (two
+                os.close(fd)  # flocks of one process on one folder would refuse each other)
                 continue
             seen.add((st.st_dev, st.st_ino))
-            lock.shared.append(_lock(folder / SHARED_LOCK, started_at))
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _holder(st)
+                os.close(fd)
+                raise Held(folder, holder, None) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            lock.shared.append(fd)
     except BaseException:
         lock.release()
         raise
     return lock
+
+
+def _holder(st: os.stat_result) -> int | None:
+    """The pid holding a flock on the file or folder `st` describes, from /proc/locks."""
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5] == inode:
+            return int(parts[4]) if parts[4].isdigit() else None
+    return None
 
 
 def _lock(path: Path, started_at: str) -> int:

@@ -198,3 +198,23 @@ def test_an_acknowledged_cancel_survives_a_crash_before_the_task_ends(
     ]
     assert len(starts) == 1  # never re-run after the acknowledged cancel
     assert list(workspace.spool.cancel.iterdir()) == []
+
+
+def test_the_folder_locks_name_their_holder_and_allow_one_folder_named_twice(
+    tmp_path: Path,
+) -> None:
+    from state import daemon_lock
+
+    shared = tmp_path / "data"
+    for d in (shared, tmp_path / "a", tmp_path / "b"):
+        d.mkdir()
+    first = daemon_lock.acquire(tmp_path / "a", started_at="t0", shared=(shared, shared))
+    try:
+        with pytest.raises(daemon_lock.Held) as held:
+            daemon_lock.acquire(tmp_path / "b", started_at="t1", shared=(shared,))
+        assert f"another daemon (pid {os.getpid()}) uses {shared}" in str(held.value)
+        assert list(shared.iterdir()) == []  # no lock file among the user's
+    finally:
+        first.release()
+    again = daemon_lock.acquire(tmp_path / "b", started_at="t2", shared=(shared,))
+    again.release()
