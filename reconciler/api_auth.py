@@ -6,7 +6,9 @@ token), and the server's middleware calls `check` on every request. Rules (HME-0
 - A request from a loopback address needs no token when `auth.optional_on_loopback` (default);
   every other request needs `Authorization: Bearer <token>`.
 - The header is trimmed; the prefix `Bearer ` is case-sensitive; an empty token, a control
-  character or a header over 8 KiB is refused. Tokens are compared in constant time.
+  character or a header over 8 KiB is refused. Tokens are compared in constant time. With no
+  token configured, a loopback caller's header is not looked at (any key, in any form), but
+  for its size.
 - Logs name the caller as `identity=localhost` or `identity=token:<fp6>` (the first 6 hex of
   sha256 of the token), never the token itself.
 """
@@ -95,6 +97,10 @@ def check(auth: Auth, *, remote: str | None, header: str | None) -> Verdict:
         )
     if len(header) > MAX_HEADER_BYTES:
         return Verdict(None, "BAD_TOKEN", "the Authorization header is over 8 KiB")
+    if auth.token is None and loopback:
+        # no token configured: loopback callers may send any key, in any form (an SDK's
+        # placeholder, `Bearer` with an empty key, another scheme); there is none to check
+        return Verdict("localhost")
     value = header.strip()
     if not value.startswith("Bearer "):
         return Verdict(None, "BAD_TOKEN", "the Authorization header must be `Bearer <token>`")
@@ -102,8 +108,6 @@ def check(auth: Auth, *, remote: str | None, header: str | None) -> Verdict:
     if not given or any(ord(c) < 32 or ord(c) == 127 for c in given):
         return Verdict(None, "BAD_TOKEN", "the bearer token is empty or has control characters")
     if auth.token is None:
-        if loopback:
-            return Verdict("localhost")  # no token configured: loopback only, any header
         return Verdict(None, "BAD_TOKEN", "no token is configured on this daemon")
     if not hmac.compare_digest(given.encode(), auth.token.encode()):
         return Verdict(None, "BAD_TOKEN", "the bearer token does not match")

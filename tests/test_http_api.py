@@ -326,6 +326,8 @@ def test_the_six_auth_scenarios(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) 
     # 1: loopback, optional, no token → allowed as localhost
     auth = api_auth.load(_auth_config(True), tmp_path, bind_host="127.0.0.1")
     assert api_auth.check(auth, remote="127.0.0.1", header=None).identity == "localhost"
+    for key in ("Bearer sk-anything", "Bearer ", "Bearer", "Basic dXNlcjpwdw==", "Token x"):
+        assert api_auth.check(auth, remote="::1", header=key).identity == "localhost", key
     # 3: a non-loopback bind without a token refuses to start
     with pytest.raises(errors.ConfigProblem, match="no API token is set"):
         api_auth.load(_auth_config(True), tmp_path, bind_host="0.0.0.0")
