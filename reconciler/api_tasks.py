@@ -24,7 +24,7 @@ from aiohttp_sse import sse_response
 
 from reconciler import api, fanout, logs
 from reconciler.api import BACKEND, ApiError
-from state import errors, events, ids, loading, spool, tasks
+from state import errors, events, ids, loading, results, spool, tasks
 from state.errors import ErrorCode
 
 log = logs.get("http")
@@ -69,6 +69,15 @@ def _pending(backend: api.Backend, task_id: str) -> bool:
 
 def _known(backend: api.Backend, task_id: ids.TaskId) -> bool:
     return backend.results.exists(task_id) or backend.live(task_id) or _pending(backend, task_id)
+
+
+def _reusable(backend: api.Backend, task_id: ids.TaskId) -> bool:
+    """An id whose task was refused with a retriable error (a 429), and nothing else: the
+    retry the refusal asked for may use it again."""
+    if backend.live(task_id) or _pending(backend, task_id):
+        return False
+    result = backend.results.read(task_id) if backend.results.exists(task_id) else None
+    return result is not None and results.retriable_rejection(result)
 
 
 async def post_task(request: web.Request) -> web.StreamResponse:
@@ -143,7 +152,8 @@ async def deliver(request: web.Request, task: tasks.TaskFile) -> fanout.Subscrip
     delivering = request.app[DELIVERING]
     # the check and the reservation with no await between them: of two requests with one
     # id at once, the second sees the first's reservation until its file is in the spool
-    if task_id in delivering or _known(backend, task_id):
+    reuse = task_id not in delivering and _reusable(backend, task_id)
+    if not reuse and (task_id in delivering or _known(backend, task_id)):
         existing = backend.results.read(task_id) if backend.results.exists(task_id) else None
         state = f" ({existing.status})" if existing else ""
         raise ApiError(
@@ -152,6 +162,11 @@ async def deliver(request: web.Request, task: tasks.TaskFile) -> fanout.Subscrip
             hint="give the task a new task_id, or GET /v1/tasks/{id} for the old one",
         )
     delivering.add(task_id)
+    if reuse:  # the old rejection's log and result go before anyone reads them for this one
+        backend.results.take_over(task_id)
+        cache = request.app[ENCODED]
+        for key in [k for k in cache if k[0] == task_id]:
+            del cache[key]
     sub = backend.hub.subscribe(task_id, backend.results.events_path(task_id))
     try:
         await asyncio.to_thread(spool.deliver, backend.spool, raw, name=f"{task_id}.task.json")
@@ -278,14 +293,17 @@ async def task_events(request: web.Request) -> web.StreamResponse:
 
 # Per server (one daemon's task ids are unique; another daemon in the same process may reuse
 # them, so the cache must not be shared across apps).
-ENCODED: web.AppKey[dict[tuple[str, int], str]] = web.AppKey("encoded_frames")
+ENCODED: web.AppKey[dict[tuple[str, int, str, str], str]] = web.AppKey("encoded_frames")
 ENCODED_MAX = 4096
 
 
-def _encoded(cache: dict[tuple[str, int], str], task_id: str, frame: events.EventFrame) -> str:
+def _encoded(
+    cache: dict[tuple[str, int, str, str], str], task_id: str, frame: events.EventFrame
+) -> str:
     """The frame as an SSE message, encoded once for every client that reads it (a small
-    cache: fifty clients of one task share each token's text)."""
-    key = (task_id, frame.id)
+    cache: fifty clients of one task share each token's text). Keyed by the frame's event
+    and time too: an id taken over after a 429 starts its log again from frame 1."""
+    key = (task_id, frame.id, frame.event, frame.ts)
     text = cache.get(key)
     if text is None:
         data = json.dumps(frame.data, ensure_ascii=False)

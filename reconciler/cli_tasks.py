@@ -23,6 +23,7 @@ import yaml
 from reconciler import cli_common, cli_sse, cli_watch, probing
 from reconciler.cli_common import EXIT_ENV, EXIT_FAILED, EXIT_OK, EXIT_USAGE, Refused
 from state import loading, pending, spool, tasks
+from state.results import retriable_rejection
 
 # -- submit ----------------------------------------------------------------------------------
 
@@ -56,7 +57,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         task_id = tasks.stem(Path(args.file).name)
     known = cli_common.lookup(folder, task_id)
-    if known is not None:
+    # a task refused with a retriable error (a full queue) may be submitted again under its
+    # id: the daemon lets the new one take it over
+    retry = known is not None and known.result is not None and retriable_rejection(known.result)
+    if known is not None and not retry:
         raise Refused(
             EXIT_FAILED,
             f"task id {cli_common.printable(task_id)} is already used "
@@ -83,6 +87,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
             record = {"task_id": task_id, "file": str(target), "result": str(result_path)}
             print(json.dumps(record))
         return EXIT_OK
+    if retry:  # follow the new task, not the rejection whose id it reuses
+        _until_taken_over(folder, task_id, known.result if known else None, args.timeout)
     printer = cli_watch.Printer(ends=False, quiet=args.json)
     ended = cli_watch.follow(
         folder,
@@ -99,6 +105,18 @@ def cmd_submit(args: argparse.Namespace) -> int:
     else:
         print(cli_watch.summary(ended))
     return EXIT_OK if ended.succeeded else EXIT_FAILED
+
+
+def _until_taken_over(folder: cli_common.Folder, task_id: str, old: Any, timeout_s: float) -> None:
+    """Wait until the daemon has taken the id over from the rejection `old` (its result is
+    gone or another), so that following the task cannot read the old rejection's frames."""
+    deadline = time.monotonic() + timeout_s
+    while folder.results.read(task_id) == old:
+        if time.monotonic() >= deadline:
+            raise Refused(EXIT_FAILED, f"timed out waiting for task {task_id} to be taken in")
+        if not probing.probe(folder.state_dir).serving:
+            raise Refused(EXIT_ENV, "the daemon stopped before it took the task in")
+        time.sleep(cli_watch.POLL_S)
 
 
 def _read_input(name: str) -> tuple[bytes, str, bool]:

@@ -83,7 +83,9 @@ class Taker:
                 )
                 return
             if parsed.task_id in self.dispatcher.runs or (
-                recovered is None and self.store.exists(parsed.task_id)
+                recovered is None
+                and self.store.exists(parsed.task_id)
+                and not self.store.take_over(parsed.task_id)  # a retry after a 429 may reuse it
             ):
                 self._refuse(
                     path,

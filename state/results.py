@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -115,12 +117,30 @@ class ResultStore:
     def write(self, result: Result) -> None:
         atomic.write_bytes(self.path(result.task_id), encode(result), kind="result")
 
+    def take_over(self, task_id: str) -> bool:
+        """Free `task_id` for a new task when its result is a rejection that said to retry
+        (`error.retriable`: a full queue, say), so the retry it asked for can use the same
+        id: its event log goes first, then its result (in this thread's group commit, if
+        one is open). True when the id was taken over; any other result keeps its id."""
+        result = self.read(task_id)
+        if result is None or not retriable_rejection(result):
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.events_path(task_id))  # never in a group: frames are not deferred
+        atomic.remove(self.path(task_id))
+        return True
+
     def task_ids(self) -> list[str]:
         return sorted(
             p.name[: -len(".json")]
             for p in self.root.glob("*.json")
             if not p.name.endswith(".error.json")
         )
+
+
+def retriable_rejection(result: Result) -> bool:
+    """A task refused at the door with an error that says to retry: its id may be reused."""
+    return result.status == "rejected" and result.error is not None and result.error.retriable
 
 
 @functools.lru_cache(maxsize=4096)  # a live task's result is written three times, read more

@@ -14,6 +14,7 @@ from plugins import interfaces
 from reconciler import clocks, fleet, pools, supervision
 from state import ids
 from tests.conftest import Workspace, config, task, wait_for, wait_terminal
+from tests.orchctl_support import orchctl
 
 pytestmark = pytest.mark.slow
 
@@ -148,3 +149,31 @@ def test_a_late_release_from_a_crashed_process_frees_no_slot_of_its_successor(
     assert candidate.slots_busy == 1 and not candidate.feasible
     runtime.release(new)
     assert runtime.candidates()[0].slots_busy == 0
+
+
+async def test_a_task_refused_for_a_full_queue_may_be_dropped_again_under_its_id(
+    workspace: Workspace, serve: Any
+) -> None:
+    cfg = config(queue={"capacity": 1, "full_policy": "reject"})
+    cfg["pools"][0].update(slots=1, sim={"tokens_per_s": 20, "load_s": 0.0})
+    workspace.write_config(cfg)
+    await serve()
+    workspace.submit("r0.task.yaml", task("r0", max_tokens=30))
+    await wait_for(lambda: (workspace.result("r0") or {}).get("status") == "running", 10)
+    workspace.submit("r1.task.yaml", task("r1", max_tokens=2))
+    workspace.submit("again.task.yaml", task("again", max_tokens=2))
+    refused = await wait_terminal(workspace, "again")
+    assert refused["status"] == "rejected" and refused["error"]["code"] == "ADMISSION_REJECT"
+    await wait_terminal(workspace, "r1")
+    retry = workspace.root / "again.task.yaml"
+    retry.write_text("task_id: again\nmodel: m1\nprompt: hi\nmax_tokens: 2\n")
+    ran = orchctl("submit", retry, "--config", workspace.config_path)
+    assert ran.code == 0, ran.err  # not refused as a duplicate: the refusal said to retry
+    await wait_for(lambda: (workspace.result("again") or {}).get("status") == "succeeded", 10)
+    assert workspace.result("again")["tokens_out"] == 2  # type: ignore[index]
+    frames = workspace.frames("again")
+    assert (frames[0].event, frames[0].id) == ("queued", 1)
+    assert sum(f.terminal for f in frames) == 1
+    workspace.submit("again2.task.yaml", task("again", max_tokens=2))  # it ran: id kept
+    await wait_for(lambda: list(workspace.spool.failed.glob("*again2*.error.json")), 10)
+    assert workspace.result("again")["status"] == "succeeded"  # type: ignore[index]

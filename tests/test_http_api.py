@@ -195,6 +195,16 @@ async def test_a_full_queue_answers_429_with_retry_after_and_backoff(
             assert int(response.headers["X-Backoff-Ms"]) == body["retry_after_ms"]
             assert response.headers["X-Task-Id"] == "f2"
         assert workspace.result("f2")["status"] == "rejected"  # type: ignore[index]
+        # the retry the 429 asks for may use the same id, once there is room
+        await wait_terminal(workspace, "f0")
+        async with session.post(f"{base}/v1/tasks", json=task("f2", max_tokens=3)) as response:
+            assert response.status == 202, await response.json()
+        assert (await wait_terminal(workspace, "f2"))["status"] == "succeeded"
+        frames = await _frames(session, f"{base}/v1/tasks/f2/events")
+        assert [f["event"] for f in frames][:2] == ["queued", "started"]  # its own log only
+        assert [int(f["id"]) for f in frames] == list(range(1, len(frames) + 1))
+        async with session.post(f"{base}/v1/tasks", json=task("f2")) as response:
+            assert response.status == 409  # a task that ran keeps its id
 
 
 async def test_cancel_over_http_is_idempotent_and_stops_a_running_task(
