@@ -11,6 +11,7 @@ quarantined from incoming/: one entry's trouble is never the daemon's.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -150,7 +151,9 @@ def quarantine(
     revision: str | None = None,
 ) -> None:
     first = problems[0]
-    message = "; ".join(str(p) for p in problems[:10])
+    # the envelope carries the first problem's hint: its message does not repeat it
+    shown = [dataclasses.replace(first, hint=None), *problems[1:10]]
+    message = "; ".join(str(p) for p in shown)
     env = errors.envelope(code, message, hint=first.hint or None)
     record = {
         **env.model_dump(mode="json"),

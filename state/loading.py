@@ -74,9 +74,7 @@ def read_bytes(
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 kind = _KINDS.get(stat.S_IFMT(st.st_mode), "something else")
-                return _refused(
-                    shown, f"is {kind}, not a regular file", "write task files as plain files"
-                )
+                return _refused(shown, f"is {kind}, not a regular file", _PLAIN)
             if st.st_size > max_bytes:
                 return _refused(shown, f"is {st.st_size} bytes, {_OVER}{max_bytes} bytes", _BIG)
             with os.fdopen(os.dup(fd), "rb") as fh:
@@ -91,12 +89,18 @@ def read_bytes(
         except OSError:
             what = None
         message = f"is {what}, not a regular file" if what else f"cannot be read: {exc.strerror}"
-        hint = "write task files as plain files" if what else "check its owner and permissions"
+        if what:
+            hint = _PLAIN
+        elif isinstance(exc, FileNotFoundError):
+            hint = "check the path: no file has that name"
+        else:
+            hint = "check its owner and permissions"
         return _refused(shown, message, hint)
     return raw, [], st
 
 
 _OVER = "over the limit of "
+_PLAIN = "give a regular file here, not a folder, link, FIFO or device"
 _BIG = "keep task files small; put large inputs in a file the prompt names"
 
 

@@ -159,6 +159,11 @@ def _at(shown: str, mark: Any, message: str, hint: str, field: str | None = None
     return LoadError(shown, line, column, field, message, hint)
 
 
+# SafeConstructor builds these, but only for an explicit tag: bytes, sets and pair lists are
+# not the plain text, numbers, lists and mappings a file is read as
+_NOT_PLAIN = frozenset(f"tag:yaml.org,2002:{kind}" for kind in ("binary", "set", "omap", "pairs"))
+
+
 class _Unreadable(yaml.constructor.ConstructorError):
     """A value the parser accepted but no Python value can be built from."""
 
@@ -168,6 +173,10 @@ class _Checked(yaml.constructor.SafeConstructor):
     as a Python error (`2024-13-01` is a timestamp the calendar refuses)."""
 
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        if node.tag in _NOT_PLAIN:  # only ever given explicitly: `!!binary`, `!!set`, …
+            raise yaml.constructor.ConstructorError(
+                None, None, f"no constructor for the tag {node.tag!r}", node.start_mark
+            )
         try:
             return super().construct_object(node, deep)
         except yaml.YAMLError:

@@ -98,8 +98,10 @@ class TaskFile(BaseModel):
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> TaskFile:
-        if (self.prompt is None) == (self.messages is None):
+        if self.prompt is not None and self.messages is not None:
             raise ValueError("a task gives either 'prompt: <text>' or 'messages: [...]', not both")
+        if self.prompt is None and self.messages is None:
+            raise ValueError("a task gives 'prompt: <text>' or 'messages: [...]'; this has neither")
         if self.messages is None:
             chat_only = [name for name in _CHAT_OPTIONS if getattr(self, name) is not None]
             if chat_only:

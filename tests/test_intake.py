@@ -72,6 +72,7 @@ async def test_every_kind_of_bad_input_is_quarantined_with_its_location(
         assert error["code"] == "INVALID_TASK_FILE", name
         assert expected in error["message"], (name, error["message"])
         assert error["hint"], name
+        assert error["hint"] not in error["message"], name  # said once, in its own field
         assert (workspace.spool.failed / name).exists()
     typo = json.loads((workspace.spool.failed / "typo.task.yaml.error.json").read_text())
     assert (typo["line"], typo["field"]) == (3, "max_tokns")

@@ -349,3 +349,35 @@ def test_a_good_server_bind_loads(tmp_path: Path, bind: str) -> None:
     path = tmp_path / "orch.yaml"
     path.write_text(f"server:\n  bind: {json.dumps(bind)}\n" + CONFIG)
     assert desired.load_desired(path).errors == []
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "said"),
+    [
+        ("model: m\nprompt: !!binary aGVsbG8=\nmax_tokens: 2\n", 2, "'!!binary'"),
+        ("model: m\nprompt: hi\nmax_tokens: 2\nstop: !!set {a, b}\n", 4, "'!!set'"),
+        ("model: m\nprompt: hi\nmax_tokens: 2\nlabels: !!omap [{a: b}]\n", 4, "'!!omap'"),
+        ("model: m\nmax_tokens: 2\n", 1, "this has neither"),
+        (
+            "model: m\nprompt: hi\nmessages: [{role: user, content: x}]\nmax_tokens: 2\n",
+            1,
+            "not both",
+        ),
+    ],
+)
+def test_values_that_are_not_plain_data_or_missing_say_exactly_that(
+    tmp_path: Path, text: str, line: int, said: str
+) -> None:
+    [err] = _task(tmp_path, text).errors
+    assert err.line == line and said in err.message, err
+
+
+def test_a_missing_file_and_a_folder_get_hints_that_fit_them(tmp_path: Path) -> None:
+    [missing] = loading.load_model(tmp_path / "nope.yaml", tasks.TaskFile).errors
+    assert (
+        "No such file" in missing.message
+        and missing.hint == "check the path: no file has that name"
+    )
+    (tmp_path / "d.yaml").mkdir()
+    [folder] = loading.load_model(tmp_path / "d.yaml", tasks.TaskFile).errors
+    assert "is a folder" in folder.message and "not a folder" in (folder.hint or "")
