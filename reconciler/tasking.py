@@ -233,9 +233,14 @@ class Books:
                         end["prompt_tokens"] = result.prompt_tokens
                     self.frame(run, "end", end)
                 failpoints.hit("after_terminal_frame")
+            # the result names where its task file is filed, as it will be once moved
+            filed = spool.filed_path(
+                self.spool, run.file_name, failed=status in ("failed", "rejected")
+            )
+            result.source_file = f"spool/{filed.parent.name}/{filed.name}"
             self.save(run)
             failpoints.hit("before_task_filed")
-            spool.finish(self.spool, run.file_name, failed=status in ("failed", "rejected"))
+            spool.finish(self.spool, run.file_name, target=filed)
             failpoints.hit("after_task_filed")
         logs.emit(
             log,

@@ -251,10 +251,17 @@ def _same_file(a: Path, b: Path) -> bool:
     return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
-def finish(spool: Spool, name: str, *, failed: bool = False) -> Path | None:
-    """Move active/`name` to done/ (or failed/); returns the new path, None if it was gone."""
-    folder = spool.failed if failed else spool.done
-    target = _free_name(folder, name)
+def filed_path(spool: Spool, name: str, *, failed: bool = False) -> Path:
+    """Where `finish` will move active/`name`: done/ (or failed/), under a free name."""
+    return _free_name(spool.failed if failed else spool.done, name)
+
+
+def finish(
+    spool: Spool, name: str, *, failed: bool = False, target: Path | None = None
+) -> Path | None:
+    """Move active/`name` to done/ (or failed/), or to `target` (`filed_path`, when the
+    caller named it in the result first); returns the new path, None if it was gone."""
+    target = target or filed_path(spool, name, failed=failed)
     try:
         atomic.rename_durable(spool.active / name, target)
     except FileNotFoundError:

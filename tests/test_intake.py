@@ -205,3 +205,15 @@ async def test_a_fault_in_the_estimates_queues_the_burst_without_predictions(
         queued = next(f.data for f in workspace.frames(name) if f.event == "queued")
         assert queued["predicted_start_ms"] is None and queued["queue_position"] is not None
     assert not running.job.done()
+
+
+async def test_a_finished_tasks_result_names_where_its_file_was_filed(
+    workspace: Workspace, serve: Any
+) -> None:
+    await serve()
+    workspace.submit("filed.task.yaml", task("filed"))
+    workspace.submit("nope.task.yaml", task("nope", model="ghost"))
+    for task_id, folder in (("filed", "done"), ("nope", "failed")):
+        result = await wait_terminal(workspace, task_id)
+        assert result["source_file"] == f"spool/{folder}/{task_id}.task.yaml", result
+        assert (workspace.root / result["source_file"]).is_file()
