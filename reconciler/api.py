@@ -105,7 +105,10 @@ def _error_answer(
     param: str | None = None,
 ) -> web.Response:
     resource = request.match_info.route.resource
-    shape = request.app[ERROR_SHAPES].get(resource) if resource is not None else None
+    shapes = request.app[ERROR_SHAPES]
+    if resource is None:  # a wrong method (405): the resource the path names, if shaped
+        resource = next((r for r in shapes if r.get_info().get("path") == request.path), None)
+    shape = shapes.get(resource) if resource is not None else None
     if shape is not None:
         return shape(envelope, status, param)
     return error_response(envelope, status=status)

@@ -220,6 +220,12 @@ async def test_what_cannot_be_honoured_is_refused_naming_the_field(
         body = await response.json()
     assert response.status == 400 and body["error"]["code"] == "INVALID_PARAMS"
     assert "is not valid JSON" in body["error"]["message"] and body["error"]["param"] is None
+    async with aiohttp.ClientSession() as session:  # a wrong method: still OpenAI's shape
+        for method, path in (("GET", "/v1/chat/completions"), ("POST", "/v1/models")):
+            async with session.request(method, f"{_base(running)}{path}") as response:
+                body = await response.json()
+            assert response.status == 405 and "Allow" in response.headers, (path, body)
+            assert body["error"]["code"] == "METHOD_NOT_ALLOWED", (path, body)
 
 
 async def test_a_full_queue_is_a_429_with_retry_after_that_the_client_honours(
