@@ -11,6 +11,7 @@ can crash the server (an unexpected error is a 500 INTERNAL envelope and a log l
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import uuid
 from collections.abc import Awaitable, Callable
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
+from aiohttp import http_exceptions, web
 
 from reconciler import api_auth, configuring, fanout, logs, metrics
 from state import desired, errors, ids, parsing, results, sessions, spool, statusfile
@@ -261,7 +262,8 @@ async def read_json(request: web.Request) -> Any:
             hint=first.hint or "send one JSON object",
             param=first.field,
         )
-    lone = _lone_surrogate(data)
+    # text decoded from UTF-8 holds no surrogate: only a JSON escape can bring one in
+    lone = _lone_surrogate(data) if _SURROGATE_ESCAPE.search(text) else None
     if lone is not None:
         raise ApiError(
             ErrorCode.INVALID_PARAMS,
@@ -271,6 +273,9 @@ async def read_json(request: web.Request) -> Any:
             param=lone or None,
         )
     return data
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def _lone_surrogate(data: Any, path: str = "") -> str | None:
@@ -285,7 +290,7 @@ def _lone_surrogate(data: Any, path: str = "") -> str | None:
                 return found
     elif isinstance(data, dict):
         for key, value in data.items():
-            name = parsing.shortened(_escaped(key), 60)  # shown in the answer: text only
+            name = parsing.shortened(logs.writable(key), 60)  # shown in the answer: text only
             here = f"{path}.{name}" if path else name
             if not _encodable(key):
                 return here
@@ -295,16 +300,26 @@ def _lone_surrogate(data: Any, path: str = "") -> str | None:
     return None
 
 
-def _escaped(text: str) -> str:
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
 def _encodable(text: str) -> bool:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
         return False
     return True
+
+
+class _ClientFault(logging.Filter):
+    """A request aiohttp's parser refused (bad framing, a bad header) is the client's fault:
+    one warning line naming it, without the server's traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, http_exceptions.HttpProcessingError):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args = f"Refused a malformed HTTP request: {exc}", None
+            record.exc_info, record.exc_text = None, None
+            record.orch_event = "http.malformed_request"
+        return True
 
 
 Routes = Callable[[web.Application], None]
@@ -359,6 +374,10 @@ async def start(backend: Backend, *, bind: str, base: Path, routes: list[Routes]
         handle_signals=False,
         shutdown_timeout=1.0,
     )
+    for name in ("aiohttp.server", "aiohttp.web"):  # once per logger, however many servers
+        target = logging.getLogger(name)
+        if not any(isinstance(f, _ClientFault) for f in target.filters):
+            target.addFilter(_ClientFault())
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:

@@ -24,7 +24,7 @@ from aiohttp_sse import sse_response
 
 from reconciler import api, fanout, logs
 from reconciler.api import BACKEND, ApiError
-from state import errors, events, ids, loading, results, spool, tasks
+from state import errors, events, ids, loading, parsing, results, spool, tasks
 from state.errors import ErrorCode
 
 log = logs.get("http")
@@ -69,15 +69,6 @@ def _pending(backend: api.Backend, task_id: str) -> bool:
 
 def _known(backend: api.Backend, task_id: ids.TaskId) -> bool:
     return backend.results.exists(task_id) or backend.live(task_id) or _pending(backend, task_id)
-
-
-def _reusable(backend: api.Backend, task_id: ids.TaskId) -> bool:
-    """An id whose task was refused with a retriable error (a 429), and nothing else: the
-    retry the refusal asked for may use it again."""
-    if backend.live(task_id) or _pending(backend, task_id):
-        return False
-    result = backend.results.read(task_id) if backend.results.exists(task_id) else None
-    return result is not None and results.retriable_rejection(result)
 
 
 async def post_task(request: web.Request) -> web.StreamResponse:
@@ -152,9 +143,12 @@ async def deliver(request: web.Request, task: tasks.TaskFile) -> fanout.Subscrip
     delivering = request.app[DELIVERING]
     # the check and the reservation with no await between them: of two requests with one
     # id at once, the second sees the first's reservation until its file is in the spool
-    reuse = task_id not in delivering and _reusable(backend, task_id)
-    if not reuse and (task_id in delivering or _known(backend, task_id)):
-        existing = backend.results.read(task_id) if backend.results.exists(task_id) else None
+    has_result = backend.results.exists(task_id)
+    existing = backend.results.read(task_id) if has_result else None
+    busy = task_id in delivering or backend.live(task_id) or _pending(backend, task_id)
+    # a task refused with a retriable error (a 429): the retry it asked for may reuse its id
+    reuse = not busy and existing is not None and results.retriable_rejection(existing)
+    if busy or (has_result and not reuse):
         state = f" ({existing.status})" if existing else ""
         raise ApiError(
             ErrorCode.DUPLICATE_TASK_ID,
@@ -191,11 +185,10 @@ def _check_as_task_file(raw: bytes) -> None:
     """Refuse (400) a task the spool's intake would refuse as a file, before it is delivered:
     its bounds (nesting, value count) apply to the task file the request becomes, which
     holds a few more values than the request itself."""
-    loaded = loading.validate_text(
-        raw.decode(), tasks.TaskFile, shown="request body", is_json=True, tree=False
-    )
-    if loaded.errors:
-        first = loaded.errors[0]
+    # the model is valid already (it was dumped from one): only the file's bounds remain
+    _, _, problems = parsing.parse_json_document(raw.decode(), "request body", tree=False)
+    if problems:
+        first = problems[0]
         field = f"{first.field}: " if first.field else ""
         raise ApiError(
             ErrorCode.INVALID_PARAMS,

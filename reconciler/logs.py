@@ -53,7 +53,7 @@ class JsonLinesFormatter(logging.Formatter):
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         text = json.dumps(line, default=str, ensure_ascii=False)
-        return _writable(text)
+        return writable(text)
 
 
 class PrettyFormatter(logging.Formatter):
@@ -80,10 +80,10 @@ class PrettyFormatter(logging.Formatter):
         if self.color and record.levelname in self.COLORS:
             text = f"{self.COLORS[record.levelname]}{text}\033[0m"
         del event
-        return _writable(text)
+        return writable(text)
 
 
-def _writable(text: str) -> str:
+def writable(text: str) -> str:
     """`text` with lone surrogates (from file names that are not UTF-8) as `\\udcxx`, so
     writing the line to a UTF-8 stream or file cannot fail ("--- Logging error ---").
     In a JSON line that is the JSON escape of the same character."""
@@ -125,43 +125,8 @@ def setup(
         file_handler.setFormatter(JsonLinesFormatter())
         root.addHandler(file_handler)
     # the HTTP server's own lines (a request too malformed to reach a handler) in the same
-    # format and place, not as bare tracebacks on stderr
+    # format and place, not as bare tracebacks on stderr (api.start makes them one line)
     server = logging.getLogger("aiohttp")
     server.handlers = list(root.handlers)
     server.setLevel(logging.WARNING)
     server.propagate = False
-    for name in ("aiohttp.server", "aiohttp.web"):
-        target = logging.getLogger(name)
-        target.filters = [f for f in target.filters if not isinstance(f, _ClientFault)]
-        target.addFilter(_ClientFault())
-
-
-class _ClientFault(logging.Filter):
-    """A request the HTTP parser refused (bad framing, a bad header) is the client's fault:
-    one warning line naming it, without the server's traceback."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if exc is not None and type(exc).__name__ in _CLIENT_FAULTS:
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
-            record.msg, record.args = f"Refused a malformed HTTP request: {exc}", None
-            record.exc_info, record.exc_text = None, None
-            record.orch_event = "http.malformed_request"
-        return True
-
-
-# aiohttp.http_exceptions: what its parser raises for a request it cannot read
-_CLIENT_FAULTS = frozenset(
-    {
-        "BadHttpMessage",
-        "BadHttpMethod",
-        "BadStatusLine",
-        "InvalidHeader",
-        "LineTooLong",
-        "InvalidURLError",
-        "ContentLengthError",
-        "TransferEncodingError",
-        "ContentEncodingError",
-        "HttpProcessingError",
-    }
-)

@@ -207,18 +207,28 @@ async def test_a_full_queue_answers_429_with_retry_after_and_backoff(
             assert response.status == 409  # a task that ran keeps its id
 
 
-async def test_cancel_over_http_is_idempotent_and_stops_a_running_task(
-    workspace: Workspace, serve: Any
-) -> None:
+async def _serve_slow(workspace: Workspace, serve: Any) -> str:
+    """A daemon whose sim engine streams 20 tokens/s (a task stays running a while); its URL."""
     cfg = config()
     cfg["pools"][0]["sim"] = {"tokens_per_s": 20, "load_s": 0.0}
     workspace.write_config(cfg)
-    running = await serve()
-    base = _url(running)
+    return _url(await serve())
+
+
+async def _post_until_running(
+    session: aiohttp.ClientSession, base: str, workspace: Workspace, task_id: str, max_tokens: int
+) -> None:
+    async with session.post(f"{base}/v1/tasks", json=task(task_id, max_tokens=max_tokens)) as r:
+        assert r.status == 202
+    await wait_for(lambda: workspace.result(task_id)["status"] == "running", 10)  # type: ignore[index]
+
+
+async def test_cancel_over_http_is_idempotent_and_stops_a_running_task(
+    workspace: Workspace, serve: Any
+) -> None:
+    base = await _serve_slow(workspace, serve)
     async with aiohttp.ClientSession() as session:
-        async with session.post(f"{base}/v1/tasks", json=task("c1", max_tokens=200)) as r:
-            assert r.status == 202
-        await wait_for(lambda: workspace.result("c1")["status"] == "running", 10)  # type: ignore[index]
+        await _post_until_running(session, base, workspace, "c1", max_tokens=200)
         for _ in range(2):
             async with session.post(f"{base}/v1/tasks/c1/cancel") as response:
                 assert response.status in (200, 202)
@@ -505,15 +515,9 @@ async def test_posts_of_one_task_id_at_once_get_one_202_and_409s_and_it_runs_onc
 async def test_cancels_of_one_task_at_once_all_answer_and_it_ends_canceled(
     workspace: Workspace, serve: Any
 ) -> None:
-    cfg = config()
-    cfg["pools"][0]["sim"] = {"tokens_per_s": 20, "load_s": 0.0}
-    workspace.write_config(cfg)
-    running = await serve()
-    base = _url(running)
+    base = await _serve_slow(workspace, serve)
     async with aiohttp.ClientSession() as session:
-        async with session.post(f"{base}/v1/tasks", json=task("cc", max_tokens=400)) as r:
-            assert r.status == 202
-        await wait_for(lambda: workspace.result("cc")["status"] == "running", 10)  # type: ignore[index]
+        await _post_until_running(session, base, workspace, "cc", max_tokens=400)
 
         async def cancel() -> int:
             async with session.post(f"{base}/v1/tasks/cc/cancel") as response:
