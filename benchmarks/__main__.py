@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import (
+    busy_disk,
     calibration,
     chat_relay,
     converge,
@@ -44,6 +45,7 @@ BENCHES: dict[str, Runner] = {
     calibration.NAME: calibration.run,
     relay.NAME: relay.run,
     chat_relay.NAME: chat_relay.run,
+    busy_disk.NAME: busy_disk.run,
 }
 
 

@@ -8,6 +8,11 @@ claims together) durable writes and renames are deferred, not weakened. Each wri
 its temporary file at once; at the end of the block one sync of the filesystem makes every
 temporary file (and every other write of the block, such as a terminal event frame) durable,
 then the renames run in the order they were asked for, then one more sync makes them durable.
+A sync is one `syncfs` of the filesystem while the system has little else waiting to be
+written back, else fsyncs of exactly the group's files, then of its folders: `syncfs` writes
+back every dirty page of the filesystem, which costs about a second while a model download or a
+build has a gigabyte in flight there, and would hold every task's commit (and the event loop)
+that long; a file's own fsync does not wait for the rest.
 So a reader still sees a file only whole, only once its data is on disk, and a task's files
 still appear in their order (frame, result, task file moved last), for a whole batch at the
 cost of a few syncs instead of two fsyncs per write. `exists`/`read_bytes` let the thread see
@@ -45,6 +50,9 @@ class Group:
     # per path touched: bytes (what it will hold), a Path (the file now there that will be
     # renamed to it) or None (it will be gone)
     data: dict[Path, bytes | Path | None] = field(default_factory=dict)
+    # files written in the group other than through `write_bytes` (an event log's terminal
+    # frame), made durable by the commit's first sync
+    written: set[Path] = field(default_factory=set)
     later: bool = False  # committed by whoever called `begin`, not at the end of a block
     committed: bool = False  # a second commit (a flush, then the scheduled one) is a no-op
     syncs: int = 0
@@ -108,7 +116,12 @@ def commit(current: Group) -> None:
     done = 0
     try:
         failpoints.hit("before_group_sync")
-        _sync(current)  # every temporary file's data (and the block's other writes) on disk
+        # every temporary file's data (and the block's other writes) on disk
+        current.syncs += 1
+        _sync_files(
+            [src for src, dst, kind in current.ops if dst is not None and kind]
+            + sorted(current.written)
+        )
         for src, dst, kind in current.ops:
             if dst is None:  # a removal: gone already, or not ours, is fine (as one by one)
                 with contextlib.suppress(FileNotFoundError, IsADirectoryError, PermissionError):
@@ -121,7 +134,8 @@ def commit(current: Group) -> None:
                 os.replace(src, dst)
                 failpoints.hit(f"after_{kind}_rename")
             done += 1
-        _sync(current)  # the renames themselves
+        current.syncs += 1
+        _sync_folders(_folders(current.ops))  # the renames themselves
     except BaseException:
         for src, dst, _ in current.ops[done:]:  # what will not be renamed leaves no file
             if dst is not None and src.name.endswith(".tmp"):
@@ -130,13 +144,81 @@ def commit(current: Group) -> None:
         raise
 
 
-def _sync(current: Group) -> None:
-    """One sync per filesystem the group wrote to (syncfs; `sync` where there is none)."""
-    current.syncs += 1
-    _sync_folders({(dst or src).parent for src, dst, _ in current.ops})
+def _folders(ops: Sequence[tuple[Path, Path | None, str]]) -> set[Path]:
+    """The folders whose entries a group's renames, moves and removals changed."""
+    folders = set()
+    for src, dst, kind in ops:
+        if dst is not None:
+            folders.add(dst.parent)
+        if dst is None or not kind:  # a removal or a move: its source's folder changed too
+            folders.add(src.parent)
+    return folders
+
+
+# A filesystem sync costs what the whole filesystem has waiting to be written back; fsyncs cost
+# per file. One `syncfs` is used while the system's dirty and in-writeback pages are at most
+# this much, plus this much per file the sync stands for (about what writing them back costs).
+SYNCFS_DIRTY_BASE = 4 << 20
+SYNCFS_DIRTY_PER_FILE = 64 << 10
+
+
+def _dirty_bytes() -> int | None:
+    """The system's dirty and in-writeback page cache (/proc/meminfo), None where unknown."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            text = f.read()
+    except OSError:
+        return None
+    total, found = 0, 0
+    for line in text.splitlines():
+        if line.startswith((b"Dirty:", b"Writeback:")):
+            total += int(line.split()[1]) * 1024
+            found += 1
+    return total if found == 2 else None
+
+
+def _syncfs_is_cheap(files: int) -> bool:
+    """Whether one `syncfs` costs no more than fsyncs of `files` files would."""
+    if _syncfs is None:
+        return False
+    dirty = _dirty_bytes()
+    return dirty is not None and dirty <= SYNCFS_DIRTY_BASE + files * SYNCFS_DIRTY_PER_FILE
+
+
+def _sync_files(files: Sequence[Path]) -> None:
+    """Make the data of `files` durable: one syncfs per filesystem while that is cheap, else
+    an fsync of each (a file gone since is fine: a later write of the group replaced it)."""
+    if not files:
+        return
+    if _syncfs_is_cheap(len(files)):
+        _syncfs_all({path.parent for path in files})
+        return
+    for path in files:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _sync_folders(folders: set[Path]) -> None:
+    """Make the entries of `folders` durable: one syncfs per filesystem while that is cheap,
+    else an fsync of each folder."""
+    if not folders:
+        return
+    if _syncfs_is_cheap(len(folders)):
+        _syncfs_all(folders)
+        return
+    for folder in folders:
+        with contextlib.suppress(FileNotFoundError):
+            fsync_dir(folder)
+
+
+def _syncfs_all(folders: set[Path]) -> None:
+    """One syncfs per filesystem holding one of `folders` (`sync` if it fails)."""
     devices: dict[int, Path] = {}
     for folder in folders:
         with contextlib.suppress(OSError):
@@ -179,6 +261,15 @@ def read_bytes(path: Path) -> bytes:
     if data is None:
         raise FileNotFoundError(2, "No such file or directory", str(path))
     return data if isinstance(data, bytes) else data.read_bytes()
+
+
+def written(path: Path) -> None:
+    """`path` was written (appended to) in this thread's open group other than through this
+    module, and must be durable once the group commits (an event log's terminal frame)."""
+    current = _group()
+    if current is None:
+        raise RuntimeError("atomic.written() outside a group")
+    current.written.add(path)
 
 
 def deferring() -> bool:
@@ -269,7 +360,7 @@ def create_many(items: Sequence[tuple[Path, bytes]]) -> list[bool]:
     try:
         for path, data in items:
             tmps.append(_new_tmp(path, data, sync=False))
-        _sync_folders({path.parent for path, _ in items})
+        _sync_files(tmps)
         created = []
         for (path, _), tmp in zip(items, tmps, strict=True):
             try:

@@ -75,11 +75,10 @@ class EventLog:
         if self._fd is None:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             self._closer = weakref.finalize(self, os.close, self._fd)
-        _append_whole(
-            self._fd,
-            ("\n".join(lines) + "\n").encode(),
-            sync=terminal and not atomic.deferring(),  # else the group's commit syncs it
-        )
+        deferred = terminal and atomic.deferring()
+        _append_whole(self._fd, ("\n".join(lines) + "\n").encode(), sync=terminal and not deferred)
+        if deferred:  # the group's commit syncs it, before the terminal result appears
+            atomic.written(self.path)
         if event not in _STREAMING:
             self.close()
         self.last_id, self.terminal = first + len(items) - 1, terminal

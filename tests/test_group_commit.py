@@ -33,7 +33,28 @@ def syncs(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(atomic, "_syncfs", syncfs)
+    monkeypatch.setattr(atomic, "_dirty_bytes", lambda: 0)  # nothing else to write back
     return counts
+
+
+@pytest.fixture
+def busy_disk(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """A gigabyte of other data waiting to be written back (a model download): records what
+    is fsynced, by path, and fails the test on any filesystem sync."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    def syncfs(fd: int) -> int:
+        raise AssertionError("syncfs with a gigabyte dirty: every commit would wait for it")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(atomic, "_syncfs", syncfs)
+    monkeypatch.setattr(atomic, "_dirty_bytes", lambda: 1 << 30)
+    return synced
 
 
 def test_a_batch_of_writes_costs_two_syncs_and_appears_only_at_the_commit(
@@ -56,6 +77,54 @@ def test_writes_outside_a_group_are_fsynced_one_by_one(
 ) -> None:
     atomic.write_bytes(tmp_path / "a.json", b"a")
     assert syncs == {"fsync": 2, "syncfs": 0}  # the file, then its folder
+
+
+def test_with_a_busy_disk_a_batch_fsyncs_its_own_files_and_folders_not_the_filesystem(
+    tmp_path: Path, busy_disk: list[str]
+) -> None:
+    from state import events
+
+    res, active, done = (tmp_path / d for d in ("results", "active", "done"))
+    for folder in (res, active, done):
+        folder.mkdir()
+    (active / "a.task.yaml").write_text("prompt: hi\n")
+    log = events.EventLog(res / "a.events.jsonl")
+    with atomic.group() as batch:
+        log.extend("end", [{"tokens_out": 1}], ts="t")  # terminal: synced by the commit
+        atomic.write_bytes(res / "a.json", b"{}")
+        atomic.write_bytes(res / "b.json", b"[]")
+        atomic.rename_durable(active / "a.task.yaml", done / "a.task.yaml")
+        assert busy_disk == []  # nothing synced before the commit
+    data, folders = busy_disk[:3], busy_disk[3:]
+    assert sorted(Path(p).name for p in data[:2]) == sorted(
+        [f".a.json.{os.getpid()}.0.tmp", f".b.json.{os.getpid()}.1.tmp"]
+    )  # each temporary file's data, before its rename
+    assert data[2] == str(res / "a.events.jsonl")  # the terminal frame, before the result
+    assert sorted(folders) == sorted(map(str, (res, active, done)))  # then the renames
+    assert batch.syncs == 2
+    assert (res / "a.json").read_bytes() == b"{}" and (done / "a.task.yaml").exists()
+
+
+def test_with_a_busy_disk_created_files_are_fsynced_one_by_one(
+    tmp_path: Path, busy_disk: list[str]
+) -> None:
+    created = atomic.create_many([(tmp_path / "x", b"1"), (tmp_path / "y", b"2")])
+    assert created == [True, True] and (tmp_path / "y").read_bytes() == b"2"
+    assert [Path(p).parent for p in busy_disk] == [tmp_path, tmp_path, tmp_path.parent]
+    assert busy_disk[2] == str(tmp_path)  # the links, after both files' data
+
+
+def test_the_filesystem_sync_is_chosen_only_while_little_else_is_dirty(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    dirty = atomic._dirty_bytes()
+    assert isinstance(dirty, int) and dirty >= 0  # read from /proc/meminfo
+    monkeypatch.setattr(atomic, "_syncfs", lambda fd: 0)
+    for amount, files, cheap in [(0, 1, True), (64 << 20, 1, False), (64 << 20, 1000, True)]:
+        monkeypatch.setattr(atomic, "_dirty_bytes", lambda amount=amount: amount)
+        assert atomic._syncfs_is_cheap(files) is cheap
+    monkeypatch.setattr(atomic, "_dirty_bytes", lambda: None)  # unknown: one file at a time
+    assert not atomic._syncfs_is_cheap(1)
 
 
 def test_renames_run_in_the_order_asked_so_a_task_file_moves_after_its_result(
