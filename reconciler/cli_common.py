@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from reconciler.configuring import LAST_GOOD
 from state import desired, ids, loading, pending, results, spool, tasks
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ENV = 0, 1, 2, 3
@@ -74,7 +75,8 @@ def open_folder(config_path: Path) -> Folder:
     """The folders named by orch.yaml. A broken orch.yaml must not lock the operator out
     (the daemon keeps serving the last good one): fall back to its raw `paths:`, or the
     defaults, and say so."""
-    if not config_path.is_file():
+    last_good = config_path.parent / LAST_GOOD
+    if not config_path.is_file() and not last_good.is_file():
         what = "is not a file" if config_path.exists() else "not found"
         raise Refused(
             EXIT_USAGE,
@@ -82,7 +84,18 @@ def open_folder(config_path: Path) -> Folder:
             hint="run orchctl in the folder of your orch.yaml, pass --config PATH, "
             "or write one with `orchctl init`",
         )
-    loaded = desired.load_desired(config_path)
+    if not config_path.is_file():
+        # gone (or replaced) while a daemon serves this folder: it keeps its last good
+        # config, so its status and tasks stay readable through that one's folders
+        what = "is not a file" if config_path.exists() else "not found"
+        warn(
+            f"warning: {config_path} {what}; using the last config a daemon applied here "
+            f"({last_good}); put orch.yaml back (`git checkout {config_path.name}`, or copy "
+            f"{LAST_GOOD})"
+        )
+        loaded = desired.load_desired(last_good)
+    else:
+        loaded = desired.load_desired(config_path)
     if loaded.value is not None:
         paths = loaded.value.paths
     elif loaded.data is None and loaded.errors and loaded.errors[0].line is None:

@@ -100,7 +100,11 @@ class AppliedConfig:
         content, problem, age, mtime = self._read()
         if content is None:
             self._digest = None  # whatever comes back, even the same bytes, is read afresh
-            self._fail([loading.LoadError(str(self.path), None, None, None, problem)])
+            hint = (
+                f"put a regular orch.yaml back (`git checkout {self.path.name}`, or copy "
+                f"{LAST_GOOD}, the config served until then); it is applied once it is valid"
+            )
+            self._fail([loading.LoadError(str(self.path), None, None, None, problem, hint)])
             return False
         digest = hashlib.sha256(content).hexdigest()
         if digest == self._digest:

@@ -83,6 +83,27 @@ async def test_a_deleted_then_restored_config_clears_its_error(
     await wait_for(lambda: "is a symlink" in str(_errors(workspace)), 10, "the symlink error")
 
 
+async def test_a_deleted_config_is_reported_with_how_to_restore_it_and_orchctl_still_works(
+    workspace: Workspace, serve: Any
+) -> None:
+    from tests.orchctl_support import orchctl
+
+    await serve()
+    workspace.config_path.unlink()
+    await wait_for(lambda: "cannot be read" in str(_errors(workspace)), 10, "the read error")
+    hint = _errors(workspace)[0]["hint"]
+    assert "git checkout orch.yaml" in hint and ".orch/last-good.yaml" in hint
+    # the daemon keeps serving its last good config: orchctl reads its folders from that one
+    ran = orchctl("status", "--config", workspace.config_path)
+    assert ran.code == 0, ran.err_lines
+    assert "orch.yaml not found; using the last config a daemon applied here" in ran.err_lines[0]
+    assert any("cannot be read" in line for line in ran.out_lines)
+    workspace.submit("after.task.yaml", task("after"))
+    assert (await wait_terminal(workspace, "after"))["status"] == "succeeded"
+    ran = orchctl("tasks", "--config", workspace.config_path)
+    assert ran.code == 0 and any("after" in line for line in ran.out_lines), ran.out_lines
+
+
 async def test_a_pool_scaled_to_zero_is_stopped_and_refuses_its_tasks_with_a_hint(
     workspace: Workspace, serve: Any
 ) -> None:
