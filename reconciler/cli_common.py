@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from reconciler.configuring import LAST_GOOD
-from state import desired, ids, loading, pending, results, spool, tasks
+from state import desired, ids, loading, pending, results, spool
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ENV = 0, 1, 2, 3
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
@@ -182,25 +182,6 @@ def lookup(folder: Folder, task_id: str) -> Known | None:
     return Known(task_id, None, None, found) if found is not None else None
 
 
-def implied_id_problem(shown: str, file_name: str) -> loading.LoadError | None:
-    """A task file without `task_id:` takes its name's stem as its id; when that stem is not
-    a safe id, the error validate and submit both print."""
-    stem = tasks.stem(file_name)
-    if ids.is_safe_id(stem):
-        return None
-    suggestion = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).replace("..", ".").strip("-._")[:100]
-    suggestion = suggestion or "my-task"
-    return loading.LoadError(
-        shown,
-        None,
-        None,
-        "task_id",
-        f"the file name implies task id {printable(stem)}, which is not a task id "
-        "(letters, digits, '.', '_' and '-' only)",
-        f"rename the file to {suggestion}.task.yaml, or add `task_id: {suggestion}`",
-    )
-
-
 # -- plain text ------------------------------------------------------------------------------
 
 _GOT = re.compile(r" \(got (.*)\)$", re.DOTALL)
@@ -235,8 +216,7 @@ def plain_text(text: str) -> str:
 
 def printable(value: str) -> str:
     """A user-given string, quoted, with control characters escaped and its length bounded."""
-    shown = value if len(value) <= 80 else value[:77] + "..."
-    return "'" + shown.encode("unicode_escape").decode("ascii").replace("'", "\\'") + "'"
+    return ids.quoted(value)
 
 
 def ago(seconds: float) -> str:

@@ -51,7 +51,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         parsed["task_id"] = task_id
         data, suffix = json.dumps(parsed).encode(), ".task.json"
     else:
-        unsafe = cli_common.implied_id_problem(shown, Path(args.file).name)
+        unsafe = tasks.implied_id_problem(shown, Path(args.file).name)
         if unsafe is not None:
             print(cli_common.plain_error(unsafe), file=sys.stderr)
             return EXIT_USAGE

@@ -130,7 +130,7 @@ def check_task(path: Path, config: Config | None) -> list[Finding]:
     task = loaded.value
     found = []
     if task.task_id is None:
-        unsafe = cli_common.implied_id_problem(str(path), path.name)
+        unsafe = tasks.implied_id_problem(str(path), path.name)
         if unsafe is not None:
             found.append(Finding(unsafe))
     if config is not None:

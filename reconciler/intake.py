@@ -116,18 +116,11 @@ def parse_claimed(path: Path) -> Parsed | list[loading.LoadError]:
     loaded = loading.load_model(path, tasks.TaskFile, shown=shown, tree=False)
     if loaded.value is None:
         return loaded.errors
+    if loaded.value.task_id is None:
+        unsafe = tasks.implied_id_problem(shown, path.name)
+        if unsafe is not None:
+            return [unsafe]
     task_id = loaded.value.task_id or tasks.stem(path.name)
-    if not ids.is_safe_id(task_id):
-        return [
-            loading.LoadError(
-                shown,
-                None,
-                None,
-                "task_id",
-                f"the file name implies task id {task_id!r}, which is not allowed",
-                "set task_id: using letters, digits, '.', '_' and '-' only",
-            )
-        ]
     return Parsed(task_id, loaded.value, path.name)
 
 

@@ -29,3 +29,15 @@ def is_safe_id(value: str) -> bool:
     """True when `value` can be used as a file name component without any path trick."""
     # fullmatch, not match with `$`: `$` also matches before a trailing newline
     return _SAFE_RE.fullmatch(value) is not None and ".." not in value
+
+
+def quoted(value: str) -> str:
+    """A user-given name or id for a message: quoted, its length bounded, and every character
+    that does not print (a control character, a byte of a name that is not UTF-8) escaped;
+    letters of any script are shown as they are."""
+    shown = value if len(value) <= 80 else value[:77] + "..."
+    escaped = "".join(
+        c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+        for c in shown
+    )
+    return "'" + escaped.replace("'", "\\'") + "'"

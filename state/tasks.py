@@ -7,11 +7,14 @@ A task is a completion of `prompt`, or a chat turn over `messages` (with the cha
 from __future__ import annotations
 
 import hashlib
+import re
+import unicodedata
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from state import chats, ids
+from state.parsing import LoadError
 
 Id = Annotated[str, Field(pattern=ids.ID_PATTERN), AfterValidator(ids.check_safe_id)]
 
@@ -136,3 +139,24 @@ def stem(file_name: str) -> str:
         if file_name.endswith(suffix):
             return file_name[: -len(suffix)]
     return file_name.rsplit(".", 1)[0]
+
+
+def implied_id_problem(shown: str, file_name: str) -> LoadError | None:
+    """A task file without `task_id:` takes its name's stem as its id; when that stem is not a
+    safe id, the error the daemon, `orchctl validate` and `orchctl submit` all give, with an id
+    made of the name's letters (accents dropped) to use instead."""
+    name_stem = stem(file_name)
+    if ids.is_safe_id(name_stem):
+        return None
+    plain = unicodedata.normalize("NFKD", name_stem).encode("ascii", "ignore").decode()
+    suggestion = re.sub(r"[^A-Za-z0-9._-]+", "-", plain).replace("..", ".").strip("-._")[:100]
+    suggestion = suggestion or "my-task"
+    return LoadError(
+        shown,
+        None,
+        None,
+        "task_id",
+        f"the file name implies task id {ids.quoted(name_stem)}, which is not a task id "
+        "(letters, digits, '.', '_' and '-' only)",
+        f"rename the file to {suggestion}.task.yaml, or add `task_id: {suggestion}`",
+    )

@@ -206,6 +206,29 @@ def test_a_file_name_that_is_no_task_id_fails_validate_and_submit_alike(
     assert incoming(workspace) == []
 
 
+async def test_the_daemon_and_validate_refuse_a_name_in_another_script_in_the_same_words(
+    workspace: Workspace, serve: Any
+) -> None:
+    from tests.conftest import wait_for
+
+    name = "café stem.task.yaml"
+    body = "model: m1\nprompt: hi\nmax_tokens: 3\n"
+    (workspace.root / name).write_text(body)
+    checked = orchctl("validate", workspace.root / name)
+    assert checked.code == 2
+    assert "implies task id 'café stem', which is not a task id" in checked.out_lines[0]
+    assert "(hint: rename the file to cafe-stem.task.yaml, or add `task_id: cafe-stem`)" in (
+        checked.out_lines[0]
+    )
+    await serve()
+    workspace.submit(name, body)
+    record = workspace.spool.failed / f"{name}.error.json"
+    await wait_for(record.exists, 10, "the error record")
+    error = json.loads(record.read_text())
+    said = checked.out_lines[0].split(": task_id: ", 1)[1]
+    assert error["message"].split(": task_id: ", 1)[1] + f" (hint: {error['hint']})" == said
+
+
 def test_submit_without_a_daemon_delivers_and_says_so_at_once(workspace: Workspace) -> None:
     ran = orchctl("submit", write_task(workspace, "t1.task.yaml"), "--config", cfg(workspace))
     assert ran.code == 0
