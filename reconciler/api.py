@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aiohttp import http_exceptions, web
+from aiohttp import http_exceptions, web, web_protocol, web_server
 
 from reconciler import api_auth, configuring, fanout, logs, metrics
 from state import desired, errors, ids, parsing, results, sessions, spool, statusfile
@@ -148,6 +148,8 @@ async def _correlate(request: web.Request, handler: Handler) -> web.StreamRespon
         )
     if not response.prepared:
         response.headers["X-Correlation-Id"] = cid
+        if response.status == 401:  # RFC 9110: say which scheme would be accepted
+            response.headers.setdefault("WWW-Authenticate", 'Bearer realm="llama-orch"')
     return response
 
 
@@ -176,7 +178,7 @@ async def _same_origin(request: web.Request, handler: Handler) -> web.StreamResp
     allowed host, and a write sent by another site's page (its Origin, or Sec-Fetch-Site) is
     refused. Programs (curl, SDKs, orchctl) send neither header and are unaffected."""
     allowed = request.app[HOSTS]
-    host = (request.host or "").rsplit(":", 1)[0].strip("[]").lower()
+    host = _host_name(request)
     if allowed and host not in allowed:
         raise ApiError(
             ErrorCode.FORBIDDEN_ORIGIN,
@@ -196,6 +198,14 @@ async def _same_origin(request: web.Request, handler: Handler) -> web.StreamResp
                 f"a {request.method} from the web page at {origin or 'another site'} is refused",
             )
     return await handler(request)
+
+
+def _host_name(request: web.Request) -> str:
+    """The host name a request names (its Host header without the port), lower case."""
+    host = request.host or ""
+    if host.startswith("["):  # [::1]:8080
+        return host[1:].split("]", 1)[0].lower()
+    return (host.rsplit(":", 1)[0] if host.count(":") == 1 else host).lower()
 
 
 def _origin_host(origin: str) -> str:
@@ -218,6 +228,16 @@ async def _authenticate(request: web.Request, handler: Handler) -> web.StreamRes
     verdict = api_auth.check(
         request.app[AUTH], remote=request.remote, header=request.headers.get("Authorization")
     )
+    if verdict.identity == "localhost" and not api_auth.is_loopback_host(_host_name(request)):
+        # the loopback exemption is for programs on this machine, which name a loopback host;
+        # a web page whose domain was pointed at this machine (DNS rebinding) names its own
+        verdict = api_auth.Verdict(
+            None,
+            "MISSING_TOKEN",
+            f"a request for Host {logs.writable(request.host)!r} needs "
+            "`Authorization: Bearer <token>`: only requests to 127.0.0.1, ::1 or localhost "
+            "skip the token",
+        )
     if verdict.identity is None:
         logs.emit(
             log,
@@ -308,18 +328,77 @@ def _encodable(text: str) -> bool:
     return True
 
 
+def _refusal(exc: http_exceptions.HttpProcessingError, status: int) -> tuple[int, str, str]:
+    """(status, message, hint) for a request aiohttp's parser refused. Never the bytes it
+    refused: they may hold a header's value, such as the API token."""
+    if isinstance(exc, http_exceptions.LineTooLong):
+        line, limit = (*exc.args, "", "")[:2]
+        text = line.decode("latin-1") if isinstance(line, bytes) else str(line)
+        if re.match(r"[A-Z]+ \S", text):  # the request line: a method, then the target
+            return 414, f"the request line is over {limit} bytes", "shorten the URL"
+        return (
+            431,
+            f"a header line is over {limit} bytes",
+            "send each header in under 8 KiB (and fewer, smaller headers in all)",
+        )
+    reason = exc.message.split(":", 1)[0].strip().rstrip(".") or type(exc).__name__
+    return (
+        status if 400 <= status < 500 else 400,
+        f"the HTTP request could not be read: {parsing.shortened(logs.writable(reason), 120)}",
+        "send a well-formed HTTP/1.1 request: each header a `Name: value` line without "
+        "control characters or bare line feeds",
+    )
+
+
 class _ClientFault(logging.Filter):
     """A request aiohttp's parser refused (bad framing, a bad header) is the client's fault:
-    one warning line naming it, without the server's traceback."""
+    one warning line naming it, without the server's traceback or the refused bytes."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, http_exceptions.HttpProcessingError):
+            status, message, _ = _refusal(exc, exc.code)
             record.levelno, record.levelname = logging.WARNING, "WARNING"
-            record.msg, record.args = f"Refused a malformed HTTP request: {exc}", None
+            record.msg = f"Refused a malformed HTTP request ({status}): {message}"
+            record.args = None
             record.exc_info, record.exc_text = None, None
             record.orch_event = "http.malformed_request"
         return True
+
+
+class _Handler(web_protocol.RequestHandler):
+    """aiohttp's connection handler, answering a request its parser refused with the error
+    envelope and X-Correlation-Id, as every other error, not plain text quoting the bytes."""
+
+    def handle_error(
+        self,
+        request: Any,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        answer = super().handle_error(request, status, exc, message)  # logs; checks the socket
+        if not isinstance(exc, http_exceptions.HttpProcessingError):
+            return answer
+        code, text, hint = _refusal(exc, status)
+        response = error_response(
+            errors.envelope(ErrorCode.INVALID_PARAMS, text, hint=hint), status=code
+        )
+        response.headers["X-Correlation-Id"] = str(uuid.uuid4())
+        response.force_close()
+        return response
+
+
+class _Server(web_server.Server):
+    def __call__(self) -> web_protocol.RequestHandler:
+        return _Handler(self, loop=self._loop, **self._kwargs)
+
+
+class _Runner(web.AppRunner):
+    async def _make_server(self) -> web_server.Server:
+        server = await super()._make_server()
+        server.__class__ = _Server  # the same server, making _Handler connections
+        return server
 
 
 Routes = Callable[[web.Application], None]
@@ -348,7 +427,7 @@ def make_app(
 class Server:
     runner: web.AppRunner
     url: str
-    token_set: bool
+    auth: api_auth.Auth
 
     async def stop(self) -> None:
         await self.runner.cleanup()
@@ -368,7 +447,7 @@ async def start(backend: Backend, *, bind: str, base: Path, routes: list[Routes]
     state = backend.config.state
     assert state is not None
     auth = api_auth.load(state, base, bind_host=host)
-    runner = web.AppRunner(
+    runner = _Runner(
         make_app(backend, auth, routes, allowed_hosts(host, state.server.public_url)),
         access_log=None,
         handle_signals=False,
@@ -390,4 +469,4 @@ async def start(backend: Backend, *, bind: str, base: Path, routes: list[Routes]
     bound = runner.addresses
     bound_port = int(bound[0][1]) if bound else port
     shown = f"[{host}]" if ":" in host else host
-    return Server(runner, f"http://{shown}:{bound_port}", auth.token is not None)
+    return Server(runner, f"http://{shown}:{bound_port}", auth)

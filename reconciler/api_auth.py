@@ -5,10 +5,11 @@ token), and the server's middleware calls `check` on every request. Rules (HME-0
 - The token comes from the environment variable `auth.token_env` or the file `auth.token_file`.
 - A request from a loopback address needs no token when `auth.optional_on_loopback` (default);
   every other request needs `Authorization: Bearer <token>`.
-- The header is trimmed; the prefix `Bearer ` is case-sensitive; an empty token, a control
-  character or a header over 8 KiB is refused. Tokens are compared in constant time. With no
-  token configured, a loopback caller's header is not looked at (any key, in any form), but
-  for its size.
+- The header is trimmed; the scheme `Bearer` is matched in any case (RFC 9110); an empty
+  token, a control character or a header over 8 KiB is refused. Tokens are compared in constant
+  time. With no token configured, a loopback caller's header is not looked at (any key, in any
+  form), but for its size. A token is printable ASCII (what every HTTP client can send), at
+  least 16 characters; a token file others may read is warned about.
 - Logs name the caller as `identity=localhost` or `identity=token:<fp6>` (the first 6 hex of
   sha256 of the token), never the token itself.
 """
@@ -31,6 +32,7 @@ MAX_HEADER_BYTES = 8192
 class Auth:
     token: str | None
     optional_on_loopback: bool
+    warnings: tuple[str, ...] = ()  # logged when the server starts
 
     @property
     def fingerprint(self) -> str | None:
@@ -62,18 +64,24 @@ def load(config: desired.DesiredState, base: Path, *, bind_host: str) -> Auth:
     """The token and policy of `config`; raises ConfigProblem for a non-loopback bind
     without a token (the server must not be reachable from the network unprotected)."""
     token = os.environ.get(config.auth.token_env) or None
+    warnings: list[str] = []
     if config.auth.token_file:
         path = desired.resolve(base, config.auth.token_file)
         try:
             token = path.read_text(encoding="utf-8").strip() or None
-        except OSError as exc:
-            raise errors.ConfigProblem(
-                f"auth.token_file: cannot read {path}: {exc.strerror}"
-            ) from None
-    if token is not None and (len(token) < 16 or any(ord(c) < 33 for c in token)):
+            mode = path.stat().st_mode & 0o777
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
+            raise errors.ConfigProblem(f"auth.token_file: cannot read {path}: {why}") from None
+        if mode & 0o077:
+            warnings.append(
+                f"auth.token_file {path} may be read by other users (mode {mode:03o}): "
+                f"chmod 600 {path}"
+            )
+    if token is not None and (len(token) < 16 or any(not 33 <= ord(c) <= 126 for c in token)):
         raise errors.ConfigProblem(
-            "the API token must be at least 16 printable characters without spaces "
-            "(e.g. `openssl rand -hex 24`)"
+            "the API token must be at least 16 printable ASCII characters without spaces "
+            "(HTTP clients send no other), e.g. `openssl rand -hex 24`"
         )
     if token is None and not is_loopback_host(bind_host):
         raise errors.ConfigProblem(
@@ -81,7 +89,7 @@ def load(config: desired.DesiredState, base: Path, *, bind_host: str) -> Auth:
             f"export {config.auth.token_env}=$(openssl rand -hex 24) (or set auth.token_file), "
             "or bind 127.0.0.1 and use an SSH tunnel (docs/security.md)"
         )
-    return Auth(token, config.auth.optional_on_loopback)
+    return Auth(token, config.auth.optional_on_loopback, tuple(warnings))
 
 
 def check(auth: Auth, *, remote: str | None, header: str | None) -> Verdict:
@@ -101,10 +109,10 @@ def check(auth: Auth, *, remote: str | None, header: str | None) -> Verdict:
         # no token configured: loopback callers may send any key, in any form (an SDK's
         # placeholder, `Bearer` with an empty key, another scheme); there is none to check
         return Verdict("localhost")
-    value = header.strip()
-    if not value.startswith("Bearer "):
+    scheme, _, given = header.strip().partition(" ")
+    if scheme.lower() != "bearer":
         return Verdict(None, "BAD_TOKEN", "the Authorization header must be `Bearer <token>`")
-    given = value.removeprefix("Bearer ").strip()
+    given = given.strip()
     if not given or any(ord(c) < 32 or ord(c) == 127 for c in given):
         return Verdict(None, "BAD_TOKEN", "the bearer token is empty or has control characters")
     if auth.token is None:

@@ -72,11 +72,14 @@ async def start(d: daemon.Daemon) -> api.Server:
         api_pools.routes(d.pools, reloading.Reloader(d.config, d.pools, d.clock, d.wake)),
     ]
     server = await api.start(backend, bind=state.server.bind, base=d.config.base, routes=routes)
-    logs.emit(
-        log,
-        "http.listening",
-        f"HTTP API on {server.url} ("
-        f"{'token required' if server.token_set else 'loopback only, no token'}).",
-        url=server.url,
-    )
+    auth = server.auth
+    if auth.token is None:
+        who = "loopback only, no token"
+    elif auth.optional_on_loopback:
+        who = "token required, but of callers on this machine asking for 127.0.0.1 or localhost"
+    else:
+        who = "token required of every caller"
+    logs.emit(log, "http.listening", f"HTTP API on {server.url} ({who}).", url=server.url)
+    for warning in auth.warnings:
+        logs.emit(log, "http.auth_warning", warning + ".", level=30)
     return server

@@ -357,12 +357,113 @@ def test_the_six_auth_scenarios(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) 
     assert api_auth.check(auth, remote="127.0.0.1", header=None).code == "MISSING_TOKEN"
     # 4: a wrong token → 401 BAD_TOKEN
     assert api_auth.check(auth, remote="10.0.0.2", header="Bearer nope").code == "BAD_TOKEN"
-    assert api_auth.check(auth, remote="10.0.0.2", header=f"bearer {token}").code == "BAD_TOKEN"
+    for scheme in ("bearer", "BEARER"):  # RFC 9110: the scheme is matched in any case
+        verdict = api_auth.check(auth, remote="10.0.0.2", header=f"{scheme} {token}")
+        assert verdict.identity == f"token:{api_auth.fingerprint(token)}", scheme
+    assert api_auth.check(auth, remote="10.0.0.2", header=f"Basic {token}").code == "BAD_TOKEN"
     # 5: the right token → its fingerprint, never the token
     verdict = api_auth.check(auth, remote="10.0.0.2", header=f"  Bearer {token} ")
     assert verdict.identity == f"token:{api_auth.fingerprint(token)}" and token not in str(verdict)
     # 6: a remote caller without a token → 401
     assert api_auth.check(auth, remote="10.0.0.2", header=None).code == "MISSING_TOKEN"
+
+
+def test_tokens_http_clients_cannot_send_are_refused_and_a_readable_token_file_warned(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    monkeypatch.setenv("TEST_ORCH_TOKEN", "é" * 20)  # curl sends it; SDKs cannot
+    with pytest.raises(errors.ConfigProblem, match="printable ASCII"):
+        api_auth.load(_auth_config(True), tmp_path, bind_host="127.0.0.1")
+    monkeypatch.delenv("TEST_ORCH_TOKEN")
+    token_file = tmp_path / "token"
+    token_file.write_text("0123456789abcdef0123\n")
+    token_file.chmod(0o644)
+    cfg = config(auth={"token_file": str(token_file)})
+    auth = api_auth.load(desired.DesiredState.model_validate(cfg), tmp_path, bind_host="0.0.0.0")
+    assert auth.token == "0123456789abcdef0123"
+    assert auth.warnings == (
+        f"auth.token_file {token_file} may be read by other users (mode 644): "
+        f"chmod 600 {token_file}",
+    )
+    token_file.chmod(0o600)
+    auth = api_auth.load(desired.DesiredState.model_validate(cfg), tmp_path, bind_host="0.0.0.0")
+    assert auth.warnings == ()
+
+
+async def test_a_network_bind_exempts_only_requests_naming_a_loopback_host(
+    workspace: Workspace, serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bound to 0.0.0.0 with a token, loopback callers skip it; a web page whose own domain
+    was pointed at 127.0.0.1 (DNS rebinding) reaches loopback too, but names its domain."""
+    token = "feedfacefeedface1234"
+    monkeypatch.setenv("TEST_ORCH_TOKEN", token)
+    workspace.write_config(
+        config(server={"bind": "0.0.0.0:0"}, auth={"token_env": "TEST_ORCH_TOKEN"})
+    )
+    running = await serve()
+    port = _url(running).rsplit(":", 1)[1]
+    base = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{base}/v1/capabilities") as response:
+            assert response.status == 200  # curl on this machine: no token needed
+        rebound = {"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"}
+        async with session.get(f"{base}/v1/status", headers=rebound) as response:
+            body = await response.json()
+            assert response.status == 401 and body["code"] == "MISSING_TOKEN"
+            assert "'evil.example:" in body["message"]
+            assert response.headers["WWW-Authenticate"] == 'Bearer realm="llama-orch"'
+        async with session.post(f"{base}/v1/tasks", json=task("r1"), headers=rebound) as r:
+            assert r.status in (401, 403)
+        with_token = {**rebound, "Authorization": f"bearer {token}"}
+        async with session.get(f"{base}/v1/status", headers=with_token) as response:
+            assert response.status == 200  # a caller with the token may name any host
+    assert not (workspace.root / "results" / "r1.json").exists()
+    assert list(workspace.spool.incoming.iterdir()) == []
+
+
+async def test_a_malformed_request_is_answered_with_the_envelope_and_never_shows_its_bytes(
+    workspace: Workspace, serve: Any, json_log: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token = "feedfacefeedface1234"
+    monkeypatch.setenv("TEST_ORCH_TOKEN", token)
+    workspace.write_config(
+        config(
+            server={"bind": "127.0.0.1:0"},
+            auth={"token_env": "TEST_ORCH_TOKEN", "optional_on_loopback": False},
+        )
+    )
+    running = await serve()
+    host, port = _url(running).removeprefix("http://").rsplit(":", 1)
+
+    async def raw(request: bytes) -> tuple[int, dict[str, str], dict[str, Any]]:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(request)
+        await writer.drain()
+        answer = await reader.read()
+        writer.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        headers = dict(line.split(": ", 1) for line in lines[1:])
+        return int(lines[0].split()[1]), headers, json.loads(body)
+
+    # a token file saved with CRLF line endings: the header value ends in a stray CR
+    status, headers, body = await raw(
+        b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        + f"Authorization: Bearer {token}\r\r\n\r\n".encode()
+    )
+    assert status == 400 and body["code"] == "INVALID_PARAMS" and body["hint"]
+    assert body["message"].startswith("the HTTP request could not be read: ")
+    assert headers["Content-Type"].startswith("application/json")
+    assert headers["X-Correlation-Id"]
+    status, _, body = await raw(
+        b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: "
+        + b"a" * 9000
+        + f"\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+    )
+    assert status == 431 and body["message"] == "a header line is over 8190 bytes"
+    log_text = json_log.getvalue()
+    assert token not in log_text and "aaaaaaaa" not in log_text
+    assert log_text.count("http.malformed_request") == 2
 
 
 async def test_a_token_protected_daemon_answers_401_and_logs_identities_not_tokens(
