@@ -217,8 +217,9 @@ async def test_the_daemon_and_validate_refuse_a_name_in_another_script_in_the_sa
     checked = orchctl("validate", workspace.root / name)
     assert checked.code == 2
     assert "implies task id 'café stem', which is not a task id" in checked.out_lines[0]
-    assert "(hint: rename the file to cafe-stem.task.yaml, or add `task_id: cafe-stem`)" in (
-        checked.out_lines[0]
+    assert (
+        "(hint: rename the file to cafe-stem.task.yaml, or add `task_id: cafe-stem`)"
+        in (checked.out_lines[0])
     )
     await serve()
     workspace.submit(name, body)

@@ -340,6 +340,19 @@ def _auth_config(optional: bool) -> desired.DesiredState:
     )
 
 
+def _token_everywhere(workspace: Workspace, monkeypatch: pytest.MonkeyPatch) -> str:
+    """orch.yaml asking every caller, loopback too, for the token (returned)."""
+    token = "feedfacefeedface1234"
+    monkeypatch.setenv("TEST_ORCH_TOKEN", token)
+    workspace.write_config(
+        config(
+            server={"bind": "127.0.0.1:0"},
+            auth={"token_env": "TEST_ORCH_TOKEN", "optional_on_loopback": False},
+        )
+    )
+    return token
+
+
 def test_the_six_auth_scenarios(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
     token = "0123456789abcdef0123"
     monkeypatch.delenv("TEST_ORCH_TOKEN", raising=False)
@@ -424,14 +437,7 @@ async def test_a_network_bind_exempts_only_requests_naming_a_loopback_host(
 async def test_a_malformed_request_is_answered_with_the_envelope_and_never_shows_its_bytes(
     workspace: Workspace, serve: Any, json_log: io.StringIO, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    token = "feedfacefeedface1234"
-    monkeypatch.setenv("TEST_ORCH_TOKEN", token)
-    workspace.write_config(
-        config(
-            server={"bind": "127.0.0.1:0"},
-            auth={"token_env": "TEST_ORCH_TOKEN", "optional_on_loopback": False},
-        )
-    )
+    token = _token_everywhere(workspace, monkeypatch)
     running = await serve()
     host, port = _url(running).removeprefix("http://").rsplit(":", 1)
 
@@ -469,14 +475,7 @@ async def test_a_malformed_request_is_answered_with_the_envelope_and_never_shows
 async def test_a_token_protected_daemon_answers_401_and_logs_identities_not_tokens(
     workspace: Workspace, serve: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    token = "feedfacefeedface1234"
-    monkeypatch.setenv("TEST_ORCH_TOKEN", token)
-    workspace.write_config(
-        config(
-            server={"bind": "127.0.0.1:0"},
-            auth={"token_env": "TEST_ORCH_TOKEN", "optional_on_loopback": False},
-        )
-    )
+    token = _token_everywhere(workspace, monkeypatch)
     running = await serve()
     base = _url(running)
     async with aiohttp.ClientSession() as session:
