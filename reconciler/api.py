@@ -55,6 +55,8 @@ class Backend:
     # returns once every task write made so far is on disk (a frame is published before the
     # group commit that writes its result: tasking.Books.settled)
     settled: Callable[[], Awaitable[None]] = lambda: asyncio.sleep(0)
+    # the daemon is stopping: it takes no new task (its loop admits nothing more)
+    stopping: Callable[[], bool] = lambda: False
 
 
 class ApiError(Exception):

@@ -60,6 +60,7 @@ async def start(d: daemon.Daemon) -> api.Server:
         metrics=d.metrics,
         queue_position=queue_position,
         settled=settled,
+        stopping=lambda: d.dispatcher.stopping,
     )
     routes = [
         api_tasks.add_routes,

@@ -27,6 +27,8 @@ from reconciler.api import BACKEND, ApiError
 from state import errors, events, ids, loading, parsing, results, spool, tasks
 from state.errors import ErrorCode
 
+STOPPING_RETRY_MS = 5000  # a restart takes a few seconds
+
 log = logs.get("http")
 
 ADMIT_WAIT_S = 10.0  # how long POST /v1/tasks waits for the loop's admission verdict
@@ -137,6 +139,12 @@ async def deliver(request: web.Request, task: tasks.TaskFile) -> fanout.Subscrip
     (before delivery, so not even the first can be missed), deliver the file (fsynced before
     this returns) and wake the loop. The caller reads the subscription, then unsubscribes."""
     backend = request.app[BACKEND]
+    if backend.stopping():  # no pass will admit it: the client would wait for the drain
+        raise ApiError(
+            ErrorCode.DAEMON_STOPPING,
+            "the daemon is stopping: it takes no new task (its running tasks finish first)",
+            retry_after_ms=STOPPING_RETRY_MS,
+        )
     task_id = ids.TaskId(str(task.task_id))
     raw = task.model_dump_json(exclude_none=True).encode()
     _check_as_task_file(raw)

@@ -40,6 +40,7 @@ class ErrorCode(StrEnum):
     PAYLOAD_TOO_LARGE = "PAYLOAD_TOO_LARGE"
     UNSUPPORTED_MEDIA_TYPE = "UNSUPPORTED_MEDIA_TYPE"
     FORBIDDEN_ORIGIN = "FORBIDDEN_ORIGIN"
+    DAEMON_STOPPING = "DAEMON_STOPPING"
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,12 @@ CODES: dict[ErrorCode, CodeInfo] = {
         False,
         "Call the API from a program, the status page or the host name it is bound to; "
         "other web sites may not use it (docs/security.md).",
+    ),
+    ErrorCode.DAEMON_STOPPING: CodeInfo(
+        503,
+        True,
+        "The daemon is stopping (its running tasks finish first); submit again once it is "
+        "back (`orchctl serve`), or drop the task file into spool/incoming/ meanwhile.",
     ),
 }
 

@@ -7,6 +7,7 @@ import asyncio
 import io
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -18,6 +19,15 @@ from state import desired, errors
 from tests.conftest import Workspace, config, task, wait_for, wait_terminal
 
 pytestmark = pytest.mark.slow
+
+
+async def _slow_daemon(workspace: Workspace, serve: Any, *, tokens_per_s: int) -> tuple[Any, str]:
+    """A daemon whose sim pool streams `tokens_per_s`, serving; and its base URL."""
+    cfg = config()
+    cfg["pools"][0]["sim"] = {"tokens_per_s": tokens_per_s, "load_s": 0.0}
+    workspace.write_config(cfg)
+    running = await serve()
+    return running, _url(running)
 
 
 def _url(running: Any) -> str:
@@ -101,11 +111,7 @@ async def test_resume_from_every_event_position_has_no_gap_and_no_duplicate(
 async def test_a_stream_joined_while_the_task_runs_sees_every_later_frame_once(
     workspace: Workspace, serve: Any
 ) -> None:
-    cfg = config()
-    cfg["pools"][0]["sim"] = {"tokens_per_s": 50, "load_s": 0.0}
-    workspace.write_config(cfg)
-    running = await serve()
-    base = _url(running)
+    _running, base = await _slow_daemon(workspace, serve, tokens_per_s=50)
     workspace.submit("live.task.yaml", task("live", max_tokens=30))
     await wait_for(lambda: len(workspace.frames("live")) >= 5, 10, "some tokens")
     async with aiohttp.ClientSession() as session:
@@ -353,6 +359,34 @@ def _token_everywhere(workspace: Workspace, monkeypatch: pytest.MonkeyPatch) -> 
     return token
 
 
+async def test_a_stopping_daemon_refuses_new_tasks_at_once_and_delivers_nothing(
+    workspace: Workspace, serve: Any
+) -> None:
+    running, base = await _slow_daemon(workspace, serve, tokens_per_s=20)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{base}/v1/tasks", json=task("long", max_tokens=40)) as r:
+            assert r.status == 202
+        await wait_for(lambda: (workspace.result("long") or {}).get("status") == "running", 10)
+        running.daemon.stop("a test")  # drains: the running task finishes first
+        for path, body in [
+            ("/v1/tasks", task("late")),
+            (
+                "/v1/chat/completions",
+                {"model": "m1", "messages": [{"role": "user", "content": "hi"}]},
+            ),
+        ]:
+            t0 = time.monotonic()
+            async with session.post(f"{base}{path}", json=body) as r:
+                answer = await r.json()
+                assert time.monotonic() - t0 < 2  # at once, not after the drain
+                assert r.status == 503 and r.headers["Retry-After"] == "5"
+            code = answer["error"]["code"] if "error" in answer else answer["code"]
+            assert code == "DAEMON_STOPPING", answer
+    assert list(workspace.spool.incoming.iterdir()) == []
+    assert workspace.result("late") is None
+    assert (await wait_terminal(workspace, "long"))["status"] == "succeeded"
+
+
 def test_the_six_auth_scenarios(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
     token = "0123456789abcdef0123"
     monkeypatch.delenv("TEST_ORCH_TOKEN", raising=False)
@@ -513,11 +547,7 @@ async def test_the_correlation_id_of_a_request_is_on_every_log_line_of_its_task(
 async def test_other_web_sites_cannot_write_and_rebound_host_names_are_refused(
     workspace: Workspace, serve: Any
 ) -> None:
-    cfg = config()
-    cfg["pools"][0]["sim"] = {"tokens_per_s": 20, "load_s": 0.0}
-    workspace.write_config(cfg)
-    running = await serve()
-    base = _url(running)
+    _running, base = await _slow_daemon(workspace, serve, tokens_per_s=20)
     port = base.rsplit(":", 1)[1]
     async with aiohttp.ClientSession() as session:
         async with session.post(f"{base}/v1/tasks", json=task("x1", max_tokens=100)) as r:
@@ -729,11 +759,7 @@ def json_log() -> Iterator[io.StringIO]:
 async def test_a_client_that_leaves_or_sends_malformed_http_is_one_plain_log_line_not_an_error(
     workspace: Workspace, serve: Any, json_log: io.StringIO
 ) -> None:
-    cfg = config()
-    cfg["pools"][0]["sim"] = {"tokens_per_s": 200, "load_s": 0.0}
-    workspace.write_config(cfg)
-    running = await serve()
-    base = _url(running)
+    _running, base = await _slow_daemon(workspace, serve, tokens_per_s=200)
     host, port = base.removeprefix("http://").rsplit(":", 1)
     async with (
         aiohttp.ClientSession() as session,
