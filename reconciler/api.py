@@ -255,6 +255,33 @@ async def _authenticate(request: web.Request, handler: Handler) -> web.StreamRes
     return await handler(request)
 
 
+def stream_head(headers: dict[str, str]) -> web.Response:
+    """The answer to HEAD on an SSE route: the stream's headers, no body (a stream is only
+    sent to GET)."""
+    return web.Response(status=200, headers={**headers, "Content-Type": "text/event-stream"})
+
+
+def query_flag(request: web.Request, name: str) -> bool:
+    """A yes/no query parameter: true/false, 1/0, yes/no in any case; absent is false;
+    anything else is a 400 naming it."""
+    given = request.query.getall(name, [])
+    if not given:
+        return False
+    value = given[-1].strip().lower()
+    if len(given) > 1 or value not in _FLAGS:
+        shown = parsing.shortened(logs.writable(",".join(given)), 40)
+        raise ApiError(
+            ErrorCode.INVALID_PARAMS,
+            f"?{name}={shown}: give it once, as true or false",
+            hint=f"?{name}=true",
+            param=name,
+        )
+    return _FLAGS[value]
+
+
+_FLAGS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
 async def read_json(request: web.Request) -> Any:
     """The request body as JSON: 415 for another content type, 413 over the limit, 400 with
     the line and column for malformed JSON. The body is held to the bounds and checks of a
@@ -262,9 +289,13 @@ async def read_json(request: web.Request) -> Any:
     number too long to convert), and to text that is UTF-8 all through (no lone surrogate
     escaped into a key or a value), so what is accepted here can be written to the spool."""
     if request.content_type != "application/json":
+        given = request.headers.get("Content-Type", "").strip()
         raise ApiError(
             ErrorCode.UNSUPPORTED_MEDIA_TYPE,
-            f"the body must be application/json, not {request.content_type or 'absent'}",
+            f"the body must be application/json, not {request.content_type}"
+            if given
+            else "the request has no Content-Type: send the body as application/json",
+            hint="add the header `Content-Type: application/json`",
         )
     raw = await request.read()  # client_max_size makes aiohttp answer 413 beyond the limit
     try:

@@ -191,7 +191,9 @@ async def _serve(request: web.Request, kind: openai_requests.Kind) -> web.Stream
         first = await frames.next(api_tasks.ADMIT_WAIT_S)
         if first is not None and first.event == "error":
             finished = True
-            refusal = error_response(errors.ErrorEnvelope.model_validate(first.data))
+            envelope = errors.ErrorEnvelope.model_validate(first.data)
+            param = openai_requests.param_named(envelope.message)
+            refusal = error_response(envelope, param=param)
             refusal.headers["X-Task-Id"] = task_id
             return refusal
         headers = _headers(request, task_id, first)

@@ -80,6 +80,8 @@ async def status_events(request: web.Request) -> web.StreamResponse:
         "X-Accel-Buffering": "no",
         "Cache-Control": "no-cache",
     }
+    if request.method == "HEAD":
+        return api.stream_head(headers)
     async with sse_response(request, headers=headers, ping_interval=PING_S) as stream:
         sent: str | None = None
         while stream.is_connected() and not _gone(request):

@@ -256,12 +256,14 @@ async def task_events(request: web.Request) -> web.StreamResponse:
     after = _resume_after(request)
     if not _known(backend, task_id):
         raise ApiError(ErrorCode.NOT_FOUND, f"no task {task_id!r} here")
-    cancel_on_disconnect = request.query.get("cancel_on_disconnect") in ("1", "true")
+    cancel_on_disconnect = api.query_flag(request, "cancel_on_disconnect")
     headers = {
         "X-Correlation-Id": request[api.CORRELATION],
         "X-Accel-Buffering": "no",
         "Cache-Control": "no-cache",
     }
+    if request.method == "HEAD":
+        return api.stream_head(headers)
     await backend.settled()  # a queued result still in the pending commit is on disk
     known = await asyncio.to_thread(backend.results.read, task_id)
     if known is not None and known.budgets is not None:  # as at the task's acceptance

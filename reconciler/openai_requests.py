@@ -19,6 +19,7 @@ refusal out.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -240,6 +241,27 @@ def _chat(given: dict[str, Any]) -> dict[str, Any]:
             "tool_choice",
             "tool_choice: 'none', 'auto', 'required' or {type: function, function: {name}}",
         )
+    tools = given.get("tools")
+    named = {
+        t["function"].get("name")
+        for t in (tools if isinstance(tools, list) else ())
+        if isinstance(t, dict) and isinstance(t.get("function"), dict)
+    }
+    if choice == "required" and not named:
+        raise Refused("tool_choice", "tool_choice: 'required' needs at least one tool in tools")
+    if isinstance(choice, dict):
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        if choice.get("type") != "function" or not isinstance(name, str):
+            raise Refused(
+                "tool_choice", "tool_choice: {type: function, function: {name: <a tool's name>}}"
+            )
+        if name not in named:
+            listed = ", ".join(repr(n) for n in sorted(map(str, named))) or "none"
+            raise Refused(
+                "tool_choice",
+                f"tool_choice: no tool named {name[:60]!r} in tools (given: {listed[:200]})",
+            )
     chat: dict[str, Any] = {"messages": mapped}
     for name in ("tools", "tool_choice", "parallel_tool_calls", "response_format"):
         if name in given:
@@ -286,12 +308,22 @@ def _validate(task: dict[str, Any]) -> tasks.TaskFile:
     except pydantic.ValidationError as exc:
         found = loading.plain_errors(exc.errors(include_url=False))
         error = max(found, key=lambda e: len(e["loc"]))  # the deepest is the most specific
-        param = _param(error["loc"])
         message = str(error["msg"])
+        param = _param(error["loc"]) or param_named(message)
         if error["type"] == "extra_forbidden":
             message = "unsupported field; this server does not implement it (remove it)"
         more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
         raise Refused(param or None, f"{param or 'body'}: {message}{more}") from None
+
+
+_NAMED = re.compile(r"'?(messages|prompt|tools|max_tokens|model|seed|stop)\b")
+
+
+def param_named(message: str) -> str | None:
+    """The request field a message starts with (`max_tokens: about 25016 prompt tokens ...`,
+    `messages and tools hold over 512 KiB`): the `param` of an error raised without one."""
+    found = _NAMED.match(message)
+    return found.group(1) if found else None
 
 
 def _param(loc: tuple[int | str, ...]) -> str:

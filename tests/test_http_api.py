@@ -387,6 +387,31 @@ async def test_a_stopping_daemon_refuses_new_tasks_at_once_and_delivers_nothing(
     assert (await wait_terminal(workspace, "long"))["status"] == "succeeded"
 
 
+async def test_stream_routes_answer_head_and_query_flags_and_content_types_are_checked(
+    workspace: Workspace, serve: Any
+) -> None:
+    running = await serve()
+    base = _url(running)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{base}/v1/tasks", json=task("h1")) as r:
+            assert r.status == 202
+        for path in ("/v1/tasks/h1/events", "/v1/status/events"):
+            async with session.head(f"{base}{path}") as r:
+                assert r.status == 200 and r.content_type == "text/event-stream", path
+                assert await r.read() == b""
+        for value in ("maybe", "true&cancel_on_disconnect=false"):
+            url = f"{base}/v1/tasks/h1/events?cancel_on_disconnect={value}"
+            async with session.get(url) as r:
+                body = await r.json()
+                assert r.status == 400 and "?cancel_on_disconnect=" in body["message"], body
+        async with session.post(
+            f"{base}/v1/tasks", data=b"{}", skip_auto_headers=["Content-Type"]
+        ) as r:
+            body = await r.json()
+            assert r.status == 415 and "has no Content-Type" in body["message"], body
+    assert (await wait_terminal(workspace, "h1"))["status"] == "succeeded"
+
+
 def test_the_six_auth_scenarios(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
     token = "0123456789abcdef0123"
     monkeypatch.delenv("TEST_ORCH_TOKEN", raising=False)

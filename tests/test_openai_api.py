@@ -195,7 +195,20 @@ async def test_what_cannot_be_honoured_is_refused_naming_the_field(
         ({"temperature": 9}, openai.BadRequestError, "temperature"),
         ({"seed": -1}, openai.BadRequestError, "seed"),
         ({"model": "gpt-4o"}, openai.NotFoundError, "model"),
-        ({"model": "old"}, openai.ConflictError, None),
+        ({"model": "old"}, openai.ConflictError, "model"),
+        ({"tool_choice": "required"}, openai.BadRequestError, "tool_choice"),
+        # refused by admission, past the request's own checks: more than the context holds
+        (
+            {"messages": [{"role": "user", "content": "word " * 3000}]},
+            openai.BadRequestError,
+            "max_tokens",
+        ),
+        # and by the task file's own bounds
+        (
+            {"messages": [{"role": "user", "content": "w" * 600_000}]},
+            openai.BadRequestError,
+            "messages",
+        ),
     ]
     async with client(running) as oa:
         for extra, error, param in cases:

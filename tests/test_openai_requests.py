@@ -94,6 +94,17 @@ def test_the_session_is_the_header_else_the_user_field() -> None:
         ({"stream_options": {"chunk": 1}}, "chat", "stream_options", "include_usage"),
         ({"top_p": 0}, "chat", "top_p", "greater than 0"),
         ({"tool_choice": "sometimes"}, "chat", "tool_choice", ""),
+        ({"tool_choice": "required"}, "chat", "tool_choice", "at least one tool"),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": {"type": "function", "function": {"name": "nope"}},
+            },
+            "chat",
+            "tool_choice",
+            "no tool named 'nope' in tools (given: 'f')",
+        ),
+        ({"tool_choice": {"type": "function"}}, "chat", "tool_choice", "function: {name"),
         ({"messages": [{"role": "user"}]}, "chat", "messages[0]", "needs 'content'"),
         ({"messages": [{"role": "tool", "content": "x"}]}, "chat", "messages[0]", "tool_call_id"),
         (
