@@ -8,6 +8,10 @@ gives each engine adapter a pool (`llama_server.ServerEngine.pool`) and closes i
 stops; an adapter's `stop` forgets the replica's connections. Without a pool (tests that drive
 an adapter directly) every stream opens and closes its own, as before.
 
+Forgetting a replica first ends the streams still reading from it with `ReplicaGone`: closing an
+aiohttp session leaves a response being read blocked for ever, so a task still running on a
+replica its pool drained would wait for the stall timeout (a minute) and fail as a stall.
+
 A connection is kept only after a stream that ended cleanly and was read to its end; one cut
 short (a cancel, an error) is closed, so the engine stops generating. Idle connections are
 dropped after KEEPALIVE_S, below llama-server's own idle timeout (5 s), so a kept connection
@@ -25,9 +29,18 @@ KEEPALIVE_S = 2.0
 END_READ_S = 1.0  # a stream's rest after its final frame: the server ends it at once
 
 
+class ReplicaGone(Exception):
+    """The replica a stream was reading from was stopped (drained) under it."""
+
+
 class Pool:
     def __init__(self) -> None:
         self._sessions: dict[tuple[int, str], aiohttp.ClientSession] = {}
+        self._reading: dict[str, set[aiohttp.ClientResponse]] = {}  # base URL → live streams
+
+    def reading(self, base_url: str) -> set[aiohttp.ClientResponse]:
+        """The responses being read from `base_url`: a stream adds its own while it reads."""
+        return self._reading.setdefault(base_url, set())
 
     def session(self, base_url: str) -> aiohttp.ClientSession:
         """The session for `base_url` in the running loop (opened on first use)."""
@@ -39,7 +52,12 @@ class Pool:
         return session
 
     async def forget(self, base_url: str) -> None:
-        """Close the connections to `base_url` (its replica stopped)."""
+        """End the streams still reading from `base_url` (`ReplicaGone`), then close its
+        connections (its replica is being stopped)."""
+        for resp in self._reading.pop(base_url, set()):
+            resp.content.set_exception(
+                ReplicaGone(f"the replica at {base_url} was stopped while the task ran")
+            )
         for key in [k for k in self._sessions if k[1] == base_url]:
             await self._sessions.pop(key).close()
 

@@ -96,6 +96,10 @@ class EngineStreamError(Exception):
     """The engine failed mid-generation (connection reset, process died, bad frame)."""
 
 
+class ReplicaStopped(EngineStreamError):
+    """The replica was stopped (drained) while the stream was still reading from it."""
+
+
 class EngineRefused(EngineStreamError):
     """The engine answered the request with an HTTP error status. A 4xx means the request
     itself is wrong for this engine (e.g. the prompt exceeds its context): running it again

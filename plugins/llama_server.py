@@ -188,12 +188,14 @@ class Client:
         request: interfaces.GenerateRequest,
         *,
         session: aiohttp.ClientSession | None = None,
+        reading: set[aiohttp.ClientResponse] | None = None,
     ) -> AsyncIterator[interfaces.Token | interfaces.Done]:
         """Stream the completion (or, for a chat request, the chat answer): Tokens (indexed
         from 0), then one Done. Raises EngineStreamError on a dropped connection, an early end
         or a bad frame. With a pooled `session` (`engine_pool`) a stream that ends cleanly is
         read to its end and leaves its connection for the next; else it opens and closes its
-        own."""
+        own. `reading` (the pool's set for this replica) holds the response while it is read,
+        so stopping the replica ends the stream at once."""
         fold: llama_completion.Fold | llama_chat.Fold
         if request.chat is not None:
             path, body = llama_chat.PATH, llama_chat.chat_body(request, stream=True)
@@ -213,6 +215,8 @@ class Client:
                     )
                 )
                 kept = False
+                if reading is not None:
+                    reading.add(resp)
                 try:
                     if resp.status != 200:
                         raise _rejected(resp.status, await resp.read())
@@ -227,8 +231,12 @@ class Client:
                         f"stream ended before the final frame ({fold.index} tokens)"
                     )
                 finally:
+                    if reading is not None:
+                        reading.discard(resp)
                     if not kept:
                         resp.close()  # drop the connection: the server stops generating
+        except engine_pool.ReplicaGone as e:
+            raise interfaces.ReplicaStopped(f"{e} ({fold.index} tokens in)") from e
         except _NETWORK_ERRORS as e:
             raise interfaces.EngineStreamError(
                 f"stream broken after {fold.index} tokens: {e!r}"
@@ -344,8 +352,13 @@ class ServerEngine:
         handle: interfaces.ReplicaHandle,
         request: interfaces.GenerateRequest,
     ) -> AsyncIterator[interfaces.Token | interfaces.Done]:
-        session = None if self.pool is None else self.pool.session(handle.base_url)
-        return Client(handle.base_url).generate(request, session=session)
+        if self.pool is None:
+            return Client(handle.base_url).generate(request)
+        return Client(handle.base_url).generate(
+            request,
+            session=self.pool.session(handle.base_url),
+            reading=self.pool.reading(handle.base_url),
+        )
 
     async def describe(self, handle: interfaces.ReplicaHandle) -> interfaces.EngineInfo:
         # VRAM is measured by the GPU observer (per-process use of handle.pid).

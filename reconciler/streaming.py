@@ -71,6 +71,14 @@ def engine_failure(exc: BaseException) -> tuple[ErrorCode, int | None, str | Non
         )
     if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
         return ErrorCode.INTERNAL, 5000, DISK_HINT
+    if isinstance(exc, interfaces.ReplicaStopped):
+        return (
+            ErrorCode.WORKER_RESET,
+            1000,
+            "its replica was drained (scaled down, removed or changed in orch.yaml, or drained "
+            "on request) before the task ended: submit it again; raise timeouts.drain_s to "
+            "give running tasks longer",
+        )
     if isinstance(exc, interfaces.EngineStreamError | OSError):
         return ErrorCode.WORKER_RESET, 1000, None
     return ErrorCode.INTERNAL, None, None

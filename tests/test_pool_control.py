@@ -124,6 +124,28 @@ def _stopped(ws: Workspace) -> bool:
 
 
 @pytest.mark.slow
+async def test_a_task_outlasting_its_replicas_drain_fails_at_once_saying_so(
+    workspace: Workspace, serve: Any
+) -> None:
+    """A drain gives running tasks its deadline, then stops the replica. A task still
+    running then ends at once as WORKER_RESET naming the drain, not after a minute of
+    silence as a stalled engine (closing the connections left its read blocked)."""
+    workspace.config_path.write_text(ORCH_YAML.replace("tokens_per_s: 400", "tokens_per_s: 10"))
+    running = await serve()
+    workspace.submit("long.task.yaml", task("long", max_tokens=200))
+    await wait_for(lambda: (workspace.result("long") or {}).get("status") == "running", 10)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{_url(running)}/v1/pools/p1/drain", json={"deadline_ms": 300}) as r,
+    ):
+        assert r.status == 202
+    result = await wait_terminal(workspace, "long", 10)
+    assert result["status"] == "failed" and result["error"]["code"] == "WORKER_RESET"
+    assert "was stopped while the task ran" in result["error"]["message"]
+    assert "drained" in result["error"]["hint"] and result["error"]["retriable"]
+
+
+@pytest.mark.slow
 async def test_a_drained_pool_stays_down_across_restarts_until_a_reload(
     workspace: Workspace, serve: Any
 ) -> None:
