@@ -69,6 +69,14 @@ def check(
 ) -> ErrorEnvelope | None:
     """The first guardrail `task` fails, or None. `blocked` maps the models whose file failed
     its digest check (as declared now) to why: those are refused until a check passes."""
+    if target.pool_id is not None and state.pool(target.pool_id) is None:
+        # a task naming a pool that was removed or renamed since it was admitted
+        return errors.envelope(
+            ErrorCode.INVALID_PARAMS,
+            f"pool: {target.pool_id!r} is not in orch.yaml any more",
+            hint=f"submit it again naming one of: "
+            f"{', '.join(p.id for p in state.pools) or 'no pools defined'}",
+        )
     model = state.models.get(target.model_id)
     if model is None:
         return errors.envelope(

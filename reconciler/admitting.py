@@ -32,7 +32,7 @@ def admit(d: dispatch.Dispatcher, run: tasking.TaskRun, *, recovered: bool) -> N
     d.runs[run.task_id] = run
     target = admission.resolve(run.task, state)
     if isinstance(target, ErrorEnvelope):
-        return _reject(d, run, target)
+        return _reject(d, run, target, recovered=recovered)
     run.model_id, run.pool_id = target.model_id, target.pool_id
     run.result.model = target.model_id
     run.result.model_digest = (
@@ -51,13 +51,14 @@ def admit(d: dispatch.Dispatcher, run: tasking.TaskRun, *, recovered: bool) -> N
             run.task, predicted_start_ms=start, probability=probability
         )
     if problem is not None:
-        return _reject(d, run, problem)
-    outcome = d.queue.push(entry)
+        return _reject(d, run, problem, recovered=recovered)
+    outcome = d.queue.push(entry, starts_now=_starts_now(d, entry))
     if not outcome.accepted:
         return _reject(
             d,
             run,
-            errors.envelope(
+            recovered=recovered,
+            error=errors.envelope(
                 ErrorCode.ADMISSION_REJECT,
                 f"the queue is full ({d.queue.capacity} tasks, policy reject)",
                 retry_after_ms=_retry_after_ms(d),
@@ -140,6 +141,21 @@ def _budgets(d: dispatch.Dispatcher, run: tasking.TaskRun) -> results.Budgets | 
     return None if session is None else sessions.budgets(session, state.sessions, now=d.clock.now())
 
 
+def _starts_now(d: dispatch.Dispatcher, entry: queues.Entry) -> bool:
+    """Whether an idle slot will take `entry` at once: more slots of Ready replicas of its
+    model are free than tasks of that model are queued. Such a task never waits, so a full
+    queue does not refuse it (a burst larger than the queue, landing on idle replicas, runs
+    whole). Looked at only when the queue is full."""
+    if len(d.queue) < d.queue.capacity:
+        return False
+    free = sum(
+        c.slots_total - c.slots_busy
+        for c in d.pools.candidates()
+        if c.ready and c.model_id == entry.model_id
+    )
+    return free > d.queue.count_of_model(entry.model_id)
+
+
 def session_problem(d: dispatch.Dispatcher, run: tasking.TaskRun) -> ErrorEnvelope | None:
     """Why the task's session may take no more turns now (None when it may, or has none)."""
     sid, state = run.task.session_id, d.config.state
@@ -169,9 +185,13 @@ def target_of(run: tasking.TaskRun) -> tuple[str, str | None, str | None]:
     return (run.model_id, run.pool_id, p.pin_pool if p.mode == "pin" else None)
 
 
-def _reject(d: dispatch.Dispatcher, run: tasking.TaskRun, error: ErrorEnvelope) -> None:
+def _reject(
+    d: dispatch.Dispatcher, run: tasking.TaskRun, error: ErrorEnvelope, *, recovered: bool
+) -> None:
+    """A task refused at its admission is `rejected`; one accepted before a restart and no
+    longer servable after it `failed`, as it would have while the daemon ran."""
     d.runs.pop(run.task_id, None)
-    d.books.finish(run, "rejected", error=error)
+    d.books.finish(run, "failed" if recovered else "rejected", error=error)
 
 
 def _evict(d: dispatch.Dispatcher, entry: queues.Entry) -> None:

@@ -60,6 +60,15 @@ class PoolsView(Protocol):
 PASS_AFTER_END_S = 0.05
 
 
+# the codes a queued task's target alone decides (see _fail_unservable)
+_TARGET_CODES = (
+    ErrorCode.POOL_UNAVAILABLE,
+    ErrorCode.MODEL_UNKNOWN,
+    ErrorCode.MODEL_RETIRED,
+    ErrorCode.UNTRUSTED_ARTIFACT,
+)
+
+
 @dataclass
 class Dispatcher:
     books: tasking.Books
@@ -78,6 +87,8 @@ class Dispatcher:
     unannounced: list[queues.Entry] = field(default_factory=list)
     # the daemon is stopping: a task's end starts nothing more (running ones drain)
     stopping: bool = False
+    # the pools' limits (state, ctx, max_tokens) every queued task was last checked against
+    _limits_checked: tuple[Any, ...] | None = field(default=None, init=False, repr=False)
     _pass_timer: asyncio.TimerHandle | None = field(default=None, init=False, repr=False)
     _end_pass_at: float = field(default=float("-inf"), init=False, repr=False)
 
@@ -213,16 +224,34 @@ class Dispatcher:
             run = self.runs[first.task_id]
             target = admission.Target(first.model_id, first.pool_id)
             found = admission.check(run.task, target, state=state, pools=views, blocked=blocked)
-            if found is None or found.code not in (
-                ErrorCode.POOL_UNAVAILABLE,
-                ErrorCode.MODEL_UNKNOWN,
-                ErrorCode.MODEL_RETIRED,
-                ErrorCode.UNTRUSTED_ARTIFACT,
-            ):
+            if found is None or found.code not in _TARGET_CODES:
                 continue
             for entry in self.queue.of_target(first.target):
-                self.queue.remove(entry.task_id)
-                self.books.finish(self.runs.pop(entry.task_id), "failed", error=found)
+                self._fail_queued(entry, found)
+        # The rest depend on each task (its prompt and max_tokens against the pools' ctx and
+        # max_tokens): checked again whenever those limits change, so a task that no longer
+        # fits (ctx lowered while it waited) fails saying why instead of waiting for ever
+        limits = tuple(sorted((v.pool_id, v.state, v.ctx, v.max_tokens) for v in views.values()))
+        if limits == self._limits_checked:
+            return
+        self._limits_checked = limits
+        for entry in self.queue.in_dispatch_order():
+            target = admission.Target(entry.model_id, entry.pool_id)
+            run = self.runs[entry.task_id]
+            found = admission.check(run.task, target, state=state, pools=views, blocked=blocked)
+            if found is not None and found.code is ErrorCode.INVALID_PARAMS:
+                self._fail_queued(entry, found, changed=True)
+
+    def _fail_queued(
+        self, entry: queues.Entry, error: errors.ErrorEnvelope, *, changed: bool = False
+    ) -> None:
+        """Fail a queued task that orch.yaml's pools can no longer serve."""
+        if changed:
+            error = error.model_copy(
+                update={"message": error.message + " (orch.yaml changed while the task waited)"}
+            )
+        self.queue.remove(entry.task_id)
+        self.books.finish(self.runs.pop(entry.task_id), "failed", error=error)
 
     def _start(self, run: tasking.TaskRun, decision: placement.Decision) -> None:
         assert decision.replica_id is not None and decision.pool_id is not None

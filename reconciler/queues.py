@@ -108,15 +108,16 @@ class TaskQueue:
         for priority in PRIORITIES:
             yield from self._classes[priority].values()
 
-    def push(self, entry: Entry) -> PushOutcome:
-        """Enqueue `entry`, applying the full policy when the queue is at capacity."""
+    def push(self, entry: Entry, *, starts_now: bool = False) -> PushOutcome:
+        """Enqueue `entry`, applying the full policy when the queue is at capacity, unless
+        the entry `starts_now`: an idle slot will take it at once, so it never waits."""
         if entry.priority not in PRIORITIES:
             raise ValueError(f"unknown priority {entry.priority!r}")
         if entry.task_id in self:
             # Admission answers DUPLICATE_TASK_ID before it gets here; a repeat is a bug.
             raise ValueError(f"task {entry.task_id!r} is already queued")
         evicted: Entry | None = None
-        if len(self) >= self.capacity:
+        if len(self) >= self.capacity and not starts_now:
             if self.full_policy == "reject":
                 return PushOutcome(accepted=False)
             evicted = self._victim_for(entry)
@@ -204,6 +205,10 @@ class TaskQueue:
                     self._drop(entry)
                     expired.append(entry)
         return expired
+
+    def count_of_model(self, model_id: ids.ModelId) -> int:
+        """How many queued entries, of either class, run `model_id`."""
+        return sum(len(self._by_model.get((p, model_id), {})) for p in PRIORITIES)
 
     def targets(self) -> list[Entry]:
         """The first queued entry of each distinct `target`."""

@@ -200,3 +200,87 @@ async def test_an_edit_of_what_is_read_at_start_waits_for_a_restart_and_says_so(
     workspace.write_config(cfg)
     await wait_for(lambda: _errors(workspace) == [], 10, "the error cleared")
     assert workspace.status()["config"]["revision"] != applied
+
+
+def _status_of(ws: Workspace, task_id: str) -> str | None:
+    return (ws.result(task_id) or {}).get("status")
+
+
+async def test_queued_tasks_an_edit_leaves_unservable_fail_saying_what_changed(
+    workspace: Workspace, serve: Any
+) -> None:
+    """Tasks wait for a pool still loading; then orch.yaml lowers its ctx, caps its max_tokens
+    and renames it. Each queued task that no longer fits fails at once, saying which limit
+    and that orch.yaml changed; the others keep waiting."""
+    cfg = config()
+    cfg["pools"][0]["sim"] = {"tokens_per_s": 400, "load_s": 60.0}  # never Ready here
+    workspace.write_config(cfg)
+    await serve(ready=False)
+    workspace.submit("big.task.yaml", task("big", max_tokens=1500))
+    workspace.submit("small.task.yaml", task("small", max_tokens=4))
+    workspace.submit("pinned.task.yaml", task("pinned", model=None, pool="p1", max_tokens=2))
+    for task_id in ("big", "small", "pinned"):
+        await wait_for(lambda t=task_id: _status_of(workspace, t) == "queued", 10, task_id)
+
+    cfg["pools"][0]["ctx"] = 1024
+    workspace.write_config(cfg)
+    big = await wait_terminal(workspace, "big", 10)
+    assert big["status"] == "failed" and big["error"]["code"] == "INVALID_PARAMS"
+    assert "exceed the context of 1024 tokens" in big["error"]["message"]
+    assert big["error"]["message"].endswith("(orch.yaml changed while the task waited)")
+
+    cfg["pools"][0]["max_tokens"] = 3
+    workspace.write_config(cfg)
+    small = await wait_terminal(workspace, "small", 10)
+    assert small["error"]["code"] == "INVALID_PARAMS"
+    assert "max_tokens: 4 is over the pool limit 3" in small["error"]["message"]
+
+    assert _status_of(workspace, "pinned") == "queued"  # it still fits
+    cfg["pools"][0]["id"] = "p2"
+    workspace.write_config(cfg)
+    pinned = await wait_terminal(workspace, "pinned", 10)
+    assert pinned["status"] == "failed" and pinned["error"]["code"] == "INVALID_PARAMS"
+    assert "pool: 'p1' is not in orch.yaml any more" in pinned["error"]["message"]
+    assert pinned["error"]["hint"] == "submit it again naming one of: p2"
+
+
+async def test_a_burst_larger_than_the_queue_runs_whole_on_idle_slots(
+    workspace: Workspace, serve: Any
+) -> None:
+    """Three tasks land at once on an idle replica with three slots and a queue of two: none
+    of them would wait, so none is refused as if the queue were full."""
+    cfg = config(queue={"capacity": 2, "full_policy": "reject"})
+    cfg["pools"][0]["slots"] = 3
+    workspace.write_config(cfg)
+    await serve()
+    sp = workspace.spool
+    staged = []
+    for i in range(3):
+        part = sp.tmp / f"b{i}.part"
+        part.write_text(yaml.safe_dump(task(f"b{i}", max_tokens=4)))
+        staged.append((part, sp.incoming / f"b{i}.task.yaml"))
+    for part, target in staged:  # at once: one claim takes all three
+        os.rename(part, target)
+    for i in range(3):
+        result = await wait_terminal(workspace, f"b{i}", 10)
+        assert result["status"] == "succeeded", result
+
+
+async def test_a_task_whose_pool_went_while_the_daemon_was_down_fails_not_rejected(
+    workspace: Workspace, serve: Any
+) -> None:
+    """It was accepted before the restart: it ends `failed`, as it would have with the
+    daemon running, not `rejected` as a task refused at its admission."""
+    cfg = config()
+    cfg["pools"][0]["sim"] = {"tokens_per_s": 400, "load_s": 60.0}
+    workspace.write_config(cfg)
+    running = await serve(ready=False)
+    workspace.submit("w.task.yaml", task("w", model=None, pool="p1"))
+    await wait_for(lambda: _status_of(workspace, "w") == "queued", 10, "queued")
+    await running.stop()
+    cfg["pools"][0]["id"] = "p2"
+    workspace.write_config(cfg)
+    await serve(ready=False)
+    result = await wait_terminal(workspace, "w", 10)
+    assert result["status"] == "failed" and result["error"]["code"] == "INVALID_PARAMS"
+    assert "pool: 'p1' is not in orch.yaml" in result["error"]["message"]
