@@ -15,7 +15,7 @@ import json
 import os
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from state import events
 
@@ -27,23 +27,38 @@ class Unavailable(Exception):
     """The SSE endpoint cannot be used now (not reachable, refused, or not this API)."""
 
 
+class TimedOut(Exception):
+    """The deadline passed before the task's terminal frame."""
+
+
 def token_from(env_name: str | None) -> str | None:
     return os.environ.get(env_name or "AUTH_TOKEN") or None
 
 
 def frames(
-    base_url: str, task_id: str, *, after: int = 0, token: str | None = None
+    base_url: str,
+    task_id: str,
+    *,
+    after: int = 0,
+    token: str | None = None,
+    deadline: float | None = None,
 ) -> Iterator[events.EventFrame]:
+    """The task's frames after `after`, up to its terminal one; `TimedOut` once the monotonic
+    `deadline` passes (a read waits no longer than that)."""
     last, failures = after, 0
     while True:
         try:
-            for frame in _one_connection(base_url, task_id, after=last, token=token):
+            for frame in _one_connection(
+                base_url, task_id, after=last, token=token, deadline=deadline
+            ):
                 last, failures = frame.id, 0
                 yield frame
                 if frame.terminal:
                     return
             raise ConnectionError("the stream ended before the task did")
         except (OSError, http.client.HTTPException, ConnectionError) as exc:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimedOut() from None
             failures += 1
             if failures > RECONNECTS:
                 raise Unavailable(f"lost the event stream: {exc}") from None
@@ -51,12 +66,15 @@ def frames(
 
 
 def _one_connection(
-    base_url: str, task_id: str, *, after: int, token: str | None
+    base_url: str, task_id: str, *, after: int, token: str | None, deadline: float | None
 ) -> Iterator[events.EventFrame]:
     url = urllib.parse.urlsplit(base_url)
     if url.scheme != "http" or not url.hostname:
         raise Unavailable(f"{base_url} is not an http:// URL")
-    conn = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=READ_TIMEOUT_S)
+    timeout = READ_TIMEOUT_S
+    if deadline is not None:  # a read blocks at most until the deadline
+        timeout = max(0.01, min(timeout, deadline - time.monotonic()))
+    conn = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=timeout)
     headers = {"Accept": "text/event-stream", "Last-Event-ID": str(after)}
     if token:
         headers["Authorization"] = f"Bearer {token}"
@@ -70,14 +88,22 @@ def _one_connection(
             raise
         if response.status != 200:
             raise Unavailable(f"{base_url} answered {response.status} {response.reason}")
-        yield from _parse(response)
+
+        def before_read() -> None:  # each read blocks at most until the deadline
+            if deadline is not None and conn.sock is not None:
+                conn.sock.settimeout(max(0.01, min(READ_TIMEOUT_S, deadline - time.monotonic())))
+
+        yield from _parse(response, before_read)
     finally:
         conn.close()
 
 
-def _parse(response: http.client.HTTPResponse) -> Iterator[events.EventFrame]:
+def _parse(
+    response: http.client.HTTPResponse, before_read: Callable[[], None]
+) -> Iterator[events.EventFrame]:
     fields: dict[str, str] = {}
     while True:
+        before_read()
         raw = response.readline()
         if not raw:
             return

@@ -158,17 +158,20 @@ def follow(
     file, never printing a frame twice. Raise `Refused` when no daemon serves the folder (3),
     on timeout (1) or on Ctrl-C (130)."""
     shown = 0
+    deadline = time.monotonic() + timeout_s
     try:
         if url is not None:
             try:
-                for frame in cli_sse.frames(url, task_id, token=token):
+                for frame in cli_sse.frames(url, task_id, token=token, deadline=deadline):
                     printer.frame(frame)
                     shown = frame.id
                     if frame.terminal:
                         return Ended(frame, _terminal_result(folder, task_id, RESULT_GRACE_S))
-            except cli_sse.Unavailable:
-                pass  # the files have every frame: go on from there
-        return _follow_files(folder, task_id, printer, timeout_s=timeout_s, after=shown)
+            except (cli_sse.Unavailable, cli_sse.TimedOut):
+                pass  # the files have every frame: go on from there (or say it timed out)
+        return _follow_files(
+            folder, task_id, printer, timeout_s=timeout_s, deadline=deadline, after=shown
+        )
     except KeyboardInterrupt:
         printer.newline()
         raise Refused(
@@ -180,10 +183,15 @@ def follow(
 
 
 def _follow_files(
-    folder: cli_common.Folder, task_id: str, printer: Printer, *, timeout_s: float, after: int
+    folder: cli_common.Folder,
+    task_id: str,
+    printer: Printer,
+    *,
+    timeout_s: float,
+    deadline: float,
+    after: int,
 ) -> Ended:
     tail = Tail(folder.results.events_path(task_id))
-    deadline = time.monotonic() + timeout_s
     next_probe = 0.0
     while True:
         for frame in tail.frames():

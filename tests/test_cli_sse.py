@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import time
 from typing import Any
 
 import pytest
+import yaml
 
 from reconciler import cli, cli_sse
-from tests.conftest import Workspace, task, wait_terminal
+from tests.conftest import Workspace, config, task, wait_for, wait_terminal
 
 pytestmark = pytest.mark.slow
 
@@ -51,3 +53,31 @@ async def test_watch_streams_over_the_api_and_falls_back_to_the_files(
     assert code == 0 and result["text"] in out and out.count("[end: length") == 1
     with pytest.raises(cli_sse.Unavailable):
         await asyncio.to_thread(lambda: list(cli_sse.frames(dead, "w2")))
+
+
+async def test_watch_and_submit_wait_give_up_at_their_timeout_over_the_api_too(
+    workspace: Workspace, serve: Any
+) -> None:
+    cfg = config()
+    cfg["pools"][0]["sim"] = {"tokens_per_s": 10, "load_s": 0.0}  # 60 tokens: about 6 s
+    workspace.write_config(cfg)
+    await serve()
+    workspace.submit("slow.task.yaml", task("slow", max_tokens=60))
+    await wait_for(lambda: (workspace.result("slow") or {}).get("status") == "running", 10)
+    cfg_path = str(workspace.config_path)
+    t0 = time.monotonic()
+    code, out = await asyncio.to_thread(
+        _orchctl, "watch", "slow", "--config", cfg_path, "--timeout", "1"
+    )
+    assert time.monotonic() - t0 < 3, out
+    assert code == 1 and "no result after 1 s; task slow is" in out, out
+    new = workspace.root / "other.task.yaml"
+    new.write_text(yaml.safe_dump(task("other", max_tokens=60)))
+    t0 = time.monotonic()
+    code, out = await asyncio.to_thread(
+        _orchctl, "submit", str(new), "--wait", "--timeout", "1", "--config", cfg_path
+    )
+    assert time.monotonic() - t0 < 3, out
+    assert code == 1 and "no result after 1 s; task other is" in out, out
+    await wait_terminal(workspace, "slow", 30)
+    await wait_terminal(workspace, "other", 30)
