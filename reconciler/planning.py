@@ -30,6 +30,7 @@ Rules, in the order they apply:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -133,6 +134,7 @@ class Unschedulable:
     best_gpu: int | None
     message: str
     missing: int = 1
+    fits_on: tuple[int, ...] = ()  # GPUs outside a pinned list where a replica would fit
 
 
 Action = Start | Drain
@@ -304,7 +306,8 @@ def _place_pinned(
     message = f"needs {need} MiB {where} has {free} MiB free after the {reserve_mib} MiB reserve"
     if releasing[short]:
         message += f" (and {releasing[short]} MiB that draining replicas will release)"
-    return Unschedulable(want.pool_id, need, free, short, message)
+    elsewhere = tuple(i for i in sorted(avail) if i not in devices and avail[i] >= want.vram_mib)
+    return Unschedulable(want.pool_id, need, free, short, message, fits_on=elsewhere)
 
 
 def _with_missing(
@@ -319,7 +322,7 @@ def _with_missing(
         if placed_on:
             where = ", ".join("GPU " + "+".join(map(str, d)) for d in placed_on)
             message += f" (the {'others take' if len(placed_on) > 1 else 'other takes'} {where})"
-    return Unschedulable(u.pool_id, u.needed_mib, u.best_free_mib, u.best_gpu, message, missing)
+    return dataclasses.replace(u, message=message, missing=missing)
 
 
 def _release(replica: ReplicaSeen, releasing: dict[int, int]) -> None:

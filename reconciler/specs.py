@@ -212,8 +212,16 @@ def pool_condition(
 def fit_hint(pool: desired.PoolSpec, unschedulable: planning.Unschedulable) -> str:
     """What to change so a replica fits: the knobs that size its VRAM, and the room there is."""
     room = unschedulable.best_free_mib
-    return (
-        f"To fit: lower ctx ({pool.ctx}) or slots ({pool.slots}), quantize the KV cache "
+    elsewhere = unschedulable.fits_on
+    move = ""
+    if elsewhere:
+        gpus = " and ".join(f"GPU {i}" for i in elsewhere)
+        move = (
+            f"{gpus} {'has' if len(elsewhere) == 1 else 'have'} room for a replica: set "
+            f"devices: auto (or [{elsewhere[0]}]), or, to fit where it is pinned: "
+        )
+    return (move or "To fit: ") + (
+        f"lower ctx ({pool.ctx}) or slots ({pool.slots}), quantize the KV cache "
         "(flags: [-ctk, q8_0, -ctv, q8_0]), use a smaller model or quantization, "
         f"or fewer replicas; a replica must fit in {room} MiB"
     )

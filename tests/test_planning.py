@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reconciler import planning
+from reconciler import planning, specs
 from reconciler.planning import Drain, GpuRoom, Plan, PoolWant, ReplicaSeen, Start
-from state import ids
+from state import desired, ids
 
 RESERVE = 512
 PAIR = (GpuRoom(0, 24576, 24576), GpuRoom(1, 12288, 12288))  # the reference workstation
@@ -289,6 +289,21 @@ def test_a_single_pinned_gpu_without_room_says_so() -> None:
     assert (
         u.message == "needs 20000 MiB on GPU 1, which has 11776 MiB free after the 512 MiB reserve"
     )
+    assert u.fits_on == (0,)  # the 24 GB card would hold it: the reason says so
+
+
+def test_a_pin_whose_fix_is_another_gpu_says_so_before_the_knobs() -> None:
+    (u,) = run([pool("chat", vram=15200, devices=(1,))]).unschedulable
+    spec = desired.PoolSpec.model_validate(
+        {"id": "chat", "engine": "sim", "model": "m", "devices": [1], "ctx": 4096, "slots": 2}
+    )
+    hint = specs.fit_hint(spec, u)
+    assert hint.startswith(
+        "GPU 0 has room for a replica: set devices: auto (or [0]), or, to fit where it is "
+        "pinned: lower ctx (4096) or slots (2)"
+    ), hint
+    (nowhere,) = run([pool("chat", vram=30000, devices=(1,))]).unschedulable
+    assert nowhere.fits_on == () and specs.fit_hint(spec, nowhere).startswith("To fit: lower")
 
 
 def test_a_listed_gpu_that_does_not_exist_is_unschedulable() -> None:
