@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from state.parsing import Hinted
+
 MAX_CHAT_BYTES = 512 * 1024  # the same room a `prompt` has
 ToolName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 ShortText = Annotated[str, Field(max_length=256)]
@@ -56,11 +58,19 @@ class ChatMessage(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> ChatMessage:
         if self.role == "tool" and not self.tool_call_id:
-            raise ValueError("a message with role 'tool' needs 'tool_call_id'")
+            raise Hinted(
+                "a message with role 'tool' needs 'tool_call_id'",
+                "add tool_call_id: the id of the assistant's tool call it answers",
+            )
         if self.tool_calls and self.role != "assistant":
-            raise ValueError("only an 'assistant' message may carry 'tool_calls'")
+            raise Hinted(
+                "only an 'assistant' message may carry 'tool_calls'",
+                "move tool_calls to the assistant message that made the calls",
+            )
         if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise ValueError(f"a message with role {self.role!r} needs 'content'")
+            raise Hinted(
+                f"a message with role {self.role!r} needs 'content'", "add content: <text>"
+            )
         return self
 
     def text(self) -> str:
@@ -120,11 +130,15 @@ class ResponseFormat(BaseModel):
         if self.type == "json_schema":
             given = self.json_schema or {}
             if not isinstance(given.get("schema", {}), dict) or not given.get("name"):
-                raise ValueError(
-                    "response_format type 'json_schema' needs json_schema: {name, schema}"
+                raise Hinted(
+                    "response_format type 'json_schema' needs json_schema: {name, schema}",
+                    "add json_schema: {name: <a name>, schema: {...}}",
                 )
         elif self.json_schema is not None:
-            raise ValueError(f"response_format type {self.type!r} takes no json_schema")
+            raise Hinted(
+                f"response_format type {self.type!r} takes no json_schema",
+                "remove json_schema, or use type: json_schema",
+            )
         return self
 
 

@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from state import ids, loading, parsing
+from state.parsing import Hinted
 
 Id = Annotated[str, Field(pattern=ids.ID_PATTERN), AfterValidator(ids.check_safe_id)]
 
@@ -41,7 +42,7 @@ class ServerConfig(Strict):
     def _host_and_port(cls, bind: str) -> str:
         problem = bind_problem(bind)
         if problem is not None:
-            raise ValueError(problem)
+            raise Hinted(problem, "write host:port, e.g. 127.0.0.1:8080 (port 0 to 65535)")
         return bind
 
 
@@ -78,7 +79,11 @@ class GpusConfig(Strict):
     @model_validator(mode="after")
     def _inventory_for_simulated(self) -> GpusConfig:
         if self.observer == "simulated" and not self.inventory:
-            raise ValueError("observer 'simulated' needs 'inventory: <file>' listing the GPUs")
+            raise Hinted(
+                "observer 'simulated' needs 'inventory: <file>' listing the GPUs",
+                "add inventory: gpus.yaml (`orchctl init --simulate` writes one), or use "
+                "observer: nvml on a machine with NVIDIA GPUs",
+            )
         return self
 
 
@@ -179,9 +184,12 @@ class PoolSpec(Strict):
     def _distinct_devices(cls, v: Literal["auto"] | list[int]) -> Literal["auto"] | list[int]:
         if isinstance(v, list):
             if not v:
-                raise ValueError("devices must be 'auto' or a non-empty list of GPU indices")
+                raise Hinted(
+                    "devices must be 'auto' or a non-empty list of GPU indices",
+                    "write devices: auto, or a list such as [0] or [0, 1]",
+                )
             if len(set(v)) != len(v):
-                raise ValueError("devices lists a GPU twice")
+                raise Hinted("devices lists a GPU twice", "list each GPU index once")
         return v
 
 
@@ -205,15 +213,22 @@ class DesiredState(Strict):
         seen: set[str] = set()
         for i, pool in enumerate(self.pools):
             if pool.id in seen:
-                raise ValueError(f"pools[{i}].id: pool id {pool.id!r} is used twice")
+                raise Hinted(
+                    f"pools[{i}].id: pool id {pool.id!r} is used twice",
+                    "give every pool its own id",
+                )
             seen.add(pool.id)
             if pool.model not in self.models:
                 known = ", ".join(sorted(self.models)) or "none defined"
-                raise ValueError(
-                    f"pools[{i}].model: {pool.model!r} is not under models: (known: {known})"
+                raise Hinted(
+                    f"pools[{i}].model: {pool.model!r} is not under models: (known: {known})",
+                    "add it under models:, or name one of those",
                 )
             if pool.sim is not None and pool.engine != "sim":
-                raise ValueError(f"pools[{i}].sim: only pools with engine 'sim' take sim options")
+                raise Hinted(
+                    f"pools[{i}].sim: only pools with engine 'sim' take sim options",
+                    "remove sim:, or set engine: sim",
+                )
         return self
 
     def pool(self, pool_id: str) -> PoolSpec | None:

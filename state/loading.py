@@ -215,6 +215,9 @@ def validation_errors(
         loc = tuple(err["loc"])
         line, column = locate(node, loc, key=err["type"] == "extra_forbidden")
         hint = _HINTS.get(err["type"], _ANY_HINT)
+        cause = err.get("ctx", {}).get("error")
+        if isinstance(cause, parsing.Hinted):
+            hint = cause.hint
         message = err["msg"]
         if err.get("ctx", {}).get("pattern") == ids.ID_PATTERN:
             hint = _ID_HINT

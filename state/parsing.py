@@ -31,6 +31,16 @@ MAX_NUMBER_CHARS = 100  # no field takes a longer number; int() refuses 4,300 di
 MAX_PROBLEMS = 20  # problems listed per file; the rest are counted in one last line
 
 
+class Hinted(ValueError):
+    """A model validator's refusal with its own fix: the loader shows `hint` beside the
+    message instead of the generic schema hint (pydantic keeps the exception in the error's
+    context)."""
+
+    def __init__(self, message: str, hint: str) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
 @dataclass(frozen=True)
 class LoadError:
     """One problem in one file, located as precisely as the parser allows."""

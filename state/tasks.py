@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from state import chats, ids
-from state.parsing import LoadError
+from state.parsing import Hinted, LoadError
 
 Id = Annotated[str, Field(pattern=ids.ID_PATTERN), AfterValidator(ids.check_safe_id)]
 
@@ -46,7 +46,10 @@ class Placement(BaseModel):
     @model_validator(mode="after")
     def _pin_names_pool(self) -> Placement:
         if self.mode == "pin" and not self.pin_pool:
-            raise ValueError("placement mode 'pin' needs 'pin_pool: <pool id>'")
+            raise Hinted(
+                "placement mode 'pin' needs 'pin_pool: <pool id>'",
+                "add pin_pool: <a pool id `orchctl status` lists>, or use mode: prefer",
+            )
         return self
 
 
@@ -96,21 +99,37 @@ class TaskFile(BaseModel):
     @model_validator(mode="after")
     def _model_or_pool(self) -> TaskFile:
         if not self.model and not self.pool:
-            raise ValueError("a task names 'model: <model id>' or 'pool: <pool id>'")
+            raise Hinted(
+                "a task names 'model: <model id>' or 'pool: <pool id>'",
+                "add model: <one of the models in orch.yaml> (`orchctl status` lists them)",
+            )
         return self
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> TaskFile:
         if self.prompt is not None and self.messages is not None:
-            raise ValueError("a task gives either 'prompt: <text>' or 'messages: [...]', not both")
+            raise Hinted(
+                "a task gives either 'prompt: <text>' or 'messages: [...]', not both",
+                "keep one of them: prompt for plain text, messages for a chat",
+            )
         if self.prompt is None and self.messages is None:
-            raise ValueError("a task gives 'prompt: <text>' or 'messages: [...]'; this has neither")
+            raise Hinted(
+                "a task gives 'prompt: <text>' or 'messages: [...]'; this has neither",
+                "add prompt: <text>, or messages: [{role: user, content: <text>}]",
+            )
         if self.messages is None:
             chat_only = [name for name in _CHAT_OPTIONS if getattr(self, name) is not None]
             if chat_only:
-                raise ValueError(f"'{chat_only[0]}' needs 'messages' (it is a chat option)")
+                raise Hinted(
+                    f"'{chat_only[0]}' needs 'messages' (it is a chat option)",
+                    f"write the prompt as messages: [{{role: user, content: ...}}], or remove "
+                    f"'{chat_only[0]}'",
+                )
         elif chats.size_bytes(self.messages, self.tools) > chats.MAX_CHAT_BYTES:
-            raise ValueError("messages and tools hold over 512 KiB of text")
+            raise Hinted(
+                "messages and tools hold over 512 KiB of text",
+                "shorten the conversation (drop or summarize early turns) or the tools",
+            )
         return self
 
     @property

@@ -284,3 +284,21 @@ async def test_a_task_whose_pool_went_while_the_daemon_was_down_fails_not_reject
     result = await wait_terminal(workspace, "w", 10)
     assert result["status"] == "failed" and result["error"]["code"] == "INVALID_PARAMS"
     assert "pool: 'p1' is not in orch.yaml" in result["error"]["message"]
+
+
+async def test_the_daemon_hints_a_broken_edit_as_validate_does(
+    workspace: Workspace, serve: Any
+) -> None:
+    await serve()
+    for change, hint in [
+        (
+            lambda c: c["pools"][0].update(model="bigg"),
+            "add it under models:, or name one of those",
+        ),
+        (lambda c: c["pools"].append(copy.deepcopy(c["pools"][0])), "give every pool its own id"),
+        (lambda c: c["pools"][0].update(devices=[1, 1]), "list each GPU index once"),
+    ]:
+        cfg = config()
+        change(cfg)
+        workspace.write_config(cfg)
+        await wait_for(lambda h=hint: [e["hint"] for e in _errors(workspace)] == [h], 10, hint)
