@@ -28,8 +28,9 @@ T = TypeVar("T")
 MIB = 1024 * 1024
 
 SIMULATE_HINT = (
-    "To try llama-orch home without a GPU, run the simulated workstation instead:\n"
-    "    orchctl serve --simulate examples/01-simulated-workstation/inventory.yaml"
+    "To try llama-orch home without a GPU, run the simulated workstation instead, in a new\n"
+    "folder:\n"
+    "    orchctl init --simulate && orchctl serve"
 )
 DRIVER_FIX = (
     "Install the NVIDIA driver (it provides libnvidia-ml.so.1, which NVML needs), then reboot:\n"

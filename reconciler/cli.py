@@ -292,8 +292,11 @@ def _parser() -> argparse.ArgumentParser:
     dr.add_argument(
         "--simulate",
         type=Path,
+        nargs="?",
+        const=Path(),  # no file named: orch.yaml's gpus.inventory, else inventory.yaml beside it
         metavar="INVENTORY",
-        help="check for the simulated workstation in this inventory instead of NVML",
+        help="check for the simulated workstation in this inventory instead of NVML "
+        "(default: orch.yaml's gpus.inventory, else inventory.yaml beside it)",
     )
     dr.add_argument("--json", action="store_true", help="print the checks as JSON")
 

@@ -15,17 +15,30 @@ from pathlib import Path
 from plugins import llamacpp_builds, resolvers
 from reconciler import diagnosing
 from reconciler.cli_common import EXIT_ENV, EXIT_OK
+from state import desired
 
 LABEL = {"ok": "ok  ", "warn": "warn", "fail": "FAIL"}
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    if args.simulate == Path():  # --simulate with no file
+        args.simulate = _folder_inventory(args.config)
     found = run(config=args.config, simulate=args.simulate)
     if args.json:
         print(json.dumps(as_json(found), indent=2))
     else:
         print(report(found, simulate=args.simulate is not None))
     return EXIT_OK if found.can_serve else EXIT_ENV
+
+
+def _folder_inventory(config: Path) -> Path:
+    """The inventory of the simulated workstation orch.yaml names (gpus.inventory), else
+    inventory.yaml beside it (what `orchctl init --simulate` writes)."""
+    loaded = desired.load_desired(config) if config.is_file() else None
+    gpus = loaded.value.gpus if loaded is not None and loaded.value is not None else None
+    if gpus is not None and gpus.inventory:
+        return desired.resolve(config.resolve().parent, gpus.inventory)
+    return config.resolve().parent / "inventory.yaml"
 
 
 def run(*, config: Path, simulate: Path | None, bind: str | None = None) -> diagnosing.Diagnosis:

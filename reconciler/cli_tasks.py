@@ -248,12 +248,40 @@ def recent(folder: cli_common.Folder, wanted: set[str], *, limit: int) -> list[R
                 row = Row(task_id, UNREADABLE, None, None, mtime)
             else:
                 since = probing.epoch(result.timings.accepted_at or "") or mtime
-                row = Row(task_id, result.status, result.pool_id, result.tokens_out, since)
+                tokens: int | None = result.tokens_out
+                if result.status == "running":  # the result says 0 until the end: the log knows
+                    tokens = _tokens_so_far(folder.results.events_path(task_id), tokens)
+                row = Row(task_id, result.status, result.pool_id, tokens, since)
         if row.status in wanted:
             rows.append(row)
             if limit and len(rows) >= limit:
                 break
     return rows
+
+
+def _tokens_so_far(log: Path, default: int | None) -> int | None:
+    """A running task's tokens so far, from the last token or metrics frame of its event log
+    (read from its end: a long log costs one small read)."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - TAIL_BYTES))
+            lines = f.read().splitlines()
+    except OSError:
+        return default
+    for raw in reversed(lines):
+        try:
+            frame = json.loads(raw)
+            data = frame["data"]
+            if frame["event"] == "token":
+                return int(data["i"]) + 1
+            if frame["event"] == "metrics":
+                return int(data["tokens_out"])
+        except (ValueError, KeyError, TypeError):
+            continue  # the first line of the tail is cut; anything else odd is skipped
+    return default
+
+
+TAIL_BYTES = 16384
 
 
 def _result_files(folder: cli_common.Folder) -> list[tuple[float, str, None]]:

@@ -81,7 +81,7 @@ class GpusConfig(Strict):
         if self.observer == "simulated" and not self.inventory:
             raise Hinted(
                 "observer 'simulated' needs 'inventory: <file>' listing the GPUs",
-                "add inventory: gpus.yaml (`orchctl init --simulate` writes one), or use "
+                "add inventory: inventory.yaml (`orchctl init --simulate` writes one), or use "
                 "observer: nvml on a machine with NVIDIA GPUs",
             )
         return self

@@ -412,6 +412,19 @@ def test_tasks_lists_results_and_waiting_files_newest_first(workspace: Workspace
     ]
 
 
+def test_a_running_task_shows_the_tokens_its_log_has_so_far(workspace: Workspace) -> None:
+    _aged(workspace, "r", 3, status="running", pool_id="p1", tokens_out=0)
+    log = events.EventLog(workspace.results.events_path("r"))
+    log.extend("queued", [{"queue_position": 0}], ts="t")
+    log.extend("started", [{"replica_id": "p1-0"}], ts="t")
+    log.extend("token", [{"t": "x", "i": i} for i in range(11)], ts="t")
+    log.extend("metrics", [{"tokens_out": 11}], ts="t")
+    log.extend("token", [{"t": "y", "i": 11}], ts="t")
+    log.close()
+    ran = orchctl("tasks", "--config", cfg(workspace))
+    assert ran.out_lines[1] == "r         running   p1                   12  3 s"
+
+
 def test_tasks_filters_by_status_limits_and_prints_json(workspace: Workspace) -> None:
     for i in range(5):
         _aged(workspace, f"ok-{i}", 100 - i, status="succeeded", tokens_out=i)

@@ -7,6 +7,7 @@ one, the verdict, and exit 0 (serving possible) or 3 (not).
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -241,6 +242,22 @@ def test_the_simulated_workstation_needs_no_driver_and_no_tools(
     assert ran.code == 0, ran.out
     assert "SIMULATED NVIDIA GeForce RTX 3090" in line(ran.out, "GPU 0")
     assert ran.out_lines[-1] == "serving is possible here: next, `orchctl up --simulate`"
+
+
+def test_simulate_without_a_file_takes_the_inventory_orch_yaml_names(
+    machine: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """As quickstart says: `--simulate` added to `orchctl doctor`, in the folder `orchctl
+    init --simulate` wrote (its orch.yaml names the inventory)."""
+    use_nvml(monkeypatch, FakeNvml().library_missing())
+    example = Path(__file__).parents[1] / "examples/01-simulated-workstation"
+    folder = tmp_path / "home"
+    folder.mkdir()
+    for name in ("orch.yaml", "inventory.yaml"):
+        shutil.copy(example / name, folder / name)
+    ran = orchctl("doctor", "--simulate", "--config", folder / "orch.yaml")
+    assert ran.code == 0, ran.out
+    assert "SIMULATED NVIDIA GeForce RTX 3090" in line(ran.out, "GPU 0")
 
 
 def test_a_configured_engine_binary_needs_no_build_tools(

@@ -190,7 +190,7 @@ def test_a_missing_driver_explains_how_to_install_it_and_how_to_simulate() -> No
         "apt install nvidia-driver",
         "reboot",
         "nvidia-smi",
-        "orchctl serve --simulate examples/01-simulated-workstation/inventory.yaml",
+        "orchctl init --simulate && orchctl serve",
     ):
         assert step in missing.fix
 
@@ -212,7 +212,7 @@ def test_other_start_failures_say_what_is_wrong(error: type[Exception], said: st
         gpu_nvml.open_nvml(nvml)
 
     assert said in caught.value.what
-    assert "orchctl serve --simulate" in caught.value.fix
+    assert "orchctl init --simulate" in caught.value.fix
 
 
 def test_a_driver_with_no_gpus_is_an_environment_problem_and_nvml_is_shut_down() -> None:
@@ -260,7 +260,7 @@ def test_the_plugin_registers_the_nvml_observer() -> None:
     try:
         observer = registered["nvml"](desired.DesiredState(), Path("."))
     except interfaces.EnvironmentMissing as missing:  # no driver on this machine
-        assert "orchctl serve --simulate" in missing.fix
+        assert "orchctl init --simulate" in missing.fix
     else:  # pragma: no cover - only on a machine with an NVIDIA driver
         assert observer.name == "nvml"
         observer.close()
