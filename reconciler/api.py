@@ -91,6 +91,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # How a route answers errors when not with the envelope: (envelope, status, param) -> answer.
 ErrorShape = Callable[[errors.ErrorEnvelope, int | None, str | None], web.Response]
 ERROR_SHAPES: web.AppKey[dict[web.AbstractResource, ErrorShape]] = web.AppKey("error_shapes")
+# paths no route matches, by prefix: the shape their errors (404) take
+PREFIX_SHAPES: web.AppKey[list[tuple[tuple[str, ...], ErrorShape]]] = web.AppKey("prefix_shapes")
 
 
 def shape_errors(app: web.Application, route: web.AbstractRoute, shape: ErrorShape) -> None:
@@ -98,6 +100,11 @@ def shape_errors(app: web.Application, route: web.AbstractRoute, shape: ErrorSha
     envelope: the OpenAI routes use it so standard clients read their errors."""
     assert route.resource is not None
     app[ERROR_SHAPES][route.resource] = shape
+
+
+def shape_prefixes(app: web.Application, prefixes: tuple[str, ...], shape: ErrorShape) -> None:
+    """Answer errors of paths under `prefixes` that no route matches with `shape`."""
+    app[PREFIX_SHAPES].append((prefixes, shape))
 
 
 def _error_answer(
@@ -112,6 +119,11 @@ def _error_answer(
     if resource is None:  # a wrong method (405): the resource the path names, if shaped
         resource = next((r for r in shapes if r.get_info().get("path") == request.path), None)
     shape = shapes.get(resource) if resource is not None else None
+    if shape is None and resource is None:
+        shape = next(
+            (f for prefixes, f in request.app[PREFIX_SHAPES] if request.path.startswith(prefixes)),
+            None,
+        )
     if shape is not None:
         return shape(envelope, status, param)
     return error_response(envelope, status=status)
@@ -163,7 +175,11 @@ def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
         415: ErrorCode.UNSUPPORTED_MEDIA_TYPE,
     }.get(exc.status, ErrorCode.INVALID_PARAMS if exc.status < 500 else ErrorCode.INTERNAL)
     text = exc.text or exc.reason
-    response = _error_answer(request, errors.envelope(code, text), status=exc.status)
+    hint = None
+    if exc.status == 404 and request.match_info.route.resource is None:  # no route: say which
+        text = f"no such path: {request.method} {logs.writable(request.path)[:200]}"
+        hint = "GET /openapi.yaml lists every route (no trailing slash)"
+    response = _error_answer(request, errors.envelope(code, text, hint=hint), status=exc.status)
     if isinstance(exc, web.HTTPMethodNotAllowed):
         response.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
     return response
@@ -451,6 +467,7 @@ def make_app(
     app[AUTH] = auth
     app[HOSTS] = hosts
     app[ERROR_SHAPES] = {}
+    app[PREFIX_SHAPES] = []
     for add in routes:
         add(app)
     return app

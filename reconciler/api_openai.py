@@ -50,6 +50,26 @@ def add_routes(app: web.Application) -> None:
         app.router.add_post("/v1/completions", completions),
     ):
         api.shape_errors(app, route, error_response)
+    # OpenAI's other endpoints (and near misses such as a trailing slash): an SDK reads the
+    # 404 in its own shape
+    api.shape_prefixes(app, OPENAI_PREFIXES, error_response)
+
+
+OPENAI_PREFIXES = (
+    "/v1/chat/",
+    "/v1/completions",
+    "/v1/models",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/audio/",
+    "/v1/images/",
+    "/v1/moderations",
+    "/v1/files",
+    "/v1/assistants",
+    "/v1/threads",
+    "/v1/batches",
+    "/v1/fine_tuning/",
+)
 
 
 def error_response(

@@ -459,3 +459,26 @@ async def test_curl_receives_these_exact_bytes(
     ]
     assert lines[2].startswith("X-Correlation-Id: ")
     assert lines[4].startswith("X-Predicted-Start-Ms: ")
+
+
+async def test_unknown_paths_name_themselves_and_openai_ones_answer_in_openai_shape(
+    workspace: Workspace, serve: Any
+) -> None:
+    running = await serve()
+    base = _base(running)
+    async with aiohttp.ClientSession() as session:
+        for path in ("/v1/chat/completions/", "/v1/embeddings", "/v1/responses"):
+            async with session.post(f"{base}{path}", json={"model": "m1"}) as response:
+                body = await response.json()
+                assert response.status == 404, path
+                assert body["error"]["message"] == f"no such path: POST {path}", body
+                assert body["error"]["type"] == "not_found_error"
+        async with session.get(f"{base}/v1/nothing-here") as response:
+            body = await response.json()
+            assert response.status == 404 and body["code"] == "NOT_FOUND"
+            assert body["message"] == "no such path: GET /v1/nothing-here"
+            assert "openapi.yaml" in body["hint"]
+    async with client(running) as oa:
+        with pytest.raises(openai.NotFoundError) as missing:
+            await oa.embeddings.create(model="m1", input="x")
+        assert "no such path: POST /v1/embeddings" in str(missing.value)
