@@ -316,6 +316,36 @@ async def test_every_accepted_session_task_is_told_its_sessions_budgets(
     assert (await wait_terminal(workspace, "bu3"))["budgets"] is None
 
 
+async def test_a_session_task_asking_for_more_than_its_budget_has_left_is_refused(
+    workspace: Workspace, serve: Any
+) -> None:
+    """A budget of 500 tokens: two tasks of 200 may run; a third asking for 200 with 100
+    left (or with the others still running) would overspend it, so it is refused with how
+    many tokens it may ask for; one asking for 100 is taken."""
+    cfg = config(sessions={"ttl_s": 600, "max_turns": 8, "token_budget": 500})
+    cfg["pools"][0]["slots"] = 4
+    workspace.write_config(cfg)
+    base = _url(await serve())
+    async with aiohttp.ClientSession() as session:
+        for i in (1, 2):
+            body = task(f"s{i}", session_id="agent", max_tokens=200)
+            async with session.post(f"{base}/v1/tasks", json=body) as r:
+                assert r.status == 202
+        body = task("s3", session_id="agent", max_tokens=200)
+        async with session.post(f"{base}/v1/tasks", json=body) as r:
+            refused = await r.json()
+            assert r.status == 409 and refused["code"] == "SESSION_BUDGET_EXCEEDED", refused
+            assert "(100, counting its tasks still queued or running)" in refused["message"]
+            assert refused["hint"] == "lower max_tokens to 100, or start a new session_id"
+        body = task("s4", session_id="agent", max_tokens=100)
+        async with session.post(f"{base}/v1/tasks", json=body) as r:
+            assert r.status == 202
+    for task_id in ("s1", "s2", "s4"):
+        await wait_terminal(workspace, task_id)
+    spent = sum(workspace.result(t)["tokens_out"] for t in ("s1", "s2", "s4"))  # type: ignore[index]
+    assert spent <= 500
+
+
 async def test_a_stalled_client_does_not_hold_up_another_clients_tokens(
     workspace: Workspace, serve: Any
 ) -> None:
