@@ -14,7 +14,7 @@ import asyncio
 import logging
 import re
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,8 @@ class Backend:
     settled: Callable[[], Awaitable[None]] = lambda: asyncio.sleep(0)
     # the daemon is stopping: it takes no new task (its loop admits nothing more)
     stopping: Callable[[], bool] = lambda: False
+    # models whose file failed its digest check → why: admission refuses their tasks
+    blocked: Callable[[], Mapping[str, str]] = lambda: {}
 
 
 class ApiError(Exception):

@@ -10,6 +10,7 @@ and wakes the loop so tasks queued for a model that just failed are failed at on
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -21,9 +22,18 @@ from state.errors import ErrorCode
 CATALOG: web.AppKey[cataloging.Catalog] = web.AppKey("catalog")
 
 
-def routes(catalog: cataloging.Catalog) -> api.Routes:
+RETRY: web.AppKey[Callable[[str], None]] = web.AppKey("retry_model")
+
+
+def routes(
+    catalog: cataloging.Catalog, retry: Callable[[str], None] = lambda model_id: None
+) -> api.Routes:
+    """The catalog routes; `retry(model_id)` after a check that passes or warns: the
+    replicas that gave up on that model's file get a fresh start."""
+
     def add_routes(app: web.Application) -> None:
         app[CATALOG] = catalog
+        app[RETRY] = retry
         app.router.add_get("/v1/catalog/models", list_models)
         app.router.add_get("/v1/catalog/models/{model_id}", get_model)
         app.router.add_post("/v1/catalog/models/{model_id}/verify", verify_model)
@@ -72,6 +82,8 @@ async def verify_model(request: web.Request) -> web.StreamResponse:
     state = _state(request)
     model_id = _model_id(request, state)
     record = await catalog.verify(model_id, state, backend.config.base)
+    if record.status != "fail":  # the file is right now: what gave up on it may start again
+        request.app[RETRY](model_id)
     backend.wake()
     blocked = model_id in catalog.blocked(backend.config.state)
     return web.json_response(record.model_dump(mode="json") | {"blocked": blocked})

@@ -101,6 +101,7 @@ def _models(backend: api.Backend) -> list[dict[str, Any]]:
     applied = backend.config.applied_at  # the models exist since their config was applied
     created = int(datetime.fromisoformat(applied).timestamp()) if applied else 0
     pools = {p.id: p for p in backend.status().pools}
+    blocked = backend.blocked()
     listed = []
     for model_id, spec in state.models.items():
         serving = [pools[p.id] for p in state.pools if p.model == model_id and p.id in pools]
@@ -111,7 +112,7 @@ def _models(backend: api.Backend) -> list[dict[str, Any]]:
                 "created": created,
                 "owned_by": "llama-orch",
                 "state": spec.state,
-                "ready": any(p.state == "Ready" for p in serving),
+                "ready": model_id not in blocked and any(p.state == "Ready" for p in serving),
                 "pools": [
                     {
                         "pool_id": p.id,

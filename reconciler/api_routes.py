@@ -61,6 +61,7 @@ async def start(d: daemon.Daemon) -> api.Server:
         queue_position=queue_position,
         settled=settled,
         stopping=lambda: d.dispatcher.stopping,
+        blocked=lambda: d.catalog.blocked(d.config.state),
     )
     routes = [
         api_tasks.add_routes,
@@ -69,7 +70,7 @@ async def start(d: daemon.Daemon) -> api.Server:
         openapi.add_routes,
         api_openai.add_routes,
         api_artifacts.routes(d.artifacts),
-        api_catalog.routes(d.catalog),
+        api_catalog.routes(d.catalog, d.pools.retry_model),
         api_pools.routes(d.pools, reloading.Reloader(d.config, d.pools, d.clock, d.wake)),
     ]
     server = await api.start(backend, bind=state.server.bind, base=d.config.base, routes=routes)

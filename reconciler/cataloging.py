@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,7 +125,7 @@ class Catalog:
                 status, message = "fail", f"model {model_id!r}: {problem}"
             elif not path.is_file():
                 status = "fail"
-                message = f"model {model_id!r}: file {path} does not exist"
+                message = f"model {model_id!r}: {path} {_not_a_file(path)}"
             else:
                 try:
                     digest, size = await asyncio.to_thread(hash_file, path)
@@ -157,6 +158,19 @@ class Catalog:
             status=status,
         )
         return record
+
+
+def _not_a_file(path: Path) -> str:
+    """Why `path` (not a regular file, following links) cannot be the model's file."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "does not exist" if not path.is_symlink() else "is a symlink to nothing"
+    except OSError as exc:
+        return f"cannot be reached ({exc.strerror})"  # a symlink loop, a permission
+    if stat.S_ISDIR(mode):
+        return "is a folder, not a model file"
+    return "is not a regular file (a FIFO, socket or device)"
 
 
 def _judge(

@@ -123,6 +123,7 @@ def build(
             f"{config.path} names GPUs this machine does not have:\n{listed}"
         )
     catalog = cataloging.Catalog.open(state_dir, plugins.resolvers, clock)
+    runtime.blocked = lambda: catalog.blocked(config.state)
     dispatcher = dispatch.Dispatcher(
         blocked=lambda: catalog.blocked(config.state),
         books=books,

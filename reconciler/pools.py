@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +59,8 @@ class PoolRuntime:
     problems: dict[str, str] = field(default_factory=dict)
     downloading: dict[str, str] = field(default_factory=dict)  # pool id → progress shown
     versions: dict[str, str] = field(default_factory=dict)
+    # models whose file failed its digest check → why (the catalog's; shown on their pools)
+    blocked: Callable[[], Mapping[str, str]] = field(default=lambda: {})
     drained: dict[str, drains.Drain] = field(init=False)  # pool id → its drain request
     passes: int = 0  # reconcile passes done, so a waiter can tell one ran after a change
     fetches: fetching.Fetches = field(init=False)
@@ -174,6 +176,23 @@ class PoolRuntime:
             reason=reason,
             restarts=r.life.restarts,
         )
+        self.wake()
+
+    def retry_model(self, model_id: str) -> None:
+        """Give the Failed replicas serving `model_id` a fresh start (its file was checked
+        and passes now: a replica that gave up on it, UNTRUSTED_ARTIFACT, may start again)."""
+        now = self.clock.monotonic()
+        for r in self.replicas.values():
+            if r.spec.model_id == model_id and r.life.state == "Failed":
+                r.life.reset(now)
+                logs.emit(
+                    log,
+                    "replica.retried",
+                    f"Replica {r.replica_id} will start again: model {model_id}'s file was "
+                    "verified.",
+                    replica_id=r.replica_id,
+                    pool_id=r.pool_id,
+                )
         self.wake()
 
     # -- drains requested over HTTP (state.drains) --------------------------------------------
@@ -344,13 +363,34 @@ class PoolRuntime:
 
     def status_rows(self, *, stopping: bool = False) -> list[statusfile.PoolRow]:
         state = self.config.state
+        blocked = self.blocked()
         return [
             fleet.pool_row(
                 pool,
-                ("Stopped", "daemon stopped") if stopping else self.pool_state(pool),
+                ("Stopped", "daemon stopped")
+                if stopping
+                else _shown_blocked(self.pool_state(pool), pool.model, blocked),
                 [r for r in self.replicas.values() if r.pool_id == pool.id],
                 self.last_snapshot,
                 now=self.clock.monotonic(),
             )
             for pool in (state.pools if state else ())
         ]
+
+
+def _shown_blocked(
+    condition: tuple[statusfile.PoolState, str | None],
+    model_id: str,
+    blocked: Mapping[str, str],
+) -> tuple[statusfile.PoolState, str | None]:
+    """A pool whose model failed its digest check may run, but admission refuses its tasks:
+    its reason says so, before anything else."""
+    if model_id not in blocked:
+        return condition
+    state, reason = condition
+    why = (
+        f"tasks refused (UNTRUSTED_ARTIFACT): model {model_id} failed verification: "
+        f"{blocked[model_id]}; put the right file in place, then POST "
+        f"/v1/catalog/models/{model_id}/verify"
+    )
+    return state, why + (f"; {reason}" if reason else "")

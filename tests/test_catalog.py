@@ -15,7 +15,7 @@ from plugins import resolvers
 from reconciler import admission, cataloging, clocks
 from state import desired, tasks, verifications
 from state.errors import ErrorCode
-from tests.conftest import Workspace, config, task
+from tests.conftest import Workspace, config, task, wait_for, wait_terminal
 
 GOOD = b"GGUF weights, version 1"
 DIGEST = "sha256:" + hashlib.sha256(GOOD).hexdigest()
@@ -143,11 +143,57 @@ async def test_a_mismatch_blocks_admission_until_a_verify_passes(
         assert workspace.result("blocked")["status"] == "rejected"  # type: ignore[index]
         async with session.get(f"{base}/v1/catalog/models/m1") as response:
             assert (await response.json())["blocked"] is True
+        # a blocked model does not look ready anywhere: its pool's reason says why
+        await wait_for(
+            lambda: "tasks refused (UNTRUSTED_ARTIFACT)" in (_pool_reason(workspace) or ""), 10
+        )
+        async with session.get(f"{base}/v1/models") as response:
+            assert (await response.json())["data"][0]["ready"] is False
         model_file.write_bytes(GOOD)
         async with session.post(f"{base}/v1/catalog/models/m1/verify") as response:
             record = await response.json()
         assert record["status"] == "pass" and not record["blocked"]
         async with session.post(f"{base}/v1/tasks", json=task("after")) as response:
             assert response.status == 202
+        async with session.get(f"{base}/v1/models") as response:
+            assert (await response.json())["data"][0]["ready"] is True
+    await wait_for(lambda: _pool_reason(workspace) is None, 10, "the reason cleared")
     saved = verifications.load(workspace.root / ".orch" / "verifications.json")
     assert saved.models["m1"].status == "pass"
+
+
+async def test_a_replica_that_gave_up_on_a_bad_file_starts_again_once_it_verifies(
+    workspace: Workspace, serve: Any
+) -> None:
+    """The hint says: put the right file in place, then verify. Doing so brings a pool whose
+    replica refused the damaged file (Failed, UNTRUSTED_ARTIFACT) back, without a restart."""
+    model_file = workspace.root / "m1.gguf"
+    model_file.write_bytes(b"GGUF weights, bit-rotted")
+    workspace.write_config(config(models={"m1": {"ref": "file:m1.gguf", "digest": DIGEST}}))
+    running = await serve(ready=False)
+    await wait_for(lambda: _pool_state(workspace) == "Failed", 10, "p1 Failed")
+    async with aiohttp.ClientSession() as session:
+        (workspace.root / "folder.gguf").mkdir()
+        model_file.unlink()
+        model_file.symlink_to(workspace.root / "folder.gguf")
+        url = f"{_url(running)}/v1/catalog/models/m1/verify"
+        async with session.post(url) as response:
+            record = await response.json()
+        assert record["status"] == "fail" and "is a folder, not a model file" in record["message"]
+        model_file.unlink()
+        model_file.write_bytes(GOOD)
+        async with session.post(url) as response:
+            assert (await response.json())["status"] == "pass"
+    await wait_for(lambda: _pool_state(workspace) == "Ready", 10, "p1 Ready again")
+    workspace.submit("back.task.yaml", task("back"))
+    assert (await wait_terminal(workspace, "back"))["status"] == "succeeded"
+
+
+def _pool_state(ws: Workspace) -> str:
+    state: str = ws.status()["pools"][0]["state"]
+    return state
+
+
+def _pool_reason(ws: Workspace) -> str | None:
+    reason: str | None = ws.status()["pools"][0]["reason"]
+    return reason
