@@ -93,6 +93,14 @@ async def post_artifact(request: web.Request) -> web.StreamResponse:
         )
     except artifacts.ArtifactProblem as exc:
         raise ApiError(ErrorCode.INVALID_PARAMS, str(exc)) from None
+    except OSError as exc:  # the daemon's folder, not the request: say which and why
+        where = exc.filename or store.root
+        raise ApiError(
+            ErrorCode.INTERNAL,
+            f"could not store the artifact: {where}: {exc.strerror or exc}",
+            hint="fix the folder paths.artifacts names (a folder the daemon may write to, "
+            "with free space), then send it again",
+        ) from None
     if created:
         logs.emit(
             log,

@@ -111,11 +111,29 @@ class ArtifactStore:
         existing = self.get(record.id)
         if existing is not None:
             return existing, False
-        self.root.mkdir(parents=True, exist_ok=True)
+        self._folder()
         if atomic.create_bytes(self.path(record.id), encode(record)):
             return record, True
         # another writer stored the same document a moment ago: theirs is the record
-        return self.get(record.id) or record, False
+        return self._stored_or_repaired(record)
+
+    def _stored_or_repaired(self, record: StoredArtifact) -> tuple[StoredArtifact, bool]:
+        """After a create found the file there: the record it holds, or, when it does not
+        check out (torn, tampered), the file replaced by this one (True: stored now)."""
+        existing = self.get(record.id)
+        if existing is not None:
+            return existing, False
+        atomic.write_bytes(self.path(record.id), encode(record))
+        return record, True
+
+    def _folder(self) -> None:
+        """The folder, made if missing; an OSError naming it when something else is there."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise NotADirectoryError(
+                20, "is not a folder (paths.artifacts must name a folder)", str(self.root)
+            ) from None
 
     def put_many(
         self, documents: list[Artifact], *, created_at: str
@@ -136,11 +154,11 @@ class ArtifactStore:
             if existing is None:
                 fresh.append((len(out) - 1, record))
         if fresh:
-            self.root.mkdir(parents=True, exist_ok=True)
+            self._folder()
             created = atomic.create_many([(self.path(r.id), encode(r)) for _, r in fresh])
             for (index, record), new in zip(fresh, created, strict=True):
                 if not new:  # stored a moment ago (by another writer, or twice in the batch)
-                    out[index] = (self.get(record.id) or record, False)
+                    out[index] = self._stored_or_repaired(record)
         return out
 
     def _record(self, document: Artifact, created_at: str) -> StoredArtifact:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,27 @@ def test_a_tampered_file_is_not_served(tmp_path: Path) -> None:
     assert store.get(record.id) is None
 
 
+def test_a_torn_file_is_replaced_when_the_document_is_stored_again(tmp_path: Path) -> None:
+    store = artifacts.ArtifactStore(tmp_path)
+    record, _ = store.put(_doc(), created_at="t1")
+    path = store.path(record.id)
+    path.write_bytes(path.read_bytes()[:50])  # a crash, a full disk, a careless edit
+    assert store.get(record.id) is None
+    again, stored = store.put(_doc(), created_at="t2")
+    assert stored and store.get(record.id) == again and again.created_at == "t2"
+    path.write_bytes(b"{}")
+    (batch,) = store.put_many([_doc()], created_at="t3")
+    assert batch == (store.get(record.id), True)
+
+
+def test_a_file_where_the_folder_should_be_is_an_error_naming_it(tmp_path: Path) -> None:
+    root = tmp_path / "artifacts"
+    root.write_text("x")
+    with pytest.raises(NotADirectoryError) as raised:
+        artifacts.ArtifactStore(root).put(_doc(), created_at="t")
+    assert raised.value.filename == str(root) and "is not a folder" in str(raised.value)
+
+
 # -- over HTTP -------------------------------------------------------------------------------
 
 
@@ -149,6 +171,23 @@ async def test_post_get_and_idempotence_over_http(workspace: Workspace, serve: A
             assert [a["kind"] for a in listed] == ["diff"]
     stored = list((workspace.root / "artifacts").glob("*.json"))
     assert len(stored) == 2
+
+
+@pytest.mark.slow
+async def test_a_broken_artifacts_folder_is_answered_naming_it(
+    workspace: Workspace, serve: Any
+) -> None:
+    base = _url(await serve())
+    folder = workspace.root / "artifacts"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.write_text("x")  # something else where the folder should be
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{base}/v1/artifacts", json=PLAN) as response,
+    ):
+        body = await response.json()
+    assert response.status == 500 and str(folder) in body["message"], body
+    assert "is not a folder" in body["message"] and "paths.artifacts" in body["hint"]
 
 
 @pytest.mark.slow
