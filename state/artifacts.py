@@ -31,7 +31,9 @@ MAX_DOCUMENT_BYTES = 16 * 1024 * 1024  # canonical JSON; HTTP bodies stop at 1 M
 MAX_TAGS = 64
 _ID = re.compile(r"(?:sha256:)?([0-9a-f]{64})")
 
-Tag = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
+Tag = Annotated[
+    str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]+$")
+]
 
 
 class ArtifactProblem(ValueError):

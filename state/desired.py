@@ -26,7 +26,8 @@ Id = Annotated[str, Field(pattern=ids.ID_PATTERN), AfterValidator(ids.check_safe
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # values are taken as written: `ttl_s: "600"` or `replicas: true` is an error, not converted
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ServerConfig(Strict):
@@ -73,7 +74,7 @@ class PathsConfig(Strict):
 class GpusConfig(Strict):
     observer: Literal["nvml", "simulated"] = "nvml"
     inventory: str | None = Field(None, description="simulated GPUs: path of an inventory file")
-    reserve_mib: int = Field(512, ge=0, description="VRAM kept free on every GPU")
+    reserve_mib: int = Field(512, ge=0, le=1_048_576, description="VRAM kept free on every GPU")
     poll_s: float = Field(2.0, gt=0, le=60)
 
     @model_validator(mode="after")
@@ -93,16 +94,24 @@ class QueueConfig(Strict):
 
 
 class SessionsConfig(Strict):
-    ttl_s: float = Field(600, gt=0, description="a session expires this long after its last use")
-    max_turns: int = Field(8, ge=1)
-    token_budget: int | None = Field(None, ge=1, description="tokens out per session, if set")
+    ttl_s: float = Field(
+        600, gt=0, le=31_536_000, description="a session expires this long after its last use"
+    )
+    max_turns: int = Field(8, ge=1, le=1_000_000)
+    token_budget: int | None = Field(
+        None, ge=1, le=10**12, description="tokens out per session, if set"
+    )
 
 
 class TimeoutsConfig(Strict):
-    ready_s: float = Field(120, gt=0, description="engine start to Ready, else restart")
-    drain_s: float = Field(30, ge=0, description="how long in-flight tasks may finish on drain")
-    stop_grace_s: float = Field(10, ge=0, description="SIGTERM to SIGKILL")
-    decode_idle_s: float = Field(60, gt=0, description="no token for this long: DECODE_TIMEOUT")
+    ready_s: float = Field(120, gt=0, le=86_400, description="engine start to Ready, else restart")
+    drain_s: float = Field(
+        30, ge=0, le=86_400, description="how long in-flight tasks may finish on drain"
+    )
+    stop_grace_s: float = Field(10, ge=0, le=3_600, description="SIGTERM to SIGKILL")
+    decode_idle_s: float = Field(
+        60, gt=0, le=86_400, description="no token for this long: DECODE_TIMEOUT"
+    )
 
 
 class ModelSpec(Strict):
@@ -117,8 +126,10 @@ class ModelSpec(Strict):
         description="the file's sha256: a file (or download) that differs is refused",
     )
     state: Literal["Active", "Retired"] = "Active"
-    size_mib: int | None = Field(None, ge=1, description="weights size when no file is at hand")
-    ctx_max: int | None = Field(None, ge=1)
+    size_mib: int | None = Field(
+        None, ge=1, le=10**8, description="weights size when no file is at hand"
+    )
+    ctx_max: int | None = Field(None, ge=1, le=10**8)
 
 
 class ProvisionSpec(Strict):
@@ -150,9 +161,9 @@ class SimFaults(Strict):
 
 
 class SimOptions(Strict):
-    tokens_per_s: float = Field(200.0, gt=0)
-    load_s: float = Field(0.0, ge=0)
-    first_token_ms: float = Field(5.0, ge=0)
+    tokens_per_s: float = Field(200.0, gt=0, le=1e7)
+    load_s: float = Field(0.0, ge=0, le=86_400)
+    first_token_ms: float = Field(5.0, ge=0, le=3.6e6)
     first_request_extra_ms: float = Field(
         0.0,
         ge=0,
@@ -172,9 +183,11 @@ class PoolSpec(Strict):
         "bus order, as nvidia-smi shows them",
     )
     replicas: int = Field(1, ge=0, le=64)
-    ctx: int = Field(4096, ge=16, description="context tokens per slot")
+    ctx: int = Field(4096, ge=16, le=10**8, description="context tokens per slot")
     slots: int = Field(1, ge=1, le=256, description="concurrent sequences per replica")
-    max_tokens: int | None = Field(None, ge=1, description="largest max_tokens a task may ask")
+    max_tokens: int | None = Field(
+        None, ge=1, le=10**8, description="largest max_tokens a task may ask"
+    )
     flags: list[str] = Field(default_factory=list, description="extra engine flags")
     env: dict[str, str] = Field(default_factory=dict, description="extra engine environment")
     sim: SimOptions | None = None

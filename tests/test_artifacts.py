@@ -203,6 +203,7 @@ async def test_bad_artifact_requests_get_the_envelope(workspace: Workspace, serv
         ("POST", "/v1/artifacts", PLAN | {"colour": "red"}, 400, "colour"),
         ("POST", "/v1/artifacts", PLAN | {"parent": missing}, 400, "parent"),
         ("POST", "/v1/artifacts", PLAN | {"tags": ["a\nb"]}, 400, "tags[0]"),
+        ("POST", "/v1/artifacts", PLAN | {"tags": ["ok", "\u0085x"]}, 400, "tags[1]"),
         ("GET", "/v1/artifacts?limit=0", None, 400, "limit"),
     ]
     async with aiohttp.ClientSession() as session:

@@ -302,3 +302,27 @@ async def test_the_daemon_hints_a_broken_edit_as_validate_does(
         change(cfg)
         workspace.write_config(cfg)
         await wait_for(lambda h=hint: [e["hint"] for e in _errors(workspace)] == [h], 10, hint)
+
+
+@pytest.mark.parametrize(
+    ("edit", "field", "words"),
+    [
+        ({"sessions": {"ttl_s": "600"}}, "sessions.ttl_s", "valid number"),
+        ({"sessions": {"ttl_s": 1e300}}, "sessions.ttl_s", "less than or equal to 31536000"),
+        ({"queue": {"capacity": True}}, "queue.capacity", "valid integer"),
+        ({"timeouts": {"drain_s": 1e9}}, "timeouts.drain_s", "less than or equal to 86400"),
+    ],
+)
+def test_config_values_are_taken_as_written_and_within_sane_bounds(
+    tmp_path: Any, edit: dict[str, Any], field: str, words: str
+) -> None:
+    """A quoted number or a boolean is not converted, and a value no one means (a session
+    living 1e300 s) is refused: its numbers would reach results and answers."""
+    from state import desired
+
+    path = tmp_path / "orch.yaml"
+    path.write_text(yaml.safe_dump(config(**edit)))
+    (tmp_path / "inventory.yaml").write_text("gpus: []\n")
+    loaded = desired.load_desired(path)
+    assert loaded.value is None
+    assert [(e.field, words in e.message) for e in loaded.errors] == [(field, True)], loaded.errors
