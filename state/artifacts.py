@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
@@ -67,18 +68,38 @@ class StoredArtifact(BaseModel):
 
 def canonical(document: Artifact) -> bytes:
     """The document as canonical JSON: keys sorted, no spaces, UTF-8, defaults filled in."""
+    value = document.model_dump(mode="json")
     try:
         return json.dumps(
-            document.model_dump(mode="json"),
-            sort_keys=True,
-            separators=(",", ":"),
-            ensure_ascii=False,
-            allow_nan=False,
+            value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
         ).encode("utf-8")
     except UnicodeEncodeError:  # (a ValueError too)
         raise ArtifactProblem("the document holds a lone surrogate (\\ud800-\\udfff)") from None
-    except ValueError as exc:  # NaN and Infinity have no JSON spelling
-        raise ArtifactProblem(f"the document holds a number JSON cannot carry ({exc})") from None
+    except ValueError:  # NaN and Infinity have no JSON spelling
+        where = _non_finite(value) or "the document"
+        raise ArtifactProblem(
+            f"{where}: a number JSON cannot carry (NaN, Infinity, or beyond ±1.8e308); "
+            "send a finite number, or the value as text"
+        ) from None
+
+
+def _non_finite(value: Any, path: str = "") -> str | None:
+    """The dotted path of the first NaN or infinite number in `value` (bounded nesting)."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else path
+    items = (
+        value.items()
+        if isinstance(value, dict)
+        else enumerate(value)
+        if isinstance(value, list)
+        else ()
+    )
+    for key, item in items:
+        here = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else str(key)
+        found = _non_finite(item, here)
+        if found is not None:
+            return found
+    return None
 
 
 def id_of(data: bytes) -> str:

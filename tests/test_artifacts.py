@@ -71,8 +71,10 @@ def test_concurrent_stores_of_one_document_write_one_file(tmp_path: Path) -> Non
 
 def test_documents_that_cannot_be_stored_are_refused_with_the_reason(tmp_path: Path) -> None:
     store = artifacts.ArtifactStore(tmp_path)
-    with pytest.raises(artifacts.ArtifactProblem, match="number JSON cannot carry"):
+    with pytest.raises(artifacts.ArtifactProblem, match=r"^content\.x: a number JSON cannot"):
         store.put(_doc(content={"x": float("nan")}), created_at="t")
+    with pytest.raises(artifacts.ArtifactProblem, match=r"^metadata\.a\[1\]: a number JSON"):
+        store.put(_doc(metadata={"a": [1, float("-inf")]}), created_at="t")
     with pytest.raises(artifacts.ArtifactProblem, match="lone surrogate"):
         store.put(_doc(content="\ud800"), created_at="t")
     huge = "x" * (artifacts.MAX_DOCUMENT_BYTES + 1)
@@ -218,6 +220,7 @@ async def test_bad_artifact_requests_get_the_envelope(workspace: Workspace, serv
         async with session.post(f"{base}/v1/artifacts", data=nan, headers=headers) as response:
             answer = await response.json()
             assert response.status == 400 and "number JSON cannot carry" in answer["message"]
+            assert answer["message"].startswith("content: "), answer
         big = io.BytesIO(b'{"kind": "plan", "content": "' + b"x" * 1_100_000 + b'"}')
         async with session.post(f"{base}/v1/artifacts", data=big, headers=headers) as response:
             answer = await response.json()
