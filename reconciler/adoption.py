@@ -7,6 +7,7 @@ The daemon calls `adopt_or_clean(runtime)` once at startup, before its first pas
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from plugins import processes
 from reconciler import fleet, logs, pools, resolving, supervision
@@ -59,6 +60,10 @@ async def adopt_or_clean(runtime: pools.PoolRuntime) -> None:
             adopted,
         )
         runtime.replicas[r.replica_id] = r
+        # as a start does: results, traces and metrics name the engine's version
+        with contextlib.suppress(Exception):  # shown, not required
+            info = await asyncio.wait_for(engine.describe(adopted), 5.0)
+            runtime.versions[r.replica_id] = info.engine_version
         logs.emit(
             log,
             "replica.adopted",

@@ -82,6 +82,7 @@ def test_a_killed_daemon_restarts_and_finishes_every_task_exactly_once(
     for task_id in TASKS:
         result = workspace.result(task_id)
         assert result is not None and result["status"] == "succeeded", task_id
+        assert result["engine_version"], task_id  # also on the engine the restart adopted
         homes = [
             folder.name
             for folder in (
