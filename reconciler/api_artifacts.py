@@ -136,12 +136,14 @@ async def get_artifact(request: web.Request) -> web.StreamResponse:
     record = await asyncio.to_thread(store.get, artifact_id)
     if record is None:
         raise ApiError(ErrorCode.NOT_FOUND, f"no artifact {artifact_id} is stored here")
-    response = web.Response(
-        body=artifacts.canonical(record.document), content_type="application/json"
+    etag = f'"{record.id}"'
+    headers = {"ETag": etag, "X-Artifact-Created-At": record.created_at}
+    given = request.headers.get("If-None-Match", "")
+    if given.strip() == "*" or etag in (t.strip().removeprefix("W/") for t in given.split(",")):
+        return web.Response(status=304, headers=headers)  # the client has this document
+    return web.Response(
+        body=artifacts.canonical(record.document), content_type="application/json", headers=headers
     )
-    response.headers["ETag"] = f'"{record.id}"'
-    response.headers["X-Artifact-Created-At"] = record.created_at
-    return response
 
 
 async def list_artifacts(request: web.Request) -> web.StreamResponse:

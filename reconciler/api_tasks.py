@@ -80,6 +80,17 @@ async def post_task(request: web.Request) -> web.StreamResponse:
         raise ApiError(ErrorCode.INVALID_PARAMS, "the body must be a JSON object (a task)")
     if body.get("task_id") is None:  # absent or null: one is made up
         body["task_id"] = f"t-{uuid.uuid4().hex[:16]}"
+    header = request.headers.get("X-Session-Id")
+    if header is not None:  # as on the OpenAI routes: the session a request belongs to
+        if body.get("session_id") is None:
+            body["session_id"] = header
+        elif body["session_id"] != header:
+            raise ApiError(
+                ErrorCode.INVALID_PARAMS,
+                "session_id: the body says one session and X-Session-Id another",
+                hint="give the session once, in the body or in X-Session-Id",
+                param="session_id",
+            )
     body["correlation_id"] = request[api.CORRELATION]
     try:
         task = tasks.TaskFile.model_validate(body)

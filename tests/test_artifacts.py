@@ -165,6 +165,13 @@ async def test_post_get_and_idempotence_over_http(workspace: Workspace, serve: A
         bare = ref["id"].removeprefix("sha256:")
         async with session.get(f"{base}/v1/artifacts/{bare}") as response:
             assert response.status == 200 and await response.read() == body
+        for given in (f'"{ref["id"]}"', f'"other", W/"{ref["id"]}"', "*"):
+            cached = {"If-None-Match": given}
+            async with session.get(ref["url"], headers=cached) as response:
+                assert response.status == 304 and await response.read() == b"", given
+                assert response.headers["ETag"] == f'"{ref["id"]}"'
+        async with session.get(ref["url"], headers={"If-None-Match": '"other"'}) as response:
+            assert response.status == 200
         child = {"kind": "diff", "content": "--- a\n+++ b\n", "parent": ref["id"]}
         async with session.post(f"{base}/v1/artifacts", json=child) as response:
             assert response.status == 201 and (await response.json())["parent"] == ref["id"]

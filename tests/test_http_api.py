@@ -346,6 +346,22 @@ async def test_a_session_task_asking_for_more_than_its_budget_has_left_is_refuse
     assert spent <= 500
 
 
+async def test_x_session_id_puts_a_posted_task_in_that_session(
+    workspace: Workspace, serve: Any
+) -> None:
+    base = _url(await serve())
+    async with aiohttp.ClientSession() as session:
+        headers = {"X-Session-Id": "agent-9"}
+        async with session.post(f"{base}/v1/tasks", json=task("x1"), headers=headers) as r:
+            assert r.status == 202 and (await r.json())["budgets"]["session_id"] == "agent-9"
+        body = task("x2", session_id="other")
+        async with session.post(f"{base}/v1/tasks", json=body, headers=headers) as r:
+            refused = await r.json()
+            assert r.status == 400 and refused["message"].startswith("session_id: "), refused
+    assert (await wait_terminal(workspace, "x1"))["session_id"] == "agent-9"
+    assert workspace.result("x2") is None
+
+
 async def test_a_stalled_client_does_not_hold_up_another_clients_tokens(
     workspace: Workspace, serve: Any
 ) -> None:
