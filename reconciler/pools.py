@@ -59,6 +59,8 @@ class PoolRuntime:
     problems: dict[str, str] = field(default_factory=dict)
     downloading: dict[str, str] = field(default_factory=dict)  # pool id → progress shown
     versions: dict[str, str] = field(default_factory=dict)
+    # pools a reload is changing the spec of (reloading.Reloader): never Failed to admission
+    reloading: set[str] = field(default_factory=set)
     # models whose file failed its digest check → why (the catalog's; shown on their pools)
     blocked: Callable[[], Mapping[str, str]] = field(default=lambda: {})
     drained: dict[str, drains.Drain] = field(init=False)  # pool id → its drain request
@@ -356,6 +358,9 @@ class PoolRuntime:
         out: dict[str, admission.PoolView] = {}
         for pool in state.pools if state else ():
             s, reason = self.pool_state(pool)
+            if pool.id in self.reloading and s in ("Failed", "Unschedulable"):
+                # a reload that fails puts the old spec back: its tasks wait for that
+                s, reason = "Progressing", f"reloading ({reason})"
             out[pool.id] = admission.PoolView(
                 pool.id, pool.model, s, reason, pool.ctx, pool.max_tokens
             )

@@ -5,12 +5,15 @@ the daemon edits the file itself, in place and keeping its layout (`editing`), a
 applies the edit like any other (after the usual settle time). Steps, one reload at a time:
 
 1. The edit is made on the text and checked like an edit by hand (schema, references, device
-   indices); an edit that would not apply is refused (400) and nothing is written.
+   indices, a resolver for the ref's scheme); an edit that would not apply is refused (400)
+   and nothing is written.
 2. The pool's drain, if any, is lifted (a reload is how a drained pool comes back), and the
    new text replaces orch.yaml atomically, with the file's permissions kept.
 3. The reload waits until the pool has as many Ready replicas of the new spec as it wants, up
    to `timeout_s` (default `timeouts.ready_s`). It gives up early when a new replica fails
-   (crash, digest mismatch: BackingOff or Failed) or the pool cannot start or be placed.
+   (crash, digest mismatch: BackingOff or Failed), the pool cannot start or be placed, or
+   another edit of orch.yaml is applied meanwhile. Until the reload ends (rolled back
+   included), the pool never counts as Failed to admission: tasks sent meanwhile wait for it.
 4. Success answers with the new revision. Otherwise the old bytes are written back exactly
    (and the drain restored), so the loop goes back to the old spec, and the answer is 409
    RELOAD_FAILED with the reason. If someone else changed orch.yaml in the meantime, their
@@ -78,7 +81,14 @@ class Reloader:
         timeout_s: float | None = None,
     ) -> Reloaded:
         async with self.lock:
-            return await self._reload(pool_id, model, model_ref, timeout_s)
+            # while the pool changes spec (and, on failure, changes back) a Failed moment is
+            # not a reason to fail the tasks waiting for it: they wait (PoolRuntime.views)
+            self.runtime.reloading.add(pool_id)
+            try:
+                return await self._reload(pool_id, model, model_ref, timeout_s)
+            finally:
+                self.runtime.reloading.discard(pool_id)
+                self.wake()
 
     async def _reload(
         self, pool_id: str, model: str | None, model_ref: str | None, timeout_s: float | None
@@ -101,6 +111,7 @@ class Reloader:
         new_pool = new_state.pool(pool_id)
         assert new_pool is not None
         new_model = new_state.models[new_pool.model]
+        self._check_ref(new_model.ref)
         expected = specs.spec_hash(new_pool, new_model, new_state.engines.get(new_pool.engine))
         previous = self.config.revision
         lifted = self.runtime.undrain(pool_id, "reload requested")
@@ -123,7 +134,7 @@ class Reloader:
             )
         self.wake()
         limit = timeout_s if timeout_s is not None else state.timeouts.ready_s
-        why, ready = await self._wait(pool_id, new, expected, new_pool.replicas, began + limit)
+        why, ready = await self._wait(pool_id, old, new, expected, new_pool.replicas, began + limit)
         if why is None:
             took = round((self.clock.monotonic() - began) * 1000)
             logs.emit(
@@ -198,16 +209,34 @@ class Reloader:
             )
         return loaded.value
 
+    def _check_ref(self, ref: str) -> None:
+        """A ref no installed resolver reads would be written, then fail to start: refused
+        first, as `orchctl validate` refuses it."""
+        scheme = ref.split(":", 1)[0] if ":" in ref else "file"
+        resolvers = self.runtime.plugins.resolvers
+        if scheme not in resolvers:
+            installed = ", ".join(f"{s}:" for s in sorted(resolvers))
+            raise ReloadError(
+                ErrorCode.INVALID_PARAMS,
+                f"model_ref: no model resolver for {scheme}: refs is installed "
+                f"(installed: {installed}); nothing was written",
+                hint='use a ref such as "file:models/x.gguf" or "hf:owner/repo/file.gguf"',
+            )
+
     # -- waiting ----------------------------------------------------------------------------
 
     async def _wait(
-        self, pool_id: str, new: bytes, expected: str, wanted: int, deadline: float
+        self, pool_id: str, old: bytes, new: bytes, expected: str, wanted: int, deadline: float
     ) -> tuple[str | None, list[str]]:
         """(None, the Ready replicas) once the pool serves the new spec; else (why not, [])."""
         digest = hashlib.sha256(new).hexdigest()
+        ours = {hashlib.sha256(old).hexdigest(), digest}
         seen_pass: int | None = None  # the runtime's pass count when the edit was applied
         progress = "the edit was not applied yet"
         while True:
+            if self.config.applied_digest not in ours and not self.config.errors:
+                # another edit of orch.yaml was applied meanwhile: the new spec is not ours
+                return "orch.yaml was changed by another edit during the reload", []
             if self.config.applied_digest != digest:
                 if self.config.errors:
                     return f"the edited orch.yaml was not applied: {self.config.errors[0]}", []
@@ -264,13 +293,17 @@ class Reloader:
     ) -> ReloadError:
         """Put the old file (and drain) back; the error to answer with."""
         restored = "nothing in orch.yaml needed restoring"
+        hint = "fix the model file or ref and reload again (`orchctl status` shows the pool)"
         if new != old:
             current = await asyncio.to_thread(self.config.path.read_bytes)
             if current == new:
                 await asyncio.to_thread(self._write, old)
                 restored = f"orch.yaml is restored byte for byte (revision {previous})"
+                hint = "The old orch.yaml is back in place; " + hint
+                await self._until_applied(old)  # tasks waiting for the pool keep waiting
             else:
                 restored = "orch.yaml was changed by someone else meanwhile, so it is left as is"
+                hint = "orch.yaml holds the other edit now: check it, then reload again"
         if lifted is not None:
             self.runtime.redrain(lifted)
         self.wake()
@@ -281,8 +314,22 @@ class Reloader:
             level=40,
             pool_id=pool_id,
         )
+        within = f" within {limit:g} s" if why.startswith("not Ready in time") else ""
         return ReloadError(
             ErrorCode.RELOAD_FAILED,
-            f"pool {pool_id!r} did not become Ready on the new spec within {limit:g} s: "
-            f"{why}; {restored}",
+            f"pool {pool_id!r} did not become Ready on the new spec{within}: {why}; {restored}",
+            hint=hint,
         )
+
+    async def _until_applied(self, data: bytes, timeout_s: float = 5.0) -> None:
+        """Wait (a little) until the loop applied `data` again, so the pool is judged on the
+        spec it is going back to."""
+        digest = hashlib.sha256(data).hexdigest()
+        end = self.clock.monotonic() + timeout_s
+        while self.config.applied_digest != digest and self.clock.monotonic() < end:
+            if self.config.errors:
+                return
+            await self.clock.sleep(POLL_S)
+        passes = self.runtime.passes
+        while self.runtime.passes == passes and self.clock.monotonic() < end:
+            await self.clock.sleep(POLL_S)  # one pass on it: the old replica is back in plan

@@ -4,8 +4,10 @@ old file put back byte for byte when the new replica does not become Ready."""
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import hashlib
+import time
 from typing import Any
 
 import aiohttp
@@ -266,11 +268,14 @@ async def test_a_reload_that_never_gets_ready_puts_the_old_file_back_and_answers
         assert response.status == 409 and answer["code"] == "RELOAD_FAILED", answer
         assert "failed" in answer["message"] and "UNTRUSTED_ARTIFACT" in answer["message"]
         assert "restored byte for byte" in answer["message"]
+        assert "within" not in answer["message"]  # it failed, it did not time out
+        assert answer["hint"].startswith("The old orch.yaml is back in place")
         assert workspace.config_path.read_bytes() == original
         assert workspace.config_path.stat().st_mode & 0o777 == 0o640
         await wait_for(lambda: _ready(workspace), 10, "p1 back on the old spec")
 
         refused = [
+            ({"model_ref": "ftp://x/y.gguf"}, 400, "INVALID_PARAMS"),  # no resolver reads it
             ({"model": "nope"}, 400, "INVALID_PARAMS"),
             ({"model": "m2", "model_ref": "file:x"}, 400, "INVALID_PARAMS"),
             ({"model_ref": "file:x", "timeout_s": 0}, 400, "INVALID_PARAMS"),
@@ -282,3 +287,47 @@ async def test_a_reload_that_never_gets_ready_puts_the_old_file_back_and_answers
         async with session.post(f"{base}/v1/pools/p9/reload", json={}) as response:
             assert response.status == 404
     assert workspace.config_path.read_bytes() == original
+
+
+@pytest.mark.slow
+async def test_a_task_waiting_through_a_failed_reload_runs_on_the_old_spec(
+    workspace: Workspace, serve: Any
+) -> None:
+    """The new replica fails (its file is not the pinned one) and the reload is undone: a
+    task sent meanwhile waits for the pool and runs, instead of failing POOL_UNAVAILABLE."""
+    (workspace.root / "tampered.gguf").write_bytes(b"GGUF weights, not the pinned ones")
+    workspace.config_path.write_text(
+        ORCH_YAML.replace("    size_mib: 1000\n", f"    size_mib: 1000\n    digest: {DIGEST}\n", 1)
+    )
+    base = _url(await serve())
+    async with aiohttp.ClientSession() as session:
+        url = f"{base}/v1/pools/p1/reload"
+        reload = asyncio.ensure_future(session.post(url, json={"model_ref": "file:tampered.gguf"}))
+        await wait_for(lambda: "tampered" in workspace.config_path.read_text(), 10, "written")
+        workspace.submit("during.task.yaml", task("during"))
+        async with await reload as response:
+            assert response.status == 409
+    assert (await wait_terminal(workspace, "during", 20))["status"] == "succeeded"
+
+
+@pytest.mark.slow
+async def test_a_reload_overtaken_by_another_edit_answers_at_once_and_leaves_it(
+    workspace: Workspace, serve: Any
+) -> None:
+    (workspace.root / "m1-v2.gguf").write_bytes(b"GGUF weights, version 2")
+    cfg = ORCH_YAML.replace("tokens_per_s: 400, load_s: 0", "tokens_per_s: 400, load_s: 3")
+    workspace.config_path.write_text(cfg)
+    base = _url(await serve())
+    async with aiohttp.ClientSession() as session:
+        url = f"{base}/v1/pools/p1/reload"
+        t0 = time.monotonic()
+        reload = asyncio.ensure_future(session.post(url, json={"model_ref": "file:m1-v2.gguf"}))
+        await wait_for(lambda: "m1-v2" in workspace.config_path.read_text(), 10, "written")
+        with workspace.config_path.open("a") as f:
+            f.write("# an edit by hand\n")
+        async with await reload as response:
+            answer = await response.json()
+        assert time.monotonic() - t0 < 8  # not the 10 s ready_s timeout
+        assert response.status == 409 and "changed by another edit" in answer["message"]
+        assert "left as is" in answer["message"] and "other edit" in answer["hint"]
+    assert workspace.config_path.read_text().endswith("# an edit by hand\n")
