@@ -13,6 +13,7 @@ Pure: text in, text out.
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -109,4 +110,12 @@ def _only_lines_with(old: str, new: str, values: list[str]) -> bool:
     if len(before) != len(after):
         return False
     changed = [i for i, (a, b) in enumerate(zip(before, after, strict=True)) if a != b]
-    return len(changed) == len(values) and all(any(v in after[i] for v in values) for i in changed)
+    return len(changed) == len(values) and all(
+        any(spelled in after[i] for v in values for spelled in _spellings(v)) for i in changed
+    )
+
+
+def _spellings(value: str) -> set[str]:
+    """How `value` may appear on its line: as is (plain), escaped in double quotes, or with
+    its quotes doubled in single quotes."""
+    return {value, json.dumps(value, ensure_ascii=False)[1:-1], value.replace("'", "''")}

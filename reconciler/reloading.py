@@ -184,7 +184,12 @@ class Reloader:
         except UnicodeDecodeError:
             raise ReloadError(ErrorCode.RELOAD_FAILED, "orch.yaml is not UTF-8") from None
         except editing.EditRefused as exc:
-            raise ReloadError(ErrorCode.RELOAD_FAILED, str(exc)) from None
+            raise ReloadError(
+                ErrorCode.RELOAD_FAILED,
+                str(exc),
+                hint="nothing was written: change the value in orch.yaml by hand; the loop "
+                "applies it like any edit",
+            ) from None
         return text.encode("utf-8")
 
     def _check(self, data: bytes) -> desired.DesiredState:

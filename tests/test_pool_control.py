@@ -82,6 +82,22 @@ def test_other_common_layouts_are_kept_too(text: str) -> None:
     assert len(_changed(text, new)) == 2 and new.replace("ref: b", "ref: a") == text
 
 
+@pytest.mark.parametrize(
+    ("ref", "shown"),
+    [
+        ('file:models/a"b.gguf', 'ref: "file:models/a\\"b.gguf"'),
+        ("file:it's.gguf", 'ref: "file:it\'s.gguf"'),
+    ],
+)
+def test_a_ref_that_needs_escaping_is_written_escaped(ref: str, shown: str) -> None:
+    new = editing.set_model_ref(ORCH_YAML, "m1", ref)
+    assert len(_changed(ORCH_YAML, new)) == 2 and shown in new
+    assert yaml.safe_load(new)["models"]["m1"]["ref"] == ref
+    single = ORCH_YAML.replace('ref: "file:m1.gguf"', "ref: 'file:m1.gguf'")
+    new = editing.set_model_ref(single, "m1", ref)
+    assert yaml.safe_load(new)["models"]["m1"]["ref"] == ref
+
+
 def test_an_edit_that_would_reformat_the_file_is_refused() -> None:
     with pytest.raises(editing.EditRefused, match="by hand"):
         editing.set_model_ref(ORCH_YAML.replace("\n", "\r\n"), "m1", "file:x.gguf")
