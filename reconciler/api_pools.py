@@ -25,17 +25,17 @@ RUNTIME: web.AppKey[pools.PoolRuntime] = web.AppKey("pool_runtime")
 RELOADER: web.AppKey[reloading.Reloader] = web.AppKey("reloader")
 MAX_DEADLINE_MS = 24 * 3600 * 1000
 M = TypeVar("M", bound=BaseModel)
-Ref = Annotated[str, Field(min_length=1, max_length=4096, pattern=r"^[^\x00-\x1f]+$")]
+Ref = Annotated[str, Field(min_length=1, max_length=4096, pattern=r"^[^\x00-\x1f\x7f-\x9f]+$")]
 
 
 class DrainRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # "5" is not a number here
 
     deadline_ms: int | None = Field(None, ge=0, le=MAX_DEADLINE_MS)
 
 
 class ReloadRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: desired.Id | None = None
     model_ref: Ref | None = None

@@ -44,7 +44,7 @@ class ArtifactProblem(ValueError):
 class Artifact(BaseModel):
     """An artifact's document: what POST /v1/artifacts takes and GET /v1/artifacts/{id} gives."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     kind: ArtifactKind = Field(description="plan | diff | trace | summary | other")
     content: JsonValue = Field(description="any JSON value")

@@ -295,6 +295,7 @@ async def test_a_reload_that_never_gets_ready_puts_the_old_file_back_and_answers
             ({"model": "nope"}, 400, "INVALID_PARAMS"),
             ({"model": "m2", "model_ref": "file:x"}, 400, "INVALID_PARAMS"),
             ({"model_ref": "file:x", "timeout_s": 0}, 400, "INVALID_PARAMS"),
+            ({"model_ref": "file:x", "timeout_s": "5"}, 400, "INVALID_PARAMS"),  # as written
         ]
         for payload, status, code in refused:
             async with session.post(url, json=payload) as response:
