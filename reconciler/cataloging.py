@@ -49,7 +49,18 @@ class Catalog:
     @classmethod
     def open(cls, state_dir: Path, resolvers: Mapping[str, Any], clock: clocks.Clock) -> Catalog:
         path = verifications.path_in(state_dir)
-        return cls(path, resolvers, clock, verifications.load(path))
+        book, problem = verifications.load_checked(path)
+        if problem is not None:
+            logs.emit(
+                log,
+                "catalog.records_lost",
+                f"{path} {problem}: the model checks it held are lost (a failed check no longer "
+                "blocks its model); verify the models again with POST "
+                "/v1/catalog/models/{id}/verify.",
+                level=30,
+                path=str(path),
+            )
+        return cls(path, resolvers, clock, book)
 
     # -- what admission reads -----------------------------------------------------------------
 

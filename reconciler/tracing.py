@@ -100,11 +100,13 @@ class Tracer:
             try:
                 frames = events.read_dicts(trace.log_path)
                 documents.append(
-                    artifacts.Artifact(
-                        kind="trace",
-                        content={"task_id": trace.task_id, "frames": frames},
-                        tags=trace.tags,
-                        metadata=trace.metadata,
+                    artifacts.Artifact.model_validate(
+                        {
+                            "kind": "trace",
+                            "content": {"task_id": trace.task_id, "frames": frames},
+                            "tags": trace.tags,
+                            "metadata": trace.metadata,
+                        }
                     )
                 )
             except (OSError, ValueError) as exc:

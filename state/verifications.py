@@ -55,10 +55,20 @@ def path_in(state_dir: Path) -> Path:
 def load(path: Path) -> VerificationBook:
     """The book, or an empty one when the file is missing or unreadable: a lost record only
     means a model must be verified again."""
+    return load_checked(path)[0]
+
+
+def load_checked(path: Path) -> tuple[VerificationBook, str | None]:
+    """The book and, when a file is there but cannot be used, why (the caller says so: a
+    lost `fail` record lifts a block)."""
     try:
-        return VerificationBook.model_validate_json(path.read_bytes())
-    except (OSError, ValidationError, ValueError):
-        return VerificationBook()
+        return VerificationBook.model_validate_json(path.read_bytes()), None
+    except FileNotFoundError:
+        return VerificationBook(), None
+    except OSError as exc:
+        return VerificationBook(), f"cannot be read ({exc.strerror})"
+    except (ValidationError, ValueError) as exc:
+        return VerificationBook(), f"is not a verification record ({type(exc).__name__})"
 
 
 def save(path: Path, book: VerificationBook) -> None:

@@ -61,6 +61,21 @@ def test_admission_refuses_a_blocked_model_with_untrusted_artifact() -> None:
     assert "bad file" in refused.message and "/v1/catalog/models/m1/verify" in refused.hint
 
 
+def test_a_damaged_records_file_is_said_lost_not_silently_emptied(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = verifications.path_in(tmp_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('{"models": {"m1": ')  # cut short: a fail record that blocked m1
+    caplog.set_level("WARNING", logger="llama_orch")
+    found = {"file": resolvers.FileResolver()}
+    catalog = cataloging.Catalog.open(tmp_path, found, clocks.RealClock())
+    assert catalog.book.models == {}
+    lost = [r for r in caplog.records if getattr(r, "orch_event", "") == "catalog.records_lost"]
+    assert len(lost) == 1 and str(path) in lost[0].getMessage()
+    assert "verify the models again" in lost[0].getMessage()
+
+
 async def test_records_survive_a_restart(tmp_path: Path) -> None:
     (tmp_path / "m1.gguf").write_bytes(b"rotten")
     state = desired.DesiredState.model_validate(
