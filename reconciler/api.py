@@ -11,6 +11,7 @@ can crash the server (an unexpected error is a 500 INTERNAL envelope and a log l
 from __future__ import annotations
 
 import asyncio
+import difflib
 import logging
 import re
 import uuid
@@ -277,6 +278,34 @@ def stream_head(headers: dict[str, str]) -> web.Response:
     """The answer to HEAD on an SSE route: the stream's headers, no body (a stream is only
     sent to GET)."""
     return web.Response(status=200, headers={**headers, "Content-Type": "text/event-stream"})
+
+
+def query_params(
+    request: web.Request, *, once: tuple[str, ...] = (), many: tuple[str, ...] = ()
+) -> None:
+    """Refuse (400, naming it) a query parameter the route does not take, with the name it
+    was probably meant to be, and one of `once` given twice: a typo such as
+    `?cancel_on_disconect=true` would otherwise be silently ignored."""
+    known = once + many
+    for name in request.query:
+        if name not in known:
+            shown = parsing.shortened(logs.writable(name), 40)
+            close = difflib.get_close_matches(name[:80], known, n=1, cutoff=0.6)
+            raise ApiError(
+                ErrorCode.INVALID_PARAMS,
+                f"?{shown}: this route takes no such query parameter"
+                + (f" (did you mean {close[0]}?)" if close else ""),
+                hint=f"its parameters: {', '.join(known)}" if known else "send none",
+                param=name,
+            )
+    for name in once:
+        if len(request.query.getall(name, [])) > 1:
+            raise ApiError(
+                ErrorCode.INVALID_PARAMS,
+                f"?{name} is given more than once",
+                hint=f"give ?{name}= once",
+                param=name,
+            )
 
 
 def query_flag(request: web.Request, name: str) -> bool:

@@ -150,6 +150,7 @@ async def list_artifacts(request: web.Request) -> web.StreamResponse:
     """Refs of stored artifacts, newest first, filtered by `tag` (repeatable: all must match)
     and `kind`. A scan of the folder: fine for the thousands a workstation keeps."""
     store = request.app[STORE]
+    api.query_params(request, once=("kind", "limit"), many=("tag",))
     tags = set(request.query.getall("tag", []))
     kind = request.query.get("kind")
     if kind is not None and kind not in ("plan", "diff", "trace", "summary", "other"):

@@ -267,6 +267,7 @@ async def task_events(request: web.Request) -> web.StreamResponse:
     after = _resume_after(request)
     if not _known(backend, task_id):
         raise ApiError(ErrorCode.NOT_FOUND, f"no task {task_id!r} here")
+    api.query_params(request, once=("last_event_id", "cancel_on_disconnect"))
     cancel_on_disconnect = api.query_flag(request, "cancel_on_disconnect")
     headers = {
         "X-Correlation-Id": request[api.CORRELATION],

@@ -449,7 +449,17 @@ async def test_stream_routes_answer_head_and_query_flags_and_content_types_are_c
             url = f"{base}/v1/tasks/h1/events?cancel_on_disconnect={value}"
             async with session.get(url) as r:
                 body = await r.json()
-                assert r.status == 400 and "?cancel_on_disconnect=" in body["message"], body
+                assert r.status == 400 and "cancel_on_disconnect" in body["message"], body
+        for query, said in [
+            ("cancel_on_disconect=true", "(did you mean cancel_on_disconnect?)"),
+            ("foo=1", "?foo: this route takes no such query parameter"),
+        ]:
+            async with session.get(f"{base}/v1/tasks/h1/events?{query}") as r:
+                body = await r.json()
+                assert r.status == 400 and said in body["message"], body
+        async with session.get(f"{base}/v1/artifacts?kind=plan&kind=diff") as r:
+            body = await r.json()
+            assert r.status == 400 and body["message"] == "?kind is given more than once"
         async with session.post(
             f"{base}/v1/tasks", data=b"{}", skip_auto_headers=["Content-Type"]
         ) as r:
