@@ -206,6 +206,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
                 todo.append((item, target))
             elif found == (item.sha256, item.size_bytes):
                 same += 1
+            elif root == "orch":  # the daemon's own record of orch.yaml, rewritten at each
+                todo.append((item, target))  # start: no one's work is in it to keep
             else:
                 conflicts.append((item, target, "differs from the backup"))
         if conflicts and not args.force:

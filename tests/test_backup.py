@@ -67,6 +67,12 @@ async def test_a_backup_taken_while_serving_restores_byte_for_byte(
     assert {item: local(item).read_bytes() for item in listed} == before
     again = orchctl("restore", dest, "--config", workspace.config_path)
     assert again.code == 0 and "0 files" in again.out and "already there" in again.out
+    # a daemon started since rewrote its record of orch.yaml (applied_at): no conflict
+    record = workspace.root / ".orch" / "last-good.yaml.json"
+    record.write_text(record.read_text() + " ")
+    after_restart = orchctl("restore", dest, "--config", workspace.config_path)
+    assert after_restart.code == 0, after_restart.err
+    assert record.read_bytes() == before["orch/last-good.yaml.json"]
 
 
 def _small_backup(workspace: Workspace, dest: Path) -> backups.Manifest:
