@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aiohttp import http_exceptions, web, web_protocol, web_server
+from aiohttp import HttpVersion11, http_exceptions, web, web_protocol, web_server
 
 from reconciler import api_auth, configuring, fanout, logs, metrics
 from state import desired, errors, ids, parsing, results, sessions, spool, statusfile
@@ -484,6 +484,39 @@ class _Runner(web.AppRunner):
 Routes = Callable[[web.Application], None]
 
 
+async def _expect(request: web.Request) -> web.StreamResponse | None:
+    """The `Expect:` header, answered before the body is sent: a body announced over the
+    limit is refused at once (413: the client need not upload it), an expectation other than
+    100-continue is 417; both in the error envelope, as every error (aiohttp's own answer
+    was plain text, and a 100 Continue for any size)."""
+    expect = request.headers.get("Expect", "").strip().lower()
+    if request.version != HttpVersion11 or not expect:
+        return None
+    status: int | None = None
+    if expect != "100-continue":
+        status = 417
+        envelope = errors.envelope(
+            ErrorCode.INVALID_PARAMS,
+            f"Expect: {parsing.shortened(logs.writable(expect), 40)} is not supported",
+            hint="send Expect: 100-continue, or no Expect header",
+        )
+    elif (request.content_length or 0) > MAX_BODY_BYTES:
+        status = 413
+        envelope = errors.envelope(
+            ErrorCode.PAYLOAD_TOO_LARGE,
+            f"the body would be {request.content_length} bytes; at most {MAX_BODY_BYTES} "
+            "are accepted",
+        )
+    if status is None:
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the answer proper has not started
+        return None
+    response = _error_answer(request, envelope, status=status)
+    response.headers["X-Correlation-Id"] = str(uuid.uuid4())
+    response.force_close()  # the body may follow anyway: not read, the connection goes
+    return response
+
+
 def make_app(
     backend: Backend,
     auth: api_auth.Auth,
@@ -501,6 +534,10 @@ def make_app(
     app[PREFIX_SHAPES] = []
     for add in routes:
         add(app)
+    for resource in app.router.resources():
+        for route in resource:
+            # aiohttp takes an expect handler per route, and has no setting for all of them
+            route._expect_handler = _expect
     return app
 
 

@@ -587,6 +587,45 @@ async def test_a_malformed_request_is_answered_with_the_envelope_and_never_shows
     assert log_text.count("http.malformed_request") == 2
 
 
+async def test_expect_is_answered_before_the_body_in_the_envelope(
+    workspace: Workspace, serve: Any
+) -> None:
+    running = await serve()
+    base = _url(running)
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+
+    async def head_only(request: bytes) -> tuple[int, dict[str, Any]]:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(request)  # the headers only: the body is not sent
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        body = await asyncio.wait_for(reader.readexactly(length), 5)
+        writer.close()
+        return int(head.split()[1]), json.loads(body)
+
+    status, body = await head_only(
+        b"POST /v1/tasks HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Expect: 100-continue\r\nContent-Length: 5000000\r\n\r\n"
+    )
+    assert status == 413 and body["code"] == "PAYLOAD_TOO_LARGE", body
+    assert "5000000 bytes" in body["message"]
+    status, body = await head_only(
+        b"POST /v1/tasks HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 200-ok\r\nContent-Length: 2\r\n\r\n"
+    )
+    assert status == 417 and "Expect: 200-ok is not supported" in body["message"], body
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{base}/v1/tasks", json=task("e1"), expect100=True) as r,
+    ):
+        assert r.status == 202  # a body within the limit goes on as before
+    await wait_terminal(workspace, "e1")
+
+
 async def test_a_token_protected_daemon_answers_401_and_logs_identities_not_tokens(
     workspace: Workspace, serve: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
