@@ -363,6 +363,9 @@ def test_ctrl_c_stops_watching_and_leaves_the_task_running(workspace: Workspace,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # as a terminal's foreground command: a test run started in the background (`make
+        # test &`) hands its children SIGINT ignored, which Python then keeps ignoring
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         log = events.EventLog(workspace.results.events_path("long"))
