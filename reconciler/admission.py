@@ -148,7 +148,8 @@ def check(
 def prompt_tokens(task: tasks.TaskFile) -> int:
     """The prompt's length in tokens before the engine's tokenizer is asked: UTF-8 bytes /
     BYTES_PER_TOKEN, rounded up (about right for English and code with a BPE vocabulary). A
-    chat counts its messages and tool definitions, plus what a chat template adds per message."""
+    chat counts its messages and tool definitions, plus what a chat template adds per message
+    and for the assistant turn it opens for the answer (the + 1)."""
     if task.messages is None:
         return math.ceil(len((task.prompt or "").encode()) / BYTES_PER_TOKEN)
     size = chats.size_bytes(task.messages, task.tools)

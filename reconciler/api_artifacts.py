@@ -19,7 +19,7 @@ from aiohttp import web
 
 from reconciler import api, clocks, logs
 from reconciler.api import BACKEND, ApiError
-from state import artifacts, loading
+from state import artifacts, ids, loading
 from state.errors import ErrorCode
 
 log = logs.get("http")
@@ -62,7 +62,11 @@ def _base_url(request: web.Request) -> str:
 
 def _document(body: object) -> artifacts.Artifact:
     if not isinstance(body, dict):
-        raise ApiError(ErrorCode.INVALID_PARAMS, "the body must be a JSON object (an artifact)")
+        raise ApiError(
+            ErrorCode.INVALID_PARAMS,
+            "the body must be a JSON object (an artifact)",
+            hint=_SHAPE,
+        )
     try:
         return artifacts.Artifact.model_validate(body)
     except pydantic.ValidationError as exc:
@@ -72,7 +76,7 @@ def _document(body: object) -> artifacts.Artifact:
         raise ApiError(
             ErrorCode.INVALID_PARAMS,
             f"{top.field or 'body'}: {top.message}{more}",
-            hint=top.hint or "send {kind: plan|diff|trace|summary|other, content: <any JSON>}",
+            hint=top.hint or _SHAPE,
         ) from None
 
 
@@ -146,6 +150,10 @@ async def get_artifact(request: web.Request) -> web.StreamResponse:
     )
 
 
+_KINDS = ("plan", "diff", "trace", "summary", "other")
+_SHAPE = "send {kind: plan|diff|trace|summary|other, content: <any JSON>}"
+
+
 async def list_artifacts(request: web.Request) -> web.StreamResponse:
     """Refs of stored artifacts, newest first, filtered by `tag` (repeatable: all must match)
     and `kind`. A scan of the folder: fine for the thousands a workstation keeps."""
@@ -153,14 +161,24 @@ async def list_artifacts(request: web.Request) -> web.StreamResponse:
     api.query_params(request, once=("kind", "limit"), many=("tag",))
     tags = set(request.query.getall("tag", []))
     kind = request.query.get("kind")
-    if kind is not None and kind not in ("plan", "diff", "trace", "summary", "other"):
-        raise ApiError(ErrorCode.INVALID_PARAMS, f"kind: {kind[:40]!r} is not an artifact kind")
+    if kind is not None and kind not in _KINDS:
+        raise ApiError(
+            ErrorCode.INVALID_PARAMS,
+            f"?kind={ids.quoted(kind)} is not an artifact kind",
+            hint=f"one of: {', '.join(_KINDS)}",
+            param="kind",
+        )
     raw_limit = request.query.get("limit", str(LIST_LIMIT))
     # ASCII digits only, and few: int() takes '²' and '١', and refuses 4,301 digits
     if not (raw_limit.isascii() and raw_limit.isdigit() and len(raw_limit) <= 6) or not (
         1 <= int(raw_limit) <= LIST_LIMIT
     ):
-        raise ApiError(ErrorCode.INVALID_PARAMS, f"limit must be 1 to {LIST_LIMIT}")
+        raise ApiError(
+            ErrorCode.INVALID_PARAMS,
+            f"?limit={ids.quoted(raw_limit)}: limit must be a whole number from 1 to {LIST_LIMIT}",
+            hint=f"?limit={LIST_LIMIT}",
+            param="limit",
+        )
     limit = int(raw_limit)
 
     def scan() -> list[artifacts.StoredArtifact]:

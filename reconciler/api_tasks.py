@@ -354,7 +354,11 @@ async def cancel_task(request: web.Request) -> web.StreamResponse:
 def _session_id(request: web.Request) -> str:
     value = request.match_info["session_id"]
     if not ids.is_safe_id(value):
-        raise ApiError(ErrorCode.INVALID_PARAMS, f"session id {value!r} is not a valid id")
+        raise ApiError(
+            ErrorCode.INVALID_PARAMS,
+            f"session id {ids.quoted(value)} is not a valid id",
+            hint="session ids are 1 to 128 letters, digits, '.', '_' and '-' (no '..')",
+        )
     return value
 
 

@@ -214,6 +214,8 @@ async def test_bad_artifact_requests_get_the_envelope(workspace: Workspace, serv
         ("POST", "/v1/artifacts", PLAN | {"tags": ["a\nb"]}, 400, "tags[0]"),
         ("POST", "/v1/artifacts", PLAN | {"tags": ["ok", "\u0085x"]}, 400, "tags[1]"),
         ("GET", "/v1/artifacts?limit=0", None, 400, "limit"),
+        ("GET", "/v1/artifacts?limit=abc", None, 400, "?limit='abc': limit must be a whole"),
+        ("GET", "/v1/artifacts?kind=bogus", None, 400, "?kind='bogus' is not an artifact kind"),
     ]
     async with aiohttp.ClientSession() as session:
         for method, path, body, status, text in cases:
@@ -222,6 +224,8 @@ async def test_bad_artifact_requests_get_the_envelope(workspace: Workspace, serv
                 assert response.status == status, (path, answer)
                 assert set(answer) >= {"code", "message", "retriable", "hint"}
                 assert text in answer["message"], answer
+        async with session.get(f"{base}/v1/artifacts?kind=bogus") as response:
+            assert (await response.json())["hint"] == "one of: plan, diff, trace, summary, other"
         nan = b'{"kind": "plan", "content": NaN}'
         headers = {"Content-Type": "application/json"}
         async with session.post(f"{base}/v1/artifacts", data=nan, headers=headers) as response:
