@@ -99,7 +99,18 @@ def build(
     state_dir.mkdir(parents=True, exist_ok=True)
     wake_event = asyncio.Event()
     shared_rates = rates.Rates()
-    the_sessions = sessions.SessionStore(state_dir / "sessions")
+
+    def damaged_session(path: Path, why: str) -> None:
+        logs.emit(
+            log,
+            "session.record_lost",
+            f"{path} cannot be used ({why}): its session starts again, its turns and tokens "
+            "counted from 0 (the file is replaced at its next turn).",
+            level=30,
+            path=str(path),
+        )
+
+    the_sessions = sessions.SessionStore(state_dir / "sessions", damaged=damaged_session)
     hub = fanout.Hub()
     meter = metrics.Metrics(config=config)
     the_artifacts = artifacts.ArtifactStore(desired.resolve(base, state.paths.artifacts))

@@ -12,6 +12,7 @@ instead of silently starting over. Files, so a daemon restart keeps them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -40,8 +41,11 @@ class Session(BaseModel):
 
 
 class SessionStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, damaged: Callable[[Path, str], None] | None = None) -> None:
         self.root = root
+        # told of a session file that is there but cannot be used (the daemon logs it): its
+        # session starts again, its turns and tokens counted from 0
+        self.damaged = damaged
         root.mkdir(parents=True, exist_ok=True)
 
     def _path(self, session_id: str) -> Path:
@@ -50,9 +54,15 @@ class SessionStore:
         return self.root / f"{session_id}.json"
 
     def get(self, session_id: str) -> Session | None:
+        path = self._path(session_id)
         try:
-            return Session.model_validate_json(atomic.read_bytes(self._path(session_id)))
-        except (OSError, ValidationError):
+            return Session.model_validate_json(atomic.read_bytes(path))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValidationError) as exc:
+            if self.damaged is not None:
+                why = exc.strerror if isinstance(exc, OSError) else "not a session record"
+                self.damaged(path, str(why))
             return None
 
     def put(self, session: Session) -> None:

@@ -346,6 +346,21 @@ async def test_a_session_task_asking_for_more_than_its_budget_has_left_is_refuse
     assert spent <= 500
 
 
+async def test_a_damaged_session_file_is_said_lost_and_replaced_at_the_next_turn(
+    workspace: Workspace, serve: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    record = workspace.root / ".orch" / "sessions" / "agent.json"
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text('{"session_id": "agent", "turns": ')  # cut short
+    caplog.set_level("WARNING", logger="llama_orch")
+    await serve()
+    workspace.submit("d1.task.yaml", task("d1", session_id="agent"))
+    assert (await wait_terminal(workspace, "d1"))["status"] == "succeeded"
+    lost = [r for r in caplog.records if getattr(r, "orch_event", "") == "session.record_lost"]
+    assert lost and str(record) in lost[0].getMessage(), caplog.text
+    assert json.loads(record.read_text())["turns"] == 1  # a whole record again
+
+
 async def test_x_session_id_puts_a_posted_task_in_that_session(
     workspace: Workspace, serve: Any
 ) -> None:
