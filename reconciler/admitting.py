@@ -161,29 +161,22 @@ def session_problem(d: dispatch.Dispatcher, run: tasking.TaskRun) -> ErrorEnvelo
     sid, state = run.task.session_id, d.config.state
     if sid is None or state is None:
         return None
-    refused = sessions.refusal(d.sessions, sid, state.sessions, now=d.clock.now())
-    budget = state.sessions.token_budget
-    if refused is not None or budget is None:
-        return refused
-    # the budget holds what the session's tasks may still write: its finished tasks' tokens,
-    # and up to max_tokens for each of its tasks still queued or running
-    session = d.sessions.get(sid)
-    spent = session.tokens_out if session is not None else 0
-    pending = sum(
-        other.task.max_tokens
-        for other in d.runs.values()
-        if other.task.session_id == sid and other.task_id != run.task_id
-    )
-    left = max(0, budget - spent - pending)
-    if run.task.max_tokens <= left:
-        return None
-    return errors.envelope(
-        ErrorCode.SESSION_BUDGET_EXCEEDED,
-        f"max_tokens: {run.task.max_tokens} is over what session {sid!r} has left of its "
-        f"{budget}-token budget ({left}, counting its tasks still queued or running)",
-        hint=f"lower max_tokens to {left}, or start a new session_id"
-        if left
-        else "start a new session_id, or raise sessions.token_budget",
+    # the budget holds what the session's tasks may still write: up to max_tokens for each of
+    # its tasks still queued or running, beside what its finished ones wrote
+    pending = 0
+    if state.sessions.token_budget is not None:
+        pending = sum(
+            other.task.max_tokens
+            for other in d.runs.values()
+            if other.task.session_id == sid and other.task_id != run.task_id
+        )
+    return sessions.refusal(
+        d.sessions,
+        sid,
+        state.sessions,
+        now=d.clock.now(),
+        max_tokens=run.task.max_tokens,
+        pending_tokens=pending,
     )
 
 

@@ -461,12 +461,17 @@ class _Handler(web_protocol.RequestHandler):
         if not isinstance(exc, http_exceptions.HttpProcessingError):
             return answer
         code, text, hint = _refusal(exc, status)
-        response = error_response(
-            errors.envelope(ErrorCode.INVALID_PARAMS, text, hint=hint), status=code
+        return _closing(
+            error_response(errors.envelope(ErrorCode.INVALID_PARAMS, text, hint=hint), status=code)
         )
-        response.headers["X-Correlation-Id"] = str(uuid.uuid4())
-        response.force_close()
-        return response
+
+
+def _closing(response: web.Response) -> web.Response:
+    """An error answered before the middlewares ran (the request's head only): a new
+    correlation id, and the connection closed after it (a body may follow, unread)."""
+    response.headers["X-Correlation-Id"] = str(uuid.uuid4())
+    response.force_close()
+    return response
 
 
 class _Server(web_server.Server):
@@ -511,10 +516,7 @@ async def _expect(request: web.Request) -> web.StreamResponse | None:
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # the answer proper has not started
         return None
-    response = _error_answer(request, envelope, status=status)
-    response.headers["X-Correlation-Id"] = str(uuid.uuid4())
-    response.force_close()  # the body may follow anyway: not read, the connection goes
-    return response
+    return _closing(_error_answer(request, envelope, status=status))
 
 
 def make_app(

@@ -71,10 +71,7 @@ def _one_connection(
     url = urllib.parse.urlsplit(base_url)
     if url.scheme != "http" or not url.hostname:
         raise Unavailable(f"{base_url} is not an http:// URL")
-    timeout = READ_TIMEOUT_S
-    if deadline is not None:  # a read blocks at most until the deadline
-        timeout = max(0.01, min(timeout, deadline - time.monotonic()))
-    conn = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=timeout)
+    conn = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=_read_timeout(deadline))
     headers = {"Accept": "text/event-stream", "Last-Event-ID": str(after)}
     if token:
         headers["Authorization"] = f"Bearer {token}"
@@ -89,13 +86,20 @@ def _one_connection(
         if response.status != 200:
             raise Unavailable(f"{base_url} answered {response.status} {response.reason}")
 
-        def before_read() -> None:  # each read blocks at most until the deadline
+        def before_read() -> None:
             if deadline is not None and conn.sock is not None:
-                conn.sock.settimeout(max(0.01, min(READ_TIMEOUT_S, deadline - time.monotonic())))
+                conn.sock.settimeout(_read_timeout(deadline))
 
         yield from _parse(response, before_read)
     finally:
         conn.close()
+
+
+def _read_timeout(deadline: float | None) -> float:
+    """How long one read may block: READ_TIMEOUT_S, and never past `deadline`."""
+    if deadline is None:
+        return READ_TIMEOUT_S
+    return max(0.01, min(READ_TIMEOUT_S, deadline - time.monotonic()))
 
 
 def _parse(

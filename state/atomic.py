@@ -33,7 +33,7 @@ import os
 import secrets
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,14 +186,25 @@ def _syncfs_is_cheap(files: int) -> bool:
 
 
 def _sync_files(files: Sequence[Path]) -> None:
-    """Make the data of `files` durable: one syncfs per filesystem while that is cheap, else
-    an fsync of each (a file gone since is fine: a later write of the group replaced it)."""
-    if not files:
+    """Make the data of `files` durable (a file gone since is fine: a later write of the
+    group replaced it)."""
+    _sync_paths(files, {path.parent for path in files})
+
+
+def _sync_folders(folders: set[Path]) -> None:
+    """Make the entries of `folders` durable."""
+    _sync_paths(folders, folders)
+
+
+def _sync_paths(paths: Collection[Path], folders: set[Path]) -> None:
+    """One syncfs per filesystem holding `folders` while that is cheap, else an fsync of
+    each of `paths` (files or folders; one gone since is skipped)."""
+    if not paths:
         return
-    if _syncfs_is_cheap(len(files)):
-        _syncfs_all({path.parent for path in files})
+    if _syncfs_is_cheap(len(paths)):
+        _syncfs_all(folders)
         return
-    for path in files:
+    for path in paths:
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
@@ -202,19 +213,6 @@ def _sync_files(files: Sequence[Path]) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def _sync_folders(folders: set[Path]) -> None:
-    """Make the entries of `folders` durable: one syncfs per filesystem while that is cheap,
-    else an fsync of each folder."""
-    if not folders:
-        return
-    if _syncfs_is_cheap(len(folders)):
-        _syncfs_all(folders)
-        return
-    for folder in folders:
-        with contextlib.suppress(FileNotFoundError):
-            fsync_dir(folder)
 
 
 def _syncfs_all(folders: set[Path]) -> None:

@@ -115,13 +115,21 @@ def evict(session: Session, reason: Eviction, *, now: float) -> Session:
 
 
 def refusal(
-    store: SessionStore, session_id: str, limits: desired.SessionsConfig, *, now: float
+    store: SessionStore,
+    session_id: str,
+    limits: desired.SessionsConfig,
+    *,
+    now: float,
+    max_tokens: int = 0,
+    pending_tokens: int = 0,
 ) -> errors.ErrorEnvelope | None:
     """The error for a new turn of a session past one of its limits (evicting it then, so
-    the next turn names the same limit); None when the turn may run."""
+    the next turn names the same limit), or for a turn asking for `max_tokens` more than its
+    token budget has left once `pending_tokens` (its turns still queued or running) are
+    counted; None when the turn may run."""
     session = store.get(session_id)
     if session is None:
-        return None
+        return _over_budget(None, session_id, limits, max_tokens, pending_tokens)
     reason = limit_reached(
         session,
         now=now,
@@ -130,7 +138,7 @@ def refusal(
         token_budget=limits.token_budget,
     )
     if reason is None:
-        return None
+        return _over_budget(session, session_id, limits, max_tokens, pending_tokens)
     if not session.evicted:
         store.put(evict(session, reason, now=now))
     code, text = {
@@ -148,6 +156,32 @@ def refusal(
         ),
     }[reason]
     return errors.envelope(code, text)
+
+
+def _over_budget(
+    session: Session | None,
+    session_id: str,
+    limits: desired.SessionsConfig,
+    max_tokens: int,
+    pending_tokens: int,
+) -> errors.ErrorEnvelope | None:
+    """The refusal of a turn that could write more than the budget has left: a session
+    never writes more than its budget (the turn is refused, the session is not evicted)."""
+    budget = limits.token_budget
+    if budget is None:
+        return None
+    spent = session.tokens_out if session is not None else 0
+    left = max(0, budget - spent - pending_tokens)
+    if max_tokens <= left:
+        return None
+    return errors.envelope(
+        ErrorCode.SESSION_BUDGET_EXCEEDED,
+        f"max_tokens: {max_tokens} is over what session {session_id!r} has left of its "
+        f"{budget}-token budget ({left}, counting its tasks still queued or running)",
+        hint=f"lower max_tokens to {left}, or start a new session_id"
+        if left
+        else "start a new session_id, or raise sessions.token_budget",
+    )
 
 
 def count_turn(store: SessionStore, session_id: str, task_id: str, *, now: float) -> None:
