@@ -208,7 +208,11 @@ def _parser() -> argparse.ArgumentParser:
 
     v = verb("validate", cli_validate.cmd_validate, "check orch.yaml, task and inventory files")
     v.add_argument(
-        "files", nargs="+", type=Path, metavar="FILE", help="orch.yaml, *.task.yaml, inventory"
+        "files",
+        nargs="*",
+        type=Path,
+        metavar="FILE",
+        help="orch.yaml, *.task.yaml, inventory (default: --config, else ./orch.yaml)",
     )
     v.add_argument(
         "--config",

@@ -38,6 +38,14 @@ class Config:
 def cmd_validate(args: argparse.Namespace) -> int:
     reg = registry.load()
     files: list[Path] = list(args.files)
+    if not files and args.config is None:
+        if not Path("orch.yaml").exists():
+            raise Refused(
+                EXIT_USAGE,
+                "nothing to check: no FILE given and no orch.yaml in this folder",
+                hint="name the files: orchctl validate orch.yaml tasks/*.task.yaml",
+            )
+        files = [Path("orch.yaml")]
     if args.config is not None and args.config.is_file() and _kind(args.config) != "config":
         raise Refused(
             EXIT_USAGE,

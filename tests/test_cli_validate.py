@@ -226,3 +226,20 @@ def test_a_verb_given_an_unreadable_or_wrong_config_names_the_problem(tmp_path: 
     ran = orchctl("status", "--config", tmp_path / "a.task.yaml")
     assert "a.task.yaml:1:1: model: unknown key 'model'" in ran.err, ran.err
     assert "(and 2 more)" in ran.err and "`orchctl validate" in ran.err
+
+
+def test_with_no_file_it_checks_the_orch_yaml_of_this_folder(config: Path) -> None:
+    ran = orchctl("validate", cwd=config.parent)
+    assert ran.code == 0, ran.out + ran.err
+    assert ran.out_lines == ["orch.yaml: ok"]
+    config.write_text(CONFIG.replace("max_tokens: 100", "max_tokens: lots"))
+    ran = orchctl("validate", cwd=config.parent)
+    assert ran.code == 2
+    assert ran.out.startswith("orch.yaml:") and "max_tokens" in ran.out
+
+
+def test_with_no_file_and_no_orch_yaml_here_it_says_what_to_name(tmp_path: Path) -> None:
+    ran = orchctl("validate", cwd=tmp_path)
+    assert ran.code == 2
+    assert "no FILE given and no orch.yaml in this folder" in ran.err
+    assert "orchctl validate orch.yaml" in ran.err
