@@ -122,6 +122,8 @@ def check_config(path: Path, reg: registry.Registry) -> list[Finding]:
         return [Finding(e) for e in loaded.errors]
     _, node = _parse(path)
     found = preflight.check(path, loaded.data, node, reg)
+    if loaded.value is not None:
+        found += preflight.fits(path, loaded.value, node, reg)
     mine = [f.error.field for f in found if not f.warning and f.error.field]
     schema = [
         Finding(e)

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from plugins import engine_llamacpp, gpu_nvml, gpu_simulated, registry
+from reconciler import specs
 from state import desired, errors, loading, parsing
 
 # Engines that load the model file themselves; the `sim` engine only simulates one.
@@ -217,3 +218,119 @@ def _engines(pools: list[dict[str, Any]], engines: Any, report: Report) -> None:
             " ".join(exc.fix.split()),
             warning=True,
         )
+
+
+def fits(
+    path: Path, state: desired.DesiredState, node: yaml.Node | None, reg: registry.Registry
+) -> list[Finding]:
+    """Pools whose replica could not start even on empty GPUs of this machine (or the
+    simulated inventory): the engine's own VRAM estimate, as the daemon plans with it, above
+    what the pool's GPUs hold after the reserve and their other users. A warning: the pool
+    waits, Unschedulable, until the config or the machine changes."""
+    base = path.resolve().parent
+    try:
+        observer = reg.observer(state, base)
+    except Exception:  # no driver, bad inventory: reported by `check` already
+        return []
+    try:
+        snapshot = observer.observe()
+    finally:
+        observer.close()
+    room = {
+        index: mib - state.gpus.reserve_mib
+        for index, mib in (
+            (int(k), v) for k, v in specs.engine_room_mib(snapshot, _indices(snapshot)).items()
+        )
+    }
+    if not room:
+        return []
+    found = []
+    for i, pool in enumerate(state.pools):
+        engine = reg.engines.get(pool.engine)
+        if engine is None or pool.model not in state.models:
+            continue
+        pinned = tuple(pool.devices) if isinstance(pool.devices, list) else None
+        if pinned is not None and any(d not in room for d in pinned):
+            continue  # a missing GPU is `check`'s error
+        need = engine.estimate_vram_mib(_probe(pool, state, base, reg, pinned or (0,)))
+        problem = _no_room(pool, need, pinned, room, state.gpus.reserve_mib)
+        if problem is None:
+            continue
+        message, hint = problem
+        loc: tuple[Any, ...] = ("pools", i, "devices" if pinned else "model")
+        line, column = loading.locate(node, loc)
+        error = loading.LoadError(str(path), line, column, parsing.dotted(loc), message, hint)
+        found.append(Finding(error, warning=True))
+    return found
+
+
+def _indices(snapshot: Any) -> list[int]:
+    return [g.index for g in snapshot.gpus]
+
+
+def _probe(
+    pool: desired.PoolSpec,
+    state: desired.DesiredState,
+    base: Path,
+    reg: registry.Registry,
+    devices: tuple[int, ...],
+) -> Any:
+    """The spec the daemon would size one replica of `pool` with."""
+    ref = state.models[pool.model].ref
+    resolver = reg.resolvers.get(ref.split(":", 1)[0] if ":" in ref else "file")
+    found = None
+    if resolver is not None:
+        try:
+            found = resolver(ref, base)
+        except Exception:  # the download resolver may refuse a ref: sized from size_mib
+            found = None
+    return specs.replica_spec(
+        pool,
+        state,
+        replica_id=f"{pool.id}-probe",
+        devices=devices,
+        model_path=found.path if found else None,
+        file_size_mib=found.size_mib if found else None,
+        snapshot=None,
+        state_dir=base / state.paths.state,
+    )
+
+
+def _no_room(
+    pool: desired.PoolSpec,
+    need: int,
+    pinned: tuple[int, ...] | None,
+    room: dict[int, int],
+    reserve_mib: int,
+) -> tuple[str, str] | None:
+    """(message, hint) when one replica of `pool`, needing `need` MiB, fits nowhere it may go."""
+    sizing = f"model {pool.model}, ctx {pool.ctx} × {pool.slots} slots"
+    if pinned is None:
+        best = min(room, key=lambda i: (-room[i], i))
+        if need <= room[best]:
+            return None
+        return (
+            f"pool {pool.id} can never start here: one replica needs about {need:,} MiB "
+            f"({sizing}) and the largest GPU, GPU {best}, has {max(room[best], 0):,} MiB for "
+            f"engines after the {reserve_mib} MiB reserve",
+            "lower ctx or slots, choose a smaller model file, or split the model over GPUs "
+            f"with devices: [{', '.join(map(str, sorted(room)))}]",
+        )
+    share = -(-need // len(pinned))
+    short = [d for d in pinned if room[d] < share]
+    if not short:
+        return None
+    d = short[0]
+    each = "" if len(pinned) == 1 else f" on each of its {len(pinned)} GPUs"
+    elsewhere = [i for i in sorted(room) if i not in pinned and room[i] >= need]
+    return (
+        f"pool {pool.id} can never start here: one replica needs about {share:,} MiB{each} "
+        f"({sizing}) and GPU {d} has {max(room[d], 0):,} MiB for engines after the "
+        f"{reserve_mib} MiB reserve",
+        (
+            f"pin GPU {elsewhere[0]}, which can hold it, or use devices: auto; or "
+            if elsewhere
+            else ""
+        )
+        + "lower ctx or slots, or choose a smaller model file",
+    )

@@ -243,3 +243,64 @@ def test_with_no_file_and_no_orch_yaml_here_it_says_what_to_name(tmp_path: Path)
     assert ran.code == 2
     assert "no FILE given and no orch.yaml in this folder" in ran.err
     assert "orchctl validate orch.yaml" in ran.err
+
+
+def _sized(tmp_path: Path, size_mib: int, devices: str) -> Path:
+    path = tmp_path / "orch.yaml"
+    path.write_text(
+        "version: 1\n"
+        f"gpus: {{observer: simulated, inventory: {INVENTORY}, reserve_mib: 512}}\n"
+        f'models:\n  big: {{ref: "file:big.gguf", size_mib: {size_mib}}}\n'
+        "pools:\n"
+        f"  - {{id: p1, engine: sim, model: big, devices: {devices}, ctx: 4096, slots: 2}}\n"
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    ("size_mib", "devices", "expected"),
+    [
+        (
+            14000,
+            "[1]",
+            ":6:48: warning: pools[0].devices: pool p1 can never start here: one replica needs "
+            "about 15,212 MiB (model big, ctx 4096 × 2 slots) and GPU 1 has 11,776 MiB for "
+            "engines after the 512 MiB reserve (hint: pin GPU 0, which can hold it, or use "
+            "devices: auto; or lower ctx or slots, or choose a smaller model file)",
+        ),
+        (
+            40000,
+            "auto",
+            ":6:34: warning: pools[0].model: pool p1 can never start here: one replica needs "
+            "about 41,212 MiB (model big, ctx 4096 × 2 slots) and the largest GPU, GPU 0, has "
+            "23,644 MiB for engines after the 512 MiB reserve (hint: lower ctx or slots, choose "
+            "a smaller model file, or split the model over GPUs with devices: [0, 1])",
+        ),
+        (
+            30000,
+            "[0, 1]",
+            ":6:48: warning: pools[0].devices: pool p1 can never start here: one replica needs "
+            "about 15,606 MiB on each of its 2 GPUs (model big, ctx 4096 × 2 slots) and GPU 1 "
+            "has 11,776 MiB for engines after the 512 MiB reserve (hint: lower ctx or slots, or "
+            "choose a smaller model file)",
+        ),
+    ],
+)
+def test_a_pool_that_cannot_fit_even_on_empty_gpus_is_a_warning_naming_the_numbers(
+    tmp_path: Path, size_mib: int, devices: str, expected: str
+) -> None:
+    config = _sized(tmp_path, size_mib, devices)
+    ran = orchctl("validate", config)
+    assert ran.code == 0, ran.out
+    assert ran.out_lines == [f"{config}{expected}", f"{config}: ok (1 warning)"]
+
+
+@pytest.mark.parametrize(
+    ("size_mib", "devices"), [(14000, "[0]"), (20000, "auto"), (20000, "[0, 1]")]
+)
+def test_a_pool_that_fits_its_gpus_gets_no_warning(
+    tmp_path: Path, size_mib: int, devices: str
+) -> None:
+    config = _sized(tmp_path, size_mib, devices)
+    ran = orchctl("validate", config)
+    assert ran.out_lines == [f"{config}: ok"], ran.out
