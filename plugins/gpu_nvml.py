@@ -34,8 +34,8 @@ SIMULATE_HINT = (
 )
 DRIVER_FIX = (
     "Install the NVIDIA driver (it provides libnvidia-ml.so.1, which NVML needs), then reboot:\n"
-    "  Arch / CachyOS:   sudo pacman -S nvidia nvidia-utils\n"
-    "                    (or, for RTX 20xx and newer: sudo pacman -S nvidia-open nvidia-utils)\n"
+    "  Arch / CachyOS:   sudo pacman -S nvidia-open nvidia-utils\n"
+    "                    (or, for GTX 10xx and older: sudo pacman -S nvidia nvidia-utils)\n"
     "  Debian / Ubuntu:  sudo ubuntu-drivers install\n"
     "                    (or: sudo apt install nvidia-driver   # Debian, from non-free)\n"
     "  then:             sudo reboot\n"

@@ -184,7 +184,7 @@ def test_a_missing_driver_explains_how_to_install_it_and_how_to_simulate() -> No
     assert "NVIDIA driver is not installed" in missing.what
     assert "libnvidia-ml.so.1" in missing.what
     for step in (
-        "sudo pacman -S nvidia nvidia-utils",
+        "sudo pacman -S nvidia-open nvidia-utils",
         "nvidia-open",
         "ubuntu-drivers",
         "apt install nvidia-driver",
