@@ -35,10 +35,11 @@ VRAM_TOLERANCE = 0.15
 def spec_hash(
     pool: desired.PoolSpec, model: desired.ModelSpec, engine: desired.EngineSpec | None
 ) -> str:
-    """What identifies a replica's config: a change means drain and replace. `replicas` and
-    placement-free fields are left out, so scaling never restarts unchanged replicas."""
+    """What identifies a replica's config: a change means drain and replace. What no engine
+    is started with is left out: `replicas`, so scaling never restarts unchanged replicas, and
+    `max_tokens`, an admission limit (raising it must not stop the tasks running)."""
     material = {
-        "pool": pool.model_dump(mode="json", exclude={"replicas"}),
+        "pool": pool.model_dump(mode="json", exclude={"replicas", "max_tokens"}),
         "model": model.model_dump(mode="json", exclude={"state"}),
         "engine": engine.model_dump(mode="json") if engine else None,
     }

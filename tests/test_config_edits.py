@@ -326,3 +326,32 @@ def test_config_values_are_taken_as_written_and_within_sane_bounds(
     loaded = desired.load_desired(path)
     assert loaded.value is None
     assert [(e.field, words in e.message) for e in loaded.errors] == [(field, True)], loaded.errors
+
+
+async def test_a_max_tokens_edit_keeps_the_replicas_and_their_running_tasks(
+    workspace: Workspace, serve: Any
+) -> None:
+    """max_tokens is an admission limit no engine is started with: raising it while a task
+    runs neither restarts the replica nor ends the task, and the new limit admits at once."""
+    cfg = config()
+    cfg["pools"][0]["max_tokens"] = 100
+    cfg["pools"][0]["sim"] = {"tokens_per_s": 40, "load_s": 0.0}
+    workspace.write_config(cfg)
+    await serve()
+    pid = _pool(workspace, "p1")["replicas"][0]["pid"]
+    workspace.submit("long.task.yaml", task("long", max_tokens=90))
+    await wait_for(lambda: _status_of(workspace, "long") == "running", 10, "long running")
+    revision = workspace.status()["config"]["revision"]
+    cfg["pools"][0]["max_tokens"] = 150
+    workspace.write_config(cfg)
+    await wait_for(
+        lambda: workspace.status()["config"]["revision"] != revision, 10, "the edit applied"
+    )
+    workspace.submit("bigger.task.yaml", task("bigger", max_tokens=120))
+    long, bigger = (
+        await wait_terminal(workspace, "long", 20),
+        await wait_terminal(workspace, "bigger", 20),
+    )
+    assert long["status"] == "succeeded" and long["tokens_out"] == 90, long
+    assert bigger["status"] == "succeeded", bigger
+    assert [r["pid"] for r in _pool(workspace, "p1")["replicas"]] == [pid]
