@@ -80,9 +80,11 @@ class Stream:
 
     @property
     def tokens_per_s(self) -> float | None:
+        """Decode speed: `decode_ms` runs from the first token to the last, so it spans the
+        tokens after the first."""
         if not self.decode_ms or len(self.tokens) < 2:
             return None
-        return len(self.tokens) * 1000.0 / self.decode_ms
+        return (len(self.tokens) - 1) * 1000.0 / self.decode_ms
 
 
 @dataclass(frozen=True)

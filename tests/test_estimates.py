@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -237,3 +238,27 @@ def test_estimating_the_whole_queue_at_once_gives_what_each_estimate_alone_gives
             e, order[:position], candidates=cands, busy=busy, deadline_in_ms=deadline(e)
         )
         assert every[e.task_id] == rates.Estimate(position, *alone)
+
+
+async def test_a_learned_speed_counts_the_tokens_its_decode_time_spans(
+    workspace: Any, serve: Any
+) -> None:
+    """The decode time runs from the first token to the end: a 2-token task at 20 tokens/s
+    decodes for 50 ms, which is 20 tokens/s, not 40. A task queued behind a 40-token one
+    is told it starts in about 2 s, not 1."""
+    from tests.conftest import config, task, wait_for, wait_terminal
+
+    cfg = config()
+    cfg["pools"][0] |= {"slots": 1, "sim": {"tokens_per_s": 20, "load_s": 0.0}}
+    workspace.write_config(cfg)
+    await serve()
+    workspace.submit("short.task.yaml", task("short", max_tokens=2))
+    assert (await wait_terminal(workspace, "short", 10))["status"] == "succeeded"
+    workspace.submit("long.task.yaml", task("long", max_tokens=40))
+    await wait_for(
+        lambda: (workspace.result("long") or {}).get("status") == "running", 10, "long running"
+    )
+    workspace.submit("next.task.yaml", task("next", max_tokens=2))
+    await wait_for(lambda: workspace.result("next"), 10, "next queued")
+    predicted = workspace.result("next")["predicted_start_ms"]
+    assert 1500 <= predicted <= 2600, predicted
