@@ -163,20 +163,19 @@ def session_problem(d: dispatch.Dispatcher, run: tasking.TaskRun) -> ErrorEnvelo
         return None
     # the budget holds what the session's tasks may still write: up to max_tokens for each of
     # its tasks still queued or running, beside what its finished ones wrote
-    pending = 0
-    if state.sessions.token_budget is not None:
-        pending = sum(
-            other.task.max_tokens
-            for other in d.runs.values()
-            if other.task.session_id == sid and other.task_id != run.task_id
-        )
+    others = [
+        other.task.max_tokens
+        for other in d.runs.values()
+        if other.task.session_id == sid and other.task_id != run.task_id
+    ]
     return sessions.refusal(
         d.sessions,
         sid,
         state.sessions,
         now=d.clock.now(),
         max_tokens=run.task.max_tokens,
-        pending_tokens=pending,
+        pending_tokens=sum(others) if state.sessions.token_budget is not None else 0,
+        in_use=bool(others),  # a turn still queued or running: the session is in use
     )
 
 

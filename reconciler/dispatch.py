@@ -136,7 +136,10 @@ class Dispatcher:
         if state is None:
             return
         ttl_s = state.sessions.ttl_s
-        for session in sessions.sweep(self.sessions, ttl_s=ttl_s, now=self.clock.now()):
+        in_use = {run.task.session_id for run in self.runs.values() if run.task.session_id}
+        for session in sessions.sweep(
+            self.sessions, ttl_s=ttl_s, now=self.clock.now(), in_use=in_use
+        ):
             logs.emit(
                 log,
                 "session.evicted",

@@ -12,7 +12,7 @@ instead of silently starting over. Files, so a daemon restart keeps them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Literal
 
@@ -83,12 +83,19 @@ class SessionStore:
 
 
 def limit_reached(
-    session: Session, *, now: float, ttl_s: float, max_turns: int, token_budget: int | None
+    session: Session,
+    *,
+    now: float,
+    ttl_s: float,
+    max_turns: int,
+    token_budget: int | None,
+    in_use: bool = False,
 ) -> Eviction | None:
-    """Which limit, if any, ends this session before its next turn."""
+    """Which limit, if any, ends this session before its next turn. A session `in_use` (a
+    task of it queued or running) does not expire: its TTL counts from its last use."""
     if session.evicted:
         return session.evicted
-    if now - session.last_used_at > ttl_s:
+    if not in_use and now - session.last_used_at > ttl_s:
         return "expired"
     if session.turns >= max_turns:
         return "turns"
@@ -122,6 +129,7 @@ def refusal(
     now: float,
     max_tokens: int = 0,
     pending_tokens: int = 0,
+    in_use: bool = False,
 ) -> errors.ErrorEnvelope | None:
     """The error for a new turn of a session past one of its limits (evicting it then, so
     the next turn names the same limit), or for a turn asking for `max_tokens` more than its
@@ -136,6 +144,7 @@ def refusal(
         ttl_s=limits.ttl_s,
         max_turns=limits.max_turns,
         token_budget=limits.token_budget,
+        in_use=in_use,
     )
     if reason is None:
         return _over_budget(session, session_id, limits, max_tokens, pending_tokens)
@@ -217,10 +226,15 @@ def touch(
     )
 
 
-def sweep(store: SessionStore, *, ttl_s: float, now: float) -> list[Session]:
-    """Evict sessions past their TTL; returns the ones evicted now."""
+def sweep(
+    store: SessionStore, *, ttl_s: float, now: float, in_use: Collection[str] = ()
+) -> list[Session]:
+    """Evict sessions past their TTL, but those `in_use` (a task of theirs queued or
+    running); returns the ones evicted now."""
     evicted = []
     for session in store.all():
+        if session.session_id in in_use:
+            continue
         if session.evicted is None and now - session.last_used_at > ttl_s:
             store.put(evict(session, "expired", now=now))
             evicted.append(session)

@@ -11,7 +11,7 @@ import pytest
 from reconciler import clocks
 from reconciler import daemon as daemons
 from state import spool
-from tests.conftest import Workspace, config, task, wait_for, wait_terminal
+from tests.conftest import Workspace, _all_ready, config, task, wait_for, wait_terminal
 
 pytestmark = pytest.mark.slow
 
@@ -261,6 +261,30 @@ async def test_sessions_expire_and_run_out_of_turns_on_a_fake_clock(workspace: W
 
         workspace.submit("c1.task.yaml", task("c1", session_id="s-new"))
         assert (await wait_terminal(workspace, "c1"))["status"] == "succeeded"
+    finally:
+        d.stop()
+        await asyncio.wait_for(job, 20)
+
+
+async def test_a_session_with_a_turn_running_past_its_ttl_does_not_expire(
+    workspace: Workspace,
+) -> None:
+    """A session is in use while a task of it is queued or running: a turn that runs past the
+    TTL keeps it, and the next turn, sent meanwhile, is taken."""
+    workspace.write_config(_slow(tokens_per_s=20, sessions={"ttl_s": 60, "max_turns": 8}))
+    clock = clocks.FakeClock()
+    d = daemons.build(daemons.Options(config_path=workspace.config_path, resync_s=0.1), clock=clock)
+    job = asyncio.get_running_loop().create_task(d.run())
+    try:
+        await wait_for(lambda: _all_ready(workspace), 15, "pools Ready")
+        workspace.submit("long.task.yaml", task("long", session_id="s-busy", max_tokens=40))
+        await wait_for(lambda: _started(workspace, "long"))
+        clock.advance(61)
+        await asyncio.sleep(0.5)  # passes sweep sessions meanwhile
+        workspace.submit("next.task.yaml", task("next", session_id="s-busy", max_tokens=2))
+        for task_id in ("long", "next"):
+            result = await wait_terminal(workspace, task_id, 20)
+            assert result["status"] == "succeeded", result
     finally:
         d.stop()
         await asyncio.wait_for(job, 20)
