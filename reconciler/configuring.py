@@ -48,6 +48,7 @@ class AppliedConfig:
     applied_at: str | None = None
     errors: list[loading.LoadError] = field(default_factory=list)
     from_last_good: bool = False  # serving .orch/last-good.yaml because orch.yaml is invalid
+    gpus_from_option: bool = False  # `serve --simulate FILE`: orch.yaml's gpus: observer unused
     applied_digest: str | None = None  # sha256 hex of the orch.yaml bytes applied last
     # path → wall-clock time the watcher last saw a file renamed onto it (watching.start)
     renamed: dict[str, float] = field(default_factory=dict)
@@ -196,7 +197,8 @@ class AppliedConfig:
         applied while the daemon went on using the old folders and address."""
         if self.state is None:
             return []
-        running, wanted = _read_at_start(self.state), _read_at_start(state)
+        gpus = not self.gpus_from_option
+        running, wanted = _read_at_start(self.state, gpus), _read_at_start(state, gpus)
         errors = []
         for where, old in running.items():
             new = wanted[where]
@@ -249,11 +251,18 @@ def _meta_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def _read_at_start(state: desired.DesiredState) -> dict[tuple[str, str], object]:
-    """The values the daemon takes once, at its start, by where they are in orch.yaml."""
-    values: dict[tuple[str, str], object] = {("server", "bind"): state.server.bind}
-    for name, value in state.paths.model_dump().items():
-        values[("paths", name)] = value
+def _read_at_start(state: desired.DesiredState, gpus: bool) -> dict[tuple[str, str], object]:
+    """The values the daemon takes once, at its start, by where they are in orch.yaml: its
+    folders, its HTTP server and its token (`auth:`: a token required by an edit must not be
+    reported applied while the API stays open), and (unless `serve --simulate` chose them)
+    its GPU observer with the simulated inventory file it reads."""
+    values: dict[tuple[str, str], object] = {}
+    for section, model in (("server", state.server), ("auth", state.auth), ("paths", state.paths)):
+        for name, value in model.model_dump().items():
+            values[(section, name)] = value
+    if gpus:
+        values[("gpus", "observer")] = state.gpus.observer
+        values[("gpus", "inventory")] = state.gpus.inventory
     return values
 
 

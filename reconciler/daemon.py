@@ -127,6 +127,7 @@ def build(
     )
     runtime.last_snapshot = runtime.observer.observe()
     config.gpu_indices = runtime.gpu_indices
+    config.gpus_from_option = options.simulate is not None
     if absent := config.device_errors(state):
         runtime.observer.close()
         listed = "\n".join(f"  {e}" for e in absent)

@@ -174,10 +174,18 @@ async def test_a_config_renamed_into_place_is_applied_without_the_settle_wait(
 
 
 @pytest.mark.parametrize(
-    ("where", "value"), [(("paths", "spool"), "spool-new"), (("server", "bind"), "127.0.0.1:1")]
+    ("where", "value"),
+    [
+        (("paths", "spool"), "spool-new"),
+        (("server", "bind"), "127.0.0.1:1"),
+        (("gpus", "inventory"), "one-gpu.yaml"),
+        (("gpus", "observer"), "nvml"),
+        (("auth", "optional_on_loopback"), False),
+        (("server", "public_url"), "https://llm.example.net"),
+    ],
 )
 async def test_an_edit_of_what_is_read_at_start_waits_for_a_restart_and_says_so(
-    workspace: Workspace, serve: Any, where: tuple[str, str], value: str
+    workspace: Workspace, serve: Any, where: tuple[str, str], value: object
 ) -> None:
     await serve()
     applied = workspace.status()["config"]["revision"]
