@@ -60,9 +60,9 @@ def admit(d: dispatch.Dispatcher, run: tasking.TaskRun, *, recovered: bool) -> N
             recovered=recovered,
             error=errors.envelope(
                 ErrorCode.ADMISSION_REJECT,
-                f"the queue is full ({d.queue.capacity} tasks, policy reject)",
+                _full_message(d, run),
                 retry_after_ms=_retry_after_ms(d),
-                policy_label="reject",
+                policy_label=d.queue.full_policy,
             ),
         )
     if outcome.evicted is not None:
@@ -154,6 +154,15 @@ def _starts_now(d: dispatch.Dispatcher, entry: queues.Entry) -> bool:
         if c.ready and c.model_id == entry.model_id
     )
     return free > d.queue.count_of_model(entry.model_id)
+
+
+def _full_message(d: dispatch.Dispatcher, run: tasking.TaskRun) -> str:
+    """Why a full queue refused `run`, in the words of its policy."""
+    full = f"the queue is full ({d.queue.capacity} tasks, policy {d.queue.full_policy})"
+    if d.queue.full_policy == "reject":
+        return full
+    # drop-lru refuses only a batch newcomer while only interactive tasks wait
+    return f"{full}: only interactive tasks wait, and a batch task never evicts one"
 
 
 def session_problem(d: dispatch.Dispatcher, run: tasking.TaskRun) -> ErrorEnvelope | None:

@@ -237,6 +237,26 @@ async def test_a_full_queue_applies_its_policy(
         assert (await wait_terminal(workspace, "new", 20))["status"] == "succeeded"
 
 
+async def test_drop_lru_refusing_a_batch_task_says_so_in_its_own_words(
+    workspace: Workspace, serve: Any
+) -> None:
+    cfg = _slow(tokens_per_s=20, queue={"capacity": 2, "full_policy": "drop-lru"})
+    workspace.write_config(cfg)
+    await serve()
+    workspace.submit("run.task.yaml", task("run", max_tokens=30))
+    await wait_for(lambda: _started(workspace, "run"))
+    for name in ("i1", "i2"):
+        workspace.submit(f"{name}.task.yaml", task(name, max_tokens=2, priority="interactive"))
+        await wait_for(lambda n=name: workspace.result(n))  # type: ignore[misc]
+    workspace.submit("b.task.yaml", task("b", max_tokens=2, priority="batch"))
+    error = (await wait_terminal(workspace, "b"))["error"]
+    assert (error["code"], error["policy_label"]) == ("ADMISSION_REJECT", "drop-lru")
+    assert error["message"] == (
+        "the queue is full (2 tasks, policy drop-lru): only interactive tasks wait, "
+        "and a batch task never evicts one"
+    )
+
+
 async def test_sessions_expire_and_run_out_of_turns_on_a_fake_clock(workspace: Workspace) -> None:
     workspace.write_config(config(sessions={"ttl_s": 600, "max_turns": 2}))
     clock = clocks.FakeClock()
