@@ -33,6 +33,7 @@ ERROR_TYPES = {
     409: "conflict_error",
     413: "invalid_request_error",
     415: "invalid_request_error",
+    417: "invalid_request_error",
     429: "rate_limit_error",
     503: "unavailable_error",
 }
@@ -58,7 +59,8 @@ def error_body(
     return {
         "error": {
             "message": envelope.message,
-            "type": ERROR_TYPES.get(status, "server_error"),
+            "type": ERROR_TYPES.get(status)
+            or ("invalid_request_error" if 400 <= status < 500 else "server_error"),
             "code": str(envelope.code),
             "param": param,
             "retriable": envelope.retriable,

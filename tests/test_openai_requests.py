@@ -227,3 +227,11 @@ def test_the_whole_answer_comes_from_the_result() -> None:
     )
     assert text["object"] == "text_completion" and text["choices"][0]["text"] == "abc"
     assert text["usage"]["prompt_tokens"] == 2
+
+
+@pytest.mark.parametrize("status", [400, 404, 405, 409, 411, 413, 414, 417, 422, 429, 431, 500, 503])
+def test_an_error_type_follows_its_status_class(status: int) -> None:
+    """A client error is never typed a server error (OpenAI's SDKs retry those)."""
+    envelope = errors.envelope(errors.ErrorCode.INVALID_PARAMS, "x")
+    kind = openai_chunks.error_body(envelope, status=status)["error"]["type"]
+    assert (kind == "server_error") == (status >= 500) or kind == "unavailable_error", kind
