@@ -112,7 +112,9 @@ def _models(backend: api.Backend) -> list[dict[str, Any]]:
                 "created": created,
                 "owned_by": "llama-orch",
                 "state": spec.state,
-                "ready": model_id not in blocked and any(p.state == "Ready" for p in serving),
+                "ready": spec.state == "Active"
+                and model_id not in blocked
+                and any(p.state == "Ready" for p in serving),
                 "pools": [
                     {
                         "pool_id": p.id,
@@ -133,8 +135,12 @@ async def list_models(request: web.Request) -> web.StreamResponse:
 
 async def get_model(request: web.Request) -> web.StreamResponse:
     wanted = request.match_info["model_id"]
-    for model in _models(request.app[BACKEND]):
-        if model["id"] == wanted:
+    backend = request.app[BACKEND]
+    state = backend.config.state
+    # a pool id names a model too, as in a request's `model` (the pool's model, pinned)
+    pooled = next((p.model for p in state.pools if p.id == wanted), None) if state else None
+    for model in _models(backend):
+        if model["id"] in (wanted, pooled):
             return web.json_response(model)
     raise ApiError(ErrorCode.MODEL_UNKNOWN, f"model {wanted[:128]!r} is not in orch.yaml")
 

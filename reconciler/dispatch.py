@@ -229,8 +229,11 @@ class Dispatcher:
             found = admission.check(run.task, target, state=state, pools=views, blocked=blocked)
             if found is None or found.code not in _TARGET_CODES:
                 continue
+            # a model gone or Retired can only be an edit of orch.yaml (a pool can also be
+            # drained over the API, a model blocked by its verification)
+            edited = found.code in (ErrorCode.MODEL_UNKNOWN, ErrorCode.MODEL_RETIRED)
             for entry in self.queue.of_target(first.target):
-                self._fail_queued(entry, found)
+                self._fail_queued(entry, found, changed=edited)
         # The rest depend on each task (its prompt and max_tokens against the pools' ctx and
         # max_tokens): checked again whenever those limits change, so a task that no longer
         # fits (ctx lowered while it waited) fails saying why instead of waiting for ever

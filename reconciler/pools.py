@@ -342,6 +342,7 @@ class PoolRuntime:
             waiting=pool.id in self.waiting,
             drained=self._drained_reason(pool.id),
             downloading=self.downloading.get(pool.id),
+            retired=_retired(self.config.state, pool.model),
         )
 
     def _drained_reason(self, pool_id: str) -> str | None:
@@ -399,3 +400,8 @@ def _shown_blocked(
         f"/v1/catalog/models/{model_id}/verify"
     )
     return state, why + (f"; {reason}" if reason else "")
+
+
+def _retired(state: desired.DesiredState | None, model_id: str) -> bool:
+    model = state.models.get(model_id) if state else None
+    return model is not None and model.state == "Retired"

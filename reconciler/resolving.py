@@ -98,7 +98,9 @@ def wants(runtime: pools.PoolRuntime, state: desired.DesiredState) -> list[plann
         runtime.problems.pop(pool.id, None)
         wanted = want(runtime, pool, state)
         drain = runtime.drained.get(pool.id)
-        if drain is not None and drain.spec_hash == wanted.spec_hash:
+        if state.models[pool.model].state == "Retired":  # retiring a model unloads its pools
+            wanted = dataclasses.replace(wanted, replicas=0)
+        elif drain is not None and drain.spec_hash == wanted.spec_hash:
             wanted = dataclasses.replace(wanted, replicas=0)  # drained: serve nothing
         elif drain is not None:
             runtime.undrain(pool.id, "its config changed")

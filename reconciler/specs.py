@@ -176,14 +176,21 @@ def pool_condition(
     waiting: bool,
     drained: str | None = None,
     downloading: str | None = None,
+    retired: bool = False,
 ) -> tuple[statusfile.PoolState, str | None]:
     """A pool's state and the reason shown beside it, from its replicas and what planning
     said about it. Ready with a reason means serving while converging, or degraded: some
     replicas serve and the others cannot be placed. A drained pool (`drained`: why) is
-    Stopped, whatever its replicas are still doing. A pool whose model file is still
+    Stopped, whatever its replicas are still doing, as is a pool of a Retired model (`retired`:
+    unloaded). A pool whose model file is still
     downloading is Progressing with the percent done."""
     if problem is not None:
         return "Failed", problem
+    if retired:
+        return "Stopped", (
+            f"model {pool.model} is Retired in orch.yaml: its replicas are unloaded; "
+            "set its state: Active to serve it again"
+        )
     if drained is not None:
         return "Stopped", drained
     if downloading is not None:

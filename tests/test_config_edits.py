@@ -363,3 +363,34 @@ async def test_a_max_tokens_edit_keeps_the_replicas_and_their_running_tasks(
     assert long["status"] == "succeeded" and long["tokens_out"] == 90, long
     assert bigger["status"] == "succeeded", bigger
     assert [r["pid"] for r in _pool(workspace, "p1")["replicas"]] == [pid]
+
+
+async def test_retiring_a_model_unloads_its_pools_and_fails_its_queued_tasks(
+    workspace: Workspace, serve: Any
+) -> None:
+    import aiohttp
+
+    cfg = config()
+    cfg["pools"][0] |= {"slots": 1, "sim": {"tokens_per_s": 20, "load_s": 0.0}}
+    workspace.write_config(cfg)
+    running = await serve()
+    workspace.submit("busy.task.yaml", task("busy", max_tokens=40))
+    await wait_for(lambda: _status_of(workspace, "busy") == "running", 10, "busy running")
+    workspace.submit("waits.task.yaml", task("waits", max_tokens=2))
+    await wait_for(lambda: _status_of(workspace, "waits") == "queued", 10, "waits queued")
+    cfg["models"]["m1"]["state"] = "Retired"
+    workspace.write_config(cfg)
+    waits = await wait_terminal(workspace, "waits", 10)
+    assert waits["status"] == "failed" and waits["error"]["code"] == "MODEL_RETIRED"
+    assert waits["error"]["message"].endswith("(orch.yaml changed while the task waited)")
+    busy = await wait_terminal(workspace, "busy", 10)  # the running task finishes its drain
+    assert busy["status"] == "succeeded", busy
+    await wait_for(lambda: _pool(workspace, "p1")["replicas"] == [], 10, "the pool unloaded")
+    pool = _pool(workspace, "p1")
+    assert pool["state"] == "Stopped" and "model m1 is Retired" in pool["reason"]
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{running.daemon.server.url}/v1/models/m1") as r,
+    ):
+        model = await r.json()
+    assert (model["state"], model["ready"]) == ("Retired", False)

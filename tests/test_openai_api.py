@@ -58,6 +58,8 @@ async def test_the_model_list_shows_the_models_of_orch_yaml_and_their_pools(
     async with client(running) as oa:
         models = {m.id: m for m in (await oa.models.list()).data}
         one = await oa.models.retrieve("m1")
+        by_pool = await oa.models.retrieve("p1")  # a pool id names its model, as in requests
+    assert by_pool.id == "m1"
     assert set(models) == {"m1", "old"}
     extra = models["m1"].model_extra or {}
     assert extra["ready"] is True and extra["state"] == "Active"
