@@ -229,7 +229,9 @@ def test_the_whole_answer_comes_from_the_result() -> None:
     assert text["usage"]["prompt_tokens"] == 2
 
 
-@pytest.mark.parametrize("status", [400, 404, 405, 409, 411, 413, 414, 417, 422, 429, 431, 500, 503])
+@pytest.mark.parametrize(
+    "status", [400, 404, 405, 409, 411, 413, 414, 417, 422, 429, 431, 500, 503]
+)
 def test_an_error_type_follows_its_status_class(status: int) -> None:
     """A client error is never typed a server error (OpenAI's SDKs retry those)."""
     envelope = errors.envelope(errors.ErrorCode.INVALID_PARAMS, "x")
