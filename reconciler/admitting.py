@@ -165,6 +165,20 @@ def _full_message(d: dispatch.Dispatcher, run: tasking.TaskRun) -> str:
     return f"{full}: only interactive tasks wait, and a batch task never evicts one"
 
 
+def session_tokens_left(d: dispatch.Dispatcher, session_id: str) -> int | None:
+    """What a new turn of the session may ask for under its token budget: the budget less
+    what its finished turns wrote and up to max_tokens for each still queued or running
+    (None without a budget)."""
+    state = d.config.state
+    budget = state.sessions.token_budget if state is not None else None
+    if budget is None:
+        return None
+    session = d.sessions.get(session_id)
+    spent = session.tokens_out if session is not None else 0
+    pending = sum(r.task.max_tokens for r in d.runs.values() if r.task.session_id == session_id)
+    return max(0, budget - spent - pending)
+
+
 def session_problem(d: dispatch.Dispatcher, run: tasking.TaskRun) -> ErrorEnvelope | None:
     """Why the task's session may take no more turns now (None when it may, or has none)."""
     sid, state = run.task.session_id, d.config.state

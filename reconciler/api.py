@@ -60,6 +60,8 @@ class Backend:
     stopping: Callable[[], bool] = lambda: False
     # models whose file failed its digest check → why: admission refuses their tasks
     blocked: Callable[[], Mapping[str, str]] = lambda: {}
+    # what a new turn of a session may ask for under its token budget (None: no budget)
+    session_tokens_left: Callable[[str], int | None] = lambda session_id: None
 
 
 class ApiError(Exception):

@@ -199,6 +199,7 @@ async def _serve(request: web.Request, kind: openai_requests.Kind) -> web.Stream
             state=state,
             session_header=request.headers.get("X-Session-Id"),
             correlation_id=request[api.CORRELATION],
+            tokens_left=backend.session_tokens_left,
         )
     except openai_requests.Refused as exc:
         raise ApiError(exc.code, exc.message, param=exc.param) from None

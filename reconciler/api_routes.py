@@ -12,6 +12,7 @@ import contextlib
 from typing import TYPE_CHECKING
 
 from reconciler import (
+    admitting,
     api,
     api_artifacts,
     api_catalog,
@@ -62,6 +63,7 @@ async def start(d: daemon.Daemon) -> api.Server:
         settled=settled,
         stopping=lambda: d.dispatcher.stopping,
         blocked=lambda: d.catalog.blocked(d.config.state),
+        session_tokens_left=lambda sid: admitting.session_tokens_left(d.dispatcher, sid),
     )
     routes = [
         api_tasks.add_routes,

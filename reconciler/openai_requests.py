@@ -11,6 +11,7 @@ refusal out.
 - `max_tokens` (or `max_completion_tokens`) defaults to what the largest pool serving the
   model leaves after the prompt, capped by its `max_tokens`, as llama-server's own default
   (generate until the context is full) would.
+- With no `max_tokens` in a session that has a token budget, no more than the budget has left.
 - The session is the `X-Session-Id` header, else the `user` field (an unsafe `user` value is
   hashed into a safe id), so a conversation's turns stay on the replica whose KV cache holds it.
 - A `developer` message is a `system` message (llama.cpp's chat templates know no other).
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -106,6 +108,7 @@ def plan(
     state: desired.DesiredState,
     session_header: str | None = None,
     correlation_id: str | None = None,
+    tokens_left: Callable[[str], int | None] = lambda session_id: None,
 ) -> Plan:
     if not isinstance(body, dict):
         raise Refused(None, "the body must be a JSON object")
@@ -137,6 +140,11 @@ def plan(
     max_tokens = _max_tokens(given)
     if max_tokens is None:
         max_tokens = default_max_tokens(checked, state)
+        # a session with a token budget: no more than it has left (none left: the default,
+        # which admission refuses naming the budget)
+        left = tokens_left(checked.session_id) if checked.session_id else None
+        if left:
+            max_tokens = min(max_tokens, left)
     checked.max_tokens = max_tokens
     return Plan(checked, stream, include_usage)
 

@@ -484,3 +484,25 @@ async def test_unknown_paths_name_themselves_and_openai_ones_answer_in_openai_sh
         with pytest.raises(openai.NotFoundError) as missing:
             await oa.embeddings.create(model="m1", input="x")
         assert "no such path: POST /v1/embeddings" in str(missing.value)
+
+
+async def test_a_budgeted_session_without_max_tokens_gets_what_its_budget_has_left(
+    workspace: Workspace, serve: Any
+) -> None:
+    """Agents often send no max_tokens: in a session with a token budget the default is what
+    the budget has left, not the context's room (which the budget would refuse)."""
+    workspace.write_config(config(sessions={"ttl_s": 600, "max_turns": 8, "token_budget": 10}))
+    running = await serve()
+    async with client(running) as oa:
+        messages: Any = [{"role": "user", "content": "hi"}]
+        first = await oa.chat.completions.create(
+            model="m1", messages=messages, extra_headers={"X-Session-Id": "budgeted"}
+        )
+        assert first.usage is not None and first.usage.completion_tokens == 10
+        assert first.choices[0].finish_reason == "length"
+        with pytest.raises(openai.APIStatusError) as refused:
+            await oa.chat.completions.create(
+                model="m1", messages=messages, extra_headers={"X-Session-Id": "budgeted"}
+            )
+    assert refused.value.status_code == 409
+    assert "budget" in refused.value.message
