@@ -191,15 +191,35 @@ def session_problem(d: dispatch.Dispatcher, run: tasking.TaskRun) -> ErrorEnvelo
         for other in d.runs.values()
         if other.task.session_id == sid and other.task_id != run.task_id
     ]
-    return sessions.refusal(
-        d.sessions,
-        sid,
-        state.sessions,
-        now=d.clock.now(),
-        max_tokens=run.task.max_tokens,
-        pending_tokens=sum(others) if state.sessions.token_budget is not None else 0,
-        in_use=bool(others),  # a turn still queued or running: the session is in use
-    )
+
+    def refusal() -> ErrorEnvelope | None:
+        return sessions.refusal(
+            d.sessions,
+            sid,
+            state.sessions,
+            now=d.clock.now(),
+            max_tokens=run.task.max_tokens,
+            pending_tokens=sum(others) if state.sessions.token_budget is not None else 0,
+            in_use=bool(others),  # a turn still queued or running: the session is in use
+        )
+
+    problem = refusal()
+    if (
+        problem is not None
+        and run.task.labels.get(sessions.FROM_LABEL) == sessions.FROM_OPENAI_USER
+        and problem.code in (ErrorCode.SESSION_EXPIRED, ErrorCode.SESSION_TURNS_EXCEEDED)
+    ):
+        # a session the client never named (OpenAI's `user`, an end-user tag) is not a
+        # conversation it can replace: past its TTL or turns it starts over, not locks out
+        sessions.start_over(d.sessions, sid, now=d.clock.now())
+        logs.emit(
+            log,
+            "session.started_over",
+            f"Session {sid} (from the OpenAI user field) started over: {problem.message}.",
+            session_id=sid,
+        )
+        problem = refusal()
+    return problem
 
 
 def _entry(run: tasking.TaskRun) -> queues.Entry:

@@ -28,7 +28,7 @@ from typing import Any, Literal
 import pydantic
 
 from reconciler import admission
-from state import desired, ids, loading, tasks
+from state import desired, ids, loading, sessions, tasks
 from state.errors import ErrorCode
 
 Kind = Literal["chat", "text"]
@@ -130,6 +130,8 @@ def plan(
         **_sampling(given),
         **_session(given, session_header),
     }
+    if "session_id" in task and session_header is None:  # from `user`: it starts over
+        task["labels"][sessions.FROM_LABEL] = sessions.FROM_OPENAI_USER
     if "stop" in given:
         task["stop"] = _stop(given["stop"])
     if kind == "chat":

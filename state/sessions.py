@@ -24,6 +24,12 @@ from state.errors import ErrorCode
 Eviction = Literal["expired", "turns", "budget"]
 
 
+# The label of a task made from an OpenAI request whose session came from the `user` field (an
+# end-user tag) rather than a session id the client chose: such a session starts over at its
+# TTL or turn limit instead of refusing (reconciler.admitting).
+FROM_LABEL, FROM_OPENAI_USER = "session_from", "openai.user"
+
+
 class Session(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -191,6 +197,11 @@ def _over_budget(
         if left
         else "start a new session_id, or raise sessions.token_budget",
     )
+
+
+def start_over(store: SessionStore, session_id: str, *, now: float) -> None:
+    """Replace the session with a fresh one of the same id: no turns, no tokens, no eviction."""
+    store.put(Session(session_id=session_id, created_at=now, last_used_at=now))
 
 
 def count_turn(store: SessionStore, session_id: str, task_id: str, *, now: float) -> None:

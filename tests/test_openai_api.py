@@ -506,3 +506,30 @@ async def test_a_budgeted_session_without_max_tokens_gets_what_its_budget_has_le
             )
     assert refused.value.status_code == 409
     assert "budget" in refused.value.message
+
+
+async def test_a_session_from_the_user_field_starts_over_at_its_limits(
+    workspace: Workspace, serve: Any
+) -> None:
+    """OpenAI's `user` is an end-user tag a client sets once for all its requests: the
+    session made from it starts over at its turn limit instead of locking the user out;
+    a session the client names (X-Session-Id) is still refused past its limit."""
+    workspace.write_config(config(sessions={"ttl_s": 600, "max_turns": 2}))
+    running = await serve()
+    messages: Any = [{"role": "user", "content": "hi"}]
+    async with client(running) as oa:
+        for _ in range(5):
+            answer = await oa.chat.completions.create(
+                model="m1", messages=messages, max_tokens=2, user="carol"
+            )
+            assert answer.choices[0].message.content
+        for _ in range(2):
+            await oa.chat.completions.create(
+                model="m1", messages=messages, max_tokens=2, extra_headers={"X-Session-Id": "s"}
+            )
+        with pytest.raises(openai.APIStatusError) as refused:
+            await oa.chat.completions.create(
+                model="m1", messages=messages, max_tokens=2, extra_headers={"X-Session-Id": "s"}
+            )
+    assert refused.value.status_code == 409
+    assert "SESSION_TURNS_EXCEEDED" in str(refused.value.body)
