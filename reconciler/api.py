@@ -410,13 +410,27 @@ def _encodable(text: str) -> bool:
     return True
 
 
+def _request_line(exc: BaseException, text: str) -> bool:
+    """Whether a LineTooLong is about the request line: aiohttp's Python parser gives the
+    line (a method, then the target); its C parser gives only the target, from its URL
+    callback."""
+    if re.match(r"[A-Z]+ \S", text):
+        return True
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name.endswith("cb_on_url"):
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def _refusal(exc: http_exceptions.HttpProcessingError, status: int) -> tuple[int, str, str]:
     """(status, message, hint) for a request aiohttp's parser refused. Never the bytes it
     refused: they may hold a header's value, such as the API token."""
     if isinstance(exc, http_exceptions.LineTooLong):
         line, limit = (*exc.args, "", "")[:2]
         text = line.decode("latin-1") if isinstance(line, bytes) else str(line)
-        if re.match(r"[A-Z]+ \S", text):  # the request line: a method, then the target
+        if _request_line(exc, text):
             return 414, f"the request line is over {limit} bytes", "shorten the URL"
         return (
             431,

@@ -597,9 +597,14 @@ async def test_a_malformed_request_is_answered_with_the_envelope_and_never_shows
         + f"\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
     )
     assert status == 431 and body["message"] == "a header line is over 8190 bytes"
+    status, _, body = await raw(
+        b"GET /v1/models?" + b"a" * 9000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    )
+    assert status == 414 and body["message"] == "the request line is over 8190 bytes", body
+    assert body["hint"] == "shorten the URL"
     log_text = json_log.getvalue()
     assert token not in log_text and "aaaaaaaa" not in log_text
-    assert log_text.count("http.malformed_request") == 2
+    assert log_text.count("http.malformed_request") == 3
 
 
 async def test_expect_is_answered_before_the_body_in_the_envelope(
