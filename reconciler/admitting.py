@@ -142,18 +142,23 @@ def _budgets(d: dispatch.Dispatcher, run: tasking.TaskRun) -> results.Budgets | 
 
 
 def _starts_now(d: dispatch.Dispatcher, entry: queues.Entry) -> bool:
-    """Whether an idle slot will take `entry` at once: more slots of Ready replicas of its
-    model are free than tasks of that model are queued. Such a task never waits, so a full
-    queue does not refuse it (a burst larger than the queue, landing on idle replicas, runs
-    whole). Looked at only when the queue is full."""
+    """Whether a full queue must not count against `entry`: tasks queued in this burst that
+    idle slots will take at once leave the queue on the next dispatch, so they hold no place
+    in it; and `entry` itself never waits when more slots of Ready replicas of its model are
+    free than tasks of that model are queued. A burst larger than the queue landing on idle
+    replicas thus runs whole, and one larger than the queue and the idle slots together is
+    refused only past both, however the daemon happened to batch its arrivals. Looked at
+    only when the queue is full."""
     if len(d.queue) < d.queue.capacity:
         return False
-    free = sum(
-        c.slots_total - c.slots_busy
-        for c in d.pools.candidates()
-        if c.ready and c.model_id == entry.model_id
-    )
-    return free > d.queue.count_of_model(entry.model_id)
+    free: dict[str, int] = {}
+    for c in d.pools.candidates():
+        if c.ready:
+            free[c.model_id] = free.get(c.model_id, 0) + c.slots_total - c.slots_busy
+    starting = sum(min(n, d.queue.count_of_model(ids.ModelId(m))) for m, n in free.items())
+    if len(d.queue) - starting < d.queue.capacity:
+        return True
+    return free.get(entry.model_id, 0) > d.queue.count_of_model(entry.model_id)
 
 
 def _full_message(d: dispatch.Dispatcher, run: tasking.TaskRun) -> str:

@@ -274,6 +274,28 @@ async def test_a_burst_larger_than_the_queue_runs_whole_on_idle_slots(
         assert result["status"] == "succeeded", result
 
 
+async def test_a_burst_fills_the_idle_slots_and_then_the_queue_before_any_is_refused(
+    workspace: Workspace, serve: Any
+) -> None:
+    """Five tasks land at once on two idle slots and a queue of two: two start, two wait,
+    one is refused; the tasks that start at once never held a place in the queue."""
+    cfg = config(queue={"capacity": 2, "full_policy": "reject"})
+    cfg["pools"][0] |= {"slots": 2, "sim": {"tokens_per_s": 40, "load_s": 0.0}}
+    workspace.write_config(cfg)
+    await serve()
+    sp = workspace.spool
+    staged = []
+    for i in range(5):
+        part = sp.tmp / f"c{i}.part"
+        part.write_text(yaml.safe_dump(task(f"c{i}", max_tokens=20)))
+        staged.append((part, sp.incoming / f"c{i}.task.yaml"))
+    for part, target in staged:  # at once: one claim takes all five
+        os.rename(part, target)
+    results = [await wait_terminal(workspace, f"c{i}", 20) for i in range(5)]
+    statuses = sorted(r["status"] for r in results)
+    assert statuses == ["rejected", "succeeded", "succeeded", "succeeded", "succeeded"], results
+
+
 async def test_a_task_whose_pool_went_while_the_daemon_was_down_fails_not_rejected(
     workspace: Workspace, serve: Any
 ) -> None:
