@@ -14,9 +14,10 @@ applies them to the dispatcher's live queue.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
-from reconciler import admission, logs, queues, rates, tasking
+from reconciler import admission, logs, placement, queues, rates, tasking
 from state import errors, failpoints, ids, results, sessions
 from state.errors import ErrorCode, ErrorEnvelope
 
@@ -238,6 +239,10 @@ def _entry(run: tasking.TaskRun) -> queues.Entry:
         deadline_at=run.deadline_mono,
         payload=run,
         target=target_of(run),
+        route=dataclasses.replace(
+            placement.Want.of(ids.TaskId(run.task_id), run.task),
+            model_id=ids.ModelId(run.model_id),
+        ),
     )
 
 

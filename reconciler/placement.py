@@ -175,17 +175,7 @@ def choose(want: Want, candidates: Iterable[Candidate]) -> Decision:
     if len({c.replica_id for c in everyone}) != len(everyone):
         raise ValueError("candidates must have distinct replica ids")
     filters: list[str] = []
-    serving = everyone
-    if want.model_id is not None:
-        filters.append("serves_model")
-        serving = tuple(c for c in serving if c.model_id == want.model_id)
-    if want.pool_id is not None:
-        filters.append("serves_pool")
-        serving = tuple(c for c in serving if c.pool_id == want.pool_id)
-    if want.context_tokens > 0:
-        filters.append("ctx_fits")
-        serving = tuple(c for c in serving if c.holds(want.context_tokens))
-    groups = _groups(want, serving, filters)
+    groups = _allowed_groups(want, everyone, filters)
     filters += ["ready", "free_slot"]
 
     allowed = [c for group in groups for c in group]
@@ -225,6 +215,28 @@ def choose(want: Want, candidates: Iterable[Candidate]) -> Decision:
         pinned=want.mode == "pin",
         fallback_used=False,
     )
+
+
+def allowed(want: Want, candidates: Iterable[Candidate]) -> list[Candidate]:
+    """The replicas `want` may run on now, by the rules above (fallbacks included where it
+    allows them), whatever their state: what its start is estimated over."""
+    return [c for group in _allowed_groups(want, tuple(candidates), []) for c in group]
+
+
+def _allowed_groups(
+    want: Want, everyone: Sequence[Candidate], filters: list[str]
+) -> list[Sequence[Candidate]]:
+    serving = everyone
+    if want.model_id is not None:
+        filters.append("serves_model")
+        serving = tuple(c for c in serving if c.model_id == want.model_id)
+    if want.pool_id is not None:
+        filters.append("serves_pool")
+        serving = tuple(c for c in serving if c.pool_id == want.pool_id)
+    if want.context_tokens > 0:
+        filters.append("ctx_fits")
+        serving = tuple(c for c in serving if c.holds(want.context_tokens))
+    return _groups(want, serving, filters)
 
 
 def _groups(

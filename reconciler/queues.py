@@ -31,6 +31,7 @@ from collections.abc import Callable, Collection, Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from reconciler import placement
 from state import ids
 from state.errors import ErrorCode
 
@@ -59,6 +60,9 @@ class Entry:
     # what decides whether the task can be served at all (the dispatcher's model, pool and
     # pin): entries of one target are checked once for all of them (`targets`)
     target: Hashable = field(default=None, compare=False, repr=False)
+    # the replicas it may run on (its model or pool, pin, prefer and avoid lists), for the
+    # estimates of its start; None: any replica of its model (and pool)
+    route: placement.Want | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

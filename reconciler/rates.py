@@ -10,7 +10,7 @@ before the first task; each measurement then goes through `estimates.observe`. N
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from reconciler import estimates, placement, queues
@@ -98,11 +98,12 @@ class Rates:
         (the whole queue in dispatch order, `wanted` among it): one pass over the queue per
         (model, pinned pool), so estimating a burst costs O(queue), not O(queue) per task."""
         candidates, lefts = list(candidates), _lefts(busy)
-        groups: dict[tuple[str, str | None], dict[str, queues.Entry]] = {}
+        groups: dict[Hashable, dict[str, queues.Entry]] = {}
         for entry in wanted:
-            groups.setdefault((entry.model_id, entry.pool_id), {})[entry.task_id] = entry
+            groups.setdefault(_route_key(entry), {})[entry.task_id] = entry
         out: dict[str, Estimate] = {}
-        for (model_id, _), members in groups.items():
+        for members in groups.values():
+            model_id = next(iter(members.values())).model_id
             slots, rate = self._slots(next(iter(members.values())), candidates, lefts)
             # the list scheduling of `estimates.predicted_start_ms`, shared along the queue
             heap = [max(0.0, float(t)) for t in slots]
@@ -127,9 +128,16 @@ class Rates:
         """When each slot that could serve `entry` frees (ms from now), and the speed of the
         pool it would run on."""
         sources, pool_id = [], entry.pool_id
-        for cand in candidates:
-            if cand.model_id != entry.model_id or (entry.pool_id and cand.pool_id != entry.pool_id):
-                continue
+        if entry.route is not None:  # its pin, prefer and avoid lists: as placement will
+            mine_only = placement.allowed(entry.route, candidates)
+        else:
+            pool = entry.pool_id
+            mine_only = [
+                c
+                for c in candidates
+                if c.model_id == entry.model_id and (not pool or c.pool_id == pool)
+            ]
+        for cand in mine_only:
             pool_id = pool_id or cand.pool_id
             start_in = 0.0 if cand.ready else self.startup_ms(cand.pool_id)
             mine = tuple(lefts.get(cand.replica_id, ()))
@@ -165,3 +173,20 @@ def _lefts(busy: Iterable[tuple[str, float, float]]) -> dict[str, list[float]]:
     for replica_id, service, elapsed in busy:
         lefts.setdefault(replica_id, []).append(estimates.remaining_ms(service, elapsed))
     return lefts
+
+
+def _route_key(entry: queues.Entry) -> Hashable:
+    """Entries with one key are estimated over the same replicas."""
+    r = entry.route
+    if r is None:
+        return (entry.model_id, entry.pool_id)
+    return (
+        entry.model_id,
+        r.pool_id,
+        r.mode,
+        r.pin_pool,
+        r.prefer_pools,
+        r.avoid_pools,
+        r.allow_fallback,
+        r.context_tokens,
+    )

@@ -262,3 +262,34 @@ async def test_a_learned_speed_counts_the_tokens_its_decode_time_spans(
     await wait_for(lambda: workspace.result("next"), 10, "next queued")
     predicted = workspace.result("next")["predicted_start_ms"]
     assert 1500 <= predicted <= 2600, predicted
+
+
+@pytest.mark.parametrize(
+    "route",
+    [
+        {"mode": "pin", "pin_pool": "slow"},
+        {"mode": "prefer", "prefer_pools": ["slow"], "allow_fallback": False},
+        {"mode": "auto", "avoid_pools": ["idle"], "allow_fallback": False},
+    ],
+)
+async def test_a_start_is_estimated_over_the_replicas_the_placement_allows(
+    workspace: Any, serve: Any, route: dict[str, Any]
+) -> None:
+    """Pool `idle` serves the same model and is free, but the task's placement keeps it on
+    the busy pool `slow`: its start is estimated there, so a deadline it cannot meet is
+    refused at admission rather than missed in the queue."""
+    from tests.conftest import config, task, wait_for, wait_terminal
+
+    cfg = config()
+    slow = cfg["pools"][0] | {"id": "slow", "slots": 1, "sim": {"tokens_per_s": 20, "load_s": 0}}
+    cfg["pools"] = [slow, slow | {"id": "idle", "sim": {"tokens_per_s": 400, "load_s": 0}}]
+    workspace.write_config(cfg)
+    await serve()
+    busy = task("busy", max_tokens=40, placement={"mode": "pin", "pin_pool": "slow"})
+    workspace.submit("busy.task.yaml", busy)
+    await wait_for(
+        lambda: (workspace.result("busy") or {}).get("status") == "running", 10, "busy running"
+    )
+    workspace.submit("late.task.yaml", task("late", max_tokens=2, deadline_ms=800, placement=route))
+    late = await wait_terminal(workspace, "late", 10)
+    assert late["status"] == "rejected" and late["error"]["code"] == "DEADLINE_UNMET", late
