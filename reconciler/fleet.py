@@ -83,8 +83,41 @@ def pool_row(
 ) -> statusfile.PoolRow:
     """One pool of status.json, its replicas sorted by id, with measured VRAM beside the
     estimate."""
+    state, reason = condition
+    return statusfile.PoolRow(
+        id=pool.id,
+        model=pool.model,
+        engine=pool.engine,
+        state=state,
+        reason=reason,
+        replicas_desired=pool.replicas,
+        replicas=_replica_rows(replicas, snapshot, now=now),
+    )
+
+
+def gone_pool_row(
+    pool_id: str, replicas: list[Replica], snapshot: observed.GpuSnapshot | None, *, now: float
+) -> statusfile.PoolRow:
+    """A pool orch.yaml no longer has (removed or renamed) whose replicas still drain: shown
+    until they are gone, so what holds the GPU and runs the tasks stays visible."""
+    spec = replicas[0].spec
+    return statusfile.PoolRow(
+        id=pool_id,
+        model=spec.model_id,
+        engine=spec.engine,
+        state="Stopped",
+        reason="not in orch.yaml any more: its replicas drain (the tasks running finish, "
+        "within timeouts.drain_s), then stop",
+        replicas_desired=0,
+        replicas=_replica_rows(replicas, snapshot, now=now),
+    )
+
+
+def _replica_rows(
+    replicas: Iterable[Replica], snapshot: observed.GpuSnapshot | None, *, now: float
+) -> list[statusfile.ReplicaRow]:
     measured = specs.measured_by_pid(snapshot)
-    rows = [
+    return [
         statusfile.ReplicaRow(
             id=r.replica_id,
             state=r.state,
@@ -102,13 +135,3 @@ def pool_row(
         )
         for r in sorted(replicas, key=lambda r: r.replica_id)
     ]
-    state, reason = condition
-    return statusfile.PoolRow(
-        id=pool.id,
-        model=pool.model,
-        engine=pool.engine,
-        state=state,
-        reason=reason,
-        replicas_desired=pool.replicas,
-        replicas=rows,
-    )

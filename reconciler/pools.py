@@ -370,7 +370,8 @@ class PoolRuntime:
     def status_rows(self, *, stopping: bool = False) -> list[statusfile.PoolRow]:
         state = self.config.state
         blocked = self.blocked()
-        return [
+        now = self.clock.monotonic()
+        rows = [
             fleet.pool_row(
                 pool,
                 ("Stopped", "daemon stopped")
@@ -378,10 +379,20 @@ class PoolRuntime:
                 else _shown_blocked(self.pool_state(pool), pool.model, blocked),
                 [r for r in self.replicas.values() if r.pool_id == pool.id],
                 self.last_snapshot,
-                now=self.clock.monotonic(),
+                now=now,
             )
             for pool in (state.pools if state else ())
         ]
+        configured = {row.id for row in rows}
+        gone: dict[str, list[fleet.Replica]] = {}
+        for r in self.replicas.values():
+            if r.pool_id not in configured:
+                gone.setdefault(r.pool_id, []).append(r)
+        rows += [
+            fleet.gone_pool_row(pool_id, replicas, self.last_snapshot, now=now)
+            for pool_id, replicas in sorted(gone.items())
+        ]
+        return rows
 
 
 def _shown_blocked(

@@ -416,3 +416,29 @@ async def test_retiring_a_model_unloads_its_pools_and_fails_its_queued_tasks(
     ):
         model = await r.json()
     assert (model["state"], model["ready"]) == ("Retired", False)
+
+
+async def test_a_removed_pools_draining_replicas_stay_in_status_until_gone(
+    workspace: Workspace, serve: Any
+) -> None:
+    """Renaming a pool drains the old one's replicas: status keeps showing them (what holds
+    the GPU, which slots are busy) until they are gone."""
+    cfg = config()
+    cfg["pools"][0] |= {"slots": 1, "sim": {"tokens_per_s": 20, "load_s": 0.0}}
+    workspace.write_config(cfg)
+    await serve()
+    workspace.submit("long.task.yaml", task("long", max_tokens=40))
+    await wait_for(lambda: _status_of(workspace, "long") == "running", 10, "long running")
+    cfg["pools"][0]["id"] = "renamed"
+    workspace.write_config(cfg)
+    await wait_for(
+        lambda: "renamed" in [p["id"] for p in workspace.status()["pools"]], 10, "the edit"
+    )
+    old = _pool(workspace, "p1")
+    assert old["state"] == "Stopped" and "not in orch.yaml any more" in old["reason"]
+    [replica] = old["replicas"]
+    assert replica["slots_busy"] == 1 and replica["state"] in ("Ready", "Draining"), replica
+    assert (await wait_terminal(workspace, "long", 15))["status"] == "succeeded"
+    await wait_for(
+        lambda: [p["id"] for p in workspace.status()["pools"]] == ["renamed"], 15, "p1 gone"
+    )
