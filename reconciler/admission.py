@@ -121,11 +121,29 @@ def check(
             "a pinned task never falls back: fix the pool (`orchctl status` shows why), "
             "or use placement mode: prefer"
         )
+        named = target.pool_id or (placement.pin_pool if placement.mode == "pin" else None)
+        others = sorted(
+            p.pool_id
+            for p in pools.values()
+            if p.model_id == target.model_id and p.state in LIVE and p.pool_id != named
+        )
+        hint = pinned_hint if placement.mode == "pin" else None
+        if named is not None and others:  # the task chose this pool; others would serve it
+            hint = (
+                f"pool{'s' if len(others) > 1 else ''} {', '.join(others)} also "
+                f"serve{'s' if len(others) == 1 else ''} "
+                f"{target.model_id!r}: name model: {target.model_id} (not the pool) to use it"
+            )
         return errors.envelope(
             ErrorCode.POOL_UNAVAILABLE,
-            f"no pool can serve model {target.model_id!r}" + (f" ({why})" if why else ""),
+            (
+                f"pool {named!r} cannot serve model {target.model_id!r} now"
+                if named is not None
+                else f"no pool can serve model {target.model_id!r}"
+            )
+            + (f" ({why})" if why else ""),
             retry_after_ms=5000,
-            hint=pinned_hint if placement.mode == "pin" else None,
+            hint=hint,
         )
     limit = max((p.max_tokens for p in live if p.max_tokens), default=None)
     if limit is not None and task.max_tokens > limit:

@@ -177,3 +177,36 @@ async def test_a_task_refused_for_a_full_queue_may_be_dropped_again_under_its_id
     workspace.submit("again2.task.yaml", task("again", max_tokens=2))  # it ran: id kept
     await wait_for(lambda: list(workspace.spool.failed.glob("*again2*.error.json")), 10)
     assert workspace.result("again")["status"] == "succeeded"  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"pool": "p0", "model": None}, "p0"),
+        ({"placement": {"mode": "pin", "pin_pool": "p0"}}, "p0"),
+    ],
+)
+def test_a_task_naming_a_pool_that_cannot_serve_says_so_and_names_the_pool_that_can(
+    fields: dict[str, object], named: str
+) -> None:
+    """The pool the task chose is drained while another pool of its model is Ready: the
+    refusal names the chosen pool and why, and the hint the pool that would serve it."""
+    from reconciler import admission
+    from state import desired, tasks
+
+    cfg = config()
+    cfg["pools"].append(dict(cfg["pools"][0], id="p0"))
+    state = desired.DesiredState.model_validate(cfg)
+    drained = "drained on request at 2026-11-28T04:00:00Z; POST /v1/pools/p0/reload serves it"
+    views = {
+        "p1": admission.PoolView("p1", "m1", "Ready", None, 2048, None),  # type: ignore[arg-type]
+        "p0": admission.PoolView("p0", "m1", "Stopped", drained, 2048, None),  # type: ignore[arg-type]
+    }
+    one = tasks.TaskFile.model_validate(task("t", **fields))
+    target = admission.Target("m1", one.pool)  # type: ignore[arg-type]
+    refused = admission.check(one, target, state=state, pools=views, blocked={})
+    assert refused is not None and refused.code == "POOL_UNAVAILABLE"
+    assert (
+        refused.message == f"pool {named!r} cannot serve model 'm1' now (p0 is Stopped: {drained})"
+    )
+    assert refused.hint == "pool p1 also serves 'm1': name model: m1 (not the pool) to use it"
