@@ -294,6 +294,9 @@ class Daemon:
                     timeout = min(timeout, self.config.state.gpus.poll_s)
                 if (settle := self.config.wake_in_s()) is not None:  # an edit settling
                     timeout = min(timeout, settle + 0.01)
+                if (due := self.dispatcher.queue.next_deadline()) is not None:
+                    # a queued task's deadline fails it when it passes, not a poll later
+                    timeout = min(timeout, max(0.0, due - self.clock.monotonic()) + 0.005)
                 if deadline is not None:
                     timeout = min(timeout, deadline - self.clock.monotonic())
                     if timeout <= 0:

@@ -198,6 +198,18 @@ class TaskQueue:
             for _, task_id in orders[0] if len(orders) == 1 else heapq.merge(*orders):
                 yield entries[task_id]
 
+    def next_deadline(self) -> float | None:
+        """The earliest deadline of a queued entry (monotonic seconds), None without one."""
+        while self._deadlines:
+            deadline_at, _, task_id = self._deadlines[0]
+            if any(
+                (e := entries.get(task_id)) is not None and e.deadline_at == deadline_at
+                for entries in self._classes.values()
+            ):
+                return deadline_at
+            heapq.heappop(self._deadlines)  # its entry left the queue (started, canceled)
+        return None
+
     def take_expired(self, now: float) -> list[Entry]:
         """Remove and return the entries whose deadline is `now` or earlier."""
         expired: list[Entry] = []

@@ -300,3 +300,18 @@ class QueueUnderAnyOperations(RuleBasedStateMachine):
 
 QueueUnderAnyOperations.TestCase.settings = settings(max_examples=150, stateful_step_count=40)
 TestTheQueueKeepsItsPromisesUnderAnySequenceOfOperations = QueueUnderAnyOperations.TestCase
+
+
+def test_next_deadline_is_the_earliest_of_the_entries_still_queued() -> None:
+    """The loop sleeps until it (a queued task fails when its deadline passes, not at the
+    next poll); entries that left the queue no longer count."""
+    queue = queues.TaskQueue(8, "reject")
+    assert queue.next_deadline() is None
+    queue.push(entry("late", deadline_at=30.0))
+    queue.push(entry("soon", deadline_at=10.0))
+    queue.push(entry("none"))
+    assert queue.next_deadline() == 10.0
+    queue.remove(ids.TaskId("soon"))  # started or canceled
+    assert queue.next_deadline() == 30.0
+    assert [e.task_id for e in queue.take_expired(31.0)] == ["late"]
+    assert queue.next_deadline() is None
