@@ -86,6 +86,7 @@ class Relay:
     include_usage: bool
     prompt_estimate: int  # usage.prompt_tokens when the engine did not count them
     tokens: int = 0
+    fingerprint: str | None = None  # the engine's version, from the `started` frame
     _started: bool = field(default=False, init=False)
 
     def feed(self, frame: events.EventFrame) -> list[dict[str, Any]]:
@@ -93,6 +94,7 @@ class Relay:
         data = frame.data
         if frame.event == "started" and not self._started:
             self._started = True
+            self.fingerprint = data.get("engine_version") or None
             return [self.chunk({"role": "assistant", "content": ""})] if self.kind == "chat" else []
         if frame.event == "token":
             self.tokens += 1
@@ -132,7 +134,7 @@ class Relay:
             "object": "chat.completion.chunk" if self.kind == "chat" else "text_completion",
             "created": self.created,
             "model": self.model,
-            "system_fingerprint": None,
+            "system_fingerprint": self.fingerprint,
             "choices": choices,
         }
         if self.include_usage:

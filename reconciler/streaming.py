@@ -225,6 +225,7 @@ def _begin(
             "gpu": gpu.model_dump(mode="json") if gpu else None,
             "kv_warmth": decision.kv_warmth,
             "attempt": result.attempts,
+            "engine_version": engine_version,
         },
     )
     failpoints.hit("after_started_frame")

@@ -414,15 +414,15 @@ CURL = shutil.which("curl")
 TRANSCRIPT = """\
 : queue position 0
 
-data: {"id":"ID","object":"chat.completion.chunk","created":0,"model":"m1","system_fingerprint":null,"choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}
+data: {"id":"ID","object":"chat.completion.chunk","created":0,"model":"m1","system_fingerprint":"sim-0.1.0","choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}
 
-data: {"id":"ID","object":"chat.completion.chunk","created":0,"model":"m1","system_fingerprint":null,"choices":[{"index":0,"delta":{"content":" stone"},"logprobs":null,"finish_reason":null}]}
+data: {"id":"ID","object":"chat.completion.chunk","created":0,"model":"m1","system_fingerprint":"sim-0.1.0","choices":[{"index":0,"delta":{"content":" stone"},"logprobs":null,"finish_reason":null}]}
 
-data: {"id":"ID","object":"chat.completion.chunk","created":0,"model":"m1","system_fingerprint":null,"choices":[{"index":0,"delta":{"content":" or"},"logprobs":null,"finish_reason":null}]}
+data: {"id":"ID","object":"chat.completion.chunk","created":0,"model":"m1","system_fingerprint":"sim-0.1.0","choices":[{"index":0,"delta":{"content":" or"},"logprobs":null,"finish_reason":null}]}
 
-data: {"id":"ID","object":"chat.completion.chunk","created":0,"model":"m1","system_fingerprint":null,"choices":[{"index":0,"delta":{"content":" violet"},"logprobs":null,"finish_reason":null}]}
+data: {"id":"ID","object":"chat.completion.chunk","created":0,"model":"m1","system_fingerprint":"sim-0.1.0","choices":[{"index":0,"delta":{"content":" violet"},"logprobs":null,"finish_reason":null}]}
 
-data: {"id":"ID","object":"chat.completion.chunk","created":0,"model":"m1","system_fingerprint":null,"choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"length"}]}
+data: {"id":"ID","object":"chat.completion.chunk","created":0,"model":"m1","system_fingerprint":"sim-0.1.0","choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"length"}]}
 
 data: [DONE]
 
