@@ -117,7 +117,8 @@ class Dispatcher:
     def admit(self, run: tasking.TaskRun, *, recovered: bool = False) -> None:
         """Check guardrails, then queue the task (or write its rejection): `admitting`."""
         try:
-            admitting.admit(self, run, recovered=recovered)
+            with atomic.unit(run.task_id):  # its session turn fails or stands with its result
+                admitting.admit(self, run, recovered=recovered)
         except BaseException:
             # nothing half-admitted may keep the task id reserved or sit in the queue
             if self.runs.get(run.task_id) is run:
@@ -299,7 +300,8 @@ class Dispatcher:
         self.runs.pop(run.task_id, None)
         self.pools.release(running.lease)
         if run.task.session_id is not None:
-            with atomic.group():  # joins the task's pending commit: durable after its result
+            # joins the task's pending commit, as its unit: durable after its result
+            with atomic.group(), atomic.unit(run.task_id):
                 sessions.touch(
                     self.sessions,
                     run.task.session_id,

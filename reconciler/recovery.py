@@ -13,6 +13,7 @@ like any queued task.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
+from datetime import datetime
 from pathlib import Path
 
 from reconciler import intake, logs, tasking
@@ -46,9 +47,22 @@ def recover(
         task_id = parsed.task_id if isinstance(parsed, intake.Parsed) else None
         existing = store.read(task_id) if task_id else None
         if (existing is None or not existing.terminal) and isinstance(parsed, intake.Parsed):
-            existing = finished_in_log(parsed, existing, store=store, revision=revision) or existing
+            with atomic.unit(task_id):  # a write that fails holds up this task only
+                rebuilt = finished_in_log(
+                    parsed, existing, store=store, revision=revision, the_spool=the_spool
+                )
+            if rebuilt is not None:  # written, and filed as it says
+                logs.emit(
+                    log,
+                    "task.recovered",
+                    f"Task {task_id} was {rebuilt.status} by its event log; wrote its result "
+                    "and filed its task file.",
+                    task_id=task_id,
+                )
+                continue
         if existing is not None and existing.terminal:
-            spool.finish(the_spool, name, failed=existing.status in ("failed", "rejected"))
+            with atomic.unit(task_id):
+                spool.finish(the_spool, name, failed=existing.status in ("failed", "rejected"))
             logs.emit(
                 log,
                 "task.recovered",
@@ -97,9 +111,11 @@ def finished_in_log(
     *,
     store: results.ResultStore,
     revision: str | None,
+    the_spool: spool.Spool | None = None,
 ) -> results.Result | None:
-    """A crash after the terminal frame but before the result: rebuild the result from the
-    log (the frame is the earlier commit), so the task is filed, not re-run."""
+    """A crash (or a failed write) after the terminal frame but before the result: rebuild
+    the result from the log (the frame is the earlier commit), so the task is filed, not
+    re-run. With `the_spool`, its task file is filed too, where the result says."""
     frames = list(events.read(store.events_path(parsed.task_id)))
     if not frames or not frames[-1].terminal:
         return None
@@ -112,17 +128,47 @@ def finished_in_log(
         accepted_at=frames[0].ts,
     )
     starts = [i for i, f in enumerate(frames) if f.event == "started"]
-    tokens = [f for f in frames[starts[-1] if starts else 0 :] if f.event == "token"]
+    run = frames[starts[-1] if starts else 0 :]
+    tokens = [f for f in run if f.event == "token"]
     result.text = "".join(str(f.data.get("t", "")) for f in tokens)
+    if starts:  # what the last attempt's `started` frame says of where it ran
+        started = frames[starts[-1]]
+        result.attempts = max(result.attempts, len(starts))
+        result.pool_id = started.data.get("pool_id") or result.pool_id
+        result.replica_id = started.data.get("replica_id") or result.replica_id
+        result.engine_version = started.data.get("engine_version") or result.engine_version
+        result.timings.started_at = result.timings.started_at or started.ts
+        if tokens:
+            result.timings.first_token_ms = _ms_between(started.ts, tokens[0].ts)
     last = frames[-1]
     if last.event == "end":
         reason = last.data.get("finish_reason")
         result.status = "canceled" if reason == "canceled" else "succeeded"
         result.finish_reason = reason
         result.tokens_out = int(last.data.get("tokens_out") or len(tokens))
+        if last.data.get("prompt_tokens") is not None:
+            result.prompt_tokens = int(last.data["prompt_tokens"])
+        if last.data.get("decode_time_ms") is not None:
+            result.timings.decode_time_ms = int(last.data["decode_time_ms"])
     else:
         result.status = "failed" if starts else "rejected"
         result.error = ErrorEnvelope.model_validate(last.data)
     result.timings.finished_at = last.ts
+    filed = None
+    if the_spool is not None:
+        failed = result.status in ("failed", "rejected")
+        filed = spool.filed_path(the_spool, parsed.file_name, failed=failed)
+        result.source_file = f"spool/{filed.parent.name}/{filed.name}"
     store.write(result)
+    if the_spool is not None:
+        spool.finish(the_spool, parsed.file_name, target=filed)
     return result
+
+
+def _ms_between(a: str, b: str) -> int | None:
+    try:
+        start = datetime.fromisoformat(a.replace("Z", "+00:00"))
+        end = datetime.fromisoformat(b.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return max(0, int((end - start).total_seconds() * 1000))

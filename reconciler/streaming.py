@@ -100,9 +100,11 @@ async def stream(
         # the queued result (admitted in this pass, its commit pending) is on disk before the
         # started frame: a crash between them must not leave a started task with no result,
         # which the restart would run again as attempt 1
-        await deps.books.settled()
+        await deps.books.settled(run.task_id)
         _begin(running, decision, deps=deps, gpu=gpu, engine_version=engine_version)
-        await deps.books.settled()  # the running result is on disk before the first token
+        await deps.books.settled(
+            run.task_id
+        )  # the running result is on disk before the first token
         reader = _Reader(lease.engine.generate(lease.handle, _request(run)))
         begun = last_token = last_metrics = deps.clock.monotonic()
         first_token_at: float | None = None

@@ -87,24 +87,29 @@ class Books:
     taps: list[Tap] = field(default_factory=list)
     finished: Callable[[TaskRun], None] | None = None
     _pending: atomic.Group | None = field(default=None, init=False, repr=False)
-    _waiters: list[asyncio.Future[None]] = field(default_factory=list, init=False, repr=False)
+    # (unit, future): a unit's waiter fails only when its unit's writes failed (None: waits
+    # for everything, fails only when writes of no unit failed)
+    _waiters: list[tuple[str | None, asyncio.Future[None]]] = field(
+        default_factory=list, init=False, repr=False
+    )
     _timer: asyncio.TimerHandle | None = field(default=None, init=False, repr=False)
 
     @contextlib.contextmanager
-    def _batch(self) -> Iterator[None]:
-        """Durable writes joined to the pending group commit, which the first of them
-        schedules COMMIT_WINDOW_S ahead (at once without a loop)."""
+    def _batch(self, task_id: str) -> Iterator[None]:
+        """Durable writes of one task joined to the pending group commit, which the first of
+        them schedules COMMIT_WINDOW_S ahead (at once without a loop). They are the task's
+        unit: a write of another task that fails at the commit does not fail them."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            with atomic.group():
+            with atomic.group(), atomic.unit(task_id):
                 yield
             return
         group = atomic.begin()
         if group is not self._pending:
             self._pending = group
             self._timer = loop.call_later(COMMIT_WINDOW_S, self._commit, group)
-        with atomic.group():
+        with atomic.group(), atomic.unit(task_id):
             yield
 
     def _commit(self, group: atomic.Group) -> None:
@@ -113,16 +118,22 @@ class Books:
         if self._pending is group:
             self._pending = None
         waiters, self._waiters = self._waiters, []
+        failures: dict[Any, Exception] = {}
         try:
             atomic.commit(group)
+        except atomic.GroupFailed as exc:  # some tasks' writes failed: theirs, not the others'
+            failures = dict(exc.failures)
+            for key, error in failures.items():
+                log.error("a write of %s failed at its commit: %s", key or "the daemon", error)
         except Exception as exc:  # the disk refused (full, gone): the waiting tasks fail
             log.exception("group commit failed")
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_exception(exc)
-            return
-        for waiter in waiters:
-            if not waiter.done():
+            failures = {key: exc for key, _ in waiters} | {None: exc}
+        for key, waiter in waiters:
+            if waiter.done():
+                continue
+            if key in failures:
+                waiter.set_exception(failures[key])
+            else:
                 waiter.set_result(None)
 
     def flush(self) -> None:
@@ -132,12 +143,13 @@ class Books:
         if self._pending is not None:
             self._commit(self._pending)
 
-    async def settled(self) -> None:
-        """Return once every task write made so far is durable."""
+    async def settled(self, task_id: str | None = None) -> None:
+        """Return once every task write made so far is durable; raise when `task_id`'s own
+        writes failed (without one: when writes of no task failed)."""
         if self._pending is None:
             return
         waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        self._waiters.append((task_id, waiter))
         await waiter
 
     def ts(self) -> str:
@@ -158,7 +170,7 @@ class Books:
                     log.exception("a frame tap failed on %s %s", run.task_id, event)
 
     def save(self, run: TaskRun) -> None:
-        with self._batch():
+        with self._batch(run.task_id):
             self.results.write(run.result)
 
     def queued(
@@ -218,7 +230,7 @@ class Books:
         result.error = error
         result.finish_reason = finish_reason
         result.timings.finished_at = clocks.rfc3339(now)
-        with self._batch():  # the terminal frame's sync is the commit's
+        with self._batch(run.task_id):  # the terminal frame's sync is the commit's
             if not run.log.terminal:
                 if error is not None:
                     self.frame(run, "error", error.model_dump(mode="json"))

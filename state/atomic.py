@@ -33,7 +33,7 @@ import os
 import secrets
 import sys
 import threading
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,8 @@ class Group:
     for a removal; `data` is the latest content per target (None: moved or removed)."""
 
     ops: list[tuple[Path, Path | None, str]] = field(default_factory=list)  # + failpoint kind
+    # per op, the unit of work it belongs to (`unit()`: a task's writes), None for the rest
+    units: list[Hashable] = field(default_factory=list)
     # per path touched: bytes (what it will hold), a Path (the file now there that will be
     # renamed to it) or None (it will be gone)
     data: dict[Path, bytes | Path | None] = field(default_factory=dict)
@@ -63,6 +65,36 @@ _local = threading.local()
 
 def _group() -> Group | None:
     return getattr(_local, "group", None)
+
+
+class GroupFailed(OSError):
+    """Some units' operations failed at a group's commit (`failures`: unit → error); every
+    other unit's were carried out. Raised like the first failure, whose errno it keeps."""
+
+    def __init__(self, failures: dict[Hashable, OSError]) -> None:
+        first = next(iter(failures.values()))
+        super().__init__(first.errno, first.strerror, first.filename, None, first.filename2)
+        self.failures = failures
+
+
+@contextlib.contextmanager
+def unit(key: Hashable) -> Iterator[None]:
+    """The durable operations of this thread inside the block belong to `key` (one task's
+    writes): at a group's commit, an operation that fails skips the later operations of its
+    own unit only (a task's files keep their order: nothing after its failed write appears),
+    and the other units' are carried out (one task's broken result file does not fail the
+    tasks committed with it)."""
+    before = getattr(_local, "unit", None)
+    _local.unit = key
+    try:
+        yield
+    finally:
+        _local.unit = before
+
+
+def _append(current: Group, op: tuple[Path, Path | None, str]) -> None:
+    current.ops.append(op)
+    current.units.append(getattr(_local, "unit", None))
 
 
 def _defer(*paths: Path) -> Group | None:
@@ -107,12 +139,16 @@ def begin() -> Group:
 
 
 def commit(current: Group) -> None:
-    """Sync the data the group wrote, run its renames and removals in order, sync again."""
+    """Sync the data the group wrote, run its renames and removals in order, sync again.
+    An operation that fails skips the rest of its unit (`unit()`), not the others': they
+    are carried out and synced, then GroupFailed names the units that failed."""
     if _group() is current:
         _local.group = None
     if current.committed or not current.ops:
         return
     current.committed = True
+    failed: dict[Hashable, OSError] = {}
+    applied: list[tuple[Path, Path | None, str]] = []
     done = 0
     try:
         failpoints.hit("before_group_sync")
@@ -122,26 +158,46 @@ def commit(current: Group) -> None:
             [src for src, dst, kind in current.ops if dst is not None and kind]
             + sorted(current.written)
         )
-        for src, dst, kind in current.ops:
-            if dst is None:  # a removal: gone already, or not ours, is fine (as one by one)
-                with contextlib.suppress(FileNotFoundError, IsADirectoryError, PermissionError):
-                    os.unlink(src)
-            elif not kind:  # a move: an entry gone already is fine, as rename_durable's callers
-                with contextlib.suppress(FileNotFoundError):
-                    os.replace(src, dst)
-            else:  # a write: any failure is raised, as a write outside a group would be
-                failpoints.hit(f"before_{kind}_rename")
-                os.replace(src, dst)
-                failpoints.hit(f"after_{kind}_rename")
+        for (src, dst, kind), key in zip(current.ops, current.units, strict=True):
             done += 1
+            if key in failed:  # after a failed write of its unit: never appears
+                _drop_tmp(src, dst)
+                continue
+            try:
+                _apply(src, dst, kind)
+            except OSError as exc:
+                failed[key] = exc
+                _drop_tmp(src, dst)
+                continue
+            applied.append((src, dst, kind))
         current.syncs += 1
-        _sync_folders(_folders(current.ops))  # the renames themselves
+        _sync_folders(_folders(applied))  # the renames themselves
     except BaseException:
         for src, dst, _ in current.ops[done:]:  # what will not be renamed leaves no file
-            if dst is not None and src.name.endswith(".tmp"):
-                with contextlib.suppress(OSError):
-                    os.unlink(src)
+            _drop_tmp(src, dst)
         raise
+    if failed:
+        raise GroupFailed(failed)
+
+
+def _apply(src: Path, dst: Path | None, kind: str) -> None:
+    if dst is None:  # a removal: gone already, or not ours, is fine (as one by one)
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError, PermissionError):
+            os.unlink(src)
+    elif not kind:  # a move: an entry gone already is fine, as rename_durable's callers
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(src, dst)
+    else:  # a write: any failure is raised, as a write outside a group would be
+        failpoints.hit(f"before_{kind}_rename")
+        os.replace(src, dst)
+        failpoints.hit(f"after_{kind}_rename")
+
+
+def _drop_tmp(src: Path, dst: Path | None) -> None:
+    """Remove a write's temporary file that will not be renamed."""
+    if dst is not None and src.name.endswith(".tmp"):
+        with contextlib.suppress(OSError):
+            os.unlink(src)
 
 
 def _folders(ops: Sequence[tuple[Path, Path | None, str]]) -> set[Path]:
@@ -280,7 +336,7 @@ def remove(path: Path) -> None:
     """Remove `path` (gone already is fine); in a group, at the commit, in order."""
     current = _defer(path)
     if current is not None:
-        current.ops.append((path, None, "file"))
+        _append(current, (path, None, "file"))
         current.data[path] = None
         return
     with contextlib.suppress(FileNotFoundError, IsADirectoryError, PermissionError):
@@ -318,7 +374,7 @@ def write_bytes(
         raise
     os.close(fd)
     if current is not None:  # renamed at the group's commit, after one sync for all
-        current.ops.append((tmp, path, kind))
+        _append(current, (tmp, path, kind))
         current.data[path] = data
         return
     try:
@@ -418,7 +474,7 @@ def rename_durable(src: Path, dst: Path) -> None:
         content = current.data.get(src, src)
         if content is None or (content is src and not os.path.lexists(src)):
             raise FileNotFoundError(2, "No such file or directory", str(src))
-        current.ops.append((src, dst, ""))  # a move: its failpoints are its caller's
+        _append(current, (src, dst, ""))  # a move: its failpoints are its caller's
         current.data[dst], current.data[src] = content, None
         return
     os.rename(src, dst)

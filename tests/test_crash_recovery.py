@@ -184,6 +184,25 @@ def test_a_rerun_after_a_kill_at_start_counts_its_attempt_and_leftover_temp_file
     assert [p for p in leftovers if p.exists()] == []
 
 
+def test_a_result_rebuilt_from_the_log_after_a_kill_says_where_the_task_ran_and_is_filed(
+    workspace: Workspace,
+) -> None:
+    """Killed after the terminal frame, before the result: the restart writes the result
+    from the log, with what the log knows (attempt, pool, replica, tokens) and the place
+    the task file is filed, and files it there."""
+    workspace.submit("logged.task.yaml", task("logged", max_tokens=5))
+    first = _serve(workspace, failpoint="after_terminal_frame", exit_when_idle=False)
+    assert first.wait(timeout=30) == -signal.SIGKILL
+    second = _serve(workspace, failpoint=None, exit_when_idle=True)
+    assert second.wait(timeout=60) == 0
+    result = workspace.result("logged")
+    assert result is not None and result["status"] == "succeeded"
+    assert result["source_file"] == "spool/done/logged.task.yaml"
+    assert (workspace.spool.done / "logged.task.yaml").exists()
+    assert (result["attempts"], result["pool_id"], result["tokens_out"]) == (1, "p1", 5)
+    assert result["replica_id"] and result["prompt_tokens"] is not None
+
+
 def test_a_kill_after_a_session_turn_is_counted_does_not_count_it_twice(
     workspace: Workspace,
 ) -> None:

@@ -184,6 +184,63 @@ def test_a_session_turn_counted_in_the_batch_is_seen_by_the_next_task_of_the_bat
     assert got is not None and got.turns == 2
 
 
+def test_a_failed_write_skips_the_rest_of_its_unit_and_no_other(tmp_path: Path) -> None:
+    """One task's result path blocked (a folder where its file goes): its later operations
+    (its task file's move) do not happen, the other task's all do, and the failure names
+    the task whose write failed."""
+    (tmp_path / "a.json").mkdir()
+    (tmp_path / "a.task").write_text("a")
+    (tmp_path / "b.task").write_text("b")
+    (tmp_path / "done").mkdir()
+    with pytest.raises(atomic.GroupFailed) as failed, atomic.group():
+        with atomic.unit("a"):
+            atomic.write_bytes(tmp_path / "a.json", b"{}")
+            atomic.rename_durable(tmp_path / "a.task", tmp_path / "done" / "a.task")
+        with atomic.unit("b"):
+            atomic.write_bytes(tmp_path / "b.json", b"{}")
+            atomic.rename_durable(tmp_path / "b.task", tmp_path / "done" / "b.task")
+    assert set(failed.value.failures) == {"a"}
+    assert failed.value.errno == 21  # raised as the write's own error: EISDIR
+    assert (tmp_path / "b.json").read_bytes() == b"{}"
+    assert sorted(p.name for p in (tmp_path / "done").iterdir()) == ["b.task"]
+    assert (tmp_path / "a.task").exists() and (tmp_path / "a.json").is_dir()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+async def test_a_task_whose_result_path_is_blocked_holds_up_no_other_task(
+    workspace: Workspace, serve: Any
+) -> None:
+    """A folder put where one task's result file goes (by hand, by a tool): the tasks
+    committed in the same groups run and end as usual, and that task ends too, with its
+    files in agreement, once the folder is gone."""
+    import asyncio
+
+    from tests.conftest import wait_for
+
+    cfg = config()
+    cfg["pools"][0] |= {"slots": 4, "sim": {"tokens_per_s": 40, "load_s": 0.0}}
+    workspace.write_config(cfg)
+    await serve()
+    for name in ("v", "b1", "b2", "b3"):
+        workspace.submit(f"{name}.task.yaml", task(name, max_tokens=40, prompt="same"))
+    await wait_for(lambda: (workspace.result("v") or {}).get("status") == "running", 10, "v")
+    blocked = workspace.root / "results" / "v.json"
+    blocked.unlink()
+    blocked.mkdir()
+    for name in ("b1", "b2", "b3"):
+        result = await wait_terminal(workspace, name, 20)
+        assert result["status"] == "succeeded", result
+        assert result["source_file"] == f"spool/done/{name}.task.yaml"
+        assert (workspace.spool.done / f"{name}.task.yaml").exists()
+    await asyncio.sleep(1.0)
+    assert (workspace.spool.active / "v.task.yaml").exists()  # not filed without its result
+    blocked.rmdir()
+    v = await wait_terminal(workspace, "v", 20)  # the 5 s recovery writes it from its log
+    assert v["status"] == "succeeded" and v["tokens_out"] == 40, v
+    assert v["source_file"] == "spool/done/v.task.yaml" and v["pool_id"] == "p1"
+    await wait_for(lambda: (workspace.spool.done / "v.task.yaml").exists(), 10, "v filed")
+
+
 def test_a_block_that_raises_still_commits_what_it_wrote(tmp_path: Path) -> None:
     path = tmp_path / "r.json"
     with pytest.raises(RuntimeError), atomic.group():
