@@ -49,6 +49,11 @@ class AppliedConfig:
     errors: list[loading.LoadError] = field(default_factory=list)
     from_last_good: bool = False  # serving .orch/last-good.yaml because orch.yaml is invalid
     gpus_from_option: bool = False  # `serve --simulate FILE`: orch.yaml's gpus: observer unused
+    # .orch/last-good.yaml is written only by the daemon that holds the folder's lock: one
+    # refused by it (another daemon serves there) must not replace the one serving's copy;
+    # until `keep_last_good()`, the applied bytes wait in `_unkept`
+    keeping: bool = True
+    _unkept: bytes | None = None
     applied_digest: str | None = None  # sha256 hex of the orch.yaml bytes applied last
     # path → wall-clock time the watcher last saw a file renamed onto it (watching.start)
     renamed: dict[str, float] = field(default_factory=dict)
@@ -221,7 +226,18 @@ class AppliedConfig:
             )
         return errors
 
+    def keep_last_good(self) -> None:
+        """From now on keep .orch/last-good.yaml (the daemon took the folder's lock), starting
+        with what was applied before."""
+        self.keeping = True
+        if self._unkept is not None:
+            content, self._unkept = self._unkept, None
+            self._keep_last_good(content)
+
     def _keep_last_good(self, content: bytes) -> None:
+        if not self.keeping:
+            self._unkept = content
+            return
         try:
             self.last_good_path.parent.mkdir(parents=True, exist_ok=True)
             atomic.write_bytes(self.last_good_path, content, kind="last_good")

@@ -85,7 +85,9 @@ def build(
     sharing one `Rates`. Tests build one and drive `pass_once` on a fake clock."""
     clock = clock or clocks.RealClock()
     plugins = plugins or registry.load()
-    config = configuring.AppliedConfig(options.config_path.resolve(), set(plugins.engines), clock)
+    config = configuring.AppliedConfig(
+        options.config_path.resolve(), set(plugins.engines), clock, keeping=False
+    )
     if not config.start() or config.state is None:
         problems = "\n".join(f"  {e}" for e in config.errors)
         raise errors.ConfigProblem(
@@ -242,6 +244,7 @@ class Daemon:
             self.pools.observer.close()
             raise errors.ConfigProblem(str(held)) from None
         try:
+            self.config.keep_last_good()  # this daemon serves the folder: its copy now
             return await self._serve()
         finally:
             lock.release()

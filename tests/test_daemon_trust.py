@@ -63,6 +63,26 @@ def _engine_pids(ws: Workspace) -> list[int]:
     return [r["pid"] for p in ws.status()["pools"] for r in p["replicas"] if r["pid"]]
 
 
+def test_a_refused_second_daemon_leaves_the_last_good_config_alone(workspace: Workspace) -> None:
+    """A second daemon started on another orch.yaml of the same folder is refused by the
+    lock; the copy of the config the first one serves (.orch/last-good.yaml, what a restart
+    falls back to) stays the first one's."""
+    first = _serve(workspace)
+    try:
+        _wait(lambda: _ready(workspace), what="the first daemon Ready")
+        last_good = workspace.root / ".orch" / "last-good.yaml"
+        kept = _wait(lambda: last_good.read_bytes(), what="the last good copy")
+        other = workspace.root / "other.yaml"
+        other.write_text(workspace.config_path.read_text() + "# another\n")
+        argv = [sys.executable, "-m", "reconciler.cli", "serve", "--config", str(other)]
+        second = subprocess.run(argv, capture_output=True, timeout=60, cwd=workspace.root)
+        assert second.returncode == 2 and b"another daemon" in second.stderr
+        assert last_good.read_bytes() == kept
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=30)
+
+
 def test_a_second_daemon_on_the_same_folder_is_refused_and_touches_nothing(
     workspace: Workspace,
 ) -> None:
