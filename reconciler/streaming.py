@@ -16,6 +16,7 @@ import contextlib
 import errno
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 from plugins import interfaces
@@ -28,7 +29,28 @@ log = logs.get("streaming")
 METRICS_EVERY_S = 1.0
 # our own writes failing (results/, the event log), never an engine's connection
 DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
-DISK_HINT = "The daemon could not write the task's files: free disk space, then submit again."
+DISK_HINT = (
+    "The daemon could not write the task's files (a full disk, or a folder it may not "
+    "write): free disk space or fix the folder's permissions, then submit again."
+)
+# a file or folder of the daemon's own that it may not write (permissions taken away, a
+# folder where its file goes): as much the machine's fault as a full disk, when the error
+# names a path of the daemon's, not the task file it was reading
+ACCESS_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR})
+
+
+def storage_failure(exc: BaseException, *, task_file: Path | None = None) -> bool:
+    """Whether `exc` is the daemon failing to write its own files (a full disk, a folder it
+    may not write), not something wrong with the task: the task is then left for the
+    recovery pass to retry once the machine is fixed, never refused for it."""
+    if not isinstance(exc, OSError):
+        return False
+    if exc.errno in DISK_ERRNOS:
+        return True
+    if exc.errno not in ACCESS_ERRNOS or not exc.filename:
+        return False
+    named = {str(exc.filename), str(exc.filename2 or "")}
+    return task_file is None or str(task_file) not in named
 
 
 @dataclass
@@ -69,8 +91,8 @@ def engine_failure(exc: BaseException) -> tuple[ErrorCode, int | None, str | Non
             "the engine refused the request: if it names the context, shorten the prompt, "
             "lower max_tokens or use a pool with a larger ctx",
         )
-    if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
-        return ErrorCode.INTERNAL, 5000, DISK_HINT
+    if storage_failure(exc):  # not retriable as is: the machine must be fixed first
+        return ErrorCode.INTERNAL, None, DISK_HINT
     if isinstance(exc, interfaces.ReplicaStopped):
         return (
             ErrorCode.WORKER_RESET,
@@ -162,6 +184,12 @@ async def stream(
             retry_after_ms=1000,
         )
     except Exception as exc:
+        if run.log.terminal:  # its end is in the log, only its result write failed: the
+            # log is the earlier commit; recovery writes the result from it and files the
+            # task (its file stays in active/), never a result that says otherwise
+            log.error("could not write the result of %s: %s", run.task_id, exc)
+            deps.ended(running)
+            return
         code, retry_after_ms, hint = engine_failure(exc)
         if hint is DISK_HINT:
             message = f"could not write the task's files: {exc}"

@@ -111,9 +111,19 @@ class Taker:
             self._failed(path, exc)
 
     def _failed(self, path: Path, exc: Exception) -> None:
+        if streaming.storage_failure(exc, task_file=path):
+            # a full disk or a folder of the daemon's it may not write: not the task's fault;
+            # left in active/, the recovery pass retries it every few seconds
+            logs.emit(
+                log,
+                "task.take_deferred",
+                f"Could not take {path.name}: {exc}. It waits in spool/active/ and is taken "
+                "again every 5 s: free disk space, or give the daemon's user write access "
+                "to that path (and remove anything put where its file goes).",
+                level=40,
+            )
+            return
         log.error("could not take %s", path.name, exc_info=exc)
-        if isinstance(exc, OSError) and exc.errno in streaming.DISK_ERRNOS:
-            return  # a full disk, not the task's fault: left in active/, recovery retries
         with contextlib.suppress(Exception):
             self._refuse(
                 path,

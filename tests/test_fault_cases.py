@@ -155,3 +155,31 @@ async def test_nvml_errors_and_a_lost_gpu_never_stop_the_daemon(
         d.stop()
         assert await asyncio.wait_for(job, 30) == 0
     faults.check_no_engines(workspace)
+
+
+def test_a_terminal_result_the_disk_refused_once_is_written_from_the_log_never_contradicting_it(
+    workspace: Workspace,
+) -> None:
+    """The third result write of the task (its terminal one) fails with a full disk after
+    its `end` frame is in the log: its result is never `failed` against that `end`; the
+    recovery pass writes `succeeded` from the log and files the task in done/."""
+    workspace.write_config(faults.pool_config())
+    log = workspace.root / "daemon.log"
+    daemon = faults.serve(workspace, log, failpoints="result_write=enospc@3")
+    try:
+        workspace.submit("once.task.yaml", task("once", max_tokens=6))
+        end = time.monotonic() + 30
+        while time.monotonic() < end and (workspace.result("once") or {}).get("status") not in (
+            faults.TERMINAL
+        ):
+            assert (workspace.result("once") or {}).get("status") != "failed"
+            assert daemon.poll() is None
+            time.sleep(0.05)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=60) == 0
+    result = workspace.result("once")
+    assert result is not None and result["status"] == "succeeded", result
+    assert result["tokens_out"] == 6 and result["source_file"] == "spool/done/once.task.yaml"
+    assert (workspace.spool.done / "once.task.yaml").exists()
+    faults.check_visible(workspace)

@@ -411,3 +411,26 @@ async def test_no_task_is_started_before_its_queued_result_is_on_disk(
     for task_id in ids:
         assert (await wait_terminal(workspace, task_id, 30))["status"] == "succeeded"
     assert early == []
+
+
+async def test_a_task_its_files_cannot_be_written_for_waits_and_runs_once_they_can(
+    workspace: Workspace, serve: Any
+) -> None:
+    """A folder where the task's event log goes (so results/ cannot take its file, as with
+    permissions taken away): the task is not refused as a bug; it waits in spool/active/,
+    and runs once the path is writable again."""
+    from tests.conftest import wait_for
+
+    await serve()
+    blocker = workspace.root / "results" / "stuck.events.jsonl"
+    blocker.mkdir(parents=True)
+    workspace.submit("stuck.task.yaml", task("stuck", max_tokens=3))
+    await wait_for(lambda: (workspace.spool.active / "stuck.task.yaml").exists(), 10, "claimed")
+    import asyncio
+
+    await asyncio.sleep(1.0)
+    assert list(workspace.spool.failed.iterdir()) == []  # never quarantined
+    assert (workspace.spool.active / "stuck.task.yaml").exists()
+    blocker.rmdir()
+    result = await wait_terminal(workspace, "stuck", 20)  # taken again by the 5 s recovery
+    assert result["status"] == "succeeded", result
