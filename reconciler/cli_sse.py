@@ -83,6 +83,8 @@ def _one_connection(
             if after == 0:
                 raise Unavailable(f"cannot reach {base_url}: {exc}") from None
             raise
+        if response.status == 204:  # resumed at or past the terminal frame: nothing more
+            return
         if response.status != 200:
             raise Unavailable(f"{base_url} answered {response.status} {response.reason}")
 
