@@ -218,12 +218,15 @@ def cmd_tasks(args: argparse.Namespace) -> int:
         print(f"no{which} tasks in this folder")
         return EXIT_OK
     width = max(8, *(len(r.task_id) for r in rows))
-    print(f"{'ID':<{width}}  {'STATUS':<10}{'POOL':<16}{'TOKENS':>7}  AGE")
+    # every column at least one space wider than its longest value: never run together
+    status_w = max(len(s) for s in (*STATUSES, UNREADABLE, "STATUS")) + 1
+    pool_w = max(15, *(len(r.pool_id or "-") for r in rows)) + 1
+    print(f"{'ID':<{width}}  {'STATUS':<{status_w}}{'POOL':<{pool_w}}{'TOKENS':>7}  AGE")
     for r in rows:
         tokens = "" if r.tokens_out is None else str(r.tokens_out)
         print(
-            f"{r.task_id:<{width}}  {r.status:<10}{(r.pool_id or '-'):<16}{tokens:>7}  "
-            f"{cli_common.ago(now - r.since)}"
+            f"{r.task_id:<{width}}  {r.status:<{status_w}}{(r.pool_id or '-'):<{pool_w}}"
+            f"{tokens:>7}  {cli_common.ago(now - r.since)}"
         )
     return EXIT_OK
 

@@ -408,11 +408,21 @@ def test_tasks_lists_results_and_waiting_files_newest_first(workspace: Workspace
     ran = orchctl("tasks", "--config", cfg(workspace))
     assert ran.code == 0
     assert ran.out_lines == [
-        "ID        STATUS    POOL             TOKENS  AGE",
-        "c         pending   -                        0 s",
-        "b         failed    p1                    3  4 min",
-        "a         succeeded p1                   64  2 h",
+        "ID        STATUS     POOL             TOKENS  AGE",
+        "c         pending    -                        0 s",
+        "b         failed     p1                    3  4 min",
+        "a         succeeded  p1                   64  2 h",
     ]
+
+
+def test_tasks_columns_never_run_together(workspace: Workspace) -> None:
+    long_pool = "a-pool-with-a-rather-long-id"
+    _aged(workspace, "x", 60, status="running", pool_id=long_pool, tokens_out=1234567)
+    (workspace.root / "results" / "broken.json").write_text("{not json")
+    ran = orchctl("tasks", "--config", cfg(workspace))
+    rows = {line.split()[0]: line.split() for line in ran.out_lines[1:]}
+    assert rows["x"][:3] == ["x", "running", long_pool] and rows["x"][3] == "1234567"
+    assert rows["broken"][:3] == ["broken", "unreadable", "-"]
 
 
 def test_a_running_task_shows_the_tokens_its_log_has_so_far(workspace: Workspace) -> None:
@@ -425,7 +435,7 @@ def test_a_running_task_shows_the_tokens_its_log_has_so_far(workspace: Workspace
     log.extend("token", [{"t": "y", "i": 11}], ts="t")
     log.close()
     ran = orchctl("tasks", "--config", cfg(workspace))
-    assert ran.out_lines[1] == "r         running   p1                   12  3 s"
+    assert ran.out_lines[1] == "r         running    p1                   12  3 s"
 
 
 def test_tasks_filters_by_status_limits_and_prints_json(workspace: Workspace) -> None:
