@@ -52,6 +52,8 @@ class PoolsView(Protocol):
 
     def engine_version(self, replica_id: ids.ReplicaId | None) -> str | None: ...
 
+    def stalled(self, replica_id: str, reason: str) -> None: ...
+
 
 # A task that ended well refills its slot at once (`Dispatcher._ended` pumps); the full pass
 # (replicas, drains, status.json) follows at once too, but at most once per this for all the
@@ -309,6 +311,9 @@ class Dispatcher:
                     replica_id=running.replica_id,
                     tokens_out=run.result.tokens_out,
                 )
+        error = run.result.error
+        if error is not None and error.code == ErrorCode.DECODE_TIMEOUT:
+            self.pools.stalled(running.replica_id, f"hung: {error.message} while a task ran")
         if run.result.status not in ("succeeded", "canceled") or self.stopping:
             self.wake()  # a failure: the pass looks at the replicas before anything is placed
             return

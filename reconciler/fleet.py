@@ -31,6 +31,7 @@ class Replica:
     job: asyncio.Task[None] | None = None
     ready_ms: float | None = None
     vram_warned: bool = False  # the estimate-vs-measured warning is given once per replica
+    hung: str | None = None  # why it is being killed as hung: it takes no task meanwhile
 
     @property
     def state(self) -> statusfile.ReplicaState:
@@ -69,7 +70,7 @@ def candidates(
             ctx=r.spec.ctx,
         )
         for r in replicas
-        if r.state in ("Ready", "Starting")
+        if r.state in ("Ready", "Starting") and r.hung is None
     ]
 
 

@@ -153,7 +153,35 @@ class PoolRuntime:
                 vram_measured_mib=used,
             )
 
+    def stalled(self, replica_id: str, reason: str) -> None:
+        """A Ready replica's engine sent no token for decode_idle_s while a task ran: it is
+        hung (a GPU fault, a deadlock), and every task placed on it would stall the same way.
+        It takes no task from now, its process is killed, and supervision restarts it with
+        backoff (its breaker counts it as a failure) with `reason` shown."""
+        r = self.replicas.get(ids.ReplicaId(replica_id))
+        if r is None or r.state != "Ready" or r.handle is None or r.hung is not None:
+            return
+        r.hung, handle = reason, r.handle
+        grace_s = self.config.state.timeouts.stop_grace_s if self.config.state else 2.0
+        logs.emit(
+            log,
+            "replica.hung",
+            f"Replica {r.replica_id} is hung ({reason}); killing it to restart it.",
+            level=40,
+            replica_id=r.replica_id,
+            pool_id=r.pool_id,
+        )
+
+        async def kill() -> None:
+            with contextlib.suppress(Exception):
+                await r.engine.stop(handle, grace_s=grace_s)
+            if r.handle is handle and r.state == "Ready":
+                self.crashed(r, reason)
+
+        r.job = asyncio.get_running_loop().create_task(kill())
+
     def crashed(self, r: fleet.Replica, reason: str) -> None:
+        r.hung = None
         r.handle = None
         r.leases.clear()  # the process is gone, and the slots with it
         self.forget_record(r.replica_id)

@@ -6,6 +6,8 @@ terminal, no partial or temporary file, no engine process left."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import signal
 import time
 from typing import Any
@@ -183,3 +185,39 @@ def test_a_terminal_result_the_disk_refused_once_is_written_from_the_log_never_c
     assert result["tokens_out"] == 6 and result["source_file"] == "spool/done/once.task.yaml"
     assert (workspace.spool.done / "once.task.yaml").exists()
     faults.check_visible(workspace)
+
+
+async def test_a_hung_engine_is_killed_and_restarted_not_left_ready(
+    workspace: Workspace, serve: Any
+) -> None:
+    """An engine that stops sending tokens (here SIGSTOPped, as a GPU fault would hang it)
+    fails its task with DECODE_TIMEOUT; it then takes no task, is killed and restarted with
+    the reason shown, and the next task runs on the new process."""
+    cfg = config(timeouts={"ready_s": 10, "drain_s": 2, "stop_grace_s": 0.5, "decode_idle_s": 1})
+    cfg["pools"][0]["sim"] = {"tokens_per_s": 20, "load_s": 0.0}
+    workspace.write_config(cfg)
+    await serve()
+
+    def replica() -> dict[str, Any]:
+        row: dict[str, Any] = workspace.status()["pools"][0]["replicas"][0]
+        return row
+
+    hung_pid = replica()["pid"]
+    workspace.submit("long.task.yaml", task("long", max_tokens=200))
+    await wait_for(lambda: len(workspace.frames("long")) >= 4, 10, "tokens flowing")
+    os.kill(hung_pid, signal.SIGSTOP)
+    try:
+        long = await wait_terminal(workspace, "long", 15)
+        assert long["error"]["code"] == "DECODE_TIMEOUT", long
+        await wait_for(
+            lambda: replica()["pid"] not in (None, hung_pid) and replica()["state"] == "Ready",
+            20,
+            "a new engine process",
+        )
+        assert replica()["restarts"] == 1 and "hung" in (replica()["last_error"] or "")
+        workspace.submit("after.task.yaml", task("after", max_tokens=3))
+        assert (await wait_terminal(workspace, "after", 15))["status"] == "succeeded"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(hung_pid, signal.SIGCONT)
+            os.kill(hung_pid, signal.SIGKILL)
