@@ -153,6 +153,8 @@ class Done:
     finish_reason: FinishReason
     timings: Mapping[str, float] = field(default_factory=dict)  # engine's own, e.g. predicted_ms
     prompt_tokens: int | None = None  # the prompt as the engine tokenized it (template included)
+    # the context filled before the request's limit: llama-server stopped early, and says so
+    truncated: bool = False
 
 
 @dataclass(frozen=True)

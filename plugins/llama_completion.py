@@ -60,4 +60,5 @@ def done_from(frame: Mapping[str, Any]) -> interfaces.Done:
             if isinstance(v, int | float) and not isinstance(v, bool)
         },
         prompt_tokens=prompt if isinstance(prompt, int) else None,
+        truncated=frame.get("truncated") is True,
     )

@@ -203,6 +203,9 @@ class Server:
             "prompt": prompt,
             "n_prompt": n_prompt,
             "n": room if n_predict < 0 else min(n_predict, room),
+            # as llama-server: the context fills before the limit asked for (or, without
+            # one, generation runs until it does)
+            "truncated": n_predict < 0 or n_predict > room,
             "seed": seed,
             "stream": stream,
             "settings": {
@@ -287,7 +290,7 @@ class Server:
             "generation_settings": params["settings"],
             "prompt": params["prompt"],
             "has_new_line": False,
-            "truncated": False,
+            "truncated": params["truncated"] and not stopped,
             "stop_type": "word" if stopped else "limit",
             "stopping_word": "",
             "tokens_cached": params["n_prompt"] + n,

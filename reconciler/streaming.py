@@ -306,6 +306,19 @@ def _succeed(
     running.tokens_out = result.tokens_out
     decode_ms = (deps.clock.monotonic() - (first_token_at or begun)) * 1000
     result.timings.decode_time_ms = int(decode_ms)
+    limit = running.run.task.max_tokens
+    if item.truncated and result.tokens_out < limit:  # never a silent cut: say why it stopped
+        prompt = "" if item.prompt_tokens is None else f"{item.prompt_tokens} prompt tokens + "
+        _fail(
+            running,
+            deps,
+            ErrorCode.INVALID_PARAMS,
+            f"the context filled after {result.tokens_out} of max_tokens {limit} tokens "
+            f"({prompt}max_tokens {limit} exceed the context of {running.lease.handle.spec.ctx} "
+            "tokens as the engine counts them): the text so far is in the result",
+            hint="lower max_tokens, shorten the prompt, or use a pool with a larger ctx",
+        )
+        return
     deps.rates.observe(
         running.pool_id,
         tokens=result.tokens_out,

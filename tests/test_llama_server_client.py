@@ -352,3 +352,12 @@ def test_a_final_frame_stopped_by_eos_or_a_stop_word_finishes_with_stop() -> Non
         ).finish_reason
         == "length"
     )
+
+
+def test_a_final_frame_that_filled_the_context_says_it_was_truncated() -> None:
+    """What llama-server answered when the context filled before n_predict (a real run)."""
+    done = llama_completion.done_from(
+        {"stop": True, "stop_type": "limit", "tokens_predicted": 20, "truncated": True}
+    )
+    assert (done.finish_reason, done.tokens_out, done.truncated) == ("length", 20, True)
+    assert not llama_completion.done_from({"stop": True, "stop_type": "limit"}).truncated

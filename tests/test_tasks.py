@@ -319,3 +319,23 @@ async def test_a_task_canceled_before_the_daemon_claimed_it_never_starts(
     result = await wait_terminal(workspace, "early")
     assert result["status"] == "canceled"
     assert [f.event for f in workspace.frames("early")] == ["queued", "end"]
+
+
+async def test_a_task_the_context_fills_before_its_max_tokens_fails_saying_so(
+    workspace: Workspace, serve: Any
+) -> None:
+    """The prompt tokenizes longer than admission estimated (one token a word here, two
+    bytes a word): the engine stops when the context is full, before max_tokens. That is
+    never a silent success: the task fails naming the context, with the text so far."""
+    workspace.write_config(_slow(tokens_per_s=4000))
+    await serve()
+    prompt = "a " * 1500  # admission: 750 tokens; the engine: 1501
+    workspace.submit("cut.task.yaml", task("cut", prompt=prompt, max_tokens=600))
+    workspace.submit("fits.task.yaml", task("fits", prompt=prompt, max_tokens=500))
+    cut = await wait_terminal(workspace, "cut", 20)
+    assert cut["status"] == "failed" and cut["error"]["code"] == "INVALID_PARAMS", cut
+    assert cut["error"]["message"].startswith("the context filled after 547 of max_tokens 600")
+    assert "1501 prompt tokens" in cut["error"]["message"] and cut["error"]["hint"]
+    assert cut["tokens_out"] == 547 and cut["text"]
+    fits = await wait_terminal(workspace, "fits", 20)
+    assert fits["status"] == "succeeded" and fits["tokens_out"] == 500, fits
