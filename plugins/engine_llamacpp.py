@@ -69,12 +69,18 @@ def cpu_inference_allowed() -> bool:
     """The test-only switch; the one place that reads it (from the daemon's environment)."""
     if os.environ.get(ALLOW_CPU_ENV) != "1":
         return False
-    _log.warning(
-        "TEST-ONLY: CPU inference enabled by %s=1; llama-server may run without a "
-        "GPU. Never set this outside tests.",
-        ALLOW_CPU_ENV,
-    )
+    global _cpu_warned
+    if not _cpu_warned:  # once per process: it is asked at every start and sizing
+        _cpu_warned = True
+        _log.warning(
+            "TEST-ONLY: CPU inference enabled by %s=1; llama-server may run without a "
+            "GPU. Never set this outside tests.",
+            ALLOW_CPU_ENV,
+        )
     return True
+
+
+_cpu_warned = False
 
 
 def _executable(path: Path) -> bool:

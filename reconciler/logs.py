@@ -94,6 +94,11 @@ def writable(text: str) -> str:
     return text
 
 
+# the loggers `setup` configures: the project's, the HTTP server's, and the rooms that cannot
+# import this module (plugins/, state/)
+CONFIGURED = (ROOT, "aiohttp", "plugins", "state")
+
+
 def setup(
     *,
     fmt: str = "json",
@@ -130,3 +135,10 @@ def setup(
     server.handlers = list(root.handlers)
     server.setLevel(logging.WARNING)
     server.propagate = False
+    # the plugins' and the state room's lines (they cannot import this module: layering) in
+    # the same format and places, never Python's bare last-resort lines on stderr
+    for name in ("plugins", "state"):
+        room = logging.getLogger(name)
+        room.handlers = list(root.handlers)
+        room.setLevel(level.upper())
+        room.propagate = False

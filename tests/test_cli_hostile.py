@@ -196,13 +196,14 @@ class _Terminal(io.StringIO):
 def test_auto_log_format_is_pretty_on_a_terminal_and_json_lines_otherwise(
     stream: io.StringIO, pretty: bool
 ) -> None:
-    root = logging.getLogger(logs.ROOT)
-    saved = (root.handlers[:], root.level, root.propagate)
+    loggers = [logging.getLogger(name) for name in logs.CONFIGURED]
+    saved = [(lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
     try:
         logs.setup(fmt="auto", stream=stream)
         logs.emit(logs.get("test"), "test.event", "A sentence.", task_id="t1")
     finally:
-        root.handlers[:], root.level, root.propagate = saved
+        for lg, (handlers, level, propagate) in zip(loggers, saved, strict=True):
+            lg.handlers[:], lg.level, lg.propagate = handlers, level, propagate
     line = stream.getvalue().strip()
     if pretty:
         assert line.endswith("INFO A sentence.  [task=t1]")

@@ -168,12 +168,13 @@ async def test_a_hidden_file_is_left_while_fresh_and_refused_once_it_has_sat(
 
 @pytest.fixture
 def project_log() -> Iterator[None]:
-    root = logging.getLogger(logs.ROOT)
-    saved = (list(root.handlers), root.level, root.propagate)
+    loggers = [logging.getLogger(name) for name in logs.CONFIGURED]
+    saved = [(list(lg.handlers), lg.level, lg.propagate) for lg in loggers]
     yield
-    for handler in root.handlers:
+    for handler in logging.getLogger(logs.ROOT).handlers:
         handler.close()
-    root.handlers[:], root.level, root.propagate = saved[0], saved[1], saved[2]
+    for lg, (handlers, level, propagate) in zip(loggers, saved, strict=True):
+        lg.handlers[:], lg.level, lg.propagate = handlers, level, propagate
 
 
 @pytest.mark.parametrize("fmt", ["json", "pretty"])
@@ -189,6 +190,22 @@ def test_a_log_line_naming_a_file_that_is_not_utf8_is_written(
     [line] = log_file.read_text(encoding="utf-8").splitlines()
     assert json.loads(line)["file"] == name
     assert "caf\\udce9" in stream.getvalue().encode("utf-8").decode("utf-8")
+
+
+def test_a_plugins_log_line_is_json_and_in_the_log_file(tmp_path: Path, project_log: None) -> None:
+    """plugins/ and state/ cannot import the project's logger: their lines still come out
+    as JSON Lines on stderr and in --log-file, never as Python's bare last-resort lines."""
+    log_file = tmp_path / "orch.log"
+    stream = io.StringIO()
+    logs.setup(fmt="json", log_file=log_file, stream=stream)
+    logging.getLogger("plugins.engine_llamacpp").warning("cannot size %s from its header", "m")
+    logging.getLogger("state.atomic").info("a state line")
+    for text in (stream.getvalue(), log_file.read_text(encoding="utf-8")):
+        lines = [json.loads(line) for line in text.splitlines()]
+        assert [(x["event"], x["human"]) for x in lines] == [
+            ("plugins.engine_llamacpp", "cannot size m from its header"),
+            ("state.atomic", "a state line"),
+        ]
 
 
 # -- content that is hostile ----------------------------------------------------------------------

@@ -887,7 +887,7 @@ async def test_a_null_task_id_is_made_up_as_an_absent_one_is(
 @pytest.fixture
 def json_log() -> Iterator[io.StringIO]:
     """The daemon's log as `orchctl serve` sets it up (JSON lines), into a string."""
-    loggers = [logging.getLogger(n) for n in (logs.ROOT, "aiohttp", "aiohttp.server")]
+    loggers = [logging.getLogger(n) for n in (*logs.CONFIGURED, "aiohttp.server")]
     saved = [(list(lg.handlers), list(lg.filters), lg.level, lg.propagate) for lg in loggers]
     stream = io.StringIO()
     logs.setup(fmt="json", stream=stream)
