@@ -20,12 +20,14 @@ from typing import Any
 
 import yaml
 
-from plugins import engine_llamacpp, gpu_nvml, gpu_simulated, registry
+from plugins import engine_llamacpp, gguf_info, gguf_reading, gpu_nvml, gpu_simulated, registry
 from reconciler import specs
 from state import desired, errors, loading, parsing
 
 # Engines that load the model file themselves; the `sim` engine only simulates one.
 SIMULATED_ENGINES = frozenset({"sim"})
+# Engines whose model file is a GGUF they read before starting (its header is checked here)
+GGUF_ENGINES = frozenset({"llamacpp"})
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,20 @@ def _models(
                 "there or fix the path",
                 warning=True,
             )
+            continue
+        ggufs = sorted(str(p.get("id")) for p in users if p.get("engine") in GGUF_ENGINES)
+        if resolved.path is not None and ggufs:
+            try:
+                gguf_info.inspect(resolved.path)  # what the engine checks before it starts
+            except (gguf_reading.GgufError, OSError) as exc:
+                report(
+                    ("models", name, "ref"),
+                    f"{resolved.path} is not a usable GGUF ({exc}): pool {', '.join(ggufs)} "
+                    "cannot start until it is",
+                    "fetch the file again (set its digest: to catch a bad copy), or point ref "
+                    "at a GGUF file",
+                    warning=True,
+                )
 
 
 def _simulated_pools(pools: list[dict[str, Any]]) -> set[str]:

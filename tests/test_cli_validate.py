@@ -304,3 +304,28 @@ def test_a_pool_that_fits_its_gpus_gets_no_warning(
     config = _sized(tmp_path, size_mib, devices)
     ran = orchctl("validate", config)
     assert ran.out_lines == [f"{config}: ok"], ran.out
+
+
+def test_a_model_file_that_is_not_a_usable_gguf_is_a_warning_for_its_llamacpp_pool(
+    tmp_path: Path,
+) -> None:
+    from tests import tiny_gguf
+
+    good = tiny_gguf.write(tmp_path / "good.gguf")
+    (tmp_path / "cut.gguf").write_bytes(good.read_bytes()[:2000])  # a download cut short
+    config = tmp_path / "orch.yaml"
+    config.write_text(
+        "version: 1\n"
+        f"gpus: {{observer: simulated, inventory: {INVENTORY}}}\n"
+        "engines: {llamacpp: {binary: /bin/true}}\n"
+        'models: {good: {ref: "file:good.gguf"}, cut: {ref: "file:cut.gguf"}}\n'
+        "pools:\n"
+        "  - {id: a, engine: llamacpp, model: good}\n"
+        "  - {id: b, engine: llamacpp, model: cut}\n"
+    )
+    ran = orchctl("validate", config)
+    assert ran.code == 0, ran.out
+    problems = [line for line in ran.out_lines if "not a usable GGUF" in line]
+    assert len(problems) == 1 and "cut.gguf is not a usable GGUF" in problems[0], ran.out
+    assert "warning: models.cut.ref" in problems[0] and "pool b cannot start" in problems[0]
+    assert "fetch the file again" in problems[0]
