@@ -151,11 +151,12 @@ async def boot(runtime: pools.PoolRuntime, r: fleet.Replica) -> None:
         r.handle = None
         # A missing driver or binary will not fix itself by restarting: open the
         # breaker at once (a config edit replaces the replica and starts afresh).
-        r.life.give_up(exc.what, runtime.clock.monotonic())
+        fix = " ".join(exc.fix.split())
+        r.life.give_up(f"{exc.what}. Fix: {fix}", runtime.clock.monotonic())  # in status too
         logs.emit(
             log,
             "replica.environment",
-            f"Replica {r.replica_id} cannot start: {exc.what}",
+            f"Replica {r.replica_id} cannot start: {exc.what}. Fix: {fix}",
             level=40,
             replica_id=r.replica_id,
             fix=exc.fix,

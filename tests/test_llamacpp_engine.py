@@ -361,3 +361,34 @@ def test_the_plugin_registers_the_llamacpp_engine() -> None:
     registered: dict[str, Any] = {}
     manager.hook.orch_register_engines(register=registered.__setitem__)
     assert isinstance(registered["llamacpp"], engine_llamacpp.LlamaCppEngine)
+
+
+async def test_a_cpu_only_build_fails_its_pool_with_the_fix_in_status(
+    workspace: Any, serve: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon serving a llamacpp pool whose binary sees no GPU: the pool is Failed, and
+    its reason in status carries the fix, not only the log."""
+    from tests import tiny_gguf
+    from tests.conftest import config, wait_for
+
+    monkeypatch.delenv("LLAMA_ORCH_TEST_ALLOW_CPU_INFERENCE", raising=False)
+    binary = executable(
+        tmp_path / "cpu" / "llama-server", "#!/bin/sh\necho 'Available devices: (none)'\n"
+    )
+    tiny_gguf.write(workspace.root / "m1.gguf")
+    cfg = config(engines={"llamacpp": {"binary": str(binary)}})
+    cfg["models"]["m1"] = {"ref": "file:m1.gguf"}
+    cfg["pools"][0] = {"id": "p1", "engine": "llamacpp", "model": "m1", "ctx": 256}
+    workspace.write_config(cfg)
+    await serve(ready=False)
+
+    def pool() -> dict[str, Any]:
+        row: dict[str, Any] = workspace.status()["pools"][0]
+        return row
+
+    await wait_for(lambda: pool()["state"] == "Failed", 15, "the pool Failed")
+    reason = pool()["reason"]
+    assert (
+        "lists no CUDA device" in reason
+        and "Fix: llama-orch runs inference on NVIDIA GPUs" in reason
+    )
