@@ -63,7 +63,7 @@ async def adopt_or_clean(runtime: pools.PoolRuntime) -> None:
         # as a start does: results, traces and metrics name the engine's version
         with contextlib.suppress(Exception):  # shown, not required
             info = await asyncio.wait_for(engine.describe(adopted), 5.0)
-            runtime.versions[r.replica_id] = info.engine_version
+            runtime.versions[r.replica_id] = r.engine_version = info.engine_version
         logs.emit(
             log,
             "replica.adopted",

@@ -410,7 +410,7 @@ async def capabilities(request: web.Request) -> web.StreamResponse:
             {
                 "pool_id": pool.id,
                 "engine": pool.engine,
-                "engine_version": None,
+                "engine_version": next((r.engine_version for r in ready if r.engine_version), None),
                 "model": pool.model,
                 "state": pool.state,
                 "ctx": spec.ctx if spec else None,

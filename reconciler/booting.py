@@ -173,7 +173,7 @@ async def boot(runtime: pools.PoolRuntime, r: fleet.Replica) -> None:
     # read before Ready, so the first task on the replica already reports the version
     with contextlib.suppress(Exception):  # shown, not required
         info = await asyncio.wait_for(r.engine.describe(r.handle), 5.0)
-        runtime.versions[r.replica_id] = info.engine_version
+        runtime.versions[r.replica_id] = r.engine_version = info.engine_version
     runtime.rates.started(r.pool_id, r.ready_ms)
     r.life.ready(runtime.clock.monotonic())
     logs.emit(

@@ -32,6 +32,7 @@ class Replica:
     ready_ms: float | None = None
     vram_warned: bool = False  # the estimate-vs-measured warning is given once per replica
     hung: str | None = None  # why it is being killed as hung: it takes no task meanwhile
+    engine_version: str | None = None  # what the engine reported once up
 
     @property
     def state(self) -> statusfile.ReplicaState:
@@ -133,6 +134,7 @@ def _replica_rows(
             recent_errors=list(r.life.reasons),
             retry_in_s=r.life.retry_in_s(now),
             spec_hash=r.spec.spec_hash,
+            engine_version=r.engine_version,
         )
         for r in sorted(replicas, key=lambda r: r.replica_id)
     ]

@@ -84,6 +84,7 @@ class ReplicaRow(_Row):
     recent_errors: list[str] = Field(default_factory=list)
     retry_in_s: float | None = None
     spec_hash: str
+    engine_version: str | None = None  # what the engine reported once up (llama.cpp's build)
 
 
 class PoolRow(_Row):

@@ -265,8 +265,11 @@ async def test_sessions_and_capabilities(workspace: Workspace, serve: Any) -> No
         assert caps["api_version"] == "1.0.0"
         [pool] = caps["pools"]
         assert pool["pool_id"] == "p1" and pool["ctx"] == 2048 and pool["concurrency"] == 2
+        assert pool["engine_version"] == "sim-0.1.0"
         async with session.get(f"{base}/v1/status") as response:
-            assert (await response.json())["daemon"]["url"] == base
+            status = await response.json()
+        assert status["daemon"]["url"] == base
+        assert status["pools"][0]["replicas"][0]["engine_version"] == "sim-0.1.0"
 
 
 async def test_every_accepted_session_task_is_told_its_sessions_budgets(
