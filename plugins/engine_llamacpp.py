@@ -298,7 +298,8 @@ class LlamaCppEngine(llama_server.ServerEngine):
                 raise interfaces.EngineStartError(
                     f"model file is not a usable GGUF: {e}. Fix: fetch the file again (set "
                     f"models.{spec.model_id}.digest to catch a bad copy) or point "
-                    f"models.{spec.model_id}.ref at a GGUF"
+                    f"models.{spec.model_id}.ref at a GGUF; then POST "
+                    f"/v1/catalog/models/{spec.model_id}/verify starts the pool again at once"
                 ) from e
         port = processes.free_port()
         return await processes.launch(

@@ -38,13 +38,15 @@ def recover(
     """Recover every task file in active/ except those `owned` (by live runs)."""
     for name in spool.complete_cut_claims(the_spool):
         logs.emit(log, "task.claim_completed", f"Completed the claim of {name} a crash cut short.")
-    pending: list[tuple[str, Path, str | None, results.Result | None]] = []
+    pending: list[tuple[str, Path, str | None, results.Result | None, str | None]] = []
     for name in spool.active_names(the_spool):
         if name in owned:
             continue
         path = the_spool.active / name
         parsed = intake.parse_claimed(path)
         task_id = parsed.task_id if isinstance(parsed, intake.Parsed) else None
+        # the id a request gave the task (X-Correlation-Id): every log line about it has it
+        correlation = parsed.task.correlation_id if isinstance(parsed, intake.Parsed) else None
         existing = store.read(task_id) if task_id else None
         if (existing is None or not existing.terminal) and isinstance(parsed, intake.Parsed):
             with atomic.unit(task_id):  # a write that fails holds up this task only
@@ -58,6 +60,7 @@ def recover(
                     f"Task {task_id} was {rebuilt.status} by its event log; wrote its result "
                     "and filed its task file.",
                     task_id=task_id,
+                    correlation_id=correlation or task_id,
                 )
                 continue
         if existing is not None and existing.terminal:
@@ -68,6 +71,7 @@ def recover(
                 "task.recovered",
                 f"Task {task_id} was already {existing.status}; filed its task file.",
                 task_id=task_id,
+                correlation_id=correlation or task_id,
             )
             continue
         if existing is not None and task_id is not None:
@@ -76,9 +80,9 @@ def recover(
             started = sum(f.event == "started" for f in events.read(store.events_path(task_id)))
             existing.attempts = max(existing.attempts, started)
         key = existing.timings.accepted_at if existing and existing.timings.accepted_at else "~"
-        pending.append((key, path, task_id, existing))
+        pending.append((key, path, task_id, existing, correlation))
     seen: set[str] = set()
-    for _, path, task_id, existing in sorted(pending, key=lambda p: (p[0], p[1].name)):
+    for _, path, task_id, existing, correlation in sorted(pending, key=lambda p: (p[0], p[1].name)):
         if task_id is not None and task_id in seen:
             refuse_duplicate(path, task_id)
             continue
@@ -90,6 +94,7 @@ def recover(
                 "task.recovered",
                 f"Re-queued task {existing.task_id} interrupted while {existing.status}.",
                 task_id=existing.task_id,
+                correlation_id=correlation or existing.task_id,
             )
         take(path, existing)
 

@@ -277,3 +277,27 @@ def test_a_cut_claim_of_a_task_filed_at_once_is_not_claimed_again_as_a_duplicate
     assert workspace.result("cut2")["status"] == "rejected"  # type: ignore[index]
     assert sorted(os.listdir(workspace.spool.failed)) == ["cut2.task.yaml"]
     assert list(workspace.spool.incoming.iterdir()) == []
+
+
+def test_recovery_log_lines_carry_the_requests_correlation_id(
+    workspace: Workspace, caplog: pytest.LogCaptureFixture
+) -> None:
+    from reconciler import recovery
+    from state import results as results_mod
+
+    caplog.set_level("INFO", logger="llama_orch")
+    body = task("corr", correlation_id="req-42")
+    workspace.spool.ensure()
+    (workspace.spool.active / "corr.task.json").write_text(json.dumps(body))
+    workspace.results.write(results_mod.Result(task_id="corr", status="running"))
+    taken: list[str] = []
+    recovery.recover(
+        the_spool=workspace.spool,
+        store=workspace.results,
+        take=lambda path, existing: taken.append(path.name),
+        refuse_duplicate=lambda path, task_id: None,
+        revision=None,
+    )
+    assert taken == ["corr.task.json"]
+    [line] = [r for r in caplog.records if getattr(r, "orch_event", "") == "task.recovered"]
+    assert line.orch_fields["correlation_id"] == "req-42"  # type: ignore[attr-defined]
