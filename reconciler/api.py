@@ -25,6 +25,7 @@ from aiohttp import HttpVersion11, http_exceptions, web, web_protocol, web_serve
 from reconciler import api_auth, configuring, fanout, logs, metrics
 from state import desired, errors, ids, parsing, results, sessions, spool, statusfile
 from state.errors import ErrorCode
+from state.results import Result as TaskResult  # (Backend has a field named `results`)
 
 log = logs.get("http")
 
@@ -60,6 +61,9 @@ class Backend:
     stopping: Callable[[], bool] = lambda: False
     # models whose file failed its digest check → why: admission refuses their tasks
     blocked: Callable[[], Mapping[str, str]] = lambda: {}
+    # a live task's result as the daemon holds it (None: not live): answered when its file
+    # is unreadable or gone (deleted by hand, a folder put there)
+    live_result: Callable[[ids.TaskId], TaskResult | None] = lambda task_id: None
     # what a new turn of a session may ask for under its token budget (None: no budget)
     session_tokens_left: Callable[[str], int | None] = lambda session_id: None
 

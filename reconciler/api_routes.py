@@ -64,6 +64,9 @@ async def start(d: daemon.Daemon) -> api.Server:
         stopping=lambda: d.dispatcher.stopping,
         blocked=lambda: d.catalog.blocked(d.config.state),
         session_tokens_left=lambda sid: admitting.session_tokens_left(d.dispatcher, sid),
+        live_result=lambda task_id: (
+            run.result if (run := d.dispatcher.runs.get(task_id)) is not None else None
+        ),
     )
     routes = [
         api_tasks.add_routes,

@@ -241,6 +241,9 @@ async def get_task(request: web.Request) -> web.StreamResponse:
             raw = b""
         if raw:
             return web.Response(body=raw, content_type="application/json")
+    live = backend.live_result(task_id)
+    if live is not None:  # its file gone or unreadable: what the daemon holds of it
+        return web.json_response(live.model_dump(mode="json"))
     if _pending(backend, task_id):
         return web.json_response({"task_id": task_id, "status": "delivered"})
     raise ApiError(ErrorCode.NOT_FOUND, f"no task {task_id!r} here")

@@ -927,3 +927,18 @@ async def test_a_client_that_leaves_or_sends_malformed_http_is_one_plain_log_lin
     malformed = [x for x in lines if x["event"] == "http.malformed_request"]
     assert len(malformed) == 1 and malformed[0]["level"] == "warning"
     assert "exception" not in malformed[0] and "Traceback" not in json_log.getvalue()
+
+
+async def test_a_live_task_whose_result_file_is_gone_is_still_answered(
+    workspace: Workspace, serve: Any
+) -> None:
+    """Its result file deleted by hand while it runs: GET answers what the daemon holds of
+    it, not 404 (POSTing its id again is refused as a duplicate all the while)."""
+    _running, base = await _slow_daemon(workspace, serve, tokens_per_s=20)
+    workspace.submit("gone.task.yaml", task("gone", max_tokens=40))
+    await wait_for(lambda: (workspace.result("gone") or {}).get("status") == "running", 10, "run")
+    (workspace.root / "results" / "gone.json").unlink()
+    async with aiohttp.ClientSession() as session, session.get(f"{base}/v1/tasks/gone") as r:
+        assert r.status == 200
+        body = await r.json()
+    assert (body["task_id"], body["status"]) == ("gone", "running")
