@@ -277,10 +277,27 @@ def _evict(d: dispatch.Dispatcher, entry: queues.Entry) -> None:
 
 
 def _retry_after_ms(d: dispatch.Dispatcher) -> int:
-    """About how long until a queue place frees: the soonest running task's end."""
+    """About how long until a queue place frees for this client: the k-th place to free,
+    k the clients turned away before it whose time has not come yet. Telling every refused
+    client the soonest end sent them all back at once, to one free place, and most were
+    refused again; spread this way they come back one a place (the running tasks' ends,
+    then a slot's service time per place once those are past)."""
     now = d.clock.monotonic()
-    remaining = [max(0.0, r.service_ms - (now - r.started_mono) * 1000) for r in d.running.values()]
-    return max(250, int(min(remaining, default=1000)))
+    d.promised = [t for t in d.promised if t > now]
+    ends = sorted(
+        max(0.0, r.service_ms - (now - r.started_mono) * 1000) for r in d.running.values()
+    )
+    k = len(d.promised)
+    if not ends:
+        wait_ms = 1000.0 * (k + 1)
+    elif k < len(ends):
+        wait_ms = ends[k]
+    else:  # past the running tasks: each slot frees a place per service time
+        service = sum(r.service_ms for r in d.running.values()) / len(ends)
+        wait_ms = ends[-1] + service * ((k - len(ends)) // len(ends) + 1)
+    wait_ms = max(250.0, wait_ms)
+    d.promised.append(now + wait_ms / 1000)
+    return int(wait_ms)
 
 
 def _estimate(

@@ -87,6 +87,9 @@ class Dispatcher:
     running: dict[ids.TaskId, streaming.Running] = field(default_factory=dict)
     # admitted, their `queued` frame not yet written (`announce`, once per batch)
     unannounced: list[queues.Entry] = field(default_factory=list)
+    # when the clients a full queue turned away were told to come back (monotonic s): each
+    # is given the next place to free after those promised already (`admitting`)
+    promised: list[float] = field(default_factory=list)
     # the daemon is stopping: a task's end starts nothing more (running ones drain)
     stopping: bool = False
     # the pools' limits (state, ctx, max_tokens) every queued task was last checked against

@@ -200,6 +200,15 @@ async def test_a_full_queue_answers_429_with_retry_after_and_backoff(
             assert int(response.headers["Retry-After"]) >= 1
             assert int(response.headers["X-Backoff-Ms"]) == body["retry_after_ms"]
             assert response.headers["X-Task-Id"] == "f2"
+        # the clients turned away are spread over the places as they free, not all sent
+        # back at once to the first one
+        waits = [body["retry_after_ms"]]
+        for i in range(3, 6):
+            async with session.post(f"{base}/v1/tasks", json=task(f"f{i}")) as response:
+                assert response.status == 429
+                waits.append((await response.json())["retry_after_ms"])
+        assert waits == sorted(waits) and len(set(waits)) == len(waits), waits
+        assert waits[1] - waits[0] > 1000  # a 40-token task at 20 tokens/s: about 2 s apart
         assert workspace.result("f2")["status"] == "rejected"  # type: ignore[index]
         # the retry the 429 asks for may use the same id, once there is room
         await wait_terminal(workspace, "f0")
