@@ -70,7 +70,14 @@ def _pending(backend: api.Backend, task_id: str) -> bool:
 
 
 def _known(backend: api.Backend, task_id: ids.TaskId) -> bool:
-    return backend.results.exists(task_id) or backend.live(task_id) or _pending(backend, task_id)
+    """A task with a result, live, waiting in incoming/, or with an event log (one whose
+    write failed waits in active/ for the recovery pass: its stream goes on from the log)."""
+    return (
+        backend.results.exists(task_id)
+        or backend.live(task_id)
+        or _pending(backend, task_id)
+        or backend.results.events_path(task_id).is_file()
+    )
 
 
 async def post_task(request: web.Request) -> web.StreamResponse:

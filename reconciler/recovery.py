@@ -42,45 +42,21 @@ def recover(
     for name in spool.active_names(the_spool):
         if name in owned:
             continue
-        path = the_spool.active / name
-        parsed = intake.parse_claimed(path)
-        task_id = parsed.task_id if isinstance(parsed, intake.Parsed) else None
-        # the id a request gave the task (X-Correlation-Id): every log line about it has it
-        correlation = parsed.task.correlation_id if isinstance(parsed, intake.Parsed) else None
-        existing = store.read(task_id) if task_id else None
-        if (existing is None or not existing.terminal) and isinstance(parsed, intake.Parsed):
-            with atomic.unit(task_id):  # a write that fails holds up this task only
-                rebuilt = finished_in_log(
-                    parsed, existing, store=store, revision=revision, the_spool=the_spool
-                )
-            if rebuilt is not None:  # written, and filed as it says
-                logs.emit(
-                    log,
-                    "task.recovered",
-                    f"Task {task_id} was {rebuilt.status} by its event log; wrote its result "
-                    "and filed its task file.",
-                    task_id=task_id,
-                    correlation_id=correlation or task_id,
-                )
-                continue
-        if existing is not None and existing.terminal:
-            with atomic.unit(task_id):
-                spool.finish(the_spool, name, failed=existing.status in ("failed", "rejected"))
+        try:
+            left = _look(name, the_spool=the_spool, store=store, revision=revision)
+        except OSError as exc:  # one task's files cannot be written: it waits, no other does
             logs.emit(
                 log,
-                "task.recovered",
-                f"Task {task_id} was already {existing.status}; filed its task file.",
-                task_id=task_id,
-                correlation_id=correlation or task_id,
+                "task.recovery_deferred",
+                f"Could not recover spool/active/{name}: {exc}. It waits there and is tried "
+                "again every 5 s: remove what is in the way at that path, or give the "
+                "daemon's user write access to it.",
+                level=30,
+                path=str(exc.filename or ""),
             )
             continue
-        if existing is not None and task_id is not None:
-            # the event log is the truth: a crash after a `started` frame and before the
-            # running result must not let the re-run reuse that attempt number
-            started = sum(f.event == "started" for f in events.read(store.events_path(task_id)))
-            existing.attempts = max(existing.attempts, started)
-        key = existing.timings.accepted_at if existing and existing.timings.accepted_at else "~"
-        pending.append((key, path, task_id, existing, correlation))
+        if left is not None:
+            pending.append(left)
     seen: set[str] = set()
     for _, path, task_id, existing, correlation in sorted(pending, key=lambda p: (p[0], p[1].name)):
         if task_id is not None and task_id in seen:
@@ -97,6 +73,52 @@ def recover(
                 correlation_id=correlation or existing.task_id,
             )
         take(path, existing)
+
+
+def _look(
+    name: str, *, the_spool: spool.Spool, store: results.ResultStore, revision: str | None
+) -> tuple[str, Path, str | None, results.Result | None, str | None] | None:
+    """One task file of active/: filed when its result or log is terminal (None), else what
+    re-queueing it needs."""
+    path = the_spool.active / name
+    parsed = intake.parse_claimed(path)
+    task_id = parsed.task_id if isinstance(parsed, intake.Parsed) else None
+    # the id a request gave the task (X-Correlation-Id): every log line about it has it
+    correlation = parsed.task.correlation_id if isinstance(parsed, intake.Parsed) else None
+    existing = store.read(task_id) if task_id else None
+    if (existing is None or not existing.terminal) and isinstance(parsed, intake.Parsed):
+        with atomic.unit(task_id):  # a write that fails holds up this task only
+            rebuilt = finished_in_log(
+                parsed, existing, store=store, revision=revision, the_spool=the_spool
+            )
+        if rebuilt is not None:  # written (in a group: at its commit), and filed so
+            logs.emit(
+                log,
+                "task.recovered",
+                f"Task {task_id} was {rebuilt.status} by its event log: its result is written "
+                "from the log and its task file filed.",
+                task_id=task_id,
+                correlation_id=correlation or task_id,
+            )
+            return None
+    if existing is not None and existing.terminal:
+        with atomic.unit(task_id):
+            spool.finish(the_spool, name, failed=existing.status in ("failed", "rejected"))
+        logs.emit(
+            log,
+            "task.recovered",
+            f"Task {task_id} was already {existing.status}; filed its task file.",
+            task_id=task_id,
+            correlation_id=correlation or task_id,
+        )
+        return None
+    if existing is not None and task_id is not None:
+        # the event log is the truth: a crash after a `started` frame and before the
+        # running result must not let the re-run reuse that attempt number
+        started = sum(f.event == "started" for f in events.read(store.events_path(task_id)))
+        existing.attempts = max(existing.attempts, started)
+    key = existing.timings.accepted_at if existing and existing.timings.accepted_at else "~"
+    return (key, path, task_id, existing, correlation)
 
 
 def sweep(*folders: Path) -> None:

@@ -190,6 +190,20 @@ async def stream(
             log.error("could not write the result of %s: %s", run.task_id, exc)
             deps.ended(running)
             return
+        if storage_failure(exc) and run.result.tokens_out == 0:
+            # its running result could not be written (a folder in the way, a full disk):
+            # the task waits in active/, its log not terminal, and the recovery pass takes it
+            # again once the path can be written; it is not failed for the machine's fault
+            logs.emit(
+                log,
+                "task.write_deferred",
+                f"Could not start task {run.task_id}: {exc}; it waits in spool/active/ and "
+                "is tried again every 5 s.",
+                level=30,
+                **run.log_ids,
+            )
+            deps.ended(running)
+            return
         code, retry_after_ms, hint = engine_failure(exc)
         if hint is DISK_HINT:
             message = f"could not write the task's files: {exc}"

@@ -124,7 +124,13 @@ class Books:
         except atomic.GroupFailed as exc:  # some tasks' writes failed: theirs, not the others'
             failures = dict(exc.failures)
             for key, error in failures.items():
-                log.error("a write of %s failed at its commit: %s", key or "the daemon", error)
+                logs.emit(
+                    log,
+                    "task.write_deferred",
+                    f"A write of {key or 'the daemon'} failed at its commit: {error}; its "
+                    "task waits in spool/active/ and is tried again every 5 s.",
+                    level=30,
+                )
         except Exception as exc:  # the disk refused (full, gone): the waiting tasks fail
             log.exception("group commit failed")
             failures = {key: exc for key, _ in waiters} | {None: exc}

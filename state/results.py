@@ -105,7 +105,10 @@ class ResultStore:
         return self.root / f"{task_id}.events.jsonl"
 
     def exists(self, task_id: str) -> bool:
-        return atomic.exists(self.path(task_id))
+        """Whether a result file is (or, once this thread's group commits, will be) there; a
+        folder put where it goes is no result (the write it blocks fails, and is retried)."""
+        path = self.path(task_id)
+        return atomic.exists(path) and not (path.is_dir() and not path.is_symlink())
 
     def read(self, task_id: str) -> Result | None:
         path = self.path(task_id)

@@ -434,3 +434,60 @@ async def test_a_task_its_files_cannot_be_written_for_waits_and_runs_once_they_c
     blocker.rmdir()
     result = await wait_terminal(workspace, "stuck", 20)  # taken again by the 5 s recovery
     assert result["status"] == "succeeded", result
+
+
+async def test_a_folder_in_a_tasks_way_at_startup_never_stops_the_daemon(
+    workspace: Workspace, serve: Any
+) -> None:
+    """A task left in active/ whose result path holds a folder (and another whose event
+    log's does): the daemon starts and serves the rest; those two wait, and run or are
+    filed once the folders are gone."""
+    from tests.conftest import wait_for
+
+    results_dir = workspace.root / "results"
+    results_dir.mkdir(exist_ok=True)
+    workspace.spool.ensure()
+    for name in ("res", "log"):
+        (workspace.spool.active / f"{name}.task.yaml").write_text(
+            yaml.safe_dump(task(name, max_tokens=3))
+        )
+    (results_dir / "res.json").mkdir()
+    (results_dir / "log.events.jsonl").mkdir()
+    await serve()
+    workspace.submit("other.task.yaml", task("other", max_tokens=3))
+    assert (await wait_terminal(workspace, "other", 15))["status"] == "succeeded"
+    assert (workspace.spool.active / "res.task.yaml").exists()
+    (results_dir / "res.json").rmdir()
+    (results_dir / "log.events.jsonl").rmdir()
+    for name in ("res", "log"):
+        result = await wait_terminal(workspace, name, 20)
+        assert result["status"] == "succeeded", result
+    await wait_for(lambda: not list(workspace.spool.active.iterdir()), 10, "active/ empty")
+
+
+async def test_a_folder_where_a_queued_tasks_result_goes_holds_it_back_not_fails_it(
+    workspace: Workspace, serve: Any
+) -> None:
+    """The folder appears while the task waits; when its turn comes its running result
+    cannot be written: it is not failed for that, it waits and runs once the folder goes."""
+    import asyncio
+
+    from tests.conftest import wait_for
+
+    cfg = config()
+    cfg["pools"][0] |= {"slots": 1, "sim": {"tokens_per_s": 20, "load_s": 0.0}}
+    workspace.write_config(cfg)
+    await serve()
+    workspace.submit("first.task.yaml", task("first", max_tokens=20))
+    await wait_for(lambda: (workspace.result("first") or {}).get("status") == "running", 10, "run")
+    workspace.submit("next.task.yaml", task("next", max_tokens=3))
+    await wait_for(lambda: (workspace.result("next") or {}).get("status") == "queued", 10, "q")
+    blocked = workspace.root / "results" / "next.json"
+    blocked.unlink()
+    blocked.mkdir()
+    assert (await wait_terminal(workspace, "first", 15))["status"] == "succeeded"
+    await asyncio.sleep(1.0)
+    assert (workspace.spool.active / "next.task.yaml").exists()
+    blocked.rmdir()
+    result = await wait_terminal(workspace, "next", 20)
+    assert result["status"] == "succeeded", result
