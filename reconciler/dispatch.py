@@ -315,8 +315,8 @@ class Dispatcher:
                     tokens_out=run.result.tokens_out,
                 )
         error = run.result.error
-        if error is not None and error.code == ErrorCode.DECODE_TIMEOUT:
-            self.pools.stalled(running.replica_id, f"hung: {error.message} while a task ran")
+        if running.hung and error is not None:
+            self.pools.stalled(running.replica_id, f"hung: {error.message} mid-stream")
         if run.result.status not in ("succeeded", "canceled") or self.stopping:
             self.wake()  # a failure: the pass looks at the replicas before anything is placed
             return

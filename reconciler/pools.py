@@ -162,7 +162,8 @@ class PoolRuntime:
         if r is None or r.state != "Ready" or r.handle is None or r.hung is not None:
             return
         r.hung, handle = reason, r.handle
-        grace_s = self.config.state.timeouts.stop_grace_s if self.config.state else 2.0
+        # a hung process may not act on SIGTERM at all (stopped, stuck in the driver)
+        grace_s = min(1.0, self.config.state.timeouts.stop_grace_s if self.config.state else 1.0)
         logs.emit(
             log,
             "replica.hung",

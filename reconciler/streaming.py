@@ -64,6 +64,7 @@ class Running:
     service_ms: float
     job: asyncio.Task[None] | None = None
     tokens_out: int = 0
+    hung: bool = False  # its engine stopped sending tokens mid-stream (DECODE_TIMEOUT)
 
     @property
     def replica_id(self) -> ids.ReplicaId:
@@ -176,6 +177,9 @@ async def stream(
             f"deadline_ms: {run.task.deadline_ms} passed after {run.result.tokens_out} tokens",
         )
     except _Stalled:
+        # stalled after tokens flowed: the engine is hung (a long prefill before the first
+        # token is no sign of that), and the dispatcher has it restarted
+        running.hung = run.result.tokens_out > 0
         _fail(
             running,
             deps,

@@ -221,3 +221,21 @@ async def test_a_hung_engine_is_killed_and_restarted_not_left_ready(
         with contextlib.suppress(ProcessLookupError):
             os.kill(hung_pid, signal.SIGCONT)
             os.kill(hung_pid, signal.SIGKILL)
+
+
+async def test_a_long_wait_for_the_first_token_fails_the_task_but_keeps_the_engine(
+    workspace: Workspace, serve: Any
+) -> None:
+    """A prefill longer than decode_idle_s (the first token after 3 s, the limit 1 s) is no
+    sign of a hung engine: the task fails DECODE_TIMEOUT, the replica keeps its process."""
+    cfg = config(timeouts={"ready_s": 10, "drain_s": 2, "stop_grace_s": 0.5, "decode_idle_s": 1})
+    cfg["pools"][0]["sim"] = {"tokens_per_s": 100, "load_s": 0.0, "first_token_ms": 3000}
+    workspace.write_config(cfg)
+    await serve()
+    pid = workspace.status()["pools"][0]["replicas"][0]["pid"]
+    workspace.submit("slow.task.yaml", task("slow", max_tokens=3))
+    slow = await wait_terminal(workspace, "slow", 15)
+    assert slow["error"]["code"] == "DECODE_TIMEOUT", slow
+    await asyncio.sleep(1.5)
+    replica = workspace.status()["pools"][0]["replicas"][0]
+    assert (replica["pid"], replica["restarts"], replica["state"]) == (pid, 0, "Ready")
