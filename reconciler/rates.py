@@ -78,10 +78,10 @@ class Rates:
         queued before it, over the replicas that could serve it. `busy` holds, per running
         task, (replica id, estimated service ms, elapsed ms). Without a replica to estimate
         from, both are None: unknown, which is not "late"."""
+        candidates = list(candidates)
         slots, rate = self._slots(entry, candidates, _lefts(busy))
-        services = [
-            estimates.service_ms(e.max_tokens, rate) for e in ahead if e.model_id == entry.model_id
-        ]
+        shares = _Sharing(entry, candidates)
+        services = [estimates.service_ms(e.max_tokens, rate) for e in ahead if shares(e)]
         start = estimates.predicted_start_ms(slots, services)
         return start, self._on_time(entry, start, rate, deadline_in_ms)
 
@@ -103,8 +103,9 @@ class Rates:
             groups.setdefault(_route_key(entry), {})[entry.task_id] = entry
         out: dict[str, Estimate] = {}
         for members in groups.values():
-            model_id = next(iter(members.values())).model_id
-            slots, rate = self._slots(next(iter(members.values())), candidates, lefts)
+            first = next(iter(members.values()))
+            slots, rate = self._slots(first, candidates, lefts)
+            shares = _Sharing(first, candidates)
             # the list scheduling of `estimates.predicted_start_ms`, shared along the queue
             heap = [max(0.0, float(t)) for t in slots]
             heapq.heapify(heap)
@@ -114,7 +115,7 @@ class Rates:
                     start = heap[0] if heap else None
                     probability = self._on_time(member, start, rate, deadline_in_ms(member))
                     out[e.task_id] = Estimate(position, start, probability)
-                if heap and e.model_id == model_id:
+                if heap and shares(e):
                     service = max(0.0, estimates.service_ms(e.max_tokens, rate))
                     heapq.heapreplace(heap, heap[0] + service)
         return out
@@ -128,16 +129,7 @@ class Rates:
         """When each slot that could serve `entry` frees (ms from now), and the speed of the
         pool it would run on."""
         sources, pool_id = [], entry.pool_id
-        if entry.route is not None:  # its pin, prefer and avoid lists: as placement will
-            mine_only = placement.allowed(entry.route, candidates)
-        else:
-            pool = entry.pool_id
-            mine_only = [
-                c
-                for c in candidates
-                if c.model_id == entry.model_id and (not pool or c.pool_id == pool)
-            ]
-        for cand in mine_only:
+        for cand in _allowed(entry, candidates):
             pool_id = pool_id or cand.pool_id
             start_in = 0.0 if cand.ready else self.startup_ms(cand.pool_id)
             mine = tuple(lefts.get(cand.replica_id, ()))
@@ -190,3 +182,37 @@ def _route_key(entry: queues.Entry) -> Hashable:
         r.allow_fallback,
         r.context_tokens,
     )
+
+
+def _allowed(
+    entry: queues.Entry, candidates: Iterable[placement.Candidate]
+) -> list[placement.Candidate]:
+    """The replicas `entry` may run on: its pin, prefer and avoid lists, as placement will."""
+    if entry.route is not None:
+        return placement.allowed(entry.route, candidates)
+    pool = entry.pool_id
+    return [
+        c for c in candidates if c.model_id == entry.model_id and (not pool or c.pool_id == pool)
+    ]
+
+
+class _Sharing:
+    """Whether a queued entry competes with `entry` for a slot: it may run on one of the
+    replicas `entry` may (a task pinned to another pool of the model never takes one of
+    them). Decided once per route."""
+
+    def __init__(self, entry: queues.Entry, candidates: list[placement.Candidate]) -> None:
+        self._mine = {c.replica_id for c in _allowed(entry, candidates)}
+        self._candidates = candidates
+        self._model = entry.model_id
+        self._seen: dict[Hashable, bool] = {}
+
+    def __call__(self, other: queues.Entry) -> bool:
+        if other.model_id != self._model:
+            return False
+        key = _route_key(other)
+        found = self._seen.get(key)
+        if found is None:
+            theirs = {c.replica_id for c in _allowed(other, self._candidates)}
+            found = self._seen[key] = bool(theirs & self._mine) or not theirs
+        return found

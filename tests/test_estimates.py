@@ -293,3 +293,27 @@ async def test_a_start_is_estimated_over_the_replicas_the_placement_allows(
     workspace.submit("late.task.yaml", task("late", max_tokens=2, deadline_ms=800, placement=route))
     late = await wait_terminal(workspace, "late", 10)
     assert late["status"] == "rejected" and late["error"]["code"] == "DEADLINE_UNMET", late
+
+
+async def test_tasks_pinned_to_another_pool_do_not_delay_an_idle_one(
+    workspace: Any, serve: Any
+) -> None:
+    """Pool `slow` is busy with tasks queued for it alone; pool `idle` serves the same
+    model and is free: a task for `idle` is told it starts at once."""
+    from tests.conftest import config, task, wait_for, wait_terminal
+
+    cfg = config()
+    slow = cfg["pools"][0] | {"id": "slow", "slots": 1, "sim": {"tokens_per_s": 20, "load_s": 0}}
+    cfg["pools"] = [slow, slow | {"id": "idle", "sim": dict(slow["sim"])}]  # as slow
+    workspace.write_config(cfg)
+    await serve()
+    pin = {"mode": "pin", "pin_pool": "slow"}
+    for name in ("s1", "s2", "s3"):
+        workspace.submit(f"{name}.task.yaml", task(name, max_tokens=40, placement=pin))
+    await wait_for(lambda: (workspace.result("s3") or {}).get("status") == "queued", 10, "s3")
+    route = {"mode": "pin", "pin_pool": "idle"}
+    workspace.submit("now.task.yaml", task("now", max_tokens=2, deadline_ms=1500, placement=route))
+    now = await wait_terminal(workspace, "now", 10)
+    assert now["status"] == "succeeded", now
+    first = workspace.frames("now")[0]
+    assert first.event == "queued" and first.data["predicted_start_ms"] < 500, first.data
