@@ -53,7 +53,11 @@ def admit(d: dispatch.Dispatcher, run: tasking.TaskRun, *, recovered: bool) -> N
         )
     if problem is not None:
         return _reject(d, run, problem, recovered=recovered)
-    outcome = d.queue.push(entry, starts_now=_starts_now(d, entry))
+    starts_now = _starts_now(d, entry)
+    starting: set[str] = set()
+    if not starts_now and len(d.queue) >= d.queue.capacity:  # who the policy may not evict
+        starting = _starting(d)
+    outcome = d.queue.push(entry, starts_now=starts_now, starting=starting)
     if not outcome.accepted:
         return _reject(
             d,
@@ -160,6 +164,21 @@ def _starts_now(d: dispatch.Dispatcher, entry: queues.Entry) -> bool:
     if len(d.queue) - starting < d.queue.capacity:
         return True
     return free.get(entry.model_id, 0) > d.queue.count_of_model(entry.model_id)
+
+
+def _starting(d: dispatch.Dispatcher) -> set[str]:
+    """The queued tasks idle slots will take at the next dispatch (per model, as many of
+    its first queued tasks as its Ready replicas have free slots): they will not wait."""
+    free: dict[str, int] = {}
+    for c in d.pools.candidates():
+        if c.ready:
+            free[c.model_id] = free.get(c.model_id, 0) + c.slots_total - c.slots_busy
+    out: set[str] = set()
+    for e in d.queue.in_dispatch_order():
+        if free.get(e.model_id, 0) > 0:
+            free[e.model_id] -= 1
+            out.add(e.task_id)
+    return out
 
 
 def _full_message(d: dispatch.Dispatcher, run: tasking.TaskRun) -> str:

@@ -112,9 +112,12 @@ class TaskQueue:
         for priority in PRIORITIES:
             yield from self._classes[priority].values()
 
-    def push(self, entry: Entry, *, starts_now: bool = False) -> PushOutcome:
+    def push(
+        self, entry: Entry, *, starts_now: bool = False, starting: Collection[str] = ()
+    ) -> PushOutcome:
         """Enqueue `entry`, applying the full policy when the queue is at capacity, unless
-        the entry `starts_now`: an idle slot will take it at once, so it never waits."""
+        the entry `starts_now`: an idle slot will take it at once, so it never waits. Entries
+        `starting` (idle slots take them at the next dispatch) are never evicted for it."""
         if entry.priority not in PRIORITIES:
             raise ValueError(f"unknown priority {entry.priority!r}")
         if entry.task_id in self:
@@ -124,7 +127,7 @@ class TaskQueue:
         if len(self) >= self.capacity and not starts_now:
             if self.full_policy == "reject":
                 return PushOutcome(accepted=False)
-            evicted = self._victim_for(entry)
+            evicted = self._victim_for(entry, starting)
             if evicted is None:
                 return PushOutcome(accepted=False)
             self._drop(evicted)
@@ -154,13 +157,16 @@ class TaskQueue:
         if not same_target:
             del self._by_target[entry.target]
 
-    def _victim_for(self, newcomer: Entry) -> Entry | None:
-        batch = self._classes["batch"]
-        if batch:
-            return next(iter(batch.values()))
+    def _victim_for(self, newcomer: Entry, starting: Collection[str] = ()) -> Entry | None:
+        """The oldest batch entry that will wait, else the oldest interactive one (not for a
+        batch newcomer); None when there is none."""
+        batch = (e for e in self._classes["batch"].values() if e.task_id not in starting)
+        if (oldest := next(batch, None)) is not None:
+            return oldest
         if newcomer.priority == "batch":
             return None  # never evict interactive work for batch work
-        return next(iter(self._classes["interactive"].values()))
+        interactive = self._classes["interactive"].values()
+        return next((e for e in interactive if e.task_id not in starting), None)
 
     def remove(self, task_id: ids.TaskId) -> Entry | None:
         """Take a task out (cancel, shutdown); None when it is not queued."""

@@ -296,6 +296,32 @@ async def test_a_burst_fills_the_idle_slots_and_then_the_queue_before_any_is_ref
     assert statuses == ["rejected", "succeeded", "succeeded", "succeeded", "succeeded"], results
 
 
+async def test_drop_lru_in_a_burst_evicts_a_task_that_would_wait_not_one_that_starts(
+    workspace: Workspace, serve: Any
+) -> None:
+    """Eight tasks land at once on four idle slots and a drop-lru queue of two: the four
+    first start, and the evicted ones are tasks that would have waited, never those."""
+    cfg = config(queue={"capacity": 2, "full_policy": "drop-lru"})
+    cfg["pools"][0] |= {"slots": 4, "sim": {"tokens_per_s": 40, "load_s": 0.0}}
+    workspace.write_config(cfg)
+    await serve()
+    sp = workspace.spool
+    staged = []
+    for i in range(8):
+        part = sp.tmp / f"d{i}.part"
+        part.write_text(yaml.safe_dump(task(f"d{i}", max_tokens=20)))
+        staged.append((part, sp.incoming / f"d{i}.task.yaml"))
+    for part, target in staged:
+        os.rename(part, target)
+    results = {f"d{i}": await wait_terminal(workspace, f"d{i}", 20) for i in range(8)}
+    for i in range(4):
+        assert results[f"d{i}"]["status"] == "succeeded", results[f"d{i}"]
+    evicted = [t for t, r in results.items() if r["status"] == "failed"]
+    assert len(evicted) == 2 and all(
+        results[t]["error"]["code"] == "QUEUE_FULL_DROP_LRU" for t in evicted
+    )
+
+
 async def test_a_task_whose_pool_went_while_the_daemon_was_down_fails_not_rejected(
     workspace: Workspace, serve: Any
 ) -> None:
