@@ -284,8 +284,6 @@ async def task_events(request: web.Request) -> web.StreamResponse:
         "X-Accel-Buffering": "no",
         "Cache-Control": "no-cache",
     }
-    if request.method == "HEAD":
-        return api.stream_head(headers)
     await backend.settled()  # a queued result still in the pending commit is on disk
     known = await asyncio.to_thread(backend.results.read, task_id)
     if after is not None and known is not None and known.terminal:
@@ -294,6 +292,8 @@ async def task_events(request: web.Request) -> web.StreamResponse:
         if last and last[0].terminal and last[0].id <= after:
             # the client has the end already: 204 is what stops an EventSource reconnecting
             return web.Response(status=204, headers=headers)
+    if request.method == "HEAD":
+        return api.stream_head(headers)
     if known is not None and known.budgets is not None:  # as at the task's acceptance
         headers.update(_budget_headers(known.budgets.model_dump()))
     sub = backend.hub.subscribe(task_id, backend.results.events_path(task_id), after=after)

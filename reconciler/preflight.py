@@ -268,7 +268,13 @@ def fits(
         pinned = tuple(pool.devices) if isinstance(pool.devices, list) else None
         if pinned is not None and any(d not in room for d in pinned):
             continue  # a missing GPU is `check`'s error
-        need = engine.estimate_vram_mib(_probe(pool, state, base, reg, pinned or (0,)))
+        probe = _probe(pool, state, base, reg, pinned or (0,))
+        if pool.engine in GGUF_ENGINES and probe.model_path is not None:
+            try:  # a file that is no usable GGUF is `check`'s warning; it sizes nothing
+                gguf_info.inspect(probe.model_path)
+            except (gguf_reading.GgufError, OSError):
+                continue
+        need = engine.estimate_vram_mib(probe)
         problem = _no_room(pool, need, pinned, room, state.gpus.reserve_mib)
         if problem is None:
             continue

@@ -828,6 +828,8 @@ async def test_a_stream_resumed_at_or_past_its_terminal_frame_answers_204(
             ) as response:
                 assert response.status == 204  # an EventSource stops reconnecting
                 assert await response.read() == b""
+            async with session.head(url, headers={"Last-Event-ID": str(after)}) as response:
+                assert response.status == 204  # HEAD answers as GET would
         # one before the end still gets the end
         frames = await _frames(session, url, **{"Last-Event-ID": str(last - 1)})
         assert [int(f["id"]) for f in frames] == [last] and frames[0]["event"] == "end"
