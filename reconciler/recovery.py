@@ -12,6 +12,7 @@ like any queued task.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Collection
 from datetime import datetime
 from pathlib import Path
@@ -164,6 +165,11 @@ def finished_in_log(
         result.pool_id = started.data.get("pool_id") or result.pool_id
         result.replica_id = started.data.get("replica_id") or result.replica_id
         result.engine_version = started.data.get("engine_version") or result.engine_version
+        if isinstance(started.data.get("kv_warmth"), bool):
+            result.kv_warmth = started.data["kv_warmth"]
+        if isinstance(started.data.get("gpu"), dict) and result.gpu is None:
+            with contextlib.suppress(ValueError):
+                result.gpu = results.GpuRef.model_validate(started.data["gpu"])
         result.timings.started_at = result.timings.started_at or started.ts
         if tokens:
             result.timings.first_token_ms = _ms_between(started.ts, tokens[0].ts)

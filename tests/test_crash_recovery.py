@@ -201,6 +201,7 @@ def test_a_result_rebuilt_from_the_log_after_a_kill_says_where_the_task_ran_and_
     assert (workspace.spool.done / "logged.task.yaml").exists()
     assert (result["attempts"], result["pool_id"], result["tokens_out"]) == (1, "p1", 5)
     assert result["replica_id"] and result["prompt_tokens"] is not None
+    assert result["gpu"] is not None and result["kv_warmth"] is not None
 
 
 def test_a_kill_after_a_session_turn_is_counted_does_not_count_it_twice(
