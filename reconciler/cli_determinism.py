@@ -104,10 +104,13 @@ def summary(verdict: determinism.Verdict) -> str:
     same = sum(c.matched for c in verdict.same), sum(c.mismatched for c in verdict.same)
     cross = sum(c.matched for c in verdict.cross), sum(c.mismatched for c in verdict.cross)
     word = "PASS" if verdict.passed else "FAIL: " + "; ".join(verdict.problems)
-    return (
+    line = (
         f"{word}: same replica {same[0]} matched, {same[1]} differed; "
         f"across replicas {cross[0]} matched, {cross[1]} differed"
     )
+    if verdict.not_run:
+        line += "\nnot run on (not checked): " + "; ".join(verdict.not_run)
+    return line
 
 
 def run_suite(
@@ -138,6 +141,10 @@ def run_suite(
                     ok = sum(s.ok for s in done)
                     progress(f"run {run}: {lane['id']}: {ok} of {len(done)} tasks succeeded")
     verdict = determinism.compare(streams, runs=runs)
+    verdict.not_run = not_run(status, lanes, streams)
+    for lane in lanes:  # the sessions that kept each seed on its replica
+        for seed in seeds:
+            client.call("DELETE", f"/v1/sessions/{_session(run_id, lane, seed)}")
     measured = _measured_digests(client)
     described = determinism_report.Run(
         run_id=run_id,
@@ -188,8 +195,13 @@ def _lane(
     max_tokens: int,
     run_id: str,
 ) -> list[determinism.Stream]:
-    return [
-        one_task(
+    """The corpus on one pool, as many seeds at once as it has Ready replicas, so placement
+    spreads them over every replica; each seed in a session of its own, so its second run
+    goes back to the replica of its first (a seed that moves is a cross-replica pair)."""
+    width = max(1, sum(r.get("state") == "Ready" for r in lane.get("replicas", [])))
+
+    def one(seed: int) -> determinism.Stream:
+        return one_task(
             client,
             task_id=f"det-{run_id}-{lane['id']}-r{run}-s{seed}"[:128],
             lane=lane["id"],
@@ -197,9 +209,50 @@ def _lane(
             run=run,
             seed=seed,
             max_tokens=max_tokens,
+            session_id=_session(run_id, lane, seed),
         )
-        for seed in seeds
+
+    if width == 1:
+        return [one(seed) for seed in seeds]
+    with ThreadPoolExecutor(max_workers=width, thread_name_prefix="seed") as pool:
+        return list(pool.map(one, seeds))
+
+
+def _session(run_id: str, lane: dict[str, Any], seed: int) -> str:
+    return f"det-{run_id}-{lane['id']}-s{seed}"[:128]
+
+
+def not_run(
+    status: dict[str, Any], lanes: list[dict[str, Any]], streams: list[determinism.Stream]
+) -> list[str]:
+    """The Ready replicas of the lanes no stream ran on, and the GPUs none did (with why)."""
+    served = {s.replica_id for s in streams if s.ok}
+    out = [
+        f"replica {r['id']} of pool {lane['id']} (no seed landed there)"
+        for lane in lanes
+        for r in lane.get("replicas", [])
+        if r.get("state") == "Ready" and r["id"] not in served
     ]
+    used = {g for s in streams if s.ok for g in _gpu_indices(s, status)}
+    for gpu in status.get("gpus") or ():
+        if gpu.get("index") not in used:
+            ready = any(
+                gpu.get("index") in r.get("gpu", [])
+                for p in status.get("pools", [])
+                for r in p.get("replicas", [])
+                if r.get("state") == "Ready"
+            )
+            why = "no seed landed there" if ready else "no Ready replica there"
+            out.append(f"GPU {gpu.get('index')} {gpu.get('name')} ({why})")
+    return out
+
+
+def _gpu_indices(stream: determinism.Stream, status: dict[str, Any]) -> list[int]:
+    for p in status.get("pools", []):
+        for r in p.get("replicas", []):
+            if r["id"] == stream.replica_id:
+                return list(r.get("gpu", []))
+    return []
 
 
 def one_task(
@@ -211,9 +264,10 @@ def one_task(
     run: int,
     seed: int,
     max_tokens: int,
+    session_id: str | None = None,
 ) -> determinism.Stream:
     """Submit one corpus task pinned to `lane`, read its stream to the end, then its result."""
-    body = {
+    body: dict[str, Any] = {
         "task_id": task_id,
         "model": model,
         "prompt": determinism.prompt_for(seed),
@@ -224,6 +278,8 @@ def one_task(
         "placement": {"mode": "pin", "pin_pool": lane},
         "labels": {"suite": "determinism"},
     }
+    if session_id is not None:
+        body["session_id"] = session_id
     base = determinism.Stream(lane=lane, run=run, seed=seed, task_id=task_id, status="rejected")
     for attempt in range(RETRIES + 1):
         answer = client.post("/v1/tasks", body)

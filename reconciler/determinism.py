@@ -132,6 +132,9 @@ class Verdict:
     failed: list[Stream]
     distinct_per_lane: dict[str, int]  # distinct streams across seeds, run 1
     problems: list[str]
+    # the replicas and GPUs the suite could not run on (no Ready replica there, or no seed
+    # landed there): named in the report, never counted as checked
+    not_run: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -160,6 +163,7 @@ def compare(streams: Iterable[Stream], *, runs: int = 2) -> Verdict:
     problems = [f"{len(failed)} task(s) did not succeed"] if failed else []
 
     same: dict[tuple[str, str], PairCount] = {}
+    moved: dict[tuple[str, str], PairCount] = {}  # one pool's two replicas, by one seed
     for lane in lanes:
         for seed in seed_list:
             first = by_key.get((lane, 1, seed))
@@ -167,8 +171,13 @@ def compare(streams: Iterable[Stream], *, runs: int = 2) -> Verdict:
                 later = by_key.get((lane, run, seed))
                 if first is None or later is None or not (first.ok and later.ok):
                     continue
-                if first.replica_id != later.replica_id:
-                    continue  # another replica of the pool: counted among the cross pairs
+                if first.replica_id != later.replica_id:  # another replica of the pool
+                    a, b = sorted((first.replica_id or lane, later.replica_id or lane))
+                    pair = moved.setdefault(
+                        (a, b), PairCount(a, b, (first.gpu or "?", later.gpu or "?"))
+                    )
+                    _count(pair, seed, first, later)
+                    continue
                 replica = first.replica_id or lane
                 count = same.setdefault(
                     (lane, replica), PairCount(replica, replica, (first.gpu or "?",) * 2)
@@ -196,6 +205,7 @@ def compare(streams: Iterable[Stream], *, runs: int = 2) -> Verdict:
             for x, y in pairs:
                 _count(count, x.seed, x, y)
             cross.append(count)
+    cross += sorted(moved.values(), key=lambda c: (c.a, c.b))
 
     distinct = {
         lane: len({s.canonical() for (ln, run, _), s in by_key.items() if ln == lane and run == 1})

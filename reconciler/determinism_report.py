@@ -52,6 +52,7 @@ def as_json(run: Run, verdict: determinism.Verdict) -> dict[str, Any]:
         "took_s": round(run.took_s, 3),
         "passed": verdict.passed,
         "problems": verdict.problems,
+        "not_run": verdict.not_run,
         "seeds": list(run.seeds),
         "max_tokens": run.max_tokens,
         "temperature": determinism.TEMPERATURE,
@@ -122,6 +123,9 @@ def render_markdown(run: Run, verdict: determinism.Verdict) -> str:
         f"{run.took_s:.1f} s",
         f"- verdict: **{'PASS' if verdict.passed else 'FAIL'}**"
         + (f" ({'; '.join(verdict.problems)})" if verdict.problems else ""),
+        f"- not run on: {'; '.join(verdict.not_run)}"
+        if verdict.not_run
+        else "- ran on every Ready replica and GPU",
         f"- seeds: {len(run.seeds)} ({_span(run.seeds)}), {run.runs} runs, max_tokens "
         f"{run.max_tokens}, temperature {determinism.TEMPERATURE}, "
         f"{len(determinism.PROMPTS)} fixed prompts",

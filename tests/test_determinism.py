@@ -191,3 +191,39 @@ def test_percentiles_interpolate_between_ranks() -> None:
     assert determinism.percentile([10, 20, 30, 40], 50) == 25
     assert determinism.percentile([1.0], 95) == 1.0
     assert determinism.percentile([], 50) is None
+
+
+async def test_every_replica_of_a_pool_runs_seeds_and_a_gpu_with_nothing_is_named(
+    workspace: Workspace, serve: Any, tmp_path: Path, capsys: Any
+) -> None:
+    """A pool of two replicas (one slot each) on GPU 0, nothing on GPU 1: the seeds spread
+    over both replicas, each seed's second run on the replica of its first; GPU 1 is named
+    as not run, never counted as checked."""
+    options = {"tokens_per_s": 2000, "load_s": 0.0, "first_token_ms": 2}
+    pools = [
+        {"id": "two", "engine": "sim", "model": "m1", "devices": [0], "replicas": 2,
+         "ctx": 512, "slots": 1, "sim": options}
+    ]  # fmt: skip
+    workspace.write_config(config(pools=pools))
+    running = await serve()
+    code, data = await suite(running, tmp_path / "r", seeds=6)
+    said = capsys.readouterr().out
+    assert code == 0, said
+    replicas = {p["a"] for p in data["same_replica"]}
+    assert replicas == {"two-0", "two-1"}, data["same_replica"]
+    assert sum(p["matched"] for p in data["same_replica"] + data["cross_replica"]) == 6
+    assert data["not_run"] == ["GPU 1 SIMULATED NVIDIA GeForce RTX 3060 (no Ready replica there)"]
+    assert "not run on (not checked): GPU 1" in said
+
+
+def test_a_seed_whose_runs_landed_on_two_replicas_is_a_cross_replica_pair() -> None:
+    def stream(run: int, replica: str, text: str) -> determinism.Stream:
+        return determinism.Stream(
+            lane="p", run=run, seed=7, task_id=f"t{run}", status="succeeded",
+            tokens=(text,), replica_id=replica, gpu="GPU 0", model="m", engine_version="v",
+        )  # fmt: skip
+
+    verdict = determinism.compare([stream(1, "p-0", "a"), stream(2, "p-1", "b")])
+    [pair] = verdict.cross
+    assert (pair.a, pair.b, pair.matched, pair.mismatched) == ("p-0", "p-1", 0, 1)
+    assert pair.first is not None and pair.first.seed == 7
