@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -62,6 +63,12 @@ def add_connection(parser: argparse.ArgumentParser, config: Any) -> None:
 def client_for(args: argparse.Namespace) -> api_client.Client:
     """The daemon at `--url`, else the one serving `--config`'s folder."""
     url = args.url
+    if url and not url.startswith(("http://", "https://")):
+        raise Refused(
+            EXIT_USAGE,
+            f"--url {url!r} is not an http:// URL",
+            hint="give the daemon's address, e.g. --url http://127.0.0.1:8080",
+        )
     if not url:
         url = cli_watch.source_url(cli_common.open_folder(args.config), None)
     if not url:
@@ -83,16 +90,30 @@ def client_for(args: argparse.Namespace) -> api_client.Client:
 def cmd_determinism(args: argparse.Namespace) -> int:
     if args.seeds < 1 or args.max_tokens < 1:
         raise Refused(EXIT_USAGE, "--seeds and --max-tokens must be 1 or more")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise Refused(  # before the suite runs, not after: its results would be lost
+            EXIT_USAGE,
+            f"--out {args.out} is a file, not a folder",
+            hint="name a folder (it is created), or leave --out out",
+        )
     client = client_for(args)
-    run_id = time.strftime("%Y%m%d-%H%M%S")
-    run, verdict, streams = run_suite(
-        client,
-        seeds=determinism.seeds(args.seeds),
-        max_tokens=args.max_tokens,
-        pools=args.pool,
-        run_id=run_id,
-        progress=lambda line: print(line, file=sys.stderr, flush=True),
-    )
+    # unique per run, also for two runs started in the same second (their task ids)
+    run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    try:
+        run, verdict, streams = run_suite(
+            client,
+            seeds=determinism.seeds(args.seeds),
+            max_tokens=args.max_tokens,
+            pools=args.pool,
+            run_id=run_id,
+            progress=lambda line: print(line, file=sys.stderr, flush=True),
+        )
+    except api_client.Unreachable as exc:
+        raise Refused(
+            EXIT_ENV,
+            f"the daemon stopped answering during the suite: {exc}",
+            hint="start it again (`orchctl serve`) and run the suite again",
+        ) from None
     out = args.out or Path("proof") / "determinism" / run_id
     written = write_bundle(out, run, verdict, streams)
     print(summary(verdict))

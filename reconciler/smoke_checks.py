@@ -10,6 +10,7 @@ sizes). Tasks it submits carry `labels: {suite: smoke}` and ids starting with
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from collections.abc import Callable
@@ -250,16 +251,41 @@ def artifact(smoke: Smoke) -> str:
 
 def drain_reload(smoke: Smoke) -> str:
     smoke_harness.need(smoke, "POST /v1/pools/{pool_id}/drain", "POST /v1/pools/{pool_id}/reload")
-    pool = smoke_harness.first_pool(smoke)
+    # an idle pool where there is one: a drain ends the tasks still running after its deadline,
+    # and the smoke must not end someone else's work
+    pools = smoke.ready_pools()
+    idle = [p for p in pools if not any(r.get("slots_busy") for r in p.get("replicas", []))]
+    pool = (idle or pools or [smoke_harness.first_pool(smoke)])[0]
     pid = pool["id"]
+    busy = sum(r.get("slots_busy", 0) for r in pool.get("replicas", []))
 
     def state() -> str | None:
         return next((p["state"] for p in smoke.refresh()["pools"] if p["id"] == pid), None)
 
     began = time.monotonic()
-    answer = smoke.client.post(f"/v1/pools/{pid}/drain", {"deadline_ms": 2000})
+    # every Ready pool busy: give its running tasks the longest drain a user would allow
+    deadline_ms = 2000 if not busy else 60_000
+    answer = smoke.client.post(f"/v1/pools/{pid}/drain", {"deadline_ms": deadline_ms})
     if answer.status not in (200, 202):
         raise Failed(f"drain of {pid} answered {answer.said()}")
+    try:
+        return _drained(smoke, pool, state, began, busy)
+    finally:  # whatever happened (a failed check, Ctrl-C), the pool is served again
+        with contextlib.suppress(Exception):  # a daemon gone: nothing left to restore
+            if state() == "Stopped":
+                smoke.client.post(
+                    f"/v1/pools/{pid}/reload", {}, timeout_s=smoke_harness.WAIT_S + 600
+                )
+
+
+def _drained(
+    smoke: Smoke,
+    pool: dict[str, Any],
+    state: Callable[[], str | None],
+    began: float,
+    busy: int,
+) -> str:
+    pid = pool["id"]
     smoke.until(f"pool {pid} Stopped after the drain", lambda: state() == "Stopped")
     drained_ms = (time.monotonic() - began) * 1000
     refused = smoke.client.post(
@@ -285,6 +311,7 @@ def drain_reload(smoke: Smoke) -> str:
     return (
         f"drained {pid} to Stopped in {drained_ms:.0f} ms (a pinned task got 503 "
         f"{refused.code}); reloaded to Ready in {reload_ms:.0f} ms; a task ran on it after"
+        + (f"; {busy} task(s) of others were running on it (given 60 s)" if busy else "")
     )
 
 

@@ -227,3 +227,14 @@ def test_a_seed_whose_runs_landed_on_two_replicas_is_a_cross_replica_pair() -> N
     [pair] = verdict.cross
     assert (pair.a, pair.b, pair.matched, pair.mismatched) == ("p-0", "p-1", 0, 1)
     assert pair.first is not None and pair.first.seed == 7
+
+
+async def test_bad_options_are_refused_before_anything_runs(tmp_path: Path, capsys: Any) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert await orchctl("determinism", "--url", "foo", "--seeds", "1") == 2
+    assert "is not an http:// URL" in capsys.readouterr().err
+    code = await orchctl(
+        "determinism", "--url", "http://127.0.0.1:9", "--seeds", "1", "--out", str(afile)
+    )
+    assert code == 2 and "is a file, not a folder" in capsys.readouterr().err

@@ -164,3 +164,26 @@ async def test_no_daemon_is_exit_3_and_writes_nothing(tmp_path: Path, capsys: An
     code = await orchctl("smoke", "--url", "http://127.0.0.1:9", "--out", str(out))
     assert code == 3 and not out.exists()
     assert "cannot reach the daemon" in capsys.readouterr().err
+
+
+async def test_the_drain_check_takes_an_idle_pool_and_ends_no_users_task(
+    workspace: Workspace, serve: Any, tmp_path: Path, capsys: Any
+) -> None:
+    """A user's long task runs on `coder` while the smoke runs: the drain-and-reload check
+    drains the idle pool, and the user's task ends as it would have."""
+    cfg = mixed_vram()
+    cfg["pools"][0]["sim"] = dict(SIM, tokens_per_s=50)
+    workspace.write_config(cfg)
+    running = await serve()
+    assert running.daemon.server is not None
+    from tests.conftest import task, wait_terminal
+
+    workspace.submit("user.task.yaml", task("user", model="big", max_tokens=400))
+    await wait_for(lambda: (workspace.result("user") or {}).get("status") == "running", 10, "u")
+    out = tmp_path / "smoke"
+    await orchctl("smoke", "--url", running.daemon.server.url, "--out", str(out))
+    capsys.readouterr()
+    found = rows((out / "smoke_report.md").read_text())
+    result, seen = found["drain and reload"]
+    assert result == "passed" and seen.startswith("drained chat "), seen
+    assert (await wait_terminal(workspace, "user", 30))["status"] == "succeeded"
