@@ -13,6 +13,7 @@ determinism smoke's own bundle in `determinism/`. Exit 0 when no check failed, 1
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -75,7 +76,11 @@ def report(smoke: smoke_harness.Smoke, found: list[smoke_harness.Check]) -> str:
         f"- verdict: **{verdict}**: {counts['passed']} passed, {counts['failed']} failed, "
         f"{counts['not run']} not run",
         "- environment: [environment.md](environment.md); determinism smoke: "
-        "[determinism/determinism.md](determinism/determinism.md)",
+        + (
+            "[determinism/determinism.md](determinism/determinism.md)"
+            if _bundle_of_this_run(smoke)
+            else "no report from this run (the check did not get that far)"
+        ),
         "",
         "| check | result | took | what was seen |",
         "|---|---|---|---|",
@@ -84,6 +89,16 @@ def report(smoke: smoke_harness.Smoke, found: list[smoke_harness.Check]) -> str:
         detail = c.detail.replace("|", "\\|").replace("\n", " ")
         lines.append(f"| {c.name} | {c.state} | {c.took_s:.1f} s | {detail} |")
     return "\n".join(lines) + "\n"
+
+
+def _bundle_of_this_run(smoke: smoke_harness.Smoke) -> bool:
+    """Whether the determinism bundle in --out is this run's (a re-run into the same folder
+    must not link the earlier run's report)."""
+    try:
+        data = json.loads((smoke.out / "determinism" / "determinism.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("run_id") == f"{smoke.run_id}-det"
 
 
 # -- environment.md ---------------------------------------------------------------------------

@@ -58,6 +58,19 @@ def placement(smoke: Smoke) -> str:
     pools = smoke.ready_pools()
     if not pools:
         raise Failed("no pool is Ready")
+    stuck = [
+        f"{p['id']} is {p['state']}: {p.get('reason') or '-'}"
+        for p in smoke.status["pools"]
+        if p["state"] in ("Failed", "Unschedulable")
+    ]
+    if stuck:  # placement left a pool without its replicas
+        raise Failed("; ".join(stuck))
+    on = {i for p in pools for r in p["replicas"] if r["state"] == "Ready" for i in r["gpu"]}
+    if len(on) < 2:
+        raise NotRun(
+            f"every Ready replica is on GPU {', '.join(map(str, sorted(on))) or '-'}: nothing "
+            "was placed across GPUs of mixed VRAM (the pools' models and sizes fit one card)"
+        )
     # what the daemon placed, by VRAM: every GPU holds what it was given
     load: dict[int, float] = {}
     for p in smoke.status["pools"]:

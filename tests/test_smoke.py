@@ -95,6 +95,10 @@ async def test_the_whole_checklist_passes_on_the_simulated_pair(
     assert (
         "verdict: **PASS**: 8 passed, 0 failed, 1 not run" in (out / "smoke_report.md").read_text()
     )
+    assert (
+        "[determinism/determinism.md](determinism/determinism.md)"
+        in (out / "smoke_report.md").read_text()
+    )
     det = json.loads((out / "determinism" / "determinism.json").read_text())
     lanes = {lane["pool_id"]: lane for lane in det["lanes"]}
     # no digest is pinned in orch.yaml: the one the catalog verify measured is reported
@@ -157,6 +161,14 @@ async def test_a_failed_check_is_exit_1_and_what_cannot_run_is_named(
     assert found["a full queue answers 429"][0] == "passed"
     assert "verdict: **FAIL**" in report
     assert "FAILED   catalog verify: spare: " in said.out
+    # a stale bundle from an earlier run in this folder is never linked as this run's
+    (out / "determinism").mkdir(exist_ok=True)
+    (out / "determinism" / "determinism.json").write_text('{"run_id": "an-earlier-run"}')
+    from reconciler import cli_smoke, smoke_harness
+
+    assert not cli_smoke._bundle_of_this_run(
+        smoke_harness.Smoke(api_client.Client(running.daemon.server.url), "now", out)
+    )
 
 
 async def test_no_daemon_is_exit_3_and_writes_nothing(tmp_path: Path, capsys: Any) -> None:
@@ -187,3 +199,21 @@ async def test_the_drain_check_takes_an_idle_pool_and_ends_no_users_task(
     result, seen = found["drain and reload"]
     assert result == "passed" and seen.startswith("drained chat "), seen
     assert (await wait_terminal(workspace, "user", 30))["status"] == "succeeded"
+
+
+async def test_placement_that_put_everything_on_one_gpu_is_not_reported_as_passed(
+    workspace: Workspace, serve: Any, tmp_path: Path, capsys: Any
+) -> None:
+    cfg = mixed_vram()
+    for pool in cfg["pools"]:
+        pool["devices"] = [0]
+    workspace.write_config(cfg)
+    running = await serve()
+    assert running.daemon.server is not None
+    out = tmp_path / "smoke"
+    await orchctl("smoke", "--url", running.daemon.server.url, "--out", str(out))
+    capsys.readouterr()
+    result, seen = rows((out / "smoke_report.md").read_text())[
+        "placement across mixed VRAM without pins"
+    ]
+    assert result == "not run" and seen.startswith("every Ready replica is on GPU 0"), seen
