@@ -53,10 +53,12 @@ def admit(d: dispatch.Dispatcher, run: tasking.TaskRun, *, recovered: bool) -> N
         )
     if problem is not None:
         return _reject(d, run, problem, recovered=recovered)
-    starts_now = _starts_now(d, entry)
-    starting: set[str] = set()
-    if not starts_now and len(d.queue) >= d.queue.capacity:  # who the policy may not evict
-        starting = _starting(d)
+    starts_now, starting = False, set[str]()
+    if len(d.queue) >= d.queue.capacity:  # full: what idle slots take does not wait
+        free = _free_slots(d)
+        starts_now = _starts_now(d, entry, free)
+        if not starts_now:  # who the policy may not evict
+            starting = _starting(d, free)
     outcome = d.queue.push(entry, starts_now=starts_now, starting=starting)
     if not outcome.accepted:
         return _reject(
@@ -146,33 +148,33 @@ def _budgets(d: dispatch.Dispatcher, run: tasking.TaskRun) -> results.Budgets | 
     return None if session is None else sessions.budgets(session, state.sessions, now=d.clock.now())
 
 
-def _starts_now(d: dispatch.Dispatcher, entry: queues.Entry) -> bool:
+def _free_slots(d: dispatch.Dispatcher) -> dict[str, int]:
+    """Free slots of Ready replicas, by model."""
+    free: dict[str, int] = {}
+    for c in d.pools.candidates():
+        if c.ready:
+            free[c.model_id] = free.get(c.model_id, 0) + c.slots_total - c.slots_busy
+    return free
+
+
+def _starts_now(d: dispatch.Dispatcher, entry: queues.Entry, free: dict[str, int]) -> bool:
     """Whether a full queue must not count against `entry`: tasks queued in this burst that
     idle slots will take at once leave the queue on the next dispatch, so they hold no place
     in it; and `entry` itself never waits when more slots of Ready replicas of its model are
     free than tasks of that model are queued. A burst larger than the queue landing on idle
     replicas thus runs whole, and one larger than the queue and the idle slots together is
     refused only past both, however the daemon happened to batch its arrivals. Looked at
-    only when the queue is full."""
-    if len(d.queue) < d.queue.capacity:
-        return False
-    free: dict[str, int] = {}
-    for c in d.pools.candidates():
-        if c.ready:
-            free[c.model_id] = free.get(c.model_id, 0) + c.slots_total - c.slots_busy
+    only when the queue is full (`free`: `_free_slots`)."""
     starting = sum(min(n, d.queue.count_of_model(ids.ModelId(m))) for m, n in free.items())
     if len(d.queue) - starting < d.queue.capacity:
         return True
     return free.get(entry.model_id, 0) > d.queue.count_of_model(entry.model_id)
 
 
-def _starting(d: dispatch.Dispatcher) -> set[str]:
+def _starting(d: dispatch.Dispatcher, free: dict[str, int]) -> set[str]:
     """The queued tasks idle slots will take at the next dispatch (per model, as many of
     its first queued tasks as its Ready replicas have free slots): they will not wait."""
-    free: dict[str, int] = {}
-    for c in d.pools.candidates():
-        if c.ready:
-            free[c.model_id] = free.get(c.model_id, 0) + c.slots_total - c.slots_busy
+    free = dict(free)
     out: set[str] = set()
     for e in d.queue.in_dispatch_order():
         if free.get(e.model_id, 0) > 0:
@@ -200,8 +202,16 @@ def session_tokens_left(d: dispatch.Dispatcher, session_id: str) -> int | None:
         return None
     session = d.sessions.get(session_id)
     spent = session.tokens_out if session is not None else 0
-    pending = sum(r.task.max_tokens for r in d.runs.values() if r.task.session_id == session_id)
-    return max(0, budget - spent - pending)
+    return max(0, budget - spent - sum(_live_turns(d, session_id)))
+
+
+def _live_turns(d: dispatch.Dispatcher, session_id: str, *, but: str | None = None) -> list[int]:
+    """The max_tokens of the session's tasks queued or running (but task `but`)."""
+    return [
+        r.task.max_tokens
+        for r in d.runs.values()
+        if r.task.session_id == session_id and r.task_id != but
+    ]
 
 
 def session_problem(d: dispatch.Dispatcher, run: tasking.TaskRun) -> ErrorEnvelope | None:
@@ -211,11 +221,7 @@ def session_problem(d: dispatch.Dispatcher, run: tasking.TaskRun) -> ErrorEnvelo
         return None
     # the budget holds what the session's tasks may still write: up to max_tokens for each of
     # its tasks still queued or running, beside what its finished ones wrote
-    others = [
-        other.task.max_tokens
-        for other in d.runs.values()
-        if other.task.session_id == sid and other.task_id != run.task_id
-    ]
+    others = _live_turns(d, sid, but=run.task_id)
 
     def refusal() -> ErrorEnvelope | None:
         return sessions.refusal(

@@ -286,7 +286,7 @@ async def task_events(request: web.Request) -> web.StreamResponse:
     }
     await backend.settled()  # a queued result still in the pending commit is on disk
     known = await asyncio.to_thread(backend.results.read, task_id)
-    if after is not None and known is not None and known.terminal:
+    if after and known is not None and known.terminal:
         path = backend.results.events_path(task_id)
         last = await asyncio.to_thread(lambda: list(events.read(path))[-1:])
         if last and last[0].terminal and last[0].id <= after:

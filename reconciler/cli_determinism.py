@@ -254,26 +254,14 @@ def not_run(
         for r in lane.get("replicas", [])
         if r.get("state") == "Ready" and r["id"] not in served
     ]
-    used = {g for s in streams if s.ok for g in _gpu_indices(s, status)}
+    replicas = [r for p in status.get("pools", []) for r in p.get("replicas", [])]
+    used = {g for r in replicas if r["id"] in served for g in r.get("gpu", [])}
+    ready = {g for r in replicas if r.get("state") == "Ready" for g in r.get("gpu", [])}
     for gpu in status.get("gpus") or ():
         if gpu.get("index") not in used:
-            ready = any(
-                gpu.get("index") in r.get("gpu", [])
-                for p in status.get("pools", [])
-                for r in p.get("replicas", [])
-                if r.get("state") == "Ready"
-            )
-            why = "no seed landed there" if ready else "no Ready replica there"
+            why = "no seed landed there" if gpu.get("index") in ready else "no Ready replica there"
             out.append(f"GPU {gpu.get('index')} {gpu.get('name')} ({why})")
     return out
-
-
-def _gpu_indices(stream: determinism.Stream, status: dict[str, Any]) -> list[int]:
-    for p in status.get("pools", []):
-        for r in p.get("replicas", []):
-            if r["id"] == stream.replica_id:
-                return list(r.get("gpu", []))
-    return []
 
 
 def one_task(

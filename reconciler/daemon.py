@@ -289,14 +289,7 @@ class Daemon:
                     await self.pass_once()
                 except atomic.GroupFailed as exc:  # some tasks' writes: the others' are done
                     for key, error in exc.failures.items():
-                        logs.emit(
-                            log,
-                            "task.write_deferred",
-                            f"A write of {key or 'the daemon'} failed: {error}; its task waits "
-                            "in spool/active/ and is tried again every 5 s.",
-                            level=30,
-                            task_id=str(key) if key else None,
-                        )
+                        tasking.write_deferred(key, error)
                 except OSError as exc:  # a full disk: the next pass retries what failed
                     logs.emit(log, "pass.failed", f"A pass failed: {exc}", level=40)
                 if self.options.exit_when_idle and self._idle():

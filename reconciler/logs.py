@@ -96,7 +96,8 @@ def writable(text: str) -> str:
 
 # the loggers `setup` configures: the project's, the HTTP server's, and the rooms that cannot
 # import this module (plugins/, state/)
-CONFIGURED = (ROOT, "aiohttp", "plugins", "state")
+ROOMS = ("plugins", "state")
+CONFIGURED = (ROOT, "aiohttp", *ROOMS)
 
 
 def setup(
@@ -137,7 +138,7 @@ def setup(
     server.propagate = False
     # the plugins' and the state room's lines (they cannot import this module: layering) in
     # the same format and places, never Python's bare last-resort lines on stderr
-    for name in ("plugins", "state"):
+    for name in ROOMS:
         room = logging.getLogger(name)
         room.handlers = list(root.handlers)
         room.setLevel(level.upper())

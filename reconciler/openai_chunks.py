@@ -25,15 +25,10 @@ Kind = Literal["chat", "text"]
 
 # OpenAI's error `type` for an HTTP status (what its SDKs and llama-server use).
 ERROR_TYPES = {
-    400: "invalid_request_error",
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
-    405: "invalid_request_error",
     409: "conflict_error",
-    413: "invalid_request_error",
-    415: "invalid_request_error",
-    417: "invalid_request_error",
     429: "rate_limit_error",
     503: "unavailable_error",
 }

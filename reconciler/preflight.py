@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from plugins import engine_llamacpp, gguf_info, gguf_reading, gpu_nvml, gpu_simulated, registry
-from reconciler import specs
+from reconciler import resolving, specs
 from state import desired, errors, loading, parsing
 
 # Engines that load the model file themselves; the `sim` engine only simulates one.
@@ -109,7 +109,7 @@ def _models(
         if not isinstance(ref, str):
             continue
         users = [p for p in pools if p.get("model") == name]
-        scheme = ref.split(":", 1)[0] if ":" in ref else "file"  # as the pool runtime reads it
+        scheme = resolving.scheme_of(ref)  # as the pool runtime reads it
         if scheme not in reg.resolvers:
             installed = ", ".join(f"{s}:" for s in sorted(reg.resolvers))
             report(
@@ -252,12 +252,9 @@ def fits(
         snapshot = observer.observe()
     finally:
         observer.close()
-    room = {
-        index: mib - state.gpus.reserve_mib
-        for index, mib in (
-            (int(k), v) for k, v in specs.engine_room_mib(snapshot, _indices(snapshot)).items()
-        )
-    }
+    indices = [g.index for g in snapshot.gpus]
+    rooms = specs.engine_room_mib(snapshot, indices)  # keyed by the index as text
+    room = {i: rooms[str(i)] - state.gpus.reserve_mib for i in indices}
     if not room:
         return []
     found = []
@@ -286,10 +283,6 @@ def fits(
     return found
 
 
-def _indices(snapshot: Any) -> list[int]:
-    return [g.index for g in snapshot.gpus]
-
-
 def _probe(
     pool: desired.PoolSpec,
     state: desired.DesiredState,
@@ -299,7 +292,7 @@ def _probe(
 ) -> Any:
     """The spec the daemon would size one replica of `pool` with."""
     ref = state.models[pool.model].ref
-    resolver = reg.resolvers.get(ref.split(":", 1)[0] if ":" in ref else "file")
+    resolver = reg.resolvers.get(resolving.scheme_of(ref))
     found = None
     if resolver is not None:
         try:

@@ -9,12 +9,13 @@ before the first task; each measurement then goes through `estimates.observe`. N
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from reconciler import estimates, placement, queues
-from state import desired
+from state import desired, ids
 
 DEFAULT_STARTUP_MS = 5000.0  # replica start to Ready, before one was measured
 DEFAULT_PRIOR = estimates.prior()
@@ -168,20 +169,10 @@ def _lefts(busy: Iterable[tuple[str, float, float]]) -> dict[str, list[float]]:
 
 
 def _route_key(entry: queues.Entry) -> Hashable:
-    """Entries with one key are estimated over the same replicas."""
-    r = entry.route
-    if r is None:
+    """Entries with one key are estimated over the same replicas: the route less its task."""
+    if entry.route is None:
         return (entry.model_id, entry.pool_id)
-    return (
-        entry.model_id,
-        r.pool_id,
-        r.mode,
-        r.pin_pool,
-        r.prefer_pools,
-        r.avoid_pools,
-        r.allow_fallback,
-        r.context_tokens,
-    )
+    return dataclasses.replace(entry.route, task_id=ids.TaskId(""))
 
 
 def _allowed(

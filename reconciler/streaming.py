@@ -125,9 +125,8 @@ async def stream(
         # which the restart would run again as attempt 1
         await deps.books.settled(run.task_id)
         _begin(running, decision, deps=deps, gpu=gpu, engine_version=engine_version)
-        await deps.books.settled(
-            run.task_id
-        )  # the running result is on disk before the first token
+        # the running result is on disk before the first token
+        await deps.books.settled(run.task_id)
         reader = _Reader(lease.engine.generate(lease.handle, _request(run)))
         begun = last_token = last_metrics = deps.clock.monotonic()
         first_token_at: float | None = None
@@ -198,14 +197,7 @@ async def stream(
             # its running result could not be written (a folder in the way, a full disk):
             # the task waits in active/, its log not terminal, and the recovery pass takes it
             # again once the path can be written; it is not failed for the machine's fault
-            logs.emit(
-                log,
-                "task.write_deferred",
-                f"Could not start task {run.task_id}: {exc}; it waits in spool/active/ and "
-                "is tried again every 5 s.",
-                level=30,
-                **run.log_ids,
-            )
+            tasking.write_deferred(run.task_id, exc, correlation_id=run.log_ids["correlation_id"])
             deps.ended(running)
             return
         code, retry_after_ms, hint = engine_failure(exc)

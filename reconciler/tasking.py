@@ -124,13 +124,7 @@ class Books:
         except atomic.GroupFailed as exc:  # some tasks' writes failed: theirs, not the others'
             failures = dict(exc.failures)
             for key, error in failures.items():
-                logs.emit(
-                    log,
-                    "task.write_deferred",
-                    f"A write of {key or 'the daemon'} failed at its commit: {error}; its "
-                    "task waits in spool/active/ and is tried again every 5 s.",
-                    level=30,
-                )
+                write_deferred(key, error)
         except Exception as exc:  # the disk refused (full, gone): the waiting tasks fail
             log.exception("group commit failed")
             failures = {key: exc for key, _ in waiters} | {None: exc}
@@ -275,6 +269,26 @@ class Books:
         )
         if self.finished is not None:  # after the commit point: never delays or blocks it
             self.finished(run)
+
+
+def write_deferred(
+    task_id: Any, error: BaseException, *, correlation_id: str | None = None
+) -> None:
+    """Log a task write that failed for the machine (a full disk, a folder in the way): the
+    task waits in spool/active/ and the recovery pass tries it again."""
+    fields = (
+        {"task_id": str(task_id), "correlation_id": correlation_id or str(task_id)}
+        if task_id
+        else {}
+    )
+    logs.emit(
+        log,
+        "task.write_deferred",
+        f"A write of {task_id or 'the daemon'} failed: {error}; its task waits in "
+        "spool/active/ and is tried again every 5 s.",
+        level=30,
+        **fields,
+    )
 
 
 def new_result(

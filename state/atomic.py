@@ -31,6 +31,7 @@ import ctypes
 import json
 import os
 import secrets
+import stat
 import sys
 import threading
 from collections.abc import Collection, Hashable, Iterator, Sequence
@@ -298,12 +299,17 @@ def _load_syncfs() -> Any:
 _syncfs = _load_syncfs()
 
 
-def exists(path: Path) -> bool:
-    """Whether `path` will be there once this thread's pending group commits."""
+def exists(path: Path, *, folder: bool = True) -> bool:
+    """Whether `path` will be there once this thread's pending group commits (a folder
+    there counts unless `folder` is False)."""
     current = _group()
     if current is not None and path in current.data:
         return current.data[path] is not None
-    return os.path.lexists(path)
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return False
+    return folder or not stat.S_ISDIR(mode)
 
 
 def read_bytes(path: Path) -> bytes:

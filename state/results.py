@@ -107,8 +107,7 @@ class ResultStore:
     def exists(self, task_id: str) -> bool:
         """Whether a result file is (or, once this thread's group commits, will be) there; a
         folder put where it goes is no result (the write it blocks fails, and is retried)."""
-        path = self.path(task_id)
-        return atomic.exists(path) and not (path.is_dir() and not path.is_symlink())
+        return atomic.exists(self.path(task_id), folder=False)
 
     def read(self, task_id: str) -> Result | None:
         path = self.path(task_id)

@@ -252,6 +252,19 @@ async def test_queued_tasks_an_edit_leaves_unservable_fail_saying_what_changed(
     assert pinned["error"]["hint"] == "submit it again naming one of: p2"
 
 
+def _burst(ws: Workspace, prefix: str, n: int, max_tokens: int) -> None:
+    """`n` task files written into spool/tmp, then renamed into incoming/ in one tight loop:
+    they land at once, and one claim takes them all."""
+    sp = ws.spool
+    staged = []
+    for i in range(n):
+        part = sp.tmp / f"{prefix}{i}.part"
+        part.write_text(yaml.safe_dump(task(f"{prefix}{i}", max_tokens=max_tokens)))
+        staged.append((part, sp.incoming / f"{prefix}{i}.task.yaml"))
+    for part, target in staged:
+        os.rename(part, target)
+
+
 async def test_a_burst_larger_than_the_queue_runs_whole_on_idle_slots(
     workspace: Workspace, serve: Any
 ) -> None:
@@ -261,14 +274,7 @@ async def test_a_burst_larger_than_the_queue_runs_whole_on_idle_slots(
     cfg["pools"][0]["slots"] = 3
     workspace.write_config(cfg)
     await serve()
-    sp = workspace.spool
-    staged = []
-    for i in range(3):
-        part = sp.tmp / f"b{i}.part"
-        part.write_text(yaml.safe_dump(task(f"b{i}", max_tokens=4)))
-        staged.append((part, sp.incoming / f"b{i}.task.yaml"))
-    for part, target in staged:  # at once: one claim takes all three
-        os.rename(part, target)
+    _burst(workspace, "b", 3, max_tokens=4)
     for i in range(3):
         result = await wait_terminal(workspace, f"b{i}", 10)
         assert result["status"] == "succeeded", result
@@ -283,14 +289,7 @@ async def test_a_burst_fills_the_idle_slots_and_then_the_queue_before_any_is_ref
     cfg["pools"][0] |= {"slots": 2, "sim": {"tokens_per_s": 40, "load_s": 0.0}}
     workspace.write_config(cfg)
     await serve()
-    sp = workspace.spool
-    staged = []
-    for i in range(5):
-        part = sp.tmp / f"c{i}.part"
-        part.write_text(yaml.safe_dump(task(f"c{i}", max_tokens=20)))
-        staged.append((part, sp.incoming / f"c{i}.task.yaml"))
-    for part, target in staged:  # at once: one claim takes all five
-        os.rename(part, target)
+    _burst(workspace, "c", 5, max_tokens=20)
     results = [await wait_terminal(workspace, f"c{i}", 20) for i in range(5)]
     statuses = sorted(r["status"] for r in results)
     assert statuses == ["rejected", "succeeded", "succeeded", "succeeded", "succeeded"], results
@@ -305,14 +304,7 @@ async def test_drop_lru_in_a_burst_evicts_a_task_that_would_wait_not_one_that_st
     cfg["pools"][0] |= {"slots": 4, "sim": {"tokens_per_s": 40, "load_s": 0.0}}
     workspace.write_config(cfg)
     await serve()
-    sp = workspace.spool
-    staged = []
-    for i in range(8):
-        part = sp.tmp / f"d{i}.part"
-        part.write_text(yaml.safe_dump(task(f"d{i}", max_tokens=20)))
-        staged.append((part, sp.incoming / f"d{i}.task.yaml"))
-    for part, target in staged:
-        os.rename(part, target)
+    _burst(workspace, "d", 8, max_tokens=20)
     results = {f"d{i}": await wait_terminal(workspace, f"d{i}", 20) for i in range(8)}
     for i in range(4):
         assert results[f"d{i}"]["status"] == "succeeded", results[f"d{i}"]
