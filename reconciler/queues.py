@@ -26,6 +26,8 @@ entries whose model is busy, so an entry may also be dispatched earlier than its
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import heapq
 from collections.abc import Callable, Collection, Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -63,6 +65,14 @@ class Entry:
     # the replicas it may run on (its model or pool, pin, prefer and avoid lists), for the
     # estimates of its start; None: any replica of its model (and pool)
     route: placement.Want | None = field(default=None, compare=False, repr=False)
+
+    @functools.cached_property
+    def route_key(self) -> Hashable:
+        """Entries with one key are estimated over the same replicas: the route less its
+        task id (computed once: the estimates ask it of every entry along the queue)."""
+        if self.route is None:
+            return (self.model_id, self.pool_id)
+        return dataclasses.replace(self.route, task_id=ids.TaskId(""))
 
 
 @dataclass(frozen=True)

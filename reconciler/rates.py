@@ -9,13 +9,12 @@ before the first task; each measurement then goes through `estimates.observe`. N
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from reconciler import estimates, placement, queues
-from state import desired, ids
+from state import desired
 
 DEFAULT_STARTUP_MS = 5000.0  # replica start to Ready, before one was measured
 DEFAULT_PRIOR = estimates.prior()
@@ -101,7 +100,7 @@ class Rates:
         candidates, lefts = list(candidates), _lefts(busy)
         groups: dict[Hashable, dict[str, queues.Entry]] = {}
         for entry in wanted:
-            groups.setdefault(_route_key(entry), {})[entry.task_id] = entry
+            groups.setdefault(entry.route_key, {})[entry.task_id] = entry
         out: dict[str, Estimate] = {}
         for members in groups.values():
             first = next(iter(members.values()))
@@ -168,13 +167,6 @@ def _lefts(busy: Iterable[tuple[str, float, float]]) -> dict[str, list[float]]:
     return lefts
 
 
-def _route_key(entry: queues.Entry) -> Hashable:
-    """Entries with one key are estimated over the same replicas: the route less its task."""
-    if entry.route is None:
-        return (entry.model_id, entry.pool_id)
-    return dataclasses.replace(entry.route, task_id=ids.TaskId(""))
-
-
 def _allowed(
     entry: queues.Entry, candidates: Iterable[placement.Candidate]
 ) -> list[placement.Candidate]:
@@ -201,7 +193,7 @@ class _Sharing:
     def __call__(self, other: queues.Entry) -> bool:
         if other.model_id != self._model:
             return False
-        key = _route_key(other)
+        key = other.route_key
         found = self._seen.get(key)
         if found is None:
             theirs = {c.replica_id for c in _allowed(other, self._candidates)}

@@ -49,6 +49,7 @@ class EventLog:
         self.path = path
         self.last_id, self.terminal = _recover(path)
         self._fd: int | None = None  # opened while frames stream; closed (also if dropped)
+        self._size = 0  # the file's size while `_fd` is open (this is its only writer)
         self._closer: Any = None  # a weakref.finalize: closes the fd once, also on GC
 
     def append(self, event: EventName, data: dict[str, Any], *, ts: str) -> EventFrame:
@@ -75,8 +76,15 @@ class EventLog:
         if self._fd is None:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             self._closer = weakref.finalize(self, os.close, self._fd)
+            self._size = os.fstat(self._fd).st_size
         deferred = terminal and atomic.deferring()
-        _append_whole(self._fd, ("\n".join(lines) + "\n").encode(), sync=terminal and not deferred)
+        data = ("\n".join(lines) + "\n").encode()
+        try:
+            _append_whole(self._fd, data, self._size, sync=terminal and not deferred)
+        except BaseException:
+            self.close()  # the next frame opens it again and reads its size afresh
+            raise
+        self._size += len(data)
         if deferred:  # the group's commit syncs it, before the terminal result appears
             atomic.written(self.path)
         if event not in _STREAMING:
@@ -94,10 +102,10 @@ class EventLog:
         self._fd, self._closer = None, None
 
 
-def _append_whole(fd: int, line: bytes, *, sync: bool) -> None:
-    """Append `line` entirely or not at all: a write cut short (a full disk writes what fits,
-    then fails) is cut back off, so the next frame never lands on the end of half a line."""
-    size = os.fstat(fd).st_size
+def _append_whole(fd: int, line: bytes, size: int, *, sync: bool) -> None:
+    """Append `line` to the file of `size` bytes entirely or not at all: a write cut short (a
+    full disk writes what fits, then fails) is cut back off, so the next frame never lands on
+    the end of half a line."""
     try:
         failpoints.hit("frame_write")
         atomic.write_all(fd, line)

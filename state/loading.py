@@ -61,14 +61,9 @@ def read_bytes(
     `max_bytes` (also one that grows past it while read) are refused with the reason."""
     shown = str(path)
     try:
-        if path.is_symlink():
-            return _refused(
-                shown,
-                "is a symbolic link, which is not accepted",
-                "copy the file itself into place instead of linking it",
-            )
-        # O_NONBLOCK|O_NOFOLLOW and fstat on the open descriptor: a FIFO or device must not
-        # block the daemon, and a link swapped in after the check above is refused too
+        # O_NOFOLLOW: a symbolic link (also one swapped in at any moment) fails the open
+        # (ELOOP, told apart below); O_NONBLOCK and fstat on the open descriptor: a FIFO or
+        # device must not block the daemon
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
         try:
             st = os.fstat(fd)
@@ -77,17 +72,23 @@ def read_bytes(
                 return _refused(shown, f"is {kind}, not a regular file", _PLAIN)
             if st.st_size > max_bytes:
                 return _refused(shown, f"is {st.st_size} bytes, {_OVER}{max_bytes} bytes", _BIG)
-            with os.fdopen(os.dup(fd), "rb") as fh:
-                raw = fh.read(max_bytes + 1)
+            raw = _read_up_to(fd, max_bytes + 1, st.st_size)
             if len(raw) > max_bytes:  # it grew after the fstat above: refused all the same
                 return _refused(shown, f"grew while being read, {_OVER}{max_bytes} bytes", _BIG)
         finally:
             os.close(fd)
     except OSError as exc:
         try:  # a socket cannot even be opened: say what it is rather than ENXIO
-            what = _KINDS.get(stat.S_IFMT(os.lstat(path).st_mode))
+            mode = os.lstat(path).st_mode
         except OSError:
-            what = None
+            mode = 0
+        if stat.S_ISLNK(mode):
+            return _refused(
+                shown,
+                "is a symbolic link, which is not accepted",
+                "copy the file itself into place instead of linking it",
+            )
+        what = _KINDS.get(stat.S_IFMT(mode)) if mode else None
         message = f"is {what}, not a regular file" if what else f"cannot be read: {exc.strerror}"
         if what:
             hint = _PLAIN
@@ -97,6 +98,19 @@ def read_bytes(
             hint = "check its owner and permissions"
         return _refused(shown, message, hint)
     return raw, [], st
+
+
+def _read_up_to(fd: int, limit: int, size_hint: int) -> bytes:
+    """At most `limit` bytes from `fd`, to its end (one read for a file that did not grow)."""
+    chunks, total = [], 0
+    want = min(limit, max(size_hint + 1, 4096))
+    while total < limit:
+        chunk = os.read(fd, min(want, limit - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
 
 
 _OVER = "over the limit of "

@@ -18,6 +18,7 @@ its own name escaped in the error file (`shown`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import re
@@ -44,27 +45,27 @@ MAX_NAME_BYTES = 200
 class Spool:
     root: Path
 
-    @property
+    @functools.cached_property
     def tmp(self) -> Path:
         return self.root / "tmp"
 
-    @property
+    @functools.cached_property
     def incoming(self) -> Path:
         return self.root / "incoming"
 
-    @property
+    @functools.cached_property
     def active(self) -> Path:
         return self.root / "active"
 
-    @property
+    @functools.cached_property
     def done(self) -> Path:
         return self.root / "done"
 
-    @property
+    @functools.cached_property
     def failed(self) -> Path:
         return self.root / "failed"
 
-    @property
+    @functools.cached_property
     def cancel(self) -> Path:
         return self.root / "cancel"
 
