@@ -165,6 +165,8 @@ def finished_in_log(
         result.pool_id = started.data.get("pool_id") or result.pool_id
         result.replica_id = started.data.get("replica_id") or result.replica_id
         result.engine_version = started.data.get("engine_version") or result.engine_version
+        result.engine = started.data.get("engine") or result.engine
+        result.model = started.data.get("model") or result.model
         if isinstance(started.data.get("kv_warmth"), bool):
             result.kv_warmth = started.data["kv_warmth"]
         if isinstance(started.data.get("gpu"), dict) and result.gpu is None:

@@ -265,7 +265,9 @@ def _begin(
             "gpu": gpu.model_dump(mode="json") if gpu else None,
             "kv_warmth": decision.kv_warmth,
             "attempt": result.attempts,
+            "engine": result.engine,
             "engine_version": engine_version,
+            "model": result.model,
         },
     )
     failpoints.hit("after_started_frame")

@@ -218,15 +218,21 @@ async def test_a_task_whose_result_path_is_blocked_holds_up_no_other_task(
     from tests.conftest import wait_for
 
     cfg = config()
-    cfg["pools"][0] |= {"slots": 4, "sim": {"tokens_per_s": 40, "load_s": 0.0}}
+    cfg["pools"][0] |= {"slots": 5, "sim": {"tokens_per_s": 40, "load_s": 0.0}}
     workspace.write_config(cfg)
     await serve()
     for name in ("v", "b1", "b2", "b3"):
         workspace.submit(f"{name}.task.yaml", task(name, max_tokens=40, prompt="same"))
-    await wait_for(lambda: (workspace.result("v") or {}).get("status") == "running", 10, "v")
-    blocked = workspace.root / "results" / "v.json"
-    blocked.unlink()
-    blocked.mkdir()
+    # a task naming its pool, not its model: its rebuilt result still names both, and the engine
+    workspace.submit("w.task.yaml", task("w", model=None, pool="p1", max_tokens=40, prompt="x"))
+    for name in ("v", "w"):
+        await wait_for(
+            lambda name=name: (workspace.result(name) or {}).get("status") == "running", 10, name
+        )
+    blocked, blocked_w = (workspace.root / "results" / f"{name}.json" for name in ("v", "w"))
+    for folder in (blocked, blocked_w):
+        folder.unlink()
+        folder.mkdir()
     for name in ("b1", "b2", "b3"):
         result = await wait_terminal(workspace, name, 20)
         assert result["status"] == "succeeded", result
@@ -235,9 +241,13 @@ async def test_a_task_whose_result_path_is_blocked_holds_up_no_other_task(
     await asyncio.sleep(1.0)
     assert (workspace.spool.active / "v.task.yaml").exists()  # not filed without its result
     blocked.rmdir()
+    blocked_w.rmdir()
     v = await wait_terminal(workspace, "v", 20)  # the 5 s recovery writes it from its log
     assert v["status"] == "succeeded" and v["tokens_out"] == 40, v
     assert v["source_file"] == "spool/done/v.task.yaml" and v["pool_id"] == "p1"
+    w = await wait_terminal(workspace, "w", 20)
+    assert w["status"] == "succeeded" and w["pool_id"] == "p1", w
+    assert (w["model"], w["engine"]) == ("m1", "sim"), w
     await wait_for(lambda: (workspace.spool.done / "v.task.yaml").exists(), 10, "v filed")
 
 
