@@ -433,7 +433,7 @@ def _refusal(exc: http_exceptions.HttpProcessingError, status: int) -> tuple[int
     refused: they may hold a header's value, such as the API token."""
     if isinstance(exc, http_exceptions.LineTooLong):
         line, limit = (*exc.args, "", "")[:2]
-        text = line.decode("latin-1") if isinstance(line, bytes) else str(line)
+        text = line.decode("latin-1") if isinstance(line, (bytes, bytearray)) else str(line)
         if _request_line(exc, text):
             return 414, f"the request line is over {limit} bytes", "shorten the URL"
         return (
@@ -481,9 +481,32 @@ class _Handler(web_protocol.RequestHandler):
         if not isinstance(exc, http_exceptions.HttpProcessingError):
             return answer
         code, text, hint = _refusal(exc, status)
-        return _closing(
-            error_response(errors.envelope(ErrorCode.INVALID_PARAMS, text, hint=hint), status=code)
-        )
+        envelope = errors.envelope(ErrorCode.INVALID_PARAMS, text, hint=hint)
+        shape = self._shape(_refused_target(exc))
+        answer = shape(envelope, code, None) if shape else error_response(envelope, status=code)
+        return _closing(answer)
+
+    def _shape(self, target: str | None) -> ErrorShape | None:
+        """The error shape of the routes under `target` (OpenAI's under its prefixes)."""
+        app = getattr(self._manager.request_handler, "__self__", None) if self._manager else None
+        if target is None or not isinstance(app, web.Application):
+            return None
+        path = target.split("?", 1)[0]
+        return next((f for prefixes, f in app[PREFIX_SHAPES] if path.startswith(prefixes)), None)
+
+
+def _refused_target(exc: BaseException) -> str | None:
+    """The request target of a request line refused as too long (what the parser kept of
+    it: enough to tell its route's prefix); None for any other refusal, which comes after
+    the request line is gone."""
+    if not isinstance(exc, http_exceptions.LineTooLong):
+        return None
+    line = exc.args[0] if exc.args else ""
+    text = line.decode("latin-1") if isinstance(line, (bytes, bytearray)) else str(line)
+    if not _request_line(exc, text):
+        return None
+    method_and_target = re.match(r"[A-Z]+ (\S+)", text)
+    return method_and_target.group(1) if method_and_target else text
 
 
 def _closing(response: web.Response) -> web.Response:

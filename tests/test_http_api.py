@@ -610,13 +610,23 @@ async def test_a_malformed_request_is_answered_with_the_envelope_and_never_shows
     )
     assert status == 431 and body["message"] == "a header line is over 8190 bytes"
     status, _, body = await raw(
-        b"GET /v1/models?" + b"a" * 9000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        b"GET /v1/pools?" + b"a" * 9000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     )
     assert status == 414 and body["message"] == "the request line is over 8190 bytes", body
     assert body["hint"] == "shorten the URL"
+    # under OpenAI's routes, in OpenAI's shape: an SDK reads its error
+    status, _, body = await raw(
+        b"POST /v1/chat/completions?" + b"a" * 9000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    )
+    assert status == 414 and body["error"]["type"] == "invalid_request_error", body
+    assert body["error"]["message"] == "the request line is over 8190 bytes"
+    status, _, body = await raw(
+        b"GET /v1/models?" + b"a" * 9000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    )
+    assert status == 414 and body["error"]["code"] == "INVALID_PARAMS", body
     log_text = json_log.getvalue()
     assert token not in log_text and "aaaaaaaa" not in log_text
-    assert log_text.count("http.malformed_request") == 3
+    assert log_text.count("http.malformed_request") == 5
 
 
 async def test_expect_is_answered_before_the_body_in_the_envelope(
