@@ -102,6 +102,10 @@ ErrorShape = Callable[[errors.ErrorEnvelope, int | None, str | None], web.Respon
 ERROR_SHAPES: web.AppKey[dict[web.AbstractResource, ErrorShape]] = web.AppKey("error_shapes")
 # paths no route matches, by prefix: the shape their errors (404) take
 PREFIX_SHAPES: web.AppKey[list[tuple[tuple[str, ...], ErrorShape]]] = web.AppKey("prefix_shapes")
+# per route: the query parameters it takes, once and repeatable (`takes_query`); None: any
+QUERY: web.AppKey[dict[web.AbstractResource, tuple[tuple[str, ...], tuple[str, ...]] | None]] = (
+    web.AppKey("query_parameters")
+)
 
 
 def shape_errors(app: web.Application, route: web.AbstractRoute, shape: ErrorShape) -> None:
@@ -109,6 +113,22 @@ def shape_errors(app: web.Application, route: web.AbstractRoute, shape: ErrorSha
     envelope: the OpenAI routes use it so standard clients read their errors."""
     assert route.resource is not None
     app[ERROR_SHAPES][route.resource] = shape
+
+
+def takes_query(
+    app: web.Application,
+    route: web.AbstractRoute,
+    *,
+    once: tuple[str, ...] = (),
+    many: tuple[str, ...] = (),
+    any_names: bool = False,
+) -> None:
+    """The query parameters `route` takes (`once`: at most once; `many`: repeatable); any
+    other is refused (400, naming it) before its handler runs. A route that declares none
+    takes none. `any_names`: it ignores its query string (OpenAI's routes, as OpenAI's API
+    does; the status page)."""
+    if route.resource is not None:
+        app[QUERY][route.resource] = None if any_names else (once, many)
 
 
 def shape_prefixes(app: web.Application, prefixes: tuple[str, ...], shape: ErrorShape) -> None:
@@ -277,6 +297,18 @@ async def _authenticate(request: web.Request, handler: Handler) -> web.StreamRes
         code = ErrorCode.MISSING_TOKEN if verdict.code == "MISSING_TOKEN" else ErrorCode.BAD_TOKEN
         raise ApiError(code, verdict.message)
     request[IDENTITY] = verdict.identity
+    return await handler(request)
+
+
+@web.middleware
+async def _query(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse a query parameter the route does not take (a typo such as `?limt=5` would
+    otherwise be ignored without a word), or one given twice that it takes once."""
+    resource = request.match_info.route.resource
+    if request.query and resource is not None:  # no route (404, 405): that error instead
+        declared = request.app[QUERY].get(resource, ((), ()))
+        if declared is not None:
+            query_params(request, once=declared[0], many=declared[1])
     return await handler(request)
 
 
@@ -570,13 +602,15 @@ def make_app(
 ) -> web.Application:
     """The application: the middlewares here, the routes from the modules that add them."""
     app = web.Application(
-        middlewares=[_correlate, _same_origin, _authenticate], client_max_size=MAX_BODY_BYTES
+        middlewares=[_correlate, _same_origin, _authenticate, _query],
+        client_max_size=MAX_BODY_BYTES,
     )
     app[BACKEND] = backend
     app[AUTH] = auth
     app[HOSTS] = hosts
     app[ERROR_SHAPES] = {}
     app[PREFIX_SHAPES] = []
+    app[QUERY] = {}
     for add in routes:
         add(app)
     for resource in app.router.resources():

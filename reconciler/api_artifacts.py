@@ -32,7 +32,12 @@ def routes(store: artifacts.ArtifactStore) -> api.Routes:
     def add_routes(app: web.Application) -> None:
         app[STORE] = store
         app.router.add_post("/v1/artifacts", post_artifact)
-        app.router.add_get("/v1/artifacts", list_artifacts)
+        api.takes_query(
+            app,
+            app.router.add_get("/v1/artifacts", list_artifacts),
+            once=("kind", "limit"),
+            many=("tag",),
+        )
         app.router.add_get("/v1/artifacts/{artifact_id}", get_artifact)
 
     return add_routes
@@ -158,7 +163,6 @@ async def list_artifacts(request: web.Request) -> web.StreamResponse:
     """Refs of stored artifacts, newest first, filtered by `tag` (repeatable: all must match)
     and `kind`. A scan of the folder: fine for the thousands a workstation keeps."""
     store = request.app[STORE]
-    api.query_params(request, once=("kind", "limit"), many=("tag",))
     tags = set(request.query.getall("tag", []))
     kind = request.query.get("kind")
     if kind is not None and kind not in _KINDS:

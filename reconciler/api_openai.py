@@ -50,6 +50,7 @@ def add_routes(app: web.Application) -> None:
         app.router.add_post("/v1/completions", completions),
     ):
         api.shape_errors(app, route, error_response)
+        api.takes_query(app, route, any_names=True)  # as OpenAI's API: SDKs may add their own
     # OpenAI's other endpoints (and near misses such as a trailing slash): an SDK reads the
     # 404 in its own shape
     api.shape_prefixes(app, OPENAI_PREFIXES, error_response)

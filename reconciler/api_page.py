@@ -41,7 +41,7 @@ LIVE = frozenset({"queued", "running"})
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_get("/", page)
+    api.takes_query(app, app.router.add_get("/", page), any_names=True)  # a page for people
     app.router.add_get("/v1/status/events", status_events)
 
 

@@ -45,8 +45,12 @@ def add_routes(app: web.Application) -> None:
     app[DELIVERING] = set()
     app.router.add_post("/v1/tasks", post_task)
     app.router.add_get("/v1/tasks/{task_id}", get_task)
-    app.router.add_get("/v1/tasks/{task_id}/events", task_events)
-    app.router.add_get("/v1/tasks/{task_id}/stream", task_events)  # the digest's name
+    for path in ("/v1/tasks/{task_id}/events", "/v1/tasks/{task_id}/stream"):  # the digest's
+        api.takes_query(  # name, beside ours
+            app,
+            app.router.add_get(path, task_events),
+            once=("last_event_id", "cancel_on_disconnect"),
+        )
     app.router.add_post("/v1/tasks/{task_id}/cancel", cancel_task)
     app.router.add_get("/v1/sessions/{session_id}", get_session)
     app.router.add_delete("/v1/sessions/{session_id}", delete_session)
@@ -277,7 +281,6 @@ async def task_events(request: web.Request) -> web.StreamResponse:
     after = _resume_after(request)
     if not _known(backend, task_id):
         raise ApiError(ErrorCode.NOT_FOUND, f"no task {task_id!r} here")
-    api.query_params(request, once=("last_event_id", "cancel_on_disconnect"))
     cancel_on_disconnect = api.query_flag(request, "cancel_on_disconnect")
     headers = {
         "X-Correlation-Id": request[api.CORRELATION],

@@ -487,6 +487,33 @@ async def test_stream_routes_answer_head_and_query_flags_and_content_types_are_c
         async with session.get(f"{base}/v1/artifacts?kind=plan&kind=diff") as r:
             body = await r.json()
             assert r.status == 400 and body["message"] == "?kind is given more than once"
+        # every route: a query parameter it does not take is refused, never ignored
+        for method, path in [
+            ("GET", "/v1/pools?limt=5"),
+            ("GET", "/v1/status?verbose=1"),
+            ("GET", "/v1/tasks/h1?wait=true"),
+            ("POST", "/v1/tasks/h1/cancel?force=1"),
+            ("GET", "/metrics?name=x"),
+        ]:
+            async with session.request(method, f"{base}{path}") as r:
+                body = await r.json()
+                name = path.split("?")[1].split("=")[0]
+                assert r.status == 400, (path, body)
+                assert body["message"].startswith(f"?{name}: this route takes no such"), body
+                assert body["hint"] == "send none", body
+        async with session.get(f"{base}/v1/artifacts?lmit=2") as r:  # one it does take, near
+            body = await r.json()
+            assert r.status == 400 and "(did you mean limit?)" in body["message"], body
+            assert body["hint"] == "its parameters: kind, limit, tag", body
+        # OpenAI's routes and the status page ignore theirs, as OpenAI's API and a page do
+        for path in ("/v1/models?api-version=1", "/?refresh=1"):
+            async with session.get(f"{base}{path}") as r:
+                assert r.status == 200, path
+        async with session.post(
+            f"{base}/v1/chat/completions?api-version=1", json={"model": "nope", "messages": []}
+        ) as r:
+            body = await r.json()
+            assert r.status != 200 and "api-version" not in json.dumps(body), body
         async with session.post(
             f"{base}/v1/tasks", data=b"{}", skip_auto_headers=["Content-Type"]
         ) as r:
