@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 import uuid
 from typing import Any
@@ -38,6 +39,8 @@ PING_S = 15.0  # keep-alive comment interval on idle streams
 
 # Task ids whose POST is between its duplicate check and its file being in spool/incoming.
 DELIVERING: web.AppKey[set[str]] = web.AppKey("delivering_task_ids")
+# the name the request's task file was delivered under in spool/incoming/
+DELIVERED: web.RequestKey[str] = web.RequestKey("delivered_file")
 
 
 def add_routes(app: web.Application) -> None:
@@ -122,6 +125,14 @@ async def post_task(request: web.Request) -> web.StreamResponse:
         backend.hub.unsubscribe(sub)
     if first is not None:
         await backend.settled()  # the answer's result file (queued or rejected) is on disk
+        other = _taken_by_another(backend, task_id, request[DELIVERED])
+        if other is not None:
+            raise ApiError(
+                ErrorCode.DUPLICATE_TASK_ID,
+                f"task id {task_id!r} was taken at the same moment by the task file {other}; "
+                "this request's task was not admitted",
+                hint="give the task a new task_id, or GET /v1/tasks/{id} for the other one",
+            )
     links = {
         "events_url": f"/v1/tasks/{task_id}/events",
         "result_url": f"/v1/tasks/{task_id}",
@@ -147,6 +158,22 @@ async def post_task(request: web.Request) -> web.StreamResponse:
     response.headers["X-Task-Id"] = task_id
     response.headers["Location"] = links["result_url"]
     return response
+
+
+def _taken_by_another(backend: api.Backend, task_id: str, delivered: str) -> str | None:
+    """The task file that holds `task_id` when it is not the one this request delivered
+    (a file naming the same id was dropped into the spool at the same moment and claimed
+    first: the request's own file is refused as a duplicate); None when the request's task
+    is the one admitted, or no file is known."""
+    result = backend.live_result(ids.TaskId(task_id)) or backend.results.read(task_id)
+    source = result.source_file if result is not None else None
+    if not source:
+        return None
+    name = source.rsplit("/", 1)[-1]
+    # filed under a free name in done/ or failed/ (a namesake there): `<time_ns>-<name>`
+    if name == delivered or re.fullmatch(r"\d+-" + re.escape(delivered), name):
+        return None
+    return source
 
 
 def _budget_headers(budgets: Any) -> dict[str, str]:
@@ -193,7 +220,10 @@ async def deliver(request: web.Request, task: tasks.TaskFile) -> fanout.Subscrip
             del cache[key]
     sub = backend.hub.subscribe(task_id, backend.results.events_path(task_id))
     try:
-        await asyncio.to_thread(spool.deliver, backend.spool, raw, name=f"{task_id}.task.json")
+        path = await asyncio.to_thread(
+            spool.deliver, backend.spool, raw, name=f"{task_id}.task.json"
+        )
+        request[DELIVERED] = path.name
     except BaseException:
         backend.hub.unsubscribe(sub)
         raise

@@ -831,6 +831,39 @@ async def test_posts_of_one_task_id_at_once_get_one_202_and_409s_and_it_runs_onc
     assert list(workspace.spool.failed.iterdir()) == []  # no second file was delivered
 
 
+async def test_a_post_whose_id_a_dropped_file_takes_at_once_is_told_409_not_the_other_task(
+    workspace: Workspace, serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task file naming the same task id lands in spool/incoming/ under another name at the
+    moment a POST delivers its own: the file claimed first (the dropped one, older) is the
+    task; the POST is answered 409 naming that file, never 202 with the other task's place
+    (its client would stream a task it did not send)."""
+    from state import spool as spool_module
+
+    running = await serve()
+    real_deliver = spool_module.deliver
+
+    def deliver_after_a_drop(the_spool: Any, data: bytes, *, name: str) -> Any:
+        if name == "twin.task.json":  # the other writer's file lands first
+            real_deliver(
+                the_spool, json.dumps(task("twin", prompt="dropped")).encode(), name="a.task.json"
+            )
+        return real_deliver(the_spool, data, name=name)
+
+    monkeypatch.setattr(spool_module, "deliver", deliver_after_a_drop)
+    async with aiohttp.ClientSession() as session:
+        body = task("twin", prompt="posted", max_tokens=4)
+        async with session.post(f"{_url(running)}/v1/tasks", json=body) as response:
+            answer = await response.json()
+            assert response.status == 409, answer
+    assert answer["code"] == "DUPLICATE_TASK_ID", answer
+    assert "spool/active/a.task.json" in answer["message"], answer
+    result = await wait_terminal(workspace, "twin")
+    assert result["status"] == "succeeded" and result["source_file"] == "spool/done/a.task.json"
+    # the posted file is refused beside its reason, as any duplicate
+    assert (workspace.spool.failed / "twin.task.json.error.json").exists()
+
+
 async def test_cancels_of_one_task_at_once_all_answer_and_it_ends_canceled(
     workspace: Workspace, serve: Any
 ) -> None:
