@@ -215,6 +215,22 @@ def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
 
 
 _WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# query flags that give a read a side effect: another site's page must not set them either
+# (an <img> or EventSource of a stream with ?cancel_on_disconnect=true cancels the task
+# when the browser drops it)
+_SIDE_EFFECT_FLAGS = ("cancel_on_disconnect",)
+
+
+def _writes(request: web.Request) -> bool:
+    """Whether the request changes something: a writing method, or a read asking for a side
+    effect (any value but an explicit false counts: a bad one is refused later anyway)."""
+    if request.method in _WRITES:
+        return True
+    return any(
+        value.strip().lower() not in ("false", "0", "no", "")
+        for flag in _SIDE_EFFECT_FLAGS
+        for value in request.query.getall(flag, [])
+    )
 
 
 @web.middleware
@@ -233,7 +249,7 @@ async def _same_origin(request: web.Request, handler: Handler) -> web.StreamResp
             f"({', '.join(sorted(allowed))})",
             hint="use http://127.0.0.1:<port>/, or set server.public_url to the name you use",
         )
-    if request.method in _WRITES:
+    if _writes(request):
         origin = request.headers.get("Origin")
         site = request.headers.get("Sec-Fetch-Site")
         foreign = site == "cross-site" or (

@@ -748,6 +748,16 @@ async def test_other_web_sites_cannot_write_and_rebound_host_names_are_refused(
         cross = {"Sec-Fetch-Site": "cross-site"}
         async with session.post(f"{base}/v1/tasks", json=task("x2"), headers=cross) as r:
             assert r.status == 403
+        # a read that would cancel the task when the browser drops it (an <img>, an
+        # EventSource of another site) is a write too; a plain read of the stream is not
+        for headers in (cross, evil):
+            url = f"{base}/v1/tasks/x1/events?cancel_on_disconnect=true"
+            async with session.get(url, headers=headers) as response:
+                body = await response.json()
+                assert response.status == 403 and body["code"] == "FORBIDDEN_ORIGIN", body
+        async with session.get(f"{base}/v1/tasks/x1?", headers=cross) as response:
+            assert response.status == 200
+        assert (workspace.result("x1") or {}).get("status") in ("queued", "running")
         rebound = {"Host": f"attacker.example:{port}"}
         async with session.get(f"{base}/v1/status", headers=rebound) as response:
             assert response.status == 403
