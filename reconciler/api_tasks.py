@@ -203,10 +203,12 @@ async def deliver(request: web.Request, task: tasks.TaskFile) -> fanout.Subscrip
     has_result = backend.results.exists(task_id)
     existing = backend.results.read(task_id) if has_result else None
     busy = task_id in delivering or backend.live(task_id) or _pending(backend, task_id)
+    # an earlier task's event log with no result beside it (removed by hand) holds the id too
+    logged = not has_result and backend.results.events_path(task_id).is_file()
     # a task refused with a retriable error (a 429): the retry it asked for may reuse its id
     reuse = not busy and existing is not None and results.retriable_rejection(existing)
-    if busy or (has_result and not reuse):
-        state = f" ({existing.status})" if existing else ""
+    if busy or logged or (has_result and not reuse):
+        state = f" ({existing.status})" if existing else " (its event log is there)" * logged
         raise ApiError(
             ErrorCode.DUPLICATE_TASK_ID,
             f"task id {task_id!r} is already used{state}",

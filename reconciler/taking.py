@@ -57,7 +57,7 @@ class Taker:
             revision=self.config.revision,
         ):
             failpoints.hit("after_claim")
-            self.take(path)
+            self.take(path, new=True)
         self.announce()
 
     def announce(self) -> None:
@@ -66,8 +66,11 @@ class Taker:
         for run, exc in self.dispatcher.announce():
             self._failed(self.the_spool.active / run.file_name, exc)
 
-    def take(self, path: Path, *, recovered: results.Result | None = None) -> None:
-        """Parse one claimed file and admit it, or quarantine it with the reason."""
+    def take(
+        self, path: Path, *, recovered: results.Result | None = None, new: bool = False
+    ) -> None:
+        """Parse one claimed file and admit it, or quarantine it with the reason. `new`: just
+        claimed from incoming/ (not a file recovery hands back, whose log may be its own)."""
         try:
             parsed = intake.parse_claimed(path)
             if not isinstance(parsed, intake.Parsed):
@@ -93,6 +96,20 @@ class Taker:
                     field="task_id",
                     message=f"task id {parsed.task_id!r} is already used "
                     f"(see results/{parsed.task_id}.json)",
+                    hint="give the task a new task_id",
+                    task_id=parsed.task_id,
+                )
+                return
+            log_path = self.store.events_path(parsed.task_id)
+            if new and log_path.is_file() and log_path.stat().st_size > 0:
+                # an earlier task's frames with no result beside them (its result file was
+                # removed by hand): the id is that task's; a new one would append to its log
+                self._refuse(
+                    path,
+                    ErrorCode.DUPLICATE_TASK_ID,
+                    field="task_id",
+                    message=f"task id {parsed.task_id!r} is already used "
+                    f"(its event log results/{log_path.name} is there)",
                     hint="give the task a new task_id",
                     task_id=parsed.task_id,
                 )

@@ -874,6 +874,35 @@ async def test_a_post_whose_id_a_dropped_file_takes_at_once_is_told_409_not_the_
     assert (workspace.spool.failed / "twin.task.json.error.json").exists()
 
 
+async def test_an_id_whose_result_was_removed_but_whose_log_remains_stays_used(
+    workspace: Workspace, serve: Any
+) -> None:
+    """A finished task's result file removed by hand, its event log kept: a POST of that id
+    is 409 (not a 202 read from the old log), and a task file of that id is refused as a
+    duplicate beside its reason; the old log is left as it was, nothing fails as a bug."""
+    running = await serve()
+    base = _url(running)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{base}/v1/tasks", json=task("old", max_tokens=3)) as r:
+            assert r.status == 202
+        await wait_terminal(workspace, "old")
+        log_path = workspace.root / "results" / "old.events.jsonl"
+        before = log_path.read_bytes()
+        (workspace.root / "results" / "old.json").unlink()
+        async with session.post(f"{base}/v1/tasks", json=task("old", prompt="again")) as r:
+            body = await r.json()
+            assert r.status == 409 and body["code"] == "DUPLICATE_TASK_ID", body
+            assert "event log" in body["message"], body
+        workspace.submit("again.task.yaml", task("old", prompt="again"))
+        error = workspace.spool.failed / "again.task.yaml.error.json"
+        await wait_for(error.exists, 10, "the dropped file refused")
+        record = json.loads(error.read_text())
+        assert record["code"] == "DUPLICATE_TASK_ID", record
+        assert "old.events.jsonl" in record["message"], record
+    assert log_path.read_bytes() == before
+    assert workspace.result("old") is None
+
+
 async def test_cancels_of_one_task_at_once_all_answer_and_it_ends_canceled(
     workspace: Workspace, serve: Any
 ) -> None:
