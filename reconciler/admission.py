@@ -59,6 +59,31 @@ def resolve(task: tasks.TaskFile, state: desired.DesiredState) -> Target | Error
     return Target(ids.ModelId(task.model), None)
 
 
+def _unplaceable(
+    placement: tasks.Placement, model_id: str, serving: list[PoolView]
+) -> ErrorEnvelope | None:
+    """A placement whose avoid and prefer lists (without fallback) leave no pool of orch.yaml
+    serving the model: such a task could never start, so it is refused now, naming the list
+    (as a pin to a pool that does not serve it is), instead of waiting in the queue forever."""
+    if placement.allow_fallback or not serving:
+        return None
+    names = sorted(p.pool_id for p in serving)
+    kept = [p for p in serving if p.pool_id not in placement.avoid_pools]
+    field, given = "placement.avoid_pools", placement.avoid_pools
+    if kept and placement.prefer_pools:
+        kept = [p for p in kept if p.pool_id in placement.prefer_pools]
+        field, given = "placement.prefer_pools", placement.prefer_pools
+    if kept:
+        return None
+    return errors.envelope(
+        ErrorCode.INVALID_PARAMS,
+        f"{field}: {list(given)!r} leaves no pool serving {model_id!r} "
+        f"(of {', '.join(names)}), and allow_fallback is false: the task could never start",
+        hint=f"name a pool serving {model_id!r} ({', '.join(names)}), "
+        "or set placement.allow_fallback: true",
+    )
+
+
 def check(
     task: tasks.TaskFile,
     target: Target,
@@ -114,6 +139,10 @@ def check(
         # A pinned pool that is still loading is waited for, like any pool; one that cannot
         # come up (Failed, Unschedulable) fails the task below, since a pin never falls back.
         serving = [pinned]
+    else:
+        problem = _unplaceable(placement, target.model_id, serving)
+        if problem is not None:
+            return problem
     live = [p for p in serving if p.state in LIVE]
     if not live:
         why = "; ".join(f"{p.pool_id} is {p.state}: {p.reason}" for p in serving if p.reason)

@@ -210,3 +210,38 @@ def test_a_task_naming_a_pool_that_cannot_serve_says_so_and_names_the_pool_that_
         refused.message == f"pool {named!r} cannot serve model 'm1' now (p0 is Stopped: {drained})"
     )
     assert refused.hint == "pool p1 also serves 'm1': name model: m1 (not the pool) to use it"
+
+
+async def test_a_placement_no_pool_can_meet_is_refused_naming_its_list(
+    workspace: Workspace, serve: Any
+) -> None:
+    """prefer_pools naming no pool of the model (a typo), or avoid_pools avoiding every one,
+    with allow_fallback false: the task could never start, so it is refused at once naming
+    the list (as a pin to a pool that does not serve the model is), not queued for ever."""
+    import aiohttp
+
+    from tests.test_http_api import _url
+
+    base = _url(await serve())
+    strict = {"mode": "prefer", "allow_fallback": False}
+    async with aiohttp.ClientSession() as session:
+        for i, (placement, field) in enumerate(
+            [
+                (strict | {"prefer_pools": ["p9"]}, "placement.prefer_pools"),
+                (strict | {"avoid_pools": ["p1"]}, "placement.avoid_pools"),
+            ]
+        ):
+            body = task(f"never{i}", placement=placement)
+            async with session.post(f"{base}/v1/tasks", json=body) as r:
+                answer = await r.json()
+                assert r.status == 400 and answer["code"] == "INVALID_PARAMS", answer
+                assert answer["message"].startswith(f"{field}: "), answer
+                assert "could never start" in answer["message"], answer
+                assert answer["hint"] == (
+                    "name a pool serving 'm1' (p1), or set placement.allow_fallback: true"
+                ), answer
+        # with fallback allowed the same typo only loses its preference: the task runs
+        body = task("falls", placement={"mode": "prefer", "prefer_pools": ["p9"]})
+        async with session.post(f"{base}/v1/tasks", json=body) as r:
+            assert r.status == 202, await r.json()
+    assert (await wait_terminal(workspace, "falls"))["status"] == "succeeded"
