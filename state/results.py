@@ -120,7 +120,7 @@ class ResultStore:
         atomic.write_bytes(self.path(result.task_id), encode(result), kind="result")
 
     def take_over(self, task_id: str) -> bool:
-        """Free `task_id` for a new task when its result is a rejection that said to retry
+        """Free `task_id` for a new task when its task ended with an error that said to retry
         (`error.retriable`: a full queue, say), so the retry it asked for can use the same
         id: its event log goes first, then its result (in this thread's group commit, if
         one is open). True when the id was taken over; any other result keeps its id."""
@@ -141,8 +141,14 @@ class ResultStore:
 
 
 def retriable_rejection(result: Result) -> bool:
-    """A task refused at the door with an error that says to retry: its id may be reused."""
-    return result.status == "rejected" and result.error is not None and result.error.retriable
+    """A task that ended with an error saying to retry (refused at the door, evicted by
+    drop-lru, its replica lost mid-task: `error.retriable`): the retry it asked for may reuse
+    its id."""
+    return (
+        result.status in ("rejected", "failed")
+        and result.error is not None
+        and result.error.retriable
+    )
 
 
 @functools.lru_cache(maxsize=4096)  # a live task's result is written three times, read more

@@ -245,3 +245,38 @@ async def test_a_placement_no_pool_can_meet_is_refused_naming_its_list(
         async with session.post(f"{base}/v1/tasks", json=body) as r:
             assert r.status == 202, await r.json()
     assert (await wait_terminal(workspace, "falls"))["status"] == "succeeded"
+
+
+async def test_a_task_evicted_by_drop_lru_may_be_posted_again_under_its_id(
+    workspace: Workspace, serve: Any
+) -> None:
+    """An eviction says `retriable: true` and to resubmit: the retry under the same id takes
+    the id over (it was a permanent 409 while only a `rejected` result allowed that)."""
+    import aiohttp
+
+    from tests.test_http_api import _url
+
+    cfg = config(queue={"capacity": 1, "full_policy": "drop-lru"})
+    cfg["pools"][0].update(slots=1, sim={"tokens_per_s": 20, "load_s": 0.0})
+    workspace.write_config(cfg)
+    base = _url(await serve())
+    async with aiohttp.ClientSession() as session:
+
+        async def post(task_id: str, **fields: Any) -> tuple[int, dict[str, Any]]:
+            body = task(task_id, priority="batch", **fields)
+            async with session.post(f"{base}/v1/tasks", json=body) as r:
+                return r.status, await r.json()
+
+        assert (await post("busy", max_tokens=30))[0] == 202
+        await wait_for(lambda: (workspace.result("busy") or {}).get("status") == "running", 10)
+        assert (await post("old", max_tokens=2))[0] == 202
+        assert (await post("new", max_tokens=2))[0] == 202  # evicts "old"
+        evicted = await wait_terminal(workspace, "old")
+        assert evicted["error"]["code"] == "QUEUE_FULL_DROP_LRU", evicted
+        assert evicted["error"]["retriable"] is True
+        await wait_terminal(workspace, "new")
+        status, answer = await post("old", max_tokens=2, prompt="again")
+        assert status == 202, answer
+    retried = await wait_terminal(workspace, "old")
+    assert retried["status"] == "succeeded" and retried["error"] is None, retried
+    assert sum(f.terminal for f in workspace.frames("old")) == 1  # its log started again
