@@ -327,10 +327,27 @@ async def task_events(request: web.Request) -> web.StreamResponse:
         if last and last[0].terminal and last[0].id <= after:
             # the client has the end already: 204 is what stops an EventSource reconnecting
             return web.Response(status=204, headers=headers)
+    ended_without_end: list[events.EventFrame] | None = None
+    if known is not None and known.terminal and not backend.live(task_id):
+        path = backend.results.events_path(task_id)
+        logged = await asyncio.to_thread(lambda: list(events.read(path)))
+        if not logged or not logged[-1].terminal:  # the log was removed or cut by hand
+            ended_without_end = [f for f in logged if f.id > after]
+            if not ended_without_end:
+                if not logged and not after:
+                    raise ApiError(
+                        ErrorCode.NOT_FOUND,
+                        f"task {task_id!r} ended ({known.status}) but its event log "
+                        f"results/{path.name} is gone",
+                        hint=f"GET /v1/tasks/{task_id} for its result",
+                    )
+                return web.Response(status=204, headers=headers)  # nothing more will come
     if request.method == "HEAD":
         return api.stream_head(headers)
     if known is not None and known.budgets is not None:  # as at the task's acceptance
         headers.update(_budget_headers(known.budgets.model_dump()))
+    if ended_without_end is not None:
+        return await _log_without_end(request, headers, task_id, ended_without_end, known)
     sub = backend.hub.subscribe(task_id, backend.results.events_path(task_id), after=after)
     finished = False
     try:
@@ -355,6 +372,28 @@ async def task_events(request: web.Request) -> web.StreamResponse:
         if cancel_on_disconnect and not finished:
             await asyncio.to_thread(spool.request_cancel, backend.spool, task_id)
             backend.wake()
+
+
+async def _log_without_end(
+    request: web.Request,
+    headers: dict[str, str],
+    task_id: str,
+    frames: list[events.EventFrame],
+    known: results.Result | None,
+) -> web.StreamResponse:
+    """The frames of a finished task whose log lacks its terminal frame (cut or emptied by
+    hand), then the end of the stream with a comment saying so: nothing more will come, so
+    the stream must not wait for it (a reconnect after them is answered 204)."""
+    cache = request.app[ENCODED]
+    status = known.status if known is not None else "ended"
+    async with sse_response(request, headers=headers, ping_interval=PING_S) as stream:
+        chunk = f"retry: {RETRY_MS}\n" + "".join(_encoded(cache, task_id, f) for f in frames)
+        chunk += (
+            f": the event log ends before its terminal frame; the task {status}: "
+            f"GET /v1/tasks/{task_id} for its result\n\n"
+        )
+        await stream.write(chunk.encode())
+        return stream
 
 
 # Per server (one daemon's task ids are unique; another daemon in the same process may reuse

@@ -903,6 +903,32 @@ async def test_an_id_whose_result_was_removed_but_whose_log_remains_stays_used(
     assert workspace.result("old") is None
 
 
+async def test_a_finished_task_whose_log_was_cut_or_removed_ends_its_stream(
+    workspace: Workspace, serve: Any
+) -> None:
+    """A finished task's event log cut before its terminal frame, or removed, by hand: the
+    stream sends what the log has and ends (a reconnect after it is 204), or is a 404 naming
+    the missing log; it never waits for frames that cannot come."""
+    base = _url(await serve())
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{base}/v1/tasks", json=task("cut", max_tokens=3)) as r:
+            assert r.status == 202
+        await wait_terminal(workspace, "cut")
+        log_path = workspace.root / "results" / "cut.events.jsonl"
+        lines = log_path.read_bytes().splitlines(keepends=True)
+        log_path.write_bytes(b"".join(lines[:-1]))  # the terminal frame gone
+        url = f"{base}/v1/tasks/cut/events"
+        frames = await asyncio.wait_for(_frames(session, url), 5)
+        assert [int(f["id"]) for f in frames] == list(range(1, len(lines))), frames
+        async with session.get(url, headers={"Last-Event-ID": str(len(lines) - 1)}) as r:
+            assert r.status == 204
+        log_path.unlink()
+        async with session.get(url) as r:
+            body = await r.json()
+            assert r.status == 404 and "cut.events.jsonl is gone" in body["message"], body
+            assert body["hint"] == "GET /v1/tasks/cut for its result"
+
+
 async def test_cancels_of_one_task_at_once_all_answer_and_it_ends_canceled(
     workspace: Workspace, serve: Any
 ) -> None:
