@@ -282,14 +282,35 @@ async def get_task(request: web.Request) -> web.StreamResponse:
             raw = await asyncio.to_thread(backend.results.path(task_id).read_bytes)
         except OSError:
             raw = b""
-        if raw:
+        damaged = _damaged(raw) if raw else None
+        if raw and not damaged:
             return web.Response(body=raw, content_type="application/json")
+    else:
+        damaged = None
     live = backend.live_result(task_id)
     if live is not None:  # its file gone or unreadable: what the daemon holds of it
         return web.json_response(live.model_dump(mode="json"))
+    if damaged:  # never served as if it were a result
+        raise ApiError(
+            ErrorCode.INTERNAL,
+            f"results/{task_id}.json is not a result the daemon wrote: {damaged}",
+            hint="it was changed outside the daemon; remove it (the task's event log keeps "
+            "its frames) or put the right file back",
+        )
     if _pending(backend, task_id):
         return web.json_response({"task_id": task_id, "status": "delivered"})
     raise ApiError(ErrorCode.NOT_FOUND, f"no task {task_id!r} here")
+
+
+def _damaged(raw: bytes) -> str | None:
+    """Why `raw` is not a result file (cut short, not JSON, not a result), or None."""
+    try:
+        results.Result.model_validate_json(raw)
+    except pydantic.ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "the file"
+        return parsing.shortened(logs.writable(f"{where}: {first.get('msg', '')}"), 120)
+    return None
 
 
 def _resume_after(request: web.Request) -> int:

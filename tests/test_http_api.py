@@ -929,6 +929,26 @@ async def test_a_finished_task_whose_log_was_cut_or_removed_ends_its_stream(
             assert body["hint"] == "GET /v1/tasks/cut for its result"
 
 
+async def test_a_result_file_damaged_by_hand_is_never_served_as_a_result(
+    workspace: Workspace, serve: Any
+) -> None:
+    base = _url(await serve())
+    async with aiohttp.ClientSession() as session:
+        for task_id, content in [
+            ("cut", b'{"task_id": "cut", "status": "succ'),
+            ("array", b"[1, 2]"),
+            ("binary", b"\xff\xfe"),
+        ]:
+            (workspace.root / "results" / f"{task_id}.json").write_bytes(content)
+            async with session.get(f"{base}/v1/tasks/{task_id}") as r:
+                body = await r.json()
+                assert r.status == 500 and body["code"] == "INTERNAL", (task_id, body)
+                assert body["message"].startswith(
+                    f"results/{task_id}.json is not a result the daemon wrote: "
+                ), body
+                assert "changed outside the daemon" in body["hint"], body
+
+
 async def test_cancels_of_one_task_at_once_all_answer_and_it_ends_canceled(
     workspace: Workspace, serve: Any
 ) -> None:
