@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 import reprlib
 from dataclasses import dataclass
@@ -249,6 +250,15 @@ _TOO_DEEP = (
 )
 
 
+def _not_a_number(word: str) -> tuple[str, str]:
+    """NaN, Infinity, -Infinity, or a literal too large for a double (1e400)."""
+    if word in ("NaN", "Infinity", "-Infinity"):
+        message = f"{word} is not a JSON number (JSON has no NaN or Infinity)"
+    else:
+        message = f"{shortened(word, 30)} is beyond the range of a number"
+    return message, "write a finite number, or null"
+
+
 def _too_long(chars: int) -> tuple[str, str]:
     return (
         f"has a number {chars:,} characters long; no field takes one over {MAX_NUMBER_CHARS}",
@@ -265,10 +275,11 @@ def _repeated(name: str, first_line: int | None) -> tuple[str, str]:
     )
 
 
-def _check_tree(root: yaml.Node, shown: str) -> list[LoadError]:
+def _check_tree(root: yaml.Node, shown: str, *, json_text: bool = False) -> list[LoadError]:
     """What the parser accepts but building a dict would silently lose or choke on: a key
     given twice (the last value would win), a merge key (its keys may be overridden unseen),
-    a number too long to convert. Sorted by line, at most MAX_PROBLEMS and a count."""
+    a number too long to convert; in JSON (`json_text`) NaN, Infinity and a number beyond a
+    double's range. Sorted by line, at most MAX_PROBLEMS and a count."""
     keys = yaml.constructor.SafeConstructor()
     problems: list[LoadError] = []
     stack: list[tuple[yaml.Node, tuple[Any, ...]]] = [(root, ())]
@@ -278,6 +289,8 @@ def _check_tree(root: yaml.Node, shown: str) -> list[LoadError]:
         if isinstance(node, yaml.ScalarNode):
             if _long_number(node):
                 problems.append(_at(shown, node.start_mark, *_too_long(len(node.value)), field))
+            elif json_text and node.style is None and _not_finite(node.value):
+                problems.append(_at(shown, node.start_mark, *_not_a_number(node.value), field))
         elif isinstance(node, yaml.SequenceNode):
             stack.extend((child, (*loc, i)) for i, child in enumerate(node.value))
         elif isinstance(node, yaml.MappingNode):
@@ -303,6 +316,16 @@ def _check_tree(root: yaml.Node, shown: str) -> list[LoadError]:
                 stack.append((key, loc))
     problems.sort(key=lambda p: (p.line or 0, p.column or 0))
     return capped(problems, shown)
+
+
+def _not_finite(word: str) -> bool:
+    """A bare JSON word Python's json reads as a number no JSON can hold."""
+    if word in ("NaN", "Infinity", "-Infinity"):
+        return True
+    try:
+        return math.isinf(float(word))
+    except ValueError:
+        return False
 
 
 def _long_number(node: yaml.ScalarNode) -> bool:
@@ -387,7 +410,7 @@ def parse_json_document(
         return None, None, [LoadError(shown, 1, 1, None, *_TOO_DEEP)]
     if seen.problems:
         # a repeated key or a long number: the node tree has them, with their lines
-        problems = _check_tree(node, shown) if node is not None else []
+        problems = _check_tree(node, shown, json_text=True) if node is not None else []
         if not problems:
             problems = [LoadError(shown, 1, 1, None, *problem) for problem in seen.problems]
         return None, None, capped(problems, shown)
@@ -417,8 +440,17 @@ class _JsonSeen:
 
     def loads(self, text: str) -> Any:
         return json.loads(
-            text, object_pairs_hook=self.pairs, parse_int=self.integer, parse_float=self.real
+            text,
+            object_pairs_hook=self.pairs,
+            parse_int=self.integer,
+            parse_float=self.real,
+            parse_constant=self.constant,
         )
+
+    def constant(self, word: str) -> None:
+        """NaN, Infinity, -Infinity: Python's json takes them, JSON has no such numbers (and
+        a task written back out would say null where the writer meant them)."""
+        self.problems.append(_not_a_number(word))
 
     def pairs(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         data = dict(pairs)
@@ -435,7 +467,13 @@ class _JsonSeen:
         return int(digits) if self._short_number(digits) else 0
 
     def real(self, digits: str) -> float:
-        return float(digits) if self._short_number(digits) else 0.0
+        if not self._short_number(digits):
+            return 0.0
+        value = float(digits)
+        if math.isinf(value):  # 1e400: beyond a double, so it could only become null
+            self.problems.append(_not_a_number(digits))
+            return 0.0
+        return value
 
     def _short_number(self, digits: str) -> bool:
         if len(digits) <= MAX_NUMBER_CHARS:

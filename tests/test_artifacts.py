@@ -230,8 +230,10 @@ async def test_bad_artifact_requests_get_the_envelope(workspace: Workspace, serv
         headers = {"Content-Type": "application/json"}
         async with session.post(f"{base}/v1/artifacts", data=nan, headers=headers) as response:
             answer = await response.json()
-            assert response.status == 400 and "number JSON cannot carry" in answer["message"]
-            assert answer["message"].startswith("content: "), answer
+            assert response.status == 400, answer
+            assert answer["message"] == (
+                "request body:1:29: content: NaN is not a JSON number (JSON has no NaN or Infinity)"
+            ), answer
         big = io.BytesIO(b'{"kind": "plan", "content": "' + b"x" * 1_100_000 + b'"}')
         async with session.post(f"{base}/v1/artifacts", data=big, headers=headers) as response:
             answer = await response.json()

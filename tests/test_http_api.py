@@ -949,6 +949,33 @@ async def test_a_result_file_damaged_by_hand_is_never_served_as_a_result(
                 assert "changed outside the daemon" in body["hint"], body
 
 
+async def test_nan_infinity_and_out_of_range_numbers_are_refused_not_written_as_null(
+    workspace: Workspace, serve: Any
+) -> None:
+    """Python's json reads NaN, Infinity and 1e400; JSON has no such numbers, and the task
+    written to the spool would say null where its sender meant them (a tool schema's
+    `maximum: Infinity` turned into `maximum: null`). Each is a 400 naming it."""
+    base = _url(await serve())
+    headers = {"Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as session:
+        for word, said in [
+            ("NaN", "NaN is not a JSON number"),
+            ("Infinity", "Infinity is not a JSON number"),
+            ("-Infinity", "-Infinity is not a JSON number"),
+            ("1e400", "1e400 is beyond the range of a number"),
+        ]:
+            body = (
+                '{"task_id": "n1", "model": "m1", "prompt": "hi", "max_tokens": 2, '
+                '"labels": {"a": "b"}, "sampling": {"temperature": ' + word + "}}"
+            )
+            async with session.post(f"{base}/v1/tasks", data=body, headers=headers) as r:
+                answer = await r.json()
+                assert r.status == 400 and answer["code"] == "INVALID_PARAMS", (word, answer)
+                assert said in answer["message"], answer
+                assert answer["hint"] == "write a finite number, or null", answer
+    assert workspace.result("n1") is None
+
+
 async def test_cancels_of_one_task_at_once_all_answer_and_it_ends_canceled(
     workspace: Workspace, serve: Any
 ) -> None:
