@@ -363,10 +363,10 @@ async def task_events(request: web.Request) -> web.StreamResponse:
                         hint=f"GET /v1/tasks/{task_id} for its result",
                     )
                 return web.Response(status=204, headers=headers)  # nothing more will come
-    if request.method == "HEAD":
-        return api.stream_head(headers)
     if known is not None and known.budgets is not None:  # as at the task's acceptance
         headers.update(_budget_headers(known.budgets.model_dump()))
+    if request.method == "HEAD":  # the same headers as GET's stream
+        return api.stream_head(headers)
     if ended_without_end is not None:
         return await _log_without_end(request, headers, task_id, ended_without_end, known)
     sub = backend.hub.subscribe(task_id, backend.results.events_path(task_id), after=after)

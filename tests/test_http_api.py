@@ -308,6 +308,8 @@ async def test_every_accepted_session_task_is_told_its_sessions_budgets(
         async with session.get(f"{base}/v1/tasks/bu1/events") as response:
             assert response.headers["X-Budget-Tokens-Remaining"] == "100"
             frames = [f async for f in _sse(response)]
+        async with session.head(f"{base}/v1/tasks/bu1/events") as response:  # GET's headers
+            assert response.headers["X-Budget-Tokens-Remaining"] == "100"
         queued = next(f for f in frames if f["event"] == "queued")
         assert queued["data"]["budgets"] == answer["budgets"]
         spent = [
