@@ -12,6 +12,7 @@ that file as INTERNAL.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,34 +86,9 @@ class Taker:
                     revision=self.config.revision,
                 )
                 return
-            if parsed.task_id in self.dispatcher.runs or (
-                recovered is None
-                and self.store.exists(parsed.task_id)
-                and not self.store.take_over(parsed.task_id)  # a retry after a 429 may reuse it
-            ):
-                self._refuse(
-                    path,
-                    ErrorCode.DUPLICATE_TASK_ID,
-                    field="task_id",
-                    message=f"task id {parsed.task_id!r} is already used "
-                    f"(see results/{parsed.task_id}.json)",
-                    hint="give the task a new task_id",
-                    task_id=parsed.task_id,
-                )
-                return
-            log_path = self.store.events_path(parsed.task_id)
-            if new and log_path.is_file() and log_path.stat().st_size > 0:
-                # an earlier task's frames with no result beside them (its result file was
-                # removed by hand): the id is that task's; a new one would append to its log
-                self._refuse(
-                    path,
-                    ErrorCode.DUPLICATE_TASK_ID,
-                    field="task_id",
-                    message=f"task id {parsed.task_id!r} is already used "
-                    f"(its event log results/{log_path.name} is there)",
-                    hint="give the task a new task_id",
-                    task_id=parsed.task_id,
-                )
+            used = self._used_by(parsed.task_id, recovered=recovered, new=new)
+            if used is not None:
+                self.refuse_duplicate(path, parsed.task_id, used)
                 return
             run = tasking.new_run(
                 parsed.task_id,
@@ -149,12 +125,32 @@ class Taker:
                 hint="this is a bug; please report it with the log",
             )
 
-    def refuse_duplicate(self, path: Path, task_id: str) -> None:
+    def _used_by(self, task_id: str, *, recovered: results.Result | None, new: bool) -> str | None:
+        """What already holds `task_id` (said in the refusal), or None when it is free."""
+        if task_id in self.dispatcher.runs or (
+            recovered is None
+            and self.store.exists(task_id)
+            and not self.store.take_over(task_id)  # a retry after a 429 may reuse it
+        ):
+            return f"(see results/{task_id}.json)"
+        if new:
+            # an earlier task's frames with no result beside them (its result file was
+            # removed by hand): the id is that task's; a new one would append to its log
+            log_path = self.store.events_path(task_id)
+            try:
+                logged = os.stat(log_path).st_size > 0
+            except OSError:
+                logged = False
+            if logged:
+                return f"(its event log results/{log_path.name} is there)"
+        return None
+
+    def refuse_duplicate(self, path: Path, task_id: str, used: str = "by another file") -> None:
         self._refuse(
             path,
             ErrorCode.DUPLICATE_TASK_ID,
             field="task_id",
-            message=f"task id {task_id!r} is already used by another file",
+            message=f"task id {task_id!r} is already used {used}",
             hint="give the task a new task_id",
             task_id=task_id,
         )
