@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,9 +139,11 @@ class Taker:
             # removed by hand): the id is that task's; a new one would append to its log
             log_path = self.store.events_path(task_id)
             try:
-                logged = os.stat(log_path).st_size > 0
+                st = os.stat(log_path)
             except OSError:
                 logged = False
+            else:  # a folder in the log's place is a blocked path, not a log: the task waits
+                logged = stat.S_ISREG(st.st_mode) and st.st_size > 0
             if logged:
                 return f"(its event log results/{log_path.name} is there)"
         return None
