@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import functools
 import logging
 import re
 import uuid
@@ -37,6 +38,8 @@ BACKEND: web.AppKey[Backend] = web.AppKey("backend")
 AUTH: web.AppKey[api_auth.Auth] = web.AppKey("auth")
 CORRELATION: web.RequestKey[str] = web.RequestKey("correlation_id")
 IDENTITY: web.RequestKey[str] = web.RequestKey("identity")
+# set where the rest of the connection cannot be trusted: the answer closes it
+_CLOSE: web.RequestKey[bool] = web.RequestKey("close_connection")
 HOSTS: web.AppKey[frozenset[str]] = web.AppKey("hosts")
 
 
@@ -191,6 +194,8 @@ async def _correlate(request: web.Request, handler: Handler) -> web.StreamRespon
         )
     if not response.prepared:
         response.headers["X-Correlation-Id"] = cid
+        if request.get(_CLOSE):
+            response.force_close()
         if response.status == 401:  # RFC 9110: say which scheme would be accepted
             response.headers.setdefault("WWW-Authenticate", 'Bearer realm="llama-orch"')
     return response
@@ -398,7 +403,29 @@ async def read_json(request: web.Request) -> Any:
             else "the request has no Content-Type: send the body as application/json",
             hint="add the header `Content-Type: application/json`",
         )
-    raw = await request.read()  # client_max_size makes aiohttp answer 413 beyond the limit
+    coding = request.headers.get("Content-Encoding", "").strip().lower()
+    if coding not in _DECODED_CODINGS:
+        raise ApiError(
+            ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+            f"Content-Encoding {parsing.shortened(logs.writable(coding), 40)!r} is not "
+            "accepted: the body would be read as something it is not",
+            hint="send the body uncompressed (no Content-Encoding), or as one of gzip, deflate",
+        )
+    try:
+        raw = await request.read()  # client_max_size makes aiohttp answer 413 beyond the limit
+    except web.RequestPayloadError:
+        # the body is not what its Content-Encoding says (or it was cut): nothing of it can
+        # be trusted, nor where the next request on this connection would start
+        request[_CLOSE] = True
+        request.content.feed_eof()  # aiohttp reads no more of it after the answer
+        raise ApiError(
+            ErrorCode.INVALID_PARAMS,
+            f"the body could not be read as Content-Encoding {coding or 'identity'}"
+            if coding
+            else "the body could not be read (it ended before its Content-Length)",
+            hint="send the body uncompressed (no Content-Encoding), or compressed as the "
+            "header says",
+        ) from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -430,6 +457,9 @@ async def read_json(request: web.Request) -> Any:
 
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+# the codings aiohttp's parser decodes (br and zstd where their libraries are installed;
+# where not, it refuses the request itself); any other would reach the handler undecoded
+_DECODED_CODINGS = frozenset({"", "identity", "gzip", "deflate", "br", "zstd"})
 
 
 def _lone_surrogate(data: Any, path: str = "") -> str | None:
@@ -504,6 +534,16 @@ class _ClientFault(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, web.RequestPayloadError):
+            # a body that was not read (the route takes none) and cannot be: aiohttp, reading
+            # past it after the answer, closes the connection
+            cause = exc.__cause__
+            exc = cause if isinstance(cause, http_exceptions.HttpProcessingError) else None
+            if exc is None:
+                record.levelno, record.levelname = logging.WARNING, "WARNING"
+                record.msg = "Closed a connection whose request body could not be read."
+                record.args, record.exc_info, record.exc_text = None, None, None
+                record.orch_event = "http.malformed_request"
         if isinstance(exc, http_exceptions.HttpProcessingError):
             status, message, _ = _refusal(exc, exc.code)
             record.levelno, record.levelname = logging.WARNING, "WARNING"
@@ -604,10 +644,34 @@ async def _expect(request: web.Request) -> web.StreamResponse | None:
             "are accepted",
         )
     if status is None:
+        refused = await _refused_at_gates(request)
+        if refused is not None:  # no 100 Continue: a body the answer will not take
+            refused.force_close()
+            return refused
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # the answer proper has not started
         return None
     return _closing(_error_answer(request, envelope, status=status))
+
+
+# the middlewares every request passes before its body is read
+_GATES = (_correlate, _same_origin, _authenticate)
+
+
+async def _refused_at_gates(request: web.Request) -> web.StreamResponse | None:
+    """The answer the host, origin and token checks give `request`, or None when it passes
+    them: a body is invited (100 Continue) only from a client that may send it."""
+
+    through = web.Response(status=204)  # never sent: it says the request got through
+
+    async def passed(_: web.Request) -> web.StreamResponse:
+        return through
+
+    chain: Handler = passed
+    for middleware in reversed(_GATES):
+        chain = functools.partial(middleware, handler=chain)
+    answer = await chain(request)
+    return None if answer is through else answer
 
 
 def make_app(
@@ -618,7 +682,7 @@ def make_app(
 ) -> web.Application:
     """The application: the middlewares here, the routes from the modules that add them."""
     app = web.Application(
-        middlewares=[_correlate, _same_origin, _authenticate, _query],
+        middlewares=[*_GATES, _query],
         client_max_size=MAX_BODY_BYTES,
     )
     app[BACKEND] = backend

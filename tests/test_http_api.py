@@ -697,6 +697,90 @@ async def test_expect_is_answered_before_the_body_in_the_envelope(
     await wait_terminal(workspace, "e1")
 
 
+async def test_expect_100_continue_is_given_only_to_a_request_that_passes_the_token_check(
+    workspace: Workspace, serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No body is invited from a client the answer will refuse: without the token, the 401
+    comes where the 100 Continue would have, and nothing is queued."""
+    token = _token_everywhere(workspace, monkeypatch)
+    running = await serve()
+    host, port = _url(running).removeprefix("http://").rsplit(":", 1)
+    body = json.dumps(task("x1")).encode()
+
+    async def first_answer(auth: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            b"POST /v1/tasks HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            + auth
+            + f"Expect: 100-continue\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        )
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        writer.close()
+        return head
+
+    head = await first_answer(b"")
+    assert head.startswith(b"HTTP/1.1 401 "), head
+    assert b"connection: close" in head.lower()
+    head = await first_answer(b"Authorization: Bearer wrong-token-0000\r\n")
+    assert head.startswith(b"HTTP/1.1 401 "), head
+    head = await first_answer(f"Authorization: Bearer {token}\r\n".encode())
+    assert head.startswith(b"HTTP/1.1 100 Continue"), head
+    assert not (workspace.root / "results" / "x1.json").exists()
+
+
+async def test_a_body_unlike_its_content_encoding_is_a_400_naming_the_header_and_the_daemon_goes_on(
+    workspace: Workspace, serve: Any, json_log: io.StringIO
+) -> None:
+    import gzip
+
+    running = await serve()
+    base = _url(running)
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+
+    async def raw(path: str, coding: bytes, body: bytes) -> tuple[int, bytes, dict[str, Any]]:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n".encode()
+            + b"Content-Type: application/json\r\nContent-Encoding: "
+            + coding
+            + f"\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        length = int(head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+        rest = await asyncio.wait_for(reader.readexactly(length), 10)
+        writer.close()
+        return int(head.split()[1]), head, json.loads(rest)
+
+    plain = json.dumps(task("g1")).encode()
+    status, head, body = await raw("/v1/tasks", b"gzip", plain)  # says gzip, is not
+    assert status == 400 and body["code"] == "INVALID_PARAMS", body
+    assert "Content-Encoding gzip" in body["message"] and "uncompressed" in body["hint"]
+    assert b"connection: close" in head.lower()
+    status, _, body = await raw("/v1/chat/completions", b"deflate", b'{"model": "m1"}')
+    assert status == 400 and body["error"]["type"] == "invalid_request_error", body
+    assert "Content-Encoding deflate" in body["error"]["message"]
+    status, _, body = await raw("/v1/tasks", b"gzip, gzip", gzip.compress(plain))
+    assert status == 415 and body["code"] == "UNSUPPORTED_MEDIA_TYPE", body
+    assert "'gzip, gzip'" in body["message"]
+    status, _, body = await raw("/v1/tasks/g1/cancel", b"gzip", b"not gzip")  # no body read
+    assert status == 404, body
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            f"{base}/v1/tasks",
+            data=gzip.compress(plain),
+            headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+        ) as response:
+            assert response.status == 202, await response.text()  # real gzip is read
+        await wait_terminal(workspace, "g1")
+        async with session.get(f"{base}/v1/status") as response:
+            assert response.status == 200
+    log_text = json_log.getvalue()
+    assert "Traceback" not in log_text and "Unhandled exception" not in log_text, log_text
+
+
 async def test_a_token_protected_daemon_answers_401_and_logs_identities_not_tokens(
     workspace: Workspace, serve: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
