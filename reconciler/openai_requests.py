@@ -120,7 +120,12 @@ def plan(
     options = given.get("stream_options", {})
     if not isinstance(options, dict) or set(options) - {"include_usage"}:
         raise Refused("stream_options", "stream_options: only include_usage is supported")
-    include_usage = stream and options.get("include_usage") is True
+    usage = options.get("include_usage")
+    if usage is not None and not isinstance(usage, bool):  # not read as false: refused
+        raise Refused(
+            "stream_options.include_usage", "stream_options.include_usage: must be true or false"
+        )
+    include_usage = stream and usage is True
     task: dict[str, Any] = {
         "task_id": task_id,
         "max_tokens": 1,  # replaced below, once the prompt's size is known

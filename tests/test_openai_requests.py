@@ -92,6 +92,13 @@ def test_the_session_is_the_header_else_the_user_field() -> None:
         ({"stop": [1]}, "chat", "stop", "strings"),
         ({"stream": "yes"}, "chat", "stream", "true or false"),
         ({"stream_options": {"chunk": 1}}, "chat", "stream_options", "include_usage"),
+        (
+            {"stream": True, "stream_options": {"include_usage": "true"}},
+            "chat",
+            "stream_options.include_usage",
+            "true or false",
+        ),
+        ({"stream_options": {"include_usage": 1}}, "text", "stream_options.include_usage", ""),
         ({"top_p": 0}, "chat", "top_p", "greater than 0"),
         ({"tool_choice": "sometimes"}, "chat", "tool_choice", ""),
         ({"tool_choice": "required"}, "chat", "tool_choice", "at least one tool"),
