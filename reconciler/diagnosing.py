@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from plugins import gpu_nvml, gpu_simulated, host_packages, interfaces, llamacpp_builds
 from reconciler import toolchain_checks
-from state import desired
+from state import daemon_lock, desired
 
 Status = Literal["ok", "warn", "fail"]
 GIB = 1 << 30
@@ -81,8 +81,11 @@ def diagnose(
     bind: str = "127.0.0.1:8080",
     simulate: Path | None = None,
     binary: Path | None = None,
+    own_lock: Path | None = None,
 ) -> Diagnosis:
-    """Every check; `binary` is engines.llamacpp.binary of orch.yaml, when it names one."""
+    """Every check; `binary` is engines.llamacpp.binary of orch.yaml, when it names one;
+    `own_lock` the daemon lock of orch.yaml's folder (a daemon serving the port is this
+    folder's only when it holds that lock)."""
     d = Diagnosis()
     if simulate is not None:
         _simulated(d, simulate)
@@ -118,7 +121,7 @@ def diagnose(
         _model_cache(d, machine)
     except OSError as exc:
         _unreadable(d, "models", machine.model_cache, exc)
-    _port(d, bind)
+    _port(d, bind, own_lock)
     _disk(d, machine)
     return d
 
@@ -236,7 +239,7 @@ def _model_cache(d: Diagnosis, machine: Machine) -> None:
     d.add("models", "ok", detail)
 
 
-def _port(d: Diagnosis, bind: str) -> None:
+def _port(d: Diagnosis, bind: str, own_lock: Path | None = None) -> None:
     host, _, port_text = bind.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
     if not port_text.isdigit() or int(port_text) == 0:
@@ -261,8 +264,17 @@ def _port(d: Diagnosis, bind: str) -> None:
             d.add("port", "ok", f"{bind} is free")
             return
     pid = _llama_orch_pid(host, port)
-    if pid is not None:
-        d.add("port", "ok", f"{bind} is served by a llama-orch daemon (pid {pid})")
+    if pid is not None and (own_lock is None or daemon_lock.recorded_pid(own_lock) == pid):
+        d.add("port", "ok", f"{bind} is served by this folder's llama-orch daemon (pid {pid})")
+    elif pid is not None:  # `orchctl up` here would fail to bind
+        d.add(
+            "port",
+            "fail",
+            f"{bind} is served by another folder's llama-orch daemon (pid {pid}), not the one "
+            f"holding {own_lock}",
+            "stop that daemon (`orchctl down` in its folder), or set server.bind in orch.yaml "
+            "to another port",
+        )
     else:
         d.add(
             "port",
@@ -328,6 +340,16 @@ def engine_binary_of(config: Path) -> Path | None:
         engine = loaded.value.engines.get("llamacpp") if loaded.value else None
         if engine is not None and engine.binary:
             return Path(engine.binary).expanduser()
+    return None
+
+
+def state_lock_of(config: Path) -> Path | None:
+    """The daemon lock of orch.yaml's folder (under its paths.state), when it can be read."""
+    with contextlib.suppress(Exception):
+        loaded = desired.load_desired(config)
+        if loaded.value is not None:
+            state_dir = desired.resolve(config.resolve().parent, loaded.value.paths.state)
+            return state_dir / daemon_lock.STATE_LOCK
     return None
 
 

@@ -115,6 +115,20 @@ def _lock(path: Path, started_at: str) -> int:
     return fd
 
 
+def recorded_pid(path: Path) -> int | None:
+    """The pid the lock file at `path` names (the daemon that last held it: it may have
+    stopped since), None when there is none."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        pid = _read(fd).get("pid")
+    finally:
+        os.close(fd)
+    return pid if isinstance(pid, int) and not isinstance(pid, bool) else None
+
+
 def _read(fd: int) -> dict[str, object]:
     try:
         data = json.loads(os.pread(fd, 4096, 0) or b"{}")

@@ -175,7 +175,7 @@ def test_a_build_without_code_for_a_gpu_is_a_warning(machine: Path) -> None:
     ]
 
 
-def test_a_port_held_by_another_program_fails_and_one_held_by_llama_orch_does_not(
+def test_a_port_held_by_another_program_or_folder_fails_and_one_held_by_this_folder_does_not(
     machine: Path,
 ) -> None:
     with socket.socket() as taken:
@@ -191,9 +191,18 @@ def test_a_port_held_by_another_program_fails_and_one_held_by_llama_orch_does_no
     with model_hub.serving() as daemon:
         daemon.files["/v1/status"] = json.dumps({"daemon": {"pid": 4242}}).encode()
         (machine / "orch.yaml").write_text(f"server: {{bind: '{daemon.url[7:]}'}}\n")
+        ran = orchctl("doctor")  # a daemon, but not this folder's: `up` would fail to bind
+        assert ran.code == 3
+        assert line(ran.out, "port").endswith(
+            "is served by another folder's llama-orch daemon (pid 4242), not the one holding "
+            f"{machine.resolve()}/.orch/daemon.lock"
+        ), ran.out
+        assert "`orchctl down` in its folder" in ran.out
+        (machine / ".orch").mkdir()
+        (machine / ".orch/daemon.lock").write_text('{"pid": 4242, "started_at": "x"}')
         ran = orchctl("doctor")
     assert ran.code == 0
-    assert line(ran.out, "port").endswith("is served by a llama-orch daemon (pid 4242)")
+    assert line(ran.out, "port").endswith("is served by this folder's llama-orch daemon (pid 4242)")
 
 
 def test_too_little_disk_under_the_cache_fails(
