@@ -96,6 +96,16 @@ def open_folder(config_path: Path) -> Folder:
         loaded = desired.load_desired(last_good)
     else:
         loaded = desired.load_desired(config_path)
+        unread = loaded.data is None and loaded.errors and loaded.errors[0].line is None
+        if unread and last_good.is_file():
+            # not even read (a link, permissions, size): a daemon serving here keeps its last
+            # good config, and so do the folders read through it
+            first = loaded.errors[0]
+            warn(
+                f"warning: {config_path} {first.message}; using the last config a daemon "
+                f"applied here ({last_good})" + (f"; {first.hint}" if first.hint else "")
+            )
+            loaded = desired.load_desired(last_good)
     if loaded.value is not None:
         paths = loaded.value.paths
     elif loaded.data is None and loaded.errors and loaded.errors[0].line is None:
@@ -122,8 +132,8 @@ def open_folder(config_path: Path) -> Folder:
             )
         except ValueError:
             paths = desired.PathsConfig()
-    base = config_path.resolve().parent
-    results_dir = desired.resolve(base, paths.results)
+    base = config_path.parent.resolve()  # orch.yaml's own folder, as the daemon's (a link
+    results_dir = desired.resolve(base, paths.results)  # there is not followed elsewhere)
     try:
         store = results.ResultStore(results_dir)
     except OSError as exc:

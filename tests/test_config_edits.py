@@ -102,6 +102,21 @@ async def test_a_deleted_config_is_reported_with_how_to_restore_it_and_orchctl_s
     assert (await wait_terminal(workspace, "after"))["status"] == "succeeded"
     ran = orchctl("tasks", "--config", workspace.config_path)
     assert ran.code == 0 and any("after" in line for line in ran.out_lines), ran.out_lines
+    # put back as a link (into a dotfiles repo, say): refused by the daemon, which keeps its
+    # last good config; so do orchctl's verbs, saying why and how to fix it
+    (workspace.root / "repo").mkdir()
+    (workspace.root / "repo" / "orch.yaml").write_bytes(
+        (workspace.root / ".orch" / "last-good.yaml").read_bytes()
+    )
+    workspace.config_path.symlink_to(workspace.root / "repo" / "orch.yaml")
+    await wait_for(lambda: "symlink" in str(_errors(workspace)), 10, "the link refused")
+    for verb in ("status", "tasks"):
+        ran = orchctl(verb, "--config", workspace.config_path)
+        assert ran.code == 0, ran.err_lines
+        assert "is a symbolic link" in ran.err_lines[0], ran.err_lines
+        assert "using the last config a daemon applied here" in ran.err_lines[0]
+        assert "copy the file itself into place" in ran.err_lines[0]
+    assert any("after" in line for line in ran.out_lines), ran.out_lines
 
 
 async def test_a_pool_scaled_to_zero_is_stopped_and_refuses_its_tasks_with_a_hint(
