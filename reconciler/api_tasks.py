@@ -304,13 +304,8 @@ async def get_task(request: web.Request) -> web.StreamResponse:
 
 def _damaged(raw: bytes) -> str | None:
     """Why `raw` is not a result file (cut short, not JSON, not a result), or None."""
-    try:
-        results.Result.model_validate_json(raw)
-    except pydantic.ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ())) or "the file"
-        return parsing.shortened(logs.writable(f"{where}: {first.get('msg', '')}"), 120)
-    return None
+    damage = results.damage(raw)
+    return logs.writable(damage) if damage is not None else None
 
 
 def _resume_after(request: web.Request) -> int:
@@ -349,7 +344,17 @@ async def task_events(request: web.Request) -> web.StreamResponse:
             # the client has the end already: 204 is what stops an EventSource reconnecting
             return web.Response(status=204, headers=headers)
     ended_without_end: list[events.EventFrame] | None = None
-    if known is not None and known.terminal and not backend.live(task_id):
+    # not live, and no file waiting, but a result file: nothing more will come to its log
+    # (a result file that cannot be read is not written by anybody either)
+    ended = not backend.live(task_id) and (
+        (known is not None and known.terminal)
+        or (
+            known is None
+            and not _pending(backend, task_id)
+            and await asyncio.to_thread(backend.results.problem, task_id) is not None
+        )
+    )
+    if ended:
         path = backend.results.events_path(task_id)
         logged = await asyncio.to_thread(lambda: list(events.read(path)))
         if not logged or not logged[-1].terminal:  # the log was removed or cut by hand
@@ -358,7 +363,7 @@ async def task_events(request: web.Request) -> web.StreamResponse:
                 if not logged and not after:
                     raise ApiError(
                         ErrorCode.NOT_FOUND,
-                        f"task {task_id!r} ended ({known.status}) but its event log "
+                        f"task {task_id!r} {_ended(known)} but its event log "
                         f"results/{path.name} is gone",
                         hint=f"GET /v1/tasks/{task_id} for its result",
                     )
@@ -406,15 +411,21 @@ async def _log_without_end(
     hand), then the end of the stream with a comment saying so: nothing more will come, so
     the stream must not wait for it (a reconnect after them is answered 204)."""
     cache = request.app[ENCODED]
-    status = known.status if known is not None else "ended"
     async with sse_response(request, headers=headers, ping_interval=PING_S) as stream:
         chunk = f"retry: {RETRY_MS}\n" + "".join(_encoded(cache, task_id, f) for f in frames)
         chunk += (
-            f": the event log ends before its terminal frame; the task {status}: "
+            f": the event log ends before its terminal frame; the task {_ended(known)}: "
             f"GET /v1/tasks/{task_id} for its result\n\n"
         )
         await stream.write(chunk.encode())
         return stream
+
+
+def _ended(known: results.Result | None) -> str:
+    """How a task no longer live ended, as far as its result file says."""
+    if known is not None:
+        return f"ended ({known.status})"
+    return "is not live, and its result file cannot be read"
 
 
 # Per server (one daemon's task ids are unique; another daemon in the same process may reuse

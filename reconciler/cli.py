@@ -250,6 +250,7 @@ def _parser() -> argparse.ArgumentParser:
     c = verb("cancel", cli_tasks.cmd_cancel, "cancel a queued or running task")
     c.add_argument("task_id", help="the task's id")
     _config(c)
+    _api(c)
 
     t = verb("tasks", cli_tasks.cmd_tasks, "list recent and live tasks, newest first")
     _config(t)

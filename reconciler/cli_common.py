@@ -163,15 +163,19 @@ class Known:
     result_path: Path | None  # results/<id>.json, when it exists
     result: results.Result | None  # None when there is no result, or it cannot be read
     waiting: pending.Pending | None
+    problem: str | None = None  # why the result file there cannot be read
 
     def describe(self, folder: Folder) -> str:
         if self.result_path is not None:
-            status = self.result.status if self.result is not None else "unreadable"
+            status = self.result.status if self.result is not None else self.unreadable()
             return f"{folder.shown(self.result_path)}: {status}"
         assert self.waiting is not None
         where = folder.spool.root / self.waiting.folder / self.waiting.name
         doing = "waiting for the daemon" if self.waiting.folder == "incoming" else "claimed"
         return f"{folder.shown(where)}: {doing}"
+
+    def unreadable(self) -> str:
+        return f"unreadable ({plain_text(self.problem)})" if self.problem else "unreadable"
 
 
 def require_safe_id(task_id: str) -> None:
@@ -187,7 +191,9 @@ def lookup(folder: Folder, task_id: str) -> Known | None:
     """The task's result or waiting file, or None when this folder has never heard of it."""
     path = folder.results.path(task_id)
     if path.exists():
-        return Known(task_id, path, folder.results.read(task_id), None)
+        result = folder.results.read(task_id)
+        problem = folder.results.problem(task_id) if result is None else None
+        return Known(task_id, path, result, None, problem)
     found = pending.find(folder.spool, task_id)
     return Known(task_id, None, None, found) if found is not None else None
 

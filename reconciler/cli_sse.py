@@ -31,6 +31,11 @@ class TimedOut(Exception):
     """The deadline passed before the task's terminal frame."""
 
 
+class _Over(Exception):
+    """The daemon answered 204: nothing more will come (the client has the end already, or
+    the task ended without a terminal frame in its log)."""
+
+
 def token_from(env_name: str | None) -> str | None:
     return os.environ.get(env_name or "AUTH_TOKEN") or None
 
@@ -43,8 +48,9 @@ def frames(
     token: str | None = None,
     deadline: float | None = None,
 ) -> Iterator[events.EventFrame]:
-    """The task's frames after `after`, up to its terminal one; `TimedOut` once the monotonic
-    `deadline` passes (a read waits no longer than that)."""
+    """The task's frames after `after`, up to its terminal one, or up to where the daemon
+    says nothing more will come (a task that ended with its log cut: no terminal frame);
+    `TimedOut` once the monotonic `deadline` passes (a read waits no longer than that)."""
     last, failures = after, 0
     while True:
         try:
@@ -56,6 +62,8 @@ def frames(
                 if frame.terminal:
                     return
             raise ConnectionError("the stream ended before the task did")
+        except _Over:
+            return
         except (OSError, http.client.HTTPException, ConnectionError) as exc:
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimedOut() from None
@@ -84,7 +92,7 @@ def _one_connection(
                 raise Unavailable(f"cannot reach {base_url}: {exc}") from None
             raise
         if response.status == 204:  # resumed at or past the terminal frame: nothing more
-            return
+            raise _Over()
         if response.status != 200:
             raise Unavailable(f"{base_url} answered {response.status} {response.reason}")
 

@@ -14,13 +14,14 @@ import os
 import stat
 import sys
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from reconciler import cli_common, cli_sse, cli_watch, probing
+from reconciler import api_client, cli_common, cli_sse, cli_watch, probing
 from reconciler.cli_common import EXIT_ENV, EXIT_FAILED, EXIT_OK, EXIT_USAGE, Refused
 from state import loading, pending, spool, tasks
 from state.results import retriable_rejection
@@ -171,6 +172,29 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     if known.result is not None and known.result.terminal:
         print(f"task {task_id} already {known.result.status}; nothing to cancel")
         return EXIT_OK
+    if known.result_path is not None and known.result is None:
+        # its result file cannot be read: the event log says whether the task has ended
+        ended = cli_watch.ended_in_log(folder, task_id)
+        if ended is not None:
+            print(
+                f"task {task_id} already ended ({ended} in its event log; "
+                f"{known.describe(folder)}); nothing to cancel"
+            )
+            return EXIT_OK
+        live = _daemon_holds(folder, task_id, url=args.url, token_env=args.token_env)
+        if live is False:
+            raise Refused(
+                EXIT_FAILED,
+                f"task {task_id} is neither queued nor running (the daemon serving this folder "
+                f"holds no such task) and {known.describe(folder)}: nothing to cancel",
+                hint=f"put the right {known.result_path.name} back, or remove it and "
+                f"{folder.results.events_path(task_id).name} to free the id",
+            )
+        if live is None:
+            cli_common.warn(
+                f"warning: {known.describe(folder)}; the task has not ended in its event log, "
+                "so it may still be queued or running: the cancel applies if it is"
+            )
     spool.request_cancel(folder.spool, task_id)
     print(f"cancel requested for {task_id} ({known.describe(folder)})")
     if not probing.probe(folder.state_dir).serving:
@@ -179,6 +203,27 @@ def cmd_cancel(args: argparse.Namespace) -> int:
             f"`{folder.serve_command()}` starts"
         )
     return EXIT_OK
+
+
+def _daemon_holds(
+    folder: cli_common.Folder, task_id: str, *, url: str | None, token_env: str | None
+) -> bool | None:
+    """Whether the daemon serving the folder holds `task_id` live (queued or running), asked
+    over its API; None when it cannot be asked."""
+    base = cli_watch.source_url(folder, url)
+    if base is None:
+        return None
+    try:
+        client = api_client.Client(base, token=cli_sse.token_from(token_env), timeout_s=5.0)
+        answer = client.get(f"/v1/tasks/{urllib.parse.quote(task_id)}")
+    except api_client.Unreachable:
+        return None
+    body = answer.json
+    if answer.status == 200 and isinstance(body, dict):
+        return body.get("status") in ("queued", "running")
+    if answer.status == 500 and answer.code == "INTERNAL":  # not live: its damaged file said
+        return False
+    return None
 
 
 # -- tasks -----------------------------------------------------------------------------------

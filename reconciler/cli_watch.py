@@ -124,6 +124,7 @@ def _budgets(d: dict[str, Any]) -> str:
 class Ended:
     frame: events.EventFrame | None  # the terminal frame, when the log has one
     result: results.Result | None  # the terminal result, when it could be read
+    why: str | None = None  # with neither: what is known of how it ended
 
     @property
     def succeeded(self) -> bool:
@@ -167,6 +168,10 @@ def follow(
                     shown = frame.id
                     if frame.terminal:
                         return Ended(frame, _terminal_result(folder, task_id, RESULT_GRACE_S))
+                # the daemon says nothing more will come, and no terminal frame came
+                result = _terminal_result(folder, task_id, 0)
+                why = None if result else f"task {task_id} is {_where(folder, task_id, None)}"
+                return Ended(None, result, why)
             except (cli_sse.Unavailable, cli_sse.TimedOut):
                 pass  # the files have every frame: go on from there (or say it timed out)
         return _follow_files(
@@ -212,14 +217,15 @@ def _follow_files(
                 raise Refused(
                     EXIT_ENV,
                     f"no daemon is serving this folder: task {task_id} is "
-                    f"{_where(result)} and will not move until "
+                    f"{_where(folder, task_id, result)} and will not move until "
                     f"`{folder.serve_command()}` starts",
                 )
         if now >= deadline:
             printer.newline()
             raise Refused(
                 EXIT_FAILED,
-                f"no result after {timeout_s:.0f} s; task {task_id} is {_where(result)}",
+                f"no result after {timeout_s:.0f} s; "
+                f"task {task_id} is {_where(folder, task_id, result)}",
                 hint=f"follow it again with: orchctl watch {task_id}",
             )
         time.sleep(POLL_S)
@@ -232,8 +238,21 @@ def _show(tail: Tail, printer: Printer, after: int) -> list[events.EventFrame]:
     return frames
 
 
-def _where(result: results.Result | None) -> str:
-    return result.status if result is not None else "waiting in the spool"
+def _where(folder: cli_common.Folder, task_id: str, result: results.Result | None) -> str:
+    if result is not None:
+        return result.status
+    problem = folder.results.problem(task_id)
+    if problem is not None:
+        shown = folder.shown(folder.results.path(task_id))
+        return f"of unknown state ({shown} is unreadable: {cli_common.plain_text(problem)})"
+    return "waiting in the spool"
+
+
+def ended_in_log(folder: cli_common.Folder, task_id: str) -> str | None:
+    """The event of the terminal frame in the task's event log (`end`, `error`), or None
+    when the log has none (the task has not ended, or its log is gone)."""
+    last = next((f for f in reversed(Tail(folder.results.events_path(task_id)).frames())), None)
+    return last.event if last is not None and last.terminal else None
 
 
 def _terminal_result(
@@ -256,6 +275,8 @@ def summary(ended: Ended) -> str:
         data = frame.data if frame is not None else {}
         if frame is not None and frame.event == "end":
             return f"ended: {data.get('finish_reason')}, {_tokens(data.get('tokens_out'))}"
+        if frame is None:
+            return f"ended without a terminal frame in its event log: {ended.why or 'unknown'}"
         return _error_line("failed", data.get("code"), data.get("message"), data.get("hint"))
     if result.status == "succeeded":
         t = result.timings

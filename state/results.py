@@ -116,6 +116,17 @@ class ResultStore:
         except (OSError, ValidationError, ValueError):
             return None
 
+    def problem(self, task_id: str) -> str | None:
+        """Why results/<id>.json is there but is not a result that can be read (cut short,
+        changed by hand, no permission), or None: it is fine, or there is none."""
+        try:
+            raw = atomic.read_bytes(self.path(task_id))
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            return f"it cannot be read: {exc.strerror or exc}"
+        return damage(raw)
+
     def write(self, result: Result) -> None:
         atomic.write_bytes(self.path(result.task_id), encode(result), kind="result")
 
@@ -161,3 +172,16 @@ def _result_path(root: Path, task_id: str) -> Path:
 def encode(result: Result) -> bytes:
     # pydantic's own encoder: json.dumps with an indent runs in pure Python, several times slower
     return result.model_dump_json(indent=2).encode() + b"\n"
+
+
+def damage(raw: bytes) -> str | None:
+    """Why `raw` is not a result file (cut short, not JSON, not a result), or None. Free
+    text from the file may be in it: a caller showing it makes it printable."""
+    try:
+        Result.model_validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "the file"
+        text = f"{where}: {first.get('msg', '')}"
+        return text if len(text) <= 120 else f"{text[:59]}…{text[-59:]}"
+    return None

@@ -81,3 +81,44 @@ async def test_watch_and_submit_wait_give_up_at_their_timeout_over_the_api_too(
     assert code == 1 and "no result after 1 s; task other is" in out, out
     await wait_terminal(workspace, "slow", 30)
     await wait_terminal(workspace, "other", 30)
+
+
+async def test_a_task_whose_result_file_is_damaged_is_watched_and_cancelled_by_what_is_known(
+    workspace: Workspace, serve: Any
+) -> None:
+    """A result file changed by hand: watch and cancel tell from the event log and the
+    daemon whether the task has ended, rather than waiting for ever or asking for a cancel
+    that can do nothing."""
+    cfg = config()
+    cfg["pools"][0]["sim"] = {"tokens_per_s": 20, "load_s": 0.0}
+    workspace.write_config(cfg)
+    await serve()
+    cfg_path = str(workspace.config_path)
+    cancels = workspace.spool.root / "cancel"
+    # live: its result damaged while it runs; the daemon holds it, so the cancel applies
+    workspace.submit("live.task.yaml", task("live", max_tokens=200))
+    await wait_for(lambda: (workspace.result("live") or {}).get("status") == "running", 10)
+    (workspace.root / "results" / "live.json").write_text("{not json")
+    code, out = await asyncio.to_thread(_orchctl, "cancel", "live", "--config", cfg_path)
+    assert code == 0 and "cancel requested for live" in out, out
+    assert (await wait_terminal(workspace, "live"))["status"] == "canceled"
+    # ended: the log's terminal frame says so
+    workspace.submit("done.task.yaml", task("done", max_tokens=3))
+    await wait_terminal(workspace, "done")
+    result_file = workspace.root / "results" / "done.json"
+    result_file.write_text("{not json")
+    code, out = await asyncio.to_thread(_orchctl, "cancel", "done", "--config", cfg_path)
+    assert code == 0 and "already ended (end in its event log" in out, out
+    assert "unreadable (the file: Invalid JSON" in out
+    # ended, and its log cut too: the daemon holds no such task
+    log_file = workspace.root / "results" / "done.events.jsonl"
+    log_file.write_text("".join(log_file.read_text().splitlines(True)[:-1]))
+    code, out = await asyncio.to_thread(_orchctl, "cancel", "done", "--config", cfg_path)
+    assert code == 1 and "neither queued nor running" in out, out
+    assert "remove it and done.events.jsonl" in out
+    t0 = time.monotonic()
+    code, out = await asyncio.to_thread(_orchctl, "watch", "done", "--config", cfg_path)
+    assert time.monotonic() - t0 < 5, out
+    assert code == 1 and "ended without a terminal frame in its event log" in out, out
+    assert "results/done.json is unreadable" in out
+    assert not cancels.exists() or sorted(p.name for p in cancels.iterdir()) == []
