@@ -291,15 +291,19 @@ async def get_task(request: web.Request) -> web.StreamResponse:
     if live is not None:  # its file gone or unreadable: what the daemon holds of it
         return web.json_response(live.model_dump(mode="json"))
     if damaged:  # never served as if it were a result
-        raise ApiError(
-            ErrorCode.INTERNAL,
-            f"results/{task_id}.json is not a result the daemon wrote: {damaged}",
-            hint="it was changed outside the daemon; remove it (the task's event log keeps "
-            "its frames) or put the right file back",
-        )
+        raise _not_a_result(task_id, damaged)
     if _pending(backend, task_id):
         return web.json_response({"task_id": task_id, "status": "delivered"})
     raise ApiError(ErrorCode.NOT_FOUND, f"no task {task_id!r} here")
+
+
+def _not_a_result(task_id: str, damaged: str) -> ApiError:
+    return ApiError(
+        ErrorCode.INTERNAL,
+        f"results/{task_id}.json is not a result the daemon wrote: {damaged}",
+        hint="it was changed outside the daemon; remove it (the task's event log keeps "
+        "its frames) or put the right file back",
+    )
 
 
 def _damaged(raw: bytes) -> str | None:
@@ -461,6 +465,12 @@ async def cancel_task(request: web.Request) -> web.StreamResponse:
         raise ApiError(
             ErrorCode.NOT_FOUND, f"no task {task_id!r} is queued, running or finished here"
         )
+    if existing is None and not backend.live(task_id) and not _pending(backend, task_id):
+        # a result file there that cannot be read, of a task the daemon does not hold: it
+        # ended; a cancel request would wait for ever (and hit a later task of this id)
+        problem = await asyncio.to_thread(backend.results.problem, task_id)
+        if problem is not None:
+            raise _not_a_result(task_id, logs.writable(problem))
     await asyncio.to_thread(spool.request_cancel, backend.spool, task_id)
     backend.wake()
     logs.emit(

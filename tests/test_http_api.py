@@ -1033,6 +1033,12 @@ async def test_a_result_file_damaged_by_hand_is_never_served_as_a_result(
                     f"results/{task_id}.json is not a result the daemon wrote: "
                 ), body
                 assert "changed outside the daemon" in body["hint"], body
+            # nor cancelled as if it were still to run: a request would wait for ever
+            async with session.post(f"{base}/v1/tasks/{task_id}/cancel") as r:
+                body = await r.json()
+                assert r.status == 500 and body["code"] == "INTERNAL", (task_id, body)
+                assert "is not a result the daemon wrote" in body["message"], body
+        assert list((workspace.spool.root / "cancel").glob("*")) == []
 
 
 async def test_nan_infinity_and_out_of_range_numbers_are_refused_not_written_as_null(
