@@ -209,7 +209,7 @@ def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
         415: ErrorCode.UNSUPPORTED_MEDIA_TYPE,
     }.get(exc.status, ErrorCode.INVALID_PARAMS if exc.status < 500 else ErrorCode.INTERNAL)
     text = exc.text or exc.reason
-    hint = None
+    hint = "send the whole body right after the headers" if exc.status == 408 else None
     if exc.status == 404 and request.match_info.route.resource is None:  # no route: say which
         text = f"no such path: {request.method} {logs.writable(request.path)[:200]}"
         hint = "GET /openapi.yaml lists every route (no trailing slash)"
@@ -412,12 +412,20 @@ async def read_json(request: web.Request) -> Any:
             hint="send the body uncompressed (no Content-Encoding), or as one of gzip, deflate",
         )
     try:
-        raw = await request.read()  # client_max_size makes aiohttp answer 413 beyond the limit
+        # client_max_size makes aiohttp answer 413 beyond the limit; a body sent a byte at a
+        # time must not hold its connection and handler for ever
+        raw = await asyncio.wait_for(request.read(), BODY_READ_S)
+    except TimeoutError:
+        request[_CLOSE] = True
+        raise web.HTTPRequestTimeout(
+            text=f"the body did not arrive within {BODY_READ_S:g} s "
+            f"({request.content_length or 'no'} bytes announced)"
+        ) from None
     except web.RequestPayloadError:
         # the body is not what its Content-Encoding says (or it was cut): nothing of it can
         # be trusted, nor where the next request on this connection would start
-        request[_CLOSE] = True
-        request.content.feed_eof()  # aiohttp reads no more of it after the answer
+        request[_CLOSE] = True  # (aiohttp, reading past it after the answer, logs the
+        # error, which _ClientFault makes one warning line)
         raise ApiError(
             ErrorCode.INVALID_PARAMS,
             f"the body could not be read as Content-Encoding {coding or 'identity'}"
@@ -457,6 +465,7 @@ async def read_json(request: web.Request) -> Any:
 
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+BODY_READ_S = 30.0  # the most a request body may take to arrive (1 MiB at most)
 # the codings aiohttp's parser decodes (br and zstd where their libraries are installed;
 # where not, it refuses the request itself); any other would reach the handler undecoded
 _DECODED_CODINGS = frozenset({"", "identity", "gzip", "deflate", "br", "zstd"})

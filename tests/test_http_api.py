@@ -781,6 +781,34 @@ async def test_a_body_unlike_its_content_encoding_is_a_400_naming_the_header_and
     assert "Traceback" not in log_text and "Unhandled exception" not in log_text, log_text
 
 
+async def test_a_body_that_trickles_in_is_cut_off_with_a_408_and_the_daemon_goes_on(
+    workspace: Workspace, serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from reconciler import api
+
+    monkeypatch.setattr(api, "BODY_READ_S", 0.5)
+    running = await serve()
+    base = _url(running)
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"POST /v1/tasks HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 100\r\n\r\n{"
+    )
+    await writer.drain()
+    t0 = time.monotonic()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    length = int(head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+    body = json.loads(await asyncio.wait_for(reader.readexactly(length), 10))
+    writer.close()
+    assert time.monotonic() - t0 < 5
+    assert head.startswith(b"HTTP/1.1 408 ") and b"Connection: close" in head, head
+    assert "did not arrive within 0.5 s (100 bytes announced)" in body["message"], body
+    assert body["hint"] == "send the whole body right after the headers"
+    async with aiohttp.ClientSession() as session, session.get(f"{base}/v1/status") as r:
+        assert r.status == 200
+
+
 async def test_a_token_protected_daemon_answers_401_and_logs_identities_not_tokens(
     workspace: Workspace, serve: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
