@@ -111,6 +111,14 @@ class Reloader:
         new_pool = new_state.pool(pool_id)
         assert new_pool is not None
         new_model = new_state.models[new_pool.model]
+        if new_model.state == "Retired":  # its pools are unloaded: it would never be Ready
+            raise ReloadError(
+                ErrorCode.RELOAD_FAILED,
+                f"model {new_pool.model!r} is Retired in orch.yaml, so pool {pool_id} cannot "
+                "serve it; nothing was changed",
+                hint=f"set models.{new_pool.model}.state: Active in orch.yaml, or reload the "
+                "pool onto another model",
+            )
         self._check_ref(new_model.ref)
         expected = specs.spec_hash(new_pool, new_model, new_state.engines.get(new_pool.engine))
         previous = self.config.revision

@@ -306,6 +306,33 @@ async def test_a_reload_that_never_gets_ready_puts_the_old_file_back_and_answers
     assert workspace.config_path.read_bytes() == original
 
 
+async def test_a_reload_onto_a_retired_model_is_refused_at_once_and_writes_nothing(
+    workspace: Workspace, serve: Any
+) -> None:
+    """A Retired model's pools are unloaded: a reload onto it (or of a pool of it) would wait
+    its whole timeout for a Ready that never comes, then blame the file."""
+    (workspace.root / "m1.gguf").write_bytes(GOOD)
+    (workspace.root / "m2.gguf").write_bytes(GOOD)
+    original = ORCH_YAML.replace(
+        'm2: {ref: "file:m2.gguf", size_mib: 1000}',
+        'm2: {ref: "file:m2.gguf", size_mib: 1000, state: Retired}',
+    ).encode()
+    assert original != ORCH_YAML.encode()
+    workspace.config_path.write_bytes(original)
+    base = _url(await serve())
+    async with aiohttp.ClientSession() as session:
+        t0 = time.monotonic()
+        async with session.post(f"{base}/v1/pools/p1/reload", json={"model": "m2"}) as r:
+            answer = await r.json()
+        assert time.monotonic() - t0 < 3
+        assert r.status == 409 and answer["code"] == "RELOAD_FAILED", answer
+        assert "model 'm2' is Retired in orch.yaml" in answer["message"], answer
+        assert "nothing was changed" in answer["message"]
+        assert "models.m2.state: Active" in answer["hint"]
+    assert workspace.config_path.read_bytes() == original
+    assert _ready(workspace)
+
+
 @pytest.mark.slow
 async def test_a_task_waiting_through_a_failed_reload_runs_on_the_old_spec(
     workspace: Workspace, serve: Any
