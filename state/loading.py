@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import stat
 import types
 import typing
@@ -250,12 +251,33 @@ def validation_errors(
                 hint = f"valid keys here: {', '.join(sorted(allowed))}"
         elif err["type"] == "missing":
             hint = f"add {loc[-1]!r}" if loc else hint
+        elif _quoted_scalar(err):  # `version: "1"`: the quotes made it text
+            kind = "true/false" if err["input"].strip().lower() in ("true", "false") else "number"
+            message = (
+                f"{message} (got the text {parsing.short(err['input'])}: quoted, so not a {kind})"
+            )
+            hint = "write it without the quotes"
         elif "input" in err and err["type"] not in ("model_type", "dict_type", "value_error"):
             message = f"{message} (got {parsing.short(err['input'])})"
         # a validator's message may quote the user's value whole (a 100,000-character id)
         message = parsing.shortened(message, 300)
         out.append(LoadError(shown, line, column, parsing.dotted(loc) or None, message, hint))
     return parsing.capped(out, shown, total=len(found))
+
+
+_NUMBER_OR_FLAG = re.compile(r"[-+]?(\d[\d_]*(\.\d*)?([eE][-+]?\d+)?|\.\d+)|true|false", re.I)
+
+
+def _quoted_scalar(err: Any) -> bool:
+    """Whether a value of the wrong type is text that reads as a number or true/false, as
+    quotes around one make it (strict fields convert nothing)."""
+    given = err.get("input")
+    return (
+        err["type"] in ("literal_error", "int_type", "float_type", "bool_type", "int_parsing")
+        and isinstance(given, str)
+        and len(given) <= 40
+        and _NUMBER_OR_FLAG.fullmatch(given.strip()) is not None
+    )
 
 
 # every schema error gets a hint; the message already names the limit or the type wanted

@@ -128,8 +128,7 @@ def parse_document(text: str, shown: str) -> tuple[Any, yaml.Node | None, list[L
                     )
                 ],
             )
-        problem = exc.problem or exc.context or "invalid syntax"
-        return None, None, [_at(shown, mark, f"is not valid YAML/JSON: {problem}", _SYNTAX)]
+        return None, None, [_syntax_error(text, shown, exc)]
     except yaml.reader.ReaderError as exc:
         return None, None, [_unreadable_character(text, shown, exc)]
     except yaml.YAMLError as exc:  # no other kind is raised; should one appear, say so clearly
@@ -138,6 +137,64 @@ def parse_document(text: str, shown: str) -> tuple[Any, yaml.Node | None, list[L
 
 
 _SYNTAX = "check indentation, colons and quotes near this line"
+
+
+def _syntax_error(text: str, shown: str, exc: yaml.MarkedYAMLError) -> LoadError:
+    """A YAML syntax error where the user can find it: a tab named as one; one found at the
+    end of the file (an unclosed bracket or quote) placed where what is unclosed began, not
+    on a line past the last."""
+    mark, context = exc.problem_mark, exc.context_mark
+    problem = exc.problem or exc.context or "invalid syntax"
+    if mark is not None and 0 <= mark.index < len(text) and text[mark.index] == "\t":
+        return _at(
+            shown,
+            mark,
+            "is not valid YAML/JSON: a tab, which YAML does not accept where it indents or "
+            "separates",
+            "use spaces instead of tabs",
+        )
+    lines = text.count("\n") + (0 if text.endswith("\n") or not text else 1)
+    if mark is not None and mark.line + 1 > lines:  # the end of the file came first
+        if context is None:
+            return _at(
+                shown,
+                _last_line(text),
+                f"is not valid YAML/JSON: the file ends before it is complete ({problem})",
+                _SYNTAX,
+            )
+        what = (
+            (exc.context or "").removeprefix("while parsing a ").removeprefix("while scanning a ")
+        )
+        kind = _UNCLOSED.get(what, what or "part")
+        return _at(
+            shown,
+            context,
+            f"is not valid YAML/JSON: the file ends before the {kind} opened at line "
+            f"{context.line + 1}, column {context.column + 1} is closed",
+            "close it, or remove what opened it",
+        )
+    return _at(shown, mark or context, f"is not valid YAML/JSON: {problem}", _SYNTAX)
+
+
+_UNCLOSED = {
+    "flow sequence": "[ list",
+    "flow mapping": "{ mapping",
+    "quoted scalar": "quoted string",
+    "block collection": "block",
+    "block mapping": "mapping",
+}
+
+
+@dataclass(frozen=True)
+class _Mark:
+    line: int
+    column: int
+
+
+def _last_line(text: str) -> _Mark:
+    """The start of the file's last line that holds anything."""
+    kept = text.rstrip().splitlines()
+    return _Mark(max(0, len(kept) - 1), 0)
 
 
 def _unreadable_character(text: str, shown: str, exc: yaml.reader.ReaderError) -> LoadError:

@@ -163,8 +163,11 @@ def test_orchctl_serve_starts_on_a_broken_config_when_a_last_good_one_is_kept(
     daemon = faults.serve(workspace, log, "--exit-when-idle")
     assert daemon.wait(timeout=60) == 0
     assert (workspace.result("ok") or {}).get("status") == "succeeded"
-    assert workspace.status()["config"]["errors"][0]["line"] == 2
-    assert "orch.yaml:2" in log.with_suffix(".stderr").read_text()
+    # placed where the unclosed bracket opens, not on a line past the file's last
+    assert workspace.status()["config"]["errors"][0]["line"] == 1
+    assert "orch.yaml:1:10: is not valid YAML/JSON: the file ends before the { mapping" in (
+        log.with_suffix(".stderr").read_text()
+    )
 
 
 async def test_a_config_renamed_into_place_is_applied_without_the_settle_wait(

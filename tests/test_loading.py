@@ -47,6 +47,59 @@ def test_a_wrong_type_names_the_field_and_the_value(tmp_path: Path) -> None:
     assert "'lots'" in err.message
 
 
+@pytest.mark.parametrize(
+    ("text", "line", "column", "words"),
+    [
+        (
+            "model: m\nprompt: [hi, there\n",
+            2,
+            9,
+            "ends before the [ list opened at line 2, column 9",
+        ),
+        ("model: m\nlabels: {a: b\n\n\n", 2, 9, "the { mapping opened at line 2, column 9"),
+        ('model: m\nprompt: "hi\n', 2, 9, "the quoted string opened at line 2, column 9"),
+        ("model: m\nprompt: [hi", 2, 9, "the [ list opened"),  # no newline at the end
+    ],
+)
+def test_an_unclosed_bracket_or_quote_is_placed_where_it_opened_not_past_the_end(
+    tmp_path: Path, text: str, line: int, column: int, words: str
+) -> None:
+    [err] = _task(tmp_path, text).errors
+    lines = text.count("\n") + (0 if text.endswith("\n") else 1)
+    assert (err.line, err.column) == (line, column) and err.line <= lines, err
+    assert words in err.message and err.hint == "close it, or remove what opened it", err
+
+
+def test_a_tab_is_named_as_one(tmp_path: Path) -> None:
+    [err] = _task(tmp_path, "model: m\nlabels:\n\ta: b\n").errors
+    assert (err.line, err.column) == (3, 1)
+    assert "a tab, which YAML does not accept" in err.message and "spaces" in (err.hint or "")
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "kind"),
+    [
+        ('version: "1"\n', "version", "number"),
+        ("version: 1\nqueue: {capacity: '64'}\n", "queue.capacity", "number"),
+        (
+            'version: 1\nauth: {optional_on_loopback: "false"}\n',
+            "auth.optional_on_loopback",
+            "true/false",
+        ),
+    ],
+)
+def test_a_quoted_number_or_flag_says_the_quotes_made_it_text(
+    tmp_path: Path, text: str, field: str, kind: str
+) -> None:
+    path = tmp_path / "orch.yaml"
+    path.write_text(text)
+    errors = desired.load_desired(path).errors
+    [err] = [e for e in errors if e.field == field] or [None]
+    assert err is not None, errors
+    assert f"quoted, so not a {kind})" in err.message, err
+    assert err.hint == "write it without the quotes"
+
+
 def test_malformed_yaml_reports_the_line(tmp_path: Path) -> None:
     loaded = _task(tmp_path, "model: m\nprompt: [unclosed\nmax_tokens: 3\n")
     [err] = loaded.errors
