@@ -385,13 +385,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     logs.setup(fmt=args.log_format, level=args.log_level, log_file=args.log_file)
     loaded = desired.load_desired(args.config)
-    if loaded.value is None:
+    # an edit broken while the daemon was down must not keep it down: the daemon serves the
+    # last applied config, loudly (it logs each error itself), until the file is fixed
+    if loaded.value is None and not (args.config.parent / configuring.LAST_GOOD).is_file():
         for err in loaded.errors:
-            print(cli_common.plain_error(err), file=sys.stderr)
-        # an edit broken while the daemon was down must not keep it down: the daemon serves
-        # the last applied config, loudly, until the file is fixed (docs/files.md)
-        if not (args.config.parent / configuring.LAST_GOOD).is_file():
-            return EXIT_USAGE
+            if args.log_format == "json" and not args.log_file:  # stderr is the JSON log
+                logs.emit(
+                    logs.get("config"),
+                    "config.invalid",
+                    f"{cli_common.plain_error(err)} (nothing served).",
+                    level=40,
+                    path=err.path,
+                    line=err.line,
+                    field=err.field,
+                )
+            else:
+                print(cli_common.plain_error(err), file=sys.stderr)
+        return EXIT_USAGE
     options = daemon.Options(
         config_path=args.config,
         simulate=args.simulate,

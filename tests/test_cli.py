@@ -76,6 +76,13 @@ def test_serve_refuses_an_invalid_config_with_exit_2(tmp_path: Path) -> None:
     (tmp_path / "orch.yaml").write_text("version: 1\npools: [{id: p}]\n")
     proc = orchctl("serve", "--config", str(tmp_path / "orch.yaml"))
     assert proc.returncode == 2 and "orch.yaml:2" in proc.stderr
+    # with JSON logs on stderr, every line there is JSON, the refusal's too
+    proc = orchctl("serve", "--config", str(tmp_path / "orch.yaml"), "--log-format", "json")
+    lines = [json.loads(line) for line in proc.stderr.splitlines()]
+    assert proc.returncode == 2 and lines, proc.stderr
+    assert {r["event"] for r in lines} == {"config.invalid"}, lines
+    assert all(r["level"] == "error" and r["line"] == 2 for r in lines), lines
+    assert "orch.yaml:2" in lines[0]["human"]
 
 
 async def test_submit_from_stdin_watch_and_status(workspace: Workspace, serve: Any) -> None:
