@@ -25,6 +25,7 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -54,6 +55,8 @@ class AppliedConfig:
     # until `keep_last_good()`, the applied bytes wait in `_unkept`
     keeping: bool = True
     _unkept: bytes | None = None
+    # and what it would log meanwhile waits too: a daemon refused by the lock says only that
+    _unsaid: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
     applied_digest: str | None = None  # sha256 hex of the orch.yaml bytes applied last
     # path → wall-clock time the watcher last saw a file renamed onto it (watching.start)
     renamed: dict[str, float] = field(default_factory=dict)
@@ -85,8 +88,7 @@ class AppliedConfig:
         self.applied_at = clocks.rfc3339(self.clock.now())
         self.errors = errors
         self.from_last_good = True
-        logs.emit(
-            log,
+        self._say(
             "config.last_good",
             f"{self.path.name} is invalid; serving the last good revision {self.revision} "
             f"(applied {meta.get('applied_at', 'earlier')}) from {self.last_good_path} until "
@@ -138,8 +140,7 @@ class AppliedConfig:
         self.applied_at = clocks.rfc3339(self.clock.now())
         self._keep_last_good(content)
         failpoints.hit("after_config_applied")
-        logs.emit(
-            log,
+        self._say(
             "config.applied",
             f"Applied {self.path.name} revision {self.revision}: "
             f"{len(self.state.pools)} pool(s), {len(self.state.models)} model(s).",
@@ -226,10 +227,19 @@ class AppliedConfig:
             )
         return errors
 
+    def _say(self, event: str, human: str, **fields: Any) -> None:
+        if self.keeping:
+            logs.emit(log, event, human, **fields)
+        else:
+            self._unsaid.append((event, human, fields))
+
     def keep_last_good(self) -> None:
         """From now on keep .orch/last-good.yaml (the daemon took the folder's lock), starting
-        with what was applied before."""
+        with what was applied before, and log what was held back until then."""
         self.keeping = True
+        said, self._unsaid = self._unsaid, []
+        for event, human, fields in said:
+            logs.emit(log, event, human, **fields)
         if self._unkept is not None:
             content, self._unkept = self._unkept, None
             self._keep_last_good(content)
@@ -252,8 +262,7 @@ class AppliedConfig:
         self.errors = errors
         kept = f"keeping revision {self.revision}" if self.state else "nothing applied yet"
         for error in errors:
-            logs.emit(
-                log,
+            self._say(
                 "config.invalid",
                 f"{error} ({kept}).",
                 level=40,

@@ -96,6 +96,7 @@ def test_a_second_daemon_on_the_same_folder_is_refused_and_touches_nothing(
         text = (workspace.root / "serve.out").read_text()
         assert f"another daemon (pid {first.pid}) serves this folder since" in text
         assert "Traceback" not in text
+        assert "Applied" not in text  # it applied nothing: the first daemon serves
         time.sleep(0.5)
         assert all(_alive(pid) for pid in engines)  # not adopted, not stopped
         assert _engine_pids(workspace) == engines and _ready(workspace)
