@@ -264,16 +264,32 @@ def cmd_tasks(args: argparse.Namespace) -> int:
         return EXIT_OK
     width = max(8, *(len(r.task_id) for r in rows))
     # every column at least one space wider than its longest value: never run together
-    status_w = max(len(s) for s in (*STATUSES, UNREADABLE, "STATUS")) + 1
+    # with no daemon, a queued or running result file says where its task stopped, not what
+    # it is doing: marked, and said below
+    stalled = (
+        frozenset()
+        if not any(r.status in LIVE for r in rows) or probing.probe(folder.state_dir).serving
+        else LIVE
+    )
+    status_w = max(len(s) for s in (*STATUSES, UNREADABLE, "STATUS")) + 1 + bool(stalled)
     pool_w = max(15, *(len(r.pool_id or "-") for r in rows)) + 1
     print(f"{'ID':<{width}}  {'STATUS':<{status_w}}{'POOL':<{pool_w}}{'TOKENS':>7}  AGE")
     for r in rows:
         tokens = "" if r.tokens_out is None else str(r.tokens_out)
+        status = f"{r.status}*" if r.status in stalled else r.status
         print(
-            f"{r.task_id:<{width}}  {r.status:<{status_w}}{(r.pool_id or '-'):<{pool_w}}"
+            f"{r.task_id:<{width}}  {status:<{status_w}}{(r.pool_id or '-'):<{pool_w}}"
             f"{tokens:>7}  {cli_common.ago(now - r.since)}"
         )
+    if stalled:
+        print(
+            "* no daemon is serving this folder: these tasks stopped there, and go on when "
+            f"`{folder.serve_command()}` starts"
+        )
     return EXIT_OK
+
+
+LIVE = frozenset({"queued", "running"})
 
 
 def recent(folder: cli_common.Folder, wanted: set[str], *, limit: int) -> list[Row]:

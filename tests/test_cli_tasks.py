@@ -420,8 +420,8 @@ def test_tasks_columns_never_run_together(workspace: Workspace) -> None:
     _aged(workspace, "x", 60, status="running", pool_id=long_pool, tokens_out=1234567)
     (workspace.root / "results" / "broken.json").write_text("{not json")
     ran = orchctl("tasks", "--config", cfg(workspace))
-    rows = {line.split()[0]: line.split() for line in ran.out_lines[1:]}
-    assert rows["x"][:3] == ["x", "running", long_pool] and rows["x"][3] == "1234567"
+    rows = {line.split()[0]: line.split() for line in ran.out_lines[1:-1]}
+    assert rows["x"][:3] == ["x", "running*", long_pool] and rows["x"][3] == "1234567"
     assert rows["broken"][:3] == ["broken", "unreadable", "-"]
 
 
@@ -435,7 +435,9 @@ def test_a_running_task_shows_the_tokens_its_log_has_so_far(workspace: Workspace
     log.extend("token", [{"t": "y", "i": 11}], ts="t")
     log.close()
     ran = orchctl("tasks", "--config", cfg(workspace))
-    assert ran.out_lines[1] == "r         running    p1                   12  3 s"
+    # no daemon serves the folder: the task stopped there, and the list says so
+    assert ran.out_lines[1] == "r         running*    p1                   12  3 s"
+    assert ran.out_lines[2].startswith("* no daemon is serving this folder: these tasks stopped")
 
 
 def test_tasks_filters_by_status_limits_and_prints_json(workspace: Workspace) -> None:
@@ -478,3 +480,23 @@ def test_the_queued_line_names_what_a_session_task_has_left(
         "[queued at position 0, predicted start 5 ms]",
         "[queued at position 1; session agent: 4 turns, 600 s left]",
     ]
+
+
+async def test_a_running_task_is_marked_only_while_no_daemon_serves_the_folder(
+    workspace: Workspace, serve: Any
+) -> None:
+    from tests.conftest import config, wait_for
+
+    cfg_yaml = config()
+    cfg_yaml["pools"][0]["sim"] = {"tokens_per_s": 20, "load_s": 0.0}
+    workspace.write_config(cfg_yaml)
+    running = await serve()
+    workspace.submit("slow.task.yaml", task("slow", max_tokens=400))
+    await wait_for(lambda: (workspace.result("slow") or {}).get("status") == "running", 10)
+    ran = orchctl("tasks", "--config", cfg(workspace))
+    assert ran.out_lines[1].split()[:2] == ["slow", "running"], ran.out_lines
+    assert len(ran.out_lines) == 2  # no footnote: the daemon runs it
+    await running.stop()
+    ran = orchctl("tasks", "--config", cfg(workspace))
+    assert ran.out_lines[1].split()[:2] == ["slow", "running*"], ran.out_lines
+    assert "go on when `orchctl serve" in ran.out_lines[-1]
