@@ -12,6 +12,10 @@ Rules, in the order they apply:
   but its memory will come back: new replicas may *wait* for it.
 - A replica of a pool no longer desired is drained ("pool removed"); one whose spec hash
   differs from its pool's is drained ("spec changed") and replaced like a missing replica.
+  Except a move: a Ready or Starting replica that serves what its pool wants (the same
+  service key: model, ctx, slots, flags …) and differs only in where the pool asks for it
+  (`devices`) keeps serving where it is while its pool is Unschedulable, named in
+  `Unschedulable.kept`: a placement that cannot be met never takes a working replica down.
 - Starting, Ready, BackingOff and Failed replicas with the pool's hash count as existing;
   supervision (restarts, circuit breaker) owns the last two. Surplus ones are drained
   ("scaled down"): Failed first, then BackingOff, then Starting, then Ready; within a state
@@ -67,6 +71,9 @@ class PoolWant:
     devices: tuple[int, ...] | None
     vram_mib: int
     spec_hash: str
+    # what a replica serves, placement left out (model, ctx, slots, flags …): a replica with
+    # another spec_hash but this key was only moved (`devices` changed)
+    service_key: str = ""
 
     def __post_init__(self) -> None:
         if self.replicas < 0 or self.vram_mib < 0:
@@ -87,6 +94,7 @@ class ReplicaSeen:
     devices: tuple[int, ...]
     state: ReplicaState
     vram_mib: int
+    service_key: str = ""  # see PoolWant.service_key
 
     def __post_init__(self) -> None:
         if self.state not in REPLICA_STATES:
@@ -135,6 +143,7 @@ class Unschedulable:
     message: str
     missing: int = 1
     fits_on: tuple[int, ...] = ()  # GPUs outside a pinned list where a replica would fit
+    kept: tuple[ids.ReplicaId, ...] = ()  # replicas serving where they were, meanwhile
 
 
 Action = Start | Drain
@@ -179,7 +188,40 @@ def plan(
     _check_unique([p.pool_id for p in pool_list], "pool id")
     _check_unique([r.replica_id for r in seen], "replica id")
     _check_unique([g.index for g in rooms], "GPU index")
+    kept: set[ids.ReplicaId] = set()
+    while True:  # at most once more per pool: `kept` only grows
+        result = _plan(wants, seen, rooms, reserve_mib, kept)
+        stuck = {u.pool_id for u in result.unschedulable}
+        keep = {
+            r.replica_id
+            for r in seen
+            if r.pool_id in stuck and r.replica_id not in kept and _moved(r, wants)
+        }
+        if not keep:
+            return result
+        kept |= keep
 
+
+def _moved(replica: ReplicaSeen, wants: Mapping[ids.PoolId, PoolWant]) -> bool:
+    """Whether `replica` serves what its pool wants, only placed where the pool no longer
+    asks for it (and is serving, or about to)."""
+    want = wants.get(replica.pool_id)
+    return (
+        want is not None
+        and replica.state in ("Ready", "Starting")
+        and replica.spec_hash != want.spec_hash
+        and bool(want.service_key)
+        and replica.service_key == want.service_key
+    )
+
+
+def _plan(
+    wants: Mapping[ids.PoolId, PoolWant],
+    seen: Sequence[ReplicaSeen],
+    rooms: Sequence[GpuRoom],
+    reserve_mib: int,
+    kept: set[ids.ReplicaId],
+) -> Plan:
     avail = {g.index: g.free_mib - reserve_mib for g in rooms}  # room for new replicas now
     releasing = dict.fromkeys(avail, 0)  # what draining replicas will give back
     taken: dict[ids.PoolId, set[str]] = {}
@@ -197,6 +239,8 @@ def plan(
             _release(replica, releasing)
         elif want is None:
             drain(replica, POOL_REMOVED)
+        elif replica.replica_id in kept:
+            continue  # moved, but the new placement cannot be met: it serves where it is
         elif replica.spec_hash != want.spec_hash:
             drain(replica, SPEC_CHANGED)
         else:
@@ -221,7 +265,12 @@ def plan(
             if isinstance(where, Unschedulable):
                 placed_on = [r.devices for r in current[want.pool_id]]
                 placed_on += [s.devices for s in starts if s.pool_id == want.pool_id]
-                unschedulable.append(_with_missing(where, count - placed, placed_on))
+                stays = tuple(
+                    r.replica_id for r in seen if r.pool_id == want.pool_id and r.replica_id in kept
+                )
+                unschedulable.append(
+                    dataclasses.replace(_with_missing(where, count - placed, placed_on), kept=stays)
+                )
                 break
             if where is None:
                 waiting.append(want.pool_id)

@@ -113,6 +113,7 @@ class PoolRuntime:
                     devices=r.spec.devices,
                     state=r.state,
                     vram_mib=r.vram_mib,
+                    service_key=specs.service_key(r.spec),
                 )
             )
         return out

@@ -66,6 +66,7 @@ def want(
         devices=tuple(pool.devices) if isinstance(pool.devices, list) else None,
         vram_mib=engine.estimate_vram_mib(probe),
         spec_hash=probe.spec_hash,
+        service_key=specs.service_key(probe),
     )
 
 

@@ -46,6 +46,27 @@ def spec_hash(
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def service_key(spec: interfaces.ReplicaSpec) -> str:
+    """What a replica serves, where it runs left out (its devices, and the room the engine is
+    told it has there): two specs with one key answer every task alike."""
+    options = {k: v for k, v in spec.options.items() if k != "vram_total_mib"}
+    material = [
+        spec.engine,
+        spec.model_id,
+        spec.model_ref,
+        spec.model_digest,
+        spec.model_size_mib,
+        spec.ctx,
+        spec.slots,
+        list(spec.flags),
+        dict(spec.env),
+        options,
+    ]
+    return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[
+        :12
+    ]
+
+
 def engine_room_mib(
     snapshot: observed.GpuSnapshot | None, devices: Iterable[int]
 ) -> dict[str, int]:
@@ -200,6 +221,11 @@ def pool_condition(
     ready = [r for r in replicas if r.state == "Ready"]
     if unschedulable is not None:
         why = f"{unschedulable.message}. {fit_hint(pool, unschedulable)}"
+        if unschedulable.kept and ready:  # moved where it cannot go: serving where it was
+            return "Ready", (
+                f"serving as before on {', '.join(unschedulable.kept)}, where it ran until "
+                f"orch.yaml moved it: the new placement cannot be met: {why}"
+            )
         if ready:
             return "Ready", f"degraded: {len(ready)} of {pool.replicas} replicas Ready; {why}"
         return "Unschedulable", why

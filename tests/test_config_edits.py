@@ -478,3 +478,25 @@ async def test_a_removed_pools_draining_replicas_stay_in_status_until_gone(
     await wait_for(
         lambda: [p["id"] for p in workspace.status()["pools"]] == ["renamed"], 15, "p1 gone"
     )
+
+
+async def test_a_pool_moved_to_a_gpu_it_cannot_fit_keeps_serving_where_it_was(
+    workspace: Workspace, serve: Any
+) -> None:
+    """Moving a pool (devices) to a GPU too small for it must not take its working replica
+    down for a placement that cannot be met: it serves on as before, and says why."""
+    cfg = config()
+    cfg["models"]["m1"]["size_mib"] = 14000  # fits the 24 GB GPU 0, not the 12 GB GPU 1
+    workspace.write_config(cfg)
+    await serve()
+    before = _pool(workspace, "p1")["replicas"]
+    assert [r["gpu"] for r in before] == [[0]], before
+    cfg["pools"][0]["devices"] = [1]
+    workspace.write_config(cfg)
+    await wait_for(lambda: "serving as before" in (_pool(workspace, "p1")["reason"] or ""), 10)
+    pool = _pool(workspace, "p1")
+    assert pool["state"] == "Ready", pool
+    assert "the new placement cannot be met: needs" in pool["reason"] and "GPU 1" in pool["reason"]
+    assert [(r["id"], r["pid"]) for r in pool["replicas"]] == [(r["id"], r["pid"]) for r in before]
+    workspace.submit("still.task.yaml", task("still"))
+    assert (await wait_terminal(workspace, "still"))["status"] == "succeeded"

@@ -482,3 +482,30 @@ def test_the_plan_does_not_depend_on_input_order(world: World, rnd: random.Rando
     rnd.shuffle(gpus2)
 
     assert run(pools2, replicas2, gpus2, reserve) == run(pools, replicas, gpus, reserve)
+
+
+def test_a_replica_moved_where_it_cannot_go_keeps_serving_where_it_is() -> None:
+    """orch.yaml pins a pool to a GPU too small for it: the working replica is not drained
+    for a placement that cannot be met; the pool is Unschedulable, naming the kept one."""
+    big = dataclasses.replace(pool("a", vram=15000, devices=(1,), spec="h2"), service_key="k")
+    there = dataclasses.replace(seen("a-0", vram=15000, spec="h1"), service_key="k")
+    gpus = (GpuRoom(0, 24576, 24576 - 15000), GpuRoom(1, 12288, 12288))
+    result = run([big], [there], gpus)
+    assert result.actions == ()
+    [stuck] = result.unschedulable
+    assert stuck.pool_id == "a" and stuck.kept == ("a-0",)
+    # it fits there: moved as before (drained, replaced)
+    fits = dataclasses.replace(big, vram_mib=8000)
+    moved = run([fits], [dataclasses.replace(there, vram_mib=8000)], PAIR)
+    assert moved.actions == (
+        drain("a-0", planning.SPEC_CHANGED),
+        start("a-1", (1,), vram=8000, spec="h2"),
+    )
+    # what it serves changed too (another ctx, model …): never kept
+    other = dataclasses.replace(big, service_key="k2")
+    changed = run([other], [there], gpus)
+    assert changed.actions == (drain("a-0", planning.SPEC_CHANGED),)
+    assert changed.unschedulable[0].kept == ()
+    # neither is a replica that serves nothing
+    failed = run([big], [dataclasses.replace(there, state="Failed")], gpus)
+    assert failed.actions == (drain("a-0", planning.SPEC_CHANGED),)
