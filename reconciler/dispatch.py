@@ -235,9 +235,17 @@ class Dispatcher:
             found = admission.check(run.task, target, state=state, pools=views, blocked=blocked)
             if found is None or found.code not in _TARGET_CODES:
                 continue
-            # a model gone or Retired can only be an edit of orch.yaml (a pool can also be
-            # drained over the API, a model blocked by its verification)
-            edited = found.code in (ErrorCode.MODEL_UNKNOWN, ErrorCode.MODEL_RETIRED)
+            # a model gone or Retired, a pool the task names gone or scaled to zero, can
+            # only be an edit of orch.yaml (a pool can also be drained over the API, a model
+            # blocked by its verification)
+            serving = [
+                p
+                for p in state.pools
+                if (p.id == first.pool_id if first.pool_id else p.model == first.model_id)
+            ]
+            edited = found.code in (ErrorCode.MODEL_UNKNOWN, ErrorCode.MODEL_RETIRED) or (
+                found.code is ErrorCode.POOL_UNAVAILABLE and all(p.replicas == 0 for p in serving)
+            )
             for entry in self.queue.of_target(first.target):
                 self._fail_queued(entry, found, changed=edited)
         # The rest depend on each task (its prompt and max_tokens against the pools' ctx and

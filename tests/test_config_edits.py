@@ -500,3 +500,31 @@ async def test_a_pool_moved_to_a_gpu_it_cannot_fit_keeps_serving_where_it_was(
     assert [(r["id"], r["pid"]) for r in pool["replicas"]] == [(r["id"], r["pid"]) for r in before]
     workspace.submit("still.task.yaml", task("still"))
     assert (await wait_terminal(workspace, "still"))["status"] == "succeeded"
+
+
+@pytest.mark.parametrize("edit", ["removed", "scaled to zero"])
+async def test_a_queued_task_whose_pool_an_edit_takes_away_fails_saying_orch_yaml_changed(
+    workspace: Workspace, serve: Any, edit: str
+) -> None:
+    cfg = config()
+    cfg["pools"][0] |= {"slots": 1, "sim": {"tokens_per_s": 20, "load_s": 0.0}}
+    workspace.write_config(cfg)
+    await serve()
+    workspace.submit("busy.task.yaml", task("busy", max_tokens=40))
+    await wait_for(lambda: _status_of(workspace, "busy") == "running", 10, "busy running")
+    pinned = task("pinned", max_tokens=2)
+    del pinned["model"]
+    pinned["pool"] = "p1"
+    workspace.submit("pinned.task.yaml", pinned)
+    workspace.submit("by-model.task.yaml", task("by-model", max_tokens=2))
+    for name in ("pinned", "by-model"):
+        await wait_for(lambda n=name: _status_of(workspace, n) == "queued", 10, f"{name} queued")
+    if edit == "removed":
+        cfg["pools"] = []
+    else:
+        cfg["pools"][0]["replicas"] = 0
+    workspace.write_config(cfg)
+    for name in ("pinned", "by-model"):
+        result = await wait_terminal(workspace, name, 10)
+        assert result["status"] == "failed", result
+        assert result["error"]["message"].endswith("(orch.yaml changed while the task waited)")
