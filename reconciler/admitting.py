@@ -78,7 +78,10 @@ def admit(d: dispatch.Dispatcher, run: tasking.TaskRun, *, recovered: bool) -> N
         sid, now = run.task.session_id, d.clock.now()
         sessions.count_turn(d.sessions, sid, run.task_id, now=now)
         failpoints.hit("after_session_turn")
-        run.result.budgets = _budgets(d, run)  # as at acceptance: this turn, not later ones
+        # as at acceptance: this turn, not later ones (a recovered task keeps those it was
+        # accepted with; turns and tokens since, or the TTL run down, are not this task's)
+        if not (recovered and run.result.budgets is not None):
+            run.result.budgets = _budgets(d, run)
     d.unannounced.append(entry)  # its `queued` frame once the whole batch is in: `announce`
 
 

@@ -1255,3 +1255,27 @@ async def test_a_live_task_whose_result_file_is_gone_is_still_answered(
         assert r.status == 200
         body = await r.json()
     assert (body["task_id"], body["status"]) == ("gone", "running")
+
+
+async def test_a_session_task_recovered_after_a_restart_keeps_the_budgets_it_was_accepted_with(
+    workspace: Workspace, serve: Any
+) -> None:
+    cfg = config()
+    cfg["pools"][0] |= {"slots": 1, "sim": {"tokens_per_s": 20, "load_s": 0.0}}
+    cfg["sessions"] = {"ttl_s": 600, "max_turns": 8}
+    workspace.write_config(cfg)
+    running = await serve()
+    workspace.submit("busy.task.yaml", task("busy", max_tokens=60))
+    await wait_for(lambda: (workspace.result("busy") or {}).get("status") == "running", 10)
+    workspace.submit("s1.task.yaml", task("s1", max_tokens=2) | {"session_id": "chat-a"})
+    await wait_for(lambda: (workspace.result("s1") or {}).get("status") == "queued", 10)
+    accepted = workspace.result("s1")["budgets"]
+    assert accepted["session_id"] == "chat-a" and accepted["turns_remaining"] == 7, accepted
+    await running.stop()  # s1 is left queued, resumable
+    await asyncio.sleep(1.2)  # the session's TTL runs down meanwhile
+    await serve()
+    finished = await wait_terminal(workspace, "s1", 20)
+    assert finished["status"] == "succeeded", finished
+    assert finished["budgets"] == accepted  # as at its acceptance, not recomputed
+    queued = [f for f in workspace.frames("s1") if f.event == "queued"]
+    assert queued and all(f.data["budgets"] == accepted for f in queued), queued
