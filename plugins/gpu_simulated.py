@@ -169,7 +169,7 @@ class SimulatedObserver:
         try:
             found = sim_bookings.entries(folder)
         except OSError as exc:
-            errors.append(f"simulated GPU {index}: cannot list {folder}: {exc.strerror}")
+            errors.append(f"simulated GPU {index}: cannot list {folder}: {exc.strerror or exc}")
             return []
         out = []
         for pid, path in found:

@@ -750,7 +750,8 @@ async def start(backend: Backend, *, bind: str, base: Path, routes: list[Routes]
     except OSError as exc:
         await runner.cleanup()
         raise errors.ConfigProblem(
-            f"server.bind {bind}: cannot listen ({exc.strerror}); pick a free port in orch.yaml"
+            f"server.bind {bind}: cannot listen ({exc.strerror or exc}); "
+            "pick a free port in orch.yaml"
         ) from None
     bound = runner.addresses
     bound_port = int(bound[0][1]) if bound else port

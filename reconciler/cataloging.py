@@ -142,7 +142,7 @@ class Catalog:
                     digest, size = await asyncio.to_thread(hash_file, path)
                 except OSError as exc:
                     status = "fail"
-                    message = f"model {model_id!r}: {path} cannot be read ({exc.strerror})"
+                    message = f"model {model_id!r}: {path} cannot be read ({exc.strerror or exc})"
                 else:
                     actual = digest
                     status, message = _judge(model_id, path, model.digest, digest)
@@ -178,7 +178,7 @@ def _not_a_file(path: Path) -> str:
     except FileNotFoundError:
         return "does not exist" if not path.is_symlink() else "is a symlink to nothing"
     except OSError as exc:
-        return f"cannot be reached ({exc.strerror})"  # a symlink loop, a permission
+        return f"cannot be reached ({exc.strerror or exc})"  # a symlink loop, a permission
     if stat.S_ISDIR(mode):
         return "is a folder, not a model file"
     return "is not a regular file (a FIFO, socket or device)"

@@ -139,7 +139,7 @@ def open_folder(config_path: Path) -> Folder:
     except OSError as exc:
         raise Refused(
             EXIT_USAGE,
-            f"the results folder {results_dir} cannot be used: {exc.strerror}",
+            f"the results folder {results_dir} cannot be used: {exc.strerror or exc}",
             hint="fix paths.results in orch.yaml",
         ) from exc
     return Folder(

@@ -57,7 +57,7 @@ def cmd_init(args: argparse.Namespace) -> int:
             atomic.write_bytes(path, text.encode(), durable=False)
     except OSError as exc:
         where = exc.filename or folder
-        raise Refused(EXIT_USAGE, f"cannot write {where}: {exc.strerror}") from None
+        raise Refused(EXIT_USAGE, f"cannot write {where}: {exc.strerror or exc}") from None
     print(f"wrote {_shown(config)} for {what}")
     for path in list(files)[1:]:
         print(f"wrote {_shown(path)}")

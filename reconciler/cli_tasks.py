@@ -135,7 +135,7 @@ def _read_input(name: str) -> tuple[bytes, str, bool]:
         except FileNotFoundError:
             raise Refused(EXIT_USAGE, f"{name}: no such file") from None
         except OSError as exc:
-            raise Refused(EXIT_USAGE, f"{name}: cannot be read: {exc.strerror}") from None
+            raise Refused(EXIT_USAGE, f"{name}: cannot be read: {exc.strerror or exc}") from None
         try:
             mode = os.fstat(fd).st_mode
             if not stat.S_ISREG(mode):

@@ -157,7 +157,7 @@ class AppliedConfig:
             if not stat.S_ISREG(info.st_mode):
                 return None, "is not a regular file", 0.0, 0.0
         except OSError as exc:
-            return None, f"cannot be read: {exc.strerror}", 0.0, 0.0
+            return None, f"cannot be read: {exc.strerror or exc}", 0.0, 0.0
         # never following a link, never blocking on a FIFO swapped in since the lstat above,
         # never reading more than a config can be
         content, problems, opened = loading.read_bytes(self.path)

@@ -256,7 +256,7 @@ def _port(d: Diagnosis, bind: str, own_lock: Path | None = None) -> None:
                 d.add(
                     "port",
                     "fail",
-                    f"cannot listen on {bind}: {exc.strerror}",
+                    f"cannot listen on {bind}: {exc.strerror or exc}",
                     "set server.bind in orch.yaml to an address of this machine",
                 )
                 return
@@ -303,7 +303,7 @@ def _disk(d: Diagnosis, machine: Machine) -> None:
     try:
         free = shutil.disk_usage(where).free / GIB
     except OSError as exc:
-        d.add("disk", "warn", f"free space under {_home(where)} unknown: {exc.strerror}")
+        d.add("disk", "warn", f"free space under {_home(where)} unknown: {exc.strerror or exc}")
         return
     shown = _home(machine.engine_cache.parent)
     if free < DISK_FAIL_GIB:

@@ -52,7 +52,7 @@ def probe(state_dir: Path) -> Seen:
     except FileNotFoundError:
         return Seen(path, None, "missing", None, False)
     except OSError as exc:
-        return Seen(path, None, f"cannot be read: {exc.strerror}", None, False)
+        return Seen(path, None, f"cannot be read: {exc.strerror or exc}", None, False)
     try:
         status = statusfile.StatusFile.model_validate_json(raw)
     except pydantic.ValidationError:

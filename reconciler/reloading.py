@@ -131,7 +131,8 @@ class Reloader:
                     self.runtime.redrain(lifted)
                 raise ReloadError(
                     ErrorCode.RELOAD_FAILED,
-                    f"{self.config.path} cannot be written ({exc.strerror}); nothing changed",
+                    f"{self.config.path} cannot be written ({exc.strerror or exc}); "
+                    "nothing changed",
                 ) from None
             logs.emit(
                 log,
@@ -285,7 +286,8 @@ class Reloader:
         )
         for r in new:
             if r.state in ("BackingOff", "Failed"):
-                return f"replica {r.replica_id} failed: {r.life.last_error}", "", None
+                why = r.life.last_error or f"it is {r.state}"
+                return f"replica {r.replica_id} failed: {why}", "", None
         ready = [str(r.replica_id) for r in new if r.state == "Ready"]
         if len(ready) >= wanted:
             return None, "", ready

@@ -231,7 +231,7 @@ def pool_condition(
         return "Unschedulable", why
     failed = [r for r in replicas if r.state == "Failed"]
     if pool.replicas > 0 and failed and len(failed) == len(replicas) and not ready:
-        return "Failed", failed[0].last_error
+        return "Failed", failed[0].last_error or f"replica {failed[0].replica_id} failed"
     if len(ready) >= pool.replicas and len(ready) == len(replicas):
         return "Ready", None
     if waiting:

@@ -90,7 +90,9 @@ def read_bytes(
                 "copy the file itself into place instead of linking it",
             )
         what = _KINDS.get(stat.S_IFMT(mode)) if mode else None
-        message = f"is {what}, not a regular file" if what else f"cannot be read: {exc.strerror}"
+        message = (
+            f"is {what}, not a regular file" if what else f"cannot be read: {exc.strerror or exc}"
+        )
         if what:
             hint = _PLAIN
         elif isinstance(exc, FileNotFoundError):

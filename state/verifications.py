@@ -66,7 +66,7 @@ def load_checked(path: Path) -> tuple[VerificationBook, str | None]:
     except FileNotFoundError:
         return VerificationBook(), None
     except OSError as exc:
-        return VerificationBook(), f"cannot be read ({exc.strerror})"
+        return VerificationBook(), f"cannot be read ({exc.strerror or exc})"
     except (ValidationError, ValueError) as exc:
         return VerificationBook(), f"is not a verification record ({type(exc).__name__})"
 

@@ -114,6 +114,15 @@ def test_a_drained_pool_is_stopped_whatever_its_replicas_do() -> None:
     assert (state, reason) == ("Stopped", "on request")
 
 
+def test_a_failed_pool_whose_replica_gave_no_error_says_so_not_none() -> None:
+    pool = desired.PoolSpec(id="p1", engine="sim", model="m1")
+    brief = specs.ReplicaBrief("p1-0", "Failed", None)
+    state, reason = specs.pool_condition(
+        pool, [brief], problem=None, unschedulable=None, waiting=False
+    )
+    assert (state, reason) == ("Failed", "replica p1-0 failed")
+
+
 # -- over HTTP -------------------------------------------------------------------------------
 
 
