@@ -129,6 +129,9 @@ class AppliedConfig:
         if loaded.value is not None:
             errors = self.device_errors(loaded.value, node=loaded.node)
             errors += self.restart_errors(loaded.value, node=loaded.node)
+        elif loaded.data is not None and loaded.node is not None:
+            absent = self._raw_device_errors(loaded.data, loaded.node)
+            errors = sorted([*errors, *absent], key=lambda e: (e.line or 0, e.column or 0))
         if loaded.value is None or errors:
             self._fail(errors)
             return False
@@ -170,15 +173,33 @@ class AppliedConfig:
     ) -> list[loading.LoadError]:
         """Explicit device indices that no observed GPU has (none before the first look);
         located in `node`, the tree `state` was built from (else orch.yaml read again)."""
+        return self._absent_devices([pool.devices for pool in state.pools], node)
+
+    def _raw_device_errors(self, data: Any, node: yaml.Node | None) -> list[loading.LoadError]:
+        """The same for a file the schema refused: its other errors come with these, as
+        `orchctl validate` reports them, not one round of fixes after another."""
+        pools = data.get("pools") if isinstance(data, dict) else None
+        if not isinstance(pools, list):
+            return []
+        return self._absent_devices(
+            [p.get("devices") if isinstance(p, dict) else None for p in pools], node
+        )
+
+    def _absent_devices(self, lists: list[Any], node: yaml.Node | None) -> list[loading.LoadError]:
         present = self.gpu_indices()
         if present is None:
             return []
         errors = []
-        for i, pool in enumerate(state.pools):
-            if not isinstance(pool.devices, list):
+        for i, devices in enumerate(lists):
+            if not isinstance(devices, list):
                 continue
-            for j, index in enumerate(pool.devices):
-                if index not in present:
+            for j, index in enumerate(devices):
+                if (
+                    isinstance(index, int)
+                    and not isinstance(index, bool)
+                    and index >= 0
+                    and index not in present
+                ):
                     if node is None:
                         node = _node(self.path)
                     line, col = loading.locate(node, ("pools", i, "devices", j))

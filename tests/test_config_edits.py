@@ -42,6 +42,12 @@ async def test_a_device_index_this_machine_lacks_is_a_config_error_and_the_pool_
     assert _pool(workspace, "p1")["replicas"][0]["pid"] == before
     workspace.submit("still.task.yaml", task("still"))
     assert (await wait_terminal(workspace, "still"))["status"] == "succeeded"
+    # with a schema error too: both are shown at once, as `orchctl validate` shows them
+    cfg["queue"]["bogus"] = 1
+    workspace.write_config(cfg)
+    await wait_for(lambda: len(_errors(workspace)) == 2, 10, "both errors shown")
+    fields = [e["field"] for e in _errors(workspace)]
+    assert fields == ["queue.bogus", "pools[0].devices[0]"], _errors(workspace)
 
 
 async def test_a_half_written_config_is_not_applied(workspace: Workspace, serve: Any) -> None:
