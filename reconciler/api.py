@@ -213,6 +213,10 @@ def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
     if exc.status == 404 and request.match_info.route.resource is None:  # no route: say which
         text = f"no such path: {request.method} {logs.writable(request.path)[:200]}"
         hint = "GET /openapi.yaml lists every route (no trailing slash)"
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        text = f"{exc.method} is not allowed on {logs.writable(request.path)[:200]}"
+        hint = f"use {allowed} (GET /openapi.yaml lists every route and its methods)"
     response = _error_answer(request, errors.envelope(code, text, hint=hint), status=exc.status)
     if isinstance(exc, web.HTTPMethodNotAllowed):
         response.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))

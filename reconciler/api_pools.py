@@ -72,7 +72,12 @@ async def _body(request: web.Request, model: type[M]) -> M:
     """The request's JSON body as `model`; an empty body is `{}`."""
     body = await api.read_json(request) if request.can_read_body else {}
     if not isinstance(body, dict):
-        raise ApiError(ErrorCode.INVALID_PARAMS, "the body must be a JSON object")
+        raise ApiError(
+            ErrorCode.INVALID_PARAMS,
+            "the body must be a JSON object",
+            hint="send {} for the defaults, or an object with the fields this route takes "
+            "(GET /openapi.yaml)",
+        )
     try:
         return model.model_validate(body)
     except pydantic.ValidationError as exc:

@@ -62,10 +62,21 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/pools", get_pools)
 
 
+ID_RULE = "{what} ids are 1 to 128 letters, digits, '.', '_' and '-' (no '..')"
+_RESUME_HINT = (
+    "send the id of the last event received (a whole number, 0 or more), or none to get "
+    "every event from the first"
+)
+
+
 def _task_id(request: web.Request) -> ids.TaskId:
     value = request.match_info["task_id"]
     if not ids.is_safe_id(value):
-        raise ApiError(ErrorCode.INVALID_PARAMS, f"task id {value!r} is not a valid id")
+        raise ApiError(
+            ErrorCode.INVALID_PARAMS,
+            f"task id {ids.quoted(value)} is not a valid id",
+            hint=ID_RULE.format(what="task"),
+        )
     return ids.TaskId(value)
 
 
@@ -91,7 +102,11 @@ async def post_task(request: web.Request) -> web.StreamResponse:
     backend = request.app[BACKEND]
     body = await api.read_json(request)
     if not isinstance(body, dict):
-        raise ApiError(ErrorCode.INVALID_PARAMS, "the body must be a JSON object (a task)")
+        raise ApiError(
+            ErrorCode.INVALID_PARAMS,
+            "the body must be a JSON object (a task)",
+            hint='send one task, e.g. {"model": "m1", "prompt": "hi", "max_tokens": 64}',
+        )
     if body.get("task_id") is None:  # absent or null: one is made up
         body["task_id"] = f"t-{uuid.uuid4().hex[:16]}"
     header = request.headers.get("X-Session-Id")
@@ -320,10 +335,14 @@ def _resume_after(request: web.Request) -> int:
         after = int(given.strip())
     except ValueError:
         raise ApiError(
-            ErrorCode.INVALID_PARAMS, f"Last-Event-ID {given[:40]!r} is not an event id"
+            ErrorCode.INVALID_PARAMS,
+            f"Last-Event-ID {given[:40]!r} is not an event id",
+            hint=_RESUME_HINT,
         ) from None
     if after < 0:
-        raise ApiError(ErrorCode.INVALID_PARAMS, "Last-Event-ID must be 0 or more")
+        raise ApiError(
+            ErrorCode.INVALID_PARAMS, "Last-Event-ID must be 0 or more", hint=_RESUME_HINT
+        )
     return after
 
 
@@ -489,7 +508,7 @@ def _session_id(request: web.Request) -> str:
         raise ApiError(
             ErrorCode.INVALID_PARAMS,
             f"session id {ids.quoted(value)} is not a valid id",
-            hint="session ids are 1 to 128 letters, digits, '.', '_' and '-' (no '..')",
+            hint=ID_RULE.format(what="session"),
         )
     return value
 

@@ -85,12 +85,19 @@ class Refused(Exception):
     """The request cannot become a task; `param` names the field (OpenAI's `error.param`)."""
 
     def __init__(
-        self, param: str | None, message: str, *, code: ErrorCode = ErrorCode.INVALID_PARAMS
+        self,
+        param: str | None,
+        message: str,
+        *,
+        code: ErrorCode = ErrorCode.INVALID_PARAMS,
+        hint: str | None = None,
     ) -> None:
         super().__init__(message)
         self.param = param
         self.message = message
         self.code = code
+        # what to do: said where it is known, else the field to fix named
+        self.hint = hint or (f"fix `{param}` and send the request again" if param else None)
 
 
 @dataclass(frozen=True)
@@ -111,7 +118,11 @@ def plan(
     tokens_left: Callable[[str], int | None] = lambda session_id: None,
 ) -> Plan:
     if not isinstance(body, dict):
-        raise Refused(None, "the body must be a JSON object")
+        raise Refused(
+            None,
+            "the body must be a JSON object",
+            hint='send e.g. {"model": "<id from GET /v1/models>", "messages": [...]}',
+        )
     given = {k: v for k, v in body.items() if v is not None}
     for name, value in given.items():
         if name not in FIELDS[kind] and not _neutral(name, value):
@@ -236,7 +247,11 @@ def _stop(stop: Any) -> list[str]:
 def _chat(given: dict[str, Any]) -> dict[str, Any]:
     messages = given.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise Refused("messages", "messages: required, a non-empty list of messages")
+        raise Refused(
+            "messages",
+            "messages: required, a non-empty list of messages",
+            hint='send e.g. "messages": [{"role": "user", "content": "hi"}]',
+        )
     mapped = [
         {**m, "role": "system"} if isinstance(m, dict) and m.get("role") == "developer" else m
         for m in messages

@@ -1279,3 +1279,38 @@ async def test_a_session_task_recovered_after_a_restart_keeps_the_budgets_it_was
     assert finished["budgets"] == accepted  # as at its acceptance, not recomputed
     queued = [f for f in workspace.frames("s1") if f.event == "queued"]
     assert queued and all(f.data["budgets"] == accepted for f in queued), queued
+
+
+async def test_refusals_say_what_to_send_not_a_generic_hint(
+    workspace: Workspace, serve: Any
+) -> None:
+    base = _url(await serve())
+    generic = "Fix the named field and submit again."
+    async with aiohttp.ClientSession() as session:
+        async with session.put(f"{base}/v1/tasks") as r:
+            body = await r.json()
+            assert r.status == 405 and r.headers["Allow"] == "POST", body
+            assert body["message"] == "PUT is not allowed on /v1/tasks", body
+            assert body["hint"].startswith("use POST"), body
+        async with session.get(f"{base}/v1/tasks/a..b") as r:
+            body = await r.json()
+            assert r.status == 400 and "task ids are 1 to 128" in body["hint"], body
+        async with session.get(f"{base}/v1/tasks/x/events?last_event_id=-1") as r:
+            body = await r.json()
+            assert r.status == 400 and "id of the last event received" in body["hint"], body
+        async with session.post(f"{base}/v1/tasks", json=[1]) as r:
+            body = await r.json()
+            assert r.status == 400 and '"max_tokens": 64' in body["hint"], body
+        async with session.post(f"{base}/v1/pools/p1/drain", json=[1]) as r:
+            body = await r.json()
+            assert r.status == 400 and body["hint"] != generic, body
+        async with session.post(f"{base}/v1/chat/completions", json={"model": "m1"}) as r:
+            body = (await r.json())["error"]
+            assert r.status == 400 and body["param"] == "messages", body
+            assert '"role": "user"' in body["hint"], body
+        async with session.post(
+            f"{base}/v1/chat/completions",
+            json={"model": "m1", "messages": [{"role": "user", "content": "x"}], "n": 2},
+        ) as r:
+            body = (await r.json())["error"]
+            assert r.status == 400 and body["hint"] == "fix `n` and send the request again", body
