@@ -88,6 +88,24 @@ def _files(root: Path) -> Iterator[Path]:
             yield entry
 
 
+def _refuse_inside(dest: Path, folder: cli_common.Folder) -> None:
+    """A backup written into a folder it copies would copy itself, again and again, until
+    the path is too long (gigabytes later, in the live folder): refused before anything."""
+    where = dest.resolve()
+    singles = _singles()
+    for name, root in _roots(folder).items():
+        if name in singles:  # only some files of it are copied: a folder in it is safe
+            continue
+        inside = root.resolve()
+        if where == inside or inside in where.parents:
+            raise Refused(
+                EXIT_USAGE,
+                f"{dest} is inside {root}, which the backup copies (it would copy itself)",
+                hint="back up into a folder outside the spool, results, artifacts and catalog "
+                "folders, e.g. ../backups/$(date +%F)",
+            )
+
+
 def _plan(folder: cli_common.Folder) -> Iterator[tuple[str, Path]]:
     roots, singles = _roots(folder), _singles()
     for name in ("catalog", "artifacts", "results", "state", "orch"):
@@ -109,6 +127,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
             f"{dest} is not an empty folder",
             hint="back up into a new or empty folder, e.g. backups/$(date +%F)",
         )
+    _refuse_inside(dest, folder)
     dest.mkdir(parents=True, exist_ok=True)
     listed: list[backups.BackupFile] = []
     for logical, source in _plan(folder):

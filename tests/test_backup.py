@@ -160,3 +160,20 @@ def test_backup_wants_an_empty_folder_and_restore_a_stopped_daemon(
     finally:
         lock.release()
     assert ran.code == 1 and "stop the daemon" in ran.err
+
+
+@pytest.mark.parametrize("inside", ["results/bk", "artifacts", "results/../results/x/y"])
+def test_a_backup_into_a_folder_it_copies_is_refused_before_anything_is_written(
+    workspace: Workspace, inside: str
+) -> None:
+    """It would copy itself into itself until the path is too long: gigabytes, in the live
+    results folder."""
+    results = workspace.root / "results"
+    results.mkdir(exist_ok=True)
+    (results / "r1.json").write_text("{}")
+    (workspace.root / "artifacts").mkdir(exist_ok=True)
+    before = sorted(p.relative_to(workspace.root) for p in workspace.root.rglob("*"))
+    ran = orchctl("backup", workspace.root / inside, "--config", workspace.config_path)
+    assert ran.code == 2, ran.err
+    assert "which the backup copies (it would copy itself)" in ran.err
+    assert sorted(p.relative_to(workspace.root) for p in workspace.root.rglob("*")) == before
