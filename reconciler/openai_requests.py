@@ -252,10 +252,7 @@ def _chat(given: dict[str, Any]) -> dict[str, Any]:
             "messages: required, a non-empty list of messages",
             hint='send e.g. "messages": [{"role": "user", "content": "hi"}]',
         )
-    mapped = [
-        {**m, "role": "system"} if isinstance(m, dict) and m.get("role") == "developer" else m
-        for m in messages
-    ]
+    mapped = [_as_input(m) for m in messages]
     for i, message in enumerate(mapped):
         parts = message.get("content") if isinstance(message, dict) else None
         for j, part in enumerate(parts if isinstance(parts, list) else ()):
@@ -297,6 +294,30 @@ def _chat(given: dict[str, Any]) -> dict[str, Any]:
         if name in given:
             chat[name] = given[name]
     return chat
+
+
+# what an answer's message carries besides the conversation itself: sent back as the next
+# request's history (the SDKs' way: messages.append(choice.message)), it is not refused
+_ECHOED = ("refusal", "annotations", "audio", "function_call")
+
+
+def _as_input(message: Any) -> Any:
+    """A message as the task takes it: `developer` is a system message, a field given as
+    null counts as absent (docs/http.md), and what an answer's message carries beside its
+    content (a refusal, annotations, null audio or function_call) is read as it would be
+    written: a refusal's text is the assistant's content."""
+    if not isinstance(message, dict):
+        return message
+    out = {k: v for k, v in message.items() if v is not None}
+    if out.get("role") == "developer":
+        out["role"] = "system"
+    if out.get("role") == "assistant":
+        refusal = out.pop("refusal", None)
+        if isinstance(refusal, str) and "content" not in out:
+            out["content"] = refusal
+        if isinstance(out.get("annotations"), list):
+            del out["annotations"]
+    return out
 
 
 def _prompt(given: dict[str, Any]) -> str:

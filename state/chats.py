@@ -9,9 +9,10 @@ type `text`), assistant tool calls and tool results; anything else is refused by
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from state.parsing import Hinted
 
@@ -34,6 +35,21 @@ class CalledFunction(BaseModel):
 
     name: ToolName
     arguments: str = Field(description="the arguments as JSON text, as the model wrote them")
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_text(cls, value: str) -> str:
+        # the engine's chat template parses it: text that is not JSON fails there, later
+        try:
+            json.loads(value)
+        except ValueError as exc:
+            raise Hinted(
+                f"arguments must be JSON text, and this is not ({exc.msg} at character {exc.pos})"
+                if isinstance(exc, json.JSONDecodeError)
+                else "arguments must be JSON text, and this is not",
+                "send them as the model wrote them: a JSON object as text, such as '{}'",
+            ) from None
+        return value
 
 
 class ToolCall(BaseModel):

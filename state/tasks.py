@@ -132,6 +132,27 @@ class TaskFile(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _tool_choice_names_a_tool(self) -> TaskFile:
+        """A choice the engine could not honour (no tool to call, or one not given) is
+        refused here, as the OpenAI route refuses it, not ignored or failed at run time."""
+        named = sorted(t.function.name for t in self.tools or ())
+        if self.tool_choice == "required" and not named:
+            raise Hinted(
+                "tool_choice 'required' needs at least one tool in tools",
+                "add tools: [...], or use tool_choice: auto",
+            )
+        if isinstance(self.tool_choice, chats.NamedToolChoice):
+            wanted = self.tool_choice.function.name
+            if wanted not in named:
+                listed = ", ".join(repr(n) for n in named) or "none"
+                raise Hinted(
+                    f"tool_choice names the tool {wanted!r}, which is not in tools "
+                    f"(given: {listed[:200]})",
+                    "name one of the tools, or add that tool to tools",
+                )
+        return self
+
     @property
     def chat(self) -> bool:
         return self.messages is not None

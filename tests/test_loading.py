@@ -434,3 +434,41 @@ def test_a_missing_file_and_a_folder_get_hints_that_fit_them(tmp_path: Path) -> 
     (tmp_path / "d.yaml").mkdir()
     [folder] = loading.load_model(tmp_path / "d.yaml", tasks.TaskFile).errors
     assert "is a folder" in folder.message and "not a folder" in (folder.hint or "")
+
+
+CHAT = "task_id: c1\nmodel: m\nmax_tokens: 4\nmessages: [{role: user, content: hi}]\n"
+TOOL = "tools: [{type: function, function: {name: get_weather}}]\n"
+
+
+@pytest.mark.parametrize(
+    ("extra", "field", "words"),
+    [
+        ("tool_choice: required\n", "tool_choice", "'required' needs at least one tool"),
+        (
+            TOOL + "tool_choice: {type: function, function: {name: nope}}\n",
+            "tool_choice",
+            "names the tool 'nope', which is not in tools (given: 'get_weather')",
+        ),
+    ],
+)
+def test_a_tool_choice_no_tool_can_meet_is_refused_in_a_task_file_too(
+    tmp_path: Path, extra: str, field: str, words: str
+) -> None:
+    """As on the OpenAI route: not accepted, then ignored (or failed) at run time."""
+    errors = _task(tmp_path, CHAT + extra).errors
+    assert errors and words in errors[0].message, errors
+    assert _task(tmp_path, CHAT + TOOL + "tool_choice: required\n").errors == []
+
+
+def test_tool_call_arguments_that_are_not_json_are_refused_naming_them(tmp_path: Path) -> None:
+    text = (
+        "task_id: c2\nmodel: m\nmax_tokens: 4\nmessages:\n"
+        "  - {role: user, content: hi}\n"
+        "  - role: assistant\n"
+        "    tool_calls: [{id: c1, function: {name: w, arguments: '{not json'}}]\n"
+        "  - {role: tool, tool_call_id: c1, content: rain}\n"
+    )
+    [err] = _task(tmp_path, text).errors
+    assert err.field == "messages[1].tool_calls[0].function.arguments", err
+    assert "must be JSON text" in err.message and err.line == 7, err
+    assert _task(tmp_path, text.replace("'{not json'", '\'{"city": "Oslo"}\'')).errors == []

@@ -162,12 +162,23 @@ async def test_tool_calls_pass_through_streamed_and_whole(workspace: Workspace, 
         [call] = whole.choices[0].message.tool_calls or []
         follow = [
             *ask,
-            {"role": "assistant", "tool_calls": [call.model_dump()]},
+            whole.choices[0].message,  # as the SDKs' loops send it back: refusal: null and all
             {"role": "tool", "tool_call_id": call.id, "content": "rain"},
         ]
         after = await oa.chat.completions.create(
             model="m1", messages=follow, tools=[WEATHER], max_tokens=4, seed=3
         )
+        # and a plain answer appended as it came, with every null field the SDK keeps
+        again = await oa.chat.completions.create(
+            model="m1",
+            messages=[
+                *HI,
+                after.choices[0].message.model_dump(),
+                {"role": "user", "content": "and again"},
+            ],
+            max_tokens=4,
+        )
+        assert again.choices[0].message.content
     assert whole.choices[0].finish_reason == "tool_calls"
     assert whole.choices[0].message.content is None
     assert call.function.name == "get_weather" and call.id.startswith("call_")
