@@ -157,6 +157,8 @@ def plan(
     checked = _validate(task)
     max_tokens = _max_tokens(given)
     if max_tokens is None:
+        # the client set no limit: the context's end is one, as OpenAI's own is
+        checked.labels[tasks.UP_TO_CONTEXT[0]] = tasks.UP_TO_CONTEXT[1]
         max_tokens = default_max_tokens(checked, state)
         # a session with a token budget: no more than it has left (none left: the default,
         # which admission refuses naming the budget)

@@ -21,7 +21,7 @@ from typing import Any, cast
 
 from plugins import interfaces
 from reconciler import clocks, estimates, fleet, logs, placement, rates, tasking
-from state import chats, errors, failpoints, ids, results
+from state import chats, errors, failpoints, ids, results, tasks
 from state.errors import ErrorCode
 
 log = logs.get("streaming")
@@ -318,8 +318,10 @@ def _succeed(
     running.tokens_out = result.tokens_out
     decode_ms = (deps.clock.monotonic() - (first_token_at or begun)) * 1000
     result.timings.decode_time_ms = int(decode_ms)
-    limit = running.run.task.max_tokens
-    if item.truncated and result.tokens_out < limit:  # never a silent cut: say why it stopped
+    task = running.run.task
+    limit = task.max_tokens
+    ceiling = task.labels.get(tasks.UP_TO_CONTEXT[0]) == tasks.UP_TO_CONTEXT[1]
+    if item.truncated and result.tokens_out < limit and not ceiling:  # never a silent cut
         prompt = "" if item.prompt_tokens is None else f"{item.prompt_tokens} prompt tokens + "
         _fail(
             running,
@@ -338,7 +340,9 @@ def _succeed(
         first_token_ms=float(result.timings.first_token_ms or 0),
     )
     _metrics(running, deps)
-    _finish(running, deps, "succeeded", finish_reason=item.finish_reason)
+    # the context's end, where it is the limit: OpenAI's "length"
+    finish = "length" if item.truncated else item.finish_reason
+    _finish(running, deps, "succeeded", finish_reason=finish)
 
 
 def _fail(

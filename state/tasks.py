@@ -164,6 +164,11 @@ class TaskFile(BaseModel):
 
 _CHAT_OPTIONS = ("tools", "tool_choice", "parallel_tool_calls", "response_format")
 
+# labels: {max_tokens: context}: max_tokens is only a ceiling (the OpenAI routes set it when
+# the client gave none), so a context that fills first ends the task as finish_reason length,
+# not as a failure to fit
+UP_TO_CONTEXT = ("max_tokens", "context")
+
 
 def default_seed(task_id: str) -> int:
     """A seed derived from the task id, so a retried task produces the same text."""

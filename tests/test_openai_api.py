@@ -544,3 +544,23 @@ async def test_a_session_from_the_user_field_starts_over_at_its_limits(
             )
     assert refused.value.status_code == 409
     assert "SESSION_TURNS_EXCEEDED" in str(refused.value.body)
+
+
+async def test_without_max_tokens_the_context_end_is_the_limit_not_a_failure(
+    workspace: Workspace, serve: Any
+) -> None:
+    """The server picks max_tokens from an estimate of the prompt, which can be short of
+    the engine's count: the context then fills first. The client asked for no limit, so
+    that is finish_reason length with the text, as OpenAI answers, not a 400."""
+    cfg = config()
+    cfg["pools"][0].update(ctx=64, sim={"tokens_per_s": 2000, "load_s": 0.0})
+    workspace.write_config(cfg)
+    running = await serve()
+    async with client(running) as oa:
+        text = await oa.completions.create(model="m1", prompt="hi")
+        chat = await oa.chat.completions.create(model="m1", messages=HI)
+        limited = await oa.completions.create(model="m1", prompt="hi", max_tokens=5)
+    assert text.choices[0].finish_reason == "length" and text.choices[0].text, text
+    assert chat.choices[0].finish_reason == "length" and chat.choices[0].message.content
+    assert (workspace.result(text.id) or {})["status"] == "succeeded"
+    assert limited.choices[0].finish_reason == "length" and limited.usage.completion_tokens == 5
