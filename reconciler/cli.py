@@ -419,7 +419,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, d.stop, sig.name)
         return await d.run()
 
-    return asyncio.run(serve())
+    try:
+        return asyncio.run(serve())
+    except (errors.ConfigProblem, errors.EnvironmentMissing) as exc:
+        # why the daemon did not serve, in the log's own format and places (the log file
+        # too), not a bare line among JSON records
+        missing = isinstance(exc, errors.EnvironmentMissing)
+        why = f"{exc.what}\n\n{exc.fix}" if isinstance(exc, errors.EnvironmentMissing) else str(exc)
+        logs.emit(logs.get("daemon"), "daemon.failed", why, level=40)
+        return EXIT_ENV if missing else EXIT_USAGE
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:

@@ -264,13 +264,6 @@ class Daemon:
             if self.options.duration_s is not None
             else None
         )
-        logs.emit(
-            log,
-            "daemon.started",
-            f"Serving {self.config.path.name} (pid {os.getpid()}); spool at {self.spool.root}.",
-            pid=os.getpid(),
-            simulated=self.pools.observer.simulated,
-        )
         # token streams reuse their connection to a replica while this daemon serves
         engines: list[Any] = [
             e for e in self.plugins.engines.values() if hasattr(e, "keep_connections")
@@ -284,6 +277,13 @@ class Daemon:
             spool.sweep_tmp(self.spool, now=self.clock.now())
             self._recover()
             self.server = await api_routes.start(self)
+            logs.emit(  # only now: a daemon that cannot listen never served
+                log,
+                "daemon.started",
+                f"Serving {self.config.path.name} (pid {os.getpid()}); spool at {self.spool.root}.",
+                pid=os.getpid(),
+                simulated=self.pools.observer.simulated,
+            )
             while not self.stop_event.is_set():
                 try:
                     await self.pass_once()

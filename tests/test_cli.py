@@ -213,3 +213,38 @@ async def test_watch_json_prints_the_logs_frames_with_their_times_while_the_api_
     frames = [json.loads(line) for line in over_sse.stdout.splitlines()]
     assert [f["id"] for f in frames] == [f["id"] for f in logged]
     assert all("ts" not in f for f in frames)  # SSE carries no time: left out, never ""
+
+
+def test_a_daemon_that_cannot_listen_says_why_in_its_json_log_and_never_said_it_served(
+    workspace: Workspace,
+) -> None:
+    import socket
+
+    import yaml
+
+    from tests.conftest import config
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = config(server={"bind": f"127.0.0.1:{port}"})
+        workspace.config_path.write_text(yaml.safe_dump(cfg))
+        log_file = workspace.root / "daemon.jsonl"
+        proc = orchctl(
+            "serve",
+            "--config",
+            str(workspace.config_path),
+            "--log-format",
+            "json",
+            "--log-file",
+            str(log_file),
+            "--duration",
+            "5",
+        )
+    assert proc.returncode == 2, proc.stderr
+    records = [json.loads(line) for line in proc.stderr.splitlines()]  # every line JSON
+    events = [r["event"] for r in records]
+    assert events[-1] == "daemon.failed" and "daemon.started" not in events, events
+    assert records[-1]["level"] == "error" and "cannot listen" in records[-1]["human"]
+    assert "daemon.failed" in log_file.read_text()
