@@ -20,6 +20,7 @@ refusal out.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -177,13 +178,18 @@ def _neutral(name: str, value: Any) -> bool:
 
 
 def _unsupported(name: str, value: Any, kind: Kind) -> str:
-    if name in NEUTRAL:
-        return f"{name}: only {NEUTRAL[name][0]!r} is supported, not {value!r}"
+    if name in NEUTRAL:  # in JSON's spelling: true, not Python's True
+        return f"{name}: only {_json(NEUTRAL[name][0])} is supported, not {_json(value)}"
     other: Kind = "text" if kind == "chat" else "chat"
     if name in FIELDS[other]:
         where = "/v1/completions" if other == "text" else "/v1/chat/completions"
         return f"{name}: not a field of this endpoint (it belongs to {where})"
     return f"{name}: unsupported field; this server does not implement it (remove it)"
+
+
+def _json(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= 60 else f"{text[:57]}..."
 
 
 def _flag(given: dict[str, Any], name: str) -> bool:
@@ -196,7 +202,13 @@ def _flag(given: dict[str, Any], name: str) -> bool:
 def _target(given: dict[str, Any], state: desired.DesiredState) -> dict[str, Any]:
     model = given.get("model")
     if not isinstance(model, str) or not model:
-        raise Refused("model", "model: required, a model id of orch.yaml (GET /v1/models)")
+        if model is None or model == "":
+            raise Refused("model", "model: required, a model id of orch.yaml (GET /v1/models)")
+        raise Refused(
+            "model",
+            f"model: must be a string, a model id of orch.yaml (GET /v1/models), "
+            f"not {_json(model)}",
+        )
     if model in state.models:
         return {"model": model}
     if state.pool(model) is not None:
@@ -365,7 +377,8 @@ def _validate(task: dict[str, Any]) -> tasks.TaskFile:
         param = _param(error["loc"]) or param_named(message)
         if error["type"] == "extra_forbidden":
             message = "unsupported field; this server does not implement it (remove it)"
-        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        extra = len(found) - 1
+        more = f" (and {extra} more problem{'s' if extra > 1 else ''} in the body)" if extra else ""
         raise Refused(param or None, f"{param or 'body'}: {message}{more}") from None
 
 

@@ -308,6 +308,7 @@ for _kind in ("int", "float", "bool", "string", "dict", "list", "model", "none",
 # `list[constrained-int]`, `function-after[...]`, `int`): not a key the user wrote
 _UNION_TAGS = frozenset({"int", "str", "float", "bool", "list", "dict", "none", "literal"})
 _TAG_PREFIXES = ("function-", "constrained-", "lax-", "json-")
+_INSTANCE_OF = re.compile(r"a valid dictionary or instance of \w+")
 _WORDING = (
     ("Value error, ", ""),
     ("Input should be", "should be"),
@@ -332,6 +333,8 @@ def plain_errors(found: list[Any], data: Any = None) -> list[dict[str, Any]]:
         message = str(err["msg"])
         for old, new in _WORDING:
             message = message.replace(old, new)
+        # pydantic names its own classes ("instance of ChatMessage"): the user wrote a value
+        message = _INSTANCE_OF.sub("an object (a mapping of keys to values)", message)
         cleaned.append(dict(err, loc=kept, msg=message, union=kept != loc))
     out: list[dict[str, Any]] = []
     for err in cleaned:

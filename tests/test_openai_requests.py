@@ -82,7 +82,12 @@ def test_the_session_is_the_header_else_the_user_field() -> None:
     [
         ({"n": 3}, "chat", "n", "only 1"),
         ({"frequency_penalty": 0.5}, "chat", "frequency_penalty", "only 0"),
-        ({"logprobs": True}, "chat", "logprobs", "only False"),
+        ({"logprobs": True}, "chat", "logprobs", "only false is supported, not true"),
+        ({"n": True}, "chat", "n", "only 1 is supported, not true"),
+        ({"logit_bias": {"50256": -100}}, "chat", "logit_bias", 'not {"50256": -100}'),
+        ({"response_format": "json_object"}, "chat", "response_format", "should be an object"),
+        ({"messages": ["hi"]}, "chat", "messages[0]", "should be an object (a mapping"),
+        ({"model": 123}, "chat", "model", "must be a string, a model id of orch.yaml"),
         ({"modalities": ["audio"]}, "chat", "modalities", "unsupported field"),
         ({"prompt": "x"}, "chat", "prompt", "/v1/completions"),
         ({"messages": []}, "chat", "messages", "non-empty"),
@@ -124,7 +129,7 @@ def test_the_session_is_the_header_else_the_user_field() -> None:
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "text", "tools", ""),
         ({"prompt": ["a", "b"]}, "text", "prompt", "one string"),
         ({"suffix": "}"}, "text", "suffix", "unsupported"),
-        ({"echo": True}, "text", "echo", "only False"),
+        ({"echo": True}, "text", "echo", "only false"),
     ],
 )
 def test_what_cannot_be_honoured_is_refused_naming_the_field(
@@ -135,6 +140,7 @@ def test_what_cannot_be_honoured_is_refused_naming_the_field(
     )
     got_param, message = refusal(base | body, kind)
     assert got_param == param and words in message, message
+    assert "instance of" not in message and "True" not in message, message
 
 
 def test_an_unknown_model_is_a_404_with_the_models_to_use() -> None:
