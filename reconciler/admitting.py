@@ -188,7 +188,13 @@ def _starting(d: dispatch.Dispatcher, free: dict[str, int]) -> set[str]:
 
 def _full_message(d: dispatch.Dispatcher, run: tasking.TaskRun) -> str:
     """Why a full queue refused `run`, in the words of its policy."""
-    full = f"the queue is full ({d.queue.capacity} tasks, policy {d.queue.full_policy})"
+    depth, capacity = len(d.queue), d.queue.capacity
+    full = f"the queue is full ({capacity} tasks, policy {d.queue.full_policy})"
+    if depth > capacity:  # orch.yaml lowered the capacity below what already waited
+        full = (
+            f"the queue is full: {depth} tasks wait, over its capacity of {capacity} (lowered "
+            f"in orch.yaml while they waited; policy {d.queue.full_policy})"
+        )
     if d.queue.full_policy == "reject":
         return full
     # drop-lru refuses only a batch newcomer while only interactive tasks wait
@@ -315,7 +321,8 @@ def _retry_after_ms(d: dispatch.Dispatcher) -> int:
     ends = sorted(
         max(0.0, r.service_ms - (now - r.started_mono) * 1000) for r in d.running.values()
     )
-    k = len(d.promised)
+    # places freed go first to the tasks over a lowered capacity, then to earlier refusals
+    k = len(d.promised) + max(0, len(d.queue) - d.queue.capacity)
     if not ends:
         wait_ms = 1000.0 * (k + 1)
     elif k < len(ends):

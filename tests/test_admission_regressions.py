@@ -280,3 +280,37 @@ async def test_a_task_evicted_by_drop_lru_may_be_posted_again_under_its_id(
     retried = await wait_terminal(workspace, "old")
     assert retried["status"] == "succeeded" and retried["error"] is None, retried
     assert sum(f.terminal for f in workspace.frames("old")) == 1  # its log started again
+
+
+async def test_a_capacity_lowered_below_the_queue_says_so_and_advises_a_later_retry(
+    workspace: Workspace, serve: Any
+) -> None:
+    cfg = config(queue={"capacity": 16, "full_policy": "reject"})
+    cfg["pools"][0].update(slots=1, sim={"tokens_per_s": 20, "load_s": 0.0})
+    workspace.write_config(cfg)
+    await serve()
+    workspace.submit("busy.task.yaml", task("busy", max_tokens=20))
+    await wait_for(lambda: (workspace.result("busy") or {}).get("status") == "running", 10)
+    for i in range(6):
+        workspace.submit(f"w{i}.task.yaml", task(f"w{i}", max_tokens=20))
+    await wait_for(lambda: workspace.status()["queue"]["depth"] == 6, 10, "six waiting")
+    first = await _refused_now(workspace, "early")  # capacity 16: not refused
+    assert first is None
+    cfg["queue"]["capacity"] = 2
+    workspace.write_config(cfg)
+    await wait_for(lambda: workspace.status()["queue"]["capacity"] == 2, 10, "capacity 2")
+    refused = await _refused_now(workspace, "late")
+    assert refused is not None
+    assert "7 tasks wait, over its capacity of 2" in refused["message"], refused
+    # five places must free before one is its: each is a task of about a second here
+    assert refused["retry_after_ms"] >= 4000, refused
+
+
+async def _refused_now(workspace: Workspace, task_id: str) -> dict[str, Any] | None:
+    workspace.submit(f"{task_id}.task.yaml", task(task_id, max_tokens=2))
+    result = await wait_for(
+        lambda: (r := workspace.result(task_id)) and r["status"] in ("queued", "rejected") and r,
+        10,
+        f"{task_id} admitted or refused",
+    )
+    return result["error"] if result["status"] == "rejected" else None
