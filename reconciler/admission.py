@@ -157,6 +157,9 @@ def check(
             if p.model_id == target.model_id and p.state in LIVE and p.pool_id != named
         )
         hint = pinned_hint if placement.mode == "pin" else None
+        drained = [p.pool_id for p in serving if p.reason and "drained on request" in p.reason]
+        if hint is None and drained:  # not orch.yaml's doing: the code table's hint is not it
+            hint = f"bring it back with POST /v1/pools/{drained[0]}/reload (no body needed)"
         if named is not None and others:  # the task chose this pool; others would serve it
             hint = (
                 f"pool{'s' if len(others) > 1 else ''} {', '.join(others)} also "

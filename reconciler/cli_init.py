@@ -28,6 +28,12 @@ STUB_GGUF = b"GGUF" + struct.pack("<IQQ", 3, 0, 0)
 
 def cmd_init(args: argparse.Namespace) -> int:
     config: Path = args.config
+    if config.is_dir():  # `--config DIR`: the file goes in it, but say so rather than guess
+        raise Refused(
+            EXIT_USAGE,
+            f"--config {config} is a folder; it names the orch.yaml to write",
+            hint=f"pass --config {config / 'orch.yaml'}",
+        )
     folder = config.parent
     if args.simulate:
         files = {

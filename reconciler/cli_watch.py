@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,6 +141,14 @@ class Ended:
 def source_url(folder: cli_common.Folder, given: str | None) -> str | None:
     """The HTTP API to read events from: `--url`, else the serving daemon's own address."""
     if given:
+        parts = urllib.parse.urlsplit(given)
+        if parts.scheme != "http" or not parts.hostname:
+            raise Refused(
+                cli_common.EXIT_USAGE,
+                f"--url {given!r} is not an http:// URL",
+                hint="give the daemon's address, e.g. --url http://127.0.0.1:8080, or leave "
+                "--url out to use the one in .orch/status.json",
+            )
         return given.rstrip("/")
     seen = probing.probe(folder.state_dir)
     return seen.status.daemon.url if seen.serving and seen.status is not None else None
@@ -224,7 +233,7 @@ def _follow_files(
             printer.newline()
             raise Refused(
                 EXIT_FAILED,
-                f"no result after {timeout_s:.0f} s; "
+                f"no result after {timeout_s:g} s; "
                 f"task {task_id} is {_where(folder, task_id, result)}",
                 hint=f"follow it again with: orchctl watch {task_id}",
             )

@@ -155,7 +155,18 @@ def _syntax_error(text: str, shown: str, exc: yaml.MarkedYAMLError) -> LoadError
         )
     lines = text.count("\n") + (0 if text.endswith("\n") or not text else 1)
     if mark is not None and mark.line + 1 > lines:  # the end of the file came first
-        if context is None:
+        if context is None or context.line + 1 > lines:  # PyYAML names no opener in the text
+            opener = _unclosed(text)
+            if opener is not None:
+                where, char = opener
+                return _at(
+                    shown,
+                    where,
+                    f"is not valid YAML/JSON: the file ends before the {_OPENERS[char]} "
+                    f"opened at line {where.line + 1}, column {where.column + 1} is closed",
+                    "close it, or remove what opened it",
+                )
+        if context is None or context.line + 1 > lines:
             return _at(
                 shown,
                 _last_line(text),
@@ -183,6 +194,40 @@ _UNCLOSED = {
     "block collection": "block",
     "block mapping": "mapping",
 }
+
+
+_OPENERS = {"[": "[ list", "{": "{ mapping"}
+
+
+def _unclosed(text: str) -> tuple[_Mark, str] | None:
+    """The last [ or { left open at the end of `text` (quotes and comments skipped), with
+    where it is; a rough reading, for the message only."""
+    stack: list[tuple[_Mark, str]] = []
+    quote: str | None = None
+    line = column = 0
+    previous = "\n"
+    in_comment = False
+    for char in text:
+        if char == "\n":
+            line, column, in_comment, previous = line + 1, 0, False, char
+            continue
+        if in_comment:
+            column += 1
+            continue
+        if quote is not None:
+            if char == quote and not (quote == '"' and previous == "\\"):
+                quote = None
+        elif char == "#" and previous in " \t\n":
+            in_comment = True
+        elif char in "'\"" and previous in " \t\n[{,:":
+            quote = char
+        elif char in _OPENERS:
+            stack.append((_Mark(line, column), char))
+        elif char in "]}" and stack:
+            stack.pop()
+        previous = char
+        column += 1
+    return stack[-1] if stack and quote is None else None
 
 
 @dataclass(frozen=True)

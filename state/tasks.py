@@ -202,6 +202,10 @@ def implied_id_problem(shown: str, file_name: str) -> LoadError | None:
         None,
         "task_id",
         f"the file name implies task id {ids.quoted(name_stem)}, which is not a task id "
-        "(letters, digits, '.', '_' and '-' only)",
+        + (
+            f"(it is {len(name_stem)} characters; at most 128)"
+            if len(name_stem) > 128 and ids.is_safe_id(name_stem[:128])
+            else "(letters, digits, '.', '_' and '-' only)"
+        ),
         f"rename the file to {suggestion}.task.yaml, or add `task_id: {suggestion}`",
     )

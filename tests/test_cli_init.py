@@ -96,3 +96,10 @@ def test_init_without_a_driver_exits_3_with_the_fix(
     )
     assert "nvidia-smi" in ran.err and "--simulate" in ran.err
     assert not (tmp_path / "orch.yaml").exists()
+
+
+def test_init_given_a_folder_says_to_name_the_file_and_writes_nothing(tmp_path: Path) -> None:
+    ran = orchctl("init", "--simulate", "--force", "--config", tmp_path)
+    assert ran.code == 2 and f"--config {tmp_path} is a folder" in ran.err, ran.err
+    assert f"pass --config {tmp_path / 'orch.yaml'}" in ran.err
+    assert list(tmp_path.iterdir()) == [] and not list(tmp_path.parent.glob(".*.tmp"))

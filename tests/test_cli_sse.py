@@ -48,6 +48,10 @@ async def test_watch_streams_over_the_api_and_falls_back_to_the_files(
     config = str(workspace.config_path)
     code, out = await asyncio.to_thread(_orchctl, "watch", "w2", "--config", config)
     assert code == 0 and result["text"] in out and "[end: length, 6 tokens]" in out
+    code, out = await asyncio.to_thread(
+        _orchctl, "watch", "w2", "--config", config, "--url", "notaurl"
+    )
+    assert code == 2 and "--url 'notaurl' is not an http:// URL" in out, out
     dead = "http://127.0.0.1:9"  # nothing listens: the files are read instead
     code, out = await asyncio.to_thread(_orchctl, "watch", "w2", "--config", config, "--url", dead)
     assert code == 0 and result["text"] in out and out.count("[end: length") == 1
@@ -71,6 +75,10 @@ async def test_watch_and_submit_wait_give_up_at_their_timeout_over_the_api_too(
     )
     assert time.monotonic() - t0 < 3, out
     assert code == 1 and "no result after 1 s; task slow is" in out, out
+    code, out = await asyncio.to_thread(
+        _orchctl, "watch", "slow", "--config", cfg_path, "--timeout", "0.5"
+    )
+    assert code == 1 and "no result after 0.5 s" in out, out  # not rounded to "0 s"
     new = workspace.root / "other.task.yaml"
     new.write_text(yaml.safe_dump(task("other", max_tokens=60)))
     t0 = time.monotonic()

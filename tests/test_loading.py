@@ -59,6 +59,7 @@ def test_a_wrong_type_names_the_field_and_the_value(tmp_path: Path) -> None:
         ("model: m\nlabels: {a: b\n\n\n", 2, 9, "the { mapping opened at line 2, column 9"),
         ('model: m\nprompt: "hi\n', 2, 9, "the quoted string opened at line 2, column 9"),
         ("model: m\nprompt: [hi", 2, 9, "the [ list opened"),  # no newline at the end
+        ("model: [\n", 1, 8, "the [ list opened at line 1, column 8"),  # nothing after it
     ],
 )
 def test_an_unclosed_bracket_or_quote_is_placed_where_it_opened_not_past_the_end(
@@ -472,3 +473,12 @@ def test_tool_call_arguments_that_are_not_json_are_refused_naming_them(tmp_path:
     assert err.field == "messages[1].tool_calls[0].function.arguments", err
     assert "must be JSON text" in err.message and err.line == 7, err
     assert _task(tmp_path, text.replace("'{not json'", '\'{"city": "Oslo"}\'')).errors == []
+
+
+def test_a_file_name_too_long_for_a_task_id_says_so_not_that_its_letters_are_wrong(
+    tmp_path: Path,
+) -> None:
+    err = tasks.implied_id_problem("x.task.yaml", "a" * 130 + ".task.yaml")
+    assert err is not None and "(it is 130 characters; at most 128)" in err.message, err
+    other = tasks.implied_id_problem("x.task.yaml", "a b.task.yaml")
+    assert other is not None and "letters, digits" in other.message

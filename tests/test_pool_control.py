@@ -194,6 +194,7 @@ async def test_a_drained_pool_stays_down_across_restarts_until_a_reload(
             body = await response.json()
             assert response.status == 503 and body["code"] == "POOL_UNAVAILABLE"
         assert "drained on request" in body["message"]
+        assert body["hint"] == "bring it back with POST /v1/pools/p1/reload (no body needed)"
         for path, payload, status in [
             ("/v1/pools/p9/drain", {}, 404),
             ("/v1/pools/p1/drain", {"deadline_ms": -1}, 400),
