@@ -185,7 +185,9 @@ def plan(body: dict[str, Any], *, ctx: int, vocabulary: tuple[str, ...], count: 
     function = _tool_to_call(body, body["messages"][-1])
     fmt = body.get("response_format") or {}
     if function is not None:
-        arguments = json.dumps(value(function.get("parameters") or {}, rng, vocabulary))
+        # a function without parameters is called with {} (as llama-server does), not null
+        parameters = function.get("parameters") or {"type": "object"}
+        arguments = json.dumps(value(parameters, rng, vocabulary))
         head = {
             "index": 0,
             "id": f"call_{rng.getrandbits(64):016x}",

@@ -130,8 +130,27 @@ def plan(
             raise Refused(name, _unsupported(name, value, kind))
     stream = _flag(given, "stream")
     options = given.get("stream_options", {})
-    if not isinstance(options, dict) or set(options) - {"include_usage"}:
-        raise Refused("stream_options", "stream_options: only include_usage is supported")
+    if not isinstance(options, dict):
+        raise Refused("stream_options", "stream_options: an object, such as {include_usage: true}")
+    if options and not stream:  # as OpenAI answers: there is no stream to shape
+        raise Refused(
+            "stream_options",
+            "stream_options: only allowed when stream is true",
+            hint="add stream: true, or remove stream_options",
+        )
+    # include_obfuscation pads chunks against length side channels: nothing to do on a
+    # local server, and a client setting it false (or true) is served the same
+    unknown = sorted(set(options) - {"include_usage", "include_obfuscation"})
+    if unknown:
+        raise Refused(
+            f"stream_options.{unknown[0]}",
+            f"stream_options.{unknown[0]}: unsupported; include_usage and include_obfuscation are",
+        )
+    if not isinstance(options.get("include_obfuscation", False), bool):
+        raise Refused(
+            "stream_options.include_obfuscation",
+            "stream_options.include_obfuscation: must be true or false",
+        )
     usage = options.get("include_usage")
     if usage is not None and not isinstance(usage, bool):  # not read as false: refused
         raise Refused(
@@ -269,6 +288,12 @@ def _chat(given: dict[str, Any]) -> dict[str, Any]:
     mapped = [_as_input(m) for m in messages]
     for i, message in enumerate(mapped):
         parts = message.get("content") if isinstance(message, dict) else None
+        if parts == []:
+            raise Refused(
+                f"messages[{i}].content",
+                f"messages[{i}].content: an empty list of parts",
+                hint="give the text as a string, or at least one {type: text, text: ...} part",
+            )
         for j, part in enumerate(parts if isinstance(parts, list) else ()):
             if isinstance(part, dict) and part.get("type") != "text":
                 raise Refused(
@@ -346,6 +371,13 @@ def _prompt(given: dict[str, Any]) -> str:
 
 
 def _max_tokens(given: dict[str, Any]) -> int | None:
+    both = [given.get("max_tokens"), given.get("max_completion_tokens")]
+    if None not in both and both[0] != both[1]:  # which one was meant is not ours to pick
+        raise Refused(
+            "max_completion_tokens",
+            f"max_tokens ({both[0]}) and max_completion_tokens ({both[1]}) differ",
+            hint="send one of them (max_completion_tokens is the current name)",
+        )
     name = "max_completion_tokens" if "max_completion_tokens" in given else "max_tokens"
     value = given.get(name)
     if value is None:

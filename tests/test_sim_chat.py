@@ -177,3 +177,17 @@ async def test_the_wire_shows_llama_servers_chunks_usage_and_done(sims: Replicas
     assert whole["object"] == "chat.completion"
     assert whole["choices"][0]["message"] == {"role": "assistant", "content": "".join(words)}
     assert whole["usage"]["total_tokens"] == whole["usage"]["prompt_tokens"] + 3
+
+
+def test_a_function_without_parameters_is_called_with_an_empty_object_not_null() -> None:
+    body = {
+        "messages": [{"role": "user", "content": "call it"}],
+        "tools": [{"type": "function", "function": {"name": "ping"}}],
+        "tool_choice": "required",
+        "seed": 1,
+    }
+    made = sim_chat.plan(body, ctx=512, vocabulary=("a", "b"), count=lambda text: len(text) // 4)
+    text = "".join(
+        d["function"].get("arguments", "") for p in made.pieces for d in p.get("tool_calls", [])
+    )
+    assert json.loads(text) == {}
