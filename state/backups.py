@@ -75,13 +75,15 @@ def copy(source: Path, target: Path, *, whole_lines: bool = False) -> tuple[str,
     except OSError:
         return None
     with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode):
             return None
         target.parent.mkdir(parents=True, exist_ok=True)
         if whole_lines:
             data = fh.read()
             data = data[: data.rfind(b"\n") + 1]
             atomic.write_bytes(target, data)
+            _keep_time(target, st)
             return hashlib.sha256(data).hexdigest(), len(data)
         h = hashlib.sha256()
         size = 0
@@ -94,8 +96,15 @@ def copy(source: Path, target: Path, *, whole_lines: bool = False) -> tuple[str,
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, target)
+        _keep_time(target, st)
         atomic.fsync_dir(target.parent)
         return h.hexdigest(), size
+
+
+def _keep_time(target: Path, source: os.stat_result) -> None:
+    """The copy keeps its source's modification time: `orchctl tasks` lists the newest first
+    by it, and a restored folder must list as the one backed up did."""
+    os.utime(target, ns=(source.st_atime_ns, source.st_mtime_ns), follow_symlinks=False)
 
 
 def digest(path: Path) -> tuple[str, int] | None:

@@ -56,6 +56,7 @@ async def test_a_backup_taken_while_serving_restores_byte_for_byte(
         return workspace.root / {"state": ".orch", "orch": ".orch"}.get(root, root) / rest
 
     before = {item: local(item).read_bytes() for item in listed}
+    times = {item: local(item).stat().st_mtime_ns for item in listed if item.startswith("results/")}
     for name in SAVED:
         shutil.rmtree(workspace.root / name)
     (workspace.root / ".orch" / "verifications.json").unlink()
@@ -65,6 +66,8 @@ async def test_a_backup_taken_while_serving_restores_byte_for_byte(
     n = len(manifest.files)
     assert f"restored {n - 1} files" in ran.out and "1 already there" in ran.out  # .orch/*.json
     assert {item: local(item).read_bytes() for item in listed} == before
+    # with their times too: `orchctl tasks` lists newest first by them
+    assert {item: local(item).stat().st_mtime_ns for item in times} == times
     again = orchctl("restore", dest, "--config", workspace.config_path)
     assert again.code == 0 and "0 files" in again.out and "already there" in again.out
     # a daemon started since rewrote its record of orch.yaml (applied_at): no conflict
