@@ -518,7 +518,12 @@ async def get_session(request: web.Request) -> web.StreamResponse:
     sid = _session_id(request)
     session = backend.sessions.get(sid)
     if session is None:
-        raise ApiError(ErrorCode.NOT_FOUND, f"no session {sid!r}")
+        raise ApiError(
+            ErrorCode.NOT_FOUND,
+            f"no session {sid!r}",
+            hint="a session exists once a task names it (session_id, or the X-Session-Id "
+            "header); it is gone after sessions.ttl_s without use, or a DELETE",
+        )
     state = backend.config.state
     ttl_s = state.sessions.ttl_s if state else 600.0
     left = max(0.0, ttl_s - (time.time() - session.last_used_at)) if not session.evicted else 0
