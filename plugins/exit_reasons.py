@@ -108,8 +108,26 @@ def _evidence(line: str) -> str:
     return line if len(line) <= EVIDENCE_CHARS else line[: EVIDENCE_CHARS - 1] + "…"
 
 
+def crash_fix(engine: str, log_path: object = None) -> str:
+    """What to do about a process killed by a signal nobody here sent: llama.cpp's crashes
+    may be its own bugs; any engine may have been ended by the OOM killer or another program."""
+    log = f"; its log: {log_path}" if log_path else ""
+    if engine == "llamacpp":
+        return CRASH_FIX + log
+    return (
+        "the engine process was killed by a signal this daemon did not send (another program, "
+        "or the kernel's OOM killer: journalctl -k | grep -i oom); it is restarted with "
+        f"backoff{log}"
+    )
+
+
 def classify(
-    returncode: int | None, tail: Sequence[str], *, stopped: bool = False
+    returncode: int | None,
+    tail: Sequence[str],
+    *,
+    stopped: bool = False,
+    engine: str = "llamacpp",
+    log_path: object = None,
 ) -> interfaces.ExitInfo:
     """The ExitInfo of a process that ended with `returncode` (negative: a signal; None: not
     ours to reap) and whose log ends with `tail`. `stopped`: we sent the signal ourselves,
@@ -128,8 +146,9 @@ def classify(
             )
     if sig is not None and not stopped:
         last = f": {_evidence(tail[-1])}" if tail else ""
+        fix = crash_fix(engine, log_path)
         return interfaces.ExitInfo(
-            code, sig, f"crashed, {base}{last}. Fix: {CRASH_FIX}.", kind="crash", fix=CRASH_FIX
+            code, sig, f"crashed, {base}{last}. Fix: {fix}.", kind="crash", fix=fix
         )
     if code not in (None, 0) and tail:
         return interfaces.ExitInfo(code, sig, f"{base}: {_evidence(tail[-1])}")

@@ -37,6 +37,25 @@ from plugins import engine_pool, interfaces, llama_chat, llama_completion, proce
 _NETWORK_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
 
 
+def said(e: BaseException) -> str:
+    """A network error in words a user reads (a status line, a task's error), never
+    aiohttp's reprs of its exception classes."""
+    if isinstance(e, aiohttp.ClientPayloadError):
+        return "the answer stopped midway (the engine process may have died)"
+    if isinstance(e, aiohttp.ServerDisconnectedError):
+        return "the engine closed the connection"
+    if isinstance(e, (aiohttp.ClientConnectorError, ConnectionRefusedError)):
+        return "the connection was refused (the engine is not listening)"
+    if isinstance(e, ConnectionResetError):
+        return "the connection was reset (the engine process may have died)"
+    if isinstance(e, TimeoutError):
+        return "no answer in time"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = str(e).split(":", 1)[0].strip()
+    return text or type(e).__name__
+
+
 class ProtocolError(interfaces.EngineStreamError):
     """The engine did not answer, or answered something this client cannot use."""
 
@@ -124,7 +143,7 @@ class Client:
         try:
             status, body = await self._get(path)
         except _NETWORK_ERRORS as e:
-            raise ProtocolError(f"GET {path}: {e!r}") from e
+            raise ProtocolError(f"GET {path}: {said(e)}") from e
         if status != 200:
             raise _rejected(status, body)
         try:
@@ -136,7 +155,7 @@ class Client:
         try:
             status, body = await self._get("/health")
         except _NETWORK_ERRORS as e:
-            return Health(False, None, f"no answer: {e!r}")
+            return Health(False, None, f"no answer: {said(e)}")
         if status == 200:
             return Health(True, status, "ok")
         return Health(False, status, _rejected(status, body).message or f"HTTP {status}")
@@ -174,7 +193,7 @@ class Client:
             ):
                 body = await resp.read()
         except _NETWORK_ERRORS as e:
-            raise ProtocolError(f"POST /completion: {e!r}") from e
+            raise ProtocolError(f"POST /completion: {said(e)}") from e
         if resp.status != 200:
             raise _rejected(resp.status, body)
         try:
@@ -239,7 +258,7 @@ class Client:
             raise interfaces.ReplicaStopped(f"{e} ({fold.index} tokens in)") from e
         except _NETWORK_ERRORS as e:
             raise interfaces.EngineStreamError(
-                f"stream broken after {fold.index} tokens: {e!r}"
+                f"stream broken after {fold.index} tokens: {said(e)}"
             ) from e
 
 

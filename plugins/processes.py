@@ -182,11 +182,17 @@ def _log_tail(path: Path | None, *, max_bytes: int = 8192) -> list[str]:
 
 
 def exit_info(
-    returncode: int | None, log_path: Path | None, *, stopped: bool = False
+    returncode: int | None,
+    log_path: Path | None,
+    *,
+    stopped: bool = False,
+    engine: str = "llamacpp",
 ) -> interfaces.ExitInfo:
     """Why a process ended: its exit code or signal, classified with its log's tail
     (`plugins.exit_reasons`). `stopped`: we signalled it, so a SIGTERM is no crash."""
-    return exit_reasons.classify(returncode, _log_tail(log_path), stopped=stopped)
+    return exit_reasons.classify(
+        returncode, _log_tail(log_path), stopped=stopped, engine=engine, log_path=log_path
+    )
 
 
 @dataclass(frozen=True)
@@ -282,10 +288,12 @@ def poll_exit(handle: interfaces.ReplicaHandle) -> interfaces.ExitInfo | None:
     """Non-blocking: how the replica's process ended, or None while it runs."""
     if handle.process is not None:
         code = handle.process.returncode
-        return None if code is None else exit_info(code, handle.log_path)
+        if code is None:
+            return None
+        return exit_info(code, handle.log_path, engine=handle.spec.engine)
     if liveness.pid_alive(handle.pid, handle.started_at):
         return None
-    info = exit_info(None, handle.log_path)
+    info = exit_info(None, handle.log_path, engine=handle.spec.engine)
     return dataclasses.replace(info, reason=f"{info.reason} (adopted process; it ended on its own)")
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from plugins import interfaces
+from plugins import interfaces, llama_server
 from reconciler import clocks, estimates, fleet, logs, placement, rates, tasking
 from state import chats, errors, failpoints, ids, results, tasks
 from state.errors import ErrorCode
@@ -207,9 +207,10 @@ async def stream(
             log.exception("unexpected error while streaming %s", run.task_id)
             message = f"{type(exc).__name__}: {exc}"
         else:
+            why = llama_server.said(exc) if isinstance(exc, OSError) else str(exc)
             message = (
                 f"replica {running.replica_id} failed the task after "
-                f"{run.result.tokens_out} tokens: {exc}"
+                f"{run.result.tokens_out} tokens: {why}"
             )
         _fail(running, deps, code, message, retry_after_ms=retry_after_ms, hint=hint)
     finally:

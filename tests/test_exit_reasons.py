@@ -137,3 +137,26 @@ def test_exit_info_reads_the_tail_of_the_engines_log(tmp_path: Path) -> None:
     log.write_text("# llama-orch: llama-server -m x.gguf\n" + "filler line\n" * 2000 + OOM_AT_LOAD)
     info = processes.exit_info(1, log)
     assert info.kind == "oom" and "cudaMalloc failed" in info.reason
+
+
+def test_a_crash_of_another_engine_gets_no_llama_cpp_advice_and_names_its_log() -> None:
+    log = Path("/tmp/x/.orch/engines/p1-0.log")
+    sim = exit_reasons.classify(-9, [], engine="sim", log_path=log)
+    assert sim.kind == "crash" and "provision.ref" not in sim.reason, sim
+    assert "did not send" in sim.reason and str(log) in sim.reason
+    real = exit_reasons.classify(-11, [], engine="llamacpp", log_path=log)
+    assert "provision.ref" in real.reason and str(log) in real.reason
+
+
+def test_network_errors_are_said_in_words_not_reprs() -> None:
+    import aiohttp
+
+    from plugins import llama_server
+
+    broken = aiohttp.ClientPayloadError(
+        "Response payload is not completed: <TransferEncodingError>"
+    )
+    for error in (broken, ConnectionResetError(104, "Connection reset by peer")):
+        text = llama_server.said(error)
+        assert "Error" not in text and "<" not in text, text
+    assert "stopped midway" in llama_server.said(broken)
