@@ -328,7 +328,16 @@ def _damaged(raw: bytes) -> str | None:
 
 
 def _resume_after(request: web.Request) -> int:
-    given = request.headers.get("Last-Event-ID") or request.query.get("last_event_id") or "0"
+    header, query = request.headers.get("Last-Event-ID"), request.query.get("last_event_id")
+    if header and query and header.strip() != query.strip():  # neither may win unsaid
+        raise ApiError(
+            ErrorCode.INVALID_PARAMS,
+            f"the Last-Event-ID header ({header[:40]!r}) and ?last_event_id "
+            f"({query[:40]!r}) differ",
+            hint="send one of them: the header is what EventSource sends on a reconnect",
+        )
+    name = "the Last-Event-ID header" if header else "?last_event_id"
+    given = header or query or "0"
     try:
         if not given.isascii() or len(given) > 40:  # int() takes '١' and long digit strings
             raise ValueError(given)
@@ -336,13 +345,11 @@ def _resume_after(request: web.Request) -> int:
     except ValueError:
         raise ApiError(
             ErrorCode.INVALID_PARAMS,
-            f"Last-Event-ID {given[:40]!r} is not an event id",
+            f"{name} {given[:40]!r} is not an event id",
             hint=_RESUME_HINT,
         ) from None
     if after < 0:
-        raise ApiError(
-            ErrorCode.INVALID_PARAMS, "Last-Event-ID must be 0 or more", hint=_RESUME_HINT
-        )
+        raise ApiError(ErrorCode.INVALID_PARAMS, f"{name} must be 0 or more", hint=_RESUME_HINT)
     return after
 
 

@@ -1298,6 +1298,12 @@ async def test_refusals_say_what_to_send_not_a_generic_hint(
         async with session.get(f"{base}/v1/tasks/x/events?last_event_id=-1") as r:
             body = await r.json()
             assert r.status == 400 and "id of the last event received" in body["hint"], body
+            assert body["message"] == "?last_event_id must be 0 or more", body
+        async with session.get(
+            f"{base}/v1/tasks/x/events?last_event_id=10", headers={"Last-Event-ID": "5"}
+        ) as r:
+            body = await r.json()
+            assert r.status == 400 and "differ" in body["message"], body
         async with session.post(f"{base}/v1/tasks", json=[1]) as r:
             body = await r.json()
             assert r.status == 400 and '"max_tokens": 64' in body["hint"], body
@@ -1317,3 +1323,19 @@ async def test_refusals_say_what_to_send_not_a_generic_hint(
         async with session.get(f"{base}/v1/sessions/never-used") as r:
             body = await r.json()
             assert r.status == 404 and "once a task names it" in body["hint"], body
+
+
+async def test_a_cancel_request_dropped_is_always_said_in_the_log(
+    workspace: Workspace, serve: Any, json_log: io.StringIO
+) -> None:
+    await serve()
+    workspace.submit("done1.task.yaml", task("done1", max_tokens=2))
+    await wait_terminal(workspace, "done1")
+    cancels = workspace.spool.root / "cancel"
+    (cancels / "with space").write_text("")
+    (cancels / "done1").write_text("")
+    await wait_for(lambda: not any(cancels.iterdir()), 10, "both requests consumed")
+    lines = [json.loads(line) for line in json_log.getvalue().splitlines()]
+    dropped = [r["human"] for r in lines if r["event"] == "task.cancel_dropped"]
+    assert any("spool/cancel/with space: its name is not a task id" in h for h in dropped), dropped
+    assert any("done1: it already ended (succeeded)" in h for h in dropped), dropped
