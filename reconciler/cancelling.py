@@ -34,7 +34,18 @@ def apply(
     (a cancel may race ahead of its task file by that much); a task first seen later is
     a new task that happens to reuse the id, and the old request is dropped."""
     now = clock.now()
-    for name in spool.cancel_requests(the_spool):
+    unsafe: list[str] = []
+    names = spool.cancel_requests(the_spool, unsafe)
+    for name in unsafe:
+        logs.emit(
+            log,
+            "task.cancel_dropped",
+            f"Dropped the cancel request spool/cancel/{logs.writable(name)[:140]}: its name is "
+            "not a task id (1 to 128 letters, digits, '.', '_' and '-'; name the file after "
+            "the task's id).",
+            level=30,
+        )
+    for name in names:
         task_id = ids.TaskId(name)
         written = _mtime(the_spool.cancel / task_id)
         if written is None:
@@ -59,6 +70,14 @@ def apply(
                     log,
                     "task.canceled",
                     f"Cancel of task {task_id} done.",
+                    task_id=task_id,
+                )
+            else:
+                logs.emit(
+                    log,
+                    "task.cancel_dropped",
+                    f"Dropped the cancel request for {task_id}: it already ended "
+                    f"({existing.status}).",
                     task_id=task_id,
                 )
         elif now - written > CANCEL_WINDOW_S:

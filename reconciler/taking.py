@@ -168,8 +168,10 @@ class Taker:
         field: str | None = None,
         task_id: str | None = None,
     ) -> None:
-        """Quarantine a claimed file for a reason that is not a parse error."""
-        problem = loading.LoadError(f"spool/active/{path.name}", None, None, field, message, hint)
+        """Quarantine a claimed file for a reason that is not a parse error; the field, when
+        the file names it, is located (the refusal is rare: the file is read again for it)."""
+        line, column = _located(path, field) if field is not None else (None, None)
+        problem = loading.LoadError(f"spool/active/{path.name}", line, column, field, message, hint)
         intake.quarantine(
             the_spool=self.the_spool,
             store=self.store,
@@ -179,6 +181,18 @@ class Taker:
             task_id=task_id,
             problems=[problem],
         )
+
+
+def _located(path: Path, field: str) -> tuple[int | None, int | None]:
+    """Where a top-level `field` of the file at `path` is written, (None, None) when it is not
+    (a task id taken from the file name)."""
+    text, _ = loading.read_text(path)
+    if text is None:
+        return None, None
+    data, node, errs = loading.parse_document(text, path.name)
+    if errs or node is None or not isinstance(data, dict) or field not in data:
+        return None, None
+    return loading.locate(node, (field,))
 
 
 def _peek(path: Path) -> object:

@@ -184,6 +184,17 @@ def _syntax_error(text: str, shown: str, exc: yaml.MarkedYAMLError) -> LoadError
             f"{context.line + 1}, column {context.column + 1} is closed",
             "close it, or remove what opened it",
         )
+    what = (exc.context or "").removeprefix("while parsing a ").removeprefix("while scanning a ")
+    closable = what in ("flow sequence", "flow mapping", "quoted scalar")
+    if mark is not None and context is not None and closable and context.line != mark.line:
+        # the mistake is the bracket or quote left open, lines before where YAML noticed it
+        return _at(
+            shown,
+            context,
+            f"is not valid YAML/JSON: the {_UNCLOSED[what]} opened here is not closed (YAML "
+            f"noticed at line {mark.line + 1}, column {mark.column + 1}: {problem})",
+            "close it where it ends, or remove what opened it",
+        )
     return _at(shown, mark or context, f"is not valid YAML/JSON: {problem}", _SYNTAX)
 
 

@@ -359,8 +359,9 @@ def request_cancel(spool: Spool, task_id: str) -> Path:
     return path
 
 
-def cancel_requests(spool: Spool) -> list[str]:
-    """Task ids with a pending cancel request (unsafe names are removed and ignored)."""
+def cancel_requests(spool: Spool, dropped: list[str] | None = None) -> list[str]:
+    """Task ids with a pending cancel request; files whose names are no task id are removed
+    (and listed in `dropped`, for the caller to say so)."""
     out = []
     for name in _listing(spool.cancel):
         path = spool.cancel / name
@@ -370,6 +371,8 @@ def cancel_requests(spool: Spool) -> list[str]:
             out.append(name)
         else:
             path.unlink(missing_ok=True)
+            if dropped is not None:
+                dropped.append(name)
     return out
 
 

@@ -105,6 +105,7 @@ async def test_a_duplicate_task_id_is_refused_and_the_first_result_is_kept(
     error = json.loads((workspace.spool.failed / "d2.task.yaml.error.json").read_text())
     assert error["code"] == "DUPLICATE_TASK_ID"
     assert workspace.result("dup") == first
+    assert error["field"] == "task_id" and error["line"] and error["column"], error  # located
 
 
 async def test_rejections_name_their_code_and_a_hint(workspace: Workspace, serve: Any) -> None:

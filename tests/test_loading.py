@@ -482,3 +482,11 @@ def test_a_file_name_too_long_for_a_task_id_says_so_not_that_its_letters_are_wro
     assert err is not None and "(it is 130 characters; at most 128)" in err.message, err
     other = tasks.implied_id_problem("x.task.yaml", "a b.task.yaml")
     assert other is not None and "letters, digits" in other.message
+
+
+def test_an_unclosed_bracket_noticed_lines_later_is_placed_where_it_opened(
+    tmp_path: Path,
+) -> None:
+    [err] = _task(tmp_path, "model: m\nprompt: [hi\nmax_tokens: 8\n").errors
+    assert (err.line, err.column) == (2, 9), err
+    assert "the [ list opened here is not closed (YAML noticed at line 3" in err.message
