@@ -61,8 +61,9 @@ Feature: Dropping task files into the spool
       """
     Then "broken.task.yaml" is quarantined in spool/failed with INVALID_TASK_FILE
     And the error file message mentions "not valid YAML"
-    And the error file points at line 3
-    And the error file has a hint saying "line"
+    And the error file message mentions "the [ list opened here is not closed"
+    And the error file points at line 2
+    And the error file has a hint saying "close it"
     When I drop a task "after-the-break"
     Then task "after-the-break" succeeds
 
