@@ -394,10 +394,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     logs.get("config"),
                     "config.invalid",
                     f"{cli_common.plain_error(err)} (nothing served).",
-                    level=40,
-                    path=err.path,
-                    line=err.line,
-                    field=err.field,
+                    **configuring.invalid_fields(err),
                 )
             else:
                 print(cli_common.plain_error(err), file=sys.stderr)

@@ -283,14 +283,12 @@ class AppliedConfig:
         self.errors = errors
         kept = f"keeping revision {self.revision}" if self.state else "nothing applied yet"
         for error in errors:
-            self._say(
-                "config.invalid",
-                f"{error} ({kept}).",
-                level=40,
-                path=error.path,
-                line=error.line,
-                field=error.field,
-            )
+            self._say("config.invalid", f"{error} ({kept}).", **invalid_fields(error))
+
+
+def invalid_fields(error: loading.LoadError) -> dict[str, Any]:
+    """The fields of a `config.invalid` log event (an error, located)."""
+    return {"level": 40, "path": error.path, "line": error.line, "field": error.field}
 
 
 def _meta_path(path: Path) -> Path:

@@ -154,37 +154,28 @@ def _syntax_error(text: str, shown: str, exc: yaml.MarkedYAMLError) -> LoadError
             "use spaces instead of tabs",
         )
     lines = text.count("\n") + (0 if text.endswith("\n") or not text else 1)
+    what = (exc.context or "").removeprefix("while parsing a ").removeprefix("while scanning a ")
     if mark is not None and mark.line + 1 > lines:  # the end of the file came first
-        if context is None or context.line + 1 > lines:  # PyYAML names no opener in the text
-            opener = _unclosed(text)
-            if opener is not None:
-                where, char = opener
-                return _at(
-                    shown,
-                    where,
-                    f"is not valid YAML/JSON: the file ends before the {_OPENERS[char]} "
-                    f"opened at line {where.line + 1}, column {where.column + 1} is closed",
-                    "close it, or remove what opened it",
-                )
-        if context is None or context.line + 1 > lines:
+        opener: tuple[Any, str] | None = None
+        if context is not None and context.line + 1 <= lines:
+            opener = context, _UNCLOSED.get(what, what or "part")
+        elif (found := _unclosed(text)) is not None:  # PyYAML names no opener in the text
+            opener = found[0], _UNCLOSED[_OPENERS[found[1]]]
+        if opener is None:
             return _at(
                 shown,
                 _last_line(text),
                 f"is not valid YAML/JSON: the file ends before it is complete ({problem})",
                 _SYNTAX,
             )
-        what = (
-            (exc.context or "").removeprefix("while parsing a ").removeprefix("while scanning a ")
-        )
-        kind = _UNCLOSED.get(what, what or "part")
+        where, kind = opener
         return _at(
             shown,
-            context,
+            where,
             f"is not valid YAML/JSON: the file ends before the {kind} opened at line "
-            f"{context.line + 1}, column {context.column + 1} is closed",
+            f"{where.line + 1}, column {where.column + 1} is closed",
             "close it, or remove what opened it",
         )
-    what = (exc.context or "").removeprefix("while parsing a ").removeprefix("while scanning a ")
     closable = what in ("flow sequence", "flow mapping", "quoted scalar")
     if mark is not None and context is not None and closable and context.line != mark.line:
         # the mistake is the bracket or quote left open, lines before where YAML noticed it
@@ -207,7 +198,7 @@ _UNCLOSED = {
 }
 
 
-_OPENERS = {"[": "[ list", "{": "{ mapping"}
+_OPENERS = {"[": "flow sequence", "{": "flow mapping"}  # as PyYAML names them
 
 
 def _unclosed(text: str) -> tuple[_Mark, str] | None:

@@ -154,12 +154,7 @@ def test_a_late_release_from_a_crashed_process_frees_no_slot_of_its_successor(
 async def test_a_task_refused_for_a_full_queue_may_be_dropped_again_under_its_id(
     workspace: Workspace, serve: Any
 ) -> None:
-    cfg = config(queue={"capacity": 1, "full_policy": "reject"})
-    cfg["pools"][0].update(slots=1, sim={"tokens_per_s": 20, "load_s": 0.0})
-    workspace.write_config(cfg)
-    await serve()
-    workspace.submit("r0.task.yaml", task("r0", max_tokens=30))
-    await wait_for(lambda: (workspace.result("r0") or {}).get("status") == "running", 10)
+    await _one_slot_busy(workspace, serve, capacity=1, busy="r0", busy_tokens=30)
     workspace.submit("r1.task.yaml", task("r1", max_tokens=2))
     workspace.submit("again.task.yaml", task("again", max_tokens=2))
     refused = await wait_terminal(workspace, "again")
@@ -285,12 +280,7 @@ async def test_a_task_evicted_by_drop_lru_may_be_posted_again_under_its_id(
 async def test_a_capacity_lowered_below_the_queue_says_so_and_advises_a_later_retry(
     workspace: Workspace, serve: Any
 ) -> None:
-    cfg = config(queue={"capacity": 16, "full_policy": "reject"})
-    cfg["pools"][0].update(slots=1, sim={"tokens_per_s": 20, "load_s": 0.0})
-    workspace.write_config(cfg)
-    await serve()
-    workspace.submit("busy.task.yaml", task("busy", max_tokens=20))
-    await wait_for(lambda: (workspace.result("busy") or {}).get("status") == "running", 10)
+    cfg = await _one_slot_busy(workspace, serve, capacity=16, busy="busy", busy_tokens=20)
     for i in range(6):
         workspace.submit(f"w{i}.task.yaml", task(f"w{i}", max_tokens=20))
     await wait_for(lambda: workspace.status()["queue"]["depth"] == 6, 10, "six waiting")
@@ -314,3 +304,16 @@ async def _refused_now(workspace: Workspace, task_id: str) -> dict[str, Any] | N
         f"{task_id} admitted or refused",
     )
     return result["error"] if result["status"] == "rejected" else None
+
+
+async def _one_slot_busy(
+    workspace: Workspace, serve: Any, *, capacity: int, busy: str, busy_tokens: int
+) -> dict[str, Any]:
+    """A daemon whose one slow slot (20 tokens/s) runs task `busy`; the config written."""
+    cfg = config(queue={"capacity": capacity, "full_policy": "reject"})
+    cfg["pools"][0].update(slots=1, sim={"tokens_per_s": 20, "load_s": 0.0})
+    workspace.write_config(cfg)
+    await serve()
+    workspace.submit(f"{busy}.task.yaml", task(busy, max_tokens=busy_tokens))
+    await wait_for(lambda: (workspace.result(busy) or {}).get("status") == "running", 10)
+    return cfg
