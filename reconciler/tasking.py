@@ -4,17 +4,20 @@ Every transition writes the event frame first and the result file second (both b
 task file moves), so the stream and the file agree and the result file is the commit point:
 a reader that sees a terminal result will find the terminal frame in the log.
 
-Group commit: in the event loop, the durable writes of every task that changes state in one
-loop turn join one `atomic` group, committed on the next turn with a few syncs in all (a
-thousand tasks finishing, starting or being queued together do not pay five fsyncs each).
-The files appear at the commit, in the order written; `settled()` waits for it, where a
-step must not run before its writes are durable (the first token is asked for only once the
-running result is on disk).
+Group commit: in the event loop, the durable writes of every task that changes state within
+COMMIT_WINDOW_S join one `atomic` group, committed with a few syncs in all (a thousand tasks
+finishing, starting or being queued together do not pay five fsyncs each). The commit (syncs
+and renames) runs in a writer thread of its own, one group at a time and in order, so no loop
+turn waits on the disk: while one group is being committed the next one collects writes, and
+is handed to the writer once the first has landed. The files appear at the commit, in the
+order written; `settled()` waits for it, where a step must not run before its writes are
+durable (the first token is asked for only once the running result is on disk).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -64,6 +67,17 @@ class TaskRun:
 
 Tap = Callable[[TaskRun, events.EventFrame], None]
 
+
+@dataclass
+class _Waiter:
+    """One `settled` call: its task (None: all), and how many of its groups have to land."""
+
+    unit: str | None
+    future: asyncio.Future[None]
+    groups: int
+    error: Exception | None = None
+
+
 # How long a group commit collects task writes, across loop turns, before its syncs: with 8
 # streams busy, one loop turn held a write or two, and the syncs of ~700 commits per 1,000
 # tasks were a tenth of the loop's time; a task waits at most this much longer for its
@@ -87,12 +101,15 @@ class Books:
     taps: list[Tap] = field(default_factory=list)
     finished: Callable[[TaskRun], None] | None = None
     _pending: atomic.Group | None = field(default=None, init=False, repr=False)
-    # (unit, future): a unit's waiter fails only when its unit's writes failed (None: waits
-    # for everything, fails only when writes of no unit failed)
-    _waiters: list[tuple[str | None, asyncio.Future[None]]] = field(
-        default_factory=list, init=False, repr=False
-    )
+    _flying: atomic.Group | None = field(default=None, init=False, repr=False)  # in the writer
+    _overdue: bool = field(default=False, init=False, repr=False)  # _pending's window passed
+    # per group (serial): the waiters of `settled`, each resolved once all its groups landed
+    _waiting: dict[int, list[_Waiter]] = field(default_factory=dict, init=False, repr=False)
     _timer: asyncio.TimerHandle | None = field(default=None, init=False, repr=False)
+    _writer: concurrent.futures.ThreadPoolExecutor | None = field(
+        default=None, init=False, repr=False
+    )
+    _handed: concurrent.futures.Future[None] | None = field(default=None, init=False, repr=False)
 
     @contextlib.contextmanager
     def _batch(self, task_id: str) -> Iterator[None]:
@@ -107,50 +124,108 @@ class Books:
             return
         group = atomic.begin()
         if group is not self._pending:
-            self._pending = group
-            self._timer = loop.call_later(COMMIT_WINDOW_S, self._commit, group)
+            self._pending, self._overdue = group, False
+            self._timer = loop.call_later(COMMIT_WINDOW_S, self._due, group)
         with atomic.group(), atomic.unit(task_id):
             yield
 
-    def _commit(self, group: atomic.Group) -> None:
-        if group.committed:  # flushed already: the waiters now are a later group's
+    def _due(self, group: atomic.Group) -> None:
+        """`group`'s window has passed: hand it to the writer, or once the group the writer
+        holds has landed (meanwhile it collects more writes, for the same syncs)."""
+        if group is not self._pending:  # flushed already
             return
-        if self._pending is group:
-            self._pending = None
-        waiters, self._waiters = self._waiters, []
-        failures: dict[Any, Exception] = {}
-        try:
-            atomic.commit(group)
-        except atomic.GroupFailed as exc:  # some tasks' writes failed: theirs, not the others'
-            failures = dict(exc.failures)
-            for key, error in failures.items():
-                write_deferred(key, error)
-        except Exception as exc:  # the disk refused (full, gone): the waiting tasks fail
-            log.exception("group commit failed")
-            failures = {key: exc for key, _ in waiters} | {None: exc}
-        for key, waiter in waiters:
-            if waiter.done():
-                continue
-            if key in failures:
-                waiter.set_exception(failures[key])
-            else:
-                waiter.set_result(None)
+        if self._flying is not None:
+            self._overdue = True
+            return
+        self._launch(group)
+
+    def _launch(self, group: atomic.Group) -> None:
+        self._pending, self._overdue, self._flying = None, False, group
+        atomic.hand_off(group)
+        if self._writer is None:
+            self._writer = concurrent.futures.ThreadPoolExecutor(1, "task-commit")
+        loop = asyncio.get_running_loop()
+        handed = self._handed = self._writer.submit(atomic.commit, group)
+
+        def landed(future: concurrent.futures.Future[None]) -> None:  # in the writer thread
+            with contextlib.suppress(RuntimeError):  # the loop closed: `flush` settled it
+                loop.call_soon_threadsafe(self._landed, group, future)
+
+        handed.add_done_callback(landed)
+
+    def _landed(self, group: atomic.Group, future: concurrent.futures.Future[None]) -> None:
+        """The writer has committed `group` (or failed to): tell its waiters, then hand it
+        the next group if that one's window has passed."""
+        self._settle(group, future.exception())
+        if self._flying is group:
+            self._flying = None
+        if self._pending is not None and self._overdue:
+            self._launch(self._pending)
+
+    def _settle(self, group: atomic.Group, error: BaseException | None) -> None:
+        waiters = self._waiting.pop(group.serial, None)
+        if waiters is None:  # settled already (`flush`), or nobody waits
+            if error is not None:
+                self._failures(error, [])
+            return
+        failures = self._failures(error, waiters)
+        for waiter in waiters:
+            if waiter.unit in failures and waiter.error is None:
+                waiter.error = failures[waiter.unit]
+            waiter.groups -= 1
+            if waiter.groups == 0 and not waiter.future.done():
+                if waiter.error is not None:
+                    waiter.future.set_exception(waiter.error)
+                else:
+                    waiter.future.set_result(None)
+
+    @staticmethod
+    def _failures(error: BaseException | None, waiters: list[_Waiter]) -> dict[Any, Exception]:
+        """Per unit (None: every waiter), the error its writes failed with in a commit."""
+        if error is None:
+            return {}
+        if isinstance(error, atomic.GroupFailed):  # some tasks' writes failed: not the others'
+            for key, failure in error.failures.items():
+                write_deferred(key, failure)
+            return dict(error.failures)
+        if not isinstance(error, Exception):
+            error = RuntimeError(f"the group commit ended with {error!r}")
+        log.error("group commit failed", exc_info=error)  # the disk refused (full, gone)
+        return {w.unit: error for w in waiters} | {None: error}
 
     def flush(self) -> None:
-        """Commit what is pending now (the daemon stopping: no later loop turn may come)."""
+        """Commit what is pending now, and wait for the writer (the daemon stopping: no later
+        loop turn may come)."""
         if self._timer is not None:
             self._timer.cancel()
+        flying, handed = self._flying, self._handed
+        if flying is not None and handed is not None:
+            with contextlib.suppress(Exception):
+                handed.result()
+            self._settle(flying, handed.exception())
+            self._flying = None
         if self._pending is not None:
-            self._commit(self._pending)
+            group, self._pending = self._pending, None
+            error: BaseException | None = None
+            try:
+                atomic.commit(group)
+            except Exception as exc:
+                error = exc
+            self._settle(group, error)
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
 
     async def settled(self, task_id: str | None = None) -> None:
         """Return once every task write made so far is durable; raise when `task_id`'s own
         writes failed (without one: when writes of no task failed)."""
-        if self._pending is None:
+        groups = [g for g in (self._flying, self._pending) if g is not None]
+        if not groups:
             return
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append((task_id, waiter))
-        await waiter
+        waiter = _Waiter(task_id, asyncio.get_running_loop().create_future(), len(groups))
+        for group in groups:
+            self._waiting.setdefault(group.serial, []).append(waiter)
+        await waiter.future
 
     def ts(self) -> str:
         return clocks.rfc3339(self.clock.now())

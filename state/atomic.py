@@ -5,7 +5,8 @@ folder (fsync of the file alone does not persist the rename).
 
 Group commit: inside `with group():` (one thread's batch of work, e.g. the tasks a pass
 claims together) durable writes and renames are deferred, not weakened. Each write goes to
-its temporary file at once; at the end of the block one sync of the filesystem makes every
+its temporary file at once (in a group `begin` opened, at the commit, by the thread that commits
+it); at the end of the block one sync of the filesystem makes every
 temporary file (and every other write of the block, such as a terminal event frame) durable,
 then the renames run in the order they were asked for, then one more sync makes them durable.
 A sync is one `syncfs` of the filesystem while the system has little else waiting to be
@@ -17,7 +18,10 @@ So a reader still sees a file only whole, only once its data is on disk, and a t
 still appear in their order (frame, result, task file moved last), for a whole batch at the
 cost of a few syncs instead of two fsyncs per write. `exists`/`read_bytes` let the thread see
 what its pending group will write; `begin`/`commit` keep a group open past one block (the
-event loop commits once a turn). Writes from other threads are not affected.
+event loop commits once a turn). `hand_off` lets another thread commit a group (the event loop's
+writer thread, so that no loop turn waits on a sync or a rename): until it has landed, this
+thread still sees what it will write, a later group commits after it, and a write outside a
+group to one of its paths waits for it. Writes from other threads are not affected.
 
 Each write names its `kind` (results, sessions, …) so a crash test can fail it at its
 failpoints (state/failpoints.py): before anything is written, with the temporary file
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
 import json
 import os
 import secrets
@@ -40,6 +45,8 @@ from pathlib import Path
 from typing import Any
 
 from state import failpoints
+
+_serials = itertools.count()
 
 
 @dataclass
@@ -56,9 +63,15 @@ class Group:
     # files written in the group other than through `write_bytes` (an event log's terminal
     # frame), made durable by the commit's first sync
     written: set[Path] = field(default_factory=set)
+    # writes whose temporary file the commit writes (a group `begin` opened, committed by
+    # another thread: the thread that asks for them never waits on a file's creation)
+    unwritten: dict[Path, tuple[bytes, int | None]] = field(default_factory=dict)
     later: bool = False  # committed by whoever called `begin`, not at the end of a block
     committed: bool = False  # a second commit (a flush, then the scheduled one) is a no-op
     syncs: int = 0
+    # temporary names are unique across groups: one handed off may still hold its own
+    serial: int = field(default_factory=lambda: next(_serials))
+    landed: threading.Event = field(default_factory=threading.Event)  # its commit has ended
 
 
 _local = threading.local()
@@ -66,6 +79,49 @@ _local = threading.local()
 
 def _group() -> Group | None:
     return getattr(_local, "group", None)
+
+
+def _flight() -> list[Group]:
+    """This thread's groups handed off to another thread and not known to have landed."""
+    flight: list[Group] | None = getattr(_local, "flight", None)
+    if flight is None:
+        flight = _local.flight = []
+    flight[:] = [g for g in flight if not g.landed.is_set()]
+    return flight
+
+
+_ABSENT = object()
+
+
+def _planned(path: Path) -> Any:
+    """What `path` will be once this thread's pending and handed-off groups land: bytes, a
+    Path (the file now there that will be moved to it), None (gone), or _ABSENT (the groups
+    leave it alone: the disk says)."""
+    current = _group()
+    if current is not None and path in current.data:
+        return current.data[path]
+    for flying in reversed(_flight()):
+        if path in flying.data:
+            return flying.data[path]
+    return _ABSENT
+
+
+def hand_off(current: Group) -> Group:
+    """`current`, this thread's pending group, is to be committed by another thread (one at
+    a time, in the order handed off): this thread opens a new group for its next writes, and
+    sees what `current` will write until it has landed."""
+    if _group() is current:
+        _local.group = None
+    _flight().append(current)
+    return current
+
+
+def _await_landing(paths: Sequence[Path], *, but: Group | None = None) -> None:
+    """Before a write outside a group, or a group committed by this thread itself: wait for
+    the handed-off groups that touch `paths`, so that their commit cannot undo it."""
+    for flying in _flight():
+        if flying is not but and any(p in flying.data for p in paths):
+            flying.landed.wait()
 
 
 class GroupFailed(OSError):
@@ -101,12 +157,14 @@ def _append(current: Group, op: tuple[Path, Path | None, str]) -> None:
 def _defer(*paths: Path) -> Group | None:
     """The group a durable operation on `paths` joins: this thread's pending group when a
     `group()` block is open, or when the group already holds one of the paths (so the
-    operations on one file keep their order)."""
+    operations on one file keep their order). Done at once instead, it first waits for the
+    handed-off groups holding one of them."""
     current = _group()
-    if current is None:
-        return None
-    if getattr(_local, "depth", 0) > 0 or any(p in current.data for p in paths):
+    if current is not None and (
+        getattr(_local, "depth", 0) > 0 or any(p in current.data for p in paths)
+    ):
         return current
+    _await_landing(paths)
     return None
 
 
@@ -145,6 +203,14 @@ def commit(current: Group) -> None:
     are carried out and synced, then GroupFailed names the units that failed."""
     if _group() is current:
         _local.group = None
+    try:
+        _await_landing(list(current.data), but=current)  # a group committed here, in order
+        _commit(current)
+    finally:
+        current.landed.set()
+
+
+def _commit(current: Group) -> None:
     if current.committed or not current.ops:
         return
     current.committed = True
@@ -152,13 +218,24 @@ def commit(current: Group) -> None:
     applied: list[tuple[Path, Path | None, str]] = []
     done = 0
     try:
+        # the writes left for the commit (a group committed by another thread), each to its
+        # temporary file; one that fails (a full disk) fails its unit where it stands
+        unwritten = {
+            src: _write_tmp(src, *current.unwritten[src], kind)
+            for src, _, kind in current.ops
+            if src in current.unwritten
+        }
         failpoints.hit("before_group_sync")
         # every temporary file's data (and the block's other writes) on disk
         current.syncs += 1
         # the write-back waiting, read once for both syncs (/proc/meminfo costs ~0.1 ms)
         dirty = _dirty_bytes()
         _sync_files(
-            [src for src, dst, kind in current.ops if dst is not None and kind]
+            [
+                src
+                for src, dst, kind in current.ops
+                if dst is not None and kind and unwritten.get(src) is None
+            ]
             + sorted(current.written),
             dirty=dirty,
         )
@@ -166,6 +243,10 @@ def commit(current: Group) -> None:
             done += 1
             if key in failed:  # after a failed write of its unit: never appears
                 _drop_tmp(src, dst)
+                continue
+            broken = unwritten.get(src)
+            if broken is not None:
+                failed[key] = broken
                 continue
             try:
                 _apply(src, dst, kind)
@@ -182,6 +263,36 @@ def commit(current: Group) -> None:
         raise
     if failed:
         raise GroupFailed(failed)
+
+
+def _write_tmp(tmp: Path, data: bytes, mode: int | None, kind: str) -> OSError | None:
+    """Write a temporary file of the group (not synced); the error instead of raising it."""
+    try:
+        _fill(tmp, data, mode=mode, kind=kind, sync=False)
+    except OSError as exc:
+        return exc
+    return None
+
+
+def _fill(
+    tmp: Path, data: bytes, *, mode: int | None, kind: str | None, sync: bool, new: bool = False
+) -> None:
+    """Write `tmp` whole (fsynced when `sync`; `new`: it must not exist yet), hitting the
+    `<kind>_write` failpoint; on any error it is removed."""
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | (os.O_EXCL if new else os.O_TRUNC), 0o644)
+    try:
+        if kind is not None:
+            failpoints.hit(f"{kind}_write")
+        if mode is not None:
+            os.fchmod(fd, mode)
+        write_all(fd, data)
+        if sync:
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
 
 
 def _apply(src: Path, dst: Path | None, kind: str) -> None:
@@ -310,9 +421,9 @@ _syncfs = _load_syncfs()
 def exists(path: Path, *, folder: bool = True) -> bool:
     """Whether `path` will be there once this thread's pending group commits (a folder
     there counts unless `folder` is False)."""
-    current = _group()
-    if current is not None and path in current.data:
-        return current.data[path] is not None
+    planned = _planned(path)
+    if planned is not _ABSENT:
+        return planned is not None
     try:
         mode = os.lstat(path).st_mode
     except OSError:
@@ -322,13 +433,17 @@ def exists(path: Path, *, folder: bool = True) -> bool:
 
 def read_bytes(path: Path) -> bytes:
     """`path`'s content as this thread will see it once its pending group commits."""
-    current = _group()
-    if current is None or path not in current.data:
+    data = _planned(path)
+    if data is _ABSENT:
         return path.read_bytes()
-    data = current.data[path]
     if data is None:
         raise FileNotFoundError(2, "No such file or directory", str(path))
-    return data if isinstance(data, bytes) else data.read_bytes()
+    if isinstance(data, bytes):
+        return data
+    try:
+        return bytes(data.read_bytes())
+    except FileNotFoundError:  # moved by a handed-off group meanwhile: it is there now
+        return path.read_bytes()
 
 
 def written(path: Path) -> None:
@@ -372,21 +487,18 @@ def write_bytes(
     # in a group each write has its own temporary file: the commit renames them in order;
     # outside one, each thread its own (two threads of a server writing one file at once,
     # such as two cancels of one task, must not write and rename one temporary file)
-    unique = f".{threading.get_native_id()}" if current is None else f".{len(current.ops)}"
+    unique = (
+        f".{threading.get_native_id()}"
+        if current is None
+        else f".g{current.serial}.{len(current.ops)}"
+    )
     tmp = path.with_name(f".{path.name}.{os.getpid()}{unique}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        failpoints.hit(f"{kind}_write")
-        if mode is not None:
-            os.fchmod(fd, mode)
-        write_all(fd, data)
-        if durable and current is None:
-            os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
+    if current is not None and current.later:  # written, renamed and synced at the commit
+        _append(current, (tmp, path, kind))
+        current.data[path] = data
+        current.unwritten[tmp] = (data, mode)
+        return
+    _fill(tmp, data, mode=mode, kind=kind, sync=durable and current is None)
     if current is not None:  # renamed at the group's commit, after one sync for all
         _append(current, (tmp, path, kind))
         current.data[path] = data
@@ -446,16 +558,7 @@ def create_many(items: Sequence[tuple[Path, bytes]]) -> list[bool]:
 def _new_tmp(path: Path, data: bytes, *, sync: bool) -> Path:
     """A new temporary file beside `path` holding `data` (fsynced when `sync`)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        write_all(fd, data)
-        if sync:
-            os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
+    _fill(tmp, data, mode=None, kind=None, sync=sync, new=True)
     return tmp
 
 
@@ -485,7 +588,8 @@ def rename_durable(src: Path, dst: Path) -> None:
     rename waits for the commit, after the writes asked for before it."""
     current = _defer(src, dst)
     if current is not None:
-        content = current.data.get(src, src)
+        planned = _planned(src)
+        content = src if planned is _ABSENT else planned
         if content is None or (content is src and not os.path.lexists(src)):
             raise FileNotFoundError(2, "No such file or directory", str(src))
         _append(current, (src, dst, ""))  # a move: its failpoints are its caller's

@@ -97,7 +97,10 @@ def test_with_a_busy_disk_a_batch_fsyncs_its_own_files_and_folders_not_the_files
         assert busy_disk == []  # nothing synced before the commit
     data, folders = busy_disk[:3], busy_disk[3:]
     assert sorted(Path(p).name for p in data[:2]) == sorted(
-        [f".a.json.{os.getpid()}.0.tmp", f".b.json.{os.getpid()}.1.tmp"]
+        [
+            f".a.json.{os.getpid()}.g{batch.serial}.0.tmp",
+            f".b.json.{os.getpid()}.g{batch.serial}.1.tmp",
+        ]
     )  # each temporary file's data, before its rename
     assert data[2] == str(res / "a.events.jsonl")  # the terminal frame, before the result
     assert sorted(folders) == sorted(map(str, (res, active, done)))  # then the renames
@@ -501,3 +504,102 @@ async def test_a_folder_where_a_queued_tasks_result_goes_holds_it_back_not_fails
     blocked.rmdir()
     result = await wait_terminal(workspace, "next", 20)
     assert result["status"] == "succeeded", result
+
+
+def _books(tmp_path: Path) -> tuple[Any, Any]:
+    """Books over a fresh folder, and a factory of its task records."""
+    from reconciler import clocks, fanout, tasking
+    from state import tasks
+
+    store = results.ResultStore(tmp_path / "results")
+    books = tasking.Books(
+        spool.Spool(tmp_path / "spool").ensure(), store, fanout.Hub(), clocks.RealClock()
+    )
+
+    def run(task_id: str) -> tasking.TaskRun:
+        body = tasks.TaskFile.model_validate(task(task_id))
+        return tasking.new_run(
+            task_id,
+            body,
+            f"{task_id}.task.json",
+            store=store,
+            revision=None,
+            clock=clocks.RealClock(),
+        )
+
+    return books, run
+
+
+@pytest.fixture
+def held_commits(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Every group commit waits at its first sync until the test lets it go."""
+    import threading
+
+    gate = threading.Event()
+    real = atomic._sync_files
+
+    def sync_files(files: Any, **kw: Any) -> None:
+        gate.wait(10)
+        real(files, **kw)
+
+    monkeypatch.setattr(atomic, "_sync_files", sync_files)
+    yield gate
+    gate.set()
+
+
+async def test_a_slow_commit_never_holds_up_the_event_loop(
+    tmp_path: Path, held_commits: Any
+) -> None:
+    """The syncs and renames run in the commit thread: while the disk takes its time, the loop
+    keeps serving (streams, HTTP answers), and the result appears once the commit lands."""
+    import asyncio
+
+    books, new = _books(tmp_path)
+    run = new("t1")
+    books.save(run)
+    ticks = 0
+
+    async def ticking() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticker = asyncio.create_task(ticking())
+    settled = asyncio.create_task(books.settled("t1"))
+    await asyncio.sleep(0.3)  # the commit is held at its sync all this while
+    assert ticks >= 10 and not settled.done()
+    assert not books.results.path("t1").exists()  # nothing visible before the commit
+    held_commits.set()
+    await asyncio.wait_for(settled, 5)
+    ticker.cancel()
+    assert json.loads(books.results.path("t1").read_text())["status"] == "queued"
+    books.flush()
+
+
+async def test_what_a_commit_in_flight_will_write_is_seen_by_the_loop_and_kept_in_order(
+    tmp_path: Path, held_commits: Any
+) -> None:
+    """While a group is being committed by the commit thread, the loop reads what it will
+    write; a later group commits after it; a write outside any group to one of its paths waits
+    for it, so the older commit can never undo the newer write."""
+    import asyncio
+    import threading
+
+    books, new = _books(tmp_path)
+    first, second = new("t1"), new("t2")
+    books.save(first)
+    await asyncio.sleep(0.05)  # handed to the commit thread, held at its sync
+    assert books.results.read("t1") is not None  # seen through the commit in flight
+    assert not books.results.path("t1").exists()
+    second.result.status = "running"
+    books.save(second)  # the next group, committed after the first
+    first.result.status = "running"
+    path = books.results.path("t1")
+    threading.Timer(0.2, held_commits.set).start()
+    atomic.write_bytes(path, results.encode(first.result))  # waits for the commit in flight
+    await asyncio.wait_for(books.settled(), 5)
+    assert json.loads(path.read_text())["status"] == "running"  # not undone by the older commit
+    assert json.loads(books.results.path("t2").read_text())["status"] == "running"
+    assert not [p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+    books.flush()
