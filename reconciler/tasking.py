@@ -217,9 +217,14 @@ class Books:
             self._writer = None
 
     async def settled(self, task_id: str | None = None) -> None:
-        """Return once every task write made so far is durable; raise when `task_id`'s own
-        writes failed (without one: when writes of no task failed)."""
-        groups = [g for g in (self._flying, self._pending) if g is not None]
+        """Return once `task_id`'s writes made so far are durable (without one: every task
+        write made so far); raise when they failed (without one: when writes of no task
+        failed). A task does not wait for the commits of other tasks' writes."""
+        groups = [
+            g
+            for g in (self._flying, self._pending)
+            if g is not None and (task_id is None or task_id in g.units)
+        ]
         if not groups:
             return
         waiter = _Waiter(task_id, asyncio.get_running_loop().create_future(), len(groups))

@@ -603,3 +603,20 @@ async def test_what_a_commit_in_flight_will_write_is_seen_by_the_loop_and_kept_i
     assert json.loads(books.results.path("t2").read_text())["status"] == "running"
     assert not [p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")]
     books.flush()
+
+
+async def test_a_task_waits_for_its_own_writes_only(tmp_path: Path, held_commits: Any) -> None:
+    """A task about to start waits for its own queued result, not for a commit of other
+    tasks' writes that the disk is slow to finish."""
+    import asyncio
+
+    books, new = _books(tmp_path)
+    books.save(new("t1"))
+    await asyncio.sleep(0.05)  # in the commit thread, held at its sync
+    await asyncio.wait_for(books.settled("t2"), 1)  # t2 wrote nothing since: no wait
+    mine = asyncio.create_task(books.settled("t1"))
+    await asyncio.sleep(0.1)
+    assert not mine.done()
+    held_commits.set()
+    await asyncio.wait_for(mine, 5)
+    books.flush()
