@@ -225,6 +225,7 @@ class Daemon:
         self.server: api.Server | None = None
         self._last_status = b""
         self.taker = taking.Taker(the_spool, store, dispatcher, config, clock, self.wake)
+        books.write_failed = self.taker.write_failed
 
     def wake(self) -> None:
         self.wake_event.set()

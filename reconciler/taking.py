@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from reconciler import clocks, configuring, dispatch, intake, logs, streaming, tasking
-from state import failpoints, loading, results, spool
+from state import failpoints, ids, loading, results, spool
 from state.errors import ErrorCode
 
 log = logs.get("daemon")
@@ -103,6 +103,19 @@ class Taker:
             self.dispatcher.admit(run, recovered=recovered is not None)
         except Exception as exc:  # never let one file take the daemon down
             self._failed(path, exc)
+
+    def write_failed(self, task_id: str, exc: Exception) -> None:
+        """A task's writes failed at their commit (`tasking.Books.write_failed`). One still
+        queued (its queued frame or result never reached the disk) is held back as a failed
+        take: out of the queue, its file left in active/ for the recovery pass, which takes
+        it again afresh. A running or finished one is handled where it waits on its commit,
+        or by the recovery pass."""
+        run = self.dispatcher.runs.get(ids.TaskId(task_id))
+        if run is None or task_id not in self.dispatcher.queue:
+            return
+        self.dispatcher.queue.remove(run.task_id)
+        del self.dispatcher.runs[run.task_id]
+        self._failed(self.the_spool.active / run.file_name, exc)
 
     def _failed(self, path: Path, exc: Exception) -> None:
         if streaming.storage_failure(exc, task_file=path):

@@ -100,6 +100,8 @@ class Books:
     clock: clocks.Clock
     taps: list[Tap] = field(default_factory=list)
     finished: Callable[[TaskRun], None] | None = None
+    # told of each task whose writes failed at a commit (the taker holds back a queued one)
+    write_failed: Callable[[str, Exception], None] | None = None
     _pending: atomic.Group | None = field(default=None, init=False, repr=False)
     _flying: atomic.Group | None = field(default=None, init=False, repr=False)  # in the writer
     _overdue: bool = field(default=False, init=False, repr=False)  # _pending's window passed
@@ -110,6 +112,8 @@ class Books:
         default=None, init=False, repr=False
     )
     _handed: concurrent.futures.Future[None] | None = field(default=None, init=False, repr=False)
+    # the serial of the last group settled: groups land in the order they were begun
+    _last_settled: int = field(default=-1, init=False, repr=False)
 
     @contextlib.contextmanager
     def _batch(self, task_id: str) -> Iterator[None]:
@@ -163,12 +167,24 @@ class Books:
             self._launch(self._pending)
 
     def _settle(self, group: atomic.Group, error: BaseException | None) -> None:
-        waiters = self._waiting.pop(group.serial, None)
-        if waiters is None:  # settled already (`flush`), or nobody waits
-            if error is not None:
-                self._failures(error, [])
+        if group.serial <= self._last_settled:  # settled already (`flush`)
             return
-        failures = self._failures(error, waiters)
+        self._last_settled = group.serial
+        waiters = self._waiting.pop(group.serial, [])
+        failures = self._failures(error, waiters, group)
+        for key, failure in failures.items():
+            if not isinstance(key, str):
+                continue
+            pending = self._pending
+            if pending is not None and key in pending.units:  # its writes that followed
+                pending.poisoned[key] = (
+                    failure if isinstance(failure, OSError) else OSError(str(failure))
+                )
+            if self.write_failed is not None and key not in group.poisoned:
+                try:
+                    self.write_failed(key, failure)
+                except Exception:  # the task waits for the recovery pass all the same
+                    log.exception("handling the failed write of %s failed", key)
         for waiter in waiters:
             if waiter.unit in failures and waiter.error is None:
                 waiter.error = failures[waiter.unit]
@@ -180,13 +196,16 @@ class Books:
                     waiter.future.set_result(None)
 
     @staticmethod
-    def _failures(error: BaseException | None, waiters: list[_Waiter]) -> dict[Any, Exception]:
+    def _failures(
+        error: BaseException | None, waiters: list[_Waiter], group: atomic.Group
+    ) -> dict[Any, Exception]:
         """Per unit (None: every waiter), the error its writes failed with in a commit."""
         if error is None:
             return {}
         if isinstance(error, atomic.GroupFailed):  # some tasks' writes failed: not the others'
             for key, failure in error.failures.items():
-                write_deferred(key, failure)
+                if key not in group.poisoned:  # said when its first write failed
+                    write_deferred(key, failure)
             return dict(error.failures)
         if not isinstance(error, Exception):
             error = RuntimeError(f"the group commit ended with {error!r}")
@@ -262,25 +281,27 @@ class Books:
         on_time_probability: float | None,
         budgets: Budgets | None = None,
     ) -> None:
-        """The task is admitted: its `queued` frame, then its result."""
+        """The task is admitted: its `queued` frame, then its result (one commit: a new log's
+        first frame is written by the commit thread, just before the result)."""
         result = run.result
         result.status = "queued"
         result.queue_position = position
         result.predicted_start_ms = predicted_start_ms
         result.on_time_probability = on_time_probability
         result.budgets = budgets
-        self.frame(
-            run,
-            "queued",
-            {
-                "queue_position": position,
-                "predicted_start_ms": predicted_start_ms,
-                "on_time_probability": on_time_probability,
-                "attempt": result.attempts,
-                "budgets": None if budgets is None else budgets.model_dump(),
-            },
-        )
-        self.save(run)
+        with self._batch(run.task_id):
+            self.frame(
+                run,
+                "queued",
+                {
+                    "queue_position": position,
+                    "predicted_start_ms": predicted_start_ms,
+                    "on_time_probability": on_time_probability,
+                    "attempt": result.attempts,
+                    "budgets": None if budgets is None else budgets.model_dump(),
+                },
+            )
+            self.save(run)
         when = (
             f"predicted start in {predicted_start_ms} ms"
             if predicted_start_ms is not None

@@ -66,6 +66,10 @@ class Group:
     # writes whose temporary file the commit writes (a group `begin` opened, committed by
     # another thread: the thread that asks for them never waits on a file's creation)
     unwritten: dict[Path, tuple[bytes, int | None]] = field(default_factory=dict)
+    appends: dict[int, bytes] = field(default_factory=dict)  # per APPEND op: its bytes
+    # units a write of which failed in the group committed before this one: none of their
+    # operations here is carried out (each would follow a write that never happened)
+    poisoned: dict[Hashable, OSError] = field(default_factory=dict)
     later: bool = False  # committed by whoever called `begin`, not at the end of a block
     committed: bool = False  # a second commit (a flush, then the scheduled one) is a no-op
     syncs: int = 0
@@ -214,17 +218,14 @@ def _commit(current: Group) -> None:
     if current.committed or not current.ops:
         return
     current.committed = True
-    failed: dict[Hashable, OSError] = {}
+    failed: dict[Hashable, OSError] = dict(current.poisoned)
     applied: list[tuple[Path, Path | None, str]] = []
     done = 0
     try:
-        # the writes left for the commit (a group committed by another thread), each to its
-        # temporary file; one that fails (a full disk) fails its unit where it stands
-        unwritten = {
-            src: _write_tmp(src, *current.unwritten[src], kind)
-            for src, _, kind in current.ops
-            if src in current.unwritten
-        }
+        # the writes left for the commit (a group committed by another thread): each to its
+        # temporary file, each append to its file, in order; one that fails (a full disk)
+        # fails its unit where it stands, and nothing later of that unit is written
+        broken = _write_deferred(current, set(failed))
         failpoints.hit("before_group_sync")
         # every temporary file's data (and the block's other writes) on disk
         current.syncs += 1
@@ -233,20 +234,19 @@ def _commit(current: Group) -> None:
         _sync_files(
             [
                 src
-                for src, dst, kind in current.ops
-                if dst is not None and kind and unwritten.get(src) is None
+                for n, (src, dst, kind) in enumerate(current.ops)
+                if dst is not None and kind and n not in broken
             ]
             + sorted(current.written),
             dirty=dirty,
         )
-        for (src, dst, kind), key in zip(current.ops, current.units, strict=True):
+        for n, ((src, dst, kind), key) in enumerate(zip(current.ops, current.units, strict=True)):
             done += 1
             if key in failed:  # after a failed write of its unit: never appears
                 _drop_tmp(src, dst)
                 continue
-            broken = unwritten.get(src)
-            if broken is not None:
-                failed[key] = broken
+            if n in broken:
+                failed[key] = broken[n]
                 continue
             try:
                 _apply(src, dst, kind)
@@ -265,13 +265,47 @@ def _commit(current: Group) -> None:
         raise GroupFailed(failed)
 
 
-def _write_tmp(tmp: Path, data: bytes, mode: int | None, kind: str) -> OSError | None:
-    """Write a temporary file of the group (not synced); the error instead of raising it."""
+def _write_deferred(current: Group, gone: set[Hashable]) -> dict[int, OSError]:
+    """Write what the group's writes and appends left for the commit, in order (nothing
+    synced), but none of the units `gone` (they grow by each unit a write of which fails);
+    per op index, the error of each that failed."""
+    broken: dict[int, OSError] = {}
+    for n, ((src, _, kind), key) in enumerate(zip(current.ops, current.units, strict=True)):
+        if key in gone or not (kind == APPEND or src in current.unwritten):
+            continue
+        try:
+            if kind == APPEND:
+                append_whole(src, current.appends[n])
+            else:
+                data, mode = current.unwritten[src]
+                _fill(src, data, mode=mode, kind=kind, sync=False)
+        except OSError as exc:
+            broken[n] = exc
+            gone.add(key)
+    return broken
+
+
+def append_whole(path: Path, data: bytes, *, fd: int | None = None, sync: bool = False) -> None:
+    """Append `data` to `path` (created if need be; or to the open `fd`, at the end of the file
+    it knows) entirely or not at all: a write cut short (a full disk writes what fits, then
+    fails) is cut back off, so the next append never lands on the end of half of one."""
+    own = fd is None
+    if fd is None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
-        _fill(tmp, data, mode=mode, kind=kind, sync=False)
-    except OSError as exc:
-        return exc
-    return None
+        size = os.fstat(fd).st_size
+        try:
+            failpoints.hit("frame_write")
+            write_all(fd, data)
+            if sync:
+                os.fsync(fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            raise
+    finally:
+        if own:
+            os.close(fd)
 
 
 def _fill(
@@ -296,6 +330,8 @@ def _fill(
 
 
 def _apply(src: Path, dst: Path | None, kind: str) -> None:
+    if kind == APPEND:  # written before the first sync, in order with the temporary files
+        return
     if dst is None:  # a removal: gone already, or not ours, is fine (as one by one)
         with contextlib.suppress(FileNotFoundError, IsADirectoryError, PermissionError):
             os.unlink(src)
@@ -453,6 +489,33 @@ def written(path: Path) -> None:
     if current is None:
         raise RuntimeError("atomic.written() outside a group")
     current.written.add(path)
+
+
+APPEND = "append"  # an op's kind: bytes appended to its file (`append`)
+
+
+def append(path: Path, data: bytes, *, new: bool) -> bool:
+    """Leave the append of `data` to `path` (an event log) to this thread's pending group
+    commit, in order with its other writes, when that group is committed by another thread
+    (`begin`) and either `path` is `new` (its creation is then the commit thread's wait, not
+    this one's) or the group already holds an append to it: True, the caller writes nothing.
+    Otherwise False, once any handed-off group holding `path` has landed: the caller appends
+    it itself, after them."""
+    current = _group()
+    if (
+        current is not None
+        and current.later
+        and (getattr(_local, "depth", 0) > 0 or path in current.data)
+    ):
+        planned = _planned(path)
+        if new or planned is not _ABSENT:
+            base = planned if isinstance(planned, bytes) else b""
+            _append(current, (path, path, APPEND))
+            current.appends[len(current.ops) - 1] = data
+            current.data[path] = base + data
+            return True
+    _await_landing([path])
+    return False
 
 
 def deferring() -> bool:

@@ -2,13 +2,14 @@
 
 One JSON object per line: `{"id", "event", "data", "ts"}`, ids strictly increasing from 1.
 Frames are written through to the OS at once (so tailing readers see them) and fsynced at the
-terminal frame. A log reopened after a crash continues after its last complete line: an id is
-never reused, and a torn last line (a crash mid-write) is cut off before appending.
+terminal frame; only a new log's first frames, in a group commit of the daemon's loop, are left
+to the commit thread (`atomic.append`), which writes them just before the result they precede.
+A log reopened after a crash continues after its last complete line: an id is never reused,
+and a torn last line (a crash mid-write) is cut off before appending.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import weakref
@@ -18,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from state import atomic, failpoints
+from state import atomic
 
 EventName = Literal["queued", "started", "token", "metrics", "end", "error"]
 TERMINAL_EVENTS = frozenset({"end", "error"})
@@ -49,7 +50,6 @@ class EventLog:
         self.path = path
         self.last_id, self.terminal = _recover(path)
         self._fd: int | None = None  # opened while frames stream; closed (also if dropped)
-        self._size = 0  # the file's size while `_fd` is open (this is its only writer)
         self._closer: Any = None  # a weakref.finalize: closes the fd once, also on GC
 
     def append(self, event: EventName, data: dict[str, Any], *, ts: str) -> EventFrame:
@@ -73,20 +73,23 @@ class EventLog:
             _encode({"id": first + n, "event": event, "data": data, "ts": ts})
             for n, data in enumerate(items)
         ]
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            self._closer = weakref.finalize(self, os.close, self._fd)
-            self._size = os.fstat(self._fd).st_size
-        deferred = terminal and atomic.deferring()
         data = ("\n".join(lines) + "\n").encode()
-        try:
-            _append_whole(self._fd, data, self._size, sync=terminal and not deferred)
-        except BaseException:
-            self.close()  # the next frame opens it again and reads its size afresh
-            raise
-        self._size += len(data)
-        if deferred:  # the group's commit syncs it, before the terminal result appears
-            atomic.written(self.path)
+        # a new log's first frames (a task queued) are written by the group commit's thread,
+        # before the result that follows them: creating a file can take a millisecond
+        if self._fd is None and atomic.append(self.path, data, new=self.last_id == 0):
+            pass
+        else:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                self._closer = weakref.finalize(self, os.close, self._fd)
+            deferred = terminal and atomic.deferring()
+            try:
+                atomic.append_whole(self.path, data, fd=self._fd, sync=terminal and not deferred)
+            except BaseException:
+                self.close()  # the next frame opens it again
+                raise
+            if deferred:  # the group's commit syncs it, before the terminal result appears
+                atomic.written(self.path)
         if event not in _STREAMING:
             self.close()
         self.last_id, self.terminal = first + len(items) - 1, terminal
@@ -100,21 +103,6 @@ class EventLog:
         if self._closer is not None:
             self._closer()
         self._fd, self._closer = None, None
-
-
-def _append_whole(fd: int, line: bytes, size: int, *, sync: bool) -> None:
-    """Append `line` to the file of `size` bytes entirely or not at all: a write cut short (a
-    full disk writes what fits, then fails) is cut back off, so the next frame never lands on
-    the end of half a line."""
-    try:
-        failpoints.hit("frame_write")
-        atomic.write_all(fd, line)
-        if sync:
-            os.fsync(fd)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, size)
-        raise
 
 
 def read(path: Path, *, after: int = 0) -> Iterator[EventFrame]:

@@ -620,3 +620,38 @@ async def test_a_task_waits_for_its_own_writes_only(tmp_path: Path, held_commits
     held_commits.set()
     await asyncio.wait_for(mine, 5)
     books.flush()
+
+
+async def test_a_task_whose_write_failed_at_a_commit_writes_nothing_in_the_next(
+    tmp_path: Path, held_commits: Any
+) -> None:
+    """A task's queued frame and result fail at their commit (a full disk) while its next
+    writes collect in the group behind it: those are not carried out either (its log would
+    go on after a frame that was never written), its waiters fail, and the taker is told."""
+    import asyncio
+
+    from state import failpoints
+
+    books, new = _books(tmp_path)
+    told: list[str] = []
+    books.write_failed = lambda task_id, exc: told.append(task_id)
+    run, other = new("t1"), new("t2")
+    failpoints.configure("frame_write=enospc@1")
+    try:
+        books.queued(run, position=0, predicted_start_ms=None, on_time_probability=None)
+        await asyncio.sleep(0.05)  # in the commit thread, held
+        books.queued(other, position=1, predicted_start_ms=None, on_time_probability=None)
+        books.finish(run, "canceled", finish_reason="canceled")  # behind the failed group
+        mine = asyncio.create_task(books.settled("t1"))
+        held_commits.set()
+        with pytest.raises(OSError, match="No space"):
+            await asyncio.wait_for(mine, 5)
+        await asyncio.wait_for(books.settled("t2"), 5)
+    finally:
+        failpoints.configure("")
+    assert told == ["t1"]
+    assert not books.results.path("t1").exists()
+    log = books.results.events_path("t1")  # created by the failed append, and empty: not an
+    assert not log.exists() or log.read_bytes() == b""  # `error` frame where no `queued` is
+    assert json.loads(books.results.path("t2").read_text())["status"] == "queued"
+    books.flush()
