@@ -12,19 +12,26 @@ that file as INTERNAL.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import stat
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from reconciler import clocks, configuring, dispatch, intake, logs, streaming, tasking
-from state import failpoints, ids, loading, results, spool
+from state import failpoints, ids, loading, results, spool, tasks
 from state.errors import ErrorCode
 
 log = logs.get("daemon")
 
 INTAKE_PER_PASS = 64
+# A claimed file that does not parse, ends mid-line and changed less than this long ago is
+# taken for one still being written in place, and read again by the next recovery pass.
+IN_PLACE_GRACE_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,8 @@ class Taker:
     # the rest of a burst's listing, oldest first: the next passes claim from it instead of
     # listing (and stat-ing) every waiting file again for each batch
     backlog: list[str] = field(default_factory=list)
+    # files put off as half written: name -> (size, mtime_ns) when put off
+    half_read: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def claim_batch(self) -> None:
         """Claim and take up to INTAKE_PER_PASS files from incoming/, oldest first."""
@@ -76,6 +85,8 @@ class Taker:
         try:
             parsed = intake.parse_claimed(path)
             if not isinstance(parsed, intake.Parsed):
+                if self._half_written(path):
+                    return
                 data = _peek(path)
                 intake.quarantine(
                     the_spool=self.the_spool,
@@ -103,6 +114,34 @@ class Taker:
             self.dispatcher.admit(run, recovered=recovered is not None)
         except Exception as exc:  # never let one file take the daemon down
             self._failed(path, exc)
+
+    def _half_written(self, path: Path) -> bool:
+        """Whether a claimed file that does not parse looks like one still being written in
+        place (cut off mid-line, or empty, and changed within IN_PLACE_GRACE_S): then it is
+        left in active/, where the writer's descriptor still points, and the recovery pass
+        reads it again (every SESSION_SWEEP_S); refused only if it is still the same then."""
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return False
+        seen = (st.st_size, st.st_mtime_ns)
+        if not stat.S_ISREG(st.st_mode) or self.half_read.pop(path.name, None) == seen:
+            return False  # unchanged since it was last put off: what it says is meant
+        age = time.time() - st.st_mtime
+        if age > IN_PLACE_GRACE_S or not _cut_short(path):
+            return False
+        self.half_read[path.name] = seen
+        logs.emit(
+            log,
+            "task.take_deferred",
+            f"{spool.shown(path.name)} does not parse yet and was written {age:.2f} s ago: "
+            "it is read again in a few seconds. Write task files elsewhere (spool/tmp/) and "
+            "rename them into spool/incoming/, or use `orchctl submit`, so that half of one "
+            "is never read.",
+            level=30,
+            file=spool.shown(path.name),
+        )
+        return True
 
     def write_failed(self, task_id: str, exc: Exception) -> None:
         """A task's writes failed at their commit (`tasking.Books.write_failed`). One still
@@ -206,6 +245,38 @@ def _located(path: Path, field: str) -> tuple[int | None, int | None]:
     if errs or node is None or not isinstance(data, dict) or field not in data:
         return None, None
     return loading.locate(node, (field,))
+
+
+def _cut_short(path: Path) -> bool:
+    """Whether a task file reads as what a writer caught half-way leaves: empty, or ending
+    mid-line where the YAML or JSON parser ran into the end of the text (a whole document
+    that is refused for what it says, however bad, is meant as written: refused at once)."""
+    if not path.name.endswith(tasks.TASK_SUFFIXES) or spool.name_problem(path.name):
+        return False
+    raw, _, _ = loading.read_bytes(path)
+    if raw is None:
+        return False
+    if not raw:
+        return True
+    if raw.endswith(b"\n"):
+        return False
+    text, _ = loading.decode_utf8(raw, path.name)
+    if text is None:  # cut inside a multi-byte character, or not UTF-8 at all
+        return len(raw) > 1 and raw[-1] >= 0x80
+    try:
+        if path.name.endswith(".json"):
+            json.loads(text)
+        else:
+            for _ in yaml.parse(text, Loader=yaml.SafeLoader):
+                pass
+    except json.JSONDecodeError as exc:
+        return exc.msg.startswith("Unterminated") or exc.pos >= len(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        return mark is not None and mark.index >= len(text)
+    except (ValueError, RecursionError, yaml.YAMLError):
+        return False
+    return False
 
 
 def _peek(path: Path) -> object:
