@@ -56,8 +56,9 @@ def apply(
             if delivered > written + CANCEL_WINDOW_S:
                 _drop(the_spool, task_id, "its task arrived after the request's window")
                 continue
-            if dispatcher.cancel(task_id):
+            if not run.cancel_requested:  # said once, before what it brings about is said
                 logs.emit(log, "task.cancel", f"Cancel of task {task_id} requested.", **run.log_ids)
+            if dispatcher.cancel(task_id):
                 failpoints.hit("after_cancel_ack")
             if run.result.terminal:  # a queued task is finished at once
                 spool.consume_cancel(the_spool, task_id)

@@ -244,3 +244,28 @@ async def test_a_task_file_caught_half_written_in_place_runs_once_it_is_whole(
     assert result["status"] == "succeeded", result
     assert not any(workspace.spool.failed.iterdir())
     assert (workspace.spool.done / "half.task.yaml").exists()
+
+
+async def test_a_cancel_is_logged_as_requested_before_the_task_is_logged_canceled(
+    workspace: Workspace, serve: Any, caplog: Any
+) -> None:
+    """The daemon's log tells a cancel in the order it happened: requested, then canceled,
+    and the request once, however many passes see its file before the task has ended."""
+    from state import spool
+
+    caplog.set_level("INFO", logger="llama_orch")
+    await serve()
+    for name in ("hog1", "hog2", "waits"):  # two slots busy: the third task stays queued
+        workspace.submit(f"{name}.task.yaml", task(name, max_tokens=400))
+    await wait_for(lambda: (workspace.result("waits") or {}).get("status") == "queued", 10, "q")
+    for task_id in ("waits", "hog1"):  # a queued task, then a running one
+        spool.request_cancel(workspace.spool, task_id)
+        assert (await wait_terminal(workspace, task_id))["status"] == "canceled"
+        events = [
+            e
+            for r in caplog.records
+            if (e := getattr(r, "orch_event", "")) in ("task.cancel", "task.canceled")
+            and getattr(r, "orch_fields", {}).get("task_id") == task_id
+        ]
+        assert events[:2] == ["task.cancel", "task.canceled"], (task_id, events)
+        assert events.count("task.cancel") == 1, (task_id, events)
