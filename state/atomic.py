@@ -375,15 +375,18 @@ def _exchange(src: Path, dst: Path) -> bool:
     return False
 
 
-def append_whole(path: Path, data: bytes, *, fd: int | None = None, sync: bool = False) -> None:
-    """Append `data` to `path` (created if need be; or to the open `fd`, at the end of the file
-    it knows) entirely or not at all: a write cut short (a full disk writes what fits, then
-    fails) is cut back off, so the next append never lands on the end of half of one."""
+def append_whole(
+    path: Path, data: bytes, *, fd: int | None = None, size: int | None = None, sync: bool = False
+) -> None:
+    """Append `data` to `path` (created if need be; or to the open `fd`, whose file's `size`
+    its only writer may know) entirely or not at all: a write cut short (a full disk writes
+    what fits, then fails) is cut back off, so the next append never lands on half of one."""
     own = fd is None
     if fd is None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
-        size = os.fstat(fd).st_size
+        if size is None:
+            size = os.fstat(fd).st_size
         try:
             failpoints.hit("frame_write")
             write_all(fd, data)

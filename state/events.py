@@ -50,6 +50,7 @@ class EventLog:
         self.path = path
         self.last_id, self.terminal = _recover(path)
         self._fd: int | None = None  # opened while frames stream; closed (also if dropped)
+        self._size = 0  # the file's size while `_fd` is open (this is its only writer)
         self._closer: Any = None  # a weakref.finalize: closes the fd once, also on GC
 
     def append(self, event: EventName, data: dict[str, Any], *, ts: str) -> EventFrame:
@@ -82,12 +83,16 @@ class EventLog:
             if self._fd is None:
                 self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
                 self._closer = weakref.finalize(self, os.close, self._fd)
+                self._size = os.fstat(self._fd).st_size
             deferred = terminal and atomic.deferring()
             try:
-                atomic.append_whole(self.path, data, fd=self._fd, sync=terminal and not deferred)
+                atomic.append_whole(
+                    self.path, data, fd=self._fd, size=self._size, sync=terminal and not deferred
+                )
             except BaseException:
-                self.close()  # the next frame opens it again
+                self.close()  # the next frame opens it again and reads its size afresh
                 raise
+            self._size += len(data)
             if deferred:  # the group's commit syncs it, before the terminal result appears
                 atomic.written(self.path)
         if event not in _STREAMING:
