@@ -234,7 +234,6 @@ class Books:
         if self._writer is not None:
             self._writer.shutdown(wait=True)
             self._writer = None
-        atomic.drop_spares()
 
     async def settled(self, task_id: str | None = None) -> None:
         """Return once `task_id`'s writes made so far are durable (without one: every task

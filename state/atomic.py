@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import itertools
 import json
 import os
@@ -250,7 +249,7 @@ def _commit(current: Group) -> None:
                 failed[key] = broken[n]
                 continue
             try:
-                _apply(src, dst, kind, reuse=current.later)
+                _apply(src, dst, kind)
             except OSError as exc:
                 failed[key] = exc
                 _drop_tmp(src, dst)
@@ -271,7 +270,7 @@ def _write_deferred(current: Group, gone: set[Hashable]) -> dict[int, OSError]:
     synced), but none of the units `gone` (they grow by each unit a write of which fails);
     per op index, the error of each that failed."""
     broken: dict[int, OSError] = {}
-    for n, ((src, dst, kind), key) in enumerate(zip(current.ops, current.units, strict=True)):
+    for n, ((src, _, kind), key) in enumerate(zip(current.ops, current.units, strict=True)):
         if key in gone or not (kind == APPEND or src in current.unwritten):
             continue
         try:
@@ -279,100 +278,11 @@ def _write_deferred(current: Group, gone: set[Hashable]) -> dict[int, OSError]:
                 append_whole(src, current.appends[n])
             else:
                 data, mode = current.unwritten[src]
-                # the op renames the file written, a spare of the folder where there was one
-                current.ops[n] = (_fill_spare(src, data, mode=mode, kind=kind), dst, kind)
+                _fill(src, data, mode=mode, kind=kind, sync=False)
         except OSError as exc:
             broken[n] = exc
             gone.add(key)
     return broken
-
-
-# Inode reuse. On ext4 without a journal, creating a file skips every inode of its block
-# group freed in the last minutes (`recently_deleted`, one buffer lookup each): with result
-# files replaced thousands of times, a creation took about a millisecond of kernel time
-# (perf: a fifth of the machine's CPU in the intake benchmark). So a group commit replaces an
-# existing result by exchanging it with its new file (renameat2 RENAME_EXCHANGE) and keeps
-# the old file, now at the temporary name, as a spare the next write into that folder fills
-# instead of creating one: no inode is freed, and a task's three result writes create one.
-SPARES_PER_FOLDER = 64
-_spares: dict[Path, list[Path]] = {}
-_spares_lock = threading.Lock()
-
-
-def _fill_spare(tmp: Path, data: bytes, *, mode: int | None, kind: str) -> Path:
-    """Write a group's temporary file for `tmp`, into a spare of its folder where there is
-    one; the file written."""
-    while True:
-        with _spares_lock:
-            spares = _spares.get(tmp.parent)
-            spare = spares.pop() if spares else None
-        if spare is None:
-            _fill(tmp, data, mode=mode, kind=kind, sync=False)
-            return tmp
-        try:
-            _fill(spare, data, mode=mode, kind=kind, sync=False, reuse=True)
-        except _NotReusable:
-            with contextlib.suppress(OSError):
-                os.unlink(spare)
-            continue
-        return spare
-
-
-def _keep_spare(path: Path) -> None:
-    """Keep `path`, the file a write's exchange left at its temporary name, for reuse."""
-    with _spares_lock:
-        spares = _spares.setdefault(path.parent, [])
-        if len(spares) < SPARES_PER_FOLDER:
-            spares.append(path)
-            return
-    with contextlib.suppress(OSError):
-        os.unlink(path)
-
-
-def drop_spares() -> None:
-    """Remove the spare files (the daemon stopping; a crash leaves them to `sweep_leftovers`)."""
-    with _spares_lock:
-        spares = [path for paths in _spares.values() for path in paths]
-        _spares.clear()
-    for path in spares:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-
-
-class _NotReusable(OSError):
-    """A spare that is no longer a plain file of ours alone (replaced, or linked elsewhere)."""
-
-
-_RENAME_EXCHANGE = 2
-_renameat2: Any = None
-_exchange_works = sys.platform.startswith("linux")
-
-
-def _exchange(src: Path, dst: Path) -> bool:
-    """Swap `src` and `dst` atomically when `dst` is a plain file of this folder alone (a
-    reader sees the old file or the new one, as with a rename); False where that cannot be
-    done (no such file, a folder or a link there, no renameat2), and nothing was changed."""
-    global _renameat2, _exchange_works
-    if not _exchange_works:
-        return False
-    try:
-        st = os.lstat(dst)
-    except OSError:
-        return False
-    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-        return False
-    if _renameat2 is None:
-        try:
-            _renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-        except (OSError, AttributeError):
-            _exchange_works = False
-            return False
-    at_cwd = -100
-    if _renameat2(at_cwd, os.fsencode(src), at_cwd, os.fsencode(dst), _RENAME_EXCHANGE) == 0:
-        return True
-    if ctypes.get_errno() in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
-        _exchange_works = False  # the kernel or the filesystem has no exchange: rename
-    return False
 
 
 def append_whole(
@@ -402,37 +312,17 @@ def append_whole(
 
 
 def _fill(
-    tmp: Path,
-    data: bytes,
-    *,
-    mode: int | None,
-    kind: str | None,
-    sync: bool,
-    new: bool = False,
-    reuse: bool = False,
+    tmp: Path, data: bytes, *, mode: int | None, kind: str | None, sync: bool, new: bool = False
 ) -> None:
-    """Write `tmp` whole (fsynced when `sync`; `new`: it must not exist yet; `reuse`: it must,
-    as a plain file with no other link, else _NotReusable), hitting the `<kind>_write`
-    failpoint; on any error it is removed."""
-    if reuse:
-        fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW)
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-            os.close(fd)
-            raise _NotReusable(errno.EEXIST, "not a spare any more", str(tmp))
-        # written over from its start, then cut to its length: a truncation to zero would
-        # free its block and allocate one again (each a discard here)
-        longer = st.st_size > len(data)
-    else:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | (os.O_EXCL if new else os.O_TRUNC), 0o644)
+    """Write `tmp` whole (fsynced when `sync`; `new`: it must not exist yet), hitting the
+    `<kind>_write` failpoint; on any error it is removed."""
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | (os.O_EXCL if new else os.O_TRUNC), 0o644)
     try:
         if kind is not None:
             failpoints.hit(f"{kind}_write")
         if mode is not None:
             os.fchmod(fd, mode)
         write_all(fd, data)
-        if reuse and longer:
-            os.ftruncate(fd, len(data))
         if sync:
             os.fsync(fd)
     except BaseException:
@@ -442,9 +332,7 @@ def _fill(
     os.close(fd)
 
 
-def _apply(src: Path, dst: Path | None, kind: str, *, reuse: bool = False) -> None:
-    """Carry out one operation of a group commit; `reuse`: a write replacing a file keeps
-    the old one as a spare (a group of the daemon's loop: `drop_spares` when it stops)."""
+def _apply(src: Path, dst: Path | None, kind: str) -> None:
     if kind == APPEND:  # written before the first sync, in order with the temporary files
         return
     if dst is None:  # a removal: gone already, or not ours, is fine (as one by one)
@@ -455,10 +343,7 @@ def _apply(src: Path, dst: Path | None, kind: str, *, reuse: bool = False) -> No
             os.replace(src, dst)
     else:  # a write: any failure is raised, as a write outside a group would be
         failpoints.hit(f"before_{kind}_rename")
-        if reuse and _exchange(src, dst):  # the old file, now at `src`, is the next write's
-            _keep_spare(src)
-        else:
-            os.replace(src, dst)
+        os.replace(src, dst)
         failpoints.hit(f"after_{kind}_rename")
 
 

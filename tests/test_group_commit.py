@@ -655,33 +655,3 @@ async def test_a_task_whose_write_failed_at_a_commit_writes_nothing_in_the_next(
     assert not log.exists() or log.read_bytes() == b""  # `error` frame where no `queued` is
     assert json.loads(books.results.path("t2").read_text())["status"] == "queued"
     books.flush()
-
-
-async def test_a_replaced_result_file_is_reused_and_a_users_hard_link_is_never_written(
-    tmp_path: Path,
-) -> None:
-    """A result rewritten by the daemon's commits swaps its new file in and keeps the old
-    one for the next write (no inode freed and created again, which costs a millisecond on
-    ext4 without a journal). A file a user hard-linked elsewhere is never reused: their copy
-    keeps what it held. The spares go when the daemon stops."""
-    import asyncio
-
-    books, new = _books(tmp_path)
-    run = new("t1")
-    path = books.results.path("t1")
-    statuses = []
-    for status in ("queued", "running", "succeeded", "failed"):
-        run.result.status = status  # type: ignore[assignment]
-        books.save(run)
-        await asyncio.wait_for(books.settled("t1"), 5)
-        statuses.append(json.loads(path.read_text())["status"])
-        if status == "running":
-            keep = tmp_path / "kept.json"
-            os.link(path, keep)  # a user's backup by hard link of the running result
-    assert statuses == ["queued", "running", "succeeded", "failed"]
-    assert json.loads(keep.read_text())["status"] == "running"  # never written into
-    spares = [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
-    assert spares  # the replaced files, kept for the next writes
-    books.flush()
-    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
-    assert json.loads(path.read_text())["status"] == "failed"
