@@ -98,6 +98,7 @@ class Taker:
                     revision=self.config.revision,
                 )
                 return
+            self.half_read.pop(path.name, None)  # whole now, if it was put off
             used = self._used_by(parsed.task_id, recovered=recovered, new=new)
             if used is not None:
                 self.refuse_duplicate(path, parsed.task_id, used)

@@ -120,11 +120,11 @@ def hand_off(current: Group) -> Group:
     return current
 
 
-def _await_landing(paths: Sequence[Path], *, but: Group | None = None) -> None:
-    """Before a write outside a group, or a group committed by this thread itself: wait for
-    the handed-off groups that touch `paths`, so that their commit cannot undo it."""
+def _await_landing(paths: Sequence[Path]) -> None:
+    """Before a write outside a group: wait for the handed-off groups that touch `paths`, so
+    that their commit cannot undo it."""
     for flying in _flight():
-        if flying is not but and any(p in flying.data for p in paths):
+        if any(p in flying.data for p in paths):
             flying.landed.wait()
 
 
@@ -208,7 +208,10 @@ def commit(current: Group) -> None:
     if _group() is current:
         _local.group = None
     try:
-        _await_landing(list(current.data), but=current)  # a group committed here, in order
+        if current.ops and not current.committed:  # committed here: after those handed off
+            for flying in _flight():
+                if flying is not current:
+                    flying.landed.wait()
         _commit(current)
     finally:
         current.landed.set()

@@ -655,3 +655,36 @@ async def test_a_task_whose_write_failed_at_a_commit_writes_nothing_in_the_next(
     assert not log.exists() or log.read_bytes() == b""  # `error` frame where no `queued` is
     assert json.loads(books.results.path("t2").read_text())["status"] == "queued"
     books.flush()
+
+
+async def test_a_cancel_request_is_consumed_only_once_the_canceled_result_is_on_disk(
+    tmp_path: Path, held_commits: Any
+) -> None:
+    """A canceled result still in the commit thread (the disk slow) is already seen by the
+    next pass, which consumes the cancel request in a group of its own: that group lands
+    after the one in flight, so the request never leaves the disk before the result that
+    answers it (a power loss in between would lose the cancel)."""
+    import asyncio
+    import threading
+    import types
+
+    from reconciler import cancelling, clocks
+
+    books, new = _books(tmp_path)
+    run = new("x")
+    (books.spool.active / run.file_name).write_text("{}")
+    spool.request_cancel(books.spool, "x")
+    run.cancel_requested = True
+    books.finish(run, "canceled", finish_reason="canceled")
+    await asyncio.sleep(0.05)  # handed to the commit thread, held at its sync
+    threading.Timer(0.3, held_commits.set).start()
+    with atomic.group():  # the next pass: nothing of it goes through Books
+        cancelling.apply(
+            the_spool=books.spool,
+            store=books.results,
+            dispatcher=types.SimpleNamespace(runs={}),
+            clock=clocks.RealClock(),
+        )
+    assert not (books.spool.cancel / "x").exists()
+    assert json.loads(books.results.path("x").read_text())["status"] == "canceled"
+    books.flush()

@@ -231,7 +231,7 @@ async def test_a_task_file_caught_half_written_in_place_runs_once_it_is_whole(
 
     import yaml
 
-    await serve()
+    running = await serve()
     text = yaml.safe_dump(task("half", max_tokens=4))
     cut = text.index("prompt:") + 3  # mid-line
     with open(workspace.spool.incoming / "half.task.yaml", "w") as fh:
@@ -244,6 +244,7 @@ async def test_a_task_file_caught_half_written_in_place_runs_once_it_is_whole(
     assert result["status"] == "succeeded", result
     assert not any(workspace.spool.failed.iterdir())
     assert (workspace.spool.done / "half.task.yaml").exists()
+    assert running.daemon.taker.half_read == {}  # nothing kept of it once whole
 
 
 async def test_a_cancel_is_logged_as_requested_before_the_task_is_logged_canceled(
