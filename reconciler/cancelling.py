@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from reconciler import clocks, dispatch, logs
-from state import failpoints, ids, results, spool
+from state import atomic, failpoints, ids, results, spool
 
 log = logs.get("daemon")
 
@@ -61,11 +61,11 @@ def apply(
             if dispatcher.cancel(task_id):
                 failpoints.hit("after_cancel_ack")
             if run.result.terminal:  # a queued task is finished at once
-                spool.consume_cancel(the_spool, task_id)
+                _consume(the_spool, task_id)
             continue  # a running one: consumed once its canceled result is written
         existing = store.read(task_id) if store.exists(task_id) else None
         if existing is not None and existing.terminal:
-            spool.consume_cancel(the_spool, task_id)
+            _consume(the_spool, task_id)
             if existing.status == "canceled":
                 logs.emit(
                     log,
@@ -83,6 +83,14 @@ def apply(
                 )
         elif now - written > CANCEL_WINDOW_S:
             _drop(the_spool, task_id, f"no task {task_id!r} arrived within its window")
+
+
+def _consume(the_spool: spool.Spool, task_id: str) -> None:
+    """Remove the request once its task's terminal result is written: as one of the task's
+    own writes (`atomic.unit`), so that where that result fails at its commit, or a write of
+    the task before it did, the request stays and is applied again."""
+    with atomic.unit(task_id):
+        spool.consume_cancel(the_spool, task_id)
 
 
 def _drop(the_spool: spool.Spool, task_id: str, why: str) -> None:

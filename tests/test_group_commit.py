@@ -688,3 +688,49 @@ async def test_a_cancel_request_is_consumed_only_once_the_canceled_result_is_on_
     assert not (books.spool.cancel / "x").exists()
     assert json.loads(books.results.path("x").read_text())["status"] == "canceled"
     books.flush()
+
+
+async def test_a_cancel_request_stays_when_the_canceled_result_cannot_be_written(
+    tmp_path: Path,
+) -> None:
+    """A queued task is canceled, and its canceled result fails at the commit (a full disk):
+    the cancel request is one of the task's own writes, so it is not consumed either; the
+    task waits in active/ and the request is applied again once the disk has room."""
+    import asyncio
+
+    from reconciler import cancelling, clocks
+    from state import failpoints
+
+    books, new = _books(tmp_path)
+    run = new("x")
+    (books.spool.active / run.file_name).write_text("{}")
+    books.queued(run, position=0, predicted_start_ms=None, on_time_probability=None)
+    await asyncio.wait_for(books.settled("x"), 5)
+    spool.request_cancel(books.spool, "x")
+
+    class Dispatcher:
+        def __init__(self) -> None:
+            self.runs = {"x": run}
+
+        def cancel(self, task_id: str) -> bool:
+            run.cancel_requested = True
+            books.finish(run, "canceled", finish_reason="canceled")
+            return True
+
+    failpoints.configure("result_write=enospc@1")
+    try:
+        with atomic.group():  # a pass
+            cancelling.apply(
+                the_spool=books.spool,
+                store=books.results,
+                dispatcher=Dispatcher(),  # type: ignore[arg-type]
+                clock=clocks.RealClock(),
+            )
+        with pytest.raises(OSError, match="No space"):
+            await asyncio.wait_for(books.settled("x"), 5)
+    finally:
+        failpoints.configure("")
+    assert json.loads(books.results.path("x").read_text())["status"] == "queued"
+    assert (books.spool.cancel / "x").exists()  # still asked for
+    assert (books.spool.active / run.file_name).exists()
+    books.flush()
