@@ -103,7 +103,10 @@ class Books:
     # told of each task whose writes failed at a commit (the taker holds back a queued one)
     write_failed: Callable[[str, Exception], None] | None = None
     _pending: atomic.Group | None = field(default=None, init=False, repr=False)
-    _flying: atomic.Group | None = field(default=None, init=False, repr=False)  # in the writer
+    # the group in the commit thread, and its commit's future
+    _flying: tuple[atomic.Group, concurrent.futures.Future[None]] | None = field(
+        default=None, init=False, repr=False
+    )
     _overdue: bool = field(default=False, init=False, repr=False)  # _pending's window passed
     # per group (serial): the waiters of `settled`, each resolved once all its groups landed
     _waiting: dict[int, list[_Waiter]] = field(default_factory=dict, init=False, repr=False)
@@ -111,7 +114,6 @@ class Books:
     _writer: concurrent.futures.ThreadPoolExecutor | None = field(
         default=None, init=False, repr=False
     )
-    _handed: concurrent.futures.Future[None] | None = field(default=None, init=False, repr=False)
     # the serial of the last group settled: groups land in the order they were begun
     _last_settled: int = field(default=-1, init=False, repr=False)
 
@@ -144,12 +146,13 @@ class Books:
         self._launch(group)
 
     def _launch(self, group: atomic.Group) -> None:
-        self._pending, self._overdue, self._flying = None, False, group
+        self._pending, self._overdue = None, False
         atomic.hand_off(group)
         if self._writer is None:
             self._writer = concurrent.futures.ThreadPoolExecutor(1, "task-commit")
         loop = asyncio.get_running_loop()
-        handed = self._handed = self._writer.submit(atomic.commit, group)
+        handed = self._writer.submit(atomic.commit, group)
+        self._flying = (group, handed)
 
         def landed(future: concurrent.futures.Future[None]) -> None:  # in the writer thread
             with contextlib.suppress(RuntimeError):  # the loop closed: `flush` settled it
@@ -161,7 +164,7 @@ class Books:
         """The writer has committed `group` (or failed to): tell its waiters, then hand it
         the next group if that one's window has passed."""
         self._settle(group, future.exception())
-        if self._flying is group:
+        if self._flying is not None and self._flying[0] is group:
             self._flying = None
         if self._pending is not None and self._overdue:
             self._launch(self._pending)
@@ -217,8 +220,8 @@ class Books:
         loop turn may come)."""
         if self._timer is not None:
             self._timer.cancel()
-        flying, handed = self._flying, self._handed
-        if flying is not None and handed is not None:
+        if self._flying is not None:
+            flying, handed = self._flying
             with contextlib.suppress(Exception):
                 handed.result()
             self._settle(flying, handed.exception())
@@ -239,9 +242,10 @@ class Books:
         """Return once `task_id`'s writes made so far are durable (without one: every task
         write made so far); raise when they failed (without one: when writes of no task
         failed). A task does not wait for the commits of other tasks' writes."""
+        flying = self._flying[0] if self._flying is not None else None
         groups = [
             g
-            for g in (self._flying, self._pending)
+            for g in (flying, self._pending)
             if g is not None and (task_id is None or task_id in g.units)
         ]
         if not groups:

@@ -110,14 +110,13 @@ def _planned(path: Path) -> Any:
     return _ABSENT
 
 
-def hand_off(current: Group) -> Group:
+def hand_off(current: Group) -> None:
     """`current`, this thread's pending group, is to be committed by another thread (one at
     a time, in the order handed off): this thread opens a new group for its next writes, and
     sees what `current` will write until it has landed."""
     if _group() is current:
         _local.group = None
     _flight().append(current)
-    return current
 
 
 def _await_landing(paths: Sequence[Path]) -> None:
@@ -483,7 +482,7 @@ def read_bytes(path: Path) -> bytes:
     if isinstance(data, bytes):
         return data
     try:
-        return bytes(data.read_bytes())
+        return bytes(data.read_bytes())  # (`_planned` is untyped: a Path here)
     except FileNotFoundError:  # moved by a handed-off group meanwhile: it is there now
         return path.read_bytes()
 

@@ -77,9 +77,8 @@ class EventLog:
         data = ("\n".join(lines) + "\n").encode()
         # a new log's first frames (a task queued) are written by the group commit's thread,
         # before the result that follows them: creating a file can take a millisecond
-        if self._fd is None and atomic.append(self.path, data, new=self.last_id == 0):
-            pass
-        else:
+        left_to_commit = self._fd is None and atomic.append(self.path, data, new=self.last_id == 0)
+        if not left_to_commit:
             if self._fd is None:
                 self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
                 self._closer = weakref.finalize(self, os.close, self._fd)
