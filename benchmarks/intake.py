@@ -41,7 +41,7 @@ from benchmarks import harness, report
 from benchmarks.harness import BenchError, StatusWatch
 from plugins import engine_pool, interfaces
 from plugins.llama_server import Client
-from state import atomic
+from state import atomic, committer
 
 NAME = "intake"
 TASKS = 1000
@@ -67,11 +67,15 @@ def _config() -> dict[str, Any]:
 
 class _SyncCount:
     """Counts, with their times, the fsync and syncfs calls made in this process (the daemon
-    runs in it) from now until `stop`: how many durable syncs the tasks cost."""
+    runs in it) and in the daemon's commit helper (as each commit ends) from now until
+    `stop`: how many durable syncs the tasks cost."""
 
-    def __init__(self) -> None:
+    def __init__(self, helper: committer.Committer | None) -> None:
         self.times: list[float] = []
         self._fsync, self._syncfs = os.fsync, atomic._syncfs
+        self._helper = helper
+        if helper is not None:
+            helper.on_syncs = lambda n: self.times.extend([time.monotonic()] * n)
 
         def fsync(fd: Any) -> None:
             self.times.append(time.monotonic())
@@ -89,6 +93,8 @@ class _SyncCount:
     def stop(self) -> None:
         os.fsync = self._fsync
         atomic._syncfs = self._syncfs
+        if self._helper is not None:
+            self._helper.on_syncs = None
 
     def until(self, when: float) -> int:
         return sum(1 for t in self.times if t <= when)
@@ -171,7 +177,7 @@ async def run(bench: report.BenchResult, *, quick: bool) -> None:
                 stderr=asyncio.subprocess.PIPE,
             )
             await asyncio.sleep(0.5)  # the watcher's interpreter started and waiting
-            syncs = _SyncCount()
+            syncs = _SyncCount(srv.daemon.committer)
             t0 = time.monotonic()
             for part, target in staged:
                 os.rename(part, target)

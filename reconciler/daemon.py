@@ -48,6 +48,7 @@ from reconciler import (
 from state import (
     artifacts,
     atomic,
+    committer,
     daemon_lock,
     desired,
     errors,
@@ -215,6 +216,7 @@ class Daemon:
         self.books = books
         self.pools = runtime
         self.dispatcher = dispatcher
+        self.committer: committer.Committer | None = None  # while it serves
         self.metrics = meter
         meter.watch(self.status)  # gauges are read from the live status at each scrape
         self.artifacts = the_artifacts
@@ -253,10 +255,17 @@ class Daemon:
             raise errors.ConfigProblem(str(held)) from None
         switch = sys.getswitchinterval()
         sys.setswitchinterval(min(switch, SWITCH_INTERVAL_S))
+        # the task commits run in a helper process holding the folder locks too: a restart
+        # cannot recover the folder while a commit of this daemon is still renaming files
+        helper = self.committer = committer.Committer(keep_fds=[lock.fd, *lock.shared])
         try:
+            helper.start()
+            self.books.committer = helper.commit
             self.config.keep_last_good()  # this daemon serves the folder: its copy now
             return await self._serve()
         finally:
+            self.books.committer = None
+            helper.close()
             sys.setswitchinterval(switch)
             lock.release()
 
@@ -297,7 +306,7 @@ class Daemon:
             )
             while not self.stop_event.is_set():
                 try:
-                    await self.pass_once()
+                    await self.pass_once(settle=False)
                 except atomic.GroupFailed as exc:  # some tasks' writes: the others' are done
                     for key, error in exc.failures.items():
                         tasking.write_deferred(key, error)
@@ -348,8 +357,12 @@ class Daemon:
             logs.emit(log, "daemon.stopped", "Stopped; engines stopped, tasks left resumable.")
         return 0
 
-    async def pass_once(self) -> None:
-        """One level-triggered pass over everything."""
+    async def pass_once(self, *, settle: bool = True) -> None:
+        """One level-triggered pass over everything; with `settle`, its task files are on
+        disk when it returns. The serving loop does not wait for that: the commit of a pass's
+        writes would hold up the next pass (the rest of a burst of task files, cancels) by as
+        long as the disk takes for every task write pending meanwhile, each task's own steps
+        wait for its own writes (`Books.settled`), and the status file reads what is pending."""
         if self.config.refresh():
             self.dispatcher.sync_queue_config()
         await self.pools.reconcile()
@@ -372,7 +385,8 @@ class Daemon:
                 # task files a failed write (a full disk) left in active/ with no live run
                 self._recover(owned={run.file_name for run in self.dispatcher.runs.values()})
             self.dispatcher.pump()
-        await self.books.settled()  # the pass's task files are on disk when it returns
+        if settle:
+            await self.books.settled()
         self._write_status()
 
     def _recover(self, *, owned: frozenset[str] | set[str] = frozenset()) -> None:

@@ -125,10 +125,13 @@ async def stream(
         # which the restart would run again as attempt 1
         await deps.books.settled(run.task_id)
         _begin(running, decision, deps=deps, gpu=gpu, engine_version=engine_version)
-        # the running result is on disk before the first token
-        await deps.books.settled(run.task_id)
-        reader = _Reader(lease.engine.generate(lease.handle, _request(run)))
-        begun = last_token = last_metrics = deps.clock.monotonic()
+        # the engine is asked at once, while the running result commits; no token of it is
+        # written or sent before that result is on disk (or, where the engine ends first,
+        # before the commit that writes the task's end in its place)
+        begun = deps.clock.monotonic()
+        reader = _Reader(lease.engine.generate(lease.handle, _request(run)), deps.clock.monotonic)
+        await _started(run, reader, deps)
+        last_token = last_metrics = deps.clock.monotonic()
         first_token_at: float | None = None
         while True:
             items = reader.take()
@@ -155,8 +158,8 @@ async def stream(
                 items.pop()
             if items:  # all the tokens that arrived since the last turn, in one write
                 if first_token_at is None:
-                    first_token_at = now
-                    run.result.timings.first_token_ms = int((now - begun) * 1000)
+                    first_token_at = reader.first_at or now
+                    run.result.timings.first_token_ms = int((first_token_at - begun) * 1000)
                 _tokens(running, cast(list[interfaces.Token], items), deps)
             if done is not None:
                 _succeed(running, done, deps, begun=begun, first_token_at=first_token_at)
@@ -217,6 +220,32 @@ async def stream(
         if reader is not None:
             with contextlib.suppress(BaseException):  # closing drops the engine request
                 await asyncio.shield(reader.close())
+
+
+async def _started(run: tasking.TaskRun, reader: _Reader, deps: Deps) -> None:
+    """Wait until the task's running result is on disk; where the engine's stream ends
+    first, hold the task's frames back (`run.held`): its end is then written in the commit
+    after, or with, the running result (which the terminal result replaces, unwritten, when
+    both are in one commit), and its slot is free at once instead of a commit later."""
+    durable = deps.books.landing(run.task_id)
+    if durable is None:  # committed already
+        return
+    # its error, where the engine ended first, is the recovery pass's to handle
+    durable.add_done_callback(lambda f: f.cancelled() or f.exception())
+    run.held = []
+    timeout = None
+    if run.deadline_mono is not None:  # the stream loop raises the deadline once it passed
+        timeout = max(0.0, run.deadline_mono - deps.clock.monotonic())
+    try:
+        await asyncio.wait(
+            (durable, reader.task), timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+    except asyncio.CancelledError:
+        durable.cancel()
+        raise
+    if durable.done():
+        durable.result()  # raised where the running result could not be written
+        run.held = None
 
 
 def _request(run: tasking.TaskRun) -> interfaces.GenerateRequest:
@@ -414,16 +443,25 @@ class _Reader:
     the deadline) goes on; the engine's error, or an end without a final frame, is raised to
     the loop after the items that came before it."""
 
-    def __init__(self, engine_stream: AsyncIterator[interfaces.Token | interfaces.Done]) -> None:
+    def __init__(
+        self,
+        engine_stream: AsyncIterator[interfaces.Token | interfaces.Done],
+        clock: Callable[[], float] | None = None,
+    ) -> None:
         self._stream = engine_stream
         self._items: list[interfaces.Token | interfaces.Done] = []
         self._error: BaseException | None = None
         self._ready = asyncio.Event()
-        self._task = asyncio.ensure_future(self._read())
+        self._clock = clock
+        self.first_at: float | None = None  # when the first token arrived (with a clock)
+        self.task = asyncio.ensure_future(self._read())  # done: its Done or error is here
 
     async def _read(self) -> None:
         try:
             async for item in self._stream:
+                first = self.first_at is None and not isinstance(item, interfaces.Done)
+                if first and self._clock is not None:
+                    self.first_at = self._clock()
                 self._items.append(item)
                 self._ready.set()
                 if isinstance(item, interfaces.Done):
@@ -453,8 +491,8 @@ class _Reader:
         return True
 
     async def close(self) -> None:
-        self._task.cancel()
-        await asyncio.wait({self._task})
+        self.task.cancel()
+        await asyncio.wait({self.task})
         closer = getattr(self._stream, "aclose", None)
         if closer is not None:
             with contextlib.suppress(Exception):

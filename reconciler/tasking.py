@@ -53,6 +53,9 @@ class TaskRun:
     pool_id: ids.PoolId | None
     cancel_requested: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    # while not None: its engine ended before its running result was durable, so its frames
+    # are held back for the commit that writes its end (published once that has landed)
+    held: list[events.EventFrame] | None = None
 
     @property
     def priority(self) -> str:
@@ -102,6 +105,9 @@ class Books:
     finished: Callable[[TaskRun], None] | None = None
     # told of each task whose writes failed at a commit (the taker holds back a queued one)
     write_failed: Callable[[str, Exception], None] | None = None
+    # what carries out a group's commit for the commit thread (the daemon's commit helper
+    # process, state/committer.py); None: the commit thread itself
+    committer: Callable[[atomic.Group], None] | None = None
     _pending: atomic.Group | None = field(default=None, init=False, repr=False)
     # the group in the commit thread, and its commit's future
     _flying: tuple[atomic.Group, concurrent.futures.Future[None]] | None = field(
@@ -151,7 +157,7 @@ class Books:
         if self._writer is None:
             self._writer = concurrent.futures.ThreadPoolExecutor(1, "task-commit")
         loop = asyncio.get_running_loop()
-        handed = self._writer.submit(atomic.commit, group)
+        handed = self._writer.submit(atomic.commit, group, self.committer)
         self._flying = (group, handed)
 
         def landed(future: concurrent.futures.Future[None]) -> None:  # in the writer thread
@@ -230,7 +236,7 @@ class Books:
             group, self._pending = self._pending, None
             error: BaseException | None = None
             try:
-                atomic.commit(group)
+                atomic.commit(group, self.committer)
             except Exception as exc:
                 error = exc
             self._settle(group, error)
@@ -242,6 +248,13 @@ class Books:
         """Return once `task_id`'s writes made so far are durable (without one: every task
         write made so far); raise when they failed (without one: when writes of no task
         failed). A task does not wait for the commits of other tasks' writes."""
+        future = self.landing(task_id)
+        if future is not None:
+            await future
+
+    def landing(self, task_id: str | None) -> asyncio.Future[None] | None:
+        """A future resolved once the groups pending and in flight that hold `task_id`'s
+        writes (without one: any) have landed; None when there are none."""
         flying = self._flying[0] if self._flying is not None else None
         groups = [
             g
@@ -249,11 +262,11 @@ class Books:
             if g is not None and (task_id is None or task_id in g.units)
         ]
         if not groups:
-            return
+            return None
         waiter = _Waiter(task_id, asyncio.get_running_loop().create_future(), len(groups))
         for group in groups:
             self._waiting.setdefault(group.serial, []).append(waiter)
-        await waiter.future
+        return waiter.future
 
     def ts(self) -> str:
         return clocks.rfc3339(self.clock.now())
@@ -262,9 +275,16 @@ class Books:
         self.frames(run, event, [data])
 
     def frames(self, run: TaskRun, event: events.EventName, items: list[dict[str, Any]]) -> None:
-        """Frames of one kind that arrived together, written to the log in one write."""
-        written = run.log.extend(event, items, ts=self.ts())
-        self.hub.publish(run.task_id, *written)
+        """Frames of one kind that arrived together, written to the log in one write (while
+        the run holds its frames back: left to its commit, and published once that landed)."""
+        held = run.held
+        if held is None:
+            written = run.log.extend(event, items, ts=self.ts())
+            self.hub.publish(run.task_id, *written)
+        else:
+            with self._batch(run.task_id):
+                written = run.log.extend(event, items, ts=self.ts(), held=True)
+            held.extend(written)
         for tap in self.taps:
             for frame in written:
                 try:
@@ -372,8 +392,26 @@ class Books:
             pool_id=result.pool_id,
             replica_id=result.replica_id,
         )
+        if run.held is not None:
+            self._publish_landed(run.task_id, run.held)
+            run.held = None
         if self.finished is not None:  # after the commit point: never delays or blocks it
             self.finished(run)
+
+    def _publish_landed(self, task_id: str, frames: list[events.EventFrame]) -> None:
+        """Publish a task's held frames once the commit that writes them has landed (a
+        frame is published once the log has it); never where it failed: the task is then
+        taken again by the recovery pass, and its next frames reuse those ids."""
+        future = self.landing(task_id)
+        if future is None:
+            self.hub.publish(task_id, *frames)
+            return
+
+        def landed(future: asyncio.Future[None]) -> None:
+            if not future.cancelled() and future.exception() is None:
+                self.hub.publish(task_id, *frames)
+
+        future.add_done_callback(landed)
 
 
 def write_deferred(

@@ -39,7 +39,7 @@ import secrets
 import stat
 import sys
 import threading
-from collections.abc import Collection, Hashable, Iterator, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +58,7 @@ class Group:
     # per op, the unit of work it belongs to (`unit()`: a task's writes), None for the rest
     units: list[Hashable] = field(default_factory=list)
     # per path touched: bytes (what it will hold), a Path (the file now there that will be
-    # renamed to it) or None (it will be gone)
+    # renamed to it, or appended to) or None (it will be gone)
     data: dict[Path, bytes | Path | None] = field(default_factory=dict)
     # files written in the group other than through `write_bytes` (an event log's terminal
     # frame), made durable by the commit's first sync
@@ -67,6 +67,13 @@ class Group:
     # another thread: the thread that asks for them never waits on a file's creation)
     unwritten: dict[Path, tuple[bytes, int | None]] = field(default_factory=dict)
     appends: dict[int, bytes] = field(default_factory=dict)  # per APPEND op: its bytes
+    # per path: the index of a write to it whose temporary file the commit writes, while no
+    # later op has touched the path: a later write of the same unit replaces it (`write_bytes`)
+    replaceable: dict[Path, int] = field(default_factory=dict)
+    # per path: the index of the APPEND op to it that later appends of the same unit extend,
+    # while it is that unit's last op and no other op touched the path since
+    extendable: dict[Path, int] = field(default_factory=dict)
+    unit_last: dict[Hashable, int] = field(default_factory=dict)  # per unit: its last op
     # units a write of which failed in the group committed before this one: none of their
     # operations here is carried out (each would follow a write that never happened)
     poisoned: dict[Hashable, OSError] = field(default_factory=dict)
@@ -153,8 +160,14 @@ def unit(key: Hashable) -> Iterator[None]:
 
 
 def _append(current: Group, op: tuple[Path, Path | None, str]) -> None:
+    for path in (op[0], op[1]):
+        if path is not None:
+            current.replaceable.pop(path, None)
+            current.extendable.pop(path, None)
+    unit = getattr(_local, "unit", None)
+    current.unit_last[unit] = len(current.ops)
     current.ops.append(op)
-    current.units.append(getattr(_local, "unit", None))
+    current.units.append(unit)
 
 
 def _defer(*paths: Path) -> Group | None:
@@ -200,10 +213,11 @@ def begin() -> Group:
     return current
 
 
-def commit(current: Group) -> None:
+def commit(current: Group, via: Callable[[Group], None] | None = None) -> None:
     """Sync the data the group wrote, run its renames and removals in order, sync again.
     An operation that fails skips the rest of its unit (`unit()`), not the others': they
-    are carried out and synced, then GroupFailed names the units that failed."""
+    are carried out and synced, then GroupFailed names the units that failed. `via` does
+    that instead of this thread (the daemon's commit helper, state/committer.py)."""
     if _group() is current:
         _local.group = None
     try:
@@ -211,7 +225,7 @@ def commit(current: Group) -> None:
             for flying in _flight():
                 if flying is not current:
                     flying.landed.wait()
-        _commit(current)
+        (via or _commit)(current)
     finally:
         current.landed.set()
 
@@ -237,7 +251,7 @@ def _commit(current: Group) -> None:
             [
                 src
                 for n, (src, dst, kind) in enumerate(current.ops)
-                if dst is not None and kind and n not in broken
+                if dst is not None and kind and kind != REPLACED and n not in broken
             ]
             + sorted(current.written),
             dirty=dirty,
@@ -249,6 +263,8 @@ def _commit(current: Group) -> None:
                 continue
             if n in broken:
                 failed[key] = broken[n]
+                continue
+            if kind == REPLACED:
                 continue
             try:
                 _apply(src, dst, kind)
@@ -497,15 +513,17 @@ def written(path: Path) -> None:
 
 
 APPEND = "append"  # an op's kind: bytes appended to its file (`append`)
+REPLACED = "replaced"  # an op's kind: a write that a later one replaced before its commit
 
 
-def append(path: Path, data: bytes, *, new: bool) -> bool:
+def append(path: Path, data: bytes, *, new: bool, held: bool = False) -> bool:
     """Leave the append of `data` to `path` (an event log) to this thread's pending group
     commit, in order with its other writes, when that group is committed by another thread
     (`begin`) and either `path` is `new` (its creation is then the commit thread's wait, not
-    this one's) or the group already holds an append to it: True, the caller writes nothing.
-    Otherwise False, once any handed-off group holding `path` has landed: the caller appends
-    it itself, after them."""
+    this one's), or the group already holds an append to it, or the caller `held` the data
+    back for the commit (frames that must not be seen before the group's other writes are
+    durable): True, the caller writes nothing. Otherwise False, once any handed-off group
+    holding `path` has landed: the caller appends it itself, after them."""
     current = _group()
     if (
         current is not None
@@ -513,11 +531,20 @@ def append(path: Path, data: bytes, *, new: bool) -> bool:
         and (getattr(_local, "depth", 0) > 0 or path in current.data)
     ):
         planned = _planned(path)
-        if new or planned is not _ABSENT:
-            base = planned if isinstance(planned, bytes) else b""
-            _append(current, (path, path, APPEND))
-            current.appends[len(current.ops) - 1] = data
-            current.data[path] = base + data
+        if new or held or planned is not _ABSENT:
+            last = current.extendable.get(path)
+            if last is not None and current.unit_last.get(getattr(_local, "unit", None)) == last:
+                current.appends[last] += data  # one append of the frames in a row: one write
+            else:
+                _append(current, (path, path, APPEND))
+                current.appends[len(current.ops) - 1] = data
+                current.extendable[path] = len(current.ops) - 1
+            if isinstance(planned, bytes):
+                current.data[path] = planned + data
+            elif new or planned is None:  # a new file: it holds only this
+                current.data[path] = data
+            else:  # appended to the file there: readers read it from disk
+                current.data[path] = path
             return True
     _await_landing([path])
     return False
@@ -562,9 +589,11 @@ def write_bytes(
     )
     tmp = path.with_name(f".{path.name}.{os.getpid()}{unique}.tmp")
     if current is not None and current.later:  # written, renamed and synced at the commit
+        _replace(current, path)
         _append(current, (tmp, path, kind))
         current.data[path] = data
         current.unwritten[tmp] = (data, mode)
+        current.replaceable[path] = len(current.ops) - 1
         return
     _fill(tmp, data, mode=mode, kind=kind, sync=durable and current is None)
     if current is not None:  # renamed at the group's commit, after one sync for all
@@ -580,6 +609,21 @@ def write_bytes(
     failpoints.hit(f"after_{kind}_rename")
     if durable:
         fsync_dir(path.parent)
+
+
+def _replace(current: Group, path: Path) -> None:
+    """A write to `path` replaces the group's earlier write to it, where that one's temporary
+    file is not written yet, nothing else touched the path since, and it is of the same unit:
+    the earlier content is never written (a task ending before its running result's commit:
+    one file created and one replaced instead of two). A reader could not tell: the earlier
+    file would have been replaced within the same commit. The later write appears at its own
+    place in the order, after every operation asked for in between."""
+    earlier = current.replaceable.pop(path, None)
+    if earlier is None or current.units[earlier] != getattr(_local, "unit", None):
+        return
+    tmp = current.ops[earlier][0]
+    current.unwritten.pop(tmp, None)
+    current.ops[earlier] = (tmp, path, REPLACED)
 
 
 def create_bytes(path: Path, data: bytes) -> bool:

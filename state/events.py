@@ -2,8 +2,9 @@
 
 One JSON object per line: `{"id", "event", "data", "ts"}`, ids strictly increasing from 1.
 Frames are written through to the OS at once (so tailing readers see them) and fsynced at the
-terminal frame; only a new log's first frames, in a group commit of the daemon's loop, are left
-to the commit thread (`atomic.append`), which writes them just before the result they precede.
+terminal frame; only a new log's first frames, in a group commit of the daemon's loop, and the
+frames a task holds back until its start is durable are left to the commit thread
+(`atomic.append`), which writes them just before the result they precede.
 A log reopened after a crash continues after its last complete line: an id is never reused,
 and a torn last line (a crash mid-write) is cut off before appending.
 """
@@ -59,9 +60,13 @@ class EventLog:
         stream (`started` to the end), so a deep queue holds no descriptors."""
         return self.extend(event, [data], ts=ts)[0]
 
-    def extend(self, event: EventName, items: list[dict[str, Any]], *, ts: str) -> list[EventFrame]:
+    def extend(
+        self, event: EventName, items: list[dict[str, Any]], *, ts: str, held: bool = False
+    ) -> list[EventFrame]:
         """Frames of one kind that arrived together (an engine's tokens in one read), written
-        in a single write; a terminal frame only on its own."""
+        in a single write; a terminal frame only on its own. `held`: left to the pending
+        group commit, which appends them before the writes that follow (a task whose engine
+        ended before its running result was durable: nothing of it shows before that)."""
         if self.terminal:
             raise RuntimeError(f"{self.path.name}: nothing may follow a terminal frame")
         if not items:
@@ -77,7 +82,11 @@ class EventLog:
         data = ("\n".join(lines) + "\n").encode()
         # a new log's first frames (a task queued) are written by the group commit's thread,
         # before the result that follows them: creating a file can take a millisecond
-        left_to_commit = self._fd is None and atomic.append(self.path, data, new=self.last_id == 0)
+        if held:
+            self.close()  # the commit thread appends by name: the next open reads the size
+        left_to_commit = self._fd is None and atomic.append(
+            self.path, data, new=self.last_id == 0, held=held
+        )
         if not left_to_commit:
             if self._fd is None:
                 self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from state import atomic, results, sessions, spool
+from state import atomic, committer, results, sessions, spool
 from tests.conftest import Workspace, config, task, wait_terminal
 
 
@@ -240,7 +240,8 @@ async def test_a_task_whose_result_path_is_blocked_holds_up_no_other_task(
         result = await wait_terminal(workspace, name, 20)
         assert result["status"] == "succeeded", result
         assert result["source_file"] == f"spool/done/{name}.task.yaml"
-        assert (workspace.spool.done / f"{name}.task.yaml").exists()
+        filed = workspace.spool.done / f"{name}.task.yaml"  # moved last, just after the result
+        await wait_for(filed.exists, 5, f"{name}.task.yaml in spool/done")
     await asyncio.sleep(1.0)
     assert (workspace.spool.active / "v.task.yaml").exists()  # not filed without its result
     blocked.rmdir()
@@ -295,9 +296,9 @@ async def test_a_burst_of_task_files_is_queued_in_one_group_commit(
     commits: list[list[str]] = []
     real_commit = atomic.commit
 
-    def commit(group: atomic.Group) -> None:
+    def commit(group: atomic.Group, via: Any = None) -> None:
         commits.append([dst.name for _, dst, _ in group.ops if dst is not None])
-        real_commit(group)
+        real_commit(group, via)
 
     monkeypatch.setattr(atomic, "commit", commit)
     workspace.write_config(config(queue={"capacity": 64, "full_policy": "reject"}))
@@ -408,13 +409,13 @@ async def test_no_task_is_started_before_its_queued_result_is_on_disk(
     early: list[str] = []
     real_extend = events.EventLog.extend
 
-    def extend(log: events.EventLog, event: Any, items: Any, *, ts: str) -> Any:
+    def extend(log: events.EventLog, event: Any, items: Any, *, ts: str, **kw: Any) -> Any:
         if (
             event == "started"
             and not log.path.with_name(log.path.name.replace(".events.jsonl", ".json")).exists()
         ):
             early.append(log.path.name)
-        return real_extend(log, event, items, ts=ts)
+        return real_extend(log, event, items, ts=ts, **kw)
 
     monkeypatch.setattr(events.EventLog, "extend", extend)
     await serve()
@@ -734,3 +735,121 @@ async def test_a_cancel_request_stays_when_the_canceled_result_cannot_be_written
     assert (books.spool.cancel / "x").exists()  # still asked for
     assert (books.spool.active / run.file_name).exists()
     books.flush()
+
+
+def test_a_write_replaced_in_the_same_commit_is_never_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task whose end is written in the commit that also holds its running result: that
+    result is replaced before anything is written (one file created, not two); the write of
+    another unit, or one the path was moved away from in between, is still carried out."""
+    filled: list[bytes] = []
+    real_fill = atomic._fill
+
+    def fill(tmp: Path, data: bytes, **kw: Any) -> None:
+        filled.append(data)
+        real_fill(tmp, data, **kw)
+
+    monkeypatch.setattr(atomic, "_fill", fill)
+    a, b, moved = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "moved.json"
+    group = atomic.begin()
+    for unit, path, data in [("t", a, b"running"), ("t", b, b"b-1"), ("t", a, b"succeeded")]:
+        with atomic.group(), atomic.unit(unit):
+            atomic.write_bytes(path, data)
+    with atomic.group(), atomic.unit("u"):  # another task's write to b: not replaced
+        atomic.write_bytes(b, b"b-2")
+    with atomic.group(), atomic.unit("t"):
+        atomic.rename_durable(b, moved)  # b moved away: the next write of b is its own
+        atomic.write_bytes(b, b"b-3")
+    assert atomic.read_bytes(a) == b"succeeded" and not a.exists()  # only at the commit
+    atomic.commit(group)
+    assert a.read_bytes() == b"succeeded"
+    assert moved.read_bytes() == b"b-2" and b.read_bytes() == b"b-3"
+    assert sorted(filled) == sorted([b"succeeded", b"b-1", b"b-2", b"b-3"])  # no b"running"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json", "moved.json"]
+
+
+async def test_an_engine_that_ends_before_the_running_result_lands_frees_its_slot_at_once(
+    workspace: Workspace, serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine is asked while the running result commits. One that ends first (a short
+    answer, a slow disk) hands its slot to the next task at once, but nothing of its tokens
+    is seen (log, SSE) before the running result is on disk: its frames are held for the
+    commit after it, and published once that has landed."""
+    import asyncio
+    import threading
+
+    from tests.conftest import wait_for
+
+    gate = threading.Event()
+    real_sync = atomic._sync_files
+
+    def sync_files(files: Any, **kw: Any) -> None:  # holds the commit of a's running result
+        for path in files:
+            if path.name.startswith(".a.json.") and b'"running"' in path.read_bytes():
+                gate.wait(20)
+        real_sync(files, **kw)
+
+    monkeypatch.setattr(atomic, "_sync_files", sync_files)
+    # the daemon's commits in its commit thread, where this test can hold them
+    monkeypatch.setattr(committer.Committer, "start", lambda self: None)
+    monkeypatch.setattr(committer.Committer, "commit", lambda self, group: atomic._commit(group))
+    cfg = config()
+    cfg["pools"][0] |= {"slots": 1, "sim": {"tokens_per_s": 2000, "load_s": 0.0}}
+    workspace.write_config(cfg)
+    running = await serve()
+    sub = running.daemon.books.hub.subscribe("a", workspace.root / "results" / "a.events.jsonl")
+    seen: list[str] = []
+
+    async def read() -> None:
+        async for frame in sub.frames():
+            seen.append(frame.event)
+
+    reader = asyncio.create_task(read())
+    workspace.submit("a.task.yaml", task("a", max_tokens=4))
+    workspace.submit("b.task.yaml", task("b", max_tokens=4))
+    logs = workspace.root / "results"
+
+    def events_of(task_id: str) -> list[str]:
+        path = logs / f"{task_id}.events.jsonl"
+        return [json.loads(line)["event"] for line in path.read_text().splitlines()]
+
+    # the one slot went on to b while a's running result is still held at its commit
+    await wait_for(lambda: "started" in events_of("b"), 10, "b started")
+    assert "token" not in events_of("a") and "end" not in events_of("a")
+    assert json.loads((logs / "a.json").read_text())["status"] == "queued"
+    assert "token" not in seen and "end" not in seen
+    gate.set()
+    a = await wait_terminal(workspace, "a", 10)
+    assert a["status"] == "succeeded" and a["tokens_out"] == 4
+    assert (await wait_terminal(workspace, "b", 10))["status"] == "succeeded"
+    frames = [json.loads(line) for line in (logs / "a.events.jsonl").read_text().splitlines()]
+    assert [f["id"] for f in frames] == list(range(1, len(frames) + 1))
+    assert [f["event"] for f in frames if f["event"] != "metrics"] == [
+        "queued",
+        "started",
+        "token",
+        "token",
+        "token",
+        "token",
+        "end",
+    ]
+    await asyncio.wait_for(reader, 5)
+    assert seen[-1] == "end" and seen.count("token") == 4
+
+
+def test_frames_held_for_a_commit_are_appended_in_one_write_and_in_order(tmp_path: Path) -> None:
+    """A task's frames held for the commit go to its log in one append per run of frames,
+    in order with its other writes: the frames before its result, the result after them."""
+    log, result = tmp_path / "t.events.jsonl", tmp_path / "t.json"
+    log.write_bytes(b"1\n")
+    group = atomic.begin()
+    with atomic.group(), atomic.unit("t"):
+        assert atomic.append(log, b"2\n", new=False, held=True)
+        assert atomic.append(log, b"3\n", new=False, held=True)
+        atomic.write_bytes(result, b"{}")
+        assert atomic.append(log, b"4\n", new=False, held=True)
+    assert [kind for _, _, kind in group.ops] == ["append", "file", "append"]
+    assert log.read_bytes() == b"1\n"  # nothing before the commit
+    atomic.commit(group)
+    assert log.read_bytes() == b"1\n2\n3\n4\n" and result.read_bytes() == b"{}"

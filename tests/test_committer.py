@@ -1,0 +1,188 @@
+"""The commit helper process (state/committer.py): a group it commits ends as one committed
+in the daemon's own thread would, its failpoints are the daemon's, it keeps the daemon's
+folder locks while it lives, and it never outlives the daemon."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from state import atomic, committer, failpoints
+
+
+@pytest.fixture
+def helper() -> Iterator[committer.Committer]:
+    c = committer.Committer()
+    c.start()
+    yield c
+    c.close()
+
+
+def _group(writes: list[tuple[str, Path, bytes]]) -> atomic.Group:
+    """A group begun for a later commit, as the daemon's loop collects one."""
+    group = atomic.begin()
+    for unit, path, data in writes:
+        with atomic.group(), atomic.unit(unit):
+            atomic.write_bytes(path, data, kind="result")
+    atomic.hand_off(group)
+    return group
+
+
+def _commit_armed(
+    tmp_path: Path, helper: committer.Committer, spec: str, trace: Path
+) -> atomic.GroupFailed:
+    """Commit the results of a and b through `helper` with the failpoints `spec` armed."""
+    failpoints.configure(spec, trace=str(trace))
+    try:
+        group = _group([("a", tmp_path / "a.json", b"a"), ("b", tmp_path / "b.json", b"b")])
+        with pytest.raises(atomic.GroupFailed) as failed:
+            atomic.commit(group, helper.commit)
+    finally:
+        failpoints.configure("")
+    return failed.value
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def test_a_group_committed_by_the_helper_appears_whole_and_in_order(
+    tmp_path: Path, helper: committer.Committer
+) -> None:
+    (tmp_path / "b.json").mkdir()  # a folder where b's result goes: b fails, alone
+    group = _group(
+        [
+            ("a", tmp_path / "a.json", b"a-1"),
+            ("b", tmp_path / "b.json", b"b-1"),
+            ("a", tmp_path / "a2.json", b"a-2"),
+            ("c", tmp_path / "c.json", b"c-1"),
+        ]
+    )
+    assert not (tmp_path / "a.json").exists()  # nothing before the commit
+    with pytest.raises(atomic.GroupFailed) as failed:
+        atomic.commit(group, helper.commit)
+    assert set(failed.value.failures) == {"b"}
+    assert failed.value.failures["b"].errno == errno.EISDIR
+    assert [(tmp_path / n).read_bytes() for n in ("a.json", "a2.json", "c.json")] == [
+        b"a-1",
+        b"a-2",
+        b"c-1",
+    ]
+    assert (tmp_path / "b.json").is_dir()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert group.landed.is_set()
+
+
+def test_a_failpoint_in_the_helper_is_the_daemons(
+    tmp_path: Path, helper: committer.Committer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counted, traced and acted on in the daemon's process: `result_write=enospc@2` fails
+    the second result written in the helper as a full disk would, naming the daemon's pid."""
+    trace = tmp_path / "trace"
+    failed = _commit_armed(tmp_path, helper, "result_write=enospc@2", trace)
+    assert set(failed.failures) == {"b"}
+    assert failed.failures["b"].errno == errno.ENOSPC
+    assert (tmp_path / "a.json").read_bytes() == b"a" and not (tmp_path / "b.json").exists()
+    lines = trace.read_text().splitlines()
+    assert f"{os.getpid()} fire result_write 2 enospc" in lines
+
+
+def test_a_helper_that_dies_mid_commit_fails_its_group_and_the_next_gets_a_new_one(
+    tmp_path: Path, helper: committer.Committer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    process = helper._process
+    assert process is not None
+    real_hit = failpoints.hit
+
+    def hit(name: str) -> None:
+        if name == "before_group_sync":
+            os.kill(process.pid, signal.SIGKILL)  # dies waiting for this answer
+        real_hit(name)
+
+    monkeypatch.setattr(failpoints, "hit", hit)
+    failed = _commit_armed(tmp_path, helper, "", tmp_path / "trace")  # armed: asked here
+    assert set(failed.failures) == {"a", "b"}
+    assert isinstance(failed.failures["a"], committer.HelperDied)
+    group = _group([("a", tmp_path / "a.json", b"again")])
+    atomic.commit(group, helper.commit)  # a new helper
+    assert (tmp_path / "a.json").read_bytes() == b"again"
+    assert helper._process is not None and helper._process.pid != process.pid
+
+
+def test_the_helper_keeps_the_daemons_lock_while_it_lives(tmp_path: Path) -> None:
+    """A restarted daemon cannot lock the folder while a commit of the old one may still
+    be renaming files."""
+    lock_path = tmp_path / "daemon.lock"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    c = committer.Committer(keep_fds=[fd])
+    c.start()
+    os.close(fd)  # the daemon let go of its own descriptor
+    other = os.open(lock_path, os.O_RDWR)
+    try:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        c.close()
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free once the helper is gone
+    finally:
+        os.close(other)
+
+
+def test_the_helper_never_outlives_the_daemon(tmp_path: Path) -> None:
+    script = textwrap.dedent(
+        """
+        import sys, time
+        from state import committer
+        c = committer.Committer()
+        c.start()
+        print(c._process.pid, flush=True)
+        time.sleep(60)
+        """
+    )
+    root = Path(committer.__file__).resolve().parent.parent
+    with subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, cwd=root, text=True
+    ) as daemon:
+        assert daemon.stdout is not None
+        pid = int(daemon.stdout.readline())
+        assert _alive(pid)
+        daemon.kill()
+        daemon.wait(10)
+    deadline = time.monotonic() + 5
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not _alive(pid)
+
+
+def test_a_committer_closed_commits_in_the_callers_thread(tmp_path: Path) -> None:
+    c = committer.Committer()
+    c.start()
+    c.close()
+    group: Any = _group([("a", tmp_path / "a.json", b"a")])
+    atomic.commit(group, c.commit)
+    assert (tmp_path / "a.json").read_bytes() == b"a" and c._process is None
+
+
+def test_where_no_helper_can_start_the_commit_runs_in_the_callers_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    c = committer.Committer()
+    monkeypatch.setattr(c, "_start", lambda: (_ for _ in ()).throw(OSError(errno.ENOMEM, "no")))
+    c.start()
+    atomic.commit(_group([("a", tmp_path / "a.json", b"a")]), c.commit)
+    assert (tmp_path / "a.json").read_bytes() == b"a" and c._process is None
+    c.close()
