@@ -233,13 +233,16 @@ async def _started(run: tasking.TaskRun, reader: _Reader, deps: Deps) -> None:
     # its error, where the engine ended first, is the recovery pass's to handle
     durable.add_done_callback(lambda f: f.cancelled() or f.exception())
     run.held = []
-    timeout = None
-    if run.deadline_mono is not None:  # the stream loop raises the deadline once it passed
-        timeout = max(0.0, run.deadline_mono - deps.clock.monotonic())
     try:
-        await asyncio.wait(
-            (durable, reader.task), timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-        )
+        while not (durable.done() or reader.task.done()):
+            timeout = None
+            if run.deadline_mono is not None:  # the stream loop raises it, with frames held
+                timeout = run.deadline_mono - deps.clock.monotonic()
+                if timeout <= 0:
+                    break
+            await asyncio.wait(
+                (durable, reader.task), timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
     except asyncio.CancelledError:
         durable.cancel()
         raise

@@ -393,23 +393,32 @@ class Books:
             replica_id=result.replica_id,
         )
         if run.held is not None:
-            self._publish_landed(run.task_id, run.held)
+            self._publish_landed(run, run.held)
             run.held = None
         if self.finished is not None:  # after the commit point: never delays or blocks it
             self.finished(run)
 
-    def _publish_landed(self, task_id: str, frames: list[events.EventFrame]) -> None:
+    def _publish_landed(self, run: TaskRun, frames: list[events.EventFrame]) -> None:
         """Publish a task's held frames once the commit that writes them has landed (a
-        frame is published once the log has it); never where it failed: the task is then
-        taken again by the recovery pass, and its next frames reuse those ids."""
-        future = self.landing(task_id)
+        frame is published once the log has it). Where a write of the task failed in that
+        commit, those of them its log has (the frames are appended before the result is
+        renamed): the recovery pass then finishes the task from its log, or runs it again
+        after its last frame there, and a reader waiting for the end gets it either way."""
+        future = self.landing(run.task_id)
         if future is None:
-            self.hub.publish(task_id, *frames)
+            self.hub.publish(run.task_id, *frames)
             return
 
         def landed(future: asyncio.Future[None]) -> None:
             if not future.cancelled() and future.exception() is None:
-                self.hub.publish(task_id, *frames)
+                self.hub.publish(run.task_id, *frames)
+                return
+            first = frames[0].id if frames else 0
+            try:
+                logged = [f for f in events.read(run.log.path) if f.id >= first]
+            except (OSError, ValueError):  # no log to read: nothing of them is known there
+                return
+            self.hub.publish(run.task_id, *logged)
 
         future.add_done_callback(landed)
 

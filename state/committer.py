@@ -12,7 +12,9 @@ Nothing a commit guarantees changes: the helper does what the thread did, in the
 one group at a time. What it adds is kept from mattering:
 
 - it dies with the daemon (PR_SET_PDEATHSIG, and it exits once the daemon's end of its pipe
-  closes), and it holds the daemon's folder locks while it lives, so a restarted daemon
+  closes), ignores the signals a terminal or a service manager sends the daemon to stop it
+  (its own session; SIGINT, SIGTERM and SIGHUP ignored: the daemon drains, then closes the
+  pipe), and it holds the daemon's folder locks while it lives, so a restarted daemon
   never runs its recovery while a commit of the old one is still renaming files;
 - a failpoint hit in the helper is asked of the daemon (`failpoints.hit` there): the same
   counts, the same random draws, the same trace lines, and a `kill` kills the daemon, which
@@ -20,9 +22,12 @@ one group at a time. What it adds is kept from mattering:
 - a helper that dies on its own fails the group it held (every task of it goes to the
   recovery pass, as after a failed write) and the next group starts a new one.
 
-Messages are pickled, each with a 4-byte length: the daemon sends ("commit", group fields,
-armed) and ("hit-reply", error or None); the helper sends ("hit", point) while the daemon's
-failpoints are armed, and ("done", outcome, syncs).
+Messages go over two pipes of their own, pickled, each with a 4-byte length: the helper says
+("ready",) once started; the daemon sends ("commit", group fields, armed) and ("hit-reply",
+error or None); the helper sends ("hit", point) while the daemon's failpoints are armed, and
+("done", outcome, syncs). Anything unexpected (a helper that dies, says something else, or
+cannot start) ends that helper: a group it held fails, and where none starts at all the
+commits run in the daemon's thread, as without one.
 """
 
 from __future__ import annotations
@@ -33,12 +38,14 @@ import errno
 import logging
 import os
 import pickle
+import select
 import signal
 import struct
 import subprocess
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +104,21 @@ def _os_error(fields: Sequence[Any]) -> OSError:
     return error if isinstance(error, OSError) else OSError(errno.EIO, str(error))
 
 
+READY_S = 10.0  # how long a new helper may take to say it is ready
+
+
+@dataclass
+class _Helper:
+    process: subprocess.Popen[bytes]
+    to_helper: int  # the daemon's ends of the two pipes
+    from_helper: int
+
+    def close_pipes(self) -> None:
+        for fd in (self.to_helper, self.from_helper):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
 class Committer:
     """The daemon's side: `commit(group)` has the helper commit it (one group at a time,
     from any thread); `close()` ends the helper. `keep_fds` (the daemon's folder locks)
@@ -104,34 +126,59 @@ class Committer:
 
     def __init__(self, keep_fds: Sequence[int] = ()) -> None:
         self.keep_fds = tuple(keep_fds)
-        self._process: subprocess.Popen[bytes] | None = None
+        self._helper: _Helper | None = None
         self._lock = threading.Lock()
         self._closed = False
         self._failed = False  # a helper could not be started: none is tried again
         # told the number of fsync/syncfs calls each commit made (the intake benchmark)
         self.on_syncs: Callable[[int], None] | None = None
 
-    def _start(self) -> subprocess.Popen[bytes]:
+    @property
+    def pid(self) -> int | None:
+        return self._helper.process.pid if self._helper is not None else None
+
+    def _start(self) -> _Helper:
+        """A new helper, once it has said it is ready. Its own pipes carry the messages (its
+        stdout and stderr are the daemon's, for anything it prints); its own session and
+        ignored SIGINT/SIGTERM/SIGHUP keep a Ctrl-C or a service stop meant for the daemon
+        from killing it mid-commit: it ends when the daemon closes its pipe, or dies."""
         env = {k: v for k, v in os.environ.items() if k not in _FAILPOINT_VARS}
         root = str(Path(__file__).resolve().parent.parent)  # the folder holding `state`
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-        return subprocess.Popen(
-            [sys.executable, "-m", "state.committer", str(os.getpid())],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            pass_fds=self.keep_fds,
-            env=env,
-            close_fds=True,
-        )
+        down_r, down_w = os.pipe()
+        up_r, up_w = os.pipe()
+        argv = [str(os.getpid()), str(down_r), str(up_w)]
+        try:
+            process = subprocess.Popen(
+                # -P: never a module of the daemon's working folder in its place
+                [sys.executable, "-P", "-m", "state.committer", *argv],
+                stdin=subprocess.DEVNULL,
+                pass_fds=(down_r, up_w, *self.keep_fds),
+                env=env,
+                close_fds=True,
+                start_new_session=True,
+            )
+        except BaseException:
+            for fd in (down_r, down_w, up_r, up_w):
+                os.close(fd)
+            raise
+        os.close(down_r)
+        os.close(up_w)
+        helper = _Helper(process, down_w, up_r)
+        ready = select.select([up_r], [], [], READY_S)[0] and _receive(up_r)
+        if ready != ("ready",):
+            self._discard(helper)
+            raise OSError(errno.EIO, f"the commit helper did not start (said {ready!r})")
+        return helper
 
     def start(self) -> None:
         """Start the helper now (from the thread whose end it is to die with: the daemon's
         main thread), not at the first commit."""
         with self._lock:
-            if self._process is None and not self._closed:
-                self._process = self._spawned()
+            if self._helper is None and not self._closed:
+                self._helper = self._spawned()
 
-    def _spawned(self) -> subprocess.Popen[bytes] | None:
+    def _spawned(self) -> _Helper | None:
         """A new helper; None where none can be started (the commits then run in the
         caller's thread, as they did without one: slower, never wrong)."""
         if self._failed:
@@ -147,19 +194,20 @@ class Committer:
         if group.committed or not group.ops:
             return
         with self._lock:
-            process = self._process
-            if not self._closed and (process is None or process.poll() is not None):
-                process = self._process = self._spawned()
-            if process is None:  # closed (the daemon is stopping), or none could start
+            helper = self._helper
+            if not self._closed and (helper is None or helper.process.poll() is not None):
+                if helper is not None:  # died while idle: nothing of a group lost
+                    self._discard(helper)
+                helper = self._helper = self._spawned()
+            if helper is None:  # closed (the daemon is stopping), or none could start
                 atomic._commit(group)
                 return
             group.committed = True
-            outcome = self._exchange(process, group)
+            outcome = self._exchange(helper, group)
         if outcome is not None:
             raise outcome
 
-    def _exchange(self, process: subprocess.Popen[bytes], group: atomic.Group) -> Exception | None:
-        assert process.stdin is not None and process.stdout is not None
+    def _exchange(self, helper: _Helper, group: atomic.Group) -> Exception | None:
         fields = {
             "ops": group.ops,
             "units": group.units,
@@ -168,27 +216,31 @@ class Committer:
             "appends": group.appends,
             "poisoned": {k: _error_fields(v) for k, v in group.poisoned.items()},
         }
-        to_helper, from_helper = process.stdin.fileno(), process.stdout.fileno()
+        message = ("commit", fields, failpoints._armed is not None)
+        body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)  # fails before a byte
+        in_step = False
         try:
-            _send(to_helper, ("commit", fields, failpoints._armed is not None))
+            atomic.write_all(helper.to_helper, _LENGTH.pack(len(body)) + body)
             while True:
-                message = _receive(from_helper)
-                if message is None:
+                reply = _receive(helper.from_helper)
+                if reply is None:
                     raise BrokenPipeError(errno.EPIPE, "the helper closed its pipe")
-                if message[0] == "hit":  # a failpoint of the commit, taken here
-                    reply = None
-                    try:
-                        failpoints.hit(message[1])
-                    except OSError as exc:
-                        reply = _error_fields(exc)
-                    _send(to_helper, ("hit-reply", reply))
-                    continue
-                _, outcome, syncs = message
-                break
+                if reply[0] != "hit":
+                    break
+                answer = None  # a failpoint of the commit, taken here (it may kill us)
+                try:
+                    failpoints.hit(reply[1])
+                except Exception as exc:  # raised there, where the point is
+                    answer = _error_fields(exc)
+                _send(helper.to_helper, ("hit-reply", answer))
+            in_step = True
         except OSError as exc:  # what it did of the group is unknown: the recovery pass
-            self._discard(process)  # reads it from the disk for every task of the group
             died = HelperDied(errno.EIO, f"the commit helper died mid-commit ({exc})")
-            return atomic.GroupFailed(dict.fromkeys(group.units, died))
+            return atomic.GroupFailed(dict.fromkeys(group.units, died))  # takes each task
+        finally:
+            if not in_step:  # dead, or out of step with us: never used again
+                self._discard(helper)
+        _, outcome, syncs = reply
         group.syncs += 2
         if self.on_syncs is not None:
             self.on_syncs(syncs)
@@ -199,33 +251,32 @@ class Committer:
             return atomic.GroupFailed(failures)
         return _error(outcome[1])
 
-    def _discard(self, process: subprocess.Popen[bytes]) -> None:
+    def _discard(self, helper: _Helper) -> None:
         with contextlib.suppress(OSError):
-            process.kill()
+            helper.process.kill()
         with contextlib.suppress(Exception):
-            process.wait(5)
-        for pipe in (process.stdin, process.stdout):
-            if pipe is not None:
-                with contextlib.suppress(OSError):
-                    pipe.close()
-        self._process = None
+            helper.process.wait(5)
+        helper.close_pipes()
+        if self._helper is helper:
+            self._helper = None
 
     def close(self) -> None:
         """End the helper once its commit in hand is done; later commits run in the caller."""
         with self._lock:
             self._closed = True
-            process, self._process = self._process, None
-        if process is None:
+            helper, self._helper = self._helper, None
+        if helper is None:
             return
-        assert process.stdin is not None and process.stdout is not None
         with contextlib.suppress(OSError):
-            process.stdin.close()  # the helper exits at the end of its input
+            os.close(helper.to_helper)  # the helper exits at the end of its input
         try:
-            process.wait(10)
+            helper.process.wait(10)
         except subprocess.TimeoutExpired:
-            self._discard(process)
+            with contextlib.suppress(OSError):
+                helper.process.kill()
+            helper.process.wait(5)
         with contextlib.suppress(OSError):
-            process.stdout.close()
+            os.close(helper.from_helper)
 
 
 # -- the helper process ----------------------------------------------------------------------
@@ -239,10 +290,10 @@ def _die_with(parent: int) -> None:
         os._exit(0)
 
 
-def _serve(parent: int) -> None:
+def _serve(parent: int, from_daemon: int, to_daemon: int) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # meant for the daemon
+        signal.signal(sig, signal.SIG_IGN)
     _die_with(parent)
-    to_daemon, from_daemon = os.dup(1), 0
-    os.dup2(2, 1)  # whatever prints goes to stderr, never into the pipe
     syncs = 0
     real_fsync, real_syncfs = os.fsync, atomic._syncfs
 
@@ -261,23 +312,24 @@ def _serve(parent: int) -> None:
     if real_syncfs is not None:
         atomic._syncfs = syncfs
 
-    def ask(point: str) -> None:  # a failpoint: the daemon decides (and may die there)
-        _send(to_daemon, ("hit", point))
+    def ask(name: str) -> None:  # a failpoint: the daemon decides (and may die there)
+        _send(to_daemon, ("hit", name))
         reply = _receive(from_daemon)
         if reply is None:
             os._exit(0)
         if reply[1] is not None:
             raise _error(reply[1])
 
-    def quiet(point: str) -> None:
+    def quiet(name: str) -> None:
         return None
 
+    _send(to_daemon, ("ready",))
     while True:
         message = _receive(from_daemon)
         if message is None:
             return
         _, fields, armed = message
-        failpoints.hit = ask if armed else quiet  # type: ignore[assignment]
+        failpoints.hit = ask if armed else quiet
         group = atomic.Group(
             ops=fields["ops"],
             units=fields["units"],
@@ -298,4 +350,4 @@ def _serve(parent: int) -> None:
 
 
 if __name__ == "__main__":
-    _serve(int(sys.argv[1]))
+    _serve(*(int(arg) for arg in sys.argv[1:4]))

@@ -104,13 +104,13 @@ def test_a_failpoint_in_the_helper_is_the_daemons(
 def test_a_helper_that_dies_mid_commit_fails_its_group_and_the_next_gets_a_new_one(
     tmp_path: Path, helper: committer.Committer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    process = helper._process
-    assert process is not None
+    pid = helper.pid
+    assert pid is not None
     real_hit = failpoints.hit
 
     def hit(name: str) -> None:
         if name == "before_group_sync":
-            os.kill(process.pid, signal.SIGKILL)  # dies waiting for this answer
+            os.kill(pid, signal.SIGKILL)  # dies waiting for this answer
         real_hit(name)
 
     monkeypatch.setattr(failpoints, "hit", hit)
@@ -120,7 +120,7 @@ def test_a_helper_that_dies_mid_commit_fails_its_group_and_the_next_gets_a_new_o
     group = _group([("a", tmp_path / "a.json", b"again")])
     atomic.commit(group, helper.commit)  # a new helper
     assert (tmp_path / "a.json").read_bytes() == b"again"
-    assert helper._process is not None and helper._process.pid != process.pid
+    assert helper.pid is not None and helper.pid != pid
 
 
 def test_the_helper_keeps_the_daemons_lock_while_it_lives(tmp_path: Path) -> None:
@@ -143,13 +143,16 @@ def test_the_helper_keeps_the_daemons_lock_while_it_lives(tmp_path: Path) -> Non
 
 
 def test_the_helper_never_outlives_the_daemon(tmp_path: Path) -> None:
+    """Killed with it even while its pipe stays open (here another process holds the
+    daemon's end, as a commit in flight would keep the helper from reading its end)."""
     script = textwrap.dedent(
         """
-        import sys, time
+        import subprocess, time
         from state import committer
         c = committer.Committer()
         c.start()
-        print(c._process.pid, flush=True)
+        holder = subprocess.Popen(["sleep", "60"], pass_fds=[c._helper.to_helper])
+        print(c.pid, holder.pid, flush=True)
         time.sleep(60)
         """
     )
@@ -158,14 +161,66 @@ def test_the_helper_never_outlives_the_daemon(tmp_path: Path) -> None:
         [sys.executable, "-c", script], stdout=subprocess.PIPE, cwd=root, text=True
     ) as daemon:
         assert daemon.stdout is not None
-        pid = int(daemon.stdout.readline())
-        assert _alive(pid)
-        daemon.kill()
-        daemon.wait(10)
-    deadline = time.monotonic() + 5
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not _alive(pid)
+        pid, holder = (int(n) for n in daemon.stdout.readline().split())
+        try:
+            assert _alive(pid)
+            daemon.kill()
+            daemon.wait(10)
+            deadline = time.monotonic() + 5
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert not _alive(pid)
+        finally:
+            os.kill(holder, signal.SIGKILL)
+
+
+def test_signals_meant_for_the_daemon_leave_the_helper_committing(
+    tmp_path: Path, helper: committer.Committer
+) -> None:
+    """A Ctrl-C (the terminal's process group) or a service stop (SIGTERM to every
+    process of the unit) stops the daemon, which drains first: its helper must not die
+    mid-commit meanwhile."""
+    pid = helper.pid
+    assert pid is not None and os.getpgid(pid) != os.getpgid(0)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        os.kill(pid, sig)
+    time.sleep(0.1)
+    atomic.commit(_group([("a", tmp_path / "a.json", b"a")]), helper.commit)
+    assert (tmp_path / "a.json").read_bytes() == b"a" and helper.pid == pid
+
+
+def test_a_module_of_the_working_folder_never_stands_in_for_the_helper(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "state.py").write_text("raise SystemExit(3)\n")
+    monkeypatch.chdir(tmp_path)
+    c = committer.Committer()
+    c.start()
+    try:
+        assert c.pid is not None
+        atomic.commit(_group([("a", tmp_path / "a.json", b"a")]), c.commit)
+        assert (tmp_path / "a.json").read_bytes() == b"a" and c.pid is not None
+    finally:
+        c.close()
+
+
+def test_a_failpoint_that_fails_otherwise_keeps_the_helper_in_step(
+    tmp_path: Path, helper: committer.Committer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def hit(name: str) -> None:
+        raise KeyError(name)
+
+    monkeypatch.setattr(failpoints, "hit", hit)
+    failpoints.configure("", trace=str(tmp_path / "trace"))
+    try:
+        with pytest.raises(RuntimeError, match="KeyError"):
+            atomic.commit(_group([("a", tmp_path / "a.json", b"a")]), helper.commit)
+    finally:
+        failpoints.configure("")
+        monkeypatch.undo()
+    pid = helper.pid
+    atomic.commit(_group([("b", tmp_path / "b.json", b"b")]), helper.commit)
+    assert (tmp_path / "b.json").read_bytes() == b"b" and helper.pid == pid
 
 
 def test_a_committer_closed_commits_in_the_callers_thread(tmp_path: Path) -> None:
@@ -174,15 +229,19 @@ def test_a_committer_closed_commits_in_the_callers_thread(tmp_path: Path) -> Non
     c.close()
     group: Any = _group([("a", tmp_path / "a.json", b"a")])
     atomic.commit(group, c.commit)
-    assert (tmp_path / "a.json").read_bytes() == b"a" and c._process is None
+    assert (tmp_path / "a.json").read_bytes() == b"a" and c.pid is None
 
 
+@pytest.mark.parametrize("how", ["cannot be started", "never says it is ready"])
 def test_where_no_helper_can_start_the_commit_runs_in_the_callers_thread(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
 ) -> None:
     c = committer.Committer()
-    monkeypatch.setattr(c, "_start", lambda: (_ for _ in ()).throw(OSError(errno.ENOMEM, "no")))
+    if how == "cannot be started":
+        monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
+    else:
+        monkeypatch.setattr(sys, "executable", "/bin/true")  # starts, exits at once
     c.start()
     atomic.commit(_group([("a", tmp_path / "a.json", b"a")]), c.commit)
-    assert (tmp_path / "a.json").read_bytes() == b"a" and c._process is None
+    assert (tmp_path / "a.json").read_bytes() == b"a" and c.pid is None
     c.close()

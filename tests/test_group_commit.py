@@ -853,3 +853,36 @@ def test_frames_held_for_a_commit_are_appended_in_one_write_and_in_order(tmp_pat
     assert log.read_bytes() == b"1\n"  # nothing before the commit
     atomic.commit(group)
     assert log.read_bytes() == b"1\n2\n3\n4\n" and result.read_bytes() == b"{}"
+
+
+async def test_held_frames_in_the_log_are_sent_even_where_the_tasks_result_failed(
+    tmp_path: Path,
+) -> None:
+    """A task's held frames are appended before its result is renamed: where that rename
+    fails (a folder in the way, a full disk), the frames its log now has still reach the
+    SSE readers, so one waiting for the end is not left waiting (the recovery pass finishes
+    the task from its log)."""
+    import asyncio
+
+    books, new = _books(tmp_path)
+    run = new("t")
+    (books.spool.active / "t.task.json").write_text("{}")
+    books.queued(run, position=1, predicted_start_ms=None, on_time_probability=None)
+    await books.settled("t")
+    seen: list[str] = []
+
+    async def read() -> None:
+        async for frame in books.hub.subscribe("t", run.log.path).frames():
+            seen.append(frame.event)
+
+    reader = asyncio.create_task(read())
+    await asyncio.sleep(0.05)  # it has read the log (queued) and waits for live frames
+    books.results.path("t").unlink()
+    books.results.path("t").mkdir()
+    run.held = []
+    books.frames(run, "token", [{"t": "a", "i": 0}])
+    books.finish(run, "succeeded", finish_reason="stop")
+    await asyncio.wait_for(reader, 5)
+    assert seen == ["queued", "token", "end"]
+    assert [f["event"] for f in map(json.loads, run.log.path.read_text().splitlines())] == seen
+    books.flush()
