@@ -112,6 +112,7 @@ class _Helper:
     process: subprocess.Popen[bytes]
     to_helper: int  # the daemon's ends of the two pipes
     from_helper: int
+    ready: bool = False  # it has said so (read at its first commit, not at its start)
 
     def close_pipes(self) -> None:
         for fd in (self.to_helper, self.from_helper):
@@ -138,7 +139,8 @@ class Committer:
         return self._helper.process.pid if self._helper is not None else None
 
     def _start(self) -> _Helper:
-        """A new helper, once it has said it is ready. Its own pipes carry the messages (its
+        """A new helper, started (it says it is ready before its first commit: the daemon's
+        start does not wait for its interpreter). Its own pipes carry the messages (its
         stdout and stderr are the daemon's, for anything it prints); its own session and
         ignored SIGINT/SIGTERM/SIGHUP keep a Ctrl-C or a service stop meant for the daemon
         from killing it mid-commit: it ends when the daemon closes its pipe, or dies."""
@@ -164,12 +166,23 @@ class Committer:
             raise
         os.close(down_r)
         os.close(up_w)
-        helper = _Helper(process, down_w, up_r)
-        ready = select.select([up_r], [], [], READY_S)[0] and _receive(up_r)
-        if ready != ("ready",):
-            self._discard(helper)
-            raise OSError(errno.EIO, f"the commit helper did not start (said {ready!r})")
-        return helper
+        return _Helper(process, down_w, up_r)
+
+    def _await_ready(self, helper: _Helper) -> bool:
+        """Whether `helper` says it is ready within READY_S; one that does not is ended,
+        and no other is tried: the commits run in the caller's thread."""
+        if helper.ready:
+            return True
+        said = select.select([helper.from_helper], [], [], READY_S)[0] and _receive(
+            helper.from_helper
+        )
+        if said == ("ready",):
+            helper.ready = True
+            return True
+        self._discard(helper)
+        self._failed = True
+        _log.warning("the commit helper did not start (said %r): committing in-process", said)
+        return False
 
     def start(self) -> None:
         """Start the helper now (from the thread whose end it is to die with: the daemon's
@@ -199,6 +212,8 @@ class Committer:
                 if helper is not None:  # died while idle: nothing of a group lost
                     self._discard(helper)
                 helper = self._helper = self._spawned()
+            if helper is not None and not self._await_ready(helper):
+                helper = None
             if helper is None:  # closed (the daemon is stopping), or none could start
                 atomic._commit(group)
                 return

@@ -180,6 +180,7 @@ def test_signals_meant_for_the_daemon_leave_the_helper_committing(
     """A Ctrl-C (the terminal's process group) or a service stop (SIGTERM to every
     process of the unit) stops the daemon, which drains first: its helper must not die
     mid-commit meanwhile."""
+    atomic.commit(_group([("a", tmp_path / "a.json", b"first")]), helper.commit)  # ready
     pid = helper.pid
     assert pid is not None and os.getpgid(pid) != os.getpgid(0)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
