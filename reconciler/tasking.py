@@ -7,11 +7,13 @@ a reader that sees a terminal result will find the terminal frame in the log.
 Group commit: in the event loop, the durable writes of every task that changes state within
 COMMIT_WINDOW_S join one `atomic` group, committed with a few syncs in all (a thousand tasks
 finishing, starting or being queued together do not pay five fsyncs each). The commit (syncs
-and renames) runs in a writer thread of its own, one group at a time and in order, so no loop
-turn waits on the disk: while one group is being committed the next one collects writes, and
-is handed to the writer once the first has landed. The files appear at the commit, in the
-order written; `settled()` waits for it, where a step must not run before its writes are
-durable (the first token is asked for only once the running result is on disk).
+and renames) runs in a writer thread of its own, which hands it to the daemon's commit helper
+process where there is one (`committer`, state/committer.py), one group at a time and in
+order, so no loop turn waits on the disk: while one group is being committed the next one
+collects writes, and is handed to the writer once the first has landed. The files appear at
+the commit, in the order written; `settled()` waits for it, where a step must not run before
+its writes are durable (no token frame is written before the running result is on disk), and
+`landing()` gives the same as a future.
 """
 
 from __future__ import annotations
@@ -83,8 +85,8 @@ class _Waiter:
 
 # How long a group commit collects task writes, across loop turns, before its syncs: with 8
 # streams busy, one loop turn held a write or two, and the syncs of ~700 commits per 1,000
-# tasks were a tenth of the loop's time; a task waits at most this much longer for its
-# running result to be durable before its first token is asked for.
+# tasks were a tenth of the loop's time; a task's tokens wait at most this much longer for
+# its running result to be durable.
 COMMIT_WINDOW_S = 0.002
 
 
