@@ -449,21 +449,20 @@ class _Reader:
     def __init__(
         self,
         engine_stream: AsyncIterator[interfaces.Token | interfaces.Done],
-        clock: Callable[[], float] | None = None,
+        clock: Callable[[], float],
     ) -> None:
         self._stream = engine_stream
         self._items: list[interfaces.Token | interfaces.Done] = []
         self._error: BaseException | None = None
         self._ready = asyncio.Event()
         self._clock = clock
-        self.first_at: float | None = None  # when the first token arrived (with a clock)
+        self.first_at: float | None = None  # when the first token arrived
         self.task = asyncio.ensure_future(self._read())  # done: its Done or error is here
 
     async def _read(self) -> None:
         try:
             async for item in self._stream:
-                first = self.first_at is None and not isinstance(item, interfaces.Done)
-                if first and self._clock is not None:
+                if self.first_at is None and not isinstance(item, interfaces.Done):
                     self.first_at = self._clock()
                 self._items.append(item)
                 self._ready.set()
