@@ -309,7 +309,8 @@ class Daemon:
                     await self.pass_once(settle=False)
                 except atomic.GroupFailed as exc:  # some tasks' writes: the others' are done
                     for key, error in exc.failures.items():
-                        tasking.write_deferred(key, error)
+                        if key not in exc.repeated:
+                            tasking.write_deferred(key, error)
                 except OSError as exc:  # a full disk: the next pass retries what failed
                     logs.emit(log, "pass.failed", f"A pass failed: {exc}", level=40)
                 if self.options.exit_when_idle and self._idle():

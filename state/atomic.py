@@ -77,6 +77,13 @@ class Group:
     # units a write of which failed in the group committed before this one: none of their
     # operations here is carried out (each would follow a write that never happened)
     poisoned: dict[Hashable, OSError] = field(default_factory=dict)
+    # per unit: the groups handed off before it and still in flight when the unit's first op
+    # here was asked for, which hold ops of that unit too (what was decided here may rest on
+    # what they will write): a unit that fails in one of them is poisoned here at the commit
+    after: dict[Hashable, list[Group]] = field(default_factory=dict)
+    # per unit, the error its operations failed with at this group's commit (set before
+    # `landed`): none of them, a unit's later operations in later groups are skipped too
+    failures: dict[Hashable, OSError] = field(default_factory=dict)
     later: bool = False  # committed by whoever called `begin`, not at the end of a block
     committed: bool = False  # a second commit (a flush, then the scheduled one) is a no-op
     syncs: int = 0
@@ -128,10 +135,14 @@ def hand_off(current: Group) -> None:
 
 def _await_landing(paths: Sequence[Path]) -> None:
     """Before a write outside a group: wait for the handed-off groups that touch `paths`, so
-    that their commit cannot undo it."""
+    that their commit cannot undo it; raise where the write's unit failed in one of them."""
+    unit = getattr(_local, "unit", None)
     for flying in _flight():
-        if any(p in flying.data for p in paths):
+        if any(p in flying.data for p in paths) or (unit is not None and unit in flying.unit_last):
             flying.landed.wait()
+            if unit is not None and unit in flying.failures:
+                failed = flying.failures[unit]
+                raise OSError(failed.errno, failed.strerror, failed.filename)
 
 
 class GroupFailed(OSError):
@@ -142,6 +153,8 @@ class GroupFailed(OSError):
         first = next(iter(failures.values()))
         super().__init__(first.errno, first.strerror, first.filename, None, first.filename2)
         self.failures = failures
+        # the units that failed in an earlier group (`Group.poisoned`): told of already
+        self.repeated: frozenset[Hashable] = frozenset()
 
 
 @contextlib.contextmanager
@@ -165,6 +178,14 @@ def _append(current: Group, op: tuple[Path, Path | None, str]) -> None:
             current.replaceable.pop(path, None)
             current.extendable.pop(path, None)
     unit = getattr(_local, "unit", None)
+    if unit is not None and unit not in current.unit_last:
+        before = [
+            flying
+            for flying in getattr(_local, "flight", ())
+            if flying is not current and unit in flying.unit_last and not flying.landed.is_set()
+        ]
+        if before:
+            current.after[unit] = before
     current.unit_last[unit] = len(current.ops)
     current.ops.append(op)
     current.units.append(unit)
@@ -225,9 +246,30 @@ def commit(current: Group, via: Callable[[Group], None] | None = None) -> None:
             for flying in _flight():
                 if flying is not current:
                     flying.landed.wait()
+            _poison(current)
         (via or _commit)(current)
+    except GroupFailed as exc:
+        current.failures = dict(exc.failures)
+        exc.repeated = frozenset(current.poisoned)
+        raise
+    except BaseException as exc:  # nothing of the group is known to be done
+        error = exc if isinstance(exc, OSError) else OSError(f"the group commit failed: {exc!r}")
+        current.failures = dict.fromkeys(current.units, error)
+        raise
     finally:
         current.landed.set()
+
+
+def _poison(current: Group) -> None:
+    """Skip the units of `current` a write of which failed in a group committed before it,
+    once those have landed (a task's later operations rest on its earlier ones: a cancel
+    request consumed because the task's canceled result was pending must stay when that
+    result never lands)."""
+    for unit, before in current.after.items():
+        for earlier in before:
+            earlier.landed.wait()
+            if unit in earlier.failures and unit not in current.poisoned:
+                current.poisoned[unit] = earlier.failures[unit]
 
 
 def _commit(current: Group) -> None:

@@ -255,6 +255,50 @@ async def test_a_task_whose_result_path_is_blocked_holds_up_no_other_task(
     await wait_for(lambda: (workspace.spool.done / "v.task.yaml").exists(), 10, "v filed")
 
 
+def test_a_unit_that_failed_in_a_group_in_flight_is_skipped_in_the_next_one(
+    tmp_path: Path,
+) -> None:
+    """A task's canceled result, in a group another thread commits, fails (a full disk, a
+    folder in its way); the next group, built while that one was in flight, consumes the
+    task's cancel request because its result was pending: that removal never happens (a
+    restart would run the task again with no cancel left), another task's operations in it
+    do, and the failure names the task. Once the failed group is behind, the task's writes
+    are its own again (the retry of a failed write is not refused)."""
+    import contextlib
+    import threading
+
+    result, request, other = tmp_path / "t.json", tmp_path / "t.cancel", tmp_path / "u.cancel"
+    result.mkdir()  # the result's rename fails
+    request.write_text("")
+    other.write_text("")
+    flying = atomic.begin()
+    with atomic.group(), atomic.unit("t"):
+        atomic.write_bytes(result, b'{"status": "canceled"}')
+    atomic.hand_off(flying)
+    assert atomic.read_bytes(result) == b'{"status": "canceled"}'  # what the next pass sees
+
+    def commit_flying() -> None:
+        with contextlib.suppress(atomic.GroupFailed):
+            atomic.commit(flying)
+
+    committing = threading.Thread(target=commit_flying, daemon=True)
+    with pytest.raises(atomic.GroupFailed) as failed, atomic.group():
+        with atomic.unit("t"):
+            atomic.remove(request)
+        with atomic.unit("u"):
+            atomic.remove(other)
+        committing.start()  # lands (failed) before this block's commit, or while it waits
+    committing.join(5)
+    assert set(flying.failures) == {"t"} and failed.value.errno == 21  # EISDIR
+    assert set(failed.value.failures) == {"t"} and failed.value.repeated == {"t"}
+    assert request.exists() and not other.exists()
+    result.rmdir()
+    with atomic.group(), atomic.unit("t"):  # the retry
+        atomic.write_bytes(result, b'{"status": "canceled"}')
+        atomic.remove(request)
+    assert json.loads(result.read_bytes()) == {"status": "canceled"} and not request.exists()
+
+
 def test_a_block_that_raises_still_commits_what_it_wrote(tmp_path: Path) -> None:
     path = tmp_path / "r.json"
     with pytest.raises(RuntimeError), atomic.group():
