@@ -93,28 +93,29 @@ class Tracer:
         job.add_done_callback(self.pending.discard)
 
     def write(self, batch: list[_Trace]) -> None:
-        """Store a batch of traces, made durable together (`ArtifactStore.put_many`)."""
+        """Store a batch of traces, made durable together (`ArtifactStore.put_json_many`:
+        their frames are JSON this daemon wrote, copied without validating them again)."""
         kept: list[_Trace] = []
-        documents: list[artifacts.Artifact] = []
+        documents: list[dict[str, Any]] = []
         for trace in batch:
             try:
                 frames = events.read_dicts(trace.log_path)
-                documents.append(
-                    artifacts.Artifact.model_validate(
-                        {
-                            "kind": "trace",
-                            "content": {"task_id": trace.task_id, "frames": frames},
-                            "tags": trace.tags,
-                            "metadata": trace.metadata,
-                        }
-                    )
-                )
             except (OSError, ValueError) as exc:
                 self._failed(trace, exc)
                 continue
+            documents.append(
+                {
+                    "kind": "trace",
+                    "content": {"task_id": trace.task_id, "frames": frames},
+                    "tags": trace.tags,
+                    "metadata": trace.metadata,
+                }
+            )
             kept.append(trace)
         try:
-            stored = self.store.put_many(documents, created_at=clocks.rfc3339(self.clock.now()))
+            stored = self.store.put_json_many(
+                documents, created_at=clocks.rfc3339(self.clock.now())
+            )
         except OSError as exc:
             for trace in kept:
                 self._failed(trace, exc)
@@ -123,12 +124,12 @@ class Tracer:
             if isinstance(outcome, artifacts.ArtifactProblem):
                 self._failed(trace, outcome)
                 continue
-            record, _ = outcome
+            artifact_id, _ = outcome
             logs.emit(
                 log,
                 "task.traced",
-                f"Stored the trace of task {trace.task_id} as artifact {record.id}.",
-                artifact_id=record.id,
+                f"Stored the trace of task {trace.task_id} as artifact {artifact_id}.",
+                artifact_id=artifact_id,
                 task_id=trace.task_id,
                 correlation_id=trace.correlation_id or trace.task_id,
             )

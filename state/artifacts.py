@@ -1,7 +1,9 @@
 """The artifact registry on disk (HME-022): plans, diffs, traces and summaries, content-addressed.
 
 The HTTP face stores what clients POST to /v1/artifacts and `reconciler.tracing` stores every
-finished task's transcript; both call `ArtifactStore.put`. Rules:
+finished task's transcript (`ArtifactStore.put`; the daemon's own traces, built from its
+event logs, through `put_json_many`: the same ids and files, without validating again what it
+wrote). Rules:
 - An artifact's id is `sha256:` + the hex sha256 of its document in canonical JSON (keys
   sorted, no spaces, UTF-8, defaults filled in), so the same document always gets the same id
   and anyone can check a download: the sha256 of `canonical(document)` is the id.
@@ -68,7 +70,10 @@ class StoredArtifact(BaseModel):
 
 def canonical(document: Artifact) -> bytes:
     """The document as canonical JSON: keys sorted, no spaces, UTF-8, defaults filled in."""
-    value = document.model_dump(mode="json")
+    return _canonical_json(document.model_dump(mode="json"))
+
+
+def _canonical_json(value: Any) -> bytes:
     try:
         return json.dumps(
             value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
@@ -158,30 +163,45 @@ class ArtifactStore:
                 20, "is not a folder (paths.artifacts must name a folder)", str(self.root)
             ) from None
 
-    def put_many(
-        self, documents: list[Artifact], *, created_at: str
-    ) -> list[tuple[StoredArtifact, bool] | ArtifactProblem]:
-        """`put` for each document, made durable together (`atomic.create_many`: two syncs
-        for the batch); per document its (record, new) or the problem that kept it out. An
-        OSError (a full disk) is raised for the whole batch."""
-        out: list[tuple[StoredArtifact, bool] | ArtifactProblem] = []
-        fresh: list[tuple[int, StoredArtifact]] = []
+    def put_json_many(
+        self, documents: list[dict[str, Any]], *, created_at: str
+    ) -> list[tuple[str, bool] | ArtifactProblem]:
+        """`put` for several documents of plain JSON values that the daemon built itself
+        from what it wrote (a task's trace, from its own event log; kind, tags and parent
+        valid), made durable together (`atomic.create_many`: two syncs for the batch). The
+        same canonical JSON, id and record file as `put`, without pydantic's validation and
+        serialization of any-JSON content, which cost most of a trace's time and held the
+        interpreter lock from the event loop. Per document its (id, new: False when stored
+        before) or the problem that kept it out; an OSError (a full disk) is raised for the
+        whole batch."""
+        out: list[tuple[str, bool] | ArtifactProblem] = []
+        fresh: list[tuple[int, Path, bytes]] = []
         for document in documents:
             try:
-                record = self._record(document, created_at)
+                data = _canonical_json({"parent": None, "tags": [], "metadata": {}} | document)
+                if len(data) > MAX_DOCUMENT_BYTES:
+                    raise ArtifactProblem(
+                        f"the document is {len(data)} bytes as canonical JSON; at most "
+                        f"{MAX_DOCUMENT_BYTES} are stored"
+                    )
             except ArtifactProblem as problem:
                 out.append(problem)
                 continue
-            existing = self.get(record.id)
-            out.append((existing, False) if existing is not None else (record, True))
-            if existing is None:
-                fresh.append((len(out) - 1, record))
+            artifact_id = id_of(data)
+            out.append((artifact_id, True))
+            fresh.append(
+                (len(out) - 1, self.path(artifact_id), _record_bytes(artifact_id, created_at, data))
+            )
         if fresh:
             self._folder()
-            created = atomic.create_many([(self.path(r.id), encode(r)) for _, r in fresh])
-            for (index, record), new in zip(fresh, created, strict=True):
-                if not new:  # stored a moment ago (by another writer, or twice in the batch)
-                    out[index] = self._stored_or_repaired(record)
+            created = atomic.create_many([(path, raw) for _, path, raw in fresh])
+            for (index, path, raw), new in zip(fresh, created, strict=True):
+                if not new:  # stored before (the same document), or a torn file: repaired
+                    artifact_id = f"sha256:{path.stem}"
+                    if self.get(artifact_id) is None:
+                        atomic.write_bytes(path, raw)
+                    else:
+                        out[index] = (artifact_id, False)
         return out
 
     def _record(self, document: Artifact, created_at: str) -> StoredArtifact:
@@ -221,6 +241,15 @@ class ArtifactStore:
             record = self.get(path.stem)
             if record is not None:
                 yield record
+
+
+def _record_bytes(artifact_id: str, created_at: str, document: bytes) -> bytes:
+    """A record file as `encode` lays it out, with the document as its canonical JSON."""
+    head = (
+        f'{{\n  "id": {json.dumps(artifact_id)},\n  "created_at": {json.dumps(created_at)},\n'
+        f'  "size_bytes": {len(document)},\n  "document": '
+    )
+    return head.encode() + document + b"\n}\n"
 
 
 def encode(record: StoredArtifact) -> bytes:

@@ -86,25 +86,34 @@ def test_documents_that_cannot_be_stored_are_refused_with_the_reason(tmp_path: P
 def test_a_batch_is_stored_together_and_each_document_gets_its_own_outcome(
     tmp_path: Path,
 ) -> None:
+    """The daemon's own documents (traces) as plain JSON: each gets the id and the record
+    file `put` would give it, one already stored keeps its first record, one that cannot be
+    stored is refused and the rest are still stored."""
     store = artifacts.ArtifactStore(tmp_path)
     kept, _ = store.put(_doc(), created_at="2026-01-01T00:00:00Z")
     before = store.path(kept.id).read_bytes()
     batch = [
-        _doc(),  # stored already: its first record is kept
-        _doc(kind="summary"),
-        _doc(content={"x": float("nan")}),  # refused, the rest still stored
-        _doc(kind="summary"),  # twice in one batch: one file
+        dict(PLAN),  # stored already: its first record is kept
+        PLAN | {"kind": "summary", "metadata": {"seed": 7, "error": None}},
+        PLAN | {"content": {"x": float("nan")}},  # refused, the rest still stored
+        PLAN | {"kind": "summary", "metadata": {"seed": 7, "error": None}},  # twice: one file
     ]
-    outcomes = store.put_many(batch, created_at="2026-02-02T00:00:00Z")
-    assert outcomes[0] == (kept, False) and store.path(kept.id).read_bytes() == before
-    note, created = outcomes[1]  # type: ignore[misc]
-    assert created and store.get(note.id) == note
+    outcomes = store.put_json_many(batch, created_at="2026-02-02T00:00:00Z")
+    assert outcomes[0] == (kept.id, False) and store.path(kept.id).read_bytes() == before
+    note_id, created = outcomes[1]  # type: ignore[misc]
+    note = store.get(note_id)
+    assert created and note is not None and note.created_at == "2026-02-02T00:00:00Z"
+    assert note == store.put(_doc(**batch[1]), created_at="later")[0]  # the same id as `put`
+    assert note_id == artifacts.id_of(artifacts.canonical(note.document))
     assert isinstance(outcomes[2], artifacts.ArtifactProblem)
     assert "number JSON cannot carry" in str(outcomes[2])
-    assert outcomes[3] == (note, False)
+    assert outcomes[3] == (note_id, False)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        store.path(r.id).name for r in (kept, note)
+        store.path(i).name for i in (kept.id, note_id)
     )  # no temporary file left
+    layout = json.loads(store.path(note_id).read_bytes())  # laid out as `put` writes it
+    assert list(layout) == ["id", "created_at", "size_bytes", "document"]
+    assert layout["size_bytes"] == len(artifacts.canonical(note.document))
 
 
 def test_a_tampered_file_is_not_served(tmp_path: Path) -> None:
@@ -124,8 +133,8 @@ def test_a_torn_file_is_replaced_when_the_document_is_stored_again(tmp_path: Pat
     again, stored = store.put(_doc(), created_at="t2")
     assert stored and store.get(record.id) == again and again.created_at == "t2"
     path.write_bytes(b"{}")
-    (batch,) = store.put_many([_doc()], created_at="t3")
-    assert batch == (store.get(record.id), True)
+    (batch,) = store.put_json_many([dict(PLAN)], created_at="t3")
+    assert batch == (record.id, True) and store.get(record.id).created_at == "t3"  # type: ignore[union-attr]
 
 
 def test_a_file_where_the_folder_should_be_is_an_error_naming_it(tmp_path: Path) -> None:
