@@ -73,6 +73,17 @@ def canonical(document: Artifact) -> bytes:
     return _canonical_json(document.model_dump(mode="json"))
 
 
+def _storable(value: Any) -> bytes:
+    """`value`'s canonical JSON, or ArtifactProblem when it is too big to store."""
+    data = _canonical_json(value)
+    if len(data) > MAX_DOCUMENT_BYTES:
+        raise ArtifactProblem(
+            f"the document is {len(data)} bytes as canonical JSON; at most "
+            f"{MAX_DOCUMENT_BYTES} are stored"
+        )
+    return data
+
+
 def _canonical_json(value: Any) -> bytes:
     try:
         return json.dumps(
@@ -143,16 +154,16 @@ class ArtifactStore:
         if atomic.create_bytes(self.path(record.id), encode(record)):
             return record, True
         # another writer stored the same document a moment ago: theirs is the record
-        return self._stored_or_repaired(record)
+        existing = self._kept_or_replaced(record.id, encode(record))
+        return (existing, False) if existing is not None else (record, True)
 
-    def _stored_or_repaired(self, record: StoredArtifact) -> tuple[StoredArtifact, bool]:
+    def _kept_or_replaced(self, artifact_id: str, raw: bytes) -> StoredArtifact | None:
         """After a create found the file there: the record it holds, or, when it does not
-        check out (torn, tampered), the file replaced by this one (True: stored now)."""
-        existing = self.get(record.id)
-        if existing is not None:
-            return existing, False
-        atomic.write_bytes(self.path(record.id), encode(record))
-        return record, True
+        check out (torn, tampered), None once the file is replaced by `raw`."""
+        existing = self.get(artifact_id)
+        if existing is None:
+            atomic.write_bytes(self.path(artifact_id), raw)
+        return existing
 
     def _folder(self) -> None:
         """The folder, made if missing; an OSError naming it when something else is there."""
@@ -175,42 +186,26 @@ class ArtifactStore:
         before) or the problem that kept it out; an OSError (a full disk) is raised for the
         whole batch."""
         out: list[tuple[str, bool] | ArtifactProblem] = []
-        fresh: list[tuple[int, Path, bytes]] = []
+        fresh: list[tuple[int, str, bytes]] = []
         for document in documents:
             try:
-                data = _canonical_json({"parent": None, "tags": [], "metadata": {}} | document)
-                if len(data) > MAX_DOCUMENT_BYTES:
-                    raise ArtifactProblem(
-                        f"the document is {len(data)} bytes as canonical JSON; at most "
-                        f"{MAX_DOCUMENT_BYTES} are stored"
-                    )
+                data = _storable({"parent": None, "tags": [], "metadata": {}} | document)
             except ArtifactProblem as problem:
                 out.append(problem)
                 continue
             artifact_id = id_of(data)
             out.append((artifact_id, True))
-            fresh.append(
-                (len(out) - 1, self.path(artifact_id), _record_bytes(artifact_id, created_at, data))
-            )
+            fresh.append((len(out) - 1, artifact_id, _record_bytes(artifact_id, created_at, data)))
         if fresh:
             self._folder()
-            created = atomic.create_many([(path, raw) for _, path, raw in fresh])
-            for (index, path, raw), new in zip(fresh, created, strict=True):
-                if not new:  # stored before (the same document), or a torn file: repaired
-                    artifact_id = f"sha256:{path.stem}"
-                    if self.get(artifact_id) is None:
-                        atomic.write_bytes(path, raw)
-                    else:
-                        out[index] = (artifact_id, False)
+            created = atomic.create_many([(self.path(i), raw) for _, i, raw in fresh])
+            for (index, artifact_id, raw), new in zip(fresh, created, strict=True):
+                if not new and self._kept_or_replaced(artifact_id, raw) is not None:
+                    out[index] = (artifact_id, False)  # stored before: its first record stays
         return out
 
     def _record(self, document: Artifact, created_at: str) -> StoredArtifact:
-        data = canonical(document)
-        if len(data) > MAX_DOCUMENT_BYTES:
-            raise ArtifactProblem(
-                f"the document is {len(data)} bytes as canonical JSON; at most "
-                f"{MAX_DOCUMENT_BYTES} are stored"
-            )
+        data = _storable(document.model_dump(mode="json"))
         return StoredArtifact(
             id=id_of(data), created_at=created_at, size_bytes=len(data), document=document
         )
