@@ -266,6 +266,7 @@ class Daemon:
         finally:
             self.books.committer = None
             helper.close()
+            atomic.release_spares()  # the commits of this process's own threads kept some
             sys.setswitchinterval(switch)
             lock.release()
 

@@ -30,8 +30,11 @@ complete, and just after the rename (in a group, the rename at the commit).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
+import errno
+import fcntl
 import itertools
 import json
 import os
@@ -39,6 +42,7 @@ import secrets
 import stat
 import sys
 import threading
+import time
 from collections.abc import Callable, Collection, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -278,6 +282,7 @@ def _commit(current: Group) -> None:
     current.committed = True
     failed: dict[Hashable, OSError] = dict(current.poisoned)
     applied: list[tuple[Path, Path | None, str]] = []
+    displaced: list[Path] = []  # the files the group's writes displaced: spares once synced
     done = 0
     try:
         # the writes left for the commit (a group committed by another thread): each to its
@@ -309,7 +314,8 @@ def _commit(current: Group) -> None:
             if kind == REPLACED:
                 continue
             try:
-                _apply(src, dst, kind)
+                if _apply(src, dst, kind):
+                    displaced.append(src)
             except OSError as exc:
                 failed[key] = exc
                 _drop_tmp(src, dst)
@@ -320,7 +326,10 @@ def _commit(current: Group) -> None:
     except BaseException:
         for src, dst, _ in current.ops[done:]:  # what will not be renamed leaves no file
             _drop_tmp(src, dst)
+        _spares.discard(displaced)
         raise
+    # written over only in a later commit: what displaced them is durable in its place now
+    _spares.keep(displaced)
     if failed:
         raise GroupFailed(failed)
 
@@ -338,7 +347,12 @@ def _write_deferred(current: Group, gone: set[Hashable]) -> dict[int, OSError]:
                 append_whole(src, current.appends[n])
             else:
                 data, mode = current.unwritten[src]
-                _fill(src, data, mode=mode, kind=kind, sync=False)
+                spare = _spares.take(src.parent)
+                if spare is None:
+                    _fill(src, data, mode=mode, kind=kind, sync=False)
+                else:  # the file a rewrite displaced earlier, written over: no new inode
+                    _fill(spare[0], data, mode=mode, kind=kind, sync=False, fd=spare[1])
+                    current.ops[n] = (spare[0], current.ops[n][1], kind)
         except OSError as exc:
             broken[n] = exc
             gone.add(key)
@@ -372,17 +386,29 @@ def append_whole(
 
 
 def _fill(
-    tmp: Path, data: bytes, *, mode: int | None, kind: str | None, sync: bool, new: bool = False
+    tmp: Path,
+    data: bytes,
+    *,
+    mode: int | None,
+    kind: str | None,
+    sync: bool,
+    new: bool = False,
+    fd: int | None = None,
 ) -> None:
-    """Write `tmp` whole (fsynced when `sync`; `new`: it must not exist yet), hitting the
+    """Write `tmp` whole (fsynced when `sync`; `new`: it must not exist yet; `fd`: it is a
+    spare file, open there, written over and cut to `data`'s length), hitting the
     `<kind>_write` failpoint; on any error it is removed."""
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | (os.O_EXCL if new else os.O_TRUNC), 0o644)
+    spare = fd is not None
+    if fd is None:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | (os.O_EXCL if new else os.O_TRUNC), 0o644)
     try:
         if kind is not None:
             failpoints.hit(f"{kind}_write")
-        if mode is not None:
-            os.fchmod(fd, mode)
+        if mode is not None or spare:
+            os.fchmod(fd, 0o644 if mode is None else mode)
         write_all(fd, data)
+        if spare:  # after the write: a spare cut to nothing first would free its block
+            os.ftruncate(fd, len(data))
         if sync:
             os.fsync(fd)
     except BaseException:
@@ -392,19 +418,24 @@ def _fill(
     os.close(fd)
 
 
-def _apply(src: Path, dst: Path | None, kind: str) -> None:
+def _apply(src: Path, dst: Path | None, kind: str) -> bool:
+    """Carry out one op; True when it was a write that displaced a file now at `src` (a
+    spare, `_Spares.swap`)."""
     if kind == APPEND:  # written before the first sync, in order with the temporary files
-        return
+        return False
     if dst is None:  # a removal: gone already, or not ours, is fine (as one by one)
         with contextlib.suppress(FileNotFoundError, IsADirectoryError, PermissionError):
             os.unlink(src)
-    elif not kind:  # a move: an entry gone already is fine, as rename_durable's callers
+        return False
+    if not kind:  # a move: an entry gone already is fine, as rename_durable's callers
         with contextlib.suppress(FileNotFoundError):
             os.replace(src, dst)
-    else:  # a write: any failure is raised, as a write outside a group would be
-        failpoints.hit(f"before_{kind}_rename")
-        os.replace(src, dst)
-        failpoints.hit(f"after_{kind}_rename")
+        return False
+    # a write: any failure is raised, as a write outside a group would be
+    failpoints.hit(f"before_{kind}_rename")
+    displaced = _spares.swap(src, dst)
+    failpoints.hit(f"after_{kind}_rename")
+    return displaced
 
 
 def _drop_tmp(src: Path, dst: Path | None) -> None:
@@ -412,6 +443,125 @@ def _drop_tmp(src: Path, dst: Path | None) -> None:
     if dst is not None and src.name.endswith(".tmp"):
         with contextlib.suppress(OSError):
             os.unlink(src)
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+SPARES_PER_FOLDER = 2048  # more displaced files than this in one folder are removed
+SPARE_AGE_S = 2.0  # a displaced file is written over no sooner than this after the swap
+
+
+class _Spares:
+    """Files a group's rewrites displaced, kept per folder (under their temporary names) and
+    written over as a later group's temporary files, instead of each rewrite freeing an inode
+    and the next write creating one. On ext4 without a journal, creating a file walks past
+    every inode of its block group freed in the last minutes: with a task's result rewritten
+    twice, creations grew slower the longer a burst of tasks ran. A rewrite swaps the new file
+    into place with renameat2(RENAME_EXCHANGE): a reader sees the old file or the new one, as
+    with a rename.
+
+    A spare is written over only when the commit that displaced it has synced (a crash before
+    finds the old file in place, intact), SPARE_AGE_S after that, while nobody has it open (a
+    write lease can be taken: no other descriptor of it exists; a reader that opened the old
+    file before the swap reads it whole), and while it is a regular file with this one name.
+    Where renameat2 or leases are unavailable, writes rename over as before. Spares are
+    removed when the process stops (`release`); a crash leaves them as temporary files the
+    startup sweep removes."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._kept: dict[Path, collections.deque[tuple[float, Path]]] = {}
+        self._renameat2 = _load_libc("renameat2")
+        self.leases = True  # turned off at the first error saying leases are unavailable
+
+    def swap(self, src: Path, dst: Path) -> bool:
+        """Put the file at `src` in `dst`'s place. True when `dst` was a regular file with
+        one name and it is now at `src` (a spare once `keep` is called); False after a plain
+        rename (nothing there, something else there, or no exchange here)."""
+        if self._renameat2 is not None and self.leases:
+            try:
+                st = os.lstat(dst)
+            except FileNotFoundError:
+                st = None
+            if st is not None and stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                args = (_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst))
+                if self._renameat2(*args, _RENAME_EXCHANGE) == 0:
+                    return True
+                code = ctypes.get_errno()
+                if code in (errno.EINVAL, errno.ENOSYS):  # not on this filesystem or kernel
+                    self._renameat2 = None
+                elif code != errno.ENOENT:  # gone meanwhile: renamed into place below
+                    raise OSError(code, os.strerror(code), str(src), None, str(dst))
+        os.replace(src, dst)
+        return False
+
+    def keep(self, paths: Sequence[Path]) -> None:
+        extra: list[Path] = []
+        now = time.monotonic()
+        with self._lock:
+            for path in paths:
+                kept = self._kept.setdefault(path.parent, collections.deque())
+                if len(kept) < SPARES_PER_FOLDER:
+                    kept.append((now, path))
+                else:
+                    extra.append(path)
+        self.discard(extra)
+
+    def take(self, folder: Path) -> tuple[Path, int] | None:
+        """The oldest spare of `folder` old enough, with a descriptor open on it for
+        writing, or None."""
+        while True:
+            with self._lock:
+                kept = self._kept.get(folder)
+                if not kept or time.monotonic() - kept[0][0] < SPARE_AGE_S:
+                    return None
+                path = kept.popleft()[1]
+            fd = self._usable(path)
+            if fd is not None:
+                return path, fd
+            self.discard([path])
+
+    def _usable(self, path: Path) -> int | None:
+        try:  # never through a link, never blocking on a FIFO put in its place
+            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and self._unused(fd):
+                return fd
+        except OSError:
+            pass
+        os.close(fd)
+        return None
+
+    def _unused(self, fd: int) -> bool:
+        """Whether no other descriptor of the file is open anywhere (a write lease)."""
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EBUSY):
+                self.leases = False  # not allowed here (no lease support, not the owner)
+            return False
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        return True
+
+    def discard(self, paths: Sequence[Path]) -> None:
+        for path in paths:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+    def release(self) -> None:
+        """Remove every spare (the process is stopping)."""
+        with self._lock:
+            kept, self._kept = self._kept, {}
+        for spares in kept.values():
+            self.discard([path for _, path in spares])
+
+
+def release_spares() -> None:
+    """Remove this process's spare files (`_Spares`): at a clean stop."""
+    _spares.release()
 
 
 def _folders(ops: Sequence[tuple[Path, Path | None, str]]) -> set[Path]:
@@ -505,16 +655,17 @@ def _syncfs_all(folders: set[Path]) -> None:
             os.close(fd)
 
 
-def _load_syncfs() -> Any:
+def _load_libc(name: str) -> Any:
     if not sys.platform.startswith("linux"):
         return None
     try:
-        return ctypes.CDLL(None, use_errno=True).syncfs
+        return getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
 
 
-_syncfs = _load_syncfs()
+_syncfs = _load_libc("syncfs")
+_spares = _Spares()
 
 
 def exists(path: Path, *, folder: bool = True) -> bool:

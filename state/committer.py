@@ -342,6 +342,7 @@ def _serve(parent: int, from_daemon: int, to_daemon: int) -> None:
     while True:
         message = _receive(from_daemon)
         if message is None:
+            atomic.release_spares()
             return
         _, fields, armed = message
         failpoints.hit = ask if armed else quiet

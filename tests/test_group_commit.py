@@ -161,6 +161,7 @@ def test_a_file_written_twice_in_a_batch_ends_with_the_last_data(tmp_path: Path)
         store.write(results.Result(task_id="t", status="rejected"))
         assert store.read("t").status == "rejected"  # type: ignore[union-attr]
     assert json.loads(store.path("t").read_text())["status"] == "rejected"
+    atomic.release_spares()  # the file the second write displaced: kept while the process runs
     assert [p.name for p in store.root.iterdir()] == ["t.json"]
 
 
@@ -810,6 +811,7 @@ def test_a_write_replaced_in_the_same_commit_is_never_written(
     assert a.read_bytes() == b"succeeded"
     assert moved.read_bytes() == b"b-2" and b.read_bytes() == b"b-3"
     assert sorted(filled) == sorted([b"succeeded", b"b-1", b"b-2", b"b-3"])  # no b"running"
+    atomic.release_spares()  # b-1, displaced by b-2: kept for a later write while we run
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json", "moved.json"]
 
 
