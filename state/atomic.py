@@ -461,9 +461,11 @@ class _Spares:
     with a rename.
 
     A spare is written over only when the commit that displaced it has synced (a crash before
-    finds the old file in place, intact), SPARE_AGE_S after that, while nobody has it open (a
-    write lease can be taken: no other descriptor of it exists; a reader that opened the old
-    file before the swap reads it whole), and while it is a regular file with this one name.
+    finds the old file in place, intact), SPARE_AGE_S after that (a reader between its lookup
+    of the name and its open, which no lease shows, would have to stall that long), while
+    nobody has it open (a write lease can be taken: no other descriptor of it exists; a
+    reader that opened the old file before the swap reads it whole), and while it is a
+    regular file with this one name.
     Where renameat2 or leases are unavailable, writes rename over as before. Spares are
     removed when the process stops (`release`); a crash leaves them as temporary files the
     startup sweep removes."""
