@@ -123,13 +123,15 @@ def _look(
 
 
 def sweep(*folders: Path) -> None:
-    """Remove the temporary files of writes a crash interrupted (never a complete file)."""
+    """Remove the temporary files of writes a crash interrupted and the spare files of its
+    rewrites (never a file a reader may see)."""
     for folder in folders:
         for name in atomic.sweep_leftovers(folder):
             logs.emit(
                 log,
                 "recovery.swept",
-                f"Removed {folder.name}/{name}, left by a write a crash interrupted.",
+                f"Removed {folder.name}/{name}, a temporary file (a write a crash interrupted,"
+                " or a spare kept for the next write) the last daemon left.",
             )
 
 
