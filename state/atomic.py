@@ -465,10 +465,9 @@ class _Spares:
     of the name and its open, which no lease shows, would have to stall that long), while
     nobody has it open (a write lease can be taken: no other descriptor of it exists; a
     reader that opened the old file before the swap reads it whole), and while it is a
-    regular file with this one name.
-    Where renameat2 or leases are unavailable, writes rename over as before. Spares are
-    removed when the process stops (`release`); a crash leaves them as temporary files the
-    startup sweep removes."""
+    regular file with this one name. Where renameat2 or leases are unavailable, writes
+    rename over as before. Spares are removed when the process stops (`release`); a crash
+    leaves them as temporary files the startup sweep removes."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -528,12 +527,10 @@ class _Spares:
             fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
             return None
-        try:
+        with contextlib.suppress(OSError):
             st = os.fstat(fd)
             if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and self._unused(fd):
                 return fd
-        except OSError:
-            pass
         os.close(fd)
         return None
 
