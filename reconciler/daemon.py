@@ -57,6 +57,7 @@ from state import (
     sessions,
     spool,
     statusfile,
+    traces,
 )
 
 log = logs.get("daemon")
@@ -258,6 +259,8 @@ class Daemon:
         # the task commits run in a helper process holding the folder locks too: a restart
         # cannot recover the folder while a commit of this daemon is still renaming files
         helper = self.committer = committer.Committer(keep_fds=[lock.fd, *lock.shared])
+        # and the traces are stored by a process of its own, started at the first one
+        writer = self.tracer.writer = traces.TraceWriter(keep_fds=[lock.fd, *lock.shared])
         try:
             helper.start()
             self.books.committer = helper.commit
@@ -266,6 +269,8 @@ class Daemon:
         finally:
             self.books.committer = None
             helper.close()
+            self.tracer.writer = None
+            writer.close()
             atomic.release_spares()  # the commits of this process's own threads kept some
             sys.setswitchinterval(switch)
             lock.release()

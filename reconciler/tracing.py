@@ -3,9 +3,11 @@
 `tasking.Books.finish` calls `Tracer.finished` once a task's terminal result is written (the
 commit point). The tracer copies what the trace needs from the result there; the traces of tasks
 that end within TRACE_BATCH_S of each other are then read from their event logs and stored
-together in a worker thread (two syncs for the batch, not two fsyncs per trace), so the loop
-never waits on them and a task's end is never delayed by its trace. The daemon awaits `flush`
-before it stops.
+together (two syncs for the batch, not two fsyncs per trace) by the trace writer, a process of
+the daemon's own (state/traces.py), which a worker thread hands the batch and waits on: the
+loop never waits on a trace, nor shares its interpreter with the work of one, and a task's end
+is never delayed by its trace. Where no writer runs, the worker thread stores the batch
+itself. The daemon awaits `flush` before it stops.
 
 A trace is `{kind: trace, tags: [sse, task:<id>, session:<id>], content: {task_id, frames},
 metadata: {pool, replica, engine, engine_version, model, model_digest, seed, tokens_out,
@@ -19,11 +21,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from reconciler import clocks, logs, tasking
-from state import artifacts, events
+from state import artifacts, traces
 
 log = logs.get("tasks")
 
@@ -33,10 +34,7 @@ TRACE_BATCH_S = 0.05  # traces of tasks that end within this long are stored tog
 
 @dataclass(frozen=True)
 class _Trace:
-    task_id: str
-    log_path: Path
-    tags: list[str]
-    metadata: dict[str, Any]
+    trace: traces.Trace
     correlation_id: str | None
 
 
@@ -44,6 +42,9 @@ class Tracer:
     def __init__(self, store: artifacts.ArtifactStore, clock: clocks.Clock) -> None:
         self.store = store
         self.clock = clock
+        # the process that stores the batches (the daemon sets it while it serves); None:
+        # the worker thread stores them
+        self.writer: traces.TraceWriter | None = None
         self.waiting: list[_Trace] = []  # finished, to go in the next batch
         self.pending: set[asyncio.Task[None]] = set()  # batches being written
         self._timer: asyncio.TimerHandle | None = None
@@ -70,7 +71,9 @@ class Tracer:
             "error": result.error.model_dump(mode="json") if result.error else None,
             "attempts": result.attempts,
         }
-        trace = _Trace(run.task_id, run.log.path, tags, metadata, run.task.correlation_id)
+        trace = _Trace(
+            traces.Trace(run.task_id, run.log.path, tags, metadata), run.task.correlation_id
+        )
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no loop (a test driving Books directly): write it now
@@ -86,63 +89,48 @@ class Tracer:
         batch, self.waiting = self.waiting, []
         if not batch:
             return
+        if self.writer is not None:
+            self.writer.ensure()  # started from the loop's thread: it dies with the daemon
         job = asyncio.get_running_loop().create_task(
-            asyncio.to_thread(self.write, batch), name=f"traces:{batch[0].task_id}+{len(batch)}"
+            asyncio.to_thread(self.write, batch),
+            name=f"traces:{batch[0].trace.task_id}+{len(batch)}",
         )
         self.pending.add(job)
         job.add_done_callback(self.pending.discard)
 
     def write(self, batch: list[_Trace]) -> None:
-        """Store a batch of traces, made durable together (`ArtifactStore.put_json_many`:
-        their frames are JSON this daemon wrote, copied without validating them again)."""
-        kept: list[_Trace] = []
-        documents: list[dict[str, Any]] = []
-        for trace in batch:
-            try:
-                frames = events.read_dicts(trace.log_path)
-            except (OSError, ValueError) as exc:
-                self._failed(trace, exc)
+        """Store a batch of traces, made durable together (`traces.store`, by the trace
+        writer where one runs: their frames are JSON this daemon wrote, copied without
+        validating them again), and log each one's outcome."""
+        items = [entry.trace for entry in batch]
+        created_at = clocks.rfc3339(self.clock.now())
+        if self.writer is not None:
+            outcomes = self.writer.store(self.store.root, items, created_at)
+        else:
+            outcomes = traces.store(self.store.root, items, created_at)
+        for entry, (outcome, said) in zip(batch, outcomes, strict=True):
+            if outcome != "stored":
+                self._failed(entry, said)
                 continue
-            documents.append(
-                {
-                    "kind": "trace",
-                    "content": {"task_id": trace.task_id, "frames": frames},
-                    "tags": trace.tags,
-                    "metadata": trace.metadata,
-                }
-            )
-            kept.append(trace)
-        try:
-            stored = self.store.put_json_many(
-                documents, created_at=clocks.rfc3339(self.clock.now())
-            )
-        except OSError as exc:
-            for trace in kept:
-                self._failed(trace, exc)
-            return
-        for trace, outcome in zip(kept, stored, strict=True):
-            if isinstance(outcome, artifacts.ArtifactProblem):
-                self._failed(trace, outcome)
-                continue
-            artifact_id, _ = outcome
             logs.emit(
                 log,
                 "task.traced",
-                f"Stored the trace of task {trace.task_id} as artifact {artifact_id}.",
-                artifact_id=artifact_id,
-                task_id=trace.task_id,
-                correlation_id=trace.correlation_id or trace.task_id,
+                f"Stored the trace of task {entry.trace.task_id} as artifact {said}.",
+                artifact_id=said,
+                task_id=entry.trace.task_id,
+                correlation_id=entry.correlation_id or entry.trace.task_id,
             )
 
-    def _failed(self, trace: _Trace, exc: Exception) -> None:
+    def _failed(self, entry: _Trace, why: str) -> None:
+        task_id = entry.trace.task_id
         logs.emit(
             log,
             "task.trace_failed",
-            f"Could not store the trace of task {trace.task_id}: {exc}",
+            f"Could not store the trace of task {task_id}: {why}",
             level=30,
-            task_id=trace.task_id,
+            task_id=task_id,
             # lines about a task carry its request's id
-            correlation_id=trace.correlation_id or trace.task_id,
+            correlation_id=entry.correlation_id or task_id,
         )
 
     async def flush(self) -> None:

@@ -229,3 +229,16 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 
     if hostile.TALLY.tried:
         terminalreporter.write_line(hostile.TALLY.line())
+
+
+@pytest.fixture(params=["cannot be started", "never says it is ready"])
+def helpers_cannot_start(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> str:
+    """A helper process (state/helpers.py) started now cannot start, or starts and exits
+    without a word; the value says which."""
+    if request.param == "cannot be started":
+        monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
+    else:
+        monkeypatch.setattr(sys, "executable", "/bin/true")  # starts, exits at once
+    return str(request.param)

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from plugins import liveness
 from state import atomic, committer, failpoints
 
 
@@ -51,13 +52,6 @@ def _commit_armed(
     finally:
         failpoints.configure("")
     return failed.value
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def test_a_group_committed_by_the_helper_appears_whole_and_in_order(
@@ -163,13 +157,13 @@ def test_the_helper_never_outlives_the_daemon(tmp_path: Path) -> None:
         assert daemon.stdout is not None
         pid, holder = (int(n) for n in daemon.stdout.readline().split())
         try:
-            assert _alive(pid)
+            assert liveness.running(pid)
             daemon.kill()
             daemon.wait(10)
             deadline = time.monotonic() + 5
-            while _alive(pid) and time.monotonic() < deadline:
+            while liveness.running(pid) and time.monotonic() < deadline:
                 time.sleep(0.02)
-            assert not _alive(pid)
+            assert not liveness.running(pid)
         finally:
             os.kill(holder, signal.SIGKILL)
 
@@ -233,15 +227,10 @@ def test_a_committer_closed_commits_in_the_callers_thread(tmp_path: Path) -> Non
     assert (tmp_path / "a.json").read_bytes() == b"a" and c.pid is None
 
 
-@pytest.mark.parametrize("how", ["cannot be started", "never says it is ready"])
 def test_where_no_helper_can_start_the_commit_runs_in_the_callers_thread(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+    tmp_path: Path, helpers_cannot_start: str
 ) -> None:
     c = committer.Committer()
-    if how == "cannot be started":
-        monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
-    else:
-        monkeypatch.setattr(sys, "executable", "/bin/true")  # starts, exits at once
     c.start()
     atomic.commit(_group([("a", tmp_path / "a.json", b"a")]), c.commit)
     assert (tmp_path / "a.json").read_bytes() == b"a" and c.pid is None

@@ -1,0 +1,216 @@
+"""The daemon's helper processes: work run in an interpreter of its own, on another core.
+
+A thread of the daemon that runs Python (encoding JSON, hashing, building documents) holds
+the interpreter lock the event loop needs, and every system call of the loop returns into a
+wait for it. A helper process takes such work off the daemon's interpreter altogether. Two
+use this module: the commit helper (state/committer.py) and the trace writer
+(state/traces.py). What they share:
+
+- messages go over two pipes of their own, pickled, each with a 4-byte length;
+- the helper is started from the daemon's main thread and dies with it (PR_SET_PDEATHSIG,
+  and it exits once the daemon's end of its pipe closes);
+- it runs in its own session with SIGINT, SIGTERM and SIGHUP ignored: a Ctrl-C or a service
+  stop meant for the daemon never kills it mid-work (the daemon drains, then closes the
+  pipe);
+- it never inherits the daemon's failpoints (`ORCH_FAILPOINTS*`): the commit helper asks the
+  daemon at each point instead, and the trace writer has none;
+- `-P`: never a module of the daemon's working folder in place of the helper's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import pickle
+import select
+import signal
+import struct
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from state import atomic
+
+_log = logging.getLogger("llama_orch.helpers")
+_LENGTH = struct.Struct("!I")
+# what a helper must not inherit: the commit helper asks the daemon at each failpoint instead
+_FAILPOINT_VARS = ("ORCH_FAILPOINTS", "ORCH_FAILPOINTS_RANDOM", "ORCH_FAILPOINTS_TRACE")
+READY_S = 10.0  # how long a new helper may take to say it is ready
+
+
+def send(fd: int, message: Any) -> None:
+    send_body(fd, pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def send_body(fd: int, body: bytes) -> None:
+    """Send a message already pickled (so that pickling fails before a byte is sent)."""
+    atomic.write_all(fd, _LENGTH.pack(len(body)) + body)
+
+
+def _read_exactly(fd: int, n: int) -> bytes | None:
+    parts: list[bytes] = []
+    while n:
+        part = os.read(fd, n)
+        if not part:
+            return None
+        parts.append(part)
+        n -= len(part)
+    return b"".join(parts)
+
+
+def receive(fd: int) -> Any:
+    """The next message, or None once the other end has closed."""
+    head = _read_exactly(fd, _LENGTH.size)
+    if head is None:
+        return None
+    body = _read_exactly(fd, _LENGTH.unpack(head)[0])
+    return None if body is None else pickle.loads(body)
+
+
+@dataclass
+class Helper:
+    """The daemon's side of one helper process."""
+
+    process: subprocess.Popen[bytes]
+    to_helper: int  # the daemon's ends of the two pipes
+    from_helper: int
+    ready: bool = False  # it has said so (read at its first use, not at its start)
+
+    def close_pipes(self) -> None:
+        for fd in (self.to_helper, self.from_helper):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def await_ready(self, timeout_s: float = READY_S) -> bool:
+        """Whether it says ("ready",) within `timeout_s` (once; later calls answer at once)."""
+        if not self.ready:
+            said = select.select([self.from_helper], [], [], timeout_s)[0] and receive(
+                self.from_helper
+            )
+            self.ready = said == ("ready",)
+        return self.ready
+
+    def kill(self) -> None:
+        """End it now (dead, out of step, or never ready): whatever it held is lost."""
+        with contextlib.suppress(OSError):
+            self.process.kill()
+        with contextlib.suppress(Exception):
+            self.process.wait(5)
+        self.close_pipes()
+
+    def end(self, timeout_s: float = 10.0) -> None:
+        """Close its input and wait for it to finish what it holds and exit; killed after
+        `timeout_s`."""
+        with contextlib.suppress(OSError):
+            os.close(self.to_helper)  # the helper exits at the end of its input
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(OSError):
+                self.process.kill()
+            self.process.wait(5)
+        with contextlib.suppress(OSError):
+            os.close(self.from_helper)
+
+
+def spawn(module: str, keep_fds: Sequence[int] = ()) -> Helper:
+    """Start `python -m <module> <daemon pid> <fd to read> <fd to write>`, without waiting
+    for its interpreter. `keep_fds` (the daemon's folder locks) stay open in it while it
+    lives. Raises OSError or SubprocessError where it cannot be started."""
+    env = {k: v for k, v in os.environ.items() if k not in _FAILPOINT_VARS}
+    root = str(Path(__file__).resolve().parent.parent)  # the folder holding `state`
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    down_r, down_w = os.pipe()
+    up_r, up_w = os.pipe()
+    argv = [str(os.getpid()), str(down_r), str(up_w)]
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-P", "-m", module, *argv],
+            stdin=subprocess.DEVNULL,
+            pass_fds=(down_r, up_w, *keep_fds),
+            env=env,
+            close_fds=True,
+            start_new_session=True,
+        )
+    except BaseException:
+        for fd in (down_r, down_w, up_r, up_w):
+            os.close(fd)
+        raise
+    os.close(down_r)
+    os.close(up_w)
+    return Helper(process, down_w, up_r)
+
+
+class Owner:
+    """The daemon's side of one kind of helper: the one running, if any. `_lock` guards
+    it; where none can be started, none is tried again (the work runs in the caller's
+    thread: slower, never wrong); once closed, none is started."""
+
+    module = ""  # the helper's module, run as `python -m`
+    what = ""  # what it is called in the log
+
+    def __init__(self, keep_fds: Sequence[int] = ()) -> None:
+        self.keep_fds = tuple(keep_fds)  # the daemon's folder locks: held while it lives
+        self._helper: Helper | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+        self._failed = False
+
+    @property
+    def pid(self) -> int | None:
+        helper = self._helper
+        return helper.process.pid if helper is not None else None
+
+    def _spawned(self) -> Helper | None:
+        """A new helper (not waited for); None where none can be started."""
+        if self._failed or self._closed:
+            return None
+        try:
+            return spawn(self.module, self.keep_fds)
+        except (OSError, subprocess.SubprocessError) as exc:
+            self._failed = True
+            _log.warning("could not start the %s (%s): its work runs in-process", self.what, exc)
+            return None
+
+    def _ready(self, helper: Helper) -> bool:
+        """Whether `helper` says it is ready in time; one that does not is ended, and no
+        other is tried."""
+        if helper.await_ready():
+            return True
+        self._discard(helper)
+        self._failed = True
+        _log.warning("the %s did not start: its work runs in-process", self.what)
+        return False
+
+    def _discard(self, helper: Helper) -> None:
+        helper.kill()
+        if self._helper is helper:
+            self._helper = None
+
+    def close(self) -> None:
+        """End the helper once the work in hand is done; later work runs in the caller."""
+        with self._lock:
+            self._closed = True
+            helper, self._helper = self._helper, None
+        if helper is not None:
+            helper.end()
+
+
+def serving(argv: Sequence[str]) -> tuple[int, int]:
+    """In the helper, first thing: ignore the signals meant for the daemon, die with it, and
+    say ready. Returns (fd to read the daemon's messages from, fd to answer on)."""
+    parent, from_daemon, to_daemon = (int(arg) for arg in argv[:3])
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # meant for the daemon
+        signal.signal(sig, signal.SIG_IGN)
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the daemon went before the line above
+        os._exit(0)
+    send(to_daemon, ("ready",))
+    return from_daemon, to_daemon

@@ -1,0 +1,167 @@
+"""The trace writer (state/traces.py): finished tasks' traces stored by a process of the
+daemon's own, the same artifacts as stored in the daemon, and never lost for the writer's
+sake: a writer that dies, cannot start or never says it is ready leaves the batch to the
+caller's thread. It never outlives the daemon, and the signals meant for the daemon leave
+it storing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from plugins import liveness
+from state import artifacts, traces
+
+
+def _log(folder: Path, task_id: str, frames: int = 3) -> Path:
+    """An event log of `frames` frames, as the daemon writes one."""
+    path = folder / f"{task_id}.events.jsonl"
+    lines = [
+        {"id": n + 1, "event": "token", "data": {"t": f"w{n}", "i": n}, "ts": "t"}
+        for n in range(frames - 1)
+    ] + [{"id": frames, "event": "end", "data": {"tokens_out": frames - 1}, "ts": "t"}]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def _trace(folder: Path, task_id: str) -> traces.Trace:
+    return traces.Trace(task_id, _log(folder, task_id), ["sse", f"task:{task_id}"], {"seed": 1})
+
+
+def _stored(folder: Path, outcomes: list[traces.Outcome], task_ids: list[str]) -> None:
+    """Each outcome is a stored artifact holding that task's frames, as written."""
+    store = artifacts.ArtifactStore(folder / "artifacts")
+    assert [kind for kind, _ in outcomes] == ["stored"] * len(task_ids)
+    for (_, artifact_id), task_id in zip(outcomes, task_ids, strict=True):
+        record = store.get(artifact_id)
+        assert record is not None and record.document.kind == "trace"
+        content = record.document.content
+        assert isinstance(content, dict) and content["task_id"] == task_id
+        logged = (folder / f"{task_id}.events.jsonl").read_text().splitlines()
+        assert content["frames"] == [json.loads(line) for line in logged]
+
+
+@pytest.fixture
+def writer() -> Iterator[traces.TraceWriter]:
+    w = traces.TraceWriter()
+    w.ensure()
+    yield w
+    w.close()
+
+
+def test_a_batch_is_stored_by_the_writer_as_the_daemon_would_store_it(
+    tmp_path: Path, writer: traces.TraceWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batch = [_trace(tmp_path, "a"), _trace(tmp_path, "b")]
+    with monkeypatch.context() as here:  # nothing of it is stored in this process
+        here.setattr(traces, "store", lambda *a: pytest.fail("stored in the daemon"))
+        outcomes = writer.store(tmp_path / "artifacts", batch, "2026-11-29T00:00:00Z")
+    pid = writer.pid
+    assert pid is not None and pid != os.getpid() and liveness.running(pid)
+    _stored(tmp_path, outcomes, ["a", "b"])
+    # the same ids and files as stored in the daemon's own thread
+    again = traces.store(tmp_path / "artifacts", batch, "later")
+    assert again == outcomes
+
+
+def test_a_log_that_cannot_be_read_fails_only_its_own_trace(
+    tmp_path: Path, writer: traces.TraceWriter
+) -> None:
+    blocked = tmp_path / "x.events.jsonl"
+    blocked.mkdir()  # a folder in the log's place
+    lost = traces.Trace("x", blocked, ["sse"], {})
+    outcomes = writer.store(tmp_path / "artifacts", [_trace(tmp_path, "a"), lost], "t")
+    _stored(tmp_path, outcomes[:1], ["a"])
+    kind, why = outcomes[1]
+    assert kind == "failed" and "x.events.jsonl" in why
+
+
+def test_a_writer_that_dies_leaves_its_batch_to_the_caller_and_is_started_again(
+    tmp_path: Path, writer: traces.TraceWriter
+) -> None:
+    first = writer.pid
+    assert first is not None
+    writer.store(tmp_path / "artifacts", [_trace(tmp_path, "a")], "t")
+    os.kill(first, signal.SIGKILL)
+    outcomes = writer.store(tmp_path / "artifacts", [_trace(tmp_path, "b")], "t")
+    _stored(tmp_path, outcomes, ["b"])  # stored in this thread
+    assert writer.pid is None
+    writer.ensure()
+    second = writer.pid
+    assert second is not None and second != first
+    _stored(tmp_path, writer.store(tmp_path / "artifacts", [_trace(tmp_path, "c")], "t"), ["c"])
+    assert writer.pid == second
+
+
+def test_where_no_writer_can_start_the_batch_is_stored_in_the_callers_thread(
+    tmp_path: Path, helpers_cannot_start: str
+) -> None:
+    w = traces.TraceWriter()
+    w.ensure()
+    try:
+        outcomes = w.store(tmp_path / "artifacts", [_trace(tmp_path, "a")], "t")
+        _stored(tmp_path, outcomes, ["a"])
+        w.ensure()  # none is tried again
+        assert w.pid is None
+    finally:
+        w.close()
+
+
+def test_a_closed_writer_stores_in_the_callers_thread(tmp_path: Path) -> None:
+    w = traces.TraceWriter()
+    w.ensure()
+    pid = w.pid
+    assert pid is not None
+    w.close()
+    assert not liveness.running(pid)
+    w.ensure()
+    _stored(tmp_path, w.store(tmp_path / "artifacts", [_trace(tmp_path, "a")], "t"), ["a"])
+    assert w.pid is None
+
+
+def test_signals_meant_for_the_daemon_leave_the_writer_storing(
+    tmp_path: Path, writer: traces.TraceWriter
+) -> None:
+    writer.store(tmp_path / "artifacts", [_trace(tmp_path, "a")], "t")  # ready
+    pid = writer.pid
+    assert pid is not None and os.getpgid(pid) != os.getpgid(0)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        os.kill(pid, sig)
+    time.sleep(0.1)
+    _stored(tmp_path, writer.store(tmp_path / "artifacts", [_trace(tmp_path, "b")], "t"), ["b"])
+    assert writer.pid == pid and liveness.running(pid)
+
+
+def test_the_writer_never_outlives_the_daemon(tmp_path: Path) -> None:
+    script = textwrap.dedent(
+        """
+        import time
+        from state import traces
+        w = traces.TraceWriter()
+        w.ensure()
+        print(w.pid, flush=True)
+        time.sleep(60)
+        """
+    )
+    root = Path(traces.__file__).resolve().parent.parent
+    with subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, cwd=root, text=True
+    ) as daemon:
+        assert daemon.stdout is not None
+        pid = int(daemon.stdout.readline())
+        assert liveness.running(pid)
+        daemon.kill()
+        daemon.wait(10)
+        deadline = time.monotonic() + 5
+        while liveness.running(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not liveness.running(pid)
