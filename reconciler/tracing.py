@@ -3,10 +3,11 @@
 `tasking.Books.finish` calls `Tracer.finished` once a task's terminal result is written (the
 commit point). The tracer copies what the trace needs from the result there; the traces of tasks
 that end within TRACE_BATCH_S of each other are then read from their event logs and stored
-together (two syncs for the batch, not two fsyncs per trace) by the trace writer, a process of
-the daemon's own (state/traces.py), which a worker thread hands the batch and waits on: the
-loop never waits on a trace, nor shares its interpreter with the work of one, and a task's end
-is never delayed by its trace. Where no writer runs, the worker thread stores the batch
+together (two syncs for the batch, not two fsyncs per trace; one batch at a time, the traces
+that end meanwhile going in the next) by the trace writer, a process of the daemon's own
+(state/traces.py), which a worker thread hands the batch and waits on: the loop never waits
+on a trace, nor shares its interpreter with the work of one, and a task's end is never
+delayed by its trace. Where no writer runs, the worker thread stores the batch
 itself. The daemon awaits `flush` before it stops.
 
 A trace is `{kind: trace, tags: [sse, task:<id>, session:<id>], content: {task_id, frames},
@@ -47,7 +48,7 @@ class Tracer:
         self.writer: traces.TraceWriter | None = None
         self.waiting: list[_Trace] = []  # finished, to go in the next batch
         self.pending: set[asyncio.Task[None]] = set()  # batches being written
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
 
     def finished(self, run: tasking.TaskRun) -> None:
         """A task's terminal result is written: store its trace with the next batch, off
@@ -84,11 +85,13 @@ class Tracer:
             self._timer = loop.call_later(TRACE_BATCH_S, self._start)
 
     def _start(self) -> None:
-        """Hand the waiting traces to a worker thread as one batch."""
+        """Hand the waiting traces to a worker thread as one batch; while one is being
+        stored, the traces that end meanwhile wait for it and go as the next batch (one
+        worker thread at a time, never a pile of them waiting on the writer)."""
         self._timer = None
-        batch, self.waiting = self.waiting, []
-        if not batch:
+        if self.pending or not self.waiting:
             return
+        batch, self.waiting = self.waiting, []
         if self.writer is not None:
             self.writer.ensure()  # started from the loop's thread: it dies with the daemon
         job = asyncio.get_running_loop().create_task(
@@ -96,7 +99,12 @@ class Tracer:
             name=f"traces:{batch[0].trace.task_id}+{len(batch)}",
         )
         self.pending.add(job)
-        job.add_done_callback(self.pending.discard)
+        job.add_done_callback(self._stored)
+
+    def _stored(self, job: asyncio.Task[None]) -> None:
+        self.pending.discard(job)
+        if self.waiting and self._timer is None:
+            self._timer = asyncio.get_running_loop().call_soon(self._start)
 
     def write(self, batch: list[_Trace]) -> None:
         """Store a batch of traces, made durable together (`traces.store`, by the trace
@@ -136,8 +144,9 @@ class Tracer:
     async def flush(self) -> None:
         """Write what waits and wait for every batch still being written (the daemon,
         before it stops)."""
-        if self._timer is not None:
-            self._timer.cancel()
+        while self.waiting or self.pending:
+            if self._timer is not None:
+                self._timer.cancel()
             self._start()
-        with contextlib.suppress(Exception):
-            await asyncio.gather(*list(self.pending), return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await asyncio.gather(*list(self.pending), return_exceptions=True)

@@ -6,12 +6,14 @@ it storing."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from plugins import liveness
+from reconciler import clocks, tracing
 from state import artifacts, traces
 
 
@@ -165,3 +168,39 @@ def test_the_writer_never_outlives_the_daemon(tmp_path: Path) -> None:
         while liveness.running(pid) and time.monotonic() < deadline:
             time.sleep(0.02)
         assert not liveness.running(pid)
+
+
+async def test_traces_that_end_while_a_batch_is_stored_go_as_the_next_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One worker thread at a time: a slow writer never piles up threads waiting on it
+    (they are the loop's executor, which the HTTP face uses too); what ends meanwhile is
+    stored together next, and `flush` waits for all of it."""
+    active, peak, sizes = 0, 0, []
+    gate = threading.Event()
+
+    def slow(folder: Path, items: list[traces.Trace], created_at: str) -> list[traces.Outcome]:
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        sizes.append(len(items))
+        gate.wait(10)
+        active -= 1
+        return [("stored", f"sha256:{'0' * 64}")] * len(items)
+
+    monkeypatch.setattr(traces, "store", slow)
+    tracer = tracing.Tracer(artifacts.ArtifactStore(tmp_path / "artifacts"), clocks.RealClock())
+
+    def end(task_id: str) -> None:
+        tracer.waiting.append(tracing._Trace(_trace(tmp_path, task_id), None))
+        tracer._start()
+
+    end("a")
+    await asyncio.sleep(0.05)
+    for task_id in ("b", "c", "d"):
+        end(task_id)
+    await asyncio.sleep(0.05)
+    assert sizes == [1] and len(tracer.pending) == 1
+    gate.set()
+    await tracer.flush()
+    assert sizes == [1, 3] and peak == 1 and not tracer.waiting and not tracer.pending
