@@ -259,8 +259,10 @@ class Daemon:
         # the task commits run in a helper process holding the folder locks too: a restart
         # cannot recover the folder while a commit of this daemon is still renaming files
         helper = self.committer = committer.Committer(keep_fds=[lock.fd, *lock.shared])
-        # and the traces are stored by a process of its own, started at the first one
-        writer = self.tracer.writer = traces.TraceWriter(keep_fds=[lock.fd, *lock.shared])
+        # and the traces are stored by a process of its own, started at the first one; it
+        # holds no lock (an artifact is created once, by a link: nothing of it to recover), so
+        # a restart never waits for it to die
+        writer = self.tracer.writer = traces.TraceWriter()
         try:
             helper.start()
             self.books.committer = helper.commit
@@ -299,7 +301,7 @@ class Daemon:
         try:
             await adoption.adopt_or_clean(self.pools)
             owned = (self.results.root, self.state_dir, self.state_dir / "engines")
-            recovery.sweep(*owned, self.sessions.root, self.spool.failed)
+            recovery.sweep(*owned, self.sessions.root, self.spool.failed, self.tracer.store.root)
             spool.sweep_tmp(self.spool, now=self.clock.now())
             self._recover()
             self.server = await api_routes.start(self)

@@ -112,10 +112,13 @@ class Tracer:
         validating them again), and log each one's outcome."""
         items = [entry.trace for entry in batch]
         created_at = clocks.rfc3339(self.clock.now())
-        if self.writer is not None:
-            outcomes = self.writer.store(self.store.root, items, created_at)
-        else:
-            outcomes = traces.store(self.store.root, items, created_at)
+        try:
+            if self.writer is not None:
+                outcomes = self.writer.store(self.store.root, items, created_at)
+            else:
+                outcomes = traces.store(self.store.root, items, created_at)
+        except Exception as exc:  # a bug or a folder gone wrong: said per trace, not lost
+            outcomes = [("failed", f"{type(exc).__name__}: {exc}")] * len(items)
         for entry, (outcome, said) in zip(batch, outcomes, strict=True):
             if outcome != "stored":
                 self._failed(entry, said)

@@ -38,6 +38,7 @@ import fcntl
 import itertools
 import json
 import os
+import re
 import secrets
 import stat
 import sys
@@ -905,18 +906,25 @@ def rename_durable(src: Path, dst: Path) -> None:
         fsync_dir(src.parent)
 
 
-def sweep_leftovers(folder: Path) -> list[str]:
-    """Remove the temporary files (`.<name>.<pid>.tmp`) that writers killed between write and
-    rename left in `folder`; returns their names. Only for folders a single writer owns and
-    only while no write is in flight there: the daemon calls it at startup, under its lock."""
+def sweep_leftovers(folder: Path, *, pid: int | None = None) -> list[str]:
+    """Remove the temporary files (`.<name>.<pid>...tmp`) that writers killed between write
+    and rename left in `folder`; returns their names. Only for folders a single writer owns
+    and only while no write is in flight there: the daemon calls it at startup, under its
+    lock. With `pid`: only those of that (dead) process."""
     removed: list[str] = []
     try:
         entries = list(os.scandir(folder))
     except OSError:
         return removed
+    mark = None if pid is None else re.compile(rf"\.{pid}[-.]")
     for entry in entries:
         name = entry.name
-        if name.startswith(".") and name.endswith(".tmp") and entry.is_file(follow_symlinks=False):
+        if (
+            name.startswith(".")
+            and name.endswith(".tmp")
+            and (mark is None or mark.search(name))
+            and entry.is_file(follow_symlinks=False)
+        ):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(entry.path)
                 removed.append(name)

@@ -34,7 +34,6 @@ commits run in the daemon's thread, as without one.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import pickle
 import sys
@@ -43,7 +42,6 @@ from typing import Any
 
 from state import atomic, failpoints, helpers
 
-_log = logging.getLogger("llama_orch.commit")
 _send, _receive = helpers.send, helpers.receive
 
 

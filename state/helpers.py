@@ -90,9 +90,9 @@ class Helper:
     def await_ready(self, timeout_s: float = READY_S) -> bool:
         """Whether it says ("ready",) within `timeout_s` (once; later calls answer at once)."""
         if not self.ready:
-            said = select.select([self.from_helper], [], [], timeout_s)[0] and receive(
-                self.from_helper
-            )
+            poller = select.poll()  # not select.select: a descriptor may be 1024 or more
+            poller.register(self.from_helper, select.POLLIN)
+            said = poller.poll(timeout_s * 1000) and receive(self.from_helper)
             self.ready = said == ("ready",)
         return self.ready
 

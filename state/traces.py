@@ -18,13 +18,16 @@ lost for that. The next batch starts a new writer.
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from state import artifacts, events, helpers
+from state import artifacts, atomic, events, helpers
+
+_log = logging.getLogger("llama_orch.traces")
 
 Outcome = tuple[str, str]  # ("stored", artifact id) or ("failed", why)
 
@@ -95,17 +98,20 @@ class TraceWriter(helpers.Owner):
         """`store`, by the writer where one runs, else in this thread."""
         with self._lock:
             helper = self._helper
-            if helper is not None and self._ready(helper):
-                reply = None
-                try:
+            reply = None
+            try:
+                if helper is not None and self._ready(helper):
                     helpers.send(helper.to_helper, ("store", folder, created_at, list(traces)))
                     reply = helpers.receive(helper.from_helper)
-                except OSError:
-                    pass
-                if isinstance(reply, tuple) and len(reply) == 2 and reply[0] == "stored":
-                    outcomes: list[Outcome] = reply[1]
-                    return outcomes
-                self._discard(helper)  # died or out of step: this batch is stored here
+            except Exception as exc:  # whatever it was, the batch is stored here
+                _log.warning("the trace writer failed (%s): this batch is stored in-process", exc)
+            if isinstance(reply, tuple) and len(reply) == 2 and reply[0] == "stored":
+                outcomes: list[Outcome] = reply[1]
+                return outcomes
+            if helper is not None and self._helper is helper:
+                # died or out of step: ended, and what it had begun of the batch removed
+                self._discard(helper)
+                atomic.sweep_leftovers(folder, pid=helper.process.pid)
         return store(folder, traces, created_at)
 
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -16,6 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
+from plugins import liveness
 from reconciler import daemon as daemons
 from state import events, results, spool
 
@@ -242,3 +246,34 @@ def helpers_cannot_start(
     else:
         monkeypatch.setattr(sys, "executable", "/bin/true")  # starts, exits at once
     return str(request.param)
+
+
+def assert_helper_dies_with_daemon(start: str) -> None:
+    """Run a stand-in daemon whose `start` lines (Python, run with the project on the path)
+    leave a helper process (state/helpers.py) serving in `h`; with another process holding
+    the helper's pipe open (as a message in flight would), SIGKILL the daemon: the helper
+    must die too, by its death signal alone."""
+    script = (
+        "import subprocess, time\n"
+        + textwrap.dedent(start)
+        + "\nassert h.await_ready()\n"
+        + 'holder = subprocess.Popen(["sleep", "60"], pass_fds=[h.to_helper])\n'
+        + "print(h.process.pid, holder.pid, flush=True)\n"
+        + "time.sleep(60)\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    with subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, cwd=root, text=True
+    ) as daemon:
+        assert daemon.stdout is not None
+        pid, holder = (int(n) for n in daemon.stdout.readline().split())
+        try:
+            assert liveness.running(pid)
+            daemon.kill()
+            daemon.wait(10)
+            deadline = time.monotonic() + 5
+            while liveness.running(pid) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert not liveness.running(pid)
+        finally:
+            os.kill(holder, signal.SIGKILL)

@@ -8,9 +8,6 @@ import errno
 import fcntl
 import os
 import signal
-import subprocess
-import sys
-import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from plugins import liveness
 from state import atomic, committer, failpoints
+from tests.conftest import assert_helper_dies_with_daemon
 
 
 @pytest.fixture
@@ -139,33 +136,14 @@ def test_the_helper_keeps_the_daemons_lock_while_it_lives(tmp_path: Path) -> Non
 def test_the_helper_never_outlives_the_daemon(tmp_path: Path) -> None:
     """Killed with it even while its pipe stays open (here another process holds the
     daemon's end, as a commit in flight would keep the helper from reading its end)."""
-    script = textwrap.dedent(
+    assert_helper_dies_with_daemon(
         """
-        import subprocess, time
         from state import committer
         c = committer.Committer()
         c.start()
-        holder = subprocess.Popen(["sleep", "60"], pass_fds=[c._helper.to_helper])
-        print(c.pid, holder.pid, flush=True)
-        time.sleep(60)
+        h = c._helper
         """
     )
-    root = Path(committer.__file__).resolve().parent.parent
-    with subprocess.Popen(
-        [sys.executable, "-c", script], stdout=subprocess.PIPE, cwd=root, text=True
-    ) as daemon:
-        assert daemon.stdout is not None
-        pid, holder = (int(n) for n in daemon.stdout.readline().split())
-        try:
-            assert liveness.running(pid)
-            daemon.kill()
-            daemon.wait(10)
-            deadline = time.monotonic() + 5
-            while liveness.running(pid) and time.monotonic() < deadline:
-                time.sleep(0.02)
-            assert not liveness.running(pid)
-        finally:
-            os.kill(holder, signal.SIGKILL)
 
 
 def test_signals_meant_for_the_daemon_leave_the_helper_committing(

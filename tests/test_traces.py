@@ -10,19 +10,18 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
-import textwrap
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from plugins import liveness
 from reconciler import clocks, tracing
 from state import artifacts, traces
+from tests.conftest import Workspace, assert_helper_dies_with_daemon
 
 
 def _log(folder: Path, task_id: str, frames: int = 3) -> Path:
@@ -145,29 +144,75 @@ def test_signals_meant_for_the_daemon_leave_the_writer_storing(
 
 
 def test_the_writer_never_outlives_the_daemon(tmp_path: Path) -> None:
-    script = textwrap.dedent(
+    """Killed with it once it is serving, even while its pipe stays open (here another
+    process holds the daemon's end, as a batch in flight would)."""
+    assert_helper_dies_with_daemon(
         """
-        import time
         from state import traces
         w = traces.TraceWriter()
         w.ensure()
-        print(w.pid, flush=True)
-        time.sleep(60)
+        h = w._helper
         """
     )
-    root = Path(traces.__file__).resolve().parent.parent
-    with subprocess.Popen(
-        [sys.executable, "-c", script], stdout=subprocess.PIPE, cwd=root, text=True
-    ) as daemon:
-        assert daemon.stdout is not None
-        pid = int(daemon.stdout.readline())
-        assert liveness.running(pid)
-        daemon.kill()
-        daemon.wait(10)
-        deadline = time.monotonic() + 5
-        while liveness.running(pid) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert not liveness.running(pid)
+
+
+def test_a_writer_that_dies_mid_batch_leaves_no_temporary_file(tmp_path: Path) -> None:
+    """Its batch is stored by the caller instead, whole, and the files it had begun are
+    removed (no later sweep would: it is the trace writer's own folder)."""
+    batch = [_trace(tmp_path, f"t{n}") for n in range(1500)]
+    folder = tmp_path / "artifacts"
+    w = traces.TraceWriter()
+    w.ensure()
+    w.store(folder, batch[:1], "t")  # ready
+    pid = w.pid
+    assert pid is not None
+
+    def kill_once_it_writes() -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if any(p.name.endswith(".tmp") for p in folder.iterdir()):
+                os.kill(pid, signal.SIGKILL)
+                return
+            time.sleep(0.0005)
+
+    killer = threading.Thread(target=kill_once_it_writes)
+    killer.start()
+    try:
+        outcomes = w.store(folder, batch, "t")
+    finally:
+        killer.join()
+        w.close()
+    assert not liveness.running(pid) and w.pid is None  # it was killed mid-batch
+    _stored(tmp_path, outcomes, [f"t{n}" for n in range(1500)])
+    assert [p.name for p in folder.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_a_writer_past_descriptor_1023_still_stores(tmp_path: Path) -> None:
+    """A daemon with many connections open starts its writer with pipes numbered 1024 or
+    more (select() cannot wait on those)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"the hard limit on open files is {hard}: cannot open 1,100")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    held = []
+    try:
+        while len(held) < 1100:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+        w = traces.TraceWriter()
+        w.ensure()
+        assert w._helper is not None and w._helper.from_helper >= 1024
+        try:
+            outcomes = w.store(tmp_path / "artifacts", [_trace(tmp_path, "a")], "t")
+            _stored(tmp_path, outcomes, ["a"])
+            assert w.pid is not None  # stored by the writer, not instead of it
+        finally:
+            w.close()
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 async def test_traces_that_end_while_a_batch_is_stored_go_as_the_next_batch(
@@ -204,3 +249,18 @@ async def test_traces_that_end_while_a_batch_is_stored_go_as_the_next_batch(
     gate.set()
     await tracer.flush()
     assert sizes == [1, 3] and peak == 1 and not tracer.waiting and not tracer.pending
+
+
+async def test_the_daemon_sweeps_what_a_killed_writer_left_at_startup(
+    workspace: Workspace, serve: Any
+) -> None:
+    """A trace writer killed with its daemon (SIGKILL) mid-batch leaves its temporary
+    files in artifacts/; the next daemon removes them, and nothing else there."""
+    folder = workspace.root / "artifacts"
+    folder.mkdir()
+    left = folder / f".{'a' * 64}.json.999999-0badf00d.tmp"
+    left.write_bytes(b'{"id": ')
+    kept = folder / f"{'b' * 64}.json"
+    kept.write_bytes(b"{}")
+    await serve()
+    assert not left.exists() and kept.read_bytes() == b"{}"
