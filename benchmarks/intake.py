@@ -20,6 +20,13 @@ same sim replica by the daemon's own engine client (`llama_server.Client.generat
 alive session, SLOTS at a time) and nothing else: the most tasks/s end to end could reach on
 this machine with one HTTP stream per task, whatever the daemon's files cost.
 
+Also measured: the CPU time each part spends per task from the first rename until every task
+is terminal (as the watcher process sees it): the daemon's loop thread (this process's main
+thread, where the daemon's event loop runs), its commit helper and trace writer processes,
+and the sim engine's process (the trace writer starts at the first trace: its interpreter's
+start is in its share). On a 2-core machine the loop thread is what limits end to end: this
+shows where a task's time goes, whatever the disk.
+
 Also counted: the daemon's fsync and syncfs calls per task, until all are admitted and until
 all are terminal. The throughput ratios compare with the disk's rate; this shows how many
 durable syncs a task costs whatever the disk (one `atomic.write_bytes` alone costs two).
@@ -100,6 +107,44 @@ class _SyncCount:
         return sum(1 for t in self.times if t <= when)
 
 
+def _process_cpu_s(pid: int | None) -> float:
+    """User + system CPU seconds of process `pid` so far (0 where it is unknown or gone)."""
+    if pid is None:
+        return 0.0
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class _CpuBudget:
+    """CPU seconds of the daemon's parts between `__init__` and `stop`."""
+
+    def __init__(self, srv: harness.Served) -> None:
+        self._srv = srv
+        self._engines = srv.ws.recorded_engine_pids()
+        self._loop0 = time.thread_time()  # the daemon's loop runs in this thread
+        self._at0 = self._parts()
+        self.spent: dict[str, float] = {}
+
+    def _parts(self) -> dict[str, float]:
+        daemon = self._srv.daemon
+        writer = daemon.tracer.writer
+        return {
+            "commit helper": _process_cpu_s(daemon.committer.pid if daemon.committer else None),
+            "trace writer": _process_cpu_s(writer.pid if writer is not None else None),
+            "engine (sim)": sum(_process_cpu_s(pid) for pid in self._engines),
+        }
+
+    def stop(self) -> None:
+        self.spent = {"daemon loop thread": time.thread_time() - self._loop0}
+        for part, seconds in self._parts().items():
+            # a part started during the run (the trace writer, at the first trace) had 0
+            self.spent[part] = seconds - self._at0[part]
+
+
 def durable_writes_per_s(folder: Path, n: int = DISK_WRITES) -> float:
     """The disk's rate of durable writes as the daemon does one alone (`atomic.write_bytes`:
     a result-sized file written, fsynced, renamed into place, its folder fsynced), measured in
@@ -178,6 +223,7 @@ async def run(bench: report.BenchResult, *, quick: bool) -> None:
             )
             await asyncio.sleep(0.5)  # the watcher's interpreter started and waiting
             syncs = _SyncCount(srv.daemon.committer)
+            cpu = _CpuBudget(srv)
             t0 = time.monotonic()
             for part, target in staged:
                 os.rename(part, target)
@@ -194,6 +240,7 @@ async def run(bench: report.BenchResult, *, quick: bool) -> None:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(watcher.wait(), 0.5)
             syncs.stop()
+            cpu.stop()
             out, err = await watcher.communicate()
             if watcher.returncode != 0:
                 raise BenchError(f"the watcher process failed: {err.decode()[-500:]}")
@@ -245,6 +292,15 @@ async def run(bench: report.BenchResult, *, quick: bool) -> None:
         note="fsync + syncfs calls of the daemon ÷ tasks",
     )
     bench.add("syncs per task: end to end", syncs.until(t0 + terminal_s) / n, "syncs")
+    for who, seconds in cpu.spent.items():
+        bench.add(
+            f"CPU per task: {who}",
+            seconds / n * 1000,
+            "ms",
+            note="from the first rename until the watcher saw every task terminal"
+            if who == "daemon loop thread"
+            else "",
+        )
     bench.add("succeeded", float(statuses["succeeded"]), "tasks", report.Target(">=", float(n)))
     bench.details.update(
         {
