@@ -7,14 +7,22 @@ same tasks.
 
 The daemon calls `acquire` before it adopts engines or touches the spool; a second daemon on
 the same folder gets `Held`, naming the folder and the first one's pid and start time.
+
+The daemon's commit helper holds the locks too (state/committer.py), so that a restart never
+recovers the folder while a commit of the last daemon is still renaming files. Killed with
+its daemon, it dies a moment later (longer when the kill found it in a sync of a busy disk):
+a lock whose daemon is gone is waited for, up to DYING_HOLDER_S, instead of refused at once
+with a pid that no longer runs (a service manager restarting a crashed daemon at once).
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +45,34 @@ class Held(Exception):
 
 
 STATE_LOCK = "daemon.lock"
+DYING_HOLDER_S = 5.0  # how long a lock whose daemon is gone may take to be let go
+
+
+def _gone(pid: int | None) -> bool:
+    """Whether `pid` is known and no longer runs (gone, or a zombie not yet reaped)."""
+    if pid is None:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2 :].startswith(("Z", "X"))
+
+
+def _flock(fd: int, holder: Callable[[], int | None]) -> None:
+    """Take the exclusive flock on `fd`; BlockingIOError when another process holds it,
+    after waiting up to DYING_HOLDER_S while the daemon it names (`holder()`) is gone."""
+    deadline = time.monotonic() + DYING_HOLDER_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline or not _gone(holder()):
+                raise
+        time.sleep(0.01)
 
 
 @dataclass
@@ -67,7 +103,7 @@ def acquire(state_dir: Path, *, started_at: str, shared: Sequence[Path] = ()) ->
                 continue
             seen.add((st.st_dev, st.st_ino))
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                _flock(fd, functools.partial(_holder, st))
             except BlockingIOError:
                 holder = _holder(st)
                 os.close(fd)
@@ -98,8 +134,13 @@ def _holder(st: os.stat_result) -> int | None:
 
 def _lock(path: Path, started_at: str) -> int:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+    def recorded() -> int | None:
+        pid = _read(fd).get("pid")
+        return pid if isinstance(pid, int) and not isinstance(pid, bool) else None
+
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _flock(fd, recorded)
     except BlockingIOError:
         holder = _read(fd)
         os.close(fd)

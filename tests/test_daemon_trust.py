@@ -4,11 +4,13 @@ Each runs `orchctl serve` as a real process."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -239,3 +241,59 @@ def test_the_folder_locks_name_their_holder_and_allow_one_folder_named_twice(
         first.release()
     again = daemon_lock.acquire(tmp_path / "b", started_at="t2", shared=(shared,))
     again.release()
+
+
+@pytest.mark.parametrize("helper_lingers_s", [0.4, None])
+def test_a_restart_waits_for_the_locks_a_killed_daemons_helper_still_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, helper_lingers_s: float | None
+) -> None:
+    """SIGKILL a daemon whose helper (it holds the daemon's locks) is still dying: the
+    next daemon waits for it instead of refusing to start on behalf of a pid that no
+    longer runs. A helper that never lets go is refused after DYING_HOLDER_S, naming the
+    dead daemon."""
+    from state import daemon_lock
+
+    monkeypatch.setattr(daemon_lock, "DYING_HOLDER_S", 2.0)
+    state, shared = tmp_path / "state", tmp_path / "results"
+    state.mkdir()
+    shared.mkdir()
+    linger = "60" if helper_lingers_s is None else str(helper_lingers_s)
+    script = textwrap.dedent(
+        f"""
+        import subprocess, sys, time
+        from pathlib import Path
+        from state import daemon_lock
+        lock = daemon_lock.acquire(
+            Path(sys.argv[1]), started_at="t0", shared=[Path(sys.argv[2])]
+        )
+        helper = subprocess.Popen(["sleep", "{linger}"], pass_fds=[lock.fd, *lock.shared])
+        print(helper.pid, flush=True)
+        time.sleep(60)
+        """
+    )
+    root = Path(daemon_lock.__file__).resolve().parent.parent
+    with subprocess.Popen(
+        [sys.executable, "-c", script, str(state), str(shared)],
+        stdout=subprocess.PIPE,
+        cwd=root,
+        text=True,
+    ) as daemon:
+        assert daemon.stdout is not None
+        helper = int(daemon.stdout.readline())
+        dead = daemon.pid
+        daemon.kill()
+        daemon.wait(10)
+        try:
+            began = time.monotonic()
+            if helper_lingers_s is None:
+                with pytest.raises(daemon_lock.Held) as held:
+                    daemon_lock.acquire(state, started_at="t1", shared=[shared])
+                assert f"pid {dead}" in str(held.value)
+                assert time.monotonic() - began >= 2.0
+            else:
+                lock = daemon_lock.acquire(state, started_at="t1", shared=[shared])
+                lock.release()
+                assert time.monotonic() - began < 2.0
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(helper, signal.SIGKILL)
