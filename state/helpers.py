@@ -30,6 +30,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ _LENGTH = struct.Struct("!I")
 # what a helper must not inherit: the commit helper asks the daemon at each failpoint instead
 _FAILPOINT_VARS = ("ORCH_FAILPOINTS", "ORCH_FAILPOINTS_RANDOM", "ORCH_FAILPOINTS_TRACE")
 READY_S = 10.0  # how long a new helper may take to say it is ready
+RETRY_S = 60.0  # after a helper failed to start, how long the work stays in-process
 
 
 def send(fd: int, message: Any) -> None:
@@ -149,8 +151,10 @@ def spawn(module: str, keep_fds: Sequence[int] = ()) -> Helper:
 
 class Owner:
     """The daemon's side of one kind of helper: the one running, if any. `_lock` guards
-    it; where none can be started, none is tried again (the work runs in the caller's
-    thread: slower, never wrong); once closed, none is started."""
+    it; where one cannot be started (or does not say it is ready in time), none is tried
+    again for RETRY_S (the work runs in the caller's thread: slower, never wrong), so a
+    passing cause (memory short for a moment, a machine too busy to start an interpreter in
+    time) does not cost the daemon's whole life; once closed, none is started."""
 
     module = ""  # the helper's module, run as `python -m`
     what = ""  # what it is called in the log
@@ -160,7 +164,7 @@ class Owner:
         self._helper: Helper | None = None
         self._lock = threading.Lock()
         self._closed = False
-        self._failed = False
+        self._failed_at: float | None = None  # when one last failed to start
 
     @property
     def pid(self) -> int | None:
@@ -169,22 +173,23 @@ class Owner:
 
     def _spawned(self) -> Helper | None:
         """A new helper (not waited for); None where none can be started."""
-        if self._failed or self._closed:
+        failed_at = self._failed_at
+        if self._closed or (failed_at is not None and time.monotonic() - failed_at < RETRY_S):
             return None
         try:
             return spawn(self.module, self.keep_fds)
         except (OSError, subprocess.SubprocessError) as exc:
-            self._failed = True
+            self._failed_at = time.monotonic()
             _log.warning("could not start the %s (%s): its work runs in-process", self.what, exc)
             return None
 
     def _ready(self, helper: Helper) -> bool:
         """Whether `helper` says it is ready in time; one that does not is ended, and no
-        other is tried."""
+        other is tried for RETRY_S."""
         if helper.await_ready():
             return True
         self._discard(helper)
-        self._failed = True
+        self._failed_at = time.monotonic()
         _log.warning("the %s did not start: its work runs in-process", self.what)
         return False
 

@@ -20,7 +20,7 @@ import pytest
 
 from plugins import liveness
 from reconciler import clocks, tracing
-from state import artifacts, traces
+from state import artifacts, helpers, traces
 from tests.conftest import Workspace, assert_helper_dies_with_daemon
 
 
@@ -105,15 +105,22 @@ def test_a_writer_that_dies_leaves_its_batch_to_the_caller_and_is_started_again(
 
 
 def test_where_no_writer_can_start_the_batch_is_stored_in_the_callers_thread(
-    tmp_path: Path, helpers_cannot_start: str
+    tmp_path: Path, helpers_cannot_start: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """And none is tried again for a while (RETRY_S), then one is."""
     w = traces.TraceWriter()
     w.ensure()
     try:
         outcomes = w.store(tmp_path / "artifacts", [_trace(tmp_path, "a")], "t")
         _stored(tmp_path, outcomes, ["a"])
-        w.ensure()  # none is tried again
+        monkeypatch.undo()  # whatever kept it from starting has passed
+        w.ensure()  # not tried again yet
         assert w.pid is None
+        monkeypatch.setattr(helpers, "RETRY_S", 0.0)
+        w.ensure()
+        outcomes = w.store(tmp_path / "artifacts", [_trace(tmp_path, "b")], "t")
+        _stored(tmp_path, outcomes, ["b"])
+        assert w.pid is not None
     finally:
         w.close()
 
