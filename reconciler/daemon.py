@@ -301,7 +301,9 @@ class Daemon:
         try:
             await adoption.adopt_or_clean(self.pools)
             owned = (self.results.root, self.state_dir, self.state_dir / "engines")
-            recovery.sweep(*owned, self.sessions.root, self.spool.failed, self.tracer.store.root)
+            recovery.sweep(*owned, self.sessions.root, self.spool.failed)
+            # paths.artifacts may be another config's too: only what dead writers left
+            recovery.sweep(self.tracer.store.root, shared=True)
             spool.sweep_tmp(self.spool, now=self.clock.now())
             self._recover()
             self.server = await api_routes.start(self)

@@ -122,11 +122,12 @@ def _look(
     return (key, path, task_id, existing, correlation)
 
 
-def sweep(*folders: Path) -> None:
+def sweep(*folders: Path, shared: bool = False) -> None:
     """Remove the temporary files of writes a crash interrupted and the spare files of its
-    rewrites (never a file a reader may see)."""
+    rewrites (never a file a reader may see); `shared`: folders other daemons may write too
+    (only the files of processes that are gone)."""
     for folder in folders:
-        for name in atomic.sweep_leftovers(folder):
+        for name in atomic.sweep_leftovers(folder, shared=shared):
             logs.emit(
                 log,
                 "recovery.swept",

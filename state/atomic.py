@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from state import failpoints
+from state import daemon_lock, failpoints
 
 _serials = itertools.count()
 
@@ -906,25 +906,33 @@ def rename_durable(src: Path, dst: Path) -> None:
         fsync_dir(src.parent)
 
 
-def sweep_leftovers(folder: Path, *, pid: int | None = None) -> list[str]:
+# the writer's pid in a temporary file's name: `.<name>.<pid>.<thread>.tmp` (a write alone),
+# `.<name>.<pid>.g<group>.<op>.tmp` (in a group), `.<name>.<pid>-<8 hex>.tmp` (create_many)
+_TMP_PID = re.compile(r"\.(\d+)(?:\.\d+|\.g\d+\.\d+|-[0-9a-f]{8})\.tmp$")
+
+
+def sweep_leftovers(folder: Path, *, pid: int | None = None, shared: bool = False) -> list[str]:
     """Remove the temporary files (`.<name>.<pid>...tmp`) that writers killed between write
-    and rename left in `folder`; returns their names. Only for folders a single writer owns
-    and only while no write is in flight there: the daemon calls it at startup, under its
-    lock. With `pid`: only those of that (dead) process."""
+    and rename left in `folder`; returns their names. For folders a single writer owns, and
+    only while no write is in flight there: the daemon calls it at startup, under its lock.
+    With `pid`: only those of that (dead) process. `shared`: a folder other daemons may write
+    too (paths.artifacts named by several configs): only those of processes that are gone."""
     removed: list[str] = []
     try:
         entries = list(os.scandir(folder))
     except OSError:
         return removed
-    mark = None if pid is None else re.compile(rf"\.{pid}[-.]")
     for entry in entries:
         name = entry.name
-        if (
-            name.startswith(".")
-            and name.endswith(".tmp")
-            and (mark is None or mark.search(name))
-            and entry.is_file(follow_symlinks=False)
-        ):
+        if not (name.startswith(".") and name.endswith(".tmp")):
+            continue
+        match = _TMP_PID.search(name)
+        writer = int(match.group(1)) if match else None
+        if pid is not None and writer != pid:
+            continue
+        if shared and (writer is None or not daemon_lock.pid_gone(writer)):
+            continue
+        if entry.is_file(follow_symlinks=False):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(entry.path)
                 removed.append(name)

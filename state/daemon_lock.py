@@ -48,7 +48,7 @@ STATE_LOCK = "daemon.lock"
 DYING_HOLDER_S = 5.0  # how long a lock whose daemon is gone may take to be let go
 
 
-def _gone(pid: int | None) -> bool:
+def pid_gone(pid: int | None) -> bool:
     """Whether `pid` is known and no longer runs (gone, or a zombie not yet reaped)."""
     if pid is None:
         return False
@@ -70,7 +70,7 @@ def _flock(fd: int, holder: Callable[[], int | None]) -> None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return
         except BlockingIOError:
-            if time.monotonic() >= deadline or not _gone(holder()):
+            if time.monotonic() >= deadline or not pid_gone(holder()):
                 raise
         time.sleep(0.01)
 

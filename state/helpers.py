@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,7 @@ class Helper:
     to_helper: int  # the daemon's ends of the two pipes
     from_helper: int
     ready: bool = False  # it has said so (read at its first use, not at its start)
+    started_at: float = field(default_factory=time.monotonic)
 
     def close_pipes(self) -> None:
         for fd in (self.to_helper, self.from_helper):
@@ -184,10 +185,17 @@ class Owner:
             return None
 
     def _ready(self, helper: Helper) -> bool:
-        """Whether `helper` says it is ready in time; one that does not is ended, and no
-        other is tried for RETRY_S."""
-        if helper.await_ready():
+        """Whether `helper` says it is ready. The first one is waited for, up to READY_S;
+        one started again after a failure is not (its work runs in the caller until it is
+        ready, so a cause that lasts never stalls the work READY_S at each retry), and fails
+        too once READY_S have passed since its start. One that fails is ended, and none is
+        tried for RETRY_S."""
+        retried = self._failed_at is not None
+        if helper.await_ready(0.0 if retried else READY_S):
+            self._failed_at = None
             return True
+        if retried and time.monotonic() - helper.started_at < READY_S:
+            return False  # not ready yet: this time in the caller
         self._discard(helper)
         self._failed_at = time.monotonic()
         _log.warning("the %s did not start: its work runs in-process", self.what)

@@ -5,15 +5,16 @@ written as canonical JSON and hashed for its id (`ArtifactStore.put_json_many`).
 Python work: done by a thread of the daemon, it held the interpreter lock the event loop
 needs for about a third of the loop's own time per task (the intake benchmark ran a
 third faster with traces off). The trace writer does it in its own interpreter
-(state/helpers.py: started from the daemon's main thread, dies with it, keeps its folder
-locks while it lives); the daemon's thread hands it a batch and waits for the outcomes.
+(state/helpers.py: started from the daemon's main thread, dies with it; it holds none of
+the daemon's locks); the daemon's thread hands it a batch and waits for the outcomes.
 
 Messages: the writer says ("ready",) once started; the daemon sends ("store", folder,
 created_at, traces) and the writer answers ("stored", outcomes), one per trace:
 ("stored", artifact id) or ("failed", why). A writer that dies, says something else or
 cannot start is ended, and the batch is stored by the caller's thread instead (an
-artifact is created once, so a batch stored twice keeps its first records): slower, never
-lost for that. The next batch starts a new writer.
+artifact is created once, so a batch stored twice keeps its first records), which first
+removes the temporary files the dead writer left: slower, never lost for that. The next
+batch starts a new writer.
 """
 
 from __future__ import annotations
@@ -98,17 +99,19 @@ class TraceWriter(helpers.Owner):
         """`store`, by the writer where one runs, else in this thread."""
         with self._lock:
             helper = self._helper
-            reply = None
+            reply, asked = None, False
             try:
                 if helper is not None and self._ready(helper):
+                    asked = True
                     helpers.send(helper.to_helper, ("store", folder, created_at, list(traces)))
                     reply = helpers.receive(helper.from_helper)
             except Exception as exc:  # whatever it was, the batch is stored here
+                asked = True
                 _log.warning("the trace writer failed (%s): this batch is stored in-process", exc)
             if isinstance(reply, tuple) and len(reply) == 2 and reply[0] == "stored":
                 outcomes: list[Outcome] = reply[1]
                 return outcomes
-            if helper is not None and self._helper is helper:
+            if asked and helper is not None and self._helper is helper:
                 # died or out of step: ended, and what it had begun of the batch removed
                 self._discard(helper)
                 atomic.sweep_leftovers(folder, pid=helper.process.pid)

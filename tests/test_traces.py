@@ -10,6 +10,8 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -125,6 +127,31 @@ def test_where_no_writer_can_start_the_batch_is_stored_in_the_callers_thread(
         w.close()
 
 
+def test_a_writer_started_again_is_not_waited_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a failed start, a new writer is tried; until it says it is ready the batches
+    are stored in the caller's thread at once, never each held up waiting for it."""
+    slow = tmp_path / "slow-python"
+    slow.write_text(f'#!/bin/sh\nsleep 1\nexec {sys.executable} "$@"\n')
+    slow.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(slow))
+    w = traces.TraceWriter()
+    w._failed_at = time.monotonic() - helpers.RETRY_S - 1  # one failed a while ago
+    w.ensure()
+    try:
+        began = time.monotonic()
+        _stored(tmp_path, w.store(tmp_path / "artifacts", [_trace(tmp_path, "a")], "t"), ["a"])
+        assert time.monotonic() - began < 0.8 and w.pid is not None  # not waited for
+        time.sleep(1.5)
+        with monkeypatch.context() as here:  # ready now: stored by the writer
+            here.setattr(traces, "store", lambda *a: pytest.fail("stored in the daemon"))
+            outcomes = w.store(tmp_path / "artifacts", [_trace(tmp_path, "b")], "t")
+        _stored(tmp_path, outcomes, ["b"])
+    finally:
+        w.close()
+
+
 def test_a_closed_writer_stores_in_the_callers_thread(tmp_path: Path) -> None:
     w = traces.TraceWriter()
     w.ensure()
@@ -165,7 +192,7 @@ def test_the_writer_never_outlives_the_daemon(tmp_path: Path) -> None:
 
 def test_a_writer_that_dies_mid_batch_leaves_no_temporary_file(tmp_path: Path) -> None:
     """Its batch is stored by the caller instead, whole, and the files it had begun are
-    removed (no later sweep would: it is the trace writer's own folder)."""
+    removed at once (the startup sweep would only find them at the next start)."""
     batch = [_trace(tmp_path, f"t{n}") for n in range(1500)]
     folder = tmp_path / "artifacts"
     w = traces.TraceWriter()
@@ -262,12 +289,19 @@ async def test_the_daemon_sweeps_what_a_killed_writer_left_at_startup(
     workspace: Workspace, serve: Any
 ) -> None:
     """A trace writer killed with its daemon (SIGKILL) mid-batch leaves its temporary
-    files in artifacts/; the next daemon removes them, and nothing else there."""
+    files in artifacts/; the next daemon removes them, and nothing else there: not a
+    file being written by a live process (another config's daemon may share the folder)."""
     folder = workspace.root / "artifacts"
     folder.mkdir()
     left = folder / f".{'a' * 64}.json.999999-0badf00d.tmp"
     left.write_bytes(b'{"id": ')
     kept = folder / f"{'b' * 64}.json"
     kept.write_bytes(b"{}")
-    await serve()
-    assert not left.exists() and kept.read_bytes() == b"{}"
+    with subprocess.Popen(["sleep", "30"]) as other:
+        in_flight = folder / f".{'c' * 64}.json.{other.pid}-0badf00d.tmp"
+        in_flight.write_bytes(b'{"id": ')
+        try:
+            await serve()
+        finally:
+            other.kill()
+    assert not left.exists() and kept.read_bytes() == b"{}" and in_flight.exists()
