@@ -42,8 +42,6 @@ from typing import Any
 
 from state import atomic, failpoints, helpers
 
-_send, _receive = helpers.send, helpers.receive
-
 
 class HelperDied(OSError):
     """The helper ended in the middle of a commit: what it did of the group is unknown."""
@@ -82,9 +80,7 @@ class Committer(helpers.Owner):
     def start(self) -> None:
         """Start the helper now (from the thread whose end it is to die with: the daemon's
         main thread), not at the first commit."""
-        with self._lock:
-            if self._helper is None:
-                self._helper = self._spawned()
+        self._start_one(wait=True)
 
     def commit(self, group: atomic.Group) -> None:
         if group.committed or not group.ops:
@@ -120,7 +116,7 @@ class Committer(helpers.Owner):
         try:
             helpers.send_body(helper.to_helper, body)
             while True:
-                reply = _receive(helper.from_helper)
+                reply = helpers.receive(helper.from_helper)
                 if reply is None:
                     raise BrokenPipeError(errno.EPIPE, "the helper closed its pipe")
                 if reply[0] != "hit":
@@ -130,7 +126,7 @@ class Committer(helpers.Owner):
                     failpoints.hit(reply[1])
                 except Exception as exc:  # raised there, where the point is
                     answer = _error_fields(exc)
-                _send(helper.to_helper, ("hit-reply", answer))
+                helpers.send(helper.to_helper, ("hit-reply", answer))
             in_step = True
         except OSError as exc:  # what it did of the group is unknown: the recovery pass
             died = HelperDied(errno.EIO, f"the commit helper died mid-commit ({exc})")
@@ -174,8 +170,8 @@ def _serve(argv: Sequence[str]) -> None:
         atomic._syncfs = syncfs
 
     def ask(name: str) -> None:  # a failpoint: the daemon decides (and may die there)
-        _send(to_daemon, ("hit", name))
-        reply = _receive(from_daemon)
+        helpers.send(to_daemon, ("hit", name))
+        reply = helpers.receive(from_daemon)
         if reply is None:
             os._exit(0)
         if reply[1] is not None:
@@ -185,7 +181,7 @@ def _serve(argv: Sequence[str]) -> None:
         return None
 
     while True:
-        message = _receive(from_daemon)
+        message = helpers.receive(from_daemon)
         if message is None:
             atomic.release_spares()
             return
@@ -207,7 +203,7 @@ def _serve(argv: Sequence[str]) -> None:
             outcome = ("failed", {k: _error_fields(v) for k, v in failed.failures.items()})
         except Exception as exc:
             outcome = ("error", _error_fields(exc))
-        _send(to_daemon, ("done", outcome, syncs))
+        helpers.send(to_daemon, ("done", outcome, syncs))
 
 
 if __name__ == "__main__":

@@ -135,12 +135,8 @@ def _holder(st: os.stat_result) -> int | None:
 def _lock(path: Path, started_at: str) -> int:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
 
-    def recorded() -> int | None:
-        pid = _read(fd).get("pid")
-        return pid if isinstance(pid, int) and not isinstance(pid, bool) else None
-
     try:
-        _flock(fd, recorded)
+        _flock(fd, lambda: _pid_in(_read(fd)))
     except BlockingIOError:
         holder = _read(fd)
         os.close(fd)
@@ -164,9 +160,14 @@ def recorded_pid(path: Path) -> int | None:
     except OSError:
         return None
     try:
-        pid = _read(fd).get("pid")
+        return _pid_in(_read(fd))
     finally:
         os.close(fd)
+
+
+def _pid_in(holder: dict[str, object]) -> int | None:
+    """The pid a lock file's contents name, None when they name none."""
+    pid = holder.get("pid")
     return pid if isinstance(pid, int) and not isinstance(pid, bool) else None
 
 

@@ -172,6 +172,17 @@ class Owner:
         helper = self._helper
         return helper.process.pid if helper is not None else None
 
+    def _start_one(self, *, wait: bool) -> None:
+        """A helper started where none runs (not waited for). `wait`: for the work in hand
+        to release `_lock` first; else, when some is in hand, none is started now."""
+        if not self._lock.acquire(blocking=wait):
+            return
+        try:
+            if self._helper is None:
+                self._helper = self._spawned()
+        finally:
+            self._lock.release()
+
     def _spawned(self) -> Helper | None:
         """A new helper (not waited for); None where none can be started."""
         failed_at = self._failed_at

@@ -88,12 +88,7 @@ class TraceWriter(helpers.Owner):
         """A writer started where there is none (never waited for), unless one could never
         be started. Call it from the thread the writer is to die with: the loop's, which
         never waits here for a batch in flight (a batch's thread starts none)."""
-        if self._lock.acquire(blocking=False):
-            try:
-                if self._helper is None:
-                    self._helper = self._spawned()
-            finally:
-                self._lock.release()
+        self._start_one(wait=False)
 
     def store(self, folder: Path, traces: Sequence[Trace], created_at: str) -> list[Outcome]:
         """`store`, by the writer where one runs, else in this thread."""
