@@ -11,9 +11,10 @@ they land "at once". The clock starts before the first rename.
   before it moves the task file to spool/done or spool/failed, so the count of those two
   folders is what is watched; every result file is read once at the end.
 
-Both are watched by a process of its own (`benchmarks.intake_watch`, polling every 5 ms, 20 ms
-once all are admitted), as a user's watcher would be: listing folders of thousands of files
-in the daemon's own process took about a tenth of its CPU time from it.
+Both are watched by a process of its own (`benchmarks.intake_watch`, with inotify), as a
+user's watcher would be: listing folders of thousands of files in the daemon's own process
+took about a tenth of its CPU time from it, and listing them every few ms from another
+process a quarter of a core, while holding the folder's lock the daemon's writes wait for.
 
 Also measured, after the run, with the daemon idle: the same 1,000 token streams asked of the
 same sim replica by the daemon's own engine client (`llama_server.Client.generate` on a kept-
@@ -221,7 +222,10 @@ async def run(bench: report.BenchResult, *, quick: bool) -> None:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
             )
-            await asyncio.sleep(0.5)  # the watcher's interpreter started and waiting
+            assert watcher.stdout is not None
+            ready = await asyncio.wait_for(watcher.stdout.readline(), 30)
+            if ready.strip() != b"watching":  # its watches are set before the drop
+                raise BenchError(f"the watcher process did not start: {ready!r}")
             syncs = _SyncCount(srv.daemon.committer)
             cpu = _CpuBudget(srv)
             t0 = time.monotonic()
