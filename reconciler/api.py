@@ -223,6 +223,58 @@ def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
     return response
 
 
+# the request headers the daemon reads that hold one value: given twice, which one counts
+# would be a guess (a second Authorization or Last-Event-ID was ignored without a word)
+_SINGLE_HEADERS = (
+    "Host",
+    "Authorization",
+    "Content-Type",
+    "Content-Encoding",
+    "Expect",
+    "Last-Event-ID",
+    "Origin",
+    "Sec-Fetch-Site",
+    "X-Correlation-Id",
+    "X-Session-Id",
+)
+# and those it reads, quotes or compares as text (a token that is not UTF-8 is the token
+# check's to refuse: 401)
+_TEXT_HEADERS = (*(h for h in _SINGLE_HEADERS if h != "Authorization"), "If-None-Match")
+
+
+@web.middleware
+async def _headers(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse a header the daemon reads that is given twice, or whose value is not UTF-8
+    text (aiohttp hands such bytes on as lone surrogates: quoted back in an error, they make
+    a body strict JSON parsers refuse; compared, they raised)."""
+    for name in _SINGLE_HEADERS:
+        values = request.headers.getall(name, [])
+        if len(values) > 1:
+            raise ApiError(
+                ErrorCode.INVALID_PARAMS,
+                f"the request has {len(values)} {name} headers; one is taken",
+                hint=f"send {name} once",
+            )
+    for name in _TEXT_HEADERS:
+        value = request.headers.get(name)
+        if value is not None and not _utf8(value):
+            raise ApiError(
+                ErrorCode.INVALID_PARAMS,
+                f"the {name} header is not UTF-8 text",
+                hint=f"send {name} as ASCII (or UTF-8) text",
+            )
+    return await handler(request)
+
+
+def _utf8(text: str) -> bool:
+    """Whether `text` came from UTF-8 bytes (aiohttp decodes others to lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 _WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # query flags that give a read a side effect: another site's page must not set them either
 # (an <img> or EventSource of a stream with ?cancel_on_disconnect=true cancels the task
@@ -413,7 +465,7 @@ async def read_json(request: web.Request) -> Any:
             ErrorCode.UNSUPPORTED_MEDIA_TYPE,
             f"Content-Encoding {parsing.shortened(logs.writable(coding), 40)!r} is not "
             "accepted: the body would be read as something it is not",
-            hint="send the body uncompressed (no Content-Encoding), or as one of gzip, deflate",
+            hint=_CODINGS_HINT,
         )
     try:
         # client_max_size makes aiohttp answer 413 beyond the limit; a body sent a byte at a
@@ -472,6 +524,7 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 BODY_READ_S = 30.0  # the most a request body may take to arrive (1 MiB at most)
 # the codings aiohttp's parser decodes (br and zstd where their libraries are installed;
 # where not, it refuses the request itself); any other would reach the handler undecoded
+_CODINGS_HINT = "send the body uncompressed (no Content-Encoding), or as one of gzip, deflate"
 _DECODED_CODINGS = frozenset({"", "identity", "gzip", "deflate", "br", "zstd"})
 
 
@@ -532,6 +585,12 @@ def _refusal(exc: http_exceptions.HttpProcessingError, status: int) -> tuple[int
             f"a header line is over {limit} bytes",
             "send each header in under 8 KiB (and fewer, smaller headers in all)",
         )
+    if isinstance(exc, http_exceptions.ContentEncodingError):  # br, zstd: no decoder here
+        return (
+            415,
+            "the request's Content-Encoding is not accepted: the body cannot be decoded",
+            _CODINGS_HINT,
+        )
     reason = exc.message.split(":", 1)[0].strip().rstrip(".") or type(exc).__name__
     return (
         status if 400 <= status < 500 else 400,
@@ -582,7 +641,8 @@ class _Handler(web_protocol.RequestHandler):
         if not isinstance(exc, http_exceptions.HttpProcessingError):
             return answer
         code, text, hint = _refusal(exc, status)
-        envelope = errors.envelope(ErrorCode.INVALID_PARAMS, text, hint=hint)
+        kind = ErrorCode.UNSUPPORTED_MEDIA_TYPE if code == 415 else ErrorCode.INVALID_PARAMS
+        envelope = errors.envelope(kind, text, hint=hint)
         shape = self._shape(_refused_target(exc))
         answer = shape(envelope, code, None) if shape else error_response(envelope, status=code)
         return _closing(answer)
@@ -668,7 +728,7 @@ async def _expect(request: web.Request) -> web.StreamResponse | None:
 
 
 # the middlewares every request passes before its body is read
-_GATES = (_correlate, _same_origin, _authenticate)
+_GATES = (_correlate, _headers, _same_origin, _authenticate)
 
 
 async def _refused_at_gates(request: web.Request) -> web.StreamResponse | None:

@@ -115,8 +115,12 @@ def check(auth: Auth, *, remote: str | None, header: str | None) -> Verdict:
     given = given.strip()
     if not given or any(ord(c) < 32 or ord(c) == 127 for c in given):
         return Verdict(None, "BAD_TOKEN", "the bearer token is empty or has control characters")
+    try:
+        given_bytes = given.encode()
+    except UnicodeEncodeError:  # bytes that are not UTF-8 (aiohttp: lone surrogates)
+        return Verdict(None, "BAD_TOKEN", "the bearer token is not UTF-8 text")
     if auth.token is None:
         return Verdict(None, "BAD_TOKEN", "no token is configured on this daemon")
-    if not hmac.compare_digest(given.encode(), auth.token.encode()):
+    if not hmac.compare_digest(given_bytes, auth.token.encode()):
         return Verdict(None, "BAD_TOKEN", "the bearer token does not match")
     return Verdict(f"token:{fingerprint(given)}")

@@ -338,19 +338,17 @@ def _resume_after(request: web.Request) -> int:
         )
     name = "the Last-Event-ID header" if header else "?last_event_id"
     given = header or query or "0"
-    try:
-        if not given.isascii() or len(given) > 40:  # int() takes '١' and long digit strings
-            raise ValueError(given)
-        after = int(given.strip())
-    except ValueError:
+    digits = given.strip()
+    # ASCII digits alone: int() also takes '١', '+3', '1_0' and a sign
+    if digits.startswith("-") and digits[1:].isascii() and digits[1:].isdigit():
+        raise ApiError(ErrorCode.INVALID_PARAMS, f"{name} must be 0 or more", hint=_RESUME_HINT)
+    if not (digits.isascii() and digits.isdigit() and len(digits) <= 20):
         raise ApiError(
             ErrorCode.INVALID_PARAMS,
-            f"{name} {given[:40]!r} is not an event id",
+            f"{name} {logs.writable(given[:40])!r} is not an event id",
             hint=_RESUME_HINT,
-        ) from None
-    if after < 0:
-        raise ApiError(ErrorCode.INVALID_PARAMS, f"{name} must be 0 or more", hint=_RESUME_HINT)
-    return after
+        )
+    return int(digits)
 
 
 async def task_events(request: web.Request) -> web.StreamResponse:

@@ -1,0 +1,112 @@
+"""Request headers the daemon reads, refused with a clear envelope when they are not what
+they must be: bytes that are not UTF-8, one given twice, a resume id that is not digits, a
+Content-Encoding it cannot decode. Sent on a raw socket: HTTP clients refuse to send most of
+these. The daemon answers each and goes on serving."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+
+from tests.conftest import Workspace, config, task, wait_terminal
+
+pytestmark = pytest.mark.slow
+
+TOKEN = "feedfacefeedface1234"
+
+
+async def _raw(base: str, head: bytes, body: bytes = b"") -> tuple[int, dict[str, Any]]:
+    """Send one request (`head`: its request line and headers, without the blank line);
+    its status and JSON body."""
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    length = f"Content-Length: {len(body)}\r\n".encode() if body else b""
+    writer.write(head + b"\r\n" + length + b"\r\n" + body)
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    size = int(answer.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+    rest = await asyncio.wait_for(reader.readexactly(size), 10)
+    writer.close()
+    rest.decode("utf-8")  # strict: no lone surrogate escaped into the answer either
+    return int(answer.split()[1]), json.loads(rest)
+
+
+async def _daemon(workspace: Workspace, serve: Any, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("TEST_ORCH_TOKEN", TOKEN)
+    workspace.write_config(
+        config(
+            server={"bind": "127.0.0.1:0"},
+            auth={"token_env": "TEST_ORCH_TOKEN", "optional_on_loopback": True},
+        )
+    )
+    running = await serve()
+    return str(running.daemon.server.url).rstrip("/")
+
+
+def _get(path: str, *headers: bytes) -> bytes:
+    return b"\r\n".join([f"GET {path} HTTP/1.1".encode(), b"Host: 127.0.0.1", *headers])
+
+
+async def test_header_values_that_are_not_utf8_are_refused_naming_the_header(
+    workspace: Workspace, serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = await _daemon(workspace, serve, monkeypatch)
+    status, body = await _raw(base, _get("/v1/capabilities", b"Authorization: Bearer \xff\xfe1"))
+    assert (status, body["code"]) == (401, "BAD_TOKEN") and "UTF-8" in body["message"]
+    for name in (b"Origin", b"X-Correlation-Id", b"Last-Event-ID", b"If-None-Match"):
+        status, body = await _raw(base, _get("/v1/capabilities", name + b": a\xe9b"))
+        assert (status, body["code"]) == (400, "INVALID_PARAMS"), (name, body)
+        assert name.decode() in body["message"] and "UTF-8" in body["message"]
+    post = b"POST /v1/tasks HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
+    raw_task = json.dumps(task("h1")).encode()
+    status, body = await _raw(base, post + b"\r\nX-Session-Id: s\xff1", raw_task)
+    assert (status, body["code"]) == (400, "INVALID_PARAMS") and "X-Session-Id" in body["message"]
+    status, body = await _raw(base, post, raw_task)  # and the daemon goes on
+    assert status == 202
+    assert (await wait_terminal(workspace, "h1"))["status"] == "succeeded"
+
+
+async def test_a_header_read_once_given_twice_is_refused_not_half_taken(
+    workspace: Workspace, serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = await _daemon(workspace, serve, monkeypatch)
+    good, bad = f"Authorization: Bearer {TOKEN}".encode(), b"Authorization: Bearer wrong0000"
+    for first, second in ((good, bad), (bad, good)):
+        status, body = await _raw(base, _get("/v1/capabilities", first, second))
+        assert (status, body["code"]) == (400, "INVALID_PARAMS"), body
+        assert "2 Authorization headers" in body["message"] and body["hint"]
+    status, body = await _raw(
+        base, _get("/v1/tasks/x/events", b"Last-Event-ID: 1", b"Last-Event-ID: 9")
+    )
+    assert status == 400 and "Last-Event-ID" in body["message"]
+    status, _ = await _raw(base, _get("/v1/capabilities", good))
+    assert status == 200
+
+
+@pytest.mark.parametrize("given", ["1_0", "+3", " -2", "٣", "3.0", "1" * 21])
+async def test_a_resume_id_must_be_plain_digits(
+    workspace: Workspace, serve: Any, monkeypatch: pytest.MonkeyPatch, given: str
+) -> None:
+    base = await _daemon(workspace, serve, monkeypatch)
+    workspace.submit("r1.task.yaml", task("r1", max_tokens=3))
+    await wait_terminal(workspace, "r1")
+    status, body = await _raw(base, _get("/v1/tasks/r1/events", f"Last-Event-ID: {given}".encode()))
+    assert (status, body["code"]) == (400, "INVALID_PARAMS"), body
+    assert "Last-Event-ID" in body["message"]
+
+
+@pytest.mark.parametrize("coding", [b"br", b"zstd", b"compress"])
+async def test_a_content_encoding_the_daemon_cannot_decode_is_415(
+    workspace: Workspace, serve: Any, monkeypatch: pytest.MonkeyPatch, coding: bytes
+) -> None:
+    base = await _daemon(workspace, serve, monkeypatch)
+    head = (
+        b"POST /v1/tasks HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Encoding: " + coding
+    )
+    status, body = await _raw(base, head, json.dumps(task("c1")).encode())
+    assert (status, body["code"]) == (415, "UNSUPPORTED_MEDIA_TYPE"), body
+    assert "gzip" in body["hint"]
