@@ -220,8 +220,9 @@ async def deliver(request: web.Request, task: tasks.TaskFile) -> fanout.Subscrip
     busy = task_id in delivering or backend.live(task_id) or _pending(backend, task_id)
     # an earlier task's event log with no result beside it (removed by hand) holds the id too
     logged = not has_result and backend.results.events_path(task_id).is_file()
-    # a task refused with a retriable error (a 429): the retry it asked for may reuse its id
-    reuse = not busy and existing is not None and results.retriable_rejection(existing)
+    # a task refused at the door (a 400, a 429) or ended with a retriable error: the task
+    # sent again may reuse its id
+    reuse = not busy and existing is not None and results.id_reusable(existing)
     if busy or logged or (has_result and not reuse):
         state = f" ({existing.status})" if existing else " (its event log is there)" * logged
         raise ApiError(

@@ -24,7 +24,7 @@ import yaml
 from reconciler import api_client, cli_common, cli_sse, cli_watch, probing
 from reconciler.cli_common import EXIT_ENV, EXIT_FAILED, EXIT_OK, EXIT_USAGE, Refused
 from state import loading, pending, spool, tasks
-from state.results import retriable_rejection
+from state.results import id_reusable
 
 # -- submit ----------------------------------------------------------------------------------
 
@@ -58,9 +58,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         task_id = tasks.stem(Path(args.file).name)
     known = cli_common.lookup(folder, task_id)
-    # a task refused with a retriable error (a full queue) may be submitted again under its
-    # id: the daemon lets the new one take it over
-    retry = known is not None and known.result is not None and retriable_rejection(known.result)
+    # a task refused at the door, or ended with a retriable error (a drop-lru eviction), may
+    # be submitted again under its id: the daemon lets the new one take it over
+    retry = known is not None and known.result is not None and id_reusable(known.result)
     if known is not None and not retry:
         raise Refused(
             EXIT_FAILED,

@@ -131,12 +131,12 @@ class ResultStore:
         atomic.write_bytes(self.path(result.task_id), encode(result), kind="result")
 
     def take_over(self, task_id: str) -> bool:
-        """Free `task_id` for a new task when its task ended with an error that said to retry
-        (`error.retriable`: a full queue, say), so the retry it asked for can use the same
+        """Free `task_id` for a new task when its task was refused at the door or ended with
+        an error that said to retry (`id_reusable`), so the task sent again can use the same
         id: its event log goes first, then its result (in this thread's group commit, if
         one is open). True when the id was taken over; any other result keeps its id."""
         result = self.read(task_id)
-        if result is None or not retriable_rejection(result):
+        if result is None or not id_reusable(result):
             return False
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.events_path(task_id))  # never in a group: frames are not deferred
@@ -151,15 +151,14 @@ class ResultStore:
         )
 
 
-def retriable_rejection(result: Result) -> bool:
-    """A task that ended with an error saying to retry (refused at the door, evicted by
-    drop-lru, its replica lost mid-task: `error.retriable`): the retry it asked for may reuse
-    its id."""
-    return (
-        result.status in ("rejected", "failed")
-        and result.error is not None
-        and result.error.retriable
-    )
+def id_reusable(result: Result) -> bool:
+    """Whether a new task may take over the id of the task `result` tells of: one refused at
+    the door (`rejected`: it never ran, so nothing of it is lost; the client, told why, sends
+    it again fixed, under the id it chose), or one that ended with an error saying to retry
+    (evicted by drop-lru, its replica lost mid-task: `error.retriable`)."""
+    if result.status == "rejected":
+        return True
+    return result.status == "failed" and result.error is not None and result.error.retriable
 
 
 @functools.lru_cache(maxsize=4096)  # a live task's result is written three times, read more

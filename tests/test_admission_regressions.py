@@ -277,6 +277,53 @@ async def test_a_task_evicted_by_drop_lru_may_be_posted_again_under_its_id(
     assert sum(f.terminal for f in workspace.frames("old")) == 1  # its log started again
 
 
+async def test_a_task_refused_at_the_door_may_be_sent_again_fixed_under_its_id(
+    workspace: Workspace, serve: Any
+) -> None:
+    """A 400 for a bad field (not retriable) tells the client what to fix: the fixed task,
+    sent again under the id the client chose, runs (it was a 409: the refused task, which
+    never ran, kept the id for ever). Through HTTP and through the spool alike."""
+    import aiohttp
+
+    from tests.test_http_api import _url
+
+    base = _url(await serve())
+    async with aiohttp.ClientSession() as session:
+
+        async def post(**fields: Any) -> tuple[int, dict[str, Any]]:
+            async with session.post(f"{base}/v1/tasks", json=task("fix-1", **fields)) as r:
+                return r.status, await r.json()
+
+        status, refused = await post(max_tokens=99_999)
+        assert (status, refused["code"], refused["retriable"]) == (400, "INVALID_PARAMS", False)
+        status, answer = await post(max_tokens=3)
+        assert status == 202, answer
+    fixed = await wait_terminal(workspace, "fix-1")
+    assert fixed["status"] == "succeeded" and fixed["error"] is None, fixed
+    frames = workspace.frames("fix-1")  # its log started again: one task's frames
+    assert [f.id for f in frames] == list(range(1, len(frames) + 1))
+    assert sum(f.terminal for f in frames) == 1
+    workspace.submit("fix-2.task.yaml", task("fix-2", model="no-such-model"))
+    assert (await wait_terminal(workspace, "fix-2"))["status"] == "rejected"
+    workspace.submit("fix-2.task.yaml", task("fix-2", max_tokens=3))
+    await wait_for(
+        lambda: (workspace.result("fix-2") or {}).get("status") == "succeeded", 10, "fix-2 ran"
+    )
+    # a task that ran keeps its id
+    status, answer = await _post_again(base, "fix-1")
+    assert (status, answer["code"]) == (409, "DUPLICATE_TASK_ID"), answer
+
+
+async def _post_again(base: str, task_id: str) -> tuple[int, dict[str, Any]]:
+    import aiohttp
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{base}/v1/tasks", json=task(task_id, max_tokens=3)) as r,
+    ):
+        return r.status, await r.json()
+
+
 async def test_a_capacity_lowered_below_the_queue_says_so_and_advises_a_later_retry(
     workspace: Workspace, serve: Any
 ) -> None:
