@@ -7,6 +7,7 @@ resolved relative to the file's own folder, so a config works from any working d
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -19,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from state import ids, loading, parsing
+from state import ids, loading, parsing, spool
 from state.parsing import Hinted
 
 Id = Annotated[str, Field(pattern=ids.ID_PATTERN), AfterValidator(ids.check_safe_id)]
@@ -288,9 +289,61 @@ def load_desired(
                         "(`orchctl plugins`)",
                     )
                 )
+    if result.value is not None:
+        base = path.parent.resolve()  # orch.yaml's own folder, as the daemon resolves from
+        for name, message, hint in path_problems(base, result.value.paths):
+            line, col = loading.locate(node, ("paths", name))
+            errors.append(loading.LoadError(str(path), line, col, f"paths.{name}", message, hint))
     if errors:
         return loading.Loaded(None, errors, result.data, node)
     return result
+
+
+def path_problems(base: Path, paths: PathsConfig) -> list[tuple[str, str, str]]:
+    """(field, message, hint) for each folder of `paths` that is another one's, or lies in
+    a folder whose files the daemon reads name by name (results/, the spool's folders): its
+    files would be taken for results or task files (a results folder in spool/incoming had
+    the daemon quarantine its own results, each refusal a new result to quarantine), or
+    another's file for its own (a result named like a state file, overwritten by it)."""
+    where = {
+        name: Path(os.path.realpath(resolve(base, getattr(paths, name))))
+        for name in PathsConfig.model_fields
+    }
+    read_by_name = {"results": where["results"]} | {
+        f"spool/{sub}": where["spool"] / sub for sub in spool.FOLDERS
+    }
+    problems: list[tuple[str, str, str]] = []
+    defaults = {name: field.default for name, field in PathsConfig.model_fields.items()}
+    for name, folder in where.items():
+        example = f"for example `{name}: {defaults[name]}`"
+        same = [other for other in where if other != name and where[other] == folder]
+        if same:
+            # one of them keeps it (the first at its default, else the first), every other
+            # one is told: the paths the user moved, as a rule
+            group = [n for n in where if n == name or n in same]  # in the fields' order
+            kept = next((n for n in group if getattr(paths, n) == defaults[n]), group[0])
+            if name != kept:
+                problems.append(
+                    (
+                        name,
+                        f"{folder} is the folder of paths.{kept} too",
+                        f"give paths.{name} a folder of its own, {example}",
+                    )
+                )
+            continue
+        for what, scanned in read_by_name.items():
+            if what != name and folder.is_relative_to(scanned):
+                problems.append(
+                    (
+                        name,
+                        f"{folder} {'is' if folder == scanned else 'lies in'} the "
+                        f"{what} folder, whose files the daemon reads as "
+                        f"{'results' if what == 'results' else 'task files'}",
+                        f"move it out of {what}, {example}",
+                    )
+                )
+                break
+    return problems
 
 
 def _locate_cross_field(error: loading.LoadError, node: Any) -> loading.LoadError:

@@ -41,6 +41,10 @@ HIDDEN_GRACE_S = 60.0
 MAX_NAME_BYTES = 200
 
 
+# the spool's folders, each read by the daemon (or its users) name by name
+FOLDERS = ("tmp", "incoming", "active", "done", "failed", "cancel")
+
+
 @dataclass(frozen=True)
 class Spool:
     root: Path
@@ -70,8 +74,8 @@ class Spool:
         return self.root / "cancel"
 
     def ensure(self) -> Spool:
-        for folder in (self.tmp, self.incoming, self.active, self.done, self.failed, self.cancel):
-            folder.mkdir(parents=True, exist_ok=True)
+        for name in FOLDERS:
+            (self.root / name).mkdir(parents=True, exist_ok=True)
         return self
 
 

@@ -329,3 +329,44 @@ def test_a_model_file_that_is_not_a_usable_gguf_is_a_warning_for_its_llamacpp_po
     assert len(problems) == 1 and "cut.gguf is not a usable GGUF" in problems[0], ran.out
     assert "warning: models.cut.ref" in problems[0] and "pool b cannot start" in problems[0]
     assert "fetch the file again" in problems[0]
+
+
+@pytest.mark.parametrize(
+    ("paths", "field", "said"),
+    [
+        # the probe that found it: the daemon quarantined its own results, without end
+        ("{results: spool/incoming}", "paths.results", "is the spool/incoming folder"),
+        ("{results: spool/active/r}", "paths.results", "lies in the spool/active folder"),
+        ("{state: results/.orch}", "paths.state", "lies in the results folder"),
+        ("{spool: results/spool}", "paths.spool", "lies in the results folder"),
+        # a result named like a state file (drains.json) was overwritten by it
+        ("{results: .orch}", "paths.results", "is the folder of paths.state too"),
+        ("{results: x, state: x}", "paths.state", "is the folder of paths.results too"),
+        ("{artifacts: results}", "paths.artifacts", "is the folder of paths.results too"),
+        ("{results: ./other/../.orch}", "paths.results", "is the folder of paths.state too"),
+    ],
+)
+def test_folders_that_overlap_are_refused_naming_the_path_to_move(
+    config: Path, paths: str, field: str, said: str
+) -> None:
+    config.write_text(CONFIG + f"paths: {paths}\n")
+    ran = orchctl("validate", config)
+    assert ran.code == 2, ran.out
+    problem = next(line for line in ran.out_lines if f": {field}: " in line)
+    assert problem.startswith(f"{config}:{len(CONFIG.splitlines()) + 1}:")
+    assert said in problem and "(hint: " in problem, problem
+
+
+def test_folders_side_by_side_or_in_the_state_folder_are_fine(config: Path) -> None:
+    for paths in ("{spool: ., results: results}", "{results: .orch/results}", "{state: ./s}"):
+        config.write_text(CONFIG + f"paths: {paths}\n")
+        ran = orchctl("validate", config)
+        assert (ran.code, ran.out_lines) == (0, [f"{config}: ok"]), (paths, ran.out)
+
+
+def test_a_link_to_another_paths_folder_is_the_same_folder(config: Path) -> None:
+    (config.parent / "results").mkdir()
+    (config.parent / "also").symlink_to(config.parent / "results")
+    config.write_text(CONFIG + "paths: {state: also}\n")
+    ran = orchctl("validate", config)
+    assert ran.code == 2 and "is the folder of paths.results too" in ran.out, ran.out
