@@ -12,6 +12,7 @@ model, locating at most `parsing.MAX_PROBLEMS` schema errors with a nearest-key 
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import os
 import re
@@ -253,12 +254,28 @@ def validation_errors(
                 hint = f"valid keys here: {', '.join(sorted(allowed))}"
         elif err["type"] == "missing":
             hint = f"add {loc[-1]!r}" if loc else hint
-        elif _quoted_scalar(err):  # `version: "1"`: the quotes made it text
+        elif _quoted_scalar(err):
             kind = "true/false" if err["input"].strip().lower() in ("true", "false") else "number"
-            message = (
-                f"{message} (got the text {parsing.short(err['input'])}: quoted, so not a {kind})"
-            )
-            hint = "write it without the quotes"
+            scalar = node_at(node, loc)
+            if isinstance(scalar, yaml.ScalarNode) and not scalar.style:  # plain: None or ""
+                # not quoted: a form YAML 1.1 reads as text (`1e3`: its floats need a dot)
+                message = (
+                    f"{message} (got {parsing.short(err['input'])}, which YAML reads as text, "
+                    f"not a {kind})"
+                )
+                hint = "write a plain whole number (1000) or a decimal one (1.0e3)"
+            else:  # `version: "1"`: the quotes made it text
+                message = (
+                    f"{message} (got the text {parsing.short(err['input'])}: quoted, so not a "
+                    f"{kind})"
+                )
+                hint = "write it without the quotes"
+        elif isinstance(err.get("input"), datetime.date):  # YAML reads 2024-01-01 as a date
+            scalar = node_at(node, loc)  # as written: a datetime's isoformat adds a T
+            written = scalar.value if isinstance(scalar, yaml.ScalarNode) else None
+            given = parsing.shortened(str(written or err["input"].isoformat()), 40)
+            message = f"{message} (got {given}, which YAML reads as a date)"
+            hint = f'quote it to keep it as text: "{given}"'
         elif "input" in err and err["type"] not in ("model_type", "dict_type", "value_error"):
             message = f"{message} (got {parsing.short(err['input'])})"
         # a validator's message may quote the user's value whole (a 100,000-character id)
@@ -390,17 +407,31 @@ def locate(
     """Line and column (1-based) of the value at `loc`; of its key when `key` is true."""
     if node is None:
         return None, None
+    best, _ = _nearest(node, loc, key=key)
+    return best.start_mark.line + 1, best.start_mark.column + 1
+
+
+def node_at(node: yaml.Node | None, loc: tuple[Any, ...]) -> yaml.Node | None:
+    """The node of the value at `loc`, None where there is none (JSON, or no such value)."""
+    if node is None:
+        return None
+    best, found = _nearest(node, loc, key=False)
+    return best if found else None
+
+
+def _nearest(node: yaml.Node, loc: tuple[Any, ...], *, key: bool) -> tuple[yaml.Node, bool]:
+    """The node at `loc` (its key's, with `key`), or the deepest one on the way there; and
+    whether it is the one at `loc`."""
     best: yaml.Node = node
     key_node: yaml.Node | None = None
     for part in loc:
         child, key_node = _child(best, part)
         if child is None:
-            break
+            return best, False
         best = child
-    else:
-        if key and key_node is not None:
-            best = key_node
-    return best.start_mark.line + 1, best.start_mark.column + 1
+    if key and key_node is not None:
+        best = key_node
+    return best, True
 
 
 def _child(node: yaml.Node, part: Any) -> tuple[yaml.Node | None, yaml.Node | None]:

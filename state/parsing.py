@@ -393,8 +393,10 @@ def _check_tree(root: yaml.Node, shown: str, *, json_text: bool = False) -> list
         if isinstance(node, yaml.ScalarNode):
             if _long_number(node):
                 problems.append(_at(shown, node.start_mark, *_too_long(len(node.value)), field))
-            elif json_text and node.style is None and _not_finite(node.value):
+            elif json_text and not node.style and _not_finite(node.value):
                 problems.append(_at(shown, node.start_mark, *_not_a_number(node.value), field))
+            elif not json_text and (converted := _converted_number(keys, node)) is not None:
+                problems.append(_at(shown, node.start_mark, *converted, field))
         elif isinstance(node, yaml.SequenceNode):
             stack.extend((child, (*loc, i)) for i, child in enumerate(node.value))
         elif isinstance(node, yaml.MappingNode):
@@ -420,6 +422,43 @@ def _check_tree(root: yaml.Node, shown: str, *, json_text: bool = False) -> list
                 stack.append((key, loc))
     problems.sort(key=lambda p: (p.line or 0, p.column or 0))
     return capped(problems, shown)
+
+
+# the numbers YAML writes as they read: other forms it takes (YAML 1.1's) are converted
+_PLAIN_INT = re.compile(r"[-+]?(0|[1-9][0-9]*)")
+_CONVERTING_FLOAT = re.compile(r"[^:_]*[:_].*")  # 1_000.5, 1:30.0 (base 60)
+
+
+def _converted_number(
+    constructor: yaml.constructor.SafeConstructor, node: yaml.ScalarNode
+) -> tuple[str, str] | None:
+    """(message, hint) for a plain number whose value is not what it reads as to a person
+    or to YAML 1.2: `010` is 8 (octal), `1:00` is 60 (base 60), `0x10` is 16, `1_000` is
+    1000; None for any other scalar. Files promise values taken as written."""
+    if node.style or len(node.value) > MAX_NUMBER_CHARS:  # quoted (plain: None, or "")
+        return None
+    word = node.value
+    if node.tag == _INT and not _PLAIN_INT.fullmatch(word):
+        value: Any = constructor.construct_yaml_int(node)
+    elif node.tag == _FLOAT and _CONVERTING_FLOAT.fullmatch(word):
+        value = constructor.construct_yaml_float(node)
+    else:
+        return None
+    digits = word.lstrip("+-")
+    if ":" in word:
+        form, hint = "a base-60 number (YAML 1.1)", f"write {value!r}, or quote it as text"
+    elif digits[:2].lower() in ("0x", "0b"):
+        form = "a hexadecimal number" if digits[1] in "xX" else "a binary number"
+        hint = f"write {value!r}"
+    elif "_" in word:
+        form, hint = "a number with _ separators", f"write {value!r}, without separators"
+    else:
+        decimal = word[: len(word) - len(digits)] + (digits.lstrip("0") or "0")
+        if int(decimal) == value:  # 00, -0: the same number either way
+            return None
+        form = "an octal number (YAML 1.1: a leading zero)"
+        hint = f"write {decimal}, without the leading zero (or {value!r}, if octal was meant)"
+    return f"{shortened(word, 30)} is read as {form}, {value!r}, not as written", hint
 
 
 def _not_finite(word: str) -> bool:

@@ -370,3 +370,55 @@ def test_a_link_to_another_paths_folder_is_the_same_folder(config: Path) -> None
     config.write_text(CONFIG + "paths: {state: also}\n")
     ran = orchctl("validate", config)
     assert ran.code == 2 and "is the folder of paths.results too" in ran.out, ran.out
+
+
+@pytest.mark.parametrize(
+    ("written", "said", "hint"),
+    [
+        ("010", "010 is read as an octal number (YAML 1.1: a leading zero), 8", "write 10"),
+        ("1:00", "1:00 is read as a base-60 number (YAML 1.1), 60", "write 60"),
+        ("0x10", "0x10 is read as a hexadecimal number, 16", "write 16"),
+        ("0b11", "0b11 is read as a binary number, 3", "write 3"),
+        ("1_000", "1_000 is read as a number with _ separators, 1000", "write 1000"),
+    ],
+)
+def test_numbers_yaml_would_convert_are_refused_not_taken_as_another_number(
+    config: Path, written: str, said: str, hint: str
+) -> None:
+    """Values are taken as written: a zero-padded seed was silently another seed."""
+    t = task_file(config.parent, f"model: m1\nprompt: hi\nmax_tokens: 5\nseed: {written}\n")
+    ran = orchctl("validate", "--config", config, t)
+    assert ran.code == 2
+    assert ran.out_lines[1].startswith(f"{t}:4:7: seed: {said}, not as written (hint: {hint}")
+    config.write_text(
+        CONFIG.replace("observer: simulated", f"observer: simulated, poll_s: {written}")
+    )
+    ran = orchctl("validate", config)
+    assert ran.code == 2 and f"gpus.poll_s: {said}" in ran.out, ran.out
+
+
+def test_plain_numbers_and_quoted_text_are_as_before(config: Path) -> None:
+    for seed in ("0", "10", "-3", "00", "1.5e3"):
+        t = task_file(config.parent, f"model: m1\nprompt: hi\nmax_tokens: 5\nseed: {seed}\n")
+        ran = orchctl("validate", "--config", config, t)
+        assert "not as written" not in ran.out, (seed, ran.out)
+    t = task_file(config.parent, "model: m1\nprompt: hi\nmax_tokens: '010'\n")
+    ran = orchctl("validate", "--config", config, t)
+    assert "(got the text '010': quoted, so not a number) (hint: write it without" in ran.out
+
+
+def test_an_unquoted_value_yaml_reads_as_text_or_a_date_is_said_so_not_called_quoted(
+    config: Path,
+) -> None:
+    t = task_file(config.parent, "model: m1\nprompt: hi\nmax_tokens: 1e3\n")
+    ran = orchctl("validate", "--config", config, t)
+    assert ran.out_lines[1] == (
+        f"{t}:3:13: max_tokens: should be a valid integer (got '1e3', which YAML reads as "
+        "text, not a number) (hint: write a plain whole number (1000) or a decimal one (1.0e3))"
+    )
+    t = task_file(config.parent, "task_id: 2024-01-01\nmodel: m1\nprompt: hi\nmax_tokens: 5\n")
+    ran = orchctl("validate", "--config", config, t)
+    assert ran.out_lines[1] == (
+        f"{t}:1:10: task_id: should be a valid string (got 2024-01-01, which YAML reads as a "
+        'date) (hint: quote it to keep it as text: "2024-01-01")'
+    )

@@ -242,8 +242,9 @@ def test_a_repeated_key_in_json_names_both_lines(tmp_path: Path) -> None:
 
 def test_keys_that_become_one_dict_key_are_repeated_keys(tmp_path: Path) -> None:
     text = "model: m\nprompt: hi\nmax_tokens: 4\nlabels:\n  1: a\n  0x1: b\n"
-    [err] = _task(tmp_path, text).errors
-    assert (err.line, err.field) == (6, "labels.0x1") and "of line 5" in err.message
+    repeated, converted = _task(tmp_path, text).errors  # (0x1 is 1: hexadecimal, too)
+    assert (repeated.line, repeated.field) == (6, "labels.0x1") and "of line 5" in repeated.message
+    assert converted.line == 6 and "0x1 is read as a hexadecimal number, 1" in converted.message
 
 
 def test_a_merge_key_is_refused(tmp_path: Path) -> None:
