@@ -29,6 +29,7 @@ from state import errors, events, ids, loading, parsing, results, spool, tasks
 from state.errors import ErrorCode
 
 STOPPING_RETRY_MS = 5000  # a restart takes a few seconds
+SPOOL_RETRY_MS = 30_000  # a full disk is not freed in a moment
 
 log = logs.get("http")
 
@@ -242,6 +243,21 @@ async def deliver(request: web.Request, task: tasks.TaskFile) -> fanout.Subscrip
             spool.deliver, backend.spool, raw, name=f"{task_id}.task.json"
         )
         request[DELIVERED] = path.name
+    except OSError as exc:  # a full disk, say: nothing was delivered
+        backend.hub.unsubscribe(sub)
+        logs.emit(
+            log,
+            "http.delivery_failed",
+            f"Could not deliver task {task_id} into {backend.spool.root}: {exc.strerror or exc}.",
+            level=40,
+            task_id=task_id,
+            correlation_id=request[api.CORRELATION],
+        )
+        raise ApiError(
+            ErrorCode.SPOOL_UNWRITABLE,
+            f"the task could not be written into the spool: {exc.strerror or exc}",
+            retry_after_ms=SPOOL_RETRY_MS,
+        ) from None
     except BaseException:
         backend.hub.unsubscribe(sub)
         raise

@@ -72,6 +72,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
         target = spool.deliver(folder.spool, data, name=f"{task_id}{suffix}")
     except ValueError as exc:  # a name the spool would refuse (too long, hidden, …)
         raise Refused(EXIT_USAGE, str(exc), hint="set task_id: in the file") from None
+    except OSError as exc:  # a full disk, a read-only one: nothing was delivered
+        raise Refused(
+            EXIT_ENV,
+            f"cannot deliver {cli_common.printable(args.file)} into "
+            f"{folder.shown(folder.spool.incoming)}: {exc.strerror or exc}",
+            hint="make room on (or fix) the spool's disk, then submit again",
+        ) from None
     result_path = folder.results.path(task_id)
     if not args.json:
         print(f"submitted {task_id} → {folder.shown(target)}")

@@ -357,8 +357,18 @@ class Dispatcher:
     def _reaped(self, task_id: ids.TaskId, job: asyncio.Task[None]) -> None:
         """The safety net when a task's coroutine ends: free the slot of a task that ended
         without a terminal write, and finish it unless the daemon is shutting down."""
-        if not job.cancelled() and job.exception() is not None:
-            log.error("task coroutine of %s failed", task_id, exc_info=job.exception())
+        failure = None if job.cancelled() else job.exception()
+        if isinstance(failure, OSError):  # the disk refused a write (full, gone): said plainly
+            logs.emit(
+                log,
+                "task.write_failed",
+                f"Task {task_id} stopped: a write of its files failed: "
+                f"{failure.strerror or failure} ({failure.filename or 'no file named'}).",
+                level=40,
+                task_id=task_id,
+            )
+        elif failure is not None:
+            log.error("task coroutine of %s failed", task_id, exc_info=failure)
         running = self.running.get(task_id)
         if running is None or running.job is not job:
             return  # finished normally

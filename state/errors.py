@@ -41,6 +41,7 @@ class ErrorCode(StrEnum):
     UNSUPPORTED_MEDIA_TYPE = "UNSUPPORTED_MEDIA_TYPE"
     FORBIDDEN_ORIGIN = "FORBIDDEN_ORIGIN"
     DAEMON_STOPPING = "DAEMON_STOPPING"
+    SPOOL_UNWRITABLE = "SPOOL_UNWRITABLE"
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,12 @@ CODES: dict[ErrorCode, CodeInfo] = {
         True,
         "The daemon is stopping (its running tasks finish first); submit again once it is "
         "back (`orchctl serve`), or drop the task file into spool/incoming/ meanwhile.",
+    ),
+    ErrorCode.SPOOL_UNWRITABLE: CodeInfo(
+        503,
+        True,
+        "The disk refused the task file (full, read-only, no permission): nothing was "
+        "delivered; make room on the spool's disk, then submit again.",
     ),
 }
 

@@ -105,16 +105,21 @@ def deliver(spool: Spool, data: bytes, *, name: str) -> Path:
     part = spool.tmp / (unique_name() + ".part")
     atomic_file = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        os.write(atomic_file, data)
-        os.fsync(atomic_file)
-    finally:
-        os.close(atomic_file)
-    target = spool.incoming / name
-    try:
-        os.link(part, target)  # link, unlike rename, fails instead of replacing a namesake
-    except FileExistsError:
-        target = spool.incoming / f"{time.time_ns()}-{name}"
-        os.link(part, target)
+        try:
+            atomic.write_all(atomic_file, data)
+            os.fsync(atomic_file)
+        finally:
+            os.close(atomic_file)
+        target = spool.incoming / name
+        try:
+            os.link(part, target)  # link, unlike rename, fails instead of replacing a namesake
+        except FileExistsError:
+            target = spool.incoming / f"{time.time_ns()}-{name}"
+            os.link(part, target)
+    except BaseException:  # a full disk, say: nothing delivered, and no part file left
+        with contextlib.suppress(OSError):
+            os.unlink(part)
+        raise
     os.unlink(part)
     atomic.fsync_dir(spool.incoming)
     return target

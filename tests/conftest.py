@@ -277,3 +277,16 @@ def assert_helper_dies_with_daemon(start: str) -> None:
             assert not liveness.running(pid)
         finally:
             os.kill(holder, signal.SIGKILL)
+
+
+def full_disk_under(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fsync of a file under `folder` fails, in this process, as on a full disk (the data
+    did not fit); every other fsync is real."""
+    real = os.fsync
+
+    def fsync(fd: Any) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(str(folder)):
+            raise OSError(28, "No space left on device")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)

@@ -23,7 +23,7 @@ import yaml
 from reconciler import clocks
 from state import events, results
 from state.errors import ErrorCode, envelope
-from tests.conftest import Workspace, task
+from tests.conftest import Workspace, full_disk_under, task
 from tests.orchctl_support import (
     ORCHCTL,
     assert_clean,
@@ -242,6 +242,20 @@ def test_submit_without_a_daemon_delivers_and_says_so_at_once(workspace: Workspa
         f"`orchctl serve --config {cfg(workspace)}` starts"
     ]
     assert incoming(workspace) == ["t1.task.yaml"]
+
+
+def test_submit_on_a_full_disk_says_so_and_leaves_no_part_file(
+    workspace: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_task(workspace, "t1.task.yaml")
+    full_disk_under(workspace.root / "spool" / "tmp", monkeypatch)
+    ran = orchctl("submit", path, "--config", cfg(workspace))
+    assert ran.code == 3
+    assert ran.err_lines == [
+        f"orchctl: cannot deliver '{path}' into spool/incoming: No space left on device",
+        "hint: make room on (or fix) the spool's disk, then submit again",
+    ]
+    assert incoming(workspace) == [] and list((workspace.root / "spool" / "tmp").iterdir()) == []
 
 
 @pytest.mark.parametrize("daemon", ["no status", "stopped", "killed", "zombie", "reused pid"])

@@ -16,7 +16,7 @@ import pytest
 
 from reconciler import api_auth, logs
 from state import desired, errors
-from tests.conftest import Workspace, config, task, wait_for, wait_terminal
+from tests.conftest import Workspace, config, full_disk_under, task, wait_for, wait_terminal
 
 pytestmark = pytest.mark.slow
 
@@ -1339,3 +1339,22 @@ async def test_a_cancel_request_dropped_is_always_said_in_the_log(
     dropped = [r["human"] for r in lines if r["event"] == "task.cancel_dropped"]
     assert any("spool/cancel/with space: its name is not a task id" in h for h in dropped), dropped
     assert any("done1: it already ended (succeeded)" in h for h in dropped), dropped
+
+
+async def test_a_post_the_disk_cannot_take_is_a_retriable_503_and_nothing_is_delivered(
+    workspace: Workspace, serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk under spool/tmp was a 500 INTERNAL ("a bug") with a part file left."""
+    base = _url(await serve())
+    tmp = workspace.root / "spool" / "tmp"
+    full_disk_under(tmp, monkeypatch)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{base}/v1/tasks", json=task("full1")) as r:
+            body = await r.json()
+            assert (r.status, body["code"], body["retriable"]) == (503, "SPOOL_UNWRITABLE", True)
+            assert "No space left on device" in body["message"] and r.headers["Retry-After"]
+        assert list(tmp.iterdir()) == [] and workspace.result("full1") is None
+        monkeypatch.undo()  # room again: the same task is taken
+        async with session.post(f"{base}/v1/tasks", json=task("full1")) as r:
+            assert r.status == 202, await r.json()
+    assert (await wait_terminal(workspace, "full1"))["status"] == "succeeded"
