@@ -18,9 +18,9 @@ from typing import Any
 import yaml
 
 from plugins import gpu_simulated, registry
-from reconciler import admission, cli_common, preflight
+from reconciler import admission, api_auth, cli_common, preflight
 from reconciler.cli_common import EXIT_OK, EXIT_USAGE, Refused
-from state import desired, loading, parsing, tasks
+from state import desired, errors, loading, parsing, tasks
 from state.errors import ErrorEnvelope
 
 Finding = preflight.Finding
@@ -124,6 +124,7 @@ def check_config(path: Path, reg: registry.Registry) -> list[Finding]:
     found = preflight.check(path, loaded.data, node, reg)
     if loaded.value is not None:
         found += preflight.fits(path, loaded.value, node, reg)
+        found += _listening(path, loaded.value, node)
     mine = [f.error.field for f in found if not f.warning and f.error.field]
     schema = [
         Finding(e)
@@ -131,6 +132,31 @@ def check_config(path: Path, reg: registry.Registry) -> list[Finding]:
         if not (e.field and any(m == e.field or m.startswith(e.field + "[") for m in mine))
     ]
     return sorted([*schema, *found], key=lambda f: (f.error.line or 0, f.error.column or 0))
+
+
+def _listening(path: Path, state: desired.DesiredState, node: yaml.Node | None) -> list[Finding]:
+    """What `serve` refuses, or warns of, as it starts to listen (`api_auth.load`, with this
+    shell's environment): a network bind without a token, a token file it cannot read or
+    that others may, a token HTTP clients cannot send."""
+    host = state.server.bind.rpartition(":")[0].strip("[]")
+    try:
+        auth = api_auth.load(state, path.resolve().parent, bind_host=host)
+    except errors.ConfigProblem as exc:
+        return [_at(path, node, _auth_field(str(exc)), str(exc))]
+    return [_at(path, node, ("auth", "token_file"), w, warning=True) for w in auth.warnings]
+
+
+def _auth_field(message: str) -> tuple[str, ...]:
+    if message.startswith("auth.token_file"):
+        return ("auth", "token_file")
+    return ("server", "bind") if message.startswith("server.bind") else ("auth",)
+
+
+def _at(
+    path: Path, node: yaml.Node | None, loc: tuple[str, ...], message: str, *, warning: bool = False
+) -> Finding:
+    line, column = loading.locate(node, loc)
+    return Finding(loading.LoadError(str(path), line, column, None, message, None), warning)
 
 
 def check_task(path: Path, config: Config | None) -> list[Finding]:

@@ -422,3 +422,19 @@ def test_an_unquoted_value_yaml_reads_as_text_or_a_date_is_said_so_not_called_qu
         f"{t}:1:10: task_id: should be a valid string (got 2024-01-01, which YAML reads as a "
         'date) (hint: quote it to keep it as text: "2024-01-01")'
     )
+
+
+def test_a_network_bind_without_a_token_fails_validate_as_it_fails_serve(
+    config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("AUTH_TOKEN", raising=False)
+    config.write_text(CONFIG + 'server: {bind: "0.0.0.0:8080"}\n')
+    ran = orchctl("validate", config)
+    assert ran.code == 2
+    assert ran.out_lines == [
+        f"{config}:{len(CONFIG.splitlines()) + 1}:16: server.bind 0.0.0.0 is reachable from "
+        "the network, but no API token is set: export AUTH_TOKEN=$(openssl rand -hex 24) (or "
+        "set auth.token_file), or bind 127.0.0.1 and use an SSH tunnel (docs/security.md)"
+    ]
+    monkeypatch.setenv("AUTH_TOKEN", "0123456789abcdef0123")
+    assert orchctl("validate", config).out_lines == [f"{config}: ok"]
