@@ -383,7 +383,15 @@ def _config(p: argparse.ArgumentParser, help_text: str | None = None) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from reconciler import daemon
 
-    logs.setup(fmt=args.log_format, level=args.log_level, log_file=args.log_file)
+    try:  # (a log file's folder is never made: a typo would make folders anywhere)
+        logs.setup(fmt=args.log_format, level=args.log_level, log_file=args.log_file)
+    except OSError as exc:
+        raise Refused(
+            EXIT_USAGE,
+            f"--log-file {cli_common.printable(str(args.log_file))}: it cannot be opened: "
+            f"{exc.strerror or exc}",
+            hint="name a file in a folder that exists and that you may write to",
+        ) from None
     loaded = desired.load_desired(args.config)
     # an edit broken while the daemon was down must not keep it down: the daemon serves the
     # last applied config, loudly (it logs each error itself), until the file is fixed

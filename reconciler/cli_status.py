@@ -29,7 +29,12 @@ def cmd_status(args: argparse.Namespace) -> int:
                 f"no status at {shown}: no daemon has served this folder yet",
                 hint=f"start one with: {folder.serve_command()}",
             )
-        raise Refused(EXIT_FAILED, f"{shown} {seen.problem}")
+        raise Refused(
+            EXIT_FAILED,
+            f"{shown} {seen.problem}",
+            hint="the daemon writes it afresh as it serves; a running one rewrites it within "
+            f"seconds, else start it: {folder.serve_command()}",
+        )
     if args.json:
         if not seen.serving:
             cli_common.warn(

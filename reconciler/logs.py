@@ -126,7 +126,6 @@ def setup(
     # ("queue_events() called when the thread is inactive"); keep real trouble only
     logging.getLogger("watchdog").setLevel(logging.CRITICAL)
     if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
         file_handler = logging.FileHandler(log_file, encoding="utf-8")
         file_handler.setFormatter(JsonLinesFormatter())
         root.addHandler(file_handler)

@@ -56,7 +56,7 @@ def probe(state_dir: Path) -> Seen:
     try:
         status = statusfile.StatusFile.model_validate_json(raw)
     except pydantic.ValidationError:
-        return Seen(path, None, "not a status file this orchctl can read", written_at, False)
+        return Seen(path, None, "is not a status file this orchctl can read", written_at, False)
     alive = process_is(status.daemon.pid, status.daemon.started_at)
     return Seen(path, status, None, written_at, alive)
 

@@ -207,5 +207,6 @@ def implied_id_problem(shown: str, file_name: str) -> LoadError | None:
             if len(name_stem) > 128 and ids.is_safe_id(name_stem[:128])
             else "(letters, digits, '.', '_' and '-' only)"
         ),
-        f"rename the file to {suggestion}.task.yaml, or add `task_id: {suggestion}`",
+        f"rename the file to {suggestion}{file_name[len(name_stem) :]}, or add "
+        f"`task_id: {suggestion}`",
     )

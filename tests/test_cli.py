@@ -248,3 +248,19 @@ def test_a_daemon_that_cannot_listen_says_why_in_its_json_log_and_never_said_it_
     assert events[-1] == "daemon.failed" and "daemon.started" not in events, events
     assert records[-1]["level"] == "error" and "cannot listen" in records[-1]["human"]
     assert "daemon.failed" in log_file.read_text()
+
+
+def test_a_log_file_in_a_folder_that_does_not_exist_is_refused_not_made(
+    workspace: Workspace,
+) -> None:
+    from tests.orchctl_support import orchctl
+
+    missing = workspace.root / "no-such-folder" / "daemon.jsonl"
+    ran = orchctl("serve", "--config", workspace.config_path, "--log-file", missing)
+    assert ran.code == 2
+    said, hint = ran.err_lines
+    assert said.startswith("orchctl: --log-file '/") and said.endswith(
+        "': it cannot be opened: No such file or directory"
+    )
+    assert hint == "hint: name a file in a folder that exists and that you may write to"
+    assert not missing.parent.exists()

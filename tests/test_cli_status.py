@@ -67,6 +67,18 @@ def test_status_json_of_a_dead_daemon_is_the_file_with_a_warning(workspace: Work
     assert err[0].startswith(f"orchctl: warning: daemon pid {pid} is NOT RUNNING")
 
 
+def test_a_damaged_status_file_is_said_so_with_what_rewrites_it(workspace: Workspace) -> None:
+    (workspace.root / ".orch").mkdir(exist_ok=True)
+    (workspace.root / ".orch" / "status.json").write_text('{"daemon": ')
+    code, _, err = status_of(workspace)
+    assert code == 1
+    assert err == [
+        "orchctl: .orch/status.json is not a status file this orchctl can read",
+        "hint: the daemon writes it afresh as it serves; a running one rewrites it within "
+        f"seconds, else start it: orchctl serve --config {workspace.config_path}",
+    ]
+
+
 def test_status_without_a_status_file_says_how_to_start_a_daemon(workspace: Workspace) -> None:
     code, _, err = status_of(workspace)
     assert code == 1

@@ -438,3 +438,12 @@ def test_a_network_bind_without_a_token_fails_validate_as_it_fails_serve(
     ]
     monkeypatch.setenv("AUTH_TOKEN", "0123456789abcdef0123")
     assert orchctl("validate", config).out_lines == [f"{config}: ok"]
+
+
+def test_the_rename_hint_keeps_the_files_own_suffix(config: Path) -> None:
+    t = task_file(
+        config.parent, '{"model": "m1", "prompt": "hi", "max_tokens": 5}', "sp ace.task.json"
+    )
+    ran = orchctl("validate", "--config", config, t)
+    assert ran.code == 2
+    assert "(hint: rename the file to sp-ace.task.json, or add `task_id: sp-ace`)" in ran.out
