@@ -143,21 +143,32 @@ def quarantine(
     task_id: str | None = None,
     revision: str | None = None,
 ) -> None:
-    first = problems[0]
-    # the envelope carries the first problem's hint: its message does not repeat it
-    shown = [dataclasses.replace(first, hint=None), *problems[1:10]]
-    message = "; ".join(str(p) for p in shown)
-    env = errors.envelope(code, message, hint=first.hint or None)
-    record = {
-        **env.model_dump(mode="json"),
-        "path": first.path,
-        "line": first.line,
-        "column": first.column,
-        "field": first.field,
-        "problems": [p.as_dict() for p in problems],
-        "task_id": task_id,
-        "original_name": spool.shown(path.name),
-    }
+    claimed_as = f"spool/active/{spool.shown(path.name)}"
+    said: dict[str, errors.ErrorEnvelope] = {}
+
+    def record(target: Path) -> dict[str, Any]:
+        # the problems name the file where it will be (failed/, maybe renamed), not where it
+        # was read: a reader of the record or the result goes there
+        where = f"spool/failed/{target.name}"
+        placed = [
+            dataclasses.replace(p, path=where) if p.path == claimed_as else p for p in problems
+        ]
+        first = placed[0]
+        # the envelope carries the first problem's hint: its message does not repeat it
+        shown = [dataclasses.replace(first, hint=None), *placed[1:10]]
+        env = said["env"] = errors.envelope(
+            code, "; ".join(str(p) for p in shown), hint=first.hint or None
+        )
+        return {
+            **env.model_dump(mode="json"),
+            "path": first.path,
+            "line": first.line,
+            "column": first.column,
+            "field": first.field,
+            "problems": [p.as_dict() for p in placed],
+            "task_id": task_id,
+            "original_name": spool.shown(path.name),
+        }
 
     def reject(target: Path) -> None:
         if task_id is None or code == ErrorCode.DUPLICATE_TASK_ID or store.exists(task_id):
@@ -165,7 +176,7 @@ def quarantine(
         write_rejection(
             store=store,
             task_id=task_id,
-            error=env,
+            error=said["env"],
             clock=clock,
             source=f"spool/failed/{target.name}",
             revision=revision,

@@ -282,17 +282,19 @@ def finish(
 def quarantine(
     spool: Spool,
     source: Path,
-    error: dict[str, Any],
+    error: dict[str, Any] | Callable[[Path], dict[str, Any]],
     *,
     before_move: Callable[[Path], None] | None = None,
 ) -> Path:
     """Move an entry that cannot be accepted (a file, a folder, anything) into failed/, under
-    `safe_name`, with `<that name>.error.json` beside it. The explanation is written first,
+    `safe_name`, with `<that name>.error.json` beside it (`error`, or `error(target)`: an
+    explanation naming where the entry will be). The explanation is written first,
     then `before_move(target)` (the caller's rejected result), and the entry moves last: a
     crash in between leaves the entry where it was, to be refused again, and never a refused
     entry in failed/ that nobody explained."""
     target = _free_name(spool.failed, safe_name(source.name), also=".error.json")
-    atomic.write_json(spool.failed / f"{target.name}.error.json", error, kind="error_record")
+    record = error(target) if callable(error) else error
+    atomic.write_json(spool.failed / f"{target.name}.error.json", record, kind="error_record")
     if before_move is not None:
         before_move(target)
     failpoints.hit("before_quarantine_move")

@@ -95,6 +95,25 @@ async def test_an_invalid_file_with_a_known_task_id_gets_a_rejected_result(
     assert [f.event for f in workspace.frames("typo")] == ["error"]
 
 
+async def test_a_refused_files_record_and_result_name_it_where_it_lies_in_failed(
+    workspace: Workspace, serve: Any
+) -> None:
+    """They named spool/active/, where it was read, and no longer is; a second file of one
+    name lies in failed/ under a time-stamped name."""
+    await serve()
+    for turn in (1, 2):
+        workspace.submit("typo.task.yaml", f"model: m1\nprompt: hi{turn}\nmax_tokns: 3\n")
+        await wait_for(lambda t=turn: len(list(workspace.spool.failed.glob("*.error.json"))) == t)
+    for record_file in workspace.spool.failed.glob("*.error.json"):
+        record = json.loads(record_file.read_text())
+        where = f"spool/failed/{record_file.name.removesuffix('.error.json')}"
+        assert (workspace.root / where).is_file()
+        assert record["path"] == where and record["problems"][0]["path"] == where
+        assert record["message"].startswith(f"{where}:3:1: "), record["message"]
+    result = await wait_terminal(workspace, "typo")
+    assert result["error"]["message"].startswith(f"{result['source_file']}:3:1: "), result
+
+
 async def test_a_duplicate_task_id_is_refused_and_the_first_result_is_kept(
     workspace: Workspace, serve: Any
 ) -> None:
