@@ -9,7 +9,9 @@ and an exit code, so no verb prints a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -40,6 +42,36 @@ class Refused(Exception):
     def lines(self) -> list[str]:
         head = f"orchctl: {self.message}" if self.prefix else self.message
         return [head] + ([f"hint: {self.hint}"] if self.hint else [])
+
+
+def report_folder(out: Path, *, keep: bool = True) -> Path:
+    """`--out`, made (with its parents) and written to once, so that a folder that cannot
+    take the report fails before a suite runs, not after it (its results lost). Without
+    `keep` the folders made for the test are removed again (nothing is left should the run
+    not get as far as its report)."""
+    if out.exists() and not out.is_dir():
+        raise Refused(
+            EXIT_USAGE,
+            f"--out {printable(str(out))} is a file, not a folder",
+            hint="name a folder (it is created), or leave --out out",
+        )
+    made = [p for p in (out, *out.parents) if not p.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise Refused(
+            EXIT_USAGE,
+            f"--out {printable(str(out))} cannot take the report: {exc.strerror or exc}",
+            hint="name a folder you may write to, or leave --out out",
+        ) from None
+    finally:
+        for folder in made if not keep else ():  # deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+    return out
 
 
 def warn(message: str) -> None:

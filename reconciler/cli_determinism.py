@@ -90,15 +90,11 @@ def client_for(args: argparse.Namespace) -> api_client.Client:
 def cmd_determinism(args: argparse.Namespace) -> int:
     if args.seeds < 1 or args.max_tokens < 1:
         raise Refused(EXIT_USAGE, "--seeds and --max-tokens must be 1 or more")
-    if args.out is not None and args.out.exists() and not args.out.is_dir():
-        raise Refused(  # before the suite runs, not after: its results would be lost
-            EXIT_USAGE,
-            f"--out {args.out} is a file, not a folder",
-            hint="name a folder (it is created), or leave --out out",
-        )
-    client = client_for(args)
     # unique per run, also for two runs started in the same second (their task ids)
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    if args.out is not None:  # before the suite runs, not after: its results would be lost
+        cli_common.report_folder(args.out, keep=False)
+    client = client_for(args)
     try:
         run, verdict, streams = run_suite(
             client,

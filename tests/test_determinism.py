@@ -238,3 +238,7 @@ async def test_bad_options_are_refused_before_anything_runs(tmp_path: Path, caps
         "determinism", "--url", "http://127.0.0.1:9", "--seeds", "1", "--out", str(afile)
     )
     assert code == 2 and "is a file, not a folder" in capsys.readouterr().err
+    # a folder that cannot be made: said before the suite runs (no daemon is asked at all)
+    under = afile / "sub"
+    code = await orchctl("determinism", "--url", "http://127.0.0.1:9", "--out", str(under))
+    assert code == 2 and "cannot take the report: Not a directory" in capsys.readouterr().err

@@ -178,6 +178,17 @@ async def test_no_daemon_is_exit_3_and_writes_nothing(tmp_path: Path, capsys: An
     assert "cannot reach the daemon" in capsys.readouterr().err
 
 
+async def test_an_out_folder_that_cannot_be_written_is_refused_before_anything_runs(
+    tmp_path: Path, capsys: Any
+) -> None:
+    (tmp_path / "afile").write_text("x")
+    code = await orchctl(
+        "smoke", "--url", "http://127.0.0.1:9", "--out", str(tmp_path / "afile" / "x")
+    )
+    assert code == 2  # not 3: the folder is checked before the daemon is asked
+    assert "cannot take the report: Not a directory" in capsys.readouterr().err
+
+
 async def test_the_drain_check_takes_an_idle_pool_and_ends_no_users_task(
     workspace: Workspace, serve: Any, tmp_path: Path, capsys: Any
 ) -> None:
