@@ -35,7 +35,9 @@ def apply(
     a new task that happens to reuse the id, and the old request is dropped."""
     now = clock.now()
     unsafe: list[str] = []
-    names = spool.cancel_requests(the_spool, unsafe)
+    ignored: list[str] = []
+    names = spool.cancel_requests(the_spool, unsafe, ignored)
+    _ignored(the_spool, ignored)
     for name in unsafe:
         logs.emit(
             log,
@@ -83,6 +85,29 @@ def apply(
                 )
         elif now - written > CANCEL_WINDOW_S:
             _drop(the_spool, task_id, f"no task {task_id!r} arrived within its window")
+
+
+# per spool: the entries of its cancel/ that are no request (a folder, a link), said once
+# while they are there
+_told: dict[Path, set[str]] = {}
+
+
+def _ignored(the_spool: spool.Spool, names: list[str]) -> None:
+    """Say once of each entry of spool/cancel/ that is no request (left for the user: it is
+    not the daemon's to remove) that it is ignored."""
+    told = _told.setdefault(the_spool.root, set())
+    for name in names:
+        if name not in told:
+            logs.emit(
+                log,
+                "task.cancel_ignored",
+                f"Ignoring spool/cancel/{logs.writable(name)[:140]}: it is not a plain file "
+                "(a folder or a link), so no cancel request; remove it, and write an empty "
+                "file named after the task's id to cancel that task.",
+                level=30,
+            )
+    told.intersection_update(names)
+    told.update(names)
 
 
 def _consume(the_spool: spool.Spool, task_id: str) -> None:

@@ -370,13 +370,18 @@ def request_cancel(spool: Spool, task_id: str) -> Path:
     return path
 
 
-def cancel_requests(spool: Spool, dropped: list[str] | None = None) -> list[str]:
+def cancel_requests(
+    spool: Spool, dropped: list[str] | None = None, ignored: list[str] | None = None
+) -> list[str]:
     """Task ids with a pending cancel request; files whose names are no task id are removed
-    (and listed in `dropped`, for the caller to say so)."""
+    (and listed in `dropped`, for the caller to say so); folders, links and the like are
+    left (listed in `ignored`)."""
     out = []
     for name in _listing(spool.cancel):
         path = spool.cancel / name
         if not path.is_file() or path.is_symlink():
+            if ignored is not None:
+                ignored.append(name)
             continue  # a folder or a link is not a request; leave it for the user to see
         if ids.is_safe_id(name):
             out.append(name)

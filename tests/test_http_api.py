@@ -1341,6 +1341,22 @@ async def test_a_cancel_request_dropped_is_always_said_in_the_log(
     assert any("done1: it already ended (succeeded)" in h for h in dropped), dropped
 
 
+async def test_a_folder_or_link_in_the_cancel_folder_is_said_ignored_once_and_left(
+    workspace: Workspace, serve: Any, json_log: io.StringIO
+) -> None:
+    await serve()
+    cancels = workspace.spool.root / "cancel"
+    (cancels / "afolder").mkdir()
+    (cancels / "alink").symlink_to(workspace.root / "nowhere")
+    workspace.submit("after.task.yaml", task("after", max_tokens=2))
+    await wait_terminal(workspace, "after")  # passes ran meanwhile
+    await asyncio.sleep(0.5)
+    lines = [json.loads(line) for line in json_log.getvalue().splitlines()]
+    said = sorted(r["human"].split(":")[0] for r in lines if r["event"] == "task.cancel_ignored")
+    assert said == ["Ignoring spool/cancel/afolder", "Ignoring spool/cancel/alink"], said
+    assert sorted(p.name for p in cancels.iterdir()) == ["afolder", "alink"]
+
+
 async def test_a_post_the_disk_cannot_take_is_a_retriable_503_and_nothing_is_delivered(
     workspace: Workspace, serve: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
