@@ -585,6 +585,8 @@ def _refusal(exc: http_exceptions.HttpProcessingError, status: int) -> tuple[int
             f"a header line is over {limit} bytes",
             "send each header in under 8 KiB (and fewer, smaller headers in all)",
         )
+    if exc.message.startswith("Too many headers"):  # aiohttp's limit, 128 (a plain 400)
+        return 431, "the request has too many header lines", "send at most 128 headers"
     if isinstance(exc, http_exceptions.ContentEncodingError):  # br, zstd: no decoder here
         return (
             415,

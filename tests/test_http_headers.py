@@ -110,3 +110,15 @@ async def test_a_content_encoding_the_daemon_cannot_decode_is_415(
     status, body = await _raw(base, head, json.dumps(task("c1")).encode())
     assert (status, body["code"]) == (415, "UNSUPPORTED_MEDIA_TYPE"), body
     assert "gzip" in body["hint"]
+
+
+async def test_too_many_headers_is_431_in_the_envelope(
+    workspace: Workspace, serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = await _daemon(workspace, serve, monkeypatch)
+    many = [f"X-Filler-{n}: {n}".encode() for n in range(200)]
+    status, body = await _raw(base, _get("/v1/capabilities", *many))
+    assert (status, body["code"]) == (431, "INVALID_PARAMS"), body
+    assert "too many header lines" in body["message"] and "128" in body["hint"]
+    status, _ = await _raw(base, _get("/v1/capabilities"))
+    assert status == 200
