@@ -150,12 +150,31 @@ class ResponseFormat(BaseModel):
                     "response_format type 'json_schema' needs json_schema: {name, schema}",
                     "add json_schema: {name: <a name>, schema: {...}}",
                 )
+            _check_schema(given.get("schema", {}))
         elif self.json_schema is not None:
             raise Hinted(
                 f"response_format type {self.type!r} takes no json_schema",
                 "remove json_schema, or use type: json_schema",
             )
         return self
+
+
+def _check_schema(schema: dict[str, Any]) -> None:
+    """Refuse a schema that is not one (`{"type": "nonsense"}`): checked against its own
+    JSON Schema draft's metaschema, as llama-server would fail to make a grammar of it only
+    once the task ran."""
+    import jsonschema  # here: its import costs every command's start ~0.1 s otherwise
+
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        where = "/".join(str(p) for p in exc.path)
+        raise Hinted(
+            "response_format.json_schema.schema is not a valid JSON Schema"
+            + (f" (at {where[:80]})" if where else "")
+            + f": {exc.message[:200]}",
+            "fix the schema (https://json-schema.org/understanding-json-schema/)",
+        ) from None
 
 
 def size_bytes(messages: list[ChatMessage], tools: list[Tool] | None) -> int:

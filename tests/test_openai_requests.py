@@ -86,6 +86,17 @@ def test_the_session_is_the_header_else_the_user_field() -> None:
         ({"n": True}, "chat", "n", "only 1 is supported, not true"),
         ({"logit_bias": {"50256": -100}}, "chat", "logit_bias", 'not {"50256": -100}'),
         ({"response_format": "json_object"}, "chat", "response_format", "should be an object"),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "nonsense"}},
+                }
+            },
+            "chat",
+            "response_format",
+            "json_schema.schema is not a valid JSON Schema (at type): 'nonsense'",
+        ),
         ({"messages": ["hi"]}, "chat", "messages[0]", "should be an object (a mapping"),
         ({"model": 123}, "chat", "model", "must be a string, a model id of orch.yaml"),
         ({"modalities": ["audio"]}, "chat", "modalities", "unsupported field"),
