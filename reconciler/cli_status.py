@@ -51,6 +51,12 @@ def _daemon_state(seen: probing.Seen, now: float) -> str:
     assert seen.status is not None
     d = seen.status.daemon
     if seen.serving:
+        if not seen.responding(now):
+            age = cli_common.ago(now - seen.written_at) if seen.written_at else "unknown"
+            return (
+                f"running since {d.started_at}, NOT RESPONDING (status last written {age} "
+                f"ago; a serving daemon touches it every {probing.STATUS_TOUCH_S:g} s)"
+            )
         return f"running since {d.started_at}"
     if seen.stopped_cleanly:
         return f"stopped at {d.stopped_at or _stamp(seen.written_at)}"

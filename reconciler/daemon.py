@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from reconciler import (
     logs,
     metrics,
     pools,
+    probing,
     rates,
     recovery,
     taking,
@@ -227,6 +229,7 @@ class Daemon:
         self._next_sweep = 0.0
         self.server: api.Server | None = None
         self._last_status = b""
+        self._status_at = 0.0  # time.monotonic() of its last write (or touch)
         self.taker = taking.Taker(the_spool, store, dispatcher, config, clock, self.wake)
         books.write_failed = self.taker.write_failed
 
@@ -331,6 +334,8 @@ class Daemon:
                     timeout = min(timeout, self.config.state.gpus.poll_s)
                 if (settle := self.config.wake_in_s()) is not None:  # an edit settling
                     timeout = min(timeout, settle + 0.01)
+                # a pass at least this often: status.json's time says the daemon is not hung
+                timeout = min(timeout, probing.STATUS_TOUCH_S)
                 if (due := self.dispatcher.queue.next_deadline()) is not None:
                     # a queued task's deadline fails it when it passes, not a poll later
                     timeout = min(timeout, max(0.0, due - self.clock.monotonic()) + 0.005)
@@ -453,9 +458,17 @@ class Daemon:
     def _write_status(self, *, stopping: bool = False) -> None:
         try:
             raw = self.status(stopping=stopping).model_dump_json(indent=2).encode() + b"\n"
+            path = self.state_dir / "status.json"
+            now = time.monotonic()
             if raw == self._last_status:  # most passes change nothing a reader would see
+                if now - self._status_at >= probing.STATUS_TOUCH_S:
+                    self._status_at = now
+                    try:
+                        os.utime(path)  # but its time says the daemon still passes
+                    except FileNotFoundError:  # removed by hand: written whole next pass
+                        self._last_status = b""
                 return
-            atomic.write_bytes(self.state_dir / "status.json", raw, durable=False, kind="status")
-            self._last_status = raw
+            atomic.write_bytes(path, raw, durable=False, kind="status")
+            self._last_status, self._status_at = raw, now
         except OSError as exc:
             logs.emit(log, "status.unwritable", f"Could not write status.json: {exc}", level=40)

@@ -17,6 +17,12 @@ import pydantic
 from plugins import liveness
 from state import statusfile
 
+# A serving daemon writes status.json when what it says changes, and touches it at least this
+# often otherwise; a live daemon whose file is older than STALE_S is not passing (stopped by
+# a signal, hung on a dead disk).
+STATUS_TOUCH_S = 5.0
+STALE_S = 30.0
+
 # The daemon stamps started_at once it is built, a little after its process started; a process
 # that started this much later than the stamp is another program that got the pid.
 PID_REUSE_SLACK_S = 30.0
@@ -35,6 +41,10 @@ class Seen:
     @property
     def serving(self) -> bool:
         return self.status is not None and self.status.daemon.state == "running" and self.alive
+
+    def responding(self, now: float) -> bool:
+        """Whether its status was written (or touched) within STALE_S of `now`."""
+        return self.written_at is not None and now - self.written_at < STALE_S
 
     @property
     def stopped_cleanly(self) -> bool:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import os
 import time
+from typing import Any
 
-from reconciler import clocks
-from tests.conftest import Workspace
+import pytest
+
+from reconciler import clocks, probing
+from tests.conftest import Workspace, wait_for
 from tests.orchctl_support import dead_pid, fake_daemon_status, orchctl
 
 
@@ -86,3 +89,29 @@ def test_status_without_a_status_file_says_how_to_start_a_daemon(workspace: Work
         "orchctl: no status at .orch/status.json: no daemon has served this folder yet",
         f"hint: start one with: orchctl serve --config {workspace.config_path}",
     ]
+
+
+def test_a_live_daemon_whose_status_is_not_touched_is_said_not_responding(
+    workspace: Workspace,
+) -> None:
+    """Stopped by a signal or hung on a dead disk, it still runs, but passes no more."""
+    started = time.time()  # (this process stands in for the daemon)
+    fake_daemon_status(workspace.root / ".orch", started_at=started, written_at=started - 120)
+    _, out, _ = status_of(workspace)
+    assert out[0] == (
+        f"daemon   pid {os.getpid()}  running since {clocks.rfc3339(started)}, NOT RESPONDING "
+        "(status last written 2 min ago; a serving daemon touches it every 5 s)  SIMULATED GPUs"
+    )
+
+
+async def test_a_serving_daemon_touches_its_status_while_nothing_changes(
+    workspace: Workspace, serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(probing, "STATUS_TOUCH_S", 0.3)
+    await serve()
+    status = workspace.root / ".orch" / "status.json"
+    await wait_for(status.exists, 10, "status.json written")
+    touched = status.stat().st_mtime
+    await wait_for(lambda: status.stat().st_mtime > touched + 0.2, 5, "status.json touched")
+    _, out, _ = status_of(workspace)
+    assert " running since " in out[0] and "NOT RESPONDING" not in out[0]
