@@ -221,13 +221,23 @@ def _follow_files(
         now = time.monotonic()
         if now >= next_probe:
             next_probe = now + PROBE_EVERY_S
-            if not probing.probe(folder.state_dir).serving:
+            seen = probing.probe(folder.state_dir)
+            if not seen.serving:
                 printer.newline()
                 raise Refused(
                     EXIT_ENV,
                     f"no daemon is serving this folder: task {task_id} is "
                     f"{_where(folder, task_id, result)} and will not move until "
                     f"`{folder.serve_command()}` starts",
+                )
+            if not seen.responding(time.time()) and seen.written_at is not None:
+                printer.newline()
+                raise Refused(  # stopped by a signal, hung on a disk: it may never move
+                    EXIT_ENV,
+                    f"the daemon (pid {seen.pid}) has not responded for "
+                    f"{cli_common.ago(time.time() - seen.written_at)}: task {task_id} is "
+                    f"{_where(folder, task_id, result)} and goes on when the daemon does",
+                    hint="`orchctl status` shows it; restart the daemon if it is hung",
                 )
         if now >= deadline:
             printer.newline()

@@ -42,6 +42,10 @@ class Seen:
     def serving(self) -> bool:
         return self.status is not None and self.status.daemon.state == "running" and self.alive
 
+    @property
+    def pid(self) -> int | None:
+        return self.status.daemon.pid if self.status is not None else None
+
     def responding(self, now: float) -> bool:
         """Whether its status was written (or touched) within STALE_S of `now`."""
         return self.written_at is not None and now - self.written_at < STALE_S

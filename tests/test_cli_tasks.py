@@ -354,6 +354,19 @@ def test_watch_of_a_waiting_task_without_a_daemon_exits_3(workspace: Workspace) 
     ]
 
 
+def test_watch_of_a_task_whose_daemon_stopped_responding_exits_3(workspace: Workspace) -> None:
+    """Its process runs (stopped by a signal, hung on a disk): waiting on would never end."""
+    workspace.submit("w3.task.yaml", task("w3"))
+    fake_daemon_status(workspace.root / ".orch", written_at=time.time() - 120)
+    ran = orchctl("watch", "w3", "--timeout", "5", "--config", cfg(workspace))
+    assert ran.code == 3
+    assert ran.err_lines == [
+        f"orchctl: the daemon (pid {os.getpid()}) has not responded for 2 min: task w3 is "
+        "waiting in the spool and goes on when the daemon does",
+        "hint: `orchctl status` shows it; restart the daemon if it is hung",
+    ]
+
+
 def test_watch_of_a_finished_task_prints_it_without_a_daemon(workspace: Workspace) -> None:
     log = events.EventLog(workspace.results.events_path("old"))
     for name, data in [*STARTED, ("end", {"tokens_out": 2, "finish_reason": "length"})]:
