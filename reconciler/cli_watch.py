@@ -151,7 +151,9 @@ def source_url(folder: cli_common.Folder, given: str | None) -> str | None:
             )
         return given.rstrip("/")
     seen = probing.probe(folder.state_dir)
-    return seen.status.daemon.url if seen.serving and seen.status is not None else None
+    if not seen.serving or seen.status is None or not seen.responding(time.time()):
+        return None  # a daemon that does not pass would not answer either: the files tell
+    return seen.status.daemon.url
 
 
 def follow(

@@ -377,6 +377,31 @@ def test_watch_of_a_finished_task_prints_it_without_a_daemon(workspace: Workspac
     assert ran.out_lines[-2:] == ["Hello world", "[end: length, 2 tokens]"]
 
 
+def test_watch_of_a_finished_task_reads_the_files_not_a_daemon_that_stopped_responding(
+    workspace: Workspace,
+) -> None:
+    """Its API port still takes connections (the kernel's backlog) but never answers: the
+    stream would wait its read timeout (40 s) and its reconnects before the files."""
+    import socket
+
+    log = events.EventLog(workspace.results.events_path("old"))
+    for name, data in [*STARTED, ("end", {"tokens_out": 2, "finish_reason": "length"})]:
+        log.append(name, data, ts="2026-01-01T00:00:00.000Z")  # type: ignore[arg-type]
+    finished(workspace, "old")
+    with socket.socket() as mute:
+        mute.bind(("127.0.0.1", 0))
+        mute.listen()
+        path = fake_daemon_status(workspace.root / ".orch", written_at=time.time() - 120)
+        status = json.loads(path.read_text())
+        status["daemon"]["url"] = f"http://127.0.0.1:{mute.getsockname()[1]}"
+        path.write_text(json.dumps(status))
+        os.utime(path, (time.time() - 120, time.time() - 120))
+        began = time.monotonic()
+        ran = orchctl("watch", "old", "--config", cfg(workspace))
+    assert time.monotonic() - began < 5
+    assert ran.code == 0 and ran.out_lines[-1] == "[end: length, 2 tokens]"
+
+
 @pytest.mark.parametrize("verb", ["watch", "submit"])
 def test_ctrl_c_stops_watching_and_leaves_the_task_running(workspace: Workspace, verb: str) -> None:
     serving(workspace)  # this test process plays the live daemon
