@@ -11,6 +11,7 @@ can crash the server (an unexpected error is a 500 INTERNAL envelope and a log l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import difflib
 import functools
 import logging
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import HttpVersion11, http_exceptions, web, web_protocol, web_server
+from aiohttp_sse import EventSourceResponse, sse_response
 
 from reconciler import api_auth, configuring, fanout, logs, metrics
 from state import desired, errors, ids, parsing, results, sessions, spool, statusfile
@@ -387,6 +389,22 @@ async def _query(request: web.Request, handler: Handler) -> web.StreamResponse:
         if declared is not None:
             query_params(request, once=declared[0], many=declared[1])
     return await handler(request)
+
+
+PING_S = 15.0  # the keep-alive comment of an idle event stream
+
+
+def event_stream(
+    request: web.Request, headers: dict[str, str]
+) -> contextlib.AbstractAsyncContextManager[EventSourceResponse]:
+    """An SSE response for `request` (aiohttp_sse's, as a context manager); raises
+    ConnectionResetError (answered as a client gone, 499, one log line) when its client left
+    before the stream began: aiohttp_sse asserts a transport, and a request the daemon read
+    while held up (stopped, busy) whose client then gave up was a 500 INTERNAL in the log."""
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        raise ConnectionResetError("the client closed the connection first")
+    return sse_response(request, headers=headers, ping_interval=PING_S)
 
 
 def stream_head(headers: dict[str, str]) -> web.Response:

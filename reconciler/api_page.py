@@ -25,14 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from aiohttp_sse import sse_response
 
 from reconciler import api
 from reconciler.api import BACKEND
 from state import results
 
 POLL_S = 0.5  # how often the event stream looks for a change
-PING_S = 15.0  # keep-alive comment interval
 RETRY_MS = 2000  # the SSE `retry:` a browser waits before reconnecting
 RECENT_TASKS = 20  # how many tasks the page lists
 TAIL_BYTES = 8192  # how much of a live task's event log is read for its progress
@@ -82,7 +80,7 @@ async def status_events(request: web.Request) -> web.StreamResponse:
     }
     if request.method == "HEAD":
         return api.stream_head(headers)
-    async with sse_response(request, headers=headers, ping_interval=PING_S) as stream:
+    async with api.event_stream(request, headers) as stream:
         sent: str | None = None
         while stream.is_connected() and not _gone(request):
             tasks = await asyncio.to_thread(recent.rows)

@@ -21,7 +21,6 @@ from typing import Any
 
 import pydantic
 from aiohttp import web
-from aiohttp_sse import sse_response
 
 from reconciler import api, fanout, logs
 from reconciler.api import BACKEND, ApiError
@@ -35,7 +34,7 @@ log = logs.get("http")
 
 ADMIT_WAIT_S = 10.0  # how long POST /v1/tasks waits for the loop's admission verdict
 RETRY_MS = 2000  # the SSE `retry:` a client waits before reconnecting
-PING_S = 15.0  # keep-alive comment interval on idle streams
+PING_S = api.PING_S  # keep-alive comment interval on idle streams
 
 
 # Task ids whose POST is between its duplicate check and its file being in spool/incoming.
@@ -422,7 +421,7 @@ async def task_events(request: web.Request) -> web.StreamResponse:
     sub = backend.hub.subscribe(task_id, backend.results.events_path(task_id), after=after)
     finished = False
     try:
-        async with sse_response(request, headers=headers, ping_interval=PING_S) as stream:
+        async with api.event_stream(request, headers) as stream:
             first = True
             async for batch in sub.batches():
                 # one write per batch, each frame encoded once however many clients read it
@@ -456,7 +455,7 @@ async def _log_without_end(
     hand), then the end of the stream with a comment saying so: nothing more will come, so
     the stream must not wait for it (a reconnect after them is answered 204)."""
     cache = request.app[ENCODED]
-    async with sse_response(request, headers=headers, ping_interval=PING_S) as stream:
+    async with api.event_stream(request, headers) as stream:
         chunk = f"retry: {RETRY_MS}\n" + "".join(_encoded(cache, task_id, f) for f in frames)
         chunk += (
             f": the event log ends before its terminal frame; the task {_ended(known)}: "

@@ -1374,3 +1374,32 @@ async def test_a_post_the_disk_cannot_take_is_a_retriable_503_and_nothing_is_del
         async with session.post(f"{base}/v1/tasks", json=task("full1")) as r:
             assert r.status == 202, await r.json()
     assert (await wait_terminal(workspace, "full1"))["status"] == "succeeded"
+
+
+async def test_a_stream_whose_client_left_before_it_began_is_one_client_gone_line_not_a_500(
+    workspace: Workspace, serve: Any, json_log: io.StringIO
+) -> None:
+    """Seen with a daemon held up (SIGSTOP): clients that gave up meanwhile had their
+    requests read once it went on, and aiohttp_sse asserted a transport: http.internal."""
+    running = await serve()
+    base = _url(running).rstrip("/")
+    workspace.submit("s1.task.yaml", task("s1", max_tokens=2))
+    await wait_terminal(workspace, "s1")
+    books = running.daemon.books
+    real = books.settled
+
+    async def held_up(task_id: str | None = None) -> None:
+        await asyncio.sleep(0.5)  # the client leaves meanwhile
+        await real(task_id)
+
+    books.settled = held_up  # type: ignore[method-assign]
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    _, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /v1/tasks/s1/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    await writer.drain()
+    writer.transport.abort()
+    await asyncio.sleep(1.0)
+    books.settled = real  # type: ignore[method-assign]
+    lines = [json.loads(line) for line in json_log.getvalue().splitlines()]
+    assert not [x for x in lines if x["event"] == "http.internal"], lines
+    assert [x["event"] for x in lines if x["event"] == "http.client_gone"] == ["http.client_gone"]
