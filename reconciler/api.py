@@ -259,22 +259,13 @@ async def _headers(request: web.Request, handler: Handler) -> web.StreamResponse
             )
     for name in _TEXT_HEADERS:
         value = request.headers.get(name)
-        if value is not None and not _utf8(value):
+        if value is not None and not _encodable(value):
             raise ApiError(
                 ErrorCode.INVALID_PARAMS,
                 f"the {name} header is not UTF-8 text",
                 hint=f"send {name} as ASCII (or UTF-8) text",
             )
     return await handler(request)
-
-
-def _utf8(text: str) -> bool:
-    """Whether `text` came from UTF-8 bytes (aiohttp decodes others to lone surrogates)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 _WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -569,6 +560,8 @@ def _lone_surrogate(data: Any, path: str = "") -> str | None:
 
 
 def _encodable(text: str) -> bool:
+    """Whether `text` is UTF-8 text (aiohttp decodes other header bytes to lone surrogates,
+    and a JSON escape can bring one into a body)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

@@ -13,7 +13,7 @@ cannot honour, by name); the answer is made from the task's frames by `openai_ch
   `Retry-After`, `Retry-After-Ms` and `x-should-retry: true`, which the OpenAI SDKs obey, and
   every other error `x-should-retry: false`, so a client retries only what can succeed.
 - While a streamed request waits in the queue it gets an SSE comment with its position every
-  `QUEUE_COMMENT_S`; an idle stream gets `: ping` every `api_tasks.PING_S`.
+  `QUEUE_COMMENT_S`; an idle stream gets `: ping` every `api.PING_S`.
 - A client that goes away before the end cancels its task (spool/cancel/<id>), streamed or
   not: nobody is left to read the answer.
 """
@@ -311,7 +311,7 @@ async def _stream(
             now = loop.time()
             if frame is None or frame.event == "queued":
                 if started:
-                    if now - last_sent >= api_tasks.PING_S:
+                    if now - last_sent >= api.PING_S:
                         await response.write(b": ping\n\n")
                         last_sent = now
                 elif frame is not None or now - last_sent >= QUEUE_COMMENT_S:

@@ -34,7 +34,6 @@ log = logs.get("http")
 
 ADMIT_WAIT_S = 10.0  # how long POST /v1/tasks waits for the loop's admission verdict
 RETRY_MS = 2000  # the SSE `retry:` a client waits before reconnecting
-PING_S = api.PING_S  # keep-alive comment interval on idle streams
 
 
 # Task ids whose POST is between its duplicate check and its file being in spool/incoming.

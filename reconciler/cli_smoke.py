@@ -41,10 +41,10 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     if args.determinism_seeds < 1:
         raise Refused(EXIT_USAGE, "--determinism-seeds must be 1 or more")
     run_id = time.strftime("%Y%m%d-%H%M%S")
-    if args.out is not None:  # before the checks run, not after: their results would be lost
-        cli_common.report_folder(args.out, keep=False)
+    out: Path = args.out or Path("proof") / "home-smoke" / run_id
+    cli_common.report_folder(out, keep=False)  # before the checks run: their results kept
     client = cli_determinism.client_for(args)
-    out: Path = cli_common.report_folder(args.out or Path("proof") / "home-smoke" / run_id)
+    out.mkdir(parents=True, exist_ok=True)
     smoke = smoke_harness.Smoke(
         client=client, run_id=run_id, out=out, determinism_seeds=args.determinism_seeds
     )

@@ -144,21 +144,22 @@ def quarantine(
     revision: str | None = None,
 ) -> None:
     claimed_as = f"spool/active/{spool.shown(path.name)}"
-    said: dict[str, errors.ErrorEnvelope] = {}
 
-    def record(target: Path) -> dict[str, Any]:
+    def explained(target: Path) -> tuple[list[loading.LoadError], errors.ErrorEnvelope]:
         # the problems name the file where it will be (failed/, maybe renamed), not where it
         # was read: a reader of the record or the result goes there
         where = f"spool/failed/{target.name}"
         placed = [
             dataclasses.replace(p, path=where) if p.path == claimed_as else p for p in problems
         ]
-        first = placed[0]
         # the envelope carries the first problem's hint: its message does not repeat it
-        shown = [dataclasses.replace(first, hint=None), *placed[1:10]]
-        env = said["env"] = errors.envelope(
-            code, "; ".join(str(p) for p in shown), hint=first.hint or None
-        )
+        shown = [dataclasses.replace(placed[0], hint=None), *placed[1:10]]
+        message = "; ".join(str(p) for p in shown)
+        return placed, errors.envelope(code, message, hint=placed[0].hint or None)
+
+    def record(target: Path) -> dict[str, Any]:
+        placed, env = explained(target)
+        first = placed[0]
         return {
             **env.model_dump(mode="json"),
             "path": first.path,
@@ -176,7 +177,7 @@ def quarantine(
         write_rejection(
             store=store,
             task_id=task_id,
-            error=said["env"],
+            error=explained(target)[1],
             clock=clock,
             source=f"spool/failed/{target.name}",
             revision=revision,
