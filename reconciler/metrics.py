@@ -111,7 +111,7 @@ class Metrics:
     def exposition(self, accept: str = "") -> tuple[bytes, str]:
         """The registry in the format the scraper's Accept header asks for (Prometheus text
         by default, OpenMetrics on request), and its content type."""
-        encode, content_type = exposition.choose_encoder(accept)
+        encode, content_type = exposition.choose_encoder(_accepted(accept))
         return encode(_WithoutCreated(self.registry)), content_type
 
     # -- the tap ----------------------------------------------------------------------------
@@ -254,3 +254,19 @@ class _WithoutCreated(Collector):
         for metric in self.registry.collect():
             metric.samples = [s for s in metric.samples if not s.name.endswith("_created")]
             yield metric
+
+
+def _accepted(accept: str) -> str:
+    """`accept` without the media ranges it refuses (`q=0`): prometheus_client picks
+    OpenMetrics wherever the header names it, even as `application/openmetrics-text;q=0`."""
+    kept = []
+    for media_range in accept.split(","):
+        params = [p.strip().lower().replace(" ", "") for p in media_range.split(";")[1:]]
+        q = next((p[2:] for p in params if p.startswith("q=")), "1")
+        try:
+            refused = float(q) == 0
+        except ValueError:
+            refused = False
+        if not refused:
+            kept.append(media_range)
+    return ",".join(kept)

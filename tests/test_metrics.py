@@ -199,6 +199,21 @@ async def test_openmetrics_is_served_to_a_scraper_that_asks_for_it(
         assert (await response.text()).endswith("# EOF\n")
 
 
+async def test_a_format_refused_with_q_0_is_not_served(workspace: Workspace, serve: Any) -> None:
+    running = await serve()
+    url = f"{running.daemon.server.url}/metrics"
+    for accept in (
+        "application/openmetrics-text;q=0, text/plain",
+        "text/plain;q=0.5, application/openmetrics-text; version=1.0.0; Q=0.000",
+    ):
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(url, headers={"Accept": accept}) as response,
+        ):
+            assert response.headers["Content-Type"].startswith("text/plain"), accept
+            assert not (await response.text()).endswith("# EOF\n")
+
+
 async def test_each_daemon_counts_in_its_own_registry(workspace: Workspace, serve: Any) -> None:
     running = await serve()
     workspace.submit("x.task.yaml", task("x", max_tokens=2))
