@@ -17,6 +17,7 @@ import functools
 import logging
 import re
 import uuid
+import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -493,12 +494,12 @@ async def read_json(request: web.Request) -> Any:
         # error, which _ClientFault makes one warning line)
         raise ApiError(
             ErrorCode.INVALID_PARAMS,
-            f"the body could not be read as Content-Encoding {coding or 'identity'}"
-            if coding
-            else "the body could not be read (it ended before its Content-Length)",
-            hint="send the body uncompressed (no Content-Encoding), or compressed as the "
-            "header says",
+            "the body could not be read (it ended before its Content-Length, or its chunks "
+            "were malformed)",
+            hint="send the whole body, as many bytes as Content-Length says",
         ) from None
+    if coding not in ("", "identity"):
+        raw = _decoded(raw, coding)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -531,10 +532,49 @@ async def read_json(request: web.Request) -> Any:
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 BODY_READ_S = 30.0  # the most a request body may take to arrive (1 MiB at most)
-# the codings aiohttp's parser decodes (br and zstd where their libraries are installed;
-# where not, it refuses the request itself); any other would reach the handler undecoded
+# the codings a body may come in: decoded here (`_decoded`), not by aiohttp's parser, which
+# took a gzip body cut short as whole and answered a deflate one cut short as a coding it
+# cannot decode; any other is refused (415) rather than read as if it were plain
 _CODINGS_HINT = "send the body uncompressed (no Content-Encoding), or as one of gzip, deflate"
-_DECODED_CODINGS = frozenset({"", "identity", "gzip", "deflate", "br", "zstd"})
+_DECODED_CODINGS = frozenset({"", "identity", "gzip", "deflate"})
+
+
+def _decoded(raw: bytes, coding: str) -> bytes:
+    """The body `raw` sent with Content-Encoding `coding` (gzip, its members one after
+    another, or deflate: zlib's format or a raw stream, as clients send both), decoded
+    whole: 400 where it is not that coding or was cut short, 413 where it decodes to over
+    MAX_BODY_BYTES."""
+    gzip = coding == "gzip"
+    # deflate is zlib's format (RFC 1950: its first byte names method 8), or a raw stream
+    wbits = 31 if gzip else (15 if raw[:1] and raw[0] & 0x0F == 8 else -15)
+    out = bytearray()
+    rest = raw
+    try:
+        while True:
+            decoder = zlib.decompressobj(wbits)
+            out += decoder.decompress(rest, MAX_BODY_BYTES + 1 - len(out))
+            if len(out) > MAX_BODY_BYTES:
+                raise ApiError(
+                    ErrorCode.PAYLOAD_TOO_LARGE,
+                    f"the body decompresses to over {MAX_BODY_BYTES} bytes, the most accepted",
+                    hint="send a smaller body",
+                )
+            if not decoder.eof:
+                raise zlib.error("the body ends before the compressed stream does")
+            rest = decoder.unused_data
+            if not (gzip and rest):  # gzip: the next member; deflate: one stream only
+                break
+        if rest:
+            raise zlib.error(f"{len(rest)} bytes follow the stream's end")
+    except zlib.error as exc:
+        raise ApiError(
+            ErrorCode.INVALID_PARAMS,
+            f"the body could not be read as Content-Encoding {coding} ({exc}): it is not "
+            f"{coding} data, or it was cut short",
+            hint="send the body uncompressed (no Content-Encoding), or compressed whole as "
+            "the header says",
+        ) from None
+    return bytes(out)
 
 
 def _lone_surrogate(data: Any, path: str = "") -> str | None:
@@ -598,12 +638,6 @@ def _refusal(exc: http_exceptions.HttpProcessingError, status: int) -> tuple[int
         )
     if exc.message.startswith("Too many headers"):  # aiohttp's limit, 128 (a plain 400)
         return 431, "the request has too many header lines", "send at most 128 headers"
-    if isinstance(exc, http_exceptions.ContentEncodingError):  # br, zstd: no decoder here
-        return (
-            415,
-            "the request's Content-Encoding is not accepted: the body cannot be decoded",
-            _CODINGS_HINT,
-        )
     reason = exc.message.split(":", 1)[0].strip().rstrip(".") or type(exc).__name__
     return (
         status if 400 <= status < 500 else 400,
@@ -813,6 +847,7 @@ async def start(backend: Backend, *, bind: str, base: Path, routes: list[Routes]
     runner = _Runner(
         make_app(backend, auth, routes, allowed_hosts(host, state.server.public_url)),
         access_log=None,
+        auto_decompress=False,  # bodies are decoded by read_json (`_decoded`)
         handle_signals=False,
         shutdown_timeout=1.0,
     )
