@@ -188,12 +188,20 @@ def _starting(d: dispatch.Dispatcher, free: dict[str, int]) -> set[str]:
 
 def _full_message(d: dispatch.Dispatcher, run: tasking.TaskRun) -> str:
     """Why a full queue refused `run`, in the words of its policy."""
-    depth, capacity = len(d.queue), d.queue.capacity
-    full = f"the queue is full ({capacity} tasks, policy {d.queue.full_policy})"
-    if depth > capacity:  # orch.yaml lowered the capacity below what already waited
+    depth, capacity, policy = len(d.queue), d.queue.capacity, d.queue.full_policy
+    full = f"the queue is full ({capacity} tasks, policy {policy})"
+    # over the capacity: tasks of this burst idle slots take at the next dispatch (they hold
+    # no place, `_starts_now`), or a capacity lowered in orch.yaml below what already waited
+    starting = len(_starting(d, _free_slots(d))) if depth > capacity else 0
+    if depth - starting > capacity:
         full = (
-            f"the queue is full: {depth} tasks wait, over its capacity of {capacity} (lowered "
-            f"in orch.yaml while they waited; policy {d.queue.full_policy})"
+            f"the queue is full: {depth - starting} tasks wait, over its capacity of {capacity} "
+            f"(lowered in orch.yaml while they waited; policy {policy})"
+        )
+    elif depth > capacity:
+        full = (
+            f"the queue is full ({capacity} tasks wait, its capacity, and {starting} more of "
+            f"this burst are starting on idle slots; policy {policy})"
         )
     if d.queue.full_policy == "reject":
         return full

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+import yaml
 
 from plugins import interfaces
 from reconciler import clocks, fleet, pools, supervision
@@ -364,3 +365,34 @@ async def _one_slot_busy(
     workspace.submit(f"{busy}.task.yaml", task(busy, max_tokens=busy_tokens))
     await wait_for(lambda: (workspace.result(busy) or {}).get("status") == "running", 10)
     return cfg
+
+
+async def test_a_burst_over_the_capacity_is_refused_as_a_full_queue_not_a_lowered_one(
+    workspace: Workspace, serve: Any
+) -> None:
+    """A burst landing on idle slots fills the queue past its capacity by the tasks those
+    slots take at once (they hold no place in it): the tasks refused past both are told so,
+    not that orch.yaml lowered the capacity, which nobody edited."""
+    cfg = config(queue={"capacity": 3, "full_policy": "reject"})
+    cfg["pools"][0].update(slots=2, sim={"tokens_per_s": 20, "load_s": 0.0})
+    workspace.write_config(cfg)
+    await serve()
+    staged = []
+    for i in range(12):
+        staged.append(workspace.spool.tmp / f"b{i}.task.yaml")
+        staged[-1].write_text(yaml.safe_dump(task(f"b{i}", max_tokens=20)))
+    for path in staged:
+        path.rename(workspace.spool.incoming / path.name)
+    results = [
+        await wait_for(
+            lambda i=i: (r := workspace.result(f"b{i}")) and r["status"] != "pending" and r,
+            10,
+            f"b{i} admitted or refused",
+        )
+        for i in range(12)
+    ]
+    refused = [r["error"]["message"] for r in results if r["status"] == "rejected"]
+    assert len(refused) == 12 - 3 - 2, results  # the queue's 3, and the 2 idle slots' 2
+    for message in refused:
+        assert "lowered" not in message and message.startswith("the queue is full"), message
+    assert any("2 more of this burst are starting on idle slots" in m for m in refused), refused
