@@ -49,7 +49,7 @@ def run(*, config: Path, simulate: Path | None, bind: str | None = None) -> diag
     if config.exists() or bind is None:
         bind = diagnosing.bind_of(config)
     binary = diagnosing.engine_binary_of(config) if config.exists() else None
-    own_lock = diagnosing.state_lock_of(config) if config.exists() else None
+    own_lock = diagnosing.state_lock_of(config)
     return diagnosing.diagnose(
         machine, bind=bind, simulate=simulate, binary=binary, own_lock=own_lock
     )

@@ -264,7 +264,7 @@ def _port(d: Diagnosis, bind: str, own_lock: Path | None = None) -> None:
             d.add("port", "ok", f"{bind} is free")
             return
     pid = _llama_orch_pid(host, port)
-    if pid is not None and (own_lock is None or daemon_lock.recorded_pid(own_lock) == pid):
+    if pid is not None and own_lock is not None and daemon_lock.recorded_pid(own_lock) == pid:
         d.add("port", "ok", f"{bind} is served by this folder's llama-orch daemon (pid {pid})")
     elif pid is not None:  # `orchctl up` here would fail to bind
         d.add(
@@ -272,8 +272,8 @@ def _port(d: Diagnosis, bind: str, own_lock: Path | None = None) -> None:
             "fail",
             f"{bind} is served by another folder's llama-orch daemon (pid {pid}), not the one "
             f"holding {own_lock}",
-            "stop that daemon (`orchctl down` in its folder), or set server.bind in orch.yaml "
-            "to another port",
+            f"stop that daemon (Ctrl-C where it runs, or `kill {pid}`: it stops cleanly), "
+            "or set server.bind in orch.yaml to another port",
         )
     else:
         d.add(
@@ -343,14 +343,15 @@ def engine_binary_of(config: Path) -> Path | None:
     return None
 
 
-def state_lock_of(config: Path) -> Path | None:
-    """The daemon lock of orch.yaml's folder (under its paths.state), when it can be read."""
+def state_lock_of(config: Path) -> Path:
+    """The daemon lock of orch.yaml's folder: under its paths.state, or the default one where
+    orch.yaml is missing or cannot be read (the folder a daemon started here would lock)."""
+    state = desired.PathsConfig().state
     with contextlib.suppress(Exception):
         loaded = desired.load_desired(config)
         if loaded.value is not None:
-            state_dir = desired.resolve(config.resolve().parent, loaded.value.paths.state)
-            return state_dir / daemon_lock.STATE_LOCK
-    return None
+            state = loaded.value.paths.state
+    return desired.resolve(config.resolve().parent, state) / daemon_lock.STATE_LOCK
 
 
 def bind_of(config: Path) -> str:

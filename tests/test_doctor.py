@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from plugins import gpu_nvml, llamacpp_builds, provision_llamacpp, resolvers
+from reconciler import cli_doctor, diagnosing
 from tests import fake_tools, model_hub
 from tests.fake_pynvml import FakeNvml
 from tests.orchctl_support import orchctl
@@ -197,7 +198,17 @@ def test_a_port_held_by_another_program_or_folder_fails_and_one_held_by_this_fol
             "is served by another folder's llama-orch daemon (pid 4242), not the one holding "
             f"{machine.resolve()}/.orch/daemon.lock"
         ), ran.out
-        assert "`orchctl down` in its folder" in ran.out
+        assert "`kill 4242`" in ran.out
+        daemon_bind = daemon.url[7:]
+        (machine / "orch.yaml").unlink()  # no orch.yaml: not this folder's daemon either
+        found = cli_doctor.run(config=machine / "orch.yaml", simulate=None, bind=daemon_bind)
+        port = next(c for c in found.checks if c.name == "port")
+        assert port.status == "fail", port  # a daemon here would lock .orch/ and not bind
+        assert f"not the one holding {machine.resolve()}/.orch/daemon.lock" in port.detail
+        (machine / "orch.yaml").write_text("models: [not, a, mapping]\n")  # unreadable
+        default_lock = machine.resolve() / ".orch/daemon.lock"
+        assert diagnosing.state_lock_of(machine / "orch.yaml") == default_lock
+        (machine / "orch.yaml").write_text(f"server: {{bind: '{daemon_bind}'}}\n")
         (machine / ".orch").mkdir()
         (machine / ".orch/daemon.lock").write_text('{"pid": 4242, "started_at": "x"}')
         ran = orchctl("doctor")
