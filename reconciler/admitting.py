@@ -53,8 +53,10 @@ def admit(d: dispatch.Dispatcher, run: tasking.TaskRun, *, recovered: bool) -> N
         )
     if problem is not None:
         return _reject(d, run, problem, recovered=recovered)
-    starts_now, starting = False, set[str]()
-    if len(d.queue) >= d.queue.capacity:  # full: what idle slots take does not wait
+    # a recovered task was accepted once (queued, or running when the daemon stopped): it is
+    # owed its place, however full the queue is now that every such task is queued at once
+    starts_now, starting = recovered, set[str]()
+    if len(d.queue) >= d.queue.capacity and not recovered:  # idle slots' tasks do not wait
         free = _free_slots(d)
         starts_now = _starts_now(d, entry, free)
         if not starts_now:  # who the policy may not evict
@@ -196,7 +198,8 @@ def _full_message(d: dispatch.Dispatcher, run: tasking.TaskRun) -> str:
     if depth - starting > capacity:
         full = (
             f"the queue is full: {depth - starting} tasks wait, over its capacity of {capacity} "
-            f"(lowered in orch.yaml while they waited; policy {policy})"
+            "(accepted before orch.yaml lowered it, or before the daemon restarted; policy "
+            f"{policy})"
         )
     elif depth > capacity:
         full = (

@@ -156,6 +156,47 @@ def test_a_restart_after_a_power_loss_reruns_every_kind_of_task(workspace: Works
     assert session["turns"] == 1  # the re-run is the same turn, not a second one
 
 
+def test_tasks_accepted_into_a_full_queue_are_not_refused_by_it_after_a_power_loss(
+    workspace: Workspace,
+) -> None:
+    """Every task accepted before the power went is queued again at once at the restart,
+    while the replica loads: those over the queue's capacity were accepted, not refused,
+    and are owed their place (they failed ADMISSION_REJECT)."""
+    cfg = config(queue={"capacity": 2, "full_policy": "reject"})
+    cfg["pools"][0]["slots"] = 2
+    cfg["pools"][0]["sim"] = {"tokens_per_s": 100, "load_s": 0.8}
+    workspace.write_config(cfg)
+    first = _serve(workspace, failpoint="after_started", exit_when_idle=False)
+    deadline = time.monotonic() + 30
+    while not _ready(workspace):
+        assert time.monotonic() < deadline and first.poll() is None, "the pool never got Ready"
+        time.sleep(0.05)
+    staged = []
+    for i in range(4):  # at once, on two idle slots: two start, two wait, all four accepted
+        staged.append(workspace.spool.tmp / f"full{i}.task.yaml")
+        staged[-1].write_text(json.dumps(task(f"full{i}", max_tokens=10, seed=i)))
+    for path in staged:
+        path.rename(workspace.spool.incoming / path.name)
+    assert first.wait(timeout=30) == -signal.SIGKILL
+    for record in (workspace.root / ".orch" / "engines").glob("*.json"):
+        with contextlib.suppress(ProcessLookupError):  # the power goes for the engines too
+            os.killpg(json.loads(record.read_text())["pid"], signal.SIGKILL)
+    accepted = [f"full{i}" for i in range(4) if workspace.result(f"full{i}") is not None]
+    assert len(accepted) == 4, accepted
+    second = _serve(workspace, failpoint=None, exit_when_idle=True)
+    assert second.wait(timeout=60) == 0
+    outcomes = {t: (workspace.result(t) or {}).get("status") for t in accepted}
+    assert outcomes == dict.fromkeys(accepted, "succeeded"), [workspace.result(t) for t in accepted]
+
+
+def _ready(ws: Workspace) -> bool:
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        return all(p["state"] == "Ready" for p in ws.status()["pools"]) and bool(
+            ws.status()["pools"]
+        )
+    return False
+
+
 def test_a_rerun_after_a_kill_at_start_counts_its_attempt_and_leftover_temp_files_go(
     workspace: Workspace,
 ) -> None:
