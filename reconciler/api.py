@@ -532,6 +532,10 @@ async def read_json(request: web.Request) -> Any:
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 BODY_READ_S = 30.0  # the most a request body may take to arrive (1 MiB at most)
+# a connection waiting for a request (none yet, headers half sent, or idle after an answer)
+# is closed this long after it opened or its last answer (aiohttp's default is an hour: each
+# silent or trickling client held a descriptor that long); a stream being answered is not
+KEEPALIVE_S = 75.0
 # the codings a body may come in: decoded here (`_decoded`), not by aiohttp's parser, which
 # took a gzip body cut short as whole and answered a deflate one cut short as a coding it
 # cannot decode; any other is refused (415) rather than read as if it were plain
@@ -848,6 +852,7 @@ async def start(backend: Backend, *, bind: str, base: Path, routes: list[Routes]
         make_app(backend, auth, routes, allowed_hosts(host, state.server.public_url)),
         access_log=None,
         auto_decompress=False,  # bodies are decoded by read_json (`_decoded`)
+        keepalive_timeout=KEEPALIVE_S,
         handle_signals=False,
         shutdown_timeout=1.0,
     )

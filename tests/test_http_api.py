@@ -829,6 +829,51 @@ async def test_a_body_that_trickles_in_is_cut_off_with_a_408_and_the_daemon_goes
         assert r.status == 200
 
 
+async def test_a_connection_that_sends_no_whole_request_is_closed_after_the_keepalive_limit(
+    workspace: Workspace, serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that connects and says nothing, one that trickles its headers a byte at a
+    time, and one idle after its answer each hold a descriptor: closed after KEEPALIVE_S,
+    while a request that completes in time is answered."""
+    from reconciler import api
+
+    monkeypatch.setattr(api, "KEEPALIVE_S", 1.0)
+    running = await serve()
+    host, port = _url(running).removeprefix("http://").rsplit(":", 1)
+
+    async def closed_after(send: bytes, trickle: bool) -> float:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        t0 = time.monotonic()
+
+        async def write() -> None:
+            for i in range(len(send)):
+                writer.write(send[i : i + 1] if trickle else send[i:])
+                await writer.drain()
+                if not trickle:
+                    return
+                await asyncio.sleep(0.1)
+
+        writing = asyncio.create_task(write())
+        try:
+            while await asyncio.wait_for(reader.read(65536), 10):  # an answer, then the end
+                pass
+        finally:
+            writing.cancel()
+            writer.close()
+        return time.monotonic() - t0
+
+    request = b"GET /v1/status HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    silent, trickled, idle = await asyncio.gather(
+        closed_after(b"", False),
+        closed_after(request + b"X-Slow: " + b"a" * 200, True),  # never ends its headers
+        closed_after(request + b"\r\n", False),  # answered, then kept alive, idle
+    )
+    for took in (silent, trickled, idle):
+        assert 0.9 <= took < 5, (silent, trickled, idle)
+    async with aiohttp.ClientSession() as session, session.get(f"{_url(running)}/v1/status") as r:
+        assert r.status == 200
+
+
 async def test_a_token_protected_daemon_answers_401_and_logs_identities_not_tokens(
     workspace: Workspace, serve: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
