@@ -277,8 +277,23 @@ class Daemon:
             self.tracer.writer = None
             writer.close()
             atomic.release_spares()  # the commits of this process's own threads kept some
+            # and what a commit helper killed meanwhile left (its spares, a group it held):
+            # named after this process, and no write of it is in flight any more
+            for folder in self._written():
+                atomic.sweep_leftovers(folder, pid=os.getpid())
             sys.setswitchinterval(switch)
             lock.release()
+
+    def _written(self) -> tuple[Path, ...]:
+        """The folders this daemon alone writes files in by temporary name and rename."""
+        state = self.state_dir
+        return (
+            self.results.root,
+            state,
+            state / "engines",
+            self.sessions.root,
+            self.spool.failed,
+        )
 
     async def _serve(self) -> int:
         loop = asyncio.get_running_loop()
@@ -303,8 +318,7 @@ class Daemon:
             engine.keep_connections()
         try:
             await adoption.adopt_or_clean(self.pools)
-            owned = (self.results.root, self.state_dir, self.state_dir / "engines")
-            recovery.sweep(*owned, self.sessions.root, self.spool.failed)
+            recovery.sweep(*self._written())
             # paths.artifacts may be another config's too: only what dead writers left
             recovery.sweep(self.tracer.store.root, shared=True)
             spool.sweep_tmp(self.spool, now=self.clock.now())

@@ -36,7 +36,6 @@ from __future__ import annotations
 import errno
 import os
 import pickle
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -207,4 +206,4 @@ def _serve(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    _serve(sys.argv[1:])
+    helpers.main(_serve)

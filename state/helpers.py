@@ -31,7 +31,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -224,6 +224,16 @@ class Owner:
             helper, self._helper = self._helper, None
         if helper is not None:
             helper.end()
+
+
+def main(serve: Callable[[Sequence[str]], None]) -> None:
+    """Run a helper's `serve(argv)`; a pipe to the daemon broken (the daemon died, maybe
+    while this helper started) ends it quietly: nobody is left to tell, and a traceback
+    would land among the daemon's log lines on the standard error they share."""
+    try:
+        serve(sys.argv[1:])
+    except (BrokenPipeError, ConnectionResetError):
+        os._exit(0)
 
 
 def serving(argv: Sequence[str]) -> tuple[int, int]:

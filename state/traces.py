@@ -20,7 +20,6 @@ batch starts a new writer.
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,4 +123,4 @@ def _serve(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    _serve(sys.argv[1:])
+    helpers.main(_serve)

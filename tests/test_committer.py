@@ -213,3 +213,55 @@ def test_where_no_helper_can_start_the_commit_runs_in_the_callers_thread(
     atomic.commit(_group([("a", tmp_path / "a.json", b"a")]), c.commit)
     assert (tmp_path / "a.json").read_bytes() == b"a" and c.pid is None
     c.close()
+
+
+async def test_a_clean_stop_leaves_no_temporary_file_of_a_commit_helper_killed_before(
+    workspace: Any, serve: Any
+) -> None:
+    """The spares a killed commit helper kept (the files its rewrites displaced, under this
+    daemon's temporary names) are not the next helper's to remove: the daemon removes them
+    as it stops, as it does its own."""
+    import os
+    import signal
+
+    from tests.conftest import task, wait_terminal
+
+    running = await serve()
+    for i in range(4):  # queued, running, terminal: each rewrite displaces a file, kept
+        workspace.submit(f"s{i}.task.yaml", task(f"s{i}", max_tokens=2))
+    for i in range(4):
+        await wait_terminal(workspace, f"s{i}")
+    results_dir = workspace.root / "results"
+    assert [p for p in results_dir.iterdir() if p.name.endswith(".tmp")], "no spare was kept"
+    pid = running.daemon.committer.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    workspace.submit("after.task.yaml", task("after", max_tokens=2))  # a new helper commits
+    assert (await wait_terminal(workspace, "after"))["status"] == "succeeded"
+    await running.stop()
+    assert sorted(p.name for p in results_dir.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.parametrize("module", ["state.committer", "state.traces"])
+def test_a_helper_whose_daemon_is_gone_as_it_starts_ends_quietly(module: str) -> None:
+    """A daemon killed while its helper starts: the helper's `ready` meets a broken pipe.
+    It ends at once, and without a traceback among the daemon's log lines."""
+    import os
+    import subprocess
+    import sys
+
+    down_r, down_w = os.pipe()
+    up_r, up_w = os.pipe()
+    os.close(up_r)  # the daemon's end: gone
+    try:
+        ran = subprocess.run(
+            [sys.executable, "-P", "-m", module, str(os.getpid()), str(down_r), str(up_w)],
+            pass_fds=(down_r, up_w),
+            capture_output=True,
+            timeout=30,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+    finally:
+        for fd in (down_r, down_w, up_w):
+            os.close(fd)
+    assert (ran.returncode, ran.stderr) == (0, b"")
