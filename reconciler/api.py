@@ -384,6 +384,13 @@ async def _query(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 PING_S = 15.0  # the keep-alive comment of an idle event stream
+WATCH_S = 0.5  # how often a stream with nothing to send checks that its client is still there
+
+
+def client_gone(request: web.Request) -> bool:
+    """Whether the client of `request` closed its connection (seen without a write)."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 def event_stream(
@@ -393,8 +400,7 @@ def event_stream(
     ConnectionResetError (answered as a client gone, 499, one log line) when its client left
     before the stream began: aiohttp_sse asserts a transport, and a request the daemon read
     while held up (stopped, busy) whose client then gave up was a 500 INTERNAL in the log."""
-    transport = request.transport
-    if transport is None or transport.is_closing():
+    if client_gone(request):
         raise ConnectionResetError("the client closed the connection first")
     return sse_response(request, headers=headers, ping_interval=PING_S)
 

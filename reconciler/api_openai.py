@@ -39,7 +39,6 @@ from state.errors import ErrorCode
 log = logs.get("http")
 
 QUEUE_COMMENT_S = 1.0  # how often a waiting stream hears its queue position
-WATCH_S = 0.5  # how often a request with nothing to send checks that its client is still there
 
 
 def add_routes(app: web.Application) -> None:
@@ -255,11 +254,6 @@ def _headers(request: web.Request, task_id: str, first: events.EventFrame | None
     return headers
 
 
-def _gone(request: web.Request) -> bool:
-    transport = request.transport
-    return transport is None or transport.is_closing()
-
-
 async def _after(
     request: web.Request, frames: _Frames, first: events.EventFrame | None, wait_s: float
 ) -> AsyncIterator[events.EventFrame | None]:
@@ -273,7 +267,7 @@ async def _after(
         yield first
         if first.terminal:
             return
-    while not _gone(request):
+    while not api.client_gone(request):
         try:
             frame = await frames.next(wait_s)
         except StopAsyncIteration:
@@ -307,7 +301,7 @@ async def _stream(
     loop = asyncio.get_running_loop()
     started, last_sent = False, loop.time()
     try:
-        async for frame in _after(request, frames, first, min(WATCH_S, QUEUE_COMMENT_S)):
+        async for frame in _after(request, frames, first, min(api.WATCH_S, QUEUE_COMMENT_S)):
             now = loop.time()
             if frame is None or frame.event == "queued":
                 if started:
@@ -353,7 +347,7 @@ async def _whole(
     """Wait for the task's end; (the whole answer or its error, whether the task ended)."""
     backend = request.app[BACKEND]
     last: events.EventFrame | None = None
-    async for frame in _after(request, frames, first, WATCH_S):
+    async for frame in _after(request, frames, first, api.WATCH_S):
         if frame is not None and frame.terminal:
             last = frame
     if last is None:

@@ -82,7 +82,7 @@ async def status_events(request: web.Request) -> web.StreamResponse:
         return api.stream_head(headers)
     async with api.event_stream(request, headers) as stream:
         sent: str | None = None
-        while stream.is_connected() and not _gone(request):
+        while stream.is_connected() and not api.client_gone(request):
             tasks = await asyncio.to_thread(recent.rows)
             status = backend.status().model_dump(mode="json")
             text = json.dumps({"status": status, "tasks": tasks}, ensure_ascii=False)
@@ -95,11 +95,6 @@ async def status_events(request: web.Request) -> web.StreamResponse:
                 sent = text
             await asyncio.sleep(POLL_S)
         return stream
-
-
-def _gone(request: web.Request) -> bool:
-    transport = request.transport
-    return transport is None or transport.is_closing()
 
 
 class RecentTasks:

@@ -422,7 +422,11 @@ async def task_events(request: web.Request) -> web.StreamResponse:
     try:
         async with api.event_stream(request, headers) as stream:
             first = True
-            async for batch in sub.batches():
+            async for batch in sub.batches(wait_s=api.WATCH_S):
+                if not batch:  # nothing new: a client gone is seen without a write
+                    if api.client_gone(request):
+                        break
+                    continue
                 # one write per batch, each frame encoded once however many clients read it
                 cache = request.app[ENCODED]
                 chunk = "".join(_encoded(cache, task_id, frame) for frame in batch)

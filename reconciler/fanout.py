@@ -49,10 +49,14 @@ class Subscription:
             self.pending.extend(frames)
         self.ready.set()
 
-    async def batches(self) -> AsyncGenerator[list[events.EventFrame], None]:
+    async def batches(
+        self, *, wait_s: float | None = None
+    ) -> AsyncGenerator[list[events.EventFrame], None]:
         """The frames after `after`, in order, in groups of at most BATCH_FRAMES, until the
         terminal frame: from the log, then live, back to the log after a lag or a gap. A
-        reader that resumes at or past the terminal frame's id gets none, and the end."""
+        reader that resumes at or past the terminal frame's id gets none, and the end.
+        With `wait_s`: an empty group after each `wait_s` without a frame (the reader may
+        look whether its client is still there)."""
         try:
             while True:
                 self.lagging = False
@@ -74,7 +78,11 @@ class Subscription:
                 while True:
                     if not self.pending and not self.lagging:
                         self.ready.clear()
-                        await self.ready.wait()
+                        try:
+                            await asyncio.wait_for(self.ready.wait(), wait_s)
+                        except TimeoutError:
+                            yield []
+                            continue
                     if self.lagging:
                         break  # catch up from the log
                     batch: list[events.EventFrame] = []
@@ -93,7 +101,7 @@ class Subscription:
                         if frame.terminal:
                             yield batch
                             return
-                    if batch:
+                    if batch or wait_s is not None:  # (frames the reader had: a look too)
                         yield batch
                     if gap:
                         self.pending.clear()

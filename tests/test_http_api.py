@@ -947,6 +947,41 @@ async def test_other_web_sites_cannot_write_and_rebound_host_names_are_refused(
     assert workspace.result("x2") is None
 
 
+async def test_cancel_on_disconnect_cancels_soon_after_the_client_leaves_with_nothing_sent(
+    workspace: Workspace, serve: Any
+) -> None:
+    """The client of a stream opened with ?cancel_on_disconnect=true leaves while nothing is
+    being sent (a queued task, or a running one resumed past its last frame): its task is
+    canceled within about a second, not at the next keep-alive comment 15 s on, or never,
+    and a task abandoned while queued never takes a slot."""
+    cfg = config()
+    cfg["pools"][0].update(slots=1, sim={"tokens_per_s": 20, "load_s": 0.0})
+    workspace.write_config(cfg)
+    base = _url(await serve())
+    async with aiohttp.ClientSession() as session:
+        for task_id in ("busy", "waiting"):
+            async with session.post(f"{base}/v1/tasks", json=task(task_id, max_tokens=200)) as r:
+                assert r.status == 202
+        await wait_for(lambda: (workspace.result("busy") or {}).get("status") == "running", 10)
+        cases = [("waiting", {}), ("busy", {"Last-Event-ID": "99999"})]  # nothing to send
+        for task_id, headers in cases:
+            url = f"{base}/v1/tasks/{task_id}/events?cancel_on_disconnect=true"
+            response = await session.get(url, headers=headers)
+            assert response.status == 200
+            if not headers:
+                first = await anext(_sse(response))
+                assert first["event"] == "queued", first
+            await asyncio.sleep(0.3)
+            response.close()  # the client leaves
+            left = time.monotonic()
+            ended = await wait_terminal(workspace, task_id, timeout=5)
+            assert ended["status"] == "canceled", ended
+            assert time.monotonic() - left < 3
+            if task_id == "waiting":
+                assert ended["timings"]["started_at"] is None, ended  # never took the slot
+                assert workspace.result("busy")["status"] == "running"  # type: ignore[index]
+
+
 async def test_a_commit_the_disk_refuses_does_not_turn_a_post_or_a_stream_into_an_error(
     workspace: Workspace, serve: Any
 ) -> None:
