@@ -19,7 +19,7 @@ import re
 import uuid
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,9 @@ class Backend:
     settled: Callable[[], Awaitable[None]] = lambda: asyncio.sleep(0)
     # the daemon is stopping: it takes no new task (its loop admits nothing more)
     stopping: Callable[[], bool] = lambda: False
+    # set as the API closes (`Server.stop`): a stream still open ends in its own words within
+    # WATCH_S, before aiohttp's shutdown cuts the connections it has not ended
+    closing: asyncio.Event = field(default_factory=asyncio.Event)
     # models whose file failed its digest check → why: admission refuses their tasks
     blocked: Callable[[], Mapping[str, str]] = lambda: {}
     # a live task's result as the daemon holds it (None: not live): answered when its file
@@ -403,6 +406,20 @@ def event_stream(
     if client_gone(request):
         raise ConnectionResetError("the client closed the connection first")
     return sse_response(request, headers=headers, ping_interval=PING_S)
+
+
+def stopping_envelope() -> errors.ErrorEnvelope:
+    """The error an OpenAI request still waiting or streaming is ended with as the daemon
+    stops (its task is canceled: nobody would read what it wrote after the restart)."""
+    return errors.envelope(
+        ErrorCode.DAEMON_STOPPING,
+        "the daemon is stopping before this request's task finished; the task is canceled",
+        hint="send the request again once the daemon is back",
+        retry_after_ms=STOPPING_RETRY_MS,
+    )
+
+
+STOPPING_RETRY_MS = 5000  # a restart takes a few seconds
 
 
 def stream_head(headers: dict[str, str]) -> web.Response:
@@ -837,6 +854,7 @@ class Server:
     auth: api_auth.Auth
 
     async def stop(self) -> None:
+        self.runner.app[BACKEND].closing.set()
         await self.runner.cleanup()
 
 

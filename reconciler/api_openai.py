@@ -39,6 +39,7 @@ from state.errors import ErrorCode
 log = logs.get("http")
 
 QUEUE_COMMENT_S = 1.0  # how often a waiting stream hears its queue position
+_STOPPED: web.RequestKey[bool] = web.RequestKey("answered_stopping")  # said DAEMON_STOPPING
 
 
 def add_routes(app: web.Application) -> None:
@@ -231,13 +232,17 @@ async def _serve(request: web.Request, kind: openai_requests.Kind) -> web.Stream
     finally:
         await frames.close()
         backend.hub.unsubscribe(sub)
-        if not finished:  # the client went away (or the server is stopping): nobody will read it
+        if not finished:  # the client went away, or the daemon stops: nobody will read it
             await asyncio.to_thread(spool.request_cancel, backend.spool, ids.TaskId(task_id))
             backend.wake()
+            if request.get(_STOPPED):
+                event, text = "http.answer_stopped", "was answered DAEMON_STOPPING"
+            else:
+                event, text = "http.client_gone", "went away"
             logs.emit(
                 log,
-                "http.client_gone",
-                f"The client of task {task_id} went away; its task is canceled.",
+                event,
+                f"The client of task {task_id} {text}; its task is canceled.",
                 task_id=task_id,
                 correlation_id=request[api.CORRELATION],
                 model=model,
@@ -303,6 +308,13 @@ async def _stream(
     try:
         async for frame in _after(request, frames, first, min(api.WATCH_S, QUEUE_COMMENT_S)):
             now = loop.time()
+            if frame is None and backend.closing.is_set():  # the daemon stops: said so
+                request[_STOPPED] = True
+                envelope = api.stopping_envelope()
+                chunk = openai_chunks.error_body(envelope, status=openai_chunks.status_of(envelope))
+                await response.write(_data(chunk))
+                await response.write_eof()
+                return response, False
             if frame is None or frame.event == "queued":
                 if started:
                     if now - last_sent >= api.PING_S:
@@ -350,6 +362,11 @@ async def _whole(
     async for frame in _after(request, frames, first, api.WATCH_S):
         if frame is not None and frame.terminal:
             last = frame
+        elif frame is None and backend.closing.is_set():  # the daemon stops: said so
+            request[_STOPPED] = True
+            response = error_response(api.stopping_envelope())
+            response.headers.update(headers)
+            return response, False
     if last is None:
         return web.Response(status=499), False  # nobody is left to read it
     if last.event == "error":

@@ -27,7 +27,6 @@ from reconciler.api import BACKEND, ApiError
 from state import errors, events, ids, loading, parsing, results, spool, tasks
 from state.errors import ErrorCode
 
-STOPPING_RETRY_MS = 5000  # a restart takes a few seconds
 SPOOL_RETRY_MS = 30_000  # a full disk is not freed in a moment
 
 log = logs.get("http")
@@ -206,7 +205,7 @@ async def deliver(request: web.Request, task: tasks.TaskFile) -> fanout.Subscrip
         raise ApiError(
             ErrorCode.DAEMON_STOPPING,
             "the daemon is stopping: it takes no new task (its running tasks finish first)",
-            retry_after_ms=STOPPING_RETRY_MS,
+            retry_after_ms=api.STOPPING_RETRY_MS,
         )
     task_id = ids.TaskId(str(task.task_id))
     raw = task.model_dump_json(exclude_none=True).encode()
@@ -418,12 +417,16 @@ async def task_events(request: web.Request) -> web.StreamResponse:
     if ended_without_end is not None:
         return await _log_without_end(request, headers, task_id, ended_without_end, known)
     sub = backend.hub.subscribe(task_id, backend.results.events_path(task_id), after=after)
-    finished = False
+    finished = stopped = False
     try:
         async with api.event_stream(request, headers) as stream:
             first = True
             async for batch in sub.batches(wait_s=api.WATCH_S):
                 if not batch:  # nothing new: a client gone is seen without a write
+                    if backend.closing.is_set():  # the daemon stops: the stream ends whole
+                        stopped = True
+                        await stream.write(_STOPPED_COMMENT)
+                        break
                     if api.client_gone(request):
                         break
                     continue
@@ -442,9 +445,14 @@ async def task_events(request: web.Request) -> web.StreamResponse:
             return stream
     finally:
         backend.hub.unsubscribe(sub)
-        if cancel_on_disconnect and not finished:
+        if cancel_on_disconnect and not (finished or stopped):
             await asyncio.to_thread(spool.request_cancel, backend.spool, task_id)
             backend.wake()
+
+
+# the last words of a stream the daemon ends as it stops (an EventSource reconnects to the
+# restarted daemon after `retry:`, resuming with Last-Event-ID; the task stays resumable)
+_STOPPED_COMMENT = b": the daemon is stopping; reconnect with Last-Event-ID to resume\n\n"
 
 
 async def _log_without_end(

@@ -1503,3 +1503,47 @@ async def test_a_stream_whose_client_left_before_it_began_is_one_client_gone_lin
     lines = [json.loads(line) for line in json_log.getvalue().splitlines()]
     assert not [x for x in lines if x["event"] == "http.internal"], lines
     assert [x["event"] for x in lines if x["event"] == "http.client_gone"] == ["http.client_gone"]
+
+
+async def test_a_stopping_daemon_ends_open_streams_in_their_own_words(
+    workspace: Workspace, serve: Any, json_log: io.StringIO
+) -> None:
+    """Streams still open when the daemon stops (their tasks queued behind a busy slot) end
+    whole, saying why, instead of being cut mid-chunk: an OpenAI stream gets an error chunk
+    with DAEMON_STOPPING, a waiting non-streaming request a 503 in OpenAI's shape, a task's
+    event stream a last comment (it resumes after the restart); and the log does not say
+    the clients left."""
+    cfg = config()
+    cfg["pools"][0].update(slots=1, sim={"tokens_per_s": 20, "load_s": 0.0})
+    workspace.write_config(cfg)
+    running = await serve()
+    base = _url(running)
+    chat = {"model": "m1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+    async with aiohttp.ClientSession() as session:
+        for task_id in ("busy", "waiting"):
+            async with session.post(f"{base}/v1/tasks", json=task(task_id, max_tokens=400)) as r:
+                assert r.status == 202
+        await wait_for(lambda: (workspace.result("busy") or {}).get("status") == "running", 10)
+        streamed = await session.post(f"{base}/v1/chat/completions", json=chat | {"stream": True})
+        assert streamed.status == 200
+        whole = asyncio.create_task(session.post(f"{base}/v1/chat/completions", json=chat))
+        events_stream = await session.get(f"{base}/v1/tasks/waiting/events")
+        assert events_stream.status == 200
+        await asyncio.sleep(0.5)
+        running.daemon.stop()
+        running.daemon.stop()  # at once: the running task is left resumable
+        stream_body = (await asyncio.wait_for(streamed.read(), 10)).decode()
+        events_body = (await asyncio.wait_for(events_stream.read(), 10)).decode()
+        answer = await asyncio.wait_for(whole, 10)
+        body = await answer.json()
+        assert answer.status == 503 and body["error"]["code"] == "DAEMON_STOPPING", body
+    assert await asyncio.wait_for(running.job, 20) == 0
+    last = [line for line in stream_body.splitlines() if line.startswith("data: ")][-1]
+    assert json.loads(last.removeprefix("data: "))["error"]["code"] == "DAEMON_STOPPING", last
+    last_words = ": the daemon is stopping; reconnect with Last-Event-ID to resume\n\n"
+    assert events_body.endswith(last_words), events_body
+    assert (workspace.result("waiting") or {}).get("status") == "queued"  # resumes at restart
+    lines = [json.loads(line) for line in json_log.getvalue().splitlines()]
+    events_seen = [x["event"] for x in lines]
+    assert events_seen.count("http.answer_stopped") == 2, events_seen
+    assert "http.client_gone" not in events_seen and "http.internal" not in events_seen
