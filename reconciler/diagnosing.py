@@ -157,7 +157,23 @@ def _simulated(d: Diagnosis, inventory: Path) -> None:
     try:
         loaded = gpu_simulated.load_inventory(inventory)
     except gpu_simulated.InventoryError as exc:
-        d.add("GPUs", "fail", f"the simulated inventory cannot be used: {exc}")
+        if not os.path.lexists(inventory):
+            d.add(
+                "GPUs",
+                "fail",
+                f"no simulated GPU inventory at {inventory}",
+                "write one with `orchctl init --simulate` here (a 24 GB + 12 GB pair, with "
+                "an orch.yaml that uses it), or go on with `orchctl up --simulate`, which "
+                "writes both",
+            )
+        else:
+            d.add(
+                "GPUs",
+                "fail",
+                str(exc),
+                f"fix what each line says in {inventory} (`orchctl validate {inventory}` "
+                "checks it again), or pass another with `--simulate INVENTORY`",
+            )
         return
     for g in loaded.gpus:
         d.add(f"GPU {g.index}", "ok", f"SIMULATED {g.name}, {g.vram_total_mib:,} MiB")

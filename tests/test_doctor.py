@@ -280,6 +280,26 @@ def test_simulate_without_a_file_takes_the_inventory_orch_yaml_names(
     assert "SIMULATED NVIDIA GeForce RTX 3090" in line(ran.out, "GPU 0")
 
 
+def test_simulate_without_an_inventory_fails_with_the_command_that_writes_one(
+    machine: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Quickstart's no-GPU path in a fresh folder: no inventory yet. The failed check says
+    how to get one (it said only that the file could not be read, and doctor run again, as
+    told, never passed); a broken one is named with the fix of each line."""
+    use_nvml(monkeypatch, FakeNvml().library_missing())
+    folder = tmp_path / "fresh"
+    folder.mkdir()
+    ran = orchctl("doctor", "--simulate", "--config", folder / "orch.yaml")
+    assert ran.code == 3
+    assert line(ran.out, "GPUs").endswith(f"no simulated GPU inventory at {folder}/inventory.yaml")
+    assert "orchctl init --simulate" in ran.out and "orchctl up --simulate" in ran.out
+    (folder / "inventory.yaml").write_text("gpus: 3\n")
+    ran = orchctl("doctor", "--simulate", "--config", folder / "orch.yaml")
+    assert ran.code == 3
+    assert ran.out.count("cannot be used") == 1, ran.out
+    assert f"orchctl validate {folder}/inventory.yaml" in ran.out, ran.out
+
+
 def test_a_configured_engine_binary_needs_no_build_tools(
     machine: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
