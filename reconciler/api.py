@@ -527,7 +527,9 @@ async def read_json(request: web.Request) -> Any:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ApiError(
-            ErrorCode.INVALID_PARAMS, f"the body is not UTF-8 (byte {exc.start})"
+            ErrorCode.INVALID_PARAMS,
+            f"the body is not UTF-8 (byte {exc.start})",
+            hint="send the JSON as UTF-8 text (not UTF-16, not Latin-1)",
         ) from None
     data, _, problems = parsing.parse_json_document(text, "request body", tree=False)
     if problems:

@@ -101,7 +101,11 @@ async def post_artifact(request: web.Request) -> web.StreamResponse:
             store.put, document, created_at=clocks.rfc3339(time.time())
         )
     except artifacts.ArtifactProblem as exc:
-        raise ApiError(ErrorCode.INVALID_PARAMS, str(exc)) from None
+        raise ApiError(
+            ErrorCode.INVALID_PARAMS,
+            str(exc),
+            hint="send a smaller document, with finite numbers and text that is UTF-8",
+        ) from None
     except OSError as exc:  # the daemon's folder, not the request: say which and why
         where = exc.filename or store.root
         raise ApiError(

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from reconciler import api, cataloging
+from reconciler import api, api_tasks, cataloging
 from reconciler.api import BACKEND, ApiError
 from state import desired, ids
 from state.errors import ErrorCode
@@ -51,7 +51,11 @@ def _state(request: web.Request) -> desired.DesiredState:
 def _model_id(request: web.Request, state: desired.DesiredState) -> str:
     model_id = request.match_info["model_id"]
     if not ids.is_safe_id(model_id):
-        raise ApiError(ErrorCode.INVALID_PARAMS, f"{model_id[:80]!r} is not a model id")
+        raise ApiError(
+            ErrorCode.INVALID_PARAMS,
+            f"{ids.quoted(model_id)} is not a model id",
+            hint=api_tasks.ID_RULE.format(what="model"),
+        )
     if model_id not in state.models:
         raise ApiError(
             ErrorCode.MODEL_UNKNOWN,

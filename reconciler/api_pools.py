@@ -16,7 +16,7 @@ import pydantic
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from reconciler import api, pools, reloading
+from reconciler import api, api_tasks, pools, reloading
 from reconciler.api import BACKEND, ApiError
 from state import desired, ids, loading
 from state.errors import ErrorCode
@@ -55,7 +55,11 @@ def routes(runtime: pools.PoolRuntime, reloader: reloading.Reloader) -> api.Rout
 def _pool(request: web.Request) -> desired.PoolSpec:
     pool_id = request.match_info["pool_id"]
     if not ids.is_safe_id(pool_id):
-        raise ApiError(ErrorCode.INVALID_PARAMS, f"{pool_id[:80]!r} is not a pool id")
+        raise ApiError(
+            ErrorCode.INVALID_PARAMS,
+            f"{ids.quoted(pool_id)} is not a pool id",
+            hint=api_tasks.ID_RULE.format(what="pool"),
+        )
     state = request.app[BACKEND].config.state
     pool = state.pool(pool_id) if state is not None else None
     if state is None or pool is None:
@@ -121,6 +125,7 @@ async def reload_pool(request: web.Request) -> web.StreamResponse:
             ErrorCode.INVALID_PARAMS,
             "give model (another model for the pool) or model_ref (another file for its "
             "model), not both",
+            hint="send one of the two",
         )
     try:
         done = await reloader.reload(

@@ -29,7 +29,7 @@ from typing import Any, Literal
 import pydantic
 
 from reconciler import admission
-from state import desired, ids, loading, sessions, tasks
+from state import desired, ids, loading, parsing, sessions, tasks
 from state.errors import ErrorCode
 
 Kind = Literal["chat", "text"]
@@ -82,6 +82,9 @@ _ORIGIN = {
 }
 
 
+PARAM_SHOWN = 120  # the most characters of a field's name an error shows
+
+
 class Refused(Exception):
     """The request cannot become a task; `param` names the field (OpenAI's `error.param`)."""
 
@@ -93,8 +96,12 @@ class Refused(Exception):
         code: ErrorCode = ErrorCode.INVALID_PARAMS,
         hint: str | None = None,
     ) -> None:
+        # a field's name is the client's text, of any length: shown abridged, as values are
+        shown = parsing.shortened(param, PARAM_SHOWN) if param is not None else None
+        if shown != param and param is not None and shown is not None:
+            message = message.replace(param, shown)
         super().__init__(message)
-        self.param = param
+        self.param = param = shown
         self.message = message
         self.code = code
         # what to do: said where it is known, else the field to fix named
@@ -235,7 +242,7 @@ def _target(given: dict[str, Any], state: desired.DesiredState) -> dict[str, Any
     known = ", ".join(sorted(state.models)) or "none"
     raise Refused(
         "model",
-        f"model: {model!r} is not served here; use one of: {known}",
+        f"model: {ids.quoted(model)} is not served here; use one of: {known}",
         code=ErrorCode.MODEL_UNKNOWN,
     )
 

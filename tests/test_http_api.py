@@ -1423,6 +1423,27 @@ async def test_refusals_say_what_to_send_not_a_generic_hint(
         async with session.get(f"{base}/v1/sessions/never-used") as r:
             body = await r.json()
             assert r.status == 404 and "once a task names it" in body["hint"], body
+        latin1 = {"Content-Type": "application/json"}
+        for path in ("/v1/tasks", "/v1/pools/p1/drain", "/v1/chat/completions"):
+            async with session.post(f"{base}{path}", data=b'{"a": "\xff"}', headers=latin1) as r:
+                body = await r.json()
+                body = body.get("error", body)
+                assert r.status == 400 and "UTF-8" in body["hint"], (path, body)
+        for method, path in (
+            ("GET", "/v1/catalog/models/a..b"),
+            ("POST", "/v1/catalog/models/a..b/verify"),
+            ("POST", "/v1/pools/a..b/drain"),
+            ("POST", "/v1/pools/a%20b/reload"),
+        ):
+            async with session.request(method, f"{base}{path}") as r:
+                body = await r.json()
+                assert r.status == 400 and "ids are 1 to 128" in body["hint"], (path, body)
+        # a field's name is the client's text: shown abridged, not echoed whole three times
+        huge = {"model": "m1", "prompt": "x", "max_tokens": 2, "k" * 200_000: 1}
+        for body_sent in (huge, {"model": "m" * 100_000, "prompt": "x"}):
+            async with session.post(f"{base}/v1/completions", json=body_sent) as r:
+                answer = await r.read()
+                assert r.status in (400, 404) and len(answer) < 2000, (r.status, len(answer))
 
 
 async def test_a_cancel_request_dropped_is_always_said_in_the_log(
