@@ -10,7 +10,9 @@ type `text`), assistant tool calls and tool results; anything else is refused by
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Annotated, Any, Literal
+from urllib.parse import unquote
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -106,6 +108,12 @@ class ToolFunction(BaseModel):
     parameters: dict[str, Any] | None = Field(None, description="a JSON Schema of the arguments")
     strict: bool | None = None
 
+    @model_validator(mode="after")
+    def _parameters_a_schema(self) -> ToolFunction:
+        if self.parameters is not None:
+            check_schema(self.parameters, f"the parameters of tool {self.name!r}")
+        return self
+
 
 class Tool(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -150,7 +158,7 @@ class ResponseFormat(BaseModel):
                     "response_format type 'json_schema' needs json_schema: {name, schema}",
                     "add json_schema: {name: <a name>, schema: {...}}",
                 )
-            _check_schema(given.get("schema", {}))
+            check_schema(given.get("schema", {}), "response_format.json_schema.schema")
         elif self.json_schema is not None:
             raise Hinted(
                 f"response_format type {self.type!r} takes no json_schema",
@@ -159,10 +167,11 @@ class ResponseFormat(BaseModel):
         return self
 
 
-def _check_schema(schema: dict[str, Any]) -> None:
-    """Refuse a schema that is not one (`{"type": "nonsense"}`): checked against its own
-    JSON Schema draft's metaschema, as llama-server would fail to make a grammar of it only
-    once the task ran."""
+def check_schema(schema: dict[str, Any], what: str) -> None:
+    """Refuse a schema that is not one (`{"type": "nonsense"}`), or whose `$ref`s point
+    outside it or nowhere in it: checked against its own JSON Schema draft's metaschema, and
+    each reference looked up, as llama-server would fail to make a grammar of it only once
+    the task ran. `what` names the schema in the message."""
     import jsonschema  # here: its import costs every command's start ~0.1 s otherwise
 
     try:
@@ -170,11 +179,66 @@ def _check_schema(schema: dict[str, Any]) -> None:
     except jsonschema.SchemaError as exc:
         where = "/".join(str(p) for p in exc.path)
         raise Hinted(
-            "response_format.json_schema.schema is not a valid JSON Schema"
+            f"{what}: not a valid JSON Schema"
             + (f" (at {where[:80]})" if where else "")
             + f": {exc.message[:200]}",
             "fix the schema (https://json-schema.org/understanding-json-schema/)",
         ) from None
+    for ref in _refs(schema, depth=0):
+        if not _resolves(schema, ref):
+            raise Hinted(
+                f"{what}: $ref {ref[:80]!r} points nowhere in the schema",
+                "refer only to the schema's own parts, e.g. '#/$defs/<name>' with that "
+                "name under $defs (references to other documents are not fetched)",
+            )
+
+
+def _refs(node: Any, *, depth: int) -> Iterator[str]:
+    """Every `$ref` value in the schema `node` (bounded: the body's nesting is bounded)."""
+    if depth > 256:
+        return
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str):
+            yield ref
+        for value in node.values():
+            yield from _refs(value, depth=depth + 1)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _refs(value, depth=depth + 1)
+
+
+def _resolves(schema: dict[str, Any], ref: str) -> bool:
+    """Whether `ref` is a JSON pointer into `schema` itself ('#', '#/a/0/b') that exists."""
+    if not ref.startswith("#"):
+        return False
+    node: Any = schema
+    for raw in ref[1:].split("/")[1:] if ref != "#" else ():
+        key = unquote(raw).replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and key in node:
+            node = node[key]
+        elif isinstance(node, list) and key.isdigit() and int(key) < len(node):
+            node = node[int(key)]
+        else:
+            return False
+    return True
+
+
+def conversation_problem(messages: list[ChatMessage]) -> tuple[str, str] | None:
+    """(message, hint) for a conversation the engine would refuse: a tool message that
+    answers no call an assistant message before it made; None when it holds together."""
+    called: set[str] = set()
+    for n, message in enumerate(messages):
+        for call in message.tool_calls or ():
+            called.add(call.id)
+        if message.role == "tool" and message.tool_call_id not in called:
+            return (
+                f"messages[{n}]: its tool_call_id {message.tool_call_id!r} answers no call "
+                "of an assistant message before it",
+                "give the id of one of the tool_calls of an earlier assistant message (or "
+                "put that assistant message, with its tool_calls, before this one)",
+            )
+    return None
 
 
 def size_bytes(messages: list[ChatMessage], tools: list[Tool] | None) -> int:

@@ -133,6 +133,24 @@ class TaskFile(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _tools_and_calls_hold_together(self) -> TaskFile:
+        """Tools of one name twice (the engine could not tell which is called), and a tool
+        message answering no call, are refused here, as OpenAI refuses them, not failed by
+        the engine once the task ran."""
+        seen: set[str] = set()
+        for tool in self.tools or ():
+            if tool.function.name in seen:
+                raise Hinted(
+                    f"tools: two tools are named {tool.function.name!r}",
+                    "give each tool a name of its own",
+                )
+            seen.add(tool.function.name)
+        problem = chats.conversation_problem(self.messages or [])
+        if problem is not None:
+            raise Hinted(*problem)
+        return self
+
+    @model_validator(mode="after")
     def _tool_choice_names_a_tool(self) -> TaskFile:
         """A choice the engine could not honour (no tool to call, or one not given) is
         refused here, as the OpenAI route refuses it, not ignored or failed at run time."""

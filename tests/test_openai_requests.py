@@ -95,7 +95,54 @@ def test_the_session_is_the_header_else_the_user_field() -> None:
             },
             "chat",
             "response_format",
-            "json_schema.schema is not a valid JSON Schema (at type): 'nonsense'",
+            "json_schema.schema: not a valid JSON Schema (at type): 'nonsense'",
+        ),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]},
+            "chat",
+            "tools[0].function.parameters",
+            "should be a valid dictionary",
+        ),
+        (
+            {
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {"name": "f", "parameters": {"type": "nonsense"}},
+                    }
+                ]
+            },
+            "chat",
+            "tools[0].function",
+            "the parameters of tool 'f': not a valid JSON Schema",
+        ),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"$ref": "#/$defs/missing"}},
+                }
+            },
+            "chat",
+            "response_format",
+            "$ref '#/$defs/missing' points nowhere in the schema",
+        ),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f"}}] * 2},
+            "chat",
+            "tools",
+            "two tools are named 'f'",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "tool", "tool_call_id": "call_9", "content": "42"},
+                ]
+            },
+            "chat",
+            "messages",
+            "messages[1]: its tool_call_id 'call_9' answers no call",
         ),
         ({"messages": ["hi"]}, "chat", "messages[0]", "should be an object (a mapping"),
         ({"model": 123}, "chat", "model", "must be a string, a model id of orch.yaml"),
