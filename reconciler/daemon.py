@@ -374,7 +374,9 @@ class Daemon:
                     "running task(s) to finish (signal again to stop now).",
                     running=len(self.dispatcher.running),
                 )
-            await self.dispatcher.shutdown(drain_s=drain_s, hurry=self.hurry_event)
+            await self.dispatcher.shutdown(
+                drain_s=drain_s, hurry=self.hurry_event, tick=self._apply_cancels
+            )
             self.books.flush()  # the last finished tasks' files, before anything stops
             await self.tracer.flush()
             if self.server is not None:
@@ -403,12 +405,7 @@ class Daemon:
             self.taker.claim_batch()
             # after intake, before dispatch: a task cancelled while still in incoming/ is
             # queued here and removed before it can start
-            cancelling.apply(
-                the_spool=self.spool,
-                store=self.results,
-                dispatcher=self.dispatcher,
-                clock=self.clock,
-            )
+            self._apply_cancels()
             if self.clock.monotonic() >= self._next_sweep:  # reads every session: not per pass
                 self._next_sweep = self.clock.monotonic() + SESSION_SWEEP_S
                 self.dispatcher.sweep_sessions()
@@ -418,6 +415,16 @@ class Daemon:
         if settle:
             await self.books.settled()
         self._write_status()
+
+    def _apply_cancels(self) -> None:
+        """The cancel requests alone (while running tasks drain: nothing else is taken)."""
+        with atomic.group():
+            cancelling.apply(
+                the_spool=self.spool,
+                store=self.results,
+                dispatcher=self.dispatcher,
+                clock=self.clock,
+            )
 
     def _recover(self, *, owned: frozenset[str] | set[str] = frozenset()) -> None:
         """Take the task files in active/ that no run owns: at startup those a crash left,

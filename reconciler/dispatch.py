@@ -60,6 +60,7 @@ class PoolsView(Protocol):
 # tasks that end meanwhile: a pass after every task's end was a sixth of the loop's time
 # under a stream of short tasks.
 PASS_AFTER_END_S = 0.05
+DRAIN_TICK_S = 0.25  # how often cancel requests are applied while running tasks drain
 
 
 # the codes a queued task's target alone decides (see _fail_unservable)
@@ -407,9 +408,17 @@ class Dispatcher:
             return True
         return False
 
-    async def shutdown(self, *, drain_s: float = 0.0, hurry: asyncio.Event | None = None) -> None:
+    async def shutdown(
+        self,
+        *,
+        drain_s: float = 0.0,
+        hurry: asyncio.Event | None = None,
+        tick: Callable[[], None] | None = None,
+    ) -> None:
         """Let running tasks finish for up to `drain_s` (or until `hurry` is set), then cancel
-        the rest without a terminal write: they stay resumable and re-run at the next start."""
+        the rest without a terminal write: they stay resumable and re-run at the next start.
+        `tick` is called every DRAIN_TICK_S meanwhile (the daemon applies cancel requests:
+        a task cancelled while the daemon drains is cancelled, not run to its end)."""
         self.stopping = True
         if self._pass_timer is not None:
             self._pass_timer.cancel()
@@ -425,7 +434,10 @@ class Dispatcher:
                 left = end - self.clock.monotonic()
                 if left <= 0:
                     break
-                await asyncio.wait(waits, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                timeout = left if tick is None else min(left, DRAIN_TICK_S)
+                await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                if tick is not None:
+                    tick()
                 jobs = {job for job in jobs if not job.done()}
                 waits = {w for w in waits if not w.done()}
             if hurried is not None:

@@ -1568,3 +1568,30 @@ async def test_a_stopping_daemon_ends_open_streams_in_their_own_words(
     events_seen = [x["event"] for x in lines]
     assert events_seen.count("http.answer_stopped") == 2, events_seen
     assert "http.client_gone" not in events_seen and "http.internal" not in events_seen
+
+
+async def test_a_cancel_sent_while_the_daemon_drains_is_carried_out(
+    workspace: Workspace, serve: Any
+) -> None:
+    """A stop waits for running tasks (the drain); a cancel sent meanwhile, often to let the
+    stop end sooner, cancels its task (it was acknowledged, 202, and then ignored: the task
+    ran to its end and the daemon waited the whole drain)."""
+    cfg = config(timeouts={"ready_s": 10, "drain_s": 30, "stop_grace_s": 2})
+    cfg["pools"][0].update(slots=1, sim={"tokens_per_s": 20, "load_s": 0.0})
+    workspace.write_config(cfg)
+    running = await serve()
+    base = _url(running)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{base}/v1/tasks", json=task("long", max_tokens=600)) as r:
+            assert r.status == 202
+        await wait_for(lambda: (workspace.result("long") or {}).get("status") == "running", 10)
+        running.daemon.stop()  # the drain: up to 30 s for the 30 s task
+        await asyncio.sleep(0.3)
+        async with session.post(f"{base}/v1/tasks/long/cancel") as r:
+            assert r.status in (200, 202), await r.text()
+    t0 = time.monotonic()
+    assert await asyncio.wait_for(running.job, 10) == 0
+    assert time.monotonic() - t0 < 5
+    ended = workspace.result("long") or {}
+    assert ended.get("status") == "canceled", ended
+    assert not any(workspace.spool.cancel.iterdir())  # the request consumed, not left over
