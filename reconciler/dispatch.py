@@ -40,6 +40,8 @@ log = logs.get("dispatch")
 class PoolsView(Protocol):
     """What dispatch needs from the pool runtime (reconciler.pools.PoolRuntime)."""
 
+    reloading: set[str]  # pools a reload is changing the spec of
+
     def views(self) -> dict[str, admission.PoolView]: ...
 
     def candidates(self) -> list[placement.Candidate]: ...
@@ -224,7 +226,10 @@ class Dispatcher:
 
     def _fail_unservable(self) -> None:
         state = self.config.state
-        if state is None:
+        if state is None or self.pools.reloading:
+            # a reload edits orch.yaml, and puts it back when it fails: the tasks that waited
+            # for the pool's old spec wait for its outcome (they run on the old spec again
+            # after a failed reload), and are checked once it is known
             return
         views = self.pools.views()
         blocked = self.blocked()

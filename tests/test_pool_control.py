@@ -364,6 +364,49 @@ async def test_a_task_waiting_through_a_failed_reload_runs_on_the_old_spec(
     assert (await wait_terminal(workspace, "during", 20))["status"] == "succeeded"
 
 
+async def test_tasks_queued_before_a_failed_reload_wait_it_out_and_run_on_the_old_spec(
+    workspace: Workspace, serve: Any
+) -> None:
+    """A reload onto a model that cannot be placed fails and puts orch.yaml back byte for
+    byte: the tasks queued for the pool's old model before it (by model, and by pool) must
+    not be failed by the edit it made meanwhile; they run once the old spec is back."""
+    (workspace.root / "m1.gguf").write_bytes(GOOD)
+    (workspace.root / "m2.gguf").write_bytes(GOOD)
+    text = ORCH_YAML.replace(
+        'm2: {ref: "file:m2.gguf", size_mib: 1000}', 'm2: {ref: "file:m2.gguf", size_mib: 90000}'
+    ).replace("sim: {tokens_per_s: 400, load_s: 0}", "sim: {tokens_per_s: 40, load_s: 0}")
+    workspace.config_path.write_text(text)
+    base = _url(await serve())
+    queued = {"by-model": {"model": "m1"}, "by-pool": {"pool": "p1"}}
+    for name in ("busy-1", "busy-2"):
+        workspace.submit(f"{name}.task.yaml", task(name, max_tokens=40))
+    await wait_for(
+        lambda: all(
+            (workspace.result(n) or {}).get("status") == "running" for n in ("busy-1", "busy-2")
+        ),
+        10,
+        "both slots busy",
+    )
+    for name, target in queued.items():
+        fields = task(name, max_tokens=4)
+        fields.pop("model")
+        workspace.submit(f"{name}.task.yaml", fields | target)
+    await wait_for(
+        lambda: all((workspace.result(n) or {}).get("status") == "queued" for n in queued),
+        10,
+        "both queued",
+    )
+    async with aiohttp.ClientSession() as session:
+        url = f"{base}/v1/pools/p1/reload"
+        async with session.post(url, json={"model": "m2", "timeout_s": 3}) as response:
+            answer = await response.json()
+        assert response.status == 409 and answer["code"] == "RELOAD_FAILED", answer
+    assert workspace.config_path.read_text() == text
+    for name in queued:
+        ended = await wait_terminal(workspace, name, 20)
+        assert ended["status"] == "succeeded", ended
+
+
 @pytest.mark.slow
 async def test_a_reload_overtaken_by_another_edit_answers_at_once_and_leaves_it(
     workspace: Workspace, serve: Any
