@@ -6,9 +6,12 @@ The daemon calls `refresh` on every pass (and `start` once at startup). Rules:
   against the GPUs the observer sees, so `devices: [7]` on a two-GPU machine is such an error.
 - An edit is applied once the file has been still for `SETTLE_S` (its mtime that old), so a
   non-atomic save (an editor writing in two steps) is never applied half-written; `wake_in_s`
-  says when to look again. A file renamed into place (an atomic save, `orchctl`, a tool that
-  writes a temporary file first) is whole the moment it appears: when the watcher saw that
-  rename after the file's last change (`renamed`), the edit is applied at once.
+  says when to look again. An edit that removes a pool or a model waits `REMOVING_SETTLE_S`
+  instead: the first part of a file saved in steps further apart is a valid file without
+  the pools after the cut, and applying it would fail every task waiting for them. A file
+  renamed into place (an atomic save, `orchctl`, a tool that writes a temporary file first)
+  is whole the moment it appears: when the watcher saw that rename after the file's last
+  change (`renamed`), the edit is applied at once.
 - A file that cannot be read (deleted, replaced by a directory or a symlink) is an error like
   any other; restoring it, even byte for byte, clears the error.
 - Every applied config is kept in `.orch/last-good.yaml` beside orch.yaml (with its revision),
@@ -35,6 +38,9 @@ from state import atomic, desired, failpoints, loading
 log = logs.get("config")
 
 SETTLE_S = 0.3  # how long orch.yaml must be unchanged before an edit is applied
+# ... and before one that removes a pool or a model (what waits for them fails): a file saved
+# in several steps reads, between them, as a whole file that lacks everything after the cut
+REMOVING_SETTLE_S = 2.0
 LAST_GOOD = Path(".orch") / "last-good.yaml"
 
 
@@ -121,10 +127,19 @@ class AppliedConfig:
         if settle and age < SETTLE_S and not whole:  # still being written: look again later
             self._wake_in_s = SETTLE_S - age
             return False
-        self._digest = digest
         # the bytes just read, not the file again: it may have been replaced meanwhile, and
         # the state applied must be the one the digest and revision name
         loaded = desired.load_desired(self.path, known_engines=self.known_engines, content=content)
+        if (
+            settle
+            and not whole
+            and age < REMOVING_SETTLE_S
+            and loaded.value is not None
+            and self._removed(loaded.value)
+        ):  # half of a file saved in steps reads as one without what comes after: wait more
+            self._wake_in_s = REMOVING_SETTLE_S - age
+            return False
+        self._digest = digest
         errors = loaded.errors
         if loaded.value is not None:
             errors = self.device_errors(loaded.value, node=loaded.node)
@@ -150,6 +165,13 @@ class AppliedConfig:
             revision=self.revision,
         )
         return True
+
+    def _removed(self, new: desired.DesiredState) -> list[str]:
+        """The pools and models of the applied state that `new` no longer has."""
+        if self.state is None:
+            return []
+        gone = [f"pool {p.id}" for p in self.state.pools if new.pool(p.id) is None]
+        return gone + [f"model {m}" for m in self.state.models if m not in new.models]
 
     def _read(self) -> tuple[bytes | None, str, float, float]:
         """(content, why it cannot be used, seconds since it last changed, its mtime)."""

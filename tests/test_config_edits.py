@@ -71,6 +71,32 @@ async def test_a_half_written_config_is_not_applied(workspace: Workspace, serve:
         await asyncio.sleep(0.1)
 
 
+async def test_a_config_saved_in_steps_further_apart_does_not_fail_the_tasks_it_waits_on(
+    workspace: Workspace, serve: Any
+) -> None:
+    """The first part of a file saved in two steps 0.6 s apart (past the 0.3 s an edit must
+    settle) is a valid orch.yaml without its pools: applied, it failed every queued task
+    with POOL_UNAVAILABLE. An edit that removes a pool or a model waits longer to settle,
+    and the whole file arrives meanwhile."""
+    cfg = config()
+    cfg["pools"][0].update(slots=1, sim={"tokens_per_s": 20, "load_s": 0.0})
+    workspace.write_config(cfg)
+    await serve()
+    for name in ("busy", "waits"):
+        workspace.submit(f"{name}.task.yaml", task(name, max_tokens=20))
+    await wait_for(lambda: (workspace.result("waits") or {}).get("status") == "queued", 10)
+    text = yaml.safe_dump(cfg, sort_keys=False)
+    prefix = text[: text.index("pools:")]  # a whole valid file: models, no pools
+    with open(workspace.config_path, "w") as f:
+        f.write(prefix)
+        f.flush()
+        await asyncio.sleep(0.6)  # past SETTLE_S
+        f.write(text[len(prefix) :])
+    for name in ("busy", "waits"):
+        assert (await wait_terminal(workspace, name, 15))["status"] == "succeeded"
+    assert [p["id"] for p in workspace.status()["pools"]] == ["p1"]
+
+
 async def test_a_deleted_then_restored_config_clears_its_error(
     workspace: Workspace, serve: Any
 ) -> None:
