@@ -153,6 +153,9 @@ def envelope(
     policy_label: str | None = None,
 ) -> ErrorEnvelope:
     info = CODES[code]
+    if hint is None and retry_after_ms is not None and "after retry_after_ms" in info.hint:
+        # the delay itself, for whoever reads the hint (`orchctl`, a log), not a field's name
+        hint = info.hint.replace("after retry_after_ms", f"in {-(-retry_after_ms // 1000)} s")
     return ErrorEnvelope(
         code=code,
         message=message,

@@ -396,3 +396,7 @@ async def test_a_burst_over_the_capacity_is_refused_as_a_full_queue_not_a_lowere
     for message in refused:
         assert "lowered" not in message and message.startswith("the queue is full"), message
     assert any("2 more of this burst are starting on idle slots" in m for m in refused), refused
+    for r in results:  # the delay itself, for a reader of the hint (orchctl prints it)
+        if r["status"] == "rejected":
+            seconds = -(-r["error"]["retry_after_ms"] // 1000)
+            assert f"retry in {seconds} s or raise queue.capacity" in r["error"]["hint"], r
