@@ -57,6 +57,11 @@ def _daemon_state(seen: probing.Seen, now: float) -> str:
                 f"running since {d.started_at}, NOT RESPONDING (status last written {age} "
                 f"ago; a serving daemon touches it every {probing.STATUS_TOUCH_S:g} s)"
             )
+        if d.stopping_since is not None:
+            return (
+                f"STOPPING since {d.stopping_since} (running tasks drain; a task delivered "
+                "now runs at its next start)"
+            )
         return f"running since {d.started_at}"
     if seen.stopped_cleanly:
         return f"stopped at {d.stopped_at or _stamp(seen.written_at)}"

@@ -83,9 +83,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if not args.json:
         print(f"submitted {task_id} → {folder.shown(target)}")
         print(f"result: {folder.shown(result_path)}", flush=True)
-    if not probing.probe(folder.state_dir).serving:
+    seen = probing.probe(folder.state_dir)
+    stopping = seen.serving and seen.status is not None and seen.status.daemon.stopping_since
+    if not seen.serving or stopping:
         cli_common.warn(
-            "no daemon is serving this folder: the task will run when "
+            f"the daemon (pid {seen.pid}) is stopping: the task will run at its next start"
+            if stopping
+            else "no daemon is serving this folder: the task will run when "
             f"`{folder.serve_command()}` starts"
         )
         if args.wait:

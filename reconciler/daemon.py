@@ -230,6 +230,7 @@ class Daemon:
         self.server: api.Server | None = None
         self._last_status = b""
         self._status_at = 0.0  # time.monotonic() of its last write (or touch)
+        self._stopping_since: str | None = None  # set as the drain begins (status.json)
         self.taker = taking.Taker(the_spool, store, dispatcher, config, clock, self.wake)
         books.write_failed = self.taker.write_failed
 
@@ -374,8 +375,10 @@ class Daemon:
                     "running task(s) to finish (signal again to stop now).",
                     running=len(self.dispatcher.running),
                 )
+            self._stopping_since = clocks.rfc3339(self.clock.now())
+            self._write_status()  # says it stops: `orchctl submit --wait` need not wait
             await self.dispatcher.shutdown(
-                drain_s=drain_s, hurry=self.hurry_event, tick=self._apply_cancels
+                drain_s=drain_s, hurry=self.hurry_event, tick=self._while_draining
             )
             self.books.flush()  # the last finished tasks' files, before anything stops
             await self.tracer.flush()
@@ -414,6 +417,12 @@ class Daemon:
             self.dispatcher.pump()
         if settle:
             await self.books.settled()
+        self._write_status()
+
+    def _while_draining(self) -> None:
+        """Every tick of the drain: the cancel requests, and status.json kept fresh (the
+        drain may take longer than a reader waits for a daemon that stopped responding)."""
+        self._apply_cancels()
         self._write_status()
 
     def _apply_cancels(self) -> None:
@@ -467,6 +476,7 @@ class Daemon:
                 state="stopped" if stopping else "running",
                 url=self.server.url if self.server is not None and not stopping else None,
                 stopped_at=clocks.rfc3339(self.clock.now()) if stopping else None,
+                stopping_since=self._stopping_since if not stopping else None,
             ),
             config=statusfile.config_row(
                 str(config.path), config.revision, config.applied_at, config.errors

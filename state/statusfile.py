@@ -31,6 +31,11 @@ class DaemonRow(_Row):
     simulated: bool
     state: DaemonState
     stopped_at: str | None = Field(None, description="when the daemon stopped cleanly")
+    stopping_since: str | None = Field(
+        None,
+        description="while the daemon stops: since when (its running tasks drain, no new task "
+        "starts: a task delivered now runs at its next start)",
+    )
     url: str | None = Field(None, description="the HTTP API's address while it serves")
 
 

@@ -17,6 +17,7 @@ import pytest
 from reconciler import api_auth, logs
 from state import desired, errors
 from tests.conftest import Workspace, config, full_disk_under, task, wait_for, wait_terminal
+from tests.orchctl_support import orchctl
 
 pytestmark = pytest.mark.slow
 
@@ -1587,6 +1588,17 @@ async def test_a_cancel_sent_while_the_daemon_drains_is_carried_out(
         await wait_for(lambda: (workspace.result("long") or {}).get("status") == "running", 10)
         running.daemon.stop()  # the drain: up to 30 s for the 30 s task
         await asyncio.sleep(0.3)
+        # status says the daemon stops, and a task submitted now is not waited for in vain
+        assert workspace.status()["daemon"]["stopping_since"], workspace.status()["daemon"]
+        conf = ("--config", workspace.config_path)
+        shown = await asyncio.to_thread(orchctl, "status", *conf)
+        assert "STOPPING since" in shown.out, shown.out
+        late = workspace.root / "late.task.yaml"
+        late.write_text(json.dumps(task("late", max_tokens=2)))
+        t0 = time.monotonic()
+        ran = await asyncio.to_thread(orchctl, "submit", late, "--wait", *conf)
+        assert ran.code == 3 and "is stopping: the task will run at its next start" in ran.err
+        assert time.monotonic() - t0 < 5
         async with session.post(f"{base}/v1/tasks/long/cancel") as r:
             assert r.status in (200, 202), await r.text()
     t0 = time.monotonic()
