@@ -269,6 +269,18 @@ async def _headers(request: web.Request, handler: Handler) -> web.StreamResponse
                 f"the {name} header is not UTF-8 text",
                 hint=f"send {name} as ASCII (or UTF-8) text",
             )
+    codings = request.headers.get("Transfer-Encoding")
+    if codings is not None and [c.strip().lower() for c in codings.split(",")] != ["chunked"]:
+        # the parser frames the chunks and hands on the rest as it came: a gzip transfer
+        # coding would be read as if it were the body
+        request[_CLOSE] = True
+        raise ApiError(
+            ErrorCode.INVALID_PARAMS,
+            f"Transfer-Encoding {parsing.shortened(logs.writable(codings), 60)!r} is not "
+            "accepted: only chunked",
+            hint="send the body as it is (or chunked), and a compressed one with "
+            "Content-Encoding: gzip",
+        )
     return await handler(request)
 
 

@@ -112,6 +112,34 @@ async def test_a_content_encoding_the_daemon_cannot_decode_is_415(
     assert "gzip" in body["hint"]
 
 
+async def test_a_transfer_coding_other_than_chunked_is_refused_not_read_as_the_body(
+    workspace: Workspace, serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`Transfer-Encoding: gzip, chunked`: the parser framed the chunks and handed the
+    gzip bytes on as the body, refused as 'not UTF-8 (byte 1)'. The coding is named."""
+    import gzip
+
+    base = await _daemon(workspace, serve, monkeypatch)
+    data = gzip.compress(json.dumps(task("te1")).encode())
+    chunked = f"{len(data):x}\r\n".encode() + data + b"\r\n0\r\n\r\n"
+    head = (
+        b"POST /v1/tasks HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: gzip, chunked"
+    )
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(head + b"\r\n\r\n" + chunked)
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 10)  # the connection is closed after it
+    writer.close()
+    head_bytes, _, rest = answer.partition(b"\r\n\r\n")
+    body = json.loads(rest)
+    assert int(head_bytes.split()[1]) == 400, answer
+    assert "Transfer-Encoding 'gzip, chunked' is not accepted" in body["message"], body
+    assert "Content-Encoding: gzip" in body["hint"], body
+    assert workspace.result("te1") is None
+
+
 async def test_too_many_headers_is_431_in_the_envelope(
     workspace: Workspace, serve: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
