@@ -23,18 +23,43 @@ NAME = "openapi.yaml"
 
 ERROR = {"$ref": "#/components/schemas/ErrorEnvelope"}
 OBJECT: dict[str, Any] = {"type": "object"}
-TASK_ID = {"name": "task_id", "in": "path", "required": True, "schema": {"type": "string"}}
-SESSION_ID = {"name": "session_id", "in": "path", "required": True, "schema": {"type": "string"}}
-POOL_ID = {"name": "pool_id", "in": "path", "required": True, "schema": {"type": "string"}}
-MODEL_ID = {"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}
+# an id in a path: what state.ids.is_safe_id takes (and no '..', which a pattern cannot say)
+ID = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"}
+
+
+def _path_id(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": ID}
+
+
+def _query(name: str, schema: dict[str, Any], description: str = "") -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "schema": schema} | (
+        {"description": description} if description else {}
+    )
+
+
+TASK_ID = _path_id("task_id")
+SESSION_ID = _path_id("session_id")
+POOL_ID = _path_id("pool_id")
+MODEL_ID = _path_id("model_id")
 ARTIFACT_ID = {
     "name": "artifact_id",
     "in": "path",
     "required": True,
-    "schema": {"type": "string"},
+    "schema": {"type": "string", "pattern": "^(sha256:)?[0-9a-f]{64}$"},
 }
 LAST_EVENT_ID = {
     "name": "Last-Event-ID",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string", "pattern": "^[0-9]+$"},
+}
+FLAG = {"enum": ["true", "false", "1", "0", "yes", "no"]}
+STREAM_QUERY = [
+    _query("last_event_id", {"type": "string", "pattern": "^[0-9]+$"}, "as Last-Event-ID"),
+    _query("cancel_on_disconnect", FLAG, "cancel the task when this stream's client leaves"),
+]
+IF_NONE_MATCH = {
+    "name": "If-None-Match",
     "in": "header",
     "required": False,
     "schema": {"type": "string"},
@@ -69,7 +94,9 @@ def _model(name: str) -> dict[str, Any]:
 
 
 def _errors(*codes: int) -> dict[str, Any]:
-    return {str(c): _json(ERROR, "the error envelope") for c in (*codes, 401, 403)}
+    """The envelope for `codes`, and for what every route may answer: 401 and 403 (the
+    token and origin checks), 405 (another method, with `Allow`)."""
+    return {str(c): _json(ERROR, "the error envelope") for c in (*codes, 401, 403, 405)}
 
 
 OPENAI_ERROR = {
@@ -81,7 +108,7 @@ OPENAI_ERROR = {
 
 def _openai(*codes: int) -> dict[str, Any]:
     """OpenAI's routes answer errors in OpenAI's shape; auth refusals keep the envelope."""
-    out = {str(c): _json(OPENAI_ERROR, "OpenAI's error shape") for c in codes}
+    out = {str(c): _json(OPENAI_ERROR, "OpenAI's error shape") for c in (*codes, 405)}
     return out | {"401": _json(OBJECT, "refused"), "403": _json(OBJECT, "refused")}
 
 
@@ -109,6 +136,7 @@ SSE = {
     "description": "Server-Sent Events",
     "content": {"text/event-stream": {"schema": {"type": "string"}}},
 }
+ENDED = {"description": "resumed at or past the end: nothing more will come"}
 
 PATHS: dict[str, dict[str, Any]] = {
     "/v1/tasks": {
@@ -121,28 +149,31 @@ PATHS: dict[str, dict[str, Any]] = {
     "/v1/tasks/{task_id}": {
         "get": _op(
             "The task's result file (or `delivered` while it waits in the spool)",
-            {"200": _json(OBJECT), **_errors(400, 404)},
+            {
+                "200": _json(OBJECT, "its result (schema Result), or `delivered`"),
+                **_errors(400, 404, 500),
+            },
             parameters=[TASK_ID],
         ),
     },
     "/v1/tasks/{task_id}/events": {
         "get": _op(
             "The task's event log as SSE; Last-Event-ID resumes",
-            {"200": SSE, **_errors(400, 404)},
-            parameters=[TASK_ID, LAST_EVENT_ID],
+            {"200": SSE, "204": ENDED, **_errors(400, 404)},
+            parameters=[TASK_ID, LAST_EVENT_ID, *STREAM_QUERY],
         ),
     },
     "/v1/tasks/{task_id}/stream": {
         "get": _op(
             "The same stream under the digest's name",
-            {"200": SSE, **_errors(400, 404)},
-            parameters=[TASK_ID, LAST_EVENT_ID],
+            {"200": SSE, "204": ENDED, **_errors(400, 404)},
+            parameters=[TASK_ID, LAST_EVENT_ID, *STREAM_QUERY],
         ),
     },
     "/v1/tasks/{task_id}/cancel": {
         "post": _op(
             "Request a cancel (idempotent)",
-            {"200": _json(OBJECT), "202": _json(OBJECT), **_errors(400, 404)},
+            {"200": _json(OBJECT), "202": _json(OBJECT), **_errors(400, 404, 500, 503)},
             parameters=[TASK_ID],
         ),
     },
@@ -175,7 +206,7 @@ PATHS: dict[str, dict[str, Any]] = {
             "Drain a pool's replicas and start none until a reload",
             {"200": _json(OBJECT), "202": _json(OBJECT), **_errors(400, 404, 413, 415)},
             parameters=[POOL_ID],
-            requestBody=_body(OBJECT),
+            requestBody=_body(OBJECT) | {"required": False},
         ),
     },
     "/v1/pools/{pool_id}/reload": {
@@ -212,11 +243,25 @@ PATHS: dict[str, dict[str, Any]] = {
             {"200": _json(OBJECT), "201": _json(OBJECT), **_errors(400, 413, 415)},
             requestBody=_body(_model("Artifact")),
         ),
-        "get": _op("Stored artifacts", {"200": _json(OBJECT), **_errors(400)}),
+        "get": _op(
+            "Stored artifacts",
+            {"200": _json(OBJECT), **_errors(400)},
+            parameters=[
+                _query("kind", {"type": "string"}),
+                _query("limit", {"type": "string", "pattern": "^[0-9]+$"}),
+                {**_query("tag", {"type": "string"}), "explode": True},
+            ],
+        ),
     },
     "/v1/artifacts/{artifact_id}": {
         "get": _op(
-            "One artifact", {"200": _json(OBJECT), **_errors(400, 404)}, parameters=[ARTIFACT_ID]
+            "One artifact",
+            {
+                "200": _json(OBJECT),
+                "304": {"description": "unchanged: If-None-Match named its ETag"},
+                **_errors(400, 404),
+            },
+            parameters=[ARTIFACT_ID, IF_NONE_MATCH],
         ),
     },
     "/v1/models": {
@@ -243,11 +288,14 @@ PATHS: dict[str, dict[str, Any]] = {
     },
     "/metrics": {
         "get": _op(
-            "Prometheus text",
+            "Prometheus text (OpenMetrics when the scraper's Accept asks for it)",
             {
                 "200": {
                     "description": "metrics",
-                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                    "content": {
+                        "text/plain": {"schema": {"type": "string"}},
+                        "application/openmetrics-text": {"schema": {"type": "string"}},
+                    },
                 },
                 **_errors(),
             },

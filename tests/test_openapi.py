@@ -62,7 +62,7 @@ def test_schemathesis_finds_no_server_error_and_no_answer_outside_the_schema(
             "--max-examples",
             "8",
             "--checks",
-            "not_a_server_error,response_schema_conformance",
+            "not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance",
             "--phases",
             "examples,coverage,fuzzing",
             "--exclude-path",
@@ -100,3 +100,50 @@ def _wait_url(ws: Workspace) -> str:
             pass
         time.sleep(0.1)
     raise AssertionError("the daemon never wrote its URL")
+
+
+async def test_answers_a_route_gives_are_in_the_document(workspace: Workspace, serve: Any) -> None:
+    """Answers schemathesis rarely provokes, each checked against the document: a resume
+    past the end (204), an unchanged artifact (304), OpenMetrics on request, another method
+    (405), a drain without a body; and the query parameters the stream routes take."""
+    import aiohttp
+
+    from tests.conftest import task, wait_terminal
+
+    doc = openapi.document()
+    running = await serve()
+    base = str(running.daemon.server.url).rstrip("/")
+
+    def documented(path: str, method: str, status: int, content_type: str | None) -> None:
+        answers = doc["paths"][path][method]["responses"]
+        assert str(status) in answers, (path, method, status)
+        if content_type and "content" in answers[str(status)]:
+            assert content_type.split(";")[0] in answers[str(status)]["content"], content_type
+
+    workspace.submit("d1.task.yaml", task("d1", max_tokens=2))
+    await wait_terminal(workspace, "d1")
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{base}/v1/tasks/d1/events?last_event_id=999") as r:
+            documented("/v1/tasks/{task_id}/events", "get", r.status, None)
+            assert r.status == 204
+        async with s.post(f"{base}/v1/artifacts", json={"kind": "other", "content": "x"}) as r:
+            where = r.headers["Location"]
+        async with s.get(f"{base}{where}") as r:
+            etag = r.headers["ETag"]
+        async with s.get(f"{base}{where}", headers={"If-None-Match": etag}) as r:
+            documented("/v1/artifacts/{artifact_id}", "get", r.status, None)
+            assert r.status == 304
+        accept = {"Accept": "application/openmetrics-text; version=1.0.0"}
+        async with s.get(f"{base}/metrics", headers=accept) as r:
+            documented("/metrics", "get", r.status, r.headers["Content-Type"])
+        async with s.put(f"{base}/v1/tasks") as r:
+            documented("/v1/tasks", "post", r.status, r.headers["Content-Type"])
+            assert r.status == 405
+        async with s.post(f"{base}/v1/pools/p1/drain") as r:  # no body
+            assert r.status == 202
+            assert (
+                doc["paths"]["/v1/pools/{pool_id}/drain"]["post"]["requestBody"]["required"]
+                is False
+            )
+    stream = doc["paths"]["/v1/tasks/{task_id}/events"]["get"]["parameters"]
+    assert {"last_event_id", "cancel_on_disconnect"} <= {p["name"] for p in stream}
