@@ -47,7 +47,7 @@ from reconciler.cli_common import (
     EXIT_USAGE,
     Refused,
 )
-from state import desired, errors
+from state import desired, errors, failpoints
 
 __all__ = ["EXIT_ENV", "EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "main", "run"]
 
@@ -66,6 +66,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Run the verb `args.func`; every way it can end becomes an exit code."""
+    if failpoints.ENV_PROBLEM is not None:  # a crash test's variable, set wrong
+        print(
+            f"orchctl: ORCH_FAILPOINTS: {failpoints.ENV_PROBLEM}\n"
+            "hint: unset the ORCH_FAILPOINTS* variables (they arm the crash tests' failpoints), "
+            "or give them as NAME=ACTION[,NAME=ACTION...]",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     try:
         code: int = args.func(args)
         sys.stdout.flush()

@@ -178,8 +178,14 @@ def _trace(path: str, line: str) -> None:
         os.close(fd)
 
 
-configure(
-    os.environ.get("ORCH_FAILPOINTS", ""),
-    random_spec=os.environ.get("ORCH_FAILPOINTS_RANDOM"),
-    trace=os.environ.get("ORCH_FAILPOINTS_TRACE"),
-)
+# what is wrong with the ORCH_FAILPOINTS* variables, None when nothing: `orchctl` refuses to
+# run with it (one line, exit 2) rather than every import of this module failing
+ENV_PROBLEM: str | None = None
+try:
+    configure(
+        os.environ.get("ORCH_FAILPOINTS", ""),
+        random_spec=os.environ.get("ORCH_FAILPOINTS_RANDOM"),
+        trace=os.environ.get("ORCH_FAILPOINTS_TRACE"),
+    )
+except ValueError as _exc:
+    ENV_PROBLEM = str(_exc)

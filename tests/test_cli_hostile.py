@@ -236,3 +236,20 @@ def test_a_number_an_option_cannot_mean_is_a_usage_error_naming_it(
     assert ran.code == 2, ran
     option = next(a for a in argv if a.startswith("--") and a not in ("--wait", "--simulate"))
     assert f"argument {option}" in ran.err and "is not" in ran.err, ran.err
+
+
+def test_a_misspelt_failpoint_variable_is_one_line_and_exit_2_not_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ORCH_FAILPOINTS arms the crash tests' failpoints; set wrong, every orchctl command
+    printed a 20-line traceback from the import."""
+    from tests.orchctl_support import orchctl_process
+
+    monkeypatch.setenv("ORCH_FAILPOINTS", "after_claim")  # no =ACTION
+    ran = orchctl_process("status", "--config", tmp_path / "orch.yaml")
+    assert ran.code == 2, ran
+    assert (
+        ran.err_lines[0]
+        == "orchctl: ORCH_FAILPOINTS: failpoint 'after_claim': expected NAME=ACTION"
+    )
+    assert ran.err_lines[1].startswith("hint: unset the ORCH_FAILPOINTS* variables")
