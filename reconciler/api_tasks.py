@@ -356,13 +356,16 @@ def _resume_after(request: web.Request) -> int:
     # ASCII digits alone: int() also takes '١', '+3', '1_0' and a sign
     if digits.startswith("-") and digits[1:].isascii() and digits[1:].isdigit():
         raise ApiError(ErrorCode.INVALID_PARAMS, f"{name} must be 0 or more", hint=_RESUME_HINT)
-    if not (digits.isascii() and digits.isdigit() and len(digits) <= 20):
+    if not (digits.isascii() and digits.isdigit()):
         raise ApiError(
             ErrorCode.INVALID_PARAMS,
             f"{name} {logs.writable(given[:40])!r} is not an event id",
             hint=_RESUME_HINT,
         )
-    return int(digits)
+    # leading zeros are a number still; one past any log's last id is as good as any bigger
+    # (and a header line is at most 8 KiB: no huge int is built from it)
+    significant = digits.lstrip("0")
+    return int(significant) if 0 < len(significant) <= 20 else (0 if not significant else 10**20)
 
 
 async def task_events(request: web.Request) -> web.StreamResponse:
