@@ -185,6 +185,16 @@ def check(
             hint=f"ask for at most {limit} tokens",
         )
     ctx = max(p.ctx for p in live)
+    prompt = prompt_tokens(task)
+    if prompt >= ctx:  # the prompt alone fills the context: max_tokens is not the fault
+        field = "prompt" if task.messages is None else "messages"
+        return errors.envelope(
+            ErrorCode.INVALID_PARAMS,
+            f"{field}: about {prompt} tokens, more than the context of {ctx} tokens per "
+            "slot holds before a token is generated",
+            hint=f"shorten the {field} (to well under {ctx * BYTES_PER_TOKEN // 1024} KiB of "
+            "text), or raise the pool's ctx",
+        )
     if context_tokens(task) > ctx:
         return errors.envelope(
             ErrorCode.INVALID_PARAMS,

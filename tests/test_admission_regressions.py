@@ -400,3 +400,23 @@ async def test_a_burst_over_the_capacity_is_refused_as_a_full_queue_not_a_lowere
         if r["status"] == "rejected":
             seconds = -(-r["error"]["retry_after_ms"] // 1000)
             assert f"retry in {seconds} s or raise queue.capacity" in r["error"]["hint"], r
+
+
+async def test_a_prompt_that_alone_fills_the_context_is_blamed_not_max_tokens(
+    workspace: Workspace, serve: Any
+) -> None:
+    """A prompt longer than the slot's context was refused as `max_tokens` at fault (`lower
+    max_tokens`), though the client sent none over: the prompt is named, with its fix."""
+    cfg = config()
+    cfg["pools"][0]["ctx"] = 1024
+    workspace.write_config(cfg)
+    await serve()
+    workspace.submit("long.task.yaml", task("long", prompt="word " * 2000, max_tokens=1))
+    refused = await wait_terminal(workspace, "long")
+    assert refused["status"] == "rejected", refused
+    assert refused["error"]["message"].startswith("prompt: about 2500 tokens, more than"), refused
+    assert "max_tokens" not in refused["error"]["hint"], refused
+    chat = [{"role": "user", "content": "word " * 2000}]
+    workspace.submit("chat.task.yaml", task("chat", prompt=None, messages=chat, max_tokens=1))
+    refused = await wait_terminal(workspace, "chat")
+    assert refused["error"]["message"].startswith("messages: about"), refused

@@ -212,9 +212,14 @@ async def test_what_cannot_be_honoured_is_refused_naming_the_field(
         ({"tool_choice": "required"}, openai.BadRequestError, "tool_choice"),
         # refused by admission, past the request's own checks: more than the context holds
         (
-            {"messages": [{"role": "user", "content": "word " * 3000}]},
+            {"messages": [{"role": "user", "content": "word " * 3000}]},  # alone over ctx
             openai.BadRequestError,
-            "max_tokens",
+            "messages",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "word " * 1000}], "max_tokens": 1500},
+            openai.BadRequestError,
+            "max_tokens",  # the two together over ctx: what it may generate is cut first
         ),
         # and by the task file's own bounds
         (
