@@ -64,12 +64,14 @@ def load(config: desired.DesiredState, base: Path, *, bind_host: str) -> Auth:
     """The token and policy of `config`; raises ConfigProblem for a non-loopback bind
     without a token (the server must not be reachable from the network unprotected)."""
     token = os.environ.get(config.auth.token_env) or None
+    source = f"auth.token_env: the API token in ${config.auth.token_env}"
     warnings: list[str] = []
     if config.auth.token_file:
         path = desired.resolve(base, config.auth.token_file)
         try:
             token = path.read_text(encoding="utf-8").strip() or None
             mode = path.stat().st_mode & 0o777
+            source = f"auth.token_file: the API token in {path}"
         except (OSError, UnicodeDecodeError) as exc:
             why = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
             raise errors.ConfigProblem(f"auth.token_file: cannot read {path}: {why}") from None
@@ -79,9 +81,11 @@ def load(config: desired.DesiredState, base: Path, *, bind_host: str) -> Auth:
                 f"chmod 600 {path}"
             )
     if token is not None and (len(token) < 16 or any(not 33 <= ord(c) <= 126 for c in token)):
+        short = len(token) < 16
         raise errors.ConfigProblem(
-            "the API token must be at least 16 printable ASCII characters without spaces "
-            "(HTTP clients send no other), e.g. `openssl rand -hex 24`"
+            f"{source} is {f'{len(token)} characters' if short else 'not printable ASCII'}: "
+            "it must be at least 16 printable ASCII characters without spaces (HTTP clients "
+            "send no other); make one with `openssl rand -hex 24`"
         )
     if token is None and not is_loopback_host(bind_host):
         raise errors.ConfigProblem(

@@ -147,9 +147,10 @@ def _listening(path: Path, state: desired.DesiredState, node: yaml.Node | None) 
 
 
 def _auth_field(message: str) -> tuple[str, ...]:
-    if message.startswith("auth.token_file"):
-        return ("auth", "token_file")
-    return ("server", "bind") if message.startswith("server.bind") else ("auth",)
+    for field in ("auth.token_file", "auth.token_env", "server.bind"):
+        if message.startswith(field):
+            return tuple(field.split("."))
+    return ("auth",)
 
 
 def _at(

@@ -438,6 +438,16 @@ def test_a_network_bind_without_a_token_fails_validate_as_it_fails_serve(
     ]
     monkeypatch.setenv("AUTH_TOKEN", "0123456789abcdef0123")
     assert orchctl("validate", config).out_lines == [f"{config}: ok"]
+    # a token too short names where it came from, and how to make one
+    monkeypatch.setenv("AUTH_TOKEN", "short")
+    config.write_text(CONFIG + 'server: {bind: "0.0.0.0:8080"}\nauth: {token_env: AUTH_TOKEN}\n')
+    ran = orchctl("validate", config)
+    assert ran.code == 2
+    assert ran.out_lines == [
+        f"{config}:{len(CONFIG.splitlines()) + 2}:19: auth.token_env: the API token in "
+        "$AUTH_TOKEN is 5 characters: it must be at least 16 printable ASCII characters "
+        "without spaces (HTTP clients send no other); make one with `openssl rand -hex 24`"
+    ]
 
 
 def test_the_rename_hint_keeps_the_files_own_suffix(config: Path) -> None:
