@@ -276,6 +276,22 @@ def validation_errors(
             given = parsing.shortened(str(written or err["input"].isoformat()), 40)
             message = f"{message} (got {given}, which YAML reads as a date)"
             hint = f'quote it to keep it as text: "{given}"'
+        elif isinstance(err.get("input"), bool) and err["type"] != "bool_type":
+            # YAML 1.1 reads yes/no/on/off (and y/n) as true/false, where no boolean is meant
+            scalar = node_at(node, loc)
+            written = scalar.value if isinstance(scalar, yaml.ScalarNode) else None
+            shown_as = str(err["input"]).lower()
+            if written is not None and written.lower() != shown_as:
+                given = parsing.shortened(written, 40)
+                message = f"{message} (got {given}, which YAML reads as the boolean {shown_as})"
+                if err["type"] == "string_type":
+                    hint = f'quote it to keep it as text: "{given}"'
+                elif err["type"] in ("int_type", "int_parsing"):
+                    hint = "write a whole number"
+                else:
+                    hint = "write a value this field takes (not yes/no/on/off)"
+            else:
+                message = f"{message} (got {shown_as})"
         elif "input" in err and err["type"] not in ("model_type", "dict_type", "value_error"):
             message = f"{message} (got {parsing.short(err['input'])})"
         # a validator's message may quote the user's value whole (a 100,000-character id)

@@ -424,6 +424,23 @@ def test_an_unquoted_value_yaml_reads_as_text_or_a_date_is_said_so_not_called_qu
     )
 
 
+def test_a_yes_or_on_yaml_reads_as_a_boolean_is_said_so_not_shown_as_true(config: Path) -> None:
+    """YAML 1.1 reads yes/no/on/off as booleans: `max_tokens: on` was 'got True' with a hint
+    that did not apply."""
+    t = task_file(config.parent, "model: m1\nprompt: hi\nmax_tokens: on\n")
+    ran = orchctl("validate", "--config", config, t)
+    assert ran.out_lines[1] == (
+        f"{t}:3:13: max_tokens: should be a valid integer (got on, which YAML reads as the "
+        "boolean true) (hint: write a whole number)"
+    )
+    t = task_file(config.parent, "task_id: no\nmodel: m1\nprompt: hi\nmax_tokens: 5\n")
+    ran = orchctl("validate", "--config", config, t)
+    assert ran.out_lines[1] == (
+        f"{t}:1:10: task_id: should be a valid string (got no, which YAML reads as the "
+        'boolean false) (hint: quote it to keep it as text: "no")'
+    )
+
+
 def test_a_network_bind_without_a_token_fails_validate_as_it_fails_serve(
     config: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
