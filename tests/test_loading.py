@@ -368,7 +368,7 @@ def test_a_clean_small_task_file_is_parsed_without_building_its_tree(
 
 
 @pytest.mark.parametrize(
-    ("value", "shown"), [('"4"', "'4'"), ("true", "True"), ("4.0", "4.0"), ('"8k"', "'8k'")]
+    ("value", "shown"), [('"4"', "'4'"), ("true", "(got true)"), ("4.0", "4.0"), ('"8k"', "'8k'")]
 )
 def test_a_number_given_as_text_or_a_boolean_is_refused_not_converted(
     tmp_path: Path, value: str, shown: str
