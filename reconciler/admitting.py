@@ -106,6 +106,13 @@ def announce(d: dispatch.Dispatcher) -> list[tuple[tasking.TaskRun, Exception]]:
         log.exception("could not estimate the starts of %d queued tasks", len(live))
         places = {e.task_id: n for n, e in enumerate(order)}
         found = {e.task_id: rates.Estimate(places[e.task_id], None, None) for e in live}
+    # the tasks idle slots take at the next dispatch wait behind nobody and hold no place:
+    # a task is told how many that will still wait are ahead of it, not those starting now
+    starting = _starting(d, _free_slots(d))
+    waiting_ahead, ahead = {}, 0
+    for e in order:
+        waiting_ahead[e.task_id] = 0 if e.task_id in starting else ahead
+        ahead += e.task_id not in starting
     failed: list[tuple[tasking.TaskRun, Exception]] = []
     for entry in live:
         run, estimate = entry.payload, found[entry.task_id]
@@ -113,7 +120,7 @@ def announce(d: dispatch.Dispatcher) -> list[tuple[tasking.TaskRun, Exception]]:
         try:
             d.books.queued(
                 run,
-                position=estimate.position,
+                position=waiting_ahead.get(entry.task_id, estimate.position),
                 predicted_start_ms=None if estimate.start_ms is None else round(estimate.start_ms),
                 on_time_probability=estimate.on_time_probability,
                 budgets=run.result.budgets,

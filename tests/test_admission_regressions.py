@@ -420,3 +420,24 @@ async def test_a_prompt_that_alone_fills_the_context_is_blamed_not_max_tokens(
     workspace.submit("chat.task.yaml", task("chat", prompt=None, messages=chat, max_tokens=1))
     refused = await wait_terminal(workspace, "chat")
     assert refused["error"]["message"].startswith("messages: about"), refused
+
+
+async def test_a_burst_is_told_its_places_among_the_tasks_that_will_wait(
+    workspace: Workspace, serve: Any
+) -> None:
+    """Four tasks landing at once on two idle slots: two start at once and hold no place, so
+    the other two are first and second to wait (positions 0 and 1), not 2 and 3."""
+    cfg = config()
+    cfg["pools"][0].update(slots=2, sim={"tokens_per_s": 20, "load_s": 0.0})
+    workspace.write_config(cfg)
+    await serve()
+    staged = []
+    for i in range(4):
+        staged.append(workspace.spool.tmp / f"qp{i}.task.yaml")
+        staged[-1].write_text(yaml.safe_dump(task(f"qp{i}", max_tokens=20)))
+    for path in staged:
+        path.rename(workspace.spool.incoming / path.name)
+    for i in range(4):
+        await wait_for(lambda i=i: workspace.frames(f"qp{i}"), 10, f"qp{i} queued")
+    places = sorted(workspace.frames(f"qp{i}")[0].data["queue_position"] for i in range(4))
+    assert places == [0, 0, 0, 1], places
