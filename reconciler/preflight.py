@@ -20,7 +20,15 @@ from typing import Any
 
 import yaml
 
-from plugins import engine_llamacpp, gguf_info, gguf_reading, gpu_nvml, gpu_simulated, registry
+from plugins import (
+    engine_llamacpp,
+    gguf_info,
+    gguf_reading,
+    gpu_nvml,
+    gpu_simulated,
+    llamacpp_builds,
+    registry,
+)
 from reconciler import resolving, specs
 from state import desired, errors, loading, parsing
 
@@ -224,7 +232,7 @@ def _engines(pools: list[dict[str, Any]], engines: Any, report: Report) -> None:
         return
     config = engines.get("llamacpp") if isinstance(engines, dict) else None
     try:
-        engine_llamacpp.find_binary({"engine": config if isinstance(config, dict) else {}})
+        found = engine_llamacpp.find_binary({"engine": config if isinstance(config, dict) else {}})
     except errors.EnvironmentMissing as exc:
         explicit = isinstance(config, dict) and config.get("binary")
         loc = ("engines", "llamacpp", "binary") if explicit else ("pools", users[0], "engine")
@@ -232,6 +240,18 @@ def _engines(pools: list[dict[str, Any]], engines: Any, report: Report) -> None:
             loc,
             f"{exc.what}: llamacpp pools cannot start until it is there",
             " ".join(exc.fix.split()),
+            warning=True,
+        )
+        return
+    record = llamacpp_builds.read_record(found)
+    cpu_only = record.backend == "cpu" if record else found.parent.parent.name.endswith("-cpu")
+    if cpu_only and not engine_llamacpp.cpu_inference_allowed():
+        report(
+            ("pools", users[0], "engine"),
+            f"the only llama-server here is a CPU-only build ({found}): llamacpp pools refuse "
+            "it (they run on GPUs only) and cannot start",
+            "run `orchctl up` to build llama.cpp with CUDA, or set engines.llamacpp.binary in "
+            "orch.yaml to a CUDA build of llama-server",
             warning=True,
         )
 

@@ -155,6 +155,42 @@ pools:
     assert len(lines) == 7
 
 
+def test_a_cpu_only_build_is_no_engine_for_llamacpp_pools(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CPU-only llama-server (the tests' build) was taken by validate as the engine, while
+    the daemon refuses it (GPU-only) and doctor does not count it."""
+    from plugins import llamacpp_builds
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("LLAMA_ORCH_TEST_ALLOW_CPU_INFERENCE", raising=False)
+    binary = tmp_path / ".cache/llama-orch/llama.cpp/0.3.36-cpu/bin/llama-server"
+    binary.parent.mkdir(parents=True)
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    record = llamacpp_builds.EngineBuild(
+        key="0.3.36-cpu",
+        version="0.3.36",
+        source="pypi:0.3.36",
+        backend="cpu",
+        cuda_archs=[],
+        path=str(binary),
+        built_at="2026-01-02T03:04:05+00:00",
+    )
+    (binary.parent / "engine.json").write_text(record.model_dump_json())
+    p = tmp_path / "orch.yaml"
+    p.write_text(
+        "version: 1\ngpus: {observer: simulated, inventory: inventory.yaml}\n"
+        "models: {m: {ref: 'file:m.gguf', size_mib: 100}}\n"
+        "pools: [{id: p, engine: llamacpp, model: m}]\n"
+    )
+    (tmp_path / "inventory.yaml").write_text("gpus: [{index: 0, name: X, vram_total_mib: 24000}]\n")
+    ran = orchctl("validate", p)
+    said = [ln for ln in ran.out_lines if "pools[0].engine" in ln]
+    assert said and "is a CPU-only build" in said[0] and "orchctl up" in said[0], ran.out
+
+
 def test_an_unused_model_with_no_resolver_is_only_a_warning(tmp_path: Path) -> None:
     p = tmp_path / "orch.yaml"
     p.write_text(
