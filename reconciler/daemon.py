@@ -270,6 +270,7 @@ class Daemon:
         try:
             helper.start()
             self.books.committer = helper.commit
+            self._say_stranded()  # before its copy is replaced by this one's
             self.config.keep_last_good()  # this daemon serves the folder: its copy now
             return await self._serve()
         finally:
@@ -284,6 +285,33 @@ class Daemon:
                 atomic.sweep_leftovers(folder, pid=os.getpid())
             sys.setswitchinterval(switch)
             lock.release()
+
+    def _say_stranded(self) -> None:
+        """Warn of task files left in the spool of the config served last, when paths.spool
+        has changed since (a restart-only edit): nothing would ever take them."""
+        last = self.config.last_good_path
+        if not last.is_file() or self.config.from_last_good:
+            return
+        loaded = desired.load_desired(last, known_engines=self.config.known_engines)
+        if loaded.value is None:
+            return
+        old = spool.Spool(desired.resolve(self.config.base, loaded.value.paths.spool))
+        with contextlib.suppress(OSError):
+            if old.root.resolve() == self.spool.root.resolve():
+                return
+        waiting = len(spool.incoming_names(old)) + len(spool.active_names(old))
+        if waiting:
+            logs.emit(
+                log,
+                "spool.stranded",
+                f"{waiting} task file(s) wait in {old.root} (incoming/, active/), the spool of "
+                f"the config served last; paths.spool is now {self.spool.root}, so nothing "
+                f"will take them. To run them: mv {old.incoming}/* {old.active}/* "
+                f"{self.spool.incoming}/",
+                level=30,
+                old_spool=str(old.root),
+                waiting=waiting,
+            )
 
     def _written(self) -> tuple[Path, ...]:
         """The folders this daemon alone writes files in by temporary name and rename."""

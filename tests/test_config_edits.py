@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 import os
 import shutil
 from typing import Any
@@ -560,3 +561,23 @@ async def test_a_queued_task_whose_pool_an_edit_takes_away_fails_saying_orch_yam
         result = await wait_terminal(workspace, name, 10)
         assert result["status"] == "failed", result
         assert result["error"]["message"].endswith("(orch.yaml changed while the task waited)")
+
+
+async def test_tasks_left_in_the_old_spool_after_paths_spool_changed_are_said_so(
+    workspace: Workspace, serve: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """paths.spool is read at the start only: changed while the daemon was stopped, the
+    tasks still waiting in the old spool were stranded without a word."""
+    cfg = config()
+    workspace.write_config(cfg)
+    running = await serve()
+    await running.stop()
+    for name in ("left1", "left2"):
+        workspace.submit(f"{name}.task.yaml", task(name))  # into the old spool, no daemon
+    cfg["paths"] = {"spool": "spool2"}
+    workspace.write_config(cfg)
+    with caplog.at_level(logging.WARNING):
+        await serve()
+    said = [r.getMessage() for r in caplog.records if "wait in" in r.getMessage()]
+    assert said and said[0].startswith(f"2 task file(s) wait in {workspace.spool.root}"), said
+    assert f"mv {workspace.spool.incoming}/*" in said[0]
