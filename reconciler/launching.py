@@ -78,7 +78,7 @@ async def serve(args: argparse.Namespace, plan: Plan) -> int:
             run.cancel()
             return 130
         outcomes = run.result()
-        print(report(plan, d, outcomes))
+        print(report(plan, d, outcomes, staying=not args.stop_after_smoke))
         if not all(o.ok for o in outcomes):
             return EXIT_FAILED
         if args.stop_after_smoke:
@@ -131,7 +131,11 @@ async def until_ready(d: daemon.Daemon, job: asyncio.Task[int]) -> str | None:
     return None
 
 
-def report(plan: Plan, d: daemon.Daemon, outcomes: list[smoking.Outcome]) -> str:
+def report(
+    plan: Plan, d: daemon.Daemon, outcomes: list[smoking.Outcome], *, staying: bool = True
+) -> str:
+    """The summary `up` prints; `staying`: the daemon goes on serving (else it stops now,
+    and the next step is to serve)."""
     passed = sum(o.ok for o in outcomes)
     status = d.status()
     pools = ", ".join(
@@ -152,7 +156,10 @@ def report(plan: Plan, d: daemon.Daemon, outcomes: list[smoking.Outcome]) -> str
         *(f"  note     {n}" for n in plan.notes),
         "",
         f"next, from another terminal: orchctl submit {_task_file(plan)} "
-        f"--config {plan.config} --wait",
+        f"--config {plan.config} --wait"
+        if staying
+        else f"next: orchctl serve --config {plan.config} (this run stops now), then "
+        f"orchctl submit {_task_file(plan)} --config {plan.config} --wait",
     ]
     return "\n".join(lines)
 

@@ -47,6 +47,9 @@ def test_up_simulate_serves_the_simulated_workstation_and_passes_the_smoke(
     for check in ("a task streams", "a cancel stops tokens", "the same seed gives the same text"):
         assert f"    ok    {check}: " in out
     assert ran.out_lines[-1] == "==> stopped: engines stopped, nothing left running"
+    # it stops after the smoke: the next step is to serve, not to submit to what stopped
+    assert f"next: orchctl serve --config {config} (this run stops now), then " in out
+    assert "from another terminal" not in out
     assert (config.parent / "inventory.yaml").is_file()
     assert (config.parent / "hello.task.yaml").is_file()
     assert orchctl("validate", config).code == 0
