@@ -43,7 +43,11 @@ def add_verb(verb: Any, config: Any) -> None:
         metavar="POOL",
         help="only this pool (repeat for several; default: every Ready pool)",
     )
-    d.add_argument("--out", type=Path, help="the report folder (default: proof/determinism/RUN)")
+    d.add_argument(
+        "--out",
+        type=Path,
+        help="the report folder (default: proof/determinism/RUN beside orch.yaml)",
+    )
     add_connection(d, config)
 
 
@@ -110,7 +114,7 @@ def cmd_determinism(args: argparse.Namespace) -> int:
             f"the daemon stopped answering during the suite: {exc}",
             hint="start it again (`orchctl serve`) and run the suite again",
         ) from None
-    out = args.out or Path("proof") / "determinism" / run_id
+    out = args.out or Path(args.config).parent / "proof" / "determinism" / run_id
     written = write_bundle(out, run, verdict, streams)
     print(summary(verdict))
     print(f"report: {written}")

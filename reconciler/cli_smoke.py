@@ -27,7 +27,11 @@ from reconciler.cli_common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Refused
 
 def add_verb(verb: Any, config: Any) -> None:
     s = verb("smoke", cmd_smoke, "walk the home reference smoke checklist against the daemon")
-    s.add_argument("--out", type=Path, help="the report folder (default: proof/home-smoke/RUN)")
+    s.add_argument(
+        "--out",
+        type=Path,
+        help="the report folder (default: proof/home-smoke/RUN beside orch.yaml)",
+    )
     s.add_argument(
         "--determinism-seeds",
         type=cli_common.positive,
@@ -41,7 +45,7 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     if args.determinism_seeds < 1:
         raise Refused(EXIT_USAGE, "--determinism-seeds must be 1 or more")
     run_id = time.strftime("%Y%m%d-%H%M%S")
-    out: Path = args.out or Path("proof") / "home-smoke" / run_id
+    out: Path = args.out or Path(args.config).parent / "proof" / "home-smoke" / run_id
     cli_common.report_folder(out, keep=False)  # before the checks run: their results kept
     client = cli_determinism.client_for(args)
     out.mkdir(parents=True, exist_ok=True)

@@ -242,3 +242,18 @@ async def test_bad_options_are_refused_before_anything_runs(tmp_path: Path, caps
     under = afile / "sub"
     code = await orchctl("determinism", "--url", "http://127.0.0.1:9", "--out", str(under))
     assert code == 2 and "cannot take the report: Not a directory" in capsys.readouterr().err
+
+
+async def test_the_default_report_folder_is_beside_orch_yaml_not_the_working_folder(
+    workspace: Workspace, serve: Any, capsys: Any
+) -> None:
+    """Every command works on the folder of its --config: the report too (it went under
+    whatever folder the command was run from)."""
+    workspace.write_config(two_gpu_lanes())
+    await serve()
+    code = await orchctl("determinism", "--config", str(workspace.config_path), "--seeds", "1")
+    said = capsys.readouterr().out
+    assert code == 0, said
+    written = Path(said.splitlines()[-1].removeprefix("report: "))
+    assert written.resolve().is_relative_to((workspace.root / "proof" / "determinism").resolve())
+    assert (written / "determinism.json").is_file()
