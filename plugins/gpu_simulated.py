@@ -104,6 +104,7 @@ def load_inventory(path: Path) -> desired.SimulatedInventory:
                     col,
                     f"gpus[{i}].vram_used_mib",
                     f"{gpu.vram_used_mib} MiB used is more than the {gpu.vram_total_mib} MiB total",
+                    "lower vram_used_mib (what other programs hold) below vram_total_mib",
                 )
             )
     if errors:

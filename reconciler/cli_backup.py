@@ -210,7 +210,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     except daemon_lock.Held as held:
         raise Refused(
             EXIT_FAILED,
-            f"{held}; nothing was restored",
+            f"a daemon ({'pid ' + str(held.pid) if held.pid else 'an unknown pid'}) serves this "
+            "folder; nothing was restored",
             hint="stop the daemon first: it must not serve while its files are replaced",
         ) from None
     try:
@@ -233,7 +234,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
             _show([f"{folder.shown(t)}: {why}" for _, t, why in conflicts])
             raise Refused(
                 EXIT_FAILED,
-                f"{len(conflicts)} files here differ from the backup; nothing was restored",
+                f"{_count(len(conflicts))} here differ from the backup; nothing was restored",
                 hint="rerun with --force to replace them with the backup's copies",
             )
         replaced = [(item, target) for item, target, _ in conflicts]
@@ -248,7 +249,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     finally:
         lock.release()
     print(
-        f"restored {len(todo) + len(replaced)} files from {source} "
+        f"restored {_count(len(todo) + len(replaced))} from {source} "
         f"({len(replaced)} replaced, {same} already there)"
     )
     return EXIT_OK
@@ -265,3 +266,7 @@ def _size(n: int) -> str:
     if n < 1024 * 1024:
         return f"{n / 1024:.1f} KiB"
     return f"{n / (1024 * 1024):.1f} MiB"
+
+
+def _count(n: int) -> str:
+    return f"{n} file" if n == 1 else f"{n} files"

@@ -109,7 +109,7 @@ def parse_claimed(path: Path) -> Parsed | list[loading.LoadError]:
                 None,
                 None,
                 None,
-                "is not a task file (names end in .task.yaml or .task.json)",
+                "is not a task file (names end in .task.yaml, .task.yml or .task.json)",
                 "rename it, e.g. fix-bug.task.yaml",
             )
         ]

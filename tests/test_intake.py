@@ -169,7 +169,9 @@ async def test_a_burst_is_estimated_as_a_whole_so_a_later_interactive_task_count
         name: next(f.data for f in workspace.frames(name) if f.event == "queued")
         for name in ("i1", "b1", "b2", "b3")
     }
-    assert [queued[n]["queue_position"] for n in ("i1", "b1", "b2", "b3")] == [0, 1, 2, 3]
+    # i1 and b1 start at once on the two idle slots (no place in the queue: 0); b2 is the
+    # first to wait, b3 the second
+    assert [queued[n]["queue_position"] for n in ("i1", "b1", "b2", "b3")] == [0, 0, 0, 1]
     starts = [queued[n]["predicted_start_ms"] for n in ("i1", "b1", "b2", "b3")]
     # two slots: the interactive task and the first batch task start at once, the next two
     # wait for one of them, the last for the second of them too
