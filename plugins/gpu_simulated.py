@@ -15,6 +15,7 @@ is reported in the snapshot's errors rather than silently skipped.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -191,6 +192,9 @@ class SimulatedObserver:
                 continue
             if self._is_alive(booking.pid):
                 out.append(booking)
+            else:  # a dead process holds no VRAM; its pid reused, the booking would count again
+                with contextlib.suppress(OSError):
+                    path.unlink()
         return out
 
 

@@ -107,6 +107,9 @@ def test_a_booking_whose_process_died_frees_its_memory(inventory: Path, tmp_path
 
     gpu = observer.observe().gpus[1]
     assert gpu.vram_free_mib == 12288 and gpu.processes == ()
+    # and its file goes: were the pid reused by another process, it would count again
+    assert not (state / "simgpu" / "1" / "101.json").exists()
+    assert observer_for(inventory, state, alive={101}).observe().gpus[1].vram_free_mib == 12288
 
 
 def test_liveness_is_checked_against_real_processes(inventory: Path, tmp_path: Path) -> None:
