@@ -100,6 +100,7 @@ class Refused(Exception):
         shown = parsing.shortened(param, PARAM_SHOWN) if param is not None else None
         if shown != param and param is not None and shown is not None:
             message = message.replace(param, shown)
+            hint = hint.replace(param, shown) if hint is not None else None
         super().__init__(message)
         self.param = param = shown
         self.message = message
@@ -134,7 +135,8 @@ def plan(
     given = {k: v for k, v in body.items() if v is not None}
     for name, value in given.items():
         if name not in FIELDS[kind] and not _neutral(name, value):
-            raise Refused(name, _unsupported(name, value, kind))
+            message, fix = _unsupported(name, value, kind)
+            raise Refused(name, message, hint=fix)
     stream = _flag(given, "stream")
     options = given.get("stream_options", {})
     if not isinstance(options, dict):
@@ -203,14 +205,22 @@ def _neutral(name: str, value: Any) -> bool:
     )
 
 
-def _unsupported(name: str, value: Any, kind: Kind) -> str:
+def _unsupported(name: str, value: Any, kind: Kind) -> tuple[str, str]:
+    """Why the field `name` is refused here, and the fix."""
     if name in NEUTRAL:  # in JSON's spelling: true, not Python's True
-        return f"{name}: only {_json(NEUTRAL[name][0])} is supported, not {_json(value)}"
+        only = _json(NEUTRAL[name][0])
+        return (
+            f"{name}: only {only} is supported, not {_json(value)}",
+            f"send {name}: {only}, or leave it out",
+        )
     other: Kind = "text" if kind == "chat" else "chat"
     if name in FIELDS[other]:
         where = "/v1/completions" if other == "text" else "/v1/chat/completions"
-        return f"{name}: not a field of this endpoint (it belongs to {where})"
-    return f"{name}: unsupported field; this server does not implement it (remove it)"
+        return (
+            f"{name}: not a field of this endpoint (it belongs to {where})",
+            f"remove `{name}`, or send the request to {where}",
+        )
+    return f"{name}: unsupported field; this server does not implement it", f"remove `{name}`"
 
 
 def _json(value: Any) -> str:
@@ -244,6 +254,7 @@ def _target(given: dict[str, Any], state: desired.DesiredState) -> dict[str, Any
         "model",
         f"model: {ids.quoted(model)} is not served here; use one of: {known}",
         code=ErrorCode.MODEL_UNKNOWN,
+        hint="name a model GET /v1/models lists (a model id of orch.yaml, or a pool id)",
     )
 
 
@@ -334,6 +345,7 @@ def _chat(given: dict[str, Any]) -> dict[str, Any]:
             raise Refused(
                 "tool_choice",
                 f"tool_choice: no tool named {name[:60]!r} in tools (given: {listed[:200]})",
+                hint="name one of the tools given, or add that tool to tools",
             )
     chat: dict[str, Any] = {"messages": mapped}
     for name in ("tools", "tool_choice", "parallel_tool_calls", "response_format"):
@@ -414,11 +426,17 @@ def _validate(task: dict[str, Any]) -> tasks.TaskFile:
         error = max(found, key=lambda e: len(e["loc"]))  # the deepest is the most specific
         message = str(error["msg"])
         param = _param(error["loc"]) or param_named(message)
+        cause = error.get("ctx", {}).get("error")
+        hint = cause.hint if isinstance(cause, parsing.Hinted) else None  # the check's own fix
         if error["type"] == "extra_forbidden":
-            message = "unsupported field; this server does not implement it (remove it)"
+            message = "unsupported field; this server does not implement it"
+            hint = f"remove `{param}`" if param else None
         extra = len(found) - 1
         more = f" (and {extra} more problem{'s' if extra > 1 else ''} in the body)" if extra else ""
-        raise Refused(param or None, f"{param or 'body'}: {message}{more}") from None
+        # a check's message may name its field itself (`tools: two tools are named 'f'`)
+        named = param is not None and message.startswith(param)
+        said = message if named else f"{param or 'body'}: {message}"
+        raise Refused(param or None, f"{said}{more}", hint=hint) from None
 
 
 _NAMED = re.compile(r"'?(messages|prompt|tools|max_tokens|model|seed|stop)\b")

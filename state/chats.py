@@ -184,28 +184,39 @@ def check_schema(schema: dict[str, Any], what: str) -> None:
             + f": {exc.message[:200]}",
             "fix the schema (https://json-schema.org/understanding-json-schema/)",
         ) from None
-    for ref in _refs(schema, depth=0):
-        if not _resolves(schema, ref):
-            raise Hinted(
-                f"{what}: $ref {ref[:80]!r} points nowhere in the schema",
-                "refer only to the schema's own parts, e.g. '#/$defs/<name>' with that "
-                "name under $defs (references to other documents are not fetched)",
-            )
+    embedded = any(True for _ in _keyword(schema, "$id", depth=0))  # refs may name those
+    for ref in _keyword(schema, "$ref", depth=0):
+        if ref.startswith("#/") or ref == "#":
+            if _resolves(schema, ref):
+                continue
+        elif ref.startswith("#") or embedded:  # an anchor, or a resource the schema embeds
+            continue
+        raise Hinted(
+            f"{what}: $ref {ref[:80]!r} points nowhere in the schema",
+            "refer only to the schema's own parts, e.g. '#/$defs/<name>' with that "
+            "name under $defs (references to other documents are not fetched)",
+        )
 
 
-def _refs(node: Any, *, depth: int) -> Iterator[str]:
-    """Every `$ref` value in the schema `node` (bounded: the body's nesting is bounded)."""
+# keywords whose values are instance data, not schemas: a "$ref" key in them is data
+_DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples", "example"})
+
+
+def _keyword(node: Any, keyword: str, *, depth: int) -> Iterator[str]:
+    """Every string value of `keyword` in the schema `node`, outside instance data (bounded:
+    the body's nesting is bounded)."""
     if depth > 256:
         return
     if isinstance(node, dict):
-        ref = node.get("$ref")
-        if isinstance(ref, str):
-            yield ref
-        for value in node.values():
-            yield from _refs(value, depth=depth + 1)
+        value = node.get(keyword)
+        if isinstance(value, str):
+            yield value
+        for key, child in node.items():
+            if key not in _DATA_KEYWORDS:
+                yield from _keyword(child, keyword, depth=depth + 1)
     elif isinstance(node, list):
-        for value in node:
-            yield from _refs(value, depth=depth + 1)
+        for child in node:
+            yield from _keyword(child, keyword, depth=depth + 1)
 
 
 def _resolves(schema: dict[str, Any], ref: str) -> bool:
@@ -217,7 +228,13 @@ def _resolves(schema: dict[str, Any], ref: str) -> bool:
         key = unquote(raw).replace("~1", "/").replace("~0", "~")
         if isinstance(node, dict) and key in node:
             node = node[key]
-        elif isinstance(node, list) and key.isdigit() and int(key) < len(node):
+        elif (
+            isinstance(node, list)
+            and key.isascii()
+            and key.isdigit()
+            and (key == "0" or not key.startswith("0"))  # RFC 6901: no leading zero
+            and int(key) < len(node)
+        ):
             node = node[int(key)]
         else:
             return False
@@ -228,9 +245,22 @@ def conversation_problem(messages: list[ChatMessage]) -> tuple[str, str] | None:
     """(message, hint) for a conversation the engine would refuse: a tool message that
     answers no call an assistant message before it made; None when it holds together."""
     called: set[str] = set()
+    answered: set[str] = set()
     for n, message in enumerate(messages):
         for call in message.tool_calls or ():
+            if call.id in called:
+                return (
+                    f"messages[{n}]: the tool call id {call.id!r} is used twice",
+                    "give each tool call an id of its own",
+                )
             called.add(call.id)
+        if message.role == "tool" and message.tool_call_id in answered:
+            return (
+                f"messages[{n}]: the tool call {message.tool_call_id!r} is answered twice",
+                "send one tool message per call",
+            )
+        if message.role == "tool":
+            answered.add(str(message.tool_call_id))
         if message.role == "tool" and message.tool_call_id not in called:
             return (
                 f"messages[{n}]: its tool_call_id {message.tool_call_id!r} answers no call "

@@ -1420,7 +1420,7 @@ async def test_refusals_say_what_to_send_not_a_generic_hint(
             json={"model": "m1", "messages": [{"role": "user", "content": "x"}], "n": 2},
         ) as r:
             body = (await r.json())["error"]
-            assert r.status == 400 and body["hint"] == "fix `n` and send the request again", body
+            assert r.status == 400 and body["hint"] == "send n: 1, or leave it out", body
         async with session.get(f"{base}/v1/sessions/never-used") as r:
             body = await r.json()
             assert r.status == 404 and "once a task names it" in body["hint"], body

@@ -214,6 +214,78 @@ def test_what_cannot_be_honoured_is_refused_naming_the_field(
     assert "instance of" not in message and "True" not in message, message
 
 
+CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+
+
+@pytest.mark.parametrize(
+    ("extra", "refused"),
+    [
+        ({"parameters": {"properties": {"a": {"const": {"$ref": "#/nope"}}}}}, None),  # data
+        ({"parameters": {"properties": {"a": {"$ref": "#anchor"}}}}, None),
+        (
+            {
+                "parameters": {
+                    "$id": "https://ex.com/s",
+                    "$defs": {"x": {"$id": "x.json", "type": "string"}},
+                    "properties": {"a": {"$ref": "x.json"}},  # an embedded resource
+                }
+            },
+            None,
+        ),
+        ({"parameters": {"allOf": [{}], "properties": {"a": {"$ref": "#/allOf/00"}}}}, "00"),
+    ],
+)
+def test_refs_are_checked_where_they_are_refs_and_only_there(
+    extra: dict[str, Any], refused: str | None
+) -> None:
+    tools = [{"type": "function", "function": {"name": "f"} | extra}]
+    if refused is None:
+        plan({"model": "m1", "messages": HI, "tools": tools})
+        return
+    with pytest.raises(openai_requests.Refused) as found:
+        plan({"model": "m1", "messages": HI, "tools": tools})
+    assert refused in found.value.message
+
+
+@pytest.mark.parametrize(
+    ("messages", "said"),
+    [
+        ([{"role": "assistant", "tool_calls": [CALL, CALL]}], "'c1' is used twice"),
+        (
+            [
+                {"role": "assistant", "tool_calls": [CALL]},
+                {"role": "tool", "tool_call_id": "c1", "content": "1"},
+                {"role": "tool", "tool_call_id": "c1", "content": "2"},
+            ],
+            "'c1' is answered twice",
+        ),
+    ],
+)
+def test_a_tool_call_named_or_answered_twice_is_refused(
+    messages: list[dict[str, Any]], said: str
+) -> None:
+    with pytest.raises(openai_requests.Refused) as refused:
+        plan({"model": "m1", "messages": [*HI, *messages]})
+    assert said in refused.value.message and refused.value.param == "messages"
+
+
+def test_a_checks_own_fix_reaches_the_openai_answer_and_its_field_is_named_once() -> None:
+    """The task file's checks give their own fix (a tool named twice: give each its own
+    name); on the OpenAI routes that fix was replaced by 'fix `tools` and send the request
+    again', and the field was named twice ('tools: tools: ...')."""
+    tools = [{"type": "function", "function": {"name": "f"}}] * 2
+    with pytest.raises(openai_requests.Refused) as refused:
+        plan({"model": "m1", "messages": HI, "tools": tools})
+    assert refused.value.message == "tools: two tools are named 'f'"
+    assert refused.value.hint == "give each tool a name of its own"
+    with pytest.raises(openai_requests.Refused) as refused:
+        plan({"model": "m1", "messages": HI, "colour": "blue"})
+    assert refused.value.hint == "remove `colour`"
+    with pytest.raises(openai_requests.Refused) as refused:
+        plan({"model": "gpt-4o", "messages": HI})
+    assert "GET /v1/models" in (refused.value.hint or "")
+
+
 def test_an_unknown_model_is_a_404_with_the_models_to_use() -> None:
     with pytest.raises(openai_requests.Refused) as refused:
         plan({"model": "gpt-4o", "messages": HI})
