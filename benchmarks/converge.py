@@ -24,10 +24,9 @@ status.json, plus at most one status poll. Taking the last-Ready replica rather 
 slowest one puts the wait of a late-started or restarted boot (a failed first try and its
 backoff) in the reconciler's share; the slowest engine's time is kept in the details too.
 On a loaded machine the engines' CPU contention lands in `ready_ms`, so the share stays about
-the reconciler's own steps. The share includes the daemon's settle time
-(`configuring.SETTLE_S`, kept in the details): an edit is applied only once orch.yaml has
-been unchanged that long, so half-written files are never read, and the share cannot be
-shorter than it.
+the reconciler's own steps. orch.yaml is renamed into place whole, as an editor's atomic save
+is, so no settle time is waited (`configuring.SETTLE_S`, kept in the details, applies to a
+file written in place).
 
 Each N starts with one unmeasured repetition (cold caches on the first engine spawns); its
 time is kept in the details. The clock starts just before the rename of orch.yaml and stops

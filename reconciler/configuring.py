@@ -6,9 +6,8 @@ The daemon calls `refresh` on every pass (and `start` once at startup). Rules:
   against the GPUs the observer sees, so `devices: [7]` on a two-GPU machine is such an error.
 - An edit is applied once the file has been still for `SETTLE_S` (its mtime that old), so a
   non-atomic save (an editor writing in two steps) is never applied half-written; `wake_in_s`
-  says when to look again. An edit that removes a pool or a model waits `REMOVING_SETTLE_S`
-  instead: the first part of a file saved in steps further apart is a valid file without
-  the pools after the cut, and applying it would fail every task waiting for them. A file
+  says when to look again (the first part of a file saved in steps is often a valid file
+  without what follows the cut, which would fail the tasks waiting for it). A file
   renamed into place (an atomic save, `orchctl`, a tool that writes a temporary file first)
   is whole the moment it appears: when the watcher saw that rename after the file's last
   change (`renamed`), the edit is applied at once.
@@ -37,10 +36,12 @@ from state import atomic, desired, failpoints, loading
 
 log = logs.get("config")
 
-SETTLE_S = 0.3  # how long orch.yaml must be unchanged before an edit is applied
-# ... and before one that removes a pool or a model (what waits for them fails): a file saved
-# in several steps reads, between them, as a whole file that lacks everything after the cut
-REMOVING_SETTLE_S = 2.0
+# How long orch.yaml written in place must be unchanged before an edit is applied (one renamed
+# into place whole is applied at once). The first part of a file saved in several steps is
+# often a whole valid file lacking what follows the cut (a pool, the sessions block, a digit
+# of `ctx: 4096`): applied, it could fail every task waiting for what it lacks, or restart a
+# replica; saves seconds apart are what this waits out.
+SETTLE_S = 2.0
 LAST_GOOD = Path(".orch") / "last-good.yaml"
 
 
@@ -127,19 +128,10 @@ class AppliedConfig:
         if settle and age < SETTLE_S and not whole:  # still being written: look again later
             self._wake_in_s = SETTLE_S - age
             return False
+        self._digest = digest
         # the bytes just read, not the file again: it may have been replaced meanwhile, and
         # the state applied must be the one the digest and revision name
         loaded = desired.load_desired(self.path, known_engines=self.known_engines, content=content)
-        if (
-            settle
-            and not whole
-            and age < REMOVING_SETTLE_S
-            and loaded.value is not None
-            and self._removed(loaded.value)
-        ):  # half of a file saved in steps reads as one without what comes after: wait more
-            self._wake_in_s = REMOVING_SETTLE_S - age
-            return False
-        self._digest = digest
         errors = loaded.errors
         if loaded.value is not None:
             errors = self.device_errors(loaded.value, node=loaded.node)
@@ -165,13 +157,6 @@ class AppliedConfig:
             revision=self.revision,
         )
         return True
-
-    def _removed(self, new: desired.DesiredState) -> list[str]:
-        """The pools and models of the applied state that `new` no longer has."""
-        if self.state is None:
-            return []
-        gone = [f"pool {p.id}" for p in self.state.pools if new.pool(p.id) is None]
-        return gone + [f"model {m}" for m in self.state.models if m not in new.models]
 
     def _read(self) -> tuple[bytes | None, str, float, float]:
         """(content, why it cannot be used, seconds since it last changed, its mtime)."""

@@ -91,11 +91,35 @@ async def test_a_config_saved_in_steps_further_apart_does_not_fail_the_tasks_it_
     with open(workspace.config_path, "w") as f:
         f.write(prefix)
         f.flush()
-        await asyncio.sleep(0.6)  # past SETTLE_S
+        await asyncio.sleep(0.6)  # past the 0.3 s an edit in place used to settle
         f.write(text[len(prefix) :])
     for name in ("busy", "waits"):
         assert (await wait_terminal(workspace, name, 15))["status"] == "succeeded"
     assert [p["id"] for p in workspace.status()["pools"]] == ["p1"]
+
+
+async def test_a_number_cut_short_by_a_save_in_steps_fails_no_task(
+    workspace: Workspace, serve: Any
+) -> None:
+    """A save in two steps a second apart whose first part ends in `ctx: 204` (of 2048): a
+    whole valid file, which applied failed every queued task over the smaller context."""
+    cfg = config()
+    cfg["pools"][0].update(slots=1, ctx=2048, sim={"tokens_per_s": 20, "load_s": 0.0})
+    workspace.write_config(cfg)
+    await serve()
+    for name in ("busy", "waits"):
+        workspace.submit(f"{name}.task.yaml", task(name, max_tokens=20 if name == "busy" else 500))
+    await wait_for(lambda: (workspace.result("waits") or {}).get("status") == "queued", 10)
+    text = yaml.safe_dump(cfg, sort_keys=False)
+    cut = text.index("ctx: 2048") + len("ctx: 204")
+    with open(workspace.config_path, "w") as f:
+        f.write(text[:cut])
+        f.flush()
+        await asyncio.sleep(1.0)
+        f.write(text[cut:])
+    busy = await wait_terminal(workspace, "busy", 15)
+    assert busy["status"] == "succeeded", busy
+    assert (workspace.result("waits") or {}).get("status") in ("queued", "running", "succeeded")
 
 
 async def test_a_deleted_then_restored_config_clears_its_error(
