@@ -42,6 +42,10 @@ def admit(d: dispatch.Dispatcher, run: tasking.TaskRun, *, recovered: bool) -> N
     problem = admission.check(
         run.task, target, state=state, pools=d.pools.views(), blocked=d.blocked()
     )
+    if problem is not None and problem.code is ErrorCode.POOL_UNAVAILABLE and d.pools.reloading:
+        # the reload's edit of orch.yaml took the task's pool away, and puts it back if the
+        # reload fails: the task waits for the outcome (`Dispatcher._fail_unservable`)
+        problem = None
     if problem is None and not recovered:
         problem = session_problem(d, run)
     entry = _entry(run)

@@ -407,6 +407,30 @@ async def test_tasks_queued_before_a_failed_reload_wait_it_out_and_run_on_the_ol
         assert ended["status"] == "succeeded", ended
 
 
+async def test_a_task_sent_during_a_failed_reload_onto_another_model_waits_and_runs(
+    workspace: Workspace, serve: Any
+) -> None:
+    """Sent while the reload's edit has taken the pool off its model, a task for that model
+    was refused POOL_UNAVAILABLE, though the reload failed and the model was served again
+    half a second later."""
+    (workspace.root / "m1.gguf").write_bytes(GOOD)
+    (workspace.root / "m2.gguf").write_bytes(GOOD)
+    text = ORCH_YAML.replace(
+        'm2: {ref: "file:m2.gguf", size_mib: 1000}', 'm2: {ref: "file:m2.gguf", size_mib: 90000}'
+    )
+    workspace.config_path.write_text(text)
+    base = _url(await serve())
+    async with aiohttp.ClientSession() as session:
+        url = f"{base}/v1/pools/p1/reload"
+        reload = asyncio.ensure_future(session.post(url, json={"model": "m2", "timeout_s": 3}))
+        await wait_for(lambda: "model: m2" in workspace.config_path.read_text(), 10, "written")
+        workspace.submit("sent.task.yaml", task("sent", model="m1", max_tokens=4))
+        async with await reload as response:
+            assert response.status == 409
+    ended = await wait_terminal(workspace, "sent", 20)
+    assert ended["status"] == "succeeded", ended
+
+
 @pytest.mark.slow
 async def test_a_reload_overtaken_by_another_edit_answers_at_once_and_leaves_it(
     workspace: Workspace, serve: Any
