@@ -412,6 +412,10 @@ class Daemon:
             await self.tracer.flush()
             if self.server is not None:
                 await self.server.stop()
+                # the requests the closing API answered DAEMON_STOPPING asked to cancel their
+                # tasks: a queued one is canceled now, as the answer said, not at the next start
+                self._apply_cancels()
+                self.books.flush()
             await self.pools.shutdown()
             for engine in engines:
                 with contextlib.suppress(Exception):

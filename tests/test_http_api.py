@@ -1565,6 +1565,9 @@ async def test_a_stopping_daemon_ends_open_streams_in_their_own_words(
     last_words = ": the daemon is stopping; reconnect with Last-Event-ID to resume\n\n"
     assert events_body.endswith(last_words), events_body
     assert (workspace.result("waiting") or {}).get("status") == "queued"  # resumes at restart
+    # the OpenAI requests were told their tasks are canceled: so they are, on disk, now
+    chats = [p for p in workspace.results.root.glob("chatcmpl-*.json")]
+    assert len(chats) == 2 and all(json.loads(p.read_text())["status"] == "canceled" for p in chats)
     lines = [json.loads(line) for line in json_log.getvalue().splitlines()]
     events_seen = [x["event"] for x in lines]
     assert events_seen.count("http.answer_stopped") == 2, events_seen
