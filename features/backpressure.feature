@@ -36,7 +36,7 @@ Feature: Backpressure
     Then task "q3" is rejected with ADMISSION_REJECT
     And the error of task "q3" is retriable, with retry_after_ms set
     And the error of task "q3" has the policy label "reject"
-    And the error of task "q3" has a hint saying "retry_after_ms"
+    And the error of task "q3" has a hint saying "retry in"
     And the event log of task "q3" ends with an error frame of ADMISSION_REJECT
     And "q3.task.yaml" is filed in spool/failed
     And task "q1" is queued
