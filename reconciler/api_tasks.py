@@ -343,15 +343,25 @@ def _damaged(raw: bytes) -> str | None:
 
 def _resume_after(request: web.Request) -> int:
     header, query = request.headers.get("Last-Event-ID"), request.query.get("last_event_id")
-    if header and query and header.strip() != query.strip():  # neither may win unsaid
-        raise ApiError(
-            ErrorCode.INVALID_PARAMS,
-            f"the Last-Event-ID header ({header[:40]!r}) and ?last_event_id "
-            f"({query[:40]!r}) differ",
-            hint="send one of them: the header is what EventSource sends on a reconnect",
+    if header and query:  # neither may win unsaid; `003` and `3` are one id
+        ids_given = (
+            _event_id(header, "the Last-Event-ID header"),
+            _event_id(query, "?last_event_id"),
         )
-    name = "the Last-Event-ID header" if header else "?last_event_id"
-    given = header or query or "0"
+        if ids_given[0] != ids_given[1]:
+            raise ApiError(
+                ErrorCode.INVALID_PARAMS,
+                f"the Last-Event-ID header ({header[:40]!r}) and ?last_event_id "
+                f"({query[:40]!r}) differ",
+                hint="send one of them: the header is what EventSource sends on a reconnect",
+            )
+    return _event_id(
+        header or query or "0", "the Last-Event-ID header" if header else "?last_event_id"
+    )
+
+
+def _event_id(given: str, name: str) -> int:
+    """The event id `given` (as `name` gave it): ASCII digits, of any length."""
     digits = given.strip()
     # ASCII digits alone: int() also takes '١', '+3', '1_0' and a sign
     if digits.startswith("-") and digits[1:].isascii() and digits[1:].isdigit():
