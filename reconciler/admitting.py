@@ -63,9 +63,12 @@ def admit(d: dispatch.Dispatcher, run: tasking.TaskRun, *, recovered: bool) -> N
     if len(d.queue) >= d.queue.capacity and not recovered:  # idle slots' tasks do not wait
         free = _free_slots(d)
         starts_now = _starts_now(d, entry, free)
-        if not starts_now:  # who the policy may not evict
-            starting = _starting(d, free)
+        if not starts_now:  # who the policy may not evict: those starting, and those owed
+            d.owed &= {e.task_id for e in d.queue.in_dispatch_order()}
+            starting = _starting(d, free) | d.owed
     outcome = d.queue.push(entry, starts_now=starts_now, starting=starting)
+    if recovered:  # never evicted by drop-lru for a newcomer: it was accepted before
+        d.owed.add(run.task_id)
     if not outcome.accepted:
         return _reject(
             d,
@@ -219,6 +222,12 @@ def _full_message(d: dispatch.Dispatcher, run: tasking.TaskRun) -> str:
         )
     if d.queue.full_policy == "reject":
         return full
+    waiting = d.queue.in_dispatch_order()
+    if any(e.priority == "batch" and e.task_id in d.owed for e in waiting):
+        return (
+            f"{full}: the batch tasks waiting were accepted before the daemon restarted, "
+            "and are not evicted"
+        )
     # drop-lru refuses only a batch newcomer while only interactive tasks wait
     return f"{full}: only interactive tasks wait, and a batch task never evicts one"
 

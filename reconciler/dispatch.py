@@ -90,6 +90,8 @@ class Dispatcher:
     running: dict[ids.TaskId, streaming.Running] = field(default_factory=dict)
     # admitted, their `queued` frame not yet written (`announce`, once per batch)
     unannounced: list[queues.Entry] = field(default_factory=list)
+    # recovered tasks still queued: accepted before a restart, never evicted by drop-lru
+    owed: set[str] = field(default_factory=set)
     # when the clients a full queue turned away were told to come back (monotonic s): each
     # is given the next place to free after those promised already (`admitting`)
     promised: list[float] = field(default_factory=list)

@@ -189,6 +189,42 @@ def test_tasks_accepted_into_a_full_queue_are_not_refused_by_it_after_a_power_lo
     assert outcomes == dict.fromkeys(accepted, "succeeded"), [workspace.result(t) for t in accepted]
 
 
+def test_under_drop_lru_a_newcomer_after_a_power_loss_evicts_no_recovered_task(
+    workspace: Workspace,
+) -> None:
+    """drop-lru evicts the oldest batch task for a newcomer: after a restart those are the
+    recovered ones (one of them was running), which were accepted, and are owed their run.
+    The newcomer is refused instead (retriable), saying why."""
+    cfg = config(queue={"capacity": 2, "full_policy": "drop-lru"})
+    cfg["pools"][0]["slots"] = 2
+    cfg["pools"][0]["sim"] = {"tokens_per_s": 100, "load_s": 0.8}
+    workspace.write_config(cfg)
+    first = _serve(workspace, failpoint="after_started", exit_when_idle=False)
+    deadline = time.monotonic() + 30
+    while not _ready(workspace):
+        assert time.monotonic() < deadline and first.poll() is None, "the pool never got Ready"
+        time.sleep(0.05)
+    staged = []
+    for i in range(4):
+        staged.append(workspace.spool.tmp / f"owed{i}.task.yaml")
+        staged[-1].write_text(json.dumps(task(f"owed{i}", max_tokens=10, seed=i)))
+    for path in staged:
+        path.rename(workspace.spool.incoming / path.name)
+    assert first.wait(timeout=30) == -signal.SIGKILL
+    for record in (workspace.root / ".orch" / "engines").glob("*.json"):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(json.loads(record.read_text())["pid"], signal.SIGKILL)
+    workspace.submit("late.task.yaml", task("late", max_tokens=2))  # arrives with recovery
+    second = _serve(workspace, failpoint=None, exit_when_idle=True)
+    assert second.wait(timeout=60) == 0
+    outcomes = {f"owed{i}": (workspace.result(f"owed{i}") or {}).get("status") for i in range(4)}
+    assert outcomes == {f"owed{i}": "succeeded" for i in range(4)}, outcomes
+    late = workspace.result("late") or {}
+    assert late.get("status") in ("succeeded", "rejected"), late
+    if late.get("status") == "rejected":
+        assert "accepted before the daemon restarted" in late["error"]["message"], late
+
+
 def _ready(ws: Workspace) -> bool:
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         return all(p["state"] == "Ready" for p in ws.status()["pools"]) and bool(
