@@ -371,9 +371,14 @@ def state_lock_of(config: Path) -> Path:
 
 
 def bind_of(config: Path) -> str:
-    """server.bind of orch.yaml when it can be read, else the default."""
+    """server.bind of orch.yaml when it can be read (also from a file invalid elsewhere: the
+    port checked is the one its daemon would take once fixed), else the default."""
     with contextlib.suppress(Exception):
         loaded = desired.load_desired(config)
         if loaded.value is not None:
             return loaded.value.server.bind
+        server = loaded.data.get("server") if isinstance(loaded.data, dict) else None
+        bind = server.get("bind") if isinstance(server, dict) else None
+        if isinstance(bind, str) and desired.bind_problem(bind) is None:
+            return bind
     return desired.ServerConfig().bind

@@ -208,6 +208,11 @@ def test_a_port_held_by_another_program_or_folder_fails_and_one_held_by_this_fol
         (machine / "orch.yaml").write_text("models: [not, a, mapping]\n")  # unreadable
         default_lock = machine.resolve() / ".orch/daemon.lock"
         assert diagnosing.state_lock_of(machine / "orch.yaml") == default_lock
+        # invalid elsewhere, its server.bind is still the port its daemon would take
+        (machine / "orch.yaml").write_text(
+            f"server: {{bind: '{daemon_bind}'}}\nmodels: [not, a, mapping]\n"
+        )
+        assert diagnosing.bind_of(machine / "orch.yaml") == daemon_bind
         (machine / "orch.yaml").write_text(f"server: {{bind: '{daemon_bind}'}}\n")
         (machine / ".orch").mkdir()
         (machine / ".orch/daemon.lock").write_text('{"pid": 4242, "started_at": "x"}')
