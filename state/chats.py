@@ -10,6 +10,7 @@ type `text`), assistant tool calls and tool results; anything else is refused by
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote
@@ -158,6 +159,18 @@ class ResponseFormat(BaseModel):
                     "response_format type 'json_schema' needs json_schema: {name, schema}",
                     "add json_schema: {name: <a name>, schema: {...}}",
                 )
+            unknown = sorted(set(given) - _JSON_SCHEMA_KEYS)
+            if unknown:
+                raise Hinted(
+                    f"response_format.json_schema.{str(unknown[0])[:60]}: unsupported key",
+                    f"keep only {', '.join(sorted(_JSON_SCHEMA_KEYS))}",
+                )
+            name = given.get("name")
+            if not (isinstance(name, str) and _SCHEMA_NAME.fullmatch(name)):
+                raise Hinted(
+                    "response_format.json_schema.name: 1 to 64 letters, digits, '_' or '-'",
+                    'name the schema as OpenAI takes it, e.g. "answer"',
+                )
             check_schema(given.get("schema", {}), "response_format.json_schema.schema")
         elif self.json_schema is not None:
             raise Hinted(
@@ -165,6 +178,10 @@ class ResponseFormat(BaseModel):
                 "remove json_schema, or use type: json_schema",
             )
         return self
+
+
+_JSON_SCHEMA_KEYS = frozenset({"name", "schema", "strict", "description"})
+_SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def check_schema(schema: dict[str, Any], what: str) -> None:

@@ -128,6 +128,28 @@ def test_the_session_is_the_header_else_the_user_field() -> None:
             "$ref '#/$defs/missing' points nowhere in the schema",
         ),
         (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {}, "zzz": 1},
+                }
+            },
+            "chat",
+            "response_format",
+            "response_format.json_schema.zzz: unsupported key",
+        ),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "n" * 65, "schema": {}},
+                }
+            },
+            "chat",
+            "response_format",
+            "json_schema.name: 1 to 64 letters",
+        ),
+        (
             {"tools": [{"type": "function", "function": {"name": "f"}}] * 2},
             "chat",
             "tools",
