@@ -120,7 +120,7 @@ def find_binary(
     else:
         candidates = [Path(b.path) for b in builds] + sorted(
             (p for p in cache.glob("*/bin/llama-server") if _executable(p)),
-            key=lambda p: (p.parent.parent.name.endswith("-cpu"), -p.stat().st_mtime),
+            key=lambda p: (llamacpp_builds.cpu_only(p), -p.stat().st_mtime),
         )
     for candidate in candidates:
         if _executable(candidate):

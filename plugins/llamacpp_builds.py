@@ -153,6 +153,15 @@ def read_record(binary: Path) -> EngineBuild | None:
         return None
 
 
+def cpu_only(binary: Path) -> bool:
+    """Whether the provisioned `binary` is a CPU-only build: its record says so, or, with no
+    record, its build folder is named `<version>-cpu...` (`cache_key`)."""
+    record = read_record(binary)
+    if record is not None:
+        return record.backend == "cpu"
+    return binary.parent.parent.name.endswith("-cpu")
+
+
 def write_record(target: Path, record: EngineBuild) -> None:
     path = target.parent / RECORD
     tmp = path.with_name(f".{RECORD}.tmp")

@@ -64,7 +64,7 @@ def admit(d: dispatch.Dispatcher, run: tasking.TaskRun, *, recovered: bool) -> N
         free = _free_slots(d)
         starts_now = _starts_now(d, entry, free)
         if not starts_now:  # who the policy may not evict: those starting, and those owed
-            d.owed &= {e.task_id for e in d.queue.in_dispatch_order()}
+            d.owed = {task_id for task_id in d.owed if task_id in d.queue}
             starting = _starting(d, free) | d.owed
     outcome = d.queue.push(entry, starts_now=starts_now, starting=starting)
     if recovered:  # never evicted by drop-lru for a newcomer: it was accepted before
@@ -127,7 +127,7 @@ def announce(d: dispatch.Dispatcher) -> list[tuple[tasking.TaskRun, Exception]]:
         try:
             d.books.queued(
                 run,
-                position=waiting_ahead.get(entry.task_id, estimate.position),
+                position=waiting_ahead[entry.task_id],
                 predicted_start_ms=None if estimate.start_ms is None else round(estimate.start_ms),
                 on_time_probability=estimate.on_time_probability,
                 budgets=run.result.budgets,

@@ -374,8 +374,8 @@ def _event_id(given: str, name: str) -> int:
         )
     # leading zeros are a number still; one past any log's last id is as good as any bigger
     # (and a header line is at most 8 KiB: no huge int is built from it)
-    significant = digits.lstrip("0")
-    return int(significant) if 0 < len(significant) <= 20 else (0 if not significant else 10**20)
+    significant = digits.lstrip("0") or "0"  # (int() refuses over 4,300 digits, zeros too)
+    return 10**20 if len(significant) > 20 else int(significant)
 
 
 async def task_events(request: web.Request) -> web.StreamResponse:

@@ -97,12 +97,13 @@ class Refused(Exception):
         hint: str | None = None,
     ) -> None:
         # a field's name is the client's text, of any length: shown abridged, as values are
-        shown = parsing.shortened(param, PARAM_SHOWN) if param is not None else None
-        if shown != param and param is not None and shown is not None:
+        if param is not None and len(param) > PARAM_SHOWN:
+            shown = parsing.shortened(param, PARAM_SHOWN)
             message = message.replace(param, shown)
             hint = hint.replace(param, shown) if hint is not None else None
+            param = shown
         super().__init__(message)
-        self.param = param = shown
+        self.param = param
         self.message = message
         self.code = code
         # what to do: said where it is known, else the field to fix named

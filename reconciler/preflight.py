@@ -243,9 +243,7 @@ def _engines(pools: list[dict[str, Any]], engines: Any, report: Report) -> None:
             warning=True,
         )
         return
-    record = llamacpp_builds.read_record(found)
-    cpu_only = record.backend == "cpu" if record else found.parent.parent.name.endswith("-cpu")
-    if cpu_only and not engine_llamacpp.cpu_inference_allowed():
+    if llamacpp_builds.cpu_only(found) and not engine_llamacpp.cpu_inference_allowed():
         report(
             ("pools", users[0], "engine"),
             f"the only llama-server here is a CPU-only build ({found}): llamacpp pools refuse "

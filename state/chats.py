@@ -201,12 +201,11 @@ def check_schema(schema: dict[str, Any], what: str) -> None:
             + f": {exc.message[:200]}",
             "fix the schema (https://json-schema.org/understanding-json-schema/)",
         ) from None
-    embedded = any(True for _ in _keyword(schema, "$id", depth=0))  # refs may name those
+    embedded = next(_keyword(schema, "$id", depth=0), None) is not None  # refs may name those
     for ref in _keyword(schema, "$ref", depth=0):
-        if ref.startswith("#/") or ref == "#":
-            if _resolves(schema, ref):
-                continue
-        elif ref.startswith("#") or embedded:  # an anchor, or a resource the schema embeds
+        pointer = ref == "#" or ref.startswith("#/")
+        # a pointer must resolve; an anchor, or a resource the schema embeds, is let be
+        if _resolves(schema, ref) if pointer else (ref.startswith("#") or embedded):
             continue
         raise Hinted(
             f"{what}: $ref {ref[:80]!r} points nowhere in the schema",
@@ -237,11 +236,9 @@ def _keyword(node: Any, keyword: str, *, depth: int) -> Iterator[str]:
 
 
 def _resolves(schema: dict[str, Any], ref: str) -> bool:
-    """Whether `ref` is a JSON pointer into `schema` itself ('#', '#/a/0/b') that exists."""
-    if not ref.startswith("#"):
-        return False
+    """Whether the JSON pointer `ref` into `schema` itself ('#', '#/a/0/b') exists."""
     node: Any = schema
-    for raw in ref[1:].split("/")[1:] if ref != "#" else ():
+    for raw in ref[1:].split("/")[1:]:
         key = unquote(raw).replace("~1", "/").replace("~0", "~")
         if isinstance(node, dict) and key in node:
             node = node[key]
@@ -271,14 +268,15 @@ def conversation_problem(messages: list[ChatMessage]) -> tuple[str, str] | None:
                     "give each tool call an id of its own",
                 )
             called.add(call.id)
-        if message.role == "tool" and message.tool_call_id in answered:
+        if message.role != "tool":
+            continue
+        if message.tool_call_id in answered:
             return (
                 f"messages[{n}]: the tool call {message.tool_call_id!r} is answered twice",
                 "send one tool message per call",
             )
-        if message.role == "tool":
-            answered.add(str(message.tool_call_id))
-        if message.role == "tool" and message.tool_call_id not in called:
+        answered.add(str(message.tool_call_id))
+        if message.tool_call_id not in called:
             return (
                 f"messages[{n}]: its tool_call_id {message.tool_call_id!r} answers no call "
                 "of an assistant message before it",

@@ -377,12 +377,7 @@ async def test_a_burst_over_the_capacity_is_refused_as_a_full_queue_not_a_lowere
     cfg["pools"][0].update(slots=2, sim={"tokens_per_s": 20, "load_s": 0.0})
     workspace.write_config(cfg)
     await serve()
-    staged = []
-    for i in range(12):
-        staged.append(workspace.spool.tmp / f"b{i}.task.yaml")
-        staged[-1].write_text(yaml.safe_dump(task(f"b{i}", max_tokens=20)))
-    for path in staged:
-        path.rename(workspace.spool.incoming / path.name)
+    _land_at_once(workspace, [task(f"b{i}", max_tokens=20) for i in range(12)])
     results = [
         await wait_for(
             lambda i=i: (r := workspace.result(f"b{i}")) and r["status"] != "pending" and r,
@@ -431,13 +426,19 @@ async def test_a_burst_is_told_its_places_among_the_tasks_that_will_wait(
     cfg["pools"][0].update(slots=2, sim={"tokens_per_s": 20, "load_s": 0.0})
     workspace.write_config(cfg)
     await serve()
-    staged = []
-    for i in range(4):
-        staged.append(workspace.spool.tmp / f"qp{i}.task.yaml")
-        staged[-1].write_text(yaml.safe_dump(task(f"qp{i}", max_tokens=20)))
-    for path in staged:
-        path.rename(workspace.spool.incoming / path.name)
+    _land_at_once(workspace, [task(f"qp{i}", max_tokens=20) for i in range(4)])
     for i in range(4):
         await wait_for(lambda i=i: workspace.frames(f"qp{i}"), 10, f"qp{i} queued")
     places = sorted(workspace.frames(f"qp{i}")[0].data["queue_position"] for i in range(4))
     assert places == [0, 0, 0, 1], places
+
+
+def _land_at_once(workspace: Workspace, bodies: list[dict[str, Any]]) -> None:
+    """Task files written into spool/tmp, then renamed into incoming/ in one tight loop: a
+    burst that lands at once, however the daemon batches its arrivals."""
+    staged = []
+    for body in bodies:
+        staged.append(workspace.spool.tmp / f"{body['task_id']}.task.yaml")
+        staged[-1].write_text(yaml.safe_dump(body))
+    for path in staged:
+        path.rename(workspace.spool.incoming / path.name)

@@ -162,25 +162,7 @@ def test_tasks_accepted_into_a_full_queue_are_not_refused_by_it_after_a_power_lo
     """Every task accepted before the power went is queued again at once at the restart,
     while the replica loads: those over the queue's capacity were accepted, not refused,
     and are owed their place (they failed ADMISSION_REJECT)."""
-    cfg = config(queue={"capacity": 2, "full_policy": "reject"})
-    cfg["pools"][0]["slots"] = 2
-    cfg["pools"][0]["sim"] = {"tokens_per_s": 100, "load_s": 0.8}
-    workspace.write_config(cfg)
-    first = _serve(workspace, failpoint="after_started", exit_when_idle=False)
-    deadline = time.monotonic() + 30
-    while not _ready(workspace):
-        assert time.monotonic() < deadline and first.poll() is None, "the pool never got Ready"
-        time.sleep(0.05)
-    staged = []
-    for i in range(4):  # at once, on two idle slots: two start, two wait, all four accepted
-        staged.append(workspace.spool.tmp / f"full{i}.task.yaml")
-        staged[-1].write_text(json.dumps(task(f"full{i}", max_tokens=10, seed=i)))
-    for path in staged:
-        path.rename(workspace.spool.incoming / path.name)
-    assert first.wait(timeout=30) == -signal.SIGKILL
-    for record in (workspace.root / ".orch" / "engines").glob("*.json"):
-        with contextlib.suppress(ProcessLookupError):  # the power goes for the engines too
-            os.killpg(json.loads(record.read_text())["pid"], signal.SIGKILL)
+    _four_accepted_then_power_loss(workspace, "reject", "full")
     accepted = [f"full{i}" for i in range(4) if workspace.result(f"full{i}") is not None]
     assert len(accepted) == 4, accepted
     second = _serve(workspace, failpoint=None, exit_when_idle=True)
@@ -195,25 +177,7 @@ def test_under_drop_lru_a_newcomer_after_a_power_loss_evicts_no_recovered_task(
     """drop-lru evicts the oldest batch task for a newcomer: after a restart those are the
     recovered ones (one of them was running), which were accepted, and are owed their run.
     The newcomer is refused instead (retriable), saying why."""
-    cfg = config(queue={"capacity": 2, "full_policy": "drop-lru"})
-    cfg["pools"][0]["slots"] = 2
-    cfg["pools"][0]["sim"] = {"tokens_per_s": 100, "load_s": 0.8}
-    workspace.write_config(cfg)
-    first = _serve(workspace, failpoint="after_started", exit_when_idle=False)
-    deadline = time.monotonic() + 30
-    while not _ready(workspace):
-        assert time.monotonic() < deadline and first.poll() is None, "the pool never got Ready"
-        time.sleep(0.05)
-    staged = []
-    for i in range(4):
-        staged.append(workspace.spool.tmp / f"owed{i}.task.yaml")
-        staged[-1].write_text(json.dumps(task(f"owed{i}", max_tokens=10, seed=i)))
-    for path in staged:
-        path.rename(workspace.spool.incoming / path.name)
-    assert first.wait(timeout=30) == -signal.SIGKILL
-    for record in (workspace.root / ".orch" / "engines").glob("*.json"):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(json.loads(record.read_text())["pid"], signal.SIGKILL)
+    _four_accepted_then_power_loss(workspace, "drop-lru", "owed")
     workspace.submit("late.task.yaml", task("late", max_tokens=2))  # arrives with recovery
     second = _serve(workspace, failpoint=None, exit_when_idle=True)
     assert second.wait(timeout=60) == 0
@@ -223,6 +187,30 @@ def test_under_drop_lru_a_newcomer_after_a_power_loss_evicts_no_recovered_task(
     assert late.get("status") in ("succeeded", "rejected"), late
     if late.get("status") == "rejected":
         assert "accepted before the daemon restarted" in late["error"]["message"], late
+
+
+def _four_accepted_then_power_loss(ws: Workspace, policy: str, prefix: str) -> None:
+    """A queue of 2 and two idle slots: four tasks `<prefix>0..3` land at once (two start,
+    two wait: all accepted), the daemon is killed as the first starts, its engines too."""
+    cfg = config(queue={"capacity": 2, "full_policy": policy})
+    cfg["pools"][0]["slots"] = 2
+    cfg["pools"][0]["sim"] = {"tokens_per_s": 100, "load_s": 0.8}
+    ws.write_config(cfg)
+    first = _serve(ws, failpoint="after_started", exit_when_idle=False)
+    deadline = time.monotonic() + 30
+    while not _ready(ws):
+        assert time.monotonic() < deadline and first.poll() is None, "the pool never got Ready"
+        time.sleep(0.05)
+    staged = []
+    for i in range(4):
+        staged.append(ws.spool.tmp / f"{prefix}{i}.task.yaml")
+        staged[-1].write_text(json.dumps(task(f"{prefix}{i}", max_tokens=10, seed=i)))
+    for path in staged:
+        path.rename(ws.spool.incoming / path.name)
+    assert first.wait(timeout=30) == -signal.SIGKILL
+    for record in (ws.root / ".orch" / "engines").glob("*.json"):
+        with contextlib.suppress(ProcessLookupError):  # the power goes for the engines too
+            os.killpg(json.loads(record.read_text())["pid"], signal.SIGKILL)
 
 
 def _ready(ws: Workspace) -> bool:
