@@ -108,6 +108,27 @@ def drain(runtime: pools.PoolRuntime, replica_id: ids.ReplicaId, reason: str) ->
     r.job = asyncio.get_running_loop().create_task(retire(runtime, r))
 
 
+def reclaim(runtime: pools.PoolRuntime, replica_id: ids.ReplicaId) -> None:
+    """Stop retiring a Draining replica whose spec its pool wants again (an edit undone, a
+    failed reload put back): its running tasks go on and it takes new ones."""
+    r = runtime.replicas.get(replica_id)
+    if r is None or not r.reclaimable:
+        return
+    if r.job is not None and not r.job.done():
+        r.job.cancel()  # it waits for leases to end: nothing is stopped yet
+    r.job = None
+    r.life.reclaim(runtime.clock.monotonic())
+    logs.emit(
+        log,
+        "replica.reclaimed",
+        f"Replica {replica_id} serves again: orch.yaml wants its spec again before it "
+        "stopped, so its running tasks go on and nothing restarts.",
+        replica_id=replica_id,
+        pool_id=r.pool_id,
+    )
+    runtime.wake()
+
+
 async def boot(runtime: pools.PoolRuntime, r: fleet.Replica) -> None:
     """Start one replica: verify its model file, spawn the engine, record it, wait for
     health, warm it up, then mark it Ready (or hand the failure to supervision)."""
@@ -236,6 +257,7 @@ async def retire(runtime: pools.PoolRuntime, r: fleet.Replica) -> None:
     deadline = runtime.clock.monotonic() + drain_s
     while r.leases and runtime.clock.monotonic() < deadline:
         await asyncio.sleep(0.05)
+    r.stopping = True  # from here on it cannot be reclaimed
     if r.handle is not None:
         exit_info = await r.engine.stop(r.handle, grace_s=grace_s)
         logs.emit(

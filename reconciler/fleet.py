@@ -33,6 +33,18 @@ class Replica:
     vram_warned: bool = False  # the estimate-vs-measured warning is given once per replica
     hung: str | None = None  # why it is being killed as hung: it takes no task meanwhile
     engine_version: str | None = None  # what the engine reported once up
+    stopping: bool = False  # its retirement is stopping the process: it cannot serve again
+
+    @property
+    def reclaimable(self) -> bool:
+        """Draining, drained while Ready, its process not being stopped: it may serve again."""
+        return (
+            self.state == "Draining"
+            and self.life.drained_ready
+            and not self.stopping
+            and self.handle is not None
+            and self.hung is None
+        )
 
     @property
     def state(self) -> statusfile.ReplicaState:

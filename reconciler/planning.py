@@ -9,7 +9,10 @@ Rules, in the order they apply:
 - Replicas are named `<pool_id>-<n>`, n the smallest number no replica of the pool (in any
   state, Draining included) is using; numbering starts at 0.
 - A Draining replica is never drained again and does not count toward its pool's replicas,
-  but its memory will come back: new replicas may *wait* for it.
+  but its memory will come back: new replicas may *wait* for it. Except a reclaim: one that
+  was Ready, still runs (its stop has not begun) and has the hash its pool wants again (an
+  edit undone, a failed reload rolled back, a file saved in steps) serves again in place of
+  a missing replica (`Reclaim`), before any start: its running tasks go on, nothing restarts.
 - A replica of a pool no longer desired is drained ("pool removed"); one whose spec hash
   differs from its pool's is drained ("spec changed") and replaced like a missing replica.
   Except a move: a Ready or Starting replica that serves what its pool wants (the same
@@ -95,6 +98,8 @@ class ReplicaSeen:
     state: ReplicaState
     vram_mib: int
     service_key: str = ""  # see PoolWant.service_key
+    # Draining only: it was Ready and its engine still runs, so it can serve again
+    reclaimable: bool = False
 
     def __post_init__(self) -> None:
         if self.state not in REPLICA_STATES:
@@ -128,6 +133,14 @@ class Drain:
 
 
 @dataclass(frozen=True)
+class Reclaim:
+    """A Draining replica whose pool wants its spec again: it stops draining and serves."""
+
+    replica_id: ids.ReplicaId
+    pool_id: ids.PoolId
+
+
+@dataclass(frozen=True)
 class Unschedulable:
     """A pool that cannot get all its replicas even once draining replicas release memory.
 
@@ -146,12 +159,13 @@ class Unschedulable:
     kept: tuple[ids.ReplicaId, ...] = ()  # replicas serving where they were, meanwhile
 
 
-Action = Start | Drain
+Action = Start | Drain | Reclaim
 
 
 @dataclass(frozen=True)
 class Plan:
-    """Drains first (by pool, then replica number), then starts in placement order."""
+    """Drains first (by pool, then replica number), then reclaims (the same order), then
+    starts in placement order."""
 
     actions: tuple[Action, ...]
     unschedulable: tuple[Unschedulable, ...]
@@ -164,6 +178,10 @@ class Plan:
     @property
     def drains(self) -> tuple[Drain, ...]:
         return tuple(a for a in self.actions if isinstance(a, Drain))
+
+    @property
+    def reclaims(self) -> tuple[Reclaim, ...]:
+        return tuple(a for a in self.actions if isinstance(a, Reclaim))
 
 
 def share_mib(vram_mib: int, n_devices: int) -> int:
@@ -227,6 +245,7 @@ def _plan(
     taken: dict[ids.PoolId, set[str]] = {}
     current: dict[ids.PoolId, list[ReplicaSeen]] = {p: [] for p in wants}
     drains: list[Drain] = []
+    reclaimable: dict[ids.PoolId, list[ReplicaSeen]] = {}
 
     def drain(replica: ReplicaSeen, reason: str) -> None:
         drains.append(Drain(replica.replica_id, replica.pool_id, reason))
@@ -236,7 +255,10 @@ def _plan(
         taken.setdefault(replica.pool_id, set()).add(replica.replica_id)
         want = wants.get(replica.pool_id)
         if replica.state == "Draining":
-            _release(replica, releasing)
+            if want is not None and replica.reclaimable and replica.spec_hash == want.spec_hash:
+                reclaimable.setdefault(replica.pool_id, []).append(replica)
+            else:
+                _release(replica, releasing)
         elif want is None:
             drain(replica, POOL_REMOVED)
         elif replica.replica_id in kept:
@@ -245,6 +267,16 @@ def _plan(
             drain(replica, SPEC_CHANGED)
         else:
             current[replica.pool_id].append(replica)
+
+    reclaims: list[Reclaim] = []
+    for pool_id, draining in sorted(reclaimable.items()):
+        for replica in draining:  # already in replica order
+            serving = [r for r in current[pool_id] if r.state in ("Ready", "Starting", "Draining")]
+            if len(serving) < wants[pool_id].replicas:  # a surplus crashed one is drained
+                reclaims.append(Reclaim(replica.replica_id, pool_id))
+                current[pool_id].append(replica)
+            else:
+                _release(replica, releasing)
 
     missing: dict[ids.PoolId, int] = {}
     for pool_id in sorted(wants):
@@ -283,7 +315,7 @@ def _plan(
 
     drains.sort(key=lambda d: _id_key(d.pool_id, d.replica_id))
     return Plan(
-        actions=(*drains, *starts),
+        actions=(*drains, *reclaims, *starts),
         unschedulable=tuple(sorted(unschedulable, key=lambda u: u.pool_id)),
         waiting=tuple(sorted(waiting)),
     )

@@ -98,6 +98,8 @@ class PoolRuntime:
                 if action.pool_id in self.drained and reason == planning.SCALED_DOWN:
                     reason = "drain requested"
                 booting.drain(self, action.replica_id, reason)
+            elif isinstance(action, planning.Reclaim):
+                booting.reclaim(self, action.replica_id)
         self.passes += 1
 
     def _seen(self) -> list[planning.ReplicaSeen]:
@@ -114,6 +116,7 @@ class PoolRuntime:
                     state=r.state,
                     vram_mib=r.vram_mib,
                     service_key=specs.service_key(r.spec),
+                    reclaimable=r.reclaimable,
                 )
             )
         return out

@@ -21,6 +21,7 @@ Policy (`RestartPolicy`, defaults from ARCHITECTURE §5):
 
 States: Starting → Ready; Starting or Ready → (exit) → BackingOff → (restart due) → Starting,
 or → Failed when that exit opens the breaker; Starting/Ready → Draining → (exit) → Stopped;
+Ready → Draining → (reclaim, its spec wanted again before its stop began) → Ready;
 BackingOff/Failed → Stopped on drain; Failed → BackingOff on reset.
 """
 
@@ -90,6 +91,7 @@ class ReplicaLife:
         self.next_restart_at: float | None = None
         self.failures: deque[Failure] = deque()  # this streak's failures inside the window
         self.reasons: deque[str] = deque(maxlen=self.policy.reasons_kept)
+        self.drained_ready = False  # Draining: it was Ready when drained (it may serve again)
 
     # -- events -----------------------------------------------------------------------------
 
@@ -163,11 +165,20 @@ class ReplicaLife:
         """Stop taking work and stop. With no process (BackingOff, Failed) it is Stopped at
         once; draining twice is harmless."""
         if self.state in ("Starting", "Ready"):
+            self.drained_ready = self.state == "Ready"
             self.state = "Draining"
         elif self.state in ("BackingOff", "Failed"):
             self.state = "Stopped"
             self.next_restart_at = None
         return self.state
+
+    def reclaim(self, now: float) -> None:
+        """Serve again: a replica drained while Ready whose spec is wanted again before its
+        process was stopped."""
+        self._expect("reclaim", "Draining")
+        if not self.drained_ready:
+            raise InvalidTransition(f"{self.replica_id}: reclaim of a replica that was not Ready")
+        self.state = "Ready"
 
     def reset(self, now: float) -> None:
         """Close the breaker (operator action): forget the streak and restart right away."""

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reconciler import planning, specs
-from reconciler.planning import Drain, GpuRoom, Plan, PoolWant, ReplicaSeen, Start
+from reconciler.planning import Drain, GpuRoom, Plan, PoolWant, Reclaim, ReplicaSeen, Start
 from state import desired, ids
 
 RESERVE = 512
@@ -148,6 +148,64 @@ def test_a_draining_replica_is_neither_drained_again_nor_counted_and_keeps_its_n
 
     assert result.actions == (start("chat-1", (0,)),)
     assert run([], [seen("chat-0", "Draining")]).actions == ()
+
+
+def _reclaimable(replica_id: str, spec: str = "h1", vram: int = 4000) -> ReplicaSeen:
+    return dataclasses.replace(seen(replica_id, "Draining", vram=vram, spec=spec), reclaimable=True)
+
+
+def test_a_draining_replica_whose_spec_is_wanted_again_serves_again_instead_of_a_start() -> None:
+    """An edit undone (a failed reload put back, a file saved in steps) while the old
+    replica still drains: it is reclaimed, and nothing new is started or waited for."""
+    result = run([pool("chat", spec="old")], [_reclaimable("chat-0", spec="old")])
+
+    assert result.actions == (Reclaim(ids.ReplicaId("chat-0"), ids.PoolId("chat")),)
+    assert result.waiting == () and result.unschedulable == ()
+
+
+def test_a_draining_replica_is_not_reclaimed_for_another_spec_or_when_not_reclaimable() -> None:
+    other = run([pool("chat", spec="new")], [_reclaimable("chat-0", spec="old")])
+    assert other.reclaims == () and [a.replica_id for a in other.starts] == ["chat-1"]
+
+    stopping = run([pool("chat")], [seen("chat-0", "Draining")])
+    assert stopping.reclaims == () and [a.replica_id for a in stopping.starts] == ["chat-1"]
+
+    removed = run([], [_reclaimable("chat-0")])
+    assert removed.actions == ()
+
+
+def test_only_as_many_draining_replicas_are_reclaimed_as_the_pool_lacks() -> None:
+    replicas = [seen("chat-0"), _reclaimable("chat-1"), _reclaimable("chat-2")]
+
+    result = run([pool("chat", replicas=2)], replicas)
+
+    assert result.actions == (Reclaim(ids.ReplicaId("chat-1"), ids.PoolId("chat")),)
+    assert run([pool("chat", replicas=1)], replicas).actions == ()
+
+
+def test_a_reclaimed_replica_takes_the_place_of_a_crashed_one_which_is_drained() -> None:
+    replicas = [seen("chat-0", "BackingOff"), _reclaimable("chat-1")]
+
+    result = run([pool("chat")], replicas)
+
+    assert result.actions == (
+        drain("chat-0", "scaled down"),
+        Reclaim(ids.ReplicaId("chat-1"), ids.PoolId("chat")),
+    )
+
+
+def test_memory_a_reclaimed_replica_keeps_is_not_promised_to_a_waiting_start() -> None:
+    """chat-0 (20 GB on GPU 0) is reclaimed; big (another pool, 20 GB) would have waited
+    for that memory: now it cannot ever fit there."""
+    gpus = (GpuRoom(0, 24576, 4576),)
+    replicas = [_reclaimable("chat-0", vram=20000)]
+    wants = [pool("chat", vram=20000), pool("big", vram=20000)]
+    assert run(wants[1:], replicas, gpus).waiting == ("big",)  # chat-0 drained for good
+
+    result = run(wants, replicas, gpus)
+
+    assert result.reclaims == (Reclaim(ids.ReplicaId("chat-0"), ids.PoolId("chat")),)
+    assert result.waiting == () and [u.pool_id for u in result.unschedulable] == ["big"]
 
 
 # -- changed specs ------------------------------------------------------------------------------

@@ -452,3 +452,45 @@ async def test_a_reload_overtaken_by_another_edit_answers_at_once_and_leaves_it(
         assert response.status == 409 and "changed by another edit" in answer["message"]
         assert "left as is" in answer["message"] and "other edit" in answer["hint"]
     assert workspace.config_path.read_text().endswith("# an edit by hand\n")
+
+
+async def test_a_failed_reload_leaves_the_old_replica_serving_its_running_task(
+    workspace: Workspace, serve: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The new model fits only where the old replica is, so it waits for that replica's
+    drain, which waits for its running task; the reload times out and orch.yaml is put
+    back. The old replica, still draining, must serve again: its task runs to its end (not
+    WORKER_RESET at the drain deadline) and its engine is not restarted."""
+    (workspace.root / "m1.gguf").write_bytes(GOOD)
+    (workspace.root / "m2.gguf").write_bytes(GOOD)
+    text = (
+        ORCH_YAML.replace(
+            'm2: {ref: "file:m2.gguf", size_mib: 1000}',
+            'm2: {ref: "file:m2.gguf", size_mib: 23500}',  # beside m1 on no GPU
+        )
+        .replace("sim: {tokens_per_s: 400, load_s: 0}", "sim: {tokens_per_s: 20, load_s: 0}")
+        .replace("drain_s: 5", "drain_s: 4")
+        .replace("    slots: 2\n", "    slots: 2\n    devices: [0]\n")
+    )
+    workspace.config_path.write_text(text)
+    caplog.set_level("INFO", logger="llama_orch")
+    base = _url(await serve())
+    await wait_for(lambda: _ready(workspace), 10, "p1 Ready")
+    pid = _pool(workspace)["replicas"][0]["pid"]
+    workspace.submit("long.task.yaml", task("long", max_tokens=120))  # about 6 s
+    await wait_for(lambda: (workspace.result("long") or {}).get("status") == "running", 10)
+    async with aiohttp.ClientSession() as session:
+        began = time.monotonic()
+        url = f"{base}/v1/pools/p1/reload"
+        async with session.post(url, json={"model": "m2", "timeout_s": 1.5}) as response:
+            answer = await response.json()
+        took = time.monotonic() - began
+        assert response.status == 409 and answer["code"] == "RELOAD_FAILED", answer
+        assert took < 3.0, f"the 409 came {took:.1f} s after a reload given 1.5 s"
+    assert workspace.config_path.read_text() == text
+    await wait_for(lambda: _ready(workspace), 5, "p1 serving again")
+    ended = await wait_terminal(workspace, "long", 20)
+    assert ended["status"] == "succeeded", ended
+    assert _pool(workspace)["replicas"][0]["pid"] == pid  # the same engine, never restarted
+    events = [getattr(r, "orch_event", "") for r in caplog.records]
+    assert "replica.reclaimed" in events and "replica.stopped" not in events

@@ -250,3 +250,20 @@ def test_the_status_record_says_what_an_operator_needs() -> None:
         "last_error": "exit code 1",
         "recent_errors": ["exit code 1"],
     }
+
+
+def test_a_replica_drained_while_ready_may_serve_again_one_drained_while_starting_not() -> None:
+    clock = FakeClock()
+    ready = life(clock)
+    ready.ready(clock.advance(1))
+    ready.drain(clock.advance(1))
+    ready.reclaim(clock.advance(1))
+    assert ready.state == "Ready"
+
+    starting = life(clock)
+    starting.drain(clock.now)
+    with pytest.raises(supervision.InvalidTransition):
+        starting.reclaim(clock.now)
+    assert starting.state == "Draining"
+    with pytest.raises(supervision.InvalidTransition):
+        ready.reclaim(clock.now)  # not draining
