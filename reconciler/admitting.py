@@ -48,7 +48,7 @@ def admit(d: dispatch.Dispatcher, run: tasking.TaskRun, *, recovered: bool) -> N
         problem = None
     if problem is None and not recovered:
         problem = session_problem(d, run)
-    entry = _entry(run)
+    entry = entry_of(run)
     # only a deadline can be refused on the estimate; a recovered task was accepted already
     if problem is None and not recovered and run.task.deadline_ms is not None:
         start, probability = _estimate_new(d, entry)
@@ -293,7 +293,8 @@ def session_problem(d: dispatch.Dispatcher, run: tasking.TaskRun) -> ErrorEnvelo
     return problem
 
 
-def _entry(run: tasking.TaskRun) -> queues.Entry:
+def entry_of(run: tasking.TaskRun) -> queues.Entry:
+    """The queue entry of an admitted task, from its run (model and pool bound)."""
     return queues.Entry(
         task_id=ids.TaskId(run.task_id),
         priority=run.task.priority,

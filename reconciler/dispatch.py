@@ -31,7 +31,7 @@ from reconciler import (
     tasking,
 )
 from reconciler.configuring import AppliedConfig
-from state import atomic, errors, ids, results, sessions, statusfile
+from state import atomic, desired, errors, ids, results, sessions, statusfile
 from state.errors import ErrorCode
 
 log = logs.get("dispatch")
@@ -99,6 +99,8 @@ class Dispatcher:
     stopping: bool = False
     # the pools' limits (state, ctx, max_tokens) every queued task was last checked against
     _limits_checked: tuple[Any, ...] | None = field(default=None, init=False, repr=False)
+    # the (pool, model) pairs of orch.yaml queued tasks were last bound to (`_follow_pools`)
+    _served_seen: tuple[tuple[str, str], ...] | None = field(default=None, init=False, repr=False)
     _pass_timer: asyncio.TimerHandle | None = field(default=None, init=False, repr=False)
     _end_pass_at: float = field(default=float("-inf"), init=False, repr=False)
 
@@ -233,6 +235,7 @@ class Dispatcher:
             # for the pool's old spec wait for its outcome (they run on the old spec again
             # after a failed reload), and are checked once it is known
             return
+        self._follow_pools(state)
         views = self.pools.views()
         blocked = self.blocked()
         # The codes that fail a queued task depend only on its target (model, pool and pin:
@@ -269,6 +272,32 @@ class Dispatcher:
             found = admission.check(run.task, target, state=state, pools=views, blocked=blocked)
             if found is not None and found.code is ErrorCode.INVALID_PARAMS:
                 self._fail_queued(entry, found, changed=True)
+
+    def _follow_pools(self, state: desired.DesiredState) -> None:
+        """A queued task that named only its pool runs whatever model the pool serves: when
+        an edit (a reload) gives the pool another model, the task follows it, keeping its
+        place, instead of failing for the model it was bound to at admission."""
+        served = tuple((p.id, p.model) for p in state.pools)
+        if served == self._served_seen:
+            return
+        self._served_seen = served
+        models = dict(served)
+        for entry in self.queue.in_dispatch_order():
+            run = self.runs[entry.task_id]
+            model = models.get(entry.pool_id or "")
+            if run.task.model is not None or model is None or model == run.model_id:
+                continue
+            run.model_id = ids.ModelId(model)
+            run.result.model = model
+            run.result.model_digest = state.models[model].digest if model in state.models else None
+            self.queue.replace(admitting.entry_of(run))
+            logs.emit(
+                log,
+                "task.retargeted",
+                f"Task {run.task_id} names only pool {entry.pool_id}, which now serves model "
+                f"{model} (it served {entry.model_id}): the task will run on {model}.",
+                **run.log_ids,
+            )
 
     def _fail_queued(
         self, entry: queues.Entry, error: errors.ErrorEnvelope, *, changed: bool = False

@@ -31,7 +31,7 @@ import functools
 import heapq
 from collections.abc import Callable, Collection, Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 from reconciler import placement
 from state import ids
@@ -42,6 +42,8 @@ FullPolicy = Literal["reject", "drop-lru"]
 
 PRIORITIES: tuple[Priority, ...] = ("interactive", "batch")  # dispatch order
 FULL_POLICIES: tuple[FullPolicy, ...] = ("reject", "drop-lru")
+
+_V = TypeVar("_V")
 
 REFUSED_CODE = ErrorCode.ADMISSION_REJECT  # for a newcomer that was not enqueued
 EVICTED_CODE = ErrorCode.QUEUE_FULL_DROP_LRU  # for an entry evicted to make room
@@ -177,6 +179,27 @@ class TaskQueue:
             return None  # never evict interactive work for batch work
         interactive = self._classes["interactive"].values()
         return next((e for e in interactive if e.task_id not in starting), None)
+
+    def replace(self, entry: Entry) -> None:
+        """Put `entry` in the place of the queued entry of its task id, keeping its place in
+        the order (its model and target may differ: a task bound to its pool's model follows
+        the pool onto another). Raises KeyError when the task is not queued."""
+        old = self._classes[entry.priority][entry.task_id]
+        seq = self._by_model[(old.priority, old.model_id)][entry.task_id]
+        self._drop(old)
+        self._by_model.setdefault((entry.priority, entry.model_id), {})[entry.task_id] = seq
+        self._by_target.setdefault(entry.target, {})[entry.task_id] = entry
+        self._classes[entry.priority][entry.task_id] = entry
+        # back in push order (rare: an edit of orch.yaml), which the dicts keep by insertion
+        seqs = {task_id: n for by_id in self._by_model.values() for task_id, n in by_id.items()}
+
+        def in_order(entries: dict[ids.TaskId, _V]) -> dict[ids.TaskId, _V]:
+            return dict(sorted(entries.items(), key=lambda item: seqs[item[0]]))
+
+        self._classes[entry.priority] = in_order(self._classes[entry.priority])
+        key = (entry.priority, entry.model_id)
+        self._by_model[key] = in_order(self._by_model[key])
+        self._by_target[entry.target] = in_order(self._by_target[entry.target])
 
     def remove(self, task_id: ids.TaskId) -> Entry | None:
         """Take a task out (cancel, shutdown); None when it is not queued."""

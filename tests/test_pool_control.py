@@ -494,3 +494,40 @@ async def test_a_failed_reload_leaves_the_old_replica_serving_its_running_task(
     assert _pool(workspace)["replicas"][0]["pid"] == pid  # the same engine, never restarted
     events = [getattr(r, "orch_event", "") for r in caplog.records]
     assert "replica.reclaimed" in events and "replica.stopped" not in events
+
+
+async def test_a_task_naming_only_its_pool_follows_the_pool_onto_its_new_model(
+    workspace: Workspace, serve: Any
+) -> None:
+    """Queued before a reload onto another model, a task that named only the pool runs on
+    the model the pool serves now (as one sent after the reload does); one that named the old
+    model fails, as after any edit that leaves its model served by no pool."""
+    (workspace.root / "m1.gguf").write_bytes(GOOD)
+    (workspace.root / "m2.gguf").write_bytes(GOOD)
+    text = ORCH_YAML.replace("sim: {tokens_per_s: 400, load_s: 0}", "sim: {tokens_per_s: 40}")
+    workspace.config_path.write_text(text)
+    base = _url(await serve())
+    for name in ("busy-1", "busy-2"):
+        workspace.submit(f"{name}.task.yaml", task(name, max_tokens=40))
+    await wait_for(
+        lambda: all(
+            (workspace.result(n) or {}).get("status") == "running" for n in ("busy-1", "busy-2")
+        ),
+        10,
+        "both slots busy",
+    )
+    by_pool = task("by-pool", max_tokens=4)
+    by_pool.pop("model")
+    workspace.submit("by-pool.task.yaml", by_pool | {"pool": "p1"})
+    workspace.submit("by-model.task.yaml", task("by-model", model="m1", max_tokens=4))
+    await wait_for(
+        lambda: (workspace.result("by-pool") or {}).get("status") == "queued", 10, "queued"
+    )
+    async with aiohttp.ClientSession() as session:
+        url = f"{base}/v1/pools/p1/reload"
+        async with session.post(url, json={"model": "m2", "timeout_s": 10}) as response:
+            assert response.status == 200, await response.text()
+    followed = await wait_terminal(workspace, "by-pool", 20)
+    assert (followed["status"], followed["model"]) == ("succeeded", "m2"), followed
+    left = await wait_terminal(workspace, "by-model", 20)
+    assert left["status"] == "failed" and left["error"]["code"] == "POOL_UNAVAILABLE", left

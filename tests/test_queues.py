@@ -315,3 +315,22 @@ def test_next_deadline_is_the_earliest_of_the_entries_still_queued() -> None:
     assert queue.next_deadline() == 30.0
     assert [e.task_id for e in queue.take_expired(31.0)] == ["late"]
     assert queue.next_deadline() is None
+
+
+def test_an_entry_replaced_onto_another_model_keeps_its_place_and_is_found_by_it() -> None:
+    q = queues.TaskQueue(capacity=8)
+    for task_id, model in [("a", "old"), ("b", "new"), ("c", "old"), ("d", "new")]:
+        q.push(entry(task_id, model=model))
+
+    q.replace(entry("c", model="new"))
+
+    assert [e.task_id for e in q] == ["a", "b", "c", "d"]
+    assert q.count_of_model(ids.ModelId("new")) == 3
+    assert q.count_of_model(ids.ModelId("old")) == 1
+    assert [e.task_id for e in q.of_target("new")] == ["b", "c", "d"]
+    taken = q.pop_first(lambda e: True, models={ids.ModelId("new")})
+    assert taken is not None and taken.task_id == "b"
+    taken = q.pop_first(lambda e: True, models={ids.ModelId("new")})
+    assert taken is not None and taken.task_id == "c"
+    with pytest.raises(KeyError):
+        q.replace(entry("zz"))
