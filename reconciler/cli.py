@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import sys
 import traceback
 from pathlib import Path
@@ -36,6 +35,7 @@ from reconciler import (
     cli_validate,
     cli_watch,
     configuring,
+    early_signals,
     logs,
     openapi,
 )
@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, or a usage error argparse has explained
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    if getattr(args, "command", None) not in ("serve", "up"):
+        early_signals.release()  # only a daemon stops cleanly on a signal that came this early
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
@@ -428,8 +430,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         d = daemon.build(options)
         loop = asyncio.get_running_loop()
         # closing the terminal (SIGHUP) stops as cleanly as Ctrl-C and SIGTERM
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for sig in early_signals.STOPS:
             loop.add_signal_handler(sig, d.stop, sig.name)
+        for name in early_signals.take():  # sent while orchctl was still loading
+            d.stop(name)
         return await d.run()
 
     try:

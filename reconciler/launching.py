@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reconciler import daemon, logs, smoking
+from reconciler import daemon, early_signals, logs, smoking
 from reconciler.cli_common import EXIT_FAILED, EXIT_OK
 
 UNSCHEDULABLE_GRACE_S = 10.0
@@ -59,8 +59,10 @@ async def serve(args: argparse.Namespace, plan: Plan) -> int:
         interrupted.set()
         d.stop(name)
 
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for sig in early_signals.STOPS:
         loop.add_signal_handler(sig, on_signal, sig.name)
+    for name in early_signals.take():  # sent while orchctl was still loading
+        on_signal(name)
     job = loop.create_task(d.run())
     step(f"serving {plan.config}")
     try:

@@ -264,3 +264,55 @@ def test_a_log_file_in_a_folder_that_does_not_exist_is_refused_not_made(
     )
     assert hint == "hint: name a file in a folder that exists and that you may write to"
     assert not missing.parent.exists()
+
+
+@pytest.mark.parametrize("delay_s", [0.05, 0.3])
+def test_serve_stopped_in_its_first_second_still_stops_cleanly_with_exit_0(
+    workspace: Workspace, delay_s: float
+) -> None:
+    """A service manager stopping a unit it has just started: SIGTERM while orchctl still
+    loads its modules was fatal (exit 143, nothing logged). The signal is kept until the
+    daemon's own handlers are in place, and the daemon then stops as on any SIGTERM."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reconciler.entry", "serve", "--config", str(workspace.config_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        time.sleep(delay_s)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, out
+    assert '"daemon.stopped"' in out, out
+
+
+def test_a_verb_that_is_not_a_daemon_dies_of_an_early_signal_as_usual(tmp_path: Path) -> None:
+    """Only a daemon keeps a signal that came while orchctl loaded: `orchctl status` (here
+    stopped before it could ask anything) ends as if nothing had caught the signal."""
+    import signal
+
+    script = (
+        "import os, signal, sys\n"
+        "from reconciler import early_signals\n"
+        "sys.argv = ['orchctl', 'status', '--config', sys.argv[1]]\n"
+        "early_signals.install()\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"  # arrives 'while loading'
+        "from reconciler import cli\n"
+        "raise SystemExit(cli.main(sys.argv[1:]))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "orch.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=False,
+    )
+    assert proc.returncode == -signal.SIGTERM, proc.stdout + proc.stderr

@@ -78,6 +78,8 @@ IO_MODULES = {
     "reconciler.daemon",
     "reconciler.diagnosing",
     "reconciler.dispatch",
+    "reconciler.early_signals",
+    "reconciler.entry",
     "reconciler.fanout",
     "reconciler.fetching",
     "reconciler.intake",
