@@ -436,7 +436,9 @@ async def task_events(request: web.Request) -> web.StreamResponse:
             first = True
             async for batch in sub.batches(wait_s=api.WATCH_S):
                 if not batch:  # nothing new: a client gone is seen without a write
-                    if backend.closing.is_set():  # the daemon stops: the stream ends whole
+                    if backend.closing.is_set() or _idle_until_restart(backend, task_id):
+                        # the daemon stops: the stream ends whole, as soon as the task will
+                        # not move before the next start
                         stopped = True
                         await stream.write(_STOPPED_COMMENT)
                         break
@@ -461,6 +463,14 @@ async def task_events(request: web.Request) -> web.StreamResponse:
         if cancel_on_disconnect and not (finished or stopped):
             await asyncio.to_thread(spool.request_cancel, backend.spool, task_id)
             backend.wake()
+
+
+def _idle_until_restart(backend: api.Backend, task_id: ids.TaskId) -> bool:
+    """The daemon drains and this task is not among the running ones: it waits (queued, or
+    in incoming/) until the daemon's next start, so a stream of it has nothing to wait for."""
+    if not backend.stopping():
+        return False
+    return not backend.live(task_id) or backend.queue_position(task_id) is not None
 
 
 # the last words of a stream the daemon ends as it stops (an EventSource reconnects to the

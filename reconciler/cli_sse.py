@@ -27,6 +27,14 @@ class Unavailable(Exception):
     """The SSE endpoint cannot be used now (not reachable, refused, or not this API)."""
 
 
+class Stopping(Unavailable):
+    """The daemon ended the stream because it stops: reconnecting would only meet that again
+    (or no daemon), so the caller reads the files and asks what serves the folder."""
+
+
+STOPPING_COMMENT = ": the daemon is stopping"  # how the daemon's last words begin
+
+
 class TimedOut(Exception):
     """The deadline passed before the task's terminal frame."""
 
@@ -122,6 +130,8 @@ def _parse(
         if not raw:
             return
         line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+        if line.startswith(STOPPING_COMMENT):
+            raise Stopping(line.removeprefix(": "))
         if line.startswith(":"):
             continue  # keep-alive
         if line:

@@ -232,6 +232,14 @@ def _follow_files(
                     f"{_where(folder, task_id, result)} and will not move until "
                     f"`{folder.serve_command()}` starts",
                 )
+            stopping = seen.status is not None and seen.status.daemon.stopping_since
+            if stopping and (result is None or result.status != "running"):
+                printer.newline()
+                raise Refused(  # it drains its running tasks only: this one waits for a start
+                    EXIT_ENV,
+                    f"the daemon (pid {seen.pid}) is stopping: task {task_id} is "
+                    f"{_where(folder, task_id, result)} and will run at its next start",
+                )
             if not seen.responding(time.time()) and seen.written_at is not None:
                 printer.newline()
                 raise Refused(  # stopped by a signal, hung on a disk: it may never move

@@ -454,6 +454,8 @@ class Daemon:
     def _while_draining(self) -> None:
         """Every tick of the drain: the cancel requests, and status.json kept fresh (the
         drain may take longer than a reader waits for a daemon that stopped responding)."""
+        with atomic.group():
+            self.taker.claim_canceled()  # a canceled task still in incoming/ is taken to end
         self._apply_cancels()
         self._write_status()
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from reconciler import clocks, configuring, dispatch, intake, logs, streaming, tasking
-from state import failpoints, ids, loading, results, spool, tasks
+from state import failpoints, ids, loading, pending, results, spool, tasks
 from state.errors import ErrorCode
 
 log = logs.get("daemon")
@@ -48,6 +48,8 @@ class Taker:
     backlog: list[str] = field(default_factory=list)
     # files put off as half written: name -> (size, mtime_ns) when put off
     half_read: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # the cancel requests and incoming/ names `claim_canceled` last looked through
+    canceled_seen: list[tuple[frozenset[str], tuple[str, ...]]] = field(default_factory=list)
 
     def claim_batch(self) -> None:
         """Claim and take up to INTAKE_PER_PASS files from incoming/, oldest first."""
@@ -68,6 +70,32 @@ class Taker:
             revision=self.config.revision,
         ):
             failpoints.hit("after_claim")
+            self.take(path, new=True)
+        self.announce()
+
+    def claim_canceled(self) -> None:
+        """While the daemon drains, nothing new is taken, except a file in incoming/ whose
+        task a cancel request names: it is taken (queued, never started) so the cancel is
+        carried out now, as promised, not at the next start. The listing is read again
+        only when the requests or incoming/ changed."""
+        requests = set(spool.cancel_requests(self.the_spool)) - set(self.dispatcher.runs)
+        names = spool.incoming_names(self.the_spool) if requests else []
+        seen = (frozenset(requests), tuple(names))
+        if not names or seen in self.canceled_seen:
+            return
+        self.canceled_seen[:] = [seen]
+        wanted = [
+            p.name
+            for p in pending.waiting(self.the_spool, folders=("incoming",))
+            if p.task_id in requests
+        ]
+        for path in intake.claim_all(
+            the_spool=self.the_spool,
+            store=self.store,
+            names=wanted,
+            clock=self.clock,
+            revision=self.config.revision,
+        ):
             self.take(path, new=True)
         self.announce()
 

@@ -1602,6 +1602,11 @@ async def test_a_cancel_sent_while_the_daemon_drains_is_carried_out(
         ran = await asyncio.to_thread(orchctl, "submit", late, "--wait", *conf)
         assert ran.code == 3 and "is stopping: the task will run at its next start" in ran.err
         assert time.monotonic() - t0 < 5
+        # canceled while it still waits in incoming/: carried out now, not at the next start
+        gone = await asyncio.to_thread(orchctl, "cancel", "late", *conf)
+        assert gone.code == 0, gone.err
+        await wait_for(lambda: (workspace.result("late") or {}).get("status") == "canceled", 3)
+        assert not any(workspace.spool.incoming.iterdir())
         async with session.post(f"{base}/v1/tasks/long/cancel") as r:
             assert r.status in (200, 202), await r.text()
     t0 = time.monotonic()
@@ -1610,3 +1615,36 @@ async def test_a_cancel_sent_while_the_daemon_drains_is_carried_out(
     ended = workspace.result("long") or {}
     assert ended.get("status") == "canceled", ended
     assert not any(workspace.spool.cancel.iterdir())  # the request consumed, not left over
+
+
+async def test_a_queued_task_is_not_watched_in_vain_while_the_daemon_drains(
+    workspace: Workspace, serve: Any
+) -> None:
+    """While the daemon drains, a queued task will not move until its next start: its event
+    stream ends with the daemon's last words, and `orchctl watch` says so and exits 3 at
+    once (it waited for the whole drain, then about 5 s more reconnecting)."""
+    cfg = config(timeouts={"ready_s": 10, "drain_s": 30, "stop_grace_s": 2})
+    cfg["pools"][0].update(slots=1, sim={"tokens_per_s": 20, "load_s": 0.0})
+    workspace.write_config(cfg)
+    running = await serve()
+    base = _url(running)
+    conf = ("--config", workspace.config_path)
+    async with aiohttp.ClientSession() as session:
+        for name, tokens in (("long", 600), ("waits", 2)):
+            async with session.post(f"{base}/v1/tasks", json=task(name, max_tokens=tokens)) as r:
+                assert r.status == 202
+        await wait_for(lambda: (workspace.result("long") or {}).get("status") == "running", 10)
+        running.daemon.stop()  # the drain: up to 30 s for the 30 s task
+        await asyncio.sleep(0.3)
+        t0 = time.monotonic()
+        async with session.get(f"{base}/v1/tasks/waits/events") as stream:
+            body = await asyncio.wait_for(stream.text(), 5)
+        assert body.endswith(": the daemon is stopping; reconnect with Last-Event-ID to resume\n\n")
+        assert "event: queued" in body
+        watched = await asyncio.to_thread(orchctl, "watch", "waits", *conf)
+        assert watched.code == 3, watched.err
+        assert "is stopping: task waits is queued and will run at its next start" in watched.err
+        assert time.monotonic() - t0 < 5
+        async with session.post(f"{base}/v1/tasks/long/cancel") as r:
+            assert r.status in (200, 202)
+    assert await asyncio.wait_for(running.job, 10) == 0
