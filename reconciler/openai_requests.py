@@ -342,10 +342,11 @@ def _chat(given: dict[str, Any]) -> dict[str, Any]:
                 "tool_choice", "tool_choice: {type: function, function: {name: <a tool's name>}}"
             )
         if name not in named:
-            listed = ", ".join(repr(n) for n in sorted(map(str, named))) or "none"
+            listed = parsing.some_of(sorted(map(str, named)))
             raise Refused(
                 "tool_choice",
-                f"tool_choice: no tool named {name[:60]!r} in tools (given: {listed[:200]})",
+                f"tool_choice: no tool named {parsing.shortened(name, 60)!r} in tools "
+                f"(given: {listed})",
                 hint="name one of the tools given, or add that tool to tools",
             )
     chat: dict[str, Any] = {"messages": mapped}

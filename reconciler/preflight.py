@@ -13,6 +13,7 @@ is an error; what only stops a pool until the machine changes is a warning.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,10 +177,12 @@ def _gpus(gpus: Any, base: Path, report: Report) -> set[int] | None:
             loaded = gpu_simulated.load_inventory(inventory)
         except gpu_simulated.InventoryError as exc:
             for problem in exc.errors:
+                alone = dataclasses.replace(problem, hint=None)  # one hint, both fixes in it
+                fixes = [problem.hint, "relative paths resolve from orch.yaml's folder"]
                 report(
                     ("gpus", "inventory"),
-                    f"the inventory cannot be used: {problem}",
-                    "relative paths resolve from orch.yaml's folder",
+                    f"the inventory cannot be used: {alone}",
+                    "; ".join(f for f in fixes if f),
                 )
             return None
         return {g.index for g in loaded.gpus}

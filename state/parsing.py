@@ -21,6 +21,7 @@ import json
 import math
 import re
 import reprlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -717,6 +718,22 @@ def shortened(text: str, limit: int) -> str:
         return text
     half = (limit - 1) // 2
     return f"{text[:half]}…{text[-half:]}"
+
+
+def some_of(names: Iterable[str], budget: int = 200, each: int = 40) -> str:
+    """`'a', 'b', 'c'`: the names quoted, each cut in its middle past `each` characters, as
+    many as `budget` characters hold, then `and N more` for the rest (never a cut name)."""
+    items = list(names)
+    shown: list[str] = []
+    used = 0
+    for name in items:
+        text = repr(shortened(name, each))
+        if shown and used + len(text) + 2 > budget:
+            break
+        shown.append(text)
+        used += len(text) + 2
+    left = len(items) - len(shown)
+    return ", ".join(shown) + (f" and {left} more" if left else "") if items else "none"
 
 
 def short(value: Any) -> str:

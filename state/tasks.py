@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from state import chats, ids
+from state import chats, ids, parsing
 from state.parsing import Hinted, LoadError
 
 Id = Annotated[str, Field(pattern=ids.ID_PATTERN), AfterValidator(ids.check_safe_id)]
@@ -163,10 +163,9 @@ class TaskFile(BaseModel):
         if isinstance(self.tool_choice, chats.NamedToolChoice):
             wanted = self.tool_choice.function.name
             if wanted not in named:
-                listed = ", ".join(repr(n) for n in named) or "none"
                 raise Hinted(
-                    f"tool_choice names the tool {wanted!r}, which is not in tools "
-                    f"(given: {listed[:200]})",
+                    f"tool_choice names the tool {parsing.shortened(wanted, 60)!r}, which is "
+                    f"not in tools (given: {parsing.some_of(named)})",
                     "name one of the tools, or add that tool to tools",
                 )
         return self

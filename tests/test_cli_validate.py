@@ -226,6 +226,8 @@ def test_a_missing_inventory_is_an_error_located_at_its_key(tmp_path: Path) -> N
         f"{p}:1:40: gpus.inventory: the inventory cannot be used: {tmp_path}/gone.yaml: "
         "cannot be read"
     )
+    assert ran.out_lines[0].count("(hint: ") == 1, ran.out_lines[0]  # one hint, both fixes
+    assert "no file has that name; relative paths resolve" in ran.out_lines[0]
 
 
 def test_validate_never_prints_python_reprs(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ and frames turned into OpenAI chunks and answers."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -415,3 +416,19 @@ def test_an_error_type_follows_its_status_class(status: int) -> None:
     envelope = errors.envelope(errors.ErrorCode.INVALID_PARAMS, "x")
     kind = openai_chunks.error_body(envelope, status=status)["error"]["type"]
     assert (kind == "server_error") == (status >= 500) or kind == "unavailable_error", kind
+
+
+def test_a_long_list_of_tool_names_is_cut_between_names_and_says_how_many_more() -> None:
+    names = [f"t{i:03d}" + "x" * 60 for i in range(128)]
+    given = {
+        "model": "m1",
+        "messages": [{"role": "user", "content": "hi"}],
+        "tools": [{"type": "function", "function": {"name": n}} for n in names],
+        "tool_choice": {"type": "function", "function": {"name": "zz"}},
+    }
+    param, message = refusal(given)
+    assert param == "tool_choice"
+    listed = message.split("(given: ", 1)[1]
+    shown = re.findall(r"'([^']*)'", listed)
+    assert shown and all(n.startswith("t") and "…" in n and len(n) == 39 for n in shown), listed
+    assert listed.endswith(f" and {128 - len(shown)} more)"), listed
