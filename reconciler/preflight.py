@@ -332,6 +332,17 @@ def _probe(
     )
 
 
+def _split_that_fits(need: int, room: dict[int, int]) -> list[int] | None:
+    """The fewest GPUs (most room first) whose even shares of `need` MiB each fit, or None
+    when no split does (a hint never suggests a split that validate would refuse)."""
+    by_room = sorted(room, key=lambda i: (-room[i], i))
+    for n in range(2, len(by_room) + 1):
+        chosen = by_room[:n]
+        if all(room[i] >= -(-need // n) for i in chosen):
+            return sorted(chosen)
+    return None
+
+
 def _no_room(
     pool: desired.PoolSpec,
     need: int,
@@ -345,12 +356,17 @@ def _no_room(
         best = min(room, key=lambda i: (-room[i], i))
         if need <= room[best]:
             return None
+        split = _split_that_fits(need, room)
         return (
             f"pool {pool.id} can never start here: one replica needs about {need:,} MiB "
             f"({sizing}) and the largest GPU, GPU {best}, has {max(room[best], 0):,} MiB for "
             f"engines after the {reserve_mib} MiB reserve",
-            "lower ctx or slots, choose a smaller model file, or split the model over GPUs "
-            f"with devices: [{', '.join(map(str, sorted(room)))}]",
+            "lower ctx or slots, or choose a smaller model file"
+            + (
+                f", or split the model over GPUs with devices: [{', '.join(map(str, split))}]"
+                if split
+                else " (split over every GPU it would still not fit)"
+            ),
         )
     share = -(-need // len(pinned))
     short = [d for d in pinned if room[d] < share]

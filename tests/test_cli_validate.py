@@ -311,8 +311,8 @@ def _sized(tmp_path: Path, size_mib: int, devices: str) -> Path:
             "auto",
             ":6:34: warning: pools[0].model: pool p1 can never start here: one replica needs "
             "about 41,212 MiB (model big, ctx 4096 × 2 slots) and the largest GPU, GPU 0, has "
-            "23,644 MiB for engines after the 512 MiB reserve (hint: lower ctx or slots, choose "
-            "a smaller model file, or split the model over GPUs with devices: [0, 1])",
+            "23,644 MiB for engines after the 512 MiB reserve (hint: lower ctx or slots, or "
+            "choose a smaller model file (split over every GPU it would still not fit))",
         ),
         (
             30000,
@@ -512,3 +512,13 @@ def test_the_rename_hint_keeps_the_files_own_suffix(config: Path) -> None:
     ran = orchctl("validate", "--config", config, t)
     assert ran.code == 2
     assert "(hint: rename the file to sp-ace.task.json, or add `task_id: sp-ace`)" in ran.out
+
+
+def test_a_split_is_suggested_only_over_gpus_whose_shares_fit() -> None:
+    from reconciler import preflight
+
+    room = {0: 23644, 1: 11776, 2: 23644}
+    assert preflight._split_that_fits(40000, room) == [0, 2]  # 20,000 each: not GPU 1
+    even = {0: 20000, 1: 20000, 2: 20000}
+    assert preflight._split_that_fits(50000, even) == [0, 1, 2]  # two would need 25,000
+    assert preflight._split_that_fits(30000, {0: 23644, 1: 11776}) is None
