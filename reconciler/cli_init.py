@@ -35,6 +35,8 @@ def cmd_init(args: argparse.Namespace) -> int:
             hint=f"pass --config {config / 'orch.yaml'}",
         )
     folder = config.parent
+    if not args.force and (config.exists() or config.is_symlink()):
+        _refuse_clash([config])  # before asking the driver: its absence is not the issue
     if args.simulate:
         files = {
             config: simulated_config(schema_line("desired-state"), config.name),
@@ -50,13 +52,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         )
     clash = [p for p in files if p.exists() or p.is_symlink()]
     if clash and not args.force:
-        raise Refused(
-            EXIT_USAGE,
-            f"{_shown(clash[0])} already exists; nothing was written",
-            hint="pass --force to overwrite "
-            + ", ".join(_shown(p) for p in clash)
-            + ", or --config PATH to write elsewhere",
-        )
+        _refuse_clash(clash)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         for path, text in files.items():
@@ -95,6 +91,16 @@ def _shown(path: Path) -> str:
         return os.path.relpath(path) if not path.is_absolute() else str(path)
     except ValueError:
         return str(path)
+
+
+def _refuse_clash(clash: list[Path]) -> None:
+    raise Refused(
+        EXIT_USAGE,
+        f"{_shown(clash[0])} already exists; nothing was written",
+        hint="pass --force to overwrite "
+        + ", ".join(_shown(p) for p in clash)
+        + ", or --config PATH to write elsewhere",
+    )
 
 
 def _nvml_gpus() -> list[observed.Gpu]:

@@ -96,6 +96,10 @@ def test_init_without_a_driver_exits_3_with_the_fix(
     )
     assert "nvidia-smi" in ran.err and "--simulate" in ran.err
     assert not (tmp_path / "orch.yaml").exists()
+    # an orch.yaml already there is the first thing to say: no driver would change that
+    (tmp_path / "orch.yaml").write_text("# mine\n")
+    again = orchctl("init", cwd=tmp_path)
+    assert again.code == 2 and "orch.yaml already exists" in again.err, again.err
 
 
 def test_init_given_a_folder_says_to_name_the_file_and_writes_nothing(tmp_path: Path) -> None:
