@@ -99,8 +99,12 @@ def _models(backend: api.Backend) -> list[dict[str, Any]]:
     state = backend.config.state
     if state is None:
         return []
-    applied = backend.config.applied_at  # the models exist since their config was applied
-    created = int(datetime.fromisoformat(applied).timestamp()) if applied else 0
+    since = backend.config.models_since  # when a config first named each model
+
+    def created(model_id: str) -> int:
+        applied = since.get(model_id) or backend.config.applied_at
+        return int(datetime.fromisoformat(applied).timestamp()) if applied else 0
+
     pools = {p.id: p for p in backend.status().pools}
     blocked = backend.blocked()
     listed = []
@@ -110,7 +114,7 @@ def _models(backend: api.Backend) -> list[dict[str, Any]]:
             {
                 "id": model_id,
                 "object": "model",
-                "created": created,
+                "created": created(model_id),
                 "owned_by": "llama-orch",
                 "state": spec.state,
                 "ready": spec.state == "Active"

@@ -56,6 +56,9 @@ class AppliedConfig:
     applied_at: str | None = None
     errors: list[loading.LoadError] = field(default_factory=list)
     from_last_good: bool = False  # serving .orch/last-good.yaml because orch.yaml is invalid
+    # model id -> when a config naming it was first applied (and it stayed named since): the
+    # `created` of /v1/models, which an edit of anything else leaves alone
+    models_since: dict[str, str] = field(default_factory=dict)
     gpus_from_option: bool = False  # `serve --simulate FILE`: orch.yaml's gpus: observer unused
     # .orch/last-good.yaml is written only by the daemon that holds the folder's lock: one
     # refused by it (another daemon serves there) must not replace the one serving's copy;
@@ -93,6 +96,7 @@ class AppliedConfig:
         self.state = loaded.value
         self.revision = str(meta.get("revision") or "last-good")
         self.applied_at = clocks.rfc3339(self.clock.now())
+        self._note_models()
         self.errors = errors
         self.from_last_good = True
         self._say(
@@ -148,6 +152,7 @@ class AppliedConfig:
         self.applied_digest = digest
         self.revision = revision.of(self.path, content)
         self.applied_at = clocks.rfc3339(self.clock.now())
+        self._note_models()
         self._keep_last_good(content)
         failpoints.hit("after_config_applied")
         self._say(
@@ -271,6 +276,14 @@ class AppliedConfig:
         if self._unkept is not None:
             content, self._unkept = self._unkept, None
             self._keep_last_good(content)
+
+    def _note_models(self) -> None:
+        assert self.state is not None and self.applied_at is not None
+        named = set(self.state.models)
+        for gone in set(self.models_since) - named:
+            del self.models_since[gone]
+        for model_id in named - set(self.models_since):
+            self.models_since[model_id] = self.applied_at
 
     def _keep_last_good(self, content: bytes) -> None:
         if not self.keeping:

@@ -200,9 +200,10 @@ def plan(
 
 
 def _neutral(name: str, value: Any) -> bool:
+    # of the same JSON type: `n: 1.0` and `echo: 0` are not `n: 1` and `echo: false` (as
+    # `max_tokens: 1.0` is no integer either)
     return any(
-        value == allowed and isinstance(value, bool) == isinstance(allowed, bool)
-        for allowed in NEUTRAL.get(name, ())
+        value == allowed and type(value) is type(allowed) for allowed in NEUTRAL.get(name, ())
     )
 
 
@@ -289,6 +290,8 @@ def _session(given: dict[str, Any], header: str | None) -> dict[str, Any]:
 
 
 def _stop(stop: Any) -> list[str]:
+    if stop == "":  # refused as `stop`, the field sent (a list's empty item is `stop[N]`)
+        raise Refused("stop", "stop: an empty string stops nothing; leave stop out or give text")
     if isinstance(stop, str):
         return [stop]
     if isinstance(stop, list) and all(isinstance(s, str) for s in stop):

@@ -70,6 +70,25 @@ async def test_the_model_list_shows_the_models_of_orch_yaml_and_their_pools(
     assert one.id == "m1" and models["m1"].owned_by == "llama-orch"
 
 
+async def test_a_models_created_time_stays_put_when_another_part_of_orch_yaml_changes(
+    workspace: Workspace, serve: Any
+) -> None:
+    """OpenAI clients read `created` as when the model came to be: an edit of anything else
+    (a session limit) must not move it; a model added later gets its own."""
+    running = await serve()
+    async with client(running) as oa:
+        before = {m.id: m.created for m in (await oa.models.list()).data}
+        await asyncio.sleep(1.1)  # `created` counts whole seconds
+        edited = config(sessions={"ttl_s": 600, "max_turns": 20})
+        edited["models"]["m2"] = {"ref": "file:m2.gguf", "size_mib": 1000}
+        revision = workspace.status()["config"]["revision"]
+        workspace.write_config(edited)
+        await wait_for(lambda: workspace.status()["config"]["revision"] != revision, 10)
+        after = {m.id: m.created for m in (await oa.models.list()).data}
+    assert after["m1"] == before["m1"] and after["old"] == before["old"], (before, after)
+    assert after["m2"] > before["m1"]
+
+
 async def test_a_chat_completion_is_a_task_with_its_result_and_headers(
     workspace: Workspace, serve: Any
 ) -> None:

@@ -200,6 +200,9 @@ def test_the_session_is_the_header_else_the_user_field() -> None:
         ),
         ({"top_p": 0}, "chat", "top_p", "greater than 0"),
         ({"tool_choice": "sometimes"}, "chat", "tool_choice", ""),
+        ({"n": 1.0}, "chat", "n", "only 1 is supported, not 1.0"),
+        ({"echo": 0}, "text", "echo", "only false is supported, not 0"),
+        ({"stop": ""}, "chat", "stop", "an empty string stops nothing"),
         ({"tool_choice": "required"}, "chat", "tool_choice", "at least one tool"),
         (
             {
