@@ -466,7 +466,7 @@ async def test_a_failed_reload_leaves_the_old_replica_serving_its_running_task(
     text = (
         ORCH_YAML.replace(
             'm2: {ref: "file:m2.gguf", size_mib: 1000}',
-            'm2: {ref: "file:m2.gguf", size_mib: 23500}',  # beside m1 on no GPU
+            'm2: {ref: "file:m2.gguf", size_mib: 22500}',  # fits GPU 0 once m1 left it
         )
         .replace("sim: {tokens_per_s: 400, load_s: 0}", "sim: {tokens_per_s: 20, load_s: 0}")
         .replace("drain_s: 5", "drain_s: 4")
@@ -487,6 +487,7 @@ async def test_a_failed_reload_leaves_the_old_replica_serving_its_running_task(
         took = time.monotonic() - began
         assert response.status == 409 and answer["code"] == "RELOAD_FAILED", answer
         assert took < 3.0, f"the 409 came {took:.1f} s after a reload given 1.5 s"
+        assert "within 1.5 s: not Ready in time" in answer["message"], answer
     assert workspace.config_path.read_text() == text
     await wait_for(lambda: _ready(workspace), 5, "p1 serving again")
     ended = await wait_terminal(workspace, "long", 20)
