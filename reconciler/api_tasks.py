@@ -311,7 +311,7 @@ async def get_task(request: web.Request) -> web.StreamResponse:
             raw = await asyncio.to_thread(backend.results.path(task_id).read_bytes)
         except OSError:
             raw = b""
-        damaged = _damaged(raw) if raw else None
+        damaged = _damaged(raw, task_id) if raw else None
         if raw and not damaged:
             return web.Response(body=raw, content_type="application/json")
     else:
@@ -335,9 +335,10 @@ def _not_a_result(task_id: str, damaged: str) -> ApiError:
     )
 
 
-def _damaged(raw: bytes) -> str | None:
-    """Why `raw` is not a result file (cut short, not JSON, not a result), or None."""
-    damage = results.damage(raw)
+def _damaged(raw: bytes, task_id: str) -> str | None:
+    """Why `raw` is not `task_id`'s result file (cut short, not JSON, not a result, another
+    task's), or None."""
+    damage = results.damage(raw, task_id)
     return logs.writable(damage) if damage is not None else None
 
 
@@ -411,7 +412,10 @@ async def task_events(request: web.Request) -> web.StreamResponse:
     )
     if ended:
         path = backend.results.events_path(task_id)
-        logged = await asyncio.to_thread(lambda: list(events.read(path)))
+        damaged: list[int] = []
+        logged = await asyncio.to_thread(lambda: list(events.read(path, damaged=damaged)))
+        if damaged:
+            fanout.say_damaged(path, damaged)
         if not logged or not logged[-1].terminal:  # the log was removed or cut by hand
             ended_without_end = [f for f in logged if f.id > after]
             if not ended_without_end:

@@ -14,7 +14,10 @@ from collections import defaultdict, deque
 from collections.abc import AsyncGenerator
 from pathlib import Path
 
+from reconciler import logs
 from state import events
+
+log = logs.get("http")
 
 QUEUE_FRAMES = 1024  # live frames a reader may fall behind before it reads the log instead
 BATCH_FRAMES = 256  # at most this many frames in one write
@@ -39,6 +42,8 @@ class Subscription:
         self.ready = asyncio.Event()
         self.lagging = False
 
+    said_damaged = False  # its log's lines that are no frames were logged
+
     def offer(self, frames: list[events.EventFrame]) -> None:
         if self.lagging:
             return
@@ -61,7 +66,8 @@ class Subscription:
             while True:
                 self.lagging = False
                 backlog: list[events.EventFrame] = []
-                for frame in events.read(self.log_path):
+                damaged: list[int] = []
+                for frame in events.read(self.log_path, damaged=damaged):
                     if frame.id <= self.after:
                         if frame.terminal:  # the reader has had the end (or resumes past it)
                             return
@@ -73,6 +79,9 @@ class Subscription:
                         if frame.terminal:
                             return
                         backlog = []
+                if damaged and not self.said_damaged:
+                    self.said_damaged = True
+                    say_damaged(self.log_path, damaged)
                 if backlog:
                     yield backlog
                 while True:
@@ -191,3 +200,20 @@ class Hub:
 
     def count(self, task_id: str) -> int:
         return len(self._subs.get(task_id, ()))
+
+
+def say_damaged(path: Path, lines: list[int]) -> None:
+    """Log that lines of an event log are no frames (changed by hand): they are left out of
+    what is read from it, and the frames around them are served."""
+    shown = ", ".join(map(str, lines[:10])) + (
+        f" and {len(lines) - 10} more" if len(lines) > 10 else ""
+    )
+    logs.emit(
+        log,
+        "events.damaged",
+        f"results/{path.name}: line {shown} is not an event frame (changed outside the "
+        "daemon?); it is left out of the task's stream. Put the right file back, or remove "
+        "the line.",
+        level=30,
+        path=str(path),
+    )

@@ -118,14 +118,21 @@ class EventLog:
         self._fd, self._closer = None, None
 
 
-def read(path: Path, *, after: int = 0) -> Iterator[EventFrame]:
-    """Frames with id > `after`, in order; a torn last line is ignored."""
+def read(path: Path, *, after: int = 0, damaged: list[int] | None = None) -> Iterator[EventFrame]:
+    """Frames with id > `after`, in order; a torn last line is ignored, and so is a line
+    that is not a frame (changed by hand): its number goes in `damaged`, for the reader to
+    say so, and the frames around it are read as they are."""
     try:
         with path.open("rb") as fh:
-            for raw in fh:
+            for number, raw in enumerate(fh, 1):
                 if not raw.endswith(b"\n"):
                     return
-                frame = EventFrame.model_validate_json(raw)
+                try:
+                    frame = EventFrame.model_validate_json(raw)
+                except ValueError:  # pydantic's ValidationError is one
+                    if damaged is not None and raw.strip():
+                        damaged.append(number)
+                    continue
                 if frame.id > after:
                     yield frame
     except FileNotFoundError:
@@ -154,6 +161,9 @@ def _recover(path: Path) -> tuple[int, bool]:
     last_id, terminal = 0, False
     for raw in data[:cut].splitlines():
         if raw.strip():
-            frame = EventFrame.model_validate_json(raw)
-            last_id, terminal = frame.id, frame.terminal
+            try:
+                frame = EventFrame.model_validate_json(raw)
+            except ValueError:  # a line changed by hand is no frame: the ids go on after
+                continue  # the last real one
+            last_id, terminal = max(last_id, frame.id), frame.terminal
     return last_id, terminal

@@ -112,9 +112,10 @@ class ResultStore:
     def read(self, task_id: str) -> Result | None:
         path = self.path(task_id)
         try:
-            return Result.model_validate_json(atomic.read_bytes(path))
+            result = Result.model_validate_json(atomic.read_bytes(path))
         except (OSError, ValidationError, ValueError):
             return None
+        return result if result.task_id == task_id else None  # another task's: not its own
 
     def problem(self, task_id: str) -> str | None:
         """Why results/<id>.json is there but is not a result that can be read (cut short,
@@ -125,7 +126,7 @@ class ResultStore:
             return None
         except OSError as exc:
             return f"it cannot be read: {exc.strerror or exc}"
-        return damage(raw)
+        return damage(raw, task_id)
 
     def write(self, result: Result) -> None:
         atomic.write_bytes(self.path(result.task_id), encode(result), kind="result")
@@ -173,14 +174,18 @@ def encode(result: Result) -> bytes:
     return result.model_dump_json(indent=2).encode() + b"\n"
 
 
-def damage(raw: bytes) -> str | None:
-    """Why `raw` is not a result file (cut short, not JSON, not a result), or None. Free
-    text from the file may be in it: a caller showing it makes it printable."""
+def damage(raw: bytes, task_id: str | None = None) -> str | None:
+    """Why `raw` is not a result file (cut short, not JSON, not a result; with `task_id`,
+    not the result of that task: another task's copied over it), or None. Free text from
+    the file may be in it: a caller showing it makes it printable."""
     try:
-        Result.model_validate_json(raw)
+        result = Result.model_validate_json(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())) or "the file"
         text = f"{where}: {first.get('msg', '')}"
         return text if len(text) <= 120 else f"{text[:59]}…{text[-59:]}"
+    if task_id is not None and result.task_id != task_id:
+        named = result.task_id if len(result.task_id) <= 60 else result.task_id[:59] + "…"
+        return f"task_id: it is the result of task {named!r}, not of {task_id!r}"
     return None

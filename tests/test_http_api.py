@@ -1144,6 +1144,35 @@ async def test_a_finished_task_whose_log_was_cut_or_removed_ends_its_stream(
             assert body["hint"] == "GET /v1/tasks/cut for its result"
 
 
+async def test_a_line_of_an_event_log_changed_by_hand_is_left_out_not_a_500(
+    workspace: Workspace, serve: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A line in the middle of a finished task's log that is no frame: the stream serves the
+    frames around it (a resume past it too) and the log says which line, instead of a 500
+    that called itself a bug and named no file."""
+    caplog.set_level("WARNING", logger="llama_orch")
+    base = _url(await serve())
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{base}/v1/tasks", json=task("hurt", max_tokens=4)) as r:
+            assert r.status == 202
+        await wait_terminal(workspace, "hurt")
+        log_path = workspace.root / "results" / "hurt.events.jsonl"
+        lines = log_path.read_bytes().splitlines(keepends=True)
+        lines[2] = b"{garbage\n"
+        log_path.write_bytes(b"".join(lines))
+        url = f"{base}/v1/tasks/hurt/events"
+        frames = await asyncio.wait_for(_frames(session, url), 5)
+        ids_seen = [int(f["id"]) for f in frames]
+        assert ids_seen == [n for n in range(1, len(lines) + 1) if n != 3], frames
+        assert frames[-1]["event"] == "end"
+        resumed = await asyncio.wait_for(_frames(session, url + "?last_event_id=3"), 5)
+        assert [int(f["id"]) for f in resumed] == list(range(4, len(lines) + 1))
+    said = [
+        r.getMessage() for r in caplog.records if getattr(r, "orch_event", "") == "events.damaged"
+    ]
+    assert said and "hurt.events.jsonl: line 3 is not an event frame" in said[0], said
+
+
 async def test_a_result_file_damaged_by_hand_is_never_served_as_a_result(
     workspace: Workspace, serve: Any
 ) -> None:
@@ -1153,6 +1182,8 @@ async def test_a_result_file_damaged_by_hand_is_never_served_as_a_result(
             ("cut", b'{"task_id": "cut", "status": "succ'),
             ("array", b"[1, 2]"),
             ("binary", b"\xff\xfe"),
+            # another task's result copied over it: valid, but not this task's
+            ("copied", b'{"task_id": "some-other-task", "status": "succeeded", "text": "x"}'),
         ]:
             (workspace.root / "results" / f"{task_id}.json").write_bytes(content)
             async with session.get(f"{base}/v1/tasks/{task_id}") as r:
