@@ -38,7 +38,17 @@ class Target:
     pool_id: ids.PoolId | None
 
 
-def resolve(task: tasks.TaskFile, state: desired.DesiredState) -> Target | ErrorEnvelope:
+def resolve(
+    task: tasks.TaskFile,
+    state: desired.DesiredState,
+    *,
+    reloading: Mapping[str, str] | None = None,
+) -> Target | ErrorEnvelope:
+    """The task's target. A pool being reloaded (`reloading`: pool → the model it served
+    before) is taken as serving its model from before, the one it keeps if the reload
+    fails, and its new one too (a task naming either waits for the outcome); a task naming
+    only the pool is bound to the model from before, and follows the pool to the new one
+    once the reload has succeeded (`Dispatcher._follow_pools`)."""
     if task.pool is not None:
         pool = state.pool(task.pool)
         if pool is None:
@@ -47,6 +57,11 @@ def resolve(task: tasks.TaskFile, state: desired.DesiredState) -> Target | Error
                 f"pool: {task.pool!r} is not in orch.yaml",
                 hint=f"use one of: {', '.join(p.id for p in state.pools) or 'no pools defined'}",
             )
+        before = (reloading or {}).get(pool.id)
+        if before is not None:
+            model = task.model if task.model in (before, pool.model) else before
+            if task.model is None or task.model == model:
+                return Target(ids.ModelId(model), ids.PoolId(pool.id))
         if task.model is not None and task.model != pool.model:
             return errors.envelope(
                 ErrorCode.INVALID_PARAMS,

@@ -31,7 +31,7 @@ def admit(d: dispatch.Dispatcher, run: tasking.TaskRun, *, recovered: bool) -> N
     state = d.config.state
     assert state is not None
     d.runs[run.task_id] = run
-    target = admission.resolve(run.task, state)
+    target = admission.resolve(run.task, state, reloading=d.pools.reloading)
     if isinstance(target, ErrorEnvelope):
         return _reject(d, run, target, recovered=recovered)
     run.model_id, run.pool_id = target.model_id, target.pool_id
@@ -42,7 +42,11 @@ def admit(d: dispatch.Dispatcher, run: tasking.TaskRun, *, recovered: bool) -> N
     problem = admission.check(
         run.task, target, state=state, pools=d.pools.views(), blocked=d.blocked()
     )
-    if problem is not None and problem.code is ErrorCode.POOL_UNAVAILABLE and d.pools.reloading:
+    if (
+        problem is not None
+        and problem.code is ErrorCode.POOL_UNAVAILABLE
+        and d.reload_touches(target.model_id, target.pool_id)
+    ):
         # the reload's edit of orch.yaml took the task's pool away, and puts it back if the
         # reload fails: the task waits for the outcome (`Dispatcher._fail_unservable`)
         problem = None

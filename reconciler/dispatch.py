@@ -40,7 +40,7 @@ log = logs.get("dispatch")
 class PoolsView(Protocol):
     """What dispatch needs from the pool runtime (reconciler.pools.PoolRuntime)."""
 
-    reloading: set[str]  # pools a reload is changing the spec of
+    reloading: dict[str, str]  # pools a reload is changing the spec of → their model before
 
     def views(self) -> dict[str, admission.PoolView]: ...
 
@@ -228,19 +228,34 @@ class Dispatcher:
                 ),
             )
 
+    def reload_touches(self, model_id: str, pool_id: str | None) -> bool:
+        """Whether a task for `model_id` (and `pool_id`) waits on a reload's outcome: it names
+        a pool being reloaded, or its model is what such a pool served before or serves now.
+        A reload edits orch.yaml and puts it back when it fails: such tasks are neither
+        refused nor failed for the edit until the outcome is known (they run on the old
+        spec after a failed reload)."""
+        reloading = self.pools.reloading
+        if not reloading:
+            return False
+        if pool_id is not None and pool_id in reloading:
+            return True
+        state = self.config.state
+        now = {p.id: p.model for p in state.pools} if state is not None else {}
+        return any(model_id in (before, now.get(p)) for p, before in reloading.items())
+
     def _fail_unservable(self) -> None:
         state = self.config.state
-        if state is None or self.pools.reloading:
-            # a reload edits orch.yaml, and puts it back when it fails: the tasks that waited
-            # for the pool's old spec wait for its outcome (they run on the old spec again
-            # after a failed reload), and are checked once it is known
+        if state is None:
             return
-        self._follow_pools(state)
+        if not self.pools.reloading:
+            self._follow_pools(state)
         views = self.pools.views()
         blocked = self.blocked()
         # The codes that fail a queued task depend only on its target (model, pool and pin:
         # `admitting` sets it), so one check of the first task of each target serves all.
         for first in self.queue.targets():
+            if self.reload_touches(first.model_id, first.pool_id):
+                continue  # checked once the reload's outcome is known
             run = self.runs[first.task_id]
             target = admission.Target(first.model_id, first.pool_id)
             found = admission.check(run.task, target, state=state, pools=views, blocked=blocked)
@@ -265,8 +280,11 @@ class Dispatcher:
         limits = tuple(sorted((v.pool_id, v.state, v.ctx, v.max_tokens) for v in views.values()))
         if limits == self._limits_checked:
             return
-        self._limits_checked = limits
+        # checked again once a reload ends (its tasks were skipped meanwhile)
+        self._limits_checked = None if self.pools.reloading else limits
         for entry in self.queue.in_dispatch_order():
+            if self.reload_touches(entry.model_id, entry.pool_id):
+                continue
             target = admission.Target(entry.model_id, entry.pool_id)
             run = self.runs[entry.task_id]
             found = admission.check(run.task, target, state=state, pools=views, blocked=blocked)

@@ -59,8 +59,9 @@ class PoolRuntime:
     problems: dict[str, str] = field(default_factory=dict)
     downloading: dict[str, str] = field(default_factory=dict)  # pool id → progress shown
     versions: dict[str, str] = field(default_factory=dict)
-    # pools a reload is changing the spec of (reloading.Reloader): never Failed to admission
-    reloading: set[str] = field(default_factory=set)
+    # pools a reload is changing the spec of (reloading.Reloader) → the model each served
+    # before it: never Failed to admission, and their tasks wait for the reload's outcome
+    reloading: dict[str, str] = field(default_factory=dict)
     # models whose file failed its digest check → why (the catalog's; shown on their pools)
     blocked: Callable[[], Mapping[str, str]] = field(default=lambda: {})
     drained: dict[str, drains.Drain] = field(init=False)  # pool id → its drain request

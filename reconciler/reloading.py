@@ -7,8 +7,10 @@ applies the edit like any other (after the usual settle time). Steps, one reload
 1. The edit is made on the text and checked like an edit by hand (schema, references, device
    indices, a resolver for the ref's scheme); an edit that would not apply is refused (400)
    and nothing is written.
-2. The pool's drain, if any, is lifted (a reload is how a drained pool comes back), and the
-   new text replaces orch.yaml atomically, with the file's permissions kept.
+2. The new text replaces orch.yaml atomically, with the file's permissions kept; the pool's
+   drain, if any, is lifted (a reload is how a drained pool comes back): its record stays
+   until the reload has succeeded (it only matches the old spec, so the new one is served),
+   and stays in force if the reload fails; lifted at once when nothing in the file changes.
 3. The reload waits until the pool has as many Ready replicas of the new spec as it wants, up
    to `timeout_s` (default `timeouts.ready_s`). It gives up early when a new replica fails
    (crash, digest mismatch: BackingOff or Failed), the pool cannot start or be placed, or
@@ -83,11 +85,14 @@ class Reloader:
         async with self.lock:
             # while the pool changes spec (and, on failure, changes back) a Failed moment is
             # not a reason to fail the tasks waiting for it: they wait (PoolRuntime.views)
-            self.runtime.reloading.add(pool_id)
+            state = self.config.state
+            before = state.pool(pool_id) if state is not None else None
+            if before is not None:  # the model it serves now: back to it if the reload fails
+                self.runtime.reloading[pool_id] = before.model
             try:
                 return await self._reload(pool_id, model, model_ref, timeout_s)
             finally:
-                self.runtime.reloading.discard(pool_id)
+                self.runtime.reloading.pop(pool_id, None)
                 self.wake()
 
     async def _reload(
@@ -122,13 +127,17 @@ class Reloader:
         self._check_ref(new_model.ref)
         expected = specs.spec_hash(new_pool, new_model, new_state.engines.get(new_pool.engine))
         previous = self.config.revision
-        lifted = self.runtime.undrain(pool_id, "reload requested")
-        if new != old:
+        # a drain's record matches the old spec only: the edited pool is served while it
+        # stays, until the reload succeeds (lifted before the file is written, a pass in
+        # between would serve the old spec again, and a failed reload would have to put it
+        # back after the old file is applied again); kept as it was if the reload fails
+        lifted = self.runtime.drained.get(pool_id)
+        if new == old:
+            self.runtime.undrain(pool_id, "reload requested")
+        else:
             try:
                 await asyncio.to_thread(self._write, new)
             except OSError as exc:
-                if lifted is not None:
-                    self.runtime.redrain(lifted)
                 raise ReloadError(
                     ErrorCode.RELOAD_FAILED,
                     f"{self.config.path} cannot be written ({exc.strerror or exc}); "
@@ -145,6 +154,7 @@ class Reloader:
         limit = timeout_s if timeout_s is not None else state.timeouts.ready_s
         why, ready = await self._wait(pool_id, old, new, expected, new_pool.replicas, began + limit)
         if why is None:
+            self.runtime.undrain(pool_id, "reloaded onto a new spec")  # held for a failure
             took = round((self.clock.monotonic() - began) * 1000)
             logs.emit(
                 log,
@@ -255,6 +265,8 @@ class Reloader:
                 if self.config.errors:
                     return f"the edited orch.yaml was not applied: {self.config.errors[0]}", []
             else:
+                if seen_pass is None:
+                    progress = "the edit was applied; the pool was not judged on it yet"
                 seen_pass = self.runtime.passes if seen_pass is None else seen_pass
                 # judge the pool only on a pass that ran with the new config
                 if self.runtime.passes > seen_pass:
@@ -309,6 +321,8 @@ class Reloader:
         """Put the old file (and drain) back; the error to answer with."""
         restored = "nothing in orch.yaml needed restoring"
         hint = "fix the model file or ref and reload again (`orchctl status` shows the pool)"
+        if lifted is not None:  # first: the old spec comes back to a pool drained as before
+            self.runtime.redrain(lifted)
         if new != old:
             current = await asyncio.to_thread(self.config.path.read_bytes)
             if current == new:
@@ -319,8 +333,6 @@ class Reloader:
             else:
                 restored = "orch.yaml was changed by someone else meanwhile, so it is left as is"
                 hint = "orch.yaml holds the other edit now: check it, then reload again"
-        if lifted is not None:
-            self.runtime.redrain(lifted)
         self.wake()
         logs.emit(
             log,

@@ -103,7 +103,8 @@ def wants(runtime: pools.PoolRuntime, state: desired.DesiredState) -> list[plann
             wanted = dataclasses.replace(wanted, replicas=0)
         elif drain is not None and drain.spec_hash == wanted.spec_hash:
             wanted = dataclasses.replace(wanted, replicas=0)  # drained: serve nothing
-        elif drain is not None:
+        elif drain is not None and pool.id not in runtime.reloading:
+            # (a reload lifts the drain itself once it succeeds, and keeps it if it fails)
             runtime.undrain(pool.id, "its config changed")
         out.append(wanted)
     runtime.fetches.keep(fetched)

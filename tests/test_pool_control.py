@@ -145,6 +145,11 @@ def _ready(ws: Workspace) -> bool:
     )
 
 
+def _ready_pool(ws: Workspace, pool_id: str) -> bool:
+    pool = _pool(ws, pool_id)
+    return pool["state"] == "Ready" and all(r["state"] == "Ready" for r in pool["replicas"])
+
+
 def _stopped(ws: Workspace) -> bool:
     pool = _pool(ws)
     return pool["state"] == "Stopped" and not pool["replicas"]
@@ -407,12 +412,18 @@ async def test_tasks_queued_before_a_failed_reload_wait_it_out_and_run_on_the_ol
         assert ended["status"] == "succeeded", ended
 
 
+@pytest.mark.parametrize(
+    "target",
+    [{"model": "m1"}, {"pool": "p1"}, {"pool": "p1", "model": "m1"}],
+    ids=["by-model", "by-pool", "by-pool-and-model"],
+)
 async def test_a_task_sent_during_a_failed_reload_onto_another_model_waits_and_runs(
-    workspace: Workspace, serve: Any
+    workspace: Workspace, serve: Any, target: dict[str, str]
 ) -> None:
     """Sent while the reload's edit has taken the pool off its model, a task for that model
-    was refused POOL_UNAVAILABLE, though the reload failed and the model was served again
-    half a second later."""
+    was refused POOL_UNAVAILABLE (one naming the pool and its model INVALID_PARAMS, one
+    naming the pool alone was bound to the new model and failed after the rollback),
+    though the reload failed and the model was served again half a second later."""
     (workspace.root / "m1.gguf").write_bytes(GOOD)
     (workspace.root / "m2.gguf").write_bytes(GOOD)
     text = ORCH_YAML.replace(
@@ -424,11 +435,13 @@ async def test_a_task_sent_during_a_failed_reload_onto_another_model_waits_and_r
         url = f"{base}/v1/pools/p1/reload"
         reload = asyncio.ensure_future(session.post(url, json={"model": "m2", "timeout_s": 3}))
         await wait_for(lambda: "model: m2" in workspace.config_path.read_text(), 10, "written")
-        workspace.submit("sent.task.yaml", task("sent", model="m1", max_tokens=4))
+        fields = task("sent", max_tokens=4)
+        fields.pop("model")
+        workspace.submit("sent.task.yaml", fields | target)
         async with await reload as response:
             assert response.status == 409
     ended = await wait_terminal(workspace, "sent", 20)
-    assert ended["status"] == "succeeded", ended
+    assert (ended["status"], ended["model"]) == ("succeeded", "m1"), ended
 
 
 @pytest.mark.slow
@@ -532,3 +545,77 @@ async def test_a_task_naming_only_its_pool_follows_the_pool_onto_its_new_model(
     assert (followed["status"], followed["model"]) == ("succeeded", "m2"), followed
     left = await wait_terminal(workspace, "by-model", 20)
     assert left["status"] == "failed" and left["error"]["code"] == "POOL_UNAVAILABLE", left
+
+
+async def test_a_reload_of_one_pool_holds_up_only_the_tasks_it_touches(
+    workspace: Workspace, serve: Any
+) -> None:
+    """While p1 reloads (waiting for its old replica's memory), p2 is drained on request:
+    the task queued for p2's model fails at once, as without a reload; it waited for the
+    unrelated reload to end."""
+    for name in ("m1", "m2", "m3"):
+        (workspace.root / f"{name}.gguf").write_bytes(GOOD)
+    text = (
+        ORCH_YAML.replace(
+            'm2: {ref: "file:m2.gguf", size_mib: 1000}   # another model',
+            'm2: {ref: "file:m2.gguf", size_mib: 1000}\n'
+            '  m3: {ref: "file:m3.gguf", size_mib: 22500}   # fits GPU 0 once m1 left it',
+        )
+        .replace("sim: {tokens_per_s: 400, load_s: 0}", "sim: {tokens_per_s: 20, load_s: 0}")
+        .replace("    slots: 2\n", "    slots: 2\n    devices: [0]\n")
+        + "  - {id: p2, engine: sim, model: m2, devices: [1], ctx: 2048, slots: 1,"
+        " sim: {tokens_per_s: 20, load_s: 0}}\n"
+    )
+    workspace.config_path.write_text(text)
+    base = _url(await serve())
+    await wait_for(lambda: _ready(workspace) and _ready_pool(workspace, "p2"), 10, "Ready")
+    workspace.submit("long.task.yaml", task("long", max_tokens=120))  # on p1, about 6 s
+    workspace.submit("busy.task.yaml", task("busy", model="m2", max_tokens=120))
+    await wait_for(
+        lambda: all(
+            (workspace.result(n) or {}).get("status") == "running" for n in ("long", "busy")
+        ),
+        10,
+        "both running",
+    )
+    workspace.submit("later.task.yaml", task("later", model="m2", max_tokens=2))
+    await wait_for(lambda: (workspace.result("later") or {}).get("status") == "queued", 10)
+    async with aiohttp.ClientSession() as session:
+        url = f"{base}/v1/pools/p1/reload"
+        reload = asyncio.ensure_future(session.post(url, json={"model": "m3", "timeout_s": 6}))
+        await wait_for(lambda: "model: m3" in workspace.config_path.read_text(), 10, "written")
+        async with session.post(f"{base}/v1/pools/p2/drain", json={"deadline_ms": 30000}) as r:
+            assert r.status == 202
+        began = time.monotonic()
+        ended = await wait_terminal(workspace, "later", 10)
+        assert time.monotonic() - began < 3 and not reload.done()
+        assert ended["status"] == "failed" and ended["error"]["code"] == "POOL_UNAVAILABLE", ended
+        async with await reload as response:
+            assert response.status in (200, 409)  # whichever: the point was not to wait
+
+
+async def test_a_failed_reload_of_a_drained_pool_leaves_it_drained_without_a_reclaim(
+    workspace: Workspace, serve: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The reload lifts the drain and puts it back when it fails: it is put back before
+    the old orch.yaml, so the draining replica is not reclaimed for a moment in between."""
+    (workspace.root / "m1.gguf").write_bytes(GOOD)
+    (workspace.root / "m2.gguf").write_bytes(GOOD)
+    text = ORCH_YAML.replace(
+        'm2: {ref: "file:m2.gguf", size_mib: 1000}', 'm2: {ref: "file:m2.gguf", size_mib: 90000}'
+    ).replace("sim: {tokens_per_s: 400, load_s: 0}", "sim: {tokens_per_s: 20, load_s: 0}")
+    workspace.config_path.write_text(text)
+    caplog.set_level("INFO", logger="llama_orch")
+    base = _url(await serve())
+    workspace.submit("long.task.yaml", task("long", max_tokens=100))
+    await wait_for(lambda: (workspace.result("long") or {}).get("status") == "running", 10)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{base}/v1/pools/p1/drain", json={"deadline_ms": 30000}) as r:
+            assert r.status == 202
+        url = f"{base}/v1/pools/p1/reload"
+        async with session.post(url, json={"model": "m2", "timeout_s": 3}) as response:
+            assert response.status == 409
+    await asyncio.sleep(0.5)
+    events = [getattr(r, "orch_event", "") for r in caplog.records]
+    assert "replica.reclaimed" not in events, events
+    assert _pool(workspace)["replicas"][0]["state"] == "Draining"
