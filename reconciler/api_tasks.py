@@ -385,6 +385,23 @@ async def task_events(request: web.Request) -> web.StreamResponse:
     after = _resume_after(request)
     if not _known(backend, task_id):
         raise ApiError(ErrorCode.NOT_FOUND, f"no task {task_id!r} here")
+    # subscribed before anything here waits: a frame the daemon publishes meanwhile (a task
+    # rejected as it is taken: its only frame, still in the pending commit, not yet in the
+    # log) reaches this reader live; subscribed later, it would wait for it for ever
+    sub = backend.hub.subscribe(task_id, backend.results.events_path(task_id), after=after)
+    try:
+        return await _task_events(request, backend, task_id, after, sub)
+    finally:
+        backend.hub.unsubscribe(sub)
+
+
+async def _task_events(
+    request: web.Request,
+    backend: api.Backend,
+    task_id: ids.TaskId,
+    after: int,
+    sub: fanout.Subscription,
+) -> web.StreamResponse:
     cancel_on_disconnect = api.query_flag(request, "cancel_on_disconnect")
     headers = {
         "X-Correlation-Id": request[api.CORRELATION],
@@ -433,7 +450,6 @@ async def task_events(request: web.Request) -> web.StreamResponse:
         return api.stream_head(headers)
     if ended_without_end is not None:
         return await _log_without_end(request, headers, task_id, ended_without_end, known)
-    sub = backend.hub.subscribe(task_id, backend.results.events_path(task_id), after=after)
     finished = stopped = False
     try:
         async with api.event_stream(request, headers) as stream:

@@ -58,8 +58,6 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, or a usage error argparse has explained
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    if getattr(args, "command", None) not in ("serve", "up"):
-        early_signals.release()  # only a daemon stops cleanly on a signal that came this early
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
@@ -77,6 +75,10 @@ def run(args: argparse.Namespace) -> int:
         )
         return EXIT_USAGE
     try:
+        if getattr(args, "command", None) not in ("serve", "up"):
+            # only a daemon stops cleanly on a signal that came this early; any other verb
+            # gets it now (Ctrl-C: KeyboardInterrupt, below: exit 130, no traceback)
+            early_signals.release()
         code: int = args.func(args)
         sys.stdout.flush()
         return code

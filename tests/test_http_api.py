@@ -1679,3 +1679,36 @@ async def test_a_queued_task_is_not_watched_in_vain_while_the_daemon_drains(
         async with session.post(f"{base}/v1/tasks/long/cancel") as r:
             assert r.status in (200, 202)
     assert await asyncio.wait_for(running.job, 10) == 0
+
+
+async def test_a_stream_opened_as_its_task_is_rejected_gets_the_rejection(
+    workspace: Workspace, serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`submit --wait` hung for ever, now and then, on a task rejected as it was taken: the
+    stream looked for the result, the daemon rejected the task and published its one frame
+    to no reader yet, and the reader then found the log not yet on disk (its commit still
+    pending) and waited for live frames that had already gone by."""
+    import threading
+
+    from state import atomic, results
+
+    running = await serve()
+    base = _url(running)
+    real_read, real_commit = results.ResultStore.read, atomic.commit
+
+    def late_read(self: Any, task_id: str) -> Any:
+        if threading.current_thread() is not threading.main_thread():  # the route's look
+            time.sleep(0.3)  # the daemon takes and rejects the task meanwhile
+        return real_read(self, task_id)
+
+    def slow_commit(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.8)  # its frame reaches the log after the reader looked there
+        return real_commit(*args, **kwargs)
+
+    monkeypatch.setattr(results.ResultStore, "read", late_read)
+    monkeypatch.setattr(atomic, "commit", slow_commit)
+    workspace.submit("nope.task.yaml", task("nope", model="no-such-model"))
+    async with aiohttp.ClientSession() as session:
+        frames = await asyncio.wait_for(_frames(session, f"{base}/v1/tasks/nope/events"), 10)
+    assert [f["event"] for f in frames] == ["error"], frames
+    assert frames[0]["data"]["code"] == "MODEL_UNKNOWN"
