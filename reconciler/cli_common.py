@@ -13,6 +13,7 @@ import contextlib
 import math
 import os
 import re
+import stat
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -196,8 +197,16 @@ class Known:
     result: results.Result | None  # None when there is no result, or it cannot be read
     waiting: pending.Pending | None
     problem: str | None = None  # why the result file there cannot be read
+    # with neither a result nor a waiting file: the event log an earlier task left (its
+    # result file removed by hand); the daemon takes the id for that task's
+    log_path: Path | None = None
 
     def describe(self, folder: Folder) -> str:
+        if self.log_path is not None:
+            return (
+                f"{folder.shown(self.log_path)}: the event log of an earlier task, whose result "
+                "file was removed"
+            )
         if self.result_path is not None:
             status = self.result.status if self.result is not None else self.unreadable()
             return f"{folder.shown(self.result_path)}: {status}"
@@ -227,7 +236,14 @@ def lookup(folder: Folder, task_id: str) -> Known | None:
         problem = folder.results.problem(task_id) if result is None else None
         return Known(task_id, path, result, None, problem)
     found = pending.find(folder.spool, task_id)
-    return Known(task_id, None, None, found) if found is not None else None
+    if found is not None:
+        return Known(task_id, None, None, found)
+    log = folder.results.events_path(task_id)
+    with contextlib.suppress(OSError):
+        info = log.stat()
+        if stat.S_ISREG(info.st_mode) and info.st_size > 0:  # as the daemon judges it
+            return Known(task_id, None, None, None, log_path=log)
+    return None
 
 
 # -- plain text ------------------------------------------------------------------------------

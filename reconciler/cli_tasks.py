@@ -183,8 +183,8 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     if known.result is not None and known.result.terminal:
         print(f"task {task_id} already {known.result.status}; nothing to cancel")
         return EXIT_OK
-    if known.result_path is not None and known.result is None:
-        # its result file cannot be read: the event log says whether the task has ended
+    if known.result is None and known.waiting is None:
+        # its result file cannot be read, or is gone: the event log says whether it ended
         ended = cli_watch.ended_in_log(folder, task_id)
         if ended is not None:
             print(
@@ -198,8 +198,12 @@ def cmd_cancel(args: argparse.Namespace) -> int:
                 EXIT_FAILED,
                 f"task {task_id} is neither queued nor running (the daemon serving this folder "
                 f"holds no such task) and {known.describe(folder)}: nothing to cancel",
-                hint=f"put the right {known.result_path.name} back, or remove it and "
-                f"{folder.results.events_path(task_id).name} to free the id",
+                hint=(
+                    f"put the right {known.result_path.name} back, or remove it and "
+                    f"{folder.results.events_path(task_id).name} to free the id"
+                    if known.result_path is not None
+                    else f"remove {folder.results.events_path(task_id).name} to free the id"
+                ),
             )
         if live is None:
             cli_common.warn(

@@ -176,6 +176,27 @@ def test_resubmitting_a_finished_task_is_refused_before_anything_is_delivered(
     assert ran.out == "" and incoming(workspace) == []
 
 
+def test_an_id_whose_result_was_removed_but_whose_event_log_is_left_is_in_use(
+    workspace: Workspace,
+) -> None:
+    """The daemon takes such an id for the earlier task (its frames are in the log): submit
+    said nothing and delivered a task the daemon then refused without a result, and
+    `submit --wait` replayed the old log as the new task's success."""
+    serving(workspace)
+    log = workspace.results.events_path("x")
+    log.write_text('{"id": 1, "event": "end", "data": {"finish_reason": "length"}, "ts": ""}\n')
+    ran = orchctl("submit", write_task(workspace, "x.task.yaml"), "--config", cfg(workspace))
+    assert ran.code == 1
+    assert ran.err_lines[0] == (
+        "orchctl: task id 'x' is already used (results/x.events.jsonl: the event log of an "
+        "earlier task, whose result file was removed) — DUPLICATE_TASK_ID"
+    )
+    assert incoming(workspace) == []
+    gone = orchctl("cancel", "x", "--config", cfg(workspace))
+    assert gone.code == 0 and "already ended (end in its event log" in gone.out, gone.out
+    assert cancel_requests(workspace) == []
+
+
 def test_submitting_an_id_a_waiting_file_already_claims_is_refused(workspace: Workspace) -> None:
     workspace.submit("other.task.yaml", task("y"))
     ran = orchctl("submit", write_task(workspace, "y.task.yaml"), "--config", cfg(workspace))
