@@ -17,6 +17,7 @@ import json
 import re
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pydantic
@@ -24,7 +25,7 @@ from aiohttp import web
 
 from reconciler import api, fanout, logs
 from reconciler.api import BACKEND, ApiError
-from state import errors, events, ids, loading, parsing, results, spool, tasks
+from state import errors, events, ids, loading, parsing, pending, results, spool, tasks
 from state.errors import ErrorCode
 
 SPOOL_RETRY_MS = 30_000  # a full disk is not freed in a moment
@@ -79,10 +80,42 @@ def _task_id(request: web.Request) -> ids.TaskId:
 
 
 def _pending(backend: api.Backend, task_id: str) -> bool:
-    """A task file for `task_id` waits in incoming/ (delivered, not yet claimed)."""
-    return any(
-        (backend.spool.incoming / f"{task_id}{suffix}").exists() for suffix in tasks.TASK_SUFFIXES
-    )
+    """A task file for `task_id` waits in incoming/ (delivered, not yet claimed): the id it
+    will be taken under, as intake decides (its `task_id:`, else its file name), whatever
+    the file is called (`pending.task_id_of`)."""
+    incoming = backend.spool.incoming
+    for suffix in tasks.TASK_SUFFIXES:
+        path = incoming / f"{task_id}{suffix}"
+        if path.exists() and pending.task_id_of(path) == task_id:
+            return True
+    return task_id in _WAITING.ids(backend.spool)
+
+
+class _Waiting:
+    """The ids the files in incoming/ claim, read again only when its listing changed: a
+    lookup of an id under another file name reads each waiting file once, not once per
+    request. Past MAX_FILES files (a burst) only names are matched: the daemon takes them
+    in moments anyway."""
+
+    MAX_FILES = 1000
+
+    def __init__(self) -> None:
+        self._seen: tuple[Path, tuple[str, ...]] | None = None
+        self._ids: frozenset[str] = frozenset()
+
+    def ids(self, the_spool: spool.Spool) -> frozenset[str]:
+        names = spool.incoming_names(the_spool)
+        if len(names) > self.MAX_FILES:
+            return frozenset()
+        seen = (the_spool.incoming, tuple(names))
+        if self._seen != seen:
+            found = pending.waiting(the_spool, folders=("incoming",))
+            self._ids = frozenset(p.task_id for p in found if p.task_id)
+            self._seen = seen
+        return self._ids
+
+
+_WAITING = _Waiting()
 
 
 def _known(backend: api.Backend, task_id: ids.TaskId) -> bool:

@@ -1638,6 +1638,15 @@ async def test_a_cancel_sent_while_the_daemon_drains_is_carried_out(
         assert gone.code == 0, gone.err
         await wait_for(lambda: (workspace.result("late") or {}).get("status") == "canceled", 3)
         assert not any(workspace.spool.incoming.iterdir())
+        # over HTTP too, by the id a file waiting under another name gives its task
+        workspace.submit("named-otherwise.task.yaml", task("late2", max_tokens=2))
+        async with session.get(f"{base}/v1/tasks/late2") as r:
+            assert (r.status, (await r.json())["status"]) == (200, "delivered")
+        async with session.post(f"{base}/v1/tasks/named-otherwise/cancel") as r:
+            assert r.status == 404, await r.text()  # a file name is no task id
+        async with session.post(f"{base}/v1/tasks/late2/cancel") as r:
+            assert r.status == 202, await r.text()
+        await wait_for(lambda: (workspace.result("late2") or {}).get("status") == "canceled", 3)
         async with session.post(f"{base}/v1/tasks/long/cancel") as r:
             assert r.status in (200, 202), await r.text()
     t0 = time.monotonic()
