@@ -68,10 +68,20 @@ def cmd_submit(args: argparse.Namespace) -> int:
             f"({known.describe(folder)}) — DUPLICATE_TASK_ID",
             hint="give the task a new task_id",
         )
+    name = f"{task_id}{suffix}"
     try:
-        target = spool.deliver(folder.spool, data, name=f"{task_id}{suffix}")
+        # a file whose id is its name must keep that name: renamed, it would be another task
+        target = spool.deliver(folder.spool, data, name=name, exact=task.task_id is None)
     except ValueError as exc:  # a name the spool would refuse (too long, hidden, …)
         raise Refused(EXIT_USAGE, str(exc), hint="set task_id: in the file") from None
+    except FileExistsError:
+        raise Refused(
+            EXIT_FAILED,
+            f"{folder.shown(folder.spool.incoming / name)} is taken by a waiting file of "
+            f"another task; yours has no task_id, so its name is its id ({task_id}) and it "
+            "cannot be delivered under another; nothing was delivered",
+            hint=f"add `task_id: {task_id}` to the file (or rename it), then submit again",
+        ) from None
     except OSError as exc:  # a full disk, a read-only one: nothing was delivered
         raise Refused(
             EXIT_ENV,

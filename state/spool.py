@@ -88,11 +88,13 @@ def unique_name(stem_hint: str = "task") -> str:
     return f"{time.time_ns()}.{os.getpid()}_{_counter}.{socket.gethostname()}.{stem_hint}"
 
 
-def deliver(spool: Spool, data: bytes, *, name: str) -> Path:
+def deliver(spool: Spool, data: bytes, *, name: str, exact: bool = False) -> Path:
     """Write `data` into tmp/, fsync it, and link it into incoming/ under `name`.
 
     `name` must end in .task.yaml/.task.yml/.task.json. An existing incoming file of the same
-    name is never overwritten: the new file gets a unique prefix instead.
+    name is never overwritten: the new file gets a unique prefix instead, or, with `exact`
+    (the name is the task's id: a file without `task_id:`), FileExistsError is raised and
+    nothing is delivered.
     """
     if "/" in name or "\0" in name or not name.endswith(tasks.TASK_SUFFIXES):
         raise ValueError(
@@ -114,6 +116,8 @@ def deliver(spool: Spool, data: bytes, *, name: str) -> Path:
         try:
             os.link(part, target)  # link, unlike rename, fails instead of replacing a namesake
         except FileExistsError:
+            if exact:
+                raise
             target = spool.incoming / f"{time.time_ns()}-{name}"
             os.link(part, target)
     except BaseException:  # a full disk, say: nothing delivered, and no part file left

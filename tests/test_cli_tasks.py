@@ -573,3 +573,19 @@ async def test_a_running_task_is_marked_only_while_no_daemon_serves_the_folder(
     ran = orchctl("tasks", "--config", cfg(workspace))
     assert ran.out_lines[1].split()[:2] == ["slow", "running*"], ran.out_lines
     assert "go on when `orchctl serve" in ran.out_lines[-1]
+
+
+def test_a_file_named_for_its_id_is_not_delivered_under_another_name(workspace: Workspace) -> None:
+    """Its id is its file name: a waiting file of another task holding that name made the
+    spool deliver it as `<ns>-z.task.yaml`, a task of another id, while submit said `z`."""
+    workspace.submit("z.task.yaml", task("someone-else"))
+    path = workspace.root / "z.task.yaml"
+    path.write_text("model: m1\nprompt: hi\nmax_tokens: 2\n")
+    ran = orchctl("submit", path, "--config", cfg(workspace))
+    assert ran.code == 1, ran.err
+    assert ran.err_lines[0] == (
+        "orchctl: spool/incoming/z.task.yaml is taken by a waiting file of another task; "
+        "yours has no task_id, so its name is its id (z) and it cannot be delivered under "
+        "another; nothing was delivered"
+    )
+    assert incoming(workspace) == ["z.task.yaml"]
