@@ -447,6 +447,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         why = f"{exc.what}\n\n{exc.fix}" if isinstance(exc, errors.EnvironmentMissing) else str(exc)
         logs.emit(logs.get("daemon"), "daemon.failed", why, level=40)
         return EXIT_ENV if missing else EXIT_USAGE
+    except OSError as exc:
+        if exc.filename is None or os.environ.get("ORCHCTL_DEBUG") == "1":
+            raise  # a bug: `run` shows it as one
+        # a folder of paths: (or a file it needs) the system refuses: said in the log's
+        # format, naming the path, as the other reasons not to serve are
+        shown = cli_common.plain_text(os.fsdecode(exc.filename))
+        fix = _PATH_HINTS.get(type(exc), _PATH_HINT)
+        logs.emit(
+            logs.get("daemon"),
+            "daemon.failed",
+            f"{shown}: {exc.strerror or type(exc).__name__}\n\n{fix} "
+            "(`orchctl validate` checks the folders of paths: in orch.yaml)",
+            level=40,
+        )
+        return EXIT_USAGE
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:

@@ -14,6 +14,8 @@ is an error; what only stops a pool until the machine changes is a warning.
 from __future__ import annotations
 
 import dataclasses
+import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +76,53 @@ def check(path: Path, data: Any, node: yaml.Node | None, reg: registry.Registry)
     gpu_indices = _gpus(data.get("gpus"), base, report)
     _devices(pools, gpu_indices, report)
     _engines(pools, data.get("engines"), report)
+    _paths(data.get("paths"), base, report)
     return found
+
+
+def _paths(paths: Any, base: Path, report: Report) -> None:
+    """Each folder of `paths:` as `serve` will need it: a folder, or one that can be made
+    (the nearest existing folder on the way is writable); a file in the way is an error."""
+    given = paths if isinstance(paths, dict) else {}
+    for key, default in desired.PathsConfig().model_dump().items():
+        value = given.get(key, default)
+        if not isinstance(value, str) or not value:
+            continue  # the schema says what is wrong with it
+        folder = desired.resolve(base, value)
+        problem = _folder_problem(folder)
+        if problem is not None:
+            where = ("paths", key) if key in given else ("paths",) if given else ()
+            report(where, f"{folder} {problem[0]}", problem[1])
+
+
+def _folder_problem(folder: Path) -> tuple[str, str] | None:
+    """(what is wrong, the fix) when `folder` can be neither used nor made; else None."""
+    try:
+        info = folder.stat()
+    except (FileNotFoundError, NotADirectoryError):  # to be made: what is on the way?
+        pass
+    except OSError as exc:
+        return f"cannot be used: {exc.strerror or exc}", "choose a folder the daemon can use"
+    else:
+        if not stat.S_ISDIR(info.st_mode):
+            return "is a file, not a folder", "choose another path, or move the file away"
+        if not os.access(folder, os.W_OK | os.X_OK):
+            return "is a folder the daemon may not write", "give its user write access"
+        return None
+    ancestor = folder.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return (
+            f"cannot be made: {ancestor} on the way to it is a file",
+            "choose another path, or move that file away",
+        )
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return (
+            f"cannot be made: {ancestor}, on the way to it, may not be written",
+            "choose a path under a folder the daemon's user may write",
+        )
+    return None
 
 
 def _pool_references(

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
-from tests.conftest import Workspace, task, wait_terminal
+from tests.conftest import INVENTORY, Workspace, config, task, wait_terminal
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,6 +84,15 @@ def test_serve_refuses_an_invalid_config_with_exit_2(tmp_path: Path) -> None:
     assert {r["event"] for r in lines} == {"config.invalid"}, lines
     assert all(r["level"] == "error" and r["line"] == 2 for r in lines), lines
     assert "orch.yaml:2" in lines[0]["human"]
+    # a folder of paths: the system refuses: one JSON record too, naming the path
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "inventory.yaml").write_text(yaml.safe_dump(INVENTORY))
+    (tmp_path / "orch.yaml").write_text(yaml.safe_dump(config(paths={"results": "afile"})))
+    proc = orchctl("serve", "--config", str(tmp_path / "orch.yaml"), "--log-format", "json")
+    lines = [json.loads(line) for line in proc.stderr.splitlines()]
+    assert proc.returncode == 2, proc.stderr
+    failed = [r for r in lines if r["event"] == "daemon.failed"]
+    assert failed and failed[0]["human"].startswith(f"{tmp_path}/afile: File exists"), lines
 
 
 async def test_submit_from_stdin_watch_and_status(workspace: Workspace, serve: Any) -> None:

@@ -522,3 +522,23 @@ def test_a_split_is_suggested_only_over_gpus_whose_shares_fit() -> None:
     even = {0: 20000, 1: 20000, 2: 20000}
     assert preflight._split_that_fits(50000, even) == [0, 1, 2]  # two would need 25,000
     assert preflight._split_that_fits(30000, {0: 23644, 1: 11776}) is None
+
+
+def test_a_folder_of_paths_that_serve_could_not_use_is_an_error_at_its_key(
+    tmp_path: Path,
+) -> None:
+    """validate said ok to `results:` naming a file; serve then stopped with a bare
+    'File exists' naming no key of orch.yaml."""
+    (tmp_path / "afile").write_text("x")
+    p = tmp_path / "orch.yaml"
+    p.write_text(CONFIG + "paths: {results: afile, spool: afile/below}\n")
+    ran = orchctl("validate", p)
+    assert ran.code == 2, ran.out
+    assert (
+        f"{p}:9:18: paths.results: {tmp_path}/afile is a file, not a folder "
+        "(hint: choose another path, or move the file away)"
+    ) in ran.out_lines, ran.out
+    assert (
+        f"{p}:9:32: paths.spool: {tmp_path}/afile/below cannot be made: {tmp_path}/afile on "
+        "the way to it is a file (hint: choose another path, or move that file away)"
+    ) in ran.out_lines, ran.out
