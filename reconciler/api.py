@@ -258,7 +258,8 @@ async def _headers(request: web.Request, handler: Handler) -> web.StreamResponse
         if len(values) > 1:
             raise ApiError(
                 ErrorCode.INVALID_PARAMS,
-                f"the request has {len(values)} {name} headers; one is taken",
+                f"the request has {len(values)} {name} headers; it may be sent once, and "
+                "none of them was used",
                 hint=f"send {name} once",
             )
     for name in _TEXT_HEADERS:

@@ -377,9 +377,11 @@ def _damaged(raw: bytes, task_id: str) -> str | None:
 
 def _resume_after(request: web.Request) -> int:
     header, query = request.headers.get("Last-Event-ID"), request.query.get("last_event_id")
+    if query == "":  # given, but empty: not "from the start", which is leaving it out
+        raise ApiError(ErrorCode.INVALID_PARAMS, "?last_event_id is empty", hint=_RESUME_HINT)
     if header and query:  # neither may win unsaid; `003` and `3` are one id
         ids_given = (
-            _event_id(header, "the Last-Event-ID header"),
+            _event_id(header, _HEADER),
             _event_id(query, "?last_event_id"),
         )
         if ids_given[0] != ids_given[1]:
@@ -389,14 +391,16 @@ def _resume_after(request: web.Request) -> int:
                 f"({query[:40]!r}) differ",
                 hint="send one of them: the header is what EventSource sends on a reconnect",
             )
-    return _event_id(
-        header or query or "0", "the Last-Event-ID header" if header else "?last_event_id"
-    )
+    return _event_id(header or query or "0", _HEADER if header else "?last_event_id")
+
+
+_HEADER = "the Last-Event-ID header"
 
 
 def _event_id(given: str, name: str) -> int:
-    """The event id `given` (as `name` gave it): ASCII digits, of any length."""
-    digits = given.strip()
+    """The event id `given` (as `name` gave it): ASCII digits, of any length (a header's
+    value without the spaces HTTP allows around it; a query value exactly as given)."""
+    digits = given.strip() if name == _HEADER else given
     # ASCII digits alone: int() also takes '١', '+3', '1_0' and a sign
     if digits.startswith("-") and digits[1:].isascii() and digits[1:].isdigit():
         raise ApiError(ErrorCode.INVALID_PARAMS, f"{name} must be 0 or more", hint=_RESUME_HINT)

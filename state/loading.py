@@ -190,7 +190,7 @@ def validate_text(
     if errors:
         return Loaded(None, errors)
     if not isinstance(data, dict):
-        kind = "empty" if data is None else f"a {type(data).__name__}"
+        kind = "empty" if data is None else parsing.kind_of(data)
         return Loaded(
             None,
             [
@@ -293,7 +293,7 @@ def validation_errors(
             else:
                 message = f"{message} (got {shown_as})"
         elif "input" in err and err["type"] not in ("model_type", "dict_type", "value_error"):
-            message = f"{message} (got {parsing.short(err['input'])})"
+            message = f"{message} (got {parsing.as_written(err['input'])})"
         # a validator's message may quote the user's value whole (a 100,000-character id)
         message = parsing.shortened(message, 300)
         out.append(LoadError(shown, line, column, parsing.dotted(loc) or None, message, hint))
@@ -350,6 +350,7 @@ _WORDING = (
     ("String should", "should"),
     ("List should", "should"),
     ("Dictionary should", "should"),
+    (" after validation", ""),  # pydantic's own steps: the user sent one value
 )
 
 

@@ -736,6 +736,31 @@ def some_of(names: Iterable[str], budget: int = 200, each: int = 40) -> str:
     return ", ".join(shown) + (f" and {left} more" if left else "") if items else "none"
 
 
+def as_written(value: Any) -> str:
+    """`value` as YAML and JSON spell it where that differs from Python: null, true, false;
+    anything else as `short` shows it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return short(value)
+
+
+def kind_of(value: Any) -> str:
+    """What a YAML or JSON reader calls `value`'s type: "a text", "a number", "a list" …"""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a text"
+    if isinstance(value, list | tuple):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return "a date" if hasattr(value, "isoformat") else f"a {type(value).__name__}"
+
+
 def short(value: Any) -> str:
     # reprlib bounds depth and length: repr() of a YAML alias bomb would never finish
     return _REPR.repr(value)

@@ -1431,6 +1431,11 @@ async def test_refusals_say_what_to_send_not_a_generic_hint(
             body = await r.json()
             assert r.status == 400 and "id of the last event received" in body["hint"], body
             assert body["message"] == "?last_event_id must be 0 or more", body
+        for given, said in (("%203", "' 3' is not an event id"), ("", "is empty")):
+            # a query value is taken as given (only a header's has spaces HTTP strips)
+            async with session.get(f"{base}/v1/tasks/x/events?last_event_id={given}") as r:
+                body = await r.json()
+                assert r.status == 400 and said in body["message"], body
         async with session.get(
             f"{base}/v1/tasks/x/events?last_event_id=10", headers={"Last-Event-ID": "5"}
         ) as r:

@@ -78,6 +78,7 @@ async def test_a_header_read_once_given_twice_is_refused_not_half_taken(
         status, body = await _raw(base, _get("/v1/capabilities", first, second))
         assert (status, body["code"]) == (400, "INVALID_PARAMS"), body
         assert "2 Authorization headers" in body["message"] and body["hint"]
+        assert "none of them was used" in body["message"], body  # not "one is taken"
     status, body = await _raw(
         base, _get("/v1/tasks/x/events", b"Last-Event-ID: 1", b"Last-Event-ID: 9")
     )

@@ -48,6 +48,22 @@ def test_a_wrong_type_names_the_field_and_the_value(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("text", "words", "never"),
+    [
+        ("just a string\n", "must be a mapping of keys to values, but is a text", "str"),
+        ("42\n", "must be a mapping of keys to values, but is a number", "int"),
+        (GOOD_TASK + "priority: null\n", "(got null)", "None"),
+        (GOOD_TASK + f"stop: {list(map(str, range(17)))}\n", "at most 16 items, not 17", "after"),
+    ],
+)
+def test_messages_speak_yaml_not_python(tmp_path: Path, text: str, words: str, never: str) -> None:
+    """A user writes YAML: "a text", "a number" and null, not str, int and None, and no
+    "after validation", a step of the validator's own."""
+    [err] = _task(tmp_path, text).errors
+    assert words in err.message and never not in err.message, err.message
+
+
+@pytest.mark.parametrize(
     ("text", "line", "column", "words"),
     [
         (
