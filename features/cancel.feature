@@ -25,7 +25,7 @@ Feature: Cancel
     And pool "p1" is Ready
 
   Scenario: Canceling a queued task: it never starts
-    When I drop a task "busy" with max_tokens 40
+    When I drop a task "busy" with max_tokens 120
     Then task "busy" is running
     When I drop a task "waiting"
     Then task "waiting" is queued
