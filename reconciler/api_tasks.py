@@ -474,10 +474,12 @@ async def _task_events(
             ended_without_end = [f for f in logged if f.id > after]
             if not ended_without_end:
                 if not logged and not after:
+                    there = await asyncio.to_thread(path.exists)
                     raise ApiError(
                         ErrorCode.NOT_FOUND,
                         f"task {task_id!r} {_ended(known)} but its event log "
-                        f"results/{path.name} is gone",
+                        f"results/{path.name} "
+                        + ("holds no whole frame (cut or changed by hand)" if there else "is gone"),
                         hint=f"GET /v1/tasks/{task_id} for its result",
                     )
                 return web.Response(status=204, headers=headers)  # nothing more will come

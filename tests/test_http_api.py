@@ -1137,6 +1137,10 @@ async def test_a_finished_task_whose_log_was_cut_or_removed_ends_its_stream(
         assert [int(f["id"]) for f in frames] == list(range(1, len(lines))), frames
         async with session.get(url, headers={"Last-Event-ID": str(len(lines) - 1)}) as r:
             assert r.status == 204
+        log_path.write_bytes(lines[0][:10])  # cut inside its first frame: there, but empty
+        async with session.get(url) as r:
+            body = await r.json()
+            assert r.status == 404 and "holds no whole frame" in body["message"], body
         log_path.unlink()
         async with session.get(url) as r:
             body = await r.json()
