@@ -187,10 +187,11 @@ def _models(
             continue  # other resolvers download when `serve` needs the file: never here
         resolved = reg.resolvers["file"](ref, base)
         if resolved.path is not None and not resolved.path.is_file():
+            what = "is a folder, not a model file" if resolved.path.is_dir() else "does not exist"
             report(
                 ("models", name, "ref"),
-                f"{resolved.path} does not exist: pool {', '.join(loaders)} cannot start "
-                "until it does",
+                f"{resolved.path} {what}: pool {', '.join(loaders)} cannot start until it is "
+                "a model file",
                 f"relative paths resolve from orch.yaml's folder ({base}); put the model file "
                 "there or fix the path",
                 warning=True,

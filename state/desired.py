@@ -117,9 +117,10 @@ class TimeoutsConfig(Strict):
 
 class ModelSpec(Strict):
     ref: str = Field(
+        min_length=1,
         description="file:<path> (a relative path resolves from orch.yaml's folder) | "
         "hf:<org>/<repo>[@<revision>]/<file> | https://… (hf: and https: files are downloaded "
-        "into ~/.cache/llama-orch/models; `orchctl plugins` lists the resolvers installed)"
+        "into ~/.cache/llama-orch/models; `orchctl plugins` lists the resolvers installed)",
     )
     digest: str | None = Field(
         None,

@@ -82,7 +82,7 @@ def test_init_describes_the_gpus_nvml_sees(tmp_path: Path, monkeypatch: pytest.M
     checked = orchctl("validate", target)
     assert checked.code == 0, checked.out
     assert checked.out_lines[-1].startswith(f"{target}: ok (")  # warnings: no model file yet
-    assert "does not exist: pool main cannot start until it does" in checked.out
+    assert "does not exist: pool main cannot start until it is a model file" in checked.out
 
 
 def test_init_without_a_driver_exits_3_with_the_fix(

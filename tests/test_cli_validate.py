@@ -133,8 +133,8 @@ pools:
     )
     assert lines[2] == (
         f"{p}:6:16: warning: models.local.ref: {tmp_path}/models/local.gguf does not exist: "
-        "pool b cannot start until it does (hint: relative paths resolve from orch.yaml's "
-        f"folder ({tmp_path}); put the model file there or fix the path)"
+        "pool b cannot start until it is a model file (hint: relative paths resolve from "
+        f"orch.yaml's folder ({tmp_path}); put the model file there or fix the path)"
     )
     assert lines[3].startswith(
         f"{p}:9:21: warning: pools[1].engine: llama-server not found (engines.llamacpp.binary "
@@ -542,3 +542,19 @@ def test_a_folder_of_paths_that_serve_could_not_use_is_an_error_at_its_key(
         f"{p}:9:32: paths.spool: {tmp_path}/afile/below cannot be made: {tmp_path}/afile on "
         "the way to it is a file (hint: choose another path, or move that file away)"
     ) in ran.out_lines, ran.out
+
+
+def test_an_empty_ref_is_an_error_and_a_folder_ref_is_said_to_be_a_folder(tmp_path: Path) -> None:
+    (tmp_path / "models").mkdir()
+    p = tmp_path / "orch.yaml"
+    p.write_text(
+        f"gpus: {{observer: simulated, inventory: {INVENTORY}}}\n"
+        'models:\n  a: {ref: ""}\n  b: {ref: "file:models"}\n'
+        "pools:\n  - {id: pb, engine: llamacpp, model: b}\n"
+    )
+    ran = orchctl("validate", p)
+    assert ran.code == 2
+    assert any(":3:12: models.a.ref: should have at least 1 character" in x for x in ran.out_lines)
+    assert any(
+        f"models.b.ref: {tmp_path}/models is a folder, not a model file" in x for x in ran.out_lines
+    ), ran.out
