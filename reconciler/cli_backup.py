@@ -124,7 +124,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise Refused(
             EXIT_USAGE,
-            f"{dest} is not an empty folder",
+            f"{dest} is a file, not a folder" if not dest.is_dir() else f"{dest} is not empty",
             hint="back up into a new or empty folder, e.g. backups/$(date +%F)",
         )
     _refuse_inside(dest, folder)

@@ -155,7 +155,9 @@ def test_backup_wants_an_empty_folder_and_restore_a_stopped_daemon(
     dest = tmp_path / "bk"
     _small_backup(workspace, dest)
     ran = orchctl("backup", dest, "--config", workspace.config_path)
-    assert ran.code == 2 and "not an empty folder" in ran.err
+    assert ran.code == 2 and f"{dest} is not empty" in ran.err
+    ran = orchctl("backup", workspace.config_path, "--config", workspace.config_path)
+    assert ran.code == 2 and "orch.yaml is a file, not a folder" in ran.err, ran.err
     (workspace.root / ".orch").mkdir(exist_ok=True)
     lock = daemon_lock.acquire(workspace.root / ".orch", started_at="2026-01-01T00:00:00Z")
     try:
