@@ -25,7 +25,10 @@ RUNTIME: web.AppKey[pools.PoolRuntime] = web.AppKey("pool_runtime")
 RELOADER: web.AppKey[reloading.Reloader] = web.AppKey("reloader")
 MAX_DEADLINE_MS = 24 * 3600 * 1000
 M = TypeVar("M", bound=BaseModel)
-Ref = Annotated[str, Field(min_length=1, max_length=4096, pattern=r"^[^\x00-\x1f\x7f-\x9f]+$")]
+# no control characters, nor the line and paragraph separators YAML also reads as breaks
+Ref = Annotated[
+    str, Field(min_length=1, max_length=4096, pattern=r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]+$")
+]
 
 
 class DrainRequest(BaseModel):

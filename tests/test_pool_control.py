@@ -307,6 +307,7 @@ async def test_a_reload_that_never_gets_ready_puts_the_old_file_back_and_answers
 
         refused = [
             ({"model_ref": "ftp://x/y.gguf"}, 400, "INVALID_PARAMS"),  # no resolver reads it
+            ({"model_ref": "file:a\u2028b.gguf"}, 400, "INVALID_PARAMS"),  # a YAML line break
             ({"model": "nope"}, 400, "INVALID_PARAMS"),
             ({"model": "m2", "model_ref": "file:x"}, 400, "INVALID_PARAMS"),
             ({"model_ref": "file:x", "timeout_s": 0}, 400, "INVALID_PARAMS"),
