@@ -81,6 +81,11 @@ class ChatMessage(BaseModel):
                 "a message with role 'tool' needs 'tool_call_id'",
                 "add tool_call_id: the id of the assistant's tool call it answers",
             )
+        if self.tool_call_id is not None and self.role != "tool":  # it would be dropped
+            raise Hinted(
+                f"only a 'tool' message may carry 'tool_call_id' (this one is {self.role!r})",
+                "remove tool_call_id, or give the message role: tool",
+            )
         if self.tool_calls and self.role != "assistant":
             raise Hinted(
                 "only an 'assistant' message may carry 'tool_calls'",

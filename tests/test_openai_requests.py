@@ -217,6 +217,12 @@ def test_the_session_is_the_header_else_the_user_field() -> None:
         ({"messages": [{"role": "user"}]}, "chat", "messages[0]", "needs 'content'"),
         ({"messages": [{"role": "tool", "content": "x"}]}, "chat", "messages[0]", "tool_call_id"),
         (
+            {"messages": [{"role": "user", "content": "x", "tool_call_id": "c1"}]},
+            "chat",
+            "messages[0]",
+            "only a 'tool' message may carry 'tool_call_id'",
+        ),
+        (
             {"messages": [{"role": "user", "content": "x", "audio": 1}]},
             "chat",
             "messages[0].audio",
