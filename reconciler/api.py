@@ -37,6 +37,32 @@ MAX_BODY_BYTES = 1024 * 1024
 API_VERSION = "1.0.0"
 _CORRELATION = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
+
+def correlation_of(request: web.Request, given: Any) -> str:
+    """The correlation id of a request whose body names one (`given`, None when it does
+    not): the body's, when it is a valid id and X-Correlation-Id says no other (then
+    answered in that header too); the request's own otherwise. Raises ApiError for an
+    invalid one or one that differs from the header's."""
+    if given is None:
+        return str(request[CORRELATION])
+    if not isinstance(given, str) or not _CORRELATION.match(given):
+        raise ApiError(
+            ErrorCode.INVALID_PARAMS,
+            "correlation_id: 1 to 128 letters, digits, '.', '_', ':' and '-'",
+            hint="send a correlation id of those characters, or leave it out",
+            param="correlation_id",
+        )
+    header = request.headers.get("X-Correlation-Id")
+    if header is not None and header != given:
+        raise ApiError(
+            ErrorCode.INVALID_PARAMS,
+            "correlation_id: the body says one id and X-Correlation-Id another",
+            hint="give the correlation id once, in the body or in X-Correlation-Id",
+            param="correlation_id",
+        )
+    request[CORRELATION] = given
+    return given
+
 BACKEND: web.AppKey[Backend] = web.AppKey("backend")
 AUTH: web.AppKey[api_auth.Auth] = web.AppKey("auth")
 CORRELATION: web.RequestKey[str] = web.RequestKey("correlation_id")
@@ -198,8 +224,8 @@ async def _correlate(request: web.Request, handler: Handler) -> web.StreamRespon
             request,
             errors.envelope(ErrorCode.INTERNAL, f"internal error while serving {request.path}"),
         )
-    if not response.prepared:
-        response.headers["X-Correlation-Id"] = cid
+    if not response.prepared:  # (a task's body may have named the id: `correlation_of`)
+        response.headers["X-Correlation-Id"] = request[CORRELATION]
         if request.get(_CLOSE):
             response.force_close()
         if response.status == 401:  # RFC 9110: say which scheme would be accepted

@@ -151,7 +151,7 @@ async def post_task(request: web.Request) -> web.StreamResponse:
                 hint="give the session once, in the body or in X-Session-Id",
                 param="session_id",
             )
-    body["correlation_id"] = request[api.CORRELATION]
+    body["correlation_id"] = api.correlation_of(request, body.get("correlation_id"))
     try:
         task = tasks.TaskFile.model_validate(body)
     except pydantic.ValidationError as exc:

@@ -1730,3 +1730,29 @@ async def test_a_stream_opened_as_its_task_is_rejected_gets_the_rejection(
         frames = await asyncio.wait_for(_frames(session, f"{base}/v1/tasks/nope/events"), 10)
     assert [f["event"] for f in frames] == ["error"], frames
     assert frames[0]["data"]["code"] == "MODEL_UNKNOWN"
+
+
+async def test_a_correlation_id_in_the_body_is_used_or_refused_never_replaced_unsaid(
+    workspace: Workspace, serve: Any
+) -> None:
+    base = _url(await serve())
+    async with aiohttp.ClientSession() as session:
+        body = task("c1", max_tokens=2) | {"correlation_id": "body-1"}
+        async with session.post(f"{base}/v1/tasks", json=body) as r:
+            assert r.status == 202, await r.text()
+            assert r.headers["X-Correlation-Id"] == "body-1"
+        refused = [
+            (
+                {"correlation_id": "body-2"},
+                {"X-Correlation-Id": "hdr-2"},
+                "X-Correlation-Id another",
+            ),
+            ({"correlation_id": "bad id\nx"}, {}, "correlation_id: 1 to 128"),
+        ]
+        for extra, headers, said in refused:
+            body = task("c2", max_tokens=2) | extra
+            async with session.post(f"{base}/v1/tasks", json=body, headers=headers) as r:
+                answer = await r.json()
+                assert r.status == 400 and said in answer["message"], answer
+    assert (await wait_terminal(workspace, "c1")).get("status") == "succeeded"
+    assert workspace.result("c2") is None
