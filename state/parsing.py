@@ -359,6 +359,8 @@ def _not_a_number(word: str) -> tuple[str, str]:
     """NaN, Infinity, -Infinity, or a literal too large for a double (1e400)."""
     if word in ("NaN", "Infinity", "-Infinity"):
         message = f"{word} is not a JSON number (JSON has no NaN or Infinity)"
+    elif float(word) == 0.0:
+        message = f"{shortened(word, 30)} is too small to be told from 0 (below a double's range)"
     else:
         message = f"{shortened(word, 30)} is beyond the range of a number"
     return message, "write a finite number, or null"
@@ -463,13 +465,21 @@ def _converted_number(
 
 
 def _not_finite(word: str) -> bool:
-    """A bare JSON word Python's json reads as a number no JSON can hold."""
+    """A bare JSON word Python's json reads as a number no JSON can hold (or as 0 when it is
+    not: below the smallest double)."""
     if word in ("NaN", "Infinity", "-Infinity"):
         return True
     try:
-        return math.isinf(float(word))
+        value = float(word)
     except ValueError:
         return False
+    return math.isinf(value) or _underflows(word, value)
+
+
+def _underflows(digits: str, value: float) -> bool:
+    """A literal with a non-zero digit that reads as 0.0 (1e-400)."""
+    mantissa = digits.lower().split("e", 1)[0]
+    return value == 0.0 and any(c in "123456789" for c in mantissa)
 
 
 def _long_number(node: yaml.ScalarNode) -> bool:
@@ -614,7 +624,9 @@ class _JsonSeen:
         if not self._short_number(digits):
             return 0.0
         value = float(digits)
-        if math.isinf(value):  # 1e400: beyond a double, so it could only become null
+        if math.isinf(value) or _underflows(digits, value):
+            # 1e400: beyond a double, so it could only become null; 1e-400: below the
+            # smallest one, it would be read as 0, a value the sender never sent
             self.problems.append(_not_a_number(digits))
             return 0.0
         return value

@@ -1219,6 +1219,7 @@ async def test_nan_infinity_and_out_of_range_numbers_are_refused_not_written_as_
             ("Infinity", "Infinity is not a JSON number"),
             ("-Infinity", "-Infinity is not a JSON number"),
             ("1e400", "1e400 is beyond the range of a number"),
+            ("1e-400", "1e-400 is too small to be told from 0"),  # it would be sent as 0
         ]:
             body = (
                 '{"task_id": "n1", "model": "m1", "prompt": "hi", "max_tokens": 2, '
