@@ -63,6 +63,7 @@ def correlation_of(request: web.Request, given: Any) -> str:
     request[CORRELATION] = given
     return given
 
+
 BACKEND: web.AppKey[Backend] = web.AppKey("backend")
 AUTH: web.AppKey[api_auth.Auth] = web.AppKey("auth")
 CORRELATION: web.RequestKey[str] = web.RequestKey("correlation_id")

@@ -253,3 +253,14 @@ def test_a_misspelt_failpoint_variable_is_one_line_and_exit_2_not_a_traceback(
         == "orchctl: ORCH_FAILPOINTS: failpoint 'after_claim': expected NAME=ACTION"
     )
     assert ran.err_lines[1].startswith("hint: unset the ORCH_FAILPOINTS* variables")
+
+
+@pytest.mark.parametrize("verb", ["submit", "status", "cancel", "validate"])
+def test_an_extra_argument_is_refused_with_the_verbs_own_usage(tmp_path: Path, verb: str) -> None:
+    """`orchctl submit a b` printed orchctl's top-level usage, which does not say what
+    submit takes."""
+    args = {"submit": ["a", "b"], "status": ["--bogus"], "cancel": ["x", "y"]}.get(verb)
+    ran = orchctl(verb, *(args or ["--nope"]), cwd=tmp_path)
+    assert ran.code == 2
+    assert ran.err_lines[0].startswith(f"usage: orchctl {verb} "), ran.err
+    assert f"orchctl {verb}: error: unrecognized arguments" in ran.err, ran.err
