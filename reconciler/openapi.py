@@ -93,10 +93,16 @@ def _model(name: str) -> dict[str, Any]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
+# what any route may answer: 400 (a header given twice or not text, an unknown query
+# parameter), 401 and 403 (the token and origin checks), 405 (another method, with
+# `Allow`), 414 and 431 (a request line or headers over the limits)
+EVERY_ROUTE = (400, 401, 403, 405, 414, 431)
+
+
 def _errors(*codes: int) -> dict[str, Any]:
-    """The envelope for `codes`, and for what every route may answer: 401 and 403 (the
-    token and origin checks), 405 (another method, with `Allow`)."""
-    return {str(c): _json(ERROR, "the error envelope") for c in (*codes, 401, 403, 405)}
+    """The envelope for `codes`, and for what every route may answer (`EVERY_ROUTE`)."""
+    every = sorted({*codes, *EVERY_ROUTE})
+    return {str(c): _json(ERROR, "the error envelope") for c in every}
 
 
 OPENAI_ERROR = {
@@ -108,7 +114,8 @@ OPENAI_ERROR = {
 
 def _openai(*codes: int) -> dict[str, Any]:
     """OpenAI's routes answer errors in OpenAI's shape; auth refusals keep the envelope."""
-    out = {str(c): _json(OPENAI_ERROR, "OpenAI's error shape") for c in (*codes, 405)}
+    every = sorted({*codes, *EVERY_ROUTE} - {401, 403})
+    out = {str(c): _json(OPENAI_ERROR, "OpenAI's error shape") for c in every}
     return out | {"401": _json(OBJECT, "refused"), "403": _json(OBJECT, "refused")}
 
 

@@ -139,6 +139,14 @@ async def test_answers_a_route_gives_are_in_the_document(workspace: Workspace, s
         async with s.put(f"{base}/v1/tasks") as r:
             documented("/v1/tasks", "post", r.status, r.headers["Content-Type"])
             assert r.status == 405
+        async with s.get(f"{base}/v1/capabilities?bogus=1") as r:  # a route with no query
+            documented("/v1/capabilities", "get", r.status, r.headers["Content-Type"])
+            assert r.status == 400
+        async with s.get(f"{base}/v1/models", headers={"X-Session-Id": "\u00e9"}) as r:
+            documented("/v1/models", "get", r.status, None)
+        async with s.get(f"{base}/v1/status?" + "x" * 9000) as r:  # a request line too long
+            documented("/v1/status", "get", r.status, None)
+            assert r.status == 414
         async with s.post(f"{base}/v1/pools/p1/drain") as r:  # no body
             assert r.status == 202
             assert (
