@@ -92,27 +92,30 @@ def _pending(backend: api.Backend, task_id: str) -> bool:
 
 
 class _Waiting:
-    """The ids the files in incoming/ claim, read again only when its listing changed: a
-    lookup of an id under another file name reads each waiting file once, not once per
-    request. Past MAX_FILES files (a burst) only names are matched: the daemon takes them
-    in moments anyway."""
+    """The ids the files in incoming/ claim, each file read once (files arrive there whole,
+    renamed in: a name keeps its content), so a lookup of an id under another file name
+    costs a listing and the reads of the files new since the last one, not a read of every
+    waiting file per request. Past MAX_FILES files (a burst) only names are matched: the
+    daemon takes them in moments anyway."""
 
     MAX_FILES = 1000
 
     def __init__(self) -> None:
-        self._seen: tuple[Path, tuple[str, ...]] | None = None
-        self._ids: frozenset[str] = frozenset()
+        self._folder: Path | None = None
+        self._ids: dict[str, str | None] = {}  # file name -> the id it gives its task
 
-    def ids(self, the_spool: spool.Spool) -> frozenset[str]:
+    def ids(self, the_spool: spool.Spool) -> set[str]:
         names = spool.incoming_names(the_spool)
         if len(names) > self.MAX_FILES:
-            return frozenset()
-        seen = (the_spool.incoming, tuple(names))
-        if self._seen != seen:
-            found = pending.waiting(the_spool, folders=("incoming",))
-            self._ids = frozenset(p.task_id for p in found if p.task_id)
-            self._seen = seen
-        return self._ids
+            return set()
+        if self._folder != the_spool.incoming:
+            self._folder, self._ids = the_spool.incoming, {}
+        known = self._ids
+        self._ids = {
+            name: known[name] if name in known else pending.task_id_of(the_spool.incoming / name)
+            for name in names
+        }
+        return {task_id for task_id in self._ids.values() if task_id}
 
 
 _WAITING = _Waiting()
