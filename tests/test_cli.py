@@ -283,6 +283,8 @@ def test_serve_stopped_in_its_first_second_still_stops_cleanly_with_exit_0(
     """A service manager stopping a unit it has just started: SIGTERM while orchctl still
     loads its modules was fatal (exit 143, nothing logged). The signal is kept until the
     daemon's own handlers are in place, and the daemon then stops as on any SIGTERM."""
+    import contextlib
+    import os
     import signal
     import time
 
@@ -291,13 +293,15 @@ def test_serve_stopped_in_its_first_second_still_stops_cleanly_with_exit_0(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,  # its engines are in its group: a failed run leaves none
     )
     try:
         time.sleep(delay_s)
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
     finally:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert proc.returncode == 0, out
     assert '"daemon.stopped"' in out, out
