@@ -496,8 +496,19 @@ async def _task_events(
     try:
         async with api.event_stream(request, headers) as stream:
             first = True
+            looked_again = False  # the log was read again for a task that had ended
             async for batch in sub.batches(wait_s=api.WATCH_S):
                 if not batch:  # nothing new: a client gone is seen without a write
+                    if await _ended_without_frames(backend, task_id):
+                        if looked_again:  # the log lacks frames written (changed by hand)
+                            known = await asyncio.to_thread(backend.results.read, task_id)
+                            await stream.write(_lacks_its_end(task_id, known))
+                            finished = True
+                            break
+                        looked_again = True  # the end may be on its way: read the log
+                        sub.lagging = True
+                        sub.ready.set()
+                        continue
                     if backend.closing.is_set() or _idle_until_restart(backend, task_id):
                         # the daemon stops: the stream ends whole, as soon as the task will
                         # not move before the next start
@@ -525,6 +536,23 @@ async def _task_events(
         if cancel_on_disconnect and not (finished or stopped):
             await asyncio.to_thread(spool.request_cancel, backend.spool, task_id)
             backend.wake()
+
+
+async def _ended_without_frames(backend: api.Backend, task_id: ids.TaskId) -> bool:
+    """The task has ended (not live, no file waiting, its result terminal) while a stream of
+    it still waits: its end will not come live any more (its log was removed or replaced by
+    hand while it ran, so what the hub handed over could not be matched with the log)."""
+    if backend.live(task_id) or _pending(backend, task_id):
+        return False
+    known = await asyncio.to_thread(backend.results.read, task_id)
+    return known is not None and known.terminal
+
+
+def _lacks_its_end(task_id: str, known: results.Result | None) -> bytes:
+    return (
+        f": the event log lacks frames the task wrote (changed or removed by hand); the task "
+        f"{_ended(known)}: GET /v1/tasks/{task_id} for its result\n\n"
+    ).encode()
 
 
 def _idle_until_restart(backend: api.Backend, task_id: ids.TaskId) -> bool:

@@ -1757,3 +1757,26 @@ async def test_a_correlation_id_in_the_body_is_used_or_refused_never_replaced_un
                 assert r.status == 400 and said in answer["message"], answer
     assert (await wait_terminal(workspace, "c1")).get("status") == "succeeded"
     assert workspace.result("c2") is None
+
+
+@pytest.mark.parametrize("how", ["removed", "cut"])
+async def test_a_stream_of_a_task_whose_log_was_changed_while_it_ran_still_ends(
+    workspace: Workspace, serve: Any, how: str
+) -> None:
+    """The log removed (or replaced by a cut copy) while its task ran: the frames handed
+    over live could not be matched with it, and the stream sent keep-alives for ever after
+    the task had ended. It ends once the task has, saying its log lacks frames."""
+    base = await _serve_slow(workspace, serve)
+    async with aiohttp.ClientSession() as session:
+        await _post_until_running(session, base, workspace, "hurt", max_tokens=30)
+        log_path = workspace.results.events_path("hurt")
+        first_line = log_path.read_bytes().splitlines(keepends=True)[0]
+        log_path.unlink()
+        if how == "cut":
+            log_path.write_bytes(first_line)
+        async with session.get(f"{base}/v1/tasks/hurt/events") as r:
+            assert r.status == 200
+            body = await asyncio.wait_for(r.text(), 10)
+    assert (workspace.result("hurt") or {}).get("status") == "succeeded"
+    assert body.rstrip().endswith("GET /v1/tasks/hurt for its result"), body[-300:]
+    assert ": the event log lacks frames the task wrote" in body
