@@ -350,8 +350,9 @@ async def get_task(request: web.Request) -> web.StreamResponse:
         damaged = _damaged(raw, task_id) if raw else None
         if raw and not damaged:
             return web.Response(body=raw, content_type="application/json")
-    else:
-        damaged = None
+    else:  # a folder (or other non-file) where the result goes is no result either
+        problem = await asyncio.to_thread(backend.results.problem, task_id)
+        damaged = logs.writable(problem) if problem is not None else None
     live = backend.live_result(task_id)
     if live is not None:  # its file gone or unreadable: what the daemon holds of it
         return web.json_response(live.model_dump(mode="json"))
@@ -635,6 +636,11 @@ async def cancel_task(request: web.Request) -> web.StreamResponse:
         problem = await asyncio.to_thread(backend.results.problem, task_id)
         if problem is not None:
             raise _not_a_result(task_id, logs.writable(problem))
+        # no result file (removed by hand) but its event log: ended if the log says so
+        path = backend.results.events_path(task_id)
+        last = await asyncio.to_thread(lambda: list(events.read(path))[-1:])
+        if last and last[0].terminal:
+            return web.json_response({"task_id": task_id, "status": _status_of(last[0])})
     await asyncio.to_thread(spool.request_cancel, backend.spool, task_id)
     backend.wake()
     logs.emit(
@@ -645,6 +651,13 @@ async def cancel_task(request: web.Request) -> web.StreamResponse:
         correlation_id=request[api.CORRELATION],
     )
     return web.json_response({"task_id": task_id, "status": "cancel-requested"}, status=202)
+
+
+def _status_of(frame: events.EventFrame) -> str:
+    """A task's status as its terminal frame tells it (for a task whose result is gone)."""
+    if frame.event == "error":
+        return "failed"
+    return "canceled" if frame.data.get("finish_reason") == "canceled" else "succeeded"
 
 
 def _session_id(request: web.Request) -> str:

@@ -116,6 +116,18 @@ class TimeoutsConfig(Strict):
 
 
 class ModelSpec(Strict):
+    @field_validator("ref")
+    @classmethod
+    def _names_something(cls, ref: str) -> str:
+        scheme, colon, rest = ref.partition(":")
+        if colon and not rest.strip():
+            raise Hinted(
+                f"{ref!r} names no file after {scheme}:",
+                f'write {scheme}:<what to load>, e.g. "file:models/x.gguf" or '
+                '"hf:org/repo/file.gguf"',
+            )
+        return ref
+
     ref: str = Field(
         min_length=1,
         description="file:<path> (a relative path resolves from orch.yaml's folder) | "

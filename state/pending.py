@@ -54,7 +54,10 @@ def find(the_spool: spool.Spool, task_id: str) -> Pending | None:
 
 def task_id_of(path: Path) -> str | None:
     """The id the daemon will give this file: its `task_id:` when that is a safe id string,
-    else the file name's stem when that is safe, else None."""
+    else the file name's stem when that is safe, else None (also for a name intake refuses
+    whatever it holds: one not ending in .task.yaml, .task.yml or .task.json never runs)."""
+    if not path.name.endswith(tasks.TASK_SUFFIXES):
+        return None
     stem = tasks.stem(path.name)
     fallback = stem if ids.is_safe_id(stem) else None
     text, problems = loading.read_text(path)

@@ -549,12 +549,13 @@ def test_an_empty_ref_is_an_error_and_a_folder_ref_is_said_to_be_a_folder(tmp_pa
     p = tmp_path / "orch.yaml"
     p.write_text(
         f"gpus: {{observer: simulated, inventory: {INVENTORY}}}\n"
-        'models:\n  a: {ref: ""}\n  b: {ref: "file:models"}\n'
+        'models:\n  a: {ref: ""}\n  b: {ref: "file:models"}\n  c: {ref: "file:"}\n'
         "pools:\n  - {id: pb, engine: llamacpp, model: b}\n"
     )
     ran = orchctl("validate", p)
     assert ran.code == 2
     assert any(":3:12: models.a.ref: should have at least 1 character" in x for x in ran.out_lines)
+    assert any(":5:12: models.c.ref: 'file:' names no file after file:" in x for x in ran.out_lines)
     assert any(
         f"models.b.ref: {tmp_path}/models is a folder, not a model file" in x for x in ran.out_lines
     ), ran.out

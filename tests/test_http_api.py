@@ -1780,3 +1780,31 @@ async def test_a_stream_of_a_task_whose_log_was_changed_while_it_ran_still_ends(
     assert (workspace.result("hurt") or {}).get("status") == "succeeded"
     assert body.rstrip().endswith("GET /v1/tasks/hurt for its result"), body[-300:]
     assert ": the event log lacks frames the task wrote" in body
+
+
+async def test_hand_changes_to_a_finished_tasks_files_are_answered_as_they_are(
+    workspace: Workspace, serve: Any
+) -> None:
+    """A result removed with its log left: a cancel said cancel-requested and left a request
+    behind (the task had ended: its log says so). A folder where the result goes: GET said
+    there was no such task. A file in incoming/ that intake will refuse for its name: it was
+    shown as delivered and a cancel of it was taken."""
+    base = _url(await serve())
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{base}/v1/tasks", json=task("done", max_tokens=2)) as r:
+            assert r.status == 202
+        await wait_terminal(workspace, "done")
+        workspace.results.path("done").unlink()
+        async with session.post(f"{base}/v1/tasks/done/cancel") as r:
+            assert (r.status, await r.json()) == (200, {"task_id": "done", "status": "succeeded"})
+        assert list(workspace.spool.cancel.iterdir()) == []
+        workspace.results.path("folder").mkdir()
+        async with session.get(f"{base}/v1/tasks/folder") as r:
+            body = await r.json()
+            assert r.status == 500 and "results/folder.json is not a result" in body["message"]
+    # named so that intake refuses it: never delivered as a task (the daemon is stopped
+    # first, so it stays in incoming/ to be looked at)
+    (workspace.spool.incoming / "weird-name.json").write_text(json.dumps(task("weird-name")))
+    from state import pending
+
+    assert pending.task_id_of(workspace.spool.incoming / "weird-name.json") is None
