@@ -192,7 +192,7 @@ def _parser() -> argparse.ArgumentParser:
     _config(s, "the desired state to serve")
     s.add_argument(
         "--simulate",
-        type=Path,
+        type=cli_common.path_arg,
         metavar="INVENTORY",
         help="use simulated GPUs from this inventory file instead of NVML",
     )
@@ -227,19 +227,21 @@ def _parser() -> argparse.ArgumentParser:
         default="info",
         help="log lines this severe and worse",
     )
-    s.add_argument("--log-file", type=Path, help="also write JSON Lines to this file")
+    s.add_argument(
+        "--log-file", type=cli_common.path_arg, help="also write JSON Lines to this file"
+    )
 
     v = verb("validate", cli_validate.cmd_validate, "check orch.yaml, task and inventory files")
     v.add_argument(
         "files",
         nargs="*",
-        type=Path,
+        type=cli_common.path_arg,
         metavar="FILE",
         help="orch.yaml, *.task.yaml, inventory (default: --config, else ./orch.yaml)",
     )
     v.add_argument(
         "--config",
-        type=Path,
+        type=cli_common.path_arg,
         help="check task files against this orch.yaml (default: the one orch.yaml among FILE)",
     )
 
@@ -297,7 +299,7 @@ def _parser() -> argparse.ArgumentParser:
     i = verb("init", cli_init.cmd_init, "write a commented starter orch.yaml")
     i.add_argument(
         "--config",
-        type=Path,
+        type=cli_common.path_arg,
         default=Path("orch.yaml"),
         help="where to write it (inventory.yaml, models/ and hello.task.yaml go beside it)",
     )
@@ -313,13 +315,13 @@ def _parser() -> argparse.ArgumentParser:
     dr = verb("doctor", cli_doctor.cmd_doctor, "check that this machine can serve (exit 3: not)")
     dr.add_argument(
         "--config",
-        type=Path,
+        type=cli_common.path_arg,
         default=Path("orch.yaml"),
         help="orch.yaml whose server.bind is checked (the default address when absent)",
     )
     dr.add_argument(
         "--simulate",
-        type=Path,
+        type=cli_common.path_arg,
         nargs="?",
         const=Path(),  # no file named: orch.yaml's gpus.inventory, else inventory.yaml beside it
         metavar="INVENTORY",
@@ -335,7 +337,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     u.add_argument(
         "--config",
-        type=Path,
+        type=cli_common.path_arg,
         default=Path("orch.yaml"),
         help="the orch.yaml to serve; a commented starter is written there when absent",
     )
@@ -377,7 +379,9 @@ def _parser() -> argparse.ArgumentParser:
 
     sc = verb("schemas", cmd_schemas, "write (or --check) the JSON Schemas")
     sc.add_argument("--check", action="store_true", help="only report schemas that differ")
-    sc.add_argument("--out", type=Path, help="the folder (default: the package's schemas/)")
+    sc.add_argument(
+        "--out", type=cli_common.path_arg, help="the folder (default: the package's schemas/)"
+    )
     return p
 
 
@@ -397,7 +401,7 @@ def _api(parser: argparse.ArgumentParser) -> None:
 def _config(p: argparse.ArgumentParser, help_text: str | None = None) -> None:
     p.add_argument(
         "--config",
-        type=Path,
+        type=cli_common.path_arg,
         default=Path("orch.yaml"),
         help=help_text or "orch.yaml, which names the spool, results and state folders",
     )

@@ -45,10 +45,10 @@ def add_verbs(
     config: Callable[[argparse.ArgumentParser], None],
 ) -> None:
     b = verb("backup", cmd_backup, "copy the catalog, artifacts and results into a folder")
-    b.add_argument("dir", type=Path, metavar="DIR", help="a new or empty folder")
+    b.add_argument("dir", type=cli_common.path_arg, metavar="DIR", help="a new or empty folder")
     config(b)
     r = verb("restore", cmd_restore, "put a backup made by `orchctl backup` back in place")
-    r.add_argument("dir", type=Path, metavar="DIR", help="the backup's folder")
+    r.add_argument("dir", type=cli_common.path_arg, metavar="DIR", help="the backup's folder")
     config(r)
     r.add_argument(
         "--force", action="store_true", help="replace files that differ from the backup's"

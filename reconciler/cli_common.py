@@ -219,6 +219,14 @@ class Known:
         return f"unreadable ({plain_text(self.problem)})" if self.problem else "unreadable"
 
 
+def path_arg(text: str) -> Path:
+    """A path given on the command line (argparse's `type`): an empty one names nothing
+    (Path("") would be the current folder)."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path names no file or folder")
+    return Path(text)
+
+
 def require_safe_id(task_id: str) -> None:
     if not ids.is_safe_id(task_id):
         raise Refused(

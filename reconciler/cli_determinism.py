@@ -45,7 +45,7 @@ def add_verb(verb: Any, config: Any) -> None:
     )
     d.add_argument(
         "--out",
-        type=Path,
+        type=cli_common.path_arg,
         help="the report folder (default: proof/determinism/RUN beside orch.yaml)",
     )
     add_connection(d, config)

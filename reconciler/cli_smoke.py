@@ -29,7 +29,7 @@ def add_verb(verb: Any, config: Any) -> None:
     s = verb("smoke", cmd_smoke, "walk the home reference smoke checklist against the daemon")
     s.add_argument(
         "--out",
-        type=Path,
+        type=cli_common.path_arg,
         help="the report folder (default: proof/home-smoke/RUN beside orch.yaml)",
     )
     s.add_argument(

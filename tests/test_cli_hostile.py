@@ -264,3 +264,12 @@ def test_an_extra_argument_is_refused_with_the_verbs_own_usage(tmp_path: Path, v
     assert ran.code == 2
     assert ran.err_lines[0].startswith(f"usage: orchctl {verb} "), ran.err
     assert f"orchctl {verb}: error: unrecognized arguments" in ran.err, ran.err
+
+
+@pytest.mark.parametrize("args", [["validate", ""], ["status", "--config", ""], ["backup", ""]])
+def test_an_empty_path_argument_is_refused_not_taken_for_the_current_folder(
+    tmp_path: Path, args: list[str]
+) -> None:
+    ran = orchctl(*args, cwd=tmp_path)
+    assert ran.code == 2
+    assert "an empty path names no file or folder" in ran.err, ran.err
