@@ -453,8 +453,8 @@ async def _task_events(
     known = await asyncio.to_thread(backend.results.read, task_id)
     if after and known is not None and known.terminal:
         path = backend.results.events_path(task_id)
-        last = await asyncio.to_thread(lambda: list(events.read(path))[-1:])
-        if last and last[0].terminal and last[0].id <= after:
+        last = await asyncio.to_thread(events.last, path)
+        if last is not None and last.terminal and last.id <= after:
             # the client has the end already: 204 is what stops an EventSource reconnecting
             return web.Response(status=204, headers=headers)
     ended_without_end: list[events.EventFrame] | None = None
@@ -637,10 +637,9 @@ async def cancel_task(request: web.Request) -> web.StreamResponse:
         if problem is not None:
             raise _not_a_result(task_id, logs.writable(problem))
         # no result file (removed by hand) but its event log: ended if the log says so
-        path = backend.results.events_path(task_id)
-        last = await asyncio.to_thread(lambda: list(events.read(path))[-1:])
-        if last and last[0].terminal:
-            return web.json_response({"task_id": task_id, "status": _status_of(last[0])})
+        last = await asyncio.to_thread(events.last, backend.results.events_path(task_id))
+        if last is not None and last.terminal:
+            return web.json_response({"task_id": task_id, "status": _status_of(last)})
     await asyncio.to_thread(spool.request_cancel, backend.spool, task_id)
     backend.wake()
     logs.emit(

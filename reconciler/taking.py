@@ -84,11 +84,8 @@ class Taker:
         if not names or seen in self.canceled_seen:
             return
         self.canceled_seen[:] = [seen]
-        wanted = [
-            p.name
-            for p in pending.waiting(self.the_spool, folders=("incoming",))
-            if p.task_id in requests
-        ]
+        incoming = self.the_spool.incoming
+        wanted = [name for name in names if pending.task_id_of(incoming / name) in requests]
         for path in intake.claim_all(
             the_spool=self.the_spool,
             store=self.store,

@@ -11,6 +11,7 @@ and a torn last line (a crash mid-write) is cut off before appending.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import weakref
@@ -137,6 +138,12 @@ def read(path: Path, *, after: int = 0, damaged: list[int] | None = None) -> Ite
                     yield frame
     except FileNotFoundError:
         return
+
+
+def last(path: Path) -> EventFrame | None:
+    """The last frame of the log (None when it has none), read as `read` reads it."""
+    kept = collections.deque(read(path), maxlen=1)  # reads it through, keeps the last
+    return kept[0] if kept else None
 
 
 def read_dicts(path: Path) -> list[dict[str, Any]]:

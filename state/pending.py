@@ -11,7 +11,6 @@ cannot be read or parsed counts under its stem, and nothing here raises on a hos
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -31,19 +30,16 @@ class Pending:
     mtime: float  # seconds since the epoch; 0.0 when the file vanished while listed
 
 
-def waiting(
-    the_spool: spool.Spool, folders: tuple[Folder, ...] = ("incoming", "active")
-) -> list[Pending]:
-    """Every file in incoming/ and active/ (or only `folders`), oldest first within each."""
-    listings: dict[Folder, tuple[Path, Callable[[spool.Spool], list[str]]]] = {
-        "incoming": (the_spool.incoming, spool.incoming_names),
-        "active": (the_spool.active, spool.active_names),
-    }
+def waiting(the_spool: spool.Spool) -> list[Pending]:
+    """Every file in incoming/ and active/, oldest first within each folder."""
+    listings: tuple[tuple[Folder, Path, list[str]], ...] = (
+        ("incoming", the_spool.incoming, spool.incoming_names(the_spool)),
+        ("active", the_spool.active, spool.active_names(the_spool)),
+    )
     return [
         Pending(task_id_of(base / name), folder, name, _mtime(base / name))
-        for folder in folders
-        for base, names_of in [listings[folder]]
-        for name in names_of(the_spool)
+        for folder, base, names in listings
+        for name in names
     ]
 
 

@@ -145,6 +145,17 @@ def _ready(ws: Workspace) -> bool:
     )
 
 
+async def _fill_both_slots(ws: Workspace) -> None:
+    """Two 40-token tasks running on p1's two slots: what is sent next waits in the queue."""
+    for name in ("busy-1", "busy-2"):
+        ws.submit(f"{name}.task.yaml", task(name, max_tokens=40))
+    await wait_for(
+        lambda: all((ws.result(n) or {}).get("status") == "running" for n in ("busy-1", "busy-2")),
+        10,
+        "both slots busy",
+    )
+
+
 def _ready_pool(ws: Workspace, pool_id: str) -> bool:
     pool = _pool(ws, pool_id)
     return pool["state"] == "Ready" and all(r["state"] == "Ready" for r in pool["replicas"])
@@ -384,15 +395,7 @@ async def test_tasks_queued_before_a_failed_reload_wait_it_out_and_run_on_the_ol
     workspace.config_path.write_text(text)
     base = _url(await serve())
     queued = {"by-model": {"model": "m1"}, "by-pool": {"pool": "p1"}}
-    for name in ("busy-1", "busy-2"):
-        workspace.submit(f"{name}.task.yaml", task(name, max_tokens=40))
-    await wait_for(
-        lambda: all(
-            (workspace.result(n) or {}).get("status") == "running" for n in ("busy-1", "busy-2")
-        ),
-        10,
-        "both slots busy",
-    )
+    await _fill_both_slots(workspace)
     for name, target in queued.items():
         fields = task(name, max_tokens=4)
         fields.pop("model")
@@ -522,15 +525,7 @@ async def test_a_task_naming_only_its_pool_follows_the_pool_onto_its_new_model(
     text = ORCH_YAML.replace("sim: {tokens_per_s: 400, load_s: 0}", "sim: {tokens_per_s: 40}")
     workspace.config_path.write_text(text)
     base = _url(await serve())
-    for name in ("busy-1", "busy-2"):
-        workspace.submit(f"{name}.task.yaml", task(name, max_tokens=40))
-    await wait_for(
-        lambda: all(
-            (workspace.result(n) or {}).get("status") == "running" for n in ("busy-1", "busy-2")
-        ),
-        10,
-        "both slots busy",
-    )
+    await _fill_both_slots(workspace)
     by_pool = task("by-pool", max_tokens=4)
     by_pool.pop("model")
     workspace.submit("by-pool.task.yaml", by_pool | {"pool": "p1"})
