@@ -351,6 +351,7 @@ class Daemon:
             # paths.artifacts may be another config's too: only what dead writers left
             recovery.sweep(self.tracer.store.root, shared=True)
             spool.sweep_tmp(self.spool, now=self.clock.now())
+            self.results.index()  # a new task's id is then checked without a lookup
             self._recover()
             self.server = await api_routes.start(self)
             logs.emit(  # only now: a daemon that cannot listen never served

@@ -206,7 +206,11 @@ class Taker:
 
     def _used_by(self, task_id: str, *, recovered: results.Result | None, new: bool) -> str | None:
         """What already holds `task_id` (said in the refusal), or None when it is free."""
-        if task_id in self.dispatcher.runs or (
+        if task_id in self.dispatcher.runs:
+            return f"(see results/{task_id}.json)"
+        if self.store.holds_nothing(task_id):  # no lookups: most new tasks' ids
+            return None
+        if (
             recovered is None
             and self.store.exists(task_id)
             and not self.store.take_over(task_id)  # a retry after a 429 may reuse it

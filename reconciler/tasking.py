@@ -481,6 +481,7 @@ def new_run(
 ) -> TaskRun:
     """The record of a task the daemon takes: a fresh result, or for a task recovered after a
     crash its previous result (attempts kept) and the deadline it was accepted with."""
+    new = recovered is None and store.holds_nothing(task_id)  # no log to read: none there
     events_path = store.events_path(task_id)
     if recovered is not None:
         result = recovered
@@ -506,7 +507,7 @@ def new_run(
         task=task,
         file_name=file_name,
         result=result,
-        log=events.EventLog(events_path),
+        log=events.EventLog(events_path, new=new),
         accepted_mono=now,
         deadline_mono=deadline,
         model_id=ids.ModelId(task.model or ""),

@@ -48,9 +48,10 @@ _encode = json.JSONEncoder(ensure_ascii=False).encode
 class EventLog:
     """Appends frames to one task's log. Not thread-safe: one writer per task."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, new: bool = False) -> None:
+        """`new`: the caller knows there is no log at `path` yet (none is read)."""
         self.path = path
-        self.last_id, self.terminal = _recover(path)
+        self.last_id, self.terminal = (0, False) if new else _recover(path)
         self._fd: int | None = None  # opened while frames stream; closed (also if dropped)
         self._size = 0  # the file's size while `_fd` is open (this is its only writer)
         self._closer: Any = None  # a weakref.finalize: closes the fd once, also on GC

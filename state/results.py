@@ -92,21 +92,59 @@ class Result(BaseModel):
 
 
 class ResultStore:
-    """The results/ folder. The reconciler is its only writer; anyone may read."""
+    """The results/ folder. The reconciler is its only writer; anyone may read.
+
+    The daemon indexes it (`index`) before it takes any task: from then on, a task id with
+    no file in results/ at the index and none since (every path of a task's files is asked
+    of `path` or `events_path`, which add the id) has none now, and `holds_nothing` says so
+    without a lookup. Looked up instead, each new task's id cost two lookups in a folder the
+    commit helper writes at the same time, which wait for its renames there: about half of
+    what admitting a task cost the loop. A file removed by hand is still looked up (the id
+    was indexed); a file put there by hand while the daemon runs is not seen."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
+        self._ids: set[str] | None = None  # None: not indexed, every question is looked up
+
+    def index(self) -> None:
+        """List results/ once: the ids any file there may belong to (every prefix of its
+        name that ends before a '.', as ids may hold dots: too many is only slower)."""
+        ids_seen: set[str] = set()
+        try:
+            with os.scandir(self.root) as entries:
+                for entry in entries:
+                    name = entry.name
+                    dot = name.find(".", 1)
+                    while dot != -1:
+                        ids_seen.add(name[:dot])
+                        dot = name.find(".", dot + 1)
+                    ids_seen.add(name)
+        except OSError:  # not listable now: every question is looked up, as before
+            self._ids = None
+            return
+        self._ids = ids_seen
+
+    def holds_nothing(self, task_id: str) -> bool:
+        """Whether results/ surely holds no file of `task_id` (see the class): False when it
+        may, and the caller looks."""
+        return self._ids is not None and task_id not in self._ids
 
     def path(self, task_id: str) -> Path:
+        if self._ids is not None:
+            self._ids.add(task_id)
         return _result_path(self.root, task_id)
 
     def events_path(self, task_id: str) -> Path:
+        if self._ids is not None:
+            self._ids.add(task_id)
         return self.root / f"{task_id}.events.jsonl"
 
     def exists(self, task_id: str) -> bool:
         """Whether a result file is (or, once this thread's group commits, will be) there; a
         folder put where it goes is no result (the write it blocks fails, and is retried)."""
+        if self.holds_nothing(task_id):
+            return False
         return atomic.exists(self.path(task_id), folder=False)
 
     def read(self, task_id: str) -> Result | None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
+from state import results
 from tests.conftest import Workspace, task, wait_for, wait_terminal
 
 
@@ -291,3 +293,51 @@ async def test_a_cancel_is_logged_as_requested_before_the_task_is_logged_cancele
         ]
         assert events[:2] == ["task.cancel", "task.canceled"], (task_id, events)
         assert events.count("task.cancel") == 1, (task_id, events)
+
+
+async def test_ids_used_before_the_daemon_started_stay_used_and_freed_ones_are_free(
+    workspace: Workspace, serve: Any
+) -> None:
+    """The daemon knows which ids results/ holds from one listing at its start (new ids are
+    then checked without a lookup): an id whose result or event log was there before it
+    started is refused, dots in the id included; one whose files were removed by hand while
+    it runs is free again."""
+    first = await serve()
+    for task_id in ("fix.v2", "gone", "log.only"):
+        workspace.submit(f"{task_id}.task.yaml", task(task_id))
+        await wait_terminal(workspace, task_id)
+    assert await first.stop() == 0
+    (workspace.root / "results" / "log.only.json").unlink()  # its log stays: the id is used
+    await serve()
+    for task_id in ("fix.v2", "log.only"):
+        workspace.submit(f"again-{task_id}.task.yaml", task(task_id, prompt="other"))
+    for task_id in ("fix.v2", "log.only"):
+        record = workspace.spool.failed / f"again-{task_id}.task.yaml.error.json"
+        await wait_for(record.exists, what=f"the refusal of the second {task_id}")
+        assert json.loads(record.read_text())["code"] == "DUPLICATE_TASK_ID"
+    kept = workspace.result("fix.v2")
+    assert kept is not None and kept["status"] == "succeeded"  # the first task's result
+    # removed by hand, result and log, while the daemon runs: the id may be used again
+    for name in ("gone.json", "gone.events.jsonl"):
+        (workspace.root / "results" / name).unlink()
+    workspace.submit("gone-again.task.yaml", task("gone", prompt="new"))
+    again = await wait_terminal(workspace, "gone")
+    assert again["status"] == "succeeded" and again["source_file"].endswith("gone-again.task.yaml")
+
+
+def test_the_result_index_answers_only_for_ids_it_knows_to_have_no_files(tmp_path: Path) -> None:
+    store = results.ResultStore(tmp_path)
+    (tmp_path / "a.b.json").write_text("{}")
+    (tmp_path / "c.events.jsonl").write_text("")
+    assert not store.holds_nothing("zzz")  # not indexed yet: every id is looked up
+    store.index()
+    assert store.holds_nothing("zzz") and store.holds_nothing("a.b.c")
+    assert not store.holds_nothing("a.b") and not store.holds_nothing("c")
+    assert not store.holds_nothing("a")  # a prefix before a dot: looked up, never wrong
+    assert not store.exists("zzz")
+    store.path("zzz")  # a writer asks for the path first: from then on it is looked up
+    assert not store.holds_nothing("zzz")
+    (tmp_path / "zzz.json").write_text("{}")
+    assert store.exists("zzz")
+    store.events_path("yyy")
+    assert not store.holds_nothing("yyy")
