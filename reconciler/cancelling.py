@@ -87,6 +87,17 @@ def apply(
             _drop(the_spool, task_id, f"no task {task_id!r} arrived within its window")
 
 
+def waiting_for(the_spool: spool.Spool, task_id: str, file_name: str, now: float) -> bool:
+    """Whether a cancel request in spool/cancel/ applies to the task `task_id` being taken
+    from active/`file_name` now (the window of `apply`): one written before its task file,
+    or acknowledged by a daemon killed before its canceled result was durable."""
+    written = _mtime(the_spool.cancel / task_id)
+    if written is None:
+        return False
+    delivered = _mtime(the_spool.active / file_name) or now
+    return delivered <= written + CANCEL_WINDOW_S
+
+
 # per spool: the entries of its cancel/ that are no request (a folder, a link), said once
 # while they are there
 _told: dict[Path, set[str]] = {}

@@ -139,6 +139,16 @@ class Dispatcher:
                     self.queue.remove(ids.TaskId(run.task_id))
             raise
 
+    def cancel_taken(self, run: tasking.TaskRun) -> None:
+        """A task taken while a cancel request for it waits in spool/cancel/: it ends
+        canceled at once, before any admission check (a full queue, or a pool gone since,
+        must not turn a cancel the user asked for, or a daemon acknowledged before a
+        restart, into a rejection). The next pass consumes the request (`cancelling`)."""
+        logs.emit(log, "task.cancel", f"Cancel of task {run.task_id} requested.", **run.log_ids)
+        run.cancel_requested = True
+        with atomic.unit(run.task_id):
+            self.books.finish(run, "canceled", finish_reason="canceled")
+
     def announce(self) -> list[tuple[tasking.TaskRun, Exception]]:
         """Write the `queued` frames of the batch just admitted: `admitting.announce`."""
         return admitting.announce(self)

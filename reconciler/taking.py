@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from reconciler import clocks, configuring, dispatch, intake, logs, streaming, tasking
+from reconciler import cancelling, clocks, configuring, dispatch, intake, logs, streaming, tasking
 from state import failpoints, ids, loading, pending, results, spool, tasks
 from state.errors import ErrorCode
 
@@ -137,6 +137,9 @@ class Taker:
                 clock=self.clock,
                 recovered=recovered,
             )
+            if cancelling.waiting_for(self.the_spool, run.task_id, run.file_name, self.clock.now()):
+                self.dispatcher.cancel_taken(run)
+                return
             self.dispatcher.admit(run, recovered=recovered is not None)
         except Exception as exc:  # never let one file take the daemon down
             self._failed(path, exc)

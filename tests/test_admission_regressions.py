@@ -13,7 +13,7 @@ import yaml
 
 from plugins import interfaces
 from reconciler import clocks, fleet, pools, supervision
-from state import ids
+from state import ids, spool
 from tests.conftest import Workspace, config, task, wait_for, wait_terminal
 from tests.orchctl_support import orchctl
 
@@ -442,3 +442,25 @@ def _land_at_once(workspace: Workspace, bodies: list[dict[str, Any]]) -> None:
         staged[-1].write_text(yaml.safe_dump(body))
     for path in staged:
         path.rename(workspace.spool.incoming / path.name)
+
+
+async def test_a_task_whose_cancel_waits_ends_canceled_even_when_the_queue_is_full(
+    workspace: Workspace, serve: Any
+) -> None:
+    """A cancel request already in spool/cancel/ when its task is taken (written before the
+    task file, or acknowledged by a daemon killed before the canceled result was durable,
+    whose successor takes the task again): the task ends canceled, before any admission
+    check, never rejected for a queue that is full by then."""
+    await _one_slot_busy(workspace, serve, capacity=1, busy="busy", busy_tokens=40)
+    workspace.submit("waits.task.yaml", task("waits", max_tokens=2))  # fills the queue
+    await wait_for(lambda: (workspace.result("waits") or {}).get("status") == "queued", 10)
+    spool.request_cancel(workspace.spool, "victim")
+    workspace.submit("victim.task.yaml", task("victim", max_tokens=2))
+    ended = await wait_terminal(workspace, "victim")
+    assert ended["status"] == "canceled", ended
+    assert ended["finish_reason"] == "canceled" and ended["error"] is None
+    await wait_for(lambda: not (workspace.spool.cancel / "victim").exists(), 10, "consumed")
+    assert (workspace.spool.done / "victim.task.yaml").exists()
+    frames = workspace.frames("victim")
+    assert [f.event for f in frames] == ["end"] and frames[0].data["finish_reason"] == "canceled"
+    assert (workspace.result("waits") or {}).get("status") in ("queued", "running", "succeeded")
