@@ -71,7 +71,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     name = f"{task_id}{suffix}"
     try:
         # a file whose id is its name must keep that name: renamed, it would be another task
-        target = spool.deliver(folder.spool, data, name=name, exact=task.task_id is None)
+        target, identity = spool.deliver_file(
+            folder.spool, data, name=name, exact=task.task_id is None
+        )
     except ValueError as exc:  # a name the spool would refuse (too long, hidden, …)
         raise Refused(EXIT_USAGE, str(exc), hint="set task_id: in the file") from None
     except FileExistsError:
@@ -109,8 +111,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
             record = {"task_id": task_id, "file": str(target), "result": str(result_path)}
             print(json.dumps(record))
         return EXIT_OK
-    if retry:  # follow the new task, not the rejection whose id it reuses
-        _until_taken_over(folder, task_id, known.result if known else None, args.timeout)
+    # follow this file's task, not another one of its id: a rejection whose id it reuses,
+    # or another submitter's file of the same id that the daemon took first
+    _until_own(folder, task_id, target.name, identity, args.timeout)
     printer = cli_watch.Printer(ends=False, quiet=args.json)
     ended = cli_watch.follow(
         folder,
@@ -129,16 +132,84 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return EXIT_OK if ended.succeeded else EXIT_FAILED
 
 
-def _until_taken_over(folder: cli_common.Folder, task_id: str, old: Any, timeout_s: float) -> None:
-    """Wait until the daemon has taken the id over from the rejection `old` (its result is
-    gone or another), so that following the task cannot read the old rejection's frames."""
+def _until_own(
+    folder: cli_common.Folder, task_id: str, name: str, identity: tuple[int, int], timeout_s: float
+) -> None:
+    """Wait until the daemon has taken the delivered file (`identity`: the daemon links and
+    renames that very file) in as task `task_id`: its result names this file. Raise, with
+    the daemon's reason, where the daemon refused the file instead (a task of that id came
+    first: DUPLICATE_TASK_ID, written beside the file in spool/failed/)."""
     deadline = time.monotonic() + timeout_s
-    while folder.results.read(task_id) == old:
+    the_spool = folder.spool
+    while True:
+        result = folder.results.read(task_id)
+        if result is not None and _names(the_spool, result.source_file, identity):
+            return
+        waiting = any(
+            _is(path, identity) for path in (the_spool.incoming / name, the_spool.active / name)
+        )
+        if not waiting:
+            refused = _refused_as(the_spool, name, identity)
+            if refused is not None:
+                code, message, hint = _record(refused)
+                raise Refused(
+                    EXIT_FAILED,
+                    f"{folder.shown(refused.with_name(refused.name[: -len('.error.json')]))} "
+                    f"was refused — {code}: {message}",
+                    hint=hint or f"see {folder.shown(refused)}",
+                )
         if time.monotonic() >= deadline:
             raise Refused(EXIT_FAILED, f"timed out waiting for task {task_id} to be taken in")
         if not probing.probe(folder.state_dir).serving:
             raise Refused(EXIT_ENV, "the daemon stopped before it took the task in")
         time.sleep(cli_watch.POLL_S)
+
+
+def _is(path: Path, identity: tuple[int, int]) -> bool:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == identity
+
+
+def _names(the_spool: spool.Spool, source_file: str | None, identity: tuple[int, int]) -> bool:
+    """Whether a result's `source_file` (spool/<folder>/<name>) is the file `identity`."""
+    parts = (source_file or "").split("/")
+    if len(parts) != 3 or parts[0] != "spool" or parts[1] in ("", ".", ".."):
+        return False
+    return _is(the_spool.root / parts[1] / parts[2], identity)
+
+
+def _record(path: Path) -> tuple[str, str, str | None]:
+    """The code, message and hint of a refusal's error record (printable; what it lacks
+    is said so)."""
+    try:
+        record = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        record = None
+    if not isinstance(record, dict):
+        return "refused", f"its error record {path.name} cannot be read", None
+    code, message, hint = (record.get(k) for k in ("code", "message", "hint"))
+    return (
+        cli_common.plain_text(str(code or "refused")),
+        cli_common.plain_text(str(message or "no reason given")),
+        cli_common.plain_text(str(hint)) if hint else None,
+    )
+
+
+def _refused_as(the_spool: spool.Spool, name: str, identity: tuple[int, int]) -> Path | None:
+    """The error record of the file `identity` in spool/failed/ (filed as `name`, or under a
+    time-stamped variant of it), or None."""
+    try:
+        with os.scandir(the_spool.failed) as entries:
+            candidates = [e.name for e in entries if e.name.endswith(name)]
+    except OSError:
+        return None
+    for candidate in candidates:
+        if _is(the_spool.failed / candidate, identity):
+            return the_spool.failed / f"{candidate}.error.json"
+    return None
 
 
 def _read_input(name: str) -> tuple[bytes, str, bool]:

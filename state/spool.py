@@ -96,6 +96,15 @@ def deliver(spool: Spool, data: bytes, *, name: str, exact: bool = False) -> Pat
     (the name is the task's id: a file without `task_id:`), FileExistsError is raised and
     nothing is delivered.
     """
+    return deliver_file(spool, data, name=name, exact=exact)[0]
+
+
+def deliver_file(
+    spool: Spool, data: bytes, *, name: str, exact: bool = False
+) -> tuple[Path, tuple[int, int]]:
+    """`deliver`, also returning the file's identity (st_dev, st_ino): the daemon links and
+    renames the very file (incoming/, active/, then done/ or failed/), so a submitter can
+    tell its own file from another file of the same task id or name wherever it lies."""
     if "/" in name or "\0" in name or not name.endswith(tasks.TASK_SUFFIXES):
         raise ValueError(
             f"task file name {name!r} must be a plain name ending in .task.yaml or .task.json"
@@ -110,6 +119,7 @@ def deliver(spool: Spool, data: bytes, *, name: str, exact: bool = False) -> Pat
         try:
             atomic.write_all(atomic_file, data)
             os.fsync(atomic_file)
+            st = os.fstat(atomic_file)
         finally:
             os.close(atomic_file)
         target = spool.incoming / name
@@ -126,7 +136,7 @@ def deliver(spool: Spool, data: bytes, *, name: str, exact: bool = False) -> Pat
         raise
     os.unlink(part)
     atomic.fsync_dir(spool.incoming)
-    return target
+    return target, (st.st_dev, st.st_ino)
 
 
 def incoming_names(spool: Spool, *, now: float | None = None) -> list[str]:

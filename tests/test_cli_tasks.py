@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from reconciler import clocks
+from reconciler import cli_common, clocks
 from state import events, results
 from state.errors import ErrorCode, envelope
 from tests.conftest import Workspace, full_disk_under, task
@@ -71,6 +71,9 @@ def play(
         deadline = time.monotonic() + 10
         while not incoming(ws) and time.monotonic() < deadline:
             time.sleep(0.01)
+        name = incoming(ws)[0]  # claimed: the result names the file where it now lies
+        (ws.spool.incoming / name).rename(ws.spool.active / name)
+        result.source_file = f"spool/active/{name}"
         log = events.EventLog(ws.results.events_path(task_id))
         for name, data in frames:
             log.append(name, data, ts=clocks.rfc3339(time.time()))
@@ -446,6 +449,15 @@ def test_ctrl_c_stops_watching_and_leaves_the_task_running(workspace: Workspace,
         while not (workspace.results.exists("long") or incoming(workspace)):
             assert time.monotonic() < deadline
             time.sleep(0.02)
+        if verb == "submit":  # taken in: the result names the file where it lies
+            (workspace.spool.incoming / "long.task.yaml").rename(
+                workspace.spool.active / "long.task.yaml"
+            )
+            workspace.results.write(
+                results.Result(
+                    task_id="long", status="running", source_file="spool/active/long.task.yaml"
+                )
+            )
         log.append("started", {"pool_id": "p1", "replica_id": "p1-0"}, ts="2026-01-01T00:00:00Z")
         assert proc.stdout is not None
         while "[started on p1-0" not in proc.stdout.readline():
@@ -589,3 +601,52 @@ def test_a_file_named_for_its_id_is_not_delivered_under_another_name(workspace: 
         "another; nothing was delivered"
     )
     assert incoming(workspace) == ["z.task.yaml"]
+
+
+def test_submit_wait_reports_its_own_files_refusal_not_another_files_task_of_its_id(
+    workspace: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two submitters of one task id pass the id check together (neither saw the other's
+    file yet): the daemon runs the file it took first and refuses the other as a duplicate.
+    The second `submit --wait` reports that refusal, exit 1: it never follows the first
+    file's task (its result and frames carry the same id) as its own."""
+    serving(workspace)
+    monkeypatch.setattr(cli_common, "lookup", lambda folder, task_id: None)  # the race
+    first = workspace.submit("first.task.yaml", task("dup"))
+    filed = workspace.spool.done / "first.task.yaml"
+    first.rename(filed)
+    log = events.EventLog(workspace.results.events_path("dup"))
+    for name, data in [*STARTED, ("end", {"tokens_out": 2})]:
+        log.append(name, data, ts=clocks.rfc3339(time.time()))
+    workspace.results.write(
+        results.Result(
+            task_id="dup",
+            status="succeeded",
+            tokens_out=2,
+            source_file="spool/done/first.task.yaml",
+        )
+    )
+
+    def refuse() -> None:  # what the daemon does with the second file
+        deadline = time.monotonic() + 10
+        while not incoming(workspace) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        name = incoming(workspace)[0]
+        record = {
+            "code": "DUPLICATE_TASK_ID",
+            "message": "task id 'dup' is already used (see results/dup.json)",
+            "hint": "give the task a new task_id",
+        }
+        (workspace.spool.failed / f"{name}.error.json").write_text(json.dumps(record))
+        (workspace.spool.incoming / name).rename(workspace.spool.failed / name)
+
+    thread = threading.Thread(target=refuse, daemon=True)
+    thread.start()
+    second = write_task(workspace, "second.task.yaml", **task("dup", prompt="another"))
+    ran = orchctl("submit", second, "--wait", "--timeout", "5", "--config", cfg(workspace))
+    thread.join()
+    assert ran.code == 1, ran
+    assert "Hello world" not in ran.out and "succeeded" not in ran.out  # not the first's
+    assert ran.err_lines[0].startswith("orchctl: spool/failed/dup.task.yaml was refused")
+    assert "DUPLICATE_TASK_ID: task id 'dup' is already used" in ran.err_lines[0]
+    assert ran.err_lines[1] == "hint: give the task a new task_id"
