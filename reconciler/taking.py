@@ -46,8 +46,9 @@ class Taker:
     # the rest of a burst's listing, oldest first: the next passes claim from it instead of
     # listing (and stat-ing) every waiting file again for each batch
     backlog: list[str] = field(default_factory=list)
-    # files put off as half written: name -> (size, mtime_ns) when put off
-    half_read: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # files put off as half written: name -> (size, mtime_ns, since: monotonic s) when put
+    # off, since when it has been unchanged
+    half_read: dict[str, tuple[int, int, float]] = field(default_factory=dict)
     # the cancel requests and incoming/ names `claim_canceled` last looked through
     canceled_seen: list[tuple[frozenset[str], tuple[str, ...]]] = field(default_factory=list)
 
@@ -148,18 +149,29 @@ class Taker:
         """Whether a claimed file that does not parse looks like one still being written in
         place (cut off mid-line, or empty, and changed within IN_PLACE_GRACE_S): then it is
         left in active/, where the writer's descriptor still points, and the recovery pass
-        reads it again (every SESSION_SWEEP_S); refused only if it is still the same then."""
+        reads it again (every SESSION_SWEEP_S); refused once it has stayed the same for
+        IN_PLACE_GRACE_S."""
         try:
             st = os.lstat(path)
         except OSError:
             return False
-        seen = (st.st_size, st.st_mtime_ns)
-        if not stat.S_ISREG(st.st_mode) or self.half_read.pop(path.name, None) == seen:
-            return False  # unchanged since it was last put off: what it says is meant
+        before = self.half_read.pop(path.name, None)
+        seen, now = (st.st_size, st.st_mtime_ns), time.monotonic()
+        # unchanged since it was put off IN_PLACE_GRACE_S ago (or changed longer ago than
+        # that, by its time): what it says is meant. Read again sooner (the recovery pass may
+        # come a moment after the put-off), it is put off again, not refused.
+        since = before[2] if before is not None and before[:2] == seen else now
         age = time.time() - st.st_mtime
-        if age > IN_PLACE_GRACE_S or not _cut_short(path):
+        if (
+            not stat.S_ISREG(st.st_mode)
+            or age > IN_PLACE_GRACE_S
+            or now - since > IN_PLACE_GRACE_S
+            or not _cut_short(path)
+        ):
             return False
-        self.half_read[path.name] = seen
+        self.half_read[path.name] = (*seen, since)
+        if before is not None:  # said when it was first put off
+            return True
         logs.emit(
             log,
             "task.take_deferred",

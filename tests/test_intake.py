@@ -341,3 +341,37 @@ def test_the_result_index_answers_only_for_ids_it_knows_to_have_no_files(tmp_pat
     assert store.exists("zzz")
     store.events_path("yyy")
     assert not store.holds_nothing("yyy")
+
+
+def test_a_half_written_file_read_again_at_once_is_put_off_again_not_refused(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """The recovery pass may read a put-off file a moment after it was put off: it is put
+    off again while it is young, and refused only once it has stayed the same for the grace
+    period (a clock that says it was written in the future included)."""
+    import os
+    import time
+
+    from reconciler import clocks, taking
+    from state import spool
+
+    the_spool = spool.Spool(tmp_path / "spool").ensure()
+    taker = taking.Taker(
+        the_spool,
+        results.ResultStore(tmp_path / "results"),
+        None,  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        clocks.RealClock(),
+        lambda: None,
+    )
+    path = the_spool.active / "half.task.yaml"
+    path.write_text("task_id: half\nmodel: m1\nprom")
+    assert taker._half_written(path) and taker._half_written(path)  # at once: put off again
+    now = time.monotonic()
+    monkeypatch.setattr(taking.time, "monotonic", lambda: now + taking.IN_PLACE_GRACE_S + 0.1)
+    future = time.time() + 3600
+    os.utime(path, (future, future))  # changed (its time): put off, since now
+    assert taker._half_written(path)
+    monkeypatch.setattr(taking.time, "monotonic", lambda: now + 2 * taking.IN_PLACE_GRACE_S + 1)
+    assert not taker._half_written(path)  # the same for longer than the grace: meant
+    assert taker.half_read == {}
