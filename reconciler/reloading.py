@@ -126,6 +126,7 @@ class Reloader:
             )
         self._check_ref(new_model.ref)
         expected = specs.spec_hash(new_pool, new_model, new_state.engines.get(new_pool.engine))
+        was = specs.spec_hash(pool, state.models[pool.model], state.engines.get(pool.engine))
         previous = self.config.revision
         # a drain's record matches the old spec only: the edited pool is served while it
         # stays, until the reload succeeds (lifted before the file is written, a pass in
@@ -152,9 +153,15 @@ class Reloader:
             )
         self.wake()
         limit = timeout_s if timeout_s is not None else state.timeouts.ready_s
-        why, ready = await self._wait(pool_id, old, new, expected, new_pool.replicas, began + limit)
+        why, ready = await self._wait(
+            pool_id, old, new, expected, new_pool.replicas, began + limit, lifted
+        )
+        drained = self._drained_meanwhile(pool_id, lifted)
         if why is None:
-            self.runtime.undrain(pool_id, "reloaded onto a new spec")  # held for a failure
+            if drained is not None:  # requested in the moment after the last look: kept
+                self.runtime.redrain(drained.model_copy(update={"spec_hash": expected}))
+            else:
+                self.runtime.undrain(pool_id, "reloaded onto a new spec")  # held for a failure
             took = round((self.clock.monotonic() - began) * 1000)
             logs.emit(
                 log,
@@ -173,7 +180,22 @@ class Reloader:
                 new != old,
                 took,
             )
-        raise await self._roll_back(pool_id, old, new, lifted, why, previous, limit)
+        if drained is not None:
+            # the operator's drain outlasts the reload it made fail: it is kept, on the spec
+            # the pool goes back to (its record named the spec of the moment)
+            lifted = drained.model_copy(update={"spec_hash": was})
+        hint = (
+            f"pool {pool_id} stays drained as requested: reload it again to bring it back"
+            if drained is not None
+            else None
+        )
+        raise await self._roll_back(pool_id, old, new, lifted, why, previous, limit, hint)
+
+    def _drained_meanwhile(self, pool_id: str, lifted: drains.Drain | None) -> drains.Drain | None:
+        """The pool's drain when one was requested after the reload began (not the one the
+        reload lifts), else None."""
+        now = self.runtime.drained.get(pool_id)
+        return None if now is None or now == lifted else now
 
     # -- the file -------------------------------------------------------------------------------
 
@@ -250,7 +272,14 @@ class Reloader:
     # -- waiting ----------------------------------------------------------------------------
 
     async def _wait(
-        self, pool_id: str, old: bytes, new: bytes, expected: str, wanted: int, deadline: float
+        self,
+        pool_id: str,
+        old: bytes,
+        new: bytes,
+        expected: str,
+        wanted: int,
+        deadline: float,
+        lifted: drains.Drain | None,
     ) -> tuple[str | None, list[str]]:
         """(None, the Ready replicas) once the pool serves the new spec; else (why not, [])."""
         digest = hashlib.sha256(new).hexdigest()
@@ -258,6 +287,13 @@ class Reloader:
         seen_pass: int | None = None  # the runtime's pass count when the edit was applied
         progress = "the edit was not applied yet"
         while True:
+            drained = self._drained_meanwhile(pool_id, lifted)
+            if drained is not None:  # it serves nothing now: never Ready on the new spec
+                return (
+                    f"the pool was drained on request during the reload "
+                    f"(at {drained.drained_at}); it stays drained",
+                    [],
+                )
             if self.config.applied_digest not in ours and not self.config.errors:
                 # another edit of orch.yaml was applied meanwhile: the new spec is not ours
                 return "orch.yaml was changed by another edit during the reload", []
@@ -317,10 +353,13 @@ class Reloader:
         why: str,
         previous: str | None,
         limit: float,
+        hint: str | None = None,
     ) -> ReloadError:
         """Put the old file (and drain) back; the error to answer with."""
         restored = "nothing in orch.yaml needed restoring"
-        hint = "fix the model file or ref and reload again (`orchctl status` shows the pool)"
+        hint = (
+            hint or "fix the model file or ref and reload again (`orchctl status` shows the pool)"
+        )
         if lifted is not None:  # first: the old spec comes back to a pool drained as before
             self.runtime.redrain(lifted)
         if new != old:

@@ -615,3 +615,43 @@ async def test_a_failed_reload_of_a_drained_pool_leaves_it_drained_without_a_rec
     events = [getattr(r, "orch_event", "") for r in caplog.records]
     assert "replica.reclaimed" not in events, events
     assert _pool(workspace)["replicas"][0]["state"] == "Draining"
+
+
+async def test_a_drain_requested_during_a_reload_ends_it_at_once_and_outlasts_its_rollback(
+    workspace: Workspace, serve: Any
+) -> None:
+    """The operator drains a pool while a reload of it waits for its new replica: the reload
+    can never become Ready, so it fails at once saying why (not after its whole timeout,
+    blaming a replica), puts the old orch.yaml back, and the drain stays: the pool serves
+    nothing until a reload brings it back."""
+    (workspace.root / "m1.gguf").write_bytes(GOOD)
+    (workspace.root / "m2.gguf").write_bytes(GOOD)
+    original = ORCH_YAML.replace("load_s: 0}", "load_s: 1.5}").encode()
+    workspace.config_path.write_bytes(original)
+    base = _url(await serve())
+    async with aiohttp.ClientSession() as session:
+
+        async def reload() -> tuple[int, dict[str, Any]]:
+            url = f"{base}/v1/pools/p1/reload"
+            async with session.post(url, json={"model": "m2", "timeout_s": 20}) as response:
+                return response.status, await response.json()
+
+        began = time.monotonic()
+        reloading = asyncio.create_task(reload())
+        await asyncio.sleep(0.5)
+        async with session.post(f"{base}/v1/pools/p1/drain", json={"deadline_ms": 100}) as r:
+            assert r.status == 202, await r.text()
+        status, answer = await reloading
+        took = time.monotonic() - began
+    assert status == 409 and answer["code"] == "RELOAD_FAILED", answer
+    assert took < 10, took  # not the 20 s timeout
+    assert "drained on request during the reload" in answer["message"], answer
+    assert "restored byte for byte" in answer["message"]
+    assert "pool p1 stays drained as requested" in answer["hint"], answer
+    assert workspace.config_path.read_bytes() == original
+    await wait_for(lambda: _stopped(workspace), 10, "p1 drained on the old spec")
+    await asyncio.sleep(1.0)  # a few passes: nothing lifts the drain
+    assert _stopped(workspace) and "p1" in drains.load(workspace.root / ".orch")
+    workspace.submit("after.task.yaml", task("after", max_tokens=2))
+    refused = await wait_terminal(workspace, "after")
+    assert refused["status"] == "rejected" and refused["error"]["code"] == "POOL_UNAVAILABLE"
