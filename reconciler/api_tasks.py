@@ -155,6 +155,16 @@ async def post_task(request: web.Request) -> web.StreamResponse:
                 param="session_id",
             )
     body["correlation_id"] = api.correlation_of(request, body.get("correlation_id"))
+    labels = body.get("labels")
+    reserved = [k for k in tasks.RESERVED_LABELS if isinstance(labels, dict) and k in labels]
+    if reserved:
+        raise ApiError(
+            ErrorCode.INVALID_PARAMS,
+            f"labels.{reserved[0]}: reserved for the tasks the OpenAI-compatible routes make "
+            "(it changes how the daemon treats the task)",
+            hint=f"remove labels.{reserved[0]}, or name the label otherwise",
+            param=f"labels.{reserved[0]}",
+        )
     try:
         task = tasks.TaskFile.model_validate(body)
     except pydantic.ValidationError as exc:

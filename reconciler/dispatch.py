@@ -139,12 +139,24 @@ class Dispatcher:
                     self.queue.remove(ids.TaskId(run.task_id))
             raise
 
-    def cancel_taken(self, run: tasking.TaskRun) -> None:
+    def cancel_taken(self, run: tasking.TaskRun, *, orphaned: bool = False) -> None:
         """A task taken while a cancel request for it waits in spool/cancel/: it ends
         canceled at once, before any admission check (a full queue, or a pool gone since,
         must not turn a cancel the user asked for, or a daemon acknowledged before a
-        restart, into a rejection). The next pass consumes the request (`cancelling`)."""
-        logs.emit(log, "task.cancel", f"Cancel of task {run.task_id} requested.", **run.log_ids)
+        restart, into a rejection). The next pass consumes the request (`cancelling`).
+        `orphaned`: instead, a task of an OpenAI-compatible request the daemon before this
+        one took, whose client's connection ended with it (`taking.Taker._orphaned`)."""
+        if orphaned:
+            logs.emit(
+                log,
+                "task.orphaned",
+                f"Canceled task {run.task_id}: it answered an OpenAI-compatible request whose "
+                "connection ended with the daemon that took it, so nobody can receive it "
+                "(the client sends it again).",
+                **run.log_ids,
+            )
+        else:
+            logs.emit(log, "task.cancel", f"Cancel of task {run.task_id} requested.", **run.log_ids)
         run.cancel_requested = True
         with atomic.unit(run.task_id):
             self.books.finish(run, "canceled", finish_reason="canceled")

@@ -170,7 +170,9 @@ def plan(
     task: dict[str, Any] = {
         "task_id": task_id,
         "max_tokens": 1,  # replaced below, once the prompt's size is known
-        "labels": {"api": f"openai.{'chat.completions' if kind == 'chat' else 'completions'}"},
+        "labels": {
+            tasks.API_LABEL: f"openai.{'chat.completions' if kind == 'chat' else 'completions'}"
+        },
         "correlation_id": correlation_id,
         **_target(given, state),
         **_sampling(given),

@@ -42,6 +42,9 @@ class Taker:
     config: configuring.AppliedConfig
     clock: clocks.Clock
     wake: Callable[[], None]
+    # when this daemon began (wall clock): a task file of an OpenAI request delivered before
+    # it answered a connection that ended with the daemon before (`_orphaned`)
+    born: float = 0.0
 
     # the rest of a burst's listing, oldest first: the next passes claim from it instead of
     # listing (and stat-ing) every waiting file again for each batch
@@ -141,9 +144,21 @@ class Taker:
             if cancelling.waiting_for(self.the_spool, run.task_id, run.file_name, self.clock.now()):
                 self.dispatcher.cancel_taken(run)
                 return
+            if tasks.connection_bound(parsed.task) and self._orphaned(path):
+                self.dispatcher.cancel_taken(run, orphaned=True)
+                return
             self.dispatcher.admit(run, recovered=recovered is not None)
         except Exception as exc:  # never let one file take the daemon down
             self._failed(path, exc)
+
+    def _orphaned(self, path: Path) -> bool:
+        """Whether the task file at `path` was delivered before this daemon began: a task of
+        an OpenAI-compatible request then answered a connection of the daemon before, which
+        ended with it (after a crash as after a stop), and nobody can receive its answer."""
+        try:
+            return os.stat(path).st_mtime < self.born
+        except OSError:
+            return False
 
     def _half_written(self, path: Path) -> bool:
         """Whether a claimed file that does not parse looks like one still being written in

@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from state import atomic, desired, errors, ids, results
+from state import atomic, desired, errors, ids, results, tasks
 from state.errors import ErrorCode
 
 Eviction = Literal["expired", "turns", "budget"]
@@ -27,7 +27,7 @@ Eviction = Literal["expired", "turns", "budget"]
 # The label of a task made from an OpenAI request whose session came from the `user` field (an
 # end-user tag) rather than a session id the client chose: such a session starts over at its
 # TTL or turn limit instead of refusing (reconciler.admitting).
-FROM_LABEL, FROM_OPENAI_USER = "session_from", "openai.user"
+FROM_LABEL, FROM_OPENAI_USER = tasks.SESSION_FROM_LABEL, tasks.SESSION_FROM_USER
 
 
 class Session(BaseModel):

@@ -185,6 +185,18 @@ _CHAT_OPTIONS = ("tools", "tool_choice", "parallel_tool_calls", "response_format
 # the client gave none), so a context that fills first ends the task as finish_reason length,
 # not as a failure to fit
 UP_TO_CONTEXT = ("max_tokens", "context")
+# labels the OpenAI-compatible routes set on the tasks they make, never a client of
+# POST /v1/tasks: `api` (the task answers one HTTP connection: a daemon that restarts after
+# a crash cancels it, as its client is gone) and `session_from` (its session comes from
+# the `user` field, so it starts over instead of being refused at its limits)
+API_LABEL = "api"
+SESSION_FROM_LABEL, SESSION_FROM_USER = "session_from", "openai.user"
+RESERVED_LABELS = (API_LABEL, SESSION_FROM_LABEL)
+
+
+def connection_bound(task: TaskFile) -> bool:
+    """Whether `task` answers one HTTP connection of the OpenAI-compatible routes."""
+    return task.labels.get(API_LABEL, "").startswith("openai.")
 
 
 def default_seed(task_id: str) -> int:

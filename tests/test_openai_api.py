@@ -588,3 +588,79 @@ async def test_without_max_tokens_the_context_end_is_the_limit_not_a_failure(
     assert chat.choices[0].finish_reason == "length" and chat.choices[0].message.content
     assert (workspace.result(text.id) or {})["status"] == "succeeded"
     assert limited.choices[0].finish_reason == "length" and limited.usage.completion_tokens == 5
+
+
+async def test_openai_tasks_a_crashed_daemon_left_are_canceled_not_run_for_nobody(
+    workspace: Workspace, serve: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A daemon killed with OpenAI requests in flight leaves their task files (queued,
+    running, or still in incoming/): their clients' connections ended with it, so the next
+    daemon cancels them instead of spending the GPU on answers nobody can receive; a task of
+    POST /v1/tasks or a task file is recovered and runs as ever."""
+    from state import events, results, spool
+
+    the_spool = workspace.spool
+    bound = {"api": "openai.chat.completions"}
+    store = workspace.results
+
+    def left(task_id: str, where: Path, labels: dict[str, str], queued: bool) -> None:
+        body = {
+            "task_id": task_id,
+            "model": "m1",
+            "prompt": "hi",
+            "max_tokens": 4,
+            "labels": labels,
+        }
+        (where / f"{task_id}.task.json").write_text(json.dumps(body))
+        if queued:  # the crashed daemon had written its queued frame and result
+            events.EventLog(store.events_path(task_id)).append(
+                "queued", {}, ts="2026-01-01T00:00:00Z"
+            )
+            store.write(
+                results.Result(
+                    task_id=task_id,
+                    status="queued",
+                    source_file=f"spool/active/{task_id}.task.json",
+                )
+            )
+
+    left("chatcmpl-a", the_spool.incoming, bound, queued=False)
+    left("chatcmpl-b", the_spool.active, bound, queued=False)
+    left("chatcmpl-c", the_spool.active, bound, queued=True)
+    left("plain", the_spool.active, {"team": "x"}, queued=True)
+    await asyncio.sleep(0.1)  # delivered before the new daemon began
+    caplog.set_level("INFO", logger="llama_orch")
+    await serve()
+    for task_id in ("chatcmpl-a", "chatcmpl-b", "chatcmpl-c"):
+        ended = await wait_terminal(workspace, task_id)
+        assert ended["status"] == "canceled" and ended["tokens_out"] == 0, ended
+        assert not any(f.event == "started" for f in workspace.frames(task_id))
+    plain = await wait_terminal(workspace, "plain")
+    assert plain["status"] == "succeeded" and plain["tokens_out"] == 4
+    orphaned = [r for r in caplog.records if getattr(r, "orch_event", "") == "task.orphaned"]
+    assert len(orphaned) == 3 and "nobody can receive it" in orphaned[0].getMessage()
+    assert spool.cancel_requests(the_spool) == []
+
+
+async def test_the_labels_the_openai_routes_set_are_refused_on_post_v1_tasks(
+    workspace: Workspace, serve: Any
+) -> None:
+    """`session_from` would switch off the session limits of orch.yaml, `api` would make a
+    task one a restart cancels: a client of POST /v1/tasks may set neither."""
+    running = await serve()
+    async with aiohttp.ClientSession() as session:
+        for label in ("session_from", "api"):
+            body = {
+                "model": "m1",
+                "prompt": "hi",
+                "max_tokens": 2,
+                "labels": {label: "openai.user"},
+            }
+            async with session.post(f"{_base(running)}/v1/tasks", json=body) as response:
+                answer = await response.json()
+            assert response.status == 400 and answer["code"] == "INVALID_PARAMS", answer
+            assert answer["message"].startswith(f"labels.{label}: reserved"), answer
+            assert answer["hint"]
+        body = {"model": "m1", "prompt": "hi", "max_tokens": 2, "labels": {"team": "x"}}
+        async with session.post(f"{_base(running)}/v1/tasks", json=body) as response:
+            assert response.status == 202, await response.text()
