@@ -250,11 +250,15 @@ def session_tokens_left(d: dispatch.Dispatcher, session_id: str) -> int | None:
 
 
 def _live_turns(d: dispatch.Dispatcher, session_id: str, *, but: str | None = None) -> list[int]:
-    """The max_tokens of the session's tasks queued or running (but task `but`)."""
+    """The max_tokens of the session's tasks queued or running (but task `but`): the turns
+    of the session as it is now (a session deleted or started over meanwhile took its
+    turns with it)."""
+    session = d.sessions.get(session_id)
+    turns = set(session.turn_task_ids) if session is not None else set()
     return [
         r.task.max_tokens
         for r in d.runs.values()
-        if r.task.session_id == session_id and r.task_id != but
+        if r.task.session_id == session_id and r.task_id != but and r.task_id in turns
     ]
 
 

@@ -233,7 +233,13 @@ class Daemon:
         self._stopping_since: str | None = None  # set as the drain begins (status.json)
         self.taker = taking.Taker(
             # (less a margin: a file's time is the kernel's coarse clock, a few ms behind)
-            the_spool, store, dispatcher, config, clock, self.wake, born=time.time() - 0.05
+            the_spool,
+            store,
+            dispatcher,
+            config,
+            clock,
+            self.wake,
+            born=time.time() - 0.05,
         )
         books.write_failed = self.taker.write_failed
 

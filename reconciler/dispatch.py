@@ -395,6 +395,7 @@ class Dispatcher:
                 sessions.touch(
                     self.sessions,
                     run.task.session_id,
+                    run.task_id,
                     now=self.clock.now(),
                     replica_id=running.replica_id,
                     tokens_out=run.result.tokens_out,

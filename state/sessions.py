@@ -220,11 +220,19 @@ def count_turn(store: SessionStore, session_id: str, task_id: str, *, now: float
 
 
 def touch(
-    store: SessionStore, session_id: str, *, now: float, replica_id: str, tokens_out: int
+    store: SessionStore,
+    session_id: str,
+    task_id: str,
+    *,
+    now: float,
+    replica_id: str,
+    tokens_out: int,
 ) -> None:
-    """A turn ended on `replica_id`: the next turn prefers it (its KV cache is warm)."""
+    """Turn `task_id` ended on `replica_id`: the next turn prefers it (its KV cache is warm),
+    and its tokens count. Only for the session it was a turn of: one deleted (or started
+    over) meanwhile is gone with its turns, and a new session of its id owes them nothing."""
     session = store.get(session_id)
-    if session is None:
+    if session is None or task_id not in session.turn_task_ids:
         return
     store.put(
         session.model_copy(

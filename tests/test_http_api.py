@@ -1808,3 +1808,32 @@ async def test_hand_changes_to_a_finished_tasks_files_are_answered_as_they_are(
     from state import pending
 
     assert pending.task_id_of(workspace.spool.incoming / "weird-name.json") is None
+
+
+async def test_a_session_deleted_mid_turn_leaves_its_turn_to_itself_not_its_successor(
+    workspace: Workspace, serve: Any
+) -> None:
+    """DELETE /v1/sessions/{id} while a turn of it runs: the session is gone with its
+    turns; a new session of that id starts from nothing, is neither charged the old turn's
+    tokens when it ends nor refused for them while it runs."""
+    cfg = config(sessions={"ttl_s": 600, "max_turns": 8, "token_budget": 60})
+    cfg["pools"][0]["sim"] = {"tokens_per_s": 20, "load_s": 0.0}
+    workspace.write_config(cfg)
+    base = _url(await serve())
+    async with aiohttp.ClientSession() as session:
+        old = task("old-turn", session_id="agent", max_tokens=40)
+        async with session.post(f"{base}/v1/tasks", json=old) as r:
+            assert r.status == 202, await r.text()
+        await wait_for(lambda: (workspace.result("old-turn") or {}).get("status") == "running")
+        async with session.delete(f"{base}/v1/sessions/agent") as response:
+            assert response.status == 204
+        new = task("new-turn", session_id="agent", max_tokens=50)  # 40 + 50 > 60 if charged
+        async with session.post(f"{base}/v1/tasks", json=new) as r:
+            answer = await r.json()
+            assert r.status == 202, answer
+        assert answer["budgets"]["tokens_budget_remaining"] == 60, answer
+        await wait_terminal(workspace, "old-turn", timeout=15)
+        await wait_terminal(workspace, "new-turn", timeout=15)
+        async with session.get(f"{base}/v1/sessions/agent") as response:
+            info = await response.json()
+    assert info["turns"] == 1 and info["tokens_out"] == 50, info
