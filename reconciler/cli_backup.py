@@ -101,9 +101,24 @@ def _refuse_inside(dest: Path, folder: cli_common.Folder) -> None:
             raise Refused(
                 EXIT_USAGE,
                 f"{dest} is inside {root}, which the backup copies (it would copy itself)",
-                hint="back up into a folder outside the spool, results, artifacts and catalog "
-                "folders, e.g. ../backups/$(date +%F)",
+                hint=_OUTSIDE,
             )
+    spool_root = folder.spool.root.resolve()
+    if where == spool_root or spool_root in where.parents:
+        # the daemon reads its spool folders name by name: a backup written there would
+        # be taken (and refused) as task files while it is being written
+        raise Refused(
+            EXIT_USAGE,
+            f"{dest} is inside the spool {folder.spool.root}, whose folders the daemon takes "
+            "files from as they appear",
+            hint=_OUTSIDE,
+        )
+
+
+_OUTSIDE = (
+    "back up into a folder outside the spool, results, artifacts and catalog folders, "
+    "e.g. ../backups/$(date +%F)"
+)
 
 
 def _plan(folder: cli_common.Folder) -> Iterator[tuple[str, Path]]:

@@ -182,3 +182,18 @@ def test_a_backup_into_a_folder_it_copies_is_refused_before_anything_is_written(
     assert ran.code == 2, ran.err
     assert "which the backup copies (it would copy itself)" in ran.err
     assert sorted(p.relative_to(workspace.root) for p in workspace.root.rglob("*")) == before
+
+
+@pytest.mark.parametrize("inside", ["spool/incoming/bk", "spool/tmp", "spool/done/x"])
+def test_a_backup_into_the_spool_is_refused_before_anything_is_written(
+    workspace: Workspace, inside: str
+) -> None:
+    """The daemon takes what appears in spool/incoming/ as task files: a backup written
+    there was taken, refused and moved to spool/failed/ while it was being written."""
+    for folder in ("spool/incoming", "spool/tmp", "results"):
+        (workspace.root / folder).mkdir(parents=True, exist_ok=True)
+    before = sorted(p.relative_to(workspace.root) for p in workspace.root.rglob("*"))
+    ran = orchctl("backup", workspace.root / inside, "--config", workspace.config_path)
+    assert ran.code == 2, ran.err
+    assert "is inside the spool" in ran.err and "hint: back up into a folder outside" in ran.err
+    assert sorted(p.relative_to(workspace.root) for p in workspace.root.rglob("*")) == before
