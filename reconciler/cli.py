@@ -388,6 +388,7 @@ def _parser() -> argparse.ArgumentParser:
 def _api(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--url",
+        type=cli_common.http_url,
         help="the daemon's HTTP API to read events from "
         "(default: the address in .orch/status.json; the files when it cannot be reached)",
     )

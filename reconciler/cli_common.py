@@ -15,6 +15,7 @@ import os
 import re
 import stat
 import sys
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,6 +226,20 @@ def path_arg(text: str) -> Path:
     if not text:
         raise argparse.ArgumentTypeError("an empty path names no file or folder")
     return Path(text)
+
+
+def http_url(text: str) -> str:
+    """The daemon's address given with --url (argparse's `type`): refused as a usage error
+    before the verb does anything (a submit that delivered the task first, then refused
+    the URL, told the user nothing was sent)."""
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an http:// URL: give the daemon's address, e.g. "
+            "--url http://127.0.0.1:8080, or leave --url out to use the one in "
+            ".orch/status.json"
+        )
+    return text
 
 
 def require_safe_id(task_id: str) -> None:

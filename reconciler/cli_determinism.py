@@ -54,6 +54,7 @@ def add_verb(verb: Any, config: Any) -> None:
 def add_connection(parser: argparse.ArgumentParser, config: Any) -> None:
     parser.add_argument(
         "--url",
+        type=cli_common.http_url,
         help="the daemon's HTTP API (default: the address in .orch/status.json of --config)",
     )
     config(parser)

@@ -51,7 +51,7 @@ async def test_watch_streams_over_the_api_and_falls_back_to_the_files(
     code, out = await asyncio.to_thread(
         _orchctl, "watch", "w2", "--config", config, "--url", "notaurl"
     )
-    assert code == 2 and "--url 'notaurl' is not an http:// URL" in out, out
+    assert code == 2 and "argument --url: 'notaurl' is not an http:// URL" in out, out
     dead = "http://127.0.0.1:9"  # nothing listens: the files are read instead
     code, out = await asyncio.to_thread(_orchctl, "watch", "w2", "--config", config, "--url", dead)
     assert code == 0 and result["text"] in out and out.count("[end: length") == 1

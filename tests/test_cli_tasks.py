@@ -650,3 +650,16 @@ def test_submit_wait_reports_its_own_files_refusal_not_another_files_task_of_its
     assert ran.err_lines[0].startswith("orchctl: spool/failed/dup.task.yaml was refused")
     assert "DUPLICATE_TASK_ID: task id 'dup' is already used" in ran.err_lines[0]
     assert ran.err_lines[1] == "hint: give the task a new task_id"
+
+
+def test_a_bad_url_is_refused_before_submit_delivers_anything(workspace: Workspace) -> None:
+    """Refused after the delivery, exit 2 told the user nothing was sent while the task ran
+    (and the same file sent again was a duplicate)."""
+    serving(workspace)
+    path = write_task(workspace, "u1.task.yaml")
+    for url in ("ftp://x", "notaurl", ""):
+        ran = orchctl("submit", path, "--wait", "--url", url, "--config", cfg(workspace))
+        assert ran.code == 2 and "argument --url:" in ran.err, ran
+        assert incoming(workspace) == []
+    ran = orchctl("cancel", "u1", "--url", "notaurl", "--config", cfg(workspace))
+    assert ran.code == 2 and "argument --url:" in ran.err
