@@ -22,7 +22,7 @@ import pydantic
 
 from reconciler import cli_common, cli_sse, probing
 from reconciler.cli_common import EXIT_ENV, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, Refused
-from state import events, results
+from state import events, pending, results
 
 POLL_S = 0.05
 PROBE_EVERY_S = 2.0
@@ -337,11 +337,27 @@ def _error_line(status: str, code: object, message: object, hint: object) -> str
 def cmd_watch(args: argparse.Namespace) -> int:
     folder = cli_common.open_folder(args.config)
     cli_common.require_safe_id(args.task_id)
-    if cli_common.lookup(folder, args.task_id) is None:
+    known = cli_common.lookup(folder, args.task_id)
+    if known is None:
         raise Refused(
             EXIT_FAILED,
             f"no task {cli_common.printable(args.task_id)} in this folder",
             hint="`orchctl tasks` lists them",
+        )
+    if (
+        known.problem is not None
+        and pending.find(folder.spool, args.task_id) is None
+        and not folder.results.events_path(args.task_id).exists()
+    ):
+        # a result file that is no result, no task file of the id in the spool (the daemon
+        # holds none: a live task's file is in active/) and no event log: nothing will ever
+        # change it, so waiting for it would only wait out --timeout
+        raise Refused(
+            EXIT_FAILED,
+            f"task {args.task_id} is {_where(folder, args.task_id, None)}, and nothing will "
+            "change it: no file of it waits in the spool and it has no event log",
+            hint=f"put the right {args.task_id}.json back, or remove it and "
+            f"{args.task_id}.events.jsonl to free the id",
         )
     printer = Printer(as_json=args.json)
     ended = follow(

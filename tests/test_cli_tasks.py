@@ -663,3 +663,22 @@ def test_a_bad_url_is_refused_before_submit_delivers_anything(workspace: Workspa
         assert incoming(workspace) == []
     ran = orchctl("cancel", "u1", "--url", "notaurl", "--config", cfg(workspace))
     assert ran.code == 2 and "argument --url:" in ran.err
+
+
+@pytest.mark.parametrize("damage", [b'{"task_id": "fake", "status": ', b"\xff\xfe", b"[1, 2]"])
+def test_watch_of_a_damaged_result_nothing_will_change_ends_at_once(
+    workspace: Workspace, damage: bytes
+) -> None:
+    """A result file that is no result, no event log, and no file of the task in the spool:
+    nothing will ever change it, so watch says so at once instead of waiting out
+    --timeout (600 s by default) with the hint to wait again."""
+    serving(workspace)
+    (workspace.root / "results").mkdir(exist_ok=True)
+    (workspace.root / "results" / "fake.json").write_bytes(damage)
+    began = time.monotonic()
+    ran = orchctl("watch", "fake", "--timeout", "30", "--config", cfg(workspace))
+    assert time.monotonic() - began < 5
+    assert ran.code == 1, ran
+    assert ran.err_lines[0].startswith("orchctl: task fake is of unknown state (results/fake.json")
+    assert "nothing will change it" in ran.err_lines[0]
+    assert ran.err_lines[1].startswith("hint: put the right fake.json back")
