@@ -357,7 +357,10 @@ def _parser() -> argparse.ArgumentParser:
         "(default: engines.llamacpp.provision.ref, else the pinned PyPI release)",
     )
     u.add_argument(
-        "--bind", default=cli_init.DEFAULT_BIND, help="server.bind of the starter orch.yaml"
+        "--bind",
+        type=cli_common.bind_arg,
+        default=cli_init.DEFAULT_BIND,
+        help="server.bind of the starter orch.yaml",
     )
     u.add_argument(
         "--smoke-s",

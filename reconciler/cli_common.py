@@ -242,6 +242,16 @@ def http_url(text: str) -> str:
     return text
 
 
+def bind_arg(text: str) -> str:
+    """A server.bind given on the command line (argparse's `type`): checked before a verb
+    writes it into a starter orch.yaml (a bad one was written, then refused, and kept
+    being served as written)."""
+    problem = desired.bind_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
 def require_safe_id(task_id: str) -> None:
     if not ids.is_safe_id(task_id):
         raise Refused(

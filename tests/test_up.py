@@ -221,3 +221,12 @@ def _alive(pid: int) -> bool:
         return False
     stat = Path(f"/proc/{pid}/stat")
     return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.parametrize("bind", ["garbage", "127.0.0.1:99999", ":80", ""])
+def test_a_bad_bind_is_refused_before_up_writes_anything(tmp_path: Path, bind: str) -> None:
+    """Written into the starter orch.yaml first, a bad --bind was then refused, and every
+    later `up` served the file as written, a good --bind or not."""
+    ran = orchctl("up", "--simulate", "--bind", bind, "--stop-after-smoke", cwd=tmp_path)
+    assert ran.code == 2 and "argument --bind:" in ran.err, ran
+    assert list(tmp_path.iterdir()) == []
