@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO, cast
 
 from plugins import registry
 from reconciler import (
@@ -82,8 +83,12 @@ def run(args: argparse.Namespace) -> int:
             # only a daemon stops cleanly on a signal that came this early; any other verb
             # gets it now (Ctrl-C: KeyboardInterrupt, below: exit 130, no traceback)
             early_signals.release()
-        code: int = args.func(args)
-        sys.stdout.flush()
+        saved, sys.stdout = sys.stdout, cast(TextIO, _GuardedOutput(sys.stdout))
+        try:
+            code: int = args.func(args)
+            sys.stdout.flush()
+        finally:
+            sys.stdout = saved
         return code
     except Refused as exc:
         for line in exc.lines():
@@ -98,10 +103,16 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # `orchctl tasks | head`: the reader left; so do we, quietly
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        _drop_output()
         return EXIT_FAILED
     except OSError as exc:
+        if isinstance(exc, _OutputFailed):  # `> /dev/full`, a disk gone: no bug
+            _drop_output()
+            print(
+                f"orchctl: {args.command}: cannot write to standard output: {exc.strerror or exc}",
+                file=sys.stderr,
+            )
+            return EXIT_FAILED
         if exc.filename is None or os.environ.get("ORCHCTL_DEBUG") == "1":
             return _bug(args, exc)
         # a path this run was given or needs, refused by the system: the user's to fix
@@ -114,6 +125,46 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     except Exception as exc:
         return _bug(args, exc)
+
+
+def _drop_output() -> None:
+    """Send what is left of standard output nowhere (its reader left, or it cannot be
+    written), so the interpreter's last flush at exit does not fail again."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
+class _OutputFailed(OSError):
+    """Standard output could not be written (not a path of the user's, not a bug)."""
+
+
+class _GuardedOutput:
+    """Standard output for the verb's run: a failed write (a full disk, `> /dev/full`)
+    raises `_OutputFailed`, told apart from any other OSError; a reader that left still
+    raises BrokenPipeError."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def write(self, text: str) -> int:
+        try:
+            return int(self._inner.write(text))
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise _OutputFailed(exc.errno, exc.strerror) from None
+
+    def flush(self) -> None:
+        try:
+            self._inner.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise _OutputFailed(exc.errno, exc.strerror) from None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
 
 
 _PATH_HINT = "check the path: that it exists where a file or folder is read, and may be written"
@@ -241,7 +292,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     v.add_argument(
         "--config",
-        type=cli_common.path_arg,
+        type=cli_common.config_arg,
         help="check task files against this orch.yaml (default: the one orch.yaml among FILE)",
     )
 
@@ -299,7 +350,7 @@ def _parser() -> argparse.ArgumentParser:
     i = verb("init", cli_init.cmd_init, "write a commented starter orch.yaml")
     i.add_argument(
         "--config",
-        type=cli_common.path_arg,
+        type=cli_common.config_arg,
         default=Path("orch.yaml"),
         help="where to write it (inventory.yaml, models/ and hello.task.yaml go beside it)",
     )
@@ -315,7 +366,7 @@ def _parser() -> argparse.ArgumentParser:
     dr = verb("doctor", cli_doctor.cmd_doctor, "check that this machine can serve (exit 3: not)")
     dr.add_argument(
         "--config",
-        type=cli_common.path_arg,
+        type=cli_common.config_arg,
         default=Path("orch.yaml"),
         help="orch.yaml whose server.bind is checked (the default address when absent)",
     )
@@ -337,7 +388,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     u.add_argument(
         "--config",
-        type=cli_common.path_arg,
+        type=cli_common.config_arg,
         default=Path("orch.yaml"),
         help="the orch.yaml to serve; a commented starter is written there when absent",
     )
@@ -405,7 +456,7 @@ def _api(parser: argparse.ArgumentParser) -> None:
 def _config(p: argparse.ArgumentParser, help_text: str | None = None) -> None:
     p.add_argument(
         "--config",
-        type=cli_common.path_arg,
+        type=cli_common.config_arg,
         default=Path("orch.yaml"),
         help=help_text or "orch.yaml, which names the spool, results and state folders",
     )

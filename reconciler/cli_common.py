@@ -242,6 +242,24 @@ def http_url(text: str) -> str:
     return text
 
 
+def config_arg(text: str) -> Path:
+    """An orch.yaml path given with --config (argparse's `type`): a file, so a name that
+    ends in '/' (a folder) is refused, as is one that is not UTF-8 (its name is written
+    into the files the daemon and `init` make)."""
+    path = path_arg(text)
+    if text.endswith("/"):
+        raise argparse.ArgumentTypeError(
+            f"{printable(text)} names a folder; give the file, e.g. {text}orch.yaml"
+        )
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(
+            f"{printable(text)} is not valid UTF-8; rename it, e.g. orch.yaml"
+        ) from None
+    return path
+
+
 def bind_arg(text: str) -> str:
     """A server.bind given on the command line (argparse's `type`): checked before a verb
     writes it into a starter orch.yaml (a bad one was written, then refused, and kept

@@ -36,8 +36,15 @@ def quoted(value: str) -> str:
     that does not print (a control character, a byte of a name that is not UTF-8) escaped;
     letters of any script are shown as they are."""
     shown = value if len(value) <= 80 else value[:77] + "..."
-    escaped = "".join(
-        c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
-        for c in shown
-    )
+    escaped = "".join(_shown(c) for c in shown)
     return "'" + escaped.replace("'", "\\'") + "'"
+
+
+def _shown(c: str) -> str:
+    """One character of a message: as it is when it prints; a byte of a name that is not
+    UTF-8 (which arrives as a lone surrogate) as that byte, \\xff; any other as its escape."""
+    if c.isprintable():
+        return c
+    if 0xDC80 <= ord(c) <= 0xDCFF:
+        return f"\\x{ord(c) - 0xDC00:02x}"
+    return c.encode("unicode_escape", "backslashreplace").decode("ascii")

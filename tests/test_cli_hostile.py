@@ -8,13 +8,14 @@ import io
 import json
 import logging
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from reconciler import cli, cli_tasks, logs
 from tests.conftest import Workspace, task
-from tests.orchctl_support import orchctl, orchctl_process
+from tests.orchctl_support import ORCHCTL, orchctl, orchctl_process
 
 GARBAGE = b"\x00\xff\xfe{[: \x85 task_id: *x\n\t- - ]"
 
@@ -273,3 +274,46 @@ def test_an_empty_path_argument_is_refused_not_taken_for_the_current_folder(
     ran = orchctl(*args, cwd=tmp_path)
     assert ran.code == 2
     assert "an empty path names no file or folder" in ran.err, ran.err
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full on this system")
+@pytest.mark.parametrize("argv", [["tasks"], ["validate", "orch.yaml"], ["plugins"]])
+def test_output_that_cannot_be_written_is_said_plainly_not_as_a_bug(
+    workspace: Workspace, argv: list[str]
+) -> None:
+    """`orchctl tasks > /dev/full`: the output cannot be written (a full disk); that is said
+    as it is, exit 1, never reported as a bug of orchctl."""
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [
+                str(ORCHCTL),
+                *argv,
+                *(["--config", str(workspace.config_path)] if argv[0] == "tasks" else []),
+            ],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            cwd=workspace.root,
+            timeout=60,
+            check=False,
+        )
+    err = done.stderr.decode()
+    assert done.returncode == 1, err
+    assert f"orchctl: {argv[0]}: cannot write to standard output: No space left on device" in err
+    assert "bug" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("given", "said"),
+    [
+        ("sub/", "names a folder; give the file, e.g. sub/orch.yaml"),
+        ("o\udcff.yaml", "'o\\xff.yaml' is not valid UTF-8"),
+    ],
+)
+def test_a_config_path_that_names_a_folder_or_is_not_utf8_is_refused_before_init_writes(
+    tmp_path: Path, given: str, said: str
+) -> None:
+    """`init --config DIR/` wrote a file named DIR and put the starter's other files beside
+    it, in the parent folder; a name that is not UTF-8 stopped init as a bug."""
+    ran = orchctl("init", "--simulate", "--config", given, cwd=tmp_path)
+    assert ran.code == 2 and "argument --config:" in ran.err and said in ran.err, ran
+    assert list(tmp_path.iterdir()) == []
