@@ -53,7 +53,8 @@ def correlation_of(request: web.Request, given: Any) -> str:
             param="correlation_id",
         )
     header = request.headers.get("X-Correlation-Id")
-    if header is not None and header != given:
+    # an invalid header was not taken (the request got an id of its own): the body's wins
+    if header is not None and _CORRELATION.match(header) and header != given:
         raise ApiError(
             ErrorCode.INVALID_PARAMS,
             "correlation_id: the body says one id and X-Correlation-Id another",
@@ -527,7 +528,7 @@ async def read_json(request: web.Request) -> Any:
         given = request.headers.get("Content-Type", "").strip()
         raise ApiError(
             ErrorCode.UNSUPPORTED_MEDIA_TYPE,
-            f"the body must be application/json, not {request.content_type}"
+            f"the body must be application/json, not {ids.quoted(given)}"
             if given
             else "the request has no Content-Type: send the body as application/json",
             hint="add the header `Content-Type: application/json`",

@@ -208,9 +208,9 @@ def progress(events_path: Path) -> dict[str, Any]:
 def recent_tasks(store: results.ResultStore, limit: int = RECENT_TASKS) -> list[dict[str, Any]]:
     """The `limit` most recently written results, newest accepted first."""
     stamped: list[tuple[int, str]] = []
+    # every *.json here is a result (error records are in spool/failed/): an id may end in
+    # .error, and its task is listed like any other
     for path in store.root.glob("*.json"):
-        if path.name.endswith(".error.json"):
-            continue
         try:
             stamped.append((path.stat().st_mtime_ns, path.name[: -len(".json")]))
         except OSError:

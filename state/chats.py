@@ -159,7 +159,15 @@ class ResponseFormat(BaseModel):
     def _schema_given(self) -> ResponseFormat:
         if self.type == "json_schema":
             given = self.json_schema or {}
-            if not isinstance(given.get("schema", {}), dict) or not given.get("name"):
+            schema = given.get("schema", {})
+            if not isinstance(schema, dict):
+                kind = "a boolean" if isinstance(schema, bool) else type(schema).__name__
+                raise Hinted(
+                    f"response_format.json_schema.schema: must be a JSON object, not {kind} "
+                    "(a schema of true or false constrains nothing a grammar can make)",
+                    'give the schema as an object, e.g. {"type": "object"}',
+                )
+            if not given.get("name"):
                 raise Hinted(
                     "response_format type 'json_schema' needs json_schema: {name, schema}",
                     "add json_schema: {name: <a name>, schema: {...}}",

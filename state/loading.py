@@ -119,7 +119,7 @@ def _read_up_to(fd: int, limit: int, size_hint: int) -> bytes:
 
 _OVER = "over the limit of "
 _PLAIN = "give a regular file here, not a folder, link, FIFO or device"
-_BIG = "keep task files small; put large inputs in a file the prompt names"
+_BIG = "make the file smaller than the limit (a task's large inputs go in a file its prompt names)"
 
 
 def _refused(shown: str, message: str, hint: str) -> tuple[None, list[LoadError], None]:

@@ -183,11 +183,8 @@ class ResultStore:
         return True
 
     def task_ids(self) -> list[str]:
-        return sorted(
-            p.name[: -len(".json")]
-            for p in self.root.glob("*.json")
-            if not p.name.endswith(".error.json")
-        )
+        # no error records here (they are in spool/failed/): an id may end in .error
+        return sorted(p.name[: -len(".json")] for p in self.root.glob("*.json"))
 
 
 def id_reusable(result: Result) -> bool:

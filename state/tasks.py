@@ -29,7 +29,7 @@ class Sampling(BaseModel):
 
     temperature: float = Field(0.0, ge=0, le=5)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=0, le=2**31 - 1)  # the engine reads a 32-bit int
 
 
 class Placement(BaseModel):

@@ -180,3 +180,44 @@ async def test_too_many_headers_is_431_in_the_envelope(
     assert "too many header lines" in body["message"] and "128" in body["hint"]
     status, _ = await _raw(base, _get("/v1/capabilities"))
     assert status == 200
+
+
+async def test_probe_findings_on_bodies_and_headers_are_answered_as_users_expect(
+    workspace: Workspace, serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Content-Type that cannot be parsed is named as sent (not as aiohttp's fallback); an
+    invalid X-Correlation-Id, which is not taken, leaves a valid body correlation_id alone;
+    a top_k past the engine's 32-bit int and a boolean json_schema are refused naming the
+    field."""
+    base = await _daemon(workspace, serve, monkeypatch)
+    body = json.dumps(task("ct1")).encode()
+    head = (
+        b"POST /v1/tasks HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json, text/plain"
+    )
+    status, answer = await _raw(base, head, body)
+    assert (status, answer["code"]) == (415, "UNSUPPORTED_MEDIA_TYPE"), answer
+    assert "not 'application/json, text/plain'" in answer["message"], answer
+    head = (
+        b"POST /v1/tasks HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"X-Correlation-Id: a b"
+    )
+    status, answer = await _raw(base, head, json.dumps(task("cor1", correlation_id="abc")).encode())
+    assert status == 202, answer
+    assert (await wait_terminal(workspace, "cor1"))["status"] == "succeeded"
+    big = task("k1", sampling={"top_k": 2**31})
+    head = b"POST /v1/tasks HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
+    status, answer = await _raw(base, head, json.dumps(big).encode())
+    assert (status, answer["code"]) == (400, "INVALID_PARAMS") and "top_k" in answer["message"]
+    chat = {
+        "model": "m1",
+        "messages": [{"role": "user", "content": "x"}],
+        "max_tokens": 3,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": False}},
+    }
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
+    )
+    status, answer = await _raw(base, head, json.dumps(chat).encode())
+    assert status == 400, answer
+    message = answer["error"]["message"] if "error" in answer else answer["message"]
+    assert "json_schema.schema: must be a JSON object, not a boolean" in message, answer

@@ -184,3 +184,13 @@ async def test_open_pages_share_one_poll_of_the_status(workspace: Workspace, ser
         for page in pages:
             page.close()
     assert polls <= 2.0 / api_page.POLL_S + 2, polls  # one poll per POLL_S, not thirty
+
+
+def test_a_task_whose_id_ends_in_error_is_listed_like_any_other(tmp_path: Path) -> None:
+    """results/ holds no error records (those are in spool/failed/): a result named
+    z.error.json is task z.error's, shown on the page and by `orchctl tasks`."""
+    store = results.ResultStore(tmp_path)
+    store.write(results.Result(task_id="z.error", status="succeeded", tokens_out=2))
+    store.write(results.Result(task_id="plain", status="queued"))
+    assert sorted(row["task_id"] for row in api_page.recent_tasks(store)) == ["plain", "z.error"]
+    assert store.task_ids() == ["plain", "z.error"]
