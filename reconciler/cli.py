@@ -297,7 +297,9 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     sm = verb("submit", cli_tasks.cmd_submit, "deliver a task file into the spool (atomically)")
-    sm.add_argument("file", help="task file, or - for standard input")
+    sm.add_argument(
+        "file", type=cli_common.file_or_stdin, help="task file, or - for standard input"
+    )
     _config(sm)
     sm.add_argument(
         "--wait", action="store_true", help="stream the text, then print a summary of the result"
@@ -552,7 +554,11 @@ def cmd_schemas(args: argparse.Namespace) -> int:
         if (out / openapi.NAME).read_text(encoding="utf-8") != openapi.render():
             drift.append(openapi.NAME)
         for name in drift:
-            print(f"{out / name} differs from the models; run `make schemas`", file=sys.stderr)
+            print(
+                f"{out / name} differs from the models; write them anew with: "
+                f"orchctl schemas{' --out ' + str(args.out) if args.out else ''}",
+                file=sys.stderr,
+            )
         return EXIT_FAILED if drift else EXIT_OK
     for name in contracts.write(out, engines=sorted(registry.load().engines)):
         print(f"wrote {out / name}")

@@ -242,6 +242,13 @@ def http_url(text: str) -> str:
     return text
 
 
+def file_or_stdin(text: str) -> str:
+    """A file argument that may be "-" for standard input (argparse's `type`): an empty one
+    names nothing, as for `path_arg`."""
+    path_arg(text)
+    return text
+
+
 def config_arg(text: str) -> Path:
     """An orch.yaml path given with --config (argparse's `type`): a file, so a name that
     ends in '/' (a folder) is refused, as is one that is not UTF-8 (its name is written
@@ -371,6 +378,10 @@ N = TypeVar("N", int, float)
 
 
 def _number(text: str, kind: type[N], what: str, ok: Callable[[N], bool]) -> N:
+    if len(text) > 20 and text.strip().lstrip("+-").isdigit():  # a number, just too long
+        raise argparse.ArgumentTypeError(
+            f"{text[:40]!r} is too large (over 20 digits): give {what}"
+        )
     try:
         value = kind(text) if len(text) <= 20 else None
     except ValueError:

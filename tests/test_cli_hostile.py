@@ -236,7 +236,8 @@ def test_a_number_an_option_cannot_mean_is_a_usage_error_naming_it(
     ran = orchctl(*argv, cwd=tmp_path)
     assert ran.code == 2, ran
     option = next(a for a in argv if a.startswith("--") and a not in ("--wait", "--simulate"))
-    assert f"argument {option}" in ran.err and "is not" in ran.err, ran.err
+    assert f"argument {option}" in ran.err, ran.err
+    assert "is not" in ran.err or "is too large" in ran.err, ran.err
 
 
 def test_a_misspelt_failpoint_variable_is_one_line_and_exit_2_not_a_traceback(
@@ -317,3 +318,12 @@ def test_a_config_path_that_names_a_folder_or_is_not_utf8_is_refused_before_init
     ran = orchctl("init", "--simulate", "--config", given, cwd=tmp_path)
     assert ran.code == 2 and "argument --config:" in ran.err and said in ran.err, ran
     assert list(tmp_path.iterdir()) == []
+
+
+def test_small_cli_messages_say_what_is_wrong(workspace: Workspace) -> None:
+    """An empty file argument names nothing (not the current folder); a number too long is
+    too large (it is a whole number)."""
+    ran = orchctl("submit", "", "--config", workspace.config_path)
+    assert ran.code == 2 and "argument file: an empty path names no file or folder" in ran.err
+    ran = orchctl("tasks", "--limit", "9" * 25, "--config", workspace.config_path)
+    assert ran.code == 2 and "is too large (over 20 digits): give a whole number" in ran.err
