@@ -165,10 +165,13 @@ def _listing(folder: Path, *, hidden_before: float | None = None) -> list[str]:
                 if hidden and hidden_before is None:
                     continue
                 try:
-                    mtime = entry.stat(follow_symlinks=False).st_mtime_ns
+                    st = entry.stat(follow_symlinks=False)
                 except FileNotFoundError:
                     continue
-                if hidden and hidden_before is not None and mtime / 1e9 >= hidden_before:
+                mtime = st.st_mtime_ns
+                # its last change by the inode's ctime, which no writer can set (a copy with
+                # `cp -p` can give a file an mtime far in the future, and it would never age)
+                if hidden and hidden_before is not None and st.st_ctime >= hidden_before:
                     continue
                 entries.append((mtime, entry.name))
     except FileNotFoundError:
@@ -391,7 +394,9 @@ def cancel_requests(
     (and listed in `dropped`, for the caller to say so); folders, links and the like are
     left (listed in `ignored`)."""
     out = []
-    for name in _listing(spool.cancel):
+    # hidden names too, once a writer's temporary file would have been renamed: a request
+    # named after an id that starts with '.', or no request, which is removed and said
+    for name in _listing(spool.cancel, hidden_before=time.time() - HIDDEN_GRACE_S):
         path = spool.cancel / name
         if not path.is_file() or path.is_symlink():
             if ignored is not None:

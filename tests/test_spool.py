@@ -165,3 +165,27 @@ def test_sweep_removes_only_tmp_files_older_than_the_limit(the_spool: spool.Spoo
     os.utime(young, (now - 60, now - 60))
     assert spool.sweep_tmp(the_spool, now=now) == ["old.part"]
     assert young.exists() and not old.exists()
+
+
+def test_hidden_entries_age_by_their_change_and_hidden_cancel_names_are_looked_at(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hidden file copied into incoming/ with a time far in the future (`cp -p` from a
+    machine with a wrong clock) still ages, by its inode's change time, and gets its
+    outcome; a hidden name in cancel/ is looked at too (removed and said when it is no
+    task id) instead of lying there for ever."""
+    import os
+    import time
+
+    monkeypatch.setattr(spool, "HIDDEN_GRACE_S", 0.0)
+    the_spool = spool.Spool(tmp_path / "spool").ensure()
+    hidden = the_spool.incoming / ".hid.task.yaml"
+    hidden.write_text("model: m1\n")
+    future = 4102444800  # 2100-01-01
+    os.utime(hidden, (future, future))
+    (the_spool.cancel / "..x").write_text("")
+    time.sleep(0.05)
+    assert ".hid.task.yaml" in spool.incoming_names(the_spool, now=time.time())
+    dropped: list[str] = []
+    assert spool.cancel_requests(the_spool, dropped) == []
+    assert dropped == ["..x"] and not (the_spool.cancel / "..x").exists()
