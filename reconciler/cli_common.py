@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import os
 import re
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from reconciler import probing
 from reconciler.configuring import LAST_GOOD
 from state import desired, ids, loading, pending, results, spool
 
@@ -176,13 +178,38 @@ def open_folder(config_path: Path) -> Folder:
             f"the results folder {results_dir} cannot be used: {exc.strerror or exc}",
             hint="fix paths.results in orch.yaml",
         ) from exc
-    return Folder(
-        config_path=config_path,
-        base=base,
-        spool=spool.Spool(desired.resolve(base, paths.spool)),
-        results=store,
-        state_dir=desired.resolve(base, paths.state),
-        paths=paths,
+    return _as_served(
+        Folder(
+            config_path=config_path,
+            base=base,
+            spool=spool.Spool(desired.resolve(base, paths.spool)),
+            results=store,
+            state_dir=desired.resolve(base, paths.state),
+            paths=paths,
+        )
+    )
+
+
+def _as_served(folder: Folder) -> Folder:
+    """The folders the daemon serving here uses, where an edit of orch.yaml's `paths:` has
+    not reached it yet (it takes them at its start): its tasks are there, not in the
+    folders the edit names, until it restarts."""
+    seen = probing.probe(folder.state_dir)
+    served = seen.status.daemon.paths if seen.serving and seen.status is not None else None
+    if not served:
+        return folder
+    spool_root, results_root = Path(served.get("spool", "")), Path(served.get("results", ""))
+    if not spool_root.is_absolute() or not results_root.is_absolute():
+        return folder
+    if (spool_root, results_root) == (folder.spool.root.resolve(), folder.results.root.resolve()):
+        return folder
+    warn(
+        f"warning: the daemon serving here (pid {seen.pid}) uses the folders it started with "
+        f"(spool {spool_root}, results {results_root}) until it restarts; {folder.config_path}"
+        " names others, so those it uses are read here"
+    )
+    return dataclasses.replace(
+        folder, spool=spool.Spool(spool_root), results=results.ResultStore(results_root)
     )
 
 

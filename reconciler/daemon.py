@@ -519,6 +519,11 @@ class Daemon:
                 simulated=self.pools.observer.simulated,
                 state="stopped" if stopping else "running",
                 url=self.server.url if self.server is not None and not stopping else None,
+                paths={
+                    "spool": str(self.spool.root.resolve()),
+                    "results": str(self.results.root.resolve()),
+                    "state": str(self.state_dir.resolve()),
+                },
                 stopped_at=clocks.rfc3339(self.clock.now()) if stopping else None,
                 stopping_since=self._stopping_since if not stopping else None,
             ),

@@ -37,6 +37,11 @@ class DaemonRow(_Row):
         "starts: a task delivered now runs at its next start)",
     )
     url: str | None = Field(None, description="the HTTP API's address while it serves")
+    paths: dict[str, str] | None = Field(
+        None,
+        description="the folders it serves, absolute: spool, results, state (taken at its "
+        "start: an edit of orch.yaml's paths waits for a restart)",
+    )
 
 
 class ConfigErrorRow(_Row):

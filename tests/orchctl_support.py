@@ -91,6 +91,7 @@ def fake_daemon_status(
     stopped_at: float | None = None,
     written_at: float | None = None,
     simulated: bool = True,
+    paths: dict[str, str] | None = None,
 ) -> Path:
     """The status.json a daemon with `pid` (default: this process) would have written."""
     now = time.time()
@@ -102,6 +103,7 @@ def fake_daemon_status(
             simulated=simulated,
             state=state,
             stopped_at=clocks.rfc3339(stopped_at) if stopped_at is not None else None,
+            paths=paths,
         ),
         config=statusfile.ConfigRow(
             path="orch.yaml", revision="sha256:0123456789ab", applied_at=clocks.rfc3339(now)

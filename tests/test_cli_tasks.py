@@ -682,3 +682,32 @@ def test_watch_of_a_damaged_result_nothing_will_change_ends_at_once(
     assert ran.err_lines[0].startswith("orchctl: task fake is of unknown state (results/fake.json")
     assert "nothing will change it" in ran.err_lines[0]
     assert ran.err_lines[1].startswith("hint: put the right fake.json back")
+
+
+def test_the_cli_reads_the_folders_the_daemon_serves_until_it_applies_a_paths_edit(
+    workspace: Workspace,
+) -> None:
+    """orch.yaml's paths: changed while a daemon serves: it keeps the folders it started
+    with until it restarts, and so do tasks, watch and cancel (they found no task where the
+    edit pointed, while the daemon ran them in the old folders)."""
+    from tests.orchctl_support import fake_daemon_status
+
+    old_results = workspace.root / "results"
+    fake_daemon_status(
+        workspace.root / ".orch",
+        paths={
+            "spool": str((workspace.root / "spool").resolve()),
+            "results": str(old_results.resolve()),
+            "state": str((workspace.root / ".orch").resolve()),
+        },
+    )
+    finished(workspace, "kept")
+    text = workspace.config_path.read_text()
+    workspace.config_path.write_text(
+        text.replace("version: 1", "version: 1\npaths: {results: moved}", 1)
+    )
+    ran = orchctl("tasks", "--config", cfg(workspace))
+    assert ran.code == 0 and "kept" in ran.out, ran
+    assert "uses the folders it started with" in ran.err and "until it restarts" in ran.err
+    ran = orchctl("watch", "kept", "--config", cfg(workspace))
+    assert ran.code == 0, ran
