@@ -207,6 +207,7 @@ async def _serve(request: web.Request, kind: openai_requests.Kind) -> web.Stream
             tokens_left=backend.session_tokens_left,
         )
     except openai_requests.Refused as exc:
+        backend.metrics.refused_at_the_door(exc.code)
         raise ApiError(exc.code, exc.message, param=exc.param, hint=exc.hint) from None
     model = plan.task.model or plan.task.pool or ""
     relay = openai_chunks.Relay(

@@ -114,6 +114,13 @@ class Metrics:
         encode, content_type = exposition.choose_encoder(_accepted(accept))
         return encode(_WithoutCreated(self.registry)), content_type
 
+    def refused_at_the_door(self, code: ErrorCode) -> None:
+        """A request an OpenAI-compatible route refused before it became a task, for a
+        reason admission refuses a task of POST /v1/tasks for (a model orch.yaml does not
+        serve): counted as that task's rejection would be, so both routes count alike."""
+        if code is ErrorCode.MODEL_UNKNOWN:
+            self.rejected.labels("", code).inc()
+
     # -- the tap ----------------------------------------------------------------------------
 
     def tap(self, run: tasking.TaskRun, frame: events.EventFrame) -> None:

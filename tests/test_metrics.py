@@ -221,3 +221,20 @@ async def test_each_daemon_counts_in_its_own_registry(workspace: Workspace, serv
     assert (await _scrape(running)).value("tasks_started_total") == 1
     global_text = prometheus_client.generate_latest(prometheus_client.REGISTRY).decode()
     assert "tasks_started_total" not in global_text
+
+
+async def test_a_model_the_openai_routes_refuse_is_counted_as_a_task_of_it_would_be(
+    workspace: Workspace, serve: Any
+) -> None:
+    """POST /v1/tasks for a model orch.yaml does not serve is a rejected task, counted by
+    reason; the same request on /v1/chat/completions is refused before it becomes a task,
+    and is counted alike, so a dashboard sees the refusals agents and SDKs meet too."""
+    running = await serve()
+    body = {"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{running.daemon.server.url}/v1/chat/completions", json=body) as r,
+    ):
+        assert r.status == 404, await r.text()
+    scrape = await _scrape(running)
+    assert scrape.value("tasks_rejected_total", reason="MODEL_UNKNOWN") == 1
