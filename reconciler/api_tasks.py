@@ -693,7 +693,12 @@ async def get_session(request: web.Request) -> web.StreamResponse:
         )
     state = backend.config.state
     ttl_s = state.sessions.ttl_s if state else 600.0
-    left = max(0.0, ttl_s - (time.time() - session.last_used_at)) if not session.evicted else 0
+    if session.evicted:
+        left = 0.0
+    elif any(backend.live(ids.TaskId(t)) for t in session.turn_task_ids[-16:]):
+        left = ttl_s  # a turn queued or running: a session in use does not expire
+    else:
+        left = max(0.0, ttl_s - (time.time() - session.last_used_at))
     return web.json_response(
         {
             "session_id": sid,

@@ -1837,3 +1837,26 @@ async def test_a_session_deleted_mid_turn_leaves_its_turn_to_itself_not_its_succ
         async with session.get(f"{base}/v1/sessions/agent") as response:
             info = await response.json()
     assert info["turns"] == 1 and info["tokens_out"] == 50, info
+
+
+async def test_a_session_in_use_shows_its_whole_ttl_not_a_run_down_one(
+    workspace: Workspace, serve: Any
+) -> None:
+    """A session does not expire while a turn of it is queued or running, and a new turn
+    sent then is accepted: GET /v1/sessions/{id} says so (it showed 0 ms left, as if the
+    session were expiring, to a client that checks before sending)."""
+    cfg = config(sessions={"ttl_s": 1, "max_turns": 8})
+    cfg["pools"][0]["sim"] = {"tokens_per_s": 10, "load_s": 0.0}
+    workspace.write_config(cfg)
+    base = _url(await serve())
+    async with aiohttp.ClientSession() as session:
+        long = task("long-turn", session_id="busy", max_tokens=30)
+        async with session.post(f"{base}/v1/tasks", json=long) as r:
+            assert r.status == 202, await r.text()
+        await wait_for(lambda: (workspace.result("long-turn") or {}).get("status") == "running")
+        await asyncio.sleep(1.3)  # past ttl_s since the turn began
+        async with session.get(f"{base}/v1/sessions/busy") as response:
+            info = await response.json()
+        assert info["ttl_ms_remaining"] == 1000, info
+        async with session.post(f"{base}/v1/tasks/long-turn/cancel") as response:
+            assert response.status in (200, 202)
