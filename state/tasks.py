@@ -11,7 +11,14 @@ import re
 import unicodedata
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from state import chats, ids, parsing
 from state.parsing import Hinted, LoadError
@@ -95,6 +102,13 @@ class TaskFile(BaseModel):
     labels: dict[Annotated[str, Field(max_length=128)], Annotated[str, Field(max_length=1024)]] = (
         Field(default_factory=dict, max_length=64)
     )
+
+    @field_validator("labels")
+    @classmethod
+    def _named_labels(cls, labels: dict[str, str]) -> dict[str, str]:
+        if "" in labels:
+            raise Hinted("a label's name is empty", "name every label, e.g. team: backend")
+        return labels
 
     @model_validator(mode="after")
     def _model_or_pool(self) -> TaskFile:

@@ -339,3 +339,14 @@ async def test_a_task_the_context_fills_before_its_max_tokens_fails_saying_so(
     assert cut["tokens_out"] == 547 and cut["text"]
     fits = await wait_terminal(workspace, "fits", 20)
     assert fits["status"] == "succeeded" and fits["tokens_out"] == 500, fits
+
+
+def test_a_label_with_an_empty_name_is_refused_naming_the_line() -> None:
+    from state import loading, tasks
+
+    text = 'model: m1\nprompt: x\nmax_tokens: 1\nlabels:\n  "": x\n'
+    loaded = loading.validate_text(text, tasks.TaskFile, shown="t.task.yaml", is_json=False)
+    assert [str(e) for e in loaded.errors] == [
+        "t.task.yaml:5:3: labels: a label's name is empty "
+        "(hint: name every label, e.g. team: backend)"
+    ]
