@@ -909,6 +909,9 @@ def split_bind(bind: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+LINGER_S = 1.0
+
+
 async def start(backend: Backend, *, bind: str, base: Path, routes: list[Routes]) -> Server:
     """Serve on `bind` (port 0: any free port); the URL actually bound comes back."""
     host, port = split_bind(bind)
@@ -920,6 +923,10 @@ async def start(backend: Backend, *, bind: str, base: Path, routes: list[Routes]
         access_log=None,
         auto_decompress=False,  # bodies are decoded by read_json (`_decoded`)
         keepalive_timeout=KEEPALIVE_S,
+        # after an answer that closes the connection (a 408, a 413 before the upload), what
+        # the client still sends is read and dropped this long, so it is not reset before
+        # it reads the answer; aiohttp's 10 s kept a client reading to the end waiting
+        lingering_time=LINGER_S,
         handle_signals=False,
         shutdown_timeout=1.0,
     )

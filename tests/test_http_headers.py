@@ -221,3 +221,27 @@ async def test_probe_findings_on_bodies_and_headers_are_answered_as_users_expect
     assert status == 400, answer
     message = answer["error"]["message"] if "error" in answer else answer["message"]
     assert "json_schema.schema: must be a JSON object, not a boolean" in message, answer
+
+
+async def test_a_refusal_before_the_upload_closes_the_connection_soon_after(
+    workspace: Workspace, serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 413 answered to `Expect: 100-continue` says Connection: close; the socket then
+    closes about a second later (aiohttp lingered 10 s, and a client reading to the end
+    waited that long)."""
+    import time
+
+    base = await _daemon(workspace, serve, monkeypatch)
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"POST /v1/tasks HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 5000000\r\nExpect: 100-continue\r\n\r\n"
+    )
+    await writer.drain()
+    began = time.monotonic()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 413") and b"Connection: close" in head, head
+    await asyncio.wait_for(reader.read(), 10)  # to the end: the server closed
+    assert time.monotonic() - began < 4
+    writer.close()
