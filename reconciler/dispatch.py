@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from plugins import llama_server
 from reconciler import (
     admission,
     admitting,
@@ -62,6 +63,9 @@ class PoolsView(Protocol):
 # tasks that end meanwhile: a pass after every task's end was a sixth of the loop's time
 # under a stream of short tasks.
 PASS_AFTER_END_S = 0.05
+# how long the health check of an engine that sent no first token may take before the
+# engine is taken for hung (an engine busy with a long prefill answers it at once)
+HUNG_PROBE_S = 3.0
 DRAIN_TICK_S = 0.25  # how often cancel requests are applied while running tasks drain
 
 
@@ -102,6 +106,7 @@ class Dispatcher:
     # the (pool, model) pairs of orch.yaml queued tasks were last bound to (`_follow_pools`)
     _served_seen: tuple[tuple[str, str], ...] | None = field(default=None, init=False, repr=False)
     _pass_timer: asyncio.TimerHandle | None = field(default=None, init=False, repr=False)
+    _probes: set[asyncio.Task[None]] = field(default_factory=set, init=False, repr=False)
     _end_pass_at: float = field(default=float("-inf"), init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -403,6 +408,8 @@ class Dispatcher:
         error = run.result.error
         if running.hung and error is not None:
             self.pools.stalled(running.replica_id, f"hung: {error.message} mid-stream")
+        elif error is not None and error.code is ErrorCode.DECODE_TIMEOUT:
+            self._probe_stalled(running)
         if run.result.status not in ("succeeded", "canceled") or self.stopping:
             self.wake()  # a failure: the pass looks at the replicas before anything is placed
             return
@@ -413,6 +420,32 @@ class Dispatcher:
             self.wake()
             return
         self._pass_soon()
+
+    def _probe_stalled(self, running: streaming.Running) -> None:
+        """A task got no first token within decode_idle_s: a long prefill, or an engine that
+        hangs (frozen, stuck in the driver) and would fail every task placed on it the same
+        way. Its health endpoint tells them apart: an engine that answers it at all is busy,
+        not hung; one that does not within HUNG_PROBE_S is handled as hung (`stalled`)."""
+        handle, replica_id = running.lease.handle, running.replica_id
+
+        async def probe() -> None:
+            try:
+                health = await asyncio.wait_for(
+                    llama_server.Client(handle.base_url).health(), HUNG_PROBE_S
+                )
+                answered = health.status is not None
+            except Exception:  # TimeoutError: no answer
+                answered = False
+            if not answered:
+                self.pools.stalled(
+                    replica_id,
+                    f"hung: no first token within decode_idle_s, and no answer to a health "
+                    f"check within {HUNG_PROBE_S:g} s",
+                )
+
+        job = asyncio.get_running_loop().create_task(probe(), name=f"probe:{replica_id}")
+        self._probes.add(job)
+        job.add_done_callback(self._probes.discard)
 
     def _pass_soon(self) -> None:
         """Wake the loop for a full pass: now, or PASS_AFTER_END_S after the last one a task's

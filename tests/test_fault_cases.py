@@ -223,6 +223,41 @@ async def test_a_hung_engine_is_killed_and_restarted_not_left_ready(
             os.kill(hung_pid, signal.SIGKILL)
 
 
+async def test_an_engine_frozen_while_idle_is_found_hung_by_its_first_task(
+    workspace: Workspace, serve: Any
+) -> None:
+    """An engine frozen between tasks stays Ready as far as its process goes; the first
+    task placed on it gets no token and fails DECODE_TIMEOUT. Its health check then goes
+    unanswered: it is hung, killed and restarted, and does not fail every later task too."""
+    cfg = config(timeouts={"ready_s": 10, "drain_s": 2, "stop_grace_s": 0.5, "decode_idle_s": 1})
+    cfg["pools"][0]["sim"] = {"tokens_per_s": 50, "load_s": 0.0}
+    workspace.write_config(cfg)
+    await serve()
+
+    def replica() -> dict[str, Any]:
+        row: dict[str, Any] = workspace.status()["pools"][0]["replicas"][0]
+        return row
+
+    frozen = replica()["pid"]
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        workspace.submit("first.task.yaml", task("first", max_tokens=3))
+        first = await wait_terminal(workspace, "first", 15)
+        assert first["error"]["code"] == "DECODE_TIMEOUT", first
+        await wait_for(
+            lambda: replica()["pid"] not in (None, frozen) and replica()["state"] == "Ready",
+            20,
+            "a new engine process",
+        )
+        assert "no answer to a health check" in (replica()["last_error"] or ""), replica()
+        workspace.submit("after.task.yaml", task("after", max_tokens=3))
+        assert (await wait_terminal(workspace, "after", 15))["status"] == "succeeded"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(frozen, signal.SIGCONT)
+            os.kill(frozen, signal.SIGKILL)
+
+
 async def test_a_long_wait_for_the_first_token_fails_the_task_but_keeps_the_engine(
     workspace: Workspace, serve: Any
 ) -> None:
