@@ -214,6 +214,22 @@ class PoolRuntime:
         )
         self.wake()
 
+    def retry_pool(self, pool_id: str, why: str) -> None:
+        """Give the pool's Failed replicas (their breaker open) a fresh start: an operator
+        asked for the pool again (`why`)."""
+        now = self.clock.monotonic()
+        for r in self.replicas.values():
+            if r.pool_id == pool_id and r.life.state == "Failed":
+                r.life.reset(now)
+                logs.emit(
+                    log,
+                    "replica.retried",
+                    f"Replica {r.replica_id} will start again: {why}.",
+                    replica_id=r.replica_id,
+                    pool_id=r.pool_id,
+                )
+        self.wake()
+
     def retry_model(self, model_id: str) -> None:
         """Give the Failed replicas serving `model_id` a fresh start (its file was checked
         and passes now: a replica that gave up on it, UNTRUSTED_ARTIFACT, may start again)."""

@@ -133,6 +133,8 @@ class Reloader:
         # between would serve the old spec again, and a failed reload would have to put it
         # back after the old file is applied again); kept as it was if the reload fails
         lifted = self.runtime.drained.get(pool_id)
+        # a pool whose replicas failed too often (their breaker open) is asked for again
+        self.runtime.retry_pool(pool_id, "a reload of its pool was requested")
         if new == old:
             self.runtime.undrain(pool_id, "reload requested")
         else:

@@ -231,7 +231,12 @@ def pool_condition(
         return "Unschedulable", why
     failed = [r for r in replicas if r.state == "Failed"]
     if pool.replicas > 0 and failed and len(failed) == len(replicas) and not ready:
-        return "Failed", failed[0].last_error or f"replica {failed[0].replica_id} failed"
+        why = failed[0].last_error or f"replica {failed[0].replica_id} failed"
+        return "Failed", (
+            f"{why}; it failed too often to be restarted (circuit breaker open): fix the "
+            f"cause, then POST /v1/pools/{pool.id}/reload (or edit the pool in orch.yaml) "
+            "to start it again"
+        )
     if len(ready) >= pool.replicas and len(ready) == len(replicas):
         return "Ready", None
     if waiting:

@@ -172,6 +172,15 @@ async def test_crashes_back_off_then_open_the_breaker_on_a_fake_clock(workspace:
         assert "exit code" in pool["replicas"][0]["last_error"]
         assert len(delays) == 4
         assert all(0.9 * 2**i <= x <= 1.1 * 2**i for i, x in enumerate(delays))
+        # the reason says why nothing restarts it and how to start it again
+        assert "circuit breaker open" in pool["reason"], pool["reason"]
+        assert "POST /v1/pools/p1/reload" in pool["reason"]
+        d.pools.retry_pool("p1", "a reload of its pool was requested")  # what a reload does
+        await d.pass_once()
+        await d.pools.idle()
+        replica = d.pools.replicas.get("p1-0")
+        assert replica is not None and replica.state in ("Starting", "BackingOff"), replica
+        assert replica.life.streak <= 1  # a fresh streak: the breaker is closed again
     finally:
         await d.pools.shutdown()
 
