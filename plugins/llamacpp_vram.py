@@ -8,7 +8,9 @@ for the KV cache to the MiB). The formula, per replica of `slots` slots of `ctx`
 
   weights         the GGUF's tensor bytes ("CUDA0 model buffer size"); while the file is not
                   there, models.<id>.size_mib
-+ KV cache        2 × layers × (ctx × slots) × kv_heads × head_dim × bytes per element
++ KV cache        2 × layers × cells × kv_heads × head_dim × bytes per element, where cells
+                  is slots × pad256(ctx) (llama.cpp pads each sequence's context to 256
+                  cells; pad256(ctx × slots) with --kv-unified)
                   (K and V each: f16 2 bytes, q8_0 34/32, q4_0 18/32, … as llama.cpp's block
                   sizes, from -ctk/--cache-type-k and -ctv/--cache-type-v; f16 by default),
                   summed layer by layer with each layer's own KV heads and head sizes;
@@ -147,9 +149,21 @@ def sliding_cells(model: gguf_info.ModelInfo, s: Settings, *, ctx: int, slots: i
     return slots * _pad(min(ctx, window + s.ubatch), SWA_PAD)
 
 
+def full_cells(s: Settings, *, ctx: int, slots: int) -> int:
+    """The cells a full-attention layer holds for all slots together: llama.cpp pads each
+    sequence's context (the whole context with --kv-unified) up to a multiple of 256 (`-c 128`
+    holds 256 cells; `-c 300 -np 3`, 768)."""
+    if s.kv_unified:
+        return _pad(ctx * slots, SWA_PAD)
+    return slots * _pad(ctx, SWA_PAD)
+
+
 def kv_cache_bytes(model: gguf_info.ModelInfo, s: Settings, *, ctx: int, slots: int) -> float:
     """K and V of every layer that has them, each layer for the cells it holds."""
-    full, sliding = ctx * slots, sliding_cells(model, s, ctx=ctx, slots=slots)
+    full, sliding = (
+        full_cells(s, ctx=ctx, slots=slots),
+        sliding_cells(model, s, ctx=ctx, slots=slots),
+    )
     k_bytes, v_bytes = element_bytes(s.type_k), element_bytes(s.type_v)
     return sum(
         (sliding if layer.sliding else full)

@@ -172,7 +172,18 @@ def test_layers_without_kv_heads_hold_no_cache(tmp_path: Path) -> None:
     )  # fmt: skip
     info = gguf_info.inspect(path)
     got = llamacpp_vram.kv_cache_bytes(info, llamacpp_vram.settings(()), ctx=1000, slots=1)
-    assert got == 2 * 2 * 1000 * 2 * 64 * 2
+    assert got == 2 * 2 * 1024 * 2 * 64 * 2  # ctx 1000 holds 1024 cells (padded to 256)
+
+
+def test_a_context_is_counted_as_the_cells_llama_cpp_pads_it_to() -> None:
+    """Seen on llama-server: `-c 128` holds 256 cells, `-c 300 -np 3` 768 (100 a slot, each
+    padded to 256): the estimate counts those, never fewer."""
+    plain = llamacpp_vram.settings(())
+    assert llamacpp_vram.full_cells(plain, ctx=128, slots=1) == 256
+    assert llamacpp_vram.full_cells(plain, ctx=100, slots=3) == 768
+    assert llamacpp_vram.full_cells(plain, ctx=4096, slots=2) == 8192  # no change
+    unified = llamacpp_vram.settings(("--kv-unified",))
+    assert llamacpp_vram.full_cells(unified, ctx=100, slots=3) == 512
 
 
 def test_flash_attention_off_reserves_every_heads_scores(m8b: gguf_info.ModelInfo) -> None:
