@@ -19,60 +19,70 @@ log = logs.get("adoption")
 async def adopt_or_clean(runtime: pools.PoolRuntime) -> None:
     """Engines recorded by a previous daemon: adopt the healthy, still-desired ones; stop
     every other one, and every engine of this folder that was never recorded."""
-    state = runtime.config.state
     runtime.last_snapshot = await asyncio.to_thread(runtime.observer.observe)
     records, unreadable = engine_records.read_all(runtime.state_dir)
     for path in unreadable:
         path.unlink(missing_ok=True)
-    for record in records:
-        engine = runtime.plugins.engines.get(record.engine)
-        pool = state.pool(record.pool_id) if state else None
-        adopted = None
-        if engine is not None and pool is not None and state is not None:
-            spec = resolving.spec_for(
-                runtime, pool, state, record.replica_id, tuple(record.devices)
-            )
-            if spec.spec_hash == record.spec_hash:
-                # adopt() checks pid, start time and health; it stops what it rejects
-                adopted = await engine.adopt(record.model_dump(), spec)
-        if engine is None or pool is None or adopted is None:
-            await _kill_recorded(record)
-            engine_records.forget(runtime.state_dir, record.replica_id)
-            logs.emit(
-                log,
-                "replica.cleaned",
-                f"Stopped engine pid {record.pid} left by a previous daemon ({record.replica_id}).",
-                replica_id=record.replica_id,
-            )
-            continue
-        now = runtime.clock.monotonic()
-        life = supervision.ReplicaLife(
-            ids.ReplicaId(record.replica_id), now=now, random=runtime.rng.random
-        )
-        life.ready(now)
-        r = fleet.Replica(
-            ids.ReplicaId(record.replica_id),
-            ids.PoolId(pool.id),
-            adopted.spec,
-            engine,
-            record.vram_mib,
-            life,
-            adopted,
-        )
-        runtime.replicas[r.replica_id] = r
-        # as a start does: results, traces and metrics name the engine's version
-        with contextlib.suppress(Exception):  # shown, not required
-            info = await asyncio.wait_for(engine.describe(adopted), 5.0)
-            runtime.versions[r.replica_id] = r.engine_version = info.engine_version
+    # each checked at once: an engine that does not answer its health check costs its
+    # timeout and stop grace (about 12 s), and one frozen engine would hold up the others
+    adopted = await asyncio.gather(*(_adopt_or_stop(runtime, record) for record in records))
+    for r in adopted:  # in the records' order, whichever answered first
+        if r is not None:
+            runtime.replicas[r.replica_id] = r
+    await stop_unrecorded(runtime)
+
+
+async def _adopt_or_stop(
+    runtime: pools.PoolRuntime, record: engine_records.EngineRecord
+) -> fleet.Replica | None:
+    """The replica of the engine `record` names, adopted when it is healthy and still
+    desired; else None, the engine stopped."""
+    state = runtime.config.state
+    engine = runtime.plugins.engines.get(record.engine)
+    pool = state.pool(record.pool_id) if state else None
+    adopted = None
+    if engine is not None and pool is not None and state is not None:
+        spec = resolving.spec_for(runtime, pool, state, record.replica_id, tuple(record.devices))
+        if spec.spec_hash == record.spec_hash:
+            # adopt() checks pid, start time and health; it stops what it rejects
+            adopted = await engine.adopt(record.model_dump(), spec)
+    if engine is None or pool is None or adopted is None:
+        await _kill_recorded(record)
+        engine_records.forget(runtime.state_dir, record.replica_id)
         logs.emit(
             log,
-            "replica.adopted",
-            f"Adopted replica {r.replica_id} (pid {adopted.pid}) from a previous daemon.",
-            replica_id=r.replica_id,
-            pool_id=r.pool_id,
-            pid=adopted.pid,
+            "replica.cleaned",
+            f"Stopped engine pid {record.pid} left by a previous daemon ({record.replica_id}).",
+            replica_id=record.replica_id,
         )
-    await stop_unrecorded(runtime)
+        return None
+    now = runtime.clock.monotonic()
+    life = supervision.ReplicaLife(
+        ids.ReplicaId(record.replica_id), now=now, random=runtime.rng.random
+    )
+    life.ready(now)
+    r = fleet.Replica(
+        ids.ReplicaId(record.replica_id),
+        ids.PoolId(pool.id),
+        adopted.spec,
+        engine,
+        record.vram_mib,
+        life,
+        adopted,
+    )
+    # as a start does: results, traces and metrics name the engine's version
+    with contextlib.suppress(Exception):  # shown, not required
+        info = await asyncio.wait_for(engine.describe(adopted), 5.0)
+        runtime.versions[r.replica_id] = r.engine_version = info.engine_version
+    logs.emit(
+        log,
+        "replica.adopted",
+        f"Adopted replica {r.replica_id} (pid {adopted.pid}) from a previous daemon.",
+        replica_id=r.replica_id,
+        pool_id=r.pool_id,
+        pid=adopted.pid,
+    )
+    return r
 
 
 async def stop_unrecorded(runtime: pools.PoolRuntime) -> None:
