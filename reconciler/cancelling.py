@@ -87,10 +87,20 @@ def apply(
             _drop(the_spool, task_id, f"no task {task_id!r} arrived within its window")
 
 
-def waiting_for(the_spool: spool.Spool, task_id: str, file_name: str, now: float) -> bool:
+def waiting_for(
+    the_spool: spool.Spool,
+    task_id: str,
+    file_name: str,
+    now: float,
+    listed: frozenset[str] | None = None,
+) -> bool:
     """Whether a cancel request in spool/cancel/ applies to the task `task_id` being taken
     from active/`file_name` now (the window of `apply`): one written before its task file,
-    or acknowledged by a daemon killed before its canceled result was durable."""
+    or acknowledged by a daemon killed before its canceled result was durable. `listed`:
+    the names in spool/cancel/ read for the whole batch (an id not among them is looked up
+    no further: a lookup per task cost a burst as much as the rest of its check)."""
+    if listed is not None and task_id not in listed:
+        return False
     written = _mtime(the_spool.cancel / task_id)
     if written is None:
         return False

@@ -52,6 +52,8 @@ class Taker:
     # files put off as half written: name -> (size, mtime_ns, since: monotonic s) when put
     # off, since when it has been unchanged
     half_read: dict[str, tuple[int, int, float]] = field(default_factory=dict)
+    # while a batch is taken: the names in spool/cancel/ as it began (empty: look each up)
+    cancel_names: list[frozenset[str]] = field(default_factory=list)
     # the cancel requests and incoming/ names `claim_canceled` last looked through
     canceled_seen: list[tuple[frozenset[str], tuple[str, ...]]] = field(default_factory=list)
 
@@ -66,15 +68,22 @@ class Taker:
             # so work starts (and status and cancels move) while the burst is admitted;
             # files that arrive meanwhile are newer, so they come after it anyway
             self.wake()
-        for path in intake.claim_all(  # one fsync per spool folder for the whole batch
+        claimed = intake.claim_all(  # one fsync per spool folder for the whole batch
             the_spool=self.the_spool,
             store=self.store,
             names=names,
             clock=self.clock,
             revision=self.config.revision,
-        ):
-            failpoints.hit("after_claim")
-            self.take(path, new=True)
+        )
+        # listed after the claims: a request written before its task file is among them
+        listed = _names_in(self.the_spool.cancel)
+        self.cancel_names[:] = [frozenset(listed)] if listed is not None else []
+        try:
+            for path in claimed:
+                failpoints.hit("after_claim")
+                self.take(path, new=True)
+        finally:
+            self.cancel_names.clear()
         self.announce()
 
     def claim_canceled(self) -> None:
@@ -141,7 +150,10 @@ class Taker:
                 clock=self.clock,
                 recovered=recovered,
             )
-            if cancelling.waiting_for(self.the_spool, run.task_id, run.file_name, self.clock.now()):
+            listed = self.cancel_names[0] if self.cancel_names else None
+            if cancelling.waiting_for(
+                self.the_spool, run.task_id, run.file_name, self.clock.now(), listed
+            ):
                 self.dispatcher.cancel_taken(run)
                 return
             if tasks.connection_bound(parsed.task) and self._orphaned(path):
@@ -293,6 +305,14 @@ class Taker:
             task_id=task_id,
             problems=[problem],
         )
+
+
+def _names_in(folder: Path) -> list[str] | None:
+    """The names in `folder`; None when it cannot be listed (each is then looked up)."""
+    try:
+        return os.listdir(folder)
+    except OSError:
+        return None
 
 
 def _located(path: Path, field: str) -> tuple[int | None, int | None]:
