@@ -169,9 +169,11 @@ def _listing(folder: Path, *, hidden_before: float | None = None) -> list[str]:
                 except FileNotFoundError:
                     continue
                 mtime = st.st_mtime_ns
-                # its last change by the inode's ctime, which no writer can set (a copy with
-                # `cp -p` can give a file an mtime far in the future, and it would never age)
-                if hidden and hidden_before is not None and st.st_ctime >= hidden_before:
+                # its last change: its mtime, but never later than the inode's ctime, which no
+                # writer can set (a copy with `cp -p` can give a file an mtime far in the
+                # future, and it would never age)
+                changed = min(st.st_mtime, st.st_ctime)
+                if hidden and hidden_before is not None and changed >= hidden_before:
                     continue
                 entries.append((mtime, entry.name))
     except FileNotFoundError:
