@@ -163,8 +163,7 @@ class Dispatcher:
         else:
             logs.emit(log, "task.cancel", f"Cancel of task {run.task_id} requested.", **run.log_ids)
         run.cancel_requested = True
-        with atomic.unit(run.task_id):
-            self.books.finish(run, "canceled", finish_reason="canceled")
+        self.books.finish(run, "canceled", finish_reason="canceled")  # as the task's unit
 
     def announce(self) -> list[tuple[tasking.TaskRun, Exception]]:
         """Write the `queued` frames of the batch just admitted: `admitting.announce`."""

@@ -52,8 +52,6 @@ class Taker:
     # files put off as half written: name -> (size, mtime_ns, since: monotonic s) when put
     # off, since when it has been unchanged
     half_read: dict[str, tuple[int, int, float]] = field(default_factory=dict)
-    # while a batch is taken: the names in spool/cancel/ as it began (empty: look each up)
-    cancel_names: list[frozenset[str]] = field(default_factory=list)
     # the cancel requests and incoming/ names `claim_canceled` last looked through
     canceled_seen: list[tuple[frozenset[str], tuple[str, ...]]] = field(default_factory=list)
 
@@ -76,14 +74,10 @@ class Taker:
             revision=self.config.revision,
         )
         # listed after the claims: a request written before its task file is among them
-        listed = _names_in(self.the_spool.cancel)
-        self.cancel_names[:] = [frozenset(listed)] if listed is not None else []
-        try:
-            for path in claimed:
-                failpoints.hit("after_claim")
-                self.take(path, new=True)
-        finally:
-            self.cancel_names.clear()
+        cancels = _names_in(self.the_spool.cancel)
+        for path in claimed:
+            failpoints.hit("after_claim")
+            self.take(path, new=True, cancels=cancels)
         self.announce()
 
     def claim_canceled(self) -> None:
@@ -116,10 +110,16 @@ class Taker:
             self._failed(self.the_spool.active / run.file_name, exc)
 
     def take(
-        self, path: Path, *, recovered: results.Result | None = None, new: bool = False
+        self,
+        path: Path,
+        *,
+        recovered: results.Result | None = None,
+        new: bool = False,
+        cancels: frozenset[str] | None = None,
     ) -> None:
         """Parse one claimed file and admit it, or quarantine it with the reason. `new`: just
-        claimed from incoming/ (not a file recovery hands back, whose log may be its own)."""
+        claimed from incoming/ (not a file recovery hands back, whose log may be its own).
+        `cancels`: the names in spool/cancel/, listed once for a batch (None: looked up)."""
         try:
             parsed = intake.parse_claimed(path)
             if not isinstance(parsed, intake.Parsed):
@@ -150,9 +150,8 @@ class Taker:
                 clock=self.clock,
                 recovered=recovered,
             )
-            listed = self.cancel_names[0] if self.cancel_names else None
             if cancelling.waiting_for(
-                self.the_spool, run.task_id, run.file_name, self.clock.now(), listed
+                self.the_spool, run.task_id, run.file_name, self.clock.now(), cancels
             ):
                 self.dispatcher.cancel_taken(run)
                 return
@@ -307,10 +306,10 @@ class Taker:
         )
 
 
-def _names_in(folder: Path) -> list[str] | None:
+def _names_in(folder: Path) -> frozenset[str] | None:
     """The names in `folder`; None when it cannot be listed (each is then looked up)."""
     try:
-        return os.listdir(folder)
+        return frozenset(os.listdir(folder))
     except OSError:
         return None
 
