@@ -21,7 +21,7 @@ Rules it keeps:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, exposition
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -103,6 +103,7 @@ class Metrics:
             registry=r,
         )
         self._tokens_counted: dict[str, int] = {}  # started tasks: token frames seen so far
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}  # see `_child`
 
     def watch(self, status: Callable[[], statusfile.StatusFile]) -> None:
         """Serve the gauges from `status` (the daemon's live status) at every scrape."""
@@ -123,25 +124,38 @@ class Metrics:
 
     # -- the tap ----------------------------------------------------------------------------
 
-    def tap(self, run: tasking.TaskRun, frame: events.EventFrame) -> None:
-        """Count one frame `Books` just wrote for `run`; `run.result` already holds the
-        state the frame announces (Books updates it before writing the frame)."""
-        if frame.event == "queued":
-            labels = (self._engine(run), "", self._pool(run), "")
-            self.enqueued.labels(*labels, run.priority).inc()
-        elif frame.event == "started":
+    def tap(self, run: tasking.TaskRun, written: list[events.EventFrame]) -> None:
+        """Count the frames of one kind `Books` just wrote for `run` in one write; `run.result`
+        already holds the state they announce (Books updates it before writing them)."""
+        event = written[0].event
+        if event == "token":
             labels = self._labels(run)
-            self.started.labels(*labels, run.priority).inc()
-            self.tokens_in.labels(*labels).inc(admission.prompt_tokens(run.task))
-            self._tokens_counted[run.task_id] = 0
-        elif frame.event == "token":
-            self.tokens_out.labels(*self._labels(run)).inc()
-            self._tokens_counted[run.task_id] = self._tokens_counted.get(run.task_id, 0) + 1
+            self._child(self.tokens_out, labels).inc(len(written))
+            self._tokens_counted[run.task_id] = self._tokens_counted.get(run.task_id, 0) + len(
+                written
+            )
             first_ms = run.result.timings.first_token_ms
-            if frame.data.get("i") == 0 and first_ms is not None:
+            if first_ms is not None and any(f.data.get("i") == 0 for f in written):
                 self.first_token.labels(*self._latency_labels(run)).observe(first_ms)
-        elif frame.terminal:
+        elif event == "queued":
+            labels = (self._engine(run), "", self._pool(run), "")
+            self._child(self.enqueued, (*labels, run.priority)).inc(len(written))
+        elif event == "started":
+            labels = self._labels(run)
+            self._child(self.started, (*labels, run.priority)).inc(len(written))
+            self._child(self.tokens_in, labels).inc(admission.prompt_tokens(run.task))
+            self._tokens_counted[run.task_id] = 0
+        elif event in events.TERMINAL_EVENTS:
             self._ended(run)
+
+    def _child(self, metric: Any, labels: tuple[str, ...]) -> Any:
+        """`metric.labels(*labels)`, kept: a task's frames count on the same few children,
+        and asking the metric for one validates and locks each time."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def _ended(self, run: tasking.TaskRun) -> None:
         result = run.result

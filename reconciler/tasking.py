@@ -70,7 +70,7 @@ class TaskRun:
         return LogIds(task_id=self.task_id, correlation_id=self.task.correlation_id or self.task_id)
 
 
-Tap = Callable[[TaskRun, events.EventFrame], None]
+Tap = Callable[[TaskRun, list[events.EventFrame]], None]  # the frames of one write
 
 
 @dataclass
@@ -287,12 +287,11 @@ class Books:
             with self._batch(run.task_id):
                 written = run.log.extend(event, items, ts=self.ts(), held=True)
             held.extend(written)
-        for tap in self.taps:
-            for frame in written:
-                try:
-                    tap(run, frame)
-                except Exception:  # counting must never stop a task
-                    log.exception("a frame tap failed on %s %s", run.task_id, event)
+        for tap in self.taps if written else ():
+            try:
+                tap(run, written)
+            except Exception:  # counting must never stop a task
+                log.exception("a frame tap failed on %s %s", run.task_id, event)
 
     def save(self, run: TaskRun) -> None:
         with self._batch(run.task_id):

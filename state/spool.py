@@ -73,6 +73,23 @@ class Spool:
     def cancel(self) -> Path:
         return self.root / "cancel"
 
+    @functools.cached_property
+    def filed(self) -> dict[Path, set[str]]:
+        """Per folder of done/ and failed/ once `index_filed` listed it: every name there
+        then, and every name chosen since (`filed_path`, `quarantine`). A name not in it is
+        free without a lookup: looked up, each task's filing cost a lookup in a folder the
+        commit helper renames into at the same time, which waits for its renames there. A
+        name removed by hand is still looked up; one put there by hand is not seen."""
+        return {}
+
+    def index_filed(self) -> None:
+        """List done/ and failed/ once (the daemon, before it files any task)."""
+        for folder in (self.done, self.failed):
+            try:
+                self.filed[folder] = set(os.listdir(folder))
+            except OSError:  # not listable now: its names are looked up, as before
+                self.filed.pop(folder, None)
+
     def ensure(self) -> Spool:
         for name in FOLDERS:
             (self.root / name).mkdir(parents=True, exist_ok=True)
@@ -282,7 +299,8 @@ def _same_file(a: Path, b: Path) -> bool:
 
 def filed_path(spool: Spool, name: str, *, failed: bool = False) -> Path:
     """Where `finish` will move active/`name`: done/ (or failed/), under a free name."""
-    return _free_name(spool.failed if failed else spool.done, name)
+    folder = spool.failed if failed else spool.done
+    return _free_name(folder, name, known=spool.filed.get(folder))
 
 
 def finish(
@@ -311,7 +329,12 @@ def quarantine(
     then `before_move(target)` (the caller's rejected result), and the entry moves last: a
     crash in between leaves the entry where it was, to be refused again, and never a refused
     entry in failed/ that nobody explained."""
-    target = _free_name(spool.failed, safe_name(source.name), also=".error.json")
+    target = _free_name(
+        spool.failed,
+        safe_name(source.name),
+        also=".error.json",
+        known=spool.filed.get(spool.failed),
+    )
     record = error(target) if callable(error) else error
     atomic.write_json(spool.failed / f"{target.name}.error.json", record, kind="error_record")
     if before_move is not None:
@@ -323,17 +346,27 @@ def quarantine(
     return target
 
 
-def _free_name(folder: Path, name: str, *, also: str | None = None) -> Path:
+def _free_name(
+    folder: Path, name: str, *, also: str | None = None, known: set[str] | None = None
+) -> Path:
     """`folder/name`, or a time-stamped variant when that is taken; with `also`, the name
     with that suffix must be free too (an error record beside the entry never lands on
-    something already there, such as a quarantined folder of that name)."""
+    something already there, such as a quarantined folder of that name). `known`: the
+    folder's index (`Spool.filed`), which the chosen names join."""
+
+    def free(candidate: str) -> bool:
+        if known is not None and candidate not in known:
+            return True
+        return not atomic.exists(folder / candidate)
+
     for candidate in (name, f"{time.time_ns()}-{name}"):
-        target = folder / candidate
-        if not atomic.exists(target) and (
-            also is None or not atomic.exists(folder / f"{candidate}{also}")
-        ):
-            return target
-    return folder / f"{time.time_ns()}-{secrets.token_hex(4)}-{name}"
+        if free(candidate) and (also is None or free(candidate + also)):
+            break
+    else:
+        candidate = f"{time.time_ns()}-{secrets.token_hex(4)}-{name}"
+    if known is not None:
+        known.update((candidate, candidate + also) if also is not None else (candidate,))
+    return folder / candidate
 
 
 def name_problem(name: str) -> str | None:

@@ -147,6 +147,37 @@ def test_finish_files_a_task_under_done_or_failed(the_spool: spool.Spool) -> Non
     assert spool.finish(the_spool, "a.task.yaml") is None
 
 
+def test_indexed_done_and_failed_names_are_never_reused_and_free_ones_are_not_looked_up(
+    the_spool: spool.Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (the_spool.done / "a.task.yaml").write_text("before the index")
+    (the_spool.failed / "q.task.yaml.error.json").write_text("{}")
+    the_spool.index_filed()
+    looked: list[str] = []
+    exists = spool.atomic.exists
+    monkeypatch.setattr(spool.atomic, "exists", lambda p, **kw: looked.append(p.name) or exists(p))
+    # a name there at the index is looked up, and taken: the task is filed under another
+    taken = spool.filed_path(the_spool, "a.task.yaml")
+    assert taken.name != "a.task.yaml" and taken.name.endswith("-a.task.yaml")
+    assert looked == ["a.task.yaml"]
+    looked.clear()
+    # a free name is not looked up, and joins the index: the next task of that name moves on
+    first = spool.filed_path(the_spool, "b.task.yaml")
+    assert first.name == "b.task.yaml" and looked == []
+    spool.deliver(the_spool, b"x", name="b.task.yaml")
+    spool.claim(the_spool, "b.task.yaml")
+    assert spool.finish(the_spool, "b.task.yaml", target=first) == first
+    second = spool.filed_path(the_spool, "b.task.yaml")
+    assert second != first and looked == ["b.task.yaml"]
+    # a quarantined entry's record name counts too
+    (the_spool.incoming / "q.task.yaml").write_text("x")
+    moved = spool.quarantine(the_spool, the_spool.incoming / "q.task.yaml", {"error": "bad"})
+    assert moved.name != "q.task.yaml" and (the_spool.failed / f"{moved.name}.error.json").exists()
+    # a name removed by hand is free again
+    (the_spool.done / "a.task.yaml").unlink()
+    assert spool.filed_path(the_spool, "a.task.yaml").name == "a.task.yaml"
+
+
 def test_cancel_requests_ignore_and_remove_unsafe_names(the_spool: spool.Spool) -> None:
     spool.request_cancel(the_spool, "task-1")
     (the_spool.cancel / "x..evil").write_text("")
