@@ -49,6 +49,8 @@ def apply(
         )
     for name in names:
         task_id = ids.TaskId(name)
+        if not atomic.exists(the_spool.cancel / task_id, folder=False):
+            continue  # consumed or dropped by an earlier pass, its removal not landed yet
         written = _mtime(the_spool.cancel / task_id)
         if written is None:
             continue

@@ -736,6 +736,45 @@ async def test_a_cancel_request_is_consumed_only_once_the_canceled_result_is_on_
     books.flush()
 
 
+async def test_a_cancel_request_for_a_finished_task_is_dropped_once(
+    tmp_path: Path, held_commits: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request for a task that had already succeeded is dropped, and said so, once: the
+    passes that run while its removal is still in the commit thread do not see it again."""
+    import asyncio
+    import threading
+    import types
+
+    from reconciler import cancelling, clocks
+
+    books, new = _books(tmp_path)
+    run = new("x")
+    (books.spool.active / run.file_name).write_text("{}")
+    held_commits.set()
+    books.finish(run, "succeeded", finish_reason="stop")
+    books.flush()
+    spool.request_cancel(books.spool, "x")
+    held_commits.clear()
+    caplog.set_level("INFO", logger="llama_orch")
+    passes = 3
+    for _ in range(passes):  # each pass's group handed off, its commit held
+        with atomic.group():
+            cancelling.apply(
+                the_spool=books.spool,
+                store=books.results,
+                dispatcher=types.SimpleNamespace(runs={}),
+                clock=clocks.RealClock(),
+            )
+            group = atomic.begin()
+        atomic.hand_off(group)
+        threading.Thread(target=atomic.commit, args=(group,), daemon=True).start()
+        await asyncio.sleep(0.01)
+    held_commits.set()
+    told = [r for r in caplog.records if getattr(r, "orch_event", "") == "task.cancel_dropped"]
+    assert len(told) == 1, [r.getMessage() for r in told]
+    books.flush()
+
+
 async def test_a_cancel_request_stays_when_the_canceled_result_cannot_be_written(
     tmp_path: Path,
 ) -> None:
