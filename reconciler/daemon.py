@@ -66,6 +66,11 @@ log = logs.get("daemon")
 
 RESYNC_S = 2.0
 SESSION_SWEEP_S = 5.0  # how often session files are swept for expired sessions
+# after a failed pass the next waits PASS_RETRY_S, doubled with each failure in a row up to
+# PASS_RETRY_MAX_S; a run of failures is said at most every PASS_FAILURE_SAY_S
+PASS_RETRY_S = 0.05
+PASS_RETRY_MAX_S = 2.0
+PASS_FAILURE_SAY_S = 30.0
 # While the daemon serves, a thread waiting for the interpreter lock gets it after at most this
 # long (Python's default is 5 ms). The commit thread (tasking.Books) does a syscall per file and
 # takes the lock back after each: with the loop busy, a file's creation there took 10.6 ms at
@@ -230,6 +235,9 @@ class Daemon:
         self.server: api.Server | None = None
         self._last_status = b""
         self._status_at = 0.0  # time.monotonic() of its last write (or touch)
+        self._failed_passes = 0  # passes failed in a row (`_pass_failed`)
+        self._status_failing: float | None = None  # when status.json's failure was last said
+        self._pass_failure_said = 0.0  # time.monotonic() that was last said
         self._stopping_since: str | None = None  # set as the drain begins (status.json)
         self.taker = taking.Taker(
             # (less a margin: a file's time is the kernel's coarse clock, a few ms behind)
@@ -338,7 +346,7 @@ class Daemon:
         drops = [self.spool.incoming, self.spool.cancel]
         watcher = (
             watching.start(
-                loop, self.wake_event, [self.config.path.parent], self.config.renamed, drops=drops
+                loop, self.wake_event, [self.config.path], self.config.renamed, drops=drops
             )
             if self.options.watch
             else None
@@ -361,6 +369,7 @@ class Daemon:
             recovery.sweep(self.tracer.store.root, shared=True)
             spool.sweep_tmp(self.spool, now=self.clock.now())
             self.results.index()  # a new task's id is then checked without a lookup
+            self.spool.index_filed()  # and where its file is filed, too
             self._recover()
             self.server = await api_routes.start(self)
             logs.emit(  # only now: a daemon that cannot listen never served
@@ -378,7 +387,9 @@ class Daemon:
                         if key not in exc.repeated:
                             tasking.write_deferred(key, error)
                 except OSError as exc:  # a full disk: the next pass retries what failed
-                    logs.emit(log, "pass.failed", f"A pass failed: {exc}", level=40)
+                    await self._pass_failed(exc)
+                    continue
+                self._failed_passes = 0
                 if self.options.exit_when_idle and self._idle():
                     logs.emit(log, "daemon.idle", "Spool empty and nothing running: stopping.")
                     break
@@ -433,6 +444,26 @@ class Daemon:
             self._write_status(stopping=True)
             logs.emit(log, "daemon.stopped", "Stopped; engines stopped, tasks left resumable.")
         return 0
+
+    async def _pass_failed(self, exc: OSError) -> None:
+        """A pass failed (a full disk, no descriptors left): said, then the next one waits,
+        longer each time up to PASS_RETRY_MAX_S (the watcher's wake-ups do not shorten it),
+        so a failure that lasts neither spins the loop nor floods the log."""
+        self._failed_passes += 1
+        n, now = self._failed_passes, time.monotonic()
+        if n == 1 or now - self._pass_failure_said >= PASS_FAILURE_SAY_S:
+            self._pass_failure_said = now
+            again = f" ({n} passes in a row)" if n > 1 else ""
+            logs.emit(
+                log,
+                "pass.failed",
+                f"A pass failed{again}: {exc}. Retrying; what it did not finish is taken up again.",
+                level=40,
+                failed_passes=n,
+            )
+        wait_s = min(PASS_RETRY_MAX_S, PASS_RETRY_S * 2 ** (n - 1))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stop_event.wait(), wait_s)
 
     async def pass_once(self, *, settle: bool = True) -> None:
         """One level-triggered pass over everything; with `settle`, its task files are on
@@ -550,5 +581,10 @@ class Daemon:
                 return
             atomic.write_bytes(path, raw, durable=False, kind="status")
             self._last_status, self._status_at = raw, now
-        except OSError as exc:
-            logs.emit(log, "status.unwritable", f"Could not write status.json: {exc}", level=40)
+        except OSError as exc:  # said once, then at most every PASS_FAILURE_SAY_S while it lasts
+            now = time.monotonic()
+            if self._status_failing is None or now - self._status_failing >= PASS_FAILURE_SAY_S:
+                self._status_failing = now
+                logs.emit(log, "status.unwritable", f"Could not write status.json: {exc}", level=40)
+            return
+        self._status_failing = None

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, ClassVar, TextIO
 
 ROOT = "llama_orch"
+# one encoder for every line: json.dumps with options builds a new one at each call
+_encode = json.JSONEncoder(default=str, ensure_ascii=False).encode
 _RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message"}
 
 
@@ -52,8 +54,7 @@ class JsonLinesFormatter(logging.Formatter):
         line.update(fields)
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
-        text = json.dumps(line, default=str, ensure_ascii=False)
-        return writable(text)
+        return writable(_encode(line))
 
 
 class PrettyFormatter(logging.Formatter):
@@ -97,7 +98,8 @@ def writable(text: str) -> str:
 # the loggers `setup` configures: the project's, the HTTP server's, and the rooms that cannot
 # import this module (plugins/, state/)
 ROOMS = ("plugins", "state")
-CONFIGURED = (ROOT, "aiohttp", *ROOMS)
+CONFIGURED = (ROOT, "aiohttp", "asyncio", *ROOMS)
+REPEAT_S = 30.0
 
 
 def setup(
@@ -135,6 +137,14 @@ def setup(
     server.handlers = list(root.handlers)
     server.setLevel(logging.WARNING)
     server.propagate = False
+    # the event loop's own lines (an accept that failed: no descriptors left) likewise, and
+    # each kind at most once per REPEAT_S: asyncio retries such an accept every second
+    loop_log = logging.getLogger("asyncio")
+    loop_log.handlers = list(root.handlers)
+    loop_log.setLevel(logging.WARNING)
+    loop_log.propagate = False
+    loop_log.filters = [f for f in loop_log.filters if not isinstance(f, Repeats)]
+    loop_log.addFilter(Repeats())
     # the plugins' and the state room's lines (they cannot import this module: layering) in
     # the same format and places, never Python's bare last-resort lines on stderr
     for name in ROOMS:
@@ -142,3 +152,24 @@ def setup(
         room.handlers = list(root.handlers)
         room.setLevel(level.upper())
         room.propagate = False
+
+
+class Repeats(logging.Filter):
+    """Lets a line through once per REPEAT_S for each kind (logger, message, exception type);
+    the next one that passes says how many were left out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last: dict[tuple[str, str, str], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        key = (record.name, str(record.msg), type(exc).__name__)
+        said, left_out = self._last.get(key, (0.0, 0))
+        if record.created - said < REPEAT_S and said:
+            self._last[key] = (said, left_out + 1)
+            return False
+        self._last[key] = (record.created, 0)
+        if left_out:
+            record.msg = f"{record.msg} ({left_out} more like it in the last {REPEAT_S:.0f} s)"
+        return True

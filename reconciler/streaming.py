@@ -45,7 +45,7 @@ def storage_failure(exc: BaseException, *, task_file: Path | None = None) -> boo
     recovery pass to retry once the machine is fixed, never refused for it."""
     if not isinstance(exc, OSError):
         return False
-    if exc.errno in DISK_ERRNOS:
+    if exc.errno in DISK_ERRNOS or errors.exhausted(exc):
         return True
     if exc.errno not in ACCESS_ERRNOS or not exc.filename:
         return False

@@ -1,9 +1,10 @@
-"""File watching: watchdog events on orch.yaml's folder, and arrivals in spool/incoming and
-spool/cancel, only wake the loop (level-triggered: the pass re-reads everything, so a lost
-event costs at most one resync). The daemon calls `start` once and stops the returned
-observer on exit. A file renamed into place is also noted in `renamed` (path → wall-clock
-time), so the config can tell an atomic save, whole at once, from a file still being
-written."""
+"""File watching: watchdog events on orch.yaml (seen from its folder, so that a file renamed
+onto it counts; nothing else there does: the daemon's own log may be written beside it), and
+arrivals in spool/incoming and spool/cancel, only wake the loop (level-triggered: the pass
+re-reads everything, so a lost event costs at most one resync). The daemon calls `start` once
+and stops the returned observer on exit. A file renamed into place is also noted in `renamed`
+(path → wall-clock time), so the config can tell an atomic save, whole at once, from a file
+still being written."""
 
 from __future__ import annotations
 
@@ -34,16 +35,29 @@ _NOT_CHANGES = frozenset({"opened", "closed_no_write"})
 
 class _Waker(FileSystemEventHandler):
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, event: asyncio.Event, renamed: dict[str, float]
+        self,
+        loop: asyncio.AbstractEventLoop,
+        event: asyncio.Event,
+        renamed: dict[str, float],
+        only: frozenset[str] | None = None,
     ) -> None:
         self.loop = loop
         self.event = event
         self.renamed = renamed
+        self.only = only  # the paths whose events count (None: all in the folders watched)
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         # Reading a file is not a change: without this, the pass that reads orch.yaml would
         # wake the next pass, and the loop would spin on its own reads.
         if event.event_type in _NOT_CHANGES:
+            return
+        if self.only is not None and not (
+            os.fsdecode(event.src_path) in self.only
+            or os.fsdecode(getattr(event, "dest_path", "") or "") in self.only
+        ):
+            # another file beside orch.yaml: the daemon's own log (`serve > serve.log` in
+            # the config's folder) would wake a pass per line, and a line a pass logs then
+            # a pass per line, back to back
             return
         if event.event_type == "moved":
             self.renamed[os.fsdecode(event.dest_path)] = time.time()
@@ -78,17 +92,21 @@ CHANGES: list[type[FileSystemEvent]] = [
 def start(
     loop: asyncio.AbstractEventLoop,
     event: asyncio.Event,
-    folders: Iterable[Path],
+    files: Iterable[Path],
     renamed: dict[str, float] | None = None,
     *,
     drops: Iterable[Path] = (),
 ) -> Any:
-    """A started watchdog observer that sets `event` on any change (CHANGES) in `folders`, and
-    on an arrival (ARRIVALS) in `drops`, and notes renames in `renamed`."""
+    """A started watchdog observer that sets `event` on any change (CHANGES) of one of `files`
+    (a file renamed onto one included), and on an arrival (ARRIVALS) in `drops`, and notes
+    renames in `renamed`."""
     observer = Observer()
-    waker = _Waker(loop, event, {} if renamed is None else renamed)
-    for folder in folders:
-        observer.schedule(waker, str(folder), recursive=False, event_filter=CHANGES)
+    renamed = {} if renamed is None else renamed
+    waker = _Waker(loop, event, renamed)
+    files = [Path(os.path.abspath(f)) for f in files]
+    only = _Waker(loop, event, renamed, only=frozenset(str(f) for f in files))
+    for folder in {f.parent for f in files}:
+        observer.schedule(only, str(folder), recursive=False, event_filter=CHANGES)
     for folder in drops:
         observer.schedule(waker, str(folder), recursive=False, event_filter=ARRIVALS)
     observer.daemon = True

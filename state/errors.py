@@ -6,6 +6,7 @@ quarantined input and (later) HTTP bodies, so a caller handles errors one way ev
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -177,3 +178,14 @@ class EnvironmentMissing(Exception):
 
 class ConfigProblem(Exception):
     """A file the user wrote cannot be used; `orchctl` prints the message and exits 2."""
+
+
+# the machine out of something every file needs (descriptors, memory): no file's fault, and
+# gone again by itself (connections close, memory frees); what failed is retried, never
+# refused or failed for it
+EXHAUSTION_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+
+
+def exhausted(exc: BaseException) -> bool:
+    """Whether `exc` is the machine out of descriptors or memory (EXHAUSTION_ERRNOS)."""
+    return isinstance(exc, OSError) and exc.errno in EXHAUSTION_ERRNOS

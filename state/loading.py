@@ -27,6 +27,7 @@ import pydantic
 import yaml
 
 from state import ids, parsing
+from state.errors import exhausted
 
 MAX_FILE_BYTES = 1024 * 1024
 
@@ -80,6 +81,8 @@ def read_bytes(
         finally:
             os.close(fd)
     except OSError as exc:
+        if exhausted(exc):  # the daemon's state, not the file's: the caller retries
+            raise
         try:  # a socket cannot even be opened: say what it is rather than ENXIO
             mode = os.lstat(path).st_mode
         except OSError:

@@ -211,6 +211,70 @@ async def test_a_drop_folder_wakes_the_loop_on_arrivals_and_not_on_the_daemons_o
         observer.join(5)
 
 
+async def test_only_orch_yaml_wakes_the_loop_not_a_log_written_beside_it(tmp_path: Any) -> None:
+    """`orchctl serve > serve.log` in orch.yaml's folder: each log line must not wake a pass
+    (a line a pass logs would wake the next, back to back). orch.yaml edited in place, and a
+    file renamed onto it, do wake it, and the rename is noted."""
+    import asyncio
+    import os
+
+    from reconciler import watching
+
+    config = tmp_path / "orch.yaml"
+    config.write_text("version: 1\n")
+    woke = asyncio.Event()
+    renamed: dict[str, float] = {}
+    observer = watching.start(asyncio.get_running_loop(), woke, [config], renamed)
+    try:
+        await asyncio.sleep(0.2)
+        with (tmp_path / "serve.log").open("a") as log:
+            for n in range(20):
+                log.write(f"line {n}\n")
+                log.flush()
+        (tmp_path / "notes.txt").write_text("x")
+        await asyncio.sleep(0.5)
+        assert not woke.is_set()
+        with config.open("a") as f:
+            f.write("# edited\n")
+        await asyncio.wait_for(woke.wait(), 5)
+        woke.clear()
+        (tmp_path / ".orch.yaml.swp").write_text("version: 1\n")
+        os.rename(tmp_path / ".orch.yaml.swp", config)
+        await asyncio.wait_for(woke.wait(), 5)
+        assert str(config) in renamed
+    finally:
+        observer.stop()
+        observer.join(5)
+
+
+async def test_a_log_written_beside_orch_yaml_does_not_drive_passes(
+    workspace: Workspace, serve: Any, monkeypatch: Any
+) -> None:
+    """The daemon's log in orch.yaml's folder (`orchctl serve > serve.log`): a pass per log
+    line would be a busy loop as soon as every pass logs a line (a status.json it cannot
+    write, a pass that fails)."""
+    import asyncio
+
+    from reconciler import daemon as daemons
+
+    await serve()
+    passes = 0
+    real = daemons.Daemon.pass_once
+
+    async def counted(self: Any, **kwargs: Any) -> None:
+        nonlocal passes
+        passes += 1
+        await real(self, **kwargs)
+
+    monkeypatch.setattr(daemons.Daemon, "pass_once", counted)
+    with (workspace.root / "serve.log").open("a") as log:
+        for n in range(100):
+            log.write(f"line {n}\n")
+            log.flush()
+            await asyncio.sleep(0.01)
+    assert passes <= 10, passes  # the resync's, every 0.5 s here, and the GPU polls
+
+
 async def test_a_fault_in_the_estimates_queues_the_burst_without_predictions(
     workspace: Workspace, serve: Any, monkeypatch: Any
 ) -> None:
