@@ -257,7 +257,7 @@ class Taker:
             and not self.store.take_over(task_id)  # a retry after a 429 may reuse it
         ):
             return f"(see results/{task_id}.json)"
-        if new:
+        if new and task_id not in self.store.taken_over:  # (a log taken over is going)
             # an earlier task's frames with no result beside them (its result file was
             # removed by hand): the id is that task's; a new one would append to its log
             log_path = self.store.events_path(task_id)

@@ -480,7 +480,10 @@ def new_run(
 ) -> TaskRun:
     """The record of a task the daemon takes: a fresh result, or for a task recovered after a
     crash its previous result (attempts kept) and the deadline it was accepted with."""
-    new = recovered is None and store.holds_nothing(task_id)  # no log to read: none there
+    # an id just taken over: its earlier task's log is removed (or is to be, in this pass's
+    # commit), and the new log goes on after that task's ids
+    after = store.taken_over.pop(task_id, None) if recovered is None else None
+    new = recovered is None and (after is not None or store.holds_nothing(task_id))
     events_path = store.events_path(task_id)
     if recovered is not None:
         result = recovered
@@ -506,7 +509,7 @@ def new_run(
         task=task,
         file_name=file_name,
         result=result,
-        log=events.EventLog(events_path, new=new),
+        log=events.EventLog(events_path, new=new, after=after or 0),
         accepted_mono=now,
         deadline_mono=deadline,
         model_id=ids.ModelId(task.model or ""),

@@ -343,6 +343,8 @@ def _write_deferred(current: Group, gone: set[Hashable]) -> dict[int, OSError]:
     for n, ((src, _, kind), key) in enumerate(zip(current.ops, current.units, strict=True)):
         if key in gone or not (kind == APPEND or src in current.unwritten):
             continue
+        if kind == APPEND and not current.appends[n]:  # its path removed since (`remove_log`)
+            continue
         try:
             if kind == APPEND:
                 append_whole(src, current.appends[n])
@@ -747,6 +749,25 @@ def deferring() -> bool:
     """Whether an fsync asked for now may wait for this thread's group commit (a `group()`
     block is open: the commit syncs everything written before it)."""
     return getattr(_local, "depth", 0) > 0
+
+
+def remove_log(path: Path) -> None:
+    """Remove an append-only file (an event log) now, with the appends to it that this
+    thread's pending group holds: a group's appends are written before its renames and
+    removals, so a removal left to the group would also take what is appended to the path
+    after it there. Waits first for the groups in flight that hold it (their appends would
+    make it again after the removal)."""
+    current = _group()
+    if current is not None and path in current.data:
+        for n, (src, _, kind) in enumerate(current.ops):
+            if kind == APPEND and src == path:
+                current.appends[n] = b""  # nothing left to append: skipped at the commit
+        del current.data[path]
+        current.extendable.pop(path, None)
+        current.written.discard(path)
+    _await_landing([path])
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def remove(path: Path) -> None:

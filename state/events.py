@@ -48,10 +48,14 @@ _encode = json.JSONEncoder(ensure_ascii=False).encode
 class EventLog:
     """Appends frames to one task's log. Not thread-safe: one writer per task."""
 
-    def __init__(self, path: Path, *, new: bool = False) -> None:
-        """`new`: the caller knows there is no log at `path` yet (none is read)."""
+    def __init__(self, path: Path, *, new: bool = False, after: int = 0) -> None:
+        """`new`: the caller knows there is no log at `path` yet (none is read); its frames
+        are numbered from `after` + 1 (a task that took over the id of an earlier one goes on
+        after that one's ids, so a reader resuming with Last-Event-ID never takes the new
+        task's frames for the rest of the old one's)."""
         self.path = path
-        self.last_id, self.terminal = (0, False) if new else _recover(path)
+        self.last_id, self.terminal = (after, False) if new else _recover(path)
+        self._first = self.last_id if new else 0  # `last_id` while the file is still to make
         self._fd: int | None = None  # opened while frames stream; closed (also if dropped)
         self._size = 0  # the file's size while `_fd` is open (this is its only writer)
         self._closer: Any = None  # a weakref.finalize: closes the fd once, also on GC
@@ -87,7 +91,7 @@ class EventLog:
         if held:
             self.close()  # the commit thread appends by name: the next open reads the size
         left_to_commit = self._fd is None and atomic.append(
-            self.path, data, new=self.last_id == 0, held=held
+            self.path, data, new=self.last_id == self._first, held=held
         )
         if not left_to_commit:
             if self._fd is None:
@@ -155,6 +159,19 @@ def read_dicts(path: Path) -> list[dict[str, Any]]:
     except FileNotFoundError:
         return []
     return [json.loads(raw) for raw in data[: data.rfind(b"\n") + 1].splitlines() if raw.strip()]
+
+
+def last_id(raw: bytes) -> int:
+    """The highest frame id among the complete lines of a log's bytes (0: none)."""
+    highest = 0
+    for line in raw[: raw.rfind(b"\n") + 1].splitlines():
+        try:
+            value = json.loads(line).get("id")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(value, int) and not isinstance(value, bool):
+            highest = max(highest, value)
+    return highest
 
 
 def _recover(path: Path) -> tuple[int, bool]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 from pathlib import Path
@@ -10,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from state import atomic, ids
+from state import atomic, events, ids
 from state.errors import ErrorEnvelope
 
 StatusName = Literal["queued", "running", "succeeded", "failed", "canceled", "rejected"]
@@ -106,6 +105,9 @@ class ResultStore:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self._ids: set[str] | None = None  # None: not indexed, every question is looked up
+        # per id taken over (`take_over`) and not yet taken by a new task: the last frame id
+        # of the earlier task's log, after which the new task's frames are numbered
+        self.taken_over: dict[str, int] = {}
 
     def index(self) -> None:
         """List results/ once: the ids any file there may belong to (every prefix of its
@@ -177,8 +179,15 @@ class ResultStore:
         result = self.read(task_id)
         if result is None or not id_reusable(result):
             return False
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.events_path(task_id))  # never in a group: frames are not deferred
+        log = self.events_path(task_id)
+        try:  # as the pending and in-flight commits will leave it
+            self.taken_over[task_id] = events.last_id(atomic.read_bytes(log))
+        except OSError:  # none (a refusal at the door may have none), or unreadable
+            self.taken_over[task_id] = 0
+        # in order with the writes still pending of the task whose id this was (in this
+        # thread's group, or in the groups in flight): the log at once, with the frames
+        # still to be appended to it; the result in order with its write still to come
+        atomic.remove_log(log)
         atomic.remove(self.path(task_id))
         return True
 

@@ -168,7 +168,8 @@ async def test_a_task_refused_for_a_full_queue_may_be_dropped_again_under_its_id
     await wait_for(lambda: (workspace.result("again") or {}).get("status") == "succeeded", 10)
     assert workspace.result("again")["tokens_out"] == 2  # type: ignore[index]
     frames = workspace.frames("again")
-    assert (frames[0].event, frames[0].id) == ("queued", 1)
+    # its own frames only, numbered on after the refusal's one (docs/contracts.md)
+    assert (frames[0].event, frames[0].id) == ("queued", 2)
     assert sum(f.terminal for f in frames) == 1
     workspace.submit("again2.task.yaml", task("again", max_tokens=2))  # it ran: id kept
     await wait_for(lambda: list(workspace.spool.failed.glob("*again2*.error.json")), 10)
@@ -301,8 +302,9 @@ async def test_a_task_refused_at_the_door_may_be_sent_again_fixed_under_its_id(
         assert status == 202, answer
     fixed = await wait_terminal(workspace, "fix-1")
     assert fixed["status"] == "succeeded" and fixed["error"] is None, fixed
-    frames = workspace.frames("fix-1")  # its log started again: one task's frames
-    assert [f.id for f in frames] == list(range(1, len(frames) + 1))
+    frames = workspace.frames("fix-1")  # its log started again: one task's frames, on
+    assert frames[0].event == "queued" and frames[0].id > 1  # after the refusal's ids
+    assert [f.id for f in frames] == list(range(frames[0].id, frames[0].id + len(frames)))
     assert sum(f.terminal for f in frames) == 1
     workspace.submit("fix-2.task.yaml", task("fix-2", model="no-such-model"))
     assert (await wait_terminal(workspace, "fix-2"))["status"] == "rejected"
