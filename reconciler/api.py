@@ -351,7 +351,8 @@ async def _same_origin(request: web.Request, handler: Handler) -> web.StreamResp
     if _writes(request):
         origin = request.headers.get("Origin")
         site = request.headers.get("Sec-Fetch-Site")
-        foreign = site == "cross-site" or (
+        # same-site: another origin of this site (a page on another port of this host)
+        foreign = site in ("cross-site", "same-site") or (
             origin is not None and origin != "null" and _origin_host(origin) != request.host
         )
         if foreign or origin == "null":
