@@ -83,6 +83,16 @@ def run(args: argparse.Namespace) -> int:
             # only a daemon stops cleanly on a signal that came this early; any other verb
             # gets it now (Ctrl-C: KeyboardInterrupt, below: exit 130, no traceback)
             early_signals.release()
+        if sys.stdout is None:  # started with standard output closed (`>&-`)
+            if args.command not in ("serve", "up"):  # nothing done: a retry cannot repeat it
+                print(
+                    f"orchctl: {args.command}: standard output is closed, so nothing was done "
+                    "(what it did could not be told); run it with `> /dev/null` to discard "
+                    "what it prints",
+                    file=sys.stderr,
+                )
+                return EXIT_FAILED
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (kept for the daemon's life)
         saved, sys.stdout = sys.stdout, cast(TextIO, _GuardedOutput(sys.stdout))
         try:
             code: int = args.func(args)

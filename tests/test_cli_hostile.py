@@ -303,6 +303,29 @@ def test_output_that_cannot_be_written_is_said_plainly_not_as_a_bug(
     assert "bug" not in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("argv", [["status"], ["tasks"], ["submit", "-"]])
+def test_a_closed_standard_output_is_said_and_nothing_is_done(
+    workspace: Workspace, argv: list[str]
+) -> None:
+    """`orchctl submit - >&-`: with standard output closed, what a verb did could not be
+    told (a retrying script would submit twice), so nothing is done, and that is said."""
+    done = subprocess.run(
+        [str(ORCHCTL), *argv, "--config", str(workspace.config_path)],
+        input=b"prompt: hi\nmodel: m1\n",
+        stdout=None,
+        stderr=subprocess.PIPE,
+        cwd=workspace.root,
+        timeout=60,
+        check=False,
+        preexec_fn=lambda: os.close(1),
+    )
+    err = done.stderr.decode()
+    assert done.returncode == 1, err
+    assert f"orchctl: {argv[0]}: standard output is closed, so nothing was done" in err, err
+    assert "bug" not in err and "Traceback" not in err
+    assert not os.listdir(workspace.spool.incoming)
+
+
 @pytest.mark.parametrize(
     ("given", "said"),
     [
