@@ -160,8 +160,18 @@ def _until_own(
                 )
         if time.monotonic() >= deadline:
             raise Refused(EXIT_FAILED, f"timed out waiting for task {task_id} to be taken in")
-        if not probing.probe(folder.state_dir).serving:
+        seen = probing.probe(folder.state_dir)
+        if not seen.serving:
             raise Refused(EXIT_ENV, "the daemon stopped before it took the task in")
+        if not seen.responding(time.time()) and seen.written_at is not None:
+            raise Refused(  # stopped by a signal, hung on a disk: as `watch` says it
+                EXIT_ENV,
+                f"the daemon (pid {seen.pid}) has not responded for "
+                f"{cli_common.ago(time.time() - seen.written_at)}: task {task_id} waits in "
+                f"{folder.shown(the_spool.incoming / name)} and is taken in when the "
+                "daemon goes on",
+                hint="`orchctl status` shows it; restart the daemon if it is hung",
+            )
         time.sleep(cli_watch.POLL_S)
 
 

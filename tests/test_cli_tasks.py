@@ -391,6 +391,25 @@ def test_watch_of_a_task_whose_daemon_stopped_responding_exits_3(workspace: Work
     ]
 
 
+def test_submit_wait_to_a_daemon_that_stopped_responding_exits_3_at_once(
+    workspace: Workspace,
+) -> None:
+    """As `watch` does: a frozen daemon would never take the task in, and waiting out the
+    whole --timeout (600 s by default) told the user nothing."""
+    fake_daemon_status(workspace.root / ".orch", written_at=time.time() - 120)
+    path = workspace.root / "w4.task.yaml"
+    path.write_text("model: m1\nprompt: hi\nmax_tokens: 4\n")
+    began = time.monotonic()
+    ran = orchctl("submit", path, "--wait", "--timeout", "20", "--config", cfg(workspace))
+    assert time.monotonic() - began < 10
+    assert ran.code == 3, ran.err
+    assert ran.err_lines[-2:] == [
+        f"orchctl: the daemon (pid {os.getpid()}) has not responded for 2 min: task w4 waits "
+        "in spool/incoming/w4.task.yaml and is taken in when the daemon goes on",
+        "hint: `orchctl status` shows it; restart the daemon if it is hung",
+    ]
+
+
 def test_watch_of_a_finished_task_prints_it_without_a_daemon(workspace: Workspace) -> None:
     log = events.EventLog(workspace.results.events_path("old"))
     for name, data in [*STARTED, ("end", {"tokens_out": 2, "finish_reason": "length"})]:
