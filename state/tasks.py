@@ -52,10 +52,23 @@ class Placement(BaseModel):
 
     @model_validator(mode="after")
     def _pin_names_pool(self) -> Placement:
+        if self.pin_pool and "mode" not in self.model_fields_set:
+            self.mode = "pin"  # `placement: {pin_pool: p}` says what it means
         if self.mode == "pin" and not self.pin_pool:
             raise Hinted(
                 "placement mode 'pin' needs 'pin_pool: <pool id>'",
                 "add pin_pool: <a pool id `orchctl status` lists>, or use mode: prefer",
+            )
+        if self.mode != "pin" and self.pin_pool:  # it would be ignored without a word
+            raise Hinted(
+                f"placement pin_pool is used only with mode: pin, not mode: {self.mode}",
+                "set mode: pin (or leave mode out) to pin the task, or remove pin_pool",
+            )
+        if self.mode == "prefer" and not (self.prefer_pools or self.avoid_pools):
+            raise Hinted(
+                "placement mode 'prefer' needs 'prefer_pools: [<pool id>, ...]' (or "
+                "avoid_pools)",
+                "add prefer_pools: [<a pool id `orchctl status` lists>], or use mode: auto",
             )
         return self
 

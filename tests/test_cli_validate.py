@@ -76,6 +76,29 @@ def test_a_task_naming_an_unknown_pool_or_pinning_one_is_an_error(config: Path) 
     ]
 
 
+def test_a_pin_pool_pins_without_a_mode_and_is_refused_with_another(config: Path) -> None:
+    """`placement: {pin_pool: x}` alone pins (a pin to a pool not there is an error); with
+    mode auto or prefer it would be ignored without a word, so it is refused."""
+    alone = task_file(
+        config.parent,
+        "model: m1\nprompt: hi\nmax_tokens: 5\nplacement: {pin_pool: gone}\n",
+        name="alone.task.yaml",
+    )
+    ran = orchctl("validate", "--config", config, alone)
+    assert ran.code == 2
+    assert "placement.pin_pool: pinned pool 'gone' is not in" in ran.out, ran.out
+    for mode in ("auto", "prefer"):
+        t = task_file(
+            config.parent,
+            f"model: m1\nprompt: hi\nmax_tokens: 5\nplacement: {{mode: {mode}, pin_pool: p1}}\n",
+            name=f"{mode}.task.yaml",
+        )
+        ran = orchctl("validate", "--config", config, t)
+        assert ran.code == 2, ran.out
+        assert f"pin_pool is used only with mode: pin, not mode: {mode}" in ran.out, ran.out
+        assert "set mode: pin (or leave mode out)" in ran.out
+
+
 def test_a_task_over_its_pools_limit_is_refused_as_admission_would(config: Path) -> None:
     t = task_file(config.parent, "model: m1\nprompt: hi\nmax_tokens: 500\n")
     ran = orchctl("validate", "--config", config, t)
