@@ -341,8 +341,10 @@ def plain_error(error: loading.LoadError, *, warning: bool = False) -> str:
     dropped and a mapping or list that was given is named, not dumped."""
     message = error.message.removeprefix("Value error, ").removeprefix("Assertion failed, ")
     got = _GOT.search(message)
-    if got and ("{" in got.group(1) or "[" in got.group(1)):
-        kind = "a mapping" if got.group(1).lstrip("[").startswith("{") else "a list"
+    # a list's or a mapping's repr starts with its bracket; a string's with its quote (a
+    # string that holds a bracket, "a[b", is shown as it is)
+    if got and got.group(1)[:1] in ("{", "["):
+        kind = "a mapping" if got.group(1).startswith("{") else "a list"
         message = message[: got.start()] + f" (got {kind})"
     shown = loading.LoadError(
         error.path, error.line, error.column, error.field, message, error.hint

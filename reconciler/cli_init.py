@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import struct
 from collections.abc import Sequence
 from pathlib import Path
@@ -69,18 +70,18 @@ def cmd_init(args: argparse.Namespace) -> int:
             stub.parent.mkdir(parents=True, exist_ok=True)
             atomic.write_bytes(stub, STUB_GGUF, durable=False)
             print(f"wrote {_shown(stub)} (a stub: the sim engine does not read it)")
-        hello = _shown(folder / "hello.task.yaml")
+        hello, cfg = _arg(folder / "hello.task.yaml"), _arg(config)
         steps = [
-            f"orchctl validate --config {_shown(config)} {hello}",
-            f"orchctl serve --config {_shown(config)} &",
-            f"orchctl submit {hello} --config {_shown(config)} --wait",
+            f"orchctl validate --config {cfg} {hello}",
+            f"orchctl serve --config {cfg} &",
+            f"orchctl submit {hello} --config {cfg} --wait",
         ]
     else:
         steps = [
             f"put a GGUF model at {_shown(folder / 'models' / 'my-model.gguf')} "
             "(or change models.my-model.ref)",
-            f"orchctl validate {_shown(config)}",
-            f"orchctl serve --config {_shown(config)}",
+            f"orchctl validate {_arg(config)}",
+            f"orchctl serve --config {_arg(config)}",
         ]
     print("next:\n" + "\n".join(f"  {step}" for step in steps))
     return EXIT_OK
@@ -91,6 +92,11 @@ def _shown(path: Path) -> str:
         return os.path.relpath(path) if not path.is_absolute() else str(path)
     except ValueError:
         return str(path)
+
+
+def _arg(path: Path) -> str:
+    """`path` as a shell argument: the "next:" lines are copied into a shell as they are."""
+    return shlex.quote(_shown(path))
 
 
 def _refuse_clash(clash: list[Path]) -> None:

@@ -55,6 +55,21 @@ def test_the_simulated_workstation_serves_a_task_right_away(tmp_path: Path) -> N
     assert result["status"] == "succeeded" and result["tokens_out"] == 32
 
 
+def test_the_next_steps_can_be_pasted_into_a_shell_when_the_path_has_a_space(
+    tmp_path: Path,
+) -> None:
+    import shlex
+
+    ran = orchctl("init", "--simulate", "--config", "my dir/orch.yaml", cwd=tmp_path)
+    assert ran.code == 0, ran.err
+    steps = ran.out_lines[ran.out_lines.index("next:") + 1 :]
+    validate = shlex.split(steps[0])
+    assert validate[:3] == ["orchctl", "validate", "--config"]
+    assert validate[3:] == ["my dir/orch.yaml", "my dir/hello.task.yaml"], steps
+    checked = orchctl(*validate[1:], cwd=tmp_path)
+    assert checked.code == 0, checked.out
+
+
 def test_init_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
     (tmp_path / "orch.yaml").write_text("# mine\n")
     ran = orchctl("init", "--simulate", cwd=tmp_path)

@@ -261,6 +261,13 @@ def test_validate_never_prints_python_reprs(tmp_path: Path) -> None:
     assert any(line.startswith(prompt) for line in ran.out_lines), ran.out_lines
 
 
+def test_a_string_holding_a_bracket_is_shown_as_given_not_called_a_list(tmp_path: Path) -> None:
+    t = task_file(tmp_path, 'model: "a[b"\nprompt: hi\nmax_tokens: 2\n')
+    ran = orchctl("validate", t)
+    assert ran.code == 2
+    assert "(got 'a[b')" in ran.out and "a list" not in ran.out, ran.out
+
+
 def test_a_config_option_naming_a_task_or_inventory_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / "a.task.yaml").write_text("model: m1\nprompt: hi\nmax_tokens: 2\n")
     (tmp_path / "gpus.yaml").write_text("gpus:\n  - {index: 0, name: x, vram_total_mib: 100}\n")
