@@ -27,6 +27,30 @@ if TYPE_CHECKING:
 log = logs.get("dispatch")
 
 
+def _drained_mid_task(
+    d: dispatch.Dispatcher, run: tasking.TaskRun, problem: ErrorEnvelope
+) -> ErrorEnvelope:
+    """A task the previous daemon was running on a pool drained on request, found again at
+    a restart (the daemon was killed during the drain): it cannot run there again, and it
+    ends as a drain's deadline would have ended it (retriable WORKER_RESET: the client sends
+    it again), not as a task the pool refused (POOL_UNAVAILABLE)."""
+    pool_id = run.result.pool_id
+    if (
+        problem.code is not ErrorCode.POOL_UNAVAILABLE
+        or run.result.attempts == 0
+        or pool_id is None
+        or pool_id not in d.pools.drained
+    ):
+        return problem
+    return errors.envelope(
+        ErrorCode.WORKER_RESET,
+        f"the daemon restarted while the task ran on pool {pool_id!r}, which is drained on "
+        "request: the task cannot run there again",
+        retry_after_ms=1000,
+        hint=f"submit it again; POST /v1/pools/{pool_id}/reload serves the pool again",
+    )
+
+
 def admit(d: dispatch.Dispatcher, run: tasking.TaskRun, *, recovered: bool) -> None:
     state = d.config.state
     assert state is not None
@@ -50,6 +74,8 @@ def admit(d: dispatch.Dispatcher, run: tasking.TaskRun, *, recovered: bool) -> N
         # the reload's edit of orch.yaml took the task's pool away, and puts it back if the
         # reload fails: the task waits for the outcome (`Dispatcher._fail_unservable`)
         problem = None
+    if problem is not None and recovered:
+        problem = _drained_mid_task(d, run, problem)
     if problem is None and not recovered:
         problem = session_problem(d, run)
     entry = entry_of(run)

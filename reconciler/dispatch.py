@@ -43,6 +43,9 @@ class PoolsView(Protocol):
 
     reloading: dict[str, str]  # pools a reload is changing the spec of → their model before
 
+    @property
+    def drained(self) -> Mapping[str, object]: ...  # pools drained on request → the record
+
     def views(self) -> dict[str, admission.PoolView]: ...
 
     def candidates(self) -> list[placement.Candidate]: ...

@@ -190,6 +190,49 @@ async def test_a_task_outlasting_its_replicas_drain_fails_at_once_saying_so(
 
 
 @pytest.mark.slow
+async def test_a_task_running_when_the_daemon_died_mid_drain_ends_retriable(
+    workspace: Workspace, serve: Any, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The daemon killed while a drain let a task finish: the restarted daemon cannot run
+    it on the drained pool again, and ends it as the drain would have (WORKER_RESET, send
+    it again), not as a task the pool refused (POOL_UNAVAILABLE)."""
+    import shutil
+
+    workspace.config_path.write_text(ORCH_YAML.replace("tokens_per_s: 400", "tokens_per_s: 10"))
+    running = await serve()
+    workspace.submit("long.task.yaml", task("long", max_tokens=200))
+    await wait_for(lambda: (workspace.result("long") or {}).get("status") == "running", 10)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{_url(running)}/v1/pools/p1/drain", json={"deadline_ms": 20000}) as r,
+    ):
+        assert r.status == 202
+    await asyncio.sleep(0.3)
+    # what a SIGKILL leaves now: the files as they are (no engine of the copy's own)
+    crashed = Workspace(tmp_path_factory.mktemp("crashed"))
+    shutil.copytree(workspace.root, crashed.root, dirs_exist_ok=True)
+    shutil.rmtree(crashed.root / ".orch" / "engines", ignore_errors=True)
+    (crashed.root / ".orch" / "status.json").unlink(missing_ok=True)
+    assert (crashed.root / "spool" / "active" / "long.task.yaml").exists()
+    assert set(drains.load(crashed.root / ".orch")) == {"p1"}
+    running.daemon.hurry_event.set()
+    await running.stop()
+    from reconciler import daemon as daemons
+
+    restarted = daemons.build(daemons.Options(config_path=crashed.config_path, resync_s=0.5))
+    job = asyncio.get_running_loop().create_task(restarted.run())
+    try:
+        ended = await wait_terminal(crashed, "long", 15)
+    finally:
+        restarted.stop()
+        await asyncio.wait_for(job, 20)
+    assert ended["status"] == "failed" and ended["error"]["code"] == "WORKER_RESET", ended
+    assert ended["error"]["retriable"] and "drained on request" in ended["error"]["message"]
+    assert ended["error"]["hint"] == (
+        "submit it again; POST /v1/pools/p1/reload serves the pool again"
+    )
+
+
 async def test_a_drained_pool_stays_down_across_restarts_until_a_reload(
     workspace: Workspace, serve: Any
 ) -> None:
