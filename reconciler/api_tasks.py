@@ -659,6 +659,10 @@ async def cancel_task(request: web.Request) -> web.StreamResponse:
         task_id=task_id,
         correlation_id=request[api.CORRELATION],
     )
+    # the task may have ended while the request was written (the daemon drops the request)
+    ended = backend.results.read(task_id) if backend.results.exists(task_id) else None
+    if ended is not None and ended.terminal:
+        return web.json_response({"task_id": task_id, "status": ended.status})
     return web.json_response({"task_id": task_id, "status": "cancel-requested"}, status=202)
 
 

@@ -257,6 +257,38 @@ async def test_cancel_over_http_is_idempotent_and_stops_a_running_task(
             assert response.status == 404
 
 
+async def test_a_cancel_racing_the_tasks_end_answers_with_the_end(
+    workspace: Workspace, serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The task ends while the cancel request is being written: the answer is its final
+    status (200), not 202 cancel-requested for a task that already succeeded."""
+    import time as clock
+
+    from reconciler import api_tasks
+
+    base = await _serve_slow(workspace, serve)
+    real = api_tasks.spool.request_cancel
+
+    def slow_request(the_spool: Any, task_id: str) -> Any:
+        end = clock.monotonic() + 15  # the task ends while the request is on its way
+        while clock.monotonic() < end and (workspace.result(task_id) or {}).get("status") in (
+            None,
+            "queued",
+            "running",
+        ):
+            clock.sleep(0.02)
+        return real(the_spool, task_id)
+
+    async with aiohttp.ClientSession() as session:
+        await _post_until_running(session, base, workspace, "race1", max_tokens=20)
+        monkeypatch.setattr(api_tasks.spool, "request_cancel", slow_request)
+        async with session.post(f"{base}/v1/tasks/race1/cancel") as response:
+            answer = await response.json()
+    assert workspace.result("race1")["status"] == "succeeded"  # type: ignore[index]
+    assert response.status == 200, answer
+    assert answer == {"task_id": "race1", "status": "succeeded"}
+
+
 async def test_sessions_and_capabilities(workspace: Workspace, serve: Any) -> None:
     running = await serve()
     base = _url(running)
