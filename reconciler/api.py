@@ -519,6 +519,27 @@ def query_flag(request: web.Request, name: str) -> bool:
 _FLAGS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
+async def no_body_fields(request: web.Request) -> None:
+    """For a route that takes nothing in its body: none, or `{}`. Any other body is held to
+    what every body is (`read_json`: 415, 413, 400 for malformed JSON), then refused for
+    the fields it names, never silently ignored."""
+    if not request.can_read_body:
+        return
+    body = await read_json(request)
+    if body == {}:
+        return
+    if isinstance(body, dict):
+        named = ", ".join(ids.quoted(str(key)) for key in list(body)[:5])
+        message = f"this route takes no fields in its body, and was given {named}"
+    else:
+        message = "the body must be a JSON object"
+    raise ApiError(
+        ErrorCode.INVALID_PARAMS,
+        message,
+        hint="send no body (or {}); GET /openapi.yaml lists what each route takes",
+    )
+
+
 async def read_json(request: web.Request) -> Any:
     """The request body as JSON: 415 for another content type, 413 over the limit, 400 with
     the line and column for malformed JSON. The body is held to the bounds and checks of a

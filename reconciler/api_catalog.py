@@ -85,6 +85,7 @@ async def verify_model(request: web.Request) -> web.StreamResponse:
     catalog = request.app[CATALOG]
     state = _state(request)
     model_id = _model_id(request, state)
+    await api.no_body_fields(request)
     record = await catalog.verify(model_id, state, backend.config.base)
     if record.status != "fail":  # the file is right now: what gave up on it may start again
         request.app[RETRY](model_id)

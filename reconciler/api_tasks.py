@@ -633,6 +633,7 @@ def _encoded(
 async def cancel_task(request: web.Request) -> web.StreamResponse:
     backend = request.app[BACKEND]
     task_id = _task_id(request)
+    await api.no_body_fields(request)
     existing = backend.results.read(task_id) if backend.results.exists(task_id) else None
     if existing is not None and existing.terminal:
         return web.json_response({"task_id": task_id, "status": existing.status})
@@ -719,6 +720,7 @@ async def get_session(request: web.Request) -> web.StreamResponse:
 async def delete_session(request: web.Request) -> web.StreamResponse:
     backend = request.app[BACKEND]
     sid = _session_id(request)
+    await api.no_body_fields(request)
     with contextlib.suppress(FileNotFoundError):
         (backend.sessions.root / f"{sid}.json").unlink()
     return web.Response(status=204)

@@ -289,6 +289,34 @@ async def test_a_cancel_racing_the_tasks_end_answers_with_the_end(
     assert answer == {"task_id": "race1", "status": "succeeded"}
 
 
+async def test_routes_that_take_no_body_refuse_one_instead_of_ignoring_it(
+    workspace: Workspace, serve: Any
+) -> None:
+    base = _url(await serve())
+    routes = [
+        ("POST", "/v1/tasks/nobody/cancel"),
+        ("POST", "/v1/catalog/models/m1/verify"),
+        ("DELETE", "/v1/sessions/zz"),
+    ]
+    async with aiohttp.ClientSession() as session:
+        for method, path in routes:
+            for body, headers, status, says in [
+                (b"cancel it", {"Content-Type": "text/plain"}, 415, "application/json"),
+                (b'{"x": 1}', {"Content-Type": "application/json"}, 400, "no fields"),
+                (b'{"a": 1, "a": 2}', {"Content-Type": "application/json"}, 400, "repeats"),
+                (b"[1]", {"Content-Type": "application/json"}, 400, "JSON object"),
+            ]:
+                async with session.request(
+                    method, base + path, data=body, headers=headers
+                ) as response:
+                    answer = await response.json()
+                assert response.status == status, (method, path, body, answer)
+                assert says in answer["message"] + answer.get("hint", ""), (path, answer)
+            for empty in (None, {}):  # no body, or {}: as before
+                async with session.request(method, base + path, json=empty) as response:
+                    assert response.status in (200, 202, 204, 404), (path, response.status)
+
+
 async def test_sessions_and_capabilities(workspace: Workspace, serve: Any) -> None:
     running = await serve()
     base = _url(running)
