@@ -33,7 +33,7 @@ from plugins import (
     registry,
 )
 from reconciler import resolving, specs
-from state import desired, errors, loading, parsing
+from state import desired, errors, loading, parsing, spool
 
 # Engines that load the model file themselves; the `sim` engine only simulates one.
 SIMULATED_ENGINES = frozenset({"sim"})
@@ -80,6 +80,10 @@ def check(path: Path, data: Any, node: yaml.Node | None, reg: registry.Registry)
     return found
 
 
+# the folders `serve` makes inside those of `paths:`
+SUBFOLDERS = {"spool": spool.FOLDERS, "state": ("sessions", "engines")}
+
+
 def _paths(paths: Any, base: Path, report: Report) -> None:
     """Each folder of `paths:` as `serve` will need it: a folder, or one that can be made
     (the nearest existing folder on the way is writable); a file in the way is an error."""
@@ -89,10 +93,13 @@ def _paths(paths: Any, base: Path, report: Report) -> None:
         if not isinstance(value, str) or not value:
             continue  # the schema says what is wrong with it
         folder = desired.resolve(base, value)
-        problem = _folder_problem(folder)
-        if problem is not None:
-            where = ("paths", key) if key in given else ("paths",) if given else ()
-            report(where, f"{folder} {problem[0]}", problem[1])
+        where = ("paths", key) if key in given else ("paths",) if given else ()
+        # the folder, then those `serve` makes in it (a file where one goes stops it too)
+        for needed in (folder, *(folder / sub for sub in SUBFOLDERS.get(key, ()))):
+            problem = _folder_problem(needed)
+            if problem is not None:
+                report(where, f"{needed} {problem[0]}", problem[1])
+                break
 
 
 def _folder_problem(folder: Path) -> tuple[str, str] | None:

@@ -574,6 +574,20 @@ def test_a_folder_of_paths_that_serve_could_not_use_is_an_error_at_its_key(
     ) in ran.out_lines, ran.out
 
 
+def test_a_file_where_serve_makes_a_spool_or_state_folder_is_an_error(tmp_path: Path) -> None:
+    """validate said ok with spool/incoming a file; serve then refused to start."""
+    p = tmp_path / "orch.yaml"
+    p.write_text(CONFIG)
+    (tmp_path / "spool").mkdir()
+    (tmp_path / "spool" / "incoming").write_text("x")
+    (tmp_path / ".orch").mkdir()
+    (tmp_path / ".orch" / "sessions").write_text("x")
+    ran = orchctl("validate", p)
+    assert ran.code == 2, ran.out
+    assert f"{tmp_path}/spool/incoming is a file, not a folder" in ran.out, ran.out
+    assert f"{tmp_path}/.orch/sessions is a file, not a folder" in ran.out, ran.out
+
+
 def test_an_empty_ref_is_an_error_and_a_folder_ref_is_said_to_be_a_folder(tmp_path: Path) -> None:
     (tmp_path / "models").mkdir()
     p = tmp_path / "orch.yaml"
