@@ -42,6 +42,7 @@ from reconciler import (
     probing,
     rates,
     recovery,
+    reloading,
     taking,
     tasking,
     tracing,
@@ -275,6 +276,12 @@ class Daemon:
         except daemon_lock.Held as held:
             self.pools.observer.close()
             raise errors.ConfigProblem(str(held)) from None
+        # this daemon's folder now: a reload the previous one never answered is undone
+        # before anything starts on its edit (a reload changes a model line, not paths:)
+        undone = reloading.restore_interrupted(self.config.path, self.state_dir)
+        if undone is not None:
+            logs.emit(log, "config.reload_interrupted", undone + ".", level=30)
+            self.config.refresh(settle=False)
         switch = sys.getswitchinterval()
         sys.setswitchinterval(min(switch, SWITCH_INTERVAL_S))
         # the task commits run in a helper process holding the folder locks too: a restart

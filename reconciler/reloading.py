@@ -28,11 +28,14 @@ a drain and waits for the pool to be Ready.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
+import json
 import os
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from reconciler import clocks, editing, logs, pools, specs
 from reconciler.configuring import AppliedConfig
@@ -93,6 +96,8 @@ class Reloader:
                 return await self._reload(pool_id, model, model_ref, timeout_s)
             finally:
                 self.runtime.reloading.pop(pool_id, None)
+                if not _ending():  # answered (or failed and rolled back): nothing to undo
+                    _forget(self.runtime.state_dir)
                 self.wake()
 
     async def _reload(
@@ -139,8 +144,12 @@ class Reloader:
             self.runtime.undrain(pool_id, "reload requested")
         else:
             try:
+                # first: a daemon killed before the reload answers finds it at its next start
+                # and puts the old file back (`restore_interrupted`), as a failure would
+                await asyncio.to_thread(_journal, self.runtime.state_dir, pool_id, old, new)
                 await asyncio.to_thread(self._write, new)
             except OSError as exc:
+                _forget(self.runtime.state_dir)
                 raise ReloadError(
                     ErrorCode.RELOAD_FAILED,
                     f"{self.config.path} cannot be written ({exc.strerror or exc}); "
@@ -401,3 +410,64 @@ class Reloader:
         passes = self.runtime.passes
         while self.runtime.passes == passes and self.clock.monotonic() < end:
             await self.clock.sleep(POLL_S)  # one pass on it: the old replica is back in plan
+
+
+# -- a reload cut short -----------------------------------------------------------------------
+
+JOURNAL = "reload-pending.json"
+
+
+def _journal(state_dir: Path, pool_id: str, old: bytes, new: bytes) -> None:
+    """Record, durably, a reload about to write `new` over `old`, until it answers."""
+    record = {
+        "pool_id": pool_id,
+        "old": base64.b64encode(old).decode(),
+        "new_sha256": hashlib.sha256(new).hexdigest(),
+    }
+    atomic.write_json(state_dir / JOURNAL, record)
+
+
+def _forget(state_dir: Path) -> None:
+    atomic.remove(state_dir / JOURNAL)
+
+
+def _ending() -> bool:
+    """Whether the reload is being cut short by the daemon's stop (its task canceled): the
+    journal then stays, and the next start undoes the edit nobody was answered about."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def restore_interrupted(config_path: Path, state_dir: Path) -> str | None:
+    """At the daemon's start, before it applies orch.yaml: a reload the previous daemon wrote
+    but never answered (killed, or stopped, while it waited) is undone as a failed one is:
+    the old bytes go back when orch.yaml still holds the reload's edit; an edit made since is
+    left alone. Returns what was done, for the log (None: no reload was cut short)."""
+    path = state_dir / JOURNAL
+    try:
+        record = json.loads(path.read_bytes())
+        pool_id, old = str(record["pool_id"]), base64.b64decode(record["old"])
+        new_sha256 = str(record["new_sha256"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):  # cut short itself: nothing was written
+        _forget(state_dir)
+        return None
+    try:
+        current = config_path.read_bytes()
+    except OSError:
+        current = b""
+    if hashlib.sha256(current).hexdigest() == new_sha256:
+        mode = stat.S_IMODE(os.stat(config_path).st_mode)
+        atomic.write_bytes(config_path, old, mode=mode)
+        done = (
+            f"a reload of pool {pool_id} was cut short by the daemon's stop before it answered: "
+            f"{config_path.name} is restored byte for byte, as a failed reload restores it"
+        )
+    else:
+        done = (
+            f"a reload of pool {pool_id} was cut short by the daemon's stop before it answered; "
+            f"{config_path.name} was changed since, so it is left as is"
+        )
+    _forget(state_dir)
+    return done

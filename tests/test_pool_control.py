@@ -515,6 +515,53 @@ async def test_a_reload_overtaken_by_another_edit_answers_at_once_and_leaves_it(
     assert workspace.config_path.read_text().endswith("# an edit by hand\n")
 
 
+async def test_a_reload_cut_short_by_the_daemons_death_is_undone_at_the_next_start(
+    workspace: Workspace, serve: Any
+) -> None:
+    """Killed while a reload waited for the new replica: nobody was told the reload worked,
+    so the next daemon puts the old orch.yaml back before it starts anything on the edit,
+    as a failed reload does; an edit made by hand since is left alone."""
+    from reconciler import reloading
+
+    (workspace.root / "m1.gguf").write_bytes(GOOD)
+    (workspace.root / "m1-v2.gguf").write_bytes(b"GGUF weights, version 2")
+    workspace.config_path.write_text(ORCH_YAML)
+    state_dir = workspace.root / ".orch"
+    state_dir.mkdir(exist_ok=True)
+    edited = editing.set_model_ref(ORCH_YAML, "m1", "file:m1-v2.gguf")
+    # what the killed daemon left: its journal, then the edited file
+    reloading._journal(state_dir, "p1", ORCH_YAML.encode(), edited.encode())
+    workspace.config_path.write_text(edited)
+    running = await serve()
+    assert workspace.config_path.read_text() == ORCH_YAML  # byte for byte
+    assert not (state_dir / reloading.JOURNAL).exists()
+    assert running.daemon.config.state.models["m1"].ref == "file:m1.gguf"  # type: ignore[union-attr]
+    await running.stop()
+    # a hand edit made after the reload's: left as it is
+    reloading._journal(state_dir, "p1", ORCH_YAML.encode(), edited.encode())
+    by_hand = edited + "# and an edit by hand\n"
+    workspace.config_path.write_text(by_hand)
+    running = await serve()
+    assert workspace.config_path.read_text() == by_hand
+    assert not (state_dir / reloading.JOURNAL).exists()
+
+
+async def test_a_reload_that_answered_leaves_no_journal(workspace: Workspace, serve: Any) -> None:
+    from reconciler import reloading
+
+    (workspace.root / "m1.gguf").write_bytes(GOOD)
+    (workspace.root / "m1-v2.gguf").write_bytes(b"GGUF weights, version 2")
+    workspace.config_path.write_text(ORCH_YAML)
+    base = _url(await serve())
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{base}/v1/pools/p1/reload", json={"model_ref": "file:m1-v2.gguf"}) as r,
+    ):
+        assert r.status == 200, await r.json()
+    assert not (workspace.root / ".orch" / reloading.JOURNAL).exists()
+    assert "m1-v2" in workspace.config_path.read_text()
+
+
 async def test_a_failed_reload_leaves_the_old_replica_serving_its_running_task(
     workspace: Workspace, serve: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
