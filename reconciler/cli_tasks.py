@@ -230,19 +230,20 @@ def _read_input(name: str) -> tuple[bytes, str, bool]:
         data = sys.stdin.buffer.read(limit + 1)
         shown, is_json = "<stdin>", data.lstrip().startswith(b"{")
     else:
-        path, shown = Path(name), name
+        # a name that is not UTF-8 shown with its bytes as \xe9, as the daemon shows it
+        path, shown = Path(name), spool.shown(name)
         is_json = path.suffix == ".json"
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         except FileNotFoundError:
-            raise Refused(EXIT_USAGE, f"{name}: no such file") from None
+            raise Refused(EXIT_USAGE, f"{shown}: no such file") from None
         except OSError as exc:
-            raise Refused(EXIT_USAGE, f"{name}: cannot be read: {exc.strerror or exc}") from None
+            raise Refused(EXIT_USAGE, f"{shown}: cannot be read: {exc.strerror or exc}") from None
         try:
             mode = os.fstat(fd).st_mode
             if not stat.S_ISREG(mode):
                 kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO, device or socket"
-                raise Refused(EXIT_USAGE, f"{name}: is {kind}, not a task file")
+                raise Refused(EXIT_USAGE, f"{shown}: is {kind}, not a task file")
             with os.fdopen(os.dup(fd), "rb") as fh:
                 data = fh.read(limit + 1)
         finally:

@@ -303,6 +303,14 @@ def test_output_that_cannot_be_written_is_said_plainly_not_as_a_bug(
     assert "bug" not in err and "Traceback" not in err
 
 
+def test_submit_shows_a_file_name_that_is_not_utf8_with_its_bytes(workspace: Workspace) -> None:
+    name = os.fsdecode(b"caf\xe9.task.yaml")
+    (workspace.root / name).write_text("prompt: hi\n")
+    ran = orchctl("submit", name, "--config", workspace.config_path, cwd=workspace.root)
+    assert ran.code == 2
+    assert ran.err.startswith("caf\\xe9.task.yaml:1:1: max_tokens: "), ran.err
+
+
 @pytest.mark.parametrize("argv", [["status"], ["tasks"], ["submit", "-"]])
 def test_a_closed_standard_output_is_said_and_nothing_is_done(
     workspace: Workspace, argv: list[str]
