@@ -20,6 +20,7 @@ The daemon calls `refresh` on every pass (and `start` once at startup). Rules:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -294,8 +295,18 @@ class AppliedConfig:
             atomic.write_bytes(self.last_good_path, content, kind="last_good")
             meta = {"revision": self.revision, "applied_at": self.applied_at}
             atomic.write_json(_meta_path(self.last_good_path), meta, kind="last_good")
-        except OSError as exc:  # a convenience: never a reason not to serve
-            logs.emit(log, "config.last_good_unwritable", f"Could not keep {LAST_GOOD}: {exc}")
+        except OSError as exc:  # a fallback, never a reason not to serve: but said plainly
+            with contextlib.suppress(OSError):  # a record of a copy that is not there
+                atomic.remove(_meta_path(self.last_good_path))
+            logs.emit(
+                log,
+                "config.last_good_unwritable",
+                f"Could not keep {LAST_GOOD}: {exc}. The daemon serves on, but a bad edit of "
+                f"{self.path.name} at its next start would have no last good config to fall "
+                f"back to: remove what is in the way at {self.last_good_path}, or let the "
+                "daemon's user write there.",
+                level=30,
+            )
 
     def _fail(self, errors: list[loading.LoadError]) -> None:
         if [str(e) for e in errors] == [str(e) for e in self.errors]:

@@ -207,6 +207,24 @@ async def test_a_restart_with_a_broken_config_serves_the_last_good_one_loudly(
     assert (await wait_terminal(workspace, "ok"))["status"] == "succeeded"
 
 
+async def test_a_last_good_copy_that_cannot_be_kept_is_warned_of_and_not_misdescribed(
+    workspace: Workspace, serve: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = await serve()
+    await first.stop()
+    orch = workspace.root / ".orch"
+    (orch / "last-good.yaml").unlink()
+    (orch / "last-good.yaml").mkdir()  # in the way
+    caplog.set_level("INFO", logger="llama_orch")
+    await serve()
+    said = [
+        r for r in caplog.records if getattr(r, "orch_event", "") == "config.last_good_unwritable"
+    ]
+    assert said and said[0].levelname == "WARNING", said
+    assert "remove what is in the way" in said[0].getMessage()
+    assert not (orch / "last-good.yaml.json").exists()  # no record of a copy not there
+
+
 @pytest.mark.slow
 def test_orchctl_serve_starts_on_a_broken_config_when_a_last_good_one_is_kept(
     workspace: Workspace,
