@@ -44,6 +44,15 @@ def _fields(record: logging.LogRecord) -> tuple[str, dict[str, Any]]:
 
 class JsonLinesFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
+        # formatted once per record: with --log-file, stderr's handler and the file's both ask
+        cached: str | None = getattr(record, "orch_json", None)
+        if cached is not None:
+            return cached
+        line = self._format(record)
+        record.orch_json = line
+        return line
+
+    def _format(self, record: logging.LogRecord) -> str:
         event, fields = _fields(record)
         line: dict[str, Any] = {
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
