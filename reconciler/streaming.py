@@ -162,7 +162,14 @@ async def stream(
                     run.result.timings.first_token_ms = int((first_token_at - begun) * 1000)
                 _tokens(running, cast(list[interfaces.Token], items), deps)
             if done is not None:
-                _succeed(running, done, deps, begun=begun, first_token_at=first_token_at)
+                _succeed(
+                    running,
+                    done,
+                    deps,
+                    begun=begun,
+                    first_token_at=first_token_at,
+                    metrics_due=now - last_metrics >= METRICS_EVERY_S,
+                )
                 return
             if now - last_metrics >= METRICS_EVERY_S:
                 last_metrics = now
@@ -342,7 +349,11 @@ def _succeed(
     *,
     begun: float,
     first_token_at: float | None,
+    metrics_due: bool = True,
 ) -> None:
+    """The engine's stream ended well. A last `metrics` frame goes before the end only when
+    one is due (the last is METRICS_EVERY_S old): the end frame holds the final counts, and
+    a task shorter than that has its `metrics` frame of the start."""
     result = running.run.result
     # the engine's count is authoritative: llama-server holds back pieces of a UTF-8
     # character, so some tokens arrive with no text of their own
@@ -372,7 +383,8 @@ def _succeed(
         decode_ms=decode_ms,
         first_token_ms=float(result.timings.first_token_ms or 0),
     )
-    _metrics(running, deps)
+    if metrics_due:
+        _metrics(running, deps)
     # the context's end, where it is the limit: OpenAI's "length"
     finish = "length" if item.truncated else item.finish_reason
     _finish(running, deps, "succeeded", finish_reason=finish)

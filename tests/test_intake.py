@@ -241,6 +241,10 @@ async def test_only_orch_yaml_wakes_the_loop_not_a_log_written_beside_it(tmp_pat
         (tmp_path / ".orch.yaml.swp").write_text("version: 1\n")
         os.rename(tmp_path / ".orch.yaml.swp", config)
         await asyncio.wait_for(woke.wait(), 5)
+        for _ in range(250):  # (the wake may be the in-place edit's last event, a moment late)
+            if str(config) in renamed:
+                break
+            await asyncio.sleep(0.02)
         assert str(config) in renamed
     finally:
         observer.stop()
