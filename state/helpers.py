@@ -46,8 +46,39 @@ READY_S = 10.0  # how long a new helper may take to say it is ready
 RETRY_S = 60.0  # after a helper failed to start, how long the work stays in-process
 
 
-def send(fd: int, message: Any) -> None:
-    send_body(fd, pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+def send(fd: int, message: Any, *, timeout_s: float | None = None) -> None:
+    """Send `message`; with `timeout_s`, raise TimeoutError when the other end has not taken
+    it all by then (stopped, hung: its pipe full)."""
+    body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    if timeout_s is None:
+        send_body(fd, body)
+        return
+    data = memoryview(_LENGTH.pack(len(body)) + body)
+    deadline = time.monotonic() + timeout_s
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    blocking = os.get_blocking(fd)
+    os.set_blocking(fd, False)
+    try:
+        while data:
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(left * 1000):
+                raise TimeoutError(f"the helper took no message for {timeout_s:g} s")
+            try:
+                data = data[os.write(fd, data) :]
+            except BlockingIOError:
+                continue
+    finally:
+        os.set_blocking(fd, blocking)
+
+
+def wait_readable(fd: int, timeout_s: float) -> None:
+    """Return once `fd` has something to read (or its other end closed); raise TimeoutError
+    after `timeout_s` (the helper stopped or hung mid-work)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    if not poller.poll(timeout_s * 1000):
+        raise TimeoutError(f"the helper did not answer within {timeout_s:g} s")
 
 
 def send_body(fd: int, body: bytes) -> None:

@@ -66,8 +66,7 @@ class Placement(BaseModel):
             )
         if self.mode == "prefer" and not (self.prefer_pools or self.avoid_pools):
             raise Hinted(
-                "placement mode 'prefer' needs 'prefer_pools: [<pool id>, ...]' (or "
-                "avoid_pools)",
+                "placement mode 'prefer' needs 'prefer_pools: [<pool id>, ...]' (or avoid_pools)",
                 "add prefer_pools: [<a pool id `orchctl status` lists>], or use mode: auto",
             )
         return self

@@ -29,6 +29,10 @@ from state import artifacts, atomic, events, helpers
 
 _log = logging.getLogger("llama_orch.traces")
 
+# how long the trace writer may take to take a batch and to answer for it; a batch of a
+# thousand traces takes it well under a second
+STORE_S = 30.0
+
 Outcome = tuple[str, str]  # ("stored", artifact id) or ("failed", why)
 
 
@@ -97,7 +101,11 @@ class TraceWriter(helpers.Owner):
             try:
                 if helper is not None and self._ready(helper):
                     asked = True
-                    helpers.send(helper.to_helper, ("store", folder, created_at, list(traces)))
+                    message = ("store", folder, created_at, list(traces))
+                    # a writer stopped or hung (a signal, a disk that stalls) is given up
+                    # on, and the batch stored here: never a daemon that cannot stop
+                    helpers.send(helper.to_helper, message, timeout_s=STORE_S)
+                    helpers.wait_readable(helper.from_helper, STORE_S)
                     reply = helpers.receive(helper.from_helper)
             except Exception as exc:  # whatever it was, the batch is stored here
                 asked = True

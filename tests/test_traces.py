@@ -7,6 +7,7 @@ it storing."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -104,6 +105,28 @@ def test_a_writer_that_dies_leaves_its_batch_to_the_caller_and_is_started_again(
     assert second is not None and second != first
     _stored(tmp_path, writer.store(tmp_path / "artifacts", [_trace(tmp_path, "c")], "t"), ["c"])
     assert writer.pid == second
+
+
+def test_a_writer_that_stopped_answering_is_given_up_on_and_the_batch_stored_here(
+    tmp_path: Path, writer: traces.TraceWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer stopped by a signal (or hung on a disk) must not hold its batch, and the
+    daemon's stop that waits for it, for ever: after STORE_S the batch is stored in the
+    caller's thread and the writer ended."""
+    monkeypatch.setattr(traces, "STORE_S", 0.5)
+    first = writer.pid
+    assert first is not None
+    writer.store(tmp_path / "artifacts", [_trace(tmp_path, "a")], "t")  # it is ready
+    os.kill(first, signal.SIGSTOP)
+    try:
+        began = time.monotonic()
+        outcomes = writer.store(tmp_path / "artifacts", [_trace(tmp_path, "b")], "t")
+        assert time.monotonic() - began < 5
+        _stored(tmp_path, outcomes, ["b"])
+        assert writer.pid is None
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(first, signal.SIGCONT)
 
 
 def test_where_no_writer_can_start_the_batch_is_stored_in_the_callers_thread(
