@@ -313,6 +313,30 @@ class LlamaCppEngine(llama_server.ServerEngine):
         await super().wait_ready(handle, timeout_s=timeout_s)
         self.require_all_layers_on_gpu(handle)
 
+    async def adopt(
+        self, record: Mapping[str, Any], spec: interfaces.ReplicaSpec
+    ) -> interfaces.ReplicaHandle | None:
+        """A recorded engine passes the checks of a start before it is adopted: a CPU build
+        (started by a daemon with the test-only switch) or layers left on the CPU are not
+        served by a daemon without it. One that fails them is stopped; the pool's start then
+        says why."""
+        handle = await super().adopt(record, spec)
+        if handle is None:
+            return None
+        try:
+            await self.require_gpu(find_binary(spec.options), spec)
+            self.require_all_layers_on_gpu(handle)
+        except (interfaces.EnvironmentMissing, interfaces.EngineStartError, OSError) as exc:
+            _log.warning(
+                "not adopting %s (pid %s): %s",
+                spec.replica_id,
+                handle.pid,
+                getattr(exc, "reason", None) or getattr(exc, "what", None) or exc,
+            )
+            await processes.stop_replica(handle, grace_s=self.adopt_stop_grace_s)
+            return None
+        return handle
+
     def require_all_layers_on_gpu(self, handle: interfaces.ReplicaHandle) -> None:
         """Raise EngineStartError when llama-server logged fewer layers on the GPU than the
         model has (the test-only CPU switch allows it). Without the line (a verbosity flag in

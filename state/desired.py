@@ -16,6 +16,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -187,6 +188,51 @@ class SimOptions(Strict):
     faults: SimFaults = Field(default_factory=SimFaults)
 
 
+# llama-server flags llama-orch sets itself from the pool (or must not have changed: where
+# the engine listens, what it loads, that every layer is on the GPU): given again in `flags`
+# they would win (llama-server takes the last value) behind the daemon's back. Each with
+# what to write instead.
+_SLOTS = "set the pool's slots: (llama-orch passes -np slots)"
+_CTX = "set the pool's ctx: (context per slot; llama-orch passes -c ctx × slots)"
+_MODEL = "name the model in the pool's model: and its ref in models:"
+_ADDRESS = "llama-orch gives each engine a loopback port of its own, reached only by the daemon"
+_GPU_ONLY = (
+    "llama-orch serves from GPUs only (HME-013) and passes -ngl 999 --fit off; remove it, and "
+    "pick GPUs with the pool's devices:"
+)
+MANAGED_LLAMACPP_FLAGS: dict[str, str] = {
+    "-np": _SLOTS,
+    "--parallel": _SLOTS,
+    "-c": _CTX,
+    "--ctx-size": _CTX,
+    "-m": _MODEL,
+    "--model": _MODEL,
+    "-mu": _MODEL,
+    "--model-url": _MODEL,
+    "-hf": _MODEL,
+    "-hfr": _MODEL,
+    "--hf-repo": _MODEL,
+    "-hff": _MODEL,
+    "--hf-file": _MODEL,
+    "--host": _ADDRESS,
+    "--port": _ADDRESS,
+    "--api-key": "the daemon talks to its engines without a key; put auth: on the daemon",
+    "--api-key-file": "the daemon talks to its engines without a key; put auth: on the daemon",
+    "-ngl": _GPU_ONLY,
+    "--gpu-layers": _GPU_ONLY,
+    "--n-gpu-layers": _GPU_ONLY,
+    "--fit": _GPU_ONLY,
+    "-dev": _GPU_ONLY,
+    "--device": _GPU_ONLY,
+    "-cmoe": _GPU_ONLY,
+    "--cpu-moe": _GPU_ONLY,
+    "-ncmoe": _GPU_ONLY,
+    "--n-cpu-moe": _GPU_ONLY,
+    "-ot": _GPU_ONLY,
+    "--override-tensor": _GPU_ONLY,
+}
+
+
 class PoolSpec(Strict):
     id: Id
     engine: str
@@ -205,6 +251,21 @@ class PoolSpec(Strict):
     flags: list[str] = Field(default_factory=list, description="extra engine flags")
     env: dict[str, str] = Field(default_factory=dict, description="extra engine environment")
     sim: SimOptions | None = None
+
+    @field_validator("flags")
+    @classmethod
+    def _unmanaged_flags(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        if info.data.get("engine") != "llamacpp":
+            return v
+        for flag in v:
+            name = flag.split("=", 1)[0]
+            if name in MANAGED_LLAMACPP_FLAGS:
+                raise Hinted(
+                    f"flag {flag!r} is one llama-orch sets itself for llamacpp pools (given "
+                    "here too it would win, unseen by the daemon)",
+                    f"remove it: {MANAGED_LLAMACPP_FLAGS[name]}",
+                )
+        return v
 
     @field_validator("devices")
     @classmethod

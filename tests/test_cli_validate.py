@@ -588,6 +588,34 @@ def test_a_file_where_serve_makes_a_spool_or_state_folder_is_an_error(tmp_path: 
     assert f"{tmp_path}/.orch/sessions is a file, not a folder" in ran.out, ran.out
 
 
+@pytest.mark.parametrize(
+    ("flags", "named", "fix"),
+    [
+        ('["-np", "4"]', "'-np'", "set the pool's slots:"),
+        ('["--host", "0.0.0.0"]', "'--host'", "loopback port"),
+        ('["--port=1"]', "'--port=1'", "loopback port"),
+        ('["-fa", "on", "-ngl", "0"]', "'-ngl'", "GPUs only"),
+        ('["-c", "8192"]', "'-c'", "set the pool's ctx:"),
+    ],
+)
+def test_a_llamacpp_flag_the_daemon_sets_itself_is_refused(
+    tmp_path: Path, flags: str, named: str, fix: str
+) -> None:
+    """Given again in flags: it would win (llama-server takes the last value): an engine
+    listening on the network, or more slots and less context than the daemon plans for."""
+    p = tmp_path / "orch.yaml"
+    p.write_text(
+        CONFIG.replace(
+            "engine: sim, model: m1, max_tokens: 100",
+            f"engine: llamacpp, model: m1, flags: {flags}",
+        )
+    )
+    ran = orchctl("validate", p)
+    assert ran.code == 2, ran.out
+    line = next(x for x in ran.out_lines if "pools[0].flags" in x)
+    assert f"flag {named} is one llama-orch sets itself" in line and fix in line, line
+
+
 def test_an_empty_ref_is_an_error_and_a_folder_ref_is_said_to_be_a_folder(tmp_path: Path) -> None:
     (tmp_path / "models").mkdir()
     p = tmp_path / "orch.yaml"

@@ -248,6 +248,32 @@ async def test_the_test_only_switch_lets_a_cpu_build_serve_with_a_loud_warning(
     )
 
 
+async def test_an_engine_started_with_the_cpu_switch_is_not_adopted_without_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon with the test-only switch started a CPU build; the daemon after it runs
+    without the switch: adopting the engine would serve from the CPU, which no start of
+    that daemon allows (HME-013). It is stopped instead, and the pool's start says why."""
+    from plugins import liveness, processes
+
+    monkeypatch.setenv(engine_llamacpp.ALLOW_CPU_ENV, "1")
+    binary = fake_llama_server(tmp_path / "cpu", listing=CPU_LISTING)
+    engine = engine_llamacpp.LlamaCppEngine()
+    spec = make_spec(tmp_path, binary=str(binary))
+    handle = await engine.start(spec)
+    try:
+        await engine.wait_ready(handle, timeout_s=10)
+        record = processes.record(handle)
+        monkeypatch.delenv(engine_llamacpp.ALLOW_CPU_ENV)
+        adopted = await engine_llamacpp.LlamaCppEngine().adopt(record, spec)
+        assert adopted is None
+        assert not liveness.pid_alive(handle.pid, handle.started_at)
+        with pytest.raises(interfaces.EnvironmentMissing):
+            await engine_llamacpp.LlamaCppEngine().start(spec)
+    finally:
+        await engine.stop(handle, grace_s=2)
+
+
 @pytest.mark.slow
 async def test_a_replica_lives_through_a_fake_cuda_llama_server(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
