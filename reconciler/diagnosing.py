@@ -98,13 +98,24 @@ def diagnose(
     d.builds = [b for b in found if b.backend != "cpu"]
     on_path = shutil.which("llama-server", path=machine.path)
     configured = binary is not None and binary.is_file() and os.access(binary, os.X_OK)
-    have_engine = bool(d.builds or on_path or configured) or simulate is not None
+    # a CPU-only build is no engine for the GPU pools: the tools to build one are needed
+    usable = configured and binary is not None and not llamacpp_builds.cpu_only(binary)
+    have_engine = bool(d.builds or on_path or usable) or simulate is not None
     if simulate is None:
         d.can_build = toolchain_checks.check(
             d.add, path=machine.path, facts=d.facts, needed=not have_engine
         )
     if binary is not None and simulate is None:
-        if configured:
+        if configured and llamacpp_builds.cpu_only(binary):  # what every llamacpp pool refuses
+            d.add(
+                "engine",
+                "fail",
+                f"engines.llamacpp.binary {binary} is a CPU-only build: llamacpp pools refuse it "
+                "(they run on GPUs only)",
+                "point engines.llamacpp.binary at a CUDA build of llama-server, or remove it "
+                "and run `orchctl up` to build llama.cpp with CUDA",
+            )
+        elif configured:
             d.add("engine", "ok", f"engines.llamacpp.binary: {binary}")
         else:
             d.add(

@@ -320,6 +320,21 @@ def test_a_configured_engine_binary_needs_no_build_tools(
     assert ran.code == 3 and line(ran.out, "engine").startswith("FAIL  engine")
 
 
+def test_a_configured_cpu_only_engine_binary_fails_the_engine_check(machine: Path) -> None:
+    """Every llamacpp pool refuses a CPU-only build: doctor must not call it ok (and say
+    serving is possible) when orch.yaml names one."""
+    binary = machine / "llama.cpp" / "0.3.36-cpu" / "bin" / "llama-server"
+    binary.parent.mkdir(parents=True)
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    config = machine / "orch.yaml"
+    config.write_text(config.read_text() + f"engines: {{llamacpp: {{binary: '{binary}'}}}}\n")
+    ran = orchctl("doctor")
+    assert ran.code == 3, ran.out
+    engine = line(ran.out, "engine")
+    assert engine.startswith("FAIL  engine") and "CPU-only build" in engine, ran.out
+
+
 def test_caches_this_user_cannot_read_are_failed_checks_with_the_fix_not_a_crash(
     machine: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
