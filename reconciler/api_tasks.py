@@ -721,8 +721,7 @@ async def delete_session(request: web.Request) -> web.StreamResponse:
     backend = request.app[BACKEND]
     sid = _session_id(request)
     await api.no_body_fields(request)
-    with contextlib.suppress(FileNotFoundError):
-        (backend.sessions.root / f"{sid}.json").unlink()
+    backend.sessions.remove(sid)
     return web.Response(status=204)
 
 

@@ -71,6 +71,11 @@ class SessionStore:
                 self.damaged(path, str(why))
             return None
 
+    def remove(self, session_id: str) -> None:
+        """Forget a session: in order with its writes still to be committed (a turn's end
+        updates it in its task's group commit), which would otherwise bring it back."""
+        atomic.remove(self._path(session_id))
+
     def put(self, session: Session) -> None:
         atomic.write_bytes(
             self._path(session.session_id),

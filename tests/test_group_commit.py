@@ -188,6 +188,26 @@ def test_a_session_turn_counted_in_the_batch_is_seen_by_the_next_task_of_the_bat
     assert got is not None and got.turns == 2
 
 
+def test_a_session_forgotten_while_its_turn_commits_stays_forgotten(
+    tmp_path: Path, held_commits: Any
+) -> None:
+    """DELETE /v1/sessions/{id} just after a task of the session ended: the turn's update of
+    the session, still in the commit thread, must not bring the session back."""
+    import threading
+
+    store = sessions.SessionStore(tmp_path / "sessions")
+    with atomic.group():
+        sessions.count_turn(store, "s1", "t1", now=100.0)
+        group = atomic.begin()
+    atomic.hand_off(group)
+    committing = threading.Thread(target=atomic.commit, args=(group,), daemon=True)
+    committing.start()
+    threading.Timer(0.3, held_commits.set).start()
+    store.remove("s1")  # waits for the turn's commit, then removes the file
+    committing.join(5)
+    assert store.get("s1") is None and not store._path("s1").exists()
+
+
 def test_a_failed_write_skips_the_rest_of_its_unit_and_no_other(tmp_path: Path) -> None:
     """One task's result path blocked (a folder where its file goes): its later operations
     (its task file's move) do not happen, the other task's all do, and the failure names
