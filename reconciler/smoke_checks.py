@@ -119,11 +119,31 @@ def _devices(pool: dict[str, Any]) -> str:
     return "+".join(sorted({str(i) for r in pool["replicas"] for i in r["gpu"]}))
 
 
+CANCEL_TRIES = 3  # tasks (each its own seed) a model that ends its answers early is given
+
+
 def cancel(smoke: Smoke) -> str:
     smoke_harness.need(smoke, "POST /v1/tasks", "POST /v1/tasks/{task_id}/cancel")
     pool = smoke_harness.first_pool(smoke)
     limit = smoke.long_tokens(pool["id"])
-    body = smoke.task("cancel", pool["model"], max_tokens=limit)
+    ended_first: list[str] = []
+    for attempt in range(CANCEL_TRIES):
+        said = _cancel_one(smoke, pool, limit, seed=attempt + 1)
+        if said.startswith("canceled"):
+            return said
+        ended_first.append(said)
+    # the model answered whole, each time, before the cancel reached it: not the daemon's
+    # failure, and nothing this check can show with this model
+    raise NotRun(
+        f"the model ended each of {CANCEL_TRIES} tasks on its own before the cancel reached it "
+        f"({'; '.join(ended_first)}); run the smoke with a model that writes longer answers"
+    )
+
+
+def _cancel_one(smoke: Smoke, pool: dict[str, Any], limit: int, *, seed: int) -> str:
+    """One task canceled at its first token: what happened, starting with "canceled"; else
+    how it ended on its own first (raises Failed for what the daemon did wrong)."""
+    body = smoke.task("cancel", pool["model"], max_tokens=limit, seed=seed)
     answer = smoke.client.post("/v1/tasks", body)
     if answer.status != 202:
         raise Failed(f"POST /v1/tasks answered {answer.said()}")
@@ -141,6 +161,17 @@ def cancel(smoke: Smoke) -> str:
     time.sleep(0.5)  # nothing may follow the terminal frame
     again = smoke.follow(task_id)
     result = smoke.result(task_id)
+    finish = result.get("finish_reason")
+    if (
+        result.get("status") == "succeeded"
+        and finish == "stop"
+        and result.get("tokens_out", 0) < limit
+    ):
+        timings = result.get("timings") or {}
+        return (
+            f"{task_id} stopped by itself after {result.get('tokens_out')} tokens in "
+            f"{timings.get('decode_time_ms')} ms"
+        )
     if result.get("status") != "canceled":
         raise Failed(f"{task_id} ended {result.get('status')}, not canceled")
     if terminal is None or again[-1].id != terminal.id or result.get("tokens_out", 0) >= limit:
@@ -203,7 +234,25 @@ def backpressure(smoke: Smoke) -> str:
             f"the queue (policy {queue.get('full_policy')}) evicted {len(evicted)} task(s) with "
             "QUEUE_FULL_DROP_LRU (429 in the error table) once full; the rest were canceled"
         )
+    stopped = [t for t in submitted if _stopped_early(smoke.result(t))]
+    if stopped and len(stopped) == len([t for t in submitted if _ended_well(smoke.result(t))]):
+        # every task that ended did so by itself, well short of its max_tokens: the model
+        # answers faster than tasks can be sent, so no queue fills (not the daemon's doing)
+        raise NotRun(
+            f"the model ended {len(stopped)} of the {len(submitted)} tasks on its own (short "
+            "answers, faster than tasks could be sent), so the queue never filled; run the "
+            "smoke with a model that writes longer answers, or a smaller queue.capacity"
+        )
     raise Failed(f"{len(submitted)} tasks filled no queue: no 429 and no eviction")
+
+
+def _ended_well(result: dict[str, Any]) -> bool:
+    return result.get("status") == "succeeded"
+
+
+def _stopped_early(result: dict[str, Any]) -> bool:
+    """Whether the task ended by the model's own end (EOS, a stop string), not its limit."""
+    return _ended_well(result) and result.get("finish_reason") == "stop"
 
 
 def _ended(smoke: Smoke, task_id: str) -> bool:

@@ -171,6 +171,38 @@ async def test_a_failed_check_is_exit_1_and_what_cannot_run_is_named(
     )
 
 
+async def test_a_model_that_ends_its_answers_early_leaves_cancel_and_429_not_run(
+    workspace: Workspace, serve: Any, tmp_path: Path, capsys: Any, monkeypatch: Any
+) -> None:
+    """A real small model stops on its own (EOS) within milliseconds: the cancel arrives
+    after the end, and no queue fills. That is not the daemon failing: both checks say so
+    as not run, with the reason, never FAILED."""
+    from reconciler import smoke_harness
+
+    workspace.write_config(config(queue={"capacity": 4, "full_policy": "reject"}))
+    running = await serve()
+    assert running.daemon.server is not None
+    real_task = smoke_harness.Smoke.task
+
+    def ends_at_once(self: Any, label: str, model: str, **fields: Any) -> dict[str, Any]:
+        body = real_task(self, label, model, **fields)
+        if label in ("cancel", "fill"):
+            body["stop"] = [" "]  # the sim's every word starts with one: it ends at once
+        return body
+
+    monkeypatch.setattr(smoke_harness.Smoke, "task", ends_at_once)
+    out = tmp_path / "smoke"
+    await orchctl("smoke", "--url", running.daemon.server.url, "--out", str(out))
+    said = capsys.readouterr()
+    found = rows((out / "smoke_report.md").read_text())
+    cancel = found["a cancel stops tokens"]
+    assert cancel[0] == "not run", cancel
+    assert "ended each of 3 tasks on its own before the cancel reached it" in cancel[1]
+    full = found["a full queue answers 429"]
+    assert full[0] == "not run" and "the queue never filled" in full[1], full
+    assert "FAILED   a cancel" not in said.out and "FAILED   a full queue" not in said.out
+
+
 async def test_no_daemon_is_exit_3_and_writes_nothing(tmp_path: Path, capsys: Any) -> None:
     out = tmp_path / "smoke"
     code = await orchctl("smoke", "--url", "http://127.0.0.1:9", "--out", str(out))
