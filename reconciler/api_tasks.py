@@ -393,18 +393,13 @@ def _resume_after(request: web.Request) -> int:
     header, query = request.headers.get("Last-Event-ID"), request.query.get("last_event_id")
     if query == "":  # given, but empty: not "from the start", which is leaving it out
         raise ApiError(ErrorCode.INVALID_PARAMS, "?last_event_id is empty", hint=_RESUME_HINT)
-    if header and query:  # neither may win unsaid; `003` and `3` are one id
-        ids_given = (
-            _event_id(header, _HEADER),
-            _event_id(query, "?last_event_id"),
-        )
-        if ids_given[0] != ids_given[1]:
-            raise ApiError(
-                ErrorCode.INVALID_PARAMS,
-                f"the Last-Event-ID header ({header[:40]!r}) and ?last_event_id "
-                f"({query[:40]!r}) differ",
-                hint="send one of them: the header is what EventSource sends on a reconnect",
-            )
+    if header and query:
+        # both: an EventSource opened with ?last_event_id=N reconnects to the same URL with
+        # the header naming the last frame it saw since, so the header is the newer place
+        # (a refusal would end that stream: EventSource does not retry a non-200). The
+        # query is still held to being an id.
+        _event_id(query, "?last_event_id")
+        return _event_id(header, _HEADER)
     return _event_id(header or query or "0", _HEADER if header else "?last_event_id")
 
 
