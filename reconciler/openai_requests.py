@@ -28,7 +28,6 @@ from typing import Any, Literal
 
 import pydantic
 
-from reconciler import admission
 from state import desired, ids, loading, parsing, sessions, tasks
 from state.errors import ErrorCode
 
@@ -414,15 +413,15 @@ def _max_tokens(given: dict[str, Any]) -> int | None:
 
 
 def default_max_tokens(task: tasks.TaskFile, state: desired.DesiredState) -> int:
-    """What the largest pool serving the task's model leaves after the prompt, within its
-    max_tokens (at least 1: admission then explains a prompt that does not fit)."""
+    """The ceiling of a request that set no limit: the largest context of the pools serving
+    the task's model, within their max_tokens. The task is labelled UP_TO_CONTEXT, so the
+    engine generates until the context is really full (its tokenizer counts the prompt; the
+    estimate here is only that) and that end is finish_reason length, as OpenAI's is."""
     model = task.model or (pool.model if (pool := state.pool(task.pool or "")) else None)
     pools = [p for p in state.pools if p.model == model and (not task.pool or p.id == task.pool)]
     if not pools:
         return DEFAULT_MAX_TOKENS
-    prompt = admission.prompt_tokens(task)
-    room = max(min(p.ctx - prompt, p.max_tokens or p.ctx) for p in pools)
-    return max(1, room)
+    return max(1, max(min(p.ctx, p.max_tokens or p.ctx) for p in pools))
 
 
 def _validate(task: dict[str, Any]) -> tasks.TaskFile:

@@ -590,6 +590,22 @@ async def test_without_max_tokens_the_context_end_is_the_limit_not_a_failure(
     assert limited.choices[0].finish_reason == "length" and limited.usage.completion_tokens == 5
 
 
+async def test_without_max_tokens_the_answer_runs_to_the_real_end_of_the_context(
+    workspace: Workspace, serve: Any
+) -> None:
+    """The prompt's estimate (bytes / 4) is 750 tokens high for 3,000 five-byte words; the
+    answer must still run until the engine's context is full, not stop 750 tokens short."""
+    cfg = config()
+    cfg["pools"][0].update(ctx=4096, sim={"tokens_per_s": 20000, "load_s": 0.0})
+    workspace.write_config(cfg)
+    running = await serve()
+    async with client(running) as oa:
+        answer = await oa.completions.create(model="m1", prompt="word " * 3000)
+    usage = answer.usage
+    assert answer.choices[0].finish_reason == "length"
+    assert usage is not None and usage.prompt_tokens + usage.completion_tokens >= 4096 - 8, usage
+
+
 async def test_openai_tasks_a_crashed_daemon_left_are_canceled_not_run_for_nobody(
     workspace: Workspace, serve: Any, caplog: pytest.LogCaptureFixture
 ) -> None:

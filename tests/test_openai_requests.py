@@ -58,11 +58,15 @@ def test_a_chat_request_becomes_a_chat_task_with_its_options() -> None:
     assert task.chat_json()["response_format"] == {"type": "json_object"}
 
 
-def test_max_tokens_defaults_to_the_room_the_pool_leaves_after_the_prompt() -> None:
+def test_without_max_tokens_the_contexts_end_is_the_limit() -> None:
+    """No limit given: the ceiling is the pool's context, and the context's real end (as
+    the engine's tokenizer counts the prompt, not this estimate) ends the answer as length."""
     task = plan({"model": "m1", "messages": HI}).task
-    assert task.max_tokens == 2048 - openai_requests.admission.prompt_tokens(task)
+    assert task.max_tokens == 2048 and task.labels["max_tokens"] == "context"
     text = plan({"model": "m1", "prompt": "x" * 400}, "text").task
-    assert text.max_tokens == 2048 - 100 and text.prompt == "x" * 400
+    assert text.max_tokens == 2048 and text.prompt == "x" * 400
+    given = plan({"model": "m1", "prompt": "x", "max_tokens": 7}, "text").task
+    assert given.max_tokens == 7 and "max_tokens" not in given.labels
     pinned = plan({"model": "p1", "prompt": "x"}, "text").task
     assert pinned.pool == "p1" and pinned.model is None
 
