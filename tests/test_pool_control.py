@@ -168,21 +168,27 @@ def _stopped(ws: Workspace) -> bool:
 
 
 @pytest.mark.slow
-async def test_a_task_outlasting_its_replicas_drain_fails_at_once_saying_so(
-    workspace: Workspace, serve: Any
-) -> None:
-    """A drain gives running tasks its deadline, then stops the replica. A task still
-    running then ends at once as WORKER_RESET naming the drain, not after a minute of
-    silence as a stalled engine (closing the connections left its read blocked)."""
+async def _draining_with_a_long_task(workspace: Workspace, serve: Any, *, deadline_ms: int) -> Any:
+    """A daemon running task `long` (about 20 s) on pool p1, which is being drained."""
     workspace.config_path.write_text(ORCH_YAML.replace("tokens_per_s: 400", "tokens_per_s: 10"))
     running = await serve()
     workspace.submit("long.task.yaml", task("long", max_tokens=200))
     await wait_for(lambda: (workspace.result("long") or {}).get("status") == "running", 10)
     async with (
         aiohttp.ClientSession() as session,
-        session.post(f"{_url(running)}/v1/pools/p1/drain", json={"deadline_ms": 300}) as r,
+        session.post(f"{_url(running)}/v1/pools/p1/drain", json={"deadline_ms": deadline_ms}) as r,
     ):
         assert r.status == 202
+    return running
+
+
+async def test_a_task_outlasting_its_replicas_drain_fails_at_once_saying_so(
+    workspace: Workspace, serve: Any
+) -> None:
+    """A drain gives running tasks its deadline, then stops the replica. A task still
+    running then ends at once as WORKER_RESET naming the drain, not after a minute of
+    silence as a stalled engine (closing the connections left its read blocked)."""
+    await _draining_with_a_long_task(workspace, serve, deadline_ms=300)
     result = await wait_terminal(workspace, "long", 10)
     assert result["status"] == "failed" and result["error"]["code"] == "WORKER_RESET"
     assert "was stopped while the task ran" in result["error"]["message"]
@@ -198,15 +204,7 @@ async def test_a_task_running_when_the_daemon_died_mid_drain_ends_retriable(
     it again), not as a task the pool refused (POOL_UNAVAILABLE)."""
     import shutil
 
-    workspace.config_path.write_text(ORCH_YAML.replace("tokens_per_s: 400", "tokens_per_s: 10"))
-    running = await serve()
-    workspace.submit("long.task.yaml", task("long", max_tokens=200))
-    await wait_for(lambda: (workspace.result("long") or {}).get("status") == "running", 10)
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(f"{_url(running)}/v1/pools/p1/drain", json={"deadline_ms": 20000}) as r,
-    ):
-        assert r.status == 202
+    running = await _draining_with_a_long_task(workspace, serve, deadline_ms=20000)
     await asyncio.sleep(0.3)
     # what a SIGKILL leaves now: the files as they are (no engine of the copy's own)
     crashed = Workspace(tmp_path_factory.mktemp("crashed"))
@@ -233,6 +231,7 @@ async def test_a_task_running_when_the_daemon_died_mid_drain_ends_retriable(
     )
 
 
+@pytest.mark.slow
 async def test_a_drained_pool_stays_down_across_restarts_until_a_reload(
     workspace: Workspace, serve: Any
 ) -> None:
