@@ -286,6 +286,23 @@ def _devices(pools: list[dict[str, Any]], present: set[int] | None, report: Repo
 
 
 def _engines(pools: list[dict[str, Any]], engines: Any, report: Report) -> None:
+    for i, pool in enumerate(pools):  # what the pool's engine never reads: said, not ignored
+        engine = pool.get("engine")
+        if pool.get("sim") is not None and engine != "sim" and isinstance(engine, str):
+            report(
+                ("pools", i, "sim"),
+                f"sim: holds options of the sim engine; this pool runs {engine!r}, which "
+                "ignores them",
+                "remove sim:, or set engine: sim to simulate this pool",
+                warning=True,
+            )
+        if pool.get("flags") and engine in SIMULATED_ENGINES:
+            report(
+                ("pools", i, "flags"),
+                f"flags: the {engine} engine takes no command-line flags; they are ignored",
+                "remove flags:, or set the pool's engine to one that takes them (llamacpp)",
+                warning=True,
+            )
     users = [i for i, p in enumerate(pools) if p.get("engine") == "llamacpp"]
     if not users:
         return

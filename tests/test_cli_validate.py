@@ -616,6 +616,18 @@ def test_a_llamacpp_flag_the_daemon_sets_itself_is_refused(
     assert f"flag {named} is one llama-orch sets itself" in line and fix in line, line
 
 
+def test_engine_options_the_pools_engine_never_reads_are_warned_of(tmp_path: Path) -> None:
+    p = tmp_path / "orch.yaml"
+    p.write_text(
+        CONFIG.replace(
+            "engine: sim, model: m1, max_tokens: 100", "engine: llamacpp, model: m1, sim: {}"
+        ).replace("engine: sim, model: m2", 'engine: sim, model: m2, flags: ["-fa", "on"]')
+    )
+    ran = orchctl("validate", p)
+    assert "warning: pools[0].sim: sim: holds options of the sim engine; this pool runs " in ran.out
+    assert "warning: pools[1].flags: flags: the sim engine takes no command-line flags" in ran.out
+
+
 def test_an_empty_ref_is_an_error_and_a_folder_ref_is_said_to_be_a_folder(tmp_path: Path) -> None:
     (tmp_path / "models").mkdir()
     p = tmp_path / "orch.yaml"
