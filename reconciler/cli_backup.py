@@ -179,7 +179,7 @@ def _load_manifest(source: Path) -> backups.Manifest:
             hint="give the folder `orchctl backup DIR` wrote",
         ) from None
     try:
-        return backups.Manifest.model_validate_json(raw)
+        manifest = backups.Manifest.model_validate_json(raw)
     except pydantic.ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         where = ".".join(map(str, first["loc"]))
@@ -188,6 +188,27 @@ def _load_manifest(source: Path) -> backups.Manifest:
             EXIT_USAGE,
             f"{path} is not a backup manifest: {where + ': ' if where else ''}{why}",
         ) from None
+    # only what `backup` writes: of the state folder and orch.yaml's records, the few files a
+    # backup holds (any other file there is the daemon's own bookkeeping: a planted one would
+    # be acted on at its next start), and each path once
+    singles, seen = _singles(), set[str]()
+    for n, item in enumerate(manifest.files):
+        root, _, rest = item.path.partition("/")
+        if root in singles and rest not in singles[root]:
+            raise Refused(
+                EXIT_USAGE,
+                f"{path} is not a backup manifest: files.{n}.path: {item.path!r} is no file a "
+                f"backup holds ({', '.join(f'{root}/{name}' for name in singles[root])} only)",
+                hint="give the folder `orchctl backup DIR` wrote, unchanged",
+            )
+        if item.path in seen:
+            raise Refused(
+                EXIT_USAGE,
+                f"{path} is not a backup manifest: files.{n}.path: {item.path!r} is listed twice",
+                hint="give the folder `orchctl backup DIR` wrote, unchanged",
+            )
+        seen.add(item.path)
+    return manifest
 
 
 def _damage(source: Path, manifest: backups.Manifest) -> list[str]:

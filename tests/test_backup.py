@@ -149,6 +149,41 @@ def test_a_folder_that_is_not_a_backup_is_refused(
     assert ran.code == 2 and "manifest" in ran.err
 
 
+@pytest.mark.parametrize(
+    "planted",
+    ["state/reload-pending.json", "state/sessions/s9.json", "state/drains.json", "orch/x.yaml"],
+)
+def test_a_manifest_naming_a_file_no_backup_holds_is_refused(
+    workspace: Workspace, tmp_path: Path, planted: str
+) -> None:
+    """A backup holds only verifications.json of the state folder: a planted
+    reload-pending.json, restored, would have the next daemon rewrite orch.yaml."""
+    dest = tmp_path / "bk"
+    _small_backup(workspace, dest)
+    data = b'{"pool_id": "p1", "old": "", "new_sha256": ""}'
+    (dest / planted).parent.mkdir(parents=True, exist_ok=True)
+    (dest / planted).write_bytes(data)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    manifest["files"].append(
+        {"path": planted, "size_bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    )
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+    ran = orchctl("restore", dest, "--config", workspace.config_path)
+    assert ran.code == 2, ran.err
+    assert f"{planted!r} is no file a backup holds" in ran.err, ran.err
+    assert not (workspace.root / ".orch" / "reload-pending.json").exists()
+
+
+def test_a_manifest_listing_a_file_twice_is_refused(workspace: Workspace, tmp_path: Path) -> None:
+    dest = tmp_path / "bk"
+    _small_backup(workspace, dest)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    manifest["files"].append(manifest["files"][0])
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+    ran = orchctl("restore", dest, "--config", workspace.config_path)
+    assert ran.code == 2 and "is listed twice" in ran.err, ran.err
+
+
 def test_backup_wants_an_empty_folder_and_restore_a_stopped_daemon(
     workspace: Workspace, tmp_path: Path
 ) -> None:
