@@ -278,8 +278,9 @@ class _WithoutCreated(Collector):
 
 
 def _accepted(accept: str) -> str:
-    """`accept` without the media ranges it refuses (`q=0`): prometheus_client picks
-    OpenMetrics wherever the header names it, even as `application/openmetrics-text;q=0`."""
+    """`accept` without the media ranges it refuses (`q=0`), their types in lower case:
+    prometheus_client picks OpenMetrics wherever the header names it, even as
+    `application/openmetrics-text;q=0`, and only as written in lower case."""
     kept = []
     for media_range in accept.split(","):
         params = [p.strip().lower().replace(" ", "") for p in media_range.split(";")[1:]]
@@ -288,6 +289,7 @@ def _accepted(accept: str) -> str:
             refused = float(q) == 0
         except ValueError:
             refused = False
-        if not refused:
-            kept.append(media_range)
+        if not refused:  # media types are case-insensitive; prometheus_client matches as given
+            type_, _, rest = media_range.partition(";")
+            kept.append(type_.lower() + _ + rest)
     return ",".join(kept)

@@ -189,14 +189,17 @@ async def test_openmetrics_is_served_to_a_scraper_that_asks_for_it(
     workspace: Workspace, serve: Any
 ) -> None:
     running = await serve()
-    accept = "application/openmetrics-text; version=1.0.0; charset=utf-8"
     url = f"{running.daemon.server.url}/metrics"
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(url, headers={"Accept": accept}) as response,
+    for accept in (  # media types are case-insensitive (RFC 9110)
+        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        "APPLICATION/OPENMETRICS-TEXT",
     ):
-        assert response.headers["Content-Type"].startswith("application/openmetrics-text")
-        assert (await response.text()).endswith("# EOF\n")
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(url, headers={"Accept": accept}) as response,
+        ):
+            assert response.headers["Content-Type"].startswith("application/openmetrics-text")
+            assert (await response.text()).endswith("# EOF\n")
 
 
 async def test_a_format_refused_with_q_0_is_not_served(workspace: Workspace, serve: Any) -> None:
