@@ -236,7 +236,7 @@ def context_tokens(task: tasks.TaskFile) -> int:
     (a task whose max_tokens is only a ceiling, the context's end being its limit: its
     prompt and one token). Placement sends a task only to replicas whose ctx per slot is at
     least this."""
-    if task.labels.get(tasks.UP_TO_CONTEXT[0]) == tasks.UP_TO_CONTEXT[1]:
+    if tasks.up_to_context(task):
         return prompt_tokens(task) + 1
     return prompt_tokens(task) + task.max_tokens
 

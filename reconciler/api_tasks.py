@@ -629,7 +629,7 @@ async def cancel_task(request: web.Request) -> web.StreamResponse:
     backend = request.app[BACKEND]
     task_id = _task_id(request)
     await api.no_body_fields(request)
-    existing = backend.results.read(task_id) if backend.results.exists(task_id) else None
+    existing = _result(backend, task_id)
     if existing is not None and existing.terminal:
         return web.json_response({"task_id": task_id, "status": existing.status})
     if not _known(backend, task_id):
@@ -656,10 +656,15 @@ async def cancel_task(request: web.Request) -> web.StreamResponse:
         correlation_id=request[api.CORRELATION],
     )
     # the task may have ended while the request was written (the daemon drops the request)
-    ended = backend.results.read(task_id) if backend.results.exists(task_id) else None
+    ended = _result(backend, task_id)
     if ended is not None and ended.terminal:
         return web.json_response({"task_id": task_id, "status": ended.status})
     return web.json_response({"task_id": task_id, "status": "cancel-requested"}, status=202)
+
+
+def _result(backend: api.Backend, task_id: str) -> results.Result | None:
+    """The task's result as it stands (with what the pending commits will write)."""
+    return backend.results.read(task_id) if backend.results.exists(task_id) else None
 
 
 def _status_of(frame: events.EventFrame) -> str:

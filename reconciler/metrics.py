@@ -290,6 +290,6 @@ def _accepted(accept: str) -> str:
         except ValueError:
             refused = False
         if not refused:  # media types are case-insensitive; prometheus_client matches as given
-            type_, _, rest = media_range.partition(";")
-            kept.append(type_.lower() + _ + rest)
+            media_type, sep, params_text = media_range.partition(";")
+            kept.append(media_type.lower() + sep + params_text)
     return ",".join(kept)

@@ -161,12 +161,7 @@ def _cancel_one(smoke: Smoke, pool: dict[str, Any], limit: int, *, seed: int) ->
     time.sleep(0.5)  # nothing may follow the terminal frame
     again = smoke.follow(task_id)
     result = smoke.result(task_id)
-    finish = result.get("finish_reason")
-    if (
-        result.get("status") == "succeeded"
-        and finish == "stop"
-        and result.get("tokens_out", 0) < limit
-    ):
+    if _stopped_early(result) and result.get("tokens_out", 0) < limit:
         timings = result.get("timings") or {}
         return (
             f"{task_id} stopped by itself after {result.get('tokens_out')} tokens in "

@@ -364,7 +364,7 @@ def _succeed(
     result.timings.decode_time_ms = int(decode_ms)
     task = running.run.task
     limit = task.max_tokens
-    ceiling = task.labels.get(tasks.UP_TO_CONTEXT[0]) == tasks.UP_TO_CONTEXT[1]
+    ceiling = tasks.up_to_context(task)
     if item.truncated and result.tokens_out < limit and not ceiling:  # never a silent cut
         prompt = "" if item.prompt_tokens is None else f"{item.prompt_tokens} prompt tokens + "
         _fail(

@@ -163,15 +163,7 @@ def read_dicts(path: Path) -> list[dict[str, Any]]:
 
 def last_id(raw: bytes) -> int:
     """The highest frame id among the complete lines of a log's bytes (0: none)."""
-    highest = 0
-    for line in raw[: raw.rfind(b"\n") + 1].splitlines():
-        try:
-            value = json.loads(line).get("id")
-        except (ValueError, AttributeError):
-            continue
-        if isinstance(value, int) and not isinstance(value, bool):
-            highest = max(highest, value)
-    return highest
+    return _scan(raw[: raw.rfind(b"\n") + 1])[0]
 
 
 def _recover(path: Path) -> tuple[int, bool]:
@@ -183,12 +175,17 @@ def _recover(path: Path) -> tuple[int, bool]:
     if cut < len(data):  # torn tail from a crash mid-write: drop it so ids stay contiguous
         with path.open("r+b") as fh:
             fh.truncate(cut)
-    last_id, terminal = 0, False
-    for raw in data[:cut].splitlines():
+    return _scan(data[:cut])
+
+
+def _scan(data: bytes) -> tuple[int, bool]:
+    """The highest frame id of whole lines `data`, and whether the last frame is terminal."""
+    highest, terminal = 0, False
+    for raw in data.splitlines():
         if raw.strip():
             try:
                 frame = EventFrame.model_validate_json(raw)
             except ValueError:  # a line changed by hand is no frame: the ids go on after
                 continue  # the last real one
-            last_id, terminal = max(last_id, frame.id), frame.terminal
-    return last_id, terminal
+            highest, terminal = max(highest, frame.id), frame.terminal
+    return highest, terminal

@@ -211,6 +211,13 @@ _CHAT_OPTIONS = ("tools", "tool_choice", "parallel_tool_calls", "response_format
 # the client gave none), so a context that fills first ends the task as finish_reason length,
 # not as a failure to fit
 UP_TO_CONTEXT = ("max_tokens", "context")
+
+
+def up_to_context(task: TaskFile) -> bool:
+    """Whether `task`'s max_tokens is only a ceiling, the context's end its real limit."""
+    return task.labels.get(UP_TO_CONTEXT[0]) == UP_TO_CONTEXT[1]
+
+
 # labels the OpenAI-compatible routes set on the tasks they make, never a client of
 # POST /v1/tasks: `api` (the task answers one HTTP connection: a daemon that restarts after
 # a crash cancels it, as its client is gone) and `session_from` (its session comes from
