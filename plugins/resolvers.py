@@ -179,19 +179,26 @@ def _safe_name(name: str, ref: str) -> None:
         )
 
 
-_digests: dict[tuple[str, int, int], str] = {}
+_digests: dict[tuple[str, int, int, int, int, int], str] = {}
+
+
+def _identity(path: Path) -> tuple[str, int, int, int, int, int]:
+    """What changes whenever a file's bytes may have: a file renamed over it (another inode),
+    or rewritten in place, even to the same size with its mtime set back (`touch -r`, `cp -p`):
+    its ctime then moves all the same, and that no tool can set back."""
+    st = path.stat()
+    return (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def remember_digest(path: Path, digest: str) -> None:
     """A digest computed while the file was written, so `verify` need not read it again."""
-    st = path.stat()
-    _digests[(str(path), st.st_size, st.st_mtime_ns)] = digest
+    _digests[_identity(path)] = digest
 
 
 def file_digest(path: Path) -> str:
-    """sha256 of a model file, cached by (path, size, mtime): files are GBs, hash them once."""
-    st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime_ns)
+    """sha256 of a model file, cached by its identity (`_identity`): files are GBs, hash
+    them once, and again only when they may have changed."""
+    key = _identity(path)
     if key not in _digests:
         h = hashlib.sha256()
         with path.open("rb") as fh:

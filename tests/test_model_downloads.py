@@ -7,6 +7,7 @@ all through the files a user would find in the model cache.
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -154,3 +155,18 @@ def test_the_hub_endpoint_revision_and_token_come_from_the_ref_and_environment(
         .remote("hf:a/b/c.gguf")
         .url.startswith("https://huggingface.co/a/b/resolve/main/")
     )
+
+
+def test_a_file_changed_to_the_same_size_and_mtime_is_hashed_again(tmp_path: Path) -> None:
+    """A model file rewritten in place, to the same size, its mtime set back as `cp -p` or
+    `touch -r` would: the pinned digest check reads it again and refuses it."""
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"a" * 4096)
+    pinned = "sha256:" + hashlib.sha256(b"a" * 4096).hexdigest()
+    assert resolvers.verify(path, pinned) is None
+    before = path.stat()
+    with path.open("r+b") as fh:  # the same inode, the same size
+        fh.write(b"b")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    problem = resolvers.verify(path, pinned)
+    assert problem is not None and problem.startswith("UNTRUSTED_ARTIFACT: m.gguf has digest")
