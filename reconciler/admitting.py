@@ -194,7 +194,12 @@ def _budgets(d: dispatch.Dispatcher, run: tasking.TaskRun) -> results.Budgets | 
     if sid is None or state is None:
         return None
     session = d.sessions.get(sid)
-    return None if session is None else sessions.budgets(session, state.sessions, now=d.clock.now())
+    if session is None:
+        return None
+    found = sessions.budgets(session, state.sessions, now=d.clock.now())
+    # tokens as a new turn may ask for them: this task's max_tokens and those of the
+    # session's other live turns are held for them, as the refusal of a turn counts them
+    return found.model_copy(update={"tokens_budget_remaining": session_tokens_left(d, sid)})
 
 
 def _free_slots(d: dispatch.Dispatcher) -> dict[str, int]:

@@ -710,6 +710,10 @@ async def get_session(request: web.Request) -> web.StreamResponse:
             "turns": session.turns,
             "tokens_out": session.tokens_out,
             "ttl_ms_remaining": int(left * 1000),
+            # what a new turn may ask for: its live turns' max_tokens held (null: no budget)
+            "tokens_budget_remaining": (
+                None if session.evicted else backend.session_tokens_left(sid)
+            ),
             "kv_warmth": session.last_replica_id is not None and not session.evicted,
             "last_replica_id": session.last_replica_id,
             "evicted": session.evicted,

@@ -436,10 +436,9 @@ def _metrics(running: Running, deps: Deps) -> None:
     }
     budgets = run.result.budgets
     if budgets is not None and budgets.tokens_budget_remaining is not None:
-        # the session's token budget as of this task's acceptance, less what it made so far
-        data["tokens_budget_remaining"] = max(
-            0, budgets.tokens_budget_remaining - running.tokens_out
-        )
+        # as at this task's acceptance: its own max_tokens were held for it then, so the
+        # tokens it makes take nothing more from what a new turn may ask for
+        data["tokens_budget_remaining"] = budgets.tokens_budget_remaining
     deps.books.frame(run, "metrics", data)
 
 

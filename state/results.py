@@ -44,8 +44,9 @@ class Budgets(BaseModel):
     session_id: str
     turns_remaining: int = Field(description="turns the session may still take after this one")
     tokens_budget_remaining: int | None = Field(
-        description="tokens out the session may still produce (this task's included); null "
-        "when orch.yaml sets no token_budget"
+        description="what a next turn of the session may ask for as max_tokens: the budget "
+        "less its finished turns' tokens and its live turns' max_tokens (this task's "
+        "included); null when orch.yaml sets no token_budget"
     )
     ttl_ms_remaining: int = Field(description="how long the session lives without another use")
 

@@ -378,34 +378,36 @@ async def test_every_accepted_session_task_is_told_its_sessions_budgets(
         async with session.post(f"{base}/v1/tasks", json=first) as r:
             assert r.status == 202
             answer = await r.json()
-            assert r.headers["X-Budget-Tokens-Remaining"] == "100"
+            # its own max_tokens are held for it: what a next turn may still ask for
+            assert r.headers["X-Budget-Tokens-Remaining"] == "70"
         ttl = answer["budgets"].pop("ttl_ms_remaining")
         assert 590_000 <= ttl <= 600_000  # the turn was counted a moment before
         assert answer["budgets"] == {
             "session_id": "agent",
             "turns_remaining": 4,
-            "tokens_budget_remaining": 100,
+            "tokens_budget_remaining": 70,
         }
         answer["budgets"]["ttl_ms_remaining"] = ttl
         async with session.get(f"{base}/v1/tasks/bu1/events") as response:
-            assert response.headers["X-Budget-Tokens-Remaining"] == "100"
+            assert response.headers["X-Budget-Tokens-Remaining"] == "70"
             frames = [f async for f in _sse(response)]
         async with session.head(f"{base}/v1/tasks/bu1/events") as response:  # GET's headers
-            assert response.headers["X-Budget-Tokens-Remaining"] == "100"
+            assert response.headers["X-Budget-Tokens-Remaining"] == "70"
         queued = next(f for f in frames if f["event"] == "queued")
         assert queued["data"]["budgets"] == answer["budgets"]
-        spent = [
-            (f["data"]["tokens_out"], f["data"]["tokens_budget_remaining"])
-            for f in frames
-            if f["event"] == "metrics"
-        ]
-        assert spent and all(out + left == 100 for out, left in spent)
+        left = [f["data"]["tokens_budget_remaining"] for f in frames if f["event"] == "metrics"]
+        assert left and set(left) == {70}  # its tokens come out of what was held for it
         result = workspace.result("bu1")
         assert result is not None and result["budgets"] == answer["budgets"]
         async with session.post(f"{base}/v1/tasks", json=task("bu2", session_id="agent")) as r:
             second = (await r.json())["budgets"]
         assert second["session_id"] == "agent" and second["turns_remaining"] == 3
-        assert second["tokens_budget_remaining"] == 100 - result["tokens_out"]
+        # the first turn's unused tokens are free again; the second's 8 are held
+        assert second["tokens_budget_remaining"] == 100 - result["tokens_out"] - 8
+        async with session.get(f"{base}/v1/sessions/agent") as response:
+            info = await response.json()
+        # 8 held while the second runs; what it wrote, at most 8, once it has ended
+        assert 100 - result["tokens_out"] - 8 <= info["tokens_budget_remaining"] <= 92, info
         async with session.post(f"{base}/v1/tasks", json=task("bu3")) as r:
             assert (await r.json())["budgets"] is None
             assert "X-Budget-Tokens-Remaining" not in r.headers
@@ -1914,7 +1916,7 @@ async def test_a_session_deleted_mid_turn_leaves_its_turn_to_itself_not_its_succ
         async with session.post(f"{base}/v1/tasks", json=new) as r:
             answer = await r.json()
             assert r.status == 202, answer
-        assert answer["budgets"]["tokens_budget_remaining"] == 60, answer
+        assert answer["budgets"]["tokens_budget_remaining"] == 60 - 50, answer
         await wait_terminal(workspace, "old-turn", timeout=15)
         await wait_terminal(workspace, "new-turn", timeout=15)
         async with session.get(f"{base}/v1/sessions/agent") as response:
