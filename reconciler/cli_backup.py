@@ -25,6 +25,7 @@ different ones unless `--force`.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -145,14 +146,22 @@ def cmd_backup(args: argparse.Namespace) -> int:
     _refuse_inside(dest, folder)
     dest.mkdir(parents=True, exist_ok=True)
     listed: list[backups.BackupFile] = []
+    live: set[str] = set()  # results/<id> of tasks still queued or running
     for logical, source in _plan(folder):
         if not backups.safe_path(logical):
             cli_common.warn(f"skipped {cli_common.printable(logical)}: not a plain name")
             continue
+        if _log_of(logical) in live:
+            continue
         copied = backups.copy(source, dest / logical, whole_lines=logical.endswith(".jsonl"))
-        if copied is not None:
-            sha, size = copied
-            listed.append(backups.BackupFile(path=logical, size_bytes=size, sha256=sha))
+        if copied is None:
+            continue
+        if _live_result(logical, dest / logical):  # read as copied: the version kept
+            (dest / logical).unlink()
+            live.add(logical.removesuffix(".json"))
+            continue
+        sha, size = copied
+        listed.append(backups.BackupFile(path=logical, size_bytes=size, sha256=sha))
     manifest = backups.Manifest(
         created_at=clocks.rfc3339(time.time()),
         source=str(folder.config_path.resolve()),
@@ -164,6 +173,11 @@ def cmd_backup(args: argparse.Namespace) -> int:
     what = ", ".join(f"{counts[r]} {r}" for r in backups.ROOTS if counts[r]) or "nothing"
     total = sum(f.size_bytes for f in listed)
     print(f"backed up {len(listed)} files ({_size(total)}: {what}) into {dest}")
+    if live:
+        print(
+            f"left out {len(live)} task(s) still queued or running (a backup keeps finished "
+            "work; their task files are in the spool, which it does not hold)"
+        )
     print(f"manifest: {dest / backups.MANIFEST}")
     return EXIT_OK
 
@@ -211,6 +225,28 @@ def _load_manifest(source: Path) -> backups.Manifest:
     return manifest
 
 
+def _live_result(logical: str, path: Path) -> bool:
+    """Whether `path`, the result file `logical` names, is of a task still queued or
+    running. Such a result is no finished work, and without its task file (the spool is not
+    in a backup) nothing would ever run or end it: restored, it would say `queued` forever."""
+    if not (logical.startswith("results/") and logical.endswith(".json")):
+        return False
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False  # not a result the daemon wrote: copied as it is
+    return isinstance(data, dict) and data.get("status") in LIVE
+
+
+def _log_of(logical: str) -> str:
+    """results/<id> for the event log results/<id>.events.jsonl ("" for any other file)."""
+    return logical.removesuffix(EVENTS) if logical.endswith(EVENTS) else ""
+
+
+LIVE = ("queued", "running")
+EVENTS = ".events.jsonl"
+
+
 def _damage(source: Path, manifest: backups.Manifest) -> list[str]:
     problems = []
     for item in manifest.files:
@@ -250,9 +286,16 @@ def cmd_restore(args: argparse.Namespace) -> int:
             "folder; nothing was restored",
             hint="stop the daemon first: it must not serve while its files are replaced",
         ) from None
+    live = {
+        item.path.removesuffix(".json")
+        for item in manifest.files
+        if _live_result(item.path, source / item.path)
+    }
     try:
         todo, conflicts, same = [], [], 0
         for item in manifest.files:
+            if item.path.removesuffix(".json") in live or _log_of(item.path) in live:
+                continue
             root, _, rest = item.path.partition("/")
             target = roots[root] / rest
             found = backups.digest(target)
@@ -288,6 +331,11 @@ def cmd_restore(args: argparse.Namespace) -> int:
         f"restored {_count(len(todo) + len(replaced))} from {source} "
         f"({len(replaced)} replaced, {same} already there)"
     )
+    if live:
+        print(
+            f"left out {len(live)} task(s) the backup shows queued or running: their task "
+            "files are not in it, so nothing would run or end them here"
+        )
     return EXIT_OK
 
 

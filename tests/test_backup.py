@@ -232,3 +232,43 @@ def test_a_backup_into_the_spool_is_refused_before_anything_is_written(
     assert ran.code == 2, ran.err
     assert "is inside the spool" in ran.err and "hint: back up into a folder outside" in ran.err
     assert sorted(p.relative_to(workspace.root) for p in workspace.root.rglob("*")) == before
+
+
+def _plant(dest: Path, logical: str, data: bytes) -> None:
+    """A file put into a backup with its line in the manifest, as an older backup had it."""
+    (dest / logical).write_bytes(data)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    manifest["files"].append(
+        {"path": logical, "size_bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    )
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("status", ["queued", "running"])
+def test_a_task_still_live_is_left_out_of_a_backup_and_of_a_restore(
+    workspace: Workspace, tmp_path: Path, status: str
+) -> None:
+    """A live task's result without its task file (the spool is not backed up) would say
+    `queued` or `running` forever once restored: backup leaves it and its log out, and
+    restore leaves out such a result a backup holds all the same."""
+    results_dir = workspace.root / "results"
+    results_dir.mkdir()
+    live = json.dumps({"task_id": "live", "status": status}).encode()
+    (results_dir / "live.json").write_bytes(live)
+    (results_dir / "live.events.jsonl").write_bytes(b'{"id": 1}\n')
+    dest = tmp_path / "bk"
+    manifest = _small_backup(workspace, dest)
+    listed = {f.path for f in manifest.files}
+    assert "results/x.json" in listed and "results/x.events.jsonl" in listed
+    assert not {"results/live.json", "results/live.events.jsonl"} & listed
+    assert not (dest / "results" / "live.json").exists()
+
+    _plant(dest, "results/live.json", live)
+    _plant(dest, "results/live.events.jsonl", b'{"id": 1}\n')
+    shutil.rmtree(results_dir)
+    ran = orchctl("restore", dest, "--config", workspace.config_path)
+    assert ran.code == 0, ran.err
+    assert "left out 1 task(s) the backup shows queued or running" in ran.out, ran.out
+    assert (results_dir / "x.json").exists()
+    assert not (results_dir / "live.json").exists()
+    assert not (results_dir / "live.events.jsonl").exists()
