@@ -275,12 +275,17 @@ async def deliver(request: web.Request, task: tasks.TaskFile) -> fanout.Subscrip
             hint="give the task a new task_id, or GET /v1/tasks/{id} for the old one",
         )
     delivering.add(task_id)
+    after = 0
     if reuse:  # the old rejection's log and result go before anyone reads them for this one
         backend.results.take_over(task_id)
+        # the new task's frames go on after the old one's ids: read from the first of them
+        # (from 0, the first would look like frames missed, and be looked for in a log that
+        # does not have it yet: it is written with the task's queued result)
+        after = backend.results.taken_over.get(task_id, 0)
         cache = request.app[ENCODED]
         for key in [k for k in cache if k[0] == task_id]:
             del cache[key]
-    sub = backend.hub.subscribe(task_id, backend.results.events_path(task_id))
+    sub = backend.hub.subscribe(task_id, backend.results.events_path(task_id), after=after)
     try:
         path = await asyncio.to_thread(
             spool.deliver, backend.spool, raw, name=f"{task_id}.task.json"

@@ -211,15 +211,23 @@ async def test_a_full_queue_answers_429_with_retry_after_and_backoff(
         assert waits == sorted(waits) and len(set(waits)) == len(waits), waits
         assert waits[1] - waits[0] > 1000  # a 40-token task at 20 tokens/s: about 2 s apart
         assert workspace.result("f2")["status"] == "rejected"  # type: ignore[index]
+        # sent again at once, the queue still full: refused again, and said so at once
+        began = time.monotonic()
+        async with session.post(f"{base}/v1/tasks", json=task("f2")) as response:
+            assert response.status == 429, await response.text()
+        assert time.monotonic() - began < 5  # not the 10 s a "delivered" answer waits
         # the retry the 429 asks for may use the same id, once there is room
         await wait_terminal(workspace, "f0")
         async with session.post(f"{base}/v1/tasks", json=task("f2", max_tokens=3)) as response:
-            assert response.status == 202, await response.json()
+            answer = await response.json()
+            assert response.status == 202 and answer["status"] == "queued", answer
+        # answered as it was queued, behind f1, not once it started
+        assert workspace.result("f1")["status"] == "running"  # type: ignore[index]
         assert (await wait_terminal(workspace, "f2"))["status"] == "succeeded"
         frames = await _frames(session, f"{base}/v1/tasks/f2/events")
         assert [f["event"] for f in frames][:2] == ["queued", "started"]  # its own log only
-        # its ids go on after the refusal's (one frame), so a resumed stream never splices
-        assert [int(f["id"]) for f in frames] == list(range(2, len(frames) + 2))
+        # its ids go on after the two refusals' (a frame each): a resumed stream never splices
+        assert [int(f["id"]) for f in frames] == list(range(3, len(frames) + 3))
         async with session.post(f"{base}/v1/tasks", json=task("f2")) as response:
             assert response.status == 409  # a task that ran keeps its id
 
