@@ -311,6 +311,7 @@ def session_problem(d: dispatch.Dispatcher, run: tasking.TaskRun) -> ErrorEnvelo
             max_tokens=run.task.max_tokens,
             pending_tokens=sum(others) if state.sessions.token_budget is not None else 0,
             in_use=bool(others),  # a turn still queued or running: the session is in use
+            task_id=run.task_id,
         )
 
     problem = refusal()

@@ -101,14 +101,17 @@ def limit_reached(
     max_turns: int,
     token_budget: int | None,
     in_use: bool = False,
+    task_id: str | None = None,
 ) -> Eviction | None:
     """Which limit, if any, ends this session before its next turn. A session `in_use` (a
-    task of it queued or running) does not expire: its TTL counts from its last use."""
+    task of it queued or running) does not expire: its TTL counts from its last use. A task
+    counted as a turn already (sent again after a refusal or an eviction that said to retry
+    with its id) is that turn, not another: the turn limit does not refuse it."""
     if session.evicted:
         return session.evicted
     if not in_use and now - session.last_used_at > ttl_s:
         return "expired"
-    if session.turns >= max_turns:
+    if session.turns >= max_turns and task_id not in session.turn_task_ids:
         return "turns"
     if token_budget is not None and session.tokens_out >= token_budget:
         return "budget"
@@ -141,6 +144,7 @@ def refusal(
     max_tokens: int = 0,
     pending_tokens: int = 0,
     in_use: bool = False,
+    task_id: str | None = None,
 ) -> errors.ErrorEnvelope | None:
     """The error for a new turn of a session past one of its limits (evicting it then, so
     the next turn names the same limit), or for a turn asking for `max_tokens` more than its
@@ -156,6 +160,7 @@ def refusal(
         max_turns=limits.max_turns,
         token_budget=limits.token_budget,
         in_use=in_use,
+        task_id=task_id,
     )
     if reason is None:
         return _over_budget(session, session_id, limits, max_tokens, pending_tokens)

@@ -422,6 +422,38 @@ async def test_every_accepted_session_task_is_told_its_sessions_budgets(
     assert (await wait_terminal(workspace, "bu3"))["budgets"] is None
 
 
+async def test_a_turn_evicted_from_the_queue_and_sent_again_is_the_same_turn(
+    workspace: Workspace, serve: Any
+) -> None:
+    """A turn the queue evicted (QUEUE_FULL_DROP_LRU: retry, with the same id) is sent
+    again once there is room: it is the turn it was, not one over the session's limit."""
+    cfg = config(
+        queue={"capacity": 1, "full_policy": "drop-lru"},
+        sessions={"ttl_s": 600, "max_turns": 3},
+    )
+    cfg["pools"][0].update(slots=1, sim={"tokens_per_s": 20, "load_s": 0.0})
+    workspace.write_config(cfg)
+    base = _url(await serve())
+    async with aiohttp.ClientSession() as session:
+
+        async def post(task_id: str, **fields: Any) -> tuple[int, dict[str, Any]]:
+            body = task(task_id, session_id="agent", **fields)
+            async with session.post(f"{base}/v1/tasks", json=body) as r:
+                return r.status, await r.json()
+
+        assert (await post("s1", max_tokens=20))[0] == 202  # runs
+        assert (await post("s2", max_tokens=3))[0] == 202  # waits (batch)
+        assert (await post("s3", max_tokens=3, priority="interactive"))[0] == 202
+        evicted = await wait_terminal(workspace, "s2")
+        assert evicted["error"]["code"] == "QUEUE_FULL_DROP_LRU", evicted
+        await wait_for(lambda: (workspace.result("s3") or {}).get("status") == "running", 15)
+        status, answer = await post("s2", max_tokens=3)
+        assert status == 202, answer
+        assert (await wait_terminal(workspace, "s2"))["status"] == "succeeded"
+        async with session.get(f"{base}/v1/sessions/agent") as response:
+            assert (await response.json())["turns"] == 3
+
+
 async def test_a_session_task_asking_for_more_than_its_budget_has_left_is_refused(
     workspace: Workspace, serve: Any
 ) -> None:
