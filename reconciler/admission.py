@@ -250,5 +250,15 @@ def deadline_error(
     return errors.envelope(
         ErrorCode.DEADLINE_UNMET,
         f"deadline_ms: {task.deadline_ms} cannot be met (predicted start {start}, "
-        f"on-time probability {probability:.2f})",
+        f"on-time probability {_below(probability, DEADLINE_FLOOR)}, under {DEADLINE_FLOOR:g})",
     )
+
+
+def _below(value: float, floor: float) -> str:
+    """`value`, known to be under `floor`, in as few digits as show it is (0.0484 is no
+    "0.05" beside a floor of 0.05)."""
+    for digits in range(2, 6):
+        shown = f"{value:.{digits}f}"
+        if float(shown) < floor:
+            return shown
+    return f"{value:.2g}"

@@ -317,3 +317,19 @@ async def test_tasks_pinned_to_another_pool_do_not_delay_an_idle_one(
     assert now["status"] == "succeeded", now
     first = workspace.frames("now")[0]
     assert first.event == "queued" and first.data["predicted_start_ms"] < 500, first.data
+
+
+@pytest.mark.parametrize("probability", [0.0484, 0.0499, 0.01, 0.0])
+def test_a_refused_deadline_never_shows_its_probability_rounded_up_to_the_floor(
+    probability: float,
+) -> None:
+    from reconciler import admission
+    from state import tasks
+
+    task = tasks.TaskFile.model_validate(
+        {"task_id": "t", "model": "m", "prompt": "p", "max_tokens": 4, "deadline_ms": 1500}
+    )
+    refused = admission.deadline_error(task, predicted_start_ms=2107, probability=probability)
+    assert refused is not None
+    shown = refused.message.split("on-time probability ")[1].split(",")[0]
+    assert float(shown) < admission.DEADLINE_FLOOR, refused.message
