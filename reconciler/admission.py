@@ -192,8 +192,14 @@ def check(
             retry_after_ms=5000,
             hint=hint,
         )
-    limit = max((p.max_tokens for p in live if p.max_tokens), default=None)
-    if limit is not None and task.max_tokens > limit:
+    # a pool runs only tasks within its own max_tokens (placement holds to it too): one pool
+    # without a limit, or with one high enough, is enough
+    ceiling = tasks.up_to_context(task)
+    allowing = [
+        p for p in live if ceiling or p.max_tokens is None or task.max_tokens <= p.max_tokens
+    ]
+    if not allowing:
+        limit = max(p.max_tokens or 0 for p in live)
         return errors.envelope(
             ErrorCode.INVALID_PARAMS,
             f"max_tokens: {task.max_tokens} is over the pool limit {limit}",
@@ -216,6 +222,16 @@ def check(
             f"max_tokens: about {prompt_tokens(task)} prompt tokens + {task.max_tokens} "
             f"max_tokens exceed the context of {ctx} tokens per slot",
             hint="shorten the prompt, lower max_tokens, or raise the pool's ctx",
+        )
+    roomy = [p for p in live if p.ctx >= context_tokens(task)]
+    if not any(p in allowing for p in roomy):  # each limit alone is met, never both at once
+        limit = max(p.max_tokens or 0 for p in roomy)  # each has one, under the task's
+        return errors.envelope(
+            ErrorCode.INVALID_PARAMS,
+            f"max_tokens: {task.max_tokens} with about {prompt} prompt tokens fits no one pool: "
+            f"those whose ctx holds it ({', '.join(sorted(p.pool_id for p in roomy))}) limit "
+            f"max_tokens to {limit} at most, and those that allow it have less context",
+            hint=f"ask for at most {limit} tokens, or shorten the prompt",
         )
     return None
 

@@ -346,7 +346,12 @@ def entry_of(run: tasking.TaskRun) -> queues.Entry:
         payload=run,
         target=target_of(run),
         route=dataclasses.replace(
-            placement.Want.of(ids.TaskId(run.task_id), run.task),
+            # with its context: its start is estimated over the replicas that can hold it
+            placement.Want.of(
+                ids.TaskId(run.task_id),
+                run.task,
+                context_tokens=admission.context_tokens(run.task),
+            ),
             model_id=ids.ModelId(run.model_id),
         ),
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from plugins import interfaces
@@ -67,9 +67,14 @@ LEASE_NUMBERS = itertools.count(1)  # lease numbers are never reused within a da
 
 
 def candidates(
-    replicas: Iterable[Replica], snapshot: observed.GpuSnapshot | None
+    replicas: Iterable[Replica],
+    snapshot: observed.GpuSnapshot | None,
+    limits: Mapping[str, int | None] | None = None,
 ) -> list[placement.Candidate]:
-    """Every replica that serves or will soon serve, as placement sees it."""
+    """Every replica that serves or will soon serve, as placement sees it; `limits`: each
+    pool's max_tokens as orch.yaml says it now (not in a replica's spec: raising it restarts
+    nothing)."""
+    limits = limits or {}
     return [
         placement.Candidate(
             replica_id=r.replica_id,
@@ -81,6 +86,7 @@ def candidates(
             gpu_free_mib=specs.gpu_free_mib(snapshot, r.spec.devices),
             devices=r.spec.devices,
             ctx=r.spec.ctx,
+            max_tokens=limits.get(r.pool_id),
         )
         for r in replicas
         if r.state in ("Ready", "Starting") and r.hung is None

@@ -9,8 +9,9 @@ The rules, in order:
 
 1. Serving: only replicas of the task's model, and of the task's pool when it names one,
    whose context per slot holds the task (`ctx >= want.context_tokens`; a candidate with
-   `ctx` 0 is not known to be too small). A replica that cannot hold the task is not a
-   fallback either: the engine would refuse or truncate it.
+   `ctx` 0 is not known to be too small) and whose pool's `max_tokens` limit, if it has
+   one, allows the task's. A replica that cannot hold the task is not a fallback either:
+   the engine would refuse or truncate it, and a pool's limit is never exceeded.
 2. Pin (`mode: pin`): only replicas of `pin_pool`. A pinned task never falls back, whatever
    `allow_fallback` says, and ignores `prefer_pools` and `avoid_pools`.
 3. Avoid: replicas of `avoid_pools` are left out. With `allow_fallback` they come back as a
@@ -74,9 +75,13 @@ class Candidate:
     gpu_free_mib: int
     devices: tuple[int, ...] = ()
     ctx: int = 0  # context tokens per slot; 0 when unknown
+    max_tokens: int | None = None  # its pool's limit on a task's max_tokens; None: none
 
     def holds(self, context_tokens: int) -> bool:
         return self.ctx == 0 or self.ctx >= context_tokens
+
+    def allows(self, max_tokens: int) -> bool:
+        return self.max_tokens is None or max_tokens <= self.max_tokens
 
     @property
     def ready(self) -> bool:
@@ -101,6 +106,7 @@ class Want:
     allow_fallback: bool = True
     last_replica_id: ids.ReplicaId | None = None
     context_tokens: int = 0  # prompt + max_tokens, as admission estimates them
+    max_tokens: int = 0  # what it may generate, held to a pool's limit (0: up to any limit)
 
     def __post_init__(self) -> None:
         if self.model_id is None and self.pool_id is None:
@@ -131,6 +137,8 @@ class Want:
             allow_fallback=placement.allow_fallback,
             last_replica_id=last_replica_id,
             context_tokens=context_tokens,
+            # a ceiling (the context's end, OpenAI's default) is no ask a pool's limit refuses
+            max_tokens=0 if tasks.up_to_context(task) else task.max_tokens,
         )
 
 
@@ -236,6 +244,9 @@ def _allowed_groups(
     if want.context_tokens > 0:
         filters.append("ctx_fits")
         serving = tuple(c for c in serving if c.holds(want.context_tokens))
+    if want.max_tokens > 0 and any(c.max_tokens is not None for c in serving):
+        filters.append("max_tokens_allowed")
+        serving = tuple(c for c in serving if c.allows(want.max_tokens))
     return _groups(want, serving, filters)
 
 

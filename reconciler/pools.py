@@ -338,7 +338,9 @@ class PoolRuntime:
     # -- what dispatch and status read ------------------------------------------------------
 
     def candidates(self) -> list[placement.Candidate]:
-        return fleet.candidates(self.replicas.values(), self.last_snapshot)
+        state = self.config.state if self.config is not None else None
+        limits = {p.id: p.max_tokens for p in state.pools} if state is not None else {}
+        return fleet.candidates(self.replicas.values(), self.last_snapshot, limits)
 
     def lease(self, replica_id: ids.ReplicaId) -> fleet.Lease:
         r = self.replicas[replica_id]

@@ -466,3 +466,35 @@ async def test_a_task_whose_cancel_waits_ends_canceled_even_when_the_queue_is_fu
     frames = workspace.frames("victim")
     assert [f.event for f in frames] == ["end"] and frames[0].data["finish_reason"] == "canceled"
     assert (workspace.result("waits") or {}).get("status") in ("queued", "running", "succeeded")
+
+
+async def test_each_pool_holds_to_its_own_max_tokens(workspace: Workspace, serve: Any) -> None:
+    """A pool's max_tokens is its own: a task over one pool's limit is admitted when another
+    pool of its model has none (or a higher one) and runs there, never on the limited pool;
+    over every pool's limit it is refused naming the largest."""
+    cfg = config()
+    cfg["pools"][0].update(max_tokens=5, slots=2)
+    cfg["pools"].append(
+        {"id": "p-long", "engine": "sim", "model": "m1", "ctx": 2048, "slots": 1,
+         "sim": {"tokens_per_s": 400}}
+    )  # fmt: skip
+    workspace.write_config(cfg)
+    await serve()
+    workspace.submit("long.task.yaml", task("long", max_tokens=12))
+    workspace.submit("short.task.yaml", task("short", max_tokens=3))
+    long = await wait_terminal(workspace, "long")
+    assert long["status"] == "succeeded", long["error"]
+    assert long["pool_id"] == "p-long" and long["tokens_out"] == 12
+    assert (await wait_terminal(workspace, "short"))["status"] == "succeeded"
+
+    cfg["pools"][1]["max_tokens"] = 10
+    workspace.write_config(cfg)
+    await wait_for(
+        lambda: "max_tokens: 10" in (workspace.root / ".orch" / "last-good.yaml").read_text(),
+        10,
+        "the edit applied",
+    )
+    workspace.submit("over.task.yaml", task("over", max_tokens=12))
+    over = await wait_terminal(workspace, "over")
+    assert over["status"] == "rejected" and over["error"]["code"] == "INVALID_PARAMS"
+    assert "max_tokens: 12 is over the pool limit 10" in over["error"]["message"], over

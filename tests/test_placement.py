@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -237,7 +238,8 @@ def test_a_want_built_from_a_task_file_carries_its_placement_overrides() -> None
         }
     )
     built = placement.Want.of(ids.TaskId("t"), task, last_replica_id=ids.ReplicaId("r0"))
-    assert built == want(mode="pin", pin="p0", fallback=False, last="r0")
+    expected = want(mode="pin", pin="p0", fallback=False, last="r0")
+    assert built == dataclasses.replace(expected, max_tokens=8)
 
 
 def test_a_pin_without_a_pool_or_a_want_without_model_or_pool_cannot_be_made() -> None:
@@ -356,3 +358,33 @@ def test_a_plain_task_is_assigned_exactly_when_some_replica_of_its_model_is_feas
         else "none"
     )
     assert placement.choose(want(), fleet).outcome == expected
+
+
+def test_a_task_goes_only_to_a_pool_whose_max_tokens_limit_allows_it() -> None:
+    """A pool's max_tokens is a filter like its context: the limited pool is never used for a
+    task over its limit, however idle; a task within it may use either."""
+    limited = placement.Candidate(
+        replica_id=ids.ReplicaId("small-0"),
+        pool_id=ids.PoolId("small"),
+        model_id=ids.ModelId("m"),
+        state="Ready",
+        slots_total=4,
+        slots_busy=0,
+        gpu_free_mib=9000,
+        max_tokens=50,
+    )
+    busy = cand("big-0", "big", total=1, busy=1)
+    big_ask = dataclasses.replace(want(), max_tokens=100)
+    decision = placement.choose(big_ask, [limited, busy])
+    assert decision.outcome == "wait" and "max_tokens_allowed" in decision.filters_applied
+    assert placement.allowed(big_ask, [limited, busy]) == [busy]
+    small_ask = dataclasses.replace(want(), max_tokens=50)
+    assert placement.choose(small_ask, [limited, busy]).replica_id == "small-0"
+
+
+def test_a_ceiling_max_tokens_is_no_ask_a_limit_refuses() -> None:
+    ceiling = tasks.TaskFile.model_validate(
+        {"task_id": "t", "model": "m", "prompt": "p", "max_tokens": 4096,
+         "labels": {tasks.UP_TO_CONTEXT[0]: tasks.UP_TO_CONTEXT[1]}}
+    )  # fmt: skip
+    assert placement.Want.of(ids.TaskId("t"), ceiling).max_tokens == 0
