@@ -116,10 +116,22 @@ class Reloader:
         if pool is None:
             raise ReloadError(ErrorCode.NOT_FOUND, f"no pool {pool_id!r} in orch.yaml")
         old = await asyncio.to_thread(self._read)
+        if hashlib.sha256(old).hexdigest() != self.config.applied_digest:
+            # an edit not applied yet (a save still being written waits to settle): editing
+            # its bytes would apply half a file at once, and the editor's next write would
+            # go to the file the reload replaced, lost
+            raise ReloadError(
+                ErrorCode.RELOAD_FAILED,
+                f"{self.config.path.name} holds an edit the daemon has not applied yet (a save "
+                "still being written, or one it refused); nothing was changed",
+                hint="wait until `orchctl status` shows the edit applied (a save in place is "
+                "applied once unchanged for 2 s), or fix what it reports, then reload again",
+            )
         new = self._edited(old, pool, model, model_ref)
         new_state = await asyncio.to_thread(self._check, new)
         new_pool = new_state.pool(pool_id)
-        assert new_pool is not None
+        if new_pool is None:  # the edit keeps the pool's entry: a pool gone is no edit of ours
+            raise ReloadError(ErrorCode.NOT_FOUND, f"no pool {pool_id!r} in orch.yaml")
         new_model = new_state.models[new_pool.model]
         if new_model.state == "Retired":  # its pools are unloaded: it would never be Ready
             raise ReloadError(

@@ -514,6 +514,46 @@ async def test_a_reload_overtaken_by_another_edit_answers_at_once_and_leaves_it(
     assert workspace.config_path.read_text().endswith("# an edit by hand\n")
 
 
+@pytest.mark.parametrize("pool", ["p1", "p2"])
+async def test_a_reload_while_a_save_is_still_being_written_changes_nothing(
+    workspace: Workspace, serve: Any, pool: str
+) -> None:
+    """An editor has written the first part of orch.yaml in place (a valid file without
+    what follows the cut: pool p2) and writes the rest a moment later. A reload meanwhile
+    is refused: applied at once, the half file would end p2 and its tasks, and the editor's
+    second write would go to the file the reload renamed away."""
+    whole = (
+        ORCH_YAML
+        + """  - id: p2
+    engine: sim
+    model: m2
+    ctx: 2048
+    slots: 1
+    sim: {tokens_per_s: 400, load_s: 0}
+"""
+    )
+    (workspace.root / "m2.gguf").write_bytes(b"GGUF other weights")
+    workspace.config_path.write_text(whole)
+    base = _url(await serve())
+    await wait_for(lambda: _ready_pool(workspace, "p2"), 10, "p2 Ready")
+    first, rest = whole.split("  - id: p2\n")
+    with workspace.config_path.open("r+") as editor:
+        editor.truncate(0)
+        editor.write(first)
+        editor.flush()
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"{base}/v1/pools/{pool}/reload", json={}) as response,
+        ):
+            answer = await response.json()
+        editor.write("  - id: p2\n" + rest)
+    assert response.status == 409 and answer["code"] == "RELOAD_FAILED", answer
+    assert "an edit the daemon has not applied yet" in answer["message"], answer
+    assert workspace.config_path.read_text() == whole  # the editor's save, whole
+    await asyncio.sleep(2.5)  # the save settles: nothing of p2 was ever taken away
+    assert _ready_pool(workspace, "p2")
+
+
 async def test_a_reload_cut_short_by_the_daemons_death_is_undone_at_the_next_start(
     workspace: Workspace, serve: Any
 ) -> None:
