@@ -22,7 +22,8 @@ Rules, in the order they apply:
 - Starting, Ready, BackingOff and Failed replicas with the pool's hash count as existing;
   supervision (restarts, circuit breaker) owns the last two. Surplus ones are drained
   ("scaled down"): Failed first, then BackingOff, then Starting, then Ready; within a state
-  the highest n first.
+  the one with the fewest tasks running first (a task on an idle replica's neighbour is not
+  cut short while the idle one can go), then the highest n.
 - Missing replicas are placed biggest footprint first (explicit device lists before `auto`),
   so a large model is not crowded out of the only GPU it fits on by a small one.
   `auto`: the single GPU with the most free VRAM, after `reserve_mib` and after the starts
@@ -100,6 +101,7 @@ class ReplicaSeen:
     service_key: str = ""  # see PoolWant.service_key
     # Draining only: it was Ready and its engine still runs, so it can serve again
     reclaimable: bool = False
+    busy_slots: int = 0  # tasks running on it now: a scale-down drains the idle ones first
 
     def __post_init__(self) -> None:
         if self.state not in REPLICA_STATES:
@@ -439,9 +441,9 @@ def _replica_key(r: ReplicaSeen) -> tuple[str, int, str]:
     return _id_key(r.pool_id, r.replica_id)
 
 
-def _surplus_key(r: ReplicaSeen) -> tuple[int, int, str]:
+def _surplus_key(r: ReplicaSeen) -> tuple[int, int, int, str]:
     n = replica_number(r.pool_id, r.replica_id)
-    return (_SURPLUS_RANK[r.state], -(n if n is not None else -1), r.replica_id)
+    return (_SURPLUS_RANK[r.state], r.busy_slots, -(n if n is not None else -1), r.replica_id)
 
 
 def _placement_key(p: PoolWant) -> tuple[int, int, str]:

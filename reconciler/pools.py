@@ -118,6 +118,7 @@ class PoolRuntime:
                     vram_mib=r.vram_mib,
                     service_key=specs.service_key(r.spec),
                     reclaimable=r.reclaimable,
+                    busy_slots=len(r.leases),
                 )
             )
         return out

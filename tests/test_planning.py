@@ -125,6 +125,22 @@ def test_scaling_down_drains_replicas_that_serve_nothing_first_then_the_highest_
     assert [a.replica_id for a in result.actions] == ["chat-1", "chat-3", "chat-4", "chat-5"]
 
 
+def test_scaling_down_drains_the_idle_replicas_before_a_busy_one() -> None:
+    """chat-2 runs a task, chat-0 and chat-1 are idle: going from 3 to 2 replicas drains an
+    idle one, not the highest number, whose task the drain would cut short."""
+    replicas = [
+        seen("chat-0"),
+        dataclasses.replace(seen("chat-1"), busy_slots=1),
+        dataclasses.replace(seen("chat-2"), busy_slots=2),
+    ]
+
+    assert run([pool("chat", replicas=2)], replicas).actions == (drain("chat-0", "scaled down"),)
+    assert run([pool("chat", replicas=1)], replicas).actions == (
+        drain("chat-0", "scaled down"),
+        drain("chat-1", "scaled down"),
+    )
+
+
 def test_scaling_to_zero_drains_every_replica() -> None:
     result = run([pool("chat", replicas=0)], [seen("chat-0"), seen("chat-1")])
 
