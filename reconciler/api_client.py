@@ -51,7 +51,11 @@ class Answer:
         return body.get("code") if isinstance(body, dict) else None
 
     def said(self) -> str:
-        """The status and the start of the body, for a report line."""
+        """The status and the error's code and message (or the start of the body), for a
+        report line."""
+        body = self.json
+        if isinstance(body, dict) and isinstance(body.get("message"), str):
+            return f"{self.status} {body.get('code') or 'error'}: {body['message']}"
         text = self.raw[:300].decode("utf-8", errors="replace").replace("\n", " ")
         return f"{self.status} {text}"
 

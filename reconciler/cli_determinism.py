@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import secrets
 import sys
 import time
@@ -24,6 +25,7 @@ from typing import Any
 
 from reconciler import api_client, cli_common, cli_sse, cli_watch, determinism, determinism_report
 from reconciler.cli_common import EXIT_ENV, EXIT_FAILED, EXIT_OK, EXIT_USAGE, Refused
+from state import desired
 
 RETRIES = 5  # a 429 or 503 at admission is waited out this often
 
@@ -82,14 +84,42 @@ def client_for(args: argparse.Namespace) -> api_client.Client:
             f"no daemon is serving {args.config}",
             hint=f"start one with `orchctl serve --config {args.config}`, or pass --url",
         )
+    token = cli_sse.token_from(args.token_env)
+    if token is None and not args.url:  # this folder's daemon: read its token where it does
+        token = _folder_token(args.config)
     try:
-        client = api_client.Client(url, cli_sse.token_from(args.token_env))
+        client = api_client.Client(url, token)
         probe = client.get("/v1/status")
     except api_client.Unreachable as exc:
         raise Refused(EXIT_ENV, f"cannot reach the daemon: {exc}") from None
+    if probe.status in (401, 403):  # a daemon answered: the token is what is missing
+        given = "the token given" if token else "no token"
+        raise Refused(
+            EXIT_USAGE,
+            f"{url} refused {given}: {probe.said()}",
+            hint=f"export the daemon's API token in ${args.token_env or 'AUTH_TOKEN'} (or name "
+            "the variable holding it with --token-env)",
+        )
     if probe.status != 200:
         raise Refused(EXIT_ENV, f"{url}/v1/status answered {probe.said()}")
     return client
+
+
+def _folder_token(config_path: Path) -> str | None:
+    """The API token of the daemon serving `config_path`'s folder, read where it reads it
+    (auth.token_file, or the variable auth.token_env names); None when there is none to
+    read (the daemon then needs none, or the caller gives it)."""
+    loaded = desired.load_desired(config_path)
+    if loaded.value is None:
+        return None
+    auth = loaded.value.auth
+    if auth.token_file:
+        try:
+            text = desired.resolve(config_path.parent, auth.token_file).read_text("utf-8")
+        except (OSError, UnicodeDecodeError):
+            return None
+        return text.strip() or None
+    return os.environ.get(auth.token_env) or None
 
 
 def cmd_determinism(args: argparse.Namespace) -> int:

@@ -257,3 +257,32 @@ async def test_the_default_report_folder_is_beside_orch_yaml_not_the_working_fol
     written = Path(said.splitlines()[-1].removeprefix("report: "))
     assert written.resolve().is_relative_to((workspace.root / "proof" / "determinism").resolve())
     assert (written / "determinism.json").is_file()
+
+
+async def test_a_daemon_that_wants_a_token_is_an_auth_refusal_not_no_daemon(
+    workspace: Workspace, serve: Any, capsys: Any, monkeypatch: Any
+) -> None:
+    """A 401 comes from a daemon that answered: said as the token it wants, exit 2, with
+    the error whole and the fix. Run on the folder (`--config`), the suite reads the token
+    where the daemon does (auth.token_file) and runs."""
+    monkeypatch.delenv("AUTH_TOKEN", raising=False)
+    token = workspace.root / "api.token"
+    token.write_text("0123456789abcdef0123456789abcdef\n")
+    token.chmod(0o600)
+    cfg = two_gpu_lanes()
+    cfg["auth"] = {"token_file": "api.token", "optional_on_loopback": False}
+    workspace.write_config(cfg)
+    running = await serve()
+    assert running.daemon.server is not None
+    url = running.daemon.server.url
+    code = await orchctl(
+        "determinism", "--url", url, "--seeds", "1", "--out", str(workspace.root / "o1")
+    )
+    said = capsys.readouterr().err
+    assert code == 2, said
+    assert "refused no token: 401 MISSING_TOKEN: " in said and "$AUTH_TOKEN" in said, said
+    code = await orchctl(
+        "determinism", "--config", str(workspace.config_path), "--seeds", "1",
+        "--out", str(workspace.root / "o2"),
+    )  # fmt: skip
+    assert code == 0, capsys.readouterr()
