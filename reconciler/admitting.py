@@ -91,11 +91,12 @@ def admit(d: dispatch.Dispatcher, run: tasking.TaskRun, *, recovered: bool) -> N
     # owed its place, however full the queue is now that every such task is queued at once
     starts_now, starting = recovered, set[str]()
     if len(d.queue) >= d.queue.capacity and not recovered:  # idle slots' tasks do not wait
-        free = _free_slots(d)
-        starts_now = _starts_now(d, entry, free)
+        starting = _starting(d, newcomer=entry)
+        starts_now = _starts_now(d, entry, starting)
+        starting.discard(entry.task_id)
         if not starts_now:  # who the policy may not evict: those starting, and those owed
             d.owed = {task_id for task_id in d.owed if task_id in d.queue}
-            starting = _starting(d, free) | d.owed
+            starting |= d.owed
     outcome = d.queue.push(entry, starts_now=starts_now, starting=starting)
     if recovered:  # never evicted by drop-lru for a newcomer: it was accepted before
         d.owed.add(run.task_id)
@@ -145,7 +146,7 @@ def announce(d: dispatch.Dispatcher) -> list[tuple[tasking.TaskRun, Exception]]:
         found = {e.task_id: rates.Estimate(places[e.task_id], None, None) for e in live}
     # the tasks idle slots take at the next dispatch wait behind nobody and hold no place:
     # a task is told how many that will still wait are ahead of it, not those starting now
-    starting = _starting(d, _free_slots(d))
+    starting = _starting(d)
     waiting_ahead, ahead = {}, 0
     for e in order:
         waiting_ahead[e.task_id] = 0 if e.task_id in starting else ahead
@@ -202,38 +203,52 @@ def _budgets(d: dispatch.Dispatcher, run: tasking.TaskRun) -> results.Budgets | 
     return found.model_copy(update={"tokens_budget_remaining": session_tokens_left(d, sid)})
 
 
-def _free_slots(d: dispatch.Dispatcher) -> dict[str, int]:
-    """Free slots of Ready replicas, by model."""
-    free: dict[str, int] = {}
-    for c in d.pools.candidates():
-        if c.ready:
-            free[c.model_id] = free.get(c.model_id, 0) + c.slots_total - c.slots_busy
-    return free
-
-
-def _starts_now(d: dispatch.Dispatcher, entry: queues.Entry, free: dict[str, int]) -> bool:
+def _starts_now(d: dispatch.Dispatcher, entry: queues.Entry, starting: set[str]) -> bool:
     """Whether a full queue must not count against `entry`: tasks queued in this burst that
     idle slots will take at once leave the queue on the next dispatch, so they hold no place
-    in it; and `entry` itself never waits when more slots of Ready replicas of its model are
-    free than tasks of that model are queued. A burst larger than the queue landing on idle
-    replicas thus runs whole, and one larger than the queue and the idle slots together is
-    refused only past both, however the daemon happened to batch its arrivals. Looked at
-    only when the queue is full (`free`: `_free_slots`)."""
-    starting = sum(min(n, d.queue.count_of_model(ids.ModelId(m))) for m, n in free.items())
-    if len(d.queue) - starting < d.queue.capacity:
+    in it; and `entry` itself never waits when an idle slot takes it at once. A burst larger
+    than the queue landing on idle replicas thus runs whole, and one larger than the queue
+    and the idle slots together is refused only past both, however the daemon happened to
+    batch its arrivals. Looked at only when the queue is full (`starting`: `_starting` with
+    `entry` as the newcomer)."""
+    if entry.task_id in starting:
         return True
-    return free.get(entry.model_id, 0) > d.queue.count_of_model(entry.model_id)
+    return len(d.queue) - len(starting) < d.queue.capacity
 
 
-def _starting(d: dispatch.Dispatcher, free: dict[str, int]) -> set[str]:
-    """The queued tasks idle slots will take at the next dispatch (per model, as many of
-    its first queued tasks as its Ready replicas have free slots): they will not wait."""
-    free = dict(free)
+def _starting(d: dispatch.Dispatcher, newcomer: queues.Entry | None = None) -> set[str]:
+    """The queued tasks (and `newcomer`, at its place in the queue) that idle slots take at
+    the next dispatch, so they will not wait: the dispatch played out, each task in dispatch
+    order placed as placement would place it now (its model or pool, its pins, its context,
+    its pool's max_tokens), the slot it takes then busy. A task pinned to a busy pool is not
+    counted for another pool's idle slot: it waits."""
+    candidates = {c.replica_id: c for c in d.pools.candidates()}
+    free: dict[str, int] = {}
+    for c in candidates.values():
+        if c.feasible:
+            free[c.model_id] = free.get(c.model_id, 0) + c.slots_total - c.slots_busy
     out: set[str] = set()
-    for e in d.queue.in_dispatch_order():
-        if free.get(e.model_id, 0) > 0:
-            free[e.model_id] -= 1
-            out.add(e.task_id)
+    if not free:
+        return out
+    order = list(d.queue.in_dispatch_order())
+    if newcomer is not None:  # last of its class: interactive tasks go before batch ones
+        at = len(order)
+        if newcomer.priority == "interactive":
+            at = sum(1 for e in order if e.priority == "interactive")
+        order.insert(at, newcomer)
+    for e in order:
+        if not free.get(e.model_id):  # nothing free for its model: it waits
+            continue
+        want = e.route or placement.Want(task_id=e.task_id, model_id=e.model_id)
+        decision = placement.choose(want, list(candidates.values()))
+        if decision.outcome != "assigned" or decision.replica_id is None:
+            continue
+        taken = candidates[decision.replica_id]
+        candidates[taken.replica_id] = dataclasses.replace(taken, slots_busy=taken.slots_busy + 1)
+        free[e.model_id] -= 1
+        out.add(e.task_id)
+        if not any(free.values()):
+            break
     return out
 
 
@@ -243,7 +258,7 @@ def _full_message(d: dispatch.Dispatcher, run: tasking.TaskRun) -> str:
     full = f"the queue is full ({capacity} tasks, policy {policy})"
     # over the capacity: tasks of this burst idle slots take at the next dispatch (they hold
     # no place, `_starts_now`), or a capacity lowered in orch.yaml below what already waited
-    starting = len(_starting(d, _free_slots(d))) if depth > capacity else 0
+    starting = len(_starting(d)) if depth > capacity else 0
     if depth - starting > capacity:
         full = (
             f"the queue is full: {depth - starting} tasks wait, over its capacity of {capacity} "

@@ -78,12 +78,14 @@ class Rates:
         queued before it, over the replicas that could serve it. `busy` holds, per running
         task, (replica id, estimated service ms, elapsed ms). Without a replica to estimate
         from, both are None: unknown, which is not "late"."""
-        candidates = list(candidates)
-        slots, rate = self._slots(entry, candidates, _lefts(busy))
-        shares = _Sharing(entry, candidates)
-        services = [estimates.service_ms(e.max_tokens, rate) for e in ahead if shares(e)]
-        start = estimates.predicted_start_ms(slots, services)
-        return start, self._on_time(entry, start, rate, deadline_in_ms)
+        found = self.predict_queued(
+            [entry],
+            [*ahead, entry],
+            candidates=candidates,
+            busy=busy,
+            deadline_in_ms=lambda _: deadline_in_ms,
+        )[entry.task_id]
+        return found.start_ms, found.on_time_probability
 
     def predict_queued(
         self,
@@ -96,7 +98,13 @@ class Rates:
     ) -> dict[str, Estimate]:
         """`predict` for every entry of `wanted`, each behind what precedes it in `order`
         (the whole queue in dispatch order, `wanted` among it): one pass over the queue per
-        (model, pinned pool), so estimating a burst costs O(queue), not O(queue) per task."""
+        (model, pinned pool), so estimating a burst costs O(queue), not O(queue) per task.
+
+        List scheduling per replica: each task ahead takes the slot that frees first among
+        the replicas *it* may run on (its pins, pool, context and the pool's max_tokens, as
+        placement would allow), for its service time on that pool; a task's start is the
+        first slot that frees among the replicas it may run on. A task pinned to a busy pool
+        thus never holds an idle replica of another pool in the estimate."""
         candidates, lefts = list(candidates), _lefts(busy)
         groups: dict[Hashable, dict[str, queues.Entry]] = {}
         for entry in wanted:
@@ -104,37 +112,46 @@ class Rates:
         out: dict[str, Estimate] = {}
         for members in groups.values():
             first = next(iter(members.values()))
-            slots, rate = self._slots(first, candidates, lefts)
-            shares = _Sharing(first, candidates)
-            # the list scheduling of `estimates.predicted_start_ms`, shared along the queue
-            heap = [max(0.0, float(t)) for t in slots]
-            heapq.heapify(heap)
+            serving = [c for c in candidates if c.model_id == first.model_id]
+            heaps = self._slot_heaps(serving, lefts)
+            pools: dict[str, str] = {c.replica_id: c.pool_id for c in serving}
+            mine: list[str] = [
+                c.replica_id for c in _allowed(first, serving) if heaps[c.replica_id]
+            ]
+            rate = self.rate(first.pool_id or (pools[mine[0]] if mine else None))
+            routes: dict[Hashable, list[str]] = {}
             for position, e in enumerate(order):
                 member = members.get(e.task_id)
                 if member is not None:
-                    start = heap[0] if heap else None
+                    start = min((heaps[r][0] for r in mine), default=None)
                     probability = self._on_time(member, start, rate, deadline_in_ms(member))
                     out[e.task_id] = Estimate(position, start, probability)
-                if heap and shares(e):
-                    service = max(0.0, estimates.service_ms(e.max_tokens, rate))
-                    heapq.heapreplace(heap, heap[0] + service)
+                if e.model_id != first.model_id:
+                    continue
+                theirs = routes.get(e.route_key)
+                if theirs is None:  # not known to run anywhere: it may take one of ours
+                    allowed: list[str] = [c.replica_id for c in _allowed(e, serving)]
+                    theirs = routes[e.route_key] = [r for r in allowed if heaps[r]] or mine
+                if not theirs:
+                    continue
+                slot = min(theirs, key=lambda r: heaps[r][0])
+                service = estimates.service_ms(e.max_tokens, self.rate(pools[slot]))
+                heapq.heapreplace(heaps[slot], heaps[slot][0] + max(0.0, service))
         return out
 
-    def _slots(
-        self,
-        entry: queues.Entry,
-        candidates: Iterable[placement.Candidate],
-        lefts: Mapping[str, list[float]],
-    ) -> tuple[list[float], estimates.ServiceRate]:
-        """When each slot that could serve `entry` frees (ms from now), and the speed of the
-        pool it would run on."""
-        sources, pool_id = [], entry.pool_id
-        for cand in _allowed(entry, candidates):
-            pool_id = pool_id or cand.pool_id
+    def _slot_heaps(
+        self, serving: Iterable[placement.Candidate], lefts: Mapping[str, list[float]]
+    ) -> dict[str, list[float]]:
+        """Per replica, when each of its slots frees (ms from now), as a heap."""
+        heaps: dict[str, list[float]] = {}
+        for cand in serving:
             start_in = 0.0 if cand.ready else self.startup_ms(cand.pool_id)
             mine = tuple(lefts.get(cand.replica_id, ()))
-            sources.append(estimates.SlotSource(start_in, cand.slots_total, mine))
-        return list(estimates.slot_free_times(sources)), self.rate(pool_id)
+            source = estimates.SlotSource(start_in, cand.slots_total, mine)
+            heap = [max(0.0, float(t)) for t in estimates.slot_free_times([source])]
+            heapq.heapify(heap)
+            heaps[cand.replica_id] = heap
+        return heaps
 
     @staticmethod
     def _on_time(
@@ -177,25 +194,3 @@ def _allowed(
     return [
         c for c in candidates if c.model_id == entry.model_id and (not pool or c.pool_id == pool)
     ]
-
-
-class _Sharing:
-    """Whether a queued entry competes with `entry` for a slot: it may run on one of the
-    replicas `entry` may (a task pinned to another pool of the model never takes one of
-    them). Decided once per route."""
-
-    def __init__(self, entry: queues.Entry, candidates: list[placement.Candidate]) -> None:
-        self._mine = {c.replica_id for c in _allowed(entry, candidates)}
-        self._candidates = candidates
-        self._model = entry.model_id
-        self._seen: dict[Hashable, bool] = {}
-
-    def __call__(self, other: queues.Entry) -> bool:
-        if other.model_id != self._model:
-            return False
-        key = other.route_key
-        found = self._seen.get(key)
-        if found is None:
-            theirs = {c.replica_id for c in _allowed(other, self._candidates)}
-            found = self._seen[key] = bool(theirs & self._mine) or not theirs
-        return found

@@ -498,3 +498,33 @@ async def test_each_pool_holds_to_its_own_max_tokens(workspace: Workspace, serve
     over = await wait_terminal(workspace, "over")
     assert over["status"] == "rejected" and over["error"]["code"] == "INVALID_PARAMS"
     assert "max_tokens: 12 is over the pool limit 10" in over["error"]["message"], over
+
+
+async def test_an_idle_slot_another_pool_has_does_not_make_room_for_pinned_tasks(
+    workspace: Workspace, serve: Any
+) -> None:
+    """Pool `busy` runs a task, pool `idle` (same model) has a free slot. Tasks pinned to
+    `busy` all wait: the full queue counts them (capacity 2: two queued, the rest refused,
+    their places 0 and 1), while a plain task the idle slot takes at once is never refused."""
+    cfg = config(queue={"capacity": 2, "full_policy": "reject"})
+    slow = cfg["pools"][0] | {"id": "busy", "slots": 1, "sim": {"tokens_per_s": 20, "load_s": 0}}
+    cfg["pools"] = [slow, slow | {"id": "idle", "sim": dict(slow["sim"])}]
+    workspace.write_config(cfg)
+    await serve()
+    pin = {"mode": "pin", "pin_pool": "busy"}
+    workspace.submit("run.task.yaml", task("run", max_tokens=60, placement=pin))
+    await wait_for(lambda: (workspace.result("run") or {}).get("status") == "running", 10)
+    for name in ("w1", "w2", "w3", "w4"):
+        workspace.submit(f"{name}.task.yaml", task(name, max_tokens=3, placement=pin))
+    for name in ("w1", "w2", "w3", "w4"):
+        await wait_for(lambda name=name: workspace.result(name), 10, name)
+    results = {name: workspace.result(name) or {} for name in ("w1", "w2", "w3", "w4")}
+    assert [results[n]["status"] for n in ("w1", "w2")] == ["queued", "queued"], results
+    assert [results[n]["queue_position"] for n in ("w1", "w2")] == [0, 1], results
+    for name in ("w3", "w4"):
+        assert results[name]["status"] == "rejected", results[name]
+        assert results[name]["error"]["code"] == "ADMISSION_REJECT"
+        assert "starting on idle slots" not in results[name]["error"]["message"]
+    workspace.submit("free.task.yaml", task("free", max_tokens=3))
+    free = await wait_terminal(workspace, "free")
+    assert free["status"] == "succeeded" and free["pool_id"] == "idle", free

@@ -295,11 +295,13 @@ async def test_a_start_is_estimated_over_the_replicas_the_placement_allows(
     assert late["status"] == "rejected" and late["error"]["code"] == "DEADLINE_UNMET", late
 
 
+@pytest.mark.parametrize("route", [{"mode": "pin", "pin_pool": "idle"}, None])
 async def test_tasks_pinned_to_another_pool_do_not_delay_an_idle_one(
-    workspace: Any, serve: Any
+    workspace: Any, serve: Any, route: dict[str, Any] | None
 ) -> None:
     """Pool `slow` is busy with tasks queued for it alone; pool `idle` serves the same
-    model and is free: a task for `idle` is told it starts at once."""
+    model and is free: a task for `idle`, or for any pool of the model, is told it starts
+    at once (the pinned tasks ahead never take `idle`'s slot, in the estimate either)."""
     from tests.conftest import config, task, wait_for, wait_terminal
 
     cfg = config()
@@ -311,8 +313,8 @@ async def test_tasks_pinned_to_another_pool_do_not_delay_an_idle_one(
     for name in ("s1", "s2", "s3"):
         workspace.submit(f"{name}.task.yaml", task(name, max_tokens=40, placement=pin))
     await wait_for(lambda: (workspace.result("s3") or {}).get("status") == "queued", 10, "s3")
-    route = {"mode": "pin", "pin_pool": "idle"}
-    workspace.submit("now.task.yaml", task("now", max_tokens=2, deadline_ms=1500, placement=route))
+    placed = {"placement": route} if route else {}
+    workspace.submit("now.task.yaml", task("now", max_tokens=2, deadline_ms=1500, **placed))
     now = await wait_terminal(workspace, "now", 10)
     assert now["status"] == "succeeded", now
     first = workspace.frames("now")[0]
@@ -333,3 +335,28 @@ def test_a_refused_deadline_never_shows_its_probability_rounded_up_to_the_floor(
     assert refused is not None
     shown = refused.message.split("on-time probability ")[1].split(",")[0]
     assert float(shown) < admission.DEADLINE_FLOOR, refused.message
+
+
+async def test_a_task_is_estimated_over_the_replicas_whose_context_holds_it(
+    workspace: Any, serve: Any
+) -> None:
+    """Pool `small` (ctx 512) is idle, pool `big` busy: a task too long for `small` waits
+    for `big`, and its estimate says so rather than "now"."""
+    from tests.conftest import config, task, wait_for
+
+    cfg = config()
+    big = cfg["pools"][0] | {
+        "id": "big", "ctx": 4096, "slots": 1, "sim": {"tokens_per_s": 20, "load_s": 0}
+    }  # fmt: skip
+    cfg["pools"] = [big, big | {"id": "small", "ctx": 512, "sim": dict(big["sim"])}]
+    workspace.write_config(cfg)
+    await serve()
+    busy = task("busy", max_tokens=40, placement={"mode": "pin", "pin_pool": "big"})
+    workspace.submit("busy.task.yaml", busy)
+    await wait_for(
+        lambda: (workspace.result("busy") or {}).get("status") == "running", 10, "busy running"
+    )
+    workspace.submit("long.task.yaml", task("long", prompt="word " * 800, max_tokens=100))
+    await wait_for(lambda: workspace.result("long"), 10, "long queued")
+    first = workspace.frames("long")[0]
+    assert first.event == "queued" and first.data["predicted_start_ms"] > 1000, first.data
