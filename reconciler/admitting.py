@@ -404,27 +404,36 @@ def _evict(d: dispatch.Dispatcher, entry: queues.Entry) -> None:
 
 def _retry_after_ms(d: dispatch.Dispatcher) -> int:
     """About how long until a queue place frees for this client: the k-th place to free,
-    k the clients turned away before it whose time has not come yet. Telling every refused
-    client the soonest end sent them all back at once, to one free place, and most were
-    refused again; spread this way they come back one a place (the running tasks' ends,
-    then a slot's service time per place once those are past)."""
+    k the clients turned away before it whose time has not come yet (and the tasks over a
+    lowered capacity, which take the first places). A place frees when a queued task
+    starts, so the k-th place frees at the k-th predicted start of the queue (a task ending
+    frees one only when a queued task can take its slot). Telling every refused client the
+    soonest start sent them all back at once, to one free place, and most were refused
+    again; spread this way they come back one a place. Past the queue's last start, a place
+    a mean gap between starts later each."""
     now = d.clock.monotonic()
     d.promised = [t for t in d.promised if t > now]
-    ends = sorted(
-        max(0.0, r.service_ms - (now - r.started_mono) * 1000) for r in d.running.values()
-    )
-    # places freed go first to the tasks over a lowered capacity, then to earlier refusals
+    order = d.queue.in_dispatch_order()
+    found: list[rates.Estimate] = []
+    try:
+        found = list(_estimates(d, list(order), order).values())
+    except Exception:  # a bug in the arithmetic must not turn a refusal into a crash
+        log.exception("could not estimate the queue's starts for a retry delay")
+    starts = sorted(max(0.0, e.start_ms) for e in found if e.start_ms is not None)
     k = len(d.promised) + max(0, len(d.queue) - d.queue.capacity)
-    if not ends:
+    if not starts:  # nothing to estimate from (no replica yet): a second a place
         wait_ms = 1000.0 * (k + 1)
-    elif k < len(ends):
-        wait_ms = ends[k]
-    else:  # past the running tasks: each slot frees a place per service time
-        service = sum(r.service_ms for r in d.running.values()) / len(ends)
-        wait_ms = ends[-1] + service * ((k - len(ends)) // len(ends) + 1)
-    wait_ms = max(250.0, wait_ms)
+    elif k < len(starts):
+        wait_ms = starts[k]
+    else:
+        gap = max(starts[-1] / len(starts), MIN_RETRY_MS)
+        wait_ms = starts[-1] + gap * (k - len(starts) + 1)
+    wait_ms = max(MIN_RETRY_MS, wait_ms)
     d.promised.append(now + wait_ms / 1000)
     return int(wait_ms)
+
+
+MIN_RETRY_MS = 250.0
 
 
 def _estimate(

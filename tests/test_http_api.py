@@ -232,6 +232,35 @@ async def test_a_full_queue_answers_429_with_retry_after_and_backoff(
             assert response.status == 409  # a task that ran keeps its id
 
 
+async def test_a_full_queues_retry_delay_waits_for_its_queued_tasks_to_start(
+    workspace: Workspace, serve: Any
+) -> None:
+    """The queue holds a task of m1, behind m1's busy slot; a short task of m2 runs on its
+    own pool. Its end frees no queue place (no queued task can take its slot): the retry
+    delay is when the queued m1 task starts, not when the m2 task ends."""
+    cfg = config(queue={"capacity": 1, "full_policy": "reject"})
+    cfg["models"]["m2"] = {"ref": "file:m2.gguf", "size_mib": 1000}
+    cfg["pools"][0].update(slots=1, sim={"tokens_per_s": 20, "load_s": 0.0})
+    cfg["pools"].append(
+        {"id": "p2", "engine": "sim", "model": "m2", "ctx": 2048, "slots": 1,
+         "sim": {"tokens_per_s": 100, "load_s": 0.0}}
+    )  # fmt: skip
+    workspace.write_config(cfg)
+    base = _url(await serve())
+    async with aiohttp.ClientSession() as session:
+        for body in (task("long", max_tokens=60), task("short", model="m2", max_tokens=40)):
+            async with session.post(f"{base}/v1/tasks", json=body) as r:
+                assert r.status == 202
+        await wait_for(lambda: (workspace.result("short") or {}).get("status") == "running", 10)
+        async with session.post(f"{base}/v1/tasks", json=task("waits", max_tokens=2)) as r:
+            assert r.status == 202  # the queue's one place
+        async with session.post(f"{base}/v1/tasks", json=task("refused", max_tokens=2)) as r:
+            body = await r.json()
+            assert r.status == 429, body
+    # long: 60 tokens at 20/s, about 3 s; short: 40 at 100/s, 0.4 s
+    assert body["retry_after_ms"] > 1500, body
+
+
 async def _serve_slow(workspace: Workspace, serve: Any) -> str:
     """A daemon whose sim engine streams 20 tokens/s (a task stays running a while); its URL."""
     cfg = config()
