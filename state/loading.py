@@ -266,7 +266,7 @@ def validation_errors(
                     f"{message} (got {parsing.short(err['input'])}, which YAML reads as text, "
                     f"not a {kind})"
                 )
-                hint = "write a plain whole number (1000) or a decimal one (1.0e3)"
+                hint = _number_hint(str(err["input"]), whole="int" in err["type"])
             else:  # `version: "1"`: the quotes made it text
                 message = (
                     f"{message} (got the text {parsing.short(err['input'])}: quoted, so not a "
@@ -304,6 +304,21 @@ def validation_errors(
 
 
 _NUMBER_OR_FLAG = re.compile(r"[-+]?(\d[\d_]*(\.\d*)?([eE][-+]?\d+)?|\.\d+)|true|false", re.I)
+
+
+def _number_hint(text: str, *, whole: bool) -> str:
+    """How to write `text` (`1e3`, a number YAML 1.1 reads as text: its floats need a dot
+    and a signed exponent) so it is read as the number meant."""
+    try:
+        value = float(text.replace("_", ""))
+    except ValueError:
+        return "write a plain number (1000), or a decimal one with a dot (1.5, 1.0e+3)"
+    plain = value.is_integer() and abs(value) < 1e15
+    if plain:
+        return f"write it as a plain whole number: {int(value)}"
+    if whole:
+        return "write a plain whole number"
+    return f"write it with a dot and a signed exponent ({value:.1e}) or plainly ({value!r})"
 
 
 def _quoted_scalar(err: Any) -> bool:

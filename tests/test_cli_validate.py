@@ -482,8 +482,18 @@ def test_an_unquoted_value_yaml_reads_as_text_or_a_date_is_said_so_not_called_qu
     ran = orchctl("validate", "--config", config, t)
     assert ran.out_lines[1] == (
         f"{t}:3:13: max_tokens: should be a valid integer (got '1e3', which YAML reads as "
-        "text, not a number) (hint: write a plain whole number (1000) or a decimal one (1.0e3))"
+        "text, not a number) (hint: write it as a plain whole number: 1000)"
     )
+    # the form offered for a decimal is one YAML 1.1 reads as a number: a dot, a signed exponent
+    t = task_file(config.parent, "model: m1\nprompt: hi\nmax_tokens: 4\nsampling: {top_p: 5e-1}\n")
+    ran = orchctl("validate", "--config", config, t)
+    assert ran.out_lines[1].endswith(
+        "(hint: write it with a dot and a signed exponent (5.0e-01) or plainly (0.5))"
+    ), ran.out
+    t = task_file(
+        config.parent, "model: m1\nprompt: hi\nmax_tokens: 4\nsampling: {top_p: 5.0e-01}\n"
+    )
+    assert orchctl("validate", "--config", config, t).code == 0
     t = task_file(config.parent, "task_id: 2024-01-01\nmodel: m1\nprompt: hi\nmax_tokens: 5\n")
     ran = orchctl("validate", "--config", config, t)
     assert ran.out_lines[1] == (
