@@ -253,7 +253,8 @@ class AppliedConfig:
                     line,
                     col,
                     ".".join(map(str, where)),
-                    f"changed from {old!r} to {new!r} while the daemon runs; it is read only "
+                    f"changed from {_as_yaml(old)} to {_as_yaml(new)} while the daemon runs; "
+                    "it is read only "
                     "when the daemon starts",
                     "restart the daemon (stop it, then `orchctl serve`) to apply this edit, "
                     "or put the old value back",
@@ -355,3 +356,12 @@ def _node(path: Path) -> yaml.Node | None:
         return None
     _, node, _ = loading.parse_document(text, str(path))
     return node
+
+
+def _as_yaml(value: Any) -> str:
+    """A value as orch.yaml spells it (true, null, "text", [0, 1]), not as Python does."""
+    if isinstance(value, str):
+        return json.dumps(value)
+    return (
+        yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("\n...")
+    )

@@ -291,6 +291,10 @@ async def test_an_edit_of_what_is_read_at_start_waits_for_a_restart_and_says_so(
     [error] = _errors(workspace)
     assert error["field"] == ".".join(where) and error["line"]
     assert "read only when the daemon starts" in error["text"] and "restart" in error["text"]
+    # in orch.yaml's own spelling (true, "text"), not Python's (True, 'text')
+    assert "True" not in error["text"] and "False" not in error["text"], error["text"]
+    if value is False:
+        assert "to false while" in error["text"], error["text"]
     assert workspace.status()["config"]["revision"] == applied
     workspace.submit("old-spool.task.yaml", task("old-spool"))  # the folders in use still work
     assert (await wait_terminal(workspace, "old-spool"))["status"] == "succeeded"
