@@ -259,8 +259,13 @@ def fit_hint(pool: desired.PoolSpec, unschedulable: planning.Unschedulable) -> s
             f"{gpus} {'has' if len(elsewhere) == 1 else 'have'} room for a replica: set "
             f"devices: auto (or [{elsewhere[0]}]), or, to fit where it is pinned: "
         )
+    # only llama-server reads flags: a sim pool's footprint has no KV cache type to change
+    kv = (
+        "quantize the KV cache (flags: [-ctk, q8_0, -ctv, q8_0]), "
+        if pool.engine == "llamacpp"
+        else ""
+    )
     return (move or "To fit: ") + (
-        f"lower ctx ({pool.ctx}) or slots ({pool.slots}), quantize the KV cache "
-        "(flags: [-ctk, q8_0, -ctv, q8_0]), use a smaller model or quantization, "
-        f"or fewer replicas; a replica must fit in {room} MiB"
+        f"lower ctx ({pool.ctx}) or slots ({pool.slots}), {kv}use a smaller model or "
+        f"quantization, or fewer replicas; a replica must fit in {room} MiB"
     )

@@ -378,6 +378,10 @@ def test_a_pin_whose_fix_is_another_gpu_says_so_before_the_knobs() -> None:
     ), hint
     (nowhere,) = run([pool("chat", vram=30000, devices=(1,))]).unschedulable
     assert nowhere.fits_on == () and specs.fit_hint(spec, nowhere).startswith("To fit: lower")
+    # the KV cache's type is a llama-server flag: offered for a llamacpp pool only
+    assert "-ctk" not in hint
+    llama = spec.model_copy(update={"engine": "llamacpp"})
+    assert "quantize the KV cache (flags: [-ctk, q8_0, -ctv, q8_0])" in specs.fit_hint(llama, u)
 
 
 def test_a_listed_gpu_that_does_not_exist_is_unschedulable() -> None:
