@@ -22,7 +22,7 @@ import pydantic
 
 from reconciler import cli_common, cli_sse, probing
 from reconciler.cli_common import EXIT_ENV, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, Refused
-from state import events, pending, results
+from state import events, ids, pending, results
 
 POLL_S = 0.05
 PROBE_EVERY_S = 2.0
@@ -316,13 +316,26 @@ def summary(ended: Ended) -> str:
             parts.append(f"first token {t.first_token_ms} ms")
         if t.decode_time_ms is not None:
             parts.append(f"{t.decode_time_ms} ms decoding")
-        return "succeeded: " + ", ".join(parts)
+        # a chat answered with tool calls streams no text: the calls are the answer
+        calls = [_call(c) for c in result.tool_calls or ()]
+        called = f"called {'; '.join(calls)}; " if calls else ""
+        return f"succeeded: {called}" + ", ".join(parts)
     if result.status == "canceled":
         return f"canceled after {_tokens(result.tokens_out)}"
     error = result.error
     if error is None:
         return result.status
     return _error_line(result.status, error.code, error.message, error.hint)
+
+
+def _call(call: dict[str, Any]) -> str:
+    """`get_weather({"city": "Oslo"})` for one tool call of a result."""
+    found = call.get("function")
+    function: dict[str, Any] = found if isinstance(found, dict) else {}
+    name = str(function.get("name") or "?")
+    arguments = str(function.get("arguments") or "")
+    # the model's own text: what does not print (a terminal's escapes) is shown escaped
+    return f"{ids.shown(name, 80)}({ids.shown(arguments, 200)})"
 
 
 def _tokens(n: object) -> str:

@@ -35,9 +35,14 @@ def quoted(value: str) -> str:
     """A user-given name or id for a message: quoted, its length bounded, and every character
     that does not print (a control character, a byte of a name that is not UTF-8) escaped;
     letters of any script are shown as they are."""
-    shown = value if len(value) <= 80 else value[:77] + "..."
-    escaped = "".join(_shown(c) for c in shown)
-    return "'" + escaped.replace("'", "\\'") + "'"
+    return "'" + shown(value, 80).replace("'", "\\'") + "'"
+
+
+def shown(value: str, limit: int) -> str:
+    """`value` bounded to `limit` characters, every character that does not print escaped
+    (as `quoted`, without the quotes)."""
+    cut = value if len(value) <= limit else value[: limit - 3] + "..."
+    return "".join(_shown(c) for c in cut)
 
 
 def _shown(c: str) -> str:

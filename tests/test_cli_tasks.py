@@ -327,6 +327,30 @@ def test_submit_wait_streams_the_text_then_prints_a_one_line_summary(
     ]
 
 
+def test_submit_wait_of_a_chat_answered_with_a_tool_call_shows_the_call(
+    workspace: Workspace,
+) -> None:
+    """A chat whose answer is a tool call streams no text: the summary names the call (its
+    arguments as the model wrote them, what does not print escaped)."""
+    serving(workspace)
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Oslo\u001b[2J"}'},
+    }
+    end = ("end", {"tokens_out": 3, "finish_reason": "tool_calls"})
+    result = results.Result(
+        task_id="t5", status="succeeded", tokens_out=3, text="", tool_calls=[call]
+    )
+    play(workspace, "t5", [*STARTED, end], result)
+    path = write_task(workspace, "t5.task.yaml")
+    ran = orchctl("submit", path, "--wait", "--timeout", "20", "--config", cfg(workspace))
+    assert ran.code == 0, ran.err
+    assert ran.out_lines[-1] == (
+        'succeeded: called get_weather({"city": "Oslo\\x1b[2J"}); 3 tokens'
+    ), ran.out_lines
+
+
 def test_submit_wait_of_a_failed_task_prints_code_message_and_hint_and_exits_1(
     workspace: Workspace,
 ) -> None:
