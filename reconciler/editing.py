@@ -7,6 +7,7 @@ indentation for the whole file, so the edit is dumped with each common layout in
 spaces, list dashes flush or indented) and the first dump in which no line changed except the
 one that carries the new value is the answer. A file that no layout reproduces (mixed
 indentation, CRLF line ends, tabs) is refused with `EditRefused` rather than reformatted.
+An orch.yaml written as JSON is edited as JSON, in the layout json.dumps gave it.
 Pure: text in, text out.
 """
 
@@ -81,6 +82,8 @@ def _like(old: Any, new: str) -> Any:
 
 
 def _edit(text: str, change: Callable[[Any], list[str]]) -> str:
+    if text.lstrip().startswith("{") and _json(text) is not None:
+        return _edit_json(text, change)  # JSON (YAML's subset): its own layouts, not YAML's
     for mapping, sequence, offset in _LAYOUTS:
         yaml = YAML(typ="rt")
         yaml.preserve_quotes = True
@@ -102,6 +105,33 @@ def _edit(text: str, change: Callable[[Any], list[str]]) -> str:
         "orch.yaml's layout (its indentation or line ends) cannot be kept by an automatic "
         "edit, so it was left as it is; make the change by hand"
     )
+
+
+def _edit_json(text: str, change: Callable[[Any], list[str]]) -> str:
+    """The edit of an orch.yaml written as JSON, in the layout it was written in (as
+    json.dumps writes it: indented by 2 or 4 spaces or a tab, or on one line)."""
+    data = _json(text)
+    trail = text[len(text.rstrip()) :]
+    for indent in (2, 4, "\t", None):
+        for ascii_only in (False, True):
+            if json.dumps(data, indent=indent, ensure_ascii=ascii_only) + trail != text:
+                continue
+            values = change(data)
+            if not values:
+                return text
+            return json.dumps(data, indent=indent, ensure_ascii=ascii_only) + trail
+    raise EditRefused(
+        "orch.yaml is JSON in a layout an automatic edit cannot keep (not as json.dumps "
+        "writes it, indented by 2 or 4 spaces, a tab, or on one line), so it was left as it "
+        "is; make the change by hand"
+    )
+
+
+def _json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
 
 
 def _only_lines_with(old: str, new: str, values: list[str]) -> bool:

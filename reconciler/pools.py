@@ -404,7 +404,8 @@ class PoolRuntime:
             return None
         return (
             f"drained on request at {record.drained_at}; POST /v1/pools/{pool_id}/reload "
-            "(or a change of the pool in orch.yaml) serves it again"
+            "serves it again, as does an edit in orch.yaml of what its replicas run (its model "
+            "or ref, ctx, slots, flags, devices; not replicas or max_tokens)"
         )
 
     def views(self) -> dict[str, admission.PoolView]:

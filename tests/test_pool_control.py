@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import difflib
 import hashlib
+import json
 import time
 from typing import Any
 
@@ -103,6 +104,18 @@ def test_an_edit_that_would_reformat_the_file_is_refused() -> None:
         editing.set_model_ref(ORCH_YAML.replace("\n", "\r\n"), "m1", "file:x.gguf")
     with pytest.raises(editing.EditRefused, match="no pool 'p9'"):
         editing.set_pool_model(ORCH_YAML, "p9", "m2")
+
+
+@pytest.mark.parametrize("indent", [2, 4, None])
+def test_an_orch_yaml_written_as_json_is_edited_as_json_in_its_layout(indent: int | None) -> None:
+    data = yaml.safe_load(ORCH_YAML)
+    text = json.dumps(data, indent=indent) + "\n"
+    new = editing.set_pool_model(text, "p1", "m2")
+    assert json.loads(new)["pools"][0]["model"] == "m2"
+    assert new.replace('"model": "m2"', '"model": "m1"') == text  # that value, nothing else
+    hand = text.replace('"version": 1', '"version":   1')  # no json.dumps layout
+    with pytest.raises(editing.EditRefused, match="JSON in a layout"):
+        editing.set_pool_model(hand, "p1", "m2")
 
 
 def test_a_drained_pool_is_stopped_whatever_its_replicas_do() -> None:
