@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -323,15 +324,26 @@ class Daemon:
         with contextlib.suppress(OSError):
             if old.root.resolve() == self.spool.root.resolve():
                 return
-        waiting = len(spool.incoming_names(old)) + len(spool.active_names(old))
+        incoming, active = spool.incoming_names(old), spool.active_names(old)
+        waiting = len(incoming) + len(active)
         if waiting:
+            # each folder's files to the same folder of the new spool: a task that was running
+            # (active/) is recovered there as itself, while in incoming/ it would be refused as
+            # a new task taking its own id; and only folders that hold files, so the mv works
+            moves = [
+                f"mv {shlex.quote(str(src))}/* {shlex.quote(str(dst))}/"
+                for src, dst, names in (
+                    (old.incoming, self.spool.incoming, incoming),
+                    (old.active, self.spool.active, active),
+                )
+                if names
+            ]
             logs.emit(
                 log,
                 "spool.stranded",
                 f"{waiting} task file(s) wait in {old.root} (incoming/, active/), the spool of "
                 f"the config served last; paths.spool is now {self.spool.root}, so nothing "
-                f"will take them. To run them: mv {old.incoming}/* {old.active}/* "
-                f"{self.spool.incoming}/",
+                f"will take them. To run them: {' && '.join(moves)}",
                 level=30,
                 old_spool=str(old.root),
                 waiting=waiting,

@@ -8,12 +8,14 @@ import copy
 import logging
 import os
 import shutil
+import subprocess
 from typing import Any
 
 import pytest
 import yaml
 
 from reconciler import configuring
+from state import results
 from tests import faults
 from tests.conftest import Workspace, config, task, wait_for, wait_terminal
 
@@ -618,12 +620,25 @@ async def test_tasks_left_in_the_old_spool_after_paths_spool_changed_are_said_so
     workspace.write_config(cfg)
     running = await serve()
     await running.stop()
-    for name in ("left1", "left2"):
+    for name in ("left1", "left2", "was-running"):
         workspace.submit(f"{name}.task.yaml", task(name))  # into the old spool, no daemon
+    old = workspace.spool
+    # one running when its daemon died: in active/, its result saying running
+    (old.incoming / "was-running.task.yaml").rename(old.active / "was-running.task.yaml")
+    running_result = results.Result(
+        task_id="was-running", status="running", source_file="spool/active/was-running.task.yaml"
+    )
+    (workspace.root / "results").mkdir(exist_ok=True)
+    (workspace.root / "results" / "was-running.json").write_text(running_result.model_dump_json())
     cfg["paths"] = {"spool": "spool2"}
     workspace.write_config(cfg)
     with caplog.at_level(logging.WARNING):
         await serve()
     said = [r.getMessage() for r in caplog.records if "wait in" in r.getMessage()]
-    assert said and said[0].startswith(f"2 task file(s) wait in {workspace.spool.root}"), said
-    assert f"mv {workspace.spool.incoming}/*" in said[0]
+    assert said and said[0].startswith(f"3 task file(s) wait in {old.root}"), said
+    # the command it gives hands every one of them over as it is
+    command = said[0].split("To run them: ", 1)[1]
+    ran = subprocess.run(["bash", "-c", command], capture_output=True, text=True, check=False)
+    assert ran.returncode == 0, ran.stderr
+    for name in ("left1", "left2", "was-running"):
+        assert (await wait_terminal(workspace, name, 15))["status"] == "succeeded", name
