@@ -7,7 +7,8 @@ admitted before the restart); `count_turn` is idempotent per task id.
 A session expires `ttl_s` after its last use and is evicted after `max_turns` turns (or when
 its token budget is spent). An evicted session leaves a tombstone, so the next request that
 names it gets a typed error (SESSION_EXPIRED, SESSION_TURNS_EXCEEDED, SESSION_BUDGET_EXCEEDED)
-instead of silently starting over. Files, so a daemon restart keeps them.
+instead of silently starting over. A session closed at its turns or token budget opens again
+once orch.yaml raises that limit above what it used. Files, so a daemon restart keeps them.
 """
 
 from __future__ import annotations
@@ -131,6 +132,16 @@ def budgets(session: Session, limits: desired.SessionsConfig, *, now: float) -> 
     )
 
 
+def _lifted(session: Session, limits: desired.SessionsConfig) -> bool:
+    """Whether the limit that closed `session` no longer holds: its turns or tokens are
+    under what orch.yaml allows now (a session that expired stays expired)."""
+    if session.evicted == "turns":
+        return session.turns < limits.max_turns
+    if session.evicted == "budget":
+        return limits.token_budget is None or session.tokens_out < limits.token_budget
+    return False
+
+
 def evict(session: Session, reason: Eviction, *, now: float) -> Session:
     return session.model_copy(update={"evicted": reason, "evicted_at": now})
 
@@ -153,6 +164,9 @@ def refusal(
     session = store.get(session_id)
     if session is None:
         return _over_budget(None, session_id, limits, max_tokens, pending_tokens)
+    if _lifted(session, limits):  # closed at a limit orch.yaml has since raised: open again
+        session = session.model_copy(update={"evicted": None, "evicted_at": None})
+        store.put(session)
     reason = limit_reached(
         session,
         now=now,

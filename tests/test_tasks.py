@@ -269,6 +269,11 @@ async def test_sessions_expire_and_run_out_of_turns_on_a_fake_clock(workspace: W
         assert workspace.result("a2")["status"] == "succeeded"  # type: ignore[index]
         third = workspace.result("a3")
         assert third is not None and third["error"]["code"] == "SESSION_TURNS_EXCEEDED"
+        # the limit raised in orch.yaml: the session it closed opens again
+        workspace.write_config(config(sessions={"ttl_s": 600, "max_turns": 4}))
+        await wait_for(lambda: "max_turns: 4" in _last_good(workspace), 10, "the edit applied")
+        workspace.submit("a4.task.yaml", task("a4", session_id="s-turns"))
+        assert (await wait_terminal(workspace, "a4"))["status"] == "succeeded"
 
         workspace.submit("b1.task.yaml", task("b1", session_id="s-ttl"))
         await wait_terminal(workspace, "b1")
@@ -350,3 +355,8 @@ def test_a_label_with_an_empty_name_is_refused_naming_the_line() -> None:
         "t.task.yaml:5:3: labels: a label's name is empty "
         "(hint: name every label, e.g. team: backend)"
     ]
+
+
+def _last_good(workspace: Workspace) -> str:
+    path = workspace.root / ".orch" / "last-good.yaml"
+    return path.read_text() if path.is_file() else ""
