@@ -135,7 +135,8 @@ async def reload_pool(request: web.Request) -> web.StreamResponse:
             pool.id, model=body.model, model_ref=body.model_ref, timeout_s=body.timeout_s
         )
     except reloading.ReloadError as exc:
-        raise ApiError(exc.code, exc.message, hint=exc.hint) from None
+        retry = api.STOPPING_RETRY_MS if exc.code is ErrorCode.DAEMON_STOPPING else None
+        raise ApiError(exc.code, exc.message, hint=exc.hint, retry_after_ms=retry) from None
     return web.json_response(
         {
             "pool_id": done.pool_id,

@@ -76,7 +76,12 @@ async def start(d: daemon.Daemon) -> api.Server:
         api_openai.add_routes,
         api_artifacts.routes(d.artifacts),
         api_catalog.routes(d.catalog, d.pools.retry_model),
-        api_pools.routes(d.pools, reloading.Reloader(d.config, d.pools, d.clock, d.wake)),
+        api_pools.routes(
+            d.pools,
+            reloading.Reloader(
+                d.config, d.pools, d.clock, d.wake, stopping=lambda: d.dispatcher.stopping
+            ),
+        ),
     ]
     server = await api.start(backend, bind=state.server.bind, base=d.config.base, routes=routes)
     auth = server.auth

@@ -76,6 +76,7 @@ class Reloader:
     clock: clocks.Clock
     wake: Callable[[], None]
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    stopping: Callable[[], bool] = lambda: False  # the daemon stops: no pool will be Ready
 
     async def reload(
         self,
@@ -310,6 +311,8 @@ class Reloader:
         seen_pass: int | None = None  # the runtime's pass count when the edit was applied
         progress = "the edit was not applied yet"
         while True:
+            if self.stopping():  # its pools stop with it: answered now, orch.yaml put back
+                return "the daemon is stopping", []
             drained = self._drained_meanwhile(pool_id, lifted)
             if drained is not None:  # it serves nothing now: never Ready on the new spec
                 return (
@@ -391,7 +394,8 @@ class Reloader:
                 await asyncio.to_thread(self._write, old)
                 restored = f"orch.yaml is restored byte for byte (revision {previous})"
                 hint = "The old orch.yaml is back in place; " + hint
-                await self._until_applied(old)  # tasks waiting for the pool keep waiting
+                if not self.stopping():  # a stopping loop applies nothing more
+                    await self._until_applied(old)  # tasks waiting for the pool keep waiting
             else:
                 restored = "orch.yaml was changed by someone else meanwhile, so it is left as is"
                 hint = "orch.yaml holds the other edit now: check it, then reload again"
@@ -404,6 +408,12 @@ class Reloader:
             pool_id=pool_id,
         )
         within = f" within {limit:g} s" if why.startswith("not Ready in time") else ""
+        if self.stopping():
+            return ReloadError(
+                ErrorCode.DAEMON_STOPPING,
+                f"pool {pool_id!r} was not reloaded: {why}; {restored}",
+                hint="reload it again once the daemon serves again",
+            )
         return ReloadError(
             ErrorCode.RELOAD_FAILED,
             f"pool {pool_id!r} did not become Ready on the new spec{within}: {why}; {restored}",

@@ -598,6 +598,33 @@ async def test_a_reload_cut_short_by_the_daemons_death_is_undone_at_the_next_sta
     assert not (state_dir / reloading.JOURNAL).exists()
 
 
+async def test_a_reload_waiting_when_the_daemon_stops_is_answered_and_undone(
+    workspace: Workspace, serve: Any
+) -> None:
+    """The daemon stops (a first SIGTERM) while a reload waits for its new replica: the
+    client is answered 503 DAEMON_STOPPING, not hung up on, and orch.yaml is put back at
+    once, as a failed reload's is."""
+    from reconciler import reloading
+
+    (workspace.root / "m1-v2.gguf").write_bytes(b"GGUF weights, version 2")
+    cfg = ORCH_YAML.replace("tokens_per_s: 400, load_s: 0", "tokens_per_s: 400, load_s: 3")
+    workspace.config_path.write_text(cfg)
+    running = await serve()
+    base = _url(running)
+    async with aiohttp.ClientSession() as session:
+        url = f"{base}/v1/pools/p1/reload"
+        reload = asyncio.ensure_future(session.post(url, json={"model_ref": "file:m1-v2.gguf"}))
+        await wait_for(lambda: "m1-v2" in workspace.config_path.read_text(), 10, "written")
+        stopped = asyncio.ensure_future(running.stop())
+        async with await reload as response:
+            answer = await response.json()
+        await stopped
+    assert response.status == 503 and answer["code"] == "DAEMON_STOPPING", answer
+    assert "the daemon is stopping" in answer["message"] and "restored" in answer["message"]
+    assert workspace.config_path.read_text() == cfg  # byte for byte, before the next start
+    assert not (workspace.root / ".orch" / reloading.JOURNAL).exists()
+
+
 async def test_a_reload_that_answered_leaves_no_journal(workspace: Workspace, serve: Any) -> None:
     from reconciler import reloading
 
