@@ -260,6 +260,16 @@ class Daemon:
         """Stop after draining running tasks (`timeouts.drain_s`); a second call stops at
         once, leaving what still runs resumable."""
         if self.stop_event.is_set():
+            if not self.hurry_event.is_set() and self.dispatcher.running:
+                running = len(self.dispatcher.running)
+                logs.emit(
+                    log,
+                    "daemon.hurried",
+                    f"Stopping now{f' on {why}' if why else ''}: {running} running task(s) are "
+                    "left resumable (the next start runs them again).",
+                    signal=why,
+                    running=running,
+                )
             self.hurry_event.set()
         elif why is not None:
             logs.emit(log, "daemon.stopping", f"Stopping on {why}.", signal=why)

@@ -1767,6 +1767,9 @@ async def test_a_stopping_daemon_ends_open_streams_in_their_own_words(
     events_seen = [x["event"] for x in lines]
     assert events_seen.count("http.answer_stopped") == 2, events_seen
     assert "http.client_gone" not in events_seen and "http.internal" not in events_seen
+    # the second stop says so, and what it leaves
+    [hurried] = [x for x in lines if x["event"] == "daemon.hurried"]
+    assert hurried["running"] >= 1 and "left resumable" in hurried["human"], hurried
 
 
 async def test_a_cancel_sent_while_the_daemon_drains_is_carried_out(
