@@ -257,14 +257,21 @@ class PoolSpec(Strict):
     def _unmanaged_flags(cls, v: list[str], info: ValidationInfo) -> list[str]:
         if info.data.get("engine") != "llamacpp":
             return v
-        for flag in v:
-            name = flag.split("=", 1)[0]
-            if name in MANAGED_LLAMACPP_FLAGS:
-                raise Hinted(
-                    f"flag {flag!r} is one llama-orch sets itself for llamacpp pools (given "
-                    "here too it would win, unseen by the daemon)",
-                    f"remove it: {MANAGED_LLAMACPP_FLAGS[name]}",
-                )
+        managed = [f for f in v if f.split("=", 1)[0] in MANAGED_LLAMACPP_FLAGS]
+        if len(managed) == 1:
+            flag = managed[0]
+            raise Hinted(
+                f"flag {flag!r} is one llama-orch sets itself for llamacpp pools (given "
+                "here too it would win, unseen by the daemon)",
+                f"remove it: {MANAGED_LLAMACPP_FLAGS[flag.split('=', 1)[0]]}",
+            )
+        if managed:  # every one at once: not one a round
+            whys = dict.fromkeys(MANAGED_LLAMACPP_FLAGS[f.split("=", 1)[0]] for f in managed)
+            raise Hinted(
+                f"flags {', '.join(repr(f) for f in managed)} are ones llama-orch sets itself "
+                "for llamacpp pools (given here too they would win, unseen by the daemon)",
+                f"remove them: {'; '.join(whys)}",
+            )
         return v
 
     @field_validator("devices")
