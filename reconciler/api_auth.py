@@ -46,6 +46,15 @@ class Verdict:
     message: str = ""
 
 
+class Refused(errors.ConfigProblem):
+    """Why the daemon may not listen with this auth: the field at fault, the problem and
+    the fix apart (`orchctl validate` prints them as every other finding)."""
+
+    def __init__(self, field: str, problem: str, fix: str | None = None) -> None:
+        super().__init__(f"{field}: {problem}" + (f"; {fix}" if fix else ""))
+        self.field, self.problem, self.fix = field, problem, fix
+
+
 def fingerprint(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()[:6]
 
@@ -64,17 +73,22 @@ def load(config: desired.DesiredState, base: Path, *, bind_host: str) -> Auth:
     """The token and policy of `config`; raises ConfigProblem for a non-loopback bind
     without a token (the server must not be reachable from the network unprotected)."""
     token = os.environ.get(config.auth.token_env) or None
-    source = f"auth.token_env: the API token in ${config.auth.token_env}"
+    field, source = "auth.token_env", f"the API token in ${config.auth.token_env}"
     warnings: list[str] = []
     if config.auth.token_file:
         path = desired.resolve(base, config.auth.token_file)
         try:
             token = path.read_text(encoding="utf-8").strip() or None
             mode = path.stat().st_mode & 0o777
-            source = f"auth.token_file: the API token in {path}"
+            field, source = "auth.token_file", f"the API token in {path}"
         except (OSError, UnicodeDecodeError) as exc:
             why = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
-            raise errors.ConfigProblem(f"auth.token_file: cannot read {path}: {why}") from None
+            raise Refused(
+                "auth.token_file",
+                f"cannot read {path}: {why}",
+                "write the token into that file (`openssl rand -hex 24 > FILE; chmod 600 FILE`), "
+                "or point auth.token_file at the file holding it",
+            ) from None
         if mode & 0o077:
             warnings.append(
                 f"auth.token_file {path} may be read by other users (mode {mode:03o}): "
@@ -82,16 +96,19 @@ def load(config: desired.DesiredState, base: Path, *, bind_host: str) -> Auth:
             )
     if token is not None and (len(token) < 16 or any(not 33 <= ord(c) <= 126 for c in token)):
         short = len(token) < 16
-        raise errors.ConfigProblem(
+        raise Refused(
+            field,
             f"{source} is {f'{len(token)} characters' if short else 'not printable ASCII'}: "
             "it must be at least 16 printable ASCII characters without spaces (HTTP clients "
-            "send no other); make one with `openssl rand -hex 24`"
+            "send no other)",
+            "make one with `openssl rand -hex 24`",
         )
     if token is None and not is_loopback_host(bind_host):
-        raise errors.ConfigProblem(
-            f"server.bind {bind_host} is reachable from the network, but no API token is set: "
+        raise Refused(
+            "server.bind",
+            f"{bind_host} is reachable from the network, but no API token is set",
             f"export {config.auth.token_env}=$(openssl rand -hex 24) (or set auth.token_file), "
-            "or bind 127.0.0.1 and use an SSH tunnel (docs/security.md)"
+            "or bind 127.0.0.1 and use an SSH tunnel (docs/security.md)",
         )
     return Auth(token, config.auth.optional_on_loopback, tuple(warnings))
 

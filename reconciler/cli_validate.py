@@ -141,23 +141,29 @@ def _listening(path: Path, state: desired.DesiredState, node: yaml.Node | None) 
     host = state.server.bind.rpartition(":")[0].strip("[]")
     try:
         auth = api_auth.load(state, path.resolve().parent, bind_host=host)
+    except api_auth.Refused as exc:
+        return [_at(path, node, exc.field, exc.problem, hint=exc.fix)]
     except errors.ConfigProblem as exc:
-        return [_at(path, node, _auth_field(str(exc)), str(exc))]
-    return [_at(path, node, ("auth", "token_file"), w, warning=True) for w in auth.warnings]
-
-
-def _auth_field(message: str) -> tuple[str, ...]:
-    for field in ("auth.token_file", "auth.token_env", "server.bind"):
-        if message.startswith(field):
-            return tuple(field.split("."))
-    return ("auth",)
+        return [_at(path, node, "auth", str(exc))]
+    return [_at(path, node, "auth.token_file", w, warning=True) for w in auth.warnings]
 
 
 def _at(
-    path: Path, node: yaml.Node | None, loc: tuple[str, ...], message: str, *, warning: bool = False
+    path: Path,
+    node: yaml.Node | None,
+    field: str,
+    message: str,
+    *,
+    hint: str | None = None,
+    warning: bool = False,
 ) -> Finding:
-    line, column = loading.locate(node, loc)
-    return Finding(loading.LoadError(str(path), line, column, None, message, None), warning)
+    """A finding about `field`, at its line, or at no line when the file does not write it
+    (a default, such as auth.token_env's AUTH_TOKEN: the problem is not on any line)."""
+    loc = tuple(field.split("."))
+    line, column = (
+        loading.locate(node, loc) if loading.node_at(node, loc) is not None else (None, None)
+    )
+    return Finding(loading.LoadError(str(path), line, column, field, message, hint), warning)
 
 
 def check_task(path: Path, config: Config | None) -> list[Finding]:

@@ -527,9 +527,9 @@ def test_a_network_bind_without_a_token_fails_validate_as_it_fails_serve(
     ran = orchctl("validate", config)
     assert ran.code == 2
     assert ran.out_lines == [
-        f"{config}:{len(CONFIG.splitlines()) + 1}:16: server.bind 0.0.0.0 is reachable from "
-        "the network, but no API token is set: export AUTH_TOKEN=$(openssl rand -hex 24) (or "
-        "set auth.token_file), or bind 127.0.0.1 and use an SSH tunnel (docs/security.md)"
+        f"{config}:{len(CONFIG.splitlines()) + 1}:16: server.bind: 0.0.0.0 is reachable from "
+        "the network, but no API token is set (hint: export AUTH_TOKEN=$(openssl rand -hex 24) "
+        "(or set auth.token_file), or bind 127.0.0.1 and use an SSH tunnel (docs/security.md))"
     ]
     monkeypatch.setenv("AUTH_TOKEN", "0123456789abcdef0123")
     assert orchctl("validate", config).out_lines == [f"{config}: ok"]
@@ -541,8 +541,14 @@ def test_a_network_bind_without_a_token_fails_validate_as_it_fails_serve(
     assert ran.out_lines == [
         f"{config}:{len(CONFIG.splitlines()) + 2}:19: auth.token_env: the API token in "
         "$AUTH_TOKEN is 5 characters: it must be at least 16 printable ASCII characters "
-        "without spaces (HTTP clients send no other); make one with `openssl rand -hex 24`"
+        "without spaces (HTTP clients send no other) (hint: make one with `openssl rand -hex 24`)"
     ]
+    # with no auth: section at all, no line of the file is at fault: none is named
+    config.write_text(CONFIG + 'server: {bind: "0.0.0.0:8080"}\n')
+    ran = orchctl("validate", config)
+    assert ran.code == 2 and ran.out_lines[0].startswith(
+        f"{config}: auth.token_env: the API token in $AUTH_TOKEN is 5 characters"
+    ), ran.out_lines
 
 
 def test_the_rename_hint_keeps_the_files_own_suffix(config: Path) -> None:
