@@ -91,7 +91,15 @@ def _kind(path: Path) -> str:
     data, _ = _parse(path)
     # an inventory is a list of GPUs under `gpus:`; in orch.yaml `gpus:` is a mapping
     inventory = isinstance(data, dict) and set(data) == {"gpus"} and isinstance(data["gpus"], list)
-    return "an inventory" if inventory else "config"
+    if inventory:
+        return "an inventory"
+    if isinstance(data, dict) and data and set(data) <= TASK_KEYS and "version" not in data:
+        return "a misnamed task"  # only a task's keys: checked as one, and told its name
+    return "config"
+
+
+# the keys of a task file (an orch.yaml has none of them but `model`-less `models:`)
+TASK_KEYS = frozenset(tasks.TaskFile.model_fields)
 
 
 def _parse(path: Path) -> tuple[Any, yaml.Node | None]:
@@ -107,6 +115,20 @@ def check_file(path: Path, reg: registry.Registry, config: Config | None) -> lis
     kind = _kind(path)
     if kind == "a task":
         return check_task(path, config)
+    if kind == "a misnamed task":
+        suffix = ".task.json" if path.suffix == ".json" else ".task.yaml"
+        stem = path.name.split(".", 1)[0] or "task"
+        named = loading.LoadError(
+            str(path),
+            None,
+            None,
+            None,
+            "this is a task file (its keys are a task's), but a task file's name ends in "
+            ".task.yaml or .task.json: dropped into spool/incoming/ as it is named, it is "
+            "refused as no task file",
+            f"rename it to {stem}{suffix} (`orchctl submit` names the copy it delivers so)",
+        )
+        return [Finding(named), *check_task(path, config)]
     if kind == "an inventory":
         try:
             gpu_simulated.load_inventory(path)

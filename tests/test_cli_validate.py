@@ -663,3 +663,20 @@ def test_an_empty_ref_is_an_error_and_a_folder_ref_is_said_to_be_a_folder(tmp_pa
     assert any(
         f"models.b.ref: {tmp_path}/models is a folder, not a model file" in x for x in ran.out_lines
     ), ran.out
+
+
+def test_a_task_file_not_named_as_one_is_told_its_name_not_checked_as_an_orch_yaml(
+    config: Path,
+) -> None:
+    """plain.yaml holding a task: checked as the task it is (not as an orch.yaml, "unknown
+    key 'model'"), and told that dropped as it is named it would be refused."""
+    plain = config.parent / "plain.yaml"
+    plain.write_text("model: m1\nprompt: hi\nmax_tokens: 3\n")
+    ran = orchctl("validate", "--config", config, plain)
+    assert ran.code == 2
+    [line] = [x for x in ran.out_lines if x.startswith(f"{plain}:")]
+    assert "this is a task file" in line and "rename it to plain.task.yaml" in line, line
+    assert "unknown key" not in ran.out
+    plain.write_text("model: m1\nprompt: hi\nmax_tokens: nine\n")  # its task errors too
+    ran = orchctl("validate", "--config", config, plain)
+    assert "max_tokens: should be a valid integer" in ran.out, ran.out
