@@ -383,7 +383,7 @@ class PoolRuntime:
 
     def pool_state(self, pool: desired.PoolSpec) -> tuple[statusfile.PoolState, str | None]:
         briefs = [
-            specs.ReplicaBrief(r.replica_id, r.life.state, r.life.last_error)
+            specs.ReplicaBrief(r.replica_id, r.life.state, r.life.last_error, r.life.restarts)
             for r in self.replicas.values()
             if r.pool_id == pool.id
         ]

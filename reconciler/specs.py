@@ -186,6 +186,7 @@ class ReplicaBrief:
     replica_id: str
     state: statusfile.ReplicaState
     last_error: str | None
+    restarts: int = 0  # 0 when Failed: given up at once (restarting could not fix it)
 
 
 def pool_condition(
@@ -232,10 +233,14 @@ def pool_condition(
     failed = [r for r in replicas if r.state == "Failed"]
     if pool.replicas > 0 and failed and len(failed) == len(replicas) and not ready:
         why = failed[0].last_error or f"replica {failed[0].replica_id} failed"
+        given_up = (
+            "it failed too often to be restarted (circuit breaker open)"
+            if any(r.restarts for r in failed)
+            else "it is not restarted, as restarting cannot fix this"
+        )
         return "Failed", (
-            f"{why}; it failed too often to be restarted (circuit breaker open): fix the "
-            f"cause, then POST /v1/pools/{pool.id}/reload (or edit the pool in orch.yaml) "
-            "to start it again"
+            f"{why}; {given_up}: fix the cause, then POST /v1/pools/{pool.id}/reload (or edit "
+            "the pool in orch.yaml) to start it again"
         )
     if len(ready) >= pool.replicas and len(ready) == len(replicas):
         return "Ready", None

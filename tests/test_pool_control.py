@@ -129,12 +129,23 @@ def test_a_drained_pool_is_stopped_whatever_its_replicas_do() -> None:
 
 def test_a_failed_pool_whose_replica_gave_no_error_says_so_not_none() -> None:
     pool = desired.PoolSpec(id="p1", engine="sim", model="m1")
-    brief = specs.ReplicaBrief("p1-0", "Failed", None)
+    brief = specs.ReplicaBrief("p1-0", "Failed", None, restarts=3)
     state, reason = specs.pool_condition(
         pool, [brief], problem=None, unschedulable=None, waiting=False
     )
     assert state == "Failed" and reason is not None
     assert reason.startswith("replica p1-0 failed; it failed too often to be restarted")
+
+
+def test_a_replica_given_up_at_once_is_not_said_to_have_failed_too_often() -> None:
+    """A wrong digest (or a missing binary) fails the replica without a restart: its pool's
+    reason must not claim a circuit breaker tripped by failures it never had."""
+    pool = desired.PoolSpec(id="p1", engine="sim", model="m1")
+    why = "UNTRUSTED_ARTIFACT: m1.gguf has digest sha256:ab, orch.yaml pins sha256:cd"
+    brief = specs.ReplicaBrief("p1-0", "Failed", why, restarts=0)
+    _, reason = specs.pool_condition(pool, [brief], problem=None, unschedulable=None, waiting=False)
+    assert reason is not None and "failed too often" not in reason
+    assert reason.startswith(f"{why}; it is not restarted, as restarting cannot fix this")
 
 
 # -- over HTTP -------------------------------------------------------------------------------
