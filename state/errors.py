@@ -91,7 +91,12 @@ CODES: dict[ErrorCode, CodeInfo] = {
         "The old orch.yaml is back in place; fix the model file or ref and reload again "
         "(`orchctl status` shows the pool).",
     ),
-    ErrorCode.WORKER_RESET: CodeInfo(None, True, "The engine restarted; submit the task again."),
+    ErrorCode.WORKER_RESET: CodeInfo(
+        None,
+        True,
+        "The task's engine stopped under it (a crash, a drain or a restart); "
+        "submit the task again.",
+    ),
     ErrorCode.DECODE_TIMEOUT: CodeInfo(None, True, "The engine stalled; submit the task again."),
     ErrorCode.CANCELED: CodeInfo(None, False, "The task was canceled on request."),
     ErrorCode.INTERNAL: CodeInfo(
