@@ -489,6 +489,7 @@ def new_run(
         result = recovered
         result.status = "queued"
         result.error = None
+        _keep_partial(result, events_path)
     else:
         result = new_result(
             task_id,
@@ -515,6 +516,25 @@ def new_run(
         model_id=ids.ModelId(task.model or ""),
         pool_id=ids.PoolId(task.pool) if task.pool else None,
     )
+
+
+def _keep_partial(result: results.Result, events_path: Path) -> None:
+    """What the attempt a restart cut short wrote, from its log (its running result was
+    written at its start, before any token): its tokens and text, so a task that ends
+    without running again (canceled, expired) says what it had made; a new attempt
+    starts them afresh."""
+    try:
+        frames = list(events.read(events_path))
+    except (OSError, ValueError):
+        return
+    starts = [n for n, f in enumerate(frames) if f.event == "started"]
+    if not starts:
+        return
+    tokens = [f.data for f in frames[starts[-1] + 1 :] if f.event == "token"]
+    if tokens:
+        counted = (t["i"] + 1 for t in tokens if isinstance(t.get("i"), int))
+        result.tokens_out = max(len(tokens), max(counted, default=0))
+        result.text = "".join(str(t.get("t", "")) for t in tokens)
 
 
 def _epoch(rfc3339: str | None) -> float | None:

@@ -644,6 +644,17 @@ async def test_openai_tasks_a_crashed_daemon_left_are_canceled_not_run_for_nobod
     left("chatcmpl-b", the_spool.active, bound, queued=False)
     left("chatcmpl-c", the_spool.active, bound, queued=True)
     left("plain", the_spool.active, {"team": "x"}, queued=True)
+    # one killed while it streamed: its log has its first tokens, its result says running
+    left("chatcmpl-d", the_spool.active, bound, queued=True)
+    log = events.EventLog(store.events_path("chatcmpl-d"), new=False)
+    log.append("started", {"attempt": 1}, ts="2026-01-01T00:00:01Z")
+    log.extend("token", [{"t": "Hel", "i": 0}, {"t": "lo", "i": 1}], ts="2026-01-01T00:00:02Z")
+    log.close()
+    store.write(
+        results.Result(
+            task_id="chatcmpl-d", status="running", source_file="spool/active/chatcmpl-d.task.json"
+        )
+    )
     await asyncio.sleep(0.1)  # delivered before the new daemon began
     caplog.set_level("INFO", logger="llama_orch")
     await serve()
@@ -651,10 +662,14 @@ async def test_openai_tasks_a_crashed_daemon_left_are_canceled_not_run_for_nobod
         ended = await wait_terminal(workspace, task_id)
         assert ended["status"] == "canceled" and ended["tokens_out"] == 0, ended
         assert not any(f.event == "started" for f in workspace.frames(task_id))
+    # canceled too, saying what its cut-short attempt had made (its client got those)
+    streamed = await wait_terminal(workspace, "chatcmpl-d")
+    assert streamed["status"] == "canceled", streamed
+    assert (streamed["tokens_out"], streamed["text"]) == (2, "Hello"), streamed
     plain = await wait_terminal(workspace, "plain")
     assert plain["status"] == "succeeded" and plain["tokens_out"] == 4
     orphaned = [r for r in caplog.records if getattr(r, "orch_event", "") == "task.orphaned"]
-    assert len(orphaned) == 3 and "nobody can receive it" in orphaned[0].getMessage()
+    assert len(orphaned) == 4 and "nobody can receive it" in orphaned[0].getMessage()
     assert spool.cancel_requests(the_spool) == []
 
 
