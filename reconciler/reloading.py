@@ -321,8 +321,13 @@ class Reloader:
                     [],
                 )
             if self.config.applied_digest not in ours and not self.config.errors:
-                # another edit of orch.yaml was applied meanwhile: the new spec is not ours
-                return "orch.yaml was changed by another edit during the reload", []
+                # another edit of orch.yaml was applied meanwhile: one made on top of the
+                # reload's that keeps the pool on the new spec (a queue setting changed) is
+                # waited out as ours; one that changes the pool ends the reload
+                if self._applied_hash(pool_id) != expected:
+                    return "orch.yaml was changed by another edit during the reload", []
+                digest = self.config.applied_digest or digest
+                ours.add(digest)
             if self.config.applied_digest != digest:
                 if self.config.errors:
                     return f"the edited orch.yaml was not applied: {self.config.errors[0]}", []
@@ -340,6 +345,14 @@ class Reloader:
             if self.clock.monotonic() >= deadline:
                 return f"not Ready in time ({progress})", []
             await self.clock.sleep(POLL_S)
+
+    def _applied_hash(self, pool_id: str) -> str | None:
+        """The spec hash of `pool_id` in the config the loop applied last (None: no pool)."""
+        state = self.config.state
+        pool = state.pool(pool_id) if state is not None else None
+        if state is None or pool is None or pool.model not in state.models:
+            return None
+        return specs.spec_hash(pool, state.models[pool.model], state.engines.get(pool.engine))
 
     def _judge(
         self, pool_id: str, expected: str, wanted: int

@@ -528,14 +528,37 @@ async def test_a_reload_overtaken_by_another_edit_answers_at_once_and_leaves_it(
         t0 = time.monotonic()
         reload = asyncio.ensure_future(session.post(url, json={"model_ref": "file:m1-v2.gguf"}))
         await wait_for(lambda: "m1-v2" in workspace.config_path.read_text(), 10, "written")
-        with workspace.config_path.open("a") as f:
-            f.write("# an edit by hand\n")
+        by_hand = workspace.config_path.read_text().replace("ctx: 2048", "ctx: 1024")
+        workspace.config_path.write_text(by_hand)  # the pool itself changed by hand
         async with await reload as response:
             answer = await response.json()
         assert time.monotonic() - t0 < 8  # not the 10 s ready_s timeout
         assert response.status == 409 and "changed by another edit" in answer["message"]
         assert "left as is" in answer["message"] and "other edit" in answer["hint"]
-    assert workspace.config_path.read_text().endswith("# an edit by hand\n")
+    assert workspace.config_path.read_text() == by_hand
+
+
+async def test_a_reload_outlives_an_edit_that_keeps_its_pool_on_the_new_spec(
+    workspace: Workspace, serve: Any
+) -> None:
+    """An edit made by hand on top of the reload's, not touching the pool (a comment, the
+    queue's capacity), keeps the pool on the new spec: the reload waits it out and
+    answers 200 once the pool is Ready there, not a 409 for a change it did not fail."""
+    (workspace.root / "m1-v2.gguf").write_bytes(b"GGUF weights, version 2")
+    cfg = ORCH_YAML.replace("tokens_per_s: 400, load_s: 0", "tokens_per_s: 400, load_s: 2")
+    workspace.config_path.write_text(cfg)
+    base = _url(await serve())
+    async with aiohttp.ClientSession() as session:
+        url = f"{base}/v1/pools/p1/reload"
+        reload = asyncio.ensure_future(session.post(url, json={"model_ref": "file:m1-v2.gguf"}))
+        await wait_for(lambda: "m1-v2" in workspace.config_path.read_text(), 10, "written")
+        by_hand = workspace.config_path.read_text().replace("capacity: 16", "capacity: 12")
+        workspace.config_path.write_text(by_hand + "# and a comment\n")
+        async with await reload as response:
+            answer = await response.json()
+    assert response.status == 200, answer
+    assert answer["model_ref"] == "file:m1-v2.gguf" and answer["replicas"], answer
+    assert workspace.config_path.read_text() == by_hand + "# and a comment\n"
 
 
 @pytest.mark.parametrize("pool", ["p1", "p2"])
