@@ -250,12 +250,17 @@ async def retire(runtime: pools.PoolRuntime, r: fleet.Replica) -> None:
     tasks given the drain time (a requested drain's own deadline wins), then SIGTERM, grace,
     SIGKILL; its record forgotten."""
     state = runtime.config.state
-    drain_s = state.timeouts.drain_s if state else 30.0
-    if (requested := runtime.drained.get(r.pool_id)) is not None:
-        drain_s = requested.deadline_ms / 1000
     grace_s = state.timeouts.stop_grace_s if state else 10.0
-    deadline = runtime.clock.monotonic() + drain_s
-    while r.leases and runtime.clock.monotonic() < deadline:
+    began = runtime.clock.monotonic()
+
+    def drain_s() -> float:
+        """As orch.yaml says it now: raised during the drain, it gives the tasks longer."""
+        if (requested := runtime.drained.get(r.pool_id)) is not None:
+            return requested.deadline_ms / 1000
+        state = runtime.config.state
+        return state.timeouts.drain_s if state else 30.0
+
+    while r.leases and runtime.clock.monotonic() < began + drain_s():
         await asyncio.sleep(0.05)
     r.stopping = True  # from here on it cannot be reclaimed
     if r.handle is not None:

@@ -642,3 +642,25 @@ async def test_tasks_left_in_the_old_spool_after_paths_spool_changed_are_said_so
     assert ran.returncode == 0, ran.stderr
     for name in ("left1", "left2", "was-running"):
         assert (await wait_terminal(workspace, name, 15))["status"] == "succeeded", name
+
+
+async def test_a_drain_s_raised_during_a_drain_gives_its_running_task_longer(
+    workspace: Workspace, serve: Any
+) -> None:
+    """A spec edit drains the replica a long task runs on, drain_s 1; raised to 30 while
+    the drain waits, it lets the task finish, as the hint of a task cut short by a drain
+    ("raise timeouts.drain_s") promises."""
+    cfg = config()
+    cfg["timeouts"]["drain_s"] = 1
+    cfg["pools"][0].update(slots=1, sim={"tokens_per_s": 20, "load_s": 0.0})
+    workspace.write_config(cfg)
+    await serve()
+    workspace.submit("long.task.yaml", task("long", max_tokens=50))
+    await wait_for(lambda: (workspace.result("long") or {}).get("status") == "running", 10)
+    cfg["pools"][0]["ctx"] = 1024  # a new spec: the replica the task runs on drains
+    workspace.write_config(cfg)
+    await asyncio.sleep(0.3)
+    cfg["timeouts"]["drain_s"] = 30
+    workspace.write_config(cfg)
+    done = await wait_terminal(workspace, "long", 15)
+    assert done["status"] == "succeeded" and done["tokens_out"] == 50, done
