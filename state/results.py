@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
 from pathlib import Path
@@ -109,6 +110,10 @@ class ResultStore:
         # per id taken over (`take_over`) and not yet taken by a new task: the last frame id
         # of the earlier task's log, after which the new task's frames are numbered
         self.taken_over: dict[str, int] = {}
+        # the ids of the results written last, each with the count of writes when it was:
+        # what changed since a reader last looked, without listing the folder
+        self.writes = 0
+        self.written: collections.OrderedDict[str, int] = collections.OrderedDict()
 
     def index(self) -> None:
         """List results/ once: the ids any file there may belong to (every prefix of its
@@ -171,6 +176,23 @@ class ResultStore:
 
     def write(self, result: Result) -> None:
         atomic.write_bytes(self.path(result.task_id), encode(result), kind="result")
+        self.writes += 1
+        self.written[result.task_id] = self.writes
+        self.written.move_to_end(result.task_id)
+        if len(self.written) > WRITTEN_KEPT:
+            self.written.popitem(last=False)
+
+    def written_since(self, count: int) -> list[str] | None:
+        """The ids written after the `count`-th write, most recent last; None when more
+        were written than are kept (the caller lists the folder instead). Read from
+        another thread: a copy, taken whole."""
+        if self.writes - count > WRITTEN_KEPT:
+            return None
+        try:
+            kept = list(self.written.items())
+        except RuntimeError:  # changed while copied: look again by listing
+            return None
+        return [task_id for task_id, n in kept if n > count]
 
     def take_over(self, task_id: str) -> bool:
         """Free `task_id` for a new task when its task was refused at the door or ended with
@@ -205,6 +227,9 @@ def id_reusable(result: Result) -> bool:
     if result.status == "rejected":
         return True
     return result.status == "failed" and result.error is not None and result.error.retriable
+
+
+WRITTEN_KEPT = 4096  # ids of the last result writes kept (`ResultStore.written_since`)
 
 
 @functools.lru_cache(maxsize=4096)  # a live task's result is written three times, read more
