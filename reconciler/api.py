@@ -555,6 +555,14 @@ async def read_json(request: web.Request) -> Any:
             else "the request has no Content-Type: send the body as application/json",
             hint="add the header `Content-Type: application/json`",
         )
+    charset = (request.charset or "utf-8").lower()
+    if charset not in ("utf-8", "utf8"):  # read as UTF-8 all the same, it would be misread
+        raise ApiError(
+            ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+            "the body must be UTF-8 JSON, not "
+            f"charset={parsing.shortened(logs.writable(charset), 40)}",
+            hint="send the body in UTF-8 (JSON's one encoding), with charset=utf-8 or no charset",
+        )
     coding = request.headers.get("Content-Encoding", "").strip().lower()
     if coding not in _DECODED_CODINGS:
         raise ApiError(

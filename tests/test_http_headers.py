@@ -142,6 +142,33 @@ async def test_a_content_encoding_the_daemon_cannot_decode_is_415(
     assert "gzip" in body["hint"]
 
 
+@pytest.mark.parametrize(
+    ("content_type", "status"),
+    [
+        (b"application/json; charset=utf-16", 415),
+        (b"application/json; charset=latin-1", 415),
+        (b"application/json; charset=UTF-8", 202),
+        (b'application/json; charset="utf-8"', 202),
+    ],
+)
+async def test_a_body_in_a_charset_other_than_utf8_is_415_not_misread(
+    workspace: Workspace,
+    serve: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    content_type: bytes,
+    status: int,
+) -> None:
+    """JSON is UTF-8: a body said to be in another charset would be read as UTF-8 anyway,
+    and a Latin-1 é become another character or a refusal that names no cause."""
+    base = await _daemon(workspace, serve, monkeypatch)
+    head = b"POST /v1/tasks HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: " + content_type
+    body = json.dumps(task("cs" + str(len(content_type)))).encode()
+    answered, answer = await _raw(base, head, body)
+    assert answered == status, answer
+    if status == 415:
+        assert answer["code"] == "UNSUPPORTED_MEDIA_TYPE" and "charset=" in answer["message"]
+
+
 async def test_a_transfer_coding_other_than_chunked_is_refused_not_read_as_the_body(
     workspace: Workspace, serve: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
