@@ -76,12 +76,13 @@ def resolve(
 
 def _unplaceable(
     placement: tasks.Placement, model_id: str, serving: list[PoolView]
-) -> ErrorEnvelope | None:
-    """A placement whose avoid and prefer lists (without fallback) leave no pool of orch.yaml
-    serving the model: such a task could never start, so it is refused now, naming the list
-    (as a pin to a pool that does not serve it is), instead of waiting in the queue forever."""
+) -> ErrorEnvelope | list[PoolView]:
+    """The pools a placement's avoid and prefer lists leave the task (all of `serving` when
+    it allows a fallback); when they leave none of orch.yaml's pools serving the model the
+    task could never start, so it is refused now, naming the list (as a pin to a pool that
+    does not serve it is), instead of waiting in the queue forever."""
     if placement.allow_fallback or not serving:
-        return None
+        return serving
     names = sorted(p.pool_id for p in serving)
     kept = [p for p in serving if p.pool_id not in placement.avoid_pools]
     field, given = "placement.avoid_pools", placement.avoid_pools
@@ -89,7 +90,7 @@ def _unplaceable(
         kept = [p for p in kept if p.pool_id in placement.prefer_pools]
         field, given = "placement.prefer_pools", placement.prefer_pools
     if kept:
-        return None
+        return kept
     return errors.envelope(
         ErrorCode.INVALID_PARAMS,
         f"{field}: {list(given)!r} leaves no pool serving {model_id!r} "
@@ -155,9 +156,12 @@ def check(
         # come up (Failed, Unschedulable) fails the task below, since a pin never falls back.
         serving = [pinned]
     else:
-        problem = _unplaceable(placement, target.model_id, serving)
-        if problem is not None:
-            return problem
+        # without a fallback, the pools its lists leave are all it may ever run on: what
+        # follows (up, max_tokens, context) is judged on those alone, as for a pin
+        allowed = _unplaceable(placement, target.model_id, serving)
+        if isinstance(allowed, ErrorEnvelope):
+            return allowed
+        serving = allowed
     live = [p for p in serving if p.state in LIVE]
     if not live:
         why = "; ".join(f"{p.pool_id} is {p.state}: {p.reason}" for p in serving if p.reason)
@@ -175,17 +179,27 @@ def check(
         drained = [p.pool_id for p in serving if p.reason and "drained on request" in p.reason]
         if hint is None and drained:  # not orch.yaml's doing: the code table's hint is not it
             hint = f"bring it back with POST /v1/pools/{drained[0]}/reload (no body needed)"
+        narrowed = named is None and placement.mode != "pin" and not placement.allow_fallback
         if named is not None and others:  # the task chose this pool; others would serve it
             hint = (
                 f"pool{'s' if len(others) > 1 else ''} {', '.join(others)} also "
                 f"serve{'s' if len(others) == 1 else ''} "
                 f"{target.model_id!r}: name model: {target.model_id} (not the pool) to use it"
             )
+        elif narrowed and others:  # its prefer/avoid lists leave it the pools that cannot
+            hint = (
+                f"set placement.allow_fallback: true to let {', '.join(others)} serve it, or "
+                "fix the pools it allows (`orchctl status` shows why)"
+            )
+        where = ", ".join(p.pool_id for p in serving)
         return errors.envelope(
             ErrorCode.POOL_UNAVAILABLE,
             (
                 f"pool {named!r} cannot serve model {target.model_id!r} now"
                 if named is not None
+                else f"no pool its placement allows ({where}) can serve model "
+                f"{target.model_id!r} now"
+                if narrowed
                 else f"no pool can serve model {target.model_id!r}"
             )
             + (f" ({why})" if why else ""),

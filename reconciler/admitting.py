@@ -15,6 +15,7 @@ applies them to the dispatcher's live queue.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Hashable
 from typing import TYPE_CHECKING
 
 from reconciler import admission, logs, placement, queues, rates, tasking
@@ -372,11 +373,18 @@ def entry_of(run: tasking.TaskRun) -> queues.Entry:
     )
 
 
-def target_of(run: tasking.TaskRun) -> tuple[str, str | None, str | None]:
-    """What decides whether the task can be served at all: its model, pool and pinned pool
+def target_of(run: tasking.TaskRun) -> Hashable:
+    """What decides whether the task can be served at all: its model, pool and pinned pool,
+    and the prefer/avoid lists that narrow its pools without a fallback
     (`dispatch.Dispatcher._fail_unservable` checks one task per target)."""
     p = run.task.placement
-    return (run.model_id, run.pool_id, p.pin_pool if p.mode == "pin" else None)
+    pinned = p.pin_pool if p.mode == "pin" else None
+    narrowed = (
+        ()
+        if pinned or p.allow_fallback
+        else (tuple(sorted(p.prefer_pools)), tuple(sorted(p.avoid_pools)))
+    )
+    return (run.model_id, run.pool_id, pinned, narrowed)
 
 
 def _reject(

@@ -32,7 +32,7 @@ from reconciler import (
     tasking,
 )
 from reconciler.configuring import AppliedConfig
-from state import atomic, desired, errors, ids, results, sessions, statusfile
+from state import atomic, desired, errors, ids, results, sessions, statusfile, tasks
 from state.errors import ErrorCode
 
 log = logs.get("dispatch")
@@ -293,11 +293,7 @@ class Dispatcher:
             # a model gone or Retired, a pool the task names gone or scaled to zero, can
             # only be an edit of orch.yaml (a pool can also be drained over the API, a model
             # blocked by its verification)
-            serving = [
-                p
-                for p in state.pools
-                if (p.id == first.pool_id if first.pool_id else p.model == first.model_id)
-            ]
+            serving = _pools_of(run.task, first, state)
             edited = found.code in (ErrorCode.MODEL_UNKNOWN, ErrorCode.MODEL_RETIRED) or (
                 found.code is ErrorCode.POOL_UNAVAILABLE and all(p.replicas == 0 for p in serving)
             )
@@ -360,6 +356,12 @@ class Dispatcher:
     def _start(self, run: tasking.TaskRun, decision: placement.Decision) -> None:
         assert decision.replica_id is not None and decision.pool_id is not None
         state = self.config.state
+        pool = state.pool(decision.pool_id) if state is not None else None
+        limit = pool.max_tokens if pool is not None else None
+        if limit is not None and limit < run.task.max_tokens and tasks.up_to_context(run.task):
+            # a ceiling (OpenAI's default: up to the largest pool's room) runs within the
+            # limit of the pool it landed on, as placement holds other tasks to it
+            run.task = run.task.model_copy(update={"max_tokens": limit})
         lease = self.pools.lease(decision.replica_id)
         running = streaming.Running(
             run,
@@ -568,3 +570,20 @@ class Dispatcher:
             full_policy=self.queue.full_policy,
             running=len(self.running),
         )
+
+
+def _pools_of(
+    task: tasks.TaskFile, entry: queues.Entry, state: desired.DesiredState
+) -> list[desired.PoolSpec]:
+    """The pools of orch.yaml a queued task may run on: the one it names or is pinned to,
+    else its model's, less those its prefer/avoid lists exclude without a fallback."""
+    placement = task.placement
+    named = entry.pool_id or (placement.pin_pool if placement.mode == "pin" else None)
+    if named:
+        return [p for p in state.pools if p.id == named]
+    found = [p for p in state.pools if p.model == entry.model_id]
+    if not placement.allow_fallback:
+        found = [p for p in found if p.id not in placement.avoid_pools]
+        if placement.prefer_pools:
+            found = [p for p in found if p.id in placement.prefer_pools]
+    return found

@@ -528,3 +528,64 @@ async def test_an_idle_slot_another_pool_has_does_not_make_room_for_pinned_tasks
     workspace.submit("free.task.yaml", task("free", max_tokens=3))
     free = await wait_terminal(workspace, "free")
     assert free["status"] == "succeeded" and free["pool_id"] == "idle", free
+
+
+@pytest.mark.parametrize(
+    ("placement", "pb", "code"),
+    [
+        ({"mode": "prefer", "prefer_pools": ["pb"], "allow_fallback": False}, {}, "INVALID_PARAMS"),
+        ({"mode": "auto", "avoid_pools": ["pa"], "allow_fallback": False}, {}, "INVALID_PARAMS"),
+        (
+            {"mode": "prefer", "prefer_pools": ["pb"], "allow_fallback": False},
+            {"replicas": 0},
+            "POOL_UNAVAILABLE",
+        ),
+    ],
+)
+async def test_a_placement_without_fallback_is_judged_on_the_pools_it_allows(
+    workspace: Workspace, serve: Any, placement: dict[str, Any], pb: dict[str, Any], code: str
+) -> None:
+    """prefer/avoid without a fallback leave the task pb alone: a max_tokens over pb's
+    limit, or pb scaled to zero, is refused at admission, as for a pin, instead of a task
+    queued for ever that pa (which would run it) may never take."""
+    cfg = config()
+    pa = cfg["pools"][0] | {"id": "pa", "sim": {"tokens_per_s": 400, "load_s": 0}}
+    cfg["pools"] = [pa, pa | {"id": "pb", "max_tokens": 10, "sim": dict(pa["sim"])} | pb]
+    workspace.write_config(cfg)
+    await serve(ready=not pb)
+    await wait_for(lambda: _pool_state(workspace, "pa") == "Ready", 15, "pa Ready")
+    workspace.submit("t.task.yaml", task("t", max_tokens=20, placement=placement))
+    refused = await wait_terminal(workspace, "t")
+    assert refused["status"] == "rejected" and refused["error"]["code"] == code, refused
+    if code == "POOL_UNAVAILABLE":
+        assert "no pool its placement allows (pb)" in refused["error"]["message"], refused
+        assert "allow_fallback: true" in refused["error"]["hint"], refused
+    workspace.submit("fits.task.yaml", task("fits", max_tokens=20))  # pa runs it
+    assert (await wait_terminal(workspace, "fits"))["pool_id"] == "pa"
+
+
+async def test_a_pinned_task_failed_by_its_pool_scaled_to_zero_says_orch_yaml_changed(
+    workspace: Workspace, serve: Any
+) -> None:
+    cfg = config()
+    cfg["pools"][0].update(slots=1, sim={"tokens_per_s": 20, "load_s": 0})
+    workspace.write_config(cfg)
+    await serve()
+    pin = {"mode": "pin", "pin_pool": "p1"}
+    workspace.submit("run.task.yaml", task("run", max_tokens=60, placement=pin))
+    await wait_for(lambda: (workspace.result("run") or {}).get("status") == "running", 10)
+    workspace.submit("wait.task.yaml", task("wait", max_tokens=3, placement=pin))
+    await wait_for(lambda: (workspace.result("wait") or {}).get("status") == "queued", 10)
+    cfg["pools"][0]["replicas"] = 0
+    workspace.write_config(cfg)
+    failed = await wait_terminal(workspace, "wait")
+    assert failed["error"]["code"] == "POOL_UNAVAILABLE", failed
+    assert failed["error"]["message"].endswith("(orch.yaml changed while the task waited)")
+
+
+def _pool_state(ws: Workspace, pool_id: str) -> str | None:
+    try:
+        pools = ws.status()["pools"]
+    except (OSError, ValueError):
+        return None
+    return next((p["state"] for p in pools if p["id"] == pool_id), None)

@@ -16,7 +16,7 @@ import aiohttp
 import openai
 import pytest
 
-from tests.conftest import Workspace, config, wait_for, wait_terminal
+from tests.conftest import Workspace, config, task, wait_for, wait_terminal
 
 pytestmark = pytest.mark.slow
 
@@ -695,3 +695,26 @@ async def test_the_labels_the_openai_routes_set_are_refused_on_post_v1_tasks(
         body = {"model": "m1", "prompt": "hi", "max_tokens": 2, "labels": {"team": "x"}}
         async with session.post(f"{_base(running)}/v1/tasks", json=body) as response:
             assert response.status == 202, await response.text()
+
+
+async def test_a_request_without_max_tokens_runs_within_its_pools_limit(
+    workspace: Workspace, serve: Any
+) -> None:
+    """No max_tokens: up to the most room a pool gives (pa: no limit). Placed on pb (pa is
+    busy), whose max_tokens is 6, it writes at most 6 tokens: a pool's limit is never
+    exceeded, whatever the ceiling was."""
+    cfg = config()
+    pa = cfg["pools"][0] | {"id": "pa", "slots": 1, "ctx": 512}
+    pa["sim"] = {"tokens_per_s": 20, "load_s": 0.0}
+    cfg["pools"] = [
+        pa,
+        pa | {"id": "pb", "max_tokens": 6, "sim": {"tokens_per_s": 400, "load_s": 0.0}},
+    ]
+    workspace.write_config(cfg)
+    running = await serve()
+    workspace.submit("busy.task.yaml", task("busy", max_tokens=60, pool="pa"))
+    await wait_for(lambda: (workspace.result("busy") or {}).get("status") == "running", 10)
+    async with client(running) as oa:
+        answer = await oa.completions.create(model="m1", prompt="hello there")
+    assert answer.usage is not None and answer.usage.completion_tokens <= 6, answer.usage
+    assert answer.choices[0].finish_reason == "length"
