@@ -660,11 +660,21 @@ async def cancel_task(request: web.Request) -> web.StreamResponse:
         task_id=task_id,
         correlation_id=request[api.CORRELATION],
     )
+    # the loop applies the request at its next pass, within moments: a queued task (and a
+    # running one whose engine stops at once) is answered canceled, not cancel-requested
+    settle_by = time.monotonic() + CANCEL_SETTLE_S
+    while backend.live(task_id) and time.monotonic() < settle_by:
+        await asyncio.sleep(0.01)
+    if not backend.live(task_id):
+        await backend.settled()  # its terminal result on disk before it is read
     # the task may have ended while the request was written (the daemon drops the request)
     ended = _result(backend, task_id)
     if ended is not None and ended.terminal:
         return web.json_response({"task_id": task_id, "status": ended.status})
     return web.json_response({"task_id": task_id, "status": "cancel-requested"}, status=202)
+
+
+CANCEL_SETTLE_S = 0.5  # how long a cancel's answer waits for the task to end
 
 
 def _result(backend: api.Backend, task_id: str) -> results.Result | None:

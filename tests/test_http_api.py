@@ -261,6 +261,24 @@ async def test_a_full_queues_retry_delay_waits_for_its_queued_tasks_to_start(
     assert body["retry_after_ms"] > 1500, body
 
 
+async def test_a_cancel_of_a_queued_task_answers_canceled(workspace: Workspace, serve: Any) -> None:
+    """docs/http.md: the daemon applies a cancel at once, so a queued task's answer is 200
+    canceled, each time, not a 202 when the answer outran the loop's next pass."""
+    cfg = config()
+    cfg["pools"][0].update(slots=1, sim={"tokens_per_s": 20, "load_s": 0.0})
+    workspace.write_config(cfg)
+    base = _url(await serve())
+    async with aiohttp.ClientSession() as session:
+        for n in range(9):
+            async with session.post(f"{base}/v1/tasks", json=task(f"q{n}", max_tokens=60)) as r:
+                assert r.status == 202
+        answers = []
+        for n in range(1, 9):  # q0 runs; the rest wait
+            async with session.post(f"{base}/v1/tasks/q{n}/cancel") as r:
+                answers.append((r.status, (await r.json())["status"]))
+    assert answers == [(200, "canceled")] * 8, answers
+
+
 async def _serve_slow(workspace: Workspace, serve: Any) -> str:
     """A daemon whose sim engine streams 20 tokens/s (a task stays running a while); its URL."""
     cfg = config()
