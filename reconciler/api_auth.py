@@ -103,6 +103,20 @@ def load(config: desired.DesiredState, base: Path, *, bind_host: str) -> Auth:
             "send no other)",
             "make one with `openssl rand -hex 24`",
         )
+    if token is None and config.auth.token_file:
+        raise Refused(
+            "auth.token_file",
+            f"{desired.resolve(base, config.auth.token_file)} is empty: no API token",
+            "write the token into it: `openssl rand -hex 24 > FILE; chmod 600 FILE`",
+        )
+    if token is None and not config.auth.optional_on_loopback:
+        # a token is asked of every caller, and there is none: the API would be open to all
+        raise Refused(
+            "auth.optional_on_loopback",
+            f"is false, so every caller needs the API token, but ${config.auth.token_env} "
+            "is not set",
+            f"export {config.auth.token_env}=$(openssl rand -hex 24) (or set auth.token_file)",
+        )
     if token is None and not is_loopback_host(bind_host):
         raise Refused(
             "server.bind",

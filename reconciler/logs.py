@@ -82,15 +82,27 @@ class PrettyFormatter(logging.Formatter):
         ts = datetime.fromtimestamp(record.created).strftime("%H:%M:%S.%f")[:-3]
         keys = ("task_id", "pool_id", "replica_id")
         tag = " ".join(f"{k.split('_')[0]}={fields[k]}" for k in keys if fields.get(k))
-        text = f"{ts} {record.levelname[:4]:4} {record.getMessage()}"
+        # one line each, as a terminal shows it: a newline or an escape sequence in what a
+        # client sent (a path, an id) must not forge a line or drive the terminal
+        text = f"{ts} {record.levelname[:4]:4} {_on_one_line(record.getMessage())}"
         if tag:
-            text += f"  [{tag}]"
+            text += f"  [{_on_one_line(tag)}]"
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
         if self.color and record.levelname in self.COLORS:
             text = f"{self.COLORS[record.levelname]}{text}\033[0m"
         del event
         return writable(text)
+
+
+def _on_one_line(text: str) -> str:
+    """`text` with every character that does not print (newlines, ESC, BEL …) escaped."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+        for c in text
+    )
 
 
 def writable(text: str) -> str:

@@ -723,6 +723,36 @@ def test_the_six_auth_scenarios(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) 
     assert api_auth.check(auth, remote="10.0.0.2", header=None).code == "MISSING_TOKEN"
 
 
+def test_a_token_asked_of_every_caller_but_missing_refuses_to_start(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """optional_on_loopback: false with no token (the variable unset, the token file
+    empty): nobody could be asked for it, so the API would be open to every local caller.
+    The daemon refuses to start, naming what to set."""
+    monkeypatch.delenv("TEST_ORCH_TOKEN", raising=False)
+    with pytest.raises(api_auth.Refused, match="every caller needs the API token") as refused:
+        api_auth.load(_auth_config(False), tmp_path, bind_host="127.0.0.1")
+    assert refused.value.field == "auth.optional_on_loopback"
+    assert "export TEST_ORCH_TOKEN=" in (refused.value.fix or "")
+    empty = tmp_path / "token"
+    empty.write_text("\n")
+    empty.chmod(0o600)
+    cfg = desired.DesiredState.model_validate(config(auth={"token_file": str(empty)}))
+    with pytest.raises(api_auth.Refused, match="is empty: no API token"):
+        api_auth.load(cfg, tmp_path, bind_host="127.0.0.1")
+
+
+def test_the_pretty_log_shows_what_a_client_sent_on_one_line_escaped() -> None:
+    """A path a client sent, logged by a refusal: its newline must not forge a log line,
+    nor its escape sequences drive the terminal (the JSON format escapes them too)."""
+    record = logging.LogRecord(
+        "llama_orch.http", 30, "", 0, "Refused GET /v1/x\n12:00:00.000 INFO ok\x1b[2J\x07", (), None
+    )
+    line = logs.PrettyFormatter(color=False).format(record)
+    assert "\n" not in line and "\x1b" not in line and "\x07" not in line, repr(line)
+    assert line.endswith("Refused GET /v1/x\\n12:00:00.000 INFO ok\\x1b[2J\\x07")
+
+
 def test_tokens_http_clients_cannot_send_are_refused_and_a_readable_token_file_warned(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Any
 ) -> None:
