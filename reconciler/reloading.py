@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from plugins import resolvers
 from reconciler import clocks, editing, logs, pools, specs
 from reconciler.configuring import AppliedConfig
 from state import atomic, desired, drains
@@ -116,6 +117,8 @@ class Reloader:
         pool = state.pool(pool_id)
         if pool is None:
             raise ReloadError(ErrorCode.NOT_FOUND, f"no pool {pool_id!r} in orch.yaml")
+        if model_ref is not None:
+            self._check_api_ref(model_ref, state)
         old = await asyncio.to_thread(self._read)
         if hashlib.sha256(old).hexdigest() != self.config.applied_digest:
             # an edit not applied yet (a save still being written waits to settle): editing
@@ -278,6 +281,33 @@ class Reloader:
                 hint=first.hint or None,
             )
         return loaded.value
+
+    def _check_api_ref(self, ref: str, state: desired.DesiredState) -> None:
+        """A ref sent over the API is held to what a model file may be: a file under
+        orch.yaml's folder, paths.catalog or the model cache, or a download over https (hf:,
+        https:). Otherwise any API caller could point a model at any file the daemon may read
+        (and a verify would tell its size and digest), or have it fetch from any address."""
+        scheme, _, rest = ref.partition(":") if ":" in ref else ("file", "", ref)
+        if scheme == "http":
+            raise ReloadError(
+                ErrorCode.INVALID_PARAMS,
+                "model_ref: a plain http: ref is not taken over the API (the daemon would fetch "
+                "from any address, unencrypted); nothing was written",
+                hint="use https: or hf:, or write the ref in orch.yaml by hand",
+            )
+        if scheme != "file":
+            return
+        base = self.config.base
+        path = Path(os.path.realpath(desired.resolve(base, rest)))
+        roots = [base, desired.resolve(base, state.paths.catalog), resolvers.model_cache()]
+        if not any(path.is_relative_to(os.path.realpath(root)) for root in roots):
+            raise ReloadError(
+                ErrorCode.INVALID_PARAMS,
+                f"model_ref: {path} is outside the folders a reload may name (orch.yaml's "
+                "folder, paths.catalog, the model cache); nothing was written",
+                hint="put the model file in the catalog folder, or write the ref in orch.yaml "
+                "by hand",
+            )
 
     def _check_ref(self, ref: str) -> None:
         """A ref no installed resolver reads would be written, then fail to start: refused

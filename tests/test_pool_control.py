@@ -601,6 +601,32 @@ async def test_a_reload_while_a_save_is_still_being_written_changes_nothing(
     assert _ready_pool(workspace, "p2")
 
 
+@pytest.mark.parametrize(
+    ("ref", "said"),
+    [
+        ("file:/etc/passwd", "outside the folders a reload may name"),
+        ("file:../../../etc/passwd", "outside the folders a reload may name"),
+        ("http://169.254.169.254/m.gguf", "plain http: ref is not taken over the API"),
+    ],
+)
+async def test_a_reload_may_not_point_a_model_at_any_file_or_address(
+    workspace: Workspace, serve: Any, ref: str, said: str
+) -> None:
+    """Any API caller may reload: its model_ref is held to the folders a model file may
+    be in (else a verify would tell the size and digest of any file the daemon can read),
+    and to downloads over https; orch.yaml is not touched."""
+    workspace.config_path.write_text(ORCH_YAML)
+    base = _url(await serve())
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{base}/v1/pools/p1/reload", json={"model_ref": ref}) as response,
+    ):
+        answer = await response.json()
+    assert response.status == 400 and answer["code"] == "INVALID_PARAMS", answer
+    assert said in answer["message"], answer
+    assert workspace.config_path.read_text() == ORCH_YAML
+
+
 async def test_a_reload_cut_short_by_the_daemons_death_is_undone_at_the_next_start(
     workspace: Workspace, serve: Any
 ) -> None:
