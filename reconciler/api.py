@@ -386,6 +386,10 @@ def allowed_hosts(bind_host: str, public_url: str | None) -> frozenset[str]:
     return frozenset(names)
 
 
+# headers a reverse proxy adds: a request with one was relayed for a client elsewhere
+FORWARDED_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP")
+
+
 @web.middleware
 async def _authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
     verdict = api_auth.check(
@@ -400,6 +404,16 @@ async def _authenticate(request: web.Request, handler: Handler) -> web.StreamRes
             f"a request for Host {logs.writable(request.host)!r} needs "
             "`Authorization: Bearer <token>`: only requests to 127.0.0.1, ::1 or localhost "
             "skip the token",
+        )
+    forwarded = next((h for h in FORWARDED_HEADERS if h in request.headers), None)
+    if verdict.identity == "localhost" and forwarded is not None:
+        # relayed by a proxy on this machine for someone elsewhere: not a local caller
+        verdict = api_auth.Verdict(
+            None,
+            "MISSING_TOKEN",
+            f"a request relayed by a proxy ({forwarded}) comes from elsewhere, so it needs "
+            "`Authorization: Bearer <token>`: only programs on this machine skip the token "
+            "(set one with auth.token_env or auth.token_file: docs/security.md)",
         )
     if verdict.identity is None:
         logs.emit(
