@@ -16,6 +16,7 @@ import difflib
 import functools
 import logging
 import re
+import urllib.parse
 import uuid
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
@@ -340,6 +341,12 @@ async def _same_origin(request: web.Request, handler: Handler) -> web.StreamResp
     allowed host, and a write sent by another site's page (its Origin, or Sec-Fetch-Site) is
     refused. Programs (curl, SDKs, orchctl) send neither header and are unaffected."""
     allowed = request.app[HOSTS]
+    if request.host and not _HOST_FORM.fullmatch(request.host):  # `a:1@evil.com`, `[::1]x`
+        raise ApiError(
+            ErrorCode.FORBIDDEN_ORIGIN,
+            f"Host {ids.quoted(request.host)} is not a host name with an optional port",
+            hint="use http://127.0.0.1:<port>/, or set server.public_url to the name you use",
+        )
     host = _host_name(request)
     if allowed and host not in allowed:
         raise ApiError(
@@ -351,16 +358,26 @@ async def _same_origin(request: web.Request, handler: Handler) -> web.StreamResp
     if _writes(request):
         origin = request.headers.get("Origin")
         site = request.headers.get("Sec-Fetch-Site")
+        # a browser without Sec-Fetch-* sends no Origin on a GET either (an <img> that cancels
+        # on disconnect): its Referer, when it sends one, names the page
+        referer = request.headers.get("Referer")
         # same-site: another origin of this site (a page on another port of this host)
         foreign = site in ("cross-site", "same-site") or (
             origin is not None and origin != "null" and _origin_host(origin) != request.host
         )
+        if not foreign and origin is None and site is None and referer:
+            foreign = urllib.parse.urlsplit(referer).netloc.lower() != request.host.lower()
+            origin = referer if foreign else None
         if foreign or origin == "null":
             raise ApiError(
                 ErrorCode.FORBIDDEN_ORIGIN,
                 f"a {request.method} from the web page at {origin or 'another site'} is refused",
             )
     return await handler(request)
+
+
+# a Host header: a name or address, IPv6 in brackets, then an optional port; nothing else
+_HOST_FORM = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(:[0-9]{1,5})?")
 
 
 def _host_name(request: web.Request) -> str:

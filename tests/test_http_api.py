@@ -815,6 +815,31 @@ async def test_a_network_bind_exempts_only_requests_naming_a_loopback_host(
     assert list(workspace.spool.incoming.iterdir()) == []
 
 
+async def test_a_malformed_host_or_a_foreign_referer_is_refused(
+    workspace: Workspace, serve: Any
+) -> None:
+    """`Host: localhost:8080@evil.com` passed as localhost and came back in an artifact's
+    URL; a page sending no Origin nor Sec-Fetch-* (an older browser's <img>) could cancel a
+    task on disconnect: its Referer names the other site."""
+    running = await serve()
+    base = _url(running)
+    port = base.rsplit(":", 1)[1]
+    async with aiohttp.ClientSession() as session:
+        for host in (f"localhost:{port}@evil.com", "[::1]evil", "127.0.0.1:abc"):
+            plan = {"kind": "plan", "content": "x"}
+            async with session.post(f"{base}/v1/artifacts", json=plan, headers={"Host": host}) as r:
+                body = await r.json()
+                assert r.status == 403 and body["code"] == "FORBIDDEN_ORIGIN", (host, body)
+        async with session.post(f"{base}/v1/tasks", json=task("ref1", max_tokens=400)) as r:
+            assert r.status == 202
+        foreign = {"Referer": "http://evil.example/page.html"}
+        url = f"{base}/v1/tasks/ref1/cancel"
+        async with session.post(url, headers=foreign) as r:
+            assert r.status == 403 and "evil.example" in (await r.json())["message"]
+        async with session.post(url, headers={"Referer": f"{base}/"}) as r:
+            assert r.status in (200, 202)  # the daemon's own page
+
+
 async def test_a_malformed_request_is_answered_with_the_envelope_and_never_shows_its_bytes(
     workspace: Workspace, serve: Any, json_log: io.StringIO, monkeypatch: pytest.MonkeyPatch
 ) -> None:
