@@ -124,6 +124,19 @@ def load(config: desired.DesiredState, base: Path, *, bind_host: str) -> Auth:
             f"export {config.auth.token_env}=$(openssl rand -hex 24) (or set auth.token_file), "
             "or bind 127.0.0.1 and use an SSH tunnel (docs/security.md)",
         )
+    if token is not None:  # what the token keeps from other users, their file reads need not
+        for name, folder in (("spool", config.paths.spool), ("results", config.paths.results)):
+            path = desired.resolve(base, folder)
+            try:
+                mode = path.stat().st_mode & 0o777
+            except OSError:
+                continue  # made by the daemon later (with the umask's bits)
+            if mode & 0o005:
+                warnings.append(
+                    f"paths.{name} {path} may be read by other users (mode {mode:03o}), who "
+                    "would read every task's prompt and answer the API token keeps from them: "
+                    f"chmod o-rx {path}"
+                )
     return Auth(token, config.auth.optional_on_loopback, tuple(warnings))
 
 

@@ -167,7 +167,12 @@ def _listening(path: Path, state: desired.DesiredState, node: yaml.Node | None) 
         return [_at(path, node, exc.field, exc.problem, hint=exc.fix)]
     except errors.ConfigProblem as exc:
         return [_at(path, node, "auth", str(exc))]
-    return [_at(path, node, "auth.token_file", w, warning=True) for w in auth.warnings]
+    # each warning starts with the field it is about (auth.token_file, paths.results …)
+    found = []
+    for warning in auth.warnings:
+        field, _, text = warning.partition(" ")
+        found.append(_at(path, node, field, text, warning=True))
+    return found
 
 
 def _at(

@@ -680,3 +680,21 @@ def test_a_task_file_not_named_as_one_is_told_its_name_not_checked_as_an_orch_ya
     plain.write_text("model: m1\nprompt: hi\nmax_tokens: nine\n")  # its task errors too
     ran = orchctl("validate", "--config", config, plain)
     assert "max_tokens: should be a valid integer" in ran.out, ran.out
+
+
+def test_data_folders_others_may_read_are_warned_of_when_a_token_guards_the_api(
+    config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The token keeps task prompts and answers from other callers; folders other users may
+    read give them away all the same (umask 022 makes them so)."""
+    monkeypatch.setenv("AUTH_TOKEN", "0123456789abcdef0123")
+    results_dir = config.parent / "results"
+    results_dir.mkdir(exist_ok=True)
+    results_dir.chmod(0o755)
+    ran = orchctl("validate", config)
+    assert ran.code == 0, ran.out
+    assert f"warning: paths.results: {results_dir} may be read by other users (mode 755)" in (
+        ran.out
+    ), ran.out
+    results_dir.chmod(0o750)
+    assert "paths.results" not in orchctl("validate", config).out
