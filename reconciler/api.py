@@ -311,6 +311,10 @@ async def _headers(request: web.Request, handler: Handler) -> web.StreamResponse
             hint="send the body as it is (or chunked), and a compressed one with "
             "Content-Encoding: gzip",
         )
+    if codings is not None and request.version < HttpVersion11:
+        # RFC 9112 §6.1: HTTP/1.0 has no transfer codings, so where the message ends is in
+        # doubt: answered, and the connection closed rather than read on from a guess
+        request[_CLOSE] = True
     return await handler(request)
 
 

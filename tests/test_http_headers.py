@@ -169,6 +169,28 @@ async def test_a_body_in_a_charset_other_than_utf8_is_415_not_misread(
         assert answer["code"] == "UNSUPPORTED_MEDIA_TYPE" and "charset=" in answer["message"]
 
 
+async def test_an_http_1_0_request_with_a_transfer_coding_closes_its_connection(
+    workspace: Workspace, serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RFC 9112 §6.1: HTTP/1.0 knows no Transfer-Encoding, so where such a message ends is
+    in doubt: it is answered, then its connection closed, never read on for a next request."""
+    base = await _daemon(workspace, serve, monkeypatch)
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    body = json.dumps(task("h10", max_tokens=2)).encode()
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    first = (
+        b"POST /v1/tasks HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: keep-alive\r\n"
+        b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked
+    )
+    second = b"GET /v1/capabilities HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    writer.write(first + second)
+    await writer.drain()
+    everything = await asyncio.wait_for(reader.read(), 15)  # to EOF: the server closed
+    writer.close()
+    assert everything.count(b"HTTP/1.") == 1, everything[:300]
+
+
 async def test_a_transfer_coding_other_than_chunked_is_refused_not_read_as_the_body(
     workspace: Workspace, serve: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
