@@ -191,11 +191,7 @@ async def list_artifacts(request: web.Request) -> web.StreamResponse:
 
     def scan() -> list[artifacts.StoredArtifact]:
         found = []
-        for record in store.newest():
-            if kind is not None and record.document.kind != kind:
-                continue
-            if not tags <= set(record.document.tags):
-                continue
+        for record in store.newest(kind=kind, tags=frozenset(tags)):
             found.append(record)
             if len(found) >= limit:
                 break

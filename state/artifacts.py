@@ -133,6 +133,9 @@ class ArtifactStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        # per artifact id, its kind and tags: a record never changes (its id is its content's
+        # digest), so a listing filtered by them reads each file once, not at every listing
+        self._labels: dict[str, tuple[str, frozenset[str]]] = {}
 
     def path(self, artifact_id: str) -> Path:
         parsed = parse_id(artifact_id)
@@ -220,8 +223,12 @@ class ArtifactStore:
             return None
         return record
 
-    def newest(self) -> Iterator[StoredArtifact]:
-        """Every stored artifact, most recently written first (a scan of the folder)."""
+    def newest(
+        self, *, kind: str | None = None, tags: frozenset[str] = frozenset()
+    ) -> Iterator[StoredArtifact]:
+        """Every stored artifact (of `kind`, holding all of `tags`), most recently written
+        first (a scan of the folder; files whose kind and tags were read once and do not
+        match are not read again)."""
         try:
             entries = [p for p in self.root.glob("*.json") if _ID.fullmatch(p.stem)]
         except OSError:
@@ -233,9 +240,25 @@ class ArtifactStore:
             except OSError:
                 continue
         for _, _, path in sorted(stamped, reverse=True):
+            labels = self._labels.get(path.stem)
+            if labels is not None and not _labelled(labels, kind, tags):
+                continue
             record = self.get(path.stem)
-            if record is not None:
+            if record is None:
+                continue
+            labels = (record.document.kind, frozenset(record.document.tags))
+            if len(self._labels) >= LABELS_KEPT:
+                self._labels.clear()
+            self._labels[path.stem] = labels
+            if _labelled(labels, kind, tags):
                 yield record
+
+
+LABELS_KEPT = 200_000  # artifacts whose kind and tags are remembered (a few MB)
+
+
+def _labelled(labels: tuple[str, frozenset[str]], kind: str | None, tags: frozenset[str]) -> bool:
+    return (kind is None or labels[0] == kind) and tags <= labels[1]
 
 
 def _record_bytes(artifact_id: str, created_at: str, document: bytes) -> bytes:

@@ -291,3 +291,24 @@ async def test_every_finished_task_leaves_a_trace_artifact(
     assert meta["pool"] == "p1" and meta["replica"] == result["replica_id"]
     assert meta["engine"] == "sim" and meta["seed"] == 7 and meta["tokens_out"] == 5
     assert meta["status"] == "succeeded" and meta["error"] is None
+
+
+def test_a_filtered_listing_reads_each_artifact_once_not_at_every_listing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An artifact never changes (its id is its content's digest): a listing by kind or tag
+    that matches none of them read every file again, each time (large ones took seconds)."""
+    store = artifacts.ArtifactStore(tmp_path)
+    for n in range(5):
+        store.put(artifacts.Artifact(kind="plan", content=f"step {n}", tags=["a"]), created_at="t")
+    store.put(artifacts.Artifact(kind="summary", content="done", tags=["b"]), created_at="t")
+    assert [r.document.kind for r in store.newest(kind="summary")] == ["summary"]
+    reads: list[str] = []
+    get = store.get
+    monkeypatch.setattr(
+        store, "get", lambda artifact_id: reads.append(artifact_id) or get(artifact_id)
+    )
+    assert list(store.newest(tags=frozenset({"nomatch"}))) == []
+    assert [r.document.kind for r in store.newest(kind="summary")] == ["summary"]
+    assert len(reads) == 1  # the matching one alone, to return it
+    assert len(list(store.newest(tags=frozenset({"a"})))) == 5
