@@ -107,7 +107,9 @@ class Dispatcher:
     # the pools' limits (state, ctx, max_tokens) every queued task was last checked against
     _limits_checked: tuple[Any, ...] | None = field(default=None, init=False, repr=False)
     # the (pool, model) pairs of orch.yaml queued tasks were last bound to (`_follow_pools`)
-    _served_seen: tuple[tuple[str, str], ...] | None = field(default=None, init=False, repr=False)
+    _served_seen: tuple[tuple[tuple[str, str], ...], frozenset[str]] | None = field(
+        default=None, init=False, repr=False
+    )
     _pass_timer: asyncio.TimerHandle | None = field(default=None, init=False, repr=False)
     _probes: set[asyncio.Task[None]] = field(default_factory=set, init=False, repr=False)
     _end_pass_at: float = field(default=float("-inf"), init=False, repr=False)
@@ -276,8 +278,7 @@ class Dispatcher:
         state = self.config.state
         if state is None:
             return
-        if not self.pools.reloading:
-            self._follow_pools(state)
+        self._follow_pools(state)
         views = self.pools.views()
         blocked = self.blocked()
         # The codes that fail a queued task depend only on its target (model, pool and pin:
@@ -319,11 +320,14 @@ class Dispatcher:
     def _follow_pools(self, state: desired.DesiredState) -> None:
         """A queued task that named only its pool runs whatever model the pool serves: when
         an edit (a reload) gives the pool another model, the task follows it, keeping its
-        place, instead of failing for the model it was bound to at admission."""
-        served = tuple((p.id, p.model) for p in state.pools)
-        if served == self._served_seen:
+        place, instead of failing for the model it was bound to at admission. Not while the
+        pool's own reload is under way (it goes back to its old model if the reload fails);
+        the pools of other reloads, or of none, are followed meanwhile."""
+        reloading = frozenset(self.pools.reloading)
+        served = tuple((p.id, p.model) for p in state.pools if p.id not in reloading)
+        if (served, reloading) == self._served_seen:
             return
-        self._served_seen = served
+        self._served_seen = (served, reloading)
         models = dict(served)
         for entry in self.queue.in_dispatch_order():
             run = self.runs[entry.task_id]

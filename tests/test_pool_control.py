@@ -773,6 +773,54 @@ async def test_a_task_naming_only_its_pool_follows_the_pool_onto_its_new_model(
     assert left["status"] == "failed" and left["error"]["code"] == "POOL_UNAVAILABLE", left
 
 
+async def test_a_task_follows_its_pool_while_another_pools_reload_is_under_way(
+    workspace: Workspace, serve: Any
+) -> None:
+    """p1 is reloaded onto m2 while p2's reload (a slow start) still runs: the tasks that
+    named only p1 follow it onto m2 at once, not fail because a reload was still going on."""
+    (workspace.root / "m1.gguf").write_bytes(GOOD)
+    (workspace.root / "m2.gguf").write_bytes(GOOD)
+    (workspace.root / "m3.gguf").write_bytes(b"GGUF weights, the third")
+    text = ORCH_YAML.replace("sim: {tokens_per_s: 400, load_s: 0}", "sim: {tokens_per_s: 40}")
+    text += """  - id: p2
+    engine: sim
+    model: m3
+    ctx: 2048
+    slots: 1
+    sim: {tokens_per_s: 400, load_s: 2}
+"""
+    text = text.replace(
+        '  m2: {ref: "file:m2.gguf", size_mib: 1000}   # another model\n',
+        '  m2: {ref: "file:m2.gguf", size_mib: 1000}   # another model\n'
+        '  m3: {ref: "file:m3.gguf", size_mib: 1000}\n',
+    )
+    workspace.config_path.write_text(text)
+    base = _url(await serve())
+    await _fill_both_slots(workspace)
+    for name in ("f1", "f2"):
+        by_pool = task(name, max_tokens=4)
+        by_pool.pop("model")
+        workspace.submit(f"{name}.task.yaml", by_pool | {"pool": "p1"})
+    await wait_for(lambda: (workspace.result("f2") or {}).get("status") == "queued", 10)
+    (workspace.root / "m3-v2.gguf").write_bytes(b"GGUF weights, the third, again")
+    async with aiohttp.ClientSession() as session:
+        # one reload at a time: p2's runs (its replica starting for 2 s) right after p1's
+        first = asyncio.ensure_future(
+            session.post(f"{base}/v1/pools/p1/reload", json={"model": "m2"})
+        )
+        await asyncio.sleep(0.05)
+        other = asyncio.ensure_future(
+            session.post(f"{base}/v1/pools/p2/reload", json={"model_ref": "file:m3-v2.gguf"})
+        )
+        async with await first as response:
+            assert response.status == 200, await response.text()
+        for name in ("f1", "f2"):
+            followed = await wait_terminal(workspace, name, 20)
+            assert (followed["status"], followed["model"]) == ("succeeded", "m2"), followed
+        async with await other as response:
+            assert response.status == 200, await response.text()
+
+
 async def test_a_reload_of_one_pool_holds_up_only_the_tasks_it_touches(
     workspace: Workspace, serve: Any
 ) -> None:
