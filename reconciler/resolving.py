@@ -103,12 +103,19 @@ def wants(runtime: pools.PoolRuntime, state: desired.DesiredState) -> list[plann
             wanted = dataclasses.replace(wanted, replicas=0)
         elif drain is not None and drain.spec_hash == wanted.spec_hash:
             wanted = dataclasses.replace(wanted, replicas=0)  # drained: serve nothing
-        elif drain is not None and pool.id not in runtime.reloading:
+        elif drain is not None and not _reloading(runtime, pool):
             # (a reload lifts the drain itself once it succeeds, and keeps it if it fails)
             runtime.undrain(pool.id, "its config changed")
         out.append(wanted)
     runtime.fetches.keep(fetched)
     return out
+
+
+def _reloading(runtime: pools.PoolRuntime, pool: desired.PoolSpec) -> bool:
+    """Whether a reload under way may have changed `pool`'s spec: its own, or one of
+    another pool of its model (a new model_ref is every such pool's): put back if the
+    reload fails, so its drain is not lifted for it until the outcome is known."""
+    return pool.id in runtime.reloading or pool.model in runtime.reloading.values()
 
 
 def _missing_model_file(

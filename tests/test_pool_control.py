@@ -821,6 +821,39 @@ async def test_a_task_follows_its_pool_while_another_pools_reload_is_under_way(
             assert response.status == 200, await response.text()
 
 
+async def test_a_failed_reload_keeps_the_drain_of_another_pool_of_its_model(
+    workspace: Workspace, serve: Any
+) -> None:
+    """p2 serves m1 too and is drained; a reload of p1 onto another file of m1 changes
+    p2's spec as well, then fails: orch.yaml is put back, and p2 stays drained, as it
+    was, rather than lifted for a change that did not last."""
+    (workspace.root / "m1.gguf").write_bytes(GOOD)
+    (workspace.root / "tampered.gguf").write_bytes(b"GGUF weights, not the pinned ones")
+    text = ORCH_YAML.replace(
+        "    size_mib: 1000\n", f"    size_mib: 1000\n    digest: {DIGEST}\n", 1
+    )
+    text += """  - id: p2
+    engine: sim
+    model: m1
+    ctx: 2048
+    slots: 1
+    sim: {tokens_per_s: 400, load_s: 0}
+"""
+    workspace.config_path.write_text(text)
+    base = _url(await serve())
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{base}/v1/pools/p2/drain", json={}) as response:
+            assert response.status in (200, 202), await response.text()
+        await wait_for(lambda: _pool(workspace, "p2")["state"] == "Stopped", 10, "p2 drained")
+        url = f"{base}/v1/pools/p1/reload"
+        async with session.post(url, json={"model_ref": "file:tampered.gguf"}) as response:
+            assert response.status == 409, await response.text()
+    assert workspace.config_path.read_text() == text
+    await asyncio.sleep(1.0)  # passes on the restored file
+    assert list(drains.load(workspace.root / ".orch")) == ["p2"]
+    assert _pool(workspace, "p2")["state"] == "Stopped"
+
+
 async def test_a_reload_of_one_pool_holds_up_only_the_tasks_it_touches(
     workspace: Workspace, serve: Any
 ) -> None:
