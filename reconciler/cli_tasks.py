@@ -227,7 +227,20 @@ def _read_input(name: str) -> tuple[bytes, str, bool]:
     JSON. Standard input for "-"; never follows a FIFO or device into a hang."""
     limit = loading.MAX_FILE_BYTES
     if name == "-":
-        data = sys.stdin.buffer.read(limit + 1)
+        if sys.stdin is None:  # started with standard input closed (`<&-`): nothing to read
+            raise Refused(
+                EXIT_USAGE,
+                "standard input is closed: there is no task to read from it",
+                hint="pipe the task in (`orchctl submit - < task.yaml`), or name its file",
+            )
+        try:
+            data = sys.stdin.buffer.read(limit + 1)
+        except OSError as exc:  # closed, or not readable (EBADF, EISDIR)
+            raise Refused(
+                EXIT_USAGE,
+                f"standard input cannot be read: {exc.strerror or exc}",
+                hint="pipe the task in (`orchctl submit - < task.yaml`), or name its file",
+            ) from None
         shown, is_json = "<stdin>", data.lstrip().startswith(b"{")
     else:
         # a name that is not UTF-8 shown with its bytes as \xe9, as the daemon shows it

@@ -754,3 +754,20 @@ def test_the_cli_reads_the_folders_the_daemon_serves_until_it_applies_a_paths_ed
     assert "uses the folders it started with" in ran.err and "until it restarts" in ran.err
     ran = orchctl("watch", "kept", "--config", cfg(workspace))
     assert ran.code == 0, ran
+
+
+def test_submit_from_a_closed_standard_input_is_a_usage_error_not_a_bug(
+    workspace: Workspace,
+) -> None:
+    """`orchctl submit - <&-`: no standard input at all; said plainly, exit 2."""
+    from tests.orchctl_support import ORCHCTL
+
+    done = subprocess.run(
+        ["bash", "-c", f"{ORCHCTL} submit - --config {cfg(workspace)} <&-"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "standard input is closed" in done.stderr and "unexpected" not in done.stderr
