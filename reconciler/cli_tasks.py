@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from reconciler import api_client, cli_common, cli_sse, cli_watch, probing
+from reconciler import api_client, cli_common, cli_sse, cli_watch, logs, probing
 from reconciler.cli_common import EXIT_ENV, EXIT_FAILED, EXIT_OK, EXIT_USAGE, Refused
 from state import loading, pending, spool, tasks
 from state.results import id_reusable
@@ -126,7 +126,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     printer.newline()
     if args.json:
         result = ended.result.model_dump(mode="json") if ended.result is not None else None
-        print(json.dumps(result, indent=2, ensure_ascii=False))
+        print(logs.writable(json.dumps(result, indent=2, ensure_ascii=False)))
     else:
         print(cli_watch.summary(ended))
     return EXIT_OK if ended.succeeded else EXIT_FAILED
@@ -376,7 +376,9 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     rows = recent(folder, wanted, limit=args.limit)
     now = time.time()
     if args.json:
-        print(json.dumps([r.as_json(now) for r in rows], indent=2, ensure_ascii=False))
+        print(
+            logs.writable(json.dumps([r.as_json(now) for r in rows], indent=2, ensure_ascii=False))
+        )
         return EXIT_OK
     if not rows:
         which = f" {'/'.join(sorted(wanted))}" if args.status else ""

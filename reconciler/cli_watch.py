@@ -20,7 +20,7 @@ from typing import Any
 
 import pydantic
 
-from reconciler import cli_common, cli_sse, probing
+from reconciler import cli_common, cli_sse, logs, probing
 from reconciler.cli_common import EXIT_ENV, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, Refused
 from state import events, ids, pending, results
 
@@ -70,7 +70,7 @@ class Printer:
             shown = frame.model_dump(mode="json")
             if not shown["ts"]:  # read from SSE, which carries none: absent, never ""
                 del shown["ts"]
-            print(json.dumps(shown, ensure_ascii=False), flush=True)
+            print(logs.writable(json.dumps(shown, ensure_ascii=False)), flush=True)
             return
         d: dict[str, Any] = frame.data
         if frame.event == "token":

@@ -771,3 +771,23 @@ def test_submit_from_a_closed_standard_input_is_a_usage_error_not_a_bug(
     )
     assert done.returncode == 2, done.stderr
     assert "standard input is closed" in done.stderr and "unexpected" not in done.stderr
+
+
+def test_tasks_json_is_utf8_json_whatever_the_file_names(workspace: Workspace) -> None:
+    """A task file whose name is not UTF-8 (caf\\xe9.task.yaml): `tasks --json` writes it
+    as a JSON escape, so a strict reader takes the output, not raw bytes it refuses."""
+    from tests.orchctl_support import ORCHCTL
+
+    name = os.fsencode(workspace.spool.incoming) + b"/caf\xe9.task.yaml"
+    with open(name, "wb") as fh:
+        fh.write(b"model: m1\nprompt: hi\nmax_tokens: 3\n")
+    done = subprocess.run(
+        [str(ORCHCTL), "tasks", "--json", "--config", cfg(workspace)],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout.decode("utf-8"))  # strict: raw 0xe9 would raise
+    shown = [r["task_id"] for r in rows]
+    assert any(os.fsencode(i).startswith(b"caf\xe9") for i in shown), shown
