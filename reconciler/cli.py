@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Run the verb `args.func`; every way it can end becomes an exit code."""
+    cli_common.DONE.clear()  # this command's own (tests run several in one process)
     if failpoints.ENV_PROBLEM is not None:  # a crash test's variable, set wrong
         print(
             f"orchctl: ORCH_FAILPOINTS: {failpoints.ENV_PROBLEM}\n"
@@ -118,8 +119,10 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         if isinstance(exc, _OutputFailed):  # `> /dev/full`, a disk gone: no bug
             _drop_output()
+            done = f" (done already: {'; '.join(cli_common.DONE)})" if cli_common.DONE else ""
             print(
-                f"orchctl: {args.command}: cannot write to standard output: {exc.strerror or exc}",
+                f"orchctl: {args.command}: cannot write to standard output: "
+                f"{exc.strerror or exc}{done}",
                 file=sys.stderr,
             )
             return EXIT_FAILED

@@ -82,6 +82,15 @@ def warn(message: str) -> None:
     print(f"orchctl: {message}", file=sys.stderr, flush=True)
 
 
+# what the command has done that stays done (a task delivered, a cancel written): said with
+# an error that stops it after, so a script does not take a failure for nothing done
+DONE: list[str] = []
+
+
+def did(what: str) -> None:
+    DONE.append(what)
+
+
 # -- the folder ------------------------------------------------------------------------------
 
 

@@ -92,6 +92,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             hint="make room on (or fix) the spool's disk, then submit again",
         ) from None
     result_path = folder.results.path(task_id)
+    cli_common.did(f"{task_id} is delivered to {folder.shown(target)}")
     if not args.json:
         print(f"submitted {task_id} → {folder.shown(target)}")
         print(f"result: {folder.shown(result_path)}", flush=True)
@@ -316,6 +317,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
                 "so it may still be queued or running: the cancel applies if it is"
             )
     spool.request_cancel(folder.spool, task_id)
+    cli_common.did(f"the cancel of {task_id} is requested")
     print(f"cancel requested for {task_id} ({known.describe(folder)})")
     if not probing.probe(folder.state_dir).serving:
         cli_common.warn(

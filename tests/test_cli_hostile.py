@@ -358,3 +358,23 @@ def test_small_cli_messages_say_what_is_wrong(workspace: Workspace) -> None:
     assert ran.code == 2 and "argument file: an empty path names no file or folder" in ran.err
     ran = orchctl("tasks", "--limit", "9" * 25, "--config", workspace.config_path)
     assert ran.code == 2 and "is too large (over 20 digits): give a whole number" in ran.err
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full on this system")
+def test_a_submit_whose_output_fails_says_the_task_was_delivered(workspace: Workspace) -> None:
+    """`orchctl submit t.task.yaml > /dev/full`: the task is delivered before its line is
+    printed; the failure says so, or a retry would meet its own task's id."""
+    (workspace.root / "t.task.yaml").write_text("model: m1\nprompt: hi\nmax_tokens: 3\n")
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [str(ORCHCTL), "submit", "t.task.yaml", "--config", str(workspace.config_path)],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            cwd=workspace.root,
+            timeout=60,
+            check=False,
+        )
+    err = done.stderr.decode()
+    assert done.returncode == 1, err
+    assert "cannot write to standard output" in err, err
+    assert "(done already: t is delivered to spool/incoming/t.task.yaml)" in err, err
