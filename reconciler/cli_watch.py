@@ -209,6 +209,7 @@ def _follow_files(
 ) -> Ended:
     tail = Tail(folder.results.events_path(task_id))
     next_probe = 0.0
+    unheld = 0  # probes in a row that found no file of the task in the spool
     while True:
         for frame in tail.frames():
             if frame.id <= after:
@@ -240,6 +241,13 @@ def _follow_files(
                     f"the daemon (pid {seen.pid}) is stopping: task {task_id} is "
                     f"{_where(folder, task_id, result)} and will run at its next start",
                 )
+            # no file of the task waits in the spool (a live task's is in active/) and its
+            # result says no live state: nothing holds it, so nothing more will come (twice,
+            # a probe apart, so a file being claimed between two folders is not missed)
+            held = pending.find(folder.spool, task_id) is not None
+            unheld = 0 if held else unheld + 1
+            if unheld >= 2:
+                return Ended(None, None, why=f"task {task_id} is {_where(folder, task_id, result)}")
             if not seen.responding(time.time()) and seen.written_at is not None:
                 printer.newline()
                 raise Refused(  # stopped by a signal, hung on a disk: it may never move
@@ -385,6 +393,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
     )
     if ended.frame is None and not args.json:
         printer.line(summary(ended))
+    elif ended.frame is None and ended.result is None:  # --json: no frame to end the lines
+        cli_common.warn(summary(ended))
     printer.newline()
     sys.stdout.flush()
     return EXIT_OK if ended.succeeded else EXIT_FAILED

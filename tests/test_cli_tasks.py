@@ -791,3 +791,23 @@ def test_tasks_json_is_utf8_json_whatever_the_file_names(workspace: Workspace) -
     rows = json.loads(done.stdout.decode("utf-8"))  # strict: raw 0xe9 would raise
     shown = [r["task_id"] for r in rows]
     assert any(os.fsencode(i).startswith(b"caf\xe9") for i in shown), shown
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_watch_of_a_task_nothing_holds_ends_when_its_log_was_cut_and_its_result_damaged(
+    workspace: Workspace, as_json: bool
+) -> None:
+    """The end frame cut from its log, its result not readable, no file of it in the
+    spool: nothing holds the task, so watch (--json too, which reads the files) ends within
+    a few seconds, naming the damage, instead of waiting out --timeout."""
+    serving(workspace)
+    log = events.EventLog(workspace.results.events_path("cut"))
+    log.append("queued", {"queue_position": 0}, ts=clocks.rfc3339(time.time()))
+    log.append("started", {"attempt": 1}, ts=clocks.rfc3339(time.time()))
+    (workspace.root / "results" / "cut.json").write_bytes(b"{bad")
+    began = time.monotonic()
+    extra = ["--json"] if as_json else []
+    ran = orchctl("watch", "cut", *extra, "--timeout", "30", "--config", cfg(workspace))
+    assert time.monotonic() - began < 10, ran
+    assert ran.code == 1, ran
+    assert "results/cut.json" in ran.out + ran.err, ran
