@@ -62,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
             verb.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exc:  # --help, --version, or a usage error argparse has explained
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    except OSError as err:  # the help or version could not be written (`_Parser`)
+        _drop_output()
+        print(f"orchctl: cannot write to standard output: {err.strerror or err}", file=sys.stderr)
+        return EXIT_FAILED
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
@@ -230,8 +234,17 @@ def _verbs(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser
     return {}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, but a help or version it cannot write is an error: argparse
+    drops the OSError (`> /dev/full`), and the command exited 0 having printed nothing."""
+
+    def _print_message(self, message: str, file: Any = None) -> None:
+        if message:
+            (file or sys.stderr).write(message)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="orchctl",
         description="llama-orch home: serve local LLMs "
         "on this workstation's GPUs from a desired-state file.",

@@ -378,3 +378,19 @@ def test_a_submit_whose_output_fails_says_the_task_was_delivered(workspace: Work
     assert done.returncode == 1, err
     assert "cannot write to standard output" in err, err
     assert "(done already: t is delivered to spool/incoming/t.task.yaml)" in err, err
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full on this system")
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["status", "--help"]])
+def test_a_help_or_version_that_cannot_be_written_is_not_exit_0(
+    workspace: Workspace, argv: list[str]
+) -> None:
+    """argparse drops the error of a help it cannot write: `orchctl --version > /dev/full`
+    exited 0 having printed nothing."""
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [str(ORCHCTL), *argv], stdout=full, stderr=subprocess.PIPE, timeout=60, check=False
+        )
+    err = done.stderr.decode()
+    assert done.returncode == 1, err
+    assert "cannot write to standard output: No space left on device" in err, err
