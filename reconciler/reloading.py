@@ -409,6 +409,8 @@ class Reloader:
         if len(ready) >= wanted:
             return None, "", ready
         shown = ", ".join(f"{r.replica_id} {r.state}" for r in new) or "no replica started yet"
+        if (downloading := runtime.downloading.get(pool_id)) is not None:
+            shown = f"{shown}; its model file: {downloading}"  # a download failing, retried
         return None, shown, None
 
     # -- rolling back -----------------------------------------------------------------------

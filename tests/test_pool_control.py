@@ -966,3 +966,31 @@ async def test_a_drain_requested_during_a_reload_ends_it_at_once_and_outlasts_it
     workspace.submit("after.task.yaml", task("after", max_tokens=2))
     refused = await wait_terminal(workspace, "after")
     assert refused["status"] == "rejected" and refused["error"]["code"] == "POOL_UNAVAILABLE"
+
+
+def test_a_reload_waiting_on_its_models_download_says_how_the_download_goes() -> None:
+    """A reload onto an hf: ref whose download keeps failing timed out saying only "no
+    replica started yet"; the download's own state (interrupted, and why) is the cause."""
+    import types
+
+    from reconciler import reloading
+
+    runtime = types.SimpleNamespace(
+        problems={},
+        unschedulable={},
+        replicas={},
+        downloading={
+            "q": "downloading model 'm' (hf:o/r/f.gguf): 0 B so far; interrupted (cannot "
+            "connect to huggingface.co), resuming in 4 s"
+        },
+    )
+    reloader = reloading.Reloader(
+        config=types.SimpleNamespace(),  # type: ignore[arg-type]
+        runtime=runtime,  # type: ignore[arg-type]
+        clock=types.SimpleNamespace(),  # type: ignore[arg-type]
+        wake=lambda: None,
+    )
+    failed, progress, ready = reloader._judge("q", "hash", 1)
+    assert failed is None and ready is None
+    assert "no replica started yet; its model file: downloading" in progress
+    assert "cannot connect to huggingface.co" in progress
