@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from plugins import llamacpp_builds, resolvers
-from reconciler import diagnosing
+from reconciler import cli_common, configuring, diagnosing
 from reconciler.cli_common import EXIT_ENV, EXIT_OK
 from state import desired
 
@@ -22,7 +23,7 @@ LABEL = {"ok": "ok  ", "warn": "warn", "fail": "FAIL"}
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     if args.simulate == Path():  # --simulate with no file
-        args.simulate = _folder_inventory(args.config)
+        args.simulate = _folder_inventory(*_readable(args.config, say=False))
     found = run(config=args.config, simulate=args.simulate)
     if args.json:
         print(json.dumps(as_json(found), indent=2))
@@ -31,14 +32,32 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return EXIT_OK if found.can_serve else EXIT_ENV
 
 
-def _folder_inventory(config: Path) -> Path:
+def _readable(config: Path, *, say: bool = True) -> tuple[Path, Path]:
+    """The config to read for `config` and the folder it is relative to: orch.yaml itself,
+    or, while it is gone, a folder or a symbolic link (which orch.yaml may not be), the last
+    config a daemon applied in its folder, with a warning (as every verb reads it)."""
+    base = Path(os.path.abspath(config)).parent  # a link's own folder, not its target's
+    last_good = base / configuring.LAST_GOOD
+    if (config.is_symlink() or not config.is_file()) and last_good.is_file():
+        if say:
+            what = "a symbolic link" if config.is_symlink() else "not a file"
+            cli_common.warn(
+                f"warning: {config} is {what if config.exists() else 'not found'}; checking the "
+                f"last config a daemon applied here ({last_good}); put orch.yaml back "
+                f"(`git checkout {config.name}`, or copy {configuring.LAST_GOOD})"
+            )
+        return last_good, base
+    return config, base
+
+
+def _folder_inventory(config: Path, base: Path) -> Path:
     """The inventory of the simulated workstation orch.yaml names (gpus.inventory), else
     inventory.yaml beside it (what `orchctl init --simulate` writes)."""
     loaded = desired.load_desired(config) if config.is_file() else None
     gpus = loaded.value.gpus if loaded is not None and loaded.value is not None else None
     if gpus is not None and gpus.inventory:
-        return desired.resolve(config.resolve().parent, gpus.inventory)
-    return config.resolve().parent / "inventory.yaml"
+        return desired.resolve(base, gpus.inventory)
+    return base / "inventory.yaml"
 
 
 def run(*, config: Path, simulate: Path | None, bind: str | None = None) -> diagnosing.Diagnosis:
@@ -46,10 +65,11 @@ def run(*, config: Path, simulate: Path | None, bind: str | None = None) -> diag
     machine = diagnosing.Machine(
         engine_cache=llamacpp_builds.default_cache(), model_cache=resolvers.model_cache()
     )
+    config, base = _readable(config)
     if config.exists() or bind is None:
         bind = diagnosing.bind_of(config)
     binary = diagnosing.engine_binary_of(config) if config.exists() else None
-    own_lock = diagnosing.state_lock_of(config)
+    own_lock = diagnosing.state_lock_of(config, base)
     return diagnosing.diagnose(
         machine, bind=bind, simulate=simulate, binary=binary, own_lock=own_lock
     )

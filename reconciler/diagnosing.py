@@ -370,15 +370,16 @@ def engine_binary_of(config: Path) -> Path | None:
     return None
 
 
-def state_lock_of(config: Path) -> Path:
-    """The daemon lock of orch.yaml's folder: under its paths.state, or the default one where
-    orch.yaml is missing or cannot be read (the folder a daemon started here would lock)."""
+def state_lock_of(config: Path, base: Path | None = None) -> Path:
+    """The daemon lock of orch.yaml's folder (`base`, else `config`'s): under its
+    paths.state, or the default one where orch.yaml is missing or cannot be read (the
+    folder a daemon started here would lock)."""
     state = desired.PathsConfig().state
     with contextlib.suppress(Exception):
         loaded = desired.load_desired(config)
         if loaded.value is not None:
             state = loaded.value.paths.state
-    return desired.resolve(config.resolve().parent, state) / daemon_lock.STATE_LOCK
+    return desired.resolve(base or config.resolve().parent, state) / daemon_lock.STATE_LOCK
 
 
 def bind_of(config: Path) -> str:

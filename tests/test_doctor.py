@@ -368,3 +368,34 @@ def test_an_output_path_the_system_refuses_is_a_usage_error_naming_it(tmp_path: 
     assert "hint: a file is in the way where a folder is needed" in ran.err
     ran = orchctl("schemas", "--out", tmp_path / "afile" / "sub", cwd=tmp_path)
     assert ran.code == 2 and "Not a directory" in ran.err and "this is a bug" not in ran.err
+
+
+@pytest.mark.parametrize("state", ["link", "gone", "folder"])
+def test_an_orch_yaml_gone_or_a_link_is_read_from_the_last_good_copy_beside_it(
+    machine: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, state: str
+) -> None:
+    """As every verb reads it: orch.yaml gone, a folder or a symbolic link (which it may not
+    be), the last config a daemon applied in its folder is checked, said in a warning: its
+    port (not the default 8080's) and its inventory, beside orch.yaml, not the link's target."""
+    use_nvml(monkeypatch, FakeNvml().library_missing())
+    example = Path(__file__).parents[1] / "examples/01-simulated-workstation"
+    folder = tmp_path / "home"
+    (folder / ".orch").mkdir(parents=True)
+    shutil.copy(example / "inventory.yaml", folder / "inventory.yaml")
+    port = free_port()
+    text = (example / "orch.yaml").read_text()
+    text = text.replace("127.0.0.1:8080", f"127.0.0.1:{port}")
+    (folder / ".orch" / "last-good.yaml").write_text(text)
+    elsewhere = tmp_path / "elsewhere" / "orch.yaml"
+    elsewhere.parent.mkdir()
+    elsewhere.write_text(text)
+    orch = folder / "orch.yaml"
+    if state == "link":
+        orch.symlink_to(elsewhere)
+    elif state == "folder":
+        orch.mkdir()
+    ran = orchctl("doctor", "--simulate", "--config", orch)
+    assert ran.code == 0, ran.out + ran.err
+    assert f"127.0.0.1:{port}" in line(ran.out, "port"), ran.out
+    assert "SIMULATED NVIDIA GeForce RTX 3090" in line(ran.out, "GPU 0")
+    assert "checking the last config a daemon applied here" in ran.err, ran.err
