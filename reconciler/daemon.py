@@ -601,13 +601,14 @@ class Daemon:
             path = self.state_dir / "status.json"
             now = time.monotonic()
             if raw == self._last_status:  # most passes change nothing a reader would see
-                if now - self._status_at >= probing.STATUS_TOUCH_S:
-                    self._status_at = now
-                    try:
-                        os.utime(path)  # but its time says the daemon still passes
-                    except FileNotFoundError:  # removed by hand: written whole next pass
-                        self._last_status = b""
-                return
+                if now - self._status_at < probing.STATUS_TOUCH_S:
+                    return
+                self._status_at = now
+                with contextlib.suppress(FileNotFoundError):  # removed by hand: written
+                    os.utime(path)  # but its time says the daemon still passes
+                    if os.stat(path).st_size == len(raw):
+                        return
+                # removed, cut or changed by hand: written whole again now
             atomic.write_bytes(path, raw, durable=False, kind="status")
             self._last_status, self._status_at = raw, now
         except OSError as exc:  # said once, then at most every PASS_FAILURE_SAY_S while it lasts

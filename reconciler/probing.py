@@ -8,6 +8,7 @@ daemon says it did: a pid the kernel has since handed to a newer process is not 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import pydantic
 
 from plugins import liveness
-from state import statusfile
+from state import daemon_lock, statusfile
 
 # A serving daemon writes status.json when what it says changes, and touches it at least this
 # often otherwise; a live daemon whose file is older than STALE_S is not passing (stopped by
@@ -56,6 +57,20 @@ class Seen:
 
 
 def probe(state_dir: Path) -> Seen:
+    """What status.json says of the daemon serving `state_dir`. Removed or damaged while a
+    daemon holds the folder's lock, it is waited for (the daemon writes it again within
+    STATUS_TOUCH_S) rather than taken for no daemon: `submit --wait` would give up on a
+    task that runs, and `status` tell the user to start a daemon that cannot start."""
+    seen = _probe(state_dir)
+    if seen.status is None and daemon_lock.holder_of(state_dir) is not None:
+        give_up = time.monotonic() + STATUS_TOUCH_S + 2.0
+        while seen.status is None and time.monotonic() < give_up:
+            time.sleep(0.1)
+            seen = _probe(state_dir)
+    return seen
+
+
+def _probe(state_dir: Path) -> Seen:
     path = state_dir / "status.json"
     try:
         if not path.is_file():  # never open a FIFO or a device the daemon did not write

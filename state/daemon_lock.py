@@ -118,6 +118,15 @@ def acquire(state_dir: Path, *, started_at: str, shared: Sequence[Path] = ()) ->
     return lock
 
 
+def holder_of(state_dir: Path) -> int | None:
+    """The pid of the daemon holding `state_dir`'s lock now, None when none holds it (or it
+    cannot be told): whether a daemon serves there, whatever its status.json says."""
+    try:
+        return _holder((state_dir / STATE_LOCK).stat())
+    except OSError:
+        return None
+
+
 def _holder(st: os.stat_result) -> int | None:
     """The pid holding a flock on the file or folder `st` describes, from /proc/locks."""
     inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"

@@ -333,3 +333,22 @@ def test_a_verb_that_is_not_a_daemon_ends_on_an_early_signal_as_usual(
     )
     assert proc.returncode == ends, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("damage", ["removed", "torn"])
+async def test_a_daemon_whose_status_file_was_removed_is_still_seen_serving(
+    workspace: Workspace, serve: Any, damage: str
+) -> None:
+    """status.json removed (or torn) by hand while the daemon serves: the daemon writes it
+    again within seconds, and the CLI waits for that (the daemon holds the folder's lock)
+    rather than say no daemon serves and tell the user to start one that cannot start."""
+    await serve()
+    status = workspace.root / ".orch" / "status.json"
+    if damage == "removed":
+        status.unlink()
+    else:
+        status.write_text("{")
+    shown = await asyncio.to_thread(orchctl, "status", "--config", str(workspace.config_path))
+    assert shown.returncode == 0, shown.stderr
+    assert "no daemon has served" not in shown.stdout + shown.stderr
+    assert "p1-0" in shown.stdout, shown.stdout
