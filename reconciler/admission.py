@@ -84,13 +84,12 @@ def _unplaceable(
     if placement.allow_fallback or not serving:
         return serving
     names = sorted(p.pool_id for p in serving)
-    kept = [p for p in serving if p.pool_id not in placement.avoid_pools]
+    left = placement.leaves(names)
+    if left:
+        return [p for p in serving if p.pool_id in left]
     field, given = "placement.avoid_pools", placement.avoid_pools
-    if kept and placement.prefer_pools:
-        kept = [p for p in kept if p.pool_id in placement.prefer_pools]
-        field, given = "placement.prefer_pools", placement.prefer_pools
-    if kept:
-        return kept
+    if placement.prefer_pools and any(n not in placement.avoid_pools for n in names):
+        field, given = "placement.prefer_pools", placement.prefer_pools  # it left none
     return errors.envelope(
         ErrorCode.INVALID_PARAMS,
         f"{field}: {list(given)!r} leaves no pool serving {model_id!r} "

@@ -242,7 +242,12 @@ class Dispatcher:
             entry.task_id,
             run.task,
             last_replica_id=ids.ReplicaId(last) if last else None,
-            context_tokens=admission.context_tokens(run.task),
+            # estimated once, when the entry was made (`admitting.entry_of`)
+            context_tokens=(
+                entry.route.context_tokens
+                if entry.route is not None
+                else admission.context_tokens(run.task)
+            ),
         )
         # the task may name only a pool: admission resolved its model
         return dataclasses.replace(want, model_id=entry.model_id)
@@ -587,7 +592,6 @@ def _pools_of(
         return [p for p in state.pools if p.id == named]
     found = [p for p in state.pools if p.model == entry.model_id]
     if not placement.allow_fallback:
-        found = [p for p in found if p.id not in placement.avoid_pools]
-        if placement.prefer_pools:
-            found = [p for p in found if p.id in placement.prefer_pools]
+        left = placement.leaves(p.id for p in found)
+        found = [p for p in found if p.id in left]
     return found

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
+from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -49,6 +50,13 @@ class Placement(BaseModel):
     prefer_pools: list[Id] = Field(default_factory=list)
     avoid_pools: list[Id] = Field(default_factory=list)
     allow_fallback: bool = True
+
+    def leaves(self, pool_ids: Iterable[str]) -> list[str]:
+        """Of `pool_ids`, those the prefer and avoid lists leave the task when it may not
+        fall back (the only ones it may ever run on then): not avoided, and preferred when
+        it prefers any."""
+        kept = [p for p in pool_ids if p not in self.avoid_pools]
+        return [p for p in kept if p in self.prefer_pools] if self.prefer_pools else kept
 
     @model_validator(mode="after")
     def _pin_names_pool(self) -> Placement:

@@ -284,19 +284,8 @@ def test_output_that_cannot_be_written_is_said_plainly_not_as_a_bug(
 ) -> None:
     """`orchctl tasks > /dev/full`: the output cannot be written (a full disk); that is said
     as it is, exit 1, never reported as a bug of orchctl."""
-    with open("/dev/full", "w") as full:
-        done = subprocess.run(
-            [
-                str(ORCHCTL),
-                *argv,
-                *(["--config", str(workspace.config_path)] if argv[0] == "tasks" else []),
-            ],
-            stdout=full,
-            stderr=subprocess.PIPE,
-            cwd=workspace.root,
-            timeout=60,
-            check=False,
-        )
+    config = ["--config", str(workspace.config_path)] if argv[0] == "tasks" else []
+    done = _to_dev_full([*argv, *config], workspace.root)
     err = done.stderr.decode()
     assert done.returncode == 1, err
     assert f"orchctl: {argv[0]}: cannot write to standard output: No space left on device" in err
@@ -365,15 +354,9 @@ def test_a_submit_whose_output_fails_says_the_task_was_delivered(workspace: Work
     """`orchctl submit t.task.yaml > /dev/full`: the task is delivered before its line is
     printed; the failure says so, or a retry would meet its own task's id."""
     (workspace.root / "t.task.yaml").write_text("model: m1\nprompt: hi\nmax_tokens: 3\n")
-    with open("/dev/full", "w") as full:
-        done = subprocess.run(
-            [str(ORCHCTL), "submit", "t.task.yaml", "--config", str(workspace.config_path)],
-            stdout=full,
-            stderr=subprocess.PIPE,
-            cwd=workspace.root,
-            timeout=60,
-            check=False,
-        )
+    done = _to_dev_full(
+        ["submit", "t.task.yaml", "--config", str(workspace.config_path)], workspace.root
+    )
     err = done.stderr.decode()
     assert done.returncode == 1, err
     assert "cannot write to standard output" in err, err
@@ -387,10 +370,20 @@ def test_a_help_or_version_that_cannot_be_written_is_not_exit_0(
 ) -> None:
     """argparse drops the error of a help it cannot write: `orchctl --version > /dev/full`
     exited 0 having printed nothing."""
-    with open("/dev/full", "w") as full:
-        done = subprocess.run(
-            [str(ORCHCTL), *argv], stdout=full, stderr=subprocess.PIPE, timeout=60, check=False
-        )
+    done = _to_dev_full(argv, workspace.root)
     err = done.stderr.decode()
     assert done.returncode == 1, err
     assert "cannot write to standard output: No space left on device" in err, err
+
+
+def _to_dev_full(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[bytes]:
+    """`orchctl ARGV > /dev/full`: its standard output a disk that is full."""
+    with open("/dev/full", "w") as full:
+        return subprocess.run(
+            [str(ORCHCTL), *argv],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            cwd=cwd,
+            timeout=60,
+            check=False,
+        )
