@@ -2,8 +2,9 @@
 
 The daemon runs one Ready sim pool (8 slots, 2,000 tokens/s, first token after 0 ms; queue
 capacity 2,000). The task files are first written into spool/tmp (not timed: that is the
-writers' side of the maildir protocol), then renamed into incoming/ in one tight loop, so
-they land "at once". The clock starts before the first rename.
+writers' side of the maildir protocol), then renamed into incoming/ in one tight loop by a
+process of their own, as a user's script would, so they land "at once". The clock starts
+before the first rename.
 
 - admitted/s: tasks ÷ time until every task has a results/<id>.json of any status (the
   daemon writes it when it queues or rejects the task).
@@ -197,7 +198,6 @@ async def run(bench: report.BenchResult, *, quick: bool) -> None:
                 poll_s=0.01,
             )
             sp = ws.spool
-            staged: list[tuple[Path, Path]] = []
             for i in range(n):
                 name = f"t{i:05d}.task.json"
                 body = {
@@ -206,9 +206,7 @@ async def run(bench: report.BenchResult, *, quick: bool) -> None:
                     "prompt": "hi",
                     "max_tokens": MAX_TOKENS,
                 }
-                part = sp.tmp / f"{name}.part"
-                part.write_text(json.dumps(body))
-                staged.append((part, sp.incoming / name))
+                (sp.tmp / f"{name}.part").write_text(json.dumps(body))
             watcher = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
@@ -218,6 +216,8 @@ async def run(bench: report.BenchResult, *, quick: bool) -> None:
                 str(sp.done),
                 str(sp.failed),
                 str(TIMEOUT_S),
+                str(sp.tmp),
+                str(sp.incoming),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
@@ -228,14 +228,10 @@ async def run(bench: report.BenchResult, *, quick: bool) -> None:
                 raise BenchError(f"the watcher process did not start: {ready!r}")
             syncs = _SyncCount(srv.daemon.committer)
             cpu = _CpuBudget(srv)
-            t0 = time.monotonic()
-            for part, target in staged:
-                os.rename(part, target)
-            dropped_ms = (time.monotonic() - t0) * 1000
             assert watcher.stdin is not None
-            watcher.stdin.write(f"{t0!r}\n".encode())
+            watcher.stdin.write(b"drop\n")  # the watcher renames them into incoming/
             await watcher.stdin.drain()
-            end = t0 + TIMEOUT_S + 10
+            end = time.monotonic() + TIMEOUT_S + 10
             while watcher.returncode is None:
                 srv.check_alive()  # the daemon dying fails the run at once, not at the timeout
                 if time.monotonic() > end:
@@ -249,6 +245,7 @@ async def run(bench: report.BenchResult, *, quick: bool) -> None:
             if watcher.returncode != 0:
                 raise BenchError(f"the watcher process failed: {err.decode()[-500:]}")
             seen = json.loads(out)
+            t0, dropped_ms = seen["t0"], seen["drop_ms"]
             admitted_s, terminal_s = seen["admitted_s"], seen["terminal_s"]
             progress = seen["progress"]
             if terminal_s is None:

@@ -14,14 +14,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _start(tmp_path: Path, n: int) -> tuple[subprocess.Popen[str], dict[str, Path]]:
-    folders = {name: tmp_path / name for name in ("results", "done", "failed")}
+def _start(
+    tmp_path: Path, n: int, staged: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen[str], dict[str, Path]]:
+    names = ("results", "done", "failed", "tmp", "incoming")
+    folders = {name: tmp_path / name for name in names}
     for folder in folders.values():
         folder.mkdir()
+    for name in staged:
+        (folders["tmp"] / name).write_text("{}")
     proc = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.intake_watch", str(n)]
         + [str(folders[name]) for name in ("results", "done", "failed")]
-        + ["20"],
+        + ["20", str(folders["tmp"]), str(folders["incoming"])],
         cwd=ROOT,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -29,9 +34,28 @@ def _start(tmp_path: Path, n: int) -> tuple[subprocess.Popen[str], dict[str, Pat
     )
     assert proc.stdout is not None and proc.stdin is not None
     assert proc.stdout.readline().strip() == "watching"
-    proc.stdin.write(f"{time.monotonic()!r}\n")
+    proc.stdin.write("drop\n")
     proc.stdin.flush()
     return proc, folders
+
+
+def test_drops_the_staged_task_files_into_incoming_and_times_from_the_first_rename(
+    tmp_path: Path,
+) -> None:
+    """The watcher is the user's writer too: the renames run in its process, not the
+    daemon's, and its clock starts before the first one."""
+    before = time.monotonic()
+    proc, folders = _start(tmp_path, 1, staged=("b.task.json.part", "a.task.json.part", "x.tmp"))
+    time.sleep(0.1)
+    assert sorted(os.listdir(folders["incoming"])) == ["a.task.json", "b.task.json"]
+    assert os.listdir(folders["tmp"]) == ["x.tmp"]  # not staged by the benchmark: left
+    _put(folders["results"], "a.json")
+    _put(folders["done"], "a.task.json")
+    out, _ = proc.communicate(timeout=30)
+    seen = json.loads(out)
+    assert before < seen["t0"] < time.monotonic()
+    assert 0 <= seen["drop_ms"] < 10_000
+    assert seen["terminal_s"] is not None
 
 
 def _put(folder: Path, name: str) -> None:
