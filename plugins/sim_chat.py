@@ -5,8 +5,10 @@ up front so `plugins.sim_protocol` only has to pace the pieces out.
 sends. The shapes are llama-server's (see `plugins.llama_chat`); the model is a toy:
 
 - Template: each message becomes `<|role|>` and its text on lines of their own (an assistant's
-  tool calls as `<|tool_call|>name arguments`), then `<|assistant|>`. The rendered prompt and
-  the seed pick the words, as /completion does, so one conversation and seed give one answer.
+  tool calls as `<|tool_call|>name arguments`), then `<|assistant|>`. Like the templates that
+  take arguments as an object, it parses each call's arguments as JSON first: text that is
+  not JSON fails the request with llama-server's 500. The rendered prompt and the seed pick
+  the words, as /completion does, so one conversation and seed give one answer.
 - Tool calls: with `tools` and a `tool_choice` other than `none`, the answer is one call when
   `tool_choice` is `required` or names a function, or (`auto`, the default) when the last
   message is the user's and names one of the tools. It calls the function named (by
@@ -76,7 +78,14 @@ def render(messages: Any) -> str:
         lines += [f"<|{message['role']}|>", _text(message.get("content"))]
         for call in message.get("tool_calls") or ():
             function = call.get("function", {}) if isinstance(call, dict) else {}
-            lines.append(f"<|tool_call|>{function.get('name')} {function.get('arguments')}")
+            arguments = function.get("arguments")
+            try:
+                json.loads(arguments) if isinstance(arguments, str) else None
+            except ValueError as exc:
+                raise sim_http.HttpError(
+                    500, f"Failed to parse tool call arguments as JSON: {exc}", "server_error"
+                ) from None
+            lines.append(f"<|tool_call|>{function.get('name')} {arguments}")
     lines.append("<|assistant|>")
     return "\n".join(lines) + "\n"
 

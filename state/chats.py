@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from state.parsing import Hinted
 
@@ -37,22 +37,20 @@ class CalledFunction(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: ToolName
-    arguments: str = Field(description="the arguments as JSON text, as the model wrote them")
+    arguments: str = Field(description="the arguments as the model wrote them (JSON, as a rule)")
 
-    @field_validator("arguments")
-    @classmethod
-    def _json_text(cls, value: str) -> str:
-        # the engine's chat template parses it: text that is not JSON fails there, later
-        try:
-            json.loads(value)
-        except ValueError as exc:
-            raise Hinted(
-                f"arguments must be JSON text, and this is not ({exc.msg} at character {exc.pos})"
-                if isinstance(exc, json.JSONDecodeError)
-                else "arguments must be JSON text, and this is not",
-                "send them as the model wrote them: a JSON object as text, such as '{}'",
-            ) from None
-        return value
+
+def engine_arguments(text: str) -> str:
+    """`arguments` as sent on to the engine: JSON text as it is; anything else (a call cut by
+    max_tokens mid-arguments, as this server itself returns it) as a JSON string of the text.
+    llama-server parses the arguments of earlier calls for templates that take them as an
+    object and fails the whole request on text that is not JSON, while an agent sends back
+    what it was given: the call stays in the conversation, word for word."""
+    try:
+        json.loads(text)
+    except ValueError:
+        return json.dumps(text, ensure_ascii=False)
+    return text
 
 
 class ToolCall(BaseModel):

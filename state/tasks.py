@@ -210,7 +210,12 @@ class TaskFile(BaseModel):
 
     def chat_json(self) -> dict[str, Any]:
         """The chat part as the plain JSON an engine sends on (none: a prompt task)."""
-        return self.model_dump(mode="json", include={"messages", *_CHAT_OPTIONS}, exclude_none=True)
+        sent = self.model_dump(mode="json", include={"messages", *_CHAT_OPTIONS}, exclude_none=True)
+        for message in sent.get("messages", ()):
+            for call in message.get("tool_calls", ()):
+                function = call["function"]
+                function["arguments"] = chats.engine_arguments(function["arguments"])
+        return sent
 
 
 _CHAT_OPTIONS = ("tools", "tool_choice", "parallel_tool_calls", "response_format")

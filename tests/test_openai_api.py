@@ -214,6 +214,35 @@ async def test_tool_calls_pass_through_streamed_and_whole(workspace: Workspace, 
     assert workspace.frames(whole.id)[-1].data["finish_reason"] == "tool_calls"
 
 
+async def test_a_tool_call_cut_by_max_tokens_can_be_sent_back_as_it_came(
+    workspace: Workspace, serve: Any
+) -> None:
+    """An agent appends the assistant's message as received, then the tool's answer: a call
+    max_tokens cut in its arguments (text that is not JSON) must not make every later turn
+    of the conversation a 400, nor the engine's template fail on it."""
+    running = await serve()
+    ask = [{"role": "user", "content": "please call get_weather for Oslo"}]
+    async with client(running) as oa:
+        cut = await oa.chat.completions.create(
+            model="m1", messages=ask, tools=[WEATHER], tool_choice="required", max_tokens=2
+        )
+        [call] = cut.choices[0].message.tool_calls or []
+        follow = [
+            *ask,
+            cut.choices[0].message.model_dump(exclude_none=True),
+            {"role": "tool", "tool_call_id": call.id, "content": "error: arguments cut short"},
+        ]
+        after = await oa.chat.completions.create(
+            model="m1", messages=follow, tools=[WEATHER], max_tokens=4
+        )
+    assert cut.choices[0].finish_reason == "length"
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(call.function.arguments)
+    assert after.choices[0].finish_reason == "length" and after.choices[0].message.content
+    result = workspace.result(after.id)
+    assert result is not None and result["status"] == "succeeded"
+
+
 async def test_what_cannot_be_honoured_is_refused_naming_the_field(
     workspace: Workspace, serve: Any
 ) -> None:
