@@ -130,6 +130,11 @@ class GenerateRequest:
     top_k: int | None = None
     stop: tuple[str, ...] = ()
     chat: Mapping[str, Any] | None = None
+    # whether the engine may serve the prompt's start from its slot's KV cache (a session's
+    # turn, a chat). Faster, but the cached part was evaluated in other batch shapes, which
+    # moves the logits a little: with temperature > 0 the text can differ from a cold run of
+    # the same seed. Off, the same seed + prompt gives the same text on a replica, retries too.
+    reuse_cache: bool = False
 
 
 @dataclass(frozen=True)

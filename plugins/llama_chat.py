@@ -27,8 +27,8 @@ PATH = "/v1/chat/completions"
 
 def chat_body(request: interfaces.GenerateRequest, *, stream: bool) -> dict[str, Any]:
     """The JSON body for `request` (which has `chat`): the conversation and chat options as
-    given, the sampling settings, and `cache_prompt` so a session's next turn reuses the slot's
-    KV cache."""
+    given, the sampling settings, and `cache_prompt` (`reuse_cache`) so the next turn of a
+    conversation reuses the slot's KV cache."""
     assert request.chat is not None
     body: dict[str, Any] = dict(request.chat)
     body.update(
@@ -38,7 +38,7 @@ def chat_body(request: interfaces.GenerateRequest, *, stream: bool) -> dict[str,
             "temperature": request.temperature,
             "top_p": request.top_p,
             "stream": stream,
-            "cache_prompt": True,
+            "cache_prompt": request.reuse_cache,
         }
     )
     if stream:

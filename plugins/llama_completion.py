@@ -18,7 +18,7 @@ def body(request: interfaces.GenerateRequest, *, stream: bool) -> dict[str, Any]
         "temperature": request.temperature,
         "top_p": request.top_p,
         "stream": stream,
-        "cache_prompt": True,
+        "cache_prompt": request.reuse_cache,
     }
     if request.top_k is not None:
         body["top_k"] = request.top_k

@@ -9,7 +9,10 @@ simulated replicas go through the same code.
 Rules it keeps:
 - Until `ready` is set, every known route answers 503 `Loading model`, as llama-server does.
 - Tokens are words drawn from a PRNG seeded with sha256(seed, prompt): the same seed and prompt
-  give the same text, another seed other text (seed -1 picks one at random).
+  give the same text, another seed other text (seed -1 picks one at random). Except, as with
+  llama-server, on a warm slot: a /completion with `cache_prompt` whose prompt starts as what
+  its slot last held (prompt and text) evaluates only the rest, in other batch shapes, which
+  moves the logits; with temperature > 0 the text then differs from a cold run's.
 - Each request streams at `tokens_per_s` after `first_token_ms`; the first request the server
   serves waits `first_request_extra_ms` more (a real engine's cold start: lazy allocations,
   kernel loading), which the daemon's warm-up request absorbs. At most `slots` requests
@@ -74,6 +77,7 @@ class Slots:
 
     def __init__(self, n: int) -> None:
         self.busy = [False] * n
+        self.held = [""] * n  # what each slot's KV cache holds: its last prompt and text
         self._free = asyncio.Semaphore(n)
 
     async def acquire(self) -> int:
@@ -199,6 +203,7 @@ class Server:
         stream = bool(body.get("stream", False))
         stop = body.get("stop") or []
         return {
+            "cache_prompt": bool(body.get("cache_prompt", True)),  # llama-server's default
             "stop": [stop] if isinstance(stop, str) else [str(s) for s in stop],
             "prompt": prompt,
             "n_prompt": n_prompt,
@@ -259,9 +264,13 @@ class Server:
 
     async def generate(self, params: dict[str, Any], slot: int, emit: Emit) -> dict[str, Any]:
         """Emit one frame per token at the configured pace; return the final frame."""
-        rng = tokens(params["seed"], params["prompt"])
+        prompt, held = params["prompt"], self.slots.held[slot]
+        warm = params["cache_prompt"] and bool(prompt) and held[:1] == prompt[:1]
+        shifted = warm and float(params["settings"]["temperature"] or 0) > 0
+        rng = tokens(params["seed"], prompt + ("\0warm" if shifted else ""))
         ids = [rng.randrange(len(WORDS)) for _ in range(params["n"])]
         texts, stopped = sim_chat.cut([" " + WORDS[t] for t in ids], params["stop"])
+        self.slots.held[slot] = prompt + "".join(texts)
 
         async def send(i: int) -> None:
             await emit(

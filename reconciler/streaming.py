@@ -270,6 +270,9 @@ def _request(run: tasking.TaskRun) -> interfaces.GenerateRequest:
         top_k=task.sampling.top_k,
         stop=tuple(task.stop),
         chat=task.chat_json() if task.chat else None,
+        # a conversation's turns reuse the slot's KV cache (the prefix they share grows each
+        # turn); a lone prompt never does, so its seed gives the same text warm or cold
+        reuse_cache=task.chat or task.session_id is not None,
     )
 
 

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from reconciler import api_client, cli, determinism
-from tests.conftest import Workspace, config
+from tests.conftest import Workspace, config, task, wait_terminal
 
 # the corpus of the two-GPU run: a few seeds in `make test`, the full 64 in `make proof`
 SEEDS = 64 if os.environ.get("ORCH_PROOF") else 6
@@ -286,3 +286,29 @@ async def test_a_daemon_that_wants_a_token_is_an_auth_refusal_not_no_daemon(
         "--out", str(workspace.root / "o2"),
     )  # fmt: skip
     assert code == 0, capsys.readouterr()
+
+
+async def test_a_prompt_gives_the_same_text_on_a_cold_slot_and_on_a_warm_one(
+    workspace: Workspace, serve: Any
+) -> None:
+    """The task contract: same seed + prompt, same text, retries too. An engine that serves
+    the prompt's start from its slot's KV cache evaluates the rest in other batch shapes, and
+    with temperature > 0 samples other text (llama-server does; so does the sim): a lone
+    prompt task is sent without `cache_prompt`, so its first run (a fresh slot) and its
+    repeats (a slot that holds it) agree. A session's turns do reuse the cache."""
+    workspace.write_config(two_gpu_lanes())
+    await serve()
+    same = {"prompt": "the cat sat", "seed": 7, "max_tokens": 12, "sampling": {"temperature": 0.9}}
+    texts = []
+    for i in range(3):  # one at a time on one slot: the first cold, then warm
+        workspace.submit(f"d{i}.task.yaml", task(f"d{i}", pool="lane-a", **same))
+        result = await wait_terminal(workspace, f"d{i}")
+        assert result["status"] == "succeeded" and result["replica_id"] == "lane-a-0"
+        texts.append(result["text"])
+    assert texts[0] == texts[1] == texts[2] and texts[0]
+    turns = []
+    for i in range(2):  # a session's second turn runs warm
+        name = f"s{i}"
+        workspace.submit(f"{name}.task.yaml", task(name, pool="lane-a", session_id="conv", **same))
+        turns.append((await wait_terminal(workspace, name))["text"])
+    assert turns[1] != texts[0]

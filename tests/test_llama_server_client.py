@@ -86,6 +86,7 @@ CHAT = interfaces.GenerateRequest(
     seed=1,
     stop=("END",),
     chat={"messages": [{"role": "user", "content": "hi"}], "tool_choice": "auto"},
+    reuse_cache=True,  # a chat's turns do (reconciler.streaming)
 )
 
 
@@ -173,7 +174,7 @@ async def test_the_request_carries_the_tasks_seed_and_sampling_settings(serve: A
             "top_p": 0.95,
             "top_k": 40,
             "stream": True,
-            "cache_prompt": True,
+            "cache_prompt": False,  # a lone prompt: the same text warm or cold
         }
     ]
 
