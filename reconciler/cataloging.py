@@ -100,7 +100,13 @@ class Catalog:
                 except OSError:
                     size = None
             record = self.book.models.get(model_id)
-            current = record is not None and verifications.still_applies(record, model)
+            # about the model as declared, and the very file there now: one replaced or
+            # rewritten since was never checked (its digest is not the one recorded)
+            current = (
+                record is not None
+                and verifications.still_applies(record, model)
+                and verifications.same_file(record, path)
+            )
             out.append(
                 {
                     "id": model_id,
@@ -131,6 +137,7 @@ class Catalog:
             path, problem = self.locate(model.ref, base)
             actual: str | None = None
             size: int | None = None
+            identity: str | None = None
             status: verifications.Outcome
             if path is None:
                 status, message = "fail", f"model {model_id!r}: {problem}"
@@ -139,13 +146,24 @@ class Catalog:
                 message = f"model {model_id!r}: {path} {_not_a_file(path)}"
             else:
                 try:
+                    before = path.stat()
                     digest, size = await asyncio.to_thread(hash_file, path)
+                    after = path.stat()
                 except OSError as exc:
                     status = "fail"
                     message = f"model {model_id!r}: {path} cannot be read ({exc.strerror or exc})"
                 else:
                     actual = digest
                     status, message = _judge(model_id, path, model.digest, digest)
+                    # changed while it was read: the digest is of no one version of it
+                    identity = verifications.file_id(after)
+                    if identity != verifications.file_id(before):
+                        identity = None
+                        status = "fail"
+                        message = (
+                            f"model {model_id!r}: {path} changed while it was read; verify "
+                            "again once it is whole"
+                        )
             record = verifications.Verification(
                 model=model_id,
                 ref=model.ref,
@@ -153,6 +171,7 @@ class Catalog:
                 declared_digest=model.digest,
                 actual_digest=actual,
                 size_bytes=size,
+                file_id=identity,
                 status=status,
                 message=message,
                 checked_at=clocks.rfc3339(self.clock.now()),

@@ -13,6 +13,7 @@ dispatcher asks `blocking` which models admission must refuse. Rules (ORCH-3097)
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
@@ -34,6 +35,12 @@ class Verification(BaseModel):
     declared_digest: str | None = Field(description="orch.yaml's digest when it was checked")
     actual_digest: str | None = Field(description="sha256 of the file; null when none was read")
     size_bytes: int | None = None
+    file_id: str | None = Field(
+        None,
+        description="the file's identity when it was read (device, inode, size, mtime and "
+        "ctime in ns): another one there means the file changed since, and the record is "
+        "no longer about it",
+    )
     status: Outcome
     message: str
     checked_at: str = Field(description="RFC 3339")
@@ -79,6 +86,26 @@ def save(path: Path, book: VerificationBook) -> None:
 def still_applies(record: Verification, model: desired.ModelSpec) -> bool:
     """The record is about the model as orch.yaml declares it now (same ref and digest)."""
     return record.ref == model.ref and record.declared_digest == model.digest
+
+
+def file_id(info: os.stat_result) -> str:
+    """What tells one version of a file from another without reading it: replaced (a new
+    inode), rewritten in place (size, mtime) or touched back to its old mtime (ctime)."""
+    return f"{info.st_dev}:{info.st_ino}:{info.st_size}:{info.st_mtime_ns}:{info.st_ctime_ns}"
+
+
+def same_file(record: Verification, path: Path | None) -> bool:
+    """Whether the file the record read is still the one at `path` (a record of no file, or
+    of a model without a local one, is about no file that could change)."""
+    if record.path is None or path is None:
+        return True
+    try:
+        info = path.stat()
+    except OSError:
+        return False
+    if record.file_id is None:  # written before identities were kept: its size at least
+        return record.size_bytes is None or record.size_bytes == info.st_size
+    return record.file_id == file_id(info)
 
 
 def blocking(

@@ -133,6 +133,36 @@ async def test_listing_shows_every_model_with_its_file_and_last_check(
                 assert response.status == status and (await response.json())["code"] == code
 
 
+async def test_a_verification_is_not_current_once_its_file_was_replaced_or_rewritten(
+    workspace: Workspace, serve: Any
+) -> None:
+    """A record names the digest of the file it read: once another file is there (renamed
+    over it, or written in place, even at the same size), the digest shown is not the served
+    file's, and `orchctl determinism` must not attribute streams to it."""
+    model = workspace.root / "m1.gguf"
+    model.write_bytes(GOOD)
+    base = _url(await serve())
+
+    async def current() -> bool:
+        async with session.get(f"{base}/v1/catalog/models/m1") as response:
+            return bool((await response.json())["verification_current"])
+
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{base}/v1/catalog/models/m1/verify") as response:
+            assert (await response.json())["actual_digest"] == DIGEST
+        assert await current()
+        other = workspace.root / "m1.gguf.new"
+        other.write_bytes(GOOD.replace(b"1", b"2"))  # the same size, other bytes
+        other.replace(model)
+        assert not await current()
+        async with session.post(f"{base}/v1/catalog/models/m1/verify") as response:
+            assert response.status == 200
+        assert await current()
+        with model.open("r+b") as f:  # rewritten in place
+            f.write(b"X")
+        assert not await current()
+
+
 @pytest.mark.slow
 async def test_a_mismatch_blocks_admission_until_a_verify_passes(
     workspace: Workspace, serve: Any
