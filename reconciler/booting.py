@@ -65,14 +65,20 @@ def restart_due(runtime: pools.PoolRuntime, state: desired.DesiredState) -> None
         if r.state != "BackingOff" or not r.life.restart_due(now):
             continue
         pool = state.pool(r.pool_id)
+        want = resolving.want(runtime, pool, state) if pool is not None else None
         if (
             pool is None
+            or want is None
             or pool.id in runtime.drained
-            or resolving.want(runtime, pool, state).spec_hash != r.spec.spec_hash
+            or (want.spec_hash != r.spec.spec_hash)
         ):
             del runtime.replicas[r.replica_id]  # planning drains/replaces; nothing runs
             continue
         r.spec = resolving.spec_for(runtime, pool, state, r.replica_id, r.spec.devices)
+        # the model file may be another version now (replaced, repaired, at the same ref):
+        # booked at the estimate of what this start loads, not of what the first one did
+        r.vram_mib = want.vram_mib
+        r.vram_warned = False
         r.life.restarting(now)
         r.job = asyncio.get_running_loop().create_task(boot(runtime, r))
 

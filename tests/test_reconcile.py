@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from plugins import engine_sim
 from reconciler import cli_status, clocks, probing
 from reconciler import daemon as daemons
 from tests.conftest import Workspace, config, task, wait_for, wait_terminal
@@ -359,3 +360,33 @@ async def test_an_engine_that_dies_on_its_warm_up_request_never_becomes_ready(
     replica = _pool(workspace, "p1")["replicas"][0]
     assert replica["state"] != "Ready"
     assert replica["last_error"].startswith("warm-up request failed: exit code 134: sim: fault")
+
+
+async def test_a_restarted_replica_is_booked_at_the_estimate_of_what_it_loads_now(
+    workspace: Workspace, serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model file at a ref can change between two starts of one replica (replaced by a
+    bigger one, a broken one repaired): the restart loads the new file, so placement must
+    book what the engine estimates for it now, not the estimate of the first start."""
+    cfg = config()
+    cfg["pools"][0]["sim"] = {"tokens_per_s": 200, "faults": {"die_after_tokens": 3}}
+    workspace.write_config(cfg)
+    grown = {"by": 0}
+    estimate = engine_sim.SimEngine.estimate_vram_mib
+    monkeypatch.setattr(
+        engine_sim.SimEngine,
+        "estimate_vram_mib",
+        lambda self, spec: estimate(self, spec) + grown["by"],
+    )
+    await serve()
+    first = _pool(workspace, "p1")["replicas"][0]["vram_estimated_mib"]
+    grown["by"] = 300  # the file at the model's ref is now a bigger one
+    workspace.submit("doomed.task.yaml", task("doomed", max_tokens=10))  # its engine dies
+    await wait_terminal(workspace, "doomed")
+
+    def restarted() -> bool:
+        replica = _pool(workspace, "p1")["replicas"][0]
+        return bool(replica["restarts"] >= 1 and replica["state"] == "Ready")
+
+    await wait_for(restarted, 10, "the replica restarted")
+    assert _pool(workspace, "p1")["replicas"][0]["vram_estimated_mib"] == first + 300
