@@ -59,7 +59,17 @@ def cmd_up(args: argparse.Namespace) -> int:
         _write_config(args, found, plan, engine_binary)
     else:
         plan.model_id = _smoke_model(state)
+        if args.simulate:  # its pools say which engines serve, not --simulate
+            plan.engine = _engines_of(state, config)
     return asyncio.run(launching.serve(args, plan))
+
+
+def _engines_of(state: desired.DesiredState, config: Path) -> str:
+    """The engines an existing orch.yaml's pools run, for the report."""
+    engines = sorted({pool.engine for pool in state.pools})
+    if engines == ["sim"]:
+        return launching.Plan(config).engine
+    return f"{', '.join(engines)} (the engines of the pools in {config.name}; GPUs simulated)"
 
 
 def indent(text: str) -> str:

@@ -73,7 +73,13 @@ async def serve(args: argparse.Namespace, plan: Plan) -> int:
             print(f"    {problem}")
             return EXIT_FAILED
         step(f"smoke test ({args.smoke_s:.0f} s at most)")
-        smoke = smoking.Smoke(d.spool, d.results, plan.model_id, budget_s=args.smoke_s)
+        smoke = smoking.Smoke(
+            d.spool,
+            d.results,
+            plan.model_id,
+            max_cancel_tokens=smoking.cancel_tokens(d.config.state, plan.model_id),
+            budget_s=args.smoke_s,
+        )
         run = loop.create_task(smoke.run())
         await asyncio.wait([run, job], return_when=asyncio.FIRST_COMPLETED)
         if not run.done():

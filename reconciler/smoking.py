@@ -15,10 +15,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from state import events, results, spool
+from state import desired, events, results, spool
 
 POLL_S = 0.05
 PROMPT = "Write one sentence about graphics cards."
+MAX_CANCEL_TOKENS = 2000  # long enough to still be running when the cancel lands
+PROMPT_ROOM = 64  # context tokens left for PROMPT and the template (it is about 10)
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,7 @@ class Smoke:
     the_spool: spool.Spool
     store: results.ResultStore
     model: str
-    max_cancel_tokens: int = 2000  # long enough to still be running when the cancel lands
+    max_cancel_tokens: int = MAX_CANCEL_TOKENS  # fitted to the pools: `cancel_tokens`
     budget_s: float = 60.0
     run_id: str = field(default_factory=lambda: time.strftime("%Y%m%d-%H%M%S"))
     deadline: float = 0.0
@@ -55,9 +57,9 @@ class Smoke:
         name = "a task streams"
         task_id = self._submit("stream", max_tokens=32, seed=1, temperature=0.7)
         began = time.monotonic()
-        await self._until(lambda: self._tokens(task_id) > 0, f"{task_id}: no token")
+        ended = await self._first_token(task_id, "no token")
         first_ms = (time.monotonic() - began) * 1000
-        result = await self._terminal(task_id)
+        result = ended or await self._terminal(task_id)
         frames = self._tokens(task_id)
         if result.status != "succeeded" or frames < 1:
             return Outcome(name, False, f"{task_id} ended {_why(result)} after {frames} tokens")
@@ -91,7 +93,9 @@ class Smoke:
     async def _cancel_one(self, name: str, task_id: str, limit: int) -> Outcome | None:
         """The outcome of canceling `task_id` at its first token; None when the task ended
         by itself first (the model's own end, short of `limit`)."""
-        await self._until(lambda: self._tokens(task_id) > 0, f"{task_id}: no token to cancel")
+        ended = await self._first_token(task_id, "no token to cancel")
+        if ended is not None and not self._tokens(task_id):  # refused, or failed at once
+            return Outcome(name, False, f"{task_id} ended {_why(ended)} before its first token")
         asked = time.monotonic()
         spool.request_cancel(self.the_spool, task_id)
         result = await self._terminal(task_id)
@@ -160,6 +164,22 @@ class Smoke:
         path = self.store.events_path(task_id)
         return sum(1 for f in events.read(path) if f.event == "token")
 
+    async def _first_token(self, task_id: str, what: str) -> results.Result | None:
+        """Wait for the task's first token, or its end (a task refused or failed at once has
+        none to wait for: its result says why, now, not at the end of the budget)."""
+        ended: results.Result | None = None
+
+        def token_or_end() -> bool:
+            nonlocal ended
+            if self._tokens(task_id) > 0:
+                return True
+            found = self.store.read(task_id)
+            ended = found if found is not None and found.terminal else None
+            return ended is not None
+
+        await self._until(token_or_end, f"{task_id}: {what}")
+        return ended
+
     async def _terminal(self, task_id: str) -> results.Result:
         found: results.Result | None = None
 
@@ -178,6 +198,18 @@ class Smoke:
                 return True
             await asyncio.sleep(POLL_S)
         raise TimeoutError(f"{what} within the smoke's {self.budget_s:.0f} s")
+
+
+def cancel_tokens(state: desired.DesiredState | None, model: str) -> int:
+    """The cancel check's max_tokens: long enough to still be running when the cancel lands
+    (2,000), but what every pool of `model` accepts (its max_tokens, and its context less
+    room for the prompt), wherever placement puts the task."""
+    limit = MAX_CANCEL_TOKENS
+    for pool in state.pools if state is not None else ():
+        if pool.model == model:
+            room = pool.ctx - PROMPT_ROOM
+            limit = min(limit, room, pool.max_tokens or room)
+    return max(1, limit)
 
 
 def _why(result: results.Result) -> str:

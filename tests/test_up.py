@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from plugins import gpu_nvml, provision_llamacpp, resolvers
-from reconciler import cli_init
+from reconciler import cli_init, cli_up
 from state import desired
 from tests import fake_tools, model_hub, tiny_gguf
 from tests.fake_pynvml import FakeNvml
@@ -65,10 +65,15 @@ def test_up_simulate_on_an_existing_simulated_config_serves_it_as_it_is(
     config = tmp_path / "orch.yaml"
     assert orchctl("init", "--simulate", "--config", config).code == 0
     text = config.read_text().replace("127.0.0.1:8080", "127.0.0.1:0")
+    # a context smaller than the 2,000 tokens the cancel check asks of a roomy pool
+    text = text.replace("ctx: 4096 ", "ctx: 512  ")
     config.write_text(text)
     ran = orchctl("up", "--simulate", "--config", config, "--stop-after-smoke")
     assert ran.code == 0, ran.out + ran.err
     assert "wrote" not in ran.out and config.read_text() == text
+    assert "  smoke    3 of 3 checks passed" in ran.out
+    assert " of 448 tokens, stopped " in ran.out  # fitted: 512 less room for the prompt
+    assert "  engine   the sim engine (simulated GPUs)" in ran.out
 
 
 def test_up_simulate_refuses_a_config_of_real_gpus(tmp_path: Path) -> None:
@@ -230,3 +235,23 @@ def test_a_bad_bind_is_refused_before_up_writes_anything(tmp_path: Path, bind: s
     ran = orchctl("up", "--simulate", "--bind", bind, "--stop-after-smoke", cwd=tmp_path)
     assert ran.code == 2 and "argument --bind:" in ran.err, ran
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_report_names_the_engines_of_an_existing_config_not_the_sim_for_simulate(
+    tmp_path: Path,
+) -> None:
+    """`up --simulate` on an orch.yaml whose pools run llama-server simulates the GPUs only:
+    the report says which engine serves."""
+
+    def state(*engines: str) -> desired.DesiredState:
+        pools = [
+            {"id": f"p{i}", "engine": e, "model": "m", "devices": [0]}
+            for i, e in enumerate(engines)
+        ]
+        data = {"version": 1, "models": {"m": {"ref": "file:m.gguf"}}, "pools": pools}
+        return desired.DesiredState.model_validate(data)
+
+    config = tmp_path / "orch.yaml"
+    assert cli_up._engines_of(state("sim"), config) == "the sim engine (simulated GPUs)"
+    said = cli_up._engines_of(state("llamacpp", "sim", "llamacpp"), config)
+    assert said == "llamacpp, sim (the engines of the pools in orch.yaml; GPUs simulated)"
