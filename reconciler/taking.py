@@ -32,6 +32,7 @@ INTAKE_PER_PASS = 64
 # A claimed file that does not parse, ends mid-line and changed less than this long ago is
 # taken for one still being written in place, and read again by the next recovery pass.
 IN_PLACE_GRACE_S = 2.0
+ENDS_EARLY = "the file ends before"  # what state.parsing says of a syntax error at the end
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,8 @@ class Taker:
     # files put off as half written: name -> (size, mtime_ns, since: monotonic s) when put
     # off, since when it has been unchanged
     half_read: dict[str, tuple[int, int, float]] = field(default_factory=dict)
+    # incoming/ names a writer held open when last looked at (said once each)
+    writers_seen: set[str] = field(default_factory=set)
     # the cancel requests and incoming/ names `claim_canceled` last looked through
     canceled_seen: list[tuple[frozenset[str], tuple[str, ...]]] = field(default_factory=list)
 
@@ -59,7 +62,7 @@ class Taker:
         """Claim and take up to INTAKE_PER_PASS files from incoming/, oldest first."""
         if not self.backlog:
             self.backlog.extend(spool.incoming_names(self.the_spool))
-        names = self.backlog[:INTAKE_PER_PASS]
+        names = self._not_being_written(self.backlog[:INTAKE_PER_PASS])
         del self.backlog[:INTAKE_PER_PASS]
         if self.backlog:
             # a burst of files: take a batch, dispatch it, come straight back for the rest,
@@ -79,6 +82,32 @@ class Taker:
             failpoints.hit("after_claim")
             self.take(path, new=True, cancels=cancels)
         self.announce()
+
+    def _not_being_written(self, names: list[str]) -> list[str]:
+        """`names` less the files a writer still holds open (written in place): each is
+        taken once its writer closes it (the close wakes the loop; the resync looks too),
+        not its first part now. Said once per file."""
+        taken, waiting = [], set()
+        for name in names:
+            if spool.being_written(self.the_spool.incoming / name):
+                waiting.add(name)
+            else:
+                taken.append(name)
+        for name in sorted(waiting - self.writers_seen):
+            logs.emit(
+                log,
+                "task.writer_open",
+                f"{spool.shown(name)} is still open for writing: it is taken once its writer "
+                "closes it. Write task files elsewhere (spool/tmp/) and rename them into "
+                "spool/incoming/, or use `orchctl submit`, so that half of one is never read.",
+                file=spool.shown(name),
+            )
+        seen = self.writers_seen
+        seen.difference_update(taken)  # closed now: a later writer of that name is said again
+        if len(seen) > 4096:  # names removed while open, never taken: forgotten, not kept
+            seen.clear()
+        seen.update(waiting)
+        return taken
 
     def claim_canceled(self) -> None:
         """While the daemon drains, nothing new is taken, except a file in incoming/ whose
@@ -123,7 +152,7 @@ class Taker:
         try:
             parsed = intake.parse_claimed(path)
             if not isinstance(parsed, intake.Parsed):
-                if self._half_written(path):
+                if self._half_written(path, parsed):
                     return
                 data = _peek(path)
                 intake.quarantine(
@@ -171,7 +200,7 @@ class Taker:
         except OSError:
             return False
 
-    def _half_written(self, path: Path) -> bool:
+    def _half_written(self, path: Path, problems: list[loading.LoadError] | None = None) -> bool:
         """Whether a claimed file that does not parse looks like one still being written in
         place (cut off mid-line, or empty, and changed within IN_PLACE_GRACE_S): then it is
         left in active/, where the writer's descriptor still points, and the recovery pass
@@ -192,7 +221,7 @@ class Taker:
             not stat.S_ISREG(st.st_mode)
             or age > IN_PLACE_GRACE_S
             or now - since > IN_PLACE_GRACE_S
-            or not _cut_short(path)
+            or not _cut_short(path, problems)
         ):
             return False
         self.half_read[path.name] = (*seen, since)
@@ -326,10 +355,11 @@ def _located(path: Path, field: str) -> tuple[int | None, int | None]:
     return loading.locate(node, (field,))
 
 
-def _cut_short(path: Path) -> bool:
-    """Whether a task file reads as what a writer caught half-way leaves: empty, or ending
-    mid-line where the YAML or JSON parser ran into the end of the text (a whole document
-    that is refused for what it says, however bad, is meant as written: refused at once)."""
+def _cut_short(path: Path, problems: list[loading.LoadError] | None = None) -> bool:
+    """Whether a task file reads as what a writer caught half-way leaves: empty, or where
+    the YAML or JSON parser ran into the end of the text (mid-line, or at a line's end
+    inside a quoted string, a bracket or an object not closed yet); a whole document that
+    is refused for what it says, however bad, is meant as written: refused at once."""
     if not path.name.endswith(tasks.TASK_SUFFIXES) or spool.name_problem(path.name):
         return False
     raw, _, _ = loading.read_bytes(path)
@@ -337,8 +367,11 @@ def _cut_short(path: Path) -> bool:
         return False
     if not raw:
         return True
-    if raw.endswith(b"\n"):
-        return False
+    if raw.endswith(b"\n") and not path.name.endswith(".json"):
+        # a YAML file whole to its last line: cut short only where the parse of it met the
+        # end of the text with something still open (parsing again a big file refused for
+        # what it says would hold up the files behind it)
+        return problems is None or any(ENDS_EARLY in p.message for p in problems)
     text, _ = loading.decode_utf8(raw, path.name)
     if text is None:  # cut inside a multi-byte character, or not UTF-8 at all
         return len(raw) > 1 and raw[-1] >= 0x80

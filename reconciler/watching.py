@@ -38,7 +38,7 @@ class _Waker(FileSystemEventHandler):
         self,
         loop: asyncio.AbstractEventLoop,
         event: asyncio.Event,
-        renamed: dict[str, float],
+        renamed: dict[str, float] | None,
         only: frozenset[str] | None = None,
     ) -> None:
         self.loop = loop
@@ -59,7 +59,7 @@ class _Waker(FileSystemEventHandler):
             # the config's folder) would wake a pass per line, and a line a pass logs then
             # a pass per line, back to back
             return
-        if event.event_type == "moved":
+        if event.event_type == "moved" and self.renamed is not None:
             self.renamed[os.fsdecode(event.dest_path)] = time.time()
         if not self.loop.is_closed():
             self.loop.call_soon_threadsafe(self.event.set)
@@ -102,7 +102,10 @@ def start(
     renames in `renamed`."""
     observer = Observer()
     renamed = {} if renamed is None else renamed
-    waker = _Waker(loop, event, renamed)
+    # the drop folders' renames are not noted: nothing reads them, and every task file
+    # renamed into incoming/ would stay in the map for the daemon's life (it grew by one
+    # entry per task)
+    waker = _Waker(loop, event, None)
     files = [Path(os.path.abspath(f)) for f in files]
     only = _Waker(loop, event, renamed, only=frozenset(str(f) for f in files))
     for folder in {f.parent for f in files}:

@@ -18,12 +18,15 @@ its own name escaped in the error file (`shown`).
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import functools
 import hashlib
 import os
 import re
 import secrets
 import socket
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -161,6 +164,31 @@ def incoming_names(spool: Spool, *, now: float | None = None) -> list[str]:
     ones only once they are HIDDEN_GRACE_S old (see there)."""
     now = time.time() if now is None else now
     return _listing(spool.incoming, hidden_before=now - HIDDEN_GRACE_S)
+
+
+def being_written(path: Path) -> bool:
+    """Whether some process holds the file at `path` open for writing (a writer filling it in
+    place: `cat >`, a script that writes its parts over time, an editor mid-save): taken now,
+    its first part, often a whole valid task without what follows (the rest of a prompt, its
+    labels), would run. The kernel refuses a read lease on a file open for writing anywhere;
+    where leases cannot be had (a file of another user, a filesystem without them), or
+    `path` is no regular file, it says no: the file is read as it is."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):  # opening a device may do something
+            return False
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY)
+    except OSError:
+        return False
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError as exc:
+        return exc.errno == errno.EAGAIN
+    else:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        return False
+    finally:
+        os.close(fd)
 
 
 def active_names(spool: Spool) -> list[str]:

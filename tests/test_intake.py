@@ -312,29 +312,54 @@ async def test_a_finished_tasks_result_names_where_its_file_was_filed(
         assert (workspace.root / result["source_file"]).is_file()
 
 
-async def test_a_task_file_caught_half_written_in_place_runs_once_it_is_whole(
-    workspace: Workspace, serve: Any
+async def test_a_task_file_written_in_place_is_taken_whole_once_its_writer_closes_it(
+    workspace: Workspace, serve: Any, caplog: Any
 ) -> None:
-    """A task file written straight into incoming/ (an editor, `cat >`), caught after its
-    first half: the half does not parse, but it is put off, not refused, and the task runs
-    once the writer has finished (the daemon logs how to drop files so it never happens)."""
+    """A task file written straight into incoming/ over time (`cat >`, a script that writes
+    its parts one after another): its first part is often a whole valid task without what
+    follows (the rest of the prompt, its labels, its priority). While a writer holds it
+    open it is not taken; once closed it is, whole (the daemon logs how to drop files)."""
     import asyncio
 
-    import yaml
+    caplog.set_level("INFO", logger="llama_orch")
+    running = await serve()
+    first = "task_id: inplace\nmodel: m1\nmax_tokens: 4\nprompt: |\n  first line\n"
+    rest = "  second line\nlabels: {run: '42'}\npriority: interactive\n"
+    with open(workspace.spool.incoming / "inplace.task.yaml", "w") as fh:
+        fh.write(first)
+        fh.flush()
+        await asyncio.sleep(0.6)  # passes came (the create woke one); the file waits
+        assert (workspace.spool.incoming / "inplace.task.yaml").exists()
+        assert workspace.result("inplace") is None
+        fh.write(rest)
+    result = await wait_terminal(workspace, "inplace", timeout=15)
+    assert result["status"] == "succeeded", result
+    assert result["labels"] == {"run": "42"}
+    frames = workspace.frames("inplace")
+    assert frames[0].event == "queued"
+    said = [r for r in caplog.records if getattr(r, "orch_event", "") == "task.writer_open"]
+    assert len(said) == 1 and "still open for writing" in said[0].getMessage()
+    assert running.daemon.taker.writers_seen == set()
+
+
+async def test_a_task_file_cut_at_a_line_end_inside_a_quoted_string_is_put_off_not_refused(
+    workspace: Workspace, serve: Any
+) -> None:
+    """A writer that closes the file between its parts, caught after one ending at a line's
+    end inside a multi-line quoted string (or a list, or a JSON object): the parser ran into
+    the end of the text, so it is put off like one cut mid-line, and read again whole."""
+    import asyncio
 
     running = await serve()
-    text = yaml.safe_dump(task("half", max_tokens=4))
-    cut = text.index("prompt:") + 3  # mid-line
-    with open(workspace.spool.incoming / "half.task.yaml", "w") as fh:
-        fh.write(text[:cut])
-        fh.flush()
-        await wait_for(lambda: not any(workspace.spool.incoming.iterdir()), 5, "the claim")
-        await asyncio.sleep(0.3)  # read, found half, put off
-        fh.write(text[cut:])
-    result = await wait_terminal(workspace, "half", timeout=15)
-    assert result["status"] == "succeeded", result
+    first = 'task_id: quoted\nmodel: m1\nmax_tokens: 4\nprompt: "first line\n'
+    (workspace.spool.incoming / "quoted.task.yaml").write_text(first)
+    await wait_for(lambda: not any(workspace.spool.incoming.iterdir()), 5, "the claim")
+    await asyncio.sleep(0.3)  # read, found cut short, put off
     assert not any(workspace.spool.failed.iterdir())
-    assert (workspace.spool.done / "half.task.yaml").exists()
+    with open(workspace.spool.active / "quoted.task.yaml", "a") as fh:  # where it went
+        fh.write('  second line"\n')
+    result = await wait_terminal(workspace, "quoted", timeout=15)
+    assert result["status"] == "succeeded", result
     assert running.daemon.taker.half_read == {}  # nothing kept of it once whole
 
 
@@ -443,3 +468,24 @@ def test_a_half_written_file_read_again_at_once_is_put_off_again_not_refused(
     monkeypatch.setattr(taking.time, "monotonic", lambda: now + 2 * taking.IN_PLACE_GRACE_S + 1)
     assert not taker._half_written(path)  # the same for longer than the grace: meant
     assert taker.half_read == {}
+
+
+async def test_task_files_renamed_into_incoming_leave_nothing_behind_in_the_daemon(
+    workspace: Workspace, serve: Any
+) -> None:
+    """The watcher notes renames onto orch.yaml (an atomic save is applied at once); the
+    task files renamed into incoming/ are not noted: kept, they grew the map by one entry
+    per task for the daemon's whole life."""
+    import os
+
+    import yaml
+
+    running = await serve()
+    for i in range(5):  # as rsync and many tools save: a hidden temporary file beside it
+        part = workspace.spool.incoming / f".r{i}.task.yaml.tmp"
+        part.write_text(yaml.safe_dump(task(f"r{i}", max_tokens=2)))
+        os.rename(part, workspace.spool.incoming / f"r{i}.task.yaml")
+    for i in range(5):
+        assert (await wait_terminal(workspace, f"r{i}"))["status"] == "succeeded"
+    spool_root = str(workspace.spool.root)
+    assert [p for p in running.daemon.config.renamed if p.startswith(spool_root)] == []
