@@ -172,7 +172,12 @@ def quarantine(
         }
 
     def reject(target: Path) -> None:
-        if task_id is None or code == ErrorCode.DUPLICATE_TASK_ID or store.exists(task_id):
+        if task_id is None or code == ErrorCode.DUPLICATE_TASK_ID:
+            return
+        # an id in use keeps its result; one refused before or ended with an error that said
+        # to retry is taken over (as a valid file sent again would take it): its result and
+        # log then tell of this file's refusal, not the earlier one's
+        if store.exists(task_id) and not store.take_over(task_id):
             return
         write_rejection(
             store=store,
@@ -208,7 +213,12 @@ def write_rejection(
     """A task refused before it was queued: the error frame, then a `rejected` result."""
     ts = clocks.rfc3339(clock.now())
     log_path = store.events_path(task_id)
-    event_log = events.EventLog(log_path)
+    after = store.taken_over.pop(task_id, None)  # a log taken over: its ids go on after it
+    event_log = (
+        events.EventLog(log_path, new=True, after=after)
+        if after is not None
+        else events.EventLog(log_path)
+    )
     if not event_log.terminal:
         event_log.append("error", error.model_dump(mode="json"), ts=ts)
     result = results.Result(

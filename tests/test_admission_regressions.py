@@ -317,6 +317,38 @@ async def test_a_task_refused_at_the_door_may_be_sent_again_fixed_under_its_id(
     assert (status, answer["code"]) == (409, "DUPLICATE_TASK_ID"), answer
 
 
+async def test_an_invalid_file_sent_again_under_a_refused_id_says_its_own_refusal(
+    workspace: Workspace, serve: Any
+) -> None:
+    """A task file refused, "fixed" with another mistake and dropped again: the id was free
+    to take over, so results/<id>.json and its log tell the second file's refusal (a script
+    polling the result saw the first one's error, and the second went unsaid). The same for
+    an id whose task ended with an error that said to retry."""
+    await serve()
+    workspace.submit("rr.task.yaml", "model: m1\nprompt: 5\nmax_tokens: 8\n")
+    first = await wait_terminal(workspace, "rr")
+    assert first["status"] == "rejected" and "prompt" in first["error"]["message"]
+    workspace.submit("rr.task.yaml", "model: m1\nprompt: x\nmax_tokens: 8\npriority: urgent\n")
+
+    def second() -> dict[str, Any] | None:
+        result = workspace.result("rr")
+        return result if result and "priority" in result["error"]["message"] else None
+
+    result = await wait_for(second, 10, "the second refusal in results/rr.json")
+    assert result["status"] == "rejected" and "prompt" not in result["error"]["message"]
+    assert (workspace.root / result["source_file"]).is_file()
+    assert result["source_file"] != first["source_file"]
+    frames = workspace.frames("rr")  # a log of its own, on after the first one's ids
+    assert [(f.id, f.event) for f in frames] == [(2, "error")]
+    assert "priority" in frames[0].data["message"]
+    # a task that ran keeps its id: a bad file sent under it is refused, the result stays
+    workspace.submit("ok.task.yaml", task("ok", max_tokens=2))
+    assert (await wait_terminal(workspace, "ok"))["status"] == "succeeded"
+    workspace.submit("ok.task.yaml", "model: m1\nprompt: 5\nmax_tokens: 8\n")
+    await wait_for(lambda: len(list(workspace.spool.failed.glob("*ok.task.yaml"))) == 1, 10)
+    assert workspace.result("ok")["status"] == "succeeded"  # type: ignore[index]
+
+
 async def _post_again(base: str, task_id: str) -> tuple[int, dict[str, Any]]:
     import aiohttp
 
