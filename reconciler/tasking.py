@@ -371,15 +371,29 @@ class Books:
                         end["prompt_tokens"] = result.prompt_tokens
                     self.frame(run, "end", end)
                 failpoints.hit("after_terminal_frame")
-            # the result names where its task file is filed, as it will be once moved
-            filed = spool.filed_path(
-                self.spool, run.file_name, failed=status in ("failed", "rejected")
-            )
-            result.source_file = f"spool/{filed.parent.name}/{filed.name}"
+            # the result names where its task file is filed, as it will be once moved; a
+            # file someone removed from active/ meanwhile is filed nowhere, and said so
+            filed: Path | None = None
+            if atomic.exists(self.spool.active / run.file_name, folder=False):
+                filed = spool.filed_path(
+                    self.spool, run.file_name, failed=status in ("failed", "rejected")
+                )
+            result.source_file = f"spool/{filed.parent.name}/{filed.name}" if filed else None
             self.save(run)
             failpoints.hit("before_task_filed")
-            spool.finish(self.spool, run.file_name, target=filed)
+            if filed is not None:
+                spool.finish(self.spool, run.file_name, target=filed)
             failpoints.hit("after_task_filed")
+        if filed is None:
+            logs.emit(
+                log,
+                "task.file_gone",
+                f"spool/active/{spool.shown(run.file_name)} was removed while task "
+                f"{run.task_id} was live: its result names no task file. Leave the files of "
+                "spool/active/ to the daemon (`orchctl cancel` stops a task).",
+                level=30,
+                **run.log_ids,
+            )
         logs.emit(
             log,
             f"task.{status}",

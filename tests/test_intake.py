@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from state import results
-from tests.conftest import Workspace, task, wait_for, wait_terminal
+from tests.conftest import Workspace, config, task, wait_for, wait_terminal
 
 
 async def test_a_task_file_runs_and_its_result_and_event_log_agree(
@@ -489,3 +489,23 @@ async def test_task_files_renamed_into_incoming_leave_nothing_behind_in_the_daem
         assert (await wait_terminal(workspace, f"r{i}"))["status"] == "succeeded"
     spool_root = str(workspace.spool.root)
     assert [p for p in running.daemon.config.renamed if p.startswith(spool_root)] == []
+
+
+async def test_a_task_whose_file_was_removed_from_active_names_no_file_in_its_result(
+    workspace: Workspace, serve: Any, caplog: Any
+) -> None:
+    """Someone removed a running task's file from spool/active/: the task ends, but its
+    result must not name a file in spool/done/ that is not there; the log says what went."""
+    caplog.set_level("INFO", logger="llama_orch")
+    cfg = config()
+    cfg["pools"][0]["sim"] = {"tokens_per_s": 40}
+    workspace.write_config(cfg)
+    await serve()
+    workspace.submit("gone.task.yaml", task("gone", max_tokens=20))
+    await wait_for(lambda: (workspace.result("gone") or {}).get("status") == "running", 10)
+    (workspace.spool.active / "gone.task.yaml").unlink()
+    result = await wait_terminal(workspace, "gone", 15)
+    assert result["status"] == "succeeded" and result["source_file"] is None, result
+    said = [r for r in caplog.records if getattr(r, "orch_event", "") == "task.file_gone"]
+    assert len(said) == 1 and "spool/active/gone.task.yaml was removed" in said[0].getMessage()
+    assert list(workspace.spool.done.iterdir()) == []
