@@ -26,9 +26,27 @@ class Rates:
     startups: dict[str, float] = field(default_factory=dict)
     _priors: dict[str, estimates.ServiceRate] = field(default_factory=dict)
     _startup_priors: dict[str, float] = field(default_factory=dict)
+    _specs: dict[str, str] = field(default_factory=dict)  # what each pool's measurements are of
 
     def configure(self, state: desired.DesiredState | None) -> None:
-        """Take the priors of a newly applied config; measurements are kept."""
+        """Take the priors of a newly applied config. Measurements are kept for the pools
+        whose replicas stay as they were (more replicas of one kind run at its speed); a
+        pool whose engine, model, settings or devices changed starts again from its prior
+        (an old speed kept, a pool made slower was promised starts, and retries after a
+        429, far too soon)."""
+        specs = (
+            {
+                pool.id: repr((pool.model_dump(exclude={"replicas"}), state.models.get(pool.model)))
+                for pool in state.pools
+            }
+            if state is not None
+            else {}
+        )
+        for pool_id, spec in self._specs.items():
+            if specs.get(pool_id) != spec:
+                self.measured.pop(pool_id, None)
+                self.startups.pop(pool_id, None)
+        self._specs = specs
         self._priors, self._startup_priors = {}, {}
         for pool in state.pools if state else ():
             if pool.sim is not None:

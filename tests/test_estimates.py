@@ -9,7 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from reconciler import estimates
+from reconciler import estimates, rates
+from state import desired
+from tests.conftest import config
 
 RATE = estimates.ServiceRate(tokens_per_s=50.0, first_token_ms=200.0, samples=3)
 
@@ -360,3 +362,27 @@ async def test_a_task_is_estimated_over_the_replicas_whose_context_holds_it(
     await wait_for(lambda: workspace.result("long"), 10, "long queued")
     first = workspace.frames("long")[0]
     assert first.event == "queued" and first.data["predicted_start_ms"] > 1000, first.data
+
+
+def test_a_pool_whose_replicas_change_kind_forgets_the_speed_it_learned() -> None:
+    """Speeds are learned per pool: a pool now running another engine, model or setting
+    (made slower, say) starts again from its prior, while more replicas of the same kind
+    keep what was learned."""
+    def state(tokens_per_s: float, replicas: int = 1) -> desired.DesiredState:
+        cfg = config()
+        cfg["pools"][0] |= {"replicas": replicas, "sim": {"tokens_per_s": tokens_per_s}}
+        return desired.DesiredState.model_validate(cfg)
+
+    r = rates.Rates()
+    r.configure(state(200))
+    pool = state(200).pools[0].id
+    r.observe(pool, tokens=101, decode_ms=1000.0, first_token_ms=5.0)  # 100 tokens/s seen
+    learned = r.rate(pool)
+    r.started(pool, 1234.0)
+    r.configure(state(200, replicas=2))
+    assert r.rate(pool) == learned and r.startup_ms(pool) == 1234.0
+    r.configure(state(20, replicas=2))
+    fresh = rates.Rates()
+    fresh.configure(state(20, replicas=2))
+    assert r.rate(pool) == fresh.rate(pool) != learned  # the new prior, nothing of before
+    assert r.startup_ms(pool) == fresh.startup_ms(pool) != 1234.0
