@@ -191,7 +191,7 @@ def check(
                 "fix the pools it allows (`orchctl status` shows why)"
             )
         where = ", ".join(p.pool_id for p in serving)
-        return errors.envelope(
+        refused = errors.envelope(
             ErrorCode.POOL_UNAVAILABLE,
             (
                 f"pool {named!r} cannot serve model {target.model_id!r} now"
@@ -205,6 +205,12 @@ def check(
             retry_after_ms=5000,
             hint=hint,
         )
+        if any(p.state == "Unschedulable" for p in serving):
+            return refused  # GPU memory freed elsewhere may let it come up: worth a retry
+        # no pool at all, or only pools that stay down until someone acts (Failed: its
+        # breaker open; Stopped: drained on request, or no replicas): a client that retries
+        # (the OpenAI SDKs do, on 503) only waits for the same answer
+        return refused.model_copy(update={"retriable": False, "retry_after_ms": None})
     # a pool runs only tasks within its own max_tokens (placement holds to it too): one pool
     # without a limit, or with one high enough, is enough
     ceiling = tasks.up_to_context(task)

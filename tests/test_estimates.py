@@ -368,6 +368,7 @@ def test_a_pool_whose_replicas_change_kind_forgets_the_speed_it_learned() -> Non
     """Speeds are learned per pool: a pool now running another engine, model or setting
     (made slower, say) starts again from its prior, while more replicas of the same kind
     keep what was learned."""
+
     def state(tokens_per_s: float, replicas: int = 1) -> desired.DesiredState:
         cfg = config()
         cfg["pools"][0] |= {"replicas": replicas, "sim": {"tokens_per_s": tokens_per_s}}

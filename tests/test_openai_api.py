@@ -243,6 +243,38 @@ async def test_a_tool_call_cut_by_max_tokens_can_be_sent_back_as_it_came(
     assert result is not None and result["status"] == "succeeded"
 
 
+async def test_a_503_says_to_retry_only_when_waiting_can_help(
+    workspace: Workspace, serve: Any
+) -> None:
+    """The SDKs retry a 503 that says `x-should-retry: true` for about 10 s, each try a new
+    refused task: a model no pool serves cannot succeed by retrying; one whose pool does not
+    fit the GPUs now may, once memory is freed elsewhere."""
+    cfg = config()
+    cfg["models"]["spare"] = {"ref": "file:spare.gguf", "size_mib": 1000}
+    cfg["models"]["huge"] = {"ref": "file:huge.gguf", "size_mib": 40000}
+    cfg["pools"].append({"id": "huge", "engine": "sim", "model": "huge"})
+    workspace.write_config(cfg)
+    running = await serve(ready=False)
+    await wait_for(
+        lambda: any(p["state"] == "Unschedulable" for p in workspace.status()["pools"]), 10
+    )
+    url = _base(running) + "/v1/chat/completions"
+    async with aiohttp.ClientSession() as session:
+        seen = {}
+        for model in ("spare", "huge"):
+            body = {"model": model, "messages": HI, "max_tokens": 2}
+            async with session.post(url, json=body) as response:
+                seen[model] = (response.status, dict(response.headers), await response.json())
+    status, headers, body = seen["spare"]
+    assert status == 503 and body["error"]["code"] == "POOL_UNAVAILABLE"
+    assert headers["x-should-retry"] == "false" and "Retry-After" not in headers
+    assert body["error"]["retriable"] is False
+    status, headers, body = seen["huge"]
+    assert status == 503 and body["error"]["code"] == "POOL_UNAVAILABLE"
+    assert headers["x-should-retry"] == "true" and headers["Retry-After"] == "5"
+    assert body["error"]["retriable"] is True
+
+
 async def test_what_cannot_be_honoured_is_refused_naming_the_field(
     workspace: Workspace, serve: Any
 ) -> None:
