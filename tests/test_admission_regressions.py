@@ -621,3 +621,36 @@ def _pool_state(ws: Workspace, pool_id: str) -> str | None:
     except (OSError, ValueError):
         return None
     return next((p["state"] for p in pools if p["id"] == pool_id), None)
+
+
+def test_an_unknown_or_retired_model_is_told_the_models_a_task_can_run_on() -> None:
+    """The hint names only the models a task may name and run (Active, with a pool): a
+    Retired model is refused, one without a pool too."""
+    from reconciler import admission
+    from state import desired, tasks
+
+    cfg = config()
+    cfg["models"]["spare"] = {"ref": "file:spare.gguf", "size_mib": 1000}  # no pool
+    state = desired.DesiredState.model_validate(cfg)
+    views = {"p1": admission.PoolView("p1", "m1", "Ready", None, 2048, None)}  # type: ignore[arg-type]
+    hints = {}
+    for model in ("gpt-4o", "old"):
+        one = tasks.TaskFile.model_validate(task("t", model=model))
+        refused = admission.check(
+            one,
+            admission.Target(model, None),
+            state=state,
+            pools=views,
+            blocked={},  # type: ignore[arg-type]
+        )
+        assert refused is not None
+        hints[refused.code] = refused.hint
+    assert hints == {
+        "MODEL_UNKNOWN": "use one of: m1",
+        "MODEL_RETIRED": "use one of: m1, or set its state: Active",
+    }
+    cfg["pools"] = []
+    bare = desired.DesiredState.model_validate(cfg)
+    one = tasks.TaskFile.model_validate(task("t", model="gpt-4o"))
+    refused = admission.check(one, admission.Target("gpt-4o", None), state=bare, pools={})  # type: ignore[arg-type]
+    assert refused is not None and refused.hint.startswith("no model of orch.yaml is served")
