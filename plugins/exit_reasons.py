@@ -128,24 +128,28 @@ def classify(
     stopped: bool = False,
     engine: str = "llamacpp",
     log_path: object = None,
+    model: str | None = None,
 ) -> interfaces.ExitInfo:
     """The ExitInfo of a process that ended with `returncode` (negative: a signal; None: not
     ours to reap) and whose log ends with `tail`. `stopped`: we sent the signal ourselves,
-    so a SIGTERM or SIGKILL is no crash."""
+    so a SIGTERM or SIGKILL is no crash. `model`: the model id its fix names."""
     code, sig, base = status_text(returncode)
     for pattern in PATTERNS:
         line = next((line for line in tail if pattern.regex.search(line)), None)
         if line is not None:
+            fix = pattern.fix.replace("models.<id>.", f"models.{model}.") if model else pattern.fix
             return interfaces.ExitInfo(
                 code,
                 sig,
-                f"{pattern.label}: {_evidence(line)} ({base}). Fix: {pattern.fix}.",
+                f"{pattern.label}: {_evidence(line)} ({base}). Fix: {fix}.",
                 oom=pattern.kind == "oom",
                 kind=pattern.kind,
-                fix=pattern.fix,
+                fix=fix,
             )
     if sig is not None and not stopped:
-        last = f": {_evidence(tail[-1])}" if tail else ""
+        # a signal's cause is seldom in the log (a kill, the OOM killer): its last line is
+        # what the engine was doing, said as that, not as the reason
+        last = f" (its log's last line: {_evidence(tail[-1])})" if tail else ""
         fix = crash_fix(engine, log_path)
         return interfaces.ExitInfo(
             code, sig, f"crashed, {base}{last}. Fix: {fix}.", kind="crash", fix=fix

@@ -187,11 +187,17 @@ def exit_info(
     *,
     stopped: bool = False,
     engine: str = "llamacpp",
+    model: str | None = None,
 ) -> interfaces.ExitInfo:
     """Why a process ended: its exit code or signal, classified with its log's tail
     (`plugins.exit_reasons`). `stopped`: we signalled it, so a SIGTERM is no crash."""
     return exit_reasons.classify(
-        returncode, _log_tail(log_path), stopped=stopped, engine=engine, log_path=log_path
+        returncode,
+        _log_tail(log_path),
+        stopped=stopped,
+        engine=engine,
+        log_path=log_path,
+        model=model,
     )
 
 
@@ -290,10 +296,12 @@ def poll_exit(handle: interfaces.ReplicaHandle) -> interfaces.ExitInfo | None:
         code = handle.process.returncode
         if code is None:
             return None
-        return exit_info(code, handle.log_path, engine=handle.spec.engine)
+        return exit_info(
+            code, handle.log_path, engine=handle.spec.engine, model=handle.spec.model_id
+        )
     if liveness.pid_alive(handle.pid, handle.started_at):
         return None
-    info = exit_info(None, handle.log_path, engine=handle.spec.engine)
+    info = exit_info(None, handle.log_path, engine=handle.spec.engine, model=handle.spec.model_id)
     return dataclasses.replace(info, reason=f"{info.reason} (adopted process; it ended on its own)")
 
 

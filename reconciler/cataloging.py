@@ -155,6 +155,19 @@ class Catalog:
                 else:
                     actual = digest
                     status, message = _judge(model_id, path, model.digest, digest)
+                    loaders = sorted(
+                        p.id for p in state.pools if p.model == model_id and p.engine == "llamacpp"
+                    )
+                    if loaders and status != "fail" and not _gguf(path):
+                        # a digest declares which file, not that it can be loaded: a file
+                        # that is no GGUF fails the pools that load it, whatever its digest
+                        status = "fail"
+                        message = (
+                            f"model {model_id!r}: {path.name} is not a GGUF file (it does not "
+                            f"start with GGUF), so pool{'s' if len(loaders) > 1 else ''} "
+                            f"{', '.join(loaders)} (llamacpp) cannot load it; put the model's "
+                            ".gguf file there"
+                        )
                     # changed while it was read: the digest is of no one version of it
                     identity = verifications.file_id(after)
                     if identity != verifications.file_id(before):
@@ -188,6 +201,15 @@ class Catalog:
             status=status,
         )
         return record
+
+
+def _gguf(path: Path) -> bool:
+    """Whether the file starts with GGUF's magic (unreadable: said by the hash before)."""
+    try:
+        with path.open("rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return True
 
 
 def _not_a_file(path: Path) -> str:

@@ -163,6 +163,30 @@ async def test_a_verification_is_not_current_once_its_file_was_replaced_or_rewri
         assert not await current()
 
 
+async def test_a_file_that_is_no_gguf_fails_the_verify_of_a_model_llama_server_loads(
+    workspace: Workspace, serve: Any
+) -> None:
+    """A verify that said `warn` (no digest) of a text file left the user thinking it would
+    do, while its llamacpp pool failed to load it; the sim's stub files are still fine."""
+    cfg = config()
+    cfg["models"]["text"] = {"ref": "file:text.gguf", "size_mib": 100}
+    cfg["pools"].append({"id": "real", "engine": "llamacpp", "model": "text", "devices": [1]})
+    workspace.write_config(cfg)
+    (workspace.root / "text.gguf").write_text("not a gguf\n")
+    (workspace.root / "m1.gguf").write_text("a sim stub\n")
+    running = await serve(ready=False)  # pool real cannot start here: no llama-server
+    await wait_for(lambda: running.daemon.server is not None, 10, "the HTTP face")
+    base = _url(running)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{base}/v1/catalog/models/text/verify") as response:
+            record = await response.json()
+        async with session.post(f"{base}/v1/catalog/models/m1/verify") as response:
+            stub = await response.json()
+    assert record["status"] == "fail" and "is not a GGUF file" in record["message"], record
+    assert "pool real (llamacpp) cannot load it" in record["message"]
+    assert stub["status"] == "warn", stub
+
+
 @pytest.mark.slow
 async def test_a_mismatch_blocks_admission_until_a_verify_passes(
     workspace: Workspace, serve: Any

@@ -101,8 +101,9 @@ def test_a_recorded_tail_is_classified_with_its_cause_and_a_fix(
 def test_a_signal_nobody_sent_is_a_crash_with_the_last_line_and_a_fix() -> None:
     info = exit_reasons.classify(-signal.SIGSEGV, lines(SERVING))
     assert (info.kind, info.signal, info.code) == ("crash", signal.SIGSEGV, None)
-    assert info.reason.startswith("crashed, killed by SIGSEGV: ")
-    assert "new prompt, n_ctx_slot = 8192" in info.reason
+    # the last line is what it was doing, not said to be the cause (a kill leaves none)
+    assert info.reason.startswith("crashed, killed by SIGSEGV (its log's last line: ")
+    assert "new prompt, n_ctx_slot = 8192, n_keep = 0)" in info.reason
     assert info.fix is not None and "OOM killer" in info.fix
 
 
@@ -160,3 +161,9 @@ def test_network_errors_are_said_in_words_not_reprs() -> None:
         text = llama_server.said(error)
         assert "Error" not in text and "<" not in text, text
     assert "stopped midway" in llama_server.said(broken)
+
+
+def test_a_load_failure_names_the_model_whose_digest_catches_a_bad_copy() -> None:
+    info = exit_reasons.classify(1, lines(UNKNOWN_ARCH), model="qwen9")
+    assert info.fix is not None and "models.qwen9.digest catches a bad copy" in info.fix
+    assert "<id>" not in info.reason
