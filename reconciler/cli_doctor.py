@@ -71,7 +71,12 @@ def run(*, config: Path, simulate: Path | None, bind: str | None = None) -> diag
     binary = diagnosing.engine_binary_of(config) if config.exists() else None
     own_lock = diagnosing.state_lock_of(config, base)
     return diagnosing.diagnose(
-        machine, bind=bind, simulate=simulate, binary=binary, own_lock=own_lock
+        machine,
+        bind=bind,
+        simulate=simulate,
+        binary=binary,
+        own_lock=own_lock,
+        llamacpp_pools=config.exists() and diagnosing.llamacpp_pools_of(config),
     )
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from plugins import gpu_nvml, gpu_simulated, host_packages, interfaces, llamacpp_builds
+from plugins.engine_llamacpp import cpu_inference_allowed
 from reconciler import toolchain_checks
 from state import daemon_lock, desired
 
@@ -82,10 +83,12 @@ def diagnose(
     simulate: Path | None = None,
     binary: Path | None = None,
     own_lock: Path | None = None,
+    llamacpp_pools: bool = False,
 ) -> Diagnosis:
     """Every check; `binary` is engines.llamacpp.binary of orch.yaml, when it names one;
     `own_lock` the daemon lock of orch.yaml's folder (a daemon serving the port is this
-    folder's only when it holds that lock)."""
+    folder's only when it holds that lock); `llamacpp_pools`: orch.yaml has pools of the
+    llamacpp engine (under `simulate` too, they run llama-server)."""
     d = Diagnosis()
     if simulate is not None:
         _simulated(d, simulate)
@@ -99,14 +102,22 @@ def diagnose(
     on_path = shutil.which("llama-server", path=machine.path)
     configured = binary is not None and binary.is_file() and os.access(binary, os.X_OK)
     # a CPU-only build is no engine for the GPU pools: the tools to build one are needed
-    usable = configured and binary is not None and not llamacpp_builds.cpu_only(binary)
+    usable = (
+        configured
+        and binary is not None
+        and (not llamacpp_builds.cpu_only(binary) or cpu_inference_allowed())
+    )
     have_engine = bool(d.builds or on_path or usable) or simulate is not None
     if simulate is None:
         d.can_build = toolchain_checks.check(
             d.add, path=machine.path, facts=d.facts, needed=not have_engine
         )
-    if binary is not None and simulate is None:
-        if configured and llamacpp_builds.cpu_only(binary):  # what every llamacpp pool refuses
+    if simulate is not None and llamacpp_pools:
+        _simulated_llamacpp(d, binary, configured=configured, on_path=on_path)
+    elif binary is not None and simulate is None:
+        if configured and llamacpp_builds.cpu_only(binary) and cpu_inference_allowed():
+            d.add("engine", "warn", f"engines.llamacpp.binary {binary}: {CPU_TEST_ONLY}")
+        elif configured and llamacpp_builds.cpu_only(binary):  # every llamacpp pool refuses it
             d.add(
                 "engine",
                 "fail",
@@ -191,6 +202,39 @@ def _simulated(d: Diagnosis, inventory: Path) -> None:
 
 
 # -- caches, port, disk ----------------------------------------------------------------------
+
+
+CPU_TEST_ONLY = (
+    "a CPU-only build, served only because the test-only CPU inference switch is on; "
+    "never for real work"
+)
+
+
+def _simulated_llamacpp(
+    d: Diagnosis, binary: Path | None, *, configured: bool, on_path: str | None
+) -> None:
+    """The engine check of a simulated workstation whose orch.yaml has llamacpp pools: those
+    run llama-server whatever the GPUs are, and refuse a build without CUDA."""
+    found = binary if configured else Path(on_path) if on_path else None
+    if found is None:
+        d.add(
+            "engine",
+            "fail",
+            "orch.yaml has llamacpp pools, and no llama-server is configured or on PATH",
+            "set their engine: sim on a simulated workstation (or set engines.llamacpp.binary)",
+        )
+    elif not llamacpp_builds.cpu_only(found):
+        d.add("engine", "ok", f"llama-server for the llamacpp pools: {found}")
+    elif cpu_inference_allowed():
+        d.add("engine", "warn", f"llama-server {found}: {CPU_TEST_ONLY}")
+    else:
+        d.add(
+            "engine",
+            "fail",
+            f"orch.yaml has llamacpp pools, and llama-server {found} is a CPU-only build, "
+            "which they refuse (simulated GPUs have no CUDA to run a GPU build on)",
+            "set their engine: sim on a simulated workstation, or serve them on real GPUs",
+        )
 
 
 def _engine_cache(d: Diagnosis, machine: Machine, on_path: str | None, *, simulate: bool) -> None:
@@ -358,6 +402,18 @@ def _home(path: Path) -> str:
     with contextlib.suppress(ValueError):
         return "~/" + str(path.relative_to(Path.home()))
     return str(path)
+
+
+def llamacpp_pools_of(config: Path) -> bool:
+    """Whether orch.yaml, when it can be read, has pools of the llamacpp engine (also one
+    invalid elsewhere: its pools are the ones it will serve once fixed)."""
+    with contextlib.suppress(Exception):
+        loaded = desired.load_desired(config)
+        if loaded.value is not None:
+            return any(pool.engine == "llamacpp" for pool in loaded.value.pools)
+        pools = loaded.data.get("pools") if isinstance(loaded.data, dict) else None
+        return any(isinstance(p, dict) and p.get("engine") == "llamacpp" for p in pools or ())
+    return False
 
 
 def engine_binary_of(config: Path) -> Path | None:

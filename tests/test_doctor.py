@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from plugins import gpu_nvml, llamacpp_builds, provision_llamacpp, resolvers
+from plugins import engine_llamacpp, gpu_nvml, llamacpp_builds, provision_llamacpp, resolvers
 from reconciler import cli_doctor, diagnosing
 from tests import fake_tools, model_hub
 from tests.fake_pynvml import FakeNvml
@@ -333,6 +333,43 @@ def test_a_configured_cpu_only_engine_binary_fails_the_engine_check(machine: Pat
     assert ran.code == 3, ran.out
     engine = line(ran.out, "engine")
     assert engine.startswith("FAIL  engine") and "CPU-only build" in engine, ran.out
+
+
+@pytest.mark.parametrize("simulate", [False, True])
+def test_a_cpu_only_build_is_judged_as_serve_judges_it_with_or_without_simulate(
+    machine: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, simulate: bool
+) -> None:
+    """doctor said a simulated workstation serves with "the sim engine" while orch.yaml's
+    llamacpp pools failed on its CPU-only build, and failed that build where the test-only
+    switch has the daemon serve it: it now judges the pools' engine as `serve` does."""
+    binary = machine / "llama.cpp" / "0.3.36-cpu" / "bin" / "llama-server"
+    binary.parent.mkdir(parents=True)
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    args = ["doctor"]
+    config = machine / "orch.yaml"
+    if simulate:
+        use_nvml(monkeypatch, FakeNvml().library_missing())
+        example = Path(__file__).parents[1] / "examples/01-simulated-workstation"
+        config = tmp_path / "sim" / "orch.yaml"
+        config.parent.mkdir()
+        shutil.copy(example / "inventory.yaml", config.parent / "inventory.yaml")
+        config.write_text(
+            "version: 1\ngpus: {observer: simulated, inventory: inventory.yaml}\n"
+            "models: {m: {ref: 'file:m.gguf'}}\n"
+            "pools: [{id: p, engine: llamacpp, model: m, devices: [0]}]\n"
+        )
+        args += ["--simulate", "--config", str(config)]
+    config.write_text(config.read_text() + f"engines: {{llamacpp: {{binary: '{binary}'}}}}\n")
+    ran = orchctl(*args)
+    assert ran.code == 3, ran.out
+    engine = line(ran.out, "engine")
+    assert engine.startswith("FAIL  engine") and "CPU-only build" in engine, ran.out
+    monkeypatch.setenv(engine_llamacpp.ALLOW_CPU_ENV, "1")
+    ran = orchctl(*args)
+    assert ran.code == 0, ran.out
+    engine = line(ran.out, "engine")
+    assert engine.startswith("warn  engine") and "test-only" in engine, ran.out
 
 
 def test_caches_this_user_cannot_read_are_failed_checks_with_the_fix_not_a_crash(
