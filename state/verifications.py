@@ -118,4 +118,15 @@ def blocking(
         if record.status == "fail"
         and model_id in models
         and still_applies(record, models[model_id])
+        and not replaced(record)
     }
+
+
+def replaced(record: Verification) -> bool:
+    """Whether another file is at the path the record read (put back, downloaded again):
+    a failed check of the old one no longer says anything of it. A file gone is no other
+    file: the failure stands until one is there."""
+    if record.path is None:
+        return False
+    path = Path(record.path)
+    return path.exists() and not same_file(record, path)

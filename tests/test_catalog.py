@@ -50,6 +50,27 @@ def test_a_failed_check_blocks_only_while_the_model_is_declared_as_it_was_checke
         assert not verifications.blocking(ok, _models())
 
 
+def test_a_failed_check_no_longer_blocks_once_another_file_is_in_its_place(
+    tmp_path: Path,
+) -> None:
+    """The daemon downloaded the file again (or the user put the right one back): the
+    failure was of the old file, and a pinned digest is checked again at every start. A
+    file gone is no other file: the failure stands until one is there."""
+    bad = tmp_path / "m1.gguf"
+    bad.write_bytes(b"GGUF weights, bit-rotted")
+    record = _record(
+        "fail", path=str(bad), file_id=verifications.file_id(bad.stat()), size_bytes=24
+    )
+    book = verifications.VerificationBook(models={"m1": record})
+    assert set(verifications.blocking(book, _models())) == {"m1"}
+    bad.unlink()
+    assert set(verifications.blocking(book, _models())) == {"m1"}  # gone: still blocked
+    fresh = tmp_path / "m1.gguf.part"
+    fresh.write_bytes(GOOD)
+    fresh.rename(bad)  # a download finished
+    assert not verifications.blocking(book, _models())
+
+
 def test_admission_refuses_a_blocked_model_with_untrusted_artifact() -> None:
     state = desired.DesiredState.model_validate(config())
     target = admission.Target("m1", None)  # type: ignore[arg-type]
