@@ -5,8 +5,9 @@ against their declared digests (ORCH-3037, ORCH-3097).
 `rows` (GET /v1/catalog/models) and `verify` (POST /v1/catalog/models/{id}/verify); the
 dispatcher calls `blocked` before every admission, so a model whose file failed its check is
 refused with UNTRUSTED_ARTIFACT until a later check passes, its ref or digest changes, or
-another file is in the place of the one that failed (`state.verifications` has the rules). Verifying always reads the whole file afresh, in a
-worker thread: a file that rotted in place keeps its size and mtime, so no cache may answer.
+another file is in the place of the one that failed (`state.verifications` has the rules).
+Verifying always reads the whole file afresh, in a worker thread: a file that rotted in
+place keeps its size and mtime, so no cache may answer.
 """
 
 from __future__ import annotations
