@@ -99,19 +99,6 @@ def _unplaceable(
     )
 
 
-def _use_one_of(state: desired.DesiredState) -> str:
-    """Which models to name instead: those a task can run on (Active, with a pool), not
-    every model of orch.yaml (a Retired one is refused, one with no pool too)."""
-    served = sorted(
-        m
-        for m, spec in state.models.items()
-        if spec.state == "Active" and any(p.model == m for p in state.pools)
-    )
-    if served:
-        return f"use one of: {', '.join(served)}"
-    return "no model of orch.yaml is served: add a pool for one (`orchctl status`)"
-
-
 def check(
     task: tasks.TaskFile,
     target: Target,
@@ -135,13 +122,13 @@ def check(
         return errors.envelope(
             ErrorCode.MODEL_UNKNOWN,
             f"model: {target.model_id!r} is not in orch.yaml",
-            hint=_use_one_of(state),
+            hint=state.use_one_of(),
         )
     if model.state == "Retired":
         return errors.envelope(
             ErrorCode.MODEL_RETIRED,
             f"model: {target.model_id!r} is Retired",
-            hint=f"{_use_one_of(state)}, or set its state: Active",
+            hint=f"{state.use_one_of()}, or set its state: Active",
         )
     if blocked and target.model_id in blocked:
         return errors.envelope(

@@ -252,10 +252,9 @@ def _target(given: dict[str, Any], state: desired.DesiredState) -> dict[str, Any
         return {"model": model}
     if state.pool(model) is not None:
         return {"pool": model}
-    known = ", ".join(sorted(state.models)) or "none"
     raise Refused(
         "model",
-        f"model: {ids.quoted(model)} is not served here; use one of: {known}",
+        f"model: {ids.quoted(model)} is not served here; {state.use_one_of()}",
         code=ErrorCode.MODEL_UNKNOWN,
         hint="name a model GET /v1/models lists (a model id of orch.yaml, or a pool id)",
     )

@@ -329,6 +329,21 @@ class DesiredState(Strict):
     def pool(self, pool_id: str) -> PoolSpec | None:
         return next((p for p in self.pools if p.id == pool_id), None)
 
+    def served_models(self) -> list[str]:
+        """The models a task can name and run on: Active, with a pool (a Retired one is
+        refused, one no pool serves too)."""
+        pooled = {p.model for p in self.pools}
+        return sorted(
+            m for m, spec in self.models.items() if spec.state == "Active" and m in pooled
+        )
+
+    def use_one_of(self) -> str:
+        """The hint for a model that cannot be named: the ones that can."""
+        served = self.served_models()
+        if served:
+            return f"use one of: {', '.join(served)}"
+        return "no model of orch.yaml is served: add a pool for one (`orchctl status`)"
+
 
 class SimulatedGpu(Strict):
     index: int = Field(ge=0)

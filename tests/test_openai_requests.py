@@ -16,6 +16,7 @@ from state.errors import ErrorCode
 from tests.conftest import config
 
 STATE = desired.DesiredState.model_validate(config())
+assert set(STATE.models) == {"m1", "old"} and STATE.models["old"].state == "Retired"
 HI = [{"role": "user", "content": "hello"}]
 
 
@@ -176,7 +177,7 @@ def test_the_session_is_the_header_else_the_user_field() -> None:
         ({"modalities": ["audio"]}, "chat", "modalities", "unsupported field"),
         ({"prompt": "x"}, "chat", "prompt", "/v1/completions"),
         ({"messages": []}, "chat", "messages", "non-empty"),
-        ({"model": "nope"}, "chat", "model", "not served here"),
+        ({"model": "nope"}, "chat", "model", "not served here; use one of: m1"),  # not old
         ({"seed": 2**40}, "chat", "seed", "0 to"),
         ({"max_tokens": 0}, "chat", "max_tokens", "from 1"),
         ({"stop": [1]}, "chat", "stop", "strings"),
@@ -445,3 +446,9 @@ def test_a_long_list_of_tool_names_is_cut_between_names_and_says_how_many_more()
     shown = re.findall(r"'([^']*)'", listed)
     assert shown and all(n.startswith("t") and "…" in n and len(n) == 39 for n in shown), listed
     assert listed.endswith(f" and {128 - len(shown)} more)"), listed
+
+
+def test_an_unknown_model_is_told_only_the_models_it_could_name() -> None:
+    """Not the Retired one (409), nor one without a pool (503)."""
+    param, message = refusal({"model": "nope", "messages": HI}, "chat")
+    assert param == "model" and message.endswith("is not served here; use one of: m1"), message
