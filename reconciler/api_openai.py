@@ -225,6 +225,9 @@ async def _serve(request: web.Request, kind: openai_requests.Kind) -> web.Stream
         first = await frames.next(api_tasks.ADMIT_WAIT_S)
         if first is not None and first.event == "error":
             finished = True
+            # its rejected result on disk first, as POST /v1/tasks answers: a client that
+            # reads results/<X-Task-Id>.json after the answer finds the refusal there
+            await request.app[BACKEND].settled()
             envelope = errors.ErrorEnvelope.model_validate(first.data)
             param = openai_requests.param_named(envelope.message)
             refusal = error_response(envelope, param=param)

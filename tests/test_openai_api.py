@@ -9,6 +9,7 @@ import asyncio
 import json
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import aiohttp
 import openai
 import pytest
 
+from state import atomic
 from tests.conftest import Workspace, config, task, wait_for, wait_terminal
 
 pytestmark = pytest.mark.slow
@@ -273,6 +275,30 @@ async def test_a_503_says_to_retry_only_when_waiting_can_help(
     assert status == 503 and body["error"]["code"] == "POOL_UNAVAILABLE"
     assert headers["x-should-retry"] == "true" and headers["Retry-After"] == "5"
     assert body["error"]["retriable"] is True
+
+
+async def test_a_refusal_is_answered_once_its_result_file_is_on_disk(
+    workspace: Workspace, serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As POST /v1/tasks answers: a client (or script) that reads results/<X-Task-Id>.json
+    after a refusal finds the rejected result there, however slow the disk's commit."""
+    running = await serve()
+    commit = atomic.commit
+
+    def slow_commit(*args: Any, **kwargs: Any) -> None:
+        time.sleep(0.3)  # a slow disk: the group lands well after the refusal is known
+        commit(*args, **kwargs)
+
+    monkeypatch.setattr(atomic, "commit", slow_commit)
+    body = {"model": "m1", "messages": HI, "max_tokens": 999_999}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(_base(running) + "/v1/chat/completions", json=body) as response,
+    ):
+        assert response.status == 400
+        task_id = response.headers["X-Task-Id"]
+        result = workspace.result(task_id)
+    assert result is not None and result["status"] == "rejected", result
 
 
 async def test_what_cannot_be_honoured_is_refused_naming_the_field(
