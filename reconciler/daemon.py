@@ -375,7 +375,12 @@ class Daemon:
         drops = [self.spool.incoming, self.spool.cancel]
         watcher = (
             watching.start(
-                loop, self.wake_event, [self.config.path], self.config.renamed, drops=drops
+                loop,
+                self.wake_event,
+                [self.config.path],
+                self.config.renamed,
+                drops=drops,
+                written=(self.spool.incoming, self.taker.written_in_place),
             )
             if self.options.watch
             else None
@@ -427,6 +432,8 @@ class Daemon:
                     timeout = min(timeout, self.config.state.gpus.poll_s)
                 if (settle := self.config.wake_in_s()) is not None:  # an edit settling
                     timeout = min(timeout, settle + 0.01)
+                if (written := self.taker.wake_in_s()) is not None:  # a task file too
+                    timeout = min(timeout, written)
                 # a pass at least this often: status.json's time says the daemon is not hung
                 timeout = min(timeout, probing.STATUS_TOUCH_S)
                 if (due := self.dispatcher.queue.next_deadline()) is not None:

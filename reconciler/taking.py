@@ -55,6 +55,11 @@ class Taker:
     half_read: dict[str, tuple[int, int, float]] = field(default_factory=dict)
     # incoming/ names a writer held open when last looked at (said once each)
     writers_seen: set[str] = field(default_factory=set)
+    # incoming/ names the watcher saw closed after writing (written in place, not renamed
+    # or linked in whole), with the time.monotonic() of the last close: a writer that
+    # closes the file between its parts (`>` then `>>`, `echo >>` in a loop) reopens it by
+    # name, so a file claimed between two parts would be cut in two
+    written_in_place: dict[str, float] = field(default_factory=dict)
     # the cancel requests and incoming/ names `claim_canceled` last looked through
     canceled_seen: list[tuple[frozenset[str], tuple[str, ...]]] = field(default_factory=list)
 
@@ -62,6 +67,10 @@ class Taker:
         """Claim and take up to INTAKE_PER_PASS files from incoming/, oldest first."""
         if not self.backlog:
             self.backlog.extend(spool.incoming_names(self.the_spool))
+            if self.written_in_place:  # names gone from incoming/ (removed, renamed away)
+                there = set(self.backlog)
+                for name in [n for n in list(self.written_in_place) if n not in there]:
+                    self.written_in_place.pop(name, None)
         names = self._not_being_written(self.backlog[:INTAKE_PER_PASS])
         del self.backlog[:INTAKE_PER_PASS]
         if self.backlog:
@@ -88,10 +97,14 @@ class Taker:
         taken once its writer closes it (the close wakes the loop; the resync looks too),
         not its first part now. Said once per file."""
         taken, waiting = [], set()
+        now, written = time.monotonic(), self.written_in_place
         for name in names:
             if spool.being_written(self.the_spool.incoming / name):
                 waiting.add(name)
+            elif now - written.get(name, -IN_PLACE_GRACE_S) < IN_PLACE_GRACE_S:
+                waiting.add(name)  # written in place: taken once unchanged for the grace
             else:
+                written.pop(name, None)
                 taken.append(name)
         for name in sorted(waiting - self.writers_seen):
             logs.emit(
@@ -108,6 +121,16 @@ class Taker:
             seen.clear()
         seen.update(waiting)
         return taken
+
+    def wake_in_s(self) -> float | None:
+        """When the next file written in place will have been still for the grace period
+        (the loop looks again then), or None."""
+        now = time.monotonic()
+        # (a copy: the watcher's thread adds to the map; one that settled is taken by the
+        # next pass, or waits for its writer to close it, which wakes the loop itself)
+        settling = [t + IN_PLACE_GRACE_S - now for t in list(self.written_in_place.values())]
+        ahead = [left for left in settling if left > 0]
+        return min(ahead) + 0.01 if ahead else None
 
     def claim_canceled(self) -> None:
         """While the daemon drains, nothing new is taken, except a file in incoming/ whose

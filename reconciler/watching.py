@@ -40,11 +40,15 @@ class _Waker(FileSystemEventHandler):
         event: asyncio.Event,
         renamed: dict[str, float] | None,
         only: frozenset[str] | None = None,
+        written: tuple[str, dict[str, float]] | None = None,
     ) -> None:
         self.loop = loop
         self.event = event
         self.renamed = renamed
         self.only = only  # the paths whose events count (None: all in the folders watched)
+        # (folder, name -> monotonic time): files closed after writing in that folder, i.e.
+        # written in place there, not renamed or linked in whole
+        self.written = written
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         # Reading a file is not a change: without this, the pass that reads orch.yaml would
@@ -61,6 +65,10 @@ class _Waker(FileSystemEventHandler):
             return
         if event.event_type == "moved" and self.renamed is not None:
             self.renamed[os.fsdecode(event.dest_path)] = time.time()
+        if event.event_type == "closed" and self.written is not None:
+            folder, name = os.path.split(os.fsdecode(event.src_path))
+            if os.path.abspath(folder) == self.written[0]:
+                self.written[1][name] = time.monotonic()
         if not self.loop.is_closed():
             self.loop.call_soon_threadsafe(self.event.set)
 
@@ -96,16 +104,23 @@ def start(
     renamed: dict[str, float] | None = None,
     *,
     drops: Iterable[Path] = (),
+    written: tuple[Path, dict[str, float]] | None = None,
 ) -> Any:
     """A started watchdog observer that sets `event` on any change (CHANGES) of one of `files`
     (a file renamed onto one included), and on an arrival (ARRIVALS) in `drops`, and notes
-    renames in `renamed`."""
+    renames in `renamed`, and in `written` (a folder of `drops`, a map) the files closed
+    after writing there, by name, with the monotonic time."""
     observer = Observer()
     renamed = {} if renamed is None else renamed
     # the drop folders' renames are not noted: nothing reads them, and every task file
     # renamed into incoming/ would stay in the map for the daemon's life (it grew by one
     # entry per task)
-    waker = _Waker(loop, event, None)
+    waker = _Waker(
+        loop,
+        event,
+        None,
+        written=(os.path.abspath(written[0]), written[1]) if written is not None else None,
+    )
     files = [Path(os.path.abspath(f)) for f in files]
     only = _Waker(loop, event, renamed, only=frozenset(str(f) for f in files))
     for folder in {f.parent for f in files}:

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from state import results
 from tests.conftest import Workspace, config, task, wait_for, wait_terminal
 
@@ -347,10 +349,12 @@ async def test_a_task_file_cut_at_a_line_end_inside_a_quoted_string_is_put_off_n
 ) -> None:
     """A writer that closes the file between its parts, caught after one ending at a line's
     end inside a multi-line quoted string (or a list, or a JSON object): the parser ran into
-    the end of the text, so it is put off like one cut mid-line, and read again whole."""
+    the end of the text, so it is put off like one cut mid-line, and read again whole.
+    (With inotify on, a file written in place waits in incoming/ until it is still: this is
+    what is left when the watcher did not see it written, here with watching off.)"""
     import asyncio
 
-    running = await serve()
+    running = await serve(watch=False, resync_s=0.2)
     first = 'task_id: quoted\nmodel: m1\nmax_tokens: 4\nprompt: "first line\n'
     (workspace.spool.incoming / "quoted.task.yaml").write_text(first)
     await wait_for(lambda: not any(workspace.spool.incoming.iterdir()), 5, "the claim")
@@ -509,3 +513,40 @@ async def test_a_task_whose_file_was_removed_from_active_names_no_file_in_its_re
     said = [r for r in caplog.records if getattr(r, "orch_event", "") == "task.file_gone"]
     assert len(said) == 1 and "spool/active/gone.task.yaml was removed" in said[0].getMessage()
     assert list(workspace.spool.done.iterdir()) == []
+
+
+async def test_a_task_file_written_in_two_shell_steps_runs_once_whole(
+    workspace: Workspace, serve: Any
+) -> None:
+    """`>` then `>>` (or `echo >>` in a loop): the writer closes the file between its parts
+    and opens it again by name. Claimed after the first, the second would land in a new
+    file of its own, and both halves be refused: a file written in place is taken only once
+    it has been still for the grace period (one renamed or linked in whole, at once)."""
+    import asyncio
+    import time
+
+    await serve()
+    incoming = workspace.spool.incoming
+    parts = {
+        "split1.task.json": ('{"model": "m1", "max_tokens": 4,\n', '"prompt": "split json"}\n'),
+        "split2.task.yaml": ("model: m1\nmax_tokens: 4\n", 'prompt: "split yaml"\n'),
+    }
+    for name, (first, _) in parts.items():
+        with open(incoming / name, "w") as fh:  # `>`
+            fh.write(first)
+    await asyncio.sleep(0.7)
+    for name, (_, rest) in parts.items():
+        with open(incoming / name, "a") as fh:  # `>>`, 0.7 s later
+            fh.write(rest)
+    began = time.monotonic()
+    for task_id in ("split1", "split2"):
+        result = await wait_terminal(workspace, task_id, 15)
+        assert result["status"] == "succeeded", result
+    assert time.monotonic() - began < 10
+    assert list(workspace.spool.failed.iterdir()) == []
+    renamed = workspace.spool.tmp / "whole.part"  # and a file renamed in: at once
+    renamed.write_text(yaml.safe_dump(task("whole", max_tokens=2)))
+    began = time.monotonic()
+    renamed.rename(incoming / "whole.task.yaml")
+    assert (await wait_terminal(workspace, "whole"))["status"] == "succeeded"
+    assert time.monotonic() - began < 1.5
