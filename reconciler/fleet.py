@@ -70,10 +70,11 @@ def candidates(
     replicas: Iterable[Replica],
     snapshot: observed.GpuSnapshot | None,
     limits: Mapping[str, int | None] | None = None,
+    now: float | None = None,
 ) -> list[placement.Candidate]:
     """Every replica that serves or will soon serve, as placement sees it; `limits`: each
     pool's max_tokens as orch.yaml says it now (not in a replica's spec: raising it restarts
-    nothing)."""
+    nothing); `now`: the pools' clock, for how long a Starting replica has been loading."""
     limits = limits or {}
     return [
         placement.Candidate(
@@ -87,6 +88,11 @@ def candidates(
             devices=r.spec.devices,
             ctx=r.spec.ctx,
             max_tokens=limits.get(r.pool_id),
+            starting_ms=(
+                max(0.0, (now - r.life.started_at) * 1000)
+                if now is not None and r.state == "Starting"
+                else 0.0
+            ),
         )
         for r in replicas
         if r.state in ("Ready", "Starting") and r.hung is None

@@ -76,6 +76,7 @@ class Candidate:
     devices: tuple[int, ...] = ()
     ctx: int = 0  # context tokens per slot; 0 when unknown
     max_tokens: int | None = None  # its pool's limit on a task's max_tokens; None: none
+    starting_ms: float = 0.0  # how long it has been Starting (its load's part already done)
 
     def holds(self, context_tokens: int) -> bool:
         return self.ctx == 0 or self.ctx >= context_tokens

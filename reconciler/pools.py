@@ -341,7 +341,9 @@ class PoolRuntime:
     def candidates(self) -> list[placement.Candidate]:
         state = self.config.state if self.config is not None else None
         limits = {p.id: p.max_tokens for p in state.pools} if state is not None else {}
-        return fleet.candidates(self.replicas.values(), self.last_snapshot, limits)
+        return fleet.candidates(
+            self.replicas.values(), self.last_snapshot, limits, now=self.clock.monotonic()
+        )
 
     def lease(self, replica_id: ids.ReplicaId) -> fleet.Lease:
         r = self.replicas[replica_id]

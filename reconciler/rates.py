@@ -137,13 +137,24 @@ class Rates:
                 c.replica_id for c in _allowed(first, serving) if heaps[c.replica_id]
             ]
             rate = self.rate(first.pool_id or (pools[mine[0]] if mine else None))
+            guessed = {  # replicas whose start is a prior's guess: never started on this spec
+                c.replica_id for c in serving if not c.ready and c.pool_id not in self.startups
+            }
             routes: dict[Hashable, list[str]] = {}
-            for position, e in enumerate(order):
+            ahead = 0  # tasks before it in the order that take a slot it could have taken
+            for e in order:
                 member = members.get(e.task_id)
                 if member is not None:
-                    start = min((heaps[r][0] for r in mine), default=None)
-                    probability = self._on_time(member, start, rate, deadline_in_ms(member))
-                    out[e.task_id] = Estimate(position, start, probability)
+                    best = min(mine, key=lambda r: heaps[r][0]) if mine else None
+                    start = heaps[best][0] if best is not None else None
+                    # a start that waits on a load never measured is a guess: unknown, which
+                    # is not late (a deadline is not refused on it)
+                    probability = (
+                        None
+                        if best in guessed
+                        else self._on_time(member, start, rate, deadline_in_ms(member))
+                    )
+                    out[e.task_id] = Estimate(ahead, start, probability)
                 if e.model_id != first.model_id:
                     continue
                 theirs = routes.get(e.route_key)
@@ -155,7 +166,17 @@ class Rates:
                 slot = min(theirs, key=lambda r: heaps[r][0])
                 service = estimates.service_ms(e.max_tokens, self.rate(pools[slot]))
                 heapq.heapreplace(heaps[slot], heaps[slot][0] + max(0.0, service))
+                if slot in mine:
+                    ahead += 1
         return out
+
+    def _left_to_start(self, cand: placement.Candidate) -> float:
+        """A Starting replica's time left to Ready: the pool's start-up time less what its
+        load has done already (counted again from each request, the whole start-up made a
+        pool loading for seconds look as far off as a cold one and refused deadlines it
+        met). One slower than expected is still a tenth of it off, never due at once."""
+        whole = self.startup_ms(cand.pool_id)
+        return max(whole - cand.starting_ms, whole * 0.1)
 
     def _slot_heaps(
         self, serving: Iterable[placement.Candidate], lefts: Mapping[str, list[float]]
@@ -163,7 +184,7 @@ class Rates:
         """Per replica, when each of its slots frees (ms from now), as a heap."""
         heaps: dict[str, list[float]] = {}
         for cand in serving:
-            start_in = 0.0 if cand.ready else self.startup_ms(cand.pool_id)
+            start_in = 0.0 if cand.ready else self._left_to_start(cand)
             mine = tuple(lefts.get(cand.replica_id, ()))
             source = estimates.SlotSource(start_in, cand.slots_total, mine)
             heap = [max(0.0, float(t)) for t in estimates.slot_free_times([source])]

@@ -235,11 +235,80 @@ def test_estimating_the_whole_queue_at_once_gives_what_each_estimate_alone_gives
         return e.deadline_at
 
     every = r.predict_queued(order, order, candidates=cands, busy=busy, deadline_in_ms=deadline)
-    for position, e in enumerate(order):
-        alone = r.predict(
-            e, order[:position], candidates=cands, busy=busy, deadline_in_ms=deadline(e)
+    for index, e in enumerate(order):
+        alone = r.predict(e, order[:index], candidates=cands, busy=busy, deadline_in_ms=deadline(e))
+        assert (every[e.task_id].start_ms, every[e.task_id].on_time_probability) == alone
+        assert 0 <= every[e.task_id].position <= index  # only those taking its replicas count
+
+
+def _queue(*specs: tuple[str, str | None, int]) -> list[Any]:
+    from reconciler import queues
+    from state import ids
+
+    q = queues.TaskQueue(64)
+    for task_id, pool, max_tokens in specs:
+        q.push(
+            queues.Entry(
+                task_id=ids.TaskId(task_id),
+                priority="batch",
+                model_id=ids.ModelId("m"),
+                pool_id=None if pool is None else ids.PoolId(pool),
+                enqueued_at=0.0,
+                max_tokens=max_tokens,
+                deadline_at=None,
+            )
         )
-        assert every[e.task_id] == rates.Estimate(position, *alone)
+    return q.in_dispatch_order()
+
+
+def _candidate(pool: str, state: str = "Ready", starting_ms: float = 0.0) -> Any:
+    from reconciler import placement
+    from state import ids
+
+    return placement.Candidate(
+        ids.ReplicaId(f"{pool}-0"),
+        ids.PoolId(pool),
+        ids.ModelId("m"),
+        state,
+        1,
+        1 if state == "Ready" else 0,
+        10_000,
+        starting_ms=starting_ms,
+    )
+
+
+def test_queue_position_counts_only_the_tasks_ahead_for_the_same_replicas() -> None:
+    """A task pinned to a slow busy pool is queued before one pinned to a fast pool: the
+    fast one starts first, and nobody waits ahead of it (its position was 1)."""
+    order = _queue(("t3", "slow", 50), ("t4", "fast", 20), ("t5", "fast", 20))
+    cands = [_candidate("slow"), _candidate("fast")]
+    busy = [("slow-0", 10_000.0, 0.0), ("fast-0", 1_000.0, 0.0)]
+    got = rates.Rates().predict_queued(
+        order, order, candidates=cands, busy=busy, deadline_in_ms=lambda _: None
+    )
+    assert [got[t].position for t in ("t3", "t4", "t5")] == [0, 0, 1]
+
+
+def test_a_loading_replica_is_counted_from_what_is_left_of_its_load() -> None:
+    """Counted from each request, the whole start-up made a replica 6 s into a 7 s load
+    look 7 s away, and refused deadlines it met. A load never measured on this pool is a
+    guess: the on-time probability is unknown, which is not late."""
+    order = _queue(("t1", "cold", 20))
+    r = rates.Rates()
+    cold = [_candidate("cold", "Starting", starting_ms=6_000.0)]
+    r.started("cold", 7_000.0)  # measured before: a restart
+    [(start, probability)] = [
+        (e.start_ms, e.on_time_probability)
+        for e in r.predict_queued(
+            order, order, candidates=cold, busy=[], deadline_in_ms=lambda _: 3_000.0
+        ).values()
+    ]
+    assert start == pytest.approx(1_000.0) and probability is not None and probability > 0.5
+    fresh = rates.Rates()  # never started: the prior's guess
+    [estimate] = fresh.predict_queued(
+        order, order, candidates=cold, busy=[], deadline_in_ms=lambda _: 3_000.0
+    ).values()
+    assert estimate.start_ms is not None and estimate.on_time_probability is None
 
 
 async def test_a_learned_speed_counts_the_tokens_its_decode_time_spans(
