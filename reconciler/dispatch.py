@@ -378,6 +378,7 @@ class Dispatcher:
             decision.pool_id,
             self.clock.monotonic(),
             self.rates.service_ms(decision.pool_id, run.task.max_tokens),
+            generation=self.rates.generation(decision.pool_id),
         )
         self.running[run.task_id] = running
         job = streaming.stream(

@@ -27,6 +27,9 @@ class Rates:
     _priors: dict[str, estimates.ServiceRate] = field(default_factory=dict)
     _startup_priors: dict[str, float] = field(default_factory=dict)
     _specs: dict[str, str] = field(default_factory=dict)  # what each pool's measurements are of
+    # per pool, bumped when its replicas change kind: a task that began before reports on
+    # the old kind, which must not put the old speed back
+    generations: dict[str, int] = field(default_factory=dict)
 
     def configure(self, state: desired.DesiredState | None) -> None:
         """Take the priors of a newly applied config. Measurements are kept for the pools
@@ -46,6 +49,7 @@ class Rates:
             if specs.get(pool_id) != spec:
                 self.measured.pop(pool_id, None)
                 self.startups.pop(pool_id, None)
+                self.generations[pool_id] = self.generations.get(pool_id, 0) + 1
         self._specs = specs
         self._priors, self._startup_priors = {}, {}
         for pool in state.pools if state else ():
@@ -60,12 +64,24 @@ class Rates:
             return DEFAULT_PRIOR
         return self.measured.get(pool_id) or self._priors.get(pool_id) or DEFAULT_PRIOR
 
+    def generation(self, pool_id: str) -> int:
+        return self.generations.get(pool_id, 0)
+
     def observe(
-        self, pool_id: str, *, tokens: int, decode_ms: float, first_token_ms: float
+        self,
+        pool_id: str,
+        *,
+        tokens: int,
+        decode_ms: float,
+        first_token_ms: float,
+        generation: int | None = None,
     ) -> None:
         """Fold in a finished task: `decode_ms` runs from its first token to its end, so it
         spans the `tokens - 1` tokens after the first (counting all of them read 2 tokens in
-        100 ms as 20 tokens/s, not 10: estimates too early by up to half)."""
+        100 ms as 20 tokens/s, not 10: estimates too early by up to half). `generation`: the
+        pool's when the task began; one of an older kind of replica tells nothing of now."""
+        if generation is not None and generation != self.generation(pool_id):
+            return
         if tokens > 0:
             self.measured[pool_id] = estimates.observe(
                 self.rate(pool_id),

@@ -65,6 +65,7 @@ class Running:
     job: asyncio.Task[None] | None = None
     tokens_out: int = 0
     hung: bool = False  # its engine stopped sending tokens mid-stream (DECODE_TIMEOUT)
+    generation: int | None = None  # its pool's speed generation when it began (`Rates`)
 
     @property
     def replica_id(self) -> ids.ReplicaId:
@@ -385,6 +386,7 @@ def _succeed(
         tokens=result.tokens_out,
         decode_ms=decode_ms,
         first_token_ms=float(result.timings.first_token_ms or 0),
+        generation=running.generation,
     )
     if metrics_due:
         _metrics(running, deps)

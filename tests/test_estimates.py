@@ -451,8 +451,14 @@ def test_a_pool_whose_replicas_change_kind_forgets_the_speed_it_learned() -> Non
     r.started(pool, 1234.0)
     r.configure(state(200, replicas=2))
     assert r.rate(pool) == learned and r.startup_ms(pool) == 1234.0
+    began = r.generation(pool)  # a task that starts on the old kind of replica
     r.configure(state(20, replicas=2))
     fresh = rates.Rates()
     fresh.configure(state(20, replicas=2))
     assert r.rate(pool) == fresh.rate(pool) != learned  # the new prior, nothing of before
     assert r.startup_ms(pool) == fresh.startup_ms(pool) != 1234.0
+    # it ends after the change: its speed is the old kind's, and must not come back
+    r.observe(pool, tokens=101, decode_ms=1000.0, first_token_ms=5.0, generation=began)
+    assert r.rate(pool) == fresh.rate(pool)
+    r.observe(pool, tokens=11, decode_ms=2000.0, first_token_ms=5.0, generation=r.generation(pool))
+    assert r.rate(pool) != fresh.rate(pool)  # one of the new kind counts
