@@ -65,9 +65,16 @@ _GPU_ONLY_FIX = (
 _log = logging.getLogger(__name__)
 
 
+def cpu_switch_set() -> bool:
+    """Whether the test-only switch is set; the one place that reads it (from the
+    environment). A check that only reports it (`orchctl doctor`) asks this; what lets a
+    CPU build serve asks `cpu_inference_allowed`, which also says so, loudly, once."""
+    return os.environ.get(ALLOW_CPU_ENV) == "1"
+
+
 def cpu_inference_allowed() -> bool:
-    """The test-only switch; the one place that reads it (from the daemon's environment)."""
-    if os.environ.get(ALLOW_CPU_ENV) != "1":
+    """The test-only switch, for what acts on it: warns once per process when it is set."""
+    if not cpu_switch_set():
         return False
     global _cpu_warned
     if not _cpu_warned:  # once per process: it is asked at every start and sizing

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from plugins import gpu_nvml, gpu_simulated, host_packages, interfaces, llamacpp_builds
-from plugins.engine_llamacpp import cpu_inference_allowed
+from plugins.engine_llamacpp import cpu_switch_set
 from reconciler import toolchain_checks
 from state import daemon_lock, desired
 
@@ -105,7 +105,7 @@ def diagnose(
     usable = (
         configured
         and binary is not None
-        and (not llamacpp_builds.cpu_only(binary) or cpu_inference_allowed())
+        and (not llamacpp_builds.cpu_only(binary) or cpu_switch_set())
     )
     have_engine = bool(d.builds or on_path or usable) or simulate is not None
     if simulate is None:
@@ -115,7 +115,7 @@ def diagnose(
     if simulate is not None and llamacpp_pools:
         _simulated_llamacpp(d, binary, configured=configured, on_path=on_path)
     elif binary is not None and simulate is None:
-        if configured and llamacpp_builds.cpu_only(binary) and cpu_inference_allowed():
+        if configured and llamacpp_builds.cpu_only(binary) and cpu_switch_set():
             d.add("engine", "warn", f"engines.llamacpp.binary {binary}: {CPU_TEST_ONLY}")
         elif configured and llamacpp_builds.cpu_only(binary):  # every llamacpp pool refuses it
             d.add(
@@ -225,7 +225,7 @@ def _simulated_llamacpp(
         )
     elif not llamacpp_builds.cpu_only(found):
         d.add("engine", "ok", f"llama-server for the llamacpp pools: {found}")
-    elif cpu_inference_allowed():
+    elif cpu_switch_set():
         d.add("engine", "warn", f"llama-server {found}: {CPU_TEST_ONLY}")
     else:
         d.add(
