@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from reconciler import clocks, dispatch, logs
+from reconciler import clocks, dispatch, intake, logs
 from state import atomic, failpoints, ids, results, spool
 
 log = logs.get("daemon")
@@ -70,12 +70,16 @@ def apply(
         existing = store.read(task_id) if store.exists(task_id) else None
         if existing is not None and existing.terminal:
             _consume(the_spool, task_id)
+            # not `task.canceled` again (said when the task ended: counting those counts each
+            # cancel once), and with the request's correlation id, as every line of the task
+            correlation = _correlation(the_spool, existing)
             if existing.status == "canceled":
                 logs.emit(
                     log,
-                    "task.canceled",
-                    f"Cancel of task {task_id} done.",
+                    "task.cancel_consumed",
+                    f"Cancel request for task {task_id} consumed: the task ended canceled.",
                     task_id=task_id,
+                    correlation_id=correlation,
                 )
             else:
                 logs.emit(
@@ -84,9 +88,24 @@ def apply(
                     f"Dropped the cancel request for {task_id}: it already ended "
                     f"({existing.status}).",
                     task_id=task_id,
+                    correlation_id=correlation,
                 )
         elif now - written > CANCEL_WINDOW_S:
             _drop(the_spool, task_id, f"no task {task_id!r} arrived within its window")
+
+
+def _correlation(the_spool: spool.Spool, result: results.Result) -> str:
+    """The correlation id of an ended task, from its filed task file (the result has none),
+    else its id."""
+    filed = result.source_file or ""
+    if filed.startswith("spool/"):
+        path = the_spool.root / filed.removeprefix("spool/")
+        # its move out of active/ may still wait in this pass's commit
+        for where in (path, the_spool.active / path.name):
+            parsed = intake.parse_claimed(where)
+            if isinstance(parsed, intake.Parsed):
+                return parsed.task.correlation_id or result.task_id
+    return result.task_id
 
 
 def waiting_for(

@@ -550,3 +550,29 @@ async def test_a_task_file_written_in_two_shell_steps_runs_once_whole(
     renamed.rename(incoming / "whole.task.yaml")
     assert (await wait_terminal(workspace, "whole"))["status"] == "succeeded"
     assert time.monotonic() - began < 1.5
+
+
+async def test_a_cancelled_running_task_is_logged_canceled_once_with_its_correlation_id(
+    workspace: Workspace, serve: Any, caplog: Any
+) -> None:
+    """`grep '"correlation_id": "X"'` follows a task through the daemon (HME-030): the line
+    saying its cancel request was consumed carried the task id instead, and was a second
+    `task.canceled`, so counting those counted each cancel twice."""
+    from state import spool
+
+    caplog.set_level("INFO", logger="llama_orch")
+    cfg = config()
+    cfg["pools"][0]["sim"] = {"tokens_per_s": 20}
+    workspace.write_config(cfg)
+    await serve()
+    workspace.submit("c1.task.yaml", task("c1", max_tokens=200, correlation_id="corr-c1"))
+    await wait_for(lambda: (workspace.result("c1") or {}).get("status") == "running", 10)
+    spool.request_cancel(workspace.spool, "c1")
+    assert (await wait_terminal(workspace, "c1"))["status"] == "canceled"
+    await wait_for(lambda: not any(workspace.spool.cancel.iterdir()), 10, "consumed")
+    mine = [r for r in caplog.records if getattr(r, "orch_fields", {}).get("task_id") == "c1"]
+    assert {r.orch_fields["correlation_id"] for r in mine} == {"corr-c1"}, [
+        (r.orch_event, r.getMessage()) for r in mine if r.orch_fields["correlation_id"] != "corr-c1"
+    ]  # type: ignore[attr-defined]
+    said = [getattr(r, "orch_event", "") for r in mine]
+    assert said.count("task.canceled") == 1, said
