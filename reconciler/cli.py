@@ -507,15 +507,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # last applied config, loudly (it logs each error itself), until the file is fixed
     if loaded.value is None and not (args.config.parent / configuring.LAST_GOOD).is_file():
         for err in loaded.errors:
-            if args.log_format == "json" and not args.log_file:  # stderr is the JSON log
-                logs.emit(
-                    logs.get("config"),
-                    "config.invalid",
-                    f"{cli_common.plain_error(err)} (nothing served).",
-                    **configuring.invalid_fields(err),
-                )
-            else:
-                print(cli_common.plain_error(err), file=sys.stderr)
+            # in the log's own format and places, as every other reason not to serve: JSON
+            # lines on a stderr that is no terminal (`> serve.log 2>&1`), the log file too
+            logs.emit(
+                logs.get("config"),
+                "config.invalid",
+                f"{cli_common.plain_error(err)} (nothing served).",
+                **configuring.invalid_fields(err),
+            )
         return EXIT_USAGE
     options = daemon.Options(
         config_path=args.config,

@@ -75,8 +75,14 @@ def test_serve_without_an_nvidia_driver_exits_3_with_the_fix(tmp_path: Path) -> 
 
 def test_serve_refuses_an_invalid_config_with_exit_2(tmp_path: Path) -> None:
     (tmp_path / "orch.yaml").write_text("version: 1\npools: [{id: p}]\n")
-    proc = orchctl("serve", "--config", str(tmp_path / "orch.yaml"))
+    log_file = tmp_path / "serve.jsonl"
+    proc = orchctl("serve", "--config", str(tmp_path / "orch.yaml"), "--log-file", str(log_file))
     assert proc.returncode == 2 and "orch.yaml:2" in proc.stderr
+    # stderr is no terminal here (`> serve.log 2>&1`): JSON by default, so `jq -r .human`
+    # reads why nothing is served; and the log file has it too
+    for text in (proc.stderr, log_file.read_text()):
+        records = [json.loads(line) for line in text.splitlines()]
+        assert records and {r["event"] for r in records} == {"config.invalid"}, text
     # with JSON logs on stderr, every line there is JSON, the refusal's too
     proc = orchctl("serve", "--config", str(tmp_path / "orch.yaml"), "--log-format", "json")
     lines = [json.loads(line) for line in proc.stderr.splitlines()]
