@@ -85,7 +85,7 @@ def table(seen: probing.Seen, *, now: float) -> str:
     lines = [f"daemon   pid {d.pid}  {_daemon_state(seen, now)}{sim}"]
     lines += _config(data.config)
     lines.append("")
-    if not seen.serving:
+    if not seen.serving or not seen.responding(now):  # a frozen daemon's tables are as old
         when = d.stopped_at if seen.stopped_cleanly and d.stopped_at else _stamp(seen.written_at)
         lines.append(f"GPUs, pools and queue: last seen at {when}, not live")
     lines += _gpus(data.gpus)

@@ -102,6 +102,9 @@ def test_a_live_daemon_whose_status_is_not_touched_is_said_not_responding(
         f"daemon   pid {os.getpid()}  running since {clocks.rfc3339(started)}, NOT RESPONDING "
         "(status last written 2 min ago; a serving daemon touches it every 5 s)  SIMULATED GPUs"
     )
+    # its tables are two minutes old too: said, as for a daemon that is gone
+    when = clocks.rfc3339(started - 120)
+    assert f"GPUs, pools and queue: last seen at {when}, not live" in out, out
 
 
 async def test_a_serving_daemon_touches_its_status_while_nothing_changes(
