@@ -542,7 +542,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # too), not a bare line among JSON records
         missing = isinstance(exc, errors.EnvironmentMissing)
         why = f"{exc.what}\n\n{exc.fix}" if isinstance(exc, errors.EnvironmentMissing) else str(exc)
-        logs.emit(logs.get("daemon"), "daemon.failed", why, level=40)
+        logs.emit(logs.get("daemon"), "daemon.failed", why, level=40, lines=True)
         return EXIT_ENV if missing else EXIT_USAGE
     except OSError as exc:
         if exc.filename is None or os.environ.get("ORCHCTL_DEBUG") == "1":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,11 +27,20 @@ def get(name: str) -> logging.Logger:
 
 
 def emit(
-    log: logging.Logger, event: str, human: str, *, level: int = logging.INFO, **fields: Any
+    log: logging.Logger,
+    event: str,
+    human: str,
+    *,
+    level: int = logging.INFO,
+    lines: bool = False,
+    **fields: Any,
 ) -> None:
+    """`lines`: `human` is the daemon's own text written in lines (a fix to copy), which the
+    pretty format shows as lines; any other newline there is escaped."""
     if "task_id" in fields and "correlation_id" not in fields:
         fields["correlation_id"] = fields["task_id"]
-    log.log(level, human, extra={"orch_event": event, "orch_fields": fields})
+    extra = {"orch_event": event, "orch_fields": fields, "orch_lines": lines}
+    log.log(level, human, extra=extra)
 
 
 def _fields(record: logging.LogRecord) -> tuple[str, dict[str, Any]]:
@@ -83,8 +93,14 @@ class PrettyFormatter(logging.Formatter):
         keys = ("task_id", "pool_id", "replica_id")
         tag = " ".join(f"{k.split('_')[0]}={fields[k]}" for k in keys if fields.get(k))
         # one line each, as a terminal shows it: a newline or an escape sequence in what a
-        # client sent (a path, an id) must not forge a line or drive the terminal
-        text = f"{ts} {record.levelname[:4]:4} {_on_one_line(record.getMessage())}"
+        # client sent (a path, an id) must not forge a line or drive the terminal; only the
+        # daemon's own text written in lines (`emit(lines=True)`: a fix with commands to
+        # copy) goes on under it, each line indented and escaped, as no record begins
+        message = record.getMessage()
+        parts = message.split("\n") if getattr(record, "orch_lines", False) else [message]
+        text = f"{ts} {record.levelname[:4]:4} " + f"\n{CONTINUED}".join(
+            _on_one_line(part) for part in parts
+        )
         if tag:
             text += f"  [{_on_one_line(tag)}]"
         if record.exc_info:
@@ -93,6 +109,9 @@ class PrettyFormatter(logging.Formatter):
             text = f"{self.COLORS[record.levelname]}{text}\033[0m"
         del event
         return writable(text)
+
+
+CONTINUED = " " * 18  # under a record's text: past its time and level
 
 
 def _on_one_line(text: str) -> str:
@@ -141,7 +160,11 @@ def setup(
     root.propagate = False
     handler = logging.StreamHandler(stream)
     if fmt == "pretty":
-        handler.setFormatter(PrettyFormatter(color=stream.isatty()))
+        # colour on a terminal that shows it, unless the user said no (no-color.org)
+        color = (
+            stream.isatty() and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+        )
+        handler.setFormatter(PrettyFormatter(color=color))
     else:
         handler.setFormatter(JsonLinesFormatter())
     root.addHandler(handler)

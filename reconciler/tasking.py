@@ -443,7 +443,7 @@ def write_deferred(
 ) -> None:
     """Log a task write that failed for the machine (a full disk, a folder in the way): the
     task waits in spool/active/ and the recovery pass tries it again."""
-    fields = (
+    fields: dict[str, Any] = (
         {"task_id": str(task_id), "correlation_id": correlation_id or str(task_id)}
         if task_id
         else {}

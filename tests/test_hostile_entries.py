@@ -192,6 +192,27 @@ def test_a_log_line_naming_a_file_that_is_not_utf8_is_written(
     assert "caf\\udce9" in stream.getvalue().encode("utf-8").decode("utf-8")
 
 
+@pytest.mark.parametrize(
+    ("no_color", "term", "colored"),
+    [("", "xterm", True), ("1", "xterm", False), ("", "dumb", False)],
+)
+def test_the_pretty_log_is_coloured_only_where_the_user_did_not_say_no(
+    project_log: None, monkeypatch: pytest.MonkeyPatch, no_color: str, term: str, colored: bool
+) -> None:
+    """NO_COLOR (no-color.org) and TERM=dumb turn the colours off on a terminal."""
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setenv("NO_COLOR", no_color)
+    monkeypatch.setenv("TERM", term)
+    stream = Tty()
+    logs.setup(fmt="auto", stream=stream)
+    logs.emit(logs.get("daemon"), "daemon.failed", "down", level=40)
+    assert ("\033[31m" in stream.getvalue()) is colored, stream.getvalue()
+
+
 def test_a_plugins_log_line_is_json_and_in_the_log_file(tmp_path: Path, project_log: None) -> None:
     """plugins/ and state/ cannot import the project's logger: their lines still come out
     as JSON Lines on stderr and in --log-file, never as Python's bare last-resort lines."""

@@ -2099,3 +2099,17 @@ async def test_a_session_in_use_shows_its_whole_ttl_not_a_run_down_one(
         assert info["ttl_ms_remaining"] == 1000, info
         async with session.post(f"{base}/v1/tasks/long-turn/cancel") as response:
             assert response.status in (200, 202)
+
+
+def test_the_pretty_log_shows_the_daemons_own_lines_as_lines() -> None:
+    """A fix with commands to copy (no driver: pacman, apt) was one line with literal \\n;
+    the daemon's own text in lines is shown in lines, indented under its record, each
+    still escaped."""
+    record = logging.LogRecord(
+        "llama_orch.daemon", 40, "", 0, "No NVIDIA driver.\n\n  sudo pacman -S x\x1b", (), None
+    )
+    record.orch_lines = True
+    text = logs.PrettyFormatter(color=False).format(record)
+    first, blank, command = text.split("\n")
+    assert first.endswith("ERRO No NVIDIA driver.") and not blank.strip()
+    assert command == logs.CONTINUED + "  sudo pacman -S x\\x1b"
