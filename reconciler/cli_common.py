@@ -366,7 +366,17 @@ def plain_error(error: loading.LoadError, *, warning: bool = False) -> str:
 
 
 def one_line(text: str) -> str:
-    return " ".join(text.split()) if "\n" in text or "\r" in text else text
+    """`text` on one line, a byte of a file name that is not UTF-8 shown as `\\xe9` (as
+    everywhere else a name is shown), never written raw to a terminal or a pipe."""
+    text = " ".join(text.split()) if "\n" in text or "\r" in text else text
+    return undecodable_escaped(text)
+
+
+def undecodable_escaped(text: str) -> str:
+    """The bytes `os.fsdecode` kept as lone surrogates (U+DC80-U+DCFF), as `\\xNN`."""
+    if not any("\udc80" <= c <= "\udcff" for c in text):
+        return text
+    return "".join(f"\\x{ord(c) - 0xDC00:02x}" if "\udc80" <= c <= "\udcff" else c for c in text)
 
 
 def plain_text(text: str) -> str:

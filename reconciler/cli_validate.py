@@ -76,7 +76,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 if config_path is not None
                 else "not checked against an orch.yaml: add --config orch.yaml"
             )
-        print(f"{path}: ok" + (f" ({'; '.join(notes)})" if notes else ""))
+        print(cli_common.one_line(f"{path}: ok" + (f" ({'; '.join(notes)})" if notes else "")))
     return EXIT_USAGE if failures else EXIT_OK
 
 

@@ -3,11 +3,12 @@ meet, and an orch.yaml against what `serve` checks on this machine, all in one r
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-from tests.orchctl_support import orchctl
+from tests.orchctl_support import orchctl, orchctl_process
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "01-simulated-workstation"
@@ -698,3 +699,17 @@ def test_data_folders_others_may_read_are_warned_of_when_a_token_guards_the_api(
     ), ran.out
     results_dir.chmod(0o750)
     assert "paths.results" not in orchctl("validate", config).out
+
+
+def test_a_file_name_that_is_not_utf8_is_printed_escaped_on_every_line(tmp_path: Path) -> None:
+    """The path before the message carried the raw byte (a UTF-8 reader of the output
+    fails on it) while the id in the same line was escaped; `\\xe9` everywhere now."""
+    folder = os.fsencode(tmp_path)
+    bad = os.fsdecode(folder + b"/caf\xe9.task.yaml")
+    good = os.fsdecode(folder + b"/\xe9t\xe9.task.yaml")
+    Path(bad).write_text('task_id: cafe\nmodel: m1\nprompt: "x"\nmax_tokens: 4\nextra: 1\n')
+    Path(good).write_text('task_id: ete\nmodel: m1\nprompt: "x"\nmax_tokens: 4\n')
+    for path, code in ((bad, 2), (good, 0)):
+        ran = orchctl_process("validate", path)
+        assert ran.code == code, ran.out + ran.err
+        assert "\ufffd" not in ran.out and "\\xe9" in ran.out, ran.out
