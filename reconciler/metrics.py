@@ -138,7 +138,7 @@ class Metrics:
             if first_ms is not None and any(f.data.get("i") == 0 for f in written):
                 self.first_token.labels(*self._latency_labels(run)).observe(first_ms)
         elif event == "queued":
-            labels = (self._engine(run), "", self._pool(run), "")
+            labels = self._queued_labels(run)
             self._child(self.enqueued, (*labels, run.priority)).inc(len(written))
         elif event == "started":
             labels = self._labels(run)
@@ -167,7 +167,8 @@ class Metrics:
             self.decode.labels(*self._latency_labels(run)).observe(result.timings.decode_time_ms)
         elif result.status == "canceled":
             when = "running" if counted is not None else "queued"
-            labels = self._labels(run) if counted is not None else (self._engine(run), "", "", "")
+            # a queued one: the labels it was enqueued under (its pool, when it named one)
+            labels = self._labels(run) if counted is not None else self._queued_labels(run)
             self.canceled.labels(*labels, when).inc()
         code = result.error.code if result.error is not None else None
         if code is None:
@@ -186,6 +187,10 @@ class Metrics:
             self._pool(run),
             result.replica_id or "",
         )
+
+    def _queued_labels(self, run: tasking.TaskRun) -> tuple[str, str, str, str]:
+        """A task's labels before it runs: no replica, and so no engine version yet."""
+        return (self._engine(run), "", self._pool(run), "")
 
     def _latency_labels(self, run: tasking.TaskRun) -> tuple[str, str, str, str]:
         engine, version, pool, _ = self._labels(run)

@@ -126,7 +126,7 @@ async def test_cancels_rejections_and_backpressure_are_counted_by_reason(
     running = await serve()
     workspace.submit("run.task.yaml", task("run", max_tokens=400))
     await _reach(workspace, "run", "running")
-    workspace.submit("wait.task.yaml", task("wait", max_tokens=4))
+    workspace.submit("wait.task.yaml", task("wait", max_tokens=4, pool="p1"))
     await _reach(workspace, "wait", "queued")
     workspace.submit("full.task.yaml", task("full"))
     workspace.submit("nope.task.yaml", task("nope", model="no-such-model"))
@@ -144,6 +144,9 @@ async def test_cancels_rejections_and_backpressure_are_counted_by_reason(
     assert scrape.value("tasks_rejected_total", reason="MODEL_UNKNOWN") == 1
     assert scrape.value("admission_backpressure_events_total", policy="reject") == 1
     assert scrape.value("tasks_canceled_total", reason="queued") == 1
+    # counted under the pool it was enqueued for, so cancels per pool can be read
+    assert scrape.value("tasks_canceled_total", reason="queued", pool_id="p1") == 1
+    assert scrape.value("tasks_enqueued_total", pool_id="p1") == 1
     assert scrape.value("tasks_canceled_total", reason="running", replica_id="p1-0") == 1
     assert scrape.value("tasks_started_total") == 1
     assert scrape.value("tasks_enqueued_total") == 2  # the rejected ones never were
