@@ -293,7 +293,8 @@ def _begin(
     result.engine = running.lease.handle.spec.engine
     result.engine_version = engine_version
     result.kv_warmth = decision.kv_warmth
-    result.queue_position = 0
+    # queue_position and predicted_start_ms stay as admission answered them: one moment,
+    # which timings.queue_ms can be checked against (the `started` frame says 0 and 0)
     result.timings.started_at = clocks.rfc3339(deps.clock.now())
     result.timings.queue_ms = int((running.started_mono - run.accepted_mono) * 1000)
     result.text, result.tokens_out = "", 0

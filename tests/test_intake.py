@@ -576,3 +576,27 @@ async def test_a_cancelled_running_task_is_logged_canceled_once_with_its_correla
     ]  # type: ignore[attr-defined]
     said = [getattr(r, "orch_event", "") for r in mine]
     assert said.count("task.canceled") == 1, said
+
+
+async def test_a_result_keeps_the_position_and_start_admission_predicted(
+    workspace: Workspace, serve: Any
+) -> None:
+    """The pair in the result is one moment, the admission's answer (its `queued` frame):
+    the position was set to 0 at the start while the predicted start stayed, a pair that
+    described no moment of the task."""
+    cfg = config()
+    cfg["pools"][0].update(slots=1, sim={"tokens_per_s": 100, "load_s": 0.0})
+    workspace.write_config(cfg)
+    await serve()
+    workspace.submit("first.task.yaml", task("first", max_tokens=40))
+    await wait_for(lambda: (workspace.result("first") or {}).get("status") == "running", 10)
+    for name in ("second", "third"):
+        workspace.submit(f"{name}.task.yaml", task(name, max_tokens=4))
+    result = await wait_terminal(workspace, "third", 15)
+    queued = next(f.data for f in workspace.frames("third") if f.event == "queued")
+    assert queued["queue_position"] == 1 and queued["predicted_start_ms"] > 0, queued
+    assert result["status"] == "succeeded"
+    assert (result["queue_position"], result["predicted_start_ms"]) == (
+        queued["queue_position"],
+        queued["predicted_start_ms"],
+    )
