@@ -101,8 +101,15 @@ def report(found: diagnosing.Diagnosis, *, verdict: bool = True, simulate: bool 
         else:
             warned = sum(c.status == "warn" for c in found.checks)
             extra = f" ({warned} warning{'s' if warned != 1 else ''})" if warned else ""
-            up = "orchctl up --simulate" if simulate else "orchctl up"
-            lines.append(f"serving is possible here{extra}: next, `{up}`")
+            if found.serving_pid is not None:  # `up` would only meet the daemon there
+                lines.append(
+                    f"serving is possible here{extra}, and this folder's daemon (pid "
+                    f"{found.serving_pid}) serves it now: next, `orchctl submit TASK_FILE` "
+                    "or `orchctl status`"
+                )
+            else:
+                up = "orchctl up --simulate" if simulate else "orchctl up"
+                lines.append(f"serving is possible here{extra}: next, `{up}`")
     return "\n".join(lines)
 
 

@@ -57,6 +57,7 @@ class Diagnosis:
     builds: list[llamacpp_builds.EngineBuild] = field(default_factory=list)
     can_build: bool = False
     engine_cache_problem: OSError | None = None  # the engine cache could not be listed
+    serving_pid: int | None = None  # this folder's own daemon serves already
 
     @property
     def can_serve(self) -> bool:
@@ -337,12 +338,13 @@ def _port(d: Diagnosis, bind: str, own_lock: Path | None = None) -> None:
     pid = _llama_orch_pid(host, port)
     if pid is not None and own_lock is not None and daemon_lock.recorded_pid(own_lock) == pid:
         d.add("port", "ok", f"{bind} is served by this folder's llama-orch daemon (pid {pid})")
+        d.serving_pid = pid
     elif pid is not None:  # `orchctl up` here would fail to bind
         d.add(
             "port",
             "fail",
-            f"{bind} is served by another folder's llama-orch daemon (pid {pid}), not the one "
-            f"holding {own_lock}",
+            f"{bind} is served by the llama-orch daemon of another folder (pid {pid}), not "
+            "this one's",
             f"stop that daemon (Ctrl-C where it runs, or `kill {pid}`: it stops cleanly), "
             "or set server.bind in orch.yaml to another port",
         )

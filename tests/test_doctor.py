@@ -195,8 +195,7 @@ def test_a_port_held_by_another_program_or_folder_fails_and_one_held_by_this_fol
         ran = orchctl("doctor")  # a daemon, but not this folder's: `up` would fail to bind
         assert ran.code == 3
         assert line(ran.out, "port").endswith(
-            "is served by another folder's llama-orch daemon (pid 4242), not the one holding "
-            f"{machine.resolve()}/.orch/daemon.lock"
+            "is served by the llama-orch daemon of another folder (pid 4242), not this one's"
         ), ran.out
         assert "`kill 4242`" in ran.out
         daemon_bind = daemon.url[7:]
@@ -204,7 +203,7 @@ def test_a_port_held_by_another_program_or_folder_fails_and_one_held_by_this_fol
         found = cli_doctor.run(config=machine / "orch.yaml", simulate=None, bind=daemon_bind)
         port = next(c for c in found.checks if c.name == "port")
         assert port.status == "fail", port  # a daemon here would lock .orch/ and not bind
-        assert f"not the one holding {machine.resolve()}/.orch/daemon.lock" in port.detail
+        assert "of another folder (pid 4242), not this one's" in port.detail
         (machine / "orch.yaml").write_text("models: [not, a, mapping]\n")  # unreadable
         default_lock = machine.resolve() / ".orch/daemon.lock"
         assert diagnosing.state_lock_of(machine / "orch.yaml") == default_lock
@@ -219,6 +218,11 @@ def test_a_port_held_by_another_program_or_folder_fails_and_one_held_by_this_fol
         ran = orchctl("doctor")
     assert ran.code == 0
     assert line(ran.out, "port").endswith("is served by this folder's llama-orch daemon (pid 4242)")
+    # up would only meet that daemon: the next step is to use it
+    assert ran.out_lines[-1] == (
+        "serving is possible here, and this folder's daemon (pid 4242) serves it now: next, "
+        "`orchctl submit TASK_FILE` or `orchctl status`"
+    ), ran.out
 
 
 def test_too_little_disk_under_the_cache_fails(
