@@ -259,8 +259,19 @@ def _damage(source: Path, manifest: backups.Manifest) -> list[str]:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    folder = cli_common.open_folder(args.config)
     source: Path = args.dir
+    config: Path = args.config
+    if not config.is_file() and not (config.parent / configuring.LAST_GOOD).is_file():
+        kept = source / "orch" / configuring.LAST_GOOD.name
+        if kept.is_file():  # after a disk loss: the backup holds the last orch.yaml applied
+            raise Refused(
+                EXIT_USAGE,
+                f"{config} not found: restore puts the files where this folder's orch.yaml "
+                "says they go",
+                hint=f"the backup holds the last orch.yaml applied where it was taken: "
+                f"`cp {kept} {config}` (check its paths:), then restore again",
+            )
+    folder = cli_common.open_folder(config)
     manifest = _load_manifest(source)
     damaged = _damage(source, manifest)
     if damaged:
@@ -291,12 +302,18 @@ def cmd_restore(args: argparse.Namespace) -> int:
         for item in manifest.files
         if _live_result(item.path, source / item.path)
     }
+    # restored into another folder that has an orch.yaml of its own: that one is what its
+    # daemon applies and records at its start, while the backup's record of the other
+    # orch.yaml (its paths, its bind) would be the config every verb falls back to here
+    own_config = config.is_file() and not _same_file(config, Path(manifest.source))
     try:
         todo, conflicts, same = [], [], 0
         for item in manifest.files:
             if item.path.removesuffix(".json") in live or _log_of(item.path) in live:
                 continue
             root, _, rest = item.path.partition("/")
+            if root == "orch" and own_config:
+                continue
             target = roots[root] / rest
             found = backups.digest(target)
             if found is None and (target.exists() or target.is_symlink()):
@@ -337,6 +354,13 @@ def cmd_restore(args: argparse.Namespace) -> int:
             "files are not in it, so nothing would run or end them here"
         )
     return EXIT_OK
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
 
 
 def _show(lines: list[str]) -> None:

@@ -272,3 +272,28 @@ def test_a_task_still_live_is_left_out_of_a_backup_and_of_a_restore(
     assert (results_dir / "x.json").exists()
     assert not (results_dir / "live.json").exists()
     assert not (results_dir / "live.events.jsonl").exists()
+
+
+def test_a_restore_into_another_folder_keeps_that_folders_own_config_record(
+    workspace: Workspace, tmp_path: Path
+) -> None:
+    """The backup's .orch/last-good.yaml is the record of another folder's orch.yaml (its
+    spool, its bind): restored into a folder with an orch.yaml of its own, it became the
+    config every verb falls back to there. Into a bare folder, restore says where the
+    backup keeps the orch.yaml it was taken with."""
+    (workspace.root / ".orch").mkdir(exist_ok=True)
+    (workspace.root / ".orch" / "last-good.yaml").write_text("version: 1 # the source's\n")
+    dest = tmp_path / "bk"
+    _small_backup(workspace, dest)
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(workspace.config_path, other / "orch.yaml")
+    ran = orchctl("restore", dest, "--config", other / "orch.yaml")
+    assert ran.code == 0, ran.err
+    assert (other / "results" / "x.json").is_file()
+    assert not (other / ".orch" / "last-good.yaml").exists()
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    ran = orchctl("restore", dest, "--config", bare / "orch.yaml")
+    assert ran.code == 2
+    assert f"`cp {dest}/orch/last-good.yaml {bare}/orch.yaml`" in ran.err, ran.err
