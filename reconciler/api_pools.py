@@ -106,6 +106,8 @@ async def drain_pool(request: web.Request) -> web.StreamResponse:
         deadline_ms = round(state.timeouts.drain_s * 1000)
     before = runtime.drained.get(pool.id)
     record = runtime.drain_pool(pool, deadline_ms=deadline_ms)
+    if before is not record:  # a new drain, not the same request again
+        request.app[BACKEND].metrics.drained(pool.id, "api_request")
     replicas = sorted(r.replica_id for r in runtime.replicas.values() if r.pool_id == pool.id)
     return web.json_response(
         {

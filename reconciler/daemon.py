@@ -158,6 +158,7 @@ def build(
     runtime.blocked = lambda: catalog.blocked(config.state)
     dispatcher = dispatch.Dispatcher(
         blocked=lambda: catalog.blocked(config.state),
+        placed=meter.placed,
         books=books,
         config=config,
         pools=runtime,

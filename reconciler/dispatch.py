@@ -92,6 +92,8 @@ class Dispatcher:
     rates: rates.Rates = field(default_factory=rates.Rates)
     # models whose file failed its digest check → why (cataloging.Catalog.blocked)
     blocked: Callable[[], Mapping[str, str]] = field(default=lambda: {})
+    # each placement decision the pump makes for a queued task (the metrics count them)
+    placed: Callable[[str, placement.Decision], None] = field(default=lambda _t, _d: None)
     queue: queues.TaskQueue = field(init=False)
     runs: dict[ids.TaskId, tasking.TaskRun] = field(default_factory=dict)
     running: dict[ids.TaskId, streaming.Running] = field(default_factory=dict)
@@ -217,12 +219,15 @@ class Dispatcher:
                     return False
                 decision = placement.choose(self._want(entry), candidates)
                 decisions[entry.task_id] = decision
+                if decision.outcome != "assigned":
+                    self.placed(entry.task_id, decision)
                 return decision.outcome == "assigned"
 
             entry = self.queue.pop_first(placeable, models=free_models)
             if entry is None:
                 return
             decision = decisions[entry.task_id]
+            self.placed(entry.task_id, decision)
             logs.emit(
                 log,
                 "placement.decided",

@@ -23,11 +23,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, exposition
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, exposition
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from reconciler import admission, configuring
+from reconciler import admission, configuring, placement
 from state import events, statusfile
 from state.errors import ErrorCode
 
@@ -102,6 +102,26 @@ class Metrics:
             ["engine", "policy"],
             registry=r,
         )
+        self.placements = Counter(
+            "placement_decisions",
+            "Placement decisions: assigned (a task given a slot), no_capacity (a queued task "
+            "first found no free slot it may use; counted once per task); pinned: it named its "
+            "pool (pin); fallback: it ran outside its preferred pools.",
+            ["outcome", "pinned", "fallback"],
+            registry=r,
+        )
+        self.considered = Gauge(
+            "placement_candidates_considered",
+            "Replicas the last assigned placement looked at.",
+            registry=r,
+        )
+        self.drains = Counter(
+            "drain_events",
+            "Pools drained; reason: api_request (POST /v1/pools/{id}/drain).",
+            ["pool_id", "reason"],
+            registry=r,
+        )
+        self._waited: set[str] = set()  # queued tasks counted as no_capacity already
         self._tokens_counted: dict[str, int] = {}  # started tasks: token frames seen so far
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}  # see `_child`
 
@@ -114,6 +134,20 @@ class Metrics:
         by default, OpenMetrics on request), and its content type."""
         encode, content_type = exposition.choose_encoder(_accepted(accept))
         return encode(_WithoutCreated(self.registry)), content_type
+
+    def placed(self, task_id: str, decision: placement.Decision) -> None:
+        """A placement decision of the dispatcher's pump for a queued task."""
+        pinned, fallback = str(decision.pinned).lower(), str(decision.fallback_used).lower()
+        if decision.outcome == "assigned":
+            self._waited.discard(task_id)
+            self.placements.labels("assigned", pinned, fallback).inc()
+            self.considered.set(decision.candidates_total)
+        elif task_id not in self._waited:
+            self._waited.add(task_id)
+            self.placements.labels("no_capacity", pinned, fallback).inc()
+
+    def drained(self, pool_id: str, reason: str = "api_request") -> None:
+        self.drains.labels(pool_id, reason).inc()
 
     def refused_at_the_door(self, code: ErrorCode) -> None:
         """A request an OpenAI-compatible route refused before it became a task, for a
@@ -146,6 +180,7 @@ class Metrics:
             self._child(self.tokens_in, labels).inc(admission.prompt_tokens(run.task))
             self._tokens_counted[run.task_id] = 0
         elif event in events.TERMINAL_EVENTS:
+            self._waited.discard(run.task_id)
             self._ended(run)
 
     def _child(self, metric: Any, labels: tuple[str, ...]) -> Any:

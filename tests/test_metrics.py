@@ -32,6 +32,9 @@ REQUIRED = {
     "pool_ready": "gauge",
     "latency_first_token_ms": "histogram",
     "latency_decode_ms": "histogram",
+    "placement_decisions_total": "counter",
+    "placement_candidates_considered": "gauge",
+    "drain_events_total": "counter",
 }
 
 
@@ -149,6 +152,8 @@ async def test_cancels_rejections_and_backpressure_are_counted_by_reason(
     assert scrape.value("tasks_enqueued_total", pool_id="p1") == 1
     assert scrape.value("tasks_canceled_total", reason="running", replica_id="p1-0") == 1
     assert scrape.value("tasks_started_total") == 1
+    assigned = scrape.value("placement_decisions_total", outcome="assigned", pinned="false")
+    assert assigned == 1 and scrape.value("placement_candidates_considered") == 1
     assert scrape.value("tasks_enqueued_total") == 2  # the rejected ones never were
     assert scrape.value("latency_decode_ms_count") == 0  # only a success has a decode time
 
@@ -244,3 +249,16 @@ async def test_a_model_the_openai_routes_refuse_is_counted_as_a_task_of_it_would
         assert r.status == 404, await r.text()
     scrape = await _scrape(running)
     assert scrape.value("tasks_rejected_total", reason="MODEL_UNKNOWN") == 1
+
+
+async def test_a_pool_drained_on_request_counts_one_drain_event(
+    workspace: Workspace, serve: Any
+) -> None:
+    running = await serve()
+    url = f"{running.daemon.server.url}/v1/pools/p1/drain"
+    async with aiohttp.ClientSession() as session:
+        for _ in range(2):  # the same drain asked again is the same drain
+            async with session.post(url, json={}) as response:
+                assert response.status in (200, 202), await response.text()
+    scrape = await _scrape(running)
+    assert scrape.value("drain_events_total", pool_id="p1", reason="api_request") == 1
