@@ -338,6 +338,8 @@ class Books:
             f"Queued task {run.task_id} for {run.model_id} at position {position}; {when}.",
             **run.log_ids,
             queue_position=position,
+            predicted_start_ms=predicted_start_ms,
+            on_time_probability=on_time_probability,
             priority=run.priority,
         )
 
@@ -406,6 +408,11 @@ class Books:
             code=error.code if error else None,
             pool_id=result.pool_id,
             replica_id=result.replica_id,
+            # the numbers of the human text as fields, for a log query (jq, Loki)
+            tokens_out=result.tokens_out,
+            queue_ms=result.timings.queue_ms,
+            first_token_ms=result.timings.first_token_ms,
+            decode_time_ms=result.timings.decode_time_ms,
         )
         if run.held is not None:
             self._publish_landed(run, run.held)

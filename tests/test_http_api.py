@@ -1145,6 +1145,12 @@ async def test_the_correlation_id_of_a_request_is_on_every_log_line_of_its_task(
     events = {r.orch_event for r in about}  # type: ignore[attr-defined]
     assert {"http.task_delivered", "task.queued", "placement.decided", "task.succeeded"} <= events
     assert {r.orch_fields["correlation_id"] for r in about} == {"trace-77"}  # type: ignore[attr-defined]
+    # the numbers the human text says are fields too, for a log query
+    fields = {r.orch_event: r.orch_fields for r in about}  # type: ignore[attr-defined]
+    assert fields["task.queued"]["predicted_start_ms"] is not None
+    done = fields["task.succeeded"]
+    assert done["tokens_out"] == 8 and done["decode_time_ms"] is not None
+    assert done["first_token_ms"] is not None and done["queue_ms"] is not None
 
 
 async def test_other_web_sites_cannot_write_and_rebound_host_names_are_refused(
