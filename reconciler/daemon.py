@@ -479,7 +479,18 @@ class Daemon:
                 with contextlib.suppress(Exception):
                     await engine.close()
             self._write_status(stopping=True)
-            logs.emit(log, "daemon.stopped", "Stopped; engines stopped, tasks left resumable.")
+            left = len(spool.active_names(self.spool)) + len(spool.incoming_names(self.spool))
+            logs.emit(
+                log,
+                "daemon.stopped",
+                "Stopped; engines stopped, "
+                + (
+                    f"{left} task file(s) left to run at the next start."
+                    if left
+                    else "no task left waiting."
+                ),
+                tasks_left=left,
+            )
         return 0
 
     async def _pass_failed(self, exc: OSError) -> None:

@@ -600,3 +600,17 @@ async def test_a_result_keeps_the_position_and_start_admission_predicted(
         queued["queue_position"],
         queued["predicted_start_ms"],
     )
+
+
+async def test_the_stop_line_says_how_many_task_files_are_left_for_the_next_start(
+    workspace: Workspace, serve: Any, caplog: Any
+) -> None:
+    """It said "tasks left resumable" also when every task had ended."""
+    caplog.set_level("INFO", logger="llama_orch")
+    running = await serve()
+    workspace.submit("done1.task.yaml", task("done1", max_tokens=2))
+    await wait_terminal(workspace, "done1")
+    assert await running.stop() == 0
+    [stopped] = [r for r in caplog.records if getattr(r, "orch_event", "") == "daemon.stopped"]
+    assert stopped.orch_fields["tasks_left"] == 0  # type: ignore[attr-defined]
+    assert stopped.getMessage().endswith("no task left waiting.")
