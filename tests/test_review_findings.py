@@ -315,3 +315,7 @@ async def test_metrics_frames_come_at_least_once_a_second(workspace: Workspace, 
     live = frames[[f.event for f in frames].index("started") :]
     gaps = [_ts(b) - _ts(a) for a, b in itertools.pairwise(live)]
     assert max(gaps) <= 1.5, f"the stream was silent for {max(gaps):.1f} s"
+    metrics = [f.data for f in live if f.event == "metrics"]  # HME-021's fields, in each
+    assert len(metrics) >= 2 and all(
+        {"queue_depth", "on_time_probability"} <= set(m) for m in metrics
+    )
