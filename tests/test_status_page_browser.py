@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import pytest
 
-from tests.conftest import Workspace, config, task, wait_terminal
+from tests.conftest import Workspace, config, task, wait_for, wait_terminal
 
 if TYPE_CHECKING:
     from playwright.async_api import Browser, Page
@@ -85,8 +85,18 @@ async def test_the_page_shows_the_gpus_and_pool_follows_a_task_live_and_cancels_
 ) -> None:
     cfg = config()
     cfg["pools"][0]["sim"] = {"tokens_per_s": 20, "load_s": 0.0}
+    # a pool whose file fails its pinned digest: its replica gives up at once (Failed, no
+    # process), and must hold no VRAM on the page nor count as a replica that serves
+    (workspace.root / "bad.gguf").write_bytes(b"not the pinned file")
+    cfg["models"]["bad"] = {
+        "ref": "file:bad.gguf",
+        "size_mib": 3000,
+        "digest": "sha256:" + "0" * 64,
+    }
+    cfg["pools"].append({"id": "broken", "engine": "sim", "model": "bad", "devices": [1]})
     workspace.write_config(cfg)
-    running = await serve()
+    running = await serve(ready=False)
+    await wait_for(lambda: running.daemon.server is not None, 10, "the HTTP face")
     base = running.daemon.server.url
     page = await browser.new_page(viewport={"width": 1280, "height": 900})
     page.set_default_timeout(TIMEOUT_MS)
@@ -103,6 +113,12 @@ async def test_the_page_shows_the_gpus_and_pool_follows_a_task_live_and_cancels_
     pool = page.locator('.pool[data-pool-id="p1"]')
     await pool.locator(".badge.s-Ready").first.wait_for()
     assert await pool.locator("tr[data-replica-id]").count() == 1
+    assert "1/1 replicas Ready" in await pool.locator("h3").inner_text()
+    broken = page.locator('.pool[data-pool-id="broken"]')
+    await broken.locator("h3 .badge.s-Failed").wait_for()
+    assert "0/1 replicas Ready" in await broken.locator("h3").inner_text()
+    gpu1 = await page.locator('.gpu[data-gpu="1"] .vram').inner_text()
+    assert " 0.0 GiB estimated" in gpu1, gpu1  # nothing placed there runs
     await page.evaluate("window.notReloaded = true")
 
     # a task's row goes running → succeeded while the page stays as it is
