@@ -112,6 +112,22 @@ class Folder:
         except ValueError:
             return str(path)
 
+    def here(self, path: Path) -> str:
+        """`path` as a user at this shell opens it: as `shown` in orch.yaml's folder, else
+        relative to the working folder when inside it, else absolute (a path relative to
+        orch.yaml's folder, printed in another one, names a file that is not there)."""
+        try:
+            cwd = Path.cwd().resolve()
+        except OSError:  # no working folder any more
+            return str(path.resolve())
+        if cwd == self.base:
+            return self.shown(path)
+        resolved = path.resolve()
+        try:
+            return str(resolved.relative_to(cwd))
+        except ValueError:
+            return str(resolved)
+
     def serve_command(self) -> str:
         return f"orchctl serve --config {self.config_path}"
 

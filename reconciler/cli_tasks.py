@@ -94,8 +94,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     result_path = folder.results.path(task_id)
     cli_common.did(f"{task_id} is delivered to {folder.shown(target)}")
     if not args.json:
-        print(f"submitted {task_id} → {folder.shown(target)}")
-        print(f"result: {folder.shown(result_path)}", flush=True)
+        print(f"submitted {task_id} → {folder.here(target)}")
+        print(f"result: {folder.here(result_path)}", flush=True)
     seen = probing.probe(folder.state_dir)
     stopping = seen.serving and seen.status is not None and seen.status.daemon.stopping_since
     if not seen.serving or stopping:

@@ -128,8 +128,8 @@ async def test_submit_wait_against_a_real_daemon_streams_then_summarizes(
     await serve()
     path = workspace.root / "real.task.yaml"
     path.write_text("task_id: real\nmodel: m1\nprompt: hi\nmax_tokens: 5\n")
-    proc = await asyncio.to_thread(
-        orchctl, "submit", str(path), "--wait", "--config", str(workspace.config_path)
+    proc = await asyncio.to_thread(  # from orch.yaml's folder, as the user would
+        orchctl, "submit", str(path), "--wait", "--config", "orch.yaml", cwd=workspace.root
     )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()

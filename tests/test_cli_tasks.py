@@ -255,17 +255,31 @@ async def test_the_daemon_and_validate_refuse_a_name_in_another_script_in_the_sa
 
 
 def test_submit_without_a_daemon_delivers_and_says_so_at_once(workspace: Workspace) -> None:
-    ran = orchctl("submit", write_task(workspace, "t1.task.yaml"), "--config", cfg(workspace))
+    ran = orchctl(
+        "submit", write_task(workspace, "t1.task.yaml"), "--config", cfg(workspace),
+        cwd=workspace.root,
+    )  # fmt: skip
     assert ran.code == 0
     assert ran.out_lines == [
         "submitted t1 → spool/incoming/t1.task.yaml",
         "result: results/t1.json",
     ]
+    # from another folder, the paths printed are ones that open there
+    other = workspace.root.parent / "elsewhere"
+    other.mkdir()
+    elsewhere = orchctl(
+        "submit", write_task(workspace, "t2.task.yaml"), "--config", cfg(workspace), cwd=other
+    )
+    root = workspace.root.resolve()
+    assert elsewhere.out_lines == [
+        f"submitted t2 → {root}/spool/incoming/t2.task.yaml",
+        f"result: {root}/results/t2.json",
+    ]
     assert ran.err_lines == [
         "orchctl: no daemon is serving this folder: the task will run when "
         f"`orchctl serve --config {cfg(workspace)}` starts"
     ]
-    assert incoming(workspace) == ["t1.task.yaml"]
+    assert incoming(workspace) == ["t1.task.yaml", "t2.task.yaml"]
 
 
 def test_submit_on_a_full_disk_says_so_and_leaves_no_part_file(
@@ -315,7 +329,9 @@ def test_submit_wait_streams_the_text_then_prints_a_one_line_summary(
     )
     play(workspace, "t3", [*STARTED, end], result)
     path = write_task(workspace, "t3.task.yaml")
-    ran = orchctl("submit", path, "--wait", "--timeout", "20", "--config", cfg(workspace))
+    ran = orchctl(
+        "submit", path, "--wait", "--timeout", "20", "--config", cfg(workspace), cwd=workspace.root
+    )
     assert ran.code == 0, ran.err
     assert ran.out_lines == [
         "submitted t3 → spool/incoming/t3.task.yaml",
