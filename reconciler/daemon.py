@@ -20,6 +20,7 @@ import contextlib
 import os
 import shlex
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -279,6 +280,8 @@ class Daemon:
         self.wake_event.set()
 
     async def run(self) -> int:
+        if threading.current_thread() is threading.main_thread():
+            spool.quiet_lease_breaks()  # (else task files written in place are not leased)
         try:
             lock = daemon_lock.acquire(
                 self.state_dir,

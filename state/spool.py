@@ -25,6 +25,7 @@ import hashlib
 import os
 import re
 import secrets
+import signal
 import socket
 import stat
 import time
@@ -172,7 +173,13 @@ def being_written(path: Path) -> bool:
     its first part, often a whole valid task without what follows (the rest of a prompt, its
     labels), would run. The kernel refuses a read lease on a file open for writing anywhere;
     where leases cannot be had (a file of another user, a filesystem without them), or
-    `path` is no regular file, it says no: the file is read as it is."""
+    `path` is no regular file, it says no: the file is read as it is.
+
+    A writer opening the file while the lease is held (microseconds) makes the kernel send
+    this process SIGIO, whose default action ends it: the lease is only asked where SIGIO
+    is ignored (`quiet_lease_breaks`, which the daemon calls at its start)."""
+    if signal.getsignal(signal.SIGIO) is not signal.SIG_IGN:
+        return False
     try:
         if not stat.S_ISREG(os.lstat(path).st_mode):  # opening a device may do something
             return False
@@ -189,6 +196,13 @@ def being_written(path: Path) -> bool:
         return False
     finally:
         os.close(fd)
+
+
+def quiet_lease_breaks() -> None:
+    """Ignore SIGIO in this process (call from the main thread): `being_written`'s read
+    lease, broken by a writer that opens the file meanwhile, is signalled with it, and the
+    daemon uses no other SIGIO."""
+    signal.signal(signal.SIGIO, signal.SIG_IGN)
 
 
 def active_names(spool: Spool) -> list[str]:

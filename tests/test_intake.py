@@ -614,3 +614,27 @@ async def test_the_stop_line_says_how_many_task_files_are_left_for_the_next_star
     [stopped] = [r for r in caplog.records if getattr(r, "orch_event", "") == "daemon.stopped"]
     assert stopped.orch_fields["tasks_left"] == 0  # type: ignore[attr-defined]
     assert stopped.getMessage().endswith("no task left waiting.")
+
+
+def test_a_file_is_leased_only_where_a_broken_lease_cannot_end_the_process(
+    tmp_path: Path,
+) -> None:
+    """A writer opening the file during the read lease makes the kernel signal SIGIO, whose
+    default action ends the process: without SIGIO ignored, no lease is asked (the file is
+    read as it is); the daemon ignores it at its start (`spool.quiet_lease_breaks`)."""
+    import signal
+
+    from state import spool
+
+    path = tmp_path / "open.task.yaml"
+    before = signal.getsignal(signal.SIGIO)
+    try:
+        with open(path, "w") as writer:
+            writer.write("model: m1\n")
+            signal.signal(signal.SIGIO, signal.SIG_DFL)
+            assert not spool.being_written(path)
+            spool.quiet_lease_breaks()
+            assert spool.being_written(path)
+        assert not spool.being_written(path)  # closed
+    finally:
+        signal.signal(signal.SIGIO, before)
