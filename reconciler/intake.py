@@ -142,7 +142,13 @@ def quarantine(
     code: ErrorCode = ErrorCode.INVALID_TASK_FILE,
     task_id: str | None = None,
     revision: str | None = None,
+    take_over: bool = False,
 ) -> None:
+    """Move a refused task file to failed/ with its error record, and write the refusal as
+    its task's result when the id is free. `take_over`: the file was just claimed from
+    incoming/, so an id an earlier task left reusable (refused, or ended with an error that
+    said to retry) is taken over by this refusal; a file handed back by recovery (its
+    refusal cut short by a crash) keeps a result already there, which may be its own."""
     claimed_as = f"spool/active/{spool.shown(path.name)}"
 
     def explained(target: Path) -> tuple[list[loading.LoadError], errors.ErrorEnvelope]:
@@ -177,7 +183,7 @@ def quarantine(
         # an id in use keeps its result; one refused before or ended with an error that said
         # to retry is taken over (as a valid file sent again would take it): its result and
         # log then tell of this file's refusal, not the earlier one's
-        if store.exists(task_id) and not store.take_over(task_id):
+        if store.exists(task_id) and not (take_over and store.take_over(task_id)):
             return
         write_rejection(
             store=store,

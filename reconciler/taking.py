@@ -186,6 +186,7 @@ class Taker:
                     clock=self.clock,
                     task_id=intake.claimed_task_id(path, data),
                     revision=self.config.revision,
+                    take_over=new,
                 )
                 return
             self.half_read.pop(path.name, None)  # whole now, if it was put off

@@ -8,7 +8,8 @@ from typing import Any
 
 import yaml
 
-from state import results
+from state import errors, results
+from state.errors import ErrorCode
 from tests.conftest import Workspace, config, task, wait_for, wait_terminal
 
 
@@ -638,3 +639,33 @@ def test_a_file_is_leased_only_where_a_broken_lease_cannot_end_the_process(
         assert not spool.being_written(path)  # closed
     finally:
         signal.signal(signal.SIGIO, before)
+
+
+async def test_a_refusal_cut_short_by_a_crash_is_not_written_again_at_recovery(
+    workspace: Workspace, serve: Any
+) -> None:
+    """A crash between a refused file's result and its move to failed/ leaves the file in
+    active/ beside its own refusal: recovery refuses it again, and must keep that result
+    (a finished task's result written anew reads as the task ending twice); only a file
+    just claimed from incoming/ takes a refused id over."""
+    from reconciler import clocks, intake
+
+    bad = "task_id: cut1\nmodel: m1\nprompt: 5\nmax_tokens: 4\n"
+    workspace.spool.ensure()
+    (workspace.spool.active / "cut1.task.yaml").write_text(bad)
+    parsed = intake.parse_claimed(workspace.spool.active / "cut1.task.yaml")
+    assert isinstance(parsed, list)
+    envelope = errors.envelope(ErrorCode.INVALID_TASK_FILE, str(parsed[0]))
+    intake.write_rejection(
+        store=workspace.results,
+        task_id="cut1",
+        error=envelope,
+        clock=clocks.RealClock(),
+        source="spool/failed/cut1.task.yaml",
+        revision=None,
+    )
+    before = (workspace.results.path("cut1").read_bytes(), workspace.frames("cut1"))
+    await serve()
+    await wait_for(lambda: not any(workspace.spool.active.iterdir()), 10, "recovered")
+    assert (workspace.spool.failed / "cut1.task.yaml").is_file()
+    assert (workspace.results.path("cut1").read_bytes(), workspace.frames("cut1")) == before
