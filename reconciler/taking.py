@@ -96,17 +96,20 @@ class Taker:
         """`names` less the files a writer still holds open (written in place): each is
         taken once its writer closes it (the close wakes the loop; the resync looks too),
         not its first part now. Said once per file."""
-        taken, waiting = [], set()
+        taken, waiting, held_open = [], set(), set()
         now, written = time.monotonic(), self.written_in_place
         for name in names:
+            closed_at = written.get(name)
             if spool.being_written(self.the_spool.incoming / name):
-                waiting.add(name)
-            elif now - written.get(name, -IN_PLACE_GRACE_S) < IN_PLACE_GRACE_S:
+                held_open.add(name)
+            elif closed_at is not None and now - closed_at < IN_PLACE_GRACE_S:
                 waiting.add(name)  # written in place: taken once unchanged for the grace
             else:
                 written.pop(name, None)
                 taken.append(name)
-        for name in sorted(waiting - self.writers_seen):
+        waiting |= held_open
+        # said of a file held open only: one closed and settling is taken within 2 s
+        for name in sorted(held_open - self.writers_seen):
             logs.emit(
                 log,
                 "task.writer_open",
@@ -119,7 +122,7 @@ class Taker:
         seen.difference_update(taken)  # closed now: a later writer of that name is said again
         if len(seen) > 4096:  # names removed while open, never taken: forgotten, not kept
             seen.clear()
-        seen.update(waiting)
+        seen.update(held_open)
         return taken
 
     def wake_in_s(self) -> float | None:
